@@ -1,0 +1,57 @@
+"""The persistence interface: providers of journals, keyspaces and sets.
+
+Drivers (``runkit-memory``, ``runkit-postgres``, ``runkit-dynamodb``,
+``runkit-s3``, or third-party) implement these abstract classes and register
+through the ``runkit`` pluggy entry-point group; ``provider_from_url`` picks one
+by URL scheme. ``runkit.testing`` has the conformance suites every driver runs.
+"""
+
+from ._errors import Conflict as Conflict
+from ._errors import LimitExceeded as LimitExceeded
+from ._errors import PersistenceError as PersistenceError
+from ._errors import RecordNotFound as RecordNotFound
+from ._plugins import installed_schemes as installed_schemes
+from ._plugins import plugin_manager as plugin_manager
+from ._plugins import provider_from_url as provider_from_url
+from ._stores import Handle as Handle
+from ._stores import Journal as Journal
+from ._stores import JournalStore as JournalStore
+from ._stores import Keyspace as Keyspace
+from ._stores import KeyspaceStore as KeyspaceStore
+from ._stores import Provider as Provider
+from ._stores import Set as Set
+from ._stores import SetStore as SetStore
+from ._stores import Store as Store
+from ._types import MAX_POSITION as MAX_POSITION
+from ._types import Interval as Interval
+from ._types import Limits as Limits
+from ._types import check_position as check_position
+from ._urls import parse_bool as parse_bool
+from ._urls import query_params as query_params
+from ._urls import redact_url as redact_url
+
+__all__ = [
+    "MAX_POSITION",
+    "Conflict",
+    "Handle",
+    "Interval",
+    "Journal",
+    "JournalStore",
+    "Keyspace",
+    "KeyspaceStore",
+    "LimitExceeded",
+    "Limits",
+    "PersistenceError",
+    "Provider",
+    "RecordNotFound",
+    "Set",
+    "SetStore",
+    "Store",
+    "check_position",
+    "installed_schemes",
+    "parse_bool",
+    "plugin_manager",
+    "provider_from_url",
+    "query_params",
+    "redact_url",
+]

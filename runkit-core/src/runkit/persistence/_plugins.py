@@ -1,0 +1,93 @@
+"""Driver discovery: the pluggy plugin manager and URL resolution."""
+
+from __future__ import annotations
+
+import threading
+from typing import cast
+from urllib.parse import urlsplit
+
+import pluggy
+
+from .. import _hookspec
+from ._stores import Provider
+from ._urls import redact_url
+
+__all__ = ["installed_schemes", "plugin_manager", "provider_from_url"]
+
+# Which distribution adds a scheme, for the "install it" hint.
+_KNOWN_PACKAGES = {
+    "memory": "runkit-memory",
+    "postgres": "runkit-postgres",
+    "postgresql": "runkit-postgres",
+    "dynamodb": "runkit-dynamodb",
+    "s3": "runkit-s3",
+}
+
+_lock = threading.Lock()
+_manager: pluggy.PluginManager | None = None
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """Return the process-wide plugin manager, loading ``runkit`` entry points once.
+
+    Tests and applications may ``register()`` further plugins on it at run time.
+    """
+    global _manager  # noqa: PLW0603 - one manager per process, created lazily
+    with _lock:
+        if _manager is None:
+            pm = pluggy.PluginManager(_hookspec.PROJECT_NAME)
+            pm.add_hookspecs(_hookspec)
+            pm.load_setuptools_entrypoints(_hookspec.PROJECT_NAME)
+            pm.check_pending()
+            _manager = pm
+        return _manager
+
+
+def installed_schemes() -> dict[str, str]:
+    """Map each scheme the installed plugins handle to the plugin's name."""
+    pm = plugin_manager()
+    schemes: dict[str, str] = {}
+    for impl in pm.hook.runkit_persistence_schemes.get_hookimpls():
+        names: list[str] = impl.function()
+        for scheme in names:
+            schemes.setdefault(scheme.lower(), impl.plugin_name)
+    return schemes
+
+
+def provider_from_url(url: str) -> Provider:
+    """Resolve a persistence URL to a provider through the installed driver plugins.
+
+    Raises ``ValueError`` for a malformed URL (naming the bad part) or a scheme no
+    installed driver handles (listing installed schemes and the package to install).
+    Passwords never appear in the error messages.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"persistence URL must be str, not {type(url).__name__}")
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:
+        raise ValueError(f"malformed persistence URL {redact_url(url)!r}: {exc}") from None
+    if not scheme:
+        raise ValueError(
+            f"persistence URL {redact_url(url)!r} has no scheme; "
+            "expected e.g. 'memory:///app' or 'postgresql://host/db'"
+        )
+    known = installed_schemes()
+    if scheme not in known:
+        package = _KNOWN_PACKAGES.get(scheme)
+        hint = (
+            f"install the driver: pip install {package}"
+            if package
+            else "install a runkit driver plugin that handles it"
+        )
+        raise ValueError(
+            f"no persistence driver handles {scheme!r} URLs "
+            f"(installed schemes: {', '.join(sorted(known)) or 'none'}); {hint}"
+        )
+    provider = plugin_manager().hook.runkit_persistence_provider(url=url)
+    if provider is None:
+        raise ValueError(
+            f"the {known[scheme]!r} plugin lists scheme {scheme!r} "
+            f"but returned no provider for {redact_url(url)!r}"
+        )
+    return cast(Provider, provider)

@@ -1,0 +1,58 @@
+"""Helpers for drivers that parse persistence URLs."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+__all__ = ["parse_bool", "query_params", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """Return *url* with any password replaced by ``***``, safe to log or show."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<malformed URL>"
+    if password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None:
+        netloc += f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def query_params(url: str, allowed: set[str] | frozenset[str]) -> dict[str, str]:
+    """Return the URL's query parameters, refusing unknown or repeated ones.
+
+    Raises ``ValueError`` naming the parameter and listing the allowed ones.
+    """
+    parts = urlsplit(url)
+    params: dict[str, str] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in allowed:
+            raise ValueError(
+                f"{parts.scheme}:// URL has unknown parameter {key!r} "
+                f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
+            )
+        if key in params:
+            raise ValueError(f"{parts.scheme}:// URL repeats parameter {key!r}")
+        params[key] = value
+    return params
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """Parse a boolean URL parameter (true/false, 1/0, yes/no, on/off, or empty = true)."""
+    v = value.strip().lower()
+    if v in {"", "1", "true", "yes", "on"}:
+        return True
+    if v in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"URL parameter {name!r} must be true or false, not {value!r}")

@@ -1,0 +1,1 @@
+"""runkit_postgres."""
