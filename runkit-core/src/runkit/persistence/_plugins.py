@@ -48,7 +48,7 @@ def installed_schemes() -> dict[str, str]:
     pm = plugin_manager()
     schemes: dict[str, str] = {}
     for impl in pm.hook.runkit_persistence_schemes.get_hookimpls():
-        names: list[str] = impl.function()
+        names = cast(list[str], impl.function())
         for scheme in names:
             schemes.setdefault(scheme.lower(), impl.plugin_name)
     return schemes

@@ -1,0 +1,1 @@
+"""runkit plugin hooks for this driver (filled in by the driver implementation)."""
