@@ -10,6 +10,10 @@ from ._errors import Conflict as Conflict
 from ._errors import LimitExceeded as LimitExceeded
 from ._errors import PersistenceError as PersistenceError
 from ._errors import RecordNotFound as RecordNotFound
+from ._journals import append_with_conflict_resolution as append_with_conflict_resolution
+from ._journals import first_record as first_record
+from ._journals import last_record as last_record
+from ._journals import search as search
 from ._plugins import installed_schemes as installed_schemes
 from ._plugins import plugin_manager as plugin_manager
 from ._plugins import provider_from_url as provider_from_url
@@ -47,11 +51,15 @@ __all__ = [
     "Set",
     "SetStore",
     "Store",
+    "append_with_conflict_resolution",
     "check_position",
+    "first_record",
     "installed_schemes",
+    "last_record",
     "parse_bool",
     "plugin_manager",
     "provider_from_url",
     "query_params",
     "redact_url",
+    "search",
 ]

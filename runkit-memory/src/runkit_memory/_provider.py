@@ -1,0 +1,424 @@
+"""The in-memory provider: the reference implementation of the persistence contract.
+
+Data lives in *silos*. Providers built with the same silo name in one process
+share data through a process-wide registry, which is how ``memory:///<silo>``
+URLs resolve; a provider built without a name gets a private silo.
+
+Every operation yields to the scheduler once (so concurrent callers really
+interleave and cancellation is honoured) and then does all its work inside a
+short ``threading.Lock`` critical section with no awaits. A thread lock rather
+than an ``anyio.Lock`` because a silo may be shared by event loops in several
+threads (an ``anyio.Lock`` belongs to one loop), and because nothing awaits
+while holding it. Inputs are copied in and out, so callers never share buffers
+with the store.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Final
+
+import attrs
+from anyio.lowlevel import checkpoint
+from runkit.persistence import (
+    Conflict,
+    Interval,
+    Journal,
+    JournalStore,
+    Keyspace,
+    KeyspaceStore,
+    Limits,
+    PersistenceError,
+    Provider,
+    RecordNotFound,
+    Set,
+    SetStore,
+    check_position,
+)
+
+__all__ = ["MemoryProvider"]
+
+#: Journal ``range`` copies at most this many records per critical section, so a
+#: long iteration never holds the lock for long and sees later truncations.
+_PAGE_SIZE: Final = 64
+
+
+def _new_revision() -> str:
+    # Random tokens never repeat, across deletes and identical values alike.
+    return uuid.uuid4().hex
+
+
+@attrs.define(eq=False)
+class _JournalData:
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    begin: int = 0
+    records: list[bytes] = attrs.field(factory=list)  # records[i] is at begin + i
+
+    @property
+    def end(self) -> int:
+        return self.begin + len(self.records)
+
+
+@attrs.define(eq=False)
+class _KeyspaceData:
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    pairs: dict[bytes, tuple[bytes, str]] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class _SetData:
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    members: set[bytes] = attrs.field(factory=set)
+
+
+@attrs.define(eq=False)
+class _Silo:
+    """All the stores of one silo, created on first open."""
+
+    lock: threading.Lock = attrs.field(factory=threading.Lock)
+    journals: dict[str, _JournalData] = attrs.field(factory=dict)
+    keyspaces: dict[str, _KeyspaceData] = attrs.field(factory=dict)
+    sets: dict[str, _SetData] = attrs.field(factory=dict)
+
+
+_registry_lock = threading.Lock()
+_registry: dict[str, _Silo] = {}
+
+
+def _silo(name: str | None) -> _Silo:
+    if name is None:
+        return _Silo()
+    with _registry_lock:
+        silo = _registry.get(name)
+        if silo is None:
+            silo = _registry[name] = _Silo()
+        return silo
+
+
+class _Closable:
+    """Shared closed-state checks for handles (a handle is also closed with its provider)."""
+
+    _kind: str
+    _name: str
+    _provider: MemoryProvider
+    _closed: bool
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PersistenceError(f"{self._kind} {self._name!r}: handle is closed")
+        self._provider._check_open()
+
+    def __repr__(self) -> str:
+        state = " (closed)" if self._closed else ""
+        return f"<memory {self._kind} {self._name!r}{state}>"
+
+
+class _MemoryJournal(_Closable, Journal):
+    _kind = "journal"
+
+    def __init__(self, provider: MemoryProvider, name: str, data: _JournalData) -> None:
+        self._provider = provider
+        self._name = name
+        self._data = data
+        self._closed = False
+
+    async def bounds(self) -> Interval:
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        with d.lock:
+            return Interval(d.begin, d.end)
+
+    async def get(self, position: int) -> bytes:
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        with d.lock:
+            if d.begin <= position < d.end:
+                return d.records[position - d.begin]  # bytes are immutable: no copy needed
+        raise RecordNotFound(self._name, position)
+
+    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        first = True
+        while True:
+            with d.lock:
+                if not d.begin <= position < d.end:
+                    # Not live: an error on the first step or if truncation overtook
+                    # us; otherwise we reached the end.
+                    if first or position < d.begin:
+                        raise RecordNotFound(self._name, position)
+                    return
+                offset = position - d.begin
+                page = d.records[offset : offset + _PAGE_SIZE]
+            first = False
+            for record in page:
+                yield position, record
+                position += 1
+            self._check_open()
+
+    async def append(self, position: int, record: bytes) -> None:
+        position = check_position(position)
+        record = self._provider.limits.check_record(record)
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        with d.lock:
+            if position != d.end:
+                raise Conflict.journal(self._name, position)
+            d.records.append(record)
+
+    async def truncate(self, position: int) -> None:
+        position = check_position(position)
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        with d.lock:
+            if position > d.end:
+                raise ValueError(
+                    f"journal {self._name!r}: cannot truncate to position {position}, "
+                    f"past the end ({d.end})"
+                )
+            if position > d.begin:
+                del d.records[: position - d.begin]
+                d.begin = position
+
+
+class _MemoryKeyspace(_Closable, Keyspace):
+    _kind = "keyspace"
+
+    def __init__(self, provider: MemoryProvider, name: str, data: _KeyspaceData) -> None:
+        self._provider = provider
+        self._name = name
+        self._data = data
+        self._closed = False
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        key = self._provider.limits.check_key(key)
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        with d.lock:
+            return d.pairs.get(key, (b"", ""))
+
+    async def has(self, key: bytes) -> bool:
+        key = self._provider.limits.check_key(key)
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        with d.lock:
+            return key in d.pairs
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        limits = self._provider.limits
+        key = limits.check_key(key)
+        value = limits.check_value(value)
+        if not isinstance(revision, str):
+            raise TypeError(f"revision must be str, not {type(revision).__name__}")
+        await checkpoint()
+        self._check_open()
+        d = self._data
+        with d.lock:
+            current = d.pairs.get(key, (b"", ""))[1]
+            if revision != current:
+                raise Conflict.keyspace(self._name, key, revision)
+            return self._store(key, value)
+
+    async def set_unconditional(self, key: bytes, value: bytes) -> str:
+        limits = self._provider.limits
+        key = limits.check_key(key)
+        value = limits.check_value(value)
+        await checkpoint()
+        self._check_open()
+        with self._data.lock:
+            return self._store(key, value)
+
+    def _store(self, key: bytes, value: bytes) -> str:
+        # Called with the lock held.
+        if not value:
+            self._data.pairs.pop(key, None)
+            return ""
+        revision = _new_revision()
+        self._data.pairs[key] = (value, revision)
+        return revision
+
+    async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+        await checkpoint()
+        self._check_open()
+        with self._data.lock:
+            snapshot = list(self._data.pairs.items())
+        for key, (value, revision) in snapshot:
+            yield key, value, revision
+            self._check_open()
+
+
+class _MemorySet(_Closable, Set):
+    _kind = "set"
+
+    def __init__(self, provider: MemoryProvider, name: str, data: _SetData) -> None:
+        self._provider = provider
+        self._name = name
+        self._data = data
+        self._closed = False
+
+    async def has(self, member: bytes) -> bool:
+        member = self._provider.limits.check_member(member)
+        await checkpoint()
+        self._check_open()
+        with self._data.lock:
+            return member in self._data.members
+
+    async def add(self, member: bytes) -> None:
+        await self.try_add(member)
+
+    async def try_add(self, member: bytes) -> bool:
+        member = self._provider.limits.check_member(member)
+        await checkpoint()
+        self._check_open()
+        members = self._data.members
+        with self._data.lock:
+            if member in members:
+                return False
+            members.add(member)
+            return True
+
+    async def remove(self, member: bytes) -> None:
+        await self.try_remove(member)
+
+    async def try_remove(self, member: bytes) -> bool:
+        member = self._provider.limits.check_member(member)
+        await checkpoint()
+        self._check_open()
+        members = self._data.members
+        with self._data.lock:
+            if member not in members:
+                return False
+            members.remove(member)
+            return True
+
+    async def range(self) -> AsyncIterator[bytes]:
+        await checkpoint()
+        self._check_open()
+        with self._data.lock:
+            snapshot = list(self._data.members)
+        for member in snapshot:
+            yield member
+            self._check_open()
+
+
+class _MemoryJournalStore(JournalStore):
+    def __init__(self, provider: MemoryProvider) -> None:
+        self._provider = provider
+
+    async def open(self, name: str) -> Journal:
+        name = self._provider.limits.check_name("journal", name)
+        await checkpoint()
+        self._provider._check_open()
+        silo = self._provider._silo
+        with silo.lock:
+            data = silo.journals.get(name) or silo.journals.setdefault(name, _JournalData())
+        return _MemoryJournal(self._provider, name, data)
+
+
+class _MemoryKeyspaceStore(KeyspaceStore):
+    def __init__(self, provider: MemoryProvider) -> None:
+        self._provider = provider
+
+    async def open(self, name: str) -> Keyspace:
+        name = self._provider.limits.check_name("keyspace", name)
+        await checkpoint()
+        self._provider._check_open()
+        silo = self._provider._silo
+        with silo.lock:
+            data = silo.keyspaces.get(name) or silo.keyspaces.setdefault(name, _KeyspaceData())
+        return _MemoryKeyspace(self._provider, name, data)
+
+
+class _MemorySetStore(SetStore):
+    def __init__(self, provider: MemoryProvider) -> None:
+        self._provider = provider
+
+    async def open(self, name: str) -> Set:
+        name = self._provider.limits.check_name("set", name)
+        await checkpoint()
+        self._provider._check_open()
+        silo = self._provider._silo
+        with silo.lock:
+            data = silo.sets.get(name) or silo.sets.setdefault(name, _SetData())
+        return _MemorySet(self._provider, name, data)
+
+
+class MemoryProvider(Provider):
+    """A provider that keeps everything in this process's memory.
+
+    Args:
+        silo: Providers constructed with the same silo name share data
+            (``memory:///<silo>`` URLs use this). ``None`` gives a private silo
+            that no other provider can reach.
+        limits: The sizes this provider accepts; the defaults suit tests of the
+            engine. Inputs over a limit raise ``LimitExceeded`` before anything
+            is changed.
+
+    After ``close()`` every operation, through this provider or any handle it
+    opened, raises ``PersistenceError``; the silo's data stays for other
+    providers.
+    """
+
+    def __init__(self, silo: str | None = None, *, limits: Limits | None = None) -> None:
+        if silo is not None and (not isinstance(silo, str) or not silo):
+            raise ValueError(f"memory silo name must be a non-empty str, not {silo!r}")
+        self._silo_name = silo
+        self._silo = _silo(silo)
+        self._limits = limits if limits is not None else Limits()
+        self._closed = False
+        self._journals = _MemoryJournalStore(self)
+        self._keyspaces = _MemoryKeyspaceStore(self)
+        self._sets = _MemorySetStore(self)
+
+    @property
+    def silo(self) -> str | None:
+        """The silo name, or ``None`` for a private silo."""
+        return self._silo_name
+
+    @property
+    def journals(self) -> JournalStore:
+        return self._journals
+
+    @property
+    def keyspaces(self) -> KeyspaceStore:
+        return self._keyspaces
+
+    @property
+    def sets(self) -> SetStore:
+        return self._sets
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    async def provision(self) -> None:
+        # Nothing to create; still honour cancellation and the closed state.
+        await checkpoint()
+        self._check_open()
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PersistenceError(f"{self!r} is closed")
+
+    def __repr__(self) -> str:
+        where = f"memory:///{self._silo_name}" if self._silo_name else "private silo"
+        return f"<MemoryProvider {where}>"
