@@ -53,7 +53,6 @@ _REQUIRED_WHY: dict[RouteKind, str] = {
     RouteKind.HANDLES_EVENT: "it must handle at least one event type",
     RouteKind.EXECUTES_COMMAND: "it must execute at least one command type",
 }
-_EXAMPLE_KEY = "3f2e8a1c-5b7d-4e9f-a0c6-2d8b4f1e7a93"
 
 
 def build(app: object) -> ApplicationConfig:
@@ -145,6 +144,8 @@ class _Validator:
         # Per handler: its label for messages, and its identity when valid.
         self.labels: dict[int, str] = {}
         self.identities: dict[int, Identity] = {}
+        # Per handler: its routes that resolved to a registered message type.
+        self.routes: dict[int, tuple[RouteConfig, ...]] = {}
 
     def add(self, subject: str, problem: str) -> None:
         self.problems.append(f"{subject}: {problem}")
@@ -212,19 +213,11 @@ class _Validator:
         name_problem = compat.name_problem(name)
         if name_problem is not None:
             ok = False
-            self.add(
-                subject,
-                f"identity name {name!r} is invalid ({name_problem}); use 1-255 bytes of "
-                "printable UTF-8 without whitespace, such as 'account'",
-            )
+            self.add(subject, name_problem)
         normalised, key_problem = compat.normalise_key(key)
         if key_problem is not None:
             ok = False
-            self.add(
-                subject,
-                f"identity key {key!r} is invalid ({key_problem}); use a canonical UUID "
-                f"such as {_EXAMPLE_KEY!r}, and never change it once used",
-            )
+            self.add(subject, f"{key_problem}; keys never change once used")
         if not ok:
             return None
         assert isinstance(name, str)
@@ -285,8 +278,7 @@ class _Validator:
                     f"add dogma.{required.value}(<{_MESSAGE_KIND[required].title()}Class>) "
                     "to its routes",
                 )
-        h_routes[id(h)] = tuple(counts)
-        _ROUTES_BY_VALIDATOR.setdefault(id(self), {})[id(h)] = tuple(counts)
+        self.routes[id(h)] = tuple(counts)
 
     def _unique_identities(self, app: Identity | None, handlers: list[_HandlerPass]) -> None:
         by_name: dict[str, list[str]] = {}
@@ -315,15 +307,14 @@ class _Validator:
                 )
 
     def _unique_producers(self, handlers: list[_HandlerPass]) -> None:
-        routes = _ROUTES_BY_VALIDATOR.get(id(self), {})
         for kind, verb in (
             (RouteKind.HANDLES_COMMAND, "handled"),
             (RouteKind.RECORDS_EVENT, "recorded"),
         ):
             owners: dict[type, list[str]] = {}
             for h in handlers:
-                for r in routes.get(id(h), ()):
-                    if r.kind is kind and h.kind in (HandlerKind.AGGREGATE, HandlerKind.INTEGRATION):
+                for r in self.routes.get(id(h), ()):
+                    if r.kind is kind and kind in _ALLOWED[h.kind]:
                         owners.setdefault(r.message_class, []).append(self.labels[id(h)])
             for cls, holders in owners.items():
                 if len(holders) > 1:
@@ -333,3 +324,179 @@ class _Validator:
                         f"application may have a {kind.value} route for it; "
                         "remove the route from all but one",
                     )
+
+    # -- the second call --------------------------------------------------------
+
+    def compare(self, first: _Pass, second: _Pass) -> None:
+        """Report every difference between two calls of ``configure()``."""
+        subject = f"application {self.app_label}"
+        advice = "configure() must declare the same configuration every time it is called"
+        if (first.error is None) != (second.error is None):
+            failed = first.error or second.error
+            assert failed is not None
+            call = "first" if first.error is not None else "second"
+            self.add(subject, f"configure() raised {_error(failed)} only on the {call} call; {advice}")
+            return
+        if first.error is not None:
+            return  # already reported
+        if first.app.declared.identities != second.app.declared.identities:
+            self.add(
+                subject,
+                "identity() was called with different arguments on the second call "
+                f"({_calls(first.app.declared.identities)} then "
+                f"{_calls(second.app.declared.identities)}); {advice}",
+            )
+        shape1 = [compat.describe_value(r) for r in first.app.declared.routes]
+        shape2 = [compat.describe_value(r) for r in second.app.declared.routes]
+        if shape1 != shape2:
+            self.add(
+                subject,
+                f"routes() declared different handlers on the second call ([{_list(shape1)}] "
+                f"then [{_list(shape2)}]); {advice}",
+            )
+            return
+        for h1, h2 in zip(first.handlers, second.handlers, strict=True):
+            if h1.error is not None or h2.error is not None:
+                if (h1.error is None) != (h2.error is None):
+                    failed = h1.error or h2.error
+                    assert failed is not None
+                    call = "first" if h1.error is not None else "second"
+                    self.add(
+                        self.labels.get(id(h1), f"{h1.kind.value} {_qualified(h1.handler)}"),
+                        f"configure() raised {_error(failed)} only on the {call} call; "
+                        f"{advice}",
+                    )
+                continue
+            differences = _differences(h1.recorder, h2.recorder)
+            if differences:
+                self.add(
+                    self.labels.get(id(h1), f"{h1.kind.value} {_qualified(h1.handler)}"),
+                    f"configure() declared a different configuration on the second call "
+                    f"({'; '.join(differences)}); {advice}",
+                )
+
+
+def _resolve_routes(v: _Validator, label: str, h: _HandlerPass) -> list[RouteConfig]:
+    """Turn the declared route values into ``RouteConfig``s, reporting any that cannot be."""
+    resolved: list[RouteConfig] = []
+    for value in h.recorder.declared.routes:
+        found = compat.as_message_route(value)
+        if found is None:
+            v.add(
+                label,
+                f"routes() was given {_describe(value)}, which is not a message route; use "
+                "dogma.handles_command(), records_event(), handles_event(), "
+                "executes_command() or schedules_deadline()",
+            )
+            continue
+        kind, cls = found
+        entry = compat.registered(cls)
+        shown = f"{kind.value}({getattr(cls, '__qualname__', repr(cls))})"
+        expected = _MESSAGE_KIND[kind]
+        if entry is None:
+            v.add(
+                label,
+                f"route {shown}: {_qualified_class(cls)} is not in the message type "
+                f"registry; decorate it with @dogma.register_{expected}('<uuid>')",
+            )
+            continue
+        actual = compat.kind_name(entry)
+        if actual != expected:
+            v.add(
+                label,
+                f"route {shown}: {_qualified_class(cls)} is a {actual}, but {kind.value} "
+                f"routes take {expected} types; use the route for a {actual} or "
+                "change the message type",
+            )
+            continue
+        resolved.append(RouteConfig(kind, entry))
+    return resolved
+
+
+def _differences(a: HandlerRecorder, b: HandlerRecorder) -> list[str]:
+    out: list[str] = []
+    if a.declared.identities != b.declared.identities:
+        out.append(
+            f"identity {_calls(a.declared.identities)} then {_calls(b.declared.identities)}"
+        )
+    r1 = [compat.describe_value(r) for r in a.declared.routes]
+    r2 = [compat.describe_value(r) for r in b.declared.routes]
+    if r1 != r2:
+        out.append(f"routes [{_list(r1)}] then [{_list(r2)}]")
+    if a.disabled != b.disabled:
+        out.append(f"disabled {a.disabled} then {b.disabled}")
+    if a.concurrency != b.concurrency or a.misuse != b.misuse:
+        out.append(
+            f"concurrency_preference {_list(a.concurrency)} then {_list(b.concurrency)}"
+        )
+    return out
+
+
+def _assemble(app: object, p: _Pass) -> ApplicationConfig:
+    """Build the model from a call that validated cleanly."""
+    identity = _only_identity(p.app.declared.identities)
+    handlers: list[HandlerConfig] = []
+    for h in p.handlers:
+        concurrency = dogma.ConcurrencyPreference.MAXIMIZE
+        if h.recorder.concurrency:
+            last = h.recorder.concurrency[-1]
+            assert isinstance(last, dogma.ConcurrencyPreference)
+            concurrency = last
+        routes: list[RouteConfig] = []
+        for value in h.recorder.declared.routes:
+            found = compat.as_message_route(value)
+            assert found is not None
+            entry = compat.registered(found[1])
+            assert entry is not None
+            routes.append(RouteConfig(found[0], entry))
+        handlers.append(
+            HandlerConfig(
+                kind=h.kind,
+                identity=_only_identity(h.recorder.declared.identities),
+                handler=h.handler,
+                routes=tuple(routes),
+                disabled=h.recorder.disabled,
+                concurrency=concurrency,
+            )
+        )
+    return ApplicationConfig(identity=identity, app=app, handlers=tuple(handlers))
+
+
+def _only_identity(calls: list[tuple[object, object]]) -> Identity:
+    ((name, key),) = calls
+    normalised, _ = compat.normalise_key(key)
+    assert isinstance(name, str)
+    assert normalised is not None
+    return Identity(name, normalised)
+
+
+def _qualified(obj: object) -> str:
+    return _qualified_class(type(obj))
+
+
+def _qualified_class(cls: object) -> str:
+    if isinstance(cls, type):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return repr(cls)
+
+
+def _describe(value: object) -> str:
+    return f"{value!r} ({_qualified(value)})"
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _calls(calls: Iterable[tuple[object, object]]) -> str:
+    return ", ".join(f"({n!r}, {k!r})" for n, k in calls) or "none"
+
+
+def _list(items: Iterable[object]) -> str:
+    return ", ".join(str(i) for i in items)
+
+
+def _and(items: list[str]) -> str:
+    if len(items) <= 2:
+        return " and ".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]

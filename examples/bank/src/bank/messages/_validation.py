@@ -1,0 +1,57 @@
+"""Small validation helpers shared by the message classes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import dogma
+
+__all__ = ["require_aware", "require_distinct", "require_ids", "require_positive"]
+
+
+def _label(field: str) -> str:
+    # "from_account_id" -> "from account ID"
+    words = field.split("_")
+    return " ".join("ID" if w == "id" else w for w in words)
+
+
+def require_ids(message: object, *fields: str) -> None:
+    """Raise unless every named string field of ``message`` is non-empty."""
+    for field in fields:
+        if not getattr(message, field):
+            raise dogma.ValidationError(
+                f"{type(message).__name__} must not have an empty {_label(field)}"
+            )
+
+
+def require_positive(message: object, field: str = "amount") -> None:
+    """Raise unless the named integer field of ``message`` is at least 1."""
+    if getattr(message, field) < 1:
+        raise dogma.ValidationError(
+            f"{type(message).__name__} must have a positive {_label(field)}"
+        )
+
+
+def require_at_least(message: object, field: str, minimum: int) -> None:
+    """Raise unless the named integer field of ``message`` is at least ``minimum``."""
+    if getattr(message, field) < minimum:
+        raise dogma.ValidationError(
+            f"{type(message).__name__} must have a {_label(field)} of at least {minimum}"
+        )
+
+
+def require_distinct(message: object) -> None:
+    """Raise if a transfer's source and destination accounts are the same."""
+    if getattr(message, "from_account_id") == getattr(message, "to_account_id"):  # noqa: B009
+        raise dogma.ValidationError(
+            f"{type(message).__name__} must not transfer to the account it transfers from"
+        )
+
+
+def require_aware(message: object, field: str = "scheduled_time") -> None:
+    """Raise unless the named datetime field of ``message`` has a time zone."""
+    value = getattr(message, field)
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise dogma.ValidationError(
+            f"{type(message).__name__} must have a timezone-aware {_label(field)}"
+        )

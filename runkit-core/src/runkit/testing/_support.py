@@ -1,0 +1,116 @@
+"""Fixtures and helpers shared by the conformance suites."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+import hypothesis
+import pytest
+
+from runkit.persistence import Provider
+
+__all__ = ["SuiteBase", "gather", "unique_name"]
+
+T = TypeVar("T")
+
+#: How many tasks race in the concurrency tests, and how many rounds they run.
+RACERS = 16
+ROUNDS = 5
+
+
+def unique_name(kind: str) -> str:
+    """Return a store name no other test uses: the suites can share a backend under xdist."""
+    return f"{kind}-{uuid.uuid4().hex}"
+
+
+async def gather(*calls: Callable[[], Awaitable[T]]) -> list[T | BaseException]:
+    """Run *calls* concurrently; return each result or the ``Exception`` it raised, in order.
+
+    Every call first waits at a common barrier, so they really race at the backend.
+    """
+    results: list[T | BaseException] = [RuntimeError("did not run")] * len(calls)
+    start = anyio.Event()
+
+    async def run(index: int, call: Callable[[], Awaitable[T]]) -> None:
+        await start.wait()
+        try:
+            results[index] = await call()
+        except Exception as exc:  # noqa: BLE001 - returned to the caller to assert on
+            results[index] = exc
+
+    async with anyio.create_task_group() as tg:
+        for index, call in enumerate(calls):
+            tg.start_soon(run, index, call)
+        await anyio.sleep(0)
+        start.set()
+    return results
+
+
+class SuiteBase:
+    """Fixtures every suite needs; a driver's test class overrides ``provider`` and ``make_provider``.
+
+    ``hypothesis_settings`` is the budget of the state-machine tests; drivers
+    on slow backends lower ``max_examples``.
+    """
+
+    hypothesis_settings: ClassVar[hypothesis.settings] = hypothesis.settings(
+        max_examples=40,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=[hypothesis.HealthCheck.too_slow],
+    )
+
+    #: Tests skip writing inputs larger than this (limits above it are not exercised
+    #: at the edge, to keep memory use sane for drivers with very large limits).
+    max_tested_bytes: ClassVar[int] = 16 << 20
+
+    @pytest.fixture
+    async def provider(self) -> AsyncIterator[Provider]:
+        """A provider on a fresh namespace; override in the driver's test class."""
+        raise NotImplementedError("override the 'provider' fixture in your conformance test class")
+        yield  # pragma: no cover
+
+    @pytest.fixture
+    def make_provider(self) -> Callable[[], Provider]:
+        """A factory of further providers on ``provider``'s backend and namespace; override it."""
+        raise NotImplementedError(
+            "override the 'make_provider' fixture in your conformance test class"
+        )
+
+    @pytest.fixture
+    async def other_provider(
+        self, provider: Provider, make_provider: Callable[[], Provider]
+    ) -> AsyncIterator[Provider]:
+        """A second provider on the same backend and namespace as ``provider``."""
+        other = make_provider()
+        try:
+            yield other
+        finally:
+            await other.close()
+
+    @pytest.fixture
+    async def made_providers(
+        self, provider: Provider, make_provider: Callable[[], Provider]
+    ) -> AsyncIterator[Callable[[], Provider]]:
+        """Like ``make_provider``, but closes every provider it made when the test ends."""
+        made: list[Provider] = []
+
+        def make() -> Provider:
+            p = make_provider()
+            made.append(p)
+            return p
+
+        try:
+            yield make
+        finally:
+            with anyio.CancelScope(shield=True):
+                for p in made:
+                    await p.close()
+
+
+def raises_from(result: Any, kind: type[BaseException]) -> bool:
+    """True when a ``gather`` result is an instance of *kind*."""
+    return isinstance(result, kind)
