@@ -95,8 +95,6 @@ class MessageTypeRegistry:
                 f"cannot register {_qualified(cls)} as a {kind.value} ({type_id}): it is {what}; "
                 f"a {kind.value} class must derive from dogma.{base}"
             )
-        if kind_of(cls) is None:  # pragma: no cover - guarded above
-            raise AssertionError
         _codec_check(cls)
         entry = MessageType(id=type_id, cls=cls, kind=kind)
         with self._lock:

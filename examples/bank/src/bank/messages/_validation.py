@@ -6,7 +6,17 @@ from datetime import datetime
 
 import dogma
 
-__all__ = ["require_aware", "require_distinct", "require_ids", "require_positive"]
+from .types import TransactionType, is_valid_date
+
+__all__ = [
+    "require_at_least",
+    "require_aware",
+    "require_debit_type",
+    "require_distinct",
+    "require_ids",
+    "require_positive",
+    "require_valid_date",
+]
 
 
 def _label(field: str) -> str:
@@ -54,4 +64,23 @@ def require_aware(message: object, field: str = "scheduled_time") -> None:
     if not isinstance(value, datetime) or value.tzinfo is None:
         raise dogma.ValidationError(
             f"{type(message).__name__} must have a timezone-aware {_label(field)}"
+        )
+
+
+def require_debit_type(message: object, debit_type: object) -> None:
+    """Raise unless ``debit_type`` is a transaction type that debits an account."""
+    TransactionType.validate(debit_type)
+    assert isinstance(debit_type, TransactionType)
+    if not debit_type.is_debit:
+        raise dogma.ValidationError(
+            f"{type(message).__name__} must have a debit type, not {debit_type}"
+        )
+
+
+def require_valid_date(message: object, field: str = "date") -> None:
+    """Raise unless the named field of ``message`` is a ``YYYY-MM-DD`` date."""
+    value = getattr(message, field)
+    if not isinstance(value, str) or not is_valid_date(value):
+        raise dogma.ValidationError(
+            f"{type(message).__name__} must have a YYYY-MM-DD {_label(field)}, not {value!r}"
         )

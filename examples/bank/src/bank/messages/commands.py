@@ -10,8 +10,15 @@ from datetime import datetime
 import attrs
 import dogma
 
-from ._validation import require_aware, require_distinct, require_ids, require_positive
-from .types import DebitFailureReason, TransactionType, format_amount, is_valid_date
+from ._validation import (
+    require_aware,
+    require_debit_type,
+    require_distinct,
+    require_ids,
+    require_positive,
+    require_valid_date,
+)
+from .types import DebitFailureReason, TransactionType, format_amount
 
 __all__ = [
     "ApproveDeposit",
@@ -140,12 +147,9 @@ class ConsumeDailyDebitLimit(dogma.Command):
 
     def validate(self, scope: dogma.ValidationScope) -> None:
         require_ids(self, "transaction_id", "account_id")
-        _require_debit(self, self.debit_type)
+        require_debit_type(self, self.debit_type)
         require_positive(self)
-        if not is_valid_date(self.date):
-            raise dogma.ValidationError(
-                f"ConsumeDailyDebitLimit must have a YYYY-MM-DD date, not {self.date!r}"
-            )
+        require_valid_date(self)
 
 
 @dogma.register_command("0cfac865-a1d9-4fd2-b085-f8fce0053795")
@@ -368,11 +372,3 @@ class CreditThirdPartyAccount(dogma.Command):
         require_ids(self, "transaction_id", "account_id")
         require_positive(self)
 
-
-def _require_debit(message: object, debit_type: object) -> None:
-    TransactionType.validate(debit_type)
-    assert isinstance(debit_type, TransactionType)
-    if not debit_type.is_debit:
-        raise dogma.ValidationError(
-            f"{type(message).__name__} must have a debit type, not {debit_type}"
-        )

@@ -1,0 +1,79 @@
+"""Shared plumbing for the event consumers: options, retries and handler logging.
+
+Private to the events side of the engine (``consumers``, ``processes``,
+``deadlines``, ``projections``); nothing here is public API.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime
+
+import anyio
+import attrs
+
+__all__ = ["ConsumerOptions", "HandlerLogger", "backoff_delay", "sleep_backoff"]
+
+
+def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ConsumerOptions:
+    """Tuning of the event consumers; the defaults suit production.
+
+    Attributes:
+        retry_initial: Seconds to wait after a handler's first failure; doubles
+            on each further failure, with jitter.
+        retry_max: Cap of the wait between attempts, in seconds.
+        max_attempts: Failed attempts at handling one message before a process
+            records it as poisoned and moves on. Projections never give up
+            (skipping an event would break ADR-26 exactly-once); they keep
+            retrying at ``retry_max``.
+        checkpoint_interval: Seconds between writes of a process consumer's
+            stream checkpoint (checkpoints only bound redelivery after a
+            restart; per-instance positions make redelivery harmless).
+        compact_interval: Seconds between ``compact()`` calls per projection.
+        deadline_rescan_interval: Longest a deadline timer sleeps without
+            re-reading the engine clock and its deadline journal. Deadlines
+            appended by this node wake the timer at once; this bounds how late
+            one appended by another node (or a jump of an injected clock) is seen.
+    """
+
+    retry_initial: float = attrs.field(default=0.1, validator=_positive)
+    retry_max: float = attrs.field(default=30.0, validator=_positive)
+    max_attempts: int = attrs.field(default=8, validator=_positive)
+    checkpoint_interval: float = attrs.field(default=1.0, validator=_positive)
+    compact_interval: float = attrs.field(default=3600.0, validator=_positive)
+    deadline_rescan_interval: float = attrs.field(default=5.0, validator=_positive)
+
+
+def backoff_delay(options: ConsumerOptions, attempt: int) -> float:
+    """Seconds to wait after failed attempt number *attempt* (1-based): capped, with jitter."""
+    base = min(options.retry_max, options.retry_initial * 2 ** min(attempt - 1, 32))
+    # "Equal jitter": at least half the base, so retries never collapse to zero.
+    return base / 2 + random.uniform(0, base / 2)
+
+
+async def sleep_backoff(options: ConsumerOptions, attempt: int) -> None:
+    """Sleep for ``backoff_delay(options, attempt)``."""
+    await anyio.sleep(backoff_delay(options, attempt))
+
+
+@attrs.frozen
+class HandlerLogger:
+    """What ``scope.log(fmt, *args)`` writes to: a logger, prefixed with the handler."""
+
+    logger: logging.Logger
+    prefix: str
+
+    def log(self, fmt: str, *args: object) -> None:
+        """Log a %-style message at INFO, naming the handler (and instance)."""
+        self.logger.info("%s: " + fmt, self.prefix, *args)
+
+
+Clock = Callable[[], datetime]
