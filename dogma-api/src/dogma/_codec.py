@@ -13,7 +13,6 @@ so decoding cannot guess wrong.
 from __future__ import annotations
 
 import enum
-import functools
 import json
 import math
 import types
@@ -40,6 +39,12 @@ class _EncodeTypeError(TypeError):
     """A value that does not match its annotation."""
 
 
+def _name(cls: type) -> str:
+    # Error messages name classes as written in the source, without the
+    # "<locals>" path of classes defined inside functions.
+    return cls.__qualname__.rpartition("<locals>.")[2]
+
+
 def encode(message: object) -> bytes:
     """Encode attrs instance ``message`` as compact UTF-8 JSON."""
     cls = type(message)
@@ -47,9 +52,9 @@ def encode(message: object) -> bytes:
     try:
         obj = plan.encode(message, "")
     except _EncodeTypeError as exc:
-        raise TypeError(f"cannot marshal {cls.__qualname__}: {exc}") from None
+        raise TypeError(f"cannot marshal {_name(cls)}: {exc}") from None
     except ValueError as exc:
-        raise ValueError(f"cannot marshal {cls.__qualname__}: {exc}") from None
+        raise ValueError(f"cannot marshal {_name(cls)}: {exc}") from None
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
@@ -58,16 +63,16 @@ def decode(cls: type[T], data: bytes) -> T:
     plan = _plan_for(cls)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(
-            f"cannot unmarshal {cls.__qualname__}: expected bytes, got {type(data).__qualname__}"
+            f"cannot unmarshal {_name(cls)}: expected bytes, got {type(data).__qualname__}"
         )
     try:
         obj = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot unmarshal {cls.__qualname__}: invalid JSON: {exc}") from None
+        raise ValueError(f"cannot unmarshal {_name(cls)}: invalid JSON: {exc}") from None
     try:
         value = plan.decode(obj, "")
     except _DecodeError as exc:
-        raise ValueError(f"cannot unmarshal {cls.__qualname__}: {exc}") from None
+        raise ValueError(f"cannot unmarshal {_name(cls)}: {exc}") from None
     return typing.cast(T, value)
 
 
@@ -95,7 +100,7 @@ def _at(path: str) -> str:
 
 
 def _got(value: object) -> str:
-    return f"{type(value).__qualname__} {value!r}"
+    return f"{_name(type(value))} {value!r}"
 
 
 def _json_shape(data: JSON) -> str:
@@ -143,7 +148,9 @@ class _Scalar(_Plan):
                 raise ValueError(f"{_at(path)}{number!r} cannot be stored; floats must be finite")
             return number
         if self.tp in (int, str) and type(value) is not self.tp:
-            return self.tp(value)  # a subclass such as an IntEnum member: store the plain value
+            return self.tp(
+                typing.cast(Any, value)
+            )  # a subclass such as an IntEnum member: store the plain value
         return value
 
     def decode(self, data: JSON, path: str) -> object:
@@ -209,13 +216,13 @@ class _UUID(_Plan):
 class _Enum(_Plan):
     def __init__(self, tp: type[enum.Enum]) -> None:
         self.tp = tp
-        self.name = tp.__qualname__
+        self.name = _name(tp)
         shapes: set[str] = set()
         for member in tp:
             shape = _json_shape(member.value)
             if shape not in ("bool", "int", "float", "string"):
                 raise TypeError(
-                    f"enum {tp.__qualname__} has a {type(member.value).__qualname__} value "
+                    f"enum {_name(tp)} has a {type(member.value).__qualname__} value "
                     f"({member.name}); only str, int, float and bool values can be stored"
                 )
             shapes.add(shape)
@@ -299,14 +306,20 @@ class _FixedTuple(_Plan):
         if not self.matches(value, exact=False):
             raise _EncodeTypeError(f"{_at(path)}expected {self.name}, got {_got(value)}")
         values = typing.cast(tuple[object, ...], value)
-        return [p.encode(v, f"{path}[{i}]") for i, (p, v) in enumerate(zip(self.items, values))]
+        return [
+            p.encode(v, f"{path}[{i}]")
+            for i, (p, v) in enumerate(zip(self.items, values, strict=True))
+        ]
 
     def decode(self, data: JSON, path: str) -> object:
         if not isinstance(data, list) or len(data) != len(self.items):
             raise _DecodeError(
                 f"{_at(path)}expected an array of {len(self.items)} items, got {_got(data)}"
             )
-        return tuple(p.decode(v, f"{path}[{i}]") for i, (p, v) in enumerate(zip(self.items, data)))
+        return tuple(
+            p.decode(v, f"{path}[{i}]")
+            for i, (p, v) in enumerate(zip(self.items, data, strict=True))
+        )
 
 
 class _Dict(_Plan):
@@ -314,7 +327,9 @@ class _Dict(_Plan):
 
     def __init__(self, key: _Plan, value: _Plan) -> None:
         if not isinstance(key, _Scalar | _UUID | _Enum) or key.name in ("None", "bool", "float"):
-            raise TypeError(f"dict keys of type {key.name} cannot be stored; use str, int, UUID or enum")
+            raise TypeError(
+                f"dict keys of type {key.name} cannot be stored; use str, int, UUID or enum"
+            )
         self.key = key
         self.value = value
         self.name = f"dict[{key.name}, {value.name}]"
@@ -375,7 +390,9 @@ class _Union(_Plan):
         self.by_shape = {shape: ms[0] for shape, ms in owners.items()}
         self.by_tag = {m.name: m for m in members}
         if self.tagged and len(self.by_tag) != len(members):
-            raise TypeError(f"union {self.name} has members with the same name; it cannot be stored")
+            raise TypeError(
+                f"union {self.name} has members with the same name; it cannot be stored"
+            )
 
     def _member_for(self, value: object) -> _Plan | None:
         for exact in (True, False):
@@ -426,7 +443,7 @@ class _AttrsClass(_Plan):
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
-        self.name = cls.__qualname__
+        self.name = _name(cls)
         self._fields: list[tuple[str, str, _Plan, bool]] | None = None
 
     @property
@@ -437,7 +454,7 @@ class _AttrsClass(_Plan):
                 attrs.resolve_types(self.cls)
             except NameError as exc:
                 raise TypeError(
-                    f"cannot resolve the annotations of {self.cls.__qualname__}: {exc}; "
+                    f"cannot resolve the annotations of {_name(self.cls)}: {exc}; "
                     "define the classes it refers to at module level"
                 ) from None
             fields: list[tuple[str, str, _Plan, bool]] = []
@@ -448,7 +465,7 @@ class _AttrsClass(_Plan):
                     plan = _plan(f.type)
                 except TypeError as exc:
                     raise TypeError(
-                        f"field {self.cls.__qualname__}.{f.name} cannot be marshalled: {exc}; "
+                        f"field {_name(self.cls)}.{f.name} cannot be marshalled: {exc}; "
                         "override marshal_binary() and unmarshal_binary() to store it"
                     ) from None
                 fields.append((f.name, f.alias or f.name, plan, f.default is attrs.NOTHING))
@@ -480,28 +497,45 @@ class _AttrsClass(_Plan):
         try:
             return self.cls(**kwargs)
         except (TypeError, ValueError) as exc:
-            raise _DecodeError(f"{_at(path)}{self.name}: {exc}") from exc
+            # attrs validators and __attrs_post_init__ run here.
+            where = f"{_at(path)}invalid {self.name}: " if path else ""
+            raise _DecodeError(f"{where}{exc}") from exc
 
 
 # --------------------------------------------------------------------------- building
 
 
-@functools.cache
+# One plan per class, built on first use; a racing duplicate build is harmless.
+_PLANS: dict[type, _AttrsClass] = {}
+
+
 def _plan_for(cls: type) -> _AttrsClass:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS.setdefault(cls, _new_plan(cls))
+    return plan
+
+
+def _new_plan(cls: type) -> _AttrsClass:
     if not attrs.has(cls):
         raise TypeError(
-            f"{cls.__qualname__} is not an attrs class, so the default codec cannot marshal it; "
+            f"{_name(cls)} is not an attrs class, so the default codec cannot marshal it; "
             "decorate it with @attrs.frozen or override marshal_binary() and unmarshal_binary()"
         )
     return _AttrsClass(cls)
 
 
-def check(cls: type) -> None:
+def check(cls: type, localns: dict[str, object] | None = None) -> None:
     """Build the codec for ``cls`` now, raising ``TypeError`` for unsupported fields.
 
-    Annotations that cannot be resolved yet (forward references) are left for
-    first use.
+    ``localns`` is the namespace the class was defined in, which resolves
+    string annotations naming classes local to a function. Annotations that
+    cannot be resolved yet (forward references) are left for first use.
     """
+    try:
+        attrs.resolve_types(cls, localns=localns)
+    except NameError:
+        return
     plan = _plan_for(cls)
     try:
         plan.fields  # noqa: B018 - evaluated for its validation
@@ -510,6 +544,7 @@ def check(cls: type) -> None:
             raise
 
 
+_TYPE_ALIAS_TYPE: type | None = getattr(typing, "TypeAliasType", None)
 _SCALARS: dict[object, type] = {
     str: str,
     int: int,
@@ -532,8 +567,8 @@ def _plan(tp: object) -> _Plan:
     args = get_args(tp)
     if origin is typing.Annotated:
         return _plan(args[0])
-    if isinstance(tp, typing.TypeAliasType):
-        return _plan(tp.__value__)
+    if _TYPE_ALIAS_TYPE is not None and isinstance(tp, _TYPE_ALIAS_TYPE):
+        return _plan(getattr(tp, "__value__"))  # noqa: B009 - `type X = ...` (Python 3.12+)
     if tp in _SCALARS:
         return _Scalar(_SCALARS[tp])
     if tp is datetime:
@@ -551,7 +586,9 @@ def _plan(tp: object) -> _Plan:
     if origin in _CONTAINERS:
         return _container(typing.cast(type, origin), args, tp)
     if tp in _CONTAINERS:
-        raise TypeError(f"bare {typing.cast(type, tp).__name__} needs item types, e.g. tuple[str, ...]")
+        raise TypeError(
+            f"bare {typing.cast(type, tp).__name__} needs item types, e.g. tuple[str, ...]"
+        )
     raise TypeError(f"{_type_name(tp)} is not a supported field type")
 
 
@@ -571,7 +608,7 @@ def _container(origin: type, args: tuple[object, ...], tp: object) -> _Plan:
 
 def _type_name(tp: object) -> str:
     if isinstance(tp, type):
-        return tp.__qualname__
+        return _name(tp)
     return repr(tp)
 
 

@@ -67,7 +67,7 @@ def _describe(message: object) -> str:
     if callable(describe):
         try:
             text = describe()
-        except Exception:  # noqa: BLE001 - a broken description must not mask the real error
+        except Exception:  # a broken description must not mask the real error
             return name
         if isinstance(text, str) and text:
             return f"{name} ({text})"

@@ -7,6 +7,7 @@ data, and historical types can still be decoded.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -66,8 +67,18 @@ class MessageTypeRegistry:
         self._by_cls: dict[type, MessageType] = {}
         self._lock = threading.Lock()
 
-    def register(self, cls: type[M], type_id: str, kind: MessageKind) -> MessageType:
+    def register(
+        self,
+        cls: type[M],
+        type_id: str,
+        kind: MessageKind,
+        *,
+        localns: dict[str, object] | None = None,
+    ) -> MessageType:
         """Register message class ``cls`` of ``kind`` under ``type_id``.
+
+        ``localns`` is the namespace ``cls`` was defined in, used to resolve
+        string annotations that name function-local classes.
 
         Re-executing a module (``importlib.reload``) registers a new class
         object with the same module, qualified name and ID; that replaces the
@@ -90,12 +101,17 @@ class MessageTypeRegistry:
         actual = kind_of(cls)
         if actual is not kind:
             base = _BASE_FOR_KIND[kind].__name__
-            what = f"a {actual.value}" if actual else "not a message class"
+            what = a(actual.value) if actual else "not a message class"
             raise TypeError(
-                f"cannot register {_qualified(cls)} as a {kind.value} ({type_id}): it is {what}; "
-                f"a {kind.value} class must derive from dogma.{base}"
+                f"cannot register {_qualified(cls)} as {a(kind.value)} ({type_id}): "
+                f"it is {what}; {a(kind.value)} class must derive from dogma.{base}"
             )
-        _codec_check(cls)
+        try:
+            _codec_check(cls, localns)
+        except TypeError as exc:
+            raise TypeError(
+                f"cannot register {_qualified(cls)} as {a(kind.value)} ({type_id}): {exc}"
+            ) from None
         entry = MessageType(id=type_id, cls=cls, kind=kind)
         with self._lock:
             existing = self._by_cls.get(cls)
@@ -168,7 +184,10 @@ def _make_decorator(
     target = registry if reg is None else reg
 
     def decorate(cls: type[M]) -> type[M]:
-        target.register(cls, type_id, kind)
+        # The caller's locals resolve annotations such as `inner: Inner` (under
+        # `from __future__ import annotations`) when Inner is local to a function.
+        localns = sys._getframe(1).f_locals
+        target.register(cls, type_id, kind, localns=localns)
         return cls
 
     return decorate
@@ -220,15 +239,16 @@ def register_deadline(
     return _make_decorator(MessageKind.DEADLINE, type_id, registry)
 
 
-def _codec_check(cls: type[Message]) -> None:
+def _codec_check(cls: type[Message], localns: dict[str, object] | None) -> None:
     # Fail at registration, not at the first marshal, when the default codec
     # cannot store a field. Classes with their own codec are left alone.
+    default_unmarshal = getattr(Message.unmarshal_binary, "__func__", None)
     if (
-        attrs.has(cls)
-        and cls.marshal_binary is Message.marshal_binary
-        and getattr(cls.unmarshal_binary, "__func__", None) is Message.unmarshal_binary.__func__
+        cls.marshal_binary is Message.marshal_binary
+        and getattr(cls.unmarshal_binary, "__func__", None) is default_unmarshal
+        and attrs.has(cls)
     ):
-        _codec.check(cls)
+        _codec.check(cls, localns)
 
 
 def _is_reload_of(old: MessageType, new: MessageType) -> bool:
@@ -238,6 +258,11 @@ def _is_reload_of(old: MessageType, new: MessageType) -> bool:
         and old.cls.__qualname__ == new.cls.__qualname__
         and "<locals>" not in new.cls.__qualname__
     )
+
+
+def a(word: str) -> str:
+    """Return ``word`` with its indefinite article: "a command", "an event"."""
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
 
 def _qualified(cls: type) -> str:

@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 import attrs
 
 from ._messages import MessageKind, kind_of
-from ._registry import MessageType, MessageTypeRegistry, _qualified
+from ._registry import MessageType, MessageTypeRegistry, _qualified, a
 from ._registry import registry as _global_registry
 
 # --------------------------------------------------------------------------- handler routes
@@ -217,14 +217,15 @@ def registered_type(
     """
     base = f"dogma.{kind.name.title()}"
     if not isinstance(cls, type):
-        raise TypeError(f"{caller}() takes a {kind.value} class, got {cls!r}")
+        raise TypeError(f"{caller}() takes {a(kind.value)} class, got {cls!r}")
     actual = kind_of(cls)
     if actual is not kind:
-        what = f"a {actual.value} (derives from dogma.{actual.name.title()})" if actual else (
-            "not a message class"
-        )
+        if actual is None:
+            what = "not a message class"
+        else:
+            what = f"{a(actual.value)} (derives from dogma.{actual.name.title()})"
         raise TypeError(
-            f"{caller}() takes a {kind.value} class (a {base} subclass), "
+            f"{caller}() takes {a(kind.value)} class (a {base} subclass), "
             f"but {_qualified(cls)} is {what}"
         )
     entry = (_global_registry if registry is None else registry).of(cls)

@@ -17,7 +17,8 @@ import attrs
 import environs
 
 from ._errors import ConfigurationError
-from ._validate import Site, parse_address, parse_node_id, parse_site
+from ._validate import parse_address, parse_node_id, parse_site
+from .engine.settings import Site
 from .persistence import redact_url
 
 __all__ = ["ENVIRONMENT", "EnvironmentRegistry", "EnvironmentValues", "Variable"]

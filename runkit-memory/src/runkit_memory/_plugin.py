@@ -38,9 +38,10 @@ def parse_url(url: str) -> str:
     parts = urlsplit(url)
     shown = redact_url(url)
     if parts.netloc:
+        host = parts.netloc.rpartition("@")[2]
         raise ValueError(
-            f"memory URL {shown!r} has a host ({parts.netloc.rpartition('@')[2]!r}); "
-            f"memory URLs have none: use three slashes, e.g. 'memory:///{parts.hostname or 'app'}'"
+            f"memory URL {shown!r} has a host ({host!r}); memory URLs have none: "
+            f"use three slashes, e.g. 'memory:///{host}{parts.path}'"
         )
     query_params(url, frozenset())
     if parts.fragment:

@@ -22,6 +22,7 @@ from typing import Final
 
 import attrs
 from anyio.lowlevel import checkpoint
+
 from runkit.persistence import (
     Conflict,
     Interval,

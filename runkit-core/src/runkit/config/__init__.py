@@ -25,6 +25,14 @@ __all__ = (
 )
 
 # Show the public path in reprs and tracebacks, not the private module.
-for _obj in (ApplicationConfig, HandlerConfig, HandlerKind, Identity, RouteConfig, RouteKind, build):
+for _obj in (
+    ApplicationConfig,
+    HandlerConfig,
+    HandlerKind,
+    Identity,
+    RouteConfig,
+    RouteKind,
+    build,
+):
     _obj.__module__ = __name__
 del _obj

@@ -6,6 +6,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import attrs
+
 import dogma
 
 from .._errors import ConfigurationError
@@ -55,12 +56,18 @@ _REQUIRED_WHY: dict[RouteKind, str] = {
 }
 
 
-def build(app: object) -> ApplicationConfig:
+def build(app: object, *, registry: dogma.MessageTypeRegistry | None = None) -> ApplicationConfig:
     """Configure ``app`` and return its validated, immutable configuration.
 
     ``app.configure(c)`` and every handler's ``configure(c)`` are called twice;
     a configuration that differs between the two calls is refused, because the
     engine may call ``configure()`` at any time and relies on the answer.
+
+    Args:
+        app: The application: any object with a ``configure(c)`` method.
+        registry: The registry every routed message type must be in, so the
+            engine can decode stored messages; the global ``dogma.registry``
+            by default.
 
     Raises:
         TypeError: ``app`` has no ``configure`` method.
@@ -70,22 +77,22 @@ def build(app: object) -> ApplicationConfig:
     """
     configure = getattr(app, "configure", None)
     if not callable(configure):
-        raise TypeError(
-            f"an application must have a configure(c) method; got {_describe(app)}"
-        )
+        raise TypeError(f"an application must have a configure(c) method; got {_describe(app)}")
 
     first = _configure(app)
     second = _configure(app)
 
-    v = _Validator(app)
+    v = _Validator(app, dogma.registry if registry is None else registry)
     v.check(first)
     v.compare(first, second)
     if v.problems:
         count = len(v.problems)
         noun = "problem" if count == 1 else "problems"
+        # Chain the first exception a configure() raised, so its traceback is kept.
+        cause = next((e for e in v.errors), None)
         raise ConfigurationError(
             f"application {v.app_label} has {count} configuration {noun}", v.problems
-        )
+        ) from cause
     return _assemble(app, first)
 
 
@@ -137,23 +144,26 @@ def _configure(app: object) -> _Pass:
 class _Validator:
     """Collects every problem with one application's configuration."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: object, registry: dogma.MessageTypeRegistry) -> None:
         self.app = app
+        self.registry = registry
         self.app_label = _qualified(app)
         self.problems: list[str] = []
+        self.errors: list[Exception] = []
         # Per handler: its label for messages, and its identity when valid.
         self.labels: dict[int, str] = {}
         self.identities: dict[int, Identity] = {}
         # Per handler: its routes that resolved to a registered message type.
         self.routes: dict[int, tuple[RouteConfig, ...]] = {}
 
-    def add(self, subject: str, problem: str) -> None:
-        self.problems.append(f"{subject}: {problem}")
+    def add(self, subject: str, problem: str, *, sep: str = ": ") -> None:
+        self.problems.append(f"{subject}{sep}{problem}")
 
     # -- the first call ---------------------------------------------------------
 
     def check(self, p: _Pass) -> None:
         if p.error is not None:
+            self.errors.append(p.error)
             self.add(
                 f"application {self.app_label}",
                 f"configure() raised {_error(p.error)}; fix the application's configure()",
@@ -229,6 +239,7 @@ class _Validator:
         label = f"{kind} {_qualified(h.handler)}"
         self.labels[id(h)] = label
         if h.error is not None:
+            self.errors.append(h.error)
             self.add(
                 label,
                 f"configure() raised {_error(h.error)}; fix the handler's configure()",
@@ -264,7 +275,7 @@ class _Validator:
                 names = " and ".join(k.value for k in allowed)
                 self.add(
                     label,
-                    f"route {route} is not allowed on a {kind}, which accepts only "
+                    f"route {route} is not allowed on {_a(kind)}, which accepts only "
                     f"{names} routes; remove it",
                 )
             if n > 1:
@@ -297,6 +308,7 @@ class _Validator:
                     f"handler name {name!r}",
                     f"is used by {_and(holders)}; handler names must be unique within the "
                     "application, so rename all but one",
+                    sep=" ",
                 )
         for key, holders in by_key.items():
             if len(holders) > 1:
@@ -304,6 +316,7 @@ class _Validator:
                     f"identity key {key}",
                     f"is used by {_and(holders)}; keys must be unique across the "
                     "application and its handlers, so give all but one a new UUID",
+                    sep=" ",
                 )
 
     def _unique_producers(self, handlers: list[_HandlerPass]) -> None:
@@ -323,6 +336,7 @@ class _Validator:
                         f"is {verb} by {_and(holders)}, but only one handler in an "
                         f"application may have a {kind.value} route for it; "
                         "remove the route from all but one",
+                        sep=" ",
                     )
 
     # -- the second call --------------------------------------------------------
@@ -335,7 +349,9 @@ class _Validator:
             failed = first.error or second.error
             assert failed is not None
             call = "first" if first.error is not None else "second"
-            self.add(subject, f"configure() raised {_error(failed)} only on the {call} call; {advice}")
+            self.add(
+                subject, f"configure() raised {_error(failed)} only on the {call} call; {advice}"
+            )
             return
         if first.error is not None:
             return  # already reported
@@ -363,8 +379,7 @@ class _Validator:
                     call = "first" if h1.error is not None else "second"
                     self.add(
                         self.labels.get(id(h1), f"{h1.kind.value} {_qualified(h1.handler)}"),
-                        f"configure() raised {_error(failed)} only on the {call} call; "
-                        f"{advice}",
+                        f"configure() raised {_error(failed)} only on the {call} call; {advice}",
                     )
                 continue
             differences = _differences(h1.recorder, h2.recorder)
@@ -389,24 +404,22 @@ def _resolve_routes(v: _Validator, label: str, h: _HandlerPass) -> list[RouteCon
                 "executes_command() or schedules_deadline()",
             )
             continue
-        kind, cls = found
-        entry = compat.registered(cls)
-        shown = f"{kind.value}({getattr(cls, '__qualname__', repr(cls))})"
+        kind, entry = found
+        route = RouteConfig(kind, entry)
         expected = _MESSAGE_KIND[kind]
-        if entry is None:
+        if entry not in v.registry:
             v.add(
                 label,
-                f"route {shown}: {_qualified_class(cls)} is not in the message type "
-                f"registry; decorate it with @dogma.register_{expected}('<uuid>')",
+                f"route {route}: {_qualified_class(entry.cls)} ({entry.id}) is not in the "
+                f"message type registry; register it with @dogma.register_{expected}('<uuid>')",
             )
             continue
         actual = compat.kind_name(entry)
         if actual != expected:
             v.add(
                 label,
-                f"route {shown}: {_qualified_class(cls)} is a {actual}, but {kind.value} "
-                f"routes take {expected} types; use the route for a {actual} or "
-                "change the message type",
+                f"route {route}: {_qualified_class(entry.cls)} is {_a(actual)}, but "
+                f"{kind.value} routes take {expected} types; use {_a(expected)} type",
             )
             continue
         resolved.append(RouteConfig(kind, entry))
@@ -416,9 +429,7 @@ def _resolve_routes(v: _Validator, label: str, h: _HandlerPass) -> list[RouteCon
 def _differences(a: HandlerRecorder, b: HandlerRecorder) -> list[str]:
     out: list[str] = []
     if a.declared.identities != b.declared.identities:
-        out.append(
-            f"identity {_calls(a.declared.identities)} then {_calls(b.declared.identities)}"
-        )
+        out.append(f"identity {_calls(a.declared.identities)} then {_calls(b.declared.identities)}")
     r1 = [compat.describe_value(r) for r in a.declared.routes]
     r2 = [compat.describe_value(r) for r in b.declared.routes]
     if r1 != r2:
@@ -426,9 +437,7 @@ def _differences(a: HandlerRecorder, b: HandlerRecorder) -> list[str]:
     if a.disabled != b.disabled:
         out.append(f"disabled {a.disabled} then {b.disabled}")
     if a.concurrency != b.concurrency or a.misuse != b.misuse:
-        out.append(
-            f"concurrency_preference {_list(a.concurrency)} then {_list(b.concurrency)}"
-        )
+        out.append(f"concurrency_preference {_list(a.concurrency)} then {_list(b.concurrency)}")
     return out
 
 
@@ -446,9 +455,7 @@ def _assemble(app: object, p: _Pass) -> ApplicationConfig:
         for value in h.recorder.declared.routes:
             found = compat.as_message_route(value)
             assert found is not None
-            entry = compat.registered(found[1])
-            assert entry is not None
-            routes.append(RouteConfig(found[0], entry))
+            routes.append(RouteConfig(*found))
         handlers.append(
             HandlerConfig(
                 kind=h.kind,
@@ -476,6 +483,8 @@ def _qualified(obj: object) -> str:
 
 def _qualified_class(cls: object) -> str:
     if isinstance(cls, type):
+        if cls.__module__ == "builtins":
+            return cls.__qualname__
         return f"{cls.__module__}.{cls.__qualname__}"
     return repr(cls)
 
@@ -494,6 +503,10 @@ def _calls(calls: Iterable[tuple[object, object]]) -> str:
 
 def _list(items: Iterable[object]) -> str:
     return ", ".join(str(i) for i in items)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 def _and(items: list[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
+
 import dogma
 
 from ._dogma_compat import describe_value

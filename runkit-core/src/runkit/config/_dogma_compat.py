@@ -17,7 +17,6 @@ __all__ = [
     "kind_name",
     "name_problem",
     "normalise_key",
-    "registered",
 ]
 
 
@@ -62,20 +61,15 @@ def as_handler_route(value: object) -> tuple[HandlerKind, object] | None:
     return kind, value.handler  # type: ignore[attr-defined]
 
 
-def as_message_route(value: object) -> tuple[RouteKind, type] | None:
-    """The route kind and message class of a message route value, or ``None``."""
+def as_message_route(value: object) -> tuple[RouteKind, dogma.MessageType] | None:
+    """The route kind and message type of a message route value, or ``None``."""
     kind = _MESSAGE_ROUTES.get(type(value))
     if kind is None:
         return None
-    return kind, value.type.cls  # type: ignore[attr-defined]
-
-
-def registered(cls: type) -> dogma.MessageType | None:
-    """The registry entry of ``cls``, or ``None`` if it is not registered."""
-    try:
-        return dogma.registry.of(cls)
-    except (KeyError, TypeError, ValueError):
+    entry = value.type  # type: ignore[attr-defined]
+    if not isinstance(entry, dogma.MessageType):
         return None
+    return kind, entry
 
 
 def kind_name(entry: dogma.MessageType) -> str:
@@ -92,12 +86,12 @@ def describe_value(value: object) -> object:
     """
     handler = as_handler_route(value)
     if handler is not None:
-        kind, h = handler
-        return _Shown(f"via_{kind.value}({type(h).__qualname__})", (kind, type(h)))
+        handler_kind, h = handler
+        return _Shown(f"via_{handler_kind.value}({type(h).__qualname__})", (handler_kind, type(h)))
     message = as_message_route(value)
     if message is not None:
-        kind, cls = message
-        return _Shown(f"{kind.value}({cls.__qualname__})", (kind, cls))
+        route_kind, entry = message
+        return _Shown(f"{route_kind.value}({entry.cls.__qualname__})", (route_kind, entry))
     return _Shown(repr(value), (type(value), repr(value)))
 
 

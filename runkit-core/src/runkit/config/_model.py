@@ -6,6 +6,7 @@ import enum
 from collections.abc import Iterable
 
 import attrs
+
 import dogma
 
 __all__ = [
@@ -143,9 +144,7 @@ class ApplicationConfig:
 
     _by_name: dict[str, HandlerConfig] = attrs.field(init=False, repr=False, eq=False)
     _by_key: dict[str, HandlerConfig] = attrs.field(init=False, repr=False, eq=False)
-    _command_handlers: dict[type, HandlerConfig] = attrs.field(
-        init=False, repr=False, eq=False
-    )
+    _command_handlers: dict[type, HandlerConfig] = attrs.field(init=False, repr=False, eq=False)
     _recorders: dict[type, HandlerConfig] = attrs.field(init=False, repr=False, eq=False)
     _consumers: dict[type, tuple[HandlerConfig, ...]] = attrs.field(
         init=False, repr=False, eq=False
@@ -244,9 +243,7 @@ class ApplicationConfig:
                 for consumer in self.event_consumers(evt.cls):
                     if consumer.kind is HandlerKind.PROCESS and id(consumer) not in seen_processes:
                         seen_processes.add(id(consumer))
-                        pending.extend(
-                            t.cls for t in consumer.types_of(RouteKind.EXECUTES_COMMAND)
-                        )
+                        pending.extend(t.cls for t in consumer.types_of(RouteKind.EXECUTES_COMMAND))
 
         result = frozenset(events)
         self._reachable[command_cls] = result

@@ -10,14 +10,18 @@ import logging
 import random
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
 
+if TYPE_CHECKING:
+    from .settings import EngineSettings
+
 __all__ = ["ConsumerOptions", "HandlerLogger", "backoff_delay", "sleep_backoff"]
 
 
-def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 
@@ -51,12 +55,24 @@ class ConsumerOptions:
     compact_interval: float = attrs.field(default=3600.0, validator=_positive)
     deadline_rescan_interval: float = attrs.field(default=5.0, validator=_positive)
 
+    @classmethod
+    def from_settings(cls, settings: EngineSettings, **overrides: Any) -> ConsumerOptions:
+        """Options that share the engine's retry policy (``max_attempts``, delays)."""
+        values: dict[str, Any] = {
+            "retry_initial": settings.retry_base_delay,
+            "retry_max": settings.retry_max_delay,
+            "max_attempts": settings.max_attempts,
+        }
+        values.update(overrides)
+        return cls(**values)
+
 
 def backoff_delay(options: ConsumerOptions, attempt: int) -> float:
     """Seconds to wait after failed attempt number *attempt* (1-based): capped, with jitter."""
-    base = min(options.retry_max, options.retry_initial * 2 ** min(attempt - 1, 32))
+    base = min(options.retry_max, options.retry_initial * 2.0 ** min(attempt - 1, 32))
     # "Equal jitter": at least half the base, so retries never collapse to zero.
-    return base / 2 + random.uniform(0, base / 2)
+    jitter: float = random.uniform(0, base / 2)
+    return base / 2 + jitter
 
 
 async def sleep_backoff(options: ConsumerOptions, attempt: int) -> None:

@@ -84,6 +84,11 @@ class Journal(Handle):
         (including on an empty journal), and if a truncation overtakes the
         iteration. Pages internally and holds no connection between pages, so
         the consumer may be slow or stop early.
+
+        The iterator has ``aclose()`` (drivers normally write ``range`` as an
+        async generator). A consumer that stops early closes it, for example
+        with ``contextlib.aclosing``: trio warns about async generators that
+        are garbage-collected unfinished.
         """
 
     @abc.abstractmethod
@@ -139,7 +144,9 @@ class Keyspace(Handle):
         """Iterate ``(key, value, revision)`` for each live key once, in any order.
 
         Tolerates writes during iteration (the consumer may call get/has/set);
-        keys written during iteration may or may not be seen.
+        keys written during iteration may or may not be seen. Like
+        ``Journal.range``, the iterator has ``aclose()``, which a consumer that
+        stops early calls.
         """
 
 
@@ -168,7 +175,11 @@ class Set(Handle):
 
     @abc.abstractmethod
     def range(self) -> AsyncIterator[bytes]:
-        """Iterate the members, in any order; tolerates writes during iteration."""
+        """Iterate the members, in any order; tolerates writes during iteration.
+
+        Like ``Journal.range``, the iterator has ``aclose()``, which a consumer
+        that stops early calls.
+        """
 
 
 H_co = TypeVar("H_co", bound=Handle, covariant=True)

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 __all__ = ["parse_bool", "query_params", "redact_url"]
 
 
+# "user:password@" anywhere, for strings urlsplit cannot take apart (no scheme, ...).
+_USERINFO = re.compile(r"([^:/@?#\s]*):[^@/?#\s]*@")
+# libpq keyword/value form: password=... (quoted or not).
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
+
+
+def _scrub(text: str) -> str:
+    return _KEYWORD_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
+
+
 def redact_url(url: str) -> str:
-    """Return *url* with any password replaced by ``***``, safe to log or show."""
+    """Return *url* with any password replaced by ``***``, safe to log or show.
+
+    Also scrubs ``password=`` query or libpq keyword parameters, and
+    ``user:password@`` in strings that are not well-formed URLs.
+    """
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
-        return "<malformed URL>"
-    if password is None:
-        return url
+        return _scrub(url)
+    if password is None or not parts.scheme:
+        return _scrub(url)
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
@@ -26,7 +41,7 @@ def redact_url(url: str) -> str:
         port = None
     if port is not None:
         netloc += f":{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return _scrub(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
 
 
 def query_params(url: str, allowed: set[str] | frozenset[str]) -> dict[str, str]:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar, TypeVar
 
 import anyio
+import anyio.lowlevel
 import hypothesis
 import pytest
 
@@ -38,19 +39,19 @@ async def gather(*calls: Callable[[], Awaitable[T]]) -> list[T | BaseException]:
         await start.wait()
         try:
             results[index] = await call()
-        except Exception as exc:  # noqa: BLE001 - returned to the caller to assert on
+        except Exception as exc:
             results[index] = exc
 
     async with anyio.create_task_group() as tg:
         for index, call in enumerate(calls):
             tg.start_soon(run, index, call)
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         start.set()
     return results
 
 
 class SuiteBase:
-    """Fixtures every suite needs; a driver's test class overrides ``provider`` and ``make_provider``.
+    """Fixtures every suite needs; drivers override ``provider`` and ``make_provider``.
 
     ``hypothesis_settings`` is the budget of the state-machine tests; drivers
     on slow backends lower ``max_examples``.
@@ -68,10 +69,9 @@ class SuiteBase:
     max_tested_bytes: ClassVar[int] = 16 << 20
 
     @pytest.fixture
-    async def provider(self) -> AsyncIterator[Provider]:
+    def provider(self) -> Provider:
         """A provider on a fresh namespace; override in the driver's test class."""
         raise NotImplementedError("override the 'provider' fixture in your conformance test class")
-        yield  # pragma: no cover
 
     @pytest.fixture
     def make_provider(self) -> Callable[[], Provider]:

@@ -27,6 +27,7 @@ import random
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 
 import attrs
 
@@ -320,8 +321,9 @@ class _FaultyJournal(_Wrapper, Journal):
 
     async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
         self._count("range")
-        async for item in self._inner.range(position):
-            yield item
+        async with aclosing(self._inner.range(position)) as items:  # type: ignore[type-var]
+            async for item in items:
+                yield item
 
     async def append(self, position: int, record: bytes) -> None:
         timing = self._plan.decide("append", "journal", self.name)
@@ -375,8 +377,9 @@ class _FaultyKeyspace(_Wrapper, Keyspace):
 
     async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
         self._count("range")
-        async for item in self._inner.range():
-            yield item
+        async with aclosing(self._inner.range()) as items:  # type: ignore[type-var]
+            async for item in items:
+                yield item
 
 
 class _FaultySet(_Wrapper, Set):
@@ -422,8 +425,9 @@ class _FaultySet(_Wrapper, Set):
 
     async def range(self) -> AsyncIterator[bytes]:
         self._count("range")
-        async for member in self._inner.range():
-            yield member
+        async with aclosing(self._inner.range()) as members:  # type: ignore[type-var]
+            async for member in members:
+                yield member
 
 
 class _FaultyJournalStore(JournalStore):

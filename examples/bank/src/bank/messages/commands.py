@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import attrs
+
 import dogma
 
 from ._validation import (
@@ -70,8 +71,7 @@ class OpenAccount(dogma.Command):
 
     def message_description(self) -> str:
         return (
-            f"opening account {self.account_id} {self.account_name} "
-            f"for customer {self.customer_id}"
+            f"opening account {self.account_id} {self.account_name} for customer {self.customer_id}"
         )
 
     def validate(self, scope: dogma.ValidationScope) -> None:
@@ -371,4 +371,3 @@ class CreditThirdPartyAccount(dogma.Command):
     def validate(self, scope: dogma.ValidationScope) -> None:
         require_ids(self, "transaction_id", "account_id")
         require_positive(self)
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 from datetime import datetime
 
 import attrs
+
 import dogma
 
 from ._validation import (
@@ -71,8 +72,7 @@ class AccountOpened(dogma.Event):
 
     def message_description(self) -> str:
         return (
-            f"opened account {self.account_id} {self.account_name} "
-            f"for customer {self.customer_id}"
+            f"opened account {self.account_id} {self.account_name} for customer {self.customer_id}"
         )
 
     def validate(self, scope: dogma.ValidationScope) -> None:

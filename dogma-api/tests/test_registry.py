@@ -1,0 +1,306 @@
+"""Message type registration (ADR-27) and the registry."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import attrs
+import dogma
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+ID1 = "0cfac865-a1d9-4fd2-b085-f8fce0053795"
+ID2 = "75ef425c-3c42-4ead-8925-cd26cbea3139"
+ID3 = "b5474f89-e985-4661-b85b-645347a4a645"
+
+
+@pytest.fixture
+def reg() -> dogma.MessageTypeRegistry:
+    return dogma.MessageTypeRegistry()
+
+
+def test_register_command_records_id_class_and_kind(reg: dogma.MessageTypeRegistry) -> None:
+    @dogma.register_command(ID1, registry=reg)
+    @attrs.frozen
+    class Deposit(dogma.Command):
+        amount: int
+
+    entry = reg.of(Deposit)
+    assert entry == dogma.MessageType(id=ID1, cls=Deposit, kind=dogma.MessageKind.COMMAND)
+    assert reg.of(Deposit(amount=1)) is entry
+    assert reg.by_id(ID1) is entry
+
+
+def test_register_event_and_deadline_record_their_kinds(reg: dogma.MessageTypeRegistry) -> None:
+    @dogma.register_event(ID1, registry=reg)
+    class Opened(dogma.Event):
+        pass
+
+    @dogma.register_deadline(ID2, registry=reg)
+    class Ready(dogma.Deadline):
+        pass
+
+    assert [(t.cls, t.kind) for t in reg] == [
+        (Opened, dogma.MessageKind.EVENT),
+        (Ready, dogma.MessageKind.DEADLINE),
+    ]
+
+
+def test_decorator_returns_the_class_unchanged(reg: dogma.MessageTypeRegistry) -> None:
+    class Plain(dogma.Command):
+        pass
+
+    assert dogma.register_command(ID1, registry=reg)(Plain) is Plain
+
+
+def test_id_is_normalised_to_lowercase(reg: dogma.MessageTypeRegistry) -> None:
+    @dogma.register_command(ID1.upper(), registry=reg)
+    class Upper(dogma.Command):
+        pass
+
+    entry = reg.of(Upper)
+    assert entry is not None
+    assert entry.id == ID1
+    assert reg.by_id(ID1.upper()) is entry
+
+
+def test_iteration_is_in_registration_order(reg: dogma.MessageTypeRegistry) -> None:
+    classes: list[type[dogma.Message]] = []
+    for i in range(5):
+        cls = type(f"C{i}", (dogma.Event,), {})
+        dogma.register_event(str(uuid.UUID(int=i + 1)), registry=reg)(cls)
+        classes.append(cls)
+    assert [t.cls for t in reg] == classes
+    assert len(reg) == 5
+
+
+def test_lookups_of_unregistered_return_none(reg: dogma.MessageTypeRegistry) -> None:
+    class Unregistered(dogma.Command):
+        pass
+
+    assert reg.by_id(ID1) is None
+    assert reg.of(Unregistered) is None
+    assert reg.of(Unregistered()) is None
+    assert Unregistered not in reg
+
+
+def test_subclass_of_registered_class_is_not_registered(reg: dogma.MessageTypeRegistry) -> None:
+    @dogma.register_command(ID1, registry=reg)
+    class Base(dogma.Command):
+        pass
+
+    class Sub(Base):
+        pass
+
+    assert reg.of(Sub) is None
+    assert Base in reg
+
+
+def test_by_id_rejects_malformed_id(reg: dogma.MessageTypeRegistry) -> None:
+    with pytest.raises(ValueError, match=re.escape("invalid message type ID '{" + ID1 + "}'")):
+        reg.by_id("{" + ID1 + "}")
+
+
+def test_registering_a_class_twice_is_refused(reg: dogma.MessageTypeRegistry) -> None:
+    @dogma.register_command(ID1, registry=reg)
+    class Twice(dogma.Command):
+        pass
+
+    name = f"{__name__}.{Twice.__qualname__}"
+    with pytest.raises(
+        ValueError, match=re.escape(f"cannot register {name} as {ID1}: it is already registered")
+    ):
+        dogma.register_command(ID1, registry=reg)(Twice)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"cannot register {name} as {ID2}: it is already registered as {ID1}"),
+    ):
+        dogma.register_command(ID2, registry=reg)(Twice)
+    assert [t.id for t in reg] == [ID1]
+
+
+def test_two_classes_under_one_id_are_refused(reg: dogma.MessageTypeRegistry) -> None:
+    @dogma.register_command(ID1, registry=reg)
+    class First(dogma.Command):
+        pass
+
+    class Second(dogma.Event):
+        pass
+
+    first = f"{__name__}.{First.__qualname__}"
+    second = f"{__name__}.{Second.__qualname__}"
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"cannot register {second} as {ID1}: {ID1} is already associated with {first}"
+        ),
+    ):
+        dogma.register_event(ID1.upper(), registry=reg)(Second)
+    assert reg.of(Second) is None
+
+
+def test_local_classes_with_the_same_name_are_distinct(reg: dogma.MessageTypeRegistry) -> None:
+    def make() -> type[dogma.Command]:
+        class Same(dogma.Command):
+            pass
+
+        return Same
+
+    dogma.register_command(ID1, registry=reg)(make())
+    with pytest.raises(ValueError, match="is already associated with"):
+        dogma.register_command(ID1, registry=reg)(make())
+
+
+def test_reloaded_module_class_replaces_its_entry(reg: dogma.MessageTypeRegistry) -> None:
+    # importlib.reload() re-executes a module: a new class object with the same
+    # module, qualified name and ID must not break registration.
+    old = type("Reloaded", (dogma.Event,), {"__module__": "app.messages"})
+    new = type("Reloaded", (dogma.Event,), {"__module__": "app.messages"})
+    other = type("Other", (dogma.Event,), {"__module__": "app.messages"})
+    dogma.register_event(ID1, registry=reg)(old)
+    dogma.register_event(ID2, registry=reg)(other)
+    dogma.register_event(ID1, registry=reg)(new)
+    assert [t.cls for t in reg] == [new, other]
+    assert reg.of(old) is None
+
+
+@pytest.mark.parametrize(
+    ("decorator", "base", "kind", "actual"),
+    [
+        (dogma.register_event, dogma.Command, "event", "a command"),
+        (dogma.register_deadline, dogma.Command, "deadline", "a command"),
+        (dogma.register_command, dogma.Event, "command", "an event"),
+        (dogma.register_deadline, dogma.Event, "deadline", "an event"),
+        (dogma.register_command, dogma.Deadline, "command", "a deadline"),
+        (dogma.register_event, dogma.Deadline, "event", "a deadline"),
+        (dogma.register_command, object, "command", "not a message class"),
+    ],
+)
+def test_wrong_kind_is_refused(
+    reg: dogma.MessageTypeRegistry, decorator: object, base: type, kind: str, actual: str
+) -> None:
+    cls = type("Wrong", (base,), {})
+    register = decorator(ID1, registry=reg)  # type: ignore[operator]
+    expected_base = {"command": "Command", "event": "Event", "deadline": "Deadline"}[kind]
+    article = "an" if kind == "event" else "a"
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"cannot register {__name__}.Wrong as {article} {kind} ({ID1}): it is {actual}; "
+            f"{article} {kind} class must derive from dogma.{expected_base}"
+        ),
+    ):
+        register(cls)
+    assert len(reg) == 0
+
+
+def test_base_classes_themselves_cannot_be_registered(reg: dogma.MessageTypeRegistry) -> None:
+    with pytest.raises(TypeError, match="it is not a message class"):
+        dogma.register_command(ID1, registry=reg)(dogma.Command)
+
+
+def test_decorating_a_non_class_is_refused(reg: dogma.MessageTypeRegistry) -> None:
+    with pytest.raises(TypeError, match=r"register_command\(\) must decorate a class, got 42"):
+        dogma.register_command(ID1, registry=reg)(42)  # type: ignore[type-var]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "00000000-0000-0000-0000-000000000000",
+        "{" + ID1 + "}",
+        "urn:uuid:" + ID1,
+        ID1.replace("-", ""),
+        ID1[:-1] + "g",
+    ],
+)
+def test_invalid_id_is_refused_at_once(bad: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"invalid message type ID passed to register_event() {bad!r}: "),
+    ):
+        dogma.register_event(bad)
+
+
+def test_non_str_id_is_refused() -> None:
+    with pytest.raises(TypeError, match="must be a str, got UUID"):
+        dogma.register_event(uuid.UUID(ID1))  # type: ignore[arg-type]
+
+
+@given(st.uuids(allow_nil=False))
+def test_forms_python_accepts_are_refused_as_type_ids(u: uuid.UUID) -> None:
+    for form in ("{" + str(u) + "}", "urn:uuid:" + str(u), u.hex):
+        with pytest.raises(ValueError, match="invalid message type ID"):
+            dogma.register_command(form)
+
+
+def test_unsupported_field_type_is_refused_at_registration(
+    reg: dogma.MessageTypeRegistry,
+) -> None:
+    @attrs.frozen
+    class HasBytes(dogma.Event):
+        blob: bytes
+
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"cannot register {__name__}.{HasBytes.__qualname__} as an event ({ID1}): "
+            "field HasBytes.blob cannot be marshalled: bytes is not a supported field type; "
+            "override marshal_binary() and unmarshal_binary() to store it"
+        ),
+    ):
+        dogma.register_event(ID1, registry=reg)(HasBytes)
+
+
+def test_custom_codec_allows_any_field_type(reg: dogma.MessageTypeRegistry) -> None:
+    @attrs.frozen
+    class Custom(dogma.Event):
+        blob: bytes
+
+        def marshal_binary(self) -> bytes:
+            return self.blob
+
+        @classmethod
+        def unmarshal_binary(cls, data: bytes) -> Custom:
+            return cls(blob=data)
+
+    dogma.register_event(ID1, registry=reg)(Custom)
+    entry = reg.of(Custom)
+    assert entry is not None
+    assert entry.unmarshal(b"\x00\x01") == Custom(blob=b"\x00\x01")
+
+
+def test_global_registry_is_a_message_type_registry() -> None:
+    assert isinstance(dogma.registry, dogma.MessageTypeRegistry)
+    type_id = str(uuid.uuid4())
+
+    @dogma.register_command(type_id)
+    class GloballyRegistered(dogma.Command):
+        pass
+
+    entry = dogma.registry.by_id(type_id)
+    assert entry is not None
+    assert entry.cls is GloballyRegistered
+    assert list(dogma.registry)[-1] is entry
+
+
+def test_fresh_registry_does_not_touch_the_global_one(reg: dogma.MessageTypeRegistry) -> None:
+    before = list(dogma.registry)
+
+    @dogma.register_command(ID3, registry=reg)
+    class Isolated(dogma.Command):
+        pass
+
+    assert list(dogma.registry) == before
+    assert dogma.registry.of(Isolated) is None
+
+
+def test_message_type_str_names_kind_class_and_id(reg: dogma.MessageTypeRegistry) -> None:
+    @dogma.register_event(ID1, registry=reg)
+    class Named(dogma.Event):
+        pass
+
+    assert str(reg.of(Named)) == f"event {__name__}.{Named.__qualname__} ({ID1})"

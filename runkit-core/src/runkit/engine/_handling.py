@@ -1,0 +1,107 @@
+"""What aggregate and integration scopes share: recording events, logging, backoff."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import NoReturn
+from datetime import datetime
+
+import dogma
+
+from ..config import HandlerConfig
+from .envelope import Envelope, new_envelope, validate_new
+from .poison import HandlerBug
+
+__all__ = ["EventRecorder", "backoff", "handler_log"]
+
+_app_log = logging.getLogger("runkit.app")
+
+
+def backoff(failures: int, base: float, cap: float) -> float:
+    """Capped exponential backoff with equal jitter, for the *failures*-th failure (>= 1)."""
+    ceiling: float = min(cap, base * 2.0 ** min(failures - 1, 62))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def handler_log(
+    handler: HandlerConfig, envelope: Envelope, instance_id: str | None, fmt: str, args: object
+) -> None:
+    """Log a handler's ``scope.log()`` call, with the handler and message as context."""
+    try:
+        text = fmt % args if args else fmt
+    except (TypeError, ValueError):
+        text = f"{fmt} {args!r}"
+    _app_log.info(
+        text,
+        extra={
+            "handler": handler.identity.name,
+            "handler_key": handler.identity.key,
+            "instance": instance_id,
+            "message_id": envelope.message_id,
+            "message": envelope.description,
+        },
+    )
+
+
+class EventRecorder:
+    """Validates, routes and envelopes the events a handler records for one command.
+
+    A routing or validation failure is a bug in the handler: it is remembered
+    (so a handler that catches the exception cannot hide it) and raised as
+    ``HandlerBug``, which poisons the command at once.
+    """
+
+    def __init__(
+        self,
+        handler: HandlerConfig,
+        command: Envelope,
+        *,
+        instance_id: str | None,
+        site_key: str | None,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.handler = handler
+        self.command = command
+        self.instance_id = instance_id
+        self.site_key = site_key
+        self.clock = clock
+        self.events: list[Envelope] = []
+        self.bug: str | None = None
+
+    def record(self, event: dogma.Event) -> Envelope:
+        """Return the new event's envelope; raise ``HandlerBug`` if it may not be recorded."""
+        if not isinstance(event, dogma.Event):
+            self._bug(f"record_event() got {type(event).__qualname__}, which is not an event")
+        if not self.handler.produces(type(event)):
+            self._bug(
+                f"{self.handler.describe()} recorded {type(event).__qualname__}, "
+                "which it has no records_event route for"
+            )
+        try:
+            validate_new(event)
+        except dogma.ValidationError as exc:
+            self._bug(f"{self.handler.describe()} recorded an invalid event: {exc}")
+        env = new_envelope(
+            event,
+            app_key=self.command.app_key,
+            site_key=self.site_key,
+            created_at=self.clock(),
+            causation_id=self.command.message_id,
+            correlation_id=self.command.correlation_id,
+            source_handler=self.handler.identity.key,
+            source_instance=self.instance_id,
+        )
+        self.events.append(env)
+        return env
+
+    def check(self) -> None:
+        """Raise ``HandlerBug`` if the handler made a mistake during this handling."""
+        if self.bug is not None:
+            raise HandlerBug(self.bug)
+
+    def _bug(self, reason: str) -> NoReturn:
+        if self.bug is None:
+            self.bug = reason
+        raise HandlerBug(reason)

@@ -1,0 +1,235 @@
+"""What runs per owned partition and per node on the events side (seam 3).
+
+``partition_consumers(app, settings)`` returns the application's
+``ConsumerSet``. For each partition this node owns, ``run_partition`` runs:
+
+- one consumer per enabled process handler (``processes.ProcessRunner.run``);
+- one consumer per enabled projection handler (``projections.run_projection``);
+- the partition's deadline timer (``deadlines.DeadlineTimer``), when the
+  application has process handlers.
+
+``run_node`` runs the node-wide work: ``compact()`` of each enabled
+projection every ``compact_interval`` seconds, on the node that
+``runs_node_work`` picks from the live node set (rendezvous over the handler
+key; a single node always runs it).
+
+State shared across partitions lives here: each process handler's
+``ProcessRunner``, the node-wide lock of each ``MINIMIZE`` projection, each
+projection's ``ProjectionControl`` (for ``reset``) and the running deadline
+timers (so an append to a local deadline journal wakes its timer at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from datetime import datetime
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+import dogma
+
+from .. import rendezvous
+from ..config import ApplicationConfig, HandlerConfig, HandlerKind
+from .consumers_support import ConsumerOptions
+from .deadlines import DeadlineEntry, DeadlineTimer
+from .partitions import NodeContext, PartitionContext
+from .processes import ProcessRunner
+from .projections import (
+    ProjectionControl,
+    compact_projection,
+    reset_projection,
+    run_projection,
+)
+from .settings import EngineSettings
+
+__all__ = [
+    "ConsumerOptions",
+    "ConsumerSet",
+    "EventConsumers",
+    "partition_consumers",
+    "runs_node_work",
+]
+
+_log = logging.getLogger("runkit.engine.consumers")
+
+
+class ConsumerSet(Protocol):
+    """The events-side work of one application (seam 3)."""
+
+    async def run_partition(
+        self, ctx: PartitionContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the partition's consumers and deadline timer until cancelled."""
+        ...
+
+    async def run_node(
+        self, ctx: NodeContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run node-wide work (periodic ``compact()``) until cancelled."""
+        ...
+
+
+def runs_node_work(workload_key: str, node_id: str, live_nodes: Collection[str]) -> bool:
+    """Whether this node does the node-wide work named by *workload_key* (a UUID).
+
+    The rendezvous winner over the live nodes does it. A node that sees no
+    other live node (single node, or not yet in the live set) always does:
+    node-wide work tolerates running on two nodes at once (``compact()`` may run
+    at any time, Dogma says), so erring towards running is safe.
+    """
+    others = {n for n in live_nodes if n != node_id}
+    if not others:
+        return True
+    return rendezvous.wins(workload_key, node_id, {*others, node_id})
+
+
+class EventConsumers:
+    """The ``ConsumerSet`` of one application; see the module docstring."""
+
+    def __init__(
+        self,
+        app: ApplicationConfig,
+        settings: EngineSettings,
+        *,
+        options: ConsumerOptions | None = None,
+        live_nodes: Callable[[], Collection[str]] | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.options = options or ConsumerOptions.from_settings(settings)
+        self._live_nodes = live_nodes
+        self._processes = {
+            h.identity.key: ProcessRunner(app, h, options=self.options, wake_timer=self._wake_timer)
+            for h in app.enabled_handlers(HandlerKind.PROCESS)
+        }
+        self._projections = app.enabled_handlers(HandlerKind.PROJECTION)
+        self._controls: dict[str, ProjectionControl] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._timers: dict[int, DeadlineTimer] = {}
+
+    # -- per partition --
+
+    async def run_partition(
+        self, ctx: PartitionContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the partition's consumers and deadline timer until cancelled.
+
+        ``task_status.started()`` is called once the deadline timer has
+        loaded the partition's deadline journal and every consumer is started.
+        Cancellation leaves durable state consistent: every write is a single
+        conditional operation and every step is repeatable.
+        """
+        timer: DeadlineTimer | None = None
+        async with anyio.create_task_group() as tg:
+            try:
+                if self._processes:
+                    timer = DeadlineTimer(
+                        ctx,
+                        self._fire(ctx),
+                        rescan_interval=self.options.deadline_rescan_interval,
+                    )
+                    self._timers[ctx.index] = timer
+                    await tg.start(timer.run)
+                for runner in self._processes.values():
+                    tg.start_soon(runner.run, ctx, name=f"process {runner.key} p{ctx.index}")
+                for config in self._projections:
+                    tg.start_soon(self._run_projection, ctx, config)
+                task_status.started()
+                await anyio.sleep_forever()
+            finally:
+                if timer is not None and self._timers.get(ctx.index) is timer:
+                    del self._timers[ctx.index]
+
+    async def _run_projection(self, ctx: PartitionContext, config: HandlerConfig) -> None:
+        await run_projection(
+            ctx,
+            config,
+            options=self.options,
+            control=self.projection_control(config.identity.key),
+            serialise=self._lock_for(config),
+        )
+
+    def _lock_for(self, config: HandlerConfig) -> anyio.Lock | None:
+        if config.concurrency is not dogma.ConcurrencyPreference.MINIMIZE:
+            return None
+        lock = self._locks.get(config.identity.key)
+        if lock is None:
+            lock = self._locks[config.identity.key] = anyio.Lock()
+        return lock
+
+    def projection_control(self, handler_key: str) -> ProjectionControl:
+        """The delivery control of a projection on this node (used by ``reset``)."""
+        control = self._controls.get(handler_key)
+        if control is None:
+            control = self._controls[handler_key] = ProjectionControl()
+        return control
+
+    def _fire(self, ctx: PartitionContext) -> Callable[[DeadlineEntry], Awaitable[None]]:
+        async def fire(entry: DeadlineEntry) -> None:
+            runner = self._processes.get(entry.handler_key)
+            if runner is None:
+                _log.warning(
+                    "dropping deadline %s for instance %r: process %s is not enabled",
+                    entry.deadline_id,
+                    entry.instance_id,
+                    entry.handler_key,
+                )
+                return
+            await runner.fire_deadline(ctx, entry)
+
+        return fire
+
+    def _wake_timer(self, partition: int) -> None:
+        timer = self._timers.get(partition)
+        if timer is not None:
+            timer.wake()
+
+    # -- per node --
+
+    async def run_node(
+        self, ctx: NodeContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call ``compact()`` of each projection periodically, where ``runs_node_work`` says."""
+        task_status.started()
+        if not self._projections:
+            await anyio.sleep_forever()
+        while True:
+            await anyio.sleep(self.options.compact_interval)
+            live = self._live_nodes() if self._live_nodes is not None else (ctx.node_id,)
+            for config in self._projections:
+                if not runs_node_work(config.identity.key, ctx.node_id, live):
+                    continue
+                try:
+                    await compact_projection(config, clock=ctx.now)
+                except Exception:
+                    _log.exception("%s: compact() failed; will try again", config.describe())
+
+    # -- operations --
+
+    async def reset_projection(self, handler: str, *, clock: Callable[[], datetime]) -> None:
+        """Reset a projection, pausing its delivery on this node meanwhile.
+
+        See ``projections.reset_projection``.
+        """
+        config = self.app.handler_by_name(handler) or self.app.handler_by_key(handler)
+        control = None if config is None else self.projection_control(config.identity.key)
+        await reset_projection(self.app, handler, clock=clock, control=control)
+
+
+def partition_consumers(
+    app: ApplicationConfig,
+    settings: EngineSettings,
+    *,
+    options: ConsumerOptions | None = None,
+    live_nodes: Callable[[], Collection[str]] | None = None,
+) -> EventConsumers:
+    """The events-side work of *app*: what ``run_partition``/``run_node`` run.
+
+    *options* tune retries, checkpoints, compaction and deadline timers
+    (default: ``ConsumerOptions.from_settings(settings)``). *live_nodes*
+    returns the live node IDs (membership); without it this node acts alone.
+    """
+    return EventConsumers(app, settings, options=options, live_nodes=live_nodes)

@@ -1,0 +1,203 @@
+"""Deadlines: the deadline journal of each partition and its timer.
+
+A process instance's deadlines live in the deadline journal of its *home*
+partition, ``partition_of(instance_workload(handler key, instance ID))``, as ``DeadlineBatch``
+records appended by the process consumers when they dispatch an outbox. The
+owner of the home partition runs one ``DeadlineTimer``: it reads the journal
+into a heap ordered by ``scheduled_for`` (rebuilt from the journal on
+takeover), sleeps until the earliest is due, and fires each one no earlier than
+``scheduled_for`` by the engine clock. Appends made by this node wake the timer
+at once; the timer also re-reads the journal tail at least every
+``deadline_rescan_interval`` seconds, which bounds how late it notices
+deadlines appended by another node or a jump of an injected clock.
+
+Exactly-once is not the journal's job: the instance record lists the IDs of
+its pending deadlines, a deadline fires only while its ID is pending (the
+commit that handles it removes it), and ending the instance clears the list.
+So a deadline appended twice (a crash between the append and clearing the
+outbox) or fired twice (a crash before truncation) is handled once, and a
+cancelled one is skipped. Once every deadline of a journal record has fired or
+been skipped, the journal is truncated past it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+import msgspec
+
+from ..persistence import Conflict, Journal, PersistenceError, RecordNotFound
+
+if TYPE_CHECKING:
+    from .partitions import PartitionContext
+
+__all__ = [
+    "DeadlineBatch",
+    "DeadlineEntry",
+    "DeadlineTimer",
+    "append_deadlines",
+    "deadline_journal_name",
+]
+
+_log = logging.getLogger("runkit.engine.deadlines")
+
+
+class DeadlineEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One scheduled deadline, as stored in a deadline journal and an outbox.
+
+    ``envelope`` is the encoded deadline envelope; its ``message_id`` is
+    ``deadline_id`` and its ``scheduled_for`` is ``scheduled_for``.
+    """
+
+    handler_key: str
+    instance_id: str
+    deadline_id: str
+    scheduled_for: datetime
+    envelope: bytes
+
+
+class DeadlineBatch(msgspec.Struct, frozen=True):
+    """A deadline journal record: the deadlines of one outbox for one home partition."""
+
+    entries: list[DeadlineEntry]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_batch_decoder = msgspec.msgpack.Decoder(DeadlineBatch)
+
+
+def deadline_journal_name(app_key: str, partition: int) -> str:
+    """The name of the deadline journal of partition *partition*."""
+    return f"{app_key}/deadlines/{partition}"
+
+
+async def append_deadlines(journal: Journal, entries: list[DeadlineEntry]) -> None:
+    """Append *entries* as one record at the journal's end, retrying on conflict.
+
+    Several partitions' consumers may append to one home journal; OCC makes
+    each append land whole, once per call (a repeated call after an ambiguous
+    failure may append a duplicate, which the pending-ID check makes harmless).
+    """
+    record = _encoder.encode(DeadlineBatch(entries))
+    while True:
+        end = (await journal.bounds()).end
+        try:
+            await journal.append(end, record)
+            return
+        except Conflict:
+            continue
+
+
+@attrs.frozen(order=True)
+class _Due:
+    scheduled_for: datetime
+    position: int
+    index: int
+    entry: DeadlineEntry = attrs.field(order=False, eq=False)
+
+
+class DeadlineTimer:
+    """Fires the deadlines of one home partition, never before they are due.
+
+    *fire* handles one deadline (it loads the instance, checks that the
+    deadline is still pending, handles and commits it, with its own retries);
+    when it returns the deadline is done, whether handled or skipped.
+    """
+
+    def __init__(
+        self,
+        ctx: PartitionContext,
+        fire: Callable[[DeadlineEntry], Awaitable[None]],
+        *,
+        rescan_interval: float,
+    ) -> None:
+        self._ctx = ctx
+        self._fire = fire
+        self._rescan = rescan_interval
+        self._heap: list[_Due] = []
+        self._remaining: Counter[int] = Counter()  # journal position -> unfired entries
+        self._cursor = 0  # next journal position to read
+        self._begin = 0
+        self._wake = anyio.Event()
+
+    def wake(self) -> None:
+        """Re-read the journal now (called after this node appended to it)."""
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        """How many deadlines the heap holds (including skipped-on-fire ones)."""
+        return len(self._heap)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Load the journal, then fire deadlines as they fall due, until cancelled."""
+        name = deadline_journal_name(self._ctx.app.identity.key, self._ctx.index)
+        async with await self._ctx.provider.journals.open(name) as journal:
+            bounds = await journal.bounds()
+            self._begin = self._cursor = bounds.begin
+            await self._read(journal)
+            task_status.started()
+            failures = 0
+            while True:
+                try:
+                    await self._fire_due(journal)
+                    delay = self._rescan
+                    if self._heap:
+                        until = (self._heap[0].scheduled_for - self._ctx.now()).total_seconds()
+                        delay = min(delay, max(until, 0.0))
+                    with anyio.move_on_after(delay):
+                        await self._wake.wait()
+                    self._wake = anyio.Event()
+                    await self._read(journal)
+                    failures = 0
+                except PersistenceError:
+                    failures += 1
+                    _log.warning(
+                        "deadline journal %r: persistence error; retrying", name, exc_info=True
+                    )
+                    await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
+
+    async def _read(self, journal: Journal) -> None:
+        end = (await journal.bounds()).end
+        if end <= self._cursor:
+            return
+        try:
+            async for position, record in journal.range(self._cursor):
+                batch = _batch_decoder.decode(record)
+                for i, entry in enumerate(batch.entries):
+                    heapq.heappush(self._heap, _Due(entry.scheduled_for, position, i, entry))
+                if batch.entries:
+                    self._remaining[position] = len(batch.entries)
+                self._cursor = position + 1
+        except RecordNotFound:
+            # Truncated under us: only another owner (we lost the partition) does that.
+            bounds = await journal.bounds()
+            self._cursor = max(self._cursor, bounds.begin)
+
+    async def _fire_due(self, journal: Journal) -> None:
+        fired = False
+        while self._heap and self._heap[0].scheduled_for <= self._ctx.now():
+            due = self._heap[0]
+            await self._fire(due.entry)
+            heapq.heappop(self._heap)
+            self._remaining[due.position] -= 1
+            if self._remaining[due.position] <= 0:
+                del self._remaining[due.position]
+            fired = True
+        if fired:
+            await self._truncate(journal)
+
+    async def _truncate(self, journal: Journal) -> None:
+        below = min(self._remaining, default=self._cursor)
+        if below > self._begin:
+            await journal.truncate(below)
+            self._begin = below

@@ -1,0 +1,220 @@
+"""Message envelopes: how the engine stores and moves Dogma messages.
+
+An ``Envelope`` carries a message as (registry type ID, ``marshal_binary()``
+bytes) plus the identities the architecture requires (site, application,
+message, causation, correlation, producing handler and instance, times).
+Envelopes are immutable msgspec Structs encoded as msgpack.
+
+Message ownership (Dogma ADR-32): a message object never crosses the
+engine/application boundary twice. ``to_message`` decodes a *fresh* object on
+every call, so each delivery gets an independent copy, and re-validates it with
+``is_new=False`` because the stored bytes may predate the current rules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+import msgspec
+
+import dogma
+
+__all__ = [
+    "Envelope",
+    "decode",
+    "encode",
+    "message_type",
+    "new_envelope",
+    "register_types",
+    "to_message",
+    "validate_new",
+]
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """A message with its identities, as stored and passed between engine parts.
+
+    Attributes:
+        message_id: UUID string of this message.
+        causation_id: ID of the message that caused this one (equal to
+            ``message_id`` for commands from an executor).
+        correlation_id: ID of the first message in the causal chain.
+        app_key: Identity key of the application the message belongs to.
+        site_key: Key of the site that created it, if one is configured.
+        type_id: The message type's registry ID.
+        description: ``message_description()`` at creation (for logs and tools).
+        created_at: When the message was created (UTC): executed, recorded or
+            scheduled.
+        source_handler: Key of the handler that produced it, if any.
+        source_instance: Instance ID of the producing handler, if any.
+        scheduled_for: When a deadline is due; ``None`` for other messages.
+        data: ``message.marshal_binary()``.
+    """
+
+    message_id: str
+    causation_id: str
+    correlation_id: str
+    app_key: str
+    site_key: str | None
+    type_id: str
+    description: str
+    created_at: datetime
+    source_handler: str | None = None
+    source_instance: str | None = None
+    scheduled_for: datetime | None = None
+    data: bytes
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Envelope)
+
+
+def encode(env: Envelope) -> bytes:
+    """Encode an envelope as msgpack."""
+    return _encoder.encode(env)
+
+
+def decode(data: bytes) -> Envelope:
+    """Decode an envelope made by :func:`encode`.
+
+    Raises:
+        msgspec.DecodeError: ``data`` is not an encoded envelope.
+    """
+    return _decoder.decode(data)
+
+
+# Types of the registered applications, by ID. Applications may register their
+# messages on a private ``dogma.MessageTypeRegistry`` (tests do), so the engine
+# records every type its applications route and consults the global registry
+# only for IDs it has not seen.
+_types: dict[str, dogma.MessageType] = {}
+_types_by_cls: dict[type, dogma.MessageType] = {}
+
+
+def register_types(types: Iterable[dogma.MessageType]) -> None:
+    """Make message types known to :func:`to_message` (called for each engine application)."""
+    for t in types:
+        _types[t.id] = t
+        _types_by_cls[t.cls] = t
+
+
+def message_type(message: dogma.Message) -> dogma.MessageType:
+    """Return the registry entry of *message*'s class.
+
+    Raises:
+        ValueError: the class is not registered.
+    """
+    cls = type(message)
+    entry = _types_by_cls.get(cls) or dogma.registry.of(message)
+    if entry is None:
+        raise ValueError(
+            f"{cls.__module__}.{cls.__qualname__} is not a registered message type; "
+            "decorate it with dogma.register_command/register_event/register_deadline"
+        )
+    return entry
+
+
+def _lookup(type_id: str) -> dogma.MessageType:
+    entry = _types.get(type_id) or dogma.registry.by_id(type_id)
+    if entry is None:
+        raise LookupError(f"message type {type_id} is not registered in this process")
+    return entry
+
+
+def _scope(
+    kind: dogma.MessageKind,
+    *,
+    is_new: bool,
+    created_at: datetime | None,
+    scheduled_for: datetime | None = None,
+) -> dogma.ValidationScope:
+    if kind is dogma.MessageKind.COMMAND:
+        return dogma.CommandValidationScope(is_new=is_new, executed_at=created_at)
+    if kind is dogma.MessageKind.EVENT:
+        return dogma.EventValidationScope(is_new=is_new, recorded_at=created_at)
+    return dogma.DeadlineValidationScope(
+        is_new=is_new, scheduled_at=created_at, scheduled_for=scheduled_for
+    )
+
+
+def validate_new(message: dogma.Message, *, scheduled_for: datetime | None = None) -> None:
+    """Validate a message as it enters the engine (``is_new=True``).
+
+    Raises:
+        dogma.ValidationError: the message is malformed.
+        TypeError: *message* is not a Dogma message.
+    """
+    if isinstance(message, dogma.Command):
+        kind = dogma.MessageKind.COMMAND
+    elif isinstance(message, dogma.Event):
+        kind = dogma.MessageKind.EVENT
+    elif isinstance(message, dogma.Deadline):
+        kind = dogma.MessageKind.DEADLINE
+    else:
+        raise TypeError(f"expected a dogma message, got {type(message).__qualname__}")
+    message.validate(_scope(kind, is_new=True, created_at=None, scheduled_for=scheduled_for))
+
+
+def new_envelope(
+    message: dogma.Message,
+    *,
+    app_key: str,
+    site_key: str | None,
+    created_at: datetime,
+    message_id: str | None = None,
+    causation_id: str | None = None,
+    correlation_id: str | None = None,
+    source_handler: str | None = None,
+    source_instance: str | None = None,
+    scheduled_for: datetime | None = None,
+) -> Envelope:
+    """Build the envelope of a new message; it is *not* validated here.
+
+    ``message_id`` defaults to a random UUID; ``causation_id`` and
+    ``correlation_id`` default to the message ID (a root message). The message
+    is marshalled now, so later changes to the object cannot leak into the
+    engine (ADR-32).
+    """
+    if created_at.tzinfo is None:
+        raise ValueError("created_at must be timezone-aware")
+    mid = message_id or str(uuid.uuid4())
+    return Envelope(
+        message_id=mid,
+        causation_id=causation_id or mid,
+        correlation_id=correlation_id or mid,
+        app_key=app_key,
+        site_key=site_key,
+        type_id=message_type(message).id,
+        description=message.message_description(),
+        created_at=created_at.astimezone(UTC),
+        source_handler=source_handler,
+        source_instance=source_instance,
+        scheduled_for=scheduled_for.astimezone(UTC) if scheduled_for else None,
+        data=message.marshal_binary(),
+    )
+
+
+def to_message(env: Envelope) -> dogma.Message:
+    """Decode the envelope's message: a fresh object on every call (ADR-32).
+
+    The message is re-validated with ``is_new=False`` (and the envelope's
+    times in the scope).
+
+    Raises:
+        LookupError: the type ID is unknown in this process.
+        dogma.ValidationError: the stored message no longer validates.
+        ValueError: the data does not decode as the registered class.
+    """
+    entry = _lookup(env.type_id)
+    message = entry.unmarshal(env.data)
+    message.validate(
+        _scope(
+            entry.kind,
+            is_new=False,
+            created_at=env.created_at,
+            scheduled_for=env.scheduled_for,
+        )
+    )
+    return message

@@ -1,0 +1,242 @@
+"""Partition inboxes: durable acceptance of commands with group commit.
+
+``<app>/inbox/<p>`` is a journal of ``InboxRecord``s, each holding every command
+that arrived while the previous append to that inbox was in flight. A command is
+accepted once the record holding it is durable. An append that fails ambiguously
+is resolved by reading back the position (each record carries a random batch
+ID), so our own retries never append a batch twice.
+
+The inbox is never deduplicated at acceptance: the same command ID may appear
+more than once (a caller retrying with an idempotency key), and deduplication
+happens where effects commit (see ``commands``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import anyio
+import attrs
+import msgspec
+from anyio.abc import TaskStatus
+
+from ..persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
+from .envelope import Envelope
+
+__all__ = [
+    "EngineStopped",
+    "InboxEntry",
+    "InboxRecord",
+    "InboxWriter",
+    "append_to_inbox",
+    "decode_inbox_record",
+    "encode_inbox_record",
+    "inbox_name",
+    "read_inbox",
+]
+
+_log = logging.getLogger("runkit.engine.inbox")
+
+
+class EngineStopped(RuntimeError):
+    """The engine stopped before an operation could complete."""
+
+
+def inbox_name(app_key: str, index: int) -> str:
+    """The name of partition *index*'s inbox journal."""
+    return f"{app_key}/inbox/{index}"
+
+
+class InboxEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One accepted command.
+
+    Attributes:
+        envelope: The command.
+        handler_key: The aggregate or integration that handles it.
+        instance_id: The aggregate instance (``None`` for integrations).
+        keyed: The command ID is derived (from an idempotency key or from its
+            cause), so the same ID may be submitted again: once its effects
+            commit, a marker goes into ``<app>/idempotency``.
+    """
+
+    envelope: Envelope
+    handler_key: str
+    instance_id: str | None = None
+    keyed: bool = False
+
+
+class InboxRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One inbox journal record: a group of commands accepted together."""
+
+    batch_id: str
+    entries: tuple[InboxEntry, ...]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(InboxRecord)
+
+
+def encode_inbox_record(record: InboxRecord) -> bytes:
+    """Encode an inbox record as msgpack."""
+    return _encoder.encode(record)
+
+
+def decode_inbox_record(data: bytes) -> InboxRecord:
+    """Decode an inbox record."""
+    return _decoder.decode(data)
+
+
+async def append_to_inbox(
+    journal: Journal,
+    entries: Sequence[InboxEntry],
+    *,
+    position: int | None = None,
+    max_attempts: int = 8,
+    retry_max_delay: float = 5.0,
+) -> int:
+    """Append one record holding *entries* at the inbox's end; return its position.
+
+    Safe to call from any node (the fallback path): a ``Conflict`` moves to the
+    new end, unless the conflicting record is our own earlier attempt.
+    Transient errors are retried up to *max_attempts* times.
+    """
+    record = InboxRecord(batch_id=str(uuid.uuid4()), entries=tuple(entries))
+    data = encode_inbox_record(record)
+    if position is None:
+        position = (await journal.bounds()).end
+    failures = 0
+    while True:
+        try:
+            await journal.append(position, data)
+            return position
+        except Conflict:
+            try:
+                if await journal.get(position) == data:
+                    return position  # an earlier, ambiguous attempt landed
+            except RecordNotFound:
+                pass
+            position = (await journal.bounds()).end
+        except LimitExceeded:
+            raise
+        except PersistenceError as exc:
+            failures += 1
+            if failures >= max_attempts:
+                raise
+            delay = min(retry_max_delay, 0.01 * 2**failures) * random.uniform(0.5, 1)
+            _log.warning(
+                "inbox append failed, retrying in %.2fs: %s",
+                delay,
+                exc,
+                extra={"inbox": journal.name, "position": position},
+            )
+            await anyio.sleep(delay)
+
+
+async def read_inbox(journal: Journal, position: int) -> AsyncIterator[tuple[int, InboxRecord]]:
+    """Iterate the inbox records from *position* to the current end."""
+    bounds = await journal.bounds()
+    if position >= bounds.end:
+        return
+    async for pos, data in journal.range(max(position, bounds.begin)):
+        yield pos, decode_inbox_record(data)
+
+
+@attrs.define
+class _Waiter:
+    entries: Sequence[InboxEntry]
+    size: int
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    error: BaseException | None = None
+
+
+class InboxWriter:
+    """Group commit into one partition inbox.
+
+    ``submit`` returns once the submitted commands are durable; everything
+    submitted while an append is in flight goes into the next record (up to the
+    batch limits). ``listener`` (the partition's command processor, when this
+    node runs it) is told of every record appended.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        batch_limit: int,
+        record_limit: int,
+        max_attempts: int,
+        retry_max_delay: float,
+    ) -> None:
+        self.journal = journal
+        self.listener: Callable[[int, InboxRecord], None] | None = None
+        self._batch_limit = batch_limit
+        self._record_limit = max(1024, record_limit * 9 // 10)
+        self._max_attempts = max_attempts
+        self._retry_max_delay = retry_max_delay
+        self._queue: deque[_Waiter] = deque()
+        self._wake = anyio.Event()
+        self._end: int | None = None
+        self.records_written = 0
+
+    async def submit(self, entries: Sequence[InboxEntry]) -> None:
+        """Make *entries* durable in this inbox (one record, or several if too large)."""
+        size = sum(len(e.envelope.data) + 512 for e in entries)
+        waiter = _Waiter(entries, size)
+        self._queue.append(waiter)
+        self._wake.set()
+        await waiter.done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Append submitted commands until cancelled."""
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                while self._queue:
+                    await self._write_one()
+        finally:
+            error = EngineStopped("the engine stopped before the command was accepted")
+            while self._queue:
+                waiter = self._queue.popleft()
+                waiter.error = error
+                waiter.done.set()
+
+    async def _write_one(self) -> None:
+        batch: list[_Waiter] = []
+        count = size = 0
+        for waiter in self._queue:
+            full = count + len(waiter.entries) > self._batch_limit
+            if batch and (full or size + waiter.size > self._record_limit):
+                break
+            batch.append(waiter)
+            count += len(waiter.entries)
+            size += waiter.size
+        entries = [e for w in batch for e in w.entries]
+        try:
+            position = await append_to_inbox(
+                self.journal,
+                entries,
+                position=self._end,
+                max_attempts=self._max_attempts,
+                retry_max_delay=self._retry_max_delay,
+            )
+        except Exception as exc:
+            self._end = None
+            for _ in batch:
+                waiter = self._queue.popleft()
+                waiter.error = exc
+                waiter.done.set()
+            return
+        self._end = position + 1
+        self.records_written += 1
+        if self.listener is not None:
+            self.listener(position, InboxRecord(batch_id="", entries=tuple(entries)))
+        for _ in batch:
+            self._queue.popleft().done.set()

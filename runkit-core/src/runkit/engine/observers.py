@@ -1,0 +1,82 @@
+"""Event observers of ``CommandExecutor.execute_command`` (seam 4).
+
+The executor subscribes to the ``EventBus`` for the command's correlation ID
+*before* accepting the command, then awaits ``wait_for_observers`` with that
+subscription. Every event of the causal chain (the command's own events and
+those of commands that processes execute in consequence) carries the
+command's correlation ID, so the subscription sees exactly the candidates.
+
+When is an observer "not satisfiable"? Only statically: if no observed type
+(or subclass of one) is in ``app.reachable_events(command_type)``,
+``EventObserverNotSatisfied`` is raised at once, before waiting. Once some
+observed type is reachable, the wait lasts until an observer is satisfied,
+one raises, the caller cancels (e.g. ``anyio.fail_after``), or the event
+subscription ends. The engine does not detect that the causal chain has
+quiesced (a process may ignore an event, an integration may record nothing):
+that needs chain-wide tracking of in-flight work across partitions and nodes,
+which Dogma permits but does not require. Callers should bound the wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import dogma
+
+from ..config import ApplicationConfig
+from .envelope import Envelope
+from .streams import StreamEvent
+
+__all__ = ["wait_for_observers"]
+
+
+async def wait_for_observers(
+    app: ApplicationConfig,
+    command: Envelope,
+    command_type: type,
+    observers: Sequence[dogma.EventObserver[Any]],
+    events: AsyncIterator[StreamEvent],
+) -> None:
+    """Feed the command's events to *observers* until one is satisfied.
+
+    Each event whose correlation ID is the command's and whose class is an
+    observer's ``event_type`` (or a subclass of it) is decoded afresh for
+    each observer (ADR-32) and awaited in order; events of one partition
+    arrive in stream order, events of different partitions in any order.
+
+    Returns when an observer returns ``True``. An exception an observer raises
+    propagates. Cancellation (the caller's timeout) propagates.
+
+    Raises:
+        dogma.EventObserverNotSatisfied: No observed event type can follow
+            from *command_type* (checked before waiting), or *events* ended
+            without an observer being satisfied.
+    """
+    if not observers:
+        return
+    reachable = app.reachable_events(command_type)
+    live = [o for o in observers if any(issubclass(r, o.event_type) for r in reachable)]
+    if not live:
+        observed = ", ".join(sorted(o.event_type.__qualname__ for o in observers))
+        raise dogma.EventObserverNotSatisfied(
+            f"no observed event ({observed}) can follow from a "
+            f"{command_type.__qualname__} in application {app.identity}"
+        )
+    correlation_id = command.correlation_id
+    async for event in events:
+        if event.envelope.correlation_id != correlation_id:
+            continue
+        message: dogma.Event | None = event.message()
+        cls = type(message)
+        for observer in live:
+            if not issubclass(cls, observer.event_type):
+                continue
+            # Each observer gets its own copy (ADR-32): observers may keep it.
+            fresh = message if message is not None else event.message()
+            message = None
+            if await observer.fn(fresh):
+                return
+    raise dogma.EventObserverNotSatisfied(
+        f"the events of {command.description!r} ended without satisfying an observer"
+    )

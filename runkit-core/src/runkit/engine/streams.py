@@ -1,0 +1,448 @@
+"""Partition event streams: the writer, ``PartitionStream`` readers and the ``EventBus``.
+
+Each partition of an application has one event stream, stored in the journal
+``<app>/stream/<p>``. One record holds the events of one or more commands (never
+part of a command's events, so a handling's events become visible all at once),
+and a header:
+
+- ``first_offset``: the stream offset of the record's first event. Offsets are
+  dense per stream and independent of journal positions; a record may hold no
+  events at all (it then only records progress).
+- ``inbox_position``: every command in inbox records below it is done (its
+  events are in this or an earlier record, or it had none, or it was poisoned).
+- ``inbox_end``: how far the writer's owner had read the inbox when it built the
+  record; a new owner scans back only over records whose ``inbox_end`` is past
+  the tail's ``inbox_position`` to learn which pending commands are published.
+- ``command_ids``: the commands whose events the record publishes.
+
+Only the partition owner writes: a ``Conflict`` on the stream journal that is
+not our own earlier (ambiguous) append means another node took the partition,
+and the writer raises ``OwnershipLost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+
+import anyio
+import attrs
+import msgspec
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
+
+import dogma
+
+from ..persistence import Conflict, Journal, PersistenceError, RecordNotFound, search
+from .envelope import Envelope, to_message
+
+__all__ = [
+    "EventBus",
+    "OwnershipLost",
+    "PartitionStream",
+    "StreamEvent",
+    "StreamRecord",
+    "StreamTail",
+    "StreamWriter",
+    "decode_stream_record",
+    "encode_stream_record",
+    "read_tail",
+]
+
+_log = logging.getLogger("runkit.engine.streams")
+
+
+class OwnershipLost(Exception):
+    """Another node wrote to a journal this node believed it was the only writer of."""
+
+
+class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One record of a partition stream journal (see the module docstring)."""
+
+    first_offset: int
+    inbox_position: int
+    inbox_end: int
+    written_at: datetime
+    writer: str
+    command_ids: tuple[str, ...] = ()
+    events: tuple[Envelope, ...] = ()
+
+
+_record_encoder = msgspec.msgpack.Encoder()
+_record_decoder = msgspec.msgpack.Decoder(StreamRecord)
+
+
+def encode_stream_record(record: StreamRecord) -> bytes:
+    """Encode a stream record as msgpack."""
+    return _record_encoder.encode(record)
+
+
+def decode_stream_record(data: bytes) -> StreamRecord:
+    """Decode a stream record made by :func:`encode_stream_record`."""
+    return _record_decoder.decode(data)
+
+
+@attrs.frozen
+class StreamEvent:
+    """An event at an offset of a partition stream.
+
+    Attributes:
+        stream_id: The partition's UUID (what projections see as the stream ID).
+        offset: The event's dense, zero-based offset in the stream.
+        envelope: The event's envelope.
+        recorded_at: When the handler recorded the event.
+    """
+
+    stream_id: str
+    offset: int
+    envelope: Envelope
+    recorded_at: datetime
+
+    def message(self) -> dogma.Event:
+        """Decode the event: a fresh, re-validated copy on every call (ADR-32)."""
+        message = to_message(self.envelope)
+        if not isinstance(message, dogma.Event):
+            raise TypeError(f"stream holds a non-event message: {self.envelope.description}")
+        return message
+
+
+def _events_of(stream_id: str, record: StreamRecord) -> list[StreamEvent]:
+    return [
+        StreamEvent(stream_id, record.first_offset + i, env, env.created_at)
+        for i, env in enumerate(record.events)
+    ]
+
+
+def _compare_offset(offset: int) -> Callable[[int, bytes], int]:
+    def compare(_: int, data: bytes) -> int:
+        record = decode_stream_record(data)
+        if offset < record.first_offset:
+            return 1
+        if offset >= record.first_offset + len(record.events):
+            return -1
+        return 0
+
+    return compare
+
+
+class PartitionStream:
+    """A partition's event stream, readable from any offset.
+
+    ``read`` catches up from the journal, then follows the writer's in-memory
+    tail without polling. Only the partition owner has one; its readers are
+    cancelled when the partition stops.
+    """
+
+    def __init__(self, stream_id: str, journal: Journal, *, next_offset: int, buffer: int = 4096):
+        self.stream_id = stream_id
+        self._journal = journal
+        self._end = next_offset
+        self._buffer: deque[StreamEvent] = deque(maxlen=buffer)
+        self._changed = anyio.Event()
+
+    async def end(self) -> int:
+        """The next offset to be written."""
+        return self._end
+
+    def read(self, offset: int) -> AsyncIterator[StreamEvent]:
+        """Iterate the events from *offset* on, in order; never ends until cancelled."""
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        return self._read(offset)
+
+    async def _read(self, offset: int) -> AsyncIterator[StreamEvent]:
+        position = offset
+        while True:
+            if position >= self._end:
+                changed = self._changed
+                if position >= self._end:
+                    await changed.wait()
+                continue
+            if self._buffer and position >= self._buffer[0].offset:
+                start = position - self._buffer[0].offset
+                # Copy first: the writer appends (and evicts) while we are suspended.
+                for event in list(self._buffer)[start:]:
+                    yield event
+                    position = event.offset + 1
+                continue
+            stop = self._buffer[0].offset if self._buffer else self._end
+            before = position
+            async for event in self._read_journal(position, stop):
+                yield event
+                position = event.offset + 1
+            if position == before:
+                raise RecordNotFound(self._journal.name, position)
+
+    async def _read_journal(self, offset: int, stop: int) -> AsyncIterator[StreamEvent]:
+        found = await search(self._journal, _compare_offset(offset))
+        if found is None:
+            return
+        async for _, data in self._journal.range(found[0]):
+            record = decode_stream_record(data)
+            for event in _events_of(self.stream_id, record):
+                if event.offset >= stop:
+                    return
+                if event.offset >= offset:
+                    yield event
+            if record.first_offset + len(record.events) >= stop:
+                return
+
+    def _publish(self, events: Sequence[StreamEvent]) -> None:
+        # Called by the writer once the record holding *events* is durable.
+        if not events:
+            return
+        self._buffer.extend(events)
+        self._end = events[-1].offset + 1
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+
+class EventBus:
+    """In-process fan-out of published events to subscribers, by correlation ID."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, set[MemoryObjectSendStream[StreamEvent]]] = {}
+
+    @asynccontextmanager
+    async def subscribe(self, correlation_id: str) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        """Receive every event published after this call whose correlation ID matches."""
+        send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
+        subscribers = self._subscribers.setdefault(correlation_id, set())
+        subscribers.add(send)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            subscribers.discard(send)
+            if not subscribers:
+                self._subscribers.pop(correlation_id, None)
+            send.close()
+
+    def publish(self, events: Iterable[StreamEvent]) -> None:
+        """Deliver *events* to the matching subscribers (never blocks)."""
+        if not self._subscribers:
+            return
+        for event in events:
+            for send in self._subscribers.get(event.envelope.correlation_id, ()):
+                send.send_nowait(event)
+
+
+@attrs.frozen
+class StreamTail:
+    """What a new partition owner learns from the end of the stream journal.
+
+    Attributes:
+        next_position: The journal position of the next record.
+        next_offset: The stream offset of the next event.
+        inbox_position: Inbox records below it are fully processed.
+        published: IDs of commands at or after ``inbox_position`` whose events
+            are already in the stream.
+    """
+
+    next_position: int
+    next_offset: int
+    inbox_position: int
+    published: frozenset[str]
+
+
+async def read_tail(journal: Journal) -> StreamTail:
+    """Read the tail of a stream journal (see the module docstring)."""
+    bounds = await journal.bounds()
+    if bounds.is_empty:
+        return StreamTail(bounds.end, 0, 0, frozenset())
+    last = decode_stream_record(await journal.get(bounds.end - 1))
+    inbox_position = last.inbox_position
+    published: set[str] = set()
+    position = bounds.end - 1
+    record = last
+    while True:
+        if record.inbox_end <= inbox_position:
+            break
+        published.update(record.command_ids)
+        position -= 1
+        if position < bounds.begin:
+            break
+        try:
+            record = decode_stream_record(await journal.get(position))
+        except RecordNotFound:
+            break  # truncated below us: older records cannot hold pending commands
+    return StreamTail(
+        bounds.end, last.first_offset + len(last.events), inbox_position, frozenset(published)
+    )
+
+
+@attrs.define
+class _Pending:
+    command_id: str
+    events: tuple[Envelope, ...]
+    size: int
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    error: BaseException | None = None
+
+
+class StreamWriter:
+    """The single writer of one partition's stream journal.
+
+    ``publish`` queues a command's events and returns once they are durable;
+    everything queued while an append is in flight goes into the next record.
+    Durable events go to the ``PartitionStream`` tail and the ``EventBus``.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        stream: PartitionStream,
+        bus: EventBus,
+        tail: StreamTail,
+        *,
+        clock: Callable[[], datetime],
+        batch_limit: int,
+        record_limit: int,
+        progress_interval: float,
+        retry_max_delay: float,
+    ) -> None:
+        self._journal = journal
+        self._stream = stream
+        self._bus = bus
+        self._clock = clock
+        self._batch_limit = batch_limit
+        self._record_limit = max(1024, record_limit * 9 // 10)
+        self._progress_interval = progress_interval
+        self._retry_max_delay = retry_max_delay
+        self._writer = str(uuid.uuid4())
+        self._position = tail.next_position
+        self._offset = tail.next_offset
+        self._written_progress = tail.inbox_position
+        self._progress = tail.inbox_position
+        self._inbox_end = tail.inbox_position
+        self._queue: deque[_Pending] = deque()
+        self._wake = anyio.Event()
+        self._failed: BaseException | None = None
+
+    @property
+    def written_progress(self) -> int:
+        """The inbox position recorded in the last durable record."""
+        return self._written_progress
+
+    def set_progress(self, inbox_position: int, inbox_end: int) -> None:
+        """Tell the writer how far the inbox is processed and read (monotonic)."""
+        self._inbox_end = max(self._inbox_end, inbox_end)
+        if inbox_position > self._progress:
+            self._progress = inbox_position
+            self._wake.set()
+
+    async def publish(self, command_id: str, events: Sequence[Envelope]) -> None:
+        """Append a command's events to the stream; return once they are durable.
+
+        Raises:
+            OwnershipLost: another node wrote to the stream.
+        """
+        if self._failed is not None:
+            raise OwnershipLost("the partition stream writer has stopped") from self._failed
+        size = sum(len(e.data) + len(e.description) + 256 for e in events)
+        item = _Pending(command_id, tuple(events), size)
+        self._queue.append(item)
+        self._wake.set()
+        await item.done.wait()
+        if item.error is not None:
+            raise OwnershipLost("the partition stream writer has stopped") from item.error
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write queued events until cancelled; raises ``OwnershipLost`` on a foreign write."""
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                if not self._queue:
+                    # Only progress to record: wait a little so that a burst of
+                    # event-less commands costs one write, not one each.
+                    await anyio.sleep(self._progress_interval)
+                await self._write_all()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    async def flush(self) -> None:
+        """Write everything queued and the latest progress (used at shutdown)."""
+        await self._write_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failed = exc
+        while self._queue:
+            item = self._queue.popleft()
+            item.error = exc
+            item.done.set()
+
+    async def _write_all(self) -> None:
+        while self._queue or self._progress > self._written_progress:
+            await self._write_one()
+
+    async def _write_one(self) -> None:
+        batch: list[_Pending] = []
+        count = size = 0
+        for item in self._queue:
+            full = count + len(item.events) > self._batch_limit
+            if batch and (full or size + item.size > self._record_limit):
+                break
+            batch.append(item)
+            count += len(item.events)
+            size += item.size
+        progress = self._progress
+        record = StreamRecord(
+            first_offset=self._offset,
+            inbox_position=progress,
+            inbox_end=max(self._inbox_end, progress),
+            written_at=self._clock(),
+            writer=self._writer,
+            command_ids=tuple(i.command_id for i in batch if i.events),
+            events=tuple(e for i in batch for e in i.events),
+        )
+        await self._append(encode_stream_record(record))
+        for _ in batch:
+            self._queue.popleft()
+        self._position += 1
+        self._offset += len(record.events)
+        self._written_progress = progress
+        events = _events_of(self._stream.stream_id, record)
+        self._stream._publish(events)  # the writer feeds its stream's tail
+        self._bus.publish(events)
+        for item in batch:
+            item.done.set()
+
+    async def _append(self, data: bytes) -> None:
+        failures = 0
+        while True:
+            try:
+                await self._journal.append(self._position, data)
+                return
+            except Conflict:
+                # Our own earlier attempt may have landed (ambiguous error).
+                if await self._landed(data):
+                    return
+                raise OwnershipLost(
+                    f"stream {self._journal.name!r}: another writer appended at "
+                    f"position {self._position}"
+                ) from None
+            except PersistenceError as exc:
+                failures += 1
+                delay = min(self._retry_max_delay, 0.01 * 2**failures) * random.uniform(0.5, 1)
+                _log.warning(
+                    "stream append failed, retrying in %.2fs: %s",
+                    delay,
+                    exc,
+                    extra={"stream": self._journal.name, "position": self._position},
+                )
+                await anyio.sleep(delay)
+
+    async def _landed(self, data: bytes) -> bool:
+        try:
+            return await self._journal.get(self._position) == data
+        except RecordNotFound:
+            return False

@@ -1,0 +1,364 @@
+"""Contract tests for ``Keyspace`` (the counterpart of persistencekit's kvtest)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from functools import partial
+
+import pytest
+
+from runkit.persistence import Conflict, Keyspace, PersistenceError, Provider
+
+from ._machines import run_keyspace_machine
+from ._support import RACERS, ROUNDS, SuiteBase, gather, unique_name
+from .faults import AFTER, BEFORE, FaultPlan, FaultyProvider, InjectedFault
+
+__all__ = ["KeyspaceSuite"]
+
+
+async def _items(keyspace: Keyspace) -> dict[bytes, tuple[bytes, str]]:
+    items: dict[bytes, tuple[bytes, str]] = {}
+    async for key, value, revision in keyspace.range():
+        assert key not in items, f"range yielded {key!r} twice"
+        items[key] = (value, revision)
+    return items
+
+
+class KeyspaceSuite(SuiteBase):
+    """Contract tests for keyspaces. Subclass and override ``provider`` and ``make_provider``."""
+
+    @pytest.fixture
+    def keyspace_name(self) -> str:
+        return unique_name("keyspace")
+
+    @pytest.fixture
+    async def keyspace(self, provider: Provider, keyspace_name: str) -> AsyncIterator[Keyspace]:
+        async with await provider.keyspaces.open(keyspace_name) as keyspace:
+            yield keyspace
+
+    # -- get / has -------------------------------------------------------------------------
+
+    async def test_keyspace_opened_twice_shares_data(
+        self, provider: Provider, keyspace: Keyspace, keyspace_name: str
+    ) -> None:
+        async with await provider.keyspaces.open(keyspace_name) as again:
+            assert again.name == keyspace_name
+            revision = await keyspace.set(b"<key>", b"<value>", "")
+            assert await again.get(b"<key>") == (b"<value>", revision)
+
+    async def test_keyspace_get_missing_key_returns_empty_value_and_revision(
+        self, keyspace: Keyspace
+    ) -> None:
+        assert await keyspace.get(b"<missing>") == (b"", "")
+
+    async def test_keyspace_get_returns_value_and_revision(self, keyspace: Keyspace) -> None:
+        revision = await keyspace.set(b"<key>", b"<value>", "")
+        assert isinstance(revision, str)
+        assert revision
+        value, got = await keyspace.get(b"<key>")
+        assert type(value) is bytes
+        assert (value, got) == (b"<value>", revision)
+
+    async def test_keyspace_get_deleted_key_returns_empty_value_and_revision(
+        self, keyspace: Keyspace
+    ) -> None:
+        revision = await keyspace.set(b"<key>", b"<value>", "")
+        assert await keyspace.set(b"<key>", b"", revision) == ""
+        assert await keyspace.get(b"<key>") == (b"", "")
+
+    async def test_keyspace_has_reports_presence(self, keyspace: Keyspace) -> None:
+        assert not await keyspace.has(b"<key>")
+        revision = await keyspace.set(b"<key>", b"<value>", "")
+        assert await keyspace.has(b"<key>")
+        assert not await keyspace.has(b"<other>")
+        await keyspace.set(b"<key>", b"", revision)
+        assert not await keyspace.has(b"<key>")
+
+    # -- set -------------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("revision", ["", "<wrong>"], ids=["empty", "wrong"])
+    async def test_keyspace_set_existing_key_at_wrong_revision_raises_conflict(
+        self, keyspace: Keyspace, keyspace_name: str, revision: str
+    ) -> None:
+        current = await keyspace.set(b"<key>", b"<value>", "")
+        with pytest.raises(Conflict) as info:
+            await keyspace.set(b"<key>", b"<other>", revision)
+        assert str(info.value) == (
+            f"keyspace {keyspace_name!r}: conflict setting key b'<key>' "
+            f"at revision {revision!r} (not the key's current revision)"
+        )
+        assert (info.value.store, info.value.name, info.value.key, info.value.revision) == (
+            "keyspace",
+            keyspace_name,
+            b"<key>",
+            revision,
+        )
+        assert await keyspace.get(b"<key>") == (b"<value>", current)
+
+    async def test_keyspace_set_missing_key_with_revision_raises_conflict(
+        self, keyspace: Keyspace
+    ) -> None:
+        with pytest.raises(Conflict, match=r"at revision '<made-up>'"):
+            await keyspace.set(b"<key>", b"<value>", "<made-up>")
+        with pytest.raises(Conflict, match=r"at revision '<made-up>'"):
+            await keyspace.set(b"<key>", b"", "<made-up>")
+        assert not await keyspace.has(b"<key>")
+
+    async def test_keyspace_delete_of_missing_key_with_empty_revision_succeeds(
+        self, keyspace: Keyspace
+    ) -> None:
+        assert await keyspace.set(b"<key>", b"", "") == ""
+        assert await keyspace.get(b"<key>") == (b"", "")
+
+    async def test_keyspace_reinsert_after_delete_gets_fresh_revision(
+        self, keyspace: Keyspace
+    ) -> None:
+        first = await keyspace.set(b"<key>", b"<value>", "")
+        await keyspace.set(b"<key>", b"", first)
+        second = await keyspace.set(b"<key>", b"<value>", "")
+        assert second
+        assert second != first
+        assert await keyspace.get(b"<key>") == (b"<value>", second)
+
+    async def test_keyspace_stale_revision_from_before_delete_is_rejected(
+        self, keyspace: Keyspace
+    ) -> None:
+        # The ABA hazard: a revision must not come back after delete and re-insert.
+        stale = await keyspace.set(b"<key>", b"<value>", "")
+        await keyspace.set(b"<key>", b"", stale)
+        with pytest.raises(Conflict):
+            await keyspace.set(b"<key>", b"<value>", stale)
+        current = await keyspace.set(b"<key>", b"<value>", "")
+        with pytest.raises(Conflict):
+            await keyspace.set(b"<key>", b"<other>", stale)
+        assert await keyspace.get(b"<key>") == (b"<value>", current)
+
+    async def test_keyspace_writing_same_value_changes_revision(self, keyspace: Keyspace) -> None:
+        first = await keyspace.set(b"<key>", b"<value>", "")
+        second = await keyspace.set(b"<key>", b"<value>", first)
+        assert second != first
+        with pytest.raises(Conflict):
+            await keyspace.set(b"<key>", b"<value>", first)
+        assert await keyspace.get(b"<key>") == (b"<value>", second)
+
+    async def test_keyspace_revisions_never_repeat(self, keyspace: Keyspace) -> None:
+        seen: set[str] = set()
+        revision = ""
+        for round_ in range(10):
+            for value in (b"<a>", b"<a>", b"<b>"):
+                revision = await keyspace.set(b"<key>", value, revision)
+                assert revision not in seen
+                seen.add(revision)
+            if round_ % 2:
+                revision = await keyspace.set(b"<key>", b"", revision)
+            else:
+                revision = await keyspace.set_unconditional(b"<key>", b"<c>")
+                assert revision not in seen
+                seen.add(revision)
+        assert len(seen) == 35
+
+    async def test_keyspace_set_keeps_no_reference_to_callers_buffers(
+        self, keyspace: Keyspace
+    ) -> None:
+        key = bytearray(b"<key>")
+        value = bytearray(b"<value>")
+        revision = await keyspace.set(key, value, "")  # type: ignore[arg-type]
+        key[:] = b"<KEY>"
+        value[:] = b"<VALUE>"
+        assert await keyspace.get(b"<key>") == (b"<value>", revision)
+        assert not await keyspace.has(b"<KEY>")
+
+    async def test_keyspace_set_unconditional_changes_value_and_revision_every_time(
+        self, keyspace: Keyspace
+    ) -> None:
+        first = await keyspace.set_unconditional(b"<key>", b"<value>")
+        assert first
+        assert await keyspace.get(b"<key>") == (b"<value>", first)
+        second = await keyspace.set_unconditional(b"<key>", b"<value>")
+        assert second not in ("", first)
+        third = await keyspace.set_unconditional(b"<key>", b"<other>")
+        assert third not in ("", first, second)
+        assert await keyspace.get(b"<key>") == (b"<other>", third)
+
+    async def test_keyspace_set_unconditional_with_empty_value_deletes(
+        self, keyspace: Keyspace
+    ) -> None:
+        await keyspace.set_unconditional(b"<key>", b"<value>")
+        assert await keyspace.set_unconditional(b"<key>", b"") == ""
+        assert await keyspace.get(b"<key>") == (b"", "")
+        assert await keyspace.set_unconditional(b"<key>", b"") == ""
+
+    async def test_keyspace_keys_with_nul_and_high_bytes_are_distinct(
+        self, keyspace: Keyspace
+    ) -> None:
+        keys = [b"a", b"a\x00", b"\x00a", b"\x00", b"\xff", b"\xff\xfe\x80", b"A", b"a\x00b"]
+        revisions = {}
+        for index, key in enumerate(keys):
+            revisions[key] = await keyspace.set(key, bytes([index + 1]) * 3, "")
+        for index, key in enumerate(keys):
+            assert await keyspace.get(key) == (bytes([index + 1]) * 3, revisions[key])
+        assert await _items(keyspace) == {
+            key: (bytes([index + 1]) * 3, revisions[key]) for index, key in enumerate(keys)
+        }
+
+    async def test_keyspace_keys_of_different_keyspaces_are_isolated(
+        self, provider: Provider, keyspace: Keyspace
+    ) -> None:
+        async with await provider.keyspaces.open(unique_name("keyspace")) as other:
+            await keyspace.set(b"<key>", b"<mine>", "")
+            assert await other.get(b"<key>") == (b"", "")
+            await other.set(b"<key>", b"<theirs>", "")
+            assert (await keyspace.get(b"<key>"))[0] == b"<mine>"
+
+    # -- range -----------------------------------------------------------------------------
+
+    async def test_keyspace_range_yields_live_pairs_with_revisions(
+        self, keyspace: Keyspace
+    ) -> None:
+        assert await _items(keyspace) == {}
+        r1 = await keyspace.set(b"<k1>", b"<v1>", "")
+        r2 = await keyspace.set(b"<k2>", b"<v2>", "")
+        r3 = await keyspace.set(b"<k3>", b"<v3>", "")
+        await keyspace.set(b"<k3>", b"", r3)
+        items = await _items(keyspace)
+        assert items == {b"<k1>": (b"<v1>", r1), b"<k2>": (b"<v2>", r2)}
+        assert all(type(k) is bytes and type(v) is bytes for k, (v, _) in items.items())
+
+    async def test_keyspace_range_stops_when_consumer_breaks(self, keyspace: Keyspace) -> None:
+        for index in range(5):
+            await keyspace.set(f"<k{index}>".encode(), b"<v>", "")
+        count = 0
+        async with aclosing(keyspace.range()) as pairs:  # type: ignore[type-var]
+            async for _ in pairs:
+                count += 1
+                if count == 2:
+                    break
+        assert count == 2
+        await keyspace.set(b"<after>", b"<v>", "")
+        assert len(await _items(keyspace)) == 6
+
+    async def test_keyspace_range_allows_reads_and_writes_in_the_loop(
+        self, keyspace: Keyspace
+    ) -> None:
+        for index in range(5):
+            await keyspace.set(f"<k{index}>".encode(), b"<v>", "")
+        async for key, value, revision in keyspace.range():
+            assert await keyspace.get(key) == (value, revision)
+            assert await keyspace.has(key)
+            await keyspace.set(key, b"<updated>", revision)
+        items = await _items(keyspace)
+        assert {k: v for k, (v, _) in items.items()} == {
+            f"<k{index}>".encode(): b"<updated>" for index in range(5)
+        }
+
+    # -- visibility ------------------------------------------------------------------------
+
+    async def test_keyspace_writes_are_visible_to_other_provider(
+        self, keyspace: Keyspace, keyspace_name: str, other_provider: Provider
+    ) -> None:
+        async with await other_provider.keyspaces.open(keyspace_name) as other:
+            revision = await keyspace.set(b"<key>", b"<value>", "")
+            assert await other.get(b"<key>") == (b"<value>", revision)
+            assert await other.has(b"<key>")
+            assert await _items(other) == {b"<key>": (b"<value>", revision)}
+            revision = await other.set(b"<key>", b"<theirs>", revision)
+            assert await keyspace.get(b"<key>") == (b"<theirs>", revision)
+            revision = await keyspace.set_unconditional(b"<key>", b"<forced>")
+            assert await other.get(b"<key>") == (b"<forced>", revision)
+            await other.set(b"<key>", b"", revision)
+            assert not await keyspace.has(b"<key>")
+            assert await _items(keyspace) == {}
+
+    # -- concurrency -----------------------------------------------------------------------
+
+    async def test_keyspace_racing_sets_at_one_revision_have_exactly_one_winner(
+        self, provider: Provider, keyspace: Keyspace, keyspace_name: str
+    ) -> None:
+        handles = [await provider.keyspaces.open(keyspace_name) for _ in range(RACERS // 2)]
+        try:
+            revision = ""  # the first round races to create the key
+            for round_ in range(ROUNDS):
+                writers = [keyspace, *handles] * 2
+                calls = [
+                    partial(w.set, b"<k>", f"<{round_}-{i}>".encode(), revision)
+                    for i, w in enumerate(writers)
+                ]
+                results = await gather(*calls)
+                winners = [(i, r) for i, r in enumerate(results) if isinstance(r, str)]
+                assert len(winners) == 1, results
+                assert all(isinstance(r, Conflict) for r in results if not isinstance(r, str))
+                index, revision = winners[0]
+                assert await keyspace.get(b"<k>") == (f"<{round_}-{index}>".encode(), revision)
+        finally:
+            for handle in handles:
+                await handle.close()
+
+    async def test_keyspace_racing_deletes_at_one_revision_have_exactly_one_winner(
+        self, keyspace: Keyspace
+    ) -> None:
+        for _ in range(ROUNDS):
+            revision = await keyspace.set(b"<k>", b"<v>", "")
+            results = await gather(
+                *[partial(keyspace.set, b"<k>", b"", revision) for _ in range(RACERS)]
+            )
+            assert results.count("") == 1, results
+            assert all(isinstance(r, Conflict) for r in results if r != "")
+            assert not await keyspace.has(b"<k>")
+
+    # -- faults ----------------------------------------------------------------------------
+
+    async def test_keyspace_set_retried_after_ambiguous_failure_conflicts_and_reads_ours(
+        self, provider: Provider, keyspace_name: str
+    ) -> None:
+        plan = FaultPlan()
+        plan.fail(AFTER, ops={"set"}, nth=1)
+        keyspace = await FaultyProvider(provider, plan).keyspaces.open(keyspace_name)
+        with pytest.raises(InjectedFault, match="after set on keyspace") as info:
+            await keyspace.set(b"<key>", b"<ours>", "")
+        assert info.value.ambiguous
+        with pytest.raises(Conflict):
+            await keyspace.set(b"<key>", b"<ours>", "")
+        value, revision = await keyspace.get(b"<key>")
+        assert value == b"<ours>"
+        assert revision
+
+    async def test_keyspace_set_failed_before_it_happens_changes_nothing(
+        self, provider: Provider, keyspace_name: str
+    ) -> None:
+        plan = FaultPlan()
+        plan.fail(BEFORE, ops={"set", "set_unconditional"}, kinds={"keyspace"}, times=2)
+        keyspace = await FaultyProvider(provider, plan).keyspaces.open(keyspace_name)
+        with pytest.raises(InjectedFault, match="before set on keyspace"):
+            await keyspace.set(b"<key>", b"<value>", "")
+        with pytest.raises(InjectedFault, match="before set_unconditional on keyspace"):
+            await keyspace.set_unconditional(b"<key>", b"<value>")
+        assert await keyspace.get(b"<key>") == (b"", "")
+        assert await keyspace.set(b"<key>", b"<value>", "")
+        assert plan.injected_before == 2
+
+    # -- closed ----------------------------------------------------------------------------
+
+    async def test_keyspace_closed_handle_raises(
+        self, provider: Provider, keyspace_name: str
+    ) -> None:
+        keyspace = await provider.keyspaces.open(keyspace_name)
+        revision = await keyspace.set(b"<key>", b"<value>", "")
+        await keyspace.close()
+        with pytest.raises(PersistenceError, match="closed"):
+            await keyspace.get(b"<key>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await keyspace.has(b"<key>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await keyspace.set(b"<key>", b"<other>", revision)
+        with pytest.raises(PersistenceError, match="closed"):
+            await keyspace.set_unconditional(b"<key>", b"<other>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await _items(keyspace)
+        async with await provider.keyspaces.open(keyspace_name) as again:
+            assert await again.get(b"<key>") == (b"<value>", revision)
+
+    # -- model-based -----------------------------------------------------------------------
+
+    async def test_keyspace_behaves_like_model(self, provider: Provider) -> None:
+        await run_keyspace_machine(provider, self.hypothesis_settings)

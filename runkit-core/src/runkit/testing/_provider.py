@@ -1,0 +1,343 @@
+"""Contract tests for ``Provider``: provisioning, closing, names and declared limits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import anyio
+import pytest
+
+from runkit.persistence import (
+    Interval,
+    LimitExceeded,
+    Limits,
+    PersistenceError,
+    Provider,
+)
+
+from ._support import RACERS, SuiteBase, gather, unique_name
+
+__all__ = ["ProviderSuite"]
+
+_KINDS = ("journal", "keyspace", "set")
+
+
+def _store(provider: Provider, kind: str) -> Any:
+    return {"journal": provider.journals, "keyspace": provider.keyspaces, "set": provider.sets}[
+        kind
+    ]
+
+
+async def _write_and_read(handle: Any, kind: str, tag: bytes) -> None:
+    """Write *tag* into a fresh store of *kind* through *handle*."""
+    if kind == "journal":
+        await handle.append(0, tag)
+    elif kind == "keyspace":
+        await handle.set(b"<key>", tag, "")
+    else:
+        await handle.add(tag)
+
+
+async def _read_tag(handle: Any, kind: str) -> bytes | None:
+    if kind == "journal":
+        bounds = await handle.bounds()
+        return None if bounds.is_empty else bytes(await handle.get(bounds.begin))
+    if kind == "keyspace":
+        value, _ = await handle.get(b"<key>")
+        return bytes(value) or None
+    members = [m async for m in handle.range()]
+    assert len(members) <= 1, members
+    return members[0] if members else None
+
+
+def _sized_name(kind: str, size: int) -> str:
+    """A unique name of exactly *size* UTF-8 bytes (at least 40)."""
+    base = unique_name(kind)[: size // 2]
+    return base + "n" * (size - len(base.encode()))
+
+
+async def _raises_before_any_await(call: Callable[[], Awaitable[object]]) -> BaseException | None:
+    # Inside an already-cancelled scope the first await that reaches the backend
+    # (or yields at all) is cancelled, so only an error raised before it escapes.
+    outcome: BaseException | None = None
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await call()
+        except (LimitExceeded, ValueError, TypeError) as exc:
+            outcome = exc
+    return outcome
+
+
+class ProviderSuite(SuiteBase):
+    """Contract tests for the provider as a whole. Subclass and override the fixtures."""
+
+    # -- provisioning and opening --------------------------------------------------------
+
+    async def test_provider_provision_is_idempotent_and_safe_under_concurrency(
+        self, provider: Provider, made_providers: Callable[[], Provider]
+    ) -> None:
+        others = [made_providers() for _ in range(3)]
+        results = await gather(
+            *[p.provision for p in [provider, *others] for _ in range(RACERS // 4)]
+        )
+        assert results == [None] * len(results)
+        await provider.provision()
+        async with await provider.journals.open(unique_name("journal")) as journal:
+            assert await journal.bounds() == Interval(0, 0)
+
+    @pytest.mark.parametrize("kind", _KINDS)
+    async def test_provider_concurrent_opens_of_one_name_on_empty_backend_share_data(
+        self, provider: Provider, made_providers: Callable[[], Provider], kind: str
+    ) -> None:
+        name = unique_name(kind)
+        providers = [provider, *(made_providers() for _ in range(3))]
+        handles = await gather(
+            *[partial(_store(p, kind).open, name) for p in providers for _ in range(4)]
+        )
+        try:
+            for handle in handles:
+                assert not isinstance(handle, BaseException), handle
+            await _write_and_read(handles[-1], kind, b"<tag>")
+            for handle in handles:
+                assert await _read_tag(handle, kind) == b"<tag>"
+        finally:
+            for handle in handles:
+                if not isinstance(handle, BaseException):
+                    await handle.close()
+
+    async def test_provider_limits_are_declared(self, provider: Provider) -> None:
+        limits = provider.limits
+        assert isinstance(limits, Limits)
+        for size in (
+            limits.max_name_bytes,
+            limits.max_key_bytes,
+            limits.max_value_bytes,
+            limits.max_record_bytes,
+            limits.max_member_bytes,
+        ):
+            assert isinstance(size, int)
+            assert size >= 64
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def test_provider_closed_provider_and_its_handles_raise(
+        self, made_providers: Callable[[], Provider]
+    ) -> None:
+        doomed = made_providers()
+        journal = await doomed.journals.open(unique_name("journal"))
+        keyspace = await doomed.keyspaces.open(unique_name("keyspace"))
+        set_ = await doomed.sets.open(unique_name("set"))
+        await doomed.close()
+        await doomed.close()  # idempotent
+        for kind in _KINDS:
+            with pytest.raises(PersistenceError, match="closed"):
+                await _store(doomed, kind).open(unique_name(kind))
+        with pytest.raises(PersistenceError, match="closed"):
+            await journal.append(0, b"<x>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await journal.bounds()
+        with pytest.raises(PersistenceError, match="closed"):
+            await keyspace.set(b"<k>", b"<v>", "")
+        with pytest.raises(PersistenceError, match="closed"):
+            await keyspace.get(b"<k>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await set_.add(b"<m>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await set_.has(b"<m>")
+        await journal.close()  # closing handles of a closed provider is harmless
+
+    async def test_provider_async_context_manager_closes_it(
+        self, made_providers: Callable[[], Provider]
+    ) -> None:
+        async with (
+            made_providers() as scoped,
+            await scoped.keyspaces.open(unique_name("keyspace")) as keyspace,
+        ):
+            await keyspace.set(b"<k>", b"<v>", "")
+        with pytest.raises(PersistenceError, match="closed"):
+            await scoped.keyspaces.open(unique_name("keyspace"))
+
+    async def test_provider_closing_one_provider_leaves_others_working(
+        self, provider: Provider, made_providers: Callable[[], Provider]
+    ) -> None:
+        name = unique_name("journal")
+        doomed = made_providers()
+        async with await doomed.journals.open(name) as journal:
+            await journal.append(0, b"<zero>")
+        await doomed.close()
+        async with await provider.journals.open(name) as journal:
+            assert await journal.get(0) == b"<zero>"
+
+    # -- names -----------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("kind", _KINDS)
+    async def test_provider_unusual_names_are_distinct_and_shared(
+        self, provider: Provider, other_provider: Provider, kind: str
+    ) -> None:
+        base = unique_name(kind)
+        suffixes = [
+            "a/b",
+            "a%2Fb",
+            "a%b",
+            "a\\b",
+            "a b",
+            "A/B",
+            "ünï/cødé ☃ 🐍",
+            "nul\x00byte",
+            "nul",
+            "..",
+            "a?b#c&d=e+f",
+        ]
+        names = [f"{base}:{suffix}" for suffix in suffixes]
+        for index, name in enumerate(names):
+            async with await _store(provider, kind).open(name) as handle:
+                assert handle.name == name
+                await _write_and_read(handle, kind, f"<{index}>".encode())
+        for index, name in enumerate(names):
+            async with await _store(other_provider, kind).open(name) as handle:
+                assert await _read_tag(handle, kind) == f"<{index}>".encode()
+
+    @pytest.mark.parametrize("kind", _KINDS)
+    async def test_provider_name_at_limit_works_and_one_byte_more_raises_limit_exceeded(
+        self, provider: Provider, other_provider: Provider, kind: str
+    ) -> None:
+        limit = provider.limits.max_name_bytes
+        name = _sized_name(kind, limit)
+        async with await _store(provider, kind).open(name) as handle:
+            await _write_and_read(handle, kind, b"<long>")
+        async with await _store(other_provider, kind).open(name) as handle:
+            assert await _read_tag(handle, kind) == b"<long>"
+        # Multi-byte characters count as bytes, not characters.
+        multibyte = name[: -(limit // 4) * 2] + "é" * (limit // 4)
+        assert len(multibyte.encode()) == limit
+        async with await _store(provider, kind).open(multibyte) as handle:
+            assert await _read_tag(handle, kind) is None
+        with pytest.raises(LimitExceeded) as info:
+            await _store(provider, kind).open(name + "n")
+        assert str(info.value) == (
+            f"{kind} name is {limit + 1} bytes, over this provider's limit of {limit} bytes"
+        )
+        with pytest.raises(LimitExceeded):
+            await _store(provider, kind).open(multibyte[:-1] + "€")
+
+    @pytest.mark.parametrize("kind", _KINDS)
+    async def test_provider_empty_or_non_str_name_is_rejected(
+        self, provider: Provider, kind: str
+    ) -> None:
+        with pytest.raises(ValueError, match=rf"^{kind} name must not be empty$"):
+            await _store(provider, kind).open("")
+        with pytest.raises(TypeError, match=rf"^{kind} name must be str, not bytes$"):
+            await _store(provider, kind).open(b"name")
+
+    # -- sizes -----------------------------------------------------------------------------
+
+    def _edge(self, limit: int) -> None:
+        if limit > self.max_tested_bytes:
+            pytest.skip(
+                f"limit of {limit} bytes is over max_tested_bytes ({self.max_tested_bytes})"
+            )
+
+    async def test_provider_record_at_limit_is_stored_and_one_byte_more_raises(
+        self, provider: Provider
+    ) -> None:
+        limit = provider.limits.max_record_bytes
+        self._edge(limit)
+        async with await provider.journals.open(unique_name("journal")) as journal:
+            await journal.append(0, b"r" * limit)
+            assert await journal.get(0) == b"r" * limit
+            with pytest.raises(LimitExceeded) as info:
+                await journal.append(1, b"r" * (limit + 1))
+            assert str(info.value) == (
+                f"record is {limit + 1} bytes, over this provider's limit of {limit} bytes"
+            )
+            assert await journal.bounds() == Interval(0, 1)
+
+    async def test_provider_key_and_value_at_limit_are_stored_and_one_byte_more_raises(
+        self, provider: Provider
+    ) -> None:
+        limits = provider.limits
+        self._edge(max(limits.max_key_bytes, limits.max_value_bytes))
+        key = b"\xff" * limits.max_key_bytes
+        value = b"v" * limits.max_value_bytes
+        async with await provider.keyspaces.open(unique_name("keyspace")) as keyspace:
+            revision = await keyspace.set(key, value, "")
+            assert await keyspace.get(key) == (value, revision)
+            with pytest.raises(LimitExceeded) as info:
+                await keyspace.set(key + b"\xff", b"v", "")
+            assert str(info.value) == (
+                f"key is {limits.max_key_bytes + 1} bytes, over this provider's limit "
+                f"of {limits.max_key_bytes} bytes"
+            )
+            with pytest.raises(LimitExceeded) as info:
+                await keyspace.set(key, value + b"v", revision)
+            assert str(info.value) == (
+                f"value is {limits.max_value_bytes + 1} bytes, over this provider's limit "
+                f"of {limits.max_value_bytes} bytes"
+            )
+            with pytest.raises(LimitExceeded):
+                await keyspace.set_unconditional(key, value + b"v")
+            with pytest.raises(LimitExceeded):
+                await keyspace.get(key + b"\xff")
+            with pytest.raises(LimitExceeded):
+                await keyspace.has(key + b"\xff")
+            assert await keyspace.get(key) == (value, revision)
+            with pytest.raises(ValueError, match=r"^key must not be empty$"):
+                await keyspace.set(b"", b"v", "")
+
+    async def test_provider_member_at_limit_is_stored_and_one_byte_more_raises(
+        self, provider: Provider
+    ) -> None:
+        limit = provider.limits.max_member_bytes
+        self._edge(limit)
+        member = b"\x00" * limit
+        async with await provider.sets.open(unique_name("set")) as set_:
+            assert await set_.try_add(member)
+            assert await set_.has(member)
+            for call in (set_.add, set_.try_add, set_.remove, set_.try_remove, set_.has):
+                with pytest.raises(LimitExceeded) as info:
+                    await call(member + b"\x00")
+                assert str(info.value) == (
+                    f"member is {limit + 1} bytes, over this provider's limit of {limit} bytes"
+                )
+            assert [m async for m in set_.range()] == [member]
+            with pytest.raises(ValueError, match=r"^member must not be empty$"):
+                await set_.add(b"")
+
+    async def test_provider_inputs_are_checked_before_any_io(self, provider: Provider) -> None:
+        """Bad inputs raise before the first await: no request reaches the backend."""
+        limits = provider.limits
+        self._edge(max(limits.max_record_bytes, limits.max_value_bytes, limits.max_key_bytes))
+        journal = await provider.journals.open(unique_name("journal"))
+        keyspace = await provider.keyspaces.open(unique_name("keyspace"))
+        set_ = await provider.sets.open(unique_name("set"))
+        try:
+            calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("open", lambda: provider.journals.open("n" * (limits.max_name_bytes + 1))),
+                ("open", lambda: provider.keyspaces.open("")),
+                ("append", lambda: journal.append(0, b"r" * (limits.max_record_bytes + 1))),
+                ("append", lambda: journal.append(-1, b"r")),
+                ("set", lambda: keyspace.set(b"k" * (limits.max_key_bytes + 1), b"v", "")),
+                ("set", lambda: keyspace.set(b"k", b"v" * (limits.max_value_bytes + 1), "")),
+                ("set", lambda: keyspace.set(b"", b"v", "")),
+                (
+                    "set_unconditional",
+                    lambda: keyspace.set_unconditional(b"k", b"v" * (limits.max_value_bytes + 1)),
+                ),
+                ("try_add", lambda: set_.try_add(b"m" * (limits.max_member_bytes + 1))),
+                ("add", lambda: set_.add(b"")),
+            ]
+            for label, call in calls:
+                outcome = await _raises_before_any_await(call)
+                assert outcome is not None, (
+                    f"{label} with an invalid input must raise before its first await "
+                    "(before any I/O), not after talking to the backend"
+                )
+            assert await journal.bounds() == Interval(0, 0)
+            assert await keyspace.get(b"k") == (b"", "")
+        finally:
+            with anyio.CancelScope(shield=True):
+                for handle in (journal, keyspace, set_):
+                    await handle.close()

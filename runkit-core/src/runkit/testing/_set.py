@@ -1,0 +1,194 @@
+"""Contract tests for ``Set`` (the counterpart of persistencekit's settest)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from functools import partial
+
+import pytest
+
+from runkit.persistence import PersistenceError, Provider, Set
+
+from ._machines import run_set_machine
+from ._support import RACERS, ROUNDS, SuiteBase, gather, unique_name
+from .faults import AFTER, FaultPlan, FaultyProvider, InjectedFault
+
+__all__ = ["SetSuite"]
+
+
+async def _members(set_: Set) -> list[bytes]:
+    return [member async for member in set_.range()]
+
+
+class SetSuite(SuiteBase):
+    """Contract tests for sets. Subclass and override ``provider`` and ``make_provider``."""
+
+    @pytest.fixture
+    def set_name(self) -> str:
+        return unique_name("set")
+
+    @pytest.fixture
+    async def set_(self, provider: Provider, set_name: str) -> AsyncIterator[Set]:
+        async with await provider.sets.open(set_name) as set_:
+            yield set_
+
+    async def test_set_opened_twice_shares_data(
+        self, provider: Provider, set_: Set, set_name: str
+    ) -> None:
+        async with await provider.sets.open(set_name) as again:
+            assert again.name == set_name
+            await set_.add(b"<member>")
+            assert await again.has(b"<member>")
+            await again.remove(b"<member>")
+            assert not await set_.has(b"<member>")
+
+    async def test_set_has_reports_membership(self, set_: Set) -> None:
+        assert not await set_.has(b"<m>")
+        await set_.add(b"<m>")
+        assert await set_.has(b"<m>")
+        await set_.add(b"<other>")
+        assert not await set_.has(b"<absent>")
+        await set_.remove(b"<m>")
+        assert not await set_.has(b"<m>")
+        assert await set_.has(b"<other>")
+
+    async def test_set_add_and_remove_are_idempotent(self, set_: Set) -> None:
+        await set_.add(b"<m>")
+        await set_.add(b"<m>")
+        assert await _members(set_) == [b"<m>"]
+        await set_.remove(b"<m>")
+        await set_.remove(b"<m>")
+        await set_.remove(b"<never>")
+        assert await _members(set_) == []
+
+    async def test_set_add_keeps_no_reference_to_callers_buffer(self, set_: Set) -> None:
+        member = bytearray(b"<member>")
+        await set_.add(member)  # type: ignore[arg-type]
+        member[:] = b"<MEMBER>"
+        assert await set_.has(b"<member>")
+        assert not await set_.has(b"<MEMBER>")
+
+    async def test_set_try_add_reports_whether_member_was_added(self, set_: Set) -> None:
+        await set_.add(b"<other>")
+        assert await set_.try_add(b"<m>") is True
+        assert await set_.try_add(b"<m>") is False
+        assert sorted(await _members(set_)) == [b"<m>", b"<other>"]
+
+    async def test_set_try_remove_reports_whether_member_was_removed(self, set_: Set) -> None:
+        await set_.add(b"<other>")
+        assert await set_.try_remove(b"<m>") is False
+        await set_.add(b"<m>")
+        assert await set_.try_remove(b"<m>") is True
+        assert await set_.try_remove(b"<m>") is False
+        assert await _members(set_) == [b"<other>"]
+
+    async def test_set_range_yields_each_member_once(self, set_: Set) -> None:
+        assert await _members(set_) == []
+        members = [b"a", b"a\x00", b"\x00", b"\xff\xfe", b"\x80a", b"A"]
+        for member in members:
+            await set_.add(member)
+        await set_.add(b"<removed>")
+        await set_.remove(b"<removed>")
+        got = await _members(set_)
+        assert sorted(got) == sorted(members)
+        assert all(type(m) is bytes for m in got)
+
+    async def test_set_range_stops_when_consumer_breaks_and_tolerates_writes(
+        self, set_: Set
+    ) -> None:
+        for index in range(5):
+            await set_.add(f"<m{index}>".encode())
+        count = 0
+        async with aclosing(set_.range()) as members:  # type: ignore[type-var]
+            async for member in members:
+                await set_.remove(member)
+                await set_.add(b"<added-during-range>")
+                count += 1
+                if count == 2:
+                    break
+        assert count == 2
+        assert len(await _members(set_)) == 4
+
+    async def test_set_members_of_different_sets_are_isolated(
+        self, provider: Provider, set_: Set
+    ) -> None:
+        async with await provider.sets.open(unique_name("set")) as other:
+            await set_.add(b"<m>")
+            assert not await other.has(b"<m>")
+            assert await other.try_add(b"<m>")
+            await other.remove(b"<m>")
+            assert await set_.has(b"<m>")
+
+    async def test_set_writes_are_visible_to_other_provider(
+        self, set_: Set, set_name: str, other_provider: Provider
+    ) -> None:
+        async with await other_provider.sets.open(set_name) as other:
+            await set_.add(b"<a>")
+            assert await other.has(b"<a>")
+            assert await set_.try_add(b"<b>")
+            assert await other.try_add(b"<b>") is False
+            assert sorted(await _members(other)) == [b"<a>", b"<b>"]
+            await other.remove(b"<a>")
+            assert not await set_.has(b"<a>")
+            assert await other.try_remove(b"<b>")
+            assert await set_.try_remove(b"<b>") is False
+            assert await _members(set_) == []
+
+    async def test_set_racing_try_add_and_try_remove_have_exactly_one_winner(
+        self, provider: Provider, set_: Set, set_name: str
+    ) -> None:
+        handles = [await provider.sets.open(set_name) for _ in range(RACERS // 2)]
+        try:
+            racers = [set_, *handles] * 2
+            for round_ in range(ROUNDS):
+                member = f"<m{round_ % 2}>".encode()  # members are re-added in later rounds
+                added = await gather(*[partial(h.try_add, member) for h in racers])
+                assert added.count(True) == 1, added
+                assert added.count(False) == len(racers) - 1, added
+                removed = await gather(*[partial(h.try_remove, member) for h in racers])
+                assert removed.count(True) == 1, removed
+                assert removed.count(False) == len(racers) - 1, removed
+                assert not await set_.has(member)
+        finally:
+            for handle in handles:
+                await handle.close()
+
+    async def test_set_try_add_retried_after_ambiguous_failure_reports_not_added(
+        self, provider: Provider, set_name: str
+    ) -> None:
+        plan = FaultPlan()
+        rule = plan.fail(AFTER, ops={"try_add", "try_remove"}, every=2)
+        set_ = await FaultyProvider(provider, plan).sets.open(set_name)
+        assert await set_.try_add(b"<m>") is True
+        with pytest.raises(InjectedFault, match="after try_add on set") as info:
+            await set_.try_add(b"<p>")
+        assert info.value.ambiguous
+        assert await set_.try_add(b"<p>") is False  # the failed call did add it
+        with pytest.raises(InjectedFault, match="after try_remove on set"):
+            await set_.try_remove(b"<p>")
+        assert await set_.try_remove(b"<p>") is False  # the failed call did remove it
+        assert await _members(set_) == [b"<m>"]
+        assert (rule.matched, rule.injected) == (5, 2)
+
+    async def test_set_closed_handle_raises(self, provider: Provider, set_name: str) -> None:
+        set_ = await provider.sets.open(set_name)
+        await set_.add(b"<m>")
+        await set_.close()
+        with pytest.raises(PersistenceError, match="closed"):
+            await set_.has(b"<m>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await set_.add(b"<n>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await set_.try_add(b"<n>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await set_.remove(b"<m>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await set_.try_remove(b"<m>")
+        with pytest.raises(PersistenceError, match="closed"):
+            await _members(set_)
+        async with await provider.sets.open(set_name) as again:
+            assert await _members(again) == [b"<m>"]
+
+    async def test_set_behaves_like_model(self, provider: Provider) -> None:
+        await run_set_machine(provider, self.hypothesis_settings)

@@ -1,0 +1,396 @@
+"""Projection delivery (Dogma ADR-26), MINIMIZE, compact() and reset(), on real streams."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+import dogma
+from runkit.config import build
+from runkit.engine.consumers import ConsumerOptions, partition_consumers, runs_node_work
+from runkit.engine.projections import (
+    ProjectionNotResettable,
+    reset_projection,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_events_harness import Harness, harness, wait_until  # noqa: E402
+
+REGISTRY = dogma.MessageTypeRegistry()
+APP_KEY = "a1000000-0000-4000-8000-000000000001"
+PROJ_KEY = "b1000000-0000-4000-8000-000000000001"
+OPTIONS = ConsumerOptions(retry_initial=0.001, retry_max=0.01, compact_interval=0.01)
+
+
+@dogma.register_event("e1000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Happened(dogma.Event):
+    n: int
+
+
+@dogma.register_event("e1000000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Ignored(dogma.Event):
+    n: int
+
+
+class Projection:
+    """An ADR-26 projection over in-memory state (like projectionkit's sqlprojection)."""
+
+    def __init__(
+        self,
+        *,
+        key: str = PROJ_KEY,
+        name: str = "proj",
+        concurrency: dogma.ConcurrencyPreference | None = None,
+    ) -> None:
+        self.key = key
+        self.name = name
+        self.concurrency = concurrency
+        self.checkpoints: dict[str, int] = {}
+        self.applied: list[tuple[str, int, int]] = []  # (stream, offset, n)
+        self.scopes: list[tuple[int, int]] = []  # (offset, checkpoint_offset) per call
+        self.compactions = 0
+        self.fail_next = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.delay = 0.0
+        self.before_apply: Any = None
+
+    def configure(self, c: Any) -> None:
+        c.identity(self.name, self.key)
+        c.routes(dogma.handles_event(Happened, registry=REGISTRY))
+        if self.concurrency is not None:
+            c.concurrency_preference(self.concurrency)
+
+    async def handle_event(self, scope: Any, event: Happened) -> int:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                await anyio.sleep(self.delay)
+            self.scopes.append((scope.offset, scope.checkpoint_offset))
+            if self.before_apply is not None:
+                self.before_apply(scope)
+            stored = self.checkpoints.get(scope.stream_id, 0)
+            if stored != scope.checkpoint_offset:
+                return stored  # OCC mismatch: change nothing
+            if self.fail_next:
+                self.fail_next -= 1
+                raise RuntimeError("transient failure")
+            assert isinstance(event, Happened)
+            assert scope.now() is not None
+            self.applied.append((scope.stream_id, scope.offset, event.n))
+            self.checkpoints[scope.stream_id] = scope.offset + 1
+            return scope.offset + 1
+        finally:
+            self.in_flight -= 1
+
+    async def checkpoint_offset(self, stream_id: str) -> int:
+        return self.checkpoints.get(stream_id, 0)
+
+    async def compact(self, scope: Any) -> None:
+        scope.log("compacting %d", self.compactions)
+        self.compactions += 1
+
+    async def reset(self, scope: Any) -> None:
+        self.checkpoints.clear()
+        self.applied.clear()
+
+
+class NotResettable(Projection):
+    async def reset(self, scope: Any) -> None:
+        raise dogma.NotSupported("reset")
+
+
+@attrs.frozen
+class App:
+    projections: tuple[Projection, ...]
+
+    def configure(self, c: Any) -> None:
+        c.identity("app", APP_KEY)
+        c.routes(*(dogma.via_projection(p) for p in self.projections))
+
+
+async def run_consumers(h: Harness, tg: Any, partitions: range | None = None) -> Any:
+    consumers = partition_consumers(h.app, h.settings, options=OPTIONS)
+    for i in partitions if partitions is not None else range(h.partitions):
+        await tg.start(consumers.run_partition, h.ctx(i))
+    return consumers
+
+
+def ns(p: Projection, stream: str) -> list[int]:
+    return [n for s, _, n in p.applied if s == stream]
+
+
+async def test_applies_each_event_once_in_stream_order() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await h.publish(Happened(0), Happened(1), partition=0)
+        await run_consumers(h, tg)
+        await h.publish(Happened(2), partition=0)
+        await h.publish(Happened(10), Ignored(0), Happened(11), partition=1)
+        s0, s1 = h.streams[0].stream_id, h.streams[1].stream_id
+        await wait_until(lambda: len(p.applied) == 5)
+        await anyio.sleep(0.01)
+        assert ns(p, s0) == [0, 1, 2]
+        assert ns(p, s1) == [10, 11]
+        # Offsets are the stream's; the unrouted event is skipped, so the
+        # handler's checkpoint can trail the offset (ADR-26 rule 1).
+        assert [o for s, o, _ in p.applied if s == s1] == [0, 2]
+        assert p.checkpoints == {s0: 3, s1: 3}
+        tg.cancel_scope.cancel()
+
+
+async def test_delivery_starts_at_the_handlers_checkpoint() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        await h.publish(*(Happened(i) for i in range(5)))
+        p.checkpoints[h.streams[0].stream_id] = 3
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 2)
+        assert ns(p, h.streams[0].stream_id) == [3, 4]
+        assert p.scopes[0] == (3, 3)
+        tg.cancel_scope.cancel()
+
+
+async def test_restart_does_not_reapply() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h:
+        await h.publish(*(Happened(i) for i in range(3)))
+        async with anyio.create_task_group() as tg:
+            await run_consumers(h, tg)
+            await wait_until(lambda: len(p.applied) == 3)
+            tg.cancel_scope.cancel()
+        await h.publish(Happened(3))
+        async with anyio.create_task_group() as tg:
+            await run_consumers(h, tg)
+            await wait_until(lambda: len(p.applied) == 4)
+            await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert ns(p, h.streams[0].stream_id) == [0, 1, 2, 3]
+
+
+async def test_occ_higher_checkpoint_skips_events() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        stream = h.streams[0].stream_id
+
+        def jump(scope: Any) -> None:
+            # Another writer moves the handler's checkpoint past offsets 1..3.
+            if scope.offset == 1 and p.checkpoints.get(stream) == 1:
+                p.checkpoints[stream] = 4
+
+        p.before_apply = jump
+        await h.publish(*(Happened(i) for i in range(6)))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 3)
+        await anyio.sleep(0.01)
+        assert ns(p, stream) == [0, 4, 5]
+        # Offset 1 was refused with 4; delivery resumed at offset 4 with checkpoint 4.
+        assert p.scopes == [(0, 0), (1, 1), (4, 4), (5, 5)]
+        tg.cancel_scope.cancel()
+
+
+async def test_occ_lower_checkpoint_redelivers() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        stream = h.streams[0].stream_id
+        rewound = False
+
+        def rewind(scope: Any) -> None:
+            nonlocal rewound
+            # The handler's data is rolled back to checkpoint 1 (e.g. restored).
+            if scope.offset == 3 and not rewound:
+                rewound = True
+                p.checkpoints[stream] = 1
+                del p.applied[1:]
+
+        p.before_apply = rewind
+        await h.publish(*(Happened(i) for i in range(5)))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 5)
+        await anyio.sleep(0.01)
+        assert ns(p, stream) == [0, 1, 2, 3, 4]
+        assert p.scopes[3:5] == [(3, 3), (1, 1)]
+        tg.cancel_scope.cancel()
+
+
+async def test_redelivery_after_an_applied_but_unacknowledged_event_is_harmless() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        stream = h.streams[0].stream_id
+        original = p.handle_event
+        lost = False
+
+        async def applies_then_fails(scope: Any, event: Happened) -> int:
+            nonlocal lost
+            result = await original(scope, event)
+            if scope.offset == 1 and not lost:
+                lost = True
+                raise ConnectionError("response lost after commit")
+            return result
+
+        p.handle_event = applies_then_fails  # type: ignore[method-assign]
+        await h.publish(*(Happened(i) for i in range(3)))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 3 and p.checkpoints[stream] == 3)
+        await anyio.sleep(0.01)
+        assert ns(p, stream) == [0, 1, 2]
+        # The retry of offset 1 came with the old checkpoint; the handler
+        # answered offset+1 (already applied) and the engine moved on.
+        assert p.scopes.count((1, 1)) == 2
+        tg.cancel_scope.cancel()
+
+
+async def test_errors_are_retried() -> None:
+    p = Projection()
+    p.fail_next = 3
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        await h.publish(Happened(0), Happened(1))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 2)
+        assert ns(p, h.streams[0].stream_id) == [0, 1]
+        tg.cancel_scope.cancel()
+
+
+async def test_checkpoint_offset_errors_are_retried() -> None:
+    p = Projection()
+    failures = 2
+    original = p.checkpoint_offset
+
+    async def flaky(stream_id: str) -> int:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionError("down")
+        return await original(stream_id)
+
+    p.checkpoint_offset = flaky  # type: ignore[method-assign]
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        await h.publish(Happened(0))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 1)
+        assert failures == 0
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("preference", "expected"),
+    [(dogma.ConcurrencyPreference.MINIMIZE, 1), (dogma.ConcurrencyPreference.MAXIMIZE, 3)],
+)
+async def test_concurrency_preference(
+    preference: dogma.ConcurrencyPreference, expected: int
+) -> None:
+    p = Projection(concurrency=preference)
+    p.delay = 0.005
+    async with harness(App((p,)), registry=REGISTRY, partitions=3) as h, anyio.create_task_group() as tg:
+        for i in range(3):
+            await h.publish(*(Happened(10 * i + j) for j in range(4)), partition=i)
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 12)
+        assert p.max_in_flight == expected
+        tg.cancel_scope.cancel()
+
+
+async def test_compact_runs_periodically_on_the_node() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        consumers = partition_consumers(h.app, h.settings, options=OPTIONS)
+        await tg.start(consumers.run_node, h.node_ctx())
+        await wait_until(lambda: p.compactions >= 2)
+        tg.cancel_scope.cancel()
+
+
+async def test_compact_is_skipped_on_a_node_that_does_not_win() -> None:
+    p = Projection()
+    me = "00000000-0000-4000-8000-0000000000aa"
+    other = "00000000-0000-4000-8000-0000000000bb"
+    winner = me if runs_node_work(PROJ_KEY, me, {me, other}) else other
+    loser = other if winner == me else me
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        consumers = partition_consumers(
+            h.app, h.settings, options=OPTIONS, live_nodes=lambda: {me, other}
+        )
+        await tg.start(consumers.run_node, h.node_ctx(loser))
+        await anyio.sleep(0.05)
+        assert p.compactions == 0
+        await tg.start(consumers.run_node, h.node_ctx(winner))
+        await wait_until(lambda: p.compactions >= 1)
+        tg.cancel_scope.cancel()
+
+
+def test_runs_node_work_picks_exactly_one_live_node() -> None:
+    nodes = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(1, 6)]
+    for k in range(20):
+        key = f"b1000000-0000-4000-8000-0000000000{k:02d}"
+        assert sum(runs_node_work(key, n, nodes) for n in nodes) == 1
+    # Alone (or not yet seen in the live set), a node does the work itself.
+    assert runs_node_work(PROJ_KEY, nodes[0], [])
+    assert runs_node_work(PROJ_KEY, nodes[0], [nodes[0]])
+
+
+async def test_reset_rebuilds_from_offset_zero_while_running() -> None:
+    p = Projection()
+    async with harness(App((p,)), registry=REGISTRY, partitions=2) as h, anyio.create_task_group() as tg:
+        await h.publish(Happened(0), Happened(1), partition=0)
+        await h.publish(Happened(2), partition=1)
+        consumers = await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 3)
+        await consumers.reset_projection("proj", clock=h.clock)
+        await wait_until(lambda: len(p.applied) == 3)
+        await h.publish(Happened(3), partition=1)
+        await wait_until(lambda: len(p.applied) == 4)
+        await anyio.sleep(0.01)
+        assert sorted(n for _, _, n in p.applied) == [0, 1, 2, 3]
+        tg.cancel_scope.cancel()
+
+
+async def test_reset_waits_for_an_in_flight_delivery() -> None:
+    p = Projection()
+    entered, release = anyio.Event(), anyio.Event()
+    cancelled = False
+
+    async def slow(scope: Any) -> None:
+        nonlocal cancelled
+        entered.set()
+        try:
+            await release.wait()
+        except anyio.get_cancelled_exc_class():
+            cancelled = True
+            raise
+
+    p.before_apply = None
+    original = p.handle_event
+
+    async def handle(scope: Any, event: Happened) -> int:
+        if not p.applied and not cancelled:
+            await slow(scope)
+        return await original(scope, event)
+
+    p.handle_event = handle  # type: ignore[method-assign]
+    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+        await h.publish(Happened(0))
+        consumers = await run_consumers(h, tg)
+        await entered.wait()
+        await consumers.reset_projection(PROJ_KEY, clock=h.clock)  # by key
+        assert cancelled  # delivery stopped before reset() ran
+        await wait_until(lambda: len(p.applied) == 1)
+        tg.cancel_scope.cancel()
+
+
+async def test_reset_without_an_engine_and_errors() -> None:
+    p, q = Projection(), NotResettable(key="b1000000-0000-4000-8000-000000000002", name="q")
+    config = build(App((p, q)), registry=REGISTRY)
+    p.checkpoints["s"] = 5
+    await reset_projection(config, "proj", clock=lambda: None)  # type: ignore[arg-type,return-value]
+    assert p.checkpoints == {}
+    with pytest.raises(ProjectionNotResettable, match="does not support reset"):
+        await reset_projection(config, "q", clock=lambda: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(LookupError, match="no projection named 'nope'"):
+        await reset_projection(config, "nope", clock=lambda: None)  # type: ignore[arg-type,return-value]

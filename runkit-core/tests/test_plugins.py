@@ -1,0 +1,196 @@
+"""Driver plugins: a third-party driver registered at run time, scheme lookup and URL errors."""
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+import hypothesis
+import pytest
+
+import runkit
+from runkit.persistence import (
+    Provider,
+    installed_schemes,
+    plugin_manager,
+    provider_from_url,
+    query_params,
+    redact_url,
+)
+from runkit.testing import ConformanceSuite, unique_name
+from runkit.testing.faults import FaultyProvider
+from runkit_memory import MemoryProvider
+
+
+class ThirdPartyProvider(FaultyProvider):
+    """A "third-party" driver: the memory driver behind a (fault-free) wrapper."""
+
+
+class ThirdPartyPlugin:
+    """What a third-party distribution's plugin module would hold."""
+
+    @runkit.hookimpl
+    def runkit_persistence_schemes(self) -> list[str]:
+        return ["thirdparty"]
+
+    @runkit.hookimpl
+    def runkit_persistence_provider(self, url: str) -> Provider | None:
+        parts = urlsplit(url)
+        if parts.scheme != "thirdparty":
+            return None
+        if parts.netloc:
+            raise ValueError(f"thirdparty URL {redact_url(url)!r} must not name a host")
+        query_params(url, frozenset())
+        return ThirdPartyProvider(MemoryProvider(f"thirdparty:{parts.path}"))
+
+
+class SilentPlugin:
+    """A broken plugin: lists a scheme but never returns a provider for it."""
+
+    @runkit.hookimpl
+    def runkit_persistence_schemes(self) -> list[str]:
+        return ["silent"]
+
+    @runkit.hookimpl
+    def runkit_persistence_provider(self, url: str) -> Provider | None:
+        return None
+
+
+@pytest.fixture
+def thirdparty() -> Iterator[None]:
+    pm = plugin_manager()
+    pm.register(ThirdPartyPlugin(), name="thirdparty")
+    try:
+        yield
+    finally:
+        pm.unregister(name="thirdparty")
+
+
+class TestThirdPartyDriver(ConformanceSuite):
+    """A plugin registered at run time passes every contract test."""
+
+    hypothesis_settings: ClassVar[hypothesis.settings] = hypothesis.settings(
+        max_examples=10, stateful_step_count=20, deadline=None
+    )
+
+    @pytest.fixture
+    def url(self, thirdparty: None) -> str:
+        return f"thirdparty:///{unique_name('silo')}"
+
+    @pytest.fixture
+    async def provider(self, url: str) -> AsyncIterator[Provider]:
+        provider = provider_from_url(url)
+        assert isinstance(provider, ThirdPartyProvider)
+        async with provider:
+            yield provider
+
+    @pytest.fixture
+    def make_provider(self, url: str) -> Callable[[], Provider]:
+        return lambda: provider_from_url(url)
+
+
+def _installed() -> str:
+    return ", ".join(sorted(installed_schemes()))
+
+
+def test_registered_plugin_is_selected_by_its_scheme(thirdparty: None) -> None:
+    assert installed_schemes()["thirdparty"] == "thirdparty"
+    assert isinstance(provider_from_url("thirdparty:///x"), ThirdPartyProvider)
+    assert isinstance(provider_from_url("THIRDPARTY:///x"), ThirdPartyProvider)
+    assert isinstance(provider_from_url("memory:///x"), MemoryProvider)
+
+
+def test_unregistered_plugin_scheme_is_unknown_again() -> None:
+    assert "thirdparty" not in installed_schemes()
+    with pytest.raises(ValueError) as info:
+        provider_from_url("thirdparty:///x")
+    assert str(info.value) == (
+        f"no persistence driver handles 'thirdparty' URLs (installed schemes: {_installed()}); "
+        "install a runkit driver plugin that handles it"
+    )
+
+
+def test_unknown_first_party_scheme_names_the_package_to_install() -> None:
+    pm = plugin_manager()
+    memory = pm.unregister(name="memory")
+    assert memory is not None
+    try:
+        assert "memory" not in installed_schemes()
+        with pytest.raises(ValueError) as info:
+            provider_from_url("memory:///app")
+        assert str(info.value) == (
+            f"no persistence driver handles 'memory' URLs (installed schemes: {_installed()}); "
+            "install the driver: pip install runkit-memory"
+        )
+    finally:
+        pm.register(memory, name="memory")
+    assert isinstance(provider_from_url("memory:///app"), MemoryProvider)
+
+
+def test_plugin_returning_no_provider_for_its_scheme_is_reported() -> None:
+    pm = plugin_manager()
+    pm.register(SilentPlugin(), name="silent")
+    try:
+        with pytest.raises(ValueError) as info:
+            provider_from_url("silent://user:pw@host/x")
+        assert str(info.value) == (
+            "the 'silent' plugin lists scheme 'silent' but returned no provider "
+            "for 'silent://user:***@host/x'"
+        )
+    finally:
+        pm.unregister(name="silent")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "localhost/db",
+            "persistence URL 'localhost/db' has no scheme; "
+            "expected e.g. 'memory:///app' or 'postgresql://host/db'",
+        ),
+        (
+            "//bob:s3cret@db/app",
+            "persistence URL '//bob:***@db/app' has no scheme; "
+            "expected e.g. 'memory:///app' or 'postgresql://host/db'",
+        ),
+        (
+            "postgresql://bob:s3cret@[::1/app",
+            "malformed persistence URL '<malformed URL>': Invalid IPv6 URL",
+        ),
+    ],
+)
+def test_malformed_url_names_the_wrong_part_without_the_password(url: str, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        provider_from_url(url)
+    assert str(info.value) == message
+    assert "s3cret" not in str(info.value)
+
+
+def test_plugin_errors_for_its_own_urls_hide_passwords(thirdparty: None) -> None:
+    with pytest.raises(ValueError) as info:
+        provider_from_url("thirdparty://admin:s3cret@host/x")
+    assert str(info.value) == (
+        "thirdparty URL 'thirdparty://admin:***@host/x' must not name a host"
+    )
+    with pytest.raises(ValueError) as info:
+        provider_from_url("thirdparty:///x?password=s3cret")
+    assert str(info.value) == "thirdparty:// URL has unknown parameter 'password' (allowed: none)"
+
+
+def test_non_str_url_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"^persistence URL must be str, not bytes$"):
+        provider_from_url(b"memory:///x")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("postgresql://bob:s3cret@db:5432/app", "postgresql://bob:***@db:5432/app"),
+        ("postgresql://:s3cret@db/app", "postgresql://:***@db/app"),
+        ("s3://key:s3cret@[::1]:9000/bucket?x=1", "s3://key:***@[::1]:9000/bucket?x=1"),
+        ("postgresql://bob@db/app", "postgresql://bob@db/app"),
+        ("memory:///app", "memory:///app"),
+    ],
+)
+def test_redact_url_hides_only_the_password(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted

@@ -1,0 +1,226 @@
+"""boto3 plumbing: building clients, assuming roles, and classifying failures.
+
+Retries are botocore's ("standard" mode): throttling, 5xx and transport errors
+are retried with backoff. One exception: a *conditional* write whose request
+may have reached DynamoDB (a read timeout, a dropped connection, a 5xx) is not
+retried, because a retry of a write that did land fails its condition and would
+be reported as a conflict. ``install_ambiguity_guard`` vetoes those retries and
+the driver raises ``PersistenceError(ambiguous=True)`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import boto3
+import botocore.exceptions
+import botocore.session
+from botocore.config import Config
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    CredentialProvider,
+    CredentialResolver,
+    Credentials,
+    DeferredRefreshableCredentials,
+)
+from runkit.persistence import PersistenceError
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
+    from mypy_boto3_sts.client import STSClient
+
+__all__ = [
+    "AmbiguousWrite",
+    "assumed_role_session",
+    "default_config",
+    "install_ambiguity_guard",
+    "map_error",
+]
+
+#: Total attempts (first try included) for throttled or transiently failed requests.
+MAX_ATTEMPTS: Final = 10
+
+# DynamoDB error codes meaning "try again later" once botocore's retries ran out.
+_RETRYABLE_CODES: Final = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "LimitExceededException",
+        "TransactionInProgressException",
+    }
+)
+
+_GUARDED_OPERATIONS: Final = ("PutItem", "UpdateItem", "DeleteItem")
+
+
+class AmbiguousWrite(Exception):  # noqa: N818 - internal signal, never escapes the driver
+    """A conditional write failed after its request may have reached DynamoDB."""
+
+    def __init__(self, operation: str, cause: str) -> None:
+        super().__init__(f"{operation}: {cause}")
+        self.operation = operation
+        self.cause = cause
+
+
+def default_config(max_pool_connections: int) -> Config:
+    """The client configuration the driver uses unless the caller merges in its own."""
+    return Config(
+        retries={"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=5,
+        read_timeout=30,
+        user_agent_appid="runkit-dynamodb",
+    )
+
+
+def _has_condition(request_dict: dict[str, Any]) -> bool:
+    body = request_dict.get("body")
+    if not body:
+        return False
+    try:
+        return "ConditionExpression" in json.loads(body)
+    except (ValueError, TypeError):
+        return True  # unreadable: assume the worst
+
+
+def _veto_ambiguous_retry(
+    request_dict: dict[str, Any],
+    response: tuple[Any, dict[str, Any]] | None,
+    caught_exception: BaseException | None,
+    operation: Any,
+    **_: Any,
+) -> None:
+    """``needs-retry`` hook: stop botocore retrying a conditional write that may have landed.
+
+    Connection-setup failures (``botocore.exceptions.ConnectionError``: refused,
+    DNS, TLS handshake, connect timeout) never sent the request, so botocore may
+    retry them. Anything else that is not a response, and any 5xx response,
+    leaves the outcome unknown.
+    """
+    if caught_exception is not None:
+        if isinstance(caught_exception, botocore.exceptions.ConnectionError):
+            return
+        cause = f"{type(caught_exception).__name__}: {caught_exception}"
+    elif response is not None and response[0].status_code >= 500:
+        code = response[1].get("Error", {}).get("Code", "")
+        cause = f"HTTP {response[0].status_code} {code}".rstrip()
+    else:
+        return
+    if _has_condition(request_dict):
+        # Raising from the hook ends the attempt loop: this reaches the caller.
+        raise AmbiguousWrite(operation.name, cause)
+
+
+def install_ambiguity_guard(client: DynamoDBClient) -> None:
+    """Register the retry veto on *client* (idempotent: registered under a unique id)."""
+    for operation in _GUARDED_OPERATIONS:
+        client.meta.events.register_first(
+            f"needs-retry.dynamodb.{operation}",
+            _veto_ambiguous_retry,
+            unique_id=f"runkit-dynamodb-ambiguity-guard-{operation}",
+        )
+
+
+class _FixedCredentialProvider(CredentialProvider):
+    METHOD = "runkit-assume-role"
+    CANONICAL_NAME = "custom-runkit-assume-role"
+
+    def __init__(self, credentials: Credentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> Credentials:
+        return self._credentials
+
+
+def assumed_role_session(
+    source: boto3.session.Session, role_arn: str, region: str | None, config: Config
+) -> boto3.session.Session:
+    """A session whose credentials come from assuming *role_arn* with *source*'s credentials.
+
+    The credentials are fetched on first use and refreshed by botocore before
+    they expire. The STS client uses *region* and the standard endpoint
+    resolution (so ``AWS_ENDPOINT_URL_STS`` points it at an emulator).
+    """
+    source_credentials = source.get_credentials()
+    if source_credentials is None:
+        raise botocore.exceptions.NoCredentialsError()
+
+    def create_sts_client(service_name: str, **kwargs: Any) -> STSClient:
+        assert service_name == "sts"
+        return source.client("sts", region_name=region, config=config, **kwargs)
+
+    fetcher = AssumeRoleCredentialFetcher(
+        client_creator=create_sts_client,
+        source_credentials=source_credentials,
+        role_arn=role_arn,
+        extra_args={"RoleSessionName": "runkit-dynamodb"},
+    )
+    credentials = DeferredRefreshableCredentials(
+        refresh_using=fetcher.fetch_credentials, method=_FixedCredentialProvider.METHOD
+    )
+    core = botocore.session.Session()
+    core.register_component(
+        "credential_provider", CredentialResolver([_FixedCredentialProvider(credentials)])
+    )
+    return boto3.session.Session(botocore_session=core, region_name=region)
+
+
+def map_error(exc: Exception, what: str, operation: str, *, write: bool) -> PersistenceError:
+    """Translate a boto3/botocore failure of *operation* into a ``PersistenceError``.
+
+    *what* names the store (``journal 'orders'``). Messages carry AWS's error
+    code and message, which never contain credentials.
+    """
+    if isinstance(exc, AmbiguousWrite):
+        return PersistenceError(
+            f"{what}: {exc.operation} may or may not have taken effect ({exc.cause}); "
+            "read back to find out",
+            ambiguous=True,
+        )
+    if isinstance(exc, botocore.exceptions.ClientError):
+        error = exc.response.get("Error", {})
+        code = error.get("Code", "Unknown")
+        message = error.get("Message", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        retryable = code in _RETRYABLE_CODES or status >= 500
+        return PersistenceError(
+            f"{what}: DynamoDB {operation} failed: {code}: {message}",
+            retryable=retryable,
+            # A write that failed with a 5xx may still have been applied.
+            ambiguous=write and status >= 500,
+        )
+    if isinstance(exc, botocore.exceptions.ConnectionError):
+        return PersistenceError(
+            f"{what}: cannot reach DynamoDB for {operation}: {exc}", retryable=True
+        )
+    if isinstance(exc, botocore.exceptions.HTTPClientError):
+        return PersistenceError(
+            f"{what}: DynamoDB {operation} failed in transit: {exc}",
+            retryable=True,
+            ambiguous=write,
+        )
+    if isinstance(exc, botocore.exceptions.NoRegionError):
+        return PersistenceError(
+            f"{what}: no AWS region configured: add '?region=...' to the dynamodb URL, "
+            "pass region=..., or set AWS_REGION"
+        )
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return PersistenceError(f"{what}: DynamoDB {operation} failed: {exc}")
+    return PersistenceError(f"{what}: DynamoDB {operation} failed: {type(exc).__name__}: {exc}")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The AWS error code of a ``ClientError``, else ``None``."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = exc.response.get("Error", {}).get("Code")
+        return code if isinstance(code, str) else None
+    return None
+
+
+ClientCall = Callable[["DynamoDBClient"], Any]

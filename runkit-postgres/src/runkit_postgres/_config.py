@@ -1,0 +1,273 @@
+"""Settings of a PostgreSQL provider, and parsing of ``postgres://`` URLs.
+
+libpq understands most of a URL by itself; runkit adds a few query parameters
+of its own (the schema, pool sizing, limits), which are validated and removed
+before the rest is handed to psycopg. Passwords never appear in messages.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import attrs
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
+
+from runkit.persistence import redact_url
+
+__all__ = [
+    "DEFAULT_MAX_RECORD_BYTES",
+    "DEFAULT_MAX_VALUE_BYTES",
+    "DEFAULT_SCHEMA",
+    "SCHEMES",
+    "Settings",
+    "describe_conninfo",
+    "parse_url",
+    "scrub",
+    "validate_conninfo",
+    "validate_schema",
+]
+
+SCHEMES = ("postgres", "postgresql")
+
+#: The schema (namespace) used when none is given.
+DEFAULT_SCHEMA = "runkit"
+
+#: Default largest record / value: big enough for aggregate snapshots and event
+#: batches, small enough that a page of a range stays a bounded allocation.
+DEFAULT_MAX_RECORD_BYTES = 16 << 20
+DEFAULT_MAX_VALUE_BYTES = 16 << 20
+
+#: bytea is capped at 1 GiB by PostgreSQL; stay well below it.
+_HARD_MAX_BYTES = 256 << 20
+
+# Unquoted-identifier shape, at most NAMEDATALEN - 1 bytes; "pg_" is reserved
+# for system schemas by PostgreSQL itself.
+_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def validate_schema(schema: object) -> str:
+    """Return *schema* if it is a usable schema name, else raise ``ValueError``/``TypeError``."""
+    if not isinstance(schema, str):
+        raise TypeError(f"schema must be str, not {type(schema).__name__}")
+    if not _SCHEMA_RE.fullmatch(schema):
+        raise ValueError(
+            f"invalid schema name {schema!r}: expected 1-63 ASCII letters, digits and "
+            "underscores, not starting with a digit"
+        )
+    if schema.lower().startswith("pg_"):
+        raise ValueError(f"invalid schema name {schema!r}: the prefix 'pg_' is reserved")
+    return schema
+
+
+def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be int, not {type(value).__name__}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and at most {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name} must be at least {minimum}{upper}, not {value}")
+    return value
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+@attrs.frozen
+class Settings:
+    """Validated provider settings other than the libpq connection string."""
+
+    schema: str = attrs.field(default=DEFAULT_SCHEMA)
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    pool_timeout: float = 30.0
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+
+    def __attrs_post_init__(self) -> None:
+        validate_schema(self.schema)
+        _check_int("pool_min_size", self.pool_min_size, minimum=0)
+        _check_int("pool_max_size", self.pool_max_size, minimum=1)
+        if self.pool_max_size < self.pool_min_size:
+            raise ValueError(
+                f"pool_max_size ({self.pool_max_size}) must not be less than "
+                f"pool_min_size ({self.pool_min_size})"
+            )
+        _check_seconds("pool_timeout", self.pool_timeout)
+        _check_int("max_record_bytes", self.max_record_bytes, minimum=1, maximum=_HARD_MAX_BYTES)
+        _check_int("max_value_bytes", self.max_value_bytes, minimum=1, maximum=_HARD_MAX_BYTES)
+
+
+# runkit's own URL parameters and how to parse each from its string form.
+_INT_PARAMS = ("pool_min_size", "pool_max_size", "max_record_bytes", "max_value_bytes")
+_FLOAT_PARAMS = ("pool_timeout",)
+OWN_PARAMS = frozenset({"schema", *_INT_PARAMS, *_FLOAT_PARAMS})
+
+
+@cache
+def libpq_parameters() -> frozenset[str]:
+    """The connection parameters the installed libpq understands."""
+    return frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults())
+
+
+def _passwords(conninfo: str) -> list[str]:
+    """Every password-like secret in *conninfo*, raw and decoded, to scrub from messages."""
+    secrets: list[str] = []
+    try:
+        parts = urlsplit(conninfo)
+        if parts.scheme and parts.password:
+            secrets.append(parts.password)
+        if parts.scheme:
+            secrets += [v for k, v in parse_qsl(parts.query) if k in {"password", "sslpassword"}]
+            secrets += re.findall(r"(?:^|&)(?:ssl)?password=([^&]*)", parts.query)
+    except ValueError:
+        pass
+    secrets += re.findall(r"(?:^|\s)(?:ssl)?password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", conninfo)
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        params = {}
+    secrets += [str(params[k]) for k in ("password", "sslpassword") if params.get(k)]
+    expanded = set(secrets) | {s.strip("'") for s in secrets}
+    # Longest first, so a secret containing another is replaced whole.
+    return sorted((s for s in expanded if s), key=len, reverse=True)
+
+
+def scrub(message: str, conninfo: str) -> str:
+    """Replace any password of *conninfo* that appears in *message* with ``***``."""
+    for secret in _passwords(conninfo):
+        message = message.replace(secret, "***")
+    return message
+
+
+def describe_conninfo(conninfo: str) -> str:
+    """A human-readable form of *conninfo* with every password replaced by ``***``."""
+    try:
+        is_url = bool(urlsplit(conninfo).scheme)
+    except ValueError:
+        return "<malformed connection string>"
+    if is_url:
+        redacted = redact_url(conninfo)
+        parts = urlsplit(redacted)
+        if parts.query:
+            pairs = [
+                (k, "***" if k in {"password", "sslpassword"} else v)
+                for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            ]
+            query = urlencode(pairs, quote_via=quote, safe="*")
+            redacted = urlunsplit((*parts[:3], query, parts.fragment))
+        return scrub(redacted, conninfo)
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return "<malformed connection string>"
+    shown = " ".join(
+        f"{k}={'***' if k in {'password', 'sslpassword'} else v}" for k, v in params.items()
+    )
+    return scrub(shown, conninfo) or "<libpq defaults>"
+
+
+def validate_conninfo(conninfo: str) -> dict[str, Any]:
+    """Parse *conninfo* as libpq would, without I/O.
+
+    :raises ValueError: if it is malformed; the message never contains a password.
+    """
+    if not isinstance(conninfo, str):
+        raise TypeError(f"conninfo must be str, not {type(conninfo).__name__}")
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.Error as exc:
+        detail = scrub(str(exc).strip(), conninfo)
+        raise ValueError(
+            f"malformed PostgreSQL connection string {describe_conninfo(conninfo)!r}: {detail}"
+        ) from None
+    # libpq only checks the port when connecting; a typo should fail at once.
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(
+                f"malformed PostgreSQL connection string {describe_conninfo(conninfo)!r}: "
+                f"invalid port {port!r}"
+            )
+    return params
+
+
+def parse_url(url: str) -> tuple[str, Settings]:
+    """Split a ``postgres://`` / ``postgresql://`` URL into a libpq conninfo and settings.
+
+    Query parameters are either runkit's own (``schema``, ``pool_min_size``,
+    ``pool_max_size``, ``pool_timeout``, ``max_record_bytes``,
+    ``max_value_bytes``), which are validated and removed, or libpq connection
+    parameters, which pass through. Anything else, a repeated parameter or a
+    malformed value raises ``ValueError`` naming the parameter.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"persistence URL must be str, not {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"malformed PostgreSQL URL {redact_url(url)!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"not a PostgreSQL URL (expected postgres:// or postgresql://): {scheme!r}"
+        )
+    if parts.fragment:
+        raise ValueError(f"PostgreSQL URL {describe_conninfo(url)!r} must not have a fragment")
+    own: dict[str, str] = {}
+    passed: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    known = libpq_parameters()
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in seen:
+            raise ValueError(f"{scheme}:// URL repeats parameter {key!r}")
+        seen.add(key)
+        if key in OWN_PARAMS:
+            own[key] = value
+        elif key in known:
+            passed.append((key, value))
+        else:
+            raise ValueError(
+                f"{scheme}:// URL has unknown parameter {key!r}: it is neither a libpq "
+                f"connection parameter nor one of runkit's ({', '.join(sorted(OWN_PARAMS))})"
+            )
+    settings = _settings_from_params(scheme, own)
+    conninfo = urlunsplit(
+        (parts.scheme, parts.netloc, parts.path, urlencode(passed, quote_via=quote), "")
+    )
+    validate_conninfo(conninfo)
+    return conninfo, settings
+
+
+def _settings_from_params(scheme: str, params: Mapping[str, str]) -> Settings:
+    values: dict[str, Any] = {}
+    for key, raw in params.items():
+        if key == "schema":
+            values[key] = raw
+        elif key in _INT_PARAMS:
+            try:
+                values[key] = int(raw, 10)
+            except ValueError:
+                raise ValueError(
+                    f"{scheme}:// URL parameter {key!r} must be an integer, not {raw!r}"
+                ) from None
+        else:
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{scheme}:// URL parameter {key!r} must be a number of seconds, not {raw!r}"
+                ) from None
+    try:
+        return Settings(**values)
+    except ValueError as exc:
+        raise ValueError(f"{scheme}:// URL: {exc}") from None

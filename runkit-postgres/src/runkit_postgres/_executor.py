@@ -1,0 +1,265 @@
+"""Run blocking psycopg calls in worker threads, cancellably, and map their errors.
+
+psycopg's async API works on asyncio only, and an anyio cancel scope closes its
+connections; so the driver uses the sync ``ConnectionPool`` and runs each
+operation in a worker thread (``anyio.to_thread``), at most ``pool_max_size``
+at a time. When the caller is cancelled, the thread is abandoned at once, a
+cancel request is sent to the server for the statement it is running, and the
+connection goes back to the pool only after that request has been handled, so
+it stays usable and the cancel can never hit someone else's statement.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from typing import Final, TypeVar
+
+import anyio
+import anyio.to_thread
+import psycopg
+import psycopg.errors
+from psycopg import Connection
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+from runkit.persistence import PersistenceError
+
+from ._config import Settings, scrub
+from ._sql import configure_connection
+
+__all__ = ["Executor", "Operation"]
+
+T = TypeVar("T")
+
+#: What one operation does with a connection, in a worker thread.
+Operation = Callable[[Connection[tuple[object, ...]]], T]
+
+_log = logging.getLogger("runkit_postgres")
+
+#: Attempts of a read, or of a write that certainly did not reach the server.
+_MAX_ATTEMPTS: Final = 3
+_BACKOFF_SECONDS: Final = 0.05
+
+# SQLSTATEs after which the same call may succeed: the statement was rolled
+# back (serialization failure, deadlock, lock or statement timeout, shortage
+# of resources) or the server is restarting.
+_TRANSIENT_STATES: Final = frozenset(
+    {"40001", "40P01", "55P03", "57014", "53000", "53100", "53200", "53300", "53400"}
+)
+# ... of which these are worth retrying at once inside the driver.
+_RETRY_STATES: Final = frozenset({"40001", "40P01", "53300"})
+# The session is gone: admin/crash shutdown, cannot connect now.
+_DISCONNECT_STATES: Final = frozenset({"57P01", "57P02", "57P03"})
+# The schema or a table vanished: it was dropped behind the driver's back.
+_MISSING_STATES: Final = frozenset({"3F000", "42P01"})
+
+
+class _Abandoned(Exception):
+    """Raised in a worker thread whose caller was cancelled before it started."""
+
+
+class _Call:
+    """The state one operation shares between the event loop and its worker thread.
+
+    ``lock`` orders the worker's use of the connection against a cancel: the
+    worker holds a connection only between publishing it (``conn``) and
+    withdrawing it, and withdrawing waits while a cancel request is in flight.
+    """
+
+    __slots__ = ("abandoned", "cancel_sent", "conn", "finished", "lock", "sent")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.finished = threading.Event()
+        self.conn: Connection[tuple[object, ...]] | None = None
+        self.abandoned = False  # the caller was cancelled; do no (more) work
+        self.cancel_sent = False  # a server-side cancel was sent for our statement
+        self.sent = False  # the operation started talking to the server
+
+
+class Executor:
+    """The connection pool, the thread limiter and the retry and error policy."""
+
+    def __init__(self, conninfo: str, settings: Settings, *, display: str) -> None:
+        self._conninfo = conninfo
+        self._display = display
+        self._settings = settings
+        self._pool: ConnectionPool[Connection[tuple[object, ...]]] | None = None
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        # Threads never outnumber connections: more would only queue in the pool.
+        self._limiter = anyio.CapacityLimiter(settings.pool_max_size)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    def _get_pool(self) -> ConnectionPool[Connection[tuple[object, ...]]]:
+        """Create and open the pool on first use (in a worker thread: it may block)."""
+        with self._pool_lock:
+            if self._closed:
+                raise PoolClosed("the provider is closed")
+            if self._pool is None:
+                pool: ConnectionPool[Connection[tuple[object, ...]]] = ConnectionPool(
+                    self._conninfo,
+                    kwargs={"autocommit": True, "fallback_application_name": "runkit"},
+                    min_size=self._settings.pool_min_size,
+                    max_size=self._settings.pool_max_size,
+                    timeout=self._settings.pool_timeout,
+                    configure=configure_connection,
+                    name=f"runkit-postgres:{self._settings.schema}",
+                    open=False,
+                )
+                pool.open(wait=False)
+                self._pool = pool
+            return self._pool
+
+    async def close(self) -> None:
+        """Close the pool and wait for its threads. Idempotent."""
+        with self._pool_lock:
+            if self._closed:
+                return
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(pool.close)
+
+    def _work(self, call: _Call, operation: Operation[T]) -> T:
+        """The worker thread's side of ``run``."""
+        try:
+            with call.lock:
+                if call.abandoned:
+                    raise _Abandoned  # never seen: the caller has left
+            pool = self._get_pool()
+            with pool.connection() as conn:
+                with call.lock:
+                    if call.abandoned:
+                        raise _Abandoned
+                    call.conn = conn
+                    call.sent = True
+                canceled = False
+                try:
+                    return operation(conn)
+                except psycopg.errors.QueryCanceled:
+                    canceled = True
+                    raise
+                finally:
+                    with call.lock:  # waits for an in-flight cancel request
+                        call.conn = None
+                        stale_cancel = call.cancel_sent and not canceled
+                    if stale_cancel and not conn.closed:
+                        # The statement finished before the cancel arrived; the
+                        # signal might still hit the next statement, so the
+                        # connection is not reused.
+                        conn.close()
+        finally:
+            call.finished.set()
+
+    @staticmethod
+    def _cancel(call: _Call) -> None:
+        """Cancel *call*'s statement server-side and wait until its connection is free."""
+        with call.lock:
+            call.abandoned = True
+            conn = call.conn
+            if conn is None:
+                # Not started or still waiting for a connection: it will see
+                # ``abandoned`` and give up without touching the server.
+                return
+            call.cancel_sent = True
+            try:
+                conn.cancel_safe(timeout=10.0)
+            except Exception:  # the worker then closes the connection instead
+                _log.warning("could not cancel a statement server-side", exc_info=True)
+        call.finished.wait()
+
+    async def run(self, operation: Operation[T], *, what: str, write: bool) -> T:
+        """Run *operation* with a pooled connection in a worker thread.
+
+        Errors become ``PersistenceError`` whose message starts with *what*.
+        Reads, and writes that certainly never reached the server, are retried
+        a few times when the failure is transient; a write whose outcome is
+        unknown is never retried (its error is ``ambiguous``).
+        """
+        attempt = 1
+        while True:
+            if self._closed:
+                raise PersistenceError(f"{what}: the provider is closed")
+            call = _Call()
+            try:
+                return await anyio.to_thread.run_sync(
+                    self._work, call, operation, abandon_on_cancel=True, limiter=self._limiter
+                )
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._cancel, call)
+                raise
+            except (psycopg.Error, PoolTimeout) as exc:
+                error = self.translate(exc, what=what, write=write, sent=call.sent)
+                if not self._should_retry(exc, error, write=write, attempt=attempt):
+                    raise error from None
+                _log.info("retrying after a transient error (attempt %d): %s", attempt, error)
+            attempt += 1
+            # Full jitter, so that racing retriers spread out.
+            await anyio.sleep(random.uniform(0, _BACKOFF_SECONDS * 2**attempt))
+
+    @staticmethod
+    def _should_retry(
+        exc: BaseException, error: PersistenceError, *, write: bool, attempt: int
+    ) -> bool:
+        if attempt >= _MAX_ATTEMPTS or not error.retryable or error.ambiguous:
+            return False
+        if isinstance(exc, PoolTimeout | PoolClosed):
+            return False  # already waited pool_timeout; or closed for good
+        if isinstance(exc, psycopg.Error) and exc.sqlstate in _RETRY_STATES:
+            return True  # the statement was rolled back: safe for writes too
+        # A lost connection: reads always, writes only if never sent (not ambiguous).
+        return _is_disconnect(exc)
+
+    def translate(
+        self, exc: BaseException, *, what: str, write: bool, sent: bool
+    ) -> PersistenceError:
+        """Map a psycopg or pool error to a ``PersistenceError`` with honest flags.
+
+        ``retryable``: the same call may succeed later. ``ambiguous``: a write
+        may have taken effect although it failed (the connection was lost after
+        the statement was sent).
+        """
+        detail = scrub(f"{type(exc).__name__}: {str(exc).strip()}", self._conninfo)
+        if isinstance(exc, PoolClosed):
+            return PersistenceError(f"{what}: the provider is closed")
+        if isinstance(exc, PoolTimeout):
+            return PersistenceError(
+                f"{what}: no connection to {self._display} within "
+                f"{self._settings.pool_timeout:g}s (pool_max_size="
+                f"{self._settings.pool_max_size}); is the server reachable?",
+                retryable=True,
+            )
+        state = exc.sqlstate if isinstance(exc, psycopg.Error) else None
+        if _is_disconnect(exc):
+            ambiguous = write and sent
+            suffix = "; the write may or may not have taken effect" if ambiguous else ""
+            return PersistenceError(
+                f"{what}: lost the connection to {self._display}: {detail}{suffix}",
+                retryable=True,
+                ambiguous=ambiguous,
+            )
+        if state in _MISSING_STATES:
+            return PersistenceError(
+                f"{what}: the schema {self._settings.schema!r} or one of its tables is "
+                f"missing (dropped while in use?): {detail}"
+            )
+        return PersistenceError(f"{what}: {detail}", retryable=state in _TRANSIENT_STATES)
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    """Whether *exc* means the session ended (rather than one statement failing)."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return state.startswith("08") or state in _DISCONNECT_STATES

@@ -1,0 +1,233 @@
+"""A throwaway PostgreSQL server for tests and benchmarks.
+
+::
+
+    with PostgresServer() as server:
+        provider = PostgresProvider(server.dsn, schema=unique_schema())
+
+``PostgresServer`` runs ``initdb`` and ``pg_ctl`` from the local PostgreSQL
+installation (``PGBIN``, else ``pg_config --bindir``) in a temporary directory,
+on a free loopback port, and removes everything on exit. PostgreSQL refuses to
+run as root, so as root the server runs as the ``postgres`` OS user via
+``runuser``. If ``RUNKIT_TEST_PG_DSN`` is set, that server is used instead and
+nothing is started.
+
+pytest fixtures (``postgres_server``, ``postgres_dsn``, ``postgres_schema``)
+live in ``runkit_postgres.testing.pytest_plugin``; import them into a
+``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import psycopg
+from psycopg import sql
+
+__all__ = ["DSN_VARIABLE", "PostgresServer", "drop_schema", "unique_schema"]
+
+#: Environment variable naming an existing server to use instead of starting one.
+DSN_VARIABLE: Final = "RUNKIT_TEST_PG_DSN"
+
+#: Settings for fast, non-durable throwaway servers (tests).
+FAST_SETTINGS: Final[Mapping[str, str]] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
+
+
+def unique_schema(prefix: str = "t") -> str:
+    """A schema name no other test or process uses."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    """Drop *schema* and everything in it, if it exists."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _pg_bindir() -> Path:
+    if os.environ.get("PGBIN"):
+        return Path(os.environ["PGBIN"])
+    try:
+        out = subprocess.run(
+            ["pg_config", "--bindir"], check=True, capture_output=True, text=True
+        ).stdout
+        bindir = Path(out.strip())
+        if (bindir / "initdb").exists():
+            return bindir
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    # Debian keeps the server programs out of PATH, per major version.
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)
+    if candidates:
+        return Path(candidates[0]).parent
+    raise RuntimeError(
+        "PostgreSQL server programs (initdb, pg_ctl) not found: install PostgreSQL "
+        f"(e.g. apt-get install postgresql), set PGBIN, or set {DSN_VARIABLE} to a server's DSN"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PostgresServer:
+    """Start a throwaway PostgreSQL server (a context manager).
+
+    ``dsn`` (a libpq key/value string) and ``url`` are set once entered; they
+    connect as the superuser ``postgres`` to the ``postgres`` database over TCP.
+
+    :param durable: keep PostgreSQL's durable defaults (fsync on); otherwise
+        use ``FAST_SETTINGS``, which is fine for tests.
+    :param settings: extra server settings (``-c name=value``).
+    :param use_environment: use ``RUNKIT_TEST_PG_DSN`` when it is set.
+    """
+
+    def __init__(
+        self,
+        *,
+        durable: bool = False,
+        settings: Mapping[str, str] | None = None,
+        use_environment: bool = True,
+    ) -> None:
+        self._settings = {
+            "listen_addresses": "127.0.0.1",
+            "max_connections": "300",
+            **({} if durable else FAST_SETTINGS),
+            **(settings or {}),
+        }
+        self._use_environment = use_environment
+        self._dir: Path | None = None
+        self._bindir: Path | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.dsn = ""
+        self.external = False
+
+    @property
+    def url(self) -> str:
+        """A ``postgresql://`` URL for the server (only for a server this object started)."""
+        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+
+    @property
+    def settings(self) -> Mapping[str, str]:
+        """The settings the server was started with."""
+        return dict(self._settings)
+
+    def __enter__(self) -> Self:
+        if self._use_environment and os.environ.get(DSN_VARIABLE):
+            self.dsn = os.environ[DSN_VARIABLE]
+            self.external = True
+            return self
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _command(self, *args: str) -> list[str]:
+        # initdb and pg_ctl refuse to run as root.
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *args]
+        return list(args)
+
+    def start(self) -> None:
+        """Create a cluster and start the server; prefer the context manager."""
+        self._bindir = _pg_bindir()
+        self._dir = Path(tempfile.mkdtemp(prefix="runkit-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self._dir, "postgres", "postgres")
+        try:
+            subprocess.run(
+                self._command(
+                    str(self._bindir / "initdb"),
+                    "-D",
+                    str(self._dir / "data"),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--no-sync",
+                ),
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            for attempt in range(3):  # the port may be taken between probe and bind
+                self.port = _free_port()
+                options = " ".join(
+                    [f"-p {self.port}", f"-k {self._dir}"]
+                    + [f"-c {k}={v}" for k, v in self._settings.items()]
+                )
+                result = subprocess.run(
+                    self._command(
+                        str(self._bindir / "pg_ctl"),
+                        "-D",
+                        str(self._dir / "data"),
+                        "-l",
+                        str(self._dir / "log"),
+                        "-w",
+                        "-t",
+                        "60",
+                        "-o",
+                        options,
+                        "start",
+                    ),
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                )
+                if result.returncode == 0:
+                    break
+                if attempt == 2:
+                    log = (self._dir / "log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"PostgreSQL did not start: {result.stderr}\n{log}")
+        except BaseException:
+            self.stop()
+            raise
+        self.dsn = f"host={self.host} port={self.port} user=postgres dbname=postgres"
+
+    def stop(self) -> None:
+        """Stop the server and delete its files (no-op for an external server)."""
+        directory, self._dir = self._dir, None
+        if directory is None or self._bindir is None:
+            return
+        if (directory / "data" / "postmaster.pid").exists():
+            subprocess.run(
+                self._command(
+                    str(self._bindir / "pg_ctl"), "-D", str(directory / "data"), "-m", "immediate",
+                    "-w", "stop",
+                ),
+                check=False,
+                capture_output=True,
+            )
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def version(self) -> str:
+        """The server's ``version()`` string."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute("SELECT version()").fetchone()
+            return str(row[0]) if row else ""

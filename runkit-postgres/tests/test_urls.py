@@ -1,0 +1,173 @@
+"""URL parsing, settings validation and redaction: no server needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from runkit.persistence import Limits, provider_from_url
+from runkit_postgres import DEFAULT_SCHEMA, PostgresProvider, Settings
+from runkit_postgres import _plugin as plugin
+from runkit_postgres._config import describe_conninfo, parse_url
+
+
+class TestParseUrl:
+    def test_libpq_parameters_pass_through_and_runkit_ones_are_removed(self) -> None:
+        conninfo, settings = parse_url(
+            "postgresql://app@db.example:6432/bank?sslmode=require&schema=bank_1"
+            "&pool_min_size=2&pool_max_size=20&pool_timeout=2.5&application_name=node%201"
+            "&max_record_bytes=1024&max_value_bytes=2048"
+        )
+        assert conninfo == (
+            "postgresql://app@db.example:6432/bank?sslmode=require&application_name=node%201"
+        )
+        assert settings == Settings(
+            schema="bank_1",
+            pool_min_size=2,
+            pool_max_size=20,
+            pool_timeout=2.5,
+            max_record_bytes=1024,
+            max_value_bytes=2048,
+        )
+
+    def test_defaults(self) -> None:
+        conninfo, settings = parse_url("postgres:///app")
+        assert conninfo == "postgres:///app"
+        assert settings == Settings()
+        assert settings.schema == DEFAULT_SCHEMA == "runkit"
+
+    def test_multi_host_urls_are_accepted(self) -> None:
+        conninfo, _ = parse_url(
+            "postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write"
+        )
+        assert conninfo == "postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write"
+
+    def test_unknown_parameter_is_named(self) -> None:
+        with pytest.raises(ValueError) as info:
+            parse_url("postgresql://u:s3cret@h/db?sslmode=disable&pool_size=3")
+        assert str(info.value) == (
+            "postgresql:// URL has unknown parameter 'pool_size': it is neither a libpq "
+            "connection parameter nor one of runkit's (max_record_bytes, max_value_bytes, "
+            "pool_max_size, pool_min_size, pool_timeout, schema)"
+        )
+
+    def test_repeated_parameter_is_named(self) -> None:
+        with pytest.raises(ValueError, match=r"^postgres:// URL repeats parameter 'schema'$"):
+            parse_url("postgres://h/db?schema=a&schema=b")
+
+    @pytest.mark.parametrize(
+        ("query", "message"),
+        [
+            ("pool_max_size=ten", "postgres:// URL parameter 'pool_max_size' must be an integer, not 'ten'"),
+            ("pool_min_size=1.5", "postgres:// URL parameter 'pool_min_size' must be an integer, not '1.5'"),
+            ("pool_timeout=soon", "postgres:// URL parameter 'pool_timeout' must be a number of seconds, not 'soon'"),
+            ("pool_timeout=0", "postgres:// URL: pool_timeout must be a positive number of seconds, not 0.0"),
+            ("pool_timeout=nan", "postgres:// URL: pool_timeout must be a positive number of seconds, not nan"),
+            ("pool_max_size=0", "postgres:// URL: pool_max_size must be at least 1, not 0"),
+            ("pool_min_size=-1", "postgres:// URL: pool_min_size must be at least 0, not -1"),
+            ("pool_min_size=5&pool_max_size=4", "postgres:// URL: pool_max_size (4) must not be less than pool_min_size (5)"),
+            ("max_record_bytes=0", "postgres:// URL: max_record_bytes must be at least 1 and at most 268435456, not 0"),
+            ("schema=", "postgres:// URL: invalid schema name '': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
+            ("schema=1abc", "postgres:// URL: invalid schema name '1abc': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
+            ("schema=a-b", "postgres:// URL: invalid schema name 'a-b': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
+            ("schema=pg_mine", "postgres:// URL: invalid schema name 'pg_mine': the prefix 'pg_' is reserved"),
+            (f"schema={'a' * 64}", f"postgres:// URL: invalid schema name '{'a' * 64}': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
+        ],
+    )  # fmt: skip
+    def test_malformed_values_are_named(self, query: str, message: str) -> None:
+        with pytest.raises(ValueError) as info:
+            parse_url(f"postgres://u:s3cret@h/db?{query}")
+        assert str(info.value) == message
+
+    def test_malformed_port_is_reported_without_the_password(self) -> None:
+        with pytest.raises(ValueError) as info:
+            parse_url("postgresql://u:s3cret@h:99999/db")
+        assert str(info.value) == (
+            "malformed PostgreSQL connection string 'postgresql://u:***@h:99999/db': "
+            "invalid port '99999'"
+        )
+
+    def test_libpq_error_quoting_the_password_is_scrubbed(self) -> None:
+        # libpq quotes the offending token, which here is the password itself.
+        with pytest.raises(ValueError) as info:
+            parse_url("postgresql://u:s3cr%zzet@h/db")
+        assert "s3cr" not in str(info.value)
+        assert str(info.value).startswith("malformed PostgreSQL connection string")
+
+    def test_fragment_is_rejected(self) -> None:
+        with pytest.raises(ValueError) as info:
+            parse_url("postgresql://u:s3cret@h/db#x")
+        assert str(info.value) == (
+            "PostgreSQL URL 'postgresql://u:***@h/db#x' must not have a fragment"
+        )
+
+
+class TestRedaction:
+    @pytest.mark.parametrize(
+        ("conninfo", "shown"),
+        [
+            ("postgresql://u:s3cret@h:5432/db", "postgresql://u:***@h:5432/db"),
+            ("postgresql://u@h/db?password=s3cret&sslmode=disable", "postgresql://u@h/db?password=***&sslmode=disable"),
+            ("host=h user=u password=s3cret dbname=db", "host=h user=u password=*** dbname=db"),
+            ("host=h password='s3 cret' dbname=db", "host=h password=*** dbname=db"),
+            ("", "<libpq defaults>"),
+        ],
+    )  # fmt: skip
+    def test_describe_conninfo_hides_passwords(self, conninfo: str, shown: str) -> None:
+        assert describe_conninfo(conninfo) == shown
+
+    def test_repr_hides_the_password(self) -> None:
+        provider = PostgresProvider("host=h user=u password=s3cret dbname=db", schema="app")
+        assert repr(provider) == "PostgresProvider('host=h user=u password=*** dbname=db', schema='app')"
+        from_url = PostgresProvider.from_url("postgresql://u:s3cret@h/db?schema=app")
+        assert repr(from_url) == "PostgresProvider('postgresql://u:***@h/db', schema='app')"
+
+    def test_malformed_conninfo_is_reported_without_the_password(self) -> None:
+        with pytest.raises(ValueError) as info:
+            PostgresProvider("host=h password=s3cret port=abc")
+        assert str(info.value) == (
+            "malformed PostgreSQL connection string 'host=h password=*** port=abc': "
+            "invalid port 'abc'"
+        )
+
+
+class TestProviderConstruction:
+    def test_limits_are_declared(self) -> None:
+        provider = PostgresProvider("", max_record_bytes=1000, max_value_bytes=2000)
+        assert provider.limits == Limits(
+            max_name_bytes=1024,
+            max_key_bytes=2000,
+            max_value_bytes=2000,
+            max_record_bytes=1000,
+            max_member_bytes=2000,
+        )
+        assert PostgresProvider("").limits.max_record_bytes == 16 << 20
+
+    def test_settings_are_validated(self) -> None:
+        with pytest.raises(TypeError, match=r"^pool_max_size must be int, not str$"):
+            PostgresProvider("", pool_max_size="3")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"^invalid schema name 'x y'"):
+            PostgresProvider("", schema="x y")
+        with pytest.raises(TypeError, match=r"^conninfo must be str, not bytes$"):
+            PostgresProvider(b"host=h")  # type: ignore[arg-type]
+
+
+class TestPlugin:
+    def test_both_schemes_resolve_through_the_installed_plugin(self) -> None:
+        for scheme in ("postgres", "postgresql"):
+            provider = provider_from_url(f"{scheme}://u:s3cret@h/db?schema=s1&pool_max_size=3")
+            assert isinstance(provider, PostgresProvider)
+            assert provider.settings == Settings(schema="s1", pool_max_size=3)
+
+    def test_hooks(self) -> None:
+        assert plugin.runkit_persistence_schemes() == ["postgres", "postgresql"]
+        assert plugin.runkit_persistence_provider("memory:///x") is None
+        assert isinstance(plugin.runkit_persistence_provider("POSTGRES://h/db"), PostgresProvider)
+
+    def test_bad_url_raises_value_error_without_the_password(self) -> None:
+        with pytest.raises(ValueError) as info:
+            provider_from_url("postgresql://u:s3cret@h/db?schema=a.b")
+        assert "s3cret" not in str(info.value)
+        assert str(info.value) == (
+            "postgresql:// URL: invalid schema name 'a.b': expected 1-63 ASCII letters, "
+            "digits and underscores, not starting with a digit"
+        )
