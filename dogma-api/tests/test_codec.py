@@ -5,15 +5,17 @@ from __future__ import annotations
 import enum
 import json
 import re
+import typing
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 
 import attrs
-import dogma
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import dogma
 
 
 class Colour(enum.Enum):
@@ -104,6 +106,7 @@ everything = st.builds(
 )
 
 
+@settings(deadline=None)
 @given(everything)
 def test_round_trip_is_exact(message: Everything) -> None:
     decoded = Everything.unmarshal_binary(message.marshal_binary())
@@ -119,6 +122,7 @@ def test_round_trip_is_exact(message: Everything) -> None:
     assert type(decoded.level) is Level
 
 
+@settings(deadline=None)
 @given(everything)
 def test_encoding_is_utf8_json_object_keyed_by_field_name(message: Everything) -> None:
     obj = json.loads(message.marshal_binary().decode("utf-8"))
@@ -149,7 +153,7 @@ def test_datetimes_are_stored_and_decoded_in_utc() -> None:
 
 
 def test_naive_datetime_is_refused_when_marshalling() -> None:
-    message = Simple(name="x", at=datetime(2024, 1, 1))  # noqa: DTZ001
+    message = Simple(name="x", at=datetime(2024, 1, 1))
     with pytest.raises(
         ValueError,
         match=re.escape(
@@ -183,7 +187,9 @@ def test_unknown_fields_are_ignored() -> None:
 
 
 def test_missing_required_field_is_refused() -> None:
-    with pytest.raises(ValueError, match=re.escape("cannot unmarshal Simple: field 'at' is missing")):
+    with pytest.raises(
+        ValueError, match=re.escape("cannot unmarshal Simple: field 'at' is missing")
+    ):
         Simple.unmarshal_binary(b'{"name":"x"}')
 
 
@@ -286,9 +292,7 @@ def test_enum_with_invalid_value_is_refused() -> None:
     class Painted(dogma.Event):
         colour: Colour
 
-    with pytest.raises(
-        ValueError, match=re.escape("field 'colour': 'blue' is not a valid Colour")
-    ):
+    with pytest.raises(ValueError, match=re.escape("field 'colour': 'blue' is not a valid Colour")):
         Painted.unmarshal_binary(b'{"colour":"blue"}')
 
 
@@ -297,7 +301,7 @@ def test_validators_run_when_unmarshalling() -> None:
     class Positive(dogma.Event):
         amount: int = attrs.field(validator=attrs.validators.gt(0))
 
-    with pytest.raises(ValueError, match="^cannot unmarshal Positive: 'amount' must be > 0: 0$"):
+    with pytest.raises(ValueError, match=r"^cannot unmarshal Positive: 'amount' must be > 0: 0$"):
         Positive.unmarshal_binary(b'{"amount":0}')
 
 
@@ -336,11 +340,10 @@ def test_non_attrs_class_needs_its_own_codec() -> None:
     ],
 )
 def test_unsupported_annotations_are_refused(annotation: object, error: str) -> None:
-    cls = attrs.make_class("Unsupported", {"field": attrs.field(type=annotation)}, bases=(dogma.Event,))
+    field = attrs.field(type=typing.cast(type, annotation))
+    cls = attrs.make_class("Unsupported", {"field": field}, bases=(dogma.Event,))
     with pytest.raises(TypeError, match=re.escape(error)):
-        cls().marshal_binary() if False else dogma.register_event(  # noqa: SIM108
-            str(uuid.uuid4()), registry=dogma.MessageTypeRegistry()
-        )(cls)
+        dogma.register_event(str(uuid.uuid4()), registry=dogma.MessageTypeRegistry())(cls)
 
 
 class Pairs(enum.Enum):
@@ -428,7 +431,9 @@ def test_unresolvable_annotation_is_reported_at_first_use() -> None:
 def test_validator_failure_in_nested_class_names_the_path() -> None:
     with pytest.raises(
         ValueError,
-        match=re.escape("cannot unmarshal Wrapper: field 'inner': invalid Checked: 'n' must be > 0: 0"),
+        match=re.escape(
+            "cannot unmarshal Wrapper: field 'inner': invalid Checked: 'n' must be > 0: 0"
+        ),
     ):
         Wrapper.unmarshal_binary(b'{"inner":{"n":0}}')
 

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
-import dogma
 import pytest
+
+import dogma
 
 REG = dogma.MessageTypeRegistry()
 APP_KEY = "22028264-0bca-43e1-8d9d-cd094efb10b7"
@@ -156,9 +157,13 @@ class Notifier(dogma.NoDeadlineMessagesBehavior, dogma.StatelessProcessBehavior)
 
 
 class Bank:
-    async def handle_command(self, scope: dogma.IntegrationCommandScope, command: dogma.Command) -> None:
+    async def handle_command(
+        self, scope: dogma.IntegrationCommandScope, command: dogma.Command
+    ) -> None:
         if isinstance(command, Deposit):
-            scope.record_event(AccountCredited(account_id=command.account_id, amount=command.amount))
+            scope.record_event(
+                AccountCredited(account_id=command.account_id, amount=command.amount)
+            )
 
     def configure(self, c: dogma.IntegrationConfigurer) -> None:
         c.identity("bank", "f2a7e4b1-9c3d-4f8a-b6e5-1d0c2a9f7e3b")
@@ -231,7 +236,9 @@ class Recorder:
     preference: dogma.ConcurrencyPreference | None = None
 
     def identity(self, name: str, key: str) -> None:
-        self.identities.append((dogma.validate_identity_name(name), dogma.validate_identity_key(key)))
+        self.identities.append(
+            (dogma.validate_identity_name(name), dogma.validate_identity_key(key))
+        )
 
     def routes(self, *routes: Any) -> None:
         self.routes_.extend(routes)

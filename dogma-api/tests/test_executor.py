@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import attrs
-import dogma
 import pytest
+
+import dogma
 
 REG = dogma.MessageTypeRegistry()
 
@@ -61,7 +62,9 @@ def test_observe_refuses_a_command() -> None:
 
 
 def test_observe_refuses_a_non_callable() -> None:
-    with pytest.raises(TypeError, match=re.escape("observe(): fn must be an async callable, got None")):
+    with pytest.raises(
+        TypeError, match=re.escape("observe(): fn must be an async callable, got None")
+    ):
         dogma.observe(DepositApproved, None, registry=REG)  # type: ignore[arg-type]
 
 

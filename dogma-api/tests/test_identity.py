@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import uuid
 
-import dogma
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
+
+import dogma
 
 VALID = "5195fe85-eb3f-4121-84b0-be72cbc5722f"
 NIL = "00000000-0000-0000-0000-000000000000"
@@ -21,6 +22,7 @@ def non_nil_uuids() -> st.SearchStrategy[uuid.UUID]:
 # --------------------------------------------------------------------------- keys
 
 
+@settings(deadline=None)
 @given(non_nil_uuids(), st.booleans())
 def test_key_accepts_hyphenated_uuid_in_either_case_and_lowercases_it(
     u: uuid.UUID, upper: bool
@@ -29,6 +31,7 @@ def test_key_accepts_hyphenated_uuid_in_either_case_and_lowercases_it(
     assert dogma.validate_identity_key(text) == str(u)
 
 
+@settings(deadline=None)
 @given(st.text(alphabet="0123456789abcdefABCDEF", min_size=32, max_size=32))
 def test_key_accepts_any_hex_regardless_of_version_and_variant_bits(digits: str) -> None:
     text = f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
@@ -41,6 +44,7 @@ def test_key_accepts_mixed_case() -> None:
     assert dogma.validate_identity_key("5195FE85-eb3f-4121-84B0-be72cbc5722F") == VALID
 
 
+@settings(deadline=None)
 @given(non_nil_uuids())
 def test_key_rejects_forms_python_uuid_accepts(u: uuid.UUID) -> None:
     # Every form below is accepted by uuid.UUID(); Dogma accepts only the hyphenated form.
@@ -57,6 +61,7 @@ def test_key_rejects_forms_python_uuid_accepts(u: uuid.UUID) -> None:
             dogma.validate_identity_key(form)
 
 
+@settings(deadline=None)
 @given(non_nil_uuids(), st.integers(min_value=0, max_value=35), st.characters())
 def test_key_rejects_any_wrong_character(u: uuid.UUID, index: int, ch: str) -> None:
     text = str(u)
@@ -68,6 +73,7 @@ def test_key_rejects_any_wrong_character(u: uuid.UUID, index: int, ch: str) -> N
         dogma.validate_identity_key(broken)
 
 
+@settings(deadline=None)
 @given(st.text(max_size=80).filter(lambda s: len(s) != 36))
 @example("")
 @example(" " + VALID)
@@ -105,12 +111,15 @@ printable_no_space = st.characters(
 )
 
 
+@settings(deadline=None)
 @given(st.text(alphabet=printable_no_space, min_size=1, max_size=63))
 def test_name_accepts_printable_text_without_whitespace(name: str) -> None:
     assert dogma.validate_identity_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["a", "account", "daily-debit-limit", "ünïcödé", "日本", "a" * 255])
+@pytest.mark.parametrize(
+    "name", ["a", "account", "daily-debit-limit", "ünïcödé", "日本", "a" * 255]
+)
 def test_name_accepts_examples(name: str) -> None:
     assert dogma.validate_identity_name(name) == name
 

@@ -7,8 +7,9 @@ import sys
 import textwrap
 import types
 
-import dogma
 import pytest
+
+import dogma
 
 
 def test_all_is_sorted_and_unique() -> None:

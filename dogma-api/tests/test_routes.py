@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import dogma
 import pytest
+
+import dogma
 
 REG = dogma.MessageTypeRegistry()
 
@@ -200,7 +201,9 @@ def _methods(cls: type) -> list[str]:
 def test_handler_route_names_a_missing_method(
     via: Callable[[Any], object], handler_cls: type, missing: str, kind: str
 ) -> None:
-    incomplete = type("Incomplete", (), {k: v for k, v in vars(handler_cls).items() if k != missing})
+    incomplete = type(
+        "Incomplete", (), {k: v for k, v in vars(handler_cls).items() if k != missing}
+    )
     with pytest.raises(
         TypeError,
         match=re.escape(

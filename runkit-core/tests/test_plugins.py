@@ -155,7 +155,7 @@ def test_plugin_returning_no_provider_for_its_scheme_is_reported() -> None:
         ),
         (
             "postgresql://bob:s3cret@[::1/app",
-            "malformed persistence URL '<malformed URL>': Invalid IPv6 URL",
+            "malformed persistence URL 'postgresql://bob:***@[::1/app': Invalid IPv6 URL",
         ),
     ],
 )

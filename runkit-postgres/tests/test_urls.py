@@ -36,9 +36,7 @@ class TestParseUrl:
         assert settings.schema == DEFAULT_SCHEMA == "runkit"
 
     def test_multi_host_urls_are_accepted(self) -> None:
-        conninfo, _ = parse_url(
-            "postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write"
-        )
+        conninfo, _ = parse_url("postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write")
         assert conninfo == "postgresql://h1:5432,h2:5433/app?target_session_attrs=read-write"
 
     def test_unknown_parameter_is_named(self) -> None:
@@ -117,7 +115,10 @@ class TestRedaction:
 
     def test_repr_hides_the_password(self) -> None:
         provider = PostgresProvider("host=h user=u password=s3cret dbname=db", schema="app")
-        assert repr(provider) == "PostgresProvider('host=h user=u password=*** dbname=db', schema='app')"
+        assert (
+            repr(provider)
+            == "PostgresProvider('host=h user=u password=*** dbname=db', schema='app')"
+        )
         from_url = PostgresProvider.from_url("postgresql://u:s3cret@h/db?schema=app")
         assert repr(from_url) == "PostgresProvider('postgresql://u:***@h/db', schema='app')"
 

@@ -25,6 +25,7 @@ from botocore.credentials import (
     Credentials,
     DeferredRefreshableCredentials,
 )
+
 from runkit.persistence import PersistenceError
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ _RETRYABLE_CODES: Final = frozenset(
 _GUARDED_OPERATIONS: Final = ("PutItem", "UpdateItem", "DeleteItem")
 
 
-class AmbiguousWrite(Exception):  # noqa: N818 - internal signal, never escapes the driver
+class AmbiguousWrite(Exception):
     """A conditional write failed after its request may have reached DynamoDB."""
 
     def __init__(self, operation: str, cause: str) -> None:
@@ -74,7 +75,7 @@ def default_config(max_pool_connections: int) -> Config:
         max_pool_connections=max_pool_connections,
         connect_timeout=5,
         read_timeout=30,
-        user_agent_appid="runkit-dynamodb",
+        user_agent_extra="runkit-dynamodb",
     )
 
 

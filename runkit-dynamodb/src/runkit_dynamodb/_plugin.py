@@ -1,1 +1,34 @@
-"""runkit plugin hooks for this driver (filled in by the driver implementation)."""
+"""runkit plugin hooks: ``dynamodb://`` URLs resolve to a ``DynamoDBProvider``."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from runkit import hookimpl
+from runkit.persistence import Provider
+
+from ._provider import DynamoDBProvider
+from ._url import SCHEME
+
+__all__ = ["runkit_persistence_provider", "runkit_persistence_schemes"]
+
+
+@hookimpl
+def runkit_persistence_schemes() -> list[str]:
+    """This plugin handles ``dynamodb://`` URLs."""
+    return [SCHEME]
+
+
+@hookimpl
+def runkit_persistence_provider(url: str) -> Provider | None:
+    """Return a ``DynamoDBProvider`` for a ``dynamodb://`` URL, ``None`` for other schemes.
+
+    Raises ``ValueError`` naming the problem for a malformed ``dynamodb://`` URL.
+    """
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        return None  # not ours to judge
+    if scheme != SCHEME:
+        return None
+    return DynamoDBProvider.from_url(url)

@@ -7,6 +7,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import attrs
+
 from runkit.persistence import parse_bool, query_params, redact_url
 
 __all__ = ["MAX_PREFIX_LENGTH", "TABLE_SUFFIXES", "DynamoDBURL", "check_table_prefix", "parse_url"]

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import attrs
 import psycopg
@@ -150,31 +150,60 @@ def scrub(message: str, conninfo: str) -> str:
     return message
 
 
+# One ``keyword = value`` pair of a libpq key/value string; values are bare
+# (backslash escapes allowed) or single-quoted.
+_KV_PAIR = re.compile(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|(?:[^\s'\\]|\\.)*)")
+_SECRET_KEYS = frozenset({"password", "sslpassword"})
+
+
+def _redact_url(url: str) -> str:
+    # Not runkit.persistence.redact_url: that drops ports it cannot parse,
+    # and libpq URLs may list several hosts ("h1:5432,h2:5433").
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hosts = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{hosts}"
+    query = parts.query
+    if query:
+        pairs = [
+            (k, "***" if k in _SECRET_KEYS else v)
+            for k, v in parse_qsl(query, keep_blank_values=True)
+        ]
+        query = urlencode(pairs, quote_via=quote, safe="*")
+    return _join_url(parts.scheme, netloc, parts.path, query, parts.fragment)
+
+
+def _join_url(scheme: str, netloc: str, path: str, query: str, fragment: str = "") -> str:
+    # urlunsplit() would turn "postgres:///db" (empty host) into "postgres:/db".
+    url = f"{scheme}://{netloc}{path}"
+    if query:
+        url += f"?{query}"
+    if fragment:
+        url += f"#{fragment}"
+    return url
+
+
 def describe_conninfo(conninfo: str) -> str:
     """A human-readable form of *conninfo* with every password replaced by ``***``."""
     try:
         is_url = bool(urlsplit(conninfo).scheme)
+        if is_url:
+            return scrub(_redact_url(conninfo), conninfo)
     except ValueError:
         return "<malformed connection string>"
-    if is_url:
-        redacted = redact_url(conninfo)
-        parts = urlsplit(redacted)
-        if parts.query:
-            pairs = [
-                (k, "***" if k in {"password", "sslpassword"} else v)
-                for k, v in parse_qsl(parts.query, keep_blank_values=True)
-            ]
-            query = urlencode(pairs, quote_via=quote, safe="*")
-            redacted = urlunsplit((*parts[:3], query, parts.fragment))
-        return scrub(redacted, conninfo)
-    try:
-        params = conninfo_to_dict(conninfo)
-    except psycopg.Error:
-        return "<malformed connection string>"
-    shown = " ".join(
-        f"{k}={'***' if k in {'password', 'sslpassword'} else v}" for k, v in params.items()
-    )
-    return scrub(shown, conninfo) or "<libpq defaults>"
+    pairs = []
+    position = 0
+    while position < len(conninfo.rstrip()):
+        match = _KV_PAIR.match(conninfo, position)
+        if match is None or match.end() == position:
+            return "<malformed connection string>"
+        key, value = match.groups()
+        pairs.append(f"{key}={'***' if key in _SECRET_KEYS else value}")
+        position = match.end()
+    return scrub(" ".join(pairs), conninfo) or "<libpq defaults>"
 
 
 def validate_conninfo(conninfo: str) -> dict[str, Any]:
@@ -241,9 +270,7 @@ def parse_url(url: str) -> tuple[str, Settings]:
                 f"connection parameter nor one of runkit's ({', '.join(sorted(OWN_PARAMS))})"
             )
     settings = _settings_from_params(scheme, own)
-    conninfo = urlunsplit(
-        (parts.scheme, parts.netloc, parts.path, urlencode(passed, quote_via=quote), "")
-    )
+    conninfo = _join_url(parts.scheme, parts.netloc, parts.path, urlencode(passed, quote_via=quote))
     validate_conninfo(conninfo)
     return conninfo, settings
 

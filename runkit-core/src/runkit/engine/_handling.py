@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import NoReturn
 from datetime import datetime
+from typing import NoReturn
 
 import dogma
 

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-import anyio
 import attrs
-import dogma
 import msgspec
 from anyio.abc import TaskGroup
+
+import dogma
 
 from ..config import HandlerConfig
 from ..persistence import Conflict, Journal, Keyspace, PersistenceError, Provider
@@ -216,9 +216,9 @@ class AggregateInstances:
             inst.recent.popitem(last=False)
         inst.next_position += 1
         inst.since_snapshot += count
-        if inst.snapshots and not inst.snapshot_pending:
-            if inst.since_snapshot >= self._snapshot_every:
-                self._snapshot(inst)
+        due = inst.since_snapshot >= self._snapshot_every
+        if due and inst.snapshots and not inst.snapshot_pending:
+            self._snapshot(inst)
 
     def _snapshot(self, inst: _Instance) -> None:
         try:

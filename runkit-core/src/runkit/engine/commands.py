@@ -30,10 +30,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import anyio
-import dogma
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from opentelemetry import metrics, trace
+
+import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, HandlerKind
 from ..persistence import Journal, Keyspace, PersistenceError, Provider
@@ -415,7 +416,9 @@ class PartitionCommands:
             command_id.encode(), _marker_encoder.encode(marker)
         )
 
-    async def _poison(self, position: int, entry: InboxEntry, reason: str, *, attempts: int) -> None:
+    async def _poison(
+        self, position: int, entry: InboxEntry, reason: str, *, attempts: int
+    ) -> None:
         record = PoisonRecord(
             entry=entry,
             handler_key=entry.handler_key,

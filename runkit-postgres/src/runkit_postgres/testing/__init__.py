@@ -218,8 +218,13 @@ class PostgresServer:
         if (directory / "data" / "postmaster.pid").exists():
             subprocess.run(
                 self._command(
-                    str(self._bindir / "pg_ctl"), "-D", str(directory / "data"), "-m", "immediate",
-                    "-w", "stop",
+                    str(self._bindir / "pg_ctl"),
+                    "-D",
+                    str(directory / "data"),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
                 ),
                 check=False,
                 capture_output=True,

@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable
 
 import attrs
+
 import dogma
 
 from ..messages import (
@@ -39,8 +40,8 @@ from ..messages import (
     DebitFailureReason,
     DeclineTransfer,
     MarkTransferAsFailed,
-    ThirdPartyAccountCreditFailed,
     ThirdPartyAccountCredited,
+    ThirdPartyAccountCreditFailed,
     TransactionType,
     TransferApproved,
     TransferDeclined,

@@ -1,0 +1,435 @@
+"""``Engine``: runs applications on partitions this node owns, until cancelled.
+
+The engine builds, per application: the partition count (``<app>/meta``), one
+``InboxWriter`` per partition (acceptance), and a ``PartitionRunner`` that, for
+each owned partition, reads the stream tail, starts the ``StreamWriter``, the
+``PartitionCommands`` executor and the events side's consumers
+(``consumers.partition_consumers(app, settings).run_partition(ctx)``).
+
+``run()`` runs until cancelled. On cancellation in-flight handlings are
+abandoned (every durable step is atomic and repeatable, so a later owner
+finishes them) and each partition's stream writer flushes what is already
+committed, within ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from .._errors import ConfigurationError
+from ..config import ApplicationConfig
+from ..persistence import Conflict, Provider, provider_from_url
+from .aggregates import AggregateInstances
+from .commands import Acceptor, PartitionCommands, idempotency_name
+from .envelope import Envelope, register_types
+from .inbox import EngineStopped, InboxWriter, inbox_name
+from .ownership import Ownership, SingleNodeOwnership
+from .partitions import NodeContext, PartitionContext, PartitionRunner, partition_id, partition_of
+from .settings import EngineSettings
+from .streams import EventBus, OwnershipLost, PartitionStream, StreamWriter, read_tail
+
+if TYPE_CHECKING:
+    from .executor import Executor
+
+__all__ = ["AppRuntime", "Engine", "EngineStopped", "MetaRecord", "meta_name"]
+
+_log = logging.getLogger("runkit.engine")
+
+
+def meta_name(app_key: str) -> str:
+    """The name of an application's metadata keyspace."""
+    return f"{app_key}/meta"
+
+
+class MetaRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """``<app>/meta`` key ``partitions``: fixed when the application first starts."""
+
+    partition_count: int
+    created_at: datetime
+
+
+_META_KEY = b"partitions"
+_meta_decoder = msgspec.msgpack.Decoder(MetaRecord)
+
+
+async def load_partition_count(
+    provider: Provider, app_key: str, default: int, now: datetime
+) -> int:
+    """Read the application's partition count, storing *default* if it has none yet."""
+    async with await provider.keyspaces.open(meta_name(app_key)) as ks:
+        while True:
+            value, _ = await ks.get(_META_KEY)
+            if value:
+                return _meta_decoder.decode(value).partition_count
+            record = MetaRecord(partition_count=default, created_at=now)
+            try:
+                await ks.set(_META_KEY, msgspec.msgpack.encode(record), "")
+            except Conflict:
+                continue  # another node created it first; use theirs
+            return default
+
+
+def _consumers_module() -> Any | None:
+    # The events side is optional at this seam: without it, partitions run commands only.
+    if importlib.util.find_spec("runkit.engine.consumers") is None:
+        return None
+    return importlib.import_module("runkit.engine.consumers")
+
+
+class AppRuntime:
+    """One application on this node: acceptance and its owned partitions."""
+
+    def __init__(
+        self,
+        app: ApplicationConfig,
+        settings: EngineSettings,
+        provider: Provider,
+        bus: EventBus,
+        ownership: Ownership,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.provider = provider
+        self.bus = bus
+        self.ownership = ownership
+        self.partition_count = 0
+        self.inbox_writers: list[InboxWriter] = []
+        self.partitions: dict[int, PartitionCommands] = {}
+        self._acceptor: Acceptor | None = None
+        self._consumers: Any = None
+
+    @property
+    def acceptor(self) -> Acceptor:
+        """Routes and accepts commands (available once started)."""
+        if self._acceptor is None:
+            raise RuntimeError("the application runtime has not started")
+        return self._acceptor
+
+    @property
+    def app_key(self) -> str:
+        """The application's identity key."""
+        return self.app.identity.key
+
+    def partition_of(self, workload: str) -> int:
+        """The partition index of a workload key."""
+        return partition_of(workload, self.partition_count)
+
+    async def accept(self, envelopes: Sequence[Envelope]) -> None:
+        """``PartitionContext.accept``: durably accept handler-produced commands."""
+        await self.acceptor.accept_envelopes(envelopes)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run acceptance and owned partitions until cancelled."""
+        s = self.settings
+        self.partition_count = await load_partition_count(
+            self.provider, self.app_key, s.partition_count, s.clock()
+        )
+        if self.partition_count != s.partition_count:
+            _log.info(
+                "application %s keeps its %d partitions (configured: %d)",
+                self.app.identity,
+                self.partition_count,
+                s.partition_count,
+                extra={"app": self.app_key},
+            )
+        module = _consumers_module()
+        if module is not None:
+            self._consumers = module.partition_consumers(self.app, s)
+        async with AsyncExitStack() as stack:
+            for index in range(self.partition_count):
+                journal = await self.provider.journals.open(inbox_name(self.app_key, index))
+                stack.push_async_callback(journal.close)
+                self.inbox_writers.append(
+                    InboxWriter(
+                        journal,
+                        batch_limit=s.inbox_batch_limit,
+                        record_limit=self.provider.limits.max_record_bytes,
+                        max_attempts=s.max_attempts,
+                        retry_max_delay=s.retry_max_delay,
+                    )
+                )
+            self._acceptor = Acceptor(self.app, self.partition_count, self.inbox_writers)
+            async with anyio.create_task_group() as tg:
+                for writer in self.inbox_writers:
+                    await tg.start(writer.run)
+                runner = PartitionRunner(
+                    self.app_key, self.partition_count, self.ownership, self._run_partition
+                )
+                tg.start_soon(runner.run)
+                if self._consumers is not None:
+                    await tg.start(self._consumers.run_node, self._node_context())
+                task_status.started()
+
+    def _node_context(self) -> NodeContext:
+        return NodeContext(
+            app=self.app,
+            settings=self.settings,
+            node_id=str(self.settings.node_id),
+            partition_count=self.partition_count,
+            provider=self.provider,
+            accept=self.accept,
+            partition_of=self.partition_of,
+            now=self.settings.clock,
+        )
+
+    async def _run_partition(self, index: int) -> None:
+        s = self.settings
+        pid = partition_id(self.app_key, index)
+        context = {"app": self.app_key, "partition": index}
+        async with AsyncExitStack() as stack:
+            journals = self.provider.journals
+            stream_journal = await journals.open(f"{self.app_key}/stream/{index}")
+            stack.push_async_callback(stream_journal.close)
+            inbox = await journals.open(inbox_name(self.app_key, index))
+            stack.push_async_callback(inbox.close)
+            idempotency = await self.provider.keyspaces.open(idempotency_name(self.app_key))
+            stack.push_async_callback(idempotency.close)
+
+            tail = await read_tail(stream_journal)
+            inbox_end = (await inbox.bounds()).end
+            _log.info(
+                "taking partition %d: stream offset %d, %d inbox records pending",
+                index,
+                tail.next_offset,
+                max(0, inbox_end - tail.inbox_position),
+                extra=context,
+            )
+            stream = PartitionStream(pid, stream_journal, next_offset=tail.next_offset)
+            writer = StreamWriter(
+                stream_journal,
+                stream,
+                self.bus,
+                tail,
+                clock=s.clock,
+                batch_limit=s.stream_batch_limit,
+                record_limit=self.provider.limits.max_record_bytes,
+                progress_interval=s.progress_interval,
+                retry_max_delay=s.retry_max_delay,
+            )
+            inbox_writer = self.inbox_writers[index]
+            lost = False
+            try:
+                async with anyio.create_task_group() as tg:
+                    aggregates = AggregateInstances(
+                        self.provider,
+                        self.app_key,
+                        site_key=s.site_key,
+                        clock=s.clock,
+                        snapshot_every=s.snapshot_every,
+                        cache_size=s.instance_cache_size,
+                        background=tg,
+                    )
+                    stack.push_async_callback(aggregates.close)
+                    commands = PartitionCommands(
+                        app=self.app,
+                        settings=s,
+                        index=index,
+                        provider=self.provider,
+                        inbox=inbox,
+                        idempotency=idempotency,
+                        writer=writer,
+                        tail=tail,
+                        inbox_end=inbox_end,
+                        aggregates=aggregates,
+                    )
+                    await tg.start(writer.run)
+                    inbox_writer.listener = commands.notify
+                    self.partitions[index] = commands
+                    await tg.start(commands.run)
+                    if self._consumers is not None:
+                        ctx = PartitionContext(
+                            app=self.app,
+                            settings=s,
+                            index=index,
+                            partition_id=pid,
+                            partition_count=self.partition_count,
+                            provider=self.provider,
+                            stream=stream,
+                            accept=self.accept,
+                            partition_of=self.partition_of,
+                            now=s.clock,
+                        )
+                        await tg.start(self._consumers.run_partition, ctx)
+            except BaseException as exc:
+                lost = _is_ownership_lost(exc)
+                if not lost:
+                    raise
+                _log.warning("lost partition %d", index, extra=context)
+            finally:
+                inbox_writer.listener = None
+                self.partitions.pop(index, None)
+                if not lost:
+                    with anyio.move_on_after(s.shutdown_timeout, shield=True):
+                        try:
+                            await writer.flush()
+                        except (OwnershipLost, Exception):
+                            _log.info(
+                                "partition %d: final stream flush skipped",
+                                index,
+                                exc_info=True,
+                                extra=context,
+                            )
+
+
+def _is_ownership_lost(exc: BaseException) -> bool:
+    if isinstance(exc, OwnershipLost):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_ownership_lost(e) for e in exc.exceptions)
+    return False
+
+
+class Engine:
+    """Runs Dogma applications; see ``runkit.Engine`` for the public description.
+
+    ``Engine(*options)`` resolves ``runkit`` options into ``EngineSettings``;
+    ``Engine.from_settings(settings)`` takes them directly.
+    """
+
+    def __init__(self, *options: object) -> None:
+        try:
+            resolve = importlib.import_module("runkit._options").resolve_options
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(
+                "runkit options are not available in this build; use Engine.from_settings()"
+            ) from exc
+        self._setup(resolve(options))
+
+    @classmethod
+    def from_settings(cls, settings: EngineSettings) -> Engine:
+        """Make an engine from settings (the internal construction path)."""
+        engine = cls.__new__(cls)
+        engine._setup(settings)
+        return engine
+
+    def _setup(self, settings: EngineSettings) -> None:
+        keys: dict[str, ApplicationConfig] = {}
+        problems = []
+        for app in settings.applications:
+            if app.identity.key in keys:
+                problems.append(
+                    f"application {app.identity} is registered twice "
+                    f"(also as {keys[app.identity.key].identity})"
+                )
+            keys[app.identity.key] = app
+            register_types(app.message_types())
+        if problems:
+            raise ConfigurationError("invalid engine configuration", problems)
+        self.settings = settings
+        self._apps = keys
+        self._ownership: Ownership = SingleNodeOwnership()
+        self.bus = EventBus()
+        self._runtimes: dict[str, AppRuntime] = {}
+        self._state = "new"
+        self._started: anyio.Event | None = None
+        self._executors: dict[str, Executor] = {}
+
+    @property
+    def applications(self) -> tuple[ApplicationConfig, ...]:
+        """The registered applications."""
+        return tuple(self._apps.values())
+
+    def use_ownership(self, ownership: Ownership) -> None:
+        """Replace the single-node ownership (membership plugs in here); before ``run()``."""
+        if self._state != "new":
+            raise RuntimeError("ownership can only be changed before run()")
+        self._ownership = ownership
+
+    def executor_for(self, app: object) -> Executor:
+        """The ``dogma.CommandExecutor`` of a registered application.
+
+        *app* is the application object, its ``ApplicationConfig``, or its
+        identity key. Raises ``ValueError`` for an unregistered application.
+        """
+        from .executor import Executor
+
+        config = self._find(app)
+        executor = self._executors.get(config.identity.key)
+        if executor is None:
+            executor = self._executors[config.identity.key] = Executor(self, config)
+        return executor
+
+    def _find(self, app: object) -> ApplicationConfig:
+        if isinstance(app, ApplicationConfig):
+            found = self._apps.get(app.identity.key)
+        elif isinstance(app, str):
+            found = self._apps.get(app.lower())
+        else:
+            found = next((c for c in self._apps.values() if c.app is app), None)
+        if found is None:
+            raise ValueError(
+                f"{app!r} is not an application registered with this engine "
+                f"(registered: {', '.join(str(c.identity) for c in self._apps.values()) or 'none'})"
+            )
+        return found
+
+    async def runtime(self, app_key: str) -> AppRuntime:
+        """The running application runtime; waits until the engine has started.
+
+        Raises ``EngineStopped`` once the engine has stopped.
+        """
+        while self._state != "running":
+            if self._state == "stopped":
+                raise EngineStopped("the engine has stopped")
+            if self._started is None:
+                self._started = anyio.Event()
+            await self._started.wait()
+        return self._runtimes[app_key]
+
+    async def run(self) -> None:
+        """Run until cancelled, then shut down gracefully.
+
+        Raises:
+            runkit.ConfigurationError: no persistence is configured.
+            RuntimeError: the engine is already running or has run.
+        """
+        if self._state != "new":
+            raise RuntimeError("Engine.run() may be called only once per engine")
+        s = self.settings
+        provider = s.persistence_provider
+        owned = provider is None
+        if provider is None:
+            if s.persistence_url is None:
+                raise ConfigurationError(
+                    "no persistence is configured",
+                    [
+                        "use runkit.with_persistence(url) or runkit.with_persistence_provider(p), "
+                        "or set DOGMA_PERSISTENCE_URL with runkit.from_environment()"
+                    ],
+                )
+            provider = provider_from_url(s.persistence_url)
+        self._state = "starting"
+        try:
+            async with anyio.create_task_group() as tg:
+                for key, app in self._apps.items():
+                    rt = AppRuntime(app, s, provider, self.bus, self._ownership)
+                    await tg.start(rt.run)
+                    self._runtimes[key] = rt
+                self._state = "running"
+                _log.info(
+                    "engine running: %d application(s), node %s",
+                    len(self._apps),
+                    s.node_id,
+                    extra={"node_id": str(s.node_id)},
+                )
+                if self._started is not None:
+                    self._started.set()
+                await anyio.sleep_forever()
+        finally:
+            self._state = "stopped"
+            if self._started is not None:
+                self._started.set()
+            if owned:
+                with anyio.CancelScope(shield=True):
+                    await provider.close()
+            _log.info("engine stopped", extra={"node_id": str(s.node_id)})

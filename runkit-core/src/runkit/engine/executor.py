@@ -1,0 +1,98 @@
+"""``Executor``: the ``dogma.CommandExecutor`` of one application on an engine.
+
+``execute_command`` validates the command (``is_new=True``), finds its handler,
+builds the envelope (command ID ``uuid5(app_key, idempotency_key)`` when a key
+is given, else random), waits for the engine to start, and returns once the
+command is durable in its partition inbox. With observers it subscribes to the
+engine's ``EventBus`` by correlation ID *before* accepting, so no event can be
+missed, then waits in ``observers.wait_for_observers``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import dogma
+
+from ..config import ApplicationConfig
+from .commands import command_id_for
+from .envelope import new_envelope, validate_new
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["Executor"]
+
+
+class Executor:
+    """Executes commands of one application (``Engine.executor_for``); safe to share."""
+
+    def __init__(self, engine: Engine, app: ApplicationConfig) -> None:
+        self._engine = engine
+        self._app = app
+
+    @property
+    def app(self) -> ApplicationConfig:
+        """The application this executor executes commands of."""
+        return self._app
+
+    async def execute_command(
+        self,
+        command: dogma.Command,
+        *,
+        idempotency_key: str | None = None,
+        observers: Sequence[dogma.EventObserver[Any]] = (),
+    ) -> None:
+        """Execute *command*; see ``dogma.CommandExecutor.execute_command``.
+
+        Blocks until the engine has started, then until the command is durable.
+
+        Raises:
+            dogma.ValidationError: the command is invalid.
+            ValueError: no enabled handler of the application consumes its
+                type, the idempotency key is empty, or the aggregate routed it
+                to an empty instance ID.
+            TypeError: *command* is not a ``dogma.Command``.
+            dogma.EventObserverNotSatisfied: no observer can be satisfied any more.
+            runkit.engine.inbox.EngineStopped: the engine stopped first.
+        """
+        if not isinstance(command, dogma.Command):
+            raise TypeError(f"execute_command() takes a dogma.Command, got {command!r}")
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key
+        ):
+            raise ValueError(f"idempotency_key must be a non-empty str, got {idempotency_key!r}")
+        app_key = self._app.identity.key
+        handler = self._app.command_handler(type(command))
+        if handler is None or handler.disabled:
+            cls = type(command)
+            raise ValueError(
+                f"no handler of application {self._app.identity} consumes "
+                f"{cls.__module__}.{cls.__qualname__}"
+            )
+        validate_new(command)
+        settings = self._engine.settings
+        command_id = (
+            command_id_for(app_key, idempotency_key)
+            if idempotency_key is not None
+            else str(uuid.uuid4())
+        )
+        envelope = new_envelope(
+            command,
+            app_key=app_key,
+            site_key=settings.site_key,
+            created_at=settings.clock(),
+            message_id=command_id,
+        )
+        runtime = await self._engine.runtime(app_key)
+        routed = runtime.acceptor.route(envelope, keyed=idempotency_key is not None)
+        if not observers:
+            await runtime.acceptor.accept([routed])
+            return
+        from .observers import wait_for_observers
+
+        async with self._engine.bus.subscribe(envelope.correlation_id) as events:
+            await runtime.acceptor.accept([routed])
+            await wait_for_observers(self._app, envelope, type(command), observers, events)
