@@ -315,9 +315,10 @@ def test_private_attributes_use_their_field_name() -> None:
     assert Private.unmarshal_binary(b'{"_secret":"s"}') == message
 
 
-def test_non_attrs_class_needs_its_own_codec() -> None:
+def test_non_attrs_class_with_an_init_needs_its_own_codec() -> None:
     class NotAttrs(dogma.Command):
-        pass
+        def __init__(self, amount: int) -> None:
+            self.amount = amount
 
     with pytest.raises(
         TypeError,
@@ -326,7 +327,34 @@ def test_non_attrs_class_needs_its_own_codec() -> None:
             "decorate it with @attrs.frozen or override marshal_binary() and unmarshal_binary()"
         ),
     ):
-        NotAttrs().marshal_binary()
+        NotAttrs(1).marshal_binary()
+
+
+def test_plain_class_without_fields_round_trips_as_an_empty_object() -> None:
+    class Ping(dogma.Command):
+        pass
+
+    assert Ping().marshal_binary() == b"{}"
+    assert type(Ping.unmarshal_binary(b"{}")) is Ping
+    with pytest.raises(ValueError, match=re.escape("cannot unmarshal Ping: expected an object")):
+        Ping.unmarshal_binary(b"[]")
+
+
+def test_plain_class_with_attributes_is_refused() -> None:
+    class Ping(dogma.Command):
+        pass
+
+    ping = Ping()
+    ping.extra = 1  # type: ignore[attr-defined]
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "cannot marshal Ping: Ping is not an attrs class, so the default codec cannot "
+            "marshal its attributes; decorate it with @attrs.frozen (below @dogma.register_*) "
+            "or override marshal_binary() and unmarshal_binary()"
+        ),
+    ):
+        ping.marshal_binary()
 
 
 @pytest.mark.parametrize(
@@ -446,3 +474,69 @@ class Checked:
 @attrs.frozen
 class Wrapper(dogma.Event):
     inner: Checked
+
+
+class Mixed(str, enum.Enum):  # noqa: UP042 - the mixin form str() renders as "Mixed.A"
+    A = "a"
+
+
+def test_enum_members_in_plain_str_and_int_fields_are_stored_as_plain_values() -> None:
+    @attrs.frozen
+    class Plain(dogma.Event):
+        text: str
+        number: int
+
+    data = Plain(text=Mixed.A, number=Level.HIGH).marshal_binary()
+    assert data == b'{"text":"a","number":2}'
+    decoded = Plain.unmarshal_binary(data)
+    assert type(decoded.text) is str
+    assert type(decoded.number) is int
+
+
+def test_bool_is_not_accepted_as_int() -> None:
+    @attrs.frozen
+    class Counted(dogma.Event):
+        count: int
+
+    with pytest.raises(
+        TypeError,
+        match=re.escape("cannot marshal Counted: field 'count': expected int, got bool True"),
+    ):
+        Counted(count=True).marshal_binary()
+
+
+def test_lone_surrogate_is_refused() -> None:
+    @attrs.frozen
+    class Texted(dogma.Event):
+        text: str
+
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "cannot marshal Texted: a string contains a lone surrogate '\\ud800', "
+            "which UTF-8 cannot encode"
+        ),
+    ):
+        Texted(text="a\ud800").marshal_binary()
+
+
+class Mixed2(enum.Enum):
+    TEXT = "1"
+    NUMBER = 2
+
+
+def test_dict_keys_round_trip_and_bad_keys_are_reported() -> None:
+    @attrs.frozen
+    class Keyed(dogma.Event):
+        by_number: dict[int, str]
+        by_mixed: dict[Mixed2, int]
+
+    message = Keyed(by_number={-1: "a", 2: "b"}, by_mixed={Mixed2.TEXT: 1, Mixed2.NUMBER: 2})
+    data = message.marshal_binary()
+    assert data == b'{"by_number":{"-1":"a","2":"b"},"by_mixed":{"1":1,"2":2}}'
+    assert Keyed.unmarshal_binary(data) == message
+    with pytest.raises(
+        ValueError,
+        match=re.escape("cannot unmarshal Keyed: field 'by_number key': invalid int key 'x'"),
+    ):
+        Keyed.unmarshal_binary(b'{"by_number":{"x":"a"},"by_mixed":{}}')

@@ -440,3 +440,18 @@ async def test_executor_receives_keyword_options() -> None:
     assert executor.calls == [(Deposit(account_id="a1", amount=1), "k1", [observer])]
     with pytest.raises(dogma.ValidationError, match="amount must be positive"):
         await executor.execute_command(Deposit(account_id="a1", amount=0))
+
+
+def test_handler_root_and_application_protocols_are_runtime_checkable() -> None:
+    assert isinstance(App(), dogma.Application)
+    assert isinstance(AccountHandler(), dogma.AggregateMessageHandler)
+    assert isinstance(Account(), dogma.AggregateRoot)
+    assert isinstance(ReminderProcess(), dogma.ProcessMessageHandler)
+    assert isinstance(Notifier(), dogma.ProcessMessageHandler)
+    assert isinstance(ReminderRoot(), dogma.ProcessRoot)
+    assert isinstance(dogma.StatelessProcessRoot(), dogma.ProcessRoot)
+    assert isinstance(Bank(), dogma.IntegrationMessageHandler)
+    assert isinstance(Ledger(), dogma.ProjectionMessageHandler)
+    assert isinstance(Executor(), dogma.CommandExecutor)
+    assert not isinstance(Bank(), dogma.ProjectionMessageHandler)
+    assert not isinstance(Ledger(), dogma.AggregateRoot)

@@ -100,9 +100,11 @@ def test_validation_scopes_are_frozen_values() -> None:
         scope.is_new = False  # type: ignore[misc]
 
 
-def test_validation_scope_fields_are_keyword_only() -> None:
+def test_is_new_may_be_positional_but_times_are_keyword_only() -> None:
+    assert dogma.ValidationScope(True) == dogma.ValidationScope(is_new=True)
+    assert dogma.EventValidationScope(False).is_new is False
     with pytest.raises(TypeError, match="positional argument"):
-        dogma.ValidationScope(True)  # type: ignore[call-arg]
+        dogma.CommandValidationScope(True, datetime.now(UTC))  # type: ignore[call-arg]
 
 
 def test_message_kind_values() -> None:

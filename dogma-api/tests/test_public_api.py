@@ -6,7 +6,9 @@ import subprocess
 import sys
 import textwrap
 import types
+import typing
 
+import attrs
 import pytest
 
 import dogma
@@ -64,3 +66,12 @@ def test_importing_dogma_imports_no_engine_or_async_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("name", [n for n in dogma.__all__ if attrs.has(getattr(dogma, n))])
+def test_public_attrs_classes_have_resolvable_annotations(name: str) -> None:
+    # __module__ is rewritten to "dogma", so string annotations would be
+    # resolved in dogma's namespace and could fail; they must be real objects.
+    cls = getattr(dogma, name)
+    typing.get_type_hints(cls)
+    attrs.resolve_types(cls)

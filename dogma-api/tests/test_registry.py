@@ -218,25 +218,66 @@ def test_decorating_a_non_class_is_refused(reg: dogma.MessageTypeRegistry) -> No
         ID1[:-1] + "g",
     ],
 )
-def test_invalid_id_is_refused_at_once(bad: str) -> None:
+def test_invalid_id_is_refused_naming_class_and_id(
+    reg: dogma.MessageTypeRegistry, bad: str
+) -> None:
     with pytest.raises(
         ValueError,
-        match=re.escape(f"invalid message type ID passed to register_event() {bad!r}: "),
+        match=(
+            rf"^cannot register {re.escape(__name__)}\..*<locals>\.BadId as an event: "
+            rf"invalid message type ID {re.escape(repr(bad))}: "
+        ),
     ):
-        dogma.register_event(bad)
+
+        @dogma.register_event(bad, registry=reg)
+        class BadId(dogma.Event):
+            pass
+
+    assert len(reg) == 0
+
+
+def test_decorator_without_its_argument_is_refused_at_once() -> None:
+    class Forgot(dogma.Command):
+        pass
+
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "register_command() takes the type's UUID as a str, "
+            "e.g. @dogma.register_command('<uuid>'); got <class "
+        ),
+    ):
+        dogma.register_command(Forgot)  # type: ignore[arg-type]
 
 
 def test_non_str_id_is_refused() -> None:
-    with pytest.raises(TypeError, match="must be a str, got UUID"):
+    with pytest.raises(TypeError, match=r"takes the type's UUID as a str, .*; got UUID\('"):
         dogma.register_event(uuid.UUID(ID1))  # type: ignore[arg-type]
+
+
+def test_register_method_refuses_non_str_id(reg: dogma.MessageTypeRegistry) -> None:
+    class Direct(dogma.Event):
+        pass
+
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"cannot register {__name__}.{Direct.__qualname__} as an event: "
+            "message type ID must be a str, got int 1"
+        ),
+    ):
+        reg.register(Direct, 1, dogma.MessageKind.EVENT)  # type: ignore[arg-type]
 
 
 @settings(deadline=None)
 @given(st.uuids(allow_nil=False))
 def test_forms_python_accepts_are_refused_as_type_ids(u: uuid.UUID) -> None:
-    for form in ("{" + str(u) + "}", "urn:uuid:" + str(u), u.hex):
-        with pytest.raises(ValueError, match="invalid message type ID"):
-            dogma.register_command(form)
+    reg = dogma.MessageTypeRegistry()
+    for form in ("{" + str(u) + "}", "urn:uuid:" + str(u), u.hex, u.hex.upper()):
+        cls = type("Form", (dogma.Command,), {})
+        with pytest.raises(ValueError, match=re.escape(f"invalid message type ID {form!r}")):
+            dogma.register_command(form, registry=reg)(cls)
+    assert len(reg) == 0
 
 
 def test_unsupported_field_type_is_refused_at_registration(
@@ -306,3 +347,38 @@ def test_message_type_str_names_kind_class_and_id(reg: dogma.MessageTypeRegistry
         pass
 
     assert str(reg.of(Named)) == f"event {__name__}.{Named.__qualname__} ({ID1})"
+
+
+@settings(deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.uuids(allow_nil=False), st.sampled_from(list(dogma.MessageKind))),
+        max_size=20,
+        unique_by=lambda pair: pair[0],
+    ),
+    st.booleans(),
+)
+def test_registry_keeps_every_type_in_order_and_finds_it_in_any_case(
+    specs: list[tuple[uuid.UUID, dogma.MessageKind]], upper: bool
+) -> None:
+    reg = dogma.MessageTypeRegistry()
+    bases = {
+        dogma.MessageKind.COMMAND: (dogma.Command, dogma.register_command),
+        dogma.MessageKind.EVENT: (dogma.Event, dogma.register_event),
+        dogma.MessageKind.DEADLINE: (dogma.Deadline, dogma.register_deadline),
+    }
+    classes = []
+    for i, (type_id, kind) in enumerate(specs):
+        base, register = bases[kind]
+        cls = type(f"M{i}", (base,), {})
+        text = str(type_id).upper() if upper else str(type_id)
+        register(text, registry=reg)(cls)
+        classes.append(cls)
+    assert [(t.cls, t.id, t.kind) for t in reg] == [
+        (cls, str(type_id), kind) for cls, (type_id, kind) in zip(classes, specs, strict=True)
+    ]
+    for cls, (type_id, _) in zip(classes, specs, strict=True):
+        entry = reg.by_id(str(type_id).upper())
+        assert entry is not None
+        assert entry.cls is cls
+        assert reg.of(cls) is entry

@@ -279,3 +279,36 @@ def test_mixins_satisfy_the_handler_checks() -> None:
 
     dogma.via_process(StatelessProcess())
     dogma.via_projection(SimpleProjection())
+
+
+def test_route_explains_decorators_applied_in_the_wrong_order() -> None:
+    reg = dogma.MessageTypeRegistry()
+
+    @attrs.frozen  # attrs replaces the class the decorator below registered
+    @dogma.register_command("9f1c3c52-5e0b-4a8e-9a47-2f6c1d0b7e13", registry=reg)
+    class Backwards(dogma.Command):
+        amount: int
+
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"{__name__}.{Backwards.__qualname__} is not in the message type registry, but "
+            "another class with that name is (9f1c3c52-5e0b-4a8e-9a47-2f6c1d0b7e13); "
+            "apply @dogma.register_command() above @attrs.frozen, "
+            "so it registers the class attrs creates"
+        ),
+    ):
+        dogma.handles_command(Backwards, registry=reg)
+
+
+def test_async_callables_that_are_not_functions_are_accepted() -> None:
+    class AsyncCallable:
+        async def __call__(self, scope: Any, command: Any) -> None: ...
+
+    class Wrapped:
+        def configure(self, c: Any) -> None: ...
+
+        handle_command = AsyncCallable()
+
+    route = dogma.via_integration(Wrapped())
+    assert isinstance(route, dogma.IntegrationHandlerRoute)

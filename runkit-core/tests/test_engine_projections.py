@@ -19,7 +19,7 @@ from runkit.engine.projections import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import Harness, harness, wait_until  # noqa: E402
+from engine_events_harness import Harness, harness, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a1000000-0000-4000-8000-000000000001"
@@ -68,7 +68,7 @@ class Projection:
         if self.concurrency is not None:
             c.concurrency_preference(self.concurrency)
 
-    async def handle_event(self, scope: Any, event: Happened) -> int:
+    async def handle_event(self, scope: dogma.ProjectionEventScope, event: Happened) -> int:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -149,7 +149,10 @@ async def test_applies_each_event_once_in_stream_order() -> None:
 
 async def test_delivery_starts_at_the_handlers_checkpoint() -> None:
     p = Projection()
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         await h.publish(*(Happened(i) for i in range(5)))
         p.checkpoints[h.streams[0].stream_id] = 3
         await run_consumers(h, tg)
@@ -178,7 +181,10 @@ async def test_restart_does_not_reapply() -> None:
 
 async def test_occ_higher_checkpoint_skips_events() -> None:
     p = Projection()
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         stream = h.streams[0].stream_id
 
         def jump(scope: Any) -> None:
@@ -199,7 +205,10 @@ async def test_occ_higher_checkpoint_skips_events() -> None:
 
 async def test_occ_lower_checkpoint_redelivers() -> None:
     p = Projection()
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         stream = h.streams[0].stream_id
         rewound = False
 
@@ -223,12 +232,15 @@ async def test_occ_lower_checkpoint_redelivers() -> None:
 
 async def test_redelivery_after_an_applied_but_unacknowledged_event_is_harmless() -> None:
     p = Projection()
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         stream = h.streams[0].stream_id
         original = p.handle_event
         lost = False
 
-        async def applies_then_fails(scope: Any, event: Happened) -> int:
+        async def applies_then_fails(scope: dogma.ProjectionEventScope, event: Happened) -> int:
             nonlocal lost
             result = await original(scope, event)
             if scope.offset == 1 and not lost:
@@ -251,7 +263,10 @@ async def test_redelivery_after_an_applied_but_unacknowledged_event_is_harmless(
 async def test_errors_are_retried() -> None:
     p = Projection()
     p.fail_next = 3
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         await h.publish(Happened(0), Happened(1))
         await run_consumers(h, tg)
         await wait_until(lambda: len(p.applied) == 2)
@@ -272,7 +287,10 @@ async def test_checkpoint_offset_errors_are_retried() -> None:
         return await original(stream_id)
 
     p.checkpoint_offset = flaky  # type: ignore[method-assign]
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         await h.publish(Happened(0))
         await run_consumers(h, tg)
         await wait_until(lambda: len(p.applied) == 1)
@@ -289,7 +307,10 @@ async def test_concurrency_preference(
 ) -> None:
     p = Projection(concurrency=preference)
     p.delay = 0.005
-    async with harness(App((p,)), registry=REGISTRY, partitions=3) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=3) as h,
+        anyio.create_task_group() as tg,
+    ):
         for i in range(3):
             await h.publish(*(Happened(10 * i + j) for j in range(4)), partition=i)
         await run_consumers(h, tg)
@@ -300,7 +321,10 @@ async def test_concurrency_preference(
 
 async def test_compact_runs_periodically_on_the_node() -> None:
     p = Projection()
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         consumers = partition_consumers(h.app, h.settings, options=OPTIONS)
         await tg.start(consumers.run_node, h.node_ctx())
         await wait_until(lambda: p.compactions >= 2)
@@ -313,7 +337,10 @@ async def test_compact_is_skipped_on_a_node_that_does_not_win() -> None:
     other = "00000000-0000-4000-8000-0000000000bb"
     winner = me if runs_node_work(PROJ_KEY, me, {me, other}) else other
     loser = other if winner == me else me
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         consumers = partition_consumers(
             h.app, h.settings, options=OPTIONS, live_nodes=lambda: {me, other}
         )
@@ -337,7 +364,10 @@ def test_runs_node_work_picks_exactly_one_live_node() -> None:
 
 async def test_reset_rebuilds_from_offset_zero_while_running() -> None:
     p = Projection()
-    async with harness(App((p,)), registry=REGISTRY, partitions=2) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=2) as h,
+        anyio.create_task_group() as tg,
+    ):
         await h.publish(Happened(0), Happened(1), partition=0)
         await h.publish(Happened(2), partition=1)
         consumers = await run_consumers(h, tg)
@@ -368,13 +398,16 @@ async def test_reset_waits_for_an_in_flight_delivery() -> None:
     p.before_apply = None
     original = p.handle_event
 
-    async def handle(scope: Any, event: Happened) -> int:
+    async def handle(scope: dogma.ProjectionEventScope, event: Happened) -> int:
         if not p.applied and not cancelled:
             await slow(scope)
         return await original(scope, event)
 
     p.handle_event = handle  # type: ignore[method-assign]
-    async with harness(App((p,)), registry=REGISTRY, partitions=1) as h, anyio.create_task_group() as tg:
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
         await h.publish(Happened(0))
         consumers = await run_consumers(h, tg)
         await entered.wait()

@@ -13,7 +13,7 @@ from runkit_memory import MemoryProvider
 
 class TestMemoryConformance(ConformanceSuite):
     hypothesis_settings: ClassVar[hypothesis.settings] = hypothesis.settings(
-        max_examples=100, stateful_step_count=30, deadline=None
+        max_examples=60, stateful_step_count=30, deadline=None
     )
 
     @pytest.fixture

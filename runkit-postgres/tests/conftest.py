@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from runkit_postgres import PostgresProvider
-from runkit_postgres.testing.pytest_plugin import postgres_dsn as postgres_dsn
-from runkit_postgres.testing.pytest_plugin import postgres_schema as postgres_schema
-from runkit_postgres.testing.pytest_plugin import postgres_server as postgres_server
+from runkit_postgres.testing.pytest_plugin import postgres_dsn, postgres_schema, postgres_server
+
+__all__ = ["pg_provider", "postgres_dsn", "postgres_schema", "postgres_server"]
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from runkit_postgres import DEFAULT_SCHEMA, PostgresProvider, Settings
 from runkit_postgres import _plugin as plugin
 from runkit_postgres._config import describe_conninfo, parse_url
 
+SCHEMA_SHAPE = "expected 1-63 ASCII letters, digits and underscores, not starting with a digit"
+
 
 class TestParseUrl:
     def test_libpq_parameters_pass_through_and_runkit_ones_are_removed(self) -> None:
@@ -55,26 +57,35 @@ class TestParseUrl:
     @pytest.mark.parametrize(
         ("query", "message"),
         [
-            ("pool_max_size=ten", "postgres:// URL parameter 'pool_max_size' must be an integer, not 'ten'"),
-            ("pool_min_size=1.5", "postgres:// URL parameter 'pool_min_size' must be an integer, not '1.5'"),
-            ("pool_timeout=soon", "postgres:// URL parameter 'pool_timeout' must be a number of seconds, not 'soon'"),
-            ("pool_timeout=0", "postgres:// URL: pool_timeout must be a positive number of seconds, not 0.0"),
-            ("pool_timeout=nan", "postgres:// URL: pool_timeout must be a positive number of seconds, not nan"),
-            ("pool_max_size=0", "postgres:// URL: pool_max_size must be at least 1, not 0"),
-            ("pool_min_size=-1", "postgres:// URL: pool_min_size must be at least 0, not -1"),
-            ("pool_min_size=5&pool_max_size=4", "postgres:// URL: pool_max_size (4) must not be less than pool_min_size (5)"),
-            ("max_record_bytes=0", "postgres:// URL: max_record_bytes must be at least 1 and at most 268435456, not 0"),
-            ("schema=", "postgres:// URL: invalid schema name '': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
-            ("schema=1abc", "postgres:// URL: invalid schema name '1abc': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
-            ("schema=a-b", "postgres:// URL: invalid schema name 'a-b': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
-            ("schema=pg_mine", "postgres:// URL: invalid schema name 'pg_mine': the prefix 'pg_' is reserved"),
-            (f"schema={'a' * 64}", f"postgres:// URL: invalid schema name '{'a' * 64}': expected 1-63 ASCII letters, digits and underscores, not starting with a digit"),
+            ("pool_max_size=ten", "parameter 'pool_max_size' must be an integer, not 'ten'"),
+            ("pool_min_size=1.5", "parameter 'pool_min_size' must be an integer, not '1.5'"),
+            (
+                "pool_timeout=soon",
+                "parameter 'pool_timeout' must be a number of seconds, not 'soon'",
+            ),
+            ("pool_timeout=0", ": pool_timeout must be a positive number of seconds, not 0.0"),
+            ("pool_timeout=nan", ": pool_timeout must be a positive number of seconds, not nan"),
+            ("pool_max_size=0", ": pool_max_size must be at least 1, not 0"),
+            ("pool_min_size=-1", ": pool_min_size must be at least 0, not -1"),
+            (
+                "pool_min_size=5&pool_max_size=4",
+                ": pool_max_size (4) must not be less than pool_min_size (5)",
+            ),
+            (
+                "max_record_bytes=0",
+                ": max_record_bytes must be at least 1 and at most 268435456, not 0",
+            ),
+            ("schema=", f": invalid schema name '': {SCHEMA_SHAPE}"),
+            ("schema=1abc", f": invalid schema name '1abc': {SCHEMA_SHAPE}"),
+            ("schema=a-b", f": invalid schema name 'a-b': {SCHEMA_SHAPE}"),
+            ("schema=pg_mine", ": invalid schema name 'pg_mine': the prefix 'pg_' is reserved"),
+            (f"schema={'a' * 64}", f": invalid schema name '{'a' * 64}': {SCHEMA_SHAPE}"),
         ],
-    )  # fmt: skip
+    )
     def test_malformed_values_are_named(self, query: str, message: str) -> None:
         with pytest.raises(ValueError) as info:
             parse_url(f"postgres://u:s3cret@h/db?{query}")
-        assert str(info.value) == message
+        assert str(info.value) == f"postgres:// URL{' ' if message[0] != ':' else ''}{message}"
 
     def test_malformed_port_is_reported_without_the_password(self) -> None:
         with pytest.raises(ValueError) as info:
@@ -104,12 +115,15 @@ class TestRedaction:
         ("conninfo", "shown"),
         [
             ("postgresql://u:s3cret@h:5432/db", "postgresql://u:***@h:5432/db"),
-            ("postgresql://u@h/db?password=s3cret&sslmode=disable", "postgresql://u@h/db?password=***&sslmode=disable"),
+            (
+                "postgresql://u@h/db?password=s3cret&sslmode=disable",
+                "postgresql://u@h/db?password=***&sslmode=disable",
+            ),
             ("host=h user=u password=s3cret dbname=db", "host=h user=u password=*** dbname=db"),
             ("host=h password='s3 cret' dbname=db", "host=h password=*** dbname=db"),
             ("", "<libpq defaults>"),
         ],
-    )  # fmt: skip
+    )
     def test_describe_conninfo_hides_passwords(self, conninfo: str, shown: str) -> None:
         assert describe_conninfo(conninfo) == shown
 

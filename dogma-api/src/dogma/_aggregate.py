@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ._errors import NotSupported
 from ._handler import HandlerConfigurer, HandlerScope
@@ -10,6 +10,7 @@ from ._messages import Command, Event
 from ._routes import AggregateRoute
 
 
+@runtime_checkable
 class AggregateRoot(Protocol):
     """The state of one aggregate instance, rebuilt from its events.
 
@@ -63,6 +64,7 @@ class AggregateCommandScope(HandlerScope, Protocol[R_co]):
         ...
 
 
+@runtime_checkable
 class AggregateMessageHandler(Protocol[R]):
     """Handles commands for many instances of one aggregate; all methods are synchronous.
 

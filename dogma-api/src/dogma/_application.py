@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ._routes import HandlerRoute
 
@@ -19,6 +19,7 @@ class ApplicationConfigurer(Protocol):
         ...
 
 
+@runtime_checkable
 class Application(Protocol):
     """A set of handlers for one business domain.
 

@@ -28,7 +28,6 @@ T = TypeVar("T")
 JSON = Any  # the result of json.loads(): None, bool, int, float, str, list or dict
 
 _NONE_TYPE = type(None)
-_SHAPES = ("null", "bool", "int", "float", "string", "array", "object")
 
 
 class _DecodeError(ValueError):
@@ -55,7 +54,14 @@ def encode(message: object) -> bytes:
         raise TypeError(f"cannot marshal {_name(cls)}: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"cannot marshal {_name(cls)}: {exc}") from None
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"cannot marshal {_name(cls)}: a string contains a lone surrogate "
+            f"{exc.object[exc.start : exc.end]!r}, which UTF-8 cannot encode"
+        ) from None
 
 
 def decode(cls: type[T], data: bytes) -> T:
@@ -147,10 +153,12 @@ class _Scalar(_Plan):
             if not math.isfinite(number):
                 raise ValueError(f"{_at(path)}{number!r} cannot be stored; floats must be finite")
             return number
-        if self.tp in (int, str) and type(value) is not self.tp:
-            return self.tp(
-                typing.cast(Any, value)
-            )  # a subclass such as an IntEnum member: store the plain value
+        # A subclass value (e.g. a str-mixin enum member) is stored as its plain
+        # value; str() would give "Colour.RED" for a (str, Enum) member.
+        if self.tp is str and type(value) is not str:
+            return str.__str__(typing.cast(str, value))
+        if self.tp is int and type(value) is not int:
+            return int.__int__(typing.cast(int, value))
         return value
 
     def decode(self, data: JSON, path: str) -> object:
@@ -342,21 +350,20 @@ class _Dict(_Plan):
         return encoded if isinstance(encoded, str) else json.dumps(encoded)
 
     def _decode_key(self, key: str, path: str) -> object:
-        if isinstance(self.key, _Scalar) and self.key.tp is str:
-            return key
-        if isinstance(self.key, _UUID) or (
-            isinstance(self.key, _Enum) and "string" in self.key.shapes
-        ):
+        # JSON object keys are strings: str, UUID and str-valued enum keys are
+        # stored as they are; numbers (int and int-valued enum keys) as JSON text.
+        sub = f"{path} key"
+        if "string" in self.key.shapes:
             try:
-                return self.key.decode(key, f"{path} key")
+                return self.key.decode(key, sub)
             except _DecodeError:
-                if not isinstance(self.key, _Enum):
+                if self.key.shapes == {"string"}:
                     raise
         try:
             raw = json.loads(key)
         except json.JSONDecodeError:
-            raise _DecodeError(f"{_at(path)}invalid {self.key.name} key {key!r}") from None
-        return self.key.decode(raw, f"{path} key")
+            raise _DecodeError(f"{_at(sub)}invalid {self.key.name} key {key!r}") from None
+        return self.key.decode(raw, sub)
 
     def encode(self, value: object, path: str) -> JSON:
         if not isinstance(value, dict):
@@ -505,24 +512,55 @@ class _AttrsClass(_Plan):
 # --------------------------------------------------------------------------- building
 
 
+class _Stateless(_Plan):
+    """A plain class without fields (``class Ping(dogma.Command): pass``): ``{}``."""
+
+    shapes = frozenset({"object"})
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        self.name = _name(cls)
+
+    def matches(self, value: object, *, exact: bool) -> bool:
+        return type(value) is self.cls if exact else isinstance(value, self.cls)
+
+    def encode(self, value: object, path: str) -> JSON:
+        if type(value) is not self.cls:
+            raise _EncodeTypeError(f"{_at(path)}expected {self.name}, got {_got(value)}")
+        if getattr(value, "__dict__", None):
+            raise _EncodeTypeError(
+                f"{self.name} is not an attrs class, so the default codec cannot marshal its "
+                "attributes; decorate it with @attrs.frozen (below @dogma.register_*) or "
+                "override marshal_binary() and unmarshal_binary()"
+            )
+        return {}
+
+    def decode(self, data: JSON, path: str) -> object:
+        if not isinstance(data, dict):
+            raise _DecodeError(f"{_at(path)}expected an object, got {_got(data)}")
+        return self.cls()
+
+
 # One plan per class, built on first use; a racing duplicate build is harmless.
-_PLANS: dict[type, _AttrsClass] = {}
+_PLANS: dict[type, _Plan] = {}
 
 
-def _plan_for(cls: type) -> _AttrsClass:
+def _plan_for(cls: type) -> _Plan:
     plan = _PLANS.get(cls)
     if plan is None:
         plan = _PLANS.setdefault(cls, _new_plan(cls))
     return plan
 
 
-def _new_plan(cls: type) -> _AttrsClass:
-    if not attrs.has(cls):
-        raise TypeError(
-            f"{_name(cls)} is not an attrs class, so the default codec cannot marshal it; "
-            "decorate it with @attrs.frozen or override marshal_binary() and unmarshal_binary()"
-        )
-    return _AttrsClass(cls)
+def _new_plan(cls: type) -> _Plan:
+    if attrs.has(cls):
+        return _AttrsClass(cls)
+    if cls.__init__ is object.__init__:  # type: ignore[misc]
+        return _Stateless(cls)
+    raise TypeError(
+        f"{_name(cls)} is not an attrs class, so the default codec cannot marshal it; "
+        "decorate it with @attrs.frozen or override marshal_binary() and unmarshal_binary()"
+    )
 
 
 def check(cls: type, localns: dict[str, object] | None = None) -> None:
@@ -537,6 +575,8 @@ def check(cls: type, localns: dict[str, object] | None = None) -> None:
     except NameError:
         return
     plan = _plan_for(cls)
+    if not isinstance(plan, _AttrsClass):
+        return
     try:
         plan.fields  # noqa: B018 - evaluated for its validation
     except TypeError as exc:

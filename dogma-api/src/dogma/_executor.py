@@ -1,9 +1,7 @@
 """Executing commands from outside the application."""
 
-from __future__ import annotations
-
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -51,6 +49,7 @@ def observe(
     return EventObserver(event_type, fn)
 
 
+@runtime_checkable
 class CommandExecutor(Protocol):
     """Executes commands from outside an application; implemented by engines.
 

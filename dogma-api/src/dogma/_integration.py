@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ._handler import ConcurrencyPreference, HandlerConfigurer, HandlerScope
 from ._messages import Command, Event
@@ -33,6 +33,7 @@ class IntegrationCommandScope(HandlerScope, Protocol):
         ...
 
 
+@runtime_checkable
 class IntegrationMessageHandler(Protocol):
     """Handles commands by acting on external systems.
 

@@ -4,8 +4,6 @@ A message's kind is nominal: it is the base class (:class:`Command`,
 :class:`Event` or :class:`Deadline`) the application's class derives from.
 """
 
-from __future__ import annotations
-
 import enum
 from datetime import datetime
 from typing import Self
@@ -23,7 +21,7 @@ class MessageKind(enum.Enum):
     DEADLINE = "deadline"
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class ValidationScope:
     """The context passed to ``Message.validate()``.
 
@@ -43,7 +41,7 @@ class ValidationScope:
     is_new: bool
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class CommandValidationScope(ValidationScope):
     """The validation scope of a command.
 
@@ -51,10 +49,10 @@ class CommandValidationScope(ValidationScope):
         executed_at: When the command was submitted, if known (re-validation).
     """
 
-    executed_at: datetime | None = None
+    executed_at: datetime | None = attrs.field(default=None, kw_only=True)
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class EventValidationScope(ValidationScope):
     """The validation scope of an event.
 
@@ -62,10 +60,10 @@ class EventValidationScope(ValidationScope):
         recorded_at: When the event was recorded, if known (re-validation).
     """
 
-    recorded_at: datetime | None = None
+    recorded_at: datetime | None = attrs.field(default=None, kw_only=True)
 
 
-@attrs.frozen(kw_only=True)
+@attrs.frozen
 class DeadlineValidationScope(ValidationScope):
     """The validation scope of a deadline.
 
@@ -74,12 +72,12 @@ class DeadlineValidationScope(ValidationScope):
         scheduled_for: The time the deadline is scheduled for, if known.
     """
 
-    scheduled_at: datetime | None = None
-    scheduled_for: datetime | None = None
+    scheduled_at: datetime | None = attrs.field(default=None, kw_only=True)
+    scheduled_for: datetime | None = attrs.field(default=None, kw_only=True)
 
 
 # Filled in once the kind base classes exist; Message.__init_subclass__ runs for them too.
-_KIND_BASES: dict[type[Message], MessageKind] = {}
+_KIND_BASES: "dict[type[Message], MessageKind]" = {}
 
 
 class Message:

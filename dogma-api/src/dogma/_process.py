@@ -1,10 +1,8 @@
 """Processes: workflow handlers whose roots the engine stores."""
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -14,6 +12,7 @@ from ._messages import Command, Deadline, Event
 from ._routes import ProcessRoute
 
 
+@runtime_checkable
 class ProcessRoot(Protocol):
     """The state of one process instance, stored by the engine as bytes.
 
@@ -121,6 +120,7 @@ class ProcessDeadlineScope(ProcessScope[R_co], Protocol[R_co]):
         ...
 
 
+@runtime_checkable
 class ProcessMessageHandler(Protocol[R]):
     """Handles events and deadlines for many instances of one process.
 

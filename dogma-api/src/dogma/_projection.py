@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ._errors import NotSupported
 from ._handler import ConcurrencyPreference, HandlerConfigurer, HandlerScope
@@ -59,6 +59,7 @@ class ProjectionResetScope(HandlerScope, Protocol):
     """The scope passed to ``ProjectionMessageHandler.reset()``."""
 
 
+@runtime_checkable
 class ProjectionMessageHandler(Protocol):
     """Builds a read model from events, with optimistic concurrency per stream (ADR-26)."""
 

@@ -5,8 +5,6 @@ Every message type is registered under a UUID. Engines store messages as
 data, and historical types can still be decoded.
 """
 
-from __future__ import annotations
-
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -97,20 +95,25 @@ class MessageTypeRegistry:
         decorator = f"register_{kind.value}"
         if not isinstance(cls, type):
             raise TypeError(f"{decorator}() must decorate a class, got {cls!r}")
-        type_id = normalize_uuid(type_id, f"message type ID for {_qualified(cls)}")
+        try:
+            type_id = normalize_uuid(type_id, "message type ID")
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(
+                f"cannot register {_qualified(cls)} as {with_article(kind.value)}: {exc}"
+            ) from None
         actual = kind_of(cls)
         if actual is not kind:
             base = _BASE_FOR_KIND[kind].__name__
-            what = a(actual.value) if actual else "not a message class"
+            what = with_article(actual.value) if actual else "not a message class"
             raise TypeError(
-                f"cannot register {_qualified(cls)} as {a(kind.value)} ({type_id}): "
-                f"it is {what}; {a(kind.value)} class must derive from dogma.{base}"
+                f"cannot register {_qualified(cls)} as {with_article(kind.value)} ({type_id}): "
+                f"it is {what}; {with_article(kind.value)} class must derive from dogma.{base}"
             )
         try:
             _codec_check(cls, localns)
         except TypeError as exc:
             raise TypeError(
-                f"cannot register {_qualified(cls)} as {a(kind.value)} ({type_id}): {exc}"
+                f"cannot register {_qualified(cls)} as {with_article(kind.value)} ({type_id}): {exc}"
             ) from None
         entry = MessageType(id=type_id, cls=cls, kind=kind)
         with self._lock:
@@ -179,8 +182,14 @@ registry = MessageTypeRegistry()
 def _make_decorator(
     kind: MessageKind, type_id: str, reg: MessageTypeRegistry | None
 ) -> Callable[[type[M]], type[M]]:
-    # Validate the ID now so the error points at the decorator line.
-    normalize_uuid(type_id, f"message type ID passed to register_{kind.value}()")
+    # The ID's value is checked when the class is known, so the error can name
+    # both; a non-string is reported now, as it usually means the decorator
+    # was applied without its argument (@dogma.register_command).
+    if not isinstance(type_id, str):
+        raise TypeError(
+            f"register_{kind.value}() takes the type's UUID as a str, "
+            f"e.g. @dogma.register_{kind.value}('<uuid>'); got {type_id!r}"
+        )
     target = registry if reg is None else reg
 
     def decorate(cls: type[M]) -> type[M]:
@@ -206,15 +215,19 @@ def register_command(
             transaction_id: str
             amount: int
 
+    Apply it *above* ``@attrs.frozen``: attrs creates a new class for
+    slotted classes, and the registered class must be the one you use.
+
     Args:
         type_id: The type's UUID (36-character hyphenated form, not nil).
         registry: The registry to use; the global ``dogma.registry`` by default.
 
     Raises:
         ValueError: ``type_id`` is invalid or already used, or the class is
-            already registered.
-        TypeError: The decorated class is not a ``dogma.Command``, or a field
-            annotation is not supported by the default codec.
+            already registered (raised when the class is decorated, naming it).
+        TypeError: ``type_id`` is not a str, the decorated class is not a
+            ``dogma.Command``, or a field annotation is not supported by the
+            default codec.
     """
     return _make_decorator(MessageKind.COMMAND, type_id, registry)
 
@@ -260,7 +273,7 @@ def _is_reload_of(old: MessageType, new: MessageType) -> bool:
     )
 
 
-def a(word: str) -> str:
+def with_article(word: str) -> str:
     """Return ``word`` with its indefinite article: "a command", "an event"."""
     return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 

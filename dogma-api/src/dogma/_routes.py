@@ -5,15 +5,13 @@ line that makes it: a handler missing a method, or a message class that is
 not registered or is of the wrong kind.
 """
 
-from __future__ import annotations
-
 import inspect
 from typing import Any, TypeAlias
 
 import attrs
 
 from ._messages import MessageKind, kind_of
-from ._registry import MessageType, MessageTypeRegistry, _qualified, a
+from ._registry import MessageType, MessageTypeRegistry, _qualified, with_article
 from ._registry import registry as _global_registry
 
 # --------------------------------------------------------------------------- handler routes
@@ -50,8 +48,10 @@ def _check_handler(handler: object, kind: str, methods: tuple[tuple[str, bool], 
         method = getattr(handler, name, None)
         if not callable(method):
             raise TypeError(f"{what} has no {name}() method; {kind} handlers must implement it")
+        # Only plain functions are judged: other callables (partials, mocks,
+        # objects with an async __call__) cannot be classified reliably.
         is_async = inspect.iscoroutinefunction(method)
-        if must_be_async and not is_async:
+        if must_be_async and not is_async and inspect.isroutine(method):
             raise TypeError(f"{what}: {name}() must be a coroutine function (async def)")
         if not must_be_async and is_async:
             raise TypeError(f"{what}: {name}() must be a regular function, not async def")
@@ -217,19 +217,29 @@ def registered_type(
     """
     base = f"dogma.{kind.name.title()}"
     if not isinstance(cls, type):
-        raise TypeError(f"{caller}() takes {a(kind.value)} class, got {cls!r}")
+        raise TypeError(f"{caller}() takes {with_article(kind.value)} class, got {cls!r}")
     actual = kind_of(cls)
     if actual is not kind:
         if actual is None:
             what = "not a message class"
         else:
-            what = f"{a(actual.value)} (derives from dogma.{actual.name.title()})"
+            what = f"{with_article(actual.value)} (derives from dogma.{actual.name.title()})"
         raise TypeError(
-            f"{caller}() takes {a(kind.value)} class (a {base} subclass), "
+            f"{caller}() takes {with_article(kind.value)} class (a {base} subclass), "
             f"but {_qualified(cls)} is {what}"
         )
-    entry = (_global_registry if registry is None else registry).of(cls)
+    reg = _global_registry if registry is None else registry
+    entry = reg.of(cls)
     if entry is None:
+        namesake = next((t for t in reg if _qualified(t.cls) == _qualified(cls)), None)
+        if namesake is not None:
+            # attrs replaces a slotted class, so registering before attrs runs
+            # registers a class object the application never uses.
+            raise TypeError(
+                f"{_qualified(cls)} is not in the message type registry, but another class "
+                f"with that name is ({namesake.id}); apply @dogma.register_{kind.value}() "
+                "above @attrs.frozen, so it registers the class attrs creates"
+            )
         raise TypeError(
             f"{_qualified(cls)} is not in the message type registry; "
             f"register it with @dogma.register_{kind.value}('<uuid>') before routing it"

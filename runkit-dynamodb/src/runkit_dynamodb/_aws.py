@@ -11,6 +11,7 @@ the driver raises ``PersistenceError(ambiguous=True)`` instead.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AmbiguousWrite",
     "assumed_role_session",
+    "create_client",
     "default_config",
     "install_ambiguity_guard",
     "map_error",
@@ -165,11 +167,47 @@ def assumed_role_session(
     credentials = DeferredRefreshableCredentials(
         refresh_using=fetcher.fetch_credentials, method=_FixedCredentialProvider.METHOD
     )
-    core = botocore.session.Session()
+    # Share the source session's event hooks (already holding botocore's built-in
+    # handlers), so hooks a caller registered on its session still apply.
+    core = botocore.session.Session(event_hooks=source.events, include_builtin_handlers=False)
     core.register_component(
         "credential_provider", CredentialResolver([_FixedCredentialProvider(credentials)])
     )
     return boto3.session.Session(botocore_session=core, region_name=region)
+
+
+# boto3 sessions are not thread-safe, and a fresh one re-reads botocore's models
+# (about half a second of CPU): providers without a session share one, and every
+# client is created under this lock.
+_session_lock = threading.Lock()
+_default_session: boto3.session.Session | None = None
+
+
+def create_client(
+    session: boto3.session.Session | None,
+    region: str | None,
+    endpoint_url: str | None,
+    role_arn: str | None,
+    config: Config,
+) -> DynamoDBClient:
+    """Create a DynamoDB client (with the ambiguity guard) from *session* or the shared one.
+
+    Blocking: reads configuration and models; call it from a worker thread.
+    """
+    global _default_session  # noqa: PLW0603 - one lazily created session per process
+    with _session_lock:
+        if session is None:
+            if _default_session is None:
+                _default_session = boto3.session.Session()
+            session = _default_session
+        region = region or session.region_name
+        if role_arn is not None:
+            session = assumed_role_session(session, role_arn, region, config)
+        client = session.client(
+            "dynamodb", region_name=region, endpoint_url=endpoint_url, config=config
+        )
+    install_ambiguity_guard(client)
+    return client
 
 
 def map_error(exc: Exception, what: str, operation: str, *, write: bool) -> PersistenceError:

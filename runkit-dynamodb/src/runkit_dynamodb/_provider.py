@@ -22,12 +22,13 @@ provider; the client is created lazily, in a worker thread, on first use.
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import anyio
 import boto3
@@ -54,7 +55,7 @@ from runkit.persistence import (
 
 from ._aws import (
     AmbiguousWrite,
-    assumed_role_session,
+    create_client,
     default_config,
     error_code,
     install_ambiguity_guard,
@@ -66,6 +67,9 @@ if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
     from mypy_boto3_dynamodb.type_defs import (
         AttributeValueTypeDef,
+        BatchGetItemOutputTypeDef,
+        BatchWriteItemOutputTypeDef,
+        KeysAndAttributesTypeDef,
         QueryOutputTypeDef,
         WriteRequestTypeDef,
     )
@@ -109,11 +113,26 @@ def _n(number: int) -> AttributeValueTypeDef:
     return {"N": str(number)}
 
 
-async def _both(
-    first: Callable[[], Awaitable[T]], second: Callable[[], Awaitable[Any]]
-) -> tuple[T, Any]:
-    """Run two calls concurrently; raise the first failure itself, not an ExceptionGroup."""
-    results: list[Any] = [None, None]
+# Factories bind their argument, so a call made later never sees a rebound variable.
+def _query(kwargs: dict[str, Any]) -> Callable[[DynamoDBClient], QueryOutputTypeDef]:
+    return lambda c: c.query(**kwargs)
+
+
+def _batch_get(
+    request: dict[str, KeysAndAttributesTypeDef],
+) -> Callable[[DynamoDBClient], BatchGetItemOutputTypeDef]:
+    return lambda c: c.batch_get_item(RequestItems=request)
+
+
+def _batch_write(
+    request: dict[str, list[WriteRequestTypeDef]],
+) -> Callable[[DynamoDBClient], BatchWriteItemOutputTypeDef]:
+    return lambda c: c.batch_write_item(RequestItems=request)
+
+
+async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Run *calls* concurrently; raise the first failure itself, not an ExceptionGroup."""
+    results: list[Any] = [None] * len(calls)
     errors: list[Exception] = []
 
     async def run(index: int, call: Callable[[], Awaitable[Any]]) -> None:
@@ -123,11 +142,11 @@ async def _both(
             errors.append(exc)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run, 0, first)
-        tg.start_soon(run, 1, second)
+        for index, call in enumerate(calls):
+            tg.start_soon(run, index, call)
     if errors:
         raise errors[0]
-    return results[0], results[1]
+    return results
 
 
 class DynamoDBProvider(Provider):
@@ -255,9 +274,7 @@ class DynamoDBProvider(Provider):
         Idempotent, and safe when several providers provision at once.
         """
         self._check_open()
-        async with anyio.create_task_group() as tg:
-            for kind in self._tables:
-                tg.start_soon(self._ensure_table, kind)
+        await _gather(*(functools.partial(self._ensure_table, kind) for kind in self._tables))
 
     async def close(self) -> None:
         """Close the client if this provider created it. Idempotent.
@@ -291,14 +308,9 @@ class DynamoDBProvider(Provider):
             if self._client is None:
                 base = default_config(self._max_concurrency)
                 config = base.merge(self._config) if self._config is not None else base
-                session = self._session or boto3.session.Session()
-                region = self._region or session.region_name
-                if self._role_arn is not None:
-                    session = assumed_role_session(session, self._role_arn, region, config)
-                client = session.client(
-                    "dynamodb", region_name=region, endpoint_url=self._endpoint_url, config=config
+                client = create_client(
+                    self._session, self._region, self._endpoint_url, self._role_arn, config
                 )
-                install_ambiguity_guard(client)
                 self._client = client
             return self._client
 
@@ -408,9 +420,7 @@ class DynamoDBProvider(Provider):
             kwargs = request({"TableName": table, "ConsistentRead": True, "Limit": self._page_size})
             if start is not None:
                 kwargs["ExclusiveStartKey"] = start
-            page: QueryOutputTypeDef = await self._call(
-                kind, what, "Query", lambda c: c.query(**kwargs)
-            )
+            page: QueryOutputTypeDef = await self._call(kind, what, "Query", _query(kwargs))
             yield page
             start = page.get("LastEvaluatedKey")
             if start is None:
@@ -538,16 +548,14 @@ class _DynamoJournal(_Handle, Journal):
         record: bytes | None = None
         begin = 0
         for attempt in range(_BATCH_ATTEMPTS):
-            request = {
+            request: dict[str, KeysAndAttributesTypeDef] = {
                 self._table: {
                     "Keys": keys,
                     "ConsistentRead": True,
                     "ProjectionExpression": "k, r, b",
                 }
             }
-            response = await self._call(
-                "BatchGetItem", lambda c: c.batch_get_item(RequestItems=request)
-            )
+            response = await self._call("BatchGetItem", _batch_get(request))
             for item in response.get("Responses", {}).get(self._table, []):
                 if item["k"]["B"] == _META:
                     begin = int(item["b"]["N"])
@@ -555,7 +563,8 @@ class _DynamoJournal(_Handle, Journal):
                     self._observe(position + 1)
                     if "r" in item:
                         record = item["r"]["B"]
-            keys = list(response.get("UnprocessedKeys", {}).get(self._table, {}).get("Keys", []))
+            unprocessed = response.get("UnprocessedKeys", {}).get(self._table)
+            keys = cast(list[Any], unprocessed["Keys"]) if unprocessed else []
             if not keys:
                 break
             await anyio.sleep(0.05 * 2**attempt)
@@ -588,12 +597,12 @@ class _DynamoJournal(_Handle, Journal):
                 "ConsistentRead": True,
                 "Limit": page_size,
             }
-            result: QueryOutputTypeDef = await self._call("Query", lambda c: c.query(**kwargs))
+            result: QueryOutputTypeDef = await self._call("Query", _query(kwargs))
             return result
 
         # The first page and the metadata item are read at once: a position below
         # begin is not live even if a failed truncation left its record in place.
-        page, begin = await _both(query, self._read_begin)
+        page, begin = await _gather(query, self._read_begin)
         items = page.get("Items", [])
         if (
             position < begin
@@ -731,13 +740,13 @@ class _DynamoJournal(_Handle, Journal):
 
     async def _write_batch(self, requests: list[WriteRequestTypeDef]) -> None:
         for attempt in range(_BATCH_ATTEMPTS):
-            batch = {self._table: requests}
             response = await self._call(
-                "BatchWriteItem",
-                lambda c: c.batch_write_item(RequestItems=batch),
-                write=True,
+                "BatchWriteItem", _batch_write({self._table: requests}), write=True
             )
-            requests = list(response.get("UnprocessedItems", {}).get(self._table, []))
+            requests = cast(
+                "list[WriteRequestTypeDef]",
+                response.get("UnprocessedItems", {}).get(self._table, []),
+            )
             if not requests:
                 return
             await anyio.sleep(0.05 * 2**attempt)

@@ -228,12 +228,14 @@ class Executor:
         may have taken effect although it failed (the connection was lost after
         the statement was sent).
         """
-        detail = scrub(f"{type(exc).__name__}: {str(exc).strip()}", self._conninfo)
+        # The first line is the message; CONTEXT and DETAIL lines may quote data.
+        lines = str(exc).strip().splitlines() or [""]
+        detail = scrub(f"{type(exc).__name__}: {lines[0]}", self._conninfo)
         if isinstance(exc, PoolClosed):
             return PersistenceError(f"{what}: the provider is closed")
         if isinstance(exc, PoolTimeout):
             return PersistenceError(
-                f"{what}: no connection to {self._display} within "
+                f"{what}: no connection to {self._display!r} within "
                 f"{self._settings.pool_timeout:g}s (pool_max_size="
                 f"{self._settings.pool_max_size}); is the server reachable?",
                 retryable=True,
@@ -243,7 +245,7 @@ class Executor:
             ambiguous = write and sent
             suffix = "; the write may or may not have taken effect" if ambiguous else ""
             return PersistenceError(
-                f"{what}: lost the connection to {self._display}: {detail}{suffix}",
+                f"{what}: lost the connection to {self._display!r}: {detail}{suffix}",
                 retryable=True,
                 ambiguous=ambiguous,
             )

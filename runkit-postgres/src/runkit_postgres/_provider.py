@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ClassVar, Final, TypeVar, cast
 
 import anyio
@@ -269,6 +270,39 @@ class PostgresProvider(Provider):
         return await self._run(operation, what=f"{kind} {name!r}: open", write=False)
 
 
+class _Pages(AsyncIterator[T]):
+    """An async iterator over pages fetched one round trip at a time.
+
+    A plain iterator rather than an async generator: it holds no connection or
+    other resource between pages, so a consumer may stop early without closing
+    it (trio warns about unfinished async generators). ``aclose()`` exists so
+    that ``contextlib.aclosing`` works as it does for generators.
+    """
+
+    __slots__ = ("_done", "_fetch", "_items")
+
+    def __init__(self, fetch: Callable[[], Awaitable[tuple[list[T], bool]]]) -> None:
+        self._fetch = fetch
+        self._items: deque[T] = deque()
+        self._done = False
+
+    def __aiter__(self) -> _Pages[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        while not self._items:
+            if self._done:
+                raise StopAsyncIteration
+            page, self._done = await self._fetch()
+            self._items.extend(page)
+        return self._items.popleft()
+
+    async def aclose(self) -> None:
+        """Stop the iteration; later steps raise ``StopAsyncIteration``."""
+        self._done = True
+        self._items.clear()
+
+
 class _JournalStore(JournalStore):
     def __init__(self, provider: PostgresProvider) -> None:
         self._provider = provider
@@ -374,20 +408,22 @@ class _Journal(_Handle, Journal):
             raise RecordNotFound(self._name, position)
         return cast(bytes, row[0])
 
-    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+    def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
         """Iterate ``(position, record)`` to the end, one page per round trip."""
         self._check_open()
         if not isinstance(position, int) or isinstance(position, bool):
             raise TypeError(f"position must be int, not {type(position).__name__}")
-        if not 0 <= position <= MAX_POSITION:
-            raise RecordNotFound(self._name, position)
         query = self._sql.journal_page
         rows_per_page, bytes_per_page = self._provider.page_rows, self._provider.page_bytes
         first = True
-        while True:
+
+        async def fetch() -> tuple[list[tuple[int, bytes]], bool]:
+            nonlocal position, first
+            if not 0 <= position <= MAX_POSITION:
+                raise RecordNotFound(self._name, position)
             params = (position, rows_per_page, bytes_per_page, self._id)
 
-            def operation(conn: Conn, params: tuple[object, ...] = params) -> Rows:
+            def operation(conn: Conn) -> Rows:
                 return _all(conn, query, params)
 
             rows = await self._read(operation, f"range from position {position}")
@@ -398,13 +434,17 @@ class _Journal(_Handle, Journal):
                 # Not live: never written, or truncated (before or during iteration).
                 raise RecordNotFound(self._name, position)
             first = False
+            page: list[tuple[int, bytes]] = []
             for _, _, found, record in rows:
                 if found != position:  # records are dense in [begin, end)
+                    if page:
+                        break  # report the gap when the consumer gets there
                     raise RecordNotFound(self._name, position)
-                yield position, cast(bytes, record)
+                page.append((position, cast(bytes, record)))
                 position += 1
-            if position >= end:
-                return
+            return page, position >= end
+
+        return _Pages(fetch)
 
     async def append(self, position: int, record: bytes) -> None:
         """Append *record* at *position* (the end) in one statement, or raise ``Conflict``."""
@@ -543,28 +583,29 @@ class _Keyspace(_Handle, Keyspace):
         await self._write(operation, "set unconditionally")
         return new.hex if new else ""
 
-    async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+    def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
         """Iterate ``(key, value, revision)`` in key order, one page per round trip."""
         self._check_open()
         query = self._sql.keyspace_page
         rows_per_page, bytes_per_page = self._provider.page_rows, self._provider.page_bytes
         after = b""  # every key is non-empty, so greater than b""
-        while True:
+
+        async def fetch() -> tuple[list[tuple[bytes, bytes, str]], bool]:
+            nonlocal after
             params = (self._id, after, rows_per_page, bytes_per_page)
 
-            def operation(conn: Conn, params: tuple[object, ...] = params) -> Rows:
+            def operation(conn: Conn) -> Rows:
                 return _all(conn, query, params)
 
             rows = await self._read(operation, "range")
-            size = 0
-            for key, value, revision in rows:
-                k, v = cast(bytes, key), cast(bytes, value)
-                size += len(k) + len(v)
-                yield k, v, cast(uuid.UUID, revision).hex
+            page = [(cast(bytes, k), cast(bytes, v), cast(uuid.UUID, r).hex) for k, v, r in rows]
+            if page:
+                after = page[-1][0]
             # A page cut short by its byte budget holds at least the budget.
-            if len(rows) < rows_per_page and size < bytes_per_page:
-                return
-            after = cast(bytes, rows[-1][0])
+            size = sum(len(k) + len(v) for k, v, _ in page)
+            return page, len(page) < rows_per_page and size < bytes_per_page
+
+        return _Pages(fetch)
 
 
 class _Set(_Handle, Set):
@@ -608,21 +649,23 @@ class _Set(_Handle, Set):
         """Remove *member*; ``True`` only if this call removed it."""
         return await self._change(self._sql.set_remove, member, "remove")
 
-    async def range(self) -> AsyncIterator[bytes]:
+    def range(self) -> AsyncIterator[bytes]:
         """Iterate the members in byte order, one page per round trip."""
         self._check_open()
         query = self._sql.set_page
         rows_per_page = max(self._provider.page_rows, 1000)
         after = b""
-        while True:
+
+        async def fetch() -> tuple[list[bytes], bool]:
+            nonlocal after
             params = (self._id, after, rows_per_page)
 
-            def operation(conn: Conn, params: tuple[object, ...] = params) -> Rows:
+            def operation(conn: Conn) -> Rows:
                 return _all(conn, query, params)
 
-            rows = await self._read(operation, "range")
-            for (member,) in rows:
-                yield cast(bytes, member)
-            if len(rows) < rows_per_page:
-                return
-            after = cast(bytes, rows[-1][0])
+            page = [cast(bytes, m) for (m,) in await self._read(operation, "range")]
+            if page:
+                after = page[-1]
+            return page, len(page) < rows_per_page
+
+        return _Pages(fetch)

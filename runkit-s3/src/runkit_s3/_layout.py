@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Final
 
 import attrs
+
 from runkit.persistence import Limits
 
 __all__ = ["MAX_NAME_BYTES", "MAX_OBJECT_KEY_BYTES", "MAX_VALUE_BYTES", "Layout", "limits_for"]

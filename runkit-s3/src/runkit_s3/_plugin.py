@@ -1,1 +1,31 @@
-"""runkit plugin hooks for this driver (filled in by the driver implementation)."""
+"""runkit plugin hooks: ``s3://`` URLs resolve to an ``S3Provider``."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from runkit import hookimpl
+from runkit.persistence import Provider
+
+from ._provider import S3Provider
+from ._settings import SCHEME
+
+__all__ = ["runkit_persistence_provider", "runkit_persistence_schemes"]
+
+
+@hookimpl
+def runkit_persistence_schemes() -> list[str]:
+    """This plugin handles ``s3://`` URLs."""
+    return [SCHEME]
+
+
+@hookimpl
+def runkit_persistence_provider(url: str) -> Provider | None:
+    """Return an ``S3Provider`` for an ``s3://`` URL, ``None`` for other schemes."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        return None  # not ours to diagnose
+    if scheme != SCHEME:
+        return None
+    return S3Provider.from_url(url)

@@ -12,6 +12,7 @@ import re
 from urllib.parse import unquote, urlsplit
 
 import attrs
+
 from runkit.persistence import parse_bool, query_params, redact_url
 
 __all__ = ["MAX_PREFIX_BYTES", "S3Settings", "parse_url"]
@@ -44,9 +45,7 @@ def _check_bucket(bucket: str) -> str:
         )
     elif ".." in bucket:
         problem = "must not contain two adjacent periods"
-    elif bucket.startswith(_BUCKET_RESERVED_PREFIXES) or bucket.endswith(
-        _BUCKET_RESERVED_SUFFIXES
-    ):
+    elif bucket.startswith(_BUCKET_RESERVED_PREFIXES) or bucket.endswith(_BUCKET_RESERVED_SUFFIXES):
         problem = "uses a prefix or suffix that S3 reserves"
     else:
         try:
@@ -73,9 +72,7 @@ def _check_prefix(prefix: str) -> str:
         )
     normalised = stripped + "/"
     if len(normalised) > MAX_PREFIX_BYTES:
-        raise ValueError(
-            f"invalid S3 key prefix {prefix!r}: longer than {MAX_PREFIX_BYTES} bytes"
-        )
+        raise ValueError(f"invalid S3 key prefix {prefix!r}: longer than {MAX_PREFIX_BYTES} bytes")
     return normalised
 
 

@@ -6,7 +6,7 @@ that validation can report every problem at once rather than the first.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -139,3 +139,12 @@ _RECORDERS: dict[HandlerKind, type[HandlerRecorder]] = {
 def recorder_for(kind: HandlerKind) -> HandlerRecorder:
     """A fresh configurer for a handler of ``kind``."""
     return _RECORDERS[kind]()
+
+
+if TYPE_CHECKING:
+    # Static proof that the recorders implement dogma's configurer protocols.
+    _app: dogma.ApplicationConfigurer = ApplicationRecorder()
+    _aggregate: dogma.AggregateConfigurer = AggregateRecorder()
+    _process: dogma.ProcessConfigurer = ProcessRecorder()
+    _integration: dogma.IntegrationConfigurer = IntegrationRecorder()
+    _projection: dogma.ProjectionConfigurer = ProjectionRecorder()

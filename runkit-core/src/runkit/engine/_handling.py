@@ -40,7 +40,7 @@ def handler_log(
             "handler_key": handler.identity.key,
             "instance": instance_id,
             "message_id": envelope.message_id,
-            "message": envelope.description,
+            "message_description": envelope.description,
         },
     )
 

@@ -27,6 +27,7 @@ import logging
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from contextlib import aclosing
 from datetime import datetime
 
 import anyio
@@ -46,7 +47,7 @@ from .integrations import execute_integration
 from .partitions import instance_workload, partition_of
 from .poison import HandlerBug, PoisonRecord, write_poison
 from .settings import EngineSettings
-from .streams import OwnershipLost, StreamTail, StreamWriter
+from .streams import EventBus, OwnershipLost, PartitionStream, StreamTail, StreamWriter
 
 __all__ = [
     "Acceptor",
@@ -80,13 +81,24 @@ def command_id_for(app_key: str, idempotency_key: str) -> str:
 
 
 class IdempotencyMarker(msgspec.Struct, frozen=True, kw_only=True):
-    """Written under the command ID once a keyed command's effects are committed."""
+    """Written under the command ID once a keyed command's effects are committed.
+
+    ``first_offset``/``count`` locate the command's events on its partition
+    stream (``None``/0 if it recorded none or they are unknown), so observers of
+    a repeated submission can be given the original events.
+    """
 
     completed_at: datetime
     partition: int
+    first_offset: int | None = None
+    count: int = 0
 
 
 _marker_encoder = msgspec.msgpack.Encoder()
+_marker_decoder = msgspec.msgpack.Decoder(IdempotencyMarker)
+
+# Where a completed command's events are on the stream: (first offset, count).
+_Location = tuple[int, int] | None
 
 
 def _describe_handler(handler: HandlerConfig) -> dict[str, str]:
@@ -165,16 +177,21 @@ class Acceptor:
         await self.accept([self.route(env, keyed=True) for env in envelopes])
 
 
-class _BoundedSet:
+class _Completed:
+    """Recently completed command IDs and where their events are (bounded)."""
+
     def __init__(self, size: int, initial: frozenset[str] = frozenset()) -> None:
-        self._items: OrderedDict[str, None] = OrderedDict.fromkeys(initial)
+        self._items: OrderedDict[str, _Location] = OrderedDict.fromkeys(initial)
         self._size = size
 
     def __contains__(self, item: str) -> bool:
         return item in self._items
 
-    def add(self, item: str) -> None:
-        self._items[item] = None
+    def location(self, item: str) -> _Location:
+        return self._items.get(item)
+
+    def add(self, item: str, location: _Location = None) -> None:
+        self._items[item] = location
         self._items.move_to_end(item)
         while len(self._items) > self._size:
             self._items.popitem(last=False)
@@ -193,6 +210,8 @@ class PartitionCommands:
         inbox: Journal,
         idempotency: Keyspace,
         writer: StreamWriter,
+        stream: PartitionStream,
+        bus: EventBus,
         tail: StreamTail,
         inbox_end: int,
         aggregates: AggregateInstances,
@@ -204,9 +223,11 @@ class PartitionCommands:
         self._inbox = inbox
         self._idempotency = idempotency
         self._writer = writer
+        self._stream = stream
+        self._bus = bus
         self._aggregates = aggregates
         self._clock: Callable[[], datetime] = settings.clock
-        self._completed = _BoundedSet(COMPLETED_CACHE, tail.published)
+        self._completed = _Completed(COMPLETED_CACHE, tail.published)
         self._read_end = tail.inbox_position
         self._outstanding: dict[int, int] = {}
         self._queues: dict[str, deque[tuple[int, InboxEntry, HandlerConfig]]] = {}
@@ -246,8 +267,9 @@ class PartitionCommands:
                     await self._catch_up()
 
     async def _catch_up(self) -> None:
-        async for position, record in read_inbox(self._inbox, self._read_end):
-            self._add_record(position, record)
+        async with aclosing(read_inbox(self._inbox, self._read_end)) as records:
+            async for position, record in records:
+                self._add_record(position, record)
 
     def _add_record(self, position: int, record: InboxRecord) -> None:
         self._read_end = position + 1
@@ -326,7 +348,7 @@ class PartitionCommands:
             **_describe_handler(handler),
             "instance": entry.instance_id,
             "message_id": command_id,
-            "message": entry.envelope.description,
+            "message_description": entry.envelope.description,
             "partition": self._index,
         }
         failures = storage_failures = 0
@@ -343,11 +365,13 @@ class PartitionCommands:
                     },
                 ):
                     events = await self._execute(handler, entry)
+                location: _Location = None
                 if events:
-                    await self._writer.publish(command_id, events)
-                self._completed.add(command_id)
+                    first = await self._writer.publish(command_id, events)
+                    location = (first, len(events))
+                self._completed.add(command_id, location)
                 if entry.keyed:
-                    await self._mark(command_id)
+                    await self._mark(command_id, location)
                 _handled.add(1, {"handler": handler.identity.name})
                 return
             except OwnershipLost:
@@ -402,16 +426,44 @@ class PartitionCommands:
     async def _already_done(self, entry: InboxEntry) -> bool:
         command_id = entry.envelope.message_id
         if command_id in self._completed:
+            location = self._completed.location(command_id)
             if entry.keyed:
-                await self._mark(command_id)  # a previous owner may have crashed before it
+                # A previous owner may have crashed before writing it.
+                await self._mark(command_id, location)
+            await self._redeliver(entry, location)
             return True
-        if entry.keyed and await self._idempotency.has(command_id.encode()):
-            self._completed.add(command_id)
-            return True
+        if entry.keyed:
+            value, _ = await self._idempotency.get(command_id.encode())
+            if value:
+                marker = _marker_decoder.decode(value)
+                location = (
+                    None
+                    if marker.first_offset is None
+                    else (
+                        marker.first_offset,
+                        marker.count,
+                    )
+                )
+                self._completed.add(command_id, location)
+                await self._redeliver(entry, location)
+                return True
         return False
 
-    async def _mark(self, command_id: str) -> None:
-        marker = IdempotencyMarker(completed_at=self._clock(), partition=self._index)
+    async def _redeliver(self, entry: InboxEntry, location: _Location) -> None:
+        # A repeated submission with observers waiting: give them the original
+        # events (bus only; the stream already has them).
+        if location is None or not self._bus.has_subscribers(entry.envelope.correlation_id):
+            return
+        first, count = location
+        self._bus.publish(await self._stream.events_at(first, count))
+
+    async def _mark(self, command_id: str, location: _Location) -> None:
+        marker = IdempotencyMarker(
+            completed_at=self._clock(),
+            partition=self._index,
+            first_offset=None if location is None else location[0],
+            count=0 if location is None else location[1],
+        )
         await self._idempotency.set_unconditional(
             command_id.encode(), _marker_encoder.encode(marker)
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +18,13 @@ import attrs
 if TYPE_CHECKING:
     from .settings import EngineSettings
 
-__all__ = ["ConsumerOptions", "HandlerLogger", "backoff_delay", "sleep_backoff"]
+__all__ = [
+    "ConsumerOptions",
+    "HandlerLogger",
+    "backoff_delay",
+    "close_iterator",
+    "sleep_backoff",
+]
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -57,14 +63,25 @@ class ConsumerOptions:
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, **overrides: Any) -> ConsumerOptions:
-        """Options that share the engine's retry policy (``max_attempts``, delays)."""
+        """Options that share the engine's retry policy (``max_attempts``, delays).
+
+        The intervals are read from settings of the same names when
+        ``EngineSettings`` has them (it does not yet), else the defaults apply.
+        """
         values: dict[str, Any] = {
             "retry_initial": settings.retry_base_delay,
             "retry_max": settings.retry_max_delay,
             "max_attempts": settings.max_attempts,
         }
+        for name in _INTERVALS:
+            value = getattr(settings, name, None)
+            if value is not None:
+                values[name] = value
         values.update(overrides)
         return cls(**values)
+
+
+_INTERVALS = ("checkpoint_interval", "compact_interval", "deadline_rescan_interval")
 
 
 def backoff_delay(options: ConsumerOptions, attempt: int) -> float:
@@ -93,3 +110,11 @@ class HandlerLogger:
 
 
 Clock = Callable[[], datetime]
+
+
+async def close_iterator(iterator: AsyncIterator[object]) -> None:
+    """Close an abandoned async iterator (generators must be closed in their task on trio)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()

@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 
 from .._errors import ConfigurationError
 from ..config import ApplicationConfig
-from ..persistence import Conflict, Provider, provider_from_url
+from ..persistence import Conflict, PersistenceError, Provider, provider_from_url
 from .aggregates import AggregateInstances
 from .commands import Acceptor, PartitionCommands, idempotency_name
 from .envelope import Envelope, register_types
@@ -66,17 +66,23 @@ async def load_partition_count(
     provider: Provider, app_key: str, default: int, now: datetime
 ) -> int:
     """Read the application's partition count, storing *default* if it has none yet."""
+    failures = 0
     async with await provider.keyspaces.open(meta_name(app_key)) as ks:
         while True:
-            value, _ = await ks.get(_META_KEY)
-            if value:
-                return _meta_decoder.decode(value).partition_count
-            record = MetaRecord(partition_count=default, created_at=now)
             try:
+                value, _ = await ks.get(_META_KEY)
+                if value:
+                    return _meta_decoder.decode(value).partition_count
+                record = MetaRecord(partition_count=default, created_at=now)
                 await ks.set(_META_KEY, msgspec.msgpack.encode(record), "")
+                return default
             except Conflict:
-                continue  # another node created it first; use theirs
-            return default
+                continue  # another node (or our own ambiguous write) created it; read it
+            except PersistenceError as exc:
+                failures += 1
+                if failures >= 10 or not (exc.retryable or exc.ambiguous):
+                    raise
+                await anyio.sleep(min(1.0, 0.01 * 2**failures))
 
 
 def _consumers_module() -> Any | None:
@@ -238,6 +244,8 @@ class AppRuntime:
                         inbox=inbox,
                         idempotency=idempotency,
                         writer=writer,
+                        stream=stream,
+                        bus=self.bus,
                         tail=tail,
                         inbox_end=inbox_end,
                         aggregates=aggregates,

@@ -14,15 +14,20 @@ every call, so each delivery gets an independent copy, and re-validates it with
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import msgspec
 
 import dogma
 
+T = TypeVar("T")
+
 __all__ = [
     "Envelope",
+    "closing_iter",
     "decode",
     "encode",
     "message_type",
@@ -218,3 +223,18 @@ def to_message(env: Envelope) -> dogma.Message:
         )
     )
     return message
+
+
+@asynccontextmanager
+async def closing_iter(iterator: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Use an async iterator and close it (``aclose()``, if it has one) on exit.
+
+    Store ``range()`` methods are typed as plain async iterators; closing them
+    promptly when a loop stops early releases their resources on every backend.
+    """
+    try:
+        yield iterator
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -17,7 +17,7 @@ import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import anyio
 import attrs
@@ -25,7 +25,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from ..persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
-from .envelope import Envelope
+from .envelope import Envelope, closing_iter
 
 __all__ = [
     "EngineStopped",
@@ -136,13 +136,16 @@ async def append_to_inbox(
             await anyio.sleep(delay)
 
 
-async def read_inbox(journal: Journal, position: int) -> AsyncIterator[tuple[int, InboxRecord]]:
+async def read_inbox(
+    journal: Journal, position: int
+) -> AsyncGenerator[tuple[int, InboxRecord], None]:
     """Iterate the inbox records from *position* to the current end."""
     bounds = await journal.bounds()
     if position >= bounds.end:
         return
-    async for pos, data in journal.range(max(position, bounds.begin)):
-        yield pos, decode_inbox_record(data)
+    async with closing_iter(journal.range(max(position, bounds.begin))) as records:
+        async for pos, data in records:
+            yield pos, decode_inbox_record(data)
 
 
 @attrs.define

@@ -47,7 +47,7 @@ import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, RouteKind
 from ..persistence import Conflict, Keyspace, PersistenceError
-from .consumers_support import ConsumerOptions, HandlerLogger, sleep_backoff
+from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
 from .deadlines import (
     DeadlineEntry,
     append_deadlines,
@@ -409,14 +409,16 @@ class ProcessRunner:
             await checkpoint.load()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(checkpoint.save_periodically, self.options.checkpoint_interval)
+                events = ctx.stream.read(checkpoint.value)
                 try:
-                    async for event in ctx.stream.read(checkpoint.value):
+                    async for event in events:
                         if event.offset < checkpoint.value:
                             continue
                         if event.envelope.type_id in self.routed:
                             await self._consume(ctx, records, event)
                         checkpoint.value = event.offset + 1
                 finally:
+                    await close_iterator(events)
                     # Best effort: a lagging checkpoint only means harmless redelivery.
                     with anyio.move_on_after(1, shield=True):
                         await checkpoint.save()
@@ -624,7 +626,39 @@ class ProcessRunner:
         record: InstanceRecord,
         revision: str,
     ) -> tuple[InstanceRecord, str]:
-        """Send the outbox, then clear it; returns the record as stored afterwards."""
+        """Send the outbox, then clear it; returns the record as stored afterwards.
+
+        Retries until it succeeds: the handling is committed, so the only way
+        forward is to dispatch it (never poison it). Each attempt restarts
+        from the stored record.
+        """
+        failures = 0
+        while True:
+            try:
+                return await self._dispatch_once(ctx, records, key, record, revision)
+            except Exception:
+                failures += 1
+                _log.warning(
+                    "%s: cannot dispatch the outbox of instance %r (attempt %d); retrying",
+                    self.config.describe(),
+                    key.decode(),
+                    failures,
+                    exc_info=True,
+                )
+                await sleep_backoff(self.options, failures)
+                try:
+                    record, revision = await self._load(records, key)
+                except PersistenceError:
+                    continue
+
+    async def _dispatch_once(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        key: bytes,
+        record: InstanceRecord,
+        revision: str,
+    ) -> tuple[InstanceRecord, str]:
         while record.has_outbox:
             if record.commands:
                 await ctx.accept([decode(c) for c in record.commands])

@@ -35,7 +35,7 @@ import attrs
 import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, HandlerKind, RouteKind
-from .consumers_support import ConsumerOptions, HandlerLogger, sleep_backoff
+from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
 
 if TYPE_CHECKING:
     from .partitions import PartitionContext
@@ -233,7 +233,7 @@ async def _deliver(
                 if reread:
                     break
         finally:
-            await _close(events)
+            await close_iterator(events)
         if not reread:
             return  # the stream ended (only in tests: a real stream never ends)
 
@@ -283,13 +283,6 @@ async def _retrying(options: ConsumerOptions, what: str, call: Callable[[], Awai
             attempt += 1
             _log.exception("%s failed (attempt %d); retrying", what, attempt)
         await sleep_backoff(options, attempt)
-
-
-async def _close(iterator: AsyncIterator[object]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with anyio.CancelScope(shield=True):
-            await aclose()
 
 
 async def compact_projection(config: HandlerConfig, *, clock: Callable[[], datetime]) -> None:

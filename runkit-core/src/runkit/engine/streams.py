@@ -27,8 +27,8 @@ import math
 import random
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 
 import anyio
@@ -40,7 +40,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 import dogma
 
 from ..persistence import Conflict, Journal, PersistenceError, RecordNotFound, search
-from .envelope import Envelope, to_message
+from .envelope import Envelope, closing_iter, to_message
 
 __all__ = [
     "EventBus",
@@ -156,7 +156,7 @@ class PartitionStream:
             raise ValueError(f"offset must be >= 0, got {offset}")
         return self._read(offset)
 
-    async def _read(self, offset: int) -> AsyncIterator[StreamEvent]:
+    async def _read(self, offset: int) -> AsyncGenerator[StreamEvent, None]:
         position = offset
         while True:
             if position >= self._end:
@@ -173,25 +173,40 @@ class PartitionStream:
                 continue
             stop = self._buffer[0].offset if self._buffer else self._end
             before = position
-            async for event in self._read_journal(position, stop):
-                yield event
-                position = event.offset + 1
+            async with aclosing(self._read_journal(position, stop)) as catch_up:
+                async for event in catch_up:
+                    yield event
+                    position = event.offset + 1
             if position == before:
                 raise RecordNotFound(self._journal.name, position)
 
-    async def _read_journal(self, offset: int, stop: int) -> AsyncIterator[StreamEvent]:
+    async def _read_journal(self, offset: int, stop: int) -> AsyncGenerator[StreamEvent, None]:
         found = await search(self._journal, _compare_offset(offset))
         if found is None:
             return
-        async for _, data in self._journal.range(found[0]):
-            record = decode_stream_record(data)
-            for event in _events_of(self.stream_id, record):
-                if event.offset >= stop:
+        async with closing_iter(self._journal.range(found[0])) as records:
+            async for _, data in records:
+                record = decode_stream_record(data)
+                for event in _events_of(self.stream_id, record):
+                    if event.offset >= stop:
+                        return
+                    if event.offset >= offset:
+                        yield event
+                if record.first_offset + len(record.events) >= stop:
                     return
-                if event.offset >= offset:
-                    yield event
-            if record.first_offset + len(record.events) >= stop:
-                return
+
+    async def events_at(self, offset: int, count: int) -> list[StreamEvent]:
+        """The *count* events from *offset* on (all below ``end()``)."""
+        if offset + count > self._end:
+            raise ValueError(f"events [{offset}, {offset + count}) are not all written yet")
+        events: list[StreamEvent] = []
+        if count:
+            async with aclosing(self._read(offset)) as reader:
+                async for event in reader:
+                    events.append(event)
+                    if len(events) == count:
+                        break
+        return events
 
     def _publish(self, events: Sequence[StreamEvent]) -> None:
         # Called by the writer once the record holding *events* is durable.
@@ -223,6 +238,10 @@ class EventBus:
             if not subscribers:
                 self._subscribers.pop(correlation_id, None)
             send.close()
+
+    def has_subscribers(self, correlation_id: str) -> bool:
+        """Whether anyone is subscribed to *correlation_id* now."""
+        return correlation_id in self._subscribers
 
     def publish(self, events: Iterable[StreamEvent]) -> None:
         """Deliver *events* to the matching subscribers (never blocks)."""
@@ -284,6 +303,7 @@ class _Pending:
     size: int
     done: anyio.Event = attrs.field(factory=anyio.Event)
     error: BaseException | None = None
+    offset: int = -1
 
 
 class StreamWriter:
@@ -337,8 +357,10 @@ class StreamWriter:
             self._progress = inbox_position
             self._wake.set()
 
-    async def publish(self, command_id: str, events: Sequence[Envelope]) -> None:
+    async def publish(self, command_id: str, events: Sequence[Envelope]) -> int:
         """Append a command's events to the stream; return once they are durable.
+
+        Returns the stream offset of the first event.
 
         Raises:
             OwnershipLost: another node wrote to the stream.
@@ -352,6 +374,7 @@ class StreamWriter:
         await item.done.wait()
         if item.error is not None:
             raise OwnershipLost("the partition stream writer has stopped") from item.error
+        return item.offset
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write queued events until cancelled; raises ``OwnershipLost`` on a foreign write."""
@@ -410,6 +433,10 @@ class StreamWriter:
         self._position += 1
         self._offset += len(record.events)
         self._written_progress = progress
+        offset = record.first_offset
+        for item in batch:
+            item.offset = offset
+            offset += len(item.events)
         events = _events_of(self._stream.stream_id, record)
         self._stream._publish(events)  # the writer feeds its stream's tail
         self._bus.publish(events)

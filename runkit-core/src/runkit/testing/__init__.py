@@ -20,11 +20,24 @@ The suites need pytest, Hypothesis and anyio's pytest plugin (``anyio_mode =
 provider to fail writes before or after they take effect.
 """
 
-from ._journal import JournalSuite as JournalSuite
-from ._keyspace import KeyspaceSuite as KeyspaceSuite
-from ._provider import ProviderSuite as ProviderSuite
-from ._set import SetSuite as SetSuite
-from ._support import unique_name as unique_name
+import pytest
+
+# The suites' plain asserts should explain themselves like a test module's do.
+# Registered before the submodules are imported, which is what rewriting needs.
+pytest.register_assert_rewrite(
+    "runkit.testing._journal",
+    "runkit.testing._keyspace",
+    "runkit.testing._machines",
+    "runkit.testing._provider",
+    "runkit.testing._set",
+    "runkit.testing._support",
+)
+
+from ._journal import JournalSuite as JournalSuite  # noqa: E402
+from ._keyspace import KeyspaceSuite as KeyspaceSuite  # noqa: E402
+from ._provider import ProviderSuite as ProviderSuite  # noqa: E402
+from ._set import SetSuite as SetSuite  # noqa: E402
+from ._support import unique_name as unique_name  # noqa: E402
 
 __all__ = [
     "ConformanceSuite",

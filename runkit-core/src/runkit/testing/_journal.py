@@ -360,9 +360,13 @@ class JournalSuite(SuiteBase):
     # -- concurrency -----------------------------------------------------------------------
 
     async def test_journal_racing_appends_at_one_position_have_exactly_one_winner(
-        self, provider: Provider, journal: Journal, journal_name: str
+        self, provider: Provider, journal: Journal, journal_name: str, other_provider: Provider
     ) -> None:
-        handles = [await provider.journals.open(journal_name) for _ in range(RACERS // 2)]
+        handles = [
+            await p.journals.open(journal_name)
+            for p in (provider, other_provider)
+            for _ in range(RACERS // 4)
+        ]
         try:
             for position in range(ROUNDS):
                 writers = [journal, *handles] * 2

@@ -273,9 +273,13 @@ class KeyspaceSuite(SuiteBase):
     # -- concurrency -----------------------------------------------------------------------
 
     async def test_keyspace_racing_sets_at_one_revision_have_exactly_one_winner(
-        self, provider: Provider, keyspace: Keyspace, keyspace_name: str
+        self, provider: Provider, keyspace: Keyspace, keyspace_name: str, other_provider: Provider
     ) -> None:
-        handles = [await provider.keyspaces.open(keyspace_name) for _ in range(RACERS // 2)]
+        handles = [
+            await p.keyspaces.open(keyspace_name)
+            for p in (provider, other_provider)
+            for _ in range(RACERS // 4)
+        ]
         try:
             revision = ""  # the first round races to create the key
             for round_ in range(ROUNDS):

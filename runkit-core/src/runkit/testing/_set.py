@@ -136,9 +136,13 @@ class SetSuite(SuiteBase):
             assert await _members(set_) == []
 
     async def test_set_racing_try_add_and_try_remove_have_exactly_one_winner(
-        self, provider: Provider, set_: Set, set_name: str
+        self, provider: Provider, set_: Set, set_name: str, other_provider: Provider
     ) -> None:
-        handles = [await provider.sets.open(set_name) for _ in range(RACERS // 2)]
+        handles = [
+            await p.sets.open(set_name)
+            for p in (provider, other_provider)
+            for _ in range(RACERS // 4)
+        ]
         try:
             racers = [set_, *handles] * 2
             for round_ in range(ROUNDS):

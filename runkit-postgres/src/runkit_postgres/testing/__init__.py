@@ -204,7 +204,9 @@ class PostgresServer:
                     break
                 if attempt == 2:
                     log = (self._dir / "log").read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"PostgreSQL did not start: {result.stderr}\n{log}")
+                    raise RuntimeError(  # noqa: TRY301 - the cleanup below applies
+                        f"PostgreSQL did not start: {result.stderr}\n{log}"
+                    )
         except BaseException:
             self.stop()
             raise

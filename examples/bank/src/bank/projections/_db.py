@@ -18,6 +18,8 @@ import anyio.to_thread
 
 import dogma
 
+from . import _schema
+
 __all__ = ["DEFAULT_PATH_VARIABLE", "ReadDB", "SQLiteProjection"]
 
 T = TypeVar("T")
@@ -25,21 +27,13 @@ T = TypeVar("T")
 DEFAULT_PATH_VARIABLE = "BANK_READ_DB"
 """The environment variable naming the database file when none is given."""
 
-_CHECKPOINT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS projection_checkpoint (
-    handler BLOB NOT NULL,
-    stream BLOB NOT NULL,
-    checkpoint_offset INTEGER NOT NULL,
-    PRIMARY KEY (handler, stream)
-);
-"""
-
 
 class ReadDB:
     """A SQLite database file shared by the bank's projections and its readers.
 
-    Nothing touches the file until it is first used; the schema is created
-    then, idempotently. Every operation opens its own connection in a worker
+    Nothing touches the file until it is first used; the schema of every
+    bank read model (and of the projection checkpoints) is created then,
+    idempotently. Every operation opens its own connection in a worker
     thread (``sqlite3`` blocks), and at most ``max_threads`` run at once.
 
     Args:
@@ -54,10 +48,10 @@ class ReadDB:
             raise ValueError(f"max_threads must be at least 1, got {max_threads}")
         self._path = None if path is None else Path(path)
         self._max_threads = max_threads
-        self._schemas: list[str] = [_CHECKPOINT_SCHEMA]
+        self._schemas: list[str] = list(_schema.ALL)
         self._ready = False
         self._lock = threading.Lock()
-        # A limiter belongs to one event loop; keep one per loop.
+        # A limiter belongs to one event loop: keep the current loop's only.
         self._limiters: dict[anyio.lowlevel.EventLoopToken, anyio.CapacityLimiter] = {}
 
     @property

@@ -8,6 +8,7 @@ from datetime import datetime
 import dogma
 
 from ..messages import CustomerAcquired
+from . import _schema
 from ._db import SQLiteProjection
 
 __all__ = ["CustomerProjectionHandler"]
@@ -17,12 +18,7 @@ class CustomerProjectionHandler(SQLiteProjection):
     """Keeps the ``customers`` table: one row per acquired customer."""
 
     KEY = "70b58269-931a-46d6-b745-286a670fb6f7"
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS customers (
-        id TEXT NOT NULL PRIMARY KEY,
-        name TEXT NOT NULL
-    );
-    """
+    SCHEMA = _schema.CUSTOMERS
 
     def configure(self, c: dogma.ProjectionConfigurer) -> None:
         """Declare the projection's identity and routes."""

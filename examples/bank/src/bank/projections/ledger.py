@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import dogma
 
 from ..messages import AccountCredited, AccountDebited, AccountOpened, TransactionType
+from . import _schema
 from ._db import SQLiteProjection
 
 __all__ = ["LedgerProjectionHandler", "credit_description", "debit_description"]
@@ -23,26 +24,7 @@ class LedgerProjectionHandler(SQLiteProjection):
     """
 
     KEY = "a1b2c3d4-e5f6-7890-abcd-ef1234567890"
-    SCHEMA = """
-    CREATE TABLE IF NOT EXISTS accounts (
-        id TEXT NOT NULL PRIMARY KEY,
-        name TEXT NOT NULL,
-        customer_id TEXT NOT NULL,
-        balance INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX IF NOT EXISTS accounts_customer_id ON accounts (customer_id);
-    CREATE TABLE IF NOT EXISTS ledger (
-        account_id TEXT NOT NULL,
-        transaction_id TEXT NOT NULL DEFAULT '',
-        transaction_order INTEGER NOT NULL DEFAULT 0,
-        description TEXT NOT NULL,
-        debit INTEGER NOT NULL DEFAULT 0,
-        credit INTEGER NOT NULL DEFAULT 0,
-        balance INTEGER NOT NULL,
-        created_at TEXT NOT NULL,
-        PRIMARY KEY (account_id, transaction_id, transaction_order)
-    );
-    """
+    SCHEMA = _schema.LEDGER
 
     def configure(self, c: dogma.ProjectionConfigurer) -> None:
         """Declare the projection's identity and routes."""

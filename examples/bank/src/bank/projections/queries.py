@@ -68,5 +68,6 @@ def ledger(conn: sqlite3.Connection, account_id: str | None = None) -> list[Ledg
     if account_id is not None:
         sql += " WHERE account_id = ?"
         params = (account_id,)
-    sql += " ORDER BY created_at, transaction_order, account_id"
+    # rowid breaks ties in insertion order: the order the ledger saw the events.
+    sql += " ORDER BY created_at, rowid"
     return [LedgerEntry(*row) for row in conn.execute(sql, params).fetchall()]

@@ -1,0 +1,461 @@
+"""Test harness for the engine's commands side: small applications and a store checker.
+
+Imported by the ``test_engine_commands*``, ``test_engine_faults*`` and
+``test_engine_crash*`` modules through ``sys.path`` (with importlib mode, test
+modules are not importable by name). Message types live on a private registry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import attrs
+import msgspec
+
+import dogma
+from runkit.config import ApplicationConfig, build
+from runkit.engine.aggregates import InstanceRecord, aggregate_name
+from runkit.engine.engine import Engine, meta_name
+from runkit.engine.inbox import decode_inbox_record, inbox_name
+from runkit.engine.poison import poison_name
+from runkit.engine.settings import EngineSettings
+from runkit.engine.streams import decode_stream_record
+from runkit.persistence import Provider
+
+REGISTRY = dogma.MessageTypeRegistry()
+APP_KEY = "c0000000-0000-4000-8000-000000000001"
+ACCOUNTS_KEY = "c0000000-0000-4000-8000-000000000002"
+NOTIFIER_KEY = "c0000000-0000-4000-8000-000000000003"
+SERIAL_KEY = "c0000000-0000-4000-8000-000000000004"
+
+#: Settings for fast tests: tiny retry delays, quick progress records.
+FAST = {
+    "retry_base_delay": 0.001,
+    "retry_max_delay": 0.01,
+    "progress_interval": 0.002,
+    "partition_count": 4,
+}
+
+
+@dogma.register_command("c1000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Deposit(dogma.Command):
+    account: str
+    amount: int
+    ref: str = ""
+
+    def message_description(self) -> str:
+        return f"depositing {self.amount} into {self.account}"
+
+    def validate(self, scope: dogma.ValidationScope) -> None:
+        if not self.account:
+            raise dogma.ValidationError("account is required")
+        if self.amount <= 0 and scope.is_new:
+            raise dogma.ValidationError("amount must be positive")
+
+
+@dogma.register_event("c1000000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Deposited(dogma.Event):
+    account: str
+    amount: int
+    balance: int
+    ref: str = ""
+
+
+@dogma.register_command("c1000000-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class Notify(dogma.Command):
+    n: int
+    ref: str = ""
+
+
+@dogma.register_event("c1000000-0000-4000-8000-000000000004", registry=REGISTRY)
+@attrs.frozen
+class Notified(dogma.Event):
+    n: int
+    ref: str = ""
+
+
+@dogma.register_command("c1000000-0000-4000-8000-000000000005", registry=REGISTRY)
+@attrs.frozen
+class Serial(dogma.Command):
+    n: int
+
+
+@dogma.register_event("c1000000-0000-4000-8000-000000000006", registry=REGISTRY)
+@attrs.frozen
+class SerialDone(dogma.Event):
+    n: int
+
+
+@dogma.register_event("c1000000-0000-4000-8000-000000000007", registry=REGISTRY)
+@attrs.frozen
+class Unrouted(dogma.Event):
+    n: int
+
+
+@attrs.define
+class Account:
+    """An account root; snapshots as JSON unless ``snapshots`` is false."""
+
+    snapshots: bool = True
+    balance: int = 0
+    refs: list[str] = attrs.Factory(list)
+
+    def apply_event(self, event: dogma.Event) -> None:
+        if isinstance(event, Deposited):
+            self.balance = event.balance
+            self.refs.append(event.ref)
+
+    def marshal_binary(self) -> bytes:
+        if not self.snapshots:
+            raise dogma.NotSupported()
+        return json.dumps({"balance": self.balance, "refs": self.refs}).encode()
+
+    def unmarshal_binary(self, data: bytes) -> None:
+        if not self.snapshots:
+            raise dogma.NotSupported()
+        value = json.loads(data)
+        self.balance, self.refs = value["balance"], value["refs"]
+
+
+class Accounts:
+    """An aggregate with hooks: scripted failures, bugs, and a record of calls.
+
+    ``fail[ref]`` failures are raised for the command with that ref before it
+    succeeds; refs in ``unexpected`` raise ``UnexpectedMessage``; refs in
+    ``unrouted`` record an event the handler has no route for; refs in
+    ``nothing`` record no event.
+    """
+
+    def __init__(self, *, snapshots: bool = True) -> None:
+        self.snapshots = snapshots
+        self.calls: list[tuple[str, str, int]] = []  # (account, ref, balance seen)
+        self.fail: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}
+        self.unexpected: set[str] = set()
+        self.unrouted: set[str] = set()
+        self.nothing: set[str] = set()
+        self.messages: list[object] = []
+        self.events: list[object] = []
+
+    def configure(self, c: Any) -> None:
+        c.identity("accounts", ACCOUNTS_KEY)
+        c.routes(
+            dogma.handles_command(Deposit, registry=REGISTRY),
+            dogma.records_event(Deposited, registry=REGISTRY),
+        )
+
+    def new(self) -> Account:
+        return Account(snapshots=self.snapshots)
+
+    def route_command_to_instance(self, command: dogma.Command) -> str:
+        assert isinstance(command, Deposit)
+        return command.account
+
+    def handle_command(self, root: Account, scope: Any, command: dogma.Command) -> None:
+        assert isinstance(command, Deposit)
+        self.messages.append(command)
+        self.attempts[command.ref] = self.attempts.get(command.ref, 0) + 1
+        if command.ref in self.unexpected:
+            raise dogma.UnexpectedMessage(command)
+        if self.fail.get(command.ref, 0) > 0:
+            self.fail[command.ref] -= 1
+            raise RuntimeError(f"scripted failure of {command.ref}")
+        self.calls.append((command.account, command.ref, root.balance))
+        if command.ref in self.nothing:
+            return
+        if command.ref in self.unrouted:
+            scope.record_event(Unrouted(1))
+        event = Deposited(
+            command.account, command.amount, root.balance + command.amount, command.ref
+        )
+        self.events.append(event)
+        scope.record_event(event)
+        assert root.balance == event.balance  # applied at once
+
+
+class Notifier:
+    """An integration with hooks: concurrency tracking, scripted failures and delays."""
+
+    def __init__(self, *, key: str = NOTIFIER_KEY, name: str = "notifier", minimize: bool = False):
+        self.key, self.name, self.minimize = key, name, minimize
+        self.active = 0
+        self.max_active = 0
+        self.calls: list[int] = []
+        self.fail: dict[int, int] = {}
+        self.fail_after_record: dict[int, int] = {}
+        self.delay = 0.0
+        self.release: anyio.Event | None = None
+
+    def configure(self, c: Any) -> None:
+        c.identity(self.name, self.key)
+        command, event = (Serial, SerialDone) if self.minimize else (Notify, Notified)
+        c.routes(
+            dogma.handles_command(command, registry=REGISTRY),
+            dogma.records_event(event, registry=REGISTRY),
+        )
+        if self.minimize:
+            c.concurrency_preference(dogma.ConcurrencyPreference.MINIMIZE)
+
+    async def handle_command(self, scope: Any, command: dogma.Command) -> None:
+        assert isinstance(command, Notify | Serial)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            self.calls.append(command.n)
+            if self.release is not None:
+                await self.release.wait()
+            if self.delay:
+                await anyio.sleep(self.delay)
+            if self.fail.get(command.n, 0) > 0:
+                self.fail[command.n] -= 1
+                raise RuntimeError(f"scripted failure of {command.n}")
+            if isinstance(command, Serial):
+                scope.record_event(SerialDone(command.n))
+                return
+            scope.record_event(Notified(command.n, command.ref))
+            if self.fail_after_record.get(command.n, 0) > 0:
+                self.fail_after_record[command.n] -= 1
+                raise RuntimeError(f"scripted failure after recording {command.n}")
+        finally:
+            self.active -= 1
+
+
+class App:
+    def __init__(self, *handlers: Any, key: str = APP_KEY, name: str = "testapp") -> None:
+        self.handlers = handlers
+        self.key, self.name = key, name
+
+    def configure(self, c: Any) -> None:
+        c.identity(self.name, self.key)
+        routes = []
+        for h in self.handlers:
+            if isinstance(h, Accounts):
+                routes.append(dogma.via_aggregate(h))
+            else:
+                routes.append(dogma.via_integration(h))
+        c.routes(*routes)
+
+
+@attrs.define
+class Setup:
+    """An application with its handlers, ready to run on engines."""
+
+    app: App
+    config: ApplicationConfig
+    accounts: Accounts
+    notifier: Notifier
+    serial: Notifier
+
+
+def setup(*, snapshots: bool = True) -> Setup:
+    accounts = Accounts(snapshots=snapshots)
+    notifier = Notifier()
+    serial = Notifier(key=SERIAL_KEY, name="serial", minimize=True)
+    app = App(accounts, notifier, serial)
+    return Setup(app, build(app, registry=REGISTRY), accounts, notifier, serial)
+
+
+@asynccontextmanager
+async def running(
+    provider: Provider, *configs: ApplicationConfig, **settings: Any
+) -> AsyncIterator[Engine]:
+    """Run an engine on *provider* for the duration of the block."""
+    options = {**FAST, **settings}
+    engine = Engine.from_settings(
+        EngineSettings(applications=configs, persistence_provider=provider, **options)
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.runtime(configs[0].identity.key)
+        try:
+            yield engine
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0
+) -> None:
+    """Poll *predicate* until true; fail the test after *timeout* seconds."""
+    with anyio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(0.002)
+
+
+# -- reading the stores back ---------------------------------------------------------------
+
+
+@attrs.define
+class Stores:
+    """Everything the commands side wrote for one application, decoded."""
+
+    partition_count: int
+    inbox: dict[int, list[tuple[int, Any]]]  # partition -> [(position, InboxRecord)]
+    stream: dict[int, list[Any]]  # partition -> [StreamRecord]
+    poison: dict[str, Any]  # command ID -> PoisonRecord
+    instances: dict[str, list[InstanceRecord]]  # instance ID -> records (accounts handler)
+
+    def accepted_ids(self) -> set[str]:
+        return {
+            e.envelope.message_id
+            for records in self.inbox.values()
+            for _, r in records
+            for e in r.entries
+        }
+
+    def published(self) -> list[tuple[int, str, str, int]]:
+        """(partition, command ID, event ID, offset) for every published event."""
+        out = []
+        for p, records in self.stream.items():
+            for r in records:
+                for i, env in enumerate(r.events):
+                    out.append((p, env.causation_id, env.message_id, r.first_offset + i))
+        return out
+
+    def events_of(self, command_id: str) -> list[Any]:
+        return [
+            env
+            for records in self.stream.values()
+            for r in records
+            for env in r.events
+            if env.causation_id == command_id
+        ]
+
+    def all_events(self) -> list[Any]:
+        return [env for records in self.stream.values() for r in records for env in r.events]
+
+    def fully_processed(self) -> bool:
+        """Whether every partition's last stream header covers its whole inbox."""
+        for p in range(self.partition_count):
+            end = self.inbox[p][-1][0] + 1 if self.inbox[p] else 0
+            done = self.stream[p][-1].inbox_position if self.stream[p] else 0
+            if done < end:
+                return False
+        return True
+
+
+async def read_stores(provider: Provider, app_key: str = APP_KEY) -> Stores:
+    async with await provider.keyspaces.open(meta_name(app_key)) as meta:
+        value, _ = await meta.get(b"partitions")
+    count = msgspec.msgpack.decode(value)["partition_count"]
+    inbox: dict[int, list[tuple[int, Any]]] = {}
+    stream: dict[int, list[Any]] = {}
+    poison: dict[str, Any] = {}
+    instances: dict[str, list[InstanceRecord]] = {}
+    from runkit.engine.poison import PoisonRecord
+
+    for p in range(count):
+        async with await provider.journals.open(inbox_name(app_key, p)) as j:
+            inbox[p] = [(pos, decode_inbox_record(d)) async for pos, d in _range(j)]
+        async with await provider.journals.open(f"{app_key}/stream/{p}") as j:
+            stream[p] = [decode_stream_record(d) async for _, d in _range(j)]
+        async with await provider.keyspaces.open(poison_name(app_key, p)) as ks:
+            async for key, v, _ in ks.range():
+                poison[key.decode()] = msgspec.msgpack.decode(v, type=PoisonRecord)
+    accounts = {
+        e.instance_id
+        for records in inbox.values()
+        for _, r in records
+        for e in r.entries
+        if e.handler_key == ACCOUNTS_KEY
+    }
+    for account in accounts:
+        assert account is not None
+        async with await provider.journals.open(
+            aggregate_name(app_key, ACCOUNTS_KEY, account)
+        ) as j:
+            instances[account] = [
+                msgspec.msgpack.decode(d, type=InstanceRecord) async for _, d in _range(j)
+            ]
+    return Stores(count, inbox, stream, poison, instances)
+
+
+async def _range(journal: Any) -> AsyncIterator[tuple[int, bytes]]:
+    bounds = await journal.bounds()
+    if bounds.end > bounds.begin:
+        async for item in journal.range(bounds.begin):
+            yield item
+
+
+def check_invariants(stores: Stores, *, expect_all_done: bool = True) -> None:
+    """Check architecture §9.1-9.3 over the final stores.
+
+    - every accepted command is published (events) or poisoned, exactly once;
+    - stream offsets are dense from 0, and no event or command is published twice;
+    - each instance journal holds a command at most once, and the stream
+      carries exactly its events, in journal order, on one stream;
+    - balances in an instance's events follow each other (each handling saw
+      every earlier event of the instance).
+    """
+    seen_events: set[str] = set()
+    published_commands: dict[str, int] = {}
+    for p, records in stores.stream.items():
+        offset = 0
+        for r in records:
+            assert r.first_offset == offset, f"partition {p}: offset gap at {offset}"
+            offset += len(r.events)
+            for env in r.events:
+                assert env.message_id not in seen_events, f"event {env.message_id} published twice"
+                seen_events.add(env.message_id)
+            for cid in r.command_ids:
+                assert cid not in published_commands, f"command {cid} published twice"
+                published_commands[cid] = p
+            assert set(r.command_ids) == {env.causation_id for env in r.events}
+    if expect_all_done:
+        for cid in stores.accepted_ids():
+            assert cid in published_commands or cid in stores.poison, (
+                f"accepted command {cid} was neither published nor poisoned"
+            )
+        assert stores.fully_processed(), "inbox positions not fully processed"
+    for account, records in stores.instances.items():
+        ids = [r.command_id for r in records]
+        assert len(ids) == len(set(ids)), f"instance {account}: a command committed twice"
+        journal_events = [env.message_id for r in records for env in r.events]
+        stream_events = [
+            env.message_id
+            for records_ in stores.stream.values()
+            for r in records_
+            for env in r.events
+            if env.source_instance == account and env.source_handler == ACCOUNTS_KEY
+        ]
+        if expect_all_done:
+            assert stream_events == journal_events, f"instance {account}: stream != journal"
+        else:
+            assert journal_events[: len(stream_events)] == stream_events
+        partitions = {published_commands[c] for c in ids if c in published_commands}
+        assert len(partitions) <= 1, f"instance {account} published on several streams"
+        balance = 0
+        for r in records:
+            for env in r.events:
+                event = msgspec.json.decode(env.data)
+                assert event["balance"] == balance + event["amount"], (
+                    f"instance {account}: handling did not see every earlier event"
+                )
+                balance = event["balance"]
+
+
+async def settled(provider: Provider, app_key: str = APP_KEY, *, timeout: float = 10.0) -> Stores:
+    """Wait until every accepted command is published or poisoned and the inbox is processed."""
+    with anyio.fail_after(timeout):
+        while True:
+            stores = await read_stores(provider, app_key)
+            published = {
+                cid for records in stores.stream.values() for r in records for cid in r.command_ids
+            }
+            if stores.fully_processed() and all(
+                cid in published or cid in stores.poison for cid in stores.accepted_ids()
+            ):
+                return stores
+            await anyio.sleep(0.005)

@@ -1,0 +1,488 @@
+"""The commands side end to end on the memory driver: acceptance, aggregates, streams."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+import dogma
+from runkit import ConfigurationError
+from runkit.engine.engine import Engine
+from runkit.engine.inbox import EngineStopped
+from runkit.engine.partitions import partition_id
+from runkit.engine.settings import EngineSettings
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import (
+    APP_KEY,
+    Deposit,
+    Deposited,
+    Notify,
+    check_invariants,
+    read_stores,
+    running,
+    settled,
+    setup,
+    wait_until,
+)
+
+
+def silo() -> MemoryProvider:
+    return MemoryProvider(f"engine-{uuid.uuid4()}")
+
+
+async def test_aggregate_command_is_handled_and_published() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc-1", 10, "r1"))
+        await executor.execute_command(Deposit("acc-1", 5, "r2"))
+        await wait_until(lambda: len(s.accounts.calls) == 2)
+        await settled(provider)
+    assert s.accounts.calls == [("acc-1", "r1", 0), ("acc-1", "r2", 10)]
+    stores = await read_stores(provider)
+    check_invariants(stores)
+    events = stores.all_events()
+    assert [e.description for e in events] == ["Deposited", "Deposited"]
+    # All of one instance's events are on its partition's stream, in order.
+    [(p, _, _, first), (p2, _, _, second)] = stores.published()
+    assert p == p2
+    assert (first, second) == (0, 1)
+
+
+async def test_acceptance_is_durable_before_return() -> None:
+    s = setup()
+    provider = silo()
+    # An engine whose partitions never run: acceptance only.
+    from runkit.engine.ownership import StaticOwnership
+
+    engine = Engine.from_settings(
+        EngineSettings(applications=(s.config,), persistence_provider=provider, partition_count=4)
+    )
+    engine.use_ownership(StaticOwnership())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.executor_for(s.app).execute_command(Deposit("acc-1", 7, "r1"))
+        tg.cancel_scope.cancel()
+    assert s.accounts.calls == []
+    # A new engine on the same store handles it.
+    async with running(MemoryProvider(provider.silo), s.config):
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+        await settled(provider)
+    assert s.accounts.calls == [("acc-1", "r1", 0)]
+
+
+async def test_group_commit_batches_concurrent_commands() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        async with anyio.create_task_group() as tg:
+            for i in range(100):
+                tg.start_soon(executor.execute_command, Deposit(f"acc-{i % 10}", 1, f"r{i}"))
+        await wait_until(lambda: len(s.accounts.calls) == 100)
+        records = (await settled(provider)).inbox[0]
+    assert sum(len(r.entries) for _, r in records) == 100
+    assert len(records) < 100 / 4
+
+
+async def test_instance_commands_are_serialised_and_see_earlier_events() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(executor.execute_command, Deposit("hot", 1, f"r{i}"))
+        await wait_until(lambda: len(s.accounts.calls) == 20)
+        await settled(provider)
+    assert sorted(balance for _, _, balance in s.accounts.calls) == list(range(20))
+    check_invariants(await read_stores(provider))
+
+
+async def test_failing_instance_does_not_block_others() -> None:
+    s = setup()
+    s.accounts.fail["stuck"] = 3
+    provider = silo()
+    async with running(
+        provider, s.config, partition_count=1, retry_base_delay=0.2, retry_max_delay=0.2
+    ) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("slow", 1, "stuck"))
+        for i in range(5):
+            await executor.execute_command(Deposit(f"other-{i}", 1, f"o{i}"))
+        await wait_until(lambda: len(s.accounts.calls) == 5)
+        assert ("slow", "stuck", 0) not in s.accounts.calls
+        await wait_until(lambda: len(s.accounts.calls) == 6)
+        await settled(provider)
+    assert s.accounts.attempts["stuck"] == 4
+    check_invariants(await read_stores(provider))
+
+
+@pytest.mark.parametrize("snapshots", [True, False])
+async def test_snapshots_and_replay_rebuild_the_same_state(snapshots: bool) -> None:
+    s = setup(snapshots=snapshots)
+    provider = silo()
+    async with running(provider, s.config, snapshot_every=3) as engine:
+        executor = engine.executor_for(s.app)
+        for i in range(10):
+            await executor.execute_command(Deposit("acc", i + 1, f"a{i}"))
+        await wait_until(lambda: len(s.accounts.calls) == 10)
+        await settled(provider)
+    async with await provider.keyspaces.open(
+        f"{APP_KEY}/snapshot/c0000000-0000-4000-8000-000000000002"
+    ) as ks:
+        has_snapshot = await ks.has(b"acc")
+    assert has_snapshot is snapshots
+    # A new engine (cold cache) rebuilds the root from snapshot + tail, or replay.
+    async with running(MemoryProvider(provider.silo), s.config) as engine:
+        await engine.executor_for(s.app).execute_command(Deposit("acc", 100, "last"))
+        await wait_until(lambda: len(s.accounts.calls) == 11)
+        await settled(provider)
+    assert s.accounts.calls[-1] == ("acc", "last", 55)
+    check_invariants(await read_stores(provider))
+
+
+async def test_idempotency_key_takes_effect_once_even_across_restarts() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc", 1, "k"), idempotency_key="key-1")
+        await executor.execute_command(Deposit("acc", 1, "k"), idempotency_key="key-1")
+        await executor.execute_command(Deposit("acc", 1, "k2"), idempotency_key="key-2")
+        await wait_until(lambda: len(s.accounts.calls) == 2)
+        await settled(provider)
+    async with running(MemoryProvider(provider.silo), s.config) as engine:
+        await engine.executor_for(s.app).execute_command(
+            Deposit("acc", 1, "k"), idempotency_key="key-1"
+        )
+        await engine.executor_for(s.app).execute_command(Deposit("acc", 1, "k3"))
+        await wait_until(lambda: len(s.accounts.calls) == 3)
+        await settled(provider)
+    assert [ref for _, ref, _ in s.accounts.calls] == ["k", "k2", "k3"]
+    stores = await read_stores(provider)
+    check_invariants(stores)
+    key_1 = str(uuid.uuid5(uuid.UUID(APP_KEY), "key-1"))
+    assert len(stores.events_of(key_1)) == 1
+
+
+async def test_integration_events_kept_only_on_success() -> None:
+    s = setup()
+    s.notifier.fail_after_record[1] = 2
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        await engine.executor_for(s.app).execute_command(Notify(1))
+        await wait_until(lambda: len(s.notifier.calls) == 3)
+        stores = await settled(provider)
+    check_invariants(stores)
+    assert [e.description for e in stores.all_events()] == ["Notified"]
+
+
+async def test_minimize_integration_runs_one_at_a_time() -> None:
+    from engine_commands_harness import Serial
+
+    s = setup()
+    s.serial.delay = 0.005
+    s.notifier.delay = 0.02
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(executor.execute_command, Serial(i))
+                tg.start_soon(executor.execute_command, Notify(i))
+        await wait_until(lambda: len(s.serial.calls) == 10 and len(s.notifier.calls) == 10)
+        await settled(provider)
+    assert s.serial.max_active == 1
+    assert s.notifier.max_active > 1  # MAXIMIZE really runs concurrently
+    check_invariants(await read_stores(provider))
+
+
+async def test_stream_offsets_are_dense_with_correct_headers() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config, partition_count=2) as engine:
+        executor = engine.executor_for(s.app)
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(executor.execute_command, Deposit(f"a{i % 7}", 1, f"r{i}"))
+                tg.start_soon(executor.execute_command, Notify(i))
+        await wait_until(lambda: len(s.accounts.calls) == 40 and len(s.notifier.calls) == 40)
+        stores = await settled(provider)
+    check_invariants(stores)
+    assert len(stores.all_events()) == 80
+    for records in stores.stream.values():
+        positions = [r.inbox_position for r in records]
+        assert positions == sorted(positions)
+
+
+async def test_poison_after_max_attempts_and_at_once_for_bugs() -> None:
+    from runkit.engine.poison import get_poisoned, list_poisoned, requeue
+
+    s = setup()
+    s.accounts.fail["bad"] = 100
+    s.accounts.unexpected.add("bug")
+    s.accounts.unrouted.add("unrouted")
+    provider = silo()
+    async with running(provider, s.config, max_attempts=3, partition_count=2) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("x", 1, "bad"))
+        await executor.execute_command(Deposit("y", 1, "bug"))
+        await executor.execute_command(Deposit("z", 1, "unrouted"))
+        await executor.execute_command(Deposit("x", 2, "after"))
+        await wait_until(lambda: ("x", "after", 0) in s.accounts.calls)
+
+        async def poisoned() -> list:
+            return [p async for p in list_poisoned(provider, APP_KEY, 2)]
+
+        await wait_until(lambda: _len_is(poisoned, 3))
+        entries = {p.record.entry.envelope.description: p for p in await poisoned()}
+        bad = entries["depositing 1 into x"].record
+        assert bad.attempts == 3
+        assert "scripted failure" in bad.error
+        assert s.accounts.attempts["bad"] == 3
+        assert s.accounts.attempts["bug"] == 1
+        assert "UnexpectedMessage" in entries["depositing 1 into y"].record.error
+        assert s.accounts.attempts["unrouted"] == 1
+        assert "no records_event route" in entries["depositing 1 into z"].record.error
+
+        # Requeue: the command runs again (now succeeding) and leaves the poison store.
+        s.accounts.fail["bad"] = 0
+        command_id = entries["depositing 1 into x"].command_id
+        assert await get_poisoned(provider, APP_KEY, 2, command_id) is not None
+        assert await requeue(provider, APP_KEY, 2, command_id)
+        await wait_until(lambda: ("x", "bad", 2) in s.accounts.calls)
+        assert await get_poisoned(provider, APP_KEY, 2, command_id) is None
+        await settled(provider)
+    check_invariants(await read_stores(provider))
+
+
+async def _len_is(fn, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return len(await fn()) == n
+
+
+async def test_messages_are_independent_copies() -> None:
+    s = setup()
+    provider = silo()
+    command = Deposit("acc", 1, "r1")
+    async with running(provider, s.config) as engine:
+        await engine.executor_for(s.app).execute_command(command)
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+        await engine.executor_for(s.app).execute_command(command)
+        await wait_until(lambda: len(s.accounts.calls) == 2)
+    first, second = s.accounts.messages
+    assert first == command
+    assert second == command
+    assert first is not command
+    assert second is not first
+    # The event the handler recorded is not the object applied to the root or published.
+    assert isinstance(s.accounts.events[0], Deposited)
+
+
+async def test_executor_before_run_waits_for_start() -> None:
+    s = setup()
+    provider = silo()
+    engine = Engine.from_settings(
+        EngineSettings(applications=(s.config,), persistence_provider=provider, partition_count=2)
+    )
+    executor = engine.executor_for(s.app)
+    done = anyio.Event()
+
+    async def execute() -> None:
+        await executor.execute_command(Deposit("acc", 1, "early"))
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(execute)
+        await anyio.sleep(0.05)
+        assert not done.is_set()
+        tg.start_soon(engine.run)
+        with anyio.fail_after(5):
+            await done.wait()
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+        await settled(provider)
+        tg.cancel_scope.cancel()
+    with pytest.raises(EngineStopped):
+        await executor.execute_command(Deposit("acc", 1, "late"))
+
+
+async def test_errors_for_unregistered_app_unknown_command_and_invalid_command() -> None:
+    s = setup()
+    engine = Engine.from_settings(
+        EngineSettings(applications=(s.config,), persistence_provider=silo())
+    )
+    with pytest.raises(ValueError, match="not an application registered"):
+        engine.executor_for(object())
+    executor = engine.executor_for(s.app)
+    assert engine.executor_for(s.config) is executor
+
+    @dogma.register_command(
+        "c2000000-0000-4000-8000-000000000001", registry=dogma.MessageTypeRegistry()
+    )
+    class Orphan(dogma.Command):
+        pass
+
+    with pytest.raises(ValueError, match="no handler"):
+        await executor.execute_command(Orphan())
+    with pytest.raises(dogma.ValidationError):
+        await executor.execute_command(Deposit("acc", -1))
+    with pytest.raises(ValueError, match="idempotency_key"):
+        await executor.execute_command(Deposit("acc", 1), idempotency_key="")
+
+
+async def test_run_without_persistence_is_a_clear_error() -> None:
+    s = setup()
+    engine = Engine.from_settings(EngineSettings(applications=(s.config,)))
+    with pytest.raises(ConfigurationError, match="no persistence"):
+        await engine.run()
+
+
+async def test_partition_count_is_fixed_at_first_start() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config, partition_count=3) as engine:
+        assert (await engine.runtime(APP_KEY)).partition_count == 3
+    async with running(MemoryProvider(provider.silo), s.config, partition_count=8) as engine:
+        assert (await engine.runtime(APP_KEY)).partition_count == 3
+
+
+def test_partition_ids_are_uuid5_of_the_app_key() -> None:
+    assert partition_id(APP_KEY, 3) == str(uuid.uuid5(uuid.UUID(APP_KEY), "partition/3"))
+
+
+@dogma.register_command("c3000000-0000-4000-8000-000000000001")
+@attrs.frozen
+class Ping(dogma.Command):
+    n: int
+
+
+@dogma.register_event("c3000000-0000-4000-8000-000000000002")
+@attrs.frozen
+class Pinged(dogma.Event):
+    n: int
+
+
+class Pinger:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def configure(self, c: Any) -> None:
+        c.identity("pinger", "c3000000-0000-4000-8000-000000000003")
+        c.routes(dogma.handles_command(Ping), dogma.records_event(Pinged))
+
+    async def handle_command(self, scope: Any, command: Ping) -> None:
+        self.seen.append(command.n)
+        scope.record_event(Pinged(command.n))
+
+
+class PingApp:
+    def __init__(self) -> None:
+        self.pinger = Pinger()
+
+    def configure(self, c: Any) -> None:
+        c.identity("pingapp", "c3000000-0000-4000-8000-000000000004")
+        c.routes(dogma.via_integration(self.pinger))
+
+
+async def test_engine_from_options() -> None:
+    import runkit._options as options
+
+    app = PingApp()
+    engine = Engine(options.with_application(app), options.with_persistence_provider(silo()))
+    assert [a.identity.name for a in engine.applications] == ["pingapp"]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.executor_for(app).execute_command(Ping(1))
+        await wait_until(lambda: app.pinger.seen == [1])
+        tg.cancel_scope.cancel()
+
+
+async def test_aggregate_commit_conflict_reloads_and_retries() -> None:
+    from datetime import UTC, datetime
+
+    from runkit.engine.aggregates import AggregateInstances
+    from runkit.engine.envelope import new_envelope, register_types
+    from runkit.engine.inbox import InboxEntry
+
+    s = setup()
+    register_types(s.config.message_types())
+    provider = silo()
+    handler = s.config.handler_by_name("accounts")
+    assert handler is not None
+
+    def entry(ref: str) -> InboxEntry:
+        env = new_envelope(
+            Deposit("acc", 1, ref), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+        )
+        return InboxEntry(envelope=env, handler_key=handler.identity.key, instance_id="acc")
+
+    async with anyio.create_task_group() as tg:
+        kwargs = {
+            "site_key": None,
+            "clock": lambda: datetime.now(UTC),
+            "snapshot_every": 100,
+            "cache_size": 10,
+            "background": tg,
+        }
+        node_a = AggregateInstances(provider, APP_KEY, **kwargs)  # type: ignore[arg-type]
+        node_b = AggregateInstances(provider, APP_KEY, **kwargs)  # type: ignore[arg-type]
+        assert len(await node_a.execute(handler, entry("a1"))) == 1  # cached on A
+        assert len(await node_b.execute(handler, entry("b1"))) == 1  # B commits behind A's back
+        first = entry("a2")
+        events = await node_a.execute(handler, first)  # conflict: reload, handle again
+        assert len(events) == 1
+        # The retried handling saw B's event; the stale attempt left no trace.
+        assert s.accounts.calls[-2:] == [("acc", "a2", 1), ("acc", "a2", 2)]
+        # Re-executing a committed command returns its recorded events (dedup).
+        assert await node_b.execute(handler, first) == events
+        assert s.accounts.calls[-1] == ("acc", "a2", 2)
+        await node_a.close()
+        await node_b.close()
+    stores_journal = await provider.journals.open(
+        f"{APP_KEY}/aggregate/{handler.identity.key}/acc"
+    )
+    assert (await stores_journal.bounds()).end == 3
+
+
+async def test_observers_see_events_even_of_a_deduplicated_command() -> None:
+    from engine_commands_harness import REGISTRY, Notified
+
+    s = setup()
+    provider = silo()
+    seen: list[object] = []
+
+    async def saw(event: Deposited) -> bool:
+        seen.append(event)
+        return event.ref == "obs"
+
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        observer = dogma.observe(Deposited, saw, registry=REGISTRY)
+        with anyio.fail_after(5):
+            await executor.execute_command(
+                Deposit("acc", 3, "obs"), idempotency_key="obs", observers=[observer]
+            )
+        assert [e.balance for e in seen] == [3]  # type: ignore[attr-defined]
+        await settled(provider)
+        # The same key again: not handled again, yet the observer gets the original event.
+        with anyio.fail_after(5):
+            await executor.execute_command(
+                Deposit("acc", 3, "obs"), idempotency_key="obs", observers=[observer]
+            )
+        assert len(seen) == 2
+        assert seen[0] == seen[1]
+        assert seen[0] is not seen[1]
+        assert len(s.accounts.calls) == 1
+        # An observed type the command can never cause: not satisfiable, at once.
+        never = dogma.observe(Notified, saw, registry=REGISTRY)
+        with pytest.raises(dogma.EventObserverNotSatisfied):
+            await executor.execute_command(Deposit("acc", 1, "x"), observers=[never])

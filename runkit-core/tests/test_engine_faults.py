@@ -1,0 +1,113 @@
+"""Invariants §9.1-9.3 under injected storage faults, before and after every kind of write."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runkit.persistence import PersistenceError
+from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import (
+    APP_KEY,
+    Deposit,
+    Notify,
+    check_invariants,
+    running,
+    settled,
+    setup,
+)
+
+
+async def _execute_until_accepted(executor, command, key: str) -> None:  # type: ignore[no-untyped-def]
+    # A caller that got an error retries with the same idempotency key (Dogma ADR-31).
+    for _ in range(50):
+        try:
+            await executor.execute_command(command, idempotency_key=key)
+            return
+        except PersistenceError:
+            await anyio.sleep(0.001)
+    raise AssertionError(f"command {key} never accepted")
+
+
+@pytest.mark.parametrize(
+    ("timing", "ops", "kinds"),
+    [
+        (BEFORE, None, ("journal",)),
+        (AFTER, None, ("journal",)),
+        (BEFORE, None, ("keyspace",)),
+        (AFTER, None, ("keyspace",)),
+        (AFTER, ("append",), None),
+    ],
+    ids=["before-journal", "after-journal", "before-keyspace", "after-keyspace", "after-append"],
+)
+async def test_invariants_hold_under_faults_and_restart(
+    timing: object, ops: tuple[str, ...] | None, kinds: tuple[str, ...] | None
+) -> None:
+    s = setup()
+    s.accounts.fail["f3"] = 1  # a handler failure on top of the storage faults
+    inner = MemoryProvider(f"faults-{uuid.uuid4()}")
+    plan = FaultPlan(seed=7)
+    plan.fail(timing, ops=ops, kinds=kinds, probability=0.15)  # type: ignore[arg-type]
+    provider = FaultyProvider(inner, plan)
+
+    async with running(provider, s.config, snapshot_every=2) as engine:
+        executor = engine.executor_for(s.app)
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(
+                    _execute_until_accepted, executor, Deposit(f"a{i % 4}", 1, f"f{i}"), f"d{i}"
+                )
+                tg.start_soon(_execute_until_accepted, executor, Notify(i, f"n{i}"), f"n{i}")
+        # Retries of keys already accepted (maybe already handled) must not repeat effects.
+        for i in range(0, 30, 3):
+            await _execute_until_accepted(executor, Deposit(f"a{i % 4}", 1, f"f{i}"), f"d{i}")
+        await anyio.sleep(0.05)
+    assert plan.injected, "the plan injected no fault"
+
+    # A new engine without faults on the same store finishes whatever is pending.
+    plan.clear()
+    async with running(MemoryProvider(inner.silo), s.config) as engine:
+        stores = await settled(inner)
+    check_invariants(stores)
+    assert not stores.poison
+    for i in range(30):
+        key_id = str(uuid.uuid5(uuid.UUID(APP_KEY), f"d{i}"))
+        assert len(stores.events_of(key_id)) == 1, f"deposit d{i} did not take effect exactly once"
+        notify_id = str(uuid.uuid5(uuid.UUID(APP_KEY), f"n{i}"))
+        assert len(stores.events_of(notify_id)) == 1, f"notify n{i} not published exactly once"
+    balances: dict[str, int] = {}
+    for records in stores.instances.values():
+        for r in records:
+            for env in r.events:
+                balances[env.source_instance] = balances.get(env.source_instance, 0) + 1
+    assert sum(balances.values()) == 30
+
+
+async def test_two_engines_owning_the_same_partitions_never_duplicate() -> None:
+    # Two nodes that both believe they own every partition: OCC must fence them.
+    s = setup()
+    inner = MemoryProvider(f"dual-{uuid.uuid4()}")
+    async with (
+        running(MemoryProvider(inner.silo), s.config, partition_count=2) as one,
+        running(MemoryProvider(inner.silo), s.config, partition_count=2) as two,
+    ):
+        executors = [one.executor_for(s.app), two.executor_for(s.app)]
+        async with anyio.create_task_group() as tg:
+            for i in range(60):
+                executor = executors[i % 2]
+                tg.start_soon(
+                    _execute_until_accepted, executor, Deposit(f"a{i % 3}", 1, f"r{i}"), f"d{i}"
+                )
+                tg.start_soon(_execute_until_accepted, executor, Notify(i, f"n{i}"), f"n{i}")
+        stores = await settled(inner, timeout=30)
+    check_invariants(stores)
+    for i in range(60):
+        key_id = str(uuid.uuid5(uuid.UUID(APP_KEY), f"d{i}"))
+        assert len(stores.events_of(key_id)) == 1

@@ -1,0 +1,311 @@
+"""``wait_for_observers`` (seam 4): satisfied, raising, cancelled, not satisfiable."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+import dogma
+from runkit.config import ApplicationConfig, build
+from runkit.engine.envelope import Envelope, new_envelope, register_types
+from runkit.engine.observers import wait_for_observers
+from runkit.engine.streams import StreamEvent
+
+REGISTRY = dogma.MessageTypeRegistry()
+APP_KEY = "a3000000-0000-4000-8000-000000000001"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@dogma.register_command("c3000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Open(dogma.Command):
+    id: str
+
+
+@dogma.register_command("c3000000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Notify(dogma.Command):
+    id: str
+
+
+@dogma.register_command("c3000000-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class Close(dogma.Command):
+    id: str
+
+
+@dogma.register_event("e3000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Opened(dogma.Event):
+    id: str
+
+
+@dogma.register_event("e3000000-0000-4000-8000-000000000004", registry=REGISTRY)
+@attrs.frozen
+class ReOpened(Opened):
+    pass
+
+
+@dogma.register_event("e3000000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Notified(dogma.Event):
+    id: str
+
+
+@dogma.register_event("e3000000-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class Closed(dogma.Event):
+    id: str
+
+
+class Aggregate:
+    def configure(self, c: Any) -> None:
+        c.identity("accounts", "b3000000-0000-4000-8000-000000000001")
+        c.routes(
+            dogma.handles_command(Open, registry=REGISTRY),
+            dogma.records_event(Opened, registry=REGISTRY),
+            dogma.records_event(ReOpened, registry=REGISTRY),
+        )
+
+    def new(self) -> Any:
+        return None
+
+    def route_command_to_instance(self, command: Any) -> str:
+        return str(command.id)
+
+    def handle_command(self, root: Any, scope: Any, command: Any) -> None:
+        raise AssertionError("not called")
+
+
+class Closer(Aggregate):
+    def configure(self, c: Any) -> None:
+        c.identity("closer", "b3000000-0000-4000-8000-000000000004")
+        c.routes(
+            dogma.handles_command(Close, registry=REGISTRY),
+            dogma.records_event(Closed, registry=REGISTRY),
+        )
+
+
+class Process(dogma.StatelessProcessBehavior, dogma.NoDeadlineMessagesBehavior):
+    async def route_event_to_instance(self, event: Any) -> str | None:
+        raise AssertionError("not called")
+
+    async def handle_event(self, root: Any, scope: Any, event: Any) -> None:
+        raise AssertionError("not called")
+
+    def configure(self, c: Any) -> None:
+        c.identity("proc", "b3000000-0000-4000-8000-000000000002")
+        c.routes(
+            dogma.handles_event(Opened, registry=REGISTRY),
+            dogma.executes_command(Notify, registry=REGISTRY),
+        )
+
+
+class Integration:
+    async def handle_command(self, scope: Any, command: Any) -> None:
+        raise AssertionError("not called")
+
+    def configure(self, c: Any) -> None:
+        c.identity("notifier", "b3000000-0000-4000-8000-000000000003")
+        c.routes(
+            dogma.handles_command(Notify, registry=REGISTRY),
+            dogma.records_event(Notified, registry=REGISTRY),
+        )
+
+
+class App:
+    def configure(self, c: Any) -> None:
+        c.identity("app", APP_KEY)
+        c.routes(
+            dogma.via_aggregate(Aggregate()),
+            dogma.via_aggregate(Closer()),
+            dogma.via_process(Process()),
+            dogma.via_integration(Integration()),
+        )
+
+
+@pytest.fixture(scope="module")
+def app() -> ApplicationConfig:
+    config = build(App(), registry=REGISTRY)
+    register_types(config.message_types())
+    return config
+
+
+def command(cmd: dogma.Command) -> Envelope:
+    return new_envelope(cmd, app_key=APP_KEY, site_key=None, created_at=NOW)
+
+
+def event(e: dogma.Event, correlation: Envelope, offset: int = 0) -> StreamEvent:
+    env = new_envelope(
+        e,
+        app_key=APP_KEY,
+        site_key=None,
+        created_at=NOW,
+        causation_id=correlation.message_id,
+        correlation_id=correlation.correlation_id,
+    )
+    return StreamEvent(str(uuid.uuid4()), offset, env, NOW)
+
+
+class feed:
+    """A plain async iterator (not a generator: nothing to close when abandoned)."""
+
+    def __init__(self, events: Iterable[StreamEvent], *, then_wait: bool = False) -> None:
+        self._events = list(events)
+        self._then_wait = then_wait
+
+    def __aiter__(self) -> feed:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        if self._events:
+            return self._events.pop(0)
+        if self._then_wait:
+            await anyio.sleep_forever()
+        raise StopAsyncIteration
+
+
+class Recorder:
+    def __init__(self, *answers: bool, error: Exception | None = None) -> None:
+        self.answers = list(answers)
+        self.seen: list[Any] = []
+        self.error = error
+
+    async def __call__(self, e: Any) -> bool:
+        self.seen.append(e)
+        if self.error is not None:
+            raise self.error
+        return self.answers.pop(0) if self.answers else False
+
+
+def observe(cls: type[Any], fn: Any) -> dogma.EventObserver[Any]:
+    return dogma.observe(cls, fn, registry=REGISTRY)
+
+
+async def test_returns_when_an_observer_is_satisfied_downstream(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    notified = Recorder(False, True)
+    opened = Recorder()
+    events = [
+        event(Opened("a"), cmd),
+        event(Notified("x"), cmd),
+        event(Notified("y"), cmd),
+        event(Notified("z"), cmd),  # never reached
+    ]
+    await wait_for_observers(
+        app, cmd, Open, [observe(Opened, opened), observe(Notified, notified)], feed(events)
+    )
+    assert opened.seen == [Opened("a")]
+    assert notified.seen == [Notified("x"), Notified("y")]
+
+
+async def test_ignores_other_correlations_and_types(app: ApplicationConfig) -> None:
+    cmd, other = command(Open("a")), command(Open("b"))
+    notified = Recorder(True)
+    events = [event(Notified("other"), other), event(Opened("a"), cmd), event(Notified("a"), cmd)]
+    await wait_for_observers(app, cmd, Open, [observe(Notified, notified)], feed(events))
+    assert notified.seen == [Notified("a")]
+
+
+async def test_subclasses_of_the_observed_type_match(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    opened = Recorder(True)
+    await wait_for_observers(
+        app, cmd, Open, [observe(Opened, opened)], feed([event(ReOpened("a"), cmd)])
+    )
+    assert opened.seen == [ReOpened("a")]
+
+
+async def test_each_observer_gets_its_own_copy(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    first, second = Recorder(False), Recorder(True)
+    await wait_for_observers(
+        app,
+        cmd,
+        Open,
+        [observe(Opened, first), observe(Opened, second)],
+        feed([event(Opened("a"), cmd)]),
+    )
+    assert first.seen == second.seen == [Opened("a")]
+    assert first.seen[0] is not second.seen[0]
+
+
+async def test_an_observer_error_propagates(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    failing = Recorder(error=LookupError("boom"))
+    with pytest.raises(LookupError, match="boom"):
+        await wait_for_observers(
+            app, cmd, Open, [observe(Opened, failing)], feed([event(Opened("a"), cmd)])
+        )
+
+
+async def test_the_caller_can_cancel(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    opened = Recorder(False)
+    with anyio.move_on_after(0.05) as scope:
+        await wait_for_observers(
+            app,
+            cmd,
+            Open,
+            [observe(Opened, opened)],
+            feed([event(Opened("a"), cmd)], then_wait=True),
+        )
+    assert scope.cancelled_caught
+    assert opened.seen == [Opened("a")]
+
+
+async def test_unreachable_observed_types_fail_at_once(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    closed = Recorder(True)
+    consumed = False
+
+    class Events(feed):
+        async def __anext__(self) -> StreamEvent:
+            nonlocal consumed
+            consumed = True
+            return await super().__anext__()
+
+    def events() -> Events:
+        return Events([event(Closed("a"), cmd)])
+
+    with pytest.raises(dogma.EventObserverNotSatisfied, match="Closed"):
+        await wait_for_observers(app, cmd, Open, [observe(Closed, closed)], events())
+    assert not consumed
+    assert closed.seen == []
+    # Notify's chain records only Notified: Opened cannot follow from it.
+    with pytest.raises(dogma.EventObserverNotSatisfied):
+        await wait_for_observers(
+            app, command(Notify("a")), Notify, [observe(Opened, closed)], events()
+        )
+
+
+async def test_unreachable_observers_are_not_fed(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    closed, opened = Recorder(True), Recorder(True)
+    await wait_for_observers(
+        app,
+        cmd,
+        Open,
+        [observe(Closed, closed), observe(Opened, opened)],
+        feed([event(Closed("a"), cmd), event(Opened("a"), cmd)]),
+    )
+    assert closed.seen == []
+    assert opened.seen == [Opened("a")]
+
+
+async def test_events_ending_unsatisfied_raise(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    with pytest.raises(dogma.EventObserverNotSatisfied):
+        await wait_for_observers(
+            app, cmd, Open, [observe(Opened, Recorder(False))], feed([event(Opened("a"), cmd)])
+        )
+
+
+async def test_no_observers_returns_at_once(app: ApplicationConfig) -> None:
+    await wait_for_observers(app, command(Open("a")), Open, [], feed([], then_wait=True))

@@ -1,0 +1,609 @@
+"""Process consumers: routing, the instance record, the outbox, failures and deadlines.
+
+Real streams and stores (memory driver); the commands side is faked by the
+harness's ``accept`` (which, like the real one, deduplicates by command ID).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import msgspec
+import pytest
+
+import dogma
+from runkit.engine.consumers import ConsumerOptions, partition_consumers
+from runkit.engine.deadlines import deadline_journal_name
+from runkit.engine.envelope import Envelope
+from runkit.engine.processes import (
+    InstanceRecord,
+    PoisonedMessage,
+    checkpoint_key,
+    checkpoints_store_name,
+    event_poison_store_name,
+    process_store_name,
+)
+from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_events_harness import Harness, harness, wait_until
+
+REGISTRY = dogma.MessageTypeRegistry()
+APP_KEY = "a2000000-0000-4000-8000-000000000001"
+PROC_KEY = "b2000000-0000-4000-8000-000000000001"
+OPTIONS = ConsumerOptions(
+    retry_initial=0.001,
+    retry_max=0.005,
+    max_attempts=3,
+    checkpoint_interval=0.01,
+    deadline_rescan_interval=0.01,
+)
+
+
+@dogma.register_event("e2000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Step(dogma.Event):
+    id: str
+    n: int
+    schedule_in: float | None = None  # schedule a Tick this many seconds after now()
+    fail: str | None = None  # "always", "twice", "unrouted", "invalid", "unexpected", "end"
+
+
+@dogma.register_event("e2000000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Finished(dogma.Event):
+    id: str
+
+
+@dogma.register_event("e2000000-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class Unrelated(dogma.Event):
+    id: str
+
+
+@dogma.register_command("c2000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class DoThing(dogma.Command):
+    id: str
+    n: int
+
+    def validate(self, scope: dogma.ValidationScope) -> None:
+        if self.n < 0:
+            raise dogma.ValidationError("n must be >= 0")
+
+
+@dogma.register_command("c2000000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class NotMine(dogma.Command):
+    id: str
+
+
+@dogma.register_deadline("d2000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Tick(dogma.Deadline):
+    id: str
+    n: int
+
+
+@attrs.define
+class Root:
+    steps: list[int] = attrs.field(factory=list)
+
+    def process_instance_description(self, ended: bool) -> str:
+        return f"steps {self.steps}"
+
+    def marshal_binary(self) -> bytes:
+        return json.dumps(self.steps).encode()
+
+    def unmarshal_binary(self, data: bytes) -> None:
+        self.steps = json.loads(data)
+
+
+class Process:
+    """Routes by ``id`` ("ignore" = ignore); records steps; executes and schedules."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []  # successful handle_event calls
+        self.calls = 0
+        self.routes = 0
+        self.deadlines: list[tuple[str, int, datetime, datetime]] = []  # id, n, scheduled, now
+        self.failures: dict[int, int] = {}
+        self.after_end_errors: list[str] = []
+        self.delay = 0.0
+
+    def configure(self, c: Any) -> None:
+        c.identity("proc", PROC_KEY)
+        c.routes(
+            dogma.handles_event(Step, registry=REGISTRY),
+            dogma.handles_event(Finished, registry=REGISTRY),
+            dogma.executes_command(DoThing, registry=REGISTRY),
+            dogma.schedules_deadline(Tick, registry=REGISTRY),
+        )
+
+    def new(self) -> Root:
+        return Root()
+
+    async def route_event_to_instance(self, event: dogma.Event) -> str | None:
+        self.routes += 1
+        assert isinstance(event, Step | Finished)
+        return None if event.id == "ignore" else event.id
+
+    async def handle_event(
+        self, root: Root, scope: dogma.ProcessEventScope[Root], event: dogma.Event
+    ) -> None:
+        self.calls += 1
+        assert scope.instance_id == event.id  # type: ignore[attr-defined]
+        assert scope.recorded_at is not None
+        if isinstance(event, Finished):
+            scope.end()
+            ops: list[tuple[str, Callable[[], None]]] = [
+                ("mutate", lambda: scope.mutate(lambda r: None)),
+                ("execute_command", lambda: scope.execute_command(DoThing(event.id, 0))),
+                (
+                    "schedule_deadline",
+                    lambda: scope.schedule_deadline(Tick(event.id, 0), scope.now()),
+                ),
+            ]
+            for name, op in ops:
+                try:
+                    op()
+                except RuntimeError:
+                    self.after_end_errors.append(name)
+            return
+        assert isinstance(event, Step)
+        if self.delay:
+            await anyio.sleep(self.delay)
+        if event.fail == "always" or (event.fail == "twice" and self.failures.get(event.n, 0) < 2):
+            self.failures[event.n] = self.failures.get(event.n, 0) + 1
+            raise RuntimeError(f"handler failure {event.n}")
+        if event.fail == "unexpected":
+            raise dogma.UnexpectedMessage(event)
+        if event.fail == "unrouted":
+            with contextlib.suppress(Exception):  # swallowing it does not hide the bug
+                scope.execute_command(NotMine(event.id))
+            return
+        if event.fail == "invalid":
+            scope.execute_command(DoThing(event.id, -1))
+        n = event.n
+        scope.mutate(lambda r: r.steps.append(n))
+        assert n in root.steps  # the root reflects the change at once
+        scope.execute_command(DoThing(event.id, n))
+        if event.schedule_in is not None:
+            at = scope.now() + timedelta(seconds=event.schedule_in)
+            scope.schedule_deadline(Tick(event.id, n), at)
+        if event.fail == "end":
+            scope.end()
+        self.events.append((event.id, n))
+
+    async def handle_deadline(
+        self, root: Root, scope: dogma.ProcessDeadlineScope[Root], deadline: dogma.Deadline
+    ) -> None:
+        assert isinstance(deadline, Tick)
+        assert scope.instance_id == deadline.id
+        self.deadlines.append((deadline.id, deadline.n, scope.scheduled_for, scope.now()))
+        n = 1000 + deadline.n
+        scope.mutate(lambda r: r.steps.append(n))
+        scope.execute_command(DoThing(deadline.id, n))
+
+
+@attrs.frozen
+class App:
+    process: Process
+
+    def configure(self, c: Any) -> None:
+        c.identity("app", APP_KEY)
+        c.routes(dogma.via_process(self.process))
+
+
+async def start(h: Harness, tg: Any, *, provider: Any = None) -> Any:
+    consumers = partition_consumers(h.app, h.settings, options=OPTIONS)
+    for i in range(h.partitions):
+        await tg.start(consumers.run_partition, h.ctx(i, provider))
+    return consumers
+
+
+async def record(h: Harness, instance: str) -> InstanceRecord | None:
+    async with await h.provider.keyspaces.open(process_store_name(APP_KEY, PROC_KEY)) as ks:
+        data, _ = await ks.get(instance.encode())
+    return msgspec.msgpack.decode(data, type=InstanceRecord) if data else None
+
+
+async def dispatched(h: Harness, *instances: str) -> bool:
+    """Whether the instances' records exist and their outboxes are empty."""
+    for instance in instances:
+        r = await record(h, instance)
+        if r is None or r.has_outbox:
+            return False
+    return True
+
+
+async def steps(h: Harness, instance: str) -> list[int]:
+    r = await record(h, instance)
+    return [] if r is None or r.root is None else json.loads(r.root)
+
+
+async def poisoned(h: Harness, partition: int = 0) -> dict[str, PoisonedMessage]:
+    name = event_poison_store_name(APP_KEY, partition)
+    async with await h.provider.keyspaces.open(name) as ks:
+        return {
+            k.decode(): msgspec.msgpack.decode(v, type=PoisonedMessage)
+            async for k, v, _ in ks.range()
+        }
+
+
+def commands(h: Harness) -> list[tuple[str, int]]:
+    out = []
+    for env in h.accepted:
+        msg = json.loads(env.data)
+        out.append((msg["id"], msg["n"]))
+    return sorted(out)
+
+
+def derived_id(cause: Envelope, kind: str, index: int) -> str:
+    return str(uuid.uuid5(uuid.UUID(cause.message_id), f"{PROC_KEY}/{kind}/{index}"))
+
+
+async def test_handles_events_mutates_roots_and_executes_commands() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        [e1, e2] = await h.publish(Step("a", 1), Step("a", 2), partition=0)
+        [e3] = await h.publish(Step("b", 3), partition=1)
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 3)
+        assert await steps(h, "a") == [1, 2]
+        assert await steps(h, "b") == [3]
+        assert commands(h) == [("a", 1), ("a", 2), ("b", 3)]
+        by_cause = {env.causation_id: env for env in h.accepted}
+        for cause in (e1, e2, e3):
+            env = by_cause[cause.message_id]
+            assert env.message_id == derived_id(cause, "command", 0)
+            assert env.correlation_id == cause.correlation_id
+            assert env.source_handler == PROC_KEY
+        assert by_cause[e3.message_id].source_instance == "b"
+        r = await record(h, "a")
+        assert r is not None
+        assert r.positions == {h.streams[0].stream_id: 1}
+        assert not r.commands
+        assert not r.deadlines  # the outbox is cleared after dispatch
+        tg.cancel_scope.cancel()
+
+
+async def test_ignored_and_unrouted_events_are_not_handled() -> None:
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step("ignore", 1), Unrelated("a"), Step("a", 2))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)
+        assert p.routes == 2  # Unrelated is not routed to the handler at all
+        assert p.calls == 1
+        assert await record(h, "ignore") is None
+        tg.cancel_scope.cancel()
+
+
+async def test_ended_instances_never_handle_again() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await h.publish(Step("a", 1, schedule_in=10), Finished("a"), partition=0)
+        await start(h, tg)
+        await wait_until(lambda: p.calls == 2)
+        await h.publish(Step("a", 2), partition=1)  # another partition, after the end
+        await h.publish(Step("b", 3), partition=1)
+        await wait_until(lambda: len(h.accepted) == 2)
+        h.clock.advance(60)  # the deadline scheduled before end() is cancelled
+        await anyio.sleep(0.05)
+        assert p.calls == 2 + 1
+        assert p.after_end_errors == ["mutate", "execute_command", "schedule_deadline"]
+        assert p.deadlines == []
+        r = await record(h, "a")
+        assert r is not None
+        assert r.ended
+        assert r.root is None
+        assert r.pending_deadlines == []
+        assert commands(h) == [("a", 1), ("b", 3)]
+        tg.cancel_scope.cancel()
+
+
+async def test_commands_executed_before_end_still_go_out() -> None:
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step("a", 1, fail="end"), Step("a", 2))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)
+        await anyio.sleep(0.02)
+        assert commands(h) == [("a", 1)]
+        assert p.calls == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_redelivery_from_an_old_checkpoint_is_harmless() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY, partitions=1) as h:
+        await h.publish(Step("a", 1), Step("b", 2), Step("a", 3))
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await wait_until(lambda: len(h.accepted) == 3)
+            tg.cancel_scope.cancel()
+        # Lose the checkpoint: everything is redelivered.
+        async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
+            await ks.set_unconditional(checkpoint_key(PROC_KEY, h.streams[0].stream_id), b"")
+        accept_calls = h.accept_calls
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await h.publish(Step("a", 4))
+            await wait_until(lambda: len(h.accepted) == 4)
+            await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        assert p.calls == 4
+        assert h.accept_calls == accept_calls + 1
+        assert await steps(h, "a") == [1, 3, 4]
+
+
+async def test_checkpoint_advances_in_the_background() -> None:
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step("a", 1), Unrelated("x"), Step("ignore", 0))
+        await start(h, tg)
+        key = checkpoint_key(PROC_KEY, h.streams[0].stream_id)
+
+        async def saved() -> bool:
+            async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
+                data, _ = await ks.get(key)
+            return bool(data) and msgspec.msgpack.decode(data) == 3
+
+        await wait_until(saved)
+        tg.cancel_scope.cancel()
+
+
+async def test_one_instance_fed_from_two_partitions_handles_each_event_once() -> None:
+    p = Process()
+    p.delay = 0.001  # widen the window between load and commit
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await start(h, tg)
+        for n in range(10):
+            await h.publish(Step("a", n), partition=n % 2)
+        await wait_until(lambda: len(h.accepted) == 10)
+        await anyio.sleep(0.02)
+        assert sorted(await steps(h, "a")) == list(range(10))
+        assert commands(h) == [("a", n) for n in range(10)]
+        tg.cancel_scope.cancel()
+
+
+async def test_transient_handler_failures_are_retried() -> None:
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step("a", 1, fail="twice"), Step("a", 2))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 2)
+        assert p.failures == {1: 2}
+        assert await steps(h, "a") == [1, 2]
+        assert await poisoned(h) == {}
+        tg.cancel_scope.cancel()
+
+
+async def test_persistent_failures_are_poisoned_after_max_attempts() -> None:
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        [bad, _] = await h.publish(Step("a", 1, fail="always"), Step("a", 2))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)
+        assert p.failures == {1: OPTIONS.max_attempts}
+        assert await steps(h, "a") == [2]  # the instance was not blocked
+        [(key, poison)] = (await poisoned(h)).items()
+        assert key == f"{PROC_KEY}/event/{h.streams[0].stream_id}/0"
+        assert poison.attempts == OPTIONS.max_attempts
+        assert poison.offset == 0
+        assert "handler failure 1" in poison.error
+        assert msgspec.msgpack.decode(poison.envelope, type=Envelope) == bad
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("bug", ["unrouted", "invalid", "unexpected"])
+async def test_bugs_are_poisoned_at_once(bug: str) -> None:
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step("a", 1, fail=bug), Step("a", 2))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)
+        assert commands(h) == [("a", 2)]
+        poison = await poisoned(h)
+        assert len(poison) == 1
+        assert next(iter(poison.values())).attempts == 1
+        assert p.calls == 2
+        tg.cancel_scope.cancel()
+
+
+async def test_a_failed_dispatch_is_repaired_with_the_same_command_ids() -> None:
+    p = Process()
+    failures = 2
+
+    def fail(envelopes: Any) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionError("the inbox is unreachable")
+
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        h.accept_fault = fail
+        [cause] = await h.publish(Step("a", 1))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)
+        assert h.accepted[0].message_id == derived_id(cause, "command", 0)
+        assert h.accept_calls == 3
+        assert p.calls == 1  # committed once; only the outbox was dispatched again
+        r = await record(h, "a")
+        assert r is not None
+        assert not r.commands
+        tg.cancel_scope.cancel()
+
+
+# --- deadlines ------------------------------------------------------------------------
+
+
+async def deadline_bounds(h: Harness, partition: int) -> tuple[int, int]:
+    async with await h.provider.journals.open(deadline_journal_name(APP_KEY, partition)) as j:
+        b = await j.bounds()
+    return b.begin, b.end
+
+
+async def test_deadlines_fire_never_early_and_promptly_once_due() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await start(h, tg)
+        start_time = h.clock()
+        await h.publish(Step("a", 1, schedule_in=60), partition=0)
+        await wait_until(lambda: dispatched(h, "a"))
+        home = h.ctx(0).partition_of(f"{PROC_KEY}/a")
+        assert await deadline_bounds(h, home) == (0, 1)
+        h.clock.advance(59.999)
+        await anyio.sleep(0.05)  # several rescan intervals
+        assert p.deadlines == []
+        h.clock.advance(0.001)
+        await wait_until(lambda: len(p.deadlines) == 1)
+        [(instance, n, scheduled_for, now)] = p.deadlines
+        assert (instance, n) == ("a", 1)
+        assert scheduled_for == start_time + timedelta(seconds=60)
+        assert now >= scheduled_for
+        await wait_until(lambda: len(h.accepted) == 2)
+        assert commands(h) == [("a", 1), ("a", 1001)]
+        assert await steps(h, "a") == [1, 1001]
+        r = await record(h, "a")
+        assert r is not None
+        assert r.pending_deadlines == []
+        await anyio.sleep(0.02)
+        assert await deadline_bounds(h, home) == (1, 1)  # fired: truncated
+        assert len(p.deadlines) == 1
+        tg.cancel_scope.cancel()
+
+
+async def test_due_deadlines_wake_the_timer_without_waiting_for_a_rescan() -> None:
+    p = Process()
+    options = attrs.evolve(OPTIONS, deadline_rescan_interval=3600)
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        consumers = partition_consumers(h.app, h.settings, options=options)
+        for i in range(h.partitions):
+            await tg.start(consumers.run_partition, h.ctx(i))
+        await h.publish(Step("a", 1, schedule_in=0), partition=1)
+        await wait_until(lambda: len(p.deadlines) == 1, timeout=2)
+        tg.cancel_scope.cancel()
+
+
+async def test_deadlines_of_an_instance_fire_in_scheduled_order() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await start(h, tg)
+        await h.publish(Step("a", 3, schedule_in=30), partition=0)
+        await h.publish(Step("a", 1, schedule_in=10), partition=1)
+        await h.publish(Step("a", 2, schedule_in=20), partition=0)
+        await wait_until(lambda: len(h.accepted) == 3)
+        await wait_until(lambda: dispatched(h, "a"))
+        h.clock.advance(100)
+        await wait_until(lambda: len(p.deadlines) == 3)
+        assert [n for _, n, _, _ in p.deadlines] == [1, 2, 3]
+        tg.cancel_scope.cancel()
+
+
+async def test_deadline_heap_is_rebuilt_after_restart() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h:
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await h.publish(Step("a", 1, schedule_in=60), Step("b", 2, schedule_in=5))
+            await wait_until(lambda: dispatched(h, "a", "b"))
+            tg.cancel_scope.cancel()
+        h.clock.advance(3600)  # both became due while nothing ran
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await wait_until(lambda: len(p.deadlines) == 2)
+            await anyio.sleep(0.03)
+            tg.cancel_scope.cancel()
+        assert sorted((i, n) for i, n, _, _ in p.deadlines) == [("a", 1), ("b", 2)]
+        # And a third run finds nothing left to fire.
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await anyio.sleep(0.03)
+            tg.cancel_scope.cancel()
+        assert len(p.deadlines) == 2
+
+
+# --- fault injection ------------------------------------------------------------------
+
+
+def _process_writes(name: str) -> bool:
+    # Checkpoint writes are left out: they run on a timer, so "the nth write"
+    # would not be reproducible.
+    return "/process/" in name or "/deadlines/" in name
+
+
+FAULTS = [
+    pytest.param(timing, op, nth, id=f"{timing.value}-{op}-{nth}")
+    for timing in (BEFORE, AFTER)
+    for op, count in (("set", 8), ("append", 2), ("truncate", 1))
+    for nth in range(1, count + 1)
+]
+
+
+@pytest.mark.parametrize(("timing", "op", "nth"), FAULTS)
+async def test_effects_are_exactly_once_under_write_faults(
+    timing: Timing, op: str, nth: int
+) -> None:
+    p = Process()
+    plan = FaultPlan(seed=nth)
+    rule = plan.fail(timing, ops={op}, names=_process_writes, nth=nth)
+    inner = MemoryProvider(str(uuid.uuid4()))
+    async with (
+        harness(App(p), registry=REGISTRY, provider=inner) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg, provider=FaultyProvider(inner, plan))
+        await h.publish(Step("a", 1, schedule_in=5), Step("b", 2), partition=0)
+        await h.publish(Step("a", 3, schedule_in=5), partition=1)
+        await wait_until(lambda: len(h.accepted) == 3)
+        await h.publish(Finished("b"), partition=1)
+        await wait_until(lambda: p.calls >= 4)
+        await wait_until(lambda: dispatched(h, "a", "b"))
+        h.clock.advance(10)
+        await wait_until(lambda: len(h.accepted) == 5)
+        await h.publish(Step("b", 4), Step("a", 5), partition=0)
+        await wait_until(lambda: len(h.accepted) == 6)
+        await anyio.sleep(0.03)
+        assert rule.injected == 1
+        assert commands(h) == [("a", 1), ("a", 3), ("a", 5), ("a", 1001), ("a", 1003), ("b", 2)]
+        assert sorted(await steps(h, "a")) == [1, 3, 5, 1001, 1003]
+        assert sorted(n for _, n, _, _ in p.deadlines) == [1, 3]
+        r = await record(h, "b")
+        assert r is not None
+        assert r.ended
+        assert await poisoned(h, 0) == {}
+        assert await poisoned(h, 1) == {}
+        tg.cancel_scope.cancel()

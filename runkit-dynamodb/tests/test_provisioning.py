@@ -1,0 +1,159 @@
+"""Table provisioning, lazy creation, and the provider's lifecycle against moto."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import boto3
+import pytest
+
+from runkit.persistence import PersistenceError
+from runkit.testing.moto import MotoServer
+from runkit_dynamodb import DynamoDBProvider
+
+pytestmark = pytest.mark.dynamodb
+
+
+def tables(raw: Any, prefix: str) -> list[str]:
+    names: list[str] = raw.list_tables()["TableNames"]
+    return sorted(n for n in names if n.startswith(prefix + "-"))
+
+
+async def test_provision_creates_pay_per_request_tables(url: str, prefix: str, raw: Any) -> None:
+    """provision() creates the three tables with the documented key schema."""
+    async with DynamoDBProvider.from_url(url) as provider:
+        await provider.provision()
+    assert tables(raw, prefix) == [f"{prefix}-journal", f"{prefix}-keyspace", f"{prefix}-set"]
+    for name in tables(raw, prefix):
+        table = raw.describe_table(TableName=name)["Table"]
+        assert table["TableStatus"] == "ACTIVE"
+        assert table["BillingModeSummary"]["BillingMode"] == "PAY_PER_REQUEST"
+        assert sorted((k["AttributeName"], k["KeyType"]) for k in table["KeySchema"]) == [
+            ("k", "RANGE"),
+            ("n", "HASH"),
+        ]
+        definitions = table["AttributeDefinitions"]
+        assert sorted((a["AttributeName"], a["AttributeType"]) for a in definitions) == [
+            ("k", "B"),
+            ("n", "B"),
+        ]
+
+
+async def test_provision_is_idempotent(
+    url: str, session: boto3.session.Session, requests: Any
+) -> None:
+    """A second provision() only describes the existing tables."""
+    async with DynamoDBProvider.from_url(url, session=session) as provider:
+        await provider.provision()
+        assert requests.take() == {"DescribeTable": 6, "CreateTable": 3}
+        await provider.provision()
+        assert requests.take() == {"DescribeTable": 3}
+
+
+async def test_concurrent_provisioning(url: str, prefix: str, raw: Any) -> None:
+    """Several providers provisioning and opening at once all succeed (ResourceInUse is fine)."""
+    providers = [DynamoDBProvider.from_url(url) for _ in range(4)]
+
+    async def use(provider: DynamoDBProvider) -> None:
+        await provider.provision()
+        set_ = await provider.sets.open("s")
+        await set_.add(b"m")
+
+    async with anyio.create_task_group() as tg:
+        for provider in providers:
+            tg.start_soon(use, provider)
+    for provider in providers:
+        await provider.close()
+    assert len(tables(raw, prefix)) == 3
+
+
+async def test_tables_created_on_first_use(url: str, prefix: str, raw: Any) -> None:
+    """Without provision(), the first operation on a store kind creates its table."""
+    async with DynamoDBProvider.from_url(url) as provider:
+        journal = await provider.journals.open("j")
+        assert tables(raw, prefix) == []  # open does no I/O
+        await journal.append(0, b"x")
+        assert tables(raw, prefix) == [f"{prefix}-journal"]
+        keyspace = await provider.keyspaces.open("k")
+        assert await keyspace.get(b"k") == (b"", "")
+        assert tables(raw, prefix) == [f"{prefix}-journal", f"{prefix}-keyspace"]
+        assert await journal.get(0) == b"x"
+
+
+async def test_first_use_races(url: str, prefix: str, raw: Any) -> None:
+    """Many tasks hitting a missing table at once provision it once and all succeed."""
+    async with DynamoDBProvider.from_url(url) as provider:
+        set_ = await provider.sets.open("s")
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(set_.add, bytes([i + 1]))
+        assert sorted([m async for m in set_.range()]) == [bytes([i + 1]) for i in range(8)]
+    assert tables(raw, prefix) == [f"{prefix}-set"]
+
+
+async def test_foreign_table_is_refused(url: str, prefix: str, raw: Any) -> None:
+    """A table of the same name but another key schema is reported, not used."""
+    raw.create_table(
+        TableName=f"{prefix}-set",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    async with DynamoDBProvider.from_url(url) as provider:
+        with pytest.raises(PersistenceError) as info:
+            await provider.provision()
+    assert str(info.value) == (
+        f"table '{prefix}-set' exists but is not a runkit set table: expected the "
+        "binary partition key 'n' and the binary sort key 'k'"
+    )
+
+
+async def test_closed_provider_refuses_work(url: str) -> None:
+    """After close() (idempotent), the provider and its handles raise PersistenceError."""
+    provider = DynamoDBProvider.from_url(url)
+    journal = await provider.journals.open("j")
+    await journal.append(0, b"x")
+    await provider.close()
+    await provider.close()
+    message = rf"^<DynamoDBProvider '{provider.table_prefix}' at http://\S+ \(closed\)> is closed$"
+    with pytest.raises(PersistenceError, match=message):
+        await journal.get(0)
+    with pytest.raises(PersistenceError, match=message):
+        await provider.journals.open("j")
+    with pytest.raises(PersistenceError, match=message):
+        await provider.provision()
+
+
+async def test_closed_handle(provider: DynamoDBProvider) -> None:
+    """A closed handle refuses work; other handles of the name carry on."""
+    first = await provider.keyspaces.open("k")
+    second = await provider.keyspaces.open("k")
+    await first.close()
+    await first.close()
+    with pytest.raises(PersistenceError, match=r"^keyspace 'k': handle is closed$"):
+        await first.has(b"x")
+    assert not await second.has(b"x")
+
+
+async def test_given_client_is_used_and_not_closed(moto: MotoServer, prefix: str) -> None:
+    """A caller's client is used as is and stays open after the provider closes."""
+    client = boto3.client("dynamodb", **moto.client_kwargs())
+    async with DynamoDBProvider(prefix, client=client) as provider:
+        set_ = await provider.sets.open("s")
+        assert await set_.try_add(b"m")
+    assert f"{prefix}-set" in client.list_tables()["TableNames"]
+    client.close()
+
+
+async def test_no_region(moto: MotoServer, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without any region, the first operation says how to set one."""
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    async with DynamoDBProvider.from_url(f"dynamodb://{moto.netloc}/{prefix}?insecure=1") as p:
+        set_ = await p.sets.open("s")
+        with pytest.raises(PersistenceError) as info:
+            await set_.has(b"m")
+    assert str(info.value) == (
+        "set 's': no AWS region configured: add '?region=...' to the dynamodb URL, "
+        "pass region=..., or set AWS_REGION"
+    )

@@ -1,0 +1,175 @@
+"""Cancelling an operation (an anyio cancel scope) cancels its statement server-side.
+
+The statement under test is an append blocked behind the journal's row lock,
+held by another session: if the cancel did not reach the server, the append
+would complete as soon as the lock is released.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import psycopg
+import pytest
+from psycopg import sql
+
+from runkit.persistence import Interval, Journal
+from runkit_postgres import PostgresProvider
+
+pytestmark = pytest.mark.postgres
+
+
+def _rows(dsn: str, statement: bytes, *params: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cursor = conn.execute(statement, params or None)
+        return cursor.fetchall() if cursor.description else []
+
+
+async def sessions(dsn: str, application_name: str) -> list[tuple[object, ...]]:
+    """``(pid, state, wait_event_type)`` of each session of *application_name*."""
+    statement = (
+        b"SELECT pid, state, wait_event_type FROM pg_stat_activity"
+        b" WHERE application_name = %s ORDER BY pid"
+    )
+    return await anyio.to_thread.run_sync(_rows, dsn, statement, application_name)
+
+
+async def wait_for_lock_wait(dsn: str, application_name: str) -> None:
+    # Polling: the server offers no notification for "a session started waiting".
+    while True:
+        if any(s[2] == "Lock" for s in await sessions(dsn, application_name)):
+            return
+        await anyio.sleep(0.01)
+
+
+class RowLock:
+    """Another session holding the journal row lock (FOR UPDATE) until released."""
+
+    def __init__(self, dsn: str, schema: str, name: str) -> None:
+        self._conn = psycopg.connect(dsn)
+        statement = sql.SQL("SELECT FROM {}.journals WHERE name = %s FOR UPDATE")
+        self._conn.execute(statement.format(sql.Identifier(schema)), (name.encode(),))
+
+    def release(self) -> None:
+        """Commit, releasing the lock. Idempotent."""
+        if not self._conn.closed:
+            self._conn.commit()
+            self._conn.close()
+
+
+@pytest.fixture
+def app_name() -> str:
+    return f"cancel-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def single(
+    postgres_dsn: str, postgres_schema: str, app_name: str
+) -> AsyncIterator[PostgresProvider]:
+    """A provider with exactly one connection, so reuse of that connection is visible."""
+    dsn = f"{postgres_dsn} application_name={app_name}"
+    async with PostgresProvider(
+        dsn, schema=postgres_schema, pool_min_size=1, pool_max_size=1, pool_timeout=10
+    ) as provider:
+        yield provider
+
+
+async def test_cancelled_append_is_cancelled_server_side_and_connection_is_reused(
+    postgres_dsn: str, postgres_schema: str, app_name: str, single: PostgresProvider
+) -> None:
+    journal = await single.journals.open("j")
+    await journal.append(0, b"<zero>")
+    [(pid, _, _)] = await sessions(postgres_dsn, app_name)
+    lock = await anyio.to_thread.run_sync(RowLock, postgres_dsn, postgres_schema, "j")
+    try:
+        scope = anyio.CancelScope()
+
+        async def append() -> None:
+            with scope:
+                await journal.append(1, b"<blocked>")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(append)
+            await wait_for_lock_wait(postgres_dsn, app_name)
+            scope.cancel()
+        assert scope.cancelled_caught
+        # The statement is gone from the server while the lock is still held...
+        assert await sessions(postgres_dsn, app_name) == [(pid, "idle", "Client")]
+    finally:
+        await anyio.to_thread.run_sync(lock.release)
+    # ... so releasing the lock does not let it complete.
+    assert await journal.bounds() == Interval(0, 1)
+    # The same connection serves the next operation.
+    await journal.append(1, b"<one>")
+    assert await journal.get(1) == b"<one>"
+    assert [s[0] for s in await sessions(postgres_dsn, app_name)] == [pid]
+
+
+async def test_timeout_cancels_an_operation_waiting_for_a_connection(
+    postgres_dsn: str, postgres_schema: str, app_name: str, single: PostgresProvider
+) -> None:
+    journal = await single.journals.open("j")
+    lock = await anyio.to_thread.run_sync(RowLock, postgres_dsn, postgres_schema, "j")
+    outcome: list[str] = []
+    try:
+
+        async def blocked_append() -> None:
+            await journal.append(0, b"<zero>")
+            outcome.append("appended")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(blocked_append)
+            await wait_for_lock_wait(postgres_dsn, app_name)
+            # The only connection is busy: this waits in the pool until cancelled.
+            with anyio.move_on_after(0.2) as scope:
+                await journal.bounds()
+            assert scope.cancelled_caught
+            await anyio.to_thread.run_sync(lock.release)
+    finally:
+        await anyio.to_thread.run_sync(lock.release)
+    assert outcome == ["appended"]
+    assert await journal.bounds() == Interval(0, 1)
+
+
+async def test_cancelling_many_operations_leaves_the_pool_usable(
+    postgres_dsn: str, postgres_schema: str
+) -> None:
+    async with PostgresProvider(
+        postgres_dsn, schema=postgres_schema, pool_max_size=3, pool_timeout=10
+    ) as provider:
+        journal = await provider.journals.open("j")
+        for position in range(50):
+            await journal.append(position, b"<r>")
+
+        async def reader(handle: Journal) -> None:
+            while True:
+                async for _ in handle.range(0):
+                    await anyio.lowlevel.checkpoint()
+
+        for _ in range(5):
+            with anyio.move_on_after(0.05):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(8):
+                        tg.start_soon(reader, journal)
+        await journal.append(50, b"<last>")
+        assert [p async for p, _ in journal.range(45)] == [45, 46, 47, 48, 49, 50]
+
+
+async def test_cancelled_range_leaves_the_journal_usable(single: PostgresProvider) -> None:
+    single.page_rows = 2  # type: ignore[misc]  # instance override of the class default
+    journal = await single.journals.open("j")
+    for position in range(6):
+        await journal.append(position, b"<r>")
+    seen: list[int] = []
+    with anyio.CancelScope() as scope:
+        async for position, _ in journal.range(0):
+            seen.append(position)
+            if position == 2:
+                scope.cancel()
+                await anyio.lowlevel.checkpoint()
+    assert seen == [0, 1, 2]
+    assert await journal.bounds() == Interval(0, 6)

@@ -1,0 +1,350 @@
+"""Journals on S3: one object per record, keyed by position, plus a metadata object.
+
+Layout (see ``_layout``): ``m`` holds ``begin`` (the truncation point) and a
+fresh token, and is only ever replaced with ``If-Match`` (or created with
+``If-None-Match: *``); ``r/<position>`` holds the record, written once with
+``If-None-Match: *``. ``end`` is not stored: it is one past the last record.
+
+Invariants (``b`` = begin in ``m``, ``e`` = end):
+
+1. ``b`` never decreases, and ``e`` never decreases.
+2. Every position in ``[b, e)`` has a record object; no position ``>= e`` has one.
+   Objects below ``b`` are garbage (truncated, or left by a failed write) that
+   readers ignore and compaction deletes.
+
+Append at ``pos`` (the protocol; ``docs/drivers/s3.md`` has the argument):
+
+1. *Pre-read* ``m``: ``pos < b`` is a conflict, nothing written. Establish
+   ``pos <= e`` (so step 2 can never write past the end and break invariant 2):
+   ``pos == 0``, ``pos <= b``, ``pos <=`` a previously observed end (``e`` only
+   grows), or ``r/<pos-1>`` exists (HEAD, in parallel with the pre-read).
+2. PUT ``r/<pos>`` with ``If-None-Match: *``. 412/409 means ``pos < e``: conflict.
+   Success means the object was absent, so ``pos == e`` -- unless compaction had
+   deleted it, i.e. a truncation moved ``b`` past ``pos`` while we were not looking
+   (the Go driver's lost append).
+3. *Post-read* ``m``: ``b <= pos`` now means ``b <= pos`` at the PUT (``b`` only
+   grows), so the record is live: acknowledged. ``b > pos`` means a truncation
+   past ``pos`` raced this append; the record is garbage either way, so it is
+   deleted and the outcome reported as ambiguous (it may have been appended and
+   then truncated). A stale handle whose position was truncated *before* it
+   called ``append`` always stops at step 1 with ``Conflict``.
+
+Truncate: CAS ``m`` to the new ``begin`` (re-reading on 412/409), then compact:
+list ``r/`` from the start and delete every key below ``begin``. Readers check
+``begin`` themselves, so records are invisible as soon as the CAS lands, and a
+retried truncate (or any later one) finishes a compaction that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import msgspec
+
+from runkit.persistence import (
+    MAX_POSITION,
+    Conflict,
+    Interval,
+    Journal,
+    PersistenceError,
+    RecordNotFound,
+    check_position,
+)
+
+from ._client import Blob, ConditionFailed, S3Objects
+from ._layout import JournalKeys
+
+if TYPE_CHECKING:
+    from ._provider import S3Provider
+
+__all__ = ["JournalState", "S3Journal"]
+
+#: ``range`` fetches up to this many records concurrently (batches grow 1, 2, 4, ...).
+MAX_PREFETCH: Final = 32
+
+
+class _Meta(msgspec.Struct, forbid_unknown_fields=False):
+    """The body of a journal's metadata object."""
+
+    begin: int
+    token: str  # never repeats, so every write changes the ETag
+
+
+_encode_meta = msgspec.json.Encoder().encode
+_decode_meta = msgspec.json.Decoder(_Meta).decode
+
+
+class JournalState:
+    """What a provider has learned about one journal: lower bounds of begin and end.
+
+    Both only ever grow on the backend, so any value once observed stays a
+    valid lower bound forever; shared by every handle of the name in a provider.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._begin = 0
+        self._end = 0
+
+    def get(self) -> tuple[int, int]:
+        """Return ``(begin, end)`` lower bounds."""
+        with self._lock:
+            return self._begin, self._end
+
+    def observe(self, *, begin: int = 0, end: int = 0) -> None:
+        """Record that begin was at least *begin* and end at least *end*."""
+        with self._lock:
+            self._begin = max(self._begin, begin)
+            self._end = max(self._end, end, self._begin)
+
+
+class S3Journal(Journal):
+    """A journal handle; safe to share between tasks."""
+
+    def __init__(
+        self, provider: S3Provider, name: str, keys: JournalKeys, state: JournalState
+    ) -> None:
+        self._provider = provider
+        self._name = name
+        self._keys = keys
+        self._state = state
+        self._closed = False
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def close(self) -> None:
+        self._closed = True
+
+    def __repr__(self) -> str:
+        state = " (closed)" if self._closed else ""
+        return f"<s3 journal {self._name!r}{state}>"
+
+    def _objects(self) -> S3Objects:
+        if self._closed:
+            raise PersistenceError(f"journal {self._name!r}: handle is closed")
+        return self._provider._objects()
+
+    async def _read_meta(self, objects: S3Objects) -> tuple[int, str | None]:
+        """Return ``(begin, etag)`` of the metadata object (``(0, None)`` if absent)."""
+        blob = await objects.get(self._keys.meta)
+        if blob is None:
+            return 0, None
+        try:
+            begin = _decode_meta(blob.body).begin
+        except msgspec.ValidationError as exc:
+            raise PersistenceError(
+                f"journal {self._name!r}: corrupt metadata object {self._keys.meta!r}: {exc}"
+            ) from None
+        self._state.observe(begin=begin)
+        return begin, blob.etag
+
+    async def bounds(self) -> Interval:
+        objects = self._objects()
+        cached_begin, cached_end = self._state.get()
+        start = max(cached_begin, cached_end)  # both are lower bounds of end
+        begin = 0
+        last = -1
+
+        async def read_begin() -> None:
+            nonlocal begin
+            begin, _ = await self._read_meta(objects)
+
+        async def find_last() -> None:
+            nonlocal last
+            last = await self._last_position(objects, start)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_begin)
+            tg.start_soon(find_last)
+        # Records below begin may still be listed (compaction pending); they
+        # never lie above the end, so they cannot inflate it.
+        end = max(begin, start, last + 1)
+        self._state.observe(begin=begin, end=end)
+        return Interval(begin, end)
+
+    async def _last_position(self, objects: S3Objects, start: int) -> int:
+        """The highest position with an object at or above *start*, or -1."""
+        after = self._keys.record(start - 1) if start > 0 else None
+        last = -1
+        token: str | None = None
+        while True:
+            keys, token = await objects.list(self._keys.records, start_after=after, token=token)
+            if keys:
+                last = self._keys.position(keys[-1])
+            if token is None:
+                return last
+
+    async def get(self, position: int) -> bytes:
+        objects = self._objects()
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise TypeError(f"position must be int, not {type(position).__name__}")
+        if not 0 <= position <= MAX_POSITION or position < self._state.get()[0]:
+            raise RecordNotFound(self._name, position)
+        record: Blob | None = None
+        begin = 0
+
+        async def read_record() -> None:
+            nonlocal record
+            record = await objects.get(self._keys.record(position))
+
+        async def read_begin() -> None:
+            nonlocal begin
+            begin, _ = await self._read_meta(objects)
+
+        # Both in one round trip: a record object is only live if begin <= position,
+        # whatever the order the two reads are served in (begin only grows, and
+        # a record object at a position never changes while it is live).
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_record)
+            tg.start_soon(read_begin)
+        if record is None or position < begin:
+            raise RecordNotFound(self._name, position)
+        self._state.observe(end=position + 1)
+        return record.body
+
+    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+        objects = self._objects()
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise TypeError(f"position must be int, not {type(position).__name__}")
+        if not 0 <= position <= MAX_POSITION or position < self._state.get()[0]:
+            raise RecordNotFound(self._name, position)
+        batch = 1
+        first = True
+        while True:
+            records = await self._fetch(objects, position, batch)
+            # Read begin *after* the records: a record is live if it existed and
+            # begin had not passed it by then.
+            begin, _ = await self._read_meta(objects)
+            if position < begin or (first and records[0] is None):
+                # Not live on the first step, or a truncation overtook us.
+                raise RecordNotFound(self._name, position)
+            first = False
+            for blob in records:
+                if blob is None:
+                    return  # the end
+                self._state.observe(end=position + 1)
+                yield position, blob.body
+                position += 1
+            batch = min(batch * 2, MAX_PREFETCH)
+            self._objects()  # stop if the handle was closed while the consumer ran
+
+    async def _fetch(self, objects: S3Objects, start: int, count: int) -> list[Blob | None]:
+        """GET the records at ``[start, start + count)`` concurrently (``None`` if absent)."""
+        count = min(count, MAX_POSITION - start + 1)
+        return await objects.get_many([self._keys.record(start + i) for i in range(count)])
+
+    async def append(self, position: int, record: bytes) -> None:
+        position = check_position(position)
+        record = self._provider.limits.check_record(record)
+        objects = self._objects()
+        cached_begin, cached_end = self._state.get()
+        if position < cached_begin:
+            raise Conflict.journal(self._name, position)  # truncated: begin only grows
+
+        # Step 1: pre-read begin, and make sure position <= end.
+        need_previous = position > max(cached_begin, cached_end)
+        begin = 0
+        previous_exists = True
+
+        async def read_begin() -> None:
+            nonlocal begin
+            begin, _ = await self._read_meta(objects)
+
+        async def check_previous() -> None:
+            nonlocal previous_exists
+            previous_exists = await objects.head(self._keys.record(position - 1)) is not None
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_begin)
+            if need_previous:
+                tg.start_soon(check_previous)
+        if position < begin:
+            raise Conflict.journal(self._name, position)
+        if need_previous and not previous_exists and position > begin:
+            # position-1 is missing: past the end, or compacted since we read begin.
+            begin, _ = await self._read_meta(objects)
+            if position != begin:
+                raise Conflict.journal(self._name, position)
+
+        # Step 2: the write itself; exactly one writer can create the object.
+        key = self._keys.record(position)
+        try:
+            await objects.put(key, record, if_none_match=True)
+        except ConditionFailed:
+            self._state.observe(end=position + 1)
+            raise Conflict.journal(self._name, position) from None
+
+        # Step 3: post-read begin; the record is live only if begin has not passed it.
+        try:
+            begin, _ = await self._read_meta(objects)
+        except PersistenceError as exc:
+            raise PersistenceError(
+                f"journal {self._name!r}: append at position {position} was written but "
+                f"could not be confirmed ({exc}); it may or may not be in the journal",
+                ambiguous=True,
+            ) from None
+        if position < begin:
+            # Garbage either way (below begin). Readers already ignore it; delete
+            # it now rather than at the next compaction, if we can.
+            with contextlib.suppress(PersistenceError):
+                await objects.delete(key)
+            raise PersistenceError(
+                f"journal {self._name!r}: append at position {position} raced a truncation "
+                f"to {begin}; the record may have been appended and then truncated",
+                ambiguous=True,
+            )
+        self._state.observe(end=position + 1)
+
+    async def truncate(self, position: int) -> None:
+        position = check_position(position)
+        objects = self._objects()
+        while True:
+            begin, etag = await self._read_meta(objects)
+            if position <= begin:
+                break
+            await self._check_not_past_end(objects, position)
+            body = _encode_meta(_Meta(begin=position, token=uuid.uuid4().hex))
+            try:
+                if etag is None:
+                    await objects.put(self._keys.meta, body, if_none_match=True)
+                else:
+                    await objects.put(self._keys.meta, body, if_match=etag)
+            except ConditionFailed:
+                continue  # another truncate got there first: re-read and re-check
+            begin = position
+            self._state.observe(begin=begin)
+            break
+        await self._compact(objects, begin)
+
+    async def _check_not_past_end(self, objects: S3Objects, position: int) -> None:
+        cached_begin, cached_end = self._state.get()
+        if position <= max(cached_begin, cached_end):
+            return
+        if await objects.head(self._keys.record(position - 1)) is not None:
+            self._state.observe(end=position)
+            return
+        bounds = await self.bounds()
+        if position > bounds.end:
+            raise ValueError(
+                f"journal {self._name!r}: cannot truncate to position {position}, "
+                f"past the end ({bounds.end})"
+            )
+
+    async def _compact(self, objects: S3Objects, begin: int) -> None:
+        """Delete every record object below *begin* (idempotent; sweeps leftovers too)."""
+        limit = self._keys.record(begin)
+        token: str | None = None
+        while True:
+            keys, token = await objects.list(self._keys.records, token=token)
+            doomed = [k for k in keys if k < limit]
+            if doomed:
+                await objects.delete_many(doomed)
+            if token is None or len(doomed) < len(keys):
+                return
