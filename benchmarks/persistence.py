@@ -45,7 +45,7 @@ import attrs
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
-from targets import BaselineProvider, Target
+from targets import BaselineJournal, BaselineProvider, Target
 
 RECORD = b"r" * 100
 READ_SET = 1000
@@ -130,12 +130,14 @@ class Workloads:
             await keyspace.set(f"key-{i}".encode(), RECORD, "")
 
     async def append(self, tasks: int) -> list[Step]:
-        steps = []
+        steps: list[Step] = []
         for t in range(tasks):
             journal = await self.p.journals.open(f"bench-append-{self.tag}-{t}")
             position = [0]
 
-            async def step(journal=journal, position=position) -> int:
+            async def step(
+                journal: BaselineJournal = journal, position: list[int] = position
+            ) -> int:
                 await journal.append(position[0], RECORD)
                 position[0] += 1
                 return 1
@@ -166,7 +168,7 @@ class Workloads:
 
     async def kv_set(self, tasks: int) -> list[Step]:
         keyspace = await self.p.keyspaces.open(f"bench-kv-{self.tag}")
-        steps = []
+        steps: list[Step] = []
         for t in range(tasks):
             key = f"key-{t}".encode()
             revision = [await keyspace.set(key, RECORD, "")]
@@ -189,7 +191,7 @@ class Workloads:
 
     async def set_add(self, tasks: int) -> list[Step]:
         set_ = await self.p.sets.open(f"bench-set-{self.tag}")
-        steps = []
+        steps: list[Step] = []
         for t in range(tasks):
             counter = [0]
 

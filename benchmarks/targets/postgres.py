@@ -94,9 +94,11 @@ class _RawJournal:
         raw, q = self._raw, self._raw.st.journal_page
         while True:
             params = (position, raw.page_rows, raw.page_bytes, self._id)
-            rows = await raw.run(
-                lambda c, p=params: c.execute(q, p, prepare=True, binary=True).fetchall()
-            )
+
+            def page(c: Conn, params: tuple[object, ...] = params) -> list[tuple[object, ...]]:
+                return c.execute(q, params, prepare=True, binary=True).fetchall()
+
+            rows = await raw.run(page)
             end = cast(int, rows[0][1])
             for _, _, found, record in rows:
                 if found is None:
@@ -123,6 +125,7 @@ class _RawKeyspace:
     async def set(self, key: bytes, value: bytes, revision: str) -> str:
         new = uuid.uuid4()
         st = self._raw.st
+        params: tuple[object, ...]
         if revision:
             q, params = st.keyspace_update, (value, new, self._id, key, uuid.UUID(hex=revision))
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 
 import attrs
@@ -382,3 +383,28 @@ def test_registry_keeps_every_type_in_order_and_finds_it_in_any_case(
         assert entry is not None
         assert entry.cls is cls
         assert reg.of(cls) is entry
+
+
+def test_concurrent_registrations_of_one_id_admit_exactly_one() -> None:
+    reg = dogma.MessageTypeRegistry()
+    classes = [type(f"Racer{i}", (dogma.Event,), {}) for i in range(8)]
+    barrier = threading.Barrier(len(classes))
+    errors: list[BaseException] = []
+
+    def register(cls: type[dogma.Event]) -> None:
+        barrier.wait()
+        try:
+            dogma.register_event(ID1, registry=reg)(cls)
+        except ValueError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(cls,)) for cls in classes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reg) == 1
+    assert len(errors) == len(classes) - 1
+    winner = reg.by_id(ID1)
+    assert winner is not None
+    assert winner.cls in classes

@@ -58,3 +58,52 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0
     for command in ("env", "drivers", "run", "poison"):
         assert command in result.stdout
+
+
+def test_run_uses_memory_when_unset_and_stops_gracefully_on_sigint(tmp_path: object) -> None:
+    import os
+    import signal
+
+    env = {**os.environ, "BANK_READ_DB": str(tmp_path) + "/bank.sqlite3"}
+    env = {k: v for k, v in env.items() if not k.startswith("DOGMA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runkit.cli", "run", "bank:app"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("DOGMA_PERSISTENCE_URL is not set: using memory:///runkit")
+        assert proc.stdout.readline().startswith("starting node ")
+        assert "running bank on memory:///runkit;" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "received SIGINT: stopping (finishing in-flight work)" in out
+    assert out.rstrip().endswith("stopped")
+
+
+def test_run_rejects_objects_that_are_not_applications(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _ = run("run", "runkit.cli:CLIError")
+    assert status == 2
+    assert "is not a Dogma application" in capsys.readouterr().err
+
+
+def test_poison_needs_the_nodes_store(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _ = run("poison", "list", "bank:app")
+    assert status == 2
+    assert "set DOGMA_PERSISTENCE_URL" in capsys.readouterr().err
+
+
+def test_poison_refuses_a_store_the_app_never_ran_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///never-ran")
+    status, _ = run("poison", "list", "bank:app")
+    assert status == 2
+    assert "has never run on this store" in capsys.readouterr().err

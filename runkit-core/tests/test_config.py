@@ -751,6 +751,35 @@ class TestDeterminism:
             "declare the same configuration every time it is called"
         )
 
+    def test_configure_that_raises_only_on_the_second_call_is_refused(self) -> None:
+        calls = iter([None, RuntimeError("flaky")])
+
+        def configure(c: Any) -> None:
+            error = next(calls)
+            if error is not None:
+                raise error
+            c.identity("proj", KEY_4)
+            c.routes(handles_event(Opened))
+
+        assert only_problem(App(dogma.via_projection(Projection(configure)))) == (
+            f"{PROJ}: configure() raised RuntimeError: flaky only on the second call; "
+            "configure() must declare the same configuration every time it is called"
+        )
+
+    def test_application_identity_that_changes_between_calls_is_refused(self) -> None:
+        names = iter(["app", "renamed"])
+
+        class RenamingApp:
+            def configure(self, c: dogma.ApplicationConfigurer) -> None:
+                c.identity(next(names), APP_KEY)
+                c.routes(dogma.via_aggregate(aggregate()))
+
+        assert only_problem(RenamingApp()).endswith(
+            f"identity() was called with different arguments on the second call (('app', "
+            f"'{APP_KEY}') then ('renamed', '{APP_KEY}')); configure() must declare the same "
+            "configuration every time it is called"
+        )
+
     def test_fresh_but_equivalent_handler_objects_are_accepted(self) -> None:
         """An application may build new handler objects on each call, if they are alike."""
 
@@ -879,6 +908,15 @@ class TestModel:
         assert proc.handles(Reminder)
         assert proc.handles(Opened)
         assert not proc.handles(Notify)
+
+    def test_types_of_route_kinds(self, config: ApplicationConfig) -> None:
+        proc = config.handler_by_name("proc")
+        assert proc is not None
+
+        assert [t.cls for t in proc.types_of(RouteKind.HANDLES_EVENT)] == [Opened, Notified]
+        assert [t.cls for t in proc.types_of(RouteKind.EXECUTES_COMMAND)] == [Notify]
+        assert proc.produces(Notify)
+        assert not proc.produces(Opened)
 
     def test_descriptions(self, config: ApplicationConfig) -> None:
         assert str(config.handlers[0].routes[0]) == "handles_command(Open)"

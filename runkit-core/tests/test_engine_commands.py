@@ -447,9 +447,7 @@ async def test_aggregate_commit_conflict_reloads_and_retries() -> None:
         assert s.accounts.calls[-1] == ("acc", "a2", 2)
         await node_a.close()
         await node_b.close()
-    stores_journal = await provider.journals.open(
-        f"{APP_KEY}/aggregate/{handler.identity.key}/acc"
-    )
+    stores_journal = await provider.journals.open(f"{APP_KEY}/aggregate/{handler.identity.key}/acc")
     assert (await stores_journal.bounds()).end == 3
 
 
@@ -486,3 +484,87 @@ async def test_observers_see_events_even_of_a_deduplicated_command() -> None:
         never = dogma.observe(Notified, saw, registry=REGISTRY)
         with pytest.raises(dogma.EventObserverNotSatisfied):
             await executor.execute_command(Deposit("acc", 1, "x"), observers=[never])
+
+
+async def test_large_backlog_is_read_as_work_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runkit.engine import commands
+    from runkit.engine.ownership import StaticOwnership
+
+    monkeypatch.setattr(commands, "MAX_PENDING_COMMANDS", 4)
+    s = setup()
+    provider = silo()
+    engine = Engine.from_settings(
+        EngineSettings(applications=(s.config,), persistence_provider=provider, partition_count=1)
+    )
+    engine.use_ownership(StaticOwnership())  # accept only
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        executor = engine.executor_for(s.app)
+        for i in range(30):
+            await executor.execute_command(Deposit(f"a{i % 3}", 1, f"r{i}"))
+        tg.cancel_scope.cancel()
+    async with running(MemoryProvider(provider.silo), s.config, partition_count=1):
+        await wait_until(lambda: len(s.accounts.calls) == 30)
+        check_invariants(await settled(provider))
+
+
+async def test_partitions_follow_ownership_changes() -> None:
+    from runkit.engine.ownership import StaticOwnership
+
+    s = setup()
+    provider = silo()
+    ownership = StaticOwnership()
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=provider,
+            partition_count=2,
+            retry_base_delay=0.001,
+            progress_interval=0.002,
+        )
+    )
+    engine.use_ownership(ownership)
+    all_partitions = {partition_id(APP_KEY, i) for i in range(2)}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc", 1, "r1"))
+        await anyio.sleep(0.05)
+        assert s.accounts.calls == []  # owns nothing yet
+        ownership.assign(all_partitions)
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+        await settled(provider)
+        ownership.assign(set())
+        await anyio.sleep(0.05)
+        await executor.execute_command(Deposit("acc", 1, "r2"))
+        await anyio.sleep(0.05)
+        assert len(s.accounts.calls) == 1  # given up: accepted, not handled
+        ownership.assign(all_partitions)
+        await wait_until(lambda: len(s.accounts.calls) == 2)
+        check_invariants(await settled(provider))
+        tg.cancel_scope.cancel()
+    assert s.accounts.calls[-1] == ("acc", "r2", 1)
+
+
+async def test_several_applications_on_one_engine_are_isolated() -> None:
+    from engine_commands_harness import REGISTRY, Accounts, App, Notifier, read_stores
+
+    from runkit.config import build
+
+    other_key = "c0000000-0000-4000-8000-0000000000ff"
+    s = setup()
+    other_accounts = Accounts()
+    other = App(other_accounts, Notifier(), key=other_key, name="other")
+    other_config = build(other, registry=REGISTRY)
+    provider = silo()
+    async with running(provider, s.config, other_config) as engine:
+        await engine.executor_for(s.app).execute_command(Deposit("acc", 1, "mine"))
+        await engine.executor_for(other).execute_command(Deposit("acc", 5, "theirs"))
+        await wait_until(lambda: len(s.accounts.calls) == 1 and len(other_accounts.calls) == 1)
+        await settled(provider)
+        await settled(provider, other_key)
+    assert s.accounts.calls == [("acc", "mine", 0)]
+    assert other_accounts.calls == [("acc", "theirs", 0)]
+    mine, theirs = await read_stores(provider), await read_stores(provider, other_key)
+    assert [e.app_key for e in mine.all_events()] == [APP_KEY]
+    assert [e.app_key for e in theirs.all_events()] == [other_key]

@@ -607,3 +607,28 @@ async def test_effects_are_exactly_once_under_write_faults(
         assert await poisoned(h, 0) == {}
         assert await poisoned(h, 1) == {}
         tg.cancel_scope.cancel()
+
+
+async def test_two_nodes_owning_the_same_partitions_still_take_effect_once() -> None:
+    # Two ConsumerSets over the same streams and stores: what two nodes that
+    # both believe they own every partition do during an ownership change.
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await start(h, tg)
+        await start(h, tg)
+        for n in range(12):
+            await h.publish(
+                Step(f"i{n % 3}", n, schedule_in=5 if n % 4 == 0 else None), partition=n % 2
+            )
+        await wait_until(lambda: len(h.accepted) == 12)
+        await wait_until(lambda: dispatched(h, "i0", "i1", "i2"))
+        h.clock.advance(10)
+        await wait_until(lambda: len(h.accepted) == 15)
+        await anyio.sleep(0.05)
+        expected = {f"i{k}": sorted(n for n in range(12) if n % 3 == k) for k in range(3)}
+        for n in range(0, 12, 4):
+            expected[f"i{n % 3}"] = sorted([*expected[f"i{n % 3}"], 1000 + n])
+        for instance, want in expected.items():
+            assert sorted(await steps(h, instance)) == want
+        assert len(commands(h)) == 15
+        tg.cancel_scope.cancel()

@@ -427,3 +427,17 @@ async def test_reset_without_an_engine_and_errors() -> None:
         await reset_projection(config, "q", clock=lambda: None)  # type: ignore[arg-type,return-value]
     with pytest.raises(LookupError, match="no projection named 'nope'"):
         await reset_projection(config, "nope", clock=lambda: None)  # type: ignore[arg-type,return-value]
+
+
+async def test_two_nodes_delivering_the_same_partitions_apply_each_event_once() -> None:
+    p = Projection()
+    p.delay = 0.001
+    async with harness(App((p,)), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await run_consumers(h, tg)
+        await run_consumers(h, tg)
+        for n in range(20):
+            await h.publish(Happened(n), partition=n % 2)
+        await wait_until(lambda: len(p.applied) == 20)
+        await anyio.sleep(0.02)
+        assert sorted(n for _, _, n in p.applied) == list(range(20))
+        tg.cancel_scope.cancel()

@@ -172,6 +172,7 @@ async def provider(
     p = DynamoDBProvider.from_url(url, session=session)
     await p.provision()
     requests.reset()
+    inject.sent.clear()
     yield p
     await p.close()
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import boto3
 import pytest
+
 from runkit.testing.moto import MotoServer
 
 
@@ -17,16 +18,27 @@ def moto_server() -> Iterator[MotoServer]:
         yield server
 
 
-@pytest.fixture
-def aws_session(moto_server: MotoServer) -> boto3.Session:
-    """A boto3 session with moto's fake credentials (never the environment's)."""
-    kwargs = moto_server.client_kwargs()
+def moto_session(moto: MotoServer) -> boto3.Session:
+    """A new boto3 session with moto's fake credentials (never the environment's)."""
+    kwargs = moto.client_kwargs()
     return boto3.Session(
         aws_access_key_id=kwargs["aws_access_key_id"],
         aws_secret_access_key=kwargs["aws_secret_access_key"],
         aws_session_token=kwargs["aws_session_token"],
         region_name=kwargs["region_name"],
     )
+
+
+@pytest.fixture
+def aws_session(moto_server: MotoServer) -> boto3.Session:
+    """A session of this test's own, so event hooks it installs stay in the test."""
+    return moto_session(moto_server)
+
+
+@pytest.fixture(scope="session")
+def shared_session(moto_server: MotoServer) -> boto3.Session:
+    """One session for tests that install no hooks (loading a session's models costs ~0.3 s)."""
+    return moto_session(moto_server)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from typing import ClassVar
 import boto3
 import hypothesis
 import pytest
+
 from runkit.persistence import Provider
 from runkit.testing import ConformanceSuite
 from runkit.testing.moto import MotoServer
@@ -31,10 +32,10 @@ class TestS3(ConformanceSuite):
 
     @pytest.fixture
     def make_provider(
-        self, moto_server: MotoServer, aws_session: boto3.Session, bucket: str
+        self, moto_server: MotoServer, shared_session: boto3.Session, bucket: str
     ) -> Callable[[], Provider]:
         def make() -> Provider:
-            return S3Provider(bucket, endpoint_url=moto_server.endpoint, session=aws_session)
+            return S3Provider(bucket, endpoint_url=moto_server.endpoint, session=shared_session)
 
         return make
 

@@ -20,6 +20,7 @@ import pytest
 import urllib3
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
 from botocore.exceptions import ReadTimeoutError
+
 from runkit.persistence import (
     Conflict,
     Interval,
@@ -67,17 +68,33 @@ def _send_for_real(request: AWSPreparedRequest) -> None:
 
 
 class Hooks:
-    """Installs ``before-send`` hooks on a session and counts requests by operation."""
+    """``before-send`` rules and a request count, by operation, for one session.
+
+    Create it before the provider's first operation: a client copies the
+    session's hooks when it is created, so the one handler registered here
+    consults rules added later.
+    """
 
     def __init__(self, session: boto3.Session) -> None:
-        self._session = session
         self.sent: list[tuple[str, str]] = []  # (operation, url)
+        self._rules: list[tuple[str, str, Callable[[AWSPreparedRequest], Any], list[int], int]] = []
         self._lock = threading.Lock()
-        session.events.register("before-send.s3", self._count)
+        session.events.register("before-send.s3", self._before_send)
 
-    def _count(self, request: AWSPreparedRequest, event_name: str, **_: Any) -> None:
+    def _before_send(
+        self, request: AWSPreparedRequest, event_name: str, **_: Any
+    ) -> AWSResponse | None:
+        operation = event_name.rsplit(".", 1)[-1]
         with self._lock:
-            self.sent.append((event_name.rsplit(".", 1)[-1], request.url))
+            self.sent.append((operation, request.url))
+            for op, fragment, action, calls, times in self._rules:
+                if op == operation and fragment in request.url and calls[0] < times:
+                    calls[0] += 1
+                    break
+            else:
+                return None
+        result: AWSResponse | None = action(request)
+        return result
 
     def count(self, operation: str | None = None) -> int:
         with self._lock:
@@ -93,14 +110,8 @@ class Hooks:
     ) -> list[int]:
         """Run *action* for the next *times* matching requests; return a call counter."""
         calls = [0]
-
-        def hook(request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
-            if url_contains not in request.url or calls[0] >= times:
-                return None
-            calls[0] += 1
-            return action(request)
-
-        self._session.events.register_first(f"before-send.s3.{operation}", hook)
+        with self._lock:
+            self._rules.append((operation, url_contains, action, calls, times))
         return calls
 
 
@@ -115,9 +126,7 @@ def _keys(moto: MotoServer, bucket: str, prefix: str = "") -> list[str]:
 
 
 @pytest.fixture
-def make(
-    moto_server: MotoServer, bucket: str
-) -> Iterator[Callable[..., S3Provider]]:
+def make(moto_server: MotoServer, bucket: str) -> Iterator[Callable[..., S3Provider]]:
     """Build providers on the test's bucket (each with its own session unless given one)."""
     made: list[S3Provider] = []
 
@@ -133,28 +142,28 @@ def make(
 
 
 @pytest.fixture
+def hooks(aws_session: boto3.Session) -> Hooks:
+    """Request hooks on ``aws_session``, installed before any provider uses it."""
+    return Hooks(aws_session)
+
+
+@pytest.fixture
 async def provider(
-    make: Callable[..., S3Provider], aws_session: boto3.Session
+    make: Callable[..., S3Provider], aws_session: boto3.Session, hooks: Hooks
 ) -> AsyncIterator[S3Provider]:
     async with make(aws_session) as p:
         yield p
-
-
-def _session(moto: MotoServer) -> boto3.Session:
-    kwargs = moto.client_kwargs()
-    return boto3.Session(
-        aws_access_key_id=kwargs["aws_access_key_id"],
-        aws_secret_access_key=kwargs["aws_secret_access_key"],
-        aws_session_token=kwargs["aws_session_token"],
-        region_name=kwargs["region_name"],
-    )
 
 
 # -- provisioning --------------------------------------------------------------------------
 
 
 async def test_provision_creates_the_bucket_idempotently(
-    make: Callable[..., S3Provider], aws_session: boto3.Session, moto_server: MotoServer, bucket: str
+    make: Callable[..., S3Provider],
+    aws_session: boto3.Session,
+    shared_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
 ) -> None:
     raw = _raw_client(moto_server)
     assert bucket not in [b["Name"] for b in raw.list_buckets()["Buckets"]]
@@ -162,14 +171,14 @@ async def test_provision_creates_the_bucket_idempotently(
         await provider.provision()
         await provider.provision()
     assert bucket in [b["Name"] for b in raw.list_buckets()["Buckets"]]
-    async with make(_session(moto_server)) as again:  # an existing bucket is fine
+    async with make(shared_session) as again:  # an existing bucket is fine
         await again.provision()
 
 
 async def test_concurrent_provisioning_of_a_new_bucket_by_many_providers_succeeds(
-    make: Callable[..., S3Provider], moto_server: MotoServer
+    make: Callable[..., S3Provider], shared_session: boto3.Session
 ) -> None:
-    providers = [make(_session(moto_server)) for _ in range(6)]
+    providers = [make(shared_session) for _ in range(6)]
     try:
         async with anyio.create_task_group() as tg:
             for p in providers:
@@ -181,20 +190,27 @@ async def test_concurrent_provisioning_of_a_new_bucket_by_many_providers_succeed
 
 
 async def test_first_open_provisions_lazily(
-    make: Callable[..., S3Provider], aws_session: boto3.Session, moto_server: MotoServer, bucket: str
+    make: Callable[..., S3Provider],
+    aws_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
 ) -> None:
     async with make(aws_session) as provider:
-        hooks = Hooks(aws_session)
         journal = await provider.journals.open("j")
         await journal.append(0, b"x")
-        await provider.keyspaces.open("k")  # no further provisioning requests
+        await provider.keyspaces.open("k")
+        await provider.provision()
     assert _keys(moto_server, bucket) == [Layout("").journal("j").record(0)]
-    assert hooks.count("HeadBucket") == 0  # the client registered hooks before them
-    assert hooks.count("PutObject") == 1
+    # Once per provider: HeadBucket (404), CreateBucket; then nothing more.
+    assert hooks.count("HeadBucket") == 1
+    assert hooks.count("CreateBucket") == 1
 
 
 async def test_bucket_is_created_in_the_configured_region(
-    make: Callable[..., S3Provider], aws_session: boto3.Session, moto_server: MotoServer, bucket: str
+    make: Callable[..., S3Provider],
+    aws_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
 ) -> None:
     async with make(aws_session, region="eu-central-1") as provider:
         await provider.provision()
@@ -215,7 +231,7 @@ async def test_url_with_insecure_host_reaches_the_endpoint_over_http(
 
 
 async def test_role_arn_signs_requests_with_credentials_from_sts_assume_role(
-    make: Callable[..., S3Provider], aws_session: boto3.Session
+    make: Callable[..., S3Provider], aws_session: boto3.Session, hooks: Hooks
 ) -> None:
     role = "arn:aws:iam::123456789012:role/runkit-writer"
     assumed: list[str] = []
@@ -243,7 +259,7 @@ async def test_role_arn_signs_requests_with_credentials_from_sts_assume_role(
 
 
 async def test_repr_and_errors_never_show_credentials(
-    make: Callable[..., S3Provider], aws_session: boto3.Session
+    make: Callable[..., S3Provider], aws_session: boto3.Session, hooks: Hooks
 ) -> None:
     provider = make(aws_session, bucket="no-such-bucket-for-runkit", prefix="x")
     assert "testing" not in repr(provider)
@@ -260,7 +276,7 @@ async def test_repr_and_errors_never_show_credentials(
 
 
 async def test_inputs_at_the_limits_succeed_and_one_byte_more_fails_before_any_request(
-    make: Callable[..., S3Provider], aws_session: boto3.Session
+    make: Callable[..., S3Provider], aws_session: boto3.Session, hooks: Hooks
 ) -> None:
     prefix = "p" * 200
     async with make(aws_session, prefix=prefix) as provider:
@@ -270,7 +286,6 @@ async def test_inputs_at_the_limits_succeed_and_one_byte_more_fails_before_any_r
         keyspace = await provider.keyspaces.open(name)
         set_ = await provider.sets.open(name)
         journal = await provider.journals.open(name)
-        hooks = Hooks(aws_session)
 
         key = b"\x00\xff" * (limits.max_key_bytes // 2)
         revision = await keyspace.set(key, b"v", "")
@@ -305,10 +320,13 @@ async def test_inputs_at_the_limits_succeed_and_one_byte_more_fails_before_any_r
 
 
 async def test_stale_writer_cannot_get_an_invisible_append_acknowledged(
-    make: Callable[..., S3Provider], moto_server: MotoServer, bucket: str
+    make: Callable[..., S3Provider],
+    shared_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
 ) -> None:
     """Hazard 3 of the Go driver: append into a position compaction deleted."""
-    async with make(_session(moto_server)) as pa, make(_session(moto_server)) as pb:
+    async with make(shared_session) as pa, make(shared_session) as pb:
         a = await pa.journals.open("stream")
         for position in range(5):
             await a.append(position, b"a%d" % position)
@@ -344,11 +362,15 @@ async def test_stale_writer_cannot_get_an_invisible_append_acknowledged(
 
 
 async def test_append_racing_a_truncation_past_it_is_reported_ambiguous_never_acknowledged(
-    make: Callable[..., S3Provider], moto_server: MotoServer, bucket: str
+    make: Callable[..., S3Provider],
+    aws_session: boto3.Session,
+    shared_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
 ) -> None:
     """B truncates and compacts between A's pre-read and A's PUT: A's write lands in a hole."""
-    session_a = _session(moto_server)
-    async with make(session_a) as pa, make(_session(moto_server)) as pb:
+    session_a = aws_session
+    async with make(session_a) as pa, make(shared_session) as pb:
         a = await pa.journals.open("stream")
         b = await pb.journals.open("stream")
         for position in range(5):
@@ -380,13 +402,15 @@ async def test_append_racing_a_truncation_past_it_is_reported_ambiguous_never_ac
 
 
 async def test_truncate_completes_on_retry_after_compaction_fails(
-    make: Callable[..., S3Provider], aws_session: boto3.Session, moto_server: MotoServer, bucket: str
+    make: Callable[..., S3Provider],
+    aws_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
 ) -> None:
     async with make(aws_session) as provider:
         journal = await provider.journals.open("j")
         for position in range(4):
             await journal.append(position, b"r")
-        hooks = Hooks(aws_session)
         hooks.on("DeleteObjects", lambda r: _error_response(r, 403, "AccessDenied"))
         with pytest.raises(PersistenceError, match=r"^S3 DeleteObjects .* HTTP 403 AccessDenied"):
             await journal.truncate(3)
@@ -419,9 +443,8 @@ async def test_range_prefetches_across_batches(provider: S3Provider) -> None:
 
 
 async def test_http_409_on_conditional_writes_is_a_conflict(
-    provider: S3Provider, aws_session: boto3.Session
+    provider: S3Provider, aws_session: boto3.Session, hooks: Hooks
 ) -> None:
-    hooks = Hooks(aws_session)
     journal = await provider.journals.open("j")
     keyspace = await provider.keyspaces.open("k")
     set_ = await provider.sets.open("s")
@@ -439,14 +462,14 @@ async def test_http_409_on_conditional_writes_is_a_conflict(
 
 
 async def test_http_409_on_the_truncation_metadata_write_is_retried_after_a_reread(
-    provider: S3Provider, aws_session: boto3.Session
+    provider: S3Provider, aws_session: boto3.Session, hooks: Hooks
 ) -> None:
     journal = await provider.journals.open("j")
     for position in range(3):
         await journal.append(position, b"r")
-    hooks = Hooks(aws_session)
     calls = hooks.on(
-        "PutObject", lambda r: _error_response(r, 409, "ConditionalRequestConflict"),
+        "PutObject",
+        lambda r: _error_response(r, 409, "ConditionalRequestConflict"),
         url_contains="/m",
     )
     await journal.truncate(2)
@@ -455,7 +478,7 @@ async def test_http_409_on_the_truncation_metadata_write_is_retried_after_a_rere
 
 
 async def test_lost_response_of_a_conditional_write_is_ambiguous_and_not_retried(
-    provider: S3Provider, aws_session: boto3.Session
+    provider: S3Provider, aws_session: boto3.Session, hooks: Hooks
 ) -> None:
     journal = await provider.journals.open("j")
     await journal.append(0, b"zero")
@@ -464,7 +487,6 @@ async def test_lost_response_of_a_conditional_write_is_ambiguous_and_not_retried
         _send_for_real(request)
         raise ReadTimeoutError(endpoint_url=request.url)
 
-    hooks = Hooks(aws_session)
     calls = hooks.on("PutObject", deliver_then_drop)
     with pytest.raises(PersistenceError) as info:
         await journal.append(1, b"ours")
@@ -480,10 +502,9 @@ async def test_lost_response_of_a_conditional_write_is_ambiguous_and_not_retried
 
 
 async def test_server_error_on_a_conditional_write_is_ambiguous_and_not_retried(
-    provider: S3Provider, aws_session: boto3.Session
+    provider: S3Provider, aws_session: boto3.Session, hooks: Hooks
 ) -> None:
     keyspace = await provider.keyspaces.open("k")
-    hooks = Hooks(aws_session)
     hooks.on("PutObject", lambda r: _error_response(r, 500, "InternalError"))
     with pytest.raises(PersistenceError) as info:
         await keyspace.set(b"k", b"v", "")
@@ -495,11 +516,10 @@ async def test_server_error_on_a_conditional_write_is_ambiguous_and_not_retried(
 
 
 async def test_throttling_is_retried_by_botocore(
-    provider: S3Provider, aws_session: boto3.Session
+    provider: S3Provider, aws_session: boto3.Session, hooks: Hooks
 ) -> None:
     journal = await provider.journals.open("j")
     keyspace = await provider.keyspaces.open("k")
-    hooks = Hooks(aws_session)
     throttled = hooks.on("PutObject", lambda r: _error_response(r, 503, "SlowDown"))
     await journal.append(0, b"r")  # a conditional write: safe to retry, it was refused
     assert throttled == [1]
@@ -526,7 +546,10 @@ async def test_revision_is_an_etag_that_changes_even_for_the_same_value(
 
 
 async def test_prefixes_isolate_providers_sharing_a_bucket(
-    make: Callable[..., S3Provider], aws_session: boto3.Session, moto_server: MotoServer, bucket: str
+    make: Callable[..., S3Provider],
+    aws_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
 ) -> None:
     async with make(aws_session, prefix="blue") as blue, make(aws_session, prefix="green") as green:
         for p, tag in ((blue, b"blue"), (green, b"green")):

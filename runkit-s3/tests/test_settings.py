@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from runkit.persistence import installed_schemes, provider_from_url
 from runkit_s3 import S3Provider, S3Settings, parse_url
 from runkit_s3 import _plugin as plugin
@@ -93,8 +94,7 @@ def test_prefix_is_normalised_to_end_with_a_slash() -> None:
         ),
         (
             "s3:///data?role_arn=runkit",
-            "invalid IAM role ARN 'runkit': expected "
-            "'arn:aws:iam::<12-digit account>:role/<name>'",
+            "invalid IAM role ARN 'runkit': expected 'arn:aws:iam::<12-digit account>:role/<name>'",
         ),
         (
             "s3:///data?role_arn=arn:aws:iam::123:role/x",

@@ -44,8 +44,7 @@ class ProcessConfigurer(HandlerConfigurer, Protocol):
     """Configures a process handler; implemented by engines."""
 
     def routes(self, *routes: ProcessRoute) -> None:
-        """Add routes: :func:`dogma.handles_event`, :func:`dogma.executes_command`
-        and :func:`dogma.schedules_deadline`."""
+        """Add routes: ``handles_event``, ``executes_command`` and ``schedules_deadline``."""
         ...
 
 

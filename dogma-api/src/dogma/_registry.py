@@ -92,29 +92,25 @@ class MessageTypeRegistry:
         """
         if not isinstance(kind, MessageKind):
             raise TypeError(f"kind must be a dogma.MessageKind, got {kind!r}")
-        decorator = f"register_{kind.value}"
         if not isinstance(cls, type):
-            raise TypeError(f"{decorator}() must decorate a class, got {cls!r}")
+            raise TypeError(f"register_{kind.value}() must decorate a class, got {cls!r}")
+        what = f"{_qualified(cls)} as {with_article(kind.value)}"
         try:
             type_id = normalize_uuid(type_id, "message type ID")
         except (TypeError, ValueError) as exc:
-            raise type(exc)(
-                f"cannot register {_qualified(cls)} as {with_article(kind.value)}: {exc}"
-            ) from None
+            raise type(exc)(f"cannot register {what}: {exc}") from None
         actual = kind_of(cls)
         if actual is not kind:
             base = _BASE_FOR_KIND[kind].__name__
-            what = with_article(actual.value) if actual else "not a message class"
+            is_ = with_article(actual.value) if actual else "not a message class"
             raise TypeError(
-                f"cannot register {_qualified(cls)} as {with_article(kind.value)} ({type_id}): "
-                f"it is {what}; {with_article(kind.value)} class must derive from dogma.{base}"
+                f"cannot register {what} ({type_id}): it is {is_}; "
+                f"{with_article(kind.value)} class must derive from dogma.{base}"
             )
         try:
             _codec_check(cls, localns)
         except TypeError as exc:
-            raise TypeError(
-                f"cannot register {_qualified(cls)} as {with_article(kind.value)} ({type_id}): {exc}"
-            ) from None
+            raise TypeError(f"cannot register {what} ({type_id}): {exc}") from None
         entry = MessageType(id=type_id, cls=cls, kind=kind)
         with self._lock:
             existing = self._by_cls.get(cls)

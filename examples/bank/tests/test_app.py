@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,3 +97,23 @@ def test_print_read_models_of_an_empty_database(
     print_read_models(tmp_path / "empty.sqlite3")
 
     assert capsys.readouterr().out.count("(none)") == 3
+
+
+def test_handlers_implement_dogma_protocols(app: bank.App) -> None:
+    """mypy checks these annotations; at run time each list holds its handlers."""
+    aggregates: list[dogma.AggregateMessageHandler[Any]] = [
+        app.account,
+        app.customer,
+        app.daily_debit_limit,
+        app.transaction,
+    ]
+    processes: list[dogma.ProcessMessageHandler[Any]] = [
+        app.deposit,
+        app.open_account_for_new_customer,
+        app.transfer,
+        app.withdrawal,
+    ]
+    integrations: list[dogma.IntegrationMessageHandler] = [app.third_party_bank]
+    projections: list[dogma.ProjectionMessageHandler] = [app.customers, app.ledger]
+
+    assert len(aggregates + processes + integrations + projections) == 11

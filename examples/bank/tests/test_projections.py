@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -221,12 +220,12 @@ def test_descriptions_of_impossible_ledger_rows_are_refused() -> None:
 # The Go example's projection tests: one projection enabled, SQL queried directly.
 
 
-def rows(app: bank.App, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(app.read_db.path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+async def rows(app: bank.App, sql: str, *params: str) -> list[tuple[object, ...]]:
+    """Query the read models in a worker thread (sqlite3 blocks)."""
+    result: list[tuple[object, ...]] = await app.read_db.run(
+        lambda conn: conn.execute(sql, params).fetchall()
+    )
+    return result
 
 
 async def open_accounts(d: Dispatcher) -> None:
@@ -250,7 +249,7 @@ async def test_customers_projection(app: bank.App, begin: Callable[..., Dispatch
         )
     )
 
-    assert rows(app, "SELECT id, name FROM customers") == [("C001", "Anna Smith")]
+    assert await rows(app, "SELECT id, name FROM customers") == [("C001", "Anna Smith")]
 
 
 async def test_ledger_opened_account(app: bank.App, begin: Callable[..., Dispatcher]) -> None:
@@ -258,9 +257,9 @@ async def test_ledger_opened_account(app: bank.App, begin: Callable[..., Dispatc
 
     await open_accounts(d)
 
-    assert rows(app, "SELECT id, name, customer_id, balance FROM accounts WHERE id = 'A001'") == [
-        ("A001", "Savings", "C001", 0)
-    ]
+    assert await rows(
+        app, "SELECT id, name, customer_id, balance FROM accounts WHERE id = 'A001'"
+    ) == [("A001", "Savings", "C001", 0)]
 
 
 LEDGER = (
@@ -269,16 +268,12 @@ LEDGER = (
 )
 
 
-def ledger_row(app: bank.App, account: str, tx: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(app.read_db.path)
-    try:
-        return conn.execute(LEDGER, (account, tx)).fetchall()
-    finally:
-        conn.close()
+async def ledger_row(app: bank.App, account: str, tx: str) -> list[tuple[object, ...]]:
+    return await rows(app, LEDGER, account, tx)
 
 
-def balance(app: bank.App, account: str) -> object:
-    return rows(app, f"SELECT balance FROM accounts WHERE id = '{account}'")[0][0]
+async def balance(app: bank.App, account: str) -> object:
+    return (await rows(app, "SELECT balance FROM accounts WHERE id = ?", account))[0][0]
 
 
 async def test_ledger_credit(app: bank.App, begin: Callable[..., Dispatcher]) -> None:
@@ -287,8 +282,8 @@ async def test_ledger_credit(app: bank.App, begin: Callable[..., Dispatcher]) ->
 
     await d.execute_command(Deposit(transaction_id="T001", account_id="A001", amount=150))
 
-    assert balance(app, "A001") == 150
-    assert ledger_row(app, "A001", "T001") == [("Deposit", 0, 150, 150)]
+    assert await balance(app, "A001") == 150
+    assert await ledger_row(app, "A001", "T001") == [("Deposit", 0, 150, 150)]
 
 
 async def test_ledger_debit(app: bank.App, begin: Callable[..., Dispatcher]) -> None:
@@ -300,8 +295,8 @@ async def test_ledger_debit(app: bank.App, begin: Callable[..., Dispatcher]) -> 
         Withdraw(transaction_id="T002", account_id="A001", amount=150, scheduled_time=AT)
     )
 
-    assert balance(app, "A001") == 350
-    assert ledger_row(app, "A001", "T002") == [("Withdrawal", 150, 0, 350)]
+    assert await balance(app, "A001") == 350
+    assert await ledger_row(app, "A001", "T002") == [("Withdrawal", 150, 0, 350)]
 
 
 async def test_ledger_approved_transfer(app: bank.App, begin: Callable[..., Dispatcher]) -> None:
@@ -320,8 +315,8 @@ async def test_ledger_approved_transfer(app: bank.App, begin: Callable[..., Disp
     )
 
     assert any(isinstance(e, TransferApproved) for e in events)
-    assert ledger_row(app, "A001", "T002") == [("Outgoing transfer", 200, 0, 300)]
-    assert ledger_row(app, "A002", "T002") == [("Incoming transfer", 0, 200, 200)]
+    assert await ledger_row(app, "A001", "T002") == [("Outgoing transfer", 200, 0, 300)]
+    assert await ledger_row(app, "A002", "T002") == [("Incoming transfer", 0, 200, 200)]
 
 
 async def test_ledger_transfer_declined_after_debit(
@@ -342,11 +337,13 @@ async def test_ledger_transfer_declined_after_debit(
     )
 
     assert any(isinstance(e, TransferDeclined) for e in events)
-    assert ledger_row(app, "A001", "T002") == [
+    assert await ledger_row(app, "A001", "T002") == [
         ("Outgoing transfer", 900001, 0, 99999),
         ("Outgoing transfer refund", 0, 900001, 1000000),
     ]
-    assert rows(app, "SELECT transaction_order FROM ledger WHERE transaction_id = 'T002'") == [
+    assert await rows(
+        app, "SELECT transaction_order FROM ledger WHERE transaction_id = 'T002'"
+    ) == [
         (0,),
         (1,),
     ]

@@ -6,6 +6,8 @@ live in ``runkit.persistence``, ``runkit.config``, ``runkit.rendezvous`` and
 ``runkit.testing``.
 """
 
+import contextlib as _contextlib
+
 from ._environment import ENVIRONMENT as ENVIRONMENT
 from ._errors import ConfigurationError as ConfigurationError
 from ._hookspec import hookimpl as hookimpl
@@ -22,10 +24,12 @@ from ._options import with_persistence as with_persistence
 from ._options import with_persistence_provider as with_persistence_provider
 from ._options import with_retry_policy as with_retry_policy
 from ._options import with_site as with_site
+from .engine.engine import Engine as Engine
 
 __all__ = [
     "ENVIRONMENT",
     "ConfigurationError",
+    "Engine",
     "Option",
     "from_environment",
     "hookimpl",
@@ -46,8 +50,6 @@ __all__ = [
 for _name in __all__:
     _obj = globals()[_name]
     if hasattr(_obj, "__module__") and _obj.__module__.startswith("runkit."):
-        try:
+        with _contextlib.suppress(AttributeError, TypeError):
             _obj.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
 del _name, _obj

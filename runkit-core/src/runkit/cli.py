@@ -55,7 +55,8 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
     pm = plugin_manager()
     rows: list[tuple[str, str, str]] = []
     for impl in pm.hook.runkit_persistence_schemes.get_hookimpls():
-        schemes = ", ".join(f"{s}://" for s in impl.function())
+        names: list[str] = list(impl.function())  # type: ignore[call-overload]
+        schemes = ", ".join(f"{s}://" for s in names)
         dist = pm.get_plugin(impl.plugin_name)
         module = getattr(dist, "__name__", impl.plugin_name)
         rows.append((impl.plugin_name, module, schemes))
@@ -91,7 +92,7 @@ def load_object(spec: str) -> Any:
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from ._run import run_node
 
-    return run_node(args.app, out=out)
+    return run_node(args.app, out=out, backend=args.backend)
 
 
 def _cmd_poison(args: argparse.Namespace, out: TextIO) -> int:
@@ -117,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         f"from the environment; uses {DEFAULT_MEMORY_URL} when DOGMA_PERSISTENCE_URL is unset.",
     )
     p.add_argument("app", metavar="MODULE:ATTR")
+    p.add_argument(
+        "--backend", choices=("asyncio", "trio"), default="asyncio", help="async event loop"
+    )
     p.set_defaults(fn=_cmd_run)
     p = sub.add_parser("poison", help="list, show or requeue poisoned commands")
     psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

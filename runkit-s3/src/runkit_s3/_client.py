@@ -142,6 +142,10 @@ class _FixedCredentialProvider(CredentialProvider):
         return self._credentials
 
 
+# boto3 sessions are not thread-safe; providers sharing one create clients in turn.
+_creating = threading.Lock()
+
+
 def create_client(settings: S3Settings, session: boto3.Session | None, pool: int) -> S3Client:
     """Build the S3 client (blocking: run it in a worker thread).
 
@@ -151,7 +155,11 @@ def create_client(settings: S3Settings, session: boto3.Session | None, pool: int
     endpoint if there is one (S3-compatible stores and emulators serve it
     there), otherwise to AWS.
     """
-    session = session if session is not None else boto3.Session()
+    with _creating:
+        return _create_client(settings, session if session is not None else boto3.Session(), pool)
+
+
+def _create_client(settings: S3Settings, session: boto3.Session, pool: int) -> S3Client:
     # (boto3's stubs say str, but region_name is None when nothing configures one.)
     region: str | None = settings.region or session.region_name or None
     if region is None and settings.endpoint_url is not None:

@@ -348,6 +348,7 @@ class _Validator:
         if (first.error is None) != (second.error is None):
             failed = first.error or second.error
             assert failed is not None
+            self.errors.append(failed)
             call = "first" if first.error is not None else "second"
             self.add(
                 subject, f"configure() raised {_error(failed)} only on the {call} call; {advice}"
@@ -376,6 +377,7 @@ class _Validator:
                 if (h1.error is None) != (h2.error is None):
                     failed = h1.error or h2.error
                     assert failed is not None
+                    self.errors.append(failed)
                     call = "first" if h1.error is not None else "second"
                     self.add(
                         self.labels.get(id(h1), f"{h1.kind.value} {_qualified(h1.handler)}"),

@@ -66,6 +66,8 @@ _poisoned = _meter.create_counter("runkit.commands.poisoned", description="comma
 
 #: Seconds between checks of the inbox for records appended by other nodes.
 INBOX_POLL_INTERVAL = 1.0
+#: Most commands of one partition being handled (or waiting for their instance) at once.
+MAX_PENDING_COMMANDS = 10_000
 #: Command IDs remembered per partition as done (a cache in front of the markers).
 COMPLETED_CACHE = 100_000
 
@@ -230,6 +232,8 @@ class PartitionCommands:
         self._completed = _Completed(COMPLETED_CACHE, tail.published)
         self._read_end = tail.inbox_position
         self._outstanding: dict[int, int] = {}
+        self._pending = 0
+        self._paused = False
         self._queues: dict[str, deque[tuple[int, InboxEntry, HandlerConfig]]] = {}
         self._in_flight: dict[str, anyio.Event] = {}
         self._notes: deque[tuple[int, InboxRecord]] = deque()
@@ -257,23 +261,35 @@ class PartitionCommands:
                 with anyio.move_on_after(INBOX_POLL_INTERVAL) as poll:
                     await self._wake.wait()
                 self._wake = anyio.Event()
+                behind = poll.cancelled_caught or self._paused
                 while self._notes:
                     position, record = self._notes.popleft()
-                    if position == self._read_end:
+                    if position == self._read_end and not behind and not self._full:
                         self._add_record(position, record)
-                    elif position > self._read_end:
-                        await self._catch_up()
-                if poll.cancelled_caught:
+                    elif position >= self._read_end:
+                        behind = True
+                if behind and not self._full:
                     await self._catch_up()
+                self._paused = self._paused or (behind and self._full)
+
+    @property
+    def _full(self) -> bool:
+        # Bound the commands in memory: a large backlog is read as work completes.
+        return self._pending >= MAX_PENDING_COMMANDS
 
     async def _catch_up(self) -> None:
         async with aclosing(read_inbox(self._inbox, self._read_end)) as records:
             async for position, record in records:
                 self._add_record(position, record)
+                if self._full:
+                    self._paused = True
+                    return
+        self._paused = False
 
     def _add_record(self, position: int, record: InboxRecord) -> None:
         self._read_end = position + 1
         self._outstanding[position] = len(record.entries)
+        self._pending += len(record.entries)
         for entry in record.entries:
             self._dispatch(position, entry)
         self._advance()
@@ -309,6 +325,9 @@ class PartitionCommands:
 
     def _done(self, position: int) -> None:
         self._outstanding[position] -= 1
+        self._pending -= 1
+        if self._pending == MAX_PENDING_COMMANDS // 2:
+            self._wake.set()  # room again: read more of the backlog
         self._advance()
 
     def _advance(self) -> None:

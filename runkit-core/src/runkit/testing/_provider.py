@@ -30,8 +30,8 @@ def _store(provider: Provider, kind: str) -> Any:
     ]
 
 
-async def _write_and_read(handle: Any, kind: str, tag: bytes) -> None:
-    """Write *tag* into a fresh store of *kind* through *handle*."""
+async def _write_tag(handle: Any, kind: str, tag: bytes) -> None:
+    """Write *tag* into a fresh store of *kind* through *handle* (``_read_tag`` reads it)."""
     if kind == "journal":
         await handle.append(0, tag)
     elif kind == "keyspace":
@@ -100,7 +100,7 @@ class ProviderSuite(SuiteBase):
         try:
             for handle in handles:
                 assert not isinstance(handle, BaseException), handle
-            await _write_and_read(handles[-1], kind, b"<tag>")
+            await _write_tag(handles[-1], kind, b"<tag>")
             for handle in handles:
                 assert await _read_tag(handle, kind) == b"<tag>"
         finally:
@@ -195,7 +195,7 @@ class ProviderSuite(SuiteBase):
         for index, name in enumerate(names):
             async with await _store(provider, kind).open(name) as handle:
                 assert handle.name == name
-                await _write_and_read(handle, kind, f"<{index}>".encode())
+                await _write_tag(handle, kind, f"<{index}>".encode())
         for index, name in enumerate(names):
             async with await _store(other_provider, kind).open(name) as handle:
                 assert await _read_tag(handle, kind) == f"<{index}>".encode()
@@ -207,7 +207,7 @@ class ProviderSuite(SuiteBase):
         limit = provider.limits.max_name_bytes
         name = _sized_name(kind, limit)
         async with await _store(provider, kind).open(name) as handle:
-            await _write_and_read(handle, kind, b"<long>")
+            await _write_tag(handle, kind, b"<long>")
         async with await _store(other_provider, kind).open(name) as handle:
             assert await _read_tag(handle, kind) == b"<long>"
         # Multi-byte characters count as bytes, not characters.

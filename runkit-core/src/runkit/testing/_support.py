@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -109,8 +109,3 @@ class SuiteBase:
             with anyio.CancelScope(shield=True):
                 for p in made:
                     await p.close()
-
-
-def raises_from(result: Any, kind: type[BaseException]) -> bool:
-    """True when a ``gather`` result is an instance of *kind*."""
-    return isinstance(result, kind)

@@ -1,0 +1,160 @@
+"""The work behind ``runkit run`` and ``runkit poison`` (kept out of cli.py so
+that ``runkit env`` and ``runkit drivers`` stay fast to start)."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+from typing import Any, TextIO
+
+import anyio
+import msgspec
+
+from . import config
+from ._environment import ENVIRONMENT
+from ._options import from_environment, with_application, with_persistence
+from .cli import DEFAULT_MEMORY_URL, CLIError, load_object
+from .engine.engine import Engine, MetaRecord, meta_name
+from .engine.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
+from .persistence import Provider, provider_from_url, redact_url
+
+__all__ = ["poison_command", "run_node"]
+
+
+def _application(spec: str) -> Any:
+    obj = load_object(spec)
+    if callable(getattr(obj, "configure", None)):
+        return obj
+    if callable(obj):
+        made = obj()
+        if callable(getattr(made, "configure", None)):
+            return made
+    raise CLIError(
+        f"{spec!r} is not a Dogma application (an object with a configure(c) method, "
+        "or a callable returning one)"
+    )
+
+
+def run_node(spec: str, *, out: TextIO, backend: str = "asyncio") -> int:
+    """Run a node for the application at *spec* until SIGINT/SIGTERM."""
+    app = _application(spec)
+    env = ENVIRONMENT.load()
+    options = [with_application(app), from_environment()]
+    url = env.persistence_url
+    if url is None:
+        url = DEFAULT_MEMORY_URL
+        options.append(with_persistence(url))
+        out.write(
+            f"DOGMA_PERSISTENCE_URL is not set: using {url} "
+            "(in-process memory; nothing survives this process)\n"
+        )
+    engine = Engine(*options)
+    names = ", ".join(a.identity.name for a in engine.applications)
+    out.write(f"starting node {engine.settings.node_id} for {names}\n")
+    out.flush()
+
+    async def serve() -> None:
+        # Signals are caught before the engine starts, so none is lost in between.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(engine.run)
+                for app in engine.applications:
+                    await engine.runtime(app.identity.key)
+                out.write(
+                    f"running {names} on {redact_url(url)}; Ctrl-C or SIGTERM stops it gracefully\n"
+                )
+                out.flush()
+                async for signum in signals:
+                    out.write(
+                        f"received {signal.Signals(signum).name}: stopping "
+                        "(finishing in-flight work)\n"
+                    )
+                    out.flush()
+                    tg.cancel_scope.cancel()
+                    break
+
+    anyio.run(serve, backend=backend)
+    out.write("stopped\n")
+    return 0
+
+
+async def _partition_count(provider: Provider, app_key: str) -> int:
+    # Read-only: an operator command must not create metadata.
+    async with await provider.keyspaces.open(meta_name(app_key)) as ks:
+        value, _ = await ks.get(b"partitions")
+    if not value:
+        raise CLIError(
+            f"application {app_key} has never run on this store (no {meta_name(app_key)})"
+        )
+    return msgspec.msgpack.decode(value, type=MetaRecord).partition_count
+
+
+def _summary(p: PoisonedCommand) -> tuple[str, ...]:
+    error = p.record.error.strip().splitlines()[-1] if p.record.error.strip() else ""
+    return (
+        str(p.partition),
+        p.command_id,
+        p.description[:40],
+        str(p.record.attempts),
+        error[:60],
+    )
+
+
+def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def poison_command(spec: str, action: str, command_id: str | None, *, out: TextIO) -> int:
+    """``runkit poison list|show|requeue``: operate on the store the nodes use."""
+    built = config.build(_application(spec))
+    env = ENVIRONMENT.load()
+    if env.persistence_url is None:
+        raise CLIError("set DOGMA_PERSISTENCE_URL to the store the application's nodes use")
+    url = env.persistence_url
+    key = built.identity.key
+
+    async def go() -> int:
+        provider = provider_from_url(url)
+        try:
+            count = await _partition_count(provider, key)
+            if action == "list":
+                rows = [_summary(p) async for p in list_poisoned(provider, key, count)]
+                if not rows:
+                    out.write(f"no poisoned commands for {built.identity.name}\n")
+                    return 0
+                _table([("partition", "command", "description", "attempts", "error"), *rows], out)
+                out.write(f"{len(rows)} poisoned command(s)\n")
+                return 0
+            assert command_id is not None
+            if action == "show":
+                found = await get_poisoned(provider, key, count, command_id)
+                if found is None:
+                    out.write(f"no poisoned command {command_id}\n")
+                    return 1
+                env_ = found.record.entry.envelope
+                out.write(
+                    f"command      {found.command_id}\n"
+                    f"partition    {found.partition}\n"
+                    f"description  {env_.description}\n"
+                    f"type         {env_.type_id}\n"
+                    f"correlation  {env_.correlation_id}\n"
+                    f"created at   {env_.created_at.isoformat()}\n"
+                    f"handler      {found.record.handler_key}\n"
+                    f"attempts     {found.record.attempts}\n"
+                    f"poisoned at  {found.record.poisoned_at.isoformat()}\n"
+                    "error:\n" + textwrap.indent(found.record.error.rstrip(), "    ") + "\n"
+                )
+                return 0
+            done = await requeue(provider, key, count, command_id)
+            if not done:
+                out.write(f"no poisoned command {command_id} (already requeued?)\n")
+                return 1
+            out.write(f"requeued {command_id}; the partition's owner will handle it again\n")
+            return 0
+        finally:
+            with anyio.CancelScope(shield=True):
+                await provider.close()
+
+    return anyio.run(go)
