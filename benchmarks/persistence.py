@@ -62,11 +62,20 @@ class Result:
     ops: int
     seconds: float
     latencies: list[float]
+    cpu_seconds: float = 0.0  # of this (client) process, all threads
 
     def __add__(self, other: Result) -> Result:
         return Result(
-            self.ops + other.ops, self.seconds + other.seconds, self.latencies + other.latencies
+            self.ops + other.ops,
+            self.seconds + other.seconds,
+            self.latencies + other.latencies,
+            self.cpu_seconds + other.cpu_seconds,
         )
+
+    @property
+    def cpu_per_op(self) -> float:
+        """Client CPU time per operation, in microseconds (server time excluded)."""
+        return 1e6 * self.cpu_seconds / self.ops if self.ops else float("nan")
 
     @property
     def rate(self) -> float:
@@ -100,13 +109,13 @@ async def measure(steps: list[Step], seconds: float) -> Result:
     for phase in ("warm-up", "measure"):
         latencies.clear()
         counted = 0
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.process_time()
         deadline = begin + (WARMUP_SECONDS if phase == "warm-up" else seconds)
         async with anyio.create_task_group() as tg:
             for step in steps:
                 tg.start_soon(worker, step)
-        elapsed = time.perf_counter() - begin
-    return Result(ops=counted, seconds=elapsed, latencies=list(latencies))
+        elapsed, cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
+    return Result(ops=counted, seconds=elapsed, latencies=list(latencies), cpu_seconds=cpu)
 
 
 class Workloads:
@@ -258,12 +267,14 @@ def format_row(row: Row) -> str:
     line = (
         f"{row.driver:10} {row.workload:8} c={row.concurrency:<3} {r.rate:10,.0f} ops/s"
         f"  p50 {r.percentile(0.5):7.3f} ms  p99 {r.percentile(0.99):7.3f} ms"
+        f"  cpu {r.cpu_per_op:6.1f} us/op"
     )
     if row.baseline is not None:
         b = row.baseline
         line += (
             f"   | raw {b.rate:10,.0f} ops/s  p50 {b.percentile(0.5):7.3f} ms"
-            f"  p99 {b.percentile(0.99):7.3f} ms  ratio {r.rate / b.rate:5.0%}"
+            f"  p99 {b.percentile(0.99):7.3f} ms  cpu {b.cpu_per_op:6.1f} us/op"
+            f"  ratio {r.rate / b.rate:5.0%}"
         )
     return line
 
@@ -271,9 +282,9 @@ def format_row(row: Row) -> str:
 def markdown(rows: list[Row]) -> str:
     """The results as a Markdown table."""
     lines = [
-        "| driver | workload | tasks | ops/s | p50 ms | p99 ms | raw ops/s | raw p50 ms "
-        "| raw p99 ms | driver/raw |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| driver | workload | tasks | ops/s | p50 ms | p99 ms | client CPU µs/op "
+        "| raw ops/s | raw p50 ms | raw p99 ms | raw CPU µs/op | driver/raw ops/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         r, b = row.result, row.baseline
@@ -284,16 +295,18 @@ def markdown(rows: list[Row]) -> str:
             f"{r.rate:,.0f}",
             f"{r.percentile(0.5):.3f}",
             f"{r.percentile(0.99):.3f}",
+            f"{r.cpu_per_op:.1f}",
         ]
         if b is not None:
             cells += [
                 f"{b.rate:,.0f}",
                 f"{b.percentile(0.5):.3f}",
                 f"{b.percentile(0.99):.3f}",
+                f"{b.cpu_per_op:.1f}",
                 f"{r.rate / b.rate:.0%}",
             ]
         else:
-            cells += ["", "", "", ""]
+            cells += ["", "", "", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

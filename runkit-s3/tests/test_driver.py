@@ -192,6 +192,7 @@ async def test_concurrent_provisioning_of_a_new_bucket_by_many_providers_succeed
 async def test_first_open_provisions_lazily(
     make: Callable[..., S3Provider],
     aws_session: boto3.Session,
+    hooks: Hooks,
     moto_server: MotoServer,
     bucket: str,
 ) -> None:
@@ -231,7 +232,7 @@ async def test_url_with_insecure_host_reaches_the_endpoint_over_http(
 
 
 async def test_role_arn_signs_requests_with_credentials_from_sts_assume_role(
-    make: Callable[..., S3Provider], aws_session: boto3.Session, hooks: Hooks
+    make: Callable[..., S3Provider], aws_session: boto3.Session
 ) -> None:
     role = "arn:aws:iam::123456789012:role/runkit-writer"
     assumed: list[str] = []
@@ -259,7 +260,7 @@ async def test_role_arn_signs_requests_with_credentials_from_sts_assume_role(
 
 
 async def test_repr_and_errors_never_show_credentials(
-    make: Callable[..., S3Provider], aws_session: boto3.Session, hooks: Hooks
+    make: Callable[..., S3Provider], aws_session: boto3.Session
 ) -> None:
     provider = make(aws_session, bucket="no-such-bucket-for-runkit", prefix="x")
     assert "testing" not in repr(provider)
@@ -369,8 +370,8 @@ async def test_append_racing_a_truncation_past_it_is_reported_ambiguous_never_ac
     bucket: str,
 ) -> None:
     """B truncates and compacts between A's pre-read and A's PUT: A's write lands in a hole."""
-    session_a = aws_session
-    async with make(session_a) as pa, make(shared_session) as pb:
+    hooks_a = Hooks(aws_session)
+    async with make(aws_session) as pa, make(shared_session) as pb:
         a = await pa.journals.open("stream")
         b = await pb.journals.open("stream")
         for position in range(5):
@@ -385,7 +386,7 @@ async def test_append_racing_a_truncation_past_it_is_reported_ambiguous_never_ac
             anyio.from_thread.run(overtake)
 
         keys = Layout("").journal("stream")
-        Hooks(session_a).on("PutObject", run_b_first, url_contains=keys.record(5)[-16:])
+        hooks_a.on("PutObject", run_b_first, url_contains=keys.record(5)[-16:])
 
         with pytest.raises(PersistenceError) as info:
             await a.append(5, b"stale")
@@ -404,6 +405,7 @@ async def test_append_racing_a_truncation_past_it_is_reported_ambiguous_never_ac
 async def test_truncate_completes_on_retry_after_compaction_fails(
     make: Callable[..., S3Provider],
     aws_session: boto3.Session,
+    hooks: Hooks,
     moto_server: MotoServer,
     bucket: str,
 ) -> None:

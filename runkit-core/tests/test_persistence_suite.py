@@ -1,0 +1,164 @@
+"""The conformance suites catch broken drivers (a suite that cannot fail proves nothing).
+
+Each test builds a provider with one classic bug, by wrapping the memory driver,
+and checks that the suite test aimed at that bug fails on it while passing on
+the correct driver.
+"""
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from anyio.lowlevel import checkpoint
+
+import runkit.testing
+import runkit.testing.faults
+from runkit.persistence import Conflict, Interval, Journal, Keyspace, Provider
+from runkit.testing import ConformanceSuite, JournalSuite, KeyspaceSuite, ProviderSuite
+from runkit.testing.faults import FaultyProvider
+from runkit.testing.faults import _FaultyJournal as _WrappedJournal
+from runkit.testing.faults import _FaultyJournalStore as _WrappedJournalStore
+from runkit.testing.faults import _FaultyKeyspace as _WrappedKeyspace
+from runkit.testing.faults import _FaultyKeyspaceStore as _WrappedKeyspaceStore
+from runkit_memory import MemoryProvider
+
+SuiteFailed = (AssertionError, pytest.fail.Exception)
+
+
+class AbaKeyspace(_WrappedKeyspace):
+    """Revisions are generation counters that restart at "1" after a delete."""
+
+    generations: dict[bytes, int] = {}
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        value, revision = await self._inner.get(key)
+        return value, str(self.generations[key]) if revision else ""
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        _, current = await self._inner.get(key)
+        if revision != (str(self.generations[key]) if current else ""):
+            raise Conflict.keyspace(self.name, key, revision)
+        await self._inner.set(key, value, current)
+        if not value:
+            del self.generations[key]
+            return ""
+        self.generations[key] = self.generations.get(key, 0) + 1
+        return str(self.generations[key])
+
+
+class ResurrectingJournal(_WrappedJournal):
+    """Acknowledges appends at truncated positions without storing them (a lost write)."""
+
+    async def append(self, position: int, record: bytes) -> None:
+        if position < (await self._inner.bounds()).begin:
+            return
+        await self._inner.append(position, record)
+
+
+class LateCheckingJournal(_WrappedJournal):
+    """Talks to the backend before validating its input."""
+
+    async def append(self, position: int, record: bytes) -> None:
+        await checkpoint()  # stands in for a request
+        await self._inner.append(position, record)
+
+
+class BrokenProvider(FaultyProvider):
+    """The memory driver with one broken handle class."""
+
+    def __init__(
+        self, inner: Provider, *, journal: type | None = None, keyspace: type | None = None
+    ):
+        super().__init__(inner)
+        plan = self.plan
+        if journal is not None:
+            cls = journal
+
+            class Journals(_WrappedJournalStore):
+                async def open(self, name: str) -> Journal:
+                    handle: Journal = cls(await self._inner.open(name), plan)
+                    return handle
+
+            self._journals = Journals(inner.journals, plan)
+        if keyspace is not None:
+            kcls = keyspace
+
+            class Keyspaces(_WrappedKeyspaceStore):
+                async def open(self, name: str) -> Keyspace:
+                    handle: Keyspace = kcls(await self._inner.open(name), plan)
+                    return handle
+
+            self._keyspaces = Keyspaces(inner.keyspaces, plan)
+
+
+@pytest.fixture
+async def memory() -> AsyncIterator[Provider]:
+    async with MemoryProvider() as provider:
+        yield provider
+
+
+async def _fails(call: Callable[[], Awaitable[None]]) -> str:
+    with pytest.raises(SuiteFailed) as info:
+        await call()
+    return str(info.value)
+
+
+async def test_keyspace_suite_catches_revisions_that_repeat_after_delete(
+    memory: Provider,
+) -> None:
+    suite = KeyspaceSuite()
+    async with await memory.keyspaces.open("good") as good:
+        await suite.test_keyspace_stale_revision_from_before_delete_is_rejected(good)
+    AbaKeyspace.generations.clear()
+    broken = BrokenProvider(memory, keyspace=AbaKeyspace)
+    async with await broken.keyspaces.open("aba") as aba:
+        message = await _fails(
+            lambda: suite.test_keyspace_stale_revision_from_before_delete_is_rejected(aba)
+        )
+    assert "DID NOT RAISE" in message
+
+
+async def test_journal_suite_catches_acknowledged_appends_that_are_invisible(
+    memory: Provider,
+) -> None:
+    suite = JournalSuite()
+    async with await memory.journals.open("good") as good:
+        await suite.test_journal_append_at_truncated_position_raises_conflict(good)
+    broken = BrokenProvider(memory, journal=ResurrectingJournal)
+    async with await broken.journals.open("lossy") as lossy:
+        await _fails(lambda: suite.test_journal_append_at_truncated_position_raises_conflict(lossy))
+    other = BrokenProvider(memory, journal=ResurrectingJournal)
+    async with await broken.journals.open("stale") as stale:
+        await _fails(
+            lambda: suite.test_journal_stale_handle_cannot_append_at_its_stale_end(
+                broken, stale, "stale", other
+            )
+        )
+
+
+async def test_provider_suite_catches_input_checks_after_io(memory: Provider) -> None:
+    suite = ProviderSuite()
+    await suite.test_provider_inputs_are_checked_before_any_io(memory)
+    broken = BrokenProvider(memory, journal=LateCheckingJournal)
+    message = await _fails(lambda: suite.test_provider_inputs_are_checked_before_any_io(broken))
+    assert message.startswith(
+        "append with an invalid input must raise before its first await (before any I/O)"
+    )
+    async with await broken.journals.open("j") as journal:
+        assert await journal.bounds() == Interval(0, 0)
+
+
+def test_suites_are_not_collected_directly_and_compose() -> None:
+    assert not ConformanceSuite.__name__.startswith("Test")
+    for suite in (JournalSuite, KeyspaceSuite, runkit.testing.SetSuite, ProviderSuite):
+        assert issubclass(ConformanceSuite, suite)
+    names = [n for n in dir(ConformanceSuite) if n.startswith("test_")]
+    assert len(names) == len(set(names))
+    assert len(names) > 80
+
+
+@pytest.mark.parametrize("module", [runkit.testing, runkit.testing.faults])
+def test_public_names_exist_and_are_documented(module: object) -> None:
+    for name in module.__all__:  # type: ignore[attr-defined]
+        obj = getattr(module, name)
+        if callable(obj):
+            assert obj.__doc__, f"{module.__name__}.{name} has no docstring"  # type: ignore[attr-defined]
