@@ -568,3 +568,78 @@ async def test_several_applications_on_one_engine_are_isolated() -> None:
     mine, theirs = await read_stores(provider), await read_stores(provider, other_key)
     assert [e.app_key for e in mine.all_events()] == [APP_KEY]
     assert [e.app_key for e in theirs.all_events()] == [other_key]
+
+
+class _Forwarder(dogma.StatelessProcessBehavior, dogma.NoDeadlineMessagesBehavior):
+    """A process: every Deposited executes Notify(balance) (through ctx.accept)."""
+
+    def configure(self, c: Any) -> None:
+        from engine_commands_harness import REGISTRY
+
+        c.identity("forwarder", "c0000000-0000-4000-8000-0000000000aa")
+        c.routes(
+            dogma.handles_event(Deposited, registry=REGISTRY),
+            dogma.executes_command(Notify, registry=REGISTRY),
+        )
+
+    async def route_event_to_instance(self, event: dogma.Event) -> str | None:
+        assert isinstance(event, Deposited)
+        return event.account
+
+    async def handle_event(self, root: Any, scope: Any, event: dogma.Event) -> None:
+        assert isinstance(event, Deposited)
+        scope.execute_command(Notify(event.balance, event.ref))
+
+
+async def test_commands_produced_by_a_process_are_accepted_and_handled_once() -> None:
+    from engine_commands_harness import REGISTRY, Accounts, App, Notified, Notifier
+
+    from runkit.config import build
+
+    accounts, notifier = Accounts(), Notifier()
+    app = App(accounts, notifier)
+    app_routes = app.configure
+
+    def configure(c: Any) -> None:
+        app_routes(c)
+        c.routes(dogma.via_process(_Forwarder()))
+
+    app.configure = configure  # type: ignore[method-assign]
+    config = build(app, registry=REGISTRY)
+    provider = silo()
+    seen: list[int] = []
+
+    async def saw(event: Notified) -> bool:
+        seen.append(event.n)
+        return True
+
+    async with running(provider, config) as engine:
+        executor = engine.executor_for(app)
+        with anyio.fail_after(10):
+            await executor.execute_command(
+                Deposit("acc", 4, "p1"),
+                observers=[dogma.observe(Notified, saw, registry=REGISTRY)],
+            )
+        await executor.execute_command(Deposit("acc", 1, "p2"))
+        await wait_until(lambda: sorted(notifier.calls) == [4, 5])
+        stores = await settled(provider)
+    assert seen == [4]
+    check_invariants(stores)
+    notified = [e for e in stores.all_events() if e.description == "Notified"]
+    assert len(notified) == 2
+
+
+async def test_persistence_url_is_resolved_and_never_shown_with_its_password() -> None:
+    s = setup()
+    name = f"url-{uuid.uuid4()}"
+    async with anyio.create_task_group() as tg:
+        engine = Engine.from_settings(
+            EngineSettings(applications=(s.config,), persistence_url=f"memory:///{name}")
+        )
+        tg.start_soon(engine.run)
+        await engine.executor_for(s.app).execute_command(Deposit("acc", 1, "url"))
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+        tg.cancel_scope.cancel()
+    assert (await read_stores(MemoryProvider(name))).accepted_ids()
+    secret = EngineSettings(persistence_url="postgresql://u:hunter2@db/x")
+    assert "hunter2" not in repr(secret)

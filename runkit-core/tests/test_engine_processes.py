@@ -632,3 +632,32 @@ async def test_two_nodes_owning_the_same_partitions_still_take_effect_once() -> 
             assert sorted(await steps(h, instance)) == want
         assert len(commands(h)) == 15
         tg.cancel_scope.cancel()
+
+
+async def test_a_stuck_outbox_does_not_block_other_instances_and_is_kept() -> None:
+    p = Process()
+
+    def refuse_a(envelopes: Any) -> None:
+        if any(json.loads(e.data)["id"] == "a" for e in envelopes):
+            raise ValueError("the commands side refuses instance a's commands")
+
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        h.accept_fault = refuse_a
+        await h.publish(Step("a", 1), Step("b", 2))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)  # b was not held up by a
+        assert commands(h) == [("b", 2)]
+        poison = await poisoned(h)
+        assert list(poison) == [f"{PROC_KEY}/outbox/a"]
+        r = await record(h, "a")
+        assert r is not None
+        assert len(r.commands) == 1  # kept for a later dispatch
+        h.accept_fault = None
+        await h.publish(Step("a", 3))  # the next load of a dispatches it
+        await wait_until(lambda: len(h.accepted) == 3)
+        assert commands(h) == [("a", 1), ("a", 3), ("b", 2)]
+        assert await steps(h, "a") == [1, 3]
+        tg.cancel_scope.cancel()

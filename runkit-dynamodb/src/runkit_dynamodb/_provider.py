@@ -26,7 +26,7 @@ import functools
 import struct
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
@@ -408,7 +408,7 @@ class DynamoDBProvider(Provider):
 
     async def _query_pages(
         self, kind: str, what: str, request: Callable[[dict[str, Any]], dict[str, Any]]
-    ) -> AsyncIterator[QueryOutputTypeDef]:
+    ) -> AsyncGenerator[QueryOutputTypeDef, None]:
         """Yield Query pages until one has no ``LastEvaluatedKey``.
 
         Copes with both pagination behaviours: a ``LastEvaluatedKey`` followed by
@@ -870,10 +870,14 @@ class _DynamoKeyspace(_Handle, Keyspace):
                 "ProjectionExpression": "k, v, r",
             }
 
-        async for page in self._provider._query_pages(self._kind, self._what, request):
-            for item in page.get("Items", []):
-                yield item["k"]["B"], item["v"]["B"], item["r"]["S"]
-            self._check_open()
+        # aclosing: a consumer that stops early closes this generator, which must
+        # close the inner one too (an unclosed one is finalized by the GC).
+        pages = self._provider._query_pages(self._kind, self._what, request)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for item in page.get("Items", []):
+                    yield item["k"]["B"], item["v"]["B"], item["r"]["S"]
+                self._check_open()
 
 
 class _DynamoSet(_Handle, Set):
@@ -951,10 +955,14 @@ class _DynamoSet(_Handle, Set):
                 "ProjectionExpression": "k",
             }
 
-        async for page in self._provider._query_pages(self._kind, self._what, request):
-            for item in page.get("Items", []):
-                yield item["k"]["B"]
-            self._check_open()
+        # aclosing: a consumer that stops early closes this generator, which must
+        # close the inner one too (an unclosed one is finalized by the GC).
+        pages = self._provider._query_pages(self._kind, self._what, request)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for item in page.get("Items", []):
+                    yield item["k"]["B"]
+                self._check_open()
 
 
 class _JournalStore(JournalStore):

@@ -561,7 +561,9 @@ class _Keyspace(_Handle, Keyspace):
                 return not (row and row[0])
             return cursor.rowcount == 1
 
-        if not await self._write(operation, "set"):
+        # Deleting an absent key only reads, so it may be retried like a read.
+        run = self._read if query is st.keyspace_has else self._write
+        if not await run(operation, "set"):
             raise Conflict.keyspace(self._name, k, revision)
         return new.hex if new else ""
 

@@ -89,9 +89,19 @@ class ConditionFailed(Exception):
     not exist (HTTP 404).
     """
 
-    def __init__(self, *, missing: bool = False) -> None:
-        super().__init__("missing" if missing else "precondition failed")
-        self.missing = missing
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+    @property
+    def missing(self) -> bool:
+        """The condition was ``If-Match`` and the object does not exist (HTTP 404)."""
+        return self.status == 404
+
+    @property
+    def exists(self) -> bool:
+        """The condition failed because of the object's state (HTTP 412), not a race (409)."""
+        return self.status == 412
 
 
 class _AmbiguousWrite(Exception):
@@ -348,9 +358,9 @@ class S3Objects:
             except ClientError as exc:
                 conditional = if_none_match or if_match is not None
                 if conditional and _status(exc) in {409, 412}:
-                    raise ConditionFailed from None
+                    raise ConditionFailed(_status(exc)) from None
                 if if_match is not None and _code(exc) in _MISSING_CODES:
-                    raise ConditionFailed(missing=True) from None
+                    raise ConditionFailed(404) from None
                 raise
             return _etag(response["ETag"])
 
@@ -371,9 +381,9 @@ class S3Objects:
                 self.client.delete_object(**kwargs)
             except ClientError as exc:
                 if if_match is not None and _status(exc) in {409, 412}:
-                    raise ConditionFailed from None
+                    raise ConditionFailed(_status(exc)) from None
                 if if_match is not None and _code(exc) in _MISSING_CODES:
-                    raise ConditionFailed(missing=True) from None
+                    raise ConditionFailed(404) from None
                 raise
 
         await self._run("DeleteObject", key, call)

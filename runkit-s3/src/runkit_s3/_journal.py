@@ -277,8 +277,9 @@ class S3Journal(Journal):
         key = self._keys.record(position)
         try:
             await objects.put(key, record, if_none_match=True)
-        except ConditionFailed:
-            self._state.observe(end=position + 1)
+        except ConditionFailed as exc:
+            if exc.exists:  # 412: the record is there, so end > position (409 says less)
+                self._state.observe(end=position + 1)
             raise Conflict.journal(self._name, position) from None
 
         # Step 3: post-read begin; the record is live only if begin has not passed it.

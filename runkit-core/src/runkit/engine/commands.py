@@ -33,7 +33,7 @@ from datetime import datetime
 import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
-from opentelemetry import metrics, trace
+from opentelemetry import metrics
 
 import dogma
 
@@ -58,7 +58,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.commands")
-_tracer = trace.get_tracer("runkit.engine")
 _meter = metrics.get_meter("runkit.engine")
 _handled = _meter.create_counter("runkit.commands.handled", description="commands handled")
 _failed = _meter.create_counter("runkit.commands.failed", description="failed handling attempts")
@@ -376,14 +375,7 @@ class PartitionCommands:
                 if await self._already_done(entry):
                     _log.debug("command already handled; skipping", extra=log_context)
                     return
-                with _tracer.start_as_current_span(
-                    "runkit.handle_command",
-                    attributes={
-                        "runkit.handler": handler.identity.name,
-                        "runkit.message_id": command_id,
-                    },
-                ):
-                    events = await self._execute(handler, entry)
+                events = await self._execute(handler, entry)
                 location: _Location = None
                 if events:
                     first = await self._writer.publish(command_id, events)

@@ -256,6 +256,15 @@ class _ProcessScope:
                     f"{type(command).__qualname__} without an executes_command route for it"
                 )
             )
+        handler = self._runner.app.command_handler(type(command))
+        if handler is None or handler.disabled:
+            raise self._fail(
+                _Bug(
+                    f"{self._runner.config.describe()} executed a "
+                    f"{type(command).__qualname__}, which no enabled handler of the "
+                    "application handles"
+                )
+            )
         try:
             validate_new(command)
         except dogma.ValidationError as exc:
@@ -425,10 +434,10 @@ class ProcessRunner:
                 tg.cancel_scope.cancel()  # the stream ended (test streams only)
 
     async def _consume(self, ctx: PartitionContext, records: Keyspace, event: StreamEvent) -> None:
-        async def attempt() -> str | None:
+        async def attempt() -> None:
             instance_id = await self.handler.route_event_to_instance(event.message())
             if instance_id is None:
-                return None
+                return
             if not isinstance(instance_id, str) or not instance_id:
                 raise _Bug(
                     f"{self.config.describe()}: route_event_to_instance() returned "
@@ -451,7 +460,6 @@ class ProcessRunner:
                 ),
                 stream=(event.stream_id, event.offset),
             )
-            return instance_id
 
         await self._with_retries(
             ctx,
@@ -468,7 +476,7 @@ class ProcessRunner:
         envelope = decode(entry.envelope)
         name = process_store_name(self.app.identity.key, self.key)
 
-        async def attempt() -> str | None:
+        async def attempt() -> None:
             async with await ctx.provider.keyspaces.open(name) as records:
 
                 async def invoke(root: _Root, scope: _ProcessScope) -> None:
@@ -494,7 +502,6 @@ class ProcessRunner:
                     ),
                     deadline_id=entry.deadline_id,
                 )
-            return entry.instance_id
 
         await self._with_retries(
             ctx,
@@ -509,7 +516,7 @@ class ProcessRunner:
     async def _with_retries(
         self,
         ctx: PartitionContext,
-        attempt: Callable[[], Awaitable[str | None]],
+        attempt: Callable[[], Awaitable[None]],
         *,
         envelope: Envelope,
         poison_key: str,
@@ -628,16 +635,33 @@ class ProcessRunner:
     ) -> tuple[InstanceRecord, str]:
         """Send the outbox, then clear it; returns the record as stored afterwards.
 
-        Retries until it succeeds: the handling is committed, so the only way
-        forward is to dispatch it (never poison it). Each attempt restarts
-        from the stored record.
+        The handling is committed, so the outbox is never dropped. Persistence
+        errors are retried for ever. Other errors (``accept`` refusing a
+        command, e.g. an aggregate's ``route_command_to_instance`` raising)
+        are retried ``max_attempts`` times; then the outbox stays in the record
+        (to be dispatched again whenever the instance is next loaded, and kept by
+        later commits), the problem is recorded in the event poison store, and
+        the consumer moves on instead of stalling every other instance.
         """
         failures = 0
+        store_failures = 0
         while True:
             try:
                 return await self._dispatch_once(ctx, records, key, record, revision)
-            except Exception:
+            except PersistenceError:
+                store_failures += 1
+                _log.warning(
+                    "%s: persistence error dispatching the outbox of instance %r; retrying",
+                    self.config.describe(),
+                    key.decode(),
+                    exc_info=True,
+                )
+                await sleep_backoff(self.options, store_failures)
+            except Exception as exc:
                 failures += 1
+                if failures >= self.options.max_attempts:
+                    await self._outbox_stuck(ctx, key.decode(), record, exc, failures)
+                    return record, revision
                 _log.warning(
                     "%s: cannot dispatch the outbox of instance %r (attempt %d); retrying",
                     self.config.describe(),
@@ -646,10 +670,45 @@ class ProcessRunner:
                     exc_info=True,
                 )
                 await sleep_backoff(self.options, failures)
+            while True:
                 try:
                     record, revision = await self._load(records, key)
+                    break
                 except PersistenceError:
-                    continue
+                    store_failures += 1
+                    await sleep_backoff(self.options, store_failures)
+
+    async def _outbox_stuck(
+        self,
+        ctx: PartitionContext,
+        instance_id: str,
+        record: InstanceRecord,
+        error: Exception,
+        attempts: int,
+    ) -> None:
+        _log.error(
+            "%s: cannot dispatch the outbox of instance %r after %d attempts; "
+            "it stays in the instance record",
+            self.config.describe(),
+            instance_id,
+            attempts,
+            exc_info=error,
+        )
+        first = record.commands[0] if record.commands else record.deadlines[0].entry.envelope
+        await self._poison(
+            ctx,
+            f"{self.key}/outbox/{instance_id}",
+            PoisonedMessage(
+                handler_key=self.key,
+                envelope=first,
+                instance_id=instance_id,
+                stream_id=None,
+                offset=None,
+                error=f"{type(error).__qualname__}: {error}",
+                attempts=attempts,
+                poisoned_at=ctx.now(),
+            ),
+        )
 
     async def _dispatch_once(
         self,
@@ -688,13 +747,15 @@ def _apply(
     stream: tuple[str, int] | None,
     deadline_id: str | None,
 ) -> InstanceRecord:
-    commands = [encode(c) for c in scope.commands]
+    # The record's outbox is normally empty here; it is not when its dispatch
+    # is stuck (see ``_dispatch``), and then it is kept, never overwritten.
+    commands = [*record.commands, *(encode(c) for c in scope.commands)]
     positions = dict(record.positions)
     if stream is not None:
         positions[stream[0]] = stream[1]
     if scope.ended:
-        # Drop the root and cancel every pending deadline; commands executed
-        # before end() still go out.
+        # Drop the root and cancel every pending deadline (including any not
+        # yet dispatched); commands executed before end() still go out.
         return InstanceRecord(ended=True, positions=positions, commands=commands)
     pending = [d for d in record.pending_deadlines if d != deadline_id]
     pending.extend(d.entry.deadline_id for d in scope.deadlines)
@@ -703,7 +764,7 @@ def _apply(
         positions=positions,
         pending_deadlines=pending,
         commands=commands,
-        deadlines=list(scope.deadlines),
+        deadlines=[*record.deadlines, *scope.deadlines],
     )
 
 

@@ -343,6 +343,7 @@ class StreamWriter:
         self._inbox_end = tail.inbox_position
         self._queue: deque[_Pending] = deque()
         self._wake = anyio.Event()
+        self._item_added = anyio.Event()
         self._failed: BaseException | None = None
 
     @property
@@ -371,6 +372,7 @@ class StreamWriter:
         item = _Pending(command_id, tuple(events), size)
         self._queue.append(item)
         self._wake.set()
+        self._item_added.set()
         await item.done.wait()
         if item.error is not None:
             raise OwnershipLost("the partition stream writer has stopped") from item.error
@@ -383,11 +385,20 @@ class StreamWriter:
             while True:
                 await self._wake.wait()
                 self._wake = anyio.Event()
-                if not self._queue:
-                    # Only progress to record: wait a little so that a burst of
-                    # event-less commands costs one write, not one each.
-                    await anyio.sleep(self._progress_interval)
-                await self._write_all()
+                if self._queue:
+                    # Progress rides along in these records' headers.
+                    while self._queue:
+                        await self._write_one()
+                    continue
+                # Only progress to record: wait a little, so that a burst of
+                # event-less commands costs one write, but never delay events.
+                self._item_added = anyio.Event()
+                with anyio.move_on_after(self._progress_interval):
+                    await self._item_added.wait()
+                if self._queue:
+                    self._wake.set()
+                elif self._progress > self._written_progress:
+                    await self._write_one()
         except BaseException as exc:
             self._fail(exc)
             raise
