@@ -111,3 +111,38 @@ async def test_two_engines_owning_the_same_partitions_never_duplicate() -> None:
     for i in range(60):
         key_id = str(uuid.uuid5(uuid.UUID(APP_KEY), f"d{i}"))
         assert len(stores.events_of(key_id)) == 1
+
+
+async def test_engines_stopped_at_random_points_lose_and_duplicate_nothing() -> None:
+    # Cancelling an engine abandons work at whatever await it is at: a crash, for
+    # what the store sees. Several rounds, then a clean engine finishes the work.
+    import random
+
+    s = setup()
+    s.notifier.delay = 0.001
+    inner = MemoryProvider(f"crash-{uuid.uuid4()}")
+    rng = random.Random(3)
+    accepted: set[str] = set()
+    for round_ in range(6):
+        async with anyio.create_task_group() as outer:
+
+            async def load(round_: int = round_) -> None:
+                async with running(MemoryProvider(inner.silo), s.config, snapshot_every=2) as e:
+                    executor = e.executor_for(s.app)
+                    for i in range(40):
+                        key = f"{round_}-{i}"
+                        command = Deposit(f"a{i % 5}", 1, key) if i % 2 else Notify(i, key)
+                        await executor.execute_command(command, idempotency_key=key)
+                        accepted.add(key)
+                    await anyio.sleep_forever()
+
+            outer.start_soon(load)
+            await anyio.sleep(rng.uniform(0.005, 0.05))
+            outer.cancel_scope.cancel()
+    async with running(MemoryProvider(inner.silo), s.config):
+        stores = await settled(inner, timeout=30)
+    check_invariants(stores)
+    assert accepted
+    for key in accepted:
+        command_id = str(uuid.uuid5(uuid.UUID(APP_KEY), key))
+        assert len(stores.events_of(command_id)) == 1, f"{key} lost or duplicated"

@@ -18,7 +18,7 @@ import anyio.from_thread
 import boto3
 import pytest
 import urllib3
-from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.awsrequest import AWSPreparedRequest, AWSResponse, HTTPHeaders
 from botocore.exceptions import ReadTimeoutError
 
 from runkit.persistence import (
@@ -55,14 +55,17 @@ def _error_response(request: AWSPreparedRequest, status: int, code: str) -> AWSR
         f'<?xml version="1.0" encoding="UTF-8"?>'
         f"<Error><Code>{code}</Code><Message>injected</Message></Error>"
     ).encode()
-    return AWSResponse(request.url, status, {"Content-Type": "application/xml"}, _Body(body))
+    headers = HTTPHeaders()
+    headers["Content-Type"] = "application/xml"
+    return AWSResponse(request.url, status, headers, _Body(body))
 
 
 def _send_for_real(request: AWSPreparedRequest) -> None:
     """Deliver a prepared (signed) request ourselves, discarding the response."""
     body = request.body
-    if hasattr(body, "read"):
+    if body is not None and not isinstance(body, str | bytes | bytearray):
         body = body.read()
+    assert not isinstance(body, bytearray)
     with urllib3.PoolManager() as http:
         http.request(request.method, request.url, body=body, headers=dict(request.headers))
 
@@ -79,7 +82,7 @@ class Hooks:
         self.sent: list[tuple[str, str]] = []  # (operation, url)
         self._rules: list[tuple[str, str, Callable[[AWSPreparedRequest], Any], list[int], int]] = []
         self._lock = threading.Lock()
-        session.events.register("before-send.s3", self._before_send)
+        session.events.register("before-send.s3", self._before_send)  # type: ignore[arg-type]
 
     def _before_send(
         self, request: AWSPreparedRequest, event_name: str, **_: Any
@@ -244,7 +247,10 @@ async def test_role_arn_signs_requests_with_credentials_from_sts_assume_role(
         assert params["RoleSessionName"] == "runkit-s3"
 
     def on_s3_send(request: AWSPreparedRequest, **_: Any) -> None:
-        match = re.search(r"Credential=([^/]+)/", request.headers["Authorization"].decode())
+        authorization = request.headers["Authorization"]
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode()
+        match = re.search(r"Credential=([^/]+)/", authorization)
         assert match is not None
         signers.add(match.group(1))
 

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 import anyio
+import anyio.lowlevel
 import attrs
 import msgspec
 from anyio.abc import TaskStatus
@@ -193,6 +194,8 @@ class InboxWriter:
         self._wake.set()
         await waiter.done.wait()
         if waiter.error is not None:
+            # A caller cancelled along with the engine sees its cancellation.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             raise waiter.error
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

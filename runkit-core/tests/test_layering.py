@@ -1,0 +1,66 @@
+"""The import graph is layered: dogma <- runkit core <- drivers, with no shortcuts.
+
+Checked statically over the sources (every import statement), so a lazy import
+inside a function cannot hide a violation, plus at run time in a subprocess.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVERS = ("runkit_memory", "runkit_postgres", "runkit_dynamodb", "runkit_s3")
+# Which top-level modules each package's library code may not import.
+FORBIDDEN = {
+    "dogma-api/src/dogma": ("runkit", "anyio", "trio", "asyncio", *DRIVERS, "bank"),
+    "runkit-core/src/runkit": (*DRIVERS, "bank", "psycopg", "boto3", "botocore", "trio", "asyncio"),
+    "runkit-memory/src/runkit_memory": ("runkit_postgres", "runkit_dynamodb", "runkit_s3", "bank"),
+    "runkit-postgres/src/runkit_postgres": ("runkit_dynamodb", "runkit_s3", "bank", "asyncio"),
+    "runkit-dynamodb/src/runkit_dynamodb": ("runkit_postgres", "runkit_s3", "bank", "asyncio"),
+    "runkit-s3/src/runkit_s3": ("runkit_postgres", "runkit_dynamodb", "bank", "asyncio"),
+    "examples/bank/src/bank/domain": ("runkit", *DRIVERS),
+    "examples/bank/src/bank/messages": ("runkit", *DRIVERS),
+}
+# Test-support modules may use what tests use (moto's launcher runs moto).
+ALLOWED_FILES = {"runkit-core/src/runkit/testing/_moto_server.py"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_library_code_respects_the_layers(package: str) -> None:
+    violations = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in ALLOWED_FILES:
+            continue
+        bad = imported_modules(path) & set(FORBIDDEN[package])
+        violations += [f"{rel} imports {m}" for m in sorted(bad)]
+    assert not violations, "\n".join(violations)
+
+
+def test_importing_runkit_loads_no_driver_and_no_event_loop_library() -> None:
+    code = (
+        "import sys, runkit, runkit.persistence, runkit.config, runkit.rendezvous\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        f"{(*DRIVERS, 'trio', 'psycopg', 'boto3')!r}]\n"
+        "print(','.join(sorted(bad)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
