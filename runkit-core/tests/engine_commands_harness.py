@@ -252,6 +252,7 @@ class Setup:
     accounts: Accounts
     notifier: Notifier
     serial: Notifier
+    accounts_key: str = ACCOUNTS_KEY
 
 
 def setup(*, snapshots: bool = True) -> Setup:

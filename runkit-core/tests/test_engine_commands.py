@@ -643,3 +643,26 @@ async def test_persistence_url_is_resolved_and_never_shown_with_its_password() -
     assert (await read_stores(MemoryProvider(name))).accepted_ids()
     secret = EngineSettings(persistence_url="postgresql://u:hunter2@db/x")
     assert "hunter2" not in repr(secret)
+
+
+async def test_instance_journals_are_truncated_below_snapshots_when_enabled() -> None:
+    s = setup()
+    provider = silo()
+    settings = {"snapshot_every": 2, "truncate_aggregate_journals": True, "partition_count": 1}
+    async with running(provider, s.config, **settings) as engine:
+        executor = engine.executor_for(s.app)
+        for i in range(12):
+            await executor.execute_command(Deposit("acc", 1, f"t{i}"), idempotency_key=f"t{i}")
+            await wait_until(lambda i=i: len(s.accounts.calls) == i + 1)  # type: ignore[misc]
+            await settled(provider)
+    journal = await provider.journals.open(f"{APP_KEY}/aggregate/{s.accounts_key}/acc")
+    bounds = await journal.bounds()
+    assert bounds.end == 12
+    assert bounds.begin > 0  # truncated below a snapshot
+    async with running(MemoryProvider(provider.silo), s.config, **settings) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc", 1, "t0"), idempotency_key="t0")  # a repeat
+        await executor.execute_command(Deposit("acc", 1, "t12"))
+        await wait_until(lambda: len(s.accounts.calls) == 13)
+        await settled(provider)
+    assert s.accounts.calls[-1] == ("acc", "t12", 12)

@@ -56,7 +56,7 @@ class Step(dogma.Event):
     id: str
     n: int
     schedule_in: float | None = None  # schedule a Tick this many seconds after now()
-    fail: str | None = None  # "always", "twice", "unrouted", "invalid", "unexpected", "end"
+    fail: str | None = None  # "always", "twice", "end", or a bug (see test_bugs_...)
 
 
 @dogma.register_event("e2000000-0000-4000-8000-000000000002", registry=REGISTRY)
@@ -85,6 +85,14 @@ class DoThing(dogma.Command):
 @dogma.register_command("c2000000-0000-4000-8000-000000000002", registry=REGISTRY)
 @attrs.frozen
 class NotMine(dogma.Command):
+    id: str
+
+
+@dogma.register_command("c2000000-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class Orphan(dogma.Command):
+    """Routed as executed by the process, but no handler of the app handles it."""
+
     id: str
 
 
@@ -127,6 +135,7 @@ class Process:
             dogma.handles_event(Step, registry=REGISTRY),
             dogma.handles_event(Finished, registry=REGISTRY),
             dogma.executes_command(DoThing, registry=REGISTRY),
+            dogma.executes_command(Orphan, registry=REGISTRY),
             dogma.schedules_deadline(Tick, registry=REGISTRY),
         )
 
@@ -174,6 +183,8 @@ class Process:
             return
         if event.fail == "invalid":
             scope.execute_command(DoThing(event.id, -1))
+        if event.fail == "orphan":
+            scope.execute_command(Orphan(event.id))
         n = event.n
         scope.mutate(lambda r: r.steps.append(n))
         assert n in root.steps  # the root reflects the change at once
@@ -196,13 +207,39 @@ class Process:
         scope.execute_command(DoThing(deadline.id, n))
 
 
+@dogma.register_event("e2000000-0000-4000-8000-000000000004", registry=REGISTRY)
+@attrs.frozen
+class DidThing(dogma.Event):
+    id: str
+
+
+class Things:
+    """Handles DoThing (the harness fakes acceptance, so it never runs here)."""
+
+    def configure(self, c: Any) -> None:
+        c.identity("things", "b2000000-0000-4000-8000-000000000002")
+        c.routes(
+            dogma.handles_command(DoThing, registry=REGISTRY),
+            dogma.records_event(DidThing, registry=REGISTRY),
+        )
+
+    def new(self) -> Any:
+        return None
+
+    def route_command_to_instance(self, command: Any) -> str:
+        return str(command.id)
+
+    def handle_command(self, root: Any, scope: Any, command: Any) -> None:
+        raise AssertionError("not called")
+
+
 @attrs.frozen
 class App:
     process: Process
 
     def configure(self, c: Any) -> None:
         c.identity("app", APP_KEY)
-        c.routes(dogma.via_process(self.process))
+        c.routes(dogma.via_process(self.process), dogma.via_aggregate(Things()))
 
 
 async def start(h: Harness, tg: Any, *, provider: Any = None) -> Any:
@@ -422,7 +459,7 @@ async def test_persistent_failures_are_poisoned_after_max_attempts() -> None:
         tg.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("bug", ["unrouted", "invalid", "unexpected"])
+@pytest.mark.parametrize("bug", ["unrouted", "orphan", "invalid", "unexpected"])
 async def test_bugs_are_poisoned_at_once(bug: str) -> None:
     p = Process()
     async with (

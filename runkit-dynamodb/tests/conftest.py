@@ -16,6 +16,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.awsrequest import AWSPreparedRequest, AWSResponse
+from botocore.compat import HTTPHeaders
 from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 from botocore.httpsession import URLLib3Session
 
@@ -102,7 +103,9 @@ class _Raw:
 def error_response(request: AWSPreparedRequest, status: int, code: str) -> AWSResponse:
     """A DynamoDB JSON error response, as if the service had sent it."""
     body = json.dumps({"__type": f"com.amazonaws.dynamodb.v20120810#{code}", "message": code})
-    headers = {"Content-Type": "application/x-amz-json-1.0", "x-amzn-RequestId": "injected"}
+    headers = HTTPHeaders()
+    headers["Content-Type"] = "application/x-amz-json-1.0"
+    headers["x-amzn-RequestId"] = "injected"
     return AWSResponse(request.url, status, headers, _Raw(body.encode()))
 
 
@@ -120,7 +123,8 @@ class Injector:
         self.plan: dict[str, list[str]] = {}
         self.sent: list[str] = []
         self._http = URLLib3Session()
-        session.events.register_first("before-send.dynamodb", self._before_send)
+        hook: Any = self._before_send  # returns a response, which the stubs do not allow
+        session.events.register_first("before-send.dynamodb", hook)
 
     def _before_send(self, request: AWSPreparedRequest, **_: Any) -> AWSResponse | None:
         op = operation(request)
@@ -180,6 +184,7 @@ async def provider(
 @pytest.fixture
 def raw(moto: MotoServer) -> Iterator[Any]:
     """A plain boto3 DynamoDB client on the moto server, for looking behind the driver."""
-    client = boto3.client("dynamodb", **moto.client_kwargs())
+    kwargs: Any = moto.client_kwargs()
+    client = boto3.client("dynamodb", **kwargs)
     yield client
     client.close()

@@ -20,8 +20,8 @@ class TestDynamoDB(ConformanceSuite):
 
     # moto serves a few hundred requests a second on a shared 2-core machine.
     hypothesis_settings: ClassVar[hypothesis.settings] = hypothesis.settings(
-        max_examples=5,
-        stateful_step_count=12,
+        max_examples=10,
+        stateful_step_count=15,
         deadline=None,
         suppress_health_check=[hypothesis.HealthCheck.too_slow],
     )

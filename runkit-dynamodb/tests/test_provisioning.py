@@ -15,9 +15,10 @@ from runkit_dynamodb import DynamoDBProvider
 pytestmark = pytest.mark.dynamodb
 
 
-def tables(raw: Any, prefix: str) -> list[str]:
-    names: list[str] = raw.list_tables()["TableNames"]
-    return sorted(n for n in names if n.startswith(prefix + "-"))
+def tables(client: Any, prefix: str) -> list[str]:
+    """The tables of *prefix* (ListTables pages: the session's other tests made many)."""
+    pages = client.get_paginator("list_tables").paginate()
+    return sorted(n for page in pages for n in page["TableNames"] if n.startswith(prefix + "-"))
 
 
 async def test_provision_creates_pay_per_request_tables(url: str, prefix: str, raw: Any) -> None:
@@ -138,11 +139,12 @@ async def test_closed_handle(provider: DynamoDBProvider) -> None:
 
 async def test_given_client_is_used_and_not_closed(moto: MotoServer, prefix: str) -> None:
     """A caller's client is used as is and stays open after the provider closes."""
-    client = boto3.client("dynamodb", **moto.client_kwargs())
+    kwargs: Any = moto.client_kwargs()
+    client = boto3.client("dynamodb", **kwargs)
     async with DynamoDBProvider(prefix, client=client) as provider:
         set_ = await provider.sets.open("s")
         assert await set_.try_add(b"m")
-    assert f"{prefix}-set" in client.list_tables()["TableNames"]
+    assert tables(client, prefix) == [f"{prefix}-set"]
     client.close()
 
 

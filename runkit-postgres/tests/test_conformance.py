@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import ClassVar
 
-import hypothesis
 import pytest
 
 from runkit.persistence import Provider
@@ -16,14 +14,10 @@ pytestmark = pytest.mark.postgres
 
 
 class TestPostgres(ConformanceSuite):
-    """Every contract test, each on a fresh schema of the session's server."""
+    """Every contract test, each on a fresh schema of the session's server.
 
-    hypothesis_settings: ClassVar[hypothesis.settings] = hypothesis.settings(
-        max_examples=25,
-        stateful_step_count=20,
-        deadline=None,
-        suppress_health_check=[hypothesis.HealthCheck.too_slow],
-    )
+    The state-machine tests run with the suite's full default budget.
+    """
 
     @pytest.fixture
     async def provider(self, postgres_dsn: str, postgres_schema: str) -> AsyncIterator[Provider]:

@@ -216,12 +216,16 @@ class S3Journal(Journal):
         if not 0 <= position <= MAX_POSITION or position < self._state.get()[0]:
             raise RecordNotFound(self._name, position)
         batch = 1
+        records = await self._fetch(objects, position, batch)
         first = True
         while True:
-            records = await self._fetch(objects, position, batch)
-            # Read begin *after* the records: a record is live if it existed and
-            # begin had not passed it by then.
-            begin, _ = await self._read_meta(objects)
+            # Read begin *after* this batch's records (a record is live if it
+            # existed and begin had not passed it by then), and meanwhile fetch
+            # the next batch if this one reached no end.
+            batch = min(batch * 2, MAX_PREFETCH)
+            start = position + len(records)
+            more = records[-1] is not None and start <= MAX_POSITION
+            begin, following = await self._begin_and_fetch(objects, start, batch if more else 0)
             if position < begin or (first and records[0] is None):
                 # Not live on the first step, or a truncation overtook us.
                 raise RecordNotFound(self._name, position)
@@ -232,8 +236,31 @@ class S3Journal(Journal):
                 self._state.observe(end=position + 1)
                 yield position, blob.body
                 position += 1
-            batch = min(batch * 2, MAX_PREFETCH)
-            self._objects()  # stop if the handle was closed while the consumer ran
+            if not following:
+                return  # position MAX_POSITION was the last
+            records = following
+            objects = self._objects()  # stop if the handle was closed meanwhile
+
+    async def _begin_and_fetch(
+        self, objects: S3Objects, start: int, count: int
+    ) -> tuple[int, list[Blob | None]]:
+        """Read begin and GET the records at ``[start, start + count)``, concurrently."""
+        begin = 0
+        records: list[Blob | None] = []
+
+        async def read_begin() -> None:
+            nonlocal begin
+            begin, _ = await self._read_meta(objects)
+
+        async def fetch() -> None:
+            nonlocal records
+            records = await self._fetch(objects, start, count)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_begin)
+            if count:
+                tg.start_soon(fetch)
+        return begin, records
 
     async def _fetch(self, objects: S3Objects, start: int, count: int) -> list[Blob | None]:
         """GET the records at ``[start, start + count)`` concurrently (``None`` if absent)."""

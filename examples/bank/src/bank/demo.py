@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TextIO, cast
+from typing import Protocol, TextIO, cast
 
 import anyio
 import attrs
@@ -35,6 +35,7 @@ import dogma
 import runkit
 from runkit.config import ApplicationConfig, HandlerKind, RouteKind
 from runkit.persistence import Provider, provider_from_url, redact_url
+from runkit_memory import MemoryProvider
 
 from .app import App
 from .messages import (
@@ -370,7 +371,10 @@ async def wait_for_projections(
     runtime = await engine.runtime(config.identity.key)
     lag = _ProjectionLag(config, runtime.provider, runtime.partition_count)
     with anyio.fail_after(timeout):
-        while not await lag.caught_up():
+        # Polled: the checkpoints live in the projections' own stores.
+        while True:
+            if await lag.caught_up():
+                return
             await anyio.sleep(interval)
 
 
@@ -454,9 +458,15 @@ async def run_on_engine(
             :func:`execute_step`), or the projections did not catch up.
     """
     out = sys.stdout if out is None else out
+    owned = not isinstance(persistence, Provider)  # a provider we made, we close
     if persistence is None:
-        persistence = f"memory:///bank-demo-{uuid.uuid4()}"
-    provider = provider_from_url(persistence) if isinstance(persistence, str) else persistence
+        # Not through the URL: resolving one loads every installed driver plugin,
+        # and some import their client libraries (boto3) eagerly, which takes seconds.
+        provider: Provider = MemoryProvider(f"bank-demo-{uuid.uuid4()}")
+    elif isinstance(persistence, str):
+        provider = provider_from_url(persistence)
+    else:
+        provider = persistence
     try:
         engine = runkit.Engine(
             runkit.with_application(app), runkit.with_persistence_provider(provider)
@@ -472,12 +482,10 @@ async def run_on_engine(
             try:
                 await wait_for_projections(engine, app, timeout=timeout)
             except TimeoutError:
-                raise StepFailed(
-                    f"the projections did not catch up within {timeout:g} s"
-                ) from None
+                raise StepFailed(f"the projections did not catch up within {timeout:g} s") from None
             tg.cancel_scope.cancel()
     finally:
-        if isinstance(persistence, str):
+        if owned:
             with anyio.CancelScope(shield=True):
                 await provider.close()
 
@@ -607,14 +615,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = App(path)
         if args.dispatcher:
             where = "the in-process dispatcher"
-            run: Any = lambda: run_scenario(app, verbose=args.verbose)  # noqa: E731
         else:
-            url = args.persistence or f"memory:///bank-demo-{uuid.uuid4()}"
-            where = f"runkit.Engine on {redact_url(url)}"
+            url = redact_url(args.persistence) if args.persistence else "the memory driver"
+            where = f"runkit.Engine on {url}"
 
-            def run() -> Any:
-                return run_on_engine(
-                    app, persistence=url, verbose=args.verbose, timeout=args.timeout
+        async def run() -> None:
+            if args.dispatcher:
+                await run_scenario(app, verbose=args.verbose)
+            else:
+                await run_on_engine(
+                    app, persistence=args.persistence, verbose=args.verbose, timeout=args.timeout
                 )
 
         print(f"Running the bank scenario through {where} ({args.backend})")

@@ -32,7 +32,14 @@ from anyio.abc import TaskGroup
 import dogma
 
 from ..config import HandlerConfig
-from ..persistence import Conflict, Journal, Keyspace, PersistenceError, Provider
+from ..persistence import (
+    Conflict,
+    Journal,
+    Keyspace,
+    PersistenceError,
+    Provider,
+    RecordNotFound,
+)
 from ._handling import EventRecorder, handler_log
 from .envelope import Envelope, to_message
 from .inbox import InboxEntry
@@ -63,18 +70,29 @@ def snapshot_name(app_key: str, handler_key: str) -> str:
 
 
 class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The events one command recorded on an aggregate instance."""
+    """The events one command recorded on an aggregate instance.
+
+    ``inbox_position`` is where the command was accepted in its partition inbox
+    (-1 if unknown); truncation uses it to tell that a record's command is done.
+    """
 
     command_id: str
     events: tuple[Envelope, ...]
+    inbox_position: int = -1
 
 
 class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """An aggregate root snapshot covering journal positions below ``position``."""
+    """An aggregate root snapshot covering journal positions below ``position``.
+
+    ``inbox_max`` is the highest inbox position of the commands it covers (-1 if
+    unknown): once the partition has fully processed past it, the journal below
+    ``position`` may be truncated.
+    """
 
     position: int
     data: bytes
     recent: tuple[tuple[str, int], ...] = ()
+    inbox_max: int = -1
 
 
 _instance_encoder = msgspec.msgpack.Encoder()
@@ -92,6 +110,10 @@ class _Instance:
     recent: OrderedDict[str, int]
     since_snapshot: int
     snapshot_revision: str
+    begin: int = 0
+    inbox_max: int = -1
+    snapshot_position: int = 0
+    snapshot_inbox_max: int = -1
     snapshots: bool = True
     snapshot_pending: bool = False
 
@@ -134,6 +156,7 @@ class AggregateInstances:
         snapshot_every: int,
         cache_size: int,
         background: TaskGroup,
+        truncate_before: Callable[[], int] | None = None,
     ) -> None:
         self._provider = provider
         self._app_key = app_key
@@ -142,6 +165,9 @@ class AggregateInstances:
         self._snapshot_every = snapshot_every
         self._cache_size = cache_size
         self._background = background
+        # Inbox position below which every command is done (durably); None
+        # disables truncation of instance journals.
+        self._truncate_before = truncate_before
         self._cache: OrderedDict[tuple[str, str], _Instance] = OrderedDict()
         self._snapshots: dict[str, Keyspace] = {}
 
@@ -154,13 +180,16 @@ class AggregateInstances:
             await ks.close()
         self._snapshots.clear()
 
-    async def execute(self, handler: HandlerConfig, entry: InboxEntry) -> tuple[Envelope, ...]:
+    async def execute(
+        self, handler: HandlerConfig, entry: InboxEntry, *, inbox_position: int = -1
+    ) -> tuple[Envelope, ...]:
         """Handle *entry* on its instance unless already done; return its committed events.
 
         Returns the events the command recorded, now or in an earlier handling
         found in the instance's history (deduplication); empty if it recorded
-        none. Raises ``HandlerBug`` for bugs, ``PersistenceError`` for storage
-        faults, and whatever the handler raised.
+        none, or if its record was truncated (then it is done and published).
+        Raises ``HandlerBug`` for bugs, ``PersistenceError`` for storage faults,
+        and whatever the handler raised.
         """
         instance_id = entry.instance_id
         if not instance_id:
@@ -170,8 +199,14 @@ class AggregateInstances:
             inst = await self._load(handler, instance_id)
             previous = inst.recent.get(command_id)
             if previous is not None:
-                record = _instance_decoder.decode(await inst.journal.get(previous))
-                return record.events
+                if previous < inst.begin:
+                    return ()  # truncated: only ever below fully processed commands
+                try:
+                    data = await inst.journal.get(previous)
+                except RecordNotFound:
+                    await self._drop(handler, instance_id)  # truncated elsewhere: reload
+                    continue
+                return _instance_decoder.decode(data).events
             recorder = EventRecorder(
                 handler,
                 entry.envelope,
@@ -194,7 +229,9 @@ class AggregateInstances:
             if not recorder.events:
                 return ()
             events = tuple(recorder.events)
-            data = _instance_encoder.encode(InstanceRecord(command_id=command_id, events=events))
+            data = _instance_encoder.encode(
+                InstanceRecord(command_id=command_id, events=events, inbox_position=inbox_position)
+            )
             try:
                 await inst.journal.append(inst.next_position, data)
             except Conflict:
@@ -207,10 +244,11 @@ class AggregateInstances:
             except BaseException:
                 await self._drop(handler, instance_id)
                 raise
-            self._committed(inst, command_id, len(events))
+            self._committed(inst, command_id, len(events), inbox_position)
             return events
 
-    def _committed(self, inst: _Instance, command_id: str, count: int) -> None:
+    def _committed(self, inst: _Instance, command_id: str, count: int, inbox: int) -> None:
+        inst.inbox_max = -2 if inbox < 0 or inst.inbox_max == -2 else max(inst.inbox_max, inbox)
         inst.recent[command_id] = inst.next_position
         while len(inst.recent) > RECENT_COMMANDS:
             inst.recent.popitem(last=False)
@@ -219,6 +257,8 @@ class AggregateInstances:
         due = inst.since_snapshot >= self._snapshot_every
         if due and inst.snapshots and not inst.snapshot_pending:
             self._snapshot(inst)
+        else:
+            self._maybe_truncate(inst)
 
     def _snapshot(self, inst: _Instance) -> None:
         try:
@@ -235,7 +275,10 @@ class AggregateInstances:
             inst.since_snapshot = 0
             return
         record = SnapshotRecord(
-            position=inst.next_position, data=bytes(data), recent=tuple(inst.recent.items())
+            position=inst.next_position,
+            data=bytes(data),
+            recent=tuple(inst.recent.items()),
+            inbox_max=inst.inbox_max,
         )
         inst.snapshot_pending = True
         inst.since_snapshot = 0
@@ -247,6 +290,7 @@ class AggregateInstances:
             inst.snapshot_revision = await ks.set(
                 inst.instance_id.encode(), _instance_encoder.encode(record), inst.snapshot_revision
             )
+            inst.snapshot_position, inst.snapshot_inbox_max = record.position, record.inbox_max
         except Conflict:
             # Someone else wrote one (a previous owner); learn its revision next load.
             await self._drop(inst.handler, inst.instance_id, close=False)
@@ -257,7 +301,37 @@ class AggregateInstances:
                 extra={"handler": inst.handler.identity.name, "instance": inst.instance_id},
             )
         finally:
-            inst.snapshot_pending = False
+            await self._background_done(inst)
+
+    def _maybe_truncate(self, inst: _Instance) -> None:
+        # Truncate below the durable snapshot once every command it covers is
+        # done: the partition's durable progress is past all their inbox
+        # positions, so they are published (and marked, if keyed) and nothing
+        # will look their records up again. -2 means "some position unknown".
+        if self._truncate_before is None or inst.snapshot_position <= inst.begin:
+            return
+        if inst.snapshot_pending or not 0 <= inst.snapshot_inbox_max < self._truncate_before():
+            return
+        inst.snapshot_pending = True  # also keeps the journal handle open meanwhile
+        self._background.start_soon(self._truncate, inst, inst.snapshot_position)
+
+    async def _truncate(self, inst: _Instance, position: int) -> None:
+        try:
+            await inst.journal.truncate(position)
+            inst.begin = position
+        except PersistenceError as exc:
+            _log.warning(
+                "truncating an aggregate journal failed: %s",
+                exc,
+                extra={"handler": inst.handler.identity.name, "instance": inst.instance_id},
+            )
+        finally:
+            await self._background_done(inst)
+
+    async def _background_done(self, inst: _Instance) -> None:
+        inst.snapshot_pending = False
+        if self._cache.get((inst.handler.identity.key, inst.instance_id)) is not inst:
+            await inst.journal.close()  # evicted or dropped meanwhile
 
     async def _snapshot_keyspace(self, handler_key: str) -> Keyspace:
         ks = self._snapshots.get(handler_key)
@@ -302,13 +376,17 @@ class AggregateInstances:
         start = bounds.begin
         recent: OrderedDict[str, int] = OrderedDict()
         snapshots = True
+        inbox_max = -1 if bounds.begin == 0 else -2
+        snapshot_position, snapshot_inbox_max = 0, -1
         if value:
             snap = _snapshot_decoder.decode(value)
+            snapshot_position, snapshot_inbox_max = snap.position, snap.inbox_max
             if bounds.begin <= snap.position <= bounds.end:
                 try:
                     root.unmarshal_binary(snap.data)
                     start = snap.position
                     recent.update(snap.recent)
+                    inbox_max = snap.inbox_max
                 except (dogma.NotSupported, AttributeError):
                     root, snapshots = _new_root(handler), False
                 except Exception:
@@ -329,6 +407,10 @@ class AggregateInstances:
             async for position, data in journal.range(start):
                 next_position = position + 1
                 record = _instance_decoder.decode(data)
+                if record.inbox_position < 0 or inbox_max == -2:
+                    inbox_max = -2
+                else:
+                    inbox_max = max(inbox_max, record.inbox_position)
                 for env in record.events:
                     root.apply_event(to_message(env))
                 since += len(record.events)
@@ -344,6 +426,10 @@ class AggregateInstances:
             recent=recent,
             since_snapshot=since,
             snapshot_revision=revision,
+            begin=bounds.begin,
+            inbox_max=inbox_max,
+            snapshot_position=snapshot_position,
+            snapshot_inbox_max=snapshot_inbox_max,
             snapshots=snapshots,
         )
 

@@ -375,7 +375,7 @@ class PartitionCommands:
                 if await self._already_done(entry):
                     _log.debug("command already handled; skipping", extra=log_context)
                     return
-                events = await self._execute(handler, entry)
+                events = await self._execute(handler, entry, position)
                 location: _Location = None
                 if events:
                     first = await self._writer.publish(command_id, events)
@@ -427,9 +427,11 @@ class PartitionCommands:
                 )
                 await anyio.sleep(delay)
 
-    async def _execute(self, handler: HandlerConfig, entry: InboxEntry) -> tuple[Envelope, ...]:
+    async def _execute(
+        self, handler: HandlerConfig, entry: InboxEntry, position: int
+    ) -> tuple[Envelope, ...]:
         if handler.kind is HandlerKind.AGGREGATE:
-            return await self._aggregates.execute(handler, entry)
+            return await self._aggregates.execute(handler, entry, inbox_position=position)
         return await execute_integration(
             handler, entry, site_key=self._settings.site_key, clock=self._clock
         )

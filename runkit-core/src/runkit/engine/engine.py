@@ -17,10 +17,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import msgspec
@@ -234,6 +234,11 @@ class AppRuntime:
                         snapshot_every=s.snapshot_every,
                         cache_size=s.instance_cache_size,
                         background=tg,
+                        truncate_before=(
+                            (lambda: writer.written_progress)
+                            if s.truncate_aggregate_journals
+                            else None
+                        ),
                     )
                     stack.push_async_callback(aggregates.close)
                     commands = PartitionCommands(
@@ -289,6 +294,10 @@ class AppRuntime:
                             )
 
 
+def _is_ownership(value: object) -> bool:
+    return all(hasattr(value, name) for name in ("owns", "wait_changed", "generation"))
+
+
 def _is_ownership_lost(exc: BaseException) -> bool:
     if isinstance(exc, OwnershipLost):
         return True
@@ -335,7 +344,7 @@ class Engine:
             raise ConfigurationError("invalid engine configuration", problems)
         self.settings = settings
         self._apps = keys
-        self._ownership: Ownership = SingleNodeOwnership()
+        self._ownership_source: Ownership | Callable[[Provider], Ownership] = SingleNodeOwnership()
         self.bus = EventBus()
         self._runtimes: dict[str, AppRuntime] = {}
         self._state = "new"
@@ -347,11 +356,23 @@ class Engine:
         """The registered applications."""
         return tuple(self._apps.values())
 
-    def use_ownership(self, ownership: Ownership) -> None:
-        """Replace the single-node ownership (membership plugs in here); before ``run()``."""
+    def use_ownership(self, ownership: Ownership | Callable[[Provider], Ownership]) -> None:
+        """Replace the single-node ownership (membership plugs in here); before ``run()``.
+
+        *ownership* is an ``Ownership``, or a factory called with the engine's
+        provider when ``run()`` starts. If the ownership has an async
+        ``run(*, task_status)`` method (membership's heartbeats), the engine
+        starts it, and waits for it to report started, before any application.
+        """
         if self._state != "new":
             raise RuntimeError("ownership can only be changed before run()")
-        self._ownership = ownership
+        self._ownership_source = ownership
+
+    def _resolve_ownership(self, provider: Provider) -> Ownership:
+        source = self._ownership_source
+        if _is_ownership(source):
+            return cast(Ownership, source)
+        return cast(Callable[[Provider], Ownership], source)(provider)
 
     def executor_for(self, app: object) -> Executor:
         """The ``dogma.CommandExecutor`` of a registered application.
@@ -419,8 +440,12 @@ class Engine:
         self._state = "starting"
         try:
             async with anyio.create_task_group() as tg:
+                ownership = self._resolve_ownership(provider)
+                run_ownership = getattr(ownership, "run", None)
+                if run_ownership is not None:
+                    await tg.start(run_ownership)
                 for key, app in self._apps.items():
-                    rt = AppRuntime(app, s, provider, self.bus, self._ownership)
+                    rt = AppRuntime(app, s, provider, self.bus, ownership)
                     await tg.start(rt.run)
                     self._runtimes[key] = rt
                 self._state = "running"

@@ -33,7 +33,6 @@ interval ahead of our clock is logged as skewed.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -172,12 +171,14 @@ async def list_nodes(provider: Provider) -> list[NodeRecord]:
     crashed ones whose records have not been pruned yet.
     """
     records: list[NodeRecord] = []
-    async with await provider.keyspaces.open(NODES_KEYSPACE) as ks:
-        async with aclosing(ks.range()) as items:  # type: ignore[type-var]
-            async for key, value, _ in items:
-                record = _decode(key, value)
-                if record is not None:
-                    records.append(record)
+    async with (
+        await provider.keyspaces.open(NODES_KEYSPACE) as ks,
+        aclosing(ks.range()) as items,  # type: ignore[type-var]
+    ):
+        async for key, value, _ in items:
+            record = _decode(key, value)
+            if record is not None:
+                records.append(record)
     return sorted(records, key=lambda r: r.node_id.int)
 
 
@@ -324,9 +325,20 @@ class Membership:
                 async with await self._provider.keyspaces.open(NODES_KEYSPACE) as ks:
                     await self._join(ks)
                     task_status.started()
+                    fatal: NodeIdInUse | None = None
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(self._watch)
-                        await self._beat_forever(ks)
+                        try:
+                            await self._beat_forever(ks)
+                        except NodeIdInUse as exc:
+                            # Raised as is, not wrapped in the task group's ExceptionGroup.
+                            fatal = exc
+                            tg.cancel_scope.cancel()
+                    if fatal is not None:
+                        raise fatal
+        except NodeIdInUse:
+            self._revision = ""  # the record is not ours: leave() must not delete it
+            raise
         finally:
             self._state = "stopped"
             await self.leave()
@@ -395,6 +407,8 @@ class Membership:
                 await anyio.sleep(self._interval)
                 continue
             record = _decode(self._key, value) if value else None
+            if record is not None and record.incarnation == self._incarnation:
+                record = None  # our own write, whose success we did not hear of
             if watched is not None and revision != watched:
                 if not value:
                     watched = None  # deleted: the other process left
@@ -515,7 +529,7 @@ class Membership:
             return True
         return False
 
-    async def _resolve(self, ks: Keyspace) -> bool:
+    async def _resolve(self, ks: Keyspace, *, deleting: bool = False) -> bool:
         """After a conflict on our key: adopt our own revision, or raise ``NodeIdInUse``.
 
         Returns ``False`` if the key could not be read (try again next beat).
@@ -526,7 +540,7 @@ class Membership:
             self._report_failure("read its heartbeat record", exc)
             return False
         if not value:
-            if self._revision:
+            if self._revision and not deleting:
                 _log.warning(
                     "node %s: its heartbeat record was deleted by someone else "
                     "(pruned after expiry, or by an operator); writing it again",
@@ -604,7 +618,7 @@ class Membership:
     def _update(self, now: datetime) -> None:
         """Recompute the live set at *now*; bump the generation if it changed."""
         active = not self._left and self._fresh(now)
-        live = {n for n, r in self._peers.items() if r.is_live(now)}
+        live = set(self._peers)
         if active:
             live.add(self._node_id)
         live_set = frozenset(live)
@@ -651,12 +665,13 @@ class Membership:
             )
 
     async def _delete(self, ks: Keyspace) -> None:
-        for attempt in range(1, 1_000_000):
+        attempt = 0
+        while True:
             try:
                 await ks.set(self._key, b"", self._revision)
             except Conflict:
                 try:
-                    if await self._resolve(ks) and not self._revision:
+                    if await self._resolve(ks, deleting=True) and not self._revision:
                         return  # already gone
                 except NodeIdInUse:
                     _log.warning(
@@ -670,7 +685,8 @@ class Membership:
                 if not (exc.retryable or exc.ambiguous):
                     raise
                 # An ambiguous delete that landed shows up as a conflict on the retry.
-                await anyio.sleep(min(self._interval, 0.01 * math.pow(2, attempt)))
+                attempt += 1
+                await anyio.sleep(min(self._interval, 0.01 * 2.0 ** min(attempt, 10)))
                 continue
             self._revision = ""
             _log.info("node %s left the cluster", self._node_id, extra=self._extra)

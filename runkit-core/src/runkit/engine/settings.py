@@ -72,6 +72,11 @@ class EngineSettings:
         retry_max_delay: Cap of the delay between retries, in seconds.
         snapshot_every: Write an aggregate snapshot after this many events
             since the last one (roots that support snapshots only).
+        truncate_aggregate_journals: Truncate aggregate instance journals below
+            their latest snapshot once the commands it covers are fully
+            processed. Saves storage, but the history is then gone: a snapshot
+            that no longer loads (root code changed incompatibly) leaves the
+            instance unrecoverable. Off by default (ADR 0003).
         inbox_batch_limit: Most commands in one inbox record (group commit).
         stream_batch_limit: Most events in one stream record.
         instance_cache_size: Aggregate instances kept in memory per partition.
@@ -94,6 +99,7 @@ class EngineSettings:
     retry_base_delay: float = attrs.field(default=0.1, validator=_positive)
     retry_max_delay: float = attrs.field(default=30.0, validator=_positive)
     snapshot_every: int = attrs.field(default=100, validator=_at_least_one)
+    truncate_aggregate_journals: bool = False
     inbox_batch_limit: int = attrs.field(default=500, validator=_at_least_one)
     stream_batch_limit: int = attrs.field(default=1000, validator=_at_least_one)
     instance_cache_size: int = attrs.field(default=10_000, validator=_at_least_one)

@@ -16,28 +16,23 @@ subclasses them and supplies two fixtures::
         hypothesis_settings = hypothesis.settings(max_examples=10, deadline=None)
 
 The suites need pytest, Hypothesis and anyio's pytest plugin (``anyio_mode =
-"auto"``); install ``runkit-core[testing]``. ``runkit.testing.faults`` wraps a
-provider to fail writes before or after they take effect.
+"auto"``); install ``runkit-core[testing]``. They are imported lazily, so
+``runkit.testing.faults`` (fault-injecting provider wrappers) works without them.
+See docs/driver-guide.md.
 """
 
-import pytest
+from __future__ import annotations
 
-# The suites' plain asserts should explain themselves like a test module's do.
-# Registered before the submodules are imported, which is what rewriting needs.
-pytest.register_assert_rewrite(
-    "runkit.testing._journal",
-    "runkit.testing._keyspace",
-    "runkit.testing._machines",
-    "runkit.testing._provider",
-    "runkit.testing._set",
-    "runkit.testing._support",
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from ._journal import JournalSuite as JournalSuite  # noqa: E402
-from ._keyspace import KeyspaceSuite as KeyspaceSuite  # noqa: E402
-from ._provider import ProviderSuite as ProviderSuite  # noqa: E402
-from ._set import SetSuite as SetSuite  # noqa: E402
-from ._support import unique_name as unique_name  # noqa: E402
+if TYPE_CHECKING:
+    from ._conformance import ConformanceSuite as ConformanceSuite
+    from ._journal import JournalSuite as JournalSuite
+    from ._keyspace import KeyspaceSuite as KeyspaceSuite
+    from ._provider import ProviderSuite as ProviderSuite
+    from ._set import SetSuite as SetSuite
+    from ._support import unique_name as unique_name
 
 __all__ = [
     "ConformanceSuite",
@@ -48,6 +43,31 @@ __all__ = [
     "unique_name",
 ]
 
+_HOMES = {
+    "ConformanceSuite": "._conformance",
+    "JournalSuite": "._journal",
+    "KeyspaceSuite": "._keyspace",
+    "ProviderSuite": "._provider",
+    "SetSuite": "._set",
+    "unique_name": "._support",
+}
+_SUITE_MODULES = ("_conformance", "_journal", "_keyspace", "_machines", "_provider", "_set")
 
-class ConformanceSuite(JournalSuite, KeyspaceSuite, SetSuite, ProviderSuite):
-    """Every contract test: journals, keyspaces, sets and the provider itself."""
+
+def _register_assert_rewrite() -> None:
+    import pytest
+
+    # The suites' plain asserts should explain themselves as a test module's
+    # do; rewriting must be registered before the modules are first imported.
+    pytest.register_assert_rewrite(*(f"{__name__}.{m}" for m in _SUITE_MODULES))
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name != "unique_name":
+        _register_assert_rewrite()
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value

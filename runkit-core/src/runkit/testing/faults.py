@@ -61,7 +61,7 @@ __all__ = [
 WRITE_OPS = frozenset(
     {"append", "truncate", "set", "set_unconditional", "add", "try_add", "remove", "try_remove"}
 )
-#: The store kinds, as passed to name predicates' companions and recorded in faults.
+#: The store kinds a rule can be limited to.
 KINDS = frozenset({"journal", "keyspace", "set"})
 
 

@@ -1,0 +1,532 @@
+"""Membership: heartbeats, live sets, rendezvous ownership, failover and handoff.
+
+Several ``Membership`` instances share one memory silo, each through its own
+provider, as separate nodes would. Heartbeats tick every ``INTERVAL`` of real
+time, but expiry follows an injected clock that only moves when a test says,
+so nothing expires by accident on a slow machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import msgspec
+import pytest
+from anyio.abc import TaskGroup, TaskStatus
+
+from runkit import rendezvous
+from runkit.engine.engine import AppRuntime, Engine
+from runkit.engine.membership import (
+    NODES_KEYSPACE,
+    RECORD_VERSION,
+    Membership,
+    NodeIdInUse,
+    Progress,
+    list_nodes,
+)
+from runkit.engine.partitions import partition_id
+from runkit.engine.settings import EngineSettings
+from runkit.persistence import Provider
+from runkit.testing.faults import BEFORE, FaultPlan, FaultyProvider
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import (
+    APP_KEY,
+    FAST,
+    Deposit,
+    check_invariants,
+    settled,
+    setup,
+)
+from engine_events_harness import FakeClock
+
+INTERVAL = 0.02
+N1 = uuid.UUID("00000000-0000-4000-8000-000000000001")
+N2 = uuid.UUID("00000000-0000-4000-8000-000000000002")
+N3 = uuid.UUID("00000000-0000-4000-8000-000000000003")
+APPS = ("a0000000-0000-4000-8000-000000000001", "a0000000-0000-4000-8000-000000000002")
+PARTITIONS = [partition_id(app, i) for app in APPS for i in range(32)]
+
+
+def expected(node: uuid.UUID, live: Iterable[uuid.UUID]) -> set[str]:
+    live = list(live)
+    return {p for p in PARTITIONS if rendezvous.winner(p, live) == node}
+
+
+def owned(m: Membership) -> set[str]:
+    return {p for p in PARTITIONS if m.owns(p)}
+
+
+async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await anyio.sleep(INTERVAL / 4)
+
+
+@pytest.fixture
+def silo() -> str:
+    return f"membership-{uuid.uuid4()}"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def node_settings(node_id: uuid.UUID, clock: FakeClock, **overrides: Any) -> EngineSettings:
+    options: dict[str, Any] = {
+        "node_id": node_id,
+        "heartbeat_interval": INTERVAL,
+        "clock": clock,
+        "advertise_address": f"node-{str(node_id)[-1]}:7000",
+        "listen_address": "0.0.0.0:7000",
+        "shutdown_timeout": 5.0,
+    }
+    return EngineSettings(**{**options, **overrides})
+
+
+@attrs.define
+class Running:
+    """A membership running in its own cancel scope (cancel = stop the process)."""
+
+    membership: Membership
+    provider: Provider
+    scope: anyio.CancelScope
+    done: anyio.Event
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        with anyio.fail_after(10):
+            await self.done.wait()
+
+
+async def start(
+    tg: TaskGroup,
+    node_id: uuid.UUID,
+    clock: FakeClock,
+    provider: Provider,
+    **kwargs: Any,
+) -> Running:
+    m = Membership(provider, node_settings(node_id, clock), **kwargs)
+    running = Running(m, provider, anyio.CancelScope(), anyio.Event())
+
+    async def run(*, task_status: TaskStatus[None]) -> None:
+        try:
+            with running.scope:
+                await m.run(task_status=task_status)
+        finally:
+            running.done.set()
+
+    with anyio.fail_after(10):
+        await tg.start(run)
+    return running
+
+
+@asynccontextmanager
+async def cluster(
+    silo: str, clock: FakeClock, *node_ids: uuid.UUID
+) -> AsyncIterator[tuple[TaskGroup, list[Running]]]:
+    async with anyio.create_task_group() as tg:
+        nodes = [await start(tg, n, clock, MemoryProvider(silo)) for n in node_ids]
+        await converged(nodes)
+        yield tg, nodes
+        tg.cancel_scope.cancel()
+
+
+async def converged(nodes: list[Running]) -> None:
+    """Wait until every node sees exactly the given nodes as live."""
+    ids = {str(n.membership.node_id) for n in nodes}
+    await wait_until(lambda: all(n.membership.live_nodes() == ids for n in nodes))
+
+
+async def records(silo: str) -> dict[uuid.UUID, Any]:
+    return {r.node_id: r for r in await list_nodes(MemoryProvider(silo))}
+
+
+async def step(silo: str, clock: FakeClock, nodes: Iterable[Running]) -> None:
+    """Advance the clock by one interval and wait for *nodes* to heartbeat at the new time."""
+    clock.advance(INTERVAL)
+    ids = [n.membership.node_id for n in nodes]
+
+    async def written() -> bool:
+        current = await records(silo)
+        return all(i in current and current[i].written_at == clock.now for i in ids)
+
+    await wait_until(written)
+
+
+def assert_exactly_one_owner(nodes: list[Running]) -> None:
+    live = [n.membership.node_id for n in nodes]
+    for p in PARTITIONS:
+        owners = [n.membership.node_id for n in nodes if n.membership.owns(p)]
+        assert owners == [rendezvous.winner(p, live)], p
+
+
+async def test_owns_nothing_until_started_then_everything_alone(
+    silo: str, clock: FakeClock
+) -> None:
+    m = Membership(MemoryProvider(silo), node_settings(N1, clock))
+    assert owned(m) == set()
+    assert m.live_nodes() == set()
+    async with anyio.create_task_group() as tg:
+        with anyio.fail_after(10):
+            await tg.start(m.run)
+        # started() is reported only once the record is written and the node set read.
+        assert m.active
+        assert m.generation > 0
+        assert owned(m) == set(PARTITIONS)
+        assert m.live_nodes() == {str(N1)}
+        assert m.live_peers() == {}
+        assert set(await records(silo)) == {N1}
+        tg.cancel_scope.cancel()
+    assert owned(m) == set()
+
+
+@pytest.mark.parametrize("count", [2, 3])
+async def test_nodes_split_partitions_as_rendezvous_says(
+    silo: str, clock: FakeClock, count: int
+) -> None:
+    ids = [N1, N2, N3][:count]
+    async with cluster(silo, clock, *ids) as (_, nodes):
+        for n in nodes:
+            assert owned(n.membership) == expected(n.membership.node_id, ids)
+            assert owned(n.membership), "every node should win some of 64 partitions"
+        assert_exactly_one_owner(nodes)
+        peers = nodes[0].membership.live_peers()
+        assert set(peers) == set(ids[1:])
+        assert peers[N2].advertise_address == "node-2:7000"
+
+
+async def test_join_moves_only_partitions_the_newcomer_wins(silo: str, clock: FakeClock) -> None:
+    async with cluster(silo, clock, N1, N2) as (tg, nodes):
+        before = {n.membership.node_id: owned(n.membership) for n in nodes}
+        generations = [n.membership.generation for n in nodes]
+        nodes.append(await start(tg, N3, clock, MemoryProvider(silo)))
+        await converged(nodes)
+        moved = expected(N3, [N1, N2, N3])
+        assert moved, "the newcomer should win some partitions"
+        for n in nodes[:2]:
+            m = n.membership
+            assert owned(m) == before[m.node_id] - moved
+        assert owned(nodes[2].membership) == moved
+        assert [n.membership.generation for n in nodes[:2]] != generations
+        assert_exactly_one_owner(nodes)
+
+
+async def test_wait_changed_wakes_when_a_node_joins(silo: str, clock: FakeClock) -> None:
+    async with cluster(silo, clock, N1) as (tg, nodes):
+        m = nodes[0].membership
+        generation = m.generation
+        woke: list[int] = []
+
+        async def waiter() -> None:
+            woke.append(await m.wait_changed(generation))
+
+        tg.start_soon(waiter)
+        await anyio.sleep(INTERVAL * 3)
+        assert woke == [], "nothing changed yet"
+        await start(tg, N2, clock, MemoryProvider(silo))
+        await wait_until(lambda: bool(woke))
+        assert woke[0] > generation
+        assert await m.wait_changed(generation) == m.generation  # no wait when already changed
+
+
+async def test_graceful_leave_hands_over_without_waiting_for_expiry(
+    silo: str, clock: FakeClock
+) -> None:
+    async with cluster(silo, clock, N1, N2, N3) as (_, nodes):
+        await nodes[2].stop()
+        assert owned(nodes[2].membership) == set()
+        assert set(await records(silo)) == {N1, N2}, "leaving deletes the record"
+        # The clock does not move, so nothing expires: only the deletion can hand over.
+        survivors = nodes[:2]
+        await converged(survivors)
+        for n in survivors:
+            assert owned(n.membership) == expected(n.membership.node_id, [N1, N2])
+        assert_exactly_one_owner(survivors)
+
+
+async def test_crashed_node_is_taken_over_only_after_its_record_expires(
+    silo: str, clock: FakeClock
+) -> None:
+    async with cluster(silo, clock, N1, N2, N3) as (_, nodes):
+        survivors = nodes[:2]
+        # kill -9: the process stops writing anything, so its record stays behind.
+        crashed = nodes[2]
+        await crashed.provider.close()
+        await crashed.stop()
+        assert N3 in await records(silo)
+        for _ in range(2):  # two intervals later the record has not expired yet
+            await step(silo, clock, survivors)
+        await anyio.sleep(INTERVAL * 3)
+        for n in survivors:
+            assert str(N3) in n.membership.live_nodes()
+            assert owned(n.membership) == expected(n.membership.node_id, [N1, N2, N3])
+        await step(silo, clock, survivors)  # three intervals: expired
+        await converged(survivors)
+        for n in survivors:
+            assert owned(n.membership) == expected(n.membership.node_id, [N1, N2])
+        assert_exactly_one_owner(survivors)
+        record = (await records(silo))[N3]
+        assert not record.is_live(clock.now), "operators still see the dead node's record"
+
+
+async def test_dead_records_are_pruned_long_after_expiry(silo: str, clock: FakeClock) -> None:
+    async with anyio.create_task_group() as tg:
+        survivor = await start(tg, N1, clock, MemoryProvider(silo), prune_after=3600)
+        crashed = await start(tg, N2, clock, MemoryProvider(silo))
+        await converged([survivor, crashed])
+        await crashed.provider.close()
+        await crashed.stop()
+        clock.advance(3600)
+        await step(silo, clock, [survivor])
+        assert N2 in await records(silo), "not yet: expired for less than prune_after"
+        clock.advance(INTERVAL * 3)
+        await wait_until(lambda: _absent(silo, N2))
+        tg.cancel_scope.cancel()
+
+
+async def _absent(silo: str, node: uuid.UUID) -> bool:
+    return node not in await records(silo)
+
+
+async def test_duplicate_node_id_is_fatal(silo: str, clock: FakeClock) -> None:
+    async with cluster(silo, clock, N1) as (_, nodes):
+        duplicate = Membership(
+            MemoryProvider(silo), node_settings(N1, clock, advertise_address="dup:7000")
+        )
+        with anyio.fail_after(10), pytest.raises(NodeIdInUse) as caught:
+            await duplicate.run()
+        message = str(caught.value)
+        assert str(N1) in message
+        assert "in use by another process" in message
+        assert "node-1:7000" in message, "names the other process's address"
+        assert "dup:7000" not in message
+        assert "DOGMA_NODE_ID" in message, "says what to do"
+        assert caught.value.node_id == N1
+        assert owned(duplicate) == set()
+        # The first process is unharmed: the duplicate neither wrote nor deleted its record.
+        await anyio.sleep(INTERVAL * 3)
+        assert (await records(silo))[N1].incarnation != duplicate._incarnation
+        assert owned(nodes[0].membership) == set(PARTITIONS)
+
+
+async def test_foreign_write_to_our_record_is_fatal_and_the_record_is_left_alone(
+    silo: str, clock: FakeClock
+) -> None:
+    m = Membership(MemoryProvider(silo), node_settings(N1, clock))
+    errors: list[NodeIdInUse] = []
+
+    async def run(*, task_status: TaskStatus[None]) -> None:
+        try:
+            await m.run(task_status=task_status)
+        except NodeIdInUse as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(run)
+        async with await MemoryProvider(silo).keyspaces.open(NODES_KEYSPACE) as ks:
+            key = str(N1).encode()
+            value, _ = await ks.get(key)
+            foreign = msgspec.msgpack.decode(value)
+            foreign["incarnation"] = "someone-else"
+            foreign["advertise_address"] = "intruder:7000"
+            await ks.set_unconditional(key, msgspec.msgpack.encode(foreign))
+        await wait_until(lambda: bool(errors))
+    assert "intruder:7000" in str(errors[0])
+    assert owned(m) == set()
+    assert (await records(silo))[N1].incarnation == "someone-else"
+
+
+async def test_restart_waits_out_its_crashed_predecessor(silo: str, clock: FakeClock) -> None:
+    async with anyio.create_task_group() as tg:
+        first = await start(tg, N1, clock, MemoryProvider(silo))
+        await first.provider.close()  # crash: the record stays, unexpired
+        await first.stop()
+        restarted = Membership(MemoryProvider(silo), node_settings(N1, clock))
+        started = anyio.Event()
+
+        async def run() -> None:
+            await tg.start(restarted.run)
+            started.set()
+
+        tg.start_soon(run)
+        await anyio.sleep(INTERVAL * 5)
+        assert not started.is_set(), "must not take a record that may still be live"
+        clock.advance(INTERVAL * 3)
+        with anyio.fail_after(10):
+            await started.wait()
+        assert owned(restarted) == set(PARTITIONS)
+        assert (await records(silo))[N1].incarnation == restarted._incarnation
+        tg.cancel_scope.cancel()
+
+
+async def test_failing_heartbeat_writes_stop_work_until_they_succeed(
+    silo: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    plan = FaultPlan()
+    async with anyio.create_task_group() as tg:
+        faulty = await start(tg, N1, clock, FaultyProvider(MemoryProvider(silo), plan))
+        healthy = await start(tg, N2, clock, MemoryProvider(silo))
+        nodes = [faulty, healthy]
+        await converged(nodes)
+        generation = faulty.membership.generation
+        rule = plan.fail(BEFORE, ops={"set"}, names=lambda n: n == NODES_KEYSPACE)
+        with caplog.at_level(logging.WARNING, logger="runkit.engine.membership"):
+            await step(silo, clock, [healthy])
+            await step(silo, clock, [healthy])
+            # Two intervals without a successful write: N1 stops, before peers drop it.
+            await wait_until(lambda: not faulty.membership.active)
+            assert owned(faulty.membership) == set()
+            assert faulty.membership.generation > generation
+            assert owned(healthy.membership) == expected(N2, [N1, N2])
+            assert "stops taking work" in caplog.text
+            await step(silo, clock, [healthy])  # three: N1's record has expired
+            await wait_until(lambda: healthy.membership.live_nodes() == {str(N2)})
+            assert owned(healthy.membership) == set(PARTITIONS)
+            assert owned(faulty.membership) == set()
+            assert rule.injected > 0
+            plan.clear()
+            await converged(nodes)
+            for n in nodes:
+                assert owned(n.membership) == expected(n.membership.node_id, [N1, N2])
+            assert "takes work again" in caplog.text
+        tg.cancel_scope.cancel()
+
+
+async def test_ambiguous_heartbeat_writes_are_recognised_as_our_own(
+    silo: str, clock: FakeClock
+) -> None:
+    from runkit.testing.faults import AFTER
+
+    plan = FaultPlan(seed=3)
+    plan.fail(AFTER, ops={"set"}, names=lambda n: n == NODES_KEYSPACE, every=3)
+    async with anyio.create_task_group() as tg:
+        node = await start(tg, N1, clock, FaultyProvider(MemoryProvider(silo), plan))
+        for _ in range(5):
+            await step(silo, clock, [node])
+        assert len(plan.injected) >= 2
+        # A landed write whose reply was lost is our own, not another process's.
+        assert not node.done.is_set()
+        await wait_until(lambda: node.membership.active)
+        tg.cancel_scope.cancel()
+    assert await records(silo) == {}, "and leaving still deletes the record"
+
+
+async def test_record_carries_identity_addresses_and_progress(silo: str, clock: FakeClock) -> None:
+    progress: dict[str, dict[int, dict[str, int]]] = {
+        APPS[0]: {0: {"stream_end": 5, "inbox_position": 3}}
+    }
+    async with anyio.create_task_group() as tg:
+        node = await start(
+            tg,
+            N1,
+            clock,
+            MemoryProvider(silo),
+            progress=lambda: progress,
+            tls_fingerprint="sha256:abcd",
+        )
+        record = (await records(silo))[N1]
+        assert record.progress == {APPS[0]: {0: {"stream_end": 5, "inbox_position": 3}}}
+        assert record.advertise_address == "node-1:7000"
+        assert record.listen_address == "0.0.0.0:7000"
+        assert record.tls_fingerprint == "sha256:abcd"
+        assert record.started_at == clock.now
+        assert record.expires_at == clock.now + timedelta(seconds=3 * INTERVAL)
+        assert record.heartbeat_interval == INTERVAL
+        raw, _ = await (await MemoryProvider(silo).keyspaces.open(NODES_KEYSPACE)).get(
+            str(N1).encode()
+        )
+        assert msgspec.msgpack.decode(raw)["version"] == RECORD_VERSION
+
+        progress[APPS[0]][1] = {"stream_end": 9}
+        await step(silo, clock, [node])
+        record = (await records(silo))[N1]
+        assert record.progress[APPS[0]][1] == {"stream_end": 9}
+        tg.cancel_scope.cancel()
+
+
+async def test_failing_progress_callback_does_not_stop_heartbeats(
+    silo: str, clock: FakeClock
+) -> None:
+    def broken() -> Progress:
+        raise RuntimeError("progress is broken")
+
+    async with anyio.create_task_group() as tg:
+        node = await start(tg, N1, clock, MemoryProvider(silo), progress=broken)
+        await step(silo, clock, [node])
+        assert (await records(silo))[N1].progress == {}
+        assert node.membership.active
+        tg.cancel_scope.cancel()
+
+
+async def test_list_nodes_shows_live_and_dead_nodes_in_order(silo: str, clock: FakeClock) -> None:
+    provider = MemoryProvider(silo)
+    assert await list_nodes(provider) == []
+    async with cluster(silo, clock, N3, N1, N2) as (_, nodes):
+        crashed = nodes[0]
+        await crashed.provider.close()
+        await crashed.stop()
+        async with await provider.keyspaces.open(NODES_KEYSPACE) as ks:
+            await ks.set_unconditional(b"not-a-node", b"garbage")
+        for _ in range(3):
+            await step(silo, clock, nodes[1:])
+        listed = await list_nodes(provider)
+        assert [r.node_id for r in listed] == [N1, N2, N3]
+        assert [r.is_live(clock.now) for r in listed] == [True, True, False]
+        assert listed[2].advertise_address == "node-3:7000"
+
+
+async def test_engine_runs_exactly_the_partitions_membership_assigns(
+    silo: str, clock: FakeClock
+) -> None:
+    s = setup()
+    count = int(FAST["partition_count"])
+    nodes: list[tuple[Engine, AppRuntime, Running]] = []
+
+    async def start_engine(tg: TaskGroup, node_id: uuid.UUID) -> None:
+        provider = MemoryProvider(silo)
+        settings = node_settings(
+            node_id, clock, applications=(s.config,), persistence_provider=provider, **FAST
+        )
+        engine = Engine.from_settings(settings)
+        running = await start(tg, node_id, clock, provider)
+        engine.use_ownership(running.membership)
+        tg.start_soon(engine.run)
+        nodes.append((engine, await engine.runtime(APP_KEY), running))
+
+    def assigned(running: Running) -> set[int]:
+        return {i for i in range(count) if running.membership.owns(partition_id(APP_KEY, i))}
+
+    def runs_owned() -> bool:
+        return all(set(rt.partitions) == assigned(running) for _, rt, running in nodes)
+
+    async with anyio.create_task_group() as tg:
+        await start_engine(tg, N1)
+        await start_engine(tg, N2)
+        await converged([running for _, _, running in nodes])
+        await wait_until(runs_owned)
+        assert all(assigned(running) for _, _, running in nodes), "both nodes should own some"
+        executor = nodes[0][0].executor_for(s.app)
+        for i in range(8):
+            await executor.execute_command(Deposit(f"a{i}", 1, f"d{i}"), idempotency_key=f"d{i}")
+        check_invariants(await settled(MemoryProvider(silo)))
+        await nodes[1][2].stop()  # N2 leaves: N1 takes every partition
+        survivor = nodes[0][1]
+        await wait_until(lambda: set(survivor.partitions) == set(range(count)))
+        tg.cancel_scope.cancel()

@@ -1,0 +1,41 @@
+"""The throwaway-server helpers other packages' tests and the benchmarks reuse."""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+import pytest
+
+from runkit_postgres.testing import DSN_VARIABLE, PostgresServer, drop_schema, unique_schema
+
+
+def test_unique_schema_names_are_valid_and_distinct() -> None:
+    names = {unique_schema() for _ in range(100)}
+    assert len(names) == 100
+    assert all(re.fullmatch(r"t_[0-9a-f]{32}", name) for name in names)
+    assert re.fullmatch(r"bench_[0-9a-f]{32}", unique_schema("bench"))
+
+
+def test_environment_variable_names_an_existing_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DSN_VARIABLE, "host=elsewhere dbname=x")
+    with PostgresServer() as server:
+        assert server.external
+        assert server.dsn == "host=elsewhere dbname=x"
+
+
+@pytest.mark.postgres
+def test_session_server_is_reachable_and_schemas_are_dropped(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    assert postgres_server.version().startswith("PostgreSQL ")
+    schema = unique_schema()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"'.encode())
+    drop_schema(postgres_dsn, schema)
+    drop_schema(postgres_dsn, schema)  # idempotent
+    with psycopg.connect(postgres_dsn) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+        ).fetchone()
+    assert row == (0,)
