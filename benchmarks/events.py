@@ -156,7 +156,7 @@ class App:
 
     def configure(self, c: Any) -> None:
         c.identity("bench", APP_KEY)
-        routes = [dogma.via_integration(Reactor())]
+        routes: list[Any] = [dogma.via_integration(Reactor())]
         for h in self.handlers:
             via = dogma.via_projection if isinstance(h, Projection) else dogma.via_process
             routes.append(via(h))

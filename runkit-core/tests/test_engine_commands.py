@@ -241,7 +241,7 @@ async def test_poison_after_max_attempts_and_at_once_for_bugs() -> None:
         await executor.execute_command(Deposit("x", 2, "after"))
         await wait_until(lambda: ("x", "after", 0) in s.accounts.calls)
 
-        async def poisoned() -> list:
+        async def poisoned() -> list[Any]:
             return [p async for p in list_poisoned(provider, APP_KEY, 2)]
 
         await wait_until(lambda: _len_is(poisoned, 3))
@@ -480,8 +480,12 @@ async def test_observers_see_events_even_of_a_deduplicated_command() -> None:
         assert seen[0] == seen[1]
         assert seen[0] is not seen[1]
         assert len(s.accounts.calls) == 1
+
         # An observed type the command can never cause: not satisfiable, at once.
-        never = dogma.observe(Notified, saw, registry=REGISTRY)
+        async def never_called(event: Notified) -> bool:
+            raise AssertionError("not reachable")
+
+        never = dogma.observe(Notified, never_called, registry=REGISTRY)
         with pytest.raises(dogma.EventObserverNotSatisfied):
             await executor.execute_command(Deposit("acc", 1, "x"), observers=[never])
 
@@ -664,5 +668,5 @@ async def test_instance_journals_are_truncated_below_snapshots_when_enabled() ->
         await executor.execute_command(Deposit("acc", 1, "t0"), idempotency_key="t0")  # a repeat
         await executor.execute_command(Deposit("acc", 1, "t12"))
         await wait_until(lambda: len(s.accounts.calls) == 13)
-        await settled(provider)
+        check_invariants(await settled(provider))
     assert s.accounts.calls[-1] == ("acc", "t12", 12)

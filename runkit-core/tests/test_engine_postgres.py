@@ -57,7 +57,7 @@ async def test_end_to_end_with_restart(
     pg: PostgresProvider, postgres_dsn: str, postgres_schema: str
 ) -> None:
     s = setup()
-    async with running(pg, s.config, snapshot_every=3) as engine:
+    async with running(pg, s.config, snapshot_every=3, truncate_aggregate_journals=True) as engine:
         executor = engine.executor_for(s.app)
         async with anyio.create_task_group() as tg:
             for i in range(20):

@@ -29,7 +29,7 @@ from runkit.engine.processes import (
     PoisonedMessage,
     checkpoint_key,
     checkpoints_store_name,
-    event_poison_store_name,
+    list_poisoned_events,
     process_store_name,
 )
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
@@ -270,12 +270,7 @@ async def steps(h: Harness, instance: str) -> list[int]:
 
 
 async def poisoned(h: Harness, partition: int = 0) -> dict[str, PoisonedMessage]:
-    name = event_poison_store_name(APP_KEY, partition)
-    async with await h.provider.keyspaces.open(name) as ks:
-        return {
-            k.decode(): msgspec.msgpack.decode(v, type=PoisonedMessage)
-            async for k, v, _ in ks.range()
-        }
+    return await list_poisoned_events(h.provider, APP_KEY, partition)
 
 
 def commands(h: Harness) -> list[tuple[str, int]]:
@@ -375,6 +370,7 @@ async def test_redelivery_from_an_old_checkpoint_is_harmless() -> None:
         async with anyio.create_task_group() as tg:
             await start(h, tg)
             await wait_until(lambda: len(h.accepted) == 3)
+            await wait_until(lambda: dispatched(h, "a", "b"))  # (else redispatched: fine)
             tg.cancel_scope.cancel()
         # Lose the checkpoint: everything is redelivered.
         async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
@@ -686,9 +682,12 @@ async def test_a_stuck_outbox_does_not_block_other_instances_and_is_kept() -> No
         await h.publish(Step("a", 1), Step("b", 2))
         await start(h, tg)
         await wait_until(lambda: len(h.accepted) == 1)  # b was not held up by a
+
+        async def given_up() -> bool:
+            return list(await poisoned(h)) == [f"{PROC_KEY}/outbox/a"]
+
+        await wait_until(given_up)
         assert commands(h) == [("b", 2)]
-        poison = await poisoned(h)
-        assert list(poison) == [f"{PROC_KEY}/outbox/a"]
         r = await record(h, "a")
         assert r is not None
         assert len(r.commands) == 1  # kept for a later dispatch
@@ -697,4 +696,68 @@ async def test_a_stuck_outbox_does_not_block_other_instances_and_is_kept() -> No
         await wait_until(lambda: len(h.accepted) == 3)
         assert commands(h) == [("a", 1), ("a", 3), ("b", 2)]
         assert await steps(h, "a") == [1, 3]
+        tg.cancel_scope.cancel()
+
+
+async def test_a_slow_instance_does_not_hold_up_the_others() -> None:
+    p = Process()
+    release = anyio.Event()
+    original = p.handle_event
+
+    async def handle(root: Root, scope: Any, event: dogma.Event) -> None:
+        if isinstance(event, Step) and event.id == "slow":
+            await release.wait()
+        await original(root, scope, event)
+
+    p.handle_event = handle  # type: ignore[method-assign]
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step("slow", 0), Step("slow", 1), Step("a", 2), Step("b", 3))
+        await start(h, tg)
+        await wait_until(lambda: commands(h) == [("a", 2), ("b", 3)])
+        key = checkpoint_key(PROC_KEY, h.streams[0].stream_id)
+
+        async def saved() -> int:
+            async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
+                data, _ = await ks.get(key)
+            return msgspec.msgpack.decode(data) if data else 0
+
+        await anyio.sleep(0.05)  # several checkpoint intervals
+        assert await saved() == 0  # never past the unfinished event at offset 0
+        release.set()
+        await wait_until(lambda: len(h.accepted) == 4)
+        await wait_until(lambda: _eq(saved(), 4))
+        assert await steps(h, "slow") == [0, 1]  # in order within the instance
+        tg.cancel_scope.cancel()
+
+
+async def _eq(value: Any, expected: object) -> bool:
+    return bool(await value == expected)
+
+
+async def test_strictly_ordered_when_process_concurrency_is_one() -> None:
+    p = Process()
+    order: list[int] = []
+    original = p.handle_event
+
+    async def handle(root: Root, scope: Any, event: dogma.Event) -> None:
+        assert isinstance(event, Step)
+        await anyio.sleep(0.001 * (5 - event.n % 5))  # later events would overtake
+        order.append(event.n)
+        await original(root, scope, event)
+
+    p.handle_event = handle  # type: ignore[method-assign]
+    options = attrs.evolve(OPTIONS, process_concurrency=1)
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(*(Step(f"i{n}", n) for n in range(10)))
+        await tg.start(
+            partition_consumers(h.app, h.settings, options=options).run_partition, h.ctx(0)
+        )
+        await wait_until(lambda: len(order) == 10)
+        assert order == list(range(10))
         tg.cancel_scope.cancel()

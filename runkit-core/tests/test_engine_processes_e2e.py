@@ -360,3 +360,20 @@ async def test_exactly_once_under_random_write_faults(timing: Any) -> None:
         assert ledger_of(app, a) == [0, 1, 100]
     assert len(app.welcome.deadline_times) >= len(accounts)  # attempts may repeat...
     assert all(app.welcome.roots[a] == [1] for a in accounts)  # ...effects do not
+
+
+async def test_reset_a_projection_of_a_running_engine() -> None:
+    app, clock = App(), FakeClock()
+    config = build(app, registry=REGISTRY)
+    async with running(config, MemoryProvider(str(uuid.uuid4())), clock) as engine:
+        executor = engine.executor_for(config)
+        for a in ("a", "b"):
+            await executor.execute_command(Open(a))
+        await wait_until(lambda: ledger_of(app, "a") == [0, 1] and ledger_of(app, "b") == [0, 1])
+        rows = sorted(app.ledger.rows)
+        # The engine has no public reset yet: go through its application runtime.
+        runtime = await engine.runtime(APP_KEY)
+        await runtime._consumers.reset_projection("ledger", clock=clock)
+        await wait_until(lambda: sorted(app.ledger.rows) == rows)
+        await anyio.sleep(0.05)
+        assert sorted(app.ledger.rows) == rows  # rebuilt from offset 0, once

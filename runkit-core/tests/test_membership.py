@@ -35,7 +35,14 @@ from runkit.engine.membership import (
 )
 from runkit.engine.partitions import partition_id
 from runkit.engine.settings import EngineSettings
-from runkit.persistence import Provider
+from runkit.persistence import (
+    JournalStore,
+    Keyspace,
+    KeyspaceStore,
+    Limits,
+    Provider,
+    SetStore,
+)
 from runkit.testing.faults import BEFORE, FaultPlan, FaultyProvider
 from runkit_memory import MemoryProvider
 
@@ -158,10 +165,10 @@ async def records(silo: str) -> dict[uuid.UUID, Any]:
     return {r.node_id: r for r in await list_nodes(MemoryProvider(silo))}
 
 
-async def step(silo: str, clock: FakeClock, nodes: Iterable[Running]) -> None:
+async def step(silo: str, clock: FakeClock, nodes: Iterable[Running | Membership]) -> None:
     """Advance the clock by one interval and wait for *nodes* to heartbeat at the new time."""
     clock.advance(INTERVAL)
-    ids = [n.membership.node_id for n in nodes]
+    ids = [(n if isinstance(n, Membership) else n.membership).node_id for n in nodes]
 
     async def written() -> bool:
         current = await records(silo)
@@ -340,17 +347,89 @@ async def test_foreign_write_to_our_record_is_fatal_and_the_record_is_left_alone
 
     async with anyio.create_task_group() as tg:
         await tg.start(run)
-        async with await MemoryProvider(silo).keyspaces.open(NODES_KEYSPACE) as ks:
-            key = str(N1).encode()
-            value, _ = await ks.get(key)
-            foreign = msgspec.msgpack.decode(value)
-            foreign["incarnation"] = "someone-else"
-            foreign["advertise_address"] = "intruder:7000"
-            await ks.set_unconditional(key, msgspec.msgpack.encode(foreign))
+        await overwrite_with_foreign_record(silo, N1)
         await wait_until(lambda: bool(errors))
     assert "intruder:7000" in str(errors[0])
     assert owned(m) == set()
     assert (await records(silo))[N1].incarnation == "someone-else"
+
+
+async def overwrite_with_foreign_record(silo: str, node_id: uuid.UUID) -> None:
+    """Do what another process with the same node ID would: rewrite the record."""
+    async with await MemoryProvider(silo).keyspaces.open(NODES_KEYSPACE) as ks:
+        key = str(node_id).encode()
+        value, _ = await ks.get(key)
+        foreign = msgspec.msgpack.decode(value)
+        foreign["incarnation"] = "someone-else"
+        foreign["advertise_address"] = "intruder:7000"
+        await ks.set_unconditional(key, msgspec.msgpack.encode(foreign))
+
+
+async def test_joined_keeps_heartbeating_while_the_block_winds_down_then_leaves(
+    silo: str, clock: FakeClock
+) -> None:
+    m = Membership(MemoryProvider(silo), node_settings(N1, clock))
+    wound_down = False
+    with anyio.fail_after(10), anyio.CancelScope() as outer:
+        async with m.joined():
+            assert owned(m) == set(PARTITIONS)
+            outer.cancel()  # the engine is asked to stop
+            try:
+                await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    # Flushing takes a while: the record must not expire meanwhile.
+                    for _ in range(4):
+                        await step(silo, clock, [m])
+                    assert m.active
+                    assert N1 in await records(silo)
+                    wound_down = True
+    assert wound_down
+    assert await records(silo) == {}, "left once the block had exited"
+    assert owned(m) == set()
+
+
+async def test_joined_raises_the_blocks_error_plainly_and_leaves(
+    silo: str, clock: FakeClock
+) -> None:
+    m = Membership(MemoryProvider(silo), node_settings(N1, clock))
+
+    async def work() -> None:
+        async with m.joined():
+            assert N1 in await records(silo)
+            raise ValueError("the block failed")
+
+    with anyio.fail_after(10), pytest.raises(ValueError, match="the block failed"):
+        await work()
+    assert await records(silo) == {}
+
+
+async def test_joined_raises_node_id_in_use_plainly(silo: str, clock: FakeClock) -> None:
+    async with cluster(silo, clock, N1):
+        duplicate = Membership(MemoryProvider(silo), node_settings(N1, clock))
+        entered = False
+        with anyio.fail_after(10), pytest.raises(NodeIdInUse):
+            async with duplicate.joined():
+                entered = True
+        assert not entered
+
+    m = Membership(MemoryProvider(silo), node_settings(N2, clock))
+    cancelled = False
+
+    async def work() -> None:
+        nonlocal cancelled
+        async with m.joined():
+            await overwrite_with_foreign_record(silo, N2)
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                cancelled = True
+                raise
+
+    with anyio.fail_after(10), pytest.raises(NodeIdInUse) as caught:
+        await work()
+    assert cancelled, "the block is cancelled when the membership fails"
+    assert "intruder:7000" in str(caught.value)
 
 
 async def test_restart_waits_out_its_crashed_predecessor(silo: str, clock: FakeClock) -> None:
@@ -409,6 +488,139 @@ async def test_failing_heartbeat_writes_stop_work_until_they_succeed(
         tg.cancel_scope.cancel()
 
 
+@attrs.define
+class Gate:
+    """Holds writes back while closed."""
+
+    _closed: anyio.Event | None = None
+
+    def close(self) -> None:
+        self._closed = anyio.Event()
+
+    def open(self) -> None:
+        if self._closed is not None:
+            self._closed.set()
+            self._closed = None
+
+    async def passage(self) -> None:
+        if self._closed is not None:
+            await self._closed.wait()
+
+
+class _HangingKeyspaces(KeyspaceStore):
+    def __init__(self, inner: KeyspaceStore, gate: Gate) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    async def open(self, name: str) -> Keyspace:
+        return _HangingKeyspace(await self._inner.open(name), self._gate)
+
+
+class _HangingKeyspace(Keyspace):
+    """Writes block while the gate is closed (a store that stopped answering)."""
+
+    def __init__(self, inner: Keyspace, gate: Gate) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        return await self._inner.get(key)
+
+    async def has(self, key: bytes) -> bool:
+        return await self._inner.has(key)
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        await self._gate.passage()
+        return await self._inner.set(key, value, revision)
+
+    async def set_unconditional(self, key: bytes, value: bytes) -> str:
+        return await self._inner.set_unconditional(key, value)
+
+    def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+        return self._inner.range()
+
+
+class _HangingProvider(Provider):
+    def __init__(self, inner: Provider, gate: Gate) -> None:
+        self._inner = inner
+        self._keyspaces = _HangingKeyspaces(inner.keyspaces, gate)
+
+    @property
+    def journals(self) -> JournalStore:
+        return self._inner.journals
+
+    @property
+    def keyspaces(self) -> KeyspaceStore:
+        return self._keyspaces
+
+    @property
+    def sets(self) -> SetStore:
+        return self._inner.sets
+
+    @property
+    def limits(self) -> Limits:
+        return self._inner.limits
+
+    async def provision(self) -> None:
+        await self._inner.provision()
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+async def test_a_hung_heartbeat_write_still_stops_work_on_time(silo: str, clock: FakeClock) -> None:
+    gate = Gate()
+    provider = _HangingProvider(MemoryProvider(silo), gate)
+    async with anyio.create_task_group() as tg:
+        # The write is abandoned only after a minute: the watchdog must not wait for it.
+        node = await start(tg, N1, clock, provider, store_timeout=60)
+        m = node.membership
+        generation = m.generation
+        gate.close()
+        await anyio.sleep(INTERVAL * 2)  # a write is now stuck
+        clock.advance(INTERVAL * 2)
+        with anyio.fail_after(10):
+            generation = await m.wait_changed(generation)
+        assert not m.active
+        assert owned(m) == set()
+        gate.open()
+        with anyio.fail_after(10):
+            await m.wait_changed(generation)
+        await wait_until(lambda: owned(m) == set(PARTITIONS))
+        tg.cancel_scope.cancel()
+
+
+async def test_leave_is_bounded_when_the_store_hangs(silo: str, clock: FakeClock) -> None:
+    gate = Gate()
+    provider = _HangingProvider(MemoryProvider(silo), gate)
+    m = Membership(provider, node_settings(N1, clock, shutdown_timeout=0.1))
+    async with anyio.create_task_group() as tg:
+        await tg.start(m.run)
+        gate.close()
+        with anyio.fail_after(10):
+            await m.leave()
+        assert owned(m) == set()
+    assert N1 in await records(silo), "peers will take over when it expires"
+    gate.open()
+
+
+async def test_leave_while_running_ends_run(silo: str, clock: FakeClock) -> None:
+    async with cluster(silo, clock, N1, N2) as (_, nodes):
+        await nodes[1].membership.leave()
+        with anyio.fail_after(10):
+            await nodes[1].done.wait()
+        assert set(await records(silo)) == {N1}
+        await converged(nodes[:1])
+        assert owned(nodes[0].membership) == set(PARTITIONS)
+
+
 async def test_ambiguous_heartbeat_writes_are_recognised_as_our_own(
     silo: str, clock: FakeClock
 ) -> None:
@@ -461,16 +673,22 @@ async def test_record_carries_identity_addresses_and_progress(silo: str, clock: 
         tg.cancel_scope.cancel()
 
 
-async def test_failing_progress_callback_does_not_stop_heartbeats(
-    silo: str, clock: FakeClock
-) -> None:
-    def broken() -> Progress:
-        raise RuntimeError("progress is broken")
+def _broken_progress() -> Progress:
+    raise RuntimeError("progress is broken")
 
+
+@pytest.mark.parametrize(
+    "progress",
+    [_broken_progress, lambda: {APPS[0]: {0: {"stream_end": "five"}}}],
+    ids=["raises", "wrong-type"],
+)
+async def test_bad_progress_does_not_stop_heartbeats(
+    silo: str, clock: FakeClock, progress: Callable[[], Progress]
+) -> None:
     async with anyio.create_task_group() as tg:
-        node = await start(tg, N1, clock, MemoryProvider(silo), progress=broken)
+        node = await start(tg, N1, clock, MemoryProvider(silo), progress=progress)
         await step(silo, clock, [node])
-        assert (await records(silo))[N1].progress == {}
+        assert (await records(silo))[N1].progress == {}, "the record stays readable"
         assert node.membership.active
         tg.cancel_scope.cancel()
 
@@ -505,10 +723,26 @@ async def test_engine_runs_exactly_the_partitions_membership_assigns(
             node_id, clock, applications=(s.config,), persistence_provider=provider, **FAST
         )
         engine = Engine.from_settings(settings)
-        running = await start(tg, node_id, clock, provider)
-        engine.use_ownership(running.membership)
-        tg.start_soon(engine.run)
-        nodes.append((engine, await engine.runtime(APP_KEY), running))
+        made: list[Membership] = []
+
+        def membership(provider: Provider) -> Membership:
+            made.append(Membership(provider, settings))
+            return made[-1]
+
+        # The engine starts the membership's run() before the applications.
+        engine.use_ownership(membership)
+        scope, done = anyio.CancelScope(), anyio.Event()
+
+        async def run() -> None:
+            try:
+                with scope:
+                    await engine.run()
+            finally:
+                done.set()
+
+        tg.start_soon(run)
+        runtime = await engine.runtime(APP_KEY)
+        nodes.append((engine, runtime, Running(made[0], provider, scope, done)))
 
     def assigned(running: Running) -> set[int]:
         return {i for i in range(count) if running.membership.owns(partition_id(APP_KEY, i))}

@@ -442,11 +442,25 @@ async def test_truncate_past_the_end_raises_value_error(provider: S3Provider) ->
     assert str(info.value) == "journal 'j': cannot truncate to position 3, past the end (1)"
 
 
-async def test_range_prefetches_across_batches(provider: S3Provider) -> None:
+async def test_range_prefetches_across_batches_and_stops_at_a_truncation(
+    provider: S3Provider, moto_server: MotoServer, bucket: str
+) -> None:
     journal = await provider.journals.open("j")
-    for position in range(70):
-        await journal.append(position, b"%d" % position)
-    assert [r async for r in journal.range(1)] == [(p, b"%d" % p) for p in range(1, 70)]
+    keys = Layout("").journal("j")
+    raw = _raw_client(moto_server)
+    for position in range(40):  # written directly: one request each, not an append's three
+        raw.put_object(Bucket=bucket, Key=keys.record(position), Body=b"%d" % position)
+    # Batches of 1, 2, 4, 8, 16, 32: the end falls inside the last one.
+    assert [r async for r in journal.range(1)] == [(p, b"%d" % p) for p in range(1, 40)]
+
+    seen = []
+    with pytest.raises(RecordNotFound) as info:
+        async for position, _ in journal.range(0):
+            seen.append(position)
+            if position == 2:
+                await journal.truncate(20)  # overtakes the iteration
+    assert str(info.value) == "journal 'j': no record at position 3"
+    assert seen == [0, 1, 2]
 
 
 # -- conditional-write races and faults ----------------------------------------------------

@@ -60,6 +60,13 @@ _RETRYABLE_CODES: Final = frozenset(
 
 _GUARDED_OPERATIONS: Final = ("PutItem", "UpdateItem", "DeleteItem")
 
+# Transport failures that happen before any byte of the request is sent.
+_UNSENT: Final = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ProxyConnectionError,
+)
+
 
 class AmbiguousWrite(Exception):
     """A conditional write failed after its request may have reached DynamoDB."""
@@ -100,13 +107,13 @@ def _veto_ambiguous_retry(
 ) -> None:
     """``needs-retry`` hook: stop botocore retrying a conditional write that may have landed.
 
-    Connection-setup failures (``botocore.exceptions.ConnectionError``: refused,
-    DNS, TLS handshake, connect timeout) never sent the request, so botocore may
-    retry them. Anything else that is not a response, and any 5xx response,
-    leaves the outcome unknown.
+    Failures to connect (refused, DNS, connect timeout, proxy) never sent the
+    request, so botocore may retry them. Anything else that is not a response
+    (including TLS errors, which can also strike mid-response), and any 5xx
+    response, leaves the outcome unknown.
     """
     if caught_exception is not None:
-        if isinstance(caught_exception, botocore.exceptions.ConnectionError):
+        if isinstance(caught_exception, _UNSENT):
             return
         cause = f"{type(caught_exception).__name__}: {caught_exception}"
     elif response is not None and response[0].status_code >= 500:
@@ -236,7 +243,9 @@ def map_error(exc: Exception, what: str, operation: str, *, write: bool) -> Pers
         )
     if isinstance(exc, botocore.exceptions.ConnectionError):
         return PersistenceError(
-            f"{what}: cannot reach DynamoDB for {operation}: {exc}", retryable=True
+            f"{what}: cannot reach DynamoDB for {operation}: {exc}",
+            retryable=True,
+            ambiguous=write and not isinstance(exc, _UNSENT),
         )
     if isinstance(exc, botocore.exceptions.HTTPClientError):
         return PersistenceError(

@@ -13,3 +13,7 @@ from ._config import Settings as Settings
 from ._provider import PostgresProvider as PostgresProvider
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresProvider", "Settings"]
+
+# Tracebacks, reprs and docs show the public path.
+PostgresProvider.__module__ = __name__
+Settings.__module__ = __name__

@@ -66,17 +66,19 @@ class _Call:
     ``lock`` orders the worker's use of the connection against a cancel: the
     worker holds a connection only between publishing it (``conn``) and
     withdrawing it, and withdrawing waits while a cancel request is in flight.
+    ``waiter`` is only created by a canceller that must wait for the worker
+    (creating an Event for every call would cost more than the rest of this).
     """
 
-    __slots__ = ("abandoned", "cancel_sent", "conn", "finished", "lock", "sent")
+    __slots__ = ("abandoned", "cancel_sent", "conn", "lock", "sent", "waiter")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.finished = threading.Event()
         self.conn: Connection[tuple[object, ...]] | None = None
         self.abandoned = False  # the caller was cancelled; do no (more) work
         self.cancel_sent = False  # a server-side cancel was sent for our statement
         self.sent = False  # the operation started talking to the server
+        self.waiter: threading.Event | None = None
 
 
 class Executor:
@@ -130,51 +132,51 @@ class Executor:
 
     def _work(self, call: _Call, operation: Operation[T]) -> T:
         """The worker thread's side of ``run``."""
-        try:
+        if call.abandoned:  # unlocked: a stale read only costs the check below
+            raise _Abandoned
+        with self._get_pool().connection() as conn:
             with call.lock:
                 if call.abandoned:
                     raise _Abandoned  # never seen: the caller has left
-            pool = self._get_pool()
-            with pool.connection() as conn:
-                with call.lock:
-                    if call.abandoned:
-                        raise _Abandoned
-                    call.conn = conn
-                    call.sent = True
-                canceled = False
-                try:
-                    return operation(conn)
-                except psycopg.errors.QueryCanceled:
-                    canceled = True
-                    raise
-                finally:
-                    with call.lock:  # waits for an in-flight cancel request
-                        call.conn = None
-                        stale_cancel = call.cancel_sent and not canceled
-                    if stale_cancel and not conn.closed:
-                        # The statement finished before the cancel arrived; the
-                        # signal might still hit the next statement, so the
-                        # connection is not reused.
-                        conn.close()
-        finally:
-            call.finished.set()
+                call.conn = conn
+                call.sent = True
+            canceled = False
+            try:
+                return operation(conn)
+            except psycopg.errors.QueryCanceled:
+                canceled = True
+                raise
+            finally:
+                with call.lock:  # waits for an in-flight cancel request
+                    call.conn = None
+                    stale_cancel = call.cancel_sent and not canceled
+                    waiter = call.waiter
+                if stale_cancel and not conn.closed:
+                    # The statement finished before the cancel arrived; the
+                    # signal might still hit the next statement, so the
+                    # connection is not reused.
+                    conn.close()
+                if waiter is not None:
+                    waiter.set()
 
     @staticmethod
     def _cancel(call: _Call) -> None:
-        """Cancel *call*'s statement server-side and wait until its connection is free."""
+        """Cancel *call*'s statement server-side and wait until it has ended."""
         with call.lock:
             call.abandoned = True
             conn = call.conn
             if conn is None:
-                # Not started or still waiting for a connection: it will see
-                # ``abandoned`` and give up without touching the server.
+                # Not started, still waiting for a connection (it will see
+                # ``abandoned`` and give up without touching the server), or
+                # already done with its connection.
                 return
             call.cancel_sent = True
             try:
                 conn.cancel_safe(timeout=10.0)
             except Exception:  # the worker then closes the connection instead
                 _log.warning("could not cancel a statement server-side", exc_info=True)
-        call.finished.wait()
+            waiter = call.waiter = threading.Event()
+        waiter.wait()
 
     async def run(self, operation: Operation[T], *, what: str, write: bool) -> T:
         """Run *operation* with a pooled connection in a worker thread.

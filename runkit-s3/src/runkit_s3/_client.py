@@ -208,9 +208,11 @@ def _create_client(settings: S3Settings, session: boto3.Session, pool: int) -> S
         role_session.register_component(
             "credential_provider", CredentialResolver([_FixedCredentialProvider(assumed)])
         )
-        session = boto3.Session(botocore_session=role_session)
+        create: Callable[..., Any] = role_session.create_client
+    else:
+        create = session.client
     try:
-        client: S3Client = session.client(
+        client: S3Client = create(
             "s3", region_name=region, endpoint_url=settings.endpoint_url, config=config
         )
     except BotoCoreError as exc:

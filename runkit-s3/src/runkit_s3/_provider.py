@@ -108,7 +108,23 @@ class S3Provider(Provider):
             endpoint_url=endpoint_url,
             role_arn=role_arn,
         )
-        self._init(settings, session, max_concurrency)
+        if not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be a positive int, not {max_concurrency!r}")
+        self._settings = settings
+        self._session = session
+        self._max_concurrency = max_concurrency
+        self._layout = Layout(settings.prefix)
+        self._limits = limits_for(settings.prefix)
+        self._limiter = anyio.CapacityLimiter(max_concurrency)
+        self._lock = threading.Lock()
+        self._create_lock = threading.Lock()
+        self._s3: S3Objects | None = None
+        self._provisioner = BucketProvisioner()
+        self._journal_states: dict[str, JournalState] = {}
+        self._closed = False
+        self._journals = _JournalStore(self)
+        self._keyspaces = _KeyspaceStore(self)
+        self._sets = _SetStore(self)
 
     @classmethod
     def from_url(
@@ -119,29 +135,16 @@ class S3Provider(Provider):
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> S3Provider:
         """Return a provider for an ``s3:///<bucket>`` or ``s3://host:port/<bucket>`` URL."""
-        provider = cls.__new__(cls)
-        provider._init(parse_url(url), session, max_concurrency)
-        return provider
-
-    def _init(
-        self, settings: S3Settings, session: boto3.Session | None, max_concurrency: int
-    ) -> None:
-        if not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be a positive int, not {max_concurrency!r}")
-        self._settings = settings
-        self._session = session
-        self._max_concurrency = max_concurrency
-        self._layout = Layout(settings.prefix)
-        self._limits = limits_for(settings.prefix)
-        self._limiter = anyio.CapacityLimiter(max_concurrency)
-        self._lock = threading.Lock()
-        self._s3: S3Objects | None = None
-        self._provisioner = BucketProvisioner()
-        self._journal_states: dict[str, JournalState] = {}
-        self._closed = False
-        self._journals = _JournalStore(self)
-        self._keyspaces = _KeyspaceStore(self)
-        self._sets = _SetStore(self)
+        settings = parse_url(url)
+        return cls(
+            settings.bucket,
+            prefix=settings.prefix,
+            region=settings.region,
+            endpoint_url=settings.endpoint_url,
+            role_arn=settings.role_arn,
+            session=session,
+            max_concurrency=max_concurrency,
+        )
 
     @property
     def settings(self) -> S3Settings:
@@ -188,18 +191,28 @@ class S3Provider(Provider):
         await anyio.to_thread.run_sync(self._ready_sync, limiter=self._limiter)
 
     def _ready_sync(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise PersistenceError(f"{self!r} is closed")
-            s3 = self._s3
+        # Worker threads only. ``_lock`` guards state the event loop reads and is
+        # never held across slow work; ``_create_lock`` serialises client creation.
+        with self._create_lock:
+            with self._lock:
+                if self._closed:
+                    raise PersistenceError(f"{self!r} is closed")
+                s3 = self._s3
             if s3 is None:
                 client = create_client(self._settings, self._session, self._max_concurrency)
-                s3 = self._s3 = S3Objects(client, self._settings.bucket, self._limiter)
+                with self._lock:
+                    if self._is_closed():  # closed while we were creating it
+                        client.close()
+                        raise PersistenceError(f"{self!r} is closed")
+                    s3 = self._s3 = S3Objects(client, self._settings.bucket, self._limiter)
         s3._guard(
             "CreateBucket",
             "",
             lambda: self._provisioner.ensure(s3.client, self._settings.bucket),
         )
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _journal_state(self, name: str) -> JournalState:
         with self._lock:

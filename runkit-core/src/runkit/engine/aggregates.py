@@ -112,8 +112,8 @@ class _Instance:
     snapshot_revision: str
     begin: int = 0
     inbox_max: int = -1
-    snapshot_position: int = 0
-    snapshot_inbox_max: int = -1
+    # Durable snapshots not yet truncated below: (position, inbox_max), oldest first.
+    truncatable: list[tuple[int, int]] = attrs.Factory(list)
     snapshots: bool = True
     snapshot_pending: bool = False
 
@@ -254,11 +254,10 @@ class AggregateInstances:
             inst.recent.popitem(last=False)
         inst.next_position += 1
         inst.since_snapshot += count
+        self._maybe_truncate(inst)
         due = inst.since_snapshot >= self._snapshot_every
         if due and inst.snapshots and not inst.snapshot_pending:
             self._snapshot(inst)
-        else:
-            self._maybe_truncate(inst)
 
     def _snapshot(self, inst: _Instance) -> None:
         try:
@@ -290,7 +289,7 @@ class AggregateInstances:
             inst.snapshot_revision = await ks.set(
                 inst.instance_id.encode(), _instance_encoder.encode(record), inst.snapshot_revision
             )
-            inst.snapshot_position, inst.snapshot_inbox_max = record.position, record.inbox_max
+            inst.truncatable = [*inst.truncatable[-3:], (record.position, record.inbox_max)]
         except Conflict:
             # Someone else wrote one (a previous owner); learn its revision next load.
             await self._drop(inst.handler, inst.instance_id, close=False)
@@ -308,12 +307,17 @@ class AggregateInstances:
         # done: the partition's durable progress is past all their inbox
         # positions, so they are published (and marked, if keyed) and nothing
         # will look their records up again. -2 means "some position unknown".
-        if self._truncate_before is None or inst.snapshot_position <= inst.begin:
+        if self._truncate_before is None or inst.snapshot_pending or not inst.truncatable:
             return
-        if inst.snapshot_pending or not 0 <= inst.snapshot_inbox_max < self._truncate_before():
+        done = self._truncate_before()
+        # Snapshots that any later one covers too; the newest whose commands are all done.
+        ready = [p for p, inbox_max in inst.truncatable if 0 <= inbox_max < done]
+        if not ready or ready[-1] <= inst.begin:
             return
+        position = ready[-1]
+        inst.truncatable = [t for t in inst.truncatable if t[0] > position]
         inst.snapshot_pending = True  # also keeps the journal handle open meanwhile
-        self._background.start_soon(self._truncate, inst, inst.snapshot_position)
+        self._background.start_soon(self._truncate, inst, position)
 
     async def _truncate(self, inst: _Instance, position: int) -> None:
         try:
@@ -377,13 +381,15 @@ class AggregateInstances:
         recent: OrderedDict[str, int] = OrderedDict()
         snapshots = True
         inbox_max = -1 if bounds.begin == 0 else -2
-        snapshot_position, snapshot_inbox_max = 0, -1
+        truncatable: list[tuple[int, int]] = []
+        restored = False
         if value:
             snap = _snapshot_decoder.decode(value)
-            snapshot_position, snapshot_inbox_max = snap.position, snap.inbox_max
+            truncatable.append((snap.position, snap.inbox_max))
             if bounds.begin <= snap.position <= bounds.end:
                 try:
                     root.unmarshal_binary(snap.data)
+                    restored = True
                     start = snap.position
                     recent.update(snap.recent)
                     inbox_max = snap.inbox_max
@@ -396,7 +402,7 @@ class AggregateInstances:
                         extra={"handler": handler.identity.name, "instance": instance_id},
                     )
                     root = _new_root(handler)
-        if start == bounds.begin and bounds.begin > 0:
+        if start == bounds.begin and bounds.begin > 0 and not restored:
             raise RuntimeError(
                 f"aggregate instance {instance_id} of {handler.describe()}: journal truncated "
                 f"below {bounds.begin} and no usable snapshot"
@@ -428,8 +434,7 @@ class AggregateInstances:
             snapshot_revision=revision,
             begin=bounds.begin,
             inbox_max=inbox_max,
-            snapshot_position=snapshot_position,
-            snapshot_inbox_max=snapshot_inbox_max,
+            truncatable=truncatable,
             snapshots=snapshots,
         )
 

@@ -47,7 +47,14 @@ from .integrations import execute_integration
 from .partitions import instance_workload, partition_of
 from .poison import HandlerBug, PoisonRecord, write_poison
 from .settings import EngineSettings
-from .streams import EventBus, OwnershipLost, PartitionStream, StreamTail, StreamWriter
+from .streams import (
+    EventBus,
+    OwnershipLost,
+    PartitionStream,
+    Publication,
+    StreamTail,
+    StreamWriter,
+)
 
 __all__ = [
     "Acceptor",
@@ -316,7 +323,10 @@ class PartitionCommands:
         try:
             while queue:
                 position, entry, handler = queue[0]
-                await self._process(position, entry, handler)
+                # Pipelined: the next command of this instance (or MINIMIZE
+                # handler) starts once this one is committed; the stream
+                # writer's queue keeps their events in order.
+                await self._process(position, entry, handler, pipelined=True)
                 queue.popleft()
         finally:
             if self._queues.get(key) is queue:
@@ -346,21 +356,57 @@ class PartitionCommands:
         await self._poison(position, entry, reason, attempts=0)
         self._done(position)
 
-    async def _process(self, position: int, entry: InboxEntry, handler: HandlerConfig) -> None:
+    async def _process(
+        self, position: int, entry: InboxEntry, handler: HandlerConfig, *, pipelined: bool = False
+    ) -> None:
         command_id = entry.envelope.message_id
         # The same command ID may be pending twice (a retried idempotency key):
-        # never handle both at once.
+        # never handle both at once, nor before the first is published.
         while (other := self._in_flight.get(command_id)) is not None:
             await other.wait()
-        finished = self._in_flight[command_id] = anyio.Event()
+        self._in_flight[command_id] = anyio.Event()
         try:
-            await self._process_once(position, entry, handler)
+            publication = await self._process_once(position, entry, handler)
+        except BaseException:
+            self._in_flight.pop(command_id).set()
+            raise
+        if publication is None:
+            self._in_flight.pop(command_id).set()
+            self._done(position)
+        elif pipelined:
+            assert self._tg is not None
+            self._tg.start_soon(self._complete, position, entry, handler, publication)
+        else:
+            await self._complete(position, entry, handler, publication)
+
+    async def _complete(
+        self, position: int, entry: InboxEntry, handler: HandlerConfig, publication: Publication
+    ) -> None:
+        """Finish a command whose events are queued: wait for them, then mark it done."""
+        command_id = entry.envelope.message_id
+        try:
+            first = await self._writer.wait(publication)
+            location = (first, len(publication.events))
+            self._completed.add(command_id, location)
+            if entry.keyed:
+                failures = 0
+                while True:
+                    try:
+                        await self._mark(command_id, location)
+                        break
+                    except PersistenceError as exc:
+                        failures += 1
+                        _log.warning("writing an idempotency marker failed, retrying: %s", exc)
+                        await anyio.sleep(backoff(failures, self._settings.retry_base_delay, 5.0))
+            _handled.add(1, {"handler": handler.identity.name})
         finally:
-            del self._in_flight[command_id]
-            finished.set()
+            self._in_flight.pop(command_id).set()
         self._done(position)
 
-    async def _process_once(self, position: int, entry: InboxEntry, handler: HandlerConfig) -> None:
+    async def _process_once(
+        self, position: int, entry: InboxEntry, handler: HandlerConfig
+    ) -> Publication | None:
+        """Handle a command (with retries); return its queued publication, if any."""
         command_id = entry.envelope.message_id
         log_context = {
             **_describe_handler(handler),
@@ -374,23 +420,21 @@ class PartitionCommands:
             try:
                 if await self._already_done(entry):
                     _log.debug("command already handled; skipping", extra=log_context)
-                    return
+                    return None
                 events = await self._execute(handler, entry, position)
-                location: _Location = None
                 if events:
-                    first = await self._writer.publish(command_id, events)
-                    location = (first, len(events))
-                self._completed.add(command_id, location)
+                    return self._writer.enqueue(command_id, events)
+                self._completed.add(command_id, None)
                 if entry.keyed:
-                    await self._mark(command_id, location)
+                    await self._mark(command_id, None)
                 _handled.add(1, {"handler": handler.identity.name})
-                return
+                return None
             except OwnershipLost:
                 raise
             except HandlerBug as exc:
                 _log.error("command poisoned: %s", exc, extra=log_context)
                 await self._poison(position, entry, str(exc), attempts=failures + 1)
-                return
+                return None
             except PersistenceError as exc:
                 storage_failures += 1
                 delay = backoff(storage_failures, self._settings.retry_base_delay, 5.0)
@@ -413,7 +457,7 @@ class PartitionCommands:
                     await self._poison(
                         position, entry, f"{type(exc).__name__}: {exc}", attempts=failures
                     )
-                    return
+                    return None
                 delay = backoff(
                     failures, self._settings.retry_base_delay, self._settings.retry_max_delay
                 )

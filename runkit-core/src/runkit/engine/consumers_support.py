@@ -48,6 +48,9 @@ class ConsumerOptions:
             stream checkpoint (checkpoints only bound redelivery after a
             restart; per-instance positions make redelivery harmless).
         compact_interval: Seconds between ``compact()`` calls per projection.
+        process_concurrency: Events one process consumer (handler, partition)
+            handles at once: each instance's events in order, different
+            instances concurrently. 1 handles the stream strictly in order.
         deadline_rescan_interval: Longest a deadline timer sleeps without
             re-reading the engine clock and its deadline journal. Deadlines
             appended by this node wake the timer at once; this bounds how late
@@ -59,6 +62,7 @@ class ConsumerOptions:
     max_attempts: int = attrs.field(default=8, validator=_positive)
     checkpoint_interval: float = attrs.field(default=1.0, validator=_positive)
     compact_interval: float = attrs.field(default=3600.0, validator=_positive)
+    process_concurrency: int = attrs.field(default=32, validator=_positive)
     deadline_rescan_interval: float = attrs.field(default=5.0, validator=_positive)
 
     @classmethod

@@ -22,6 +22,8 @@ ownership short and rare):
   once a write succeeds again.
 - ``leave()`` deletes the record (conditionally) so peers take over at their
   next read instead of waiting for expiry; ``run()`` calls it on the way out.
+  ``joined()`` wraps a block of work (the engine's applications) so that the
+  heartbeat outlives the block's wind-down and the node leaves after it.
 
 Clock skew: expiry is judged by each reader's clock against the writer's
 ``expires_at``. The one interval of margin above absorbs skew below one
@@ -34,8 +36,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -106,6 +108,7 @@ class _Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _decoder = msgspec.msgpack.Decoder(_Heartbeat)
+_ProgressField = dict[str, dict[int, dict[str, int]]]
 
 
 @attrs.frozen(kw_only=True)
@@ -216,6 +219,9 @@ class Membership:
             transport's peer checks.
         prune_after: Seconds after expiry when any node deletes a dead node's
             record (until then operators still see it in ``list_nodes``).
+        store_timeout: Seconds after which a heartbeat read or write is
+            abandoned (default: ``max(heartbeat_interval, 1.0)``); an abandoned
+            write that lands later is recognised as our own.
     """
 
     def __init__(
@@ -226,6 +232,7 @@ class Membership:
         progress: Callable[[], Progress] | None = None,
         tls_fingerprint: str | None = None,
         prune_after: float = 3600.0,
+        store_timeout: float | None = None,
     ) -> None:
         self._provider = provider
         self._node_id = settings.node_id
@@ -239,7 +246,7 @@ class Membership:
         self._progress = progress
         self._prune_after = timedelta(seconds=prune_after)
         # Store calls are abandoned after this, so a hung store cannot stall the view.
-        self._io_timeout = max(self._interval, 1.0)
+        self._io_timeout = max(self._interval, 1.0) if store_timeout is None else store_timeout
         self._incarnation = str(uuid.uuid4())
         self._started_at: datetime | None = None
         self._revision = ""
@@ -253,6 +260,7 @@ class Membership:
         self._generation = 0
         self._changed: anyio.Event | None = None
         self._state = "new"
+        self._joined = False
         self._left = False
         self._loop_scope: anyio.CancelScope | None = None
         self._write_failing = False
@@ -324,6 +332,7 @@ class Membership:
                     return
                 async with await self._provider.keyspaces.open(NODES_KEYSPACE) as ks:
                     await self._join(ks)
+                    self._joined = True
                     task_status.started()
                     fatal: NodeIdInUse | None = None
                     async with anyio.create_task_group() as tg:
@@ -378,6 +387,48 @@ class Membership:
                 extra=self._extra,
             )
 
+    @asynccontextmanager
+    async def joined(self) -> AsyncIterator[Membership]:
+        """Run the membership around a block of work: join, run the block, then leave.
+
+        Enters once this node has joined (as ``run()`` reports started). When
+        the block is cancelled, heartbeats go on while it winds down (flushes
+        what it committed) and the node leaves only when the block has exited,
+        so peers never take a partition that is still being flushed. If the
+        membership fails (``NodeIdInUse``), the block is cancelled and the
+        error raised from here.
+        """
+        fatal: list[NodeIdInUse] = []
+        failed: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def membership(*, task_status: TaskStatus[None]) -> None:
+                with scope:
+                    try:
+                        await self.run(task_status=task_status)
+                    except NodeIdInUse as exc:
+                        # Raised below, after the task group, so it is not wrapped in a group.
+                        fatal.append(exc)
+                        tg.cancel_scope.cancel()
+                        if not self._joined:
+                            task_status.started()
+
+            await tg.start(membership)
+            if not fatal:
+                # Outlive the caller's cancellation until the block has exited.
+                scope.shield = True
+                try:
+                    yield self
+                except Exception as exc:
+                    failed = exc  # re-raised below, unwrapped by the task group
+                finally:
+                    scope.cancel()
+        if fatal:
+            raise fatal[0]
+        if failed is not None:
+            raise failed
+
     # -- internals --
 
     @property
@@ -431,7 +482,10 @@ class Membership:
                 await anyio.sleep(self._interval)
                 continue
             self._revision = revision  # absent (""), expired, or unreadable: take it over
-            if await self._write(ks, now) and await self._read(ks, now):
+            if not await self._write(ks, now):
+                # Start again from a fresh read; leave() must not delete a record we never wrote.
+                self._revision = ""
+            elif await self._read(ks, now):
                 self._update(now)
                 _log.info(
                     "node %s joined the cluster: %d live node(s)",
@@ -467,10 +521,8 @@ class Membership:
         progress: dict[str, dict[int, dict[str, int]]] = {}
         if self._progress is not None and not self._oversized:
             try:
-                progress = {
-                    app: {int(p): dict(counters) for p, counters in parts.items()}
-                    for app, parts in self._progress().items()
-                }
+                # Checked, so a bad value cannot make our record unreadable to peers.
+                progress = msgspec.convert(self._progress(), _ProgressField)
                 self._progress_failing = False
             except Exception:
                 if not self._progress_failing:
@@ -618,7 +670,7 @@ class Membership:
     def _update(self, now: datetime) -> None:
         """Recompute the live set at *now*; bump the generation if it changed."""
         active = not self._left and self._fresh(now)
-        live = set(self._peers)
+        live = {n for n, r in self._peers.items() if r.is_live(now)}
         if active:
             live.add(self._node_id)
         live_set = frozenset(live)

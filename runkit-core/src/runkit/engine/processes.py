@@ -1,9 +1,12 @@
 """Process instances: routing, handling, the instance record and its outbox.
 
-One consumer runs per (process handler, owned partition). For each event of a
-routed type it reads from the partition stream, it:
+One consumer runs per (process handler, owned partition). It routes the events
+of routed types in stream order (``route_event_to_instance``; ``None`` =
+ignore), then hands each to a worker of its instance, so that one instance's
+events are handled in order and different instances concurrently (at most
+``process_concurrency`` events unfinished). For each event the worker:
 
-1. routes the event (``route_event_to_instance``; ``None`` = ignore);
+1. (routing, above);
 2. loads the instance record from ``<app>/process/<handler-key>``, first
    dispatching any outbox a crash left behind;
 3. skips the event if the instance has ended or already handled this stream
@@ -22,23 +25,26 @@ Every step can be repeated: produced commands have deterministic IDs (the
 commands side deduplicates by ID), a deadline fires only while its ID is in the
 record's pending list, and a record with a non-empty outbox is dispatched
 before it is used again. The stream checkpoint in ``<app>/checkpoints`` only
-bounds redelivery after a restart, so it is written in the background.
+bounds redelivery after a restart, so it is written in the background; it
+follows the lowest unfinished offset.
 
 Failures: a handler error is retried with capped backoff; after
 ``max_attempts`` attempts the message is recorded in the partition's
 event poison store (``<app>/event-poison/<p>``) and the consumer moves on.
 ``dogma.UnexpectedMessage``, an invalid produced message, a produced message of
-a type the handler has no route for, or an empty instance ID are bugs: they are
-poisoned at once. Deadlines (``deadlines.py``) are handled by the same code.
+a type the handler has no route for (or no enabled handler handles), or an
+empty instance ID are bugs: they are poisoned at once. Persistence errors are
+retried for ever. Deadlines (``deadlines.py``) are handled by the same code.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 import msgspec
@@ -46,7 +52,7 @@ import msgspec
 import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, RouteKind
-from ..persistence import Conflict, Keyspace, PersistenceError
+from ..persistence import Conflict, Keyspace, PersistenceError, Provider
 from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
 from .deadlines import (
     DeadlineEntry,
@@ -70,6 +76,7 @@ __all__ = [
     "checkpoint_key",
     "checkpoints_store_name",
     "event_poison_store_name",
+    "list_poisoned_events",
     "process_store_name",
 ]
 
@@ -152,7 +159,22 @@ class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(InstanceRecord)
+_poison_decoder = msgspec.msgpack.Decoder(PoisonedMessage)
 _int_decoder = msgspec.msgpack.Decoder(int)
+
+
+async def list_poisoned_events(
+    provider: Provider, app_key: str, partition: int
+) -> dict[str, PoisonedMessage]:
+    """What processes gave up on in a partition: events, deadlines and stuck outboxes.
+
+    Keyed as described at ``PoisonedMessage``; for operators' tools (the CLI).
+    """
+    name = event_poison_store_name(app_key, partition)
+    async with await provider.keyspaces.open(name) as store:
+        return {
+            key.decode(): _poison_decoder.decode(value) async for key, value, _ in store.range()
+        }
 
 
 # --- handler protocol and scopes ----------------------------------------------------
@@ -408,7 +430,13 @@ class ProcessRunner:
     # -- events --
 
     async def run(self, ctx: PartitionContext) -> None:
-        """Consume the partition stream for this handler until cancelled."""
+        """Consume the partition stream for this handler until cancelled.
+
+        Events are routed in stream order, one at a time; then each instance's
+        events are handled in order by a worker of that instance, up to
+        ``process_concurrency`` events in flight. The checkpoint never passes
+        an event that is not finished.
+        """
         app_key = self.app.identity.key
         async with (
             await ctx.provider.keyspaces.open(process_store_name(app_key, self.key)) as records,
@@ -418,37 +446,59 @@ class ProcessRunner:
             await checkpoint.load()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(checkpoint.save_periodically, self.options.checkpoint_interval)
+                queues = _InstanceQueues(
+                    tg,
+                    lambda instance_id, event: self._consume(ctx, records, instance_id, event),
+                    checkpoint,
+                    limit=self.options.process_concurrency,
+                )
                 events = ctx.stream.read(checkpoint.value)
                 try:
                     async for event in events:
                         if event.offset < checkpoint.value:
                             continue
+                        instance_id = None
                         if event.envelope.type_id in self.routed:
-                            await self._consume(ctx, records, event)
-                        checkpoint.value = event.offset + 1
+                            instance_id = await self._route(ctx, event)
+                        await queues.put(instance_id, event)
+                    await queues.join()  # the stream ended (test streams only)
                 finally:
                     await close_iterator(events)
                     # Best effort: a lagging checkpoint only means harmless redelivery.
                     with anyio.move_on_after(1, shield=True):
                         await checkpoint.save()
-                tg.cancel_scope.cancel()  # the stream ended (test streams only)
+                tg.cancel_scope.cancel()
 
-    async def _consume(self, ctx: PartitionContext, records: Keyspace, event: StreamEvent) -> None:
+    async def _route(self, ctx: PartitionContext, event: StreamEvent) -> str | None:
+        """The instance *event* goes to; ``None`` to ignore it (or if routing was poisoned)."""
+        routed: str | None = None
+
         async def attempt() -> None:
+            nonlocal routed
             instance_id = await self.handler.route_event_to_instance(event.message())
-            if instance_id is None:
-                return
-            if not isinstance(instance_id, str) or not instance_id:
+            if instance_id is not None and (not isinstance(instance_id, str) or not instance_id):
                 raise _Bug(
                     f"{self.config.describe()}: route_event_to_instance() returned "
                     f"{instance_id!r}; expected a non-empty str or None"
                 )
+            routed = instance_id
 
-            async def invoke(root: _Root, scope: _ProcessScope) -> None:
-                await self.handler.handle_event(
-                    root, cast(ProcessEventScope, scope), event.message()
-                )
+        await self._with_retries(
+            ctx,
+            attempt,
+            envelope=event.envelope,
+            poison_key=f"{self.key}/event/{event.stream_id}/{event.offset}",
+            stream=(event.stream_id, event.offset),
+        )
+        return routed
 
+    async def _consume(
+        self, ctx: PartitionContext, records: Keyspace, instance_id: str, event: StreamEvent
+    ) -> None:
+        async def invoke(root: _Root, scope: _ProcessScope) -> None:
+            await self.handler.handle_event(root, cast(ProcessEventScope, scope), event.message())
+
+        async def attempt() -> None:
             await self._handle(
                 ctx,
                 records,
@@ -467,6 +517,7 @@ class ProcessRunner:
             envelope=event.envelope,
             poison_key=f"{self.key}/event/{event.stream_id}/{event.offset}",
             stream=(event.stream_id, event.offset),
+            instance_id=instance_id,
         )
 
     # -- deadlines --
@@ -768,6 +819,71 @@ def _apply(
     )
 
 
+class _InstanceQueues:
+    """Runs each instance's events in order, different instances concurrently.
+
+    ``put`` blocks while *limit* events are unfinished (back-pressure on the
+    stream reader). The checkpoint follows the lowest unfinished offset, so a
+    restart redelivers every event that was not finished.
+    """
+
+    def __init__(
+        self,
+        tg: anyio.abc.TaskGroup,
+        consume: Callable[[str, StreamEvent], Awaitable[None]],
+        checkpoint: _Checkpoint,
+        *,
+        limit: int,
+    ) -> None:
+        self._tg = tg
+        self._consume = consume
+        self._checkpoint = checkpoint
+        self._slots = anyio.Semaphore(limit)
+        self._queues: dict[str, deque[StreamEvent]] = {}
+        self._unfinished: set[int] = set()
+        self._read = checkpoint.value  # next offset after the last event put
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    async def put(self, instance_id: str | None, event: StreamEvent) -> None:
+        """Queue *event* for *instance_id*; ``None`` marks it done at once (not handled)."""
+        self._read = event.offset + 1
+        if instance_id is None:
+            self._advance()
+            return
+        await self._slots.acquire()
+        if not self._unfinished:
+            self._idle = anyio.Event()
+        self._unfinished.add(event.offset)
+        queue = self._queues.get(instance_id)
+        if queue is not None:
+            queue.append(event)  # its worker is running and will get to it
+            return
+        self._queues[instance_id] = deque([event])
+        self._tg.start_soon(self._work, instance_id)
+
+    async def join(self) -> None:
+        """Wait until every queued event is finished."""
+        await self._idle.wait()
+
+    async def _work(self, instance_id: str) -> None:
+        queue = self._queues[instance_id]
+        while queue:
+            event = queue[0]
+            await self._consume(instance_id, event)
+            queue.popleft()
+            self._unfinished.discard(event.offset)
+            self._slots.release()
+            self._advance()
+        # No await since the last check: nothing was queued after it.
+        del self._queues[instance_id]
+
+    def _advance(self) -> None:
+        self._checkpoint.value = min(self._unfinished, default=self._read)
+        if not self._unfinished:
+            self._idle.set()
+
+
 class _Checkpoint:
     """A process consumer's stream offset, saved with conditional writes in the background."""
 
@@ -804,3 +920,9 @@ class _Checkpoint:
                 await self.save()
             except PersistenceError:
                 _log.warning("cannot save checkpoint %r; will retry", self._key, exc_info=True)
+
+
+if TYPE_CHECKING:
+    # Static proof that the scopes implement dogma's protocols.
+    _event_scope: type[dogma.ProcessEventScope[Any]] = ProcessEventScope
+    _deadline_scope: type[dogma.ProcessDeadlineScope[Any]] = ProcessDeadlineScope

@@ -327,3 +327,10 @@ async def reset_projection(
                 f"{config.describe()} does not support reset(): {exc}"
             ) from exc
     _log.info("%s: reset; rebuilding from offset 0", config.describe())
+
+
+if TYPE_CHECKING:
+    # Static proof that the scopes implement dogma's protocols.
+    _event_scope: type[dogma.ProjectionEventScope] = ProjectionEventScope
+    _compact_scope: type[dogma.ProjectionCompactScope] = ProjectionCompactScope
+    _reset_scope: type[dogma.ProjectionResetScope] = ProjectionResetScope

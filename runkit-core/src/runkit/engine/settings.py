@@ -76,7 +76,7 @@ class EngineSettings:
             their latest snapshot once the commands it covers are fully
             processed. Saves storage, but the history is then gone: a snapshot
             that no longer loads (root code changed incompatibly) leaves the
-            instance unrecoverable. Off by default (ADR 0003).
+            instance unrecoverable. Off by default (ADR 0004).
         inbox_batch_limit: Most commands in one inbox record (group commit).
         stream_batch_limit: Most events in one stream record.
         instance_cache_size: Aggregate instances kept in memory per partition.

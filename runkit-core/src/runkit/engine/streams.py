@@ -46,6 +46,7 @@ __all__ = [
     "EventBus",
     "OwnershipLost",
     "PartitionStream",
+    "Publication",
     "StreamEvent",
     "StreamRecord",
     "StreamTail",
@@ -297,7 +298,9 @@ async def read_tail(journal: Journal) -> StreamTail:
 
 
 @attrs.define
-class _Pending:
+class Publication:
+    """A command's events queued on a ``StreamWriter``."""
+
     command_id: str
     events: tuple[Envelope, ...]
     size: int
@@ -341,7 +344,7 @@ class StreamWriter:
         self._written_progress = tail.inbox_position
         self._progress = tail.inbox_position
         self._inbox_end = tail.inbox_position
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Publication] = deque()
         self._wake = anyio.Event()
         self._item_added = anyio.Event()
         self._failed: BaseException | None = None
@@ -366,13 +369,25 @@ class StreamWriter:
         Raises:
             OwnershipLost: another node wrote to the stream.
         """
+        return await self.wait(self.enqueue(command_id, events))
+
+    def enqueue(self, command_id: str, events: Sequence[Envelope]) -> Publication:
+        """Queue a command's events for the stream (in call order); see ``wait``."""
         if self._failed is not None:
             raise OwnershipLost("the partition stream writer has stopped") from self._failed
         size = sum(len(e.data) + len(e.description) + 256 for e in events)
-        item = _Pending(command_id, tuple(events), size)
+        item = Publication(command_id, tuple(events), size)
         self._queue.append(item)
         self._wake.set()
         self._item_added.set()
+        return item
+
+    async def wait(self, item: Publication) -> int:
+        """Wait until *item*'s events are durable; return the offset of the first.
+
+        Raises:
+            OwnershipLost: another node wrote to the stream.
+        """
         await item.done.wait()
         if item.error is not None:
             raise OwnershipLost("the partition stream writer has stopped") from item.error
@@ -419,7 +434,7 @@ class StreamWriter:
             await self._write_one()
 
     async def _write_one(self) -> None:
-        batch: list[_Pending] = []
+        batch: list[Publication] = []
         count = size = 0
         for item in self._queue:
             full = count + len(item.events) > self._batch_limit
