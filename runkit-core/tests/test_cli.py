@@ -107,3 +107,36 @@ def test_poison_refuses_a_store_the_app_never_ran_on(
     status, _ = run("poison", "list", "bank:app")
     assert status == 2
     assert "has never run on this store" in capsys.readouterr().err
+
+
+def test_nodes_lists_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    from runkit.engine.membership import Membership
+    from runkit.engine.settings import EngineSettings
+    from runkit_memory import MemoryProvider
+
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///cli-nodes")
+    settings = EngineSettings(advertise_address="node-1.internal:7000")
+
+    async def heartbeat_once() -> None:
+        provider = MemoryProvider("cli-nodes")
+        membership = Membership(provider, settings)
+        async with anyio.create_task_group() as tg:
+            await tg.start(membership.run)
+            status, text = await anyio.to_thread.run_sync(lambda: run("nodes"))
+            assert status == 0
+            assert str(settings.node_id) in text
+            assert "live" in text
+            assert "node-1.internal:7000" in text
+            assert text.rstrip().endswith("1 live node(s), 0 expired")
+            tg.cancel_scope.cancel()
+
+    anyio.run(heartbeat_once)
+
+
+def test_nodes_on_an_empty_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///cli-no-nodes")
+    status, text = run("nodes")
+    assert status == 0
+    assert text == "no nodes have heartbeat records in this store\n"

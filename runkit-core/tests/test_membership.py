@@ -43,7 +43,7 @@ from runkit.persistence import (
     Provider,
     SetStore,
 )
-from runkit.testing.faults import BEFORE, FaultPlan, FaultyProvider
+from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -624,8 +624,6 @@ async def test_leave_while_running_ends_run(silo: str, clock: FakeClock) -> None
 async def test_ambiguous_heartbeat_writes_are_recognised_as_our_own(
     silo: str, clock: FakeClock
 ) -> None:
-    from runkit.testing.faults import AFTER
-
     plan = FaultPlan(seed=3)
     plan.fail(AFTER, ops={"set"}, names=lambda n: n == NODES_KEYSPACE, every=3)
     async with anyio.create_task_group() as tg:

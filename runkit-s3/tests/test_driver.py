@@ -80,7 +80,9 @@ class Hooks:
 
     def __init__(self, session: boto3.Session) -> None:
         self.sent: list[tuple[str, str]] = []  # (operation, url)
-        self._rules: list[tuple[str, str, Callable[[AWSPreparedRequest], Any], list[int], int]] = []
+        self._rules: list[
+            tuple[str, str, Callable[[AWSPreparedRequest], Any], list[int], int, list[int]]
+        ] = []
         self._lock = threading.Lock()
         session.events.register("before-send.s3", self._before_send)  # type: ignore[arg-type]
 
@@ -90,8 +92,11 @@ class Hooks:
         operation = event_name.rsplit(".", 1)[-1]
         with self._lock:
             self.sent.append((operation, request.url))
-            for op, fragment, action, calls, times in self._rules:
+            for op, fragment, action, calls, times, skip in self._rules:
                 if op == operation and fragment in request.url and calls[0] < times:
+                    if skip[0]:
+                        skip[0] -= 1
+                        continue
                     calls[0] += 1
                     chosen = action
                     break
@@ -111,11 +116,12 @@ class Hooks:
         *,
         url_contains: str = "",
         times: int = 1,
+        skip: int = 0,
     ) -> list[int]:
-        """Run *action* for the next *times* matching requests; return a call counter."""
+        """Run *action* for *times* matching requests after *skip*; return a call counter."""
         calls = [0]
         with self._lock:
-            self._rules.append((operation, url_contains, action, calls, times))
+            self._rules.append((operation, url_contains, action, calls, times, [skip]))
         return calls
 
 
@@ -454,11 +460,15 @@ async def test_range_prefetches_across_batches_and_stops_at_a_truncation(
     assert [r async for r in journal.range(1)] == [(p, b"%d" % p) for p in range(1, 40)]
 
     seen = []
-    with pytest.raises(RecordNotFound) as info:
+
+    async def consume() -> None:
         async for position, _ in journal.range(0):
             seen.append(position)
             if position == 2:
                 await journal.truncate(20)  # overtakes the iteration
+
+    with pytest.raises(RecordNotFound) as info:
+        await consume()
     assert str(info.value) == "journal 'j': no record at position 3"
     assert seen == [0, 1, 2]
 
@@ -524,6 +534,36 @@ async def test_lost_response_of_a_conditional_write_is_ambiguous_and_not_retried
     with pytest.raises(Conflict):
         await journal.append(1, b"ours")
     assert await journal.get(1) == b"ours"
+
+
+async def test_append_that_cannot_be_confirmed_is_ambiguous(
+    provider: S3Provider, hooks: Hooks
+) -> None:
+    journal = await provider.journals.open("j")
+    # The append's second metadata read (the confirmation) fails.
+    denied = hooks.on(
+        "GetObject", lambda r: _error_response(r, 403, "AccessDenied"), url_contains="/m", skip=1
+    )
+    with pytest.raises(PersistenceError) as info:
+        await journal.append(0, b"r")
+    assert info.value.ambiguous
+    assert str(info.value).startswith(
+        "journal 'j': append at position 0 was written but could not be confirmed (S3 GetObject"
+    )
+    assert denied == [1]
+    assert await journal.get(0) == b"r"  # it was, in fact, appended
+
+
+async def test_try_remove_falls_back_to_the_real_etag(provider: S3Provider, hooks: Hooks) -> None:
+    set_ = await provider.sets.open("s")
+    await set_.add(b"m")
+    # As if the store's ETag of an empty object were not its MD5 (SSE-KMS).
+    refused = hooks.on("DeleteObject", lambda r: _error_response(r, 412, "PreconditionFailed"))
+    assert await set_.try_remove(b"m")
+    assert refused == [1]
+    assert hooks.count("HeadObject") == 1
+    assert not await set_.has(b"m")
+    assert not await set_.try_remove(b"m")
 
 
 async def test_server_error_on_a_conditional_write_is_ambiguous_and_not_retried(

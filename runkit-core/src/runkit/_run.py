@@ -18,7 +18,7 @@ from .engine.engine import Engine, MetaRecord, meta_name
 from .engine.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .persistence import Provider, provider_from_url, redact_url
 
-__all__ = ["poison_command", "run_node"]
+__all__ = ["nodes_command", "poison_command", "run_node"]
 
 
 def _application(spec: str) -> Any:
@@ -156,5 +156,48 @@ def poison_command(spec: str, action: str, command_id: str | None, *, out: TextI
         finally:
             with anyio.CancelScope(shield=True):
                 await provider.close()
+
+    return anyio.run(go)
+
+
+def nodes_command(*, out: TextIO) -> int:
+    """``runkit nodes``: the heartbeat records in the store, live or expired."""
+    from datetime import UTC, datetime
+
+    from .engine.membership import list_nodes
+
+    env = ENVIRONMENT.load()
+    if env.persistence_url is None:
+        raise CLIError("set DOGMA_PERSISTENCE_URL to the store the nodes use")
+    url = env.persistence_url
+
+    async def go() -> int:
+        provider = provider_from_url(url)
+        try:
+            records = await list_nodes(provider)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await provider.close()
+        if not records:
+            out.write("no nodes have heartbeat records in this store\n")
+            return 0
+        now = datetime.now(UTC)
+        rows: list[tuple[str, ...]] = [("node", "state", "address", "started", "last heartbeat")]
+        for r in records:
+            state = "live" if r.is_live(now) else "expired"
+            age = f"{(now - r.written_at).total_seconds():.1f}s ago"
+            rows.append(
+                (
+                    str(r.node_id),
+                    state,
+                    r.advertise_address or "-",
+                    r.started_at.isoformat(timespec="seconds"),
+                    age,
+                )
+            )
+        _table(rows, out)
+        live = sum(1 for r in records if r.is_live(now))
+        out.write(f"{live} live node(s), {len(records) - live} expired\n")
+        return 0
 
     return anyio.run(go)

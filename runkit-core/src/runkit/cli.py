@@ -3,6 +3,7 @@
     runkit env                      document the DOGMA_* variables and validate the environment
     runkit drivers                  list installed persistence drivers and their URL schemes
     runkit run MODULE:ATTR          run a node for the application object at MODULE:ATTR
+    runkit nodes                    list the nodes' heartbeat records in the store
     runkit poison list MODULE:ATTR  list poisoned commands (also: show ID, requeue ID)
 
 Exit status: 0 on success, 1 on a runtime failure, 2 on a usage or configuration
@@ -101,6 +102,12 @@ def _cmd_poison(args: argparse.Namespace, out: TextIO) -> int:
     return poison_command(args.app, args.action, getattr(args, "command_id", None), out=out)
 
 
+def _cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
+    from ._run import nodes_command
+
+    return nodes_command(out=out)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runkit", description="Run and operate runkit nodes for Dogma applications."
@@ -122,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=("asyncio", "trio"), default="asyncio", help="async event loop"
     )
     p.set_defaults(fn=_cmd_run)
+    p = sub.add_parser("nodes", help="list the nodes' heartbeat records (live and expired)")
+    p.set_defaults(fn=_cmd_nodes)
     p = sub.add_parser("poison", help="list, show or requeue poisoned commands")
     psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = psub.add_parser("list", help="list poisoned commands")
