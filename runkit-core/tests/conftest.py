@@ -19,16 +19,14 @@ import pytest
 
 try:
     from runkit_postgres.testing.pytest_plugin import (
-        postgres_dsn as postgres_dsn,
-    )
-    from runkit_postgres.testing.pytest_plugin import (
-        postgres_schema as postgres_schema,
-    )
-    from runkit_postgres.testing.pytest_plugin import (
-        postgres_server as postgres_server,
+        postgres_dsn,
+        postgres_schema,
+        postgres_server,
     )
 except ImportError:  # the PostgreSQL driver is not installed: its tests skip
     pass
+else:
+    __all__ = ["postgres_dsn", "postgres_schema", "postgres_server"]
 
 TESTS = Path(__file__).parent
 

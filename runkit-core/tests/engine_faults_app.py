@@ -190,6 +190,11 @@ class Review(dogma.Deadline):
     n: int
 
 
+# Decoding stored envelopes (``to_message``) needs the types even in a process
+# that runs no engine, such as a test reading the stores a node left behind.
+register_types(REGISTRY)
+
+
 # -- handlers ------------------------------------------------------------------------------
 
 
@@ -277,8 +282,9 @@ class LoyaltyRoot:
 class Loyalty:
     """Points per deposit, a review every second deposit; ends when the account leaves."""
 
-    def __init__(self, *, disabled: bool = False) -> None:
+    def __init__(self, *, delay: float = 0.0, disabled: bool = False) -> None:
         self.disabled = disabled
+        self._delay = delay
 
     def configure(self, c: Any) -> None:
         c.identity("loyalty", LOYALTY_KEY)
@@ -300,6 +306,8 @@ class Loyalty:
         return event.account
 
     async def handle_event(self, root: LoyaltyRoot, scope: Any, event: dogma.Event) -> None:
+        if self._delay:
+            await anyio.sleep(self._delay)
         if isinstance(event, Left):
             scope.end()
             return
@@ -410,7 +418,8 @@ class BankApp:
     """The test application.
 
     *disabled* names handlers (``loyalty``, ``counter``) to disable, so that
-    events pile up for a later catch-up; *projection_delay* slows the projection.
+    events pile up for a later catch-up; *projection_delay* and *process_delay*
+    slow those handlers down (seconds per event).
     """
 
     def __init__(
@@ -419,10 +428,11 @@ class BankApp:
         *,
         disabled: Iterable[str] = (),
         projection_delay: float = 0.0,
+        process_delay: float = 0.0,
     ) -> None:
         off = frozenset(disabled)
         self.accounts = Accounts()
-        self.loyalty = Loyalty(disabled="loyalty" in off)
+        self.loyalty = Loyalty(delay=process_delay, disabled="loyalty" in off)
         self.statements = Statements()
         self.counter = CounterProjection(
             provider, delay=projection_delay, disabled="counter" in off

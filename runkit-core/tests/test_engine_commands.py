@@ -670,3 +670,24 @@ async def test_instance_journals_are_truncated_below_snapshots_when_enabled() ->
         await wait_until(lambda: len(s.accounts.calls) == 13)
         check_invariants(await settled(provider))
     assert s.accounts.calls[-1] == ("acc", "t12", 12)
+
+
+async def test_idempotency_markers_expire_after_the_retention_period() -> None:
+    from runkit.engine.commands import idempotency_name
+
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config, idempotency_retention=0.05) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc", 1, "k"), idempotency_key="k")
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+        await settled(provider)
+        markers = await provider.keyspaces.open(idempotency_name(APP_KEY))
+        key = str(uuid.uuid5(uuid.UUID(APP_KEY), "k")).encode()
+        assert await markers.has(key)
+        await wait_until(lambda: _not(markers.has(key)))
+        await markers.close()
+
+
+async def _not(check: Any) -> bool:
+    return not await check

@@ -22,6 +22,7 @@ from engine_commands_harness import (
     running,
     settled,
     setup,
+    wait_until,
 )
 
 
@@ -150,3 +151,67 @@ async def test_engines_stopped_at_random_points_lose_and_duplicate_nothing(trunc
     for key in accepted:
         command_id = str(uuid.uuid5(uuid.UUID(APP_KEY), key))
         assert len(stores.events_of(command_id)) == 1, f"{key} lost or duplicated"
+
+
+async def test_two_nodes_with_membership_share_partitions_and_fail_over() -> None:
+    from engine_commands_harness import FAST
+
+    from runkit.engine.engine import Engine
+    from runkit.engine.membership import Membership, list_nodes
+    from runkit.engine.settings import EngineSettings
+
+    s = setup()
+    inner = MemoryProvider(f"nodes-{uuid.uuid4()}")
+
+    def node() -> Engine:
+        settings = EngineSettings(
+            applications=(s.config,),
+            persistence_provider=MemoryProvider(inner.silo),
+            heartbeat_interval=0.05,
+            **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
+        )
+        engine = Engine.from_settings(settings)
+        engine.use_ownership(
+            lambda provider: Membership(provider, settings, progress=engine.progress)
+        )
+        return engine
+
+    one, two = node(), node()
+    async with anyio.create_task_group() as tg:
+        scope_two = anyio.CancelScope()
+
+        async def run_two() -> None:
+            with scope_two:
+                await two.run()
+
+        tg.start_soon(one.run)
+        tg.start_soon(run_two)
+        executors = [one.executor_for(s.app), two.executor_for(s.app)]
+        for i in range(40):
+            await _execute_until_accepted(
+                executors[i % 2], Deposit(f"a{i % 6}", 1, f"r{i}"), f"d{i}"
+            )
+        await wait_until(lambda: {ref for _, ref, _ in s.accounts.calls} >= refs(40), timeout=30)
+        rt_one, rt_two = await one.runtime(APP_KEY), await two.runtime(APP_KEY)
+        # Rendezvous split the partitions between the two live nodes.
+        await wait_until(lambda: len(rt_one.partitions) + len(rt_two.partitions) == 8)
+        assert rt_one.partitions
+        assert rt_two.partitions
+        # Node two leaves: node one takes its partitions and handles what follows.
+        scope_two.cancel()
+        for i in range(40, 60):
+            await _execute_until_accepted(executors[0], Deposit(f"a{i % 6}", 1, f"r{i}"), f"d{i}")
+        stores = await settled(inner, timeout=30)
+        assert len(rt_one.partitions) == 8
+        progress = one.progress()[APP_KEY]
+        assert sum(p["stream_end"] for p in progress.values()) == 60
+        assert all(p["pending"] == 0 for p in progress.values())
+        published = {n.node_id: n.progress for n in await list_nodes(inner)}
+        assert published[one.settings.node_id]  # heartbeats carry it
+        tg.cancel_scope.cancel()
+    check_invariants(stores)
+    assert {ref for _, ref, _ in s.accounts.calls} == refs(60)
+
+
+def refs(n: int) -> set[str]:
+    return {f"r{i}" for i in range(n)}

@@ -31,7 +31,6 @@ from engine_faults_app import (
     check_complete,
     check_safety,
     execute_all,
-    read_stores,
     running,
     settle,
     workload,
@@ -115,8 +114,10 @@ async def test_invariants_hold_with_faults_everywhere(seed: int) -> None:
 
     await run_scenario(plan, seed=seed)
 
+    # Checkpoints are written about once a second: a run may see none fail.
     for store, (marker, _) in STORES.items():
-        assert _injected(plan, marker), f"no fault was injected into {store}"
+        if store != "checkpoints":
+            assert _injected(plan, marker), f"no fault was injected into {store}"
 
 
 async def test_two_engines_sharing_partitions_under_faults() -> None:
@@ -148,7 +149,7 @@ async def test_checker_detects_tampered_stores() -> None:
     check_safety(stores)
     check_complete(stores, acknowledged)
 
-    def fails(damage: Callable[[Stores], None], check: Callable[[Stores], None]) -> None:
+    def fails(damage: Callable[[Stores], object], check: Callable[[Stores], None]) -> None:
         damaged = copy.deepcopy(stores)
         damage(damaged)
         with pytest.raises(AssertionError):

@@ -215,6 +215,8 @@ async def test_first_open_provisions_lazily(
     # Once per provider: HeadBucket (404), CreateBucket; then nothing more.
     assert hooks.count("HeadBucket") == 1
     assert hooks.count("CreateBucket") == 1
+    # Path-style addressing with a custom endpoint: the bucket is in the path.
+    assert all(url.startswith(f"{moto_server.endpoint}/{bucket}") for _, url in hooks.sent)
 
 
 async def test_bucket_is_created_in_the_configured_region(

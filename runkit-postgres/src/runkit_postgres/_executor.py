@@ -41,6 +41,9 @@ _log = logging.getLogger("runkit_postgres")
 #: Attempts of a read, or of a write that certainly did not reach the server.
 _MAX_ATTEMPTS: Final = 3
 _BACKOFF_SECONDS: Final = 0.05
+#: How long a cancelled call waits for the server to acknowledge the cancel
+#: request, and then for the statement to end.
+_CANCEL_TIMEOUT: Final = 10.0
 
 # SQLSTATEs after which the same call may succeed: the statement was rolled
 # back (serialization failure, deadlock, lock or statement timeout, shortage
@@ -152,9 +155,9 @@ class Executor:
                     stale_cancel = call.cancel_sent and not canceled
                     waiter = call.waiter
                 if stale_cancel and not conn.closed:
-                    # The statement finished before the cancel arrived; the
-                    # signal might still hit the next statement, so the
-                    # connection is not reused.
+                    # The statement finished before the cancel arrived (or the
+                    # cancel request failed); a late signal could hit the next
+                    # statement, so the connection is not reused.
                     conn.close()
                 if waiter is not None:
                     waiter.set()
@@ -170,13 +173,16 @@ class Executor:
                 # ``abandoned`` and give up without touching the server), or
                 # already done with its connection.
                 return
-            call.cancel_sent = True
+            call.cancel_sent = True  # whatever happens, the worker will not reuse conn
             try:
-                conn.cancel_safe(timeout=10.0)
-            except Exception:  # the worker then closes the connection instead
+                conn.cancel_safe(timeout=_CANCEL_TIMEOUT)
+            except Exception:
+                # The statement may run on; waiting for it could take forever.
                 _log.warning("could not cancel a statement server-side", exc_info=True)
+                return
             waiter = call.waiter = threading.Event()
-        waiter.wait()
+        if not waiter.wait(_CANCEL_TIMEOUT):
+            _log.warning("a cancelled statement did not end within %ss", _CANCEL_TIMEOUT)
 
     async def run(self, operation: Operation[T], *, what: str, write: bool) -> T:
         """Run *operation* with a pooled connection in a worker thread.
@@ -201,7 +207,7 @@ class Executor:
                 raise
             except (psycopg.Error, PoolTimeout) as exc:
                 error = self.translate(exc, what=what, write=write, sent=call.sent)
-                if not self._should_retry(exc, error, write=write, attempt=attempt):
+                if not self._should_retry(exc, error, attempt=attempt):
                     raise error from None
                 _log.info("retrying after a transient error (attempt %d): %s", attempt, error)
             attempt += 1
@@ -209,9 +215,7 @@ class Executor:
             await anyio.sleep(random.uniform(0, _BACKOFF_SECONDS * 2**attempt))
 
     @staticmethod
-    def _should_retry(
-        exc: BaseException, error: PersistenceError, *, write: bool, attempt: int
-    ) -> bool:
+    def _should_retry(exc: BaseException, error: PersistenceError, *, attempt: int) -> bool:
         if attempt >= _MAX_ATTEMPTS or not error.retryable or error.ambiguous:
             return False
         if isinstance(exc, PoolTimeout | PoolClosed):

@@ -186,12 +186,20 @@ def _create_client(settings: S3Settings, session: boto3.Session, pool: int) -> S
             raise PersistenceError(
                 f"cannot assume role {settings.role_arn!r}: no source AWS credentials found"
             )
-        sts_creator = functools.partial(
-            session.client,
-            region_name=region,
-            endpoint_url=settings.endpoint_url,
-            config=Config(retries={"mode": "standard", "max_attempts": _MAX_ATTEMPTS}),
-        )
+        sts_config = Config(retries={"mode": "standard", "max_attempts": _MAX_ATTEMPTS})
+
+        def sts_creator(service: str, **kwargs: Any) -> Any:
+            # Called on first use and on every refresh, from whichever worker
+            # thread needs credentials: take the session lock like any creation.
+            with _creating:
+                return session.client(
+                    service,  # type: ignore[call-overload]
+                    region_name=region,
+                    endpoint_url=settings.endpoint_url,
+                    config=sts_config,
+                    **kwargs,
+                )
+
         fetcher = AssumeRoleCredentialFetcher(
             client_creator=sts_creator,
             source_credentials=source,

@@ -206,7 +206,7 @@ class S3Provider(Provider):
                         raise PersistenceError(f"{self!r} is closed")
                     s3 = self._s3 = S3Objects(client, self._settings.bucket, self._limiter)
         s3._guard(
-            "CreateBucket",
+            "HeadBucket/CreateBucket",
             "",
             lambda: self._provisioner.ensure(s3.client, self._settings.bucket),
         )

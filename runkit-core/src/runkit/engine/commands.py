@@ -38,10 +38,10 @@ from opentelemetry import metrics
 import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, HandlerKind
-from ..persistence import Journal, Keyspace, PersistenceError, Provider
+from ..persistence import Conflict, Journal, Keyspace, PersistenceError, Provider
 from ._handling import backoff
 from .aggregates import AggregateInstances
-from .envelope import Envelope, to_message
+from .envelope import Envelope, closing_iter, to_message
 from .inbox import InboxEntry, InboxRecord, InboxWriter, read_inbox
 from .integrations import execute_integration
 from .partitions import instance_workload, partition_of
@@ -62,6 +62,7 @@ __all__ = [
     "PartitionCommands",
     "command_id_for",
     "idempotency_name",
+    "prune_idempotency",
 ]
 
 _log = logging.getLogger("runkit.engine.commands")
@@ -102,8 +103,30 @@ class IdempotencyMarker(msgspec.Struct, frozen=True, kw_only=True):
     count: int = 0
 
 
-_marker_encoder = msgspec.msgpack.Encoder()
 _marker_decoder = msgspec.msgpack.Decoder(IdempotencyMarker)
+
+
+async def prune_idempotency(provider: Provider, app_key: str, older_than: datetime) -> int:
+    """Delete idempotency markers completed before *older_than*; return how many.
+
+    After this, a command re-submitted with one of those keys may execute
+    again: the retention period bounds how late a caller may safely retry.
+    """
+    pruned = 0
+    ks = await provider.keyspaces.open(idempotency_name(app_key))
+    async with ks, closing_iter(ks.range()) as markers:
+        async for key, value, revision in markers:
+            if _marker_decoder.decode(value).completed_at >= older_than:
+                continue
+            try:
+                await ks.set(key, b"", revision)
+                pruned += 1
+            except Conflict:
+                pass  # re-marked meanwhile: keep it
+    return pruned
+
+
+_marker_encoder = msgspec.msgpack.Encoder()
 
 # Where a completed command's events are on the stream: (first offset, count).
 _Location = tuple[int, int] | None
@@ -248,6 +271,15 @@ class PartitionCommands:
         # Every stream record this owner writes must say it has read the whole
         # inbox as of takeover (see streams.read_tail).
         writer.set_progress(tail.inbox_position, inbox_end)
+
+    def progress(self) -> dict[str, int]:
+        """Counters for operators: stream end, inbox positions, commands in memory."""
+        return {
+            "stream_end": self._writer.next_offset,
+            "inbox_position": self._writer.written_progress,
+            "inbox_read": self._read_end,
+            "pending": self._pending,
+        }
 
     def notify(self, position: int, record: InboxRecord) -> None:
         """Hear of an inbox record appended by this node's ``InboxWriter``."""

@@ -142,9 +142,19 @@ class DeadlineTimer:
         """Load the journal, then fire deadlines as they fall due, until cancelled."""
         name = deadline_journal_name(self._ctx.app.identity.key, self._ctx.index)
         async with await self._ctx.provider.journals.open(name) as journal:
-            bounds = await journal.bounds()
-            self._begin = self._cursor = bounds.begin
-            await self._read(journal)
+            failures = 0
+            while True:
+                try:
+                    bounds = await journal.bounds()
+                    self._begin = self._cursor = bounds.begin
+                    await self._read(journal)
+                    break
+                except PersistenceError:
+                    failures += 1
+                    _log.warning("deadline journal %r: cannot load; retrying", name, exc_info=True)
+                    self._heap.clear()
+                    self._remaining.clear()
+                    await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
             task_status.started()
             failures = 0
             while True:

@@ -19,7 +19,7 @@ import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -30,7 +30,7 @@ from .._errors import ConfigurationError
 from ..config import ApplicationConfig
 from ..persistence import Conflict, PersistenceError, Provider, provider_from_url
 from .aggregates import AggregateInstances
-from .commands import Acceptor, PartitionCommands, idempotency_name
+from .commands import Acceptor, PartitionCommands, idempotency_name, prune_idempotency
 from .envelope import Envelope, register_types
 from .inbox import EngineStopped, InboxWriter, inbox_name
 from .ownership import Ownership, SingleNodeOwnership
@@ -174,7 +174,25 @@ class AppRuntime:
                 tg.start_soon(runner.run)
                 if self._consumers is not None:
                     await tg.start(self._consumers.run_node, self._node_context())
+                if s.idempotency_retention is not None:
+                    tg.start_soon(self._prune_markers, s.idempotency_retention)
                 task_status.started()
+
+    async def _prune_markers(self, retention: float) -> None:
+        # One node prunes: the owner of partition 0 (ownership moves it on failover).
+        first = partition_id(self.app_key, 0)
+        while True:
+            await anyio.sleep(min(3600.0, retention / 4))
+            if not self.ownership.owns(first):
+                continue
+            cutoff = self.settings.clock() - timedelta(seconds=retention)
+            try:
+                pruned = await prune_idempotency(self.provider, self.app_key, cutoff)
+            except PersistenceError as exc:
+                _log.warning("pruning idempotency markers failed: %s", exc)
+                continue
+            if pruned:
+                _log.info("pruned %d idempotency markers", pruned, extra={"app": self.app_key})
 
     def _node_context(self) -> NodeContext:
         return NodeContext(
@@ -367,6 +385,19 @@ class Engine:
         if self._state != "new":
             raise RuntimeError("ownership can only be changed before run()")
         self._ownership_source = ownership
+
+    def progress(self) -> dict[str, dict[int, dict[str, int]]]:
+        """Per application key, per owned partition: progress counters for operators.
+
+        The shape of ``membership.Progress`` (pass ``progress=engine.progress``
+        to ``Membership`` to publish it with the heartbeat): ``stream_end``,
+        ``inbox_position`` (durably fully processed), ``inbox_read`` and
+        ``pending`` (commands in memory).
+        """
+        return {
+            key: {index: p.progress() for index, p in list(rt.partitions.items())}
+            for key, rt in self._runtimes.items()
+        }
 
     def _resolve_ownership(self, provider: Provider) -> Ownership:
         source = self._ownership_source

@@ -435,8 +435,26 @@ class ProcessRunner:
         Events are routed in stream order, one at a time; then each instance's
         events are handled in order by a worker of that instance, up to
         ``process_concurrency`` events in flight. The checkpoint never passes
-        an event that is not finished.
+        an event that is not finished. A persistence error outside handling
+        (loading the checkpoint, reading the stream) restarts the consumer
+        from its stored checkpoint after a backoff.
         """
+        failures = 0
+        while True:
+            try:
+                await self._run_once(ctx)
+                return
+            except PersistenceError:
+                failures += 1
+                _log.warning(
+                    "%s on partition %d: persistence error; restarting the consumer",
+                    self.config.describe(),
+                    ctx.index,
+                    exc_info=True,
+                )
+                await sleep_backoff(self.options, failures)
+
+    async def _run_once(self, ctx: PartitionContext) -> None:
         app_key = self.app.identity.key
         async with (
             await ctx.provider.keyspaces.open(process_store_name(app_key, self.key)) as records,
@@ -466,7 +484,10 @@ class ProcessRunner:
                     await close_iterator(events)
                     # Best effort: a lagging checkpoint only means harmless redelivery.
                     with anyio.move_on_after(1, shield=True):
-                        await checkpoint.save()
+                        try:
+                            await checkpoint.save()
+                        except PersistenceError:
+                            _log.info("final checkpoint save failed", exc_info=True)
                 tg.cancel_scope.cancel()
 
     async def _route(self, ctx: PartitionContext, event: StreamEvent) -> str | None:

@@ -35,6 +35,7 @@ import attrs
 import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, HandlerKind, RouteKind
+from ..persistence import PersistenceError
 from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
 
 if TYPE_CHECKING:
@@ -175,9 +176,25 @@ async def run_projection(
     After a ``reset`` (signalled through *control*) delivery starts again from
     the handler's checkpoint.
     """
+    failures = 0
     while True:
-        async with control.delivering():
-            await _deliver(ctx, config, options=options, serialise=serialise)
+        failed = False
+        async with control.delivering():  # exits normally when a reset cancels it
+            try:
+                await _deliver(ctx, config, options=options, serialise=serialise)
+                return
+            except PersistenceError:
+                # Reading the stream failed: start again from the handler's checkpoint.
+                failures += 1
+                failed = True
+                _log.warning(
+                    "%s on partition %d: persistence error; restarting delivery",
+                    config.describe(),
+                    ctx.index,
+                    exc_info=True,
+                )
+        if failed:
+            await sleep_backoff(options, failures)
 
 
 async def _deliver(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import attrs
 
@@ -35,6 +36,11 @@ class Site:
 def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+def _positive_or_none(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not (isinstance(value, int | float) and value > 0):
+        raise ValueError(f"{attribute.name} must be positive or None, got {value!r}")
 
 
 def _at_least_one(_: object, attribute: attrs.Attribute[int], value: int) -> None:
@@ -77,6 +83,10 @@ class EngineSettings:
             processed. Saves storage, but the history is then gone: a snapshot
             that no longer loads (root code changed incompatibly) leaves the
             instance unrecoverable. Off by default (ADR 0004).
+        idempotency_retention: Seconds an idempotency marker is kept after its
+            command completed (``None``: forever). A command re-submitted with
+            the same key after that may execute again. The owner of partition 0
+            prunes markers every ``min(1 h, retention / 4)``.
         inbox_batch_limit: Most commands in one inbox record (group commit).
         stream_batch_limit: Most events in one stream record.
         instance_cache_size: Aggregate instances kept in memory per partition.
@@ -100,6 +110,9 @@ class EngineSettings:
     retry_max_delay: float = attrs.field(default=30.0, validator=_positive)
     snapshot_every: int = attrs.field(default=100, validator=_at_least_one)
     truncate_aggregate_journals: bool = False
+    idempotency_retention: float | None = attrs.field(
+        default=7 * 24 * 3600.0, validator=_positive_or_none
+    )
     inbox_batch_limit: int = attrs.field(default=500, validator=_at_least_one)
     stream_batch_limit: int = attrs.field(default=1000, validator=_at_least_one)
     instance_cache_size: int = attrs.field(default=10_000, validator=_at_least_one)

@@ -350,6 +350,11 @@ class StreamWriter:
         self._failed: BaseException | None = None
 
     @property
+    def next_offset(self) -> int:
+        """The stream offset the next durable event will get."""
+        return self._offset
+
+    @property
     def written_progress(self) -> int:
         """The inbox position recorded in the last durable record."""
         return self._written_progress

@@ -24,6 +24,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -45,6 +46,23 @@ FAST_SETTINGS: Final[Mapping[str, str]] = {
     "synchronous_commit": "off",
     "full_page_writes": "off",
 }
+
+
+# Run by a watchdog process: when the launching process exits for any reason
+# (even SIGKILL, which skips fixture teardown), the pipe on stdin reaches EOF,
+# and the watchdog stops the server and deletes its files.
+_WATCHDOG = """
+import os, shutil, subprocess, sys
+pg_ctl, directory, as_root = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+sys.stdin.buffer.read()
+data = os.path.join(directory, "data")
+if os.path.exists(os.path.join(data, "postmaster.pid")):
+    command = [pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"]
+    if as_root:
+        command = ["runuser", "-u", "postgres", "--", *command]
+    subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+shutil.rmtree(directory, ignore_errors=True)
+"""
 
 
 def unique_schema(prefix: str = "t") -> str:
@@ -114,6 +132,7 @@ class PostgresServer:
         self._use_environment = use_environment
         self._dir: Path | None = None
         self._bindir: Path | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self.host = "127.0.0.1"
         self.port = 0
         self.dsn = ""
@@ -157,6 +176,18 @@ class PostgresServer:
         self._dir = Path(tempfile.mkdtemp(prefix="runkit-pg-"))
         if os.geteuid() == 0:
             shutil.chown(self._dir, "postgres", "postgres")
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WATCHDOG,
+                str(self._bindir / "pg_ctl"),
+                str(self._dir),
+                "1" if os.geteuid() == 0 else "0",
+            ],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C to our process group must not kill it first
+        )
         try:
             subprocess.run(
                 self._command(
