@@ -19,6 +19,10 @@ nox.options.reuse_existing_virtualenvs = True
 
 if shutil.which("pyenv") and "PYENV_VERSION" not in os.environ:
     os.environ["PYENV_VERSION"] = "3.11.7:3.12.1:3.13.0"
+# Use the machine's interpreters; never download one (our machines have no
+# internet beyond the package registries).
+os.environ.setdefault("UV_PYTHON_DOWNLOADS", "never")
+os.environ.setdefault("UV_PYTHON_PREFERENCE", "only-system")
 
 PYTHONS = ["3.11", "3.12", "3.13"]
 BACKENDS = {

@@ -40,7 +40,7 @@ from engine_faults_app import (
 STORES: dict[str, tuple[str, frozenset[str]]] = {
     "inbox": ("/inbox/", frozenset({"append"})),
     "stream": ("/stream/", frozenset({"append"})),
-    "aggregate": ("/aggregate/", frozenset({"append"})),
+    "aggregate": ("/aggregate/", frozenset({"append", "truncate"})),
     "snapshot": ("/snapshot/", frozenset({"set"})),
     "process": ("/process/", frozenset({"set"})),
     "deadlines": ("/deadlines/", frozenset({"append", "truncate"})),
@@ -59,7 +59,12 @@ def _names(marker: str) -> Callable[[str], bool]:
 async def run_scenario(
     plan: FaultPlan, seed: int, *, count: int = COMMANDS, **settings: object
 ) -> tuple[Stores, list[str]]:
-    """Run the workload through two engines in turn on one faulty store; return it settled."""
+    """Run the workload through two engines in turn on one faulty store; return it settled.
+
+    Aggregate journals are truncated below their snapshots (an opt-in engine
+    setting), so truncation runs under the faults too.
+    """
+    settings = {"truncate_aggregate_journals": True, **settings}
     silo = f"faults-{uuid.uuid4()}"
     commands = workload(seed, count)
     first, second = commands[: count // 2], commands[count // 2 :]

@@ -761,3 +761,39 @@ async def test_strictly_ordered_when_process_concurrency_is_one() -> None:
         await wait_until(lambda: len(order) == 10)
         assert order == list(range(10))
         tg.cancel_scope.cancel()
+
+
+async def test_checkpoint_never_passes_an_event_waiting_for_a_slot() -> None:
+    p = Process()
+    gates = {"a": anyio.Event(), "b": anyio.Event()}
+    original = p.handle_event
+
+    async def handle(root: Root, scope: Any, event: dogma.Event) -> None:
+        assert isinstance(event, Step)
+        await gates[event.id].wait()
+        await original(root, scope, event)
+
+    p.handle_event = handle  # type: ignore[method-assign]
+    options = attrs.evolve(OPTIONS, process_concurrency=1)
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        key = checkpoint_key(PROC_KEY, h.streams[0].stream_id)
+
+        async def saved() -> int:
+            async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
+                data, _ = await ks.get(key)
+            return msgspec.msgpack.decode(data) if data else 0
+
+        await h.publish(Step("a", 0), Step("b", 1))
+        consumers = partition_consumers(h.app, h.settings, options=options)
+        await tg.start(consumers.run_partition, h.ctx(0))
+        await anyio.sleep(0.02)  # b waits for a's slot
+        gates["a"].set()
+        await wait_until(lambda: _eq(saved(), 1))
+        await anyio.sleep(0.05)  # several checkpoint intervals
+        assert await saved() == 1  # not 2: b is not handled yet
+        gates["b"].set()
+        await wait_until(lambda: _eq(saved(), 2))
+        tg.cancel_scope.cancel()

@@ -707,13 +707,13 @@ class ProcessRunner:
     ) -> tuple[InstanceRecord, str]:
         """Send the outbox, then clear it; returns the record as stored afterwards.
 
-        The handling is committed, so the outbox is never dropped. Persistence
-        errors are retried for ever. Other errors (``accept`` refusing a
-        command, e.g. an aggregate's ``route_command_to_instance`` raising)
-        are retried ``max_attempts`` times; then the outbox stays in the record
-        (to be dispatched again whenever the instance is next loaded, and kept by
-        later commits), the problem is recorded in the event poison store, and
-        the consumer moves on instead of stalling every other instance.
+        The handling is committed, so the outbox is never dropped and dispatch
+        is retried until it succeeds (with capped backoff), holding up only
+        this instance: other instances have their own workers. After
+        ``max_attempts`` failures other than persistence errors (``accept``
+        refusing a command, e.g. an aggregate's ``route_command_to_instance``
+        raising) the problem is also recorded in the event poison store, so
+        operators see it.
         """
         failures = 0
         store_failures = 0
@@ -731,16 +731,16 @@ class ProcessRunner:
                 await sleep_backoff(self.options, store_failures)
             except Exception as exc:
                 failures += 1
-                if failures >= self.options.max_attempts:
+                if failures == self.options.max_attempts:
                     await self._outbox_stuck(ctx, key.decode(), record, exc, failures)
-                    return record, revision
-                _log.warning(
-                    "%s: cannot dispatch the outbox of instance %r (attempt %d); retrying",
-                    self.config.describe(),
-                    key.decode(),
-                    failures,
-                    exc_info=True,
-                )
+                else:
+                    _log.warning(
+                        "%s: cannot dispatch the outbox of instance %r (attempt %d); retrying",
+                        self.config.describe(),
+                        key.decode(),
+                        failures,
+                        exc_info=True,
+                    )
                 await sleep_backoff(self.options, failures)
             while True:
                 try:
@@ -759,8 +759,7 @@ class ProcessRunner:
         attempts: int,
     ) -> None:
         _log.error(
-            "%s: cannot dispatch the outbox of instance %r after %d attempts; "
-            "it stays in the instance record",
+            "%s: cannot dispatch the outbox of instance %r after %d attempts; still retrying",
             self.config.describe(),
             instance_id,
             attempts,
@@ -819,8 +818,8 @@ def _apply(
     stream: tuple[str, int] | None,
     deadline_id: str | None,
 ) -> InstanceRecord:
-    # The record's outbox is normally empty here; it is not when its dispatch
-    # is stuck (see ``_dispatch``), and then it is kept, never overwritten.
+    # The record's outbox is empty here (``_handle`` dispatches it first);
+    # appending rather than replacing keeps that safe even if it were not.
     commands = [*record.commands, *(encode(c) for c in scope.commands)]
     positions = dict(record.positions)
     if stream is not None:
@@ -868,11 +867,14 @@ class _InstanceQueues:
 
     async def put(self, instance_id: str | None, event: StreamEvent) -> None:
         """Queue *event* for *instance_id*; ``None`` marks it done at once (not handled)."""
-        self._read = event.offset + 1
         if instance_id is None:
+            self._read = event.offset + 1
             self._advance()
             return
         await self._slots.acquire()
+        # Only now is the event read: while we waited for a slot, a finishing
+        # worker must not move the checkpoint past it.
+        self._read = event.offset + 1
         if not self._unfinished:
             self._idle = anyio.Event()
         self._unfinished.add(event.offset)

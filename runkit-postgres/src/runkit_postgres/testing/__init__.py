@@ -246,12 +246,21 @@ class PostgresServer:
     def stop(self) -> None:
         """Stop the server and delete its files (no-op for an external server)."""
         directory, self._dir = self._dir, None
-        if directory is None or self._bindir is None:
-            return
+        watchdog, self._watchdog = self._watchdog, None
+        try:
+            if directory is not None and self._bindir is not None:
+                self._stop(directory, self._bindir)
+        finally:
+            if watchdog is not None:
+                assert watchdog.stdin is not None
+                watchdog.stdin.close()  # EOF: it cleans up whatever is left, and exits
+                watchdog.wait()
+
+    def _stop(self, directory: Path, bindir: Path) -> None:
         if (directory / "data" / "postmaster.pid").exists():
             subprocess.run(
                 self._command(
-                    str(self._bindir / "pg_ctl"),
+                    str(bindir / "pg_ctl"),
                     "-D",
                     str(directory / "data"),
                     "-m",
