@@ -60,7 +60,14 @@ from runkit.engine.processes import InstanceRecord as ProcessRecord
 from runkit.engine.processes import event_poison_store_name, process_store_name
 from runkit.engine.settings import EngineSettings
 from runkit.engine.streams import StreamRecord, decode_stream_record
-from runkit.persistence import Conflict, Journal, Keyspace, PersistenceError, Provider
+from runkit.persistence import (
+    Conflict,
+    Journal,
+    Keyspace,
+    PersistenceError,
+    Provider,
+    RecordNotFound,
+)
 
 __all__ = [
     "APP_KEY",
@@ -85,7 +92,7 @@ STATEMENTS_KEY = "5afe0000-0000-4000-8000-000000000004"
 COUNTER_KEY = "5afe0000-0000-4000-8000-000000000005"
 
 #: How long after the deposit that schedules it a review falls due.
-REVIEW_DELAY = timedelta(milliseconds=20)
+REVIEW_DELAY = timedelta(milliseconds=250)
 
 
 def command_id(idempotency_key: str) -> str:
@@ -462,6 +469,8 @@ FAST: dict[str, Any] = {
     "progress_interval": 0.005,
     "snapshot_every": 3,
     "max_attempts": 5,
+    # A crashed node's final flush must not hold a test up for long.
+    "shutdown_timeout": 0.3,
 }
 
 
@@ -613,11 +622,16 @@ class Stores:
         return records[-1].first_offset + len(records[-1].events) if records else 0
 
 
-async def _records(journal: Journal) -> AsyncIterator[tuple[int, bytes]]:
-    bounds = await journal.bounds()
-    if bounds.end > bounds.begin:
-        async for item in journal.range(bounds.begin):
-            yield item
+async def _records(journal: Journal) -> list[tuple[int, bytes]]:
+    """The journal's records; re-read if the engine truncates it while we read."""
+    while True:
+        bounds = await journal.bounds()
+        if bounds.end <= bounds.begin:
+            return []
+        try:
+            return [item async for item in journal.range(bounds.begin)]
+        except RecordNotFound:
+            continue
 
 
 async def _keys(keyspace: Keyspace) -> dict[str, bytes]:
@@ -645,10 +659,10 @@ async def read_stores(provider: Provider) -> Stores:
         s.markers = set(await _keys(ks))
     for p in range(count):
         async with await provider.journals.open(f"{APP_KEY}/stream/{p}") as j:
-            s.stream[p] = [decode_stream_record(d) async for _, d in _records(j)]
+            s.stream[p] = [decode_stream_record(d) for _, d in await _records(j)]
     for p in range(count):
         async with await provider.journals.open(inbox_name(APP_KEY, p)) as j:
-            s.inbox[p] = [(pos, decode_inbox_record(d)) async for pos, d in _records(j)]
+            s.inbox[p] = [(pos, decode_inbox_record(d)) for pos, d in await _records(j)]
             s.inbox_end[p] = (await j.bounds()).end
         async with await provider.keyspaces.open(poison_name(APP_KEY, p)) as ks:
             s.poison.update(await _keys(ks))
@@ -669,7 +683,7 @@ async def read_stores(provider: Provider) -> Stores:
         async with await provider.journals.open(
             aggregate_name(APP_KEY, ACCOUNTS_KEY, account)
         ) as j:
-            s.journals[account] = [decoder.decode(d) async for _, d in _records(j)]
+            s.journals[account] = [decoder.decode(d) for _, d in await _records(j)]
             s.journal_begin[account] = (await j.bounds()).begin
     return s
 

@@ -12,14 +12,15 @@ then every invariant is checked over the final stores.
 from __future__ import annotations
 
 import copy
+import random
 import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
-from runkit.persistence import Provider
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
 from runkit_memory import MemoryProvider
 
@@ -56,10 +57,30 @@ def _names(marker: str) -> Callable[[str], bool]:
     return lambda name: name.startswith(APP_KEY) and marker in name
 
 
+class _Acks(list[str]):
+    """Acknowledged keys; ``crash`` is set once there are *crash_after* of them."""
+
+    def __init__(self, crash_after: int) -> None:
+        super().__init__()
+        self.crash = anyio.Event()
+        self._crash_after = crash_after
+
+    def append(self, key: str) -> None:
+        super().append(key)
+        if len(self) >= self._crash_after:
+            self.crash.set()
+
+
 async def run_scenario(
     plan: FaultPlan, seed: int, *, count: int = COMMANDS, **settings: object
 ) -> tuple[Stores, list[str]]:
-    """Run the workload through two engines in turn on one faulty store; return it settled.
+    """Run the workload on one faulty store, crashing the engine part-way; return it settled.
+
+    The first engine takes the first half of the workload and "crashes" after
+    a seeded number of acknowledgements: from that instant none of its writes
+    lands (an outer fault plan fails them all), then it is cancelled. A second
+    engine takes over; the client re-executes the whole first half (what was
+    not acknowledged, and what was) and then the second half.
 
     Aggregate journals are truncated below their snapshots (an opt-in engine
     setting), so truncation runs under the faults too.
@@ -68,19 +89,23 @@ async def run_scenario(
     silo = f"faults-{uuid.uuid4()}"
     commands = workload(seed, count)
     first, second = commands[: count // 2], commands[count // 2 :]
-    acknowledged: list[str] = []
+    acknowledged = _Acks(crash_after=random.Random(seed).randrange(count // 8, count // 2))
 
-    def faulty() -> Provider:
-        return FaultyProvider(MemoryProvider(silo), plan)
+    dead = FaultPlan()
+    provider = FaultyProvider(FaultyProvider(MemoryProvider(silo), plan), dead)
+    async with (
+        running(provider, BankApp(provider).config(), **settings) as engine,
+        anyio.create_task_group() as clients,
+    ):
+        clients.start_soon(execute_all, engine.executor_for(APP_KEY), first, acknowledged)
+        with anyio.fail_after(60):
+            await acknowledged.crash.wait()
+        dead.fail(BEFORE)  # the crash: nothing this node writes from now on lands
+        clients.cancel_scope.cancel()
 
-    provider = faulty()
+    provider = FaultyProvider(MemoryProvider(silo), plan)
     async with running(provider, BankApp(provider).config(), **settings) as engine:
-        await execute_all(engine.executor_for(APP_KEY), first, acknowledged)
-    # The engine was cancelled wherever it was; a new one takes over. The client
-    # also retries a third of the keys it already has acknowledgements for.
-    provider = faulty()
-    async with running(provider, BankApp(provider).config(), **settings) as engine:
-        await execute_all(engine.executor_for(APP_KEY), second + first[::3], acknowledged)
+        await execute_all(engine.executor_for(APP_KEY), first + second, acknowledged)
         stores = await settle(MemoryProvider(silo), acknowledged, timeout=45)
     return stores, acknowledged
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -123,7 +124,11 @@ async def test_sigkill_mid_load_loses_and_duplicates_nothing(
     script.write_text(_CHILD.format(tests=str(HERE), dsn=postgres_dsn, schema=postgres_schema))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     accepted: set[int] = set()
-    process = await anyio.open_process([sys.executable, str(script)], env=env)
+    # The child's log goes to a file: an unread stderr pipe could fill and stall it.
+    with (tmp_path / "child.log").open("wb") as log:
+        process = await anyio.open_process(
+            [sys.executable, str(script)], env=env, stdin=subprocess.DEVNULL, stderr=log
+        )
     try:
         assert process.stdout is not None
         buffer = b""

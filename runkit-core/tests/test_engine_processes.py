@@ -797,3 +797,36 @@ async def test_checkpoint_never_passes_an_event_waiting_for_a_slot() -> None:
         gates["b"].set()
         await wait_until(lambda: _eq(saved(), 2))
         tg.cancel_scope.cancel()
+
+
+async def test_a_failing_deadline_is_poisoned_and_the_timer_moves_on() -> None:
+    p = Process()
+    original = p.handle_deadline
+    attempts = 0
+
+    async def handle_deadline(root: Root, scope: Any, deadline: dogma.Deadline) -> None:
+        nonlocal attempts
+        assert isinstance(deadline, Tick)
+        if deadline.id == "bad":
+            attempts += 1
+            raise RuntimeError("cannot handle the deadline")
+        await original(root, scope, deadline)
+
+    p.handle_deadline = handle_deadline  # type: ignore[method-assign]
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg)
+        await h.publish(Step("bad", 1, schedule_in=1), Step("good", 2, schedule_in=2))
+        await wait_until(lambda: dispatched(h, "bad", "good"))
+        h.clock.advance(5)
+        await wait_until(lambda: [(i, n) for i, n, _, _ in p.deadlines] == [("good", 2)])
+        assert attempts == OPTIONS.max_attempts
+        [(key, poison)] = (await poisoned(h)).items()
+        r = await record(h, "bad")
+        assert r is not None
+        assert key == f"{PROC_KEY}/deadline/{r.pending_deadlines[0]}"
+        assert poison.instance_id == "bad"
+        assert "cannot handle the deadline" in poison.error
+        tg.cancel_scope.cancel()

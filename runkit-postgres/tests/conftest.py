@@ -7,9 +7,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from runkit_postgres import PostgresProvider
-from runkit_postgres.testing.pytest_plugin import postgres_dsn, postgres_schema, postgres_server
+from runkit_postgres.testing.pytest_plugin import (
+    postgres_dsn,
+    postgres_schema,
+    postgres_server,
+    postgres_url,
+)
 
-__all__ = ["pg_provider", "postgres_dsn", "postgres_schema", "postgres_server"]
+__all__ = ["pg_provider", "postgres_dsn", "postgres_schema", "postgres_server", "postgres_url"]
 
 
 @pytest.fixture

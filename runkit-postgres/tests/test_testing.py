@@ -7,7 +7,15 @@ import re
 import psycopg
 import pytest
 
-from runkit_postgres.testing import DSN_VARIABLE, PostgresServer, drop_schema, unique_schema
+from runkit.persistence import Interval, provider_from_url
+from runkit_postgres import PostgresProvider
+from runkit_postgres.testing import (
+    DSN_VARIABLE,
+    PostgresServer,
+    drop_schema,
+    unique_schema,
+    url_for,
+)
 
 
 def test_unique_schema_names_are_valid_and_distinct() -> None:
@@ -39,3 +47,21 @@ def test_session_server_is_reachable_and_schemas_are_dropped(
             "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
         ).fetchone()
     assert row == (0,)
+
+
+def test_url_for_turns_a_dsn_into_a_persistence_url() -> None:
+    url = url_for("host='/tmp/pg dir' port=5433 user=postgres", schema="s1", pool_max_size=3)
+    assert url == (
+        "postgresql://?user=postgres&host=%2Ftmp%2Fpg%20dir&port=5433&schema=s1&pool_max_size=3"
+    )
+
+
+@pytest.mark.postgres
+async def test_postgres_url_fixture_opens_a_provider_on_the_fresh_schema(
+    postgres_url: str, postgres_schema: str
+) -> None:
+    provider = provider_from_url(postgres_url)
+    assert isinstance(provider, PostgresProvider)
+    assert provider.schema == postgres_schema
+    async with provider, await provider.journals.open("j") as journal:
+        assert await journal.bounds() == Interval(0, 0)

@@ -472,18 +472,26 @@ async def run_on_engine(
             runkit.with_application(app), runkit.with_persistence_provider(provider)
         )
         executor = engine.executor_for(app)
+        failure: StepFailed | None = None
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
-            for number, step in enumerate(steps, 1):
-                print(f"{number:>2}. {step.title}", file=out)
-                seen = await execute_step(executor, step, timeout=timeout)
-                for event in seen if verbose else step.outcome:
-                    print(f"      {event.message_description()}", file=out)
             try:
-                await wait_for_projections(engine, app, timeout=timeout)
-            except TimeoutError:
-                raise StepFailed(f"the projections did not catch up within {timeout:g} s") from None
+                for number, step in enumerate(steps, 1):
+                    print(f"{number:>2}. {step.title}", file=out)
+                    seen = await execute_step(executor, step, timeout=timeout)
+                    for event in seen if verbose else step.outcome:
+                        print(f"      {event.message_description()}", file=out)
+                try:
+                    await wait_for_projections(engine, app, timeout=timeout)
+                except TimeoutError:
+                    raise StepFailed(
+                        f"the projections did not catch up within {timeout:g} s"
+                    ) from None
+            except StepFailed as exc:
+                failure = exc  # raised below, not wrapped in the task group's ExceptionGroup
             tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
     finally:
         if owned:
             with anyio.CancelScope(shield=True):

@@ -31,11 +31,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
+from urllib.parse import quote, urlencode
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
-__all__ = ["DSN_VARIABLE", "PostgresServer", "drop_schema", "unique_schema"]
+__all__ = ["DSN_VARIABLE", "PostgresServer", "drop_schema", "unique_schema", "url_for"]
 
 #: Environment variable naming an existing server to use instead of starting one.
 DSN_VARIABLE: Final = "RUNKIT_TEST_PG_DSN"
@@ -68,6 +70,17 @@ shutil.rmtree(directory, ignore_errors=True)
 def unique_schema(prefix: str = "t") -> str:
     """A schema name no other test or process uses."""
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def url_for(dsn: str, **params: str | int) -> str:
+    """A ``postgresql://`` URL for *dsn* (key/value or URL) plus runkit parameters.
+
+    For code that takes a persistence URL, such as
+    ``runkit.with_persistence(url_for(dsn, schema=unique_schema()))``.
+    """
+    pairs = [(k, str(v)) for k, v in conninfo_to_dict(dsn).items()]
+    pairs += [(k, str(v)) for k, v in params.items()]
+    return "postgresql://?" + urlencode(pairs, quote_via=quote)
 
 
 def drop_schema(dsn: str, schema: str) -> None:

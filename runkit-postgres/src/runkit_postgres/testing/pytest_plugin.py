@@ -10,7 +10,8 @@ Import them into a ``conftest.py``::
 
 ``postgres_server`` (session) starts one throwaway server per test session (per
 xdist worker), or uses ``RUNKIT_TEST_PG_DSN``. ``postgres_schema`` gives each
-test a fresh schema name and drops the schema afterwards.
+test a fresh schema name and drops the schema afterwards; ``postgres_url`` is a
+persistence URL for that schema (for ``runkit.with_persistence``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import PostgresServer, drop_schema, unique_schema
+from . import PostgresServer, drop_schema, unique_schema, url_for
 
-__all__ = ["postgres_dsn", "postgres_schema", "postgres_server"]
+__all__ = ["postgres_dsn", "postgres_schema", "postgres_server", "postgres_url"]
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +44,9 @@ def postgres_schema(postgres_dsn: str) -> Iterator[str]:
     schema = unique_schema()
     yield schema
     drop_schema(postgres_dsn, schema)
+
+
+@pytest.fixture
+def postgres_url(postgres_dsn: str, postgres_schema: str) -> str:
+    """A ``postgresql://`` persistence URL for this test's fresh schema."""
+    return url_for(postgres_dsn, schema=postgres_schema)

@@ -1,0 +1,418 @@
+"""Throughput and latency of the engine running the bank, against the store's raw bound.
+
+Usage::
+
+    uv run python benchmarks/engine.py [--drivers memory,postgres] [--seconds N]
+        [--callers 64] [--accounts 1000] [--backend asyncio|trio]
+
+For each driver (a ``benchmarks/targets`` module, as for ``persistence.py``:
+the same provider, started the same way) it measures, in one run:
+
+1. **raw bound**: ``--callers`` tasks each appending records of the size of an
+   inbox record holding one ``Deposit`` to a journal of their own, through the
+   same provider, for ``--seconds``: appends/s.
+2. **live**: the bank on ``runkit.Engine`` (16 partitions, both SQLite
+   projections on a file in ``/dev/shm`` when there is one). After opening
+   ``--accounts`` accounts (not timed), ``--callers`` callers execute
+   ``Deposit`` commands on random accounts for ``--seconds``, each waiting for
+   ``execute_command`` to return (durable acceptance) before the next.
+   Reported: deposits accepted/s; deposits completed/s (``DepositApproved``
+   published within the window; each deposit is three commands: ``Deposit``,
+   ``CreditAccount`` and ``ApproveDeposit``, so commands handled/s is three
+   times that); p50/p99 of ``execute_command``; and p50/p99 end to end, from
+   the call to the ledger projection having applied the deposit's
+   ``AccountCredited`` (measured until it has applied every deposit accepted
+   in the window, or 120 s).
+3. **catch-up**: the engine is stopped; a new engine over the same store runs
+   the bank with fresh projections (checkpoint 0), and the time until they
+   have applied every event gives stream events/s. Twice: with in-memory
+   ADR-26 projections that do nothing else (the engine's delivery bound), and
+   with the bank's SQLite projections.
+
+The engine's acceptance rate is also given as a ratio of the raw append rate
+measured in the same run, which is its ceiling if every command cost one
+append (it costs more: an inbox append shared by a group commit, two
+aggregate journal appends, stream appends and process instance writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import targets
+
+import dogma
+import runkit
+from bank import App
+from bank.demo import wait_for_projections
+from bank.messages import AccountCredited, Deposit, DepositApproved, OpenAccount
+from runkit.engine.envelope import encode, new_envelope
+from runkit.engine.streams import StreamEvent, decode_stream_record
+from runkit.persistence import Provider
+
+APP_KEY = "22028264-0bca-43e1-8d9d-cd094efb10b7"
+DRAIN_TIMEOUT = 120.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The *q*-quantile (0..1) of *values*, nearest rank; NaN if empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@attrs.define
+class Result:
+    """Everything measured for one driver."""
+
+    driver: str
+    notes: str
+    record_bytes: int = 0
+    raw_appends: float = 0.0
+    accepted: float = 0.0
+    completed: float = 0.0
+    backlog: int = 0
+    accept_p50: float = float("nan")
+    accept_p99: float = float("nan")
+    e2e_p50: float = float("nan")
+    e2e_p99: float = float("nan")
+    e2e_missing: int = 0
+    stream_events: int = 0
+    catch_up_null: float = 0.0
+    catch_up_sqlite: float = 0.0
+
+
+# -- the raw bound --
+
+
+def deposit_record_bytes() -> int:
+    """The size of an inbox record holding one ``Deposit`` (envelope plus entry fields)."""
+    envelope = new_envelope(
+        Deposit(transaction_id=f"D-{uuid.uuid4()}", account_id="A-0999", amount=12_345),
+        app_key=APP_KEY,
+        site_key=None,
+        created_at=datetime.now(UTC),
+        message_id=str(uuid.uuid4()),
+    )
+    # + handler key, instance ID, flags and the record's batch ID.
+    return len(encode(envelope)) + 100
+
+
+async def raw_appends(provider: Provider, callers: int, seconds: float, size: int) -> float:
+    """Appends/s of *callers* tasks, each appending *size*-byte records to its own journal."""
+    record = os.urandom(size)
+    run = uuid.uuid4().hex[:8]
+    count = 0
+    stop = time.perf_counter() + seconds
+
+    async def caller(i: int) -> None:
+        nonlocal count
+        async with await provider.journals.open(f"bench-raw/{run}/{i}") as journal:
+            position = 0
+            while time.perf_counter() < stop:
+                await journal.append(position, record)
+                position += 1
+                count += 1
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(callers):
+            tg.start_soon(caller, i)
+    return count / (time.perf_counter() - started)
+
+
+# -- instrumented bank --
+
+
+class NullProjection(dogma.NoCompactBehavior):
+    """Keeps only ADR-26 checkpoints, in memory: the engine's delivery bound."""
+
+    def __init__(self, original: Any) -> None:
+        self._original = original
+        self._checkpoints: dict[str, int] = {}
+
+    def configure(self, c: dogma.ProjectionConfigurer) -> None:
+        self._original.configure(c)  # the same identity and routes
+
+    async def handle_event(self, scope: dogma.ProjectionEventScope, event: dogma.Event) -> int:
+        current = self._checkpoints.get(scope.stream_id, 0)
+        if current != scope.checkpoint_offset:
+            return current
+        self._checkpoints[scope.stream_id] = scope.offset + 1
+        return scope.offset + 1
+
+    async def checkpoint_offset(self, stream_id: str) -> int:
+        return self._checkpoints.get(stream_id, 0)
+
+    async def reset(self, scope: dogma.ProjectionResetScope) -> None:
+        self._checkpoints.clear()
+
+
+class LedgerProbe:
+    """Wraps the ledger projection: when each deposit's credit is applied."""
+
+    def __init__(self, app: App) -> None:
+        self.started: dict[str, float] = {}
+        self.applied: dict[str, float] = {}
+        ledger = app.ledger
+        original = ledger.handle_event
+
+        async def handle_event(scope: dogma.ProjectionEventScope, event: dogma.Event) -> int:
+            result = await original(scope, event)
+            if isinstance(event, AccountCredited) and result == scope.offset + 1:
+                self.applied.setdefault(event.transaction_id, time.perf_counter())
+            return result
+
+        ledger.handle_event = handle_event  # type: ignore[method-assign]
+
+
+class ApprovalProbe:
+    """Counts ``DepositApproved`` events as the stream writers publish them."""
+
+    def __init__(self, engine: runkit.Engine) -> None:
+        self.times: list[float] = []
+        bus = engine.bus
+        publish = bus.publish
+        approved = dogma.registry.of(DepositApproved).id
+
+        def counting(events: Iterable[StreamEvent]) -> None:
+            events = list(events)
+            now = time.perf_counter()
+            self.times.extend(now for e in events if e.envelope.type_id == approved)
+            publish(events)
+
+        bus.publish = counting  # type: ignore[method-assign]
+
+
+def engine_for(app: App, provider: Provider) -> runkit.Engine:
+    return runkit.Engine(
+        runkit.with_application(app),
+        runkit.with_persistence_provider(provider),
+        runkit.with_partition_count(16),
+    )
+
+
+async def run_live(
+    provider: Provider, db: Path, result: Result, *, callers: int, accounts: int, seconds: float
+) -> None:
+    app = App(db)
+    probe = LedgerProbe(app)
+    engine = engine_for(app, provider)
+    approvals = ApprovalProbe(engine)
+    executor = engine.executor_for(app)
+    ids = [f"A-{i:04}" for i in range(accounts)]
+    latencies: list[float] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+
+        async def open_accounts(worker: int) -> None:
+            for account in ids[worker::callers]:
+                await executor.execute_command(
+                    OpenAccount(customer_id="C-1", account_id=account, account_name=account)
+                )
+
+        async with anyio.create_task_group() as setup:
+            for worker in range(callers):
+                setup.start_soon(open_accounts, worker)
+        await wait_for_projections(engine, app, timeout=DRAIN_TIMEOUT)
+        print(f"  {accounts} accounts open; {callers} callers deposit for {seconds:g} s")
+
+        sequence = 0
+        stop = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal sequence
+            rng = random.Random()
+            while time.perf_counter() < stop:
+                sequence += 1
+                tx = f"D-{sequence:08}"
+                command = Deposit(transaction_id=tx, account_id=rng.choice(ids), amount=100)
+                started = probe.started[tx] = time.perf_counter()
+                await executor.execute_command(command)
+                latencies.append(time.perf_counter() - started)
+
+        first = len(approvals.times)
+        window_start = time.perf_counter()
+        async with anyio.create_task_group() as load:
+            for _ in range(callers):
+                load.start_soon(caller)
+        window = time.perf_counter() - window_start
+        completed = [t for t in approvals.times[first:] if t <= window_start + window]
+        result.accepted = len(latencies) / window
+        result.completed = len(completed) / window
+        result.backlog = len(latencies) - len(completed)
+        result.accept_p50 = percentile(latencies, 0.5)
+        result.accept_p99 = percentile(latencies, 0.99)
+
+        with anyio.move_on_after(DRAIN_TIMEOUT):
+            while len(probe.applied) < len(probe.started):
+                await anyio.sleep(0.05)
+        e2e = [probe.applied[tx] - t for tx, t in probe.started.items() if tx in probe.applied]
+        result.e2e_p50 = percentile(e2e, 0.5)
+        result.e2e_p99 = percentile(e2e, 0.99)
+        result.e2e_missing = len(probe.started) - len(e2e)
+        tg.cancel_scope.cancel()
+
+
+async def count_stream_events(provider: Provider, partitions: int) -> int:
+    total = 0
+    for index in range(partitions):
+        async with await provider.journals.open(f"{APP_KEY}/stream/{index}") as journal:
+            bounds = await journal.bounds()
+            if bounds.begin == bounds.end:
+                continue
+            async for _, data in journal.range(bounds.begin):
+                total += len(decode_stream_record(data).events)
+    return total
+
+
+async def catch_up(provider: Provider, app: App) -> float:
+    """Seconds for a fresh engine's projections of *app* to apply the whole store."""
+    engine = engine_for(app, provider)
+    async with anyio.create_task_group() as tg:
+        started = time.perf_counter()
+        tg.start_soon(engine.run)
+        await wait_for_projections(engine, app, timeout=600, interval=0.005)
+        elapsed = time.perf_counter() - started
+        tg.cancel_scope.cancel()
+    return elapsed
+
+
+async def run_driver(name: str, args: argparse.Namespace, scratch: Path) -> Result:
+    module = targets.load(name)
+    async with module.open_target() as target:
+        result = Result(driver=name, notes=target.notes)
+        provider = target.provider
+        result.record_bytes = deposit_record_bytes()
+        print(f"{name}: raw appends ({result.record_bytes} B records, {args.callers} tasks)")
+        result.raw_appends = await raw_appends(
+            provider, args.callers, args.seconds, result.record_bytes
+        )
+        print(f"{name}: the bank on the engine")
+        await run_live(
+            provider,
+            scratch / f"{name}-live.sqlite3",
+            result,
+            callers=args.callers,
+            accounts=args.accounts,
+            seconds=args.seconds,
+        )
+        result.stream_events = await count_stream_events(provider, 16)
+        print(f"{name}: catch-up of {result.stream_events} stream events")
+        null_app = App(scratch / f"{name}-unused.sqlite3")
+        null_app.ledger = NullProjection(null_app.ledger)  # type: ignore[assignment]
+        null_app.customers = NullProjection(null_app.customers)  # type: ignore[assignment]
+        result.catch_up_null = result.stream_events / await catch_up(provider, null_app)
+        sqlite_app = App(scratch / f"{name}-catch-up.sqlite3")
+        result.catch_up_sqlite = result.stream_events / await catch_up(provider, sqlite_app)
+    return result
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str], fill: str = " ") -> str:
+        return (
+            "| " + " | ".join(c.rjust(w, fill) for c, w in zip(cells, widths, strict=True)) + " |"
+        )
+
+    out = [line(header), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"]
+    out.extend(line(r) for r in rows)
+    return "\n".join(out)
+
+
+def report(results: list[Result], args: argparse.Namespace) -> str:
+    header = [
+        "driver",
+        "raw appends/s",
+        "accepted/s",
+        "accepted / raw",
+        "completed deposits/s",
+        "commands handled/s",
+        "backlog",
+        "accept p50 ms",
+        "accept p99 ms",
+        "e2e p50 ms",
+        "e2e p99 ms",
+        "catch-up ev/s (null)",
+        "catch-up ev/s (SQLite)",
+    ]
+    rows = [
+        [
+            r.driver,
+            f"{r.raw_appends:,.0f}",
+            f"{r.accepted:,.0f}",
+            f"{r.accepted / r.raw_appends:.2f}",
+            f"{r.completed:,.0f}",
+            f"{3 * r.completed:,.0f}",
+            f"{r.backlog:,}",
+            ms(r.accept_p50),
+            ms(r.accept_p99),
+            ms(r.e2e_p50),
+            ms(r.e2e_p99) + (f" ({r.e2e_missing} not applied)" if r.e2e_missing else ""),
+            f"{r.catch_up_null:,.0f}",
+            f"{r.catch_up_sqlite:,.0f}",
+        ]
+        for r in results
+    ]
+    machine = (
+        f"{platform.python_implementation()} {platform.python_version()}, {args.backend}, "
+        f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    notes = "\n".join(
+        f"- {r.driver}: {r.notes}; {r.stream_events:,} stream events" for r in results
+    )
+    return (
+        f"{table(rows, header)}\n\n{machine}; {args.callers} callers, {args.accounts} accounts, "
+        f"{args.seconds:g} s per phase\n{notes}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--drivers", default="memory,postgres")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--callers", type=int, default=64)
+    parser.add_argument("--accounts", type=int, default=1000)
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.drivers.split(",") if n.strip()]
+    for name in names:
+        targets.load(name)  # unknown names fail before anything runs
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(
+        prefix="runkit-engine-bench-", dir=shm if shm.is_dir() else None
+    ) as tmp:
+
+        async def run_all() -> list[Result]:
+            return [await run_driver(name, args, Path(tmp)) for name in names]
+
+        results = anyio.run(run_all, backend=args.backend)
+    print()
+    print(report(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
