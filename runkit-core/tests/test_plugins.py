@@ -194,3 +194,23 @@ def test_non_str_url_is_a_type_error() -> None:
 )
 def test_redact_url_hides_only_the_password(url: str, redacted: str) -> None:
     assert redact_url(url) == redacted
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://bob:s3cret@h1:5432,h2:5433/app", "postgresql://bob:***@h1:5432,h2:5433/app"),
+        ("postgresql://bob:s3cret@[::1]:5432/app", "postgresql://bob:***@[::1]:5432/app"),
+        (
+            "postgresql://db/app?password=s3cret&sslmode=require",
+            "postgresql://db/app?password=***&sslmode=require",
+        ),
+        ("host=db password='s 3cret' user=bob", "host=db password=*** user=bob"),
+        ("://bob:s3cret@db/x", "://bob:***@db/x"),
+        ("memory:///silo", "memory:///silo"),
+    ],
+)
+def test_redact_url_hides_every_password_form(url: str, shown: str) -> None:
+    from runkit.persistence import redact_url
+
+    assert redact_url(url) == shown

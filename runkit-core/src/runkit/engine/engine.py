@@ -303,7 +303,7 @@ class AppRuntime:
                     with anyio.move_on_after(s.shutdown_timeout, shield=True):
                         try:
                             await writer.flush()
-                        except (OwnershipLost, Exception):
+                        except Exception:  # e.g. OwnershipLost: the next owner repairs
                             _log.info(
                                 "partition %d: final stream flush skipped",
                                 index,

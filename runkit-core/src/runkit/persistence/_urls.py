@@ -31,16 +31,11 @@ def redact_url(url: str) -> str:
         return _scrub(url)
     if password is None or not parts.scheme:
         return _scrub(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is not None:
-        netloc += f":{port}"
+    # Replace only the password; keep the host part verbatim (libpq allows
+    # several hosts, "h1:5432,h2:5433", which urlsplit cannot parse as a port).
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}:***@{hostport}"
     return _scrub(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
 
 
