@@ -23,7 +23,9 @@ def test_lists_every_documented_variable_in_order() -> None:
         "DOGMA_ADVERTISE_ADDRESS",
     ]
     for v in ENVIRONMENT:
-        assert v.description and v.type and v.example
+        assert v.description
+        assert v.type
+        assert v.example
 
 
 def test_every_example_is_valid() -> None:
