@@ -8,8 +8,6 @@ mode, parametrised here). ``DOGMA_*`` variables are stripped so tests of
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-
 import pytest
 
 
@@ -24,11 +22,10 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
 
 
 @pytest.fixture(autouse=True)
-def _clean_dogma_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _clean_dogma_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("DOGMA_"):
             monkeypatch.delenv(name)
-    yield
 
 
 # Backend markers are applied here, by where a test lives and which fixtures it
