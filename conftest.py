@@ -8,6 +8,7 @@ mode, parametrised here). ``DOGMA_*`` variables are stripped so tests of
 from __future__ import annotations
 
 import os
+
 import pytest
 
 
