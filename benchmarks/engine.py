@@ -192,7 +192,9 @@ class ApprovalProbe:
         self.times: list[float] = []
         bus = engine.bus
         publish = bus.publish
-        approved = dogma.registry.of(DepositApproved).id
+        registered = dogma.registry.of(DepositApproved)
+        assert registered is not None  # importing bank.messages registers it
+        approved = registered.id
 
         def counting(events: Iterable[StreamEvent]) -> None:
             events = list(events)

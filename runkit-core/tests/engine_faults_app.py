@@ -32,6 +32,7 @@ and ``settle`` polls until both hold.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import uuid
@@ -357,21 +358,35 @@ class Statements:
 
 
 class ProjectionState(msgspec.Struct, frozen=True):
-    """One stream's state of the ``counter`` projection: its checkpoint and what it applied."""
+    """One stream's state of the ``counter`` projection: its checkpoint and what it applied.
+
+    ``applied`` holds one ``applied_entry`` per event, in the order applied.
+    """
 
     next: int
     applied: list[str]
 
 
 _state_decoder = msgspec.msgpack.Decoder(ProjectionState)
+
+
+def applied_entry(offset: int, data: bytes) -> str:
+    """How the projection records the event at *offset* whose ``marshal_binary()`` is *data*.
+
+    The content digest lets the checker tell that the event delivered at an
+    offset is the one the stream holds there.
+    """
+    return f"{offset}:{hashlib.blake2b(data, digest_size=6).hexdigest()}"
+
+
 _ALL_EVENTS = (Deposited, Withdrawn, Refused, Left, PointsAdded, StatementSent)
 
 
 class CounterProjection(dogma.NoCompactBehavior):
     """An ADR-26 projection keeping its checkpoint in the engine's store.
 
-    The checkpoint and the applied event IDs change together in one conditional
-    write, so the stored state is exactly what was applied. *delay* slows each
+    The checkpoint and the record of applied events change together in one
+    conditional write, so the stored state is exactly what was applied. *delay* slows each
     event down (to kill a node in the middle of a catch-up).
     """
 
@@ -407,8 +422,8 @@ class CounterProjection(dogma.NoCompactBehavior):
         state, revision = await self._load(scope.stream_id)
         if state.next != scope.checkpoint_offset:
             return state.next  # OCC: tell the engine where we really are
-        # The event's ID is not in the scope; (stream, offset) names it uniquely.
-        applied = ProjectionState(scope.offset + 1, [*state.applied, f"{scope.offset}"])
+        entry = applied_entry(scope.offset, event.marshal_binary())
+        applied = ProjectionState(scope.offset + 1, [*state.applied, entry])
         try:
             await (await self._keyspace()).set(
                 scope.stream_id.encode(), msgspec.msgpack.encode(applied), revision
@@ -813,10 +828,17 @@ def check_safety(s: Stores) -> None:
         state = s.projection.get(stream_id)
         if state is None:
             continue
-        assert state.applied == [str(i) for i in range(state.next)], (
-            f"projection on stream {p}: applied {state.applied[:20]}... for checkpoint {state.next}"
-        )
         assert state.next <= s.stream_end(p), f"projection on stream {p} is past the stream end"
+        expected = [
+            applied_entry(r.first_offset + i, env.data)
+            for r in s.stream[p]
+            for i, env in enumerate(r.events)
+        ][: state.next]
+        wrong = [(a, e) for a, e in zip(state.applied, expected, strict=False) if a != e]
+        assert len(state.applied) == state.next, (
+            f"projection on stream {p}: {len(state.applied)} applied, checkpoint {state.next}"
+        )
+        assert not wrong, f"projection on stream {p}: applied/expected differ at {wrong[:3]}"
 
 
 def check_complete(s: Stores, acknowledged: Iterable[str]) -> None:

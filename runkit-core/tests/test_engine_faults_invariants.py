@@ -3,10 +3,11 @@
 A whole application (aggregate, process with deadlines, integration, ADR-26
 projection; see ``engine_faults_app``) runs on ``FaultyProvider(MemoryProvider)``.
 Clients execute a seeded workload with idempotency keys, retrying errors as a
-client would; half-way the engine is cancelled (abandoning in-flight work,
-which for the store is a crash) and a new one takes over, while the client also
-retries keys already acknowledged. Faults stay on until the engine has settled;
-then every invariant is checked over the final stores.
+client would. Part-way the engine crashes (from a seeded instant none of its
+writes lands, then it is cancelled) and a new one takes over, while the client
+re-executes keys, acknowledged or not. Faults stay on until the engine has
+settled; then every invariant is checked over the final stores (see
+``engine_faults_app`` and docs/testing.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
@@ -76,8 +78,8 @@ async def run_scenario(
 ) -> tuple[Stores, list[str]]:
     """Run the workload on one faulty store, crashing the engine part-way; return it settled.
 
-    The first engine takes the first half of the workload and "crashes" after
-    a seeded number of acknowledgements: from that instant none of its writes
+    The first engine takes the first half of the workload and "crashes" a
+    seeded time after a seeded number of acknowledgements: from then on none of its writes
     lands (an outer fault plan fails them all), then it is cancelled. A second
     engine takes over; the client re-executes the whole first half (what was
     not acknowledged, and what was) and then the second half.
@@ -89,7 +91,8 @@ async def run_scenario(
     silo = f"faults-{uuid.uuid4()}"
     commands = workload(seed, count)
     first, second = commands[: count // 2], commands[count // 2 :]
-    acknowledged = _Acks(crash_after=random.Random(seed).randrange(count // 8, count // 2))
+    rng = random.Random(seed)
+    acknowledged = _Acks(crash_after=rng.randrange(count // 8, count // 2))
 
     dead = FaultPlan()
     provider = FaultyProvider(FaultyProvider(MemoryProvider(silo), plan), dead)
@@ -100,6 +103,8 @@ async def run_scenario(
         clients.start_soon(execute_all, engine.executor_for(APP_KEY), first, acknowledged)
         with anyio.fail_after(60):
             await acknowledged.crash.wait()
+        # Let the events side (process, deadlines, projection) get going too.
+        await anyio.sleep(rng.uniform(0.05, 0.4))
         dead.fail(BEFORE)  # the crash: nothing this node writes from now on lands
         clients.cancel_scope.cancel()
 
@@ -164,8 +169,9 @@ async def test_two_engines_sharing_partitions_under_faults() -> None:
         running(one, BankApp(one).config()) as a,
         running(two, BankApp(two).config()) as b,
     ):
-        await execute_all(a.executor_for(APP_KEY), commands[::2], acknowledged)
-        await execute_all(b.executor_for(APP_KEY), commands[1::2], acknowledged)
+        async with anyio.create_task_group() as clients:
+            clients.start_soon(execute_all, a.executor_for(APP_KEY), commands[::2], acknowledged)
+            clients.start_soon(execute_all, b.executor_for(APP_KEY), commands[1::2], acknowledged)
         await settle(MemoryProvider(silo), acknowledged, timeout=60)
     assert plan.injected
 
@@ -198,6 +204,10 @@ async def test_checker_detects_tampered_stores() -> None:
     # §9.4: a process instance that did not end, or whose root is off by one.
     ended = next(a for a, r in stores.processes.items() if r.ended)
     fails(lambda s: s.processes.pop(ended), complete)
+    live, record = next((a, r) for a, r in stores.processes.items() if r.root)
+    assert record.root is not None
+    off_by_one = msgspec.structs.replace(record, root=b"%d" % (int(record.root) + 1))
+    fails(lambda s: s.processes.__setitem__(live, off_by_one), complete)
     # §9.6: the projection skipped an event.
     stream_id = next(iter(stores.projection))
     state = stores.projection[stream_id]

@@ -18,6 +18,7 @@ use (``postgres_dsn``, ``moto_server``) or explicitly (``s3``).
 from __future__ import annotations
 
 import io
+import os
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -68,6 +69,7 @@ from runkit.engine.engine import load_partition_count
 from runkit.engine.envelope import to_message
 from runkit.engine.streams import decode_stream_record
 from runkit.persistence import provider_from_url
+from runkit.testing.moto import MotoServer
 from runkit_postgres.testing import drop_schema, unique_schema
 from runkit_postgres.testing.pytest_plugin import postgres_dsn, postgres_server
 
@@ -834,3 +836,45 @@ class TestPostgres(BankScenarios):
     @pytest.fixture
     def store_url(self, postgres_url: str) -> str:
         return postgres_url
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    """One serialized moto server for the session (DynamoDB and S3), killed at the end."""
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def aws(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
+    """The moto server, with fake credentials and no AWS configuration from the machine."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL")):
+            monkeypatch.delenv(name)
+    for name, value in MotoServer.environ().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return moto
+
+
+@pytest.fixture
+def moto_server(aws: MotoServer) -> MotoServer:
+    """The moto server for DynamoDB tests (the root conftest marks its users ``dynamodb``)."""
+    return aws
+
+
+class TestDynamoDB(BankScenarios):
+    @pytest.fixture
+    def store_url(self, moto_server: MotoServer) -> str:
+        prefix = f"bank-{uuid.uuid4().hex[:12]}"
+        return f"dynamodb://{moto_server.netloc}/{prefix}?insecure=true&region=us-east-1"
+
+
+@pytest.mark.s3
+class TestS3(BankScenarios):
+    @pytest.fixture
+    def store_url(self, aws: MotoServer) -> str:
+        bucket = f"runkit-bank-{uuid.uuid4().hex}"
+        return f"s3://{aws.netloc}/{bucket}?insecure=true&region=us-east-1"

@@ -14,6 +14,7 @@ committed, within ``shutdown_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -33,7 +34,7 @@ from .aggregates import AggregateInstances
 from .commands import Acceptor, PartitionCommands, idempotency_name, prune_idempotency
 from .envelope import Envelope, register_types
 from .inbox import EngineStopped, InboxWriter, inbox_name
-from .ownership import Ownership, SingleNodeOwnership
+from .ownership import Ownership
 from .partitions import NodeContext, PartitionContext, PartitionRunner, partition_id, partition_of
 from .settings import EngineSettings
 from .streams import EventBus, OwnershipLost, PartitionStream, StreamWriter, read_tail
@@ -150,7 +151,9 @@ class AppRuntime:
             )
         module = _consumers_module()
         if module is not None:
-            self._consumers = module.partition_consumers(self.app, s)
+            self._consumers = module.partition_consumers(
+                self.app, s, live_nodes=getattr(self.ownership, "live_nodes", None)
+            )
         async with AsyncExitStack() as stack:
             for index in range(self.partition_count):
                 journal = await self.provider.journals.open(inbox_name(self.app_key, index))
@@ -362,7 +365,9 @@ class Engine:
             raise ConfigurationError("invalid engine configuration", problems)
         self.settings = settings
         self._apps = keys
-        self._ownership_source: Ownership | Callable[[Provider], Ownership] = SingleNodeOwnership()
+        # The same ownership code a cluster uses: heartbeats in cluster/nodes and
+        # rendezvous hashing over the live set (one node owns every partition).
+        self._ownership_source: Ownership | Callable[[Provider], Ownership] = self._membership
         self.bus = EventBus()
         self._runtimes: dict[str, AppRuntime] = {}
         self._state = "new"
@@ -398,6 +403,11 @@ class Engine:
             key: {index: p.progress() for index, p in list(rt.partitions.items())}
             for key, rt in self._runtimes.items()
         }
+
+    def _membership(self, provider: Provider) -> Ownership:
+        from .membership import Membership
+
+        return Membership(provider, self.settings, progress=self.progress)
 
     def _resolve_ownership(self, provider: Provider) -> Ownership:
         source = self._ownership_source
@@ -470,10 +480,17 @@ class Engine:
             provider = provider_from_url(s.persistence_url)
         self._state = "starting"
         try:
-            async with anyio.create_task_group() as tg:
-                ownership = self._resolve_ownership(provider)
+            ownership = self._resolve_ownership(provider)
+            async with contextlib.AsyncExitStack() as stack:
+                # joined() keeps heartbeating while the apps wind down and leaves
+                # only after they have flushed, so peers never take a partition
+                # that is still being flushed.
+                joined = getattr(ownership, "joined", None)
+                if joined is not None:
+                    await stack.enter_async_context(joined())
+                tg = await stack.enter_async_context(anyio.create_task_group())
                 run_ownership = getattr(ownership, "run", None)
-                if run_ownership is not None:
+                if joined is None and run_ownership is not None:
                     await tg.start(run_ownership)
                 for key, app in self._apps.items():
                     rt = AppRuntime(app, s, provider, self.bus, ownership)
