@@ -89,6 +89,7 @@ class Result:
     accepted: float = 0.0
     completed: float = 0.0
     sustained: float = float("nan")
+    writes_per_deposit: float = float("nan")
     backlog: int = 0
     accept_p50: float = float("nan")
     accept_p99: float = float("nan")
@@ -205,6 +206,36 @@ class ApprovalProbe:
         bus.publish = counting  # type: ignore[method-assign]
 
 
+class WriteCounter:
+    """Counts the store writes (journal appends, keyspace sets) made through a provider."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.writes = 0
+        self.enabled = False
+        for store, methods in (
+            (provider.journals, ("append",)),
+            (provider.keyspaces, ("set", "set_unconditional")),
+        ):
+            store.open = self._opener(store.open, methods)  # type: ignore[method-assign]
+
+    def _opener(self, open_: Any, methods: tuple[str, ...]) -> Any:
+        async def opened(name: str) -> Any:
+            handle = await open_(name)
+            for method in methods:
+                setattr(handle, method, self._counted(getattr(handle, method)))
+            return handle
+
+        return opened
+
+    def _counted(self, write: Any) -> Any:
+        async def counted(*args: Any) -> Any:
+            if self.enabled:
+                self.writes += 1
+            return await write(*args)
+
+        return counted
+
+
 def null(app: App) -> App:
     """*app* with both projections replaced by ``NullProjection``."""
     app.ledger = NullProjection(app.ledger)  # type: ignore[assignment]
@@ -233,6 +264,7 @@ async def run_live(
     app = App(db)
     if null_projections:
         null(app)
+    counter = WriteCounter(provider)
     probe = LedgerProbe(app)
     engine = engine_for(app, provider)
     approvals = ApprovalProbe(engine)
@@ -269,6 +301,7 @@ async def run_live(
                 latencies.append(time.perf_counter() - started)
 
         first = len(approvals.times)
+        counter.enabled = True
         window_start = time.perf_counter()
         async with anyio.create_task_group() as load:
             for _ in range(callers):
@@ -290,6 +323,8 @@ async def run_live(
                 ):
                     break
                 await anyio.sleep(0.02)
+        counter.enabled = False
+        result.writes_per_deposit = counter.writes / accepted
         if len(approvals.times) - first >= accepted:
             result.sustained = accepted / (approvals.times[first + accepted - 1] - window_start)
         e2e = [probe.applied[tx] - t for tx, t in probe.started.items() if tx in probe.applied]
@@ -378,6 +413,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         "completed deposits/s",
         "commands handled/s",
         "sustained commands/s",
+        "store writes / deposit",
         "backlog",
         "accept p50 ms",
         "accept p99 ms",
@@ -395,6 +431,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             f"{r.completed:,.0f}",
             f"{3 * r.completed:,.0f}",
             f"{3 * r.sustained:,.0f}",
+            f"{r.writes_per_deposit:.1f}",
             f"{r.backlog:,}",
             ms(r.accept_p50),
             ms(r.accept_p99),

@@ -371,9 +371,15 @@ async def test_reset_a_projection_of_a_running_engine() -> None:
             await executor.execute_command(Open(a))
         await wait_until(lambda: ledger_of(app, "a") == [0, 1] and ledger_of(app, "b") == [0, 1])
         rows = sorted(app.ledger.rows)
-        # The engine has no public reset yet: go through its application runtime.
-        runtime = await engine.runtime(APP_KEY)
-        await runtime._consumers.reset_projection("ledger", clock=clock)
+        await engine.reset_projection(config, "ledger")
         await wait_until(lambda: sorted(app.ledger.rows) == rows)
         await anyio.sleep(0.05)
         assert sorted(app.ledger.rows) == rows  # rebuilt from offset 0, once
+
+
+async def test_reset_of_an_unknown_projection_names_it() -> None:
+    app, clock = App(), FakeClock()
+    config = build(app, registry=REGISTRY)
+    async with running(config, MemoryProvider(str(uuid.uuid4())), clock) as engine:
+        with pytest.raises(LookupError, match="has no projection named .no-such-projection."):
+            await engine.reset_projection(config, "no-such-projection")

@@ -123,6 +123,11 @@ class AppRuntime:
         return self._acceptor
 
     @property
+    def consumers(self) -> Any:
+        """The events-side consumers (``consumers.EventConsumers``), once started."""
+        return self._consumers
+
+    @property
     def app_key(self) -> str:
         """The application's identity key."""
         return self.app.identity.key
@@ -455,6 +460,22 @@ class Engine:
                 self._started = anyio.Event()
             await self._started.wait()
         return self._runtimes[app_key]
+
+    async def reset_projection(self, app: object, handler: str) -> None:
+        """Reset a projection of a running application and replay it from offset 0.
+
+        *handler* is the projection's name or key. Delivery to it pauses on this
+        node while ``handler.reset(scope)`` runs, then restarts from the start
+        of every stream. Raises ``ValueError`` for an unknown application,
+        ``LookupError`` for an unknown projection, and ``ProjectionNotResettable``
+        when the handler does not support reset (``dogma.NotSupported``).
+        """
+        config = self._find(app)
+        runtime = await self.runtime(config.identity.key)
+        consumers = runtime.consumers
+        if consumers is None:
+            raise RuntimeError("this engine runs no event consumers")
+        await consumers.reset_projection(handler, clock=self.settings.clock)
 
     async def run(self) -> None:
         """Run until cancelled, then shut down gracefully.
