@@ -706,8 +706,18 @@ async def read_stores(provider: Provider) -> Stores:
 # -- the invariants ------------------------------------------------------------------------
 
 
+_decoded: dict[str, Any] = {}
+
+
 def _message(env: Envelope) -> Any:
-    return to_message(env)
+    # The checker runs on the engine's event loop while it settles, so it
+    # decodes each stored message once (IDs are unique; messages immutable).
+    message = _decoded.get(env.message_id)
+    if message is None:
+        if len(_decoded) > 100_000:
+            _decoded.clear()
+        message = _decoded[env.message_id] = to_message(env)
+    return message
 
 
 def check_safety(s: Stores) -> None:
@@ -952,5 +962,5 @@ async def settle(
                 return stores
             except AssertionError as exc:
                 last = exc
-            await anyio.sleep(0.05)
+            await anyio.sleep(0.1)
     raise AssertionError(f"the engine did not settle within {timeout} s: {last}")

@@ -104,7 +104,7 @@ async def run_scenario(
         with anyio.fail_after(60):
             await acknowledged.crash.wait()
         # Let the events side (process, deadlines, projection) get going too.
-        await anyio.sleep(rng.uniform(0.05, 0.4))
+        await anyio.sleep(rng.uniform(0.02, 0.3))
         dead.fail(BEFORE)  # the crash: nothing this node writes from now on lands
         clients.cancel_scope.cancel()
 
