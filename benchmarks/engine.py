@@ -243,11 +243,15 @@ def null(app: App) -> App:
     return app
 
 
+HEARTBEAT: list[float] = []  # --heartbeat-interval, if given
+
+
 def engine_for(app: App, provider: Provider) -> runkit.Engine:
     return runkit.Engine(
         runkit.with_application(app),
         runkit.with_persistence_provider(provider),
         runkit.with_partition_count(16),
+        *(runkit.with_heartbeat_interval(s) for s in HEARTBEAT),
     )
 
 
@@ -451,7 +455,8 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     )
     return (
         f"{table(rows, header)}\n\n{machine}; {args.callers} callers, {args.accounts} accounts, "
-        f"{args.seconds:g} s per phase\n{notes}"
+        f"{args.seconds:g} s per phase, heartbeat interval "
+        f"{args.heartbeat_interval or 'default'}\n{notes}"
     )
 
 
@@ -468,7 +473,14 @@ def main(argv: list[str] | None = None) -> int:
         default="sqlite",
         help="projections during the live phase (null: no end-to-end latency)",
     )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        help="membership heartbeat interval in seconds (default: the engine's)",
+    )
     args = parser.parse_args(argv)
+    if args.heartbeat_interval is not None:
+        HEARTBEAT.append(args.heartbeat_interval)
     names = [n.strip() for n in args.drivers.split(",") if n.strip()]
     for name in names:
         targets.load(name)  # unknown names fail before anything runs

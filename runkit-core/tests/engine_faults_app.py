@@ -504,7 +504,7 @@ async def running(
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
-        await engine.runtime(APP_KEY)
+        await engine.runtime(config.identity.key)
         try:
             yield engine
         finally:

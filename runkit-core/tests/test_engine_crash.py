@@ -21,7 +21,7 @@ import json
 import random
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.slow
 
 RUNNER = Path(__file__).parent / "crash_runner.py"
 COUNT = 240
-#: Generous: a loaded 2-core machine runs several of these node processes' peers.
+#: Seconds to wait for progress: generous, as the machine may be busy (2 shared cores).
 TIMEOUT = 180
 
 
@@ -116,8 +116,13 @@ def _acks(path: Path) -> set[str]:
 
 
 async def _wait_for(
-    process: anyio.abc.Process, condition: Any, what: str, *, timeout: float = TIMEOUT
+    process: anyio.abc.Process,
+    condition: Callable[[], Awaitable[bool]],
+    what: str,
+    *,
+    timeout: float = TIMEOUT,
 ) -> None:
+    """Poll *condition* until true; fail if the node dies or *timeout* passes first."""
     with anyio.fail_after(timeout):
         while not await condition():
             assert process.returncode is None, f"node died while waiting for {what}"
