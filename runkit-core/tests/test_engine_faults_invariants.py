@@ -303,18 +303,6 @@ def _partition(account: str) -> int:
     return partition_of(instance_workload(TALLY_KEY, account), 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine bug: Acceptor.accept (commands.py) submits to several partitions in a task "
-        "group, so an inbox storage failure reaches ProcessRunner._dispatch (processes.py) "
-        "as an ExceptionGroup, not a PersistenceError; _dispatch counts it as a non-storage "
-        "failure and after max_attempts writes an 'outbox stuck' entry to the event poison "
-        "store (and backs off as for handler errors) for what was only a storage outage. "
-        "Fix: have Acceptor.accept re-raise a PersistenceError when every error in the "
-        "group is one (or classify such groups as persistence errors in _dispatch)."
-    ),
-)
 async def test_process_outbox_survives_an_inbox_outage_spanning_partitions() -> None:
     source = "src"
     taken = {_partition(source)}

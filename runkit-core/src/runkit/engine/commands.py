@@ -136,6 +136,22 @@ def _describe_handler(handler: HandlerConfig) -> dict[str, str]:
     return {"handler": handler.identity.name, "handler_key": handler.identity.key}
 
 
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def _leaf_flags(group: BaseExceptionGroup[BaseException], flag: str) -> list[bool]:
+    # The flag (retryable/ambiguous) of every leaf exception in a nested group.
+    flags: list[bool] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            flags.extend(_leaf_flags(exc, flag))
+        else:
+            flags.append(bool(getattr(exc, flag, False)))
+    return flags
+
+
 class Acceptor:
     """Routes commands to their partition inboxes and makes them durable."""
 
@@ -196,9 +212,23 @@ class Acceptor:
             [(index, entries)] = by_partition.items()
             await self.writers[index].submit(entries)
             return
-        async with anyio.create_task_group() as tg:
-            for index, entries in by_partition.items():
-                tg.start_soon(self.writers[index].submit, entries)
+        try:
+            async with anyio.create_task_group() as tg:
+                for index, entries in by_partition.items():
+                    tg.start_soon(self.writers[index].submit, entries)
+        except ExceptionGroup as group:
+            # Callers handle storage failures by type (a process outbox retries
+            # them for ever, a handler error it would poison): when every
+            # partition failed on storage, raise one PersistenceError, not a group.
+            rest = group.subgroup(lambda e: not isinstance(e, PersistenceError | ExceptionGroup))
+            if rest is not None:
+                raise
+            first = _first_leaf(group)
+            raise PersistenceError(
+                f"accepting commands on {len(by_partition)} partitions failed: {first}",
+                retryable=all(_leaf_flags(group, "retryable")),
+                ambiguous=any(_leaf_flags(group, "ambiguous")),
+            ) from group
 
     async def accept_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         """Accept commands produced by handlers (``PartitionContext.accept``).
