@@ -725,7 +725,6 @@ class BankScenarios:
 # -- an engine bug the scenario tests found, isolated --
 
 
-@pytest.mark.xfail(reason="engine bug, reported (runkit.engine.commands._redeliver)", strict=True)
 async def test_observers_see_each_event_once(tmp_path: Path) -> None:
     """An ``execute_command`` call's observers get each event of its chain once.
 

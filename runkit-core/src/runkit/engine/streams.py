@@ -35,7 +35,7 @@ import anyio
 import attrs
 import msgspec
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 import dogma
 
@@ -219,6 +219,30 @@ class PartitionStream:
         changed.set()
 
 
+class _UniqueEvents:
+    """A subscription's events, each stream event (stream ID, offset) at most once.
+
+    The bus may publish an event again (a repeated command's original events are
+    redelivered for observers that joined later); a subscriber that has already
+    seen it must not see it twice.
+    """
+
+    def __init__(self, receive: MemoryObjectReceiveStream[StreamEvent]) -> None:
+        self._receive = receive
+        self._seen: set[tuple[str, int]] = set()
+
+    def __aiter__(self) -> _UniqueEvents:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        while True:
+            event = await self._receive.__anext__()
+            key = (event.stream_id, event.offset)
+            if key not in self._seen:
+                self._seen.add(key)
+                return event
+
+
 class EventBus:
     """In-process fan-out of published events to subscribers, by correlation ID."""
 
@@ -227,13 +251,16 @@ class EventBus:
 
     @asynccontextmanager
     async def subscribe(self, correlation_id: str) -> AsyncIterator[AsyncIterator[StreamEvent]]:
-        """Receive every event published after this call whose correlation ID matches."""
+        """Receive every event published after this call whose correlation ID matches.
+
+        Each stream event is delivered once per subscription, even if published again.
+        """
         send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
         subscribers = self._subscribers.setdefault(correlation_id, set())
         subscribers.add(send)
         try:
             async with receive:
-                yield receive
+                yield _UniqueEvents(receive)
         finally:
             subscribers.discard(send)
             if not subscribers:
