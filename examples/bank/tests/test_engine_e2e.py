@@ -178,15 +178,13 @@ def read_models(app: App) -> ReadModels:
 
 
 def chain(events: Sequence[dogma.Event]) -> list[str]:
-    """A causal chain in a form to compare: its distinct events' reprs, sorted.
+    """A causal chain in a form to compare: its events' reprs, sorted.
 
-    Order aside: events of different partitions arrive in any order. Distinct:
-    no event of a bank chain equals another, but the engine may deliver one
-    twice to the same observers (a bug: see
-    ``test_observers_see_each_event_once``); the store's streams are checked
-    for duplicates separately.
+    Order aside (events of different partitions arrive in any order), but not
+    multiplicity: an observer must see each event of the chain once, even when a
+    process outbox is dispatched twice (see ``test_observers_see_each_event_once``).
     """
-    return sorted(set(map(repr, events)))
+    return sorted(map(repr, events))
 
 
 async def stored_events(url: str) -> list[dogma.Event]:
@@ -722,17 +720,17 @@ class BankScenarios:
         assert len(approved) == 40 + 2  # and the scenario's two deposits
 
 
-# -- an engine bug the scenario tests found, isolated --
+# -- observers and repeated commands --
 
 
 async def test_observers_see_each_event_once(tmp_path: Path) -> None:
     """An ``execute_command`` call's observers get each event of its chain once.
 
     A command accepted again (a retried idempotency key here; in the bank, a
-    process outbox dispatched twice) is not handled again, but
-    ``PartitionCommands._redeliver`` publishes its original events on the
-    ``EventBus`` by correlation ID, so they reach every waiting call with that
-    correlation ID, including the first one, which has seen them already.
+    process outbox dispatched twice) is not handled again; its original events
+    are given to the new call's observers, and must not reach the first call's
+    again (they once did: the redelivery went to every subscriber of the
+    correlation ID).
     """
     app = App(tmp_path / "read-models.sqlite3")
     command = OpenAccount(customer_id="C001", account_id="A001", account_name="Savings")
