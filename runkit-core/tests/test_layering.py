@@ -64,3 +64,23 @@ def test_importing_runkit_loads_no_driver_and_no_event_loop_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    ("plugin", "client"),
+    [
+        ("runkit_postgres._plugin", "psycopg"),
+        ("runkit_dynamodb._plugin", "boto3"),
+        ("runkit_s3._plugin", "boto3"),
+    ],
+)
+def test_loading_a_driver_plugin_does_not_import_its_client_library(
+    plugin: str, client: str
+) -> None:
+    # Resolving any URL loads every installed plugin to learn its schemes; a
+    # plugin that imports its client library up front costs seconds each.
+    code = f"import sys, {plugin}; print({client!r} in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

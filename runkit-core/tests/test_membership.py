@@ -762,3 +762,29 @@ async def test_engine_runs_exactly_the_partitions_membership_assigns(
         survivor = nodes[0][1]
         await wait_until(lambda: set(survivor.partitions) == set(range(count)))
         tg.cancel_scope.cancel()
+
+
+async def test_engine_heartbeats_on_their_own_provider_when_given_a_url() -> None:
+    # Heartbeats must not queue behind the data path's connections, or a busy
+    # node misses them and stops taking work: the engine opens a second provider.
+    import dogma
+
+    import runkit
+    from runkit.persistence import PersistenceError
+
+    class _App:
+        def configure(self, c: dogma.ApplicationConfigurer) -> None:
+            c.identity("membership-app", "5b1f7c0e-3a2d-4e6f-9a8b-7c6d5e4f3a21")
+
+    app = _App()
+    engine = runkit.Engine(
+        runkit.with_application(app), runkit.with_persistence(f"memory:///{uuid.uuid4()}")
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        runtime = await engine.runtime(engine.applications[0].identity.key)
+        heartbeat_provider = runtime.ownership._provider  # type: ignore[attr-defined]
+        assert heartbeat_provider is not runtime.provider
+        tg.cancel_scope.cancel()
+    with pytest.raises(PersistenceError, match="closed"):
+        await heartbeat_provider.keyspaces.open("x")

@@ -7,7 +7,6 @@ from urllib.parse import urlsplit
 from runkit import hookimpl
 from runkit.persistence import Provider
 
-from ._provider import DynamoDBProvider
 from ._url import SCHEME
 
 __all__ = ["runkit_persistence_provider", "runkit_persistence_schemes"]
@@ -31,4 +30,6 @@ def runkit_persistence_provider(url: str) -> Provider | None:
         return None  # not ours to judge
     if scheme != SCHEME:
         return None
+    from ._provider import DynamoDBProvider
+
     return DynamoDBProvider.from_url(url)

@@ -21,6 +21,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from runkit.persistence import redact_url
 
+from ._schemes import SCHEMES
+
 __all__ = [
     "DEFAULT_MAX_RECORD_BYTES",
     "DEFAULT_MAX_VALUE_BYTES",
@@ -33,8 +35,6 @@ __all__ = [
     "validate_conninfo",
     "validate_schema",
 ]
-
-SCHEMES = ("postgres", "postgresql")
 
 #: The schema (namespace) used when none is given.
 DEFAULT_SCHEMA = "runkit"

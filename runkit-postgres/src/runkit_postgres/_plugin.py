@@ -7,8 +7,7 @@ from urllib.parse import urlsplit
 from runkit import hookimpl
 from runkit.persistence import Provider
 
-from ._config import SCHEMES
-from ._provider import PostgresProvider
+from ._schemes import SCHEMES
 
 
 @hookimpl
@@ -26,4 +25,6 @@ def runkit_persistence_provider(url: str) -> Provider | None:
         return None  # not ours to judge; the resolver reports malformed URLs
     if scheme not in SCHEMES:
         return None
+    from ._provider import PostgresProvider
+
     return PostgresProvider.from_url(url)

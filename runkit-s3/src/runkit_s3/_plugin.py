@@ -7,7 +7,6 @@ from urllib.parse import urlsplit
 from runkit import hookimpl
 from runkit.persistence import Provider
 
-from ._provider import S3Provider
 from ._settings import SCHEME
 
 __all__ = ["runkit_persistence_provider", "runkit_persistence_schemes"]
@@ -28,4 +27,6 @@ def runkit_persistence_provider(url: str) -> Provider | None:
         return None  # not ours to diagnose
     if scheme != SCHEME:
         return None
+    from ._provider import S3Provider
+
     return S3Provider.from_url(url)

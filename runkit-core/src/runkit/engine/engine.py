@@ -373,6 +373,7 @@ class Engine:
         # The same ownership code a cluster uses: heartbeats in cluster/nodes and
         # rendezvous hashing over the live set (one node owns every partition).
         self._ownership_source: Ownership | Callable[[Provider], Ownership] = self._membership
+        self._closing: list[Provider] = []  # providers the engine made for itself
         self.bus = EventBus()
         self._runtimes: dict[str, AppRuntime] = {}
         self._state = "new"
@@ -412,6 +413,13 @@ class Engine:
     def _membership(self, provider: Provider) -> Ownership:
         from .membership import Membership
 
+        url = self.settings.persistence_url
+        if url is not None and self.settings.persistence_provider is None:
+            # Heartbeats get their own provider (their own connections): sharing
+            # the data path's pool lets a busy node miss heartbeats and stop
+            # taking work. A provider given by the caller is shared as it is.
+            provider = provider_from_url(url)
+            self._closing.append(provider)
         return Membership(provider, self.settings, progress=self.progress)
 
     def _resolve_ownership(self, provider: Provider) -> Ownership:
@@ -531,7 +539,9 @@ class Engine:
             self._state = "stopped"
             if self._started is not None:
                 self._started.set()
-            if owned:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                for extra in self._closing:
+                    await extra.close()
+                if owned:
                     await provider.close()
             _log.info("engine stopped", extra={"node_id": str(s.node_id)})
