@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import io
-import sqlite3
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 import dogma
@@ -26,7 +26,7 @@ bank = pytest.importorskip("bank")
 
 from bank.app import App  # noqa: E402
 from bank.demo import DEMO_TIME, SCENARIO, run_scenario  # noqa: E402
-from bank.projections import queries  # noqa: E402
+from bank.projections import ReadDB, queries  # noqa: E402
 from runkit.config import build  # noqa: E402
 from runkit.engine import consumers as consumers_module  # noqa: E402
 from runkit.engine.consumers import ConsumerOptions  # noqa: E402
@@ -50,9 +50,17 @@ OUTCOMES = (
 
 
 def read_models(path: Path) -> tuple[Any, ...]:
-    conn = sqlite3.connect(path)
+    # ReadDB.connect() creates the schema first, so a read racing the
+    # projections' first write never sees a half-made database.
+    conn = ReadDB(path).connect()
     try:
-        return (queries.customers(conn), queries.accounts(conn), queries.ledger(conn))
+        # transaction_order numbers entries in the order the ledger saw them,
+        # which depends on which partition's projection ran first: not compared.
+        ledger = sorted(
+            (attrs.evolve(entry, transaction_order=0) for entry in queries.ledger(conn)),
+            key=repr,
+        )
+        return (queries.customers(conn), queries.accounts(conn), ledger)
     finally:
         conn.close()
 
