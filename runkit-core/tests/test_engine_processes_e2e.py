@@ -381,5 +381,5 @@ async def test_reset_of_an_unknown_projection_names_it() -> None:
     app, clock = App(), FakeClock()
     config = build(app, registry=REGISTRY)
     async with running(config, MemoryProvider(str(uuid.uuid4())), clock) as engine:
-        with pytest.raises(LookupError, match="has no projection named .no-such-projection."):
+        with pytest.raises(LookupError, match=r"has no projection named 'no-such-projection'"):
             await engine.reset_projection(config, "no-such-projection")

@@ -768,7 +768,6 @@ async def test_engine_heartbeats_on_their_own_provider_when_given_a_url() -> Non
     # Heartbeats must not queue behind the data path's connections, or a busy
     # node misses them and stops taking work: the engine opens a second provider.
     import dogma
-
     import runkit
     from runkit.persistence import PersistenceError
 

@@ -220,7 +220,7 @@ class Membership:
         prune_after: Seconds after expiry when any node deletes a dead node's
             record (until then operators still see it in ``list_nodes``).
         store_timeout: Seconds after which a heartbeat read or write is
-            abandoned (default: ``max(heartbeat_interval, 1.0)``); an abandoned
+            abandoned (default: ``max(2 * heartbeat_interval, 1.0)``); an abandoned
             write that lands later is recognised as our own.
     """
 
@@ -246,7 +246,10 @@ class Membership:
         self._progress = progress
         self._prune_after = timedelta(seconds=prune_after)
         # Store calls are abandoned after this, so a hung store cannot stall the view.
-        self._io_timeout = max(self._interval, 1.0) if store_timeout is None else store_timeout
+        # Two intervals: a slow store (a busy S3 or DynamoDB) may take over an
+        # interval per call. Safe, because ownership is judged from when the last
+        # successful write *started*, not when it finished.
+        self._io_timeout = max(2 * self._interval, 1.0) if store_timeout is None else store_timeout
         self._incarnation = str(uuid.uuid4())
         self._started_at: datetime | None = None
         self._revision = ""
