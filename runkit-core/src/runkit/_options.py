@@ -19,7 +19,7 @@ from . import config
 from ._environment import ENVIRONMENT, EnvironmentValues
 from ._validate import parse_address, parse_node_id, parse_site
 from .engine.settings import EngineSettings
-from .persistence import Provider, installed_schemes, redact_url
+from .persistence import Provider, driver_package, installed_schemes, redact_url
 
 __all__ = [
     "Option",
@@ -36,8 +36,6 @@ __all__ = [
     "with_retry_policy",
     "with_site",
 ]
-
-_PACKAGES = {"postgres": "runkit-postgres", "postgresql": "runkit-postgres"}
 
 
 @attrs.frozen(repr=False)
@@ -113,7 +111,7 @@ def with_persistence(url: str) -> Option:
         )
     known = installed_schemes()
     if scheme not in known:
-        package = _PACKAGES.get(scheme, f"runkit-{scheme}")
+        package = driver_package(scheme) or f"runkit-{scheme}"
         raise ValueError(
             f"with_persistence({shown!r}): no installed driver handles {scheme!r} URLs "
             f"(installed schemes: {', '.join(sorted(known)) or 'none'}); "

@@ -8,13 +8,12 @@ import textwrap
 from typing import Any, TextIO
 
 import anyio
-import msgspec
 
 from . import config
 from ._environment import ENVIRONMENT
 from ._options import from_environment, with_application, with_persistence
-from .cli import DEFAULT_MEMORY_URL, CLIError, load_object
-from .engine.engine import Engine, MetaRecord, meta_name
+from .cli import DEFAULT_MEMORY_URL, CLIError, load_object, print_table
+from .engine.engine import Engine, meta_name, read_partition_count
 from .engine.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .persistence import Provider, provider_from_url, redact_url
 
@@ -80,13 +79,12 @@ def run_node(spec: str, *, out: TextIO, backend: str = "asyncio") -> int:
 
 async def _partition_count(provider: Provider, app_key: str) -> int:
     # Read-only: an operator command must not create metadata.
-    async with await provider.keyspaces.open(meta_name(app_key)) as ks:
-        value, _ = await ks.get(b"partitions")
-    if not value:
+    count = await read_partition_count(provider, app_key)
+    if count is None:
         raise CLIError(
             f"application {app_key} has never run on this store (no {meta_name(app_key)})"
         )
-    return msgspec.msgpack.decode(value, type=MetaRecord).partition_count
+    return count
 
 
 def _summary(p: PoisonedCommand) -> tuple[str, ...]:
@@ -98,12 +96,6 @@ def _summary(p: PoisonedCommand) -> tuple[str, ...]:
         str(p.record.attempts),
         error[:60],
     )
-
-
-def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
 def poison_command(spec: str, action: str, command_id: str | None, *, out: TextIO) -> int:
@@ -124,7 +116,9 @@ def poison_command(spec: str, action: str, command_id: str | None, *, out: TextI
                 if not rows:
                     out.write(f"no poisoned commands for {built.identity.name}\n")
                     return 0
-                _table([("partition", "command", "description", "attempts", "error"), *rows], out)
+                print_table(
+                    [("partition", "command", "description", "attempts", "error"), *rows], out
+                )
                 out.write(f"{len(rows)} poisoned command(s)\n")
                 return 0
             assert command_id is not None
@@ -195,7 +189,7 @@ def nodes_command(*, out: TextIO) -> int:
                     age,
                 )
             )
-        _table(rows, out)
+        print_table(rows, out)
         live = sum(1 for r in records if r.is_live(now))
         out.write(f"{live} live node(s), {len(records) - live} expired\n")
         return 0

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from ._environment import ENVIRONMENT
 from ._errors import ConfigurationError
-from .persistence import plugin_manager, redact_url
+from .persistence import installed_schemes, plugin_manager, redact_url
 
 __all__ = ["main"]
 
@@ -52,22 +52,26 @@ def _cmd_env(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Write *rows* (the first is the header) as left-aligned, space-separated columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
-    pm = plugin_manager()
-    rows: list[tuple[str, str, str]] = []
-    for impl in pm.hook.runkit_persistence_schemes.get_hookimpls():
-        names: list[str] = list(impl.function())  # type: ignore[call-overload]
-        schemes = ", ".join(f"{s}://" for s in names)
-        dist = pm.get_plugin(impl.plugin_name)
-        module = getattr(dist, "__name__", impl.plugin_name)
-        rows.append((impl.plugin_name, module, schemes))
-    if not rows:
+    by_plugin: dict[str, list[str]] = {}
+    for scheme, plugin in installed_schemes().items():
+        by_plugin.setdefault(plugin, []).append(f"{scheme}://")
+    if not by_plugin:
         out.write("No persistence drivers are installed; e.g. pip install runkit-memory\n")
         return 1
-    rows.sort()
-    widths = [max(len(r[i]) for r in [("plugin", "module", "schemes"), *rows]) for i in range(3)]
-    for row in [("plugin", "module", "schemes"), *rows]:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    pm = plugin_manager()
+    rows = sorted(
+        (name, getattr(pm.get_plugin(name), "__name__", name), ", ".join(schemes))
+        for name, schemes in by_plugin.items()
+    )
+    print_table([("plugin", "module", "schemes"), *rows], out)
     return 0
 
 

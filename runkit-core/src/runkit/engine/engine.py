@@ -63,6 +63,13 @@ _META_KEY = b"partitions"
 _meta_decoder = msgspec.msgpack.Decoder(MetaRecord)
 
 
+async def read_partition_count(provider: Provider, app_key: str) -> int | None:
+    """The application's partition count, or ``None`` if it has never started (read-only)."""
+    async with await provider.keyspaces.open(meta_name(app_key)) as ks:
+        value, _ = await ks.get(_META_KEY)
+    return _meta_decoder.decode(value).partition_count if value else None
+
+
 async def load_partition_count(
     provider: Provider, app_key: str, default: int, now: datetime
 ) -> int:

@@ -14,6 +14,7 @@ from ._journals import append_with_conflict_resolution as append_with_conflict_r
 from ._journals import first_record as first_record
 from ._journals import last_record as last_record
 from ._journals import search as search
+from ._plugins import driver_package as driver_package
 from ._plugins import installed_schemes as installed_schemes
 from ._plugins import plugin_manager as plugin_manager
 from ._plugins import provider_from_url as provider_from_url
@@ -53,6 +54,7 @@ __all__ = [
     "Store",
     "append_with_conflict_resolution",
     "check_position",
+    "driver_package",
     "first_record",
     "installed_schemes",
     "last_record",

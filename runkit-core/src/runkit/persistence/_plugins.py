@@ -12,7 +12,7 @@ from .. import _hookspec
 from ._stores import Provider
 from ._urls import redact_url
 
-__all__ = ["installed_schemes", "plugin_manager", "provider_from_url"]
+__all__ = ["driver_package", "installed_schemes", "plugin_manager", "provider_from_url"]
 
 # Which distribution adds a scheme, for the "install it" hint.
 _KNOWN_PACKAGES = {
@@ -22,6 +22,12 @@ _KNOWN_PACKAGES = {
     "dynamodb": "runkit-dynamodb",
     "s3": "runkit-s3",
 }
+
+
+def driver_package(scheme: str) -> str | None:
+    """The first-party distribution that adds *scheme*, for "install it" hints."""
+    return _KNOWN_PACKAGES.get(scheme.lower())
+
 
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
@@ -74,7 +80,7 @@ def provider_from_url(url: str) -> Provider:
         )
     known = installed_schemes()
     if scheme not in known:
-        package = _KNOWN_PACKAGES.get(scheme)
+        package = driver_package(scheme)
         hint = (
             f"install the driver: pip install {package}"
             if package
