@@ -1,12 +1,21 @@
-"""The default JSON codec of message classes."""
+"""The default JSON codec of message classes.
+
+Every test here runs on both back-ends: msgspec (the default where msgspec is
+installed) and the pure-Python reference. The tests at the end compare the
+two back-ends directly.
+"""
 
 from __future__ import annotations
 
 import enum
 import json
 import re
+import subprocess
+import sys
+import textwrap
 import typing
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Literal
 
@@ -16,6 +25,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dogma
+from dogma import _codec
+from dogma import _codec_msgspec as msgspec_backend
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests comparing the back-ends choose them themselves.
+    if not getattr(metafunc.function, "compares_back_ends", False):
+        metafunc.parametrize("backend", ["msgspec", "pure"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test on the given back-end of the codec (msgspec unless parametrised)."""
+    name: str = getattr(request, "param", "msgspec")
+    _codec.use_pure_backend(name == "pure")
+    yield name
+    _codec.use_pure_backend(False)
+
+
+F = typing.TypeVar("F", bound=typing.Callable[..., None])
+
+
+def compares_back_ends(test: F) -> F:
+    """Mark a test that compares the back-ends itself (so runs once)."""
+    test.compares_back_ends = True  # type: ignore[attr-defined]
+    return test
 
 
 class Colour(enum.Enum):
@@ -540,3 +575,377 @@ def test_dict_keys_round_trip_and_bad_keys_are_reported() -> None:
         match=re.escape("cannot unmarshal Keyed: field 'by_number key': invalid int key 'x'"),
     ):
         Keyed.unmarshal_binary(b'{"by_number":{"x":"a"},"by_mixed":{}}')
+
+
+# --------------------------------------------------------------------------- back-ends
+
+# The tests below call the msgspec back-end directly, without the fallback to
+# the reference, so they fail if it gives anything the reference does not.
+
+
+def fast_codec(cls: type) -> msgspec_backend.Codec:
+    plan = _codec._plan_for(cls)
+    assert isinstance(plan, _codec._AttrsClass)
+    codec = msgspec_backend.compile(plan)
+    assert codec is not None
+    return codec
+
+
+def same_value(a: object, b: object) -> bool:
+    # repr tells tuple from list, 1 from 1.0, a member from its value and
+    # the time zone of datetimes, where == does not.
+    return a == b and repr(a) == repr(b)
+
+
+# Floats msgspec writes as json.dumps does; others take the reference back-end.
+plain_floats = st.just(0.0) | st.floats(min_value=1e-4, max_value=1e16, exclude_max=True).flatmap(
+    lambda f: st.sampled_from([f, -f])
+)
+offsets = st.builds(
+    timezone, st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23))
+)
+# Aware datetimes in any time zone: both back-ends store them in UTC.
+any_aware = st.datetimes(timezones=st.just(UTC) | offsets)
+typical = st.builds(
+    attrs.evolve,
+    everything,
+    f=plain_floats,
+    scores=st.dictionaries(st.text(), plain_floats),
+    at=any_aware,
+    text_or_time=st.text() | any_aware,
+)
+
+
+@compares_back_ends
+@settings(deadline=None, max_examples=300)
+@given(typical)
+def test_msgspec_back_end_encodes_and_decodes_exactly_as_the_reference(message: Everything) -> None:
+    codec = fast_codec(Everything)
+    data = _codec.pure_encode(message)
+    assert codec.encode(message) == data
+    decoded = codec.decode(data)
+    assert same_value(decoded, _codec.pure_decode(Everything, data))
+    assert decoded == message
+
+
+@compares_back_ends
+@settings(deadline=None, max_examples=300)
+@given(everything)
+def test_msgspec_back_end_never_disagrees_with_the_reference(message: Everything) -> None:
+    # Any float: the fast path may decline (raise), but never differ.
+    codec = fast_codec(Everything)
+    data = _codec.pure_encode(message)
+    try:
+        fast = codec.encode(message)
+    except msgspec_backend.Unsupported:
+        fast = data
+    assert fast == data
+    assert same_value(codec.decode(data), _codec.pure_decode(Everything, data))
+    assert _codec.encode(message) == data
+    assert _codec.decode(Everything, data) == message
+
+
+datetime_texts = st.one_of(
+    st.builds(
+        datetime.isoformat,
+        st.datetimes(timezones=st.none() | st.just(UTC) | offsets),
+        st.sampled_from(["T", " "]),
+        st.sampled_from(["auto", "hours", "minutes", "seconds", "milliseconds"]),
+    ),
+    st.dates().map(str),
+    st.from_regex(r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]{2,15}(Z|[+-][0-9:]{2,5})?\Z"),
+    st.text(max_size=12),
+)
+
+
+@compares_back_ends
+@settings(deadline=None, max_examples=500)
+@given(datetime_texts)
+def test_datetime_texts_are_decoded_or_refused_as_the_reference_does(text: str) -> None:
+    data = json.dumps({"name": "x", "at": text}).encode()
+    try:
+        fast = fast_codec(Simple).decode(data)
+    except Exception:  # declining is always allowed
+        pass
+    else:
+        assert same_value(fast, _codec.pure_decode(Simple, data))
+    outcome_on_both(lambda: Simple.unmarshal_binary(data))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def outcome(fn: typing.Callable[[], object]) -> tuple[str, str]:
+    try:
+        return "ok", repr(fn())
+    except (TypeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+
+
+def outcome_on_both(fn: typing.Callable[[], object]) -> tuple[str, str]:
+    _codec.use_pure_backend(True)
+    pure = outcome(fn)
+    _codec.use_pure_backend(False)
+    assert outcome(fn) == pure
+    return pure
+
+
+@compares_back_ends
+@settings(deadline=None, max_examples=300)
+@given(everything, st.data())
+def test_malformed_data_is_decoded_or_refused_the_same_way(
+    message: Everything, data: st.DataObject
+) -> None:
+    obj = json.loads(_codec.pure_encode(message))
+    key = data.draw(st.sampled_from(sorted(obj)))
+    change = data.draw(st.sampled_from(["replace", "delete", "corrupt"]))
+    if change == "replace":
+        obj[key] = data.draw(json_values)
+    elif change == "delete":
+        del obj[key]
+    encoded = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    if change == "corrupt":
+        at = data.draw(st.integers(0, len(encoded)))
+        encoded = encoded[:at] + data.draw(st.binary(min_size=1, max_size=2)) + encoded[at:]
+    # The fast path alone must either decline or agree with the reference.
+    try:
+        fast = fast_codec(Everything).decode(encoded)
+    except Exception:  # declining is always allowed
+        pass
+    else:
+        assert same_value(fast, _codec.pure_decode(Everything, encoded))
+    outcome_on_both(lambda: Everything.unmarshal_binary(encoded))
+
+
+wrong_values = (
+    json_values
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.datetimes()
+    | st.datetimes(timezones=st.timezones())
+    | st.uuids()
+    | st.sampled_from([*Colour, *Level, *Mixed, *Mixed2])
+    | st.tuples(st.integers(), st.text())
+    | st.frozensets(st.integers(), max_size=2)
+    | points
+)
+
+
+@compares_back_ends
+@settings(deadline=None, max_examples=300)
+@given(everything, st.data())
+def test_wrong_field_values_are_encoded_or_refused_the_same_way(
+    message: Everything, data: st.DataObject
+) -> None:
+    field = data.draw(st.sampled_from([f.name for f in attrs.fields(Everything)]))
+    value: typing.Any = data.draw(wrong_values)
+    broken = attrs.evolve(message, **{field: value})
+    try:
+        fast = fast_codec(Everything).encode(broken)
+    except Exception:  # declining is always allowed
+        pass
+    else:
+        assert fast == _codec.pure_encode(broken)
+    outcome_on_both(broken.marshal_binary)
+
+
+@compares_back_ends
+def test_bank_messages_take_the_fast_path() -> None:
+    bank = pytest.importorskip("bank.messages")
+    messages = [
+        bank.DepositStarted(transaction_id="t1", account_id="a1", amount=1500),
+        bank.AccountCredited(
+            transaction_id="t1",
+            account_id="a1",
+            transaction_type=bank.TransactionType.DEPOSIT,
+            amount=1500,
+        ),
+        bank.TransferStarted(
+            transaction_id="t2",
+            from_account_id="a1",
+            to_account_id="a2",
+            amount=10,
+            scheduled_time=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+        ),
+    ]
+    for message in messages:
+        codec = fast_codec(type(message))
+        data = codec.encode(message)
+        assert data == _codec.pure_encode(message)
+        assert same_value(codec.decode(data), message)
+
+
+@attrs.frozen
+class Tree(dogma.Event):
+    label: str
+    children: tuple[Tree, ...] = ()
+
+
+@compares_back_ends
+def test_recursive_classes_round_trip_on_the_fast_path() -> None:
+    tree = Tree("root", (Tree("a"), Tree("b", (Tree("c"),))))
+    codec = fast_codec(Tree)
+    data = codec.encode(tree)
+    assert data == _codec.pure_encode(tree)
+    assert same_value(codec.decode(data), tree)
+    assert same_value(codec.decode(b'{"label":"x"}'), Tree("x"))
+
+
+@compares_back_ends
+def test_fast_path_declines_what_it_cannot_write_exactly() -> None:
+    @attrs.frozen
+    class Measured(dogma.Event):
+        value: float
+
+    codec = fast_codec(Measured)
+    assert codec.encode(Measured(2.5)) == b'{"value":2.5}'
+    # msgspec would write 1e16 and 1e-05 as "1e16" and "0.00001".
+    for value, text in [(1e16, b"1e+16"), (1e-5, b"1e-05"), (3, b"3.0")]:
+        with pytest.raises(msgspec_backend.Unsupported):
+            codec.encode(Measured(value))
+        assert Measured(value).marshal_binary() == b'{"value":%s}' % text
+
+
+@compares_back_ends
+def test_without_msgspec_the_reference_back_end_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "msgspec", None)  # makes `import msgspec` fail
+    monkeypatch.delitem(sys.modules, "dogma._codec_msgspec")
+    monkeypatch.delattr(dogma, "_codec_msgspec")
+    monkeypatch.setattr(_codec, "_backend", None)
+    monkeypatch.setattr(_codec, "_FAST", {})
+    message = Simple(name="x", at=datetime(2024, 1, 1, tzinfo=UTC))
+    data = message.marshal_binary()
+    assert Simple.unmarshal_binary(data) == message
+    assert _codec._load_backend() is None
+    assert _codec._FAST == {}
+
+
+@compares_back_ends
+def test_msgspec_is_imported_on_first_use_and_brings_no_async_library() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import attrs
+        import dogma
+
+        @attrs.frozen
+        class Ping(dogma.Command):
+            n: int
+
+        before = "msgspec" in sys.modules
+        assert Ping.unmarshal_binary(Ping(1).marshal_binary()) == Ping(1)
+        after = "msgspec" in sys.modules
+        print(before, after, "asyncio" in sys.modules)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.split() == ["False", "True", "False"]
+
+
+def _upper(value: str) -> str:
+    return value.upper()
+
+
+@attrs.frozen
+class Converted(dogma.Event):
+    name: str = attrs.field(converter=_upper)
+
+
+@attrs.frozen
+class NotInit(dogma.Event):
+    name: str
+    derived: str = attrs.field(init=False, default="fixed")
+
+
+@attrs.frozen(cache_hash=True)
+class CachedHash(dogma.Event):
+    name: str
+
+
+PRE_INITS: list[str] = []
+
+
+@attrs.define
+class PreInit(dogma.Event):
+    name: str
+    calls: list[str] = attrs.field(factory=list)
+
+    def __attrs_pre_init__(self) -> None:
+        PRE_INITS.append(type(self).__name__)
+
+
+@attrs.define
+class PostInit(dogma.Event):
+    name: str
+    calls: list[str] = attrs.field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.calls.append("post")
+
+
+@attrs.frozen
+class Plain(dogma.Event):
+    name: str
+    amount: int = attrs.field(default=1, validator=attrs.validators.gt(0))
+    _secret: str = "s"
+    tags: tuple[str, ...] = attrs.field(factory=tuple)
+    colour: Colour | None = None
+    point: Point | None = None
+
+
+@compares_back_ends
+@pytest.mark.parametrize(
+    ("cls", "native"),
+    [
+        (Plain, True),
+        (Point, True),
+        (Converted, False),
+        (NotInit, False),
+        (CachedHash, False),
+        (PreInit, False),
+        (PostInit, True),
+        (Everything, False),  # datetimes are parsed as the reference does
+    ],
+)
+def test_msgspec_builds_instances_itself_only_where_that_equals_calling_the_class(
+    cls: type, native: bool
+) -> None:
+    plan = _codec._plan_for(cls)
+    assert isinstance(plan, _codec._AttrsClass)
+    decoded, build = msgspec_backend._attrs_spec(plan, frozenset())
+    assert (decoded is cls and build is None) is native
+
+
+@compares_back_ends
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"name":"abc"}',
+        b'{"name":"abc","derived":"other","amount":2,"_secret":"t","tags":["x"]}',
+        b'{"name":"abc","colour":"red","point":{"x":1,"y":2},"calls":["a"]}',
+        b'{"name":"abc","amount":0}',
+        b'{"name":1}',
+        b"{}",
+    ],
+)
+@pytest.mark.parametrize("cls", [Plain, Converted, NotInit, CachedHash, PreInit, PostInit])
+def test_attrs_features_are_honoured_on_the_fast_path(cls: type[dogma.Event], data: bytes) -> None:
+    fast: object = None
+    try:
+        fast = fast_codec(cls).decode(data)
+    except Exception:  # declining is always allowed
+        pass
+    else:
+        pure: object = _codec.pure_decode(cls, data)
+        assert same_value(fast, pure)
+        if cls is CachedHash:
+            assert hash(fast) == hash(pure)
+        assert getattr(fast, "calls", None) == getattr(pure, "calls", None)
+    outcome_on_both(lambda: cls.unmarshal_binary(data))
+    if data == b'{"name":"abc"}':
+        assert fast is not None  # valid data never needs the reference back-end

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import sys
+import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,7 +36,7 @@ def test_env_reports_invalid_variables_and_exits_2(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "postgresql://bob:hunter2@db/app")
     status, text = run("env")
     assert status == 2
-    assert "INVALID: 1 invalid environment variable(s)" in text
+    assert "INVALID: 1 problem with the DOGMA_* environment variables" in text
     assert "DOGMA_NODE_ID='nope'" in text
     assert "DOGMA_PERSISTENCE_URL=postgresql://bob:***@db/app" in text
     assert "hunter2" not in text
@@ -76,7 +81,10 @@ def test_run_uses_memory_when_unset_and_stops_gracefully_on_sigint(tmp_path: obj
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
-        assert first.startswith("DOGMA_PERSISTENCE_URL is not set: using memory:///runkit")
+        assert first == (
+            "DOGMA_PERSISTENCE_URL is not set; using the embedded memory driver "
+            "(memory:///runkit): state is lost when the process exits\n"
+        )
         assert proc.stdout.readline().startswith("starting node ")
         assert "running bank on memory:///runkit;" in proc.stdout.readline()
         proc.send_signal(signal.SIGINT)
@@ -91,7 +99,10 @@ def test_run_uses_memory_when_unset_and_stops_gracefully_on_sigint(tmp_path: obj
 def test_run_rejects_objects_that_are_not_applications(capsys: pytest.CaptureFixture[str]) -> None:
     status, _ = run("run", "runkit.cli:CLIError")
     assert status == 2
-    assert "is not a Dogma application" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "runkit run: 'runkit.cli:CLIError' is the class CLIError, not a Dogma application "
+        "(it has no configure(c) method)\n"
+    )
 
 
 def test_poison_needs_the_nodes_store(capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,3 +151,397 @@ def test_nodes_on_an_empty_store(monkeypatch: pytest.MonkeyPatch) -> None:
     status, text = run("nodes")
     assert status == 0
     assert text == "no nodes have heartbeat records in this store\n"
+
+
+# -- usage and configuration errors: one plain message, exit 2 ----------------------
+
+APPS = """
+import bank
+
+
+class NeedsArgs:
+    def __init__(self, db, cache):
+        self.db = db
+
+    def configure(self, c):
+        raise AssertionError("never configured")
+
+
+def needs_args(db):
+    return bank.app
+
+
+def not_an_app():
+    return 42
+
+
+def explodes():
+    raise RuntimeError("the database exploded")
+
+
+class BadKey:
+    def configure(self, c):
+        c.identity("bad", "not-a-uuid")
+
+
+number = 42
+"""
+
+
+@pytest.fixture
+def apps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of a fresh module of (broken) applications, importable in and out of process."""
+    name = f"cliapps_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(APPS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    return name
+
+
+def error_of(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the CLI expecting a usage error: exit 2 and one message on stderr, nothing else."""
+    status, text = run(*argv)
+    captured = capsys.readouterr()
+    assert status == 2, (text, captured.err)
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def cli(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
+    """Run ``python -m runkit.cli`` in a subprocess with a clean DOGMA_* environment."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DOGMA_")}
+    return subprocess.run(
+        [sys.executable, "-m", "runkit.cli", *argv],
+        capture_output=True,
+        text=True,
+        env={**environ, **(env or {})},
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_version_names_both_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.metadata
+
+    status, _ = run("--version")
+    assert status == 0
+    assert capsys.readouterr().out == (
+        f"runkit-core {importlib.metadata.version('runkit-core')}, "
+        f"dogma-api {importlib.metadata.version('dogma-api')}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no-colon", "'no-colon' is not MODULE:ATTR, e.g. 'bank:app'"),
+        (
+            "no_such_module:app",
+            "cannot import module 'no_such_module' of 'no_such_module:app': no module named "
+            "'no_such_module' (run from the project directory, or install it)",
+        ),
+        ("bank:nope", "module 'bank' has no attribute 'nope'"),
+        (
+            "{apps}:NeedsArgs",
+            "'{apps}:NeedsArgs' is the class NeedsArgs that needs arguments (db, cache); point "
+            "MODULE:ATTR at an application instance, or at a function or class that takes no "
+            "arguments",
+        ),
+        (
+            "{apps}:needs_args",
+            "'{apps}:needs_args' is a function that needs arguments (db); point MODULE:ATTR at "
+            "an application instance, or at a function or class that takes no arguments",
+        ),
+        (
+            "{apps}:not_an_app",
+            "'{apps}:not_an_app' is a function that returned int, which is not a Dogma "
+            "application (it has no configure(c) method)",
+        ),
+        (
+            "{apps}:number",
+            "'{apps}:number' is of type int, not a Dogma application (an object with a "
+            "configure(c) method, a class that takes no arguments, or a function returning one)",
+        ),
+    ],
+)
+def test_module_attr_problems(
+    apps: str, capsys: pytest.CaptureFixture[str], spec: str, message: str
+) -> None:
+    spec, message = spec.format(apps=apps), message.format(apps=apps)
+    assert error_of(capsys, "run", spec) == f"runkit run: {message}\n"
+
+
+def test_an_invalid_application_lists_its_problems(
+    apps: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = error_of(capsys, "run", f"{apps}:BadKey")
+    assert err.startswith(f"runkit run: application {apps}.BadKey has 1 configuration problem\n")
+    assert "  - application " in err
+    assert "invalid identity key 'not-a-uuid'" in err
+
+
+def test_a_bad_persistence_url_lists_every_problem(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(
+        "DOGMA_PERSISTENCE_URL", "postgresql://bob:hunter2@db/app?foo=bar&pool_max_size=ten"
+    )
+    err = error_of(capsys, "run", "bank:app")
+    assert err == (
+        "runkit run: 2 problems with the DOGMA_* environment variables\n"
+        "  - DOGMA_PERSISTENCE_URL='postgresql://bob:***@db/app?foo=bar&pool_max_size=ten': "
+        "postgresql:// URL has unknown parameter 'foo': it is neither a libpq connection "
+        "parameter nor one of runkit's (max_record_bytes, max_value_bytes, pool_max_size, "
+        "pool_min_size, pool_timeout, schema)\n"
+        "  - DOGMA_PERSISTENCE_URL: postgresql:// URL parameter 'pool_max_size' must be an "
+        "integer, not 'ten'\n"
+    )
+
+
+def test_env_reports_every_bad_url_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory://app?cache=1")
+    status, text = run("env")
+    assert status == 2
+    assert "The environment is valid." not in text
+    assert "INVALID: 2 problems with the DOGMA_* environment variables" in text
+    assert "has a host ('app'); memory URLs have none" in text
+    assert "DOGMA_PERSISTENCE_URL: memory:// URL has unknown parameter 'cache'" in text
+
+
+def test_an_unknown_scheme_lists_the_installed_ones_and_invents_no_package(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "mysql://db/app")
+    err = error_of(capsys, "run", "bank:app")
+    assert "no persistence driver handles 'mysql' URLs (installed schemes: " in err
+    assert "install a runkit driver plugin that handles it" in err
+    assert "pip install" not in err
+
+
+def test_a_driver_that_is_not_installed_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from runkit.persistence import plugin_manager
+
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "postgresql://db/app")
+    pm = plugin_manager()
+    postgres = pm.unregister(name="postgres")
+    try:
+        err = error_of(capsys, "run", "bank:app")
+    finally:
+        pm.register(postgres, name="postgres")
+    assert err.startswith("runkit run: 1 problem with the DOGMA_* environment variables\n")
+    assert "no persistence driver handles 'postgresql' URLs" in err
+    assert "install the driver: pip install runkit-postgres" in err
+
+
+def test_backend_trio_without_trio(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "trio", None)  # as if it were not installed
+    assert error_of(capsys, "run", "--backend", "trio", "bank:app") == (
+        "runkit run: --backend trio needs the trio package, which is not installed: "
+        "pip install trio, or use --backend asyncio\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ("--partition-count", "ten"),
+            "argument --partition-count: 'ten' is not a whole number; expected 1 to 4096",
+        ),
+        (
+            ("--heartbeat-interval", "0"),
+            "argument --heartbeat-interval: '0' is out of range; expected 0.05 to 60 seconds",
+        ),
+        (
+            ("--max-attempts", "-1"),
+            "argument --max-attempts: '-1' is out of range; expected 1 to 1,000,000",
+        ),
+        (
+            ("--tls-cert", "/nope/node.crt"),
+            "argument --tls-cert: --tls-cert '/nope/node.crt' does not exist",
+        ),
+    ],
+)
+def test_bad_flag_values(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    err = error_of(capsys, "run", *argv, "bank:app")
+    assert err.splitlines()[-1] == f"runkit run: error: {message}"
+
+
+def test_tls_flags_come_in_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert error_of(capsys, "run", "--tls-ca", str(ca), "bank:app") == (
+        "runkit run: --tls-ca needs --tls-cert: give --tls-cert and --tls-key together\n"
+    )
+
+
+def test_retry_delays_that_contradict_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DOGMA_RETRY_MAX_DELAY", "1")
+    assert error_of(capsys, "run", "--retry-base-delay", "5", "bank:app") == (
+        "runkit run: the retry max delay (1) is below the retry base delay (5); "
+        "make the retry max delay at least the retry base delay\n"
+    )
+
+
+def test_flags_reach_the_settings_and_beat_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from runkit import _run
+    from runkit.cli import _parser, _run_options
+
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    for path in (cert, key):
+        path.write_text("-----BEGIN X-----\n")
+    monkeypatch.setenv("DOGMA_PARTITION_COUNT", "64")
+    monkeypatch.setenv("DOGMA_HEARTBEAT_INTERVAL", "3")
+    monkeypatch.setenv("DOGMA_RETRY_BASE_DELAY", "0.5")
+    args = _parser().parse_args(
+        [
+            "run",
+            "--partition-count=8",
+            "--backlog-limit=20",
+            "--start-timeout=7.5",
+            "--max-attempts=2",
+            "--retry-max-delay=9",
+            f"--tls-cert={cert}",
+            f"--tls-key={key}",
+            "bank:App",
+        ]
+    )
+    out = io.StringIO()
+    engine, url = _run._engine(args.app, _run_options(args), out)
+    s = engine.settings
+    assert url == "memory:///runkit"
+    assert (s.partition_count, s.heartbeat_interval) == (8, 3.0)  # flag, then environment
+    assert (s.backlog_limit, s.start_timeout) == (20, 7.5)
+    assert (s.max_attempts, s.retry_base_delay, s.retry_max_delay) == (2, 0.5, 9.0)
+    assert (s.tls_cert, s.tls_key, s.tls_ca) == (str(cert), str(key), None)
+    assert out.getvalue().startswith("DOGMA_PERSISTENCE_URL is not set; using the embedded")
+
+
+# -- the same through a real process: exit codes, and no traceback -----------------
+
+
+def test_subprocess_usage_errors_exit_2_without_a_traceback(apps: str, tmp_path: Path) -> None:
+    cases = [
+        (("run", f"{apps}:NeedsArgs"), {}, "needs arguments (db, cache)"),
+        (("run", "bank:app"), {"DOGMA_PERSISTENCE_URL": "s3:///Bad_Bucket?zz=1"}, "zz"),
+        (("run", "--partition-count", "0", "bank:app"), {}, "'0' is out of range"),
+        (("env",), {"DOGMA_PARTITION_COUNT": "many"}, "'many' is not a whole number"),
+    ]
+    for argv, env, fragment in cases:
+        result = cli(*argv, env=env, cwd=tmp_path)
+        assert result.returncode == 2, (argv, result.stderr)
+        assert fragment in result.stderr + result.stdout, (argv, result.stderr)
+        assert "Traceback" not in result.stderr, (argv, result.stderr)
+
+
+def test_subprocess_unexpected_errors_keep_their_traceback_and_exit_1(
+    apps: str, tmp_path: Path
+) -> None:
+    result = cli("run", f"{apps}:explodes", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.rstrip().endswith("RuntimeError: the database exploded")
+
+
+def test_subprocess_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("runkit-core ")
+    assert ", dogma-api " in result.stdout
+
+
+def _start(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DOGMA_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "runkit.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**environ, **env},
+        cwd=cwd,
+    )
+
+
+def _wait_running(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("running "):
+            return "".join(lines)
+    raise AssertionError(f"the node did not start: {''.join(lines)} {proc.communicate()[1]}")
+
+
+def test_run_instantiates_an_application_class(tmp_path: Path) -> None:
+    proc = _start(
+        ["run", "--heartbeat-interval", "0.5", "--partition-count", "4", "bank:App"],
+        {"BANK_READ_DB": str(tmp_path / "bank.sqlite3")},
+        tmp_path,
+    )
+    try:
+        _wait_running(proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "bank:App names a class: using a new instance, App()" in err
+    assert out.rstrip().endswith("stopped")
+
+
+def test_a_duplicate_node_id_is_a_configuration_error(
+    postgres_dsn: str, postgres_schema: str, tmp_path: Path
+) -> None:
+    from runkit_postgres.testing import url_for
+
+    node_id = str(uuid.uuid4())
+    env = {
+        "DOGMA_PERSISTENCE_URL": url_for(postgres_dsn, schema=postgres_schema),
+        "DOGMA_NODE_ID": node_id,
+        # Long enough that a busy machine cannot starve the first node's heartbeat
+        # for the three intervals after which the second would take its ID over.
+        "DOGMA_HEARTBEAT_INTERVAL": "2",
+        "BANK_READ_DB": str(tmp_path / "bank.sqlite3"),
+    }
+    first = _start(["run", "bank:app"], env, tmp_path)
+    try:
+        _wait_running(first)
+        second = cli("run", "bank:app", env=env, cwd=tmp_path)
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert second.returncode == 2, second.stderr
+    assert "Traceback" not in second.stderr
+    assert "EngineStopped" not in second.stderr
+    assert f"runkit run: node ID {node_id} is in use by another process" in second.stderr
+    assert "Give every node its own ID" in second.stderr
+    assert first.returncode == 0
+
+
+def test_drivers_with_none_installed_is_a_configuration_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from runkit.persistence import installed_schemes, plugin_manager
+
+    pm = plugin_manager()
+    removed = {name: pm.unregister(name=name) for name in set(installed_schemes().values())}
+    try:
+        assert error_of(capsys, "drivers") == (
+            "runkit drivers: no persistence drivers are installed; e.g. pip install runkit-memory\n"
+        )
+    finally:
+        for name, plugin in removed.items():
+            pm.register(plugin, name=name)
+    assert "memory" in installed_schemes()

@@ -822,6 +822,59 @@ class TestConfigureErrors:
             "fix the handler's configure()",
         )
 
+    def test_handler_configure_that_raises_does_not_hide_an_invalid_app_key(self) -> None:
+        def configure(c: Any) -> None:
+            raise KeyError("boom")
+
+        app = App(
+            dogma.via_aggregate(Aggregate(configure)),
+            dogma.via_projection(projection("proj", "not-a-uuid")),
+            identity=("app", "also-not-a-uuid"),
+        )
+
+        problems = problems_of(app)
+
+        assert len(problems) == 3, problems
+        assert problems[0].startswith(
+            "application test_config.App: invalid identity key 'also-not-a-uuid'"
+        )
+        assert problems[1] == (
+            "aggregate test_config.Aggregate: configure() raised KeyError: 'boom'; "
+            "fix the handler's configure()"
+        )
+        assert problems[2].startswith("projection test_config.Projection: invalid identity key")
+
+    def test_application_configure_that_raises_still_reports_what_it_declared(self) -> None:
+        # dogma.via_aggregate() refuses a handler without the aggregate methods, so
+        # configure() raises after declaring an invalid identity and one handler.
+        class HalfApp:
+            def configure(self, c: dogma.ApplicationConfigurer) -> None:
+                c.identity("app", "not-a-uuid")
+                c.routes(dogma.via_integration(integration("int", "bad-key")))
+                c.routes(dogma.via_aggregate(object()))
+
+        problems = problems_of(HalfApp())
+
+        assert len(problems) == 3, problems
+        assert "HalfApp: configure() raised TypeError:" in problems[0]
+        assert problems[0].endswith("fix the application's configure()")
+        assert "HalfApp: invalid identity key 'not-a-uuid'" in problems[1]
+        assert problems[2].startswith(
+            "integration test_config.Integration: invalid identity key 'bad-key'"
+        )
+
+    def test_application_configure_that_raises_before_its_identity_is_one_problem(
+        self,
+    ) -> None:
+        class EarlyApp:
+            def configure(self, c: dogma.ApplicationConfigurer) -> None:
+                raise RuntimeError("no database")
+
+        # No "has no identity" next to it: configure() stopped before declaring one.
+        assert only_problem(EarlyApp()).endswith(
+            "configure() raised RuntimeError: no database; fix the application's configure()"
+        )
+
 
 class TestModel:
     @pytest.fixture

@@ -51,7 +51,7 @@ STORES: dict[str, tuple[str, frozenset[str]]] = {
     "inbox": ("/inbox/", frozenset({"append"})),
     "stream": ("/stream/", frozenset({"append"})),
     "aggregate": ("/aggregate/", frozenset({"append", "truncate"})),
-    "snapshot": ("/snapshot/", frozenset({"set"})),
+    "snapshot": ("/snapshot/", frozenset({"set_unconditional"})),
     "process": ("/process/", frozenset({"set"})),
     "deadlines": ("/deadlines/", frozenset({"append", "truncate"})),
     "checkpoints": ("/checkpoints", frozenset({"set"})),
@@ -313,12 +313,16 @@ async def test_process_outbox_survives_an_inbox_outage_spanning_partitions() -> 
             taken.add(_partition(f"t{i}"))
     outage = {_partition(t) for t in targets}
     plan = FaultPlan(seed=1)
-    # The targets' inboxes are unavailable for 60 appends (a short outage); the
-    # source's inbox, where the client's command goes, is not.
+    # The targets' partitions cannot commit for 60 appends (a short outage):
+    # the commands go to them directly (this node owns them), so the outage
+    # hits their stream appends, where those commands commit; the source's
+    # partition is not affected.
     plan.fail(
         BEFORE,
         ops={"append"},
-        names=lambda n: any(n == f"{FANOUT_APP}/inbox/{p}" for p in outage),
+        names=lambda n: any(
+            n in (f"{FANOUT_APP}/inbox/{p}", f"{FANOUT_APP}/stream/{p}") for p in outage
+        ),
         times=60,
     )
     inner = MemoryProvider(f"fanout-{uuid.uuid4()}")

@@ -787,3 +787,106 @@ async def test_engine_heartbeats_on_their_own_provider_when_given_a_url() -> Non
         tg.cancel_scope.cancel()
     with pytest.raises(PersistenceError, match="closed"):
         await heartbeat_provider.keyspaces.open("x")
+
+
+# -- log lines ---------------------------------------------------------------------
+
+
+async def test_a_slow_heartbeat_write_does_not_make_a_peer_look_skewed(
+    silo: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Skew is judged when the read returns: a peer that wrote while our write hung is not ahead."""
+    gate = Gate()
+    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    async with anyio.create_task_group() as tg:
+        slow = await start(tg, N1, clock, _HangingProvider(MemoryProvider(silo), gate))
+        fast = await start(tg, N2, clock, MemoryProvider(silo))
+        await converged([slow, fast])
+        gate.close()
+        await anyio.sleep(INTERVAL * 2)  # N1's write is now stuck, its beat began at the old time
+        await step(silo, clock, [fast])
+        await step(silo, clock, [fast])
+        await step(silo, clock, [fast])  # N2 wrote three intervals after N1's beat began
+        gate.open()
+        await step(silo, clock, [slow, fast])
+        await converged([slow, fast])
+        tg.cancel_scope.cancel()
+    assert "clock is at least" not in caplog.text
+
+
+async def test_a_peer_whose_clock_is_ahead_is_logged_once(
+    silo: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer writing records dated ten intervals ahead of our clock is reported, once."""
+    ahead = FakeClock(now=clock.now + timedelta(seconds=INTERVAL * 10))
+    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    async with anyio.create_task_group() as tg:
+        node = await start(tg, N1, clock, MemoryProvider(silo))
+        await start(tg, N2, ahead, MemoryProvider(silo))
+        # (N2 sees N1's records as expired: only N1's view matters here.)
+        await wait_until(lambda: node.membership.live_nodes() == {str(N1), str(N2)})
+        await step(silo, clock, [node])
+        tg.cancel_scope.cancel()
+    skewed = [r.getMessage() for r in caplog.records if "clock is at least" in r.getMessage()]
+    assert skewed == [
+        f"node {N2}'s clock is at least 0.2s ahead of node {N1}'s; "
+        "skew near a heartbeat interval makes ownership flap"
+    ]
+
+
+class _HangingReads(_HangingKeyspaces):
+    """Node-set reads (``range``) block while the gate is closed."""
+
+    async def open(self, name: str) -> Keyspace:
+        inner = await self._inner.open(name)
+        gate = self._gate
+
+        class Reads(_HangingKeyspace):
+            async def set(self, key: bytes, value: bytes, revision: str) -> str:
+                return await inner.set(key, value, revision)
+
+            def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+                async def items() -> AsyncIterator[tuple[bytes, bytes, str]]:
+                    await gate.passage()
+                    async for item in inner.range():
+                        yield item
+
+                return items()
+
+        return Reads(inner, gate)
+
+
+async def test_a_timed_out_node_set_read_names_the_timeout(
+    silo: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reason of a read that timed out is never empty (it was "... trying): ")."""
+    gate = Gate()
+    provider = _HangingProvider(MemoryProvider(silo), gate)
+    provider._keyspaces = _HangingReads(MemoryProvider(silo).keyspaces, gate)
+    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    async with anyio.create_task_group() as tg:
+        node = await start(tg, N1, clock, provider, store_timeout=0.2)
+        gate.close()
+        await wait_until(lambda: "could not read the node set" in caplog.text)
+        gate.open()
+        await wait_until(lambda: "node set read again" in caplog.text)
+        await node.stop()
+    failures = [r.getMessage() for r in caplog.records if "could not read" in r.getMessage()]
+    assert failures == [
+        f"node {N1} could not read the node set (will keep trying): reading took longer than 0.2s"
+    ]
+
+
+async def test_a_joining_node_is_logged_in_words(
+    silo: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Peers joining and leaving read as sentences with the live count."""
+    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    async with cluster(silo, clock, N1) as (tg, nodes):
+        nodes.append(await start(tg, N2, clock, MemoryProvider(silo)))
+        await converged(nodes)
+        await nodes[1].stop()
+        await wait_until(lambda: nodes[0].membership.live_nodes() == {str(N1)})
+    messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"node {N1}: ")]
+    assert f"node {N1}: node {N2} joined; 2 live nodes" in messages
+    assert f"node {N1}: node {N2} left or expired; 1 live node" in messages

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from runkit import ConfigurationError
 from runkit import _options as o
 from runkit_memory import MemoryProvider
 
@@ -63,11 +66,41 @@ def test_with_listen_address_allows_wildcards_and_port_zero() -> None:
     assert o.with_listen_address("[::]:7000").value == "[::]:7000"
 
 
-def test_with_persistence_unknown_scheme_lists_installed_and_package() -> None:
-    with pytest.raises(ValueError, match=r"no installed driver handles 'redis' URLs") as info:
+def test_with_persistence_unknown_scheme_lists_installed_and_invents_no_package() -> None:
+    with pytest.raises(ValueError, match=r"no persistence driver handles 'redis' URLs") as info:
         o.with_persistence("redis://localhost/0")
     assert "memory" in str(info.value)
-    assert "pip install runkit-redis" in str(info.value)
+    assert "pip install" not in str(info.value)  # runkit-redis would be a squatter's name
+    assert "install a runkit driver plugin that handles it" in str(info.value)
+
+
+def test_with_persistence_reports_every_bad_parameter_at_once() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        o.with_persistence("postgresql://bob:hunter2@db/app?foo=bar&pool_max_size=ten&schema=pg_x")
+    assert info.value.summary == (
+        "with_persistence('postgresql://bob:***@db/app?foo=bar&pool_max_size=ten&schema=pg_x'): "
+        "invalid persistence URL"
+    )
+    problems = info.value.problems
+    assert len(problems) == 3
+    assert problems[0].startswith("postgresql:// URL has unknown parameter 'foo'")
+    assert problems[1] == (
+        "postgresql:// URL parameter 'pool_max_size' must be an integer, not 'ten'"
+    )
+    assert problems[2] == (
+        "postgresql:// URL: invalid schema name 'pg_x': the prefix 'pg_' is reserved"
+    )
+    assert "hunter2" not in str(info.value)
+
+
+def test_with_persistence_accepts_valid_urls_of_every_driver() -> None:
+    for url in (
+        "memory:///app",
+        "postgresql://db.internal/bank?schema=bank&pool_max_size=4",
+        "dynamodb:///bank?region=eu-west-1",
+        "s3:///bank-bucket?prefix=nodes/",
+    ):
+        assert o.with_persistence(url).value == url
 
 
 def test_with_persistence_never_shows_the_password() -> None:
@@ -83,13 +116,76 @@ def test_with_persistence_provider_type_checks() -> None:
         o.with_persistence_provider("memory:///x")  # type: ignore[arg-type]
 
 
-def test_tuning_options_validate() -> None:
-    with pytest.raises(ValueError, match=r"with_partition_count\(0\): expected 1 to 4096"):
-        o.with_partition_count(0)
-    with pytest.raises(ValueError, match="max_delay"):
+@pytest.mark.parametrize(
+    ("make", "value", "error", "message"),
+    [
+        (
+            o.with_partition_count,
+            0,
+            ValueError,
+            r"^with_partition_count\(\): 0 is out of range; "
+            "expected 1 to 4096$",
+        ),
+        (
+            o.with_partition_count,
+            "8",
+            TypeError,
+            r"^with_partition_count\(\) takes an int, not str$",
+        ),
+        (o.with_partition_count, True, TypeError, "takes an int, not bool"),
+        (o.with_heartbeat_interval, 0, ValueError, "expected 0.05 to 60 seconds"),
+        (o.with_heartbeat_interval, float("nan"), ValueError, "expected 0.05 to 60 seconds"),
+        (o.with_backlog_limit, 0, ValueError, r"^with_backlog_limit\(\): 0 is out of range"),
+        (o.with_backlog_limit, 2.5, TypeError, "takes an int, not float"),
+        (o.with_start_timeout, -1, ValueError, r"^with_start_timeout\(\): -1 is out of range"),
+        (o.with_start_timeout, "60", TypeError, "takes seconds"),
+    ],
+)
+def test_tuning_options_validate(make: Any, value: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        make(value)
+
+
+def test_retry_policy_validates() -> None:
+    with pytest.raises(ValueError, match=r"max_delay\) \(1\) is below .*base_delay\) \(2\)"):
         o.with_retry_policy(base_delay=2, max_delay=1)
-    with pytest.raises(ValueError, match=r"expected 0.05 to 60 seconds"):
-        o.with_heartbeat_interval(0)
+    with pytest.raises(ValueError, match=r"with_retry_policy\(max_attempts=...\): 0 is out"):
+        o.with_retry_policy(max_attempts=0)
+    with pytest.raises(ValueError, match=r"with_retry_policy\(base_delay=...\): 0 is out"):
+        o.with_retry_policy(base_delay=0)
+
+
+def test_with_tls_checks_the_files_now(tmp_path: Path) -> None:
+    cert, key, ca = _pem(tmp_path, "node.crt"), _pem(tmp_path, "node.key"), _pem(tmp_path, "ca")
+    settings = o.resolve_options([o.with_tls(cert=cert, key=key, ca=ca)])
+    assert (settings.tls_cert, settings.tls_key, settings.tls_ca) == (cert, key, ca)
+    assert o.resolve_options([o.with_tls(cert=cert, key=key)]).tls_ca is None
+    with pytest.raises(ValueError, match=r"^with_tls\(\): cert '/nope/node.crt' does not exist$"):
+        o.with_tls(cert="/nope/node.crt", key=key)
+    with pytest.raises(ValueError, match=r"with_tls\(\): key '.*' is not a file"):
+        o.with_tls(cert=cert, key=str(tmp_path))
+    (tmp_path / "der").write_bytes(b"\x30\x82\x01\x0a")
+    with pytest.raises(ValueError, match=r"with_tls\(\): ca '.*der' is not a PEM file"):
+        o.with_tls(cert=cert, key=key, ca=tmp_path / "der")
+    with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'key'"):
+        o.with_tls(cert=cert)  # type: ignore[call-arg]
+
+
+def test_with_tls_reports_an_unreadable_file(tmp_path: Path) -> None:
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    key = _pem(tmp_path, "node.key")
+    os.chmod(key, 0)
+    with pytest.raises(ValueError, match=r"with_tls\(\): key '.*' cannot be read: Permission"):
+        o.with_tls(cert=_pem(tmp_path, "node.crt"), key=key)
+
+
+def _pem(directory: Path, name: str) -> str:
+    path = directory / name
+    path.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    return str(path)
 
 
 def test_resolve_rejects_non_options() -> None:
@@ -144,6 +240,8 @@ def test_retry_policy_and_tuning_reach_settings() -> None:
             o.with_retry_policy(max_attempts=3, base_delay=0.5, max_delay=2),
             o.with_partition_count(8),
             o.with_heartbeat_interval(0.5),
+            o.with_backlog_limit(50),
+            o.with_start_timeout(5),
         ]
     )
     assert (settings.max_attempts, settings.retry_base_delay, settings.retry_max_delay) == (
@@ -153,3 +251,85 @@ def test_retry_policy_and_tuning_reach_settings() -> None:
     )
     assert settings.partition_count == 8
     assert settings.heartbeat_interval == 0.5
+    assert settings.backlog_limit == 50
+    assert settings.start_timeout == 5.0
+
+
+def test_defaults_when_nothing_is_set() -> None:
+    settings = o.resolve_options([o.from_environment()])
+    assert (settings.partition_count, settings.heartbeat_interval) == (16, 1.0)
+    assert (settings.backlog_limit, settings.start_timeout) == (1000, 60.0)
+    assert (settings.max_attempts, settings.retry_base_delay, settings.retry_max_delay) == (
+        5,
+        0.1,
+        30.0,
+    )
+    assert (settings.tls_cert, settings.tls_key, settings.tls_ca) == (None, None, None)
+
+
+@pytest.mark.parametrize("env_first", [True, False])
+def test_tuning_options_beat_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env_first: bool
+) -> None:
+    env_cert, env_key, env_ca = (_pem(tmp_path, n) for n in ("e.crt", "e.key", "e.ca"))
+    for name, value in {
+        "DOGMA_PARTITION_COUNT": "32",
+        "DOGMA_HEARTBEAT_INTERVAL": "2",
+        "DOGMA_BACKLOG_LIMIT": "7",
+        "DOGMA_START_TIMEOUT": "9",
+        "DOGMA_MAX_ATTEMPTS": "11",
+        "DOGMA_RETRY_BASE_DELAY": "0.25",
+        "DOGMA_RETRY_MAX_DELAY": "4",
+        "DOGMA_TLS_CERT": env_cert,
+        "DOGMA_TLS_KEY": env_key,
+        "DOGMA_TLS_CA": env_ca,
+    }.items():
+        monkeypatch.setenv(name, value)
+    from_env = o.resolve_options([o.from_environment()])
+    assert (from_env.partition_count, from_env.heartbeat_interval) == (32, 2.0)
+    assert (from_env.backlog_limit, from_env.start_timeout) == (7, 9.0)
+    assert (from_env.max_attempts, from_env.retry_base_delay, from_env.retry_max_delay) == (
+        11,
+        0.25,
+        4.0,
+    )
+    assert (from_env.tls_cert, from_env.tls_key, from_env.tls_ca) == (env_cert, env_key, env_ca)
+
+    cert, key = _pem(tmp_path, "o.crt"), _pem(tmp_path, "o.key")
+    explicit = [
+        o.with_partition_count(4),
+        o.with_backlog_limit(3),
+        # Only max_attempts is given: the delays keep the environment's values.
+        o.with_retry_policy(max_attempts=2),
+        # A whole TLS configuration replaces the environment's, CA included.
+        o.with_tls(cert=cert, key=key),
+    ]
+    env = [o.from_environment()]
+    settings = o.resolve_options(env + explicit if env_first else explicit + env)
+    assert (settings.partition_count, settings.backlog_limit) == (4, 3)
+    assert (settings.heartbeat_interval, settings.start_timeout) == (2.0, 9.0)
+    assert (settings.max_attempts, settings.retry_base_delay, settings.retry_max_delay) == (
+        2,
+        0.25,
+        4.0,
+    )
+    assert (settings.tls_cert, settings.tls_key, settings.tls_ca) == (cert, key, None)
+
+
+def test_retry_delays_are_checked_across_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOGMA_RETRY_MAX_DELAY", "1")
+    with pytest.raises(ValueError, match=r"the retry max delay \(1\) is below the retry base"):
+        o.resolve_options([o.from_environment(), o.with_retry_policy(base_delay=5)])
+
+
+def test_settings_refuse_a_certificate_without_its_key() -> None:
+    from runkit.engine.settings import EngineSettings
+
+    with pytest.raises(ValueError, match="tls_cert and tls_key must be given together"):
+        EngineSettings(tls_cert="/etc/runkit/node.crt")
+    with pytest.raises(ValueError, match="tls_cert and tls_key must be given together"):
+        EngineSettings(tls_key="/etc/runkit/node.key")
+    with pytest.raises(ValueError, match="backlog_limit must be an int >= 1, got 0"):
+        EngineSettings(backlog_limit=0)
+    with pytest.raises(ValueError, match="start_timeout must be positive, got 0"):
+        EngineSettings(start_timeout=0)

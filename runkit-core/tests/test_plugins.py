@@ -9,12 +9,16 @@ import pytest
 
 import runkit
 from runkit.persistence import (
+    InvalidURL,
     Provider,
+    URLProblems,
+    check_url,
     installed_schemes,
     plugin_manager,
     provider_from_url,
     query_params,
     redact_url,
+    url_problems,
 )
 from runkit.testing import ConformanceSuite, unique_name
 from runkit.testing.faults import FaultyProvider
@@ -214,3 +218,97 @@ def test_redact_url_hides_every_password_form(url: str, shown: str) -> None:
     from runkit.persistence import redact_url
 
     assert redact_url(url) == shown
+
+
+class CheckingPlugin(ThirdPartyPlugin):
+    """A third-party driver that also implements the URL-checking hook."""
+
+    @runkit.hookimpl
+    def runkit_persistence_url_problems(self, url: str) -> list[str] | None:
+        if urlsplit(url).scheme != "thirdparty":
+            return None
+        problems = URLProblems(url)
+        query_params(url, frozenset({"ttl"}), problems)
+        if urlsplit(url).netloc:
+            problems.add(f"thirdparty URL {redact_url(url)!r} must not name a host")
+        return problems.problems
+
+
+def test_check_url_reports_every_problem_the_driver_finds() -> None:
+    pm = plugin_manager()
+    pm.register(CheckingPlugin(), name="checking")
+    try:
+        url = "thirdparty://bob:s3cret@host/x?ttl=1&a=1&ttl=2"
+        assert url_problems(url) == [
+            "thirdparty:// URL has unknown parameter 'a' (allowed: ttl)",
+            "thirdparty:// URL repeats parameter 'ttl'",
+            "thirdparty URL 'thirdparty://bob:***@host/x?ttl=1&a=1&ttl=2' must not name a host",
+        ]
+        with pytest.raises(InvalidURL) as info:
+            check_url(url)
+        assert isinstance(info.value, ValueError)
+        assert isinstance(info.value, runkit.ConfigurationError)
+        assert str(info.value) == (
+            "persistence URL 'thirdparty://bob:***@host/x?ttl=1&a=1&ttl=2' has 3 problems\n"
+            "  - thirdparty:// URL has unknown parameter 'a' (allowed: ttl)\n"
+            "  - thirdparty:// URL repeats parameter 'ttl'\n"
+            "  - thirdparty URL 'thirdparty://bob:***@host/x?ttl=1&a=1&ttl=2' must not name a host"
+        )
+        check_url("thirdparty:///x?ttl=1")  # valid: no error
+    finally:
+        pm.unregister(name="checking")
+
+
+def test_a_driver_without_the_checking_hook_is_not_pre_validated(thirdparty: None) -> None:
+    # The hook is optional: the URL is only checked when the provider is made.
+    assert url_problems("thirdparty://host/x") == []
+    check_url("thirdparty://host/x")
+    runkit.with_persistence("thirdparty://host/x")
+    with pytest.raises(ValueError, match="must not name a host"):
+        provider_from_url("thirdparty://host/x")
+
+
+def test_check_url_scheme_problems() -> None:
+    assert url_problems("localhost/db") == [
+        "persistence URL 'localhost/db' has no scheme; "
+        "expected e.g. 'memory:///app' or 'postgresql://host/db'"
+    ]
+    (problem,) = url_problems("cockroach://db/app")
+    assert problem.endswith("install a runkit driver plugin that handles it")
+    assert "pip install" not in problem
+    with pytest.raises(TypeError, match="persistence URL must be str, not bytes"):
+        check_url(b"memory:///x")  # type: ignore[arg-type]
+
+
+def test_an_uninstalled_first_party_driver_names_its_package() -> None:
+    pm = plugin_manager()
+    postgres = pm.unregister(name="postgres")
+    assert postgres is not None
+    try:
+        (problem,) = url_problems("postgresql://db/app?foo=1")
+        assert problem == (
+            f"no persistence driver handles 'postgresql' URLs (installed schemes: {_installed()}); "
+            "install the driver: pip install runkit-postgres"
+        )
+    finally:
+        pm.register(postgres, name="postgres")
+
+
+@pytest.mark.parametrize(
+    ("url", "count"),
+    [
+        ("memory://host/?a=1#f", 3),
+        ("postgresql://u:s3cret@h:99999/db?foo=1&pool_timeout=soon&schema=1x#f", 5),
+        ("dynamodb://h:1/bad prefix?region=x_y&insecure=maybe&zz=1", 4),
+        ("s3://u:s3cret@h/Bad_Bucket/below?prefix=&region=nope&role_arn=x", 5),
+    ],
+)
+def test_every_driver_reports_every_problem_without_io(url: str, count: int) -> None:
+    problems = url_problems(url)
+    assert len(problems) == count, problems
+    assert not any("s3cret" in p for p in problems)
+    # The provider refuses the URL with the same problems.
+    with pytest.raises(ValueError) as info:
+        provider_from_url(url)
+    assert isinstance(info.value, InvalidURL)
+    assert list(info.value.problems) == problems

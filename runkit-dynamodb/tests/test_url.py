@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from runkit.persistence import installed_schemes, provider_from_url
+from runkit.persistence import InvalidURL, installed_schemes, provider_from_url
 from runkit_dynamodb import DynamoDBProvider, DynamoDBURL, parse_url
 
 USAGE = "expected 'dynamodb:///<table-prefix>' or 'dynamodb://host:port/<table-prefix>'"
@@ -213,3 +213,35 @@ class TestConstructor:
         """Invalid constructor arguments fail at the call, naming the value."""
         with pytest.raises(error, match=f"^{re.escape(message)}$"):
             DynamoDBProvider(**kwargs)  # type: ignore[arg-type]
+
+
+class TestEveryProblemAtOnce:
+    def test_parse_url_lists_every_problem(self) -> None:
+        url = "dynamodb://h:99999/bad prefix?region=x_y&insecure=maybe&zz=1&role_arn=arn#f"
+        with pytest.raises(InvalidURL) as info:
+            parse_url(url)
+        assert info.value.problems == (
+            f"dynamodb URL {url!r} has an invalid port: Port out of range 0-65535",
+            f"dynamodb URL {url!r} has a fragment; {USAGE}",
+            "dynamodb:// URL has unknown parameter 'zz' (allowed: insecure, region, role_arn)",
+            "dynamodb table prefix 'bad prefix' is invalid: ' ' is not allowed in DynamoDB "
+            "table names (use A-Z, a-z, 0-9, '_', '-' and '.')",
+            "URL parameter 'insecure' must be true or false, not 'maybe'",
+            "dynamodb URL parameter 'region' is not a valid AWS region: 'x_y'",
+            "dynamodb URL parameter 'role_arn' is not an IAM role ARN "
+            "(arn:<partition>:iam::<account-id>:role/<name>): 'arn'",
+        )
+
+    def test_hook(self) -> None:
+        from runkit_dynamodb import _plugin as plugin
+
+        assert plugin.runkit_persistence_url_problems("s3:///x") is None
+        assert plugin.runkit_persistence_url_problems("dynamodb:///app?region=eu-west-1") == []
+        assert plugin.runkit_persistence_url_problems("dynamodb:///?region=") == [
+            "dynamodb URL parameter 'region' must not be empty",
+            f"dynamodb URL 'dynamodb:///?region=' names no table prefix; {USAGE}",
+        ]
+        # Credentials are refused on their own, never echoed.
+        (problem,) = plugin.runkit_persistence_url_problems("dynamodb://AKIA:s3cret@h/app") or []
+        assert "s3cret" not in problem
+        assert "AKIA" not in problem

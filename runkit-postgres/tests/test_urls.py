@@ -186,3 +186,46 @@ class TestPlugin:
             "postgresql:// URL: invalid schema name 'a.b': expected 1-63 ASCII letters, "
             "digits and underscores, not starting with a digit"
         )
+
+
+class TestEveryProblemAtOnce:
+    def test_parse_url_lists_every_bad_parameter(self) -> None:
+        url = (
+            "postgresql://u:s3cret@h:99999/db?foo=bar&pool_max_size=ten&schema=pg_x"
+            "&pool_timeout=0&foo=baz#frag"
+        )
+        with pytest.raises(ValueError) as info:
+            parse_url(url)
+        assert info.value.problems == (  # type: ignore[attr-defined]
+            f"PostgreSQL URL {describe_conninfo(url)!r} must not have a fragment",
+            "postgresql:// URL has unknown parameter 'foo': it is neither a libpq connection "
+            "parameter nor one of runkit's (max_record_bytes, max_value_bytes, pool_max_size, "
+            "pool_min_size, pool_timeout, schema)",
+            "postgresql:// URL repeats parameter 'foo'",
+            "postgresql:// URL parameter 'pool_max_size' must be an integer, not 'ten'",
+            "postgresql:// URL: invalid schema name 'pg_x': the prefix 'pg_' is reserved",
+            "postgresql:// URL: pool_timeout must be a positive number of seconds, not 0.0",
+            "malformed PostgreSQL connection string 'postgresql://u:***@h:99999/db': "
+            "invalid port '99999'",
+        )
+        assert "s3cret" not in str(info.value)
+
+    def test_the_rule_relating_two_values_is_checked_once_both_are_valid(self) -> None:
+        assert parse_url("postgres://h/db?pool_min_size=20&pool_max_size=30")[1] == Settings(
+            pool_min_size=20, pool_max_size=30
+        )
+        with pytest.raises(ValueError) as info:
+            parse_url("postgres://h/db?pool_min_size=20")
+        assert str(info.value) == (
+            "postgres:// URL: pool_max_size (10) must not be less than pool_min_size (20)"
+        )
+
+    def test_hook(self) -> None:
+        assert plugin.runkit_persistence_url_problems("memory:///x") is None
+        assert plugin.runkit_persistence_url_problems("postgres://h/db?schema=s") == []
+        assert plugin.runkit_persistence_url_problems("postgres://h/db?a=1&pool_min_size=x") == [
+            "postgres:// URL has unknown parameter 'a': it is neither a libpq connection "
+            "parameter nor one of runkit's (max_record_bytes, max_value_bytes, pool_max_size, "
+            "pool_min_size, pool_timeout, schema)",
+            "postgres:// URL parameter 'pool_min_size' must be an integer, not 'x'",
+        ]

@@ -8,6 +8,14 @@ Unions are encoded untagged when each member has its own JSON shape (e.g.
 ``int | str | None``). When two members share a shape (``A | B`` of two attrs
 classes, ``str | datetime``), values are wrapped as ``{"<type name>": value}``
 so decoding cannot guess wrong.
+
+The plans are the codec's one description of a class's fields, and their
+``encode``/``decode`` methods are the pure-Python reference back-end. When
+msgspec is importable (``dogma-api[fast]``; the engine always has it),
+:mod:`dogma._codec_msgspec` compiles the same plans into a msgspec encoder
+and decoder per class. That fast path produces the same bytes and values;
+whatever it cannot handle exactly (and every error) is left to the reference
+back-end, which therefore also words every error message.
 """
 
 from __future__ import annotations
@@ -46,6 +54,31 @@ def _name(cls: type) -> str:
 
 def encode(message: object) -> bytes:
     """Encode attrs instance ``message`` as compact UTF-8 JSON."""
+    fast = _fast_codec(type(message))
+    if fast is not None:
+        try:
+            return fast.encode(message)
+        except Exception:  # noqa: S110 - the reference back-end decides, and words the error
+            pass
+    return pure_encode(message)
+
+
+def decode(cls: type[T], data: bytes) -> T:
+    """Decode ``data`` (as made by :func:`encode`) into a new instance of ``cls``."""
+    # Only exact bytes take the fast path: the reference back-end checks the
+    # argument's type, and msgspec would also accept a str.
+    if type(data) is bytes:
+        fast = _fast_codec(cls)
+        if fast is not None:
+            try:
+                return typing.cast(T, fast.decode(data))
+            except Exception:  # noqa: S110 - the reference back-end decides, and words the error
+                pass
+    return pure_decode(cls, data)
+
+
+def pure_encode(message: object) -> bytes:
+    """:func:`encode` on the pure-Python reference back-end."""
     cls = type(message)
     plan = _plan_for(cls)
     try:
@@ -54,7 +87,7 @@ def encode(message: object) -> bytes:
         raise TypeError(f"cannot marshal {_name(cls)}: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"cannot marshal {_name(cls)}: {exc}") from None
-    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = dumps(obj)
     try:
         return text.encode()
     except UnicodeEncodeError as exc:
@@ -64,8 +97,8 @@ def encode(message: object) -> bytes:
         ) from None
 
 
-def decode(cls: type[T], data: bytes) -> T:
-    """Decode ``data`` (as made by :func:`encode`) into a new instance of ``cls``."""
+def pure_decode(cls: type[T], data: bytes) -> T:
+    """:func:`decode` on the pure-Python reference back-end."""
     plan = _plan_for(cls)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(
@@ -80,6 +113,80 @@ def decode(cls: type[T], data: bytes) -> T:
     except _DecodeError as exc:
         raise ValueError(f"cannot unmarshal {_name(cls)}: {exc}") from None
     return typing.cast(T, value)
+
+
+def dumps(obj: JSON) -> str:
+    """Return ``obj`` (JSON-native values) as the codec's compact JSON text."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# --------------------------------------------------------------------------- back-ends
+
+
+class FastCodec(typing.Protocol):
+    """A class's compiled encoder and decoder, made by a fast back-end.
+
+    Both give exactly what the reference back-end gives, or raise (anything)
+    for the reference back-end to handle the value instead.
+    """
+
+    def encode(self, message: object) -> bytes: ...
+
+    def decode(self, data: bytes) -> object: ...
+
+
+class _Backend(typing.Protocol):
+    def compile(self, plan: _AttrsClass) -> FastCodec | None: ...
+
+
+# The fast back-end: None until loaded, then the module or False without msgspec.
+_backend: _Backend | typing.Literal[False] | None = None
+
+# Each class's fast codec, compiled on first use; None where there is none.
+_FAST: dict[type, FastCodec | None] = {}
+
+
+def _load_backend() -> _Backend | None:
+    """Return the msgspec back-end, importing msgspec on first use, or None without it."""
+    global _backend  # noqa: PLW0603 - loaded on first use so that importing dogma stays cheap
+    if _backend is None:
+        try:
+            from . import _codec_msgspec
+        except ImportError:
+            _backend = False
+        else:
+            _backend = _codec_msgspec
+    return _backend or None
+
+
+def use_pure_backend(pure: bool) -> None:
+    """Use only the reference back-end (``True``) or the fastest available one.
+
+    For tests and benchmarks; forgets the fast codecs compiled so far.
+    """
+    global _backend  # noqa: PLW0603
+    _backend = False if pure else None
+    _FAST.clear()
+
+
+def _fast_codec(cls: type) -> FastCodec | None:
+    try:
+        return _FAST[cls]
+    except KeyError:
+        pass
+    backend = _load_backend()
+    if backend is None:
+        return None
+    plan = _plan_for(cls)
+    if not isinstance(plan, _AttrsClass):
+        _FAST[cls] = None
+        return None
+    try:
+        plan.fields  # noqa: B018 - unsupported fields: the reference back-end reports them
+    except TypeError:
+        return None
+    fast = _FAST[cls] = backend.compile(plan)
+    return fast
 
 
 # --------------------------------------------------------------------------- plans
@@ -652,4 +759,4 @@ def _type_name(tp: object) -> str:
     return repr(tp)
 
 
-__all__ = ["check", "decode", "encode"]
+__all__ = ["check", "decode", "dumps", "encode", "pure_decode", "pure_encode", "use_pure_backend"]

@@ -16,6 +16,7 @@ from ._options import Option as Option
 from ._options import from_environment as from_environment
 from ._options import with_advertise_address as with_advertise_address
 from ._options import with_application as with_application
+from ._options import with_backlog_limit as with_backlog_limit
 from ._options import with_heartbeat_interval as with_heartbeat_interval
 from ._options import with_listen_address as with_listen_address
 from ._options import with_node_id as with_node_id
@@ -24,6 +25,8 @@ from ._options import with_persistence as with_persistence
 from ._options import with_persistence_provider as with_persistence_provider
 from ._options import with_retry_policy as with_retry_policy
 from ._options import with_site as with_site
+from ._options import with_start_timeout as with_start_timeout
+from ._options import with_tls as with_tls
 from .engine.engine import Engine as Engine
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "hookspec",
     "with_advertise_address",
     "with_application",
+    "with_backlog_limit",
     "with_heartbeat_interval",
     "with_listen_address",
     "with_node_id",
@@ -44,6 +48,8 @@ __all__ = [
     "with_persistence_provider",
     "with_retry_policy",
     "with_site",
+    "with_start_timeout",
+    "with_tls",
 ]
 
 # Public objects report the front door as their module.

@@ -3,7 +3,9 @@
 ``ENVIRONMENT`` is the registry: it lists every variable with its description,
 type, default and example, and validates a mapping (``os.environ`` by default),
 reporting every problem at once in a ``ConfigurationError``. Parsing is done
-with environs in non-eager mode so that all errors are collected.
+with environs in non-eager mode so that all errors are collected. A persistence
+URL is checked by its driver (without I/O), so ``runkit env`` reports every bad
+parameter too.
 """
 
 from __future__ import annotations
@@ -17,11 +19,24 @@ import attrs
 import environs
 
 from ._errors import ConfigurationError
-from ._validate import parse_address, parse_node_id, parse_site
+from ._validate import (
+    KNOBS,
+    check_readable_file,
+    check_retry_delays,
+    parse_address,
+    parse_node_id,
+    parse_site,
+)
 from .engine.settings import Site
-from .persistence import redact_url
+from .persistence import redact_url, url_problems
 
-__all__ = ["ENVIRONMENT", "EnvironmentRegistry", "EnvironmentValues", "Variable"]
+__all__ = [
+    "ENVIRONMENT",
+    "ENVIRONMENT_FIELDS",
+    "EnvironmentRegistry",
+    "EnvironmentValues",
+    "Variable",
+]
 
 
 @attrs.frozen
@@ -48,6 +63,32 @@ class EnvironmentValues:
     persistence_url: str | None = None
     listen_address: str | None = None
     advertise_address: str | None = None
+    partition_count: int | None = None
+    heartbeat_interval: float | None = None
+    backlog_limit: int | None = None
+    start_timeout: float | None = None
+    max_attempts: int | None = None
+    retry_base_delay: float | None = None
+    retry_max_delay: float | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+
+#: The ``EngineSettings`` fields the environment can set (``EnvironmentValues`` uses their names).
+ENVIRONMENT_FIELDS = tuple(a.name for a in attrs.fields(EnvironmentValues))
+
+# The variable that sets each field (the site takes two, DOGMA_SITE_NAME and _KEY).
+_FIELD_VARIABLES = {
+    "node_id": "DOGMA_NODE_ID",
+    "persistence_url": "DOGMA_PERSISTENCE_URL",
+    "listen_address": "DOGMA_LISTEN_ADDRESS",
+    "advertise_address": "DOGMA_ADVERTISE_ADDRESS",
+    **{k.field: k.variable for k in KNOBS},
+    "tls_cert": "DOGMA_TLS_CERT",
+    "tls_key": "DOGMA_TLS_KEY",
+    "tls_ca": "DOGMA_TLS_CA",
+}
 
 
 def _persistence_url(value: str) -> str:
@@ -59,6 +100,10 @@ def _persistence_url(value: str) -> str:
         raise ValueError(f"not a valid URL: {exc}") from None
     if not scheme:
         raise ValueError("the URL has no scheme")
+    # Every problem the driver finds, without I/O; each becomes its own line.
+    problems = url_problems(value)
+    if problems:
+        raise ConfigurationError("invalid persistence URL", problems)
     return value
 
 
@@ -106,8 +151,10 @@ class EnvironmentRegistry:
         """
         source = os.environ if environ is None else environ
         env = _MappingEnv(source)
+        # Variables whose problems say what is expected already (a driver's URL check).
+        explained: set[str] = set()
         for v in self:
-            env.add_parser(_parser_name(v.name), _wrap(v.parse))
+            env.add_parser(_parser_name(v.name), _wrap(v.name, v.parse, explained))
         values: dict[str, Any] = {}
         for v in self:
             raw = source.get(v.name)
@@ -121,47 +168,78 @@ class EnvironmentRegistry:
         except environs.EnvValidationError as exc:
             messages: dict[str, list[str]] = exc.error_messages  # type: ignore[assignment]
             for name in self._variables:
-                for message in messages.get(name, []):
-                    problems.append(self._problem(name, source.get(name, ""), message))
-        site_name, site_key = source.get("DOGMA_SITE_NAME"), source.get("DOGMA_SITE_KEY")
+                for i, message in enumerate(messages.get(name, [])):
+                    # Further problems with one value (a URL's parameters) skip the
+                    # value, already shown on the first line.
+                    if i > 0:
+                        problems.append(f"{name}: {message}")
+                    else:
+                        raw = source.get(name, "")
+                        problems.append(self._problem(name, raw, message, name not in explained))
+        for first, second in (
+            ("DOGMA_SITE_NAME", "DOGMA_SITE_KEY"),
+            ("DOGMA_TLS_CERT", "DOGMA_TLS_KEY"),
+        ):
+            problem = self._together(source, first, second)
+            if problem is not None:
+                problems.append(problem)
         site: Site | None = None
-        if bool(site_name) != bool(site_key):
-            missing = "DOGMA_SITE_KEY" if site_name else "DOGMA_SITE_NAME"
-            present = "DOGMA_SITE_NAME" if site_name else "DOGMA_SITE_KEY"
-            problems.append(
-                f"{missing} is not set but {present} is: the two are required together, "
-                f"e.g. {missing}={self[missing].example}"
-            )
-        elif site_name and site_key and values["DOGMA_SITE_NAME"] and values["DOGMA_SITE_KEY"]:
+        if values["DOGMA_SITE_NAME"] and values["DOGMA_SITE_KEY"]:
             site = Site(values["DOGMA_SITE_NAME"], values["DOGMA_SITE_KEY"])
+        base, top = values["DOGMA_RETRY_BASE_DELAY"], values["DOGMA_RETRY_MAX_DELAY"]
+        if base is not None and top is not None:
+            try:
+                check_retry_delays(
+                    base, top, names=("DOGMA_RETRY_BASE_DELAY", "DOGMA_RETRY_MAX_DELAY")
+                )
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
-            raise ConfigurationError(f"{len(problems)} invalid environment variable(s)", problems)
+            noun = "problem" if len(problems) == 1 else "problems"
+            raise ConfigurationError(
+                f"{len(problems)} {noun} with the DOGMA_* environment variables", problems
+            )
         return EnvironmentValues(
-            site=site,
-            node_id=values["DOGMA_NODE_ID"],
-            persistence_url=values["DOGMA_PERSISTENCE_URL"],
-            listen_address=values["DOGMA_LISTEN_ADDRESS"],
-            advertise_address=values["DOGMA_ADVERTISE_ADDRESS"],
+            site=site, **{field: values[name] for field, name in _FIELD_VARIABLES.items()}
         )
 
-    def _problem(self, name: str, raw: str, message: str) -> str:
+    def _together(self, source: Mapping[str, str], first: str, second: str) -> str | None:
+        """The problem if exactly one of two variables that go together is set."""
+        if bool(source.get(first)) == bool(source.get(second)):
+            return None
+        missing, present = (second, first) if source.get(first) else (first, second)
+        return (
+            f"{missing} is not set but {present} is: the two are required together, "
+            f"e.g. {missing}={self[missing].example}"
+        )
+
+    def _problem(self, name: str, raw: str, message: str, hint: bool = True) -> str:
         v = self[name]
         shown = redact_url(raw) if v.sensitive else raw
-        return f"{name}={shown!r}: {message}; expected {v.type}, e.g. {name}={v.example}"
+        problem = f"{name}={shown!r}: {message}"
+        return f"{problem}; expected {v.type}, e.g. {name}={v.example}" if hint else problem
 
 
 def _parser_name(name: str) -> str:
     return "parse_" + name.lower()
 
 
-def _wrap(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def _wrap(name: str, parse: Callable[[str], Any], explained: set[str]) -> Callable[[str], Any]:
     def parser(value: str) -> Any:
         try:
             return parse(value)
+        except ConfigurationError as exc:
+            # Several problems with one value: environs keeps each as a message.
+            explained.add(name)
+            raise environs.ValidationError(list(exc.problems) or [str(exc)]) from None
         except (ValueError, TypeError) as exc:
             raise environs.EnvError(str(exc)) from None
 
     return parser
+
+
+def _call(option: str) -> str:
+    return option if "(" in option else f"{option}()"
 
 
 def _site_name(value: str) -> str:
@@ -204,7 +282,8 @@ ENVIRONMENT = EnvironmentRegistry(
             "Where the engine stores everything; the scheme picks the installed driver "
             "(memory, postgres/postgresql, dynamodb, s3).",
             "postgresql://runkit@db.internal/bank?schema=runkit",
-            default="none (runkit run falls back to memory:///)",
+            default="none (runkit run falls back to memory:///runkit, which keeps nothing "
+            "after the process exits)",
             parse=_persistence_url,
             sensitive=True,
         ),
@@ -222,6 +301,43 @@ ENVIRONMENT = EnvironmentRegistry(
             "node-1.internal:7000",
             default="derived from the listen address and host name",
             parse=lambda v: parse_address(v, what="advertise address", advertise=True),
+        ),
+        *(
+            Variable(
+                k.variable,
+                f"{'integer' if k.kind is int else 'number'}, {k.expected}",
+                f"{k.description} Also {_call(k.option)} and runkit run {k.flag}.",
+                k.example,
+                default=k.default,
+                parse=k.parse,
+            )
+            for k in KNOBS
+        ),
+        Variable(
+            "DOGMA_TLS_CERT",
+            "PEM file path",
+            "This node's certificate for node-to-node TLS; required together with "
+            "DOGMA_TLS_KEY. Also with_tls(cert=...) and runkit run --tls-cert.",
+            "/etc/runkit/node.crt",
+            default="a self-signed certificate made at start-up, trusted by its "
+            "fingerprint in the node's heartbeat",
+            parse=lambda v: check_readable_file(v, what="certificate"),
+        ),
+        Variable(
+            "DOGMA_TLS_KEY",
+            "PEM file path",
+            "The private key of DOGMA_TLS_CERT. Also with_tls(key=...) and runkit run --tls-key.",
+            "/etc/runkit/node.key",
+            parse=lambda v: check_readable_file(v, what="key"),
+        ),
+        Variable(
+            "DOGMA_TLS_CA",
+            "PEM file path",
+            "A CA bundle peers' certificates must chain to. Also with_tls(ca=...) and "
+            "runkit run --tls-ca.",
+            "/etc/runkit/ca.crt",
+            default="trust each peer by the fingerprint in its heartbeat",
+            parse=lambda v: check_readable_file(v, what="CA bundle"),
         ),
     )
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["ConfigurationError"]
+__all__ = ["CLIError", "ConfigurationError"]
 
 
 class ConfigurationError(ValueError):
@@ -19,3 +19,11 @@ class ConfigurationError(ValueError):
         self.problems = tuple(problems)
         lines = [summary, *(f"  - {p}" for p in self.problems)]
         super().__init__("\n".join(lines))
+
+
+class CLIError(Exception):
+    """A usage problem on the command line the user can fix; printed without a traceback (exit 2).
+
+    Defined here, not in ``runkit.cli``, so that ``python -m runkit.cli`` (where
+    the CLI module is ``__main__``) and the modules it imports share the class.
+    """

@@ -35,3 +35,16 @@ def runkit_persistence_provider(url: str) -> Provider | None:
     scheme is this plugin's but the URL is malformed. Calling stops at the first
     non-``None`` result. The provider connects lazily: constructing it does no I/O.
     """
+
+
+@hookspec(firstresult=True)
+def runkit_persistence_url_problems(url: str) -> list[str] | None:
+    """Check *url* without I/O: ``None`` if its scheme is not this plugin's, else its problems.
+
+    Return every problem at once (an empty list for a valid URL), each a
+    sentence naming the part or parameter, its value (never a password:
+    use ``runkit.persistence.redact_url``) and what is expected. runkit calls
+    this in ``with_persistence()`` and ``runkit env`` so mistakes surface before
+    the engine starts. Optional: a plugin without it is not pre-validated, and
+    its URLs are checked by ``runkit_persistence_provider`` at start-up.
+    """

@@ -8,25 +8,35 @@ environment variables whatever their order.
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 
 from . import config
-from ._environment import ENVIRONMENT, EnvironmentValues
-from ._validate import parse_address, parse_node_id, parse_site
+from ._environment import ENVIRONMENT, ENVIRONMENT_FIELDS, EnvironmentValues
+from ._errors import ConfigurationError
+from ._validate import (
+    KNOBS,
+    check_readable_file,
+    check_retry_delays,
+    parse_address,
+    parse_node_id,
+    parse_site,
+)
 from .engine.settings import EngineSettings
-from .persistence import Provider, driver_package, installed_schemes, redact_url
+from .persistence import Provider, redact_url, url_problems
 
 __all__ = [
     "Option",
     "from_environment",
     "resolve_options",
+    "tuning_options",
     "with_advertise_address",
     "with_application",
+    "with_backlog_limit",
     "with_heartbeat_interval",
     "with_listen_address",
     "with_node_id",
@@ -35,7 +45,11 @@ __all__ = [
     "with_persistence_provider",
     "with_retry_policy",
     "with_site",
+    "with_start_timeout",
+    "with_tls",
 ]
+
+_KNOBS = {k.field: k for k in KNOBS}
 
 
 @attrs.frozen(repr=False)
@@ -93,30 +107,17 @@ def with_site(name: str, key: str) -> Option:
 def with_persistence(url: str) -> Option:
     """Persist through the driver plugin that handles *url*'s scheme.
 
-    The scheme is checked now against the installed drivers (the error lists
-    them and names the package to install); the driver parses the rest of the
-    URL when the engine starts. Passwords never appear in errors or reprs.
+    The URL is checked now, without I/O: the scheme against the installed
+    drivers (the error lists them, and names the package for a first-party
+    scheme), the rest by the driver. Raises ``runkit.ConfigurationError`` (a
+    ``ValueError``) listing every problem. Passwords never appear in errors or reprs.
     """
     if not isinstance(url, str):
         raise TypeError(f"with_persistence() takes a URL str, not {type(url).__name__}")
     shown = redact_url(url)
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError as exc:
-        raise ValueError(f"with_persistence({shown!r}): malformed URL: {exc}") from None
-    if not scheme:
-        raise ValueError(
-            f"with_persistence({shown!r}): the URL has no scheme; "
-            "e.g. 'memory:///bank' or 'postgresql://db.internal/bank'"
-        )
-    known = installed_schemes()
-    if scheme not in known:
-        package = driver_package(scheme) or f"runkit-{scheme}"
-        raise ValueError(
-            f"with_persistence({shown!r}): no installed driver handles {scheme!r} URLs "
-            f"(installed schemes: {', '.join(sorted(known)) or 'none'}); "
-            f"install one, e.g. pip install {package}"
-        )
+    problems = url_problems(url)
+    if problems:
+        raise ConfigurationError(f"with_persistence({shown!r}): invalid persistence URL", problems)
     return Option("with_persistence", "persistence_url", url, f"with_persistence({shown!r})")
 
 
@@ -149,59 +150,121 @@ def with_advertise_address(address: str) -> Option:
     )
 
 
+def _knob(field: str, value: object) -> Option:
+    knob = _KNOBS[field]
+    number = knob.check(value, what=f"{knob.option}()")
+    return Option(knob.option, field, number, f"{knob.option}({number!r})")
+
+
 def with_partition_count(count: int) -> Option:
-    """Partitions per application when it first starts (default 16); fixed afterwards."""
-    if isinstance(count, bool) or not isinstance(count, int):
-        raise TypeError(f"with_partition_count() takes an int, not {type(count).__name__}")
-    if not 1 <= count <= 4096:
-        raise ValueError(f"with_partition_count({count}): expected 1 to 4096")
-    return Option(
-        "with_partition_count", "partition_count", count, f"with_partition_count({count})"
-    )
+    """Partitions per application when it first starts (default 16, 1 to 4096); fixed afterwards.
+
+    Also ``DOGMA_PARTITION_COUNT`` and ``runkit run --partition-count``.
+    """
+    return _knob("partition_count", count)
 
 
 def with_heartbeat_interval(seconds: float) -> Option:
-    """Seconds between membership heartbeats (default 1); records expire after 3 intervals."""
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise TypeError(f"with_heartbeat_interval() takes seconds, not {type(seconds).__name__}")
-    if not 0.05 <= seconds <= 60:
-        raise ValueError(f"with_heartbeat_interval({seconds}): expected 0.05 to 60 seconds")
-    return Option(
-        "with_heartbeat_interval",
-        "heartbeat_interval",
-        float(seconds),
-        f"with_heartbeat_interval({seconds})",
-    )
+    """Seconds between membership heartbeats (default 1, 0.05 to 60); records expire after 3.
+
+    Also ``DOGMA_HEARTBEAT_INTERVAL`` and ``runkit run --heartbeat-interval``.
+    """
+    return _knob("heartbeat_interval", seconds)
+
+
+def with_backlog_limit(limit: int) -> Option:
+    """The most commands waiting in one partition (default 1000); then ``execute_command`` waits.
+
+    Also ``DOGMA_BACKLOG_LIMIT`` and ``runkit run --backlog-limit``.
+    """
+    return _knob("backlog_limit", limit)
+
+
+def with_start_timeout(seconds: float) -> Option:
+    """Seconds start-up keeps retrying an unreachable store before giving up (default 60).
+
+    Also ``DOGMA_START_TIMEOUT`` and ``runkit run --start-timeout``.
+    """
+    return _knob("start_timeout", seconds)
+
+
+# with_retry_policy()'s argument for each retry field.
+_RETRY_ARGUMENTS = {
+    "max_attempts": "max_attempts",
+    "retry_base_delay": "base_delay",
+    "retry_max_delay": "max_delay",
+}
+
+
+def tuning_options(values: Mapping[str, int | float]) -> list[Option]:
+    """The options that set the given ``EngineSettings`` knob fields (``runkit run``'s flags).
+
+    Keys are fields of ``runkit._validate.KNOBS``; the retry fields become one
+    ``with_retry_policy()``.
+    """
+    options = [_knob(f, v) for f, v in values.items() if f not in _RETRY_ARGUMENTS]
+    retry: dict[str, Any] = {
+        _RETRY_ARGUMENTS[f]: v for f, v in values.items() if f in _RETRY_ARGUMENTS
+    }
+    if retry:
+        options.append(with_retry_policy(**retry))
+    return options
 
 
 def with_retry_policy(
-    *, max_attempts: int = 5, base_delay: float = 0.1, max_delay: float = 30.0
+    *,
+    max_attempts: int | None = None,
+    base_delay: float | None = None,
+    max_delay: float | None = None,
 ) -> Option:
     """Retry failing handlers with capped exponential backoff and jitter.
 
-    After *max_attempts* consecutive failures a command goes to the poison store.
+    After *max_attempts* consecutive failures (default 5) a command goes to the
+    poison store; the first retry waits *base_delay* seconds (default 0.1), each
+    further one twice as long, up to *max_delay* (default 30). An argument left
+    out keeps its ``DOGMA_MAX_ATTEMPTS`` / ``DOGMA_RETRY_BASE_DELAY`` /
+    ``DOGMA_RETRY_MAX_DELAY`` value, else the default.
     """
-    if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ValueError(f"with_retry_policy(max_attempts={max_attempts!r}): expected an int >= 1")
-    for name, value in (("base_delay", base_delay), ("max_delay", max_delay)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ValueError(f"with_retry_policy({name}={value!r}): expected seconds > 0")
-    if max_delay < base_delay:
-        raise ValueError(
-            f"with_retry_policy(): max_delay ({max_delay}) is below base_delay ({base_delay})"
+    given = {"max_attempts": max_attempts, "base_delay": base_delay, "max_delay": max_delay}
+    values: dict[str, int | float] = {}
+    for field, name in _RETRY_ARGUMENTS.items():
+        if given[name] is not None:
+            what = f"with_retry_policy({name}=...)"
+            values[field] = _KNOBS[field].check(given[name], what=what)
+    if base_delay is not None and max_delay is not None:
+        check_retry_delays(
+            values["retry_base_delay"],
+            values["retry_max_delay"],
+            names=("with_retry_policy(base_delay)", "with_retry_policy(max_delay)"),
         )
+    shown = ", ".join(f"{name}={value!r}" for name, value in given.items() if value is not None)
+    return Option("with_retry_policy", "retry_policy", values, f"with_retry_policy({shown})")
+
+
+def with_tls(
+    *,
+    cert: str | os.PathLike[str],
+    key: str | os.PathLike[str],
+    ca: str | os.PathLike[str] | None = None,
+) -> Option:
+    """Secure node-to-node traffic with this node's certificate and key (PEM files).
+
+    With *ca*, peers' certificates must chain to that CA bundle; without it they
+    are trusted by the fingerprint each node publishes in its heartbeat. Without
+    ``with_tls`` at all, each node makes a self-signed certificate at start-up.
+    The files are checked now (they exist, are readable and are PEM). Also
+    ``DOGMA_TLS_CERT``/``DOGMA_TLS_KEY``/``DOGMA_TLS_CA`` and the ``runkit run``
+    flags ``--tls-cert``/``--tls-key``/``--tls-ca``.
+    """
     values = {
-        "max_attempts": max_attempts,
-        "retry_base_delay": float(base_delay),
-        "retry_max_delay": float(max_delay),
+        "tls_cert": check_readable_file(cert, what="with_tls(): cert"),
+        "tls_key": check_readable_file(key, what="with_tls(): key"),
+        "tls_ca": None if ca is None else check_readable_file(ca, what="with_tls(): ca"),
     }
-    return Option(
-        "with_retry_policy",
-        "retry_policy",
-        values,
-        f"with_retry_policy(max_attempts={max_attempts}, base_delay={base_delay}, "
-        f"max_delay={max_delay})",
-    )
+    shown = f"cert={values['tls_cert']!r}, key={values['tls_key']!r}"
+    if values["tls_ca"] is not None:
+        shown += f", ca={values['tls_ca']!r}"
+    return Option("with_tls", "tls", values, f"with_tls({shown})")
 
 
 def from_environment() -> Option:
@@ -214,15 +277,13 @@ def from_environment() -> Option:
     return Option("from_environment", "environment", values, "from_environment()")
 
 
-_ENV_FIELDS = ("site", "node_id", "persistence_url", "listen_address", "advertise_address")
-
-
 def resolve_options(options: Iterable[Option]) -> EngineSettings:
     """Combine *options* into ``EngineSettings``.
 
     Raises ``TypeError`` for something that is not an ``Option`` and
     ``ValueError`` for an option given twice, two applications with one
-    identity key, or both ``with_persistence`` and ``with_persistence_provider``.
+    identity key, both ``with_persistence`` and ``with_persistence_provider``,
+    or a retry max delay below the base delay.
     """
     explicit: dict[str, Any] = {}
     given_by: dict[str, str] = {}
@@ -256,8 +317,14 @@ def resolve_options(options: Iterable[Option]) -> EngineSettings:
                 f"identity key {app.identity.key!r}; each application needs its own key"
             )
         seen[app.identity.key] = app
+    # Options that set several fields at once replace all of them: with_tls()
+    # replaces the environment's whole TLS configuration.
+    if "tls" in explicit:
+        env = attrs.evolve(env, tls_cert=None, tls_key=None, tls_ca=None)
+    for group in ("retry_policy", "tls"):
+        explicit.update(explicit.pop(group, {}))
     settings: dict[str, Any] = {"applications": tuple(apps)}
-    for field in _ENV_FIELDS:
+    for field in ENVIRONMENT_FIELDS:
         value = explicit.get(field, getattr(env, field))
         if value is not None:
             settings[field] = value
@@ -265,9 +332,10 @@ def resolve_options(options: Iterable[Option]) -> EngineSettings:
     if "persistence_provider" in explicit:
         settings.pop("persistence_url", None)
         settings["persistence_provider"] = explicit["persistence_provider"]
-    for field in ("partition_count", "heartbeat_interval"):
-        if field in explicit:
-            settings[field] = explicit[field]
-    if "retry_policy" in explicit:
-        settings.update(explicit["retry_policy"])
-    return EngineSettings(**settings)
+    resolved = EngineSettings(**settings)
+    check_retry_delays(
+        resolved.retry_base_delay,
+        resolved.retry_max_delay,
+        names=("the retry base delay", "the retry max delay"),
+    )
+    return resolved

@@ -5,64 +5,72 @@ from __future__ import annotations
 
 import signal
 import textwrap
-from typing import Any, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 import anyio
 
 from . import config
 from ._environment import ENVIRONMENT
-from ._options import from_environment, with_application, with_persistence
-from .cli import DEFAULT_MEMORY_URL, CLIError, load_object, print_table
-from .engine.engine import Engine, meta_name, read_partition_count
+from ._errors import CLIError, ConfigurationError
+from ._options import Option, from_environment, with_application, with_persistence
+from .cli import DEFAULT_MEMORY_URL, application_object, print_table
+from .engine.engine import Engine, EngineStopped, meta_name, read_partition_count
 from .engine.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .persistence import Provider, provider_from_url, redact_url
 
 __all__ = ["nodes_command", "poison_command", "run_node"]
 
 
-def _application(spec: str) -> Any:
-    obj = load_object(spec)
-    if callable(getattr(obj, "configure", None)):
-        return obj
-    if callable(obj):
-        made = obj()
-        if callable(getattr(made, "configure", None)):
-            return made
-    raise CLIError(
-        f"{spec!r} is not a Dogma application (an object with a configure(c) method, "
-        "or a callable returning one)"
-    )
-
-
-def run_node(spec: str, *, out: TextIO, backend: str = "asyncio") -> int:
-    """Run a node for the application at *spec* until SIGINT/SIGTERM."""
-    app = _application(spec)
+def _engine(spec: str, options: Sequence[Option], out: TextIO) -> tuple[Engine, str]:
+    """Build the engine ``runkit run`` runs, and the persistence URL it uses."""
+    app = application_object(spec)
     env = ENVIRONMENT.load()
-    options = [with_application(app), from_environment()]
-    url = env.persistence_url
-    if url is None:
-        url = DEFAULT_MEMORY_URL
-        options.append(with_persistence(url))
-        out.write(
-            f"DOGMA_PERSISTENCE_URL is not set: using {url} "
-            "(in-process memory; nothing survives this process)\n"
-        )
-    engine = Engine(*options)
+    try:
+        all_options = [with_application(app), from_environment(), *options]
+        url = env.persistence_url
+        if url is None:
+            url = DEFAULT_MEMORY_URL
+            all_options.append(with_persistence(url))
+            out.write(
+                f"DOGMA_PERSISTENCE_URL is not set; using the embedded memory driver ({url}): "
+                "state is lost when the process exits\n"
+            )
+        return Engine(*all_options), url
+    except ConfigurationError:
+        raise
+    except (ValueError, TypeError) as exc:
+        # The options validate at the call: what they refuse is configuration.
+        raise CLIError(str(exc)) from None
+
+
+def run_node(
+    spec: str, *, out: TextIO, backend: str = "asyncio", options: Sequence[Option] = ()
+) -> int:
+    """Run a node for the application at *spec* until SIGINT/SIGTERM.
+
+    *options* (from ``runkit run``'s flags) beat the environment.
+    """
+    engine, url = _engine(spec, options, out)
     names = ", ".join(a.identity.name for a in engine.applications)
     out.write(f"starting node {engine.settings.node_id} for {names}\n")
     out.flush()
+
+    async def announce() -> None:
+        try:
+            for app in engine.applications:
+                await engine.runtime(app.identity.key)
+        except EngineStopped:
+            return  # it failed to start; engine.run() raises the reason
+        out.write(f"running {names} on {redact_url(url)}; Ctrl-C or SIGTERM stops it gracefully\n")
+        out.flush()
 
     async def serve() -> None:
         # Signals are caught before the engine starts, so none is lost in between.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(engine.run)
-                for app in engine.applications:
-                    await engine.runtime(app.identity.key)
-                out.write(
-                    f"running {names} on {redact_url(url)}; Ctrl-C or SIGTERM stops it gracefully\n"
-                )
-                out.flush()
+                tg.start_soon(announce)
                 async for signum in signals:
                     out.write(
                         f"received {signal.Signals(signum).name}: stopping "
@@ -100,7 +108,7 @@ def _summary(p: PoisonedCommand) -> tuple[str, ...]:
 
 def poison_command(spec: str, action: str, command_id: str | None, *, out: TextIO) -> int:
     """``runkit poison list|show|requeue``: operate on the store the nodes use."""
-    built = config.build(_application(spec))
+    built = config.build(application_object(spec))
     env = ENVIRONMENT.load()
     if env.persistence_url is None:
         raise CLIError("set DOGMA_PERSISTENCE_URL to the store the application's nodes use")
@@ -109,6 +117,8 @@ def poison_command(spec: str, action: str, command_id: str | None, *, out: TextI
 
     async def go() -> int:
         provider = provider_from_url(url)
+        if action != "requeue":
+            provider.set_read_only()  # inspecting must not create (or change) anything
         try:
             count = await _partition_count(provider, key)
             if action == "list":
@@ -167,6 +177,7 @@ def nodes_command(*, out: TextIO) -> int:
 
     async def go() -> int:
         provider = provider_from_url(url)
+        provider.set_read_only()  # inspecting must not create (or change) anything
         try:
             records = await list_nodes(provider)
         finally:

@@ -7,13 +7,24 @@ message that names the value, says what was expected, and gives an example.
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 import uuid
 
 import attrs
 
 import dogma
 
-__all__ = ["Site", "parse_address", "parse_node_id", "parse_site"]
+__all__ = [
+    "KNOBS",
+    "Knob",
+    "Site",
+    "check_readable_file",
+    "check_retry_delays",
+    "parse_address",
+    "parse_node_id",
+    "parse_site",
+]
 
 
 @attrs.frozen
@@ -94,3 +105,184 @@ def parse_address(value: object, *, what: str, advertise: bool) -> str:
         if int(port_text) == 0:
             raise ValueError(f"{what} {value!r}: port 0 is not routable; give the real port")
     return value
+
+
+@attrs.frozen
+class Knob:
+    """One numeric engine setting reachable from an option, a variable and a flag.
+
+    ``check`` validates a value given in Python (raising ``TypeError`` for the
+    wrong type, ``ValueError`` out of range); ``parse`` validates the text of an
+    environment variable or command-line flag.
+    """
+
+    #: The ``EngineSettings`` field.
+    field: str
+    #: The ``runkit.with_*`` option (or ``with_retry_policy`` argument) that sets it.
+    option: str
+    #: The ``DOGMA_*`` environment variable.
+    variable: str
+    #: The ``runkit run`` flag.
+    flag: str
+    kind: type[int] | type[float]
+    minimum: float
+    maximum: float
+    description: str
+    example: str
+    default: str
+
+    @property
+    def expected(self) -> str:
+        """The accepted range, for messages: ``1 to 4096`` or ``0.05 to 60 seconds``."""
+        unit = "" if self.kind is int else " seconds"
+        return f"{_number(self.minimum)} to {_number(self.maximum)}{unit}"
+
+    def check(self, value: object, *, what: str) -> int | float:
+        """Validate a Python value; *what* names the call in messages."""
+        ok_type = int if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, ok_type):
+            noun = "an int" if self.kind is int else "seconds (an int or float)"
+            raise TypeError(f"{what} takes {noun}, not {type(value).__name__}")
+        number = self.kind(value)
+        if not (math.isfinite(number) and self.minimum <= number <= self.maximum):
+            raise ValueError(f"{what}: {value!r} is out of range; expected {self.expected}")
+        return number
+
+    def parse(self, text: str) -> int | float:
+        """Validate the text of a variable or flag, e.g. ``"16"`` or ``"0.5"``.
+
+        The ``ValueError`` says what is wrong; callers add ``expected``.
+        """
+        try:
+            number = int(text.strip(), 10) if self.kind is int else float(text.strip())
+        except ValueError:
+            noun = "a whole number" if self.kind is int else "a number of seconds"
+            raise ValueError(f"{text!r} is not {noun}") from None
+        if not (math.isfinite(number) and self.minimum <= number <= self.maximum):
+            raise ValueError(f"{text!r} is out of range")
+        return number
+
+
+def _number(value: float) -> str:
+    return f"{value:,}" if float(value).is_integer() and value >= 10_000 else f"{value:g}"
+
+
+#: The engine's tuning knobs, in the order ``runkit env`` and ``runkit run --help`` list them.
+KNOBS: tuple[Knob, ...] = (
+    Knob(
+        "partition_count",
+        "with_partition_count",
+        "DOGMA_PARTITION_COUNT",
+        "--partition-count",
+        int,
+        1,
+        4096,
+        "Partitions per application when it first starts; stored with the application "
+        "and fixed afterwards.",
+        "32",
+        "16",
+    ),
+    Knob(
+        "heartbeat_interval",
+        "with_heartbeat_interval",
+        "DOGMA_HEARTBEAT_INTERVAL",
+        "--heartbeat-interval",
+        float,
+        0.05,
+        60,
+        "Seconds between membership heartbeats; a node is presumed dead after 3 intervals.",
+        "2",
+        "1",
+    ),
+    Knob(
+        "backlog_limit",
+        "with_backlog_limit",
+        "DOGMA_BACKLOG_LIMIT",
+        "--backlog-limit",
+        int,
+        1,
+        1_000_000,
+        "The most commands waiting in one partition; beyond it execute_command() waits "
+        "for room (back-pressure).",
+        "5000",
+        "1000",
+    ),
+    Knob(
+        "start_timeout",
+        "with_start_timeout",
+        "DOGMA_START_TIMEOUT",
+        "--start-timeout",
+        float,
+        0.1,
+        86_400,
+        "Seconds start-up keeps retrying an unreachable store before giving up.",
+        "120",
+        "60",
+    ),
+    Knob(
+        "max_attempts",
+        "with_retry_policy(max_attempts=...)",
+        "DOGMA_MAX_ATTEMPTS",
+        "--max-attempts",
+        int,
+        1,
+        1_000_000,
+        "Consecutive failed attempts at handling a command before it goes to the poison store.",
+        "10",
+        "5",
+    ),
+    Knob(
+        "retry_base_delay",
+        "with_retry_policy(base_delay=...)",
+        "DOGMA_RETRY_BASE_DELAY",
+        "--retry-base-delay",
+        float,
+        0.001,
+        3600,
+        "Seconds before the first retry of a failed command; doubles per failure (with jitter).",
+        "0.5",
+        "0.1",
+    ),
+    Knob(
+        "retry_max_delay",
+        "with_retry_policy(max_delay=...)",
+        "DOGMA_RETRY_MAX_DELAY",
+        "--retry-max-delay",
+        float,
+        0.001,
+        86_400,
+        "The longest delay between retries, in seconds; at least the base delay.",
+        "60",
+        "30",
+    ),
+)
+
+
+def check_retry_delays(base_delay: float, max_delay: float, *, names: tuple[str, str]) -> None:
+    """Raise ``ValueError`` if *max_delay* is below *base_delay* (*names* label the two)."""
+    if max_delay < base_delay:
+        raise ValueError(
+            f"{names[1]} ({max_delay:g}) is below {names[0]} ({base_delay:g}); "
+            f"make {names[1]} at least {names[0]}"
+        )
+
+
+def check_readable_file(path: object, *, what: str) -> str:
+    """Validate the path of a PEM file (certificate, key or CA bundle) that must be readable now."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{what} must be a file path, not {type(path).__name__}")
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{what} must be a non-empty file path")
+    if not os.path.exists(text):
+        raise ValueError(f"{what} {text!r} does not exist")
+    if not os.path.isfile(text):
+        raise ValueError(f"{what} {text!r} is not a file")
+    try:
+        with open(text, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError as exc:
+        raise ValueError(f"{what} {text!r} cannot be read: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in head:
+        raise ValueError(f"{what} {text!r} is not a PEM file (no '-----BEGIN' line)")
+    return text

@@ -6,33 +6,68 @@
     runkit nodes                    list the nodes' heartbeat records in the store
     runkit poison list MODULE:ATTR  list poisoned commands (also: show ID, requeue ID)
 
-Exit status: 0 on success, 1 on a runtime failure, 2 on a usage or configuration
-error.
+    runkit --version                print the versions of runkit-core and dogma-api
+
+Exit status: 0 on success, 1 on a runtime failure (with its traceback), 2 on a
+usage or configuration error (one plain message naming what to change).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import importlib.util
+import inspect
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ._environment import ENVIRONMENT
-from ._errors import ConfigurationError
-from .persistence import installed_schemes, plugin_manager, redact_url
+from ._errors import CLIError, ConfigurationError
+from ._validate import KNOBS, Knob, check_readable_file
+from .persistence import StoreUnavailable, installed_schemes, plugin_manager, redact_url
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from ._options import Option
+
+__all__ = ["CLIError", "main"]
 
 log = logging.getLogger("runkit.cli")
 
 DEFAULT_MEMORY_URL = "memory:///runkit"
 
 
-class CLIError(Exception):
-    """A problem the user can fix; printed without a traceback (exit 2)."""
+def usage_problem(exc: BaseException) -> str | None:
+    """The message to print for a usage or configuration error, ``None`` for anything else.
+
+    Exception groups (from task groups) count if, leaving out the engine's
+    ``EngineStopped`` and cancellations that follow the real error, they hold
+    exactly one usage or configuration error.
+    """
+    from .engine.inbox import EngineStopped
+    from .engine.membership import NodeIdInUse
+
+    leaves = [e for e in _leaves(exc) if not isinstance(e, EngineStopped)]
+    if len(leaves) != 1:
+        return None
+    (leaf,) = leaves
+    if isinstance(leaf, CLIError | ConfigurationError | NodeIdInUse):
+        return str(leaf)
+    if isinstance(leaf, StoreUnavailable) and not leaf.retryable:
+        return str(leaf)  # a wrong password, database or schema: fix the URL, not a crash
+    return None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    # A cancellation that rode along with the real error (asyncio's or trio's).
+    if type(exc).__name__ in {"CancelledError", "Cancelled"}:
+        return []
+    return [exc]
 
 
 def _cmd_env(args: argparse.Namespace, out: TextIO) -> int:
@@ -64,8 +99,7 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
     for scheme, plugin in installed_schemes().items():
         by_plugin.setdefault(plugin, []).append(f"{scheme}://")
     if not by_plugin:
-        out.write("No persistence drivers are installed; e.g. pip install runkit-memory\n")
-        return 1
+        raise CLIError("no persistence drivers are installed; e.g. pip install runkit-memory")
     pm = plugin_manager()
     rows = sorted(
         (name, getattr(pm.get_plugin(name), "__name__", name), ", ".join(schemes))
@@ -84,8 +118,15 @@ def load_object(spec: str) -> Any:
         sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise CLIError(
+                f"cannot import module {module_name!r} of {spec!r}: no module named "
+                f"{exc.name!r} (run from the project directory, or install it)"
+            ) from None
+        raise CLIError(f"cannot import module {module_name!r} of {spec!r}: {exc}") from None
     except ImportError as exc:
-        raise CLIError(f"cannot import module {module_name!r}: {exc}") from None
+        raise CLIError(f"cannot import module {module_name!r} of {spec!r}: {exc}") from None
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
@@ -94,10 +135,66 @@ def load_object(spec: str) -> Any:
     return obj
 
 
+def application_object(spec: str) -> Any:
+    """The Dogma application at ``MODULE:ATTR``: an instance, or made by calling ATTR.
+
+    ATTR may name the application object, its class (instantiated when its
+    constructor takes no arguments; logged) or a function returning it.
+    """
+    obj = load_object(spec)
+    if not isinstance(obj, type) and callable(getattr(obj, "configure", None)):
+        return obj
+    if isinstance(obj, type) and not callable(getattr(obj, "configure", None)):
+        raise CLIError(
+            f"{spec!r} is the class {obj.__qualname__}, not a Dogma application "
+            "(it has no configure(c) method)"
+        )
+    if callable(obj):
+        what = f"the class {obj.__qualname__}" if isinstance(obj, type) else "a function"
+        required = _required_parameters(obj)
+        if required:
+            raise CLIError(
+                f"{spec!r} is {what} that needs arguments ({', '.join(required)}); point "
+                "MODULE:ATTR at an application instance, or at a function or class that "
+                "takes no arguments"
+            )
+        made = obj()
+        if isinstance(obj, type):
+            log.info("%s names a class: using a new instance, %s()", spec, obj.__qualname__)
+        if callable(getattr(made, "configure", None)):
+            return made
+        raise CLIError(
+            f"{spec!r} is {what} that returned {type(made).__qualname__}, which is not a "
+            "Dogma application (it has no configure(c) method)"
+        )
+    raise CLIError(
+        f"{spec!r} is of type {type(obj).__qualname__}, not a Dogma application (an object "
+        "with a configure(c) method, a class that takes no arguments, or a function "
+        "returning one)"
+    )
+
+
+def _required_parameters(fn: Callable[..., Any]) -> list[str]:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none; just call them
+        return []
+    return [
+        p.name
+        for p in signature.parameters.values()
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from ._run import run_node
 
-    return run_node(args.app, out=out, backend=args.backend)
+    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+        raise CLIError(
+            "--backend trio needs the trio package, which is not installed: "
+            "pip install trio, or use --backend asyncio"
+        )
+    return run_node(args.app, out=out, backend=args.backend, options=_run_options(args))
 
 
 def _cmd_poison(args: argparse.Namespace, out: TextIO) -> int:
@@ -112,10 +209,57 @@ def _cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
     return nodes_command(out=out)
 
 
+def _version() -> str:
+    def installed(distribution: str) -> str:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"runkit-core {installed('runkit-core')}, dogma-api {installed('dogma-api')}"
+
+
+def _knob_flag(knob: Knob) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            return knob.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}; expected {knob.expected}") from None
+
+    parse.__name__ = knob.field  # argparse names the type in some messages
+    return parse
+
+
+def _file_flag(what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            return check_readable_file(text, what=what)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _run_options(args: argparse.Namespace) -> list[Option]:
+    """The options ``runkit run``'s flags give; they beat the environment."""
+    from . import _options as o
+
+    flags = {k.field: getattr(args, k.field) for k in KNOBS}
+    options = o.tuning_options({f: v for f, v in flags.items() if v is not None})
+    if args.tls_cert or args.tls_key or args.tls_ca:
+        if not (args.tls_cert and args.tls_key):
+            missing = "--tls-key" if args.tls_cert else "--tls-cert"
+            given = "--tls-cert" if args.tls_cert else ("--tls-key" if args.tls_key else "--tls-ca")
+            raise CLIError(f"{given} needs {missing}: give --tls-cert and --tls-key together")
+        options.append(o.with_tls(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca))
+    return options
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runkit", description="Run and operate runkit nodes for Dogma applications."
     )
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("env", help="document and validate the DOGMA_* environment")
@@ -125,13 +269,36 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run a node for an application",
-        description="Run a node for the application object at MODULE:ATTR, configured "
-        f"from the environment; uses {DEFAULT_MEMORY_URL} when DOGMA_PERSISTENCE_URL is unset.",
+        description="Run a node for the application object at MODULE:ATTR (an instance, a "
+        "class that takes no arguments, or a function returning one), configured from the "
+        f"DOGMA_* environment (see runkit env); uses {DEFAULT_MEMORY_URL} when "
+        "DOGMA_PERSISTENCE_URL is unset. A flag beats its environment variable.",
     )
     p.add_argument("app", metavar="MODULE:ATTR")
     p.add_argument(
         "--backend", choices=("asyncio", "trio"), default="asyncio", help="async event loop"
     )
+    tuning = p.add_argument_group("engine settings (default: the DOGMA_* variable, else built-in)")
+    for knob in KNOBS:
+        tuning.add_argument(
+            knob.flag,
+            dest=knob.field,
+            type=_knob_flag(knob),
+            metavar="N" if knob.kind is int else "SECONDS",
+            help=f"{knob.description} ({knob.variable}; default {knob.default})",
+        )
+    for name, what, variable in (
+        ("cert", "this node's PEM certificate (with --tls-key)", "DOGMA_TLS_CERT"),
+        ("key", "the certificate's PEM private key", "DOGMA_TLS_KEY"),
+        ("ca", "a PEM CA bundle peers' certificates must chain to", "DOGMA_TLS_CA"),
+    ):
+        tuning.add_argument(
+            f"--tls-{name}",
+            dest=f"tls_{name}",
+            type=_file_flag(f"--tls-{name}"),
+            metavar="FILE",
+            help=f"node-to-node TLS: {what} ({variable})",
+        )
     p.set_defaults(fn=_cmd_run)
     p = sub.add_parser("nodes", help="list the nodes' heartbeat records (live and expired)")
     p.set_defaults(fn=_cmd_nodes)
@@ -148,8 +315,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Run the CLI; returns the exit status.
+
+    A usage or configuration error prints one message (a short block for a list
+    of problems) on stderr and returns 2; any other error propagates with its
+    traceback (exit status 1 from the console script).
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse printed
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -158,8 +333,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     stream = out if out is not None else sys.stdout
     try:
         status: int = args.fn(args, stream)
-    except (CLIError, ConfigurationError, ValueError, TypeError) as exc:
-        print(f"runkit {args.command}: {exc}", file=sys.stderr)
+    except BaseException as exc:
+        problem = usage_problem(exc)
+        if problem is None:
+            leaves = _leaves(exc)
+            if len(leaves) == 1 and isinstance(leaves[0], StoreUnavailable):
+                # Still unreachable after the start timeout: the message says it all.
+                print(f"runkit {args.command}: {leaves[0]}", file=sys.stderr)
+                return 1
+            raise
+        print(f"runkit {args.command}: {problem}", file=sys.stderr)
         return 2
     return status
 

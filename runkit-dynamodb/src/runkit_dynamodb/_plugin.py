@@ -5,11 +5,15 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from runkit import hookimpl
-from runkit.persistence import Provider
+from runkit.persistence import Provider, parse_problems
 
-from ._url import SCHEME
+from ._url import SCHEME, parse_url
 
-__all__ = ["runkit_persistence_provider", "runkit_persistence_schemes"]
+__all__ = [
+    "runkit_persistence_provider",
+    "runkit_persistence_schemes",
+    "runkit_persistence_url_problems",
+]
 
 
 @hookimpl
@@ -33,3 +37,15 @@ def runkit_persistence_provider(url: str) -> Provider | None:
     from ._provider import DynamoDBProvider
 
     return DynamoDBProvider.from_url(url)
+
+
+@hookimpl
+def runkit_persistence_url_problems(url: str) -> list[str] | None:
+    """Every problem with a ``dynamodb://`` URL (no I/O); ``None`` for other schemes."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        return None  # not ours to judge
+    if scheme != SCHEME:
+        return None
+    return parse_problems(parse_url, url)

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from runkit.persistence import parse_bool, query_params, redact_url
+from runkit.persistence import URLProblems, parse_bool, query_params, redact_url
 
 __all__ = ["MAX_PREFIX_LENGTH", "TABLE_SUFFIXES", "DynamoDBURL", "check_table_prefix", "parse_url"]
 
@@ -93,9 +93,10 @@ def parse_url(url: str) -> DynamoDBURL:
     and ``insecure`` (plain HTTP to the custom endpoint; needs a host). With a
     host and no ``insecure``, the endpoint is ``https://host[:port]``.
 
-    Raises ``ValueError`` naming the problem: user info (credentials never go in
-    the URL), a bad port, a missing or invalid table prefix, a fragment, an
-    unknown, repeated, empty or malformed parameter.
+    Raises ``runkit.persistence.InvalidURL`` (a ``ValueError``) listing every
+    problem: user info (credentials never go in the URL), a bad port, a missing
+    or invalid table prefix, a fragment, an unknown, repeated, empty or
+    malformed parameter. No I/O.
     """
     parts = urlsplit(url)
     if parts.scheme.lower() != SCHEME:
@@ -107,43 +108,52 @@ def parse_url(url: str) -> DynamoDBURL:
             "configure them through the AWS credential chain (environment, profile, role)"
         )
     shown = redact_url(url)
+    problems = URLProblems(url)
+    port: int | None = None
     try:
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"dynamodb URL {shown!r} has an invalid port: {exc}") from None
+        problems.add(f"dynamodb URL {shown!r} has an invalid port: {exc}")
     if parts.netloc and not parts.hostname:
-        raise ValueError(f"dynamodb URL {shown!r} has a port but no host; {_USAGE}")
+        problems.add(f"dynamodb URL {shown!r} has a port but no host; {_USAGE}")
     if parts.fragment:
-        raise ValueError(f"dynamodb URL {shown!r} has a fragment; {_USAGE}")
-    params = query_params(url, frozenset({"region", "role_arn", "insecure"}))
-    for key, value in params.items():
+        problems.add(f"dynamodb URL {shown!r} has a fragment; {_USAGE}")
+    params = query_params(url, frozenset({"region", "role_arn", "insecure"}), problems)
+    for key, value in list(params.items()):
         if not value:
-            raise ValueError(f"dynamodb URL parameter {key!r} must not be empty")
+            problems.add(f"dynamodb URL parameter {key!r} must not be empty")
+            del params[key]
 
     prefix = parts.path.removeprefix("/")
     if not prefix:
-        raise ValueError(f"dynamodb URL {shown!r} names no table prefix; {_USAGE}")
-    check_table_prefix(prefix)
+        problems.add(f"dynamodb URL {shown!r} names no table prefix; {_USAGE}")
+    else:
+        with problems.check():
+            check_table_prefix(prefix)
 
-    insecure = parse_bool("insecure", params["insecure"]) if "insecure" in params else False
+    insecure = False
+    if "insecure" in params:
+        with problems.check():
+            insecure = parse_bool("insecure", params["insecure"])
     endpoint_url = None
     if parts.netloc:
         endpoint_url = f"{'http' if insecure else 'https'}://{parts.netloc}"
         if port is None and parts.netloc.endswith(":"):
             endpoint_url = endpoint_url.removesuffix(":")
     elif insecure:
-        raise ValueError(
+        problems.add(
             "dynamodb URL parameter 'insecure' needs a host "
             "('dynamodb://host:port/<table-prefix>?insecure=true'); "
             "AWS's own endpoints are always HTTPS"
         )
     region = params.get("region")
     if region is not None and not _REGION.fullmatch(region):
-        raise ValueError(f"dynamodb URL parameter 'region' is not a valid AWS region: {region!r}")
+        problems.add(f"dynamodb URL parameter 'region' is not a valid AWS region: {region!r}")
     role_arn = params.get("role_arn")
     if role_arn is not None and not _ROLE_ARN.fullmatch(role_arn):
-        raise ValueError(
+        problems.add(
             f"dynamodb URL parameter 'role_arn' is not an IAM role ARN "
             f"(arn:<partition>:iam::<account-id>:role/<name>): {role_arn!r}"
         )
+    problems.raise_if_any()
     return DynamoDBURL(prefix, endpoint_url, region, role_arn)

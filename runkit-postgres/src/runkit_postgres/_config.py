@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import cache
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -19,7 +19,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
-from runkit.persistence import redact_url
+from runkit.persistence import URLProblems, redact_url
 
 from ._schemes import SCHEMES
 
@@ -95,17 +95,31 @@ class Settings:
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
 
     def __attrs_post_init__(self) -> None:
-        validate_schema(self.schema)
-        _check_int("pool_min_size", self.pool_min_size, minimum=0)
-        _check_int("pool_max_size", self.pool_max_size, minimum=1)
-        if self.pool_max_size < self.pool_min_size:
-            raise ValueError(
-                f"pool_max_size ({self.pool_max_size}) must not be less than "
-                f"pool_min_size ({self.pool_min_size})"
-            )
-        _check_seconds("pool_timeout", self.pool_timeout)
-        _check_int("max_record_bytes", self.max_record_bytes, minimum=1, maximum=_HARD_MAX_BYTES)
-        _check_int("max_value_bytes", self.max_value_bytes, minimum=1, maximum=_HARD_MAX_BYTES)
+        for name, check in _FIELD_CHECKS.items():
+            check(getattr(self, name))
+        _check_pool_sizes(self.pool_min_size, self.pool_max_size)
+
+
+# Each setting's own rule; the rule relating two of them is _check_pool_sizes.
+_FIELD_CHECKS: dict[str, Callable[[object], object]] = {
+    "schema": validate_schema,
+    "pool_min_size": lambda v: _check_int("pool_min_size", v, minimum=0),
+    "pool_max_size": lambda v: _check_int("pool_max_size", v, minimum=1),
+    "pool_timeout": lambda v: _check_seconds("pool_timeout", v),
+    "max_record_bytes": lambda v: _check_int(
+        "max_record_bytes", v, minimum=1, maximum=_HARD_MAX_BYTES
+    ),
+    "max_value_bytes": lambda v: _check_int(
+        "max_value_bytes", v, minimum=1, maximum=_HARD_MAX_BYTES
+    ),
+}
+
+
+def _check_pool_sizes(minimum: int, maximum: int) -> None:
+    if maximum < minimum:
+        raise ValueError(
+            f"pool_max_size ({maximum}) must not be less than pool_min_size ({minimum})"
+        )
 
 
 # runkit's own URL parameters and how to parse each from its string form.
@@ -237,7 +251,9 @@ def parse_url(url: str) -> tuple[str, Settings]:
     ``pool_max_size``, ``pool_timeout``, ``max_record_bytes``,
     ``max_value_bytes``), which are validated and removed, or libpq connection
     parameters, which pass through. Anything else, a repeated parameter or a
-    malformed value raises ``ValueError`` naming the parameter.
+    malformed value is a problem naming the parameter; every problem is
+    reported at once in a ``runkit.persistence.InvalidURL`` (a ``ValueError``).
+    No I/O: libpq only parses the connection string.
     """
     if not isinstance(url, str):
         raise TypeError(f"persistence URL must be str, not {type(url).__name__}")
@@ -250,51 +266,67 @@ def parse_url(url: str) -> tuple[str, Settings]:
         raise ValueError(
             f"not a PostgreSQL URL (expected postgres:// or postgresql://): {scheme!r}"
         )
+    problems = URLProblems(url)
     if parts.fragment:
-        raise ValueError(f"PostgreSQL URL {describe_conninfo(url)!r} must not have a fragment")
+        problems.add(f"PostgreSQL URL {describe_conninfo(url)!r} must not have a fragment")
     own: dict[str, str] = {}
     passed: list[tuple[str, str]] = []
     seen: set[str] = set()
     known = libpq_parameters()
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key in seen:
-            raise ValueError(f"{scheme}:// URL repeats parameter {key!r}")
+            problems.add(f"{scheme}:// URL repeats parameter {key!r}")
+            continue
         seen.add(key)
         if key in OWN_PARAMS:
             own[key] = value
         elif key in known:
             passed.append((key, value))
         else:
-            raise ValueError(
+            problems.add(
                 f"{scheme}:// URL has unknown parameter {key!r}: it is neither a libpq "
                 f"connection parameter nor one of runkit's ({', '.join(sorted(OWN_PARAMS))})"
             )
-    settings = _settings_from_params(scheme, own)
+    settings = _settings_from_params(scheme, own, problems)
     conninfo = _join_url(parts.scheme, parts.netloc, parts.path, urlencode(passed, quote_via=quote))
-    validate_conninfo(conninfo)
+    with problems.check():
+        validate_conninfo(conninfo)
+    problems.raise_if_any()
+    assert settings is not None
     return conninfo, settings
 
 
-def _settings_from_params(scheme: str, params: Mapping[str, str]) -> Settings:
+def _settings_from_params(
+    scheme: str, params: Mapping[str, str], problems: URLProblems
+) -> Settings | None:
+    """The settings the URL's own parameters give, or ``None`` after recording problems."""
     values: dict[str, Any] = {}
     for key, raw in params.items():
-        if key == "schema":
-            values[key] = raw
-        elif key in _INT_PARAMS:
+        value: object = raw
+        if key in _INT_PARAMS:
             try:
-                values[key] = int(raw, 10)
+                value = int(raw, 10)
             except ValueError:
-                raise ValueError(
-                    f"{scheme}:// URL parameter {key!r} must be an integer, not {raw!r}"
-                ) from None
-        else:
+                problems.add(f"{scheme}:// URL parameter {key!r} must be an integer, not {raw!r}")
+                continue
+        elif key in _FLOAT_PARAMS:
             try:
-                values[key] = float(raw)
+                value = float(raw)
             except ValueError:
-                raise ValueError(
+                problems.add(
                     f"{scheme}:// URL parameter {key!r} must be a number of seconds, not {raw!r}"
-                ) from None
+                )
+                continue
+        try:
+            _FIELD_CHECKS[key](value)
+        except ValueError as exc:
+            problems.add(f"{scheme}:// URL: {exc}")
+            continue
+        values[key] = value
+    if problems:
+        return None
     try:
         return Settings(**values)
-    except ValueError as exc:
-        raise ValueError(f"{scheme}:// URL: {exc}") from None
+    except ValueError as exc:  # the rule relating two values (min <= max)
+        problems.add(f"{scheme}:// URL: {exc}")
+        return None

@@ -7,10 +7,15 @@ at a time. When the caller is cancelled, the thread is abandoned at once, a
 cancel request is sent to the server for the statement it is running, and the
 connection goes back to the pool only after that request has been handled, so
 it stays usable and the cancel can never hit someone else's statement.
+
+The pool is created on the first call, after one probe connection succeeded
+(see ``_connecting``): a wrong password or database name fails that call at
+once with the server's reason, as a non-retryable ``StoreUnavailable``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -24,10 +29,11 @@ import psycopg.errors
 from psycopg import Connection
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
-from runkit.persistence import PersistenceError
+from runkit.persistence import PersistenceError, StoreUnavailable
 
 from ._config import Settings, scrub
-from ._sql import configure_connection
+from ._connecting import ConnectFailed, PoolWatch, probe, using_pool
+from ._sql import configure_connection, configure_read_only_connection
 
 __all__ = ["Executor", "Operation"]
 
@@ -57,6 +63,9 @@ _RETRY_STATES: Final = frozenset({"40001", "40P01", "53300"})
 _DISCONNECT_STATES: Final = frozenset({"57P01", "57P02", "57P03"})
 # The schema or a table vanished: it was dropped behind the driver's back.
 _MISSING_STATES: Final = frozenset({"3F000", "42P01"})
+
+# Pool names are unique per executor, so the warning filter can tell pools apart.
+_POOL_NUMBERS = itertools.count(1)
 
 
 class _Abandoned(Exception):
@@ -94,6 +103,10 @@ class Executor:
         self._pool: ConnectionPool[Connection[tuple[object, ...]]] | None = None
         self._pool_lock = threading.Lock()
         self._closed = False
+        self._read_only = False
+        self._watch = PoolWatch(
+            f"runkit-postgres:{settings.schema}:{next(_POOL_NUMBERS)}", display, conninfo
+        )
         # Threads never outnumber connections: more would only queue in the pool.
         self._limiter = anyio.CapacityLimiter(settings.pool_max_size)
 
@@ -102,22 +115,42 @@ class Executor:
         """Whether ``close()`` was called."""
         return self._closed
 
+    @property
+    def read_only(self) -> bool:
+        """Whether every session is read-only (``default_transaction_read_only``)."""
+        return self._read_only
+
+    def set_read_only(self) -> None:
+        """Make every session read-only; only before the first call."""
+        with self._pool_lock:
+            if self._pool is not None:
+                raise RuntimeError("set_read_only() must be called before the provider is used")
+            self._read_only = True
+
     def _get_pool(self) -> ConnectionPool[Connection[tuple[object, ...]]]:
-        """Create and open the pool on first use (in a worker thread: it may block)."""
+        """Create and open the pool on first use (in a worker thread: it may block).
+
+        Raises ``ConnectFailed`` if the probe connection fails; the pool is not
+        created then, so the next call probes again.
+        """
         with self._pool_lock:
             if self._closed:
                 raise PoolClosed("the provider is closed")
             if self._pool is None:
+                probe(self._conninfo)
                 pool: ConnectionPool[Connection[tuple[object, ...]]] = ConnectionPool(
                     self._conninfo,
                     kwargs={"autocommit": True, "fallback_application_name": "runkit"},
                     min_size=self._settings.pool_min_size,
                     max_size=self._settings.pool_max_size,
                     timeout=self._settings.pool_timeout,
-                    configure=configure_connection,
-                    name=f"runkit-postgres:{self._settings.schema}",
+                    configure=(
+                        configure_read_only_connection if self._read_only else configure_connection
+                    ),
+                    name=self._watch.name,
                     open=False,
                 )
+                self._watch.register()
                 pool.open(wait=False)
                 self._pool = pool
             return self._pool
@@ -137,7 +170,7 @@ class Executor:
         """The worker thread's side of ``run``."""
         if call.abandoned:  # unlocked: a stale read only costs the check below
             raise _Abandoned
-        with self._get_pool().connection() as conn:
+        with using_pool(self._watch), self._get_pool().connection() as conn:
             with call.lock:
                 if call.abandoned:
                     raise _Abandoned  # never seen: the caller has left
@@ -198,9 +231,14 @@ class Executor:
                 raise PersistenceError(f"{what}: the provider is closed")
             call = _Call()
             try:
-                return await anyio.to_thread.run_sync(
+                result = await anyio.to_thread.run_sync(
                     self._work, call, operation, abandon_on_cancel=True, limiter=self._limiter
                 )
+            except ConnectFailed as exc:
+                state = "is unreachable" if exc.retryable else "refused the connection"
+                raise StoreUnavailable(
+                    f"{what}: {self._display!r} {state}: {exc.reason}", retryable=exc.retryable
+                ) from None
             except anyio.get_cancelled_exc_class():
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self._cancel, call)
@@ -210,6 +248,10 @@ class Executor:
                 if not self._should_retry(exc, error, attempt=attempt):
                     raise error from None
                 _log.info("retrying after a transient error (attempt %d): %s", attempt, error)
+            else:
+                if self._watch.last_error is not None:
+                    self._watch.recovered()
+                return result
             attempt += 1
             # Full jitter, so that racing retriers spread out.
             await anyio.sleep(random.uniform(0, _BACKOFF_SECONDS * 2**attempt))
@@ -240,10 +282,16 @@ class Executor:
         if isinstance(exc, PoolClosed):
             return PersistenceError(f"{what}: the provider is closed")
         if isinstance(exc, PoolTimeout):
-            return PersistenceError(
+            last = self._watch.last_error
+            cause = (
+                f"the last connection attempt failed: {last}"
+                if last is not None
+                else "is the server overloaded, or every connection in use?"
+            )
+            return StoreUnavailable(
                 f"{what}: no connection to {self._display!r} within "
                 f"{self._settings.pool_timeout:g}s (pool_max_size="
-                f"{self._settings.pool_max_size}); is the server reachable?",
+                f"{self._settings.pool_max_size}); {cause}",
                 retryable=True,
             )
         state = exc.sqlstate if isinstance(exc, psycopg.Error) else None

@@ -26,6 +26,7 @@ from runkit.persistence import (
     RecordNotFound,
     Set,
     SetStore,
+    StoreUnavailable,
     check_position,
 )
 
@@ -56,6 +57,9 @@ MAX_NAME_BYTES: Final = 1024
 # creates the same name concurrently (see ``_sql._OPEN``).
 _OPEN_ATTEMPTS: Final = 5
 _PROVISION_ATTEMPTS: Final = 5
+# The row id of a store a read-only provider found no row for: identity
+# columns start at 1, so it matches nothing and the store reads as empty.
+_ABSENT: Final = 0
 
 # Errors concurrent DDL can still raise; the whole provisioning is repeated.
 _DDL_RACES = (
@@ -90,6 +94,12 @@ class PostgresProvider(Provider):
     Operations run synchronous psycopg in worker threads, at most
     ``pool_max_size`` at once; the provider works on asyncio and trio, and is
     safe to share between tasks of one event loop.
+
+    The first operation opens one connection before the pool: a rejected
+    password, a missing database or a refused permission raises a
+    non-retryable ``StoreUnavailable`` with the server's reason at once, an
+    unreachable server a retryable one. ``set_read_only()`` makes every
+    session read-only and provisioning a check (see ``provision``).
 
     :param conninfo: libpq connection string or URL (passwords are never shown).
     :param schema: the schema holding the tables; several applications or
@@ -197,13 +207,26 @@ class PostgresProvider(Provider):
         """Names up to 1024 bytes, keys and members up to 2000, records and values as configured."""
         return self._limits
 
+    def set_read_only(self) -> None:
+        """Never create the schema, its tables or store rows, and refuse writes.
+
+        Every session runs with ``default_transaction_read_only``; opening a
+        store of a missing schema raises ``StoreUnavailable`` ("schema ... does
+        not exist in database ..."); a store name never opened before reads as
+        empty. Call before the first operation.
+        """
+        self._executor.set_read_only()
+        super().set_read_only()
+
     async def provision(self) -> None:
         """Create the schema and tables if missing; idempotent and safe under concurrency.
 
         When everything exists this only reads the catalog, so it needs no
         CREATE privilege. Otherwise it takes a transaction-scoped advisory lock
         (one per schema name), so concurrent provisioners wait for each other,
-        and runs ``CREATE ... IF NOT EXISTS`` statements.
+        and runs ``CREATE ... IF NOT EXISTS`` statements. A read-only provider
+        only checks, raising ``StoreUnavailable`` if the schema or its tables
+        are missing.
         """
         async with self._provision_lock:
             await self._executor.run(self._provision, what="provision", write=False)
@@ -218,6 +241,9 @@ class PostgresProvider(Provider):
 
     def _provision(self, conn: Conn) -> None:
         st = self._sql
+        if self.read_only:
+            self._check_provisioned(conn)
+            return
         for attempt in range(1, _PROVISION_ATTEMPTS + 1):
             if self._layout_version(conn) is None:
                 try:
@@ -238,6 +264,31 @@ class PostgresProvider(Provider):
                 )
             return
 
+    def _check_provisioned(self, conn: Conn) -> None:
+        """Read-only provisioning: raise ``StoreUnavailable`` unless the layout is there."""
+        st = self._sql
+        row = conn.execute(st.store_exists, (st.schema, st.layout_table)).fetchone()
+        database, has_schema, has_layout = row if row else ("?", False, False)
+        if not has_schema:
+            raise StoreUnavailable(
+                f"schema {st.schema!r} does not exist in database {database!r} "
+                f"(on {self._display!r}); check the schema= parameter of the persistence "
+                "URL (read-only commands never create it)"
+            )
+        if not has_layout:
+            raise StoreUnavailable(
+                f"schema {st.schema!r} in database {database!r} has no runkit tables; "
+                "has a node ever run with this persistence URL? "
+                "(read-only commands never create them)"
+            )
+        version = self._layout_version(conn)
+        if version != LAYOUT_VERSION:
+            raise PersistenceError(
+                f"schema {st.schema!r} has layout version {version}, "
+                f"but this runkit-postgres uses version {LAYOUT_VERSION}; "
+                "use the runkit-postgres version that wrote it"
+            )
+
     def _layout_version(self, conn: Conn) -> int | None:
         st = self._sql
         row = conn.execute(st.layout_table_exists, (st.layout_table,)).fetchone()
@@ -255,10 +306,13 @@ class PostgresProvider(Provider):
     async def _run(self, operation: Callable[[Conn], T], *, what: str, write: bool) -> T:
         return await self._executor.run(operation, what=what, write=write)
 
-    async def _open(self, kind: str, query: bytes, name: str) -> int:
+    async def _open(self, kind: str, query: bytes, find: bytes, name: str) -> int:
         encoded = name.encode("utf-8")
 
         def operation(conn: Conn) -> int:
+            if self.read_only:
+                row = _one(conn, find, (encoded,))
+                return _ABSENT if row is None else cast(int, row[0])
             for _ in range(_OPEN_ATTEMPTS):
                 row = _one(conn, query, (encoded, encoded))
                 if row is not None:
@@ -310,7 +364,7 @@ class _JournalStore(JournalStore):
     async def open(self, name: str) -> Journal:
         p = self._provider
         name = p.limits.check_name("journal", name)
-        journal_id = await p._open("journal", p._sql.open_journal, name)
+        journal_id = await p._open("journal", p._sql.open_journal, p._sql.find_journal, name)
         return _Journal(p, name, journal_id)
 
 
@@ -321,7 +375,7 @@ class _KeyspaceStore(KeyspaceStore):
     async def open(self, name: str) -> Keyspace:
         p = self._provider
         name = p.limits.check_name("keyspace", name)
-        keyspace_id = await p._open("keyspace", p._sql.open_keyspace, name)
+        keyspace_id = await p._open("keyspace", p._sql.open_keyspace, p._sql.find_keyspace, name)
         return _Keyspace(p, name, keyspace_id)
 
 
@@ -332,7 +386,7 @@ class _SetStore(SetStore):
     async def open(self, name: str) -> Set:
         p = self._provider
         name = p.limits.check_name("set", name)
-        set_id = await p._open("set", p._sql.open_set, name)
+        set_id = await p._open("set", p._sql.open_set, p._sql.find_set, name)
         return _Set(p, name, set_id)
 
 
@@ -373,6 +427,8 @@ class _Handle:
 
     async def _write(self, operation: Callable[[Conn], T], action: str) -> T:
         self._check_open()
+        if self._provider.read_only:
+            raise PersistenceError(f"{self._what(action)}: the provider is read-only")
         return await self._provider._run(operation, what=self._what(action), write=True)
 
 
@@ -388,6 +444,8 @@ class _Journal(_Handle, Journal):
 
         row = await self._read(operation, "bounds")
         if row is None:
+            if self._id == _ABSENT:
+                return Interval(0, 0)
             raise self._missing()
         return Interval(cast(int, row[0]), cast(int, row[1]))
 
@@ -428,6 +486,8 @@ class _Journal(_Handle, Journal):
 
             rows = await self._read(operation, f"range from position {position}")
             if not rows:
+                if self._id == _ABSENT:
+                    raise RecordNotFound(self._name, position)
                 raise self._missing()
             begin, end = cast(int, rows[0][0]), cast(int, rows[0][1])
             if position < begin or (first and position >= end):

@@ -29,7 +29,7 @@ import attrs
 from psycopg import Connection, sql
 from psycopg.types.numeric import Int8BinaryDumper
 
-__all__ = ["LAYOUT_VERSION", "Statements", "configure_connection"]
+__all__ = ["LAYOUT_VERSION", "Statements", "configure_connection", "configure_read_only_connection"]
 
 #: Bumped when the layout changes incompatibly; a newer layout is refused.
 LAYOUT_VERSION = 1
@@ -144,6 +144,15 @@ def configure_connection(conn: Connection[tuple[object, ...]]) -> None:
     conn.adapters.register_dumper(int, Int8BinaryDumper)
 
 
+def configure_read_only_connection(conn: Connection[tuple[object, ...]]) -> None:
+    """``configure_connection``, and every transaction of the session read-only.
+
+    The server then refuses any write or DDL, whatever path it comes from.
+    """
+    configure_connection(conn)
+    conn.execute("SET default_transaction_read_only = on")
+
+
 def _render(template: str, schema: str, **identifiers: str) -> bytes:
     names = {k: sql.Identifier(v) for k, v in identifiers.items()}
     query = sql.SQL(template.strip()).format(schema=sql.Identifier(schema), **names)
@@ -162,6 +171,10 @@ class Statements:
     open_journal: bytes
     open_keyspace: bytes
     open_set: bytes
+    find_journal: bytes
+    find_keyspace: bytes
+    find_set: bytes
+    store_exists: bytes
     journal_bounds: bytes
     journal_get: bytes
     journal_page: bytes
@@ -203,6 +216,15 @@ class Statements:
             open_journal=r(_OPEN, table="journals"),
             open_keyspace=r(_OPEN, table="keyspaces"),
             open_set=r(_OPEN, table="sets"),
+            # Read-only opening: look the name up, never insert it.
+            find_journal=r("SELECT id FROM {schema}.journals WHERE name = %b"),
+            find_keyspace=r("SELECT id FROM {schema}.keyspaces WHERE name = %b"),
+            find_set=r("SELECT id FROM {schema}.sets WHERE name = %b"),
+            store_exists=(
+                b"SELECT current_database(),"
+                b" EXISTS (SELECT FROM pg_namespace WHERE nspname = %s),"
+                b" to_regclass(%s) IS NOT NULL"
+            ),
             journal_bounds=r("SELECT begin_pos, end_pos FROM {schema}.journals WHERE id = %b"),
             journal_get=r(
                 "SELECT r.record FROM {schema}.journal_records AS r"

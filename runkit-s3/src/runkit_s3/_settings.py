@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from runkit.persistence import parse_bool, query_params, redact_url
+from runkit.persistence import URLProblems, parse_bool, query_params, redact_url
 
 __all__ = ["MAX_PREFIX_BYTES", "S3Settings", "parse_url"]
 
@@ -163,10 +164,11 @@ def parse_url(url: str) -> S3Settings:
     """Parse ``s3:///<bucket>`` or ``s3://host[:port]/<bucket>`` into settings.
 
     Query parameters: ``region``, ``role_arn``, ``insecure`` (plain HTTP to the
-    custom host; an error without one) and ``prefix``. Raises ``ValueError``
-    naming the problem: another scheme, credentials in the URL, a missing or
-    invalid bucket, a path below the bucket, a fragment, an unknown, repeated
-    or malformed parameter.
+    custom host; an error without one) and ``prefix``. Raises
+    ``runkit.persistence.InvalidURL`` (a ``ValueError``) listing every problem:
+    credentials in the URL, a missing or invalid bucket, a path below the
+    bucket, a fragment, an unknown, repeated or malformed parameter; a
+    ``ValueError`` for another scheme. No I/O.
     """
     shown = redact_url(url)
     try:
@@ -176,27 +178,32 @@ def parse_url(url: str) -> S3Settings:
         raise ValueError(f"malformed S3 URL {shown!r}: {exc}") from None
     if parts.scheme.lower() != SCHEME:
         raise ValueError(f"not an S3 URL: {shown!r} (expected 's3:///<bucket>')")
+    problems = URLProblems(url)
     if parts.username is not None or parts.password is not None:
-        raise ValueError(
+        problems.add(
             f"S3 URL {shown!r} contains credentials; use the standard AWS credential "
             "chain (environment, profile, instance role) or role_arn instead"
         )
     if parts.fragment:
-        raise ValueError(f"S3 URL {shown!r} has a fragment; expected 's3:///<bucket>'")
-    params = query_params(url, _PARAMETERS)
+        problems.add(f"S3 URL {shown!r} has a fragment; expected 's3:///<bucket>'")
+    params = query_params(url, _PARAMETERS, problems)
     path = parts.path.removeprefix("/")
     if not path:
-        raise ValueError(f"S3 URL {shown!r} names no bucket; expected 's3:///<bucket>'")
-    if "/" in path:
-        raise ValueError(
+        problems.add(f"S3 URL {shown!r} names no bucket; expected 's3:///<bucket>'")
+    elif "/" in path:
+        problems.add(
             f"S3 URL {shown!r} has a path below the bucket; "
             "use the prefix parameter for a key prefix: 's3:///<bucket>?prefix=<prefix>'"
         )
     bucket = unquote(path)
-    for name, value in params.items():
+    for name, value in list(params.items()):
         if not value and name != "insecure":
-            raise ValueError(f"S3 URL parameter {name!r} is empty")
-    insecure = parse_bool("insecure", params["insecure"]) if "insecure" in params else False
+            problems.add(f"S3 URL parameter {name!r} is empty")
+            del params[name]
+    insecure = False
+    if "insecure" in params:
+        with problems.check():
+            insecure = parse_bool("insecure", params["insecure"])
     host = parts.hostname
     endpoint_url = None
     if host:
@@ -205,12 +212,25 @@ def parse_url(url: str) -> S3Settings:
             netloc += f":{port}"
         endpoint_url = f"{'http' if insecure else 'https'}://{netloc}"
     elif insecure:
-        raise ValueError(
+        problems.add(
             f"S3 URL {shown!r} sets insecure but names no host; plain HTTP is only for "
             "a custom endpoint: 's3://host:port/<bucket>?insecure=true'"
         )
     elif port is not None:
-        raise ValueError(f"S3 URL {shown!r} has a port but no host")
+        problems.add(f"S3 URL {shown!r} has a port but no host")
+    # Each setting checked on its own, so one bad value does not hide the others.
+    checks: list[tuple[Callable[[str], str], str | None]] = [
+        (_check_bucket, bucket if path and "/" not in path else None),
+        (_check_prefix, params.get("prefix")),
+        (_check_region, params.get("region")),
+        (_check_endpoint, endpoint_url),
+        (_check_role_arn, params.get("role_arn")),
+    ]
+    for check, given in checks:
+        if given is not None:
+            with problems.check():
+                check(given)
+    problems.raise_if_any()
     return S3Settings(
         bucket=bucket,
         prefix=params.get("prefix", ""),

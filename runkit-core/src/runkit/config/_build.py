@@ -119,10 +119,13 @@ class _Pass:
 
 def _configure(app: object) -> _Pass:
     recorder = ApplicationRecorder()
+    error: Exception | None = None
     try:
         app.configure(recorder)  # type: ignore[attr-defined]
     except Exception as exc:  # reported as a problem, with the rest
-        return _Pass(recorder, [], [], exc)
+        # What was declared before it raised is still checked, so the
+        # exception does not hide the application's other problems.
+        error = exc
 
     handlers: list[_HandlerPass] = []
     strays: list[object] = []
@@ -138,7 +141,7 @@ def _configure(app: object) -> _Pass:
         except Exception as exc:  # reported as a problem, with the rest
             h.error = exc
         handlers.append(h)
-    return _Pass(recorder, handlers, strays)
+    return _Pass(recorder, handlers, strays, error)
 
 
 class _Validator:
@@ -162,17 +165,19 @@ class _Validator:
     # -- the first call ---------------------------------------------------------
 
     def check(self, p: _Pass) -> None:
+        app_identity: Identity | None = None
         if p.error is not None:
             self.errors.append(p.error)
             self.add(
                 f"application {self.app_label}",
                 f"configure() raised {_error(p.error)}; fix the application's configure()",
             )
-            return
-
-        app_identity = self._identity(
-            f"application {self.app_label}", "the application", p.app.declared.identities
-        )
+        # After an exception, a missing identity or route is not reported: the
+        # call may have stopped before declaring it.
+        if p.error is None or p.app.declared.identities:
+            app_identity = self._identity(
+                f"application {self.app_label}", "the application", p.app.declared.identities
+            )
         if app_identity is not None:
             self.app_label = f"{app_identity.name!r} ({self.app_label})"
 

@@ -1,52 +1,49 @@
-"""Aggregate instances: load (cache, snapshot, replay), handle, commit, deduplicate.
+"""Aggregate instances on the partition owner: cached roots, handling, rebuilding.
 
-Each instance has a journal ``<app>/aggregate/<handler>/<instance>`` with one
-``InstanceRecord`` per command that recorded events: the command ID and the
-event envelopes. Appending it at the expected position is the commit point of a
-handling; a ``Conflict`` means someone else committed first (or our own
-ambiguous append landed), so the cached instance is dropped, reloaded and the
-command tried again, where deduplication by command ID catches the second case.
+The partition stream is the commit point of aggregate state (ADR 0005): the
+owner handles a command against the instance's cached root, and the command's
+events are committed when the stream record holding them is appended. The
+instance journals ``<app>/aggregate/<handler>/<instance>`` and the snapshots in
+``<app>/snapshot/<handler>`` are *derived* state, written in the background by
+the ``Materialiser`` (``materialiser.py``) after the stream commit.
 
-Snapshots (``<app>/snapshot/<handler>``, keyed by instance ID) hold the root's
-``marshal_binary()``, the journal position they cover and the IDs of the most
-recent commands, so deduplication still works for commands the snapshot covers.
-They are written every ``snapshot_every`` events, after the commit, and never
-needed for correctness: a root that raises ``dogma.NotSupported`` (or whose
-snapshot fails to load) is rebuilt by replaying its whole journal.
+A root is rebuilt (cache miss, or after a handler failure left it half
+changed) from its snapshot, its instance journal after the snapshot, and the
+committed records the materialiser has not written yet (kept here, per
+instance, until they are in the journal; a new owner collects them from the
+stream tail after the materialised watermark). Deduplication by command ID uses
+the instance's recent command IDs, which cover every command the rebuilt state
+includes.
 
-The caller (``commands``) guarantees one command at a time per instance.
+Handling is synchronous (aggregate handlers are), so the partition's batch
+loop calls ``handle`` for a cached instance without a task or an await; only a
+cache miss needs I/O (``load``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
 import attrs
 import msgspec
-from anyio.abc import TaskGroup
 
 import dogma
 
 from ..config import HandlerConfig
-from ..persistence import (
-    Conflict,
-    Journal,
-    Keyspace,
-    PersistenceError,
-    Provider,
-    RecordNotFound,
-)
+from ..persistence import Keyspace, Provider
 from ._handling import EventRecorder, handler_log
-from .envelope import Envelope, to_message
+from .envelope import Envelope, closing_iter, to_message
 from .inbox import InboxEntry
 from .poison import HandlerBug
 
 __all__ = [
     "AggregateInstances",
+    "Committed",
+    "Instance",
     "InstanceRecord",
     "SnapshotRecord",
     "aggregate_name",
@@ -70,23 +67,32 @@ def snapshot_name(app_key: str, handler_key: str) -> str:
 
 
 class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The events one command recorded on an aggregate instance.
+    """The events one command recorded on an aggregate instance (derived from the stream).
 
-    ``inbox_position`` is where the command was accepted in its partition inbox
-    (-1 if unknown); truncation uses it to tell that a record's command is done.
+    Attributes:
+        command_id: The command that recorded the events.
+        events: The events, in order.
+        inbox_position: Where the command was in its partition inbox (-1 if it
+            never was, or is unknown).
+        stream_offset: The stream offset of the first event (-1: unknown).
+            Per instance, offsets only grow: the materialiser appends a record
+            only if the journal's last record is below it, which makes writing
+            the same record twice (two owners, an ambiguous append) harmless.
     """
 
     command_id: str
     events: tuple[Envelope, ...]
     inbox_position: int = -1
+    stream_offset: int = -1
 
 
 class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """An aggregate root snapshot covering journal positions below ``position``.
+    """An aggregate root snapshot covering instance journal positions below ``position``.
 
-    ``inbox_max`` is the highest inbox position of the commands it covers (-1 if
-    unknown): once the partition has fully processed past it, the journal below
-    ``position`` may be truncated.
+    ``recent`` holds the IDs of the most recent commands it covers (with a
+    second element kept for the format's sake), for deduplication.
+    ``inbox_max`` is the highest inbox position of the commands it covers
+    (-1 if none is known).
     """
 
     position: int
@@ -95,27 +101,50 @@ class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):
     inbox_max: int = -1
 
 
-_instance_encoder = msgspec.msgpack.Encoder()
-_instance_decoder = msgspec.msgpack.Decoder(InstanceRecord)
-_snapshot_decoder = msgspec.msgpack.Decoder(SnapshotRecord)
+instance_encoder = msgspec.msgpack.Encoder()
+instance_decoder = msgspec.msgpack.Decoder(InstanceRecord)
+snapshot_decoder = msgspec.msgpack.Decoder(SnapshotRecord)
 
 
-@attrs.define
-class _Instance:
+@attrs.define(eq=False)
+class Committed:
+    """A command's events on one instance, committed (or being committed) to the stream.
+
+    Attributes:
+        command_id: The command.
+        events: Its events on this instance.
+        inbox_position: Its inbox position, or -1.
+        durable: Set once the stream record holding the events is durable.
+        stream_offset: The stream offset of the first event (once durable).
+        stream_position: The stream journal position of the record (once durable).
+        snapshot: The root's ``marshal_binary()`` right after this command
+            (with the recent command IDs), when a snapshot is due.
+    """
+
+    command_id: str
+    events: tuple[Envelope, ...]
+    inbox_position: int = -1
+    durable: bool = False
+    stream_offset: int = -1
+    stream_position: int = -1
+    snapshot: tuple[bytes, tuple[str, ...]] | None = None
+
+
+@attrs.define(eq=False)
+class Instance:
+    """A cached aggregate root and what deduplication needs."""
+
     handler: HandlerConfig
     instance_id: str
-    journal: Journal
     root: Any
-    next_position: int
-    recent: OrderedDict[str, int]
-    since_snapshot: int
-    snapshot_revision: str
-    begin: int = 0
-    inbox_max: int = -1
-    # Durable snapshots not yet truncated below: (position, inbox_max), oldest first.
-    truncatable: list[tuple[int, int]] = attrs.Factory(list)
+    recent: OrderedDict[str, None]
+    since_snapshot: int = 0
     snapshots: bool = True
-    snapshot_pending: bool = False
+
+    def remember(self, command_id: str) -> None:
+        self.recent[command_id] = None
+        if len(self.recent) > RECENT_COMMANDS:
+            self.recent.popitem(last=False)
 
 
 class _Scope:
@@ -143,6 +172,10 @@ class _Scope:
         self._root.apply_event(to_message(env))
 
 
+#: ``handle``'s answer for a command the instance has already handled.
+DUPLICATE: tuple[Envelope, ...] | None = None
+
+
 class AggregateInstances:
     """The aggregate instances of one partition, cached while the partition is owned."""
 
@@ -155,8 +188,6 @@ class AggregateInstances:
         clock: Callable[[], datetime],
         snapshot_every: int,
         cache_size: int,
-        background: TaskGroup,
-        truncate_before: Callable[[], int] | None = None,
     ) -> None:
         self._provider = provider
         self._app_key = app_key
@@ -164,279 +195,210 @@ class AggregateInstances:
         self._clock = clock
         self._snapshot_every = snapshot_every
         self._cache_size = cache_size
-        self._background = background
-        # Inbox position below which every command is done (durably); None
-        # disables truncation of instance journals.
-        self._truncate_before = truncate_before
-        self._cache: OrderedDict[tuple[str, str], _Instance] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], Instance] = OrderedDict()
+        # Committed records not yet in their instance journal, per instance.
+        self._unwritten: dict[tuple[str, str], deque[Committed]] = {}
         self._snapshots: dict[str, Keyspace] = {}
 
     async def close(self) -> None:
-        """Close every open store handle and forget every cached instance."""
-        for inst in self._cache.values():
-            await inst.journal.close()
+        """Close store handles and forget every cached instance."""
         self._cache.clear()
         for ks in self._snapshots.values():
             await ks.close()
         self._snapshots.clear()
 
-    async def execute(
-        self, handler: HandlerConfig, entry: InboxEntry, *, inbox_position: int = -1
-    ) -> tuple[Envelope, ...]:
-        """Handle *entry* on its instance unless already done; return its committed events.
+    # -- the batch loop's side -------------------------------------------------
 
-        Returns the events the command recorded, now or in an earlier handling
-        found in the instance's history (deduplication); empty if it recorded
-        none, or if its record was truncated (then it is done and published).
-        Raises ``HandlerBug`` for bugs, ``PersistenceError`` for storage faults,
-        and whatever the handler raised.
+    def cached(self, handler: HandlerConfig, instance_id: str) -> Instance | None:
+        """The cached instance, or ``None`` (then ``load`` it)."""
+        key = (handler.identity.key, instance_id)
+        inst = self._cache.get(key)
+        if inst is not None:
+            self._cache.move_to_end(key)
+        return inst
+
+    def handle(self, inst: Instance, entry: InboxEntry) -> tuple[Envelope, ...] | None:
+        """Handle *entry* on *inst*'s root; return its events, or ``None`` for a duplicate.
+
+        The caller must commit the events (``committed``) before handling the
+        next command of the instance, or ``drop`` the instance. Raises
+        ``HandlerBug`` for bugs and whatever the handler raised; the root may
+        then be half changed, so the instance is dropped from the cache.
         """
-        instance_id = entry.instance_id
-        if not instance_id:
-            raise HandlerBug(f"{handler.describe()} routed a command to an empty instance ID")
         command_id = entry.envelope.message_id
-        while True:
-            inst = await self._load(handler, instance_id)
-            previous = inst.recent.get(command_id)
-            if previous is not None:
-                if previous < inst.begin:
-                    return ()  # truncated: only ever below fully processed commands
-                try:
-                    data = await inst.journal.get(previous)
-                except RecordNotFound:
-                    await self._drop(handler, instance_id)  # truncated elsewhere: reload
-                    continue
-                return _instance_decoder.decode(data).events
-            recorder = EventRecorder(
-                handler,
-                entry.envelope,
-                instance_id=instance_id,
-                site_key=self._site_key,
-                clock=self._clock,
-            )
+        if command_id in inst.recent:
+            return DUPLICATE
+        handler = inst.handler
+        recorder = EventRecorder(
+            handler,
+            entry.envelope,
+            instance_id=inst.instance_id,
+            site_key=self._site_key,
+            clock=self._clock,
+        )
+        agg: Any = handler.handler
+        try:
             command = to_message(entry.envelope)
-            agg: Any = handler.handler
-            try:
-                agg.handle_command(inst.root, _Scope(recorder, inst.root), command)
-                recorder.check()
-            except dogma.UnexpectedMessage as exc:
-                await self._drop(handler, instance_id)
-                raise HandlerBug(f"{handler.describe()} raised UnexpectedMessage: {exc}") from exc
-            except BaseException:
-                # The root may be half-changed by recorded events: rebuild it next time.
-                await self._drop(handler, instance_id)
-                raise
-            if not recorder.events:
-                return ()
-            events = tuple(recorder.events)
-            data = _instance_encoder.encode(
-                InstanceRecord(command_id=command_id, events=events, inbox_position=inbox_position)
-            )
-            try:
-                await inst.journal.append(inst.next_position, data)
-            except Conflict:
-                _log.info(
-                    "aggregate instance changed concurrently; reloading",
-                    extra={"handler": handler.identity.name, "instance": instance_id},
-                )
-                await self._drop(handler, instance_id)
-                continue
-            except BaseException:
-                await self._drop(handler, instance_id)
-                raise
-            self._committed(inst, command_id, len(events), inbox_position)
-            return events
+            agg.handle_command(inst.root, _Scope(recorder, inst.root), command)
+            recorder.check()
+        except dogma.UnexpectedMessage as exc:
+            self.drop(handler, inst.instance_id)
+            raise HandlerBug(f"{handler.describe()} raised UnexpectedMessage: {exc}") from exc
+        except BaseException:
+            self.drop(handler, inst.instance_id)
+            raise
+        return tuple(recorder.events)
 
-    def _committed(self, inst: _Instance, command_id: str, count: int, inbox: int) -> None:
-        inst.inbox_max = -2 if inbox < 0 or inst.inbox_max == -2 else max(inst.inbox_max, inbox)
-        inst.recent[command_id] = inst.next_position
-        while len(inst.recent) > RECENT_COMMANDS:
-            inst.recent.popitem(last=False)
-        inst.next_position += 1
-        inst.since_snapshot += count
-        self._maybe_truncate(inst)
-        due = inst.since_snapshot >= self._snapshot_every
-        if due and inst.snapshots and not inst.snapshot_pending:
-            self._snapshot(inst)
+    def committed(
+        self,
+        inst: Instance,
+        entry: InboxEntry,
+        events: tuple[Envelope, ...],
+        *,
+        inbox_position: int,
+    ) -> Committed | None:
+        """Record that *entry* was handled on *inst* with *events* (queued for the stream).
 
-    def _snapshot(self, inst: _Instance) -> None:
+        Returns the record the materialiser must write once it is durable
+        (``None`` when the command recorded no events).
+        """
+        command_id = entry.envelope.message_id
+        inst.remember(command_id)
+        if not events:
+            return None
+        record = Committed(command_id, events, inbox_position)
+        inst.since_snapshot += len(events)
+        if inst.snapshots and inst.since_snapshot >= self._snapshot_every:
+            record.snapshot = self._snapshot_of(inst)
+        key = (inst.handler.identity.key, inst.instance_id)
+        self._unwritten.setdefault(key, deque()).append(record)
+        return record
+
+    def recovered(self, handler_key: str, instance_id: str, record: Committed) -> None:
+        """Add a durable record a new owner found in the stream tail, not yet written."""
+        self._unwritten.setdefault((handler_key, instance_id), deque()).append(record)
+
+    def written(self, handler_key: str, instance_id: str, count: int) -> None:
+        """The materialiser wrote the first *count* unwritten records of an instance."""
+        key = (handler_key, instance_id)
+        queue = self._unwritten.get(key)
+        if queue is None:
+            return
+        for _ in range(min(count, len(queue))):
+            queue.popleft()
+        if not queue:
+            del self._unwritten[key]
+
+    def drop(self, handler: HandlerConfig, instance_id: str) -> None:
+        """Forget a cached root (it is rebuilt on next use)."""
+        self._cache.pop((handler.identity.key, instance_id), None)
+
+    def _snapshot_of(self, inst: Instance) -> tuple[bytes, tuple[str, ...]] | None:
         try:
             data = inst.root.marshal_binary()
         except (dogma.NotSupported, AttributeError):
             inst.snapshots = False
-            return
+            return None
         except Exception:
             _log.warning(
-                "aggregate root snapshot failed; its history will be replayed instead",
+                "aggregate root snapshot of %s instance %s failed; its history will be "
+                "replayed instead",
+                inst.handler.identity.name,
+                inst.instance_id,
                 exc_info=True,
-                extra={"handler": inst.handler.identity.name, "instance": inst.instance_id},
             )
             inst.since_snapshot = 0
-            return
-        record = SnapshotRecord(
-            position=inst.next_position,
-            data=bytes(data),
-            recent=tuple(inst.recent.items()),
-            inbox_max=inst.inbox_max,
-        )
-        inst.snapshot_pending = True
+            return None
         inst.since_snapshot = 0
-        self._background.start_soon(self._write_snapshot, inst, record)
+        return bytes(data), tuple(inst.recent)
 
-    async def _write_snapshot(self, inst: _Instance, record: SnapshotRecord) -> None:
-        try:
-            ks = await self._snapshot_keyspace(inst.handler.identity.key)
-            inst.snapshot_revision = await ks.set(
-                inst.instance_id.encode(), _instance_encoder.encode(record), inst.snapshot_revision
-            )
-            inst.truncatable = [*inst.truncatable[-3:], (record.position, record.inbox_max)]
-        except Conflict:
-            # Someone else wrote one (a previous owner); learn its revision next load.
-            await self._drop(inst.handler, inst.instance_id, close=False)
-        except PersistenceError as exc:
-            _log.warning(
-                "writing an aggregate snapshot failed: %s",
-                exc,
-                extra={"handler": inst.handler.identity.name, "instance": inst.instance_id},
-            )
-        finally:
-            await self._background_done(inst)
+    # -- loading -----------------------------------------------------------------
 
-    def _maybe_truncate(self, inst: _Instance) -> None:
-        # Truncate below the durable snapshot once every command it covers is
-        # done: the partition's durable progress is past all their inbox
-        # positions, so they are published (and marked, if keyed) and nothing
-        # will look their records up again. -2 means "some position unknown".
-        if self._truncate_before is None or inst.snapshot_pending or not inst.truncatable:
-            return
-        done = self._truncate_before()
-        # Snapshots that any later one covers too; the newest whose commands are all done.
-        ready = [p for p, inbox_max in inst.truncatable if 0 <= inbox_max < done]
-        if not ready or ready[-1] <= inst.begin:
-            return
-        position = ready[-1]
-        inst.truncatable = [t for t in inst.truncatable if t[0] > position]
-        inst.snapshot_pending = True  # also keeps the journal handle open meanwhile
-        self._background.start_soon(self._truncate, inst, position)
+    async def load(self, handler: HandlerConfig, instance_id: str) -> Instance:
+        """Return the instance, rebuilding it if it is not cached."""
+        inst = self.cached(handler, instance_id)
+        if inst is not None:
+            return inst
+        key = (handler.identity.key, instance_id)
+        # Take the unwritten records before reading the journal: a record the
+        # materialiser writes meanwhile is then seen in one or the other (or
+        # both, and deduplicated by command ID), never in neither.
+        unwritten = list(self._unwritten.get(key, ()))
+        inst = await self._rebuild(handler, instance_id)
+        for record in unwritten:
+            if record.command_id in inst.recent:
+                continue
+            for env in record.events:
+                inst.root.apply_event(to_message(env))
+            inst.remember(record.command_id)
+            inst.since_snapshot += len(record.events)
+        existing = self._cache.get(key)
+        if existing is not None:
+            return existing  # loaded concurrently; keep the first
+        self._cache[key] = inst
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return inst
 
-    async def _truncate(self, inst: _Instance, position: int) -> None:
-        try:
-            await inst.journal.truncate(position)
-            inst.begin = position
-        except PersistenceError as exc:
-            _log.warning(
-                "truncating an aggregate journal failed: %s",
-                exc,
-                extra={"handler": inst.handler.identity.name, "instance": inst.instance_id},
-            )
-        finally:
-            await self._background_done(inst)
-
-    async def _background_done(self, inst: _Instance) -> None:
-        inst.snapshot_pending = False
-        if self._cache.get((inst.handler.identity.key, inst.instance_id)) is not inst:
-            await inst.journal.close()  # evicted or dropped meanwhile
-
-    async def _snapshot_keyspace(self, handler_key: str) -> Keyspace:
+    async def snapshot_keyspace(self, handler_key: str) -> Keyspace:
+        """The handler's snapshot keyspace (opened once per partition)."""
         ks = self._snapshots.get(handler_key)
         if ks is None:
             ks = await self._provider.keyspaces.open(snapshot_name(self._app_key, handler_key))
             self._snapshots[handler_key] = ks
         return ks
 
-    async def _drop(self, handler: HandlerConfig, instance_id: str, *, close: bool = True) -> None:
-        inst = self._cache.pop((handler.identity.key, instance_id), None)
-        if inst is not None and close and not inst.snapshot_pending:
-            await inst.journal.close()
-
-    async def _load(self, handler: HandlerConfig, instance_id: str) -> _Instance:
-        key = (handler.identity.key, instance_id)
-        inst = self._cache.get(key)
-        if inst is not None:
-            self._cache.move_to_end(key)
-            return inst
+    async def _rebuild(self, handler: HandlerConfig, instance_id: str) -> Instance:
         journal = await self._provider.journals.open(
             aggregate_name(self._app_key, handler.identity.key, instance_id)
         )
-        try:
-            inst = await self._rebuild(handler, instance_id, journal)
-        except BaseException:
-            await journal.close()
-            raise
-        self._cache[key] = inst
-        while len(self._cache) > self._cache_size:
-            _, old = self._cache.popitem(last=False)
-            if not old.snapshot_pending:
-                await old.journal.close()
+        async with journal:
+            bounds = await journal.bounds()
+            ks = await self.snapshot_keyspace(handler.identity.key)
+            value, _ = await ks.get(instance_id.encode())
+            root = _new_root(handler)
+            start = bounds.begin
+            recent: OrderedDict[str, None] = OrderedDict()
+            snapshots, restored = True, False
+            if value:
+                snap = snapshot_decoder.decode(value)
+                if bounds.begin <= snap.position <= bounds.end:
+                    try:
+                        root.unmarshal_binary(snap.data)
+                        restored = True
+                        start = snap.position
+                        recent.update((cid, None) for cid, _ in snap.recent)
+                    except (dogma.NotSupported, AttributeError):
+                        root, snapshots = _new_root(handler), False
+                    except Exception:
+                        _log.warning(
+                            "aggregate snapshot of %s instance %s did not load; replaying "
+                            "the history instead",
+                            handler.identity.name,
+                            instance_id,
+                            exc_info=True,
+                        )
+                        root = _new_root(handler)
+            if start == bounds.begin and bounds.begin > 0 and not restored:
+                raise RuntimeError(
+                    f"aggregate instance {instance_id} of {handler.describe()}: journal "
+                    f"truncated below {bounds.begin} and no usable snapshot"
+                )
+            inst = Instance(handler, instance_id, root, recent, snapshots=snapshots)
+            if start < bounds.end:
+                async with closing_iter(journal.range(start)) as records:
+                    async for _, data in records:
+                        record = instance_decoder.decode(data)
+                        replay(inst, record.events)
+                        inst.remember(record.command_id)
         return inst
 
-    async def _rebuild(
-        self, handler: HandlerConfig, instance_id: str, journal: Journal
-    ) -> _Instance:
-        bounds = await journal.bounds()
-        ks = await self._snapshot_keyspace(handler.identity.key)
-        value, revision = await ks.get(instance_id.encode())
-        root = _new_root(handler)
-        start = bounds.begin
-        recent: OrderedDict[str, int] = OrderedDict()
-        snapshots = True
-        inbox_max = -1 if bounds.begin == 0 else -2
-        truncatable: list[tuple[int, int]] = []
-        restored = False
-        if value:
-            snap = _snapshot_decoder.decode(value)
-            truncatable.append((snap.position, snap.inbox_max))
-            if bounds.begin <= snap.position <= bounds.end:
-                try:
-                    root.unmarshal_binary(snap.data)
-                    restored = True
-                    start = snap.position
-                    recent.update(snap.recent)
-                    inbox_max = snap.inbox_max
-                except (dogma.NotSupported, AttributeError):
-                    root, snapshots = _new_root(handler), False
-                except Exception:
-                    _log.warning(
-                        "aggregate snapshot did not load; replaying the history instead",
-                        exc_info=True,
-                        extra={"handler": handler.identity.name, "instance": instance_id},
-                    )
-                    root = _new_root(handler)
-        if start == bounds.begin and bounds.begin > 0 and not restored:
-            raise RuntimeError(
-                f"aggregate instance {instance_id} of {handler.describe()}: journal truncated "
-                f"below {bounds.begin} and no usable snapshot"
-            )
-        since = 0
-        next_position = start
-        if start < bounds.end:
-            async for position, data in journal.range(start):
-                next_position = position + 1
-                record = _instance_decoder.decode(data)
-                if record.inbox_position < 0 or inbox_max == -2:
-                    inbox_max = -2
-                else:
-                    inbox_max = max(inbox_max, record.inbox_position)
-                for env in record.events:
-                    root.apply_event(to_message(env))
-                since += len(record.events)
-                recent[record.command_id] = position
-                if len(recent) > RECENT_COMMANDS:
-                    recent.popitem(last=False)
-        return _Instance(
-            handler=handler,
-            instance_id=instance_id,
-            journal=journal,
-            root=root,
-            next_position=next_position,
-            recent=recent,
-            since_snapshot=since,
-            snapshot_revision=revision,
-            begin=bounds.begin,
-            inbox_max=inbox_max,
-            truncatable=truncatable,
-            snapshots=snapshots,
-        )
+
+def replay(inst: Instance, events: Iterable[Envelope]) -> None:
+    """Apply stored events to a root being rebuilt."""
+    for env in events:
+        inst.root.apply_event(to_message(env))
+        inst.since_snapshot += 1
 
 
 def _new_root(handler: HandlerConfig) -> Any:

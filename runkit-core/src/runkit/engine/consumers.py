@@ -35,6 +35,7 @@ from .. import rendezvous
 from ..config import ApplicationConfig, HandlerConfig, HandlerKind
 from .consumers_support import ConsumerOptions
 from .deadlines import DeadlineEntry, DeadlineTimer
+from .logs import RateLimitedLog, describe_error
 from .partitions import NodeContext, PartitionContext
 from .processes import ProcessRunner
 from .projections import (
@@ -54,6 +55,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.consumers")
+# compact() runs every compact_interval; a failing one is shown in full once,
+# then briefly, one line per projection per interval.
+_compact_log = RateLimitedLog(_log, 300.0)
 
 
 class ConsumerSet(Protocol):
@@ -109,6 +113,7 @@ class EventConsumers:
         self._controls: dict[str, ProjectionControl] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._timers: dict[int, DeadlineTimer] = {}
+        self._compact_failing: set[str] = set()  # handler keys whose last compact() failed
 
     # -- per partition --
 
@@ -172,10 +177,12 @@ class EventConsumers:
             runner = self._processes.get(entry.handler_key)
             if runner is None:
                 _log.warning(
-                    "dropping deadline %s for instance %r: process %s is not enabled",
+                    "dropping deadline %s for instance %r: process %s is not enabled "
+                    "(partition %d)",
                     entry.deadline_id,
                     entry.instance_id,
                     entry.handler_key,
+                    ctx.index,
                 )
                 return
             await runner.fire_deadline(ctx, entry)
@@ -202,10 +209,22 @@ class EventConsumers:
             for config in self._projections:
                 if not runs_node_work(config.identity.key, ctx.node_id, live):
                     continue
+                key = config.identity.key
                 try:
                     await compact_projection(config, clock=ctx.now)
-                except Exception:
-                    _log.exception("%s: compact() failed; will try again", config.describe())
+                except Exception as exc:
+                    if key not in self._compact_failing:
+                        self._compact_failing.add(key)
+                        _log.exception("%s: compact() failed; will try again", config.describe())
+                    else:
+                        _compact_log.warning(
+                            key,
+                            "%s: compact() failed again; will try again: %s",
+                            config.describe(),
+                            describe_error(exc),
+                        )
+                else:
+                    self._compact_failing.discard(key)
 
     # -- operations --
 

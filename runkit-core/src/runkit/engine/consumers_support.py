@@ -55,6 +55,9 @@ class ConsumerOptions:
             re-reading the engine clock and its deadline journal. Deadlines
             appended by this node wake the timer at once; this bounds how late
             one appended by another node (or a jump of an injected clock) is seen.
+        process_cache_size: Process instances each process handler keeps in
+            memory on this node (root, record and revision), so handling an
+            event of a cached instance costs no read (ADR 0006).
     """
 
     retry_initial: float = attrs.field(default=0.1, validator=_positive)
@@ -64,6 +67,7 @@ class ConsumerOptions:
     compact_interval: float = attrs.field(default=3600.0, validator=_positive)
     process_concurrency: int = attrs.field(default=32, validator=_positive)
     deadline_rescan_interval: float = attrs.field(default=5.0, validator=_positive)
+    process_cache_size: int = attrs.field(default=10_000, validator=_positive)
 
     @classmethod
     def from_settings(cls, settings: EngineSettings, **overrides: Any) -> ConsumerOptions:

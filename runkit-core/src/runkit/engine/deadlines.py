@@ -34,6 +34,7 @@ import attrs
 import msgspec
 
 from ..persistence import Conflict, Journal, PersistenceError, RecordNotFound
+from .logs import RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
     from .partitions import PartitionContext
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.deadlines")
+# One line per partition per interval while the store is out.
+_store_log = RateLimitedLog(_log, 10.0)
 
 
 class DeadlineEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -149,9 +152,15 @@ class DeadlineTimer:
                     self._begin = self._cursor = bounds.begin
                     await self._read(journal)
                     break
-                except PersistenceError:
+                except PersistenceError as exc:
                     failures += 1
-                    _log.warning("deadline journal %r: cannot load; retrying", name, exc_info=True)
+                    _store_log.warning(
+                        name,
+                        "deadline journal %r (partition %d): cannot load; retrying: %s",
+                        name,
+                        self._ctx.index,
+                        describe_error(exc),
+                    )
                     self._heap.clear()
                     self._remaining.clear()
                     await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
@@ -169,10 +178,14 @@ class DeadlineTimer:
                     self._wake = anyio.Event()
                     await self._read(journal)
                     failures = 0
-                except PersistenceError:
+                except PersistenceError as exc:
                     failures += 1
-                    _log.warning(
-                        "deadline journal %r: persistence error; retrying", name, exc_info=True
+                    _store_log.warning(
+                        name,
+                        "deadline journal %r (partition %d): persistence error; retrying: %s",
+                        name,
+                        self._ctx.index,
+                        describe_error(exc),
                     )
                     await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
 

@@ -31,12 +31,16 @@ from .._errors import ConfigurationError
 from ..config import ApplicationConfig
 from ..persistence import Conflict, PersistenceError, Provider, provider_from_url
 from .aggregates import AggregateInstances
-from .commands import Acceptor, PartitionCommands, idempotency_name, prune_idempotency
+from .batches import PartitionCommands
+from .commands import Acceptor, idempotency_name, prune_idempotency
 from .envelope import Envelope, register_types
 from .inbox import EngineStopped, InboxWriter, inbox_name
+from .logs import describe_error
+from .materialiser import Materialiser
 from .ownership import Ownership
 from .partitions import NodeContext, PartitionContext, PartitionRunner, partition_id, partition_of
 from .settings import EngineSettings
+from .startup import wait_for_store
 from .streams import EventBus, OwnershipLost, PartitionStream, StreamWriter, read_tail
 
 if TYPE_CHECKING:
@@ -179,7 +183,13 @@ class AppRuntime:
                         retry_max_delay=s.retry_max_delay,
                     )
                 )
-            self._acceptor = Acceptor(self.app, self.partition_count, self.inbox_writers)
+            self._acceptor = Acceptor(
+                self.app,
+                self.partition_count,
+                self.inbox_writers,
+                local=self.partitions.get,
+                backlog_limit=_backlog_limit(s),
+            )
             async with anyio.create_task_group() as tg:
                 for writer in self.inbox_writers:
                     await tg.start(writer.run)
@@ -204,10 +214,20 @@ class AppRuntime:
             try:
                 pruned = await prune_idempotency(self.provider, self.app_key, cutoff)
             except PersistenceError as exc:
-                _log.warning("pruning idempotency markers failed: %s", exc)
+                _log.warning(
+                    "application %s: pruning idempotency markers failed: %s",
+                    self.app.identity.name,
+                    describe_error(exc),
+                    extra={"app": self.app_key},
+                )
                 continue
             if pruned:
-                _log.info("pruned %d idempotency markers", pruned, extra={"app": self.app_key})
+                _log.info(
+                    "application %s: pruned %d idempotency markers",
+                    self.app.identity.name,
+                    pruned,
+                    extra={"app": self.app_key},
+                )
 
     def _node_context(self) -> NodeContext:
         return NodeContext(
@@ -237,13 +257,37 @@ class AppRuntime:
             tail = await read_tail(stream_journal)
             inbox_end = (await inbox.bounds()).end
             _log.info(
-                "taking partition %d: stream offset %d, %d inbox records pending",
+                "application %s: taking partition %d: stream offset %d, %d inbox records pending",
+                self.app.identity.name,
                 index,
                 tail.next_offset,
                 max(0, inbox_end - tail.inbox_position),
                 extra=context,
             )
             stream = PartitionStream(pid, stream_journal, next_offset=tail.next_offset)
+            aggregates = AggregateInstances(
+                self.provider,
+                self.app_key,
+                site_key=s.site_key,
+                clock=s.clock,
+                snapshot_every=s.snapshot_every,
+                cache_size=s.instance_cache_size,
+            )
+            stack.push_async_callback(aggregates.close)
+            materialiser = Materialiser(
+                self.provider,
+                self.app,
+                aggregates,
+                truncate=s.truncate_aggregate_journals,
+                retry_base_delay=s.retry_base_delay,
+                retry_max_delay=s.retry_max_delay,
+            )
+            if tail.materialised is not None:
+                # Aggregate events a previous owner committed but had not yet
+                # written to their instance journals (ADR 0005).
+                await materialiser.recover_from(
+                    stream_journal, tail.materialised, tail.next_position
+                )
             writer = StreamWriter(
                 stream_journal,
                 stream,
@@ -254,32 +298,19 @@ class AppRuntime:
                 record_limit=self.provider.limits.max_record_bytes,
                 progress_interval=s.progress_interval,
                 retry_max_delay=s.retry_max_delay,
+                watermark=materialiser.watermark,
             )
             inbox_writer = self.inbox_writers[index]
             lost = False
             try:
                 async with anyio.create_task_group() as tg:
-                    aggregates = AggregateInstances(
-                        self.provider,
-                        self.app_key,
-                        site_key=s.site_key,
-                        clock=s.clock,
-                        snapshot_every=s.snapshot_every,
-                        cache_size=s.instance_cache_size,
-                        background=tg,
-                        truncate_before=(
-                            (lambda: writer.written_progress)
-                            if s.truncate_aggregate_journals
-                            else None
-                        ),
-                    )
-                    stack.push_async_callback(aggregates.close)
                     commands = PartitionCommands(
                         app=self.app,
                         settings=s,
                         index=index,
                         provider=self.provider,
                         inbox=inbox,
+                        inbox_writer=inbox_writer,
                         idempotency=idempotency,
                         writer=writer,
                         stream=stream,
@@ -287,11 +318,14 @@ class AppRuntime:
                         tail=tail,
                         inbox_end=inbox_end,
                         aggregates=aggregates,
+                        materialiser=materialiser,
+                        backlog_limit=_backlog_limit(s),
                     )
+                    await tg.start(materialiser.run)
                     await tg.start(writer.run)
                     inbox_writer.listener = commands.notify
-                    self.partitions[index] = commands
                     await tg.start(commands.run)
+                    self.partitions[index] = commands
                     if self._consumers is not None:
                         ctx = PartitionContext(
                             app=self.app,
@@ -310,7 +344,12 @@ class AppRuntime:
                 lost = _is_ownership_lost(exc)
                 if not lost:
                     raise
-                _log.warning("lost partition %d", index, extra=context)
+                _log.warning(
+                    "application %s: lost partition %d (another node owns it now)",
+                    self.app.identity.name,
+                    index,
+                    extra=context,
+                )
             finally:
                 inbox_writer.listener = None
                 self.partitions.pop(index, None)
@@ -318,13 +357,21 @@ class AppRuntime:
                     with anyio.move_on_after(s.shutdown_timeout, shield=True):
                         try:
                             await writer.flush()
-                        except Exception:  # e.g. OwnershipLost: the next owner repairs
+                        except Exception as exc:  # e.g. OwnershipLost: the next owner repairs
                             _log.info(
-                                "partition %d: final stream flush skipped",
+                                "application %s: partition %d: final stream flush skipped: %s",
+                                self.app.identity.name,
                                 index,
-                                exc_info=True,
+                                describe_error(exc),
                                 extra=context,
                             )
+                # Whatever is still queued was not committed: its local callers
+                # fall back to the inbox.
+                writer.close()
+
+
+def _backlog_limit(settings: EngineSettings) -> int:
+    return int(getattr(settings, "backlog_limit", 1000))
 
 
 def _is_ownership(value: object) -> bool:
@@ -516,6 +563,8 @@ class Engine:
             provider = provider_from_url(s.persistence_url)
         self._state = "starting"
         try:
+            # Fails at once on a wrong password or database, waits out an outage.
+            await wait_for_store(provider, timeout=s.start_timeout)
             ownership = self._resolve_ownership(provider)
             async with contextlib.AsyncExitStack() as stack:
                 # joined() keeps heartbeating while the apps wind down and leaves

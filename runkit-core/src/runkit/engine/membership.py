@@ -29,14 +29,16 @@ Clock skew: expiry is judged by each reader's clock against the writer's
 ``expires_at``. The one interval of margin above absorbs skew below one
 interval; more makes nodes flap in and out of peers' live sets (safe, because
 of the OCC fence, but churny). A peer whose ``written_at`` is more than one
-interval ahead of our clock is logged as skewed.
+interval ahead of our clock *when the read returned* is logged as skewed (not
+ahead of the time the beat started: a slow write or read in between would make
+peers on the same host look skewed).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -48,6 +50,7 @@ from anyio.abc import TaskStatus
 
 from .. import rendezvous
 from ..persistence import Conflict, Keyspace, PersistenceError, Provider
+from .logs import describe_error
 from .settings import EngineSettings
 
 __all__ = [
@@ -193,6 +196,17 @@ def _describe(record: NodeRecord | None) -> str:
         f"process {record.incarnation} ({where}, started at {record.started_at.isoformat()}) "
         f"wrote its heartbeat record at {record.written_at.isoformat()}"
     )
+
+
+def _changes(joined: Iterable[uuid.UUID], gone: Iterable[uuid.UUID]) -> str:
+    """``node a joined, node b left`` for a change of the live set."""
+    parts = []
+    for verb, nodes in (("joined", joined), ("left or expired", gone)):
+        names = sorted(str(n) for n in nodes)
+        if names:
+            noun = "node" if len(names) == 1 else "nodes"
+            parts.append(f"{noun} {', '.join(names)} {verb}")
+    return ", ".join(parts)
 
 
 class _Timeout(Exception):
@@ -625,10 +639,18 @@ class Membership:
                             stale.append((key, revision))
                             continue
                         peers[record.node_id] = record
-                        self._check_skew(record, now)
-        except (PersistenceError, TimeoutError) as exc:
+        except TimeoutError:
+            timeout = _Timeout(f"reading took longer than {self._io_timeout:.1f}s")
+            self._report_failure("read the node set", timeout, reading=True)
+            return False
+        except PersistenceError as exc:
             self._report_failure("read the node set", exc, reading=True)
             return False
+        # Judged against the clock now, not at the start of the beat: every
+        # record was written before we read it, however slow the store was.
+        seen = self._clock()
+        for record in peers.values():
+            self._check_skew(record, seen)
         self._peers = peers
         if self._read_failing:
             _log.info("node %s: node set read again", self._node_id, extra=self._extra)
@@ -642,8 +664,8 @@ class Membership:
                 pass  # another node pruned it, or it came back; either is fine
         return True
 
-    def _check_skew(self, record: NodeRecord, now: datetime) -> None:
-        ahead = (record.written_at - now).total_seconds()
+    def _check_skew(self, record: NodeRecord, seen: datetime) -> None:
+        ahead = (record.written_at - seen).total_seconds()
         if ahead > self._interval and record.incarnation not in self._skew_logged:
             self._skew_logged.add(record.incarnation)
             _log.warning(
@@ -662,7 +684,7 @@ class Membership:
                 "node %s could not %s (will keep trying): %s",
                 self._node_id,
                 what,
-                exc,
+                describe_error(exc),
                 extra=self._extra,
             )
         if reading:
@@ -683,11 +705,11 @@ class Membership:
             self._log_activity(active)
         elif live_set != self._live:
             _log.info(
-                "node %s: live nodes changed (+%s, -%s): %d live",
+                "node %s: %s; %d live node%s",
                 self._node_id,
-                sorted(str(n) for n in live_set - self._live) or "none",
-                sorted(str(n) for n in self._live - live_set) or "none",
+                _changes(live_set - self._live, self._live - live_set),
                 len(live_set),
+                "" if len(live_set) == 1 else "s",
                 extra=self._extra,
             )
         self._active = active

@@ -1,32 +1,51 @@
-"""Process instances: routing, handling, the instance record and its outbox.
+"""Process instances: routing, handling, and one commit per instance per batch (ADR 0006).
 
 One consumer runs per (process handler, owned partition). It routes the events
 of routed types in stream order (``route_event_to_instance``; ``None`` =
-ignore), then hands each to a worker of its instance, so that one instance's
-events are handled in order and different instances concurrently (at most
-``process_concurrency`` events unfinished). For each event the worker:
+ignore), then queues each for its instance. A worker per instance takes
+*everything* queued for the instance so far (e.g. all its events in one stream
+record) and handles it as one group, so one instance's events are handled in
+order and different instances concurrently (at most ``process_concurrency``
+events unfinished). For a group the worker:
 
-1. (routing, above);
-2. loads the instance record from ``<app>/process/<handler-key>``, first
-   dispatching any outbox a crash left behind;
-3. skips the event if the instance has ended or already handled this stream
-   at this offset or later;
-4. calls ``handle_event`` with a ``ProcessEventScope``;
-5. commits with ONE conditional write of the record: the new root (only if
-   ``mutate`` was called), the ended flag, this stream's position, the IDs of
-   the instance's pending deadlines, and an outbox of the produced commands
-   and deadlines. On ``Conflict`` (another partition's consumer or a stale
-   owner wrote the instance) it reloads and handles again;
-6. dispatches the outbox (commands through ``ctx.accept`` with IDs derived
+1. takes the instance from the node's ``InstanceCache`` (record, revision and
+   live root; ``process_instances.py``), or on a miss reads the record from
+   ``<app>/process/<handler-key>`` and first dispatches any outbox still in it
+   (a crash, another node or an undone clear left it there);
+2. skips the events the record says are done: the instance has ended, or
+   already handled this stream at this offset or later;
+3. calls ``handle_event`` for each remaining event, in order, against the same
+   root, each with its own ``ProcessEventScope``;
+4. commits the whole group with ONE conditional write of the record: the root
+   (only if ``mutate`` was called), the ended flag, this stream's position,
+   the IDs of the pending deadlines, and an outbox with the commands and
+   deadlines the group produced. The previous outbox is left out: it was
+   dispatched before the group was handled. On ``Conflict`` (another node's
+   consumer, a stale owner) the entry is dropped and the group handled again
+   against the stored record;
+5. dispatches the new outbox (commands through ``ctx.accept`` with IDs derived
    from the cause, deadlines appended to the home partition's deadline
-   journal) and clears it with another conditional write.
+   journal) and caches the instance. It does not write the record again: the
+   next commit drops the dispatched outbox, and if none comes within a
+   checkpoint interval the consumer writes the record without it then.
+
+If handling one event of a group fails, nothing of the group is committed and
+its events are handled again one at a time, each with the retries below.
+Deadlines fire one at a time through the same path (``fire_deadline``).
 
 Every step can be repeated: produced commands have deterministic IDs (the
 commands side deduplicates by ID), a deadline fires only while its ID is in the
-record's pending list, and a record with a non-empty outbox is dispatched
-before it is used again. The stream checkpoint in ``<app>/checkpoints`` only
-bounds redelivery after a restart, so it is written in the background; it
-follows the lowest unfinished offset.
+record's pending list, and a record loaded with an outbox is dispatched before
+it is used. Cached state is trusted only where it cannot be out of date (an
+ended instance, a stream position); a deadline the cached record does not list
+as pending is checked against a fresh read. The stream checkpoint in
+``<app>/checkpoints`` only bounds redelivery after a restart, so it is written
+in the background; it follows the lowest unfinished offset.
+
+Events are handled by the consumer of the stream they are in, not routed to
+the instance's home partition: one instance may be written from several
+partitions (on one node they share the cache and take turns; across nodes the
+conditional write decides). ADR 0006 says why.
 
 Failures: a handler error is retried with capped backoff; after
 ``max_attempts`` attempts the message is recorded in the partition's
@@ -34,12 +53,13 @@ event poison store (``<app>/event-poison/<p>``) and the consumer moves on.
 ``dogma.UnexpectedMessage``, an invalid produced message, a produced message of
 a type the handler has no route for (or no enabled handler handles), or an
 empty instance ID are bugs: they are poisoned at once. Persistence errors are
-retried for ever. Deadlines (``deadlines.py``) are handled by the same code.
+retried for ever.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -47,6 +67,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
+import attrs
 import msgspec
 
 import dogma
@@ -60,7 +81,15 @@ from .deadlines import (
     deadline_journal_name,
 )
 from .envelope import Envelope, decode, encode, new_envelope, to_message, validate_new
+from .logs import LogContext, RateLimitedLog, describe_error
 from .partitions import instance_workload
+from .process_instances import (
+    CachedInstance,
+    InstanceCache,
+    InstanceRecord,
+    OutboxDeadline,
+    ProcessRoot,
+)
 
 if TYPE_CHECKING:
     from .partitions import PartitionContext
@@ -81,6 +110,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.processes")
+# Store failures repeat for as long as an outage lasts: one line per handler and
+# partition per interval.
+_store_log = RateLimitedLog(_log, 10.0)
 
 
 # --- stores and records ---------------------------------------------------------------
@@ -104,40 +136,6 @@ def checkpoint_key(handler_key: str, partition_id: str) -> bytes:
 def event_poison_store_name(app_key: str, partition: int) -> str:
     """The keyspace of events and deadlines a process gave up on, per partition."""
     return f"{app_key}/event-poison/{partition}"
-
-
-class OutboxDeadline(msgspec.Struct, frozen=True, kw_only=True):
-    """A deadline waiting in an outbox, with the home partition it goes to."""
-
-    partition: int
-    entry: DeadlineEntry
-
-
-class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The stored state of one process instance (msgpack, keyed by instance ID).
-
-    Attributes:
-        root: ``marshal_binary()`` of the root; ``None`` until ``mutate`` is
-            first called (the root is then ``handler.new()``), and once ended.
-        ended: ``end()`` was called; the instance never handles again.
-        positions: Stream ID -> offset of the last event handled from it.
-        pending_deadlines: IDs of scheduled deadlines not yet handled; a
-            deadline fires only while it is listed here.
-        commands: Outbox: encoded envelopes of produced commands to accept.
-        deadlines: Outbox: scheduled deadlines to append to their journal.
-    """
-
-    root: bytes | None = None
-    ended: bool = False
-    positions: dict[str, int] = msgspec.field(default_factory=dict)
-    pending_deadlines: list[str] = msgspec.field(default_factory=list)
-    commands: list[bytes] = msgspec.field(default_factory=list)
-    deadlines: list[OutboxDeadline] = msgspec.field(default_factory=list)
-
-    @property
-    def has_outbox(self) -> bool:
-        """Whether commands or deadlines still need dispatching."""
-        return bool(self.commands or self.deadlines)
 
 
 class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -180,9 +178,7 @@ async def list_poisoned_events(
 # --- handler protocol and scopes ----------------------------------------------------
 
 
-class _Root(Protocol):
-    def marshal_binary(self) -> bytes: ...
-    def unmarshal_binary(self, data: bytes) -> None: ...
+_Root = ProcessRoot
 
 
 class _Process(Protocol):
@@ -243,10 +239,6 @@ class _ProcessScope:
     def _check_not_ended(self, what: str) -> None:
         if self.ended:
             raise RuntimeError(f"{what}: process instance {self._instance_id!r} has ended")
-
-    def root_bytes(self) -> bytes:
-        """The root as it is now, marshalled (for the commit)."""
-        return self._root.marshal_binary()
 
     def mutate(self, fn: Callable[[_Root], object]) -> None:
         """Change the root by calling ``fn(root)``; the change is persisted on success."""
@@ -426,6 +418,7 @@ class ProcessRunner:
         self.executes = frozenset(t.cls for t in config.types_of(RouteKind.EXECUTES_COMMAND))
         self.schedules = frozenset(t.cls for t in config.types_of(RouteKind.SCHEDULES_DEADLINE))
         self._wake_timer = wake_timer
+        self._cache = InstanceCache(options.process_cache_size)
 
     # -- events --
 
@@ -444,13 +437,14 @@ class ProcessRunner:
             try:
                 await self._run_once(ctx)
                 return
-            except PersistenceError:
+            except PersistenceError as exc:
                 failures += 1
-                _log.warning(
-                    "%s on partition %d: persistence error; restarting the consumer",
+                _store_log.warning(
+                    (self.key, ctx.index),
+                    "%s on partition %d: persistence error; restarting the consumer: %s",
                     self.config.describe(),
                     ctx.index,
-                    exc_info=True,
+                    describe_error(exc),
                 )
                 await sleep_backoff(self.options, failures)
 
@@ -464,9 +458,10 @@ class ProcessRunner:
             await checkpoint.load()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(checkpoint.save_periodically, self.options.checkpoint_interval)
+                tg.start_soon(self._clear_outboxes_periodically, ctx, records)
                 queues = _InstanceQueues(
                     tg,
-                    lambda instance_id, event: self._consume(ctx, records, instance_id, event),
+                    lambda instance_id, events: self._consume(ctx, records, instance_id, events),
                     checkpoint,
                     limit=self.options.process_concurrency,
                 )
@@ -482,12 +477,17 @@ class ProcessRunner:
                     await queues.join()  # the stream ended (test streams only)
                 finally:
                     await close_iterator(events)
-                    # Best effort: a lagging checkpoint only means harmless redelivery.
+                    # Best effort: a lagging checkpoint only means harmless
+                    # redelivery, an outbox left in a record a harmless dispatch.
                     with anyio.move_on_after(1, shield=True):
                         try:
                             await checkpoint.save()
+                            await self._clear_outboxes(ctx, records, None)
                         except PersistenceError:
                             _log.info("final checkpoint save failed", exc_info=True)
+                    # Partition lost or consumer restarting: another node may
+                    # write these instances next.
+                    self._cache.drop_partition(ctx.index)
                 tg.cancel_scope.cancel()
 
     async def _route(self, ctx: PartitionContext, event: StreamEvent) -> str | None:
@@ -513,24 +513,77 @@ class ProcessRunner:
         )
         return routed
 
-    async def _consume(
-        self, ctx: PartitionContext, records: Keyspace, instance_id: str, event: StreamEvent
-    ) -> None:
+    def _event_step(self, ctx: PartitionContext, instance_id: str, event: StreamEvent) -> _Step:
         async def invoke(root: _Root, scope: _ProcessScope) -> None:
             await self.handler.handle_event(root, cast(ProcessEventScope, scope), event.message())
 
+        return _Step(
+            cause=event.envelope,
+            invoke=invoke,
+            make_scope=lambda root: ProcessEventScope(
+                self, ctx, instance_id, root, event.envelope, recorded_at=event.recorded_at
+            ),
+            stream=(event.stream_id, event.offset),
+        )
+
+    async def _consume(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        instance_id: str,
+        events: list[StreamEvent],
+    ) -> None:
+        """Handle *events* of one instance (in stream order), committed with one write.
+
+        If the handler fails on one of them, the events before it are handled
+        again and committed as a group, the failing one gets the retries (and
+        poisoning) it would get alone, its first failure counted, and the
+        events after it are handled as the next group.
+        """
+        rest = events
+        store_failures = 0
+        while len(rest) > 1:
+            steps = [self._event_step(ctx, instance_id, e) for e in rest]
+            try:
+                await self._handle(ctx, records, instance_id, steps)
+                return
+            except PersistenceError as exc:
+                store_failures += 1
+                _store_log.warning(
+                    (self.key, ctx.index),
+                    "%s on partition %d: persistence error handling %d events of instance %r; "
+                    "retrying: %s",
+                    self.config.describe(),
+                    ctx.index,
+                    len(rest),
+                    instance_id,
+                    describe_error(exc),
+                )
+                await sleep_backoff(self.options, store_failures)
+                continue
+            except _StepFailed as failed:
+                index, error = failed.index, failed.error
+            if index > 0:
+                # The failing event may have changed the root already.
+                await self._consume(ctx, records, instance_id, rest[:index])
+            await self._consume_one(ctx, records, instance_id, rest[index], failed=error)
+            rest = rest[index + 1 :]
+        if rest:
+            await self._consume_one(ctx, records, instance_id, rest[0])
+
+    async def _consume_one(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        instance_id: str,
+        event: StreamEvent,
+        *,
+        failed: Exception | None = None,
+    ) -> None:
+        step = self._event_step(ctx, instance_id, event)
+
         async def attempt() -> None:
-            await self._handle(
-                ctx,
-                records,
-                instance_id,
-                event.envelope,
-                invoke,
-                make_scope=lambda root: ProcessEventScope(
-                    self, ctx, instance_id, root, event.envelope, recorded_at=event.recorded_at
-                ),
-                stream=(event.stream_id, event.offset),
-            )
+            await self._handle(ctx, records, instance_id, [step])
 
         await self._with_retries(
             ctx,
@@ -539,6 +592,7 @@ class ProcessRunner:
             poison_key=f"{self.key}/event/{event.stream_id}/{event.offset}",
             stream=(event.stream_id, event.offset),
             instance_id=instance_id,
+            failed=failed,
         )
 
     # -- deadlines --
@@ -558,12 +612,9 @@ class ProcessRunner:
                         cast(dogma.Deadline, to_message(envelope)),
                     )
 
-                await self._handle(
-                    ctx,
-                    records,
-                    entry.instance_id,
-                    envelope,
-                    invoke,
+                step = _Step(
+                    cause=envelope,
+                    invoke=invoke,
                     make_scope=lambda root: ProcessDeadlineScope(
                         self,
                         ctx,
@@ -574,6 +625,7 @@ class ProcessRunner:
                     ),
                     deadline_id=entry.deadline_id,
                 )
+                await self._handle(ctx, records, entry.instance_id, [step])
 
         await self._with_retries(
             ctx,
@@ -594,17 +646,37 @@ class ProcessRunner:
         poison_key: str,
         stream: tuple[str, int] | None = None,
         instance_id: str | None = None,
+        failed: Exception | None = None,
     ) -> None:
+        """Run *attempt* until it succeeds or the message is poisoned.
+
+        *failed* is the error of a first attempt made already (in a group).
+        """
         attempts = 0  # failures of the handler (count towards poisoning)
         store_failures = 0  # persistence failures (never poison: the store comes back)
+        about = LogContext.of_message(envelope, partition=ctx.index, instance_id=instance_id)
+        first_failure = failed
+
+        async def run() -> None:
+            nonlocal first_failure
+            if first_failure is not None:
+                made, first_failure = first_failure, None
+                raise made
+            await attempt()
+
         while True:
             try:
-                await attempt()
+                await run()
                 return
             except PersistenceError as exc:
                 store_failures += 1
-                _log.warning(
-                    "%s: persistence error; retrying", self.config.describe(), exc_info=exc
+                _store_log.warning(
+                    (self.key, ctx.index),
+                    "%s: persistence error; retrying (%s): %s",
+                    self.config.describe(),
+                    about,
+                    describe_error(exc),
+                    extra=about.extra,
                 )
                 await sleep_backoff(self.options, store_failures)
                 continue
@@ -618,10 +690,27 @@ class ProcessRunner:
                 give_up = attempts >= self.options.max_attempts
             what = f"{self.config.describe()} handling {envelope.description!r}"
             if not give_up:
-                _log.warning("%s failed (attempt %d); retrying", what, attempts, exc_info=error)
+                _log.warning(
+                    "%s failed (attempt %d of %d); retrying (%s): %s",
+                    what,
+                    attempts,
+                    self.options.max_attempts,
+                    about,
+                    describe_error(error),
+                    extra=about.extra,
+                )
                 await sleep_backoff(self.options, attempts)
                 continue
-            _log.error("%s failed (attempt %d); poisoned", what, attempts, exc_info=error)
+            # The traceback once, on the line that says where the message went.
+            _log.error(
+                "%s failed (attempt %d); moving it to the poison store (%s): %s",
+                what,
+                attempts,
+                about,
+                describe_error(error),
+                exc_info=error,
+                extra=about.extra,
+            )
             await self._poison(
                 ctx,
                 poison_key,
@@ -646,9 +735,16 @@ class ProcessRunner:
                 async with await ctx.provider.keyspaces.open(name) as poison:
                     await poison.set_unconditional(key.encode(), _encoder.encode(record))
                 return
-            except PersistenceError:
+            except PersistenceError as exc:
                 attempts += 1
-                _log.exception("cannot record poisoned message %s; retrying", key)
+                _store_log.warning(
+                    (self.key, ctx.index, "poison"),
+                    "%s on partition %d: cannot record poisoned message %s; retrying: %s",
+                    self.config.describe(),
+                    ctx.index,
+                    key,
+                    describe_error(exc),
+                )
                 await sleep_backoff(self.options, attempts)
 
     async def _handle(
@@ -656,56 +752,114 @@ class ProcessRunner:
         ctx: PartitionContext,
         records: Keyspace,
         instance_id: str,
-        cause: Envelope,
-        invoke: _Invoke,
-        *,
-        make_scope: Callable[[_Root], _ProcessScope],
-        stream: tuple[str, int] | None = None,
-        deadline_id: str | None = None,
+        steps: list[_Step],
     ) -> None:
+        """Handle *steps* in order against the instance, commit them with one write, dispatch."""
         key = instance_id.encode()
-        while True:
-            record, revision = await self._load(records, key)
-            if record.has_outbox:
-                record, revision = await self._dispatch(ctx, records, key, record, revision)
-            if record.ended:
-                return  # an ended instance never handles again
-            if stream is not None and record.positions.get(stream[0], -1) >= stream[1]:
-                return  # already handled (redelivery)
-            if deadline_id is not None and deadline_id not in record.pending_deadlines:
-                return  # already handled, or cancelled by end()
+        async with self._cache.lock(instance_id):
+            entry = self._cache.get(instance_id)
+            # Handling changes the root in place: the entry goes back only once
+            # its commit and dispatch are done, so every failure leaves it out.
+            self._cache.drop(instance_id)
+            while True:
+                fresh = entry is None
+                if entry is None:
+                    entry = await self._load(ctx, records, key)
+                try:
+                    record = await _handle_steps(entry, steps, fresh=fresh)
+                except _Stale:
+                    entry = None
+                    continue
+                if record is None:  # nothing left to handle: all done before, or ended
+                    self._cache.put(instance_id, entry)
+                    return
+                try:
+                    revision = await records.set(key, _encoder.encode(record), entry.revision)
+                except Conflict:
+                    # Written since we read it (another node's consumer, a stale
+                    # owner): handle the steps again against what is stored.
+                    entry = None
+                    continue
+                await self._dispatch(ctx, instance_id, record)
+                dispatched_at = anyio.current_time() if record.has_outbox else None
+                self._cache.put(
+                    instance_id,
+                    CachedInstance(record, revision, entry.root, ctx.index, dispatched_at),
+                )
+                return
 
-            root = self.handler.new()
-            if record.root is not None:
-                root.unmarshal_binary(record.root)
-            scope = make_scope(root)
-            await invoke(root, scope)
-            if scope.bug is not None:
-                raise scope.bug  # the handler swallowed it; still a bug
-
-            updated = _apply(record, scope, stream=stream, deadline_id=deadline_id)
-            try:
-                revision = await records.set(key, _encoder.encode(updated), revision)
-            except Conflict:
-                continue  # someone else wrote the instance: reload and handle again
-            await self._dispatch(ctx, records, key, updated, revision)
-            return
-
-    async def _load(self, records: Keyspace, key: bytes) -> tuple[InstanceRecord, str]:
+    async def _load(self, ctx: PartitionContext, records: Keyspace, key: bytes) -> CachedInstance:
+        """Read the instance record, dispatch any outbox still in it, decode the root."""
         data, revision = await records.get(key)
-        if not data:
-            return InstanceRecord(), revision
-        return _record_decoder.decode(data), revision
+        record = _record_decoder.decode(data) if data else InstanceRecord()
+        dispatched_at = None
+        if record.has_outbox:
+            # Perhaps dispatched already (by whoever wrote it); perhaps not (a
+            # crash before dispatch). Dispatching again is harmless.
+            await self._dispatch(ctx, key.decode(), record)
+            dispatched_at = anyio.current_time()
+        root = self.handler.new()
+        if record.root is not None:
+            root.unmarshal_binary(record.root)
+        return CachedInstance(record, revision, root, ctx.index, dispatched_at)
+
+    async def _clear_outboxes_periodically(self, ctx: PartitionContext, records: Keyspace) -> None:
+        interval = self.options.checkpoint_interval
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self._clear_outboxes(ctx, records, anyio.current_time() - interval)
+            except PersistenceError as exc:
+                _store_log.warning(
+                    (self.key, ctx.index),
+                    "%s on partition %d: cannot clear dispatched outboxes; will retry: %s",
+                    self.config.describe(),
+                    ctx.index,
+                    describe_error(exc),
+                )
+
+    async def _clear_outboxes(
+        self, ctx: PartitionContext, records: Keyspace, dispatched_before: float | None
+    ) -> None:
+        """Write the records of idle cached instances without their dispatched outbox.
+
+        Instances that commit again soon drop the outbox in that commit; this
+        covers the others (an ended instance never commits again), so a later
+        load does not dispatch the outbox again long after (``None``: all).
+        """
+        before = math.inf if dispatched_before is None else dispatched_before
+        for instance_id in self._cache.due_clears(ctx.index, before):
+            if self._cache.busy(instance_id):
+                continue  # being handled: its commit drops the outbox anyway
+            async with self._cache.lock(instance_id):
+                entry = self._cache.get(instance_id)
+                if entry is None or entry.dispatched_at is None or entry.partition != ctx.index:
+                    continue
+                self._cache.drop(instance_id)
+                cleared = entry.record.without_outbox()
+                key = instance_id.encode()
+                try:
+                    revision = await records.set(key, _encoder.encode(cleared), entry.revision)
+                except Conflict:
+                    continue  # written since: the writer's record is the one to use
+                except PersistenceError:
+                    # Perhaps written: read back which record is stored.
+                    data, revision = await records.get(key)
+                    stored = _record_decoder.decode(data) if data else None
+                    if stored == entry.record:  # not written: try again next time
+                        self._cache.put(instance_id, attrs.evolve(entry, revision=revision))
+                        continue
+                    if stored != cleared:
+                        continue  # someone else wrote it
+                self._cache.put(
+                    instance_id,
+                    attrs.evolve(entry, record=cleared, revision=revision, dispatched_at=None),
+                )
 
     async def _dispatch(
-        self,
-        ctx: PartitionContext,
-        records: Keyspace,
-        key: bytes,
-        record: InstanceRecord,
-        revision: str,
-    ) -> tuple[InstanceRecord, str]:
-        """Send the outbox, then clear it; returns the record as stored afterwards.
+        self, ctx: PartitionContext, instance_id: str, record: InstanceRecord
+    ) -> None:
+        """Send the committed outbox of *record*: commands, then deadlines.
 
         The handling is committed, so the outbox is never dropped and dispatch
         is retried until it succeeds (with capped backoff), holding up only
@@ -719,36 +873,35 @@ class ProcessRunner:
         store_failures = 0
         while True:
             try:
-                return await self._dispatch_once(ctx, records, key, record, revision)
-            except PersistenceError:
+                await self._dispatch_once(ctx, record)
+                return
+            except PersistenceError as exc:
                 store_failures += 1
-                _log.warning(
-                    "%s: persistence error dispatching the outbox of instance %r; retrying",
+                _store_log.warning(
+                    (self.key, ctx.index),
+                    "%s on partition %d: persistence error dispatching the outbox of "
+                    "instance %r; retrying: %s",
                     self.config.describe(),
-                    key.decode(),
-                    exc_info=True,
+                    ctx.index,
+                    instance_id,
+                    describe_error(exc),
                 )
                 await sleep_backoff(self.options, store_failures)
             except Exception as exc:
                 failures += 1
                 if failures == self.options.max_attempts:
-                    await self._outbox_stuck(ctx, key.decode(), record, exc, failures)
+                    await self._outbox_stuck(ctx, instance_id, record, exc, failures)
                 else:
                     _log.warning(
-                        "%s: cannot dispatch the outbox of instance %r (attempt %d); retrying",
+                        "%s on partition %d: cannot dispatch the outbox of instance %r "
+                        "(attempt %d); retrying: %s",
                         self.config.describe(),
-                        key.decode(),
+                        ctx.index,
+                        instance_id,
                         failures,
-                        exc_info=True,
+                        describe_error(exc),
                     )
                 await sleep_backoff(self.options, failures)
-            while True:
-                try:
-                    record, revision = await self._load(records, key)
-                    break
-                except PersistenceError:
-                    store_failures += 1
-                    await sleep_backoff(self.options, store_failures)
 
     async def _outbox_stuck(
         self,
@@ -759,10 +912,13 @@ class ProcessRunner:
         attempts: int,
     ) -> None:
         _log.error(
-            "%s: cannot dispatch the outbox of instance %r after %d attempts; still retrying",
+            "%s on partition %d: cannot dispatch the outbox of instance %r after %d "
+            "attempts; still retrying, and recording it in the poison store: %s",
             self.config.describe(),
+            ctx.index,
             instance_id,
             attempts,
+            describe_error(error),
             exc_info=error,
         )
         first = record.commands[0] if record.commands else record.deadlines[0].entry.envelope
@@ -781,76 +937,127 @@ class ProcessRunner:
             ),
         )
 
-    async def _dispatch_once(
-        self,
-        ctx: PartitionContext,
-        records: Keyspace,
-        key: bytes,
-        record: InstanceRecord,
-        revision: str,
-    ) -> tuple[InstanceRecord, str]:
-        while record.has_outbox:
-            if record.commands:
-                await ctx.accept([decode(c) for c in record.commands])
-            by_home: dict[int, list[DeadlineEntry]] = {}
-            for d in record.deadlines:
-                by_home.setdefault(d.partition, []).append(d.entry)
-            for home, entries in by_home.items():
-                name = deadline_journal_name(self.app.identity.key, home)
-                async with await ctx.provider.journals.open(name) as journal:
-                    await append_deadlines(journal, entries)
-                self._wake_timer(home)
-            cleared = msgspec.structs.replace(record, commands=[], deadlines=[])
-            try:
-                revision = await records.set(key, _encoder.encode(cleared), revision)
-                return cleared, revision
-            except Conflict:
-                # Written since we read it: whatever outbox it has now (perhaps
-                # this one again, perhaps already cleared) is dispatched next.
-                record, revision = await self._load(records, key)
-        return record, revision
+    async def _dispatch_once(self, ctx: PartitionContext, record: InstanceRecord) -> None:
+        if record.commands:
+            await ctx.accept([decode(c) for c in record.commands])
+        by_home: dict[int, list[DeadlineEntry]] = {}
+        for d in record.deadlines:
+            by_home.setdefault(d.partition, []).append(d.entry)
+        for home, entries in by_home.items():
+            name = deadline_journal_name(self.app.identity.key, home)
+            async with await ctx.provider.journals.open(name) as journal:
+                await append_deadlines(journal, entries)
+            self._wake_timer(home)
 
 
-def _apply(
-    record: InstanceRecord,
-    scope: _ProcessScope,
-    *,
-    stream: tuple[str, int] | None,
-    deadline_id: str | None,
-) -> InstanceRecord:
-    # The record's outbox is empty here (``_handle`` dispatches it first);
-    # appending rather than replacing keeps that safe even if it were not.
-    commands = [*record.commands, *(encode(c) for c in scope.commands)]
+@attrs.frozen
+class _Step:
+    """One message to handle for an instance: an event (``stream``) or a deadline."""
+
+    cause: Envelope
+    invoke: _Invoke
+    make_scope: Callable[[_Root], _ProcessScope]
+    stream: tuple[str, int] | None = None
+    deadline_id: str | None = None
+
+
+class _StepFailed(Exception):
+    """Handling step *index* of several failed with *error*; nothing was committed."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
+class _Stale(Exception):
+    """A cached record cannot tell whether a deadline is pending: read it again."""
+
+
+async def _invoke(step: _Step, root: _Root, scope: _ProcessScope) -> None:
+    await step.invoke(root, scope)
+    if scope.bug is not None:
+        raise scope.bug  # the handler swallowed it; still a bug
+
+
+async def _handle_steps(
+    entry: CachedInstance, steps: list[_Step], *, fresh: bool
+) -> InstanceRecord | None:
+    """Handle *steps* in order against the entry's root; the record to commit (``None``: none).
+
+    The result's outbox holds only what these steps produced: the entry's own
+    outbox is dispatched already. Raises ``_Stale`` if a deadline is not
+    pending in a cached (not *fresh*) record, and what a handler raises
+    (wrapped in ``_StepFailed`` when there are several steps).
+    """
+    record = entry.record
+    root = entry.root
+    ended = record.ended
     positions = dict(record.positions)
-    if stream is not None:
-        positions[stream[0]] = stream[1]
-    if scope.ended:
-        # Drop the root and cancel every pending deadline (including any not
-        # yet dispatched); commands executed before end() still go out.
+    pending = list(record.pending_deadlines)
+    commands: list[bytes] = []
+    deadlines: list[OutboxDeadline] = []
+    mutated = handled = False
+    for index, step in enumerate(steps):
+        if ended:
+            break  # an ended instance never handles again
+        if step.stream is not None and positions.get(step.stream[0], -1) >= step.stream[1]:
+            continue  # already handled (redelivery)
+        if step.deadline_id is not None and step.deadline_id not in pending:
+            if not fresh:
+                raise _Stale  # another node may have scheduled it since we cached the record
+            continue  # already handled, or cancelled by end()
+        scope = step.make_scope(root)
+        try:
+            await _invoke(step, root, scope)
+        except PersistenceError:
+            raise
+        except Exception as exc:
+            if len(steps) == 1:
+                raise
+            raise _StepFailed(index, exc) from exc
+        handled = True
+        mutated = mutated or scope.mutated
+        commands.extend(encode(c) for c in scope.commands)
+        if step.stream is not None:
+            positions[step.stream[0]] = step.stream[1]
+        if scope.ended:
+            # Drop the root and cancel every pending deadline (including those
+            # this group scheduled); commands executed before end() still go out.
+            ended = True
+            continue
+        pending = [d for d in pending if d != step.deadline_id]
+        pending.extend(d.entry.deadline_id for d in scope.deadlines)
+        deadlines.extend(scope.deadlines)
+    if not handled:
+        return None
+    if ended:
         return InstanceRecord(ended=True, positions=positions, commands=commands)
-    pending = [d for d in record.pending_deadlines if d != deadline_id]
-    pending.extend(d.entry.deadline_id for d in scope.deadlines)
     return InstanceRecord(
-        root=scope.root_bytes() if scope.mutated else record.root,
+        root=root.marshal_binary() if mutated else record.root,
         positions=positions,
         pending_deadlines=pending,
         commands=commands,
-        deadlines=[*record.deadlines, *scope.deadlines],
+        deadlines=deadlines,
     )
 
 
 class _InstanceQueues:
     """Runs each instance's events in order, different instances concurrently.
 
-    ``put`` blocks while *limit* events are unfinished (back-pressure on the
-    stream reader). The checkpoint follows the lowest unfinished offset, so a
-    restart redelivers every event that was not finished.
+    A worker per instance takes everything queued for the instance so far and
+    hands it to *consume* as one group (committed with one write). ``put``
+    blocks while *limit* events are unfinished (back-pressure on the stream
+    reader); it does not yield while a slot is free, so the events of one
+    stream record are all queued before a worker starts on them. The
+    checkpoint follows the lowest unfinished offset, so a restart redelivers
+    every event that was not finished.
     """
 
     def __init__(
         self,
         tg: anyio.abc.TaskGroup,
-        consume: Callable[[str, StreamEvent], Awaitable[None]],
+        consume: Callable[[str, list[StreamEvent]], Awaitable[None]],
         checkpoint: _Checkpoint,
         *,
         limit: int,
@@ -871,7 +1078,10 @@ class _InstanceQueues:
             self._read = event.offset + 1
             self._advance()
             return
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         # Only now is the event read: while we waited for a slot, a finishing
         # worker must not move the checkpoint past it.
         self._read = event.offset + 1
@@ -892,11 +1102,12 @@ class _InstanceQueues:
     async def _work(self, instance_id: str) -> None:
         queue = self._queues[instance_id]
         while queue:
-            event = queue[0]
-            await self._consume(instance_id, event)
-            queue.popleft()
-            self._unfinished.discard(event.offset)
-            self._slots.release()
+            group = list(queue)
+            await self._consume(instance_id, group)
+            for event in group:
+                queue.popleft()
+                self._unfinished.discard(event.offset)
+                self._slots.release()
             self._advance()
         # No await since the last check: nothing was queued after it.
         del self._queues[instance_id]

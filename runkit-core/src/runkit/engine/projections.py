@@ -24,6 +24,7 @@ partitions in parallel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -37,6 +38,7 @@ import dogma
 from ..config import ApplicationConfig, HandlerConfig, HandlerKind, RouteKind
 from ..persistence import PersistenceError
 from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
+from .logs import LogContext, RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
     from .partitions import PartitionContext
@@ -54,6 +56,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.projections")
+# Repeated failures (a store outage, a handler failing until fixed): one line
+# per key per interval after the first.
+_repeat_log = RateLimitedLog(_log, 10.0)
 T = TypeVar("T")
 
 
@@ -183,15 +188,16 @@ async def run_projection(
             try:
                 await _deliver(ctx, config, options=options, serialise=serialise)
                 return
-            except PersistenceError:
+            except PersistenceError as exc:
                 # Reading the stream failed: start again from the handler's checkpoint.
                 failures += 1
                 failed = True
-                _log.warning(
-                    "%s on partition %d: persistence error; restarting delivery",
+                _repeat_log.warning(
+                    (config.identity.key, ctx.index),
+                    "%s on partition %d: persistence error; restarting delivery: %s",
                     config.describe(),
                     ctx.index,
-                    exc_info=True,
+                    describe_error(exc),
                 )
         if failed:
             await sleep_backoff(options, failures)
@@ -208,7 +214,7 @@ async def _deliver(
     logger = _logger_for(config)
     routed = frozenset(t.id for t in config.types_of(RouteKind.HANDLES_EVENT))
     stream_id = ctx.partition_id
-    what = f"{config.describe()} on stream {stream_id}"
+    what = f"{config.describe()} on partition {ctx.index}"
 
     checkpoint = await _retrying(
         options, f"checkpoint_offset() of {what}", lambda: handler.checkpoint_offset(stream_id)
@@ -224,7 +230,8 @@ async def _deliver(
                 expected = event.offset + 1
                 result = await _retrying(
                     options,
-                    f"handle_event() at offset {event.offset} of {what}",
+                    # Rendered only on failure: this is the hot path.
+                    functools.partial(_describe_delivery, what, ctx.index, event),
                     _delivery(
                         handler,
                         config=config,
@@ -286,19 +293,42 @@ def _delivery(
     return deliver
 
 
+def _describe_delivery(what: str, partition: int, event: StreamEvent) -> str:
+    about = LogContext.of_message(event.envelope, partition=partition)
+    return f"handle_event() at offset {event.offset} of {what} ({about})"
+
+
 def _check_offset(value: object, what: str, config: HandlerConfig) -> None:
     if type(value) is not int or value < 0:
         raise TypeError(f"{config.describe()}: {what} must return an int >= 0, got {value!r}")
 
 
-async def _retrying(options: ConsumerOptions, what: str, call: Callable[[], Awaitable[T]]) -> T:
+async def _retrying(
+    options: ConsumerOptions, what: str | Callable[[], str], call: Callable[[], Awaitable[T]]
+) -> T:
+    """Call until it succeeds; the first failure is logged with its traceback, repeats briefly."""
     attempt = 0
+    described = ""
     while True:
         try:
-            return await call()
-        except Exception:
+            result = await call()
+        except Exception as exc:
             attempt += 1
-            _log.exception("%s failed (attempt %d); retrying", what, attempt)
+            described = described or (what if isinstance(what, str) else what())
+            if attempt == 1:
+                _log.exception("%s failed; retrying", described)
+            else:
+                _repeat_log.warning(
+                    described,
+                    "%s failed (attempt %d); retrying: %s",
+                    described,
+                    attempt,
+                    describe_error(exc),
+                )
+        else:
+            if attempt:
+                _repeat_log.reset(described)
+            return result
         await sleep_backoff(options, attempt)
 
 

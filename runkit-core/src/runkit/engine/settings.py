@@ -48,6 +48,11 @@ def _at_least_one(_: object, attribute: attrs.Attribute[int], value: int) -> Non
         raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
 
 
+def _with_tls_cert(instance: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if (value is None) != (instance.tls_cert is None):
+        raise ValueError("tls_cert and tls_key must be given together (or neither)")
+
+
 def _redacted(url: str | None) -> str:
     return repr(None if url is None else redact_url(url))
 
@@ -76,6 +81,16 @@ class EngineSettings:
             it is moved to the poison store.
         retry_base_delay: Seconds before the first retry; doubles per failure.
         retry_max_delay: Cap of the delay between retries, in seconds.
+        backlog_limit: The most commands waiting in one partition; beyond it
+            ``execute_command`` waits for room (back-pressure).
+        start_timeout: Seconds start-up keeps retrying an unreachable store
+            before giving up.
+        tls_cert: Path of this node's PEM certificate for node-to-node TLS
+            (with ``tls_key``); ``None``: a self-signed certificate per node,
+            trusted by the fingerprint in its heartbeat.
+        tls_key: Path of the PEM private key of ``tls_cert``.
+        tls_ca: Path of a PEM CA bundle that peers' certificates must chain
+            to; ``None``: trust by heartbeat fingerprint.
         snapshot_every: Write an aggregate snapshot after this many events
             since the last one (roots that support snapshots only).
         truncate_aggregate_journals: Truncate aggregate instance journals below
@@ -108,6 +123,11 @@ class EngineSettings:
     max_attempts: int = attrs.field(default=5, validator=_at_least_one)
     retry_base_delay: float = attrs.field(default=0.1, validator=_positive)
     retry_max_delay: float = attrs.field(default=30.0, validator=_positive)
+    backlog_limit: int = attrs.field(default=1000, validator=_at_least_one)
+    start_timeout: float = attrs.field(default=60.0, validator=_positive)
+    tls_cert: str | None = None
+    tls_key: str | None = attrs.field(default=None, validator=_with_tls_cert)
+    tls_ca: str | None = None
     snapshot_every: int = attrs.field(default=100, validator=_at_least_one)
     truncate_aggregate_journals: bool = False
     idempotency_retention: float | None = attrs.field(

@@ -13,7 +13,12 @@ and a header:
 - ``inbox_end``: how far the writer's owner had read the inbox when it built the
   record; a new owner scans back only over records whose ``inbox_end`` is past
   the tail's ``inbox_position`` to learn which pending commands are published.
-- ``command_ids``: the commands whose events the record publishes.
+- ``command_ids``: the commands whose events the record publishes (it is the
+  commit point of a batch, ADR 0005; commands that recorded no events commit
+  nothing and are not listed).
+- ``materialised``: every aggregate event in records below this journal
+  position is in its instance journal (``None``: all of them, as in records
+  written before instance journals became derived state).
 
 Only the partition owner writes: a ``Conflict`` on the stream journal that is
 not our own earlier (ambiguous) append means another node took the partition,
@@ -73,6 +78,7 @@ class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
     writer: str
     command_ids: tuple[str, ...] = ()
     events: tuple[Envelope, ...] = ()
+    materialised: int | None = None
 
 
 _record_encoder = msgspec.msgpack.Encoder()
@@ -144,7 +150,11 @@ class PartitionStream:
         self.stream_id = stream_id
         self._journal = journal
         self._end = next_offset
-        self._buffer: deque[StreamEvent] = deque(maxlen=buffer)
+        # The recent tail: events [self._base, self._end), trimmed to about
+        # ``buffer`` events in amortised O(1), indexed by offset (no copies).
+        self._buffer: list[StreamEvent] = []
+        self._base = next_offset
+        self._capacity = buffer
         self._changed = anyio.Event()
 
     async def end(self) -> int:
@@ -165,14 +175,14 @@ class PartitionStream:
                 if position >= self._end:
                     await changed.wait()
                 continue
-            if self._buffer and position >= self._buffer[0].offset:
-                start = position - self._buffer[0].offset
-                # Copy first: the writer appends (and evicts) while we are suspended.
-                for event in list(self._buffer)[start:]:
-                    yield event
-                    position = event.offset + 1
+            if position >= self._base:
+                # Index by offset each time: the writer appends and trims
+                # while we are suspended.
+                while self._base <= position < self._end:
+                    yield self._buffer[position - self._base]
+                    position += 1
                 continue
-            stop = self._buffer[0].offset if self._buffer else self._end
+            stop = self._base
             before = position
             async with aclosing(self._read_journal(position, stop)) as catch_up:
                 async for event in catch_up:
@@ -214,6 +224,10 @@ class PartitionStream:
         if not events:
             return
         self._buffer.extend(events)
+        if len(self._buffer) > 2 * self._capacity:
+            drop = len(self._buffer) - self._capacity
+            del self._buffer[:drop]
+            self._base += drop
         self._end = events[-1].offset + 1
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
@@ -290,12 +304,15 @@ class StreamTail:
         inbox_position: Inbox records below it are fully processed.
         published: IDs of commands at or after ``inbox_position`` whose events
             are already in the stream.
+        materialised: The last record's materialised watermark (``None``:
+            every aggregate event is in its instance journal).
     """
 
     next_position: int
     next_offset: int
     inbox_position: int
     published: frozenset[str]
+    materialised: int | None = None
 
 
 async def read_tail(journal: Journal) -> StreamTail:
@@ -320,20 +337,30 @@ async def read_tail(journal: Journal) -> StreamTail:
         except RecordNotFound:
             break  # truncated below us: older records cannot hold pending commands
     return StreamTail(
-        bounds.end, last.first_offset + len(last.events), inbox_position, frozenset(published)
+        bounds.end,
+        last.first_offset + len(last.events),
+        inbox_position,
+        frozenset(published),
+        last.materialised,
     )
 
 
-@attrs.define
+@attrs.define(eq=False)
 class Publication:
-    """A command's events queued on a ``StreamWriter``."""
+    """A handled command queued on a ``StreamWriter``: its events (maybe none).
+
+    ``on_durable`` is called (in the writer's task, without awaiting) once the
+    record holding it is durable, after ``offset`` and ``position`` are set.
+    """
 
     command_id: str
     events: tuple[Envelope, ...]
     size: int
+    on_durable: Callable[[Publication], None] | None = None
     done: anyio.Event = attrs.field(factory=anyio.Event)
     error: BaseException | None = None
     offset: int = -1
+    position: int = -1
 
 
 class StreamWriter:
@@ -356,8 +383,10 @@ class StreamWriter:
         record_limit: int,
         progress_interval: float,
         retry_max_delay: float,
+        watermark: Callable[[int], int] | None = None,
     ) -> None:
         self._journal = journal
+        self._watermark = watermark
         self._stream = stream
         self._bus = bus
         self._clock = clock
@@ -382,6 +411,16 @@ class StreamWriter:
         return self._offset
 
     @property
+    def next_position(self) -> int:
+        """The journal position of the next record."""
+        return self._position
+
+    @property
+    def backlog(self) -> int:
+        """Publications queued and not yet durable."""
+        return len(self._queue)
+
+    @property
     def written_progress(self) -> int:
         """The inbox position recorded in the last durable record."""
         return self._written_progress
@@ -403,12 +442,20 @@ class StreamWriter:
         """
         return await self.wait(self.enqueue(command_id, events))
 
-    def enqueue(self, command_id: str, events: Sequence[Envelope]) -> Publication:
-        """Queue a command's events for the stream (in call order); see ``wait``."""
+    def enqueue(
+        self,
+        command_id: str,
+        events: Sequence[Envelope],
+        on_durable: Callable[[Publication], None] | None = None,
+    ) -> Publication:
+        """Queue a handled command and its events for the stream (in call order).
+
+        See ``wait``; *on_durable* is called once they are durable.
+        """
         if self._failed is not None:
             raise OwnershipLost("the partition stream writer has stopped") from self._failed
-        size = sum(len(e.data) + len(e.description) + 256 for e in events)
-        item = Publication(command_id, tuple(events), size)
+        size = sum(len(e.data) + len(e.description) + 256 for e in events) + 64
+        item = Publication(command_id, tuple(events), size, on_durable)
         self._queue.append(item)
         self._wake.set()
         self._item_added.set()
@@ -446,6 +493,10 @@ class StreamWriter:
                     self._wake.set()
                 elif self._progress > self._written_progress:
                     await self._write_one()
+        except anyio.get_cancelled_exc_class():
+            # Shutdown: keep the queue, so that flush() still writes what is
+            # committed in memory (close() fails whatever remains after it).
+            raise
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -453,6 +504,10 @@ class StreamWriter:
     async def flush(self) -> None:
         """Write everything queued and the latest progress (used at shutdown)."""
         await self._write_all()
+
+    def close(self, reason: BaseException | None = None) -> None:
+        """Fail whatever is still queued; later ``enqueue`` calls raise ``OwnershipLost``."""
+        self._fail(reason or OwnershipLost("the partition stream writer has stopped"))
 
     def _fail(self, exc: BaseException) -> None:
         self._failed = exc
@@ -484,21 +539,26 @@ class StreamWriter:
             writer=self._writer,
             command_ids=tuple(i.command_id for i in batch if i.events),
             events=tuple(e for i in batch for e in i.events),
+            materialised=None if self._watermark is None else self._watermark(self._position),
         )
         await self._append(encode_stream_record(record))
         for _ in batch:
             self._queue.popleft()
+        position = self._position
         self._position += 1
         self._offset += len(record.events)
         self._written_progress = progress
         offset = record.first_offset
         for item in batch:
             item.offset = offset
+            item.position = position
             offset += len(item.events)
         events = _events_of(self._stream.stream_id, record)
         self._stream._publish(events)  # the writer feeds its stream's tail
         self._bus.publish(events)
         for item in batch:
+            if item.on_durable is not None:
+                item.on_durable(item)
             item.done.set()
 
     async def _append(self, data: bytes) -> None:

@@ -5,7 +5,8 @@ Hierarchy::
     PersistenceError                 base; carries ``retryable`` and ``ambiguous``
     ├── Conflict                     an optimistic-concurrency condition failed
     ├── RecordNotFound (LookupError) a journal position is not live
-    └── LimitExceeded (ValueError)   an input is over a declared provider limit
+    ├── LimitExceeded (ValueError)   an input is over a declared provider limit
+    └── StoreUnavailable             the backend is unreachable, refuses us, or lacks the store
 
 ``retryable`` means the same call may succeed if made again (a transient backend
 fault). ``ambiguous`` means a write may or may not have taken effect (for example
@@ -15,7 +16,7 @@ recover by reading back (a retried append then typically raises ``Conflict``).
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "LimitExceeded", "PersistenceError", "RecordNotFound"]
+__all__ = ["Conflict", "LimitExceeded", "PersistenceError", "RecordNotFound", "StoreUnavailable"]
 
 
 class PersistenceError(Exception):
@@ -90,3 +91,16 @@ class LimitExceeded(PersistenceError, ValueError):
         self.what = what
         self.size = size
         self.limit = limit
+
+
+class StoreUnavailable(PersistenceError):
+    """The backend cannot be used: unreachable, refusing this client, or lacking the store.
+
+    Raised by a provider that cannot connect, and by a read-only provider (see
+    ``Provider.set_read_only``) whose backend resources do not exist.
+    ``retryable`` tells an outage (the server is down or unreachable; it may
+    come back) from a fault that waiting cannot cure (authentication failed,
+    the database or schema does not exist, permission denied): the engine
+    retries the first at start-up and fails at once on the second. The
+    message carries the backend's own reason, never a password.
+    """

@@ -10,9 +10,16 @@ import pluggy
 
 from .. import _hookspec
 from ._stores import Provider
-from ._urls import redact_url
+from ._urls import InvalidURL, redact_url
 
-__all__ = ["driver_package", "installed_schemes", "plugin_manager", "provider_from_url"]
+__all__ = [
+    "check_url",
+    "driver_package",
+    "installed_schemes",
+    "plugin_manager",
+    "provider_from_url",
+    "url_problems",
+]
 
 # Which distribution adds a scheme, for the "install it" hint.
 _KNOWN_PACKAGES = {
@@ -60,13 +67,8 @@ def installed_schemes() -> dict[str, str]:
     return schemes
 
 
-def provider_from_url(url: str) -> Provider:
-    """Resolve a persistence URL to a provider through the installed driver plugins.
-
-    Raises ``ValueError`` for a malformed URL (naming the bad part) or a scheme no
-    installed driver handles (listing installed schemes and the package to install).
-    Passwords never appear in the error messages.
-    """
+def _scheme(url: str) -> str:
+    """The URL's scheme, lowercased; ``ValueError`` if it is malformed or has none."""
     if not isinstance(url, str):
         raise TypeError(f"persistence URL must be str, not {type(url).__name__}")
     try:
@@ -78,18 +80,68 @@ def provider_from_url(url: str) -> Provider:
             f"persistence URL {redact_url(url)!r} has no scheme; "
             "expected e.g. 'memory:///app' or 'postgresql://host/db'"
         )
+    return scheme
+
+
+def _unknown_scheme(scheme: str, known: dict[str, str]) -> str:
+    # Only first-party package names are suggested: an invented "runkit-<scheme>"
+    # would invite installing whatever a squatter publishes under that name.
+    package = driver_package(scheme)
+    hint = (
+        f"install the driver: pip install {package}"
+        if package
+        else "install a runkit driver plugin that handles it"
+    )
+    return (
+        f"no persistence driver handles {scheme!r} URLs "
+        f"(installed schemes: {', '.join(sorted(known)) or 'none'}); {hint}"
+    )
+
+
+def url_problems(url: str) -> list[str]:
+    """Every problem with persistence *url* found without I/O (empty if none).
+
+    Checks the scheme against the installed drivers, then asks the driver
+    (hook ``runkit_persistence_url_problems``) to check the rest. A driver
+    without that hook is not pre-validated. Problems never show a password.
+    """
+    try:
+        scheme = _scheme(url)
+    except ValueError as exc:
+        return [str(exc)]
     known = installed_schemes()
     if scheme not in known:
-        package = driver_package(scheme)
-        hint = (
-            f"install the driver: pip install {package}"
-            if package
-            else "install a runkit driver plugin that handles it"
-        )
-        raise ValueError(
-            f"no persistence driver handles {scheme!r} URLs "
-            f"(installed schemes: {', '.join(sorted(known)) or 'none'}); {hint}"
-        )
+        return [_unknown_scheme(scheme, known)]
+    try:
+        found = plugin_manager().hook.runkit_persistence_url_problems(url=url)
+    except InvalidURL as exc:
+        return list(exc.problems)
+    except ValueError as exc:  # a driver that raises instead of returning problems
+        return [str(exc)]
+    return [] if found is None else [str(p) for p in found]
+
+
+def check_url(url: str) -> None:
+    """Raise ``InvalidURL`` (a ``ValueError``) listing every problem with *url*; no I/O.
+
+    See ``url_problems``. Raises ``TypeError`` if *url* is not a str.
+    """
+    problems = url_problems(url)
+    if problems:
+        raise InvalidURL(url, problems)
+
+
+def provider_from_url(url: str) -> Provider:
+    """Resolve a persistence URL to a provider through the installed driver plugins.
+
+    Raises ``ValueError`` for a malformed URL (naming the bad part) or a scheme no
+    installed driver handles (listing installed schemes and, for first-party
+    drivers, the package to install). Passwords never appear in the error messages.
+    """
+    scheme = _scheme(url)
+    known = installed_schemes()
+    if scheme not in known:
+        raise ValueError(_unknown_scheme(scheme, known))
     provider = plugin_manager().hook.runkit_persistence_provider(url=url)
     if provider is None:
         raise ValueError(

@@ -236,9 +236,37 @@ class Provider(abc.ABC):
     def limits(self) -> Limits:
         """The largest names, keys, values, records and members this provider accepts."""
 
+    #: Set by ``set_read_only()``; drivers consult it.
+    _read_only: bool = False
+
+    @property
+    def read_only(self) -> bool:
+        """Whether ``set_read_only()`` was called."""
+        return self._read_only
+
+    def set_read_only(self) -> None:
+        """Never create backend resources or write; call before first use.
+
+        For inspection tools (``runkit nodes``, ``runkit poison list``) that
+        must not change a store, least of all create one under a mistyped
+        name. Opening a store whose backend resources (schema, tables) are
+        missing raises ``StoreUnavailable`` naming them, instead of creating
+        them; a store *name* that was never opened reads as empty; writes
+        raise ``PersistenceError``.
+
+        This default only records the flag, which is all a driver that never
+        provisions needs (memory). Drivers that create resources honour it;
+        see each driver's documentation.
+        """
+        self._read_only = True
+
     @abc.abstractmethod
     async def provision(self) -> None:
-        """Create missing backend resources; idempotent and safe under concurrency."""
+        """Create missing backend resources; idempotent and safe under concurrency.
+
+        On a read-only provider, check that they exist instead (raising
+        ``StoreUnavailable`` if not).
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-__all__ = ["parse_bool", "query_params", "redact_url"]
+from .._errors import ConfigurationError
+
+__all__ = [
+    "InvalidURL",
+    "URLProblems",
+    "parse_bool",
+    "parse_problems",
+    "query_params",
+    "redact_url",
+]
 
 
 # "user:password@" anywhere, for strings urlsplit cannot take apart (no scheme, ...).
@@ -39,22 +50,98 @@ def redact_url(url: str) -> str:
     return _scrub(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
 
 
-def query_params(url: str, allowed: set[str] | frozenset[str]) -> dict[str, str]:
+class InvalidURL(ConfigurationError):
+    """A persistence URL with one or more problems, every one listed in ``problems``.
+
+    With a single problem the message is that problem; with several it is a
+    summary line followed by one line per problem. Never shows a password.
+    """
+
+    def __init__(self, url: str, problems: Iterable[str]) -> None:
+        listed = tuple(problems)
+        count = len(listed)
+        super().__init__(
+            f"persistence URL {redact_url(url)!r} has {count} problem{'s' if count != 1 else ''}",
+            listed,
+        )
+        if count == 1:
+            self.args = listed
+
+
+class URLProblems:
+    """Collects every problem with one persistence URL, for drivers' URL parsers.
+
+    A parser checks each part inside ``with problems.check():`` (a ``ValueError``
+    or ``TypeError`` there is recorded and parsing goes on) or calls ``add()``,
+    then calls ``raise_if_any()`` so the user sees every problem at once.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.problems: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.problems)
+
+    def add(self, problem: str) -> None:
+        """Record one problem: a sentence naming the part, its (redacted) value and the fix."""
+        self.problems.append(problem)
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Record a ``ValueError``/``TypeError`` raised in the block instead of raising it."""
+        try:
+            yield
+        except ConfigurationError as exc:
+            self.problems.extend(exc.problems or (str(exc),))
+        except (ValueError, TypeError) as exc:
+            self.problems.append(str(exc))
+
+    def raise_if_any(self) -> None:
+        """Raise ``InvalidURL`` listing every recorded problem, if there is one."""
+        if self.problems:
+            raise InvalidURL(self.url, self.problems)
+
+
+def parse_problems(parse: Callable[[str], object], url: str) -> list[str]:
+    """Every problem a driver's URL parser finds with *url* (``[]`` if it parses).
+
+    For ``runkit_persistence_url_problems`` hooks: *parse* raises ``InvalidURL``
+    listing the problems (or a ``ValueError`` for a single one).
+    """
+    try:
+        parse(url)
+    except InvalidURL as exc:
+        return list(exc.problems)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
+
+
+def query_params(
+    url: str, allowed: set[str] | frozenset[str], problems: URLProblems | None = None
+) -> dict[str, str]:
     """Return the URL's query parameters, refusing unknown or repeated ones.
 
-    Raises ``ValueError`` naming the parameter and listing the allowed ones.
+    Each unknown or repeated parameter is a problem naming it (and listing the
+    allowed ones). With *problems* they are recorded there and the valid
+    parameters returned; without, ``InvalidURL`` (a ``ValueError``) lists them all.
     """
+    collect = URLProblems(url) if problems is None else problems
     parts = urlsplit(url)
     params: dict[str, str] = {}
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
         if key not in allowed:
-            raise ValueError(
+            collect.add(
                 f"{parts.scheme}:// URL has unknown parameter {key!r} "
                 f"(allowed: {', '.join(sorted(allowed)) or 'none'})"
             )
-        if key in params:
-            raise ValueError(f"{parts.scheme}:// URL repeats parameter {key!r}")
-        params[key] = value
+        elif key in params:
+            collect.add(f"{parts.scheme}:// URL repeats parameter {key!r}")
+        else:
+            params[key] = value
+    if problems is None:
+        collect.raise_if_any()
     return params
 
 

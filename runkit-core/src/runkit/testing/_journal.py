@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from functools import partial
+from typing import ClassVar
 
 import anyio
 import anyio.lowlevel
@@ -41,8 +42,40 @@ async def _collect(journal: Journal, position: int) -> list[tuple[int, bytes]]:
     return [item async for item in journal.range(position)]
 
 
+async def _cancel(when: str, call: Callable[[], Awaitable[object]]) -> bool:
+    """Run *call* and cancel it, ``"before"`` it starts or once it is ``"in-flight"``.
+
+    In flight means every task is blocked, so the call is waiting on its
+    backend (a socket, a thread). Returns whether the cancellation took effect.
+    """
+    if when == "before":
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await call()
+        return scope.cancelled_caught
+    finished = False
+
+    async def run() -> None:
+        nonlocal finished
+        await call()
+        finished = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    return not finished
+
+
 class JournalSuite(SuiteBase):
-    """Contract tests for journals. Subclass and override ``provider`` and ``make_provider``."""
+    """Contract tests for journals. Subclass and override ``provider`` and ``make_provider``.
+
+    ``range_overtaking_records`` is how many records the truncation-overtakes-range
+    test writes: more than one page of the driver's ``range``, so that the
+    iterator must read the backend again after the truncation.
+    """
+
+    range_overtaking_records: ClassVar[int] = 520
 
     @pytest.fixture
     def journal_name(self) -> str:
@@ -201,6 +234,35 @@ class JournalSuite(SuiteBase):
         # A record appended mid-range may or may not be seen, but the prefix is exact.
         assert seen[:3] == [(p, _record(p)) for p in range(3)]
         assert len(seen) in (3, 4)
+
+    async def test_journal_range_overtaken_by_truncation_raises_record_not_found(
+        self, journal: Journal
+    ) -> None:
+        # A truncation past the iteration's next position must surface as
+        # RecordNotFound when the iterator next reads the backend: it must not
+        # skip to the new begin (a gap) nor end quietly as if at the end.
+        # Records already fetched in a page may still be yielded, so the journal
+        # is longer than one page (see ``range_overtaking_records``).
+        count = self.range_overtaking_records
+        await _fill(journal, count)
+        truncate_to = count - 2
+        seen: list[int] = []
+        with pytest.raises(RecordNotFound) as info:
+            async with aclosing(journal.range(0)) as records:  # type: ignore[type-var]
+                async for position, record in records:
+                    assert position == len(seen), f"range skipped from {len(seen)} to {position}"
+                    assert record == _record(position)
+                    seen.append(position)
+                    if position == 0:
+                        await journal.truncate(truncate_to)
+        assert info.value.position == len(seen), (
+            f"RecordNotFound names position {info.value.position}, "
+            f"but the iteration stopped after {len(seen)} records"
+        )
+        assert len(seen) < truncate_to
+        assert await _collect(journal, truncate_to) == [
+            (p, _record(p)) for p in range(truncate_to, count)
+        ]
 
     # -- append ----------------------------------------------------------------------------
 
@@ -473,6 +535,50 @@ class JournalSuite(SuiteBase):
         assert await journal.bounds() == Interval(3, 4)
         with pytest.raises(RecordNotFound):
             await journal.get(2)
+
+    # -- cancellation ----------------------------------------------------------------------
+
+    @pytest.mark.parametrize("when", ["before", "in-flight"])
+    async def test_journal_cancelled_append_lands_whole_or_not_at_all(
+        self, provider: Provider, journal: Journal, journal_name: str, when: str
+    ) -> None:
+        # A caller's timeout (an anyio cancel scope) must leave neither a torn
+        # record nor a handle or provider that no longer works.
+        for position in range(3):
+            record = _record(position) * 64
+            cancelled = await _cancel(when, partial(journal.append, position, record))
+            bounds = await journal.bounds()
+            assert bounds.end in (position, position + 1), bounds
+            if bounds.end == position:
+                assert cancelled, "append returned normally but its record is missing"
+                await journal.append(position, record)
+            assert await journal.get(position) == record
+        assert await _collect(journal, 0) == [(p, _record(p) * 64) for p in range(3)]
+        async with await provider.journals.open(journal_name) as again:
+            assert await again.bounds() == Interval(0, 3)
+            await again.append(3, _record(3))
+        assert await journal.get(3) == _record(3)
+
+    @pytest.mark.parametrize("when", ["before", "in-flight"])
+    async def test_journal_cancelled_reads_leave_handle_usable(
+        self, journal: Journal, when: str
+    ) -> None:
+        await _fill(journal, 3)
+
+        async def first_of_range() -> None:
+            async with aclosing(journal.range(1)) as records:  # type: ignore[type-var]
+                async for _ in records:
+                    await anyio.sleep(10)  # cancelled here if the fetch was not
+
+        for _ in range(2):
+            await _cancel(when, journal.bounds)
+            await _cancel(when, partial(journal.get, 1))
+            await _cancel(when, first_of_range)
+        assert await journal.bounds() == Interval(0, 3)
+        assert await journal.get(1) == _record(1)
+        assert await _collect(journal, 0) == [(p, _record(p)) for p in range(3)]
+        await journal.append(3, _record(3))
+        assert await journal.get(3) == _record(3)
 
     # -- closed ----------------------------------------------------------------------------
 

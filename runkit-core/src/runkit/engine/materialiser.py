@@ -1,0 +1,292 @@
+"""The materialiser: derived aggregate state written behind the partition stream.
+
+Once a stream record is durable, the aggregate events it holds are copied, one
+``InstanceRecord`` per command, into their instance journals; a snapshot the
+batch loop captured with a command is written after that command's record.
+Nothing here is a commit point (the stream is, ADR 0005), so every write may be
+repeated or lost:
+
+- An instance's records carry their stream offset, which only grows; a record
+  is appended only if the journal's last record is below it. Two owners (or an
+  ambiguous append followed by a retry) therefore never write it twice.
+- Each stream record header carries the *materialised watermark*: the stream
+  journal position below which every aggregate event is in its instance
+  journal. A new owner reads the stream from there (``recover``) and writes
+  what is missing, and its instances are rebuilt from snapshot + journal + those
+  records meanwhile.
+
+Instances are written concurrently (bounded), each in stream order, one round
+at a time: a round takes every durable record queued so far.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..config import ApplicationConfig, HandlerKind
+from ..persistence import Conflict, Journal, PersistenceError, Provider, RecordNotFound
+from ._handling import backoff
+from .aggregates import (
+    AggregateInstances,
+    Committed,
+    InstanceRecord,
+    SnapshotRecord,
+    aggregate_name,
+    instance_decoder,
+    instance_encoder,
+)
+from .envelope import closing_iter
+
+if TYPE_CHECKING:
+    from .streams import StreamRecord
+
+__all__ = ["Materialiser"]
+
+_log = logging.getLogger("runkit.engine.materialiser")
+
+_Key = tuple[str, str]  # (handler key, instance ID)
+
+#: Instance journals written at once.
+CONCURRENCY = 32
+#: Instance journal handles kept open (with their known end).
+OPEN_JOURNALS = 1024
+
+
+class Materialiser:
+    """Writes one partition's committed aggregate records to their instance journals."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        app: ApplicationConfig,
+        aggregates: AggregateInstances,
+        *,
+        truncate: bool,
+        retry_base_delay: float,
+        retry_max_delay: float,
+    ) -> None:
+        self._provider = provider
+        self._app = app
+        self._app_key = app.identity.key
+        self._aggregates = aggregates
+        self._truncate = truncate
+        self._retry_base_delay = retry_base_delay
+        self._retry_max_delay = retry_max_delay
+        self._aggregate_keys = frozenset(
+            h.identity.key for h in app.handlers if h.kind is HandlerKind.AGGREGATE
+        )
+        self._queue: deque[tuple[_Key, Committed]] = deque()
+        self._round_min: int | None = None
+        self._wake = anyio.Event()
+        # Open instance journals: (handle, end, stream offset of the last record).
+        self._journals: OrderedDict[_Key, tuple[Journal, int, int | None]] = OrderedDict()
+        self.records_written = 0
+
+    def add(self, key: _Key, record: Committed) -> None:
+        """Queue a record (in commit order); it is written once ``record.durable`` is set."""
+        self._queue.append((key, record))
+
+    def wake(self) -> None:
+        """Records became durable: start a round."""
+        self._wake.set()
+
+    def watermark(self, next_position: int) -> int:
+        """The stream position below which every aggregate event is materialised.
+
+        *next_position* is the position of the stream record being built:
+        records queued but not durable yet will be at or after it.
+        """
+        low = next_position
+        if self._queue and self._queue[0][1].durable:
+            low = min(low, self._queue[0][1].stream_position)
+        if self._round_min is not None:
+            low = min(low, self._round_min)
+        return low
+
+    def recover(self, position: int, record: StreamRecord) -> None:
+        """Queue the aggregate events of a durable stream record found at takeover."""
+        current: tuple[_Key, Committed] | None = None
+        for i, env in enumerate(record.events):
+            handler_key = env.source_handler
+            if handler_key not in self._aggregate_keys or env.source_instance is None:
+                current = None
+                continue
+            key = (handler_key, env.source_instance)
+            if (
+                current is not None
+                and current[0] == key
+                and (current[1].command_id == env.causation_id)
+            ):
+                current[1].events = (*current[1].events, env)
+                continue
+            committed = Committed(
+                env.causation_id,
+                (env,),
+                durable=True,
+                stream_offset=record.first_offset + i,
+                stream_position=position,
+            )
+            current = (key, committed)
+            self._aggregates.recovered(key[0], key[1], committed)
+            self._queue.append(current)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Write durable records until cancelled."""
+        task_status.started()
+        try:
+            while True:
+                if not (self._queue and self._queue[0][1].durable):
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                await self._round()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for journal, _, _ in self._journals.values():
+                    await journal.close()
+                self._journals.clear()
+
+    async def _round(self) -> None:
+        groups: dict[_Key, list[Committed]] = {}
+        low: int | None = None
+        while self._queue and self._queue[0][1].durable:
+            key, record = self._queue.popleft()
+            groups.setdefault(key, []).append(record)
+            if low is None:
+                low = record.stream_position
+        self._round_min = low
+        limiter = anyio.CapacityLimiter(CONCURRENCY)
+        try:
+            async with anyio.create_task_group() as tg:
+                for key, records in groups.items():
+                    tg.start_soon(self._write_instance, limiter, key, records)
+        finally:
+            self._round_min = None
+
+    async def _write_instance(
+        self, limiter: anyio.CapacityLimiter, key: _Key, records: list[Committed]
+    ) -> None:
+        async with limiter:
+            failures = 0
+            done = 0
+            while done < len(records):
+                try:
+                    await self._write(key, records[done])
+                    done += 1
+                    failures = 0
+                except PersistenceError as exc:
+                    failures += 1
+                    self._forget(key)
+                    delay = backoff(failures, self._retry_base_delay, self._retry_max_delay)
+                    _log.warning(
+                        "writing aggregate instance %s of handler %s failed, retrying in %.2fs: %s",
+                        key[1],
+                        key[0],
+                        delay,
+                        exc,
+                    )
+                    await anyio.sleep(delay)
+            self._aggregates.written(key[0], key[1], len(records))
+
+    async def _write(self, key: _Key, record: Committed) -> None:
+        journal, end, last = await self._journal(key)
+        data = instance_encoder.encode(
+            InstanceRecord(
+                command_id=record.command_id,
+                events=record.events,
+                inbox_position=record.inbox_position,
+                stream_offset=record.stream_offset,
+            )
+        )
+        while True:
+            if last is not None and last >= record.stream_offset:
+                break  # already written (by an earlier owner or an ambiguous append)
+            try:
+                await journal.append(end, data)
+                self.records_written += 1
+                end, last = end + 1, record.stream_offset
+                break
+            except Conflict:
+                end = (await journal.bounds()).end
+                last = await _last_offset(journal, end)
+        self._journals[key] = (journal, end, last)
+        if record.snapshot is not None:
+            await self._write_snapshot(key, journal, end, record.snapshot)
+
+    async def _write_snapshot(
+        self, key: _Key, journal: Journal, position: int, snapshot: tuple[bytes, tuple[str, ...]]
+    ) -> None:
+        data, recent = snapshot
+        ks = await self._aggregates.snapshot_keyspace(key[0])
+        value = SnapshotRecord(
+            position=position, data=data, recent=tuple((cid, -1) for cid in recent)
+        )
+        await ks.set_unconditional(key[1].encode(), instance_encoder.encode(value))
+        if self._truncate and position > 1:
+            # The snapshot covers everything below it (and the recent command
+            # IDs travel with it). The last record stays: its stream offset
+            # tells a later materialiser what is already written.
+            await journal.truncate(position - 1)
+
+    async def _journal(self, key: _Key) -> tuple[Journal, int, int | None]:
+        found = self._journals.get(key)
+        if found is not None and found[1] >= 0:
+            self._journals.move_to_end(key)
+            return found
+        journal = (
+            found[0]
+            if found is not None
+            else await self._provider.journals.open(aggregate_name(self._app_key, *key))
+        )
+        try:
+            end = (await journal.bounds()).end
+            last = await _last_offset(journal, end)
+        except BaseException:
+            await journal.close()
+            raise
+        self._journals[key] = (journal, end, last)
+        while len(self._journals) > OPEN_JOURNALS:
+            _, (old, _, _) = self._journals.popitem(last=False)
+            await old.close()
+        return journal, end, last
+
+    async def recover_from(self, journal: Journal, start: int, end: int) -> int:
+        """Queue the aggregate records of stream records ``[start, end)`` (takeover).
+
+        Returns how many stream records were read.
+        """
+        from .streams import decode_stream_record
+
+        if start >= end:
+            return 0
+        begin = max(start, (await journal.bounds()).begin)
+        count = 0
+        async with closing_iter(journal.range(begin)) as records:
+            async for position, data in records:
+                if position >= end:
+                    break
+                self.recover(position, decode_stream_record(data))
+                count += 1
+        return count
+
+    def _forget(self, key: _Key) -> None:
+        # After a fault the known end may be wrong: re-read it next time.
+        found = self._journals.get(key)
+        if found is not None:
+            self._journals[key] = (found[0], -1, None)
+
+
+async def _last_offset(journal: Journal, end: int) -> int | None:
+    """The stream offset of the journal's last record before *end* (None: empty/unknown)."""
+    if end == 0:
+        return None
+    try:
+        data = await journal.get(end - 1)
+    except RecordNotFound:
+        return None  # truncated to the end: only a snapshot-covered past
+    return instance_decoder.decode(data).stream_offset

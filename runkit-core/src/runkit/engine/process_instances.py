@@ -1,0 +1,206 @@
+"""Process instance records and the node's cache of them (ADR 0006).
+
+``InstanceRecord`` is what ``<app>/process/<handler>`` stores per instance.
+``InstanceCache`` keeps, per process handler on this node, the instances it
+handled recently: the record as stored, its revision and the live root, so
+handling an event of a cached instance costs no read, and the next commit is
+a write conditional on the cached revision.
+
+Rules the runner (``processes.py``) keeps, which make a cached entry safe to use:
+
+- Only what a commit produced goes in: the entry is put after the commit *and*
+  the dispatch of its outbox succeeded, so a cached entry's outbox is always
+  dispatched (it may still be in the stored record, see ``dispatched_at``).
+- Anything that may leave the entry wrong drops it: a handler failure (the
+  root is changed in place), a ``Conflict`` or an ambiguous write, a
+  cancellation, and the loss of the partition whose consumer last wrote it.
+- What the entry says can only be trusted where it cannot be out of date: an
+  ended instance stays ended and a stream position only grows, so skipping on
+  those is right even if another node wrote the instance since; "this deadline
+  is not pending" is not (another node may have scheduled it since), so that
+  is checked against a fresh read.
+
+An entry whose stored record still holds a dispatched outbox is *dirty*: the
+next commit of the instance writes the record without that outbox. If no
+commit comes within a checkpoint interval, the consumer writes the record once
+more without it (``due_clears``), so an outbox is never re-dispatched long after
+its commands were handled (the commands side deduplicates only recent IDs).
+Dirty entries are never evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import anyio
+import attrs
+import msgspec
+
+from .deadlines import DeadlineEntry
+
+__all__ = [
+    "CachedInstance",
+    "InstanceCache",
+    "InstanceRecord",
+    "OutboxDeadline",
+    "ProcessRoot",
+]
+
+
+class ProcessRoot(Protocol):
+    """The parts of a process root the engine uses."""
+
+    def marshal_binary(self) -> bytes: ...
+    def unmarshal_binary(self, data: bytes) -> None: ...
+
+
+class OutboxDeadline(msgspec.Struct, frozen=True, kw_only=True):
+    """A deadline waiting in an outbox, with the home partition it goes to."""
+
+    partition: int
+    entry: DeadlineEntry
+
+
+class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The stored state of one process instance (msgpack, keyed by instance ID).
+
+    Attributes:
+        root: ``marshal_binary()`` of the root; ``None`` until ``mutate`` is
+            first called (the root is then ``handler.new()``), and once ended.
+        ended: ``end()`` was called; the instance never handles again.
+        positions: Stream ID -> offset of the last event handled from it.
+        pending_deadlines: IDs of scheduled deadlines not yet handled; a
+            deadline fires only while it is listed here.
+        commands: Outbox: encoded envelopes of produced commands to accept.
+        deadlines: Outbox: scheduled deadlines to append to their journal.
+    """
+
+    root: bytes | None = None
+    ended: bool = False
+    positions: dict[str, int] = msgspec.field(default_factory=dict)
+    pending_deadlines: list[str] = msgspec.field(default_factory=list)
+    commands: list[bytes] = msgspec.field(default_factory=list)
+    deadlines: list[OutboxDeadline] = msgspec.field(default_factory=list)
+
+    @property
+    def has_outbox(self) -> bool:
+        """Whether commands or deadlines are in the outbox."""
+        return bool(self.commands or self.deadlines)
+
+    def without_outbox(self) -> InstanceRecord:
+        """The record with its (dispatched) outbox left out."""
+        return msgspec.structs.replace(self, commands=[], deadlines=[])
+
+
+@attrs.frozen
+class CachedInstance:
+    """One cached instance: the record as stored, its revision and the live root.
+
+    Attributes:
+        record: The record at ``revision``; its outbox, if any, is dispatched.
+        revision: The stored revision (the next commit is conditional on it).
+        root: The root ``record.root`` decodes to (``handler.new()`` without
+            one); handling changes it in place.
+        partition: The partition whose consumer or timer last wrote or loaded it.
+        dispatched_at: ``anyio.current_time()`` when the outbox still in the
+            stored record was dispatched; ``None`` if the record has none.
+    """
+
+    record: InstanceRecord
+    revision: str
+    root: ProcessRoot
+    partition: int
+    dispatched_at: float | None = None
+
+    @property
+    def dirty(self) -> bool:
+        """Whether the stored record still holds a dispatched outbox."""
+        return self.dispatched_at is not None
+
+
+class InstanceCache:
+    """A bounded LRU of ``CachedInstance`` per instance ID, plus per-instance locks.
+
+    One per process handler on a node, shared by its consumers on every owned
+    partition and by the deadline timers, so one node handles an instance in
+    one place at a time (``lock``) and its partitions do not conflict with
+    each other. At most *capacity* clean entries are kept.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self._capacity = capacity
+        self._entries: OrderedDict[str, CachedInstance] = OrderedDict()
+        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @asynccontextmanager
+    async def lock(self, instance_id: str) -> AsyncIterator[None]:
+        """Hold the instance: one handling (or clear) of it at a time on this node."""
+        lock, users = self._locks.get(instance_id, (None, 0))
+        if lock is None:
+            lock = anyio.Lock()
+        self._locks[instance_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[instance_id]
+            if users == 1:
+                del self._locks[instance_id]
+            else:
+                self._locks[instance_id] = (lock, users - 1)
+
+    def busy(self, instance_id: str) -> bool:
+        """Whether the instance is held, or waited for, by a task of this node."""
+        return instance_id in self._locks
+
+    def get(self, instance_id: str) -> CachedInstance | None:
+        """The cached entry (and mark it recently used), or ``None``."""
+        entry = self._entries.get(instance_id)
+        if entry is not None:
+            self._entries.move_to_end(instance_id)
+        return entry
+
+    def put(self, instance_id: str, entry: CachedInstance) -> None:
+        """Cache *entry*, evicting the least recently used clean entries over capacity."""
+        self._entries[instance_id] = entry
+        self._entries.move_to_end(instance_id)
+        excess = len(self._entries) - self._capacity
+        if excess <= 0:
+            return
+        # Dirty entries stay until cleared: dropping one would let a later
+        # load dispatch its outbox again, long after the first time.
+        victims: list[str] = []
+        for key, cached in self._entries.items():  # least recently used first
+            if not cached.dirty:
+                victims.append(key)
+                if len(victims) == excess:
+                    break
+        for key in victims:
+            del self._entries[key]
+
+    def drop(self, instance_id: str) -> None:
+        """Forget the instance (its next use reads the stored record)."""
+        self._entries.pop(instance_id, None)
+
+    def drop_partition(self, partition: int) -> None:
+        """Forget every entry last written or loaded through *partition* (lost or stopped)."""
+        for key in [k for k, e in self._entries.items() if e.partition == partition]:
+            del self._entries[key]
+
+    def due_clears(self, partition: int, dispatched_before: float) -> list[str]:
+        """Dirty instances of *partition* whose outbox was dispatched before the given time."""
+        return [
+            key
+            for key, e in self._entries.items()
+            if e.partition == partition
+            and e.dispatched_at is not None
+            and e.dispatched_at <= dispatched_before
+        ]

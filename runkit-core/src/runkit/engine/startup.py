@@ -1,0 +1,92 @@
+"""Start-up: wait for the store to be reachable, or fail with its reason.
+
+At start-up the engine provisions its provider (the first call that connects)
+through ``wait_for_store``. A failure that waiting cannot cure (a rejected
+password, a missing database or schema: ``PersistenceError.retryable`` is
+false) is raised at once. An unreachable store (retryable) is tried again with
+capped, jittered backoff and one log line per attempt::
+
+    store unreachable (connection refused ...); retrying in 1.6 s, giving up in 52 s
+
+until ``EngineSettings.start_timeout`` (``with_start_timeout``,
+``DOGMA_START_TIMEOUT``) has passed; then ``StoreUnavailable`` says how long
+it tried and why it failed. Outages *after* start-up are survived by the
+engine's components themselves; this only covers the first contact.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import anyio
+
+from ..persistence import PersistenceError, Provider, StoreUnavailable
+from ._handling import backoff
+from .logs import describe_error
+
+__all__ = ["wait_for_store"]
+
+_log = logging.getLogger("runkit.engine.startup")
+
+#: Seconds before the first retry (the ceiling of the first jittered delay) ...
+RETRY_BASE: Final = 2.0
+#: ... doubling per attempt up to this.
+RETRY_CAP: Final = 10.0
+#: Every attempt may take this long, even the last one when less time is left.
+MIN_ATTEMPT: Final = 1.0
+
+
+async def wait_for_store(provider: Provider, *, timeout: float) -> None:
+    """Provision *provider*, retrying while the store is unreachable, for up to *timeout* s.
+
+    Args:
+        provider: The provider to provision (``Provider.provision``).
+        timeout: Seconds to keep trying an unreachable store; an attempt still
+            running when they are up is abandoned (each attempt gets at least
+            ``MIN_ATTEMPT`` seconds, so the bound may be exceeded by that).
+
+    Raises:
+        PersistenceError: at once, for a failure that is not ``retryable``
+            (its message names the server's reason).
+        StoreUnavailable: ``retryable``, when the store is still unreachable
+            after *timeout* seconds.
+    """
+    deadline = anyio.current_time() + timeout
+    attempt = 0
+    reason = ""
+    cause: BaseException | None = None
+    while True:
+        attempt += 1
+        remaining = deadline - anyio.current_time()
+        bound = max(remaining, MIN_ATTEMPT)
+        try:
+            with anyio.fail_after(bound):
+                await provider.provision()
+        except TimeoutError:
+            # Keep an earlier attempt's reason: it says more than the timeout.
+            reason = reason or f"no answer within {bound:.1f} s"
+        except PersistenceError as exc:
+            if not exc.retryable:
+                raise
+            reason, cause = describe_error(exc), exc
+        else:
+            if attempt > 1:
+                _log.info("store reachable after %d attempts", attempt)
+            return
+        remaining = deadline - anyio.current_time()
+        if remaining <= 0:
+            raise StoreUnavailable(
+                f"the store is still unreachable after {timeout:g} s ({attempt} attempt"
+                f"{'' if attempt == 1 else 's'}): {reason}; to wait longer, raise the start "
+                "timeout (runkit.with_start_timeout() or DOGMA_START_TIMEOUT)",
+                retryable=True,
+            ) from cause
+        delay = min(backoff(attempt, RETRY_BASE, RETRY_CAP), remaining)
+        _log.warning(
+            "store unreachable (%s); retrying in %.1f s, giving up in %.0f s",
+            reason,
+            delay,
+            remaining,
+        )
+        await anyio.sleep(delay)

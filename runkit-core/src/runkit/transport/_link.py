@@ -1,0 +1,211 @@
+"""One framed connection: a coalescing writer, a reader and keepalive.
+
+Shared by both ends. The owner supplies a ``dispatch`` callback for the frames
+that carry requests and answers; ``Ping``, ``Pong`` and ``Goodbye`` are handled
+here. Any failure closes only this connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import ssl
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+
+from ._errors import ProtocolError
+from ._frames import Frame, FrameDecoder, Goodbye, Ping, Pong, encode_frame
+
+__all__ = ["Link", "LinkClosed"]
+
+_log = logging.getLogger("runkit.transport")
+
+# Frames per queued batch the writer sends in one TLS write (why: one write per
+# frame costs ~60x the throughput of a batch, rpc.md section 4.5).
+_MAX_BATCH_BYTES = 256 * 1024
+_QUEUE_FRAMES = 1024
+_CLOSE_GRACE = 1.0
+
+
+class LinkClosed(Exception):
+    """The link is closed; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Link:
+    """A framed, kept-alive connection over an established (TLS) byte stream.
+
+    Outgoing frames go through one bounded queue drained by a single writer
+    task, which coalesces whatever is queued into one write. Frames sent from
+    the reader's path (``send_nowait``) never wait: if the queue is full the
+    peer is not reading what we send while still sending to us, and the
+    connection is closed.
+    """
+
+    def __init__(
+        self,
+        stream: anyio.abc.ByteStream,
+        *,
+        label: str,
+        max_frame_size: int,
+        keepalive_interval: float,
+        decoder: FrameDecoder,
+    ) -> None:
+        self.label = label
+        self.max_frame_size = max_frame_size
+        self._stream = stream
+        self._decoder = decoder
+        self._interval = keepalive_interval
+        self._tx, self._rx = anyio.create_memory_object_stream[bytes](_QUEUE_FRAMES)
+        self._reason: str | None = None
+        self._goodbye = False
+        self._service: anyio.CancelScope | None = None
+        self._writer_done = anyio.Event()
+        self._last_received = anyio.current_time()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the link is closing or closed (no new requests should use it)."""
+        return self._reason is not None
+
+    @property
+    def reason(self) -> str:
+        """Why the link closed (empty while open)."""
+        return self._reason or ""
+
+    def encode(self, frame: Frame) -> bytes:
+        """Encode *frame* for this link. :raises ProtocolError: if over the size limit."""
+        return encode_frame(frame, self.max_frame_size)
+
+    async def send(self, frame: Frame) -> None:
+        """Queue *frame*, waiting for room.
+
+        :raises ProtocolError: if the frame exceeds the size limit (link stays open).
+        :raises LinkClosed: if the link is closed.
+        """
+        data = self.encode(frame)
+        if self._reason is not None:
+            raise LinkClosed(self._reason)
+        try:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                # Not yielding here lets a producer queue several frames before the
+                # writer runs, so they leave in one TLS write (a stream: ~3x the items/s).
+                self._tx.send_nowait(data)
+            except anyio.WouldBlock:
+                await self._tx.send(data)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise LinkClosed(self.reason or "connection closed") from None
+
+    def send_nowait(self, frame: Frame) -> bool:
+        """Queue *frame* if there is room; return whether it was queued."""
+        return self._reason is None and self._enqueue(frame)
+
+    def _enqueue(self, frame: Frame) -> bool:
+        try:
+            self._tx.send_nowait(self.encode(frame))
+        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+        return True
+
+    def close(self, reason: str, *, goodbye: bool = True) -> None:
+        """Start closing: stop reading, flush the queue (with a ``Goodbye``), then close."""
+        if self._reason is None:
+            self._reason = reason
+            self._goodbye = goodbye
+        if self._service is not None:
+            self._service.cancel()
+
+    async def run(self, dispatch: Callable[[Frame], None]) -> str:
+        """Read and dispatch frames until the link closes; return the reason.
+
+        *dispatch* may raise ``ProtocolError`` to close the link.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write_loop)
+                async with anyio.create_task_group() as service:
+                    self._service = service.cancel_scope
+                    if self._reason is not None:
+                        service.cancel_scope.cancel()
+                    service.start_soon(self._keepalive)
+                    service.start_soon(self._read_loop, dispatch)
+                if self._goodbye:
+                    self._enqueue(Goodbye(reason=self.reason[:1000]))
+                self._tx.close()
+                with anyio.move_on_after(_CLOSE_GRACE):
+                    await self._writer_done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._tx.close()
+            self._rx.close()
+            await anyio.aclose_forcefully(self._stream)
+        return self.reason
+
+    async def _read_loop(self, dispatch: Callable[[Frame], None]) -> None:
+        reason, goodbye = "the peer closed the connection", False
+        try:
+            while True:
+                chunk = await self._stream.receive()
+                self._last_received = anyio.current_time()
+                for frame in self._decoder.feed(chunk):
+                    if isinstance(frame, Goodbye):
+                        reason = f"the peer said goodbye: {frame.reason}"
+                        return
+                    self._handle(frame, dispatch)
+        except anyio.EndOfStream:
+            pass
+        except anyio.get_cancelled_exc_class():
+            reason = "connection closed"
+            raise
+        except ProtocolError as exc:
+            reason, goodbye = f"protocol error: {exc.reason}", True
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+            reason = f"connection lost: {exc!r}"
+        except Exception as exc:
+            _log.exception("bug while reading from %s; closing the connection", self.label)
+            reason, goodbye = f"internal error: {exc!r}", True
+        finally:
+            self.close(reason, goodbye=goodbye)
+
+    def _handle(self, frame: Frame, dispatch: Callable[[Frame], None]) -> None:
+        if isinstance(frame, Ping):
+            if not self.send_nowait(Pong()):
+                raise ProtocolError("the peer sends faster than it reads")
+        elif not isinstance(frame, Pong):
+            dispatch(frame)
+
+    async def _write_loop(self) -> None:
+        try:
+            async for data in self._rx:
+                parts, size = [data], len(data)
+                while size < _MAX_BATCH_BYTES:
+                    try:
+                        more = self._rx.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                    parts.append(more)
+                    size += len(more)
+                await self._stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+            self.close(f"connection lost while sending: {exc!r}", goodbye=False)
+        finally:
+            self._writer_done.set()
+
+    async def _keepalive(self) -> None:
+        if not math.isfinite(self._interval):
+            return
+        while True:
+            await anyio.sleep(self._interval / 4)
+            idle = anyio.current_time() - self._last_received
+            if idle >= 2 * self._interval:
+                self.close(f"keepalive: nothing received from the peer for {idle:.1f} s")
+                return
+            if idle >= self._interval:
+                self.send_nowait(Ping())

@@ -1,0 +1,283 @@
+"""Node identities (certificate + key) and the TLS contexts built from them.
+
+Two trust models:
+
+* **Fingerprints** (no CA, the default): each node makes a self-signed
+  certificate at start and publishes its SHA-256 fingerprint in its heartbeat.
+  The standard library's ``ssl`` has no verification callback, so a server that
+  asks for a client certificate must chain-verify it and would refuse every
+  self-signed one. The server therefore does not ask at the TLS layer; the
+  client sends its certificate in ``Hello`` with a signature over this TLS
+  session's channel binding and the server's fingerprint (``sign_proof``),
+  which the server checks before consulting its authenticator. The client sees
+  the server's certificate in the handshake and checks its fingerprint.
+* **Operator CA**: both sides present certificates at the TLS layer and both
+  chains must verify against the CA (``CERT_REQUIRED``).
+
+Both use TLS 1.3 only.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ssl
+import tempfile
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from runkit._errors import ConfigurationError
+
+__all__ = [
+    "TlsIdentity",
+    "certificate_fingerprint",
+    "client_context",
+    "server_context",
+    "sign_proof",
+    "verify_proof",
+]
+
+_VALIDITY = datetime.timedelta(days=365)
+# Tolerate peers whose clocks run a little behind ours.
+_BACKDATE = datetime.timedelta(minutes=5)
+_PROOF_LABEL = b"runkit-transport/1 client proof\x00"
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """Return the fingerprint of a DER certificate: SHA-256, lowercase hex."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def _der(cert_pem: bytes) -> bytes:
+    return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+
+
+@attrs.frozen
+class TlsIdentity:
+    """A node's certificate and private key, plus the operator's CA if any.
+
+    Build one with :meth:`self_signed` or :meth:`load`. Construction validates
+    the PEM data and that the key belongs to the certificate.
+    """
+
+    cert_pem: bytes
+    key_pem: bytes = attrs.field(repr=False)
+    ca_pem: bytes | None = None
+    fingerprint: str = attrs.field(init=False)
+
+    @fingerprint.default
+    def _fingerprint(self) -> str:
+        problems = _check_identity(
+            self.cert_pem, self.key_pem, self.ca_pem, cert_name="certificate"
+        )
+        if problems:
+            raise ConfigurationError("invalid TLS identity", problems)
+        return certificate_fingerprint(_der(self.cert_pem))
+
+    @classmethod
+    def self_signed(cls, common_name: str) -> TlsIdentity:
+        """Make a fresh EC P-256 key and a one-year self-signed certificate.
+
+        The certificate names *common_name* (the node ID) as its subject and as
+        a ``urn:runkit:node:`` URI in its subject alternative names.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        # X.509 limits a common name to 64 characters; the SAN has the full ID.
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64] or "node")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + _VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"urn:runkit:node:{common_name}")]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+
+    @classmethod
+    def load(cls, cert: str | Path, key: str | Path, ca: str | Path | None = None) -> TlsIdentity:
+        """Load an operator-provided certificate, private key and optional CA (PEM files).
+
+        With *ca*, peers are trusted when their certificate chains to it;
+        without, by fingerprint as with self-signed identities.
+
+        :raises ConfigurationError: listing every file that is missing,
+            unreadable or not valid PEM, and a key that does not match the
+            certificate.
+        """
+        problems: list[str] = []
+        cert_pem = _read(cert, "certificate", problems)
+        key_pem = _read(key, "private key", problems)
+        ca_pem = _read(ca, "CA certificate", problems) if ca is not None else None
+        if not problems:
+            assert cert_pem is not None
+            assert key_pem is not None
+            problems = _check_identity(
+                cert_pem, key_pem, ca_pem, cert_name=str(cert), key_name=str(key), ca_name=str(ca)
+            )
+        if problems:
+            raise ConfigurationError("cannot load the node's TLS identity", problems)
+        assert cert_pem is not None
+        assert key_pem is not None
+        return cls(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
+
+
+def _read(path: str | Path, what: str, problems: list[str]) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        problems.append(f"TLS {what} file {path} does not exist")
+    except IsADirectoryError:
+        problems.append(f"TLS {what} file {path} is a directory, not a PEM file")
+    except OSError as exc:
+        problems.append(f"cannot read TLS {what} file {path}: {exc.strerror or exc}")
+    return None
+
+
+def _check_identity(
+    cert_pem: bytes,
+    key_pem: bytes,
+    ca_pem: bytes | None,
+    *,
+    cert_name: str,
+    key_name: str = "private key",
+    ca_name: str = "CA certificate",
+) -> list[str]:
+    problems: list[str] = []
+    cert: x509.Certificate | None = None
+    key: object = None
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        problems.append(f"{cert_name} is not a PEM certificate (expected BEGIN CERTIFICATE)")
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        problems.append(f"{key_name} is encrypted; provide an unencrypted PEM private key")
+    except (ValueError, UnsupportedAlgorithm):
+        problems.append(f"{key_name} is not a PEM private key (expected BEGIN PRIVATE KEY)")
+    if ca_pem is not None:
+        try:
+            x509.load_pem_x509_certificates(ca_pem)
+        except ValueError:
+            problems.append(f"{ca_name} is not a PEM certificate (expected BEGIN CERTIFICATE)")
+    if cert is not None and key is not None:
+        if not isinstance(
+            key,
+            ec.EllipticCurvePrivateKey
+            | rsa.RSAPrivateKey
+            | ed25519.Ed25519PrivateKey
+            | ed448.Ed448PrivateKey,
+        ):
+            problems.append(f"{key_name} is a {type(key).__name__}; use an EC, RSA or Ed25519 key")
+        elif key.public_key() != cert.public_key():
+            problems.append(f"{key_name} does not match the certificate in {cert_name}")
+    return problems
+
+
+def _context(identity: TlsIdentity, purpose: ssl.Purpose) -> ssl.SSLContext:
+    protocol = (
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    # Peers are addressed by IP and trusted by fingerprint or CA, not by name.
+    ctx.check_hostname = False
+    # load_cert_chain only reads files; the directory is private and short-lived.
+    with tempfile.TemporaryDirectory(prefix="runkit-tls-") as tmp:
+        cert_file, key_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+        key_file.touch(mode=0o600)
+        key_file.write_bytes(identity.key_pem)
+        cert_file.write_bytes(identity.cert_pem)
+        ctx.load_cert_chain(cert_file, key_file)
+    if identity.ca_pem is not None:
+        ctx.load_verify_locations(cadata=identity.ca_pem.decode("ascii"))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        # Fingerprint mode: the peer is checked after the handshake (see module doc).
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def server_context(identity: TlsIdentity) -> ssl.SSLContext:
+    """Return the listening side's TLS 1.3 context for *identity*."""
+    return _context(identity, ssl.Purpose.CLIENT_AUTH)
+
+
+def client_context(identity: TlsIdentity) -> ssl.SSLContext:
+    """Return the connecting side's TLS 1.3 context (it always presents its certificate)."""
+    return _context(identity, ssl.Purpose.SERVER_AUTH)
+
+
+def _proof_message(channel_binding: bytes, server_fingerprint: str) -> bytes:
+    return _PROOF_LABEL + channel_binding + server_fingerprint.encode("ascii")
+
+
+def sign_proof(identity: TlsIdentity, channel_binding: bytes, server_fingerprint: str) -> bytes:
+    """Sign this TLS session's *channel_binding* and the server's fingerprint.
+
+    Binding both means a proof cannot be replayed on another connection, nor
+    relayed by one server to another.
+    """
+    key = serialization.load_pem_private_key(identity.key_pem, password=None)
+    message = _proof_message(channel_binding, server_fingerprint)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(message, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, rsa.RSAPrivateKey):
+        return key.sign(message, _pss(), hashes.SHA256())
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        return key.sign(message)
+    raise TypeError(f"unsupported key type {type(key).__name__}")
+
+
+def verify_proof(
+    cert_der: bytes, proof: bytes, channel_binding: bytes, server_fingerprint: str
+) -> bool:
+    """Return whether *proof* was made by the key of *cert_der* for this session."""
+    message = _proof_message(channel_binding, server_fingerprint)
+    try:
+        public = x509.load_der_x509_certificate(cert_der).public_key()
+        if isinstance(public, ec.EllipticCurvePublicKey):
+            public.verify(proof, message, ec.ECDSA(hashes.SHA256()))
+        elif isinstance(public, rsa.RSAPublicKey):
+            public.verify(proof, message, _pss(), hashes.SHA256())
+        elif isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            public.verify(proof, message)
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def _pss() -> padding.PSS:
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)

@@ -1,0 +1,245 @@
+"""``NodeTransport``: the node-to-node RPC endpoint (serving and calling)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from ._client import PeerConnection, open_connection
+from ._errors import CallTimeout, PeerUnavailable
+from ._frames import DEFAULT_MAX_FRAME_SIZE
+from ._peer import Authenticate, format_address, parse_address
+from ._server import ServerConfig, StreamHandler, UnaryHandler, handle_connection
+from ._tls import TlsIdentity, client_context, server_context
+
+__all__ = ["NodeTransport"]
+
+_log = logging.getLogger("runkit.transport")
+
+
+class NodeTransport:
+    """Calls to and from other nodes over mutual TLS.
+
+    One instance per node: it serves the node's handlers on its listen address
+    (:meth:`serve`) and calls peers by their advertised address (:meth:`call`,
+    :meth:`stream`). Calls to one address share one lazily opened connection,
+    reopened on the next call after it breaks.
+
+    Use it as an async context manager; leaving it closes every connection it
+    opened::
+
+        async with NodeTransport(node_id=..., identity=..., authenticate=...) as transport:
+            tg.start_soon(transport.serve, "0.0.0.0:7400")
+            answer = await transport.call("10.0.0.6:7400", "offer_command", payload)
+
+    :param node_id: this node's ID, announced in every handshake.
+    :param identity: this node's certificate and key (and the operator's CA).
+    :param authenticate: given a peer certificate's fingerprint, whether to
+        accept it (a live node of the same store). Called for every connection
+        in both directions, unless *identity* has a CA, whose chain check then
+        decides. May be sync or async.
+    :param unary: handlers of unary methods, by name.
+    :param streams: handlers of stream methods, by name.
+    :param max_frame_size: largest frame body accepted or sent, in bytes.
+    :param keepalive_interval: seconds of silence before a ``Ping``; a
+        connection silent for twice this long is closed.
+    :param call_timeout: default timeout of a call, in seconds.
+    :param handshake_timeout: how long an accepted connection may take to
+        complete TLS and ``Hello``.
+    :param max_concurrent_requests: requests served at once per connection;
+        more are answered with ``RemoteError("overloaded")``.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        identity: TlsIdentity,
+        authenticate: Authenticate,
+        unary: Mapping[str, UnaryHandler] | None = None,
+        streams: Mapping[str, StreamHandler] | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        keepalive_interval: float = 10.0,
+        call_timeout: float = 5.0,
+        handshake_timeout: float = 10.0,
+        max_concurrent_requests: int = 256,
+    ) -> None:
+        self.node_id = node_id
+        self.identity = identity
+        self._authenticate = authenticate
+        self._max_frame_size = max_frame_size
+        self._keepalive_interval = keepalive_interval
+        self._call_timeout = call_timeout
+        self._client_context = client_context(identity)
+        self._server = ServerConfig(
+            node_id=node_id,
+            identity=identity,
+            context=server_context(identity),
+            authenticate=authenticate,
+            unary=dict(unary or {}),
+            streams=dict(streams or {}),
+            max_frame_size=max_frame_size,
+            keepalive_interval=keepalive_interval,
+            handshake_timeout=handshake_timeout,
+            max_concurrent_requests=max_concurrent_requests,
+        )
+        self._peers: dict[str, PeerConnection] = {}
+        self._connecting: dict[str, anyio.Lock] = {}
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> Self:
+        async with contextlib.AsyncExitStack() as stack:
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            self._exit_stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._close_peers()
+        stack, self._exit_stack, self._tg = self._exit_stack, None, None
+        if stack is not None:
+            # The body's exception is not passed in, so it propagates as itself,
+            # not wrapped in an ExceptionGroup; the closing links end on their own.
+            await stack.__aexit__(None, None, None)
+        return None
+
+    async def aclose(self) -> None:
+        """Close every connection this node opened (same as leaving the ``async with``)."""
+        await self.__aexit__(None, None, None)
+
+    def _close_peers(self) -> None:
+        for connection in self._peers.values():
+            connection.link.close("the node is shutting down")
+        self._peers.clear()
+
+    async def serve(
+        self,
+        listen_address: str,
+        *,
+        task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept peers on *listen_address* (``host:port``) until cancelled.
+
+        Reports the bound ``host:port`` (the real port when asked for port 0)
+        through *task_status*.
+        """
+        host, port = parse_address(listen_address)
+        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        async with listener:
+            bound_port = listener.extra(SocketAttribute.local_port)  # noqa: S610
+            bound = format_address(host, bound_port)
+            _log.info("node %r listening on %s", self.node_id, bound)
+            task_status.started(bound)
+            await listener.serve(self._accept)
+
+    async def _accept(self, tcp: anyio.abc.SocketStream) -> None:
+        await handle_connection(self._server, tcp)
+
+    async def call(
+        self,
+        address: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        expect_fingerprint: str | None = None,
+    ) -> bytes:
+        """Call *method* on the node at *address* and return its answer.
+
+        :param timeout: seconds for the whole call, connecting included
+            (default: the transport's ``call_timeout``).
+        :param expect_fingerprint: refuse the peer unless its certificate has
+            this fingerprint (the one the target node published).
+        :raises CallTimeout: no answer in time (the peer is told to cancel).
+        :raises PeerUnavailable: cannot connect, refused, or the connection broke.
+        :raises RemoteError: the peer's handler failed, or has no such method.
+        :raises ProtocolError: *payload* is over the frame size limit.
+        """
+        limit = self._call_timeout if timeout is None else timeout
+        with anyio.move_on_after(limit):
+            connection = await self._connection(address, expect_fingerprint)
+            return await connection.unary(method, payload)
+        raise CallTimeout(address, method, limit)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        address: str,
+        method: str,
+        payload: bytes,
+        *,
+        timeout: float | None = None,
+        window: int = 64,
+        expect_fingerprint: str | None = None,
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Open a stream call; iterate over what it yields inside the ``async with``.
+
+        The peer sends at most *window* items ahead of what has been consumed.
+        Leaving the block early cancels the stream on the peer. *timeout*
+        bounds opening the stream and each wait for an item (``math.inf``
+        for none). Errors are those of :meth:`call`, raised on open or while
+        iterating.
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        limit = self._call_timeout if timeout is None else timeout
+        reader = None
+        with anyio.move_on_after(limit):
+            connection = await self._connection(address, expect_fingerprint)
+            reader = await connection.open_stream(method, payload, window=window, timeout=limit)
+        if reader is None:
+            raise CallTimeout(address, method, limit)
+        try:
+            yield reader
+        finally:
+            reader.close()
+
+    async def _connection(self, address: str, expect_fingerprint: str | None) -> PeerConnection:
+        connection = self._peers.get(address)
+        if connection is None or connection.closed:
+            if self._tg is None:
+                raise RuntimeError("use the NodeTransport in `async with` before calling peers")
+            lock = self._connecting.setdefault(address, anyio.Lock())
+            async with lock:
+                connection = self._peers.get(address)
+                if connection is None or connection.closed:
+                    connection = await open_connection(
+                        address,
+                        node_id=self.node_id,
+                        identity=self.identity,
+                        context=self._client_context,
+                        authenticate=self._authenticate,
+                        max_frame_size=self._max_frame_size,
+                        keepalive_interval=self._keepalive_interval,
+                    )
+                    self._peers[address] = connection
+                    self._tg.start_soon(self._run_connection, connection)
+        if expect_fingerprint is not None and connection.peer.fingerprint != expect_fingerprint:
+            raise PeerUnavailable(
+                address,
+                f"the node there presents certificate {connection.peer.fingerprint}, "
+                f"not the expected {expect_fingerprint}",
+            )
+        return connection
+
+    async def _run_connection(self, connection: PeerConnection) -> None:
+        address = connection.peer.address
+        _log.debug("connected to node %r at %s", connection.peer.node_id, address)
+        reason = await connection.run()
+        _log.info(
+            "connection to node %r at %s closed: %s", connection.peer.node_id, address, reason
+        )
+        if self._peers.get(address) is connection:
+            del self._peers[address]

@@ -1,0 +1,53 @@
+"""Random identifiers made by runkit.engine.ids."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import uuid
+from collections import Counter
+
+from runkit.engine.ids import new_id
+
+CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def test_ids_are_canonical_version_4_uuids() -> None:
+    for _ in range(2000):
+        text = new_id()
+        assert CANONICAL.fullmatch(text), text
+        parsed = uuid.UUID(text)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert str(parsed) == text
+
+
+def test_ids_are_unique() -> None:
+    ids = [new_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+
+
+def test_random_bits_are_all_used() -> None:
+    # Every one of the 122 random bits takes both values, and about as often:
+    # a formatting slip (a fixed or repeated digit) would show here.
+    counts: Counter[int] = Counter()
+    n = 4000
+    for _ in range(n):
+        value = uuid.UUID(new_id()).int
+        counts.update(bit for bit in range(128) if value >> bit & 1)
+    fixed = {bit for bit in range(128) if counts[bit] in (0, n)}
+    # The version (bits 76-79: 0100) and the variant (bits 62-63: 10).
+    assert fixed == {76, 77, 78, 79, 62, 63}
+    assert all(0.4 * n < counts[bit] < 0.6 * n for bit in set(range(128)) - fixed)
+
+
+def test_processes_make_different_ids() -> None:
+    code = "from runkit.engine.ids import new_id; print(new_id())"
+    made = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+        for _ in range(3)
+    }
+    assert len(made) == 3

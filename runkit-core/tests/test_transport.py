@@ -1,0 +1,683 @@
+"""The node transport end to end: real TLS sockets on 127.0.0.1, both backends.
+
+Nodes are ``NodeTransport`` instances in one process; hostile or broken peers
+are written by hand on raw anyio streams, so the refusals are tested against
+an independent client implementation.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import datetime
+import logging
+import ssl
+import struct
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import pytest
+from anyio.streams.tls import TLSAttribute, TLSStream
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from runkit._errors import ConfigurationError
+from runkit.transport import (
+    CallTimeout,
+    NodeTransport,
+    PeerInfo,
+    PeerUnavailable,
+    RemoteError,
+    TlsIdentity,
+    certificate_fingerprint,
+)
+from runkit.transport import _client as client_module
+from runkit.transport._frames import (
+    Frame,
+    FrameDecoder,
+    Goodbye,
+    Hello,
+    HelloOk,
+    Ping,
+    Request,
+    Response,
+    encode_frame,
+)
+from runkit.transport._tls import server_context, sign_proof
+
+A = TlsIdentity.self_signed("node-a")
+B = TlsIdentity.self_signed("node-b")
+STRANGER = TlsIdentity.self_signed("stranger")
+CLUSTER = frozenset({A.fingerprint, B.fingerprint})
+
+
+def members(fingerprint: str) -> bool:
+    return fingerprint in CLUSTER
+
+
+async def echo(peer: PeerInfo, payload: bytes) -> bytes:
+    return peer.node_id.encode() + b":" + payload
+
+
+def node(
+    node_id: str = "node-a",
+    identity: TlsIdentity = A,
+    authenticate: Callable[[str], bool] = members,
+    **kwargs: object,
+) -> NodeTransport:
+    kwargs.setdefault("unary", {"echo": echo})
+    return NodeTransport(
+        node_id=node_id,
+        identity=identity,
+        authenticate=authenticate,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(transport: NodeTransport, address: str = "127.0.0.1:0") -> AsyncIterator[str]:
+    """Run *transport*'s server for the duration of the block; yield its address."""
+    async with transport, anyio.create_task_group() as tg:
+        bound: str = await tg.start(transport.serve, address)
+        yield bound
+        tg.cancel_scope.cancel()
+
+
+@pytest.fixture
+def transport_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="runkit.transport")
+    return caplog
+
+
+# --- calls ---------------------------------------------------------------------------
+
+
+async def test_unary_round_trip_sees_the_authenticated_peer() -> None:
+    seen: list[PeerInfo] = []
+
+    async def whoami(peer: PeerInfo, payload: bytes) -> bytes:
+        seen.append(peer)
+        return payload[::-1]
+
+    async with serving(node("node-b", B, unary={"whoami": whoami})) as address, node() as a:
+        assert await a.call(address, "whoami", b"abc") == b"cba"
+    assert seen[0].node_id == "node-a"
+    assert seen[0].fingerprint == A.fingerprint
+    assert seen[0].address.startswith("127.0.0.1:")
+
+
+async def test_concurrent_calls_share_one_connection() -> None:
+    callers: set[str] = set()
+
+    async def slow_echo(peer: PeerInfo, payload: bytes) -> bytes:
+        callers.add(peer.address)
+        await anyio.sleep(0.01 * (payload[0] % 5))
+        return payload
+
+    results: dict[int, bytes] = {}
+    async with serving(node("node-b", B, unary={"e": slow_echo})) as address, node() as a:
+
+        async def one(i: int) -> None:
+            results[i] = await a.call(address, "e", bytes([i % 256]) + str(i).encode())
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+    assert results == {i: bytes([i % 256]) + str(i).encode() for i in range(200)}
+    # Every request arrived from the same client socket: one TCP connection.
+    assert len(callers) == 1
+
+
+async def test_unknown_method_and_handler_errors_are_remote_errors(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(peer: PeerInfo, payload: bytes) -> bytes:
+        raise KeyError("no such account")
+
+    async def refusing(peer: PeerInfo, payload: bytes) -> bytes:
+        raise RemoteError("not_owner", "partition 7 moved")
+
+    handlers = {"broken": broken, "refusing": refusing, "echo": echo}
+    async with serving(node("node-b", B, unary=handlers)) as address, node() as a:
+        with pytest.raises(RemoteError) as unknown:
+            await a.call(address, "nope", b"")
+        assert unknown.value.code == "unknown_method"
+        assert "'nope'" in unknown.value.message
+        with pytest.raises(RemoteError) as failed:
+            await a.call(address, "broken", b"")
+        assert (failed.value.code, failed.value.message) == ("handler_error", "'no such account'")
+        with pytest.raises(RemoteError) as chosen:
+            await a.call(address, "refusing", b"")
+        assert (chosen.value.code, chosen.value.message) == ("not_owner", "partition 7 moved")
+        # The connection survives all of that.
+        assert await a.call(address, "echo", b"ok") == b"node-a:ok"
+    # The server logged the traceback; the caller got only the message.
+    failures = [r for r in transport_log.records if "handler 'broken' failed" in r.message]
+    assert failures
+    assert failures[0].exc_info is not None
+
+
+async def test_call_timeout_cancels_the_handler_and_keeps_the_connection() -> None:
+    cancelled = anyio.Event()
+
+    async def stuck(peer: PeerInfo, payload: bytes) -> bytes:
+        try:
+            await anyio.sleep(30)
+        finally:
+            cancelled.set()
+        return b""
+
+    b = node("node-b", B, unary={"stuck": stuck, "echo": echo})
+    async with serving(b) as address, node(call_timeout=0.3) as a:
+        with pytest.raises(CallTimeout, match=r"'stuck' to .* timed out after 0\.3 s"):
+            await a.call(address, "stuck", b"")
+        with anyio.fail_after(5):
+            await cancelled.wait()
+        assert await a.call(address, "echo", b"still here") == b"node-a:still here"
+
+
+async def test_a_cancelled_caller_does_not_break_the_shared_connection() -> None:
+    release = anyio.Event()
+
+    async def gated(peer: PeerInfo, payload: bytes) -> bytes:
+        await release.wait()
+        return payload
+
+    b = node("node-b", B, unary={"gated": gated, "echo": echo})
+    async with serving(b) as address, node() as a, anyio.create_task_group() as tg:
+        tg.start_soon(a.call, address, "echo", b"warm-up")
+        with anyio.move_on_after(0.2):
+            await a.call(address, "gated", b"abandoned")
+        release.set()  # its late answer, if any, is dropped
+        assert await a.call(address, "echo", b"after") == b"node-a:after"
+
+
+async def test_an_unreachable_peer_is_unavailable() -> None:
+    async with anyio.create_task_group() as tg:
+        address: str = await tg.start(node("node-b", B).serve, "127.0.0.1:0")
+        tg.cancel_scope.cancel()  # the port was bound, then closed again
+    async with node() as a:
+        with pytest.raises(PeerUnavailable, match="cannot connect"):
+            await a.call(address, "echo", b"")
+
+
+async def test_a_broken_connection_fails_in_flight_calls_and_reopens_on_the_next_call() -> None:
+    started = anyio.Event()
+
+    async def never(peer: PeerInfo, payload: bytes) -> bytes:
+        started.set()
+        await anyio.sleep(30)
+        return b""
+
+    b = node("node-b", B, unary={"never": never, "echo": echo})
+    async with node() as a:
+        async with anyio.create_task_group() as server:
+            address: str = await server.start(b.serve, "127.0.0.1:0")
+            assert await a.call(address, "echo", b"1") == b"node-a:1"
+
+            async def stop_server_once_busy() -> None:
+                await started.wait()
+                server.cancel_scope.cancel()
+
+            server.start_soon(stop_server_once_busy)
+            with pytest.raises(PeerUnavailable, match="connection"):
+                await a.call(address, "never", b"")
+        # The peer restarts on the same address: the next call reconnects.
+        async with anyio.create_task_group() as server:
+            await server.start(b.serve, address)
+            assert await a.call(address, "echo", b"2") == b"node-a:2"
+            server.cancel_scope.cancel()
+
+
+# --- streams -----------------------------------------------------------------------
+
+
+async def test_stream_items_arrive_in_order_and_the_server_waits_for_credit() -> None:
+    produced = 0
+
+    async def count(peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
+        nonlocal produced
+        for i in range(int(payload)):
+            produced += 1
+            yield str(i).encode()
+
+    b = node("node-b", B, streams={"count": count})
+    async with (
+        serving(b) as address,
+        node() as a,
+        a.stream(address, "count", b"500", window=8) as items,
+    ):
+        first = await anext(items)
+        await anyio.sleep(0.3)  # a slow consumer
+        # The window's worth was sent; the generator is parked on the next item.
+        assert produced <= 8 + 1
+        rest = [item async for item in items]
+    assert [first, *rest] == [str(i).encode() for i in range(500)]
+    assert produced == 500
+
+
+async def test_leaving_a_stream_early_cancels_it_on_the_server() -> None:
+    closed = anyio.Event()
+
+    async def forever(peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
+        try:
+            i = 0
+            while True:
+                yield str(i).encode()
+                i += 1
+        finally:
+            closed.set()
+
+    async with serving(node("node-b", B, streams={"forever": forever})) as address, node() as a:
+        async with a.stream(address, "forever", b"") as items:
+            got = [await anext(items) for _ in range(3)]
+        assert got == [b"0", b"1", b"2"]
+        with anyio.fail_after(5):
+            await closed.wait()
+        assert await a.call(address, "echo", b"x") == b"node-a:x"
+
+
+async def test_stream_errors_and_waits_are_bounded() -> None:
+    async def fails(peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
+        yield b"one"
+        raise ValueError("disk on fire")
+
+    async def silent(peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
+        await anyio.sleep(30)
+        yield b""
+
+    b = node("node-b", B, streams={"fails": fails, "silent": silent})
+    async with serving(b) as address, node() as a:
+        async with a.stream(address, "fails", b"") as items:
+            assert await anext(items) == b"one"
+            with pytest.raises(RemoteError, match="handler_error: disk on fire"):
+                await anext(items)
+        with pytest.raises(CallTimeout):
+            async with a.stream(address, "silent", b"", timeout=0.2) as items:
+                await anext(items)
+        with pytest.raises(RemoteError, match="unknown_method"):
+            async with a.stream(address, "echo", b"") as items:  # echo is unary only
+                await anext(items)
+
+
+# --- keepalive ---------------------------------------------------------------------
+
+
+async def test_keepalive_closes_a_connection_to_a_silent_peer() -> None:
+    """A peer that completes the handshake and then never reads or answers."""
+    stop = anyio.Event()
+
+    async def mute(tcp: anyio.abc.SocketStream) -> None:
+        stream = await TLSStream.wrap(
+            tcp, server_side=True, ssl_context=server_context(B), standard_compatible=False
+        )
+        await stream.receive()  # Hello
+        await stream.send(encode_frame(HelloOk(node_id="node-b")))
+        await stop.wait()
+        await stream.aclose()
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, mute)
+            async with node(keepalive_interval=0.2) as a:
+                started = anyio.current_time()
+                with pytest.raises(PeerUnavailable, match="keepalive"):
+                    await a.call(f"127.0.0.1:{port}", "echo", b"", timeout=10)
+                assert anyio.current_time() - started < 3
+            stop.set()
+            tg.cancel_scope.cancel()
+
+
+# --- refusals ----------------------------------------------------------------------
+
+
+async def raw_session(address: str, identity: TlsIdentity, hello: Hello | None = None) -> TLSStream:
+    """A hand-written client: TLS, then the fingerprint-mode Hello (proof included)."""
+    host, port = address.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    stream = await anyio.connect_tcp(
+        host, int(port), ssl_context=ctx, tls_standard_compatible=False
+    )
+    if hello is None:
+        server_der = stream.extra(TLSAttribute.peer_certificate_binary)
+        assert server_der is not None
+        server_fp = certificate_fingerprint(server_der)
+        binding = stream.extra(TLSAttribute.channel_binding_tls_unique)
+        der = ssl.PEM_cert_to_DER_cert(identity.cert_pem.decode())
+        proof = sign_proof(identity, binding, server_fp)
+        hello = Hello(version=1, node_id="raw", cert=der, proof=proof)
+    await stream.send(encode_frame(hello))
+    return stream
+
+
+async def read_frames_until_closed(stream: anyio.abc.ByteStream) -> list[Frame]:
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    with anyio.fail_after(5):
+        try:
+            while True:
+                frames += decoder.feed(await stream.receive())
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError):
+            pass
+    await stream.aclose()
+    return frames
+
+
+async def test_the_hand_written_client_is_accepted() -> None:
+    """The refusal tests below are meaningful: the same client, done right, works."""
+    async with serving(node("node-b", B)) as address:
+        stream = await raw_session(address, A)
+        await stream.send(encode_frame(Request(id=1, method="echo", payload=b"hi")))
+        await stream.send(encode_frame(Ping()))
+        decoder = FrameDecoder()
+        frames: list[Frame] = []
+        with anyio.fail_after(5):
+            while len(frames) < 3:
+                frames += decoder.feed(await stream.receive())
+        await stream.aclose()
+    assert frames[0] == HelloOk(node_id="node-b")
+    assert Response(id=1, payload=b"raw:hi") in frames[1:]
+
+
+async def test_plain_tcp_is_dropped_and_others_are_still_served(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(node("node-b", B)) as address, node() as a:
+        host, port = address.rsplit(":", 1)
+        async with await anyio.connect_tcp(host, int(port)) as plain:
+            await plain.send(b"GET / HTTP/1.0\r\n\r\n")
+            assert await read_frames_until_closed(plain) == []
+        assert await a.call(address, "echo", b"ok") == b"node-a:ok"
+    assert any("TLS handshake failed" in r.message for r in transport_log.records)
+
+
+async def test_a_client_without_a_certificate_is_refused(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(node("node-b", B)) as address:
+        stream = await raw_session(address, A, Hello(version=1, node_id="anonymous"))
+        assert await read_frames_until_closed(stream) == [Goodbye(reason="no client certificate")]
+    assert any("'anonymous'): no client certificate" in r.message for r in transport_log.records)
+
+
+@pytest.mark.parametrize(
+    "signer", [STRANGER, A], ids=["another-key", "replayed-from-another-session"]
+)
+async def test_a_certificate_proof_must_be_made_for_this_session(signer: TlsIdentity) -> None:
+    async with serving(node("node-b", B)) as address:
+        # A's certificate, with a proof over a channel binding this session does not have.
+        stolen = await raw_session(
+            address,
+            A,
+            Hello(
+                version=1,
+                node_id="node-a",
+                cert=ssl.PEM_cert_to_DER_cert(A.cert_pem.decode()),
+                proof=sign_proof(signer, b"x" * 48, B.fingerprint),
+            ),
+        )
+        assert await read_frames_until_closed(stolen) == [
+            Goodbye(reason="invalid certificate proof")
+        ]
+
+
+async def test_a_client_with_an_unknown_certificate_is_refused(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(node("node-b", B)) as address:
+        async with node("stranger", STRANGER, authenticate=lambda fp: True) as stranger:
+            with pytest.raises(PeerUnavailable, match="refused by the peer: unknown certificate"):
+                await stranger.call(address, "echo", b"")
+        async with node() as a:  # a member still gets in
+            assert await a.call(address, "echo", b"ok") == b"node-a:ok"
+    refusals = [r.message for r in transport_log.records if "unknown certificate" in r.message]
+    assert any(STRANGER.fingerprint in m for m in refusals)
+
+
+async def test_a_server_with_an_unknown_certificate_is_refused_by_the_client() -> None:
+    called = False
+
+    async def spy(peer: PeerInfo, payload: bytes) -> bytes:
+        nonlocal called
+        called = True
+        return b""
+
+    impostor = node("node-b", STRANGER, authenticate=lambda fp: True, unary={"spy": spy})
+    async with serving(impostor) as address, node() as a:
+        with pytest.raises(PeerUnavailable, match=f"unknown certificate {STRANGER.fingerprint}"):
+            await a.call(address, "spy", b"secret")
+    assert not called
+
+
+async def test_an_expected_fingerprint_is_enforced() -> None:
+    async with serving(node("node-b", B)) as address, node() as a:
+        assert await a.call(address, "echo", b"", expect_fingerprint=B.fingerprint) == b"node-a:"
+        with pytest.raises(PeerUnavailable, match="not the expected"):
+            await a.call(address, "echo", b"", expect_fingerprint=A.fingerprint)
+
+
+async def test_an_async_authenticator_is_awaited() -> None:
+    asked: list[str] = []
+
+    async def authenticate(fingerprint: str) -> bool:
+        asked.append(fingerprint)
+        await anyio.lowlevel.checkpoint()
+        return fingerprint in CLUSTER
+
+    b = node("node-b", B, authenticate=authenticate)  # type: ignore[arg-type]
+    async with serving(b) as address, node() as a:
+        assert await a.call(address, "echo", b"") == b"node-a:"
+    assert asked == [A.fingerprint]
+
+
+async def test_a_protocol_version_mismatch_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serving(node("node-b", B)) as address, node() as a:
+        monkeypatch.setattr(client_module, "PROTOCOL_VERSION", 2)
+        with pytest.raises(
+            PeerUnavailable, match="unsupported protocol version 2; this node speaks 1"
+        ):
+            await a.call(address, "echo", b"")
+
+
+@pytest.mark.parametrize(
+    ("garbage", "reason"),
+    [
+        (struct.pack(">I", 0xFFFFFF), "frame length 16777215 is outside"),
+        (struct.pack(">I", 3) + b"\x93\x63\x00", "malformed frame"),
+        (encode_frame(Response(id=1, payload=b"")), "unexpected Response frame from a client"),
+    ],
+    ids=["oversized", "unknown-kind", "wrong-direction"],
+)
+async def test_bad_frames_close_only_that_connection(
+    garbage: bytes, reason: str, transport_log: pytest.LogCaptureFixture
+) -> None:
+    b = node("node-b", B, max_frame_size=64 * 1024)
+    async with serving(b) as address, node() as a:
+        assert await a.call(address, "echo", b"before") == b"node-a:before"
+        bad = await raw_session(address, A)
+        await bad.send(garbage)
+        frames = await read_frames_until_closed(bad)
+        assert frames[0] == HelloOk(node_id="node-b")
+        assert isinstance(frames[-1], Goodbye)
+        assert reason in frames[-1].reason
+        assert await a.call(address, "echo", b"after") == b"node-a:after"
+    closes = [r for r in transport_log.records if "closed connection from" in r.message]
+    assert any(reason in r.message and r.levelno == logging.WARNING for r in closes)
+
+
+async def test_an_oversized_request_fails_locally_and_an_oversized_answer_remotely() -> None:
+    async def big(peer: PeerInfo, payload: bytes) -> bytes:
+        return b"x" * 2000
+
+    async with serving(node("node-b", B, unary={"big": big})) as address:
+        async with node(max_frame_size=1024) as a:
+            with pytest.raises(Exception, match="exceeds the 1024-byte frame size limit"):
+                await a.call(address, "echo", b"y" * 2000)
+        async with node() as a:
+            b_small = node("node-c", B, unary={"big": big}, max_frame_size=1024)
+            async with serving(b_small) as small:
+                with pytest.raises(RemoteError, match="response_too_large"):
+                    await a.call(small, "big", b"")
+            assert await a.call(address, "big", b"") == b"x" * 2000
+
+
+# --- operator CA -------------------------------------------------------------------
+
+
+def issue(
+    tmp: Path, name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
+) -> tuple[Path, Path]:
+    """Write a P-256 key and a certificate for *name* (a CA when *issuer* is None)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if issuer is None:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    cert_file, key_file = tmp / f"{name}.pem", tmp / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture(scope="module")
+def ca_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("pki")
+    ca_cert, ca_key = issue(tmp, "cluster-ca", None)
+    ca = (
+        x509.load_pem_x509_certificate(ca_cert.read_bytes()),
+        serialization.load_pem_private_key(ca_key.read_bytes(), None),
+    )
+    assert isinstance(ca[1], ec.EllipticCurvePrivateKey)
+    files = {"ca": ca_cert}
+    for name in ("one", "two"):
+        files[name], files[f"{name}-key"] = issue(tmp, name, (ca[0], ca[1]))
+    files["rogue"], files["rogue-key"] = issue(tmp, "rogue", None)  # self-signed
+    return files
+
+
+async def test_operator_ca_certificates_are_accepted_and_self_signed_ones_refused(
+    ca_files: dict[str, Path],
+) -> None:
+    def load(name: str) -> TlsIdentity:
+        return TlsIdentity.load(ca_files[name], ca_files[f"{name}-key"], ca_files["ca"])
+
+    # The CA decides: the authenticator is not consulted in CA mode.
+    def nobody(fingerprint: str) -> bool:
+        return False
+
+    one, two, rogue = load("one"), load("two"), load("rogue")
+    async with serving(node("one", one, authenticate=nobody)) as address:
+        async with node("two", two, authenticate=nobody) as client:
+            assert await client.call(address, "echo", b"signed") == b"two:signed"
+        async with node("rogue", rogue, authenticate=nobody) as client:
+            with pytest.raises(PeerUnavailable, match="handshake"):
+                await client.call(address, "echo", b"")
+        async with node("a", A) as client:  # fingerprint mode cannot verify the CA chain
+            with pytest.raises(PeerUnavailable):
+                await client.call(address, "echo", b"")
+    async with serving(node("rogue", rogue)) as address, node("two", two) as client:
+        with pytest.raises(PeerUnavailable, match="certificate verify failed"):
+            await client.call(address, "echo", b"")
+
+
+# --- identities --------------------------------------------------------------------
+
+
+def test_a_self_signed_identity_names_the_node_and_has_a_fingerprint() -> None:
+    cert = x509.load_pem_x509_certificate(A.cert_pem)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "node-a"
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:runkit:node:node-a"]
+    der = cert.public_bytes(serialization.Encoding.DER)
+    assert A.fingerprint == certificate_fingerprint(der)
+    assert len(A.fingerprint) == 64
+    assert A.fingerprint == A.fingerprint.lower()
+    assert A.fingerprint != B.fingerprint
+    assert "key_pem" not in repr(A)
+    assert 360 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 366
+
+
+def test_loading_an_identity_reports_every_problem(
+    tmp_path: Path, ca_files: dict[str, Path]
+) -> None:
+    loaded = TlsIdentity.load(ca_files["one"], ca_files["one-key"])
+    assert loaded.ca_pem is None
+    assert loaded.fingerprint == certificate_fingerprint(
+        ssl.PEM_cert_to_DER_cert(ca_files["one"].read_text())
+    )
+    with pytest.raises(ConfigurationError) as missing:
+        TlsIdentity.load(tmp_path / "nope.pem", tmp_path / "nope.key", tmp_path)
+    assert f"TLS certificate file {tmp_path / 'nope.pem'} does not exist" in str(missing.value)
+    assert "private key file" in str(missing.value)
+    assert "is a directory" in str(missing.value)
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello")
+    with pytest.raises(ConfigurationError, match="is not a PEM certificate") as bad:
+        TlsIdentity.load(junk, junk)
+    assert "is not a PEM private key" in str(bad.value)
+
+    with pytest.raises(ConfigurationError, match="does not match the certificate"):
+        TlsIdentity.load(ca_files["one"], ca_files["two-key"])
+
+
+# --- layering ----------------------------------------------------------------------
+
+
+def test_the_transport_imports_nothing_from_the_engine() -> None:
+    package = Path(__file__).resolve().parents[1] / "src" / "runkit" / "transport"
+    allowed = ("runkit._errors", "runkit.persistence", "runkit.transport")
+    found: list[str] = []
+    for path in sorted(package.glob("*.py")):
+        for stmt in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(stmt, ast.Import):
+                names = [alias.name for alias in stmt.names]
+            elif isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and stmt.module:
+                names = [stmt.module]
+            found += [
+                f"{path.name}: {n}"
+                for n in names
+                if n.split(".")[0] == "runkit" and not n.startswith(allowed)
+            ]
+    assert not found, found
