@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import nox
 
@@ -43,12 +44,14 @@ PACKAGES = [
 ]
 
 
-def _install(session: nox.Session) -> None:
+def _install(session: nox.Session, *groups: str) -> None:
+    """Install the locked workspace, plus the named dependency groups."""
     session.run_install(
         "uv",
         "sync",
         "--all-packages",
         "--locked",
+        *(f"--group={group}" for group in groups),
         f"--python={session.virtualenv.location}",
         env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
         silent=True,
@@ -90,11 +93,28 @@ def tests(session: nox.Session, backend: str) -> None:
     )
 
 
+@nox.session(python="3.11")
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs.yml), built with --strict: a warning fails it."""
+    _install(session, "docs")
+    with tempfile.TemporaryDirectory(prefix="runkit-site-") as site:
+        session.run(
+            "mkdocs",
+            "build",
+            "--strict",
+            "--site-dir",
+            site,
+            *session.posargs,
+            env={"NO_MKDOCS_2_WARNING": "1"},  # material's banner about MkDocs 2.0
+        )
+
+
 # What `nox` runs with no arguments, and what CI runs: everything on 3.11, and
 # the memory backend (the engine and domain tests) on 3.12 and 3.13.
 nox.options.sessions = [
     "lint",
     "typecheck",
+    "docs",
     *(f"tests-3.11(backend='{b}')" for b in BACKENDS),
     "tests-3.12(backend='memory')",
     "tests-3.13(backend='memory')",

@@ -114,7 +114,7 @@ async def bench_raw(calls: int) -> list[tuple[str, dict[str, float]]]:
 
     rows = []
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, serve_one)
         stream = await anyio.connect_tcp("127.0.0.1", port)
@@ -132,10 +132,12 @@ async def bench_raw(calls: int) -> list[tuple[str, dict[str, float]]]:
                     event.set()
 
         async def call(payload: bytes) -> bytes:
-            request_id, event, slot = next(ids), anyio.Event(), []
+            request_id, event = next(ids), anyio.Event()
+            slot: list[bytes] = []
             waiting[request_id] = (event, slot)
+            frame = encode_frame(Request(id=request_id, method="echo", payload=payload))
             async with lock:
-                await stream.send(encode_frame(Request(id=request_id, method="echo", payload=payload)))
+                await stream.send(frame)
             await event.wait()
             return slot[0]
 

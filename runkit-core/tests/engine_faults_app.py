@@ -749,7 +749,14 @@ def check_safety(s: Stores) -> None:
                 assert env.message_id not in seen_events, f"event {env.message_id} published twice"
                 seen_events.add(env.message_id)
             for cid in r.command_ids:
-                assert cid not in published, f"command {cid} published twice"
+                assert cid not in published, (
+                    f"command {cid} published twice (streams {published[cid]} and {p}): "
+                    + ", ".join(
+                        f"{env.description} from {env.source_handler}/{env.source_instance}"
+                        for env in r.events
+                        if env.causation_id == cid
+                    )
+                )
                 published[cid] = p
             causes = [env.causation_id for env in r.events]
             # A record commits the commands it lists (some recorded no events).
@@ -903,8 +910,7 @@ def check_complete(s: Stores, acknowledged: Iterable[str]) -> None:
     points_for = {
         env.message_id
         for _, _, env in s.events()
-        if str(uuid.uuid5(uuid.UUID(env.message_id), f"{LOYALTY_KEY}/command/0"))
-        in points_commands
+        if str(uuid.uuid5(uuid.UUID(env.message_id), f"{LOYALTY_KEY}/command/0")) in points_commands
     }
     statements = {
         (e.account, e.n)

@@ -545,3 +545,19 @@ def test_drivers_with_none_installed_is_a_configuration_error(
         for name, plugin in removed.items():
             pm.register(plugin, name=name)
     assert "memory" in installed_schemes()
+
+
+def test_usage_problem_unwraps_task_group_errors() -> None:
+    from runkit import ConfigurationError
+    from runkit.cli import usage_problem
+    from runkit.engine.inbox import EngineStopped
+    from runkit.engine.membership import NodeIdInUse
+
+    in_use = NodeIdInUse(uuid.uuid4(), "process p wrote its heartbeat record")
+    nested = ExceptionGroup("outer", [ExceptionGroup("inner", [in_use]), EngineStopped("stopped")])
+    assert usage_problem(nested) == str(in_use)
+    assert usage_problem(ConfigurationError("bad", ["x"])) == "bad\n  - x"
+    # Anything else, or two errors at once, is not a usage error: it keeps its traceback.
+    assert usage_problem(ExceptionGroup("g", [RuntimeError("bug")])) is None
+    assert usage_problem(ExceptionGroup("g", [in_use, RuntimeError("bug")])) is None
+    assert usage_problem(ValueError("a bug, not configuration")) is None

@@ -81,6 +81,9 @@ class DidThing(dogma.Event):
 class Root:
     steps: list[int] = attrs.field(factory=list)
 
+    def process_instance_description(self, ended: bool) -> str:
+        return f"steps {self.steps}"
+
     def marshal_binary(self) -> bytes:
         return json.dumps(self.steps).encode()
 

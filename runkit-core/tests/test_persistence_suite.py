@@ -6,13 +6,23 @@ the correct driver.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import ClassVar, TypeVar
 
+import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
 import runkit.testing
 import runkit.testing.faults
-from runkit.persistence import Conflict, Interval, Journal, Keyspace, Provider
+from runkit.persistence import (
+    Conflict,
+    Interval,
+    Journal,
+    Keyspace,
+    PersistenceError,
+    Provider,
+    RecordNotFound,
+)
 from runkit.testing import ConformanceSuite, JournalSuite, KeyspaceSuite, ProviderSuite
 from runkit.testing.faults import FaultyProvider
 from runkit.testing.faults import _FaultyJournal as _WrappedJournal
@@ -22,6 +32,7 @@ from runkit.testing.faults import _FaultyKeyspaceStore as _WrappedKeyspaceStore
 from runkit_memory import MemoryProvider
 
 SuiteFailed = (AssertionError, pytest.fail.Exception)
+T = TypeVar("T")
 
 
 class AbaKeyspace(_WrappedKeyspace):
@@ -60,6 +71,74 @@ class LateCheckingJournal(_WrappedJournal):
     async def append(self, position: int, record: bytes) -> None:
         await checkpoint()  # stands in for a request
         await self._inner.append(position, record)
+
+
+class _PagingJournal(_WrappedJournal):
+    """A ``range`` that reads pages of four records, re-reading the bounds per page."""
+
+    def _overtaken(self, position: int, begin: int) -> int | None:
+        """Where to carry on from once a truncation passed *position* (``None``: stop)."""
+        raise RecordNotFound(self.name, position)  # what the contract says
+
+    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+        first = True
+        while True:
+            bounds = await self._inner.bounds()
+            if first and not bounds.begin <= position < bounds.end:
+                raise RecordNotFound(self.name, position)
+            first = False
+            if position < bounds.begin:
+                carry_on = self._overtaken(position, bounds.begin)
+                if carry_on is None:
+                    return
+                position = carry_on
+            if position >= bounds.end:
+                return
+            page = [
+                (p, await self._inner.get(p))
+                for p in range(position, min(position + 4, bounds.end))
+            ]
+            for item in page:
+                yield item
+            position = page[-1][0] + 1
+
+
+class SkippingJournal(_PagingJournal):
+    """When a truncation overtakes its ``range``, carries on from the new begin (a gap)."""
+
+    def _overtaken(self, position: int, begin: int) -> int | None:
+        return begin
+
+
+class QuietlyEndingJournal(_PagingJournal):
+    """When a truncation overtakes its ``range``, stops as if it had reached the end."""
+
+    def _overtaken(self, position: int, begin: int) -> int | None:
+        return None
+
+
+class CancelPoisonedJournal(_WrappedJournal):
+    """Marks its "connection" busy around each call and leaves it so when cancelled."""
+
+    busy = False
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self.busy:
+            raise PersistenceError("journal: connection is busy with an abandoned request")
+        self.busy = True
+        await anyio.sleep(0.001)  # stands in for a request; no try/finally: the bug
+        result = await call()
+        self.busy = False
+        return result
+
+    async def bounds(self) -> Interval:
+        return await self._call(self._inner.bounds)
+
+    async def get(self, position: int) -> bytes:
+        return await self._call(lambda: self._inner.get(position))
+
+    async def append(self, position: int, record: bytes) -> None:
+        await self._call(lambda: self._inner.append(position, record))
 
 
 class BrokenProvider(FaultyProvider):
@@ -133,6 +212,48 @@ async def test_journal_suite_catches_acknowledged_appends_that_are_invisible(
                 broken, stale, "stale", other
             )
         )
+
+
+class _SmallJournalSuite(JournalSuite):
+    # The planted bugs page by four records; the memory driver by 64.
+    range_overtaking_records: ClassVar[int] = 70
+
+
+@pytest.mark.parametrize("bug", [SkippingJournal, QuietlyEndingJournal])
+async def test_journal_suite_catches_range_that_ignores_an_overtaking_truncation(
+    memory: Provider, bug: type[_WrappedJournal]
+) -> None:
+    suite = _SmallJournalSuite()
+    test = suite.test_journal_range_overtaken_by_truncation_raises_record_not_found
+    async with await memory.journals.open("good") as good:
+        await test(good)
+    broken = BrokenProvider(memory, journal=bug)
+    async with await broken.journals.open("overtaken") as overtaken:
+        message = await _fails(lambda: test(overtaken))
+    expected = "range skipped from 4 to 68" if bug is SkippingJournal else "DID NOT RAISE"
+    assert expected in message
+
+
+@pytest.mark.parametrize("when", ["before", "in-flight"])
+async def test_journal_suite_catches_handles_poisoned_by_cancellation(
+    memory: Provider, when: str
+) -> None:
+    suite = JournalSuite()
+    async with await memory.journals.open("good") as good:
+        await suite.test_journal_cancelled_append_lands_whole_or_not_at_all(
+            memory, good, "good", when
+        )
+    async with await memory.journals.open("good-reads") as good:
+        await suite.test_journal_cancelled_reads_leave_handle_usable(good, when)
+    broken = BrokenProvider(memory, journal=CancelPoisonedJournal)
+    async with await broken.journals.open("poisoned") as poisoned:
+        with pytest.raises(PersistenceError, match="busy with an abandoned request"):
+            await suite.test_journal_cancelled_append_lands_whole_or_not_at_all(
+                broken, poisoned, "poisoned", when
+            )
+    async with await broken.journals.open("poisoned-reads") as poisoned:
+        with pytest.raises(PersistenceError, match="busy with an abandoned request"):
+            await suite.test_journal_cancelled_reads_leave_handle_usable(poisoned, when)
 
 
 async def test_provider_suite_catches_input_checks_after_io(memory: Provider) -> None:

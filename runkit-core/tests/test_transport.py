@@ -34,6 +34,7 @@ from runkit.transport import (
     PeerUnavailable,
     RemoteError,
     TlsIdentity,
+    TransportError,
     certificate_fingerprint,
 )
 from runkit.transport import _client as client_module
@@ -232,6 +233,54 @@ async def test_a_broken_connection_fails_in_flight_calls_and_reopens_on_the_next
             await server.start(b.serve, address)
             assert await a.call(address, "echo", b"2") == b"node-a:2"
             server.cancel_scope.cancel()
+
+
+async def test_requests_beyond_the_per_connection_bound_are_overloaded() -> None:
+    release = anyio.Event()
+
+    async def gated(peer: PeerInfo, payload: bytes) -> bytes:
+        await release.wait()
+        return payload
+
+    b = node("node-b", B, unary={"gated": gated}, max_concurrent_requests=2)
+    outcomes: list[bytes | str] = []
+    async with serving(b) as address, node() as a:
+
+        async def one(i: int) -> None:
+            try:
+                outcomes.append(await a.call(address, "gated", str(i).encode()))
+            except RemoteError as exc:
+                outcomes.append(exc.code)
+                release.set()  # the refusal came first; let the two admitted finish
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(one, i)
+    assert sorted(map(str, outcomes))[-1] == "overloaded"
+    assert len([o for o in outcomes if isinstance(o, bytes)]) == 2
+
+
+async def test_a_connection_that_never_handshakes_is_dropped(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(node("node-b", B, handshake_timeout=0.3)) as address:
+        host, port = address.rsplit(":", 1)
+        async with await anyio.connect_tcp(host, int(port)) as idle:
+            assert await read_frames_until_closed(idle) == []
+    assert any("no handshake within 0.3 s" in r.message for r in transport_log.records)
+
+
+async def test_a_busy_listen_address_is_a_clear_error() -> None:
+    async with serving(node("node-b", B)) as address:
+        with pytest.raises(TransportError, match=f"cannot listen on {address}: "):
+            await node().serve(address)
+        with pytest.raises(ValueError, match="expected host:port"):
+            await node().serve("no-port")
+
+
+async def test_calling_outside_async_with_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="async with"):
+        await node().call("127.0.0.1:1", "echo", b"")
 
 
 # --- streams -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from runkit.cli import main
+from runkit.engine.startup import wait_for_store
 from runkit.persistence import PersistenceError, StoreUnavailable
 from runkit_postgres import PostgresProvider
 from runkit_postgres._connecting import _WARNINGS
@@ -188,3 +189,39 @@ def test_runkit_nodes_against_a_server_that_is_down_exits_1_with_the_reason(
     assert "is unreachable" in err
     assert "Connection refused" in err
     assert "Traceback" not in err
+
+
+async def test_engine_start_up_waits_out_a_dead_server_then_gives_up(
+    postgres_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One log line per attempt, then an error saying how long it tried and why."""
+    dsn = psycopg.conninfo.make_conninfo(postgres_dsn, host="127.0.0.1", port=str(_free_port()))
+    provider = PostgresProvider(dsn, schema=unique_schema())
+    caplog.set_level(logging.INFO, logger="runkit.engine.startup")
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await wait_for_store(provider, timeout=2.5)
+    finally:
+        await provider.close()
+
+    assert caught.value.retryable
+    assert str(caught.value).startswith("the store is still unreachable after 2.5 s (")
+    assert "Connection refused" in str(caught.value)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines, "every retry is logged"
+    assert all(line.startswith("store unreachable (") for line in lines), lines
+    assert all("; retrying in " in line and ", giving up in " in line for line in lines)
+
+
+async def test_engine_start_up_fails_at_once_on_a_wrong_password(
+    password_server: PostgresServer,
+) -> None:
+    dsn = f"host=127.0.0.1 port={password_server.port} user=app password={WRONG} dbname=postgres"
+    provider = PostgresProvider(dsn, schema=unique_schema())
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match="password authentication failed"):
+            await wait_for_store(provider, timeout=60)
+    finally:
+        await provider.close()
+    assert time.monotonic() - started < 5

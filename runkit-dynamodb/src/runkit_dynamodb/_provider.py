@@ -50,6 +50,7 @@ from runkit.persistence import (
     RecordNotFound,
     Set,
     SetStore,
+    StoreUnavailable,
     check_position,
 )
 
@@ -149,6 +150,12 @@ async def _gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
     return results
 
 
+# Refused by a read-only provider.
+_WRITE_OPERATIONS = frozenset(
+    {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
+)
+
+
 class DynamoDBProvider(Provider):
     """A provider that stores journals, keyspaces and sets in Amazon DynamoDB.
 
@@ -173,10 +180,11 @@ class DynamoDBProvider(Provider):
         page_size: Items per ``Query`` page when ranging.
 
     Tables are created (pay-per-request) by ``provision()``, or on first use of
-    a missing table. Reads are strongly consistent. Throttling is retried by
-    botocore; a conditional write whose outcome is unknown (timeout or 5xx
-    after sending) is never retried and raises ``PersistenceError`` with
-    ``ambiguous=True``. Constructing a provider does no I/O.
+    a missing table; after ``set_read_only()`` a missing table raises
+    ``StoreUnavailable`` instead, and writes are refused. Reads are strongly
+    consistent. Throttling is retried by botocore; a conditional write whose
+    outcome is unknown (timeout or 5xx after sending) is never retried and
+    raises ``PersistenceError`` with ``ambiguous=True``. Constructing a provider does no I/O.
     """
 
     def __init__(
@@ -331,6 +339,8 @@ class DynamoDBProvider(Provider):
         A conditional-check failure raises ``_ConditionFailed``; a missing table
         is provisioned and the call made once more (it cannot have taken effect).
         """
+        if self.read_only and operation in _WRITE_OPERATIONS:
+            raise PersistenceError(f"{what}: {operation}: the provider is read-only")
         for attempt in range(2):
             self._check_open()
             generation = self._provisioned[kind]
@@ -372,6 +382,12 @@ class DynamoDBProvider(Provider):
         except botocore.exceptions.ClientError as exc:
             if error_code(exc) != "ResourceNotFoundException":
                 raise
+            if self.read_only:
+                raise StoreUnavailable(
+                    f"table {name!r} does not exist (region {client.meta.region_name!r}); "
+                    "check the table prefix of the persistence URL (read-only commands "
+                    "never create it)"
+                ) from None
         else:
             keys = {(k["AttributeName"], k["KeyType"]) for k in table.get("KeySchema", [])}
             types = {

@@ -136,8 +136,15 @@ class Executor:
         with self._pool_lock:
             if self._closed:
                 raise PoolClosed("the provider is closed")
+            if self._pool is not None:
+                return self._pool
+        # Not under the lock: close() takes it on the event loop, and must not
+        # wait for a connection attempt. Racing first calls may probe twice.
+        probe(self._conninfo)
+        with self._pool_lock:
+            if self._closed:
+                raise PoolClosed("the provider is closed")
             if self._pool is None:
-                probe(self._conninfo)
                 pool: ConnectionPool[Connection[tuple[object, ...]]] = ConnectionPool(
                     self._conninfo,
                     kwargs={"autocommit": True, "fallback_application_name": "runkit"},

@@ -176,7 +176,9 @@ class PartitionCommands:
         self._materialiser = materialiser
         self._clock: Callable[[], datetime] = settings.clock
         self._completed = _Completed(COMPLETED_CACHE, tail.published)
+        self._unmarked = tail.unmarked
         self._read_end = tail.inbox_position
+        self._inbox_seen = 0  # past our own spilled commands (see _append_spilled)
         self._outstanding: dict[int, int] = {}
         self._inbox_pending = 0
         self._backlog = 0
@@ -259,6 +261,8 @@ class PartitionCommands:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await self._catch_up()
+                if self._unmarked:
+                    tg.start_soon(self.mark_unmarked, sorted(self._unmarked))
                 task_status.started()
                 while True:
                     behind = self._paused
@@ -515,7 +519,7 @@ class PartitionCommands:
                 events = await execute_integration(
                     handler, entry, site_key=self._settings.site_key, clock=self._clock
                 )
-                publication = self._publish(item, events, None)
+                publication = self._publish(item, events, None, pinned=entry.keyed)
                 if entry.keyed and publication is not None:
                     await self._mark_after(publication)
                 return
@@ -562,6 +566,14 @@ class PartitionCommands:
         if publication.error is not None:
             return
         location = (publication.offset, len(publication.events)) if publication.events else None
+        await self._mark(publication.command_id, location)
+
+    async def mark_unmarked(self, command_ids: Sequence[str]) -> None:
+        """Write the markers a previous owner may not have written (takeover)."""
+        for command_id in command_ids:
+            await self._mark(command_id, self._completed.location(command_id))
+
+    async def _mark(self, command_id: str, location: _Location) -> None:
         marker = IdempotencyMarker(
             completed_at=self._clock(),
             partition=self._index,
@@ -572,8 +584,9 @@ class PartitionCommands:
         while True:
             try:
                 await self._idempotency.set_unconditional(
-                    publication.command_id.encode(), marker_encoder.encode(marker)
+                    command_id.encode(), marker_encoder.encode(marker)
                 )
+                self._writer.unpin(command_id)
                 return
             except PersistenceError as exc:
                 failures += 1
@@ -583,7 +596,12 @@ class PartitionCommands:
     # -- commit and completion ----------------------------------------------------
 
     def _publish(
-        self, item: _Item, events: tuple[Envelope, ...], record: Committed | None
+        self,
+        item: _Item,
+        events: tuple[Envelope, ...],
+        record: Committed | None,
+        *,
+        pinned: bool = False,
     ) -> Publication | None:
         """Queue a handled command on the writer; it completes once durable."""
         waiting = self._publishing.get(item.command_id)
@@ -592,7 +610,7 @@ class PartitionCommands:
             return None
         self._publishing[item.command_id] = [item]
         return self._writer.enqueue(
-            item.command_id, events, functools.partial(self._durable, record)
+            item.command_id, events, functools.partial(self._durable, record), pinned=pinned
         )
 
     def _durable(self, record: Committed | None, publication: Publication) -> None:
@@ -662,11 +680,16 @@ class PartitionCommands:
 
     async def _append_spilled(self, item: _Item) -> None:
         try:
-            await self._inbox_writer.submit([item.entry])
+            position = await self._inbox_writer.submit([item.entry])
         except Exception as exc:
             self._spilled.pop(item.command_id, None)
             self._settle(item, exc)
             return
+        # Every later stream record must say the inbox was read past it, so
+        # that a new owner's takeover scan sees the command's commit (if it
+        # is committed here) and does not handle it again (ADR 0002).
+        self._inbox_seen = max(self._inbox_seen, position + 1)
+        self._advance()
         self._settle(item, None)
 
     def _done(self, position: int) -> None:
@@ -682,7 +705,7 @@ class PartitionCommands:
                 break
             del self._outstanding[first]
         processed = next(iter(self._outstanding)) if self._outstanding else self._read_end
-        self._writer.set_progress(processed, self._read_end)
+        self._writer.set_progress(processed, max(self._read_end, self._inbox_seen))
 
     async def _poison(self, item: _Item, reason: str, attempts: int) -> None:
         record = PoisonRecord(

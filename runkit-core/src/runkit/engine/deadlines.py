@@ -14,10 +14,10 @@ deadlines appended by another node or a jump of an injected clock.
 Exactly-once is not the journal's job: the instance record lists the IDs of
 its pending deadlines, a deadline fires only while its ID is pending (the
 commit that handles it removes it), and ending the instance clears the list.
-So a deadline appended twice (a crash between the append and clearing the
-outbox) or fired twice (a crash before truncation) is handled once, and a
-cancelled one is skipped. Once every deadline of a journal record has fired or
-been skipped, the journal is truncated past it.
+So a deadline appended twice (an outbox dispatched again when its record is
+reloaded, ADR 0006) or fired twice (a crash before truncation) is handled
+once, and a cancelled one is skipped. Once every deadline of a journal record
+has fired or been skipped, the journal is truncated past it.
 """
 
 from __future__ import annotations

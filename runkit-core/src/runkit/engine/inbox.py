@@ -155,6 +155,7 @@ class _Waiter:
     size: int
     done: anyio.Event = attrs.field(factory=anyio.Event)
     error: BaseException | None = None
+    position: int = -1
 
 
 class InboxWriter:
@@ -186,8 +187,8 @@ class InboxWriter:
         self._end: int | None = None
         self.records_written = 0
 
-    async def submit(self, entries: Sequence[InboxEntry]) -> None:
-        """Make *entries* durable in this inbox (one record, or several if too large)."""
+    async def submit(self, entries: Sequence[InboxEntry]) -> int:
+        """Make *entries* durable in this inbox; return the position of their record."""
         size = sum(len(e.envelope.data) + 512 for e in entries)
         waiter = _Waiter(entries, size)
         self._queue.append(waiter)
@@ -197,6 +198,7 @@ class InboxWriter:
             # A caller cancelled along with the engine sees its cancellation.
             await anyio.lowlevel.checkpoint_if_cancelled()
             raise waiter.error
+        return waiter.position
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Append submitted commands until cancelled."""
@@ -245,4 +247,6 @@ class InboxWriter:
         if self.listener is not None:
             self.listener(position, InboxRecord(batch_id="", entries=tuple(entries)))
         for _ in batch:
-            self._queue.popleft().done.set()
+            done = self._queue.popleft()
+            done.position = position
+            done.done.set()

@@ -135,6 +135,7 @@ class InstanceCache:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self._capacity = capacity
         self._entries: OrderedDict[str, CachedInstance] = OrderedDict()
+        self._dirty: set[str] = set()
         self._locks: dict[str, tuple[anyio.Lock, int]] = {}
 
     def __len__(self) -> int:
@@ -172,6 +173,10 @@ class InstanceCache:
         """Cache *entry*, evicting the least recently used clean entries over capacity."""
         self._entries[instance_id] = entry
         self._entries.move_to_end(instance_id)
+        if entry.dirty:
+            self._dirty.add(instance_id)
+        else:
+            self._dirty.discard(instance_id)
         excess = len(self._entries) - self._capacity
         if excess <= 0:
             return
@@ -189,18 +194,18 @@ class InstanceCache:
     def drop(self, instance_id: str) -> None:
         """Forget the instance (its next use reads the stored record)."""
         self._entries.pop(instance_id, None)
+        self._dirty.discard(instance_id)
 
     def drop_partition(self, partition: int) -> None:
         """Forget every entry last written or loaded through *partition* (lost or stopped)."""
         for key in [k for k, e in self._entries.items() if e.partition == partition]:
-            del self._entries[key]
+            self.drop(key)
 
     def due_clears(self, partition: int, dispatched_before: float) -> list[str]:
         """Dirty instances of *partition* whose outbox was dispatched before the given time."""
-        return [
-            key
-            for key, e in self._entries.items()
-            if e.partition == partition
-            and e.dispatched_at is not None
-            and e.dispatched_at <= dispatched_before
-        ]
+        due = []
+        for key in self._dirty:
+            entry = self._entries[key]
+            if entry.partition == partition and (entry.dispatched_at or 0.0) <= dispatched_before:
+                due.append(key)
+        return due

@@ -426,9 +426,11 @@ class ProcessRunner:
         """Consume the partition stream for this handler until cancelled.
 
         Events are routed in stream order, one at a time; then each instance's
-        events are handled in order by a worker of that instance, up to
+        events are handled in order by a worker of that instance, which takes
+        all of them queued so far as one group (one commit), up to
         ``process_concurrency`` events in flight. The checkpoint never passes
-        an event that is not finished. A persistence error outside handling
+        an event that is not finished. Dispatched outboxes of idle instances
+        are cleared every ``checkpoint_interval``. A persistence error outside handling
         (loading the checkpoint, reading the stream) restarts the consumer
         from its stored checkpoint after a backoff.
         """
@@ -482,9 +484,12 @@ class ProcessRunner:
                     with anyio.move_on_after(1, shield=True):
                         try:
                             await checkpoint.save()
-                            await self._clear_outboxes(ctx, records, None)
                         except PersistenceError:
                             _log.info("final checkpoint save failed", exc_info=True)
+                        try:
+                            await self._clear_outboxes(ctx, records, None)
+                        except PersistenceError:
+                            _log.info("final clear of dispatched outboxes failed", exc_info=True)
                     # Partition lost or consumer restarting: another node may
                     # write these instances next.
                     self._cache.drop_partition(ctx.index)
@@ -804,6 +809,7 @@ class ProcessRunner:
         return CachedInstance(record, revision, root, ctx.index, dispatched_at)
 
     async def _clear_outboxes_periodically(self, ctx: PartitionContext, records: Keyspace) -> None:
+        """Every checkpoint interval, clear outboxes dispatched at least an interval ago."""
         interval = self.options.checkpoint_interval
         while True:
             await anyio.sleep(interval)

@@ -19,6 +19,10 @@ and a header:
 - ``materialised``: every aggregate event in records below this journal
   position is in its instance journal (``None``: all of them, as in records
   written before instance journals became derived state).
+- ``unmarked`` / ``scan_from``: keyed integration commands committed without
+  passing through the inbox whose idempotency marker may not be written yet,
+  and the oldest record holding one. A new owner's takeover scan reads back at
+  least to ``scan_from``, so it learns of them (and writes their markers).
 
 Only the partition owner writes: a ``Conflict`` on the stream journal that is
 not our own earlier (ambiguous) append means another node took the partition,
@@ -79,6 +83,8 @@ class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
     command_ids: tuple[str, ...] = ()
     events: tuple[Envelope, ...] = ()
     materialised: int | None = None
+    unmarked: tuple[str, ...] = ()
+    scan_from: int | None = None
 
 
 _record_encoder = msgspec.msgpack.Encoder()
@@ -306,6 +312,10 @@ class StreamTail:
             are already in the stream.
         materialised: The last record's materialised watermark (``None``:
             every aggregate event is in its instance journal).
+        unmarked: Keyed commands found committed whose idempotency markers
+            may be missing (the new owner writes them).
+        scan_from: Where the scan had to read back to (the new owner's
+            records keep it until it has written those markers).
     """
 
     next_position: int
@@ -313,6 +323,8 @@ class StreamTail:
     inbox_position: int
     published: frozenset[str]
     materialised: int | None = None
+    unmarked: frozenset[str] = frozenset()
+    scan_from: int | None = None
 
 
 async def read_tail(journal: Journal) -> StreamTail:
@@ -323,12 +335,15 @@ async def read_tail(journal: Journal) -> StreamTail:
     last = decode_stream_record(await journal.get(bounds.end - 1))
     inbox_position = last.inbox_position
     published: set[str] = set()
+    unmarked: set[str] = set()
+    floor = bounds.end if last.scan_from is None else last.scan_from
     position = bounds.end - 1
     record = last
     while True:
-        if record.inbox_end <= inbox_position:
+        if record.inbox_end <= inbox_position and position < floor:
             break
         published.update(record.command_ids)
+        unmarked.update(record.unmarked)
         position -= 1
         if position < bounds.begin:
             break
@@ -342,6 +357,8 @@ async def read_tail(journal: Journal) -> StreamTail:
         inbox_position,
         frozenset(published),
         last.materialised,
+        frozenset(unmarked),
+        last.scan_from,
     )
 
 
@@ -361,6 +378,8 @@ class Publication:
     error: BaseException | None = None
     offset: int = -1
     position: int = -1
+    #: Keep the record visible to takeover scans until ``StreamWriter.unpin``.
+    pinned: bool = False
 
 
 class StreamWriter:
@@ -401,6 +420,11 @@ class StreamWriter:
         self._progress = tail.inbox_position
         self._inbox_end = tail.inbox_position
         self._queue: deque[Publication] = deque()
+        # Pinned command IDs -> the position of the record holding them; the
+        # previous owner's unmarked commands are pinned at its scan floor.
+        self._pinned: dict[str, int] = dict.fromkeys(
+            tail.unmarked, tail.scan_from if tail.scan_from is not None else tail.next_position
+        )
         self._wake = anyio.Event()
         self._item_added = anyio.Event()
         self._failed: BaseException | None = None
@@ -425,6 +449,10 @@ class StreamWriter:
         """The inbox position recorded in the last durable record."""
         return self._written_progress
 
+    def unpin(self, command_id: str) -> None:
+        """The pinned command's marker is written: scans need not find it any more."""
+        self._pinned.pop(command_id, None)
+
     def set_progress(self, inbox_position: int, inbox_end: int) -> None:
         """Tell the writer how far the inbox is processed and read (monotonic)."""
         self._inbox_end = max(self._inbox_end, inbox_end)
@@ -447,6 +475,8 @@ class StreamWriter:
         command_id: str,
         events: Sequence[Envelope],
         on_durable: Callable[[Publication], None] | None = None,
+        *,
+        pinned: bool = False,
     ) -> Publication:
         """Queue a handled command and its events for the stream (in call order).
 
@@ -455,7 +485,7 @@ class StreamWriter:
         if self._failed is not None:
             raise OwnershipLost("the partition stream writer has stopped") from self._failed
         size = sum(len(e.data) + len(e.description) + 256 for e in events) + 64
-        item = Publication(command_id, tuple(events), size, on_durable)
+        item = Publication(command_id, tuple(events), size, on_durable, pinned=pinned)
         self._queue.append(item)
         self._wake.set()
         self._item_added.set()
@@ -514,6 +544,8 @@ class StreamWriter:
         while self._queue:
             item = self._queue.popleft()
             item.error = exc
+            if item.on_durable is not None:
+                item.on_durable(item)  # it sees the error
             item.done.set()
 
     async def _write_all(self) -> None:
@@ -531,6 +563,8 @@ class StreamWriter:
             count += len(item.events)
             size += item.size
         progress = self._progress
+        unmarked = tuple(i.command_id for i in batch if i.pinned and i.events)
+        floors = [*self._pinned.values(), *([self._position] if unmarked else [])]
         record = StreamRecord(
             first_offset=self._offset,
             inbox_position=progress,
@@ -540,6 +574,8 @@ class StreamWriter:
             command_ids=tuple(i.command_id for i in batch if i.events),
             events=tuple(e for i in batch for e in i.events),
             materialised=None if self._watermark is None else self._watermark(self._position),
+            unmarked=unmarked,
+            scan_from=min(floors) if floors else None,
         )
         await self._append(encode_stream_record(record))
         for _ in batch:
@@ -553,6 +589,8 @@ class StreamWriter:
             item.offset = offset
             item.position = position
             offset += len(item.events)
+            if item.pinned and item.events:
+                self._pinned.setdefault(item.command_id, position)
         events = _events_of(self._stream.stream_id, record)
         self._stream._publish(events)  # the writer feeds its stream's tail
         self._bus.publish(events)

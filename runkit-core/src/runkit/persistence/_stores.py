@@ -249,14 +249,14 @@ class Provider(abc.ABC):
 
         For inspection tools (``runkit nodes``, ``runkit poison list``) that
         must not change a store, least of all create one under a mistyped
-        name. Opening a store whose backend resources (schema, tables) are
-        missing raises ``StoreUnavailable`` naming them, instead of creating
-        them; a store *name* that was never opened reads as empty; writes
-        raise ``PersistenceError``.
+        name. A driver that honours it raises ``StoreUnavailable`` naming the
+        missing backend resources (schema, tables) instead of creating them,
+        reads a store *name* that was never opened as empty, and refuses
+        writes with ``PersistenceError``.
 
-        This default only records the flag, which is all a driver that never
-        provisions needs (memory). Drivers that create resources honour it;
-        see each driver's documentation.
+        This default only records the flag (``read_only``), which is enough
+        for a driver that creates nothing (memory). PostgreSQL and DynamoDB
+        honour it; see each driver's documentation.
         """
         self._read_only = True
 

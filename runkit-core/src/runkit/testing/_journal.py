@@ -54,16 +54,22 @@ async def _cancel(when: str, call: Callable[[], Awaitable[object]]) -> bool:
             await call()
         return scope.cancelled_caught
     finished = False
+    error: Exception | None = None
 
     async def run() -> None:
-        nonlocal finished
-        await call()
+        nonlocal finished, error
+        try:
+            await call()
+        except Exception as exc:  # re-raised below, outside the task group's wrapping
+            error = exc
         finished = True
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)
         await anyio.wait_all_tasks_blocked()
         tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     return not finished
 
 
@@ -247,7 +253,8 @@ class JournalSuite(SuiteBase):
         await _fill(journal, count)
         truncate_to = count - 2
         seen: list[int] = []
-        with pytest.raises(RecordNotFound) as info:
+
+        async def consume() -> None:
             async with aclosing(journal.range(0)) as records:  # type: ignore[type-var]
                 async for position, record in records:
                     assert position == len(seen), f"range skipped from {len(seen)} to {position}"
@@ -255,6 +262,9 @@ class JournalSuite(SuiteBase):
                     seen.append(position)
                     if position == 0:
                         await journal.truncate(truncate_to)
+
+        with pytest.raises(RecordNotFound) as info:
+            await consume()
         assert info.value.position == len(seen), (
             f"RecordNotFound names position {info.value.position}, "
             f"but the iteration stopped after {len(seen)} records"

@@ -43,14 +43,14 @@ _STREAM_ERRORS = (anyio.BrokenResourceError, anyio.EndOfStream, ssl.SSLError, OS
 async def read_frame(stream: anyio.abc.ByteStream, decoder: FrameDecoder) -> Frame:
     """Read until *decoder* yields one frame; used only during the handshake.
 
-    The server sends nothing after its answer until asked, so at most one frame
-    is pending here.
+    Neither side may send anything else until the handshake is answered, so
+    more than one frame here is a protocol error.
     """
     while True:
         frames = decoder.feed(await stream.receive())
         if frames:
             if len(frames) > 1:
-                raise ProtocolError("unexpected frames after the handshake answer")
+                raise ProtocolError("frames sent before the handshake completed")
             return frames[0]
 
 

@@ -312,14 +312,22 @@ class _RequestRunner:
                 except Exception as exc:
                     reply = self._error(request, exc)
                 finally:
-                    aclose = getattr(items, "aclose", None)
-                    if aclose is not None:
-                        await aclose()
+                    await self._close_items(request, items)
                 await self._reply(request, reply)
         except LinkClosed:
             pass
         finally:
             self._active.pop(request.id, None)
+
+    async def _close_items(self, request: Request, items: AsyncIterator[bytes]) -> None:
+        """Close a stream handler's generator (runs its ``finally`` blocks)."""
+        aclose = getattr(items, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            await aclose()
+        except Exception:
+            _log.exception("closing stream handler %r failed", request.method)
 
     def _error(self, request: Request, exc: Exception) -> Error:
         if isinstance(exc, RemoteError):

@@ -13,7 +13,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from ._client import PeerConnection, open_connection
-from ._errors import CallTimeout, PeerUnavailable
+from ._errors import CallTimeout, PeerUnavailable, TransportError
 from ._frames import DEFAULT_MAX_FRAME_SIZE
 from ._peer import Authenticate, format_address, parse_address
 from ._server import ServerConfig, StreamHandler, UnaryHandler, handle_connection
@@ -134,9 +134,17 @@ class NodeTransport:
 
         Reports the bound ``host:port`` (the real port when asked for port 0)
         through *task_status*.
+
+        :raises TransportError: if the address cannot be bound (in use, not local).
+        :raises ValueError: if *listen_address* is not ``host:port``.
         """
         host, port = parse_address(listen_address)
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        try:
+            listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot listen on {listen_address}: {exc.strerror or exc}"
+            ) from exc
         async with listener:
             bound_port = listener.extra(SocketAttribute.local_port)  # noqa: S610
             bound = format_address(host, bound_port)
