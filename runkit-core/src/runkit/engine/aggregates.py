@@ -278,13 +278,14 @@ class AggregateInstances:
         """Add a durable record a new owner found in the stream tail, not yet written."""
         self._unwritten.setdefault((handler_key, instance_id), deque()).append(record)
 
-    def written(self, handler_key: str, instance_id: str, count: int) -> None:
-        """The materialiser wrote the first *count* unwritten records of an instance."""
+    def written(self, handler_key: str, instance_id: str, records: list[Committed]) -> None:
+        """The materialiser wrote *records* (the oldest unwritten ones) of an instance."""
         key = (handler_key, instance_id)
         queue = self._unwritten.get(key)
         if queue is None:
             return
-        for _ in range(min(count, len(queue))):
+        done = {id(r) for r in records}
+        while queue and id(queue[0]) in done:
             queue.popleft()
         if not queue:
             del self._unwritten[key]

@@ -357,6 +357,8 @@ class AppRuntime:
                     with anyio.move_on_after(s.shutdown_timeout, shield=True):
                         try:
                             await writer.flush()
+                            # Derived state too, so a restart need not rebuild it.
+                            await materialiser.flush()
                         except Exception as exc:  # e.g. OwnershipLost: the next owner repairs
                             _log.info(
                                 "application %s: partition %d: final stream flush skipped: %s",

@@ -7,13 +7,21 @@ Envelopes are immutable msgspec Structs encoded as msgpack.
 
 Message ownership (Dogma ADR-32): a message object never crosses the
 engine/application boundary twice. ``to_message`` decodes a *fresh* object on
-every call, so each delivery gets an independent copy, and re-validates it with
-``is_new=False`` because the stored bytes may predate the current rules.
+every call, so each delivery gets an independent copy (decoding is cheap: the
+default codec is compiled with msgspec).
+
+Stored messages are re-validated with ``is_new=False`` once per node (the
+first time a message ID is decoded here), because the stored bytes may predate
+the current rules. A stored message that no longer validates is still
+delivered, with a warning: it was valid when it was recorded, it is part of
+history, and refusing it would poison every consumer behind it (a rule
+tightened in a new release must never stall projections on old events).
 """
 
 from __future__ import annotations
 
-import uuid
+import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -23,7 +31,16 @@ import msgspec
 
 import dogma
 
+from .ids import new_id
+
 T = TypeVar("T")
+_log = logging.getLogger("runkit.engine.envelope")
+
+#: Message IDs re-validated on this node (bounded): each is checked once.
+_VALIDATED_CACHE = 100_000
+_validated: OrderedDict[str, None] = OrderedDict()
+#: Message types whose stored messages failed re-validation (warned once each).
+_invalid_types: set[str] = set()
 
 __all__ = [
     "Envelope",
@@ -184,7 +201,7 @@ def new_envelope(
     """
     if created_at.tzinfo is None:
         raise ValueError("created_at must be timezone-aware")
-    mid = message_id or str(uuid.uuid4())
+    mid = message_id or new_id()
     return Envelope(
         message_id=mid,
         causation_id=causation_id or mid,
@@ -204,25 +221,46 @@ def new_envelope(
 def to_message(env: Envelope) -> dogma.Message:
     """Decode the envelope's message: a fresh object on every call (ADR-32).
 
-    The message is re-validated with ``is_new=False`` (and the envelope's
-    times in the scope).
+    The first time this node decodes a message ID, the message is re-validated
+    with ``is_new=False`` (and the envelope's times in the scope); a failure is
+    logged, once per message type, and the message is delivered all the same
+    (see the module docstring).
 
     Raises:
         LookupError: the type ID is unknown in this process.
-        dogma.ValidationError: the stored message no longer validates.
         ValueError: the data does not decode as the registered class.
     """
     entry = _lookup(env.type_id)
     message = entry.unmarshal(env.data)
-    message.validate(
-        _scope(
-            entry.kind,
-            is_new=False,
-            created_at=env.created_at,
-            scheduled_for=env.scheduled_for,
-        )
-    )
+    if env.message_id not in _validated:
+        _revalidate(entry, env, message)
     return message
+
+
+def _revalidate(entry: dogma.MessageType, env: Envelope, message: dogma.Message) -> None:
+    try:
+        message.validate(
+            _scope(
+                entry.kind,
+                is_new=False,
+                created_at=env.created_at,
+                scheduled_for=env.scheduled_for,
+            )
+        )
+    except dogma.ValidationError as exc:
+        if env.type_id not in _invalid_types:
+            _invalid_types.add(env.type_id)
+            _log.warning(
+                "stored %s %s (%s) no longer passes validate(): %s; delivering it anyway, "
+                "as recorded (further failures of this type are not logged)",
+                entry.cls.__qualname__,
+                env.message_id,
+                env.description,
+                exc,
+            )
+    _validated[env.message_id] = None
+    if len(_validated) > _VALIDATED_CACHE:
+        _validated.popitem(last=False)
 
 
 @asynccontextmanager

@@ -10,7 +10,6 @@ missed, then waits in ``observers.wait_for_observers``.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ import dogma
 from ..config import ApplicationConfig
 from .commands import command_id_for
 from .envelope import new_envelope, validate_new
+from .ids import new_id
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -75,9 +75,7 @@ class Executor:
         validate_new(command)
         settings = self._engine.settings
         command_id = (
-            command_id_for(app_key, idempotency_key)
-            if idempotency_key is not None
-            else str(uuid.uuid4())
+            command_id_for(app_key, idempotency_key) if idempotency_key is not None else new_id()
         )
         envelope = new_envelope(
             command,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import random
-import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 
@@ -27,6 +26,7 @@ from anyio.abc import TaskStatus
 
 from ..persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
 from .envelope import Envelope, closing_iter
+from .ids import new_id
 
 __all__ = [
     "EngineStopped",
@@ -105,7 +105,7 @@ async def append_to_inbox(
     new end, unless the conflicting record is our own earlier attempt.
     Transient errors are retried up to *max_attempts* times.
     """
-    record = InboxRecord(batch_id=str(uuid.uuid4()), entries=tuple(entries))
+    record = InboxRecord(batch_id=new_id(), entries=tuple(entries))
     data = encode_inbox_record(record)
     if position is None:
         position = (await journal.bounds()).end

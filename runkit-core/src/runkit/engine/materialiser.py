@@ -81,7 +81,6 @@ class Materialiser:
             h.identity.key for h in app.handlers if h.kind is HandlerKind.AGGREGATE
         )
         self._queue: deque[tuple[_Key, Committed]] = deque()
-        self._round_min: int | None = None
         self._wake = anyio.Event()
         # Open instance journals: (handle, end, stream offset of the last record).
         self._journals: OrderedDict[_Key, tuple[Journal, int, int | None]] = OrderedDict()
@@ -101,12 +100,9 @@ class Materialiser:
         *next_position* is the position of the stream record being built:
         records queued but not durable yet will be at or after it.
         """
-        low = next_position
         if self._queue and self._queue[0][1].durable:
-            low = min(low, self._queue[0][1].stream_position)
-        if self._round_min is not None:
-            low = min(low, self._round_min)
-        return low
+            return min(next_position, self._queue[0][1].stream_position)
+        return next_position
 
     def recover(self, position: int, record: StreamRecord) -> None:
         """Queue the aggregate events of a durable stream record found at takeover."""
@@ -146,27 +142,38 @@ class Materialiser:
                     continue
                 await self._round()
         finally:
-            with anyio.CancelScope(shield=True):
-                for journal, _, _ in self._journals.values():
-                    await journal.close()
-                self._journals.clear()
+            await self._close_journals()
+
+    async def flush(self) -> None:
+        """Write every durable record queued (at shutdown), then close the journals."""
+        try:
+            while self._queue and self._queue[0][1].durable:
+                await self._round()
+        finally:
+            await self._close_journals()
+
+    async def _close_journals(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for journal, _, _ in self._journals.values():
+                await journal.close()
+            self._journals.clear()
 
     async def _round(self) -> None:
+        # Records leave the queue only once written: a round cut short (by
+        # shutdown) is repeated in full by flush(), and repeating is harmless.
         groups: dict[_Key, list[Committed]] = {}
-        low: int | None = None
-        while self._queue and self._queue[0][1].durable:
-            key, record = self._queue.popleft()
+        taken = 0
+        for key, record in self._queue:
+            if not record.durable:
+                break
             groups.setdefault(key, []).append(record)
-            if low is None:
-                low = record.stream_position
-        self._round_min = low
+            taken += 1
         limiter = anyio.CapacityLimiter(CONCURRENCY)
-        try:
-            async with anyio.create_task_group() as tg:
-                for key, records in groups.items():
-                    tg.start_soon(self._write_instance, limiter, key, records)
-        finally:
-            self._round_min = None
+        async with anyio.create_task_group() as tg:
+            for key, records in groups.items():
+                tg.start_soon(self._write_instance, limiter, key, records)
+        for _ in range(taken):
+            self._queue.popleft()
 
     async def _write_instance(
         self, limiter: anyio.CapacityLimiter, key: _Key, records: list[Committed]
@@ -191,7 +198,7 @@ class Materialiser:
                         exc,
                     )
                     await anyio.sleep(delay)
-            self._aggregates.written(key[0], key[1], len(records))
+            self._aggregates.written(key[0], key[1], records)
 
     async def _write(self, key: _Key, record: Committed) -> None:
         journal, end, last = await self._journal(key)

@@ -1,0 +1,56 @@
+"""Send the library commands from another program, and read its loans.
+
+    python -m library borrow BOOK MEMBER
+    python -m library return BOOK MEMBER
+    python -m library loans
+
+``borrow`` and ``return`` need ``DOGMA_PERSISTENCE_URL``: the store of the
+nodes that ``runkit run library.app:app`` started. ``loans`` reads the read
+model at ``LIBRARY_DB``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import anyio
+
+import dogma
+import runkit
+
+from .app import app
+from .catalogue import loans
+from .messages import BorrowBook, ReturnBook
+
+
+# --8<-- [start:send]
+async def send(command: dogma.Command) -> None:
+    """Execute one command through a short-lived engine on the same store."""
+    engine = runkit.Engine(runkit.with_application(app), runkit.from_environment())
+    executor = engine.executor_for(app)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await executor.execute_command(command)  # returns once the command is durable
+        tg.cancel_scope.cancel()
+
+
+# --8<-- [end:send]
+
+
+def main(argv: list[str]) -> int:
+    match argv:
+        case ["borrow", book_id, member]:
+            anyio.run(send, BorrowBook(book_id=book_id, member=member))
+        case ["return", book_id, member]:
+            anyio.run(send, ReturnBook(book_id=book_id, member=member))
+        case ["loans"]:
+            for row in loans(app.db):
+                print(f"{row.book_id:<12} loan {row.loan}  {row.member:<8} {row.status}")
+        case _:
+            print(__doc__, file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

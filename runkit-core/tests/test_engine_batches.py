@@ -1,0 +1,216 @@
+"""The partition batch processor (ADR 0007) and the bugs fixed with it.
+
+Each bug test fails on the engine before the fix:
+
+- a stream writer cancelled at shutdown dropped its queue, so ``flush()`` wrote
+  nothing and committed work waited for the next owner;
+- an idempotency marker was written for every keyed or handler-produced
+  command (now: keyed integration commands only);
+- a stored message that no longer passes today's ``validate()`` raised on
+  every load, stalling every consumer behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import anyio
+import attrs
+import pytest
+
+import dogma
+from runkit.engine.commands import idempotency_name
+from runkit.engine import envelope as envelope_module
+from runkit.engine.envelope import new_envelope, register_types, to_message
+from runkit.engine.streams import (
+    EventBus,
+    PartitionStream,
+    StreamTail,
+    StreamWriter,
+    decode_stream_record,
+)
+from runkit.engine.streams import read_tail as read_stream_tail
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import (
+    APP_KEY,
+    Deposit,
+    Notify,
+    check_invariants,
+    running,
+    settled,
+    setup,
+    wait_until,
+)
+
+
+def silo() -> MemoryProvider:
+    return MemoryProvider(f"batches-{uuid.uuid4()}")
+
+
+# -- bug 1: shutdown flush -------------------------------------------------------------
+
+
+async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
+    register_types(setup().config.message_types())
+    provider = silo()
+    journal = await provider.journals.open("stream")
+    stream = PartitionStream("s", journal, next_offset=0)
+    writer = StreamWriter(
+        journal,
+        stream,
+        EventBus(),
+        StreamTail(0, 0, 0, frozenset()),
+        clock=lambda: datetime.now(UTC),
+        batch_limit=100,
+        record_limit=1 << 20,
+        progress_interval=0.05,
+        retry_max_delay=1.0,
+    )
+    env = new_envelope(
+        Deposit("a", 1, "r"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        # Cancel the writer before it gets to run with the queued publication.
+        publication = writer.enqueue("cmd-1", [env])
+        tg.cancel_scope.cancel()
+    assert publication.error is None, "shutdown failed the queued publication"
+    await writer.flush()
+    tail = await read_stream_tail(journal)
+    assert tail.next_offset == 1, "flush() wrote nothing: the queue was dropped"
+    record = decode_stream_record(await journal.get(0))
+    assert record.command_ids == ("cmd-1",)
+    assert publication.done.is_set() and publication.offset == 0
+    writer.close()
+    await journal.close()
+
+
+# -- bug 2: idempotency markers only where nothing else proves the command was handled ---
+
+
+async def test_markers_only_for_keyed_integration_commands() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc", 1, "k1"), idempotency_key="agg-key")
+        await executor.execute_command(Notify(7), idempotency_key="int-key")
+        await wait_until(lambda: len(s.accounts.calls) == 1 and s.notifier.calls == [7])
+        markers = await provider.keyspaces.open(idempotency_name(APP_KEY))
+        integration_id = str(uuid.uuid5(uuid.UUID(APP_KEY), "int-key")).encode()
+        await wait_until(lambda: markers.has(integration_id))
+        keys = [key async for key, _, _ in markers.range()]
+        assert keys == [integration_id], "an aggregate command got a marker"
+        # The aggregate command is still deduplicated, by its instance's history.
+        await executor.execute_command(Deposit("acc", 1, "k1"), idempotency_key="agg-key")
+        await executor.execute_command(Notify(7), idempotency_key="int-key")
+        await anyio.sleep(0.2)
+        assert len(s.accounts.calls) == 1
+        assert s.notifier.calls == [7]
+        await markers.close()
+    check_invariants(await settled(provider))
+
+
+# -- bug 3: stored messages that no longer validate are delivered -----------------------
+
+REGISTRY = dogma.MessageTypeRegistry()
+_strict = {"on": False}
+
+
+@dogma.register_event("b7000000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Noted(dogma.Event):
+    text: str
+
+    def validate(self, scope: dogma.ValidationScope) -> None:
+        _strict["calls"] = _strict.get("calls", 0) + 1
+        if _strict["on"] and not self.text.isupper():
+            raise dogma.ValidationError("text must be upper case (rule added later)")
+
+
+async def test_stored_message_failing_todays_rules_is_delivered_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    register_types([REGISTRY.of(Noted)])  # type: ignore[list-item]
+    env = new_envelope(
+        Noted("recorded last year"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    _strict.update(on=True, calls=0)
+    envelope_module._invalid_types.discard(env.type_id)  # warned once per type per process
+    try:
+        with caplog.at_level(logging.WARNING, logger="runkit.engine.envelope"):
+            first = to_message(env)
+            second = to_message(env)
+    finally:
+        _strict["on"] = False
+    assert isinstance(first, Noted) and first == second and first is not second  # ADR-32
+    # Validated once per node, however often it is decoded.
+    assert _strict["calls"] == 1
+    warnings = [r for r in caplog.records if "no longer passes validate()" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "rule added later" in warnings[0].getMessage()
+
+
+# -- the batch processor --------------------------------------------------------------
+
+
+async def test_a_burst_of_commands_commits_in_few_stream_records() -> None:
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(executor.execute_command, Deposit(f"a{i % 20}", 1, f"r{i}"))
+        await wait_until(lambda: len(s.accounts.calls) == 200)
+    stores = await settled(provider)
+    check_invariants(stores)
+    records = [r for r in stores.stream[0] if r.events]
+    # Local callers skip the inbox, and the batch is committed in few appends.
+    assert not stores.inbox[0]
+    assert len(records) < 50, f"{len(records)} stream records for 200 commands"
+
+
+async def test_a_failing_local_command_is_made_durable_in_the_inbox() -> None:
+    s = setup()
+    provider = silo()
+    s.accounts.fail["boom"] = 2
+    async with running(provider, s.config, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        with anyio.fail_after(5):
+            await executor.execute_command(Deposit("acc", 1, "boom"))
+        stores = await settled(provider)
+        # It returned once the command was in the inbox; it was handled later.
+        assert [e.envelope.description for _, r in stores.inbox[0] for e in r.entries]
+    assert [c for c in s.accounts.calls if c[1] == "boom"] == [("acc", "boom", 0)]
+    check_invariants(stores)
+
+
+async def test_backlog_limit_makes_callers_wait_and_then_raise() -> None:
+    from runkit.engine.commands import Backlogged
+
+    s = setup()
+    provider = silo()
+    s.notifier.release = anyio.Event()
+    async with running(provider, s.config, partition_count=1, backlog_limit=3) as engine:
+        executor = engine.executor_for(s.app)
+        runtime = await engine.runtime(APP_KEY)
+        runtime.acceptor._backlog_timeout = 0.3
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(executor.execute_command, Notify(i))
+            await wait_until(lambda: len(s.notifier.calls) == 3)
+            with pytest.raises(Backlogged, match="backlog limit 3"):
+                await executor.execute_command(Notify(99))
+            s.notifier.release.set()
+        await executor.execute_command(Notify(100))
+        await wait_until(lambda: 100 in s.notifier.calls)
+    assert 99 not in s.notifier.calls
