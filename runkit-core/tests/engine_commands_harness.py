@@ -399,7 +399,7 @@ async def read_stores(provider: Provider, app_key: str = APP_KEY) -> Stores:
         async with await provider.keyspaces.open(poison_name(app_key, p)) as ks:
             async for key, v, _ in ks.range():
                 poison[key.decode()] = msgspec.msgpack.decode(v, type=PoisonRecord)
-    # Local commands skip the inbox (ADR 0005): instances are known from the stream too.
+    # Local commands skip the inbox (ADR 0007): instances are known from the stream too.
     accounts = {
         e.instance_id
         for records in inbox.values()

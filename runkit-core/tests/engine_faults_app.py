@@ -609,7 +609,7 @@ class Stores:
         return out
 
     def keyed(self) -> set[str]:
-        """Keyed integration commands in the inbox: the ones that get a marker (ADR 0005)."""
+        """Keyed integration commands in the inbox: the ones that get a marker (ADR 0007)."""
         return {
             e.envelope.message_id
             for records in self.inbox.values()
@@ -779,7 +779,7 @@ def check_safety(s: Stores) -> None:
         journal = [env.message_id for r in journal_records for env in r.events]
         streamed = [env.message_id for _, env in by_instance.get(account, [])]
         if s.journal_begin[account] == 0:
-            # Instance journals are written behind the stream (ADR 0005): each is
+            # Instance journals are written behind the stream (ADR 0007): each is
             # a prefix of the instance's stream events.
             assert streamed[: len(journal)] == journal, (
                 f"instance {account}: stream order differs from the journal, or the "

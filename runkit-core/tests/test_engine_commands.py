@@ -411,7 +411,7 @@ async def test_instance_journals_are_derived_and_written_once_by_two_owners() ->
 
     The stream is the commit point; instance journals are written behind it, and
     a record is appended only if the journal's last record is below its stream
-    offset (ADR 0005). A rebuilt root sees the unwritten records too.
+    offset (ADR 0007). A rebuilt root sees the unwritten records too.
     """
     from datetime import UTC, datetime
 
@@ -718,7 +718,7 @@ async def test_idempotency_markers_expire_after_the_retention_period() -> None:
     s = setup()
     provider = silo()
     # Long enough to observe the marker before the pruner (every retention/4) removes it.
-    # Markers are written for keyed integration commands only (ADR 0005).
+    # Markers are written for keyed integration commands only (ADR 0007).
     async with running(provider, s.config, idempotency_retention=2.0) as engine:
         executor = engine.executor_for(s.app)
         await executor.execute_command(Notify(1), idempotency_key="k")

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TUTORIAL = ROOT / "docs" / "tutorial"
 PAGE = TUTORIAL / "index.md"
 RUNKIT = Path(sys.executable).with_name("runkit")
+LOAN_SECONDS = "3"  # every node, the short-lived senders too, runs the same configuration
 
 SNIPPET = re.compile(r'^-{2}8<-{2} "([^":]+)(?::([\w-]+))?"$', re.MULTILINE)
 
@@ -84,7 +85,7 @@ def node(store: str, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     process = subprocess.Popen(
         [str(RUNKIT), "run", "library.app:app"],
         cwd=tmp_path,
-        env=_environment(DOGMA_PERSISTENCE_URL=store, LIBRARY_LOAN_SECONDS="3"),
+        env=_environment(DOGMA_PERSISTENCE_URL=store, LIBRARY_LOAN_SECONDS=LOAN_SECONDS),
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -102,7 +103,7 @@ def _library(tmp_path: Path, store: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "library", *args],
         cwd=tmp_path,
-        env=_environment(DOGMA_PERSISTENCE_URL=store),
+        env=_environment(DOGMA_PERSISTENCE_URL=store, LIBRARY_LOAN_SECONDS=LOAN_SECONDS),
         capture_output=True,
         text=True,
         timeout=60,

@@ -11,6 +11,7 @@ model at ``LIBRARY_DB``.
 
 from __future__ import annotations
 
+# --8<-- [start:send]
 import sys
 
 import anyio
@@ -23,7 +24,6 @@ from .catalogue import loans
 from .messages import BorrowBook, ReturnBook
 
 
-# --8<-- [start:send]
 async def send(command: dogma.Command) -> None:
     """Execute one command through a short-lived engine on the same store."""
     engine = runkit.Engine(runkit.with_application(app), runkit.from_environment())

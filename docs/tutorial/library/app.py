@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:app]
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +14,6 @@ from .catalogue import Database, LoansProjection
 from .loan import LoanProcess
 
 
-# --8<-- [start:app]
 class Library:
     """The application: its identity, and its handlers."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:root]
 from datetime import timedelta
 
 import attrs
@@ -11,7 +12,6 @@ import dogma
 from .messages import BookBorrowed, BookReturned, BorrowBook, LoanOverdue, MarkOverdue, ReturnBook
 
 
-# --8<-- [start:root]
 @attrs.define
 class Book(dogma.NoSnapshotBehavior):
     """A book's state, rebuilt from its events: who has it, and how many loans so far."""

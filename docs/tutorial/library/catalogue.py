@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:schema]
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,6 @@ from .messages import BookBorrowed, BookReturned, LoanOverdue
 
 T = TypeVar("T")
 
-# --8<-- [start:schema]
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS loans (
     book_id TEXT NOT NULL,

@@ -5,6 +5,7 @@ Run it with ``python -m library.demo``.
 
 from __future__ import annotations
 
+# --8<-- [start:main]
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,6 @@ from .catalogue import LoanRow, loans
 from .messages import BorrowBook, LoanOverdue, ReturnBook
 
 
-# --8<-- [start:main]
 async def main() -> list[LoanRow]:
     with tempfile.TemporaryDirectory() as tmp:
         # A memory store forgets everything when the program ends, so the read

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:root]
 import json
 from datetime import datetime
 
@@ -12,7 +13,6 @@ import dogma
 from .messages import BookBorrowed, BookReturned, LoanDue, MarkOverdue
 
 
-# --8<-- [start:root]
 @attrs.define
 class Loan:
     """What the process remembers between messages; the engine stores it."""

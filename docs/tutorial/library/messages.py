@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+# --8<-- [start:commands]
 from datetime import datetime
 
 import attrs
@@ -9,7 +10,6 @@ import attrs
 import dogma
 
 
-# --8<-- [start:commands]
 @dogma.register_command("29407f7c-5fec-47d9-b4b1-09d1624bc6a4")
 @attrs.frozen(kw_only=True)
 class BorrowBook(dogma.Command):

@@ -1,6 +1,6 @@
 """Aggregate instances on the partition owner: cached roots, handling, rebuilding.
 
-The partition stream is the commit point of aggregate state (ADR 0005): the
+The partition stream is the commit point of aggregate state (ADR 0007): the
 owner handles a command against the instance's cached root, and the command's
 events are committed when the stream record holding them is appended. The
 instance journals ``<app>/aggregate/<handler>/<instance>`` and the snapshots in

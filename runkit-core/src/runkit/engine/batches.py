@@ -8,7 +8,7 @@ and queues each handled command on the partition's ``StreamWriter``. The writer
 appends everything queued while its previous append was in flight as ONE
 record: the batch's events, the IDs of the commands it handled and the inbox
 progress. That conditional append is the commit point and the ownership fence
-(ADR 0005); instance journals and snapshots are written afterwards by the
+(ADR 0007); instance journals and snapshots are written afterwards by the
 ``Materialiser``.
 
 - Aggregate commands of one instance are handled in order, each against the

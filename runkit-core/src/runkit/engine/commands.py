@@ -12,7 +12,7 @@ by handlers never wait (they drain the backlog).
 
 Idempotency markers (``<app>/idempotency``) are written only for keyed
 integration commands: an aggregate instance's recent command IDs prove that an
-aggregate command was handled (ADR 0005).
+aggregate command was handled (ADR 0007).
 """
 
 from __future__ import annotations

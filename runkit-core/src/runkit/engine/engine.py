@@ -284,7 +284,7 @@ class AppRuntime:
             )
             if tail.materialised is not None:
                 # Aggregate events a previous owner committed but had not yet
-                # written to their instance journals (ADR 0005).
+                # written to their instance journals (ADR 0007).
                 await materialiser.recover_from(
                     stream_journal, tail.materialised, tail.next_position
                 )

@@ -3,7 +3,7 @@
 Once a stream record is durable, the aggregate events it holds are copied, one
 ``InstanceRecord`` per command, into their instance journals; a snapshot the
 batch loop captured with a command is written after that command's record.
-Nothing here is a commit point (the stream is, ADR 0005), so every write may be
+Nothing here is a commit point (the stream is, ADR 0007), so every write may be
 repeated or lost:
 
 - An instance's records carry their stream offset, which only grows; a record

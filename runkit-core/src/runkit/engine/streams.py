@@ -14,7 +14,7 @@ and a header:
   record; a new owner scans back only over records whose ``inbox_end`` is past
   the tail's ``inbox_position`` to learn which pending commands are published.
 - ``command_ids``: the commands whose events the record publishes (it is the
-  commit point of a batch, ADR 0005; commands that recorded no events commit
+  commit point of a batch, ADR 0007; commands that recorded no events commit
   nothing and are not listed).
 - ``materialised``: every aggregate event in records below this journal
   position is in its instance journal (``None``: all of them, as in records
