@@ -424,6 +424,37 @@ async def test_a_failing_event_in_a_group_is_retried_alone_and_the_others_commit
         tg.cancel_scope.cancel()
 
 
+async def test_the_cache_is_bounded_and_an_evicted_instance_is_read_again() -> None:
+    p = Process()
+    plan = CountingPlan()
+    options = attrs.evolve(BRISK, process_cache_size=1)
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg, plan, options=options)
+
+        async def handled(instance: str, n: int) -> None:
+            async def cleared() -> bool:
+                async with await h.provider.keyspaces.open(PROCESS_STORE) as ks:
+                    data, _ = await ks.get(instance.encode())
+                if not data:
+                    return False
+                r = msgspec.msgpack.decode(data, type=InstanceRecord)
+                return r.positions.get(h.streams[0].stream_id) == n and not r.has_outbox
+
+            await h.publish(Step(instance, n))
+            await wait_until(cleared)  # clean: it may be evicted (dirty ones are kept)
+
+        for n, instance in enumerate(["a", "b", "a", "b"]):
+            await handled(instance, n)
+        assert plan.process_ops("get") == 4  # each evicted the other
+        await handled("b", 4)
+        assert plan.process_ops("get") == 4  # b is the one cached
+        assert json.loads((await record(h, "a")).root or b"") == [0, 2]
+        tg.cancel_scope.cancel()
+
+
 # --- the cache itself -------------------------------------------------------------------
 
 

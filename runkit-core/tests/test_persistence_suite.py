@@ -126,7 +126,7 @@ class CancelPoisonedJournal(_WrappedJournal):
         if self.busy:
             raise PersistenceError("journal: connection is busy with an abandoned request")
         self.busy = True
-        await anyio.sleep(0.001)  # stands in for a request; no try/finally: the bug
+        await anyio.sleep(0.3)  # stands in for a request; no try/finally: the bug
         result = await call()
         self.busy = False
         return result
@@ -139,6 +139,17 @@ class CancelPoisonedJournal(_WrappedJournal):
 
     async def append(self, position: int, record: bytes) -> None:
         await self._call(lambda: self._inner.append(position, record))
+
+
+class TornKeyspace(_WrappedKeyspace):
+    """Replaces a value in two requests, delete then insert: a cancel between loses both."""
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        if not (revision and value):
+            return await self._inner.set(key, value, revision)
+        await self._inner.set(key, b"", revision)
+        await anyio.sleep(0.3)  # the second request's round trip
+        return await self._inner.set(key, value, "")
 
 
 class BrokenProvider(FaultyProvider):
@@ -254,6 +265,17 @@ async def test_journal_suite_catches_handles_poisoned_by_cancellation(
     async with await broken.journals.open("poisoned-reads") as poisoned:
         with pytest.raises(PersistenceError, match="busy with an abandoned request"):
             await suite.test_journal_cancelled_reads_leave_handle_usable(poisoned, when)
+
+
+async def test_keyspace_suite_catches_a_set_torn_by_cancellation(memory: Provider) -> None:
+    suite = KeyspaceSuite()
+    test = suite.test_keyspace_cancelled_set_lands_whole_or_not_at_all
+    async with await memory.keyspaces.open("good") as good:
+        await test(memory, good, "good", "in-flight")
+    broken = BrokenProvider(memory, keyspace=TornKeyspace)
+    async with await broken.keyspaces.open("torn") as torn:
+        message = await _fails(lambda: test(broken, torn, "torn", "in-flight"))
+    assert "(b'', '') == (b'<value-0>" in message
 
 
 async def test_provider_suite_catches_input_checks_after_io(memory: Provider) -> None:

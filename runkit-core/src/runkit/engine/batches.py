@@ -200,6 +200,7 @@ class PartitionCommands:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self._stopped = False
+        self._poked = False
         # Every stream record this owner writes must say it has read the whole
         # inbox as of takeover (see streams.read_tail).
         writer.set_progress(tail.inbox_position, inbox_end)
@@ -223,6 +224,11 @@ class PartitionCommands:
     def notify(self, position: int, record: InboxRecord) -> None:
         """Hear of an inbox record appended by this node's ``InboxWriter``."""
         self._notes.append((position, record))
+        self._wake.set()
+
+    def poke(self) -> None:
+        """Another node appended to the inbox: read it now."""
+        self._poked = True
         self._wake.set()
 
     async def wait_for_room(self, limit: int) -> None:
@@ -265,7 +271,8 @@ class PartitionCommands:
                     tg.start_soon(self.mark_unmarked, sorted(self._unmarked))
                 task_status.started()
                 while True:
-                    behind = self._paused
+                    behind = self._paused or self._poked
+                    self._poked = False
                     if not self._ready and not self._notes:
                         with anyio.move_on_after(INBOX_POLL_INTERVAL) as poll:
                             await self._wake.wait()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -154,6 +154,8 @@ class Acceptor:
         writers: Sequence[InboxWriter],
         *,
         local: Callable[[int], LocalPartition | None] = lambda _: None,
+        remote: Callable[[int, list[InboxEntry]], Awaitable[bool]] | None = None,
+        wake: Callable[[int], None] | None = None,
         backlog_limit: int | None = None,
         backlog_timeout: float = 30.0,
     ) -> None:
@@ -161,6 +163,8 @@ class Acceptor:
         self.partition_count = partition_count
         self.writers = writers
         self._local = local
+        self._remote = remote
+        self._wake = wake
         self._backlog_limit = backlog_limit
         self._backlog_timeout = backlog_timeout
 
@@ -249,7 +253,11 @@ class Acceptor:
                 return
             except PartitionStopped:
                 pass  # ownership moved or the node is stopping: the inbox takes it
+        elif self._remote is not None and await self._remote(index, entries):
+            return  # the owner took them into its batch and they are durable
         await self.writers[index].submit(entries)
+        if self._wake is not None:
+            self._wake(index)  # the owner reads its inbox now, not at its next poll
 
     async def _wait_for_room(self, index: int, local: LocalPartition, limit: int) -> None:
         if local.backlog < limit:

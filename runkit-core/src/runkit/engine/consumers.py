@@ -189,10 +189,19 @@ class EventConsumers:
 
         return fire
 
+    #: Wakes the owner of a home partition this node does not run (set by the engine).
+    remote_wake: Callable[[int], None] | None = None
+
+    def wake_timer(self, partition: int) -> None:
+        """Deadlines were appended to *partition*'s journal: its timer reads them now."""
+        self._wake_timer(partition)
+
     def _wake_timer(self, partition: int) -> None:
         timer = self._timers.get(partition)
         if timer is not None:
             timer.wake()
+        elif self.remote_wake is not None:
+            self.remote_wake(partition)
 
     # -- per node --
 

@@ -18,12 +18,14 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
+import attrs
 import msgspec
 from anyio.abc import TaskStatus
 
@@ -32,9 +34,10 @@ from ..config import ApplicationConfig
 from ..persistence import Conflict, PersistenceError, Provider, provider_from_url
 from .aggregates import AggregateInstances
 from .batches import PartitionCommands
-from .commands import Acceptor, idempotency_name, prune_idempotency
+from .cluster import ClusterServer, NodeCluster, Router, serve_cluster
+from .commands import Acceptor, PartitionStopped, idempotency_name, prune_idempotency
 from .envelope import Envelope, register_types
-from .inbox import EngineStopped, InboxWriter, inbox_name
+from .inbox import EngineStopped, InboxEntry, InboxWriter, inbox_name
 from .logs import describe_error
 from .materialiser import Materialiser
 from .ownership import Ownership
@@ -114,8 +117,11 @@ class AppRuntime:
         provider: Provider,
         bus: EventBus,
         ownership: Ownership,
+        *,
+        router: Router | None = None,
     ) -> None:
         self.app = app
+        self.router = router
         self.settings = settings
         self.provider = provider
         self.bus = bus
@@ -170,6 +176,8 @@ class AppRuntime:
             self._consumers = module.partition_consumers(
                 self.app, s, live_nodes=getattr(self.ownership, "live_nodes", None)
             )
+            # Deadlines for a home partition owned elsewhere wake its owner.
+            self._consumers.remote_wake = lambda index: self._wake_remote(index, "deadlines")
         async with AsyncExitStack() as stack:
             for index in range(self.partition_count):
                 journal = await self.provider.journals.open(inbox_name(self.app_key, index))
@@ -188,6 +196,8 @@ class AppRuntime:
                 self.partition_count,
                 self.inbox_writers,
                 local=self.partitions.get,
+                remote=self._offer_remote if self.router is not None else None,
+                wake=self._wake_remote if self.router is not None else None,
                 backlog_limit=_backlog_limit(s),
             )
             async with anyio.create_task_group() as tg:
@@ -228,6 +238,37 @@ class AppRuntime:
                     pruned,
                     extra={"app": self.app_key},
                 )
+
+    async def _offer_remote(self, index: int, entries: list[InboxEntry]) -> bool:
+        assert self.router is not None
+        return await self.router.offer(
+            self.app_key, index, partition_id(self.app_key, index), entries
+        )
+
+    def _wake_remote(self, index: int, what: str = "inbox") -> None:
+        if self.router is not None:
+            self.router.wake(self.app_key, index, partition_id(self.app_key, index), what)
+
+    async def offer_local(self, index: int, entries: Sequence[InboxEntry]) -> bool:
+        """Handle commands a peer offered, if this node runs the partition; whether it did."""
+        commands = self.partitions.get(index)
+        if commands is None:
+            return False
+        try:
+            await commands.execute_local(entries)
+        except PartitionStopped:
+            return False
+        return True
+
+    def wake_local(self, index: int, what: str) -> None:
+        """A peer appended to this partition's inbox or deadlines: read them now."""
+        if what == "deadlines":
+            if self._consumers is not None:
+                self._consumers.wake_timer(index)
+            return
+        commands = self.partitions.get(index)
+        if commands is not None:
+            commands.poke()
 
     def _node_context(self) -> NodeContext:
         return NodeContext(
@@ -432,6 +473,8 @@ class Engine:
         self._closing: list[Provider] = []  # providers the engine made for itself
         self.bus = EventBus()
         self._runtimes: dict[str, AppRuntime] = {}
+        self._cluster: NodeCluster | None = None
+        self._membership_view: Any = None
         self._state = "new"
         self._started: anyio.Event | None = None
         self._executors: dict[str, Executor] = {}
@@ -476,13 +519,40 @@ class Engine:
             # taking work. A provider given by the caller is shared as it is.
             provider = provider_from_url(url)
             self._closing.append(provider)
-        return Membership(provider, self.settings, progress=self.progress)
+        settings = self.settings
+        fingerprint = None
+        if self._cluster is not None:
+            settings = attrs.evolve(settings, advertise_address=self._cluster.advertise_address)
+            fingerprint = self._cluster.identity.fingerprint
+        membership = Membership(
+            provider, settings, progress=self.progress, tls_fingerprint=fingerprint
+        )
+        self._membership_view = membership
+        return membership
 
     def _resolve_ownership(self, provider: Provider) -> Ownership:
         source = self._ownership_source
         if _is_ownership(source):
             return cast(Ownership, source)
         return cast(Callable[[Provider], Ownership], source)(provider)
+
+    @property
+    def router(self) -> Router | None:
+        """Routes to peers over the node transport (``None`` without a listen address)."""
+        return None if self._cluster is None else self._cluster.router
+
+    def _members(self) -> dict[uuid.UUID, Any]:
+        view = self._membership_view
+        return {} if view is None else view.live_members()
+
+    async def _offer_local(self, app_key: str, index: int, entries: Sequence[InboxEntry]) -> bool:
+        runtime = self._runtimes.get(app_key)
+        return runtime is not None and await runtime.offer_local(index, entries)
+
+    def _wake_local(self, app_key: str, index: int, what: str) -> None:
+        runtime = self._runtimes.get(app_key)
+        if runtime is not None:
+            runtime.wake_local(index, what)
 
     def executor_for(self, app: object) -> Executor:
         """The ``dogma.CommandExecutor`` of a registered application.
@@ -567,8 +637,23 @@ class Engine:
         try:
             # Fails at once on a wrong password or database, waits out an outage.
             await wait_for_store(provider, timeout=s.start_timeout)
-            ownership = self._resolve_ownership(provider)
             async with contextlib.AsyncExitStack() as stack:
+                if s.listen_address is not None:
+                    # Entered first, left last: peers can reach this node
+                    # while its partitions flush and it leaves membership.
+                    self._cluster = await stack.enter_async_context(
+                        serve_cluster(
+                            settings=s,
+                            provider=provider,
+                            members=self._members,
+                            server=ClusterServer(
+                                offer_local=self._offer_local,
+                                wake_local=self._wake_local,
+                                subscribe_local=self.bus.subscribe,
+                            ),
+                        )
+                    )
+                ownership = self._resolve_ownership(provider)
                 # joined() keeps heartbeating while the apps wind down and leaves
                 # only after they have flushed, so peers never take a partition
                 # that is still being flushed.
@@ -580,7 +665,8 @@ class Engine:
                 if joined is None and run_ownership is not None:
                     await tg.start(run_ownership)
                 for key, app in self._apps.items():
-                    rt = AppRuntime(app, s, provider, self.bus, ownership)
+                    router = self._cluster.router if self._cluster is not None else None
+                    rt = AppRuntime(app, s, provider, self.bus, ownership, router=router)
                     await tg.start(rt.run)
                     self._runtimes[key] = rt
                 self._state = "running"

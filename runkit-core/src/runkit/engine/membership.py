@@ -108,6 +108,7 @@ class _Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     listen_address: str | None = None
     tls_fingerprint: str | None = None
     progress: dict[str, dict[int, dict[str, int]]] = msgspec.field(default_factory=dict)
+    role: str = "node"
 
 
 _decoder = msgspec.msgpack.Decoder(_Heartbeat)
@@ -131,6 +132,8 @@ class NodeRecord:
         tls_fingerprint: The node's TLS public-key fingerprint, if any.
         progress: Per-application, per-partition progress counters (see
             ``Progress``), as the node last published them.
+        role: ``"node"`` (owns partitions) or ``"client"`` (a ``runkit.Client``:
+            a member for authentication only, never an owner).
     """
 
     node_id: uuid.UUID
@@ -143,6 +146,7 @@ class NodeRecord:
     listen_address: str | None = None
     tls_fingerprint: str | None = None
     progress: Progress = attrs.field(factory=dict)
+    role: str = "node"
 
     def is_live(self, now: datetime) -> bool:
         """Whether the record has not expired at *now*."""
@@ -167,6 +171,7 @@ def _decode(key: bytes, value: bytes) -> NodeRecord | None:
         listen_address=beat.listen_address,
         tls_fingerprint=beat.tls_fingerprint,
         progress=beat.progress,
+        role=beat.role,
     )
 
 
@@ -247,8 +252,10 @@ class Membership:
         tls_fingerprint: str | None = None,
         prune_after: float = 3600.0,
         store_timeout: float | None = None,
+        role: str = "node",
     ) -> None:
         self._provider = provider
+        self._role = role
         self._node_id = settings.node_id
         self._key = str(settings.node_id).encode("ascii")
         self._interval = settings.heartbeat_interval
@@ -331,6 +338,11 @@ class Membership:
     def live_peers(self) -> dict[uuid.UUID, NodeRecord]:
         """The live records of the other nodes (addresses for the node transport)."""
         return {n: r for n, r in self._peers.items() if n in self._live}
+
+    def live_members(self) -> dict[uuid.UUID, NodeRecord]:
+        """Every other live record, clients included (for authenticating peers)."""
+        now = self._clock()
+        return {n: r for n, r in self._peers.items() if r.is_live(now)}
 
     # -- running --
 
@@ -561,6 +573,7 @@ class Membership:
             listen_address=self._listen_address,
             tls_fingerprint=self._tls_fingerprint,
             progress=progress,
+            role=self._role,
         )
         value = msgspec.msgpack.encode(beat)
         if len(value) > self._provider.limits.max_value_bytes and progress:
@@ -695,8 +708,9 @@ class Membership:
     def _update(self, now: datetime) -> None:
         """Recompute the live set at *now*; bump the generation if it changed."""
         active = not self._left and self._fresh(now)
-        live = {n for n, r in self._peers.items() if r.is_live(now)}
-        if active:
+        # Clients are members (for authentication) but never own partitions.
+        live = {n for n, r in self._peers.items() if r.is_live(now) and r.role == "node"}
+        if active and self._role == "node":
             live.add(self._node_id)
         live_set = frozenset(live)
         if active == self._active and live_set == self._live:

@@ -254,6 +254,10 @@ class _UniqueEvents:
     def __aiter__(self) -> _UniqueEvents:
         return self
 
+    def pending(self) -> int:
+        """Events received and not yet taken (some may be repeats)."""
+        return self._receive.statistics().current_buffer_used
+
     async def __anext__(self) -> StreamEvent:
         while True:
             event = await self._receive.__anext__()

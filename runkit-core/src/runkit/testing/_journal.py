@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from functools import partial
 from typing import ClassVar
@@ -23,7 +23,7 @@ from runkit.persistence import (
 )
 
 from ._machines import run_journal_machine
-from ._support import RACERS, ROUNDS, SuiteBase, gather, unique_name
+from ._support import RACERS, ROUNDS, SuiteBase, cancel_call, gather, unique_name
 from .faults import AFTER, BEFORE, FaultPlan, FaultyProvider, InjectedFault
 
 __all__ = ["JournalSuite"]
@@ -40,37 +40,6 @@ async def _fill(journal: Journal, count: int, start: int = 0) -> None:
 
 async def _collect(journal: Journal, position: int) -> list[tuple[int, bytes]]:
     return [item async for item in journal.range(position)]
-
-
-async def _cancel(when: str, call: Callable[[], Awaitable[object]]) -> bool:
-    """Run *call* and cancel it, ``"before"`` it starts or once it is ``"in-flight"``.
-
-    In flight means every task is blocked, so the call is waiting on its
-    backend (a socket, a thread). Returns whether the cancellation took effect.
-    """
-    if when == "before":
-        with anyio.CancelScope() as scope:
-            scope.cancel()
-            await call()
-        return scope.cancelled_caught
-    finished = False
-    error: Exception | None = None
-
-    async def run() -> None:
-        nonlocal finished, error
-        try:
-            await call()
-        except Exception as exc:  # re-raised below, outside the task group's wrapping
-            error = exc
-        finished = True
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        await anyio.wait_all_tasks_blocked()
-        tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    return not finished
 
 
 class JournalSuite(SuiteBase):
@@ -556,7 +525,7 @@ class JournalSuite(SuiteBase):
         # record nor a handle or provider that no longer works.
         for position in range(3):
             record = _record(position) * 64
-            cancelled = await _cancel(when, partial(journal.append, position, record))
+            cancelled = await cancel_call(when, partial(journal.append, position, record))
             bounds = await journal.bounds()
             assert bounds.end in (position, position + 1), bounds
             if bounds.end == position:
@@ -581,9 +550,9 @@ class JournalSuite(SuiteBase):
                     await anyio.sleep(10)  # cancelled here if the fetch was not
 
         for _ in range(2):
-            await _cancel(when, journal.bounds)
-            await _cancel(when, partial(journal.get, 1))
-            await _cancel(when, first_of_range)
+            await cancel_call(when, journal.bounds)
+            await cancel_call(when, partial(journal.get, 1))
+            await cancel_call(when, first_of_range)
         assert await journal.bounds() == Interval(0, 3)
         assert await journal.get(1) == _record(1)
         assert await _collect(journal, 0) == [(p, _record(p)) for p in range(3)]

@@ -6,12 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from functools import partial
 
+import anyio
 import pytest
 
 from runkit.persistence import Conflict, Keyspace, PersistenceError, Provider
 
 from ._machines import run_keyspace_machine
-from ._support import RACERS, ROUNDS, SuiteBase, gather, unique_name
+from ._support import RACERS, ROUNDS, SuiteBase, cancel_call, gather, unique_name
 from .faults import AFTER, BEFORE, FaultPlan, FaultyProvider, InjectedFault
 
 __all__ = ["KeyspaceSuite"]
@@ -23,6 +24,12 @@ async def _items(keyspace: Keyspace) -> dict[bytes, tuple[bytes, str]]:
         assert key not in items, f"range yielded {key!r} twice"
         items[key] = (value, revision)
     return items
+
+
+async def _first_key(keyspace: Keyspace) -> None:
+    async with aclosing(keyspace.range()) as pairs:  # type: ignore[type-var]
+        async for _ in pairs:
+            await anyio.sleep(10)  # cancelled here if the fetch was not
 
 
 class KeyspaceSuite(SuiteBase):
@@ -309,6 +316,35 @@ class KeyspaceSuite(SuiteBase):
             assert results.count("") == 1, results
             assert all(isinstance(r, Conflict) for r in results if r != "")
             assert not await keyspace.has(b"<k>")
+
+    # -- cancellation ----------------------------------------------------------------------
+
+    @pytest.mark.parametrize("when", ["before", "in-flight"])
+    async def test_keyspace_cancelled_set_lands_whole_or_not_at_all(
+        self, provider: Provider, keyspace: Keyspace, keyspace_name: str, when: str
+    ) -> None:
+        # Like a cancelled journal append: the old value and revision, or the
+        # new ones, never a mixture; and the handle and provider keep working.
+        value, revision = b"", ""
+        for round_ in range(3):
+            new = f"<value-{round_}>".encode() * 64
+            cancelled = await cancel_call(when, partial(keyspace.set, b"<key>", new, revision))
+            current, current_revision = await keyspace.get(b"<key>")
+            if current == new:
+                assert current_revision not in ("", revision)
+            else:
+                assert cancelled, "set returned normally but its value is missing"
+                assert (current, current_revision) == (value, revision)
+                current_revision = await keyspace.set(b"<key>", new, revision)
+            value, revision = new, current_revision
+            await cancel_call(when, partial(keyspace.get, b"<key>"))
+            await cancel_call(when, partial(keyspace.has, b"<key>"))
+            await cancel_call(when, partial(_first_key, keyspace))
+            assert await keyspace.get(b"<key>") == (value, revision)
+        async with await provider.keyspaces.open(keyspace_name) as again:
+            assert await again.get(b"<key>") == (value, revision)
+            assert await again.set(b"<key>", b"", revision) == ""
+        assert not await keyspace.has(b"<key>")
 
     # -- faults ----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 
 from runkit.persistence import Provider
 
-__all__ = ["SuiteBase", "gather", "unique_name"]
+__all__ = ["SuiteBase", "cancel_call", "gather", "unique_name"]
 
 T = TypeVar("T")
 
@@ -48,6 +48,39 @@ async def gather(*calls: Callable[[], Awaitable[T]]) -> list[T | BaseException]:
         await anyio.lowlevel.checkpoint()
         start.set()
     return results
+
+
+async def cancel_call(when: str, call: Callable[[], Awaitable[object]]) -> bool:
+    """Run *call* and cancel it, ``"before"`` it starts or once it is ``"in-flight"``.
+
+    In flight means every task is blocked, so the call is waiting on its
+    backend (a socket, a thread): exactly so on trio, while anyio's asyncio
+    backend checks only every 0.1 s, so there a quick call may finish first.
+    Returns whether the cancellation took effect.
+    """
+    if when == "before":
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await call()
+        return scope.cancelled_caught
+    finished = False
+    error: Exception | None = None
+
+    async def run() -> None:
+        nonlocal finished, error
+        try:
+            await call()
+        except Exception as exc:  # re-raised below, outside the task group's wrapping
+            error = exc
+        finished = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return not finished
 
 
 class SuiteBase:

@@ -1,0 +1,429 @@
+"""The cluster: what nodes (and clients) ask each other over the node transport.
+
+Methods a node serves (``ClusterServer``):
+
+- ``offer``: an ``Offer`` of commands for one partition. The node accepts only
+  if it runs that partition now; the commands join its next batch and the
+  answer comes once they are durable (``ok``), else ``not_owner``.
+- ``wake``: a ``Wake`` for one partition: something was appended to its inbox
+  or deadline journal by another node; read it now rather than at the next poll.
+- ``observe``: a stream of the events recorded on this node whose correlation
+  ID is the one asked for (``WireEvents`` batches), until the caller leaves.
+
+The caller's side (``Router``), used by the engine's acceptance and executors
+and by ``runkit.Client``: it ranks the live nodes for a partition by rendezvous
+hashing, offers commands to the owner, and falls back to the inbox (plus a
+``wake``) when the owner does not answer in time. The heartbeat store stays the
+only authority on membership: a failed call is a hint, never a verdict.
+
+Peers are authenticated by the fingerprint of their TLS certificate, which every
+member (node or client) publishes in its heartbeat record (ADR 0005).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+import attrs
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
+
+from .. import rendezvous
+from .._errors import ConfigurationError
+from ..persistence import Provider
+from ..transport import (
+    NodeTransport,
+    PeerInfo,
+    RemoteError,
+    TlsIdentity,
+    TransportError,
+)
+from .envelope import Envelope
+from .inbox import InboxEntry
+from .membership import NodeRecord, list_nodes
+from .settings import EngineSettings
+from .streams import StreamEvent
+
+__all__ = [
+    "ClusterServer",
+    "NodeCluster",
+    "Offer",
+    "Router",
+    "Wake",
+    "authenticator",
+    "make_identity",
+    "serve_cluster",
+]
+
+_log = logging.getLogger("runkit.engine.cluster")
+
+OK = b"ok"
+NOT_OWNER = b"not_owner"
+#: How long a gateway waits for the owner to take a command before using the inbox.
+OFFER_TIMEOUT = 2.0
+#: Events sent per ``observe`` frame at most.
+OBSERVE_BATCH = 64
+
+
+class Offer(msgspec.Struct, frozen=True, kw_only=True):
+    """Commands for one partition of an application."""
+
+    app_key: str
+    partition: int
+    entries: tuple[InboxEntry, ...]
+
+
+class Wake(msgspec.Struct, frozen=True, kw_only=True):
+    """Read a partition's inbox (``what="inbox"``) or deadlines (``"deadlines"``) now."""
+
+    app_key: str
+    partition: int
+    what: str = "inbox"
+
+
+class Observe(msgspec.Struct, frozen=True, kw_only=True):
+    """Stream the events of one correlation chain recorded on the serving node."""
+
+    app_key: str
+    correlation_id: str
+
+
+class WireEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A ``StreamEvent`` on the wire."""
+
+    stream_id: str
+    offset: int
+    envelope: Envelope
+    recorded_at: datetime
+
+
+_offer_decoder = msgspec.msgpack.Decoder(Offer)
+_wake_decoder = msgspec.msgpack.Decoder(Wake)
+_observe_decoder = msgspec.msgpack.Decoder(Observe)
+_events_decoder = msgspec.msgpack.Decoder(tuple[WireEvent, ...])
+_encoder = msgspec.msgpack.Encoder()
+
+
+def make_identity(node_id: str, cert: str | None, key: str | None, ca: str | None) -> TlsIdentity:
+    """The node's TLS identity: the operator's files, or a fresh self-signed certificate."""
+    if cert is not None and key is not None:
+        return TlsIdentity.load(cert, key, ca)
+    return TlsIdentity.self_signed(node_id)
+
+
+class ClusterServer:
+    """The methods a node serves to its peers (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        offer_local: Callable[[str, int, Sequence[InboxEntry]], Awaitable[bool]],
+        wake_local: Callable[[str, int, str], None],
+        subscribe_local: Callable[[str], object],
+    ) -> None:
+        self._offer_local = offer_local
+        self._wake_local = wake_local
+        self._subscribe_local = subscribe_local
+
+    @property
+    def unary(self) -> dict[str, Callable[[PeerInfo, bytes], Awaitable[bytes]]]:
+        """The unary methods, for ``NodeTransport``."""
+        return {"offer": self._offer, "wake": self._wake}
+
+    @property
+    def streams(self) -> dict[str, Callable[[PeerInfo, bytes], AsyncIterator[bytes]]]:
+        """The stream methods, for ``NodeTransport``."""
+        return {"observe": self._observe}
+
+    async def _offer(self, peer: PeerInfo, payload: bytes) -> bytes:
+        offer = _decode(_offer_decoder, payload)
+        accepted = await self._offer_local(offer.app_key, offer.partition, offer.entries)
+        return OK if accepted else NOT_OWNER
+
+    async def _wake(self, peer: PeerInfo, payload: bytes) -> bytes:
+        wake = _decode(_wake_decoder, payload)
+        self._wake_local(wake.app_key, wake.partition, wake.what)
+        return OK
+
+    async def _observe(self, peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
+        request = _decode(_observe_decoder, payload)
+        subscription: Any = self._subscribe_local(request.correlation_id)
+        async with subscription as events:
+            yield b""  # subscribed: the caller may now accept its command
+            batch: list[WireEvent] = []
+            async for event in events:
+                batch.append(_wire(event))
+                # Send what has arrived; wait for more only when nothing is pending.
+                if len(batch) >= OBSERVE_BATCH or not _pending(events):
+                    yield _encoder.encode(tuple(batch))
+                    batch = []
+
+
+def _pending(events: object) -> bool:
+    pending = getattr(events, "pending", None)
+    return bool(pending()) if callable(pending) else False
+
+
+_M = TypeVar("_M")
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[_M], payload: bytes) -> _M:
+    try:
+        return decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise RemoteError("bad_request", f"malformed request: {exc}") from exc
+
+
+def _wire(event: StreamEvent) -> WireEvent:
+    return WireEvent(
+        stream_id=event.stream_id,
+        offset=event.offset,
+        envelope=event.envelope,
+        recorded_at=event.recorded_at,
+    )
+
+
+class Router:
+    """Routes commands and observations to the nodes that own partitions.
+
+    *members* returns the live heartbeat records of the other members (nodes and
+    clients; only nodes own partitions). *self_id* is this member's node ID
+    (excluded from ranking when it is a client).
+    """
+
+    def __init__(
+        self,
+        transport: NodeTransport,
+        members: Callable[[], Mapping[uuid.UUID, NodeRecord]],
+        *,
+        self_id: uuid.UUID,
+        self_is_node: bool,
+        offer_timeout: float = OFFER_TIMEOUT,
+    ) -> None:
+        self._transport = transport
+        self._members = members
+        self._self_id = self_id
+        self._self_is_node = self_is_node
+        self._offer_timeout = offer_timeout
+        self._tg: TaskGroup | None = None
+
+    def start(self, tg: TaskGroup) -> None:
+        """Give the router a task group for fire-and-forget wake-ups."""
+        self._tg = tg
+
+    def owner(self, partition_id: str) -> NodeRecord | None:
+        """The owner of a partition in this member's view (``None``: this node, or nobody)."""
+        nodes = {n: r for n, r in self._members().items() if r.role == "node"}
+        candidates = set(nodes)
+        if self._self_is_node:
+            candidates.add(self._self_id)
+        if not candidates:
+            return None
+        winner = rendezvous.winner(uuid.UUID(partition_id), candidates)
+        if winner is None or winner == self._self_id:
+            return None
+        return nodes.get(winner)
+
+    async def offer(
+        self, app_key: str, index: int, partition_id: str, entries: Sequence[InboxEntry]
+    ) -> bool:
+        """Offer commands to the partition's owner; whether it took them (durably)."""
+        owner = self.owner(partition_id)
+        if owner is None or owner.advertise_address is None:
+            return False
+        payload = _encoder.encode(Offer(app_key=app_key, partition=index, entries=tuple(entries)))
+        try:
+            answer = await self._transport.call(
+                owner.advertise_address,
+                "offer",
+                payload,
+                timeout=self._offer_timeout,
+                expect_fingerprint=owner.tls_fingerprint,
+            )
+        except TransportError as exc:
+            _log.info(
+                "offering %d command(s) for partition %d to node %s failed (%s); using the inbox",
+                len(entries),
+                index,
+                owner.node_id,
+                exc,
+            )
+            return False
+        return answer == OK
+
+    def wake(self, app_key: str, index: int, partition_id: str, what: str = "inbox") -> None:
+        """Tell the partition's owner to read its inbox or deadlines now (best effort)."""
+        owner = self.owner(partition_id)
+        if owner is None or owner.advertise_address is None or self._tg is None:
+            return
+        payload = _encoder.encode(Wake(app_key=app_key, partition=index, what=what))
+        self._tg.start_soon(self._call_quietly, owner, "wake", payload)
+
+    async def _call_quietly(self, owner: NodeRecord, method: str, payload: bytes) -> None:
+        assert owner.advertise_address is not None
+        try:
+            await self._transport.call(
+                owner.advertise_address,
+                method,
+                payload,
+                timeout=self._offer_timeout,
+                expect_fingerprint=owner.tls_fingerprint,
+            )
+        except TransportError as exc:
+            _log.debug("%s to node %s failed: %s", method, owner.node_id, exc)
+
+    @asynccontextmanager
+    async def observe(
+        self, app_key: str, correlation_id: str
+    ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+        """Receive the chain's events recorded on every live node (subscribed on entry).
+
+        Nodes that join later, or whose subscription breaks, are subscribed
+        (again) at the next membership check, every half second; events are
+        de-duplicated by (stream, offset) by the caller's subscription.
+        """
+        send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
+        subscribed: dict[uuid.UUID, anyio.CancelScope] = {}
+        request = _encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
+        async with anyio.create_task_group() as tg:
+
+            async def follow(
+                node: NodeRecord, scope: anyio.CancelScope, ready: anyio.Event
+            ) -> None:
+                assert node.advertise_address is not None
+                try:
+                    with scope:
+                        async with self._transport.stream(
+                            node.advertise_address,
+                            "observe",
+                            request,
+                            timeout=math.inf,
+                            expect_fingerprint=node.tls_fingerprint,
+                        ) as items:
+                            async for data in items:
+                                ready.set()
+                                if data:
+                                    for item in _events_decoder.decode(data):
+                                        send.send_nowait(_event(item))
+                except (TransportError, msgspec.DecodeError) as exc:
+                    _log.info("observing on node %s stopped: %s", node.node_id, exc)
+                finally:
+                    ready.set()
+                    subscribed.pop(node.node_id, None)
+
+            async def subscribe_all() -> list[anyio.Event]:
+                waits = []
+                for node_id, node in self._members().items():
+                    if node.role != "node" or node_id in subscribed or not node.advertise_address:
+                        continue
+                    scope = anyio.CancelScope()
+                    subscribed[node_id] = scope
+                    ready = anyio.Event()
+                    waits.append(ready)
+                    tg.start_soon(follow, node, scope, ready)
+                return waits
+
+            async def keep_subscribed(*, task_status: TaskStatus[None]) -> None:
+                waits = await subscribe_all()
+                with anyio.move_on_after(self._offer_timeout):
+                    for ready in waits:
+                        await ready.wait()
+                task_status.started()
+                while True:
+                    await anyio.sleep(0.5)
+                    await subscribe_all()
+
+            await tg.start(keep_subscribed)
+            try:
+                yield receive
+            finally:
+                tg.cancel_scope.cancel()
+                send.close()
+
+
+def _event(item: WireEvent) -> StreamEvent:
+    return StreamEvent(item.stream_id, item.offset, item.envelope, item.recorded_at)
+
+
+def authenticator(
+    provider: Provider, members: Callable[[], Mapping[uuid.UUID, NodeRecord]]
+) -> Callable[[str], Awaitable[bool]]:
+    """Accept a peer whose certificate fingerprint a live member published.
+
+    A fingerprint not in this member's view is looked up in the store once (a
+    member that has just joined), so a new peer is not refused for a heartbeat.
+    """
+
+    async def authenticate(fingerprint: str) -> bool:
+        if any(r.tls_fingerprint == fingerprint for r in members().values()):
+            return True
+        now = datetime.now(UTC)
+        try:
+            records = await list_nodes(provider)
+        except Exception:
+            return False
+        return any(r.tls_fingerprint == fingerprint and r.is_live(now) for r in records)
+
+    return authenticate
+
+
+@attrs.define(eq=False)
+class NodeCluster:
+    """A node's part in the cluster: its TLS identity, transport and router."""
+
+    identity: TlsIdentity
+    transport: NodeTransport
+    router: Router
+    advertise_address: str
+
+
+@asynccontextmanager
+async def serve_cluster(
+    *,
+    settings: EngineSettings,
+    provider: Provider,
+    members: Callable[[], Mapping[uuid.UUID, NodeRecord]],
+    server: ClusterServer,
+) -> AsyncIterator[NodeCluster]:
+    """Listen on ``settings.listen_address`` and serve *server*'s methods while inside.
+
+    Raises ``ConfigurationError`` when the node cannot be reached (a wildcard
+    listen address and no advertise address) or its TLS files do not load.
+    """
+    assert settings.listen_address is not None
+    identity = make_identity(
+        str(settings.node_id), settings.tls_cert, settings.tls_key, settings.tls_ca
+    )
+    async with (
+        NodeTransport(
+            node_id=str(settings.node_id),
+            identity=identity,
+            authenticate=authenticator(provider, members),
+            unary=server.unary,
+            streams=server.streams,
+        ) as transport,
+        anyio.create_task_group() as tg,
+    ):
+        bound: str = await tg.start(transport.serve, settings.listen_address)
+        advertise = settings.advertise_address or bound
+        if advertise.startswith(("0.0.0.0:", "[::]:")):
+            raise ConfigurationError(
+                "the node cannot be reached by its peers",
+                [
+                    f"it listens on {bound}: set an address peers can reach with "
+                    "runkit.with_advertise_address() or DOGMA_ADVERTISE_ADDRESS"
+                ],
+            )
+        router = Router(transport, members, self_id=settings.node_id, self_is_node=True)
+        router.start(tg)
+        try:
+            yield NodeCluster(identity, transport, router, advertise)
+        finally:
+            tg.cancel_scope.cancel()
