@@ -82,12 +82,14 @@ def store(postgres_dsn: str, postgres_schema: str) -> str:
     return url_for(postgres_dsn, schema=postgres_schema)
 
 
-@pytest.fixture
-def node(store: str, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+@pytest.fixture(params=["asyncio", "trio"])
+def node(
+    request: pytest.FixtureRequest, store: str, tmp_path: Path
+) -> Iterator[subprocess.Popen[str]]:
     """``runkit run library.app:app`` on PostgreSQL, as the tutorial starts it."""
     log = (tmp_path / "node.log").open("w")
     process = subprocess.Popen(
-        [str(RUNKIT), "run", "library.app:app"],
+        [str(RUNKIT), "run", "--backend", request.param, "library.app:app"],
         cwd=tmp_path,
         env=_environment(DOGMA_PERSISTENCE_URL=store, LIBRARY_LOAN_SECONDS=LOAN_SECONDS),
         stdout=log,
