@@ -717,8 +717,15 @@ async def test_engine_runs_exactly_the_partitions_membership_assigns(
 
     async def start_engine(tg: TaskGroup, node_id: uuid.UUID) -> None:
         provider = MemoryProvider(silo)
+        # No listen address: these engines do not serve the node transport.
         settings = node_settings(
-            node_id, clock, applications=(s.config,), persistence_provider=provider, **FAST
+            node_id,
+            clock,
+            applications=(s.config,),
+            persistence_provider=provider,
+            listen_address=None,
+            advertise_address=None,
+            **FAST,
         )
         engine = Engine.from_settings(settings)
         made: list[Membership] = []

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TUTORIAL = ROOT / "docs" / "tutorial"
 PAGE = TUTORIAL / "index.md"
 RUNKIT = Path(sys.executable).with_name("runkit")
-LOAN_SECONDS = "3"  # every node, the short-lived senders too, runs the same configuration
+LOAN_SECONDS = "3"
 
 # The block form of pymdownx.snippets: not valid Python, so formatters leave it alone.
 SNIPPET = re.compile(r"^--8<--\n([^:\n]+)(?::([\w-]+))?\n--8<--$", re.MULTILINE)
@@ -97,6 +97,12 @@ def node(
         text=True,
     )
     try:
+        # Like the reader, wait for the node to say it runs before sending commands.
+        deadline = time.monotonic() + 60
+        while "running library on" not in (tmp_path / "node.log").read_text():
+            assert process.poll() is None, (tmp_path / "node.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+            time.sleep(0.1)
         yield process
     finally:
         if process.poll() is None:
@@ -109,7 +115,7 @@ def _library(tmp_path: Path, store: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "library", *args],
         cwd=tmp_path,
-        env=_environment(DOGMA_PERSISTENCE_URL=store, LIBRARY_LOAN_SECONDS=LOAN_SECONDS),
+        env=_environment(DOGMA_PERSISTENCE_URL=store),  # a client runs no handlers
         capture_output=True,
         text=True,
         timeout=60,

@@ -5,8 +5,8 @@
     python -m library loans
 
 ``borrow`` and ``return`` need ``DOGMA_PERSISTENCE_URL``: the store of the
-nodes that ``runkit run library.app:app`` started. ``loans`` reads the read
-model at ``LIBRARY_DB``.
+nodes that ``runkit run library.app:app`` started (start one first). ``loans``
+reads the read model at ``LIBRARY_DB``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ from .messages import BorrowBook, ReturnBook
 
 
 async def send(command: dogma.Command) -> None:
-    """Execute one command through a short-lived engine on the same store."""
-    engine = runkit.Engine(runkit.with_application(app), runkit.from_environment())
-    executor = engine.executor_for(app)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(engine.run)
-        await executor.execute_command(command)  # returns once the command is durable
-        tg.cancel_scope.cancel()
+    """Execute one command on the running cluster, as a client: never a node."""
+    async with runkit.Client(runkit.with_application(app), runkit.from_environment()) as client:
+        await client.executor_for(app).execute_command(command)  # durable when it returns
 
 
 # --8<-- [end:send]

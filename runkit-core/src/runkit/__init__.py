@@ -27,10 +27,12 @@ from ._options import with_retry_policy as with_retry_policy
 from ._options import with_site as with_site
 from ._options import with_start_timeout as with_start_timeout
 from ._options import with_tls as with_tls
+from .client import Client as Client
 from .engine.engine import Engine as Engine
 
 __all__ = [
     "ENVIRONMENT",
+    "Client",
     "ConfigurationError",
     "Engine",
     "Option",

@@ -70,11 +70,18 @@ class Option:
 def with_application(app: object) -> Option:
     """Register a Dogma application; its configuration is built and validated now.
 
-    Raises ``TypeError`` for ``None`` and ``runkit.ConfigurationError`` listing
-    every problem in the application's configuration.
+    *app* may also be a configuration already built with
+    ``runkit.config.build(app, registry=...)`` (an application whose messages
+    are registered on a registry of its own). Raises ``TypeError`` for ``None``
+    and ``runkit.ConfigurationError`` listing every problem in the
+    application's configuration.
     """
     if app is None:
         raise TypeError("with_application(None): pass a Dogma application object")
+    if isinstance(app, config.ApplicationConfig):
+        return Option(
+            "with_application", "application", app, f"with_application({app.identity.name!r})"
+        )
     if not callable(getattr(app, "configure", None)):
         raise TypeError(
             f"with_application({type(app).__name__} object): a Dogma application must "

@@ -346,6 +346,7 @@ class Router:
             finally:
                 tg.cancel_scope.cancel()
                 send.close()
+                receive.close()
 
 
 def _event(item: WireEvent) -> StreamEvent:

@@ -40,6 +40,7 @@ from .envelope import Envelope, register_types
 from .inbox import EngineStopped, InboxEntry, InboxWriter, inbox_name
 from .logs import describe_error
 from .materialiser import Materialiser
+from .observers import Subscription, merged
 from .ownership import Ownership
 from .partitions import NodeContext, PartitionContext, PartitionRunner, partition_id, partition_of
 from .settings import EngineSettings
@@ -540,6 +541,17 @@ class Engine:
     def router(self) -> Router | None:
         """Routes to peers over the node transport (``None`` without a listen address)."""
         return None if self._cluster is None else self._cluster.router
+
+    async def acceptor(self, app_key: str) -> Acceptor:
+        """The application's acceptor (``executor.Gateway``); waits until started."""
+        return (await self.runtime(app_key)).acceptor
+
+    def subscribe(self, app_key: str, correlation_id: str) -> Subscription:
+        """The chain's events recorded here and, with a listen address, on every peer."""
+        local = self.bus.subscribe(correlation_id)
+        if self._cluster is None:
+            return local
+        return merged(local, self._cluster.router.observe(app_key, correlation_id))
 
     def _members(self) -> dict[uuid.UUID, Any]:
         view = self._membership_view

@@ -2,35 +2,52 @@
 
 ``execute_command`` validates the command (``is_new=True``), finds its handler,
 builds the envelope (command ID ``uuid5(app_key, idempotency_key)`` when a key
-is given, else random), waits for the engine to start, and returns once the
-command is durable in its partition inbox. With observers it subscribes to the
-engine's ``EventBus`` by correlation ID *before* accepting, so no event can be
-missed, then waits in ``observers.wait_for_observers``.
+is given, else random), waits for its gateway (an engine, or a ``runkit.Client``)
+to start, and returns once the command is durable. With observers it subscribes
+to the chain's events (on this node and, over the node transport, on every
+peer) *before* accepting, so no event can be missed, then waits in
+``observers.wait_for_observers``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import dogma
 
 from ..config import ApplicationConfig
-from .commands import command_id_for
+from .commands import Acceptor, command_id_for
 from .envelope import new_envelope, validate_new
 from .ids import new_id
+from .observers import Subscription, wait_for_observers
+from .settings import EngineSettings
 
-if TYPE_CHECKING:
-    from .engine import Engine
+__all__ = ["Executor", "Gateway"]
 
-__all__ = ["Executor"]
+
+class Gateway(Protocol):
+    """Where an executor sends commands: an engine, or a ``runkit.Client``."""
+
+    @property
+    def settings(self) -> EngineSettings:
+        """Site key and clock for new envelopes."""
+        ...
+
+    async def acceptor(self, app_key: str) -> Acceptor:
+        """The application's acceptor; waits until the gateway has started."""
+        ...
+
+    def subscribe(self, app_key: str, correlation_id: str) -> Subscription:
+        """Events of the chain, wherever they are recorded (subscribed on entry)."""
+        ...
 
 
 class Executor:
-    """Executes commands of one application (``Engine.executor_for``); safe to share."""
+    """Executes commands of one application; safe to share."""
 
-    def __init__(self, engine: Engine, app: ApplicationConfig) -> None:
-        self._engine = engine
+    def __init__(self, gateway: Gateway, app: ApplicationConfig) -> None:
+        self._gateway = gateway
         self._app = app
 
     @property
@@ -47,7 +64,7 @@ class Executor:
     ) -> None:
         """Execute *command*; see ``dogma.CommandExecutor.execute_command``.
 
-        Blocks until the engine has started, then until the command is durable.
+        Blocks until the gateway has started, then until the command is durable.
 
         Raises:
             dogma.ValidationError: the command is invalid.
@@ -57,6 +74,8 @@ class Executor:
             TypeError: *command* is not a ``dogma.Command``.
             dogma.EventObserverNotSatisfied: no observer can be satisfied any more.
             runkit.engine.inbox.EngineStopped: the engine stopped first.
+            runkit.engine.commands.Backlogged: the partition's backlog stayed
+                over the limit.
         """
         if not isinstance(command, dogma.Command):
             raise TypeError(f"execute_command() takes a dogma.Command, got {command!r}")
@@ -73,7 +92,7 @@ class Executor:
                 f"{cls.__module__}.{cls.__qualname__}"
             )
         validate_new(command)
-        settings = self._engine.settings
+        settings = self._gateway.settings
         command_id = (
             command_id_for(app_key, idempotency_key) if idempotency_key is not None else new_id()
         )
@@ -84,13 +103,11 @@ class Executor:
             created_at=settings.clock(),
             message_id=command_id,
         )
-        runtime = await self._engine.runtime(app_key)
-        routed = runtime.acceptor.route(envelope, keyed=idempotency_key is not None)
+        acceptor = await self._gateway.acceptor(app_key)
+        routed = acceptor.route(envelope, keyed=idempotency_key is not None)
         if not observers:
-            await runtime.acceptor.accept([routed])
+            await acceptor.accept([routed])
             return
-        from .observers import wait_for_observers
-
-        async with self._engine.bus.subscribe(envelope.correlation_id) as events:
-            await runtime.acceptor.accept([routed])
+        async with self._gateway.subscribe(app_key, envelope.correlation_id) as events:
+            await acceptor.accept([routed])
             await wait_for_observers(self._app, envelope, type(command), observers, events)

@@ -36,6 +36,7 @@ peers on the same host look skewed).
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -82,6 +83,17 @@ Progress = Mapping[str, Mapping[int, Mapping[str, int]]]
 _T = TypeVar("_T")
 
 
+def _runkit_version() -> str | None:
+    try:
+        return importlib.metadata.version("runkit-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+#: The runkit-core version this process publishes in its heartbeat (for ``runkit status``).
+RUNKIT_VERSION = _runkit_version()
+
+
 class NodeIdInUse(RuntimeError):
     """Another live process uses this node's ID: running both would corrupt ownership."""
 
@@ -109,6 +121,7 @@ class _Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     tls_fingerprint: str | None = None
     progress: dict[str, dict[int, dict[str, int]]] = msgspec.field(default_factory=dict)
     role: str = "node"
+    runkit_version: str | None = None
 
 
 _decoder = msgspec.msgpack.Decoder(_Heartbeat)
@@ -134,6 +147,7 @@ class NodeRecord:
             ``Progress``), as the node last published them.
         role: ``"node"`` (owns partitions) or ``"client"`` (a ``runkit.Client``:
             a member for authentication only, never an owner).
+        runkit_version: The writer's runkit-core version (``None`` from older writers).
     """
 
     node_id: uuid.UUID
@@ -147,6 +161,7 @@ class NodeRecord:
     tls_fingerprint: str | None = None
     progress: Progress = attrs.field(factory=dict)
     role: str = "node"
+    runkit_version: str | None = None
 
     def is_live(self, now: datetime) -> bool:
         """Whether the record has not expired at *now*."""
@@ -172,6 +187,7 @@ def _decode(key: bytes, value: bytes) -> NodeRecord | None:
         tls_fingerprint=beat.tls_fingerprint,
         progress=beat.progress,
         role=beat.role,
+        runkit_version=beat.runkit_version,
     )
 
 
@@ -574,6 +590,7 @@ class Membership:
             tls_fingerprint=self._tls_fingerprint,
             progress=progress,
             role=self._role,
+            runkit_version=RUNKIT_VERSION,
         )
         value = msgspec.msgpack.encode(beat)
         if len(value) > self._provider.limits.max_value_bytes and progress:

@@ -19,8 +19,12 @@ which Dogma permits but does not require. Callers should bound the wait.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
+
+import anyio
 
 import dogma
 
@@ -28,7 +32,49 @@ from ..config import ApplicationConfig
 from .envelope import Envelope
 from .streams import StreamEvent
 
-__all__ = ["wait_for_observers"]
+__all__ = ["merged", "wait_for_observers"]
+
+Subscription = AbstractAsyncContextManager[AsyncIterator[StreamEvent]]
+
+
+@asynccontextmanager
+async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+    """Enter every subscription (all before the body runs); yield their events merged.
+
+    Each stream event (stream ID, offset) is yielded once, whichever
+    subscription delivered it first: the local bus and a peer's stream may both
+    carry it (a partition that moved between nodes).
+    """
+    if len(subscriptions) == 1:
+        async with subscriptions[0] as only:
+            yield only
+        return
+    send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
+    async with AsyncExitStack() as stack:
+        stack.enter_context(send)
+        stack.enter_context(receive)
+        sources = [await stack.enter_async_context(s) for s in subscriptions]
+        async with anyio.create_task_group() as tg:
+
+            async def pump(source: AsyncIterator[StreamEvent]) -> None:
+                async for event in source:
+                    send.send_nowait(event)
+
+            for source in sources:
+                tg.start_soon(pump, source)
+            try:
+                yield _unique(receive)
+            finally:
+                tg.cancel_scope.cancel()
+
+
+async def _unique(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    seen: set[tuple[str, int]] = set()
+    async for event in events:
+        key = (event.stream_id, event.offset)
+        if key not in seen:
+            seen.add(key)
+            yield event
 
 
 async def wait_for_observers(

@@ -1,0 +1,217 @@
+"""``runkit.Client``: execute commands and observe events without running a node.
+
+A client is what a web application, a script or an operator's tool uses to
+send commands to a cluster. It reads membership from the store, offers each
+command to the node that owns its partition over the node transport (mutual
+TLS), falls back to appending to the partition's inbox (and waking the owner)
+when no owner answers, and subscribes to a command's events on every node for
+observers. It never owns a partition and never runs a handler; it joins the
+node set as a *client* member only so that nodes accept its certificate.
+
+::
+
+    async with runkit.Client(
+        runkit.with_application(app),
+        runkit.with_persistence("postgresql://db/bank"),
+    ) as client:
+        await client.executor_for(app).execute_command(OpenAccount(...))
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import anyio
+import attrs
+
+from ._errors import ConfigurationError
+from .config import ApplicationConfig
+from .engine.cluster import Router, authenticator, make_identity
+from .engine.commands import Acceptor
+from .engine.engine import read_partition_count
+from .engine.envelope import register_types
+from .engine.executor import Executor
+from .engine.inbox import InboxWriter, inbox_name
+from .engine.membership import Membership
+from .engine.observers import Subscription
+from .engine.partitions import partition_id
+from .engine.settings import EngineSettings
+from .engine.startup import wait_for_store
+from .persistence import Provider, provider_from_url
+from .transport import NodeTransport
+
+if TYPE_CHECKING:
+    from .engine.status import ClusterStatus
+
+__all__ = ["Client"]
+
+_log = logging.getLogger("runkit.client")
+
+
+class Client:
+    """Executes commands of registered applications on a cluster (see the module docstring).
+
+    Takes ``with_application``, ``with_persistence`` (or
+    ``with_persistence_provider``), ``with_tls``, ``with_node_id``,
+    ``with_heartbeat_interval`` and ``from_environment()``. Use it as an async
+    context manager; ``executor_for(app)`` is a ``dogma.CommandExecutor``.
+    """
+
+    def __init__(self, *options: object) -> None:
+        resolve = importlib.import_module("runkit._options").resolve_options
+        settings: EngineSettings = resolve(options)
+        if not settings.applications:
+            raise ConfigurationError(
+                "the client has no application",
+                ["pass runkit.with_application(app) for each application it executes commands of"],
+            )
+        # A client neither listens nor is reached: it calls nodes.
+        self.settings = attrs.evolve(settings, listen_address=None, advertise_address=None)
+        self._apps = {app.identity.key: app for app in settings.applications}
+        for app in settings.applications:
+            register_types(app.message_types())
+        self._acceptors: dict[str, Acceptor] = {}
+        self._executors: dict[str, Executor] = {}
+        self._router: Router | None = None
+        self._provider: Provider | None = None
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> Self:
+        s = self.settings
+        async with AsyncExitStack() as stack:
+            provider = s.persistence_provider
+            if provider is None:
+                if s.persistence_url is None:
+                    raise ConfigurationError(
+                        "no persistence is configured",
+                        [
+                            "use runkit.with_persistence(url) or set DOGMA_PERSISTENCE_URL "
+                            "with runkit.from_environment(): the client reads membership "
+                            "from the cluster's store"
+                        ],
+                    )
+                provider = provider_from_url(s.persistence_url)
+                stack.push_async_callback(provider.close)
+            await wait_for_store(provider, timeout=s.start_timeout)
+            identity = make_identity(str(s.node_id), s.tls_cert, s.tls_key, s.tls_ca)
+            membership = Membership(
+                provider, s, tls_fingerprint=identity.fingerprint, role="client"
+            )
+            await stack.enter_async_context(membership.joined())
+            transport = await stack.enter_async_context(
+                NodeTransport(
+                    node_id=str(s.node_id),
+                    identity=identity,
+                    authenticate=authenticator(provider, membership.live_members),
+                )
+            )
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)
+            router = Router(
+                transport, membership.live_members, self_id=s.node_id, self_is_node=False
+            )
+            router.start(tg)
+            for key, app in self._apps.items():
+                self._acceptors[key] = await self._acceptor_for(app, provider, router, stack, tg)
+            self._router, self._provider = router, provider
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack, self._stack = self._stack, None
+        self._router = None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _acceptor_for(
+        self,
+        app: ApplicationConfig,
+        provider: Provider,
+        router: Router,
+        stack: AsyncExitStack,
+        tg: Any,
+    ) -> Acceptor:
+        key = app.identity.key
+        count = await read_partition_count(provider, key)
+        if count is None:
+            raise ConfigurationError(
+                f"application {app.identity} has never run on this store",
+                ["start a node of the cluster (runkit run ...) before sending it commands"],
+            )
+        s = self.settings
+        writers = []
+        for index in range(count):
+            journal = await provider.journals.open(inbox_name(key, index))
+            stack.push_async_callback(journal.close)
+            writer = InboxWriter(
+                journal,
+                batch_limit=s.inbox_batch_limit,
+                record_limit=provider.limits.max_record_bytes,
+                max_attempts=s.max_attempts,
+                retry_max_delay=s.retry_max_delay,
+            )
+            await tg.start(writer.run)
+            writers.append(writer)
+
+        async def offer(index: int, entries: list[Any]) -> bool:
+            return await router.offer(key, index, partition_id(key, index), entries)
+
+        def wake(index: int) -> None:
+            router.wake(key, index, partition_id(key, index))
+
+        return Acceptor(app, count, writers, remote=offer, wake=wake)
+
+    # -- executor.Gateway --
+
+    async def acceptor(self, app_key: str) -> Acceptor:
+        """The application's acceptor (raises if the client is not entered)."""
+        found = self._acceptors.get(app_key)
+        if found is None or self._router is None:
+            raise RuntimeError("use the client inside `async with runkit.Client(...)`")
+        return found
+
+    def subscribe(self, app_key: str, correlation_id: str) -> Subscription:
+        """The chain's events, from every live node."""
+        if self._router is None:
+            raise RuntimeError("use the client inside `async with runkit.Client(...)`")
+        return self._router.observe(app_key, correlation_id)
+
+    # -- public --
+
+    def executor_for(self, app: object) -> Executor:
+        """The ``dogma.CommandExecutor`` of a registered application (object, config or key)."""
+        config = self._find(app)
+        executor = self._executors.get(config.identity.key)
+        if executor is None:
+            executor = self._executors[config.identity.key] = Executor(self, config)
+        return executor
+
+    async def status(self) -> ClusterStatus:
+        """The cluster's status, as ``runkit status`` shows it."""
+        from .engine.status import read_status
+
+        if self._provider is None:
+            raise RuntimeError("use the client inside `async with runkit.Client(...)`")
+        return await read_status(
+            self._provider, tuple(self._apps.values()), now=self.settings.clock()
+        )
+
+    def _find(self, app: object) -> ApplicationConfig:
+        if isinstance(app, ApplicationConfig):
+            found = self._apps.get(app.identity.key)
+        elif isinstance(app, str):
+            found = self._apps.get(app.lower())
+        else:
+            found = next((c for c in self._apps.values() if c.app is app), None)
+        if found is None:
+            raise ValueError(f"{app!r} is not an application registered with this client")
+        return found

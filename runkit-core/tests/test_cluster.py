@@ -1,0 +1,206 @@
+"""Three real node processes on one PostgreSQL, talking over the node transport.
+
+Checks, end to end (real sockets, mutual TLS, real processes):
+
+- a ``runkit.Client`` (no partitions, no handlers) executes commands; each is
+  offered to its partition's owner and committed there, so no inbox is used;
+- observers are satisfied for commands whose events are recorded on other
+  nodes than the caller's (the client owns nothing);
+- after kill -9 of one node, commands keep succeeding (offers to the dead node
+  fail over to the inbox plus a wake-up, then to the new owner) and the stores
+  hold every command exactly once (the commands harness invariants);
+- a peer without a certificate of a live member is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+
+import dogma
+import runkit
+from runkit.engine.membership import list_nodes
+from runkit_postgres import PostgresProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import (
+    APP_KEY,
+    REGISTRY,
+    Deposit,
+    Deposited,
+    check_invariants,
+    read_stores,
+    settled,
+    setup,
+)
+
+RUNNER = Path(__file__).parent / "cluster_runner.py"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def cluster(
+    tmp: Path, dsn: str, schema: str, backend: str, count: int = 3
+) -> AsyncIterator[list[anyio.abc.Process]]:
+    processes: list[anyio.abc.Process] = []
+    try:
+        for n in range(count):
+            ready = tmp / f"ready-{n}"
+            config = {
+                "dsn": dsn,
+                "schema": schema,
+                "node_id": str(uuid.uuid4()),
+                "listen": f"127.0.0.1:{_free_port()}",
+                "ready": str(ready),
+                "backend": backend,
+            }
+            with (tmp / f"node-{n}.log").open("wb") as log:
+                processes.append(
+                    await anyio.open_process(
+                        [sys.executable, str(RUNNER), json.dumps(config)],
+                        stdin=None,
+                        stdout=log,
+                        stderr=log,
+                    )
+                )
+            with anyio.fail_after(60):
+                while not ready.exists():
+                    assert processes[-1].returncode is None, f"node {n} died: see {tmp}"
+                    await anyio.sleep(0.05)
+        yield processes
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+                await process.aclose()
+
+
+async def _live_nodes(pg: PostgresProvider, count: int) -> None:
+    with anyio.fail_after(30):
+        while True:
+            nodes = await list_nodes(pg)
+            live = [
+                n for n in nodes if n.role == "node" and n.tls_fingerprint and n.advertise_address
+            ]
+            if len(live) >= count:
+                return
+            await anyio.sleep(0.1)
+
+
+async def _deposits(
+    executor: Any, refs: list[str], latencies: list[float], *, accounts: int = 12
+) -> None:
+    async def one(i: int, ref: str) -> None:
+        seen = anyio.Event()
+
+        async def observe(event: Deposited) -> bool:
+            if event.ref == ref:
+                seen.set()
+                return True
+            return False
+
+        started = time.perf_counter()
+        with anyio.fail_after(20):
+            await executor.execute_command(
+                Deposit(f"acc-{i % accounts}", 1, ref),
+                idempotency_key=ref,
+                observers=[dogma.observe(Deposited, observe, registry=REGISTRY)],
+            )
+        latencies.append(time.perf_counter() - started)
+        assert seen.is_set()
+
+    limiter = anyio.CapacityLimiter(8)
+
+    async def limited(i: int, ref: str) -> None:
+        async with limiter:
+            await one(i, ref)
+
+    async with anyio.create_task_group() as tg:
+        for i, ref in enumerate(refs):
+            tg.start_soon(limited, i, ref)
+
+
+async def test_three_nodes_route_commands_and_observers_over_the_transport(
+    postgres_dsn: str, postgres_schema: str, tmp_path: Path, anyio_backend_name: str
+) -> None:
+    s = setup()
+    async with (
+        PostgresProvider(postgres_dsn, schema=postgres_schema) as pg,
+        cluster(tmp_path, postgres_dsn, postgres_schema, anyio_backend_name) as processes,
+    ):
+        await _live_nodes(pg, 3)
+        async with runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_persistence_provider(pg),
+            runkit.with_heartbeat_interval(0.25),
+        ) as client:
+            executor = client.executor_for(s.app)
+            latencies: list[float] = []
+            await _deposits(executor, [f"r{i}" for i in range(60)], latencies)
+            stores = await read_stores(pg)
+            # Every command was offered to its owner and committed there.
+            assert not any(stores.inbox.values()), "commands went to the inbox"
+            status = await client.status()
+            assert len([n for n in status.nodes if n.live]) >= 3
+
+            # kill -9 one node: commands still succeed, through the inbox or the new owner.
+            processes[0].send_signal(signal.SIGKILL)
+            await processes[0].wait()
+            await _deposits(executor, [f"k{i}" for i in range(30)], latencies)
+            # A repeated idempotency key takes effect once.
+            await _deposits(executor, [f"r{i}" for i in range(5)], latencies)
+        check_invariants(await settled(pg, APP_KEY, timeout=60))
+        stores = await read_stores(pg)
+        refs = [env.causation_id for env in stores.all_events()]
+        assert len(refs) == len(set(refs)) == 90
+
+
+async def test_a_peer_without_a_member_certificate_is_refused(
+    postgres_dsn: str, postgres_schema: str, tmp_path: Path, anyio_backend_name: str
+) -> None:
+    from runkit.transport import NodeTransport, PeerUnavailable, TlsIdentity
+
+    async with (
+        PostgresProvider(postgres_dsn, schema=postgres_schema) as pg,
+        cluster(tmp_path, postgres_dsn, postgres_schema, anyio_backend_name, count=1),
+    ):
+        await _live_nodes(pg, 1)
+        [node] = [n for n in await list_nodes(pg) if n.role == "node"]
+        assert node.advertise_address is not None
+        stranger = TlsIdentity.self_signed("stranger")
+        async with NodeTransport(
+            node_id=str(uuid.uuid4()), identity=stranger, authenticate=lambda _: True
+        ) as transport:
+            with pytest.raises(PeerUnavailable):
+                await transport.call(node.advertise_address, "wake", b"", timeout=5)
+        # Plain TCP: the node drops it and keeps serving.
+        host, port = node.advertise_address.rsplit(":", 1)
+        stream = await anyio.connect_tcp(host, int(port))
+        async with stream:
+            await stream.send(b"GET / HTTP/1.1\r\n\r\n")
+            with anyio.fail_after(15):
+                try:
+                    data = await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
+                    data = b""
+            assert b"HTTP" not in data
