@@ -156,9 +156,11 @@ async def test_invariants_hold_with_faults_everywhere(seed: int) -> None:
 
     await run_scenario(plan, seed=seed)
 
-    # Checkpoints are written about once a second: a run may see none fail.
+    # Checkpoints are written about once a second, and markers only for keyed
+    # integration commands (a few per run, ADR 0007): a run may see none fail.
+    # The per-store test above covers both with certainty.
     for store, (marker, _) in STORES.items():
-        if store != "checkpoints":
+        if store not in {"checkpoints", "idempotency"}:
             assert _injected(plan, marker), f"no fault was injected into {store}"
 
 

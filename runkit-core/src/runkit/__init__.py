@@ -29,13 +29,23 @@ from ._options import with_start_timeout as with_start_timeout
 from ._options import with_tls as with_tls
 from .client import Client as Client
 from .engine.engine import Engine as Engine
+from .engine.status import ApplicationStatus as ApplicationStatus
+from .engine.status import ClusterStatus as ClusterStatus
+from .engine.status import ConsumerStatus as ConsumerStatus
+from .engine.status import NodeStatus as NodeStatus
+from .engine.status import PartitionStatus as PartitionStatus
 
 __all__ = [
     "ENVIRONMENT",
+    "ApplicationStatus",
     "Client",
+    "ClusterStatus",
     "ConfigurationError",
+    "ConsumerStatus",
     "Engine",
+    "NodeStatus",
     "Option",
+    "PartitionStatus",
     "from_environment",
     "hookimpl",
     "hookspec",

@@ -4,6 +4,8 @@
     runkit drivers                  list installed persistence drivers and their URL schemes
     runkit run MODULE:ATTR          run a node for the application object at MODULE:ATTR
     runkit nodes                    list the nodes' heartbeat records in the store
+    runkit status [MODULE:ATTR ...] nodes, partition owners, backlog and consumer lag
+                                    (--json for the same as JSON, --watch [SECONDS] to follow)
     runkit poison list MODULE:ATTR  list poisoned commands (also: show ID, requeue ID)
 
     runkit --version                print the versions of runkit-core and dogma-api
@@ -32,6 +34,7 @@ from .persistence import StoreUnavailable, installed_schemes, plugin_manager, re
 
 if TYPE_CHECKING:
     from ._options import Option
+    from .engine.status import ApplicationStatus, ClusterStatus
 
 __all__ = ["CLIError", "main"]
 
@@ -209,6 +212,135 @@ def _cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
     return nodes_command(out=out)
 
 
+def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    import contextlib
+    import json
+    from datetime import UTC, datetime
+
+    import anyio
+
+    from . import config
+    from .engine.status import read_status
+    from .persistence import provider_from_url
+
+    apps = [config.build(application_object(spec)) for spec in args.apps]
+    url = ENVIRONMENT.load().persistence_url
+    if url is None:
+        raise CLIError("set DOGMA_PERSISTENCE_URL to the store the nodes use")
+
+    async def go() -> None:
+        provider = provider_from_url(url)
+        provider.set_read_only()  # looking must not create (or change) anything
+        try:
+            while True:
+                status = await read_status(provider, apps, now=datetime.now(UTC), discover=not apps)
+                if args.json:
+                    indent = None if args.watch else 2  # one snapshot per line when watching
+                    text = json.dumps(status.to_json(), indent=indent) + "\n"
+                else:
+                    text = status_text(status)
+                if args.watch and out.isatty():
+                    out.write("\x1b[H\x1b[2J")  # clear the screen, cursor home
+                elif args.watch and not args.json:
+                    out.write(f"--- {status.read_at.isoformat(timespec='seconds')}\n")
+                out.write(text)
+                out.flush()
+                if not args.watch:
+                    return
+                await anyio.sleep(args.watch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await provider.close()
+
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --watch
+        anyio.run(go)
+    return 0
+
+
+def status_text(status: ClusterStatus) -> str:
+    """``runkit status``'s human output: a nodes table, then per application its partitions
+    and its consumers' lag (largest first; consumers with no lag are only counted)."""
+    import io
+
+    out = io.StringIO()
+    now = status.read_at
+    if status.nodes:
+        rows: list[tuple[str, ...]] = [
+            ("node", "state", "role", "version", "address", "last heartbeat")
+        ]
+        for n in status.nodes:
+            age = f"{(now - n.written_at).total_seconds():.1f}s ago"
+            state = "live" if n.live else "expired"
+            address = ", ".join(n.addresses) or "-"
+            rows.append((str(n.node_id), state, n.role, n.version or "?", address, age))
+        print_table(rows, out)
+        live = len(status.live_nodes)
+        out.write(f"{live} live node(s), {len(status.nodes) - live} expired\n")
+    else:
+        out.write("no nodes have heartbeat records in this store\n")
+    for app in status.applications:
+        out.write("\n")
+        _application_text(app, out)
+    return out.getvalue()
+
+
+def _application_text(app: ApplicationStatus, out: TextIO) -> None:
+    title = f"application {app.name}" + ("" if app.name == app.key else f" ({app.key})")
+    if app.partition_count is None:
+        out.write(f"{title}: has never run on this store\n")
+        return
+    out.write(f"{title}: {app.partition_count} partition(s)\n")
+    rows: list[tuple[str, ...]] = [
+        ("partition", "owner", "claimed by", "backlog", "stream end", "deadlines", "poisoned")
+    ]
+    for p in app.partitions:
+        owner = str(p.owner) if p.owner is not None else "(no live node)"
+        claimed = "same" if p.claimed_by == p.owner else str(p.claimed_by or "-")
+        poisoned = str(p.poisoned) + (
+            f" (+{p.poisoned_events} events)" if p.poisoned_events else ""
+        )
+        rows.append(
+            (
+                str(p.index),
+                owner,
+                claimed,
+                str(p.inbox_backlog),
+                str(p.stream_end),
+                str(p.pending_deadlines),
+                poisoned,
+            )
+        )
+    print_table(rows, out)
+    backlog = sum(p.inbox_backlog for p in app.partitions)
+    out.write(f"backlog {backlog} command(s), {sum(p.poisoned for p in app.partitions)} poisoned\n")
+    if not app.consumers:
+        return
+    behind = [c for c in app.consumers if c.lag != 0]
+    if behind:
+        out.write("consumer lag (largest first):\n")
+        rows = [("handler", "kind", "partition", "lag", "checkpoint")]
+        for c in behind:
+            lag = "?" if c.lag is None else str(c.lag)
+            checkpoint = "?" if c.checkpoint is None else str(c.checkpoint)
+            rows.append((c.handler, c.kind, str(c.partition), lag, checkpoint))
+        print_table(rows, out)
+    caught_up = len(app.consumers) - len(behind)
+    out.write(f"{caught_up} of {len(app.consumers)} consumer(s) caught up\n")
+
+
+def _watch_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--watch takes a number of seconds, not {text!r} "
+            "(give MODULE:ATTR before --watch, or write --watch=SECONDS)"
+        ) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"--watch needs a positive number of seconds, not {text}")
+    return seconds
+
+
 def _version() -> str:
     def installed(distribution: str) -> str:
         try:
@@ -302,6 +434,26 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_run)
     p = sub.add_parser("nodes", help="list the nodes' heartbeat records (live and expired)")
     p.set_defaults(fn=_cmd_nodes)
+    p = sub.add_parser(
+        "status",
+        help="show nodes, partition owners, backlog and consumer lag",
+        description="Show the cluster as DOGMA_PERSISTENCE_URL's store has it: the nodes, and "
+        "per application each partition's owner, inbox backlog, stream end, pending deadlines "
+        "and poisoned commands, and its consumers' lag. Without MODULE:ATTR, the applications "
+        "live nodes report (partitions only). Reads only; creates nothing.",
+    )
+    p.add_argument("apps", metavar="MODULE:ATTR", nargs="*", help="applications to report on")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument(
+        "--watch",
+        metavar="SECONDS",
+        nargs="?",
+        const=2.0,
+        default=None,
+        type=_watch_seconds,
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+    p.set_defaults(fn=_cmd_status)
     p = sub.add_parser("poison", help="list, show or requeue poisoned commands")
     psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = psub.add_parser("list", help="list poisoned commands")

@@ -249,6 +249,25 @@ class ApplicationConfig:
         self._reachable[command_cls] = result
         return result
 
+    def events_following(self, event_classes: Iterable[type]) -> frozenset[type]:
+        """The event classes that may still follow from events already recorded.
+
+        Only processes react to events: the result is what the commands they
+        execute (directly, or from their deadlines) may lead to. An observed
+        class outside it, and not yet recorded, can no longer appear once the
+        command that started the chain is done and recorded these events.
+        """
+        following: set[type] = set()
+        seen: set[int] = set()
+        for cls in event_classes:
+            for consumer in self.event_consumers(cls):
+                if consumer.kind is not HandlerKind.PROCESS or id(consumer) in seen:
+                    continue
+                seen.add(id(consumer))
+                for command in consumer.types_of(RouteKind.EXECUTES_COMMAND):
+                    following |= self.reachable_events(command.cls)
+        return frozenset(following)
+
 
 def _unique(types: Iterable[dogma.MessageType]) -> tuple[dogma.MessageType, ...]:
     return tuple(dict.fromkeys(types))

@@ -61,7 +61,15 @@ from .integrations import execute_integration
 from .materialiser import Materialiser
 from .poison import HandlerBug, PoisonRecord, write_poison
 from .settings import EngineSettings
-from .streams import EventBus, OwnershipLost, PartitionStream, Publication, StreamTail, StreamWriter
+from .streams import (
+    CommandDone,
+    EventBus,
+    OwnershipLost,
+    PartitionStream,
+    Publication,
+    StreamTail,
+    StreamWriter,
+)
 
 __all__ = ["PartitionCommands"]
 
@@ -628,7 +636,8 @@ class PartitionCommands:
             for item in items:
                 self._settle(item, PartitionStopped())
             return
-        location = (publication.offset, len(publication.events)) if publication.events else None
+        # Event-less commands are located too (count 0): "done, recorded nothing".
+        location = (publication.offset, len(publication.events))
         self._completed.add(publication.command_id, location)
         if record is not None:
             record.durable = True
@@ -647,18 +656,26 @@ class PartitionCommands:
             return
         if location is not None and self._bus.has_subscribers(item.entry.envelope.correlation_id):
             # A repeated submission with observers waiting: give them the
-            # original events (bus only; the stream already has them).
-            self._start(self._redeliver, location)
-        self._finish(item)
+            # original events (bus only; the stream already has them), then
+            # say it is done.
+            self._start(self._redeliver, item, location)
+            return
+        self._finish(item, conclusive=False)
 
-    async def _redeliver(self, location: tuple[int, int]) -> None:
+    async def _redeliver(self, item: _Item, location: tuple[int, int]) -> None:
         first, count = location
-        self._bus.publish(await self._stream.events_at(first, count))
+        try:
+            self._bus.publish(await self._stream.events_at(first, count))
+        finally:
+            self._finish(item)
 
-    def _finish(self, item: _Item) -> None:
+    def _finish(self, item: _Item, *, conclusive: bool = True) -> None:
         if item.finished:
             return
         item.finished = True
+        correlation_id = item.entry.envelope.correlation_id
+        if self._bus.has_subscribers(correlation_id):
+            self._bus.note(CommandDone(correlation_id, item.command_id, conclusive))
         self._settle(item, None)
         self._backlog -= 1
         if item.position >= 0:

@@ -49,7 +49,7 @@ from .envelope import Envelope
 from .inbox import InboxEntry
 from .membership import NodeRecord, list_nodes
 from .settings import EngineSettings
-from .streams import StreamEvent
+from .streams import CommandDone, Observed, StreamEvent
 
 __all__ = [
     "ClusterServer",
@@ -95,7 +95,7 @@ class Observe(msgspec.Struct, frozen=True, kw_only=True):
     correlation_id: str
 
 
-class WireEvent(msgspec.Struct, frozen=True, kw_only=True):
+class WireEvent(msgspec.Struct, frozen=True, kw_only=True, tag="event"):
     """A ``StreamEvent`` on the wire."""
 
     stream_id: str
@@ -104,10 +104,18 @@ class WireEvent(msgspec.Struct, frozen=True, kw_only=True):
     recorded_at: datetime
 
 
+class WireDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
+    """A ``CommandDone`` note on the wire."""
+
+    correlation_id: str
+    command_id: str
+    conclusive: bool
+
+
 _offer_decoder = msgspec.msgpack.Decoder(Offer)
 _wake_decoder = msgspec.msgpack.Decoder(Wake)
 _observe_decoder = msgspec.msgpack.Decoder(Observe)
-_events_decoder = msgspec.msgpack.Decoder(tuple[WireEvent, ...])
+_events_decoder = msgspec.msgpack.Decoder(tuple[WireEvent | WireDone, ...])
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -157,7 +165,7 @@ class ClusterServer:
         subscription: Any = self._subscribe_local(request.correlation_id)
         async with subscription as events:
             yield b""  # subscribed: the caller may now accept its command
-            batch: list[WireEvent] = []
+            batch: list[WireEvent | WireDone] = []
             async for event in events:
                 batch.append(_wire(event))
                 # Send what has arrived; wait for more only when nothing is pending.
@@ -181,7 +189,13 @@ def _decode(decoder: msgspec.msgpack.Decoder[_M], payload: bytes) -> _M:
         raise RemoteError("bad_request", f"malformed request: {exc}") from exc
 
 
-def _wire(event: StreamEvent) -> WireEvent:
+def _wire(event: Observed) -> WireEvent | WireDone:
+    if isinstance(event, CommandDone):
+        return WireDone(
+            correlation_id=event.correlation_id,
+            command_id=event.command_id,
+            conclusive=event.conclusive,
+        )
     return WireEvent(
         stream_id=event.stream_id,
         offset=event.offset,
@@ -282,14 +296,14 @@ class Router:
     @asynccontextmanager
     async def observe(
         self, app_key: str, correlation_id: str
-    ) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+    ) -> AsyncIterator[AsyncIterator[Observed]]:
         """Receive the chain's events recorded on every live node (subscribed on entry).
 
         Nodes that join later, or whose subscription breaks, are subscribed
         (again) at the next membership check, every half second; events are
         de-duplicated by (stream, offset) by the caller's subscription.
         """
-        send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
+        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         subscribed: dict[uuid.UUID, anyio.CancelScope] = {}
         request = _encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
         async with anyio.create_task_group() as tg:
@@ -349,7 +363,9 @@ class Router:
                 receive.close()
 
 
-def _event(item: WireEvent) -> StreamEvent:
+def _event(item: WireEvent | WireDone) -> Observed:
+    if isinstance(item, WireDone):
+        return CommandDone(item.correlation_id, item.command_id, item.conclusive)
     return StreamEvent(item.stream_id, item.offset, item.envelope, item.recorded_at)
 
 

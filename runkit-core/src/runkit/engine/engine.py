@@ -49,6 +49,7 @@ from .streams import EventBus, OwnershipLost, PartitionStream, StreamWriter, rea
 
 if TYPE_CHECKING:
     from .executor import Executor
+    from .status import ClusterStatus
 
 __all__ = ["AppRuntime", "Engine", "EngineStopped", "MetaRecord", "meta_name"]
 
@@ -622,6 +623,31 @@ class Engine:
         if consumers is None:
             raise RuntimeError("this engine runs no event consumers")
         await consumers.reset_projection(handler, clock=self.settings.clock)
+
+    async def status(self) -> ClusterStatus:
+        """The cluster's status as this engine's store shows it: what ``runkit status`` prints.
+
+        Nodes (live or expired, addresses, version), and per registered
+        application its partitions (owner, inbox backlog, stream end, pending
+        deadlines, poison counts) and consumers' lag; see
+        ``runkit.engine.status``. Reads only. Works before, during and after
+        ``run()`` (with the provider the engine runs on, else one of its own).
+        """
+        from .status import read_status
+
+        apps = self.applications
+        provider = next((rt.provider for rt in self._runtimes.values()), None)
+        provider = provider or self.settings.persistence_provider
+        if provider is not None:
+            return await read_status(provider, apps, now=self.settings.clock())
+        if self.settings.persistence_url is None:
+            raise ConfigurationError(
+                "no persistence is configured",
+                ["use runkit.with_persistence(url) or runkit.with_persistence_provider(p)"],
+            )
+        async with provider_from_url(self.settings.persistence_url) as own:
+            own.set_read_only()  # not running: look, create nothing
+            return await read_status(own, apps, now=self.settings.clock())
 
     async def run(self) -> None:
         """Run until cancelled, then shut down gracefully.

@@ -30,15 +30,15 @@ import dogma
 
 from ..config import ApplicationConfig
 from .envelope import Envelope
-from .streams import StreamEvent
+from .streams import CommandDone, Observed
 
 __all__ = ["merged", "wait_for_observers"]
 
-Subscription = AbstractAsyncContextManager[AsyncIterator[StreamEvent]]
+Subscription = AbstractAsyncContextManager[AsyncIterator[Observed]]
 
 
 @asynccontextmanager
-async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[Observed]]:
     """Enter every subscription (all before the body runs); yield their events merged.
 
     Each stream event (stream ID, offset) is yielded once, whichever
@@ -49,14 +49,14 @@ async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[St
         async with subscriptions[0] as only:
             yield only
         return
-    send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
+    send, receive = anyio.create_memory_object_stream[Observed](math.inf)
     async with AsyncExitStack() as stack:
         stack.enter_context(send)
         stack.enter_context(receive)
         sources = [await stack.enter_async_context(s) for s in subscriptions]
         async with anyio.create_task_group() as tg:
 
-            async def pump(source: AsyncIterator[StreamEvent]) -> None:
+            async def pump(source: AsyncIterator[Observed]) -> None:
                 async for event in source:
                     send.send_nowait(event)
 
@@ -68,9 +68,12 @@ async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[St
                 tg.cancel_scope.cancel()
 
 
-async def _unique(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+async def _unique(events: AsyncIterator[Observed]) -> AsyncIterator[Observed]:
     seen: set[tuple[str, int]] = set()
     async for event in events:
+        if isinstance(event, CommandDone):
+            yield event
+            continue
         key = (event.stream_id, event.offset)
         if key not in seen:
             seen.add(key)
@@ -82,7 +85,7 @@ async def wait_for_observers(
     command: Envelope,
     command_type: type,
     observers: Sequence[dogma.EventObserver[Any]],
-    events: AsyncIterator[StreamEvent],
+    events: AsyncIterator[Observed],
 ) -> None:
     """Feed the command's events to *observers* until one is satisfied.
 
@@ -110,11 +113,17 @@ async def wait_for_observers(
             f"{command_type.__qualname__} in application {app.identity}"
         )
     correlation_id = command.correlation_id
+    recorded: set[type] = set()
     async for event in events:
+        if isinstance(event, CommandDone):
+            if event.command_id == command.message_id and event.conclusive:
+                _check_can_follow(app, command, live, recorded)
+            continue
         if event.envelope.correlation_id != correlation_id:
             continue
         message: dogma.Event | None = event.message()
         cls = type(message)
+        recorded.add(cls)
         for observer in live:
             if not issubclass(cls, observer.event_type):
                 continue
@@ -125,4 +134,22 @@ async def wait_for_observers(
                 return
     raise dogma.EventObserverNotSatisfied(
         f"the events of {command.description!r} ended without satisfying an observer"
+    )
+
+
+def _check_can_follow(
+    app: ApplicationConfig,
+    command: Envelope,
+    observers: Sequence[dogma.EventObserver[Any]],
+    recorded: set[type],
+) -> None:
+    """The chain's first command is done: raise if no observed event can still follow."""
+    following = app.events_following(recorded)
+    if any(issubclass(f, o.event_type) for o in observers for f in following):
+        return
+    observed = ", ".join(sorted(o.event_type.__qualname__ for o in observers))
+    seen = ", ".join(sorted(c.__qualname__ for c in recorded)) or "no events"
+    raise dogma.EventObserverNotSatisfied(
+        f"{command.description!r} was handled and recorded {seen}; no observed event "
+        f"({observed}) can follow from those"
     )

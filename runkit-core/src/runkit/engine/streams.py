@@ -52,7 +52,9 @@ from ..persistence import Conflict, Journal, PersistenceError, RecordNotFound, s
 from .envelope import Envelope, closing_iter, to_message
 
 __all__ = [
+    "CommandDone",
     "EventBus",
+    "Observed",
     "OwnershipLost",
     "PartitionStream",
     "Publication",
@@ -239,6 +241,25 @@ class PartitionStream:
         changed.set()
 
 
+@attrs.frozen
+class CommandDone:
+    """A note on the ``EventBus``: a command of a chain is done on its owner.
+
+    ``conclusive`` says that every event the command recorded was published on
+    the bus before this note (handled just now, or re-delivered), so a
+    subscriber that saw none knows it recorded none. A repeated command whose
+    original events cannot be re-delivered is done but not conclusive.
+    """
+
+    correlation_id: str
+    command_id: str
+    conclusive: bool
+
+
+#: What a subscription yields.
+Observed = StreamEvent | CommandDone
+
+
 class _UniqueEvents:
     """A subscription's events, each stream event (stream ID, offset) at most once.
 
@@ -247,7 +268,7 @@ class _UniqueEvents:
     seen it must not see it twice.
     """
 
-    def __init__(self, receive: MemoryObjectReceiveStream[StreamEvent]) -> None:
+    def __init__(self, receive: MemoryObjectReceiveStream[Observed]) -> None:
         self._receive = receive
         self._seen: set[tuple[str, int]] = set()
 
@@ -258,9 +279,11 @@ class _UniqueEvents:
         """Events received and not yet taken (some may be repeats)."""
         return self._receive.statistics().current_buffer_used
 
-    async def __anext__(self) -> StreamEvent:
+    async def __anext__(self) -> Observed:
         while True:
             event = await self._receive.__anext__()
+            if isinstance(event, CommandDone):
+                return event
             key = (event.stream_id, event.offset)
             if key not in self._seen:
                 self._seen.add(key)
@@ -271,15 +294,15 @@ class EventBus:
     """In-process fan-out of published events to subscribers, by correlation ID."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[MemoryObjectSendStream[StreamEvent]]] = {}
+        self._subscribers: dict[str, set[MemoryObjectSendStream[Observed]]] = {}
 
     @asynccontextmanager
-    async def subscribe(self, correlation_id: str) -> AsyncIterator[AsyncIterator[StreamEvent]]:
+    async def subscribe(self, correlation_id: str) -> AsyncIterator[AsyncIterator[Observed]]:
         """Receive every event published after this call whose correlation ID matches.
 
         Each stream event is delivered once per subscription, even if published again.
         """
-        send, receive = anyio.create_memory_object_stream[StreamEvent](math.inf)
+        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         subscribers = self._subscribers.setdefault(correlation_id, set())
         subscribers.add(send)
         try:
@@ -302,6 +325,11 @@ class EventBus:
         for event in events:
             for send in self._subscribers.get(event.envelope.correlation_id, ()):
                 send.send_nowait(event)
+
+    def note(self, note: CommandDone) -> None:
+        """Deliver a chain note to the subscribers of its correlation ID."""
+        for send in self._subscribers.get(note.correlation_id, ()):
+            send.send_nowait(note)
 
 
 @attrs.frozen
