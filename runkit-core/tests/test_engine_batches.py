@@ -23,8 +23,8 @@ import attrs
 import pytest
 
 import dogma
-from runkit.engine.commands import idempotency_name
 from runkit.engine import envelope as envelope_module
+from runkit.engine.commands import idempotency_name
 from runkit.engine.envelope import new_envelope, register_types, to_message
 from runkit.engine.streams import (
     EventBus,

@@ -309,3 +309,77 @@ async def test_events_ending_unsatisfied_raise(app: ApplicationConfig) -> None:
 
 async def test_no_observers_returns_at_once(app: ApplicationConfig) -> None:
     await wait_for_observers(app, command(Open("a")), Open, [], feed([], then_wait=True))
+
+
+# -- the chain's first command is done: what can still follow -------------------------
+
+
+def done(cmd: Envelope, *, conclusive: bool = True) -> Any:
+    from runkit.engine.streams import CommandDone
+
+    return CommandDone(cmd.correlation_id, cmd.message_id, conclusive)
+
+
+class mixed:
+    """Events and notes, then wait (as a live subscription does)."""
+
+    def __init__(self, items: Iterable[Any]) -> None:
+        self._items = list(items)
+
+    def __aiter__(self) -> mixed:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._items:
+            return self._items.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_not_satisfied_once_the_command_is_done_and_nothing_observed_can_follow(
+    app: ApplicationConfig,
+) -> None:
+    # Open may record Opened or ReOpened (statically both are reachable); it
+    # recorded Opened, from which only Notified can follow: ReOpened never will.
+    cmd = command(Open("a"))
+    with anyio.fail_after(2), pytest.raises(dogma.EventObserverNotSatisfied, match="ReOpened"):
+        await wait_for_observers(
+            app,
+            cmd,
+            Open,
+            [observe(ReOpened, Recorder())],
+            mixed([event(Opened("a"), cmd), done(cmd)]),
+        )
+
+
+async def test_a_command_that_recorded_nothing_satisfies_nothing(app: ApplicationConfig) -> None:
+    cmd = command(Open("a"))
+    with anyio.fail_after(2), pytest.raises(dogma.EventObserverNotSatisfied, match="no events"):
+        await wait_for_observers(app, cmd, Open, [observe(Opened, Recorder())], mixed([done(cmd)]))
+
+
+async def test_keeps_waiting_while_a_process_can_still_produce_the_observed_event(
+    app: ApplicationConfig,
+) -> None:
+    # Notified can still follow Opened (the process executes Notify): wait for it.
+    cmd = command(Open("a"))
+    notified = Recorder(True)
+    with anyio.fail_after(2):
+        await wait_for_observers(
+            app,
+            cmd,
+            Open,
+            [observe(Notified, notified)],
+            mixed([event(Opened("a"), cmd), done(cmd), event(Notified("n"), cmd)]),
+        )
+    assert len(notified.seen) == 1
+
+
+async def test_an_inconclusive_done_note_decides_nothing(app: ApplicationConfig) -> None:
+    # A repeated command whose original events could not be re-delivered.
+    cmd = command(Open("a"))
+    with anyio.move_on_after(0.3) as waited:
+        await wait_for_observers(
+            app, cmd, Open, [observe(ReOpened, Recorder())], mixed([done(cmd, conclusive=False)])
+        )
+    assert waited.cancelled_caught

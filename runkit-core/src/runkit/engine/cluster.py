@@ -305,6 +305,7 @@ class Router:
         """
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         subscribed: dict[uuid.UUID, anyio.CancelScope] = {}
+        failed: Exception | None = None
         request = _encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
         async with anyio.create_task_group() as tg:
 
@@ -357,10 +358,14 @@ class Router:
             await tg.start(keep_subscribed)
             try:
                 yield receive
+            except Exception as exc:
+                failed = exc  # re-raised below, not wrapped in an ExceptionGroup
             finally:
                 tg.cancel_scope.cancel()
                 send.close()
                 receive.close()
+        if failed is not None:
+            raise failed
 
 
 def _event(item: WireEvent | WireDone) -> Observed:

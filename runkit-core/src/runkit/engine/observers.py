@@ -50,6 +50,7 @@ async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[Ob
             yield only
         return
     send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+    failed: Exception | None = None
     async with AsyncExitStack() as stack:
         stack.enter_context(send)
         stack.enter_context(receive)
@@ -63,21 +64,34 @@ async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[Ob
             for source in sources:
                 tg.start_soon(pump, source)
             try:
-                yield _unique(receive)
+                yield _Unique(receive)
+            except Exception as exc:
+                failed = exc  # re-raised below, not wrapped in an ExceptionGroup
             finally:
                 tg.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
 
 
-async def _unique(events: AsyncIterator[Observed]) -> AsyncIterator[Observed]:
-    seen: set[tuple[str, int]] = set()
-    async for event in events:
-        if isinstance(event, CommandDone):
-            yield event
-            continue
-        key = (event.stream_id, event.offset)
-        if key not in seen:
-            seen.add(key)
-            yield event
+class _Unique:
+    """Each stream event once (notes pass through); a plain iterator: nothing to close."""
+
+    def __init__(self, events: AsyncIterator[Observed]) -> None:
+        self._events = events
+        self._seen: set[tuple[str, int]] = set()
+
+    def __aiter__(self) -> _Unique:
+        return self
+
+    async def __anext__(self) -> Observed:
+        while True:
+            event = await self._events.__anext__()
+            if isinstance(event, CommandDone):
+                return event
+            key = (event.stream_id, event.offset)
+            if key not in self._seen:
+                self._seen.add(key)
+                return event
 
 
 async def wait_for_observers(

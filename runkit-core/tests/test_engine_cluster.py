@@ -1,0 +1,149 @@
+"""Two engines in one process, on one memory silo, talking over the node transport.
+
+Real sockets on 127.0.0.1 and mutual TLS (self-signed identities trusted by the
+fingerprints in the heartbeats); the multi-process version on PostgreSQL is
+``test_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import dogma
+from runkit.engine.engine import Engine
+from runkit.engine.partitions import partition_id
+from runkit.engine.settings import EngineSettings
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import (
+    APP_KEY,
+    FAST,
+    REGISTRY,
+    Deposit,
+    Deposited,
+    check_invariants,
+    read_stores,
+    settled,
+    setup,
+    wait_until,
+)
+
+
+@asynccontextmanager
+async def two_nodes(s: Any, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
+    engines = [
+        Engine.from_settings(
+            EngineSettings(
+                applications=(s.config,),
+                persistence_provider=MemoryProvider(silo),
+                listen_address="127.0.0.1:0",
+                heartbeat_interval=0.1,
+                **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
+            )
+        )
+        for _ in range(2)
+    ]
+    async with anyio.create_task_group() as tg:
+        for engine in engines:
+            tg.start_soon(engine.run)
+        runtimes = [await e.runtime(APP_KEY) for e in engines]
+        await wait_until(
+            lambda: (
+                len(runtimes[0].partitions) + len(runtimes[1].partitions) == 8
+                and all(rt.partitions for rt in runtimes)
+            )
+        )
+        try:
+            yield engines[0], engines[1]
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def _remote_accounts(engine: Engine, count: int) -> list[str]:
+    """Accounts whose partition the *other* engine owns (from *engine*'s view)."""
+    from runkit.engine.partitions import instance_workload, partition_of
+
+    assert engine.router is not None
+    found = []
+    for i in range(1000):
+        account = f"acc-{i}"
+        index = partition_of(instance_workload(setup().accounts_key, account), 8)
+        if engine.router.owner(partition_id(APP_KEY, index)) is not None:
+            found.append(account)
+        if len(found) == count:
+            break
+    return found
+
+
+async def test_commands_are_offered_to_the_owner_and_observed_from_any_node() -> None:
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s, silo) as (one, _two):
+        executor = one.executor_for(s.app)
+        accounts = _remote_accounts(one, 6)
+        assert len(accounts) == 6
+        for i, account in enumerate(accounts):
+            seen: list[Any] = []
+
+            async def saw(event: Deposited, seen: list[Any] = seen) -> bool:
+                seen.append(event)
+                return True
+
+            with anyio.fail_after(20):
+                await executor.execute_command(
+                    Deposit(account, 1, f"r{i}"),
+                    observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+                )
+            assert [e.account for e in seen] == [account]
+        stores = await read_stores(MemoryProvider(silo))
+        assert not any(stores.inbox.values()), "offers fell back to the inbox"
+    check_invariants(await settled(MemoryProvider(silo)))
+
+
+async def test_not_satisfied_is_raised_for_a_command_handled_on_another_node() -> None:
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)
+        s.accounts.nothing.add("quiet")  # handled, records nothing
+        never: list[Any] = []
+
+        async def saw(event: Deposited) -> bool:
+            never.append(event)
+            return True
+
+        with anyio.fail_after(20), pytest.raises(dogma.EventObserverNotSatisfied):
+            await one.executor_for(s.app).execute_command(
+                Deposit(account, 1, "quiet"),
+                observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+            )
+        assert not never
+
+
+async def test_a_node_that_stops_hands_commands_to_the_inbox_and_the_survivor() -> None:
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s, silo) as (one, two):
+        accounts = _remote_accounts(one, 4)
+        executor = one.executor_for(s.app)
+        await executor.execute_command(Deposit(accounts[0], 1, "before"))
+        # The other node leaves: offers to it fail over to the inbox, and this
+        # node takes its partitions.
+        assert two is not None
+        rt_two = await two.runtime(APP_KEY)
+        rt_two.partitions.clear()  # refuse offers from now on (as a stopping node does)
+        for i, account in enumerate(accounts):
+            with anyio.fail_after(10):
+                await executor.execute_command(Deposit(account, 1, f"after{i}"))
+        stores = await settled(MemoryProvider(silo), timeout=20)
+    check_invariants(stores)
+    assert {c[1] for c in s.accounts.calls} >= {"before", *(f"after{i}" for i in range(4))}
