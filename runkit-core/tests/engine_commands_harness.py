@@ -364,7 +364,7 @@ class Stores:
                 for env in r.events
                 if env.source_instance == account and env.source_handler == ACCOUNTS_KEY
             ]
-            if not stream[len(stream) - len(journal) :] == journal or (
+            if stream[len(stream) - len(journal) :] != journal or (
                 account not in self.truncated and len(journal) != len(stream)
             ):
                 return False

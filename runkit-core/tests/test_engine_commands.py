@@ -446,20 +446,22 @@ async def test_instance_journals_are_derived_and_written_once_by_two_owners() ->
     owner = instances()
     inst = await owner.load(handler, "acc")
     records: list[Committed] = []
-    for offset, ref in enumerate(["a", "b", "c"]):
-        e = entry(ref)
+    entries = [entry(ref) for ref in ["a", "b", "c"]]
+    for offset, e in enumerate(entries):
         events = owner.handle(inst, e)
-        assert events is not None and len(events) == 1
+        assert events is not None
+        assert len(events) == 1
         record = owner.committed(inst, e, events, inbox_position=offset)
         assert record is not None
         record.durable, record.stream_offset, record.stream_position = True, offset, offset
         records.append(record)
-    # A duplicate command ID is recognised by the instance.
-    assert owner.handle(inst, entry("a")) is not None  # new ID: handled
-    owner.drop(handler, "acc")  # (that handling was never committed)
-    # Nothing written yet: a rebuild still sees the committed records.
+    # A command ID the instance has handled is recognised (None: a duplicate).
+    assert owner.handle(inst, entries[0]) is None
+    assert owner.handle(inst, entry("d")) is not None  # a new ID: handled...
+    owner.drop(handler, "acc")  # ...but never committed: the root is dropped
+    # Nothing written yet: a rebuild still sees the committed records, not "d".
     rebuilt = await owner.load(handler, "acc")
-    assert [c for c in rebuilt.recent] == [r.command_id for r in records]
+    assert list(rebuilt.recent) == [r.command_id for r in records]
 
     async def materialise(aggregates: AggregateInstances, todo: list[Committed]) -> int:
         m = Materialiser(

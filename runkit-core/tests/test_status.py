@@ -336,6 +336,7 @@ async def test_engine_status_before_run_reads_its_store_without_creating_anythin
     provider = silo()
     async with ch.running(provider, s.config) as engine:
         await engine.executor_for(s.app).execute_command(ch.Deposit("a", 1, "r"))
+        await eventually(engine.status, lambda st: sum(p.stream_end for p in st.partitions) == 1)
     idle = Engine.from_settings(
         EngineSettings(applications=(s.config,), persistence_url=f"memory:///{provider.silo}")
     )
