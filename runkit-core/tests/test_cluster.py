@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from engine_commands_harness import (
     read_stores,
     settled,
     setup,
+    wait_until,
 )
 
 RUNNER = Path(__file__).parent / "cluster_runner.py"
@@ -204,3 +206,65 @@ async def test_a_peer_without_a_member_certificate_is_refused(
                 except (anyio.EndOfStream, anyio.BrokenResourceError, ConnectionError):
                     data = b""
             assert b"HTTP" not in data
+
+
+async def test_runkit_execute_sends_a_command_to_a_running_node(
+    postgres_dsn: str, postgres_schema: str, tmp_path: Path
+) -> None:
+    import os
+
+    from runkit_postgres.testing import url_for
+
+    url = url_for(postgres_dsn, schema=postgres_schema)
+    runkit_cli = str(Path(sys.executable).with_name("runkit"))
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DOGMA_")},
+        "DOGMA_PERSISTENCE_URL": url,
+    }
+    with (tmp_path / "node.log").open("wb") as log:
+        node = await anyio.open_process(
+            [runkit_cli, "run", "bank:app"],
+            env={**env, "DOGMA_LISTEN_ADDRESS": f"127.0.0.1:{_free_port()}"},
+            stdin=None,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        async with PostgresProvider(postgres_dsn, schema=postgres_schema) as pg:
+            await _live_nodes(pg, 1)
+
+            async def execute(*args: str) -> tuple[int, str, str]:
+                result = await anyio.run_process(
+                    [runkit_cli, "execute", "bank:app", *args], env=env, check=False
+                )
+                return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+            code, stdout, stderr = await execute(
+                "OpenAccountForNewCustomer",
+                '{"customer_id": "C1", "customer_name": "Ann", "account_id": "A1", '
+                '"account_name": "Savings"}',
+            )
+            assert code == 0, stderr
+            assert "executed" in stdout
+            code, _, stderr = await execute("NoSuchCommand", "{}")
+            assert code == 2
+            assert "not a command" in stderr
+            assert "Traceback" not in stderr
+            code, _, stderr = await execute("OpenAccount", '{"customer_id": 1}')
+            assert code == 2, stderr
+            # The account was opened: the bank's streams hold its events.
+            await wait_until(lambda: _recorded(pg), timeout=30)
+    finally:
+        node.kill()
+        with anyio.CancelScope(shield=True):
+            await node.wait()
+            await node.aclose()
+
+
+async def _recorded(pg: PostgresProvider) -> bool:
+    from bank import app as bank_app
+    from runkit.config import build
+    from runkit.engine.status import read_status
+
+    status = await read_status(pg, (build(bank_app),), now=datetime.now(UTC))
+    return any(p.stream_end > 0 for p in status.partitions)

@@ -7,6 +7,8 @@
     runkit status [MODULE:ATTR ...] nodes, partition owners, backlog and consumer lag
                                     (--json for the same as JSON, --watch [SECONDS] to follow)
     runkit poison list MODULE:ATTR  list poisoned commands (also: show ID, requeue ID)
+    runkit execute MODULE:ATTR TYPE JSON
+                                    execute one command on the cluster, as a client
 
     runkit --version                print the versions of runkit-core and dogma-api
 
@@ -210,6 +212,63 @@ def _cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
     from ._run import nodes_command
 
     return nodes_command(out=out)
+
+
+def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
+    """Execute one command through a ``runkit.Client``; exit once it is durable."""
+    import anyio
+
+    import dogma
+
+    from . import config
+    from ._options import from_environment, with_application, with_persistence_provider
+    from .client import Client
+    from .persistence import provider_from_url
+
+    app = config.build(application_object(args.app))
+    wanted = args.type.lower()
+    types = [t for t in app.message_types() if t.kind is dogma.MessageKind.COMMAND]
+    matches = [
+        t
+        for t in types
+        if wanted
+        in (t.id, t.cls.__name__.lower(), f"{t.cls.__module__}.{t.cls.__qualname__}".lower())
+    ]
+    if len(matches) != 1:
+        names = ", ".join(sorted(t.cls.__name__ for t in types)) or "none"
+        raise CLIError(
+            f"{args.type!r} is {'ambiguous' if matches else 'not a command'} of application "
+            f"{app.identity.name!r}; its commands: {names} (or give a type's UUID)"
+        )
+    [message_type] = matches
+    try:
+        command = message_type.unmarshal(args.json.encode())
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"the JSON is not a {message_type.cls.__name__}: {exc}") from exc
+    assert isinstance(command, dogma.Command)
+    url = ENVIRONMENT.load().persistence_url
+    if url is None:
+        raise CLIError("set DOGMA_PERSISTENCE_URL to the store the nodes use")
+
+    async def go() -> None:
+        provider = provider_from_url(url)
+        try:
+            async with Client(
+                with_application(app), with_persistence_provider(provider), from_environment()
+            ) as client:
+                await client.executor_for(app).execute_command(
+                    command, idempotency_key=args.idempotency_key
+                )
+        finally:
+            with anyio.CancelScope(shield=True):
+                await provider.close()
+
+    try:
+        anyio.run(go)
+    except dogma.ValidationError as exc:
+        raise CLIError(f"the command is invalid: {exc}") from exc
+    out.write(f"executed {command.message_description()}\n")
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
@@ -454,6 +513,19 @@ def _parser() -> argparse.ArgumentParser:
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
     p.set_defaults(fn=_cmd_status)
+    p = sub.add_parser(
+        "execute",
+        help="execute one command on the cluster (as a client) and wait until it is durable",
+        description="Execute a command of the application at MODULE:ATTR on the cluster whose "
+        "store DOGMA_PERSISTENCE_URL names, through a runkit.Client (it owns nothing and runs "
+        "no handler). TYPE is the command class name or its message type UUID; JSON is the "
+        "command in the default codec's JSON (its attrs fields).",
+    )
+    p.add_argument("app", metavar="MODULE:ATTR")
+    p.add_argument("type", metavar="TYPE")
+    p.add_argument("json", metavar="JSON")
+    p.add_argument("--idempotency-key", default=None, help="execute it at most once per key")
+    p.set_defaults(fn=_cmd_execute)
     p = sub.add_parser("poison", help="list, show or requeue poisoned commands")
     psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = psub.add_parser("list", help="list poisoned commands")

@@ -137,12 +137,14 @@ class Instance:
     handler: HandlerConfig
     instance_id: str
     root: Any
-    recent: OrderedDict[str, None]
+    #: Recent command IDs -> where their events are on the stream (first offset,
+    #: count), when known: a repeated command's observers get them again.
+    recent: OrderedDict[str, tuple[int, int] | None]
     since_snapshot: int = 0
     snapshots: bool = True
 
-    def remember(self, command_id: str) -> None:
-        self.recent[command_id] = None
+    def remember(self, command_id: str, location: tuple[int, int] | None = None) -> None:
+        self.recent[command_id] = location
         if len(self.recent) > RECENT_COMMANDS:
             self.recent.popitem(last=False)
 
@@ -290,6 +292,17 @@ class AggregateInstances:
         if not queue:
             del self._unwritten[key]
 
+    def located(self, key: tuple[str, str], command_id: str, location: tuple[int, int]) -> None:
+        """A command's events on this instance are durable at *location* (for redelivery)."""
+        inst = self._cache.get(key)
+        if inst is not None and command_id in inst.recent:
+            inst.recent[command_id] = location
+
+    def location(self, key: tuple[str, str], command_id: str) -> tuple[int, int] | None:
+        """Where a recent command's events are on the stream, if the cached instance knows."""
+        inst = self._cache.get(key)
+        return None if inst is None else inst.recent.get(command_id)
+
     def drop(self, handler: HandlerConfig, instance_id: str) -> None:
         """Forget a cached root (it is rebuilt on next use)."""
         self._cache.pop((handler.identity.key, instance_id), None)
@@ -331,7 +344,7 @@ class AggregateInstances:
                 continue
             for env in record.events:
                 inst.root.apply_event(to_message(env))
-            inst.remember(record.command_id)
+            inst.remember(record.command_id, _location(record.stream_offset, record.events))
             inst.since_snapshot += len(record.events)
         existing = self._cache.get(key)
         if existing is not None:
@@ -359,7 +372,7 @@ class AggregateInstances:
             value, _ = await ks.get(instance_id.encode())
             root = _new_root(handler)
             start = bounds.begin
-            recent: OrderedDict[str, None] = OrderedDict()
+            recent: OrderedDict[str, tuple[int, int] | None] = OrderedDict()
             snapshots, restored = True, False
             if value:
                 snap = snapshot_decoder.decode(value)
@@ -391,8 +404,14 @@ class AggregateInstances:
                     async for _, data in records:
                         record = instance_decoder.decode(data)
                         replay(inst, record.events)
-                        inst.remember(record.command_id)
+                        inst.remember(
+                            record.command_id, _location(record.stream_offset, record.events)
+                        )
         return inst
+
+
+def _location(offset: int, events: tuple[Envelope, ...]) -> tuple[int, int] | None:
+    return (offset, len(events)) if offset >= 0 else None
 
 
 def replay(inst: Instance, events: Iterable[Envelope]) -> None:

@@ -398,7 +398,10 @@ class PartitionCommands:
             self._retry_later(item, exc, key)
             return
         if events is None:  # the instance has handled this command ID already
-            self._duplicate(item, self._completed.location(item.command_id))
+            location = self._completed.location(item.command_id) or self._aggregates.location(
+                key, item.command_id
+            )
+            self._duplicate(item, location)
             return
         record = self._aggregates.committed(inst, item.entry, events, inbox_position=item.position)
         if record is not None:
@@ -644,6 +647,8 @@ class PartitionCommands:
             record.stream_offset = publication.offset
             record.stream_position = publication.position
             self._materialiser.wake()
+        if items and items[0].entry.instance_id is not None:
+            self._aggregates.located(items[0].instance_key, publication.command_id, location)
         for item in items:
             if item.handler is not None:
                 _handled.add(1, {"handler": item.handler.identity.name})

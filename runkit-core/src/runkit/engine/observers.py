@@ -1,20 +1,30 @@
 """Event observers of ``CommandExecutor.execute_command`` (seam 4).
 
-The executor subscribes to the ``EventBus`` for the command's correlation ID
-*before* accepting the command, then awaits ``wait_for_observers`` with that
-subscription. Every event of the causal chain (the command's own events and
-those of commands that processes execute in consequence) carries the
-command's correlation ID, so the subscription sees exactly the candidates.
+The executor subscribes to the command's correlation ID *before* accepting
+the command (on this node's ``EventBus`` and, over the node transport, on every
+live peer), then awaits ``wait_for_observers`` with that subscription. Every
+event of the causal chain (the command's own events and those of commands that
+processes execute in consequence) carries the command's correlation ID, so the
+subscription sees exactly the candidates, wherever they are recorded.
 
-When is an observer "not satisfiable"? Only statically: if no observed type
-(or subclass of one) is in ``app.reachable_events(command_type)``,
-``EventObserverNotSatisfied`` is raised at once, before waiting. Once some
-observed type is reachable, the wait lasts until an observer is satisfied,
-one raises, the caller cancels (e.g. ``anyio.fail_after``), or the event
-subscription ends. The engine does not detect that the causal chain has
-quiesced (a process may ignore an event, an integration may record nothing):
-that needs chain-wide tracking of in-flight work across partitions and nodes,
-which Dogma permits but does not require. Callers should bound the wait.
+When is an observer "not satisfiable"? ``dogma.EventObserverNotSatisfied`` is
+raised
+
+1. at once, before the command is accepted, if no observed class (or a
+   subclass of one) is in the static route graph's
+   ``app.reachable_events(command_type)``;
+2. as soon as the command itself is done on its owner (a ``CommandDone`` note,
+   sent after its events) and no observed class is among the events that can
+   still follow the events it recorded: ``app.events_following(recorded)``,
+   the events reachable from the commands that processes handling those events
+   execute, directly or from deadlines they schedule. An event the command did
+   record is not observed again unless a process can lead to it.
+
+Only processes react to events, so after (2) an observed event could only come
+from a process acting on the chain's events, which ``events_following`` covers;
+while one can, the wait goes on (a process may ignore the event: the caller
+bounds the wait). A repeated command whose original events cannot be
+re-delivered reports a *non-conclusive* done note, which decides nothing.
 """
 
 from __future__ import annotations
