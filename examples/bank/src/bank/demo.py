@@ -309,8 +309,8 @@ async def execute_step(
 
     Raises:
         StepFailed: an event of :data:`OUTCOME_TYPES` that the step does not
-            expect was recorded, or the outcome was not complete within
-            ``timeout`` seconds.
+            expect was recorded, the engine reported that the outcome can no
+            longer complete, or it was not complete within ``timeout`` seconds.
     """
     missing = list(step.outcome)
     seen: list[dogma.Event] = []
@@ -328,11 +328,18 @@ async def execute_step(
 
     observers = [dogma.observe(t, observe) for t in EVENT_TYPES]
     with anyio.move_on_after(timeout) as scope:
-        await executor.execute_command(
-            step.command,
-            idempotency_key=idempotency_key,
-            observers=observers if step.outcome else (),
-        )
+        try:
+            await executor.execute_command(
+                step.command,
+                idempotency_key=idempotency_key,
+                observers=observers if step.outcome else (),
+            )
+        except dogma.EventObserverNotSatisfied as exc:
+            # The engine knows the rest of the outcome can no longer happen.
+            raise StepFailed(
+                f"{step.title}: cannot complete; still waiting for {_describe(missing)} "
+                f"(recorded: {_describe(seen) or 'nothing'}): {exc}"
+            ) from exc
     if scope.cancelled_caught:
         raise StepFailed(
             f"{step.title}: not done within {timeout:g} s; still waiting for "
