@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -628,3 +629,18 @@ async def test_prefixes_isolate_providers_sharing_a_bucket(
     keys = _keys(moto_server, bucket)
     assert len(keys) == 6
     assert all(k.startswith(("blue/", "green/")) for k in keys)
+
+
+async def test_a_read_only_provider_reports_a_missing_bucket_and_creates_nothing(
+    make: Callable[..., S3Provider], shared_session: boto3.Session, moto_server: MotoServer
+) -> None:
+    from runkit.persistence import StoreUnavailable
+
+    missing = f"runkit-{uuid.uuid4().hex}"
+    provider = make(shared_session, bucket=missing)
+    provider.set_read_only()
+    async with provider:
+        with pytest.raises(StoreUnavailable, match=f"bucket '{missing}' does not exist"):
+            await provider.keyspaces.open("cluster/nodes")
+    buckets = [b["Name"] for b in _raw_client(moto_server).list_buckets()["Buckets"]]
+    assert missing not in buckets

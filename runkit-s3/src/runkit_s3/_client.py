@@ -47,7 +47,7 @@ from botocore.exceptions import (
     ProxyConnectionError,
 )
 
-from runkit.persistence import PersistenceError
+from runkit.persistence import PersistenceError, StoreUnavailable
 
 from ._settings import S3Settings
 
@@ -428,8 +428,12 @@ class BucketProvisioner:
         self._lock = threading.Lock()
         self._done = False
 
-    def ensure(self, client: S3Client, bucket: str) -> None:
-        """Create *bucket* unless it exists; concurrent creators are fine."""
+    def ensure(self, client: S3Client, bucket: str, *, create: bool = True) -> None:
+        """Create *bucket* unless it exists; concurrent creators are fine.
+
+        With *create* false (a read-only provider) a missing bucket raises
+        ``StoreUnavailable`` instead.
+        """
         with self._lock:
             if self._done:
                 return
@@ -438,6 +442,12 @@ class BucketProvisioner:
             except ClientError as exc:
                 if _status(exc) != 404:
                     raise
+                if not create:
+                    raise StoreUnavailable(
+                        f"bucket {bucket!r} does not exist; check the bucket in the persistence "
+                        "URL (read-only commands never create it)",
+                        retryable=False,
+                    ) from None
                 self._create(client, bucket)
             self._done = True
 

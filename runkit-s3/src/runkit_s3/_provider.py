@@ -208,7 +208,9 @@ class S3Provider(Provider):
         s3._guard(
             "HeadBucket/CreateBucket",
             "",
-            lambda: self._provisioner.ensure(s3.client, self._settings.bucket),
+            lambda: self._provisioner.ensure(
+                s3.client, self._settings.bucket, create=not self.read_only
+            ),
         )
 
     def _is_closed(self) -> bool:

@@ -255,7 +255,7 @@ class Provider(abc.ABC):
         writes with ``PersistenceError``.
 
         This default only records the flag (``read_only``), which is enough
-        for a driver that creates nothing (memory). PostgreSQL and DynamoDB
+        for a driver that creates nothing (memory). PostgreSQL, DynamoDB and S3
         honour it; see each driver's documentation.
         """
         self._read_only = True
