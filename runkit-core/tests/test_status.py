@@ -24,7 +24,6 @@ import pytest
 
 from runkit.cli import main, status_text
 from runkit.engine.engine import Engine
-from runkit.engine.membership import NODES_KEYSPACE
 from runkit.engine.settings import EngineSettings
 from runkit.engine.status import ClusterStatus, read_status
 from runkit.persistence import Provider
@@ -251,19 +250,14 @@ def p_end(status: ClusterStatus, index: int) -> int:
 async def test_read_status_creates_nothing_on_an_empty_store() -> None:
     s = ch.setup()
     provider = silo()
+    provider.set_read_only()  # as runkit status opens it
     status = await read_status(provider, [s.config], now=now())
     assert status.nodes == ()
     app = status.application(ch.APP_KEY)
     assert (app.partition_count, app.partitions, app.consumers) == (None, (), ())
     assert "has never run on this store" in status_text(status)
-    data = provider._silo  # the memory driver records a name on open
-    assert data.journals == {}
-    assert data.sets == {}
-    # Only the two keyspaces it must look in were opened, and both are still empty.
-    assert set(data.keyspaces) <= {NODES_KEYSPACE, f"{ch.APP_KEY}/meta"}
-    for name in list(data.keyspaces):
-        async with await provider.keyspaces.open(name) as ks:
-            assert [item async for item in ks.range()] == []
+    data = provider._silo  # the memory driver records a name when it creates it
+    assert (data.journals, data.keyspaces, data.sets) == ({}, {}, {})
 
 
 # -- the CLI -------------------------------------------------------------------------------

@@ -328,7 +328,13 @@ class _MemoryJournalStore(JournalStore):
         self._provider._check_open()
         silo = self._provider._silo
         with silo.lock:
-            data = silo.journals.get(name) or silo.journals.setdefault(name, _JournalData())
+            data = silo.journals.get(name)
+            if data is None:
+                # Read-only (an inspection tool): a name never opened reads as
+                # empty and is not created.
+                data = _JournalData()
+                if not self._provider.read_only:
+                    silo.journals[name] = data
         return _MemoryJournal(self._provider, name, data)
 
 
@@ -342,7 +348,13 @@ class _MemoryKeyspaceStore(KeyspaceStore):
         self._provider._check_open()
         silo = self._provider._silo
         with silo.lock:
-            data = silo.keyspaces.get(name) or silo.keyspaces.setdefault(name, _KeyspaceData())
+            data = silo.keyspaces.get(name)
+            if data is None:
+                # Read-only (an inspection tool): a name never opened reads as
+                # empty and is not created.
+                data = _KeyspaceData()
+                if not self._provider.read_only:
+                    silo.keyspaces[name] = data
         return _MemoryKeyspace(self._provider, name, data)
 
 
@@ -356,7 +368,13 @@ class _MemorySetStore(SetStore):
         self._provider._check_open()
         silo = self._provider._silo
         with silo.lock:
-            data = silo.sets.get(name) or silo.sets.setdefault(name, _SetData())
+            data = silo.sets.get(name)
+            if data is None:
+                # Read-only (an inspection tool): a name never opened reads as
+                # empty and is not created.
+                data = _SetData()
+                if not self._provider.read_only:
+                    silo.sets[name] = data
         return _MemorySet(self._provider, name, data)
 
 
