@@ -1,9 +1,8 @@
-"""What aggregate and integration scopes share: recording events, logging, backoff."""
+"""What aggregate and integration scopes share: recording events and logging."""
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from datetime import datetime
 from typing import NoReturn
@@ -14,15 +13,9 @@ from ..config import HandlerConfig
 from .envelope import Envelope, new_envelope, validate_new
 from .poison import HandlerBug
 
-__all__ = ["EventRecorder", "backoff", "handler_log"]
+__all__ = ["EventRecorder", "handler_log"]
 
 _app_log = logging.getLogger("runkit.app")
-
-
-def backoff(failures: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with equal jitter, for the *failures*-th failure (>= 1)."""
-    ceiling: float = min(cap, base * 2.0 ** min(failures - 1, 62))
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 def handler_log(

@@ -47,8 +47,8 @@ import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, HandlerKind
 from ..persistence import Journal, Keyspace, PersistenceError, Provider
-from ._handling import backoff
 from .aggregates import AggregateInstances, Committed
+from .backoff import backoff
 from .commands import (
     IdempotencyMarker,
     PartitionStopped,

@@ -7,13 +7,14 @@ Private to the events side of the engine (``consumers``, ``processes``,
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
+
+from .backoff import backoff
 
 if TYPE_CHECKING:
     from .settings import EngineSettings
@@ -94,10 +95,7 @@ _INTERVALS = ("checkpoint_interval", "compact_interval", "deadline_rescan_interv
 
 def backoff_delay(options: ConsumerOptions, attempt: int) -> float:
     """Seconds to wait after failed attempt number *attempt* (1-based): capped, with jitter."""
-    base = min(options.retry_max, options.retry_initial * 2.0 ** min(attempt - 1, 32))
-    # "Equal jitter": at least half the base, so retries never collapse to zero.
-    jitter: float = random.uniform(0, base / 2)
-    return base / 2 + jitter
+    return backoff(attempt, options.retry_initial, options.retry_max)
 
 
 async def sleep_backoff(options: ConsumerOptions, attempt: int) -> None:

@@ -33,6 +33,7 @@ from .._errors import ConfigurationError
 from ..config import ApplicationConfig
 from ..persistence import Conflict, PersistenceError, Provider, provider_from_url
 from .aggregates import AggregateInstances
+from .backoff import backoff
 from .batches import PartitionCommands
 from .cluster import ClusterServer, NodeCluster, Router, serve_cluster
 from .commands import Acceptor, PartitionStopped, idempotency_name, prune_idempotency
@@ -99,7 +100,7 @@ async def load_partition_count(
                 failures += 1
                 if failures >= 10 or not (exc.retryable or exc.ambiguous):
                     raise
-                await anyio.sleep(min(1.0, 0.01 * 2**failures))
+                await anyio.sleep(backoff(failures, 0.02, 1.0))
 
 
 def _consumers_module() -> Any | None:

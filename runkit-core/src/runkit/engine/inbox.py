@@ -14,7 +14,6 @@ happens where effects commit (see ``commands``).
 from __future__ import annotations
 
 import logging
-import random
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 
@@ -25,8 +24,10 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from ..persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
+from .backoff import backoff
 from .envelope import Envelope, closing_iter
 from .ids import new_id
+from .logs import RateLimitedLog, describe_error
 
 __all__ = [
     "EngineStopped",
@@ -41,6 +42,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.inbox")
+_retry_log = RateLimitedLog(_log)
 
 
 class EngineStopped(RuntimeError):
@@ -127,12 +129,14 @@ async def append_to_inbox(
             failures += 1
             if failures >= max_attempts:
                 raise
-            delay = min(retry_max_delay, 0.01 * 2**failures) * random.uniform(0.5, 1)
-            _log.warning(
-                "inbox append failed, retrying in %.2fs: %s",
+            delay = backoff(failures, 0.02, retry_max_delay)
+            _retry_log.warning(
+                journal.name,
+                "appending to inbox %r at position %d failed, retrying in %.2fs: %s",
+                journal.name,
+                position,
                 delay,
-                exc,
-                extra={"inbox": journal.name, "position": position},
+                describe_error(exc),
             )
             await anyio.sleep(delay)
 

@@ -30,7 +30,6 @@ from anyio.abc import TaskStatus
 
 from ..config import ApplicationConfig, HandlerKind
 from ..persistence import Conflict, Journal, PersistenceError, Provider, RecordNotFound
-from ._handling import backoff
 from .aggregates import (
     AggregateInstances,
     Committed,
@@ -40,7 +39,9 @@ from .aggregates import (
     instance_decoder,
     instance_encoder,
 )
+from .backoff import backoff
 from .envelope import closing_iter
+from .logs import RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
     from .streams import StreamRecord
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = ["Materialiser"]
 
 _log = logging.getLogger("runkit.engine.materialiser")
+_retry_log = RateLimitedLog(_log)
 
 _Key = tuple[str, str]  # (handler key, instance ID)
 
@@ -190,12 +192,13 @@ class Materialiser:
                     failures += 1
                     self._forget(key)
                     delay = backoff(failures, self._retry_base_delay, self._retry_max_delay)
-                    _log.warning(
-                        "writing aggregate instance %s of handler %s failed, retrying in %.2fs: %s",
+                    _retry_log.warning(
+                        key[0],
+                        "writing aggregate instance %r of handler %s failed, retrying in %.2fs: %s",
                         key[1],
                         key[0],
                         delay,
-                        exc,
+                        describe_error(exc),
                     )
                     await anyio.sleep(delay)
             self._aggregates.written(key[0], key[1], records)

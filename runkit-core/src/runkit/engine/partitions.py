@@ -29,6 +29,7 @@ from anyio.abc import TaskGroup
 from ..config import ApplicationConfig
 from ..persistence import Provider
 from .envelope import Envelope
+from .logs import RateLimitedLog, describe_error
 from .settings import EngineSettings
 from .streams import PartitionStream
 
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.partitions")
+_restart_log = RateLimitedLog(_log, interval=30.0)
 
 
 def partition_id(app_key: str, index: int) -> str:
@@ -183,11 +185,16 @@ class PartitionRunner:
                 while True:
                     try:
                         await self._run_one(index)
-                    except Exception:
-                        _log.exception(
-                            "partition %d stopped; restarting if still owned",
+                    except Exception as exc:
+                        # A partition failing over and over logs one line (with
+                        # its traceback) per interval, not one per restart.
+                        _restart_log.log(
+                            logging.ERROR,
                             index,
-                            extra={"partition": self._ids[index]},
+                            "partition %d stopped (%s); restarting if still owned",
+                            index,
+                            describe_error(exc),
+                            exc_info=exc,
                         )
                     await anyio.sleep(self._restart_delay)
                     if not self._ownership.owns(self._ids[index]):

@@ -22,7 +22,7 @@ from typing import Final
 import anyio
 
 from ..persistence import PersistenceError, Provider, StoreUnavailable
-from ._handling import backoff
+from .backoff import backoff
 from .logs import describe_error
 
 __all__ = ["wait_for_store"]

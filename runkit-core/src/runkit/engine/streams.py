@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
@@ -49,7 +48,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 import dogma
 
 from ..persistence import Conflict, Journal, PersistenceError, RecordNotFound, search
+from .backoff import backoff
 from .envelope import Envelope, closing_iter, to_message
+from .logs import RateLimitedLog, describe_error
 
 __all__ = [
     "CommandDone",
@@ -68,6 +69,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.streams")
+_retry_log = RateLimitedLog(_log)
 
 
 class OwnershipLost(Exception):
@@ -647,12 +649,14 @@ class StreamWriter:
                 ) from None
             except PersistenceError as exc:
                 failures += 1
-                delay = min(self._retry_max_delay, 0.01 * 2**failures) * random.uniform(0.5, 1)
-                _log.warning(
-                    "stream append failed, retrying in %.2fs: %s",
+                delay = backoff(failures, 0.02, self._retry_max_delay)
+                _retry_log.warning(
+                    self._journal.name,
+                    "appending to stream %r at position %d failed, retrying in %.2fs: %s",
+                    self._journal.name,
+                    self._position,
                     delay,
-                    exc,
-                    extra={"stream": self._journal.name, "position": self._position},
+                    describe_error(exc),
                 )
                 await anyio.sleep(delay)
 
