@@ -46,7 +46,14 @@ from .ownership import Ownership
 from .partitions import NodeContext, PartitionContext, PartitionRunner, partition_id, partition_of
 from .settings import EngineSettings
 from .startup import wait_for_store
-from .streams import EventBus, OwnershipLost, PartitionStream, StreamWriter, read_tail
+from .streams import (
+    EventBus,
+    OwnershipLost,
+    PartitionStream,
+    StreamWriter,
+    read_tail,
+    stream_name,
+)
 
 if TYPE_CHECKING:
     from .executor import Executor
@@ -291,7 +298,7 @@ class AppRuntime:
         context = {"app": self.app_key, "partition": index}
         async with AsyncExitStack() as stack:
             journals = self.provider.journals
-            stream_journal = await journals.open(f"{self.app_key}/stream/{index}")
+            stream_journal = await journals.open(stream_name(self.app_key, index))
             stack.push_async_callback(stream_journal.close)
             inbox = await journals.open(inbox_name(self.app_key, index))
             stack.push_async_callback(inbox.close)

@@ -56,7 +56,7 @@ from .membership import NodeRecord, list_nodes
 from .partitions import partition_id
 from .poison import poison_name
 from .processes import checkpoint_key, checkpoints_store_name, event_poison_store_name
-from .streams import read_tail
+from .streams import read_tail, stream_name
 
 if TYPE_CHECKING:
     from attrs import AttrsInstance
@@ -327,11 +327,6 @@ def _node_status(record: NodeRecord, now: datetime) -> NodeStatus:
     )
 
 
-def _stream_name(app_key: str, index: int) -> str:
-    # The engine's partition runner opens the stream journal under this name.
-    return f"{app_key}/stream/{index}"
-
-
 async def _read_application(
     provider: Provider, app: _App, live: Sequence[NodeRecord]
 ) -> ApplicationStatus:
@@ -372,7 +367,7 @@ async def _read_partition(
     pid = partition_id(app.key, index)
     async with await provider.journals.open(inbox_name(app.key, index)) as inbox:
         inbox_end = (await inbox.bounds()).end
-    async with await provider.journals.open(_stream_name(app.key, index)) as stream:
+    async with await provider.journals.open(stream_name(app.key, index)) as stream:
         tail = await read_tail(stream)
     poisoned = await _count_keys(provider, poison_name(app.key, index))
     pending_deadlines = poisoned_events = 0

@@ -66,10 +66,16 @@ __all__ = [
     "decode_stream_record",
     "encode_stream_record",
     "read_tail",
+    "stream_name",
 ]
 
 _log = logging.getLogger("runkit.engine.streams")
 _retry_log = RateLimitedLog(_log)
+
+
+def stream_name(app_key: str, index: int) -> str:
+    """The name of partition *index*'s stream journal."""
+    return f"{app_key}/stream/{index}"
 
 
 class OwnershipLost(Exception):
