@@ -28,6 +28,7 @@ from ._options import with_site as with_site
 from ._options import with_start_timeout as with_start_timeout
 from ._options import with_tls as with_tls
 from .client import Client as Client
+from .engine.commands import Backlogged as Backlogged
 from .engine.engine import Engine as Engine
 from .engine.status import ApplicationStatus as ApplicationStatus
 from .engine.status import ClusterStatus as ClusterStatus
@@ -38,6 +39,7 @@ from .engine.status import PartitionStatus as PartitionStatus
 __all__ = [
     "ENVIRONMENT",
     "ApplicationStatus",
+    "Backlogged",
     "Client",
     "ClusterStatus",
     "ConfigurationError",

@@ -1,0 +1,634 @@
+"""Handled deposits/s of runkit against the ``eventsourcing`` library, on the same store.
+
+Usage::
+
+    uv run python benchmarks/throughput.py [--targets memory,postgres] [--callers 1,8,64]
+        [--accounts 1000] [--deposits 10000] [--repeat 1] [--raw-seconds 3]
+        [--backend asyncio|trio] [--quick]
+
+The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
+``Deposit`` commands, one ``Deposited`` event per deposit. For each target
+(``memory``, ``postgres``) and each number of concurrent callers C, in one run:
+
+1. **runkit**: a minimal Dogma application on ``runkit.Engine`` (one node,
+   16 partitions). ``--accounts`` accounts are opened by C callers (timed:
+   opens/s), then C callers execute ``--deposits`` deposits spread uniformly
+   over the accounts, each waiting, through a ``dogma.observe`` observer,
+   until its own ``Deposited`` is recorded (that is "handled") before the
+   next. Reported: handled/s, p50/p99 latency, and store writes and reads per
+   deposit (counted by ``runkit.testing.faults.FaultyProvider`` with an empty
+   plan).
+2. **eventsourcing** (9.5): an ``Aggregate`` with a ``deposit`` event on an
+   ``Application`` using ``eventsourcing.postgres`` (a fresh schema on the same
+   server, a pool of 8 connections like the driver's) or ``eventsourcing.popo``.
+   Each deposit is ``repository.get`` + ``save`` in a worker thread (C at
+   once); a version conflict between two callers on one account is retried
+   (counted).
+3. **raw bound**: C tasks appending inbox-sized records for ``--raw-seconds``
+   through the driver's journal (``provider.journals``) and, for PostgreSQL,
+   as single-row INSERTs through psycopg directly (``RawPostgres``, the
+   driver's own SQL without the driver). runkit's handled/s is given as a
+   ratio of the raw INSERT bound (PostgreSQL) or of the driver's appends
+   (memory).
+
+Each (target, C) cell gets a fresh store (memory silo, PostgreSQL schemas).
+With ``--repeat N`` the repetitions are interleaved (every cell once, then
+again, alternating which system goes first) and medians are reported.
+PostgreSQL is a throwaway server with durable settings, as for
+``benchmarks/engine.py`` (``RUNKIT_BENCH_PG_FAST=1``: fsync off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import anyio
+import anyio.to_thread
+import attrs
+import psycopg
+from eventsourcing.application import Application
+from eventsourcing.domain import Aggregate, event
+from eventsourcing.persistence import IntegrityError
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine import deposit_record_bytes, percentile, raw_appends
+from targets import BaselineJournal
+from targets.postgres import RawPostgres
+
+import dogma
+import runkit
+from runkit.config import build
+from runkit.persistence import Provider
+from runkit.testing.faults import WRITE_OPS, FaultyProvider
+from runkit_memory import MemoryProvider
+from runkit_postgres import PostgresProvider
+from runkit_postgres.testing import PostgresServer, drop_schema
+
+PHASE_TIMEOUT = 900.0  # a stuck engine fails the run instead of hanging it
+NOT_COUNTED = frozenset({"open", "close", "provision"})  # neither reads nor writes
+
+# -- the runkit application --------------------------------------------------------------
+
+REGISTRY = dogma.MessageTypeRegistry()
+
+
+@dogma.register_command("7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0001", registry=REGISTRY)
+@attrs.frozen
+class OpenAccount(dogma.Command):
+    account: str
+
+
+@dogma.register_event("7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0002", registry=REGISTRY)
+@attrs.frozen
+class AccountOpened(dogma.Event):
+    account: str
+
+
+@dogma.register_command("7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0003", registry=REGISTRY)
+@attrs.frozen
+class Deposit(dogma.Command):
+    account: str
+    amount: int
+    ref: str
+
+
+@dogma.register_event("7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0004", registry=REGISTRY)
+@attrs.frozen
+class Deposited(dogma.Event):
+    account: str
+    amount: int
+    ref: str
+
+
+@attrs.define
+class AccountRoot(dogma.NoSnapshotBehavior):
+    """One account: whether it is open, and its balance."""
+
+    opened: bool = False
+    balance: int = 0
+
+    def apply_event(self, event: dogma.Event) -> None:
+        if isinstance(event, AccountOpened):
+            self.opened = True
+        elif isinstance(event, Deposited):
+            self.balance += event.amount
+
+
+class AccountHandler:
+    """The ``Account`` aggregate: opening, and one ``Deposited`` per deposit."""
+
+    def configure(self, c: dogma.AggregateConfigurer) -> None:
+        c.identity("account", "7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0010")
+        c.routes(
+            dogma.handles_command(OpenAccount, registry=REGISTRY),
+            dogma.handles_command(Deposit, registry=REGISTRY),
+            dogma.records_event(AccountOpened, registry=REGISTRY),
+            dogma.records_event(Deposited, registry=REGISTRY),
+        )
+
+    def new(self) -> AccountRoot:
+        return AccountRoot()
+
+    def route_command_to_instance(self, command: dogma.Command) -> str:
+        assert isinstance(command, OpenAccount | Deposit)
+        return command.account
+
+    def handle_command(
+        self,
+        root: AccountRoot,
+        scope: dogma.AggregateCommandScope[AccountRoot],
+        command: dogma.Command,
+    ) -> None:
+        match command:
+            case OpenAccount():
+                if not root.opened:
+                    scope.record_event(AccountOpened(command.account))
+            case Deposit():
+                scope.record_event(Deposited(command.account, command.amount, command.ref))
+            case _:
+                raise dogma.UnexpectedMessage(command)
+
+
+class BenchApp:
+    """The benchmark's application: just the account aggregate."""
+
+    def __init__(self) -> None:
+        self.account = AccountHandler()
+
+    def configure(self, c: dogma.ApplicationConfigurer) -> None:
+        c.identity("throughput", "7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0020")
+        c.routes(dogma.via_aggregate(self.account))
+
+
+# -- the eventsourcing application ---------------------------------------------------------
+
+
+class EsAccount(Aggregate):
+    """The same account in ``eventsourcing``: created, then one event per deposit."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.balance = 0
+
+    @event("Deposited")
+    def deposit(self, amount: int) -> None:
+        self.balance += amount
+
+
+class EsBank(Application[uuid.UUID]):
+    """One ``repository.get`` + ``save`` per deposit; conflicts are retried."""
+
+    name = "ThroughputBank"
+
+    def open_account(self, name: str) -> uuid.UUID:
+        account = EsAccount(name)
+        self.save(account)
+        return account.id
+
+    def deposit(self, account_id: uuid.UUID, amount: int) -> int:
+        """Deposit; returns how many times a concurrent save conflicted."""
+        conflicts = 0
+        while True:
+            account = cast(EsAccount, self.repository.get(account_id))
+            account.deposit(amount)
+            try:
+                self.save(account)
+            except IntegrityError:
+                conflicts += 1  # another caller saved this account in between
+            else:
+                return conflicts
+
+
+# -- stores --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Store:
+    """One cell's fresh store: the runkit provider, its raw baseline, eventsourcing's env."""
+
+    provider: Provider
+    baseline: RawPostgres | None
+    es_env: dict[str, str]
+
+
+class Target:
+    """A running backend that makes a fresh ``Store`` per cell."""
+
+    name: str
+    notes: str
+
+    def store(self) -> Any:  # an async context manager yielding Store
+        raise NotImplementedError
+
+
+class MemoryTarget(Target):
+    name = "memory"
+    notes = "runkit memory driver; eventsourcing POPO (in-process) recorders"
+
+    @asynccontextmanager
+    async def store(self) -> AsyncIterator[Store]:
+        async with MemoryProvider(f"throughput-{uuid.uuid4().hex}") as provider:
+            yield Store(provider, None, {"PERSISTENCE_MODULE": "eventsourcing.popo"})
+
+
+class PostgresTarget(Target):
+    name = "postgres"
+
+    def __init__(self, server: PostgresServer, version: str, pool_size: int) -> None:
+        self.server = server
+        self.pool_size = pool_size
+        settings = ", ".join(f"{k}={v}" for k, v in server.settings.items())
+        self.notes = (
+            f"{version.split(' on ', 1)[0]}; {'external server' if server.external else settings}; "
+            f"pool {pool_size} connections (driver, raw INSERTs and eventsourcing)"
+        )
+
+    @asynccontextmanager
+    async def store(self) -> AsyncIterator[Store]:
+        dsn = self.server.dsn
+        schema, es_schema = (f"{p}_{uuid.uuid4().hex[:12]}" for p in ("tp", "tp_es"))
+        params = psycopg.conninfo.conninfo_to_dict(dsn)
+        await anyio.to_thread.run_sync(create_schema, dsn, es_schema)
+        provider = PostgresProvider(
+            dsn, schema=schema, pool_min_size=self.pool_size, pool_max_size=self.pool_size
+        )
+        baseline: RawPostgres | None = None
+        try:
+            await provider.provision()
+            baseline = await anyio.to_thread.run_sync(RawPostgres, dsn, schema, self.pool_size)
+            yield Store(
+                provider,
+                baseline,
+                {
+                    "PERSISTENCE_MODULE": "eventsourcing.postgres",
+                    "POSTGRES_DBNAME": str(params.get("dbname", "postgres")),
+                    "POSTGRES_HOST": str(params.get("host", "127.0.0.1")),
+                    "POSTGRES_PORT": str(params.get("port", "5432")),
+                    "POSTGRES_USER": str(params.get("user", "postgres")),
+                    "POSTGRES_PASSWORD": str(params.get("password", "")),
+                    "POSTGRES_SCHEMA": es_schema,
+                    "POSTGRES_POOL_SIZE": str(self.pool_size),
+                    "POSTGRES_MAX_OVERFLOW": "0",
+                    "CREATE_TABLE": "y",
+                },
+            )
+        finally:
+            await provider.close()
+            if baseline is not None:
+                await anyio.to_thread.run_sync(baseline.close)
+            for name in (schema, es_schema):
+                await anyio.to_thread.run_sync(drop_schema, dsn, name)
+
+
+def create_schema(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+
+
+@asynccontextmanager
+async def open_target(name: str) -> AsyncIterator[Target]:
+    if name == "memory":
+        yield MemoryTarget()
+    elif name == "postgres":
+        fast = os.environ.get("RUNKIT_BENCH_PG_FAST") == "1"
+        pool_size = int(os.environ.get("RUNKIT_BENCH_PG_POOL", "8"))
+        with PostgresServer(durable=not fast) as server:
+            version = await anyio.to_thread.run_sync(server.version)
+            yield PostgresTarget(server, version, pool_size)
+    else:
+        raise ValueError(f"unknown target {name!r}; available: memory, postgres")
+
+
+# -- measurements --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Measured:
+    """One system's figures in one cell (one target, one C, one repetition)."""
+
+    opens_per_s: float = float("nan")
+    handled_per_s: float = float("nan")
+    p50: float = float("nan")
+    p99: float = float("nan")
+    writes_per_deposit: float = float("nan")
+    reads_per_deposit: float = float("nan")
+    conflicts: int = 0
+    appends_per_s: float = float("nan")  # raw bound: the driver's journal appends
+    inserts_per_s: float = float("nan")  # raw bound: psycopg single-row INSERTs
+
+
+@attrs.frozen
+class Workload:
+    accounts: int
+    deposits: int
+    callers: int
+    raw_seconds: float
+
+    def schedule(self) -> list[int]:
+        """Account indexes of the deposits: each account equally often, in random order."""
+        order = [i % self.accounts for i in range(self.deposits)]
+        random.Random(8).shuffle(order)  # the same order for both systems
+        return order
+
+
+async def run_callers(
+    callers: int, items: Sequence[Any], work: Callable[[Any], Awaitable[None]]
+) -> tuple[float, list[float]]:
+    """*callers* tasks taking *items* in turn; returns (items/s, per-item latencies)."""
+    latencies: list[float] = []
+    queue = iter(items)
+
+    async def caller() -> None:
+        for item in queue:  # shared: each item goes to exactly one caller
+            started = time.perf_counter()
+            await work(item)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with anyio.fail_after(PHASE_TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            for _ in range(callers):
+                tg.start_soon(caller)
+    return len(items) / (time.perf_counter() - started), latencies
+
+
+def counts(provider: FaultyProvider) -> tuple[int, int]:
+    """(writes, reads) through *provider* so far."""
+    calls = provider.plan.calls
+    writes = sum(n for op, n in calls.items() if op in WRITE_OPS)
+    reads = sum(n for op, n in calls.items() if op not in WRITE_OPS and op not in NOT_COUNTED)
+    return writes, reads
+
+
+async def measure_runkit(store: Store, w: Workload) -> Measured:
+    app = BenchApp()
+    config = build(app, registry=REGISTRY)
+    provider = FaultyProvider(store.provider)  # an empty plan: only counts
+    engine = runkit.Engine(
+        runkit.with_application(config),
+        runkit.with_persistence_provider(provider),
+        runkit.with_partition_count(16),
+    )
+    executor = engine.executor_for(config)
+    names = [f"A-{i:05}" for i in range(w.accounts)]
+
+    async def opened(e: AccountOpened) -> bool:
+        return True
+
+    async def open_account(name: str) -> None:
+        await executor.execute_command(
+            OpenAccount(name), observers=[dogma.observe(AccountOpened, opened, registry=REGISTRY)]
+        )
+
+    async def deposit(item: tuple[int, int]) -> None:
+        sequence, index = item
+        ref = f"D-{sequence}"
+
+        async def mine(e: Deposited) -> bool:
+            return e.ref == ref
+
+        await executor.execute_command(
+            Deposit(names[index], 100, ref),
+            observers=[dogma.observe(Deposited, mine, registry=REGISTRY)],
+        )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        opens, _ = await run_callers(w.callers, names, open_account)
+        writes, reads = counts(provider)
+        handled, latencies = await run_callers(w.callers, list(enumerate(w.schedule())), deposit)
+        writes_after, reads_after = counts(provider)
+        tg.cancel_scope.cancel()
+    return Measured(
+        opens_per_s=opens,
+        handled_per_s=handled,
+        p50=percentile(latencies, 0.5),
+        p99=percentile(latencies, 0.99),
+        writes_per_deposit=(writes_after - writes) / w.deposits,
+        reads_per_deposit=(reads_after - reads) / w.deposits,
+    )
+
+
+async def measure_eventsourcing(store: Store, w: Workload) -> Measured:
+    limiter = anyio.CapacityLimiter(w.callers)
+    bank = await anyio.to_thread.run_sync(lambda: EsBank(env=store.es_env))
+    try:
+        ids: list[uuid.UUID] = []
+
+        async def open_account(name: str) -> None:
+            ids.append(await anyio.to_thread.run_sync(bank.open_account, name, limiter=limiter))
+
+        opens, _ = await run_callers(
+            w.callers, [f"A-{i:05}" for i in range(w.accounts)], open_account
+        )
+        conflicts = 0
+
+        async def deposit(index: int) -> None:
+            nonlocal conflicts
+            conflicts += await anyio.to_thread.run_sync(
+                bank.deposit, ids[index], 100, limiter=limiter
+            )
+
+        handled, latencies = await run_callers(w.callers, w.schedule(), deposit)
+        total = sum(
+            cast(EsAccount, bank.repository.get(i)).balance for i in ids
+        )  # a check that every deposit landed, not a measurement
+        if total != 100 * w.deposits:
+            raise RuntimeError(f"eventsourcing lost deposits: {total} != {100 * w.deposits}")
+    finally:
+        await anyio.to_thread.run_sync(bank.close)
+    return Measured(
+        opens_per_s=opens,
+        handled_per_s=handled,
+        p50=percentile(latencies, 0.5),
+        p99=percentile(latencies, 0.99),
+        conflicts=conflicts,
+    )
+
+
+async def measure_raw(store: Store, w: Workload) -> Measured:
+    size = deposit_record_bytes()
+    appends = await raw_appends(store.provider, w.callers, w.raw_seconds, size)
+    inserts = float("nan")
+    if store.baseline is not None:
+        inserts = await raw_appends(
+            cast(Provider, ScopedJournals(store.baseline)), w.callers, w.raw_seconds, size
+        )
+    return Measured(appends_per_s=appends, inserts_per_s=inserts)
+
+
+class ScopedJournals:
+    """``raw_appends`` for ``RawPostgres``: its journals, usable in ``async with``."""
+
+    def __init__(self, baseline: RawPostgres) -> None:
+        self.journals = self
+        self._baseline = baseline
+
+    async def open(self, name: str) -> contextlib.AbstractAsyncContextManager[BaselineJournal]:
+        return contextlib.nullcontext(await self._baseline.journals.open(name))
+
+
+SYSTEMS: dict[str, Callable[[Store, Workload], Awaitable[Measured]]] = {
+    "runkit": measure_runkit,
+    "eventsourcing": measure_eventsourcing,
+    "raw": measure_raw,
+}
+
+
+# -- the report ----------------------------------------------------------------------------
+
+Cell = tuple[str, int]  # (target, callers)
+
+
+def median(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.median(finite) if finite else float("nan")
+
+
+def combine(runs: list[Measured]) -> Measured:
+    """Field-wise medians of repetitions."""
+    fields = {f.name: median([getattr(r, f.name) for r in runs]) for f in attrs.fields(Measured)}
+    fields["conflicts"] = round(fields["conflicts"])
+    return Measured(**cast(Any, fields))
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def report(
+    results: dict[Cell, dict[str, list[Measured]]],
+    notes: dict[str, str],
+    args: argparse.Namespace,
+) -> str:
+    header = [
+        "target",
+        "C",
+        "runkit opens/s",
+        "es opens/s",
+        "runkit handled/s",
+        "es handled/s",
+        "runkit ÷ es",
+        "runkit p50/p99 ms",
+        "es p50/p99 ms",
+        "raw bound/s",
+        "runkit ÷ raw",
+        "driver appends/s",
+        "writes/deposit",
+        "reads/deposit",
+        "es conflicts",
+    ]
+    rows = []
+    for (target, callers), systems in results.items():
+        rk, es, raw = (combine(systems[s]) for s in ("runkit", "eventsourcing", "raw"))
+        bound = raw.inserts_per_s if raw.inserts_per_s == raw.inserts_per_s else raw.appends_per_s
+        rows.append(
+            [
+                target,
+                str(callers),
+                f"{rk.opens_per_s:,.0f}",
+                f"{es.opens_per_s:,.0f}",
+                f"{rk.handled_per_s:,.0f}",
+                f"{es.handled_per_s:,.0f}",
+                f"{rk.handled_per_s / es.handled_per_s:.2f}×",  # noqa: RUF001
+                f"{ms(rk.p50)} / {ms(rk.p99)}",
+                f"{ms(es.p50)} / {ms(es.p99)}",
+                f"{bound:,.0f}",
+                f"{100 * rk.handled_per_s / bound:.1f}%",
+                f"{raw.appends_per_s:,.0f}",
+                f"{rk.writes_per_deposit:.2f}",
+                f"{rk.reads_per_deposit:.2f}",
+                str(es.conflicts),
+            ]
+        )
+    machine = (
+        f"{platform.python_implementation()} {platform.python_version()}, {args.backend}, "
+        f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
+    return (
+        f"{table(rows, header)}\n\n{machine}; {args.accounts:,} accounts, "
+        f"{args.deposits:,} deposits per cell, raw bound over {args.raw_seconds:g} s, "
+        f"medians of {args.repeat} interleaved repetition(s)\n"
+        "raw bound: single-row INSERTs through psycopg (PostgreSQL) or the driver's "
+        "journal appends (memory)\n"
+        + "\n".join(f"- {name}: {text}" for name, text in notes.items())
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default="memory,postgres")
+    parser.add_argument("--callers", default="1,8,64", help="comma-separated values of C")
+    parser.add_argument("--accounts", type=int)
+    parser.add_argument("--deposits", type=int)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--raw-seconds", type=float)
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller run (about a minute): 200 accounts, 1,000 deposits, 1 s raw bound",
+    )
+    args = parser.parse_args(argv)
+    defaults = (200, 1_000, 1.0) if args.quick else (1_000, 10_000, 3.0)
+    for name, default in zip(("accounts", "deposits", "raw_seconds"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.callers = [int(c) for c in args.callers.split(",") if c.strip()]
+    if unknown := set(args.targets) - {"memory", "postgres"}:
+        parser.error(f"unknown target(s) {', '.join(sorted(unknown))}; available: memory, postgres")
+    if args.accounts < 1 or args.deposits < 1 or args.repeat < 1 or min(args.callers) < 1:
+        parser.error("--accounts, --deposits, --repeat and --callers must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results: dict[Cell, dict[str, list[Measured]]] = {}
+    notes: dict[str, str] = {}
+
+    async def run_all() -> None:
+        for target_name in args.targets:
+            async with open_target(target_name) as target:
+                notes[target.name] = target.notes
+                for rep in range(args.repeat):
+                    # Alternate which system goes first, so drift hits both alike.
+                    order = [*("runkit", "eventsourcing")[:: -1 if rep % 2 else 1], "raw"]
+                    for callers in args.callers:
+                        w = Workload(args.accounts, args.deposits, callers, args.raw_seconds)
+                        cell = results.setdefault((target.name, callers), {})
+                        for system in order:
+                            print(f"{target.name} C={callers} #{rep + 1}: {system}", flush=True)
+                            async with target.store() as store:
+                                measured = await SYSTEMS[system](store, w)
+                            cell.setdefault(system, []).append(measured)
+
+    anyio.run(run_all, backend=args.backend)
+    print()
+    print(report(results, notes, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
