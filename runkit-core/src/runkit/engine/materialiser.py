@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import anyio
@@ -170,38 +171,44 @@ class Materialiser:
                 break
             groups.setdefault(key, []).append(record)
             taken += 1
-        limiter = anyio.CapacityLimiter(CONCURRENCY)
-        async with anyio.create_task_group() as tg:
-            for key, records in groups.items():
-                tg.start_soon(self._write_instance, limiter, key, records)
+        # A few workers share the instances: no task (and no limiter) per instance.
+        pending = iter(groups.items())
+        workers = min(CONCURRENCY, len(groups))
+        if workers == 1:
+            await self._write_instances(pending)
+        elif workers:
+            async with anyio.create_task_group() as tg:
+                for _ in range(workers):
+                    tg.start_soon(self._write_instances, pending)
         for _ in range(taken):
             self._queue.popleft()
 
-    async def _write_instance(
-        self, limiter: anyio.CapacityLimiter, key: _Key, records: list[Committed]
-    ) -> None:
-        async with limiter:
-            failures = 0
-            done = 0
-            while done < len(records):
-                try:
-                    await self._write(key, records[done])
-                    done += 1
-                    failures = 0
-                except PersistenceError as exc:
-                    failures += 1
-                    self._forget(key)
-                    delay = backoff(failures, self._retry_base_delay, self._retry_max_delay)
-                    _retry_log.warning(
-                        key[0],
-                        "writing aggregate instance %r of handler %s failed, retrying in %.2fs: %s",
-                        key[1],
-                        key[0],
-                        delay,
-                        describe_error(exc),
-                    )
-                    await anyio.sleep(delay)
-            self._aggregates.written(key[0], key[1], records)
+    async def _write_instances(self, pending: Iterator[tuple[_Key, list[Committed]]]) -> None:
+        for key, records in pending:
+            await self._write_instance(key, records)
+
+    async def _write_instance(self, key: _Key, records: list[Committed]) -> None:
+        failures = 0
+        done = 0
+        while done < len(records):
+            try:
+                await self._write(key, records[done])
+                done += 1
+                failures = 0
+            except PersistenceError as exc:
+                failures += 1
+                self._forget(key)
+                delay = backoff(failures, self._retry_base_delay, self._retry_max_delay)
+                _retry_log.warning(
+                    key[0],
+                    "writing aggregate instance %r of handler %s failed, retrying in %.2fs: %s",
+                    key[1],
+                    key[0],
+                    delay,
+                    describe_error(exc),
+                )
+                await anyio.sleep(delay)
+        self._aggregates.written(key[0], key[1], records)
 
     async def _write(self, key: _Key, record: Committed) -> None:
         journal, end, last = await self._journal(key)

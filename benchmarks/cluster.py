@@ -1,0 +1,610 @@
+"""Three node processes on one PostgreSQL: routing latency, deadlines across nodes, failover.
+
+Usage::
+
+    uv run python benchmarks/cluster.py [--commands 400] [--callers 4]
+        [--reminders 60] [--heartbeat-interval 0.25] [--backend asyncio|trio]
+
+Starts a throwaway PostgreSQL server with durable settings and three ``runkit``
+node processes on it (membership, the node transport with mutual TLS,
+16 partitions), running a small application: an ``Account`` aggregate
+(``Deposit`` records ``Deposited``) and a ``Reminders`` process that schedules
+a deadline for each ``ReminderRequested`` and, when it falls due, executes
+``RecordReminder`` (the aggregate records ``ReminderRecorded``). This process
+also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
+
+1. **Routing latency.** Every node and the client execute ``--commands``
+   deposits on random accounts, ``--callers`` at a time, all at once, each
+   call waiting until its observer has seen the deposit's ``Deposited``. A
+   node classifies each call by whether it owns the account's partition (the
+   command is committed locally) or not (it is offered to the owner over the
+   transport). The first 10% of each caller's calls are a warm-up (peer
+   connections open lazily) and are not counted. Reported: p50/p99 per class
+   and the non-owner's excess over the owner.
+2. **Deadlines across nodes.** Every node requests ``--reminders`` reminders
+   due 1-3 s ahead and observes each ``ReminderRecorded``; lateness is the
+   time from the due time to the observer seeing the event (an upper bound on
+   the recording delay), classified by whether the process instance's home
+   partition is owned by the requesting node.
+3. **Failover and handoff.** kill -9 of one node, then SIGTERM of another:
+   right after the signal, the client deposits into one account of every
+   partition the node owned; reported is the time from the signal until each
+   deposit is *handled* (its ``Deposited`` observed), max and median over the
+   partitions.
+
+Not a test: nothing here asserts a time. Use ``--keep`` to keep the nodes' logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+
+import dogma
+import runkit
+from runkit.config import ApplicationConfig, build
+from runkit.engine.membership import list_nodes
+from runkit.engine.partitions import instance_workload, partition_id, partition_of
+from runkit.engine.status import read_status
+from runkit_postgres import PostgresProvider
+from runkit_postgres.testing import PostgresServer
+
+REGISTRY = dogma.MessageTypeRegistry()
+APP_KEY = "b5a1c000-0000-4000-8000-000000000001"
+ACCOUNT_KEY = "b5a1c000-0000-4000-8000-000000000002"
+REMINDERS_KEY = "b5a1c000-0000-4000-8000-000000000003"
+PARTITIONS = 16
+SCHEMA = "clusterbench"
+
+
+@dogma.register_command("b5a1c100-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Deposit(dogma.Command):
+    account: str
+    amount: int
+    ref: str
+
+
+@dogma.register_event("b5a1c100-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Deposited(dogma.Event):
+    account: str
+    amount: int
+    ref: str
+
+
+@dogma.register_command("b5a1c100-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class RequestReminder(dogma.Command):
+    account: str
+    ref: str
+    due_at: datetime
+
+
+@dogma.register_event("b5a1c100-0000-4000-8000-000000000004", registry=REGISTRY)
+@attrs.frozen
+class ReminderRequested(dogma.Event):
+    account: str
+    ref: str
+    due_at: datetime
+
+
+@dogma.register_deadline("b5a1c100-0000-4000-8000-000000000005", registry=REGISTRY)
+@attrs.frozen
+class ReminderDue(dogma.Deadline):
+    account: str
+    ref: str
+
+
+@dogma.register_command("b5a1c100-0000-4000-8000-000000000006", registry=REGISTRY)
+@attrs.frozen
+class RecordReminder(dogma.Command):
+    account: str
+    ref: str
+
+
+@dogma.register_event("b5a1c100-0000-4000-8000-000000000007", registry=REGISTRY)
+@attrs.frozen
+class ReminderRecorded(dogma.Event):
+    account: str
+    ref: str
+
+
+@attrs.define
+class Balance:
+    amount: int = 0
+
+    def apply_event(self, event: dogma.Event) -> None:
+        if isinstance(event, Deposited):
+            self.amount += event.amount
+
+    def marshal_binary(self) -> bytes:
+        return str(self.amount).encode()
+
+    def unmarshal_binary(self, data: bytes) -> None:
+        self.amount = int(data)
+
+
+class Account:
+    def configure(self, c: Any) -> None:
+        c.identity("account", ACCOUNT_KEY)
+        c.routes(
+            dogma.handles_command(Deposit, registry=REGISTRY),
+            dogma.handles_command(RequestReminder, registry=REGISTRY),
+            dogma.handles_command(RecordReminder, registry=REGISTRY),
+            dogma.records_event(Deposited, registry=REGISTRY),
+            dogma.records_event(ReminderRequested, registry=REGISTRY),
+            dogma.records_event(ReminderRecorded, registry=REGISTRY),
+        )
+
+    def new(self) -> Balance:
+        return Balance()
+
+    def route_command_to_instance(self, command: dogma.Command) -> str:
+        assert isinstance(command, Deposit | RequestReminder | RecordReminder)
+        return command.account
+
+    def handle_command(self, root: Balance, scope: Any, command: dogma.Command) -> None:
+        match command:
+            case Deposit(account, amount, ref):
+                scope.record_event(Deposited(account, amount, ref))
+            case RequestReminder(account, ref, due_at):
+                scope.record_event(ReminderRequested(account, ref, due_at))
+            case RecordReminder(account, ref):
+                scope.record_event(ReminderRecorded(account, ref))
+            case _:
+                raise dogma.UnexpectedMessage(command)
+
+
+@attrs.define
+class Pending:
+    account: str = ""
+
+    def marshal_binary(self) -> bytes:
+        return self.account.encode()
+
+    def unmarshal_binary(self, data: bytes) -> None:
+        self.account = data.decode()
+
+
+class Reminders:
+    def configure(self, c: Any) -> None:
+        c.identity("reminders", REMINDERS_KEY)
+        c.routes(
+            dogma.handles_event(ReminderRequested, registry=REGISTRY),
+            dogma.executes_command(RecordReminder, registry=REGISTRY),
+            dogma.schedules_deadline(ReminderDue, registry=REGISTRY),
+        )
+
+    def new(self) -> Pending:
+        return Pending()
+
+    async def route_event_to_instance(self, event: dogma.Event) -> str | None:
+        assert isinstance(event, ReminderRequested)
+        return event.ref
+
+    async def handle_event(self, root: Pending, scope: Any, event: dogma.Event) -> None:
+        assert isinstance(event, ReminderRequested)
+        root.account = event.account
+        scope.schedule_deadline(ReminderDue(event.account, event.ref), event.due_at)
+
+    async def handle_deadline(self, root: Pending, scope: Any, deadline: dogma.Deadline) -> None:
+        assert isinstance(deadline, ReminderDue)
+        scope.execute_command(RecordReminder(deadline.account, deadline.ref))
+        scope.end()
+
+
+class App:
+    def configure(self, c: Any) -> None:
+        c.identity("clusterbench", APP_KEY)
+        c.routes(
+            dogma.via_aggregate(Account()),
+            dogma.via_process(Reminders()),
+        )
+
+
+def config() -> ApplicationConfig:
+    return build(App(), registry=REGISTRY)
+
+
+def partition(handler_key: str, instance: str) -> int:
+    return partition_of(instance_workload(handler_key, instance), PARTITIONS)
+
+
+# --- measuring (in the nodes and in the client) -----------------------------------
+
+
+async def deposit(executor: Any, account: str) -> float:
+    """Execute one deposit and wait until it is handled; the seconds it took."""
+    ref = uuid.uuid4().hex
+    seen = anyio.Event()
+
+    async def observe(event: Deposited) -> bool:
+        if event.ref == ref:
+            seen.set()
+            return True
+        return False
+
+    started = time.perf_counter()
+    with anyio.fail_after(60):
+        await executor.execute_command(
+            Deposit(account, 1, ref),
+            observers=[dogma.observe(Deposited, observe, registry=REGISTRY)],
+        )
+    return time.perf_counter() - started
+
+
+async def remind(executor: Any, account: str, due_at: datetime) -> float:
+    """Request a reminder; the seconds from *due_at* until its event is observed."""
+    ref = uuid.uuid4().hex
+    seen_at = 0.0
+
+    async def observe(event: ReminderRecorded) -> bool:
+        nonlocal seen_at
+        if event.ref == ref:
+            seen_at = time.time()
+            return True
+        return False
+
+    with anyio.fail_after(60):
+        await executor.execute_command(
+            RequestReminder(account, ref, due_at),
+            observers=[dogma.observe(ReminderRecorded, observe, registry=REGISTRY)],
+        )
+    return seen_at - due_at.timestamp()
+
+
+async def latencies(
+    executor: Any, commands: int, callers: int, owned: Callable[[str], bool]
+) -> list[tuple[float, bool]]:
+    """``commands`` deposits from ``callers`` callers; (seconds, owned) after warm-up."""
+    results: list[tuple[float, bool]] = []
+    per_caller = max(1, commands // callers)
+    warm_up = max(1, per_caller // 10)
+
+    async def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        for i in range(per_caller):
+            account = f"acc-{rng.randrange(1000)}"
+            seconds = await deposit(executor, account)
+            if i >= warm_up:
+                results.append((seconds, owned(account)))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(callers):
+            tg.start_soon(caller, hash((os.getpid(), n)))
+    return results
+
+
+async def reminders(
+    executor: Any, count: int, owned: Callable[[str], bool]
+) -> list[tuple[float, bool]]:
+    """``count`` reminders due 1-3 s ahead, all at once; (lateness, home owned)."""
+    results: list[tuple[float, bool]] = []
+    now = datetime.now(UTC)
+
+    async def one(i: int) -> None:
+        account = f"acc-{i}"
+        due = now + timedelta(seconds=1 + 2 * i / max(1, count))
+        lateness = await remind(executor, account, due)
+        results.append((lateness, owned(account)))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(count):
+            tg.start_soon(one, i)
+    return results
+
+
+async def until(condition: Callable[[], Awaitable[bool]], interval: float = 0.05) -> None:
+    """Poll *condition* until it holds (files and the store have nothing to wait on)."""
+    while not await condition():  # noqa: ASYNC110
+        await anyio.sleep(interval)
+
+
+async def wait_for(path: Path) -> Any:
+    """The JSON value published at *path*, once it is there."""
+    file = anyio.Path(path)
+    await until(file.exists, 0.02)
+    return json.loads(await file.read_text())
+
+
+def publish(path: Path, value: object) -> None:
+    """Write *value* as JSON to *path* whole (renamed into place)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+# --- a node process ---------------------------------------------------------------
+
+
+async def node(settings: dict[str, Any]) -> None:
+    work = Path(settings["work"])
+    index = settings["index"]
+    app = config()
+    async with PostgresProvider(settings["dsn"], schema=SCHEMA) as provider:
+        engine = runkit.Engine(
+            runkit.with_application(app),
+            runkit.with_persistence_provider(provider),
+            runkit.with_node_id(settings["node_id"]),
+            runkit.with_listen_address(settings["listen"]),
+            runkit.with_heartbeat_interval(settings["heartbeat"]),
+            runkit.with_partition_count(PARTITIONS),
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            runtime = await engine.runtime(APP_KEY)
+            publish(work / f"ready-{index}", {})
+            executor = engine.executor_for(app)
+
+            def owns(handler_key: str) -> Callable[[str], bool]:
+                return lambda instance: runtime.ownership.owns(
+                    partition_id(APP_KEY, partition(handler_key, instance))
+                )
+
+            async def phases() -> None:
+                plan = await wait_for(work / "go-latency")
+                result = await latencies(
+                    executor, plan["commands"], plan["callers"], owns(ACCOUNT_KEY)
+                )
+                publish(work / f"latency-{index}", result)
+                plan = await wait_for(work / "go-reminders")
+                result = await reminders(executor, plan["reminders"], owns(REMINDERS_KEY))
+                publish(work / f"reminders-{index}", result)
+
+            tg.start_soon(phases)
+            with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+                    break
+
+
+# --- the orchestrator -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _ms(value: float) -> str:
+    return f"{value * 1000:,.1f}"
+
+
+async def _owners(pg: PostgresProvider, app: ApplicationConfig) -> dict[int, uuid.UUID | None]:
+    status = await read_status(pg, (app,), now=datetime.now(UTC))
+    return {p.index: p.claimed_by for p in status.partitions}
+
+
+async def _settled(pg: PostgresProvider, app: ApplicationConfig, nodes: set[uuid.UUID]) -> None:
+    """Wait until every partition is run by one of *nodes*, and all of them run some."""
+    with anyio.fail_after(120):
+        while True:
+            owners = await _owners(pg, app)
+            claimed = set(owners.values())
+            if len(owners) == PARTITIONS and claimed == nodes:
+                return
+            await anyio.sleep(0.1)
+
+
+async def _failover(
+    pg: PostgresProvider,
+    app: ApplicationConfig,
+    executor: Any,
+    process: anyio.abc.Process,
+    node_id: uuid.UUID,
+    sig: signal.Signals,
+) -> tuple[list[float], float]:
+    """Signal a node; per partition it ran, seconds until a deposit there is handled."""
+    owners = await _owners(pg, app)
+    ran = [index for index, owner in owners.items() if owner == node_id]
+    accounts: dict[int, str] = {}
+    n = 0
+    while len(accounts) < len(ran):
+        account = f"acc-{n}"
+        index = partition(ACCOUNT_KEY, account)
+        if index in ran and index not in accounts:
+            accounts[index] = account
+        n += 1
+    handled: list[float] = []
+    started = time.perf_counter()
+    process.send_signal(sig)
+
+    async def one(account: str) -> None:
+        await deposit(executor, account)
+        handled.append(time.perf_counter() - started)
+
+    async with anyio.create_task_group() as tg:
+        for account in accounts.values():
+            tg.start_soon(one, account)
+    await process.wait()
+    # The claims (heartbeats) follow: until no partition names the node.
+
+    async def released() -> bool:
+        return all(owner != node_id for owner in (await _owners(pg, app)).values())
+
+    await until(released)
+    return handled, time.perf_counter() - started
+
+
+async def main(args: argparse.Namespace) -> None:
+    app = config()
+    work = Path(tempfile.mkdtemp(prefix="clusterbench-"))
+    processes: list[anyio.abc.Process] = []
+    node_ids = [uuid.uuid4() for _ in range(3)]
+    with PostgresServer(durable=True) as server:
+        try:
+            for index, node_id in enumerate(node_ids):
+                settings = {
+                    "dsn": server.dsn,
+                    "node_id": str(node_id),
+                    "listen": f"127.0.0.1:{_free_port()}",
+                    "heartbeat": args.heartbeat_interval,
+                    "work": str(work),
+                    "index": index,
+                }
+                with (work / f"node-{index}.log").open("wb") as log:
+                    processes.append(
+                        await anyio.open_process(
+                            [
+                                sys.executable,
+                                __file__,
+                                "--backend",
+                                args.backend,
+                                "--node",
+                                json.dumps(settings),
+                            ],
+                            stdin=None,
+                            stdout=log,
+                            stderr=log,
+                        )
+                    )
+            for index in range(3):
+                with anyio.fail_after(60):
+                    while not (work / f"ready-{index}").exists():
+                        if processes[index].returncode is not None:
+                            raise SystemExit(f"node {index} died: see {work}/node-{index}.log")
+                        await anyio.sleep(0.05)
+            async with PostgresProvider(server.dsn, schema=SCHEMA) as pg:
+
+                async def joined() -> bool:
+                    return len([n for n in await list_nodes(pg) if n.role == "node"]) >= 3
+
+                with anyio.fail_after(30):
+                    await until(joined)
+                await _settled(pg, app, set(node_ids))
+                async with runkit.Client(
+                    runkit.with_application(app),
+                    runkit.with_persistence_provider(pg),
+                    runkit.with_heartbeat_interval(args.heartbeat_interval),
+                ) as client:
+                    executor = client.executor_for(app)
+                    print(f"3 nodes up on PostgreSQL ({PARTITIONS} partitions); measuring ...")
+                    report = await _measure(args, work, pg, app, executor, processes, node_ids)
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+                with anyio.CancelScope(shield=True):
+                    await process.wait()
+                    await process.aclose()
+    print(report)
+    if args.keep:
+        print(f"logs: {work}")
+
+
+async def _measure(
+    args: argparse.Namespace,
+    work: Path,
+    pg: PostgresProvider,
+    app: ApplicationConfig,
+    executor: Any,
+    processes: list[anyio.abc.Process],
+    node_ids: list[uuid.UUID],
+) -> str:
+    # 1. Routing latency: the nodes and the client at once.
+    publish(work / "go-latency", {"commands": args.commands, "callers": args.callers})
+    client_results = await latencies(executor, args.commands, args.callers, lambda _: False)
+    rows: list[tuple[float, bool]] = []
+    for index in range(3):
+        rows += [(float(s), bool(o)) for s, o in await wait_for(work / f"latency-{index}")]
+    owner = [s for s, o in rows if o]
+    other = [s for s, o in rows if not o]
+    client = [s for s, _ in client_results]
+
+    # 2. Deadlines.
+    publish(work / "go-reminders", {"reminders": args.reminders})
+    late: list[tuple[float, bool]] = []
+    for index in range(3):
+        late += [(float(s), bool(o)) for s, o in await wait_for(work / f"reminders-{index}")]
+    home_local = [s for s, o in late if o]
+    home_remote = [s for s, o in late if not o]
+
+    # 3. Failover (kill -9) and handoff (SIGTERM).
+    killed, killed_claims = await _failover(
+        pg, app, executor, processes[0], node_ids[0], signal.SIGKILL
+    )
+    await _settled(pg, app, set(node_ids[1:]))
+    stopped, stopped_claims = await _failover(
+        pg, app, executor, processes[1], node_ids[1], signal.SIGTERM
+    )
+
+    lines = [
+        "",
+        f"heartbeat interval {args.heartbeat_interval} s, backend {args.backend}, "
+        f"{args.callers} callers per process",
+        "",
+        "| deposit, call to event observed | calls | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        f"| node, owner of the partition | {len(owner)} | {_ms(_pct(owner, 0.5))} | "
+        f"{_ms(_pct(owner, 0.99))} |",
+        f"| node, not the owner (offered) | {len(other)} | {_ms(_pct(other, 0.5))} | "
+        f"{_ms(_pct(other, 0.99))} |",
+        f"| client (never the owner) | {len(client)} | {_ms(_pct(client, 0.5))} | "
+        f"{_ms(_pct(client, 0.99))} |",
+        "",
+        f"non-owner - owner: p50 {_ms(_pct(other, 0.5) - _pct(owner, 0.5))} ms, "
+        f"p99 {_ms(_pct(other, 0.99) - _pct(owner, 0.99))} ms",
+        "",
+        "| reminder, due to event observed | reminders | p50 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|---:|",
+        f"| home partition on the requesting node | {len(home_local)} | "
+        f"{_ms(_pct(home_local, 0.5))} | {_ms(_pct(home_local, 0.99))} | "
+        f"{_ms(max(home_local, default=float('nan')))} |",
+        f"| home partition on another node | {len(home_remote)} | "
+        f"{_ms(_pct(home_remote, 0.5))} | {_ms(_pct(home_remote, 0.99))} | "
+        f"{_ms(max(home_remote, default=float('nan')))} |",
+        "",
+        "| signal | partitions | first handled s | median s | last handled s | claims moved s |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| kill -9 | {len(killed)} | {min(killed):.2f} | {statistics.median(killed):.2f} | "
+        f"{max(killed):.2f} | {killed_claims:.2f} |",
+        f"| SIGTERM | {len(stopped)} | {min(stopped):.2f} | {statistics.median(stopped):.2f} | "
+        f"{max(stopped):.2f} | {stopped_claims:.2f} |",
+    ]
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commands", type=int, default=400, help="deposits per process")
+    parser.add_argument("--callers", type=int, default=4, help="concurrent callers per process")
+    parser.add_argument("--reminders", type=int, default=60, help="reminders per node")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.25)
+    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--keep", action="store_true", help="print the logs' folder")
+    parser.add_argument("--node", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = _parse()
+    if arguments.node:
+        anyio.run(node, json.loads(arguments.node), backend=arguments.backend)
+    else:
+        anyio.run(main, arguments, backend=arguments.backend)
