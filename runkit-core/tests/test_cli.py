@@ -221,14 +221,20 @@ def cli(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) 
     )
 
 
-def test_version_names_both_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+def test_version_names_core_dogma_and_every_installed_driver(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import importlib.metadata
 
     status, _ = run("--version")
     assert status == 0
+    drivers = ", ".join(
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("runkit-dynamodb", "runkit-memory", "runkit-postgres", "runkit-s3")
+    )
     assert capsys.readouterr().out == (
         f"runkit-core {importlib.metadata.version('runkit-core')}, "
-        f"dogma-api {importlib.metadata.version('dogma-api')}\n"
+        f"dogma-api {importlib.metadata.version('dogma-api')}; drivers: {drivers}\n"
     )
 
 

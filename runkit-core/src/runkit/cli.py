@@ -10,7 +10,7 @@
     runkit execute MODULE:ATTR TYPE JSON
                                     execute one command on the cluster, as a client
 
-    runkit --version                print the versions of runkit-core and dogma-api
+    runkit --version                print the versions of runkit-core, dogma-api and the drivers
 
 Exit status: 0 on success, 1 on a runtime failure (with its traceback), 2 on a
 usage or configuration error (one plain message naming what to change).
@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
+from ._hookspec import PROJECT_NAME
 from ._validate import KNOBS, Knob, check_readable_file
 from .persistence import StoreUnavailable, installed_schemes, plugin_manager, redact_url
 
@@ -407,7 +408,31 @@ def _version() -> str:
         except importlib.metadata.PackageNotFoundError:
             return "not installed"
 
-    return f"runkit-core {installed('runkit-core')}, dogma-api {installed('dogma-api')}"
+    # Drivers are named from their entry points, without importing them, so a
+    # broken driver cannot break --version.
+    drivers = sorted(
+        {
+            (ep.dist.name, ep.dist.version)
+            for ep in importlib.metadata.entry_points(group=PROJECT_NAME)
+            if ep.dist is not None
+        }
+    )
+    listed = ", ".join(f"{name} {version}" for name, version in drivers) or "none"
+    return (
+        f"runkit-core {installed('runkit-core')}, dogma-api {installed('dogma-api')}; "
+        f"drivers: {listed}"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, printed as one line (argparse's own action wraps it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(_version())
+        parser.exit()
 
 
 def _knob_flag(knob: Knob) -> Callable[[str], int | float]:
@@ -450,7 +475,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runkit", description="Run and operate runkit nodes for Dogma applications."
     )
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the versions of runkit-core, dogma-api and the installed drivers",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("env", help="document and validate the DOGMA_* environment")
