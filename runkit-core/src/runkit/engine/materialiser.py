@@ -15,8 +15,9 @@ repeated or lost:
   what is missing, and its instances are rebuilt from snapshot + journal + those
   records meanwhile.
 
-Instances are written concurrently (bounded), each in stream order, one round
-at a time: a round takes every durable record queued so far.
+Instances are written concurrently by a fixed pool of workers (started with
+``run``: no task per round or per instance), each instance in stream order,
+one round at a time: a round takes every durable record queued so far.
 """
 
 from __future__ import annotations
@@ -88,6 +89,11 @@ class Materialiser:
         # Open instance journals: (handle, end, stream offset of the last record).
         self._journals: OrderedDict[_Key, tuple[Journal, int, int | None]] = OrderedDict()
         self.records_written = 0
+        # The current round's instances, shared by the workers run() starts.
+        self._work: deque[tuple[_Key, list[Committed]]] = deque()
+        self._idle: deque[anyio.Event] = deque()  # one per waiting worker
+        self._unfinished = 0
+        self._round_done = anyio.Event()
 
     def add(self, key: _Key, record: Committed) -> None:
         """Queue a record (in commit order); it is written once ``record.durable`` is set."""
@@ -138,13 +144,18 @@ class Materialiser:
         """Write durable records until cancelled."""
         task_status.started()
         try:
-            while True:
-                if not (self._queue and self._queue[0][1].durable):
-                    await self._wake.wait()
-                    self._wake = anyio.Event()
-                    continue
-                await self._round()
+            async with anyio.create_task_group() as tg:
+                for _ in range(CONCURRENCY):
+                    tg.start_soon(self._worker)
+                while True:
+                    if not (self._queue and self._queue[0][1].durable):
+                        await self._wake.wait()
+                        self._wake = anyio.Event()
+                        continue
+                    await self._round(pooled=True)
         finally:
+            self._work.clear()
+            self._idle.clear()
             await self._close_journals()
 
     async def flush(self) -> None:
@@ -161,7 +172,7 @@ class Materialiser:
                 await journal.close()
             self._journals.clear()
 
-    async def _round(self) -> None:
+    async def _round(self, *, pooled: bool = False) -> None:
         # Records leave the queue only once written: a round cut short (by
         # shutdown) is repeated in full by flush(), and repeating is harmless.
         groups: dict[_Key, list[Committed]] = {}
@@ -171,17 +182,35 @@ class Materialiser:
                 break
             groups.setdefault(key, []).append(record)
             taken += 1
-        # A few workers share the instances: no task (and no limiter) per instance.
-        pending = iter(groups.items())
-        workers = min(CONCURRENCY, len(groups))
-        if workers == 1:
-            await self._write_instances(pending)
-        elif workers:
+        if pooled and groups:
+            # Hand the instances to run()'s workers and wait until all are written.
+            self._work.extend(groups.items())
+            self._unfinished = len(groups)
+            self._round_done = anyio.Event()
+            for _ in range(min(len(groups), len(self._idle))):
+                self._idle.popleft().set()  # wake only the workers needed
+            await self._round_done.wait()
+        elif groups:
+            # flush(), after run() stopped: a task group of its own.
+            pending = iter(groups.items())
             async with anyio.create_task_group() as tg:
-                for _ in range(workers):
+                for _ in range(min(CONCURRENCY, len(groups))):
                     tg.start_soon(self._write_instances, pending)
         for _ in range(taken):
             self._queue.popleft()
+
+    async def _worker(self) -> None:
+        while True:
+            if not self._work:
+                idle = anyio.Event()
+                self._idle.append(idle)
+                await idle.wait()
+                continue
+            key, records = self._work.popleft()
+            await self._write_instance(key, records)
+            self._unfinished -= 1
+            if not self._unfinished:
+                self._round_done.set()
 
     async def _write_instances(self, pending: Iterator[tuple[_Key, list[Committed]]]) -> None:
         for key, records in pending:
