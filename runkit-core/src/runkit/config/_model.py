@@ -104,6 +104,15 @@ class HandlerConfig:
     routes: tuple[RouteConfig, ...]
     disabled: bool = False
     concurrency: dogma.ConcurrencyPreference = dogma.ConcurrencyPreference.MAXIMIZE
+    # Precomputed for handles()/produces(), which run once per message handled.
+    _consumed: frozenset[type] = attrs.field(init=False, eq=False, repr=False)
+    _produced: frozenset[type] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        consumed = frozenset(r.message_type.cls for r in self.routes if r.kind.consumes)
+        produced = frozenset(r.message_type.cls for r in self.routes if r.kind.produces)
+        object.__setattr__(self, "_consumed", consumed)
+        object.__setattr__(self, "_produced", produced)
 
     def types_of(self, *kinds: RouteKind) -> tuple[dogma.MessageType, ...]:
         """The message types of this handler's routes of the given kinds, in route order."""
@@ -119,11 +128,11 @@ class HandlerConfig:
 
     def handles(self, cls: type) -> bool:
         """Whether messages of class ``cls`` are delivered to this handler."""
-        return any(r.kind.consumes and r.message_type.cls is cls for r in self.routes)
+        return cls in self._consumed
 
     def produces(self, cls: type) -> bool:
         """Whether this handler may create messages of class ``cls``."""
-        return any(r.kind.produces and r.message_type.cls is cls for r in self.routes)
+        return cls in self._produced
 
     def describe(self) -> str:
         """A label naming the handler for log and error messages."""
