@@ -13,11 +13,16 @@ The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
 1. **runkit**: a minimal Dogma application on ``runkit.Engine`` (one node,
    16 partitions). ``--accounts`` accounts are opened by C callers (timed:
    opens/s), then C callers execute ``--deposits`` deposits spread uniformly
-   over the accounts, each waiting, through a ``dogma.observe`` observer,
-   until its own ``Deposited`` is recorded (that is "handled") before the
-   next. Reported: handled/s, p50/p99 latency, and store writes and reads per
+   over the accounts, each waiting until its own ``Deposited`` is recorded
+   (that is "handled": on the owning node ``execute_command`` returns once
+   the command's batch is committed; with ``--observe`` the caller also
+   waits for the event through a ``dogma.observe`` observer) before the
+   next. Reported: handled/s, p50/p99 latency, process CPU time per deposit
+   (``time.process_time``, all threads), and store writes and reads per
    deposit (counted by ``runkit.testing.faults.FaultyProvider`` with an empty
-   plan).
+   plan); *(commit)* is the writes made before callers are answered: stream
+   and inbox appends; the rest (aggregate journals, snapshots) is background
+   materialisation.
 2. **eventsourcing** (9.5): an ``Aggregate`` with a ``deposit`` event on an
    ``Application`` using ``eventsourcing.postgres`` (a fresh schema on the same
    server, a pool of 8 connections like the driver's) or ``eventsourcing.popo``.
@@ -73,7 +78,7 @@ import dogma
 import runkit
 from runkit.config import build
 from runkit.persistence import Provider
-from runkit.testing.faults import WRITE_OPS, FaultyProvider
+from runkit.testing.faults import WRITE_OPS, FaultPlan, FaultyProvider, Timing
 from runkit_memory import MemoryProvider
 from runkit_postgres import PostgresProvider
 from runkit_postgres.testing import PostgresServer, drop_schema
@@ -325,7 +330,9 @@ class Measured:
     p50: float = float("nan")
     p99: float = float("nan")
     writes_per_deposit: float = float("nan")
+    commit_writes_per_deposit: float = float("nan")  # stream and inbox appends
     reads_per_deposit: float = float("nan")
+    cpu_us_per_deposit: float = float("nan")  # process CPU time / deposits
     conflicts: int = 0
     appends_per_s: float = float("nan")  # raw bound: the driver's journal appends
     inserts_per_s: float = float("nan")  # raw bound: psycopg single-row INSERTs
@@ -337,6 +344,7 @@ class Workload:
     deposits: int
     callers: int
     raw_seconds: float
+    observe: bool = False
 
     def schedule(self) -> list[int]:
         """Account indexes of the deposits: each account equally often, in random order."""
@@ -366,18 +374,37 @@ async def run_callers(
     return len(items) / (time.perf_counter() - started), latencies
 
 
-def counts(provider: FaultyProvider) -> tuple[int, int]:
-    """(writes, reads) through *provider* so far."""
-    calls = provider.plan.calls
+class CountingPlan(FaultPlan):
+    """An empty fault plan that also counts the writes that commit a batch.
+
+    A command is answered once its partition's stream record (or, after a
+    handler failure, its inbox record) is durable; aggregate journals,
+    snapshots and process records are written after that, in the background.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commit_writes = 0
+
+    def decide(self, op: str, kind: str, name: str) -> Timing | None:
+        if op in WRITE_OPS and ("/stream/" in name or "/inbox/" in name):
+            self.commit_writes += 1
+        return super().decide(op, kind, name)
+
+
+def counts(provider: FaultyProvider) -> tuple[int, int, int]:
+    """(writes, commit writes, reads) through *provider* so far."""
+    plan = cast(CountingPlan, provider.plan)
+    calls = plan.calls
     writes = sum(n for op, n in calls.items() if op in WRITE_OPS)
     reads = sum(n for op, n in calls.items() if op not in WRITE_OPS and op not in NOT_COUNTED)
-    return writes, reads
+    return writes, plan.commit_writes, reads
 
 
 async def measure_runkit(store: Store, w: Workload) -> Measured:
     app = BenchApp()
     config = build(app, registry=REGISTRY)
-    provider = FaultyProvider(store.provider)  # an empty plan: only counts
+    provider = FaultyProvider(store.provider, CountingPlan())  # no faults: only counts
     engine = runkit.Engine(
         runkit.with_application(config),
         runkit.with_persistence_provider(provider),
@@ -401,17 +428,20 @@ async def measure_runkit(store: Store, w: Workload) -> Measured:
         async def mine(e: Deposited) -> bool:
             return e.ref == ref
 
-        await executor.execute_command(
-            Deposit(names[index], 100, ref),
-            observers=[dogma.observe(Deposited, mine, registry=REGISTRY)],
-        )
+        # On the owning node execute_command returns once the command's batch,
+        # its event included, is committed: the deposit is handled. --observe
+        # also waits, through an observer, for the Deposited to be published.
+        observers = [dogma.observe(Deposited, mine, registry=REGISTRY)] if w.observe else []
+        await executor.execute_command(Deposit(names[index], 100, ref), observers=observers)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         opens, _ = await run_callers(w.callers, names, open_account)
-        writes, reads = counts(provider)
+        writes, commits, reads = counts(provider)
+        cpu = time.process_time()
         handled, latencies = await run_callers(w.callers, list(enumerate(w.schedule())), deposit)
-        writes_after, reads_after = counts(provider)
+        cpu = time.process_time() - cpu
+        writes_after, commits_after, reads_after = counts(provider)
         tg.cancel_scope.cancel()
     return Measured(
         opens_per_s=opens,
@@ -419,7 +449,9 @@ async def measure_runkit(store: Store, w: Workload) -> Measured:
         p50=percentile(latencies, 0.5),
         p99=percentile(latencies, 0.99),
         writes_per_deposit=(writes_after - writes) / w.deposits,
+        commit_writes_per_deposit=(commits_after - commits) / w.deposits,
         reads_per_deposit=(reads_after - reads) / w.deposits,
+        cpu_us_per_deposit=cpu / w.deposits * 1e6,
     )
 
 
@@ -443,7 +475,9 @@ async def measure_eventsourcing(store: Store, w: Workload) -> Measured:
                 bank.deposit, ids[index], 100, limiter=limiter
             )
 
+        cpu = time.process_time()
         handled, latencies = await run_callers(w.callers, w.schedule(), deposit)
+        cpu = time.process_time() - cpu
         total = sum(
             cast(EsAccount, bank.repository.get(i)).balance for i in ids
         )  # a check that every deposit landed, not a measurement
@@ -457,6 +491,7 @@ async def measure_eventsourcing(store: Store, w: Workload) -> Measured:
         p50=percentile(latencies, 0.5),
         p99=percentile(latencies, 0.99),
         conflicts=conflicts,
+        cpu_us_per_deposit=cpu / w.deposits * 1e6,
     )
 
 
@@ -534,7 +569,9 @@ def report(
         "raw bound/s",
         "runkit ÷ raw",
         "driver appends/s",
-        "writes/deposit",
+        "runkit CPU µs/deposit",
+        "es CPU µs/deposit",
+        "writes/deposit (commit)",
         "reads/deposit",
         "es conflicts",
     ]
@@ -556,7 +593,9 @@ def report(
                 f"{bound:,.0f}",
                 f"{100 * rk.handled_per_s / bound:.1f}%",
                 f"{raw.appends_per_s:,.0f}",
-                f"{rk.writes_per_deposit:.2f}",
+                f"{rk.cpu_us_per_deposit:,.0f}",
+                f"{es.cpu_us_per_deposit:,.0f}",
+                f"{rk.writes_per_deposit:.2f} ({rk.commit_writes_per_deposit:.2f})",
                 f"{rk.reads_per_deposit:.2f}",
                 str(es.conflicts),
             ]
@@ -568,7 +607,8 @@ def report(
     return (
         f"{table(rows, header)}\n\n{machine}; {args.accounts:,} accounts, "
         f"{args.deposits:,} deposits per cell, raw bound over {args.raw_seconds:g} s, "
-        f"medians of {args.repeat} interleaved repetition(s)\n"
+        f"medians of {args.repeat} interleaved repetition(s); runkit callers "
+        f"{'observe their Deposited' if args.observe else 'return on commit'}\n"
         "raw bound: single-row INSERTs through psycopg (PostgreSQL) or the driver's "
         "journal appends (memory)\n"
         + "\n".join(f"- {name}: {text}" for name, text in notes.items())
@@ -584,6 +624,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--raw-seconds", type=float)
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--observe",
+        action="store_true",
+        help="runkit callers also wait for their Deposited through a dogma.observe observer",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -616,7 +661,9 @@ def main(argv: list[str] | None = None) -> int:
                     # Alternate which system goes first, so drift hits both alike.
                     order = [*("runkit", "eventsourcing")[:: -1 if rep % 2 else 1], "raw"]
                     for callers in args.callers:
-                        w = Workload(args.accounts, args.deposits, callers, args.raw_seconds)
+                        w = Workload(
+                            args.accounts, args.deposits, callers, args.raw_seconds, args.observe
+                        )
                         cell = results.setdefault((target.name, callers), {})
                         for system in order:
                             print(f"{target.name} C={callers} #{rep + 1}: {system}", flush=True)
