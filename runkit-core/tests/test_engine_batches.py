@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
+from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import attrs
 import pytest
 
@@ -217,3 +219,75 @@ async def test_backlog_limit_makes_callers_wait_and_then_raise() -> None:
         await executor.execute_command(Notify(100))
         await wait_until(lambda: 100 in s.notifier.calls)
     assert 99 not in s.notifier.calls
+
+
+# -- a catch-up that never suspends must not starve other tasks -----------------------
+
+
+async def test_reading_a_stream_lets_other_tasks_run_even_if_nothing_suspends() -> None:
+    # A memory store and a read model in memory never suspend: without the
+    # reader's periodic checkpoint a long catch-up starved the heartbeat, and
+    # the node stopped taking work (seen in the overload benchmark).
+    register_types(setup().config.message_types())
+    provider = silo()
+    journal = await provider.journals.open("stream")
+    stream = PartitionStream("s", journal, next_offset=0)
+    writer = StreamWriter(
+        journal,
+        stream,
+        EventBus(),
+        StreamTail(0, 0, 0, frozenset()),
+        clock=lambda: datetime.now(UTC),
+        batch_limit=100,
+        record_limit=1 << 20,
+        progress_interval=0.05,
+        retry_max_delay=1.0,
+    )
+    count = 2_000
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        publications = [
+            writer.enqueue(
+                f"cmd-{i}",
+                [
+                    new_envelope(
+                        Deposit("a", 1, f"r{i}"),
+                        app_key=APP_KEY,
+                        site_key=None,
+                        created_at=datetime.now(UTC),
+                    )
+                ],
+            )
+            for i in range(count)
+        ]
+        for publication in publications:
+            await publication.done.wait()
+        tg.cancel_scope.cancel()
+
+    for source, reader in (
+        ("the journal", PartitionStream("s", journal, next_offset=count)),  # empty buffer
+        ("the buffer", stream),
+    ):
+        turns = 0
+
+        async def other() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other)
+            await anyio.lowlevel.checkpoint()
+            before = turns
+            seen = 0
+            async with aclosing(reader.read(0)) as events:
+                async for event in events:  # consumed without awaiting anything else
+                    seen += 1
+                    if event.offset == count - 1:
+                        break
+            assert seen == count
+            assert turns - before >= count // 512, f"reading {source} starved other tasks"
+            tg.cancel_scope.cancel()
+    writer.close()
+    await journal.close()

@@ -40,6 +40,7 @@ from contextlib import aclosing, asynccontextmanager
 from datetime import datetime
 
 import anyio
+import anyio.lowlevel
 import attrs
 import msgspec
 from anyio.abc import TaskStatus
@@ -71,6 +72,11 @@ __all__ = [
 
 _log = logging.getLogger("runkit.engine.streams")
 _retry_log = RateLimitedLog(_log)
+
+#: A reader lets other tasks run after this many events, even when neither the
+#: store nor its consumer ever suspends (a memory store and a read model in
+#: memory): a long catch-up must not starve the heartbeat.
+YIELD_EVERY = 256
 
 
 def stream_name(app_key: str, index: int) -> str:
@@ -197,6 +203,8 @@ class PartitionStream:
                 while self._base <= position < self._end:
                     yield self._buffer[position - self._base]
                     position += 1
+                    if not position % YIELD_EVERY:
+                        await anyio.lowlevel.checkpoint()
                 continue
             stop = self._base
             before = position
@@ -204,6 +212,8 @@ class PartitionStream:
                 async for event in catch_up:
                     yield event
                     position = event.offset + 1
+                    if not position % YIELD_EVERY:
+                        await anyio.lowlevel.checkpoint()
             if position == before:
                 raise RecordNotFound(self._journal.name, position)
 
