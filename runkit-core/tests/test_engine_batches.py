@@ -12,12 +12,13 @@ Each bug test fails on the engine before the fix:
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import uuid
-from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -27,7 +28,7 @@ import pytest
 import dogma
 from runkit.engine import envelope as envelope_module
 from runkit.engine.commands import idempotency_name
-from runkit.engine.envelope import new_envelope, register_types, to_message
+from runkit.engine.envelope import closing_iter, new_envelope, register_types, to_message
 from runkit.engine.streams import (
     EventBus,
     PartitionStream,
@@ -221,6 +222,39 @@ async def test_backlog_limit_makes_callers_wait_and_then_raise() -> None:
     assert 99 not in s.notifier.calls
 
 
+async def test_callers_waiting_for_room_go_in_arrival_order_and_a_leaver_passes_its_turn() -> None:
+    s = setup()
+    provider = silo()
+    s.notifier.release = anyio.Event()
+    async with running(provider, s.config, partition_count=1, backlog_limit=1) as engine:
+        executor = engine.executor_for(s.app)
+        runtime = await engine.runtime(APP_KEY)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.execute_command, Notify(0))  # takes the only slot
+            await wait_until(lambda: s.notifier.calls == [0])
+            partition = runtime.partitions[0]
+
+            async def caller(n: int) -> None:
+                if n == 2:
+                    with anyio.move_on_after(0.3):  # gives up while waiting
+                        await executor.execute_command(Notify(n))
+                else:
+                    await executor.execute_command(Notify(n))
+
+            for n in (1, 2, 3, 4):
+                tg.start_soon(caller, n)
+                await wait_until(functools.partial(_waiting, partition, n))
+            await wait_until(lambda: len(partition._room_waiters) == 3)  # the leaver left
+            s.notifier.release.set()
+        await wait_until(lambda: len(s.notifier.calls) == 4)
+    assert s.notifier.calls == [0, 1, 3, 4], "not served in arrival order"
+    assert not partition._room_waiters
+
+
+def _waiting(partition: Any, count: int) -> bool:
+    return len(partition._room_waiters) == count
+
+
 # -- a catch-up that never suspends must not starve other tasks -----------------------
 
 
@@ -281,7 +315,7 @@ async def test_reading_a_stream_lets_other_tasks_run_even_if_nothing_suspends() 
             await anyio.lowlevel.checkpoint()
             before = turns
             seen = 0
-            async with aclosing(reader.read(0)) as events:
+            async with closing_iter(reader.read(0)) as events:
                 async for event in events:  # consumed without awaiting anything else
                     seen += 1
                     if event.offset == count - 1:

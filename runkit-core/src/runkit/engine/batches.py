@@ -190,7 +190,8 @@ class PartitionCommands:
         self._outstanding: dict[int, int] = {}
         self._inbox_pending = 0
         self._backlog = 0
-        self._room = anyio.Event()
+        # Callers waiting for backlog room, first come first served.
+        self._room_waiters: deque[anyio.Event] = deque()
         self._paused = False
         self._ready: deque[_Item] = deque()
         # Aggregate instances being loaded or retried: their commands wait here, in order.
@@ -239,10 +240,42 @@ class PartitionCommands:
         self._poked = True
         self._wake.set()
 
+    def has_room(self, limit: int) -> bool:
+        """Whether a caller may go ahead now: backlog below *limit*, nobody waiting."""
+        return self._backlog < limit and not self._room_waiters
+
     async def wait_for_room(self, limit: int) -> None:
-        """Return once the backlog is below *limit*."""
-        while self._backlog >= limit and not self._stopped:
-            await self._room.wait()
+        """Return once the backlog is below *limit*, after those already waiting.
+
+        Waiters are woken in arrival order, one per slot freed, so the wait is
+        as long as the queue ahead and no longer (an ``Event`` woken for all
+        would let late arrivals overtake and stretch the tail). The caller
+        must take its slot (``execute_local``) without suspending in between.
+        """
+        if self._stopped or self.has_room(limit):
+            return
+        waiter = anyio.Event()
+        self._room_waiters.append(waiter)
+        try:
+            while True:
+                await waiter.wait()
+                if self._stopped or self._backlog < limit:
+                    return
+                # Woken, but the slot was taken meanwhile: stay first in line.
+                waiter = anyio.Event()
+                self._room_waiters.appendleft(waiter)
+        except BaseException:
+            # Cancelled (the caller's wait bound): leave the line, and pass on a
+            # wake-up this waiter received but cannot use.
+            if waiter.is_set():
+                self._wake_waiters()
+            else:
+                self._room_waiters.remove(waiter)
+            raise
+
+    def _wake_waiters(self) -> None:
+        for _ in range(min(self._backlog_limit - self._backlog, len(self._room_waiters))):
+            self._room_waiters.popleft().set()
 
     async def execute_local(self, entries: Sequence[InboxEntry]) -> None:
         """Handle *entries* in the next batch; return once each is durable.
@@ -303,7 +336,8 @@ class PartitionCommands:
 
     def _stop(self) -> None:
         self._stopped = True
-        self._room.set()
+        while self._room_waiters:
+            self._room_waiters.popleft().set()
         for item in list(self._local):
             if item.command_id not in self._publishing:
                 self._settle(item, PartitionStopped())
@@ -689,9 +723,8 @@ class PartitionCommands:
             self._done(item.position)
         # A spilled command not yet read back from the inbox is counted done
         # when it is (_add_record).
-        if self._backlog < self._backlog_limit:
-            room, self._room = self._room, anyio.Event()
-            room.set()
+        if self._room_waiters and self._backlog < self._backlog_limit:
+            self._wake_waiters()
 
     def _settle(self, item: _Item, error: BaseException | None) -> None:
         if item in self._local:

@@ -66,8 +66,12 @@ class LocalPartition(Protocol):
         """Commands accepted and not yet done."""
         ...
 
+    def has_room(self, limit: int) -> bool:
+        """Whether a caller may go ahead now: backlog below *limit*, nobody waiting."""
+        ...
+
     async def wait_for_room(self, limit: int) -> None:
-        """Return once the backlog is below *limit*."""
+        """Return once the backlog is below *limit*, after the callers already waiting."""
         ...
 
     async def execute_local(self, entries: Sequence[InboxEntry]) -> None:
@@ -260,7 +264,7 @@ class Acceptor:
             self._wake(index)  # the owner reads its inbox now, not at its next poll
 
     async def _wait_for_room(self, index: int, local: LocalPartition, limit: int) -> None:
-        if local.backlog < limit:
+        if local.has_room(limit):
             return
         with anyio.move_on_after(self._backlog_timeout) as waited:
             await local.wait_for_room(limit)
