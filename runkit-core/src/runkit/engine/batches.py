@@ -107,6 +107,14 @@ class _Waiter:
 
 
 @attrs.define(eq=False)
+class _RoomWaiter:
+    """A caller waiting for backlog room; ``reserved`` once a slot is handed to it."""
+
+    event: anyio.Event = attrs.Factory(anyio.Event)
+    reserved: bool = False
+
+
+@attrs.define(eq=False)
 class _Item:
     """One pending command."""
 
@@ -191,7 +199,8 @@ class PartitionCommands:
         self._inbox_pending = 0
         self._backlog = 0
         # Callers waiting for backlog room, first come first served.
-        self._room_waiters: deque[anyio.Event] = deque()
+        self._room_waiters: deque[_RoomWaiter] = deque()
+        self._reserved = 0  # slots handed to woken waiters that have not taken them yet
         self._paused = False
         self._ready: deque[_Item] = deque()
         # Aggregate instances being loaded or retried: their commands wait here, in order.
@@ -241,41 +250,54 @@ class PartitionCommands:
         self._wake.set()
 
     def has_room(self, limit: int) -> bool:
-        """Whether a caller may go ahead now: backlog below *limit*, nobody waiting."""
-        return self._backlog < limit and not self._room_waiters
+        """Whether a caller may go ahead now: a free slot, and nobody waiting for one."""
+        return self._backlog + self._reserved < limit and not self._room_waiters
 
     async def wait_for_room(self, limit: int) -> None:
         """Return once the backlog is below *limit*, after those already waiting.
 
-        Waiters are woken in arrival order, one per slot freed, so the wait is
-        as long as the queue ahead and no longer (an ``Event`` woken for all
-        would let late arrivals overtake and stretch the tail). The caller
+        Waiters are served in arrival order: each freed slot is handed to the
+        first waiter and reserved for it until it resumes, so a caller that
+        just finished and calls again cannot take it first (closed-loop callers
+        would otherwise keep their slots and starve the queue). The caller
         must take its slot (``execute_local``) without suspending in between.
         """
         if self._stopped or self.has_room(limit):
             return
-        waiter = anyio.Event()
+        waiter = _RoomWaiter()
         self._room_waiters.append(waiter)
         try:
             while True:
-                await waiter.wait()
+                await waiter.event.wait()
+                self._unreserve(waiter)
                 if self._stopped or self._backlog < limit:
                     return
-                # Woken, but the slot was taken meanwhile: stay first in line.
-                waiter = anyio.Event()
+                # Inbox commands filled the slot meanwhile: stay first in line.
+                waiter = _RoomWaiter()
                 self._room_waiters.appendleft(waiter)
         except BaseException:
-            # Cancelled (the caller's wait bound): leave the line, and pass on a
-            # wake-up this waiter received but cannot use.
-            if waiter.is_set():
+            # Cancelled (the caller's wait bound): leave the line, and hand a
+            # slot this waiter received but cannot use to the next one.
+            if waiter.reserved:
+                self._unreserve(waiter)
                 self._wake_waiters()
-            else:
+            elif not waiter.event.is_set():
                 self._room_waiters.remove(waiter)
             raise
 
+    def _unreserve(self, waiter: _RoomWaiter) -> None:
+        if waiter.reserved:
+            waiter.reserved = False
+            self._reserved -= 1
+
     def _wake_waiters(self) -> None:
-        for _ in range(min(self._backlog_limit - self._backlog, len(self._room_waiters))):
-            self._room_waiters.popleft().set()
+        free = self._backlog_limit - self._backlog - self._reserved
+        while free > 0 and self._room_waiters:
+            waiter = self._room_waiters.popleft()
+            waiter.reserved = True
+            self._reserved += 1
+            waiter.event.set()
+            free -= 1
 
     async def execute_local(self, entries: Sequence[InboxEntry]) -> None:
         """Handle *entries* in the next batch; return once each is durable.
@@ -337,7 +359,7 @@ class PartitionCommands:
     def _stop(self) -> None:
         self._stopped = True
         while self._room_waiters:
-            self._room_waiters.popleft().set()
+            self._room_waiters.popleft().event.set()  # no slot: they see the stop
         for item in list(self._local):
             if item.command_id not in self._publishing:
                 self._settle(item, PartitionStopped())
@@ -723,7 +745,7 @@ class PartitionCommands:
             self._done(item.position)
         # A spilled command not yet read back from the inbox is counted done
         # when it is (_add_record).
-        if self._room_waiters and self._backlog < self._backlog_limit:
+        if self._room_waiters:
             self._wake_waiters()
 
     def _settle(self, item: _Item, error: BaseException | None) -> None:
