@@ -54,6 +54,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -333,6 +334,8 @@ class Measured:
     commit_writes_per_deposit: float = float("nan")  # stream and inbox appends
     reads_per_deposit: float = float("nan")
     cpu_us_per_deposit: float = float("nan")  # process CPU time / deposits
+    # Per deposit, by store kind and "write"/"read" (runkit only).
+    by_store: dict[tuple[str, str], float] = attrs.field(factory=dict)
     conflicts: int = 0
     appends_per_s: float = float("nan")  # raw bound: the driver's journal appends
     inserts_per_s: float = float("nan")  # raw bound: psycopg single-row INSERTs
@@ -385,11 +388,30 @@ class CountingPlan(FaultPlan):
     def __init__(self) -> None:
         super().__init__()
         self.commit_writes = 0
+        self.by_store: Counter[tuple[str, str]] = Counter()
 
     def decide(self, op: str, kind: str, name: str) -> Timing | None:
-        if op in WRITE_OPS and ("/stream/" in name or "/inbox/" in name):
-            self.commit_writes += 1
+        store = store_kind(name)
+        if op in WRITE_OPS:
+            self.by_store[store, "write"] += 1
+            if store in ("stream", "inbox"):
+                self.commit_writes += 1
+        elif op not in NOT_COUNTED:
+            self.by_store[store, "read"] += 1
         return super().decide(op, kind, name)
+
+
+STORE_KINDS = ("stream", "inbox", "aggregate", "snapshot", "process", "idempotency", "cluster")
+
+
+def store_kind(name: str) -> str:
+    """The kind of store a journal, keyspace or set name belongs to."""
+    if name.startswith("cluster/"):
+        return "cluster"
+    for kind in STORE_KINDS:
+        if f"/{kind}" in name:
+            return kind
+    return "other"
 
 
 def counts(provider: FaultyProvider) -> tuple[int, int, int]:
@@ -438,10 +460,12 @@ async def measure_runkit(store: Store, w: Workload) -> Measured:
         tg.start_soon(engine.run)
         opens, _ = await run_callers(w.callers, names, open_account)
         writes, commits, reads = counts(provider)
+        stores = Counter(cast(CountingPlan, provider.plan).by_store)
         cpu = time.process_time()
         handled, latencies = await run_callers(w.callers, list(enumerate(w.schedule())), deposit)
         cpu = time.process_time() - cpu
         writes_after, commits_after, reads_after = counts(provider)
+        stores = cast(CountingPlan, provider.plan).by_store - stores
         tg.cancel_scope.cancel()
     return Measured(
         opens_per_s=opens,
@@ -452,6 +476,7 @@ async def measure_runkit(store: Store, w: Workload) -> Measured:
         commit_writes_per_deposit=(commits_after - commits) / w.deposits,
         reads_per_deposit=(reads_after - reads) / w.deposits,
         cpu_us_per_deposit=cpu / w.deposits * 1e6,
+        by_store={key: n / w.deposits for key, n in stores.items()},
     )
 
 
@@ -536,8 +561,14 @@ def median(values: list[float]) -> float:
 
 def combine(runs: list[Measured]) -> Measured:
     """Field-wise medians of repetitions."""
-    fields = {f.name: median([getattr(r, f.name) for r in runs]) for f in attrs.fields(Measured)}
+    fields: dict[str, Any] = {
+        f.name: median([getattr(r, f.name) for r in runs])
+        for f in attrs.fields(Measured)
+        if f.name != "by_store"
+    }
     fields["conflicts"] = round(fields["conflicts"])
+    keys = {key for r in runs for key in r.by_store}
+    fields["by_store"] = {key: median([r.by_store.get(key, 0.0) for r in runs]) for key in keys}
     return Measured(**cast(Any, fields))
 
 
@@ -600,12 +631,27 @@ def report(
                 str(es.conflicts),
             ]
         )
+    kinds = [*STORE_KINDS, "other"]
+    store_rows = []
+    for (target, callers), systems in results.items():
+        by_store = combine(systems["runkit"]).by_store
+        store_rows.append(
+            [
+                target,
+                str(callers),
+                *(
+                    f"{by_store.get((k, 'write'), 0.0):.2f} / {by_store.get((k, 'read'), 0.0):.2f}"
+                    for k in kinds
+                ),
+            ]
+        )
     machine = (
         f"{platform.python_implementation()} {platform.python_version()}, {args.backend}, "
         f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     return (
-        f"{table(rows, header)}\n\n{machine}; {args.accounts:,} accounts, "
+        f"{table(rows, header)}\n\nrunkit's writes / reads per deposit by store:\n\n"
+        f"{table(store_rows, ['target', 'C', *kinds])}\n\n{machine}; {args.accounts:,} accounts, "
         f"{args.deposits:,} deposits per cell, raw bound over {args.raw_seconds:g} s, "
         f"medians of {args.repeat} interleaved repetition(s); runkit callers "
         f"{'observe their Deposited' if args.observe else 'return on commit'}\n"

@@ -152,3 +152,29 @@ async def test_a_node_that_stops_hands_commands_to_the_inbox_and_the_survivor() 
         stores = await settled(MemoryProvider(silo), timeout=20)
     check_invariants(stores)
     assert {c[1] for c in s.accounts.calls} >= {"before", *(f"after{i}" for i in range(4))}
+
+
+async def test_a_late_subscription_replays_what_the_chain_recorded_on_a_peer() -> None:
+    # A subscription made after the events were recorded (a reconnect, or a
+    # node that took the partition over) must still see them: every node keeps
+    # its recently published events and replays a chain's to late subscribers.
+    from runkit.engine.commands import command_id_for
+    from runkit.engine.streams import CommandDone
+
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s, silo) as (one, two):
+        [account] = _remote_accounts(one, 1)  # its partition is owned by `two`
+        await two.executor_for(s.app).execute_command(
+            Deposit(account, 5, "late"), idempotency_key="late-key"
+        )
+        correlation_id = command_id_for(APP_KEY, "late-key")
+        with anyio.fail_after(20):
+            async with one.subscribe(APP_KEY, correlation_id) as events:
+                async for event in events:
+                    if isinstance(event, CommandDone):
+                        continue
+                    message = event.message()
+                    if isinstance(message, Deposited):
+                        assert (message.account, message.ref) == (account, "late")
+                        break

@@ -383,3 +383,55 @@ async def test_an_inconclusive_done_note_decides_nothing(app: ApplicationConfig)
             app, cmd, Open, [observe(ReOpened, Recorder())], mixed([done(cmd, conclusive=False)])
         )
     assert waited.cancelled_caught
+
+
+# -- the bus keeps recent events for late subscribers -------------------------------
+
+
+async def _replayed(bus: Any, correlation_id: str) -> list[Any]:
+    events: Any
+    async with bus.subscribe(correlation_id, replay=True) as events:
+        received = []
+        while events.pending():
+            received.append(await events.__anext__())
+        return received
+
+
+async def test_a_replaying_subscription_starts_with_the_chains_recent_events(
+    app: ApplicationConfig,
+) -> None:
+    from runkit.engine.streams import CommandDone, EventBus
+
+    a, b = command(Open("a")), command(Open("b"))
+    bus = EventBus()
+    first, other, second = (
+        event(Opened("a"), a, 0),
+        event(Opened("b"), b, 1),
+        event(Closed("a"), a, 2),
+    )
+    bus.publish([first, other])
+    done = CommandDone(a.correlation_id, a.message_id, conclusive=True)
+    bus.note(done)
+    bus.publish([second])
+    assert await _replayed(bus, a.correlation_id) == [first, done, second]
+    assert await _replayed(bus, b.correlation_id) == [other]
+    live: Any
+    async with bus.subscribe(a.correlation_id) as live:  # no replay: nothing yet
+        assert not live.pending()
+
+
+async def test_the_bus_keeps_a_bounded_number_of_recent_events_for_a_bounded_time(
+    app: ApplicationConfig,
+) -> None:
+    from runkit.engine.streams import EventBus
+
+    now = [0.0]
+    bus = EventBus(recent_events=3, recent_seconds=10.0, clock=lambda: now[0])
+    a = command(Open("a"))
+    events = [event(Opened(str(i)), a, i) for i in range(5)]
+    bus.publish(events)
+    assert await _replayed(bus, a.correlation_id) == events[2:]  # the newest three
+    now[0] = 10.5
+    assert await _replayed(bus, a.correlation_id) == []  # older than ten seconds
+    assert not bus._recent
+    assert not bus._order

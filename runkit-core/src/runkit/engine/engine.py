@@ -77,6 +77,8 @@ class MetaRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _META_KEY = b"partitions"
+#: Events at the end of a partition's stream a new owner publishes again.
+REPUBLISH_ON_TAKEOVER = 256
 _meta_decoder = msgspec.msgpack.Decoder(MetaRecord)
 
 
@@ -316,6 +318,12 @@ class AppRuntime:
                 extra=context,
             )
             stream = PartitionStream(pid, stream_journal, next_offset=tail.next_offset)
+            # The previous owner may have committed events and died before its
+            # observers (here or on peers) heard of them: publish the stream's
+            # last events again; observers skip what they have already seen.
+            republish = min(tail.next_offset, REPUBLISH_ON_TAKEOVER)
+            if republish:
+                self.bus.publish(await stream.events_at(tail.next_offset - republish, republish))
             aggregates = AggregateInstances(
                 self.provider,
                 self.app_key,

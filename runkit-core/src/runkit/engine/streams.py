@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
@@ -308,21 +309,55 @@ class _UniqueEvents:
                 return event
 
 
-class EventBus:
-    """In-process fan-out of published events to subscribers, by correlation ID."""
+#: Events and notes a node keeps after publishing them, for subscriptions that
+#: start late (``subscribe(replay=True)``): a peer that subscribes after a
+#: reconnect, or to a node that has just taken a partition over, still gets
+#: what the chain recorded meanwhile. Bounded by count and by age.
+RECENT_EVENTS = 10_000
+RECENT_SECONDS = 60.0
 
-    def __init__(self) -> None:
+
+class EventBus:
+    """In-process fan-out of published events to subscribers, by correlation ID.
+
+    The bus also keeps the most recent events and notes (``RECENT_EVENTS``,
+    for at most ``RECENT_SECONDS``), so that a subscription made with
+    ``replay=True`` starts with what its chain already published here.
+    """
+
+    def __init__(
+        self,
+        *,
+        recent_events: int = RECENT_EVENTS,
+        recent_seconds: float = RECENT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._subscribers: dict[str, set[MemoryObjectSendStream[Observed]]] = {}
+        self._recent: dict[str, deque[Observed]] = {}
+        # (when, correlation ID) per kept item, oldest first: the oldest entry
+        # for an ID is always the head of that ID's deque.
+        self._order: deque[tuple[float, str]] = deque()
+        self._recent_events = recent_events
+        self._recent_seconds = recent_seconds
+        self._clock = clock
 
     @asynccontextmanager
-    async def subscribe(self, correlation_id: str) -> AsyncIterator[AsyncIterator[Observed]]:
+    async def subscribe(
+        self, correlation_id: str, *, replay: bool = False
+    ) -> AsyncIterator[AsyncIterator[Observed]]:
         """Receive every event published after this call whose correlation ID matches.
 
-        Each stream event is delivered once per subscription, even if published again.
+        With *replay*, the subscription first receives the chain's events and
+        notes this bus still keeps, in the order they were published. Each
+        stream event is delivered once per subscription, even if published again.
         """
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         subscribers = self._subscribers.setdefault(correlation_id, set())
         subscribers.add(send)
+        if replay:
+            self._expire(self._clock())
+            for item in self._recent.get(correlation_id, ()):
+                send.send_nowait(item)
         try:
             async with receive:
                 yield _UniqueEvents(receive)
@@ -337,17 +372,35 @@ class EventBus:
         return correlation_id in self._subscribers
 
     def publish(self, events: Iterable[StreamEvent]) -> None:
-        """Deliver *events* to the matching subscribers (never blocks)."""
-        if not self._subscribers:
-            return
+        """Deliver *events* to the matching subscribers (never blocks), and keep them."""
         for event in events:
-            for send in self._subscribers.get(event.envelope.correlation_id, ()):
-                send.send_nowait(event)
+            self._deliver(event.envelope.correlation_id, event)
 
     def note(self, note: CommandDone) -> None:
-        """Deliver a chain note to the subscribers of its correlation ID."""
-        for send in self._subscribers.get(note.correlation_id, ()):
-            send.send_nowait(note)
+        """Deliver a chain note to the subscribers of its correlation ID, and keep it."""
+        self._deliver(note.correlation_id, note)
+
+    def _deliver(self, correlation_id: str, item: Observed) -> None:
+        now = self._clock()
+        kept = self._recent.get(correlation_id)
+        if kept is None:
+            kept = self._recent[correlation_id] = deque()
+        kept.append(item)
+        self._order.append((now, correlation_id))
+        self._expire(now)
+        for send in self._subscribers.get(correlation_id, ()):
+            send.send_nowait(item)
+
+    def _expire(self, now: float) -> None:
+        order, recent = self._order, self._recent
+        while order and (
+            len(order) > self._recent_events or now - order[0][0] > self._recent_seconds
+        ):
+            _, correlation_id = order.popleft()
+            kept = recent[correlation_id]
+            kept.popleft()
+            if not kept:
+                del recent[correlation_id]
 
 
 @attrs.frozen
