@@ -3,7 +3,8 @@
 Usage::
 
     uv run python benchmarks/cluster.py [--commands 400] [--callers 4]
-        [--reminders 60] [--heartbeat-interval 0.25] [--backend asyncio|trio]
+        [--reminders 60] [--heartbeat-interval 0.25] [--throughput-seconds 10]
+        [--throughput-callers 64] [--backend asyncio|trio]
 
 Starts a throwaway PostgreSQL server with durable settings and three ``runkit``
 node processes on it (membership, the node transport with mutual TLS,
@@ -31,6 +32,12 @@ also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
    partition the node owned; reported is the time from the signal until each
    deposit is *handled* (its ``Deposited`` observed), max and median over the
    partitions.
+
+4. **Throughput, three nodes and one.** Before the latency phase, the client
+   alone executes deposits from ``--throughput-callers`` callers for
+   ``--throughput-seconds`` (each call returns once the owner has committed the
+   command); after the failover phase, with one node left on the same store,
+   the same again. Reported: commands/s and p50/p99 of the call.
 
 Not a test: nothing here asserts a time. Use ``--keep`` to keep the nodes' logs.
 """
@@ -293,6 +300,29 @@ async def latencies(
     return results
 
 
+async def throughput(executor: Any, seconds: float, callers: int) -> tuple[float, float, float]:
+    """Deposits from *callers* callers for *seconds*, each call returning once its
+    command is committed by the owner: (commands/s, p50 s, p99 s)."""
+    done: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            with anyio.fail_after(60):
+                await executor.execute_command(
+                    Deposit(f"acc-{rng.randrange(1000)}", 1, uuid.uuid4().hex)
+                )
+            done.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for n in range(callers):
+            tg.start_soon(caller, n)
+    return len(done) / (time.perf_counter() - started), _pct(done, 0.5), _pct(done, 0.99)
+
+
 async def reminders(
     executor: Any, count: int, owned: Callable[[str], bool]
 ) -> list[tuple[float, bool]]:
@@ -527,6 +557,9 @@ async def _measure(
     processes: list[anyio.abc.Process],
     node_ids: list[uuid.UUID],
 ) -> str:
+    # 0. Throughput through the client, three nodes (again with one, below).
+    three = await throughput(executor, args.throughput_seconds, args.throughput_callers)
+
     # 1. Routing latency: the nodes and the client at once.
     publish(work / "go-latency", {"commands": args.commands, "callers": args.callers})
     client_results = await latencies(executor, args.commands, args.callers, lambda _: False)
@@ -553,11 +586,20 @@ async def _measure(
     stopped, stopped_claims = await _failover(
         pg, app, executor, processes[1], node_ids[1], signal.SIGTERM
     )
+    await _settled(pg, app, {node_ids[2]})
+    one = await throughput(executor, args.throughput_seconds, args.throughput_callers)
 
     lines = [
         "",
         f"heartbeat interval {args.heartbeat_interval} s, backend {args.backend}, "
         f"{args.callers} callers per process",
+        "",
+        f"| client deposits, {args.throughput_callers} callers, {args.throughput_seconds:g} s "
+        "| commands/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+        f"| three nodes | {three[0]:,.0f} | {_ms(three[1])} | {_ms(three[2])} |",
+        f"| one node (same store, after the others stopped) | {one[0]:,.0f} | {_ms(one[1])} | "
+        f"{_ms(one[2])} |",
         "",
         "| deposit, call to event observed | calls | p50 ms | p99 ms |",
         "|---|---:|---:|---:|",
@@ -596,6 +638,8 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--callers", type=int, default=4, help="concurrent callers per process")
     parser.add_argument("--reminders", type=int, default=60, help="reminders per node")
     parser.add_argument("--heartbeat-interval", type=float, default=0.25)
+    parser.add_argument("--throughput-seconds", type=float, default=10.0)
+    parser.add_argument("--throughput-callers", type=int, default=64)
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     parser.add_argument("--keep", action="store_true", help="print the logs' folder")
     parser.add_argument("--node", help=argparse.SUPPRESS)
