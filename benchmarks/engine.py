@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,6 +91,7 @@ class Result:
     completed: float = 0.0
     sustained: float = float("nan")
     writes_per_deposit: float = float("nan")
+    writes_by_store: dict[str, float] = attrs.field(factory=dict)  # per deposit
     backlog: int = 0
     accept_p50: float = float("nan")
     accept_p99: float = float("nan")
@@ -206,11 +208,25 @@ class ApprovalProbe:
         bus.publish = counting  # type: ignore[method-assign]
 
 
+STORE_KINDS = ("stream", "inbox", "aggregate", "snapshot", "process", "idempotency", "cluster")
+
+
+def store_kind(name: str) -> str:
+    """The kind of store a journal, keyspace or set name belongs to."""
+    if name.startswith("cluster/"):
+        return "cluster"
+    for kind in STORE_KINDS:
+        if f"/{kind}" in name:
+            return kind
+    return "other"
+
+
 class WriteCounter:
     """Counts the store writes (journal appends, keyspace sets) made through a provider."""
 
     def __init__(self, provider: Provider) -> None:
         self.writes = 0
+        self.by_store: Counter[str] = Counter()
         self.enabled = False
         for store, methods in (
             (provider.journals, ("append",)),
@@ -221,16 +237,18 @@ class WriteCounter:
     def _opener(self, open_: Any, methods: tuple[str, ...]) -> Any:
         async def opened(name: str) -> Any:
             handle = await open_(name)
+            kind = store_kind(name)
             for method in methods:
-                setattr(handle, method, self._counted(getattr(handle, method)))
+                setattr(handle, method, self._counted(getattr(handle, method), kind))
             return handle
 
         return opened
 
-    def _counted(self, write: Any) -> Any:
+    def _counted(self, write: Any, kind: str) -> Any:
         async def counted(*args: Any) -> Any:
             if self.enabled:
                 self.writes += 1
+                self.by_store[kind] += 1
             return await write(*args)
 
         return counted
@@ -329,6 +347,7 @@ async def run_live(
                 await anyio.sleep(0.02)
         counter.enabled = False
         result.writes_per_deposit = counter.writes / accepted
+        result.writes_by_store = {k: n / accepted for k, n in counter.by_store.items()}
         if len(approvals.times) - first >= accepted:
             result.sustained = accepted / (approvals.times[first + accepted - 1] - window_start)
         e2e = [probe.applied[tx] - t for tx, t in probe.started.items() if tx in probe.applied]
@@ -451,7 +470,12 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     notes = "\n".join(
-        f"- {r.driver}: {r.notes}; {r.stream_events:,} stream events" for r in results
+        f"- {r.driver}: {r.notes}; {r.stream_events:,} stream events; writes per deposit by "
+        "store: "
+        + ", ".join(
+            f"{k} {n:.2f}" for k, n in sorted(r.writes_by_store.items(), key=lambda kv: -kv[1])
+        )
+        for r in results
     )
     return (
         f"{table(rows, header)}\n\n{machine}; {args.callers} callers, {args.accounts} accounts, "

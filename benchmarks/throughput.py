@@ -71,7 +71,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import deposit_record_bytes, percentile, raw_appends
+from engine import STORE_KINDS, deposit_record_bytes, percentile, raw_appends, store_kind
 from targets import BaselineJournal
 from targets.postgres import RawPostgres
 
@@ -399,19 +399,6 @@ class CountingPlan(FaultPlan):
         elif op not in NOT_COUNTED:
             self.by_store[store, "read"] += 1
         return super().decide(op, kind, name)
-
-
-STORE_KINDS = ("stream", "inbox", "aggregate", "snapshot", "process", "idempotency", "cluster")
-
-
-def store_kind(name: str) -> str:
-    """The kind of store a journal, keyspace or set name belongs to."""
-    if name.startswith("cluster/"):
-        return "cluster"
-    for kind in STORE_KINDS:
-        if f"/{kind}" in name:
-            return kind
-    return "other"
 
 
 def counts(provider: FaultyProvider) -> tuple[int, int, int]:
