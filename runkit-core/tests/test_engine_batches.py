@@ -95,6 +95,48 @@ async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
     await journal.close()
 
 
+async def test_a_batch_larger_than_the_record_limit_is_committed_in_several_records() -> None:
+    register_types(setup().config.message_types())
+    provider = silo()
+    journal = await provider.journals.open("stream")
+    stream = PartitionStream("s", journal, next_offset=0)
+    limit = 4096
+    writer = StreamWriter(
+        journal,
+        stream,
+        EventBus(),
+        StreamTail(0, 0, 0, frozenset()),
+        clock=lambda: datetime.now(UTC),
+        batch_limit=10_000,
+        record_limit=limit,
+        progress_interval=0.05,
+        retry_max_delay=1.0,
+    )
+    count = 200
+    envelopes = [
+        new_envelope(
+            Deposit("a", i, f"r{i}"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+        )
+        for i in range(count)
+    ]
+    # Queued before the writer runs: one batch, far larger than one record may be.
+    publications = [writer.enqueue(f"cmd-{i}", [env]) for i, env in enumerate(envelopes)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        for publication in publications:
+            await publication.done.wait()
+        tg.cancel_scope.cancel()
+    assert [p.offset for p in publications] == list(range(count))
+    bounds = await journal.bounds()
+    records = [await journal.get(position) for position in range(bounds.begin, bounds.end)]
+    assert len(records) > 1, "the batch was not split"
+    assert all(len(data) <= limit for data in records), "a record is over the limit"
+    committed = [cid for data in records for cid in decode_stream_record(data).command_ids]
+    assert committed == [f"cmd-{i}" for i in range(count)]
+    writer.close()
+    await journal.close()
+
+
 # -- bug 2: idempotency markers only where nothing else proves the command was handled ---
 
 
