@@ -19,6 +19,7 @@ from engine_commands_harness import (
     Deposit,
     Notify,
     check_invariants,
+    read_stores,
     running,
     settled,
     setup,
@@ -110,6 +111,46 @@ async def test_two_engines_owning_the_same_partitions_never_duplicate() -> None:
     for i in range(60):
         key_id = str(uuid.uuid5(uuid.UUID(APP_KEY), f"d{i}"))
         assert len(stores.events_of(key_id)) == 1
+
+
+async def test_two_owners_racing_never_acknowledge_a_command_that_is_not_durable() -> None:
+    # Both engines believe they own every partition, so each batch commit may
+    # lose the stream append to the other's (ownership lost mid-batch). A call
+    # may only return once its command is committed in the stream or durable
+    # in the inbox: checked right after each return, before the store settles.
+    from runkit.engine.commands import command_id_for
+
+    s = setup()
+    inner = MemoryProvider(f"dual-ack-{uuid.uuid4()}")
+    not_durable: list[str] = []
+    async with (
+        running(MemoryProvider(inner.silo), s.config, partition_count=2) as one,
+        running(MemoryProvider(inner.silo), s.config, partition_count=2) as two,
+    ):
+        executors = [one.executor_for(s.app), two.executor_for(s.app)]
+
+        async def deposit(i: int) -> None:
+            key = f"ack{i}"
+            await _execute_until_accepted(executors[i % 2], Deposit(f"a{i % 4}", 1, key), key)
+            command_id = command_id_for(APP_KEY, key)
+            stores = await read_stores(inner)
+            inboxed = {
+                entry.envelope.message_id
+                for records in stores.inbox.values()
+                for _, record in records
+                for entry in record.entries
+            }
+            if not stores.events_of(command_id) and command_id not in inboxed:
+                not_durable.append(key)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(80):
+                tg.start_soon(deposit, i)
+        stores = await settled(inner, timeout=30)
+    assert not not_durable, f"acknowledged before durable: {not_durable}"
+    check_invariants(stores)
+    for i in range(80):
+        assert len(stores.events_of(command_id_for(APP_KEY, f"ack{i}"))) == 1
 
 
 @pytest.mark.parametrize("truncate", [False, True], ids=["keep-journals", "truncate-journals"])
