@@ -348,7 +348,7 @@ def test_backend_trio_without_trio(
     monkeypatch.setitem(sys.modules, "trio", None)  # as if it were not installed
     assert error_of(capsys, "run", "--backend", "trio", "bank:app") == (
         "runkit run: --backend trio needs the trio package, which is not installed: "
-        "pip install trio, or use --backend asyncio\n"
+        "pip install 'runkit-core[trio]', or use --backend asyncio\n"
     )
 
 

@@ -198,7 +198,7 @@ def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     if args.backend == "trio" and importlib.util.find_spec("trio") is None:
         raise CLIError(
             "--backend trio needs the trio package, which is not installed: "
-            "pip install trio, or use --backend asyncio"
+            "pip install 'runkit-core[trio]', or use --backend asyncio"
         )
     return run_node(args.app, out=out, backend=args.backend, options=_run_options(args))
 
