@@ -57,8 +57,8 @@ from runkit.engine.envelope import Envelope, register_types, to_message
 from runkit.engine.inbox import EngineStopped, InboxRecord, decode_inbox_record, inbox_name
 from runkit.engine.partitions import partition_id
 from runkit.engine.poison import poison_name
-from runkit.engine.processes import InstanceRecord as ProcessRecord
-from runkit.engine.processes import event_poison_store_name, process_store_name
+from runkit.engine.process_instances import ProcessRecord
+from runkit.engine.process_stores import event_poison_store_name, process_store_name
 from runkit.engine.settings import EngineSettings
 from runkit.engine.streams import StreamRecord, decode_stream_record
 from runkit.persistence import (

@@ -24,8 +24,8 @@ import dogma
 from runkit.engine.consumers import ConsumerOptions, partition_consumers
 from runkit.engine.deadlines import deadline_journal_name
 from runkit.engine.envelope import Envelope
-from runkit.engine.processes import (
-    InstanceRecord,
+from runkit.engine.process_instances import ProcessRecord
+from runkit.engine.process_stores import (
     PoisonedMessage,
     checkpoint_key,
     checkpoints_store_name,
@@ -249,10 +249,10 @@ async def start(h: Harness, tg: Any, *, provider: Any = None) -> Any:
     return consumers
 
 
-async def record(h: Harness, instance: str) -> InstanceRecord | None:
+async def record(h: Harness, instance: str) -> ProcessRecord | None:
     async with await h.provider.keyspaces.open(process_store_name(APP_KEY, PROC_KEY)) as ks:
         data, _ = await ks.get(instance.encode())
-    return msgspec.msgpack.decode(data, type=InstanceRecord) if data else None
+    return msgspec.msgpack.decode(data, type=ProcessRecord) if data else None
 
 
 async def dispatched(h: Harness, *instances: str) -> bool:

@@ -25,8 +25,8 @@ from runkit.engine.consumers import ConsumerOptions, EventConsumers, partition_c
 from runkit.engine.deadlines import deadline_journal_name
 from runkit.engine.envelope import Envelope
 from runkit.engine.partitions import instance_workload, partition_of
-from runkit.engine.process_instances import CachedInstance, InstanceCache, InstanceRecord
-from runkit.engine.processes import process_store_name
+from runkit.engine.process_instances import CachedInstance, InstanceCache, ProcessRecord
+from runkit.engine.process_stores import process_store_name
 from runkit.testing.faults import AFTER, FaultPlan, FaultyProvider, Timing
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -201,18 +201,18 @@ async def start(
     return consumers
 
 
-async def record(h: Harness, instance: str) -> InstanceRecord:
+async def record(h: Harness, instance: str) -> ProcessRecord:
     async with await h.provider.keyspaces.open(PROCESS_STORE) as ks:
         data, _ = await ks.get(instance.encode())
     assert data, f"no record for {instance!r}"
-    return msgspec.msgpack.decode(data, type=InstanceRecord)
+    return msgspec.msgpack.decode(data, type=ProcessRecord)
 
 
 def commands(envelopes: Sequence[Envelope]) -> list[tuple[str, int]]:
     return sorted((json.loads(e.data)["id"], json.loads(e.data)["n"]) for e in envelopes)
 
 
-def outbox(r: InstanceRecord) -> list[tuple[str, int]]:
+def outbox(r: ProcessRecord) -> list[tuple[str, int]]:
     return commands([msgspec.msgpack.decode(c, type=Envelope) for c in r.commands])
 
 
@@ -440,7 +440,7 @@ async def test_the_cache_is_bounded_and_an_evicted_instance_is_read_again() -> N
                     data, _ = await ks.get(instance.encode())
                 if not data:
                     return False
-                r = msgspec.msgpack.decode(data, type=InstanceRecord)
+                r = msgspec.msgpack.decode(data, type=ProcessRecord)
                 return r.positions.get(h.streams[0].stream_id) == n and not r.has_outbox
 
             await h.publish(Step(instance, n))
@@ -459,7 +459,7 @@ async def test_the_cache_is_bounded_and_an_evicted_instance_is_read_again() -> N
 
 
 def _entry(partition: int = 0, *, dirty: bool = False) -> CachedInstance:
-    return CachedInstance(InstanceRecord(), "r1", Root(), partition, 1.0 if dirty else None)
+    return CachedInstance(ProcessRecord(), "r1", Root(), partition, 1.0 if dirty else None)
 
 
 def test_the_cache_evicts_the_least_recently_used_clean_entries() -> None:

@@ -1,6 +1,6 @@
 """Process instance records and the node's cache of them (ADR 0006).
 
-``InstanceRecord`` is what ``<app>/process/<handler>`` stores per instance.
+``ProcessRecord`` is what ``<app>/process/<handler>`` stores per instance.
 ``InstanceCache`` keeps, per process handler on this node, the instances it
 handled recently: the record as stored, its revision and the live root, so
 handling an event of a cached instance costs no read, and the next commit is
@@ -44,8 +44,8 @@ from .deadlines import DeadlineEntry
 __all__ = [
     "CachedInstance",
     "InstanceCache",
-    "InstanceRecord",
     "OutboxDeadline",
+    "ProcessRecord",
     "ProcessRoot",
 ]
 
@@ -64,7 +64,7 @@ class OutboxDeadline(msgspec.Struct, frozen=True, kw_only=True):
     entry: DeadlineEntry
 
 
-class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+class ProcessRecord(msgspec.Struct, frozen=True, kw_only=True):
     """The stored state of one process instance (msgpack, keyed by instance ID).
 
     Attributes:
@@ -90,7 +90,7 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
         """Whether commands or deadlines are in the outbox."""
         return bool(self.commands or self.deadlines)
 
-    def without_outbox(self) -> InstanceRecord:
+    def without_outbox(self) -> ProcessRecord:
         """The record with its (dispatched) outbox left out."""
         return msgspec.structs.replace(self, commands=[], deadlines=[])
 
@@ -109,7 +109,7 @@ class CachedInstance:
             stored record was dispatched; ``None`` if the record has none.
     """
 
-    record: InstanceRecord
+    record: ProcessRecord
     revision: str
     root: ProcessRoot
     partition: int

@@ -60,11 +60,8 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import attrs
@@ -73,324 +70,54 @@ import msgspec
 import dogma
 
 from ..config import ApplicationConfig, HandlerConfig, RouteKind
-from ..persistence import Conflict, Keyspace, PersistenceError, Provider
-from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
+from ..persistence import Conflict, Keyspace, PersistenceError
+from .consumers_support import ConsumerOptions, close_iterator, sleep_backoff
 from .deadlines import (
     DeadlineEntry,
     append_deadlines,
     deadline_journal_name,
 )
-from .envelope import Envelope, decode, encode, new_envelope, to_message, validate_new
+from .envelope import Envelope, decode, encode, to_message
 from .logs import LogContext, RateLimitedLog, describe_error
-from .partitions import instance_workload
 from .process_instances import (
     CachedInstance,
     InstanceCache,
-    InstanceRecord,
-    OutboxDeadline,
+    ProcessRecord,
     ProcessRoot,
+)
+from .process_queues import ConsumerCheckpoint, InstanceQueues
+from .process_scopes import (
+    ProcessBug,
+    ProcessDeadlineScope,
+    ProcessEventScope,
+    ProcessHandler,
+    ProcessScope,
+)
+from .process_steps import StaleRecord, Step, StepFailed, handle_steps
+from .process_stores import (
+    PoisonedMessage,
+    checkpoint_key,
+    checkpoints_store_name,
+    event_poison_store_name,
+    process_store_name,
 )
 
 if TYPE_CHECKING:
     from .partitions import PartitionContext
     from .streams import StreamEvent
 
-__all__ = [
-    "InstanceRecord",
-    "OutboxDeadline",
-    "PoisonedMessage",
-    "ProcessDeadlineScope",
-    "ProcessEventScope",
-    "ProcessRunner",
-    "checkpoint_key",
-    "checkpoints_store_name",
-    "event_poison_store_name",
-    "list_poisoned_events",
-    "process_store_name",
-]
+__all__ = ["ProcessRunner"]
 
 _log = logging.getLogger("runkit.engine.processes")
 # Store failures repeat for as long as an outage lasts: one line per handler and
 # partition per interval.
 _store_log = RateLimitedLog(_log, 10.0)
 
-
-# --- stores and records ---------------------------------------------------------------
-
-
-def process_store_name(app_key: str, handler_key: str) -> str:
-    """The keyspace of a process handler's instance records."""
-    return f"{app_key}/process/{handler_key}"
-
-
-def checkpoints_store_name(app_key: str) -> str:
-    """The keyspace of the process consumers' stream checkpoints."""
-    return f"{app_key}/checkpoints"
-
-
-def checkpoint_key(handler_key: str, partition_id: str) -> bytes:
-    """The key of one (process handler, partition stream) checkpoint."""
-    return f"{handler_key}/{partition_id}".encode()
-
-
-def event_poison_store_name(app_key: str, partition: int) -> str:
-    """The keyspace of events and deadlines a process gave up on, per partition."""
-    return f"{app_key}/event-poison/{partition}"
-
-
-class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
-    """An event or deadline a process handler gave up on (``<app>/event-poison/<p>``).
-
-    Keyed by ``<handler key>/event/<stream offset>`` or
-    ``<handler key>/deadline/<deadline ID>``.
-    """
-
-    handler_key: str
-    envelope: bytes
-    instance_id: str | None
-    stream_id: str | None
-    offset: int | None
-    error: str
-    attempts: int
-    poisoned_at: datetime
-
-
 _encoder = msgspec.msgpack.Encoder()
-_record_decoder = msgspec.msgpack.Decoder(InstanceRecord)
-_poison_decoder = msgspec.msgpack.Decoder(PoisonedMessage)
-_int_decoder = msgspec.msgpack.Decoder(int)
-
-
-async def list_poisoned_events(
-    provider: Provider, app_key: str, partition: int
-) -> dict[str, PoisonedMessage]:
-    """What processes gave up on in a partition: events, deadlines and stuck outboxes.
-
-    Keyed as described at ``PoisonedMessage``; for operators' tools (the CLI).
-    """
-    name = event_poison_store_name(app_key, partition)
-    async with await provider.keyspaces.open(name) as store:
-        return {
-            key.decode(): _poison_decoder.decode(value) async for key, value, _ in store.range()
-        }
-
-
-# --- handler protocol and scopes ----------------------------------------------------
-
-
-_Root = ProcessRoot
-
-
-class _Process(Protocol):
-    """The parts of ``dogma.ProcessMessageHandler`` the engine calls."""
-
-    def new(self) -> _Root: ...
-    async def route_event_to_instance(self, event: dogma.Event) -> str | None: ...
-    async def handle_event(
-        self, root: _Root, scope: ProcessEventScope, event: dogma.Event
-    ) -> None: ...
-    async def handle_deadline(
-        self, root: _Root, scope: ProcessDeadlineScope, deadline: dogma.Deadline
-    ) -> None: ...
-
-
-class _Bug(Exception):
-    """A handler did something no retry can fix; the message is poisoned at once."""
-
-
-class _ProcessScope:
-    """What ``handle_event``/``handle_deadline`` may do; effects are buffered until commit."""
-
-    def __init__(
-        self,
-        runner: ProcessRunner,
-        ctx: PartitionContext,
-        instance_id: str,
-        root: _Root,
-        cause: Envelope,
-    ) -> None:
-        self._runner = runner
-        self._ctx = ctx
-        self._instance_id = instance_id
-        self._root = root
-        self._cause = cause
-        self._logger = HandlerLogger(
-            _log, f"process {runner.config.identity.name} instance {instance_id}"
-        )
-        self.mutated = False
-        self.ended = False
-        self.commands: list[Envelope] = []
-        self.deadlines: list[OutboxDeadline] = []
-        self.bug: Exception | None = None
-
-    @property
-    def instance_id(self) -> str:
-        """The ID of the process instance."""
-        return self._instance_id
-
-    def now(self) -> datetime:
-        """The engine's current time (UTC)."""
-        return self._ctx.now()
-
-    def log(self, fmt: str, *args: object) -> None:
-        """Log a %-style message attributed to the process instance."""
-        self._logger.log(fmt, *args)
-
-    def _check_not_ended(self, what: str) -> None:
-        if self.ended:
-            raise RuntimeError(f"{what}: process instance {self._instance_id!r} has ended")
-
-    def mutate(self, fn: Callable[[_Root], object]) -> None:
-        """Change the root by calling ``fn(root)``; the change is persisted on success."""
-        self._check_not_ended("mutate()")
-        fn(self._root)
-        self.mutated = True
-
-    def end(self) -> None:
-        """End the instance: its state and pending deadlines are discarded."""
-        self.ended = True
-
-    def _produced_id(self, kind: str, index: int) -> str:
-        # Deterministic: handling the same cause again (redelivery, a retried
-        # commit) yields the same IDs, so the commands side deduplicates them.
-        cause = uuid.UUID(self._cause.message_id)
-        return str(uuid.uuid5(cause, f"{self._runner.key}/{kind}/{index}"))
-
-    def _fail(self, error: Exception) -> Exception:
-        self.bug = self.bug or error
-        return error
-
-    def execute_command(self, command: dogma.Command) -> None:
-        """Execute *command* once the handler returns successfully."""
-        self._check_not_ended("execute_command()")
-        if type(command) not in self._runner.executes:
-            raise self._fail(
-                _Bug(
-                    f"{self._runner.config.describe()} executed a "
-                    f"{type(command).__qualname__} without an executes_command route for it"
-                )
-            )
-        handler = self._runner.app.command_handler(type(command))
-        if handler is None or handler.disabled:
-            raise self._fail(
-                _Bug(
-                    f"{self._runner.config.describe()} executed a "
-                    f"{type(command).__qualname__}, which no enabled handler of the "
-                    "application handles"
-                )
-            )
-        try:
-            validate_new(command)
-        except dogma.ValidationError as exc:
-            self._fail(exc)
-            raise
-        self.commands.append(
-            new_envelope(
-                command,
-                app_key=self._cause.app_key,
-                site_key=self._cause.site_key,
-                created_at=self._ctx.now(),
-                message_id=self._produced_id("command", len(self.commands)),
-                causation_id=self._cause.message_id,
-                correlation_id=self._cause.correlation_id,
-                source_handler=self._runner.key,
-                source_instance=self._instance_id,
-            )
-        )
-
-    def schedule_deadline(self, deadline: dogma.Deadline, at: datetime) -> None:
-        """Schedule *deadline* to come back to this instance at *at* (never earlier)."""
-        self._check_not_ended("schedule_deadline()")
-        if at.tzinfo is None:
-            raise ValueError(f"schedule_deadline(): {at!r} is a naive datetime; use UTC")
-        if type(deadline) not in self._runner.schedules:
-            raise self._fail(
-                _Bug(
-                    f"{self._runner.config.describe()} scheduled a "
-                    f"{type(deadline).__qualname__} without a schedules_deadline route for it"
-                )
-            )
-        at = at.astimezone(UTC)
-        try:
-            validate_new(deadline, scheduled_for=at)
-        except dogma.ValidationError as exc:
-            self._fail(exc)
-            raise
-        deadline_id = self._produced_id("deadline", len(self.deadlines))
-        envelope = new_envelope(
-            deadline,
-            app_key=self._cause.app_key,
-            site_key=self._cause.site_key,
-            created_at=self._ctx.now(),
-            message_id=deadline_id,
-            causation_id=self._cause.message_id,
-            correlation_id=self._cause.correlation_id,
-            source_handler=self._runner.key,
-            source_instance=self._instance_id,
-            scheduled_for=at,
-        )
-        home = self._ctx.partition_of(instance_workload(self._runner.key, self._instance_id))
-        self.deadlines.append(
-            OutboxDeadline(
-                partition=home,
-                entry=DeadlineEntry(
-                    handler_key=self._runner.key,
-                    instance_id=self._instance_id,
-                    deadline_id=deadline_id,
-                    scheduled_for=at,
-                    envelope=encode(envelope),
-                ),
-            )
-        )
-
-
-class ProcessEventScope(_ProcessScope):
-    """The scope of ``handle_event`` (dogma's ``ProcessEventScope``)."""
-
-    def __init__(
-        self,
-        runner: ProcessRunner,
-        ctx: PartitionContext,
-        instance_id: str,
-        root: _Root,
-        cause: Envelope,
-        *,
-        recorded_at: datetime,
-    ) -> None:
-        super().__init__(runner, ctx, instance_id, root, cause)
-        self._recorded_at = recorded_at
-
-    @property
-    def recorded_at(self) -> datetime:
-        """When the event being handled was recorded."""
-        return self._recorded_at
-
-
-class ProcessDeadlineScope(_ProcessScope):
-    """The scope of ``handle_deadline`` (dogma's ``ProcessDeadlineScope``)."""
-
-    def __init__(
-        self,
-        runner: ProcessRunner,
-        ctx: PartitionContext,
-        instance_id: str,
-        root: _Root,
-        cause: Envelope,
-        *,
-        scheduled_for: datetime,
-    ) -> None:
-        super().__init__(runner, ctx, instance_id, root, cause)
-        self._scheduled_for = scheduled_for
-
-    @property
-    def scheduled_for(self) -> datetime:
-        """The time the deadline being handled was scheduled for."""
-        return self._scheduled_for
+_record_decoder = msgspec.msgpack.Decoder(ProcessRecord)
 
 
 # --- the runner -----------------------------------------------------------------------
-
-_Invoke = Callable[[_Root, _ProcessScope], Awaitable[None]]
 
 
 class ProcessRunner:
@@ -412,7 +139,7 @@ class ProcessRunner:
         self.app = app
         self.config = config
         self.key = config.identity.key
-        self.handler = cast(_Process, config.handler)
+        self.handler = cast(ProcessHandler, config.handler)
         self.options = options
         self.routed = frozenset(t.id for t in config.types_of(RouteKind.HANDLES_EVENT))
         self.executes = frozenset(t.cls for t in config.types_of(RouteKind.EXECUTES_COMMAND))
@@ -456,12 +183,12 @@ class ProcessRunner:
             await ctx.provider.keyspaces.open(process_store_name(app_key, self.key)) as records,
             await ctx.provider.keyspaces.open(checkpoints_store_name(app_key)) as checkpoints,
         ):
-            checkpoint = _Checkpoint(checkpoints, checkpoint_key(self.key, ctx.partition_id))
+            checkpoint = ConsumerCheckpoint(checkpoints, checkpoint_key(self.key, ctx.partition_id))
             await checkpoint.load()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(checkpoint.save_periodically, self.options.checkpoint_interval)
                 tg.start_soon(self._clear_outboxes_periodically, ctx, records)
-                queues = _InstanceQueues(
+                queues = InstanceQueues(
                     tg,
                     lambda instance_id, events: self._consume(ctx, records, instance_id, events),
                     checkpoint,
@@ -503,7 +230,7 @@ class ProcessRunner:
             nonlocal routed
             instance_id = await self.handler.route_event_to_instance(event.message())
             if instance_id is not None and (not isinstance(instance_id, str) or not instance_id):
-                raise _Bug(
+                raise ProcessBug(
                     f"{self.config.describe()}: route_event_to_instance() returned "
                     f"{instance_id!r}; expected a non-empty str or None"
                 )
@@ -518,11 +245,11 @@ class ProcessRunner:
         )
         return routed
 
-    def _event_step(self, ctx: PartitionContext, instance_id: str, event: StreamEvent) -> _Step:
-        async def invoke(root: _Root, scope: _ProcessScope) -> None:
+    def _event_step(self, ctx: PartitionContext, instance_id: str, event: StreamEvent) -> Step:
+        async def invoke(root: ProcessRoot, scope: ProcessScope) -> None:
             await self.handler.handle_event(root, cast(ProcessEventScope, scope), event.message())
 
-        return _Step(
+        return Step(
             cause=event.envelope,
             invoke=invoke,
             make_scope=lambda root: ProcessEventScope(
@@ -566,7 +293,7 @@ class ProcessRunner:
                 )
                 await sleep_backoff(self.options, store_failures)
                 continue
-            except _StepFailed as failed:
+            except StepFailed as failed:
                 index, error = failed.index, failed.error
             if index > 0:
                 # The failing event may have changed the root already.
@@ -610,14 +337,14 @@ class ProcessRunner:
         async def attempt() -> None:
             async with await ctx.provider.keyspaces.open(name) as records:
 
-                async def invoke(root: _Root, scope: _ProcessScope) -> None:
+                async def invoke(root: ProcessRoot, scope: ProcessScope) -> None:
                     await self.handler.handle_deadline(
                         root,
                         cast(ProcessDeadlineScope, scope),
                         cast(dogma.Deadline, to_message(envelope)),
                     )
 
-                step = _Step(
+                step = Step(
                     cause=envelope,
                     invoke=invoke,
                     make_scope=lambda root: ProcessDeadlineScope(
@@ -685,7 +412,7 @@ class ProcessRunner:
                 )
                 await sleep_backoff(self.options, store_failures)
                 continue
-            except (_Bug, dogma.UnexpectedMessage, dogma.ValidationError) as exc:
+            except (ProcessBug, dogma.UnexpectedMessage, dogma.ValidationError) as exc:
                 attempts += 1
                 error: Exception = exc
                 give_up = True
@@ -757,7 +484,7 @@ class ProcessRunner:
         ctx: PartitionContext,
         records: Keyspace,
         instance_id: str,
-        steps: list[_Step],
+        steps: list[Step],
     ) -> None:
         """Handle *steps* in order against the instance, commit them with one write, dispatch."""
         key = instance_id.encode()
@@ -771,8 +498,8 @@ class ProcessRunner:
                 if entry is None:
                     entry = await self._load(ctx, records, key)
                 try:
-                    record = await _handle_steps(entry, steps, fresh=fresh)
-                except _Stale:
+                    record = await handle_steps(entry, steps, fresh=fresh)
+                except StaleRecord:
                     entry = None
                     continue
                 if record is None:  # nothing left to handle: all done before, or ended
@@ -796,7 +523,7 @@ class ProcessRunner:
     async def _load(self, ctx: PartitionContext, records: Keyspace, key: bytes) -> CachedInstance:
         """Read the instance record, dispatch any outbox still in it, decode the root."""
         data, revision = await records.get(key)
-        record = _record_decoder.decode(data) if data else InstanceRecord()
+        record = _record_decoder.decode(data) if data else ProcessRecord()
         dispatched_at = None
         if record.has_outbox:
             # Perhaps dispatched already (by whoever wrote it); perhaps not (a
@@ -863,7 +590,7 @@ class ProcessRunner:
                 )
 
     async def _dispatch(
-        self, ctx: PartitionContext, instance_id: str, record: InstanceRecord
+        self, ctx: PartitionContext, instance_id: str, record: ProcessRecord
     ) -> None:
         """Send the committed outbox of *record*: commands, then deadlines.
 
@@ -913,7 +640,7 @@ class ProcessRunner:
         self,
         ctx: PartitionContext,
         instance_id: str,
-        record: InstanceRecord,
+        record: ProcessRecord,
         error: Exception,
         attempts: int,
     ) -> None:
@@ -943,7 +670,7 @@ class ProcessRunner:
             ),
         )
 
-    async def _dispatch_once(self, ctx: PartitionContext, record: InstanceRecord) -> None:
+    async def _dispatch_once(self, ctx: PartitionContext, record: ProcessRecord) -> None:
         if record.commands:
             await ctx.accept([decode(c) for c in record.commands])
         by_home: dict[int, list[DeadlineEntry]] = {}
@@ -954,212 +681,6 @@ class ProcessRunner:
             async with await ctx.provider.journals.open(name) as journal:
                 await append_deadlines(journal, entries)
             self._wake_timer(home)
-
-
-@attrs.frozen
-class _Step:
-    """One message to handle for an instance: an event (``stream``) or a deadline."""
-
-    cause: Envelope
-    invoke: _Invoke
-    make_scope: Callable[[_Root], _ProcessScope]
-    stream: tuple[str, int] | None = None
-    deadline_id: str | None = None
-
-
-class _StepFailed(Exception):
-    """Handling step *index* of several failed with *error*; nothing was committed."""
-
-    def __init__(self, index: int, error: Exception) -> None:
-        super().__init__(index, error)
-        self.index = index
-        self.error = error
-
-
-class _Stale(Exception):
-    """A cached record cannot tell whether a deadline is pending: read it again."""
-
-
-async def _invoke(step: _Step, root: _Root, scope: _ProcessScope) -> None:
-    await step.invoke(root, scope)
-    if scope.bug is not None:
-        raise scope.bug  # the handler swallowed it; still a bug
-
-
-async def _handle_steps(
-    entry: CachedInstance, steps: list[_Step], *, fresh: bool
-) -> InstanceRecord | None:
-    """Handle *steps* in order against the entry's root; the record to commit (``None``: none).
-
-    The result's outbox holds only what these steps produced: the entry's own
-    outbox is dispatched already. Raises ``_Stale`` if a deadline is not
-    pending in a cached (not *fresh*) record, and what a handler raises
-    (wrapped in ``_StepFailed`` when there are several steps).
-    """
-    record = entry.record
-    root = entry.root
-    ended = record.ended
-    positions = dict(record.positions)
-    pending = list(record.pending_deadlines)
-    commands: list[bytes] = []
-    deadlines: list[OutboxDeadline] = []
-    mutated = handled = False
-    for index, step in enumerate(steps):
-        if ended:
-            break  # an ended instance never handles again
-        if step.stream is not None and positions.get(step.stream[0], -1) >= step.stream[1]:
-            continue  # already handled (redelivery)
-        if step.deadline_id is not None and step.deadline_id not in pending:
-            if not fresh:
-                raise _Stale  # another node may have scheduled it since we cached the record
-            continue  # already handled, or cancelled by end()
-        scope = step.make_scope(root)
-        try:
-            await _invoke(step, root, scope)
-        except PersistenceError:
-            raise
-        except Exception as exc:
-            if len(steps) == 1:
-                raise
-            raise _StepFailed(index, exc) from exc
-        handled = True
-        mutated = mutated or scope.mutated
-        commands.extend(encode(c) for c in scope.commands)
-        if step.stream is not None:
-            positions[step.stream[0]] = step.stream[1]
-        if scope.ended:
-            # Drop the root and cancel every pending deadline (including those
-            # this group scheduled); commands executed before end() still go out.
-            ended = True
-            continue
-        pending = [d for d in pending if d != step.deadline_id]
-        pending.extend(d.entry.deadline_id for d in scope.deadlines)
-        deadlines.extend(scope.deadlines)
-    if not handled:
-        return None
-    if ended:
-        return InstanceRecord(ended=True, positions=positions, commands=commands)
-    return InstanceRecord(
-        root=root.marshal_binary() if mutated else record.root,
-        positions=positions,
-        pending_deadlines=pending,
-        commands=commands,
-        deadlines=deadlines,
-    )
-
-
-class _InstanceQueues:
-    """Runs each instance's events in order, different instances concurrently.
-
-    A worker per instance takes everything queued for the instance so far and
-    hands it to *consume* as one group (committed with one write). ``put``
-    blocks while *limit* events are unfinished (back-pressure on the stream
-    reader); it does not yield while a slot is free, so the events of one
-    stream record are all queued before a worker starts on them. The
-    checkpoint follows the lowest unfinished offset, so a restart redelivers
-    every event that was not finished.
-    """
-
-    def __init__(
-        self,
-        tg: anyio.abc.TaskGroup,
-        consume: Callable[[str, list[StreamEvent]], Awaitable[None]],
-        checkpoint: _Checkpoint,
-        *,
-        limit: int,
-    ) -> None:
-        self._tg = tg
-        self._consume = consume
-        self._checkpoint = checkpoint
-        self._slots = anyio.Semaphore(limit)
-        self._queues: dict[str, deque[StreamEvent]] = {}
-        self._unfinished: set[int] = set()
-        self._read = checkpoint.value  # next offset after the last event put
-        self._idle = anyio.Event()
-        self._idle.set()
-
-    async def put(self, instance_id: str | None, event: StreamEvent) -> None:
-        """Queue *event* for *instance_id*; ``None`` marks it done at once (not handled)."""
-        if instance_id is None:
-            self._read = event.offset + 1
-            self._advance()
-            return
-        try:
-            self._slots.acquire_nowait()
-        except anyio.WouldBlock:
-            await self._slots.acquire()
-        # Only now is the event read: while we waited for a slot, a finishing
-        # worker must not move the checkpoint past it.
-        self._read = event.offset + 1
-        if not self._unfinished:
-            self._idle = anyio.Event()
-        self._unfinished.add(event.offset)
-        queue = self._queues.get(instance_id)
-        if queue is not None:
-            queue.append(event)  # its worker is running and will get to it
-            return
-        self._queues[instance_id] = deque([event])
-        self._tg.start_soon(self._work, instance_id)
-
-    async def join(self) -> None:
-        """Wait until every queued event is finished."""
-        await self._idle.wait()
-
-    async def _work(self, instance_id: str) -> None:
-        queue = self._queues[instance_id]
-        while queue:
-            group = list(queue)
-            await self._consume(instance_id, group)
-            for event in group:
-                queue.popleft()
-                self._unfinished.discard(event.offset)
-                self._slots.release()
-            self._advance()
-        # No await since the last check: nothing was queued after it.
-        del self._queues[instance_id]
-
-    def _advance(self) -> None:
-        self._checkpoint.value = min(self._unfinished, default=self._read)
-        if not self._unfinished:
-            self._idle.set()
-
-
-class _Checkpoint:
-    """A process consumer's stream offset, saved with conditional writes in the background."""
-
-    def __init__(self, store: Keyspace, key: bytes) -> None:
-        self._store = store
-        self._key = key
-        self._revision = ""
-        self._saved = 0
-        self.value = 0
-
-    async def load(self) -> None:
-        data, self._revision = await self._store.get(self._key)
-        self.value = self._saved = _int_decoder.decode(data) if data else 0
-
-    async def save(self) -> None:
-        if self.value <= self._saved:
-            return
-        value = self.value
-        try:
-            self._revision = await self._store.set(
-                self._key, _encoder.encode(value), self._revision
-            )
-            self._saved = value
-        except Conflict:
-            # Another owner wrote it (we may have lost the partition): take its
-            # revision and let the next save decide.
-            data, self._revision = await self._store.get(self._key)
-            self._saved = _int_decoder.decode(data) if data else 0
-
-    async def save_periodically(self, interval: float) -> None:
-        while True:
-            await anyio.sleep(interval)
-            try:
-                await self.save()
-            except PersistenceError:
-                _log.warning("cannot save checkpoint %r; will retry", self._key, exc_info=True)
 
 
 if TYPE_CHECKING:

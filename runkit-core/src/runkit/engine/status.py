@@ -55,7 +55,7 @@ from .logs import describe_error
 from .membership import NodeRecord, list_nodes
 from .partitions import partition_id
 from .poison import poison_name
-from .processes import checkpoint_key, checkpoints_store_name, event_poison_store_name
+from .process_stores import checkpoint_key, checkpoints_store_name, event_poison_store_name
 from .streams import read_tail, stream_name
 
 if TYPE_CHECKING:

@@ -1,0 +1,77 @@
+"""Where process handlers keep their state: store names, checkpoint keys, poisoned events.
+
+``<app>/process/<handler key>`` holds each instance's record
+(``process_instances.ProcessRecord``), ``<app>/checkpoints`` each consumer's
+stream position, and ``<app>/event-poison/<partition>`` what a process gave up on.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+from ..persistence import Provider
+
+__all__ = [
+    "PoisonedMessage",
+    "checkpoint_key",
+    "checkpoints_store_name",
+    "event_poison_store_name",
+    "list_poisoned_events",
+    "process_store_name",
+]
+
+
+def process_store_name(app_key: str, handler_key: str) -> str:
+    """The keyspace of a process handler's instance records."""
+    return f"{app_key}/process/{handler_key}"
+
+
+def checkpoints_store_name(app_key: str) -> str:
+    """The keyspace of the process consumers' stream checkpoints."""
+    return f"{app_key}/checkpoints"
+
+
+def checkpoint_key(handler_key: str, partition_id: str) -> bytes:
+    """The key of one (process handler, partition stream) checkpoint."""
+    return f"{handler_key}/{partition_id}".encode()
+
+
+def event_poison_store_name(app_key: str, partition: int) -> str:
+    """The keyspace of events and deadlines a process gave up on, per partition."""
+    return f"{app_key}/event-poison/{partition}"
+
+
+class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """An event or deadline a process handler gave up on (``<app>/event-poison/<p>``).
+
+    Keyed by ``<handler key>/event/<stream offset>`` or
+    ``<handler key>/deadline/<deadline ID>``.
+    """
+
+    handler_key: str
+    envelope: bytes
+    instance_id: str | None
+    stream_id: str | None
+    offset: int | None
+    error: str
+    attempts: int
+    poisoned_at: datetime
+
+
+_poison_decoder = msgspec.msgpack.Decoder(PoisonedMessage)
+
+
+async def list_poisoned_events(
+    provider: Provider, app_key: str, partition: int
+) -> dict[str, PoisonedMessage]:
+    """What processes gave up on in a partition: events, deadlines and stuck outboxes.
+
+    Keyed as described at ``PoisonedMessage``; for operators' tools (the CLI).
+    """
+    name = event_poison_store_name(app_key, partition)
+    async with await provider.keyspaces.open(name) as store:
+        return {
+            key.decode(): _poison_decoder.decode(value) async for key, value, _ in store.range()
+        }
