@@ -67,9 +67,9 @@ import attrs
 import dogma
 import runkit
 from runkit.config import ApplicationConfig, build
-from runkit.engine.membership import list_nodes
+from runkit.engine.cluster.nodes import list_nodes
+from runkit.engine.cluster.status import read_status
 from runkit.engine.partitions import instance_workload, partition_id, partition_of
-from runkit.engine.status import read_status
 from runkit_postgres import PostgresProvider
 from runkit_postgres.testing import PostgresServer
 

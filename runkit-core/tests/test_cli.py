@@ -123,7 +123,7 @@ def test_poison_refuses_a_store_the_app_never_ran_on(
 def test_nodes_lists_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
     import anyio
 
-    from runkit.engine.membership import Membership
+    from runkit.engine.cluster.membership import Membership
     from runkit.engine.settings import EngineSettings
     from runkit_memory import MemoryProvider
 
@@ -556,8 +556,8 @@ def test_drivers_with_none_installed_is_a_configuration_error(
 def test_usage_problem_unwraps_task_group_errors() -> None:
     from runkit import ConfigurationError
     from runkit.cli import usage_problem
+    from runkit.engine.cluster.nodes import NodeIdInUse
     from runkit.engine.inbox import EngineStopped
-    from runkit.engine.membership import NodeIdInUse
 
     in_use = NodeIdInUse(uuid.uuid4(), "process p wrote its heartbeat record")
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [in_use]), EngineStopped("stopped")])

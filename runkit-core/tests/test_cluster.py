@@ -32,7 +32,7 @@ import pytest
 
 import dogma
 import runkit
-from runkit.engine.membership import list_nodes
+from runkit.engine.cluster.nodes import list_nodes
 from runkit_postgres import PostgresProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -266,7 +266,7 @@ async def test_runkit_execute_sends_a_command_to_a_running_node(
 async def _recorded(pg: PostgresProvider) -> bool:
     from bank import app as bank_app
     from runkit.config import build
-    from runkit.engine.status import read_status
+    from runkit.engine.cluster.status import read_status
 
     status = await read_status(pg, (build(bank_app),), now=datetime.now(UTC))
     return any(p.stream_end > 0 for p in status.partitions)

@@ -62,7 +62,7 @@ async def test_acceptance_is_durable_before_return() -> None:
     s = setup()
     provider = silo()
     # An engine whose partitions never run: acceptance only.
-    from runkit.engine.ownership import StaticOwnership
+    from runkit.engine.cluster.ownership import StaticOwnership
 
     engine = Engine.from_settings(
         EngineSettings(applications=(s.config,), persistence_provider=provider, partition_count=4)
@@ -534,7 +534,7 @@ async def test_observers_see_events_even_of_a_deduplicated_command() -> None:
 
 async def test_large_backlog_is_read_as_work_completes(monkeypatch: pytest.MonkeyPatch) -> None:
     from runkit.engine import batches
-    from runkit.engine.ownership import StaticOwnership
+    from runkit.engine.cluster.ownership import StaticOwnership
 
     monkeypatch.setattr(batches, "MAX_PENDING_COMMANDS", 4)
     s = setup()
@@ -555,7 +555,7 @@ async def test_large_backlog_is_read_as_work_completes(monkeypatch: pytest.Monke
 
 
 async def test_partitions_follow_ownership_changes() -> None:
-    from runkit.engine.ownership import StaticOwnership
+    from runkit.engine.cluster.ownership import StaticOwnership
 
     s = setup()
     provider = silo()

@@ -197,8 +197,9 @@ async def test_engines_stopped_at_random_points_lose_and_duplicate_nothing(trunc
 async def test_two_nodes_with_membership_share_partitions_and_fail_over() -> None:
     from engine_commands_harness import FAST
 
+    from runkit.engine.cluster.membership import Membership
+    from runkit.engine.cluster.nodes import list_nodes
     from runkit.engine.engine import Engine
-    from runkit.engine.membership import Membership, list_nodes
     from runkit.engine.settings import EngineSettings
 
     s = setup()

@@ -24,15 +24,15 @@ import pytest
 from anyio.abc import TaskGroup, TaskStatus
 
 from runkit import rendezvous
-from runkit.engine.engine import AppRuntime, Engine
-from runkit.engine.membership import (
+from runkit.engine.cluster.membership import Membership
+from runkit.engine.cluster.nodes import (
     NODES_KEYSPACE,
     RECORD_VERSION,
-    Membership,
     NodeIdInUse,
     Progress,
     list_nodes,
 )
+from runkit.engine.engine import AppRuntime, Engine
 from runkit.engine.partitions import partition_id
 from runkit.engine.settings import EngineSettings
 from runkit.persistence import (

@@ -23,9 +23,9 @@ import anyio
 import pytest
 
 from runkit.cli import main, status_text
+from runkit.engine.cluster.status import ClusterStatus, read_status
 from runkit.engine.engine import Engine
 from runkit.engine.settings import EngineSettings
-from runkit.engine.status import ClusterStatus, read_status
 from runkit.persistence import Provider
 from runkit.testing.faults import WRITE_OPS, FaultPlan, FaultyProvider
 from runkit_memory import MemoryProvider
@@ -136,7 +136,7 @@ async def test_two_nodes_are_listed_live_with_their_partitions_split_and_a_leave
 
 
 async def test_commands_accepted_while_no_node_runs_them_show_as_backlog() -> None:
-    from runkit.engine.ownership import StaticOwnership
+    from runkit.engine.cluster.ownership import StaticOwnership
 
     s = ch.setup()
     provider = silo()

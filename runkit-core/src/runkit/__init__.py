@@ -28,13 +28,13 @@ from ._options import with_site as with_site
 from ._options import with_start_timeout as with_start_timeout
 from ._options import with_tls as with_tls
 from .client import Client as Client
+from .engine.cluster.status import ApplicationStatus as ApplicationStatus
+from .engine.cluster.status import ClusterStatus as ClusterStatus
+from .engine.cluster.status import ConsumerStatus as ConsumerStatus
+from .engine.cluster.status import NodeStatus as NodeStatus
+from .engine.cluster.status import PartitionStatus as PartitionStatus
 from .engine.commands import Backlogged as Backlogged
 from .engine.engine import Engine as Engine
-from .engine.status import ApplicationStatus as ApplicationStatus
-from .engine.status import ClusterStatus as ClusterStatus
-from .engine.status import ConsumerStatus as ConsumerStatus
-from .engine.status import NodeStatus as NodeStatus
-from .engine.status import PartitionStatus as PartitionStatus
 
 __all__ = [
     "ENVIRONMENT",

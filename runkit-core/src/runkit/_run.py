@@ -168,7 +168,7 @@ def nodes_command(*, out: TextIO) -> int:
     """``runkit nodes``: the heartbeat records in the store, live or expired."""
     from datetime import UTC, datetime
 
-    from .engine.membership import list_nodes
+    from .engine.cluster.nodes import list_nodes
 
     env = ENVIRONMENT.load()
     if env.persistence_url is None:

@@ -37,7 +37,7 @@ from .persistence import StoreUnavailable, installed_schemes, plugin_manager, re
 
 if TYPE_CHECKING:
     from ._options import Option
-    from .engine.status import ApplicationStatus, ClusterStatus
+    from .engine.cluster.status import ApplicationStatus, ClusterStatus
 
 __all__ = ["CLIError", "main"]
 
@@ -53,8 +53,8 @@ def usage_problem(exc: BaseException) -> str | None:
     ``EngineStopped`` and cancellations that follow the real error, they hold
     exactly one usage or configuration error.
     """
+    from .engine.cluster.nodes import NodeIdInUse
     from .engine.inbox import EngineStopped
-    from .engine.membership import NodeIdInUse
 
     leaves = [e for e in _leaves(exc) if not isinstance(e, EngineStopped)]
     if len(leaves) != 1:
@@ -280,7 +280,7 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     import anyio
 
     from . import config
-    from .engine.status import read_status
+    from .engine.cluster.status import read_status
     from .persistence import provider_from_url
 
     apps = [config.build(application_object(spec)) for spec in args.apps]

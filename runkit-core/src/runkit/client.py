@@ -30,13 +30,13 @@ import attrs
 
 from ._errors import ConfigurationError
 from .config import ApplicationConfig
-from .engine.cluster import Router, authenticator, make_identity
+from .engine.cluster.membership import Membership
+from .engine.cluster.routing import Router, authenticator, make_identity
 from .engine.commands import Acceptor
 from .engine.engine import read_partition_count
 from .engine.envelope import register_types
 from .engine.executor import Executor
 from .engine.inbox import InboxWriter, inbox_name
-from .engine.membership import Membership
 from .engine.observers import Subscription
 from .engine.partitions import partition_id
 from .engine.settings import EngineSettings
@@ -45,7 +45,7 @@ from .persistence import Provider, provider_from_url
 from .transport import NodeTransport
 
 if TYPE_CHECKING:
-    from .engine.status import ClusterStatus
+    from .engine.cluster.status import ClusterStatus
 
 __all__ = ["Client"]
 
@@ -197,7 +197,7 @@ class Client:
 
     async def status(self) -> ClusterStatus:
         """The cluster's status, as ``runkit status`` shows it."""
-        from .engine.status import read_status
+        from .engine.cluster.status import read_status
 
         if self._provider is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")

@@ -35,14 +35,14 @@ from ..persistence import Conflict, PersistenceError, Provider, provider_from_ur
 from .aggregates import AggregateInstances
 from .backoff import backoff
 from .batches import PartitionCommands
-from .cluster import ClusterServer, NodeCluster, Router, serve_cluster
+from .cluster.ownership import Ownership
+from .cluster.routing import ClusterServer, NodeCluster, Router, serve_cluster
 from .commands import Acceptor, PartitionStopped, idempotency_name, prune_idempotency
 from .envelope import Envelope, register_types
 from .inbox import EngineStopped, InboxEntry, InboxWriter, inbox_name
 from .logs import describe_error
 from .materialiser import Materialiser
 from .observers import Subscription, merged
-from .ownership import Ownership
 from .partitions import NodeContext, PartitionContext, PartitionRunner, partition_id, partition_of
 from .settings import EngineSettings
 from .startup import wait_for_store
@@ -56,8 +56,8 @@ from .streams import (
 )
 
 if TYPE_CHECKING:
+    from .cluster.status import ClusterStatus
     from .executor import Executor
-    from .status import ClusterStatus
 
 __all__ = ["AppRuntime", "Engine", "EngineStopped", "MetaRecord", "meta_name"]
 
@@ -528,7 +528,7 @@ class Engine:
         }
 
     def _membership(self, provider: Provider) -> Ownership:
-        from .membership import Membership
+        from .cluster.membership import Membership
 
         url = self.settings.persistence_url
         if url is not None and self.settings.persistence_provider is None:
@@ -646,10 +646,10 @@ class Engine:
         Nodes (live or expired, addresses, version), and per registered
         application its partitions (owner, inbox backlog, stream end, pending
         deadlines, poison counts) and consumers' lag; see
-        ``runkit.engine.status``. Reads only. Works before, during and after
+        ``runkit.engine.cluster.status``. Reads only. Works before, during and after
         ``run()`` (with the provider the engine runs on, else one of its own).
         """
-        from .status import read_status
+        from .cluster.status import read_status
 
         apps = self.applications
         provider = next((rt.provider for rt in self._runtimes.values()), None)

@@ -35,21 +35,21 @@ import attrs
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
-from .. import rendezvous
-from .._errors import ConfigurationError
-from ..persistence import Provider
-from ..transport import (
+from ... import rendezvous
+from ..._errors import ConfigurationError
+from ...persistence import Provider
+from ...transport import (
     NodeTransport,
     PeerInfo,
     RemoteError,
     TlsIdentity,
     TransportError,
 )
-from .envelope import Envelope
-from .inbox import InboxEntry
-from .membership import NodeRecord, list_nodes
-from .settings import EngineSettings
-from .streams import CommandDone, Observed, StreamEvent
+from ..envelope import Envelope
+from ..inbox import InboxEntry
+from ..settings import EngineSettings
+from ..streams import CommandDone, Observed, StreamEvent
+from .nodes import NodeRecord, list_nodes
 
 __all__ = [
     "ClusterServer",

@@ -36,198 +36,42 @@ peers on the same host look skewed).
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TypeVar
 
 import anyio
-import attrs
 import msgspec
 from anyio.abc import TaskStatus
 
-from .. import rendezvous
-from ..persistence import Conflict, Keyspace, PersistenceError, Provider
-from .logs import describe_error
-from .settings import EngineSettings
+from ... import rendezvous
+from ...persistence import Conflict, Keyspace, PersistenceError, Provider
+from ..logs import describe_error
+from ..settings import EngineSettings
+from .nodes import (
+    EXPIRY_INTERVALS,
+    NODES_KEYSPACE,
+    RECORD_VERSION,
+    RUNKIT_VERSION,
+    STOP_INTERVALS,
+    Heartbeat,
+    NodeIdInUse,
+    NodeRecord,
+    Progress,
+    ProgressField,
+    decode_node_record,
+    describe_changes,
+    describe_node,
+)
 
-__all__ = [
-    "EXPIRY_INTERVALS",
-    "NODES_KEYSPACE",
-    "RECORD_VERSION",
-    "Membership",
-    "NodeIdInUse",
-    "NodeRecord",
-    "Progress",
-    "list_nodes",
-]
+__all__ = ["Membership"]
 
 _log = logging.getLogger("runkit.engine.membership")
 
-#: The keyspace holding one heartbeat record per node, keyed by node UUID string.
-NODES_KEYSPACE = "cluster/nodes"
-#: The heartbeat record encoding version written by this code.
-RECORD_VERSION = 1
-#: A record expires this many heartbeat intervals after it was written.
-EXPIRY_INTERVALS = 3
-#: A node stops taking work this many intervals after its last successful write.
-_STOP_INTERVALS = 2
-
-#: Per-application, per-partition progress counters published with the heartbeat:
-#: ``{app_key: {partition_index: {"stream_end": 42, "inbox_position": 7}}}``.
-Progress = Mapping[str, Mapping[int, Mapping[str, int]]]
-
 _T = TypeVar("_T")
-
-
-def _runkit_version() -> str | None:
-    try:
-        return importlib.metadata.version("runkit-core")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-#: The runkit-core version this process publishes in its heartbeat (for ``runkit status``).
-RUNKIT_VERSION = _runkit_version()
-
-
-class NodeIdInUse(RuntimeError):
-    """Another live process uses this node's ID: running both would corrupt ownership."""
-
-    def __init__(self, node_id: uuid.UUID, detail: str) -> None:
-        super().__init__(
-            f"node ID {node_id} is in use by another process: {detail}. "
-            "Give every node its own ID (runkit.with_node_id() or DOGMA_NODE_ID), "
-            "or stop the other process before starting this one."
-        )
-        self.node_id = node_id
-
-
-class _Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
-    """The stored heartbeat record (msgpack). Readers ignore fields they do not know."""
-
-    version: int
-    node_id: str
-    incarnation: str
-    started_at: datetime
-    written_at: datetime
-    expires_at: datetime
-    heartbeat_interval: float
-    advertise_address: str | None = None
-    listen_address: str | None = None
-    tls_fingerprint: str | None = None
-    progress: dict[str, dict[int, dict[str, int]]] = msgspec.field(default_factory=dict)
-    role: str = "node"
-    runkit_version: str | None = None
-
-
-_decoder = msgspec.msgpack.Decoder(_Heartbeat)
-_ProgressField = dict[str, dict[int, dict[str, int]]]
-
-
-@attrs.frozen(kw_only=True)
-class NodeRecord:
-    """One node's heartbeat, as read from ``cluster/nodes``.
-
-    Attributes:
-        node_id: The node's UUID.
-        incarnation: A random ID of the process that wrote the record; it
-            changes when the node restarts.
-        started_at: When that process started its membership (its clock).
-        written_at: When the record was written (the writer's clock).
-        expires_at: When the record stops counting as live.
-        heartbeat_interval: The writer's heartbeat interval, in seconds.
-        advertise_address: ``host:port`` peers use to reach the node, if any.
-        listen_address: ``host:port`` the node listens on, if any.
-        tls_fingerprint: The node's TLS public-key fingerprint, if any.
-        progress: Per-application, per-partition progress counters (see
-            ``Progress``), as the node last published them.
-        role: ``"node"`` (owns partitions) or ``"client"`` (a ``runkit.Client``:
-            a member for authentication only, never an owner).
-        runkit_version: The writer's runkit-core version (``None`` from older writers).
-    """
-
-    node_id: uuid.UUID
-    incarnation: str
-    started_at: datetime
-    written_at: datetime
-    expires_at: datetime
-    heartbeat_interval: float
-    advertise_address: str | None = None
-    listen_address: str | None = None
-    tls_fingerprint: str | None = None
-    progress: Progress = attrs.field(factory=dict)
-    role: str = "node"
-    runkit_version: str | None = None
-
-    def is_live(self, now: datetime) -> bool:
-        """Whether the record has not expired at *now*."""
-        return now < self.expires_at
-
-
-def _decode(key: bytes, value: bytes) -> NodeRecord | None:
-    # Records that are not ours to understand (corrupt, or a foreign key) count as absent.
-    try:
-        node_id = uuid.UUID(key.decode("ascii"))
-        beat = _decoder.decode(value)
-    except (ValueError, UnicodeDecodeError, msgspec.DecodeError):
-        return None
-    return NodeRecord(
-        node_id=node_id,
-        incarnation=beat.incarnation,
-        started_at=beat.started_at,
-        written_at=beat.written_at,
-        expires_at=beat.expires_at,
-        heartbeat_interval=beat.heartbeat_interval,
-        advertise_address=beat.advertise_address,
-        listen_address=beat.listen_address,
-        tls_fingerprint=beat.tls_fingerprint,
-        progress=beat.progress,
-        role=beat.role,
-        runkit_version=beat.runkit_version,
-    )
-
-
-async def list_nodes(provider: Provider) -> list[NodeRecord]:
-    """Every readable heartbeat record, live or expired, ordered by node ID.
-
-    For operators: use ``NodeRecord.is_live(now)`` to tell live nodes from
-    crashed ones whose records have not been pruned yet.
-    """
-    records: list[NodeRecord] = []
-    async with (
-        await provider.keyspaces.open(NODES_KEYSPACE) as ks,
-        aclosing(ks.range()) as items,  # type: ignore[type-var]
-    ):
-        async for key, value, _ in items:
-            record = _decode(key, value)
-            if record is not None:
-                records.append(record)
-    return sorted(records, key=lambda r: r.node_id.int)
-
-
-def _describe(record: NodeRecord | None) -> str:
-    if record is None:
-        return "its heartbeat record was rewritten by another process"
-    where = record.advertise_address or record.listen_address or "no address"
-    return (
-        f"process {record.incarnation} ({where}, started at {record.started_at.isoformat()}) "
-        f"wrote its heartbeat record at {record.written_at.isoformat()}"
-    )
-
-
-def _changes(joined: Iterable[uuid.UUID], gone: Iterable[uuid.UUID]) -> str:
-    """``node a joined, node b left`` for a change of the live set."""
-    parts = []
-    for verb, nodes in (("joined", joined), ("left or expired", gone)):
-        names = sorted(str(n) for n in nodes)
-        if names:
-            noun = "node" if len(names) == 1 else "nodes"
-            parts.append(f"{noun} {', '.join(names)} {verb}")
-    return ", ".join(parts)
 
 
 class _Timeout(Exception):
@@ -502,7 +346,7 @@ class Membership:
                 self._report_failure("read its heartbeat record", exc)
                 await anyio.sleep(self._interval)
                 continue
-            record = _decode(self._key, value) if value else None
+            record = decode_node_record(self._key, value) if value else None
             if record is not None and record.incarnation == self._incarnation:
                 record = None  # our own write, whose success we did not hear of
             if watched is not None and revision != watched:
@@ -510,7 +354,7 @@ class Membership:
                     watched = None  # deleted: the other process left
                 else:
                     raise NodeIdInUse(
-                        self._node_id, f"{_describe(record)} while this node waited for it"
+                        self._node_id, f"{describe_node(record)} while this node waited for it"
                     )
             if record is not None and record.is_live(now):
                 if watched is None:
@@ -519,7 +363,7 @@ class Membership:
                         "(%s); waiting until it expires at %s to take it over "
                         "(if it is refreshed meanwhile, another process uses this ID)",
                         self._node_id,
-                        _describe(record),
+                        describe_node(record),
                         record.expires_at.isoformat(),
                         extra=self._extra,
                     )
@@ -567,7 +411,7 @@ class Membership:
         if self._progress is not None and not self._oversized:
             try:
                 # Checked, so a bad value cannot make our record unreadable to peers.
-                progress = msgspec.convert(self._progress(), _ProgressField)
+                progress = msgspec.convert(self._progress(), ProgressField)
                 self._progress_failing = False
             except Exception:
                 if not self._progress_failing:
@@ -577,7 +421,7 @@ class Membership:
                         extra=self._extra,
                     )
                 self._progress_failing = True
-        beat = _Heartbeat(
+        beat = Heartbeat(
             version=RECORD_VERSION,
             node_id=str(self._node_id),
             incarnation=self._incarnation,
@@ -620,7 +464,7 @@ class Membership:
             except (PersistenceError, _Timeout) as exc:
                 self._report_failure("write its heartbeat", exc)
                 return False
-            self._valid_until = now + timedelta(seconds=_STOP_INTERVALS * self._interval)
+            self._valid_until = now + timedelta(seconds=STOP_INTERVALS * self._interval)
             self._last_written = now
             if self._write_failing:
                 _log.info("node %s: heartbeat written again", self._node_id, extra=self._extra)
@@ -648,11 +492,11 @@ class Membership:
                 )
             self._revision = ""
             return True
-        record = _decode(self._key, value)
+        record = decode_node_record(self._key, value)
         if record is not None and record.incarnation == self._incarnation:
             self._revision = revision
             return True
-        raise NodeIdInUse(self._node_id, _describe(record))
+        raise NodeIdInUse(self._node_id, describe_node(record))
 
     async def _read(self, ks: Keyspace, now: datetime) -> bool:
         """Read every record into ``self._peers``; whether it succeeded."""
@@ -662,7 +506,7 @@ class Membership:
             with anyio.fail_after(self._io_timeout):
                 async with aclosing(ks.range()) as items:  # type: ignore[type-var]
                     async for key, value, revision in items:
-                        record = _decode(key, value)
+                        record = decode_node_record(key, value)
                         if record is None or record.node_id == self._node_id:
                             continue
                         if now >= record.expires_at + self._prune_after:
@@ -738,7 +582,7 @@ class Membership:
             _log.info(
                 "node %s: %s; %d live node%s",
                 self._node_id,
-                _changes(live_set - self._live, self._live - live_set),
+                describe_changes(live_set - self._live, self._live - live_set),
                 len(live_set),
                 "" if len(live_set) == 1 else "s",
                 extra=self._extra,
