@@ -33,8 +33,8 @@ import attrs
 
 import dogma
 from runkit.config import build
-from runkit.engine.consumers import ConsumerOptions, EventConsumers
 from runkit.engine.envelope import new_envelope, register_types
+from runkit.engine.events.consumers import ConsumerOptions, EventConsumers
 from runkit.engine.partitions import PartitionContext, partition_id, partition_of
 from runkit.engine.settings import EngineSettings, utc_now
 from runkit.engine.streams import EventBus, PartitionStream, StreamWriter, read_tail

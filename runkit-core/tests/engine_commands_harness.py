@@ -18,10 +18,10 @@ import msgspec
 
 import dogma
 from runkit.config import ApplicationConfig, build
-from runkit.engine.aggregates import InstanceRecord, aggregate_name
+from runkit.engine.commands.aggregates import InstanceRecord, aggregate_name
+from runkit.engine.commands.inbox import decode_inbox_record, inbox_name
+from runkit.engine.commands.poison import poison_name
 from runkit.engine.engine import Engine, meta_name
-from runkit.engine.inbox import decode_inbox_record, inbox_name
-from runkit.engine.poison import poison_name
 from runkit.engine.settings import EngineSettings
 from runkit.engine.streams import decode_stream_record
 from runkit.persistence import Provider
@@ -389,7 +389,7 @@ async def read_stores(provider: Provider, app_key: str = APP_KEY) -> Stores:
     poison: dict[str, Any] = {}
     instances: dict[str, list[InstanceRecord]] = {}
     truncated: dict[str, int] = {}
-    from runkit.engine.poison import PoisonRecord
+    from runkit.engine.commands.poison import PoisonRecord
 
     for p in range(count):
         async with await provider.journals.open(inbox_name(app_key, p)) as j:

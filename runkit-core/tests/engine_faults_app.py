@@ -48,17 +48,17 @@ import msgspec
 
 import dogma
 from runkit.config import ApplicationConfig, build
-from runkit.engine.aggregates import InstanceRecord as AggregateRecord
-from runkit.engine.aggregates import aggregate_name
-from runkit.engine.commands import idempotency_name
-from runkit.engine.deadlines import deadline_journal_name
+from runkit.engine.commands.acceptance import idempotency_name
+from runkit.engine.commands.aggregates import InstanceRecord as AggregateRecord
+from runkit.engine.commands.aggregates import aggregate_name
+from runkit.engine.commands.inbox import EngineStopped, InboxRecord, decode_inbox_record, inbox_name
+from runkit.engine.commands.poison import poison_name
 from runkit.engine.engine import Engine, meta_name
 from runkit.engine.envelope import Envelope, register_types, to_message
-from runkit.engine.inbox import EngineStopped, InboxRecord, decode_inbox_record, inbox_name
+from runkit.engine.events.deadlines import deadline_journal_name
+from runkit.engine.events.process_instances import ProcessRecord
+from runkit.engine.events.process_stores import event_poison_store_name, process_store_name
 from runkit.engine.partitions import partition_id
-from runkit.engine.poison import poison_name
-from runkit.engine.process_instances import ProcessRecord
-from runkit.engine.process_stores import event_poison_store_name, process_store_name
 from runkit.engine.settings import EngineSettings
 from runkit.engine.streams import StreamRecord, decode_stream_record
 from runkit.persistence import (

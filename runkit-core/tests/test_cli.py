@@ -557,7 +557,7 @@ def test_usage_problem_unwraps_task_group_errors() -> None:
     from runkit import ConfigurationError
     from runkit.cli import usage_problem
     from runkit.engine.cluster.nodes import NodeIdInUse
-    from runkit.engine.inbox import EngineStopped
+    from runkit.engine.commands.inbox import EngineStopped
 
     in_use = NodeIdInUse(uuid.uuid4(), "process p wrote its heartbeat record")
     nested = ExceptionGroup("outer", [ExceptionGroup("inner", [in_use]), EngineStopped("stopped")])

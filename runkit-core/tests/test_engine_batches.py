@@ -27,7 +27,7 @@ import pytest
 
 import dogma
 from runkit.engine import envelope as envelope_module
-from runkit.engine.commands import idempotency_name
+from runkit.engine.commands.acceptance import idempotency_name
 from runkit.engine.envelope import closing_iter, new_envelope, register_types, to_message
 from runkit.engine.streams import (
     EventBus,
@@ -243,7 +243,7 @@ async def test_a_failing_local_command_is_made_durable_in_the_inbox() -> None:
 
 
 async def test_backlog_limit_makes_callers_wait_and_then_raise() -> None:
-    from runkit.engine.commands import Backlogged
+    from runkit.engine.commands.acceptance import Backlogged
 
     s = setup()
     provider = silo()

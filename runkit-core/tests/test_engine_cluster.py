@@ -158,7 +158,7 @@ async def test_a_late_subscription_replays_what_the_chain_recorded_on_a_peer() -
     # A subscription made after the events were recorded (a reconnect, or a
     # node that took the partition over) must still see them: every node keeps
     # its recently published events and replays a chain's to late subscribers.
-    from runkit.engine.commands import command_id_for
+    from runkit.engine.commands.acceptance import command_id_for
     from runkit.engine.streams import CommandDone
 
     s = setup()

@@ -13,8 +13,8 @@ import pytest
 
 import dogma
 from runkit import ConfigurationError
+from runkit.engine.commands.inbox import EngineStopped
 from runkit.engine.engine import Engine
-from runkit.engine.inbox import EngineStopped
 from runkit.engine.partitions import partition_id
 from runkit.engine.settings import EngineSettings
 from runkit_memory import MemoryProvider
@@ -226,7 +226,7 @@ async def test_stream_offsets_are_dense_with_correct_headers() -> None:
 
 
 async def test_poison_after_max_attempts_and_at_once_for_bugs() -> None:
-    from runkit.engine.poison import get_poisoned, list_poisoned, requeue
+    from runkit.engine.commands.poison import get_poisoned, list_poisoned, requeue
 
     s = setup()
     s.accounts.fail["bad"] = 100
@@ -415,10 +415,10 @@ async def test_instance_journals_are_derived_and_written_once_by_two_owners() ->
     """
     from datetime import UTC, datetime
 
-    from runkit.engine.aggregates import AggregateInstances, Committed
+    from runkit.engine.commands.aggregates import AggregateInstances, Committed
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.commands.materialiser import Materialiser
     from runkit.engine.envelope import new_envelope, register_types
-    from runkit.engine.inbox import InboxEntry
-    from runkit.engine.materialiser import Materialiser
 
     s = setup()
     register_types(s.config.message_types())
@@ -533,8 +533,8 @@ async def test_observers_see_events_even_of_a_deduplicated_command() -> None:
 
 
 async def test_large_backlog_is_read_as_work_completes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runkit.engine import batches
     from runkit.engine.cluster.ownership import StaticOwnership
+    from runkit.engine.commands import batches
 
     monkeypatch.setattr(batches, "MAX_PENDING_COMMANDS", 4)
     s = setup()
@@ -715,7 +715,7 @@ async def test_instance_journals_are_truncated_below_snapshots_when_enabled() ->
 
 
 async def test_idempotency_markers_expire_after_the_retention_period() -> None:
-    from runkit.engine.commands import idempotency_name
+    from runkit.engine.commands.acceptance import idempotency_name
 
     s = setup()
     provider = silo()

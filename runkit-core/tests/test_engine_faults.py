@@ -118,7 +118,7 @@ async def test_two_owners_racing_never_acknowledge_a_command_that_is_not_durable
     # lose the stream append to the other's (ownership lost mid-batch). A call
     # may only return once its command is committed in the stream or durable
     # in the inbox: checked right after each return, before the store settles.
-    from runkit.engine.commands import command_id_for
+    from runkit.engine.commands.acceptance import command_id_for
 
     s = setup()
     inner = MemoryProvider(f"dual-ack-{uuid.uuid4()}")

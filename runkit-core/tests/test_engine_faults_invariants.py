@@ -27,8 +27,8 @@ import pytest
 
 import dogma
 from runkit.config import build
+from runkit.engine.events.process_stores import event_poison_store_name
 from runkit.engine.partitions import instance_workload, partition_of
-from runkit.engine.process_stores import event_poison_store_name
 from runkit.engine.streams import decode_stream_record
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
 from runkit_memory import MemoryProvider

@@ -14,7 +14,7 @@ import pytest
 import dogma
 from runkit.config import ApplicationConfig, build
 from runkit.engine.envelope import Envelope, new_envelope, register_types
-from runkit.engine.observers import wait_for_observers
+from runkit.engine.events.observers import wait_for_observers
 from runkit.engine.streams import StreamEvent
 
 REGISTRY = dogma.MessageTypeRegistry()

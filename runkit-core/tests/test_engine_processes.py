@@ -21,11 +21,11 @@ import msgspec
 import pytest
 
 import dogma
-from runkit.engine.consumers import ConsumerOptions, partition_consumers
-from runkit.engine.deadlines import deadline_journal_name
 from runkit.engine.envelope import Envelope
-from runkit.engine.process_instances import ProcessRecord
-from runkit.engine.process_stores import (
+from runkit.engine.events.consumers import ConsumerOptions, partition_consumers
+from runkit.engine.events.deadlines import deadline_journal_name
+from runkit.engine.events.process_instances import ProcessRecord
+from runkit.engine.events.process_stores import (
     PoisonedMessage,
     checkpoint_key,
     checkpoints_store_name,

@@ -21,12 +21,12 @@ import attrs
 import msgspec
 
 import dogma
-from runkit.engine.consumers import ConsumerOptions, EventConsumers, partition_consumers
-from runkit.engine.deadlines import deadline_journal_name
 from runkit.engine.envelope import Envelope
+from runkit.engine.events.consumers import ConsumerOptions, EventConsumers, partition_consumers
+from runkit.engine.events.deadlines import deadline_journal_name
+from runkit.engine.events.process_instances import CachedInstance, InstanceCache, ProcessRecord
+from runkit.engine.events.process_stores import process_store_name
 from runkit.engine.partitions import instance_workload, partition_of
-from runkit.engine.process_instances import CachedInstance, InstanceCache, ProcessRecord
-from runkit.engine.process_stores import process_store_name
 from runkit.testing.faults import AFTER, FaultPlan, FaultyProvider, Timing
 
 sys.path.insert(0, str(Path(__file__).parent))

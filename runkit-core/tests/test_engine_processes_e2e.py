@@ -24,9 +24,9 @@ import pytest
 
 import dogma
 from runkit.config import ApplicationConfig, build
-from runkit.engine import consumers as consumers_module
-from runkit.engine.consumers import ConsumerOptions
 from runkit.engine.engine import Engine
+from runkit.engine.events import consumers as consumers_module
+from runkit.engine.events.consumers import ConsumerOptions
 from runkit.engine.settings import EngineSettings
 from runkit.persistence import Provider
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider

@@ -12,8 +12,8 @@ import pytest
 
 import dogma
 from runkit.config import build
-from runkit.engine.consumers import ConsumerOptions, partition_consumers, runs_node_work
-from runkit.engine.projections import (
+from runkit.engine.events.consumers import ConsumerOptions, partition_consumers, runs_node_work
+from runkit.engine.events.projections import (
     ProjectionNotResettable,
     reset_projection,
 )

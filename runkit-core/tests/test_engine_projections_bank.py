@@ -28,9 +28,9 @@ from bank.app import App  # noqa: E402
 from bank.demo import DEMO_TIME, SCENARIO, run_scenario  # noqa: E402
 from bank.projections import ReadDB, queries  # noqa: E402
 from runkit.config import build  # noqa: E402
-from runkit.engine import consumers as consumers_module  # noqa: E402
-from runkit.engine.consumers import ConsumerOptions  # noqa: E402
 from runkit.engine.engine import Engine  # noqa: E402
+from runkit.engine.events import consumers as consumers_module  # noqa: E402
+from runkit.engine.events.consumers import ConsumerOptions  # noqa: E402
 from runkit.engine.settings import EngineSettings  # noqa: E402
 from runkit_memory import MemoryProvider  # noqa: E402
 

@@ -84,3 +84,44 @@ def test_loading_a_driver_plugin_does_not_import_its_client_library(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+ENGINE = ROOT / "runkit-core/src/runkit/engine"
+# Which engine subpackages each engine subpackage (or the shared modules) may not import.
+ENGINE_FORBIDDEN = {
+    "commands": ("events", "cluster"),
+    "events": ("commands", "cluster"),
+    "shared": ("commands", "events", "cluster"),
+}
+SHARED = ("streams", "envelope", "partitions", "ids", "logs", "backoff", "settings")
+
+
+def engine_subpackages_imported(path: Path) -> set[str]:
+    """Engine subpackages *path* imports, by relative or absolute import."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    depth = len(path.relative_to(ENGINE).parts) - 1  # 0: engine/x.py, 1: engine/sub/x.py
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 0 and module.startswith("runkit.engine."):
+                found.add(module.split(".")[2])
+            elif node.level == depth + 1 and module:
+                found.add(module.split(".")[0])
+            elif node.level == depth + 1 and not module:
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("layer", sorted(ENGINE_FORBIDDEN))
+def test_engine_subpackages_respect_their_layers(layer: str) -> None:
+    if layer == "shared":
+        paths = [ENGINE / f"{name}.py" for name in SHARED]
+    else:
+        paths = sorted((ENGINE / layer).glob("*.py"))
+    violations = [
+        f"{path.relative_to(ROOT).as_posix()} imports engine.{sub}"
+        for path in paths
+        for sub in sorted(engine_subpackages_imported(path) & set(ENGINE_FORBIDDEN[layer]))
+    ]
+    assert not violations, "\n".join(violations)

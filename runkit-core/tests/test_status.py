@@ -185,7 +185,7 @@ async def test_poisoned_commands_are_counted_per_partition() -> None:
             engine.status, lambda st: sum(p.poisoned for p in st.partitions) == 2
         )
         # Each poisoned command is counted on the partition it was accepted on.
-        from runkit.engine.poison import list_poisoned
+        from runkit.engine.commands.poison import list_poisoned
 
         poisoned = [p async for p in list_poisoned(provider, ch.APP_KEY, 4)]
         expected = {i: sum(1 for p in poisoned if p.partition == i) for i in range(4)}

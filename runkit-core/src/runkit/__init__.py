@@ -33,7 +33,7 @@ from .engine.cluster.status import ClusterStatus as ClusterStatus
 from .engine.cluster.status import ConsumerStatus as ConsumerStatus
 from .engine.cluster.status import NodeStatus as NodeStatus
 from .engine.cluster.status import PartitionStatus as PartitionStatus
-from .engine.commands import Backlogged as Backlogged
+from .engine.commands.acceptance import Backlogged as Backlogged
 from .engine.engine import Engine as Engine
 
 __all__ = [

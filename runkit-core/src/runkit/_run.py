@@ -15,8 +15,8 @@ from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
 from ._options import Option, from_environment, with_application, with_persistence
 from .cli import DEFAULT_MEMORY_URL, application_object, print_table
+from .engine.commands.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .engine.engine import Engine, EngineStopped, meta_name, read_partition_count
-from .engine.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .persistence import Provider, provider_from_url, redact_url
 
 __all__ = ["nodes_command", "poison_command", "run_node"]

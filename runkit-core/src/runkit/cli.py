@@ -54,7 +54,7 @@ def usage_problem(exc: BaseException) -> str | None:
     exactly one usage or configuration error.
     """
     from .engine.cluster.nodes import NodeIdInUse
-    from .engine.inbox import EngineStopped
+    from .engine.commands.inbox import EngineStopped
 
     leaves = [e for e in _leaves(exc) if not isinstance(e, EngineStopped)]
     if len(leaves) != 1:

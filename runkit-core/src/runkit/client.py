@@ -32,12 +32,12 @@ from ._errors import ConfigurationError
 from .config import ApplicationConfig
 from .engine.cluster.membership import Membership
 from .engine.cluster.routing import Router, authenticator, make_identity
-from .engine.commands import Acceptor
+from .engine.commands.acceptance import Acceptor
+from .engine.commands.inbox import InboxWriter, inbox_name
 from .engine.engine import read_partition_count
 from .engine.envelope import register_types
+from .engine.events.observers import Subscription
 from .engine.executor import Executor
-from .engine.inbox import InboxWriter, inbox_name
-from .engine.observers import Subscription
 from .engine.partitions import partition_id
 from .engine.settings import EngineSettings
 from .engine.startup import wait_for_store

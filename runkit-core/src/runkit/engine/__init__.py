@@ -1,5 +1,26 @@
 """The runkit engine: runs Dogma applications on partitions of journals, keyspaces and sets.
 
-See ``docs/internals/engine-seams.md`` for the modules and the seams between them,
-and ``docs/architecture.md`` for the design.
+Read it top-down:
+
+- ``engine`` (``Engine``: builds and runs everything per application and owned
+  partition), ``settings``, ``startup`` (waiting for the store), ``executor``
+  (``CommandExecutor``).
+- ``commands``: the partition batch processor (ADR 0007): accepting commands
+  (``acceptance``), the inbox, handling a batch against cached aggregate roots
+  (``batches``, ``aggregates``, ``integrations``), the materialiser that writes
+  instance journals behind the stream, and the poison store.
+- ``streams``: the partition stream (the commit point), its readers and the
+  in-process ``EventBus``; shared by both sides.
+- ``events``: consumers of the streams: processes (``processes`` and its
+  ``process_*`` helpers), deadlines, projections, and observers of
+  ``execute_command``.
+- ``cluster``: heartbeat records and membership, ownership by rendezvous,
+  routing to owners over ``runkit.transport``, and status.
+- Shared values: ``envelope`` (the stored message envelope), ``partitions``,
+  ``ids``, ``logs``, ``backoff``.
+
+``commands`` and ``events`` import neither each other nor ``cluster``; ``cluster``
+reads both (routing carries inbox entries, status reads every store); the shared
+modules import none of the three (``test_layering.py`` checks it).
+See ``docs/internals/engine-seams.md`` and ``docs/architecture.md``.
 """

@@ -32,17 +32,17 @@ from anyio.abc import TaskStatus
 from .._errors import ConfigurationError
 from ..config import ApplicationConfig
 from ..persistence import Conflict, PersistenceError, Provider, provider_from_url
-from .aggregates import AggregateInstances
 from .backoff import backoff
-from .batches import PartitionCommands
 from .cluster.ownership import Ownership
 from .cluster.routing import ClusterServer, NodeCluster, Router, serve_cluster
-from .commands import Acceptor, PartitionStopped, idempotency_name, prune_idempotency
+from .commands.acceptance import Acceptor, PartitionStopped, idempotency_name, prune_idempotency
+from .commands.aggregates import AggregateInstances
+from .commands.batches import PartitionCommands
+from .commands.inbox import EngineStopped, InboxEntry, InboxWriter, inbox_name
+from .commands.materialiser import Materialiser
 from .envelope import Envelope, register_types
-from .inbox import EngineStopped, InboxEntry, InboxWriter, inbox_name
+from .events.observers import Subscription, merged
 from .logs import describe_error
-from .materialiser import Materialiser
-from .observers import Subscription, merged
 from .partitions import NodeContext, PartitionContext, PartitionRunner, partition_id, partition_of
 from .settings import EngineSettings
 from .startup import wait_for_store
@@ -114,9 +114,9 @@ async def load_partition_count(
 
 def _consumers_module() -> Any | None:
     # The events side is optional at this seam: without it, partitions run commands only.
-    if importlib.util.find_spec("runkit.engine.consumers") is None:
+    if importlib.util.find_spec("runkit.engine.events.consumers") is None:
         return None
-    return importlib.import_module("runkit.engine.consumers")
+    return importlib.import_module("runkit.engine.events.consumers")
 
 
 class AppRuntime:

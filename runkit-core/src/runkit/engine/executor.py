@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import dogma
 
 from ..config import ApplicationConfig
-from .commands import Acceptor, command_id_for
+from .commands.acceptance import Acceptor, command_id_for
 from .envelope import new_envelope, validate_new
+from .events.observers import Subscription, wait_for_observers
 from .ids import new_id
-from .observers import Subscription, wait_for_observers
 from .settings import EngineSettings
 
 __all__ = ["Executor", "Gateway"]
@@ -73,8 +73,8 @@ class Executor:
                 to an empty instance ID.
             TypeError: *command* is not a ``dogma.Command``.
             dogma.EventObserverNotSatisfied: no observer can be satisfied any more.
-            runkit.engine.inbox.EngineStopped: the engine stopped first.
-            runkit.engine.commands.Backlogged: the partition's backlog stayed
+            runkit.engine.commands.inbox.EngineStopped: the engine stopped first.
+            runkit.engine.commands.acceptance.Backlogged: the partition's backlog stayed
                 over the limit.
         """
         if not isinstance(command, dogma.Command):

@@ -45,8 +45,8 @@ from ...transport import (
     TlsIdentity,
     TransportError,
 )
+from ..commands.inbox import InboxEntry
 from ..envelope import Envelope
-from ..inbox import InboxEntry
 from ..settings import EngineSettings
 from ..streams import CommandDone, Observed, StreamEvent
 from .nodes import NodeRecord, list_nodes

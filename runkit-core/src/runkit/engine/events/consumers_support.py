@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import attrs
 
-from .backoff import backoff
+from ..backoff import backoff
 
 if TYPE_CHECKING:
-    from .settings import EngineSettings
+    from ..settings import EngineSettings
 
 __all__ = [
     "ConsumerOptions",

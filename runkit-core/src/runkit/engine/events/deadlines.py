@@ -33,11 +33,11 @@ import anyio
 import attrs
 import msgspec
 
-from ..persistence import Conflict, Journal, PersistenceError, RecordNotFound
-from .logs import RateLimitedLog, describe_error
+from ...persistence import Conflict, Journal, PersistenceError, RecordNotFound
+from ..logs import RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
-    from .partitions import PartitionContext
+    from ..partitions import PartitionContext
 
 __all__ = [
     "DeadlineBatch",
@@ -47,7 +47,7 @@ __all__ = [
     "deadline_journal_name",
 ]
 
-_log = logging.getLogger("runkit.engine.deadlines")
+_log = logging.getLogger("runkit.engine.events.deadlines")
 # One line per partition per interval while the store is out.
 _store_log = RateLimitedLog(_log, 10.0)
 

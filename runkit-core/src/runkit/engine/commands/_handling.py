@@ -9,8 +9,8 @@ from typing import NoReturn
 
 import dogma
 
-from ..config import HandlerConfig
-from .envelope import Envelope, new_envelope, validate_new
+from ...config import HandlerConfig
+from ..envelope import Envelope, new_envelope, validate_new
 from .poison import HandlerBug
 
 __all__ = ["EventRecorder", "handler_log"]

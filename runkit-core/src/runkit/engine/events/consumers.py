@@ -31,12 +31,13 @@ from anyio.abc import TaskStatus
 
 import dogma
 
-from .. import rendezvous
-from ..config import ApplicationConfig, HandlerConfig, HandlerKind
+from ... import rendezvous
+from ...config import ApplicationConfig, HandlerConfig, HandlerKind
+from ..logs import RateLimitedLog, describe_error
+from ..partitions import NodeContext, PartitionContext
+from ..settings import EngineSettings
 from .consumers_support import ConsumerOptions
 from .deadlines import DeadlineEntry, DeadlineTimer
-from .logs import RateLimitedLog, describe_error
-from .partitions import NodeContext, PartitionContext
 from .processes import ProcessRunner
 from .projections import (
     ProjectionControl,
@@ -44,7 +45,6 @@ from .projections import (
     reset_projection,
     run_projection,
 )
-from .settings import EngineSettings
 
 __all__ = [
     "ConsumerOptions",
@@ -54,7 +54,7 @@ __all__ = [
     "runs_node_work",
 ]
 
-_log = logging.getLogger("runkit.engine.consumers")
+_log = logging.getLogger("runkit.engine.events.consumers")
 # compact() runs every compact_interval; a failing one is shown in full once,
 # then briefly, one line per projection per interval.
 _compact_log = RateLimitedLog(_log, 300.0)

@@ -45,23 +45,12 @@ from opentelemetry import metrics
 
 import dogma
 
-from ..config import ApplicationConfig, HandlerConfig, HandlerKind
-from ..persistence import Journal, Keyspace, PersistenceError, Provider
-from .aggregates import AggregateInstances, Committed
-from .backoff import backoff
-from .commands import (
-    IdempotencyMarker,
-    PartitionStopped,
-    marker_decoder,
-    marker_encoder,
-)
-from .envelope import Envelope
-from .inbox import InboxEntry, InboxRecord, InboxWriter, read_inbox
-from .integrations import execute_integration
-from .materialiser import Materialiser
-from .poison import HandlerBug, PoisonRecord, write_poison
-from .settings import EngineSettings
-from .streams import (
+from ...config import ApplicationConfig, HandlerConfig, HandlerKind
+from ...persistence import Journal, Keyspace, PersistenceError, Provider
+from ..backoff import backoff
+from ..envelope import Envelope
+from ..settings import EngineSettings
+from ..streams import (
     CommandDone,
     EventBus,
     OwnershipLost,
@@ -70,10 +59,21 @@ from .streams import (
     StreamTail,
     StreamWriter,
 )
+from .acceptance import (
+    IdempotencyMarker,
+    PartitionStopped,
+    marker_decoder,
+    marker_encoder,
+)
+from .aggregates import AggregateInstances, Committed
+from .inbox import InboxEntry, InboxRecord, InboxWriter, read_inbox
+from .integrations import execute_integration
+from .materialiser import Materialiser
+from .poison import HandlerBug, PoisonRecord, write_poison
 
 __all__ = ["PartitionCommands"]
 
-_log = logging.getLogger("runkit.engine.commands")
+_log = logging.getLogger("runkit.engine.commands.acceptance")
 _meter = metrics.get_meter("runkit.engine")
 _handled = _meter.create_counter("runkit.commands.handled", description="commands handled")
 _failed = _meter.create_counter("runkit.commands.failed", description="failed handling attempts")

@@ -16,9 +16,9 @@ from typing import Any
 
 import dogma
 
-from ..config import HandlerConfig
+from ...config import HandlerConfig
+from ..envelope import Envelope, to_message
 from ._handling import EventRecorder, handler_log
-from .envelope import Envelope, to_message
 from .inbox import InboxEntry
 from .poison import HandlerBug
 

@@ -35,14 +35,14 @@ import attrs
 
 import dogma
 
-from ..config import ApplicationConfig, HandlerConfig, HandlerKind, RouteKind
-from ..persistence import PersistenceError
+from ...config import ApplicationConfig, HandlerConfig, HandlerKind, RouteKind
+from ...persistence import PersistenceError
+from ..logs import LogContext, RateLimitedLog, describe_error
 from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
-from .logs import LogContext, RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
-    from .partitions import PartitionContext
-    from .streams import StreamEvent
+    from ..partitions import PartitionContext
+    from ..streams import StreamEvent
 
 __all__ = [
     "ProjectionCompactScope",
@@ -55,7 +55,7 @@ __all__ = [
     "run_projection",
 ]
 
-_log = logging.getLogger("runkit.engine.projections")
+_log = logging.getLogger("runkit.engine.events.projections")
 # Repeated failures (a store outage, a handler failing until fixed): one line
 # per key per interval after the first.
 _repeat_log = RateLimitedLog(_log, 10.0)

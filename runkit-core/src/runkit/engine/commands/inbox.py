@@ -23,11 +23,11 @@ import attrs
 import msgspec
 from anyio.abc import TaskStatus
 
-from ..persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
-from .backoff import backoff
-from .envelope import Envelope, closing_iter
-from .ids import new_id
-from .logs import RateLimitedLog, describe_error
+from ...persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
+from ..backoff import backoff
+from ..envelope import Envelope, closing_iter
+from ..ids import new_id
+from ..logs import RateLimitedLog, describe_error
 
 __all__ = [
     "EngineStopped",
@@ -41,7 +41,7 @@ __all__ = [
     "read_inbox",
 ]
 
-_log = logging.getLogger("runkit.engine.inbox")
+_log = logging.getLogger("runkit.engine.commands.inbox")
 _retry_log = RateLimitedLog(_log)
 
 

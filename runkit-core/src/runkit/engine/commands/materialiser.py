@@ -30,8 +30,11 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
-from ..config import ApplicationConfig, HandlerKind
-from ..persistence import Conflict, Journal, PersistenceError, Provider, RecordNotFound
+from ...config import ApplicationConfig, HandlerKind
+from ...persistence import Conflict, Journal, PersistenceError, Provider, RecordNotFound
+from ..backoff import backoff
+from ..envelope import closing_iter
+from ..logs import RateLimitedLog, describe_error
 from .aggregates import (
     AggregateInstances,
     Committed,
@@ -41,16 +44,13 @@ from .aggregates import (
     instance_decoder,
     instance_encoder,
 )
-from .backoff import backoff
-from .envelope import closing_iter
-from .logs import RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
-    from .streams import StreamRecord
+    from ..streams import StreamRecord
 
 __all__ = ["Materialiser"]
 
-_log = logging.getLogger("runkit.engine.materialiser")
+_log = logging.getLogger("runkit.engine.commands.materialiser")
 _retry_log = RateLimitedLog(_log)
 
 _Key = tuple[str, str]  # (handler key, instance ID)
@@ -306,7 +306,7 @@ class Materialiser:
 
         Returns how many stream records were read.
         """
-        from .streams import decode_stream_record
+        from ..streams import decode_stream_record
 
         if start >= end:
             return 0

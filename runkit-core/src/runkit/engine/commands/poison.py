@@ -18,7 +18,7 @@ from datetime import datetime
 import attrs
 import msgspec
 
-from ..persistence import Conflict, Provider
+from ...persistence import Conflict, Provider
 from .inbox import InboxEntry, append_to_inbox, inbox_name
 
 __all__ = [

@@ -33,10 +33,10 @@ import msgspec
 
 import dogma
 
-from ..config import HandlerConfig
-from ..persistence import Keyspace, Provider
+from ...config import HandlerConfig
+from ...persistence import Keyspace, Provider
+from ..envelope import Envelope, closing_iter, to_message
 from ._handling import EventRecorder, handler_log
-from .envelope import Envelope, closing_iter, to_message
 from .inbox import InboxEntry
 from .poison import HandlerBug
 
@@ -50,7 +50,7 @@ __all__ = [
     "snapshot_name",
 ]
 
-_log = logging.getLogger("runkit.engine.aggregates")
+_log = logging.getLogger("runkit.engine.commands.aggregates")
 
 #: Command IDs kept with each snapshot (and in memory) for deduplication.
 RECENT_COMMANDS = 1000

@@ -38,9 +38,9 @@ import anyio
 
 import dogma
 
-from ..config import ApplicationConfig
-from .envelope import Envelope
-from .streams import CommandDone, Observed
+from ...config import ApplicationConfig
+from ..envelope import Envelope
+from ..streams import CommandDone, Observed
 
 __all__ = ["merged", "wait_for_observers"]
 

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import msgspec
 
-from ..persistence import Provider
+from ...persistence import Provider
 
 __all__ = [
     "PoisonedMessage",

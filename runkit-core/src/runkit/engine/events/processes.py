@@ -69,16 +69,16 @@ import msgspec
 
 import dogma
 
-from ..config import ApplicationConfig, HandlerConfig, RouteKind
-from ..persistence import Conflict, Keyspace, PersistenceError
+from ...config import ApplicationConfig, HandlerConfig, RouteKind
+from ...persistence import Conflict, Keyspace, PersistenceError
+from ..envelope import Envelope, decode, encode, to_message
+from ..logs import LogContext, RateLimitedLog, describe_error
 from .consumers_support import ConsumerOptions, close_iterator, sleep_backoff
 from .deadlines import (
     DeadlineEntry,
     append_deadlines,
     deadline_journal_name,
 )
-from .envelope import Envelope, decode, encode, to_message
-from .logs import LogContext, RateLimitedLog, describe_error
 from .process_instances import (
     CachedInstance,
     InstanceCache,
@@ -103,12 +103,12 @@ from .process_stores import (
 )
 
 if TYPE_CHECKING:
-    from .partitions import PartitionContext
-    from .streams import StreamEvent
+    from ..partitions import PartitionContext
+    from ..streams import StreamEvent
 
 __all__ = ["ProcessRunner"]
 
-_log = logging.getLogger("runkit.engine.processes")
+_log = logging.getLogger("runkit.engine.events.processes")
 # Store failures repeat for as long as an outage lasts: one line per handler and
 # partition per interval.
 _store_log = RateLimitedLog(_log, 10.0)

@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from ..persistence import PersistenceError
-from .envelope import Envelope, encode
+from ...persistence import PersistenceError
+from ..envelope import Envelope, encode
 from .process_instances import CachedInstance, OutboxDeadline, ProcessRecord, ProcessRoot
 from .process_scopes import ProcessScope
 

@@ -17,14 +17,14 @@ import anyio
 import anyio.abc
 import msgspec
 
-from ..persistence import Conflict, Keyspace, PersistenceError
+from ...persistence import Conflict, Keyspace, PersistenceError
 
 if TYPE_CHECKING:
-    from .streams import StreamEvent
+    from ..streams import StreamEvent
 
 __all__ = ["ConsumerCheckpoint", "InstanceQueues"]
 
-_log = logging.getLogger("runkit.engine.processes")
+_log = logging.getLogger("runkit.engine.events.processes")
 _encoder = msgspec.msgpack.Encoder()
 _int_decoder = msgspec.msgpack.Decoder(int)
 

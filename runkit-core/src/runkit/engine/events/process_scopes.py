@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import dogma
 
+from ..envelope import Envelope, encode, new_envelope, validate_new
+from ..partitions import instance_workload
 from .consumers_support import HandlerLogger
 from .deadlines import DeadlineEntry
-from .envelope import Envelope, encode, new_envelope, validate_new
-from .partitions import instance_workload
 from .process_instances import OutboxDeadline, ProcessRoot
 
 if TYPE_CHECKING:
-    from .partitions import PartitionContext
+    from ..partitions import PartitionContext
     from .processes import ProcessRunner
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
     "ProcessScope",
 ]
 
-_log = logging.getLogger("runkit.engine.processes")
+_log = logging.getLogger("runkit.engine.events.processes")
 
 
 class ProcessHandler(Protocol):

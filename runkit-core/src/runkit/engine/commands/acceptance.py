@@ -28,11 +28,11 @@ import msgspec
 
 import dogma
 
-from ..config import ApplicationConfig, HandlerConfig, HandlerKind
-from ..persistence import Conflict, PersistenceError, Provider
-from .envelope import Envelope, closing_iter, to_message
+from ...config import ApplicationConfig, HandlerConfig, HandlerKind
+from ...persistence import Conflict, PersistenceError, Provider
+from ..envelope import Envelope, closing_iter, to_message
+from ..partitions import instance_workload, partition_of
 from .inbox import InboxEntry, InboxWriter
-from .partitions import instance_workload, partition_of
 
 __all__ = [
     "Acceptor",
@@ -47,7 +47,7 @@ __all__ = [
     "prune_idempotency",
 ]
 
-_log = logging.getLogger("runkit.engine.commands")
+_log = logging.getLogger("runkit.engine.commands.acceptance")
 
 
 class Backlogged(RuntimeError):

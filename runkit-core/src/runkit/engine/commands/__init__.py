@@ -1,0 +1,9 @@
+"""The commands side: the partition batch processor (ADR 0007).
+
+``acceptance`` routes and accepts commands (local batch, offer to the owner, or
+the inbox) with back-pressure; ``batches`` handles everything pending for a
+partition in one pass and commits it with one stream append; ``aggregates`` keeps
+cached roots; ``integrations`` runs integration handlers; ``materialiser`` writes
+aggregate instance journals and snapshots behind the stream; ``inbox`` and
+``poison`` are the partition's inbox journal and poison store.
+"""
