@@ -37,6 +37,7 @@ from runkit.engine.streams import (
     decode_stream_record,
 )
 from runkit.engine.streams import read_tail as read_stream_tail
+from runkit.persistence import Journal
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -56,13 +57,12 @@ def silo() -> MemoryProvider:
     return MemoryProvider(f"batches-{uuid.uuid4()}")
 
 
-# -- bug 1: shutdown flush -------------------------------------------------------------
-
-
-async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
+async def _stream_writer(
+    *, batch_limit: int = 100, record_limit: int = 1 << 20
+) -> tuple[Journal, PartitionStream, StreamWriter]:
+    """A fresh stream journal ``"stream"`` (in a new silo), its stream and a writer."""
     register_types(setup().config.message_types())
-    provider = silo()
-    journal = await provider.journals.open("stream")
+    journal = await silo().journals.open("stream")
     stream = PartitionStream("s", journal, next_offset=0)
     writer = StreamWriter(
         journal,
@@ -70,11 +70,19 @@ async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
         EventBus(),
         StreamTail(0, 0, 0, frozenset()),
         clock=lambda: datetime.now(UTC),
-        batch_limit=100,
-        record_limit=1 << 20,
+        batch_limit=batch_limit,
+        record_limit=record_limit,
         progress_interval=0.05,
         retry_max_delay=1.0,
     )
+    return journal, stream, writer
+
+
+# -- bug 1: shutdown flush -------------------------------------------------------------
+
+
+async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
+    journal, _, writer = await _stream_writer()
     env = new_envelope(
         Deposit("a", 1, "r"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
     )
@@ -96,22 +104,8 @@ async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
 
 
 async def test_a_batch_larger_than_the_record_limit_is_committed_in_several_records() -> None:
-    register_types(setup().config.message_types())
-    provider = silo()
-    journal = await provider.journals.open("stream")
-    stream = PartitionStream("s", journal, next_offset=0)
     limit = 4096
-    writer = StreamWriter(
-        journal,
-        stream,
-        EventBus(),
-        StreamTail(0, 0, 0, frozenset()),
-        clock=lambda: datetime.now(UTC),
-        batch_limit=10_000,
-        record_limit=limit,
-        progress_interval=0.05,
-        retry_max_delay=1.0,
-    )
+    journal, _, writer = await _stream_writer(batch_limit=10_000, record_limit=limit)
     count = 200
     envelopes = [
         new_envelope(
@@ -304,21 +298,7 @@ async def test_reading_a_stream_lets_other_tasks_run_even_if_nothing_suspends() 
     # A memory store and a read model in memory never suspend: without the
     # reader's periodic checkpoint a long catch-up starved the heartbeat, and
     # the node stopped taking work (seen in the overload benchmark).
-    register_types(setup().config.message_types())
-    provider = silo()
-    journal = await provider.journals.open("stream")
-    stream = PartitionStream("s", journal, next_offset=0)
-    writer = StreamWriter(
-        journal,
-        stream,
-        EventBus(),
-        StreamTail(0, 0, 0, frozenset()),
-        clock=lambda: datetime.now(UTC),
-        batch_limit=100,
-        record_limit=1 << 20,
-        progress_interval=0.05,
-        retry_max_delay=1.0,
-    )
+    journal, stream, writer = await _stream_writer()
     count = 2_000
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
