@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -82,16 +81,33 @@ def store(postgres_dsn: str, postgres_schema: str) -> str:
     return url_for(postgres_dsn, schema=postgres_schema)
 
 
+@pytest.fixture
+def read_model(postgres_dsn: str) -> Iterator[str]:
+    """A ``postgresql://`` URL for the library's read model: a fresh schema of its own."""
+    import psycopg
+    from psycopg import sql
+
+    from runkit_postgres.testing import drop_schema, unique_schema, url_for
+
+    schema = unique_schema("library")
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    yield url_for(postgres_dsn, options=f"-csearch_path={schema}")
+    drop_schema(postgres_dsn, schema)
+
+
 @pytest.fixture(params=["asyncio", "trio"])
 def node(
-    request: pytest.FixtureRequest, store: str, tmp_path: Path
+    request: pytest.FixtureRequest, store: str, read_model: str, tmp_path: Path
 ) -> Iterator[subprocess.Popen[str]]:
     """``runkit run library.app:app`` on PostgreSQL, as the tutorial starts it."""
     log = (tmp_path / "node.log").open("w")
     process = subprocess.Popen(
         [str(RUNKIT), "run", "--backend", request.param, "library.app:app"],
         cwd=tmp_path,
-        env=_environment(DOGMA_PERSISTENCE_URL=store, LIBRARY_LOAN_SECONDS=LOAN_SECONDS),
+        env=_environment(
+            DOGMA_PERSISTENCE_URL=store, LIBRARY_DB=read_model, LIBRARY_LOAN_SECONDS=LOAN_SECONDS
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
@@ -111,11 +127,12 @@ def node(
         log.close()
 
 
-def _library(tmp_path: Path, store: str, *args: str) -> str:
+def _library(tmp_path: Path, store: str, read_model: str, *args: str) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "library", *args],
         cwd=tmp_path,
-        env=_environment(DOGMA_PERSISTENCE_URL=store),  # a client runs no handlers
+        # A client runs no handlers; `loans` reads the read model.
+        env=_environment(DOGMA_PERSISTENCE_URL=store, LIBRARY_DB=read_model),
         capture_output=True,
         text=True,
         timeout=60,
@@ -125,41 +142,103 @@ def _library(tmp_path: Path, store: str, *args: str) -> str:
     return result.stdout
 
 
-def _loans(tmp_path: Path) -> list[tuple[str, int, str, str]]:
-    path = tmp_path / "library.sqlite3"
-    if not path.exists():
-        return []
-    with sqlite3.connect(path) as conn:
+def _loans(read_model: str) -> list[tuple[str, int, str, str]]:
+    import psycopg
+
+    with psycopg.connect(read_model) as conn:
         try:
             rows = conn.execute(
                 "SELECT book_id, loan, member, status FROM loans ORDER BY book_id, loan"
             ).fetchall()
-        except sqlite3.OperationalError:  # the schema is not there yet
+        except psycopg.errors.UndefinedTable:  # the schema is not there yet
             return []
     return [(str(a), int(b), str(c), str(d)) for a, b, c, d in rows]
 
 
 @pytest.mark.timeout(120)
 def test_runkit_run_on_postgres_with_commands_from_another_program(
-    node: subprocess.Popen[str], store: str, tmp_path: Path
+    node: subprocess.Popen[str], store: str, read_model: str, tmp_path: Path
 ) -> None:
-    _library(tmp_path, store, "borrow", "dune", "ada")
-    _library(tmp_path, store, "borrow", "emma", "grace")
-    _library(tmp_path, store, "borrow", "dune", "linus")  # refused: dune is out
-    _library(tmp_path, store, "return", "dune", "ada")
+    _library(tmp_path, store, read_model, "borrow", "dune", "ada")
+    _library(tmp_path, store, read_model, "borrow", "emma", "grace")
+    _library(tmp_path, store, read_model, "borrow", "dune", "linus")  # refused: dune is out
+    _library(tmp_path, store, read_model, "return", "dune", "ada")
     expected = [("dune", 1, "ada", "returned"), ("emma", 1, "grace", "overdue")]
     log = tmp_path / "node.log"
     deadline = time.monotonic() + 60
-    while _loans(tmp_path) != expected:
+    while _loans(read_model) != expected:
         assert node.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, f"{_loans(tmp_path)}\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"{_loans(read_model)}\n{log.read_text()}"
         time.sleep(0.2)
-    listing = _library(tmp_path, store, "loans")
+    listing = _library(tmp_path, store, read_model, "loans")
     assert re.search(r"emma\s+loan 1\s+grace\s+overdue", listing), listing
     # Each of the engine's event streams (one per partition) has its own checkpoint.
-    with sqlite3.connect(tmp_path / "library.sqlite3") as conn:
+    import psycopg
+
+    with psycopg.connect(read_model) as conn:
         streams = [row[0] for row in conn.execute("SELECT stream_id FROM checkpoints")]
     assert streams
     assert all(re.fullmatch(r"[0-9a-f-]{36}", s) for s in streams), streams
     node.send_signal(signal.SIGINT)
     assert node.wait(timeout=30) == 0, log.read_text()
+
+
+APPLY_ONCE = """
+import sys
+from datetime import UTC, datetime
+
+import anyio
+
+from library.catalogue import Database, LoansProjection, loans
+from library.messages import BookBorrowed
+
+
+class Scope:
+    def __init__(self, offset, checkpoint):
+        self.stream_id, self.offset, self.checkpoint_offset = "s-1", offset, checkpoint
+
+
+db = Database(sys.argv[1])
+projection = LoansProjection(db)
+event = BookBorrowed(book_id="dune", member="ada", loan=1, due_at=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+async def scenario():
+    assert await projection.checkpoint_offset("s-1") == 0
+    assert await projection.handle_event(Scope(0, 0), event) == 1
+    # Delivered again (a retry, a new owner): not applied twice.
+    assert await projection.handle_event(Scope(0, 0), event) == 1
+    # The engine thinks the read model is elsewhere: nothing changes, and the
+    # engine is told where to resume.
+    assert await projection.handle_event(Scope(3, 3), event) == 1
+    assert await projection.checkpoint_offset("s-1") == 1
+
+
+anyio.run(scenario)
+print([(r.book_id, r.loan, r.status) for r in loans(db)])
+"""
+
+
+def _apply_once(location: str, tmp_path: Path) -> None:
+    """The projection on *location* applies an event once, whatever the engine retries."""
+    result = subprocess.run(
+        [sys.executable, "-c", APPLY_ONCE, location],
+        cwd=tmp_path,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[('dune', 1, 'out')]"
+
+
+def test_the_read_model_applies_each_event_once_on_sqlite(tmp_path: Path) -> None:
+    _apply_once(str(tmp_path / "library.sqlite3"), tmp_path)
+
+
+def test_the_read_model_applies_each_event_once_on_postgres(
+    read_model: str, tmp_path: Path
+) -> None:
+    _apply_once(read_model, tmp_path)

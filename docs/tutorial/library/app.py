@@ -31,7 +31,8 @@ class Library:
 
 
 def from_environment() -> Library:
-    """The library configured by ``LIBRARY_DB`` and ``LIBRARY_LOAN_SECONDS`` (two weeks)."""
+    """The library configured by ``LIBRARY_DB`` (a SQLite file or a ``postgresql://`` URL)
+    and ``LIBRARY_LOAN_SECONDS`` (default two weeks)."""
     return Library(
         database=os.environ.get("LIBRARY_DB", "library.sqlite3"),
         loan_period=timedelta(seconds=float(os.environ.get("LIBRARY_LOAN_SECONDS", "1209600"))),

@@ -1,12 +1,13 @@
-"""The loans projection: a SQLite read model of every loan, and queries over it."""
+"""The loans projection: a read model of every loan, in SQLite or PostgreSQL, and queries."""
 
 from __future__ import annotations
 
 # --8<-- [start:schema]
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio.to_thread
 import attrs
@@ -17,44 +18,69 @@ from .messages import BookBorrowed, BookReturned, LoanOverdue
 
 T = TypeVar("T")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS loans (
-    book_id TEXT NOT NULL,
-    loan    INTEGER NOT NULL,
-    member  TEXT NOT NULL,
-    due_at  TEXT NOT NULL,
-    status  TEXT NOT NULL,  -- 'out', 'returned' or 'overdue'
-    PRIMARY KEY (book_id, loan)
-);
--- ADR-26: the offset of the next event to apply, per event stream.
-CREATE TABLE IF NOT EXISTS checkpoints (
-    stream_id   TEXT PRIMARY KEY,
-    next_offset INTEGER NOT NULL
-);
-"""
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS loans (
+        book_id TEXT NOT NULL,
+        loan    INTEGER NOT NULL,
+        member  TEXT NOT NULL,
+        due_at  TEXT NOT NULL,
+        status  TEXT NOT NULL,  -- 'out', 'returned' or 'overdue'
+        PRIMARY KEY (book_id, loan)
+    )""",
+    # ADR-26: the offset of the next event to apply, per event stream.
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        stream_id   TEXT PRIMARY KEY,
+        next_offset BIGINT NOT NULL
+    )""",
+]
 # --8<-- [end:schema]
 
 
 # --8<-- [start:database]
 class Database:
-    """The read model's SQLite file. Each call opens a connection in a worker thread."""
+    """The read model's database: a SQLite file, or PostgreSQL given a ``postgresql://`` URL.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    Both drivers block, so every call runs in a worker thread, on a connection
+    of its own, in one transaction that commits if the function returns.
+    """
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Call ``fn(connection)`` in a worker thread (sqlite3 blocks) and return its result."""
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        self.postgres = self.location.startswith(("postgresql://", "postgres://"))
+        self._created = False
+        self._creating = threading.Lock()  # concurrent CREATE TABLEs can clash
+
+    async def run(self, fn: Callable[[Any], T]) -> T:
+        """Call ``fn(connection)`` in a worker thread and return its result."""
         return await anyio.to_thread.run_sync(self.call, fn)
 
-    def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Call ``fn(connection)`` here, with the schema in place."""
-        # Autocommit mode: each function below says where its transaction starts.
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+    def call(self, fn: Callable[[Any], T]) -> T:
+        """Call ``fn(connection)`` here, in one transaction, with the schema in place."""
+        if self.postgres:
+            import psycopg  # pip install "psycopg[binary]"
+
+            conn: Any = psycopg.connect(self.location)
+        else:
+            conn = sqlite3.connect(self.location, timeout=30)
         try:
-            conn.executescript(SCHEMA)
-            return fn(conn)
+            with self._creating:
+                if not self._created:
+                    for statement in SCHEMA:
+                        conn.execute(statement)
+                    conn.commit()
+                    self._created = True
+            result = fn(conn)
+            conn.commit()
+            return result
+        except BaseException:
+            conn.rollback()
+            raise
         finally:
             conn.close()
+
+    def sql(self, query: str) -> str:
+        """*query* with ``?`` placeholders, in this driver's style."""
+        return query.replace("?", "%s") if self.postgres else query
 
 
 # --8<-- [end:database]
@@ -77,66 +103,64 @@ class LoansProjection(dogma.NoCompactBehavior):
 
     async def checkpoint_offset(self, stream_id: str) -> int:
         # Where to resume this stream: the engine asks once per stream it delivers.
-        return await self.db.run(lambda conn: _checkpoint(conn, stream_id))
+        return await self.db.run(lambda conn: self._checkpoint(conn, stream_id))
 
     async def handle_event(self, scope: dogma.ProjectionEventScope, event: dogma.Event) -> int:
         stream_id, offset, expected = scope.stream_id, scope.offset, scope.checkpoint_offset
+        sql = self.db.sql
 
-        def handle(conn: sqlite3.Connection) -> int:
-            conn.execute("BEGIN IMMEDIATE")  # one transaction: the row and the checkpoint
-            try:
-                actual = _checkpoint(conn, stream_id)
-                if actual != expected:
-                    conn.execute("ROLLBACK")
-                    return actual  # not where the engine thinks: it resumes from ours
-                _apply(conn, event)
-                conn.execute(
-                    "INSERT INTO checkpoints (stream_id, next_offset) VALUES (?, ?) "
-                    "ON CONFLICT (stream_id) DO UPDATE SET next_offset = excluded.next_offset",
-                    (stream_id, offset + 1),
-                )
-                conn.execute("COMMIT")
-                return offset + 1
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        def handle(conn: Any) -> int:
+            # One transaction (Database.call): the checkpoint and the row commit together.
+            conn.execute(
+                sql("INSERT INTO checkpoints VALUES (?, 0) ON CONFLICT (stream_id) DO NOTHING"),
+                (stream_id,),
+            )
+            # Move the checkpoint only from where the engine thinks it is. The
+            # UPDATE locks the row, so a concurrent delivery of the same event
+            # waits here and then finds the checkpoint moved.
+            moved = conn.execute(
+                sql(
+                    "UPDATE checkpoints SET next_offset = ? WHERE stream_id = ? AND next_offset = ?"
+                ),
+                (offset + 1, stream_id, expected),
+            ).rowcount
+            if moved != 1:
+                return self._checkpoint(conn, stream_id)  # not where the engine thinks
+            _apply(conn, sql, event)
+            return offset + 1
 
         return await self.db.run(handle)
 
     async def reset(self, scope: dogma.ProjectionResetScope) -> None:
         # Forget everything, checkpoints included: the engine replays all events.
-        def reset(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
+        def reset(conn: Any) -> None:
             conn.execute("DELETE FROM loans")
             conn.execute("DELETE FROM checkpoints")
-            conn.execute("COMMIT")
 
         await self.db.run(reset)
 
+    def _checkpoint(self, conn: Any, stream_id: str) -> int:
+        row = conn.execute(
+            self.db.sql("SELECT next_offset FROM checkpoints WHERE stream_id = ?"), (stream_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
 
-def _checkpoint(conn: sqlite3.Connection, stream_id: str) -> int:
-    row = conn.execute(
-        "SELECT next_offset FROM checkpoints WHERE stream_id = ?", (stream_id,)
-    ).fetchone()
-    return 0 if row is None else int(row[0])
 
-
-def _apply(conn: sqlite3.Connection, event: dogma.Event) -> None:
+def _apply(conn: Any, sql: Callable[[str], str], event: dogma.Event) -> None:
     match event:
         case BookBorrowed(book_id=book_id, member=member, loan=loan, due_at=due_at):
             conn.execute(
-                "INSERT INTO loans (book_id, loan, member, due_at, status) "
-                "VALUES (?, ?, ?, ?, 'out')",
+                sql("INSERT INTO loans VALUES (?, ?, ?, ?, 'out')"),
                 (book_id, loan, member, due_at.isoformat()),
             )
         case BookReturned(book_id=book_id, loan=loan):
             conn.execute(
-                "UPDATE loans SET status = 'returned' WHERE book_id = ? AND loan = ?",
+                sql("UPDATE loans SET status = 'returned' WHERE book_id = ? AND loan = ?"),
                 (book_id, loan),
             )
         case LoanOverdue(book_id=book_id, loan=loan):
             conn.execute(
-                "UPDATE loans SET status = 'overdue' WHERE book_id = ? AND loan = ?",
+                sql("UPDATE loans SET status = 'overdue' WHERE book_id = ? AND loan = ?"),
                 (book_id, loan),
             )
         case _:
