@@ -267,6 +267,65 @@ async def test_three_nodes_and_a_client_on_dynamodb(
     )
 
 
+async def test_a_peer_that_stops_answering_mid_call_falls_back_within_a_timeout(
+    postgres_dsn: str, postgres_schema: str, tmp_path: Path, anyio_backend_name: str
+) -> None:
+    # SIGSTOP the owner of an account's partition: the node keeps its sockets
+    # open but answers nothing. An offer to it times out, the command goes to
+    # the inbox, the stopped node's heartbeat expires, a survivor takes the
+    # partition and handles it. After SIGCONT the stopped node finds it no
+    # longer owns the partition; nothing is lost or done twice.
+    from runkit.engine.partitions import instance_workload, partition_of
+
+    s = setup()
+    url = url_for(postgres_dsn, schema=postgres_schema)
+    async with (
+        provider_from_url(url) as store,
+        cluster(tmp_path, url, anyio_backend_name) as nodes,
+    ):
+        await _live_nodes(store, 3)
+        async with runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_persistence_provider(store),
+            runkit.with_heartbeat_interval(0.25),
+        ) as client:
+            executor = client.executor_for(s.app)
+            latencies: list[float] = []
+            await _deposits(executor, [f"w{i}" for i in range(16)], latencies)  # warm-up
+            owners = {p.index: p.claimed_by for p in (await client.status()).partitions}
+            stopped = uuid.UUID(nodes.configs[0]["node_id"])
+            account = next(
+                f"acc-{i}"
+                for i in range(1000)
+                if owners.get(partition_of(instance_workload(s.accounts_key, f"acc-{i}"), 8))
+                == stopped
+            )
+            nodes.processes[0].send_signal(signal.SIGSTOP)
+            try:
+                seen = anyio.Event()
+
+                async def observe(event: Deposited) -> bool:
+                    seen.set()
+                    return event.account == account
+
+                # Bounded, not timed: the offer times out (2 s), then the inbox
+                # and a takeover after the heartbeat expires (3 x 0.25 s).
+                with anyio.fail_after(30):
+                    await executor.execute_command(
+                        Deposit(account, 1, "stopped"),
+                        idempotency_key="stopped",
+                        observers=[dogma.observe(Deposited, observe, registry=REGISTRY)],
+                    )
+                assert seen.is_set()
+            finally:
+                nodes.processes[0].send_signal(signal.SIGCONT)
+            await _deposits(executor, [f"c{i}" for i in range(16)], latencies)
+        check_invariants(await settled(store, APP_KEY, timeout=60))
+        stores = await read_stores(store)
+        refs = [env.causation_id for env in stores.all_events()]
+        assert len(refs) == len(set(refs)) == 33
+
+
 async def test_a_peer_without_a_member_certificate_is_refused(
     postgres_dsn: str, postgres_schema: str, tmp_path: Path, anyio_backend_name: str
 ) -> None:
