@@ -466,7 +466,7 @@ async def test_failing_heartbeat_writes_stop_work_until_they_succeed(
         await converged(nodes)
         generation = faulty.membership.generation
         rule = plan.fail(BEFORE, ops={"set"}, names=lambda n: n == NODES_KEYSPACE)
-        with caplog.at_level(logging.WARNING, logger="runkit.engine.membership"):
+        with caplog.at_level(logging.WARNING, logger="runkit.engine.cluster.membership"):
             await step(silo, clock, [healthy])
             await step(silo, clock, [healthy])
             # Two intervals without a successful write: N1 stops, before peers drop it.
@@ -804,7 +804,7 @@ async def test_a_slow_heartbeat_write_does_not_make_a_peer_look_skewed(
 ) -> None:
     """Skew is judged when the read returns: a peer that wrote while our write hung is not ahead."""
     gate = Gate()
-    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    caplog.set_level(logging.INFO, logger="runkit.engine.cluster.membership")
     async with anyio.create_task_group() as tg:
         slow = await start(tg, N1, clock, _HangingProvider(MemoryProvider(silo), gate))
         fast = await start(tg, N2, clock, MemoryProvider(silo))
@@ -826,7 +826,7 @@ async def test_a_peer_whose_clock_is_ahead_is_logged_once(
 ) -> None:
     """A peer writing records dated ten intervals ahead of our clock is reported, once."""
     ahead = FakeClock(now=clock.now + timedelta(seconds=INTERVAL * 10))
-    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    caplog.set_level(logging.INFO, logger="runkit.engine.cluster.membership")
     async with anyio.create_task_group() as tg:
         node = await start(tg, N1, clock, MemoryProvider(silo))
         await start(tg, N2, ahead, MemoryProvider(silo))
@@ -870,7 +870,7 @@ async def test_a_timed_out_node_set_read_names_the_timeout(
     gate = Gate()
     provider = _HangingProvider(MemoryProvider(silo), gate)
     provider._keyspaces = _HangingReads(MemoryProvider(silo).keyspaces, gate)
-    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    caplog.set_level(logging.INFO, logger="runkit.engine.cluster.membership")
     async with anyio.create_task_group() as tg:
         node = await start(tg, N1, clock, provider, store_timeout=0.2)
         gate.close()
@@ -888,7 +888,7 @@ async def test_a_joining_node_is_logged_in_words(
     silo: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Peers joining and leaving read as sentences with the live count."""
-    caplog.set_level(logging.INFO, logger="runkit.engine.membership")
+    caplog.set_level(logging.INFO, logger="runkit.engine.cluster.membership")
     async with cluster(silo, clock, N1) as (tg, nodes):
         nodes.append(await start(tg, N2, clock, MemoryProvider(silo)))
         await converged(nodes)

@@ -69,7 +69,7 @@ from .nodes import (
 
 __all__ = ["Membership"]
 
-_log = logging.getLogger("runkit.engine.membership")
+_log = logging.getLogger("runkit.engine.cluster.membership")
 
 _T = TypeVar("_T")
 

@@ -37,7 +37,7 @@ __all__ = [
     "list_nodes",
 ]
 
-_log = logging.getLogger("runkit.engine.membership")
+_log = logging.getLogger("runkit.engine.cluster.membership")
 
 
 #: The keyspace holding one heartbeat record per node, keyed by node UUID string.

@@ -62,7 +62,7 @@ __all__ = [
     "serve_cluster",
 ]
 
-_log = logging.getLogger("runkit.engine.cluster")
+_log = logging.getLogger("runkit.engine.cluster.routing")
 
 OK = b"ok"
 NOT_OWNER = b"not_owner"

@@ -70,7 +70,7 @@ __all__ = [
     "read_status",
 ]
 
-_log = logging.getLogger("runkit.engine.status")
+_log = logging.getLogger("runkit.engine.cluster.status")
 
 #: How long a projection's ``checkpoint_offset()`` may take before its lag shows as unknown.
 PROJECTION_TIMEOUT = 5.0

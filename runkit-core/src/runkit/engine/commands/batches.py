@@ -73,7 +73,7 @@ from .poison import HandlerBug, PoisonRecord, write_poison
 
 __all__ = ["PartitionCommands"]
 
-_log = logging.getLogger("runkit.engine.commands.acceptance")
+_log = logging.getLogger("runkit.engine.commands.batches")
 _meter = metrics.get_meter("runkit.engine")
 _handled = _meter.create_counter("runkit.commands.handled", description="commands handled")
 _failed = _meter.create_counter("runkit.commands.failed", description="failed handling attempts")
