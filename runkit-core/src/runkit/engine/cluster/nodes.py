@@ -8,7 +8,6 @@ One record per node (or client), keyed by its UUID, written by its
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import aclosing
@@ -37,7 +36,6 @@ __all__ = [
     "list_nodes",
 ]
 
-_log = logging.getLogger("runkit.engine.cluster.membership")
 
 
 #: The keyspace holding one heartbeat record per node, keyed by node UUID string.
