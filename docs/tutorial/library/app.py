@@ -5,7 +5,6 @@ from __future__ import annotations
 # --8<-- [start:app]
 import os
 from datetime import timedelta
-from pathlib import Path
 
 import dogma
 
@@ -17,7 +16,7 @@ from .loan import LoanProcess
 class Library:
     """The application: its identity, and its handlers."""
 
-    def __init__(self, *, database: str | Path, loan_period: timedelta) -> None:
+    def __init__(self, *, database: str, loan_period: timedelta) -> None:
         self.db = Database(database)
         self.loan_period = loan_period
 
@@ -31,10 +30,10 @@ class Library:
 
 
 def from_environment() -> Library:
-    """The library configured by ``LIBRARY_DB`` (a SQLite file or a ``postgresql://`` URL)
+    """The library configured by ``LIBRARY_DB`` (the read model's ``postgresql://`` URL)
     and ``LIBRARY_LOAN_SECONDS`` (default two weeks)."""
     return Library(
-        database=os.environ.get("LIBRARY_DB", "library.sqlite3"),
+        database=os.environ.get("LIBRARY_DB", "postgresql://localhost/library"),
         loan_period=timedelta(seconds=float(os.environ.get("LIBRARY_LOAN_SECONDS", "1209600"))),
     )
 

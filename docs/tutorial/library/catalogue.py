@@ -1,16 +1,15 @@
-"""The loans projection: a read model of every loan, in SQLite or PostgreSQL, and queries."""
+"""The loans projection: a read model of every loan, in PostgreSQL, and queries."""
 
 from __future__ import annotations
 
 # --8<-- [start:schema]
-import sqlite3
 import threading
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio.to_thread
 import attrs
+import psycopg  # pip install "psycopg[binary]"
 
 import dogma
 
@@ -38,49 +37,32 @@ SCHEMA = [
 
 # --8<-- [start:database]
 class Database:
-    """The read model's database: a SQLite file, or PostgreSQL given a ``postgresql://`` URL.
+    """The read model's PostgreSQL database, at a ``postgresql://`` URL.
 
-    Both drivers block, so every call runs in a worker thread, on a connection
-    of its own, in one transaction that commits if the function returns.
+    psycopg's blocking API works under asyncio and trio alike, so every call
+    runs in a worker thread, on a connection of its own, in one transaction
+    that commits if the function returns.
     """
 
-    def __init__(self, location: str | Path) -> None:
-        self.location = str(location)
-        self.postgres = self.location.startswith(("postgresql://", "postgres://"))
+    def __init__(self, url: str) -> None:
+        self.url = url
         self._created = False
         self._creating = threading.Lock()  # concurrent CREATE TABLEs can clash
 
-    async def run(self, fn: Callable[[Any], T]) -> T:
+    async def run(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Call ``fn(connection)`` in a worker thread and return its result."""
         return await anyio.to_thread.run_sync(self.call, fn)
 
-    def call(self, fn: Callable[[Any], T]) -> T:
+    def call(self, fn: Callable[[psycopg.Connection], T]) -> T:
         """Call ``fn(connection)`` here, in one transaction, with the schema in place."""
-        if self.postgres:
-            import psycopg  # pip install "psycopg[binary]"
-
-            conn: Any = psycopg.connect(self.location)
-        else:
-            conn = sqlite3.connect(self.location, timeout=30)
-        try:
+        with psycopg.connect(self.url) as conn:  # commits on success, else rolls back
             with self._creating:
                 if not self._created:
                     for statement in SCHEMA:
                         conn.execute(statement)
                     conn.commit()
                     self._created = True
-            result = fn(conn)
-            conn.commit()
-            return result
-        except BaseException:
-            conn.rollback()
-            raise
-        finally:
-            conn.close()
-
-    def sql(self, query: str) -> str:
-        """*query* with ``?`` placeholders, in this driver's style."""
-        return query.replace("?", "%s") if self.postgres else query
+            return fn(conn)
 
 
 # --8<-- [end:database]
@@ -103,64 +85,67 @@ class LoansProjection(dogma.NoCompactBehavior):
 
     async def checkpoint_offset(self, stream_id: str) -> int:
         # Where to resume this stream: the engine asks once per stream it delivers.
-        return await self.db.run(lambda conn: self._checkpoint(conn, stream_id))
+        def checkpoint(conn: psycopg.Connection) -> int:
+            row = conn.execute(
+                "SELECT next_offset FROM checkpoints WHERE stream_id = %s", (stream_id,)
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self.db.run(checkpoint)
 
     async def handle_event(self, scope: dogma.ProjectionEventScope, event: dogma.Event) -> int:
         stream_id, offset, expected = scope.stream_id, scope.offset, scope.checkpoint_offset
-        sql = self.db.sql
 
-        def handle(conn: Any) -> int:
+        def handle(conn: psycopg.Connection) -> int:
             # One transaction (Database.call): the checkpoint and the row commit together.
             conn.execute(
-                sql("INSERT INTO checkpoints VALUES (?, 0) ON CONFLICT (stream_id) DO NOTHING"),
+                "INSERT INTO checkpoints VALUES (%s, 0) ON CONFLICT (stream_id) DO NOTHING",
                 (stream_id,),
             )
-            # Move the checkpoint only from where the engine thinks it is. The
-            # UPDATE locks the row, so a concurrent delivery of the same event
-            # waits here and then finds the checkpoint moved.
-            moved = conn.execute(
-                sql(
-                    "UPDATE checkpoints SET next_offset = ? WHERE stream_id = ? AND next_offset = ?"
-                ),
-                (offset + 1, stream_id, expected),
-            ).rowcount
-            if moved != 1:
-                return self._checkpoint(conn, stream_id)  # not where the engine thinks
-            _apply(conn, sql, event)
+            # Lock the stream's checkpoint row: a concurrent delivery of the
+            # same event waits here, then finds the checkpoint moved.
+            row = conn.execute(
+                "SELECT next_offset FROM checkpoints WHERE stream_id = %s FOR UPDATE",
+                (stream_id,),
+            ).fetchone()
+            assert row is not None
+            if int(row[0]) != expected:
+                return int(row[0])  # not where the engine thinks: it resumes from here
+            _apply(conn, event)
+            conn.execute(
+                "UPDATE checkpoints SET next_offset = %s WHERE stream_id = %s",
+                (offset + 1, stream_id),
+            )
             return offset + 1
 
         return await self.db.run(handle)
 
     async def reset(self, scope: dogma.ProjectionResetScope) -> None:
         # Forget everything, checkpoints included: the engine replays all events.
-        def reset(conn: Any) -> None:
-            conn.execute("DELETE FROM loans")
-            conn.execute("DELETE FROM checkpoints")
-
-        await self.db.run(reset)
-
-    def _checkpoint(self, conn: Any, stream_id: str) -> int:
-        row = conn.execute(
-            self.db.sql("SELECT next_offset FROM checkpoints WHERE stream_id = ?"), (stream_id,)
-        ).fetchone()
-        return 0 if row is None else int(row[0])
+        await self.db.run(forget)
 
 
-def _apply(conn: Any, sql: Callable[[str], str], event: dogma.Event) -> None:
+def forget(conn: psycopg.Connection) -> None:
+    """Empty the read model, checkpoints included."""
+    conn.execute("DELETE FROM loans")
+    conn.execute("DELETE FROM checkpoints")
+
+
+def _apply(conn: psycopg.Connection, event: dogma.Event) -> None:
     match event:
         case BookBorrowed(book_id=book_id, member=member, loan=loan, due_at=due_at):
             conn.execute(
-                sql("INSERT INTO loans VALUES (?, ?, ?, ?, 'out')"),
+                "INSERT INTO loans VALUES (%s, %s, %s, %s, 'out')",
                 (book_id, loan, member, due_at.isoformat()),
             )
         case BookReturned(book_id=book_id, loan=loan):
             conn.execute(
-                sql("UPDATE loans SET status = 'returned' WHERE book_id = ? AND loan = ?"),
+                "UPDATE loans SET status = 'returned' WHERE book_id = %s AND loan = %s",
                 (book_id, loan),
             )
         case LoanOverdue(book_id=book_id, loan=loan):
             conn.execute(
-                sql("UPDATE loans SET status = 'overdue' WHERE book_id = ? AND loan = ?"),
+                "UPDATE loans SET status = 'overdue' WHERE book_id = %s AND loan = %s",
                 (book_id, loan),
             )
         case _:
