@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 
-
 #: The keyspace holding one heartbeat record per node, keyed by node UUID string.
 NODES_KEYSPACE = "cluster/nodes"
 #: The heartbeat record encoding version written by this code.
