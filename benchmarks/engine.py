@@ -410,6 +410,15 @@ async def run_driver(name: str, args: argparse.Namespace, scratch: Path) -> Resu
     return result
 
 
+def machine_line(backend: str) -> str:
+    """The interpreter, event loop, CPUs and load average, for a report's footer."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{platform.python_implementation()} {platform.python_version()}, {backend}, "
+        f"{os.cpu_count()} CPUs, load average {load}"
+    )
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -465,10 +474,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         ]
         for r in results
     ]
-    machine = (
-        f"{platform.python_implementation()} {platform.python_version()}, {args.backend}, "
-        f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
-    )
+    machine = machine_line(args.backend)
     notes = "\n".join(
         f"- {r.driver}: {r.notes}; {r.stream_events:,} stream events; writes per deposit by "
         "store: "

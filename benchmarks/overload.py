@@ -31,8 +31,6 @@ deposit's reference. For each target (a fresh store):
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from collections import Counter
@@ -44,7 +42,7 @@ import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import percentile, table
+from engine import machine_line, percentile, table
 from throughput import (
     REGISTRY,
     AccountHandler,
@@ -313,10 +311,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         ]
         for r in results
     ]
-    machine = (
-        f"{platform.python_implementation()} {platform.python_version()}, {args.backend}, "
-        f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
-    )
+    machine = machine_line(args.backend)
     return (
         f"{table(rows, header)}\n\n{machine}; {args.callers} callers for {args.seconds:g} s, "
         f"{PARTITIONS} partitions, backlog limit {args.backlog_limit}, "

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import random
 import statistics
 import sys
@@ -71,7 +70,16 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from engine import STORE_KINDS, deposit_record_bytes, percentile, raw_appends, store_kind
+from engine import (
+    STORE_KINDS,
+    deposit_record_bytes,
+    machine_line,
+    ms,
+    percentile,
+    raw_appends,
+    store_kind,
+    table,
+)
 from targets import BaselineJournal
 from targets.postgres import RawPostgres
 
@@ -559,16 +567,6 @@ def combine(runs: list[Measured]) -> Measured:
     return Measured(**cast(Any, fields))
 
 
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(out)
-
-
 def report(
     results: dict[Cell, dict[str, list[Measured]]],
     notes: dict[str, str],
@@ -632,10 +630,7 @@ def report(
                 ),
             ]
         )
-    machine = (
-        f"{platform.python_implementation()} {platform.python_version()}, {args.backend}, "
-        f"{os.cpu_count()} CPUs, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
-    )
+    machine = machine_line(args.backend)
     return (
         f"{table(rows, header)}\n\nrunkit's writes / reads per deposit by store:\n\n"
         f"{table(store_rows, ['target', 'C', *kinds])}\n\n{machine}; {args.accounts:,} accounts, "

@@ -210,7 +210,6 @@ class AppRuntime:
                 local=self.partitions.get,
                 remote=self._offer_remote if self.router is not None else None,
                 wake=self._wake_remote if self.router is not None else None,
-                backlog_limit=_backlog_limit(s),
             )
             async with anyio.create_task_group() as tg:
                 for writer in self.inbox_writers:
@@ -378,7 +377,7 @@ class AppRuntime:
                         inbox_end=inbox_end,
                         aggregates=aggregates,
                         materialiser=materialiser,
-                        backlog_limit=_backlog_limit(s),
+                        backlog_limit=s.backlog_limit,
                     )
                     await tg.start(materialiser.run)
                     await tg.start(writer.run)
@@ -429,10 +428,6 @@ class AppRuntime:
                 # Whatever is still queued was not committed: its local callers
                 # fall back to the inbox.
                 writer.close()
-
-
-def _backlog_limit(settings: EngineSettings) -> int:
-    return int(getattr(settings, "backlog_limit", 1000))
 
 
 def _is_ownership(value: object) -> bool:

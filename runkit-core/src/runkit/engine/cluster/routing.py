@@ -91,14 +91,14 @@ class Wake(msgspec.Struct, frozen=True, kw_only=True):
 class Observe(msgspec.Struct, frozen=True, kw_only=True):
     """Stream the events of one correlation chain recorded on the serving node.
 
-    With ``replay``, the stream starts with the chain's events the node
-    published recently (``EventBus`` keeps them), so a subscription made late
-    (after a reconnect, or to a node that took a partition over) misses nothing.
+    The stream starts with the chain's events the node published recently
+    (``EventBus`` keeps them), so a subscription made late (after a reconnect,
+    or to a node that took a partition over) misses nothing; one made before
+    the command was accepted finds nothing yet.
     """
 
     app_key: str
     correlation_id: str
-    replay: bool = False
 
 
 class WireEvent(msgspec.Struct, frozen=True, kw_only=True, tag="event"):
@@ -168,7 +168,7 @@ class ClusterServer:
 
     async def _observe(self, peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
         request = _decode(_observe_decoder, payload)
-        subscription: Any = self._subscribe_local(request.correlation_id, replay=request.replay)
+        subscription: Any = self._subscribe_local(request.correlation_id, replay=True)
         async with subscription as events:
             yield b""  # subscribed: the caller may now accept its command
             batch: list[WireEvent | WireDone] = []
@@ -307,18 +307,13 @@ class Router:
 
         Nodes that join later, or whose subscription breaks, are subscribed
         (again) at the next membership check, every half second, and replay
-        what the chain published there meanwhile (``Observe.replay``); events
+        what the chain published there meanwhile (``Observe``); events
         are de-duplicated by (stream, offset) by the caller's subscription.
         """
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         subscribed: dict[uuid.UUID, anyio.CancelScope] = {}
         failed: Exception | None = None
-        # Every subscription replays: the first ones find nothing yet (the
-        # command is not accepted until they are in place); later ones, to a
-        # node that joined or after a broken connection, get what they missed.
-        request = _encoder.encode(
-            Observe(app_key=app_key, correlation_id=correlation_id, replay=True)
-        )
+        request = _encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
         async with anyio.create_task_group() as tg:
 
             async def follow(

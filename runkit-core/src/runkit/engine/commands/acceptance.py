@@ -66,12 +66,17 @@ class LocalPartition(Protocol):
         """Commands accepted and not yet done."""
         ...
 
-    def has_room(self, limit: int) -> bool:
-        """Whether a caller may go ahead now: backlog below *limit*, nobody waiting."""
+    @property
+    def backlog_limit(self) -> int:
+        """The most commands waiting in the partition before callers wait."""
         ...
 
-    async def wait_for_room(self, limit: int) -> None:
-        """Return once the backlog is below *limit*, after the callers already waiting."""
+    def has_room(self) -> bool:
+        """Whether a caller may go ahead now: backlog below the limit, nobody waiting."""
+        ...
+
+    async def wait_for_room(self) -> None:
+        """Return once the backlog is below the limit, after the callers already waiting."""
         ...
 
     async def execute_local(self, entries: Sequence[InboxEntry]) -> None:
@@ -160,7 +165,6 @@ class Acceptor:
         local: Callable[[int], LocalPartition | None] = lambda _: None,
         remote: Callable[[int, list[InboxEntry]], Awaitable[bool]] | None = None,
         wake: Callable[[int], None] | None = None,
-        backlog_limit: int | None = None,
         backlog_timeout: float = 30.0,
     ) -> None:
         self.app = app
@@ -169,7 +173,6 @@ class Acceptor:
         self._local = local
         self._remote = remote
         self._wake = wake
-        self._backlog_limit = backlog_limit
         self._backlog_timeout = backlog_timeout
 
     def handler_for(self, command_type: type) -> HandlerConfig:
@@ -250,8 +253,8 @@ class Acceptor:
     async def _accept_one(self, index: int, entries: list[InboxEntry], produced: bool) -> None:
         local = self._local(index)
         if local is not None:
-            if not produced and self._backlog_limit is not None:
-                await self._wait_for_room(index, local, self._backlog_limit)
+            if not produced:
+                await self._wait_for_room(index, local)
             try:
                 await local.execute_local(entries)
                 return
@@ -263,15 +266,16 @@ class Acceptor:
         if self._wake is not None:
             self._wake(index)  # the owner reads its inbox now, not at its next poll
 
-    async def _wait_for_room(self, index: int, local: LocalPartition, limit: int) -> None:
-        if local.has_room(limit):
+    async def _wait_for_room(self, index: int, local: LocalPartition) -> None:
+        if local.has_room():
             return
         with anyio.move_on_after(self._backlog_timeout) as waited:
-            await local.wait_for_room(limit)
+            await local.wait_for_room()
         if waited.cancelled_caught:
             raise Backlogged(
                 f"partition {index} of application {self.app.identity} has {local.backlog} "
-                f"commands waiting (backlog limit {limit}, set by with_backlog_limit() or "
+                f"commands waiting (backlog limit {local.backlog_limit}, set by "
+                "with_backlog_limit() or "
                 f"DOGMA_BACKLOG_LIMIT); waited {self._backlog_timeout:g} s for room"
             )
 

@@ -249,12 +249,17 @@ class PartitionCommands:
         self._poked = True
         self._wake.set()
 
-    def has_room(self, limit: int) -> bool:
-        """Whether a caller may go ahead now: a free slot, and nobody waiting for one."""
-        return self._backlog + self._reserved < limit and not self._room_waiters
+    @property
+    def backlog_limit(self) -> int:
+        """The most commands waiting here before callers wait for room."""
+        return self._backlog_limit
 
-    async def wait_for_room(self, limit: int) -> None:
-        """Return once the backlog is below *limit*, after those already waiting.
+    def has_room(self) -> bool:
+        """Whether a caller may go ahead now: a free slot, and nobody waiting for one."""
+        return self._backlog + self._reserved < self._backlog_limit and not self._room_waiters
+
+    async def wait_for_room(self) -> None:
+        """Return once the backlog is below the limit, after those already waiting.
 
         Waiters are served in arrival order: each freed slot is handed to the
         first waiter and reserved for it until it resumes, so a caller that
@@ -262,7 +267,7 @@ class PartitionCommands:
         would otherwise keep their slots and starve the queue). The caller
         must take its slot (``execute_local``) without suspending in between.
         """
-        if self._stopped or self.has_room(limit):
+        if self._stopped or self.has_room():
             return
         waiter = _RoomWaiter()
         self._room_waiters.append(waiter)
@@ -270,7 +275,7 @@ class PartitionCommands:
             while True:
                 await waiter.event.wait()
                 self._unreserve(waiter)
-                if self._stopped or self._backlog < limit:
+                if self._stopped or self._backlog < self._backlog_limit:
                     return
                 # Inbox commands filled the slot meanwhile: stay first in line.
                 waiter = _RoomWaiter()

@@ -15,8 +15,8 @@ repeated or lost:
   what is missing, and its instances are rebuilt from snapshot + journal + those
   records meanwhile.
 
-Instances are written concurrently by a fixed pool of workers (started with
-``run``: no task per round or per instance), each instance in stream order,
+Instances are written concurrently by a fixed pool of workers (started by
+``run`` and ``flush``: no task per round or per instance), each instance in stream order,
 one round at a time: a round takes every durable record queued so far.
 """
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
@@ -144,27 +145,37 @@ class Materialiser:
         """Write durable records until cancelled."""
         task_status.started()
         try:
-            async with anyio.create_task_group() as tg:
-                for _ in range(CONCURRENCY):
-                    tg.start_soon(self._worker)
+            async with self._workers():
                 while True:
                     if not (self._queue and self._queue[0][1].durable):
                         await self._wake.wait()
                         self._wake = anyio.Event()
                         continue
-                    await self._round(pooled=True)
+                    await self._round()
         finally:
-            self._work.clear()
-            self._idle.clear()
             await self._close_journals()
 
     async def flush(self) -> None:
         """Write every durable record queued (at shutdown), then close the journals."""
         try:
-            while self._queue and self._queue[0][1].durable:
-                await self._round()
+            async with self._workers():
+                while self._queue and self._queue[0][1].durable:
+                    await self._round()
         finally:
             await self._close_journals()
+
+    @asynccontextmanager
+    async def _workers(self) -> AsyncIterator[None]:
+        """The pool that writes a round's instances, for the duration of the block."""
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(CONCURRENCY):
+                    tg.start_soon(self._worker)
+                yield
+                tg.cancel_scope.cancel()
+        finally:
+            self._work.clear()
+            self._idle.clear()
 
     async def _close_journals(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -172,7 +183,7 @@ class Materialiser:
                 await journal.close()
             self._journals.clear()
 
-    async def _round(self, *, pooled: bool = False) -> None:
+    async def _round(self) -> None:
         # Records leave the queue only once written: a round cut short (by
         # shutdown) is repeated in full by flush(), and repeating is harmless.
         groups: dict[_Key, list[Committed]] = {}
@@ -182,20 +193,14 @@ class Materialiser:
                 break
             groups.setdefault(key, []).append(record)
             taken += 1
-        if pooled and groups:
-            # Hand the instances to run()'s workers and wait until all are written.
+        if groups:
+            # Hand the instances to the workers and wait until all are written.
             self._work.extend(groups.items())
             self._unfinished = len(groups)
             self._round_done = anyio.Event()
             for _ in range(min(len(groups), len(self._idle))):
                 self._idle.popleft().set()  # wake only the workers needed
             await self._round_done.wait()
-        elif groups:
-            # flush(), after run() stopped: a task group of its own.
-            pending = iter(groups.items())
-            async with anyio.create_task_group() as tg:
-                for _ in range(min(CONCURRENCY, len(groups))):
-                    tg.start_soon(self._write_instances, pending)
         for _ in range(taken):
             self._queue.popleft()
 
@@ -211,10 +216,6 @@ class Materialiser:
             self._unfinished -= 1
             if not self._unfinished:
                 self._round_done.set()
-
-    async def _write_instances(self, pending: Iterator[tuple[_Key, list[Committed]]]) -> None:
-        for key, records in pending:
-            await self._write_instance(key, records)
 
     async def _write_instance(self, key: _Key, records: list[Committed]) -> None:
         failures = 0
