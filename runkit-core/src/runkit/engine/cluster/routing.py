@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import anyio
 import attrs
 import msgspec
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 from ... import rendezvous
 from ..._errors import ConfigurationError
@@ -92,9 +92,9 @@ class Observe(msgspec.Struct, frozen=True, kw_only=True):
     """Stream the events of one correlation chain recorded on the serving node.
 
     The stream starts with the chain's events the node published recently
-    (``EventBus`` keeps them), so a subscription made late (after a reconnect,
-    or to a node that took a partition over) misses nothing; one made before
-    the command was accepted finds nothing yet.
+    (``EventBus`` keeps them), so a subscription that arrives late (after the
+    command's events, after a reconnect, or at a node that took a partition
+    over) misses nothing. The caller does not wait for the stream to start.
     """
 
     app_key: str
@@ -170,7 +170,6 @@ class ClusterServer:
         request = _decode(_observe_decoder, payload)
         subscription: Any = self._subscribe_local(request.correlation_id, replay=True)
         async with subscription as events:
-            yield b""  # subscribed: the caller may now accept its command
             batch: list[WireEvent | WireDone] = []
             async for event in events:
                 batch.append(_wire(event))
@@ -303,11 +302,13 @@ class Router:
     async def observe(
         self, app_key: str, correlation_id: str
     ) -> AsyncIterator[AsyncIterator[Observed]]:
-        """Receive the chain's events recorded on every live node (subscribed on entry).
+        """Receive the chain's events recorded on every live node.
 
-        Nodes that join later, or whose subscription breaks, are subscribed
-        (again) at the next membership check, every half second, and replay
-        what the chain published there meanwhile (``Observe``); events
+        The streams are requested on entry but not awaited: each starts with
+        what the chain published on its node recently (``Observe``), so one
+        that arrives after the command's events misses nothing. Nodes that
+        join later, or whose subscription breaks, are subscribed (again) at the
+        next membership check, every half second, with the same replay; events
         are de-duplicated by (stream, offset) by the caller's subscription.
         """
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
@@ -316,9 +317,7 @@ class Router:
         request = _encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
         async with anyio.create_task_group() as tg:
 
-            async def follow(
-                node: NodeRecord, scope: anyio.CancelScope, ready: anyio.Event
-            ) -> None:
+            async def follow(node: NodeRecord, scope: anyio.CancelScope) -> None:
                 assert node.advertise_address is not None
                 try:
                     with scope:
@@ -330,39 +329,31 @@ class Router:
                             expect_fingerprint=node.tls_fingerprint,
                         ) as items:
                             async for data in items:
-                                ready.set()
-                                if data:
-                                    for item in _events_decoder.decode(data):
-                                        send.send_nowait(_event(item))
+                                for item in _events_decoder.decode(data):
+                                    send.send_nowait(_event(item))
                 except (TransportError, msgspec.DecodeError) as exc:
                     _log.info("observing on node %s stopped: %s", node.node_id, exc)
                 finally:
-                    ready.set()
                     subscribed.pop(node.node_id, None)
 
-            async def subscribe_all() -> list[anyio.Event]:
-                waits = []
+            def subscribe_all() -> None:
                 for node_id, node in self._members().items():
                     if node.role != "node" or node_id in subscribed or not node.advertise_address:
                         continue
                     scope = anyio.CancelScope()
                     subscribed[node_id] = scope
-                    ready = anyio.Event()
-                    waits.append(ready)
-                    tg.start_soon(follow, node, scope, ready)
-                return waits
+                    tg.start_soon(follow, node, scope)
 
-            async def keep_subscribed(*, task_status: TaskStatus[None]) -> None:
-                waits = await subscribe_all()
-                with anyio.move_on_after(self._offer_timeout):
-                    for ready in waits:
-                        await ready.wait()
-                task_status.started()
+            async def keep_subscribed() -> None:
                 while True:
                     await anyio.sleep(0.5)
-                    await subscribe_all()
+                    subscribe_all()
 
-            await tg.start(keep_subscribed)
+            # Not waiting for the peers to confirm: a stream that reaches a node
+            # after the chain's events were published there replays them (the
+            # bus keeps recent events), so the command need not wait a round trip.
+            subscribe_all()
+            tg.start_soon(keep_subscribed)
             try:
                 yield receive
             except Exception as exc:
