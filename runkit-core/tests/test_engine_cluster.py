@@ -178,3 +178,46 @@ async def test_a_late_subscription_replays_what_the_chain_recorded_on_a_peer() -
                     if isinstance(message, Deposited):
                         assert (message.account, message.ref) == (account, "late")
                         break
+
+
+async def test_a_chain_that_stays_in_its_partition_is_observed_only_at_its_owner() -> None:
+    # Deposit is handled by an aggregate and no process follows it, so its
+    # chain's events are recorded only on the account's partition: the gateway
+    # subscribes at that partition's owner, and nowhere when it owns it itself.
+    from runkit.engine.commands.acceptance import command_id_for
+
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s, silo) as (one, two):
+        [remote] = _remote_accounts(one, 1)
+        [local] = _remote_accounts(two, 1)
+        subscribed_at_two: dict[str, bool] = {}
+        for account in (remote, local):
+            key = f"observe-{account}"
+            correlation_id = command_id_for(APP_KEY, key)
+
+            async def saw(
+                event: Deposited, account: str = account, cid: str = correlation_id
+            ) -> bool:
+                subscribed_at_two[account] = two.bus.has_subscribers(cid)
+                return True
+
+            with anyio.fail_after(20):
+                await one.executor_for(s.app).execute_command(
+                    Deposit(account, 1, key),
+                    idempotency_key=key,
+                    observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+                )
+        assert subscribed_at_two == {remote: True, local: False}
+
+
+def test_only_chains_without_processes_stay_in_their_partition() -> None:
+    from bank.app import App
+    from bank.messages.commands import Deposit as BankDeposit
+    from runkit.config import build
+    from runkit.engine.executor import Executor
+
+    assert Executor(None, setup().config)._stays_in_partition(Deposit)  # type: ignore[arg-type]
+    # A bank deposit starts a process that executes commands on other accounts.
+    bank = Executor(None, build(App()))  # type: ignore[arg-type]
+    assert not bank._stays_in_partition(BankDeposit)

@@ -179,11 +179,13 @@ class Client:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
         return found
 
-    def subscribe(self, app_key: str, correlation_id: str) -> Subscription:
-        """The chain's events, from every live node."""
+    def subscribe(
+        self, app_key: str, correlation_id: str, partition: int | None = None
+    ) -> Subscription:
+        """The chain's events, from every live node (or only *partition*'s owner)."""
         if self._router is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
-        return self._router.observe(app_key, correlation_id)
+        return self._router.observe(app_key, correlation_id, partition)
 
     # -- public --
 

@@ -558,12 +558,17 @@ class Engine:
         """The application's acceptor (``executor.Gateway``); waits until started."""
         return (await self.runtime(app_key)).acceptor
 
-    def subscribe(self, app_key: str, correlation_id: str) -> Subscription:
-        """The chain's events recorded here and, with a listen address, on every peer."""
+    def subscribe(
+        self, app_key: str, correlation_id: str, partition: int | None = None
+    ) -> Subscription:
+        """The chain's events recorded here and, with a listen address, on the peers.
+
+        With *partition* (the only one the chain can reach), only at its owner.
+        """
         local = self.bus.subscribe(correlation_id)
         if self._cluster is None:
             return local
-        return merged(local, self._cluster.router.observe(app_key, correlation_id))
+        return merged(local, self._cluster.router.observe(app_key, correlation_id, partition))
 
     def _members(self) -> dict[uuid.UUID, Any]:
         view = self._membership_view

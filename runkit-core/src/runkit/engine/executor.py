@@ -4,8 +4,9 @@
 builds the envelope (command ID ``uuid5(app_key, idempotency_key)`` when a key
 is given, else random), waits for its gateway (an engine, or a ``runkit.Client``)
 to start, and returns once the command is durable. With observers it subscribes
-to the chain's events (on this node and, over the node transport, on every
-peer) *before* accepting, so no event can be missed, then waits in
+to the chain's events (on this node and, over the node transport, at the owner
+of the command's partition when the chain cannot leave it, else on every peer)
+*before* accepting, so no event can be missed, then waits in
 ``observers.wait_for_observers``.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 import dogma
 
-from ..config import ApplicationConfig
+from ..config import ApplicationConfig, HandlerKind
 from .commands.acceptance import Acceptor, command_id_for
 from .envelope import new_envelope, validate_new
 from .events.observers import Subscription, wait_for_observers
@@ -38,8 +39,14 @@ class Gateway(Protocol):
         """The application's acceptor; waits until the gateway has started."""
         ...
 
-    def subscribe(self, app_key: str, correlation_id: str) -> Subscription:
-        """Events of the chain, wherever they are recorded (subscribed on entry)."""
+    def subscribe(
+        self, app_key: str, correlation_id: str, partition: int | None = None
+    ) -> Subscription:
+        """Events of the chain, wherever they are recorded (subscribed on entry).
+
+        *partition*: the one partition the chain can reach (its events are
+        recorded only there), or ``None`` when it may reach any.
+        """
         ...
 
 
@@ -49,6 +56,7 @@ class Executor:
     def __init__(self, gateway: Gateway, app: ApplicationConfig) -> None:
         self._gateway = gateway
         self._app = app
+        self._confined: dict[type, bool] = {}
 
     @property
     def app(self) -> ApplicationConfig:
@@ -108,6 +116,22 @@ class Executor:
         if not observers:
             await acceptor.accept([routed])
             return
-        async with self._gateway.subscribe(app_key, envelope.correlation_id) as events:
+        partition = routed[0] if self._stays_in_partition(type(command)) else None
+        async with self._gateway.subscribe(app_key, envelope.correlation_id, partition) as events:
             await acceptor.accept([routed])
             await wait_for_observers(self._app, envelope, type(command), observers, events)
+
+    def _stays_in_partition(self, command_cls: type) -> bool:
+        """Whether the command's chain ends with its own events (no process follows).
+
+        Then every event of the chain is recorded on the command's partition
+        and published by its owner, so only that node need be observed.
+        """
+        confined = self._confined.get(command_cls)
+        if confined is None:
+            confined = self._confined[command_cls] = not any(
+                consumer.kind is HandlerKind.PROCESS
+                for event in self._app.reachable_events(command_cls)
+                for consumer in self._app.event_consumers(event)
+            )
+        return confined

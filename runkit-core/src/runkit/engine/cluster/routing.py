@@ -47,6 +47,7 @@ from ...transport import (
 )
 from ..commands.inbox import InboxEntry
 from ..envelope import Envelope
+from ..partitions import partition_id
 from ..settings import EngineSettings
 from ..streams import CommandDone, Observed, StreamEvent
 from .nodes import NodeRecord, list_nodes
@@ -277,6 +278,19 @@ class Router:
             return False
         return answer == OK
 
+    def _recorders(self, app_key: str, partition: int | None) -> list[NodeRecord]:
+        """The peers that may record a chain's events (of *partition*, if given)."""
+        nodes = [r for r in self._members().values() if r.role == "node"]
+        if partition is None:
+            return nodes
+        owner = self.owner(partition_id(app_key, partition))
+        return [
+            r
+            for r in nodes
+            if (owner is not None and r.node_id == owner.node_id)
+            or partition in r.progress.get(app_key, {})
+        ]
+
     def wake(self, app_key: str, index: int, partition_id: str, what: str = "inbox") -> None:
         """Tell the partition's owner to read its inbox or deadlines now (best effort)."""
         owner = self.owner(partition_id)
@@ -300,9 +314,14 @@ class Router:
 
     @asynccontextmanager
     async def observe(
-        self, app_key: str, correlation_id: str
+        self, app_key: str, correlation_id: str, partition: int | None = None
     ) -> AsyncIterator[AsyncIterator[Observed]]:
         """Receive the chain's events recorded on every live node.
+
+        With *partition* (the index of the one partition a chain can reach),
+        only on the nodes that may record its events: the owner in this
+        member's view and any node whose heartbeat says it still runs the
+        partition (a handoff in progress). None when that is only this node.
 
         The streams are requested on entry but not awaited: each starts with
         what the chain published on its node recently (``Observe``), so one
@@ -337,8 +356,9 @@ class Router:
                     subscribed.pop(node.node_id, None)
 
             def subscribe_all() -> None:
-                for node_id, node in self._members().items():
-                    if node.role != "node" or node_id in subscribed or not node.advertise_address:
+                for node in self._recorders(app_key, partition):
+                    node_id = node.node_id
+                    if node_id in subscribed or not node.advertise_address:
                         continue
                     scope = anyio.CancelScope()
                     subscribed[node_id] = scope
