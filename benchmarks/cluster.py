@@ -20,8 +20,10 @@ also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
    node classifies each call by whether it owns the account's partition (the
    command is committed locally) or not (it is offered to the owner over the
    transport). The first 10% of each caller's calls are a warm-up (peer
-   connections open lazily) and are not counted. Reported: p50/p99 per class
-   and the non-owner's excess over the owner.
+   connections open lazily) and are not counted. Reported: p50/p99 per class,
+   the non-owner's excess over the owner, and the nodes' event-loop lag
+   meanwhile (how late a 1 ms sleep wakes: what each hop through a busy node
+   waits on top of its work).
 2. **Deadlines across nodes.** Every node requests ``--reminders`` reminders
    due 1-3 s ahead and observes each ``ReminderRecorded``; lateness is the
    time from the due time to the observer seeing the event (an upper bound on
@@ -45,6 +47,7 @@ Not a test: nothing here asserts a time. Use ``--keep`` to keep the nodes' logs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -55,7 +58,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -300,6 +303,24 @@ async def latencies(
     return results
 
 
+@contextlib.asynccontextmanager
+async def loop_lag() -> AsyncIterator[list[float]]:
+    """How late a 1 ms sleep wakes, sampled while inside (seconds): the wait every
+    hop through this process's event loop pays on top of its own work."""
+    lags: list[float] = []
+
+    async def sample() -> None:
+        while True:
+            started = time.perf_counter()
+            await anyio.sleep(0.001)
+            lags.append(time.perf_counter() - started - 0.001)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(sample)
+        yield lags
+        tg.cancel_scope.cancel()
+
+
 async def throughput(executor: Any, seconds: float, callers: int) -> tuple[float, float, float]:
     """Deposits from *callers* callers for *seconds*, each call returning once its
     command is committed by the owner: (commands/s, p50 s, p99 s)."""
@@ -391,10 +412,11 @@ async def node(settings: dict[str, Any]) -> None:
 
             async def phases() -> None:
                 plan = await wait_for(work / "go-latency")
-                result = await latencies(
-                    executor, plan["commands"], plan["callers"], owns(ACCOUNT_KEY)
-                )
-                publish(work / f"latency-{index}", result)
+                async with loop_lag() as lag:
+                    result = await latencies(
+                        executor, plan["commands"], plan["callers"], owns(ACCOUNT_KEY)
+                    )
+                publish(work / f"latency-{index}", {"calls": result, "lag": lag})
                 plan = await wait_for(work / "go-reminders")
                 result = await reminders(executor, plan["reminders"], owns(REMINDERS_KEY))
                 publish(work / f"reminders-{index}", result)
@@ -564,8 +586,11 @@ async def _measure(
     publish(work / "go-latency", {"commands": args.commands, "callers": args.callers})
     client_results = await latencies(executor, args.commands, args.callers, lambda _: False)
     rows: list[tuple[float, bool]] = []
+    lag: list[float] = []
     for index in range(3):
-        rows += [(float(s), bool(o)) for s, o in await wait_for(work / f"latency-{index}")]
+        published = await wait_for(work / f"latency-{index}")
+        rows += [(float(s), bool(o)) for s, o in published["calls"]]
+        lag += [float(s) for s in published["lag"]]
     owner = [s for s, o in rows if o]
     other = [s for s, o in rows if not o]
     client = [s for s, _ in client_results]
@@ -612,6 +637,9 @@ async def _measure(
         "",
         f"non-owner - owner: p50 {_ms(_pct(other, 0.5) - _pct(owner, 0.5))} ms, "
         f"p99 {_ms(_pct(other, 0.99) - _pct(owner, 0.99))} ms",
+        f"event-loop lag in the nodes meanwhile (lateness of a 1 ms sleep): "
+        f"p50 {_ms(_pct(lag, 0.5))} ms, p90 {_ms(_pct(lag, 0.9))} ms, "
+        f"p99 {_ms(_pct(lag, 0.99))} ms",
         "",
         "| reminder, due to event observed | reminders | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|",
