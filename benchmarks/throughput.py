@@ -4,7 +4,7 @@ Usage::
 
     uv run python benchmarks/throughput.py [--targets memory,postgres] [--callers 1,8,64]
         [--accounts 1000] [--deposits 10000] [--repeat 1] [--raw-seconds 3]
-        [--backend asyncio|trio] [--quick]
+        [--backend asyncio|trio] [--node-gc] [--quick]
 
 The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
 ``Deposit`` commands, one ``Deposited`` event per deposit. For each target
@@ -85,6 +85,7 @@ from targets.postgres import RawPostgres
 
 import dogma
 import runkit
+from runkit._collector import tuned_collector
 from runkit.config import build
 from runkit.persistence import Provider
 from runkit.testing.faults import WRITE_OPS, FaultPlan, FaultyProvider, Timing
@@ -636,7 +637,8 @@ def report(
         f"{table(store_rows, ['target', 'C', *kinds])}\n\n{machine}; {args.accounts:,} accounts, "
         f"{args.deposits:,} deposits per cell, raw bound over {args.raw_seconds:g} s, "
         f"medians of {args.repeat} interleaved repetition(s); runkit callers "
-        f"{'observe their Deposited' if args.observe else 'return on commit'}\n"
+        f"{'observe their Deposited' if args.observe else 'return on commit'}; "
+        f"{'the collector tuned as `runkit run` does' if args.node_gc else 'default collector'}\n"
         "raw bound: single-row INSERTs through psycopg (PostgreSQL) or the driver's "
         "journal appends (memory)\n"
         + "\n".join(f"- {name}: {text}" for name, text in notes.items())
@@ -656,6 +658,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--observe",
         action="store_true",
         help="runkit callers also wait for their Deposited through a dogma.observe observer",
+    )
+    parser.add_argument(
+        "--node-gc",
+        action="store_true",
+        help="the garbage-collector settings of `runkit run` for the whole run (both systems)",
     )
     parser.add_argument(
         "--quick",
@@ -699,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                                 measured = await SYSTEMS[system](store, w)
                             cell.setdefault(system, []).append(measured)
 
-    anyio.run(run_all, backend=args.backend)
+    with tuned_collector() if args.node_gc else contextlib.nullcontext():
+        anyio.run(run_all, backend=args.backend)
     print()
     print(report(results, notes, args))
     return 0
