@@ -329,7 +329,7 @@ async def test_duplicate_node_id_is_fatal(silo: str, clock: FakeClock) -> None:
         assert owned(duplicate) == set()
         # The first process is unharmed: the duplicate neither wrote nor deleted its record.
         await anyio.sleep(INTERVAL * 3)
-        assert (await records(silo))[N1].incarnation != duplicate._incarnation
+        assert (await records(silo))[N1].incarnation != duplicate._heartbeat.incarnation
         assert owned(nodes[0].membership) == set(PARTITIONS)
 
 
@@ -451,7 +451,7 @@ async def test_restart_waits_out_its_crashed_predecessor(silo: str, clock: FakeC
         with anyio.fail_after(10):
             await started.wait()
         assert owned(restarted) == set(PARTITIONS)
-        assert (await records(silo))[N1].incarnation == restarted._incarnation
+        assert (await records(silo))[N1].incarnation == restarted._heartbeat.incarnation
         tg.cancel_scope.cancel()
 
 

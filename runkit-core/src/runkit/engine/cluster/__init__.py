@@ -1,8 +1,11 @@
 """The cluster: how nodes find each other, who owns what, and what they ask each other.
 
 - ``nodes``: the heartbeat records in ``cluster/nodes`` (encoding, ``list_nodes``).
-- ``membership``: this node's heartbeat loop and its view of the live set; an
-  ``Ownership`` by rendezvous hashing over it.
+- ``membership``: the membership protocol (join, beat, watch, leave); an
+  ``Ownership`` by rendezvous hashing over the live set. Its parts, one job
+  each: ``heartbeat`` (writing this node's own record), ``node_set`` (reading
+  the others'), ``live_view`` (the live set and the partitions this node wins)
+  and ``store_calls`` (time bounds and once-per-outage logging of store calls).
 - ``ownership``: the ``Ownership`` protocol and a static one for tests and tools.
 - ``routing``: offers of commands to partition owners, inbox wake-ups, remote
   observation, and the methods a node serves (over ``runkit.transport``).

@@ -1,5 +1,10 @@
 """Cluster membership: heartbeats in ``cluster/nodes`` and rendezvous ownership.
 
+``Membership`` runs the protocol; its parts each do one job: ``heartbeat``
+(this node's own record), ``node_set`` (reading the others'), ``live_view``
+(the live set and rendezvous ownership) and ``store_calls`` (time bounds and
+failure logging for their store calls).
+
 Every node keeps one record in the keyspace ``cluster/nodes``, under its node
 UUID string, and rewrites it every ``heartbeat_interval`` conditional on the
 revision it last wrote, with ``expires_at = now + 3 x interval``. Every
@@ -36,46 +41,23 @@ peers on the same host look skewed).
 
 from __future__ import annotations
 
-import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 
-from ... import rendezvous
-from ...persistence import Conflict, Keyspace, PersistenceError, Provider
-from ..logs import describe_error
+from ...persistence import Keyspace, Provider
 from ..settings import EngineSettings
-from .nodes import (
-    EXPIRY_INTERVALS,
-    NODES_KEYSPACE,
-    RECORD_VERSION,
-    RUNKIT_VERSION,
-    STOP_INTERVALS,
-    Heartbeat,
-    NodeIdInUse,
-    NodeRecord,
-    Progress,
-    ProgressField,
-    decode_node_record,
-    describe_changes,
-    describe_node,
-)
+from .heartbeat import HeartbeatWriter
+from .live_view import LiveView
+from .node_set import NodeSetReader
+from .nodes import NODES_KEYSPACE, NodeIdInUse, NodeRecord, Progress, describe_node
+from .store_calls import MEMBERSHIP_LOG, StoreCalls
 
 __all__ = ["Membership"]
-
-_log = logging.getLogger("runkit.engine.cluster.membership")
-
-_T = TypeVar("_T")
-
-
-class _Timeout(Exception):
-    """A store call took longer than the membership allows (its outcome is unknown)."""
 
 
 class Membership:
@@ -115,69 +97,53 @@ class Membership:
         role: str = "node",
     ) -> None:
         self._provider = provider
-        self._role = role
         self._node_id = settings.node_id
-        self._key = str(settings.node_id).encode("ascii")
         self._interval = settings.heartbeat_interval
         self._clock = settings.clock
         self._leave_timeout = settings.shutdown_timeout
-        self._advertise_address = settings.advertise_address
-        self._listen_address = settings.listen_address
-        self._tls_fingerprint = tls_fingerprint
-        self._progress = progress
-        self._prune_after = timedelta(seconds=prune_after)
+        self._extra = {"node_id": str(settings.node_id)}
         # Store calls are abandoned after this, so a hung store cannot stall the view.
         # Two intervals: a slow store (a busy S3 or DynamoDB) may take over an
         # interval per call. Safe, because ownership is judged from when the last
         # successful write *started*, not when it finished.
-        self._io_timeout = max(2 * self._interval, 1.0) if store_timeout is None else store_timeout
-        self._incarnation = str(uuid.uuid4())
-        self._started_at: datetime | None = None
-        self._revision = ""
-        self._valid_until: datetime | None = None
-        self._last_written: datetime | None = None
+        io_timeout = max(2 * self._interval, 1.0) if store_timeout is None else store_timeout
+        calls = StoreCalls(settings.node_id, io_timeout)
+        self._heartbeat = HeartbeatWriter(
+            settings,
+            calls=calls,
+            max_value_bytes=provider.limits.max_value_bytes,
+            progress=progress,
+            tls_fingerprint=tls_fingerprint,
+            role=role,
+        )
+        self._node_set = NodeSetReader(
+            settings.node_id,
+            interval=self._interval,
+            clock=self._clock,
+            prune_after=timedelta(seconds=prune_after),
+            calls=calls,
+        )
+        self._view = LiveView(settings.node_id, role=role)
         self._peers: dict[uuid.UUID, NodeRecord] = {}
-        self._active = False
-        self._was_active = False
-        self._live: frozenset[uuid.UUID] = frozenset()
-        self._winners: dict[str, bool] = {}
-        self._generation = 0
-        self._changed: anyio.Event | None = None
         self._state = "new"
         self._joined = False
         self._left = False
         self._loop_scope: anyio.CancelScope | None = None
-        self._write_failing = False
-        self._read_failing = False
-        self._progress_failing = False
-        self._oversized = False
-        self._skew_logged: set[str] = set()
 
     # -- the Ownership protocol --
 
     @property
     def generation(self) -> int:
         """Increases whenever the live set or this node's ability to work changes."""
-        return self._generation
+        return self._view.generation
 
     def owns(self, partition_id: str) -> bool:
         """Whether this node is the rendezvous winner of *partition_id* in its current view."""
-        if not self._active or not self._fresh(self._clock()):
-            return False
-        owned = self._winners.get(partition_id)
-        if owned is None:
-            owned = self._winners[partition_id] = (
-                rendezvous.winner(partition_id, self._live) == self._node_id
-            )
-        return owned
+        return self.active and self._view.wins(partition_id)
 
     async def wait_changed(self, generation: int) -> int:
         """Wait until the generation differs from *generation*; return the new one."""
-        while self._generation == generation:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
-        return self._generation
+        return await self._view.wait_changed(generation)
 
     # -- the view, for routing and operators --
 
@@ -189,15 +155,16 @@ class Membership:
     @property
     def active(self) -> bool:
         """Whether this node takes work: its heartbeat is fresh and it has not left."""
-        return self._active and self._fresh(self._clock())
+        return self._view.active and self._heartbeat.fresh(self._clock())
 
     def live_nodes(self) -> frozenset[str]:
         """The live node IDs (strings) in this node's view, itself included while active."""
-        return frozenset(str(n) for n in self._live)
+        return frozenset(str(n) for n in self._view.live)
 
     def live_peers(self) -> dict[uuid.UUID, NodeRecord]:
         """The live records of the other nodes (addresses for the node transport)."""
-        return {n: r for n, r in self._peers.items() if n in self._live}
+        live = self._view.live
+        return {n: r for n, r in self._peers.items() if n in live}
 
     def live_members(self) -> dict[uuid.UUID, NodeRecord]:
         """Every other live record, clients included (for authenticating peers)."""
@@ -235,7 +202,7 @@ class Membership:
                     if fatal is not None:
                         raise fatal
         except NodeIdInUse:
-            self._revision = ""  # the record is not ours: leave() must not delete it
+            self._heartbeat.revision = ""  # the record is not ours: leave() must not delete it
             raise
         finally:
             self._state = "stopped"
@@ -254,21 +221,21 @@ class Membership:
         if self._loop_scope is not None:
             self._loop_scope.cancel()
         self._update(self._clock())
-        if not self._revision:
+        if not self._heartbeat.revision:
             return
         with anyio.move_on_after(self._leave_timeout, shield=True) as bound:
             try:
                 async with await self._provider.keyspaces.open(NODES_KEYSPACE) as ks:
-                    await self._delete(ks)
+                    await self._heartbeat.delete(ks)
             except Exception:
-                _log.warning(
+                MEMBERSHIP_LOG.warning(
                     "node %s could not delete its heartbeat; peers take over when it expires",
                     self._node_id,
                     exc_info=True,
                     extra=self._extra,
                 )
         if bound.cancelled_caught:
-            _log.warning(
+            MEMBERSHIP_LOG.warning(
                 "node %s could not delete its heartbeat within %.1fs; "
                 "peers take over when it expires",
                 self._node_id,
@@ -318,39 +285,22 @@ class Membership:
         if failed is not None:
             raise failed
 
-    # -- internals --
-
-    @property
-    def _extra(self) -> dict[str, str]:
-        return {"node_id": str(self._node_id)}
-
-    def _fresh(self, now: datetime) -> bool:
-        return self._valid_until is not None and now < self._valid_until
-
-    async def _bounded(self, call: Awaitable[_T]) -> _T:
-        with anyio.move_on_after(self._io_timeout) as scope:
-            return await call
-        assert scope.cancelled_caught
-        raise _Timeout(f"a store call took longer than {self._io_timeout:.1f}s")
+    # -- the protocol --
 
     async def _join(self, ks: Keyspace) -> None:
         # Take our key: wait out an unexpired record left by an earlier run,
         # unless it is refreshed meanwhile (then a live process has our ID).
-        self._started_at = self._clock()
+        self._heartbeat.started_at = self._clock()
         watched: str | None = None
         while True:
             now = self._clock()
-            try:
-                value, revision = await self._bounded(ks.get(self._key))
-            except (PersistenceError, _Timeout) as exc:
-                self._report_failure("read its heartbeat record", exc)
+            own = await self._heartbeat.read_own(ks)
+            if own is None:
                 await anyio.sleep(self._interval)
                 continue
-            record = decode_node_record(self._key, value) if value else None
-            if record is not None and record.incarnation == self._incarnation:
-                record = None  # our own write, whose success we did not hear of
-            if watched is not None and revision != watched:
-                if not value:
+            record = own.record
+            if watched is not None and own.revision != watched:
+                if not own.present:
                     watched = None  # deleted: the other process left
                 else:
                     raise NodeIdInUse(
@@ -358,7 +308,7 @@ class Membership:
                     )
             if record is not None and record.is_live(now):
                 if watched is None:
-                    _log.warning(
+                    MEMBERSHIP_LOG.warning(
                         "node %s: an unexpired heartbeat record for this node ID exists "
                         "(%s); waiting until it expires at %s to take it over "
                         "(if it is refreshed meanwhile, another process uses this ID)",
@@ -367,19 +317,20 @@ class Membership:
                         record.expires_at.isoformat(),
                         extra=self._extra,
                     )
-                watched = revision
+                watched = own.revision
                 await anyio.sleep(self._interval)
                 continue
-            self._revision = revision  # absent (""), expired, or unreadable: take it over
-            if not await self._write(ks, now):
+            # Absent (""), expired, or our own: take it over.
+            self._heartbeat.revision = own.revision
+            if not await self._heartbeat.write(ks, now):
                 # Start again from a fresh read; leave() must not delete a record we never wrote.
-                self._revision = ""
+                self._heartbeat.revision = ""
             elif await self._read(ks, now):
                 self._update(now)
-                _log.info(
+                MEMBERSHIP_LOG.info(
                     "node %s joined the cluster: %d live node(s)",
                     self._node_id,
-                    len(self._live),
+                    len(self._view.live),
                     extra=self._extra,
                 )
                 return
@@ -394,7 +345,7 @@ class Membership:
                 next_beat -= delay  # fell behind (slow store): restart the schedule from now
             await anyio.sleep(max(0.0, delay))
             now = self._clock()
-            await self._write(ks, now)
+            await self._heartbeat.write(ks, now)
             await self._read(ks, now)
             self._update(self._clock())
 
@@ -405,241 +356,21 @@ class Membership:
             await anyio.sleep(period)
             self._update(self._clock())
 
-    def _record(self, now: datetime) -> bytes:
-        assert self._started_at is not None
-        progress: dict[str, dict[int, dict[str, int]]] = {}
-        if self._progress is not None and not self._oversized:
-            try:
-                # Checked, so a bad value cannot make our record unreadable to peers.
-                progress = msgspec.convert(self._progress(), ProgressField)
-                self._progress_failing = False
-            except Exception:
-                if not self._progress_failing:
-                    _log.exception(
-                        "node %s: the progress callback failed; heartbeats go without progress",
-                        self._node_id,
-                        extra=self._extra,
-                    )
-                self._progress_failing = True
-        beat = Heartbeat(
-            version=RECORD_VERSION,
-            node_id=str(self._node_id),
-            incarnation=self._incarnation,
-            started_at=self._started_at,
-            written_at=now,
-            expires_at=now + timedelta(seconds=EXPIRY_INTERVALS * self._interval),
-            heartbeat_interval=self._interval,
-            advertise_address=self._advertise_address,
-            listen_address=self._listen_address,
-            tls_fingerprint=self._tls_fingerprint,
-            progress=progress,
-            role=self._role,
-            runkit_version=RUNKIT_VERSION,
-        )
-        value = msgspec.msgpack.encode(beat)
-        if len(value) > self._provider.limits.max_value_bytes and progress:
-            # Liveness matters more than progress: never let progress block the heartbeat.
-            _log.warning(
-                "node %s: heartbeat with progress is %d bytes, over the store's limit; "
-                "publishing no progress from now on",
-                self._node_id,
-                len(value),
-                extra=self._extra,
-            )
-            self._oversized = True
-            value = msgspec.msgpack.encode(msgspec.structs.replace(beat, progress={}))
-        return value
-
-    async def _write(self, ks: Keyspace, now: datetime) -> bool:
-        """Write our record at ``self._revision``; whether it succeeded."""
-        value = self._record(now)
-        for _ in range(3):
-            try:
-                self._revision = await self._bounded(ks.set(self._key, value, self._revision))
-            except Conflict:
-                # Our own earlier write (ambiguous or abandoned) may have landed; else fatal.
-                if not await self._resolve(ks):
-                    return False
-                continue
-            except (PersistenceError, _Timeout) as exc:
-                self._report_failure("write its heartbeat", exc)
-                return False
-            self._valid_until = now + timedelta(seconds=STOP_INTERVALS * self._interval)
-            self._last_written = now
-            if self._write_failing:
-                _log.info("node %s: heartbeat written again", self._node_id, extra=self._extra)
-                self._write_failing = False
-            return True
-        return False
-
-    async def _resolve(self, ks: Keyspace, *, deleting: bool = False) -> bool:
-        """After a conflict on our key: adopt our own revision, or raise ``NodeIdInUse``.
-
-        Returns ``False`` if the key could not be read (try again next beat).
-        """
-        try:
-            value, revision = await self._bounded(ks.get(self._key))
-        except (PersistenceError, _Timeout) as exc:
-            self._report_failure("read its heartbeat record", exc)
-            return False
-        if not value:
-            if self._revision and not deleting:
-                _log.warning(
-                    "node %s: its heartbeat record was deleted by someone else "
-                    "(pruned after expiry, or by an operator); writing it again",
-                    self._node_id,
-                    extra=self._extra,
-                )
-            self._revision = ""
-            return True
-        record = decode_node_record(self._key, value)
-        if record is not None and record.incarnation == self._incarnation:
-            self._revision = revision
-            return True
-        raise NodeIdInUse(self._node_id, describe_node(record))
-
     async def _read(self, ks: Keyspace, now: datetime) -> bool:
-        """Read every record into ``self._peers``; whether it succeeded."""
-        peers: dict[uuid.UUID, NodeRecord] = {}
-        stale: list[tuple[bytes, str]] = []
-        try:
-            with anyio.fail_after(self._io_timeout):
-                async with aclosing(ks.range()) as items:  # type: ignore[type-var]
-                    async for key, value, revision in items:
-                        record = decode_node_record(key, value)
-                        if record is None or record.node_id == self._node_id:
-                            continue
-                        if now >= record.expires_at + self._prune_after:
-                            stale.append((key, revision))
-                            continue
-                        peers[record.node_id] = record
-        except TimeoutError:
-            timeout = _Timeout(f"reading took longer than {self._io_timeout:.1f}s")
-            self._report_failure("read the node set", timeout, reading=True)
+        """Read the node set into ``self._peers``; whether it succeeded."""
+        peers = await self._node_set.read(ks, now)
+        if peers is None:
             return False
-        except PersistenceError as exc:
-            self._report_failure("read the node set", exc, reading=True)
-            return False
-        # Judged against the clock now, not at the start of the beat: every
-        # record was written before we read it, however slow the store was.
-        seen = self._clock()
-        for record in peers.values():
-            self._check_skew(record, seen)
         self._peers = peers
-        if self._read_failing:
-            _log.info("node %s: node set read again", self._node_id, extra=self._extra)
-            self._read_failing = False
-        for key, revision in stale:
-            try:
-                # Conditional: a record refreshed since we read it is kept.
-                await self._bounded(ks.set(key, b"", revision))
-                _log.info("pruned the heartbeat record of dead node %s", key.decode("ascii"))
-            except (PersistenceError, _Timeout):
-                pass  # another node pruned it, or it came back; either is fine
+        await self._node_set.prune(ks)
         return True
 
-    def _check_skew(self, record: NodeRecord, seen: datetime) -> None:
-        ahead = (record.written_at - seen).total_seconds()
-        if ahead > self._interval and record.incarnation not in self._skew_logged:
-            self._skew_logged.add(record.incarnation)
-            _log.warning(
-                "node %s's clock is at least %.1fs ahead of node %s's; "
-                "skew near a heartbeat interval makes ownership flap",
-                record.node_id,
-                ahead,
-                self._node_id,
-                extra=self._extra,
-            )
-
-    def _report_failure(self, what: str, exc: BaseException, *, reading: bool = False) -> None:
-        failing = self._read_failing if reading else self._write_failing
-        if not failing:
-            _log.warning(
-                "node %s could not %s (will keep trying): %s",
-                self._node_id,
-                what,
-                describe_error(exc),
-                extra=self._extra,
-            )
-        if reading:
-            self._read_failing = True
-        else:
-            self._write_failing = True
-
     def _update(self, now: datetime) -> None:
-        """Recompute the live set at *now*; bump the generation if it changed."""
-        active = not self._left and self._fresh(now)
-        # Clients are members (for authentication) but never own partitions.
-        live = {n for n, r in self._peers.items() if r.is_live(now) and r.role == "node"}
-        if active and self._role == "node":
-            live.add(self._node_id)
-        live_set = frozenset(live)
-        if active == self._active and live_set == self._live:
-            return
-        if active != self._active:
-            self._log_activity(active)
-        elif live_set != self._live:
-            _log.info(
-                "node %s: %s; %d live node%s",
-                self._node_id,
-                describe_changes(live_set - self._live, self._live - live_set),
-                len(live_set),
-                "" if len(live_set) == 1 else "s",
-                extra=self._extra,
-            )
-        self._active = active
-        self._live = live_set
-        self._winners = {}
-        self._generation += 1
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    def _log_activity(self, active: bool) -> None:
-        if active:
-            if self._was_active:
-                _log.warning(
-                    "node %s takes work again: its heartbeat is fresh",
-                    self._node_id,
-                    extra=self._extra,
-                )
-            self._was_active = True
-        elif self._left:
-            _log.info("node %s is leaving: it owns nothing now", self._node_id, extra=self._extra)
-        else:
-            last = "never" if self._last_written is None else self._last_written.isoformat()
-            _log.error(
-                "node %s stops taking work: its heartbeat has not been written since %s "
-                "and will expire (it owns nothing until a heartbeat write succeeds)",
-                self._node_id,
-                last,
-                extra=self._extra,
-            )
-
-    async def _delete(self, ks: Keyspace) -> None:
-        attempt = 0
-        while True:
-            try:
-                await ks.set(self._key, b"", self._revision)
-            except Conflict:
-                try:
-                    if await self._resolve(ks, deleting=True) and not self._revision:
-                        return  # already gone
-                except NodeIdInUse:
-                    _log.warning(
-                        "node %s: not deleting a heartbeat record another process wrote",
-                        self._node_id,
-                        extra=self._extra,
-                    )
-                    return
-                continue
-            except PersistenceError as exc:
-                if not (exc.retryable or exc.ambiguous):
-                    raise
-                # An ambiguous delete that landed shows up as a conflict on the retry.
-                attempt += 1
-                await anyio.sleep(min(self._interval, 0.01 * 2.0 ** min(attempt, 10)))
-                continue
-            self._revision = ""
-            _log.info("node %s left the cluster", self._node_id, extra=self._extra)
-            return
+        """Recompute the live set at *now* (see ``LiveView.update``)."""
+        self._view.update(
+            now,
+            self._peers,
+            active=not self._left and self._heartbeat.fresh(now),
+            left=self._left,
+            last_written=self._heartbeat.last_written,
+        )

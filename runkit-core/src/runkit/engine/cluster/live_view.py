@@ -1,0 +1,122 @@
+"""The live set and what this node owns in it (rendezvous over the live nodes).
+
+``LiveView`` is the ``Ownership`` side of the membership: it is told the peers'
+records and whether this node may work, recomputes the live set, answers
+``owns`` from a per-view cache of rendezvous winners, and bumps its generation
+(waking ``wait_changed``) whenever the live set or this node's activity changes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+
+import anyio
+
+from ... import rendezvous
+from .nodes import NodeRecord, describe_changes
+from .store_calls import MEMBERSHIP_LOG
+
+__all__ = ["LiveView"]
+
+
+class LiveView:
+    """One node's view of the live nodes and of the partitions it wins."""
+
+    def __init__(self, node_id: uuid.UUID, *, role: str) -> None:
+        self._node_id = node_id
+        self._role = role
+        self._extra = {"node_id": str(node_id)}
+        self.active = False
+        self._was_active = False
+        self._live: frozenset[uuid.UUID] = frozenset()
+        self._winners: dict[str, bool] = {}
+        self._generation = 0
+        self._changed: anyio.Event | None = None
+
+    @property
+    def generation(self) -> int:
+        """Increases whenever the live set or this node's activity changes."""
+        return self._generation
+
+    @property
+    def live(self) -> frozenset[uuid.UUID]:
+        """The live nodes (owners of partitions), this one included while active."""
+        return self._live
+
+    def wins(self, partition_id: str) -> bool:
+        """Whether this node is the rendezvous winner of *partition_id* in the live set."""
+        owned = self._winners.get(partition_id)
+        if owned is None:
+            owned = self._winners[partition_id] = (
+                rendezvous.winner(partition_id, self._live) == self._node_id
+            )
+        return owned
+
+    async def wait_changed(self, generation: int) -> int:
+        """Wait until the generation differs from *generation*; return the new one."""
+        while self._generation == generation:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+        return self._generation
+
+    def update(
+        self,
+        now: datetime,
+        peers: Mapping[uuid.UUID, NodeRecord],
+        *,
+        active: bool,
+        left: bool,
+        last_written: datetime | None,
+    ) -> None:
+        """Recompute the live set at *now*; bump the generation if it changed."""
+        # Clients are members (for authentication) but never own partitions.
+        live = {n for n, r in peers.items() if r.is_live(now) and r.role == "node"}
+        if active and self._role == "node":
+            live.add(self._node_id)
+        live_set = frozenset(live)
+        if active == self.active and live_set == self._live:
+            return
+        if active != self.active:
+            self._log_activity(active, left, last_written)
+        elif live_set != self._live:
+            MEMBERSHIP_LOG.info(
+                "node %s: %s; %d live node%s",
+                self._node_id,
+                describe_changes(live_set - self._live, self._live - live_set),
+                len(live_set),
+                "" if len(live_set) == 1 else "s",
+                extra=self._extra,
+            )
+        self.active = active
+        self._live = live_set
+        self._winners = {}
+        self._generation += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _log_activity(self, active: bool, left: bool, last_written: datetime | None) -> None:
+        if active:
+            if self._was_active:
+                MEMBERSHIP_LOG.warning(
+                    "node %s takes work again: its heartbeat is fresh",
+                    self._node_id,
+                    extra=self._extra,
+                )
+            self._was_active = True
+        elif left:
+            MEMBERSHIP_LOG.info(
+                "node %s is leaving: it owns nothing now", self._node_id, extra=self._extra
+            )
+        else:
+            last = "never" if last_written is None else last_written.isoformat()
+            MEMBERSHIP_LOG.error(
+                "node %s stops taking work: its heartbeat has not been written since %s "
+                "and will expire (it owns nothing until a heartbeat write succeeds)",
+                self._node_id,
+                last,
+                extra=self._extra,
+            )
