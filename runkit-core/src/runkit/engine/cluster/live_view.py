@@ -12,10 +12,9 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 
-import anyio
-
 from ... import rendezvous
 from .nodes import NodeRecord, describe_changes
+from .ownership import Generation
 from .store_calls import MEMBERSHIP_LOG
 
 __all__ = ["LiveView"]
@@ -32,13 +31,12 @@ class LiveView:
         self._was_active = False
         self._live: frozenset[uuid.UUID] = frozenset()
         self._winners: dict[str, bool] = {}
-        self._generation = 0
-        self._changed: anyio.Event | None = None
+        self._generation = Generation()
 
     @property
     def generation(self) -> int:
         """Increases whenever the live set or this node's activity changes."""
-        return self._generation
+        return self._generation.value
 
     @property
     def live(self) -> frozenset[uuid.UUID]:
@@ -56,11 +54,7 @@ class LiveView:
 
     async def wait_changed(self, generation: int) -> int:
         """Wait until the generation differs from *generation*; return the new one."""
-        while self._generation == generation:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
-        return self._generation
+        return await self._generation.wait_changed(generation)
 
     def update(
         self,
@@ -93,10 +87,7 @@ class LiveView:
         self.active = active
         self._live = live_set
         self._winners = {}
-        self._generation += 1
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self._generation.bump()
 
     def _log_activity(self, active: bool, left: bool, last_written: datetime | None) -> None:
         if active:

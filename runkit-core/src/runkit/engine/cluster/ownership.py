@@ -12,7 +12,7 @@ from typing import Protocol
 
 import anyio
 
-__all__ = ["Ownership", "SingleNodeOwnership", "StaticOwnership"]
+__all__ = ["Generation", "Ownership", "SingleNodeOwnership", "StaticOwnership"]
 
 
 class Ownership(Protocol):
@@ -35,6 +35,29 @@ class Ownership(Protocol):
     async def wait_changed(self, generation: int) -> int:
         """Wait until the generation differs from *generation*; return the new one."""
         ...
+
+
+class Generation:
+    """A counter of changes that can be waited on (the ``generation`` of an ``Ownership``)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._changed: anyio.Event | None = None
+
+    def bump(self) -> None:
+        """Count a change and wake the waiters."""
+        self.value += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def wait_changed(self, generation: int) -> int:
+        """Wait until the value differs from *generation*; return the new one."""
+        while self.value == generation:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+        return self.value
 
 
 class SingleNodeOwnership:
@@ -65,13 +88,12 @@ class StaticOwnership:
 
     def __init__(self, owned: set[str] | frozenset[str] = frozenset()) -> None:
         self._owned = frozenset(owned)
-        self._generation = 0
-        self._changed: anyio.Event | None = None
+        self._generation = Generation()
 
     @property
     def generation(self) -> int:
         """Increases on every ``assign``."""
-        return self._generation
+        return self._generation.value
 
     def owns(self, partition_id: str) -> bool:
         """Whether *partition_id* is currently assigned to this node."""
@@ -80,15 +102,8 @@ class StaticOwnership:
     def assign(self, owned: set[str] | frozenset[str]) -> None:
         """Replace the owned set and wake the waiters."""
         self._owned = frozenset(owned)
-        self._generation += 1
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self._generation.bump()
 
     async def wait_changed(self, generation: int) -> int:
         """Wait for the next ``assign`` if *generation* is current."""
-        while self._generation == generation:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            await self._changed.wait()
-        return self._generation
+        return await self._generation.wait_changed(generation)
