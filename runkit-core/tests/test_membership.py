@@ -897,3 +897,62 @@ async def test_a_joining_node_is_logged_in_words(
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"node {N1}: ")]
     assert f"node {N1}: node {N2} joined; 2 live nodes" in messages
     assert f"node {N1}: node {N2} left or expired; 1 live node" in messages
+
+
+class _FailingRangeKeyspaces(_HangingKeyspaces):
+    """``range()`` fails ``failures`` times (a node-set read that fails)."""
+
+    failures = 0
+
+    async def open(self, name: str) -> Keyspace:
+        outer = self
+
+        class Failing(_HangingKeyspace):
+            def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+                if outer.failures > 0:
+                    outer.failures -= 1
+                    return _failing_range()
+                return super().range()
+
+        return Failing(await self._inner.open(name), self._gate)
+
+
+async def _failing_range() -> AsyncIterator[tuple[bytes, bytes, str]]:
+    from runkit.persistence import PersistenceError
+
+    empty: tuple[tuple[bytes, bytes, str], ...] = ()
+    for item in empty:  # an async generator that fails when iterated
+        yield item
+    raise PersistenceError("node-set read failed (injected)")
+
+
+async def test_a_takeover_followed_by_a_failed_read_is_not_taken_for_an_intruder(
+    silo: str, clock: FakeClock
+) -> None:
+    # The restarted node watches its predecessor's record, takes it over once
+    # it expires, and the read right after that write fails: on the retry it
+    # finds a revision it did not watch, but written by itself, not an intruder.
+    async with anyio.create_task_group() as tg:
+        first = await start(tg, N1, clock, MemoryProvider(silo))
+        await first.provider.close()  # crash: the record stays, unexpired
+        await first.stop()
+        provider = _HangingProvider(MemoryProvider(silo), Gate())
+        keyspaces = _FailingRangeKeyspaces(MemoryProvider(silo).keyspaces, Gate())
+        provider._keyspaces = keyspaces
+        restarted = Membership(provider, node_settings(N1, clock))
+        started = anyio.Event()
+
+        async def run() -> None:
+            await tg.start(restarted.run)
+            started.set()
+
+        tg.start_soon(run)
+        await anyio.sleep(INTERVAL * 5)
+        assert not started.is_set()
+        keyspaces.failures = 1
+        clock.advance(INTERVAL * 3)
+        with anyio.fail_after(10):
+            await started.wait()
+        assert keyspaces.failures == 0, "the read after the take-over failed"
+        assert owned(restarted) == set(PARTITIONS)
+        tg.cancel_scope.cancel()

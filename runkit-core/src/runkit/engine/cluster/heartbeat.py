@@ -46,11 +46,13 @@ __all__ = ["HeartbeatWriter", "OwnRecord"]
 @attrs.frozen
 class OwnRecord:
     """What is stored under our key: the record (``None`` if absent or our own
-    process's), whether anything is there, and its revision."""
+    process's), whether anything is there, whether it is this process's own
+    write, and its revision."""
 
     record: NodeRecord | None
     present: bool
     revision: str
+    ours: bool = False
 
 
 class HeartbeatWriter:
@@ -98,9 +100,10 @@ class HeartbeatWriter:
             self._calls.failed("read its heartbeat record", exc)
             return None
         record = decode_node_record(self._key, value) if value else None
-        if record is not None and record.incarnation == self.incarnation:
-            record = None  # our own write, whose success we did not hear of
-        return OwnRecord(record, bool(value), revision)
+        ours = record is not None and record.incarnation == self.incarnation
+        # Our own write: one whose success we did not hear of, or a take-over
+        # whose follow-up read failed.
+        return OwnRecord(None if ours else record, bool(value), revision, ours)
 
     async def write(self, ks: Keyspace, now: datetime) -> bool:
         """Write our record at ``revision``; whether it succeeded."""

@@ -31,12 +31,8 @@ ownership short and rare):
   heartbeat outlives the block's wind-down and the node leaves after it.
 
 Clock skew: expiry is judged by each reader's clock against the writer's
-``expires_at``. The one interval of margin above absorbs skew below one
-interval; more makes nodes flap in and out of peers' live sets (safe, because
-of the OCC fence, but churny). A peer whose ``written_at`` is more than one
-interval ahead of our clock *when the read returned* is logged as skewed (not
-ahead of the time the beat started: a slow write or read in between would make
-peers on the same host look skewed).
+``expires_at``; the one interval of margin above absorbs skew below one
+interval (see ``node_set`` for what more does and how it is reported).
 """
 
 from __future__ import annotations
@@ -300,8 +296,10 @@ class Membership:
                 continue
             record = own.record
             if watched is not None and own.revision != watched:
-                if not own.present:
-                    watched = None  # deleted: the other process left
+                if not own.present or own.ours:
+                    # Deleted (the other process left), or rewritten by us: our
+                    # take-over landed but the read after it failed.
+                    watched = None
                 else:
                     raise NodeIdInUse(
                         self._node_id, f"{describe_node(record)} while this node waited for it"
@@ -320,7 +318,7 @@ class Membership:
                 watched = own.revision
                 await anyio.sleep(self._interval)
                 continue
-            # Absent (""), expired, or our own: take it over.
+            # Absent (""), expired, unreadable, or our own: take it over.
             self._heartbeat.revision = own.revision
             if not await self._heartbeat.write(ks, now):
                 # Start again from a fresh read; leave() must not delete a record we never wrote.

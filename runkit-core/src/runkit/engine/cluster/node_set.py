@@ -3,6 +3,14 @@
 Also prunes records that expired long ago (any node may; the delete is
 conditional, so a record refreshed meanwhile is kept) and warns once per
 process about a peer whose clock runs ahead of ours.
+
+Clock skew: expiry is judged by each reader's clock against the writer's
+``expires_at``. The membership's one interval of margin absorbs skew below one
+interval; more makes nodes flap in and out of peers' live sets (safe, because
+of the OCC fence on the partition journals, but churny). A peer whose
+``written_at`` is more than one interval ahead of our clock *when the read
+returned* is logged as skewed (not ahead of the time the beat started: a slow
+write or read in between would make peers on the same host look skewed).
 """
 
 from __future__ import annotations
