@@ -191,6 +191,19 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_only_at_its_owner
     async with two_nodes(s, silo) as (one, two):
         [remote] = _remote_accounts(one, 1)
         [local] = _remote_accounts(two, 1)
+        # Until `one` reads a heartbeat of `two` that no longer lists the local
+        # account's partition, `two` may still run it (a handoff) and is asked too.
+        from runkit.engine.partitions import instance_workload, partition_of
+
+        index = partition_of(instance_workload(s.accounts_key, local), 8)
+        assert one.router is not None
+        router = one.router
+        await wait_until(
+            lambda: all(
+                r.node_id != two.settings.node_id for r in router._recorders(APP_KEY, index)
+            ),
+            timeout=30,
+        )
         subscribed_at_two: dict[str, bool] = {}
         for account in (remote, local):
             key = f"observe-{account}"
