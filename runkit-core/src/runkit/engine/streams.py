@@ -65,6 +65,7 @@ __all__ = [
     "StreamRecord",
     "StreamTail",
     "StreamWriter",
+    "UniqueEvents",
     "decode_stream_record",
     "encode_stream_record",
     "read_tail",
@@ -279,24 +280,27 @@ class CommandDone:
 Observed = StreamEvent | CommandDone
 
 
-class _UniqueEvents:
+class UniqueEvents:
     """A subscription's events, each stream event (stream ID, offset) at most once.
 
     The bus may publish an event again (a repeated command's original events are
-    redelivered for observers that joined later); a subscriber that has already
-    seen it must not see it twice.
+    redelivered for observers that joined later), and a merged subscription gets
+    the same event from several sources; a subscriber that has already seen it
+    must not see it twice. Notes pass through.
     """
 
-    def __init__(self, receive: MemoryObjectReceiveStream[Observed]) -> None:
+    def __init__(self, receive: AsyncIterator[Observed]) -> None:
         self._receive = receive
         self._seen: set[tuple[str, int]] = set()
 
-    def __aiter__(self) -> _UniqueEvents:
+    def __aiter__(self) -> UniqueEvents:
         return self
 
     def pending(self) -> int:
-        """Events received and not yet taken (some may be repeats)."""
-        return self._receive.statistics().current_buffer_used
+        """Events received from a memory stream and not yet taken (some may be repeats)."""
+        if isinstance(self._receive, MemoryObjectReceiveStream):
+            return self._receive.statistics().current_buffer_used
+        return 0
 
     async def __anext__(self) -> Observed:
         while True:
@@ -360,7 +364,7 @@ class EventBus:
                 send.send_nowait(item)
         try:
             async with receive:
-                yield _UniqueEvents(receive)
+                yield UniqueEvents(receive)
         finally:
             subscribers.discard(send)
             if not subscribers:

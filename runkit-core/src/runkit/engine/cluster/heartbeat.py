@@ -24,6 +24,7 @@ import attrs
 import msgspec
 
 from ...persistence import Conflict, Keyspace, PersistenceError
+from ..backoff import backoff
 from ..settings import EngineSettings
 from .nodes import (
     EXPIRY_INTERVALS,
@@ -151,7 +152,7 @@ class HeartbeatWriter:
                     raise
                 # An ambiguous delete that landed shows up as a conflict on the retry.
                 attempt += 1
-                await anyio.sleep(min(self._interval, 0.01 * 2.0 ** min(attempt, 10)))
+                await anyio.sleep(backoff(attempt, 0.01, self._interval))
                 continue
             self.revision = ""
             MEMBERSHIP_LOG.info("node %s left the cluster", self._node_id, extra=self._extra)

@@ -240,7 +240,12 @@ class Router:
 
     def owner(self, partition_id: str) -> NodeRecord | None:
         """The owner of a partition in this member's view (``None``: this node, or nobody)."""
-        nodes = {n: r for n, r in self._members().items() if r.role == "node"}
+        return self._owner(partition_id, self._nodes())
+
+    def _nodes(self) -> dict[uuid.UUID, NodeRecord]:
+        return {n: r for n, r in self._members().items() if r.role == "node"}
+
+    def _owner(self, partition_id: str, nodes: Mapping[uuid.UUID, NodeRecord]) -> NodeRecord | None:
         candidates = set(nodes)
         if self._self_is_node:
             candidates.add(self._self_id)
@@ -280,16 +285,11 @@ class Router:
 
     def _recorders(self, app_key: str, partition: int | None) -> list[NodeRecord]:
         """The peers that may record a chain's events (of *partition*, if given)."""
-        nodes = [r for r in self._members().values() if r.role == "node"]
+        nodes = self._nodes()
         if partition is None:
-            return nodes
-        owner = self.owner(partition_id(app_key, partition))
-        return [
-            r
-            for r in nodes
-            if (owner is not None and r.node_id == owner.node_id)
-            or partition in r.progress.get(app_key, {})
-        ]
+            return list(nodes.values())
+        owner = self._owner(partition_id(app_key, partition), nodes)
+        return [r for r in nodes.values() if r is owner or partition in r.progress.get(app_key, {})]
 
     def wake(self, app_key: str, index: int, partition_id: str, what: str = "inbox") -> None:
         """Tell the partition's owner to read its inbox or deadlines now (best effort)."""

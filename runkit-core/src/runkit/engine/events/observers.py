@@ -40,7 +40,7 @@ import dogma
 
 from ...config import ApplicationConfig
 from ..envelope import Envelope
-from ..streams import CommandDone, Observed
+from ..streams import CommandDone, Observed, UniqueEvents
 
 __all__ = ["merged", "wait_for_observers"]
 
@@ -74,34 +74,13 @@ async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[Ob
             for source in sources:
                 tg.start_soon(pump, source)
             try:
-                yield _Unique(receive)
+                yield UniqueEvents(receive)
             except Exception as exc:
                 failed = exc  # re-raised below, not wrapped in an ExceptionGroup
             finally:
                 tg.cancel_scope.cancel()
     if failed is not None:
         raise failed
-
-
-class _Unique:
-    """Each stream event once (notes pass through); a plain iterator: nothing to close."""
-
-    def __init__(self, events: AsyncIterator[Observed]) -> None:
-        self._events = events
-        self._seen: set[tuple[str, int]] = set()
-
-    def __aiter__(self) -> _Unique:
-        return self
-
-    async def __anext__(self) -> Observed:
-        while True:
-            event = await self._events.__anext__()
-            if isinstance(event, CommandDone):
-                return event
-            key = (event.stream_id, event.offset)
-            if key not in self._seen:
-                self._seen.add(key)
-                return event
 
 
 async def wait_for_observers(
