@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 import attrs
 import msgspec
+import pytest
 
 import dogma
 from runkit.engine.envelope import Envelope
@@ -27,7 +28,7 @@ from runkit.engine.events.deadlines import deadline_journal_name
 from runkit.engine.events.process_instances import CachedInstance, InstanceCache, ProcessRecord
 from runkit.engine.events.process_stores import process_store_name
 from runkit.engine.partitions import instance_workload, partition_of
-from runkit.testing.faults import AFTER, FaultPlan, FaultyProvider, Timing
+from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_events_harness import Harness, harness, wait_until
@@ -306,6 +307,27 @@ async def test_an_idle_or_ended_instance_has_its_outbox_cleared_once() -> None:
         assert r.ended
         assert commands(h.accepted) == [("a", 1), ("b", 2)]
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("timing", [BEFORE, AFTER], ids=["not-written", "written"])
+async def test_a_stopping_consumer_retries_a_failed_clear(timing: Timing) -> None:
+    # The partition stops (lost, or restarted after a conflict) while an idle
+    # instance's record still holds its dispatched outbox. The entry is
+    # dropped next, so the clear must not give up on its first failed write:
+    # nobody else would clear the record until the instance is loaded again.
+    p = Process()
+    plan = CountingPlan()
+    plan.fail(timing, ops={"set"}, names=lambda n: n == PROCESS_STORE, nth=2)
+    async with harness(App(p), registry=REGISTRY) as h:
+        async with anyio.create_task_group() as tg:
+            await start(h, tg, plan)  # QUIET: no periodic clears
+            await h.publish(Step("a", 1))
+            await wait_until(lambda: len(h.accepted) == 1)
+            assert (await record(h, "a")).has_outbox
+            tg.cancel_scope.cancel()
+        assert len(plan.injected) == 1  # the first clear failed
+        assert not (await record(h, "a")).has_outbox
+        assert len(h.accepted) == 1
 
 
 async def test_a_commit_whose_response_is_lost_is_dispatched_once() -> None:

@@ -213,10 +213,7 @@ class ProcessRunner:
                             await checkpoint.save()
                         except PersistenceError:
                             _log.info("final checkpoint save failed", exc_info=True)
-                        try:
-                            await self._clear_outboxes(ctx, records, None)
-                        except PersistenceError:
-                            _log.info("final clear of dispatched outboxes failed", exc_info=True)
+                        await self._clear_all_outboxes(ctx, records)
                     # Partition lost or consumer restarting: another node may
                     # write these instances next.
                     self._cache.drop_partition(ctx.index)
@@ -540,27 +537,43 @@ class ProcessRunner:
         interval = self.options.checkpoint_interval
         while True:
             await anyio.sleep(interval)
-            try:
-                await self._clear_outboxes(ctx, records, anyio.current_time() - interval)
-            except PersistenceError as exc:
+            error = await self._clear_outboxes(ctx, records, anyio.current_time() - interval)
+            if error is not None:
                 _store_log.warning(
                     (self.key, ctx.index),
                     "%s on partition %d: cannot clear dispatched outboxes; will retry: %s",
                     self.config.describe(),
                     ctx.index,
-                    describe_error(exc),
+                    describe_error(error),
                 )
+
+    async def _clear_all_outboxes(self, ctx: PartitionContext, records: Keyspace) -> None:
+        """Clear every dispatched outbox of the partition, retrying until none fails.
+
+        Called as the consumer stops (the caller bounds the time): the entries
+        are dropped next, and an outbox nobody clears stays in its record until
+        the instance is next loaded, perhaps long after.
+        """
+        failures = 0
+        while (error := await self._clear_outboxes(ctx, records, None)) is not None:
+            failures += 1
+            _log.info("final clear of dispatched outboxes failed; retrying: %s", error)
+            await sleep_backoff(self.options, failures)
 
     async def _clear_outboxes(
         self, ctx: PartitionContext, records: Keyspace, dispatched_before: float | None
-    ) -> None:
+    ) -> PersistenceError | None:
         """Write the records of idle cached instances without their dispatched outbox.
 
         Instances that commit again soon drop the outbox in that commit; this
         covers the others (an ended instance never commits again), so a later
         load does not dispatch the outbox again long after (``None``: all).
+        Returns the last persistence error, if a write failed: those entries
+        stay dirty at their old revision, so the next attempt either writes
+        the record or gets ``Conflict`` because the failed write landed after all.
         """
         before = math.inf if dispatched_before is None else dispatched_before
+        error: PersistenceError | None = None
         for instance_id in self._cache.due_clears(ctx.index, before):
             if self._cache.busy(instance_id):
                 continue  # being handled: its commit drops the outbox anyway
@@ -568,26 +581,24 @@ class ProcessRunner:
                 entry = self._cache.get(instance_id)
                 if entry is None or entry.dispatched_at is None or entry.partition != ctx.index:
                     continue
-                self._cache.drop(instance_id)
                 cleared = entry.record.without_outbox()
-                key = instance_id.encode()
                 try:
-                    revision = await records.set(key, _encoder.encode(cleared), entry.revision)
+                    revision = await records.set(
+                        instance_id.encode(), _encoder.encode(cleared), entry.revision
+                    )
                 except Conflict:
-                    continue  # written since: the writer's record is the one to use
-                except PersistenceError:
-                    # Perhaps written: read back which record is stored.
-                    data, revision = await records.get(key)
-                    stored = _record_decoder.decode(data) if data else None
-                    if stored == entry.record:  # not written: try again next time
-                        self._cache.put(instance_id, attrs.evolve(entry, revision=revision))
-                        continue
-                    if stored != cleared:
-                        continue  # someone else wrote it
+                    # Written since (by another node, or by an earlier attempt
+                    # whose outcome was unknown): the stored record is newer.
+                    self._cache.drop(instance_id)
+                    continue
+                except PersistenceError as exc:
+                    error = exc
+                    continue
                 self._cache.put(
                     instance_id,
                     attrs.evolve(entry, record=cleared, revision=revision, dispatched_at=None),
                 )
+        return error
 
     async def _dispatch(
         self, ctx: PartitionContext, instance_id: str, record: ProcessRecord
