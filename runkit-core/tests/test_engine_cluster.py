@@ -38,6 +38,22 @@ from engine_commands_harness import (
 )
 
 
+def _splitting_node_ids(partitions: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two random node IDs between which rendezvous hashing splits the partitions.
+
+    With 8 partitions, 1 pair in 128 gives one node all of them; the tests
+    need both nodes to own some.
+    """
+    from runkit.engine.partitions import partition_id
+    from runkit.rendezvous import winner
+
+    while True:
+        ids = (uuid.uuid4(), uuid.uuid4())
+        owners = {winner(partition_id(APP_KEY, i), ids) for i in range(partitions)}
+        if len(owners) == 2:
+            return ids
+
+
 @asynccontextmanager
 async def two_nodes(s: Any, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
     engines = [
@@ -46,12 +62,13 @@ async def two_nodes(s: Any, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
                 applications=(s.config,),
                 persistence_provider=MemoryProvider(silo),
                 listen_address="127.0.0.1:0",
+                node_id=node_id,
                 # Long enough that a loaded machine does not expire a live node.
                 heartbeat_interval=0.5,
                 **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
             )
         )
-        for _ in range(2)
+        for node_id in _splitting_node_ids(8)
     ]
     async with anyio.create_task_group() as tg:
         for engine in engines:
