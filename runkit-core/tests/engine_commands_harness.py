@@ -8,6 +8,7 @@ modules are not importable by name). Message types live on a private registry.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -279,6 +280,21 @@ async def running(
             yield engine
         finally:
             tg.cancel_scope.cancel()
+
+
+def splitting_node_ids(partitions: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two random node IDs between which rendezvous hashing splits the partitions.
+
+    With 8 partitions, 1 random pair in 128 gives one node all of them; tests
+    that need both nodes to own some start their nodes with these IDs.
+    """
+    from runkit.engine.partitions import partition_id
+    from runkit.rendezvous import winner
+
+    while True:
+        ids = (uuid.uuid4(), uuid.uuid4())
+        if len({winner(partition_id(APP_KEY, i), ids) for i in range(partitions)}) == 2:
+            return ids
 
 
 async def wait_until(

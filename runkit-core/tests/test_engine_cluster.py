@@ -34,24 +34,9 @@ from engine_commands_harness import (
     read_stores,
     settled,
     setup,
+    splitting_node_ids,
     wait_until,
 )
-
-
-def _splitting_node_ids(partitions: int) -> tuple[uuid.UUID, uuid.UUID]:
-    """Two random node IDs between which rendezvous hashing splits the partitions.
-
-    With 8 partitions, 1 pair in 128 gives one node all of them; the tests
-    need both nodes to own some.
-    """
-    from runkit.engine.partitions import partition_id
-    from runkit.rendezvous import winner
-
-    while True:
-        ids = (uuid.uuid4(), uuid.uuid4())
-        owners = {winner(partition_id(APP_KEY, i), ids) for i in range(partitions)}
-        if len(owners) == 2:
-            return ids
 
 
 @asynccontextmanager
@@ -68,7 +53,7 @@ async def two_nodes(s: Any, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
                 **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
             )
         )
-        for node_id in _splitting_node_ids(8)
+        for node_id in splitting_node_ids(8)
     ]
     async with anyio.create_task_group() as tg:
         for engine in engines:

@@ -23,6 +23,7 @@ from engine_commands_harness import (
     running,
     settled,
     setup,
+    splitting_node_ids,
     wait_until,
 )
 
@@ -205,10 +206,11 @@ async def test_two_nodes_with_membership_share_partitions_and_fail_over() -> Non
     s = setup()
     inner = MemoryProvider(f"nodes-{uuid.uuid4()}")
 
-    def node() -> Engine:
+    def node(node_id: uuid.UUID) -> Engine:
         settings = EngineSettings(
             applications=(s.config,),
             persistence_provider=MemoryProvider(inner.silo),
+            node_id=node_id,
             # Not shorter: a loaded CI machine stalls a loop for 100 ms and nodes flap.
             heartbeat_interval=0.2,
             **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
@@ -219,7 +221,7 @@ async def test_two_nodes_with_membership_share_partitions_and_fail_over() -> Non
         )
         return engine
 
-    one, two = node(), node()
+    one, two = map(node, splitting_node_ids(8))
     async with anyio.create_task_group() as tg:
         scope_two = anyio.CancelScope()
 
