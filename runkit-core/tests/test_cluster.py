@@ -293,14 +293,17 @@ async def test_a_peer_that_stops_answering_mid_call_falls_back_within_a_timeout(
             latencies: list[float] = []
             await _deposits(executor, [f"w{i}" for i in range(16)], latencies)  # warm-up
             owners = {p.index: p.claimed_by for p in (await client.status()).partitions}
-            stopped = uuid.UUID(nodes.configs[0]["node_id"])
+            # The node claiming the most partitions (a random node may claim none).
+            ids = [uuid.UUID(c["node_id"]) for c in nodes.configs]
+            victim = max(range(len(ids)), key=lambda n: list(owners.values()).count(ids[n]))
+            stopped = ids[victim]
             account = next(
                 f"acc-{i}"
                 for i in range(1000)
                 if owners.get(partition_of(instance_workload(s.accounts_key, f"acc-{i}"), 8))
                 == stopped
             )
-            nodes.processes[0].send_signal(signal.SIGSTOP)
+            nodes.processes[victim].send_signal(signal.SIGSTOP)
             try:
                 seen = anyio.Event()
 
@@ -318,7 +321,7 @@ async def test_a_peer_that_stops_answering_mid_call_falls_back_within_a_timeout(
                     )
                 assert seen.is_set()
             finally:
-                nodes.processes[0].send_signal(signal.SIGCONT)
+                nodes.processes[victim].send_signal(signal.SIGCONT)
             await _deposits(executor, [f"c{i}" for i in range(16)], latencies)
         check_invariants(await settled(store, APP_KEY, timeout=60))
         stores = await read_stores(store)
