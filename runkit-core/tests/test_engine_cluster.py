@@ -236,3 +236,64 @@ def test_only_chains_without_processes_stay_in_their_partition() -> None:
     # A bank deposit starts a process that executes commands on other accounts.
     bank = Executor(None, build(App()))  # type: ignore[arg-type]
     assert not bank._stays_in_partition(BankDeposit)
+
+
+class _OneItemTransport:
+    """A transport whose ``observe`` stream yields one note when ``ready`` is set."""
+
+    def __init__(self) -> None:
+        self.waiting = anyio.Event()
+        self.ready = anyio.Event()
+
+    @asynccontextmanager
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[AsyncIterator[bytes]]:
+        from runkit.engine.cluster.routing import WireDone, _encoder
+
+        note = _encoder.encode((WireDone(correlation_id="c", command_id="c", conclusive=True),))
+        transport = self
+
+        class Items:
+            sent = False
+
+            def __aiter__(self) -> Items:
+                return self
+
+            async def __anext__(self) -> bytes:
+                if self.sent:
+                    await anyio.sleep_forever()
+                transport.waiting.set()
+                await transport.ready.wait()
+                self.sent = True
+                return note
+
+        yield Items()
+
+
+async def test_leaving_an_observation_while_a_peer_item_is_delivered_is_clean() -> None:
+    # On trio a task woken with data runs on to its next checkpoint even if its
+    # scope was cancelled meanwhile: the peer's item reaches a closed channel.
+    from datetime import UTC, datetime
+
+    from runkit.engine.cluster.nodes import NodeRecord
+    from runkit.engine.cluster.routing import Router
+
+    now = datetime.now(UTC)
+    peer = NodeRecord(
+        node_id=uuid.uuid4(),
+        incarnation="i",
+        started_at=now,
+        written_at=now,
+        expires_at=now,
+        heartbeat_interval=1.0,
+        advertise_address="127.0.0.1:1",
+    )
+    transport = _OneItemTransport()
+    router = Router(
+        transport,  # type: ignore[arg-type]
+        lambda: {peer.node_id: peer},
+        self_id=uuid.uuid4(),
+        self_is_node=True,
+    )
+    async with router.observe(APP_KEY, "c"):
+        await transport.waiting.wait()
+        transport.ready.set()  # the follower is woken; the caller leaves first

@@ -349,7 +349,12 @@ class Router:
                         ) as items:
                             async for data in items:
                                 for item in _events_decoder.decode(data):
-                                    send.send_nowait(_event(item))
+                                    try:
+                                        send.send_nowait(_event(item))
+                                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                                        # The caller has left (on trio a task woken
+                                        # with data runs on to its next checkpoint).
+                                        return
                 except (TransportError, msgspec.DecodeError) as exc:
                     _log.info("observing on node %s stopped: %s", node.node_id, exc)
                 finally:
