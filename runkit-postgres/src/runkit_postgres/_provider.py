@@ -40,6 +40,7 @@ from ._config import (
     validate_conninfo,
 )
 from ._executor import Executor
+from ._group_append import GroupAppender
 from ._sql import LAYOUT_VERSION, Statements
 
 __all__ = ["PostgresProvider"]
@@ -56,6 +57,9 @@ MAX_NAME_BYTES: Final = 1024
 # Store names are opened at most this many times per call if another session
 # creates the same name concurrently (see ``_sql._OPEN``).
 _OPEN_ATTEMPTS: Final = 5
+#: Append statements in flight per provider (at most half its connections):
+#: more appends than that at once share statements (``_group_append``).
+APPEND_STATEMENTS: Final = 4
 _PROVISION_ATTEMPTS: Final = 5
 # The row id of a store a read-only provider found no row for: identity
 # columns start at 1, so it matches nothing and the store reads as empty.
@@ -148,6 +152,12 @@ class PostgresProvider(Provider):
         )
         self._provisioned = False
         self._provision_lock = anyio.Lock()
+        self._appends = GroupAppender(
+            lambda operation, what: self._run(operation, what=what, write=True),
+            self._sql.journal_append,
+            self._sql.journal_append_many,
+            max_statements=max(1, min(APPEND_STATEMENTS, self._settings.pool_max_size // 2)),
+        )
         self._journals = _JournalStore(self)
         self._keyspaces = _KeyspaceStore(self)
         self._sets = _SetStore(self)
@@ -507,16 +517,18 @@ class _Journal(_Handle, Journal):
         return _Pages(fetch)
 
     async def append(self, position: int, record: bytes) -> None:
-        """Append *record* at *position* (the end) in one statement, or raise ``Conflict``."""
+        """Append *record* at *position* (the end), or raise ``Conflict``.
+
+        Concurrent appends to other journals of the provider may share the
+        statement (``_group_append``); the outcome is this journal's alone.
+        """
         self._check_open()
         position = check_position(position)
         data = self._provider.limits.check_record(record)
-        query, params = self._sql.journal_append, (self._id, position, position, data)
-
-        def operation(conn: Conn) -> int:
-            return _rowcount(conn, query, params)
-
-        if not await self._write(operation, f"append at position {position}"):
+        what = self._what(f"append at position {position}")
+        if self._provider.read_only:
+            raise PersistenceError(f"{what}: the provider is read-only")
+        if not await self._provider._appends.append(self._id, position, data, what):
             raise Conflict.journal(self._name, position)
 
     async def truncate(self, position: int) -> None:

@@ -179,6 +179,7 @@ class Statements:
     journal_get: bytes
     journal_page: bytes
     journal_append: bytes
+    journal_append_many: bytes
     journal_raise_begin: bytes
     journal_delete_below: bytes
     keyspace_get: bytes
@@ -241,6 +242,19 @@ class Statements:
                 " WHERE id = %b AND end_pos = %b RETURNING id)"
                 " INSERT INTO {schema}.journal_records (journal_id, position, record)"
                 " SELECT id, %b, %b FROM bumped"
+            ),
+            # The same for appends to several journals, one row each, sorted
+            # by ID so concurrent statements lock journals in the same order.
+            # Returns the IDs of the journals appended to; the others conflicted.
+            journal_append_many=r(
+                "WITH input AS ("
+                " SELECT * FROM unnest(%b::int8[], %b::int8[], %b::bytea[]) AS t(id, pos, rec)),"
+                " bumped AS ("
+                " UPDATE {schema}.journals AS j SET end_pos = j.end_pos + 1 FROM input"
+                " WHERE j.id = input.id AND j.end_pos = input.pos"
+                " RETURNING j.id, input.pos, input.rec)"
+                " INSERT INTO {schema}.journal_records (journal_id, position, record)"
+                " SELECT id, pos, rec FROM bumped RETURNING journal_id"
             ),
             # Returns nothing when position <= begin (a no-op) or > end (an error).
             journal_raise_begin=r(
