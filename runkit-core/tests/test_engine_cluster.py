@@ -187,42 +187,54 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_only_at_its_owner
     # chain's events are recorded only on the account's partition: the gateway
     # subscribes at that partition's owner, and nowhere when it owns it itself.
     from runkit.engine.commands.acceptance import command_id_for
+    from runkit.engine.partitions import instance_workload, partition_of
 
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
     async with two_nodes(s, silo) as (one, two):
         [remote] = _remote_accounts(one, 1)
         [local] = _remote_accounts(two, 1)
-        # Until `one` reads a heartbeat of `two` that no longer lists the local
-        # account's partition, `two` may still run it (a handoff) and is asked too.
-        from runkit.engine.partitions import instance_workload, partition_of
-
-        index = partition_of(instance_workload(s.accounts_key, local), 8)
         assert one.router is not None
         router = one.router
-        await wait_until(
-            lambda: all(
-                r.node_id != two.settings.node_id for r in router._recorders(APP_KEY, index)
-            ),
-            timeout=30,
-        )
+        partitions = {
+            account: partition_of(instance_workload(s.accounts_key, account), 8)
+            for account in (remote, local)
+        }
+
+        def asked() -> dict[str, set[uuid.UUID]]:
+            """The nodes `one` would subscribe at, per account, in its current view."""
+            return {
+                account: {r.node_id for r in router._recorders(APP_KEY, index)}
+                for account, index in partitions.items()
+            }
+
+        # Until `one` reads a heartbeat of `two` that no longer lists the local
+        # account's partition, `two` may still run it (a handoff) and is asked too.
+        expected_view = {remote: {two.settings.node_id}, local: set()}
         subscribed_at_two: dict[str, bool] = {}
-        for account in (remote, local):
-            key = f"observe-{account}"
-            correlation_id = command_id_for(APP_KEY, key)
+        for attempt in range(5):
+            await wait_until(lambda: asked() == expected_view, timeout=30)
+            subscribed_at_two.clear()
+            for account in (remote, local):
+                key = f"observe-{account}-{attempt}"
+                correlation_id = command_id_for(APP_KEY, key)
 
-            async def saw(
-                event: Deposited, account: str = account, cid: str = correlation_id
-            ) -> bool:
-                subscribed_at_two[account] = two.bus.has_subscribers(cid)
-                return True
+                async def saw(
+                    event: Deposited, account: str = account, cid: str = correlation_id
+                ) -> bool:
+                    subscribed_at_two[account] = two.bus.has_subscribers(cid)
+                    return True
 
-            with anyio.fail_after(20):
-                await one.executor_for(s.app).execute_command(
-                    Deposit(account, 1, key),
-                    idempotency_key=key,
-                    observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
-                )
+                with anyio.fail_after(20):
+                    await one.executor_for(s.app).execute_command(
+                        Deposit(account, 1, key),
+                        idempotency_key=key,
+                        observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+                    )
+            if asked() == expected_view:
+                break
+            # Membership moved during the calls (a loaded machine): try again.
+        assert asked() == expected_view
         assert subscribed_at_two == {remote: True, local: False}
 
 
