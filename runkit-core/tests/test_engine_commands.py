@@ -406,6 +406,50 @@ async def test_engine_from_options() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_a_graceful_stop_records_how_far_the_materialiser_got() -> None:
+    # Each stream record's header carries the materialised watermark as of its
+    # writing, and the materialiser writes the last records' aggregate events
+    # after that. A graceful stop says how far it got, so the next owner does
+    # not read those records again: recovery starts at the end of the stream.
+    from runkit.engine.streams import decode_stream_record, read_tail, stream_name
+
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        for i in range(20):
+            await executor.execute_command(Deposit(f"a{i % 5}", 1, f"r{i}"))
+        count = (await engine.runtime(APP_KEY)).partition_count
+    written = 0
+    for index in range(count):
+        async with await provider.journals.open(stream_name(APP_KEY, index)) as journal:
+            tail = await read_tail(journal)
+            assert tail.materialised is not None
+            # What a next owner would read again: nothing with events in it.
+            unmaterialised = [
+                decode_stream_record(await journal.get(position)).events
+                for position in range(tail.materialised, tail.next_position)
+            ]
+        if tail.next_offset:  # the partition recorded events
+            written += 1
+            assert not any(unmaterialised), f"partition {index}"
+    assert written
+    # Stopping again with nothing new written adds no record.
+    ends = []
+    for _ in range(2):
+        async with running(provider, s.config):
+            pass
+        ends.append(
+            [
+                (await read_tail(j)).next_position
+                for j in [
+                    await provider.journals.open(stream_name(APP_KEY, i)) for i in range(count)
+                ]
+            ]
+        )
+    assert ends[0] == ends[1]
+
+
 async def test_instance_journals_are_derived_and_written_once_by_two_owners() -> None:
     """Two materialisers (an old and a new owner) write the same records: no duplicates.
 

@@ -415,8 +415,10 @@ class AppRuntime:
                     with anyio.move_on_after(s.shutdown_timeout, shield=True):
                         try:
                             await writer.flush()
-                            # Derived state too, so a restart need not rebuild it.
+                            # Derived state too, so a restart need not rebuild it,
+                            # and a record saying so for the next owner.
                             await materialiser.flush()
+                            await writer.record_watermark(materialiser.covered)
                         except Exception as exc:  # e.g. OwnershipLost: the next owner repairs
                             _log.info(
                                 "application %s: partition %d: final stream flush skipped: %s",

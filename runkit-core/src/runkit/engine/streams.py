@@ -524,6 +524,7 @@ class StreamWriter:
         self._position = tail.next_position
         self._offset = tail.next_offset
         self._written_progress = tail.inbox_position
+        self._written_materialised = tail.materialised or 0
         self._progress = tail.inbox_position
         self._inbox_end = tail.inbox_position
         self._queue: deque[Publication] = deque()
@@ -642,6 +643,18 @@ class StreamWriter:
         """Write everything queued and the latest progress (used at shutdown)."""
         await self._write_all()
 
+    async def record_watermark(self, covered: int) -> None:
+        """At shutdown, after the materialiser's flush: say how far it got.
+
+        Every record's header carries the materialised watermark as of its
+        writing, so the last records' aggregate events, written to their
+        instance journals after it, would be read again by the next owner. If
+        the materialiser has *covered* records the last header does not, one
+        progress-only record says so.
+        """
+        if self._watermark is not None and not self._queue and covered > self._written_materialised:
+            await self._write_one()
+
     def close(self, reason: BaseException | None = None) -> None:
         """Fail whatever is still queued; later ``enqueue`` calls raise ``OwnershipLost``."""
         self._fail(reason or OwnershipLost("the partition stream writer has stopped"))
@@ -691,6 +704,8 @@ class StreamWriter:
         self._position += 1
         self._offset += len(record.events)
         self._written_progress = progress
+        if record.materialised is not None:
+            self._written_materialised = record.materialised
         offset = record.first_offset
         for item in batch:
             item.offset = offset

@@ -90,6 +90,10 @@ class Materialiser:
         # Open instance journals: (handle, end, stream offset of the last record).
         self._journals: OrderedDict[_Key, tuple[Journal, int, int | None]] = OrderedDict()
         self.records_written = 0
+        # The stream position below which every record this materialiser was
+        # given (live or recovered) is written: what a final stream record may
+        # claim as materialised.
+        self.covered = 0
         # The current round's instances, shared by the workers run() starts.
         self._work: deque[tuple[_Key, list[Committed]]] = deque()
         self._idle: deque[anyio.Event] = deque()  # one per waiting worker
@@ -202,7 +206,8 @@ class Materialiser:
                 self._idle.popleft().set()  # wake only the workers needed
             await self._round_done.wait()
         for _ in range(taken):
-            self._queue.popleft()
+            _, done = self._queue.popleft()
+            self.covered = max(self.covered, done.stream_position + 1)
 
     async def _worker(self) -> None:
         while True:
