@@ -156,11 +156,13 @@ async def test_invariants_hold_with_faults_everywhere(seed: int) -> None:
 
     await run_scenario(plan, seed=seed)
 
-    # Checkpoints are written about once a second, and markers only for keyed
-    # integration commands (a few per run, ADR 0007): a run may see none fail.
-    # The per-store test above covers both with certainty.
+    # Checkpoints are written about once a second, markers only for keyed
+    # integration commands (a few per run, ADR 0007), and deadline journals
+    # only a few times too (a CI run with 16% of writes failing saw none of
+    # them fail): a run may see none fail. The per-store test above covers these with
+    # certainty.
     for store, (marker, _) in STORES.items():
-        if store not in {"checkpoints", "idempotency"}:
+        if store not in {"checkpoints", "idempotency", "deadlines"}:
             assert _injected(plan, marker), f"no fault was injected into {store}"
 
 
