@@ -432,19 +432,30 @@ async def test_joined_raises_node_id_in_use_plainly(silo: str, clock: FakeClock)
     assert "intruder:7000" in str(caught.value)
 
 
+async def restart_after_crash(
+    tg: TaskGroup, silo: str, clock: FakeClock, provider: Provider
+) -> tuple[Membership, anyio.Event]:
+    """Crash N1 (its record stays, unexpired) and start it again on *provider*.
+
+    The restart runs in *tg*; the event is set once it has joined.
+    """
+    first = await start(tg, N1, clock, MemoryProvider(silo))
+    await first.provider.close()
+    await first.stop()
+    restarted = Membership(provider, node_settings(N1, clock))
+    started = anyio.Event()
+
+    async def run() -> None:
+        await tg.start(restarted.run)
+        started.set()
+
+    tg.start_soon(run)
+    return restarted, started
+
+
 async def test_restart_waits_out_its_crashed_predecessor(silo: str, clock: FakeClock) -> None:
     async with anyio.create_task_group() as tg:
-        first = await start(tg, N1, clock, MemoryProvider(silo))
-        await first.provider.close()  # crash: the record stays, unexpired
-        await first.stop()
-        restarted = Membership(MemoryProvider(silo), node_settings(N1, clock))
-        started = anyio.Event()
-
-        async def run() -> None:
-            await tg.start(restarted.run)
-            started.set()
-
-        tg.start_soon(run)
+        restarted, started = await restart_after_crash(tg, silo, clock, MemoryProvider(silo))
         await anyio.sleep(INTERVAL * 5)
         assert not started.is_set(), "must not take a record that may still be live"
         clock.advance(INTERVAL * 3)
@@ -932,21 +943,11 @@ async def test_a_takeover_followed_by_a_failed_read_is_not_taken_for_an_intruder
     # The restarted node watches its predecessor's record, takes it over once
     # it expires, and the read right after that write fails: on the retry it
     # finds a revision it did not watch, but written by itself, not an intruder.
+    provider = _HangingProvider(MemoryProvider(silo), Gate())
+    keyspaces = _FailingRangeKeyspaces(MemoryProvider(silo).keyspaces, Gate())
+    provider._keyspaces = keyspaces
     async with anyio.create_task_group() as tg:
-        first = await start(tg, N1, clock, MemoryProvider(silo))
-        await first.provider.close()  # crash: the record stays, unexpired
-        await first.stop()
-        provider = _HangingProvider(MemoryProvider(silo), Gate())
-        keyspaces = _FailingRangeKeyspaces(MemoryProvider(silo).keyspaces, Gate())
-        provider._keyspaces = keyspaces
-        restarted = Membership(provider, node_settings(N1, clock))
-        started = anyio.Event()
-
-        async def run() -> None:
-            await tg.start(restarted.run)
-            started.set()
-
-        tg.start_soon(run)
+        restarted, started = await restart_after_crash(tg, silo, clock, provider)
         await anyio.sleep(INTERVAL * 5)
         assert not started.is_set()
         keyspaces.failures = 1

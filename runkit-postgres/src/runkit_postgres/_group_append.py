@@ -46,13 +46,14 @@ MAX_BYTES: Final = 8 * 1024 * 1024
 
 
 class _Append:
-    __slots__ = ("data", "journal_id", "outcome", "position", "wake")
+    __slots__ = ("data", "journal_id", "outcome", "position", "queued", "wake")
 
     def __init__(self, journal_id: int, position: int, data: bytes) -> None:
         self.journal_id = journal_id
         self.position = position
         self.data = data
         self.wake = anyio.Event()
+        self.queued = True  # until a statement takes it
         # None while pending; True appended, False conflicted, or the error.
         self.outcome: bool | PersistenceError | None = None
 
@@ -80,13 +81,13 @@ class GroupAppender:
         self._queue.append(item)
         try:
             while item.outcome is None:
-                if self._running < self._max_statements and item in self._queue:
+                if self._running < self._max_statements and item.queued:
                     await self._run_one(what)
                 else:
                     item.wake = anyio.Event()
                     await item.wake.wait()
         finally:
-            if item.outcome is None and item in self._queue:
+            if item.queued:
                 self._queue.remove(item)  # cancelled before any statement took it
             self._kick()
         if isinstance(item.outcome, PersistenceError):
@@ -109,6 +110,7 @@ class GroupAppender:
                 deferred.append(item)  # one row per journal per statement
                 continue
             journals.add(item.journal_id)
+            item.queued = False
             batch.append(item)
             size += len(item.data)
         self._queue.extendleft(reversed(deferred))

@@ -435,11 +435,17 @@ class _Handle:
         self._check_open()
         return await self._provider._run(operation, what=self._what(action), write=False)
 
-    async def _write(self, operation: Callable[[Conn], T], action: str) -> T:
+    def _writable(self, action: str) -> str:
+        """Check that the handle may write; return the description of *action*."""
         self._check_open()
+        what = self._what(action)
         if self._provider.read_only:
-            raise PersistenceError(f"{self._what(action)}: the provider is read-only")
-        return await self._provider._run(operation, what=self._what(action), write=True)
+            raise PersistenceError(f"{what}: the provider is read-only")
+        return what
+
+    async def _write(self, operation: Callable[[Conn], T], action: str) -> T:
+        what = self._writable(action)
+        return await self._provider._run(operation, what=what, write=True)
 
 
 class _Journal(_Handle, Journal):
@@ -525,9 +531,7 @@ class _Journal(_Handle, Journal):
         self._check_open()
         position = check_position(position)
         data = self._provider.limits.check_record(record)
-        what = self._what(f"append at position {position}")
-        if self._provider.read_only:
-            raise PersistenceError(f"{what}: the provider is read-only")
+        what = self._writable(f"append at position {position}")
         if not await self._provider._appends.append(self._id, position, data, what):
             raise Conflict.journal(self._name, position)
 
