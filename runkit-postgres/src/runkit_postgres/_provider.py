@@ -1,33 +1,26 @@
-"""``PostgresProvider``: journals, keyspaces and sets in one PostgreSQL schema."""
+"""``PostgresProvider``: journals, keyspaces and sets in one PostgreSQL schema.
+
+The provider owns the pool, provisioning and opening store names; its stores
+(``_stores``) hand out the handles (``_journal``, ``_keyspace``, ``_set``).
+"""
 
 from __future__ import annotations
 
-import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import ClassVar, Final, TypeVar, cast
 
 import anyio
 import psycopg
 import psycopg.errors
-from psycopg import Connection
 
 from runkit.persistence import (
-    MAX_POSITION,
-    Conflict,
-    Interval,
-    Journal,
     JournalStore,
-    Keyspace,
     KeyspaceStore,
     Limits,
     PersistenceError,
     Provider,
-    RecordNotFound,
-    Set,
     SetStore,
     StoreUnavailable,
-    check_position,
 )
 
 from ._config import (
@@ -41,13 +34,13 @@ from ._config import (
 )
 from ._executor import Executor
 from ._group_append import GroupAppender
+from ._handles import _ABSENT, Conn, _one
 from ._sql import LAYOUT_VERSION, Statements
+from ._stores import _JournalStore, _KeyspaceStore, _SetStore
 
 __all__ = ["PostgresProvider"]
 
-Conn = Connection[tuple[object, ...]]
 T = TypeVar("T")
-Rows = list[tuple[object, ...]]
 
 #: Keys and members sit in a btree primary key, whose entries are capped at
 #: about 2.7 kB on 8 kB pages; 2000 bytes leaves room for the rest of the entry.
@@ -61,9 +54,6 @@ _OPEN_ATTEMPTS: Final = 5
 #: more appends than that at once share statements (``_group_append``).
 APPEND_STATEMENTS: Final = 4
 _PROVISION_ATTEMPTS: Final = 5
-# The row id of a store a read-only provider found no row for: identity
-# columns start at 1, so it matches nothing and the store reads as empty.
-_ABSENT: Final = 0
 
 # Errors concurrent DDL can still raise; the whole provisioning is repeated.
 _DDL_RACES = (
@@ -72,18 +62,6 @@ _DDL_RACES = (
     psycopg.errors.DuplicateSchema,
     psycopg.errors.DuplicateObject,
 )
-
-
-def _one(conn: Conn, query: bytes, params: tuple[object, ...]) -> tuple[object, ...] | None:
-    return conn.execute(query, params, prepare=True, binary=True).fetchone()
-
-
-def _all(conn: Conn, query: bytes, params: tuple[object, ...]) -> list[tuple[object, ...]]:
-    return conn.execute(query, params, prepare=True, binary=True).fetchall()
-
-
-def _rowcount(conn: Conn, query: bytes, params: tuple[object, ...]) -> int:
-    return conn.execute(query, params, prepare=True, binary=True).rowcount
 
 
 class PostgresProvider(Provider):
@@ -332,418 +310,3 @@ class PostgresProvider(Provider):
         await self._ensure_provisioned()
         # Opening is idempotent, so it may be retried like a read.
         return await self._run(operation, what=f"{kind} {name!r}: open", write=False)
-
-
-class _Pages(AsyncIterator[T]):
-    """An async iterator over pages fetched one round trip at a time.
-
-    A plain iterator rather than an async generator: it holds no connection or
-    other resource between pages, so a consumer may stop early without closing
-    it (trio warns about unfinished async generators). ``aclose()`` exists so
-    that ``contextlib.aclosing`` works as it does for generators.
-    """
-
-    __slots__ = ("_done", "_fetch", "_items")
-
-    def __init__(self, fetch: Callable[[], Awaitable[tuple[list[T], bool]]]) -> None:
-        self._fetch = fetch
-        self._items: deque[T] = deque()
-        self._done = False
-
-    def __aiter__(self) -> _Pages[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        while not self._items:
-            if self._done:
-                raise StopAsyncIteration
-            page, self._done = await self._fetch()
-            self._items.extend(page)
-        return self._items.popleft()
-
-    async def aclose(self) -> None:
-        """Stop the iteration; later steps raise ``StopAsyncIteration``."""
-        self._done = True
-        self._items.clear()
-
-
-class _JournalStore(JournalStore):
-    def __init__(self, provider: PostgresProvider) -> None:
-        self._provider = provider
-
-    async def open(self, name: str) -> Journal:
-        p = self._provider
-        name = p.limits.check_name("journal", name)
-        journal_id = await p._open("journal", p._sql.open_journal, p._sql.find_journal, name)
-        return _Journal(p, name, journal_id)
-
-
-class _KeyspaceStore(KeyspaceStore):
-    def __init__(self, provider: PostgresProvider) -> None:
-        self._provider = provider
-
-    async def open(self, name: str) -> Keyspace:
-        p = self._provider
-        name = p.limits.check_name("keyspace", name)
-        keyspace_id = await p._open("keyspace", p._sql.open_keyspace, p._sql.find_keyspace, name)
-        return _Keyspace(p, name, keyspace_id)
-
-
-class _SetStore(SetStore):
-    def __init__(self, provider: PostgresProvider) -> None:
-        self._provider = provider
-
-    async def open(self, name: str) -> Set:
-        p = self._provider
-        name = p.limits.check_name("set", name)
-        set_id = await p._open("set", p._sql.open_set, p._sql.find_set, name)
-        return _Set(p, name, set_id)
-
-
-class _Handle:
-    """What the three handle kinds share: the provider, the row id, closing."""
-
-    _kind: ClassVar[str]
-
-    def __init__(self, provider: PostgresProvider, name: str, store_id: int) -> None:
-        self._provider = provider
-        self._name = name
-        self._id = store_id
-        self._closed = False
-        self._sql = provider._sql
-
-    @property
-    def name(self) -> str:
-        """The name the store was opened with."""
-        return self._name
-
-    async def close(self) -> None:
-        """Release the handle. Idempotent; other handles of the name are unaffected."""
-        self._closed = True
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._name!r} of {self._provider!r}>"
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise PersistenceError(f"{self._kind} {self._name!r}: the handle is closed")
-
-    def _what(self, action: str) -> str:
-        return f"{self._kind} {self._name!r}: {action}"
-
-    async def _read(self, operation: Callable[[Conn], T], action: str) -> T:
-        self._check_open()
-        return await self._provider._run(operation, what=self._what(action), write=False)
-
-    def _writable(self, action: str) -> str:
-        """Check that the handle may write; return the description of *action*."""
-        self._check_open()
-        what = self._what(action)
-        if self._provider.read_only:
-            raise PersistenceError(f"{what}: the provider is read-only")
-        return what
-
-    async def _write(self, operation: Callable[[Conn], T], action: str) -> T:
-        what = self._writable(action)
-        return await self._provider._run(operation, what=what, write=True)
-
-
-class _Journal(_Handle, Journal):
-    _kind = "journal"
-
-    async def bounds(self) -> Interval:
-        """Return ``[begin, end)`` as of the call."""
-        query, params = self._sql.journal_bounds, (self._id,)
-
-        def operation(conn: Conn) -> tuple[object, ...] | None:
-            return _one(conn, query, params)
-
-        row = await self._read(operation, "bounds")
-        if row is None:
-            if self._id == _ABSENT:
-                return Interval(0, 0)
-            raise self._missing()
-        return Interval(cast(int, row[0]), cast(int, row[1]))
-
-    async def get(self, position: int) -> bytes:
-        """Return the record at *position*, or raise ``RecordNotFound``."""
-        self._check_open()
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise TypeError(f"position must be int, not {type(position).__name__}")
-        if not 0 <= position <= MAX_POSITION:
-            raise RecordNotFound(self._name, position)
-        query, params = self._sql.journal_get, (self._id, position)
-
-        def operation(conn: Conn) -> tuple[object, ...] | None:
-            return _one(conn, query, params)
-
-        row = await self._read(operation, f"get position {position}")
-        if row is None:
-            raise RecordNotFound(self._name, position)
-        return cast(bytes, row[0])
-
-    def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Iterate ``(position, record)`` to the end, one page per round trip."""
-        self._check_open()
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise TypeError(f"position must be int, not {type(position).__name__}")
-        query = self._sql.journal_page
-        rows_per_page, bytes_per_page = self._provider.page_rows, self._provider.page_bytes
-        first = True
-
-        async def fetch() -> tuple[list[tuple[int, bytes]], bool]:
-            nonlocal position, first
-            if not 0 <= position <= MAX_POSITION:
-                raise RecordNotFound(self._name, position)
-            params = (position, rows_per_page, bytes_per_page, self._id)
-
-            def operation(conn: Conn) -> Rows:
-                return _all(conn, query, params)
-
-            rows = await self._read(operation, f"range from position {position}")
-            if not rows:
-                if self._id == _ABSENT:
-                    raise RecordNotFound(self._name, position)
-                raise self._missing()
-            begin, end = cast(int, rows[0][0]), cast(int, rows[0][1])
-            if position < begin or (first and position >= end):
-                # Not live: never written, or truncated (before or during iteration).
-                raise RecordNotFound(self._name, position)
-            first = False
-            page: list[tuple[int, bytes]] = []
-            for _, _, found, record in rows:
-                if found != position:  # records are dense in [begin, end)
-                    if page:
-                        break  # report the gap when the consumer gets there
-                    raise RecordNotFound(self._name, position)
-                page.append((position, cast(bytes, record)))
-                position += 1
-            return page, position >= end
-
-        return _Pages(fetch)
-
-    async def append(self, position: int, record: bytes) -> None:
-        """Append *record* at *position* (the end), or raise ``Conflict``.
-
-        Concurrent appends to other journals of the provider may share the
-        statement (``_group_append``); the outcome is this journal's alone.
-        """
-        self._check_open()
-        position = check_position(position)
-        data = self._provider.limits.check_record(record)
-        what = self._writable(f"append at position {position}")
-        if not await self._provider._appends.append(self._id, position, data, what):
-            raise Conflict.journal(self._name, position)
-
-    async def truncate(self, position: int) -> None:
-        """Remove the records below *position*, atomically."""
-        self._check_open()
-        position = check_position(position)
-        st = self._sql
-
-        def operation(conn: Conn) -> tuple[object, ...] | None:
-            with conn.transaction():
-                params = (position, self._id, position, position)
-                if _rowcount(conn, st.journal_raise_begin, params):
-                    # A new statement, so a new snapshot: it sees every record
-                    # appended before the UPDATE took the journal's row lock.
-                    _rowcount(conn, st.journal_delete_below, (self._id, position))
-                    return None
-                return _one(conn, st.journal_bounds, (self._id,))
-
-        bounds = await self._write(operation, f"truncate to position {position}")
-        if bounds is not None and position > cast(int, bounds[1]):
-            raise ValueError(
-                f"journal {self._name!r}: cannot truncate to position {position}, "
-                f"past the end ({bounds[1]})"
-            )
-
-    def _missing(self) -> PersistenceError:
-        return PersistenceError(
-            f"journal {self._name!r}: its row is missing from schema "
-            f"{self._provider.schema!r} (dropped while in use?)"
-        )
-
-
-def _parse_revision(revision: object) -> uuid.UUID | None:
-    """The UUID a revision string stands for; ``None`` for ``""``; raise if not ours."""
-    if not isinstance(revision, str):
-        raise TypeError(f"revision must be str, not {type(revision).__name__}")
-    if not revision:
-        return None
-    if len(revision) != 32 or revision.strip("0123456789abcdef"):
-        raise _ForeignRevision
-    return uuid.UUID(hex=revision)
-
-
-class _ForeignRevision(Exception):
-    """A revision this driver never issued: it matches no key, so the write conflicts."""
-
-
-class _Keyspace(_Handle, Keyspace):
-    _kind = "keyspace"
-
-    async def get(self, key: bytes) -> tuple[bytes, str]:
-        """Return ``(value, revision)``, or ``(b"", "")`` when absent."""
-        self._check_open()
-        k = self._provider.limits.check_key(key)
-        query, params = self._sql.keyspace_get, (self._id, k)
-
-        def operation(conn: Conn) -> tuple[object, ...] | None:
-            return _one(conn, query, params)
-
-        row = await self._read(operation, "get")
-        if row is None:
-            return b"", ""
-        return cast(bytes, row[0]), cast(uuid.UUID, row[1]).hex
-
-    async def has(self, key: bytes) -> bool:
-        """Return whether *key* is present."""
-        self._check_open()
-        k = self._provider.limits.check_key(key)
-        query, params = self._sql.keyspace_has, (self._id, k)
-
-        def operation(conn: Conn) -> bool:
-            row = _one(conn, query, params)
-            return bool(row and row[0])
-
-        return await self._read(operation, "has")
-
-    async def set(self, key: bytes, value: bytes, revision: str) -> str:
-        """Compare-and-set *key* on its revision; an empty *value* deletes."""
-        self._check_open()
-        limits = self._provider.limits
-        k, v = limits.check_key(key), limits.check_value(value)
-        try:
-            current = _parse_revision(revision)
-        except _ForeignRevision:
-            raise Conflict.keyspace(self._name, k, revision) from None
-        st = self._sql
-        new = uuid.uuid4() if v else None
-        params: tuple[object, ...]
-        if v and current is None:
-            query, params = st.keyspace_insert, (self._id, k, v, new)
-        elif v:
-            query, params = st.keyspace_update, (v, new, self._id, k, current)
-        elif current is None:
-            query, params = st.keyspace_has, (self._id, k)
-        else:
-            query, params = st.keyspace_delete, (self._id, k, current)
-
-        def operation(conn: Conn) -> bool:
-            cursor = conn.execute(query, params, prepare=True, binary=True)
-            if query is st.keyspace_has:  # deleting an absent key: it must be absent
-                row = cursor.fetchone()
-                return not (row and row[0])
-            return cursor.rowcount == 1
-
-        # Deleting an absent key only reads, so it may be retried like a read.
-        run = self._read if query is st.keyspace_has else self._write
-        if not await run(operation, "set"):
-            raise Conflict.keyspace(self._name, k, revision)
-        return new.hex if new else ""
-
-    async def set_unconditional(self, key: bytes, value: bytes) -> str:
-        """Set *key* whatever its revision; an empty *value* deletes."""
-        self._check_open()
-        limits = self._provider.limits
-        k, v = limits.check_key(key), limits.check_value(value)
-        new = uuid.uuid4() if v else None
-        params: tuple[object, ...]
-        if v:
-            query, params = self._sql.keyspace_upsert, (self._id, k, v, new)
-        else:
-            query, params = self._sql.keyspace_delete_any, (self._id, k)
-
-        def operation(conn: Conn) -> int:
-            return _rowcount(conn, query, params)
-
-        await self._write(operation, "set unconditionally")
-        return new.hex if new else ""
-
-    def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
-        """Iterate ``(key, value, revision)`` in key order, one page per round trip."""
-        self._check_open()
-        query = self._sql.keyspace_page
-        rows_per_page, bytes_per_page = self._provider.page_rows, self._provider.page_bytes
-        after = b""  # every key is non-empty, so greater than b""
-
-        async def fetch() -> tuple[list[tuple[bytes, bytes, str]], bool]:
-            nonlocal after
-            params = (self._id, after, rows_per_page, bytes_per_page)
-
-            def operation(conn: Conn) -> Rows:
-                return _all(conn, query, params)
-
-            rows = await self._read(operation, "range")
-            page = [(cast(bytes, k), cast(bytes, v), cast(uuid.UUID, r).hex) for k, v, r in rows]
-            if page:
-                after = page[-1][0]
-            # A page cut short by its byte budget holds at least the budget.
-            size = sum(len(k) + len(v) for k, v, _ in page)
-            return page, len(page) < rows_per_page and size < bytes_per_page
-
-        return _Pages(fetch)
-
-
-class _Set(_Handle, Set):
-    _kind = "set"
-
-    async def has(self, member: bytes) -> bool:
-        """Return whether *member* is present."""
-        self._check_open()
-        m = self._provider.limits.check_member(member)
-        query, params = self._sql.set_has, (self._id, m)
-
-        def operation(conn: Conn) -> bool:
-            row = _one(conn, query, params)
-            return bool(row and row[0])
-
-        return await self._read(operation, "has")
-
-    async def _change(self, query: bytes, member: bytes, action: str) -> bool:
-        self._check_open()
-        m = self._provider.limits.check_member(member)
-        params = (self._id, m)
-
-        def operation(conn: Conn) -> bool:
-            return _rowcount(conn, query, params) == 1
-
-        return await self._write(operation, action)
-
-    async def add(self, member: bytes) -> None:
-        """Add *member* (no error if present)."""
-        await self._change(self._sql.set_add, member, "add")
-
-    async def try_add(self, member: bytes) -> bool:
-        """Add *member*; ``True`` only if this call added it."""
-        return await self._change(self._sql.set_add, member, "add")
-
-    async def remove(self, member: bytes) -> None:
-        """Remove *member* (no error if absent)."""
-        await self._change(self._sql.set_remove, member, "remove")
-
-    async def try_remove(self, member: bytes) -> bool:
-        """Remove *member*; ``True`` only if this call removed it."""
-        return await self._change(self._sql.set_remove, member, "remove")
-
-    def range(self) -> AsyncIterator[bytes]:
-        """Iterate the members in byte order, one page per round trip."""
-        self._check_open()
-        query = self._sql.set_page
-        rows_per_page = max(self._provider.page_rows, 1000)
-        after = b""
-
-        async def fetch() -> tuple[list[bytes], bool]:
-            nonlocal after
-            params = (self._id, after, rows_per_page)
-
-            def operation(conn: Conn) -> Rows:
-                return _all(conn, query, params)
-
-            page = [cast(bytes, m) for (m,) in await self._read(operation, "range")]
-            if page:
-                after = page[-1]
-            return page, len(page) < rows_per_page
-
-        return _Pages(fetch)

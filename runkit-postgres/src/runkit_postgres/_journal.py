@@ -1,0 +1,142 @@
+"""``_Journal``: a journal handle of ``PostgresProvider``.
+
+Reads are one statement each and a truncation one transaction; appends go
+through the provider's group appender (``_group_append``), which shares
+statements between concurrent appends to different journals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import cast
+
+from runkit.persistence import (
+    MAX_POSITION,
+    Conflict,
+    Interval,
+    Journal,
+    PersistenceError,
+    RecordNotFound,
+    check_position,
+)
+
+from ._handles import _ABSENT, Conn, Rows, _all, _Handle, _one, _Pages, _rowcount
+
+__all__ = ["_Journal"]
+
+
+class _Journal(_Handle, Journal):
+    _kind = "journal"
+
+    async def bounds(self) -> Interval:
+        """Return ``[begin, end)`` as of the call."""
+        query, params = self._sql.journal_bounds, (self._id,)
+
+        def operation(conn: Conn) -> tuple[object, ...] | None:
+            return _one(conn, query, params)
+
+        row = await self._read(operation, "bounds")
+        if row is None:
+            if self._id == _ABSENT:
+                return Interval(0, 0)
+            raise self._missing()
+        return Interval(cast(int, row[0]), cast(int, row[1]))
+
+    async def get(self, position: int) -> bytes:
+        """Return the record at *position*, or raise ``RecordNotFound``."""
+        self._check_open()
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise TypeError(f"position must be int, not {type(position).__name__}")
+        if not 0 <= position <= MAX_POSITION:
+            raise RecordNotFound(self._name, position)
+        query, params = self._sql.journal_get, (self._id, position)
+
+        def operation(conn: Conn) -> tuple[object, ...] | None:
+            return _one(conn, query, params)
+
+        row = await self._read(operation, f"get position {position}")
+        if row is None:
+            raise RecordNotFound(self._name, position)
+        return cast(bytes, row[0])
+
+    def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Iterate ``(position, record)`` to the end, one page per round trip."""
+        self._check_open()
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise TypeError(f"position must be int, not {type(position).__name__}")
+        query = self._sql.journal_page
+        rows_per_page, bytes_per_page = self._provider.page_rows, self._provider.page_bytes
+        first = True
+
+        async def fetch() -> tuple[list[tuple[int, bytes]], bool]:
+            nonlocal position, first
+            if not 0 <= position <= MAX_POSITION:
+                raise RecordNotFound(self._name, position)
+            params = (position, rows_per_page, bytes_per_page, self._id)
+
+            def operation(conn: Conn) -> Rows:
+                return _all(conn, query, params)
+
+            rows = await self._read(operation, f"range from position {position}")
+            if not rows:
+                if self._id == _ABSENT:
+                    raise RecordNotFound(self._name, position)
+                raise self._missing()
+            begin, end = cast(int, rows[0][0]), cast(int, rows[0][1])
+            if position < begin or (first and position >= end):
+                # Not live: never written, or truncated (before or during iteration).
+                raise RecordNotFound(self._name, position)
+            first = False
+            page: list[tuple[int, bytes]] = []
+            for _, _, found, record in rows:
+                if found != position:  # records are dense in [begin, end)
+                    if page:
+                        break  # report the gap when the consumer gets there
+                    raise RecordNotFound(self._name, position)
+                page.append((position, cast(bytes, record)))
+                position += 1
+            return page, position >= end
+
+        return _Pages(fetch)
+
+    async def append(self, position: int, record: bytes) -> None:
+        """Append *record* at *position* (the end), or raise ``Conflict``.
+
+        Concurrent appends to other journals of the provider may share the
+        statement (``_group_append``); the outcome is this journal's alone.
+        """
+        self._check_open()
+        position = check_position(position)
+        data = self._provider.limits.check_record(record)
+        what = self._writable(f"append at position {position}")
+        if not await self._provider._appends.append(self._id, position, data, what):
+            raise Conflict.journal(self._name, position)
+
+    async def truncate(self, position: int) -> None:
+        """Remove the records below *position*, atomically."""
+        self._check_open()
+        position = check_position(position)
+        st = self._sql
+
+        def operation(conn: Conn) -> tuple[object, ...] | None:
+            with conn.transaction():
+                params = (position, self._id, position, position)
+                if _rowcount(conn, st.journal_raise_begin, params):
+                    # A new statement, so a new snapshot: it sees every record
+                    # appended before the UPDATE took the journal's row lock.
+                    _rowcount(conn, st.journal_delete_below, (self._id, position))
+                    return None
+                return _one(conn, st.journal_bounds, (self._id,))
+
+        bounds = await self._write(operation, f"truncate to position {position}")
+        if bounds is not None and position > cast(int, bounds[1]):
+            raise ValueError(
+                f"journal {self._name!r}: cannot truncate to position {position}, "
+                f"past the end ({bounds[1]})"
+            )
+
+    def _missing(self) -> PersistenceError:
+        return PersistenceError(
+            f"journal {self._name!r}: its row is missing from schema "
+            f"{self._provider.schema!r} (dropped while in use?)"
+        )

@@ -1,0 +1,139 @@
+"""``_Keyspace``: a keyspace handle of ``PostgresProvider``.
+
+A revision is a random UUID written with the value (shown as 32 hex digits), so
+compare-and-set is one conditional statement; a revision this driver never
+issued (``_ForeignRevision``) matches nothing and conflicts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import cast
+
+from runkit.persistence import Conflict, Keyspace
+
+from ._handles import Conn, Rows, _all, _Handle, _one, _Pages, _rowcount
+
+__all__ = ["_Keyspace"]
+
+
+def _parse_revision(revision: object) -> uuid.UUID | None:
+    """The UUID a revision string stands for; ``None`` for ``""``; raise if not ours."""
+    if not isinstance(revision, str):
+        raise TypeError(f"revision must be str, not {type(revision).__name__}")
+    if not revision:
+        return None
+    if len(revision) != 32 or revision.strip("0123456789abcdef"):
+        raise _ForeignRevision
+    return uuid.UUID(hex=revision)
+
+
+class _ForeignRevision(Exception):
+    """A revision this driver never issued: it matches no key, so the write conflicts."""
+
+
+class _Keyspace(_Handle, Keyspace):
+    _kind = "keyspace"
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        """Return ``(value, revision)``, or ``(b"", "")`` when absent."""
+        self._check_open()
+        k = self._provider.limits.check_key(key)
+        query, params = self._sql.keyspace_get, (self._id, k)
+
+        def operation(conn: Conn) -> tuple[object, ...] | None:
+            return _one(conn, query, params)
+
+        row = await self._read(operation, "get")
+        if row is None:
+            return b"", ""
+        return cast(bytes, row[0]), cast(uuid.UUID, row[1]).hex
+
+    async def has(self, key: bytes) -> bool:
+        """Return whether *key* is present."""
+        self._check_open()
+        k = self._provider.limits.check_key(key)
+        query, params = self._sql.keyspace_has, (self._id, k)
+
+        def operation(conn: Conn) -> bool:
+            row = _one(conn, query, params)
+            return bool(row and row[0])
+
+        return await self._read(operation, "has")
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        """Compare-and-set *key* on its revision; an empty *value* deletes."""
+        self._check_open()
+        limits = self._provider.limits
+        k, v = limits.check_key(key), limits.check_value(value)
+        try:
+            current = _parse_revision(revision)
+        except _ForeignRevision:
+            raise Conflict.keyspace(self._name, k, revision) from None
+        st = self._sql
+        new = uuid.uuid4() if v else None
+        params: tuple[object, ...]
+        if v and current is None:
+            query, params = st.keyspace_insert, (self._id, k, v, new)
+        elif v:
+            query, params = st.keyspace_update, (v, new, self._id, k, current)
+        elif current is None:
+            query, params = st.keyspace_has, (self._id, k)
+        else:
+            query, params = st.keyspace_delete, (self._id, k, current)
+
+        def operation(conn: Conn) -> bool:
+            cursor = conn.execute(query, params, prepare=True, binary=True)
+            if query is st.keyspace_has:  # deleting an absent key: it must be absent
+                row = cursor.fetchone()
+                return not (row and row[0])
+            return cursor.rowcount == 1
+
+        # Deleting an absent key only reads, so it may be retried like a read.
+        run = self._read if query is st.keyspace_has else self._write
+        if not await run(operation, "set"):
+            raise Conflict.keyspace(self._name, k, revision)
+        return new.hex if new else ""
+
+    async def set_unconditional(self, key: bytes, value: bytes) -> str:
+        """Set *key* whatever its revision; an empty *value* deletes."""
+        self._check_open()
+        limits = self._provider.limits
+        k, v = limits.check_key(key), limits.check_value(value)
+        new = uuid.uuid4() if v else None
+        params: tuple[object, ...]
+        if v:
+            query, params = self._sql.keyspace_upsert, (self._id, k, v, new)
+        else:
+            query, params = self._sql.keyspace_delete_any, (self._id, k)
+
+        def operation(conn: Conn) -> int:
+            return _rowcount(conn, query, params)
+
+        await self._write(operation, "set unconditionally")
+        return new.hex if new else ""
+
+    def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+        """Iterate ``(key, value, revision)`` in key order, one page per round trip."""
+        self._check_open()
+        query = self._sql.keyspace_page
+        rows_per_page, bytes_per_page = self._provider.page_rows, self._provider.page_bytes
+        after = b""  # every key is non-empty, so greater than b""
+
+        async def fetch() -> tuple[list[tuple[bytes, bytes, str]], bool]:
+            nonlocal after
+            params = (self._id, after, rows_per_page, bytes_per_page)
+
+            def operation(conn: Conn) -> Rows:
+                return _all(conn, query, params)
+
+            rows = await self._read(operation, "range")
+            page = [(cast(bytes, k), cast(bytes, v), cast(uuid.UUID, r).hex) for k, v, r in rows]
+            if page:
+                after = page[-1][0]
+            # A page cut short by its byte budget holds at least the budget.
+            size = sum(len(k) + len(v) for k, v, _ in page)
+            return page, len(page) < rows_per_page and size < bytes_per_page
+
+        return _Pages(fetch)
