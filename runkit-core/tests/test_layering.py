@@ -116,7 +116,12 @@ def engine_subpackages_imported(path: Path) -> set[str]:
 @pytest.mark.parametrize("layer", sorted(ENGINE_FORBIDDEN))
 def test_engine_subpackages_respect_their_layers(layer: str) -> None:
     if layer == "shared":
-        paths = [ENGINE / f"{name}.py" for name in SHARED]
+        # A shared module may be a subpackage (streams): check all its modules.
+        paths: list[Path] = []
+        for name in SHARED:
+            package = ENGINE / name
+            paths += sorted(package.glob("*.py")) if package.is_dir() else [ENGINE / f"{name}.py"]
+        assert all(path.is_file() for path in paths), paths
     else:
         paths = sorted((ENGINE / layer).glob("*.py"))
     violations = [
@@ -124,4 +129,25 @@ def test_engine_subpackages_respect_their_layers(layer: str) -> None:
         for path in paths
         for sub in sorted(engine_subpackages_imported(path) & set(ENGINE_FORBIDDEN[layer]))
     ]
+    assert not violations, "\n".join(violations)
+
+
+# The streams subpackage bottom-up: each module imports only modules before it.
+STREAMS = ("records", "reading", "bus", "tail", "writer")
+
+
+def test_streams_modules_import_only_lower_ones() -> None:
+    package = ENGINE / "streams"
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted((*STREAMS, "__init__"))
+    violations = []
+    for index, name in enumerate(STREAMS):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported = {node.module} if node.module else {a.name for a in node.names}
+                violations += [
+                    f"streams.{name} imports streams.{m}"
+                    for m in imported
+                    if m not in STREAMS[:index]
+                ]
     assert not violations, "\n".join(violations)

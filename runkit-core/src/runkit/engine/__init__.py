@@ -10,7 +10,9 @@ Read it top-down:
   (``batches``, ``aggregates``, ``integrations``), the materialiser that writes
   instance journals behind the stream, and the poison store.
 - ``streams``: the partition stream (the commit point), its readers and the
-  in-process ``EventBus``; shared by both sides.
+  in-process ``EventBus``; shared by both sides. One module per job:
+  ``records`` (the record and its codec), ``reading``, ``bus``, ``tail`` (the
+  takeover read) and ``writer``.
 - ``events``: consumers of the streams: processes (``processes`` and its
   ``process_*`` helpers), deadlines, projections, and observers of
   ``execute_command``.

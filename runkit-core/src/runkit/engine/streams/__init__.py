@@ -1,0 +1,49 @@
+"""Partition event streams: the writer, ``PartitionStream`` readers and the ``EventBus``.
+
+Each partition of an application has one event stream, stored in the journal
+``<app>/stream/<p>``. One record holds the events of one or more commands (never
+part of a command's events, so a handling's events become visible all at once),
+and a header that records the partition's progress (see ``records``).
+
+The modules, bottom-up (each imports only those before it):
+
+- ``records``: the journal name, ``StreamRecord`` (its header fields) and its
+  msgpack codec, ``StreamEvent``, and ``OwnershipLost``.
+- ``reading``: ``PartitionStream``: journal catch-up, then the writer's live tail.
+- ``bus``: the in-process ``EventBus``, its ``CommandDone`` notes and ``UniqueEvents``.
+- ``tail``: ``read_tail``, what a new owner learns from the end of the journal.
+- ``writer``: ``StreamWriter``, the single writer (the commit point, ADR 0007).
+"""
+
+from __future__ import annotations
+
+from .bus import CommandDone, EventBus, Observed, UniqueEvents
+from .reading import PartitionStream
+from .records import (
+    OwnershipLost,
+    StreamEvent,
+    StreamRecord,
+    decode_stream_record,
+    encode_stream_record,
+    stream_name,
+)
+from .tail import StreamTail, read_tail
+from .writer import Publication, StreamWriter
+
+__all__ = [
+    "CommandDone",
+    "EventBus",
+    "Observed",
+    "OwnershipLost",
+    "PartitionStream",
+    "Publication",
+    "StreamEvent",
+    "StreamRecord",
+    "StreamTail",
+    "StreamWriter",
+    "UniqueEvents",
+    "decode_stream_record",
+    "encode_stream_record",
+    "read_tail",
+    "stream_name",
+]

@@ -1,0 +1,174 @@
+"""The in-process event bus: ``EventBus``, its ``CommandDone`` notes and ``UniqueEvents``.
+
+Durable stream events are published on the bus by correlation ID, for observers
+of ``execute_command`` on this node and for peers that observe chains remotely.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+
+import anyio
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .records import StreamEvent
+
+__all__ = [
+    "RECENT_EVENTS",
+    "RECENT_SECONDS",
+    "CommandDone",
+    "EventBus",
+    "Observed",
+    "UniqueEvents",
+]
+
+
+@attrs.frozen
+class CommandDone:
+    """A note on the ``EventBus``: a command of a chain is done on its owner.
+
+    ``conclusive`` says that every event the command recorded was published on
+    the bus before this note (handled just now, or re-delivered), so a
+    subscriber that saw none knows it recorded none. A repeated command whose
+    original events cannot be re-delivered is done but not conclusive.
+    """
+
+    correlation_id: str
+    command_id: str
+    conclusive: bool
+
+
+#: What a subscription yields.
+Observed = StreamEvent | CommandDone
+
+
+class UniqueEvents:
+    """A subscription's events, each stream event (stream ID, offset) at most once.
+
+    The bus may publish an event again (a repeated command's original events are
+    redelivered for observers that joined later), and a merged subscription gets
+    the same event from several sources; a subscriber that has already seen it
+    must not see it twice. Notes pass through.
+    """
+
+    def __init__(self, receive: AsyncIterator[Observed]) -> None:
+        self._receive = receive
+        self._seen: set[tuple[str, int]] = set()
+
+    def __aiter__(self) -> UniqueEvents:
+        return self
+
+    def pending(self) -> int:
+        """Events received from a memory stream and not yet taken (some may be repeats)."""
+        if isinstance(self._receive, MemoryObjectReceiveStream):
+            return self._receive.statistics().current_buffer_used
+        return 0
+
+    async def __anext__(self) -> Observed:
+        while True:
+            event = await self._receive.__anext__()
+            if isinstance(event, CommandDone):
+                return event
+            key = (event.stream_id, event.offset)
+            if key not in self._seen:
+                self._seen.add(key)
+                return event
+
+
+#: Events and notes a node keeps after publishing them, for subscriptions that
+#: start late (``subscribe(replay=True)``): a peer that subscribes after a
+#: reconnect, or to a node that has just taken a partition over, still gets
+#: what the chain recorded meanwhile. Bounded by count and by age.
+RECENT_EVENTS = 10_000
+RECENT_SECONDS = 60.0
+
+
+class EventBus:
+    """In-process fan-out of published events to subscribers, by correlation ID.
+
+    The bus also keeps the most recent events and notes (``RECENT_EVENTS``,
+    for at most ``RECENT_SECONDS``), so that a subscription made with
+    ``replay=True`` starts with what its chain already published here.
+    """
+
+    def __init__(
+        self,
+        *,
+        recent_events: int = RECENT_EVENTS,
+        recent_seconds: float = RECENT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._subscribers: dict[str, set[MemoryObjectSendStream[Observed]]] = {}
+        self._recent: dict[str, deque[Observed]] = {}
+        # (when, correlation ID) per kept item, oldest first: the oldest entry
+        # for an ID is always the head of that ID's deque.
+        self._order: deque[tuple[float, str]] = deque()
+        self._recent_events = recent_events
+        self._recent_seconds = recent_seconds
+        self._clock = clock
+
+    @asynccontextmanager
+    async def subscribe(
+        self, correlation_id: str, *, replay: bool = False
+    ) -> AsyncIterator[AsyncIterator[Observed]]:
+        """Receive every event published after this call whose correlation ID matches.
+
+        With *replay*, the subscription first receives the chain's events and
+        notes this bus still keeps, in the order they were published. Each
+        stream event is delivered once per subscription, even if published again.
+        """
+        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+        subscribers = self._subscribers.setdefault(correlation_id, set())
+        subscribers.add(send)
+        if replay:
+            self._expire(self._clock())
+            for item in self._recent.get(correlation_id, ()):
+                send.send_nowait(item)
+        try:
+            async with receive:
+                yield UniqueEvents(receive)
+        finally:
+            subscribers.discard(send)
+            if not subscribers:
+                self._subscribers.pop(correlation_id, None)
+            send.close()
+
+    def has_subscribers(self, correlation_id: str) -> bool:
+        """Whether anyone is subscribed to *correlation_id* now."""
+        return correlation_id in self._subscribers
+
+    def publish(self, events: Iterable[StreamEvent]) -> None:
+        """Deliver *events* to the matching subscribers (never blocks), and keep them."""
+        for event in events:
+            self._deliver(event.envelope.correlation_id, event)
+
+    def note(self, note: CommandDone) -> None:
+        """Deliver a chain note to the subscribers of its correlation ID, and keep it."""
+        self._deliver(note.correlation_id, note)
+
+    def _deliver(self, correlation_id: str, item: Observed) -> None:
+        now = self._clock()
+        kept = self._recent.get(correlation_id)
+        if kept is None:
+            kept = self._recent[correlation_id] = deque()
+        kept.append(item)
+        self._order.append((now, correlation_id))
+        self._expire(now)
+        for send in self._subscribers.get(correlation_id, ()):
+            send.send_nowait(item)
+
+    def _expire(self, now: float) -> None:
+        order, recent = self._order, self._recent
+        while order and (
+            len(order) > self._recent_events or now - order[0][0] > self._recent_seconds
+        ):
+            _, correlation_id = order.popleft()
+            kept = recent[correlation_id]
+            kept.popleft()
+            if not kept:
+                del recent[correlation_id]
