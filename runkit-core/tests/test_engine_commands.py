@@ -778,3 +778,88 @@ async def test_idempotency_markers_expire_after_the_retention_period() -> None:
 
 async def _not(check: Any) -> bool:
     return not await check
+
+
+async def test_a_materialiser_that_cannot_reread_a_journal_retries_with_a_fresh_handle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed append, then a failed re-read of the journal's end, must not wedge the instance.
+
+    The re-read used to close the handle but keep it, so every later attempt
+    failed on the closed handle and the partition's materialiser never finished
+    its round. A rebuilt instance's journal is handed to the materialiser open
+    (no second open), and the materialiser recovers from both failures.
+    """
+    from datetime import UTC, datetime
+
+    from runkit.engine.commands.aggregates import AggregateInstances, Committed
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.commands.materialiser import Materialiser
+    from runkit.engine.envelope import new_envelope, register_types
+    from runkit.persistence import PersistenceError
+    from runkit.testing.faults import BEFORE, FaultPlan, FaultyProvider
+
+    s = setup()
+    register_types(s.config.message_types())
+    plan = FaultPlan()
+    plan.fail(BEFORE, ops={"append"}, names=lambda n: "/aggregate/" in n, nth=1)
+    provider = FaultyProvider(silo(), plan)
+    handler = s.config.handler_by_name("accounts")
+    assert handler is not None
+    key = (handler.identity.key, "acc")
+
+    opened: list[Any] = []
+    bounds_failures = [1]  # the first re-read after the failed append fails too
+    real_open = provider.journals.open
+
+    async def open_journal(name: str) -> Any:
+        journal = await real_open(name)
+        if "/aggregate/" in name:
+            opened.append(journal)
+            real_bounds = journal.bounds
+
+            async def bounds() -> Any:
+                if plan.calls["append"] and bounds_failures[0]:
+                    bounds_failures[0] -= 1
+                    raise PersistenceError("injected: bounds")
+                return await real_bounds()
+
+            journal.bounds = bounds  # type: ignore[method-assign]
+        return journal
+
+    monkeypatch.setattr(provider.journals, "open", open_journal)
+    aggregates = AggregateInstances(
+        provider,
+        APP_KEY,
+        site_key=None,
+        clock=lambda: datetime.now(UTC),
+        snapshot_every=100,
+        cache_size=10,
+    )
+    inst = await aggregates.load(handler, "acc")
+    env = new_envelope(
+        Deposit("acc", 1, "a"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    entry = InboxEntry(envelope=env, handler_key=handler.identity.key, instance_id="acc")
+    events = aggregates.handle(inst, entry)
+    assert events is not None
+    record = aggregates.committed(inst, entry, events, inbox_position=0)
+    assert isinstance(record, Committed)
+    record.stream_offset, record.stream_position, record.durable = 0, 0, True
+    m = Materialiser(
+        provider, s.config, aggregates, truncate=False, retry_base_delay=0.01, retry_max_delay=0.05
+    )
+    m.add(key, record)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(m.run)
+            m.wake()
+            await wait_until(lambda: m.watermark(99) == 99)
+            tg.cancel_scope.cancel()
+    assert m.records_written == 1
+    assert bounds_failures == [0]  # the re-read did fail once
+    # The rebuild's journal was used for the first write; a fresh one after the re-read failed.
+    assert len(opened) == 2
+    journal = await provider.journals.open(f"{APP_KEY}/aggregate/{handler.identity.key}/acc")
+    assert (await journal.bounds()).end == 1
+    await journal.close()

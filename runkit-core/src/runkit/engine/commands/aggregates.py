@@ -28,13 +28,14 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
+import anyio
 import attrs
 import msgspec
 
 import dogma
 
 from ...config import HandlerConfig
-from ...persistence import Keyspace, Provider
+from ...persistence import Journal, Keyspace, Provider
 from ..envelope import Envelope, closing_iter, to_message
 from ._handling import EventRecorder, handler_log
 from .inbox import InboxEntry
@@ -54,6 +55,12 @@ _log = logging.getLogger("runkit.engine.commands.aggregates")
 
 #: Command IDs kept with each snapshot (and in memory) for deduplication.
 RECENT_COMMANDS = 1000
+#: Journals a rebuild opened, kept for the materialiser's next write to them.
+HANDED_JOURNALS = 256
+
+#: An open instance journal with its end and the stream offset of its last
+#: record (end -1: unknown; last ``None``: empty or unknown).
+OpenJournal = tuple[Journal, int, "int | None"]
 
 
 def aggregate_name(app_key: str, handler_key: str, instance_id: str) -> str:
@@ -201,6 +208,10 @@ class AggregateInstances:
         # Committed records not yet in their instance journal, per instance.
         self._unwritten: dict[tuple[str, str], deque[Committed]] = {}
         self._snapshots: dict[str, Keyspace] = {}
+        # Journals rebuilds opened: a rebuilt instance is usually written next,
+        # and its journal's end is known, so the materialiser need not open it
+        # and read its bounds again (two store calls per new instance).
+        self._opened: OrderedDict[tuple[str, str], OpenJournal] = OrderedDict()
 
     async def close(self) -> None:
         """Close store handles and forget every cached instance."""
@@ -208,6 +219,13 @@ class AggregateInstances:
         for ks in self._snapshots.values():
             await ks.close()
         self._snapshots.clear()
+        while self._opened:
+            _, (journal, _, _) = self._opened.popitem()
+            await journal.close()
+
+    def take_journal(self, key: tuple[str, str]) -> OpenJournal | None:
+        """The instance journal a rebuild left open (the caller closes it), or ``None``."""
+        return self._opened.pop(key, None)
 
     # -- the batch loop's side -------------------------------------------------
 
@@ -366,48 +384,73 @@ class AggregateInstances:
         journal = await self._provider.journals.open(
             aggregate_name(self._app_key, handler.identity.key, instance_id)
         )
-        async with journal:
-            bounds = await journal.bounds()
+        try:
+            inst, opened = await self._replay(journal, handler, instance_id)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await journal.close()
+            raise
+        key = (handler.identity.key, instance_id)
+        stale = self._opened.pop(key, None)
+        self._opened[key] = opened
+        while len(self._opened) > HANDED_JOURNALS:
+            _, (oldest, _, _) = self._opened.popitem(last=False)
+            await oldest.close()
+        if stale is not None:
+            await stale[0].close()
+        return inst
+
+    async def _replay(
+        self, journal: Journal, handler: HandlerConfig, instance_id: str
+    ) -> tuple[Instance, OpenJournal]:
+        bounds = await journal.bounds()
+        value = b""
+        if bounds.end > 0:
+            # A snapshot is written only after a journal record, and
+            # truncation keeps the last record: an empty journal has none.
             ks = await self.snapshot_keyspace(handler.identity.key)
             value, _ = await ks.get(instance_id.encode())
-            root = _new_root(handler)
-            start = bounds.begin
-            recent: OrderedDict[str, tuple[int, int] | None] = OrderedDict()
-            snapshots, restored = True, False
-            if value:
-                snap = snapshot_decoder.decode(value)
-                if bounds.begin <= snap.position <= bounds.end:
-                    try:
-                        root.unmarshal_binary(snap.data)
-                        restored = True
-                        start = snap.position
-                        recent.update((cid, None) for cid, _ in snap.recent)
-                    except (dogma.NotSupported, AttributeError):
-                        root, snapshots = _new_root(handler), False
-                    except Exception:
-                        _log.warning(
-                            "aggregate snapshot of %s instance %s did not load; replaying "
-                            "the history instead",
-                            handler.identity.name,
-                            instance_id,
-                            exc_info=True,
-                        )
-                        root = _new_root(handler)
-            if start == bounds.begin and bounds.begin > 0 and not restored:
-                raise RuntimeError(
-                    f"aggregate instance {instance_id} of {handler.describe()}: journal "
-                    f"truncated below {bounds.begin} and no usable snapshot"
-                )
-            inst = Instance(handler, instance_id, root, recent, snapshots=snapshots)
-            if start < bounds.end:
-                async with closing_iter(journal.range(start)) as records:
-                    async for _, data in records:
-                        record = instance_decoder.decode(data)
-                        replay(inst, record.events)
-                        inst.remember(
-                            record.command_id, _location(record.stream_offset, record.events)
-                        )
-        return inst
+        root = _new_root(handler)
+        start = bounds.begin
+        recent: OrderedDict[str, tuple[int, int] | None] = OrderedDict()
+        snapshots, restored = True, False
+        if value:
+            snap = snapshot_decoder.decode(value)
+            if bounds.begin <= snap.position <= bounds.end:
+                try:
+                    root.unmarshal_binary(snap.data)
+                    restored = True
+                    start = snap.position
+                    recent.update((cid, None) for cid, _ in snap.recent)
+                except (dogma.NotSupported, AttributeError):
+                    root, snapshots = _new_root(handler), False
+                except Exception:
+                    _log.warning(
+                        "aggregate snapshot of %s instance %s did not load; replaying "
+                        "the history instead",
+                        handler.identity.name,
+                        instance_id,
+                        exc_info=True,
+                    )
+                    root = _new_root(handler)
+        if start == bounds.begin and bounds.begin > 0 and not restored:
+            raise RuntimeError(
+                f"aggregate instance {instance_id} of {handler.describe()}: journal "
+                f"truncated below {bounds.begin} and no usable snapshot"
+            )
+        inst = Instance(handler, instance_id, root, recent, snapshots=snapshots)
+        # The journal's end and its last record's stream offset, for the
+        # materialiser: known if empty or read to the end here.
+        end = 0 if bounds.end == 0 else -1
+        last: int | None = None
+        if start < bounds.end:
+            async with closing_iter(journal.range(start)) as records:
+                async for position, data in records:
+                    record = instance_decoder.decode(data)
+                    replay(inst, record.events)
+                    inst.remember(record.command_id, _location(record.stream_offset, record.events))
+                    end, last = position + 1, record.stream_offset
+        return inst, (journal, end, last)
 
 
 def _location(offset: int, events: tuple[Envelope, ...]) -> tuple[int, int] | None:

@@ -287,6 +287,10 @@ class Materialiser:
 
     async def _journal(self, key: _Key) -> tuple[Journal, int, int | None]:
         found = self._journals.get(key)
+        if found is None:
+            found = self._aggregates.take_journal(key)  # a rebuild just opened it
+            if found is not None:
+                await self._keep(key, found)
         if found is not None and found[1] >= 0:
             self._journals.move_to_end(key)
             return found
@@ -299,13 +303,20 @@ class Materialiser:
             end = (await journal.bounds()).end
             last = await _last_offset(journal, end)
         except BaseException:
-            await journal.close()
+            # Closed, so it must not stay known: the next attempt opens afresh.
+            self._journals.pop(key, None)
+            with anyio.CancelScope(shield=True):
+                await journal.close()
             raise
-        self._journals[key] = (journal, end, last)
+        await self._keep(key, (journal, end, last))
+        return journal, end, last
+
+    async def _keep(self, key: _Key, opened: tuple[Journal, int, int | None]) -> None:
+        self._journals[key] = opened
+        self._journals.move_to_end(key)
         while len(self._journals) > OPEN_JOURNALS:
             _, (old, _, _) = self._journals.popitem(last=False)
             await old.close()
-        return journal, end, last
 
     async def recover_from(self, journal: Journal, start: int, end: int) -> int:
         """Queue the aggregate records of stream records ``[start, end)`` (takeover).
