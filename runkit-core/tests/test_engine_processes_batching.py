@@ -529,3 +529,61 @@ async def test_the_cache_lock_serialises_one_instance_only() -> None:
         assert order == ["x1+", "y1+", "y1-"]
     assert order[-2:] == ["x2+", "x2-"]
     assert not cache.busy("x")
+
+
+async def test_a_cancelled_waiter_for_an_instance_neither_holds_nor_blocks_it() -> None:
+    cache = InstanceCache(10)
+    order: list[str] = []
+    handed = anyio.CancelScope()
+    holding, release = anyio.Event(), anyio.Event()
+
+    async def hold(label: str) -> None:
+        async with cache.lock("x"):
+            order.append(label)
+
+    async def first() -> None:
+        async with cache.lock("x"):
+            order.append("first")
+            holding.set()
+            await release.wait()
+            # The next waiter is cancelled as the instance is handed to it:
+            # it must pass the instance on, not keep it.
+            handed.cancel()
+
+    async def cancelled_at_hand_off() -> None:
+        with handed:
+            await hold("handed")
+
+    async def waiters(n: int) -> None:
+        while len(cache._locks["x"]) < n:  # noqa: ASYNC110 (polling the private queue)
+            await anyio.sleep(0.001)
+
+    with anyio.fail_after(5):  # a waiter keeping the instance would hang "last"
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await holding.wait()
+            with anyio.CancelScope() as waiting:
+                waiting.cancel()  # cancelled while waiting: leaves the queue
+                await hold("never")
+            tg.start_soon(cancelled_at_hand_off)
+            await waiters(1)
+            tg.start_soon(hold, "last")
+            await waiters(2)
+            release.set()
+    assert order == ["first", "last"]
+    assert not cache.busy("x")
+
+
+async def test_taking_a_free_instance_does_not_yield() -> None:
+    cache = InstanceCache(10)
+    ran: list[str] = []
+
+    async def other() -> None:
+        ran.append("other")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        async with cache.lock("x"):
+            assert ran == []  # nothing else ran: no checkpoint on the fast path
+        await anyio.lowlevel.checkpoint()
+    assert ran == ["other"]

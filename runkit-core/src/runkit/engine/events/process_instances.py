@@ -30,9 +30,8 @@ Dirty entries are never evicted.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import OrderedDict, deque
+from types import TracebackType
 from typing import Protocol
 
 import anyio
@@ -44,6 +43,7 @@ from .deadlines import DeadlineEntry
 __all__ = [
     "CachedInstance",
     "InstanceCache",
+    "InstanceLock",
     "OutboxDeadline",
     "ProcessRecord",
     "ProcessRoot",
@@ -136,27 +136,15 @@ class InstanceCache:
         self._capacity = capacity
         self._entries: OrderedDict[str, CachedInstance] = OrderedDict()
         self._dirty: set[str] = set()
-        self._locks: dict[str, tuple[anyio.Lock, int]] = {}
+        # Held instances -> the tasks waiting for them, in arrival order.
+        self._locks: dict[str, deque[anyio.Event]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    @asynccontextmanager
-    async def lock(self, instance_id: str) -> AsyncIterator[None]:
+    def lock(self, instance_id: str) -> InstanceLock:
         """Hold the instance: one handling (or clear) of it at a time on this node."""
-        lock, users = self._locks.get(instance_id, (None, 0))
-        if lock is None:
-            lock = anyio.Lock()
-        self._locks[instance_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[instance_id]
-            if users == 1:
-                del self._locks[instance_id]
-            else:
-                self._locks[instance_id] = (lock, users - 1)
+        return InstanceLock(self._locks, instance_id)
 
     def busy(self, instance_id: str) -> bool:
         """Whether the instance is held, or waited for, by a task of this node."""
@@ -209,3 +197,50 @@ class InstanceCache:
             if entry.partition == partition and (entry.dispatched_at or 0.0) <= dispatched_before:
                 due.append(key)
         return due
+
+
+class InstanceLock:
+    """``async with``: hold one instance of an ``InstanceCache`` (see ``InstanceCache.lock``).
+
+    Taking a free instance does not yield to the event loop (an ``anyio.Lock``
+    does, twice): one is taken for every process event handled. A waiter is
+    handed the instance directly by the holder, in arrival order; a waiter
+    cancelled after the hand-off passes it on.
+    """
+
+    __slots__ = ("_held", "_instance_id")
+
+    def __init__(self, held: dict[str, deque[anyio.Event]], instance_id: str) -> None:
+        self._held = held
+        self._instance_id = instance_id
+
+    async def __aenter__(self) -> None:
+        waiters = self._held.get(self._instance_id)
+        if waiters is None:
+            self._held[self._instance_id] = deque()
+            return
+        turn = anyio.Event()
+        waiters.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():
+                self._release()  # handed over as we were cancelled: pass it on
+            else:
+                waiters.remove(turn)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        waiters = self._held[self._instance_id]
+        if waiters:
+            waiters.popleft().set()
+        else:
+            del self._held[self._instance_id]

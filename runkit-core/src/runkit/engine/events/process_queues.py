@@ -32,8 +32,10 @@ _int_decoder = msgspec.msgpack.Decoder(int)
 class InstanceQueues:
     """Runs each instance's events in order, different instances concurrently.
 
-    A worker per instance takes everything queued for the instance so far and
-    hands it to *consume* as one group (committed with one write). ``put``
+    A worker takes everything queued for one instance so far and hands it to
+    *consume* as one group (committed with one write), until the instance's
+    queue is empty. Workers are started as needed, at most one per unfinished
+    event slot, and kept: a process event costs no task spawn. ``put``
     blocks while *limit* events are unfinished (back-pressure on the stream
     reader); it does not yield while a slot is free, so the events of one
     stream record are all queued before a worker starts on them. The
@@ -58,6 +60,10 @@ class InstanceQueues:
         self._read = checkpoint.value  # next offset after the last event put
         self._idle = anyio.Event()
         self._idle.set()
+        self._ready: deque[str] = deque()  # instances with events and no worker
+        self._waiting: deque[anyio.Event] = deque()  # one per worker with nothing to do
+        self._workers = 0
+        self._limit = limit
 
     async def put(self, instance_id: str | None, event: StreamEvent) -> None:
         """Queue *event* for *instance_id*; ``None`` marks it done at once (not handled)."""
@@ -80,11 +86,26 @@ class InstanceQueues:
             queue.append(event)  # its worker is running and will get to it
             return
         self._queues[instance_id] = deque([event])
-        self._tg.start_soon(self._work, instance_id)
+        self._ready.append(instance_id)
+        if self._waiting:
+            self._waiting.popleft().set()
+        elif self._workers < self._limit:
+            self._workers += 1
+            self._tg.start_soon(self._worker)
+        # else every worker is busy: the first to finish takes it
 
     async def join(self) -> None:
         """Wait until every queued event is finished."""
         await self._idle.wait()
+
+    async def _worker(self) -> None:
+        while True:
+            if not self._ready:
+                turn = anyio.Event()
+                self._waiting.append(turn)
+                await turn.wait()
+                continue
+            await self._work(self._ready.popleft())
 
     async def _work(self, instance_id: str) -> None:
         queue = self._queues[instance_id]

@@ -383,7 +383,6 @@ class ProcessRunner:
         """
         attempts = 0  # failures of the handler (count towards poisoning)
         store_failures = 0  # persistence failures (never poison: the store comes back)
-        about = LogContext.of_message(envelope, partition=ctx.index, instance_id=instance_id)
         first_failure = failed
 
         async def run() -> None:
@@ -399,6 +398,10 @@ class ProcessRunner:
                 return
             except PersistenceError as exc:
                 store_failures += 1
+                # Built only on failure: most messages succeed at once.
+                about = LogContext.of_message(
+                    envelope, partition=ctx.index, instance_id=instance_id
+                )
                 _store_log.warning(
                     (self.key, ctx.index),
                     "%s: persistence error; retrying (%s): %s",
@@ -418,6 +421,7 @@ class ProcessRunner:
                 error = exc
                 give_up = attempts >= self.options.max_attempts
             what = f"{self.config.describe()} handling {envelope.description!r}"
+            about = LogContext.of_message(envelope, partition=ctx.index, instance_id=instance_id)
             if not give_up:
                 _log.warning(
                     "%s failed (attempt %d of %d); retrying (%s): %s",

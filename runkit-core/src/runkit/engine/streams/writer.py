@@ -182,6 +182,9 @@ class StreamWriter:
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 if self._queue:
+                    # One pass of the event loop first: the partitions' batches
+                    # made ready with this one join its record (group commit).
+                    await anyio.lowlevel.checkpoint()
                     # Progress rides along in these records' headers.
                     while self._queue:
                         await self._write_one()
