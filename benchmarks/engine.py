@@ -3,7 +3,7 @@
 Usage::
 
     uv run python benchmarks/engine.py [--drivers memory,postgres] [--seconds N]
-        [--callers 64] [--accounts 1000] [--backend asyncio|trio]
+        [--callers 64] [--accounts 1000] [--backend asyncio|trio] [--node-gc]
 
 For each driver (a ``benchmarks/targets`` module, as for ``persistence.py``:
 the same provider, started the same way) it measures, in one run:
@@ -19,7 +19,9 @@ the same provider, started the same way) it measures, in one run:
    Reported: deposits accepted/s; deposits completed/s (``DepositApproved``
    published within the window; each deposit is three commands: ``Deposit``,
    ``CreditAccount`` and ``ApproveDeposit``, so commands handled/s is three
-   times that); p50/p99 of ``execute_command``; and p50/p99 end to end, from
+   times that); process CPU time per completed deposit (the whole process:
+   engine, store and callers); p50/p99 of ``execute_command``; and p50/p99 end
+   to end, from
    the call to the ledger projection having applied the deposit's
    ``AccountCredited`` (measured until it has applied every deposit accepted
    in the window, or 120 s).
@@ -38,6 +40,7 @@ aggregate journal appends, stream appends and process instance writes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import random
@@ -63,6 +66,7 @@ import runkit
 from bank import App
 from bank.demo import wait_for_projections
 from bank.messages import AccountCredited, Deposit, DepositApproved, OpenAccount
+from runkit._collector import tuned_collector
 from runkit.engine.envelope import encode, new_envelope
 from runkit.engine.streams import StreamEvent, decode_stream_record
 from runkit.persistence import Provider
@@ -89,6 +93,7 @@ class Result:
     raw_appends: float = 0.0
     accepted: float = 0.0
     completed: float = 0.0
+    cpu_us: float = float("nan")  # process CPU time per completed deposit
     sustained: float = float("nan")
     writes_per_deposit: float = float("nan")
     writes_by_store: dict[str, float] = attrs.field(factory=dict)  # per deposit
@@ -325,11 +330,14 @@ async def run_live(
         first = len(approvals.times)
         counter.enabled = True
         window_start = time.perf_counter()
+        cpu_start = time.process_time()
         async with anyio.create_task_group() as load:
             for _ in range(callers):
                 load.start_soon(caller)
         window = time.perf_counter() - window_start
+        cpu = time.process_time() - cpu_start
         completed = [t for t in approvals.times[first:] if t <= window_start + window]
+        result.cpu_us = 1e6 * cpu / max(1, len(completed))
         result.accepted = len(latencies) / window
         result.completed = len(completed) / window
         result.backlog = len(latencies) - len(completed)
@@ -445,6 +453,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         "completed deposits/s",
         "commands handled/s",
         "sustained commands/s",
+        "CPU µs / deposit",
         "store writes / deposit",
         "backlog",
         "accept p50 ms",
@@ -463,6 +472,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             f"{r.completed:,.0f}",
             f"{3 * r.completed:,.0f}",
             f"{3 * r.sustained:,.0f}",
+            f"{r.cpu_us:,.0f}",
             f"{r.writes_per_deposit:.1f}",
             f"{r.backlog:,}",
             ms(r.accept_p50),
@@ -486,7 +496,9 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     return (
         f"{table(rows, header)}\n\n{machine}; {args.callers} callers, {args.accounts} accounts, "
         f"{args.seconds:g} s per phase, heartbeat interval "
-        f"{args.heartbeat_interval or 'default'}\n{notes}"
+        f"{args.heartbeat_interval or 'default'}, "
+        f"{'the collector tuned as `runkit run` does' if args.node_gc else 'default collector'}"
+        f"\n{notes}"
     )
 
 
@@ -508,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="membership heartbeat interval in seconds (default: the engine's)",
     )
+    parser.add_argument(
+        "--node-gc",
+        action="store_true",
+        help="tune the garbage collector as `runkit run` does for a node process",
+    )
     args = parser.parse_args(argv)
     if args.heartbeat_interval is not None:
         HEARTBEAT.append(args.heartbeat_interval)
@@ -522,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         async def run_all() -> list[Result]:
             return [await run_driver(name, args, Path(tmp)) for name in names]
 
-        results = anyio.run(run_all, backend=args.backend)
+        with tuned_collector() if args.node_gc else contextlib.nullcontext():
+            results = anyio.run(run_all, backend=args.backend)
     print()
     print(report(results, args))
     return 0

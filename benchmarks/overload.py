@@ -4,6 +4,7 @@ Usage::
 
     uv run python benchmarks/overload.py [--targets memory,postgres] [--seconds 60]
         [--callers 4096] [--backlog-limit 100] [--accounts 1000] [--backend asyncio|trio]
+        [--stop-timeout 600]
 
 The single-aggregate workload of ``throughput.py`` (one ``Account`` aggregate,
 one ``Deposited`` per ``Deposit``), plus a projection that records every
@@ -20,9 +21,12 @@ deposit's reference. For each target (a fresh store):
 2. **nothing lost**: after the load stops, the projection must have seen every
    accepted reference exactly once (ADR-26 checkpoints make it idempotent; a
    reference seen twice or missing fails the run) within 120 s.
-3. **catch-up**: the engine stops gracefully, given all the time it needs to
-   write its aggregate instance journals (*stop s*; by default a stop may take
-   5 s and leaves the rest to the next owner); a new engine over the same store
+3. **catch-up**: the engine stops gracefully, given ``--stop-timeout`` seconds
+   (default 600: all the time it needs) to write its aggregate instance
+   journals (*stop s*; an engine's default is 5 s, leaving the rest to the next
+   owner). A short ``--stop-timeout`` (say 0.01) stops it nearly as abruptly as
+   a crash: the materialiser's backlog is left for the new engine to write
+   before its instances are rebuilt. Then a new engine over the same store
    runs a no-op projection from checkpoint 0 (nothing but in-memory
    checkpoints); events/s from the first event applied to the last, and the
    engine's start-up (to the first event applied) apart.
@@ -151,7 +155,7 @@ def engine_for(
 async def overload(provider: Provider, args: argparse.Namespace) -> dict[str, Any]:
     projection = RefsProjection()
     app = OverloadApp(projection)
-    engine = engine_for(app, provider, args.backlog_limit, shutdown_timeout=600.0)
+    engine = engine_for(app, provider, args.backlog_limit, shutdown_timeout=args.stop_timeout)
     executor = engine.executor_for(build(app, registry=REGISTRY))
     names = [f"A-{i:05}" for i in range(args.accounts)]
     accepted: list[str] = []
@@ -315,7 +319,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     return (
         f"{table(rows, header)}\n\n{machine}; {args.callers} callers for {args.seconds:g} s, "
         f"{PARTITIONS} partitions, backlog limit {args.backlog_limit}, "
-        f"{args.accounts:,} accounts"
+        f"{args.accounts:,} accounts, stop timeout {args.stop_timeout:g} s"
     )
 
 
@@ -327,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog-limit", type=int, default=100)
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=600.0,
+        help="seconds the loaded engine's graceful stop may take (short: a near-abrupt stop)",
+    )
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     results: list[Result] = []
