@@ -1,13 +1,14 @@
 """``_Journal``: a journal handle of ``PostgresProvider``.
 
 Reads are one statement each and a truncation one transaction; appends go
-through the provider's group appender (``_group_append``), which shares
-statements between concurrent appends to different journals.
+through the provider's append group (``_grouping``), which shares statements
+between concurrent appends to different journals (built by ``append_one`` and
+``append_many`` below).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 from runkit.persistence import (
@@ -22,7 +23,7 @@ from runkit.persistence import (
 
 from ._handles import _ABSENT, Conn, Rows, _all, _Handle, _one, _Pages, _rowcount
 
-__all__ = ["_Journal"]
+__all__ = ["AppendRow", "_Journal", "append_many", "append_one"]
 
 
 class _Journal(_Handle, Journal):
@@ -103,13 +104,14 @@ class _Journal(_Handle, Journal):
         """Append *record* at *position* (the end), or raise ``Conflict``.
 
         Concurrent appends to other journals of the provider may share the
-        statement (``_group_append``); the outcome is this journal's alone.
+        statement (``_grouping``); the outcome is this journal's alone.
         """
         self._check_open()
         position = check_position(position)
         data = self._provider.limits.check_record(record)
         what = self._writable(f"append at position {position}")
-        if not await self._provider._appends.append(self._id, position, data, what):
+        row = (position, data)
+        if not await self._provider._appends.write(self._id, row, len(data), what):
             raise Conflict.journal(self._name, position)
 
     async def truncate(self, position: int) -> None:
@@ -140,3 +142,44 @@ class _Journal(_Handle, Journal):
             f"journal {self._name!r}: its row is missing from schema "
             f"{self._provider.schema!r} (dropped while in use?)"
         )
+
+
+# -- appends, for the provider's write group (``_grouping``) ---------------------------
+
+#: One append: (journal ID, (position, record)).
+AppendRow = tuple[int, tuple[int, bytes]]
+
+
+def append_one(statement: bytes) -> Callable[[list[AppendRow]], Callable[[Conn], set[int]]]:
+    """Build the operation for one append (``Statements.journal_append``)."""
+
+    def build(rows: list[AppendRow]) -> Callable[[Conn], set[int]]:
+        [(journal_id, (position, data))] = rows
+        params = (journal_id, position, position, data)
+
+        def operation(conn: Conn) -> set[int]:
+            count = conn.execute(statement, params, prepare=True, binary=True).rowcount
+            return {journal_id} if count else set()
+
+        return operation
+
+    return build
+
+
+def append_many(statement: bytes) -> Callable[[list[AppendRow]], Callable[[Conn], set[int]]]:
+    """Build the operation for several appends (``Statements.journal_append_many``)."""
+
+    def build(rows: list[AppendRow]) -> Callable[[Conn], set[int]]:
+        params = (
+            [journal_id for journal_id, _ in rows],
+            [position for _, (position, _) in rows],
+            [data for _, (_, data) in rows],
+        )
+
+        def operation(conn: Conn) -> set[int]:
+            result = conn.execute(statement, params, prepare=True, binary=True).fetchall()
+            return {cast(int, row[0]) for row in result}
+
+        return operation
+
+    return build

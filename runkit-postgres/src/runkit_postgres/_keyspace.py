@@ -2,20 +2,23 @@
 
 A revision is a random UUID written with the value (shown as 32 hex digits), so
 compare-and-set is one conditional statement; a revision this driver never
-issued (``_ForeignRevision``) matches nothing and conflicts.
+issued (``_ForeignRevision``) matches nothing and conflicts. Compare-and-sets
+that write a value go through the provider's set group (``_grouping``), which
+shares statements between concurrent writes of different keys (built by
+``set_one`` and ``set_many`` below); deletes are single statements.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 
 from runkit.persistence import Conflict, Keyspace
 
 from ._handles import Conn, Rows, _all, _Handle, _one, _Pages, _rowcount
 
-__all__ = ["_Keyspace"]
+__all__ = ["SetRow", "_Keyspace", "set_many", "set_one"]
 
 
 def _parse_revision(revision: object) -> uuid.UUID | None:
@@ -72,13 +75,19 @@ class _Keyspace(_Handle, Keyspace):
         except _ForeignRevision:
             raise Conflict.keyspace(self._name, k, revision) from None
         st = self._sql
-        new = uuid.uuid4() if v else None
+        if v:
+            # Concurrent inserts and updates of other keys may share the
+            # statement (``_grouping``); the outcome is this key's alone.
+            new = uuid.uuid4()
+            what = self._writable("set")
+            row = (v, new, current)
+            if not await self._provider._keyspace_writes.write(
+                (self._id, k), row, len(k) + len(v), what
+            ):
+                raise Conflict.keyspace(self._name, k, revision)
+            return new.hex
         params: tuple[object, ...]
-        if v and current is None:
-            query, params = st.keyspace_insert, (self._id, k, v, new)
-        elif v:
-            query, params = st.keyspace_update, (v, new, self._id, k, current)
-        elif current is None:
+        if current is None:
             query, params = st.keyspace_has, (self._id, k)
         else:
             query, params = st.keyspace_delete, (self._id, k, current)
@@ -94,7 +103,7 @@ class _Keyspace(_Handle, Keyspace):
         run = self._read if query is st.keyspace_has else self._write
         if not await run(operation, "set"):
             raise Conflict.keyspace(self._name, k, revision)
-        return new.hex if new else ""
+        return ""
 
     async def set_unconditional(self, key: bytes, value: bytes) -> str:
         """Set *key* whatever its revision; an empty *value* deletes."""
@@ -137,3 +146,54 @@ class _Keyspace(_Handle, Keyspace):
             return page, len(page) < rows_per_page and size < bytes_per_page
 
         return _Pages(fetch)
+
+
+# -- compare-and-sets, for the provider's write group (``_grouping``) -----------------
+
+#: One write: ((keyspace ID, key), (value, new revision, current revision or None)).
+SetRow = tuple[tuple[int, bytes], tuple[bytes, uuid.UUID, "uuid.UUID | None"]]
+_Keys = set[tuple[int, bytes]]
+
+
+def set_one(insert: bytes, update: bytes) -> Callable[[list[SetRow]], Callable[[Conn], _Keys]]:
+    """Build the operation for one write (``keyspace_insert`` or ``keyspace_update``)."""
+
+    def build(rows: list[SetRow]) -> Callable[[Conn], _Keys]:
+        [(key, (value, new, current))] = rows
+        keyspace_id, k = key
+        query, params = (
+            (insert, (keyspace_id, k, value, new))
+            if current is None
+            else (update, (value, new, keyspace_id, k, current))
+        )
+
+        def operation(conn: Conn) -> _Keys:
+            count = conn.execute(query, params, prepare=True, binary=True).rowcount
+            return {key} if count == 1 else set()
+
+        return operation
+
+    return build
+
+
+def set_many(statement: bytes) -> Callable[[list[SetRow]], Callable[[Conn], _Keys]]:
+    """Build the operation for several writes (``Statements.keyspace_set_many``)."""
+    nil = uuid.UUID(int=0)  # an insert's "current revision": unused, but never NULL
+
+    def build(rows: list[SetRow]) -> Callable[[Conn], _Keys]:
+        params = (
+            [keyspace_id for (keyspace_id, _), _ in rows],
+            [k for (_, k), _ in rows],
+            [value for _, (value, _, _) in rows],
+            [new for _, (_, new, _) in rows],
+            [current or nil for _, (_, _, current) in rows],
+            [current is None for _, (_, _, current) in rows],
+        )
+
+        def operation(conn: Conn) -> _Keys:
+            result = conn.execute(statement, params, prepare=True, binary=True).fetchall()
+            return {(cast(int, row[0]), cast(bytes, row[1])) for row in result}
+
+        return operation
+
+    return build

@@ -6,6 +6,7 @@ The provider owns the pool, provisioning and opening store names; its stores
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import ClassVar, Final, TypeVar, cast
 
@@ -33,8 +34,10 @@ from ._config import (
     validate_conninfo,
 )
 from ._executor import Executor
-from ._group_append import GroupAppender
+from ._grouping import WriteGroup
 from ._handles import _ABSENT, Conn, _one
+from ._journal import append_many, append_one
+from ._keyspace import set_many, set_one
 from ._sql import LAYOUT_VERSION, Statements
 from ._stores import _JournalStore, _KeyspaceStore, _SetStore
 
@@ -50,9 +53,10 @@ MAX_NAME_BYTES: Final = 1024
 # Store names are opened at most this many times per call if another session
 # creates the same name concurrently (see ``_sql._OPEN``).
 _OPEN_ATTEMPTS: Final = 5
-#: Append statements in flight per provider (at most half its connections):
-#: more appends than that at once share statements (``_group_append``).
-APPEND_STATEMENTS: Final = 4
+#: Statements in flight per kind of grouped write (journal appends, keyspace
+#: compare-and-sets) and provider, at most half its connections: more writes
+#: than that at once share statements (``_grouping``).
+GROUP_STATEMENTS: Final = 4
 _PROVISION_ATTEMPTS: Final = 5
 
 # Errors concurrent DDL can still raise; the whole provisioning is repeated.
@@ -130,11 +134,22 @@ class PostgresProvider(Provider):
         )
         self._provisioned = False
         self._provision_lock = anyio.Lock()
-        self._appends = GroupAppender(
-            lambda operation, what: self._run(operation, what=what, write=True),
-            self._sql.journal_append,
-            self._sql.journal_append_many,
-            max_statements=max(1, min(APPEND_STATEMENTS, self._settings.pool_max_size // 2)),
+        # Each kind of single-row write shares statements (``_grouping``), with
+        # up to half the pool per kind in flight, so reads still find connections.
+        statements = max(1, min(GROUP_STATEMENTS, self._settings.pool_max_size // 2))
+        self._appends: WriteGroup[int, tuple[int, bytes]] = WriteGroup(
+            self._run_write,
+            append_one(self._sql.journal_append),
+            append_many(self._sql.journal_append_many),
+            statements,
+        )
+        self._keyspace_writes: WriteGroup[
+            tuple[int, bytes], tuple[bytes, uuid.UUID, uuid.UUID | None]
+        ] = WriteGroup(
+            self._run_write,
+            set_one(self._sql.keyspace_insert, self._sql.keyspace_update),
+            set_many(self._sql.keyspace_set_many),
+            statements,
         )
         self._journals = _JournalStore(self)
         self._keyspaces = _KeyspaceStore(self)
@@ -293,6 +308,9 @@ class PostgresProvider(Provider):
 
     async def _run(self, operation: Callable[[Conn], T], *, what: str, write: bool) -> T:
         return await self._executor.run(operation, what=what, write=write)
+
+    async def _run_write(self, operation: Callable[[Conn], T], what: str) -> T:
+        return await self._executor.run(operation, what=what, write=True)
 
     async def _open(self, kind: str, query: bytes, find: bytes, name: str) -> int:
         encoded = name.encode("utf-8")

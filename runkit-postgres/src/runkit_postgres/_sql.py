@@ -186,6 +186,7 @@ class Statements:
     keyspace_has: bytes
     keyspace_insert: bytes
     keyspace_update: bytes
+    keyspace_set_many: bytes
     keyspace_delete: bytes
     keyspace_upsert: bytes
     keyspace_delete_any: bytes
@@ -279,6 +280,24 @@ class Statements:
             keyspace_update=r(
                 "UPDATE {schema}.keyspace_pairs SET value = %b, revision = %b"
                 " WHERE keyspace_id = %b AND key = %b AND revision = %b"
+            ),
+            # Several compare-and-sets of distinct keys: inserts (absent keys)
+            # and updates (on a revision); returns the keys written.
+            keyspace_set_many=r(
+                "WITH input AS ("
+                " SELECT * FROM unnest(%b::int8[], %b::bytea[], %b::bytea[], %b::uuid[],"
+                " %b::uuid[], %b::bool[]) AS t(ks, k, v, rev, cur, ins)),"
+                " inserted AS ("
+                " INSERT INTO {schema}.keyspace_pairs (keyspace_id, key, value, revision)"
+                " SELECT ks, k, v, rev FROM input WHERE ins"
+                " ON CONFLICT DO NOTHING RETURNING keyspace_id, key),"
+                " updated AS ("
+                " UPDATE {schema}.keyspace_pairs AS p SET value = input.v, revision = input.rev"
+                " FROM input WHERE NOT input.ins AND p.keyspace_id = input.ks"
+                " AND p.key = input.k AND p.revision = input.cur"
+                " RETURNING p.keyspace_id, p.key)"
+                " SELECT keyspace_id, key FROM inserted"
+                " UNION ALL SELECT keyspace_id, key FROM updated"
             ),
             keyspace_delete=r(
                 "DELETE FROM {schema}.keyspace_pairs"

@@ -1,13 +1,15 @@
-"""Group append: concurrent appends to different journals share statements.
+"""Write groups: concurrent appends to different journals, and concurrent
+compare-and-sets of different keys, share statements.
 
-Each append keeps its own outcome (appended or ``Conflict``) whatever else its
+Each write keeps its own outcome (written or ``Conflict``) whatever else its
 statement carried; a statement cancelled with the call running it fails the
 others in it with a retryable, ambiguous ``PersistenceError`` and leaves the
-provider usable.
+provider usable (one implementation, ``_grouping``, shown with appends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,17 +29,16 @@ from test_cancellation import RowLock, wait_for_lock_wait
 pytestmark = pytest.mark.postgres
 
 
-def count_statements(provider: PostgresProvider) -> list[str]:
-    """Record the label of every append statement *provider* runs from now on."""
-    appender: Any = provider._appends
-    run: Callable[[Any, str], Awaitable[set[int]]] = appender._run
+def count_statements(group: Any) -> list[str]:
+    """Record the label of every statement the write *group* runs from now on."""
+    run: Callable[[Any, str], Awaitable[set[Any]]] = group._run
     labels: list[str] = []
 
-    async def counting(operation: Any, what: str) -> set[int]:
+    async def counting(operation: Any, what: str) -> set[Any]:
         labels.append(what)
         return await run(operation, what)
 
-    appender._run = counting
+    group._run = counting
     return labels
 
 
@@ -47,7 +48,7 @@ async def test_appends_to_many_journals_share_statements_and_keep_their_outcomes
     journals = [await pg_provider.journals.open(f"j{i}") for i in range(40)]
     for journal in journals[::2]:
         await journal.append(0, b"<taken>")  # position 0 of these now conflicts
-    statements = count_statements(pg_provider)
+    statements = count_statements(pg_provider._appends)
     outcomes: dict[int, str] = {}
 
     async def append(i: int) -> None:
@@ -157,3 +158,72 @@ async def test_a_cancelled_statement_fails_the_appends_it_carried_and_nothing_el
     await b.append(0, b"b")
     await c.append(0, b"c")
     assert [await j.bounds() for j in (a, b, c)] == [Interval(0, 1)] * 3
+
+
+async def test_sets_of_many_keys_share_statements_and_keep_their_outcomes(
+    pg_provider: PostgresProvider,
+) -> None:
+    """Inserts and updates, half of them conflicting, in few statements over two keyspaces."""
+    spaces = [await pg_provider.keyspaces.open(name) for name in ("ks-a", "ks-b")]
+    revisions: dict[tuple[int, int], str] = {}
+    for s in range(2):
+        for i in range(0, 40, 4):  # these keys exist: an insert of them conflicts
+            revisions[(s, i)] = await spaces[s].set(f"k{i}".encode(), b"<old>", "")
+        for i in range(2, 40, 4):  # these exist and are updated on their revision
+            revisions[(s, i)] = await spaces[s].set(f"k{i}".encode(), b"<old>", "")
+    statements = count_statements(pg_provider._keyspace_writes)
+    outcomes: dict[tuple[int, int], str] = {}
+
+    async def write(s: int, i: int) -> None:
+        if i % 4 == 0:
+            revision = ""  # insert of a present key: conflicts
+        elif i % 4 == 2:
+            revision = revisions[(s, i)] if i % 8 == 2 else "0" * 32  # half stale
+        else:
+            revision = ""  # insert of an absent key
+        try:
+            revisions[(s, i)] = await spaces[s].set(
+                f"k{i}".encode(), f"<{s}.{i}>".encode(), revision
+            )
+            outcomes[(s, i)] = "set"
+        except Conflict:
+            outcomes[(s, i)] = "conflict"
+
+    async with anyio.create_task_group() as tg:
+        for s in range(2):
+            for i in range(40):
+                tg.start_soon(write, s, i)
+    want_set = {(s, i) for s in range(2) for i in range(40) if i % 2 == 1 or i % 8 == 2}
+    assert outcomes == {
+        (s, i): "set" if (s, i) in want_set else "conflict" for s in range(2) for i in range(40)
+    }
+    assert len(statements) < 40, statements  # 80 writes, a few statements
+    assert any(label.endswith("more)") for label in statements)  # several rows in one
+    for s in range(2):
+        for i in range(40):
+            value, revision = await spaces[s].get(f"k{i}".encode())
+            assert value == (f"<{s}.{i}>".encode() if (s, i) in want_set else b"<old>")
+            assert revision == revisions[(s, i)]
+
+
+async def test_two_sets_of_one_key_on_one_revision_one_wins(
+    pg_provider: PostgresProvider,
+) -> None:
+    ks = await pg_provider.keyspaces.open("ks")
+    revision = await ks.set(b"k", b"<first>", "")
+    won: list[tuple[bytes, str]] = []
+
+    async def write(data: bytes) -> None:
+        with contextlib.suppress(Conflict):
+            won.append((data, await ks.set(b"k", data, revision)))
+
+    async def insert(data: bytes) -> None:
+        with contextlib.suppress(Conflict):
+            won.append((data, await ks.set(b"new", data, "")))
+
+    async with anyio.create_task_group() as tg:
+        for data in (b"<a>", b"<b>", b"<c>"):
+            tg.start_soon(write, data)
+            tg.start_soon(insert, data)
+    assert len(won) == 2  # one update of "k", one insert of "new"
+    assert {await ks.get(b"k"), await ks.get(b"new")} == set(won)
