@@ -87,13 +87,17 @@ def test_loading_a_driver_plugin_does_not_import_its_client_library(
 
 
 ENGINE = ROOT / "runkit-core/src/runkit/engine"
-# Which engine subpackages each engine subpackage (or the shared modules) may not import.
+# The top: the modules that wire the sides together; nothing below them imports them.
+TOP = ("engine", "runtime", "owned_partition", "executor", "startup")
+# Which engine subpackages (or top modules) each engine subpackage, or the shared
+# modules, may not import.
 ENGINE_FORBIDDEN = {
-    "commands": ("events", "cluster"),
-    "events": ("commands", "cluster"),
-    "shared": ("commands", "events", "cluster"),
+    "commands": ("events", "cluster", *TOP),
+    "events": ("commands", "cluster", *TOP),
+    "cluster": TOP,
+    "shared": ("commands", "events", "cluster", *TOP),
 }
-SHARED = ("streams", "envelope", "partitions", "ids", "logs", "backoff", "settings")
+SHARED = ("streams", "envelope", "partitions", "ids", "logs", "backoff", "settings", "meta")
 
 
 def engine_subpackages_imported(path: Path) -> set[str]:
@@ -130,6 +134,14 @@ def test_engine_subpackages_respect_their_layers(layer: str) -> None:
         for sub in sorted(engine_subpackages_imported(path) & set(ENGINE_FORBIDDEN[layer]))
     ]
     assert not violations, "\n".join(violations)
+
+
+def test_every_engine_module_has_a_layer() -> None:
+    # A new top-level module or subpackage must be given a layer above.
+    found = {p.stem for p in ENGINE.glob("*.py") if p.stem != "__init__"}
+    found |= {p.name for p in ENGINE.iterdir() if (p / "__init__.py").is_file()}
+    layers = {*SHARED, *TOP, *(name for name in ENGINE_FORBIDDEN if name != "shared")}
+    assert sorted(found) == sorted(layers)
 
 
 # The streams subpackage bottom-up: each module imports only modules before it.

@@ -2,8 +2,10 @@
 
 Read it top-down:
 
-- ``engine`` (``Engine``: builds and runs everything per application and owned
-  partition), ``settings``, ``startup`` (waiting for the store), ``executor``
+- ``engine`` (``Engine``: the public entry point, runs everything until
+  cancelled), ``runtime`` (``AppRuntime``: one application on this node),
+  ``owned_partition`` (starting and stopping one owned partition),
+  ``settings``, ``startup`` (waiting for the store), ``executor``
   (``CommandExecutor``).
 - ``commands``: the partition batch processor (ADR 0007): accepting commands
   (``acceptance``), the inbox, handling a batch against cached aggregate roots
@@ -14,15 +16,16 @@ Read it top-down:
   ``records`` (the record and its codec), ``reading``, ``bus``, ``tail`` (the
   takeover read) and ``writer``.
 - ``events``: consumers of the streams: processes (``processes`` and its
-  ``process_*`` helpers), deadlines, projections, and observers of
-  ``execute_command``.
+  ``process_*`` helpers, e.g. ``process_outbox`` and ``process_retries``),
+  deadlines, projections, and observers of ``execute_command``.
 - ``cluster``: heartbeat records and membership, ownership by rendezvous,
   routing to owners over ``runkit.transport``, and status.
 - Shared values: ``envelope`` (the stored message envelope), ``partitions``,
-  ``ids``, ``logs``, ``backoff``.
+  ``meta`` (the partition count in ``<app>/meta``), ``ids``, ``logs``, ``backoff``.
 
 ``commands`` and ``events`` import neither each other nor ``cluster``; ``cluster``
 reads both (routing carries inbox entries, status reads every store); the shared
-modules import none of the three (``test_layering.py`` checks it).
+modules import none of the three, and nothing below the top modules imports
+them (``test_layering.py`` checks it).
 See ``docs/internals/engine-seams.md`` and ``docs/architecture.md``.
 """

@@ -50,10 +50,10 @@ from ...config import ApplicationConfig, HandlerConfig, HandlerKind
 from ...persistence import Provider
 from ..commands.inbox import inbox_name
 from ..commands.poison import poison_name
-from ..engine import read_partition_count
 from ..events.deadlines import deadline_journal_name
 from ..events.process_stores import checkpoint_key, checkpoints_store_name, event_poison_store_name
 from ..logs import describe_error
+from ..meta import read_partition_count
 from ..partitions import partition_id
 from ..streams import read_tail, stream_name
 from .nodes import NodeRecord, list_nodes

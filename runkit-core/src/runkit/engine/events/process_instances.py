@@ -6,7 +6,8 @@ handled recently: the record as stored, its revision and the live root, so
 handling an event of a cached instance costs no read, and the next commit is
 a write conditional on the cached revision.
 
-Rules the runner (``processes.py``) keeps, which make a cached entry safe to use:
+Rules the runner (``processes.py``, and ``process_outbox.py`` for clearing
+outboxes) keeps, which make a cached entry safe to use:
 
 - Only what a commit produced goes in: the entry is put after the commit *and*
   the dispatch of its outbox succeeded, so a cached entry's outbox is always
@@ -23,9 +24,9 @@ Rules the runner (``processes.py``) keeps, which make a cached entry safe to use
 An entry whose stored record still holds a dispatched outbox is *dirty*: the
 next commit of the instance writes the record without that outbox. If no
 commit comes within a checkpoint interval, the consumer writes the record once
-more without it (``due_clears``), so an outbox is never re-dispatched long after
-its commands were handled (the commands side deduplicates only recent IDs).
-Dirty entries are never evicted.
+more without it (``due_clears``, ``process_outbox.py``), so an outbox is never
+re-dispatched long after its commands were handled (the commands side
+deduplicates only recent IDs). Dirty entries are never evicted.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ events unfinished). For a group the worker:
    from the cause, deadlines appended to the home partition's deadline
    journal) and caches the instance. It does not write the record again: the
    next commit drops the dispatched outbox, and if none comes within a
-   checkpoint interval the consumer writes the record without it then.
+   checkpoint interval the consumer writes the record without it then
+   (dispatching and clearing: ``process_outbox.py``).
 
 If handling one event of a group fails, nothing of the group is committed and
 its events are handled again one at a time, each with the retries below.
@@ -53,39 +54,37 @@ event poison store (``<app>/event-poison/<p>``) and the consumer moves on.
 ``dogma.UnexpectedMessage``, an invalid produced message, a produced message of
 a type the handler has no route for (or no enabled handler handles), or an
 empty instance ID are bugs: they are poisoned at once. Persistence errors are
-retried for ever.
+retried for ever. The retries and the poison store writes are in
+``process_retries.py``.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-import attrs
 import msgspec
 
 import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, RouteKind
 from ...persistence import Conflict, Keyspace, PersistenceError
-from ..envelope import Envelope, decode, encode, to_message
-from ..logs import LogContext, RateLimitedLog, describe_error
+from ..envelope import decode, to_message
+from ..logs import describe_error
 from .consumers_support import ConsumerOptions, close_iterator, sleep_backoff
-from .deadlines import (
-    DeadlineEntry,
-    append_deadlines,
-    deadline_journal_name,
-)
+from .deadlines import DeadlineEntry
 from .process_instances import (
     CachedInstance,
     InstanceCache,
     ProcessRecord,
     ProcessRoot,
 )
+from .process_outbox import OutboxDispatcher
 from .process_queues import ConsumerCheckpoint, InstanceQueues
+from .process_retries import MessageRetries
+from .process_retries import process_log as _log
+from .process_retries import process_store_log as _store_log
 from .process_scopes import (
     ProcessBug,
     ProcessDeadlineScope,
@@ -95,10 +94,8 @@ from .process_scopes import (
 )
 from .process_steps import StaleRecord, Step, StepFailed, handle_steps
 from .process_stores import (
-    PoisonedMessage,
     checkpoint_key,
     checkpoints_store_name,
-    event_poison_store_name,
     process_store_name,
 )
 
@@ -107,11 +104,6 @@ if TYPE_CHECKING:
     from ..streams import StreamEvent
 
 __all__ = ["ProcessRunner"]
-
-_log = logging.getLogger("runkit.engine.events.processes")
-# Store failures repeat for as long as an outage lasts: one line per handler and
-# partition per interval.
-_store_log = RateLimitedLog(_log, 10.0)
 
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(ProcessRecord)
@@ -144,8 +136,16 @@ class ProcessRunner:
         self.routed = frozenset(t.id for t in config.types_of(RouteKind.HANDLES_EVENT))
         self.executes = frozenset(t.cls for t in config.types_of(RouteKind.EXECUTES_COMMAND))
         self.schedules = frozenset(t.cls for t in config.types_of(RouteKind.SCHEDULES_DEADLINE))
-        self._wake_timer = wake_timer
         self._cache = InstanceCache(options.process_cache_size)
+        self._retries = MessageRetries(app.identity.key, config, options)
+        self._outbox = OutboxDispatcher(
+            app.identity.key,
+            config,
+            options=options,
+            cache=self._cache,
+            retries=self._retries,
+            wake_timer=wake_timer,
+        )
 
     # -- events --
 
@@ -187,7 +187,7 @@ class ProcessRunner:
             await checkpoint.load()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(checkpoint.save_periodically, self.options.checkpoint_interval)
-                tg.start_soon(self._clear_outboxes_periodically, ctx, records)
+                tg.start_soon(self._outbox.clear_outboxes_periodically, ctx, records)
                 queues = InstanceQueues(
                     tg,
                     lambda instance_id, events: self._consume(ctx, records, instance_id, events),
@@ -213,7 +213,7 @@ class ProcessRunner:
                             await checkpoint.save()
                         except PersistenceError:
                             _log.info("final checkpoint save failed", exc_info=True)
-                        await self._clear_all_outboxes(ctx, records)
+                        await self._outbox.clear_all_outboxes(ctx, records)
                     # Partition lost or consumer restarting: another node may
                     # write these instances next.
                     self._cache.drop_partition(ctx.index)
@@ -233,7 +233,7 @@ class ProcessRunner:
                 )
             routed = instance_id
 
-        await self._with_retries(
+        await self._retries.run(
             ctx,
             attempt,
             envelope=event.envelope,
@@ -314,7 +314,7 @@ class ProcessRunner:
         async def attempt() -> None:
             await self._handle(ctx, records, instance_id, [step])
 
-        await self._with_retries(
+        await self._retries.run(
             ctx,
             attempt,
             envelope=event.envelope,
@@ -356,7 +356,7 @@ class ProcessRunner:
                 )
                 await self._handle(ctx, records, entry.instance_id, [step])
 
-        await self._with_retries(
+        await self._retries.run(
             ctx,
             attempt,
             envelope=envelope,
@@ -365,120 +365,6 @@ class ProcessRunner:
         )
 
     # -- shared --
-
-    async def _with_retries(
-        self,
-        ctx: PartitionContext,
-        attempt: Callable[[], Awaitable[None]],
-        *,
-        envelope: Envelope,
-        poison_key: str,
-        stream: tuple[str, int] | None = None,
-        instance_id: str | None = None,
-        failed: Exception | None = None,
-    ) -> None:
-        """Run *attempt* until it succeeds or the message is poisoned.
-
-        *failed* is the error of a first attempt made already (in a group).
-        """
-        attempts = 0  # failures of the handler (count towards poisoning)
-        store_failures = 0  # persistence failures (never poison: the store comes back)
-        first_failure = failed
-
-        async def run() -> None:
-            nonlocal first_failure
-            if first_failure is not None:
-                made, first_failure = first_failure, None
-                raise made
-            await attempt()
-
-        while True:
-            try:
-                await run()
-                return
-            except PersistenceError as exc:
-                store_failures += 1
-                # Built only on failure: most messages succeed at once.
-                about = LogContext.of_message(
-                    envelope, partition=ctx.index, instance_id=instance_id
-                )
-                _store_log.warning(
-                    (self.key, ctx.index),
-                    "%s: persistence error; retrying (%s): %s",
-                    self.config.describe(),
-                    about,
-                    describe_error(exc),
-                    extra=about.extra,
-                )
-                await sleep_backoff(self.options, store_failures)
-                continue
-            except (ProcessBug, dogma.UnexpectedMessage, dogma.ValidationError) as exc:
-                attempts += 1
-                error: Exception = exc
-                give_up = True
-            except Exception as exc:
-                attempts += 1
-                error = exc
-                give_up = attempts >= self.options.max_attempts
-            what = f"{self.config.describe()} handling {envelope.description!r}"
-            about = LogContext.of_message(envelope, partition=ctx.index, instance_id=instance_id)
-            if not give_up:
-                _log.warning(
-                    "%s failed (attempt %d of %d); retrying (%s): %s",
-                    what,
-                    attempts,
-                    self.options.max_attempts,
-                    about,
-                    describe_error(error),
-                    extra=about.extra,
-                )
-                await sleep_backoff(self.options, attempts)
-                continue
-            # The traceback once, on the line that says where the message went.
-            _log.error(
-                "%s failed (attempt %d); moving it to the poison store (%s): %s",
-                what,
-                attempts,
-                about,
-                describe_error(error),
-                exc_info=error,
-                extra=about.extra,
-            )
-            await self._poison(
-                ctx,
-                poison_key,
-                PoisonedMessage(
-                    handler_key=self.key,
-                    envelope=encode(envelope),
-                    instance_id=instance_id,
-                    stream_id=stream[0] if stream else None,
-                    offset=stream[1] if stream else None,
-                    error=f"{type(error).__qualname__}: {error}",
-                    attempts=attempts,
-                    poisoned_at=ctx.now(),
-                ),
-            )
-            return
-
-    async def _poison(self, ctx: PartitionContext, key: str, record: PoisonedMessage) -> None:
-        name = event_poison_store_name(self.app.identity.key, ctx.index)
-        attempts = 0
-        while True:
-            try:
-                async with await ctx.provider.keyspaces.open(name) as poison:
-                    await poison.set_unconditional(key.encode(), _encoder.encode(record))
-                return
-            except PersistenceError as exc:
-                attempts += 1
-                _store_log.warning(
-                    (self.key, ctx.index, "poison"),
-                    "%s on partition %d: cannot record poisoned message %s; retrying: %s",
-                    self.config.describe(),
-                    ctx.index,
-                    key,
-                    describe_error(exc),
-                )
-                await sleep_backoff(self.options, attempts)
 
     async def _handle(
         self,
@@ -513,7 +399,7 @@ class ProcessRunner:
                     # owner): handle the steps again against what is stored.
                     entry = None
                     continue
-                await self._dispatch(ctx, instance_id, record)
+                await self._outbox.dispatch(ctx, instance_id, record)
                 dispatched_at = anyio.current_time() if record.has_outbox else None
                 self._cache.put(
                     instance_id,
@@ -529,173 +415,12 @@ class ProcessRunner:
         if record.has_outbox:
             # Perhaps dispatched already (by whoever wrote it); perhaps not (a
             # crash before dispatch). Dispatching again is harmless.
-            await self._dispatch(ctx, key.decode(), record)
+            await self._outbox.dispatch(ctx, key.decode(), record)
             dispatched_at = anyio.current_time()
         root = self.handler.new()
         if record.root is not None:
             root.unmarshal_binary(record.root)
         return CachedInstance(record, revision, root, ctx.index, dispatched_at)
-
-    async def _clear_outboxes_periodically(self, ctx: PartitionContext, records: Keyspace) -> None:
-        """Every checkpoint interval, clear outboxes dispatched at least an interval ago."""
-        interval = self.options.checkpoint_interval
-        while True:
-            await anyio.sleep(interval)
-            error = await self._clear_outboxes(ctx, records, anyio.current_time() - interval)
-            if error is not None:
-                _store_log.warning(
-                    (self.key, ctx.index),
-                    "%s on partition %d: cannot clear dispatched outboxes; will retry: %s",
-                    self.config.describe(),
-                    ctx.index,
-                    describe_error(error),
-                )
-
-    async def _clear_all_outboxes(self, ctx: PartitionContext, records: Keyspace) -> None:
-        """Clear every dispatched outbox of the partition, retrying until none fails.
-
-        Called as the consumer stops (the caller bounds the time): the entries
-        are dropped next, and an outbox nobody clears stays in its record until
-        the instance is next loaded, perhaps long after.
-        """
-        failures = 0
-        while (error := await self._clear_outboxes(ctx, records, None)) is not None:
-            failures += 1
-            _log.info("final clear of dispatched outboxes failed; retrying: %s", error)
-            await sleep_backoff(self.options, failures)
-
-    async def _clear_outboxes(
-        self, ctx: PartitionContext, records: Keyspace, dispatched_before: float | None
-    ) -> PersistenceError | None:
-        """Write the records of idle cached instances without their dispatched outbox.
-
-        Instances that commit again soon drop the outbox in that commit; this
-        covers the others (an ended instance never commits again), so a later
-        load does not dispatch the outbox again long after (``None``: all).
-        Returns the last persistence error, if a write failed: those entries
-        stay dirty at their old revision, so the next attempt either writes
-        the record or gets ``Conflict`` because the failed write landed after all.
-        """
-        before = math.inf if dispatched_before is None else dispatched_before
-        error: PersistenceError | None = None
-        for instance_id in self._cache.due_clears(ctx.index, before):
-            if self._cache.busy(instance_id):
-                continue  # being handled: its commit drops the outbox anyway
-            async with self._cache.lock(instance_id):
-                entry = self._cache.get(instance_id)
-                if entry is None or entry.dispatched_at is None or entry.partition != ctx.index:
-                    continue
-                cleared = entry.record.without_outbox()
-                try:
-                    revision = await records.set(
-                        instance_id.encode(), _encoder.encode(cleared), entry.revision
-                    )
-                except Conflict:
-                    # Written since (by another node, or by an earlier attempt
-                    # whose outcome was unknown): the stored record is newer.
-                    self._cache.drop(instance_id)
-                    continue
-                except PersistenceError as exc:
-                    error = exc
-                    continue
-                self._cache.put(
-                    instance_id,
-                    attrs.evolve(entry, record=cleared, revision=revision, dispatched_at=None),
-                )
-        return error
-
-    async def _dispatch(
-        self, ctx: PartitionContext, instance_id: str, record: ProcessRecord
-    ) -> None:
-        """Send the committed outbox of *record*: commands, then deadlines.
-
-        The handling is committed, so the outbox is never dropped and dispatch
-        is retried until it succeeds (with capped backoff), holding up only
-        this instance: other instances have their own workers. After
-        ``max_attempts`` failures other than persistence errors (``accept``
-        refusing a command, e.g. an aggregate's ``route_command_to_instance``
-        raising) the problem is also recorded in the event poison store, so
-        operators see it.
-        """
-        failures = 0
-        store_failures = 0
-        while True:
-            try:
-                await self._dispatch_once(ctx, record)
-                return
-            except PersistenceError as exc:
-                store_failures += 1
-                _store_log.warning(
-                    (self.key, ctx.index),
-                    "%s on partition %d: persistence error dispatching the outbox of "
-                    "instance %r; retrying: %s",
-                    self.config.describe(),
-                    ctx.index,
-                    instance_id,
-                    describe_error(exc),
-                )
-                await sleep_backoff(self.options, store_failures)
-            except Exception as exc:
-                failures += 1
-                if failures == self.options.max_attempts:
-                    await self._outbox_stuck(ctx, instance_id, record, exc, failures)
-                else:
-                    _log.warning(
-                        "%s on partition %d: cannot dispatch the outbox of instance %r "
-                        "(attempt %d); retrying: %s",
-                        self.config.describe(),
-                        ctx.index,
-                        instance_id,
-                        failures,
-                        describe_error(exc),
-                    )
-                await sleep_backoff(self.options, failures)
-
-    async def _outbox_stuck(
-        self,
-        ctx: PartitionContext,
-        instance_id: str,
-        record: ProcessRecord,
-        error: Exception,
-        attempts: int,
-    ) -> None:
-        _log.error(
-            "%s on partition %d: cannot dispatch the outbox of instance %r after %d "
-            "attempts; still retrying, and recording it in the poison store: %s",
-            self.config.describe(),
-            ctx.index,
-            instance_id,
-            attempts,
-            describe_error(error),
-            exc_info=error,
-        )
-        first = record.commands[0] if record.commands else record.deadlines[0].entry.envelope
-        await self._poison(
-            ctx,
-            f"{self.key}/outbox/{instance_id}",
-            PoisonedMessage(
-                handler_key=self.key,
-                envelope=first,
-                instance_id=instance_id,
-                stream_id=None,
-                offset=None,
-                error=f"{type(error).__qualname__}: {error}",
-                attempts=attempts,
-                poisoned_at=ctx.now(),
-            ),
-        )
-
-    async def _dispatch_once(self, ctx: PartitionContext, record: ProcessRecord) -> None:
-        if record.commands:
-            await ctx.accept([decode(c) for c in record.commands])
-        by_home: dict[int, list[DeadlineEntry]] = {}
-        for d in record.deadlines:
-            by_home.setdefault(d.partition, []).append(d.entry)
-        for home, entries in by_home.items():
-            name = deadline_journal_name(self.app.identity.key, home)
-            async with await ctx.provider.journals.open(name) as journal:
-                await append_deadlines(journal, entries)
-            self._wake_timer(home)
 
 
 if TYPE_CHECKING:

@@ -1,0 +1,184 @@
+"""One owned partition of an application, from takeover to stop.
+
+``run_owned_partition`` is what the ``PartitionRunner`` of an ``AppRuntime``
+runs for each partition this node owns: it opens the partition's journals,
+reads the stream tail, publishes the stream's last events again, recovers what
+the previous owner had not materialised, and starts the ``StreamWriter``, the
+materialiser, the ``PartitionCommands`` executor and the events side's
+consumers (``consumers.run_partition(ctx)``). When the partition is lost or the
+engine stops, it unwires them; on a graceful stop the stream writer flushes what
+is already committed, within ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .commands.acceptance import idempotency_name
+from .commands.aggregates import AggregateInstances
+from .commands.batches import PartitionCommands
+from .commands.inbox import inbox_name
+from .commands.materialiser import Materialiser
+from .logs import describe_error
+from .partitions import PartitionContext, partition_id
+from .streams import OwnershipLost, PartitionStream, StreamWriter, read_tail, stream_name
+
+if TYPE_CHECKING:
+    from .runtime import AppRuntime
+
+__all__ = ["REPUBLISH_ON_TAKEOVER", "run_owned_partition"]
+
+_log = logging.getLogger("runkit.engine")
+
+#: Events at the end of a partition's stream a new owner publishes again.
+REPUBLISH_ON_TAKEOVER = 256
+
+
+async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
+    """Run partition *index* of *runtime*'s application until it is lost or cancelled."""
+    s = runtime.settings
+    pid = partition_id(runtime.app_key, index)
+    context = {"app": runtime.app_key, "partition": index}
+    async with AsyncExitStack() as stack:
+        journals = runtime.provider.journals
+        stream_journal = await journals.open(stream_name(runtime.app_key, index))
+        stack.push_async_callback(stream_journal.close)
+        inbox = await journals.open(inbox_name(runtime.app_key, index))
+        stack.push_async_callback(inbox.close)
+        idempotency = await runtime.provider.keyspaces.open(idempotency_name(runtime.app_key))
+        stack.push_async_callback(idempotency.close)
+
+        tail = await read_tail(stream_journal)
+        inbox_end = (await inbox.bounds()).end
+        _log.info(
+            "application %s: taking partition %d: stream offset %d, %d inbox records pending",
+            runtime.app.identity.name,
+            index,
+            tail.next_offset,
+            max(0, inbox_end - tail.inbox_position),
+            extra=context,
+        )
+        stream = PartitionStream(pid, stream_journal, next_offset=tail.next_offset)
+        # The previous owner may have committed events and died before its
+        # observers (here or on peers) heard of them: publish the stream's
+        # last events again; observers skip what they have already seen.
+        republish = min(tail.next_offset, REPUBLISH_ON_TAKEOVER)
+        if republish:
+            runtime.bus.publish(await stream.events_at(tail.next_offset - republish, republish))
+        aggregates = AggregateInstances(
+            runtime.provider,
+            runtime.app_key,
+            site_key=s.site_key,
+            clock=s.clock,
+            snapshot_every=s.snapshot_every,
+            cache_size=s.instance_cache_size,
+        )
+        stack.push_async_callback(aggregates.close)
+        materialiser = Materialiser(
+            runtime.provider,
+            runtime.app,
+            aggregates,
+            truncate=s.truncate_aggregate_journals,
+            retry_base_delay=s.retry_base_delay,
+            retry_max_delay=s.retry_max_delay,
+        )
+        if tail.materialised is not None:
+            # Aggregate events a previous owner committed but had not yet
+            # written to their instance journals (ADR 0007).
+            await materialiser.recover_from(stream_journal, tail.materialised, tail.next_position)
+        writer = StreamWriter(
+            stream_journal,
+            stream,
+            runtime.bus,
+            tail,
+            clock=s.clock,
+            batch_limit=s.stream_batch_limit,
+            record_limit=runtime.provider.limits.max_record_bytes,
+            progress_interval=s.progress_interval,
+            retry_max_delay=s.retry_max_delay,
+            watermark=materialiser.watermark,
+        )
+        inbox_writer = runtime.inbox_writers[index]
+        lost = False
+        try:
+            async with anyio.create_task_group() as tg:
+                commands = PartitionCommands(
+                    app=runtime.app,
+                    settings=s,
+                    index=index,
+                    provider=runtime.provider,
+                    inbox=inbox,
+                    inbox_writer=inbox_writer,
+                    idempotency=idempotency,
+                    writer=writer,
+                    stream=stream,
+                    bus=runtime.bus,
+                    tail=tail,
+                    inbox_end=inbox_end,
+                    aggregates=aggregates,
+                    materialiser=materialiser,
+                    backlog_limit=s.backlog_limit,
+                )
+                await tg.start(materialiser.run)
+                await tg.start(writer.run)
+                inbox_writer.listener = commands.notify
+                await tg.start(commands.run)
+                runtime.partitions[index] = commands
+                if runtime.consumers is not None:
+                    ctx = PartitionContext(
+                        app=runtime.app,
+                        settings=s,
+                        index=index,
+                        partition_id=pid,
+                        partition_count=runtime.partition_count,
+                        provider=runtime.provider,
+                        stream=stream,
+                        accept=runtime.accept,
+                        partition_of=runtime.partition_of,
+                        now=s.clock,
+                    )
+                    await tg.start(runtime.consumers.run_partition, ctx)
+        except BaseException as exc:
+            lost = _is_ownership_lost(exc)
+            if not lost:
+                raise
+            _log.warning(
+                "application %s: lost partition %d (another node owns it now)",
+                runtime.app.identity.name,
+                index,
+                extra=context,
+            )
+        finally:
+            inbox_writer.listener = None
+            runtime.partitions.pop(index, None)
+            if not lost:
+                with anyio.move_on_after(s.shutdown_timeout, shield=True):
+                    try:
+                        await writer.flush()
+                        # Derived state too, so a restart need not rebuild it,
+                        # and a record saying so for the next owner.
+                        await materialiser.flush()
+                        await writer.record_watermark(materialiser.covered)
+                    except Exception as exc:  # e.g. OwnershipLost: the next owner repairs
+                        _log.info(
+                            "application %s: partition %d: final stream flush skipped: %s",
+                            runtime.app.identity.name,
+                            index,
+                            describe_error(exc),
+                            extra=context,
+                        )
+            # Whatever is still queued was not committed: its local callers
+            # fall back to the inbox.
+            writer.close()
+
+
+def _is_ownership_lost(exc: BaseException) -> bool:
+    if isinstance(exc, OwnershipLost):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_ownership_lost(e) for e in exc.exceptions)
+    return False

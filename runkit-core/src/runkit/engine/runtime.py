@@ -1,0 +1,227 @@
+"""One application on this node: acceptance, its consumers and its owned partitions.
+
+``AppRuntime.run`` reads the partition count (``<app>/meta``, ``meta.py``),
+opens one ``InboxWriter`` per partition (acceptance), builds the events side's
+consumers (``consumers.partition_consumers(app, settings)``, if installed) and
+starts a ``PartitionRunner`` that runs each owned partition
+(``owned_partition.run_owned_partition``). It also serves what peers ask of the
+application on this node (offered commands, wake-ups) and prunes old
+idempotency markers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ..config import ApplicationConfig
+from ..persistence import PersistenceError, Provider
+from .cluster.ownership import Ownership
+from .cluster.routing import Router
+from .commands.acceptance import Acceptor, PartitionStopped, prune_idempotency
+from .commands.batches import PartitionCommands
+from .commands.inbox import InboxEntry, InboxWriter, inbox_name
+from .envelope import Envelope
+from .logs import describe_error
+from .meta import load_partition_count
+from .owned_partition import run_owned_partition
+from .partitions import NodeContext, PartitionRunner, partition_id, partition_of
+from .settings import EngineSettings
+from .streams import EventBus
+
+__all__ = ["AppRuntime"]
+
+_log = logging.getLogger("runkit.engine")
+
+
+def _consumers_module() -> Any | None:
+    # The events side is optional at this seam: without it, partitions run commands only.
+    if importlib.util.find_spec("runkit.engine.events.consumers") is None:
+        return None
+    return importlib.import_module("runkit.engine.events.consumers")
+
+
+class AppRuntime:
+    """One application on this node: acceptance and its owned partitions."""
+
+    def __init__(
+        self,
+        app: ApplicationConfig,
+        settings: EngineSettings,
+        provider: Provider,
+        bus: EventBus,
+        ownership: Ownership,
+        *,
+        router: Router | None = None,
+    ) -> None:
+        self.app = app
+        self.router = router
+        self.settings = settings
+        self.provider = provider
+        self.bus = bus
+        self.ownership = ownership
+        self.partition_count = 0
+        self.inbox_writers: list[InboxWriter] = []
+        self.partitions: dict[int, PartitionCommands] = {}
+        self._acceptor: Acceptor | None = None
+        self._consumers: Any = None
+
+    @property
+    def acceptor(self) -> Acceptor:
+        """Routes and accepts commands (available once started)."""
+        if self._acceptor is None:
+            raise RuntimeError("the application runtime has not started")
+        return self._acceptor
+
+    @property
+    def consumers(self) -> Any:
+        """The events-side consumers (``consumers.EventConsumers``), once started."""
+        return self._consumers
+
+    @property
+    def app_key(self) -> str:
+        """The application's identity key."""
+        return self.app.identity.key
+
+    def partition_of(self, workload: str) -> int:
+        """The partition index of a workload key."""
+        return partition_of(workload, self.partition_count)
+
+    async def accept(self, envelopes: Sequence[Envelope]) -> None:
+        """``PartitionContext.accept``: durably accept handler-produced commands."""
+        await self.acceptor.accept_envelopes(envelopes)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run acceptance and owned partitions until cancelled."""
+        s = self.settings
+        self.partition_count = await load_partition_count(
+            self.provider, self.app_key, s.partition_count, s.clock()
+        )
+        if self.partition_count != s.partition_count:
+            _log.info(
+                "application %s keeps its %d partitions (configured: %d)",
+                self.app.identity,
+                self.partition_count,
+                s.partition_count,
+                extra={"app": self.app_key},
+            )
+        module = _consumers_module()
+        if module is not None:
+            self._consumers = module.partition_consumers(
+                self.app, s, live_nodes=getattr(self.ownership, "live_nodes", None)
+            )
+            # Deadlines for a home partition owned elsewhere wake its owner.
+            self._consumers.remote_wake = lambda index: self._wake_remote(index, "deadlines")
+        async with AsyncExitStack() as stack:
+            for index in range(self.partition_count):
+                journal = await self.provider.journals.open(inbox_name(self.app_key, index))
+                stack.push_async_callback(journal.close)
+                self.inbox_writers.append(
+                    InboxWriter(
+                        journal,
+                        batch_limit=s.inbox_batch_limit,
+                        record_limit=self.provider.limits.max_record_bytes,
+                        max_attempts=s.max_attempts,
+                        retry_max_delay=s.retry_max_delay,
+                    )
+                )
+            self._acceptor = Acceptor(
+                self.app,
+                self.partition_count,
+                self.inbox_writers,
+                local=self.partitions.get,
+                remote=self._offer_remote if self.router is not None else None,
+                wake=self._wake_remote if self.router is not None else None,
+            )
+            async with anyio.create_task_group() as tg:
+                for writer in self.inbox_writers:
+                    await tg.start(writer.run)
+                runner = PartitionRunner(
+                    self.app_key, self.partition_count, self.ownership, self._run_partition
+                )
+                tg.start_soon(runner.run)
+                if self._consumers is not None:
+                    await tg.start(self._consumers.run_node, self._node_context())
+                if s.idempotency_retention is not None:
+                    tg.start_soon(self._prune_markers, s.idempotency_retention)
+                task_status.started()
+
+    async def _prune_markers(self, retention: float) -> None:
+        # One node prunes: the owner of partition 0 (ownership moves it on failover).
+        first = partition_id(self.app_key, 0)
+        while True:
+            await anyio.sleep(min(3600.0, retention / 4))
+            if not self.ownership.owns(first):
+                continue
+            cutoff = self.settings.clock() - timedelta(seconds=retention)
+            try:
+                pruned = await prune_idempotency(self.provider, self.app_key, cutoff)
+            except PersistenceError as exc:
+                _log.warning(
+                    "application %s: pruning idempotency markers failed: %s",
+                    self.app.identity.name,
+                    describe_error(exc),
+                    extra={"app": self.app_key},
+                )
+                continue
+            if pruned:
+                _log.info(
+                    "application %s: pruned %d idempotency markers",
+                    self.app.identity.name,
+                    pruned,
+                    extra={"app": self.app_key},
+                )
+
+    async def _offer_remote(self, index: int, entries: list[InboxEntry]) -> bool:
+        assert self.router is not None
+        return await self.router.offer(
+            self.app_key, index, partition_id(self.app_key, index), entries
+        )
+
+    def _wake_remote(self, index: int, what: str = "inbox") -> None:
+        if self.router is not None:
+            self.router.wake(self.app_key, index, partition_id(self.app_key, index), what)
+
+    async def offer_local(self, index: int, entries: Sequence[InboxEntry]) -> bool:
+        """Handle commands a peer offered, if this node runs the partition; whether it did."""
+        commands = self.partitions.get(index)
+        if commands is None:
+            return False
+        try:
+            await commands.execute_local(entries)
+        except PartitionStopped:
+            return False
+        return True
+
+    def wake_local(self, index: int, what: str) -> None:
+        """A peer appended to this partition's inbox or deadlines: read them now."""
+        if what == "deadlines":
+            if self._consumers is not None:
+                self._consumers.wake_timer(index)
+            return
+        commands = self.partitions.get(index)
+        if commands is not None:
+            commands.poke()
+
+    def _node_context(self) -> NodeContext:
+        return NodeContext(
+            app=self.app,
+            settings=self.settings,
+            node_id=str(self.settings.node_id),
+            partition_count=self.partition_count,
+            provider=self.provider,
+            accept=self.accept,
+            partition_of=self.partition_of,
+            now=self.settings.clock,
+        )
+
+    async def _run_partition(self, index: int) -> None:
+        await run_owned_partition(self, index)
