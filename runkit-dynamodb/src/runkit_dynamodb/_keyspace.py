@@ -1,0 +1,147 @@
+"""``_DynamoKeyspace``: a keyspace handle of ``DynamoDBProvider``.
+
+A key is an item ``{n, k=<key>, v, r=<revision>}``; a revision is a random UUID
+(32 hex digits) written with the value, so compare-and-set is one conditional
+``PutItem`` or ``DeleteItem`` (deleting a key expected absent is one consistent
+read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from runkit.persistence import Conflict, Keyspace
+
+from ._handles import _b, _ConditionFailed, _Handle
+
+__all__ = ["_DynamoKeyspace"]
+
+
+class _DynamoKeyspace(_Handle, Keyspace):
+    _kind = "keyspace"
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        key = self._provider.limits.check_key(key)
+        response = await self._call(
+            "GetItem",
+            lambda c: c.get_item(
+                TableName=self._table,
+                Key=self._key(key),
+                ConsistentRead=True,
+                ProjectionExpression="v, r",
+            ),
+        )
+        item = response.get("Item")
+        if item is None:
+            return b"", ""
+        return item["v"]["B"], item["r"]["S"]
+
+    async def has(self, key: bytes) -> bool:
+        key = self._provider.limits.check_key(key)
+        return await self._exists(key)
+
+    async def _exists(self, key: bytes) -> bool:
+        response = await self._call(
+            "GetItem",
+            lambda c: c.get_item(
+                TableName=self._table,
+                Key=self._key(key),
+                ConsistentRead=True,
+                ProjectionExpression="k",
+            ),
+        )
+        return "Item" in response
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        limits = self._provider.limits
+        key = limits.check_key(key)
+        value = limits.check_value(value)
+        if not isinstance(revision, str):
+            raise TypeError(f"revision must be str, not {type(revision).__name__}")
+        self._check_open()
+        try:
+            if not value:
+                if not revision:
+                    # "Delete if absent" changes nothing: a strongly consistent
+                    # read decides it, and costs less than a conditional write.
+                    if await self._exists(key):
+                        raise Conflict.keyspace(self._name, key, revision)
+                    return ""
+                await self._call(
+                    "DeleteItem",
+                    lambda c: c.delete_item(
+                        TableName=self._table,
+                        Key=self._key(key),
+                        ConditionExpression="r = :r",
+                        ExpressionAttributeValues={":r": {"S": revision}},
+                    ),
+                    write=True,
+                )
+                return ""
+            new_revision = uuid.uuid4().hex
+            item = {**self._key(key), "v": _b(value), "r": {"S": new_revision}}
+            if revision:
+                await self._call(
+                    "PutItem",
+                    lambda c: c.put_item(
+                        TableName=self._table,
+                        Item=item,
+                        ConditionExpression="r = :r",
+                        ExpressionAttributeValues={":r": {"S": revision}},
+                    ),
+                    write=True,
+                )
+            else:
+                await self._call(
+                    "PutItem",
+                    lambda c: c.put_item(
+                        TableName=self._table,
+                        Item=item,
+                        ConditionExpression="attribute_not_exists(k)",
+                    ),
+                    write=True,
+                )
+            return new_revision
+        except _ConditionFailed:
+            raise Conflict.keyspace(self._name, key, revision) from None
+
+    async def set_unconditional(self, key: bytes, value: bytes) -> str:
+        limits = self._provider.limits
+        key = limits.check_key(key)
+        value = limits.check_value(value)
+        if not value:
+            await self._call(
+                "DeleteItem",
+                lambda c: c.delete_item(TableName=self._table, Key=self._key(key)),
+                write=True,
+            )
+            return ""
+        new_revision = uuid.uuid4().hex
+        item = {**self._key(key), "v": _b(value), "r": {"S": new_revision}}
+        await self._call(
+            "PutItem", lambda c: c.put_item(TableName=self._table, Item=item), write=True
+        )
+        return new_revision
+
+    async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+        self._check_open()
+
+        def request(kwargs: dict[str, Any]) -> dict[str, Any]:
+            return {
+                **kwargs,
+                "KeyConditionExpression": "n = :n",
+                "ExpressionAttributeValues": {":n": _b(self._pk)},
+                "ProjectionExpression": "k, v, r",
+            }
+
+        # aclosing: a consumer that stops early closes this generator, which must
+        # close the inner one too (an unclosed one is finalized by the GC).
+        pages = self._provider._query_pages(self._kind, self._what, request)
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                for item in page.get("Items", []):
+                    yield item["k"]["B"], item["v"]["B"], item["r"]["S"]
+                self._check_open()
