@@ -280,15 +280,16 @@ async def test_callers_waiting_for_room_go_in_arrival_order_and_a_leaver_passes_
             for n in (1, 2, 3, 4):
                 tg.start_soon(caller, n)
                 await wait_until(functools.partial(_waiting, partition, n))
-            await wait_until(lambda: len(partition._room_waiters) == 3)  # the leaver left
+            await wait_until(lambda: partition._backlog.waiting == 3)  # the leaver left
             s.notifier.release.set()
         await wait_until(lambda: len(s.notifier.calls) == 4)
     assert s.notifier.calls == [0, 1, 3, 4], "not served in arrival order"
-    assert not partition._room_waiters
+    assert not partition._backlog.waiting
 
 
 def _waiting(partition: Any, count: int) -> bool:
-    return len(partition._room_waiters) == count
+    waiting: int = partition._backlog.waiting
+    return waiting == count
 
 
 # -- a catch-up that never suspends must not starve other tasks -----------------------

@@ -9,8 +9,11 @@ Read it top-down:
   (``CommandExecutor``).
 - ``commands``: the partition batch processor (ADR 0007): accepting commands
   (``acceptance``), the inbox, handling a batch against cached aggregate roots
-  (``batches``, ``aggregates``, ``integrations``), the materialiser that writes
-  instance journals behind the stream, and the poison store.
+  (``batches``, ``aggregates``, ``integrations``) and the loop's helpers
+  (``backlog``, ``local_callers``, ``inbox_progress``, ``parking``,
+  ``retries``, ``integration_tasks``, ``markers``, ``pending``), the
+  materialiser that writes instance journals behind the stream, and the
+  poison store.
 - ``streams``: the partition stream (the commit point), its readers and the
   in-process ``EventBus``; shared by both sides. One module per job:
   ``records`` (the record and its codec), ``reading``, ``bus``, ``tail`` (the

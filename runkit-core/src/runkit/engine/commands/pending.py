@@ -1,0 +1,79 @@
+"""What the batch processor keeps per command: pending commands and completed IDs.
+
+``PendingCommand`` is one command waiting in the partition (from a local caller,
+with the ``Waiter`` its caller awaits, or from the inbox); ``CompletedCommands``
+remembers recently completed command IDs and where their events are on the
+stream, for deduplication.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import anyio
+import attrs
+
+from ...config import HandlerConfig
+from .inbox import InboxEntry
+
+__all__ = ["CompletedCommands", "Location", "PendingCommand", "Waiter"]
+
+# Where a completed command's events are on the stream: (first offset, count).
+Location = tuple[int, int] | None
+
+
+@attrs.define(eq=False)
+class Waiter:
+    """A local caller waiting for its commands to be durable."""
+
+    remaining: int
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    error: BaseException | None = None
+
+    def settle(self, error: BaseException | None = None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.remaining -= 1
+        if self.remaining <= 0 or error is not None:
+            self.done.set()
+
+
+@attrs.define(eq=False)
+class PendingCommand:
+    """One pending command."""
+
+    entry: InboxEntry
+    handler: HandlerConfig | None
+    position: int  # inbox position; -1 until a local command is in the inbox
+    waiter: Waiter | None = None
+    failures: int = 0
+    spilled: bool = False
+    finished: bool = False
+
+    @property
+    def command_id(self) -> str:
+        return self.entry.envelope.message_id
+
+    @property
+    def instance_key(self) -> tuple[str, str]:
+        return (self.entry.handler_key, self.entry.instance_id or "")
+
+
+class CompletedCommands:
+    """Recently completed command IDs and where their events are (bounded)."""
+
+    def __init__(self, size: int, initial: frozenset[str] = frozenset()) -> None:
+        self._items: OrderedDict[str, Location] = OrderedDict.fromkeys(initial)
+        self._size = size
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._items
+
+    def location(self, item: str) -> Location:
+        return self._items.get(item)
+
+    def add(self, item: str, location: Location = None) -> None:
+        self._items[item] = location
+        self._items.move_to_end(item)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)

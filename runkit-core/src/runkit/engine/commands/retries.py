@@ -1,0 +1,124 @@
+"""Failing commands: retried with backoff, or moved to the poison store.
+
+After each handler failure ``Retries`` decides: retry after a capped
+exponential backoff with jitter (a local command is spilled to the inbox
+meanwhile), or, after ``max_attempts`` failures, write the command to the
+partition's poison store and finish it. An aggregate command waits for its
+retry with its instance parked (``parking``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+from opentelemetry import metrics
+
+from ...persistence import PersistenceError, Provider
+from ..backoff import backoff
+from ..settings import EngineSettings
+from .pending import PendingCommand
+from .poison import PoisonRecord, write_poison
+
+__all__ = ["Retries"]
+
+# Part of the batch processor: logs as it.
+_log = logging.getLogger("runkit.engine.commands.batches")
+_meter = metrics.get_meter("runkit.engine")
+_failed = _meter.create_counter("runkit.commands.failed", description="failed handling attempts")
+_poisoned = _meter.create_counter("runkit.commands.poisoned", description="commands poisoned")
+
+
+class Retries:
+    """What happens to a command whose handler failed: a retry or the poison store.
+
+    *start* runs a task in the partition; *spill* makes a local command durable
+    in the inbox; *finish* completes a command (once it is poisoned).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: EngineSettings,
+        provider: Provider,
+        app_key: str,
+        index: int,
+        start: Callable[..., None],
+        spill: Callable[[PendingCommand], None],
+        finish: Callable[[PendingCommand], None],
+    ) -> None:
+        self._settings = settings
+        self._provider = provider
+        self._app_key = app_key
+        self._index = index
+        self._start = start
+        self._spill = spill
+        self._finish = finish
+
+    def failure(self, item: PendingCommand, exc: Exception) -> float | None:
+        """A handler failed: return the delay before retrying, or poison it (``None``)."""
+        handler = item.handler
+        name = handler.identity.name if handler is not None else item.entry.handler_key
+        item.failures += 1
+        _failed.add(1, {"handler": name})
+        if item.failures >= self._settings.max_attempts:
+            _log.error(
+                "command %s (%s, partition %d) failed %d times in handler %s; moving it to "
+                "the poison store: %s: %s",
+                item.command_id,
+                item.entry.envelope.description,
+                self._index,
+                item.failures,
+                name,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
+            self._start(self.poison, item, f"{type(exc).__name__}: {exc}", item.failures)
+            return None
+        delay = backoff(
+            item.failures, self._settings.retry_base_delay, self._settings.retry_max_delay
+        )
+        _log.warning(
+            "command %s (%s, partition %d) failed in handler %s (attempt %d), retrying in "
+            "%.2fs: %s: %s",
+            item.command_id,
+            item.entry.envelope.description,
+            self._index,
+            name,
+            item.failures,
+            delay,
+            type(exc).__name__,
+            exc,
+        )
+        self._spill(item)
+        return delay
+
+    async def poison(self, item: PendingCommand, reason: str, attempts: int) -> None:
+        """Write *item* to the poison store (retrying storage faults), then finish it."""
+        record = PoisonRecord(
+            entry=item.entry,
+            handler_key=item.entry.handler_key,
+            error=reason,
+            attempts=attempts,
+            poisoned_at=self._settings.clock(),
+            inbox_position=item.position,
+        )
+        failures = 0
+        while True:
+            try:
+                await write_poison(self._provider, self._app_key, self._index, record)
+                break
+            except PersistenceError as exc:
+                failures += 1
+                delay = backoff(failures, self._settings.retry_base_delay, 5.0)
+                _log.warning(
+                    "writing poison record of command %s failed, retrying in %.2fs: %s",
+                    item.command_id,
+                    delay,
+                    exc,
+                )
+                await anyio.sleep(delay)
+        _poisoned.add(1, {"handler_key": item.entry.handler_key})
+        self._finish(item)
