@@ -31,6 +31,7 @@ from runkit.engine.commands.acceptance import idempotency_name
 from runkit.engine.envelope import closing_iter, new_envelope, register_types, to_message
 from runkit.engine.streams import (
     EventBus,
+    OwnershipLost,
     PartitionStream,
     StreamTail,
     StreamWriter,
@@ -348,3 +349,61 @@ async def test_reading_a_stream_lets_other_tasks_run_even_if_nothing_suspends() 
             tg.cancel_scope.cancel()
     writer.close()
     await journal.close()
+
+
+async def test_stopping_settles_a_retried_command_whose_first_attempt_is_committing() -> None:
+    """A caller's retry of a command still being committed must not wait for ever.
+
+    Both attempts carry the same command ID; only the first is in a stream
+    record in flight, and the writer settles only that one. Stopping used to
+    skip every item whose command ID was being committed, so the retry's
+    caller hung (seen in the two-engine fault test).
+    """
+    from runkit.engine.commands.acceptance import PartitionStopped
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.commands.local_callers import LocalCallers
+    from runkit.engine.commands.pending import PendingCommand, Waiter
+
+    s = setup()
+    register_types(s.config.message_types())
+    env = new_envelope(
+        Deposit("acct", 1, "ref"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    entry = InboxEntry(envelope=env, handler_key="h", instance_id="acct")
+    first, retry = (PendingCommand(entry, None, -1, Waiter(1)) for _ in range(2))
+    callers = LocalCallers(
+        inbox_writer=None,  # type: ignore[arg-type]  # nothing is spilled here
+        start=lambda *args: None,
+        spilled_at=lambda position: None,
+    )
+    callers.add(first)
+    callers.add(retry)
+    callers.stop({first})  # the first is in the record the writer is committing
+    assert retry.waiter is not None
+    assert first.waiter is not None
+    assert retry.waiter.done.is_set()
+    assert isinstance(retry.waiter.error, PartitionStopped)
+    assert not first.waiter.done.is_set()  # the writer settles it (durable or failed)
+
+
+async def test_a_command_handled_after_the_writer_stopped_does_not_hang_its_caller() -> None:
+    """The batch loop may hand a command to a writer that has just stopped (ownership lost).
+
+    Its caller must then fall back to the inbox, not wait for a commit that will
+    never come: the command used to stay registered as being committed, so
+    stopping the partition skipped its caller (seen in the two-engine fault test).
+    """
+    s = setup()
+    provider = silo()
+    async with running(provider, s.config, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        runtime = await engine.runtime(APP_KEY)
+        await executor.execute_command(Notify(0))
+        await wait_until(lambda: 0 in runtime.partitions)
+        partition = runtime.partitions[0]
+        # As if another node had written the stream: the writer stops and
+        # refuses what the batch loop hands it next.
+        partition._writer.close(OwnershipLost("test: another node wrote the stream"))
+        with anyio.fail_after(10):
+            await executor.execute_command(Notify(1))
+        await wait_until(lambda: 1 in s.notifier.calls)

@@ -275,7 +275,8 @@ class PartitionCommands:
     def _stop(self) -> None:
         self._stopped = True
         self._backlog.close()
-        self._callers.stop(self._publishing)
+        # The writer settles the items of the commits in flight (``_durable``).
+        self._callers.stop({i for items in self._publishing.values() for i in items})
 
     def _wake_up(self) -> None:
         self._wake.set()
@@ -388,9 +389,15 @@ class PartitionCommands:
             waiting.append(item)  # the same command committed just before: wait for it
             return None
         self._publishing[item.command_id] = [item]
-        return self._writer.enqueue(
-            item.command_id, events, functools.partial(self._durable, record), pinned=pinned
-        )
+        try:
+            return self._writer.enqueue(
+                item.command_id, events, functools.partial(self._durable, record), pinned=pinned
+            )
+        except BaseException:
+            # The writer has stopped (OwnershipLost): nothing will settle the
+            # item through it, so stopping must (``_stop``).
+            del self._publishing[item.command_id]
+            raise
 
     def _durable(self, record: Committed | None, publication: Publication) -> None:
         # Called by the writer once the record holding the publication is durable

@@ -61,10 +61,15 @@ class LocalCallers:
         """The spilled local command with *command_id*, now read back from the inbox."""
         return self._spilled.pop(command_id, None)
 
-    def stop(self, committing: Container[str]) -> None:
-        """The partition stops: settle the callers whose commands are not *committing*."""
+    def stop(self, committing: Container[PendingCommand]) -> None:
+        """The partition stops: settle the callers whose commands are not *committing*.
+
+        *committing* holds the items themselves, not their command IDs: a caller
+        retrying a command whose first attempt is still being committed has an
+        item of its own, not yet handled, which the writer will never settle.
+        """
         for item in list(self._local):
-            if item.command_id not in committing:
+            if item not in committing:
                 self.settle(item, PartitionStopped())
 
     async def _append_spilled(self, item: PendingCommand) -> None:
