@@ -129,6 +129,21 @@ class _Handle:
         self._check_open()
         return await self._provider._call(self._kind, self._what, operation, call, write=write)
 
+    async def _get_item(
+        self, sort_key: bytes, projection: str
+    ) -> dict[str, AttributeValueTypeDef] | None:
+        """The item at *sort_key* (only the *projection* attributes), read consistently."""
+        response = await self._call(
+            "GetItem",
+            lambda c: c.get_item(
+                TableName=self._table,
+                Key=self._key(sort_key),
+                ConsistentRead=True,
+                ProjectionExpression=projection,
+            ),
+        )
+        return response.get("Item")
+
     def __repr__(self) -> str:
         state = " (closed)" if self._closed else ""
         return f"<dynamodb {self._kind} {self._name!r} in {self._table!r}{state}>"

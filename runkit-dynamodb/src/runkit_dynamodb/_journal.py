@@ -105,16 +105,7 @@ class _DynamoJournal(_Handle, Journal):
         raise PersistenceError(f"{self._what}: could not read consistent bounds", retryable=True)
 
     async def _read_begin(self) -> int:
-        response = await self._call(
-            "GetItem",
-            lambda c: c.get_item(
-                TableName=self._table,
-                Key=self._key(_META),
-                ConsistentRead=True,
-                ProjectionExpression="b",
-            ),
-        )
-        item = response.get("Item")
+        item = await self._get_item(_META, "b")
         return int(item["b"]["N"]) if item else 0
 
     async def bounds(self) -> Interval:
@@ -221,16 +212,7 @@ class _DynamoJournal(_Handle, Journal):
         if position > self._known_end:
             # Beyond what this handle has seen: the end must be exactly here,
             # so the previous position must have an item.
-            response = await self._call(
-                "GetItem",
-                lambda c: c.get_item(
-                    TableName=self._table,
-                    Key=self._key(_POSITION.pack(position - 1)),
-                    ConsistentRead=True,
-                    ProjectionExpression="k",
-                ),
-            )
-            if "Item" not in response:
+            if await self._get_item(_POSITION.pack(position - 1), "k") is None:
                 raise Conflict.journal(self._name, position)
             self._observe(position)
         item = {**self._key(_POSITION.pack(position)), "r": _b(record)}

@@ -25,16 +25,7 @@ class _DynamoKeyspace(_Handle, Keyspace):
 
     async def get(self, key: bytes) -> tuple[bytes, str]:
         key = self._provider.limits.check_key(key)
-        response = await self._call(
-            "GetItem",
-            lambda c: c.get_item(
-                TableName=self._table,
-                Key=self._key(key),
-                ConsistentRead=True,
-                ProjectionExpression="v, r",
-            ),
-        )
-        item = response.get("Item")
+        item = await self._get_item(key, "v, r")
         if item is None:
             return b"", ""
         return item["v"]["B"], item["r"]["S"]
@@ -44,16 +35,7 @@ class _DynamoKeyspace(_Handle, Keyspace):
         return await self._exists(key)
 
     async def _exists(self, key: bytes) -> bool:
-        response = await self._call(
-            "GetItem",
-            lambda c: c.get_item(
-                TableName=self._table,
-                Key=self._key(key),
-                ConsistentRead=True,
-                ProjectionExpression="k",
-            ),
-        )
-        return "Item" in response
+        return await self._get_item(key, "k") is not None
 
     async def set(self, key: bytes, value: bytes, revision: str) -> str:
         limits = self._provider.limits

@@ -22,16 +22,7 @@ class _DynamoSet(_Handle, Set):
 
     async def has(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
-        response = await self._call(
-            "GetItem",
-            lambda c: c.get_item(
-                TableName=self._table,
-                Key=self._key(member),
-                ConsistentRead=True,
-                ProjectionExpression="k",
-            ),
-        )
-        return "Item" in response
+        return await self._get_item(member, "k") is not None
 
     async def add(self, member: bytes) -> None:
         member = self._provider.limits.check_member(member)

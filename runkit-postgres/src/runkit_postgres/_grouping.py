@@ -29,8 +29,8 @@ ambiguous ``PersistenceError``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
-from typing import Final, Generic, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 import anyio
 import psycopg
@@ -39,7 +39,15 @@ from runkit.persistence import PersistenceError
 
 __all__ = ["MAX_BYTES", "MAX_ROWS", "WriteGroup"]
 
-K = TypeVar("K", bound=Hashable)  # what a statement holds one write of: a journal, a key
+
+class _Key(Protocol):
+    """What a statement holds one write of (a journal ID, a keyspace key): hashed, sorted."""
+
+    def __hash__(self) -> int: ...
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+K = TypeVar("K", bound=_Key)
 R = TypeVar("R")  # the rest of a write's row
 
 Conn = psycopg.Connection[tuple[object, ...]]
@@ -138,7 +146,7 @@ class WriteGroup(Generic[K, R]):
         return batch
 
     async def _run_one(self, what: str) -> None:
-        batch = sorted(self._take(), key=lambda item: item.key)  # type: ignore[arg-type, return-value]
+        batch = sorted(self._take(), key=lambda item: item.key)
         rows = [(item.key, item.row) for item in batch]
         operation = self._single(rows) if len(rows) == 1 else self._several(rows)
 

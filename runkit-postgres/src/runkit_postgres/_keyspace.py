@@ -74,7 +74,6 @@ class _Keyspace(_Handle, Keyspace):
             current = _parse_revision(revision)
         except _ForeignRevision:
             raise Conflict.keyspace(self._name, k, revision) from None
-        st = self._sql
         if v:
             # Concurrent inserts and updates of other keys may share the
             # statement (``_grouping``); the outcome is this key's alone.
@@ -86,6 +85,7 @@ class _Keyspace(_Handle, Keyspace):
             ):
                 raise Conflict.keyspace(self._name, k, revision)
             return new.hex
+        st = self._sql
         params: tuple[object, ...]
         if current is None:
             query, params = st.keyspace_has, (self._id, k)

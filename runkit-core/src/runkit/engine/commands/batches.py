@@ -388,16 +388,13 @@ class PartitionCommands:
         if waiting is not None:
             waiting.append(item)  # the same command committed just before: wait for it
             return None
+        # Registered only once the writer took it: a writer that has stopped
+        # raises OwnershipLost and will never settle the item (``_stop`` does).
+        publication = self._writer.enqueue(
+            item.command_id, events, functools.partial(self._durable, record), pinned=pinned
+        )
         self._publishing[item.command_id] = [item]
-        try:
-            return self._writer.enqueue(
-                item.command_id, events, functools.partial(self._durable, record), pinned=pinned
-            )
-        except BaseException:
-            # The writer has stopped (OwnershipLost): nothing will settle the
-            # item through it, so stopping must (``_stop``).
-            del self._publishing[item.command_id]
-            raise
+        return publication
 
     def _durable(self, record: Committed | None, publication: Publication) -> None:
         # Called by the writer once the record holding the publication is durable

@@ -182,9 +182,6 @@ class StreamWriter:
                 await self._wake.wait()
                 self._wake = anyio.Event()
                 if self._queue:
-                    # One pass of the event loop first, so that what other
-                    # tasks queue in this pass joins the record (group commit).
-                    await anyio.lowlevel.checkpoint()
                     # Progress rides along in these records' headers.
                     while self._queue:
                         await self._write_one()
