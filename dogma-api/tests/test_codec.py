@@ -187,6 +187,19 @@ def test_datetimes_are_stored_and_decoded_in_utc() -> None:
     assert decoded.at.tzinfo is UTC
 
 
+def test_a_datetime_that_does_not_exist_in_utc_is_refused_when_marshalling() -> None:
+    # 0001-01-01T00:00 at +01:00 is in year 0 in UTC, which datetime cannot hold.
+    message = Simple(name="x", at=datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1))))
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "cannot marshal Simple: field 'at': datetime '0001-01-01T00:00:00+01:00' is outside "
+            "the range of datetime in UTC (years 1 to 9999)"
+        ),
+    ):
+        message.marshal_binary()
+
+
 def test_naive_datetime_is_refused_when_marshalling() -> None:
     message = Simple(name="x", at=datetime(2024, 1, 1))
     with pytest.raises(
@@ -604,8 +617,10 @@ plain_floats = st.just(0.0) | st.floats(min_value=1e-4, max_value=1e16, exclude_
 offsets = st.builds(
     timezone, st.timedeltas(min_value=timedelta(hours=-23), max_value=timedelta(hours=23))
 )
-# Aware datetimes in any time zone: both back-ends store them in UTC.
-any_aware = st.datetimes(timezones=st.just(UTC) | offsets)
+# Aware datetimes in any time zone that exist in UTC: both back-ends store them in UTC.
+any_aware = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC) | offsets
+)
 typical = st.builds(
     attrs.evolve,
     everything,

@@ -293,7 +293,13 @@ class _DateTime(_Plan):
                 f"{_at(path)}naive datetime {value.isoformat()!r} is not allowed; "
                 "use a timezone-aware datetime in UTC, e.g. datetime.now(UTC)"
             )
-        return value.astimezone(UTC).isoformat()
+        try:
+            return value.astimezone(UTC).isoformat()
+        except OverflowError:
+            raise ValueError(
+                f"{_at(path)}datetime {value.isoformat()!r} is outside the range of "
+                "datetime in UTC (years 1 to 9999)"
+            ) from None
 
     def decode(self, data: JSON, path: str) -> object:
         if not isinstance(data, str):
