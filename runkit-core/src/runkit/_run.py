@@ -11,11 +11,13 @@ from typing import TextIO
 import anyio
 
 from . import config
+from ._cli_output import print_table
 from ._collector import tuned_collector
 from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
+from ._loading import application_object
 from ._options import Option, from_environment, with_application, with_persistence
-from .cli import DEFAULT_MEMORY_URL, application_object, print_table
+from .cli import DEFAULT_MEMORY_URL
 from .engine.commands.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .engine.engine import Engine, EngineStopped, meta_name, read_partition_count
 from .persistence import Provider, provider_from_url, redact_url

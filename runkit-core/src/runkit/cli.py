@@ -22,24 +22,24 @@ import argparse
 import importlib
 import importlib.metadata
 import importlib.util
-import inspect
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ._cli_output import print_table, status_text
 from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
 from ._hookspec import PROJECT_NAME
+from ._loading import application_object, load_object
 from ._validate import KNOBS, Knob, check_readable_file
 from .persistence import StoreUnavailable, installed_schemes, plugin_manager, redact_url
 
 if TYPE_CHECKING:
     from ._options import Option
-    from .engine.cluster.status import ApplicationStatus, ClusterStatus
 
-__all__ = ["CLIError", "main"]
+__all__ = ["CLIError", "application_object", "load_object", "main", "print_table", "status_text"]
 
 log = logging.getLogger("runkit.cli")
 
@@ -93,13 +93,6 @@ def _cmd_env(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    """Write *rows* (the first is the header) as left-aligned, space-separated columns."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
-
-
 def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
     by_plugin: dict[str, list[str]] = {}
     for scheme, plugin in installed_schemes().items():
@@ -113,83 +106,6 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
     )
     print_table([("plugin", "module", "schemes"), *rows], out)
     return 0
-
-
-def load_object(spec: str) -> Any:
-    """Import ``MODULE:ATTR`` (ATTR may be dotted) and return the object."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise CLIError(f"{spec!r} is not MODULE:ATTR, e.g. 'bank:app'")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
-            raise CLIError(
-                f"cannot import module {module_name!r} of {spec!r}: no module named "
-                f"{exc.name!r} (run from the project directory, or install it)"
-            ) from None
-        raise CLIError(f"cannot import module {module_name!r} of {spec!r}: {exc}") from None
-    except ImportError as exc:
-        raise CLIError(f"cannot import module {module_name!r} of {spec!r}: {exc}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise CLIError(f"module {module_name!r} has no attribute {attr!r}") from None
-    return obj
-
-
-def application_object(spec: str) -> Any:
-    """The Dogma application at ``MODULE:ATTR``: an instance, or made by calling ATTR.
-
-    ATTR may name the application object, its class (instantiated when its
-    constructor takes no arguments; logged) or a function returning it.
-    """
-    obj = load_object(spec)
-    if not isinstance(obj, type) and callable(getattr(obj, "configure", None)):
-        return obj
-    if isinstance(obj, type) and not callable(getattr(obj, "configure", None)):
-        raise CLIError(
-            f"{spec!r} is the class {obj.__qualname__}, not a Dogma application "
-            "(it has no configure(c) method)"
-        )
-    if callable(obj):
-        what = f"the class {obj.__qualname__}" if isinstance(obj, type) else "a function"
-        required = _required_parameters(obj)
-        if required:
-            raise CLIError(
-                f"{spec!r} is {what} that needs arguments ({', '.join(required)}); point "
-                "MODULE:ATTR at an application instance, or at a function or class that "
-                "takes no arguments"
-            )
-        made = obj()
-        if isinstance(obj, type):
-            log.info("%s names a class: using a new instance, %s()", spec, obj.__qualname__)
-        if callable(getattr(made, "configure", None)):
-            return made
-        raise CLIError(
-            f"{spec!r} is {what} that returned {type(made).__qualname__}, which is not a "
-            "Dogma application (it has no configure(c) method)"
-        )
-    raise CLIError(
-        f"{spec!r} is of type {type(obj).__qualname__}, not a Dogma application (an object "
-        "with a configure(c) method, a class that takes no arguments, or a function "
-        "returning one)"
-    )
-
-
-def _required_parameters(fn: Callable[..., Any]) -> list[str]:
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins have none; just call them
-        return []
-    return [
-        p.name
-        for p in signature.parameters.values()
-        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    ]
 
 
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
@@ -315,77 +231,6 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --watch
         anyio.run(go)
     return 0
-
-
-def status_text(status: ClusterStatus) -> str:
-    """``runkit status``'s human output: a nodes table, then per application its partitions
-    and its consumers' lag (largest first; consumers with no lag are only counted)."""
-    import io
-
-    out = io.StringIO()
-    now = status.read_at
-    if status.nodes:
-        rows: list[tuple[str, ...]] = [
-            ("node", "state", "role", "version", "address", "last heartbeat")
-        ]
-        for n in status.nodes:
-            age = f"{(now - n.written_at).total_seconds():.1f}s ago"
-            state = "live" if n.live else "expired"
-            address = ", ".join(n.addresses) or "-"
-            rows.append((str(n.node_id), state, n.role, n.version or "?", address, age))
-        print_table(rows, out)
-        live = len(status.live_nodes)
-        out.write(f"{live} live node(s), {len(status.nodes) - live} expired\n")
-    else:
-        out.write("no nodes have heartbeat records in this store\n")
-    for app in status.applications:
-        out.write("\n")
-        _application_text(app, out)
-    return out.getvalue()
-
-
-def _application_text(app: ApplicationStatus, out: TextIO) -> None:
-    title = f"application {app.name}" + ("" if app.name == app.key else f" ({app.key})")
-    if app.partition_count is None:
-        out.write(f"{title}: has never run on this store\n")
-        return
-    out.write(f"{title}: {app.partition_count} partition(s)\n")
-    rows: list[tuple[str, ...]] = [
-        ("partition", "owner", "claimed by", "backlog", "stream end", "deadlines", "poisoned")
-    ]
-    for p in app.partitions:
-        owner = str(p.owner) if p.owner is not None else "(no live node)"
-        claimed = "same" if p.claimed_by == p.owner else str(p.claimed_by or "-")
-        poisoned = str(p.poisoned) + (
-            f" (+{p.poisoned_events} events)" if p.poisoned_events else ""
-        )
-        rows.append(
-            (
-                str(p.index),
-                owner,
-                claimed,
-                str(p.inbox_backlog),
-                str(p.stream_end),
-                str(p.pending_deadlines),
-                poisoned,
-            )
-        )
-    print_table(rows, out)
-    backlog = sum(p.inbox_backlog for p in app.partitions)
-    out.write(f"backlog {backlog} command(s), {sum(p.poisoned for p in app.partitions)} poisoned\n")
-    if not app.consumers:
-        return
-    behind = [c for c in app.consumers if c.lag != 0]
-    if behind:
-        out.write("consumer lag (largest first):\n")
-        rows = [("handler", "kind", "partition", "lag", "checkpoint")]
-        for c in behind:
-            lag = "?" if c.lag is None else str(c.lag)
-            checkpoint = "?" if c.checkpoint is None else str(c.checkpoint)
-            rows.append((c.handler, c.kind, str(c.partition), lag, checkpoint))
-        print_table(rows, out)
-    caught_up = len(app.consumers) - len(behind)
-    out.write(f"{caught_up} of {len(app.consumers)} consumer(s) caught up\n")
 
 
 def _watch_seconds(text: str) -> float:
