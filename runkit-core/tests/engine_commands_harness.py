@@ -19,7 +19,7 @@ import msgspec
 
 import dogma
 from runkit.config import ApplicationConfig, build
-from runkit.engine.commands.aggregates import InstanceRecord, aggregate_name
+from runkit.engine.commands.aggregates import InstanceCommand, InstanceRecord, aggregate_name
 from runkit.engine.commands.inbox import decode_inbox_record, inbox_name
 from runkit.engine.commands.poison import poison_name
 from runkit.engine.engine import Engine, meta_name
@@ -322,7 +322,8 @@ class Stores:
     inbox: dict[int, list[tuple[int, Any]]]  # partition -> [(position, InboxRecord)]
     stream: dict[int, list[Any]]  # partition -> [StreamRecord]
     poison: dict[str, Any]  # command ID -> PoisonRecord
-    instances: dict[str, list[InstanceRecord]]  # instance ID -> records (accounts handler)
+    # instance ID -> the commands in its journal, in order (accounts handler)
+    instances: dict[str, list[InstanceCommand | InstanceRecord]]
     truncated: dict[str, int] = attrs.Factory(dict)  # instance ID -> journal begin, if > 0
 
     def accepted_ids(self) -> set[str]:
@@ -403,7 +404,7 @@ async def read_stores(provider: Provider, app_key: str = APP_KEY) -> Stores:
     inbox: dict[int, list[tuple[int, Any]]] = {}
     stream: dict[int, list[Any]] = {}
     poison: dict[str, Any] = {}
-    instances: dict[str, list[InstanceRecord]] = {}
+    instances: dict[str, list[InstanceCommand | InstanceRecord]] = {}
     truncated: dict[str, int] = {}
     from runkit.engine.commands.poison import PoisonRecord
 
@@ -435,7 +436,9 @@ async def read_stores(provider: Provider, app_key: str = APP_KEY) -> Stores:
             aggregate_name(app_key, ACCOUNTS_KEY, account)
         ) as j:
             instances[account] = [
-                msgspec.msgpack.decode(d, type=InstanceRecord) async for _, d in _range(j)
+                c
+                async for _, d in _range(j)
+                for c in msgspec.msgpack.decode(d, type=InstanceRecord).commands()
             ]
             begin = (await j.bounds()).begin
             if begin:

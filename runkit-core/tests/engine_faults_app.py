@@ -49,8 +49,8 @@ import msgspec
 import dogma
 from runkit.config import ApplicationConfig, build
 from runkit.engine.commands.acceptance import idempotency_name
+from runkit.engine.commands.aggregates import InstanceCommand, aggregate_name
 from runkit.engine.commands.aggregates import InstanceRecord as AggregateRecord
-from runkit.engine.commands.aggregates import aggregate_name
 from runkit.engine.commands.inbox import EngineStopped, InboxRecord, decode_inbox_record, inbox_name
 from runkit.engine.commands.poison import poison_name
 from runkit.engine.engine import Engine, meta_name
@@ -589,7 +589,8 @@ class Stores:
     stream: dict[int, list[StreamRecord]]
     poison: dict[str, bytes]
     event_poison: dict[str, bytes]
-    journals: dict[str, list[AggregateRecord]]  # account -> instance journal records
+    # account -> the commands in its instance journal, in order (a record may hold several)
+    journals: dict[str, list[InstanceCommand | AggregateRecord]]
     journal_begin: dict[str, int]
     processes: dict[str, ProcessRecord]  # account -> loyalty instance record
     markers: set[str]  # command IDs with an idempotency marker
@@ -706,7 +707,9 @@ async def read_stores(provider: Provider) -> Stores:
         async with await provider.journals.open(
             aggregate_name(APP_KEY, ACCOUNTS_KEY, account)
         ) as j:
-            s.journals[account] = [decoder.decode(d) for _, d in await _records(j)]
+            s.journals[account] = [
+                c for _, d in await _records(j) for c in decoder.decode(d).commands()
+            ]
             s.journal_begin[account] = (await j.bounds()).begin
     return s
 

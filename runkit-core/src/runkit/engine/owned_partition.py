@@ -85,6 +85,7 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             truncate=s.truncate_aggregate_journals,
             retry_base_delay=s.retry_base_delay,
             retry_max_delay=s.retry_max_delay,
+            delay=s.materialise_delay,
         )
         if tail.materialised is not None:
             # Aggregate events a previous owner committed but had not yet

@@ -38,6 +38,12 @@ def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> Non
         raise ValueError(f"{attribute.name} must be positive, got {value!r}")
 
 
+def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    # NaN and inf fail the comparison: a wait of either means nothing.
+    if not (isinstance(value, int | float) and 0 <= value < float("inf")):
+        raise ValueError(f"{attribute.name} must be zero or finite and positive, not {value!r}")
+
+
 def _positive_or_none(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is not None and not (isinstance(value, int | float) and value > 0):
         raise ValueError(f"{attribute.name} must be positive or None, got {value!r}")
@@ -98,6 +104,11 @@ class EngineSettings:
             processed. Saves storage, but the history is then gone: a snapshot
             that no longer loads (root code changed incompatibly) leaves the
             instance unrecoverable. Off by default (ADR 0004).
+        materialise_delay: Seconds a partition's owner waits, once aggregate
+            events are committed, before writing them to their instance
+            journals, so that an instance's commands in that time cost one
+            append. A new owner re-reads about this much of the stream at
+            takeover. ``0``: write as soon as committed.
         idempotency_retention: Seconds an idempotency marker is kept after its
             command completed (``None``: forever). A command re-submitted with
             the same key after that may execute again. The owner of partition 0
@@ -130,6 +141,7 @@ class EngineSettings:
     tls_ca: str | None = None
     snapshot_every: int = attrs.field(default=100, validator=_at_least_one)
     truncate_aggregate_journals: bool = False
+    materialise_delay: float = attrs.field(default=1.0, validator=_non_negative)
     idempotency_retention: float | None = attrs.field(
         default=7 * 24 * 3600.0, validator=_positive_or_none
     )

@@ -45,6 +45,7 @@ __all__ = [
     "AggregateInstances",
     "Committed",
     "Instance",
+    "InstanceCommand",
     "InstanceRecord",
     "SnapshotRecord",
     "aggregate_name",
@@ -73,8 +74,8 @@ def snapshot_name(app_key: str, handler_key: str) -> str:
     return f"{app_key}/snapshot/{handler_key}"
 
 
-class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The events one command recorded on an aggregate instance (derived from the stream).
+class InstanceCommand(msgspec.Struct, frozen=True, array_like=True):
+    """The events one command recorded on an aggregate instance.
 
     Attributes:
         command_id: The command that recorded the events.
@@ -82,15 +83,48 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
         inbox_position: Where the command was in its partition inbox (-1 if it
             never was, or is unknown).
         stream_offset: The stream offset of the first event (-1: unknown).
-            Per instance, offsets only grow: the materialiser appends a record
-            only if the journal's last record is below it, which makes writing
-            the same record twice (two owners, an ambiguous append) harmless.
     """
 
     command_id: str
     events: tuple[Envelope, ...]
     inbox_position: int = -1
     stream_offset: int = -1
+
+
+class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """The events of one or more consecutive commands on an aggregate instance.
+
+    Derived from the stream: the materialiser writes every command an instance
+    recorded since its last write as one record (the first command in the
+    top-level fields, the others in ``more``), so a busy instance costs one
+    append per round, not one per command.
+
+    Attributes:
+        command_id: The first command.
+        events: Its events, in order.
+        inbox_position: Its inbox position (-1 if it never was, or unknown).
+        stream_offset: The stream offset of its first event (-1: unknown).
+            Per instance, offsets only grow: the materialiser appends only
+            commands above the last offset in the journal, which makes writing
+            the same commands twice (two owners, an ambiguous append) harmless.
+        more: The commands after the first, in order.
+    """
+
+    command_id: str
+    events: tuple[Envelope, ...]
+    inbox_position: int = -1
+    stream_offset: int = -1
+    more: tuple[InstanceCommand, ...] = ()
+
+    def commands(self) -> Iterable[InstanceCommand | InstanceRecord]:
+        """Every command of the record, in order (each with the fields above)."""
+        yield self
+        yield from self.more
+
+    @property
+    def last_offset(self) -> int:
+        """The stream offset of the last command's first event (-1: unknown)."""
+        return self.more[-1].stream_offset if self.more else self.stream_offset
 
 
 class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -447,9 +481,12 @@ class AggregateInstances:
             async with closing_iter(journal.range(start)) as records:
                 async for position, data in records:
                     record = instance_decoder.decode(data)
-                    replay(inst, record.events)
-                    inst.remember(record.command_id, _location(record.stream_offset, record.events))
-                    end, last = position + 1, record.stream_offset
+                    for command in record.commands():
+                        replay(inst, command.events)
+                        inst.remember(
+                            command.command_id, _location(command.stream_offset, command.events)
+                        )
+                    end, last = position + 1, record.last_offset
         return inst, (journal, end, last)
 
 

@@ -1,8 +1,8 @@
 """The materialiser: derived aggregate state written behind the partition stream.
 
-Once a stream record is durable, the aggregate events it holds are copied, one
-``InstanceRecord`` per command, into their instance journals; a snapshot the
-batch loop captured with a command is written after that command's record.
+Once a stream record is durable, the aggregate events it holds are copied into
+their instance journals; a snapshot the batch loop captured with a command is
+written after the record holding that command.
 Nothing here is a commit point (the stream is, ADR 0007), so every write may be
 repeated or lost:
 
@@ -14,6 +14,15 @@ repeated or lost:
   journal. A new owner reads the stream from there (``recover``) and writes
   what is missing, and its instances are rebuilt from snapshot + journal + those
   records meanwhile.
+
+Writes are coalesced: once records become durable, ``run`` waits ``delay``
+seconds (or until ``QUEUE_LIMIT`` records are queued) before a round, and a round
+writes everything an instance committed since its last round as *one* journal
+record (``InstanceRecord.more``), split only after a command that carries a
+snapshot and where a record would exceed ``GROUP_LIMIT`` commands or the
+driver's record size. A busy instance therefore costs one append per round,
+not one per command; the price is a materialised watermark that trails the
+stream by about ``delay``, which a new owner reads back at takeover.
 
 Instances are written concurrently by a fixed pool of workers (started by
 ``run`` and ``flush``: no task per round or per instance), each instance in stream order,
@@ -39,6 +48,7 @@ from ..logs import RateLimitedLog, describe_error
 from .aggregates import (
     AggregateInstances,
     Committed,
+    InstanceCommand,
     InstanceRecord,
     SnapshotRecord,
     aggregate_name,
@@ -58,6 +68,10 @@ _Key = tuple[str, str]  # (handler key, instance ID)
 
 #: Instance journals written at once.
 CONCURRENCY = 32
+#: Queued records that start a round without waiting for the delay.
+QUEUE_LIMIT = 10_000
+#: Most commands in one instance journal record.
+GROUP_LIMIT = 256
 #: Instance journal handles kept open (with their known end).
 OPEN_JOURNALS = 1024
 
@@ -74,12 +88,15 @@ class Materialiser:
         truncate: bool,
         retry_base_delay: float,
         retry_max_delay: float,
+        delay: float = 0.0,
     ) -> None:
         self._provider = provider
         self._app = app
         self._app_key = app.identity.key
         self._aggregates = aggregates
         self._truncate = truncate
+        self._delay = delay
+        self._max_record_bytes = provider.limits.max_record_bytes
         self._retry_base_delay = retry_base_delay
         self._retry_max_delay = retry_max_delay
         self._aggregate_keys = frozenset(
@@ -87,6 +104,7 @@ class Materialiser:
         )
         self._queue: deque[tuple[_Key, Committed]] = deque()
         self._wake = anyio.Event()
+        self._full = anyio.Event()  # set when QUEUE_LIMIT records are queued
         # Open instance journals: (handle, end, stream offset of the last record).
         self._journals: OrderedDict[_Key, tuple[Journal, int, int | None]] = OrderedDict()
         self.records_written = 0
@@ -103,6 +121,8 @@ class Materialiser:
     def add(self, key: _Key, record: Committed) -> None:
         """Queue a record (in commit order); it is written once ``record.durable`` is set."""
         self._queue.append((key, record))
+        if len(self._queue) >= QUEUE_LIMIT:
+            self._full.set()
 
     def wake(self) -> None:
         """Records became durable: start a round."""
@@ -155,7 +175,13 @@ class Materialiser:
                         await self._wake.wait()
                         self._wake = anyio.Event()
                         continue
+                    if self._delay and len(self._queue) < QUEUE_LIMIT:
+                        # Let the instances commit more before writing them.
+                        with anyio.move_on_after(self._delay):
+                            await self._full.wait()
                     await self._round()
+                    if len(self._queue) < QUEUE_LIMIT:
+                        self._full = anyio.Event()
         finally:
             await self._close_journals()
 
@@ -226,9 +252,10 @@ class Materialiser:
         failures = 0
         done = 0
         while done < len(records):
+            group = _group(records, done)
             try:
-                await self._write(key, records[done])
-                done += 1
+                await self._write(key, group)
+                done += len(group)
                 failures = 0
             except PersistenceError as exc:
                 failures += 1
@@ -245,30 +272,47 @@ class Materialiser:
                 await anyio.sleep(delay)
         self._aggregates.written(key[0], key[1], records)
 
-    async def _write(self, key: _Key, record: Committed) -> None:
+    async def _write(self, key: _Key, group: list[Committed]) -> None:
+        """Append the commands of *group* the journal lacks, in as few records as fit."""
         journal, end, last = await self._journal(key)
-        data = instance_encoder.encode(
-            InstanceRecord(
-                command_id=record.command_id,
-                events=record.events,
-                inbox_position=record.inbox_position,
-                stream_offset=record.stream_offset,
-            )
-        )
         while True:
-            if last is not None and last >= record.stream_offset:
-                break  # already written (by an earlier owner or an ambiguous append)
+            # Only commands above the journal's last one: an earlier owner or
+            # an ambiguous append may have written some of them already.
+            fresh = [r for r in group if last is None or r.stream_offset > last]
+            if not fresh:
+                break
+            data = self._encode(fresh)
+            while len(data) > self._max_record_bytes and len(fresh) > 1:
+                fresh = fresh[: len(fresh) // 2]
+                data = self._encode(fresh)
             try:
                 await journal.append(end, data)
                 self.records_written += 1
-                end, last = end + 1, record.stream_offset
-                break
+                end, last = end + 1, fresh[-1].stream_offset
             except Conflict:
                 end = (await journal.bounds()).end
                 last = await _last_offset(journal, end)
+            self._journals[key] = (journal, end, last)
         self._journals[key] = (journal, end, last)
-        if record.snapshot is not None:
-            await self._write_snapshot(key, journal, end, record.snapshot)
+        snapshot = group[-1].snapshot
+        if snapshot is not None:
+            await self._write_snapshot(key, journal, end, snapshot)
+
+    @staticmethod
+    def _encode(records: list[Committed]) -> bytes:
+        first = records[0]
+        return instance_encoder.encode(
+            InstanceRecord(
+                command_id=first.command_id,
+                events=first.events,
+                inbox_position=first.inbox_position,
+                stream_offset=first.stream_offset,
+                more=tuple(
+                    InstanceCommand(r.command_id, r.events, r.inbox_position, r.stream_offset)
+                    for r in records[1:]
+                ),
+            )
+        )
 
     async def _write_snapshot(
         self, key: _Key, journal: Journal, position: int, snapshot: tuple[bytes, tuple[str, ...]]
@@ -352,4 +396,19 @@ async def _last_offset(journal: Journal, end: int) -> int | None:
         data = await journal.get(end - 1)
     except RecordNotFound:
         return None  # truncated to the end: only a snapshot-covered past
-    return instance_decoder.decode(data).stream_offset
+    return instance_decoder.decode(data).last_offset
+
+
+def _group(records: list[Committed], start: int) -> list[Committed]:
+    """The records from *start* that go into one journal record.
+
+    A group ends with a record that carries a snapshot (the snapshot covers the
+    journal up to and including that command, so nothing after it may share
+    its record) or at ``GROUP_LIMIT`` commands.
+    """
+    group: list[Committed] = []
+    for record in records[start : start + GROUP_LIMIT]:
+        group.append(record)
+        if record.snapshot is not None:
+            break
+    return group
