@@ -211,3 +211,29 @@ async def test_a_full_queue_does_not_wait_for_the_delay(monkeypatch: pytest.Monk
         await wait_until(lambda: m.watermark(99) == 99, timeout=5)
         tg.cancel_scope.cancel()
     assert m.records_written == 1
+
+
+async def test_rounds_follow_the_records_ages() -> None:
+    # An instance is written once its oldest record is `delay` old, not when
+    # some other instance's is: the writes flow instead of coming in bursts.
+    b = Bench()
+    a = await b.aggregates.load(b.handler, "a")
+    c = await b.aggregates.load(b.handler, "c")
+    m = b.materialiser(delay=1.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(m.run)
+        old = b.commit(a, "old")
+        m.add(b.key("a"), old)
+        m.wake()
+        await anyio.sleep(0.5)
+        young = b.commit(c, "young")
+        m.add(b.key("c"), young)
+        m.wake()
+        await wait_until(lambda: old.written, timeout=5)
+        if anyio.current_time() < young.queued_at + 1.0:
+            assert not young.written
+            assert await b.journal("c") == []
+        await wait_until(lambda: young.written, timeout=5)
+        assert anyio.current_time() >= young.queued_at + 1.0
+        tg.cancel_scope.cancel()
+    assert m.records_written == 2

@@ -160,6 +160,8 @@ class Committed:
         stream_position: The stream journal position of the record (once durable).
         snapshot: The root's ``marshal_binary()`` right after this command
             (with the recent command IDs), when a snapshot is due.
+        queued_at: When the materialiser was given it (its clock).
+        written: Set once the materialiser wrote it to the instance journal.
     """
 
     command_id: str
@@ -169,6 +171,8 @@ class Committed:
     stream_offset: int = -1
     stream_position: int = -1
     snapshot: tuple[bytes, tuple[str, ...]] | None = None
+    queued_at: float = 0.0
+    written: bool = False
 
 
 @attrs.define(eq=False)

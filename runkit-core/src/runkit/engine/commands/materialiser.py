@@ -15,14 +15,16 @@ repeated or lost:
   what is missing, and its instances are rebuilt from snapshot + journal + those
   records meanwhile.
 
-Writes are coalesced: once records become durable, ``run`` waits ``delay``
-seconds (or until ``QUEUE_LIMIT`` records are queued) before a round, and a round
-writes everything an instance committed since its last round as *one* journal
+Writes are late and coalesced (ADR 0009): a record is written once it has been
+queued for ``delay`` seconds (sooner when ``QUEUE_LIMIT`` records are queued),
+and with it every later durable record of the same instance, as *one* journal
 record (``InstanceRecord.more``), split only after a command that carries a
 snapshot and where a record would exceed ``GROUP_LIMIT`` commands or the
-driver's record size. A busy instance therefore costs one append per round,
-not one per command; the price is a materialised watermark that trails the
-stream by about ``delay``, which a new owner reads back at takeover.
+driver's record size. A busy instance therefore costs about one append per
+``delay``, not one per command. Rounds follow the records' ages, so the writes
+flow steadily rather than in a burst per ``delay``. The price is a materialised
+watermark that trails the stream by about ``delay``, which a new owner reads
+back at takeover.
 
 Instances are written concurrently by a fixed pool of workers (started by
 ``run`` and ``flush``: no task per round or per instance), each instance in stream order,
@@ -31,6 +33,7 @@ one round at a time: a round takes every durable record queued so far.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -120,6 +123,7 @@ class Materialiser:
 
     def add(self, key: _Key, record: Committed) -> None:
         """Queue a record (in commit order); it is written once ``record.durable`` is set."""
+        record.queued_at = anyio.current_time()
         self._queue.append((key, record))
         if len(self._queue) >= QUEUE_LIMIT:
             self._full.set()
@@ -161,6 +165,7 @@ class Materialiser:
                 stream_offset=record.first_offset + i,
                 stream_position=position,
             )
+            committed.queued_at = anyio.current_time()
             current = (key, committed)
             self._aggregates.recovered(key[0], key[1], committed)
             self._queue.append(current)
@@ -175,11 +180,13 @@ class Materialiser:
                         await self._wake.wait()
                         self._wake = anyio.Event()
                         continue
-                    if self._delay and len(self._queue) < QUEUE_LIMIT:
-                        # Let the instances commit more before writing them.
-                        with anyio.move_on_after(self._delay):
-                            await self._full.wait()
-                    await self._round()
+                    if len(self._queue) < QUEUE_LIMIT:
+                        # Let the oldest record's instance commit more first.
+                        wait = self._queue[0][1].queued_at + self._delay - anyio.current_time()
+                        if wait > 0:
+                            with anyio.move_on_after(wait):
+                                await self._full.wait()
+                    await self._round(self._delay if len(self._queue) < QUEUE_LIMIT else 0.0)
                     if len(self._queue) < QUEUE_LIMIT:
                         self._full = anyio.Event()
         finally:
@@ -213,16 +220,27 @@ class Materialiser:
                 await journal.close()
             self._journals.clear()
 
-    async def _round(self) -> None:
-        # Records leave the queue only once written: a round cut short (by
+    async def _round(self, delay: float = 0.0) -> None:
+        """Write records queued *delay* ago or more (durable), with their instances' later ones."""
+        # Records leave the queue only once written, and only from its front
+        # (the watermark is the front's position): a round cut short (by
         # shutdown) is repeated in full by flush(), and repeating is harmless.
+        cutoff = anyio.current_time() - delay
         groups: dict[_Key, list[Committed]] = {}
         taken = 0
         for key, record in self._queue:
-            if not record.durable:
+            if not record.durable or record.queued_at > cutoff:
                 break
-            groups.setdefault(key, []).append(record)
             taken += 1
+            if not record.written:
+                groups.setdefault(key, []).append(record)
+        if delay and groups:
+            # The same instances' younger records go along: one append each.
+            for key, record in itertools.islice(self._queue, taken, None):
+                if not record.durable:
+                    break
+                if not record.written and key in groups:
+                    groups[key].append(record)
         if groups:
             # Hand the instances to the workers and wait until all are written.
             self._work.extend(groups.items())
@@ -270,6 +288,8 @@ class Materialiser:
                     describe_error(exc),
                 )
                 await anyio.sleep(delay)
+        for record in records:
+            record.written = True
         self._aggregates.written(key[0], key[1], records)
 
     async def _write(self, key: _Key, group: list[Committed]) -> None:
