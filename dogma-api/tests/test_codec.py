@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dogma
-from dogma import _codec
+from dogma import _codec, _codec_plans
 from dogma import _codec_msgspec as msgspec_backend
 
 
@@ -597,8 +597,8 @@ def test_dict_keys_round_trip_and_bad_keys_are_reported() -> None:
 
 
 def fast_codec(cls: type) -> msgspec_backend.Codec:
-    plan = _codec._plan_for(cls)
-    assert isinstance(plan, _codec._AttrsClass)
+    plan = _codec_plans._plan_for(cls)
+    assert isinstance(plan, _codec_plans._AttrsClass)
     codec = msgspec_backend.compile(plan)
     assert codec is not None
     return codec
@@ -930,8 +930,8 @@ class Plain(dogma.Event):
 def test_msgspec_builds_instances_itself_only_where_that_equals_calling_the_class(
     cls: type, native: bool
 ) -> None:
-    plan = _codec._plan_for(cls)
-    assert isinstance(plan, _codec._AttrsClass)
+    plan = _codec_plans._plan_for(cls)
+    assert isinstance(plan, _codec_plans._AttrsClass)
     decoded, build = msgspec_backend._attrs_spec(plan, frozenset())
     assert (decoded is cls and build is None) is native
 

@@ -98,7 +98,7 @@ async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
     assert tail.next_offset == 1, "flush() wrote nothing: the queue was dropped"
     record = decode_stream_record(await journal.get(0))
     assert record.command_ids == ("cmd-1",)
-    assert publication.done.is_set()
+    assert publication.settled
     assert publication.offset == 0
     writer.close()
     await journal.close()
@@ -119,7 +119,7 @@ async def test_a_batch_larger_than_the_record_limit_is_committed_in_several_reco
     async with anyio.create_task_group() as tg:
         await tg.start(writer.run)
         for publication in publications:
-            await publication.done.wait()
+            await publication.wait_settled()
         tg.cancel_scope.cancel()
     assert [p.offset for p in publications] == list(range(count))
     bounds = await journal.bounds()
@@ -319,7 +319,7 @@ async def test_reading_a_stream_lets_other_tasks_run_even_if_nothing_suspends() 
             for i in range(count)
         ]
         for publication in publications:
-            await publication.done.wait()
+            await publication.wait_settled()
         tg.cancel_scope.cancel()
 
     for source, reader in (

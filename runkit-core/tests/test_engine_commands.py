@@ -544,6 +544,55 @@ async def test_instance_journals_are_derived_and_written_once_by_two_owners() ->
     assert fresh.root.balance == 3
 
 
+async def test_a_repeated_command_leaves_its_events_for_a_subscription_that_starts_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A duplicate is re-published on the owner's bus even with nobody subscribed yet.
+
+    A peer's observer subscribes at the owner over the network while the
+    gateway offers the command, so the offer may win: the owner must keep the
+    original events (and the done note) for the subscription that arrives
+    after. Before the fix a duplicate with no local subscriber published
+    nothing, so once the bus had forgotten the original events (it keeps them
+    for a minute) a client's observer of a repeated keyed command waited for
+    ever (seen in the three-node test on DynamoDB, which runs for minutes).
+    """
+    import time
+
+    from runkit.engine.commands.acceptance import command_id_for
+    from runkit.engine.streams import CommandDone, StreamEvent, UniqueEvents
+    from runkit.engine.streams.bus import RECENT_SECONDS
+
+    s = setup()
+    provider = silo()
+    correlation_id = command_id_for(APP_KEY, "late")
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc", 4, "late"), idempotency_key="late")
+        await settled(provider)  # handled (the first call may only have reached the inbox)
+        # A minute and more later the bus no longer keeps the original events.
+        monkeypatch.setattr(engine.bus, "_clock", lambda: time.monotonic() + RECENT_SECONDS + 1)
+        async with engine.bus.subscribe(correlation_id, replay=True) as items:
+            assert isinstance(items, UniqueEvents)
+            assert not items.pending()
+        # The same command again, with nobody subscribed on this node yet.
+        await executor.execute_command(Deposit("acc", 4, "late"), idempotency_key="late")
+        await settled(provider)
+        seen: list[object] = []
+        with anyio.fail_after(5):
+            async with engine.bus.subscribe(correlation_id, replay=True) as items:
+                async for item in items:
+                    seen.append(item)
+                    if isinstance(item, CommandDone):
+                        break
+    events = [i for i in seen if isinstance(i, StreamEvent)]
+    assert [e.envelope.description for e in events] == ["Deposited"]
+    assert events[0].envelope.causation_id == correlation_id
+    assert isinstance(seen[-1], CommandDone)
+    assert seen[-1].conclusive
+    assert len(s.accounts.calls) == 1
+
+
 async def test_observers_see_events_even_of_a_deduplicated_command() -> None:
     from engine_commands_harness import REGISTRY, Notified
 

@@ -35,7 +35,7 @@ import attrs
 import msgspec
 from msgspec.structs import asdict
 
-from ._codec import (
+from ._codec_plans import (
     _NONE_TYPE,
     _UUID,
     _AttrsClass,

@@ -107,8 +107,8 @@ class EngineSettings:
         materialise_delay: Seconds a partition's owner waits, once aggregate
             events are committed, before writing them to their instance
             journals, so that an instance's commands in that time cost one
-            append. A new owner re-reads about this much of the stream at
-            takeover. ``0``: write as soon as committed.
+            append (ADR 0009). A new owner re-reads about this much of the
+            stream at takeover. ``0``: write as soon as committed.
         idempotency_retention: Seconds an idempotency marker is kept after its
             command completed (``None``: forever). A command re-submitted with
             the same key after that may execute again. The owner of partition 0

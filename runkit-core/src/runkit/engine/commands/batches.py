@@ -424,27 +424,31 @@ class PartitionCommands:
         if waiting is not None:
             waiting.append(item)
             return
-        if location is not None and self._bus.has_subscribers(item.entry.envelope.correlation_id):
-            # A repeated submission with observers waiting: give them the
-            # original events (bus only; the stream already has them), then
-            # say it is done.
+        if location is not None:
+            # A repeated submission: publish the original events again (bus
+            # only; the stream has them), then say it is done. Even with no
+            # subscriber here yet: the bus keeps them for one that starts late,
+            # such as a peer's observer whose subscription reaches this node
+            # after the offer of the command did.
             self._start(self._redeliver, item, location)
             return
-        self._finish(item, conclusive=False)
+        self._finish(item, conclusive=False, always_note=True)
 
     async def _redeliver(self, item: PendingCommand, location: tuple[int, int]) -> None:
         first, count = location
         try:
             self._bus.publish(await self._stream.events_at(first, count))
         finally:
-            self._finish(item)
+            self._finish(item, always_note=True)
 
-    def _finish(self, item: PendingCommand, *, conclusive: bool = True) -> None:
+    def _finish(
+        self, item: PendingCommand, *, conclusive: bool = True, always_note: bool = False
+    ) -> None:
         if item.finished:
             return
         item.finished = True
         correlation_id = item.entry.envelope.correlation_id
-        if self._bus.has_subscribers(correlation_id):
+        if always_note or self._bus.has_subscribers(correlation_id):
             self._bus.note(CommandDone(correlation_id, item.command_id, conclusive))
         self._callers.settle(item, None)
         self._backlog.count -= 1

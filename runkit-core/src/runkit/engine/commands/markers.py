@@ -59,7 +59,7 @@ class Markers:
 
     async def mark_after(self, publication: Publication) -> None:
         """Mark the publication's command once its record is durable."""
-        await publication.done.wait()
+        await publication.wait_settled()
         if publication.error is not None:
             return
         location = (publication.offset, len(publication.events)) if publication.events else None

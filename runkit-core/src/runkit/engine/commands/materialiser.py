@@ -33,7 +33,6 @@ one round at a time: a round takes every durable record queued so far.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
@@ -106,6 +105,8 @@ class Materialiser:
             h.identity.key for h in app.handlers if h.kind is HandlerKind.AGGREGATE
         )
         self._queue: deque[tuple[_Key, Committed]] = deque()
+        # Per instance, its queued records not written yet (in order).
+        self._unwritten: dict[_Key, deque[Committed]] = {}
         self._wake = anyio.Event()
         self._full = anyio.Event()  # set when QUEUE_LIMIT records are queued
         # Open instance journals: (handle, end, stream offset of the last record).
@@ -125,6 +126,7 @@ class Materialiser:
         """Queue a record (in commit order); it is written once ``record.durable`` is set."""
         record.queued_at = anyio.current_time()
         self._queue.append((key, record))
+        self._unwritten.setdefault(key, deque()).append(record)
         if len(self._queue) >= QUEUE_LIMIT:
             self._full.set()
 
@@ -169,6 +171,7 @@ class Materialiser:
             current = (key, committed)
             self._aggregates.recovered(key[0], key[1], committed)
             self._queue.append(current)
+            self._unwritten.setdefault(key, deque()).append(committed)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write durable records until cancelled."""
@@ -232,15 +235,13 @@ class Materialiser:
             if not record.durable or record.queued_at > cutoff:
                 break
             taken += 1
-            if not record.written:
-                groups.setdefault(key, []).append(record)
-        if delay and groups:
-            # The same instances' younger records go along: one append each.
-            for key, record in itertools.islice(self._queue, taken, None):
-                if not record.durable:
-                    break
-                if not record.written and key in groups:
-                    groups[key].append(record)
+            if not record.written and key not in groups:
+                # With it go the instance's younger durable records: one append.
+                group = groups[key] = []
+                for later in self._unwritten[key]:
+                    if not later.durable:
+                        break
+                    group.append(later)
         if groups:
             # Hand the instances to the workers and wait until all are written.
             self._work.extend(groups.items())
@@ -290,6 +291,11 @@ class Materialiser:
                 await anyio.sleep(delay)
         for record in records:
             record.written = True
+        unwritten = self._unwritten[key]
+        while unwritten and unwritten[0].written:
+            unwritten.popleft()
+        if not unwritten:
+            del self._unwritten[key]
         self._aggregates.written(key[0], key[1], records)
 
     async def _write(self, key: _Key, group: list[Committed]) -> None:

@@ -38,19 +38,37 @@ class Publication:
     """A handled command queued on a ``StreamWriter``: its events (maybe none).
 
     ``on_durable`` is called (in the writer's task, without awaiting) once the
-    record holding it is durable, after ``offset`` and ``position`` are set.
+    record holding it is durable, after ``offset`` and ``position`` are set;
+    ``wait_settled`` waits for that (or for the writer's failure).
     """
 
     command_id: str
     events: tuple[Envelope, ...]
     size: int
     on_durable: Callable[[Publication], None] | None = None
-    done: anyio.Event = attrs.field(factory=anyio.Event)
     error: BaseException | None = None
     offset: int = -1
     position: int = -1
     #: Keep the record visible to takeover scans until ``StreamWriter.unpin``.
     pinned: bool = False
+    #: Durable, or failed (``error``).
+    settled: bool = False
+    # Made only for someone who waits: most publications are followed through
+    # ``on_durable`` alone, and an event per command is measurable.
+    _done: anyio.Event | None = attrs.field(default=None, init=False)
+
+    async def wait_settled(self) -> None:
+        """Wait until the publication is durable or has failed."""
+        if not self.settled:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
+
+    def settle(self) -> None:
+        """Mark the publication durable or failed (``error``) and wake its waiter."""
+        self.settled = True
+        if self._done is not None:
+            self._done.set()
 
 
 class StreamWriter:
@@ -169,7 +187,7 @@ class StreamWriter:
         Raises:
             OwnershipLost: another node wrote to the stream.
         """
-        await item.done.wait()
+        await item.wait_settled()
         if item.error is not None:
             raise OwnershipLost("the partition stream writer has stopped") from item.error
         return item.offset
@@ -230,7 +248,7 @@ class StreamWriter:
             item.error = exc
             if item.on_durable is not None:
                 item.on_durable(item)  # it sees the error
-            item.done.set()
+            item.settle()
 
     async def _write_all(self) -> None:
         while self._queue or self._progress > self._written_progress:
@@ -283,7 +301,7 @@ class StreamWriter:
         for item in batch:
             if item.on_durable is not None:
                 item.on_durable(item)
-            item.done.set()
+            item.settle()
 
     async def _append(self, data: bytes) -> None:
         failures = 0
