@@ -237,3 +237,35 @@ async def test_rounds_follow_the_records_ages() -> None:
         assert anyio.current_time() >= young.queued_at + 1.0
         tg.cancel_scope.cancel()
     assert m.records_written == 2
+
+
+async def test_steady_commits_are_written_in_few_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under steady load each record ages just after the one before it; rounds
+    # still come at most ROUNDS_PER_DELAY times per delay, each taking what aged.
+    b = Bench()
+    m = b.materialiser(delay=0.5)
+    rounds = 0
+    real_round = m._round
+
+    async def counted(delay: float = 0.0) -> None:
+        nonlocal rounds
+        rounds += 1
+        await real_round(delay)
+
+    monkeypatch.setattr(m, "_round", counted)
+    records: list[Committed] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(m.run)
+        for i in range(100):
+            inst = await b.aggregates.load(b.handler, f"i{i}")
+            record = b.commit(inst, f"r{i}")
+            records.append(record)
+            m.add(b.key(f"i{i}"), record)
+            m.wake()
+            await anyio.sleep(0.015)
+        await wait_until(lambda: all(r.written for r in records), timeout=10)
+        tg.cancel_scope.cancel()
+    assert m.records_written == 100
+    # 100 records over ~1.5 s, aged 0.5 s later: ~2 s of rounds at most 10 per
+    # 0.5 s is 40 (one round per record would be 100).
+    assert rounds <= 45, rounds

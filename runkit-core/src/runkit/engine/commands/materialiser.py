@@ -34,6 +34,7 @@ one round at a time: a round takes every durable record queued so far.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -72,6 +73,8 @@ _Key = tuple[str, str]  # (handler key, instance ID)
 CONCURRENCY = 32
 #: Queued records that start a round without waiting for the delay.
 QUEUE_LIMIT = 10_000
+#: Rounds per ``delay`` at most (under steady load, each takes what aged since the last).
+ROUNDS_PER_DELAY = 10
 #: Most commands in one instance journal record.
 GROUP_LIMIT = 256
 #: Instance journal handles kept open (with their known end).
@@ -176,6 +179,7 @@ class Materialiser:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Write durable records until cancelled."""
         task_status.started()
+        last_round = -math.inf
         try:
             async with self._workers():
                 while True:
@@ -184,11 +188,23 @@ class Materialiser:
                         self._wake = anyio.Event()
                         continue
                     if len(self._queue) < QUEUE_LIMIT:
-                        # Let the oldest record's instance commit more first.
-                        wait = self._queue[0][1].queued_at + self._delay - anyio.current_time()
+                        # Let the oldest record's instance commit more first,
+                        # and gather ROUNDS_PER_DELAY rounds' worth at least:
+                        # under steady load every record ages right after the
+                        # one before, and a round per record costs more than
+                        # the writes it saves.
+                        now = anyio.current_time()
+                        wait = (
+                            max(
+                                self._queue[0][1].queued_at + self._delay,
+                                last_round + self._delay / ROUNDS_PER_DELAY,
+                            )
+                            - now
+                        )
                         if wait > 0:
                             with anyio.move_on_after(wait):
                                 await self._full.wait()
+                    last_round = anyio.current_time()
                     await self._round(self._delay if len(self._queue) < QUEUE_LIMIT else 0.0)
                     if len(self._queue) < QUEUE_LIMIT:
                         self._full = anyio.Event()
