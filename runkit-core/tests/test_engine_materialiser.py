@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -92,6 +94,13 @@ class Bench:
             delay=delay,
         )
 
+    def queue(self, m: Materialiser, inst: Instance, ref: str) -> Committed:
+        """Commit a deposit on *inst* and give it to *m* as durable."""
+        record = self.commit(inst, ref)
+        m.add(self.key(inst.instance_id), record)
+        m.wake()
+        return record
+
     async def journal(self, instance_id: str) -> list[list[str]]:
         """The command IDs of each record of an instance journal."""
         name = f"{APP_KEY}/aggregate/{self.handler.identity.key}/{instance_id}"
@@ -102,6 +111,15 @@ class Bench:
                 [c.command_id for c in instance_decoder.decode(data).commands()]
                 async for _, data in journal.range(0)
             ]
+
+
+@asynccontextmanager
+async def running(m: Materialiser) -> AsyncIterator[None]:
+    """Run *m* (``run``, with its delay) for the block."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(m.run)
+        yield
+        tg.cancel_scope.cancel()
 
 
 async def test_a_round_writes_each_instance_once() -> None:
@@ -182,18 +200,12 @@ async def test_commands_committed_within_the_delay_share_a_record() -> None:
     b = Bench()
     a = await b.aggregates.load(b.handler, "a")
     m = b.materialiser(delay=0.3)
-    async with anyio.create_task_group() as tg:
-        await tg.start(m.run)
-        first = b.commit(a, "first")
-        m.add(b.key("a"), first)
-        m.wake()
+    async with running(m):
+        first = b.queue(m, a, "first")
         await anyio.sleep(0.05)
-        second = b.commit(a, "second")
-        m.add(b.key("a"), second)
-        m.wake()
+        second = b.queue(m, a, "second")
         assert m.records_written == 0  # still waiting out the delay
         await wait_until(lambda: m.watermark(99) == 99, timeout=5)
-        tg.cancel_scope.cancel()
     assert m.records_written == 1
     assert await b.journal("a") == [[first.command_id, second.command_id]]
 
@@ -203,13 +215,10 @@ async def test_a_full_queue_does_not_wait_for_the_delay(monkeypatch: pytest.Monk
     b = Bench()
     a = await b.aggregates.load(b.handler, "a")
     m = b.materialiser(delay=3600)
-    async with anyio.create_task_group() as tg:
-        await tg.start(m.run)
+    async with running(m):
         for i in range(3):
-            m.add(b.key("a"), b.commit(a, f"a{i}"))
-        m.wake()
+            b.queue(m, a, f"a{i}")
         await wait_until(lambda: m.watermark(99) == 99, timeout=5)
-        tg.cancel_scope.cancel()
     assert m.records_written == 1
 
 
@@ -220,22 +229,16 @@ async def test_rounds_follow_the_records_ages() -> None:
     a = await b.aggregates.load(b.handler, "a")
     c = await b.aggregates.load(b.handler, "c")
     m = b.materialiser(delay=1.0)
-    async with anyio.create_task_group() as tg:
-        await tg.start(m.run)
-        old = b.commit(a, "old")
-        m.add(b.key("a"), old)
-        m.wake()
+    async with running(m):
+        old = b.queue(m, a, "old")
         await anyio.sleep(0.5)
-        young = b.commit(c, "young")
-        m.add(b.key("c"), young)
-        m.wake()
+        young = b.queue(m, c, "young")
         await wait_until(lambda: old.written, timeout=5)
         if anyio.current_time() < young.queued_at + 1.0:
             assert not young.written
             assert await b.journal("c") == []
         await wait_until(lambda: young.written, timeout=5)
         assert anyio.current_time() >= young.queued_at + 1.0
-        tg.cancel_scope.cancel()
     assert m.records_written == 2
 
 
@@ -254,17 +257,11 @@ async def test_steady_commits_are_written_in_few_rounds(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(m, "_round", counted)
     records: list[Committed] = []
-    async with anyio.create_task_group() as tg:
-        await tg.start(m.run)
+    async with running(m):
         for i in range(100):
-            inst = await b.aggregates.load(b.handler, f"i{i}")
-            record = b.commit(inst, f"r{i}")
-            records.append(record)
-            m.add(b.key(f"i{i}"), record)
-            m.wake()
+            records.append(b.queue(m, await b.aggregates.load(b.handler, f"i{i}"), f"r{i}"))
             await anyio.sleep(0.015)
         await wait_until(lambda: all(r.written for r in records), timeout=10)
-        tg.cancel_scope.cancel()
     assert m.records_written == 100
     # 100 records over ~1.5 s, aged 0.5 s later: ~2 s of rounds at most 10 per
     # 0.5 s is 40 (one round per record would be 100).

@@ -335,7 +335,6 @@ class Materialiser:
                 end = (await journal.bounds()).end
                 last = await _last_offset(journal, end)
             self._journals[key] = (journal, end, last)
-        self._journals[key] = (journal, end, last)
         snapshot = group[-1].snapshot
         if snapshot is not None:
             await self._write_snapshot(key, journal, end, snapshot)
