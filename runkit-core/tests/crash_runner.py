@@ -56,7 +56,13 @@ async def main(config: dict[str, Any]) -> None:
             projection_delay=config.get("projection_delay", 0.0),
             process_delay=config.get("process_delay", 0.0),
         )
-        async with running(provider, app.config(), retry_max_delay=0.2) as engine:
+        async with running(
+            provider,
+            app.config(),
+            retry_max_delay=0.2,
+            # The engine's default unless a round asks otherwise.
+            materialise_delay=config.get("materialise_delay", 1.0),
+        ) as engine:
             if config.get("execute", True):
                 commands = workload(config["seed"], config["count"])
                 random.Random(config["order_seed"]).shuffle(commands)

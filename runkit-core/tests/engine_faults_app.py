@@ -483,6 +483,10 @@ FAST: dict[str, Any] = {
     "retry_max_delay": 0.05,
     "progress_interval": 0.005,
     "snapshot_every": 3,
+    # Instance journals written within the run, so their writes meet the faults
+    # too (at the default 1 s a run may end before most are written; the kill -9
+    # suite runs both).
+    "materialise_delay": 0.05,
     "max_attempts": 5,
     # A crashed node's final flush must not hold a test up for long.
     "shutdown_timeout": 0.3,

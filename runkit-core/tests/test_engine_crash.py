@@ -174,7 +174,10 @@ async def test_sigkill_during_the_command_load(
         ) as started,
     ):
         for round_ in range(3):
-            process, ack, _ = await started.start(order_seed=round_)
+            # Killed with a second of instance journal unwritten (the default),
+            # then with the materialiser writing all the time.
+            delay = (1.0, 0.05, 1.0)[round_]
+            process, ack, _ = await started.start(order_seed=round_, materialise_delay=delay)
             # Every round's client starts from scratch (re-executing what
             # earlier rounds acknowledged); kill it somewhere in the middle.
             target = rng.randrange(COUNT // 10, COUNT * 3 // 4)
