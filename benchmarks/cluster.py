@@ -437,6 +437,19 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User and system CPU time the processes have used (Linux ``/proc``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            # Fields after the command name (which may hold spaces): utime and
+            # stime are the 12th and 13th.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def _pct(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -579,10 +592,17 @@ async def _measure(
     processes: list[anyio.abc.Process],
     node_ids: list[uuid.UUID],
 ) -> str:
+    # Idle: what the nodes spend with nothing to do (heartbeats, polls, timers).
+    pids = [p.pid for p in processes]
+    idle_before, idle_started = _cpu_seconds(pids), time.perf_counter()
+    await anyio.sleep(3)
+    idle = (_cpu_seconds(pids) - idle_before) / (time.perf_counter() - idle_started) / 3
+
     # 0. Throughput through the client, three nodes (again with one, below).
     three = await throughput(executor, args.throughput_seconds, args.throughput_callers)
 
     # 1. Routing latency: the nodes and the client at once.
+    cpu_before = _cpu_seconds(pids), time.process_time()
     publish(work / "go-latency", {"commands": args.commands, "callers": args.callers})
     client_results = await latencies(executor, args.commands, args.callers, lambda _: False)
     rows: list[tuple[float, bool]] = []
@@ -591,6 +611,11 @@ async def _measure(
         published = await wait_for(work / f"latency-{index}")
         rows += [(float(s), bool(o)) for s, o in published["calls"]]
         lag += [float(s) for s in published["lag"]]
+    # CPU per call of the phase (4 x --commands calls): the nodes' (as gateways,
+    # owners and background work) and this process's (the client's).
+    calls = 4 * args.commands
+    node_cpu = (_cpu_seconds(pids) - cpu_before[0]) / calls
+    client_cpu = (time.process_time() - cpu_before[1]) / calls
     owner = [s for s, o in rows if o]
     other = [s for s, o in rows if not o]
     client = [s for s, _ in client_results]
@@ -640,6 +665,8 @@ async def _measure(
         f"event-loop lag in the nodes meanwhile (lateness of a 1 ms sleep): "
         f"p50 {_ms(_pct(lag, 0.5))} ms, p90 {_ms(_pct(lag, 0.9))} ms, "
         f"p99 {_ms(_pct(lag, 0.99))} ms",
+        f"CPU per call meanwhile: nodes {_ms(node_cpu)} ms, client {_ms(client_cpu)} ms; "
+        f"an idle node uses {idle:.1%} of a CPU",
         "",
         "| reminder, due to event observed | reminders | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|",

@@ -182,10 +182,31 @@ async def test_a_late_subscription_replays_what_the_chain_recorded_on_a_peer() -
                         break
 
 
-async def test_a_chain_that_stays_in_its_partition_is_observed_only_at_its_owner() -> None:
+def _streams_opened(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods of the streams *engine* opens at its peers from now on."""
+    assert engine.router is not None
+    transport = engine.router._transport
+    opened: list[str] = []
+    original = transport.stream
+
+    def stream(address: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        opened.append(method)
+        return original(address, method, *args, **kwargs)
+
+    monkeypatch.setattr(transport, "stream", stream)
+    # Streams that wait for an offer's answer open when it comes, not at the
+    # offer timeout (a safety net): make that net longer than any test waits.
+    monkeypatch.setattr(engine.router, "_offer_timeout", 60.0)
+    return opened
+
+
+async def test_a_chain_that_stays_in_its_partition_is_observed_without_a_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Deposit is handled by an aggregate and no process follows it, so its
-    # chain's events are recorded only on the account's partition: the gateway
-    # subscribes at that partition's owner, and nowhere when it owns it itself.
+    # chain's events are recorded only on the account's partition: a gateway
+    # that offers it to the partition's owner gets them in the owner's answer
+    # and opens no observe stream; one that owns the partition observes its bus.
     from runkit.engine.commands.acceptance import command_id_for
     from runkit.engine.partitions import instance_workload, partition_of
 
@@ -211,10 +232,13 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_only_at_its_owner
         # Until `one` reads a heartbeat of `two` that no longer lists the local
         # account's partition, `two` may still run it (a handoff) and is asked too.
         expected_view = {remote: {two.settings.node_id}, local: set()}
+        opened = _streams_opened(one, monkeypatch)
+        seen: dict[str, list[str]] = {}
         subscribed_at_two: dict[str, bool] = {}
         for attempt in range(5):
             await wait_until(lambda: asked() == expected_view, timeout=30)
-            subscribed_at_two.clear()
+            opened.clear()
+            seen.clear()
             for account in (remote, local):
                 key = f"observe-{account}-{attempt}"
                 correlation_id = command_id_for(APP_KEY, key)
@@ -222,6 +246,7 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_only_at_its_owner
                 async def saw(
                     event: Deposited, account: str = account, cid: str = correlation_id
                 ) -> bool:
+                    seen.setdefault(account, []).append(event.ref)
                     subscribed_at_two[account] = two.bus.has_subscribers(cid)
                     return True
 
@@ -235,7 +260,183 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_only_at_its_owner
                 break
             # Membership moved during the calls (a loaded machine): try again.
         assert asked() == expected_view
-        assert subscribed_at_two == {remote: True, local: False}
+        assert seen == {
+            remote: [f"observe-{remote}-{attempt}"],
+            local: [f"observe-{local}-{attempt}"],
+        }
+        assert opened == [], f"observe streams were opened: {opened}"
+        # The owner's subscription for the answer ended with the offer.
+        assert subscribed_at_two == {remote: False, local: False}
+
+
+async def test_a_command_its_owner_has_to_retry_is_observed_through_a_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The owner's first attempt fails: the offer is answered once the command
+    # is in the inbox, without its done note, so the gateway opens the observe
+    # stream, which delivers the event of the retry.
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)
+        s.accounts.fail["retried"] = 1
+        opened = _streams_opened(one, monkeypatch)
+        seen: list[str] = []
+
+        async def saw(event: Deposited) -> bool:
+            seen.append(event.ref)
+            return True
+
+        with anyio.fail_after(20):
+            await one.executor_for(s.app).execute_command(
+                Deposit(account, 1, "retried"),
+                observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+            )
+        assert seen == ["retried"]
+        assert opened == ["observe"]
+        assert [c[1] for c in s.accounts.calls].count("retried") == 1
+
+
+async def test_an_offer_that_fails_falls_back_to_the_inbox_and_a_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runkit.transport import TransportError
+
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)
+        assert one.router is not None
+        transport = one.router._transport
+        original = transport.call
+
+        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+            if method == "offer":
+                raise TransportError("the link is down (test)")
+            return await original(address, method, *args, **kwargs)
+
+        monkeypatch.setattr(transport, "call", call)
+        opened = _streams_opened(one, monkeypatch)
+        seen: list[str] = []
+
+        async def saw(event: Deposited) -> bool:
+            seen.append(event.ref)
+            return True
+
+        with anyio.fail_after(20):
+            await one.executor_for(s.app).execute_command(
+                Deposit(account, 1, "fallback"),
+                observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+            )
+        assert seen == ["fallback"]
+        assert opened == ["observe"]
+        stores = await read_stores(MemoryProvider(silo))
+        in_inbox = [
+            e.envelope.message_id
+            for records in stores.inbox.values()
+            for _, r in records
+            for e in r.entries
+        ]
+        assert len(in_inbox) == 1
+
+
+async def test_a_chain_a_process_carries_on_widens_to_every_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bank deposit starts a process that credits the account (another
+    # partition, maybe another node) and approves the deposit: the observer of
+    # DepositApproved learns from the first command's done note that the chain
+    # goes on, and only then subscribes on every node.
+    from bank.app import App
+    from bank.messages.commands import Deposit as BankDeposit
+    from bank.messages.commands import OpenAccount
+    from bank.messages.events import AccountOpened, DepositApproved
+    from runkit.config import build
+    from runkit.engine.partitions import instance_workload, partition_of
+
+    config = build(App())
+    silo = f"bank-cluster-{uuid.uuid4()}"
+    engines = [
+        Engine.from_settings(
+            EngineSettings(
+                applications=(config,),
+                persistence_provider=MemoryProvider(silo),
+                listen_address="127.0.0.1:0",
+                node_id=node_id,
+                heartbeat_interval=0.5,
+                **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
+            )
+        )
+        for node_id in splitting_node_ids(8)
+    ]
+    key = config.identity.key
+    async with anyio.create_task_group() as tg:
+        for engine in engines:
+            tg.start_soon(engine.run)
+        runtimes = [await e.runtime(key) for e in engines]
+        await wait_until(lambda: all(rt.partitions for rt in runtimes), timeout=30)
+        one = engines[0]
+        executor = one.executor_for(config)
+        opened = _streams_opened(one, monkeypatch)
+        approved: list[str] = []
+        # Deposits whose transaction the other node handles: DepositApproved
+        # is recorded there and reaches `one` only through a stream.
+        handler_key = config.command_handler(BankDeposit).identity.key  # type: ignore[union-attr]
+        assert one.router is not None
+        router = one.router
+
+        def elsewhere() -> list[str]:
+            return [
+                t
+                for t in (f"D-{n}" for n in range(1000))
+                if router.owner(
+                    partition_id(key, partition_of(instance_workload(handler_key, t), 8))
+                )
+                is not None
+            ][:4]
+
+        def settled_view() -> bool:
+            # Each partition runs on exactly one node, the one `one` would offer to.
+            owned = [set(rt.partitions) for rt in runtimes]
+            return (
+                not owned[0] & owned[1]
+                and len(owned[0] | owned[1]) == 8
+                and all(
+                    (router.owner(partition_id(key, i)) is None) == (i in owned[0])
+                    for i in range(8)
+                )
+            )
+
+        await wait_until(lambda: settled_view() and len(elsewhere()) == 4, timeout=30)
+        remote = elsewhere()
+        for i, transaction in enumerate(remote):
+            account = f"acct-{i}"
+            with anyio.fail_after(20):
+                await executor.execute_command(
+                    OpenAccount(customer_id="cust", account_id=account, account_name="Main"),
+                    observers=[dogma.observe(AccountOpened, _true)],
+                )
+            opened_before = len(opened)
+
+            async def saw(event: DepositApproved) -> bool:
+                approved.append(event.transaction_id)
+                return True
+
+            with anyio.fail_after(20):
+                await executor.execute_command(
+                    BankDeposit(transaction_id=transaction, account_id=account, amount=100),
+                    observers=[dogma.observe(DepositApproved, saw)],
+                )
+            # The deposit's chain widened: a stream to the other node.
+            assert opened[opened_before:] == ["observe"]
+        tg.cancel_scope.cancel()
+    assert approved == remote
+    # Opening an account ends its chain: the note said so, nothing widened.
+    assert len(opened) == 4
+
+
+async def _true(event: object) -> bool:
+    return True
 
 
 def test_only_chains_without_processes_stay_in_their_partition() -> None:

@@ -593,6 +593,47 @@ async def test_a_repeated_command_leaves_its_events_for_a_subscription_that_star
     assert len(s.accounts.calls) == 1
 
 
+async def test_a_repeated_command_whose_events_cannot_be_read_again_is_not_conclusive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its done note must not claim the command recorded nothing: an observer
+    # would raise EventObserverNotSatisfied though the command did record.
+    from runkit.engine.commands.acceptance import command_id_for
+    from runkit.engine.streams import CommandDone, StreamEvent
+    from runkit.engine.streams.reading import PartitionStream
+    from runkit.persistence import PersistenceError
+
+    s = setup()
+    provider = silo()
+    correlation_id = command_id_for(APP_KEY, "unread")
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("acc", 4, "unread"), idempotency_key="unread")
+        await settled(provider)
+
+        async def unreadable(self: object, offset: int, count: int) -> list[StreamEvent]:
+            raise PersistenceError("the store is unreachable (test)")
+
+        monkeypatch.setattr(PartitionStream, "events_at", unreadable)
+        seen: list[object] = []
+        with anyio.fail_after(5):
+            async with engine.bus.subscribe(correlation_id) as items:
+                await executor.execute_command(
+                    Deposit("acc", 4, "unread"), idempotency_key="unread"
+                )
+                async for item in items:
+                    seen.append(item)
+                    if isinstance(item, CommandDone):
+                        break
+        monkeypatch.undo()
+        # The partition goes on.
+        await executor.execute_command(Deposit("acc", 1, "after"), idempotency_key="after")
+    assert len(seen) == 1
+    assert isinstance(seen[0], CommandDone)
+    assert not seen[0].conclusive
+    assert [c[1] for c in s.accounts.calls] == ["unread", "after"]
+
+
 async def test_observers_see_events_even_of_a_deduplicated_command() -> None:
     from engine_commands_harness import REGISTRY, Notified
 

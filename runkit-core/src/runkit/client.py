@@ -180,12 +180,19 @@ class Client:
         return found
 
     def subscribe(
-        self, app_key: str, correlation_id: str, partition: int | None = None
+        self,
+        app_key: str,
+        correlation_id: str,
+        partition: int | None = None,
+        widen: anyio.Event | None = None,
     ) -> Subscription:
-        """The chain's events, from every live node (or only *partition*'s owner)."""
+        """The chain's events, from every live node (or only *partition*'s owner).
+
+        With *widen*, see ``Router.observe``.
+        """
         if self._router is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
-        return self._router.observe(app_key, correlation_id, partition)
+        return self._router.observe(app_key, correlation_id, partition, widen)
 
     # -- public --
 

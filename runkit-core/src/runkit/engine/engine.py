@@ -181,16 +181,22 @@ class Engine:
         return (await self.runtime(app_key)).acceptor
 
     def subscribe(
-        self, app_key: str, correlation_id: str, partition: int | None = None
+        self,
+        app_key: str,
+        correlation_id: str,
+        partition: int | None = None,
+        widen: anyio.Event | None = None,
     ) -> Subscription:
         """The chain's events recorded here and, with a listen address, on the peers.
 
-        With *partition* (the only one the chain can reach), only at its owner.
+        With *partition* (the only one the chain can reach), only at its owner;
+        with *widen*, see ``Router.observe``.
         """
         local = self.bus.subscribe(correlation_id)
         if self._cluster is None:
             return local
-        return merged(local, self._cluster.router.observe(app_key, correlation_id, partition))
+        remote = self._cluster.router.observe(app_key, correlation_id, partition, widen)
+        return merged(local, remote)
 
     def _members(self) -> dict[uuid.UUID, Any]:
         view = self._membership_view

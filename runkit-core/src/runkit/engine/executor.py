@@ -5,8 +5,9 @@ builds the envelope (command ID ``uuid5(app_key, idempotency_key)`` when a key
 is given, else random), waits for its gateway (an engine, or a ``runkit.Client``)
 to start, and returns once the command is durable. With observers it subscribes
 to the chain's events (on this node and, over the node transport, at the owner
-of the command's partition when the chain cannot leave it, else on every peer)
-*before* accepting, so no event can be missed, then waits in
+of the command's partition when the chain cannot leave it, else on every peer;
+the peers' streams open only once the command's done note shows that the chain
+goes on) *before* accepting, so no event can be missed, then waits in
 ``observers.wait_for_observers``.
 """
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+import anyio
 
 import dogma
 
@@ -40,12 +43,18 @@ class Gateway(Protocol):
         ...
 
     def subscribe(
-        self, app_key: str, correlation_id: str, partition: int | None = None
+        self,
+        app_key: str,
+        correlation_id: str,
+        partition: int | None = None,
+        widen: anyio.Event | None = None,
     ) -> Subscription:
         """Events of the chain, wherever they are recorded (subscribed on entry).
 
         *partition*: the one partition the chain can reach (its events are
-        recorded only there), or ``None`` when it may reach any.
+        recorded only there), or ``None`` when it may reach any. With *widen*,
+        peers other than the command's partition's owner may be subscribed
+        only once it is set (the command is done and the chain goes on).
         """
         ...
 
@@ -117,9 +126,17 @@ class Executor:
             await acceptor.accept([routed])
             return
         partition = routed[0] if self._stays_in_partition(type(command)) else None
-        async with self._gateway.subscribe(app_key, envelope.correlation_id, partition) as events:
-            await acceptor.accept([routed])
-            await wait_for_observers(self._app, envelope, type(command), observers, events)
+        # The chain reaches other nodes only through processes reacting to the
+        # command's events: its subscription widens once those are known.
+        widen = anyio.Event()
+        async with self._gateway.subscribe(
+            app_key, envelope.correlation_id, partition, widen
+        ) as events:
+            if await acceptor.accept([routed]):
+                widen.set()  # in an inbox: it may be handled anywhere, and later
+            await wait_for_observers(
+                self._app, envelope, type(command), observers, events, widen=widen.set
+            )
 
     def _stays_in_partition(self, command_cls: type) -> bool:
         """Whether the command's chain ends with its own events (no process follows).

@@ -4,7 +4,9 @@ Methods a node serves (``ClusterServer``):
 
 - ``offer``: an ``Offer`` of commands for one partition. The node accepts only
   if it runs that partition now; the commands join its next batch and the
-  answer comes once they are durable (``ok``), else ``not_owner``.
+  answer comes once they are durable (``ok``), else ``not_owner``. With
+  ``reply_events`` the answer is an ``OfferAnswer`` carrying what the
+  commands' chains published meanwhile: their events and done notes.
 - ``wake``: a ``Wake`` for one partition: something was appended to its inbox
   or deadline journal by another node; read it now rather than at the next poll.
 - ``observe``: a stream of the events recorded on this node whose correlation
@@ -26,7 +28,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -34,6 +36,7 @@ import anyio
 import attrs
 import msgspec
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from ... import rendezvous
 from ..._errors import ConfigurationError
@@ -69,8 +72,10 @@ OK = b"ok"
 NOT_OWNER = b"not_owner"
 #: How long a gateway waits for the owner to take a command before using the inbox.
 OFFER_TIMEOUT = 2.0
-#: Events sent per ``observe`` frame at most.
+#: Events sent per ``observe`` frame (or ``OfferAnswer``) at most.
 OBSERVE_BATCH = 64
+#: The largest ``OfferAnswer`` with events; a larger one goes without them.
+ANSWER_BYTES = 256 * 1024
 
 
 class Offer(msgspec.Struct, frozen=True, kw_only=True):
@@ -79,6 +84,8 @@ class Offer(msgspec.Struct, frozen=True, kw_only=True):
     app_key: str
     partition: int
     entries: tuple[InboxEntry, ...]
+    #: Answer with an ``OfferAnswer`` holding the chains' events (see ``Router.observe``).
+    reply_events: bool = False
 
 
 class Wake(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,7 +126,20 @@ class WireDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     conclusive: bool
 
 
+class OfferAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to an ``Offer`` with ``reply_events``.
+
+    ``events``: what the offered commands' correlation chains published on the
+    owner from the offer until they were durable, in order; empty when there was
+    too much to send (the gateway then observes the chain as usual).
+    """
+
+    accepted: bool
+    events: tuple[WireEvent | WireDone, ...] = ()
+
+
 _offer_decoder = msgspec.msgpack.Decoder(Offer)
+_answer_decoder = msgspec.msgpack.Decoder(OfferAnswer)
 _wake_decoder = msgspec.msgpack.Decoder(Wake)
 _observe_decoder = msgspec.msgpack.Decoder(Observe)
 _events_decoder = msgspec.msgpack.Decoder(tuple[WireEvent | WireDone, ...])
@@ -141,7 +161,7 @@ class ClusterServer:
         *,
         offer_local: Callable[[str, int, Sequence[InboxEntry]], Awaitable[bool]],
         wake_local: Callable[[str, int, str], None],
-        subscribe_local: Callable[..., object],
+        subscribe_local: Callable[..., AbstractAsyncContextManager[Any]],
     ) -> None:
         self._offer_local = offer_local
         self._wake_local = wake_local
@@ -159,8 +179,29 @@ class ClusterServer:
 
     async def _offer(self, peer: PeerInfo, payload: bytes) -> bytes:
         offer = _decode(_offer_decoder, payload)
-        accepted = await self._offer_local(offer.app_key, offer.partition, offer.entries)
-        return OK if accepted else NOT_OWNER
+        if not offer.reply_events:
+            accepted = await self._offer_local(offer.app_key, offer.partition, offer.entries)
+            return OK if accepted else NOT_OWNER
+        # Subscribed before the commands join a batch: the owner publishes a
+        # command's events and its done note before it settles the command, so
+        # once they are durable everything is in these subscriptions already.
+        # With what the chains published here recently, as an observe stream
+        # would start (a repeated command's original events among them).
+        chains = dict.fromkeys(e.envelope.correlation_id for e in offer.entries)
+        async with AsyncExitStack() as stack:
+            subscriptions: list[Any] = [
+                await stack.enter_async_context(self._subscribe_local(c, replay=True))
+                for c in chains
+            ]
+            accepted = await self._offer_local(offer.app_key, offer.partition, offer.entries)
+            events = tuple(_wire(e) for s in subscriptions for e in s.drain())
+        if not accepted:
+            return _encoder.encode(OfferAnswer(accepted=False))
+        if len(events) <= OBSERVE_BATCH:
+            answer = _encoder.encode(OfferAnswer(accepted=True, events=events))
+            if len(answer) <= ANSWER_BYTES:
+                return answer
+        return _encoder.encode(OfferAnswer(accepted=True))
 
     async def _wake(self, peer: PeerInfo, payload: bytes) -> bytes:
         wake = _decode(_wake_decoder, payload)
@@ -233,6 +274,8 @@ class Router:
         self._self_is_node = self_is_node
         self._offer_timeout = offer_timeout
         self._tg: TaskGroup | None = None
+        # Observations waiting for an offer's answer, by correlation ID.
+        self._awaiting: dict[str, list[_Awaiting]] = {}
 
     def start(self, tg: TaskGroup) -> None:
         """Give the router a task group for fire-and-forget wake-ups."""
@@ -260,28 +303,54 @@ class Router:
         self, app_key: str, index: int, partition_id: str, entries: Sequence[InboxEntry]
     ) -> bool:
         """Offer commands to the partition's owner; whether it took them (durably)."""
-        owner = self.owner(partition_id)
-        if owner is None or owner.advertise_address is None:
-            return False
-        payload = _encoder.encode(Offer(app_key=app_key, partition=index, entries=tuple(entries)))
+        awaiting = [
+            (entry, waiting)
+            for entry in entries
+            for waiting in self._awaiting.get(entry.envelope.correlation_id, ())
+        ]
         try:
-            answer = await self._transport.call(
-                owner.advertise_address,
-                "offer",
-                payload,
-                timeout=self._offer_timeout,
-                expect_fingerprint=owner.tls_fingerprint,
+            owner = self.owner(partition_id)
+            if owner is None or owner.advertise_address is None:
+                return False
+            offer = Offer(
+                app_key=app_key,
+                partition=index,
+                entries=tuple(entries),
+                reply_events=bool(awaiting),
             )
-        except TransportError as exc:
-            _log.info(
-                "offering %d command(s) for partition %d to node %s failed (%s); using the inbox",
-                len(entries),
-                index,
-                owner.node_id,
-                exc,
-            )
-            return False
-        return answer == OK
+            try:
+                answer = await self._transport.call(
+                    owner.advertise_address,
+                    "offer",
+                    _encoder.encode(offer),
+                    timeout=self._offer_timeout,
+                    expect_fingerprint=owner.tls_fingerprint,
+                )
+            except TransportError as exc:
+                _log.info(
+                    "offering %d command(s) for partition %d to node %s failed (%s); "
+                    "using the inbox",
+                    len(entries),
+                    index,
+                    owner.node_id,
+                    exc,
+                )
+                return False
+            if not awaiting or answer in (OK, NOT_OWNER):
+                return answer == OK
+            try:
+                decoded = _answer_decoder.decode(answer)
+            except msgspec.DecodeError as exc:
+                _log.info("node %s answered an offer with garbage: %s", owner.node_id, exc)
+                return False
+            if decoded.accepted:
+                _answered(awaiting, [_event(item) for item in decoded.events])
+            return decoded.accepted
+        finally:
+            # Whatever the answer did not settle is observed the usual way.
+            for _, waiting in awaiting:
+                if not waiting.answered:
+                    waiting.widen.set()
 
     def _recorders(self, app_key: str, partition: int | None) -> list[NodeRecord]:
         """The peers that may record a chain's events (of *partition*, if given)."""
@@ -314,7 +383,11 @@ class Router:
 
     @asynccontextmanager
     async def observe(
-        self, app_key: str, correlation_id: str, partition: int | None = None
+        self,
+        app_key: str,
+        correlation_id: str,
+        partition: int | None = None,
+        widen: anyio.Event | None = None,
     ) -> AsyncIterator[AsyncIterator[Observed]]:
         """Receive the chain's events recorded on every live node.
 
@@ -322,6 +395,16 @@ class Router:
         only on the nodes that may record its events: the owner in this
         member's view and any node whose heartbeat says it still runs the
         partition (a handoff in progress). None when that is only this node.
+
+        With *widen* the streams wait until it is set. Meanwhile an ``offer``
+        of the chain's command asks the owner for the chain's events in its
+        answer (the events, then the command's done note): an answer with a
+        conclusive note hands them over, and the caller sets *widen* only if
+        processes may carry the chain on. An offer answered otherwise (the
+        command went to the inbox, or waits there for a retry) sets it, and so
+        does the offer timeout passing without any answer (the command was
+        handled here, or the offer is slow): then the streams open and replay
+        what the chain published.
 
         The streams are requested on entry but not awaited: each starts with
         what the chain published on its node recently (``Observe``), so one
@@ -332,6 +415,10 @@ class Router:
         """
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         subscribed: dict[uuid.UUID, anyio.CancelScope] = {}
+        awaiting: _Awaiting | None = None
+        if widen is not None:
+            awaiting = _Awaiting(correlation_id, send, widen)
+            self._awaiting.setdefault(correlation_id, []).append(awaiting)
         failed: Exception | None = None
         request = _encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
         async with anyio.create_task_group() as tg:
@@ -370,6 +457,14 @@ class Router:
                     tg.start_soon(follow, node, scope)
 
             async def keep_subscribed() -> None:
+                if awaiting is not None:
+                    with anyio.move_on_after(self._offer_timeout + 0.5):
+                        await awaiting.widen.wait()
+                    if awaiting.answered:
+                        # The caller has what the chain published; it widens
+                        # the subscription if the chain goes on.
+                        await awaiting.widen.wait()
+                    subscribe_all()
                 while True:
                     await anyio.sleep(0.5)
                     subscribe_all()
@@ -377,18 +472,71 @@ class Router:
             # Not waiting for the peers to confirm: a stream that reaches a node
             # after the chain's events were published there replays them (the
             # bus keeps recent events), so the command need not wait a round trip.
-            subscribe_all()
+            if awaiting is None:
+                subscribe_all()
             tg.start_soon(keep_subscribed)
             try:
                 yield receive
             except Exception as exc:
                 failed = exc  # re-raised below, not wrapped in an ExceptionGroup
             finally:
+                if awaiting is not None:
+                    _forget(self._awaiting, awaiting)
                 tg.cancel_scope.cancel()
                 send.close()
                 receive.close()
         if failed is not None:
             raise failed
+
+
+@attrs.define(eq=False)
+class _Awaiting:
+    """An observation waiting to open its streams; an offer's answer may spare them."""
+
+    correlation_id: str
+    send: MemoryObjectSendStream[Observed]
+    #: Set: open the streams (the chain goes on, or the answer did not settle it).
+    widen: anyio.Event
+    #: An answer held the command's events and conclusive done note.
+    answered: bool = False
+
+
+def _answered(awaiting: Sequence[tuple[InboxEntry, _Awaiting]], events: Sequence[Observed]) -> None:
+    """Hand an offer answer's events to the observations it settles.
+
+    Only an observation whose command's conclusive done note is in the answer
+    takes them: then it has every event the command recorded, and decides from
+    them whether the chain goes on. Otherwise it opens its streams, which
+    replay the same events.
+    """
+    for entry, waiting in awaiting:
+        command_id = entry.envelope.message_id
+        if not any(
+            isinstance(e, CommandDone) and e.command_id == command_id and e.conclusive
+            for e in events
+        ):
+            continue
+        try:
+            for event in events:
+                if _correlation(event) == waiting.correlation_id:
+                    waiting.send.send_nowait(event)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            continue  # the caller has left
+        waiting.answered = True
+
+
+def _correlation(event: Observed) -> str:
+    if isinstance(event, CommandDone):
+        return event.correlation_id
+    return event.envelope.correlation_id
+
+
+def _forget(registry: dict[str, list[_Awaiting]], waiting: _Awaiting) -> None:
+    others = registry.get(waiting.correlation_id, [])
+    if waiting in others:
+        others.remove(waiting)
+    if not others:
+        registry.pop(waiting.correlation_id, None)
 
 
 def _event(item: WireEvent | WireDone) -> Observed:

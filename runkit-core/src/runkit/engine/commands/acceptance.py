@@ -218,24 +218,30 @@ class Acceptor:
 
     async def accept(
         self, routed: Sequence[tuple[int, InboxEntry]], *, produced: bool = False
-    ) -> None:
+    ) -> bool:
         """Make routed commands durable; returns once every partition has them.
 
         Unless *produced* (commands from handlers), waits while a partition's
         backlog is over the limit, and raises ``Backlogged`` after
-        ``backlog_timeout`` seconds.
+        ``backlog_timeout`` seconds. Returns whether any of them went to an
+        inbox (to be handled by whoever owns the partition, soon or later)
+        rather than into a batch that is now committed.
         """
         by_partition: dict[int, list[InboxEntry]] = {}
         for index, entry in routed:
             by_partition.setdefault(index, []).append(entry)
         if len(by_partition) == 1:
             [(index, entries)] = by_partition.items()
-            await self._accept_one(index, entries, produced=produced)
-            return
+            return await self._accept_one(index, entries, produced=produced)
+        queued: list[bool] = []
+
+        async def one(index: int, entries: list[InboxEntry]) -> None:
+            queued.append(await self._accept_one(index, entries, produced))
+
         try:
             async with anyio.create_task_group() as tg:
                 for index, entries in by_partition.items():
-                    tg.start_soon(self._accept_one, index, entries, produced)
+                    tg.start_soon(one, index, entries)
         except ExceptionGroup as group:
             # Callers handle storage failures by type (a process outbox retries
             # them for ever, a handler error it would poison): when every
@@ -249,22 +255,25 @@ class Acceptor:
                 retryable=all(_leaf_flags(group, "retryable")),
                 ambiguous=any(_leaf_flags(group, "ambiguous")),
             ) from group
+        return any(queued)
 
-    async def _accept_one(self, index: int, entries: list[InboxEntry], produced: bool) -> None:
+    async def _accept_one(self, index: int, entries: list[InboxEntry], produced: bool) -> bool:
+        """Make *entries* durable on partition *index*; whether through its inbox."""
         local = self._local(index)
         if local is not None:
             if not produced:
                 await self._wait_for_room(index, local)
             try:
                 await local.execute_local(entries)
-                return
+                return False
             except PartitionStopped:
                 pass  # ownership moved or the node is stopping: the inbox takes it
         elif self._remote is not None and await self._remote(index, entries):
-            return  # the owner took them into its batch and they are durable
+            return False  # the owner took them into its batch and they are durable
         await self.writers[index].submit(entries)
         if self._wake is not None:
             self._wake(index)  # the owner reads its inbox now, not at its next poll
+        return True
 
     async def _wait_for_room(self, index: int, local: LocalPartition) -> None:
         if local.has_room():

@@ -51,7 +51,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from opentelemetry import metrics
 
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
-from ...persistence import Journal, Keyspace, Provider
+from ...persistence import Journal, Keyspace, PersistenceError, Provider
 from ..envelope import Envelope
 from ..settings import EngineSettings
 from ..streams import (
@@ -436,10 +436,20 @@ class PartitionCommands:
 
     async def _redeliver(self, item: PendingCommand, location: tuple[int, int]) -> None:
         first, count = location
+        conclusive = False
         try:
             self._bus.publish(await self._stream.events_at(first, count))
+            conclusive = True
+        except (PersistenceError, ValueError) as exc:
+            # The note then decides nothing: observers wait for the events.
+            _log.warning(
+                "re-delivering the events of repeated command %s at offset %d failed: %s",
+                item.command_id,
+                first,
+                exc,
+            )
         finally:
-            self._finish(item, always_note=True)
+            self._finish(item, conclusive=conclusive, always_note=True)
 
     def _finish(
         self, item: PendingCommand, *, conclusive: bool = True, always_note: bool = False

@@ -1,8 +1,10 @@
 """Event observers of ``CommandExecutor.execute_command`` (seam 4).
 
 The executor subscribes to the command's correlation ID *before* accepting
-the command (on this node's ``EventBus`` and, over the node transport, on every
-live peer), then awaits ``wait_for_observers`` with that subscription. Every
+the command (on this node's ``EventBus`` and, over the node transport, on the
+peers, whose streams open only once the command's done note shows that the
+chain goes on: ``Router.observe``), then awaits ``wait_for_observers`` with that
+subscription. Every
 event of the causal chain (the command's own events and those of commands that
 processes execute in consequence) carries the command's correlation ID, so the
 subscription sees exactly the candidates, wherever they are recorded.
@@ -30,7 +32,7 @@ re-delivered reports a *non-conclusive* done note, which decides nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -89,8 +91,15 @@ async def wait_for_observers(
     command_type: type,
     observers: Sequence[dogma.EventObserver[Any]],
     events: AsyncIterator[Observed],
+    *,
+    widen: Callable[[], object] | None = None,
 ) -> None:
     """Feed the command's events to *observers* until one is satisfied.
+
+    *widen* is called once the command is done and what it recorded may lead
+    to more events elsewhere (processes follow them), or when its done note is
+    not conclusive: a subscription that watched only the command's partition
+    then subscribes on every node.
 
     Each event whose correlation ID is the command's and whose class is an
     observer's ``event_type`` (or a subclass of it) is decoded afresh for
@@ -119,8 +128,12 @@ async def wait_for_observers(
     recorded: set[type] = set()
     async for event in events:
         if isinstance(event, CommandDone):
-            if event.command_id == command.message_id and event.conclusive:
+            if event.command_id != command.message_id:
+                continue
+            if event.conclusive:
                 _check_can_follow(app, command, live, recorded)
+            if widen is not None:
+                widen()
             continue
         if event.envelope.correlation_id != correlation_id:
             continue

@@ -69,15 +69,34 @@ class UniqueEvents:
             return self._receive.statistics().current_buffer_used
         return 0
 
+    def drain(self) -> list[Observed]:
+        """Take what has been received and not yet taken, without waiting."""
+        if not isinstance(self._receive, MemoryObjectReceiveStream):
+            return []
+        taken: list[Observed] = []
+        while True:
+            try:
+                event = self._receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream):
+                return taken
+            if self._first(event):
+                taken.append(event)
+
     async def __anext__(self) -> Observed:
         while True:
             event = await self._receive.__anext__()
-            if isinstance(event, CommandDone):
+            if self._first(event):
                 return event
-            key = (event.stream_id, event.offset)
-            if key not in self._seen:
-                self._seen.add(key)
-                return event
+
+    def _first(self, event: Observed) -> bool:
+        # Notes always pass; a stream event only the first time it is seen.
+        if isinstance(event, CommandDone):
+            return True
+        key = (event.stream_id, event.offset)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
 
 #: Events and notes a node keeps after publishing them, for subscriptions that
