@@ -269,6 +269,22 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_without_a_stream(
         assert subscribed_at_two == {remote: False, local: False}
 
 
+async def _observed_deposit(engine: Engine, s: Any, account: str, ref: str) -> list[str]:
+    """Deposit through *engine*, observing the ``Deposited``; the refs observed."""
+    seen: list[str] = []
+
+    async def saw(event: Deposited) -> bool:
+        seen.append(event.ref)
+        return True
+
+    with anyio.fail_after(20):
+        await engine.executor_for(s.app).execute_command(
+            Deposit(account, 1, ref),
+            observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+        )
+    return seen
+
+
 async def test_a_command_its_owner_has_to_retry_is_observed_through_a_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -281,18 +297,7 @@ async def test_a_command_its_owner_has_to_retry_is_observed_through_a_stream(
         [account] = _remote_accounts(one, 1)
         s.accounts.fail["retried"] = 1
         opened = _streams_opened(one, monkeypatch)
-        seen: list[str] = []
-
-        async def saw(event: Deposited) -> bool:
-            seen.append(event.ref)
-            return True
-
-        with anyio.fail_after(20):
-            await one.executor_for(s.app).execute_command(
-                Deposit(account, 1, "retried"),
-                observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
-            )
-        assert seen == ["retried"]
+        assert await _observed_deposit(one, s, account, "retried") == ["retried"]
         assert opened == ["observe"]
         assert [c[1] for c in s.accounts.calls].count("retried") == 1
 
@@ -317,18 +322,7 @@ async def test_an_offer_that_fails_falls_back_to_the_inbox_and_a_stream(
 
         monkeypatch.setattr(transport, "call", call)
         opened = _streams_opened(one, monkeypatch)
-        seen: list[str] = []
-
-        async def saw(event: Deposited) -> bool:
-            seen.append(event.ref)
-            return True
-
-        with anyio.fail_after(20):
-            await one.executor_for(s.app).execute_command(
-                Deposit(account, 1, "fallback"),
-                observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
-            )
-        assert seen == ["fallback"]
+        assert await _observed_deposit(one, s, account, "fallback") == ["fallback"]
         assert opened == ["observe"]
         stores = await read_stores(MemoryProvider(silo))
         in_inbox = [
