@@ -19,13 +19,17 @@ import msgspec
 
 import dogma
 from runkit.config import ApplicationConfig, build
-from runkit.engine.commands.aggregates import InstanceCommand, InstanceRecord, aggregate_name
 from runkit.engine.commands.inbox import decode_inbox_record, inbox_name
+from runkit.engine.commands.instance_records import (
+    InstanceCommand,
+    InstanceRecord,
+    aggregate_name,
+)
 from runkit.engine.commands.poison import poison_name
 from runkit.engine.engine import Engine, meta_name
 from runkit.engine.settings import EngineSettings
 from runkit.engine.streams import decode_stream_record
-from runkit.persistence import Provider
+from runkit.persistence import Provider, RecordNotFound
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "c0000000-0000-4000-8000-000000000001"
@@ -447,10 +451,18 @@ async def read_stores(provider: Provider, app_key: str = APP_KEY) -> Stores:
 
 
 async def _range(journal: Any) -> AsyncIterator[tuple[int, bytes]]:
-    bounds = await journal.bounds()
-    if bounds.end > bounds.begin:
-        async for item in journal.range(bounds.begin):
+    """The journal's records; read again if the engine truncates it while we read."""
+    while True:
+        bounds = await journal.bounds()
+        if bounds.end <= bounds.begin:
+            return
+        try:
+            items = [item async for item in journal.range(bounds.begin)]
+        except RecordNotFound:
+            continue  # a truncation overtook the read (truncate_aggregate_journals)
+        for item in items:
             yield item
+        return
 
 
 def check_invariants(stores: Stores, *, expect_all_done: bool = True) -> None:

@@ -49,9 +49,9 @@ import msgspec
 import dogma
 from runkit.config import ApplicationConfig, build
 from runkit.engine.commands.acceptance import idempotency_name
-from runkit.engine.commands.aggregates import InstanceCommand, aggregate_name
-from runkit.engine.commands.aggregates import InstanceRecord as AggregateRecord
 from runkit.engine.commands.inbox import EngineStopped, InboxRecord, decode_inbox_record, inbox_name
+from runkit.engine.commands.instance_records import InstanceCommand, aggregate_name
+from runkit.engine.commands.instance_records import InstanceRecord as AggregateRecord
 from runkit.engine.commands.poison import poison_name
 from runkit.engine.engine import Engine, meta_name
 from runkit.engine.envelope import Envelope, register_types, to_message

@@ -459,8 +459,9 @@ async def test_instance_journals_are_derived_and_written_once_by_two_owners() ->
     """
     from datetime import UTC, datetime
 
-    from runkit.engine.commands.aggregates import AggregateInstances, Committed, instance_decoder
+    from runkit.engine.commands.aggregates import AggregateInstances
     from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.commands.instance_records import Committed, instance_decoder
     from runkit.engine.commands.materialiser import Materialiser
     from runkit.engine.envelope import new_envelope, register_types
 
@@ -889,8 +890,9 @@ async def test_a_materialiser_that_cannot_reread_a_journal_retries_with_a_fresh_
     """
     from datetime import UTC, datetime
 
-    from runkit.engine.commands.aggregates import AggregateInstances, Committed
+    from runkit.engine.commands.aggregates import AggregateInstances
     from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.commands.instance_records import Committed
     from runkit.engine.commands.materialiser import Materialiser
     from runkit.engine.envelope import new_envelope, register_types
     from runkit.persistence import PersistenceError

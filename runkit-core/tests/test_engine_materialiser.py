@@ -20,13 +20,9 @@ import pytest
 
 from runkit.config import HandlerConfig
 from runkit.engine.commands import materialiser as materialiser_module
-from runkit.engine.commands.aggregates import (
-    AggregateInstances,
-    Committed,
-    Instance,
-    instance_decoder,
-)
+from runkit.engine.commands.aggregates import AggregateInstances, Instance
 from runkit.engine.commands.inbox import InboxEntry
+from runkit.engine.commands.instance_records import Committed, instance_decoder
 from runkit.engine.commands.materialiser import Materialiser
 from runkit.engine.envelope import new_envelope, register_types
 from runkit.persistence import Limits

@@ -129,6 +129,37 @@ class _Handle:
         self._check_open()
         return await self._provider._call(self._kind, self._what, operation, call, write=write)
 
+    async def _put(
+        self,
+        item: dict[str, AttributeValueTypeDef],
+        condition: str | None = None,
+        values: dict[str, AttributeValueTypeDef] | None = None,
+    ) -> None:
+        """Write *item*; with *condition*, only if it holds (else ``_ConditionFailed``)."""
+        if condition is None:
+            await self._call(
+                "PutItem", lambda c: c.put_item(TableName=self._table, Item=item), write=True
+            )
+        elif values is None:
+            await self._call(
+                "PutItem",
+                lambda c: c.put_item(
+                    TableName=self._table, Item=item, ConditionExpression=condition
+                ),
+                write=True,
+            )
+        else:
+            await self._call(
+                "PutItem",
+                lambda c: c.put_item(
+                    TableName=self._table,
+                    Item=item,
+                    ConditionExpression=condition,
+                    ExpressionAttributeValues=values,
+                ),
+                write=True,
+            )
+
     async def _get_item(
         self, sort_key: bytes, projection: str
     ) -> dict[str, AttributeValueTypeDef] | None:

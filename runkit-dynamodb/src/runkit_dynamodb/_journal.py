@@ -217,15 +217,7 @@ class _DynamoJournal(_Handle, Journal):
             self._observe(position)
         item = {**self._key(_POSITION.pack(position)), "r": _b(record)}
         try:
-            await self._call(
-                "PutItem",
-                lambda c: c.put_item(
-                    TableName=self._table,
-                    Item=item,
-                    ConditionExpression="attribute_not_exists(k)",
-                ),
-                write=True,
-            )
+            await self._put(item, "attribute_not_exists(k)")
         except _ConditionFailed:
             self._observe(position + 1)
             raise Conflict.journal(self._name, position) from None

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runkit.persistence import Conflict, Keyspace
 
 from ._handles import _b, _ConditionFailed, _Handle
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.type_defs import AttributeValueTypeDef
 
 __all__ = ["_DynamoKeyspace"]
 
@@ -64,28 +67,15 @@ class _DynamoKeyspace(_Handle, Keyspace):
                 )
                 return ""
             new_revision = uuid.uuid4().hex
-            item = {**self._key(key), "v": _b(value), "r": {"S": new_revision}}
+            item: dict[str, AttributeValueTypeDef] = {
+                **self._key(key),
+                "v": _b(value),
+                "r": {"S": new_revision},
+            }
             if revision:
-                await self._call(
-                    "PutItem",
-                    lambda c: c.put_item(
-                        TableName=self._table,
-                        Item=item,
-                        ConditionExpression="r = :r",
-                        ExpressionAttributeValues={":r": {"S": revision}},
-                    ),
-                    write=True,
-                )
+                await self._put(item, "r = :r", {":r": {"S": revision}})
             else:
-                await self._call(
-                    "PutItem",
-                    lambda c: c.put_item(
-                        TableName=self._table,
-                        Item=item,
-                        ConditionExpression="attribute_not_exists(k)",
-                    ),
-                    write=True,
-                )
+                await self._put(item, "attribute_not_exists(k)")
             return new_revision
         except _ConditionFailed:
             raise Conflict.keyspace(self._name, key, revision) from None
@@ -102,10 +92,12 @@ class _DynamoKeyspace(_Handle, Keyspace):
             )
             return ""
         new_revision = uuid.uuid4().hex
-        item = {**self._key(key), "v": _b(value), "r": {"S": new_revision}}
-        await self._call(
-            "PutItem", lambda c: c.put_item(TableName=self._table, Item=item), write=True
-        )
+        item: dict[str, AttributeValueTypeDef] = {
+            **self._key(key),
+            "v": _b(value),
+            "r": {"S": new_revision},
+        }
+        await self._put(item)
         return new_revision
 
     async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:

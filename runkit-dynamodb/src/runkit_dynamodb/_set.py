@@ -26,24 +26,12 @@ class _DynamoSet(_Handle, Set):
 
     async def add(self, member: bytes) -> None:
         member = self._provider.limits.check_member(member)
-        await self._call(
-            "PutItem",
-            lambda c: c.put_item(TableName=self._table, Item=self._key(member)),
-            write=True,
-        )
+        await self._put(self._key(member))
 
     async def try_add(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
         try:
-            await self._call(
-                "PutItem",
-                lambda c: c.put_item(
-                    TableName=self._table,
-                    Item=self._key(member),
-                    ConditionExpression="attribute_not_exists(k)",
-                ),
-                write=True,
-            )
+            await self._put(self._key(member), "attribute_not_exists(k)")
         except _ConditionFailed:
             return False
         return True

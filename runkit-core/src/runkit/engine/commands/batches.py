@@ -63,10 +63,11 @@ from ..streams import (
     StreamWriter,
 )
 from .acceptance import PartitionStopped
-from .aggregates import AggregateInstances, Committed
+from .aggregates import AggregateInstances
 from .backlog import Backlog
 from .inbox import InboxEntry, InboxRecord, InboxWriter, read_inbox
 from .inbox_progress import InboxProgress
+from .instance_records import Committed
 from .integration_tasks import IntegrationTasks
 from .local_callers import LocalCallers
 from .markers import Markers

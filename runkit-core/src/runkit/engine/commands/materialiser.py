@@ -48,8 +48,8 @@ from ...persistence import Conflict, Journal, PersistenceError, Provider, Record
 from ..backoff import backoff
 from ..envelope import closing_iter
 from ..logs import RateLimitedLog, describe_error
-from .aggregates import (
-    AggregateInstances,
+from .aggregates import AggregateInstances
+from .instance_records import (
     Committed,
     InstanceCommand,
     InstanceRecord,
