@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 import dogma
+from runkit.config import ApplicationConfig
 from runkit.engine.engine import Engine
 from runkit.engine.partitions import partition_id
 from runkit.engine.settings import EngineSettings
@@ -40,11 +41,12 @@ from engine_commands_harness import (
 
 
 @asynccontextmanager
-async def two_nodes(s: Any, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
+async def two_nodes(config: ApplicationConfig, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
+    """Two engines running *config* on one memory silo, 8 partitions shared between them."""
     engines = [
         Engine.from_settings(
             EngineSettings(
-                applications=(s.config,),
+                applications=(config,),
                 persistence_provider=MemoryProvider(silo),
                 listen_address="127.0.0.1:0",
                 node_id=node_id,
@@ -58,7 +60,7 @@ async def two_nodes(s: Any, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
     async with anyio.create_task_group() as tg:
         for engine in engines:
             tg.start_soon(engine.run)
-        runtimes = [await e.runtime(APP_KEY) for e in engines]
+        runtimes = [await e.runtime(config.identity.key) for e in engines]
         await wait_until(
             lambda: (
                 len(runtimes[0].partitions) + len(runtimes[1].partitions) == 8
@@ -91,7 +93,7 @@ def _remote_accounts(engine: Engine, count: int) -> list[str]:
 async def test_commands_are_offered_to_the_owner_and_observed_from_any_node() -> None:
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    async with two_nodes(s, silo) as (one, _two):
+    async with two_nodes(s.config, silo) as (one, _two):
         executor = one.executor_for(s.app)
         accounts = _remote_accounts(one, 6)
         assert len(accounts) == 6
@@ -119,7 +121,7 @@ async def test_commands_are_offered_to_the_owner_and_observed_from_any_node() ->
 async def test_not_satisfied_is_raised_for_a_command_handled_on_another_node() -> None:
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    async with two_nodes(s, silo) as (one, _two):
+    async with two_nodes(s.config, silo) as (one, _two):
         [account] = _remote_accounts(one, 1)
         s.accounts.nothing.add("quiet")  # handled, records nothing
         never: list[Any] = []
@@ -139,7 +141,7 @@ async def test_not_satisfied_is_raised_for_a_command_handled_on_another_node() -
 async def test_a_node_that_stops_hands_commands_to_the_inbox_and_the_survivor() -> None:
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    async with two_nodes(s, silo) as (one, two):
+    async with two_nodes(s.config, silo) as (one, two):
         accounts = _remote_accounts(one, 4)
         executor = one.executor_for(s.app)
         await executor.execute_command(Deposit(accounts[0], 1, "before"))
@@ -165,7 +167,7 @@ async def test_a_late_subscription_replays_what_the_chain_recorded_on_a_peer() -
 
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    async with two_nodes(s, silo) as (one, two):
+    async with two_nodes(s.config, silo) as (one, two):
         [account] = _remote_accounts(one, 1)  # its partition is owned by `two`
         await two.executor_for(s.app).execute_command(
             Deposit(account, 5, "late"), idempotency_key="late-key"
@@ -200,6 +202,34 @@ def _streams_opened(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str
     return opened
 
 
+async def _observed_deposit(
+    engine: Engine,
+    s: Any,
+    account: str,
+    ref: str,
+    *,
+    keyed: bool = False,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> list[str]:
+    """Deposit through *engine* (with *ref* as its idempotency key if *keyed*),
+    observing the ``Deposited``; the refs observed. *meanwhile* runs in the observer.
+    """
+    seen: list[str] = []
+
+    async def saw(event: Deposited) -> bool:
+        seen.append(event.ref)
+        meanwhile()
+        return True
+
+    with anyio.fail_after(20):
+        await engine.executor_for(s.app).execute_command(
+            Deposit(account, 1, ref),
+            idempotency_key=ref if keyed else None,
+            observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+        )
+    return seen
+
+
 async def test_a_chain_that_stays_in_its_partition_is_observed_without_a_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -212,7 +242,7 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_without_a_stream(
 
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    async with two_nodes(s, silo) as (one, two):
+    async with two_nodes(s.config, silo) as (one, two):
         [remote] = _remote_accounts(one, 1)
         [local] = _remote_accounts(two, 1)
         assert one.router is not None
@@ -241,21 +271,13 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_without_a_stream(
             seen.clear()
             for account in (remote, local):
                 key = f"observe-{account}-{attempt}"
-                correlation_id = command_id_for(APP_KEY, key)
 
-                async def saw(
-                    event: Deposited, account: str = account, cid: str = correlation_id
-                ) -> bool:
-                    seen.setdefault(account, []).append(event.ref)
+                def at_two(account: str = account, cid: str = command_id_for(APP_KEY, key)) -> None:
                     subscribed_at_two[account] = two.bus.has_subscribers(cid)
-                    return True
 
-                with anyio.fail_after(20):
-                    await one.executor_for(s.app).execute_command(
-                        Deposit(account, 1, key),
-                        idempotency_key=key,
-                        observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
-                    )
+                seen[account] = await _observed_deposit(
+                    one, s, account, key, keyed=True, meanwhile=at_two
+                )
             if asked() == expected_view:
                 break
             # Membership moved during the calls (a loaded machine): try again.
@@ -269,22 +291,6 @@ async def test_a_chain_that_stays_in_its_partition_is_observed_without_a_stream(
         assert subscribed_at_two == {remote: False, local: False}
 
 
-async def _observed_deposit(engine: Engine, s: Any, account: str, ref: str) -> list[str]:
-    """Deposit through *engine*, observing the ``Deposited``; the refs observed."""
-    seen: list[str] = []
-
-    async def saw(event: Deposited) -> bool:
-        seen.append(event.ref)
-        return True
-
-    with anyio.fail_after(20):
-        await engine.executor_for(s.app).execute_command(
-            Deposit(account, 1, ref),
-            observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
-        )
-    return seen
-
-
 async def test_a_command_its_owner_has_to_retry_is_observed_through_a_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -293,7 +299,7 @@ async def test_a_command_its_owner_has_to_retry_is_observed_through_a_stream(
     # stream, which delivers the event of the retry.
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    async with two_nodes(s, silo) as (one, _two):
+    async with two_nodes(s.config, silo) as (one, _two):
         [account] = _remote_accounts(one, 1)
         s.accounts.fail["retried"] = 1
         opened = _streams_opened(one, monkeypatch)
@@ -309,7 +315,7 @@ async def test_an_offer_that_fails_falls_back_to_the_inbox_and_a_stream(
 
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    async with two_nodes(s, silo) as (one, _two):
+    async with two_nodes(s.config, silo) as (one, _two):
         [account] = _remote_accounts(one, 1)
         assert one.router is not None
         transport = one.router._transport
@@ -349,27 +355,9 @@ async def test_a_chain_a_process_carries_on_widens_to_every_node(
     from runkit.engine.partitions import instance_workload, partition_of
 
     config = build(App())
-    silo = f"bank-cluster-{uuid.uuid4()}"
-    engines = [
-        Engine.from_settings(
-            EngineSettings(
-                applications=(config,),
-                persistence_provider=MemoryProvider(silo),
-                listen_address="127.0.0.1:0",
-                node_id=node_id,
-                heartbeat_interval=0.5,
-                **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
-            )
-        )
-        for node_id in splitting_node_ids(8)
-    ]
     key = config.identity.key
-    async with anyio.create_task_group() as tg:
-        for engine in engines:
-            tg.start_soon(engine.run)
-        runtimes = [await e.runtime(key) for e in engines]
-        await wait_until(lambda: all(rt.partitions for rt in runtimes), timeout=30)
-        one = engines[0]
+    async with two_nodes(config, f"bank-cluster-{uuid.uuid4()}") as (one, two):
+        runtimes = [await one.runtime(key), await two.runtime(key)]
         executor = one.executor_for(config)
         opened = _streams_opened(one, monkeypatch)
         approved: list[str] = []
@@ -423,7 +411,6 @@ async def test_a_chain_a_process_carries_on_widens_to_every_node(
                 )
             # The deposit's chain widened: a stream to the other node.
             assert opened[opened_before:] == ["observe"]
-        tg.cancel_scope.cancel()
     assert approved == remote
     # Opening an account ends its chain: the note said so, nothing widened.
     assert len(opened) == 4
@@ -454,9 +441,9 @@ class _OneItemTransport:
 
     @asynccontextmanager
     async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[AsyncIterator[bytes]]:
-        from runkit.engine.cluster.routing import WireDone, _encoder
+        from runkit.engine.cluster.wire import WireDone, encoder
 
-        note = _encoder.encode((WireDone(correlation_id="c", command_id="c", conclusive=True),))
+        note = encoder.encode((WireDone(correlation_id="c", command_id="c", conclusive=True),))
         transport = self
 
         class Items:

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import attrs
@@ -44,23 +44,40 @@ from ...persistence import Provider
 from ...transport import (
     NodeTransport,
     PeerInfo,
-    RemoteError,
     TlsIdentity,
     TransportError,
 )
 from ..commands.inbox import InboxEntry
-from ..envelope import Envelope
 from ..partitions import partition_id
 from ..settings import EngineSettings
-from ..streams import CommandDone, Observed, StreamEvent
+from ..streams import CommandDone, Observed
 from .nodes import NodeRecord, list_nodes
+from .wire import (
+    ANSWER_BYTES,
+    NOT_OWNER,
+    OBSERVE_BATCH,
+    OK,
+    Observe,
+    Offer,
+    OfferAnswer,
+    Wake,
+    WireDone,
+    WireEvent,
+    answer_decoder,
+    decode_request,
+    encoder,
+    events_decoder,
+    from_wire,
+    observe_decoder,
+    offer_decoder,
+    to_wire,
+    wake_decoder,
+)
 
 __all__ = [
     "ClusterServer",
     "NodeCluster",
-    "Offer",
     "Router",
-    "Wake",
     "authenticator",
     "make_identity",
     "serve_cluster",
@@ -68,82 +85,8 @@ __all__ = [
 
 _log = logging.getLogger("runkit.engine.cluster.routing")
 
-OK = b"ok"
-NOT_OWNER = b"not_owner"
 #: How long a gateway waits for the owner to take a command before using the inbox.
 OFFER_TIMEOUT = 2.0
-#: Events sent per ``observe`` frame (or ``OfferAnswer``) at most.
-OBSERVE_BATCH = 64
-#: The largest ``OfferAnswer`` with events; a larger one goes without them.
-ANSWER_BYTES = 256 * 1024
-
-
-class Offer(msgspec.Struct, frozen=True, kw_only=True):
-    """Commands for one partition of an application."""
-
-    app_key: str
-    partition: int
-    entries: tuple[InboxEntry, ...]
-    #: Answer with an ``OfferAnswer`` holding the chains' events (see ``Router.observe``).
-    reply_events: bool = False
-
-
-class Wake(msgspec.Struct, frozen=True, kw_only=True):
-    """Read a partition's inbox (``what="inbox"``) or deadlines (``"deadlines"``) now."""
-
-    app_key: str
-    partition: int
-    what: str = "inbox"
-
-
-class Observe(msgspec.Struct, frozen=True, kw_only=True):
-    """Stream the events of one correlation chain recorded on the serving node.
-
-    The stream starts with the chain's events the node published recently
-    (``EventBus`` keeps them), so a subscription that arrives late (after the
-    command's events, after a reconnect, or at a node that took a partition
-    over) misses nothing. The caller does not wait for the stream to start.
-    """
-
-    app_key: str
-    correlation_id: str
-
-
-class WireEvent(msgspec.Struct, frozen=True, kw_only=True, tag="event"):
-    """A ``StreamEvent`` on the wire."""
-
-    stream_id: str
-    offset: int
-    envelope: Envelope
-    recorded_at: datetime
-
-
-class WireDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
-    """A ``CommandDone`` note on the wire."""
-
-    correlation_id: str
-    command_id: str
-    conclusive: bool
-
-
-class OfferAnswer(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer to an ``Offer`` with ``reply_events``.
-
-    ``events``: what the offered commands' correlation chains published on the
-    owner from the offer until they were durable, in order; empty when there was
-    too much to send (the gateway then observes the chain as usual).
-    """
-
-    accepted: bool
-    events: tuple[WireEvent | WireDone, ...] = ()
-
-
-_offer_decoder = msgspec.msgpack.Decoder(Offer)
-_answer_decoder = msgspec.msgpack.Decoder(OfferAnswer)
-_wake_decoder = msgspec.msgpack.Decoder(Wake)
-_observe_decoder = msgspec.msgpack.Decoder(Observe)
-_events_decoder = msgspec.msgpack.Decoder(tuple[WireEvent | WireDone, ...])
-_encoder = msgspec.msgpack.Encoder()
 
 
 def make_identity(node_id: str, cert: str | None, key: str | None, ca: str | None) -> TlsIdentity:
@@ -178,7 +121,7 @@ class ClusterServer:
         return {"observe": self._observe}
 
     async def _offer(self, peer: PeerInfo, payload: bytes) -> bytes:
-        offer = _decode(_offer_decoder, payload)
+        offer = decode_request(offer_decoder, payload)
         if not offer.reply_events:
             accepted = await self._offer_local(offer.app_key, offer.partition, offer.entries)
             return OK if accepted else NOT_OWNER
@@ -194,61 +137,36 @@ class ClusterServer:
                 for c in chains
             ]
             accepted = await self._offer_local(offer.app_key, offer.partition, offer.entries)
-            events = tuple(_wire(e) for s in subscriptions for e in s.drain())
+            events = tuple(to_wire(e) for s in subscriptions for e in s.drain())
         if not accepted:
-            return _encoder.encode(OfferAnswer(accepted=False))
+            return encoder.encode(OfferAnswer(accepted=False))
         if len(events) <= OBSERVE_BATCH:
-            answer = _encoder.encode(OfferAnswer(accepted=True, events=events))
+            answer = encoder.encode(OfferAnswer(accepted=True, events=events))
             if len(answer) <= ANSWER_BYTES:
                 return answer
-        return _encoder.encode(OfferAnswer(accepted=True))
+        return encoder.encode(OfferAnswer(accepted=True))
 
     async def _wake(self, peer: PeerInfo, payload: bytes) -> bytes:
-        wake = _decode(_wake_decoder, payload)
+        wake = decode_request(wake_decoder, payload)
         self._wake_local(wake.app_key, wake.partition, wake.what)
         return OK
 
     async def _observe(self, peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
-        request = _decode(_observe_decoder, payload)
+        request = decode_request(observe_decoder, payload)
         subscription: Any = self._subscribe_local(request.correlation_id, replay=True)
         async with subscription as events:
             batch: list[WireEvent | WireDone] = []
             async for event in events:
-                batch.append(_wire(event))
+                batch.append(to_wire(event))
                 # Send what has arrived; wait for more only when nothing is pending.
                 if len(batch) >= OBSERVE_BATCH or not _pending(events):
-                    yield _encoder.encode(tuple(batch))
+                    yield encoder.encode(tuple(batch))
                     batch = []
 
 
 def _pending(events: object) -> bool:
     pending = getattr(events, "pending", None)
     return bool(pending()) if callable(pending) else False
-
-
-_M = TypeVar("_M")
-
-
-def _decode(decoder: msgspec.msgpack.Decoder[_M], payload: bytes) -> _M:
-    try:
-        return decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise RemoteError("bad_request", f"malformed request: {exc}") from exc
-
-
-def _wire(event: Observed) -> WireEvent | WireDone:
-    if isinstance(event, CommandDone):
-        return WireDone(
-            correlation_id=event.correlation_id,
-            command_id=event.command_id,
-            conclusive=event.conclusive,
-        )
-    return WireEvent(
-        stream_id=event.stream_id,
-        offset=event.offset,
-        envelope=event.envelope,
-        recorded_at=event.recorded_at,
-    )
 
 
 class Router:
@@ -322,7 +240,7 @@ class Router:
                 answer = await self._transport.call(
                     owner.advertise_address,
                     "offer",
-                    _encoder.encode(offer),
+                    encoder.encode(offer),
                     timeout=self._offer_timeout,
                     expect_fingerprint=owner.tls_fingerprint,
                 )
@@ -339,12 +257,12 @@ class Router:
             if not awaiting or answer in (OK, NOT_OWNER):
                 return answer == OK
             try:
-                decoded = _answer_decoder.decode(answer)
+                decoded = answer_decoder.decode(answer)
             except msgspec.DecodeError as exc:
                 _log.info("node %s answered an offer with garbage: %s", owner.node_id, exc)
                 return False
             if decoded.accepted:
-                _answered(awaiting, [_event(item) for item in decoded.events])
+                _answered(awaiting, [from_wire(item) for item in decoded.events])
             return decoded.accepted
         finally:
             # Whatever the answer did not settle is observed the usual way.
@@ -365,7 +283,7 @@ class Router:
         owner = self.owner(partition_id)
         if owner is None or owner.advertise_address is None or self._tg is None:
             return
-        payload = _encoder.encode(Wake(app_key=app_key, partition=index, what=what))
+        payload = encoder.encode(Wake(app_key=app_key, partition=index, what=what))
         self._tg.start_soon(self._call_quietly, owner, "wake", payload)
 
     async def _call_quietly(self, owner: NodeRecord, method: str, payload: bytes) -> None:
@@ -420,7 +338,7 @@ class Router:
             awaiting = _Awaiting(correlation_id, send, widen)
             self._awaiting.setdefault(correlation_id, []).append(awaiting)
         failed: Exception | None = None
-        request = _encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
+        request = encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
         async with anyio.create_task_group() as tg:
 
             async def follow(node: NodeRecord, scope: anyio.CancelScope) -> None:
@@ -435,9 +353,9 @@ class Router:
                             expect_fingerprint=node.tls_fingerprint,
                         ) as items:
                             async for data in items:
-                                for item in _events_decoder.decode(data):
+                                for item in events_decoder.decode(data):
                                     try:
-                                        send.send_nowait(_event(item))
+                                        send.send_nowait(from_wire(item))
                                     except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                                         # The caller has left (on trio a task woken
                                         # with data runs on to its next checkpoint).
@@ -537,12 +455,6 @@ def _forget(registry: dict[str, list[_Awaiting]], waiting: _Awaiting) -> None:
         others.remove(waiting)
     if not others:
         registry.pop(waiting.correlation_id, None)
-
-
-def _event(item: WireEvent | WireDone) -> Observed:
-    if isinstance(item, WireDone):
-        return CommandDone(item.correlation_id, item.command_id, item.conclusive)
-    return StreamEvent(item.stream_id, item.offset, item.envelope, item.recorded_at)
 
 
 def authenticator(
