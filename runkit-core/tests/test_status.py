@@ -79,7 +79,11 @@ async def eventually(
 async def test_two_nodes_are_listed_live_with_their_partitions_split_and_a_leaver_at_once() -> None:
     s = ch.setup()
     inner = silo()
-    one, two = node(inner, s.config, partition_count=8), node(inner, s.config, partition_count=8)
+    # Node IDs that rendezvous splits the 8 partitions between (1 random pair in 128 does not).
+    one, two = (
+        node(inner, s.config, partition_count=8, node_id=node_id)
+        for node_id in ch.splitting_node_ids(8)
+    )
     ids = {one.settings.node_id, two.settings.node_id}
     async with anyio.create_task_group() as tg:
         scope_two = anyio.CancelScope()
