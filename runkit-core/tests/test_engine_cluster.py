@@ -411,6 +411,10 @@ async def test_a_chain_a_process_carries_on_widens_to_every_node(
                 )
             # The deposit's chain widened: a stream to the other node.
             assert opened[opened_before:] == ["observe"]
+            # The caller has left: its observation is gone, and so is the
+            # stream's subscription at the other node once the cancel arrives.
+            assert not router._observations
+            await wait_until(lambda: not two.bus._subscribers, timeout=10)
     assert approved == remote
     # Opening an account ends its chain: the note said so, nothing widened.
     assert len(opened) == 4
@@ -418,6 +422,19 @@ async def test_a_chain_a_process_carries_on_widens_to_every_node(
 
 async def _true(event: object) -> bool:
     return True
+
+
+def test_widen_runs_each_callback_once_even_if_registered_late() -> None:
+    from runkit.engine.streams import Widen
+
+    calls: list[str] = []
+    widen = Widen()
+    widen.on_set(lambda: calls.append("early"))
+    assert not widen.is_set() and calls == []
+    widen.set()
+    widen.set()
+    widen.on_set(lambda: calls.append("late"))
+    assert widen.is_set() and calls == ["early", "late"]
 
 
 def test_only_chains_without_processes_stay_in_their_partition() -> None:
@@ -488,6 +505,11 @@ async def test_leaving_an_observation_while_a_peer_item_is_delivered_is_clean() 
         self_id=uuid.uuid4(),
         self_is_node=True,
     )
-    async with router.observe(APP_KEY, "c"):
-        await transport.waiting.wait()
-        transport.ready.set()  # the follower is woken; the caller leaves first
+    async with anyio.create_task_group() as tg:
+        router.start(tg)  # the observation's stream runs in the router's task group
+        async with router.observe(APP_KEY, "c"):
+            await transport.waiting.wait()
+            transport.ready.set()  # the follower is woken; the caller leaves first
+        # The follower got the item after the caller left: it stops quietly.
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()

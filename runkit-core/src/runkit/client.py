@@ -41,6 +41,7 @@ from .engine.executor import Executor
 from .engine.partitions import partition_id
 from .engine.settings import EngineSettings
 from .engine.startup import wait_for_store
+from .engine.streams import Widen
 from .persistence import Provider, provider_from_url
 from .transport import NodeTransport
 
@@ -184,7 +185,7 @@ class Client:
         app_key: str,
         correlation_id: str,
         partition: int | None = None,
-        widen: anyio.Event | None = None,
+        widen: Widen | None = None,
     ) -> Subscription:
         """The chain's events, from every live node (or only *partition*'s owner).
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -34,12 +36,12 @@ from .cluster.routing import ClusterServer, NodeCluster, Router, serve_cluster
 from .commands.acceptance import Acceptor
 from .commands.inbox import EngineStopped, InboxEntry
 from .envelope import register_types
-from .events.observers import Subscription, merged
+from .events.observers import Subscription
 from .meta import MetaRecord, load_partition_count, meta_name, read_partition_count
 from .runtime import AppRuntime
 from .settings import EngineSettings
 from .startup import wait_for_store
-from .streams import EventBus
+from .streams import EventBus, Observed, UniqueEvents, Widen
 
 if TYPE_CHECKING:
     from .cluster.status import ClusterStatus
@@ -185,18 +187,37 @@ class Engine:
         app_key: str,
         correlation_id: str,
         partition: int | None = None,
-        widen: anyio.Event | None = None,
+        widen: Widen | None = None,
     ) -> Subscription:
         """The chain's events recorded here and, with a listen address, on the peers.
 
         With *partition* (the only one the chain can reach), only at its owner;
         with *widen*, see ``Router.observe``.
         """
-        local = self.bus.subscribe(correlation_id)
         if self._cluster is None:
-            return local
-        remote = self._cluster.router.observe(app_key, correlation_id, partition, widen)
-        return merged(local, remote)
+            return self.bus.subscribe(correlation_id)
+        return self._subscribe_here_and_on_peers(
+            self._cluster.router, app_key, correlation_id, partition, widen
+        )
+
+    @asynccontextmanager
+    async def _subscribe_here_and_on_peers(
+        self,
+        router: Router,
+        app_key: str,
+        correlation_id: str,
+        partition: int | None,
+        widen: Widen | None,
+    ) -> AsyncIterator[AsyncIterator[Observed]]:
+        # The bus and the peers' streams deliver into one stream: no task per source.
+        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+        with (
+            send,
+            receive,
+            self.bus.attached(correlation_id, send),
+            router.observation(app_key, correlation_id, send, partition, widen),
+        ):
+            yield UniqueEvents(receive)
 
     def _members(self) -> dict[uuid.UUID, Any]:
         view = self._membership_view

@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import anyio
-
 import dogma
 
 from ..config import ApplicationConfig, HandlerKind
@@ -26,6 +24,7 @@ from .envelope import new_envelope, validate_new
 from .events.observers import Subscription, wait_for_observers
 from .ids import new_id
 from .settings import EngineSettings
+from .streams import Widen
 
 __all__ = ["Executor", "Gateway"]
 
@@ -47,7 +46,7 @@ class Gateway(Protocol):
         app_key: str,
         correlation_id: str,
         partition: int | None = None,
-        widen: anyio.Event | None = None,
+        widen: Widen | None = None,
     ) -> Subscription:
         """Events of the chain, wherever they are recorded (subscribed on entry).
 
@@ -128,7 +127,7 @@ class Executor:
         partition = routed[0] if self._stays_in_partition(type(command)) else None
         # The chain reaches other nodes only through processes reacting to the
         # command's events: its subscription widens once those are known.
-        widen = anyio.Event()
+        widen = Widen()
         async with self._gateway.subscribe(
             app_key, envelope.correlation_id, partition, widen
         ) as events:

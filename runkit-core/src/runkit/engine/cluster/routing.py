@@ -27,8 +27,13 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,7 +55,7 @@ from ...transport import (
 from ..commands.inbox import InboxEntry
 from ..partitions import partition_id
 from ..settings import EngineSettings
-from ..streams import CommandDone, Observed
+from ..streams import CommandDone, Observed, UniqueEvents, Widen
 from .nodes import NodeRecord, list_nodes
 from .wire import (
     ANSWER_BYTES,
@@ -87,6 +92,10 @@ _log = logging.getLogger("runkit.engine.cluster.routing")
 
 #: How long a gateway waits for the owner to take a command before using the inbox.
 OFFER_TIMEOUT = 2.0
+
+#: How often open observations subscribe to peers that joined or whose stream
+#: broke, and open the streams of those whose offer was never answered.
+RESUBSCRIBE_INTERVAL = 0.5
 
 
 def make_identity(node_id: str, cert: str | None, key: str | None, ca: str | None) -> TlsIdentity:
@@ -192,12 +201,14 @@ class Router:
         self._self_is_node = self_is_node
         self._offer_timeout = offer_timeout
         self._tg: TaskGroup | None = None
-        # Observations waiting for an offer's answer, by correlation ID.
-        self._awaiting: dict[str, list[_Awaiting]] = {}
+        # Observations that may wait for an offer's answer, by correlation ID.
+        self._awaiting: dict[str, list[_Observation]] = {}
+        self._observations: set[_Observation] = set()
 
     def start(self, tg: TaskGroup) -> None:
-        """Give the router a task group for fire-and-forget wake-ups."""
+        """Give the router a task group for wake-ups and observations' streams."""
         self._tg = tg
+        tg.start_soon(self._keep_observing)
 
     def owner(self, partition_id: str) -> NodeRecord | None:
         """The owner of a partition in this member's view (``None``: this node, or nobody)."""
@@ -268,7 +279,7 @@ class Router:
             # Whatever the answer did not settle is observed the usual way.
             for _, waiting in awaiting:
                 if not waiting.answered:
-                    waiting.widen.set()
+                    self._widen(waiting)
 
     def _recorders(self, app_key: str, partition: int | None) -> list[NodeRecord]:
         """The peers that may record a chain's events (of *partition*, if given)."""
@@ -305,12 +316,26 @@ class Router:
         app_key: str,
         correlation_id: str,
         partition: int | None = None,
-        widen: anyio.Event | None = None,
+        widen: Widen | None = None,
     ) -> AsyncIterator[AsyncIterator[Observed]]:
-        """Receive the chain's events recorded on every live node.
+        """Receive the chain's events recorded on every live node (see ``observation``)."""
+        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+        with send, receive, self.observation(app_key, correlation_id, send, partition, widen):
+            yield UniqueEvents(receive)
+
+    @contextmanager
+    def observation(
+        self,
+        app_key: str,
+        correlation_id: str,
+        send: MemoryObjectSendStream[Observed],
+        partition: int | None = None,
+        widen: Widen | None = None,
+    ) -> Iterator[None]:
+        """Deliver the chain's events recorded on the peers into *send* while inside.
 
         With *partition* (the index of the one partition a chain can reach),
-        only on the nodes that may record its events: the owner in this
+        only from the nodes that may record its events: the owner in this
         member's view and any node whose heartbeat says it still runs the
         partition (a handoff in progress). None when that is only this node.
 
@@ -324,102 +349,111 @@ class Router:
         handled here, or the offer is slow): then the streams open and replay
         what the chain published.
 
-        The streams are requested on entry but not awaited: each starts with
-        what the chain published on its node recently (``Observe``), so one
-        that arrives after the command's events misses nothing. Nodes that
-        join later, or whose subscription breaks, are subscribed (again) at the
-        next membership check, every half second, with the same replay; events
-        are de-duplicated by (stream, offset) by the caller's subscription.
+        The streams are requested but not awaited: each starts with what the
+        chain published on its node recently (``Observe``), so one that
+        arrives after the command's events misses nothing. Nodes that join
+        later, or whose stream breaks, are subscribed (again) within
+        ``RESUBSCRIBE_INTERVAL``, with the same replay; the caller
+        de-duplicates events by (stream, offset) (``UniqueEvents``). The
+        streams run in the router's task group, so an observation costs no
+        task until they open. The caller owns *send* and closes it after.
         """
-        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
-        subscribed: dict[uuid.UUID, anyio.CancelScope] = {}
-        awaiting: _Awaiting | None = None
-        if widen is not None:
-            awaiting = _Awaiting(correlation_id, send, widen)
-            self._awaiting.setdefault(correlation_id, []).append(awaiting)
-        failed: Exception | None = None
+        if self._tg is None:
+            raise RuntimeError("the router is not started (Router.start)")
         request = encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
-        async with anyio.create_task_group() as tg:
+        deadline = anyio.current_time() + self._offer_timeout + 0.5
+        observation = _Observation(app_key, correlation_id, partition, send, request, deadline)
+        self._observations.add(observation)
+        if widen is None:
+            self._widen(observation)
+        else:
+            self._awaiting.setdefault(correlation_id, []).append(observation)
+            widen.on_set(lambda: self._widen(observation))
+        try:
+            yield
+        finally:
+            observation.closed = True
+            self._observations.discard(observation)
+            _forget(self._awaiting, observation)
+            for scope in observation.streams.values():
+                scope.cancel()
 
-            async def follow(node: NodeRecord, scope: anyio.CancelScope) -> None:
-                assert node.advertise_address is not None
-                try:
-                    with scope:
-                        async with self._transport.stream(
-                            node.advertise_address,
-                            "observe",
-                            request,
-                            timeout=math.inf,
-                            expect_fingerprint=node.tls_fingerprint,
-                        ) as items:
-                            async for data in items:
-                                for item in events_decoder.decode(data):
-                                    try:
-                                        send.send_nowait(from_wire(item))
-                                    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                                        # The caller has left (on trio a task woken
-                                        # with data runs on to its next checkpoint).
-                                        return
-                except (TransportError, msgspec.DecodeError) as exc:
-                    _log.info("observing on node %s stopped: %s", node.node_id, exc)
-                finally:
-                    subscribed.pop(node.node_id, None)
+    def _widen(self, observation: _Observation) -> None:
+        if not observation.closed and not observation.widened:
+            observation.widened = True
+            self._subscribe(observation)
 
-            def subscribe_all() -> None:
-                for node in self._recorders(app_key, partition):
-                    node_id = node.node_id
-                    if node_id in subscribed or not node.advertise_address:
-                        continue
-                    scope = anyio.CancelScope()
-                    subscribed[node_id] = scope
-                    tg.start_soon(follow, node, scope)
+    def _subscribe(self, observation: _Observation) -> None:
+        """Open a stream at each peer that may record the chain and has none yet."""
+        assert self._tg is not None
+        for node in self._recorders(observation.app_key, observation.partition):
+            if node.node_id in observation.streams or not node.advertise_address:
+                continue
+            scope = observation.streams[node.node_id] = anyio.CancelScope()
+            self._tg.start_soon(self._follow, observation, node, scope)
 
-            async def keep_subscribed() -> None:
-                if awaiting is not None:
-                    with anyio.move_on_after(self._offer_timeout + 0.5):
-                        await awaiting.widen.wait()
-                    if awaiting.answered:
-                        # The caller has what the chain published; it widens
-                        # the subscription if the chain goes on.
-                        await awaiting.widen.wait()
-                    subscribe_all()
-                while True:
-                    await anyio.sleep(0.5)
-                    subscribe_all()
+    async def _follow(
+        self, observation: _Observation, node: NodeRecord, scope: anyio.CancelScope
+    ) -> None:
+        assert node.advertise_address is not None
+        try:
+            with scope:
+                async with self._transport.stream(
+                    node.advertise_address,
+                    "observe",
+                    observation.request,
+                    timeout=math.inf,
+                    expect_fingerprint=node.tls_fingerprint,
+                ) as items:
+                    async for data in items:
+                        for item in events_decoder.decode(data):
+                            try:
+                                observation.send.send_nowait(from_wire(item))
+                            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                                # The caller has left (on trio a task woken
+                                # with data runs on to its next checkpoint).
+                                return
+        except (TransportError, msgspec.DecodeError, ValueError) as exc:
+            _log.info("observing on node %s stopped: %s", node.node_id, exc)
+        finally:
+            if observation.streams.get(node.node_id) is scope:
+                del observation.streams[node.node_id]
 
-            # Not waiting for the peers to confirm: a stream that reaches a node
-            # after the chain's events were published there replays them (the
-            # bus keeps recent events), so the command need not wait a round trip.
-            if awaiting is None:
-                subscribe_all()
-            tg.start_soon(keep_subscribed)
-            try:
-                yield receive
-            except Exception as exc:
-                failed = exc  # re-raised below, not wrapped in an ExceptionGroup
-            finally:
-                if awaiting is not None:
-                    _forget(self._awaiting, awaiting)
-                tg.cancel_scope.cancel()
-                send.close()
-                receive.close()
-        if failed is not None:
-            raise failed
+    async def _keep_observing(self) -> None:
+        """Open streams at peers that joined, and those whose answer never came."""
+        while True:
+            await anyio.sleep(RESUBSCRIBE_INTERVAL)
+            now = anyio.current_time()
+            for observation in list(self._observations):
+                if observation.widened:
+                    self._subscribe(observation)
+                elif not observation.answered and now >= observation.deadline:
+                    self._widen(observation)
 
 
 @attrs.define(eq=False)
-class _Awaiting:
-    """An observation waiting to open its streams; an offer's answer may spare them."""
+class _Observation:
+    """A chain observed on the peers: where its events go, and its streams so far."""
 
+    app_key: str
     correlation_id: str
+    partition: int | None
     send: MemoryObjectSendStream[Observed]
-    #: Set: open the streams (the chain goes on, or the answer did not settle it).
-    widen: anyio.Event
+    request: bytes
+    #: When the streams open anyway if no answer has settled the chain (anyio time).
+    deadline: float
+    #: The streams are open (or opening): the chain goes on, or nothing settled it.
+    widened: bool = False
     #: An answer held the command's events and conclusive done note.
     answered: bool = False
+    closed: bool = False
+    #: A stream per peer, open or opening.
+    streams: dict[uuid.UUID, anyio.CancelScope] = attrs.Factory(dict)
 
 
-def _answered(awaiting: Sequence[tuple[InboxEntry, _Awaiting]], events: Sequence[Observed]) -> None:
+def _answered(
+    awaiting: Sequence[tuple[InboxEntry, _Observation]], events: Sequence[Observed]
+) -> None:
     """Hand an offer answer's events to the observations it settles.
 
     Only an observation whose command's conclusive done note is in the answer
@@ -449,7 +483,7 @@ def _correlation(event: Observed) -> str:
     return event.envelope.correlation_id
 
 
-def _forget(registry: dict[str, list[_Awaiting]], waiting: _Awaiting) -> None:
+def _forget(registry: dict[str, list[_Observation]], waiting: _Observation) -> None:
     others = registry.get(waiting.correlation_id, [])
     if waiting in others:
         others.remove(waiting)

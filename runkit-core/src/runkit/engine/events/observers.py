@@ -31,58 +31,19 @@ re-delivered reports a *non-conclusive* done note, which decides nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
-
-import anyio
 
 import dogma
 
 from ...config import ApplicationConfig
 from ..envelope import Envelope
-from ..streams import CommandDone, Observed, UniqueEvents
+from ..streams import CommandDone, Observed
 
-__all__ = ["merged", "wait_for_observers"]
+__all__ = ["Subscription", "wait_for_observers"]
 
 Subscription = AbstractAsyncContextManager[AsyncIterator[Observed]]
-
-
-@asynccontextmanager
-async def merged(*subscriptions: Subscription) -> AsyncIterator[AsyncIterator[Observed]]:
-    """Enter every subscription (all before the body runs); yield their events merged.
-
-    Each stream event (stream ID, offset) is yielded once, whichever
-    subscription delivered it first: the local bus and a peer's stream may both
-    carry it (a partition that moved between nodes).
-    """
-    if len(subscriptions) == 1:
-        async with subscriptions[0] as only:
-            yield only
-        return
-    send, receive = anyio.create_memory_object_stream[Observed](math.inf)
-    failed: Exception | None = None
-    async with AsyncExitStack() as stack:
-        stack.enter_context(send)
-        stack.enter_context(receive)
-        sources = [await stack.enter_async_context(s) for s in subscriptions]
-        async with anyio.create_task_group() as tg:
-
-            async def pump(source: AsyncIterator[Observed]) -> None:
-                async for event in source:
-                    send.send_nowait(event)
-
-            for source in sources:
-                tg.start_soon(pump, source)
-            try:
-                yield UniqueEvents(receive)
-            except Exception as exc:
-                failed = exc  # re-raised below, not wrapped in an ExceptionGroup
-            finally:
-                tg.cancel_scope.cancel()
-    if failed is not None:
-        raise failed
 
 
 async def wait_for_observers(

@@ -10,14 +10,14 @@ The modules, bottom-up (each imports only those before it):
 - ``records``: the journal name, ``StreamRecord`` (its header fields) and its
   msgpack codec, ``StreamEvent``, and ``OwnershipLost``.
 - ``reading``: ``PartitionStream``: journal catch-up, then the writer's live tail.
-- ``bus``: the in-process ``EventBus``, its ``CommandDone`` notes and ``UniqueEvents``.
+- ``bus``: the in-process ``EventBus``, its ``CommandDone`` notes, ``UniqueEvents`` and ``Widen``.
 - ``tail``: ``read_tail``, what a new owner learns from the end of the journal.
 - ``writer``: ``StreamWriter``, the single writer (the commit point, ADR 0007).
 """
 
 from __future__ import annotations
 
-from .bus import CommandDone, EventBus, Observed, UniqueEvents
+from .bus import CommandDone, EventBus, Observed, UniqueEvents, Widen
 from .reading import PartitionStream
 from .records import (
     OwnershipLost,
@@ -42,6 +42,7 @@ __all__ = [
     "StreamTail",
     "StreamWriter",
     "UniqueEvents",
+    "Widen",
     "decode_stream_record",
     "encode_stream_record",
     "read_tail",

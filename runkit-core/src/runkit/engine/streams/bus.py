@@ -1,4 +1,4 @@
-"""The in-process event bus: ``EventBus``, its ``CommandDone`` notes and ``UniqueEvents``.
+"""The in-process event bus: ``EventBus``, its ``CommandDone`` notes, ``UniqueEvents``, ``Widen``.
 
 Durable stream events are published on the bus by correlation ID, for observers
 of ``execute_command`` on this node and for peers that observe chains remotely.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 import attrs
@@ -25,6 +25,7 @@ __all__ = [
     "EventBus",
     "Observed",
     "UniqueEvents",
+    "Widen",
 ]
 
 
@@ -51,9 +52,9 @@ class UniqueEvents:
     """A subscription's events, each stream event (stream ID, offset) at most once.
 
     The bus may publish an event again (a repeated command's original events are
-    redelivered for observers that joined later), and a merged subscription gets
-    the same event from several sources; a subscriber that has already seen it
-    must not see it twice. Notes pass through.
+    redelivered for observers that joined later), and a subscription fed by the
+    bus and the peers gets the same event from several sources; a subscriber
+    that has already seen it must not see it twice. Notes pass through.
     """
 
     def __init__(self, receive: AsyncIterator[Observed]) -> None:
@@ -99,6 +100,41 @@ class UniqueEvents:
         return True
 
 
+class Widen:
+    """A one-way signal: a chain's subscription should now cover every node it may reach.
+
+    The executor sets it once the command's done note shows that processes may
+    carry the chain on (or the command went to an inbox); the router opens its
+    peer streams from the callbacks, at once and without a task per call.
+    """
+
+    __slots__ = ("_callbacks", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._callbacks: list[Callable[[], object]] = []
+
+    def set(self) -> None:
+        """Set the signal (again: no effect) and run the callbacks registered so far."""
+        if self._set:
+            return
+        self._set = True
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def is_set(self) -> bool:
+        """Whether ``set`` has been called."""
+        return self._set
+
+    def on_set(self, callback: Callable[[], object]) -> None:
+        """Run *callback* when the signal is set (now, if it already is)."""
+        if self._set:
+            callback()
+        else:
+            self._callbacks.append(callback)
+
+
 #: Events and notes a node keeps after publishing them, for subscriptions that
 #: start late (``subscribe(replay=True)``): a peer that subscribes after a
 #: reconnect, or to a node that has just taken a partition over, still gets
@@ -142,6 +178,18 @@ class EventBus:
         stream event is delivered once per subscription, even if published again.
         """
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+        with send, receive, self.attached(correlation_id, send, replay=replay):
+            yield UniqueEvents(receive)
+
+    @contextmanager
+    def attached(
+        self, correlation_id: str, send: MemoryObjectSendStream[Observed], *, replay: bool = False
+    ) -> Iterator[None]:
+        """Deliver the chain's events (as ``subscribe`` does) into *send* while inside.
+
+        For a subscription that also takes a peer's events into the same
+        stream; the caller owns *send* and closes it after leaving.
+        """
         subscribers = self._subscribers.setdefault(correlation_id, set())
         subscribers.add(send)
         if replay:
@@ -149,13 +197,11 @@ class EventBus:
             for item in self._recent.get(correlation_id, ()):
                 send.send_nowait(item)
         try:
-            async with receive:
-                yield UniqueEvents(receive)
+            yield
         finally:
             subscribers.discard(send)
             if not subscribers:
                 self._subscribers.pop(correlation_id, None)
-            send.close()
 
     def has_subscribers(self, correlation_id: str) -> bool:
         """Whether anyone is subscribed to *correlation_id* now."""
