@@ -430,11 +430,13 @@ def test_widen_runs_each_callback_once_even_if_registered_late() -> None:
     calls: list[str] = []
     widen = Widen()
     widen.on_set(lambda: calls.append("early"))
-    assert not widen.is_set() and calls == []
+    assert not widen.is_set()
+    assert calls == []
     widen.set()
     widen.set()
     widen.on_set(lambda: calls.append("late"))
-    assert widen.is_set() and calls == ["early", "late"]
+    assert widen.is_set()
+    assert calls == ["early", "late"]
 
 
 def test_only_chains_without_processes_stay_in_their_partition() -> None:
