@@ -438,12 +438,18 @@ async def test_subprocess_status_shows_a_postgres_cluster_and_a_mistyped_schema_
     assert found == (0,)
 
 
-def test_watch_refreshes_until_interrupted() -> None:
+@pytest.mark.parametrize("inherited", ["default", "sigint-ignored"])
+def test_watch_refreshes_until_interrupted(inherited: str) -> None:
+    # A background job of a non-interactive shell starts with SIGINT ignored:
+    # Ctrl-C's signal (sent by the test) still ends --watch there.
     import signal
 
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DOGMA_")}
+    command = [sys.executable, "-m", "runkit.cli", "status", "--watch", "0.1"]
+    if inherited == "sigint-ignored":
+        command = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *command]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runkit.cli", "status", "--watch", "0.1"],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -460,6 +466,10 @@ def test_watch_refreshes_until_interrupted() -> None:
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
+        proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()  # a failure here must not leak them into later tests
     assert snapshots == 3
     assert proc.returncode == 0, err
     assert "Traceback" not in err

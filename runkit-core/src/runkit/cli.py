@@ -191,6 +191,7 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
     import contextlib
     import json
+    import signal
     from datetime import UTC, datetime
 
     import anyio
@@ -228,8 +229,22 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
             with anyio.CancelScope(shield=True):
                 await provider.close()
 
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --watch
-        anyio.run(go)
+    async def watch() -> None:
+        # SIGINT (Ctrl-C) or SIGTERM ends --watch, even where SIGINT is ignored
+        # by default (a background job of a non-interactive shell), as `runkit run`.
+        async with anyio.create_task_group() as tg:
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_signal)
+            await go()
+            tg.cancel_scope.cancel()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(watch if args.watch else go)
     return 0
 
 

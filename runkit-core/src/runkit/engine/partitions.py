@@ -15,6 +15,7 @@ processes, versions and platforms):
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -47,6 +48,7 @@ _log = logging.getLogger("runkit.engine.partitions")
 _restart_log = RateLimitedLog(_log, interval=30.0)
 
 
+@functools.lru_cache(maxsize=4096)
 def partition_id(app_key: str, index: int) -> str:
     """The UUID of partition *index* of the application *app_key* (also its stream ID)."""
     return str(uuid.uuid5(uuid.UUID(app_key), f"partition/{index}"))
