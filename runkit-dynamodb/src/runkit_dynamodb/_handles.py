@@ -136,29 +136,12 @@ class _Handle:
         values: dict[str, AttributeValueTypeDef] | None = None,
     ) -> None:
         """Write *item*; with *condition*, only if it holds (else ``_ConditionFailed``)."""
-        if condition is None:
-            await self._call(
-                "PutItem", lambda c: c.put_item(TableName=self._table, Item=item), write=True
-            )
-        elif values is None:
-            await self._call(
-                "PutItem",
-                lambda c: c.put_item(
-                    TableName=self._table, Item=item, ConditionExpression=condition
-                ),
-                write=True,
-            )
-        else:
-            await self._call(
-                "PutItem",
-                lambda c: c.put_item(
-                    TableName=self._table,
-                    Item=item,
-                    ConditionExpression=condition,
-                    ExpressionAttributeValues=values,
-                ),
-                write=True,
-            )
+        request: dict[str, Any] = {"TableName": self._table, "Item": item}
+        if condition is not None:
+            request["ConditionExpression"] = condition
+        if values is not None:
+            request["ExpressionAttributeValues"] = values
+        await self._call("PutItem", lambda c: c.put_item(**request), write=True)
 
     async def _get_item(
         self, sort_key: bytes, projection: str

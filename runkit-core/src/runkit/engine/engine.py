@@ -19,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import math
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -41,7 +39,7 @@ from .meta import MetaRecord, load_partition_count, meta_name, read_partition_co
 from .runtime import AppRuntime
 from .settings import EngineSettings
 from .startup import wait_for_store
-from .streams import EventBus, Observed, UniqueEvents, Widen
+from .streams import EventBus, Widen, fed_subscription
 
 if TYPE_CHECKING:
     from .cluster.status import ClusterStatus
@@ -196,28 +194,12 @@ class Engine:
         """
         if self._cluster is None:
             return self.bus.subscribe(correlation_id)
-        return self._subscribe_here_and_on_peers(
-            self._cluster.router, app_key, correlation_id, partition, widen
-        )
-
-    @asynccontextmanager
-    async def _subscribe_here_and_on_peers(
-        self,
-        router: Router,
-        app_key: str,
-        correlation_id: str,
-        partition: int | None,
-        widen: Widen | None,
-    ) -> AsyncIterator[AsyncIterator[Observed]]:
+        router = self._cluster.router
         # The bus and the peers' streams deliver into one stream: no task per source.
-        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
-        with (
-            send,
-            receive,
-            self.bus.attached(correlation_id, send),
-            router.observation(app_key, correlation_id, send, partition, widen),
-        ):
-            yield UniqueEvents(receive)
+        return fed_subscription(
+            lambda send: self.bus.attached(correlation_id, send),
+            lambda send: router.observation(app_key, correlation_id, send, partition, widen),
+        )
 
     def _members(self) -> dict[uuid.UUID, Any]:
         view = self._membership_view

@@ -55,7 +55,7 @@ from ...transport import (
 from ..commands.inbox import InboxEntry
 from ..partitions import partition_id
 from ..settings import EngineSettings
-from ..streams import CommandDone, Observed, UniqueEvents, Widen
+from ..streams import CommandDone, Observed, Widen, fed_subscription
 from .nodes import NodeRecord, list_nodes
 from .wire import (
     ANSWER_BYTES,
@@ -319,9 +319,10 @@ class Router:
         widen: Widen | None = None,
     ) -> AsyncIterator[AsyncIterator[Observed]]:
         """Receive the chain's events recorded on every live node (see ``observation``)."""
-        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
-        with send, receive, self.observation(app_key, correlation_id, send, partition, widen):
-            yield UniqueEvents(receive)
+        async with fed_subscription(
+            lambda send: self.observation(app_key, correlation_id, send, partition, widen)
+        ) as events:
+            yield events
 
     @contextmanager
     def observation(
@@ -360,9 +361,8 @@ class Router:
         """
         if self._tg is None:
             raise RuntimeError("the router is not started (Router.start)")
-        request = encoder.encode(Observe(app_key=app_key, correlation_id=correlation_id))
         deadline = anyio.current_time() + self._offer_timeout + 0.5
-        observation = _Observation(app_key, correlation_id, partition, send, request, deadline)
+        observation = _Observation(app_key, correlation_id, partition, send, deadline)
         self._observations.add(observation)
         if widen is None:
             self._widen(observation)
@@ -396,12 +396,13 @@ class Router:
         self, observation: _Observation, node: NodeRecord, scope: anyio.CancelScope
     ) -> None:
         assert node.advertise_address is not None
+        request = Observe(app_key=observation.app_key, correlation_id=observation.correlation_id)
         try:
             with scope:
                 async with self._transport.stream(
                     node.advertise_address,
                     "observe",
-                    observation.request,
+                    encoder.encode(request),
                     timeout=math.inf,
                     expect_fingerprint=node.tls_fingerprint,
                 ) as items:
@@ -439,7 +440,6 @@ class _Observation:
     correlation_id: str
     partition: int | None
     send: MemoryObjectSendStream[Observed]
-    request: bytes
     #: When the streams open anyway if no answer has settled the chain (anyio time).
     deadline: float
     #: The streams are open (or opening): the chain goes on, or nothing settled it.

@@ -17,7 +17,7 @@ The modules, bottom-up (each imports only those before it):
 
 from __future__ import annotations
 
-from .bus import CommandDone, EventBus, Observed, UniqueEvents, Widen
+from .bus import CommandDone, EventBus, Observed, UniqueEvents, Widen, fed_subscription
 from .reading import PartitionStream
 from .records import (
     OwnershipLost,
@@ -45,6 +45,7 @@ __all__ = [
     "Widen",
     "decode_stream_record",
     "encode_stream_record",
+    "fed_subscription",
     "read_tail",
     "stream_name",
 ]

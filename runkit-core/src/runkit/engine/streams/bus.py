@@ -10,7 +10,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, asynccontextmanager, contextmanager
 
 import anyio
 import attrs
@@ -26,6 +26,7 @@ __all__ = [
     "Observed",
     "UniqueEvents",
     "Widen",
+    "fed_subscription",
 ]
 
 
@@ -98,6 +99,25 @@ class UniqueEvents:
             return False
         self._seen.add(key)
         return True
+
+
+#: Something that delivers a chain's items into a stream while inside: the
+#: bus (``EventBus.attached``) or the peers (``Router.observation``).
+Source = Callable[[MemoryObjectSendStream[Observed]], AbstractContextManager[None]]
+
+
+@asynccontextmanager
+async def fed_subscription(*sources: Source) -> AsyncIterator[UniqueEvents]:
+    """One stream that every source delivers into while inside; each event once.
+
+    The sources are entered in order and left in reverse, before the stream
+    closes, so none delivers into a closed stream.
+    """
+    send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+    with send, receive, ExitStack() as stack:
+        for source in sources:
+            stack.enter_context(source(send))
+        yield UniqueEvents(receive)
 
 
 class Widen:
@@ -177,6 +197,8 @@ class EventBus:
         notes this bus still keeps, in the order they were published. Each
         stream event is delivered once per subscription, even if published again.
         """
+        # What fed_subscription does for one source, without its exit stack and
+        # second generator: this is every observed call's path on a single node.
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         with send, receive, self.attached(correlation_id, send, replay=replay):
             yield UniqueEvents(receive)
