@@ -10,6 +10,8 @@ the CPU, as two nodes on one host would not), measures:
 =================  ============================================================
 unary c=1          N sequential 32-byte calls: p50/p99 latency and calls/s
 unary c=64         64 tasks sharing one connection, 4N calls in total
+deferred c=1/c=64  the same with a deferred handler (answered through a Reply,
+                   no task per request on the server)
 stream             one stream of 20N items (window 256): items/s
 =================  ============================================================
 
@@ -30,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import anyio.abc
 
-from runkit.transport import NodeTransport, PeerInfo, TlsIdentity
+from runkit.transport import NodeTransport, PeerInfo, Reply, TlsIdentity
 from runkit.transport._frames import FrameDecoder, Request, Response, encode_frame
 
 PAYLOAD = b"x" * 32
@@ -39,6 +41,10 @@ Call = Callable[[bytes], Awaitable[bytes]]
 
 async def echo(peer: PeerInfo, payload: bytes) -> bytes:
     return payload
+
+
+def echo_deferred(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+    reply.ok(payload)
 
 
 async def items(peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
@@ -76,6 +82,7 @@ async def bench_transport(calls: int) -> list[tuple[str, dict[str, float]]]:
         authenticate=members.__contains__,
         unary={"echo": echo},
         streams={"items": items},
+        deferred={"echo_deferred": echo_deferred},
     )
     client = NodeTransport(node_id="bench-a", identity=a, authenticate=members.__contains__)
     rows = []
@@ -85,8 +92,13 @@ async def bench_transport(calls: int) -> list[tuple[str, dict[str, float]]]:
         async def call(payload: bytes) -> bytes:
             return await client.call(address, "echo", payload)
 
+        async def call_deferred(payload: bytes) -> bytes:
+            return await client.call(address, "echo_deferred", payload)
+
         rows.append(("unary c=1", await measure(call, calls, 1)))
         rows.append(("unary c=64", await measure(call, calls * 4, 64)))
+        rows.append(("deferred c=1", await measure(call_deferred, calls, 1)))
+        rows.append(("deferred c=64", await measure(call_deferred, calls * 4, 64)))
         count = calls * 20
         started = time.perf_counter()
         async with client.stream(address, "items", str(count).encode(), window=256) as stream:

@@ -370,7 +370,9 @@ async def test_stopping_settles_a_retried_command_whose_first_attempt_is_committ
         Deposit("acct", 1, "ref"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
     )
     entry = InboxEntry(envelope=env, handler_key="h", instance_id="acct")
-    first, retry = (PendingCommand(entry, None, -1, Waiter(1)) for _ in range(2))
+    first, retry = (
+        PendingCommand(entry, None, -1, Waiter(1, done=anyio.Event())) for _ in range(2)
+    )
     callers = LocalCallers(
         inbox_writer=None,  # type: ignore[arg-type]  # nothing is spilled here
         start=lambda *args: None,
@@ -381,9 +383,35 @@ async def test_stopping_settles_a_retried_command_whose_first_attempt_is_committ
     callers.stop({first})  # the first is in the record the writer is committing
     assert retry.waiter is not None
     assert first.waiter is not None
+    assert retry.waiter.settled
+    assert retry.waiter.done is not None
     assert retry.waiter.done.is_set()
     assert isinstance(retry.waiter.error, PartitionStopped)
-    assert not first.waiter.done.is_set()  # the writer settles it (durable or failed)
+    assert not first.waiter.settled  # the writer settles it (durable or failed)
+
+
+def test_a_waiter_calls_back_once_with_the_first_error(caplog: pytest.LogCaptureFixture) -> None:
+    from runkit.engine.commands.pending import Waiter
+
+    calls: list[BaseException | None] = []
+    ok = Waiter(2, callback=calls.append)
+    ok.settle()
+    assert calls == []  # one command is still pending
+    ok.settle()
+    assert calls == [None]
+    first, second = RuntimeError("first"), RuntimeError("second")
+    failed = Waiter(3, callback=calls.append)
+    failed.settle(first)  # the first failure answers at once
+    failed.settle(second)
+    failed.settle()
+    assert calls == [None, first]
+
+    def broken(error: BaseException | None) -> None:
+        raise KeyError("bug in the caller")
+
+    # The callback runs in the partition's writer: its failure is logged, not raised.
+    Waiter(1, callback=broken).settle()
+    assert "completion callback failed" in caplog.text
 
 
 async def test_a_command_handled_after_the_writer_stopped_does_not_hang_its_caller() -> None:

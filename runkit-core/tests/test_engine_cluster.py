@@ -340,6 +340,37 @@ async def test_an_offer_that_fails_falls_back_to_the_inbox_and_a_stream(
         assert len(in_inbox) == 1
 
 
+async def test_the_wake_up_after_a_fallback_gets_the_command_handled_without_a_poll(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With the inbox poll an hour away, only the wake-up that follows the
+    # fallback append can make the idle owner read its inbox. (A wake-up that
+    # arrived while the owner's partition loop was idle used to be acted on
+    # only at the loop's next wake, in practice the poll.)
+    from runkit.engine.commands import batches
+    from runkit.transport import TransportError
+
+    monkeypatch.setattr(batches, "INBOX_POLL_INTERVAL", 3600.0)
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)
+        assert one.router is not None
+        transport = one.router._transport
+        original = transport.call
+        woken: list[str] = []
+
+        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+            if method == "offer":
+                raise TransportError("the link is down (test)")
+            woken.append(method)
+            return await original(address, method, *args, **kwargs)
+
+        monkeypatch.setattr(transport, "call", call)
+        assert await _observed_deposit(one, s, account, "woken") == ["woken"]
+        assert "wake" in woken
+
+
 async def test_a_chain_a_process_carries_on_widens_to_every_node(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import threading
 import uuid
 from collections import Counter
 
@@ -51,3 +53,38 @@ def test_processes_make_different_ids() -> None:
         for _ in range(3)
     }
     assert len(made) == 3
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    new_id()  # the parent has unused IDs ready
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ID and leave at once
+        try:
+            os.write(write, new_id().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 64).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    parent = [new_id() for _ in range(200)]  # more than one batch of ready IDs
+    assert CANONICAL.fullmatch(child), child
+    assert child not in parent
+
+
+def test_threads_never_share_an_id() -> None:
+    made: list[list[str]] = [[] for _ in range(8)]
+
+    def make(out: list[str]) -> None:
+        out.extend(new_id() for _ in range(20_000))
+
+    threads = [threading.Thread(target=make, args=(out,)) for out in made]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [i for out in made for i in out]
+    assert len(set(ids)) == len(ids) == 160_000

@@ -33,6 +33,7 @@ from runkit.transport import (
     PeerInfo,
     PeerUnavailable,
     RemoteError,
+    Reply,
     TlsIdentity,
     TransportError,
     certificate_fingerprint,
@@ -196,6 +197,133 @@ async def test_a_cancelled_caller_does_not_break_the_shared_connection() -> None
             await a.call(address, "gated", b"abandoned")
         release.set()  # its late answer, if any, is dropped
         assert await a.call(address, "echo", b"after") == b"node-a:after"
+
+
+# --- deferred handlers (answered through a Reply, without a task per request) -------
+
+
+async def test_deferred_handlers_answer_now_later_or_with_errors(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    later: list[tuple[bytes, Reply]] = []
+    three = anyio.Event()
+
+    def now(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        reply.ok(peer.node_id.encode() + b":" + payload)
+        reply.ok(b"a second answer is ignored")
+
+    def queued(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        later.append((payload, reply))
+        if len(later) == 3:
+            three.set()
+
+    def broken(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        raise KeyError("no such account")
+
+    def refusing(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        reply.fail(RemoteError("not_owner", "partition 7 moved"))
+
+    deferred = {"now": now, "queued": queued, "broken": broken, "refusing": refusing}
+    b = node("node-b", B, deferred=deferred)
+    async with serving(b) as address, node() as a:
+        assert await a.call(address, "now", b"x") == b"node-a:x"
+        async with anyio.create_task_group() as tg:
+            answers: dict[bytes, bytes] = {}
+
+            async def call(payload: bytes) -> None:
+                answers[payload] = await a.call(address, "queued", payload)
+
+            for p in (b"1", b"2", b"3"):
+                tg.start_soon(call, p)
+            with anyio.fail_after(5):
+                await three.wait()
+            for payload, reply in reversed(later):  # answered out of order
+                assert not reply.done
+                reply.ok(payload * 2)
+                assert reply.done
+        assert answers == {b"1": b"11", b"2": b"22", b"3": b"33"}
+        with pytest.raises(RemoteError) as failed:
+            await a.call(address, "broken", b"")
+        assert (failed.value.code, failed.value.message) == ("handler_error", "'no such account'")
+        with pytest.raises(RemoteError) as chosen:
+            await a.call(address, "refusing", b"")
+        assert (chosen.value.code, chosen.value.message) == ("not_owner", "partition 7 moved")
+        assert await a.call(address, "echo", b"ok") == b"node-a:ok"
+    assert "handler 'broken' failed" in transport_log.text
+
+
+async def test_a_deferred_request_the_caller_leaves_is_cancelled_once() -> None:
+    held: list[Reply] = []
+    cancelled: list[str] = []
+    cancel_seen = anyio.Event()
+
+    def on_cancel(payload: bytes) -> None:
+        cancelled.append(payload.decode())
+        cancel_seen.set()
+
+    def hold(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        reply.on_cancel = lambda: on_cancel(payload)
+        held.append(reply)
+
+    b = node("node-b", B, deferred={"hold": hold})
+    async with serving(b) as address, node(call_timeout=0.2) as a:
+        with pytest.raises(CallTimeout):
+            await a.call(address, "hold", b"timed-out")
+        with anyio.fail_after(5):
+            await cancel_seen.wait()  # the caller's Cancel frame reached the server
+        assert cancelled == ["timed-out"]
+        assert held[0].done
+        held[0].ok(b"too late")  # ignored: nothing is sent, the connection is fine
+        held[0].fail(RuntimeError("too late"))
+        assert await a.call(address, "echo", b"after") == b"node-a:after"
+    assert cancelled == ["timed-out"]  # on_cancel ran once
+
+
+async def test_a_closing_connection_cancels_its_deferred_requests() -> None:
+    cancelled = anyio.Event()
+    arrived = anyio.Event()
+    held: list[Reply] = []
+
+    def hold(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        reply.on_cancel = cancelled.set
+        held.append(reply)
+        arrived.set()
+
+    async with serving(node("node-b", B, deferred={"hold": hold})) as address:
+        # A hand-written client sends the request, then drops the connection
+        # without cancelling it.
+        stream = await raw_session(address, A)
+        decoder = FrameDecoder()
+        with anyio.fail_after(5):
+            assert isinstance(decoder.feed(await stream.receive())[0], HelloOk)
+        await stream.send(encode_frame(Request(id=1, method="hold", payload=b"")))
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert not held[0].done
+        await anyio.aclose_forcefully(stream)
+        with anyio.fail_after(5):
+            await cancelled.wait()
+        assert all(reply.done for reply in held)
+        held[0].ok(b"nobody is listening")  # ignored
+
+
+async def test_a_deferred_answer_over_the_frame_limit_is_an_error() -> None:
+    def big(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        reply.ok(b"x" * 4096)
+
+    b = node("node-b", B, deferred={"big": big}, max_frame_size=1024)
+    async with serving(b) as address, node() as a:
+        with pytest.raises(RemoteError, match="response_too_large"):
+            await a.call(address, "big", b"")
+        assert await a.call(address, "echo", b"still") == b"node-a:still"
+
+
+def test_a_method_cannot_be_both_unary_and_deferred() -> None:
+    def both(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        reply.ok(b"")
+
+    with pytest.raises(ValueError, match=r"\['echo'\] are given as both unary and deferred"):
+        node(deferred={"echo": both})
 
 
 async def test_an_unreachable_peer_is_unavailable() -> None:

@@ -205,9 +205,18 @@ class Engine:
         view = self._membership_view
         return {} if view is None else view.live_members()
 
-    async def _offer_local(self, app_key: str, index: int, entries: Sequence[InboxEntry]) -> bool:
+    def _offer_local(
+        self,
+        app_key: str,
+        index: int,
+        entries: Sequence[InboxEntry],
+        done: Callable[[bool | BaseException], None],
+    ) -> None:
         runtime = self._runtimes.get(app_key)
-        return runtime is not None and await runtime.offer_local(index, entries)
+        if runtime is None:
+            done(False)
+        else:
+            runtime.offer_local(index, entries, done)
 
     def _wake_local(self, app_key: str, index: int, what: str) -> None:
         runtime = self._runtimes.get(app_key)
@@ -335,6 +344,7 @@ class Engine:
                                 offer_local=self._offer_local,
                                 wake_local=self._wake_local,
                                 subscribe_local=self.bus.subscribe,
+                                attach_local=self.bus.attached,
                             ),
                         )
                     )

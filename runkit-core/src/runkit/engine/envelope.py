@@ -145,6 +145,13 @@ def _lookup(type_id: str) -> dogma.MessageType:
     return entry
 
 
+# The scopes of new commands and events carry no times: one (frozen) object each.
+_NEW_SCOPES: dict[dogma.MessageKind, dogma.ValidationScope] = {
+    dogma.MessageKind.COMMAND: dogma.CommandValidationScope(is_new=True),
+    dogma.MessageKind.EVENT: dogma.EventValidationScope(is_new=True),
+}
+
+
 def _scope(
     kind: dogma.MessageKind,
     *,
@@ -152,6 +159,8 @@ def _scope(
     created_at: datetime | None,
     scheduled_for: datetime | None = None,
 ) -> dogma.ValidationScope:
+    if is_new and created_at is None and kind is not dogma.MessageKind.DEADLINE:
+        return _NEW_SCOPES[kind]
     if kind is dogma.MessageKind.COMMAND:
         return dogma.CommandValidationScope(is_new=is_new, executed_at=created_at)
     if kind is dogma.MessageKind.EVENT:
@@ -191,17 +200,22 @@ def new_envelope(
     source_handler: str | None = None,
     source_instance: str | None = None,
     scheduled_for: datetime | None = None,
+    validated: bool = False,
 ) -> Envelope:
     """Build the envelope of a new message; it is *not* validated here.
 
     ``message_id`` defaults to a random UUID; ``causation_id`` and
     ``correlation_id`` default to the message ID (a root message). The message
     is marshalled now, so later changes to the object cannot leak into the
-    engine (ADR-32).
+    engine (ADR-32). Pass *validated* when the caller has just validated the
+    message (``validate_new``): this node then does not re-validate its
+    decoded copies, which the current rules have already passed.
     """
     if created_at.tzinfo is None:
         raise ValueError("created_at must be timezone-aware")
     mid = message_id or new_id()
+    if validated:
+        _remember_validated(mid)
     return Envelope(
         message_id=mid,
         causation_id=causation_id or mid,
@@ -258,7 +272,11 @@ def _revalidate(entry: dogma.MessageType, env: Envelope, message: dogma.Message)
                 env.description,
                 exc,
             )
-    _validated[env.message_id] = None
+    _remember_validated(env.message_id)
+
+
+def _remember_validated(message_id: str) -> None:
+    _validated[message_id] = None
     if len(_validated) > _VALIDATED_CACHE:
         _validated.popitem(last=False)
 

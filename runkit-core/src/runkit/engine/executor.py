@@ -118,6 +118,7 @@ class Executor:
             site_key=settings.site_key,
             created_at=settings.clock(),
             message_id=command_id,
+            validated=True,
         )
         acceptor = await self._gateway.acceptor(app_key)
         routed = acceptor.route(envelope, keyed=idempotency_key is not None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Any
@@ -190,16 +190,33 @@ class AppRuntime:
         if self.router is not None:
             self.router.wake(self.app_key, index, partition_id(self.app_key, index), what)
 
-    async def offer_local(self, index: int, entries: Sequence[InboxEntry]) -> bool:
-        """Handle commands a peer offered, if this node runs the partition; whether it did."""
+    def offer_local(
+        self,
+        index: int,
+        entries: Sequence[InboxEntry],
+        done: Callable[[bool | BaseException], None],
+    ) -> None:
+        """Handle commands a peer offered, if this node runs the partition.
+
+        *done* is called once (maybe at once): ``True`` when they are durable,
+        ``False`` when this node does not run the partition (any more), or the
+        error that kept them from being durable.
+        """
         commands = self.partitions.get(index)
         if commands is None:
-            return False
+            done(False)
+            return
+
+        def settled(error: BaseException | None) -> None:
+            if error is None:
+                done(True)
+            else:
+                done(False if isinstance(error, PartitionStopped) else error)
+
         try:
-            await commands.execute_local(entries)
+            commands.execute_nowait(entries, settled)
         except PartitionStopped:
-            return False
-        return True
+            done(False)
 
     def wake_local(self, index: int, what: str) -> None:
         """A peer appended to this partition's inbox or deadlines: read them now."""

@@ -9,6 +9,8 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteError as RemoteError
 from ._errors import TransportError as TransportError
 from ._peer import PeerInfo as PeerInfo
+from ._server import DeferredHandler as DeferredHandler
+from ._server import Reply as Reply
 from ._server import StreamHandler as StreamHandler
 from ._server import UnaryHandler as UnaryHandler
 from ._tls import TlsIdentity as TlsIdentity
@@ -17,11 +19,13 @@ from ._transport import NodeTransport as NodeTransport
 
 __all__ = [
     "CallTimeout",
+    "DeferredHandler",
     "NodeTransport",
     "PeerInfo",
     "PeerUnavailable",
     "ProtocolError",
     "RemoteError",
+    "Reply",
     "StreamHandler",
     "TlsIdentity",
     "TransportError",

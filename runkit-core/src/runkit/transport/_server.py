@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -33,7 +34,14 @@ from ._link import Link, LinkClosed
 from ._peer import Authenticate, PeerInfo, authenticated, format_address
 from ._tls import TlsIdentity, certificate_fingerprint, verify_proof
 
-__all__ = ["ServerConfig", "StreamHandler", "UnaryHandler", "handle_connection"]
+__all__ = [
+    "DeferredHandler",
+    "Reply",
+    "ServerConfig",
+    "StreamHandler",
+    "UnaryHandler",
+    "handle_connection",
+]
 
 _log = logging.getLogger("runkit.transport")
 # Under the wire limits of Error.code and Error.message.
@@ -44,6 +52,60 @@ _MAX_TEXT = 4000
 UnaryHandler = Callable[[PeerInfo, bytes], Awaitable[bytes]]
 #: Answers one stream request with items (an async generator, typically).
 StreamHandler = Callable[[PeerInfo, bytes], AsyncIterator[bytes]]
+
+
+class Reply:
+    """The answer to one request served by a ``DeferredHandler``.
+
+    The handler calls ``ok`` or ``fail`` exactly once, now or later, from the
+    event loop's thread; later calls, and calls after the caller cancelled or
+    the connection closed, do nothing. ``on_cancel``, if the handler sets it,
+    runs once if the request ends unanswered (the caller cancelled, or the
+    connection closed), so the handler can release what it holds.
+    """
+
+    __slots__ = ("_answered", "_method", "_request_id", "_runner", "on_cancel")
+
+    def __init__(self, runner: _RequestRunner, request: Request) -> None:
+        self._runner = runner
+        self._request_id = request.id
+        self._method = request.method
+        self._answered = False
+        self.on_cancel: Callable[[], object] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the request is answered or cancelled (nothing more will be sent)."""
+        return self._answered
+
+    def ok(self, payload: bytes) -> None:
+        """Answer with *payload* (the caller's ``call`` returns it)."""
+        if self._finish():
+            self._runner.answer(self._request_id, Response(id=self._request_id, payload=payload))
+
+    def fail(self, exc: Exception) -> None:
+        """Answer with an error: ``RemoteError``'s code and message, else ``handler_error``."""
+        if self._finish():
+            self._runner.answer(
+                self._request_id, self._runner.error(self._request_id, self._method, exc)
+            )
+
+    def _finish(self) -> bool:
+        if self._answered:
+            return False
+        self._answered = True
+        self._runner.forget(self._request_id)
+        return True
+
+    def _cancel(self) -> None:
+        if self._finish() and self.on_cancel is not None:
+            self.on_cancel()
+
+
+#: Answers one request without a task of its own: gets the caller, the request
+#: payload and the ``Reply`` to answer through; must not block. What it raises
+#: is the answer (as ``Reply.fail``), unless it has answered already.
+DeferredHandler = Callable[[PeerInfo, bytes, Reply], None]
 
 
 class _Refused(Exception):
@@ -65,6 +127,7 @@ class ServerConfig:
         authenticate: Authenticate,
         unary: Mapping[str, UnaryHandler],
         streams: Mapping[str, StreamHandler],
+        deferred: Mapping[str, DeferredHandler],
         max_frame_size: int,
         keepalive_interval: float,
         handshake_timeout: float,
@@ -76,6 +139,7 @@ class ServerConfig:
         self.authenticate = authenticate
         self.unary = unary
         self.streams = streams
+        self.deferred = deferred
         self.max_frame_size = max_frame_size
         self.keepalive_interval = keepalive_interval
         self.handshake_timeout = handshake_timeout
@@ -198,11 +262,12 @@ class _Active:
     def __init__(self) -> None:
         self.scope = anyio.CancelScope()
         self.credit = 0
-        self.wake = anyio.Event()
+        self.wake: anyio.Event | None = None  # made only while a stream waits for credit
 
     def grant(self, n: int) -> None:
         self.credit += n
-        self.wake.set()
+        if self.wake is not None:
+            self.wake.set()
 
     async def take_credit(self) -> None:
         while self.credit == 0:
@@ -212,21 +277,51 @@ class _Active:
 
 
 class _RequestRunner:
-    """Runs one connection's requests, each in its own task, with a bound on how many."""
+    """Runs one connection's requests, with a bound on how many.
+
+    A unary or stream request runs in a task of its own; a deferred one runs
+    in the read loop's turn and is answered through its ``Reply``.
+    """
 
     def __init__(self, config: ServerConfig, link: Link, peer: PeerInfo) -> None:
         self._config = config
         self._link = link
         self._peer = peer
-        self._active: dict[int, _Active] = {}
+        self._active: dict[int, _Active | Reply] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
     async def run(self) -> str:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            reason = await self._link.run(self._dispatch)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                reason = await self._link.run(self._dispatch)
+                tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            for active in list(self._active.values()):
+                if isinstance(active, Reply):
+                    active._cancel()  # the connection is gone: nobody waits for it
         return reason
+
+    def forget(self, request_id: int) -> None:
+        """A deferred request is answered or cancelled."""
+        self._active.pop(request_id, None)
+
+    def answer(self, request_id: int, frame: Frame) -> None:
+        """Send a deferred request's answer, without waiting if the queue has room."""
+        try:
+            if self._link.send_nowait(frame):
+                return
+        except ProtocolError as exc:  # over the frame size limit
+            frame = Error(id=request_id, code="response_too_large", message=exc.reason)
+            if self._link.send_nowait(frame):
+                return
+        if self._tg is not None and not self._link.closed:
+            self._tg.start_soon(self._send_later, frame)
+
+    async def _send_later(self, frame: Frame) -> None:
+        with contextlib.suppress(LinkClosed):  # the caller learns that from the connection
+            await self._link.send(frame)
 
     def _reply_now(self, frame: Frame) -> None:
         if not self._link.send_nowait(frame):
@@ -234,11 +329,14 @@ class _RequestRunner:
 
     def _dispatch(self, frame: Frame) -> None:
         if isinstance(frame, Credit):
-            if (active := self._active.get(frame.id)) is not None:
+            if isinstance(active := self._active.get(frame.id), _Active):
                 active.grant(frame.n)
         elif isinstance(frame, Cancel):
             if (active := self._active.get(frame.id)) is not None:
-                active.scope.cancel()
+                if isinstance(active, Reply):
+                    active._cancel()
+                else:
+                    active.scope.cancel()
         elif isinstance(frame, Request):
             self._start(frame)
         else:
@@ -256,6 +354,9 @@ class _RequestRunner:
                     "concurrent requests on one connection",
                 )
             )
+            return
+        if not request.stream and (deferred := self._config.deferred.get(request.method)):
+            self._start_deferred(request, deferred)
             return
         handlers: Mapping[str, object] = (
             self._config.streams if request.stream else self._config.unary
@@ -278,6 +379,13 @@ class _RequestRunner:
         else:
             self._tg.start_soon(self._serve_unary, request, active)
 
+    def _start_deferred(self, request: Request, handler: DeferredHandler) -> None:
+        reply = self._active[request.id] = Reply(self, request)
+        try:
+            handler(self._peer, request.payload, reply)
+        except Exception as exc:
+            reply.fail(exc)
+
     async def _serve_unary(self, request: Request, active: _Active) -> None:
         handler = self._config.unary[request.method]
         try:
@@ -287,7 +395,7 @@ class _RequestRunner:
                         id=request.id, payload=await handler(self._peer, request.payload)
                     )
                 except Exception as exc:
-                    reply = self._error(request, exc)
+                    reply = self.error(request.id, request.method, exc)
                 await self._reply(request, reply)
         except LinkClosed:
             pass  # the connection is going away; its caller learns that from it
@@ -310,7 +418,7 @@ class _RequestRunner:
                 except LinkClosed:
                     raise
                 except Exception as exc:
-                    reply = self._error(request, exc)
+                    reply = self.error(request.id, request.method, exc)
                 finally:
                     await self._close_items(request, items)
                 await self._reply(request, reply)
@@ -329,17 +437,19 @@ class _RequestRunner:
         except Exception:
             _log.exception("closing stream handler %r failed", request.method)
 
-    def _error(self, request: Request, exc: Exception) -> Error:
+    def error(self, request_id: int, method: str, exc: Exception) -> Error:
+        """The answer for a handler's exception (logged unless it is a ``RemoteError``)."""
         if isinstance(exc, RemoteError):
-            return Error(id=request.id, code=exc.code[:_MAX_CODE], message=exc.message[:_MAX_TEXT])
-        _log.exception(
+            return Error(id=request_id, code=exc.code[:_MAX_CODE], message=exc.message[:_MAX_TEXT])
+        _log.error(
             "handler %r failed for node %r (%s)",
-            request.method,
+            method,
             self._peer.node_id,
             self._peer.address,
+            exc_info=exc,
         )
         message = str(exc) or type(exc).__name__
-        return Error(id=request.id, code="handler_error", message=message[:_MAX_TEXT])
+        return Error(id=request_id, code="handler_error", message=message[:_MAX_TEXT])
 
     async def _reply(self, request: Request, frame: Frame) -> None:
         try:

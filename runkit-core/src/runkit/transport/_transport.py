@@ -16,7 +16,13 @@ from ._client import PeerConnection, open_connection
 from ._errors import CallTimeout, PeerUnavailable, TransportError
 from ._frames import DEFAULT_MAX_FRAME_SIZE
 from ._peer import Authenticate, format_address, parse_address
-from ._server import ServerConfig, StreamHandler, UnaryHandler, handle_connection
+from ._server import (
+    DeferredHandler,
+    ServerConfig,
+    StreamHandler,
+    UnaryHandler,
+    handle_connection,
+)
 from ._tls import TlsIdentity, client_context, server_context
 
 __all__ = ["NodeTransport"]
@@ -47,6 +53,9 @@ class NodeTransport:
         decides. May be sync or async.
     :param unary: handlers of unary methods, by name.
     :param streams: handlers of stream methods, by name.
+    :param deferred: handlers of unary methods that answer through a ``Reply``
+        without a task per request (for methods whose answer waits on work
+        the node does anyway), by name.
     :param max_frame_size: largest frame body accepted or sent, in bytes.
     :param keepalive_interval: seconds of silence before a ``Ping``; a
         connection silent for twice this long is closed.
@@ -65,6 +74,7 @@ class NodeTransport:
         authenticate: Authenticate,
         unary: Mapping[str, UnaryHandler] | None = None,
         streams: Mapping[str, StreamHandler] | None = None,
+        deferred: Mapping[str, DeferredHandler] | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         keepalive_interval: float = 10.0,
         call_timeout: float = 5.0,
@@ -78,6 +88,9 @@ class NodeTransport:
         self._keepalive_interval = keepalive_interval
         self._call_timeout = call_timeout
         self._client_context = client_context(identity)
+        both = set(unary or {}) & set(deferred or {})
+        if both:
+            raise ValueError(f"methods {sorted(both)} are given as both unary and deferred")
         self._server = ServerConfig(
             node_id=node_id,
             identity=identity,
@@ -85,6 +98,7 @@ class NodeTransport:
             authenticate=authenticate,
             unary=dict(unary or {}),
             streams=dict(streams or {}),
+            deferred=dict(deferred or {}),
             max_frame_size=max_frame_size,
             keepalive_interval=keepalive_interval,
             handshake_timeout=handshake_timeout,

@@ -85,6 +85,7 @@ class EventRecorder:
             correlation_id=self.command.correlation_id,
             source_handler=self.handler.identity.key,
             source_instance=self.instance_id,
+            validated=True,
         )
         self.events.append(env)
         return env

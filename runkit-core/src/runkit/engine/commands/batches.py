@@ -218,18 +218,34 @@ class PartitionCommands:
         failure) appended to the inbox, or poisoned. Raises ``PartitionStopped``
         if the partition stops first; the caller then uses the inbox.
         """
+        done = anyio.Event()
+        waiter = Waiter(len(entries), done=done)
+        self._take(entries, waiter)
+        await done.wait()
+        if waiter.error is not None:
+            raise waiter.error
+
+    def execute_nowait(
+        self, entries: Sequence[InboxEntry], done: Callable[[BaseException | None], None]
+    ) -> None:
+        """``execute_local`` without waiting: *done* is called once they are durable.
+
+        *done* gets ``None``, or the error ``execute_local`` would raise
+        (``PartitionStopped`` among them). It runs in the partition's tasks, so
+        it must not block. Raises ``PartitionStopped`` at once if the partition
+        has stopped.
+        """
+        self._take(entries, Waiter(len(entries), callback=done))
+
+    def _take(self, entries: Sequence[InboxEntry], waiter: Waiter) -> None:
         if self._stopped:
             raise PartitionStopped
-        waiter = Waiter(len(entries))
         for entry in entries:
             item = PendingCommand(entry, self._app.handler_by_key(entry.handler_key), -1, waiter)
             self._callers.add(item)
             self._backlog.count += 1
             self._ready.append(item)
         self._wake.set()
-        await waiter.done.wait()
-        if waiter.error is not None:
-            raise waiter.error
 
     async def mark_unmarked(self, command_ids: Sequence[str]) -> None:
         """Write the markers a previous owner may not have written (takeover)."""
@@ -248,14 +264,17 @@ class PartitionCommands:
                 await self._catch_up()
                 if self._unmarked:
                     tg.start_soon(self.mark_unmarked, sorted(self._unmarked))
+                tg.start_soon(self._poll_inbox)
                 task_status.started()
                 while True:
+                    if not self._ready and not self._notes:
+                        await self._wake.wait()
+                    else:
+                        # Let the writer take the last pass's commands into its
+                        # next record before handling more.
+                        await anyio.lowlevel.checkpoint()
                     behind = self._paused or self._poked
                     self._poked = False
-                    if not self._ready and not self._notes:
-                        with anyio.move_on_after(INBOX_POLL_INTERVAL) as poll:
-                            await self._wake.wait()
-                        behind = behind or poll.cancelled_caught
                     self._wake = anyio.Event()
                     while self._notes:
                         position, record = self._notes.popleft()
@@ -268,10 +287,16 @@ class PartitionCommands:
                         await self._catch_up()
                     self._paused = self._paused or (behind and self._full)
                     self._handle_ready()
-                    # Let the writer take this pass's commands into its next record.
-                    await anyio.lowlevel.checkpoint()
         finally:
             self._stop()
+
+    async def _poll_inbox(self) -> None:
+        # Records other nodes appended without a wake-up (or whose wake-up was
+        # lost) are read within a poll interval. One timer per partition: a
+        # timeout around every wait of the loop would cost a cancel scope per pass.
+        while True:
+            await anyio.sleep(INBOX_POLL_INTERVAL)
+            self.poke()
 
     def _stop(self) -> None:
         self._stopped = True

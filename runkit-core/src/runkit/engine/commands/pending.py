@@ -8,7 +8,9 @@ stream, for deduplication.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 import anyio
 import attrs
@@ -18,24 +20,41 @@ from .inbox import InboxEntry
 
 __all__ = ["CompletedCommands", "Location", "PendingCommand", "Waiter"]
 
+_log = logging.getLogger("runkit.engine.commands.pending")
+
 # Where a completed command's events are on the stream: (first offset, count).
 Location = tuple[int, int] | None
 
 
 @attrs.define(eq=False)
 class Waiter:
-    """A local caller waiting for its commands to be durable."""
+    """A local caller waiting for its commands to be durable.
+
+    The caller waits on ``done``, or is called back through *callback* (with
+    the first error, or ``None``) once, when the last command settles or the
+    first fails.
+    """
 
     remaining: int
-    done: anyio.Event = attrs.Factory(anyio.Event)
+    done: anyio.Event | None = None
+    callback: Callable[[BaseException | None], None] | None = None
     error: BaseException | None = None
+    settled: bool = False
 
     def settle(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:
             self.error = error
         self.remaining -= 1
-        if self.remaining <= 0 or error is not None:
-            self.done.set()
+        if (self.remaining <= 0 or error is not None) and not self.settled:
+            self.settled = True
+            if self.done is not None:
+                self.done.set()
+            if self.callback is not None:
+                try:
+                    self.callback(self.error)
+                except Exception:
+                    # Runs in the partition's writer: a failing caller must not stop it.
+                    _log.exception("a command's completion callback failed")
 
 
 @attrs.define(eq=False)

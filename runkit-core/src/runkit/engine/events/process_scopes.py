@@ -150,6 +150,7 @@ class ProcessScope:
                 correlation_id=self._cause.correlation_id,
                 source_handler=self._runner.key,
                 source_instance=self._instance_id,
+                validated=True,
             )
         )
 
@@ -183,6 +184,7 @@ class ProcessScope:
             source_handler=self._runner.key,
             source_instance=self._instance_id,
             scheduled_for=at,
+            validated=True,
         )
         home = self._ctx.partition_of(instance_workload(self._runner.key, self._instance_id))
         self.deadlines.append(
