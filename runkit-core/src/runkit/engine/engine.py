@@ -30,7 +30,8 @@ from .._errors import ConfigurationError
 from ..config import ApplicationConfig
 from ..persistence import Provider, provider_from_url
 from .cluster.ownership import Ownership
-from .cluster.routing import ClusterServer, NodeCluster, Router, serve_cluster
+from .cluster.routing import NodeCluster, Router, serve_cluster
+from .cluster.serving import ClusterServer
 from .commands.acceptance import Acceptor
 from .commands.inbox import EngineStopped, InboxEntry
 from .envelope import register_types
