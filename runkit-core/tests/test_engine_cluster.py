@@ -311,22 +311,11 @@ async def test_a_command_its_owner_has_to_retry_is_observed_through_a_stream(
 async def test_an_offer_that_fails_falls_back_to_the_inbox_and_a_stream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from runkit.transport import TransportError
-
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
     async with two_nodes(s.config, silo) as (one, _two):
         [account] = _remote_accounts(one, 1)
-        assert one.router is not None
-        transport = one.router._transport
-        original = transport.call
-
-        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
-            if method == "offer":
-                raise TransportError("the link is down (test)")
-            return await original(address, method, *args, **kwargs)
-
-        monkeypatch.setattr(transport, "call", call)
+        _fail_offers(one, monkeypatch)
         opened = _streams_opened(one, monkeypatch)
         assert await _observed_deposit(one, s, account, "fallback") == ["fallback"]
         assert opened == ["observe"]
@@ -348,27 +337,34 @@ async def test_the_wake_up_after_a_fallback_gets_the_command_handled_without_a_p
     # arrived while the owner's partition loop was idle used to be acted on
     # only at the loop's next wake, in practice the poll.)
     from runkit.engine.commands import batches
-    from runkit.transport import TransportError
 
     monkeypatch.setattr(batches, "INBOX_POLL_INTERVAL", 3600.0)
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
     async with two_nodes(s.config, silo) as (one, _two):
         [account] = _remote_accounts(one, 1)
-        assert one.router is not None
-        transport = one.router._transport
-        original = transport.call
-        woken: list[str] = []
-
-        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
-            if method == "offer":
-                raise TransportError("the link is down (test)")
-            woken.append(method)
-            return await original(address, method, *args, **kwargs)
-
-        monkeypatch.setattr(transport, "call", call)
+        called = _fail_offers(one, monkeypatch)
         assert await _observed_deposit(one, s, account, "woken") == ["woken"]
-        assert "wake" in woken
+        assert "wake" in called
+
+
+def _fail_offers(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make *engine*'s offers fail (as a broken link would); the other methods it calls."""
+    from runkit.transport import TransportError
+
+    assert engine.router is not None
+    transport = engine.router._transport
+    original = transport.call
+    called: list[str] = []
+
+    async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+        if method == "offer":
+            raise TransportError("the link is down (test)")
+        called.append(method)
+        return await original(address, method, *args, **kwargs)
+
+    monkeypatch.setattr(transport, "call", call)
+    return called
 
 
 async def test_a_chain_a_process_carries_on_widens_to_every_node(

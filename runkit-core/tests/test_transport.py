@@ -150,18 +150,23 @@ async def test_unknown_method_and_handler_errors_are_remote_errors(
             await a.call(address, "nope", b"")
         assert unknown.value.code == "unknown_method"
         assert "'nope'" in unknown.value.message
-        with pytest.raises(RemoteError) as failed:
-            await a.call(address, "broken", b"")
-        assert (failed.value.code, failed.value.message) == ("handler_error", "'no such account'")
-        with pytest.raises(RemoteError) as chosen:
-            await a.call(address, "refusing", b"")
-        assert (chosen.value.code, chosen.value.message) == ("not_owner", "partition 7 moved")
+        await _check_handler_errors(a, address)
         # The connection survives all of that.
         assert await a.call(address, "echo", b"ok") == b"node-a:ok"
     # The server logged the traceback; the caller got only the message.
     failures = [r for r in transport_log.records if "handler 'broken' failed" in r.message]
     assert failures
     assert failures[0].exc_info is not None
+
+
+async def _check_handler_errors(a: NodeTransport, address: str) -> None:
+    """Methods "broken" (raises KeyError) and "refusing" (a RemoteError) answer with errors."""
+    with pytest.raises(RemoteError) as failed:
+        await a.call(address, "broken", b"")
+    assert (failed.value.code, failed.value.message) == ("handler_error", "'no such account'")
+    with pytest.raises(RemoteError) as chosen:
+        await a.call(address, "refusing", b"")
+    assert (chosen.value.code, chosen.value.message) == ("not_owner", "partition 7 moved")
 
 
 async def test_call_timeout_cancels_the_handler_and_keeps_the_connection() -> None:
@@ -242,12 +247,7 @@ async def test_deferred_handlers_answer_now_later_or_with_errors(
                 reply.ok(payload * 2)
                 assert reply.done
         assert answers == {b"1": b"11", b"2": b"22", b"3": b"33"}
-        with pytest.raises(RemoteError) as failed:
-            await a.call(address, "broken", b"")
-        assert (failed.value.code, failed.value.message) == ("handler_error", "'no such account'")
-        with pytest.raises(RemoteError) as chosen:
-            await a.call(address, "refusing", b"")
-        assert (chosen.value.code, chosen.value.message) == ("not_owner", "partition 7 moved")
+        await _check_handler_errors(a, address)
         assert await a.call(address, "echo", b"ok") == b"node-a:ok"
     assert "handler 'broken' failed" in transport_log.text
 
