@@ -85,45 +85,40 @@ class ClusterServer:
 
     def _offer(self, peer: PeerInfo, payload: bytes, reply: Reply) -> None:
         offer = decode_request(offer_decoder, payload)
-        if not offer.reply_events:
-
-            def answer(result: bool | BaseException) -> None:
-                if isinstance(result, Exception):
-                    reply.fail(result)
-                else:
-                    reply.ok(OK if result is True else NOT_OWNER)
-
-            self._offer_local(offer.app_key, offer.partition, offer.entries, answer)
-            return
-        # Attached before the commands join a batch: the owner publishes a
-        # command's events and its done note before it settles the command, so
-        # once they are durable everything is in this stream already. With
-        # what the chains published here recently, as an observe stream would
-        # start (a repeated command's original events among them).
-        send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         attached = ExitStack()
-        attached.callback(receive.close)
-        attached.callback(send.close)
-        for chain in dict.fromkeys(e.envelope.correlation_id for e in offer.entries):
-            attached.enter_context(self._attach_local(chain, send, replay=True))
-        reply.on_cancel = attached.close
+        receive = None
+        if offer.reply_events:
+            # Attached before the commands join a batch: the owner publishes a
+            # command's events and its done note before it settles the command,
+            # so once they are durable everything is in this stream already.
+            # With what the chains published here recently, as an observe
+            # stream would start (a repeated command's original events among them).
+            send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+            attached.callback(receive.close)
+            attached.callback(send.close)
+            for chain in dict.fromkeys(e.envelope.correlation_id for e in offer.entries):
+                attached.enter_context(self._attach_local(chain, send, replay=True))
+            reply.on_cancel = attached.close
 
-        def answer_with_events(result: bool | BaseException) -> None:
+        def answer(result: bool | BaseException) -> None:
             if reply.done:
                 return  # the caller left (or the connection closed): detached already
             try:
-                events = tuple(to_wire(e) for e in UniqueEvents(receive).drain())
+                events = () if receive is None else UniqueEvents(receive).drain()
+                wired = tuple(to_wire(e) for e in events)
             finally:
                 attached.close()
             if isinstance(result, Exception):
                 reply.fail(result)
+            elif receive is None:
+                reply.ok(OK if result is True else NOT_OWNER)
             elif result is not True:
                 reply.ok(encoder.encode(OfferAnswer(accepted=False)))
             else:
-                reply.ok(_answer_with(events))
+                reply.ok(_answer_with(wired))
 
         try:
-            self._offer_local(offer.app_key, offer.partition, offer.entries, answer_with_events)
+            self._offer_local(offer.app_key, offer.partition, offer.entries, answer)
         except BaseException:
             attached.close()
             raise
