@@ -286,18 +286,20 @@ async def running(
             tg.cancel_scope.cancel()
 
 
-def splitting_node_ids(partitions: int) -> tuple[uuid.UUID, uuid.UUID]:
-    """Two random node IDs between which rendezvous hashing splits the partitions.
+def splitting_node_ids(partitions: int, app_key: str = APP_KEY) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two random node IDs between which rendezvous hashing splits *app_key*'s partitions.
 
     With 8 partitions, 1 random pair in 128 gives one node all of them; tests
-    that need both nodes to own some start their nodes with these IDs.
+    that need both nodes to own some start their nodes with these IDs. The
+    split depends on the application's key: pass the key of the application
+    the nodes run.
     """
     from runkit.engine.partitions import partition_id
     from runkit.rendezvous import winner
 
     while True:
         ids = (uuid.uuid4(), uuid.uuid4())
-        if len({winner(partition_id(APP_KEY, i), ids) for i in range(partitions)}) == 2:
+        if len({winner(partition_id(app_key, i), ids) for i in range(partitions)}) == 2:
             return ids
 
 

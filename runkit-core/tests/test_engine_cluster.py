@@ -55,7 +55,7 @@ async def two_nodes(config: ApplicationConfig, silo: str) -> AsyncIterator[tuple
                 **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
             )
         )
-        for node_id in splitting_node_ids(8)
+        for node_id in splitting_node_ids(8, config.identity.key)
     ]
     async with anyio.create_task_group() as tg:
         for engine in engines:
