@@ -4,7 +4,7 @@ Usage::
 
     uv run python benchmarks/throughput.py [--targets memory,postgres] [--callers 1,8,64]
         [--accounts 1000] [--deposits 10000] [--repeat 1] [--raw-seconds 3]
-        [--backend asyncio|trio] [--node-gc] [--quick]
+        [--backend asyncio|trio] [--node-gc] [--side-projections K] [--quick]
 
 The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
 ``Deposit`` commands, one ``Deposited`` event per deposit. For each target
@@ -22,7 +22,10 @@ The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
    deposit (counted by ``runkit.testing.faults.FaultyProvider`` with an empty
    plan); *(commit)* is the writes made before callers are answered: stream
    and inbox appends; the rest (aggregate journals, snapshots) is background
-   materialisation.
+   materialisation. With ``--side-projections K`` the application also has K
+   in-memory projections of ``AccountOpened`` only: consumers on every
+   partition that the deposits' events do not concern (what they cost is
+   the price of an application's other handlers).
 2. **eventsourcing** (9.5): an ``Aggregate`` with a ``deposit`` event on an
    ``Application`` using ``eventsourcing.postgres`` (a fresh schema on the same
    server, a pool of 8 connections like the driver's) or ``eventsourcing.popo``.
@@ -178,15 +181,44 @@ class AccountHandler:
                 raise dogma.UnexpectedMessage(command)
 
 
-class BenchApp:
-    """The benchmark's application: just the account aggregate."""
+class OpenedAccounts:
+    """An in-memory ADR-26 projection of ``AccountOpened`` only (``--side-projections``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.offsets: dict[str, int] = {}
+
+    def configure(self, c: dogma.ProjectionConfigurer) -> None:
+        c.identity(f"opened-{self.index}", f"7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c1{self.index:03}")
+        c.routes(dogma.handles_event(AccountOpened, registry=REGISTRY))
+
+    async def handle_event(self, scope: dogma.ProjectionEventScope, event: dogma.Event) -> int:
+        stored = self.offsets.get(scope.stream_id, 0)
+        if stored != scope.checkpoint_offset:
+            return stored
+        self.offsets[scope.stream_id] = scope.offset + 1
+        return scope.offset + 1
+
+    async def checkpoint_offset(self, stream_id: str) -> int:
+        return self.offsets.get(stream_id, 0)
+
+    async def compact(self, scope: dogma.ProjectionCompactScope) -> None:
+        pass
+
+    async def reset(self, scope: dogma.ProjectionResetScope) -> None:
+        self.offsets.clear()
+
+
+class BenchApp:
+    """The benchmark's application: the account aggregate, and *side* projections of openings."""
+
+    def __init__(self, side: int = 0) -> None:
         self.account = AccountHandler()
+        self.side = [OpenedAccounts(i) for i in range(side)]
 
     def configure(self, c: dogma.ApplicationConfigurer) -> None:
         c.identity("throughput", "7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0020")
-        c.routes(dogma.via_aggregate(self.account))
+        c.routes(dogma.via_aggregate(self.account), *map(dogma.via_projection, self.side))
 
 
 # -- the eventsourcing application ---------------------------------------------------------
@@ -357,6 +389,7 @@ class Workload:
     callers: int
     raw_seconds: float
     observe: bool = False
+    side_projections: int = 0
 
     def schedule(self) -> list[int]:
         """Account indexes of the deposits: each account equally often, in random order."""
@@ -420,7 +453,7 @@ def counts(provider: FaultyProvider) -> tuple[int, int, int]:
 
 
 async def measure_runkit(store: Store, w: Workload) -> Measured:
-    app = BenchApp()
+    app = BenchApp(w.side_projections)
     config = build(app, registry=REGISTRY)
     provider = FaultyProvider(store.provider, CountingPlan())  # no faults: only counts
     engine = runkit.Engine(
@@ -638,7 +671,12 @@ def report(
         f"{args.deposits:,} deposits per cell, raw bound over {args.raw_seconds:g} s, "
         f"medians of {args.repeat} interleaved repetition(s); runkit callers "
         f"{'observe their Deposited' if args.observe else 'return on commit'}; "
-        f"{'the collector tuned as `runkit run` does' if args.node_gc else 'default collector'}\n"
+        + (
+            f"{args.side_projections} projections of AccountOpened beside the aggregate; "
+            if args.side_projections
+            else ""
+        )
+        + f"{'the collector tuned as `runkit run` does' if args.node_gc else 'default collector'}\n"
         "raw bound: single-row INSERTs through psycopg (PostgreSQL) or the driver's "
         "journal appends (memory)\n"
         + "\n".join(f"- {name}: {text}" for name, text in notes.items())
@@ -660,6 +698,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="runkit callers also wait for their Deposited through a dogma.observe observer",
     )
     parser.add_argument(
+        "--side-projections",
+        type=int,
+        default=0,
+        metavar="K",
+        help="runkit runs K projections of AccountOpened beside the aggregate: consumers "
+        "that the deposits' events do not concern",
+    )
+    parser.add_argument(
         "--node-gc",
         action="store_true",
         help="the garbage-collector settings of `runkit run` for the whole run (both systems)",
@@ -678,6 +724,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.callers = [int(c) for c in args.callers.split(",") if c.strip()]
     if unknown := set(args.targets) - {"memory", "postgres"}:
         parser.error(f"unknown target(s) {', '.join(sorted(unknown))}; available: memory, postgres")
+    if args.side_projections < 0 or args.side_projections > 999:
+        parser.error("--side-projections must be between 0 and 999")
     if args.accounts < 1 or args.deposits < 1 or args.repeat < 1 or min(args.callers) < 1:
         parser.error("--accounts, --deposits, --repeat and --callers must be positive")
     return args
@@ -697,7 +745,12 @@ def main(argv: list[str] | None = None) -> int:
                     order = [*("runkit", "eventsourcing")[:: -1 if rep % 2 else 1], "raw"]
                     for callers in args.callers:
                         w = Workload(
-                            args.accounts, args.deposits, callers, args.raw_seconds, args.observe
+                            args.accounts,
+                            args.deposits,
+                            callers,
+                            args.raw_seconds,
+                            args.observe,
+                            args.side_projections,
                         )
                         cell = results.setdefault((target.name, callers), {})
                         for system in order:

@@ -406,6 +406,37 @@ async def test_checkpoint_advances_in_the_background() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_checkpoint_passes_events_of_other_types_the_consumer_never_sees() -> None:
+    # The consumer reads only its routed types and sleeps through the rest;
+    # its checkpoint must still pass them, before and after it caught up, or
+    # a restart would read them all again.
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Unrelated("x"), Unrelated("y"))
+        await start(h, tg)
+        key = checkpoint_key(PROC_KEY, h.streams[0].stream_id)
+
+        def saved(offset: int) -> Callable[[], Any]:
+            async def check() -> bool:
+                async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
+                    data, _ = await ks.get(key)
+                return bool(data) and msgspec.msgpack.decode(data) == offset
+
+            return check
+
+        await wait_until(saved(2))
+        await h.publish(Step("a", 1))
+        await wait_until(saved(3))
+        await h.publish(Unrelated("z"))
+        await h.publish(Unrelated("w"), Unrelated("v"))
+        await wait_until(saved(6))
+        assert p.calls == 1
+        tg.cancel_scope.cancel()
+
+
 async def test_one_instance_fed_from_two_partitions_handles_each_event_once() -> None:
     p = Process()
     p.delay = 0.001  # widen the window between load and commit

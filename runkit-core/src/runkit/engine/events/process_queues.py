@@ -94,6 +94,16 @@ class InstanceQueues:
             self._tg.start_soon(self._worker)
         # else every worker is busy: the first to finish takes it
 
+    def skip_to(self, offset: int) -> None:
+        """Every event before *offset* not yet put is of no interest: done.
+
+        Called by the stream reader only while the consumer waits for its
+        next event (never while ``put`` waits for a slot).
+        """
+        if offset > self._read:
+            self._read = offset
+            self._advance()
+
     async def join(self) -> None:
         """Wait until every queued event is finished."""
         await self._idle.wait()

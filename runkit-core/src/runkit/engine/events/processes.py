@@ -194,15 +194,16 @@ class ProcessRunner:
                     checkpoint,
                     limit=self.options.process_concurrency,
                 )
-                events = ctx.stream.read(checkpoint.value)
+                # Only the routed types wake this consumer; the checkpoint
+                # passes the other events while it waits (``skip_to``).
+                events = ctx.stream.read(
+                    checkpoint.value, types=self.routed, on_skip=queues.skip_to
+                )
                 try:
                     async for event in events:
                         if event.offset < checkpoint.value:
                             continue
-                        instance_id = None
-                        if event.envelope.type_id in self.routed:
-                            instance_id = await self._route(ctx, event)
-                        await queues.put(instance_id, event)
+                        await queues.put(await self._route(ctx, event), event)
                     await queues.join()  # the stream ended (test streams only)
                 finally:
                     await close_iterator(events)

@@ -32,6 +32,20 @@ def _compare_offset(offset: int) -> Callable[[int, bytes], int]:
     return compare
 
 
+class _Waiter:
+    """A filtered reader waiting at the end of the stream (see ``PartitionStream.read``)."""
+
+    __slots__ = ("on_skip", "position", "types", "woken")
+
+    def __init__(
+        self, types: frozenset[str], position: int, on_skip: Callable[[int], None] | None
+    ) -> None:
+        self.types = types
+        self.position = position
+        self.woken = anyio.Event()
+        self.on_skip = on_skip
+
+
 class PartitionStream:
     """A partition's event stream, readable from any offset.
 
@@ -50,31 +64,59 @@ class PartitionStream:
         self._base = next_offset
         self._capacity = buffer
         self._changed = anyio.Event()
+        # Filtered readers waiting for an event of their types; see ``read``.
+        self._waiters: list[_Waiter] = []
 
     async def end(self) -> int:
         """The next offset to be written."""
         return self._end
 
-    def read(self, offset: int) -> AsyncIterator[StreamEvent]:
-        """Iterate the events from *offset* on, in order; never ends until cancelled."""
+    def read(
+        self,
+        offset: int,
+        *,
+        types: frozenset[str] | None = None,
+        on_skip: Callable[[int], None] | None = None,
+    ) -> AsyncIterator[StreamEvent]:
+        """Iterate the events from *offset* on, in order; never ends until cancelled.
+
+        With *types* (message type IDs), only events of those types are
+        yielded, and a reader waiting at the end of the stream is woken only
+        when an event of one of them is published: a consumer that handles
+        few of the stream's types costs nothing for the rest. *on_skip* is
+        then called with an offset whenever every event before it has been
+        yielded or skipped and the reader is waiting (its consumer has
+        nothing in hand), so the consumer can let its checkpoint pass events
+        it never sees. It runs in the writer's task: it must not block.
+        """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        return self._read(offset)
+        return self._read(offset, types, on_skip)
 
-    async def _read(self, offset: int) -> AsyncGenerator[StreamEvent, None]:
+    async def _read(
+        self,
+        offset: int,
+        types: frozenset[str] | None = None,
+        on_skip: Callable[[int], None] | None = None,
+    ) -> AsyncGenerator[StreamEvent, None]:
         position = offset
         while True:
             if position >= self._end:
-                changed = self._changed
-                if position >= self._end:
-                    await changed.wait()
+                if types is None:
+                    changed = self._changed
+                    if position >= self._end:
+                        await changed.wait()
+                    continue
+                position = await self._wait_for(types, position, on_skip)
                 continue
             if position >= self._base:
                 # Index by offset each time: the writer appends and trims
                 # while we are suspended.
                 while self._base <= position < self._end:
-                    yield self._buffer[position - self._base]
+                    event = self._buffer[position - self._base]
                     position += 1
+                    if types is None or event.envelope.type_id in types:
+                        yield event
                     if not position % YIELD_EVERY:
                         await anyio.lowlevel.checkpoint()
                 continue
@@ -82,12 +124,30 @@ class PartitionStream:
             before = position
             async with aclosing(self._read_journal(position, stop)) as catch_up:
                 async for event in catch_up:
-                    yield event
                     position = event.offset + 1
+                    if types is None or event.envelope.type_id in types:
+                        yield event
                     if not position % YIELD_EVERY:
                         await anyio.lowlevel.checkpoint()
             if position == before:
                 raise RecordNotFound(self._journal.name, position)
+
+    async def _wait_for(
+        self, types: frozenset[str], position: int, on_skip: Callable[[int], None] | None
+    ) -> int:
+        """Wait at the end for an event of *types*; the offset to read on from."""
+        if on_skip is not None:
+            on_skip(position)
+        waiter = _Waiter(types, position, on_skip)
+        self._waiters.append(waiter)
+        try:
+            await waiter.woken.wait()
+        finally:
+            if not waiter.woken.is_set():  # cancelled while waiting
+                self._waiters.remove(waiter)
+        # Everything between where it started waiting and waiter.position was
+        # of other types (``_publish`` moved it on without waking it).
+        return waiter.position
 
     async def _read_journal(self, offset: int, stop: int) -> AsyncGenerator[StreamEvent, None]:
         found = await search(self._journal, _compare_offset(offset))
@@ -129,3 +189,19 @@ class PartitionStream:
         self._end = events[-1].offset + 1
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+        if self._waiters:
+            self._wake_filtered(events)
+
+    def _wake_filtered(self, events: Sequence[StreamEvent]) -> None:
+        published = {e.envelope.type_id for e in events}
+        waiting: list[_Waiter] = []
+        for waiter in self._waiters:
+            if waiter.types.isdisjoint(published):
+                # Nothing for it: it stays asleep, as if it had read them.
+                waiter.position = self._end
+                if waiter.on_skip is not None:
+                    waiter.on_skip(self._end)
+                waiting.append(waiter)
+            else:
+                waiter.woken.set()
+        self._waiters = waiting
