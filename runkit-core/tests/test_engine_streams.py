@@ -20,7 +20,7 @@ from runkit.engine.envelope import closing_iter
 from runkit.engine.streams import PartitionStream, StreamEvent
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import harness, wait_until
+from engine_events_harness import Harness, harness, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 WANTED_ID = "e3000000-0000-4000-8000-000000000001"
@@ -79,6 +79,12 @@ async def _take(stream: PartitionStream, offset: int, count: int, **kwargs: Any)
     return seen
 
 
+async def _reopened(h: Harness, stream: PartitionStream) -> PartitionStream:
+    """The stream opened afresh over its journal: no tail in memory, all read back."""
+    journal = await h.provider.journals.open(f"{h.app.identity.key}/stream/0")
+    return PartitionStream(stream.stream_id, journal, next_offset=await stream.end())
+
+
 async def test_a_filtered_reader_yields_only_its_types_from_the_tail_and_the_journal() -> None:
     async with harness(App(), registry=REGISTRY, partitions=1) as h:
         await h.publish(Other(0), Wanted(1), Other(2))
@@ -87,13 +93,26 @@ async def test_a_filtered_reader_yields_only_its_types_from_the_tail_and_the_jou
         stream = h.streams[0]
         assert await _take(stream, 0, 2, types=WANTED) == [1, 5]
         assert await _take(stream, 2, 1, types=WANTED) == [5]
-        # A stream opened afresh over the same journal has no tail in memory:
-        # everything before its end is read back from the journal.
-        async with await h.provider.journals.open(f"{h.app.identity.key}/stream/0") as journal:
-            fresh = PartitionStream(stream.stream_id, journal, next_offset=await stream.end())
-            assert await _take(fresh, 0, 2, types=WANTED) == [1, 5]
-            # Unfiltered readers are unchanged.
-            assert await _take(fresh, 0, 6) == [0, 1, 2, 3, 4, 5]
+        # Opened afresh, everything before its end is read back from the journal.
+        fresh = await _reopened(h, stream)
+        assert await _take(fresh, 0, 2, types=WANTED) == [1, 5]
+        # Unfiltered readers are unchanged.
+        assert await _take(fresh, 0, 6) == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_long_read_reports_its_progress_through_other_types() -> None:
+    # 600 events of another type, then one of its own: the reader tells the
+    # consumer how far it got every YIELD_EVERY events, from the journal
+    # and from the tail, before it yields anything.
+    async with harness(App(), registry=REGISTRY, partitions=1) as h:
+        for n in range(6):
+            await h.publish(*(Other(100 * n + i) for i in range(100)))
+        await h.publish(Wanted(600))
+        stream = h.streams[0]
+        for reader in (stream, await _reopened(h, stream)):
+            skipped: list[int] = []
+            assert await _take(reader, 0, 1, types=WANTED, on_skip=skipped.append) == [600]
+            assert skipped == [256, 512]
 
 
 async def test_a_waiting_filtered_reader_sleeps_through_other_types() -> None:

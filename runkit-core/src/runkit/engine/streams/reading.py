@@ -84,10 +84,13 @@ class PartitionStream:
         yielded, and a reader waiting at the end of the stream is woken only
         when an event of one of them is published: a consumer that handles
         few of the stream's types costs nothing for the rest. *on_skip* is
-        then called with an offset whenever every event before it has been
-        yielded or skipped and the reader is waiting (its consumer has
-        nothing in hand), so the consumer can let its checkpoint pass events
-        it never sees. It runs in the writer's task: it must not block.
+        then called with an offset once every event before it has been
+        yielded or skipped, while the consumer waits for its next event (it
+        has nothing in hand): when the reader reaches the end, as it sleeps
+        through events of other types, and every ``YIELD_EVERY`` events of a
+        long read. So the consumer can let its checkpoint pass events it
+        never sees. It may run in the writer's task (as the writer
+        publishes): it must neither block nor raise.
         """
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
@@ -118,6 +121,8 @@ class PartitionStream:
                     if types is None or event.envelope.type_id in types:
                         yield event
                     if not position % YIELD_EVERY:
+                        if on_skip is not None:
+                            on_skip(position)
                         await anyio.lowlevel.checkpoint()
                 continue
             stop = self._base
@@ -128,6 +133,8 @@ class PartitionStream:
                     if types is None or event.envelope.type_id in types:
                         yield event
                     if not position % YIELD_EVERY:
+                        if on_skip is not None:
+                            on_skip(position)
                         await anyio.lowlevel.checkpoint()
             if position == before:
                 raise RecordNotFound(self._journal.name, position)
