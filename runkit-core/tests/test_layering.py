@@ -97,7 +97,17 @@ ENGINE_FORBIDDEN = {
     "cluster": TOP,
     "shared": ("commands", "events", "cluster", *TOP),
 }
-SHARED = ("streams", "envelope", "partitions", "ids", "logs", "backoff", "settings", "meta")
+SHARED = (
+    "streams",
+    "envelope",
+    "partitions",
+    "ids",
+    "logs",
+    "backoff",
+    "signals",
+    "settings",
+    "meta",
+)
 
 
 def engine_subpackages_imported(path: Path) -> set[str]:

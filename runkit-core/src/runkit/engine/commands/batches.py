@@ -54,6 +54,7 @@ from ...config import ApplicationConfig, HandlerConfig, HandlerKind
 from ...persistence import Journal, Keyspace, PersistenceError, Provider
 from ..envelope import Envelope
 from ..settings import EngineSettings
+from ..signals import event_maker
 from ..streams import (
     CommandDone,
     EventBus,
@@ -130,7 +131,8 @@ class PartitionCommands:
         # Commands queued on the writer, not durable yet (and duplicates waiting on them).
         self._publishing: dict[str, list[PendingCommand]] = {}
         self._notes: deque[tuple[int, InboxRecord]] = deque()
-        self._wake = anyio.Event()
+        self._new_event = event_maker()
+        self._wake = self._new_event()
         self._tg: TaskGroup | None = None
         self._stopped = False
         self._poked = False
@@ -218,7 +220,7 @@ class PartitionCommands:
         failure) appended to the inbox, or poisoned. Raises ``PartitionStopped``
         if the partition stops first; the caller then uses the inbox.
         """
-        done = anyio.Event()
+        done = self._new_event()
         waiter = Waiter(len(entries), done=done)
         self._take(entries, waiter)
         await done.wait()
@@ -275,7 +277,7 @@ class PartitionCommands:
                         await anyio.lowlevel.checkpoint()
                     behind = self._paused or self._poked
                     self._poked = False
-                    self._wake = anyio.Event()
+                    self._wake = self._new_event()
                     while self._notes:
                         position, record = self._notes.popleft()
                         read_end = self._inbox_progress.read_end

@@ -48,6 +48,7 @@ from ...persistence import Conflict, Journal, PersistenceError, Provider, Record
 from ..backoff import backoff
 from ..envelope import closing_iter
 from ..logs import RateLimitedLog, describe_error
+from ..signals import event_maker
 from .aggregates import AggregateInstances
 from .instance_records import (
     Committed,
@@ -110,8 +111,9 @@ class Materialiser:
         self._queue: deque[tuple[_Key, Committed]] = deque()
         # Per instance, its queued records not written yet (in order).
         self._unwritten: dict[_Key, deque[Committed]] = {}
-        self._wake = anyio.Event()
-        self._full = anyio.Event()  # set when QUEUE_LIMIT records are queued
+        self._new_event = event_maker()
+        self._wake = self._new_event()
+        self._full = self._new_event()  # set when QUEUE_LIMIT records are queued
         # Open instance journals: (handle, end, stream offset of the last record).
         self._journals: OrderedDict[_Key, tuple[Journal, int, int | None]] = OrderedDict()
         self.records_written = 0
@@ -123,7 +125,7 @@ class Materialiser:
         self._work: deque[tuple[_Key, list[Committed]]] = deque()
         self._idle: deque[anyio.Event] = deque()  # one per waiting worker
         self._unfinished = 0
-        self._round_done = anyio.Event()
+        self._round_done = self._new_event()
 
     def add(self, key: _Key, record: Committed) -> None:
         """Queue a record (in commit order); it is written once ``record.durable`` is set."""
@@ -185,7 +187,7 @@ class Materialiser:
                 while True:
                     if not (self._queue and self._queue[0][1].durable):
                         await self._wake.wait()
-                        self._wake = anyio.Event()
+                        self._wake = self._new_event()
                         continue
                     if len(self._queue) < QUEUE_LIMIT:
                         # Let the oldest record's instance commit more first,
@@ -207,7 +209,7 @@ class Materialiser:
                     last_round = anyio.current_time()
                     await self._round(self._delay if len(self._queue) < QUEUE_LIMIT else 0.0)
                     if len(self._queue) < QUEUE_LIMIT:
-                        self._full = anyio.Event()
+                        self._full = self._new_event()
         finally:
             await self._close_journals()
 
@@ -262,7 +264,7 @@ class Materialiser:
             # Hand the instances to the workers and wait until all are written.
             self._work.extend(groups.items())
             self._unfinished = len(groups)
-            self._round_done = anyio.Event()
+            self._round_done = self._new_event()
             for _ in range(min(len(groups), len(self._idle))):
                 self._idle.popleft().set()  # wake only the workers needed
             await self._round_done.wait()
@@ -273,7 +275,7 @@ class Materialiser:
     async def _worker(self) -> None:
         while True:
             if not self._work:
-                idle = anyio.Event()
+                idle = self._new_event()
                 self._idle.append(idle)
                 await idle.wait()
                 continue

@@ -18,6 +18,7 @@ import anyio.abc
 import msgspec
 
 from ...persistence import Conflict, Keyspace, PersistenceError
+from ..signals import event_maker
 
 if TYPE_CHECKING:
     from ..streams import StreamEvent
@@ -58,7 +59,8 @@ class InstanceQueues:
         self._queues: dict[str, deque[StreamEvent]] = {}
         self._unfinished: set[int] = set()
         self._read = checkpoint.value  # next offset after the last event put
-        self._idle = anyio.Event()
+        self._new_event = event_maker()
+        self._idle = self._new_event()
         self._idle.set()
         self._ready: deque[str] = deque()  # instances with events and no worker
         self._waiting: deque[anyio.Event] = deque()  # one per worker with nothing to do
@@ -79,7 +81,7 @@ class InstanceQueues:
         # worker must not move the checkpoint past it.
         self._read = event.offset + 1
         if not self._unfinished:
-            self._idle = anyio.Event()
+            self._idle = self._new_event()
         self._unfinished.add(event.offset)
         queue = self._queues.get(instance_id)
         if queue is not None:
@@ -111,7 +113,7 @@ class InstanceQueues:
     async def _worker(self) -> None:
         while True:
             if not self._ready:
-                turn = anyio.Event()
+                turn = self._new_event()
                 self._waiting.append(turn)
                 await turn.wait()
                 continue

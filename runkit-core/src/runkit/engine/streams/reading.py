@@ -10,6 +10,7 @@ import anyio.lowlevel
 
 from ...persistence import Journal, RecordNotFound, search
 from ..envelope import closing_iter
+from ..signals import event_maker
 from .records import StreamEvent, _events_of, decode_stream_record
 
 __all__ = ["YIELD_EVERY", "PartitionStream"]
@@ -38,11 +39,15 @@ class _Waiter:
     __slots__ = ("on_skip", "position", "types", "woken")
 
     def __init__(
-        self, types: frozenset[str], position: int, on_skip: Callable[[int], None] | None
+        self,
+        types: frozenset[str],
+        position: int,
+        on_skip: Callable[[int], None] | None,
+        woken: anyio.Event,
     ) -> None:
         self.types = types
         self.position = position
-        self.woken = anyio.Event()
+        self.woken = woken
         self.on_skip = on_skip
 
 
@@ -63,7 +68,8 @@ class PartitionStream:
         self._buffer: list[StreamEvent] = []
         self._base = next_offset
         self._capacity = buffer
-        self._changed = anyio.Event()
+        self._new_event = event_maker()
+        self._changed = self._new_event()
         # Filtered readers waiting for an event of their types; see ``read``.
         self._waiters: list[_Waiter] = []
 
@@ -145,7 +151,7 @@ class PartitionStream:
         """Wait at the end for an event of *types*; the offset to read on from."""
         if on_skip is not None:
             on_skip(position)
-        waiter = _Waiter(types, position, on_skip)
+        waiter = _Waiter(types, position, on_skip, self._new_event())
         self._waiters.append(waiter)
         try:
             await waiter.woken.wait()
@@ -194,7 +200,7 @@ class PartitionStream:
             del self._buffer[:drop]
             self._base += drop
         self._end = events[-1].offset + 1
-        changed, self._changed = self._changed, anyio.Event()
+        changed, self._changed = self._changed, self._new_event()
         changed.set()
         if self._waiters:
             self._wake_filtered(events)

@@ -22,6 +22,7 @@ from ...persistence import Conflict, Journal, PersistenceError, RecordNotFound
 from ..backoff import backoff
 from ..envelope import Envelope
 from ..logs import RateLimitedLog, describe_error
+from ..signals import event_maker
 from .bus import EventBus
 from .reading import PartitionStream
 from .records import OwnershipLost, StreamRecord, _events_of, encode_stream_record
@@ -115,8 +116,9 @@ class StreamWriter:
         self._pinned: dict[str, int] = dict.fromkeys(
             tail.unmarked, tail.scan_from if tail.scan_from is not None else tail.next_position
         )
-        self._wake = anyio.Event()
-        self._item_added = anyio.Event()
+        self._new_event = event_maker()
+        self._wake = self._new_event()
+        self._item_added = self._new_event()
         self._failed: BaseException | None = None
 
     @property
@@ -198,7 +200,7 @@ class StreamWriter:
         try:
             while True:
                 await self._wake.wait()
-                self._wake = anyio.Event()
+                self._wake = self._new_event()
                 if self._queue:
                     # Progress rides along in these records' headers.
                     while self._queue:
@@ -206,7 +208,7 @@ class StreamWriter:
                     continue
                 # Only progress to record: wait a little, so that a burst of
                 # event-less commands costs one write, but never delay events.
-                self._item_added = anyio.Event()
+                self._item_added = self._new_event()
                 with anyio.move_on_after(self._progress_interval):
                     await self._item_added.wait()
                 if self._queue:
