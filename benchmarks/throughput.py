@@ -75,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine import (
     STORE_KINDS,
+    NullProjection,
     deposit_record_bytes,
     machine_line,
     ms,
@@ -182,31 +183,17 @@ class AccountHandler:
 
 
 class OpenedAccounts:
-    """An in-memory ADR-26 projection of ``AccountOpened`` only (``--side-projections``)."""
+    """The routes of a projection of ``AccountOpened`` only (``--side-projections``).
+
+    Run as ``engine.NullProjection``: in-memory ADR-26 checkpoints, nothing else.
+    """
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.offsets: dict[str, int] = {}
 
     def configure(self, c: dogma.ProjectionConfigurer) -> None:
         c.identity(f"opened-{self.index}", f"7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c1{self.index:03}")
         c.routes(dogma.handles_event(AccountOpened, registry=REGISTRY))
-
-    async def handle_event(self, scope: dogma.ProjectionEventScope, event: dogma.Event) -> int:
-        stored = self.offsets.get(scope.stream_id, 0)
-        if stored != scope.checkpoint_offset:
-            return stored
-        self.offsets[scope.stream_id] = scope.offset + 1
-        return scope.offset + 1
-
-    async def checkpoint_offset(self, stream_id: str) -> int:
-        return self.offsets.get(stream_id, 0)
-
-    async def compact(self, scope: dogma.ProjectionCompactScope) -> None:
-        pass
-
-    async def reset(self, scope: dogma.ProjectionResetScope) -> None:
-        self.offsets.clear()
 
 
 class BenchApp:
@@ -214,7 +201,7 @@ class BenchApp:
 
     def __init__(self, side: int = 0) -> None:
         self.account = AccountHandler()
-        self.side = [OpenedAccounts(i) for i in range(side)]
+        self.side = [NullProjection(OpenedAccounts(i)) for i in range(side)]
 
     def configure(self, c: dogma.ApplicationConfigurer) -> None:
         c.identity("throughput", "7f1c0a52-5b0e-4c39-9d1e-3a1f6b2c0020")
