@@ -9,6 +9,8 @@ moved past them and told so through ``on_skip``.
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +81,11 @@ async def _take(stream: PartitionStream, offset: int, count: int, **kwargs: Any)
     return seen
 
 
-async def _reopened(h: Harness, stream: PartitionStream) -> PartitionStream:
+@asynccontextmanager
+async def _reopened(h: Harness, stream: PartitionStream) -> AsyncIterator[PartitionStream]:
     """The stream opened afresh over its journal: no tail in memory, all read back."""
-    journal = await h.provider.journals.open(f"{h.app.identity.key}/stream/0")
-    return PartitionStream(stream.stream_id, journal, next_offset=await stream.end())
+    async with await h.provider.journals.open(f"{h.app.identity.key}/stream/0") as journal:
+        yield PartitionStream(stream.stream_id, journal, next_offset=await stream.end())
 
 
 async def test_a_filtered_reader_yields_only_its_types_from_the_tail_and_the_journal() -> None:
@@ -94,10 +97,10 @@ async def test_a_filtered_reader_yields_only_its_types_from_the_tail_and_the_jou
         assert await _take(stream, 0, 2, types=WANTED) == [1, 5]
         assert await _take(stream, 2, 1, types=WANTED) == [5]
         # Opened afresh, everything before its end is read back from the journal.
-        fresh = await _reopened(h, stream)
-        assert await _take(fresh, 0, 2, types=WANTED) == [1, 5]
-        # Unfiltered readers are unchanged.
-        assert await _take(fresh, 0, 6) == [0, 1, 2, 3, 4, 5]
+        async with _reopened(h, stream) as fresh:
+            assert await _take(fresh, 0, 2, types=WANTED) == [1, 5]
+            # Unfiltered readers are unchanged.
+            assert await _take(fresh, 0, 6) == [0, 1, 2, 3, 4, 5]
 
 
 async def test_a_long_read_reports_its_progress_through_other_types() -> None:
@@ -109,10 +112,11 @@ async def test_a_long_read_reports_its_progress_through_other_types() -> None:
             await h.publish(*(Other(100 * n + i) for i in range(100)))
         await h.publish(Wanted(600))
         stream = h.streams[0]
-        for reader in (stream, await _reopened(h, stream)):
-            skipped: list[int] = []
-            assert await _take(reader, 0, 1, types=WANTED, on_skip=skipped.append) == [600]
-            assert skipped == [256, 512]
+        async with _reopened(h, stream) as fresh:
+            for reader in (stream, fresh):
+                skipped: list[int] = []
+                assert await _take(reader, 0, 1, types=WANTED, on_skip=skipped.append) == [600]
+                assert skipped == [256, 512]
 
 
 async def test_a_waiting_filtered_reader_sleeps_through_other_types() -> None:
