@@ -1,4 +1,4 @@
-"""Random identifiers made by runkit.engine.ids."""
+"""Identifiers made by runkit.engine.ids: random ones and derived ones."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections import Counter
 
-from runkit.engine.ids import new_id
+from runkit.engine.ids import derived_id, new_id
 
 CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
@@ -45,7 +45,7 @@ def test_random_bits_are_all_used() -> None:
 
 
 def test_processes_make_different_ids() -> None:
-    code = "from runkit.engine.ids import new_id; print(new_id())"
+    code = "from runkit.engine.ids import derived_id, new_id; print(new_id())"
     made = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
@@ -88,3 +88,19 @@ def test_threads_never_share_an_id() -> None:
         t.join()
     ids = [i for out in made for i in out]
     assert len(set(ids)) == len(ids) == 160_000
+
+
+def test_derived_ids_equal_uuid5() -> None:
+    names = ["", "deposit/command/0", "a/b/c/" * 40, "non-ascii: \u00e9\u4e2d"]
+    for i in range(500):
+        namespace = str(uuid.uuid4())
+        name = names[i % len(names)] + str(i)
+        assert derived_id(namespace, name) == str(uuid.uuid5(uuid.UUID(namespace), name))
+        assert derived_id(namespace.upper(), name) == derived_id(namespace, name)
+
+
+def test_derived_ids_accept_every_form_uuid_accepts() -> None:
+    namespace = uuid.uuid4()
+    expected = str(uuid.uuid5(namespace, "x"))
+    for form in (namespace.hex, f"{{{namespace}}}", namespace.urn):
+        assert derived_id(form, "x") == expected

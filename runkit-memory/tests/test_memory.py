@@ -3,6 +3,7 @@
 from contextlib import aclosing
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from runkit.persistence import (
@@ -174,3 +175,36 @@ async def test_silo_is_shared_between_event_loops_in_threads() -> None:
     await anyio.to_thread.run_sync(other_loop)
     async with MemoryProvider(silo) as p, await p.keyspaces.open("k") as keyspace:
         assert (await keyspace.get(b"<k>"))[0] == b"<from another loop>"
+
+
+async def test_every_operation_honours_cancellation() -> None:
+    provider = MemoryProvider()
+    async with await provider.keyspaces.open("k") as keyspace:
+        for _ in range(40):  # across several yield budgets
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await keyspace.set(b"key", b"value", "")
+            assert scope.cancelled_caught
+        assert await keyspace.get(b"key") == (b"", "")
+
+
+async def test_a_task_looping_over_the_store_lets_others_run() -> None:
+    # Operations yield on a budget, not on every call; a loop of them must
+    # still give other tasks their turn.
+    provider = MemoryProvider()
+    turns = 0
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with await provider.keyspaces.open("k") as keyspace, anyio.create_task_group() as tg:
+        tg.start_soon(other)
+        await anyio.lowlevel.checkpoint()
+        before = turns
+        for _ in range(200):
+            await keyspace.get(b"key")
+        assert turns - before >= 200 // 32
+        tg.cancel_scope.cancel()

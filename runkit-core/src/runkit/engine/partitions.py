@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -30,6 +29,7 @@ from anyio.abc import TaskGroup
 from ..config import ApplicationConfig
 from ..persistence import Provider
 from .envelope import Envelope
+from .ids import derived_id
 from .logs import RateLimitedLog, describe_error
 from .settings import EngineSettings
 from .streams import PartitionStream
@@ -51,7 +51,7 @@ _restart_log = RateLimitedLog(_log, interval=30.0)
 @functools.lru_cache(maxsize=4096)
 def partition_id(app_key: str, index: int) -> str:
     """The UUID of partition *index* of the application *app_key* (also its stream ID)."""
-    return str(uuid.uuid5(uuid.UUID(app_key), f"partition/{index}"))
+    return derived_id(app_key, f"partition/{index}")
 
 
 def instance_workload(handler_key: str, instance_id: str) -> str:

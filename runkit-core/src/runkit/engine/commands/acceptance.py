@@ -18,7 +18,6 @@ aggregate command was handled (ADR 0007).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -31,6 +30,7 @@ import dogma
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
 from ...persistence import Conflict, PersistenceError, Provider
 from ..envelope import Envelope, closing_iter, to_message
+from ..ids import derived_id
 from ..partitions import instance_workload, partition_of
 from .inbox import InboxEntry, InboxWriter
 
@@ -94,7 +94,7 @@ def idempotency_name(app_key: str) -> str:
 
 def command_id_for(app_key: str, idempotency_key: str) -> str:
     """The command ID derived from an idempotency key: ``uuid5(app_key, key)``."""
-    return str(uuid.uuid5(uuid.UUID(app_key), idempotency_key))
+    return derived_id(app_key, idempotency_key)
 
 
 class IdempotencyMarker(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,9 +1,11 @@
 """Parked aggregate instances: their commands wait, in order, while they load or retry.
 
-A command for an instance that is not cached parks the instance while one task
+A command for an instance that is not cached parks the instance while a loader
 loads it; a failed command parks it until its retry (``Retries``). Commands
 arriving meanwhile queue behind; unparking hands them all back to the batch
-loop, in order.
+loop, in order. Loaders are long-lived tasks, started as needed up to
+``_LOADERS`` and kept: a workload that opens a new instance per command (the
+bank's transactions) spawns no task per instance.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import anyio
 from ...config import HandlerConfig
 from ...persistence import PersistenceError
 from ..backoff import backoff
+from ..signals import event_maker
 from .pending import PendingCommand
 
 __all__ = ["ParkedInstances"]
 
 # Part of the batch processor: logs as it.
 _log = logging.getLogger("runkit.engine.commands.batches")
+
+#: Instances loaded at once per partition, at most.
+_LOADERS = 64
 
 
 class ParkedInstances:
@@ -51,6 +57,9 @@ class ParkedInstances:
         self._retry_base_delay = retry_base_delay
         # Aggregate instances being loaded or retried: their commands wait here, in order.
         self._parked: dict[tuple[str, str], deque[PendingCommand]] = {}
+        self._loads: deque[tuple[HandlerConfig, tuple[str, str]]] = deque()
+        self._idle: deque[anyio.Event] = deque()  # one per loader with nothing to do
+        self._loaders = 0
 
     def join(self, key: tuple[str, str], item: PendingCommand) -> bool:
         """If instance *key* is parked, queue *item* behind its commands (``True``)."""
@@ -61,9 +70,15 @@ class ParkedInstances:
         return False
 
     def load(self, handler: HandlerConfig, key: tuple[str, str], item: PendingCommand) -> None:
-        """Instance *key* is not cached: park it with *item* while one task loads it."""
+        """Instance *key* is not cached: park it with *item* while a loader loads it."""
         self._parked[key] = deque([item])
-        self._start(self._load, handler, key)
+        self._loads.append((handler, key))
+        if self._idle:
+            self._idle.popleft().set()
+        elif self._loaders < _LOADERS:
+            self._loaders += 1
+            self._start(self._loader)
+        # else every loader is busy: the first to finish takes it
 
     def retry_later(self, item: PendingCommand, exc: Exception, key: tuple[str, str]) -> None:
         """An aggregate command failed: its instance waits until it is retried or poisoned."""
@@ -80,6 +95,16 @@ class ParkedInstances:
         if parked:
             self._ready.extend(parked)
             self._wake()
+
+    async def _loader(self) -> None:
+        new_event = event_maker()
+        while True:
+            if not self._loads:
+                turn = new_event()
+                self._idle.append(turn)
+                await turn.wait()
+                continue
+            await self._load(*self._loads.popleft())
 
     async def _load(self, handler: HandlerConfig, key: tuple[str, str]) -> None:
         failures = 0

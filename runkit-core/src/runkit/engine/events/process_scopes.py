@@ -8,7 +8,6 @@ the instance's record (``processes.ProcessRunner``).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import dogma
 
 from ..envelope import Envelope, encode, new_envelope, validate_new
+from ..ids import derived_id
 from ..partitions import instance_workload
 from .consumers_support import HandlerLogger
 from .deadlines import DeadlineEntry
@@ -108,8 +108,7 @@ class ProcessScope:
     def _produced_id(self, kind: str, index: int) -> str:
         # Deterministic: handling the same cause again (redelivery, a retried
         # commit) yields the same IDs, so the commands side deduplicates them.
-        cause = uuid.UUID(self._cause.message_id)
-        return str(uuid.uuid5(cause, f"{self._runner.key}/{kind}/{index}"))
+        return derived_id(self._cause.message_id, f"{self._runner.key}/{kind}/{index}")
 
     def _fail(self, error: Exception) -> Exception:
         self.bug = self.bug or error
