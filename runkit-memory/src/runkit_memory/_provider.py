@@ -5,15 +5,18 @@ share data through a process-wide registry, which is how ``memory:///<silo>``
 URLs resolve; a provider built without a name gets a private silo.
 
 Every operation does all its work inside a short ``threading.Lock`` critical
-section with no awaits. One operation in ``_YIELD_EVERY`` first yields to the
-scheduler (a checkpoint: it raises if the caller is cancelled), so concurrent
-callers interleave, a task looping over the store cannot starve the others,
-and a cancelled task stops within that many operations. The others complete
-without yielding: an operation that was not cancelled in time simply takes
-effect, as a driver's in-flight write may. Yielding on every call cost a loop
-round trip (or, checking for cancellation alone, a walk up the caller's cancel
-scopes on asyncio) per operation: about a tenth of the engine's CPU on the bank
-workload. A thread lock rather
+section with no awaits, after yielding to the scheduler (a checkpoint, where a
+cancelled caller stops): journal operations on every call, keyspace and set
+operations once in ``_YIELD_EVERY`` calls. Calls that do not yield complete
+without scheduling, as an in-flight write of any driver may; a task looping over them
+still lets others run and, if cancelled, stops within that many calls. A yield
+per keyspace call cost a loop round trip (or, checking for cancellation alone,
+a walk up the caller's cancel scopes on asyncio) for each of a process
+instance's reads and writes: about a tenth of the engine's CPU on the bank
+workload. Journal calls keep theirs: a stream append is where the tasks its
+writer is about to answer, and those feeding it, gather the next record's
+work, and without that yield the single-aggregate workload's records got
+smaller and its CPU per command rose by about a tenth. A thread lock rather
 than an ``anyio.Lock`` because a silo may be shared by event loops in several
 threads (an ``anyio.Lock`` belongs to one loop), and because nothing awaits
 while holding it. Inputs are copied in and out, so callers never share buffers
@@ -54,7 +57,7 @@ __all__ = ["MemoryProvider"]
 _PAGE_SIZE: Final = 64
 
 
-#: Operations between two yields to the scheduler (see the module docstring).
+#: Keyspace and set operations between two yields to the scheduler (see the module docstring).
 _YIELD_EVERY: Final = 16
 
 # ``next`` on a count is atomic under the GIL; silos may be shared across threads.
@@ -62,7 +65,7 @@ _operations = itertools.count()
 
 
 async def _enter() -> None:
-    """Yield to the scheduler (a checkpoint) once in ``_YIELD_EVERY`` calls."""
+    """Yield to the scheduler (a checkpoint) once in ``_YIELD_EVERY`` calls (keyspaces, sets)."""
     if not next(_operations) % _YIELD_EVERY:
         await checkpoint()
 
@@ -160,14 +163,14 @@ class _MemoryJournal(_Closable, Journal):
         self._closed = False
 
     async def bounds(self) -> Interval:
-        await _enter()
+        await checkpoint()
         self._check_open()
         d = self._data
         with d.lock:
             return Interval(d.begin, d.end)
 
     async def get(self, position: int) -> bytes:
-        await _enter()
+        await checkpoint()
         self._check_open()
         d = self._data
         with d.lock:
@@ -176,7 +179,7 @@ class _MemoryJournal(_Closable, Journal):
         raise RecordNotFound(self._name, position)
 
     async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
-        await _enter()
+        await checkpoint()
         self._check_open()
         d = self._data
         first = True
@@ -199,7 +202,7 @@ class _MemoryJournal(_Closable, Journal):
     async def append(self, position: int, record: bytes) -> None:
         position = check_position(position)
         record = self._provider.limits.check_record(record)
-        await _enter()
+        await checkpoint()
         self._check_open()
         d = self._data
         with d.lock:
@@ -209,7 +212,7 @@ class _MemoryJournal(_Closable, Journal):
 
     async def truncate(self, position: int) -> None:
         position = check_position(position)
-        await _enter()
+        await checkpoint()
         self._check_open()
         d = self._data
         with d.lock:
@@ -351,7 +354,7 @@ class _MemoryJournalStore(JournalStore):
 
     async def open(self, name: str) -> Journal:
         name = self._provider.limits.check_name("journal", name)
-        await _enter()
+        await checkpoint()
         self._provider._check_open()
         silo = self._provider._silo
         with silo.lock:

@@ -202,10 +202,6 @@ class StreamWriter:
                 await self._wake.wait()
                 self._wake = self._new_event()
                 if self._queue:
-                    # One pass of the scheduler first: tasks already runnable
-                    # (the batch loop, callers answered by the last write) add
-                    # their commands to this record rather than the next.
-                    await anyio.lowlevel.checkpoint()
                     # Progress rides along in these records' headers.
                     while self._queue:
                         await self._write_one()
