@@ -105,6 +105,7 @@ SHARED = (
     "logs",
     "backoff",
     "signals",
+    "workers",
     "settings",
     "meta",
 )

@@ -8,8 +8,8 @@ Every operation does all its work inside a short ``threading.Lock`` critical
 section with no awaits, after yielding to the scheduler (a checkpoint, where a
 cancelled caller stops): journal operations on every call, keyspace and set
 operations once in ``_YIELD_EVERY`` calls. Calls that do not yield complete
-without scheduling, as an in-flight write of any driver may; a task looping over them
-still lets others run and, if cancelled, stops within that many calls. A yield
+without scheduling, as an in-flight write of any driver may; a task looping
+over them still lets others run and, if cancelled, stops within that many calls. A yield
 per keyspace call cost a loop round trip (or, checking for cancellation alone,
 a walk up the caller's cancel scopes on asyncio) for each of a process
 instance's reads and writes: about a tenth of the engine's CPU on the bank

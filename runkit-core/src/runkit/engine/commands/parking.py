@@ -3,8 +3,8 @@
 A command for an instance that is not cached parks the instance while a loader
 loads it; a failed command parks it until its retry (``Retries``). Commands
 arriving meanwhile queue behind; unparking hands them all back to the batch
-loop, in order. Loaders are long-lived tasks, started as needed up to
-``_LOADERS`` and kept: a workload that opens a new instance per command (the
+loop, in order. Loaders are kept workers (``KeptWorkers``), at most
+``_LOADERS``: a workload that opens a new instance per command (the
 bank's transactions) spawns no task per instance.
 """
 
@@ -19,7 +19,7 @@ import anyio
 from ...config import HandlerConfig
 from ...persistence import PersistenceError
 from ..backoff import backoff
-from ..signals import event_maker
+from ..workers import KeptWorkers
 from .pending import PendingCommand
 
 __all__ = ["ParkedInstances"]
@@ -57,9 +57,9 @@ class ParkedInstances:
         self._retry_base_delay = retry_base_delay
         # Aggregate instances being loaded or retried: their commands wait here, in order.
         self._parked: dict[tuple[str, str], deque[PendingCommand]] = {}
-        self._loads: deque[tuple[HandlerConfig, tuple[str, str]]] = deque()
-        self._idle: deque[anyio.Event] = deque()  # one per loader with nothing to do
-        self._loaders = 0
+        self._loaders: KeptWorkers[tuple[HandlerConfig, tuple[str, str]]] = KeptWorkers(
+            start, self._load, limit=_LOADERS
+        )
 
     def join(self, key: tuple[str, str], item: PendingCommand) -> bool:
         """If instance *key* is parked, queue *item* behind its commands (``True``)."""
@@ -72,13 +72,7 @@ class ParkedInstances:
     def load(self, handler: HandlerConfig, key: tuple[str, str], item: PendingCommand) -> None:
         """Instance *key* is not cached: park it with *item* while a loader loads it."""
         self._parked[key] = deque([item])
-        self._loads.append((handler, key))
-        if self._idle:
-            self._idle.popleft().set()
-        elif self._loaders < _LOADERS:
-            self._loaders += 1
-            self._start(self._loader)
-        # else every loader is busy: the first to finish takes it
+        self._loaders.submit((handler, key))
 
     def retry_later(self, item: PendingCommand, exc: Exception, key: tuple[str, str]) -> None:
         """An aggregate command failed: its instance waits until it is retried or poisoned."""
@@ -96,17 +90,8 @@ class ParkedInstances:
             self._ready.extend(parked)
             self._wake()
 
-    async def _loader(self) -> None:
-        new_event = event_maker()
-        while True:
-            if not self._loads:
-                turn = new_event()
-                self._idle.append(turn)
-                await turn.wait()
-                continue
-            await self._load(*self._loads.popleft())
-
-    async def _load(self, handler: HandlerConfig, key: tuple[str, str]) -> None:
+    async def _load(self, load: tuple[HandlerConfig, tuple[str, str]]) -> None:
+        handler, key = load
         failures = 0
         while True:
             try:

@@ -19,6 +19,7 @@ import msgspec
 
 from ...persistence import Conflict, Keyspace, PersistenceError
 from ..signals import event_maker
+from ..workers import KeptWorkers
 
 if TYPE_CHECKING:
     from ..streams import StreamEvent
@@ -52,7 +53,6 @@ class InstanceQueues:
         *,
         limit: int,
     ) -> None:
-        self._tg = tg
         self._consume = consume
         self._checkpoint = checkpoint
         self._slots = anyio.Semaphore(limit)
@@ -62,10 +62,8 @@ class InstanceQueues:
         self._new_event = event_maker()
         self._idle = self._new_event()
         self._idle.set()
-        self._ready: deque[str] = deque()  # instances with events and no worker
-        self._waiting: deque[anyio.Event] = deque()  # one per worker with nothing to do
-        self._workers = 0
-        self._limit = limit
+        # Takes each instance that has events and no worker (``_work``).
+        self._workers: KeptWorkers[str] = KeptWorkers(tg.start_soon, self._work, limit=limit)
 
     async def put(self, instance_id: str | None, event: StreamEvent) -> None:
         """Queue *event* for *instance_id*; ``None`` marks it done at once (not handled)."""
@@ -88,13 +86,7 @@ class InstanceQueues:
             queue.append(event)  # its worker is running and will get to it
             return
         self._queues[instance_id] = deque([event])
-        self._ready.append(instance_id)
-        if self._waiting:
-            self._waiting.popleft().set()
-        elif self._workers < self._limit:
-            self._workers += 1
-            self._tg.start_soon(self._worker)
-        # else every worker is busy: the first to finish takes it
+        self._workers.submit(instance_id)
 
     def skip_to(self, offset: int) -> None:
         """Every event before *offset* not yet put is of no interest: done.
@@ -109,15 +101,6 @@ class InstanceQueues:
     async def join(self) -> None:
         """Wait until every queued event is finished."""
         await self._idle.wait()
-
-    async def _worker(self) -> None:
-        while True:
-            if not self._ready:
-                turn = self._new_event()
-                self._waiting.append(turn)
-                await turn.wait()
-                continue
-            await self._work(self._ready.popleft())
 
     async def _work(self, instance_id: str) -> None:
         queue = self._queues[instance_id]
