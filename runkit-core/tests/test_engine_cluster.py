@@ -61,13 +61,22 @@ async def two_nodes(config: ApplicationConfig, silo: str) -> AsyncIterator[tuple
         for engine in engines:
             tg.start_soon(engine.run)
         runtimes = [await e.runtime(config.identity.key) for e in engines]
-        await wait_until(
-            lambda: (
-                len(runtimes[0].partitions) + len(runtimes[1].partitions) == 8
-                and all(rt.partitions for rt in runtimes)
-            ),
-            timeout=30,
-        )
+        ids = [partition_id(config.identity.key, i) for i in range(8)]
+
+        def split() -> bool:
+            # Each node's view has both nodes (its owned set is not all 8, and
+            # the two sets partition them) and each runs what its view owns:
+            # a sum of running partitions alone is also met, for a moment,
+            # while one node has not seen the other yet.
+            owned = [{i for i, p in enumerate(ids) if rt.ownership.owns(p)} for rt in runtimes]
+            return (
+                all(owned)
+                and owned[0].isdisjoint(owned[1])
+                and len(owned[0] | owned[1]) == 8
+                and all(set(rt.partitions) == o for rt, o in zip(runtimes, owned, strict=True))
+            )
+
+        await wait_until(split, timeout=30)
         try:
             yield engines[0], engines[1]
         finally:

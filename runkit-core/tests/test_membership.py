@@ -586,6 +586,34 @@ class _HangingProvider(Provider):
         await self._inner.close()
 
 
+async def test_ownership_changes_only_together_with_the_generation(
+    silo: str, clock: FakeClock
+) -> None:
+    # A partition runner looks at owns() only when the generation changes. When
+    # owns() read the clock, a heartbeat going stale turned it false with no
+    # generation change: a pass over the partitions that straddled that moment
+    # stopped the later ones, and nothing made the runner look at them again
+    # once the next write made the heartbeat fresh.
+    plan = FaultPlan()
+    async with anyio.create_task_group() as tg:
+        node = await start(tg, N1, clock, FaultyProvider(MemoryProvider(silo), plan))
+        m = node.membership
+        generation = m.generation
+        assert owned(m) == set(PARTITIONS)
+        plan.fail(BEFORE, ops={"set"}, names=lambda n: n == NODES_KEYSPACE)
+        clock.advance(INTERVAL * 3)  # past the last write's freshness
+        # No scheduling point since: the watchdog has not run, so nothing changed yet.
+        assert (m.generation, m.active, owned(m)) == (generation, True, set(PARTITIONS))
+        with anyio.fail_after(10):
+            generation = await m.wait_changed(generation)
+        assert (m.active, owned(m)) == (False, set())
+        plan.clear()
+        with anyio.fail_after(10):
+            await m.wait_changed(generation)
+        await wait_until(lambda: owned(m) == set(PARTITIONS))
+        tg.cancel_scope.cancel()
+
+
 async def test_a_hung_heartbeat_write_still_stops_work_on_time(silo: str, clock: FakeClock) -> None:
     gate = Gate()
     provider = _HangingProvider(MemoryProvider(silo), gate)

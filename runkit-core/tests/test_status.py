@@ -101,13 +101,22 @@ async def test_two_nodes_are_listed_live_with_their_partitions_split_and_a_leave
             await executor.execute_command(ch.Deposit(f"a{i % 5}", 1, f"r{i}"))
         rt_one, rt_two = await one.runtime(ch.APP_KEY), await two.runtime(ch.APP_KEY)
 
+        running: list[set[int]] = []
+
         def converged(st: ClusterStatus) -> bool:
             parts = st.application(ch.APP_KEY).partitions
+            # What each engine runs, read with the status (a loaded machine may
+            # still move partitions after the status first matches).
+            running[:] = [set(rt_one.partitions), set(rt_two.partitions)]
             return (
                 len(st.live_nodes) == 2
                 and all(p.claimed_by == p.owner for p in parts)
                 and sum(p.stream_end for p in parts) == 20
                 and sum(p.inbox_backlog for p in parts) == 0
+                and all(
+                    {p.index for p in parts if p.owner == engine.settings.node_id} == runs
+                    for engine, runs in zip((one, two), running, strict=True)
+                )
             )
 
         status = await eventually(one.status, converged)
@@ -119,12 +128,8 @@ async def test_two_nodes_are_listed_live_with_their_partitions_split_and_a_leave
         owners = {p.owner for p in app.partitions}
         assert owners == ids  # rendezvous split them between the two
         # The owners shown are the partitions each engine actually runs.
-        assert {p.index for p in app.partitions if p.owner == one.settings.node_id} == set(
-            rt_one.partitions
-        )
-        assert {p.index for p in app.partitions if p.owner == two.settings.node_id} == set(
-            rt_two.partitions
-        )
+        assert {p.index for p in app.partitions if p.owner == one.settings.node_id} == running[0]
+        assert {p.index for p in app.partitions if p.owner == two.settings.node_id} == running[1]
         # Both ends of the API agree on the data.
         data = (await two.status()).to_json()
         assert {n["node_id"] for n in data["nodes"]} == {str(i) for i in ids}

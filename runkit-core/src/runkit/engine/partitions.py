@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.partitions")
-_restart_log = RateLimitedLog(_log, interval=30.0)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -160,6 +159,9 @@ class PartitionRunner:
         self._run_one = run_one
         self._restart_delay = restart_delay
         self._running: dict[int, anyio.CancelScope] = {}
+        # One per runner: another application's (or engine's) failures of the
+        # same partition index must not hold back this one's first line.
+        self._restart_log = RateLimitedLog(_log, interval=30.0)
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -190,7 +192,7 @@ class PartitionRunner:
                     except Exception as exc:
                         # A partition failing over and over logs one line (with
                         # its traceback) per interval, not one per restart.
-                        _restart_log.log(
+                        self._restart_log.log(
                             logging.ERROR,
                             index,
                             "partition %d stopped (%s); restarting if still owned",

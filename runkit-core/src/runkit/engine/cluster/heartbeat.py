@@ -89,6 +89,11 @@ class HeartbeatWriter:
         self._oversized = False
         self._progress_failing = False
 
+    @property
+    def valid_until(self) -> datetime | None:
+        """When the last successful write stops being fresh (``None``: never written)."""
+        return self._valid_until
+
     def fresh(self, now: datetime) -> bool:
         """Whether the last successful write is recent enough to take work at *now*."""
         return self._valid_until is not None and now < self._valid_until

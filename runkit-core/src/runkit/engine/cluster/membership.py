@@ -134,8 +134,12 @@ class Membership:
         return self._view.generation
 
     def owns(self, partition_id: str) -> bool:
-        """Whether this node is the rendezvous winner of *partition_id* in its current view."""
-        return self.active and self._view.wins(partition_id)
+        """Whether this node is the rendezvous winner of *partition_id* in its current view.
+
+        Changes only together with ``generation``: callers reconcile on its
+        changes alone (see ``active``).
+        """
+        return self._view.active and self._view.wins(partition_id)
 
     async def wait_changed(self, generation: int) -> int:
         """Wait until the generation differs from *generation*; return the new one."""
@@ -150,8 +154,16 @@ class Membership:
 
     @property
     def active(self) -> bool:
-        """Whether this node takes work: its heartbeat is fresh and it has not left."""
-        return self._view.active and self._heartbeat.fresh(self._clock())
+        """Whether this node takes work: its heartbeat is fresh and it has not left.
+
+        As of the view's last update, not the clock's latest tick: the watchdog
+        updates it when the heartbeat goes stale (at that moment, or within a
+        quarter interval), bumping ``generation``. Reading the clock here let
+        ``owns()`` turn false part-way through a runner's pass with no
+        generation change to make it look again: the partitions it stopped
+        stayed stopped until the next membership change.
+        """
+        return self._view.active
 
     def live_nodes(self) -> frozenset[str]:
         """The live node IDs (strings) in this node's view, itself included while active."""
@@ -348,10 +360,15 @@ class Membership:
             self._update(self._clock())
 
     async def _watch(self) -> None:
-        # Notices our own staleness and peers' expiry even while a store call hangs.
+        # Notices our own staleness and peers' expiry even while a store call
+        # hangs; our own staleness at the moment it begins, when that is sooner.
         period = min(self._interval / 4, 0.25)
         while True:
-            await anyio.sleep(period)
+            delay = period
+            stale_at = self._heartbeat.valid_until
+            if stale_at is not None and self._view.active:
+                delay = min(period, max(0.0, (stale_at - self._clock()).total_seconds()))
+            await anyio.sleep(delay)
             self._update(self._clock())
 
     async def _read(self, ks: Keyspace, now: datetime) -> bool:

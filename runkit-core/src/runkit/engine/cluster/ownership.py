@@ -20,7 +20,9 @@ class Ownership(Protocol):
 
     ``generation`` increases every time the view may have changed; callers read
     it, act on ``owns()``, then ``wait_changed(generation)`` so that no change is
-    missed between the two.
+    missed between the two. So ``owns()`` must not change its answer without a
+    generation increase (e.g. by reading a clock): a caller would act on the
+    new answer once and never be woken to act on the next.
     """
 
     @property
