@@ -142,7 +142,10 @@ class PartitionRunner:
 
     A partition whose work stops (ownership lost, or an unexpected error) is
     restarted after a short delay if this node still owns it; losing
-    ownership cancels its work.
+    ownership cancels its work. A partition owned again before its cancelled
+    work has wound down (its final flush) starts once that is done: two runs
+    of one partition on one node would fence each other off the stream and
+    unregister each other's executor.
     """
 
     def __init__(
@@ -159,6 +162,8 @@ class PartitionRunner:
         self._run_one = run_one
         self._restart_delay = restart_delay
         self._running: dict[int, anyio.CancelScope] = {}
+        # Set when the latest run of a partition has ended, wind-down included.
+        self._ended: dict[int, anyio.Event] = {}
         # One per runner: another application's (or engine's) failures of the
         # same partition index must not hold back this one's first line.
         self._restart_log = RateLimitedLog(_log, interval=30.0)
@@ -178,14 +183,24 @@ class PartitionRunner:
             if owned and scope is None:
                 scope = anyio.CancelScope()
                 self._running[index] = scope
-                tg.start_soon(self._supervise, index, scope)
+                previous = self._ended.get(index)
+                ended = self._ended[index] = anyio.Event()
+                tg.start_soon(self._supervise, index, scope, previous, ended)
             elif not owned and scope is not None:
                 scope.cancel()
                 del self._running[index]
 
-    async def _supervise(self, index: int, scope: anyio.CancelScope) -> None:
+    async def _supervise(
+        self,
+        index: int,
+        scope: anyio.CancelScope,
+        previous: anyio.Event | None,
+        ended: anyio.Event,
+    ) -> None:
         try:
             with scope:
+                if previous is not None:
+                    await previous.wait()
                 while True:
                     try:
                         await self._run_one(index)
@@ -206,3 +221,10 @@ class PartitionRunner:
         finally:
             if self._running.get(index) is scope:
                 del self._running[index]
+            if previous is not None and not previous.is_set():
+                # Cancelled while waiting: the next run waits for that one too.
+                with anyio.CancelScope(shield=True):
+                    await previous.wait()
+            ended.set()
+            if self._ended.get(index) is ended:
+                del self._ended[index]

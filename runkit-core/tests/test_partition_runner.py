@@ -1,0 +1,55 @@
+"""``PartitionRunner``: one run per owned partition, following ownership changes."""
+
+from __future__ import annotations
+
+import anyio
+
+from runkit.engine.cluster.ownership import StaticOwnership
+from runkit.engine.partitions import PartitionRunner, partition_id
+
+APP = "c0000000-0000-4000-8000-0000000000aa"
+WIND_DOWN = 0.2
+
+
+async def test_a_partition_owned_again_starts_after_its_last_run_has_wound_down() -> None:
+    # A run that is cancelled flushes what it committed (shielded). Ownership
+    # lost and regained meanwhile (a heartbeat stale for a moment) must not
+    # start a second run beside it: the two would write the same stream.
+    ownership = StaticOwnership()
+    log: list[str] = []
+    runs = 0
+    started = [anyio.Event(), anyio.Event(), anyio.Event()]
+
+    async def run_one(index: int) -> None:
+        nonlocal runs
+        runs += 1
+        run = runs
+        log.append(f"start {run}")
+        started[run].set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.sleep(WIND_DOWN)
+            log.append(f"end {run}")
+
+    async def wait_started(run: int) -> None:
+        with anyio.fail_after(10):
+            await started[run].wait()
+
+    runner = PartitionRunner(APP, 1, ownership, run_one)
+    owned = {partition_id(APP, 0)}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runner.run)
+        ownership.assign(owned)
+        await wait_started(1)
+        ownership.assign(set())
+        await anyio.sleep(0.01)  # the runner cancels run 1, which starts winding down
+        ownership.assign(owned)
+        await anyio.sleep(0.01)
+        ownership.assign(set())  # cancelled while it waits: run 3 waits for run 1 too
+        await anyio.sleep(0.01)
+        ownership.assign(owned)
+        await wait_started(2)
+        tg.cancel_scope.cancel()
+    assert log == ["start 1", "end 1", "start 2", "end 2"]
