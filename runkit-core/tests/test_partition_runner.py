@@ -18,7 +18,7 @@ async def test_a_partition_owned_again_starts_after_its_last_run_has_wound_down(
     ownership = StaticOwnership()
     log: list[str] = []
     runs = 0
-    started = [anyio.Event(), anyio.Event(), anyio.Event()]
+    started = {1: anyio.Event(), 2: anyio.Event()}
 
     async def run_one(index: int) -> None:
         nonlocal runs

@@ -9,18 +9,18 @@ section with no awaits, after yielding to the scheduler (a checkpoint, where a
 cancelled caller stops): journal operations on every call, keyspace and set
 operations once in ``_YIELD_EVERY`` calls. Calls that do not yield complete
 without scheduling, as an in-flight write of any driver may; a task looping
-over them still lets others run and, if cancelled, stops within that many calls. A yield
-per keyspace call cost a loop round trip (or, checking for cancellation alone,
-a walk up the caller's cancel scopes on asyncio) for each of a process
-instance's reads and writes: about a tenth of the engine's CPU on the bank
-workload. Journal calls keep theirs: a stream append is where the tasks its
-writer is about to answer, and those feeding it, gather the next record's
-work, and without that yield the single-aggregate workload's records got
-smaller and its CPU per command rose by about a tenth. A thread lock rather
-than an ``anyio.Lock`` because a silo may be shared by event loops in several
-threads (an ``anyio.Lock`` belongs to one loop), and because nothing awaits
-while holding it. Inputs are copied in and out, so callers never share buffers
-with the store.
+over them still lets others run and, if cancelled, stops within that many
+calls. A yield per keyspace call cost a loop round trip (or, checking for
+cancellation alone, a walk up the caller's cancel scopes on asyncio) for each
+of a process instance's reads and writes: about a tenth of the engine's CPU on
+the bank workload. Journal calls keep theirs, opens and reads included: the
+stream writer's appends and the materialiser's journal calls are where the
+batch loop gathers the next record's work, and without those yields the
+single-aggregate workload's records got smaller and its CPU per command rose
+by a tenth or more. A thread lock rather than an ``anyio.Lock`` because a silo
+may be shared by event loops in several threads (an ``anyio.Lock`` belongs to
+one loop), and because nothing awaits while holding it. Inputs are copied in
+and out, so callers never share buffers with the store.
 """
 
 from __future__ import annotations
