@@ -41,7 +41,11 @@ wrapped provider) are given in total and, in brackets, the commit points alone
 (``COMMIT_KINDS``: stream, inbox, process instances, deadlines, idempotency
 markers), as ``throughput.py`` does for one aggregate; the rest is aggregate
 state written behind the stream (ADR 0009) and periodic consumer checkpoints.
-The footer splits the total by store.
+The footer splits the total by store. Where the target can count them
+(PostgreSQL), *backend write tx / deposit* gives the write transactions the
+database itself committed in the same window: the driver runs concurrent
+writes of one kind as one statement (``runkit_postgres._grouping``), so this is
+what the disk sees, and it is at most the store writes.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,6 +108,8 @@ class Result:
     sustained: float = float("nan")
     writes_per_deposit: float = float("nan")
     writes_by_store: dict[str, float] = attrs.field(factory=dict)  # per deposit
+    # The backend's own write transactions per deposit (``Target.write_transactions``).
+    db_transactions: float = float("nan")
     backlog: int = 0
     accept_p50: float = float("nan")
     accept_p99: float = float("nan")
@@ -315,6 +321,7 @@ async def run_live(
     accounts: int,
     seconds: float,
     null_projections: bool,
+    write_transactions: Callable[[], Awaitable[int]] | None = None,
 ) -> None:
     app = App(db)
     if null_projections:
@@ -357,6 +364,7 @@ async def run_live(
 
         first = len(approvals.times)
         counter.enabled = True
+        db_before = await write_transactions() if write_transactions else 0
         window_start = time.perf_counter()
         cpu_start = time.process_time()
         async with anyio.create_task_group() as load:
@@ -382,6 +390,8 @@ async def run_live(
                     break
                 await anyio.sleep(0.02)
         counter.enabled = False
+        if write_transactions is not None:
+            result.db_transactions = (await write_transactions() - db_before) / accepted
         result.writes_per_deposit = counter.writes / accepted
         result.writes_by_store = {k: n / accepted for k, n in counter.by_store.items()}
         if len(approvals.times) - first >= accepted:
@@ -436,6 +446,7 @@ async def run_driver(name: str, args: argparse.Namespace, scratch: Path) -> Resu
             accounts=args.accounts,
             seconds=args.seconds,
             null_projections=args.live_projections == "null",
+            write_transactions=target.write_transactions,
         )
         result.stream_events = await count_stream_events(provider, 16)
         print(f"{name}: catch-up of {result.stream_events} stream events")
@@ -483,6 +494,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         "sustained commands/s",
         "CPU µs / deposit",
         "store writes / deposit (commit)",
+        "backend write tx / deposit",
         "backlog",
         "accept p50 ms",
         "accept p99 ms",
@@ -502,6 +514,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             f"{3 * r.sustained:,.0f}",
             f"{r.cpu_us:,.0f}",
             f"{r.writes_per_deposit:.1f} ({r.commit_writes_per_deposit:.2f})",
+            "n/a" if r.db_transactions != r.db_transactions else f"{r.db_transactions:.2f}",
             f"{r.backlog:,}",
             ms(r.accept_p50),
             ms(r.accept_p99),

@@ -22,7 +22,11 @@ The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
    deposit (counted by ``runkit.testing.faults.FaultyProvider`` with an empty
    plan); *(commit)* is the writes made before callers are answered: stream
    and inbox appends; the rest (aggregate journals, snapshots) is background
-   materialisation. With ``--side-projections K`` the application also has K
+   materialisation. On PostgreSQL, *db write tx* is the write transactions
+   the server committed meanwhile (``targets.postgres.WriteTransactions``),
+   for runkit and for eventsourcing: the driver runs concurrent writes as
+   shared statements, so it is what the disk sees. With
+   ``--side-projections K`` the application also has K
    in-memory projections of ``AccountOpened`` only: consumers on every
    partition that the deposits' events do not concern (what they cost is
    the price of an application's other handlers).
@@ -85,7 +89,7 @@ from engine import (
     table,
 )
 from targets import BaselineJournal
-from targets.postgres import RawPostgres
+from targets.postgres import RawPostgres, WriteTransactions
 
 import dogma
 import runkit
@@ -257,6 +261,8 @@ class Store:
     provider: Provider
     baseline: RawPostgres | None
     es_env: dict[str, str]
+    # The server's write transactions so far (PostgreSQL), for both systems.
+    write_transactions: Callable[[], Awaitable[int]] | None = None
 
 
 class Target:
@@ -284,6 +290,7 @@ class PostgresTarget(Target):
 
     def __init__(self, server: PostgresServer, version: str, pool_size: int) -> None:
         self.server = server
+        self.write_transactions = WriteTransactions(server.dsn)
         self.pool_size = pool_size
         settings = ", ".join(f"{k}={v}" for k, v in server.settings.items())
         self.notes = (
@@ -319,6 +326,7 @@ class PostgresTarget(Target):
                     "POSTGRES_MAX_OVERFLOW": "0",
                     "CREATE_TABLE": "y",
                 },
+                self.write_transactions,
             )
         finally:
             await provider.close()
@@ -342,7 +350,11 @@ async def open_target(name: str) -> AsyncIterator[Target]:
         pool_size = int(os.environ.get("RUNKIT_BENCH_PG_POOL", "8"))
         with PostgresServer(durable=not fast) as server:
             version = await anyio.to_thread.run_sync(server.version)
-            yield PostgresTarget(server, version, pool_size)
+            target = PostgresTarget(server, version, pool_size)
+            try:
+                yield target
+            finally:
+                await anyio.to_thread.run_sync(target.write_transactions.close)
     else:
         raise ValueError(f"unknown target {name!r}; available: memory, postgres")
 
@@ -360,6 +372,8 @@ class Measured:
     p99: float = float("nan")
     writes_per_deposit: float = float("nan")
     commit_writes_per_deposit: float = float("nan")  # stream and inbox appends
+    # Write transactions the database committed (PostgreSQL), either system.
+    db_transactions_per_deposit: float = float("nan")
     reads_per_deposit: float = float("nan")
     cpu_us_per_deposit: float = float("nan")  # process CPU time / deposits
     # Per deposit, by store kind and "write"/"read" (runkit only).
@@ -439,6 +453,13 @@ def counts(provider: FaultyProvider) -> tuple[int, int, int]:
     return writes, plan.commit_writes, reads
 
 
+async def transactions(store: Store) -> float:
+    """The server's write transactions so far; NaN where the store cannot count them."""
+    if store.write_transactions is None:
+        return float("nan")
+    return await store.write_transactions()
+
+
 async def measure_runkit(store: Store, w: Workload) -> Measured:
     app = BenchApp(w.side_projections)
     config = build(app, registry=REGISTRY)
@@ -477,9 +498,11 @@ async def measure_runkit(store: Store, w: Workload) -> Measured:
         opens, _ = await run_callers(w.callers, names, open_account)
         writes, commits, reads = counts(provider)
         stores = Counter(cast(CountingPlan, provider.plan).by_store)
+        db = await transactions(store)
         cpu = time.process_time()
         handled, latencies = await run_callers(w.callers, list(enumerate(w.schedule())), deposit)
         cpu = time.process_time() - cpu
+        db = await transactions(store) - db
         writes_after, commits_after, reads_after = counts(provider)
         stores = cast(CountingPlan, provider.plan).by_store - stores
         tg.cancel_scope.cancel()
@@ -493,6 +516,7 @@ async def measure_runkit(store: Store, w: Workload) -> Measured:
         reads_per_deposit=(reads_after - reads) / w.deposits,
         cpu_us_per_deposit=cpu / w.deposits * 1e6,
         by_store={key: n / w.deposits for key, n in stores.items()},
+        db_transactions_per_deposit=db / w.deposits,
     )
 
 
@@ -516,9 +540,11 @@ async def measure_eventsourcing(store: Store, w: Workload) -> Measured:
                 bank.deposit, ids[index], 100, limiter=limiter
             )
 
+        db = await transactions(store)
         cpu = time.process_time()
         handled, latencies = await run_callers(w.callers, w.schedule(), deposit)
         cpu = time.process_time() - cpu
+        db = await transactions(store) - db
         total = sum(
             cast(EsAccount, bank.repository.get(i)).balance for i in ids
         )  # a check that every deposit landed, not a measurement
@@ -533,6 +559,7 @@ async def measure_eventsourcing(store: Store, w: Workload) -> Measured:
         p99=percentile(latencies, 0.99),
         conflicts=conflicts,
         cpu_us_per_deposit=cpu / w.deposits * 1e6,
+        db_transactions_per_deposit=db / w.deposits,
     )
 
 
@@ -588,6 +615,13 @@ def combine(runs: list[Measured]) -> Measured:
     return Measured(**cast(Any, fields))
 
 
+def db_transactions(rk: Measured, es: Measured) -> str:
+    """The database's write transactions per deposit of both systems, or "n/a"."""
+    if rk.db_transactions_per_deposit != rk.db_transactions_per_deposit:
+        return "n/a"
+    return f"{rk.db_transactions_per_deposit:.2f} / {es.db_transactions_per_deposit:.2f}"
+
+
 def report(
     results: dict[Cell, dict[str, list[Measured]]],
     notes: dict[str, str],
@@ -609,6 +643,7 @@ def report(
         "runkit CPU µs/deposit",
         "es CPU µs/deposit",
         "writes/deposit (commit)",
+        "db write tx/deposit (runkit / es)",
         "reads/deposit",
         "es conflicts",
     ]
@@ -633,6 +668,7 @@ def report(
                 f"{rk.cpu_us_per_deposit:,.0f}",
                 f"{es.cpu_us_per_deposit:,.0f}",
                 f"{rk.writes_per_deposit:.2f} ({rk.commit_writes_per_deposit:.2f})",
+                db_transactions(rk, es),
                 f"{rk.reads_per_deposit:.2f}",
                 str(es.conflicts),
             ]

@@ -16,14 +16,17 @@ backend requests as the driver but directly, without the driver (no validation,
 error mapping or cancellation handling); when present, the report shows the
 driver's throughput as a ratio of it. It only needs the methods the workloads
 call (see ``BaselineProvider``). ``Target.notes`` describes the backend (version,
-settings) for the report.
+settings) for the report. ``Target.write_transactions``, optional, counts the
+write transactions the backend has committed so far (a database's own count,
+beside the engine's count of store calls: one statement may carry many
+grouped writes); reports give its difference over a phase.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from types import ModuleType
 from typing import Protocol, TypeVar, cast
@@ -90,6 +93,7 @@ class Target:
     provider: Provider
     baseline: BaselineProvider | None = None
     notes: str = ""
+    write_transactions: Callable[[], Awaitable[int]] | None = None
 
 
 class TargetModule(Protocol):

@@ -9,6 +9,10 @@ The baseline issues the driver's own SQL (``runkit_postgres._sql.Statements``)
 with the same pool settings, per-connection setup, prepared statements and
 worker-thread limiter, but none of the driver's work around it: no input
 validation, error mapping, retries or cancellation handling.
+
+``WriteTransactions`` counts the server's committed write transactions (the
+transaction IDs it has assigned): the durable writes PostgreSQL made, however
+many grouped writes each statement carried.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
+import psycopg
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
@@ -168,6 +173,40 @@ class RawPostgres:
         self._raw.pool.close()
 
 
+class WriteTransactions:
+    """The server's write transactions so far: a count whose differences are exact.
+
+    PostgreSQL assigns a transaction ID to each transaction that writes (a
+    read-only one gets none), so the difference of ``pg_current_xact_id()``
+    between two readings counts the write transactions committed or rolled
+    back in between (none roll back here, bar a conflicting statement, which
+    is a write the server did make). Each reading assigns one ID itself; the
+    count leaves those out. Server-wide: use a server that runs only the
+    benchmark.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: Conn | None = None
+        self._readings = 0
+
+    def _read(self) -> int:
+        if self._conn is None:
+            self._conn = psycopg.connect(self._dsn, autocommit=True)
+        row = self._conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+        assert row is not None
+        self._readings += 1
+        return cast(int, row[0]) - self._readings
+
+    async def __call__(self) -> int:
+        return await anyio.to_thread.run_sync(self._read)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 @asynccontextmanager
 async def open_target() -> AsyncIterator[Target]:
     """Start a server; yield the driver and the raw baseline on one fresh schema."""
@@ -186,9 +225,11 @@ async def open_target() -> AsyncIterator[Target]:
             f"{version.split(' on ')[0]}; {'external server' if server.external else settings}; "
             f"pool {pool_size} connections (driver and baseline)"
         )
+        counter = WriteTransactions(server.dsn)
         try:
-            yield Target(provider=provider, baseline=raw, notes=notes)
+            yield Target(provider=provider, baseline=raw, notes=notes, write_transactions=counter)
         finally:
             await provider.close()
             await anyio.to_thread.run_sync(raw.close)
+            await anyio.to_thread.run_sync(counter.close)
             await anyio.to_thread.run_sync(drop_schema, server.dsn, schema)
