@@ -146,7 +146,8 @@ class Accounts:
         self.unexpected: set[str] = set()
         self.unrouted: set[str] = set()
         self.nothing: set[str] = set()
-        self.messages: list[object] = []
+        self.messages: list[object] = []  # what handle_command was given
+        self.routed: list[object] = []  # what route_command_to_instance was given
         self.events: list[object] = []
 
     def configure(self, c: Any) -> None:
@@ -161,6 +162,7 @@ class Accounts:
 
     def route_command_to_instance(self, command: dogma.Command) -> str:
         assert isinstance(command, Deposit)
+        self.routed.append(command)
         return command.account
 
     def handle_command(self, root: Account, scope: Any, command: dogma.Command) -> None:

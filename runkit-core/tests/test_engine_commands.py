@@ -288,6 +288,22 @@ async def test_messages_are_independent_copies() -> None:
     assert isinstance(s.accounts.events[0], Deposited)
 
 
+async def test_routing_and_the_first_handling_share_the_command_and_a_retry_gets_a_copy() -> None:
+    # Dogma hands one message to a handler's routing and handling; a retry of
+    # the handling decodes its own copy (ADR-32).
+    s = setup()
+    s.accounts.fail["r1"] = 1
+    provider = silo()
+    async with running(provider, s.config) as engine:
+        await engine.executor_for(s.app).execute_command(Deposit("acc", 1, "r1"))
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+    [routed] = s.accounts.routed
+    first, retry = s.accounts.messages
+    assert first is routed
+    assert retry is not routed
+    assert retry == routed
+
+
 async def test_executor_before_run_waits_for_start() -> None:
     s = setup()
     provider = silo()

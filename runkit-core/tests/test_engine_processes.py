@@ -466,6 +466,52 @@ async def test_transient_handler_failures_are_retried() -> None:
         tg.cancel_scope.cancel()
 
 
+class SeeingProcess(Process):
+    """Records the message objects its routing and handling are given, per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routed: dict[int, list[object]] = {}
+        self.handled: dict[int, list[object]] = {}
+
+    async def route_event_to_instance(self, event: dogma.Event) -> str | None:
+        if isinstance(event, Step):
+            self.routed.setdefault(event.n, []).append(event)
+        return await super().route_event_to_instance(event)
+
+    async def handle_event(
+        self, root: Root, scope: dogma.ProcessEventScope[Root], event: dogma.Event
+    ) -> None:
+        if isinstance(event, Step):
+            self.handled.setdefault(event.n, []).append(event)
+        await super().handle_event(root, scope, event)
+
+
+async def test_routing_and_the_first_handling_share_the_message_and_retries_get_copies() -> None:
+    # Dogma hands one message to a handler's routing and handling; every other
+    # call (a retry, a group handled again after a failure) decodes its own.
+    p = SeeingProcess()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        # One stream record: one group. Step 2 fails twice, so step 1 is handled
+        # again on its own, then step 2 is retried, then step 3 goes on.
+        await h.publish(Step("a", 1), Step("a", 2, fail="twice"), Step("a", 3))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 3)
+        tg.cancel_scope.cancel()
+    assert {n: len(calls) for n, calls in p.routed.items()} == {1: 1, 2: 1, 3: 1}
+    assert {n: len(calls) for n, calls in p.handled.items()} == {1: 2, 2: 3, 3: 1}
+    for n, calls in p.handled.items():
+        [routed] = p.routed[n]
+        assert calls[0] is routed, n
+        later = calls[1:]
+        assert all(c is not routed for c in later), n
+        assert len({id(c) for c in calls}) == len(calls), n  # each retry its own copy
+        assert all(c == routed for c in calls), n
+
+
 async def test_persistent_failures_are_poisoned_after_max_attempts() -> None:
     p = Process()
     async with (

@@ -44,6 +44,7 @@ _invalid_types: set[str] = set()
 
 __all__ = [
     "Envelope",
+    "RoutedMessages",
     "closing_iter",
     "decode",
     "encode",
@@ -249,6 +250,45 @@ def to_message(env: Envelope) -> dogma.Message:
     if env.message_id not in _validated:
         _revalidate(entry, env, message)
     return message
+
+
+class RoutedMessages:
+    """Messages decoded for one handler's routing, kept for its first handling.
+
+    Dogma hands a handler's routing (``route_*_to_instance``) and its handling
+    the same message, so the handling takes the object routing was given
+    instead of decoding the envelope again. Each is handed out once: a retry
+    decodes its own copy (ADR-32), and other handlers never see it (keep one
+    of these per handler, or per node for commands, which have one handler
+    each). Kept by message ID and checked against the envelope's data, so a
+    different message under the same ID is decoded. Bounded: the oldest are
+    forgotten, and their handling decodes (routing on one node and handling
+    on another leaves them behind).
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._kept: OrderedDict[str, tuple[bytes, dogma.Message]] = OrderedDict()
+
+    def keep(self, env: Envelope, message: dogma.Message) -> None:
+        """Keep *message*, decoded from *env* and given to routing, for the handling."""
+        self._kept[env.message_id] = (env.data, message)
+        if len(self._kept) > self._limit:
+            self._kept.popitem(last=False)
+
+    def take(self, env: Envelope) -> dogma.Message:
+        """The message kept for *env*, handed out once; otherwise a fresh ``to_message``."""
+        kept = self._kept.pop(env.message_id, None)
+        if kept is not None and (kept[0] is env.data or kept[0] == env.data):
+            return kept[1]
+        return to_message(env)
+
+    def discard(self, env: Envelope) -> None:
+        """Forget what is kept for *env* (its handling was skipped)."""
+        self._kept.pop(env.message_id, None)
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
 
 def _revalidate(entry: dogma.MessageType, env: Envelope, message: dogma.Message) -> None:

@@ -76,6 +76,7 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             clock=s.clock,
             snapshot_every=s.snapshot_every,
             cache_size=s.instance_cache_size,
+            routed=runtime.routed_commands,
         )
         stack.push_async_callback(aggregates.close)
         materialiser = Materialiser(

@@ -29,7 +29,7 @@ from .cluster.routing import Router
 from .commands.acceptance import Acceptor, PartitionStopped, prune_idempotency
 from .commands.batches import PartitionCommands
 from .commands.inbox import InboxEntry, InboxWriter, inbox_name
-from .envelope import Envelope
+from .envelope import Envelope, RoutedMessages
 from .logs import describe_error
 from .meta import load_partition_count
 from .owned_partition import run_owned_partition
@@ -71,6 +71,8 @@ class AppRuntime:
         self.partition_count = 0
         self.inbox_writers: list[InboxWriter] = []
         self.partitions: dict[int, PartitionCommands] = {}
+        # Commands routed on this node, for their aggregate's handling here.
+        self.routed_commands = RoutedMessages()
         self._acceptor: Acceptor | None = None
         self._consumers: Any = None
 
@@ -140,6 +142,7 @@ class AppRuntime:
                 local=self.partitions.get,
                 remote=self._offer_remote if self.router is not None else None,
                 wake=self._wake_remote if self.router is not None else None,
+                routed=self.routed_commands,
             )
             async with anyio.create_task_group() as tg:
                 for writer in self.inbox_writers:

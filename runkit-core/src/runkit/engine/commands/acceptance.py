@@ -29,7 +29,7 @@ import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
 from ...persistence import Conflict, PersistenceError, Provider
-from ..envelope import Envelope, closing_iter, to_message
+from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
 from ..ids import derived_id
 from ..partitions import instance_workload, partition_of
 from .inbox import InboxEntry, InboxWriter
@@ -166,8 +166,11 @@ class Acceptor:
         remote: Callable[[int, list[InboxEntry]], Awaitable[bool]] | None = None,
         wake: Callable[[int], None] | None = None,
         backlog_timeout: float = 30.0,
+        routed: RoutedMessages | None = None,
     ) -> None:
         self.app = app
+        # Where routed aggregate commands wait for their handling on this node.
+        self._routed = routed if routed is not None else RoutedMessages()
         self.partition_count = partition_count
         self.writers = writers
         self._local = local
@@ -189,9 +192,11 @@ class Acceptor:
     def route(self, envelope: Envelope, *, keyed: bool) -> tuple[int, InboxEntry]:
         """Return the partition and inbox entry of a command envelope.
 
-        Aggregate routing is given its own decoded copy of the command (ADR-32).
-        Raises ``ValueError`` for a command no handler consumes or an empty
-        instance ID, and whatever ``route_command_to_instance`` raises.
+        Aggregate routing is given its own decoded copy of the command (ADR-32),
+        which the aggregate's handling takes if it runs on this node (Dogma
+        hands routing and handling one message). Raises ``ValueError`` for a
+        command no handler consumes or an empty instance ID, and whatever
+        ``route_command_to_instance`` raises.
         """
         command = to_message(envelope)
         handler = self.handler_for(type(command))
@@ -204,6 +209,7 @@ class Acceptor:
                     f"{instance_id!r}; instance IDs must be non-empty strings"
                 )
             workload = instance_workload(handler.identity.key, instance_id)
+            self._routed.keep(envelope, command)
         elif handler.concurrency is dogma.ConcurrencyPreference.MINIMIZE:
             workload = handler.identity.key
         else:

@@ -35,7 +35,7 @@ import dogma
 
 from ...config import HandlerConfig
 from ...persistence import Journal, Keyspace, Provider
-from ..envelope import Envelope, closing_iter, to_message
+from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
 from ._handling import EventRecorder, handler_log
 from .inbox import InboxEntry
 from .instance_records import (
@@ -121,8 +121,11 @@ class AggregateInstances:
         clock: Callable[[], datetime],
         snapshot_every: int,
         cache_size: int,
+        routed: RoutedMessages | None = None,
     ) -> None:
         self._provider = provider
+        # Commands routed on this node: the handling takes the routed object.
+        self._routed = routed if routed is not None else RoutedMessages()
         self._app_key = app_key
         self._site_key = site_key
         self._clock = clock
@@ -182,7 +185,7 @@ class AggregateInstances:
         )
         agg: Any = handler.handler
         try:
-            command = to_message(entry.envelope)
+            command = self._routed.take(entry.envelope)
             agg.handle_command(inst.root, _Scope(recorder, inst.root), command)
             recorder.check()
         except dogma.UnexpectedMessage as exc:

@@ -60,8 +60,9 @@ class InstanceQueues:
         self._unfinished: set[int] = set()
         self._read = checkpoint.value  # next offset after the last event put
         self._new_event = event_maker()
-        self._idle = self._new_event()
-        self._idle.set()
+        # Made only while ``join`` waits: most consumers never join, and an
+        # event per busy spell would cost more than the rest of ``_advance``.
+        self._idle: anyio.Event | None = None
         # Takes each instance that has events and no worker (``_work``).
         self._workers: KeptWorkers[str] = KeptWorkers(tg.start_soon, self._work, limit=limit)
 
@@ -78,8 +79,6 @@ class InstanceQueues:
         # Only now is the event read: while we waited for a slot, a finishing
         # worker must not move the checkpoint past it.
         self._read = event.offset + 1
-        if not self._unfinished:
-            self._idle = self._new_event()
         self._unfinished.add(event.offset)
         queue = self._queues.get(instance_id)
         if queue is not None:
@@ -100,7 +99,10 @@ class InstanceQueues:
 
     async def join(self) -> None:
         """Wait until every queued event is finished."""
-        await self._idle.wait()
+        while self._unfinished:
+            if self._idle is None:
+                self._idle = self._new_event()
+            await self._idle.wait()
 
     async def _work(self, instance_id: str) -> None:
         queue = self._queues[instance_id]
@@ -117,8 +119,9 @@ class InstanceQueues:
 
     def _advance(self) -> None:
         self._checkpoint.value = min(self._unfinished, default=self._read)
-        if not self._unfinished:
+        if not self._unfinished and self._idle is not None:
             self._idle.set()
+            self._idle = None
 
 
 class ConsumerCheckpoint:

@@ -70,7 +70,7 @@ import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, RouteKind
 from ...persistence import Conflict, Keyspace, PersistenceError
-from ..envelope import decode, to_message
+from ..envelope import RoutedMessages, decode, to_message
 from ..logs import describe_error
 from .consumers_support import ConsumerOptions, close_iterator, sleep_backoff
 from .deadlines import DeadlineEntry
@@ -137,6 +137,8 @@ class ProcessRunner:
         self.executes = frozenset(t.cls for t in config.types_of(RouteKind.EXECUTES_COMMAND))
         self.schedules = frozenset(t.cls for t in config.types_of(RouteKind.SCHEDULES_DEADLINE))
         self._cache = InstanceCache(options.process_cache_size)
+        # What routing decoded, for each event's first handling: one decode per event.
+        self._routed = RoutedMessages()
         self._retries = MessageRetries(app.identity.key, config, options)
         self._outbox = OutboxDispatcher(
             app.identity.key,
@@ -190,7 +192,9 @@ class ProcessRunner:
                 tg.start_soon(self._outbox.clear_outboxes_periodically, ctx, records)
                 queues = InstanceQueues(
                     tg,
-                    lambda instance_id, events: self._consume(ctx, records, instance_id, events),
+                    lambda instance_id, events: self._consume_group(
+                        ctx, records, instance_id, events
+                    ),
                     checkpoint,
                     limit=self.options.process_concurrency,
                 )
@@ -203,7 +207,12 @@ class ProcessRunner:
                     async for event in events:
                         if event.offset < checkpoint.value:
                             continue
-                        await queues.put(await self._route(ctx, event), event)
+                        target = await self._route(ctx, event)
+                        if target is None:
+                            await queues.put(None, event)
+                            continue
+                        self._routed.keep(event.envelope, target[1])
+                        await queues.put(target[0], event)
                     await queues.join()  # the stream ended (test streams only)
                 finally:
                     await close_iterator(events)
@@ -220,13 +229,20 @@ class ProcessRunner:
                     self._cache.drop_partition(ctx.index)
                 tg.cancel_scope.cancel()
 
-    async def _route(self, ctx: PartitionContext, event: StreamEvent) -> str | None:
-        """The instance *event* goes to; ``None`` to ignore it (or if routing was poisoned)."""
+    async def _route(
+        self, ctx: PartitionContext, event: StreamEvent
+    ) -> tuple[str, dogma.Event] | None:
+        """The instance *event* goes to and the message routing was given.
+
+        ``None`` to ignore the event (or if routing was poisoned).
+        """
         routed: str | None = None
+        message: dogma.Event | None = None
 
         async def attempt() -> None:
-            nonlocal routed
-            instance_id = await self.handler.route_event_to_instance(event.message())
+            nonlocal routed, message
+            message = event.message()  # a fresh copy for each attempt
+            instance_id = await self.handler.route_event_to_instance(message)
             if instance_id is not None and (not isinstance(instance_id, str) or not instance_id):
                 raise ProcessBug(
                     f"{self.config.describe()}: route_event_to_instance() returned "
@@ -241,11 +257,18 @@ class ProcessRunner:
             poison_key=f"{self.key}/event/{event.stream_id}/{event.offset}",
             stream=(event.stream_id, event.offset),
         )
-        return routed
+        if routed is None or message is None:
+            return None
+        return routed, message
 
     def _event_step(self, ctx: PartitionContext, instance_id: str, event: StreamEvent) -> Step:
+        """The step handling *event*: its first call takes the message routing
+        was given, every later one (a retry, the group handled again) gets a
+        fresh copy."""
+
         async def invoke(root: ProcessRoot, scope: ProcessScope) -> None:
-            await self.handler.handle_event(root, cast(ProcessEventScope, scope), event.message())
+            message = cast(dogma.Event, self._routed.take(event.envelope))
+            await self.handler.handle_event(root, cast(ProcessEventScope, scope), message)
 
         return Step(
             cause=event.envelope,
@@ -255,6 +278,20 @@ class ProcessRunner:
             ),
             stream=(event.stream_id, event.offset),
         )
+
+    async def _consume_group(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        instance_id: str,
+        events: list[StreamEvent],
+    ) -> None:
+        """``_consume``, then drop the routed messages its skipped events left."""
+        try:
+            await self._consume(ctx, records, instance_id, events)
+        finally:
+            for event in events:
+                self._routed.discard(event.envelope)
 
     async def _consume(
         self,
