@@ -207,12 +207,7 @@ class ProcessRunner:
                     async for event in events:
                         if event.offset < checkpoint.value:
                             continue
-                        target = await self._route(ctx, event)
-                        if target is None:
-                            await queues.put(None, event)
-                            continue
-                        self._routed.keep(event.envelope, target[1])
-                        await queues.put(target[0], event)
+                        await queues.put(await self._route(ctx, event), event)
                     await queues.join()  # the stream ended (test streams only)
                 finally:
                     await close_iterator(events)
@@ -229,12 +224,10 @@ class ProcessRunner:
                     self._cache.drop_partition(ctx.index)
                 tg.cancel_scope.cancel()
 
-    async def _route(
-        self, ctx: PartitionContext, event: StreamEvent
-    ) -> tuple[str, dogma.Event] | None:
-        """The instance *event* goes to and the message routing was given.
+    async def _route(self, ctx: PartitionContext, event: StreamEvent) -> str | None:
+        """The instance *event* goes to; ``None`` to ignore it (or if routing was poisoned).
 
-        ``None`` to ignore the event (or if routing was poisoned).
+        The message routing was given is kept for the event's first handling.
         """
         routed: str | None = None
         message: dogma.Event | None = None
@@ -257,9 +250,9 @@ class ProcessRunner:
             poison_key=f"{self.key}/event/{event.stream_id}/{event.offset}",
             stream=(event.stream_id, event.offset),
         )
-        if routed is None or message is None:
-            return None
-        return routed, message
+        if routed is not None and message is not None:
+            self._routed.keep(event.envelope, message)
+        return routed
 
     def _event_step(self, ctx: PartitionContext, instance_id: str, event: StreamEvent) -> Step:
         """The step handling *event*: its first call takes the message routing
