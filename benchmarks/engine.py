@@ -4,6 +4,7 @@ Usage::
 
     uv run python benchmarks/engine.py [--drivers memory,postgres] [--seconds N]
         [--callers 64] [--accounts 1000] [--backend asyncio|trio] [--node-gc]
+        [--partitions 16]
 
 For each driver (a ``benchmarks/targets`` module, as for ``persistence.py``:
 the same provider, started the same way) it measures, in one run:
@@ -11,7 +12,8 @@ the same provider, started the same way) it measures, in one run:
 1. **raw bound**: ``--callers`` tasks each appending records of the size of an
    inbox record holding one ``Deposit`` to a journal of their own, through the
    same provider, for ``--seconds``: appends/s.
-2. **live**: the bank on ``runkit.Engine`` (16 partitions, both SQLite
+2. **live**: the bank on ``runkit.Engine`` (16 partitions, the engine's
+   default, or ``--partitions``; both SQLite
    projections on a file in ``/dev/shm`` when there is one). After opening
    ``--accounts`` accounts (not timed), ``--callers`` callers execute
    ``Deposit`` commands on random accounts for ``--seconds``, each waiting for
@@ -301,13 +303,14 @@ def null(app: App) -> App:
 
 
 HEARTBEAT: list[float] = []  # --heartbeat-interval, if given
+PARTITIONS: list[int] = [16]  # --partitions
 
 
 def engine_for(app: App, provider: Provider) -> runkit.Engine:
     return runkit.Engine(
         runkit.with_application(app),
         runkit.with_persistence_provider(provider),
-        runkit.with_partition_count(16),
+        runkit.with_partition_count(PARTITIONS[0]),
         *(runkit.with_heartbeat_interval(s) for s in HEARTBEAT),
     )
 
@@ -448,7 +451,7 @@ async def run_driver(name: str, args: argparse.Namespace, scratch: Path) -> Resu
             null_projections=args.live_projections == "null",
             write_transactions=target.write_transactions,
         )
-        result.stream_events = await count_stream_events(provider, 16)
+        result.stream_events = await count_stream_events(provider, PARTITIONS[0])
         print(f"{name}: catch-up of {result.stream_events} stream events")
         null_app = null(App(scratch / f"{name}-unused.sqlite3"))
         result.catch_up_null = result.stream_events / await catch_up(provider, null_app)
@@ -536,7 +539,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
     )
     return (
         f"{table(rows, header)}\n\n{machine}; {args.callers} callers, {args.accounts} accounts, "
-        f"{args.seconds:g} s per phase, heartbeat interval "
+        f"{args.partitions} partitions, {args.seconds:g} s per phase, heartbeat interval "
         f"{args.heartbeat_interval or 'default'}, "
         f"{'the collector tuned as `runkit run` does' if args.node_gc else 'default collector'}"
         f"\n{notes}"
@@ -562,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
         help="membership heartbeat interval in seconds (default: the engine's)",
     )
     parser.add_argument(
+        "--partitions",
+        type=int,
+        default=16,
+        help="the bank's partition count (the engine's default is 16)",
+    )
+    parser.add_argument(
         "--node-gc",
         action="store_true",
         help="tune the garbage collector as `runkit run` does for a node process",
@@ -569,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.heartbeat_interval is not None:
         HEARTBEAT.append(args.heartbeat_interval)
+    if not 1 <= args.partitions <= 1024:
+        parser.error("--partitions must be between 1 and 1024")
+    PARTITIONS[0] = args.partitions
     names = [n.strip() for n in args.drivers.split(",") if n.strip()]
     for name in names:
         targets.load(name)  # unknown names fail before anything runs

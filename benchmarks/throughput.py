@@ -4,31 +4,32 @@ Usage::
 
     uv run python benchmarks/throughput.py [--targets memory,postgres] [--callers 1,8,64]
         [--accounts 1000] [--deposits 10000] [--repeat 1] [--raw-seconds 3]
-        [--backend asyncio|trio] [--node-gc] [--side-projections K] [--quick]
+        [--backend asyncio|trio] [--node-gc] [--side-projections K] [--partitions 16]
+        [--quick]
 
 The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
 ``Deposit`` commands, one ``Deposited`` event per deposit. For each target
 (``memory``, ``postgres``) and each number of concurrent callers C, in one run:
 
-1. **runkit**: a minimal Dogma application on ``runkit.Engine`` (one node,
-   16 partitions). ``--accounts`` accounts are opened by C callers (timed:
-   opens/s), then C callers execute ``--deposits`` deposits spread uniformly
-   over the accounts, each waiting until its own ``Deposited`` is recorded
-   (that is "handled": on the owning node ``execute_command`` returns once
-   the command's batch is committed; with ``--observe`` the caller also
-   waits for the event through a ``dogma.observe`` observer) before the
-   next. Reported: handled/s, p50/p99 latency, process CPU time per deposit
-   (``time.process_time``, all threads), and store writes and reads per
-   deposit (counted by ``runkit.testing.faults.FaultyProvider`` with an empty
-   plan); *(commit)* is the writes made before callers are answered: stream
-   and inbox appends; the rest (aggregate journals, snapshots) is background
-   materialisation. On PostgreSQL, *db write tx* is the write transactions
-   the server committed meanwhile (``targets.postgres.WriteTransactions``),
-   for runkit and for eventsourcing: the driver runs concurrent writes as
-   shared statements, so it is what the disk sees. With
-   ``--side-projections K`` the application also has K
-   in-memory projections of ``AccountOpened`` only: consumers on every
-   partition that the deposits' events do not concern (what they cost is
+1. **runkit**: a minimal Dogma application on ``runkit.Engine`` (one node, 16
+   partitions, the default; ``--partitions``). ``--accounts`` accounts are
+   opened by C callers (timed: opens/s), then C callers execute ``--deposits``
+   deposits spread uniformly over the accounts, each waiting until its own
+   ``Deposited`` is recorded (that is "handled": on the owning node
+   ``execute_command`` returns once the command's batch is committed; with
+   ``--observe`` the caller also waits for the event through a
+   ``dogma.observe`` observer) before the next. Reported: handled/s, p50/p99
+   latency, process CPU time per deposit (``time.process_time``, all threads),
+   and store writes and reads per deposit (counted by
+   ``runkit.testing.faults.FaultyProvider`` with an empty plan); *(commit)* is
+   the writes made before callers are answered: stream and inbox appends; the
+   rest (aggregate journals, snapshots) is background materialisation. On
+   PostgreSQL, *db write tx* is the write transactions the server committed
+   meanwhile (``targets.postgres.WriteTransactions``), for runkit and for
+   eventsourcing: the driver runs concurrent writes as shared statements, so
+   it is what the disk sees. With ``--side-projections K`` the application
+   also has K in-memory projections of ``AccountOpened`` only: consumers on
+   every partition that the deposits' events do not concern (what they cost is
    the price of an application's other handlers).
 2. **eventsourcing** (9.5): an ``Aggregate`` with a ``deposit`` event on an
    ``Application`` using ``eventsourcing.postgres`` (a fresh schema on the same
@@ -391,6 +392,7 @@ class Workload:
     raw_seconds: float
     observe: bool = False
     side_projections: int = 0
+    partitions: int = 16
 
     def schedule(self) -> list[int]:
         """Account indexes of the deposits: each account equally often, in random order."""
@@ -467,7 +469,7 @@ async def measure_runkit(store: Store, w: Workload) -> Measured:
     engine = runkit.Engine(
         runkit.with_application(config),
         runkit.with_persistence_provider(provider),
-        runkit.with_partition_count(16),
+        runkit.with_partition_count(w.partitions),
     )
     executor = engine.executor_for(config)
     names = [f"A-{i:05}" for i in range(w.accounts)]
@@ -692,7 +694,8 @@ def report(
         f"{table(rows, header)}\n\nrunkit's writes / reads per deposit by store:\n\n"
         f"{table(store_rows, ['target', 'C', *kinds])}\n\n{machine}; {args.accounts:,} accounts, "
         f"{args.deposits:,} deposits per cell, raw bound over {args.raw_seconds:g} s, "
-        f"medians of {args.repeat} interleaved repetition(s); runkit callers "
+        f"medians of {args.repeat} interleaved repetition(s); runkit on "
+        f"{args.partitions} partitions, callers "
         f"{'observe their Deposited' if args.observe else 'return on commit'}; "
         + (
             f"{args.side_projections} projections of AccountOpened beside the aggregate; "
@@ -729,6 +732,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "that the deposits' events do not concern",
     )
     parser.add_argument(
+        "--partitions",
+        type=int,
+        default=16,
+        help="runkit's partition count (the engine's default is 16): fewer partitions "
+        "gather more of C's commands into each batch commit",
+    )
+    parser.add_argument(
         "--node-gc",
         action="store_true",
         help="the garbage-collector settings of `runkit run` for the whole run (both systems)",
@@ -751,6 +761,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--side-projections must be between 0 and 999")
     if args.accounts < 1 or args.deposits < 1 or args.repeat < 1 or min(args.callers) < 1:
         parser.error("--accounts, --deposits, --repeat and --callers must be positive")
+    if not 1 <= args.partitions <= 1024:
+        parser.error("--partitions must be between 1 and 1024")
     return args
 
 
@@ -774,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
                             args.raw_seconds,
                             args.observe,
                             args.side_projections,
+                            args.partitions,
                         )
                         cell = results.setdefault((target.name, callers), {})
                         for system in order:
