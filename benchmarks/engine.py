@@ -578,8 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.heartbeat_interval is not None:
         HEARTBEAT.append(args.heartbeat_interval)
-    if not 1 <= args.partitions <= 1024:
-        parser.error("--partitions must be between 1 and 1024")
+    try:
+        runkit.with_partition_count(args.partitions)  # the engine's own check
+    except ValueError as exc:
+        parser.error(f"--partitions: {exc}")
     PARTITIONS[0] = args.partitions
     names = [n.strip() for n in args.drivers.split(",") if n.strip()]
     for name in names:

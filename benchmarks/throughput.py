@@ -761,8 +761,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--side-projections must be between 0 and 999")
     if args.accounts < 1 or args.deposits < 1 or args.repeat < 1 or min(args.callers) < 1:
         parser.error("--accounts, --deposits, --repeat and --callers must be positive")
-    if not 1 <= args.partitions <= 1024:
-        parser.error("--partitions must be between 1 and 1024")
+    try:
+        runkit.with_partition_count(args.partitions)  # the engine's own check
+    except ValueError as exc:
+        parser.error(f"--partitions: {exc}")
     return args
 
 

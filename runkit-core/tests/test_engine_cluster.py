@@ -127,6 +127,24 @@ async def test_commands_are_offered_to_the_owner_and_observed_from_any_node() ->
     check_invariants(await settled(MemoryProvider(silo)))
 
 
+async def test_a_command_handled_on_another_node_leaves_nothing_kept_for_handling_here() -> None:
+    # Routing keeps the decoded command for its handling on this node; a
+    # command offered to its owner is handled there, so nothing stays kept
+    # (one that fell back to the inbox may still be handled here: it stays).
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        executor = one.executor_for(s.app)
+        accounts = _remote_accounts(one, 3)
+        assert len(accounts) == 3
+        for i, account in enumerate(accounts):
+            with anyio.fail_after(20):
+                await executor.execute_command(Deposit(account, 1, f"r{i}"))
+        stores = await read_stores(MemoryProvider(silo))
+        in_inbox = sum(len(r.entries) for records in stores.inbox.values() for _, r in records)
+        assert len((await one.runtime(APP_KEY)).routed_commands) == in_inbox
+
+
 async def test_not_satisfied_is_raised_for_a_command_handled_on_another_node() -> None:
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"

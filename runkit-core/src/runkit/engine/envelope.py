@@ -262,8 +262,8 @@ class RoutedMessages:
     of these per handler, or per node for commands, which have one handler
     each). Kept by message ID and checked against the envelope's data, so a
     different message under the same ID is decoded. Bounded: the oldest are
-    forgotten, and their handling decodes (routing on one node and handling
-    on another leaves them behind).
+    forgotten, and their handling decodes. Whoever keeps a message that
+    another node then handles discards it.
     """
 
     def __init__(self, limit: int = 4096) -> None:

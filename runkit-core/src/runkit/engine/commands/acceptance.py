@@ -169,8 +169,9 @@ class Acceptor:
         routed: RoutedMessages | None = None,
     ) -> None:
         self.app = app
-        # Where routed aggregate commands wait for their handling on this node.
-        self._routed = routed if routed is not None else RoutedMessages()
+        # Where routed aggregate commands wait for their handling on this node
+        # (None: nothing is handled here, as in a client).
+        self._routed = routed
         self.partition_count = partition_count
         self.writers = writers
         self._local = local
@@ -209,7 +210,8 @@ class Acceptor:
                     f"{instance_id!r}; instance IDs must be non-empty strings"
                 )
             workload = instance_workload(handler.identity.key, instance_id)
-            self._routed.keep(envelope, command)
+            if self._routed is not None:
+                self._routed.keep(envelope, command)
         elif handler.concurrency is dogma.ConcurrencyPreference.MINIMIZE:
             workload = handler.identity.key
         else:
@@ -275,7 +277,12 @@ class Acceptor:
             except PartitionStopped:
                 pass  # ownership moved or the node is stopping: the inbox takes it
         elif self._remote is not None and await self._remote(index, entries):
-            return False  # the owner took them into its batch and they are durable
+            # The owner took them into its batch and they are durable; it
+            # handled them, so nothing here will take what routing kept.
+            if self._routed is not None:
+                for entry in entries:
+                    self._routed.discard(entry.envelope)
+            return False
         await self.writers[index].submit(entries)
         if self._wake is not None:
             self._wake(index)  # the owner reads its inbox now, not at its next poll
