@@ -61,6 +61,7 @@ CALLERS = 64
 async def bank(n: int, partitions: int) -> None:
     sys.path.insert(0, str(HERE))
     import engine as eb
+    import throughput as tp
 
     from bank import App
     from bank.messages import Deposit, OpenAccount
@@ -80,22 +81,13 @@ async def bank(n: int, partitions: int) -> None:
                     OpenAccount(customer_id="C-1", account_id=account, account_name=account)
                 )
             rng = random.Random(7)
-            sequence = 0
 
-            async def caller() -> None:
-                nonlocal sequence
-                while sequence < n:
-                    sequence += 1
-                    command = Deposit(
-                        transaction_id=f"D-{sequence:08}",
-                        account_id=rng.choice(ids),
-                        amount=100,
-                    )
-                    await executor.execute_command(command)
+            async def deposit(item: int) -> None:
+                await executor.execute_command(
+                    Deposit(transaction_id=f"D-{item:08}", account_id=rng.choice(ids), amount=100)
+                )
 
-            async with anyio.create_task_group() as load:
-                for _ in range(CALLERS):
-                    load.start_soon(caller)
+            await tp.run_callers(CALLERS, list(range(n)), deposit)
             # Polled (the probe is a plain counter): a few polls, negligible beside n deposits.
             while True:
                 if len(approvals.times) >= n:
@@ -250,11 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.against:
             line += f" | {rows[w, sides[0][0]] / rows[w, args.against]:.3f}"
         print(line + " |")
-    print(
-        f"\n{args.partitions} partitions, {CALLERS} callers; ratio = working tree ÷ {args.against}"
-        if args.against
-        else f"\n{args.partitions} partitions, {CALLERS} callers"
-    )
+    footer = f"\n{args.partitions} partitions, {CALLERS} callers"
+    if args.against:
+        footer += f"; ratio = working tree ÷ {args.against}"
+    print(footer)
     return 0
 
 

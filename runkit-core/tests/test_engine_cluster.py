@@ -99,6 +99,12 @@ def _remote_accounts(engine: Engine, count: int) -> list[str]:
     return found
 
 
+async def inbox_entries(silo: str) -> int:
+    """Commands appended to any inbox of the silo (offers that fell back)."""
+    stores = await read_stores(MemoryProvider(silo))
+    return sum(len(r.entries) for records in stores.inbox.values() for _, r in records)
+
+
 async def test_commands_are_offered_to_the_owner_and_observed_from_any_node() -> None:
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
@@ -119,10 +125,9 @@ async def test_commands_are_offered_to_the_owner_and_observed_from_any_node() ->
                     observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
                 )
             assert [e.account for e in seen] == [account]
-        stores = await read_stores(MemoryProvider(silo))
         # Offered to the owner, not appended to the inbox (a loaded machine may
         # let an offer time out and fall back: allow one).
-        in_inbox = sum(len(r.entries) for records in stores.inbox.values() for _, r in records)
+        in_inbox = await inbox_entries(silo)
         assert in_inbox <= 1, f"{in_inbox} of 6 offers fell back to the inbox"
     check_invariants(await settled(MemoryProvider(silo)))
 
@@ -140,8 +145,7 @@ async def test_a_command_handled_on_another_node_leaves_nothing_kept_for_handlin
         for i, account in enumerate(accounts):
             with anyio.fail_after(20):
                 await executor.execute_command(Deposit(account, 1, f"r{i}"))
-        stores = await read_stores(MemoryProvider(silo))
-        in_inbox = sum(len(r.entries) for records in stores.inbox.values() for _, r in records)
+        in_inbox = await inbox_entries(silo)
         assert len((await one.runtime(APP_KEY)).routed_commands) == in_inbox
 
 
