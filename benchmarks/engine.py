@@ -4,7 +4,7 @@ Usage::
 
     uv run python benchmarks/engine.py [--drivers memory,postgres] [--seconds N]
         [--callers 64] [--accounts 1000] [--backend asyncio|trio] [--node-gc]
-        [--partitions 16]
+        [--partitions 16] [--collector-off]
 
 For each driver (a ``benchmarks/targets`` module, as for ``persistence.py``:
 the same provider, started the same way) it measures, in one run:
@@ -43,7 +43,13 @@ wrapped provider) are given in total and, in brackets, the commit points alone
 (``COMMIT_KINDS``: stream, inbox, process instances, deadlines, idempotency
 markers), as ``throughput.py`` does for one aggregate; the rest is aggregate
 state written behind the stream (ADR 0009) and periodic consumer checkpoints.
-The footer splits the total by store. Where the target can count them
+The footer splits the total by store, and gives the collections CPython's
+cyclic garbage collector made during the live window by generation (timed
+with ``gc.callbacks``: profilers spread their cost over whatever allocated);
+*collector % CPU* is their time as a share of the window's process CPU time.
+``--collector-off`` switches the collector off for that window instead, an
+upper bound on what collecting costs there (not a setting: cycles are not
+freed meanwhile). Where the target can count them
 (PostgreSQL), *backend write tx / deposit* gives the write transactions the
 database itself committed in the same window: the driver runs concurrent
 writes of one kind as one statement (``runkit_postgres._grouping``), so this is
@@ -73,6 +79,7 @@ import attrs
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
+from collector import CollectorTimer
 
 import dogma
 import runkit
@@ -121,6 +128,9 @@ class Result:
     stream_events: int = 0
     catch_up_null: float = 0.0
     catch_up_sqlite: float = 0.0
+    # Collections during the live window (process CPU time is its denominator).
+    collector: CollectorTimer = attrs.field(factory=CollectorTimer)
+    live_cpu: float = float("nan")  # process CPU seconds of the live window
 
     @property
     def commit_writes_per_deposit(self) -> float:
@@ -325,6 +335,7 @@ async def run_live(
     seconds: float,
     null_projections: bool,
     write_transactions: Callable[[], Awaitable[int]] | None = None,
+    collector_off: bool = False,
 ) -> None:
     app = App(db)
     if null_projections:
@@ -370,11 +381,12 @@ async def run_live(
         db_before = await write_transactions() if write_transactions else 0
         window_start = time.perf_counter()
         cpu_start = time.process_time()
-        async with anyio.create_task_group() as load:
-            for _ in range(callers):
-                load.start_soon(caller)
+        with result.collector.measuring(disable=collector_off):
+            async with anyio.create_task_group() as load:
+                for _ in range(callers):
+                    load.start_soon(caller)
         window = time.perf_counter() - window_start
-        cpu = time.process_time() - cpu_start
+        cpu = result.live_cpu = time.process_time() - cpu_start
         completed = [t for t in approvals.times[first:] if t <= window_start + window]
         result.cpu_us = 1e6 * cpu / max(1, len(completed))
         result.accepted = len(latencies) / window
@@ -450,6 +462,7 @@ async def run_driver(name: str, args: argparse.Namespace, scratch: Path) -> Resu
             seconds=args.seconds,
             null_projections=args.live_projections == "null",
             write_transactions=target.write_transactions,
+            collector_off=args.collector_off,
         )
         result.stream_events = await count_stream_events(provider, PARTITIONS[0])
         print(f"{name}: catch-up of {result.stream_events} stream events")
@@ -496,6 +509,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         "commands handled/s",
         "sustained commands/s",
         "CPU µs / deposit",
+        "collector % CPU",
         "store writes / deposit (commit)",
         "backend write tx / deposit",
         "backlog",
@@ -516,6 +530,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
             f"{3 * r.completed:,.0f}",
             f"{3 * r.sustained:,.0f}",
             f"{r.cpu_us:,.0f}",
+            f"{100 * r.collector.total / r.live_cpu:.1f}",
             f"{r.writes_per_deposit:.1f} ({r.commit_writes_per_deposit:.2f})",
             "n/a" if r.db_transactions != r.db_transactions else f"{r.db_transactions:.2f}",
             f"{r.backlog:,}",
@@ -535,6 +550,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         + ", ".join(
             f"{k} {n:.2f}" for k, n in sorted(r.writes_by_store.items(), key=lambda kv: -kv[1])
         )
+        + f"; collections in the live window: {r.collector.describe()}"
         for r in results
     )
     return (
@@ -542,6 +558,7 @@ def report(results: list[Result], args: argparse.Namespace) -> str:
         f"{args.partitions} partitions, {args.seconds:g} s per phase, heartbeat interval "
         f"{args.heartbeat_interval or 'default'}, "
         f"{'the collector tuned as `runkit run` does' if args.node_gc else 'default collector'}"
+        f"{' (off in the live window: an upper bound)' if args.collector_off else ''}"
         f"\n{notes}"
     )
 
@@ -574,6 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         "--node-gc",
         action="store_true",
         help="tune the garbage collector as `runkit run` does for a node process",
+    )
+    parser.add_argument(
+        "--collector-off",
+        action="store_true",
+        help="switch the garbage collector off for the live window (an upper bound on "
+        "what collecting costs; cycles are not freed meanwhile)",
     )
     args = parser.parse_args(argv)
     if args.heartbeat_interval is not None:

@@ -1,0 +1,73 @@
+"""Time spent in CPython's cyclic garbage collector, per generation.
+
+``cProfile`` and ``py-spy`` attribute a collection to whichever call happened
+to allocate when it started, so its cost is spread thinly over the profile.
+``CollectorTimer`` times every collection through ``gc.callbacks`` while it is
+enabled, and can switch the collector off for the measured window instead
+(an upper bound on what collecting costs, never a setting: cycles are then
+not freed).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+
+__all__ = ["GENERATIONS", "CollectorTimer"]
+
+GENERATIONS = ("young", "middle", "full")
+
+
+@attrs.define
+class CollectorTimer:
+    """Counts and times collections by generation while ``measuring()``."""
+
+    counts: list[int] = attrs.field(factory=lambda: [0, 0, 0])
+    seconds: list[float] = attrs.field(factory=lambda: [0.0, 0.0, 0.0])
+    longest: float = 0.0
+    _started: float = 0.0
+    _on: bool = False
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._on:
+            took = time.perf_counter() - self._started
+            generation = info["generation"]
+            self.counts[generation] += 1
+            self.seconds[generation] += took
+            self.longest = max(self.longest, took)
+
+    @contextmanager
+    def measuring(self, *, disable: bool = False) -> Iterator[None]:
+        """Time collections inside the block; with *disable*, collect nothing there."""
+        was_enabled = gc.isenabled()
+        gc.callbacks.append(self._callback)
+        self._on = True
+        if disable:
+            gc.disable()
+        try:
+            yield
+        finally:
+            self._on = False
+            gc.callbacks.remove(self._callback)
+            if disable and was_enabled:
+                gc.enable()
+
+    @property
+    def total(self) -> float:
+        """Seconds spent collecting, all generations."""
+        return sum(self.seconds)
+
+    def describe(self) -> str:
+        """One line: collections and seconds by generation, and the longest pause."""
+        parts = [
+            f"{n} {name} ({s:.2f} s)"
+            for name, n, s in zip(GENERATIONS, self.counts, self.seconds, strict=True)
+        ]
+        return ", ".join(parts) + f"; longest pause {self.longest * 1000:.1f} ms"
