@@ -30,14 +30,15 @@ class CollectorTimer:
     counts: list[int] = attrs.field(factory=lambda: [0, 0, 0])
     seconds: list[float] = attrs.field(factory=lambda: [0.0, 0.0, 0.0])
     longest: float = 0.0
-    _started: float = 0.0
+    _started: float | None = None
     _on: bool = False
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
-        elif self._on:
+        elif self._on and self._started is not None:
             took = time.perf_counter() - self._started
+            self._started = None
             generation = info["generation"]
             self.counts[generation] += 1
             self.seconds[generation] += took
