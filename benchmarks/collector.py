@@ -30,13 +30,12 @@ class CollectorTimer:
     counts: list[int] = attrs.field(factory=lambda: [0, 0, 0])
     seconds: list[float] = attrs.field(factory=lambda: [0.0, 0.0, 0.0])
     longest: float = 0.0
-    _started: float | None = None
-    _on: bool = False
+    _started: float | None = None  # set by a collection's "start" seen while measuring
 
     def _callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
-        elif self._on and self._started is not None:
+        elif self._started is not None:
             took = time.perf_counter() - self._started
             self._started = None
             generation = info["generation"]
@@ -48,15 +47,15 @@ class CollectorTimer:
     def measuring(self, *, disable: bool = False) -> Iterator[None]:
         """Time collections inside the block; with *disable*, collect nothing there."""
         was_enabled = gc.isenabled()
+        # Registered only for the block, so collections outside it are never seen.
         gc.callbacks.append(self._callback)
-        self._on = True
         if disable:
             gc.disable()
         try:
             yield
         finally:
-            self._on = False
             gc.callbacks.remove(self._callback)
+            self._started = None
             if disable and was_enabled:
                 gc.enable()
 

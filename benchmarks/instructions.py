@@ -100,7 +100,6 @@ async def aggregate(n: int, partitions: int) -> None:
     sys.path.insert(0, str(HERE))
     import throughput as tp
 
-    import runkit
     from runkit.config import build
     from runkit_memory import MemoryProvider
 
