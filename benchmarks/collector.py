@@ -2,10 +2,10 @@
 
 ``cProfile`` and ``py-spy`` attribute a collection to whichever call happened
 to allocate when it started, so its cost is spread thinly over the profile.
-``CollectorTimer`` times every collection through ``gc.callbacks`` while it is
-enabled, and can switch the collector off for the measured window instead
-(an upper bound on what collecting costs, never a setting: cycles are then
-not freed).
+``CollectorTimer`` times every collection through ``gc.callbacks`` inside
+its ``measuring()`` block, and can switch the collector off for that window
+instead (an upper bound on what collecting costs, never a setting: cycles are
+then not freed).
 """
 
 from __future__ import annotations
