@@ -4,7 +4,7 @@ Usage::
 
     uv run python benchmarks/cluster.py [--commands 400] [--callers 4]
         [--reminders 60] [--heartbeat-interval 0.25] [--throughput-seconds 10]
-        [--throughput-callers 64] [--backend asyncio|trio]
+        [--throughput-callers 64] [--backend asyncio|uvloop|trio]
 
 Starts a throwaway PostgreSQL server with durable settings and three ``runkit``
 node processes on it (membership, the node transport with mutual TLS,
@@ -69,6 +69,7 @@ import attrs
 
 import dogma
 import runkit
+from runkit._backends import BACKENDS, run_arguments
 from runkit.config import ApplicationConfig, build
 from runkit.engine.cluster.nodes import list_nodes
 from runkit.engine.cluster.status import read_status
@@ -695,7 +696,7 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-interval", type=float, default=0.25)
     parser.add_argument("--throughput-seconds", type=float, default=10.0)
     parser.add_argument("--throughput-callers", type=int, default=64)
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     parser.add_argument("--keep", action="store_true", help="print the logs' folder")
     parser.add_argument("--node", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -704,6 +705,6 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     arguments = _parse()
     if arguments.node:
-        anyio.run(node, json.loads(arguments.node), backend=arguments.backend)
+        anyio.run(node, json.loads(arguments.node), **run_arguments(arguments.backend))
     else:
-        anyio.run(main, arguments, backend=arguments.backend)
+        anyio.run(main, arguments, **run_arguments(arguments.backend))

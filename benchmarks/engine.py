@@ -3,7 +3,7 @@
 Usage::
 
     uv run python benchmarks/engine.py [--drivers memory,postgres] [--seconds N]
-        [--callers 64] [--accounts 1000] [--backend asyncio|trio] [--node-gc]
+        [--callers 64] [--accounts 1000] [--backend asyncio|uvloop|trio] [--node-gc]
         [--partitions 16] [--collector-off]
 
 For each driver (a ``benchmarks/targets`` module, as for ``persistence.py``:
@@ -75,6 +75,8 @@ from typing import Any
 
 import anyio
 import attrs
+
+from runkit._backends import BACKENDS, run_arguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -569,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--callers", type=int, default=64)
     parser.add_argument("--accounts", type=int, default=1000)
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     parser.add_argument(
         "--live-projections",
         choices=("sqlite", "null"),
@@ -618,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
             return [await run_driver(name, args, Path(tmp)) for name in names]
 
         with tuned_collector() if args.node_gc else contextlib.nullcontext():
-            results = anyio.run(run_all, backend=args.backend)
+            results = anyio.run(run_all, **run_arguments(args.backend))
     print()
     print(report(results, args))
     return 0

@@ -3,7 +3,7 @@
 Usage::
 
     uv run python benchmarks/events.py [--events N] [--partitions P]
-        [--backend asyncio|trio] [--url memory:///bench]
+        [--backend asyncio|uvloop|trio] [--url memory:///bench]
 
 Pre-fills P partition streams with N events in total (real stream writers on the
 given persistence), then measures, from a cold start of the consumers until the
@@ -32,6 +32,7 @@ import anyio
 import attrs
 
 import dogma
+from runkit._backends import BACKENDS, run_arguments
 from runkit.config import build
 from runkit.engine.envelope import new_envelope, register_types
 from runkit.engine.events.consumers import ConsumerOptions, EventConsumers
@@ -250,7 +251,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=8)
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     parser.add_argument("--url", default=f"memory:///bench-{uuid.uuid4()}")
     arguments = parser.parse_args()
-    anyio.run(main, arguments, backend=arguments.backend)
+    anyio.run(main, arguments, **run_arguments(arguments.backend))

@@ -3,7 +3,7 @@
 Usage::
 
     uv run python benchmarks/instructions.py [--workloads bank,aggregate]
-        [--small 1000] [--large 3000] [--backend asyncio|trio] [--partitions 16]
+        [--small 1000] [--large 3000] [--backend asyncio|uvloop|trio] [--partitions 16]
         [--against REV]
 
 Timed CPU figures on a shared two-CPU machine move by several percent from run
@@ -44,10 +44,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 import runkit
+from runkit._backends import BACKENDS
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -133,8 +135,14 @@ UNITS = {"bank": "deposit", "aggregate": "command"}
 def child(workload: str, n: int, backend: str, partitions: int) -> None:
     from runkit._collector import tuned_collector
 
+    try:
+        from runkit._backends import run_arguments
+    except ImportError:  # --against a revision from before the uvloop choice
+        arguments: dict[str, Any] = {"backend": backend}
+    else:
+        arguments = run_arguments(backend)
     with tuned_collector():
-        anyio.run(WORKLOADS[workload], n, partitions, backend=backend)
+        anyio.run(WORKLOADS[workload], n, partitions, **arguments)
 
 
 # -- the parent: cachegrind, revisions, the table --------------------------------------
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="bank,aggregate")
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=3000)
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--against", metavar="REV")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "N"), help=argparse.SUPPRESS)

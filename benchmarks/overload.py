@@ -3,7 +3,7 @@
 Usage::
 
     uv run python benchmarks/overload.py [--targets memory,postgres] [--seconds 60]
-        [--callers 4096] [--backlog-limit 100] [--accounts 1000] [--backend asyncio|trio]
+        [--callers 4096] [--backlog-limit 100] [--accounts 1000] [--backend asyncio|uvloop|trio]
         [--stop-timeout 600]
 
 The single-aggregate workload of ``throughput.py`` (one ``Account`` aggregate,
@@ -43,6 +43,8 @@ from typing import Any
 
 import anyio
 import attrs
+
+from runkit._backends import BACKENDS, run_arguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callers", type=int, default=4096)
     parser.add_argument("--backlog-limit", type=int, default=100)
     parser.add_argument("--accounts", type=int, default=1000)
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     parser.add_argument(
         "--stop-timeout",
         type=float,
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in targets:
             results.append(await run_target(name, args))
 
-    anyio.run(run_all, backend=args.backend)
+    anyio.run(run_all, **run_arguments(args.backend))
     print()
     print(report(results, args))
     bad = [r.target for r in results if r.duplicates or r.missing or r.max_backlog > r.limit]

@@ -3,7 +3,7 @@
 Usage::
 
     uv run python benchmarks/persistence.py [--drivers memory,postgres] [--seconds N]
-        [--rounds R] [--concurrency 1,16] [--backend asyncio|trio] [--markdown]
+        [--rounds R] [--concurrency 1,16] [--backend asyncio|uvloop|trio] [--markdown]
 
 For each driver it runs these workloads at each concurrency (tasks sharing one
 provider) for ``--seconds`` in total, split into ``--rounds`` rounds (each after
@@ -41,6 +41,8 @@ from pathlib import Path
 
 import anyio
 import attrs
+
+from runkit._backends import BACKENDS, run_arguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -359,11 +361,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternations of driver and raw")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated task counts")
-    parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
+    parser.add_argument("--backend", default="asyncio", choices=BACKENDS)
     parser.add_argument("--markdown", action="store_true", help="also print a Markdown table")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     arguments = parse_args()
-    anyio.run(main, arguments, backend=arguments.backend)
+    anyio.run(main, arguments, **run_arguments(arguments.backend))

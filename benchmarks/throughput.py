@@ -4,7 +4,7 @@ Usage::
 
     uv run python benchmarks/throughput.py [--targets memory,postgres] [--callers 1,8,64]
         [--accounts 1000] [--deposits 10000] [--repeat 1] [--raw-seconds 3]
-        [--backend asyncio|trio] [--node-gc] [--side-projections K] [--partitions 16]
+        [--backend asyncio|uvloop|trio] [--node-gc] [--side-projections K] [--partitions 16]
         [--quick]
 
 The workload of issue 8: one ``Account`` aggregate, ``OpenAccount`` then
@@ -75,6 +75,8 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 from psycopg import sql
+
+from runkit._backends import BACKENDS, run_arguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -717,7 +719,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--deposits", type=int)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--raw-seconds", type=float)
-    parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     parser.add_argument(
         "--observe",
         action="store_true",
@@ -798,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                             cell.setdefault(system, []).append(measured)
 
     with tuned_collector() if args.node_gc else contextlib.nullcontext():
-        anyio.run(run_all, backend=args.backend)
+        anyio.run(run_all, **run_arguments(args.backend))
     print()
     print(report(results, notes, args))
     return 0

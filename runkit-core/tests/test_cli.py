@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import signal
@@ -342,14 +343,30 @@ def test_a_driver_that_is_not_installed_is_named(
     assert "install the driver: pip install runkit-postgres" in err
 
 
-def test_backend_trio_without_trio(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("backend", ["trio", "uvloop"])
+def test_a_backend_whose_package_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], backend: str
 ) -> None:
-    monkeypatch.setitem(sys.modules, "trio", None)  # as if it were not installed
-    assert error_of(capsys, "run", "--backend", "trio", "bank:app") == (
-        "runkit run: --backend trio needs the trio package, which is not installed: "
-        "pip install 'runkit-core[trio]', or use --backend asyncio\n"
+    monkeypatch.setitem(sys.modules, backend, None)  # as if it were not installed
+    assert error_of(capsys, "run", "--backend", backend, "bank:app") == (
+        f"runkit run: --backend {backend} needs the {backend} package, which is not "
+        f"installed: pip install 'runkit-core[{backend}]', or use --backend asyncio\n"
     )
+
+
+def test_backends_map_to_anyio_run_arguments() -> None:
+    from runkit._backends import BACKENDS, missing_package, run_arguments
+
+    assert BACKENDS == ("asyncio", "uvloop", "trio")
+    assert run_arguments("asyncio") == {"backend": "asyncio"}
+    assert run_arguments("uvloop") == {
+        "backend": "asyncio",
+        "backend_options": {"use_uvloop": True},
+    }
+    assert run_arguments("trio") == {"backend": "trio"}
+    with pytest.raises(ValueError, match="unknown backend 'curio'"):
+        run_arguments("curio")
+    assert missing_package("asyncio") is None
 
 
 @pytest.mark.parametrize(
@@ -503,6 +520,24 @@ def test_run_instantiates_an_application_class(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 0, err
     assert "bank:App names a class: using a new instance, App()" in err
+    assert out.rstrip().endswith("stopped")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
+def test_run_on_uvloop_starts_and_stops_gracefully(tmp_path: Path) -> None:
+    proc = _start(
+        ["run", "--backend", "uvloop", "--partition-count", "4", "bank:app"],
+        {"BANK_READ_DB": str(tmp_path / "bank.sqlite3")},
+        tmp_path,
+    )
+    try:
+        assert "(uvloop); Ctrl-C or SIGTERM stops it gracefully" in _wait_running(proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "received SIGTERM: stopping" in out
     assert out.rstrip().endswith("stopped")
 
 

@@ -10,6 +10,7 @@ The customers, accounts and ledger read models must then be equal.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import sys
 import uuid
@@ -36,6 +37,12 @@ from runkit_memory import MemoryProvider  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_events_harness import wait_until  # noqa: E402
+
+#: ``anyio_backend`` for asyncio with uvloop's loop (``runkit run --backend uvloop``).
+UVLOOP = ("asyncio", {"use_uvloop": True})
+needs_uvloop = pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"
+)
 
 # An outcome event concludes each scenario step (the demo prints these).
 OUTCOMES = (
@@ -86,6 +93,20 @@ def fast_consumers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_bank_scenario_read_models_match_the_reference(tmp_path: Path) -> None:
+    await bank_scenario_matches_the_reference(tmp_path)
+
+
+@needs_uvloop
+@pytest.mark.parametrize("anyio_backend", [pytest.param(UVLOOP, id="uvloop")])
+async def test_bank_scenario_on_uvloop(tmp_path: Path) -> None:
+    # runkit run --backend uvloop: asyncio with uvloop's event loop.
+    import asyncio
+
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    await bank_scenario_matches_the_reference(tmp_path)
+
+
+async def bank_scenario_matches_the_reference(tmp_path: Path) -> None:
     reference = App(tmp_path / "reference.sqlite3")
     await run_scenario(reference, out=io.StringIO())
     expected = read_models(tmp_path / "reference.sqlite3")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime
+import importlib.util
 import logging
 import ssl
 import struct
@@ -111,6 +112,20 @@ async def test_unary_round_trip_sees_the_authenticated_peer() -> None:
     assert seen[0].node_id == "node-a"
     assert seen[0].fingerprint == A.fingerprint
     assert seen[0].address.startswith("127.0.0.1:")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")]
+)
+async def test_calls_over_tls_on_uvloop() -> None:
+    # runkit run --backend uvloop: the transport's TLS streams on uvloop's loop.
+    import asyncio
+
+    assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    async with serving(node("node-b", B)) as address, node() as a:
+        replies = [await a.call(address, "echo", str(i).encode()) for i in range(20)]
+    assert replies == [b"node-a:" + str(i).encode() for i in range(20)]
 
 
 async def test_concurrent_calls_share_one_connection() -> None:

@@ -11,6 +11,7 @@ from typing import TextIO
 import anyio
 
 from . import config
+from ._backends import run_arguments
 from ._cli_output import print_table
 from ._collector import tuned_collector
 from ._environment import ENVIRONMENT
@@ -65,7 +66,10 @@ def run_node(
                 await engine.runtime(app.identity.key)
         except EngineStopped:
             return  # it failed to start; engine.run() raises the reason
-        out.write(f"running {names} on {redact_url(url)}; Ctrl-C or SIGTERM stops it gracefully\n")
+        loop = "" if backend == "asyncio" else f" ({backend})"
+        out.write(
+            f"running {names} on {redact_url(url)}{loop}; Ctrl-C or SIGTERM stops it gracefully\n"
+        )
         out.flush()
 
     async def serve() -> None:
@@ -85,7 +89,7 @@ def run_node(
 
     # The process is the node's: tune the collector for it (about 15% less CPU).
     with tuned_collector():
-        anyio.run(serve, backend=backend)
+        anyio.run(serve, **run_arguments(backend))
     out.write("stopped\n")
     return 0
 

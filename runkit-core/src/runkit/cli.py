@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from ._backends import BACKENDS, missing_package
 from ._cli_output import print_table, status_text
 from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
@@ -111,10 +112,11 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
 def _cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from ._run import run_node
 
-    if args.backend == "trio" and importlib.util.find_spec("trio") is None:
+    package = missing_package(args.backend)
+    if package is not None:
         raise CLIError(
-            "--backend trio needs the trio package, which is not installed: "
-            "pip install 'runkit-core[trio]', or use --backend asyncio"
+            f"--backend {args.backend} needs the {package} package, which is not installed: "
+            f"pip install 'runkit-core[{package}]', or use --backend asyncio"
         )
     return run_node(args.app, out=out, backend=args.backend, options=_run_options(args))
 
@@ -356,7 +358,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("app", metavar="MODULE:ATTR")
     p.add_argument(
-        "--backend", choices=("asyncio", "trio"), default="asyncio", help="async event loop"
+        "--backend",
+        choices=BACKENDS,
+        default="asyncio",
+        help="event loop: asyncio, asyncio with uvloop (runkit-core[uvloop]) or trio "
+        "(runkit-core[trio])",
     )
     tuning = p.add_argument_group("engine settings (default: the DOGMA_* variable, else built-in)")
     for knob in KNOBS:

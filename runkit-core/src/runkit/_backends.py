@@ -1,0 +1,36 @@
+"""The event loops a node runs on: ``runkit run --backend`` (and the benchmarks).
+
+``asyncio`` is the standard library's loop; ``uvloop`` is asyncio with uvloop's
+loop (``pip install 'runkit-core[uvloop]'``), which runs the engine's many
+short task steps with less overhead; ``trio`` needs ``runkit-core[trio]``. The
+engine itself only uses anyio, so it runs the same on each.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+__all__ = ["BACKENDS", "missing_package", "run_arguments"]
+
+#: The choices, in the order ``--backend`` lists them.
+BACKENDS = ("asyncio", "uvloop", "trio")
+
+_PACKAGES = {"uvloop": "uvloop", "trio": "trio"}
+
+
+def run_arguments(backend: str) -> dict[str, Any]:
+    """The keyword arguments of ``anyio.run`` for *backend* (one of ``BACKENDS``)."""
+    if backend == "uvloop":
+        return {"backend": "asyncio", "backend_options": {"use_uvloop": True}}
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    return {"backend": backend}
+
+
+def missing_package(backend: str) -> str | None:
+    """The package *backend* needs and this environment lacks, or ``None``."""
+    package = _PACKAGES.get(backend)
+    if package is None or importlib.util.find_spec(package) is not None:
+        return None
+    return package
