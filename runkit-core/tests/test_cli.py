@@ -506,37 +506,38 @@ def _wait_running(proc: subprocess.Popen[str]) -> str:
     raise AssertionError(f"the node did not start: {''.join(lines)} {proc.communicate()[1]}")
 
 
-def test_run_instantiates_an_application_class(tmp_path: Path) -> None:
-    proc = _start(
-        ["run", "--heartbeat-interval", "0.5", "--partition-count", "4", "bank:App"],
-        {"BANK_READ_DB": str(tmp_path / "bank.sqlite3")},
-        tmp_path,
-    )
+def _run_then_stop(
+    argv: list[str], tmp_path: Path, signum: signal.Signals
+) -> tuple[str, str, str, int]:
+    """Run a node until it says it is running, then send *signum*.
+
+    Returns what it printed up to running, the rest of its output, its error
+    output and its exit status.
+    """
+    proc = _start(argv, {"BANK_READ_DB": str(tmp_path / "bank.sqlite3")}, tmp_path)
     try:
-        _wait_running(proc)
-        proc.send_signal(signal.SIGINT)
+        started = _wait_running(proc)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err
+    return started, out, err, proc.returncode
+
+
+def test_run_instantiates_an_application_class(tmp_path: Path) -> None:
+    argv = ["run", "--heartbeat-interval", "0.5", "--partition-count", "4", "bank:App"]
+    _, out, err, status = _run_then_stop(argv, tmp_path, signal.SIGINT)
+    assert status == 0, err
     assert "bank:App names a class: using a new instance, App()" in err
     assert out.rstrip().endswith("stopped")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed")
 def test_run_on_uvloop_starts_and_stops_gracefully(tmp_path: Path) -> None:
-    proc = _start(
-        ["run", "--backend", "uvloop", "--partition-count", "4", "bank:app"],
-        {"BANK_READ_DB": str(tmp_path / "bank.sqlite3")},
-        tmp_path,
-    )
-    try:
-        assert "(uvloop); Ctrl-C or SIGTERM stops it gracefully" in _wait_running(proc)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err
+    argv = ["run", "--backend", "uvloop", "--partition-count", "4", "bank:app"]
+    started, out, err, status = _run_then_stop(argv, tmp_path, signal.SIGTERM)
+    assert "(uvloop); Ctrl-C or SIGTERM stops it gracefully" in started
+    assert status == 0, err
     assert "received SIGTERM: stopping" in out
     assert out.rstrip().endswith("stopped")
 
