@@ -16,8 +16,6 @@ __all__ = ["BACKENDS", "missing_package", "run_arguments"]
 #: The choices, in the order ``--backend`` lists them.
 BACKENDS = ("asyncio", "uvloop", "trio")
 
-_PACKAGES = {"uvloop": "uvloop", "trio": "trio"}
-
 
 def run_arguments(backend: str) -> dict[str, Any]:
     """The keyword arguments of ``anyio.run`` for *backend* (one of ``BACKENDS``)."""
@@ -29,8 +27,10 @@ def run_arguments(backend: str) -> dict[str, Any]:
 
 
 def missing_package(backend: str) -> str | None:
-    """The package *backend* needs and this environment lacks, or ``None``."""
-    package = _PACKAGES.get(backend)
-    if package is None or importlib.util.find_spec(package) is not None:
+    """The package *backend* needs and this environment lacks, or ``None``.
+
+    Every backend but ``asyncio`` needs the package of its own name.
+    """
+    if backend == "asyncio" or importlib.util.find_spec(backend) is not None:
         return None
-    return package
+    return backend
