@@ -298,6 +298,33 @@ async def test_checkpoint_offset_errors_are_retried() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_a_bad_checkpoint_offset_result_is_retried_not_fatal() -> None:
+    # A projection bug (say, None while its row is missing) stalls that
+    # projection only, as a bad handle_event() result does: the partition's
+    # other work is not restarted by it.
+    p = Projection()
+    bad_reads = 2
+    original = p.checkpoint_offset
+
+    async def buggy(stream_id: str) -> Any:
+        nonlocal bad_reads
+        if bad_reads:
+            bad_reads -= 1
+            return None
+        return await original(stream_id)
+
+    p.checkpoint_offset = buggy  # type: ignore[method-assign]
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Happened(0))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 1)
+        assert bad_reads == 0
+        tg.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize(
     ("preference", "parallel"),
     [(dogma.ConcurrencyPreference.MINIMIZE, False), (dogma.ConcurrencyPreference.MAXIMIZE, True)],

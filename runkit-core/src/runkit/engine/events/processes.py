@@ -60,10 +60,12 @@ retried for ever. The retries and the poison store writes are in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
+import attrs
 import msgspec
 
 import dogma
@@ -323,6 +325,13 @@ class ProcessRunner:
                 continue
             except StepFailed as failed:
                 index, error = failed.index, failed.error
+            except Exception:
+                # Not one step's failure (marshal_binary() of the group's root,
+                # unmarshal_binary() of the stored one): nothing was committed;
+                # handle each event alone, with its own retries and poisoning.
+                for event in rest:
+                    await self._consume_one(ctx, records, instance_id, event)
+                return
             if index > 0:
                 # The failing event may have changed the root already.
                 await self._consume(ctx, records, instance_id, rest[:index])
@@ -420,6 +429,16 @@ class ProcessRunner:
                 except StaleRecord:
                     entry = None
                     continue
+                except Exception:
+                    # The handler failed and may have changed the root in place.
+                    # A dirty entry goes back with the stored root: dropped, its
+                    # dispatched outbox would never be cleared and the next load,
+                    # however much later, would dispatch it again (ADR 0006).
+                    if entry.dirty:
+                        with contextlib.suppress(Exception):
+                            root = self._root_of(entry.record)
+                            self._cache.put(instance_id, attrs.evolve(entry, root=root))
+                    raise
                 if record is None:  # nothing left to handle: all done before, or ended
                     self._cache.put(instance_id, entry)
                     return
@@ -448,10 +467,14 @@ class ProcessRunner:
             # crash before dispatch). Dispatching again is harmless.
             await self._outbox.dispatch(ctx, key.decode(), record)
             dispatched_at = anyio.current_time()
+        return CachedInstance(record, revision, self._root_of(record), ctx.index, dispatched_at)
+
+    def _root_of(self, record: ProcessRecord) -> ProcessRoot:
+        """The root *record* holds (a new one if it holds none)."""
         root = self.handler.new()
         if record.root is not None:
             root.unmarshal_binary(record.root)
-        return CachedInstance(record, revision, root, ctx.index, dispatched_at)
+        return root
 
 
 if TYPE_CHECKING:

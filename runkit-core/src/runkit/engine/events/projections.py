@@ -216,10 +216,12 @@ async def _deliver(
     stream_id = ctx.partition_id
     what = f"{config.describe()} on partition {ctx.index}"
 
-    checkpoint = await _retrying(
-        options, f"checkpoint_offset() of {what}", lambda: handler.checkpoint_offset(stream_id)
-    )
-    _check_offset(checkpoint, "checkpoint_offset()", config)
+    async def read_checkpoint() -> int:
+        value = await handler.checkpoint_offset(stream_id)
+        _check_offset(value, "checkpoint_offset()", config)
+        return value
+
+    checkpoint = await _retrying(options, f"checkpoint_offset() of {what}", read_checkpoint)
     while True:
         reread = False
         # Only the handled types wake this delivery (ADR-26: the checkpoint

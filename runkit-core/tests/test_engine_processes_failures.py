@@ -1,0 +1,225 @@
+"""Process handler failures that must stay the failing event's own: poisoning, the outbox.
+
+A handler bug must cost only its event (retries, then the poison store), never
+the partition, and must not leave a dispatched outbox behind that a much later
+load would dispatch again (ADR 0006).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import msgspec
+
+import dogma
+from runkit.engine.envelope import Envelope
+from runkit.engine.events.consumers import ConsumerOptions, partition_consumers
+from runkit.engine.events.process_instances import ProcessRecord
+from runkit.engine.events.process_stores import list_poisoned_events, process_store_name
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_events_harness import Harness, harness, wait_until
+
+REGISTRY = dogma.MessageTypeRegistry()
+APP_KEY = "a9900000-0000-4000-8000-000000000001"
+PROC_KEY = "b9900000-0000-4000-8000-000000000001"
+PROCESS_STORE = process_store_name(APP_KEY, PROC_KEY)
+BRISK = ConsumerOptions(
+    retry_initial=0.001,
+    retry_max=0.005,
+    max_attempts=3,
+    checkpoint_interval=0.01,
+    deadline_rescan_interval=0.01,
+)
+
+
+@dogma.register_event("e9900000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Step(dogma.Event):
+    id: str
+    n: int
+    fail: bool = False  # handle_event always raises
+
+
+@dogma.register_command("c9900000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class DoThing(dogma.Command):
+    id: str
+    n: int
+
+
+@dogma.register_event("e9900000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class DidThing(dogma.Event):
+    id: str
+
+
+BAD = 666  # a root holding this cannot be marshalled (a handler bug)
+
+
+@attrs.define
+class Root:
+    steps: list[int] = attrs.field(factory=list)
+
+    def marshal_binary(self) -> bytes:
+        if BAD in self.steps:
+            raise ValueError("cannot marshal this root")
+        return json.dumps(self.steps).encode()
+
+    def unmarshal_binary(self, data: bytes) -> None:
+        self.steps = json.loads(data)
+
+
+class Process:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def configure(self, c: Any) -> None:
+        c.identity("proc", PROC_KEY)
+        c.routes(
+            dogma.handles_event(Step, registry=REGISTRY),
+            dogma.executes_command(DoThing, registry=REGISTRY),
+        )
+
+    def new(self) -> Root:
+        return Root()
+
+    async def route_event_to_instance(self, event: dogma.Event) -> str | None:
+        assert isinstance(event, Step)
+        return event.id
+
+    async def handle_event(self, root: Root, scope: Any, event: dogma.Event) -> None:
+        assert isinstance(event, Step)
+        self.calls += 1
+        if event.fail:
+            raise RuntimeError(f"handler failure {event.n}")
+        n = event.n
+        scope.mutate(lambda r: r.steps.append(n))
+        scope.execute_command(DoThing(event.id, n))
+
+    async def handle_deadline(self, root: Any, scope: Any, deadline: Any) -> None:
+        raise AssertionError("no deadlines")
+
+
+class Things:
+    def configure(self, c: Any) -> None:
+        c.identity("things", "b9900000-0000-4000-8000-000000000002")
+        c.routes(
+            dogma.handles_command(DoThing, registry=REGISTRY),
+            dogma.records_event(DidThing, registry=REGISTRY),
+        )
+
+    def new(self) -> Any:
+        return None
+
+    def route_command_to_instance(self, command: Any) -> str:
+        return str(command.id)
+
+    def handle_command(self, root: Any, scope: Any, command: Any) -> None:
+        raise AssertionError("not called")
+
+
+@attrs.frozen
+class App:
+    process: Process
+
+    def configure(self, c: Any) -> None:
+        c.identity("app", APP_KEY)
+        c.routes(dogma.via_process(self.process), dogma.via_aggregate(Things()))
+
+
+async def start(h: Harness, tg: Any, options: ConsumerOptions = BRISK) -> None:
+    consumers = partition_consumers(h.app, h.settings, options=options)
+    for i in range(h.partitions):
+        await tg.start(consumers.run_partition, h.ctx(i))
+
+
+async def record(h: Harness, instance: str) -> ProcessRecord:
+    async with await h.provider.keyspaces.open(PROCESS_STORE) as ks:
+        data, _ = await ks.get(instance.encode())
+    assert data
+    return msgspec.msgpack.decode(data, type=ProcessRecord)
+
+
+def outbox(r: ProcessRecord) -> list[tuple[str, int]]:
+    msgs = [json.loads(msgspec.msgpack.decode(c, type=Envelope).data) for c in r.commands]
+    return [(m["id"], m["n"]) for m in msgs]
+
+
+class AcceptLog:
+    def __init__(self) -> None:
+        self.offered: list[str] = []
+
+    def __call__(self, envelopes: Sequence[Envelope]) -> None:
+        self.offered.extend(e.message_id for e in envelopes)
+
+
+async def poisoned(h: Harness) -> bool:
+    return bool(await list_poisoned_events(h.provider, APP_KEY, 0))
+
+
+async def _outbox_cleared(h: Harness) -> bool:
+    return outbox(await record(h, "a")) == []
+
+
+async def test_a_poisoned_event_leaves_no_dispatched_outbox_to_dispatch_again() -> None:
+    # ADR 0006: an instance that does not commit again within a checkpoint
+    # interval gets one background write that drops its dispatched outbox, so
+    # a later load does not dispatch it again long after.
+    p = Process()
+    log = AcceptLog()
+    async with harness(App(p), registry=REGISTRY, partitions=1) as h:
+        h.accept_fault = log
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            # One stream record: the group fails at event 2, so event 1 is
+            # committed alone (cached dirty), then event 2 is retried and poisoned.
+            await h.publish(Step("a", 1), Step("a", 2, fail=True))
+            await wait_until(lambda: poisoned(h))
+            first = h.accepted[0].message_id
+            # The background clear drops it within about a checkpoint interval.
+            await wait_until(lambda: _outbox_cleared(h))
+            tg.cancel_scope.cancel()
+        # Much later (the commands side long past its deduplication window), a
+        # restart or the instance's next event loads the record: nothing of
+        # DoThing(a, 1) is left to dispatch again.
+        before = log.offered.count(first)
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await h.publish(Step("a", 3))
+            await wait_until(lambda: len(h.accepted) == 2)
+            tg.cancel_scope.cancel()
+        assert log.offered.count(first) == before, "DoThing(a, 1) dispatched again on the next load"
+
+
+async def test_a_root_that_cannot_be_marshalled_is_poisoned_alone_and_in_a_group() -> None:
+    # Alone: the error is retried, then the event is poisoned.
+    p = Process()
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg)
+        await h.publish(Step("alone", BAD))
+        await wait_until(lambda: poisoned(h))
+        tg.cancel_scope.cancel()
+    # In a group (two events of one instance in one stream record): the same
+    # error is not a step's failure, so each event is handled alone: the first
+    # commits, the second is poisoned; the partition keeps running.
+    p = Process()
+    async with harness(App(p), registry=REGISTRY, partitions=1) as h:
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await h.publish(Step("g", 1), Step("g", BAD))
+            await wait_until(lambda: poisoned(h))
+            tg.cancel_scope.cancel()
+        poison = await list_poisoned_events(h.provider, APP_KEY, 0)
+        # The second event (offset 1) alone; the first is committed.
+        assert [(m.instance_id, m.offset) for m in poison.values()] == [("g", 1)]
+        assert (await record(h, "g")).root == b"[1]"
