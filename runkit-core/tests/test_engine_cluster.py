@@ -19,8 +19,10 @@ import pytest
 
 import dogma
 from runkit.config import ApplicationConfig
+from runkit.engine import executor as executor_module
 from runkit.engine.engine import Engine
-from runkit.engine.partitions import partition_id
+from runkit.engine.ids import new_id
+from runkit.engine.partitions import partition_id, partition_of
 from runkit.engine.settings import EngineSettings
 from runkit_memory import MemoryProvider
 
@@ -31,6 +33,7 @@ from engine_commands_harness import (
     REGISTRY,
     Deposit,
     Deposited,
+    Notify,
     check_invariants,
     read_stores,
     settled,
@@ -573,3 +576,39 @@ async def test_leaving_an_observation_while_a_peer_item_is_delivered_is_clean() 
         # The follower got the item after the caller left: it stops quietly.
         await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
+
+
+async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The owner takes an offered integration command into its batch; the
+    # handler outlasts the offer timeout, so the gateway also appends the
+    # command to the inbox (right: the offer's fate is unknown). The owner must
+    # take the inbox copy for the same command while the first one's events
+    # are still being committed, not run the handler again.
+    s = setup()
+    s.notifier.delay = 1.0
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        router = one.router
+        assert router is not None
+        monkeypatch.setattr(router, "_offer_timeout", 0.3)
+
+        def remote_id() -> str:  # command IDs of partitions the other node owns
+            while True:
+                candidate = new_id()
+                if router.owner(partition_id(APP_KEY, partition_of(candidate, 8))):
+                    return candidate
+
+        monkeypatch.setattr(executor_module, "new_id", remote_id)
+        executor = one.executor_for(s.app)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(executor.execute_command, Notify(n))
+        await wait_until(lambda: len(s.notifier.calls) >= 3)
+        await anyio.sleep(1.5)  # a second run, if any, would have started and ended
+        assert await inbox_entries(silo) >= 1  # the fallback was taken
+        stores = await settled(MemoryProvider(silo))
+    check_invariants(stores)
+    assert sorted(s.notifier.calls) == [0, 1, 2]

@@ -262,3 +262,48 @@ async def test_steady_commits_are_written_in_few_rounds(monkeypatch: pytest.Monk
     # 100 records over ~1.5 s, aged 0.5 s later: ~2 s of rounds at most 10 per
     # 0.5 s is 40 (one round per record would be 100).
     assert rounds <= 45, rounds
+
+
+async def test_a_stale_owners_snapshot_never_covers_records_it_did_not_see() -> None:
+    # Owner A committed r1 and r2 (r2 carries a snapshot) and has not written
+    # them yet. Owner B took over: it recovered r1 and r2 from the stream,
+    # handled r3 and wrote all three. A's materialiser (its final flush, or
+    # still running: nothing fences it) then finds nothing left to append; r2's
+    # snapshot must not be stored as covering the journal up to its end, r3
+    # included, or the next rebuild would skip r3 and forget its command ID.
+    bench = Bench(snapshot_every=2)
+    owner_a = bench.aggregates
+    inst_a = await owner_a.load(bench.handler, "acc")
+    r1, r2 = bench.commit(inst_a, "r1"), bench.commit(inst_a, "r2")
+    assert r2.snapshot is not None
+    stale = bench.materialiser()
+    stale.add(bench.key("acc"), r1)
+    stale.add(bench.key("acc"), r2)
+
+    bench.aggregates = owner_b = bench.instances()
+    recovered = [
+        Committed(
+            r.command_id,
+            r.events,
+            durable=True,
+            stream_offset=r.stream_offset,
+            stream_position=r.stream_position,
+        )
+        for r in (r1, r2)
+    ]
+    for r in recovered:
+        owner_b.recovered(*bench.key("acc"), r)
+    inst_b = await owner_b.load(bench.handler, "acc")
+    r3 = bench.commit(inst_b, "r3")
+    current = bench.materialiser()
+    for r in (*recovered, r3):
+        current.add(bench.key("acc"), r)
+    await current.flush()
+    assert await bench.journal("acc") == [[r1.command_id, r2.command_id, r3.command_id]]
+
+    bench.aggregates = owner_a
+    await stale.flush()
+
+    rebuilt = await bench.instances().load(bench.handler, "acc")
+    assert rebuilt.root.balance == 3
+    assert r3.command_id in rebuilt.recent

@@ -164,6 +164,7 @@ class PartitionCommands:
             markers=self._markers,
             retries=self._retries,
             publish=self._publish,
+            publishing=self._publishing,
             duplicate=self._duplicate,
         )
         # Every stream record this owner writes must say it has read the whole

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Protocol
 
 import anyio
@@ -66,7 +66,9 @@ class IntegrationTasks:
         retries: Retries,
         publish: _Publish,
         duplicate: Callable[[PendingCommand, Location], None],
+        publishing: Container[str],
     ) -> None:
+        self._publishing = publishing
         self._settings = settings
         self._start = start
         self._completed = completed
@@ -119,7 +121,7 @@ class IntegrationTasks:
         storage_failures = 0
         while True:
             try:
-                if item.command_id in self._completed:
+                if item.command_id in self._completed or item.command_id in self._publishing:
                     self._duplicate(item, self._completed.location(item.command_id))
                     return
                 if entry.keyed:
@@ -162,3 +164,7 @@ class IntegrationTasks:
                 if retry_in is None:
                     return
                 await anyio.sleep(retry_in)
+                if item.spill_settled is not None:
+                    # Commit only once the spill's inbox position is known, so
+                    # that the record says the inbox was read past it (ADR 0002).
+                    await item.spill_settled.wait()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 
+import anyio
+
 from .acceptance import PartitionStopped
 from .inbox import InboxWriter
 from .pending import PendingCommand
@@ -54,8 +56,9 @@ class LocalCallers:
         if item.spilled or item.waiter is None or item not in self._local:
             return
         item.spilled = True
+        item.spill_settled = settled = anyio.Event()
         self._spilled[item.command_id] = item
-        self._start(self._append_spilled, item)
+        self._start(self._append_spilled, item, settled)
 
     def take_spilled(self, command_id: str) -> PendingCommand | None:
         """The spilled local command with *command_id*, now read back from the inbox."""
@@ -72,12 +75,14 @@ class LocalCallers:
             if item not in committing:
                 self.settle(item, PartitionStopped())
 
-    async def _append_spilled(self, item: PendingCommand) -> None:
+    async def _append_spilled(self, item: PendingCommand, settled: anyio.Event) -> None:
         try:
             position = await self._inbox_writer.submit([item.entry])
         except Exception as exc:
             self._spilled.pop(item.command_id, None)
             self.settle(item, exc)
             return
+        finally:
+            settled.set()  # a retry of the command may commit now (see PendingCommand)
         self._spilled_at(position)
         self.settle(item, None)

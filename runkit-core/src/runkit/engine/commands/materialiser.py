@@ -338,7 +338,9 @@ class Materialiser:
                 last = await _last_offset(journal, end)
             self._journals[key] = (journal, end, last)
         snapshot = group[-1].snapshot
-        if snapshot is not None:
+        # The snapshot covers the journal below ``end`` only if its command is
+        # the journal's last one: another owner may have appended past it.
+        if snapshot is not None and last == group[-1].stream_offset:
             await self._write_snapshot(key, journal, end, snapshot)
 
     @staticmethod

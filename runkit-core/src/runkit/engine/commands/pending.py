@@ -68,6 +68,10 @@ class PendingCommand:
     failures: int = 0
     spilled: bool = False
     finished: bool = False
+    #: Set once a spill's inbox append has settled. A retry commits only after
+    #: it, so that its record says the inbox was read past the spilled entry
+    #: (ADR 0002); else a next owner would take that entry for unhandled.
+    spill_settled: anyio.Event | None = None
 
     @property
     def command_id(self) -> str:

@@ -120,6 +120,10 @@ class StreamWriter:
         self._wake = self._new_event()
         self._item_added = self._new_event()
         self._failed: BaseException | None = None
+        # The record being appended (batch, progress, record, bytes): an append
+        # cut short (cancelled, or failed ambiguously) is retried with the same
+        # bytes, so that _landed() recognises it if it did land.
+        self._inflight: tuple[list[Publication], int, StreamRecord, bytes] | None = None
 
     @property
     def next_offset(self) -> int:
@@ -245,6 +249,7 @@ class StreamWriter:
 
     def _fail(self, exc: BaseException) -> None:
         self._failed = exc
+        self._inflight = None
         while self._queue:
             item = self._queue.popleft()
             item.error = exc
@@ -257,6 +262,14 @@ class StreamWriter:
             await self._write_one()
 
     async def _write_one(self) -> None:
+        if self._inflight is None:
+            self._inflight = self._build()
+        batch, progress, record, data = self._inflight
+        await self._append(data)
+        self._inflight = None
+        self._after_append(batch, progress, record)
+
+    def _build(self) -> tuple[list[Publication], int, StreamRecord, bytes]:
         batch: list[Publication] = []
         count = size = 0
         for item in self._queue:
@@ -281,7 +294,9 @@ class StreamWriter:
             unmarked=unmarked,
             scan_from=min(floors) if floors else None,
         )
-        await self._append(encode_stream_record(record))
+        return batch, progress, record, encode_stream_record(record)
+
+    def _after_append(self, batch: list[Publication], progress: int, record: StreamRecord) -> None:
         for _ in batch:
             self._queue.popleft()
         position = self._position
@@ -309,17 +324,19 @@ class StreamWriter:
         failures = 0
         while True:
             try:
-                await self._journal.append(self._position, data)
-                return
-            except Conflict:
-                # Our own earlier attempt may have landed (ambiguous error).
-                if await self._landed(data):
+                try:
+                    await self._journal.append(self._position, data)
                     return
-                raise OwnershipLost(
-                    f"stream {self._journal.name!r}: another writer appended at "
-                    f"position {self._position}"
-                ) from None
-            except PersistenceError as exc:
+                except Conflict:
+                    # Our own earlier attempt may have landed (an ambiguous
+                    # error, or an append cut short: the same bytes are retried).
+                    if await self._landed(data):
+                        return
+                    raise OwnershipLost(
+                        f"stream {self._journal.name!r}: another writer appended at "
+                        f"position {self._position}"
+                    ) from None
+            except PersistenceError as exc:  # the append, or the read that checks it
                 failures += 1
                 delay = backoff(failures, 0.02, self._retry_max_delay)
                 _retry_log.warning(

@@ -1,0 +1,121 @@
+"""The commit point at its edges: an append that landed but said it failed, a spill racing a retry.
+
+A command committed in a stream record must never be handled again, whatever
+the writer or the next owner believes about that record (ADR 0002, 0007).
+Integration commands show it: nothing but the stream proves they were handled.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runkit.engine.cluster.ownership import StaticOwnership
+from runkit.engine.engine import Engine
+from runkit.engine.partitions import partition_id
+from runkit.engine.settings import EngineSettings
+from runkit.testing.faults import AFTER, BEFORE, FaultyProvider
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import (
+    APP_KEY,
+    Notify,
+    check_invariants,
+    read_stores,
+    running,
+    setup,
+    wait_until,
+)
+
+
+def _stream(name: str) -> bool:
+    return "/stream/" in name
+
+
+async def test_an_append_that_landed_is_recognised_after_the_partition_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The stream append lands but reports an error; the partition stops while
+    # the writer waits to retry. Its final flush must retry the same record,
+    # recognise it as its own when the append conflicts, and answer the caller
+    # as committed: rebuilt (a new written_at), it would look foreign, the
+    # caller would hear that the partition stopped and spill the committed
+    # command to the inbox, and the next owner would handle it again.
+    from runkit.engine.streams import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "backoff", lambda *a: 30.0)  # a store slow to recover
+    s = setup()
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
+    ownership = StaticOwnership()
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=provider,
+            partition_count=1,
+            retry_base_delay=0.001,
+            progress_interval=0.002,
+        )
+    )
+    engine.use_ownership(ownership)
+    everything = {partition_id(APP_KEY, 0)}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign(everything)
+        executor = engine.executor_for(s.app)
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        returned = anyio.Event()
+
+        async def call() -> None:
+            await executor.execute_command(Notify(1))
+            returned.set()
+
+        tg.start_soon(call)
+        await wait_until(lambda: provider.plan.injected_after == 1)
+        ownership.assign(set())  # e.g. a heartbeat stale for a moment
+        with anyio.fail_after(10):
+            await returned.wait()
+        ownership.assign(everything)
+        await anyio.sleep(0.3)
+        tg.cancel_scope.cancel()
+    stores = await read_stores(inner)
+    check_invariants(stores)
+    assert s.notifier.calls == [1]
+    assert stores.inbox[0] == [], "a committed command was spilled to the inbox"
+
+
+async def test_a_spilled_command_retried_before_its_spill_lands_is_handled_once() -> None:
+    # A local integration command fails once and is spilled to the inbox while
+    # its retry runs. If the retry committed before the spill's inbox position
+    # was known, the record would not say the inbox was read past the spill,
+    # and a next owner (the first one dying before another record) would take
+    # the spilled entry for unhandled and handle it again.
+    s = setup()
+    s.notifier.fail[1] = 1
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    # The spill's inbox append is slow: three retryable failures first.
+    provider.plan.fail(BEFORE, ops={"append"}, names=lambda n: "/inbox/" in n, times=3)
+    async with running(provider, s.config, partition_count=1, shutdown_timeout=0.3) as engine:
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        await engine.executor_for(s.app).execute_command(Notify(1))
+        # The owner "dies": no stream record lands from now on.
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        await wait_until(lambda: provider.plan.injected_before >= 3)
+        await anyio.sleep(0.2)  # the spill lands meanwhile
+    provider.plan.clear()
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await anyio.sleep(0.5)
+    # The handler may run again after the restart (a retry whose record never
+    # landed); its effects must not be recorded twice.
+    stores = await read_stores(inner)
+    check_invariants(stores)  # among others: each accepted command published once
+    assert len(stores.published()) == 1
