@@ -294,7 +294,7 @@ async def test_a_peer_that_stops_answering_mid_call_falls_back_within_a_timeout(
             await _deposits(executor, [f"w{i}" for i in range(16)], latencies)  # warm-up
             owners = {p.index: p.claimed_by for p in (await client.status()).partitions}
             # The node claiming the most partitions (a random node may claim none).
-            ids = [uuid.UUID(c["node_id"]) for c in nodes.configs]
+            ids = [str(uuid.UUID(c["node_id"])) for c in nodes.configs]
             victim = max(range(len(ids)), key=lambda n: list(owners.values()).count(ids[n]))
             stopped = ids[victim]
             account = next(

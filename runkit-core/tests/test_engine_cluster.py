@@ -18,6 +18,7 @@ import anyio
 import pytest
 
 import dogma
+import runkit
 from runkit.config import ApplicationConfig
 from runkit.engine import executor as executor_module
 from runkit.engine.engine import Engine
@@ -612,3 +613,42 @@ async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_onc
         stores = await settled(MemoryProvider(silo))
     check_invariants(stores)
     assert sorted(s.notifier.calls) == [0, 1, 2]
+
+
+async def test_a_client_entered_before_any_node_starts_waits_for_the_application() -> None:
+    # Like an engine's executor before run(): the command waits for a node to
+    # start the application, then goes through.
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=MemoryProvider(silo),
+            listen_address="127.0.0.1:0",
+            heartbeat_interval=0.5,
+            **FAST,  # type: ignore[arg-type]
+        )
+    )
+    async with (
+        runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_persistence_provider(MemoryProvider(silo)),
+        ) as client,
+        anyio.create_task_group() as tg,
+    ):
+        done = anyio.Event()
+
+        async def deposit() -> None:
+            await client.executor_for(s.app).execute_command(Deposit("early", 1, "r"))
+            done.set()
+
+        tg.start_soon(deposit)
+        await anyio.sleep(0.3)
+        assert not done.is_set()  # no node has started the application yet
+        tg.start_soon(engine.run)
+        with anyio.fail_after(10):
+            await done.wait()
+        stores = await settled(MemoryProvider(silo))  # handled by the node
+        tg.cancel_scope.cancel()
+    check_invariants(stores)
+    assert len(stores.published()) == 1

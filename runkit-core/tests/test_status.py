@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import pytest
 
+import runkit
 from runkit.cli import main, status_text
 from runkit.engine.cluster.status import ClusterStatus, read_status
 from runkit.engine.engine import Engine
@@ -84,7 +85,7 @@ async def test_two_nodes_are_listed_live_with_their_partitions_split_and_a_leave
         node(inner, s.config, partition_count=8, node_id=node_id)
         for node_id in ch.splitting_node_ids(8)
     )
-    ids = {one.settings.node_id, two.settings.node_id}
+    ids = {str(one.settings.node_id), str(two.settings.node_id)}
     async with anyio.create_task_group() as tg:
         scope_two = anyio.CancelScope()
         two_stopped = anyio.Event()
@@ -114,7 +115,7 @@ async def test_two_nodes_are_listed_live_with_their_partitions_split_and_a_leave
                 and sum(p.stream_end for p in parts) == 20
                 and sum(p.inbox_backlog for p in parts) == 0
                 and all(
-                    {p.index for p in parts if p.owner == engine.settings.node_id} == runs
+                    {p.index for p in parts if p.owner == str(engine.settings.node_id)} == runs
                     for engine, runs in zip((one, two), running, strict=True)
                 )
             )
@@ -128,19 +129,33 @@ async def test_two_nodes_are_listed_live_with_their_partitions_split_and_a_leave
         owners = {p.owner for p in app.partitions}
         assert owners == ids  # rendezvous split them between the two
         # The owners shown are the partitions each engine actually runs.
-        assert {p.index for p in app.partitions if p.owner == one.settings.node_id} == running[0]
-        assert {p.index for p in app.partitions if p.owner == two.settings.node_id} == running[1]
+        assert {p.index for p in app.partitions if p.owner == str(one.settings.node_id)} == running[
+            0
+        ]
+        assert {p.index for p in app.partitions if p.owner == str(two.settings.node_id)} == running[
+            1
+        ]
         # Both ends of the API agree on the data.
         data = (await two.status()).to_json()
-        assert {n["node_id"] for n in data["nodes"]} == {str(i) for i in ids}
+        assert {n["node_id"] for n in data["nodes"]} == ids
         assert sum(p["stream_end"] for p in data["partitions"]) == 20
+        # A client is listed as one, never among the nodes (it owns no partition).
+        async with runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_persistence_provider(MemoryProvider(inner.silo)),
+        ) as client:
+            seen = await client.status()
+        assert {n.node_id for n in seen.nodes} == ids
+        assert [(c.role, c.live) for c in seen.clients] == [("client", True)]
+        assert [c["role"] for c in seen.to_json()["clients"]] == ["client"]
+        assert "1 live client(s)" in status_text(seen)
 
         # Node two leaves gracefully: the very next status shows node one owning everything.
         scope_two.cancel()
         await two_stopped.wait()
         after = await one.status()
-        assert [n.node_id for n in after.nodes] == [one.settings.node_id]
-        assert {p.owner for p in after.partitions} == {one.settings.node_id}
+        assert [n.node_id for n in after.nodes] == [str(one.settings.node_id)]
+        assert {p.owner for p in after.partitions} == {str(one.settings.node_id)}
         tg.cancel_scope.cancel()
 
 
@@ -177,7 +192,7 @@ async def test_commands_accepted_while_no_node_runs_them_show_as_backlog() -> No
                 and sum(p.stream_end for p in st.partitions) == 12
             ),
         )
-        assert {p.owner for p in done.partitions} == {runner.settings.node_id}
+        assert {p.owner for p in done.partitions} == {str(runner.settings.node_id)}
         assert sum(p.processed for p in done.partitions) == 12
         tg.cancel_scope.cancel()
 
@@ -301,7 +316,7 @@ async def test_cli_json_shows_a_running_node_and_the_applications_it_reports(
         tg.cancel_scope.cancel()
     assert code == 0
     data = json.loads(text)
-    assert set(data) == {"read_at", "nodes", "applications", "partitions", "consumers"}
+    assert set(data) == {"read_at", "nodes", "clients", "applications", "partitions", "consumers"}
     (n,) = data["nodes"]
     assert n["node_id"] == str(engine.settings.node_id)
     assert (n["live"], n["version"], n["role"]) == (True, VERSION, "node")

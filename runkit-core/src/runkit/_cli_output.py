@@ -24,18 +24,23 @@ def status_text(status: ClusterStatus) -> str:
     and its consumers' lag (largest first; consumers with no lag are only counted)."""
     out = io.StringIO()
     now = status.read_at
-    if status.nodes:
+    if status.nodes or status.clients:
         rows: list[tuple[str, ...]] = [
             ("node", "state", "role", "version", "address", "last heartbeat")
         ]
-        for n in status.nodes:
+        for n in (*status.nodes, *status.clients):
             age = f"{(now - n.written_at).total_seconds():.1f}s ago"
             state = "live" if n.live else "expired"
             address = ", ".join(n.addresses) or "-"
-            rows.append((str(n.node_id), state, n.role, n.version or "?", address, age))
+            rows.append((n.node_id, state, n.role, n.version or "?", address, age))
         print_table(rows, out)
         live = len(status.live_nodes)
-        out.write(f"{live} live node(s), {len(status.nodes) - live} expired\n")
+        clients = sum(c.live for c in status.clients)
+        out.write(
+            f"{live} live node(s), {len(status.nodes) - live} expired"
+            + (f"; {clients} live client(s)" if clients else "")
+            + "\n"
+        )
     else:
         out.write("no nodes have heartbeat records in this store\n")
     for app in status.applications:
@@ -54,8 +59,8 @@ def _application_text(app: ApplicationStatus, out: TextIO) -> None:
         ("partition", "owner", "claimed by", "backlog", "stream end", "deadlines", "poisoned")
     ]
     for p in app.partitions:
-        owner = str(p.owner) if p.owner is not None else "(no live node)"
-        claimed = "same" if p.claimed_by == p.owner else str(p.claimed_by or "-")
+        owner = p.owner if p.owner is not None else "(no live node)"
+        claimed = "same" if p.claimed_by == p.owner else (p.claimed_by or "-")
         poisoned = str(p.poisoned) + (
             f" (+{p.poisoned_events} events)" if p.poisoned_events else ""
         )

@@ -141,6 +141,7 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
     from . import config
     from ._options import from_environment, with_application, with_persistence_provider
     from .client import Client
+    from .engine.engine import read_partition_count
     from .persistence import provider_from_url
 
     app = config.build(application_object(args.app))
@@ -174,6 +175,13 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
             async with Client(
                 with_application(app), with_persistence_provider(provider), from_environment()
             ) as client:
+                # A client waits for an application that has not started yet;
+                # an operator's command should not.
+                if await read_partition_count(provider, app.identity.key) is None:
+                    raise CLIError(
+                        f"application {app.identity.name!r} has never run on this store: "
+                        "start a node of the cluster (runkit run ...) first"
+                    )
                 await client.executor_for(app).execute_command(
                     command, idempotency_key=args.idempotency_key
                 )

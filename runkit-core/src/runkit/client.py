@@ -30,6 +30,7 @@ import attrs
 
 from ._errors import ConfigurationError
 from .config import ApplicationConfig
+from .engine.backoff import backoff
 from .engine.cluster.membership import Membership
 from .engine.cluster.routing import Router, authenticator, make_identity
 from .engine.commands.acceptance import Acceptor
@@ -46,6 +47,8 @@ from .persistence import Provider, provider_from_url
 from .transport import NodeTransport
 
 if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
     from .engine.cluster.status import ClusterStatus
 
 __all__ = ["Client"]
@@ -80,6 +83,8 @@ class Client:
         self._router: Router | None = None
         self._provider: Provider | None = None
         self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._making = anyio.Lock()  # one acceptor made at a time
 
     async def __aenter__(self) -> Self:
         s = self.settings
@@ -116,9 +121,7 @@ class Client:
                 transport, membership.live_members, self_id=s.node_id, self_is_node=False
             )
             router.start(tg)
-            for key, app in self._apps.items():
-                self._acceptors[key] = await self._acceptor_for(app, provider, router, stack, tg)
-            self._router, self._provider = router, provider
+            self._router, self._provider, self._tg = router, provider, tg
             self._stack = stack.pop_all()
         return self
 
@@ -129,26 +132,36 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
-        self._router = None
+        self._router = self._tg = None
+        self._acceptors.clear()
         if stack is not None:
             await stack.aclose()
 
-    async def _acceptor_for(
-        self,
-        app: ApplicationConfig,
-        provider: Provider,
-        router: Router,
-        stack: AsyncExitStack,
-        tg: Any,
-    ) -> Acceptor:
-        key = app.identity.key
-        count = await read_partition_count(provider, key)
-        if count is None:
-            raise ConfigurationError(
-                f"application {app.identity} has never run on this store",
-                ["start a node of the cluster (runkit run ...) before sending it commands"],
-            )
+    async def _acceptor_for(self, app: ApplicationConfig) -> Acceptor:
+        """Open the application's inboxes, once some node has started it.
+
+        Like an engine's executor before ``run()``, the client waits for the
+        application to start (its partition count in the store), up to the
+        start timeout.
+        """
+        provider, router, stack, tg = self._provider, self._router, self._stack, self._tg
+        assert provider is not None
+        assert router is not None
+        assert stack is not None
+        assert tg is not None
         s = self.settings
+        key = app.identity.key
+        deadline = anyio.current_time() + s.start_timeout
+        attempts = 0
+        while (count := await read_partition_count(provider, key)) is None:
+            if anyio.current_time() >= deadline:
+                raise ConfigurationError(
+                    f"application {app.identity} has never run on this store "
+                    f"(waited {s.start_timeout:g} s for a node to start it)",
+                    ["start a node of the cluster (runkit run ...) before sending it commands"],
+                )
+            attempts += 1
+            await anyio.sleep(backoff(attempts, 0.05, 1.0))
         writers = []
         for index in range(count):
             journal = await provider.journals.open(inbox_name(key, index))
@@ -174,10 +187,16 @@ class Client:
     # -- executor.Gateway --
 
     async def acceptor(self, app_key: str) -> Acceptor:
-        """The application's acceptor (raises if the client is not entered)."""
-        found = self._acceptors.get(app_key)
-        if found is None or self._router is None:
+        """The application's acceptor, made on first use (raises if the client is not entered)."""
+        if self._router is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
+        found = self._acceptors.get(app_key)
+        if found is None:
+            async with self._making:
+                found = self._acceptors.get(app_key)
+                if found is None:
+                    found = await self._acceptor_for(self._apps[app_key])
+                    self._acceptors[app_key] = found
         return found
 
     def subscribe(

@@ -83,7 +83,7 @@ class NodeStatus:
     """One node's heartbeat record, judged at the time of the read.
 
     Attributes:
-        node_id: The node's UUID.
+        node_id: The node's UUID, as a canonical string (as ``with_node_id`` takes it).
         live: Whether its record had not expired when read.
         role: ``"node"`` (owns partitions) or ``"client"`` (a ``runkit.Client``).
         version: The node's runkit-core version (``None`` if it did not say).
@@ -95,7 +95,7 @@ class NodeStatus:
         heartbeat_interval: Its heartbeat interval, in seconds.
     """
 
-    node_id: uuid.UUID
+    node_id: str
     live: bool
     role: str
     version: str | None
@@ -122,9 +122,9 @@ class PartitionStatus:
         app_name: The application's name (its key when it was not configured).
         index: The partition index.
         partition_id: The partition's UUID (also its stream ID).
-        owner: The node that owns it by the live set at the time of the read
-            (``None``: no live node).
-        claimed_by: The live node whose last heartbeat says it runs it.
+        owner: The ID of the node that owns it by the live set at the time of
+            the read (``None``: no live node).
+        claimed_by: The ID of the live node whose last heartbeat says it runs it.
         inbox_end: The inbox journal's end position.
         processed: Inbox records below this position are fully processed.
         inbox_backlog: Commands accepted and not yet handled (see the module docstring).
@@ -138,8 +138,8 @@ class PartitionStatus:
     app_name: str
     index: int
     partition_id: str
-    owner: uuid.UUID | None
-    claimed_by: uuid.UUID | None
+    owner: str | None
+    claimed_by: str | None
     inbox_end: int
     processed: int
     inbox_backlog: int
@@ -198,7 +198,9 @@ class ClusterStatus:
 
     Attributes:
         read_at: The reader's clock when the snapshot was taken (liveness is judged at it).
-        nodes: Every heartbeat record, live or expired, by node ID.
+        nodes: Every node's heartbeat record, live or expired, by node ID.
+        clients: Every ``runkit.Client``'s heartbeat record, likewise: clients
+            never own partitions, so they are not nodes.
         applications: The applications asked about (and, for ``runkit status``
             without arguments, those found in heartbeats), by key.
     """
@@ -206,6 +208,7 @@ class ClusterStatus:
     read_at: datetime
     nodes: tuple[NodeStatus, ...]
     applications: tuple[ApplicationStatus, ...]
+    clients: tuple[NodeStatus, ...] = ()
 
     @property
     def live_nodes(self) -> tuple[NodeStatus, ...]:
@@ -232,12 +235,15 @@ class ClusterStatus:
     def to_json(self) -> dict[str, Any]:
         """The snapshot as JSON-ready builtins (what ``runkit status --json`` prints).
 
-        ``{"read_at", "nodes": [...], "applications": [{"key", "name",
-        "partition_count"}], "partitions": [...], "consumers": [...]}``: node
-        IDs as strings, times as ISO 8601, each entry with the attributes of
+        ``{"read_at", "nodes": [...], "clients": [...], "applications": [{"key",
+        "name", "partition_count"}], "partitions": [...], "consumers": [...]}``:
+        node IDs as strings, times as ISO 8601, each entry with the attributes of
         its class (a node also with ``addresses``).
         """
-        nodes = [{**_fields(n), "addresses": list(n.addresses)} for n in self.nodes]
+        nodes, clients = (
+            [{**_fields(n), "addresses": list(n.addresses)} for n in found]
+            for found in (self.nodes, self.clients)
+        )
         apps = [
             {"key": a.key, "name": a.name, "partition_count": a.partition_count}
             for a in self.applications
@@ -245,6 +251,7 @@ class ClusterStatus:
         value = {
             "read_at": self.read_at,
             "nodes": nodes,
+            "clients": clients,
             "applications": apps,
             "partitions": [_fields(p) for p in self.partitions],
             "consumers": [_fields(c) for c in self.consumers],
@@ -307,14 +314,15 @@ async def read_status(
     statuses = [await _read_application(provider, app, live) for app in apps]
     return ClusterStatus(
         read_at=now,
-        nodes=tuple(_node_status(r, now) for r in records),
+        nodes=tuple(_node_status(r, now) for r in records if r.role != "client"),
+        clients=tuple(_node_status(r, now) for r in records if r.role == "client"),
         applications=tuple(sorted(statuses, key=lambda a: (a.name, a.key))),
     )
 
 
 def _node_status(record: NodeRecord, now: datetime) -> NodeStatus:
     return NodeStatus(
-        node_id=record.node_id,
+        node_id=str(record.node_id),
         live=record.is_live(now),
         role=record.role,
         version=record.runkit_version,
@@ -390,8 +398,8 @@ async def _read_partition(
         app_name=app.name,
         index=index,
         partition_id=pid,
-        owner=owner,
-        claimed_by=claimant,
+        owner=None if owner is None else str(owner),
+        claimed_by=None if claimant is None else str(claimant),
         inbox_end=inbox_end,
         processed=processed,
         inbox_backlog=backlog,
