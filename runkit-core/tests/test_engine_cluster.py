@@ -652,3 +652,71 @@ async def test_a_client_entered_before_any_node_starts_waits_for_the_application
         tg.cancel_scope.cancel()
     check_invariants(stores)
     assert len(stores.published()) == 1
+
+
+# --- authentication ------------------------------------------------------------------
+
+
+async def _heartbeat(provider: MemoryProvider, fingerprint: str, interval: float) -> None:
+    """Write a live heartbeat record with *fingerprint*, as a node that has just joined."""
+    from datetime import UTC, datetime, timedelta
+
+    import msgspec
+
+    from runkit.engine.cluster.nodes import (
+        EXPIRY_INTERVALS,
+        NODES_KEYSPACE,
+        RECORD_VERSION,
+        Heartbeat,
+    )
+
+    now, node_id = datetime.now(UTC), str(uuid.uuid4())
+    beat = Heartbeat(
+        version=RECORD_VERSION,
+        node_id=node_id,
+        incarnation="i",
+        started_at=now,
+        written_at=now,
+        expires_at=now + timedelta(seconds=EXPIRY_INTERVALS * interval),
+        heartbeat_interval=interval,
+        tls_fingerprint=fingerprint,
+    )
+    async with await provider.keyspaces.open(NODES_KEYSPACE) as ks:
+        await ks.set_unconditional(node_id.encode(), msgspec.msgpack.encode(beat))
+
+
+async def test_unknown_certificates_cost_a_store_read_per_interval_and_newcomers_get_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every connection asks about its certificate: a stranger reusing one must
+    # not drive a read of all the heartbeat records per connection.
+    from runkit.engine.cluster import routing
+    from runkit.engine.cluster.nodes import NodeRecord, list_nodes
+
+    reads = 0
+
+    async def counting(provider: MemoryProvider) -> list[NodeRecord]:
+        nonlocal reads
+        reads += 1
+        return await list_nodes(provider)
+
+    monkeypatch.setattr(routing, "list_nodes", counting)
+    provider = MemoryProvider(f"auth-{uuid.uuid4()}")
+    authenticate = routing.authenticator(provider, dict)  # reads at most once a second
+    verdicts: list[bool] = []
+
+    async def ask() -> None:
+        verdicts.append(await authenticate("stranger"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(ask)
+    for _ in range(20):
+        await ask()
+    assert (verdicts, reads) == ([False] * 40, 1)
+    # A node that joins now is accepted within an interval of its first heartbeat.
+    await _heartbeat(provider, "newcomer", 1.0)
+    assert not await authenticate("newcomer")  # until the records may be read again
+    await anyio.sleep(1.0)
+    assert await authenticate("newcomer")
+    assert reads == 2

@@ -11,6 +11,7 @@ import ast
 import contextlib
 import datetime
 import logging
+import math
 import ssl
 import struct
 import sys
@@ -40,7 +41,9 @@ from runkit.transport import (
     certificate_fingerprint,
 )
 from runkit.transport import _client as client_module
+from runkit.transport import _link as link_module
 from runkit.transport._frames import (
+    Cancel,
     Frame,
     FrameDecoder,
     Goodbye,
@@ -51,6 +54,7 @@ from runkit.transport._frames import (
     Response,
     encode_frame,
 )
+from runkit.transport._link import Link
 from runkit.transport._tls import server_context, sign_proof
 
 A = TlsIdentity.self_signed("node-a")
@@ -217,6 +221,65 @@ async def test_a_cancelled_caller_does_not_break_the_shared_connection() -> None
             await a.call(address, "gated", b"abandoned")
         release.set()  # its late answer, if any, is dropped
         assert await a.call(address, "echo", b"after") == b"node-a:after"
+
+
+class _Unread(anyio.abc.ByteStream):
+    """A peer that reads nothing until ``reading`` is set; ``cancelled`` once it reads a Cancel."""
+
+    def __init__(self) -> None:
+        self.reading = anyio.Event()
+        self.cancelled = anyio.Event()
+        self.frames: list[Frame] = []
+        self._decoder = FrameDecoder()
+        self._closed = anyio.Event()
+
+    async def send(self, item: bytes) -> None:
+        await self.reading.wait()
+        self.frames += self._decoder.feed(item)
+        if any(isinstance(frame, Cancel) for frame in self.frames):
+            self.cancelled.set()
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await self._closed.wait()
+        raise anyio.EndOfStream
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self._closed.set()
+
+
+async def test_a_caller_leaving_while_the_outgoing_queue_is_full_still_cancels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A lost Cancel leaves the request holding a slot on the server (a stream, for good).
+    monkeypatch.setattr(link_module, "_QUEUE_FRAMES", 2)
+    peer = _Unread()
+    link = Link(
+        peer, label="test", max_frame_size=1024, keepalive_interval=math.inf, decoder=FrameDecoder()
+    )
+    connection = client_module.PeerConnection(link, PeerInfo("node-b", B.fingerprint, "b:1"))
+    scopes = [anyio.CancelScope() for _ in range(4)]
+
+    async def call(scope: anyio.CancelScope) -> None:
+        with scope:
+            await connection.unary("m", b"")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(connection.run)
+        for scope in scopes:
+            tg.start_soon(call, scope)
+            await anyio.sleep(0.01)
+        # Request 1 is being written, 2 and 3 fill the queue, 4 waits for room.
+        scopes[1].cancel()
+        await anyio.sleep(0.01)
+        peer.reading.set()
+        with anyio.fail_after(5):
+            await peer.cancelled.wait()
+        tg.cancel_scope.cancel()
+    frames = peer.frames
+    assert frames.index(Request(id=2, method="m", payload=b"")) < frames.index(Cancel(id=2))
 
 
 # --- deferred handlers (answered through a Reply, without a task per request) -------
@@ -497,6 +560,47 @@ async def test_stream_errors_and_waits_are_bounded() -> None:
                 await anext(items)
 
 
+async def test_opening_a_stream_without_a_timeout_is_bounded_and_blocks_no_other_call() -> None:
+    # An observer waits for items forever (math.inf), but not for a peer that
+    # accepts TCP and never answers: the open holds the address's connect lock.
+    tarpit = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    address = f"127.0.0.1:{tarpit.extra(anyio.abc.SocketAttribute.local_port)}"
+    held: list[anyio.abc.SocketStream] = []
+    gave_up = anyio.Event()
+
+    async def hold(tcp: anyio.abc.SocketStream) -> None:
+        held.append(tcp)
+        await anyio.sleep_forever()
+
+    async def observe(a: NodeTransport) -> None:
+        try:
+            async with a.stream(address, "observe", b"", timeout=math.inf) as items:
+                async for _ in items:
+                    pass
+        except (PeerUnavailable, CallTimeout):
+            gave_up.set()
+
+    async with node(call_timeout=1.0) as a, anyio.create_task_group() as tg:
+        started = anyio.current_time()
+        async with anyio.create_task_group() as pit:
+            pit.start_soon(tarpit.serve, hold)
+            tg.start_soon(observe, a)
+            await anyio.sleep(0.5)
+            pit.cancel_scope.cancel()  # the listener goes; the accepted socket stays silent
+        await tarpit.aclose()
+        # A healthy node comes up at the same address while the open is stuck.
+        async with node("node-b", B) as b:
+            assert await tg.start(b.serve, address) == address
+            assert await a.call(address, "echo", b"x", timeout=2.0) == b"node-a:x"
+            with anyio.fail_after(5):
+                await gave_up.wait()
+            tg.cancel_scope.cancel()
+    assert anyio.current_time() - started < 3
+    assert held
+    for tcp in held:
+        await tcp.aclose()
+
+
 # --- keepalive ---------------------------------------------------------------------
 
 
@@ -591,6 +695,53 @@ async def test_plain_tcp_is_dropped_and_others_are_still_served(
     assert any("TLS handshake failed" in r.message for r in transport_log.records)
 
 
+async def _tls_stranger(address: str) -> TLSStream:
+    """A TLS connection from anyone: no certificate, nothing proven yet."""
+    host, port = address.rsplit(":", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return await anyio.connect_tcp(host, int(port), ssl_context=ctx, tls_standard_compatible=False)
+
+
+async def test_before_its_hello_a_peer_may_send_only_small_frames(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    # A Hello is ~1 KiB: a stranger must not make the node buffer up to the 4 MiB limit.
+    async with serving(node("node-b", B)) as address, node() as a:
+        stranger = await _tls_stranger(address)
+        await stranger.send(struct.pack(">I", 4 * 1024 * 1024 - 1) + b"\0" * 1024)
+        assert await read_frames_until_closed(stranger) == []
+        # Once the handshake is done, frames may be as large as the limit.
+        big = b"x" * (1024 * 1024)
+        assert await a.call(address, "echo", big) == b"node-a:" + big
+    assert any(
+        "frame length 4194303 is outside 1..65536 bytes" in r.message for r in transport_log.records
+    )
+
+
+async def test_handshakes_beyond_the_bound_are_refused_at_once(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    b = node("node-b", B, max_handshakes=2, handshake_timeout=30)
+    async with serving(b) as address, node() as a:
+        host, port = address.rsplit(":", 1)
+        idle = [await anyio.connect_tcp(host, int(port)) for _ in range(2)]
+        await anyio.sleep(0.2)  # both accepted, in their TLS handshakes
+        async with await anyio.connect_tcp(host, int(port)) as third:
+            assert await read_frames_until_closed(third) == []  # well before 30 s
+        for stream in idle:
+            await stream.aclose()
+        with anyio.fail_after(5):  # a member gets in once the slots are free again
+            while True:
+                try:
+                    assert await a.call(address, "echo", b"ok") == b"node-a:ok"
+                    break
+                except PeerUnavailable:
+                    await anyio.sleep(0.05)
+    assert any("2 handshakes already in progress" in r.message for r in transport_log.records)
+
+
 async def test_a_client_without_a_certificate_is_refused(
     transport_log: pytest.LogCaptureFixture,
 ) -> None:
@@ -654,6 +805,19 @@ async def test_an_expected_fingerprint_is_enforced() -> None:
         assert await a.call(address, "echo", b"", expect_fingerprint=B.fingerprint) == b"node-a:"
         with pytest.raises(PeerUnavailable, match="not the expected"):
             await a.call(address, "echo", b"", expect_fingerprint=A.fingerprint)
+
+
+async def test_a_connection_to_an_unexpected_certificate_is_dropped() -> None:
+    # Say the node at this address was replaced: the next call must reconnect,
+    # not keep failing on the old connection until keepalive notices.
+    async def port(peer: PeerInfo, payload: bytes) -> bytes:
+        return peer.address.encode()
+
+    async with serving(node("node-b", B, unary={"port": port})) as address, node() as a:
+        before = await a.call(address, "port", b"")
+        with pytest.raises(PeerUnavailable, match="not the expected"):
+            await a.call(address, "port", b"", expect_fingerprint=A.fingerprint)
+        assert await a.call(address, "port", b"") != before  # a new connection
 
 
 async def test_an_async_authenticator_is_awaited() -> None:

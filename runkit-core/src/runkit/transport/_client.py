@@ -15,6 +15,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 
 from ._errors import CallTimeout, PeerUnavailable, ProtocolError, RemoteError, TransportError
 from ._frames import (
+    HANDSHAKE_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     Cancel,
     Credit,
@@ -80,9 +81,10 @@ async def open_connection(
         raise PeerUnavailable(address, f"cannot connect: {exc}") from None
     try:
         fingerprint, hello = await _client_hello(stream, address, node_id, identity, authenticate)
-        decoder = FrameDecoder(max_frame_size)
+        decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, max_frame_size))
         await stream.send(encode_frame(hello, max_frame_size))
         answer = await read_frame(stream, decoder)
+        decoder.max_frame_size = max_frame_size
     except PeerUnavailable:
         await anyio.aclose_forcefully(stream)
         raise
@@ -185,6 +187,7 @@ class PeerConnection:
         self.peer = peer
         self._ids = itertools.count(1)
         self._pending: dict[int, _Unary | _Stream] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
 
     @property
     def closed(self) -> bool:
@@ -193,8 +196,13 @@ class PeerConnection:
     async def run(self) -> str:
         """Serve the connection until it closes; fail whatever is in flight."""
         try:
-            return await self.link.run(self._dispatch)
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                reason = await self.link.run(self._dispatch)
+                tg.cancel_scope.cancel()
+            return reason
         finally:
+            self._tg = None
             failure = PeerUnavailable(self.peer.address, self.link.reason or "connection closed")
             for waiter in self._pending.values():
                 waiter.settle(failure)
@@ -229,8 +237,20 @@ class PeerConnection:
 
     def forget(self, request_id: int) -> None:
         """Drop *request_id* if still pending, telling the server to stop working on it."""
-        if self._pending.pop(request_id, None) is not None:
-            self.link.send_nowait(Cancel(id=request_id))
+        if self._pending.pop(request_id, None) is None or self.link.closed:
+            return  # closing the link ends the request on the server too
+        if self.link.send_nowait(Cancel(id=request_id)):
+            return
+        # The queue is full. A lost Cancel would leave the request holding a slot
+        # on the server (a stream, for good), so send it once there is room.
+        if self._tg is not None:
+            self._tg.start_soon(self._send_cancel, request_id)
+        else:  # pragma: no cover - the queue filled before the link's first turn
+            self.link.close("a Cancel could not be queued")
+
+    async def _send_cancel(self, request_id: int) -> None:
+        with contextlib.suppress(LinkClosed):  # the server drops the request with the link
+            await self.link.send(Cancel(id=request_id))
 
     async def _send(self, frame: Frame) -> None:
         try:

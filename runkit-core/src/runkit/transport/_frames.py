@@ -17,6 +17,7 @@ from ._errors import ProtocolError
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "HANDSHAKE_MAX_FRAME_SIZE",
     "PROTOCOL_VERSION",
     "Cancel",
     "Credit",
@@ -37,6 +38,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
+#: The frame limit until the handshake is answered: a ``Hello`` is a certificate
+#: and a signature (~1 KiB), and a peer not yet authenticated must not make us
+#: buffer up to the full limit.
+HANDSHAKE_MAX_FRAME_SIZE = 64 * 1024
 _LENGTH = struct.Struct(">I")
 
 # Bounds that keep a hostile peer from making us hold silly values.
@@ -177,6 +182,15 @@ class FrameDecoder:
         self._max = max_frame_size
         self._buffer = bytearray()
         self._failed: str | None = None
+
+    @property
+    def max_frame_size(self) -> int:
+        """The largest frame body accepted; raised once the handshake is done."""
+        return self._max
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        self._max = value
 
     def _frame_length(self, buffer: bytearray, pos: int) -> int:
         (size,) = _LENGTH.unpack_from(buffer, pos)

@@ -15,6 +15,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 from ._client import read_frame
 from ._errors import ProtocolError, RemoteError
 from ._frames import (
+    HANDSHAKE_MAX_FRAME_SIZE,
     PROTOCOL_VERSION,
     Cancel,
     Credit,
@@ -116,7 +117,10 @@ class _Refused(Exception):
 
 
 class ServerConfig:
-    """What the serving side needs, shared by all its connections."""
+    """What the serving side needs, shared by all its connections.
+
+    Also counts the handshakes in progress (``handshakes``), to bound them.
+    """
 
     def __init__(
         self,
@@ -132,6 +136,7 @@ class ServerConfig:
         keepalive_interval: float,
         handshake_timeout: float,
         max_concurrent_requests: int,
+        max_handshakes: int,
     ) -> None:
         self.node_id = node_id
         self.identity = identity
@@ -144,6 +149,8 @@ class ServerConfig:
         self.keepalive_interval = keepalive_interval
         self.handshake_timeout = handshake_timeout
         self.max_concurrent_requests = max_concurrent_requests
+        self.max_handshakes = max_handshakes
+        self.handshakes = 0
 
 
 async def handle_connection(config: ServerConfig, tcp: anyio.abc.SocketStream) -> None:
@@ -154,9 +161,21 @@ async def handle_connection(config: ServerConfig, tcp: anyio.abc.SocketStream) -
     """
     remote = _remote_address(tcp)
     try:
-        accepted = None
-        with anyio.move_on_after(config.handshake_timeout) as scope:
-            accepted = await _handshake(config, tcp, remote)
+        # Strangers get no more than this many connections' worth of our memory.
+        if config.handshakes >= config.max_handshakes:
+            _log.warning(
+                "refused connection from %s: %d handshakes already in progress",
+                remote,
+                config.handshakes,
+            )
+            return
+        config.handshakes += 1
+        try:
+            accepted = None
+            with anyio.move_on_after(config.handshake_timeout) as scope:
+                accepted = await _handshake(config, tcp, remote)
+        finally:
+            config.handshakes -= 1
         if scope.cancelled_caught:
             _log.warning(
                 "refused connection from %s: no handshake within %g s",
@@ -193,7 +212,8 @@ async def _handshake(
     except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
         _log.warning("refused connection from %s: TLS handshake failed: %s", remote, exc)
         return None
-    decoder = FrameDecoder(config.max_frame_size)
+    # The peer is nobody until its Hello is verified: a small limit until then.
+    decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, config.max_frame_size))
     node = "?"
     try:
         hello = _check_hello(await read_frame(stream, decoder))
@@ -214,6 +234,7 @@ async def _handshake(
         await anyio.aclose_forcefully(stream)
         return None
     await stream.send(encode_frame(HelloOk(node_id=config.node_id)))
+    decoder.max_frame_size = config.max_frame_size
     peer = PeerInfo(node_id=hello.node_id, fingerprint=fingerprint, address=remote)
     link = Link(
         stream,

@@ -59,11 +59,15 @@ class NodeTransport:
     :param max_frame_size: largest frame body accepted or sent, in bytes.
     :param keepalive_interval: seconds of silence before a ``Ping``; a
         connection silent for twice this long is closed.
-    :param call_timeout: default timeout of a call, in seconds.
+    :param call_timeout: default timeout of a call, in seconds; also bounds
+        connecting to a peer and opening a stream, whatever their timeout.
     :param handshake_timeout: how long an accepted connection may take to
         complete TLS and ``Hello``.
     :param max_concurrent_requests: requests served at once per connection;
         more are answered with ``RemoteError("overloaded")``.
+    :param max_handshakes: accepted connections that may be in their handshake
+        at once (each may hold a partial ``Hello`` of up to 64 KiB); more are
+        closed at once, with a warning.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class NodeTransport:
         call_timeout: float = 5.0,
         handshake_timeout: float = 10.0,
         max_concurrent_requests: int = 256,
+        max_handshakes: int = 64,
     ) -> None:
         self.node_id = node_id
         self.identity = identity
@@ -103,6 +108,7 @@ class NodeTransport:
             keepalive_interval=keepalive_interval,
             handshake_timeout=handshake_timeout,
             max_concurrent_requests=max_concurrent_requests,
+            max_handshakes=max_handshakes,
         )
         self._peers: dict[str, PeerConnection] = {}
         self._connecting: dict[str, anyio.Lock] = {}
@@ -181,7 +187,8 @@ class NodeTransport:
         """Call *method* on the node at *address* and return its answer.
 
         :param timeout: seconds for the whole call, connecting included
-            (default: the transport's ``call_timeout``).
+            (default: the transport's ``call_timeout``, which also bounds
+            connecting).
         :param expect_fingerprint: refuse the peer unless its certificate has
             this fingerprint (the one the target node published).
         :raises CallTimeout: no answer in time (the peer is told to cancel).
@@ -210,19 +217,21 @@ class NodeTransport:
 
         The peer sends at most *window* items ahead of what has been consumed.
         Leaving the block early cancels the stream on the peer. *timeout*
-        bounds opening the stream and each wait for an item (``math.inf``
-        for none). Errors are those of :meth:`call`, raised on open or while
-        iterating.
+        bounds each wait for an item (``math.inf`` for none); opening the
+        stream takes at most the smaller of *timeout* and ``call_timeout``.
+        Errors are those of :meth:`call`, raised on open or while iterating.
         """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         limit = self._call_timeout if timeout is None else timeout
+        # A long wait between items must not mean a long wait for a dead peer.
+        open_limit = min(limit, self._call_timeout)
         reader = None
-        with anyio.move_on_after(limit):
+        with anyio.move_on_after(open_limit):
             connection = await self._connection(address, expect_fingerprint)
             reader = await connection.open_stream(method, payload, window=window, timeout=limit)
         if reader is None:
-            raise CallTimeout(address, method, limit)
+            raise CallTimeout(address, method, open_limit)
         try:
             yield reader
         finally:
@@ -237,24 +246,34 @@ class NodeTransport:
             async with lock:
                 connection = self._peers.get(address)
                 if connection is None or connection.closed:
-                    connection = await open_connection(
-                        address,
-                        node_id=self.node_id,
-                        identity=self.identity,
-                        context=self._client_context,
-                        authenticate=self._authenticate,
-                        max_frame_size=self._max_frame_size,
-                        keepalive_interval=self._keepalive_interval,
-                    )
+                    connection = await self._open(address)
                     self._peers[address] = connection
                     self._tg.start_soon(self._run_connection, connection)
         if expect_fingerprint is not None and connection.peer.fingerprint != expect_fingerprint:
-            raise PeerUnavailable(
-                address,
+            reason = (
                 f"the node there presents certificate {connection.peer.fingerprint}, "
-                f"not the expected {expect_fingerprint}",
+                f"not the expected {expect_fingerprint}"
             )
+            # Most likely a stale connection to a node since replaced at this
+            # address: drop it, so the next call reconnects.
+            connection.link.close(reason)
+            raise PeerUnavailable(address, reason)
         return connection
+
+    async def _open(self, address: str) -> PeerConnection:
+        # Other callers of this address wait on the lock meanwhile: bound it by
+        # the call timeout even for a caller willing to wait longer.
+        with anyio.move_on_after(self._call_timeout):
+            return await open_connection(
+                address,
+                node_id=self.node_id,
+                identity=self.identity,
+                context=self._client_context,
+                authenticate=self._authenticate,
+                max_frame_size=self._max_frame_size,
+                keepalive_interval=self._keepalive_interval,
+            )
+        raise PeerUnavailable(address, f"no handshake within {self._call_timeout:g} s")
 
     async def _run_connection(self, connection: PeerConnection) -> None:
         address = connection.peer.address

@@ -306,7 +306,7 @@ class Router:
                     node.advertise_address,
                     "observe",
                     encoder.encode(request),
-                    timeout=math.inf,
+                    timeout=math.inf,  # between events; opening is bounded by the call timeout
                     expect_fingerprint=node.tls_fingerprint,
                 ) as items:
                     async for data in items:
@@ -395,22 +395,38 @@ def _forget(registry: dict[str, list[_Observation]], waiting: _Observation) -> N
 
 
 def authenticator(
-    provider: Provider, members: Callable[[], Mapping[uuid.UUID, NodeRecord]]
+    provider: Provider,
+    members: Callable[[], Mapping[uuid.UUID, NodeRecord]],
+    *,
+    refresh_interval: float = 1.0,
 ) -> Callable[[str], Awaitable[bool]]:
     """Accept a peer whose certificate fingerprint a live member published.
 
-    A fingerprint not in this member's view is looked up in the store once (a
-    member that has just joined), so a new peer is not refused for a heartbeat.
+    A fingerprint not in this member's view is looked for in the store's
+    heartbeat records (a member that has just joined), read at most once per
+    *refresh_interval* (the heartbeat interval) and shared by the handshakes
+    waiting meanwhile: a new member is accepted within about an interval of
+    its first heartbeat, and strangers' connections, however many, cost at
+    most one read per interval.
     """
+    lock = anyio.Lock()
+    records: list[NodeRecord] = []
+    read_at = -math.inf
 
     async def authenticate(fingerprint: str) -> bool:
+        nonlocal records, read_at
         if any(r.tls_fingerprint == fingerprint for r in members().values()):
             return True
+        async with lock:
+            if anyio.current_time() - read_at >= refresh_interval:
+                read_at = anyio.current_time()
+                try:
+                    records = await list_nodes(provider)
+                except Exception as exc:  # keep the last records; expired ones fail is_live
+                    _log.info(
+                        "reading the heartbeat records to authenticate a peer failed: %s", exc
+                    )
         now = datetime.now(UTC)
-        try:
-            records = await list_nodes(provider)
-        except Exception:
-            return False
         return any(r.tls_fingerprint == fingerprint and r.is_live(now) for r in records)
 
     return authenticate
@@ -447,7 +463,9 @@ async def serve_cluster(
         NodeTransport(
             node_id=str(settings.node_id),
             identity=identity,
-            authenticate=authenticator(provider, members),
+            authenticate=authenticator(
+                provider, members, refresh_interval=settings.heartbeat_interval
+            ),
             unary=server.unary,
             deferred=server.deferred,
             streams=server.streams,
