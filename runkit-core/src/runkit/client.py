@@ -112,7 +112,9 @@ class Client:
                 NodeTransport(
                     node_id=str(s.node_id),
                     identity=identity,
-                    authenticate=authenticator(provider, membership.live_members),
+                    authenticate=authenticator(
+                        provider, membership.live_members, refresh_interval=s.heartbeat_interval
+                    ),
                 )
             )
             tg = await stack.enter_async_context(anyio.create_task_group())
