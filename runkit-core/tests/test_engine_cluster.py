@@ -720,3 +720,40 @@ async def test_unknown_certificates_cost_a_store_read_per_interval_and_newcomers
     await anyio.sleep(1.0)
     assert await authenticate("newcomer")
     assert reads == 2
+
+
+async def test_a_client_observes_the_events_of_a_node_it_cannot_reach() -> None:
+    # A node without a listen address cannot be reached: the client's command
+    # goes through the inbox, and its observer reads the chain's events from
+    # the partition's stream journal instead of a stream from the node.
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=MemoryProvider(silo),
+            heartbeat_interval=0.5,
+            **FAST,  # type: ignore[arg-type]
+        )
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        async with runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_persistence_provider(MemoryProvider(silo)),
+        ) as client:
+            executor = client.executor_for(s.app)
+            for i in range(3):
+                seen: list[Any] = []
+
+                async def saw(event: Deposited, seen: list[Any] = seen) -> bool:
+                    seen.append(event)
+                    return True
+
+                with anyio.fail_after(10):
+                    await executor.execute_command(
+                        Deposit(f"far{i}", 1, f"r{i}"),
+                        observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+                    )
+                assert [e.account for e in seen] == [f"far{i}"]
+        tg.cancel_scope.cancel()

@@ -120,7 +120,11 @@ class Client:
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             router = Router(
-                transport, membership.live_members, self_id=s.node_id, self_is_node=False
+                transport,
+                membership.live_members,
+                self_id=s.node_id,
+                self_is_node=False,
+                store=provider,
             )
             router.start(tg)
             self._router, self._provider, self._tg = router, provider, tg

@@ -9,6 +9,8 @@
 - ``ownership``: the ``Ownership`` protocol and a static one for tests and tools.
 - ``routing``: offers of commands to partition owners, inbox wake-ups, remote
   observation, and the methods a node serves (over ``runkit.transport``).
+- ``following``: a chain's events read from a partition's stream journal, for
+  the nodes that cannot be reached (no listen address).
 - ``status``: ``read_status``, what ``runkit status`` and ``Engine.status()`` show.
 
 Failure detection is storage-based (no leader, no consensus); the transport only

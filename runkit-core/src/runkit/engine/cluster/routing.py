@@ -17,7 +17,15 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import (
     asynccontextmanager,
     contextmanager,
@@ -32,7 +40,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from ... import rendezvous
 from ..._errors import ConfigurationError
-from ...persistence import Provider
+from ...persistence import PersistenceError, Provider
 from ...transport import (
     NodeTransport,
     TlsIdentity,
@@ -42,6 +50,7 @@ from ..commands.inbox import InboxEntry
 from ..partitions import partition_id
 from ..settings import EngineSettings
 from ..streams import CommandDone, Observed, Widen, fed_subscription
+from .following import follow_chain
 from .nodes import NodeRecord, list_nodes
 from .serving import ClusterServer
 from .wire import (
@@ -86,7 +95,9 @@ class Router:
 
     *members* returns the live heartbeat records of the other members (nodes and
     clients; only nodes own partitions). *self_id* is this member's node ID
-    (excluded from ranking when it is a client).
+    (excluded from ranking when it is a client). With *store*, the events of
+    nodes that cannot be reached (no advertise address) are observed from
+    their partitions' stream journals (``following``).
     """
 
     def __init__(
@@ -97,8 +108,10 @@ class Router:
         self_id: uuid.UUID,
         self_is_node: bool,
         offer_timeout: float = OFFER_TIMEOUT,
+        store: Provider | None = None,
     ) -> None:
         self._transport = transport
+        self._store = store
         self._members = members
         self._self_id = self_id
         self._self_is_node = self_is_node
@@ -265,7 +278,9 @@ class Router:
         if self._tg is None:
             raise RuntimeError("the router is not started (Router.start)")
         deadline = anyio.current_time() + self._offer_timeout + 0.5
-        observation = _Observation(app_key, correlation_id, partition, send, deadline)
+        observation = _Observation(
+            app_key, correlation_id, partition, send, deadline, datetime.now(UTC)
+        )
         self._observations.add(observation)
         if widen is None:
             self._widen(observation)
@@ -278,7 +293,7 @@ class Router:
             observation.closed = True
             self._observations.discard(observation)
             _forget(self._awaiting, observation)
-            for scope in observation.streams.values():
+            for scope in (*observation.streams.values(), *observation.followed.values()):
                 scope.cancel()
 
     def _widen(self, observation: _Observation) -> None:
@@ -290,10 +305,45 @@ class Router:
         """Open a stream at each peer that may record the chain and has none yet."""
         assert self._tg is not None
         for node in self._recorders(observation.app_key, observation.partition):
-            if node.node_id in observation.streams or not node.advertise_address:
-                continue
-            scope = observation.streams[node.node_id] = anyio.CancelScope()
-            self._tg.start_soon(self._follow, observation, node, scope)
+            if not node.advertise_address:
+                self._follow_store(observation, node)
+            elif node.node_id not in observation.streams:
+                scope = observation.streams[node.node_id] = anyio.CancelScope()
+                self._tg.start_soon(self._follow, observation, node, scope)
+
+    def _follow_store(self, observation: _Observation, node: NodeRecord) -> None:
+        """Read the chain's events of an unreachable node's partitions from the store."""
+        assert self._tg is not None
+        if self._store is None:
+            return
+        if observation.partition is not None:
+            indexes: Iterable[int] = (observation.partition,)
+        else:
+            indexes = node.progress.get(observation.app_key, {})
+        for index in indexes:
+            if index not in observation.followed:
+                scope = observation.followed[index] = anyio.CancelScope()
+                self._tg.start_soon(self._follow_partition, observation, index, scope)
+
+    async def _follow_partition(
+        self, observation: _Observation, index: int, scope: anyio.CancelScope
+    ) -> None:
+        assert self._store is not None
+        try:
+            with scope:
+                await follow_chain(
+                    self._store,
+                    observation.app_key,
+                    index,
+                    observation.correlation_id,
+                    observation.send,
+                    since=observation.started_at,
+                )
+        except PersistenceError as exc:
+            _log.info("following partition %d in the store stopped: %s", index, exc)
+        finally:
+            if observation.followed.get(index) is scope:
+                del observation.followed[index]
 
     async def _follow(
         self, observation: _Observation, node: NodeRecord, scope: anyio.CancelScope
@@ -345,6 +395,8 @@ class _Observation:
     send: MemoryObjectSendStream[Observed]
     #: When the streams open anyway if no answer has settled the chain (anyio time).
     deadline: float
+    #: When the observation began (wall clock): where following the store starts.
+    started_at: datetime
     #: The streams are open (or opening): the chain goes on, or nothing settled it.
     widened: bool = False
     #: An answer held the command's events and conclusive done note.
@@ -352,6 +404,8 @@ class _Observation:
     closed: bool = False
     #: A stream per peer, open or opening.
     streams: dict[uuid.UUID, anyio.CancelScope] = attrs.Factory(dict)
+    #: A store follower per partition of unreachable peers (``following``).
+    followed: dict[int, anyio.CancelScope] = attrs.Factory(dict)
 
 
 def _answered(
@@ -482,7 +536,9 @@ async def serve_cluster(
                     "runkit.with_advertise_address() or DOGMA_ADVERTISE_ADDRESS"
                 ],
             )
-        router = Router(transport, members, self_id=settings.node_id, self_is_node=True)
+        router = Router(
+            transport, members, self_id=settings.node_id, self_is_node=True, store=provider
+        )
         router.start(tg)
         try:
             yield NodeCluster(identity, transport, router, advertise)
