@@ -435,3 +435,30 @@ async def test_a_command_handled_after_the_writer_stopped_does_not_hang_its_call
         with anyio.fail_after(10):
             await executor.execute_command(Notify(1))
         await wait_until(lambda: 1 in s.notifier.calls)
+
+
+def test_unparked_commands_go_before_newer_ones_already_ready() -> None:
+    # An instance's commands keep their order: those parked while it loaded
+    # go back ahead of a newer command that reached the ready queue meanwhile.
+    from collections import deque
+    from typing import cast
+
+    from runkit.engine.commands.parking import ParkedInstances
+    from runkit.engine.commands.pending import PendingCommand
+
+    ready: deque[PendingCommand] = deque()
+    parked = ParkedInstances(
+        ready,
+        wake=lambda: None,
+        start=lambda *args: None,
+        load=lambda handler, instance: anyio.lowlevel.checkpoint(),
+        failure=lambda item, exc: None,
+        retry_base_delay=0.01,
+    )
+    first, second, newer = (cast(PendingCommand, object()) for _ in range(3))
+    key = ("handler", "instance")
+    parked.load(cast(Any, None), key, first)
+    assert parked.join(key, second)
+    ready.append(newer)
+    parked.unpark(key)
+    assert list(ready) == [first, second, newer]

@@ -87,7 +87,9 @@ class ParkedInstances:
         """Instance *key* may go on: its commands are ready again."""
         parked = self._parked.pop(key, None)
         if parked:
-            self._ready.extend(parked)
+            # In front: a newer command for the instance may have reached the
+            # ready queue since the loop last drained it.
+            self._ready.extendleft(reversed(parked))
             self._wake()
 
     async def _load(self, load: tuple[HandlerConfig, tuple[str, str]]) -> None:
