@@ -68,7 +68,7 @@ def test_invalid_inputs_name_the_bad_value() -> None:
     with pytest.raises(ValueError, match=r"workload 'nope' is not a UUID"):
         rendezvous.winner("nope", [uuid.uuid4()])
     with pytest.raises(TypeError, match=r"candidate must be a UUID or str, not int"):
-        rendezvous.rank(uuid.uuid4(), [42])  # type: ignore[list-item]
+        rendezvous.rank(uuid.uuid4(), [42])  # type: ignore[type-var]
 
 
 @given(uuids, st.lists(uuids, min_size=1, max_size=12, unique=True), st.randoms())
@@ -107,3 +107,44 @@ def test_partitions_spread_over_nodes() -> None:
         counts[rendezvous.winner(w, nodes)] += 1  # type: ignore[index]
     # Each of 4 nodes should get roughly a quarter; 20% either side is generous.
     assert all(800 < n < 1250 for n in counts.values()), counts
+
+
+def test_results_are_the_callers_own_objects() -> None:
+    # Strings stay strings and UUIDs stay UUIDs: the result is one of the inputs.
+    w = "00000000-0000-4000-8000-000000000001"
+    strs = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(2, 8)]
+    uuids_ = [uuid.UUID(s) for s in strs]
+    assert rendezvous.winner(w, strs) in strs
+    assert isinstance(rendezvous.winner(w, strs), str)
+    assert rendezvous.winner(w, uuids_) in uuids_
+    assert isinstance(rendezvous.winner(w, uuids_), uuid.UUID)
+    assert rendezvous.rank(w, strs) == [str(u) for u in rendezvous.rank(w, uuids_)]
+    assert all(isinstance(c, str) for c in rendezvous.rank(w, strs))
+    ranked = rendezvous.rank(w, strs)
+    assert rendezvous.rank_above(w, ranked[2], strs) == ranked[:2]
+    assert rendezvous.rank_above(w, uuid.UUID(ranked[2]), strs) == ranked[:2]
+    assert rendezvous.wins(w, ranked[0], strs)
+    assert rendezvous.wins(w, uuid.UUID(ranked[0]), strs)
+    assert not rendezvous.wins(w, ranked[1], strs)
+    # Self-affinity holds for a string candidate equal to a UUID workload.
+    assert rendezvous.winner(uuid.UUID(w), [*strs, w]) == w
+
+
+def test_mixed_and_uppercase_candidates_are_returned_as_given() -> None:
+    w = uuid.uuid4()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    given_: list[uuid.UUID | str] = [str(a).upper(), b, str(c)]
+    ranked = rendezvous.rank(w, given_)
+    assert sorted(map(str, ranked)) == sorted(map(str, given_))
+    assert [uuid.UUID(str(x)) for x in ranked] == rendezvous.rank(w, [a, b, c])
+    assert rendezvous.winner(w, given_) in given_
+    # Of duplicates (by UUID value), the first given is the one returned.
+    duplicates: list[uuid.UUID | str] = [str(a), a]
+    assert rendezvous.rank(w, duplicates) == [str(a)]
+
+
+@given(uuids, st.lists(uuids, min_size=1, max_size=12, unique=True))
+def test_string_inputs_rank_like_uuid_inputs(w: uuid.UUID, cs: list[uuid.UUID]) -> None:
+    strs = [str(c) for c in cs]
+    assert rendezvous.rank(str(w), strs) == [str(c) for c in rendezvous.rank(w, cs)]
+    assert rendezvous.winner(str(w), strs) == str(rendezvous.winner(w, cs))
