@@ -161,3 +161,23 @@ async def test_search_below_begin_raises_record_not_found(journal: Journal) -> N
     await journal.truncate(2)
     with pytest.raises(RecordNotFound):
         await search(journal, lambda position, record: 1, begin=0, end=2)
+
+
+def test_interval_unpacks_as_begin_then_end() -> None:
+    begin, end = Interval(3, 7)
+    assert (begin, end) == (3, 7)
+    assert tuple(Interval(0, 0)) == (0, 0)
+    interval = Interval(3, 7)
+    assert (interval.begin, interval.end) == (3, 7)
+    assert interval == Interval(3, 7)
+    assert interval != Interval(3, 8)
+    assert len(interval) == 4
+    assert 3 in interval
+    assert 7 not in interval
+
+
+async def test_bounds_unpack(journal: Journal) -> None:
+    await _fill(journal, [b"a", b"b", b"c"])
+    await journal.truncate(1)
+    begin, end = await journal.bounds()
+    assert (begin, end) == (1, 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import attrs
 
 from ._errors import LimitExceeded
@@ -14,7 +16,11 @@ MAX_POSITION = 2**63 - 1
 
 @attrs.frozen
 class Interval:
-    """The half-open range ``[begin, end)`` of a journal's live positions."""
+    """The half-open range ``[begin, end)`` of a journal's live positions.
+
+    It unpacks as a pair, ``begin, end = await journal.bounds()``; ``len()``
+    and ``in`` are about the live positions it spans.
+    """
 
     begin: int
     end: int
@@ -22,6 +28,11 @@ class Interval:
     def __attrs_post_init__(self) -> None:
         if not 0 <= self.begin <= self.end:
             raise ValueError(f"invalid interval [{self.begin}, {self.end})")
+
+    def __iter__(self) -> Iterator[int]:
+        """Yield ``begin`` then ``end``, so an interval unpacks as a pair."""
+        yield self.begin
+        yield self.end
 
     def __len__(self) -> int:
         return self.end - self.begin

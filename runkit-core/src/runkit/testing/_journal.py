@@ -98,6 +98,8 @@ class JournalSuite(SuiteBase):
         assert await journal.bounds() == Interval(0, 10)
         await journal.truncate(5)
         assert await journal.bounds() == Interval(5, 10)
+        begin, end = await journal.bounds()
+        assert (begin, end) == (5, 10)
         await journal.truncate(10)
         bounds = await journal.bounds()
         assert bounds == Interval(10, 10)
