@@ -41,20 +41,20 @@ class TruncatingJournal(Journal):
     async def bounds(self) -> Interval:
         return await self.inner.bounds()
 
-    async def get(self, position: int) -> bytes:
+    async def get(self, pos: int) -> bytes:
         self.gets += 1
         if self.gets == 1:
             await self.inner.truncate(self.to)
-        return await self.inner.get(position)
+        return await self.inner.get(pos)
 
-    def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
-        return self.inner.range(position)
+    def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
+        return self.inner.range(pos)
 
-    async def append(self, position: int, record: bytes) -> None:
-        await self.inner.append(position, record)
+    async def append(self, pos: int, record: bytes) -> None:
+        await self.inner.append(pos, record)
 
-    async def truncate(self, position: int) -> None:
-        await self.inner.truncate(position)
+    async def truncate(self, pos: int) -> None:
+        await self.inner.truncate(pos)
 
 
 async def _fill(journal: Journal, records: list[bytes]) -> None:

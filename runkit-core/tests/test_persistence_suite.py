@@ -59,18 +59,18 @@ class AbaKeyspace(_WrappedKeyspace):
 class ResurrectingJournal(_WrappedJournal):
     """Acknowledges appends at truncated positions without storing them (a lost write)."""
 
-    async def append(self, position: int, record: bytes) -> None:
-        if position < (await self._inner.bounds()).begin:
+    async def append(self, pos: int, record: bytes) -> None:
+        if pos < (await self._inner.bounds()).begin:
             return
-        await self._inner.append(position, record)
+        await self._inner.append(pos, record)
 
 
 class LateCheckingJournal(_WrappedJournal):
     """Talks to the backend before validating its input."""
 
-    async def append(self, position: int, record: bytes) -> None:
+    async def append(self, pos: int, record: bytes) -> None:
         await checkpoint()  # stands in for a request
-        await self._inner.append(position, record)
+        await self._inner.append(pos, record)
 
 
 class _PagingJournal(_WrappedJournal):
@@ -80,27 +80,24 @@ class _PagingJournal(_WrappedJournal):
         """Where to carry on from once a truncation passed *position* (``None``: stop)."""
         raise RecordNotFound(self.name, position)  # what the contract says
 
-    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
         first = True
         while True:
             bounds = await self._inner.bounds()
-            if first and not bounds.begin <= position < bounds.end:
-                raise RecordNotFound(self.name, position)
+            if first and not bounds.begin <= pos < bounds.end:
+                raise RecordNotFound(self.name, pos)
             first = False
-            if position < bounds.begin:
-                carry_on = self._overtaken(position, bounds.begin)
+            if pos < bounds.begin:
+                carry_on = self._overtaken(pos, bounds.begin)
                 if carry_on is None:
                     return
-                position = carry_on
-            if position >= bounds.end:
+                pos = carry_on
+            if pos >= bounds.end:
                 return
-            page = [
-                (p, await self._inner.get(p))
-                for p in range(position, min(position + 4, bounds.end))
-            ]
+            page = [(p, await self._inner.get(p)) for p in range(pos, min(pos + 4, bounds.end))]
             for item in page:
                 yield item
-            position = page[-1][0] + 1
+            pos = page[-1][0] + 1
 
 
 class SkippingJournal(_PagingJournal):
@@ -134,11 +131,11 @@ class CancelPoisonedJournal(_WrappedJournal):
     async def bounds(self) -> Interval:
         return await self._call(self._inner.bounds)
 
-    async def get(self, position: int) -> bytes:
-        return await self._call(lambda: self._inner.get(position))
+    async def get(self, pos: int) -> bytes:
+        return await self._call(lambda: self._inner.get(pos))
 
-    async def append(self, position: int, record: bytes) -> None:
-        await self._call(lambda: self._inner.append(position, record))
+    async def append(self, pos: int, record: bytes) -> None:
+        await self._call(lambda: self._inner.append(pos, record))
 
 
 class TornKeyspace(_WrappedKeyspace):

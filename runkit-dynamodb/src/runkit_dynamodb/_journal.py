@@ -113,14 +113,14 @@ class _DynamoJournal(_Handle, Journal):
         begin, end, _ = await self._read_state()
         return Interval(begin, end)
 
-    async def get(self, position: int) -> bytes:
-        position = _check_read_position(position)
+    async def get(self, pos: int) -> bytes:
+        pos = _check_read_position(pos)
         self._check_open()
-        if not 0 <= position <= MAX_POSITION:
-            raise RecordNotFound(self._name, position)
+        if not 0 <= pos <= MAX_POSITION:
+            raise RecordNotFound(self._name, pos)
         # One BatchGetItem reads the record and the metadata item, so a record
         # below a truncation that failed part-way is still reported as gone.
-        keys = [self._key(_POSITION.pack(position)), self._key(_META)]
+        keys = [self._key(_POSITION.pack(pos)), self._key(_META)]
         record: bytes | None = None
         begin = 0
         for attempt in range(_BATCH_ATTEMPTS):
@@ -136,7 +136,7 @@ class _DynamoJournal(_Handle, Journal):
                 if item["k"]["B"] == _META:
                     begin = int(item["b"]["N"])
                 else:
-                    self._observe(position + 1)
+                    self._observe(pos + 1)
                     if "r" in item:
                         record = item["r"]["B"]
             unprocessed = response.get("UnprocessedKeys", {}).get(self._table)
@@ -146,17 +146,17 @@ class _DynamoJournal(_Handle, Journal):
             await anyio.sleep(0.05 * 2**attempt)
         else:
             raise PersistenceError(f"{self._what}: read throttled", retryable=True)
-        if record is None or position < begin:
-            raise RecordNotFound(self._name, position)
+        if record is None or pos < begin:
+            raise RecordNotFound(self._name, pos)
         return record
 
-    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
-        position = _check_read_position(position)
+    async def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
+        pos = _check_read_position(pos)
         self._check_open()
-        if not 0 <= position <= MAX_POSITION:
-            raise RecordNotFound(self._name, position)
+        if not 0 <= pos <= MAX_POSITION:
+            raise RecordNotFound(self._name, pos)
         page_size = self._provider._page_size
-        expected = position
+        expected = pos
 
         async def query() -> QueryOutputTypeDef:
             # Restarting the key condition at the next position (rather than
@@ -180,13 +180,8 @@ class _DynamoJournal(_Handle, Journal):
         # begin is not live even if a failed truncation left its record in place.
         page, begin = await _gather(query, self._read_begin)
         items = page.get("Items", [])
-        if (
-            position < begin
-            or not items
-            or _position_of(items[0]) != position
-            or "r" not in items[0]
-        ):
-            raise RecordNotFound(self._name, position)
+        if pos < begin or not items or _position_of(items[0]) != pos or "r" not in items[0]:
+            raise RecordNotFound(self._name, pos)
         while True:
             for item in items:
                 if _position_of(item) != expected or "r" not in item:
@@ -203,36 +198,35 @@ class _DynamoJournal(_Handle, Journal):
             page = await query()
             items = page.get("Items", [])
 
-    async def append(self, position: int, record: bytes) -> None:
-        position = check_position(position)
+    async def append(self, pos: int, record: bytes) -> None:
+        pos = check_position(pos)
         record = self._provider.limits.check_record(record)
         self._check_open()
-        if position < self._known_end:
-            raise Conflict.journal(self._name, position)
-        if position > self._known_end:
+        if pos < self._known_end:
+            raise Conflict.journal(self._name, pos)
+        if pos > self._known_end:
             # Beyond what this handle has seen: the end must be exactly here,
             # so the previous position must have an item.
-            if await self._get_item(_POSITION.pack(position - 1), "k") is None:
-                raise Conflict.journal(self._name, position)
-            self._observe(position)
-        item = {**self._key(_POSITION.pack(position)), "r": _b(record)}
+            if await self._get_item(_POSITION.pack(pos - 1), "k") is None:
+                raise Conflict.journal(self._name, pos)
+            self._observe(pos)
+        item = {**self._key(_POSITION.pack(pos)), "r": _b(record)}
         try:
             await self._put(item, "attribute_not_exists(k)")
         except _ConditionFailed:
-            self._observe(position + 1)
-            raise Conflict.journal(self._name, position) from None
-        self._observe(position + 1)
+            self._observe(pos + 1)
+            raise Conflict.journal(self._name, pos) from None
+        self._observe(pos + 1)
 
-    async def truncate(self, position: int) -> None:
-        position = check_position(position)
+    async def truncate(self, pos: int) -> None:
+        pos = check_position(pos)
         self._check_open()
         begin, end, compacted = await self._read_state()
-        if position > end:
+        if pos > end:
             raise ValueError(
-                f"journal {self._name!r}: cannot truncate to position {position}, "
-                f"past the end ({end})"
+                f"journal {self._name!r}: cannot truncate to position {pos}, past the end ({end})"
             )
-        if position > begin:
+        if pos > begin:
             try:
                 await self._call(
                     "UpdateItem",
@@ -241,12 +235,12 @@ class _DynamoJournal(_Handle, Journal):
                         Key=self._key(_META),
                         UpdateExpression="SET b = :b",
                         ConditionExpression="attribute_not_exists(b) OR b < :b",
-                        ExpressionAttributeValues={":b": _n(position)},
+                        ExpressionAttributeValues={":b": _n(pos)},
                         ReturnValuesOnConditionCheckFailure="ALL_OLD",
                     ),
                     write=True,
                 )
-                begin = position
+                begin = pos
             except _ConditionFailed as exc:
                 # Another truncation moved begin further: compact up to there.
                 begin = int(exc.item["b"]["N"]) if exc.item else await self._read_begin()

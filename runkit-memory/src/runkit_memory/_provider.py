@@ -169,61 +169,61 @@ class _MemoryJournal(_Closable, Journal):
         with d.lock:
             return Interval(d.begin, d.end)
 
-    async def get(self, position: int) -> bytes:
+    async def get(self, pos: int) -> bytes:
         await checkpoint()
         self._check_open()
         d = self._data
         with d.lock:
-            if d.begin <= position < d.end:
-                return d.records[position - d.begin]  # bytes are immutable: no copy needed
-        raise RecordNotFound(self._name, position)
+            if d.begin <= pos < d.end:
+                return d.records[pos - d.begin]  # bytes are immutable: no copy needed
+        raise RecordNotFound(self._name, pos)
 
-    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
         await checkpoint()
         self._check_open()
         d = self._data
         first = True
         while True:
             with d.lock:
-                if not d.begin <= position < d.end:
+                if not d.begin <= pos < d.end:
                     # Not live: an error on the first step or if truncation overtook
                     # us; otherwise we reached the end.
-                    if first or position < d.begin:
-                        raise RecordNotFound(self._name, position)
+                    if first or pos < d.begin:
+                        raise RecordNotFound(self._name, pos)
                     return
-                offset = position - d.begin
+                offset = pos - d.begin
                 page = d.records[offset : offset + _PAGE_SIZE]
             first = False
             for record in page:
-                yield position, record
-                position += 1
+                yield pos, record
+                pos += 1
             self._check_open()
 
-    async def append(self, position: int, record: bytes) -> None:
-        position = check_position(position)
+    async def append(self, pos: int, record: bytes) -> None:
+        pos = check_position(pos)
         record = self._provider.limits.check_record(record)
         await checkpoint()
         self._check_open()
         d = self._data
         with d.lock:
-            if position != d.end:
-                raise Conflict.journal(self._name, position)
+            if pos != d.end:
+                raise Conflict.journal(self._name, pos)
             d.records.append(record)
 
-    async def truncate(self, position: int) -> None:
-        position = check_position(position)
+    async def truncate(self, pos: int) -> None:
+        pos = check_position(pos)
         await checkpoint()
         self._check_open()
         d = self._data
         with d.lock:
-            if position > d.end:
+            if pos > d.end:
                 raise ValueError(
-                    f"journal {self._name!r}: cannot truncate to position {position}, "
+                    f"journal {self._name!r}: cannot truncate to position {pos}, "
                     f"past the end ({d.end})"
                 )
-            if position > d.begin:
-                del d.records[: position - d.begin]
-                d.begin = position
+            if pos > d.begin:
+                del d.records[: pos - d.begin]
+                d.begin = pos
 
 
 class _MemoryKeyspace(_Closable, Keyspace):

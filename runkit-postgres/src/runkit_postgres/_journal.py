@@ -43,97 +43,97 @@ class _Journal(_Handle, Journal):
             raise self._missing()
         return Interval(cast(int, row[0]), cast(int, row[1]))
 
-    async def get(self, position: int) -> bytes:
-        """Return the record at *position*, or raise ``RecordNotFound``."""
+    async def get(self, pos: int) -> bytes:
+        """Return the record at *pos*, or raise ``RecordNotFound``."""
         self._check_open()
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise TypeError(f"position must be int, not {type(position).__name__}")
-        if not 0 <= position <= MAX_POSITION:
-            raise RecordNotFound(self._name, position)
-        query, params = self._sql.journal_get, (self._id, position)
+        if not isinstance(pos, int) or isinstance(pos, bool):
+            raise TypeError(f"position must be int, not {type(pos).__name__}")
+        if not 0 <= pos <= MAX_POSITION:
+            raise RecordNotFound(self._name, pos)
+        query, params = self._sql.journal_get, (self._id, pos)
 
         def operation(conn: Conn) -> tuple[object, ...] | None:
             return _one(conn, query, params)
 
-        row = await self._read(operation, f"get position {position}")
+        row = await self._read(operation, f"get position {pos}")
         if row is None:
-            raise RecordNotFound(self._name, position)
+            raise RecordNotFound(self._name, pos)
         return cast(bytes, row[0])
 
-    def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+    def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
         """Iterate ``(position, record)`` to the end, one page per round trip."""
         self._check_open()
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise TypeError(f"position must be int, not {type(position).__name__}")
+        if not isinstance(pos, int) or isinstance(pos, bool):
+            raise TypeError(f"position must be int, not {type(pos).__name__}")
         query = self._sql.journal_page
         rows_per_page, bytes_per_page = self._provider.page_rows, self._provider.page_bytes
         first = True
 
         async def fetch() -> tuple[list[tuple[int, bytes]], bool]:
-            nonlocal position, first
-            if not 0 <= position <= MAX_POSITION:
-                raise RecordNotFound(self._name, position)
-            params = (position, rows_per_page, bytes_per_page, self._id)
+            nonlocal pos, first
+            if not 0 <= pos <= MAX_POSITION:
+                raise RecordNotFound(self._name, pos)
+            params = (pos, rows_per_page, bytes_per_page, self._id)
 
             def operation(conn: Conn) -> Rows:
                 return _all(conn, query, params)
 
-            rows = await self._read(operation, f"range from position {position}")
+            rows = await self._read(operation, f"range from position {pos}")
             if not rows:
                 if self._id == _ABSENT:
-                    raise RecordNotFound(self._name, position)
+                    raise RecordNotFound(self._name, pos)
                 raise self._missing()
             begin, end = cast(int, rows[0][0]), cast(int, rows[0][1])
-            if position < begin or (first and position >= end):
+            if pos < begin or (first and pos >= end):
                 # Not live: never written, or truncated (before or during iteration).
-                raise RecordNotFound(self._name, position)
+                raise RecordNotFound(self._name, pos)
             first = False
             page: list[tuple[int, bytes]] = []
             for _, _, found, record in rows:
-                if found != position:  # records are dense in [begin, end)
+                if found != pos:  # records are dense in [begin, end)
                     if page:
                         break  # report the gap when the consumer gets there
-                    raise RecordNotFound(self._name, position)
-                page.append((position, cast(bytes, record)))
-                position += 1
-            return page, position >= end
+                    raise RecordNotFound(self._name, pos)
+                page.append((pos, cast(bytes, record)))
+                pos += 1
+            return page, pos >= end
 
         return _Pages(fetch)
 
-    async def append(self, position: int, record: bytes) -> None:
-        """Append *record* at *position* (the end), or raise ``Conflict``.
+    async def append(self, pos: int, record: bytes) -> None:
+        """Append *record* at *pos* (the end), or raise ``Conflict``.
 
         Concurrent appends to other journals of the provider may share the
         statement (``_grouping``); the outcome is this journal's alone.
         """
         self._check_open()
-        position = check_position(position)
+        pos = check_position(pos)
         data = self._provider.limits.check_record(record)
-        what = self._writable(f"append at position {position}")
-        row = (position, data)
+        what = self._writable(f"append at position {pos}")
+        row = (pos, data)
         if not await self._provider._appends.write(self._id, row, len(data), what):
-            raise Conflict.journal(self._name, position)
+            raise Conflict.journal(self._name, pos)
 
-    async def truncate(self, position: int) -> None:
-        """Remove the records below *position*, atomically."""
+    async def truncate(self, pos: int) -> None:
+        """Remove the records below *pos*, atomically."""
         self._check_open()
-        position = check_position(position)
+        pos = check_position(pos)
         st = self._sql
 
         def operation(conn: Conn) -> tuple[object, ...] | None:
             with conn.transaction():
-                params = (position, self._id, position, position)
+                params = (pos, self._id, pos, pos)
                 if _rowcount(conn, st.journal_raise_begin, params):
                     # A new statement, so a new snapshot: it sees every record
                     # appended before the UPDATE took the journal's row lock.
-                    _rowcount(conn, st.journal_delete_below, (self._id, position))
+                    _rowcount(conn, st.journal_delete_below, (self._id, pos))
                     return None
                 return _one(conn, st.journal_bounds, (self._id,))
 
-        bounds = await self._write(operation, f"truncate to position {position}")
-        if bounds is not None and position > cast(int, bounds[1]):
+        bounds = await self._write(operation, f"truncate to position {pos}")
+        if bounds is not None and pos > cast(int, bounds[1]):
             raise ValueError(
-                f"journal {self._name!r}: cannot truncate to position {position}, "
+                f"journal {self._name!r}: cannot truncate to position {pos}, "
                 f"past the end ({bounds[1]})"
             )
 

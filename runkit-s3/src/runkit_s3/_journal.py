@@ -181,18 +181,18 @@ class S3Journal(Journal):
             if token is None:
                 return last
 
-    async def get(self, position: int) -> bytes:
+    async def get(self, pos: int) -> bytes:
         objects = self._objects()
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise TypeError(f"position must be int, not {type(position).__name__}")
-        if not 0 <= position <= MAX_POSITION or position < self._state.get()[0]:
-            raise RecordNotFound(self._name, position)
+        if not isinstance(pos, int) or isinstance(pos, bool):
+            raise TypeError(f"position must be int, not {type(pos).__name__}")
+        if not 0 <= pos <= MAX_POSITION or pos < self._state.get()[0]:
+            raise RecordNotFound(self._name, pos)
         record: Blob | None = None
         begin = 0
 
         async def read_record() -> None:
             nonlocal record
-            record = await objects.get(self._keys.record(position))
+            record = await objects.get(self._keys.record(pos))
 
         async def read_begin() -> None:
             nonlocal begin
@@ -204,38 +204,38 @@ class S3Journal(Journal):
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_record)
             tg.start_soon(read_begin)
-        if record is None or position < begin:
-            raise RecordNotFound(self._name, position)
-        self._state.observe(end=position + 1)
+        if record is None or pos < begin:
+            raise RecordNotFound(self._name, pos)
+        self._state.observe(end=pos + 1)
         return record.body
 
-    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
         objects = self._objects()
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise TypeError(f"position must be int, not {type(position).__name__}")
-        if not 0 <= position <= MAX_POSITION or position < self._state.get()[0]:
-            raise RecordNotFound(self._name, position)
+        if not isinstance(pos, int) or isinstance(pos, bool):
+            raise TypeError(f"position must be int, not {type(pos).__name__}")
+        if not 0 <= pos <= MAX_POSITION or pos < self._state.get()[0]:
+            raise RecordNotFound(self._name, pos)
         batch = 1
-        records = await self._fetch(objects, position, batch)
+        records = await self._fetch(objects, pos, batch)
         first = True
         while True:
             # Read begin *after* this batch's records (a record is live if it
             # existed and begin had not passed it by then), and meanwhile fetch
             # the next batch if this one reached no end.
             batch = min(batch * 2, MAX_PREFETCH)
-            start = position + len(records)
+            start = pos + len(records)
             more = records[-1] is not None and start <= MAX_POSITION
             begin, following = await self._begin_and_fetch(objects, start, batch if more else 0)
-            if position < begin or (first and records[0] is None):
+            if pos < begin or (first and records[0] is None):
                 # Not live on the first step, or a truncation overtook us.
-                raise RecordNotFound(self._name, position)
+                raise RecordNotFound(self._name, pos)
             first = False
             for blob in records:
                 if blob is None:
                     return  # the end
-                self._state.observe(end=position + 1)
-                yield position, blob.body
-                position += 1
+                self._state.observe(end=pos + 1)
+                yield pos, blob.body
+                pos += 1
             if not following:
                 return  # position MAX_POSITION was the last
             records = following
@@ -267,16 +267,16 @@ class S3Journal(Journal):
         count = min(count, MAX_POSITION - start + 1)
         return await objects.get_many([self._keys.record(start + i) for i in range(count)])
 
-    async def append(self, position: int, record: bytes) -> None:
-        position = check_position(position)
+    async def append(self, pos: int, record: bytes) -> None:
+        pos = check_position(pos)
         record = self._provider.limits.check_record(record)
         objects = self._objects()
         cached_begin, cached_end = self._state.get()
-        if position < cached_begin:
-            raise Conflict.journal(self._name, position)  # truncated: begin only grows
+        if pos < cached_begin:
+            raise Conflict.journal(self._name, pos)  # truncated: begin only grows
 
         # Step 1: pre-read begin, and make sure position <= end.
-        need_previous = position > max(cached_begin, cached_end)
+        need_previous = pos > max(cached_begin, cached_end)
         begin = 0
         previous_exists = True
 
@@ -286,59 +286,59 @@ class S3Journal(Journal):
 
         async def check_previous() -> None:
             nonlocal previous_exists
-            previous_exists = await objects.head(self._keys.record(position - 1)) is not None
+            previous_exists = await objects.head(self._keys.record(pos - 1)) is not None
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_begin)
             if need_previous:
                 tg.start_soon(check_previous)
-        if position < begin:
-            raise Conflict.journal(self._name, position)
-        if need_previous and not previous_exists and position > begin:
+        if pos < begin:
+            raise Conflict.journal(self._name, pos)
+        if need_previous and not previous_exists and pos > begin:
             # position-1 is missing: past the end, or compacted since we read begin.
             begin, _ = await self._read_meta(objects)
-            if position != begin:
-                raise Conflict.journal(self._name, position)
+            if pos != begin:
+                raise Conflict.journal(self._name, pos)
 
         # Step 2: the write itself; exactly one writer can create the object.
-        key = self._keys.record(position)
+        key = self._keys.record(pos)
         try:
             await objects.put(key, record, if_none_match=True)
         except ConditionFailed as exc:
             if exc.exists:  # 412: the record is there, so end > position (409 says less)
-                self._state.observe(end=position + 1)
-            raise Conflict.journal(self._name, position) from None
+                self._state.observe(end=pos + 1)
+            raise Conflict.journal(self._name, pos) from None
 
         # Step 3: post-read begin; the record is live only if begin has not passed it.
         try:
             begin, _ = await self._read_meta(objects)
         except PersistenceError as exc:
             raise PersistenceError(
-                f"journal {self._name!r}: append at position {position} was written but "
+                f"journal {self._name!r}: append at position {pos} was written but "
                 f"could not be confirmed ({exc}); it may or may not be in the journal",
                 ambiguous=True,
             ) from None
-        if position < begin:
+        if pos < begin:
             # Garbage either way (below begin). Readers already ignore it; delete
             # it now rather than at the next compaction, if we can.
             with contextlib.suppress(PersistenceError):
                 await objects.delete(key)
             raise PersistenceError(
-                f"journal {self._name!r}: append at position {position} raced a truncation "
+                f"journal {self._name!r}: append at position {pos} raced a truncation "
                 f"to {begin}; the record may have been appended and then truncated",
                 ambiguous=True,
             )
-        self._state.observe(end=position + 1)
+        self._state.observe(end=pos + 1)
 
-    async def truncate(self, position: int) -> None:
-        position = check_position(position)
+    async def truncate(self, pos: int) -> None:
+        pos = check_position(pos)
         objects = self._objects()
         while True:
             begin, etag = await self._read_meta(objects)
-            if position <= begin:
+            if pos <= begin:
                 break
-            await self._check_not_past_end(objects, position)
-            body = _encode_meta(_Meta(begin=position, token=uuid.uuid4().hex))
+            await self._check_not_past_end(objects, pos)
+            body = _encode_meta(_Meta(begin=pos, token=uuid.uuid4().hex))
             try:
                 if etag is None:
                     await objects.put(self._keys.meta, body, if_none_match=True)
@@ -346,7 +346,7 @@ class S3Journal(Journal):
                     await objects.put(self._keys.meta, body, if_match=etag)
             except ConditionFailed:
                 continue  # another truncate got there first: re-read and re-check
-            begin = position
+            begin = pos
             self._state.observe(begin=begin)
             break
         await self._compact(objects, begin)

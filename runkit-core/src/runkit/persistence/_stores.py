@@ -69,18 +69,18 @@ class Journal(Handle):
         """
 
     @abc.abstractmethod
-    async def get(self, position: int) -> bytes:
-        """Return the record at *position*.
+    async def get(self, pos: int) -> bytes:
+        """Return the record at *pos*.
 
         Raises ``RecordNotFound`` if it was never written, was truncated, or
-        *position* is outside the valid range (never an overflow error).
+        *pos* is outside the valid range (never an overflow error).
         """
 
     @abc.abstractmethod
-    def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
-        """Iterate ``(position, record)`` from *position* to the end, ascending, gap-free.
+    def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
+        """Iterate ``(position, record)`` from *pos* to the end, ascending, gap-free.
 
-        Raises ``RecordNotFound`` on the first step if *position* is not live
+        Raises ``RecordNotFound`` on the first step if *pos* is not live
         (including on an empty journal), and if a truncation overtakes the
         iteration. Pages internally and holds no connection between pages, so
         the consumer may be slow or stop early.
@@ -92,20 +92,20 @@ class Journal(Handle):
         """
 
     @abc.abstractmethod
-    async def append(self, position: int, record: bytes) -> None:
-        """Append *record* at *position*, which must equal the journal's end.
+    async def append(self, pos: int, record: bytes) -> None:
+        """Append *record* at *pos*, which must equal the journal's end.
 
         Raises ``Conflict`` (changing nothing) for any other position, including
         truncated positions and positions past the end. Empty records are allowed.
         """
 
     @abc.abstractmethod
-    async def truncate(self, position: int) -> None:
-        """Remove every record below *position*.
+    async def truncate(self, pos: int) -> None:
+        """Remove every record below *pos*.
 
         Idempotent; a no-op when ``position <= begin``; ``ValueError`` when
         ``position > end``. After a normal return no handle can read a position
-        below *position*. After an error it may be partly applied; calling again
+        below *pos*. After an error it may be partly applied; calling again
         completes it.
         """
 

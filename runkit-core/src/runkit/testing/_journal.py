@@ -106,6 +106,15 @@ class JournalSuite(SuiteBase):
         assert bounds.is_empty
         assert not bounds.is_fresh
 
+    async def test_journal_methods_take_pos_by_keyword(self, journal: Journal) -> None:
+        # The contract names the parameter ``pos``: keyword calls must work.
+        await journal.append(pos=0, record=b"<zero>")
+        await journal.append(pos=1, record=b"<one>")
+        assert await journal.get(pos=1) == b"<one>"
+        assert [item async for item in journal.range(pos=0)] == [(0, b"<zero>"), (1, b"<one>")]
+        await journal.truncate(pos=1)
+        assert await journal.bounds() == Interval(1, 2)
+
     # -- get -------------------------------------------------------------------------------
 
     async def test_journal_get_unwritten_position_raises_record_not_found(

@@ -315,29 +315,29 @@ class _FaultyJournal(_Wrapper, Journal):
         self._count("bounds")
         return await self._inner.bounds()
 
-    async def get(self, position: int) -> bytes:
+    async def get(self, pos: int) -> bytes:
         self._count("get")
-        return await self._inner.get(position)
+        return await self._inner.get(pos)
 
-    async def range(self, position: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
         self._count("range")
-        async with aclosing(self._inner.range(position)) as items:  # type: ignore[type-var]
+        async with aclosing(self._inner.range(pos)) as items:  # type: ignore[type-var]
             async for item in items:
                 yield item
 
-    async def append(self, position: int, record: bytes) -> None:
+    async def append(self, pos: int, record: bytes) -> None:
         timing = self._plan.decide("append", "journal", self.name)
         if timing is BEFORE:
             raise self._plan.record("append", "journal", self.name, BEFORE)
-        await self._inner.append(position, record)
+        await self._inner.append(pos, record)
         if timing is AFTER:
             raise self._plan.record("append", "journal", self.name, AFTER)
 
-    async def truncate(self, position: int) -> None:
+    async def truncate(self, pos: int) -> None:
         timing = self._plan.decide("truncate", "journal", self.name)
         if timing is BEFORE:
             raise self._plan.record("truncate", "journal", self.name, BEFORE)
-        await self._inner.truncate(position)
+        await self._inner.truncate(pos)
         if timing is AFTER:
             raise self._plan.record("truncate", "journal", self.name, AFTER)
 
