@@ -2,7 +2,7 @@
 
 The conformance suites are pytest base classes (the counterparts of
 persistencekit's journaltest, kvtest and settest). A driver's test module
-subclasses them and supplies two fixtures::
+subclasses them and supplies a ``provider`` fixture::
 
     class TestMyDriver(ConformanceSuite):
         @pytest.fixture
@@ -11,14 +11,19 @@ subclasses them and supplies two fixtures::
 
         @pytest.fixture
         def make_provider(self) -> Callable[[], Provider]:
-            ...  # builds another provider on the same backend and namespace
+            ...  # optional: builds another provider on the same backend and namespace
 
         hypothesis_settings = hypothesis.settings(max_examples=10, deadline=None)
 
-The suites need pytest, Hypothesis and anyio's pytest plugin (``anyio_mode =
-"auto"``); install ``runkit-core[testing]``. They are imported lazily, so
-``runkit.testing.faults`` (fault-injecting provider wrappers) works without them.
-See docs/driver-guide.md.
+Without ``make_provider`` the tests that need a second provider (visibility
+across providers, concurrent provisioning, closing one of several) skip, naming
+the fixture. Every suite test is marked ``anyio``, so the suites run under
+anyio's pytest plugin with no ``anyio_mode`` setting, on the backends the
+project's ``anyio_backend`` fixture names.
+
+The suites need pytest, Hypothesis and anyio's pytest plugin; install
+``runkit-core[testing]``. They are imported lazily, so ``runkit.testing.faults``
+(fault-injecting provider wrappers) works without them. See docs/driver-guide.md.
 """
 
 from __future__ import annotations

@@ -43,7 +43,9 @@ async def _collect(journal: Journal, position: int) -> list[tuple[int, bytes]]:
 
 
 class JournalSuite(SuiteBase):
-    """Contract tests for journals. Subclass and override ``provider`` and ``make_provider``.
+    """Contract tests for journals: subclass and supply a ``provider`` fixture.
+
+    An optional ``make_provider`` fixture enables the cross-provider tests.
 
     ``range_overtaking_records`` is how many records the truncation-overtakes-range
     test writes: more than one page of the driver's ``range``, so that the

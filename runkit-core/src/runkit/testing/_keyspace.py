@@ -33,7 +33,10 @@ async def _first_key(keyspace: Keyspace) -> None:
 
 
 class KeyspaceSuite(SuiteBase):
-    """Contract tests for keyspaces. Subclass and override ``provider`` and ``make_provider``."""
+    """Contract tests for keyspaces: subclass and supply a ``provider`` fixture.
+
+    An optional ``make_provider`` fixture enables the cross-provider tests.
+    """
 
     @pytest.fixture
     def keyspace_name(self) -> str:

@@ -72,7 +72,10 @@ async def _raises_before_any_await(call: Callable[[], Awaitable[object]]) -> Bas
 
 
 class ProviderSuite(SuiteBase):
-    """Contract tests for the provider as a whole. Subclass and override the fixtures."""
+    """Contract tests for the provider as a whole: subclass and supply a ``provider`` fixture.
+
+    An optional ``make_provider`` fixture enables the tests that need several providers.
+    """
 
     # -- provisioning and opening --------------------------------------------------------
 

@@ -22,7 +22,10 @@ async def _members(set_: Set) -> list[bytes]:
 
 
 class SetSuite(SuiteBase):
-    """Contract tests for sets. Subclass and override ``provider`` and ``make_provider``."""
+    """Contract tests for sets: subclass and supply a ``provider`` fixture.
+
+    An optional ``make_provider`` fixture enables the cross-provider tests.
+    """
 
     @pytest.fixture
     def set_name(self) -> str:

@@ -83,12 +83,26 @@ async def cancel_call(when: str, call: Callable[[], Awaitable[object]]) -> bool:
     return not finished
 
 
+#: Why a test that needs a second provider skips when the driver gave no factory.
+_NO_MAKE_PROVIDER = (
+    "needs a second provider on the same backend and namespace as 'provider': "
+    "override the 'make_provider' fixture (a factory of further providers) to run it"
+)
+
+
 class SuiteBase:
-    """Fixtures every suite needs; drivers override ``provider`` and ``make_provider``.
+    """Fixtures every suite needs; drivers override ``provider`` (required) and
+    ``make_provider`` (optional: without it the cross-provider tests skip).
 
     ``hypothesis_settings`` is the budget of the state-machine tests; drivers
     on slow backends lower ``max_examples``.
+
+    Every test is marked ``anyio``, so the suites run under anyio's pytest
+    plugin whatever the project's ``anyio_mode``, on the backends its
+    ``anyio_backend`` fixture names.
     """
+
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.anyio]
 
     hypothesis_settings: ClassVar[hypothesis.settings] = hypothesis.settings(
         max_examples=40,
@@ -107,17 +121,23 @@ class SuiteBase:
         raise NotImplementedError("override the 'provider' fixture in your conformance test class")
 
     @pytest.fixture
-    def make_provider(self) -> Callable[[], Provider]:
-        """A factory of further providers on ``provider``'s backend and namespace; override it."""
-        raise NotImplementedError(
-            "override the 'make_provider' fixture in your conformance test class"
-        )
+    def make_provider(self) -> Callable[[], Provider] | None:
+        """A factory of further providers on ``provider``'s backend and namespace.
+
+        Optional. The suite closes every provider it makes. By default there is
+        none (``None``), and the tests that need a second provider (visibility
+        across providers, concurrent provisioning and opening, closing one
+        provider of several) skip, naming this fixture; override it to run them.
+        """
+        return None
 
     @pytest.fixture
     async def other_provider(
-        self, provider: Provider, make_provider: Callable[[], Provider]
+        self, provider: Provider, make_provider: Callable[[], Provider] | None
     ) -> AsyncIterator[Provider]:
         """A second provider on the same backend and namespace as ``provider``."""
+        if make_provider is None:
+            pytest.skip(_NO_MAKE_PROVIDER)
         other = make_provider()
         try:
             yield other
@@ -126,13 +146,16 @@ class SuiteBase:
 
     @pytest.fixture
     async def made_providers(
-        self, provider: Provider, make_provider: Callable[[], Provider]
+        self, provider: Provider, make_provider: Callable[[], Provider] | None
     ) -> AsyncIterator[Callable[[], Provider]]:
         """Like ``make_provider``, but closes every provider it made when the test ends."""
+        if make_provider is None:
+            pytest.skip(_NO_MAKE_PROVIDER)
+        factory = make_provider
         made: list[Provider] = []
 
         def make() -> Provider:
-            p = make_provider()
+            p = factory()
             made.append(p)
             return p
 
