@@ -408,3 +408,109 @@ def test_concurrent_registrations_of_one_id_admit_exactly_one() -> None:
     winner = reg.by_id(ID1)
     assert winner is not None
     assert winner.cls in classes
+
+
+# -- decorator order: register_* below a decorator that rebuilds the class --------------
+
+
+def test_register_below_attrs_frozen_registers_the_class_attrs_creates(
+    reg: dogma.MessageTypeRegistry,
+) -> None:
+    @dogma.register_event(ID1, registry=reg)
+    class First(dogma.Event):
+        pass
+
+    @attrs.frozen
+    @dogma.register_command(ID2, registry=reg)
+    class Deposit(dogma.Command):
+        amount: int
+
+    @dogma.register_deadline(ID3, registry=reg)
+    @attrs.frozen
+    class Ready(dogma.Deadline):
+        pass
+
+    assert "__slots__" in Deposit.__dict__  # attrs did rebuild it
+    assert Deposit in reg
+    assert Deposit(amount=1) in reg
+    entry = reg.of(Deposit)
+    assert entry == dogma.MessageType(id=ID2, cls=Deposit, kind=dogma.MessageKind.COMMAND)
+    assert reg.by_id(ID2) is entry
+    assert entry in reg
+    assert [t.cls for t in reg] == [First, Deposit, Ready]  # registration order kept
+    assert len(reg) == 3
+    assert entry.unmarshal(Deposit(amount=7).marshal_binary()) == Deposit(amount=7)
+    route = dogma.handles_command(Deposit, registry=reg)
+    assert route.type is entry
+    # The class attrs replaced is no longer registered, and its ID is still taken.
+    assert [c for c in reg if c.cls.__qualname__ == Deposit.__qualname__] == [entry]
+    with pytest.raises(ValueError, match="is already associated with"):
+        dogma.register_command(ID2, registry=reg)(type("Other", (dogma.Command,), {}))
+
+
+def test_register_below_attrs_works_with_the_global_registry() -> None:
+    type_id = str(uuid.uuid4())
+
+    @attrs.define(frozen=True, kw_only=True)
+    @dogma.register_event(type_id)
+    class Opened(dogma.Event):
+        account_id: str
+
+    assert Opened in dogma.registry
+    assert dogma.registry.by_id(type_id).cls is Opened  # type: ignore[union-attr]
+    assert dogma.records_event(Opened).type.cls is Opened
+    assert dogma.handles_event(Opened).type.cls is Opened
+
+
+def test_register_below_attrs_in_two_registries(reg: dogma.MessageTypeRegistry) -> None:
+    other = dogma.MessageTypeRegistry()
+
+    @attrs.frozen
+    @dogma.register_command(ID1, registry=reg)
+    @dogma.register_command(ID2, registry=other)
+    class Deposit(dogma.Command):
+        amount: int
+
+    assert reg.by_id(ID1) == dogma.MessageType(ID1, Deposit, dogma.MessageKind.COMMAND)
+    assert other.by_id(ID2) == dogma.MessageType(ID2, Deposit, dogma.MessageKind.COMMAND)
+
+
+def test_register_below_attrs_checks_the_codec_of_the_class_attrs_creates(
+    reg: dogma.MessageTypeRegistry,
+) -> None:
+    with pytest.raises(TypeError, match=r"cannot register .*Bad as a command \(" + ID1):
+
+        @attrs.frozen
+        @dogma.register_command(ID1, registry=reg)
+        class Bad(dogma.Command):
+            lock: threading.Lock  # the default codec cannot store it
+
+    assert len(reg) == 0
+    assert reg.by_id(ID1) is None
+
+
+def test_register_on_both_sides_of_attrs_is_a_duplicate(reg: dogma.MessageTypeRegistry) -> None:
+    with pytest.raises(ValueError, match="it is already registered"):
+
+        @dogma.register_command(ID1, registry=reg)
+        @attrs.frozen
+        @dogma.register_command(ID1, registry=reg)
+        class Twice(dogma.Command):
+            amount: int
+
+
+def test_subclass_of_a_class_registered_below_attrs_is_not_registered(
+    reg: dogma.MessageTypeRegistry,
+) -> None:
+    @attrs.frozen
+    @dogma.register_command(ID1, registry=reg)
+    class Base(dogma.Command):
+        amount: int
+
+    @attrs.frozen
+    class Derived(Base):
+        note: str = ""
+
+    assert Base in reg
+    assert Derived not in reg
+    assert reg.of(Derived) is None

@@ -281,7 +281,7 @@ def test_mixins_satisfy_the_handler_checks() -> None:
     dogma.via_projection(SimpleProjection())
 
 
-def test_route_explains_decorators_applied_in_the_wrong_order() -> None:
+def test_route_accepts_a_class_registered_below_attrs_frozen() -> None:
     reg = dogma.MessageTypeRegistry()
 
     @attrs.frozen  # attrs replaces the class the decorator below registered
@@ -289,16 +289,34 @@ def test_route_explains_decorators_applied_in_the_wrong_order() -> None:
     class Backwards(dogma.Command):
         amount: int
 
+    route = dogma.handles_command(Backwards, registry=reg)
+    assert route.type.cls is Backwards
+
+
+def test_route_explains_a_namesake_that_is_not_the_registered_class() -> None:
+    reg = dogma.MessageTypeRegistry()
+
+    def define(register: bool) -> type[dogma.Command]:
+        @attrs.frozen
+        class Again(dogma.Command):
+            amount: int
+
+        if register:
+            dogma.register_command("9f1c3c52-5e0b-4a8e-9a47-2f6c1d0b7e13", registry=reg)(Again)
+        return Again
+
+    define(register=True)
+    unregistered = define(register=False)
     with pytest.raises(
         TypeError,
         match=re.escape(
-            f"{__name__}.{Backwards.__qualname__} is not in the message type registry, but "
-            "another class with that name is (9f1c3c52-5e0b-4a8e-9a47-2f6c1d0b7e13); "
-            "apply @dogma.register_command() above @attrs.frozen, "
-            "so it registers the class attrs creates"
+            f"{__name__}.{unregistered.__qualname__} is not in the message type registry, "
+            "but another class with that name is (9f1c3c52-5e0b-4a8e-9a47-2f6c1d0b7e13); "
+            "register the class object that is routed with @dogma.register_command(), "
+            "applied to every class statement that creates it"
         ),
     ):
-        dogma.handles_command(Backwards, registry=reg)
+        dogma.handles_command(unregistered, registry=reg)
 
 
 def test_async_callables_that_are_not_functions_are_accepted() -> None:

@@ -76,6 +76,10 @@ class DeadlineValidationScope(ValidationScope):
     scheduled_for: datetime | None = attrs.field(default=None, kw_only=True)
 
 
+#: The class attribute where the registry records a class's registrations
+#: (only in the class's own ``__dict__``: subclasses are not registered).
+REGISTRATIONS_ATTRIBUTE = "__dogma_registrations__"
+
 # Filled in once the kind base classes exist; Message.__init_subclass__ runs for them too.
 _KIND_BASES: "dict[type[Message], MessageKind]" = {}
 
@@ -104,6 +108,11 @@ class Message:
                 f"{cls.__qualname__} derives from both {names}; "
                 "a message type must have exactly one kind"
             )
+        # A class decorator that rebuilds a registered class (attrs does for
+        # slotted classes) copies its namespace, registrations included, into
+        # the new class: the registry moves each entry to the class in use.
+        for registration in cls.__dict__.get(REGISTRATIONS_ATTRIBUTE, ()):
+            registration.rebuilt(cls)
 
     def message_description(self) -> str:
         """Return a short, human-readable description of the message.

@@ -14,7 +14,15 @@ import attrs
 
 from . import _codec
 from ._identity import normalize_uuid
-from ._messages import Command, Deadline, Event, Message, MessageKind, kind_of
+from ._messages import (
+    REGISTRATIONS_ATTRIBUTE,
+    Command,
+    Deadline,
+    Event,
+    Message,
+    MessageKind,
+    kind_of,
+)
 
 M = TypeVar("M", bound=Message)
 C = TypeVar("C", bound=Command)
@@ -134,7 +142,47 @@ class MessageTypeRegistry:
                     )
             self._by_id[type_id] = entry
             self._by_cls[cls] = entry
+        # Recorded on the class itself, so a copy of it made by a decorator
+        # applied afterwards (attrs rebuilds slotted classes) takes its place.
+        registration = _Registration(self, type_id, cls, localns)
+        recorded = cls.__dict__.get(REGISTRATIONS_ATTRIBUTE, ())
+        setattr(cls, REGISTRATIONS_ATTRIBUTE, (*recorded, registration))
         return entry
+
+    def _adopt(self, registration: "_Registration", cls: type[Message]) -> None:
+        """Move *registration*'s entry to *cls*, a rebuilt copy of its class."""
+        old = registration.cls
+        if cls is old:
+            return
+        with self._lock:
+            entry = self._by_cls.get(old)
+            if entry is None or entry.id != registration.type_id:
+                return  # replaced since (a module reload): nothing to move
+        problem: str | None = None
+        if kind_of(cls) is not entry.kind:
+            problem = f"the rebuilt class is not {with_article(entry.kind.value)}"
+        else:
+            try:
+                _codec_check(cls, registration.localns)
+            except TypeError as exc:
+                problem = str(exc)
+        if problem is not None:
+            # The class the application would use cannot be registered: leave
+            # nothing behind, so the error is the only outcome.
+            with self._lock:
+                if self._by_cls.get(old) is entry:
+                    del self._by_cls[old]
+                    del self._by_id[entry.id]
+            what = f"{_qualified(cls)} as {with_article(entry.kind.value)} ({entry.id})"
+            raise TypeError(f"cannot register {what}: {problem}")
+        moved = MessageType(id=entry.id, cls=cls, kind=entry.kind)
+        with self._lock:
+            if self._by_cls.get(old) is not entry:
+                return
+            del self._by_cls[old]
+            self._by_cls[cls] = moved
+            self._by_id[entry.id] = moved  # same key: registration order is kept
+            registration.cls = cls
 
     def by_id(self, type_id: str) -> MessageType | None:
         """Return the type registered under ``type_id`` (any case), or ``None``.
@@ -175,6 +223,27 @@ registry = MessageTypeRegistry()
 """The global message type registry."""
 
 
+@attrs.define(eq=False)
+class _Registration:
+    """One registration of a class, kept in the class's ``__dogma_registrations__``.
+
+    A decorator applied after the ``register_*`` one may replace the class
+    with a rebuilt copy (attrs does for slotted classes, which is the
+    default); the copy's namespace carries this record, and
+    ``Message.__init_subclass__`` calls :meth:`rebuilt` for it, so the registry
+    holds the class the application uses whatever the decorator order.
+    """
+
+    registry: MessageTypeRegistry
+    type_id: str
+    cls: type[Message]
+    localns: dict[str, object] | None = attrs.field(repr=False)
+
+    def rebuilt(self, cls: type[Message]) -> None:
+        """Register *cls*, a rebuilt copy of ``self.cls``, in its place."""
+        self.registry._adopt(self, cls)
+
+
 def _make_decorator(
     kind: MessageKind, type_id: str, reg: MessageTypeRegistry | None
 ) -> Callable[[type[M]], type[M]]:
@@ -211,8 +280,9 @@ def register_command(
             transaction_id: str
             amount: int
 
-    Apply it *above* ``@attrs.frozen``: attrs creates a new class for
-    slotted classes, and the registered class must be the one you use.
+    It may go above or below ``@attrs.frozen``. attrs creates a new class for
+    slotted classes; when it does so after registration, the new class takes
+    the registered one's place (same ID, same position in the registry).
 
     Args:
         type_id: The type's UUID (36-character hyphenated form, not nil).

@@ -233,12 +233,14 @@ def registered_type(
     if entry is None:
         namesake = next((t for t in reg if _qualified(t.cls) == _qualified(cls)), None)
         if namesake is not None:
-            # attrs replaces a slotted class, so registering before attrs runs
-            # registers a class object the application never uses.
+            # Two class objects of one name: the class statement ran twice (a
+            # class defined in a function) or something copied the class
+            # without its namespace, and only the other one was registered.
             raise TypeError(
                 f"{_qualified(cls)} is not in the message type registry, but another class "
-                f"with that name is ({namesake.id}); apply @dogma.register_{kind.value}() "
-                "above @attrs.frozen, so it registers the class attrs creates"
+                f"with that name is ({namesake.id}); register the class object that is "
+                f"routed with @dogma.register_{kind.value}(), applied to every class "
+                "statement that creates it"
             )
         raise TypeError(
             f"{_qualified(cls)} is not in the message type registry; "
