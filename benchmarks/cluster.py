@@ -464,7 +464,10 @@ def _ms(value: float) -> str:
 
 async def _owners(pg: PostgresProvider, app: ApplicationConfig) -> dict[int, uuid.UUID | None]:
     status = await read_status(pg, (app,), now=datetime.now(UTC))
-    return {p.index: p.claimed_by for p in status.partitions}
+    return {
+        p.index: None if p.claimed_by is None else uuid.UUID(p.claimed_by)
+        for p in status.partitions
+    }
 
 
 async def _settled(pg: PostgresProvider, app: ApplicationConfig, nodes: set[uuid.UUID]) -> None:
