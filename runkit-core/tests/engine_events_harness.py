@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import attrs
@@ -30,9 +31,38 @@ from runkit.engine.streams import EventBus, PartitionStream, StreamWriter, read_
 from runkit.persistence import Provider
 from runkit_memory import MemoryProvider
 
-__all__ = ["FakeClock", "Harness", "harness", "wait_until"]
+__all__ = ["CommandSink", "FakeClock", "Harness", "harness", "wait_until"]
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@attrs.frozen
+class CommandSink:
+    """An aggregate that gives a process's command a route (``command.id`` is its instance).
+
+    The harness fakes acceptance, so it never handles one.
+    """
+
+    key: str
+    command: type[dogma.Command]
+    event: type[dogma.Event]
+    registry: dogma.MessageTypeRegistry
+
+    def configure(self, c: Any) -> None:
+        c.identity("things", self.key)
+        c.routes(
+            dogma.handles_command(self.command, registry=self.registry),
+            dogma.records_event(self.event, registry=self.registry),
+        )
+
+    def new(self) -> Any:
+        return None
+
+    def route_command_to_instance(self, command: Any) -> str:
+        return str(command.id)
+
+    def handle_command(self, root: Any, scope: Any, command: Any) -> None:
+        raise AssertionError("not called: the harness fakes acceptance")
 
 
 @attrs.define

@@ -36,7 +36,7 @@ from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timi
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import Harness, harness, wait_until
+from engine_events_harness import CommandSink, Harness, harness, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a2000000-0000-4000-8000-000000000001"
@@ -213,33 +213,18 @@ class DidThing(dogma.Event):
     id: str
 
 
-class Things:
-    """Handles DoThing (the harness fakes acceptance, so it never runs here)."""
-
-    def configure(self, c: Any) -> None:
-        c.identity("things", "b2000000-0000-4000-8000-000000000002")
-        c.routes(
-            dogma.handles_command(DoThing, registry=REGISTRY),
-            dogma.records_event(DidThing, registry=REGISTRY),
-        )
-
-    def new(self) -> Any:
-        return None
-
-    def route_command_to_instance(self, command: Any) -> str:
-        return str(command.id)
-
-    def handle_command(self, root: Any, scope: Any, command: Any) -> None:
-        raise AssertionError("not called")
-
-
 @attrs.frozen
 class App:
     process: Process
 
     def configure(self, c: Any) -> None:
         c.identity("app", APP_KEY)
-        c.routes(dogma.via_process(self.process), dogma.via_aggregate(Things()))
+        c.routes(
+            dogma.via_process(self.process),
+            dogma.via_aggregate(
+                CommandSink("b2000000-0000-4000-8000-000000000002", DoThing, DidThing, REGISTRY)
+            ),
+        )
 
 
 async def start(h: Harness, tg: Any, *, provider: Any = None) -> Any:

@@ -31,7 +31,7 @@ from runkit.engine.partitions import instance_workload, partition_of
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import Harness, harness, wait_until
+from engine_events_harness import CommandSink, Harness, harness, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a6000000-0000-4000-8000-000000000001"
@@ -142,31 +142,18 @@ class Process:
         scope.execute_command(DoThing(deadline.id, n))
 
 
-class Things:
-    def configure(self, c: Any) -> None:
-        c.identity("things", "b6000000-0000-4000-8000-000000000002")
-        c.routes(
-            dogma.handles_command(DoThing, registry=REGISTRY),
-            dogma.records_event(DidThing, registry=REGISTRY),
-        )
-
-    def new(self) -> Any:
-        return None
-
-    def route_command_to_instance(self, command: Any) -> str:
-        return str(command.id)
-
-    def handle_command(self, root: Any, scope: Any, command: Any) -> None:
-        raise AssertionError("not called: the harness fakes acceptance")
-
-
 @attrs.frozen
 class App:
     process: Process
 
     def configure(self, c: Any) -> None:
         c.identity("app", APP_KEY)
-        c.routes(dogma.via_process(self.process), dogma.via_aggregate(Things()))
+        c.routes(
+            dogma.via_process(self.process),
+            dogma.via_aggregate(
+                CommandSink("b6000000-0000-4000-8000-000000000002", DoThing, DidThing, REGISTRY)
+            ),
+        )
 
 
 class CountingPlan(FaultPlan):

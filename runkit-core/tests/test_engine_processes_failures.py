@@ -24,7 +24,7 @@ from runkit.engine.events.process_instances import ProcessRecord
 from runkit.engine.events.process_stores import list_poisoned_events, process_store_name
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import Harness, harness, wait_until
+from engine_events_harness import CommandSink, Harness, harness, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a9900000-0000-4000-8000-000000000001"
@@ -107,31 +107,18 @@ class Process:
         raise AssertionError("no deadlines")
 
 
-class Things:
-    def configure(self, c: Any) -> None:
-        c.identity("things", "b9900000-0000-4000-8000-000000000002")
-        c.routes(
-            dogma.handles_command(DoThing, registry=REGISTRY),
-            dogma.records_event(DidThing, registry=REGISTRY),
-        )
-
-    def new(self) -> Any:
-        return None
-
-    def route_command_to_instance(self, command: Any) -> str:
-        return str(command.id)
-
-    def handle_command(self, root: Any, scope: Any, command: Any) -> None:
-        raise AssertionError("not called")
-
-
 @attrs.frozen
 class App:
     process: Process
 
     def configure(self, c: Any) -> None:
         c.identity("app", APP_KEY)
-        c.routes(dogma.via_process(self.process), dogma.via_aggregate(Things()))
+        c.routes(
+            dogma.via_process(self.process),
+            dogma.via_aggregate(
+                CommandSink("b9900000-0000-4000-8000-000000000002", DoThing, DidThing, REGISTRY)
+            ),
+        )
 
 
 async def start(h: Harness, tg: Any, options: ConsumerOptions = BRISK) -> None:
