@@ -435,3 +435,31 @@ async def test_the_bus_keeps_a_bounded_number_of_recent_events_for_a_bounded_tim
     assert await _replayed(bus, a.correlation_id) == []  # older than ten seconds
     assert not bus._recent
     assert not bus._order
+
+
+async def test_an_engine_refuses_a_command_whose_observers_can_never_be_satisfied() -> None:
+    # Rule 1 is checked before the command is accepted: the caller learns of
+    # its mistake without the command running (a retry would run it twice).
+    import sys
+    from pathlib import Path
+
+    from runkit_memory import MemoryProvider
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import engine_commands_harness as ch
+
+    s = ch.setup()
+    provider = MemoryProvider(f"observers-{uuid.uuid4()}")
+    async with ch.running(provider, s.config, partition_count=1) as engine:
+
+        async def notified(event: ch.Notified) -> bool:
+            return True
+
+        with pytest.raises(dogma.EventObserverNotSatisfied, match="not executed"):
+            await engine.executor_for(s.app).execute_command(
+                ch.Deposit("a", 1),
+                observers=[dogma.observe(ch.Notified, notified, registry=ch.REGISTRY)],
+            )
+    stores = await ch.read_stores(provider)
+    assert stores.accepted_ids() == set()
+    assert stores.published() == []

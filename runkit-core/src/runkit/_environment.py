@@ -299,7 +299,7 @@ ENVIRONMENT = EnvironmentRegistry(
             "host:port",
             "The address peers use to reach this node; must be routable (no 0.0.0.0, no port 0).",
             "node-1.internal:7000",
-            default="derived from the listen address and host name",
+            default="the address it listens on (required when that is a wildcard such as 0.0.0.0)",
             parse=lambda v: parse_address(v, what="advertise address", advertise=True),
         ),
         *(

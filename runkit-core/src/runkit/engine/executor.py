@@ -21,7 +21,7 @@ import dogma
 from ..config import ApplicationConfig, HandlerKind
 from .commands.acceptance import Acceptor, command_id_for
 from .envelope import new_envelope, validate_new
-from .events.observers import Subscription, wait_for_observers
+from .events.observers import Subscription, satisfiable_observers, wait_for_observers
 from .ids import new_id
 from .settings import EngineSettings
 from .streams import Widen
@@ -120,6 +120,8 @@ class Executor:
             message_id=command_id,
             validated=True,
         )
+        if observers:
+            satisfiable_observers(self._app, type(command), observers)  # before it runs
         acceptor = await self._gateway.acceptor(app_key)
         routed = acceptor.route(envelope, keyed=idempotency_key is not None)
         if not observers:

@@ -17,6 +17,7 @@ from opentelemetry import metrics
 
 from ...persistence import PersistenceError, Provider
 from ..backoff import backoff
+from ..logs import LogContext
 from ..settings import EngineSettings
 from .pending import PendingCommand
 from .poison import PoisonRecord, write_poison
@@ -62,18 +63,22 @@ class Retries:
         name = handler.identity.name if handler is not None else item.entry.handler_key
         item.failures += 1
         _failed.add(1, {"handler": name})
+        about = LogContext.of_message(
+            item.entry.envelope,
+            partition=self._index,
+            handler=name,
+            instance_id=item.entry.instance_id,
+        )
         if item.failures >= self._settings.max_attempts:
             _log.error(
-                "command %s (%s, partition %d) failed %d times in handler %s; moving it to "
-                "the poison store: %s: %s",
-                item.command_id,
+                "command %r failed %d times; moving it to the poison store (%s): %s: %s",
                 item.entry.envelope.description,
-                self._index,
                 item.failures,
-                name,
+                about,
                 type(exc).__name__,
                 exc,
                 exc_info=exc,
+                extra=about.extra,
             )
             self._start(self.poison, item, f"{type(exc).__name__}: {exc}", item.failures)
             return None
@@ -81,16 +86,14 @@ class Retries:
             item.failures, self._settings.retry_base_delay, self._settings.retry_max_delay
         )
         _log.warning(
-            "command %s (%s, partition %d) failed in handler %s (attempt %d), retrying in "
-            "%.2fs: %s: %s",
-            item.command_id,
+            "command %r failed (attempt %d), retrying in %.2fs (%s): %s: %s",
             item.entry.envelope.description,
-            self._index,
-            name,
             item.failures,
             delay,
+            about,
             type(exc).__name__,
             exc,
+            extra=about.extra,
         )
         self._spill(item)
         return delay

@@ -41,9 +41,32 @@ from ...config import ApplicationConfig
 from ..envelope import Envelope
 from ..streams import CommandDone, Observed
 
-__all__ = ["Subscription", "wait_for_observers"]
+__all__ = ["Subscription", "satisfiable_observers", "wait_for_observers"]
 
 Subscription = AbstractAsyncContextManager[AsyncIterator[Observed]]
+
+
+def satisfiable_observers(
+    app: ApplicationConfig, command_type: type, observers: Sequence[dogma.EventObserver[Any]]
+) -> list[dogma.EventObserver[Any]]:
+    """The *observers* whose event class may follow from *command_type* (rule 1).
+
+    The executor calls it before accepting the command, so a command whose
+    observers can never be satisfied is refused, not executed.
+
+    Raises:
+        dogma.EventObserverNotSatisfied: None of them can be satisfied.
+    """
+    reachable = app.reachable_events(command_type)
+    live = [o for o in observers if any(issubclass(r, o.event_type) for r in reachable)]
+    if not live:
+        observed = ", ".join(sorted(o.event_type.__qualname__ for o in observers))
+        raise dogma.EventObserverNotSatisfied(
+            f"no observed event ({observed}) can follow from a "
+            f"{command_type.__qualname__} in application {app.identity}; "
+            "the command was not executed"
+        )
+    return live
 
 
 async def wait_for_observers(
@@ -77,14 +100,7 @@ async def wait_for_observers(
     """
     if not observers:
         return
-    reachable = app.reachable_events(command_type)
-    live = [o for o in observers if any(issubclass(r, o.event_type) for r in reachable)]
-    if not live:
-        observed = ", ".join(sorted(o.event_type.__qualname__ for o in observers))
-        raise dogma.EventObserverNotSatisfied(
-            f"no observed event ({observed}) can follow from a "
-            f"{command_type.__qualname__} in application {app.identity}"
-        )
+    live = satisfiable_observers(app, command_type, observers)
     correlation_id = command.correlation_id
     recorded: set[type] = set()
     async for event in events:
