@@ -212,12 +212,38 @@ def test_redact_url_hides_only_the_password(url: str, redacted: str) -> None:
         ("host=db password='s 3cret' user=bob", "host=db password=*** user=bob"),
         ("://bob:s3cret@db/x", "://bob:***@db/x"),
         ("memory:///silo", "memory:///silo"),
+        # Unencoded '/', '#' or '?' in the password: urlsplit cannot see it.
+        ("postgresql://app:Sup3r/Secret@db/app", "postgresql://app:***@db/app"),
+        ("postgresql://app:Sup3r#Secret@db/app", "postgresql://app:***@db/app"),
+        ("s3://AKIA:wJal/K7MD/bPx@h:9000/b", "s3://AKIA:***@h:9000/b"),
+        ("postgresql://db:5432/app?user=me@corp", "postgresql://db:5432/app?user=me@corp"),
     ],
 )
 def test_redact_url_hides_every_password_form(url: str, shown: str) -> None:
     from runkit.persistence import redact_url
 
     assert redact_url(url) == shown
+
+
+# AWS secret keys routinely hold '/'; passwords may hold '#' or '?'.
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        (f"dynamodb://AKIAEXAMPLE:{SECRET}@localhost:8000/app", SECRET),
+        (f"s3://AKIAEXAMPLE:{SECRET}@localhost:9000/bucket", SECRET),
+        ("postgresql://app:Sup3r/Secret@db.example.com/app", "Sup3r/Secret"),
+        ("postgresql://app:Sup3r#Secret@db.example.com/app", "Sup3r#Secret"),
+    ],
+)
+def test_url_errors_never_show_any_piece_of_a_password(url: str, secret: str) -> None:
+    with pytest.raises(ValueError) as info:
+        provider_from_url(url)
+    text = " ".join([str(info.value), *map(str, getattr(info.value, "problems", ()) or ())])
+    for piece in secret.replace("#", "/").split("/"):
+        assert piece not in text, text
 
 
 class CheckingPlugin(ThirdPartyPlugin):

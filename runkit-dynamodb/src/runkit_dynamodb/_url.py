@@ -101,7 +101,8 @@ def parse_url(url: str) -> DynamoDBURL:
     parts = urlsplit(url)
     if parts.scheme.lower() != SCHEME:
         raise ValueError(f"not a dynamodb URL: {redact_url(url)!r}")
-    if "@" in parts.netloc:
+    # Anywhere after "://": a secret key with a '/' hides the '@' from urlsplit.
+    if "@" in url.partition("://")[2]:
         # Never echo user info: it would be an access key or a secret.
         raise ValueError(
             "dynamodb URL must not contain credentials (user info before '@'); "

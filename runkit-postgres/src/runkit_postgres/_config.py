@@ -19,7 +19,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
-from runkit.persistence import URLProblems, redact_url
+from runkit.persistence import InvalidURL, URLProblems, has_unencoded_password, redact_url
 
 from ._schemes import SCHEMES
 
@@ -257,6 +257,15 @@ def parse_url(url: str) -> tuple[str, Settings]:
     """
     if not isinstance(url, str):
         raise TypeError(f"persistence URL must be str, not {type(url).__name__}")
+    if has_unencoded_password(url):
+        # Parsed further, pieces of the password would show as a port or a path.
+        raise InvalidURL(
+            url,
+            [
+                f"the password in PostgreSQL URL {redact_url(url)!r} contains '/', '?' or "
+                "'#': percent-encode them (%2F, %3F, %23)"
+            ],
+        )
     try:
         parts = urlsplit(url)
     except ValueError as exc:

@@ -14,7 +14,14 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from runkit.persistence import URLProblems, parse_bool, query_params, redact_url
+from runkit.persistence import (
+    InvalidURL,
+    URLProblems,
+    has_unencoded_password,
+    parse_bool,
+    query_params,
+    redact_url,
+)
 
 __all__ = ["MAX_PREFIX_BYTES", "S3Settings", "parse_url"]
 
@@ -160,6 +167,12 @@ class S3Settings:
         return f"s3://{host}/{self.bucket}" + ("?" + "&".join(query) if query else "")
 
 
+_CREDENTIALS = (
+    "S3 URL {shown!r} contains credentials; use the standard AWS credential "
+    "chain (environment, profile, instance role) or role_arn instead"
+)
+
+
 def parse_url(url: str) -> S3Settings:
     """Parse ``s3:///<bucket>`` or ``s3://host[:port]/<bucket>`` into settings.
 
@@ -171,6 +184,9 @@ def parse_url(url: str) -> S3Settings:
     ``ValueError`` for another scheme. No I/O.
     """
     shown = redact_url(url)
+    if has_unencoded_password(url):
+        # Never parse further: a piece of a secret key would show as a port or path.
+        raise InvalidURL(url, [_CREDENTIALS.format(shown=shown)])
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -180,10 +196,7 @@ def parse_url(url: str) -> S3Settings:
         raise ValueError(f"not an S3 URL: {shown!r} (expected 's3:///<bucket>')")
     problems = URLProblems(url)
     if parts.username is not None or parts.password is not None:
-        problems.add(
-            f"S3 URL {shown!r} contains credentials; use the standard AWS credential "
-            "chain (environment, profile, instance role) or role_arn instead"
-        )
+        problems.add(_CREDENTIALS.format(shown=shown))
     if parts.fragment:
         problems.add(f"S3 URL {shown!r} has a fragment; expected 's3:///<bucket>'")
     params = query_params(url, _PARAMETERS, problems)

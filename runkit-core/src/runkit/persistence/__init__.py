@@ -37,6 +37,7 @@ from ._types import Limits as Limits
 from ._types import check_position as check_position
 from ._urls import InvalidURL as InvalidURL
 from ._urls import URLProblems as URLProblems
+from ._urls import has_unencoded_password as has_unencoded_password
 from ._urls import parse_bool as parse_bool
 from ._urls import parse_problems as parse_problems
 from ._urls import query_params as query_params
@@ -67,6 +68,7 @@ __all__ = [
     "check_url",
     "driver_package",
     "first_record",
+    "has_unencoded_password",
     "installed_schemes",
     "last_record",
     "parse_bool",

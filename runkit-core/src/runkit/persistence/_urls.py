@@ -12,6 +12,7 @@ from .._errors import ConfigurationError
 __all__ = [
     "InvalidURL",
     "URLProblems",
+    "has_unencoded_password",
     "parse_bool",
     "parse_problems",
     "query_params",
@@ -29,6 +30,36 @@ def _scrub(text: str) -> str:
     return _KEYWORD_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
 
 
+def _hide_misplaced_password(url: str) -> str:
+    """Hide a password that holds an unencoded '/', '?' or '#' (urlsplit cannot see it).
+
+    In ``scheme://user:pa/ss@host/...`` the authority seems to end at the
+    '/', so the password's tail looks like a path. Everything from the first
+    ':' of the authority to the last '@' goes, unless the ':' starts a port
+    (only digits up to the end of the authority). Hiding too much is harmless.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    colon = rest.find(":")
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    at = rest.rfind("@")
+    if "@" in rest[:end] or colon < 0 or colon > end or at < colon:
+        return url  # no password, or one urlsplit finds
+    if rest[colon + 1 : end].isdigit():
+        return url  # a port
+    return f"{scheme}://{rest[:colon]}:***{rest[at:]}"
+
+
+def has_unencoded_password(url: str) -> bool:
+    """Whether *url*'s password holds an unencoded '/', '?' or '#' (see ``redact_url``).
+
+    A driver should refuse such a URL before parsing it, without echoing any
+    part of it: what looks like its port or path is a piece of the password.
+    """
+    return _hide_misplaced_password(url) != url
+
+
 def redact_url(url: str) -> str:
     """Return *url* with any password replaced by ``***``, safe to log or show.
 
@@ -39,9 +70,9 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
-        return _scrub(url)
+        return _scrub(_hide_misplaced_password(url))
     if password is None or not parts.scheme:
-        return _scrub(url)
+        return _scrub(_hide_misplaced_password(url))
     # Replace only the password; keep the host part verbatim (libpq allows
     # several hosts, "h1:5432,h2:5433", which urlsplit cannot parse as a port).
     userinfo, _, hostport = parts.netloc.rpartition("@")
