@@ -509,3 +509,34 @@ async def test_errors_never_show_credentials(
         "keyspace 'k': DynamoDB GetItem failed: InternalServerError: InternalServerError"
     )
     assert "testing" not in str(info.value)
+
+
+async def test_a_range_overtaken_by_a_partly_failed_truncation_stops(
+    url: str, session: boto3.session.Session, inject: Any
+) -> None:
+    # Truncation moves begin, then tombstones the records below it; if that
+    # fails part-way, get() already reports them gone, and so must a range
+    # that was running: it raises at the next position it has not yielded.
+    small = DynamoDBProvider.from_url(url, session=session, page_size=2)
+    try:
+        journal = await small.journals.open("j")
+        for position in range(6):
+            await journal.append(position, b"r")
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for position, _ in journal.range(0):
+                seen.append(position)
+                if position == 1:
+                    inject.plan["BatchWriteItem"] = ["invalid"]
+                    with pytest.raises(PersistenceError):
+                        await journal.truncate(4)
+                    assert (await journal.bounds()).begin == 4
+                    with pytest.raises(RecordNotFound):
+                        await journal.get(2)
+
+        with pytest.raises(RecordNotFound):
+            await consume()
+        assert seen == [0, 1]
+    finally:
+        await small.close()

@@ -195,8 +195,12 @@ class _DynamoJournal(_Handle, Journal):
             # LastEvaluatedKey (AWS at an exact Limit), or no LastEvaluatedKey (moto).
             if not items or "LastEvaluatedKey" not in page or expected > MAX_POSITION:
                 return
-            page = await query()
+            # Each page with begin, as the first: a truncation whose tombstones
+            # were not all written still ends this iteration.
+            page, begin = await _gather(query, self._read_begin)
             items = page.get("Items", [])
+            if expected < begin:
+                raise RecordNotFound(self._name, expected)
 
     async def append(self, pos: int, record: bytes) -> None:
         pos = check_position(pos)

@@ -161,7 +161,9 @@ class WriteGroup(Generic[K, R]):
         except BaseException:
             error = PersistenceError(
                 f"{what}: the statement carrying this write was cancelled with the "
-                "call that ran it; the write may or may not have taken effect"
+                "call that ran it; the write may or may not have taken effect",
+                retryable=True,
+                ambiguous=True,
             )
             for item in batch:
                 item.outcome = error
