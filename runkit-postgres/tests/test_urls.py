@@ -229,3 +229,32 @@ class TestEveryProblemAtOnce:
             "pool_min_size, pool_timeout, schema)",
             "postgres:// URL parameter 'pool_min_size' must be an integer, not 'x'",
         ]
+
+
+@pytest.mark.parametrize(
+    ("query", "problem"),
+    [
+        ("sslmode=bogus", "'sslmode' must be one of allow, disable, prefer"),
+        ("connect_timeout=abc", "'connect_timeout' must be an integer, not 'abc'"),
+        ("target_session_attrs=nope", "'target_session_attrs' must be one of any,"),
+        ("keepalives_idle=1.5", "'keepalives_idle' must be an integer"),
+    ],
+)
+def test_libpq_parameter_values_are_checked_before_connecting(query: str, problem: str) -> None:
+    # libpq checks them only when it connects, where the failure would look
+    # like an unreachable store and be retried until the start timeout.
+    from runkit.persistence import check_url
+
+    with pytest.raises(ValueError, match=problem):
+        check_url(f"postgresql://db/app?{query}")
+    assert parse_url("postgresql://db/app?sslmode=verify-full&connect_timeout=5")[0]
+
+
+def test_a_value_libpq_refuses_when_connecting_is_permanent() -> None:
+    from runkit_postgres._connecting import _PERMANENT
+
+    for reason in (
+        'invalid sslmode value: "bogus"',
+        'invalid integer value "abc" for connection option "connect_timeout"',
+    ):
+        assert any(p in reason.lower() for p in _PERMANENT), reason

@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from functools import cache
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import attrs
@@ -126,6 +126,31 @@ def _check_pool_sizes(minimum: int, maximum: int) -> None:
 _INT_PARAMS = ("pool_min_size", "pool_max_size", "max_record_bytes", "max_value_bytes")
 _FLOAT_PARAMS = ("pool_timeout",)
 OWN_PARAMS = frozenset({"schema", *_INT_PARAMS, *_FLOAT_PARAMS})
+
+#: libpq parameters with a fixed set of values, and those that take an integer:
+#: libpq checks them only when it connects, where a typo would look like an
+#: outage (retried until the start timeout) instead of a configuration error.
+LIBPQ_CHOICES: Final[Mapping[str, frozenset[str]]] = {
+    "sslmode": frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}),
+    "target_session_attrs": frozenset(
+        {"any", "read-write", "read-only", "primary", "standby", "prefer-standby"}
+    ),
+    "gssencmode": frozenset({"disable", "prefer", "require"}),
+    "channel_binding": frozenset({"disable", "prefer", "require"}),
+    "load_balance_hosts": frozenset({"disable", "random"}),
+    "ssl_min_protocol_version": frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}),
+    "ssl_max_protocol_version": frozenset({"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}),
+}
+LIBPQ_INTEGERS: Final = frozenset(
+    {
+        "connect_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+    }
+)
 
 
 @cache
@@ -290,6 +315,7 @@ def parse_url(url: str) -> tuple[str, Settings]:
         if key in OWN_PARAMS:
             own[key] = value
         elif key in known:
+            _check_libpq_value(scheme, key, value, problems)
             passed.append((key, value))
         else:
             problems.add(
@@ -303,6 +329,17 @@ def parse_url(url: str) -> tuple[str, Settings]:
     problems.raise_if_any()
     assert settings is not None
     return conninfo, settings
+
+
+def _check_libpq_value(scheme: str, key: str, value: str, problems: URLProblems) -> None:
+    choices = LIBPQ_CHOICES.get(key)
+    if choices is not None and value not in choices:
+        problems.add(
+            f"{scheme}:// URL parameter {key!r} must be one of "
+            f"{', '.join(sorted(choices))}, not {value!r}"
+        )
+    elif key in LIBPQ_INTEGERS and not value.lstrip("-").isdigit():
+        problems.add(f"{scheme}:// URL parameter {key!r} must be an integer, not {value!r}")
 
 
 def _settings_from_params(

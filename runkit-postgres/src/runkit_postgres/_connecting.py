@@ -55,6 +55,9 @@ _PERMANENT: Final = (
     "no password supplied",
     "ssl was required",
     "certificate verify failed",
+    # A connection parameter libpq refuses (a conninfo given directly, unchecked).
+    "invalid integer value",
+    'value: "',
 )
 
 
