@@ -644,3 +644,21 @@ async def test_a_read_only_provider_reports_a_missing_bucket_and_creates_nothing
             await provider.keyspaces.open("cluster/nodes")
     buckets = [b["Name"] for b in _raw_client(moto_server).list_buckets()["Buckets"]]
     assert missing not in buckets
+
+
+async def test_a_write_failing_after_it_may_have_landed_is_ambiguous(
+    provider: S3Provider, hooks: Hooks
+) -> None:
+    # A PUT the server applied before every attempt answered 5xx: the caller
+    # must read back (as with the other drivers), not take it as not written.
+    keyspace = await provider.keyspaces.open("k")
+
+    def deliver_then_500(request: AWSPreparedRequest) -> AWSResponse:
+        _send_for_real(request)
+        return _error_response(request, 500, "InternalError")
+
+    hooks.on("PutObject", deliver_then_500, times=20)
+    with pytest.raises(PersistenceError) as info:
+        await keyspace.set_unconditional(b"k", b"new")
+    assert (await keyspace.get(b"k"))[0] == b"new"  # it did take effect
+    assert (info.value.ambiguous, info.value.retryable) == (True, True)

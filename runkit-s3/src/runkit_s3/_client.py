@@ -80,6 +80,8 @@ _THROTTLING: Final = frozenset(
 # Exceptions raised before the request left this process: safe to retry.
 _NOT_SENT: Final = (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)
 _MISSING_CODES: Final = frozenset({"NoSuchKey", "404", "NotFound"})
+#: The calls that change the bucket: a transport error or a 5xx may hide their effect.
+_WRITES: Final = frozenset({"PutObject", "DeleteObject", "DeleteObjects"})
 
 
 class ConditionFailed(Exception):
@@ -282,9 +284,13 @@ class S3Objects:
             else:
                 text = f"S3 {op} {where} failed: HTTP {status} {code}: {message}".rstrip(": ")
             retryable = status >= 500 or status in {408, 429} or code in _THROTTLING
-            raise PersistenceError(text, retryable=retryable) from None
+            # A write the server may have applied before failing (or timing out).
+            ambiguous = op in _WRITES and (status >= 500 or status == 408)
+            raise PersistenceError(text, retryable=retryable, ambiguous=ambiguous) from None
         except BotoCoreError as exc:
-            raise PersistenceError(f"S3 {op} {where} failed: {exc}", retryable=True) from None
+            raise PersistenceError(
+                f"S3 {op} {where} failed: {exc}", retryable=True, ambiguous=op in _WRITES
+            ) from None
 
     # -- reads ------------------------------------------------------------------
 
