@@ -263,6 +263,7 @@ def test_missing_required_field_is_refused() -> None:
             b'{"name":"x","at":"2024-01-01T00:00:00+00:00","count":1.0}',
             "cannot unmarshal Simple: field 'count': expected int, got float 1.0",
         ),
+        (b'{"name":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
     ],
 )
 def test_malformed_data_is_refused_with_the_path(data: bytes, error: str) -> None:

@@ -602,3 +602,24 @@ def test_usage_problem_unwraps_task_group_errors() -> None:
     assert usage_problem(ExceptionGroup("g", [RuntimeError("bug")])) is None
     assert usage_problem(ExceptionGroup("g", [in_use, RuntimeError("bug")])) is None
     assert usage_problem(ValueError("a bug, not configuration")) is None
+
+
+def test_an_empty_idempotency_key_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _ = run("execute", "bank:app", "OpenAccount", "{}", "--idempotency-key", "")
+    assert status == 2
+    assert "--idempotency-key must not be empty" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_not_an_error() -> None:
+    # `runkit env | head -1`: the pipe closes while runkit still writes.
+    script = f"{sys.executable!r} -m runkit.cli env | head -c 10 > /dev/null"
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr

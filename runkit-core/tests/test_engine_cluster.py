@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
 import dogma
@@ -757,3 +758,26 @@ async def test_a_client_observes_the_events_of_a_node_it_cannot_reach() -> None:
                     )
                 assert [e.account for e in seen] == [f"far{i}"]
         tg.cancel_scope.cancel()
+
+
+async def test_a_listen_address_in_use_is_a_configuration_error() -> None:
+    s = setup()
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as taken:
+        port = taken.extra(anyio.abc.SocketAttribute.local_port)
+        engine = Engine.from_settings(
+            EngineSettings(
+                applications=(s.config,),
+                persistence_provider=MemoryProvider(f"cluster-{uuid.uuid4()}"),
+                listen_address=f"127.0.0.1:{port}",
+                **FAST,  # type: ignore[arg-type]
+            )
+        )
+        with anyio.fail_after(10), pytest.raises(BaseException) as info:
+            await engine.run()
+    # A configuration error (which runkit run reports in one line, exit 2),
+    # not the transport's error.
+    errors = [info.value]
+    while isinstance(errors[-1], BaseExceptionGroup):
+        errors.append(errors[-1].exceptions[0])
+    assert isinstance(errors[-1], runkit.ConfigurationError), repr(info.value)
+    assert f"cannot listen on 127.0.0.1:{port}" in str(errors[-1])

@@ -261,3 +261,11 @@ def test_persistence_url_problems_of_each_driver(url: str, message: str) -> None
     (problem,) = info.value.problems
     assert problem.startswith(f"DOGMA_PERSISTENCE_URL={url!r}: {message}")
     assert "e.g. DOGMA_PERSISTENCE_URL=" not in problem  # the driver said what it expects
+
+
+def test_one_retry_delay_alone_is_checked_against_the_others_default() -> None:
+    # As the engine will: runkit env must not call valid what runkit run refuses.
+    with pytest.raises(ConfigurationError) as info:
+        ENVIRONMENT.load({"DOGMA_RETRY_BASE_DELAY": "100"})
+    assert "DOGMA_RETRY_MAX_DELAY (unset: the default) (30) is below" in str(info.value)
+    ENVIRONMENT.load({"DOGMA_RETRY_BASE_DELAY": "10"})

@@ -54,6 +54,12 @@ def test_with_site_validates_name_and_key() -> None:
         ("node-1", "is not 'host:port'"),
         ("node-1:99999", "invalid port '99999'"),
         ("::1:7000", "put an IPv6 host in brackets"),
+        ("[::0]:7000", "peers cannot route to a wildcard address"),
+        ("0:7000", "peers cannot route to a wildcard address"),
+        ("[::ffff:0.0.0.0]:7000", "peers cannot route to a wildcard address"),
+        ("node-1:\u0667\u0660\u0660\u0660", "invalid port"),
+        ("node-1:\u00b2", "invalid port"),
+        ("tcp://node-1:7000", "no scheme"),
     ],
 )
 def test_with_advertise_address_must_be_routable(address: str, message: str) -> None:
@@ -333,3 +339,8 @@ def test_settings_refuse_a_certificate_without_its_key() -> None:
         EngineSettings(backlog_limit=0)
     with pytest.raises(ValueError, match="start_timeout must be positive, got 0"):
         EngineSettings(start_timeout=0)
+
+
+def test_a_number_too_large_for_a_float_is_out_of_range() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        o.with_heartbeat_interval(10**400)

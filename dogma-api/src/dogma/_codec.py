@@ -94,10 +94,14 @@ def pure_decode(cls: type[T], data: bytes) -> T:
         obj = json.loads(bytes(data))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot unmarshal {_name(cls)}: invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"cannot unmarshal {_name(cls)}: JSON nested too deeply") from None
     try:
         value = plan.decode(obj, "")
     except _DecodeError as exc:
         raise ValueError(f"cannot unmarshal {_name(cls)}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"cannot unmarshal {_name(cls)}: value nested too deeply") from None
     return typing.cast(T, value)
 
 

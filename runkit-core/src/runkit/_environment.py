@@ -27,7 +27,7 @@ from ._validate import (
     parse_node_id,
     parse_site,
 )
-from .engine.settings import Site
+from .engine.settings import EngineSettings, Site
 from .persistence import redact_url, url_problems
 
 __all__ = [
@@ -187,10 +187,18 @@ class EnvironmentRegistry:
         if values["DOGMA_SITE_NAME"] and values["DOGMA_SITE_KEY"]:
             site = Site(values["DOGMA_SITE_NAME"], values["DOGMA_SITE_KEY"])
         base, top = values["DOGMA_RETRY_BASE_DELAY"], values["DOGMA_RETRY_MAX_DELAY"]
-        if base is not None and top is not None:
+        if base is not None or top is not None:
+            # One of them alone is checked against the other's default.
+            defaults = EngineSettings()
+            names = (
+                "DOGMA_RETRY_BASE_DELAY" + (" (unset: the default)" if base is None else ""),
+                "DOGMA_RETRY_MAX_DELAY" + (" (unset: the default)" if top is None else ""),
+            )
             try:
                 check_retry_delays(
-                    base, top, names=("DOGMA_RETRY_BASE_DELAY", "DOGMA_RETRY_MAX_DELAY")
+                    defaults.retry_base_delay if base is None else base,
+                    defaults.retry_max_delay if top is None else top,
+                    names=names,
                 )
             except ValueError as exc:
                 problems.append(str(exc))

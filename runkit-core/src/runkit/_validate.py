@@ -21,10 +21,22 @@ __all__ = [
     "Site",
     "check_readable_file",
     "check_retry_delays",
+    "is_unspecified_address",
     "parse_address",
     "parse_node_id",
     "parse_site",
 ]
+
+
+def is_unspecified_address(address: str) -> bool:
+    """Whether *address*'s host is a wildcard (0.0.0.0, ::, [::0], ...): peers cannot reach it."""
+    host = address.rpartition(":")[0].removeprefix("[").removesuffix("]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "0"  # inet_aton's shorthand for 0.0.0.0
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_unspecified or (mapped is not None and mapped.is_unspecified)
 
 
 @attrs.frozen
@@ -81,6 +93,8 @@ def parse_address(value: object, *, what: str, advertise: bool) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a 'host:port' str, not {type(value).__name__}")
     example = "'node-1.internal:7000'" if advertise else "'0.0.0.0:7000'"
+    if "://" in value:
+        raise ValueError(f"{what} {value!r} is not 'host:port' (no scheme), e.g. {example}")
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{what} {value!r} is not 'host:port', e.g. {example}")
@@ -92,12 +106,12 @@ def parse_address(value: object, *, what: str, advertise: bool) -> str:
             raise ValueError(f"{what} {value!r} has an invalid IPv6 host {host!r}") from None
     elif ":" in host:
         raise ValueError(f"{what} {value!r}: put an IPv6 host in brackets, e.g. '[::1]:7000'")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{what} {value!r} has an invalid port {port_text!r}; expected 0-65535")
     if any(c.isspace() for c in host):
         raise ValueError(f"{what} {value!r} contains whitespace")
     if advertise:
-        if host in {"0.0.0.0", "::"}:  # noqa: S104 - rejecting the wildcard, not binding it
+        if is_unspecified_address(value):
             raise ValueError(
                 f"{what} {value!r}: peers cannot route to a wildcard address; "
                 f"give this node's host name or IP, e.g. {example}"
@@ -143,7 +157,10 @@ class Knob:
         if isinstance(value, bool) or not isinstance(value, ok_type):
             noun = "an int" if self.kind is int else "seconds (an int or float)"
             raise TypeError(f"{what} takes {noun}, not {type(value).__name__}")
-        number = self.kind(value)
+        try:
+            number = self.kind(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
         if not (math.isfinite(number) and self.minimum <= number <= self.maximum):
             raise ValueError(f"{what}: {value!r} is out of range; expected {self.expected}")
         return number

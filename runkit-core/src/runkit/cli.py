@@ -426,7 +426,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("app", metavar="MODULE:ATTR")
     p.add_argument("type", metavar="TYPE")
     p.add_argument("json", metavar="JSON")
-    p.add_argument("--idempotency-key", default=None, help="execute it at most once per key")
+    p.add_argument(
+        "--idempotency-key",
+        default=None,
+        type=_non_empty("--idempotency-key"),
+        help="execute it at most once per key",
+    )
     p.set_defaults(fn=_cmd_execute)
     p = sub.add_parser("poison", help="list, show or requeue poisoned commands")
     psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -438,6 +443,15 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("command_id", metavar="COMMAND_ID")
     p.set_defaults(fn=_cmd_poison)
     return parser
+
+
+def _non_empty(flag: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty")
+        return value
+
+    return check
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -459,10 +473,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     stream = out if out is not None else sys.stdout
     try:
         status: int = args.fn(args, stream)
+        stream.flush()  # here, where a reader that has left is recognised
     except BaseException as exc:
+        leaves = _leaves(exc)
+        if leaves and all(isinstance(e, BrokenPipeError) for e in leaves):
+            # The reader left (`runkit status --json --watch | head -1`): not an
+            # error. Point stdout at nothing, so flushing it at exit cannot fail.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         problem = usage_problem(exc)
         if problem is None:
-            leaves = _leaves(exc)
             if len(leaves) == 1 and isinstance(leaves[0], StoreUnavailable):
                 # Still unreachable after the start timeout: the message says it all.
                 print(f"runkit {args.command}: {leaves[0]}", file=sys.stderr)

@@ -40,6 +40,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from ... import rendezvous
 from ..._errors import ConfigurationError
+from ..._validate import is_unspecified_address
 from ...persistence import PersistenceError, Provider
 from ...transport import (
     NodeTransport,
@@ -526,9 +527,15 @@ async def serve_cluster(
         ) as transport,
         anyio.create_task_group() as tg,
     ):
-        bound: str = await tg.start(transport.serve, settings.listen_address)
+        try:
+            bound: str = await tg.start(transport.serve, settings.listen_address)
+        except TransportError as exc:
+            raise ConfigurationError(
+                f"the node cannot listen on {settings.listen_address}",
+                [f"{exc}; set another listen address (DOGMA_LISTEN_ADDRESS, --listen)"],
+            ) from None
         advertise = settings.advertise_address or bound
-        if advertise.startswith(("0.0.0.0:", "[::]:")):
+        if is_unspecified_address(advertise):
             raise ConfigurationError(
                 "the node cannot be reached by its peers",
                 [
