@@ -269,3 +269,14 @@ def test_one_retry_delay_alone_is_checked_against_the_others_default() -> None:
         ENVIRONMENT.load({"DOGMA_RETRY_BASE_DELAY": "100"})
     assert "DOGMA_RETRY_MAX_DELAY (unset: the default) (30) is below" in str(info.value)
     ENVIRONMENT.load({"DOGMA_RETRY_BASE_DELAY": "10"})
+
+
+def test_a_misspelt_variable_is_a_problem_and_an_unknown_one_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Ignored, a misspelt persistence URL would mean the memory driver.
+    with pytest.raises(ConfigurationError, match="did you mean DOGMA_PERSISTENCE_URL"):
+        ENVIRONMENT.load({"DOGMA_PERSISTANCE_URL": "postgresql://db/app"})
+    with caplog.at_level("WARNING", logger="runkit.environment"):
+        ENVIRONMENT.load({"DOGMA_SOMETHING_ELSE": "1"})
+    assert "ignoring DOGMA_SOMETHING_ELSE" in caplog.text

@@ -10,6 +10,8 @@ parameter too.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +31,8 @@ from ._validate import (
 )
 from .engine.settings import EngineSettings, Site
 from .persistence import redact_url, url_problems
+
+_log = logging.getLogger("runkit.environment")
 
 __all__ = [
     "ENVIRONMENT",
@@ -143,6 +147,24 @@ class EnvironmentRegistry:
             blocks.append("\n".join(lines))
         return "\n\n".join(blocks)
 
+    def _misspelt(self, source: Mapping[str, str]) -> list[str]:
+        """Problems for ``DOGMA_*`` names that look like a typo of one of ours.
+
+        A misspelt variable would be ignored silently (a misspelt persistence
+        URL means the memory driver: state lost at exit). Other unknown
+        ``DOGMA_*`` names may belong to other tools: they are only logged.
+        """
+        problems = []
+        for name in sorted(n for n in source if n.startswith("DOGMA_")):
+            if name in self._variables:
+                continue
+            close = difflib.get_close_matches(name, self._variables, n=1, cutoff=0.85)
+            if close:
+                problems.append(f"{name} is not a runkit variable: did you mean {close[0]}?")
+            else:
+                _log.warning("ignoring %s: runkit has no such variable (see `runkit env`)", name)
+        return problems
+
     def load(self, environ: Mapping[str, str] | None = None) -> EnvironmentValues:
         """Validate *environ* (default ``os.environ``) and return the values it sets.
 
@@ -162,7 +184,7 @@ class EnvironmentRegistry:
                 values[v.name] = None
                 continue
             values[v.name] = getattr(env, _parser_name(v.name))(v.name)
-        problems: list[str] = []
+        problems = self._misspelt(source)
         try:
             env.seal()
         except environs.EnvValidationError as exc:
