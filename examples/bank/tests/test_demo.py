@@ -119,3 +119,10 @@ async def test_an_unexpected_outcome_fails_the_step_at_once(tmp_path: Path) -> N
             reason=DebitFailureReason.INSUFFICIENT_FUNDS,
         ).message_description()
     )
+
+
+def test_a_persistence_url_it_cannot_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--persistence", "mysql://db/bank"])
+    assert info.value.code == 2
+    assert "--persistence: no persistence driver handles 'mysql'" in capsys.readouterr().err

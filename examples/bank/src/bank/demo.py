@@ -33,8 +33,15 @@ import attrs
 
 import dogma
 import runkit
+from runkit import ConfigurationError
 from runkit.config import ApplicationConfig, HandlerKind, RouteKind
-from runkit.persistence import Provider, provider_from_url, redact_url
+from runkit.persistence import (
+    Provider,
+    StoreUnavailable,
+    provider_from_url,
+    redact_url,
+    url_problems,
+)
 from runkit_memory import MemoryProvider
 
 from .app import App
@@ -586,6 +593,15 @@ def _positive(text: str) -> float:
     return value
 
 
+def _setup_problem(exc: BaseException) -> BaseException | None:
+    """The one configuration, store or read-model error *exc* stands for, if that is what it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, ConfigurationError | StoreUnavailable | sqlite3.Error):
+        return exc
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; return the exit status (1 if a step's outcome did not happen)."""
     parser = argparse.ArgumentParser(
@@ -624,6 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dispatcher and args.persistence:
         parser.error("--persistence does not apply to --dispatcher")
+    if args.persistence:
+        problems = url_problems(args.persistence)
+        if problems:
+            parser.error(f"--persistence: {'; '.join(problems)}")
 
     with tempfile.TemporaryDirectory(prefix="bank-demo-") as tmp:
         path = args.db if args.db is not None else Path(tmp) / "read-models.sqlite3"
@@ -650,6 +670,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except StepFailed as exc:
             print(f"bank-demo: {exc}", file=sys.stderr)
             return 1
+        except BaseException as exc:
+            # A store or read-model file the demo cannot use: say which, in one line.
+            problem = _setup_problem(exc)
+            if problem is None:
+                raise
+            print(f"bank-demo: {problem}", file=sys.stderr)
+            return 2
         elapsed = time.perf_counter() - started
         print(f"\n{len(SCENARIO)} steps done and the read models caught up in {elapsed:.2f} s")
         print_read_models(app.read_db)
