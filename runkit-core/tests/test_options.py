@@ -344,3 +344,10 @@ def test_settings_refuse_a_certificate_without_its_key() -> None:
 def test_a_number_too_large_for_a_float_is_out_of_range() -> None:
     with pytest.raises(ValueError, match="out of range"):
         o.with_heartbeat_interval(10**400)
+
+
+def test_with_application_given_the_class_says_to_pass_an_object() -> None:
+    import bank
+
+    with pytest.raises(TypeError, match=r"pass an application object, e.g. App\(\), not the class"):
+        o.with_application(bank.App)

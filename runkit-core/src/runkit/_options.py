@@ -82,6 +82,11 @@ def with_application(app: object) -> Option:
         return Option(
             "with_application", "application", app, f"with_application({app.identity.name!r})"
         )
+    if isinstance(app, type):
+        raise TypeError(
+            f"with_application({app.__qualname__}): pass an application object, "
+            f"e.g. {app.__qualname__}(), not the class"
+        )
     if not callable(getattr(app, "configure", None)):
         raise TypeError(
             f"with_application({type(app).__name__} object): a Dogma application must "
