@@ -77,12 +77,14 @@ class LocalCallers:
 
     async def _append_spilled(self, item: PendingCommand, settled: anyio.Event) -> None:
         try:
-            position = await self._inbox_writer.submit([item.entry])
-        except Exception as exc:
-            self._spilled.pop(item.command_id, None)
-            self.settle(item, exc)
-            return
+            try:
+                position = await self._inbox_writer.submit([item.entry])
+            except Exception as exc:
+                self._spilled.pop(item.command_id, None)
+                self.settle(item, exc)
+                return
+            self._spilled_at(position)
+            self.settle(item, None)
         finally:
-            settled.set()  # a retry of the command may commit now (see PendingCommand)
-        self._spilled_at(position)
-        self.settle(item, None)
+            # Its position is seen (or it failed): a retry may commit now (PendingCommand).
+            settled.set()
