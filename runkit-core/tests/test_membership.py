@@ -985,3 +985,26 @@ async def test_a_takeover_followed_by_a_failed_read_is_not_taken_for_an_intruder
         assert keyspaces.failures == 0, "the read after the take-over failed"
         assert owned(restarted) == set(PARTITIONS)
         tg.cancel_scope.cancel()
+
+
+async def test_a_node_that_cannot_read_the_node_set_does_not_take_live_peers_partitions(
+    silo: str, clock: FakeClock
+) -> None:
+    # Its heartbeat lands but its reads fail: judged against a moving clock, its
+    # last copy of the peers' records would expire and it would claim their
+    # partitions while they run them. It stops taking work instead.
+    provider = _HangingProvider(MemoryProvider(silo), Gate())
+    keyspaces = _FailingRangeKeyspaces(MemoryProvider(silo).keyspaces, Gate())
+    provider._keyspaces = keyspaces
+    async with anyio.create_task_group() as tg:
+        blind = await start(tg, N1, clock, provider)
+        healthy = await start(tg, N2, clock, MemoryProvider(silo))
+        await converged([blind, healthy])
+        keyspaces.failures = 10**9
+        for _ in range(4):
+            await step(silo, clock, [blind, healthy])
+        await anyio.sleep(INTERVAL * 3)
+        assert owned(healthy.membership) == expected(N2, [N1, N2])
+        both = owned(blind.membership) & owned(healthy.membership)
+        assert not both, f"{len(both)} partitions owned by two live nodes"
+        tg.cancel_scope.cancel()

@@ -24,7 +24,9 @@ ownership short and rare):
   expires untouched (a crashed earlier run), we take it over.
 - A node stops taking work ``2 x interval`` after the start of its last
   successful write, one interval before peers consider it gone, and resumes
-  once a write succeeds again.
+  once a write succeeds again. It also stops ``2 x interval`` after its last
+  successful read of the node set: judged against a moving clock, its old copy
+  of the peers' records would expire and it would claim their partitions.
 - ``leave()`` deletes the record (conditionally) so peers take over at their
   next read instead of waiting for expiry; ``run()`` calls it on the way out.
   ``joined()`` wraps a block of work (the engine's applications) so that the
@@ -125,6 +127,7 @@ class Membership:
         self._joined = False
         self._left = False
         self._loop_scope: anyio.CancelScope | None = None
+        self._read_valid_until: datetime | None = None
 
     # -- the Ownership protocol --
 
@@ -377,6 +380,7 @@ class Membership:
         if peers is None:
             return False
         self._peers = peers
+        self._read_valid_until = now + timedelta(seconds=2 * self._interval)
         await self._node_set.prune(ks)
         return True
 
@@ -385,7 +389,10 @@ class Membership:
         self._view.update(
             now,
             self._peers,
-            active=not self._left and self._heartbeat.fresh(now),
+            active=not self._left
+            and self._heartbeat.fresh(now)
+            and self._read_valid_until is not None
+            and now < self._read_valid_until,
             left=self._left,
             last_written=self._heartbeat.last_written,
         )
