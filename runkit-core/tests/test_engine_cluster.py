@@ -104,6 +104,14 @@ def _remote_accounts(engine: Engine, count: int) -> list[str]:
     return found
 
 
+def one_node(config: ApplicationConfig, silo: str, **settings: Any) -> Engine:
+    """An engine running *config* on a memory silo (no listen address unless given)."""
+    options = {**FAST, "heartbeat_interval": 0.5, **settings}
+    return Engine.from_settings(
+        EngineSettings(applications=(config,), persistence_provider=MemoryProvider(silo), **options)
+    )
+
+
 async def inbox_entries(silo: str) -> int:
     """Commands appended to any inbox of the silo (offers that fell back)."""
     stores = await read_stores(MemoryProvider(silo))
@@ -621,15 +629,7 @@ async def test_a_client_entered_before_any_node_starts_waits_for_the_application
     # start the application, then goes through.
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(s.config,),
-            persistence_provider=MemoryProvider(silo),
-            listen_address="127.0.0.1:0",
-            heartbeat_interval=0.5,
-            **FAST,  # type: ignore[arg-type]
-        )
-    )
+    engine = one_node(s.config, silo, listen_address="127.0.0.1:0")
     async with (
         runkit.Client(
             runkit.with_application(s.config),
@@ -729,14 +729,7 @@ async def test_a_client_observes_the_events_of_a_node_it_cannot_reach() -> None:
     # the partition's stream journal instead of a stream from the node.
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(s.config,),
-            persistence_provider=MemoryProvider(silo),
-            heartbeat_interval=0.5,
-            **FAST,  # type: ignore[arg-type]
-        )
-    )
+    engine = one_node(s.config, silo)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         async with runkit.Client(
@@ -764,14 +757,7 @@ async def test_a_listen_address_in_use_is_a_configuration_error() -> None:
     s = setup()
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as taken:
         port = taken.extra(anyio.abc.SocketAttribute.local_port)
-        engine = Engine.from_settings(
-            EngineSettings(
-                applications=(s.config,),
-                persistence_provider=MemoryProvider(f"cluster-{uuid.uuid4()}"),
-                listen_address=f"127.0.0.1:{port}",
-                **FAST,  # type: ignore[arg-type]
-            )
-        )
+        engine = one_node(s.config, f"cluster-{uuid.uuid4()}", listen_address=f"127.0.0.1:{port}")
         with anyio.fail_after(10), pytest.raises(BaseException) as info:
             await engine.run()
     # A configuration error (which runkit run reports in one line, exit 2),

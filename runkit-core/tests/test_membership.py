@@ -965,15 +965,21 @@ async def _failing_range() -> AsyncIterator[tuple[bytes, bytes, str]]:
     raise PersistenceError("node-set read failed (injected)")
 
 
+def _failing_reads(silo: str) -> tuple[_HangingProvider, _FailingRangeKeyspaces]:
+    """A provider whose node-set reads fail while ``keyspaces.failures`` is positive."""
+    provider = _HangingProvider(MemoryProvider(silo), Gate())
+    keyspaces = _FailingRangeKeyspaces(MemoryProvider(silo).keyspaces, Gate())
+    provider._keyspaces = keyspaces
+    return provider, keyspaces
+
+
 async def test_a_takeover_followed_by_a_failed_read_is_not_taken_for_an_intruder(
     silo: str, clock: FakeClock
 ) -> None:
     # The restarted node watches its predecessor's record, takes it over once
     # it expires, and the read right after that write fails: on the retry it
     # finds a revision it did not watch, but written by itself, not an intruder.
-    provider = _HangingProvider(MemoryProvider(silo), Gate())
-    keyspaces = _FailingRangeKeyspaces(MemoryProvider(silo).keyspaces, Gate())
-    provider._keyspaces = keyspaces
+    provider, keyspaces = _failing_reads(silo)
     async with anyio.create_task_group() as tg:
         restarted, started = await restart_after_crash(tg, silo, clock, provider)
         await anyio.sleep(INTERVAL * 5)
@@ -993,9 +999,7 @@ async def test_a_node_that_cannot_read_the_node_set_does_not_take_live_peers_par
     # Its heartbeat lands but its reads fail: judged against a moving clock, its
     # last copy of the peers' records would expire and it would claim their
     # partitions while they run them. It stops taking work instead.
-    provider = _HangingProvider(MemoryProvider(silo), Gate())
-    keyspaces = _FailingRangeKeyspaces(MemoryProvider(silo).keyspaces, Gate())
-    provider._keyspaces = keyspaces
+    provider, keyspaces = _failing_reads(silo)
     async with anyio.create_task_group() as tg:
         blind = await start(tg, N1, clock, provider)
         healthy = await start(tg, N2, clock, MemoryProvider(silo))

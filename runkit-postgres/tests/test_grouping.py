@@ -114,6 +114,7 @@ async def test_a_cancelled_statement_fails_the_appends_it_carried_and_nothing_el
     lock_a = await anyio.to_thread.run_sync(RowLock, postgres_dsn, postgres_schema, "a")
     lock_b = await anyio.to_thread.run_sync(RowLock, postgres_dsn, postgres_schema, "b")
     outcomes: dict[str, str] = {}
+    errors: dict[str, PersistenceError] = {}
     b_scope = anyio.CancelScope()
 
     a_done = anyio.Event()
@@ -125,6 +126,7 @@ async def test_a_cancelled_statement_fails_the_appends_it_carried_and_nothing_el
                 outcomes[name] = "appended"
             except PersistenceError as exc:
                 outcomes[name] = f"error: {exc}"
+                errors[name] = exc
         if scope is not None and scope.cancelled_caught:
             outcomes[name] = "cancelled"
         if name == "a":
@@ -152,6 +154,9 @@ async def test_a_cancelled_statement_fails_the_appends_it_carried_and_nothing_el
     assert outcomes["b"] == "cancelled"
     assert outcomes["c"].startswith("error: ")
     assert "may or may not" in outcomes["c"]
+    # The statement may have committed: retryable and ambiguous, as for the
+    # write alone, so callers retry or read back instead of giving up.
+    assert (errors["c"].retryable, errors["c"].ambiguous) == (True, True)
     # Cancelled server-side: neither landed, and both journals take the append again.
     assert await b.bounds() == Interval(0, 0)
     assert await c.bounds() == Interval(0, 0)
