@@ -46,21 +46,28 @@ from engine_commands_harness import (
 
 
 @asynccontextmanager
-async def two_nodes(config: ApplicationConfig, silo: str) -> AsyncIterator[tuple[Engine, Engine]]:
-    """Two engines running *config* on one memory silo, 8 partitions shared between them."""
+async def two_nodes(
+    config: ApplicationConfig, silo: str, *, listening: tuple[bool, bool] = (True, True)
+) -> AsyncIterator[tuple[Engine, Engine]]:
+    """Two engines running *config* on one memory silo, 8 partitions shared between them.
+
+    *listening* says which of the two has a listen address.
+    """
     engines = [
         Engine.from_settings(
             EngineSettings(
                 applications=(config,),
                 persistence_provider=MemoryProvider(silo),
-                listen_address="127.0.0.1:0",
+                listen_address="127.0.0.1:0" if listens else None,
                 node_id=node_id,
                 # Long enough that a loaded machine does not expire a live node.
                 heartbeat_interval=0.5,
                 **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
             )
         )
-        for node_id in splitting_node_ids(8, config.identity.key)
+        for node_id, listens in zip(
+            splitting_node_ids(8, config.identity.key), listening, strict=True
+        )
     ]
     async with anyio.create_task_group() as tg:
         for engine in engines:
@@ -92,12 +99,12 @@ def _remote_accounts(engine: Engine, count: int) -> list[str]:
     """Accounts whose partition the *other* engine owns (from *engine*'s view)."""
     from runkit.engine.partitions import instance_workload, partition_of
 
-    assert engine.router is not None
+    ownership = engine._runtimes[APP_KEY].ownership
     found = []
     for i in range(1000):
         account = f"acc-{i}"
         index = partition_of(instance_workload(setup().accounts_key, account), 8)
-        if engine.router.owner(partition_id(APP_KEY, index)) is not None:
+        if not ownership.owns(partition_id(APP_KEY, index)):
             found.append(account)
         if len(found) == count:
             break
@@ -751,6 +758,47 @@ async def test_a_client_observes_the_events_of_a_node_it_cannot_reach() -> None:
                     )
                 assert [e.account for e in seen] == [f"far{i}"]
         tg.cancel_scope.cancel()
+
+
+async def _deposit_observed(executor: dogma.CommandExecutor, account: str, ref: str) -> None:
+    seen: list[Any] = []
+
+    async def saw(event: Deposited) -> bool:
+        seen.append(event)
+        return True
+
+    with anyio.fail_after(10):
+        await executor.execute_command(
+            Deposit(account, 1, ref), observers=[dogma.observe(Deposited, saw, registry=REGISTRY)]
+        )
+    assert [e.account for e in seen] == [account]
+
+
+async def test_a_node_without_a_listen_address_offers_to_its_peers_and_observes_them() -> None:
+    # It calls out like a client: its commands for the peer's partitions are
+    # offered (not left in the inbox for the owner's poll), and its observers
+    # see the events its peer records. The peer observes this node's events
+    # through the store.
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo, listening=(False, True)) as (quiet, listening):
+        remote = _remote_accounts(quiet, 4)
+        for i, account in enumerate(remote):
+            with anyio.fail_after(5):
+                await _deposit_observed(quiet.executor_for(s.app), account, f"q{i}")
+        in_inbox = await inbox_entries(silo)
+        assert in_inbox <= 1, f"{in_inbox} of 4 offers fell back to the inbox"
+        for i, account in enumerate(_remote_accounts(listening, 2)):
+            await _deposit_observed(listening.executor_for(s.app), account, f"l{i}")
+    check_invariants(await settled(MemoryProvider(silo)))
+
+
+async def test_nodes_without_listen_addresses_observe_each_other_through_the_store() -> None:
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo, listening=(False, False)) as (one, _two):
+        for i, account in enumerate(_remote_accounts(one, 2)):
+            await _deposit_observed(one.executor_for(s.app), account, f"r{i}")
 
 
 async def test_a_listen_address_in_use_is_a_configuration_error() -> None:

@@ -299,7 +299,12 @@ async def test_cli_json_shows_a_running_node_and_the_applications_it_reports(
     s = ch.setup()
     provider = silo()
     monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///{provider.silo}")
-    engine = node(provider, s.config, advertise_address="node-a.internal:7000")
+    engine = node(
+        provider,
+        s.config,
+        listen_address="127.0.0.1:0",
+        advertise_address="node-a.internal:7000",
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         executor = engine.executor_for(s.app)
@@ -320,7 +325,7 @@ async def test_cli_json_shows_a_running_node_and_the_applications_it_reports(
     (n,) = data["nodes"]
     assert n["node_id"] == str(engine.settings.node_id)
     assert (n["live"], n["version"], n["role"]) == (True, VERSION, "node")
-    assert n["addresses"] == ["node-a.internal:7000"]
+    assert n["addresses"] == ["node-a.internal:7000", "127.0.0.1:0"]
     # Without MODULE:ATTR the application is found through the node's heartbeat.
     assert data["applications"] == [{"key": ch.APP_KEY, "name": ch.APP_KEY, "partition_count": 4}]
     assert [p["index"] for p in data["partitions"]] == [0, 1, 2, 3]

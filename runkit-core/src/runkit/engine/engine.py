@@ -30,7 +30,7 @@ from .._errors import ConfigurationError
 from ..config import ApplicationConfig
 from ..persistence import Provider, provider_from_url
 from .cluster.ownership import Ownership
-from .cluster.routing import NodeCluster, Router, serve_cluster
+from .cluster.routing import NodeCluster, Router, node_cluster
 from .cluster.serving import ClusterServer
 from .commands.acceptance import Acceptor
 from .commands.inbox import EngineStopped, InboxEntry
@@ -158,6 +158,7 @@ class Engine:
         settings = self.settings
         fingerprint = None
         if self._cluster is not None:
+            # No advertise address without a listen address: nothing would answer.
             settings = attrs.evolve(settings, advertise_address=self._cluster.advertise_address)
             fingerprint = self._cluster.identity.fingerprint
         membership = Membership(
@@ -174,7 +175,7 @@ class Engine:
 
     @property
     def router(self) -> Router | None:
-        """Routes to peers over the node transport (``None`` without a listen address)."""
+        """Routes to peers over the node transport (``None`` until ``run()`` starts)."""
         return None if self._cluster is None else self._cluster.router
 
     async def acceptor(self, app_key: str) -> Acceptor:
@@ -188,7 +189,7 @@ class Engine:
         partition: int | None = None,
         widen: Widen | None = None,
     ) -> Subscription:
-        """The chain's events recorded here and, with a listen address, on the peers.
+        """The chain's events recorded here and on the peers.
 
         With *partition* (the only one the chain can reach), only at its owner;
         with *widen*, see ``Router.observe``.
@@ -333,22 +334,21 @@ class Engine:
             # Fails at once on a wrong password or database, waits out an outage.
             await wait_for_store(provider, timeout=s.start_timeout)
             async with contextlib.AsyncExitStack() as stack:
-                if s.listen_address is not None:
-                    # Entered first, left last: peers can reach this node
-                    # while its partitions flush and it leaves membership.
-                    self._cluster = await stack.enter_async_context(
-                        serve_cluster(
-                            settings=s,
-                            provider=provider,
-                            members=self._members,
-                            server=ClusterServer(
-                                offer_local=self._offer_local,
-                                wake_local=self._wake_local,
-                                subscribe_local=self.bus.subscribe,
-                                attach_local=self.bus.attached,
-                            ),
-                        )
+                # Entered first, left last: peers can reach this node while its
+                # partitions flush and it leaves membership.
+                self._cluster = await stack.enter_async_context(
+                    node_cluster(
+                        settings=s,
+                        provider=provider,
+                        members=self._members,
+                        server=ClusterServer(
+                            offer_local=self._offer_local,
+                            wake_local=self._wake_local,
+                            subscribe_local=self.bus.subscribe,
+                            attach_local=self.bus.attached,
+                        ),
                     )
+                )
                 ownership = self._resolve_ownership(provider)
                 # joined() keeps heartbeating while the apps wind down and leaves
                 # only after they have flushed, so peers never take a partition

@@ -6,7 +6,7 @@ offers commands to the owner, and falls back to the inbox (plus a ``wake``)
 when the owner does not answer in time; it follows the events of a chain on
 the nodes that record them. The heartbeat store stays the only authority on
 membership: a failed call is a hint, never a verdict. What a node serves in
-return is in ``serving``; ``serve_cluster`` runs both on the node transport.
+return is in ``serving``; ``node_cluster`` runs both on the node transport.
 
 Peers are authenticated by the fingerprint of their TLS certificate, which every
 member (node or client) publishes in its heartbeat record (ADR 0005).
@@ -71,7 +71,7 @@ __all__ = [
     "Router",
     "authenticator",
     "make_identity",
-    "serve_cluster",
+    "node_cluster",
 ]
 
 _log = logging.getLogger("runkit.engine.cluster.routing")
@@ -489,31 +489,41 @@ def authenticator(
 
 @attrs.define(eq=False)
 class NodeCluster:
-    """A node's part in the cluster: its TLS identity, transport and router."""
+    """A node's part in the cluster: its TLS identity, transport and router.
+
+    ``advertise_address`` is ``None`` for a node without a listen address.
+    """
 
     identity: TlsIdentity
     transport: NodeTransport
     router: Router
-    advertise_address: str
+    advertise_address: str | None
 
 
 @asynccontextmanager
-async def serve_cluster(
+async def node_cluster(
     *,
     settings: EngineSettings,
     provider: Provider,
     members: Callable[[], Mapping[uuid.UUID, NodeRecord]],
     server: ClusterServer,
 ) -> AsyncIterator[NodeCluster]:
-    """Listen on ``settings.listen_address`` and serve *server*'s methods while inside.
+    """The node's transport and router while inside.
+
+    With ``settings.listen_address`` the node listens there and serves
+    *server*'s methods. Without one it only calls out, as a client does: it
+    offers commands to the owners and observes the chains on its peers, while
+    peers reach its partitions through the store (the inbox, and ``following``
+    for its events). Its certificate's fingerprint goes in its heartbeat either
+    way, so peers accept its connections.
 
     Raises ``ConfigurationError`` when the node cannot be reached (a wildcard
     listen address and no advertise address) or its TLS files do not load.
     """
-    assert settings.listen_address is not None
     identity = make_identity(
         str(settings.node_id), settings.tls_cert, settings.tls_key, settings.tls_ca
     )
+    listen = settings.listen_address
     async with (
         NodeTransport(
             node_id=str(settings.node_id),
@@ -521,28 +531,31 @@ async def serve_cluster(
             authenticate=authenticator(
                 provider, members, refresh_interval=settings.heartbeat_interval
             ),
-            unary=server.unary,
-            deferred=server.deferred,
-            streams=server.streams,
+            # Without a listen address nothing reaches these.
+            unary=server.unary if listen else None,
+            deferred=server.deferred if listen else None,
+            streams=server.streams if listen else None,
         ) as transport,
         anyio.create_task_group() as tg,
     ):
-        try:
-            bound: str = await tg.start(transport.serve, settings.listen_address)
-        except TransportError as exc:
-            raise ConfigurationError(
-                f"the node cannot listen on {settings.listen_address}",
-                [f"{exc}; set another listen address (DOGMA_LISTEN_ADDRESS, --listen)"],
-            ) from None
-        advertise = settings.advertise_address or bound
-        if is_unspecified_address(advertise):
-            raise ConfigurationError(
-                "the node cannot be reached by its peers",
-                [
-                    f"it listens on {bound}: set an address peers can reach with "
-                    "runkit.with_advertise_address() or DOGMA_ADVERTISE_ADDRESS"
-                ],
-            )
+        advertise = None
+        if listen is not None:
+            try:
+                bound: str = await tg.start(transport.serve, listen)
+            except TransportError as exc:
+                raise ConfigurationError(
+                    f"the node cannot listen on {listen}",
+                    [f"{exc}; set another listen address (DOGMA_LISTEN_ADDRESS, --listen)"],
+                ) from None
+            advertise = settings.advertise_address or bound
+            if is_unspecified_address(advertise):
+                raise ConfigurationError(
+                    "the node cannot be reached by its peers",
+                    [
+                        f"it listens on {bound}: set an address peers can reach with "
+                        "runkit.with_advertise_address() or DOGMA_ADVERTISE_ADDRESS"
+                    ],
+                )
         router = Router(
             transport, members, self_id=settings.node_id, self_is_node=True, store=provider
         )
