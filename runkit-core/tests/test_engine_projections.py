@@ -469,3 +469,38 @@ async def test_two_nodes_delivering_the_same_partitions_apply_each_event_once() 
         await anyio.sleep(0.02)
         assert sorted(n for _, _, n in p.applied) == list(range(20))
         tg.cancel_scope.cancel()
+
+
+async def test_returning_the_scopes_checkpoint_is_retried_with_backoff() -> None:
+    # ADR-26: a handler whose checkpoint equals scope.checkpoint_offset applies
+    # the event and returns offset + 1. Returning scope.checkpoint_offset
+    # (a bug: "skip this one") used to send the engine straight back to the
+    # same event, over and over, with no pause (and no await at all for a
+    # handler that does no I/O, which froze the event loop).
+    p = Projection()
+    original = p.handle_event
+    refusing = True
+    calls = 0
+
+    async def refuses_offset_1(scope: dogma.ProjectionEventScope, event: Happened) -> int:
+        nonlocal calls
+        if scope.offset == 1 and refusing:
+            calls += 1
+            await anyio.lowlevel.checkpoint()
+            return scope.checkpoint_offset
+        return await original(scope, event)
+
+    p.handle_event = refuses_offset_1  # type: ignore[method-assign]
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(*(Happened(i) for i in range(3)))
+        await run_consumers(h, tg)
+        await wait_until(lambda: calls > 0)
+        await anyio.sleep(0.1)
+        assert calls < 50  # backoff between attempts (retry_max is 0.01 s)
+        refusing = False
+        await wait_until(lambda: len(p.applied) == 3)
+        assert ns(p, h.streams[0].stream_id) == [0, 1, 2]
+        tg.cancel_scope.cancel()

@@ -10,7 +10,9 @@ the checkpoints (ADR-26), so the engine stores nothing for projections:
 3. a result of ``event.offset + 1`` means applied: adopt it. Anything else is
    an OCC mismatch (another node or an operator moved the handler's
    checkpoint): adopt the handler's value, skipping forward or re-reading the
-   stream from there.
+   stream from there. ``scope.checkpoint_offset`` itself is no mismatch but a
+   handler bug (equal checkpoints must apply the event): it is retried like an
+   error.
 
 Errors (from ``checkpoint_offset`` or ``handle_event``) are retried for ever
 with capped backoff: skipping an event would break exactly-once application,
@@ -292,6 +294,14 @@ def _delivery(
             async with serialise:
                 result = await handler.handle_event(scope, message)
         _check_offset(result, "handle_event()", config)
+        if result == checkpoint:
+            # Equal checkpoints mean "apply it and return offset + 1" (ADR-26):
+            # adopting this would deliver the same event again at once, for ever.
+            raise ValueError(
+                f"{config.describe()}: handle_event() at offset {event.offset} returned "
+                f"scope.checkpoint_offset ({checkpoint}) without applying the event; "
+                "when the checkpoints agree it must apply it and return offset + 1"
+            )
         return result
 
     return deliver
