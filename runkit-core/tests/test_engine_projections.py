@@ -504,3 +504,43 @@ async def test_returning_the_scopes_checkpoint_is_retried_with_backoff() -> None
         await wait_until(lambda: len(p.applied) == 3)
         assert ns(p, h.streams[0].stream_id) == [0, 1, 2]
         tg.cancel_scope.cancel()
+
+
+async def test_store_errors_far_apart_do_not_add_up_to_the_longest_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Delivery restarts after a store error with a backoff that grows with the
+    # failures in a row; a run that was healthy for a while starts the count
+    # again. Before, the count never went down: after a few errors in a node's
+    # life every restart waited the full cap.
+    from types import SimpleNamespace
+
+    from runkit.engine.events import consumers_support, projections
+    from runkit.persistence import PersistenceError
+
+    runs = iter([0.0, 0.0, 0.0, 0.05, 0.0])  # how long each run lasts before it fails
+    waits: list[int] = []
+
+    async def deliver(*args: Any, **kwargs: Any) -> None:
+        seconds = next(runs, None)
+        if seconds is None:
+            return  # delivery ends (the partition stops)
+        await anyio.sleep(seconds)
+        raise PersistenceError("the store is away")
+
+    async def record_backoff(options: ConsumerOptions, attempt: int) -> None:
+        waits.append(attempt)
+
+    monkeypatch.setattr(projections, "_deliver", deliver)
+    monkeypatch.setattr(projections, "sleep_backoff", record_backoff)
+    monkeypatch.setattr(consumers_support, "sleep_backoff", record_backoff)
+    config = SimpleNamespace(identity=SimpleNamespace(key=PROJ_KEY), describe=lambda: "proj")
+    with anyio.fail_after(5):
+        await projections.run_projection(
+            SimpleNamespace(index=0),  # type: ignore[arg-type]
+            config,  # type: ignore[arg-type]
+            options=attrs.evolve(OPTIONS, retry_max=0.02),
+            control=projections.ProjectionControl(),
+            serialise=None,
+        )
+    assert waits == [1, 2, 3, 1, 2]

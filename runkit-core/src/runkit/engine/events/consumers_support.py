@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConsumerOptions",
     "HandlerLogger",
+    "Restarts",
     "backoff_delay",
     "close_iterator",
     "sleep_backoff",
@@ -101,6 +102,32 @@ def backoff_delay(options: ConsumerOptions, attempt: int) -> float:
 async def sleep_backoff(options: ConsumerOptions, attempt: int) -> None:
     """Sleep for ``backoff_delay(options, attempt)``."""
     await anyio.sleep(backoff_delay(options, attempt))
+
+
+class Restarts:
+    """The backoff of a consumer that restarts after store errors.
+
+    Only failures in a row count: a run that lasted ``retry_max`` or longer
+    before it failed was healthy, so the count starts again. Otherwise errors
+    scattered over a node's life would leave every later restart waiting the
+    full cap.
+    """
+
+    def __init__(self, options: ConsumerOptions) -> None:
+        self._options = options
+        self._failures = 0
+        self._started = anyio.current_time()
+
+    def begin(self) -> None:
+        """A run starts now."""
+        self._started = anyio.current_time()
+
+    async def failed(self) -> None:
+        """The run failed: sleep for the backoff of the failures in a row so far."""
+        if anyio.current_time() - self._started >= self._options.retry_max:
+            self._failures = 0
+        self._failures += 1
+        await sleep_backoff(self._options, self._failures)
 
 
 @attrs.frozen

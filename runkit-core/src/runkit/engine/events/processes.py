@@ -74,7 +74,7 @@ from ...config import ApplicationConfig, HandlerConfig, RouteKind
 from ...persistence import Conflict, Keyspace, PersistenceError
 from ..envelope import RoutedMessages, decode, to_message
 from ..logs import describe_error
-from .consumers_support import ConsumerOptions, close_iterator, sleep_backoff
+from .consumers_support import ConsumerOptions, Restarts, close_iterator, sleep_backoff
 from .deadlines import DeadlineEntry
 from .process_instances import (
     CachedInstance,
@@ -165,13 +165,13 @@ class ProcessRunner:
         (loading the checkpoint, reading the stream) restarts the consumer
         from its stored checkpoint after a backoff.
         """
-        failures = 0
+        restarts = Restarts(self.options)
         while True:
+            restarts.begin()
             try:
                 await self._run_once(ctx)
                 return
             except PersistenceError as exc:
-                failures += 1
                 _store_log.warning(
                     (self.key, ctx.index),
                     "%s on partition %d: persistence error; restarting the consumer: %s",
@@ -179,7 +179,7 @@ class ProcessRunner:
                     ctx.index,
                     describe_error(exc),
                 )
-                await sleep_backoff(self.options, failures)
+                await restarts.failed()
 
     async def _run_once(self, ctx: PartitionContext) -> None:
         app_key = self.app.identity.key

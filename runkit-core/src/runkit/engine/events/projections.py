@@ -40,7 +40,13 @@ import dogma
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind, RouteKind
 from ...persistence import PersistenceError
 from ..logs import LogContext, RateLimitedLog, describe_error
-from .consumers_support import ConsumerOptions, HandlerLogger, close_iterator, sleep_backoff
+from .consumers_support import (
+    ConsumerOptions,
+    HandlerLogger,
+    Restarts,
+    close_iterator,
+    sleep_backoff,
+)
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
@@ -183,16 +189,16 @@ async def run_projection(
     After a ``reset`` (signalled through *control*) delivery starts again from
     the handler's checkpoint.
     """
-    failures = 0
+    restarts = Restarts(options)
     while True:
         failed = False
+        restarts.begin()
         async with control.delivering():  # exits normally when a reset cancels it
             try:
                 await _deliver(ctx, config, options=options, serialise=serialise)
                 return
             except PersistenceError as exc:
                 # Reading the stream failed: start again from the handler's checkpoint.
-                failures += 1
                 failed = True
                 _repeat_log.warning(
                     (config.identity.key, ctx.index),
@@ -202,7 +208,7 @@ async def run_projection(
                     describe_error(exc),
                 )
         if failed:
-            await sleep_backoff(options, failures)
+            await restarts.failed()
 
 
 async def _deliver(
