@@ -213,6 +213,24 @@ async def test_ignores_other_correlations_and_types(app: ApplicationConfig) -> N
     assert notified.seen == [Notified("a")]
 
 
+async def test_an_event_of_a_type_unknown_here_is_passed_over(app: ApplicationConfig) -> None:
+    # A peer running a newer version of the application (mid rolling upgrade)
+    # may record events of types this node has never registered. No observer
+    # here can want them: the command's observers go on, not a LookupError.
+    import msgspec
+
+    cmd = command(Open("a"))
+    opened = Recorder(True)
+    newer = event(Opened("a"), cmd)
+    unknown = msgspec.structs.replace(
+        newer, envelope=msgspec.structs.replace(newer.envelope, type_id=str(uuid.uuid4()))
+    )
+    await wait_for_observers(
+        app, cmd, Open, [observe(Opened, opened)], feed([unknown, event(Opened("a"), cmd)])
+    )
+    assert opened.seen == [Opened("a")]
+
+
 async def test_subclasses_of_the_observed_type_match(app: ApplicationConfig) -> None:
     cmd = command(Open("a"))
     opened = Recorder(True)

@@ -48,6 +48,7 @@ __all__ = [
     "closing_iter",
     "decode",
     "encode",
+    "message_class",
     "message_type",
     "new_envelope",
     "register_types",
@@ -137,6 +138,12 @@ def message_type(message: dogma.Message) -> dogma.MessageType:
             "decorate it with dogma.register_command/register_event/register_deadline"
         )
     return entry
+
+
+def message_class(env: Envelope) -> type[dogma.Message] | None:
+    """The class the envelope's message decodes to, or ``None`` if its type is unknown here."""
+    entry = _types.get(env.type_id) or dogma.registry.by_id(env.type_id)
+    return None if entry is None else entry.cls
 
 
 def _lookup(type_id: str) -> dogma.MessageType:
