@@ -119,3 +119,55 @@ async def test_a_spilled_command_retried_before_its_spill_lands_is_handled_once(
     stores = await read_stores(inner)
     check_invariants(stores)  # among others: each accepted command published once
     assert len(stores.published()) == 1
+
+
+async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The stream append lands but reports an error, and the store stays
+    # unreachable past the shutdown timeout: the caller hears that the
+    # partition stopped and spills the command to the inbox, although the
+    # stream holds it. The next owner must find it in the stream.
+    from runkit.engine.streams import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "backoff", lambda *a: 30.0)
+    s = setup()
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
+    provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+    ownership = StaticOwnership()
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=provider,
+            partition_count=1,
+            retry_base_delay=0.001,
+            progress_interval=0.002,
+            shutdown_timeout=0.2,
+        )
+    )
+    engine.use_ownership(ownership)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        returned = anyio.Event()
+
+        async def call() -> None:
+            await engine.executor_for(s.app).execute_command(Notify(1))
+            returned.set()
+
+        tg.start_soon(call)
+        await wait_until(lambda: len(provider.plan.injected) >= 1)
+        ownership.assign(set())
+        with anyio.fail_after(10):
+            await returned.wait()
+        tg.cancel_scope.cancel()
+    provider.plan.clear()
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await anyio.sleep(0.5)
+    stores = await read_stores(inner)
+    check_invariants(stores)
+    assert s.notifier.calls == [1]

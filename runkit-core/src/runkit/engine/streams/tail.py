@@ -4,7 +4,10 @@ A new partition owner reads the last record of the stream journal, then scans
 back over the records whose ``inbox_end`` is past the last record's
 ``inbox_position``, and at least to its ``scan_from``, to learn which pending
 commands are already published and which keyed commands may lack their
-idempotency markers (the record header is described in ``records``).
+idempotency markers (the record header is described in ``records``). The record
+the scan stops at counts too if it is the last of its writer: a writer that
+stopped before it could confirm that append told its callers the commands were
+not committed, and they spilled them to the inbox.
 """
 
 from __future__ import annotations
@@ -56,11 +59,19 @@ async def read_tail(journal: Journal) -> StreamTail:
     floor = bounds.end if last.scan_from is None else last.scan_from
     position = bounds.end - 1
     record = last
+    above: str | None = None  # the writer of the record above (None: none)
     while True:
         if record.inbox_end <= inbox_position and position < floor:
+            if record.writer != above:
+                # A writer's last record may be one its stop cut short before
+                # the append was confirmed: its callers, told the partition
+                # stopped, spill those commands to the inbox, past this
+                # record's inbox_end, although they are committed here.
+                published.update(record.command_ids)
             break
         published.update(record.command_ids)
         unmarked.update(record.unmarked)
+        above = record.writer
         position -= 1
         if position < bounds.begin:
             break
