@@ -179,3 +179,27 @@ async def test_a_filtered_reader_woken_for_its_type_does_not_report_a_skip_past_
             await wait_until(lambda: len(stream._waiters) == 1)
             assert skipped == [0, 3]
             tg.cancel_scope.cancel()
+
+
+async def test_a_filtered_reader_from_past_the_end_yields_nothing_before_its_offset() -> None:
+    # A consumer may start past the end (a projection's checkpoint ahead of
+    # the stream): sleeping through other types must not move it back.
+    async with harness(App(), registry=REGISTRY, partitions=1) as h:
+        stream = h.streams[0]
+        skipped: list[int] = []
+        yielded: list[int] = []
+
+        async def read() -> None:
+            async with closing_iter(stream.read(3, types=WANTED, on_skip=skipped.append)) as events:
+                async for event in events:
+                    yielded.append(event.offset)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await wait_until(lambda: len(stream._waiters) == 1)
+            await h.publish(Other(0))
+            await h.publish(Wanted(1), Wanted(2), Wanted(3))
+            await wait_until(lambda: yielded != [])
+            assert yielded == [3]
+            assert skipped == sorted(skipped), "on_skip went back"
+            tg.cancel_scope.cancel()

@@ -210,10 +210,11 @@ class PartitionStream:
         waiting: list[_Waiter] = []
         for waiter in self._waiters:
             if waiter.types.isdisjoint(published):
-                # Nothing for it: it stays asleep, as if it had read them.
-                waiter.position = self._end
+                # Nothing for it: it stays asleep, as if it had read them (never
+                # moved back: a reader may have started past the end).
+                waiter.position = max(waiter.position, self._end)
                 if waiter.on_skip is not None:
-                    waiter.on_skip(self._end)
+                    waiter.on_skip(waiter.position)
                 waiting.append(waiter)
             else:
                 waiter.woken.set()
