@@ -38,7 +38,7 @@ from runkit.engine.streams import (
     decode_stream_record,
 )
 from runkit.engine.streams import read_tail as read_stream_tail
-from runkit.persistence import Journal
+from runkit.persistence import Journal, Limits
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,11 +59,11 @@ def silo() -> MemoryProvider:
 
 
 async def _stream_writer(
-    *, batch_limit: int = 100, record_limit: int = 1 << 20
+    *, batch_limit: int = 100, record_limit: int = 1 << 20, provider: MemoryProvider | None = None
 ) -> tuple[Journal, PartitionStream, StreamWriter]:
     """A fresh stream journal ``"stream"`` (in a new silo), its stream and a writer."""
     register_types(setup().config.message_types())
-    journal = await silo().journals.open("stream")
+    journal = await (provider or silo()).journals.open("stream")
     stream = PartitionStream("s", journal, next_offset=0)
     writer = StreamWriter(
         journal,
@@ -128,6 +128,40 @@ async def test_a_batch_larger_than_the_record_limit_is_committed_in_several_reco
     assert all(len(data) <= limit for data in records), "a record is over the limit"
     committed = [cid for data in records for cid in decode_stream_record(data).command_ids]
     assert committed == [f"cmd-{i}" for i in range(count)]
+    writer.close()
+    await journal.close()
+
+
+async def test_a_batch_the_size_estimate_undercounts_still_fits_the_store_limit() -> None:
+    # Small events with long instance IDs: the writer's estimate of a
+    # publication's size falls short of its encoding, and a batch filled to
+    # 90% of the estimate went over the store's limit (an append the writer
+    # retried for ever, the same bytes each time).
+    limit = 64 * 1024
+    provider = MemoryProvider(f"batches-{uuid.uuid4()}", limits=Limits(max_record_bytes=limit))
+    journal, _, writer = await _stream_writer(
+        batch_limit=1000, record_limit=limit, provider=provider
+    )
+    envelopes = [
+        new_envelope(
+            Deposit("a", i, ""),
+            app_key=APP_KEY,
+            site_key=None,
+            created_at=datetime.now(UTC),
+            source_instance="instance-" + "i" * 120,
+        )
+        for i in range(400)
+    ]
+    publications = [writer.enqueue(f"cmd-{i}", [env]) for i, env in enumerate(envelopes)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(writer.run)
+        with anyio.fail_after(5):
+            for publication in publications:
+                await publication.wait_settled()
+        tg.cancel_scope.cancel()
+    assert [p.offset for p in publications] == list(range(400))
+    bounds = await journal.bounds()
+    assert bounds.end > 1
     writer.close()
     await journal.close()
 

@@ -100,6 +100,7 @@ class StreamWriter:
         self._bus = bus
         self._clock = clock
         self._batch_limit = batch_limit
+        self._max_record = record_limit
         self._record_limit = max(1024, record_limit * 9 // 10)
         self._progress_interval = progress_interval
         self._retry_max_delay = retry_max_delay
@@ -280,9 +281,19 @@ class StreamWriter:
             count += len(item.events)
             size += item.size
         progress = self._progress
+        while True:
+            record = self._record(batch, progress)
+            data = encode_stream_record(record)
+            if len(data) <= self._max_record or len(batch) == 1:
+                return batch, progress, record, data
+            # The size estimate fell short (long instance IDs, non-ASCII
+            # text): fewer commands, or the store refuses the record for ever.
+            del batch[max(1, min(len(batch) - 1, len(batch) * self._max_record // len(data))) :]
+
+    def _record(self, batch: list[Publication], progress: int) -> StreamRecord:
         unmarked = tuple(i.command_id for i in batch if i.pinned and i.events)
         floors = [*self._pinned.values(), *([self._position] if unmarked else [])]
-        record = StreamRecord(
+        return StreamRecord(
             first_offset=self._offset,
             inbox_position=progress,
             inbox_end=max(self._inbox_end, progress),
@@ -294,7 +305,6 @@ class StreamWriter:
             unmarked=unmarked,
             scan_from=min(floors) if floors else None,
         )
-        return batch, progress, record, encode_stream_record(record)
 
     def _after_append(self, batch: list[Publication], progress: int, record: StreamRecord) -> None:
         for _ in batch:
