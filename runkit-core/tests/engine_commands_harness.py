@@ -135,7 +135,8 @@ class Accounts:
     ``fail[ref]`` failures are raised for the command with that ref before it
     succeeds; refs in ``unexpected`` raise ``UnexpectedMessage``; refs in
     ``unrouted`` record an event the handler has no route for; refs in
-    ``nothing`` record no event.
+    ``nothing`` record no event; refs in ``pad`` record their event with the
+    ref padded to that many characters.
     """
 
     def __init__(self, *, snapshots: bool = True) -> None:
@@ -146,6 +147,7 @@ class Accounts:
         self.unexpected: set[str] = set()
         self.unrouted: set[str] = set()
         self.nothing: set[str] = set()
+        self.pad: dict[str, int] = {}
         self.messages: list[object] = []  # what handle_command was given
         self.routed: list[object] = []  # what route_command_to_instance was given
         self.events: list[object] = []
@@ -180,7 +182,10 @@ class Accounts:
         if command.ref in self.unrouted:
             scope.record_event(Unrouted(1))
         event = Deposited(
-            command.account, command.amount, root.balance + command.amount, command.ref
+            command.account,
+            command.amount,
+            root.balance + command.amount,
+            command.ref.ljust(self.pad.get(command.ref, 0), "."),
         )
         self.events.append(event)
         scope.record_event(event)

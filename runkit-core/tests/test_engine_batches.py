@@ -166,6 +166,26 @@ async def test_a_batch_the_size_estimate_undercounts_still_fits_the_store_limit(
     await journal.close()
 
 
+async def test_a_command_whose_events_cannot_fit_a_stream_record_is_poisoned_alone() -> None:
+    # Its record would be over the store's limit: appended, it would be
+    # refused for ever and the partition would commit nothing more.
+    s = setup()
+    limit = 64 * 1024
+    provider = MemoryProvider(f"batches-{uuid.uuid4()}", limits=Limits(max_record_bytes=limit))
+    s.accounts.pad["huge"] = limit
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        with anyio.fail_after(10):
+            await executor.execute_command(Deposit("acc", 1, "huge"))
+            await executor.execute_command(Deposit("acc", 2, "fine"))
+            await wait_until(lambda: [c[1] for c in s.accounts.calls] == ["huge", "fine"])
+    stores = await settled(provider)
+    [poisoned] = stores.poison.values()
+    assert "bytes" in poisoned.error
+    assert [getattr(e, "ref", None) for e in s.accounts.events][-1] == "fine"
+    check_invariants(stores)
+
+
 # -- bug 2: idempotency markers only where nothing else proves the command was handled ---
 
 

@@ -11,6 +11,7 @@ import dogma
 
 from ...config import HandlerConfig
 from ..envelope import Envelope, new_envelope, validate_new
+from ..streams import event_size
 from .poison import HandlerBug
 
 __all__ = ["EventRecorder", "handler_log"]
@@ -43,7 +44,9 @@ class EventRecorder:
 
     A routing or validation failure is a bug in the handler: it is remembered
     (so a handler that catches the exception cannot hide it) and raised as
-    ``HandlerBug``, which poisons the command at once.
+    ``HandlerBug``, which poisons the command at once. So are events too large
+    for one stream record (more than *max_bytes* by ``event_size``): the store
+    would refuse the record for ever, and the partition would commit nothing more.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class EventRecorder:
         instance_id: str | None,
         site_key: str | None,
         clock: Callable[[], datetime],
+        max_bytes: int,
     ) -> None:
         self.handler = handler
         self.command = command
@@ -62,6 +66,8 @@ class EventRecorder:
         self.clock = clock
         self.events: list[Envelope] = []
         self.bug: str | None = None
+        self._max_bytes = max_bytes
+        self._size = 0
 
     def record(self, event: dogma.Event) -> Envelope:
         """Return the new event's envelope; raise ``HandlerBug`` if it may not be recorded."""
@@ -87,6 +93,13 @@ class EventRecorder:
             source_instance=self.instance_id,
             validated=True,
         )
+        self._size += event_size(env.data, env.description)
+        if self._size > self._max_bytes:
+            self._bug(
+                f"{self.handler.describe()} recorded {len(self.events) + 1} event(s) of about "
+                f"{self._size} bytes for one command; the store's records take at most "
+                f"{self._max_bytes} bytes of a command's events"
+            )
         self.events.append(env)
         return env
 

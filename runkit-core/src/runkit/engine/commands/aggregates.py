@@ -36,6 +36,7 @@ import dogma
 from ...config import HandlerConfig
 from ...persistence import Journal, Keyspace, Provider
 from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
+from ..streams import max_command_bytes
 from ._handling import EventRecorder, handler_log
 from .inbox import InboxEntry
 from .instance_records import (
@@ -131,6 +132,7 @@ class AggregateInstances:
         self._clock = clock
         self._snapshot_every = snapshot_every
         self._cache_size = cache_size
+        self._max_event_bytes = max_command_bytes(provider.limits.max_record_bytes)
         self._cache: OrderedDict[tuple[str, str], Instance] = OrderedDict()
         # Committed records not yet in their instance journal, per instance.
         self._unwritten: dict[tuple[str, str], deque[Committed]] = {}
@@ -182,6 +184,7 @@ class AggregateInstances:
             instance_id=inst.instance_id,
             site_key=self._site_key,
             clock=self._clock,
+            max_bytes=self._max_event_bytes,
         )
         agg: Any = handler.handler
         try:

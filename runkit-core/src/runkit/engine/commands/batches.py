@@ -166,6 +166,7 @@ class PartitionCommands:
             publish=self._publish,
             publishing=self._publishing,
             duplicate=self._duplicate,
+            record_limit=provider.limits.max_record_bytes,
         )
         # Every stream record this owner writes must say it has read the whole
         # inbox as of takeover (see streams.read_tail).

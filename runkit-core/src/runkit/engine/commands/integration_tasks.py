@@ -25,7 +25,7 @@ from ...persistence import PersistenceError
 from ..backoff import backoff
 from ..envelope import Envelope
 from ..settings import EngineSettings
-from ..streams import OwnershipLost, Publication
+from ..streams import OwnershipLost, Publication, max_command_bytes
 from .integrations import execute_integration
 from .markers import Markers
 from .pending import CompletedCommands, Location, PendingCommand
@@ -67,7 +67,9 @@ class IntegrationTasks:
         publish: _Publish,
         duplicate: Callable[[PendingCommand, Location], None],
         publishing: Container[str],
+        record_limit: int,
     ) -> None:
+        self._max_event_bytes = max_command_bytes(record_limit)
         self._publishing = publishing
         self._settings = settings
         self._start = start
@@ -131,7 +133,11 @@ class IntegrationTasks:
                         self._duplicate(item, location)
                         return
                 events = await execute_integration(
-                    handler, entry, site_key=self._settings.site_key, clock=self._settings.clock
+                    handler,
+                    entry,
+                    site_key=self._settings.site_key,
+                    clock=self._settings.clock,
+                    max_bytes=self._max_event_bytes,
                 )
                 publication = self._publish(item, events, None, pinned=entry.keyed)
                 if entry.keyed and publication is not None:

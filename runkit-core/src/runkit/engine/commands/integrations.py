@@ -48,13 +48,20 @@ async def execute_integration(
     *,
     site_key: str | None,
     clock: Callable[[], datetime],
+    max_bytes: int,
 ) -> tuple[Envelope, ...]:
-    """Handle *entry* once; return the events it recorded.
+    """Handle *entry* once; return the events it recorded (at most *max_bytes*, see
+    ``EventRecorder``).
 
     Raises ``HandlerBug`` for bugs and whatever the handler raised.
     """
     recorder = EventRecorder(
-        handler, entry.envelope, instance_id=None, site_key=site_key, clock=clock
+        handler,
+        entry.envelope,
+        instance_id=None,
+        site_key=site_key,
+        clock=clock,
+        max_bytes=max_bytes,
     )
     command = to_message(entry.envelope)
     integration: Any = handler.handler

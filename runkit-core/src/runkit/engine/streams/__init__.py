@@ -25,6 +25,8 @@ from .records import (
     StreamRecord,
     decode_stream_record,
     encode_stream_record,
+    event_size,
+    max_command_bytes,
     stream_name,
 )
 from .tail import StreamTail, read_tail
@@ -45,7 +47,9 @@ __all__ = [
     "Widen",
     "decode_stream_record",
     "encode_stream_record",
+    "event_size",
     "fed_subscription",
+    "max_command_bytes",
     "read_tail",
     "stream_name",
 ]

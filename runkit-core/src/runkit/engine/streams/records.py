@@ -40,8 +40,26 @@ __all__ = [
     "StreamRecord",
     "decode_stream_record",
     "encode_stream_record",
+    "event_size",
+    "max_command_bytes",
     "stream_name",
 ]
+
+#: More than an event adds to a stream record besides its data and description
+#: (its other envelope fields and their msgpack keys).
+_EVENT_OVERHEAD = 512
+
+
+def event_size(data: bytes, description: str) -> int:
+    """An upper estimate of the bytes an event adds to a stream record."""
+    return len(data) + len(description) + _EVENT_OVERHEAD
+
+
+def max_command_bytes(record_limit: int) -> int:
+    """The most ``event_size`` one command's events may add up to, for a store
+    whose records take at most *record_limit* bytes: they must fit one stream
+    record, with its header."""
+    return record_limit * 3 // 4
 
 
 def stream_name(app_key: str, index: int) -> str:
