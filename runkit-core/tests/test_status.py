@@ -369,6 +369,24 @@ async def test_engine_status_before_run_reads_its_store_without_creating_anythin
     assert sum(p.stream_end for p in status.partitions) == 1
 
 
+async def test_engine_status_after_run_reads_its_store_although_run_closed_its_provider() -> None:
+    s = ch.setup()
+    provider = silo()
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,), persistence_url=f"memory:///{provider.silo}", **FAST
+        )
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.executor_for(s.app).execute_command(ch.Deposit("a", 1, "r"))
+        await eventually(engine.status, lambda st: sum(p.stream_end for p in st.partitions) == 1)
+        tg.cancel_scope.cancel()
+    status = await engine.status()  # run() closed the provider it made from the URL
+    assert status.nodes == ()
+    assert sum(p.stream_end for p in status.partitions) == 1
+
+
 def test_cli_status_usage_errors_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -294,7 +294,9 @@ class Engine:
         from .cluster.status import read_status
 
         apps = self.applications
-        provider = next((rt.provider for rt in self._runtimes.values()), None)
+        # After run(), a provider it made from the URL is closed: open one of our own.
+        running = self._state != "stopped"
+        provider = next((rt.provider for rt in self._runtimes.values() if running), None)
         provider = provider or self.settings.persistence_provider
         if provider is not None:
             return await read_status(provider, apps, now=self.settings.clock())
