@@ -662,6 +662,28 @@ async def test_a_client_entered_before_any_node_starts_waits_for_the_application
     assert len(stores.published()) == 1
 
 
+async def test_a_client_entered_twice_is_refused_at_once_and_keeps_working() -> None:
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    engine = one_node(s.config, silo, listen_address="127.0.0.1:0")
+    client = runkit.Client(
+        runkit.with_application(s.config),
+        runkit.with_persistence_provider(MemoryProvider(silo)),
+        runkit.with_heartbeat_interval(0.5),
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.runtime(APP_KEY)
+        async with client:
+            with anyio.fail_after(1), pytest.raises(RuntimeError, match="already entered"):
+                async with client:
+                    pass
+            # The refused entry left the first one as it was.
+            with anyio.fail_after(10):
+                await client.executor_for(s.app).execute_command(Deposit("a", 1, "r"))
+        tg.cancel_scope.cancel()
+
+
 # --- authentication ------------------------------------------------------------------
 
 

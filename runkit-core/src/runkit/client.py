@@ -85,10 +85,19 @@ class Client:
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._making = anyio.Lock()  # one acceptor made at a time
+        self._entered = False
 
     async def __aenter__(self) -> Self:
+        # A second entry would join membership again under the same node ID
+        # (and fail as NodeIdInUse after waiting for the first one to expire).
+        if self._entered:
+            raise RuntimeError(
+                "this runkit.Client is already entered: use one `async with` at a time"
+            )
         s = self.settings
         async with AsyncExitStack() as stack:
+            self._entered = True
+            stack.callback(setattr, self, "_entered", False)  # left (or failed to enter)
             provider = s.persistence_provider
             if provider is None:
                 if s.persistence_url is None:
