@@ -684,6 +684,18 @@ async def test_a_client_entered_twice_is_refused_at_once_and_keeps_working() -> 
         tg.cancel_scope.cancel()
 
 
+async def test_a_client_used_after_its_block_says_so() -> None:
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    client = runkit.Client(
+        runkit.with_application(s.config), runkit.with_persistence(f"memory:///{silo}")
+    )
+    async with client:
+        await client.status()
+    with pytest.raises(RuntimeError, match="inside `async with"):
+        await client.status()  # not the PersistenceError of the provider it closed
+
+
 # --- authentication ------------------------------------------------------------------
 
 

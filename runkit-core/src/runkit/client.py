@@ -147,7 +147,7 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
-        self._router = self._tg = None
+        self._router = self._tg = self._provider = None  # the provider may be closed below
         self._acceptors.clear()
         if stack is not None:
             await stack.aclose()
