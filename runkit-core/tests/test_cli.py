@@ -130,17 +130,22 @@ def test_nodes_lists_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///cli-nodes")
     settings = EngineSettings(advertise_address="node-1.internal:7000")
 
+    client = EngineSettings()
+
     async def heartbeat_once() -> None:
         provider = MemoryProvider("cli-nodes")
         membership = Membership(provider, settings)
+        # A runkit.Client is a member too, but owns nothing: it is not a node.
+        client_membership = Membership(provider, client, role="client")
         async with anyio.create_task_group() as tg:
             await tg.start(membership.run)
+            await tg.start(client_membership.run)
             status, text = await anyio.to_thread.run_sync(lambda: run("nodes"))
             assert status == 0
-            assert str(settings.node_id) in text
-            assert "live" in text
-            assert "node-1.internal:7000" in text
-            assert text.rstrip().endswith("1 live node(s), 0 expired")
+            rows = {line.split()[0]: line.split() for line in text.splitlines()[1:-1]}
+            assert rows[str(settings.node_id)][1:4] == ["live", "node", "node-1.internal:7000"]
+            assert rows[str(client.node_id)][1:4] == ["live", "client", "-"]
+            assert text.rstrip().endswith("1 live node(s), 0 expired; 1 live client(s)")
             tg.cancel_scope.cancel()
 
     anyio.run(heartbeat_once)

@@ -196,7 +196,9 @@ def nodes_command(*, out: TextIO) -> int:
             out.write("no nodes have heartbeat records in this store\n")
             return 0
         now = datetime.now(UTC)
-        rows: list[tuple[str, ...]] = [("node", "state", "address", "started", "last heartbeat")]
+        rows: list[tuple[str, ...]] = [
+            ("node", "state", "role", "address", "started", "last heartbeat")
+        ]
         for r in records:
             state = "live" if r.is_live(now) else "expired"
             age = f"{(now - r.written_at).total_seconds():.1f}s ago"
@@ -204,14 +206,22 @@ def nodes_command(*, out: TextIO) -> int:
                 (
                     str(r.node_id),
                     state,
+                    r.role,
                     r.advertise_address or "-",
                     r.started_at.isoformat(timespec="seconds"),
                     age,
                 )
             )
         print_table(rows, out)
-        live = sum(1 for r in records if r.is_live(now))
-        out.write(f"{live} live node(s), {len(records) - live} expired\n")
+        # Clients (runkit.Client) own no partitions: counted apart, as runkit status does.
+        nodes = [r for r in records if r.role != "client"]
+        live = sum(1 for r in nodes if r.is_live(now))
+        clients = sum(1 for r in records if r.role == "client" and r.is_live(now))
+        out.write(
+            f"{live} live node(s), {len(nodes) - live} expired"
+            + (f"; {clients} live client(s)" if clients else "")
+            + "\n"
+        )
         return 0
 
     return anyio.run(go)
