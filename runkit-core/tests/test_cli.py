@@ -481,6 +481,17 @@ def test_subprocess_unexpected_errors_keep_their_traceback_and_exit_1(
     assert result.stderr.rstrip().endswith("RuntimeError: the database exploded")
 
 
+def test_subprocess_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path: Path) -> None:
+    # Ctrl-C while `runkit execute` waits (here while it imports the application)
+    # is the operator's choice, not a failure: no traceback.
+    (tmp_path / "interrupted_app.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n"
+    )
+    url = {"DOGMA_PERSISTENCE_URL": "memory:///interrupted"}
+    result = cli("execute", "interrupted_app:app", "T", "{}", env=url, cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (130, "runkit execute: interrupted\n")
+
+
 def test_subprocess_version() -> None:
     result = cli("--version")
     assert result.returncode == 0

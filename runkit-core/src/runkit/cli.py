@@ -13,7 +13,8 @@
     runkit --version                print the versions of runkit-core, dogma-api and the drivers
 
 Exit status: 0 on success, 1 on a runtime failure (with its traceback), 2 on a
-usage or configuration error (one plain message naming what to change).
+usage or configuration error (one plain message naming what to change), 130 when
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -481,6 +482,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             # error. Point stdout at nothing, so flushing it at exit cannot fail.
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        if leaves and all(isinstance(e, KeyboardInterrupt) for e in leaves):
+            # Ctrl-C (while `runkit execute` waits, say) is the operator's choice, not
+            # a failure: one line, and the status a shell gives for SIGINT.
+            print(f"runkit {args.command}: interrupted", file=sys.stderr)
+            return 130
         problem = usage_problem(exc)
         if problem is None:
             if len(leaves) == 1 and isinstance(leaves[0], StoreUnavailable):
