@@ -197,6 +197,29 @@ async def test_commands_accepted_while_no_node_runs_them_show_as_backlog() -> No
         tg.cancel_scope.cancel()
 
 
+async def test_backlog_counts_the_commands_of_inbox_records_not_the_records() -> None:
+    from runkit.engine.cluster.ownership import StaticOwnership
+
+    s = ch.setup()
+    provider = silo()
+    engine = Engine.from_settings(
+        EngineSettings(applications=(s.config,), persistence_provider=provider, **FAST)
+    )
+    engine.use_ownership(StaticOwnership())  # accepts, owns nothing
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        executor = engine.executor_for(s.app)
+        # Concurrent callers of a partition share inbox records.
+        async with anyio.create_task_group() as callers:
+            for i in range(40):
+                callers.start_soon(executor.execute_command, ch.Deposit(f"a{i % 4}", 1, f"r{i}"))
+        status = await engine.status()
+        tg.cancel_scope.cancel()
+    parts = status.application(ch.APP_KEY).partitions
+    assert sum(p.inbox_end for p in parts) < 40  # fewer records than commands
+    assert sum(p.inbox_backlog for p in parts) == 40
+
+
 async def test_poisoned_commands_are_counted_per_partition() -> None:
     s = ch.setup()
     s.accounts.unexpected.update({"bug1", "bug2"})

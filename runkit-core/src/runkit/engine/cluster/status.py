@@ -15,8 +15,8 @@ Where the numbers come from:
   being shown as owner at once, not a heartbeat later. ``claimed_by`` is the
   live node whose last heartbeat says it runs the partition; the two differ
   for up to a heartbeat interval around a change.
-- **inbox backlog**: inbox records after the position the stream says is
-  fully processed. When the claiming node's heartbeat is at least as recent as
+- **inbox backlog**: the commands in the inbox records after the position the
+  stream says is fully processed. When the claiming node's heartbeat is at least as recent as
   the stream (same stream end and processed position), its count of commands
   in memory is taken if larger: it includes commands accepted on the owner
   itself, which never pass through the inbox.
@@ -47,9 +47,10 @@ import msgspec
 
 from ... import rendezvous
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
-from ...persistence import Provider
-from ..commands.inbox import inbox_name
+from ...persistence import Journal, Provider
+from ..commands.inbox import decode_inbox_record, inbox_name
 from ..commands.poison import poison_name
+from ..envelope import closing_iter
 from ..events.deadlines import deadline_journal_name
 from ..events.process_stores import checkpoint_key, checkpoints_store_name, event_poison_store_name
 from ..logs import describe_error
@@ -373,10 +374,12 @@ async def _read_partition(
     provider: Provider, app: _App, index: int, live: Sequence[NodeRecord]
 ) -> PartitionStatus:
     pid = partition_id(app.key, index)
-    async with await provider.journals.open(inbox_name(app.key, index)) as inbox:
-        inbox_end = (await inbox.bounds()).end
     async with await provider.journals.open(stream_name(app.key, index)) as stream:
         tail = await read_tail(stream)
+    processed = tail.inbox_position
+    async with await provider.journals.open(inbox_name(app.key, index)) as inbox:
+        inbox_end = (await inbox.bounds()).end
+        backlog = await _commands_in(inbox, processed, inbox_end)
     poisoned = await _count_keys(provider, poison_name(app.key, index))
     pending_deadlines = poisoned_events = 0
     if app.processes or not app.configured:
@@ -386,8 +389,6 @@ async def _read_partition(
         poisoned_events = await _count_keys(provider, event_poison_store_name(app.key, index))
     owner = rendezvous.winner(pid, (r.node_id for r in live))
     claimant, progress = _claim(live, app.key, index)
-    processed = tail.inbox_position
-    backlog = max(0, inbox_end - processed)
     if progress.get("stream_end", -1) >= tail.next_offset and (
         progress.get("inbox_position", -1) >= processed
     ):
@@ -422,6 +423,22 @@ def _claim(
     if best is None:
         return None, {}
     return best.node_id, best.progress[app_key][index]
+
+
+async def _commands_in(inbox: Journal, begin: int, end: int) -> int:
+    """The commands in the inbox records at positions ``[begin, end)``.
+
+    A record holds every command its writer accepted together (a busy
+    partition's callers share one), so the records alone would undercount.
+    """
+    count = 0
+    if begin < end:
+        async with closing_iter(inbox.range(begin)) as records:
+            async for position, data in records:
+                if position >= end:
+                    break
+                count += len(decode_inbox_record(data).entries)
+    return count
 
 
 async def _count_keys(provider: Provider, name: str) -> int:
