@@ -357,6 +357,32 @@ async def test_cli_json_shows_a_running_node_and_the_applications_it_reports(
     assert data["consumers"] == []
 
 
+async def test_cli_execute_in_a_nodes_environment_does_not_take_the_nodes_id(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `docker exec node-1 runkit execute ...` inherits the node's DOGMA_NODE_ID.
+    import bank
+    from runkit.config import build
+
+    provider = silo()
+    engine = node(provider, build(bank.app))
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///{provider.silo}")
+    monkeypatch.setenv("DOGMA_NODE_ID", str(engine.settings.node_id))
+    command = (
+        '{"customer_id": "C1", "customer_name": "Ann", "account_id": "A1", "account_name": "S"}'
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await eventually(engine.status, lambda st: len(st.live_nodes) == 1)
+        code, text = await anyio.to_thread.run_sync(
+            lambda: run_cli("execute", "bank:app", "OpenAccountForNewCustomer", command)
+        )
+        status = await engine.status()
+        tg.cancel_scope.cancel()
+    assert (code, text) == (0, "executed customer C1 Ann is opening their first account A1 S\n")
+    assert [n.node_id for n in status.live_nodes] == [str(engine.settings.node_id)]
+
+
 def test_cli_status_on_an_empty_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///status-{uuid.uuid4()}")
     code, text = run_cli("status")
