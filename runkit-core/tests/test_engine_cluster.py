@@ -849,3 +849,5 @@ async def test_a_listen_address_in_use_is_a_configuration_error() -> None:
         errors.append(errors[-1].exceptions[0])
     assert isinstance(errors[-1], runkit.ConfigurationError), repr(info.value)
     assert f"cannot listen on 127.0.0.1:{port}" in str(errors[-1])
+    # It names ways to change the address that exist (runkit run has no --listen).
+    assert "runkit.with_listen_address() or DOGMA_LISTEN_ADDRESS" in str(errors[-1])

@@ -545,7 +545,10 @@ async def node_cluster(
             except TransportError as exc:
                 raise ConfigurationError(
                     f"the node cannot listen on {listen}",
-                    [f"{exc}; set another listen address (DOGMA_LISTEN_ADDRESS, --listen)"],
+                    [
+                        f"{exc}; set another with runkit.with_listen_address() "
+                        "or DOGMA_LISTEN_ADDRESS"
+                    ],
                 ) from None
             advertise = settings.advertise_address or bound
             if is_unspecified_address(advertise):
