@@ -537,6 +537,34 @@ async def test_subprocess_status_shows_a_postgres_cluster_and_a_mistyped_schema_
     assert found == (0,)
 
 
+def test_watch_goes_on_through_store_errors(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A watch is most useful while the store has trouble: one failed read is
+    # reported on stderr and the watch looks again.
+    from runkit.engine.cluster import status as status_module
+    from runkit.persistence import PersistenceError
+
+    calls = 0
+
+    async def flaky(*args: Any, **kwargs: Any) -> ClusterStatus:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise PersistenceError("the store is away")
+        if calls == 3:
+            raise KeyboardInterrupt  # ends the watch (as "interrupted": exit 130)
+        return await read_status(*args, **kwargs)
+
+    monkeypatch.setattr(status_module, "read_status", flaky)
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///{silo().silo}")
+    code, text = run_cli("status", "--json", "--watch", "0.01")
+    assert code == 130
+    assert calls == 3
+    assert "reading the store failed" in capsys.readouterr().err
+    assert set(json.loads(text.splitlines()[-1])) >= {"nodes", "partitions"}
+
+
 @pytest.mark.parametrize("inherited", ["default", "sigint-ignored"])
 def test_watch_refreshes_until_interrupted(inherited: str) -> None:
     # A background job of a non-interactive shell starts with SIGINT ignored:

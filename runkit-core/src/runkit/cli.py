@@ -220,7 +220,8 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
     from . import config
     from .engine.cluster.status import read_status
-    from .persistence import provider_from_url
+    from .engine.logs import describe_error
+    from .persistence import PersistenceError, provider_from_url
 
     apps = [config.build(application_object(spec)) for spec in args.apps]
     url = ENVIRONMENT.load().persistence_url
@@ -232,7 +233,22 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
         provider.set_read_only()  # looking must not create (or change) anything
         try:
             while True:
-                status = await read_status(provider, apps, now=datetime.now(UTC), discover=not apps)
+                try:
+                    status = await read_status(
+                        provider, apps, now=datetime.now(UTC), discover=not apps
+                    )
+                except PersistenceError as exc:
+                    if not args.watch or usage_problem(exc) is not None:
+                        raise  # once, or a wrong URL (a password, a database)
+                    # A watch is most useful while the store has trouble: say so
+                    # (on stderr: stdout may be JSON lines) and look again.
+                    print(
+                        f"runkit status: reading the store failed, trying again in "
+                        f"{args.watch:g} s: {describe_error(exc)}",
+                        file=sys.stderr,
+                    )
+                    await anyio.sleep(args.watch)
+                    continue
                 if args.json:
                     indent = None if args.watch else 2  # one snapshot per line when watching
                     text = json.dumps(status.to_json(), indent=indent) + "\n"
