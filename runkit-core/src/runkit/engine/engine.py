@@ -159,7 +159,12 @@ class Engine:
         fingerprint = None
         if self._cluster is not None:
             # No advertise address without a listen address: nothing would answer.
-            settings = attrs.evolve(settings, advertise_address=self._cluster.advertise_address)
+            # The listen address as bound (port 0 is given one).
+            settings = attrs.evolve(
+                settings,
+                advertise_address=self._cluster.advertise_address,
+                listen_address=self._cluster.listen_address,
+            )
             fingerprint = self._cluster.identity.fingerprint
         membership = Membership(
             provider, settings, progress=self.progress, tls_fingerprint=fingerprint

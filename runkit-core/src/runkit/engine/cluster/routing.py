@@ -491,13 +491,15 @@ def authenticator(
 class NodeCluster:
     """A node's part in the cluster: its TLS identity, transport and router.
 
-    ``advertise_address`` is ``None`` for a node without a listen address.
+    ``advertise_address`` and ``listen_address`` (where it listens, its port
+    bound) are ``None`` for a node without a listen address.
     """
 
     identity: TlsIdentity
     transport: NodeTransport
     router: Router
     advertise_address: str | None
+    listen_address: str | None = None
 
 
 @asynccontextmanager
@@ -538,10 +540,10 @@ async def node_cluster(
         ) as transport,
         anyio.create_task_group() as tg,
     ):
-        advertise = None
+        advertise = bound = None
         if listen is not None:
             try:
-                bound: str = await tg.start(transport.serve, listen)
+                bound = await tg.start(transport.serve, listen)
             except TransportError as exc:
                 raise ConfigurationError(
                     f"the node cannot listen on {listen}",
@@ -564,6 +566,6 @@ async def node_cluster(
         )
         router.start(tg)
         try:
-            yield NodeCluster(identity, transport, router, advertise)
+            yield NodeCluster(identity, transport, router, advertise, bound)
         finally:
             tg.cancel_scope.cancel()
