@@ -56,6 +56,49 @@ class AbaKeyspace(_WrappedKeyspace):
         return str(self.generations[key])
 
 
+class PerKeyCounterKeyspace(_WrappedKeyspace):
+    """Correct: a revision counts its key's writes ("1", "2"...) across deletes.
+
+    Revisions then never repeat for a key, as the contract asks, but different
+    keys share them.
+    """
+
+    def __init__(self, inner: Keyspace, plan: runkit.testing.faults.FaultPlan) -> None:
+        super().__init__(inner, plan)
+        self.writes: dict[bytes, int] = {}
+        self.ours: dict[str, str] = {}  # the memory driver's revision -> ours
+        self.theirs: dict[tuple[bytes, str], str] = {}  # (key, ours) -> the driver's
+
+    def _revision(self, key: bytes, theirs: str) -> str:
+        if not theirs:
+            return ""
+        self.writes[key] = self.writes.get(key, 0) + 1
+        ours = str(self.writes[key])
+        self.ours[theirs] = ours
+        self.theirs[key, ours] = theirs
+        return ours
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        value, theirs = await self._inner.get(key)
+        return value, self.ours.get(theirs, "")
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        key = bytes(key)
+        theirs = self.theirs.get((key, revision), "<stale>") if revision else ""
+        try:
+            return self._revision(key, await self._inner.set(key, value, theirs))
+        except Conflict:
+            raise Conflict.keyspace(self.name, key, revision) from None
+
+    async def set_unconditional(self, key: bytes, value: bytes) -> str:
+        key = bytes(key)
+        return self._revision(key, await self._inner.set_unconditional(key, value))
+
+    async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+        async for key, value, theirs in self._inner.range():
+            yield key, value, self.ours[theirs]
+
+
 class ResurrectingJournal(_WrappedJournal):
     """Acknowledges appends at truncated positions without storing them (a lost write)."""
 
@@ -202,6 +245,14 @@ async def test_keyspace_suite_catches_revisions_that_repeat_after_delete(
             lambda: suite.test_keyspace_stale_revision_from_before_delete_is_rejected(aba)
         )
     assert "DID NOT RAISE" in message
+
+
+async def test_keyspace_model_accepts_revisions_shared_by_different_keys(
+    memory: Provider,
+) -> None:
+    # Revisions never repeat for a key; the contract lets two keys share one.
+    broken = BrokenProvider(memory, keyspace=PerKeyCounterKeyspace)
+    await KeyspaceSuite().test_keyspace_behaves_like_model(broken)
 
 
 async def test_journal_suite_catches_acknowledged_appends_that_are_invisible(

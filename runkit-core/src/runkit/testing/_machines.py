@@ -162,22 +162,25 @@ async def run_journal_machine(provider: Provider, settings: hypothesis.settings)
 
 
 async def run_keyspace_machine(provider: Provider, settings: hypothesis.settings) -> None:
-    """Check a keyspace against a model, including revision uniqueness."""
+    """Check a keyspace against a model, including that revisions never repeat for a key."""
 
     class KeyspaceMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.keyspace: Keyspace = _call(provider.keyspaces.open, unique_name("keyspace-model"))
             self.pairs: dict[bytes, tuple[bytes, str]] = {}
-            self.revisions: set[str] = set()  # every revision ever returned
+            # Every revision ever returned, by key: they never repeat for a key,
+            # but the contract lets different keys share one.
+            self.revisions: dict[bytes, set[str]] = {}
 
         def teardown(self) -> None:
             _call(self.keyspace.close)
 
-        def _new_revision(self, revision: str) -> None:
+        def _new_revision(self, key: bytes, revision: str) -> None:
             assert revision, "a write of a non-empty value must return a non-empty revision"
-            assert revision not in self.revisions, f"revision {revision!r} repeated"
-            self.revisions.add(revision)
+            seen = self.revisions.setdefault(key, set())
+            assert revision not in seen, f"revision {revision!r} repeated for key {key!r}"
+            seen.add(revision)
 
         @rule(key=_keys)
         def get(self, key: bytes) -> None:
@@ -193,7 +196,7 @@ async def run_keyspace_machine(provider: Provider, settings: hypothesis.settings
             if same and current[1]:
                 value = current[0]  # the same value again still gets a new revision
             revision = _call(self.keyspace.set, key, value, current[1])
-            self._new_revision(revision)
+            self._new_revision(key, revision)
             self.pairs[key] = (value, revision)
 
         @rule(key=_keys)
@@ -206,7 +209,8 @@ async def run_keyspace_machine(provider: Provider, settings: hypothesis.settings
             self, key: bytes, value: bytes, data: st.DataObject
         ) -> None:
             current = self.pairs.get(key, (b"", ""))[1]
-            stale = [r for r in sorted(self.revisions) if r != current]
+            # Any key's revision but this key's current one (another key's may equal it).
+            stale = sorted({r for seen in self.revisions.values() for r in seen} - {current})
             if current:
                 stale.append("")
             if not stale:
@@ -221,7 +225,7 @@ async def run_keyspace_machine(provider: Provider, settings: hypothesis.settings
         def set_unconditional(self, key: bytes, value: bytes) -> None:
             revision = _call(self.keyspace.set_unconditional, key, value)
             if value:
-                self._new_revision(revision)
+                self._new_revision(key, revision)
                 self.pairs[key] = (value, revision)
             else:
                 assert revision == ""
