@@ -99,6 +99,15 @@ class PerKeyCounterKeyspace(_WrappedKeyspace):
             yield key, value, self.ours[theirs]
 
 
+class BlindDeleteKeyspace(_WrappedKeyspace):
+    """Deletes a present key whatever the revision (a delete without its condition)."""
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        if not value and await self._inner.has(key):
+            return await self._inner.set_unconditional(key, value)
+        return await self._inner.set(key, value, revision)
+
+
 class ResurrectingJournal(_WrappedJournal):
     """Acknowledges appends at truncated positions without storing them (a lost write)."""
 
@@ -253,6 +262,20 @@ async def test_keyspace_model_accepts_revisions_shared_by_different_keys(
     # Revisions never repeat for a key; the contract lets two keys share one.
     broken = BrokenProvider(memory, keyspace=PerKeyCounterKeyspace)
     await KeyspaceSuite().test_keyspace_behaves_like_model(broken)
+
+
+@pytest.mark.parametrize("revision", ["", "<wrong>"])
+async def test_keyspace_suite_catches_deletes_that_ignore_the_revision(
+    memory: Provider, revision: str
+) -> None:
+    suite = KeyspaceSuite()
+    test = suite.test_keyspace_set_existing_key_at_wrong_revision_raises_conflict
+    async with await memory.keyspaces.open("good") as good:
+        await test(good, "good", revision, b"")
+    broken = BrokenProvider(memory, keyspace=BlindDeleteKeyspace)
+    async with await broken.keyspaces.open("blind") as blind:
+        message = await _fails(lambda: test(blind, "blind", revision, b""))
+    assert "DID NOT RAISE" in message
 
 
 async def test_journal_suite_catches_acknowledged_appends_that_are_invisible(

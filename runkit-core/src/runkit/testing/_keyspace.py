@@ -87,13 +87,15 @@ class KeyspaceSuite(SuiteBase):
 
     # -- set -------------------------------------------------------------------------------
 
+    @pytest.mark.parametrize("value", [b"<other>", b""], ids=["update", "delete"])
     @pytest.mark.parametrize("revision", ["", "<wrong>"], ids=["empty", "wrong"])
     async def test_keyspace_set_existing_key_at_wrong_revision_raises_conflict(
-        self, keyspace: Keyspace, keyspace_name: str, revision: str
+        self, keyspace: Keyspace, keyspace_name: str, revision: str, value: bytes
     ) -> None:
+        # A delete (an empty value) is as conditional as an update.
         current = await keyspace.set(b"<key>", b"<value>", "")
         with pytest.raises(Conflict) as info:
-            await keyspace.set(b"<key>", b"<other>", revision)
+            await keyspace.set(b"<key>", value, revision)
         assert str(info.value) == (
             f"keyspace {keyspace_name!r}: conflict setting key b'<key>' "
             f"at revision {revision!r} (not the key's current revision)"
