@@ -108,6 +108,31 @@ class BlindDeleteKeyspace(_WrappedKeyspace):
         return await self._inner.set(key, value, revision)
 
 
+class CStringJournal(_WrappedJournal):
+    """Stores records as C strings: each is cut at its first NUL."""
+
+    async def append(self, pos: int, record: bytes) -> None:
+        await self._inner.append(pos, bytes(record).split(b"\x00")[0])
+
+
+class ChunkSwappingJournal(_WrappedJournal):
+    """Stores records over 128 KiB in 64 KiB chunks, and reassembles the first two swapped."""
+
+    async def append(self, pos: int, record: bytes) -> None:
+        chunk = 64 << 10
+        if len(record) > 2 * chunk:
+            record = record[chunk : 2 * chunk] + record[:chunk] + record[2 * chunk :]
+        await self._inner.append(pos, record)
+
+
+class TextKeyspace(_WrappedKeyspace):
+    """Stores values as UTF-8 text: bytes that are not UTF-8 are replaced."""
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        text = bytes(value).decode("utf-8", "replace").encode()
+        return await self._inner.set(key, text, revision)
+
+
 class ResurrectingJournal(_WrappedJournal):
     """Acknowledges appends at truncated positions without storing them (a lost write)."""
 
@@ -294,6 +319,28 @@ async def test_journal_suite_catches_acknowledged_appends_that_are_invisible(
                 broken, stale, "stale", other
             )
         )
+
+
+async def test_suites_catch_records_and_values_not_stored_byte_for_byte(
+    memory: Provider,
+) -> None:
+    journals, keyspaces = JournalSuite(), KeyspaceSuite()
+    async with await memory.journals.open("good") as good:
+        await journals.test_journal_records_are_stored_byte_for_byte(good)
+    async with await memory.keyspaces.open("good") as good_keyspace:
+        await keyspaces.test_keyspace_values_are_stored_byte_for_byte(good_keyspace)
+    await ProviderSuite().test_provider_record_at_limit_is_stored_and_one_byte_more_raises(memory)
+    broken = BrokenProvider(memory, journal=CStringJournal, keyspace=TextKeyspace)
+    async with await broken.journals.open("cut") as cut:
+        await _fails(lambda: journals.test_journal_records_are_stored_byte_for_byte(cut))
+    async with await broken.keyspaces.open("text") as text:
+        await _fails(lambda: keyspaces.test_keyspace_values_are_stored_byte_for_byte(text))
+    swapping = BrokenProvider(memory, journal=ChunkSwappingJournal)
+    await _fails(
+        lambda: ProviderSuite().test_provider_record_at_limit_is_stored_and_one_byte_more_raises(
+            swapping
+        )
+    )
 
 
 class _SmallJournalSuite(JournalSuite):

@@ -298,6 +298,17 @@ class JournalSuite(SuiteBase):
             await journal.append(3, b"<gap>")
         assert await journal.bounds() == Interval(0, 2)
 
+    async def test_journal_records_are_stored_byte_for_byte(self, journal: Journal) -> None:
+        # NUL, bytes that are not UTF-8, and empty records (the first of them at
+        # the start of a range): a driver storing text or C strings mangles them.
+        records = [b"", b"\x00", b"a\x00b", b"\xff\xfe\x80", b"", bytes(range(256)), b"a\x00"]
+        for position, record in enumerate(records):
+            await journal.append(position, record)
+        for position, record in enumerate(records):
+            assert await journal.get(position) == record
+        assert await _collect(journal, 0) == list(enumerate(records))
+        assert await _collect(journal, 4) == list(enumerate(records))[4:]
+
     async def test_journal_append_keeps_no_reference_to_callers_buffer(
         self, journal: Journal
     ) -> None:

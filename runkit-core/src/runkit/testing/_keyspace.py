@@ -214,6 +214,17 @@ class KeyspaceSuite(SuiteBase):
             key: (bytes([index + 1]) * 3, revisions[key]) for index, key in enumerate(keys)
         }
 
+    async def test_keyspace_values_are_stored_byte_for_byte(self, keyspace: Keyspace) -> None:
+        # NUL and bytes that are not UTF-8: a driver storing text or C strings mangles them.
+        values = [b"\x00", b"a\x00b", b"\xff\xfe\x80", bytes(range(256)), b"a\x00"]
+        expected = {}
+        for index, value in enumerate(values):
+            key = f"<k{index}>".encode()
+            expected[key] = (value, await keyspace.set(key, value, ""))
+        for key, pair in expected.items():
+            assert await keyspace.get(key) == pair
+        assert await _items(keyspace) == expected
+
     async def test_keyspace_keys_of_different_keyspaces_are_isolated(
         self, provider: Provider, keyspace: Keyspace
     ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -50,6 +51,11 @@ async def _read_tag(handle: Any, kind: str) -> bytes | None:
     members = [m async for m in handle.range()]
     assert len(members) <= 1, members
     return members[0] if members else None
+
+
+def _payload(size: int) -> bytes:
+    """*size* bytes with no repeating pattern, so chunks out of order or a cut at a NUL show."""
+    return random.Random(size).randbytes(size)
 
 
 def _sized_name(kind: str, size: int) -> str:
@@ -249,8 +255,9 @@ class ProviderSuite(SuiteBase):
         limit = provider.limits.max_record_bytes
         self._edge(limit)
         async with await provider.journals.open(unique_name("journal")) as journal:
-            await journal.append(0, b"r" * limit)
-            assert await journal.get(0) == b"r" * limit
+            record = _payload(limit)
+            await journal.append(0, record)
+            assert await journal.get(0) == record
             with pytest.raises(LimitExceeded) as info:
                 await journal.append(1, b"r" * (limit + 1))
             assert str(info.value) == (
@@ -264,7 +271,7 @@ class ProviderSuite(SuiteBase):
         limits = provider.limits
         self._edge(max(limits.max_key_bytes, limits.max_value_bytes))
         key = b"\xff" * limits.max_key_bytes
-        value = b"v" * limits.max_value_bytes
+        value = _payload(limits.max_value_bytes)
         async with await provider.keyspaces.open(unique_name("keyspace")) as keyspace:
             revision = await keyspace.set(key, value, "")
             assert await keyspace.get(key) == (value, revision)
