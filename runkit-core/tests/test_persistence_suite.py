@@ -6,6 +6,7 @@ the correct driver.
 """
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import ClassVar, TypeVar
 
 import anyio
@@ -131,6 +132,19 @@ class TextKeyspace(_WrappedKeyspace):
     async def set(self, key: bytes, value: bytes, revision: str) -> str:
         text = bytes(value).decode("utf-8", "replace").encode()
         return await self._inner.set(key, text, revision)
+
+
+class FirstPageKeyspace(_WrappedKeyspace):
+    """A ``range`` that never fetches past its first page of 1,000 keys."""
+
+    async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
+        count = 0
+        async with aclosing(self._inner.range()) as items:  # type: ignore[type-var]
+            async for item in items:
+                count += 1
+                if count > 1000:
+                    return
+                yield item
 
 
 class ResurrectingJournal(_WrappedJournal):
@@ -341,6 +355,15 @@ async def test_suites_catch_records_and_values_not_stored_byte_for_byte(
             swapping
         )
     )
+
+
+async def test_keyspace_suite_catches_range_that_stops_after_one_page(memory: Provider) -> None:
+    test = KeyspaceSuite().test_keyspace_range_yields_every_key_of_several_pages
+    async with await memory.keyspaces.open("good") as good:
+        await test(good)
+    broken = BrokenProvider(memory, keyspace=FirstPageKeyspace)
+    async with await broken.keyspaces.open("paged") as paged:
+        await _fails(lambda: test(paged))
 
 
 class _SmallJournalSuite(JournalSuite):

@@ -248,6 +248,23 @@ class KeyspaceSuite(SuiteBase):
         assert items == {b"<k1>": (b"<v1>", r1), b"<k2>": (b"<v2>", r2)}
         assert all(type(k) is bytes and type(v) is bytes for k, (v, _) in items.items())
 
+    async def test_keyspace_range_yields_every_key_of_several_pages(
+        self, keyspace: Keyspace
+    ) -> None:
+        # A range that stops after its first page, or repeats or skips a key at a
+        # page boundary, shows; so do deleted keys on later pages.
+        keys = [f"<k{index:05}>".encode() for index in range(self.range_paging_items)]
+        expected: dict[bytes, tuple[bytes, str]] = {}
+        for start in range(0, len(keys), RACERS):
+            chunk = keys[start : start + RACERS]
+            revisions = await gather(*(partial(keyspace.set, key, key, "") for key in chunk))
+            for key, revision in zip(chunk, revisions, strict=True):
+                assert isinstance(revision, str), revision
+                expected[key] = (key, revision)
+        for key in keys[::97]:
+            await keyspace.set(key, b"", expected.pop(key)[1])
+        assert await _items(keyspace) == expected
+
     async def test_keyspace_range_stops_when_consumer_breaks(self, keyspace: Keyspace) -> None:
         for index in range(5):
             await keyspace.set(f"<k{index}>".encode(), b"<v>", "")

@@ -97,6 +97,20 @@ class SetSuite(SuiteBase):
         assert sorted(got) == sorted(members)
         assert all(type(m) is bytes for m in got)
 
+    async def test_set_range_yields_every_member_of_several_pages(self, set_: Set) -> None:
+        # A range that stops after its first page, or repeats or skips a member at
+        # a page boundary, shows; so do removed members on later pages.
+        members = [f"<m{index:05}>".encode() for index in range(self.range_paging_items)]
+        for start in range(0, len(members), RACERS):
+            chunk = members[start : start + RACERS]
+            results = await gather(*(partial(set_.add, member) for member in chunk))
+            assert results == [None] * len(chunk), results
+        for member in members[::97]:
+            await set_.remove(member)
+        got = await _members(set_)
+        assert len(got) == len(set(got)), "range yielded a member twice"
+        assert set(got) == set(members) - set(members[::97])
+
     async def test_set_range_stops_when_consumer_breaks_and_tolerates_writes(
         self, set_: Set
     ) -> None:

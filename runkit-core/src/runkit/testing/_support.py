@@ -115,6 +115,11 @@ class SuiteBase:
     #: at the edge, to keep memory use sane for drivers with very large limits).
     max_tested_bytes: ClassVar[int] = 16 << 20
 
+    #: How many keys and members the keyspace and set paging tests write: more
+    #: than one page of the driver's ``range`` (S3 lists 1,000 keys a page), so
+    #: that the iterator must fetch further pages.
+    range_paging_items: ClassVar[int] = 1100
+
     @pytest.fixture
     def provider(self) -> Provider:
         """A provider on a fresh namespace; override in the driver's test class."""
