@@ -240,6 +240,30 @@ class TornKeyspace(_WrappedKeyspace):
         return await self._inner.set(key, value, "")
 
 
+class _RenamedJournal(_WrappedJournal):
+    def __init__(self, inner: Journal, plan: runkit.testing.faults.FaultPlan, name: str) -> None:
+        super().__init__(inner, plan)
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+class UnderscoreNamesProvider(FaultyProvider):
+    """Stores journal names with "/" made "_" (as a table name must), so "a/b" is "a_b"."""
+
+    def __init__(self, inner: Provider) -> None:
+        super().__init__(inner)
+
+        class Journals(_WrappedJournalStore):
+            async def open(self, name: str) -> Journal:
+                inner = await self._inner.open(name.replace("/", "_"))
+                return _RenamedJournal(inner, self._plan, name)
+
+        self._journals = Journals(inner.journals, self.plan)
+
+
 class BrokenProvider(FaultyProvider):
     """The memory driver with one broken handle class."""
 
@@ -417,6 +441,14 @@ async def test_keyspace_suite_catches_a_set_torn_by_cancellation(memory: Provide
     async with await broken.keyspaces.open("torn") as torn:
         message = await _fails(lambda: test(broken, torn, "torn", "in-flight"))
     assert "(b'', '') == (b'<value-0>" in message
+
+
+async def test_provider_suite_catches_names_that_collide_once_mapped(memory: Provider) -> None:
+    test = ProviderSuite().test_provider_unusual_names_are_distinct_and_shared
+    await test(memory, memory, "journal")
+    broken = UnderscoreNamesProvider(memory)
+    with pytest.raises(Conflict, match=r":a_b': conflict appending at position 0$"):
+        await test(broken, broken, "journal")
 
 
 async def test_provider_suite_catches_input_checks_after_io(memory: Provider) -> None:

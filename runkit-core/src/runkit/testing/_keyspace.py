@@ -204,7 +204,8 @@ class KeyspaceSuite(SuiteBase):
     async def test_keyspace_keys_with_nul_and_high_bytes_are_distinct(
         self, keyspace: Keyspace
     ) -> None:
-        keys = [b"a", b"a\x00", b"\x00a", b"\x00", b"\xff", b"\xff\xfe\x80", b"A", b"a\x00b"]
+        # b"a " too: a backend that ignores trailing spaces (a PAD SPACE collation) collides.
+        keys = [b"a", b"a\x00", b"\x00a", b"\x00", b"\xff", b"\xff\xfe\x80", b"A", b"a\x00b", b"a "]
         revisions = {}
         for index, key in enumerate(keys):
             revisions[key] = await keyspace.set(key, bytes([index + 1]) * 3, "")

@@ -199,6 +199,15 @@ class ProviderSuite(SuiteBase):
             "nul",
             "..",
             "a?b#c&d=e+f",
+            # Each collides with one above, or with the other, under a mapping a
+            # driver might apply: "/" to "_", trimmed trailing spaces, collapsed
+            # or normalised paths, Unicode normalisation (NFC and NFD).
+            "a_b",
+            "a b ",
+            "a//b",
+            "a/./b",
+            "caf\u00e9",
+            "cafe\u0301",
         ]
         names = [f"{base}:{suffix}" for suffix in suffixes]
         for index, name in enumerate(names):

@@ -88,7 +88,7 @@ class SetSuite(SuiteBase):
 
     async def test_set_range_yields_each_member_once(self, set_: Set) -> None:
         assert await _members(set_) == []
-        members = [b"a", b"a\x00", b"\x00", b"\xff\xfe", b"\x80a", b"A"]
+        members = [b"a", b"a\x00", b"\x00", b"\xff\xfe", b"\x80a", b"A", b"a "]
         for member in members:
             await set_.add(member)
         await set_.add(b"<removed>")
