@@ -23,6 +23,7 @@ from runkit.persistence import (
     PersistenceError,
     Provider,
     RecordNotFound,
+    Set,
 )
 from runkit.testing import ConformanceSuite, JournalSuite, KeyspaceSuite, ProviderSuite
 from runkit.testing.faults import FaultyProvider
@@ -30,6 +31,8 @@ from runkit.testing.faults import _FaultyJournal as _WrappedJournal
 from runkit.testing.faults import _FaultyJournalStore as _WrappedJournalStore
 from runkit.testing.faults import _FaultyKeyspace as _WrappedKeyspace
 from runkit.testing.faults import _FaultyKeyspaceStore as _WrappedKeyspaceStore
+from runkit.testing.faults import _FaultySet as _WrappedSet
+from runkit.testing.faults import _FaultySetStore as _WrappedSetStore
 from runkit_memory import MemoryProvider
 
 SuiteFailed = (AssertionError, pytest.fail.Exception)
@@ -264,11 +267,27 @@ class UnderscoreNamesProvider(FaultyProvider):
         self._journals = Journals(inner.journals, self.plan)
 
 
+class CancelWrappingSet(_WrappedSet):
+    """Wraps every error of ``try_add`` in ``PersistenceError``, cancellation too."""
+
+    async def try_add(self, member: bytes) -> bool:
+        try:
+            await anyio.sleep(0.3)  # stands in for a request
+            return await self._inner.try_add(member)
+        except BaseException as exc:  # the bug: a cancellation is not the backend's error
+            raise PersistenceError(f"set {self.name!r}: try_add failed") from exc
+
+
 class BrokenProvider(FaultyProvider):
     """The memory driver with one broken handle class."""
 
     def __init__(
-        self, inner: Provider, *, journal: type | None = None, keyspace: type | None = None
+        self,
+        inner: Provider,
+        *,
+        journal: type | None = None,
+        keyspace: type | None = None,
+        set_: type | None = None,
     ):
         super().__init__(inner)
         plan = self.plan
@@ -290,6 +309,15 @@ class BrokenProvider(FaultyProvider):
                     return handle
 
             self._keyspaces = Keyspaces(inner.keyspaces, plan)
+        if set_ is not None:
+            scls = set_
+
+            class Sets(_WrappedSetStore):
+                async def open(self, name: str) -> Set:
+                    handle: Set = scls(await self._inner.open(name), plan)
+                    return handle
+
+            self._sets = Sets(inner.sets, plan)
 
 
 @pytest.fixture
@@ -430,6 +458,19 @@ async def test_journal_suite_catches_handles_poisoned_by_cancellation(
     async with await broken.journals.open("poisoned-reads") as poisoned:
         with pytest.raises(PersistenceError, match="busy with an abandoned request"):
             await suite.test_journal_cancelled_reads_leave_handle_usable(poisoned, when)
+
+
+@pytest.mark.parametrize("when", ["before", "in-flight"])
+async def test_set_suite_catches_cancellation_turned_into_an_error(
+    memory: Provider, when: str
+) -> None:
+    test = runkit.testing.SetSuite().test_set_cancelled_calls_land_whole_or_not_at_all
+    async with await memory.sets.open("good") as good:
+        await test(memory, good, "good", when)
+    broken = BrokenProvider(memory, set_=CancelWrappingSet)
+    async with await broken.sets.open("wrapping") as wrapping:
+        with pytest.raises(PersistenceError, match="try_add failed"):
+            await test(broken, wrapping, "wrapping", when)
 
 
 async def test_keyspace_suite_catches_a_set_torn_by_cancellation(memory: Provider) -> None:

@@ -6,12 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from functools import partial
 
+import anyio
 import pytest
 
 from runkit.persistence import PersistenceError, Provider, Set
 
 from ._machines import run_set_machine
-from ._support import RACERS, ROUNDS, SuiteBase, gather, unique_name
+from ._support import RACERS, ROUNDS, SuiteBase, cancel_call, gather, unique_name
 from .faults import AFTER, FaultPlan, FaultyProvider, InjectedFault
 
 __all__ = ["SetSuite"]
@@ -19,6 +20,12 @@ __all__ = ["SetSuite"]
 
 async def _members(set_: Set) -> list[bytes]:
     return [member async for member in set_.range()]
+
+
+async def _first_member(set_: Set) -> None:
+    async with aclosing(set_.range()) as members:  # type: ignore[type-var]
+        async for _ in members:
+            await anyio.sleep(10)  # cancelled here if the fetch was not
 
 
 class SetSuite(SuiteBase):
@@ -174,6 +181,33 @@ class SetSuite(SuiteBase):
         finally:
             for handle in handles:
                 await handle.close()
+
+    @pytest.mark.parametrize("when", ["before", "in-flight"])
+    async def test_set_cancelled_calls_land_whole_or_not_at_all(
+        self, provider: Provider, set_: Set, set_name: str, when: str
+    ) -> None:
+        # Like a cancelled journal append: a cancelled write is done or not, and
+        # every call leaves the handle and the provider working.
+        for round_ in range(3):
+            member = f"<m{round_}>".encode()
+            cancelled = await cancel_call(when, partial(set_.try_add, member))
+            if not await set_.has(member):
+                assert cancelled, "try_add returned normally but its member is missing"
+                assert await set_.try_add(member)
+            cancelled = await cancel_call(when, partial(set_.try_remove, member))
+            if await set_.has(member):
+                assert cancelled, "try_remove returned normally but its member is present"
+                assert await set_.try_remove(member)
+            await cancel_call(when, partial(set_.add, member))
+            await cancel_call(when, partial(set_.remove, b"<absent>"))
+            await cancel_call(when, partial(set_.has, member))
+            await cancel_call(when, partial(_first_member, set_))
+            await set_.add(member)
+            assert await set_.has(member)
+        async with await provider.sets.open(set_name) as again:
+            assert sorted(await _members(again)) == [b"<m0>", b"<m1>", b"<m2>"]
+            assert await again.try_remove(b"<m0>")
+        assert sorted(await _members(set_)) == [b"<m1>", b"<m2>"]
 
     async def test_set_try_add_retried_after_ambiguous_failure_reports_not_added(
         self, provider: Provider, set_name: str
