@@ -216,3 +216,12 @@ def test_invalid_rules_are_rejected(kwargs: dict[str, object], message: str) -> 
     with pytest.raises(ValueError) as info:
         FaultPlan().fail(BEFORE, **kwargs)  # type: ignore[arg-type]
     assert str(info.value) == message
+
+
+async def test_read_only_reaches_the_wrapped_provider(memory: Provider) -> None:
+    # The wrapped provider does the reading and writing: an inspection tool's
+    # read-only wrapper must not write through it.
+    wrapper = FaultyProvider(memory)
+    wrapper.set_read_only()
+    assert wrapper.read_only
+    assert memory.read_only

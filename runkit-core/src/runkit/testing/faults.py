@@ -496,6 +496,11 @@ class FaultyProvider(Provider):
     def limits(self) -> Limits:
         return self.inner.limits
 
+    def set_read_only(self) -> None:
+        # The wrapped provider is what reads and writes: it must know.
+        super().set_read_only()
+        self.inner.set_read_only()
+
     async def provision(self) -> None:
         self.plan.calls["provision"] += 1
         await self.inner.provision()
