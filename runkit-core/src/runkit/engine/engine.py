@@ -199,9 +199,17 @@ class Engine:
         With *partition* (the only one the chain can reach), only at its owner;
         with *widen*, see ``Router.observe``.
         """
-        if self._cluster is None:
+        cluster = self._cluster
+        view = self._membership_view
+        if cluster is None or (
+            cluster.listen_address is None and (view is None or not view.live_peers())
+        ):
+            # Alone, and not listening (the usual single node): nothing but this
+            # node records events now, and the bus alone costs a fraction of a
+            # routed observation. A peer that joins meanwhile is not watched for
+            # this call. A listening node is always routed: peers find it.
             return self.bus.subscribe(correlation_id)
-        router = self._cluster.router
+        router = cluster.router
         # The bus and the peers' streams deliver into one stream: no task per source.
         return fed_subscription(
             lambda send: self.bus.attached(correlation_id, send),
