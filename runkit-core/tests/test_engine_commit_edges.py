@@ -171,3 +171,53 @@ async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_aga
     stores = await read_stores(inner)
     check_invariants(stores)
     assert s.notifier.calls == [1]
+
+
+async def test_inbox_commands_committed_before_the_progress_record_are_not_handled_again() -> None:
+    # The owner commits commands it read from the inbox in a stream record whose
+    # header still places the inbox position before them (the progress past
+    # them rides in a later record), then dies before any other record lands.
+    # The next owner reads the inbox again from that position: its takeover
+    # scan must find the commands in the stream and skip them.
+    s = setup()
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    ownership = StaticOwnership()
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=provider,
+            partition_count=1,
+            retry_base_delay=0.001,
+            retry_max_delay=0.01,
+            progress_interval=30.0,  # no progress-only record during the test
+            shutdown_timeout=0.2,
+        )
+    )
+    engine.use_ownership(ownership)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        executor = engine.executor_for(s.app)
+        await engine.runtime(APP_KEY)
+        # Nobody owns the partition yet: both commands go to its inbox.
+        await executor.execute_command(Notify(1))
+        await executor.execute_command(Notify(2))
+        ownership.assign({partition_id(APP_KEY, 0)})
+
+        async def committed() -> bool:
+            stream = (await read_stores(inner)).stream[0]
+            return sum(len(r.command_ids) for r in stream) == 2
+
+        await wait_until(committed)
+        # The owner "dies": no stream record lands from now on.
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        tg.cancel_scope.cancel()
+    stores = await read_stores(inner)
+    last = stores.stream[0][-1]
+    # The edge under test: the last record commits them, its progress is before them.
+    assert last.command_ids
+    assert last.inbox_position < last.inbox_end
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await anyio.sleep(0.5)
+    check_invariants(await read_stores(inner))
+    assert sorted(s.notifier.calls) == [1, 2], "a command committed in the stream was handled again"
