@@ -210,3 +210,43 @@ async def test_a_root_that_cannot_be_marshalled_is_poisoned_alone_and_in_a_group
         # The second event (offset 1) alone; the first is committed.
         assert [(m.instance_id, m.offset) for m in poison.values()] == [("g", 1)]
         assert (await record(h, "g")).root == b"[1]"
+
+
+class MutatesThenFails(Process):
+    """Changes the root, then fails (once per listed step): the change must not stay."""
+
+    def __init__(self, *fail: int) -> None:
+        super().__init__()
+        self.fail = set(fail)
+
+    async def handle_event(self, root: Root, scope: Any, event: dogma.Event) -> None:
+        assert isinstance(event, Step)
+        self.calls += 1
+        n = event.n
+        scope.mutate(lambda r: r.steps.append(n))
+        if n in self.fail:
+            self.fail.discard(n)
+            raise RuntimeError(f"handler failure after changing the root at {n}")
+        scope.execute_command(DoThing(event.id, n))
+
+
+async def test_a_failed_attempt_leaves_no_change_to_the_root_of_a_cached_instance() -> None:
+    # Event 1 commits with an outbox, so the instance stays cached with its
+    # dispatched outbox (dirty) while event 2 is handled against it. Event 2's
+    # first attempt changes the root in place and fails: its retry must see the
+    # root as stored, not the failed attempt's change.
+    p = MutatesThenFails(2)
+    # No background clear of the outbox meanwhile: the entry stays dirty.
+    options = attrs.evolve(BRISK, checkpoint_interval=30.0)
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg, options)
+        await h.publish(Step("a", 1))
+        await wait_until(lambda: len(h.accepted) == 1)
+        await h.publish(Step("a", 2))
+        await wait_until(lambda: len(h.accepted) == 2)
+        assert p.calls == 3, "event 2 was not retried once"
+        assert (await record(h, "a")).root == b"[1, 2]"
+        tg.cancel_scope.cancel()
