@@ -305,7 +305,8 @@ async def test_backlog_limit_makes_callers_wait_and_then_raise() -> None:
             for i in range(3):
                 tg.start_soon(executor.execute_command, Notify(i))
             await wait_until(lambda: len(s.notifier.calls) == 3)
-            with pytest.raises(Backlogged, match="backlog limit 3"):
+            # Bounded: a caller that skipped the wait would hang on the handler.
+            with anyio.fail_after(5), pytest.raises(Backlogged, match="backlog limit 3"):
                 await executor.execute_command(Notify(99))
             s.notifier.release.set()
         await executor.execute_command(Notify(100))
@@ -345,6 +346,23 @@ async def test_callers_waiting_for_room_go_in_arrival_order_and_a_leaver_passes_
 def _waiting(partition: Any, count: int) -> bool:
     waiting: int = partition._backlog.waiting
     return waiting == count
+
+
+async def test_a_slot_handed_to_a_waiter_is_not_taken_by_a_newcomer() -> None:
+    # A freed slot is reserved for the first waiter until it resumes: a caller
+    # arriving meanwhile (one whose command just finished, calling again) must
+    # wait its turn, or closed-loop callers starve the queue.
+    from runkit.engine.commands.backlog import Backlog
+
+    backlog = Backlog(1)
+    backlog.count = 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backlog.wait_for_room)
+        await wait_until(lambda: backlog.waiting == 1)
+        backlog.count -= 1  # the command in the slot is done
+        backlog.wake_waiters()
+        assert not backlog.has_room(), "a newcomer may take the slot handed to the waiter"
+    assert backlog.has_room()  # the waiter resumed without taking it: free again
 
 
 # -- a catch-up that never suspends must not starve other tasks -----------------------
