@@ -230,6 +230,33 @@ async def test_occ_lower_checkpoint_redelivers() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_occ_checkpoint_at_the_delivered_offset_redelivers_that_event() -> None:
+    p = Projection()
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        stream = h.streams[0].stream_id
+        moved = False
+
+        def move_to_the_event(scope: Any) -> None:
+            nonlocal moved
+            # Delivered with checkpoint 1 (offsets 1 and 2 are not routed), the
+            # handler is at 3 (another writer moved it): "send me offset 3".
+            if scope.offset == 3 and not moved:
+                moved = True
+                p.checkpoints[stream] = 3
+
+        p.before_apply = move_to_the_event
+        await h.publish(Happened(0), Ignored(1), Ignored(2), Happened(3), Happened(4))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 3)
+        await anyio.sleep(0.01)
+        assert ns(p, stream) == [0, 3, 4], "the event at the handler's checkpoint was skipped"
+        assert p.scopes == [(0, 0), (3, 1), (3, 3), (4, 4)]
+        tg.cancel_scope.cancel()
+
+
 async def test_redelivery_after_an_applied_but_unacknowledged_event_is_harmless() -> None:
     p = Projection()
     async with (
