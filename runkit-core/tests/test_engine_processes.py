@@ -649,6 +649,33 @@ async def test_deadline_heap_is_rebuilt_after_restart() -> None:
         assert len(p.deadlines) == 2
 
 
+async def test_a_deadline_not_yet_due_survives_the_truncation_after_another_fires() -> None:
+    # Firing a deadline truncates the home journal, but only below the first
+    # record that still holds an unfired one: a restart rebuilds the heap from it.
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h:
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await h.publish(Step("a", 1, schedule_in=5))
+            await wait_until(lambda: dispatched(h, "a"))
+            await h.publish(Step("a", 2, schedule_in=60))
+            await wait_until(lambda: len(h.accepted) == 2)
+            await wait_until(lambda: dispatched(h, "a"))
+            home = h.ctx(0).partition_of(f"{PROC_KEY}/a")
+            assert await deadline_bounds(h, home) == (0, 2)
+            h.clock.advance(10)
+            await wait_until(lambda: len(p.deadlines) == 1)
+            await anyio.sleep(0.03)  # the truncation after the firing
+            tg.cancel_scope.cancel()
+        assert await deadline_bounds(h, home) == (1, 2)
+        h.clock.advance(100)
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+            await wait_until(lambda: len(p.deadlines) == 2)
+            tg.cancel_scope.cancel()
+        assert [(i, n) for i, n, _, _ in p.deadlines] == [("a", 1), ("a", 2)]
+
+
 # --- fault injection ------------------------------------------------------------------
 
 
