@@ -481,3 +481,21 @@ async def test_an_engine_refuses_a_command_whose_observers_can_never_be_satisfie
     stores = await ch.read_stores(provider)
     assert stores.accepted_ids() == set()
     assert stores.published() == []
+
+
+async def test_a_subscription_passes_each_stream_event_once_and_every_note(
+    app: ApplicationConfig,
+) -> None:
+    # The bus and the peers' streams deliver into one stream, and a peer's
+    # replay repeats what it sent: observers must see each event once.
+    from runkit.engine.streams import CommandDone, Observed, UniqueEvents
+
+    cmd = command(Open("a"))
+    first, second = event(Opened("a"), cmd, offset=0), event(Opened("a"), cmd, offset=1)
+    done = CommandDone(cmd.correlation_id, cmd.message_id, conclusive=True)
+    send, receive = anyio.create_memory_object_stream[Observed](10)
+    for item in (first, first, second, done, first, done):
+        send.send_nowait(item)
+    send.close()
+    with receive:
+        assert [item async for item in UniqueEvents(receive)] == [first, second, done, done]
