@@ -133,7 +133,7 @@ async def test_a_batch_larger_than_the_record_limit_is_committed_in_several_reco
 
 
 async def test_a_batch_the_size_estimate_undercounts_still_fits_the_store_limit() -> None:
-    # Small events with long instance IDs: the writer's estimate of a
+    # Small events with very long instance IDs: the writer's estimate of a
     # publication's size falls short of its encoding, and a batch filled to
     # 90% of the estimate went over the store's limit (an append the writer
     # retried for ever, the same bytes each time).
@@ -148,7 +148,7 @@ async def test_a_batch_the_size_estimate_undercounts_still_fits_the_store_limit(
             app_key=APP_KEY,
             site_key=None,
             created_at=datetime.now(UTC),
-            source_instance="instance-" + "i" * 120,
+            source_instance="instance-" + "i" * 600,
         )
         for i in range(400)
     ]

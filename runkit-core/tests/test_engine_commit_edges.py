@@ -10,14 +10,17 @@ from __future__ import annotations
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
+from runkit.config import ApplicationConfig
 from runkit.engine.cluster.ownership import StaticOwnership
 from runkit.engine.engine import Engine
 from runkit.engine.partitions import partition_id
 from runkit.engine.settings import EngineSettings
+from runkit.persistence import Provider
 from runkit.testing.faults import AFTER, BEFORE, FaultyProvider
 from runkit_memory import MemoryProvider
 
@@ -31,6 +34,24 @@ from engine_commands_harness import (
     setup,
     wait_until,
 )
+
+
+def _one_partition_engine(
+    config: ApplicationConfig, provider: Provider, **settings: Any
+) -> tuple[Engine, StaticOwnership]:
+    """An engine of one partition on *provider* that owns what the test assigns."""
+    options = {"retry_base_delay": 0.001, "progress_interval": 0.002, **settings}
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(config,),
+            persistence_provider=provider,
+            partition_count=1,
+            **options,
+        )
+    )
+    ownership = StaticOwnership()
+    engine.use_ownership(ownership)
+    return engine, ownership
 
 
 def _stream(name: str) -> bool:
@@ -53,17 +74,7 @@ async def test_an_append_that_landed_is_recognised_after_the_partition_stops(
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
     provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
-    ownership = StaticOwnership()
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(s.config,),
-            persistence_provider=provider,
-            partition_count=1,
-            retry_base_delay=0.001,
-            progress_interval=0.002,
-        )
-    )
-    engine.use_ownership(ownership)
+    engine, ownership = _one_partition_engine(s.config, provider)
     everything = {partition_id(APP_KEY, 0)}
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
@@ -136,18 +147,7 @@ async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_aga
     provider = FaultyProvider(inner)
     provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
     provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
-    ownership = StaticOwnership()
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(s.config,),
-            persistence_provider=provider,
-            partition_count=1,
-            retry_base_delay=0.001,
-            progress_interval=0.002,
-            shutdown_timeout=0.2,
-        )
-    )
-    engine.use_ownership(ownership)
+    engine, ownership = _one_partition_engine(s.config, provider, shutdown_timeout=0.2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign({partition_id(APP_KEY, 0)})
@@ -182,19 +182,13 @@ async def test_inbox_commands_committed_before_the_progress_record_are_not_handl
     s = setup()
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    ownership = StaticOwnership()
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(s.config,),
-            persistence_provider=provider,
-            partition_count=1,
-            retry_base_delay=0.001,
-            retry_max_delay=0.01,
-            progress_interval=30.0,  # no progress-only record during the test
-            shutdown_timeout=0.2,
-        )
+    engine, ownership = _one_partition_engine(
+        s.config,
+        provider,
+        retry_max_delay=0.01,
+        progress_interval=30.0,  # no progress-only record during the test
+        shutdown_timeout=0.2,
     )
-    engine.use_ownership(ownership)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         executor = engine.executor_for(s.app)

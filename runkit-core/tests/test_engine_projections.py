@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,19 @@ async def test_restart_does_not_reapply() -> None:
         assert ns(p, h.streams[0].stream_id) == [0, 1, 2, 3]
 
 
+def _once_at(offset: int, change: Callable[[], None]) -> Callable[[Any], None]:
+    """A ``before_apply`` hook that runs *change* the first time *offset* is delivered."""
+    done = False
+
+    def hook(scope: Any) -> None:
+        nonlocal done
+        if scope.offset == offset and not done:
+            done = True
+            change()
+
+    return hook
+
+
 async def test_occ_higher_checkpoint_skips_events() -> None:
     p = Projection()
     async with (
@@ -210,17 +224,13 @@ async def test_occ_lower_checkpoint_redelivers() -> None:
         anyio.create_task_group() as tg,
     ):
         stream = h.streams[0].stream_id
-        rewound = False
 
-        def rewind(scope: Any) -> None:
-            nonlocal rewound
+        def rewind() -> None:
             # The handler's data is rolled back to checkpoint 1 (e.g. restored).
-            if scope.offset == 3 and not rewound:
-                rewound = True
-                p.checkpoints[stream] = 1
-                del p.applied[1:]
+            p.checkpoints[stream] = 1
+            del p.applied[1:]
 
-        p.before_apply = rewind
+        p.before_apply = _once_at(3, rewind)
         await h.publish(*(Happened(i) for i in range(5)))
         await run_consumers(h, tg)
         await wait_until(lambda: len(p.applied) == 5)
@@ -237,17 +247,13 @@ async def test_occ_checkpoint_at_the_delivered_offset_redelivers_that_event() ->
         anyio.create_task_group() as tg,
     ):
         stream = h.streams[0].stream_id
-        moved = False
 
-        def move_to_the_event(scope: Any) -> None:
-            nonlocal moved
+        def move_to_the_event() -> None:
             # Delivered with checkpoint 1 (offsets 1 and 2 are not routed), the
             # handler is at 3 (another writer moved it): "send me offset 3".
-            if scope.offset == 3 and not moved:
-                moved = True
-                p.checkpoints[stream] = 3
+            p.checkpoints[stream] = 3
 
-        p.before_apply = move_to_the_event
+        p.before_apply = _once_at(3, move_to_the_event)
         await h.publish(Happened(0), Ignored(1), Ignored(2), Happened(3), Happened(4))
         await run_consumers(h, tg)
         await wait_until(lambda: len(p.applied) == 3)

@@ -7,7 +7,7 @@ the correct driver.
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import pytest
@@ -23,7 +23,6 @@ from runkit.persistence import (
     PersistenceError,
     Provider,
     RecordNotFound,
-    Set,
 )
 from runkit.testing import ConformanceSuite, JournalSuite, KeyspaceSuite, ProviderSuite
 from runkit.testing.faults import FaultyProvider
@@ -290,34 +289,22 @@ class BrokenProvider(FaultyProvider):
         set_: type | None = None,
     ):
         super().__init__(inner)
-        plan = self.plan
         if journal is not None:
-            cls = journal
-
-            class Journals(_WrappedJournalStore):
-                async def open(self, name: str) -> Journal:
-                    handle: Journal = cls(await self._inner.open(name), plan)
-                    return handle
-
-            self._journals = Journals(inner.journals, plan)
+            self._journals = _opening(_WrappedJournalStore, journal, inner.journals, self.plan)
         if keyspace is not None:
-            kcls = keyspace
-
-            class Keyspaces(_WrappedKeyspaceStore):
-                async def open(self, name: str) -> Keyspace:
-                    handle: Keyspace = kcls(await self._inner.open(name), plan)
-                    return handle
-
-            self._keyspaces = Keyspaces(inner.keyspaces, plan)
+            self._keyspaces = _opening(_WrappedKeyspaceStore, keyspace, inner.keyspaces, self.plan)
         if set_ is not None:
-            scls = set_
+            self._sets = _opening(_WrappedSetStore, set_, inner.sets, self.plan)
 
-            class Sets(_WrappedSetStore):
-                async def open(self, name: str) -> Set:
-                    handle: Set = scls(await self._inner.open(name), plan)
-                    return handle
 
-            self._sets = Sets(inner.sets, plan)
+def _opening(base: type, handle: type, inner: object, plan: object) -> Any:
+    """A *base* store over *inner* whose ``open`` wraps each handle in *handle*."""
+
+    class Store(base):  # type: ignore[misc]
+        async def open(self, name: str) -> object:
+            return handle(await self._inner.open(name), plan)
+
+    return Store(inner, plan)
 
 
 @pytest.fixture

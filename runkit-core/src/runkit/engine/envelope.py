@@ -142,12 +142,16 @@ def message_type(message: dogma.Message) -> dogma.MessageType:
 
 def message_class(env: Envelope) -> type[dogma.Message] | None:
     """The class the envelope's message decodes to, or ``None`` if its type is unknown here."""
-    entry = _types.get(env.type_id) or dogma.registry.by_id(env.type_id)
+    entry = _find(env.type_id)
     return None if entry is None else entry.cls
 
 
+def _find(type_id: str) -> dogma.MessageType | None:
+    return _types.get(type_id) or dogma.registry.by_id(type_id)
+
+
 def _lookup(type_id: str) -> dogma.MessageType:
-    entry = _types.get(type_id) or dogma.registry.by_id(type_id)
+    entry = _find(type_id)
     if entry is None:
         raise LookupError(f"message type {type_id} is not registered in this process")
     return entry

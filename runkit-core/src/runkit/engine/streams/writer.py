@@ -25,7 +25,13 @@ from ..logs import RateLimitedLog, describe_error
 from ..signals import event_maker
 from .bus import EventBus
 from .reading import PartitionStream
-from .records import OwnershipLost, StreamRecord, _events_of, encode_stream_record
+from .records import (
+    OwnershipLost,
+    StreamRecord,
+    _events_of,
+    encode_stream_record,
+    event_size,
+)
 from .tail import StreamTail
 
 __all__ = ["Publication", "StreamWriter"]
@@ -181,7 +187,7 @@ class StreamWriter:
         """
         if self._failed is not None:
             raise OwnershipLost("the partition stream writer has stopped") from self._failed
-        size = sum(len(e.data) + len(e.description) + 256 for e in events) + 64
+        size = sum(event_size(e.data, e.description) for e in events) + 64
         item = Publication(command_id, tuple(events), size, on_durable, pinned=pinned)
         self._queue.append(item)
         self._wake.set()
@@ -286,8 +292,9 @@ class StreamWriter:
             data = encode_stream_record(record)
             if len(data) <= self._max_record or len(batch) == 1:
                 return batch, progress, record, data
-            # The size estimate fell short (long instance IDs, non-ASCII
-            # text): fewer commands, or the store refuses the record for ever.
+            # The size estimate fell short (very long instance IDs or other
+            # envelope fields): fewer commands, or the store refuses the record
+            # for ever.
             del batch[max(1, min(len(batch) - 1, len(batch) * self._max_record // len(data))) :]
 
     def _record(self, batch: list[Publication], progress: int) -> StreamRecord:
