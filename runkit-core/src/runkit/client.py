@@ -56,6 +56,15 @@ __all__ = ["Client"]
 _log = logging.getLogger("runkit.client")
 
 
+@attrs.define
+class _Making:
+    """An application's acceptor, made once for every caller (``Client.acceptor``)."""
+
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    acceptor: Acceptor | None = None
+    error: Exception | None = None
+
+
 class Client:
     """Executes commands of registered applications on a cluster (see the module docstring).
 
@@ -78,7 +87,7 @@ class Client:
         self._apps = {app.identity.key: app for app in settings.applications}
         for app in settings.applications:
             register_types(app.message_types())
-        self._acceptors: dict[str, Acceptor] = {}
+        self._acceptors: dict[str, _Making] = {}
         self._executors: dict[str, Executor] = {}
         self._router: Router | None = None
         self._provider: Provider | None = None
@@ -177,19 +186,28 @@ class Client:
                 )
             attempts += 1
             await anyio.sleep(backoff(attempts, 0.05, 1.0))
-        writers = []
-        for index in range(count):
-            journal = await provider.journals.open(inbox_name(key, index))
-            stack.push_async_callback(journal.close)
-            writer = InboxWriter(
+        # All the inboxes open before any writer starts, and a failure closes
+        # those already open: a failed attempt leaves nothing behind.
+        async with AsyncExitStack() as opened:
+            journals = [
+                await opened.enter_async_context(
+                    await provider.journals.open(inbox_name(key, index))
+                )
+                for index in range(count)
+            ]
+            stack.push_async_callback(opened.pop_all().aclose)
+        writers = [
+            InboxWriter(
                 journal,
                 batch_limit=s.inbox_batch_limit,
                 record_limit=provider.limits.max_record_bytes,
                 max_attempts=s.max_attempts,
                 retry_max_delay=s.retry_max_delay,
             )
+            for journal in journals
+        ]
+        for writer in writers:
             await tg.start(writer.run)
-            writers.append(writer)
 
         async def offer(index: int, entries: list[Any]) -> bool:
             return await router.offer(key, index, partition_id(key, index), entries)
@@ -205,14 +223,31 @@ class Client:
         """The application's acceptor, made on first use (raises if the client is not entered)."""
         if self._router is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
-        found = self._acceptors.get(app_key)
-        if found is None:
+        making = self._acceptors.get(app_key)
+        if making is None:
+            # Made in the client's task group, not the caller's task: a caller
+            # that is cancelled leaves it to finish for the next one.
+            assert self._tg is not None
+            making = self._acceptors[app_key] = _Making()
+            self._tg.start_soon(self._make, app_key, making)
+        await making.done.wait()
+        if making.acceptor is None:
+            raise making.error or RuntimeError(
+                "use the client inside `async with runkit.Client(...)`"
+            )
+        return making.acceptor
+
+    async def _make(self, app_key: str, making: _Making) -> None:
+        try:
             async with self._making:
-                found = self._acceptors.get(app_key)
-                if found is None:
-                    found = await self._acceptor_for(self._apps[app_key])
-                    self._acceptors[app_key] = found
-        return found
+                making.acceptor = await self._acceptor_for(self._apps[app_key])
+        except Exception as exc:
+            making.error = exc
+            # The next call tries again (a node may have started the application by then).
+            if self._acceptors.get(app_key) is making:
+                del self._acceptors[app_key]
+        finally:
+            making.done.set()  # also when the client is left: its callers then raise
 
     def subscribe(
         self,

@@ -1,0 +1,97 @@
+"""``runkit.Client`` on its own: how it makes its per-application acceptors.
+
+The clients here send commands to applications "started" by storing their
+partition count (what a node does first), with no node running: every
+command goes to an inbox. Clients alongside nodes are in ``test_engine_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import runkit
+from runkit.engine.commands.inbox import inbox_name
+from runkit.engine.meta import load_partition_count
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_commands_harness import APP_KEY, Deposit, setup
+
+PARTITIONS = 4
+
+
+async def start_application(silo: str, app_key: str = APP_KEY) -> None:
+    """Store the application's partition count, as the first node to start it does."""
+    await load_partition_count(MemoryProvider(silo), app_key, PARTITIONS, datetime.now(UTC))
+
+
+def inbox_writer_tasks() -> int:
+    """The inbox writers running in this event loop (every client's, every engine's)."""
+    return sum((t.name or "").endswith("InboxWriter.run") for t in anyio.get_running_tasks())
+
+
+async def test_a_first_call_cancelled_while_the_acceptor_is_made_leaves_one_set_of_writers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = setup()
+    silo = f"client-{uuid.uuid4()}"
+    await start_application(silo)
+    provider = MemoryProvider(silo)
+    real_open = provider.journals.open
+    reached, release = anyio.Event(), anyio.Event()
+
+    async def open_journal(name: str) -> Any:
+        # The first call's opening of inbox 1 waits: inbox 0's writer is running by then.
+        if name == inbox_name(APP_KEY, 1) and not reached.is_set():
+            reached.set()
+            await release.wait()
+        return await real_open(name)
+
+    monkeypatch.setattr(provider.journals, "open", open_journal)
+    async with runkit.Client(
+        runkit.with_application(s.config), runkit.with_persistence_provider(provider)
+    ) as client:
+        executor = client.executor_for(s.app)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.execute_command, Deposit("a", 1, "first"))
+            with anyio.fail_after(10):
+                await reached.wait()
+            tg.cancel_scope.cancel()  # the first caller gives up
+        release.set()
+        with anyio.fail_after(10):
+            await executor.execute_command(Deposit("a", 1, "second"))
+            await executor.execute_command(Deposit("a", 1, "third"))
+        assert inbox_writer_tasks() == PARTITIONS
+
+
+async def test_callers_of_an_application_not_started_in_time_fail_and_later_calls_retry() -> None:
+    s = setup()
+    silo = f"client-{uuid.uuid4()}"
+    async with runkit.Client(
+        runkit.with_application(s.config),
+        runkit.with_persistence_provider(MemoryProvider(silo)),
+        runkit.with_start_timeout(0.2),
+    ) as client:
+        executor = client.executor_for(s.app)
+        errors: list[Exception] = []
+
+        async def deposit(ref: str) -> None:
+            with pytest.raises(runkit.ConfigurationError, match="has never run") as raised:
+                await executor.execute_command(Deposit("a", 1, ref))
+            errors.append(raised.value)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(deposit, "r1")
+                tg.start_soon(deposit, "r2")
+            await start_application(silo)
+            await executor.execute_command(Deposit("a", 1, "r3"))
+        assert len(errors) == 2
+        assert inbox_writer_tasks() == PARTITIONS
