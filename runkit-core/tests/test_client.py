@@ -17,12 +17,13 @@ import anyio
 import pytest
 
 import runkit
+from runkit.config import build
 from runkit.engine.commands.inbox import inbox_name
-from runkit.engine.meta import load_partition_count
+from runkit.engine.meta import load_partition_count, meta_name
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_commands_harness import APP_KEY, Deposit, setup
+from engine_commands_harness import APP_KEY, REGISTRY, Accounts, App, Deposit, setup
 
 PARTITIONS = 4
 
@@ -95,3 +96,45 @@ async def test_callers_of_an_application_not_started_in_time_fail_and_later_call
             await executor.execute_command(Deposit("a", 1, "r3"))
         assert len(errors) == 2
         assert inbox_writer_tasks() == PARTITIONS
+
+
+async def test_an_application_waiting_to_be_started_does_not_hold_up_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = setup()
+    other_key = "c0000000-0000-4000-8000-0000000000ff"
+    other = App(Accounts(), key=other_key, name="other")
+    silo = f"client-{uuid.uuid4()}"
+    await start_application(silo)  # not the other one
+    provider = MemoryProvider(silo)
+    real_open = provider.keyspaces.open
+    waiting = anyio.Event()
+
+    async def open_keyspace(name: str) -> Any:
+        if name == meta_name(other_key):
+            waiting.set()  # the other application's acceptor waits for its partition count
+        return await real_open(name)
+
+    monkeypatch.setattr(provider.keyspaces, "open", open_keyspace)
+    async with (
+        runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_application(build(other, registry=REGISTRY)),
+            runkit.with_persistence_provider(provider),
+        ) as client,
+        anyio.create_task_group() as tg,
+    ):
+        done = anyio.Event()
+
+        async def deposit_to_other() -> None:
+            await client.executor_for(other).execute_command(Deposit("a", 1, "other"))
+            done.set()
+
+        tg.start_soon(deposit_to_other)
+        with anyio.fail_after(10):
+            await waiting.wait()
+            await client.executor_for(s.app).execute_command(Deposit("a", 1, "mine"))
+        assert not done.is_set()
+        await start_application(silo, other_key)
+        with anyio.fail_after(10):
+            await done.wait()

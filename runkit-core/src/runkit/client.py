@@ -93,7 +93,6 @@ class Client:
         self._provider: Provider | None = None
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
-        self._making = anyio.Lock()  # one acceptor made at a time
         self._entered = False
 
     async def __aenter__(self) -> Self:
@@ -238,9 +237,9 @@ class Client:
         return making.acceptor
 
     async def _make(self, app_key: str, making: _Making) -> None:
+        # A task per application: one waiting for a node to start it holds up no other.
         try:
-            async with self._making:
-                making.acceptor = await self._acceptor_for(self._apps[app_key])
+            making.acceptor = await self._acceptor_for(self._apps[app_key])
         except Exception as exc:
             making.error = exc
             # The next call tries again (a node may have started the application by then).
