@@ -138,3 +138,40 @@ async def test_an_application_waiting_to_be_started_does_not_hold_up_another(
         await start_application(silo, other_key)
         with anyio.fail_after(10):
             await done.wait()
+
+
+async def test_a_client_in_a_nodes_environment_joins_under_an_id_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `docker exec node-1 python script.py`: DOGMA_NODE_ID is that node's.
+    s = setup()
+    node_id = str(uuid.uuid4())
+    monkeypatch.setenv("DOGMA_NODE_ID", node_id)
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///client-{uuid.uuid4()}")
+    monkeypatch.setenv("DOGMA_HEARTBEAT_INTERVAL", "0.5")
+    engine = runkit.Engine(
+        runkit.with_application(s.config),
+        runkit.with_partition_count(PARTITIONS),
+        runkit.from_environment(),
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        with anyio.fail_after(10):
+            await engine.executor_for(s.app).execute_command(Deposit("a", 1, "node"))
+            async with runkit.Client(
+                runkit.with_application(s.config), runkit.from_environment()
+            ) as client:
+                await client.executor_for(s.app).execute_command(Deposit("a", 1, "client"))
+                status = await client.status()
+        tg.cancel_scope.cancel()
+    assert [n.node_id for n in status.live_nodes] == [node_id]
+    [member] = status.clients
+    assert member.live
+    assert member.node_id != node_id
+
+
+def test_a_client_takes_a_node_id_given_in_code() -> None:
+    s = setup()
+    node_id = uuid.uuid4()
+    client = runkit.Client(runkit.with_application(s.config), runkit.with_node_id(node_id))
+    assert client.settings.node_id == node_id

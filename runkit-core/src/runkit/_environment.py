@@ -301,7 +301,8 @@ ENVIRONMENT = EnvironmentRegistry(
             "DOGMA_NODE_ID",
             "UUID",
             "This node's ID. Keep it stable across restarts so the node gets its "
-            "partitions (and warm caches) back; never share it between running nodes.",
+            "partitions (and warm caches) back; never share it between running nodes. "
+            "A runkit.Client (and runkit execute) ignores it and joins under a random ID.",
             "6f1a8e5c-2b1d-4c3e-9f4a-1b2c3d4e5f60",
             default="a random UUID at each start",
             parse=lambda v: parse_node_id(v, what="node ID"),

@@ -289,13 +289,18 @@ def from_environment() -> Option:
     return Option("from_environment", "environment", values, "from_environment()")
 
 
-def resolve_options(options: Iterable[Option]) -> EngineSettings:
+def resolve_options(options: Iterable[Option], *, client: bool = False) -> EngineSettings:
     """Combine *options* into ``EngineSettings``.
 
     Raises ``TypeError`` for something that is not an ``Option`` and
     ``ValueError`` for an option given twice, two applications with one
     identity key, both ``with_persistence`` and ``with_persistence_provider``,
     or a retry max delay below the base delay.
+
+    For a *client* (``runkit.Client``) the node ID comes only from
+    ``with_node_id``, else it is random: ``DOGMA_NODE_ID`` is the ID of the
+    node in whose environment a client may run, and a member with it would
+    collide with that node.
     """
     explicit: dict[str, Any] = {}
     given_by: dict[str, str] = {}
@@ -336,6 +341,8 @@ def resolve_options(options: Iterable[Option]) -> EngineSettings:
     for group in ("retry_policy", "tls"):
         explicit.update(explicit.pop(group, {}))
     settings: dict[str, Any] = {"applications": tuple(apps)}
+    if client:
+        env = attrs.evolve(env, node_id=None)
     for field in ENVIRONMENT_FIELDS:
         value = explicit.get(field, getattr(env, field))
         if value is not None:

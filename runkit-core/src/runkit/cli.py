@@ -135,19 +135,12 @@ def _cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
     """Execute one command through a ``runkit.Client``; exit once it is durable."""
-    import uuid
-
     import anyio
 
     import dogma
 
     from . import config
-    from ._options import (
-        from_environment,
-        with_application,
-        with_node_id,
-        with_persistence_provider,
-    )
+    from ._options import from_environment, with_application, with_persistence_provider
     from .client import Client
     from .engine.engine import read_partition_count
     from .persistence import provider_from_url
@@ -183,10 +176,7 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
             async with Client(
                 with_application(app),
                 with_persistence_provider(provider),
-                # An ID of its own: run where a node runs (docker exec), DOGMA_NODE_ID
-                # is that node's, and a member with it would clash with the node.
-                with_node_id(str(uuid.uuid4())),
-                from_environment(),
+                from_environment(),  # not DOGMA_NODE_ID: a client joins under an ID of its own
             ) as client:
                 # A client waits for an application that has not started yet;
                 # an operator's command should not.

@@ -70,13 +70,18 @@ class Client:
 
     Takes ``with_application``, ``with_persistence`` (or
     ``with_persistence_provider``), ``with_tls``, ``with_node_id``,
-    ``with_heartbeat_interval`` and ``from_environment()``. Use it as an async
-    context manager; ``executor_for(app)`` is a ``dogma.CommandExecutor``.
+    ``with_heartbeat_interval``, ``with_start_timeout`` and
+    ``from_environment()``. Use it as an async context manager;
+    ``executor_for(app)`` is a ``dogma.CommandExecutor``.
+
+    Its member ID is random unless ``with_node_id`` is given in code: it never
+    takes ``DOGMA_NODE_ID``, so it can run in a node's environment (that is the
+    node's ID, and a member with it would collide with the node).
     """
 
     def __init__(self, *options: object) -> None:
         resolve = importlib.import_module("runkit._options").resolve_options
-        settings: EngineSettings = resolve(options)
+        settings: EngineSettings = resolve(options, client=True)
         if not settings.applications:
             raise ConfigurationError(
                 "the client has no application",
