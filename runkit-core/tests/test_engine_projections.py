@@ -392,6 +392,26 @@ async def test_compact_runs_periodically_on_the_node() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_compact_runs_soon_after_start_not_one_interval_later() -> None:
+    # A node restarted more often than compact_interval must still compact.
+    compacted = anyio.Event()
+
+    class Compacting(Projection):
+        async def compact(self, scope: Any) -> None:
+            compacted.set()
+
+    options = ConsumerOptions(compact_interval=3600.0, first_compact_delay=0.05)
+    async with (
+        harness(App((Compacting(),)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        consumers = partition_consumers(h.app, h.settings, options=options)
+        await tg.start(consumers.run_node, h.node_ctx())
+        with anyio.fail_after(30):
+            await compacted.wait()
+        tg.cancel_scope.cancel()
+
+
 async def test_compact_is_skipped_on_a_node_that_does_not_win() -> None:
     p = Projection()
     me = "00000000-0000-4000-8000-0000000000aa"

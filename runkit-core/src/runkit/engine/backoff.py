@@ -1,10 +1,10 @@
-"""The engine's one retry delay: capped exponential backoff with equal jitter."""
+"""The engine's one retry delay (capped exponential backoff) and its jitter."""
 
 from __future__ import annotations
 
 import random
 
-__all__ = ["backoff"]
+__all__ = ["backoff", "jitter"]
 
 
 def backoff(failures: int, base: float, cap: float) -> float:
@@ -15,4 +15,13 @@ def backoff(failures: int, base: float, cap: float) -> float:
     collapse to zero.
     """
     ceiling: float = min(cap, base * 2.0 ** min(max(failures, 1) - 1, 62))
+    return jitter(ceiling)
+
+
+def jitter(ceiling: float) -> float:
+    """A delay drawn from the upper half of *ceiling* ("equal jitter").
+
+    Spreads out what many tasks or nodes would otherwise do at the same moment,
+    without ever collapsing to zero.
+    """
     return ceiling / 2 + random.uniform(0, ceiling / 2)

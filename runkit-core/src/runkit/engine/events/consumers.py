@@ -9,7 +9,8 @@
   application has process handlers.
 
 ``run_node`` runs the node-wide work: ``compact()`` of each enabled
-projection every ``compact_interval`` seconds, on the node that
+projection, one after another, first within ``first_compact_delay`` seconds of
+start (jittered) and then every ``compact_interval`` seconds, on the node that
 ``runs_node_work`` picks from the live node set (rendezvous over the handler
 key; a single node always runs it).
 
@@ -33,6 +34,7 @@ import dogma
 
 from ... import rendezvous
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
+from ..backoff import jitter
 from ..logs import RateLimitedLog, describe_error
 from ..partitions import NodeContext, PartitionContext
 from ..settings import EngineSettings
@@ -208,12 +210,17 @@ class EventConsumers:
     async def run_node(
         self, ctx: NodeContext, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Call ``compact()`` of each projection periodically, where ``runs_node_work`` says."""
+        """Call ``compact()`` of each projection periodically, where ``runs_node_work`` says.
+
+        The first round comes soon after start, not a whole ``compact_interval``
+        later: a node restarted more often than that would never compact.
+        """
         task_status.started()
         if not self._projections:
             await anyio.sleep_forever()
+        options = self.options
+        await anyio.sleep(jitter(min(options.first_compact_delay, options.compact_interval)))
         while True:
-            await anyio.sleep(self.options.compact_interval)
             live = self._live_nodes() if self._live_nodes is not None else (ctx.node_id,)
             for config in self._projections:
                 if not runs_node_work(config.identity.key, ctx.node_id, live):
@@ -234,6 +241,7 @@ class EventConsumers:
                         )
                 else:
                     self._compact_failing.discard(key)
+            await anyio.sleep(options.compact_interval)
 
     # -- operations --
 

@@ -50,6 +50,14 @@ class ConsumerOptions:
             stream checkpoint (checkpoints only bound redelivery after a
             restart; per-instance positions make redelivery harmless).
         compact_interval: Seconds between ``compact()`` calls per projection.
+        first_compact_delay: Ceiling of the wait, after the node starts, before
+            its first round of ``compact()`` calls (then one every
+            ``compact_interval``). The wait is drawn from the upper half of
+            ``min(first_compact_delay, compact_interval)``, so nodes started
+            together do not compact at once, and a node restarted more often
+            than ``compact_interval`` still compacts; it also gives membership
+            time to settle, so only the node that owns a projection's
+            compaction runs it.
         process_concurrency: Events one process consumer (handler, partition)
             handles at once: each instance's events in order, different
             instances concurrently. 1 handles the stream strictly in order.
@@ -67,6 +75,7 @@ class ConsumerOptions:
     max_attempts: int = attrs.field(default=8, validator=_positive)
     checkpoint_interval: float = attrs.field(default=1.0, validator=_positive)
     compact_interval: float = attrs.field(default=3600.0, validator=_positive)
+    first_compact_delay: float = attrs.field(default=60.0, validator=_positive)
     process_concurrency: int = attrs.field(default=32, validator=_positive)
     deadline_rescan_interval: float = attrs.field(default=5.0, validator=_positive)
     process_cache_size: int = attrs.field(default=10_000, validator=_positive)
