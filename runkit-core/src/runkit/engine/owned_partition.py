@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ..persistence import PersistenceError
 from .commands.acceptance import idempotency_name
 from .commands.aggregates import AggregateInstances
 from .commands.batches import PartitionCommands
@@ -145,7 +146,7 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                     )
                     await tg.start(runtime.consumers.run_partition, ctx)
         except BaseException as exc:
-            lost = _is_ownership_lost(exc)
+            lost, rest = _split_lost(exc)
             if not lost:
                 raise
             _log.warning(
@@ -154,6 +155,11 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                 index,
                 extra=context,
             )
+            if rest is not None:
+                # A bug that failed beside the loss goes the way of any other
+                # error (the runner logs it in full and restarts the partition
+                # if still owned); the loss still skips the final flush.
+                raise rest from None
         finally:
             inbox_writer.listener = None
             runtime.partitions.pop(index, None)
@@ -178,9 +184,25 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             writer.close()
 
 
-def _is_ownership_lost(exc: BaseException) -> bool:
+def _split_lost(exc: BaseException) -> tuple[bool, BaseException | None]:
+    """Whether *exc* reports a lost partition, and what in it is not part of the loss.
+
+    An ``OwnershipLost`` anywhere in *exc* means the partition is lost. Store
+    errors and cancellations beside it are its echoes (other tasks fenced off
+    or stopped with it); anything else is returned, as a group, to be raised.
+    """
     if isinstance(exc, OwnershipLost):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_is_ownership_lost(e) for e in exc.exceptions)
-    return False
+        return True, None
+    if not isinstance(exc, BaseExceptionGroup):
+        return False, exc
+    lost, rest = exc.split(OwnershipLost)
+    if lost is None:
+        return False, exc
+    if rest is not None:
+        _, rest = rest.split(_is_echo)
+    return True, rest
+
+
+def _is_echo(exc: BaseException) -> bool:
+    # False for a group, so that split() looks inside it.
+    return isinstance(exc, PersistenceError | anyio.get_cancelled_exc_class())
