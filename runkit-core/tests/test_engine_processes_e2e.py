@@ -138,9 +138,12 @@ class Welcome:
     def __init__(self) -> None:
         self.roots: dict[str, list[int]] = {}
         self.deadline_times: list[tuple[Any, Any]] = []
+        self.disabled = False
 
     def configure(self, c: Any) -> None:
         c.identity("welcome", "b4000000-0000-4000-8000-000000000002")
+        if self.disabled:
+            c.disable()
         c.routes(
             dogma.handles_event(Opened, registry=REGISTRY),
             dogma.handles_event(Credited, registry=REGISTRY),
@@ -208,10 +211,28 @@ class Ledger:
         self.rows.clear()
 
 
+class Idle(dogma.StatelessProcessBehavior, dogma.NoDeadlineMessagesBehavior):
+    """A process that routes no event to an instance: it only keeps deadline timers running."""
+
+    def configure(self, c: Any) -> None:
+        c.identity("idle", "b4000000-0000-4000-8000-000000000004")
+        c.routes(
+            dogma.handles_event(Opened, registry=REGISTRY),
+            dogma.executes_command(Credit, registry=REGISTRY),
+        )
+
+    async def route_event_to_instance(self, event: Any) -> str | None:
+        return None
+
+    async def handle_event(self, root: Any, scope: Any, event: dogma.Event) -> None:
+        raise AssertionError("never routed")
+
+
 @attrs.define
 class App:
     welcome: Welcome = attrs.field(factory=Welcome)
     ledger: Ledger = attrs.field(factory=Ledger)
+    idle: Idle | None = None
 
     def configure(self, c: Any) -> None:
         c.identity("bank", APP_KEY)
@@ -219,6 +240,7 @@ class App:
             dogma.via_aggregate(Accounts()),
             dogma.via_process(self.welcome),
             dogma.via_projection(self.ledger),
+            *([] if self.idle is None else [dogma.via_process(self.idle)]),
         )
 
 
@@ -326,6 +348,31 @@ async def test_deadlines_survive_a_restart() -> None:
         await anyio.sleep(0.05)  # let the deadline reach its journal
     clock.advance(3600)
     async with running(config, provider, clock):
+        await wait_until(lambda: ledger_of(app, "a") == [0, 1, 100])
+        await anyio.sleep(0.05)
+    assert ledger_of(app, "a") == [0, 1, 100]
+    assert len(app.welcome.deadline_times) == 1
+
+
+async def test_deadlines_of_a_disabled_process_wait_for_it() -> None:
+    # Its events wait for it (its consumer does not run); so must its deadlines,
+    # even when due while it is disabled and another process's timers run.
+    app, clock = App(idle=Idle()), FakeClock()
+    enabled = build(app, registry=REGISTRY)
+    app.welcome.disabled = True
+    disabled = build(app, registry=REGISTRY)
+    provider = MemoryProvider(str(uuid.uuid4()))
+    async with running(enabled, provider, clock) as engine:
+        await engine.executor_for(enabled).execute_command(Open("a"))
+        await wait_until(lambda: ledger_of(app, "a") == [0, 1])
+        await anyio.sleep(0.05)  # let the deadline reach its journal
+    clock.advance(3600)
+    async with running(disabled, provider, clock) as engine:
+        await anyio.sleep(0.2)  # many timer rounds past the due time
+        [partition] = [p for p in (await engine.status()).partitions if p.pending_deadlines]
+        assert partition.pending_deadlines == 1  # not dropped
+    assert app.welcome.deadline_times == []  # nor fired
+    async with running(enabled, provider, clock):
         await wait_until(lambda: ledger_of(app, "a") == [0, 1, 100])
         await anyio.sleep(0.05)
     assert ledger_of(app, "a") == [0, 1, 100]

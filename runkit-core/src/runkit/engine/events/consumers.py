@@ -6,7 +6,8 @@
 - one consumer per enabled process handler (``processes.ProcessRunner.run``);
 - one consumer per enabled projection handler (``projections.run_projection``);
 - the partition's deadline timer (``deadlines.DeadlineTimer``), when the
-  application has process handlers.
+  application has enabled process handlers. It holds the deadlines of
+  disabled ones (neither fired nor dropped) until they are enabled again.
 
 ``run_node`` runs the node-wide work: ``compact()`` of each enabled
 projection, one after another, first within ``first_compact_delay`` seconds of
@@ -111,6 +112,10 @@ class EventConsumers:
             h.identity.key: ProcessRunner(app, h, options=self.options, wake_timer=self._wake_timer)
             for h in app.enabled_handlers(HandlerKind.PROCESS)
         }
+        # Their deadlines wait for them, as their events do.
+        self._disabled_processes = frozenset(
+            h.identity.key for h in app.handlers if h.kind is HandlerKind.PROCESS and h.disabled
+        )
         self._projections = app.enabled_handlers(HandlerKind.PROJECTION)
         self._controls: dict[str, ProjectionControl] = {}
         self._locks: dict[str, anyio.Lock] = {}
@@ -137,6 +142,7 @@ class EventConsumers:
                         ctx,
                         self._fire(ctx),
                         rescan_interval=self.options.deadline_rescan_interval,
+                        held=self._disabled_processes,
                     )
                     self._timers[ctx.index] = timer
                     await tg.start(timer.run)
@@ -178,9 +184,10 @@ class EventConsumers:
         async def fire(entry: DeadlineEntry) -> None:
             runner = self._processes.get(entry.handler_key)
             if runner is None:
+                # Not a disabled handler (the timer holds those): one that is gone.
                 _log.warning(
-                    "dropping deadline %s for instance %r: process %s is not enabled "
-                    "(partition %d)",
+                    "dropping deadline %s for instance %r: process %s is not in the "
+                    "application (partition %d)",
                     entry.deadline_id,
                     entry.instance_id,
                     entry.handler_key,

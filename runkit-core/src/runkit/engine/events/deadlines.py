@@ -18,6 +18,13 @@ So a deadline appended twice (an outbox dispatched again when its record is
 reloaded, ADR 0006) or fired twice (a crash before truncation) is handled
 once, and a cancelled one is skipped. Once every deadline of a journal record
 has fired or been skipped, the journal is truncated past it.
+
+The deadlines of a disabled process handler are *held*: never fired, never
+dropped, and never truncated past, however overdue, as its events wait in the
+stream for it. A timer started once the handler is enabled again reads them
+from the journal and fires them, late, like any deadline overdue after a
+restart. So a handler disabled for long holds back its home journals'
+truncation (a deadline of a handler no longer in the application is dropped).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -111,7 +118,9 @@ class DeadlineTimer:
 
     *fire* handles one deadline (it loads the instance, checks that the
     deadline is still pending, handles and commits it, with its own retries);
-    when it returns the deadline is done, whether handled or skipped.
+    when it returns the deadline is done, whether handled or skipped. The
+    deadlines of the handlers in *held* (disabled ones) are never fired and
+    keep the journal from being truncated past them.
     """
 
     def __init__(
@@ -120,12 +129,15 @@ class DeadlineTimer:
         fire: Callable[[DeadlineEntry], Awaitable[None]],
         *,
         rescan_interval: float,
+        held: Collection[str] = frozenset(),
     ) -> None:
         self._ctx = ctx
         self._fire = fire
         self._rescan = rescan_interval
+        self._held = held
         self._heap: list[_Due] = []
-        self._remaining: Counter[int] = Counter()  # journal position -> unfired entries
+        # Journal position -> entries not yet fired (held ones never are).
+        self._remaining: Counter[int] = Counter()
         self._cursor = 0  # next journal position to read
         self._begin = 0
         self._wake = anyio.Event()
@@ -197,7 +209,8 @@ class DeadlineTimer:
             async for position, record in journal.range(self._cursor):
                 batch = _batch_decoder.decode(record)
                 for i, entry in enumerate(batch.entries):
-                    heapq.heappush(self._heap, _Due(entry.scheduled_for, position, i, entry))
+                    if entry.handler_key not in self._held:
+                        heapq.heappush(self._heap, _Due(entry.scheduled_for, position, i, entry))
                 if batch.entries:
                     self._remaining[position] = len(batch.entries)
                 self._cursor = position + 1
