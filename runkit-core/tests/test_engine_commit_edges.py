@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,18 @@ import pytest
 
 from runkit.config import ApplicationConfig
 from runkit.engine.cluster.ownership import StaticOwnership
+from runkit.engine.commands.inbox import InboxEntry, append_to_inbox, inbox_name
 from runkit.engine.engine import Engine
+from runkit.engine.envelope import new_envelope, register_types
 from runkit.engine.partitions import partition_id
 from runkit.engine.settings import EngineSettings
+from runkit.engine.streams import (
+    StreamRecord,
+    UnconfirmedAppend,
+    encode_stream_record,
+    holds_command,
+    stream_name,
+)
 from runkit.persistence import Provider
 from runkit.testing.faults import AFTER, BEFORE, FaultyProvider
 from runkit_memory import MemoryProvider
@@ -27,6 +37,7 @@ from runkit_memory import MemoryProvider
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_commands_harness import (
     APP_KEY,
+    NOTIFIER_KEY,
     Notify,
     check_invariants,
     read_stores,
@@ -171,6 +182,118 @@ async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_aga
     stores = await read_stores(inner)
     check_invariants(stores)
     assert s.notifier.calls == [1]
+
+
+async def test_a_spilled_copy_of_a_landed_append_is_not_handled_after_a_second_takeover(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Owner A's append of Notify(1) lands but cannot be confirmed, and A stops:
+    # its caller spills the command to the inbox. Owner B, which took over
+    # before the spill and has committed a record since, skips the spilled
+    # copy (its takeover scan counted A's last record) and stops before any
+    # record of its own says the inbox was read past it. The next owner's scan
+    # stops at B's record and never reaches A's: only the spilled entry's hint
+    # tells it the command is committed.
+    from runkit.engine.streams import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "backoff", lambda *a: 30.0)
+    s = setup()
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    a_store = FaultyProvider(inner)
+    a_store.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
+    a_store.plan.fail(BEFORE, ops={"append"}, names=_stream)
+    b_store = FaultyProvider(MemoryProvider(inner.silo))
+    a, a_owns = _one_partition_engine(s.config, a_store, shutdown_timeout=0.2)
+    b, b_owns = _one_partition_engine(
+        s.config, b_store, shutdown_timeout=0.2, progress_interval=30.0
+    )
+    everything = {partition_id(APP_KEY, 0)}
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run)
+        tg.start_soon(b.run)
+        a_owns.assign(everything)
+        a_runtime = await a.runtime(APP_KEY)
+        await wait_until(lambda: 0 in a_runtime.partitions)
+        returned = anyio.Event()
+
+        async def call() -> None:
+            await a.executor_for(s.app).execute_command(Notify(1))
+            returned.set()
+
+        tg.start_soon(call)
+        await wait_until(lambda: len(a_store.plan.injected) >= 1)  # landed, unconfirmed
+        # B takes over while A cannot reach the store (A's heartbeat went stale).
+        b_owns.assign(everything)
+        b_runtime = await b.runtime(APP_KEY)
+        await wait_until(lambda: 0 in b_runtime.partitions)
+        await b.executor_for(s.app).execute_command(Notify(2))  # B's record: inbox read to 0
+        a_owns.assign(set())  # A stops: its caller spills Notify(1) to the inbox
+        with anyio.fail_after(10):
+            await returned.wait()
+        await wait_until(lambda: b_runtime.partitions[0].progress()["inbox_read"] >= 1)
+        # B dies before recording that it read the inbox past the spilled copy.
+        b_store.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        b_owns.assign(set())
+        await wait_until(lambda: 0 not in b_runtime.partitions)
+        tg.cancel_scope.cancel()
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await anyio.sleep(0.5)
+    assert sorted(s.notifier.calls) == [1, 2], "a committed command was handled again"
+    check_invariants(await read_stores(inner))
+
+
+def _record(writer: str, *command_ids: str) -> bytes:
+    return encode_stream_record(
+        StreamRecord(
+            first_offset=0,
+            inbox_position=0,
+            inbox_end=0,
+            written_at=datetime.now(UTC),
+            writer=writer,
+            command_ids=command_ids,
+        )
+    )
+
+
+@pytest.mark.parametrize(("hinted_writer", "calls"), [("a", []), ("b", [1])])
+async def test_a_spilled_command_is_skipped_only_if_the_hinted_append_holds_it(
+    hinted_writer: str, calls: list[int]
+) -> None:
+    # Writer "a" committed the command at stream position 0, and a later record
+    # of its own ends the takeover scan before it. The spilled inbox entry's
+    # hint decides: an append by "a" at 0 holds it (skip it); one by "b" does
+    # not (that writer's append did not land there): the command is handled.
+    s = setup()
+    register_types(s.config.message_types())
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    envelope = new_envelope(Notify(1), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC))
+    async with await inner.journals.open(stream_name(APP_KEY, 0)) as stream:
+        await stream.append(0, _record("a", envelope.message_id))
+        await stream.append(1, _record("a"))
+    entry = InboxEntry(
+        envelope=envelope,
+        handler_key=NOTIFIER_KEY,
+        unconfirmed=UnconfirmedAppend(position=0, writer=hinted_writer),
+    )
+    async with await inner.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+        await append_to_inbox(inbox, [entry])
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+
+        async def processed() -> bool:
+            return (await read_stores(inner)).fully_processed()
+
+        await wait_until(processed)
+    assert s.notifier.calls == calls
+
+
+async def test_a_hint_into_a_truncated_stream_is_not_taken_for_a_commit() -> None:
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    async with await inner.journals.open(stream_name(APP_KEY, 0)) as stream:
+        await stream.append(0, _record("a", "c1"))
+        await stream.append(1, _record("a"))
+        assert await holds_command(stream, UnconfirmedAppend(position=0, writer="a"), "c1")
+        await stream.truncate(1)
+        assert not await holds_command(stream, UnconfirmedAppend(position=0, writer="a"), "c1")
 
 
 async def test_inbox_commands_committed_before_the_progress_record_are_not_handled_again() -> None:

@@ -18,7 +18,7 @@ aggregate command was handled (ADR 0007).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -32,6 +32,7 @@ from ...persistence import Conflict, PersistenceError, Provider
 from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
 from ..ids import derived_id
 from ..partitions import instance_workload, partition_of
+from ..streams import UnconfirmedAppend
 from .inbox import InboxEntry, InboxWriter
 
 __all__ = [
@@ -55,7 +56,25 @@ class Backlogged(RuntimeError):
 
 
 class PartitionStopped(Exception):
-    """The local partition stopped before the command was committed: use the inbox."""
+    """The local partition stopped before the command was committed: use the inbox.
+
+    ``unconfirmed`` maps the IDs of commands whose stream append was cut short
+    or never confirmed to that append: it may have landed, so their inbox
+    entries carry it (``InboxEntry.unconfirmed``).
+    """
+
+    def __init__(self, unconfirmed: Mapping[str, UnconfirmedAppend] | None = None) -> None:
+        super().__init__("the partition stopped before the command was committed")
+        self.unconfirmed: dict[str, UnconfirmedAppend] = dict(unconfirmed or {})
+
+    def spilled(self, entries: Sequence[InboxEntry]) -> list[InboxEntry]:
+        """*entries* as the inbox takes them: with the append each may be in."""
+        return [
+            entry
+            if (append := self.unconfirmed.get(entry.envelope.message_id)) is None
+            else msgspec.structs.replace(entry, unconfirmed=append)
+            for entry in entries
+        ]
 
 
 class LocalPartition(Protocol):
@@ -274,8 +293,9 @@ class Acceptor:
             try:
                 await local.execute_local(entries)
                 return False
-            except PartitionStopped:
-                pass  # ownership moved or the node is stopping: the inbox takes it
+            except PartitionStopped as stopped:
+                # Ownership moved or the node is stopping: the inbox takes them.
+                entries = stopped.spilled(entries)
         elif self._remote is not None and await self._remote(index, entries):
             # The owner took them into its batch and they are durable; it
             # handled them, so nothing here will take what routing kept.

@@ -62,6 +62,7 @@ from ..streams import (
     Publication,
     StreamTail,
     StreamWriter,
+    holds_command,
 )
 from .acceptance import PartitionStopped
 from .aggregates import AggregateInstances
@@ -283,7 +284,12 @@ class PartitionCommands:
                     while self._notes:
                         position, record = self._notes.popleft()
                         read_end = self._inbox_progress.read_end
-                        if position == read_end and not behind and not self._full:
+                        if (
+                            position == read_end
+                            and not behind
+                            and not self._full
+                            and not self._unresolved(record)
+                        ):
                             self._add_record(position, record)
                         elif position >= read_end:
                             behind = True
@@ -319,11 +325,36 @@ class PartitionCommands:
     async def _catch_up(self) -> None:
         async with aclosing(read_inbox(self._inbox, self._inbox_progress.read_end)) as records:
             async for position, record in records:
+                if self._unresolved(record):
+                    await self._resolve(record)
                 self._add_record(position, record)
                 if self._full:
                     self._paused = True
                     return
         self._paused = False
+
+    def _unresolved(self, record: InboxRecord) -> bool:
+        return any(
+            e.unconfirmed is not None and e.envelope.message_id not in self._completed
+            for e in record.entries
+        )
+
+    async def _resolve(self, record: InboxRecord) -> None:
+        """Find the commands of *record* spilled from an append that did land.
+
+        A stopping owner whose last append was unconfirmed told its callers
+        the partition stopped, and they spilled its commands here with that
+        append's position and writer. The takeover scan may not reach back to
+        it (an owner between it and us read the spill but recorded no progress
+        past it): look there. Rare, and before the record is added, so that
+        the commands keep their order.
+        """
+        for entry in record.entries:
+            command_id = entry.envelope.message_id
+            if entry.unconfirmed is None or command_id in self._completed:
+                continue
+            if await holds_command(self._stream.journal, entry.unconfirmed, command_id):
+                self._completed.add(command_id)  # handled as a published command
 
     def _add_record(self, position: int, record: InboxRecord) -> None:
         self._inbox_progress.read(position, len(record.entries))
@@ -431,8 +462,10 @@ class PartitionCommands:
         # (or has failed: then the partition is lost or stopping).
         items = self._publishing.pop(publication.command_id, [])
         if publication.error is not None:
+            unconfirmed = publication.unconfirmed
             for item in items:
-                self._callers.settle(item, PartitionStopped())
+                hint = {} if unconfirmed is None else {item.command_id: unconfirmed}
+                self._callers.settle(item, PartitionStopped(hint))
             return
         # Event-less commands are located too (count 0): "done, recorded nothing".
         location = (publication.offset, len(publication.events))

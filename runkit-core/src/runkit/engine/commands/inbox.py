@@ -28,6 +28,7 @@ from ..backoff import backoff
 from ..envelope import Envelope, closing_iter
 from ..ids import new_id
 from ..logs import RateLimitedLog, describe_error
+from ..streams import UnconfirmedAppend
 
 __all__ = [
     "EngineStopped",
@@ -64,12 +65,17 @@ class InboxEntry(msgspec.Struct, frozen=True, kw_only=True):
         keyed: The command ID is derived (from an idempotency key or from its
             cause), so the same ID may be submitted again: once its effects
             commit, a marker goes into ``<app>/idempotency``.
+        unconfirmed: Set on a command spilled here after its owner stopped
+            with the stream append holding it unconfirmed: that append may
+            have landed. Whoever reads the entry looks there before handling
+            it (ADR 0002).
     """
 
     envelope: Envelope
     handler_key: str
     instance_id: str | None = None
     keyed: bool = False
+    unconfirmed: UnconfirmedAppend | None = None
 
 
 class InboxRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -16,6 +16,7 @@ import anyio
 import attrs
 
 from ...config import HandlerConfig
+from .acceptance import PartitionStopped
 from .inbox import InboxEntry
 
 __all__ = ["CompletedCommands", "Location", "PendingCommand", "Waiter"]
@@ -44,6 +45,9 @@ class Waiter:
     def settle(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:
             self.error = error
+        elif isinstance(error, PartitionStopped) and isinstance(self.error, PartitionStopped):
+            # The caller spills all its commands: each with its append, if any.
+            self.error.unconfirmed.update(error.unconfirmed)
         self.remaining -= 1
         if (self.remaining <= 0 or error is not None) and not self.settled:
             self.settled = True

@@ -12,6 +12,8 @@ The modules, bottom-up (each imports only those before it):
 - ``reading``: ``PartitionStream``: journal catch-up, then the writer's live tail.
 - ``bus``: the in-process ``EventBus``, its ``CommandDone`` notes, ``UniqueEvents`` and ``Widen``.
 - ``tail``: ``read_tail``, what a new owner learns from the end of the journal.
+- ``unconfirmed``: ``UnconfirmedAppend``, the hint a spilled command carries of
+  an append its writer could not confirm, and ``holds_command``, its check.
 - ``writer``: ``StreamWriter``, the single writer (the commit point, ADR 0007).
 """
 
@@ -30,6 +32,7 @@ from .records import (
     stream_name,
 )
 from .tail import StreamTail, read_tail
+from .unconfirmed import UnconfirmedAppend, holds_command
 from .writer import Publication, StreamWriter
 
 __all__ = [
@@ -43,12 +46,14 @@ __all__ = [
     "StreamRecord",
     "StreamTail",
     "StreamWriter",
+    "UnconfirmedAppend",
     "UniqueEvents",
     "Widen",
     "decode_stream_record",
     "encode_stream_record",
     "event_size",
     "fed_subscription",
+    "holds_command",
     "max_command_bytes",
     "read_tail",
     "stream_name",

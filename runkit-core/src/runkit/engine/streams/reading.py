@@ -73,6 +73,11 @@ class PartitionStream:
         # Filtered readers waiting for an event of their types; see ``read``.
         self._waiters: list[_Waiter] = []
 
+    @property
+    def journal(self) -> Journal:
+        """The stream's journal."""
+        return self._journal
+
     async def end(self) -> int:
         """The next offset to be written."""
         return self._end

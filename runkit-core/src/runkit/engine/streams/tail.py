@@ -7,7 +7,8 @@ commands are already published and which keyed commands may lack their
 idempotency markers (the record header is described in ``records``). The record
 the scan stops at counts too if it is the last of its writer: a writer that
 stopped before it could confirm that append told its callers the commands were
-not committed, and they spilled them to the inbox.
+not committed, and they spilled them to the inbox. Owners whose scans stop
+short of that record learn of it from the spilled entries (``unconfirmed``).
 """
 
 from __future__ import annotations

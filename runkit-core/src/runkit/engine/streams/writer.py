@@ -33,6 +33,7 @@ from .records import (
     event_size,
 )
 from .tail import StreamTail
+from .unconfirmed import UnconfirmedAppend
 
 __all__ = ["Publication", "StreamWriter"]
 
@@ -46,7 +47,8 @@ class Publication:
 
     ``on_durable`` is called (in the writer's task, without awaiting) once the
     record holding it is durable, after ``offset`` and ``position`` are set;
-    ``wait_settled`` waits for that (or for the writer's failure).
+    ``wait_settled`` waits for that (or for the writer's failure). A failed
+    publication whose append may have landed has ``unconfirmed`` set.
     """
 
     command_id: str
@@ -54,6 +56,8 @@ class Publication:
     size: int
     on_durable: Callable[[Publication], None] | None = None
     error: BaseException | None = None
+    #: On failure: the append that may hold it after all (cut short, unconfirmed).
+    unconfirmed: UnconfirmedAppend | None = None
     offset: int = -1
     position: int = -1
     #: Keep the record visible to takeover scans until ``StreamWriter.unpin``.
@@ -256,6 +260,12 @@ class StreamWriter:
 
     def _fail(self, exc: BaseException) -> None:
         self._failed = exc
+        if self._inflight is not None:
+            # Its append was cut short or never confirmed: it may have landed.
+            # Callers that spill these commands say where to look (ADR 0002).
+            append = UnconfirmedAppend(position=self._position, writer=self._writer)
+            for item in self._inflight[0]:
+                item.unconfirmed = append
         self._inflight = None
         while self._queue:
             item = self._queue.popleft()
@@ -272,7 +282,11 @@ class StreamWriter:
         if self._inflight is None:
             self._inflight = self._build()
         batch, progress, record, data = self._inflight
-        await self._append(data)
+        try:
+            await self._append(data)
+        except OwnershipLost:
+            self._inflight = None  # another writer's record is there: ours did not land
+            raise
         self._inflight = None
         self._after_append(batch, progress, record)
 
