@@ -22,10 +22,14 @@ import dogma
 import runkit
 from runkit.config import ApplicationConfig
 from runkit.engine import executor as executor_module
+from runkit.engine.cluster.nodes import NODES_KEYSPACE
 from runkit.engine.engine import Engine
 from runkit.engine.ids import new_id
 from runkit.engine.partitions import partition_id, partition_of
 from runkit.engine.settings import EngineSettings
+from runkit.engine.streams import UnconfirmedAppend
+from runkit.rendezvous import winner
+from runkit.testing.faults import AFTER, BEFORE, FaultyProvider
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -397,6 +401,77 @@ async def test_the_wake_up_after_a_fallback_gets_the_command_handled_without_a_p
         called = _fail_offers(one, monkeypatch)
         assert await _observed_deposit(one, s, account, "woken") == ["woken"]
         assert "wake" in called
+
+
+async def test_an_offer_its_stopping_owner_cannot_confirm_is_spilled_with_the_append(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The owner's append of an offered command lands but cannot be confirmed,
+    # and the owner stops the partition (its heartbeats fail) with the store
+    # failing past its shutdown timeout. The gateway falls back to the inbox:
+    # its entry must name that append, or an owner whose takeover scan stops
+    # short of it would handle the command again (ADR 0002).
+    from runkit.engine.streams import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "backoff", lambda *a: 30.0)
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    pid = partition_id(APP_KEY, 0)
+    owner_id, gateway_id = next(
+        ids
+        for ids in iter(lambda: (uuid.uuid4(), uuid.uuid4()), None)
+        if winner(pid, ids) == ids[0]
+    )
+    store = FaultyProvider(MemoryProvider(silo))
+    settings = {**FAST, "partition_count": 1, "heartbeat_interval": 0.5}
+    owner = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=store,
+            listen_address="127.0.0.1:0",
+            node_id=owner_id,
+            shutdown_timeout=0.2,
+            **settings,  # type: ignore[arg-type]
+        )
+    )
+    gateway = one_node(s.config, silo, node_id=gateway_id, partition_count=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(owner.run)
+        tg.start_soon(gateway.run)
+        owner_runtime = await owner.runtime(APP_KEY)
+        gateway_runtime = await gateway.runtime(APP_KEY)
+        assert gateway.router is not None
+        router = gateway.router
+        await wait_until(
+            lambda: (
+                0 in owner_runtime.partitions
+                and 0 not in gateway_runtime.partitions  # it may have started alone
+                and router.owner(pid) is not None
+            ),
+            timeout=30,
+        )
+        router._offer_timeout = 30.0  # the owner's stop answers it, however slow the machine
+        store.plan.fail(AFTER, ops={"append"}, names=lambda n: "/stream/" in n, times=1)
+        store.plan.fail(BEFORE, ops={"append"}, names=lambda n: "/stream/" in n)
+        returned = anyio.Event()
+
+        async def call() -> None:
+            await gateway.executor_for(s.app).execute_command(Notify(1))
+            returned.set()
+
+        tg.start_soon(call)
+        await wait_until(lambda: len(store.plan.injected) >= 1)  # landed, unconfirmed
+        store.plan.fail(BEFORE, names=lambda n: n == NODES_KEYSPACE)  # it stops taking work
+        with anyio.fail_after(30):
+            await returned.wait()
+        tg.cancel_scope.cancel()
+    stores = await read_stores(MemoryProvider(silo))
+    [entry] = [e for _, r in stores.inbox[0] for e in r.entries]
+    [position] = [
+        i for i, r in enumerate(stores.stream[0]) if entry.envelope.message_id in r.command_ids
+    ]
+    writer = stores.stream[0][position].writer
+    assert entry.unconfirmed == UnconfirmedAppend(position=position, writer=writer)
 
 
 def _fail_offers(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> list[str]:

@@ -203,7 +203,8 @@ class AppRuntime:
 
         *done* is called once (maybe at once): ``True`` when they are durable,
         ``False`` when this node does not run the partition (any more), or the
-        error that kept them from being durable.
+        error that kept them from being durable (a ``PartitionStopped`` only
+        when it names an append that may hold some of them).
         """
         commands = self.partitions.get(index)
         if commands is None:
@@ -213,8 +214,10 @@ class AppRuntime:
         def settled(error: BaseException | None) -> None:
             if error is None:
                 done(True)
+            elif isinstance(error, PartitionStopped) and not error.unconfirmed:
+                done(False)
             else:
-                done(False if isinstance(error, PartitionStopped) else error)
+                done(error)
 
         try:
             commands.execute_nowait(entries, settled)

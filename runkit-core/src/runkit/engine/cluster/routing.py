@@ -47,6 +47,7 @@ from ...transport import (
     TlsIdentity,
     TransportError,
 )
+from ..commands.acceptance import PartitionStopped
 from ..commands.inbox import InboxEntry
 from ..partitions import partition_id
 from ..settings import EngineSettings
@@ -148,7 +149,11 @@ class Router:
     async def offer(
         self, app_key: str, index: int, partition_id: str, entries: Sequence[InboxEntry]
     ) -> bool:
-        """Offer commands to the partition's owner; whether it took them (durably)."""
+        """Offer commands to the partition's owner; whether it took them (durably).
+
+        Raises ``PartitionStopped`` naming the appends that may hold some of
+        them, if the owner stopped with those unconfirmed (the caller spills).
+        """
         awaiting = [
             (entry, waiting)
             for entry in entries
@@ -182,13 +187,15 @@ class Router:
                     exc,
                 )
                 return False
-            if not awaiting or answer in (OK, NOT_OWNER):
+            if answer in (OK, NOT_OWNER):
                 return answer == OK
             try:
                 decoded = answer_decoder.decode(answer)
             except msgspec.DecodeError as exc:
                 _log.info("node %s answered an offer with garbage: %s", owner.node_id, exc)
                 return False
+            if decoded.unconfirmed:
+                raise PartitionStopped(decoded.unconfirmed)
             if decoded.accepted:
                 _answered(awaiting, [from_wire(item) for item in decoded.events])
             return decoded.accepted

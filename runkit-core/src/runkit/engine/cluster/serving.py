@@ -2,7 +2,9 @@
 
 - ``offer``: an ``Offer`` of commands for one partition. The node accepts only
   if it runs that partition now; the commands join its next batch and the
-  answer comes once they are durable (``ok``), else ``not_owner``. With
+  answer comes once they are durable (``ok``), else ``not_owner`` (or, if the
+  partition stopped with them in a stream append it could not confirm, an
+  ``OfferAnswer`` naming that append). With
   ``reply_events`` the answer is an ``OfferAnswer`` carrying what the
   commands' chains published meanwhile: their events and done notes. Served
   as a deferred transport method: the batch's commit answers it.
@@ -24,6 +26,7 @@ from typing import Any
 import anyio
 
 from ...transport import DeferredHandler, PeerInfo, Reply
+from ..commands.acceptance import PartitionStopped
 from ..commands.inbox import InboxEntry
 from ..streams import Observed, UniqueEvents
 from .wire import (
@@ -108,7 +111,13 @@ class ClusterServer:
                 wired = tuple(to_wire(e) for e in events)
             finally:
                 attached.close()
-            if isinstance(result, Exception):
+            if isinstance(result, PartitionStopped):
+                # Stopped with the commands in an unconfirmed append: the
+                # gateway spills them, saying where they may be committed.
+                reply.ok(
+                    encoder.encode(OfferAnswer(accepted=False, unconfirmed=result.unconfirmed))
+                )
+            elif isinstance(result, Exception):
                 reply.fail(result)
             elif receive is None:
                 reply.ok(OK if result is True else NOT_OWNER)

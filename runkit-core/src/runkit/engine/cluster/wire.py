@@ -15,7 +15,7 @@ import msgspec
 from ...transport import RemoteError
 from ..commands.inbox import InboxEntry
 from ..envelope import Envelope
-from ..streams import CommandDone, Observed, StreamEvent
+from ..streams import CommandDone, Observed, StreamEvent, UnconfirmedAppend
 
 __all__ = [
     "ANSWER_BYTES",
@@ -96,15 +96,19 @@ class WireDone(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
 
 
 class OfferAnswer(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer to an ``Offer`` with ``reply_events``.
+    """The answer to an ``Offer`` with ``reply_events``, or to one its owner stopped on.
 
     ``events``: what the offered commands' correlation chains published on the
     owner from the offer until they were durable, in order; empty when there was
     too much to send (the gateway then observes the chain as usual).
+    ``unconfirmed``: not accepted, the owner stopped with these commands in a
+    stream append it could not confirm (by command ID): the gateway's inbox
+    fallback must carry them (``PartitionStopped``, ADR 0002).
     """
 
     accepted: bool
     events: tuple[WireEvent | WireDone, ...] = ()
+    unconfirmed: dict[str, UnconfirmedAppend] = msgspec.field(default_factory=dict)
 
 
 offer_decoder = msgspec.msgpack.Decoder(Offer)

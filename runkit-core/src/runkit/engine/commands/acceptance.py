@@ -296,13 +296,18 @@ class Acceptor:
             except PartitionStopped as stopped:
                 # Ownership moved or the node is stopping: the inbox takes them.
                 entries = stopped.spilled(entries)
-        elif self._remote is not None and await self._remote(index, entries):
-            # The owner took them into its batch and they are durable; it
-            # handled them, so nothing here will take what routing kept.
-            if self._routed is not None:
-                for entry in entries:
-                    self._routed.discard(entry.envelope)
-            return False
+        elif self._remote is not None:
+            try:
+                accepted = await self._remote(index, entries)
+            except PartitionStopped as stopped:  # the owner stopped: as above
+                accepted, entries = False, stopped.spilled(entries)
+            if accepted:
+                # The owner took them into its batch and they are durable; it
+                # handled them, so nothing here will take what routing kept.
+                if self._routed is not None:
+                    for entry in entries:
+                        self._routed.discard(entry.envelope)
+                return False
         await self.writers[index].submit(entries)
         if self._wake is not None:
             self._wake(index)  # the owner reads its inbox now, not at its next poll
