@@ -156,7 +156,7 @@ def test_every_engine_module_has_a_layer() -> None:
 
 
 # The streams subpackage bottom-up: each module imports only modules before it.
-STREAMS = ("records", "reading", "bus", "tail", "writer")
+STREAMS = ("records", "reading", "bus", "tail", "unconfirmed", "writer")
 
 
 def test_streams_modules_import_only_lower_ones() -> None:
