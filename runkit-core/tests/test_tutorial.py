@@ -8,6 +8,7 @@ way the page tells a reader to: the one-program demo on the memory driver, and
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import signal
@@ -52,6 +53,25 @@ def test_every_snippet_the_page_shows_exists() -> None:
         relative = source.relative_to(ROOT).as_posix()
         for section in re.findall(r"# --8<-- \[start:([\w-]+)\]", source.read_text()):
             assert (relative, section) in shown, f"{relative}:{section} is not on the page"
+
+
+def test_the_page_shows_all_of_every_file() -> None:
+    # A reader builds each file from the page's blocks: code outside the shown
+    # sections (say an `if __name__ == "__main__":` block) would be missing.
+    section = re.compile(
+        r"^# --8<-- \[start:([\w-]+)\]\n.*?^# --8<-- \[end:\1\]\n?", re.MULTILINE | re.DOTALL
+    )
+    for source in sorted((TUTORIAL / "library").glob("*.py")):
+        text = section.sub("", source.read_text(encoding="utf-8"))
+        tree = ast.parse(text)
+        rest = [
+            node
+            for node in tree.body
+            if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+            and not (isinstance(node, ast.ImportFrom) and node.module == "__future__")
+        ]
+        shown = [ast.unparse(node).splitlines()[0] for node in rest]
+        assert not shown, f"{source.name}: code the page does not show: {shown}"
 
 
 @pytest.fixture

@@ -30,9 +30,6 @@ async def send(command: dogma.Command) -> None:
         await client.executor_for(app).execute_command(command)  # durable when it returns
 
 
-# --8<-- [end:send]
-
-
 def main(argv: list[str]) -> int:
     match argv:
         case ["borrow", book_id, member]:
@@ -43,10 +40,14 @@ def main(argv: list[str]) -> int:
             for row in loans(app.db):
                 print(f"{row.book_id:<12} loan {row.loan}  {row.member:<8} {row.status}")
         case _:
-            print(__doc__, file=sys.stderr)
+            print(
+                "usage: python -m library borrow BOOK MEMBER | return BOOK MEMBER | loans",
+                file=sys.stderr,
+            )
             return 2
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+# --8<-- [end:send]

@@ -66,8 +66,7 @@ async def main() -> list[LoanRow]:
     return sorted(rows, key=lambda row: row.book_id)
 
 
-# --8<-- [end:main]
-
 if __name__ == "__main__":
     for row in anyio.run(main):
         print(f"{row.book_id:<12} loan {row.loan}  {row.member:<8} {row.status}")
+# --8<-- [end:main]
