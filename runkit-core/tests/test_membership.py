@@ -938,6 +938,22 @@ async def test_a_joining_node_is_logged_in_words(
     assert f"node {N1}: node {N2} left or expired; 1 live node" in messages
 
 
+async def test_a_client_is_logged_as_a_client(
+    silo: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`runkit execute` shows a client's lines: they must not call it a node that owns."""
+    caplog.set_level(logging.INFO, logger="runkit.engine.cluster.membership")
+    async with cluster(silo, clock, N1) as (tg, _):
+        client = await start(tg, N2, clock, MemoryProvider(silo), role="client")
+        await client.membership.leave()
+        await client.stop()
+    messages = [r.getMessage() for r in caplog.records if str(N2) in r.getMessage()]
+    assert f"client {N2} joined the cluster: 1 live node(s)" in messages
+    assert f"client {N2} is leaving" in messages
+    assert f"client {N2} left the cluster" in messages
+    assert not [m for m in messages if m.startswith(f"node {N2}")], messages
+
+
 class _FailingRangeKeyspaces(_HangingKeyspaces):
     """``range()`` fails ``failures`` times (a node-set read that fails)."""
 

@@ -132,6 +132,23 @@ async def test_calls_over_tls_on_uvloop() -> None:
     assert replies == [b"node-a:" + str(i).encode() for i in range(20)]
 
 
+async def test_closing_says_shutting_down_on_both_sides(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    # "the node is shutting down" read, on the closing side, as if the peer were.
+    async with serving(node("node-b", B)) as address:
+        async with node() as a:
+            await a.call(address, "echo", b"x")
+        with anyio.fail_after(5):  # the server logs the goodbye on its own
+            while True:
+                if "the peer said goodbye: shutting down" in transport_log.text:
+                    break
+                await anyio.sleep(0.01)
+    closed = [r.getMessage() for r in transport_log.records if " closed: " in r.getMessage()]
+    assert f"connection to node 'node-b' at {address} closed: shutting down" in closed
+    assert not [m for m in closed if "the node is" in m], closed
+
+
 async def test_concurrent_calls_share_one_connection() -> None:
     callers: set[str] = set()
 

@@ -141,7 +141,9 @@ class NodeTransport:
 
     def _close_peers(self) -> None:
         for connection in self._peers.values():
-            connection.link.close("the node is shutting down")
+            # Logged here and, in the goodbye, by the peer: "shutting down" reads
+            # right on both sides ("the node is" read as the peer on this one).
+            connection.link.close("shutting down")
         self._peers.clear()
 
     async def serve(

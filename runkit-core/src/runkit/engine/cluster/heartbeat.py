@@ -160,7 +160,9 @@ class HeartbeatWriter:
                 await anyio.sleep(backoff(attempt, 0.01, self._interval))
                 continue
             self.revision = ""
-            MEMBERSHIP_LOG.info("node %s left the cluster", self._node_id, extra=self._extra)
+            MEMBERSHIP_LOG.info(
+                "%s %s left the cluster", self._role, self._node_id, extra=self._extra
+            )
             return
 
     async def _resolve(self, ks: Keyspace, *, deleting: bool = False) -> bool:

@@ -77,7 +77,8 @@ class LiveView:
             self._log_activity(active, left, last_written)
         elif live_set != self._live:
             MEMBERSHIP_LOG.info(
-                "node %s: %s; %d live node%s",
+                "%s %s: %s; %d live node%s",
+                self._role,
                 self._node_id,
                 describe_changes(live_set - self._live, self._live - live_set),
                 len(live_set),
@@ -100,7 +101,11 @@ class LiveView:
             self._was_active = True
         elif left:
             MEMBERSHIP_LOG.info(
-                "node %s is leaving: it owns nothing now", self._node_id, extra=self._extra
+                "%s %s is leaving%s",
+                self._role,
+                self._node_id,
+                ": it owns nothing now" if self._role == "node" else "",
+                extra=self._extra,
             )
         else:
             last = "never" if last_written is None else last_written.isoformat()

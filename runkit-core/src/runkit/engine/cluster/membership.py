@@ -122,6 +122,7 @@ class Membership:
             calls=calls,
         )
         self._view = LiveView(settings.node_id, role=role)
+        self._role = role
         self._peers: dict[uuid.UUID, NodeRecord] = {}
         self._state = "new"
         self._joined = False
@@ -341,7 +342,8 @@ class Membership:
             elif await self._read(ks, now):
                 self._update(now)
                 MEMBERSHIP_LOG.info(
-                    "node %s joined the cluster: %d live node(s)",
+                    "%s %s joined the cluster: %d live node(s)",
+                    self._role,  # a client says so: it owns nothing and is not counted
                     self._node_id,
                     len(self._view.live),
                     extra=self._extra,
