@@ -151,11 +151,38 @@ def test_nodes_lists_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
     anyio.run(heartbeat_once)
 
 
+MEMORY_HINT = (
+    "a memory:// store lives inside the process that opened it, so this command "
+    "cannot see the nodes of another process: run them on a shared store "
+    "(postgresql://, dynamodb:// or s3://) and set DOGMA_PERSISTENCE_URL to it"
+)
+
+
 def test_nodes_on_an_empty_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///cli-no-nodes")
     status, text = run("nodes")
     assert status == 0
-    assert text == "no nodes have heartbeat records in this store\n"
+    assert text == f"no nodes have heartbeat records in this store ({MEMORY_HINT})\n"
+
+
+def test_commands_on_a_memory_store_say_it_is_their_own(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `runkit run` shows "running ... on memory:///runkit"; the store it names is
+    # in that process, so "start a node first" would send the reader in circles.
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///runkit")
+    command = '{"customer_id":"C1","customer_name":"Ann","account_id":"A1","account_name":"S"}'
+    status, _ = run("execute", "bank:app", "OpenAccountForNewCustomer", command)
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"runkit execute: application 'bank' has never run on this store: {MEMORY_HINT}\n"
+    )
+    status, _ = run("poison", "list", "bank:app")
+    assert status == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"; {MEMORY_HINT}")
+    status, text = run("status", "bank:app")
+    assert status == 0
+    assert text.endswith(f"({MEMORY_HINT})\n")
 
 
 # -- usage and configuration errors: one plain message, exit 2 ----------------------

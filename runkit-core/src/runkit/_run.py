@@ -18,7 +18,7 @@ from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
 from ._loading import application_object
 from ._options import Option, from_environment, with_application, with_persistence
-from .cli import DEFAULT_MEMORY_URL
+from .cli import DEFAULT_MEMORY_URL, empty_store_hint
 from .engine.commands.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .engine.engine import Engine, EngineStopped, meta_name, read_partition_count
 from .persistence import Provider, provider_from_url, redact_url
@@ -94,12 +94,14 @@ def run_node(
     return 0
 
 
-async def _partition_count(provider: Provider, app_key: str) -> int:
+async def _partition_count(provider: Provider, app_key: str, url: str) -> int:
     # Read-only: an operator command must not create metadata.
     count = await read_partition_count(provider, app_key)
     if count is None:
+        hint = empty_store_hint(url)
         raise CLIError(
             f"application {app_key} has never run on this store (no {meta_name(app_key)})"
+            + (f"; {hint}" if hint else "")
         )
     return count
 
@@ -129,7 +131,7 @@ def poison_command(spec: str, action: str, command_id: str | None, *, out: TextI
         if action != "requeue":
             provider.set_read_only()  # inspecting must not create (or change) anything
         try:
-            count = await _partition_count(provider, key)
+            count = await _partition_count(provider, key, url)
             if action == "list":
                 rows = [_summary(p) async for p in list_poisoned(provider, key, count)]
                 if not rows:
@@ -193,7 +195,12 @@ def nodes_command(*, out: TextIO) -> int:
             with anyio.CancelScope(shield=True):
                 await provider.close()
         if not records:
-            out.write("no nodes have heartbeat records in this store\n")
+            hint = empty_store_hint(url)
+            out.write(
+                "no nodes have heartbeat records in this store"
+                + (f" ({hint})" if hint else "")
+                + "\n"
+            )
             return 0
         now = datetime.now(UTC)
         rows: list[tuple[str, ...]] = [

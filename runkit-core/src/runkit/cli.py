@@ -47,6 +47,21 @@ log = logging.getLogger("runkit.cli")
 DEFAULT_MEMORY_URL = "memory:///runkit"
 
 
+def empty_store_hint(url: str) -> str:
+    """Why a store at *url* may look empty to a command, or ``""``.
+
+    A ``memory://`` store lives in the process that opened it: a command run
+    beside ``runkit run`` on one (its default) opens an empty store of its own.
+    """
+    if not url.lower().startswith("memory:"):
+        return ""
+    return (
+        "a memory:// store lives inside the process that opened it, so this command "
+        "cannot see the nodes of another process: run them on a shared store "
+        "(postgresql://, dynamodb:// or s3://) and set DOGMA_PERSISTENCE_URL to it"
+    )
+
+
 def usage_problem(exc: BaseException) -> str | None:
     """The message to print for a usage or configuration error, ``None`` for anything else.
 
@@ -183,7 +198,10 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
                 if await read_partition_count(provider, app.identity.key) is None:
                     raise CLIError(
                         f"application {app.identity.name!r} has never run on this store: "
-                        "start a node of the cluster (runkit run ...) first"
+                        + (
+                            empty_store_hint(url)
+                            or "start a node of the cluster (runkit run ...) first"
+                        )
                     )
                 await client.executor_for(app).execute_command(
                     command, idempotency_key=args.idempotency_key
@@ -244,6 +262,8 @@ def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
                     text = json.dumps(status.to_json(), indent=indent) + "\n"
                 else:
                     text = status_text(status)
+                    if not status.nodes and (hint := empty_store_hint(url)):
+                        text += f"({hint})\n"
                 if args.watch and out.isatty():
                     out.write("\x1b[H\x1b[2J")  # clear the screen, cursor home
                 elif args.watch and not args.json:
