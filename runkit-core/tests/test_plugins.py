@@ -113,6 +113,20 @@ def test_unregistered_plugin_scheme_is_unknown_again() -> None:
     )
 
 
+@pytest.mark.parametrize("url", ["localhost:5432/app", "db.internal:5432/app?schema=x"])
+def test_a_url_without_its_scheme_says_so(url: str) -> None:
+    # The host reads as the scheme: "install a driver for it" would mislead.
+    message = (
+        f"persistence URL {url!r} does not start with a scheme ({url.partition(':')[0]!r} is not "
+        f"one); expected e.g. 'memory:///app' or 'postgresql://host/db' (installed schemes: "
+        f"{_installed()})"
+    )
+    with pytest.raises(ValueError) as info:
+        provider_from_url(url)
+    assert str(info.value) == message
+    assert url_problems(url) == [message]
+
+
 def test_unknown_first_party_scheme_names_the_package_to_install() -> None:
     pm = plugin_manager()
     memory = pm.unregister(name="memory")

@@ -102,6 +102,17 @@ class TestParseUrl:
         assert "s3cr" not in str(info.value)
         assert str(info.value).startswith("malformed PostgreSQL connection string")
 
+    @pytest.mark.parametrize("url", ["postgresql:/app@db/bank", "postgres:db/bank"])
+    def test_a_url_without_two_slashes_is_rejected(self, url: str) -> None:
+        # Else libpq reads 'app@db/bank' as a database name on the local socket.
+        scheme = url.partition(":")[0]
+        with pytest.raises(ValueError) as info:
+            parse_url(url)
+        assert str(info.value) == (
+            f"PostgreSQL URL {url!r} must start with '{scheme}://' (two slashes), "
+            "e.g. 'postgresql://user@host/db'"
+        )
+
     def test_fragment_is_rejected(self) -> None:
         with pytest.raises(ValueError) as info:
             parse_url("postgresql://u:s3cret@h/db#x")

@@ -301,6 +301,12 @@ def parse_url(url: str) -> tuple[str, Settings]:
             f"not a PostgreSQL URL (expected postgres:// or postgresql://): {scheme!r}"
         )
     problems = URLProblems(url)
+    if not url[len(parts.scheme) + 1 :].startswith("//"):
+        # Else 'postgresql:/host/db' means a database named 'host/db' on the local socket.
+        problems.add(
+            f"PostgreSQL URL {redact_url(url)!r} must start with '{parts.scheme}://' "
+            "(two slashes), e.g. 'postgresql://user@host/db'"
+        )
     if parts.fragment:
         problems.add(f"PostgreSQL URL {describe_conninfo(url)!r} must not have a fragment")
     own: dict[str, str] = {}

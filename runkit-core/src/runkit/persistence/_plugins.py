@@ -83,7 +83,14 @@ def _scheme(url: str) -> str:
     return scheme
 
 
-def _unknown_scheme(scheme: str, known: dict[str, str]) -> str:
+def _unknown_scheme(url: str, scheme: str, known: dict[str, str]) -> str:
+    if not url[len(scheme) + 1 :].startswith("//"):
+        # 'db.internal:5432/app' parses with the host for a scheme: the scheme is missing.
+        return (
+            f"persistence URL {redact_url(url)!r} does not start with a scheme "
+            f"({scheme!r} is not one); expected e.g. 'memory:///app' or "
+            f"'postgresql://host/db' (installed schemes: {', '.join(sorted(known)) or 'none'})"
+        )
     # Only first-party package names are suggested: an invented "runkit-<scheme>"
     # would invite installing whatever a squatter publishes under that name.
     package = driver_package(scheme)
@@ -111,7 +118,7 @@ def url_problems(url: str) -> list[str]:
         return [str(exc)]
     known = installed_schemes()
     if scheme not in known:
-        return [_unknown_scheme(scheme, known)]
+        return [_unknown_scheme(url, scheme, known)]
     try:
         found = plugin_manager().hook.runkit_persistence_url_problems(url=url)
     except InvalidURL as exc:
@@ -141,7 +148,7 @@ def provider_from_url(url: str) -> Provider:
     scheme = _scheme(url)
     known = installed_schemes()
     if scheme not in known:
-        raise ValueError(_unknown_scheme(scheme, known))
+        raise ValueError(_unknown_scheme(url, scheme, known))
     provider = plugin_manager().hook.runkit_persistence_provider(url=url)
     if provider is None:
         raise ValueError(
