@@ -281,6 +281,16 @@ def test_version_names_core_dogma_and_every_installed_driver(
         ),
         ("bank:nope", "module 'bank' has no attribute 'nope'"),
         (
+            "library/app.py:app",
+            "'library/app.py' in 'library/app.py:app' is a file path; MODULE is a module's "
+            "dotted name, importable from the current directory: e.g. 'library.app:app'",
+        ),
+        (
+            "app.py:app",
+            "'app.py' in 'app.py:app' is a file path; MODULE is a module's dotted name, "
+            "importable from the current directory: e.g. 'app:app'",
+        ),
+        (
             "{apps}:NeedsArgs",
             "'{apps}:NeedsArgs' is the class NeedsArgs that needs arguments (db, cache); point "
             "MODULE:ATTR at an application instance, or at a function or class that takes no "

@@ -22,6 +22,13 @@ def load_object(spec: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise CLIError(f"{spec!r} is not MODULE:ATTR, e.g. 'bank:app'")
+    if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
+        # A file path imports as nothing: name the dotted module it most likely means.
+        dotted = module_name.removesuffix(".py").replace("\\", "/").strip("/").replace("/", ".")
+        raise CLIError(
+            f"{module_name!r} in {spec!r} is a file path; MODULE is a module's dotted name, "
+            f"importable from the current directory: e.g. '{dotted}:{attr}'"
+        )
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
