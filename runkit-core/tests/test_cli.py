@@ -42,6 +42,24 @@ def test_env_reports_invalid_variables_and_exits_2(monkeypatch: pytest.MonkeyPat
     assert "hunter2" not in text
 
 
+@pytest.mark.parametrize("listen", ["0.0.0.0:7400", "[::]:7400"])
+def test_env_reports_a_wildcard_listen_address_without_an_advertise_address(
+    monkeypatch: pytest.MonkeyPatch, listen: str
+) -> None:
+    # Each variable is valid alone, but `runkit run` stops with the pair.
+    monkeypatch.setenv("DOGMA_LISTEN_ADDRESS", listen)
+    status, text = run("env")
+    assert status == 2
+    assert text.endswith(
+        f"INVALID: DOGMA_LISTEN_ADDRESS={listen!r} is a wildcard address, which peers cannot "
+        "reach: set DOGMA_ADVERTISE_ADDRESS too, e.g. "
+        "DOGMA_ADVERTISE_ADDRESS=node-1.internal:7000 (runkit run stops without it)\n"
+    )
+    monkeypatch.setenv("DOGMA_ADVERTISE_ADDRESS", "10.0.0.5:7400")
+    status, text = run("env")
+    assert (status, text.rstrip().rsplit("\n", 1)[-1]) == (0, "The environment is valid.")
+
+
 def test_drivers_lists_installed_schemes() -> None:
     status, text = run("drivers")
     assert status == 0

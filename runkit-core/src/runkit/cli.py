@@ -34,7 +34,7 @@ from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
 from ._hookspec import PROJECT_NAME
 from ._loading import application_object, load_object
-from ._validate import KNOBS, Knob, check_readable_file
+from ._validate import KNOBS, Knob, check_readable_file, is_unspecified_address
 from .persistence import StoreUnavailable, installed_schemes, plugin_manager, redact_url
 
 if TYPE_CHECKING:
@@ -101,9 +101,20 @@ def _cmd_env(args: argparse.Namespace, out: TextIO) -> int:
         shown = "(unset)" if raw is None else (redact_url(raw) if v.sensitive else raw)
         out.write(f"  {v.name}={shown}\n")
     try:
-        ENVIRONMENT.load()
+        values = ENVIRONMENT.load()
     except ConfigurationError as exc:
         out.write(f"\nINVALID: {exc}\n")
+        return 2
+    listen = values.listen_address
+    if listen and not values.advertise_address and is_unspecified_address(listen):
+        # Valid alone, but `runkit run` (whose only source for it is this) would stop
+        # once listening: say so here, where the environment is being checked.
+        out.write(
+            f"\nINVALID: DOGMA_LISTEN_ADDRESS={listen!r} is a wildcard address, which peers "
+            "cannot reach: set DOGMA_ADVERTISE_ADDRESS too, e.g. "
+            f"DOGMA_ADVERTISE_ADDRESS={ENVIRONMENT['DOGMA_ADVERTISE_ADDRESS'].example} "
+            "(runkit run stops without it)\n"
+        )
         return 2
     out.write("\nThe environment is valid.\n")
     return 0
