@@ -394,6 +394,22 @@ async def test_cli_execute_in_a_nodes_environment_does_not_take_the_nodes_id(
     assert [n.node_id for n in status.live_nodes] == [str(engine.settings.node_id)]
 
 
+def test_status_text_says_how_to_name_an_application_found_through_heartbeats() -> None:
+    from runkit.engine.cluster.status import ApplicationStatus
+
+    key = "5afe0000-0000-4000-8000-000000000001"
+    named = ApplicationStatus(key=key, name="bank", partition_count=1)
+    found = ApplicationStatus(key=key, name=key, partition_count=1)
+    hint = "for its name and its consumers' lag, name it: runkit status MODULE:ATTR\n"
+
+    def text(app: ApplicationStatus) -> str:
+        return status_text(ClusterStatus(read_at=now(), nodes=(), applications=(app,)))
+
+    assert hint not in text(named)
+    assert f"application {key}: 1 partition(s)\n" in text(found)
+    assert text(found).endswith(hint)
+
+
 def test_cli_status_on_an_empty_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///status-{uuid.uuid4()}")
     code, text = run_cli("status")

@@ -78,6 +78,9 @@ def _application_text(app: ApplicationStatus, out: TextIO) -> None:
     print_table(rows, out)
     backlog = sum(p.inbox_backlog for p in app.partitions)
     out.write(f"backlog {backlog} command(s), {sum(p.poisoned for p in app.partitions)} poisoned\n")
+    if app.name == app.key:
+        # Found through heartbeats, which carry keys only: say how to see the rest.
+        out.write("for its name and its consumers' lag, name it: runkit status MODULE:ATTR\n")
     if not app.consumers:
         return
     behind = [c for c in app.consumers if c.lag != 0]
