@@ -170,8 +170,8 @@ def test_nodes_lists_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 MEMORY_HINT = (
-    "a memory:// store lives inside the process that opened it, so this command "
-    "cannot see the nodes of another process: run them on a shared store "
+    "a memory:// store lives inside the process that opened it, so the nodes of "
+    "another process cannot be seen through it: run them on a shared store "
     "(postgresql://, dynamodb:// or s3://) and set DOGMA_PERSISTENCE_URL to it"
 )
 

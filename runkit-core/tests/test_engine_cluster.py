@@ -759,6 +759,31 @@ async def test_a_client_entered_twice_is_refused_at_once_and_keeps_working() -> 
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(
+    ("url", "advice"),
+    [
+        ("memory:///{silo}", "a memory:// store lives inside the process that opened it"),
+        ("", "start a node of the cluster (runkit run ...) before sending it commands"),
+    ],
+)
+async def test_a_client_on_a_store_no_node_started_says_what_to_do(url: str, advice: str) -> None:
+    # On memory://, "start a node" cannot help: a node in another process has its own store.
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    store = (
+        runkit.with_persistence(url.format(silo=silo))
+        if url
+        else runkit.with_persistence_provider(MemoryProvider(silo))
+    )
+    async with runkit.Client(
+        runkit.with_application(s.config), store, runkit.with_start_timeout(0.1)
+    ) as client:
+        with pytest.raises(runkit.ConfigurationError) as info:
+            await client.executor_for(s.app).execute_command(Deposit(account="acct-1", amount=1))
+    assert "has never run on this store" in str(info.value)
+    assert info.value.problems[0].startswith(advice)
+
+
 async def test_a_client_used_after_its_block_says_so() -> None:
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"

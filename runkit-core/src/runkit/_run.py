@@ -18,10 +18,11 @@ from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
 from ._loading import application_object
 from ._options import Option, from_environment, with_application, with_persistence
-from .cli import DEFAULT_MEMORY_URL, empty_store_hint
+from .cli import DEFAULT_MEMORY_URL
 from .engine.commands.poison import PoisonedCommand, get_poisoned, list_poisoned, requeue
 from .engine.engine import Engine, EngineStopped, meta_name, read_partition_count
 from .persistence import Provider, provider_from_url, redact_url
+from .persistence._urls import empty_store_hint
 
 __all__ = ["nodes_command", "poison_command", "run_node"]
 

@@ -36,6 +36,7 @@ from ._hookspec import PROJECT_NAME
 from ._loading import application_object, load_object
 from ._validate import KNOBS, Knob, check_readable_file, is_unspecified_address
 from .persistence import StoreUnavailable, installed_schemes, plugin_manager, redact_url
+from .persistence._urls import empty_store_hint
 
 if TYPE_CHECKING:
     from ._options import Option
@@ -45,21 +46,6 @@ __all__ = ["CLIError", "application_object", "load_object", "main", "print_table
 log = logging.getLogger("runkit.cli")
 
 DEFAULT_MEMORY_URL = "memory:///runkit"
-
-
-def empty_store_hint(url: str) -> str:
-    """Why a store at *url* may look empty to a command, or ``""``.
-
-    A ``memory://`` store lives in the process that opened it: a command run
-    beside ``runkit run`` on one (its default) opens an empty store of its own.
-    """
-    if not url.lower().startswith("memory:"):
-        return ""
-    return (
-        "a memory:// store lives inside the process that opened it, so this command "
-        "cannot see the nodes of another process: run them on a shared store "
-        "(postgresql://, dynamodb:// or s3://) and set DOGMA_PERSISTENCE_URL to it"
-    )
 
 
 def usage_problem(exc: BaseException) -> str | None:

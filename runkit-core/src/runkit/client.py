@@ -44,6 +44,7 @@ from .engine.settings import EngineSettings
 from .engine.startup import wait_for_store
 from .engine.streams import Widen
 from .persistence import Provider, provider_from_url
+from .persistence._urls import empty_store_hint
 from .transport import NodeTransport
 
 if TYPE_CHECKING:
@@ -183,10 +184,14 @@ class Client:
         attempts = 0
         while (count := await read_partition_count(provider, key)) is None:
             if anyio.current_time() >= deadline:
+                hint = empty_store_hint(s.persistence_url or "")
                 raise ConfigurationError(
                     f"application {app.identity} has never run on this store "
                     f"(waited {s.start_timeout:g} s for a node to start it)",
-                    ["start a node of the cluster (runkit run ...) before sending it commands"],
+                    [
+                        hint
+                        or "start a node of the cluster (runkit run ...) before sending it commands"
+                    ],
                 )
             attempts += 1
             await anyio.sleep(backoff(attempts, 0.05, 1.0))

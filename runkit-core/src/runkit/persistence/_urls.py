@@ -12,6 +12,7 @@ from .._errors import ConfigurationError
 __all__ = [
     "InvalidURL",
     "URLProblems",
+    "empty_store_hint",
     "has_unencoded_password",
     "parse_bool",
     "parse_problems",
@@ -184,3 +185,19 @@ def parse_bool(name: str, value: str) -> bool:
     if v in {"0", "false", "no", "off"}:
         return False
     raise ValueError(f"URL parameter {name!r} must be true or false, not {value!r}")
+
+
+def empty_store_hint(url: str) -> str:
+    """Why a store at *url* may look empty to another process, or ``""``.
+
+    A ``memory://`` store lives in the process that opened it: a command or a
+    client run beside ``runkit run`` on one (its default) opens an empty store
+    of its own.
+    """
+    if not url.lower().startswith("memory:"):
+        return ""
+    return (
+        "a memory:// store lives inside the process that opened it, so the nodes of "
+        "another process cannot be seen through it: run them on a shared store "
+        "(postgresql://, dynamodb:// or s3://) and set DOGMA_PERSISTENCE_URL to it"
+    )
