@@ -96,10 +96,40 @@ async def test_giving_up_after_the_start_timeout_names_the_reason_and_the_fix(
     assert caught.value.retryable
     message = str(caught.value)
     assert message.startswith("the store is still unreachable after 0.5 s (")
+    # The likely causes, and every way to wait longer: a node's flag or variable, or code.
     assert message.endswith(
-        "attempts): connection refused; to wait longer, raise the start timeout "
-        "(runkit.with_start_timeout() or DOGMA_START_TIMEOUT)"
+        "attempts): connection refused; check that the store is running and that the "
+        "persistence URL names the right host and port; to wait longer, raise the start "
+        "timeout (DOGMA_START_TIMEOUT or runkit run --start-timeout; "
+        "runkit.with_start_timeout() in code)"
     )
+
+
+async def test_a_hanging_attempt_says_it_is_still_waiting(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store that accepts connections but never answers (a wrong port), or a
+    # driver retrying inside the call: without this, nothing until the timeout.
+    monkeypatch.setattr("runkit.engine.startup.PROGRESS_INTERVAL", 0.01)
+    provider = FlakyProvider(hang=True)
+    logged = anyio.Event()
+    notify = logging.Handler()
+    notify.emit = lambda record: logged.set()  # type: ignore[method-assign]
+    logging.getLogger(LOGGER).addHandler(notify)
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: wait_for_store(provider, timeout=600))
+                with anyio.fail_after(5):
+                    await logged.wait()
+                tg.cancel_scope.cancel()
+    finally:
+        logging.getLogger(LOGGER).removeHandler(notify)
+    assert re.fullmatch(
+        r"no answer from the store yet \(attempt 1, waiting \d+ s\); giving up in \d+ s",
+        caplog.records[0].getMessage(),
+    )
+    assert caplog.records[0].levelno == logging.WARNING
 
 
 async def test_a_hanging_attempt_is_abandoned_at_the_start_timeout() -> None:

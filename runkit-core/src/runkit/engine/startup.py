@@ -8,10 +8,14 @@ capped, jittered backoff and one log line per attempt::
 
     store unreachable (connection refused ...); retrying in 1.6 s, giving up in 52 s
 
-until ``EngineSettings.start_timeout`` (``with_start_timeout``,
-``DOGMA_START_TIMEOUT``) has passed; then ``StoreUnavailable`` says how long
-it tried and why it failed. Outages *after* start-up are survived by the
-engine's components themselves; this only covers the first contact.
+and an attempt that hangs (a store that accepts connections but does not
+answer, a driver retrying inside the call) logs every ``PROGRESS_INTERVAL``
+seconds that it is still waiting, so the operator sees progress early. This
+goes on until ``EngineSettings.start_timeout`` (``with_start_timeout``,
+``DOGMA_START_TIMEOUT``, ``runkit run --start-timeout``) has passed; then
+``StoreUnavailable`` says how long it tried, why it failed, what to check and
+how to wait longer. Outages *after* start-up are survived by the engine's
+components themselves; this only covers the first contact.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ RETRY_BASE: Final = 2.0
 RETRY_CAP: Final = 10.0
 #: Every attempt may take this long, even the last one when less time is left.
 MIN_ATTEMPT: Final = 1.0
+#: Seconds between two "no answer yet" lines while one attempt hangs.
+PROGRESS_INTERVAL: Final = 10.0
+
+# Where the start timeout is set: a node under `runkit run`, a runkit.Client
+# (`runkit execute` among them) or an engine embedded in code.
+_RAISE_TIMEOUT: Final = (
+    "to wait longer, raise the start timeout (DOGMA_START_TIMEOUT or "
+    "runkit run --start-timeout; runkit.with_start_timeout() in code)"
+)
 
 
 async def wait_for_store(provider: Provider, *, timeout: float) -> None:
@@ -61,8 +74,7 @@ async def wait_for_store(provider: Provider, *, timeout: float) -> None:
         remaining = deadline - anyio.current_time()
         bound = max(remaining, MIN_ATTEMPT)
         try:
-            with anyio.fail_after(bound):
-                await provider.provision()
+            await _attempt(provider, bound, attempt, deadline)
         except TimeoutError:
             # Keep an earlier attempt's reason: it says more than the timeout.
             reason = reason or f"no answer within {bound:.1f} s"
@@ -78,8 +90,8 @@ async def wait_for_store(provider: Provider, *, timeout: float) -> None:
         if remaining <= 0:
             raise StoreUnavailable(
                 f"the store is still unreachable after {timeout:g} s ({attempt} attempt"
-                f"{'' if attempt == 1 else 's'}): {reason}; to wait longer, raise the start "
-                "timeout (runkit.with_start_timeout() or DOGMA_START_TIMEOUT)",
+                f"{'' if attempt == 1 else 's'}): {reason}; check that the store is running "
+                "and that the persistence URL names the right host and port; " + _RAISE_TIMEOUT,
                 retryable=True,
             ) from cause
         delay = min(backoff(attempt, RETRY_BASE, RETRY_CAP), remaining)
@@ -90,3 +102,34 @@ async def wait_for_store(provider: Provider, *, timeout: float) -> None:
             remaining,
         )
         await anyio.sleep(delay)
+
+
+async def _attempt(provider: Provider, bound: float, attempt: int, deadline: float) -> None:
+    """One ``provision()`` of at most *bound* seconds, logging while it hangs.
+
+    Its exception is raised as is (not in a group), like a plain call's.
+    """
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_report_hanging, attempt, deadline)
+        try:
+            with anyio.fail_after(bound):
+                await provider.provision()
+        except Exception as exc:
+            error = exc
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _report_hanging(attempt: int, deadline: float) -> None:
+    started = anyio.current_time()
+    while True:
+        await anyio.sleep(PROGRESS_INTERVAL)
+        now = anyio.current_time()
+        _log.warning(
+            "no answer from the store yet (attempt %d, waiting %.0f s); giving up in %.0f s",
+            attempt,
+            now - started,
+            max(deadline - now, 0),
+        )
