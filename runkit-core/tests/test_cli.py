@@ -675,6 +675,25 @@ def test_usage_problem_unwraps_task_group_errors() -> None:
     assert usage_problem(ValueError("a bug, not configuration")) is None
 
 
+@pytest.mark.parametrize(
+    ("command", "problem"),
+    [
+        ('{"customer_id": "C1"}', "field 'account_id' is missing"),
+        ('{"customer_id": "C1",', "invalid JSON: Expecting property name enclosed in double"),
+    ],
+)
+def test_execute_says_why_the_json_does_not_decode(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], command: str, problem: str
+) -> None:
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///cli-execute-json")
+    status, _ = run("execute", "bank:app", "OpenAccount", command)
+    assert status == 2
+    # One sentence, the type named once (no "a OpenAccount: cannot unmarshal OpenAccount").
+    assert capsys.readouterr().err.startswith(
+        f"runkit execute: the JSON does not decode as OpenAccount: {problem}"
+    )
+
+
 def test_an_empty_idempotency_key_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     status, _ = run("execute", "bank:app", "OpenAccount", "{}", "--idempotency-key", "")
     assert status == 2

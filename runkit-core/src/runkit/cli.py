@@ -24,6 +24,7 @@ import importlib
 import importlib.metadata
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
@@ -173,10 +174,13 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
             f"{app.identity.name!r}; its commands: {names} (or give a type's UUID)"
         )
     [message_type] = matches
+    name = message_type.cls.__name__
     try:
         command = message_type.unmarshal(args.json.encode())
     except (ValueError, TypeError) as exc:
-        raise CLIError(f"the JSON is not a {message_type.cls.__name__}: {exc}") from exc
+        # The codec's errors start "cannot unmarshal <class>: ", which this one says already.
+        detail = re.sub(r"^cannot unmarshal \S+: ", "", str(exc))
+        raise CLIError(f"the JSON does not decode as {name}: {detail}") from exc
     assert isinstance(command, dogma.Command)
     url = ENVIRONMENT.load().persistence_url
     if url is None:
