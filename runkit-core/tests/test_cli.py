@@ -694,6 +694,54 @@ def test_execute_says_why_the_json_does_not_decode(
     )
 
 
+TRANSFER = (
+    '"transaction_id": "T1", "from_account_id": "A1", "to_account_id": "A2", "amount": 5, '
+    '"scheduled_time": "2026-01-01T00:00:00Z"'
+)
+TRANSFER_FIELDS = (
+    "transaction_id, from_account_id, to_account_id, amount, scheduled_time, to_third_party_bank"
+)
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        # A misspelt optional field: the codec would drop it and use the default.
+        (
+            '"to_third_party_bnak": true',
+            "Transfer has no field 'to_third_party_bnak' (did you mean 'to_third_party_bank'?)",
+        ),
+        ('"x": 1, "amout": 2', "Transfer has no fields 'x', 'amout' (did you mean 'amount'?)"),
+    ],
+)
+def test_execute_refuses_fields_the_command_does_not_have(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], extra: str, problem: str
+) -> None:
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///cli-execute-fields")
+    status, _ = run("execute", "bank:app", "Transfer", f"{{{TRANSFER}, {extra}}}")
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"runkit execute: {problem}; its fields are {TRANSFER_FIELDS}\n"
+    )
+
+
+def test_execute_leaves_the_fields_of_a_custom_encoding_to_its_class() -> None:
+    import attrs
+
+    import dogma
+    from runkit.cli import _check_fields
+
+    @attrs.frozen
+    class Custom(dogma.Command):
+        amount: int = 0
+
+        @classmethod
+        def unmarshal_binary(cls, data: bytes) -> Custom:
+            return cls(len(data))
+
+    _check_fields(Custom, '{"anything": 1}')  # its own JSON: not attrs fields
+
+
 def test_an_empty_idempotency_key_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     status, _ = run("execute", "bank:app", "OpenAccount", "{}", "--idempotency-key", "")
     assert status == 2
