@@ -169,6 +169,43 @@ def test_nodes_lists_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
     anyio.run(heartbeat_once)
 
 
+def test_nodes_and_status_show_a_node_s_address_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    import anyio
+
+    from runkit.engine.cluster.membership import Membership
+    from runkit.engine.settings import EngineSettings
+    from runkit_memory import MemoryProvider
+
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "memory:///cli-addresses")
+    shown = {
+        # A wildcard on the advertised port says nothing more: one address.
+        EngineSettings(
+            listen_address="0.0.0.0:7400", advertise_address="127.0.0.1:7400"
+        ): "127.0.0.1:7400",
+        # Another host or port does (behind NAT, or a port mapping): labelled.
+        EngineSettings(
+            listen_address="10.0.0.5:7400", advertise_address="node-2.internal:7000"
+        ): "node-2.internal:7000 (listens on 10.0.0.5:7400)",
+    }
+
+    async def heartbeat_once() -> None:
+        provider = MemoryProvider("cli-addresses")
+        async with anyio.create_task_group() as tg:
+            for settings in shown:
+                await tg.start(Membership(provider, settings).run)
+            for command in ("nodes", "status"):
+                status, text = await anyio.to_thread.run_sync(run, command)
+                assert status == 0
+                lines = {line.split()[0]: line for line in text.splitlines()}
+                for settings, address in shown.items():
+                    row = lines[str(settings.node_id)]
+                    assert f"  {address}  " in row, (command, row)
+                    assert ", " not in row, (command, row)
+            tg.cancel_scope.cancel()
+
+    anyio.run(heartbeat_once)
+
+
 MEMORY_HINT = (
     "a memory:// store lives inside the process that opened it, so the nodes of "
     "another process cannot be seen through it: run them on a shared store "

@@ -6,10 +6,29 @@ import io
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
+from ._validate import is_unspecified_address
+
 if TYPE_CHECKING:
     from .engine.cluster.status import ApplicationStatus, ClusterStatus
 
-__all__ = ["print_table", "status_text"]
+__all__ = ["node_address", "print_table", "status_text"]
+
+
+def node_address(advertise: str | None, listen: str | None) -> str:
+    """A node's address as ``runkit nodes`` and ``runkit status`` show it.
+
+    The advertise address (what peers dial), and the listen address beside it
+    only where it tells more: not when it is the same, nor when it is a
+    wildcard on the same port (every interface, the advertised one among them).
+    """
+    if not advertise:
+        return listen or "-"
+    if not listen or listen == advertise:
+        return advertise
+    same_port = listen.rpartition(":")[2] == advertise.rpartition(":")[2]
+    if same_port and is_unspecified_address(listen):
+        return advertise
+    return f"{advertise} (listens on {listen})"
 
 
 def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
@@ -31,7 +50,7 @@ def status_text(status: ClusterStatus) -> str:
         for n in (*status.nodes, *status.clients):
             age = f"{(now - n.written_at).total_seconds():.1f}s ago"
             state = "live" if n.live else "expired"
-            address = ", ".join(n.addresses) or "-"
+            address = node_address(n.advertise_address, n.listen_address)
             rows.append((n.node_id, state, n.role, n.version or "?", address, age))
         print_table(rows, out)
         live = len(status.live_nodes)

@@ -12,7 +12,7 @@ import anyio
 
 from . import config
 from ._backends import run_arguments
-from ._cli_output import print_table
+from ._cli_output import node_address, print_table
 from ._collector import tuned_collector
 from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
@@ -215,7 +215,7 @@ def nodes_command(*, out: TextIO) -> int:
                     str(r.node_id),
                     state,
                     r.role,
-                    r.advertise_address or "-",
+                    node_address(r.advertise_address, r.listen_address),
                     r.started_at.isoformat(timespec="seconds"),
                     age,
                 )
