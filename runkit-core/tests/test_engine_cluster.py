@@ -39,6 +39,7 @@ from engine_commands_harness import (
     REGISTRY,
     Deposit,
     Deposited,
+    Notified,
     Notify,
     check_invariants,
     read_stores,
@@ -933,6 +934,67 @@ async def test_nodes_without_listen_addresses_observe_each_other_through_the_sto
     async with two_nodes(s.config, silo, listening=(False, False)) as (one, _two):
         for i, account in enumerate(_remote_accounts(one, 2)):
             await _deposit_observed(one.executor_for(s.app), account, f"r{i}")
+
+
+def _taking_all(partitions: int) -> tuple[uuid.UUID, uuid.UUID]:
+    """Two node IDs: the second wins every partition of the test application from the first."""
+    joiner = uuid.uuid4()
+    while True:
+        lone = uuid.uuid4()
+        ids = [partition_id(APP_KEY, i) for i in range(partitions)]
+        if all(winner(p, (lone, joiner)) == joiner for p in ids):
+            return lone, joiner
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["quiet-joiner", "listening-joiner"])
+async def test_a_lone_node_observes_what_a_node_joining_during_the_call_records(
+    listening: bool,
+) -> None:
+    # A lone node without a listen address watches only its own bus. A node
+    # that joins while a call waits takes the command's partition over and
+    # records the observed event: the call must see it (through the joiner's
+    # stream, or its partition's stream journal when it cannot be reached).
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    lone_id, joiner_id = _taking_all(int(FAST["partition_count"]))
+    lone = one_node(s.config, silo, node_id=lone_id)
+    joiner = one_node(
+        s.config, silo, node_id=joiner_id, listen_address="127.0.0.1:0" if listening else None
+    )
+    s.notifier.release = anyio.Event()
+    seen: list[Any] = []
+
+    async def saw(event: Notified) -> bool:
+        seen.append(event)
+        return True
+
+    async def call() -> None:
+        with anyio.fail_after(15):
+            await lone.executor_for(s.app).execute_command(
+                Notify(1, "joined"), observers=[dogma.observe(Notified, saw, registry=REGISTRY)]
+            )
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lone.run)
+        lone_rt = await lone.runtime(APP_KEY)
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(call)
+            await wait_until(lambda: s.notifier.calls == [1], timeout=10)
+            tg.start_soon(joiner.run)
+            joiner_rt = await joiner.runtime(APP_KEY)
+            # The joiner runs every partition and handles the command again
+            # (the lone node's handling was abandoned with its partition).
+            await wait_until(
+                lambda: not lone_rt.partitions and s.notifier.calls == [1, 1], timeout=20
+            )
+            assert len(joiner_rt.partitions) == FAST["partition_count"]
+            s.notifier.release.set()
+        assert [e.n for e in seen] == [1]
+        # The call has left its subscription and the observation routed for it.
+        assert not lone._lone._open
+        assert lone.router is not None
+        assert not lone.router._observations
+        tg.cancel_scope.cancel()
 
 
 async def test_a_listen_address_in_use_is_a_configuration_error() -> None:

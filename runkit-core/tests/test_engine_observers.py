@@ -499,3 +499,69 @@ async def test_a_subscription_passes_each_stream_event_once_and_every_note(
     send.close()
     with receive:
         assert [item async for item in UniqueEvents(receive)] == [first, second, done, done]
+
+
+async def test_a_lone_subscription_routed_when_peers_join_passes_events_once_and_leaves_clean(
+    app: ApplicationConfig,
+) -> None:
+    # A lone node's subscription starts on the bus alone; routed when peers
+    # join (from when it began), it gets the peers' events too, each once,
+    # and leaves the router's observation when the caller is cancelled.
+    from contextlib import contextmanager
+
+    from anyio.streams.memory import MemoryObjectSendStream
+
+    from runkit.engine.cluster.lone import LoneSubscriptions
+    from runkit.engine.streams import EventBus, Observed
+
+    cmd = command(Open("a"))
+    first, second = event(Opened("a"), cmd, offset=0), event(Opened("a"), cmd, offset=1)
+    routed: list[tuple[Any, ...]] = []
+    feeds: list[MemoryObjectSendStream[Observed]] = []
+
+    class Router:
+        @contextmanager
+        def observation(
+            self,
+            app_key: str,
+            correlation_id: str,
+            send: MemoryObjectSendStream[Observed],
+            partition: int | None,
+            *,
+            since: datetime,
+        ) -> Any:
+            routed.append((app_key, correlation_id, partition, since))
+            feeds.append(send)
+            try:
+                yield
+            finally:
+                feeds.remove(send)
+
+    bus = EventBus()
+    lone = LoneSubscriptions(bus)
+    router: Any = Router()
+    received: list[Any] = []
+    began = datetime.now(UTC)
+    async with anyio.create_task_group() as tg:
+
+        async def observe_chain() -> None:
+            async with lone.subscribe(APP_KEY, cmd.correlation_id, 3) as events:
+                async for item in events:
+                    received.append(item)
+
+        tg.start_soon(observe_chain)
+        await anyio.wait_all_tasks_blocked()
+        bus.publish([first])
+        lone.route(router)
+        lone.route(router)  # already routed: once
+        assert [(k, c, p) for k, c, p, _ in routed] == [(APP_KEY, cmd.correlation_id, 3)]
+        assert routed[0][3] >= began
+        feeds[0].send_nowait(first)  # a peer's replay repeats it
+        feeds[0].send_nowait(second)
+        bus.publish([second])
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+    assert received == [first, second]
+    assert not feeds
+    assert not lone._open
+    assert not bus.has_subscribers(cmd.correlation_id)

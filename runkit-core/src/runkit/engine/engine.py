@@ -29,6 +29,7 @@ import attrs
 from .._errors import ConfigurationError
 from ..config import ApplicationConfig
 from ..persistence import Provider, provider_from_url
+from .cluster.lone import LoneSubscriptions
 from .cluster.ownership import Ownership
 from .cluster.routing import NodeCluster, Router, node_cluster
 from .cluster.serving import ClusterServer
@@ -108,6 +109,7 @@ class Engine:
         self._ownership_source: Ownership | Callable[[Provider], Ownership] = self._membership
         self._closing: list[Provider] = []  # providers the engine made for itself
         self.bus = EventBus()
+        self._lone = LoneSubscriptions(self.bus)
         self._runtimes: dict[str, AppRuntime] = {}
         self._cluster: NodeCluster | None = None
         self._membership_view: Any = None
@@ -206,9 +208,10 @@ class Engine:
         ):
             # Alone, and not listening (the usual single node): nothing but this
             # node records events now, and the bus alone costs a fraction of a
-            # routed observation. A peer that joins meanwhile is not watched for
-            # this call. A listening node is always routed: peers find it.
-            return self.bus.subscribe(correlation_id)
+            # routed observation. If peers join meanwhile, the subscription is
+            # routed then (``LoneSubscriptions``). A listening node is always
+            # routed: peers find it.
+            return self._lone.subscribe(app_key, correlation_id, partition)
         router = cluster.router
         # The bus and the peers' streams deliver into one stream: no task per source.
         return fed_subscription(
@@ -372,6 +375,10 @@ class Engine:
                 if joined is not None:
                     await stack.enter_async_context(joined())
                 tg = await stack.enter_async_context(anyio.create_task_group())
+                view = self._membership_view
+                if view is not None and self._cluster.listen_address is None:
+                    # Its observations start on the bus alone while it sees no peer.
+                    tg.start_soon(self._lone.watch, view, self._cluster.router)
                 run_ownership = getattr(ownership, "run", None)
                 if joined is None and run_ownership is not None:
                     await tg.start(run_ownership)

@@ -11,6 +11,8 @@
   observation, and the methods a node serves (over ``runkit.transport``).
 - ``following``: a chain's events read from a partition's stream journal, for
   the nodes that cannot be reached (no listen address).
+- ``lone``: a lone node's bus-only observations, routed to the peers when
+  some join during the call.
 - ``status``: ``read_status``, what ``runkit status`` and ``Engine.status()`` show.
 
 Failure detection is storage-based (no leader, no consensus); the transport only

@@ -256,6 +256,8 @@ class Router:
         send: MemoryObjectSendStream[Observed],
         partition: int | None = None,
         widen: Widen | None = None,
+        *,
+        since: datetime | None = None,
     ) -> Iterator[None]:
         """Deliver the chain's events recorded on the peers into *send* while inside.
 
@@ -282,12 +284,15 @@ class Router:
         de-duplicates events by (stream, offset) (``UniqueEvents``). The
         streams run in the router's task group, so an observation costs no
         task until they open. The caller owns *send* and closes it after.
+
+        The partitions of unreachable nodes are read from the store from
+        about *since* (default: now), when the chain began to be observed.
         """
         if self._tg is None:
             raise RuntimeError("the router is not started (Router.start)")
         deadline = anyio.current_time() + self._offer_timeout + 0.5
         observation = _Observation(
-            app_key, correlation_id, partition, send, deadline, datetime.now(UTC)
+            app_key, correlation_id, partition, send, deadline, since or datetime.now(UTC)
         )
         self._observations.add(observation)
         if widen is None:

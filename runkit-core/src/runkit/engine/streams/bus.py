@@ -198,7 +198,7 @@ class EventBus:
         stream event is delivered once per subscription, even if published again.
         """
         # What fed_subscription does for one source, without its exit stack and
-        # second generator: this is every observed call's path on a single node.
+        # second generator (cluster.lone does the same for a lone node's calls).
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
         with send, receive, self.attached(correlation_id, send, replay=replay):
             yield UniqueEvents(receive)
