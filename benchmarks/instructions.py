@@ -21,6 +21,9 @@ out:
 - ``aggregate``: the single-aggregate application of ``throughput.py`` on the
   memory driver, 64 callers over 1,000 accounts, each ``Deposit`` handled
   before the caller's next. Per *command*.
+- ``observed``: ``aggregate`` with each caller also waiting for its
+  ``Deposited`` through a ``dogma.observe`` observer (the path of an observed
+  call on a lone node). Per *command*.
 
 ``--against REV`` also counts a git revision of ``runkit-core``,
 ``runkit-memory`` and ``dogma-api`` (their ``src`` trees, put in front of the
@@ -98,10 +101,11 @@ async def bank(n: int, partitions: int) -> None:
             tg.cancel_scope.cancel()
 
 
-async def aggregate(n: int, partitions: int) -> None:
+async def aggregate(n: int, partitions: int, *, observe: bool = False) -> None:
     sys.path.insert(0, str(HERE))
     import throughput as tp
 
+    import dogma
     from runkit.config import build
     from runkit_memory import MemoryProvider
 
@@ -121,15 +125,27 @@ async def aggregate(n: int, partitions: int) -> None:
             await executor.execute_command(tp.OpenAccount(name))
 
         async def deposit(item: int) -> None:
-            await executor.execute_command(tp.Deposit(rng.choice(names), 100, f"D-{item}"))
+            ref = f"D-{item}"
+
+            async def mine(e: tp.Deposited) -> bool:
+                return e.ref == ref
+
+            observers = [dogma.observe(tp.Deposited, mine, registry=tp.REGISTRY)] if observe else []
+            await executor.execute_command(
+                tp.Deposit(rng.choice(names), 100, ref), observers=observers
+            )
 
         await tp.run_callers(CALLERS, names, open_account)
         await tp.run_callers(CALLERS, list(range(n)), deposit)
         tg.cancel_scope.cancel()
 
 
-WORKLOADS = {"bank": bank, "aggregate": aggregate}
-UNITS = {"bank": "deposit", "aggregate": "command"}
+async def observed(n: int, partitions: int) -> None:
+    await aggregate(n, partitions, observe=True)
+
+
+WORKLOADS = {"bank": bank, "aggregate": aggregate, "observed": observed}
+UNITS = {"bank": "deposit", "aggregate": "command", "observed": "command"}
 
 
 def child(workload: str, n: int, backend: str, partitions: int) -> None:
