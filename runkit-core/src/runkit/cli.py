@@ -12,9 +12,10 @@
 
     runkit --version                print the versions of runkit-core, dogma-api and the drivers
 
-Exit status: 0 on success, 1 on a runtime failure (with its traceback), 2 on a
-usage or configuration error (one plain message naming what to change), 130 when
-interrupted (Ctrl-C).
+Exit status: 0 on success, 1 on a runtime failure (one line for a store still
+unreachable after the start timeout, else its traceback), 2 on a usage or
+configuration error (one plain message naming what to change). Ctrl-C stops
+``run`` and ``status`` gracefully (0) and interrupts the other commands (130).
 """
 
 from __future__ import annotations
@@ -539,8 +540,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the CLI; returns the exit status.
 
     A usage or configuration error prints one message (a short block for a list
-    of problems) on stderr and returns 2; any other error propagates with its
-    traceback (exit status 1 from the console script).
+    of problems) on stderr and returns 2; a store still unreachable after the
+    start timeout prints one line and returns 1; a Ctrl-C that interrupts a
+    command returns 130 (run and status stop gracefully instead); any other
+    error propagates with its traceback (exit status 1 from the console script).
     """
     try:
         args = _parser().parse_args(argv)
