@@ -14,6 +14,7 @@ discard; the routing itself runs only when membership changes.
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -57,7 +58,7 @@ class _Lone:
     correlation_id: str
     partition: int | None
     send: MemoryObjectSendStream[Observed]
-    since: datetime
+    since: float  # time.time(): made into a datetime only if routed
     routed: AbstractContextManager[None] | None = None
 
 
@@ -77,7 +78,7 @@ class LoneSubscriptions:
         *partition* is the only partition the chain can reach, if there is one.
         """
         send, receive = anyio.create_memory_object_stream[Observed](math.inf)
-        lone = _Lone(app_key, correlation_id, partition, send, datetime.now(UTC))
+        lone = _Lone(app_key, correlation_id, partition, send, time.time())
         with send, receive, self._bus.attached(correlation_id, send):
             self._open.add(lone)
             try:
@@ -97,7 +98,11 @@ class LoneSubscriptions:
         """
         for lone in [lone for lone in self._open if lone.routed is None]:
             routed = router.observation(
-                lone.app_key, lone.correlation_id, lone.send, lone.partition, since=lone.since
+                lone.app_key,
+                lone.correlation_id,
+                lone.send,
+                lone.partition,
+                since=datetime.fromtimestamp(lone.since, UTC),
             )
             routed.__enter__()
             lone.routed = routed
