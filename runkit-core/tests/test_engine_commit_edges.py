@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
-from runkit.config import ApplicationConfig
+import dogma
+from runkit.config import ApplicationConfig, build
 from runkit.engine.cluster.ownership import StaticOwnership
 from runkit.engine.commands.inbox import InboxEntry, append_to_inbox, inbox_name
 from runkit.engine.engine import Engine
@@ -38,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_commands_harness import (
     APP_KEY,
     NOTIFIER_KEY,
+    REGISTRY,
+    App,
+    Notifier,
     Notify,
     check_invariants,
     read_stores,
@@ -338,3 +343,99 @@ async def test_inbox_commands_committed_before_the_progress_record_are_not_handl
         await anyio.sleep(0.5)
     check_invariants(await read_stores(inner))
     assert sorted(s.notifier.calls) == [1, 2], "a command committed in the stream was handled again"
+
+
+@dogma.register_command("c1000000-0000-4000-8000-0000000000e1", registry=REGISTRY)
+@attrs.frozen
+class Ping(dogma.Command):
+    n: int
+
+
+class Pinger:
+    """An integration that records no event: only the inbox progress says it ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def configure(self, c: Any) -> None:
+        c.identity("pinger", "c0000000-0000-4000-8000-0000000000e1")
+        c.routes(dogma.handles_command(Ping, registry=REGISTRY))
+
+    async def handle_command(self, scope: Any, command: dogma.Command) -> None:
+        assert isinstance(command, Ping)
+        self.calls.append(command.n)
+
+
+@pytest.mark.parametrize("caller", ["local", "offer"])
+async def test_commands_of_one_call_committed_at_the_stop_are_not_spilled_with_the_rest(
+    caller: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A handler produced two commands in one call (a process's outbox), on
+    # this node or offered by a peer. When the partition stops, Notify(1) is
+    # still being handled, while Ping(1), which records no event, is in the
+    # append the final flush confirms. The caller must spill only Notify(1):
+    # a spilled Ping(1) is handled again by the next owner (no record lists an
+    # event-less command, and its marker, due after the final flush, is never
+    # written as the partition is stopping).
+    from runkit.engine.commands.acceptance import PartitionStopped
+    from runkit.engine.streams import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "backoff", lambda *a: 0.05)
+    notifier, pinger = Notifier(), Pinger()
+    config = build(App(notifier, pinger), registry=REGISTRY)
+    register_types(config.message_types())
+    notifier.release = anyio.Event()
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = _one_partition_engine(config, provider, shutdown_timeout=10.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        # The store is out for a while: Ping(1)'s append waits to be retried.
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        now = datetime.now(UTC)
+        produced = [
+            new_envelope(m, app_key=APP_KEY, site_key=None, created_at=now, message_id=i)
+            for m, i in [(Ping(1), str(uuid.uuid4())), (Notify(1), str(uuid.uuid4()))]
+        ]
+        entries = [runtime.acceptor.route(e, keyed=True)[1] for e in produced]
+        returned = anyio.Event()
+        answers: list[bool | BaseException] = []
+
+        async def dispatch() -> None:
+            await runtime.accept(produced)
+            returned.set()
+
+        def answered(answer: bool | BaseException) -> None:
+            answers.append(answer)
+            returned.set()
+
+        if caller == "local":
+            tg.start_soon(dispatch)
+        else:
+            runtime.offer_local(0, entries, answered)
+        await wait_until(lambda: pinger.calls == [1] and notifier.calls == [1])
+        await wait_until(lambda: provider.plan.injected_before >= 1)
+        ownership.assign(set())  # Notify(1) is not committing: its caller hears the stop
+        await wait_until(lambda: 0 not in runtime.partitions)
+        provider.plan.clear()  # the final flush confirms Ping(1)
+        with anyio.fail_after(10):
+            await returned.wait()
+        if caller == "offer":
+            # The gateway spills what the answer says was not committed.
+            [answer] = answers
+            spilled = answer.spilled(entries) if isinstance(answer, PartitionStopped) else entries
+            async with await inner.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+                await append_to_inbox(inbox, spilled)
+        tg.cancel_scope.cancel()
+    notifier.release.set()
+    async with running(MemoryProvider(inner.silo), config, partition_count=1):
+        await wait_until(lambda: notifier.calls == [1, 1])
+
+        async def processed() -> bool:
+            return (await read_stores(inner)).fully_processed()
+
+        await wait_until(processed)
+    assert pinger.calls == [1], "a command committed at the stop was spilled and handled again"

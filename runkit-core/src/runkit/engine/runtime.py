@@ -204,7 +204,8 @@ class AppRuntime:
         *done* is called once (maybe at once): ``True`` when they are durable,
         ``False`` when this node does not run the partition (any more), or the
         error that kept them from being durable (a ``PartitionStopped`` only
-        when it names an append that may hold some of them).
+        when it names an append that may hold some of them, or when some of
+        them were committed after all).
         """
         commands = self.partitions.get(index)
         if commands is None:
@@ -214,7 +215,11 @@ class AppRuntime:
         def settled(error: BaseException | None) -> None:
             if error is None:
                 done(True)
-            elif isinstance(error, PartitionStopped) and not error.unconfirmed:
+            elif (
+                isinstance(error, PartitionStopped)
+                and not error.unconfirmed
+                and error.covers(entries)
+            ):
                 done(False)
             else:
                 done(error)

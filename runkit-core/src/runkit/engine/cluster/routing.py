@@ -152,7 +152,8 @@ class Router:
         """Offer commands to the partition's owner; whether it took them (durably).
 
         Raises ``PartitionStopped`` naming the appends that may hold some of
-        them, if the owner stopped with those unconfirmed (the caller spills).
+        them, if the owner stopped with those unconfirmed, and those it did
+        not commit, if it committed some (the caller spills those).
         """
         awaiting = [
             (entry, waiting)
@@ -194,8 +195,8 @@ class Router:
             except msgspec.DecodeError as exc:
                 _log.info("node %s answered an offer with garbage: %s", owner.node_id, exc)
                 return False
-            if decoded.unconfirmed:
-                raise PartitionStopped(decoded.unconfirmed)
+            if decoded.unconfirmed or decoded.stopped is not None:
+                raise PartitionStopped(decoded.unconfirmed, decoded.stopped)
             if decoded.accepted:
                 _answered(awaiting, [from_wire(item) for item in decoded.events])
             return decoded.accepted

@@ -3,8 +3,9 @@
 - ``offer``: an ``Offer`` of commands for one partition. The node accepts only
   if it runs that partition now; the commands join its next batch and the
   answer comes once they are durable (``ok``), else ``not_owner`` (or, if the
-  partition stopped with them in a stream append it could not confirm, an
-  ``OfferAnswer`` naming that append). With
+  partition stopped with them in a stream append it could not confirm, or
+  with some of them committed, an ``OfferAnswer`` naming that append and the
+  commands not committed). With
   ``reply_events`` the answer is an ``OfferAnswer`` carrying what the
   commands' chains published meanwhile: their events and done notes. Served
   as a deferred transport method: the batch's commit answers it.
@@ -112,11 +113,14 @@ class ClusterServer:
             finally:
                 attached.close()
             if isinstance(result, PartitionStopped):
-                # Stopped with the commands in an unconfirmed append: the
-                # gateway spills them, saying where they may be committed.
-                reply.ok(
-                    encoder.encode(OfferAnswer(accepted=False, unconfirmed=result.unconfirmed))
+                # Stopped with the commands in an unconfirmed append, or
+                # with some of them committed: the gateway spills the others,
+                # saying where they may be committed.
+                stopped = None if result.commands is None else tuple(sorted(result.commands))
+                answer = OfferAnswer(
+                    accepted=False, unconfirmed=result.unconfirmed, stopped=stopped
                 )
+                reply.ok(encoder.encode(answer))
             elif isinstance(result, Exception):
                 reply.fail(result)
             elif receive is None:

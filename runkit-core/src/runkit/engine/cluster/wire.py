@@ -104,11 +104,14 @@ class OfferAnswer(msgspec.Struct, frozen=True, kw_only=True):
     ``unconfirmed``: not accepted, the owner stopped with these commands in a
     stream append it could not confirm (by command ID): the gateway's inbox
     fallback must carry them (``PartitionStopped``, ADR 0002).
+    ``stopped``: not accepted, and only these of the offered commands (by ID)
+    were not committed: the gateway spills only them (``None``: all).
     """
 
     accepted: bool
     events: tuple[WireEvent | WireDone, ...] = ()
     unconfirmed: dict[str, UnconfirmedAppend] = msgspec.field(default_factory=dict)
+    stopped: tuple[str, ...] | None = None
 
 
 offer_decoder = msgspec.msgpack.Decoder(Offer)

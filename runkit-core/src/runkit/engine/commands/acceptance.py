@@ -18,7 +18,7 @@ aggregate command was handled (ADR 0007).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -60,20 +60,33 @@ class PartitionStopped(Exception):
 
     ``unconfirmed`` maps the IDs of commands whose stream append was cut short
     or never confirmed to that append: it may have landed, so their inbox
-    entries carry it (``InboxEntry.unconfirmed``).
+    entries carry it (``InboxEntry.unconfirmed``). ``commands`` holds the IDs
+    of the caller's commands that were not committed (``None``: all of them);
+    the others are, and must not be spilled: the next owner would handle one
+    that recorded no event again.
     """
 
-    def __init__(self, unconfirmed: Mapping[str, UnconfirmedAppend] | None = None) -> None:
+    def __init__(
+        self,
+        unconfirmed: Mapping[str, UnconfirmedAppend] | None = None,
+        commands: Iterable[str] | None = None,
+    ) -> None:
         super().__init__("the partition stopped before the command was committed")
         self.unconfirmed: dict[str, UnconfirmedAppend] = dict(unconfirmed or {})
+        self.commands: set[str] | None = None if commands is None else set(commands)
+
+    def covers(self, entries: Sequence[InboxEntry]) -> bool:
+        """Whether none of *entries* was committed."""
+        return self.commands is None or all(e.envelope.message_id in self.commands for e in entries)
 
     def spilled(self, entries: Sequence[InboxEntry]) -> list[InboxEntry]:
-        """*entries* as the inbox takes them: with the append each may be in."""
+        """The *entries* not committed, as the inbox takes them: with the append each may be in."""
         return [
             entry
             if (append := self.unconfirmed.get(entry.envelope.message_id)) is None
             else msgspec.structs.replace(entry, unconfirmed=append)
             for entry in entries
+            if self.commands is None or entry.envelope.message_id in self.commands
         ]
 
 
@@ -294,7 +307,8 @@ class Acceptor:
                 await local.execute_local(entries)
                 return False
             except PartitionStopped as stopped:
-                # Ownership moved or the node is stopping: the inbox takes them.
+                # Ownership moved or the node is stopping: the inbox takes
+                # those it did not commit.
                 entries = stopped.spilled(entries)
         elif self._remote is not None:
             try:
@@ -308,6 +322,8 @@ class Acceptor:
                     for entry in entries:
                         self._routed.discard(entry.envelope)
                 return False
+        if not entries:
+            return False  # every one committed after all
         await self.writers[index].submit(entries)
         if self._wake is not None:
             self._wake(index)  # the owner reads its inbox now, not at its next poll

@@ -49,7 +49,7 @@ class LocalCallers:
         if item in self._local:
             self._local.discard(item)
             assert item.waiter is not None
-            item.waiter.settle(error)
+            item.waiter.settle(error, item.command_id)
 
     def spill(self, item: PendingCommand) -> None:
         """A local command's handler failed: make it durable in the inbox meanwhile."""

@@ -33,7 +33,10 @@ class Waiter:
 
     The caller waits on ``done``, or is called back through *callback* (with
     the first error, or ``None``) once, when the last command settles or the
-    first fails.
+    first fails. A ``PartitionStopped`` waits for the last: the stopping
+    partition settles each command soon, and some may still be committed by
+    its final flush; the error then names those that were not (the caller
+    spills only them, each with its append, if any).
     """
 
     remaining: int
@@ -42,12 +45,21 @@ class Waiter:
     error: BaseException | None = None
     settled: bool = False
 
-    def settle(self, error: BaseException | None = None) -> None:
-        if error is not None and self.error is None:
+    def settle(self, error: BaseException | None = None, command_id: str | None = None) -> None:
+        """One of the caller's commands (*command_id*) is durable, or failed with *error*."""
+        if isinstance(error, PartitionStopped):
+            if self.error is None:
+                self.error = PartitionStopped(commands=())
+            stopped = self.error
+            if isinstance(stopped, PartitionStopped):
+                stopped.unconfirmed.update(error.unconfirmed)
+                if command_id is None or stopped.commands is None:
+                    stopped.commands = None  # unknown which: all are spilled
+                else:
+                    stopped.commands.add(command_id)
+            error = None
+        elif error is not None and (self.error is None or isinstance(self.error, PartitionStopped)):
             self.error = error
-        elif isinstance(error, PartitionStopped) and isinstance(self.error, PartitionStopped):
-            # The caller spills all its commands: each with its append, if any.
-            self.error.unconfirmed.update(error.unconfirmed)
         self.remaining -= 1
         if (self.remaining <= 0 or error is not None) and not self.settled:
             self.settled = True
