@@ -234,6 +234,15 @@ def test_unknown_fields_are_ignored() -> None:
     assert decoded.name == "x"
 
 
+def test_invalid_utf8_in_an_unknown_key_is_refused_on_both_back_ends() -> None:
+    # msgspec skips an unknown key without checking its bytes; the reference
+    # back-end refuses invalid UTF-8 anywhere, and the fast path must agree.
+    data = b'{"name":"x","at":"2024-01-01T00:00:00+00:00","removed\x80":1}'
+    kind, message = outcome_on_both(lambda: Simple.unmarshal_binary(data))
+    assert kind == "ValueError"
+    assert "invalid JSON" in message
+
+
 def test_missing_required_field_is_refused() -> None:
     with pytest.raises(
         ValueError, match=re.escape("cannot unmarshal Simple: field 'at' is missing")

@@ -80,6 +80,10 @@ class Codec:
 
     def decode(self, data: bytes) -> object:
         """Return the reference back-end's value for ``data``, or raise."""
+        if not data.isascii():
+            # msgspec skips unknown keys without checking their UTF-8; the
+            # reference refuses invalid UTF-8 anywhere in the document.
+            data.decode("utf-8")
         value = self._decoder.decode(data)
         return value if self._build is None else self._build(value)
 
