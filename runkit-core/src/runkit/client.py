@@ -233,6 +233,8 @@ class Client:
         if self._router is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
         making = self._acceptors.get(app_key)
+        if making is not None and making.acceptor is not None:
+            return making.acceptor  # made: no wait (an anyio wait would yield even so)
         if making is None:
             # Made in the client's task group, not the caller's task: a caller
             # that is cancelled leaves it to finish for the next one.
