@@ -148,6 +148,14 @@ class _Closable:
             raise PersistenceError(f"{self._kind} {self._name!r}: handle is closed")
         self._provider._check_open()
 
+    def _check_writable(self, operation: str) -> None:
+        """``_check_open``, and refuse *operation* (a write) on a read-only provider."""
+        self._check_open()
+        if self._provider.read_only:
+            raise PersistenceError(
+                f"{self._kind} {self._name!r}: {operation}: the provider is read-only"
+            )
+
     def __repr__(self) -> str:
         state = " (closed)" if self._closed else ""
         return f"<memory {self._kind} {self._name!r}{state}>"
@@ -203,7 +211,7 @@ class _MemoryJournal(_Closable, Journal):
         pos = check_position(pos)
         record = self._provider.limits.check_record(record)
         await checkpoint()
-        self._check_open()
+        self._check_writable("append")
         d = self._data
         with d.lock:
             if pos != d.end:
@@ -213,7 +221,7 @@ class _MemoryJournal(_Closable, Journal):
     async def truncate(self, pos: int) -> None:
         pos = check_position(pos)
         await checkpoint()
-        self._check_open()
+        self._check_writable("truncate")
         d = self._data
         with d.lock:
             if pos > d.end:
@@ -258,7 +266,7 @@ class _MemoryKeyspace(_Closable, Keyspace):
         if not isinstance(revision, str):
             raise TypeError(f"revision must be str, not {type(revision).__name__}")
         await _enter()
-        self._check_open()
+        self._check_writable("set")
         d = self._data
         with d.lock:
             current = d.pairs.get(key, (b"", ""))[1]
@@ -271,7 +279,7 @@ class _MemoryKeyspace(_Closable, Keyspace):
         key = limits.check_key(key)
         value = limits.check_value(value)
         await _enter()
-        self._check_open()
+        self._check_writable("set_unconditional")
         with self._data.lock:
             return self._store(key, value)
 
@@ -316,7 +324,7 @@ class _MemorySet(_Closable, Set):
     async def try_add(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
         await _enter()
-        self._check_open()
+        self._check_writable("add")
         members = self._data.members
         with self._data.lock:
             if member in members:
@@ -330,7 +338,7 @@ class _MemorySet(_Closable, Set):
     async def try_remove(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
         await _enter()
-        self._check_open()
+        self._check_writable("remove")
         members = self._data.members
         with self._data.lock:
             if member not in members:
@@ -422,6 +430,8 @@ class MemoryProvider(Provider):
     After ``close()`` every operation, through this provider or any handle it
     opened, raises ``PersistenceError``; the silo's data stays for other
     providers.
+    After ``set_read_only()`` every write raises ``PersistenceError`` and a
+    name never opened reads as empty without being created.
     """
 
     def __init__(self, silo: str | None = None, *, limits: Limits | None = None) -> None:

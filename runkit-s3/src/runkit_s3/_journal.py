@@ -131,6 +131,15 @@ class S3Journal(Journal):
             raise PersistenceError(f"journal {self._name!r}: handle is closed")
         return self._provider._objects()
 
+    def _writable(self, operation: str) -> S3Objects:
+        """``_objects()``, refusing *operation* (a write) on a read-only provider."""
+        objects = self._objects()
+        if self._provider.read_only:
+            raise PersistenceError(
+                f"journal {self._name!r}: {operation}: the provider is read-only"
+            )
+        return objects
+
     async def _read_meta(self, objects: S3Objects) -> tuple[int, str | None]:
         """Return ``(begin, etag)`` of the metadata object (``(0, None)`` if absent)."""
         blob = await objects.get(self._keys.meta)
@@ -270,7 +279,7 @@ class S3Journal(Journal):
     async def append(self, pos: int, record: bytes) -> None:
         pos = check_position(pos)
         record = self._provider.limits.check_record(record)
-        objects = self._objects()
+        objects = self._writable("append")
         cached_begin, cached_end = self._state.get()
         if pos < cached_begin:
             raise Conflict.journal(self._name, pos)  # truncated: begin only grows
@@ -332,7 +341,7 @@ class S3Journal(Journal):
 
     async def truncate(self, pos: int) -> None:
         pos = check_position(pos)
-        objects = self._objects()
+        objects = self._writable("truncate")
         while True:
             begin, etag = await self._read_meta(objects)
             if pos <= begin:

@@ -59,6 +59,15 @@ class _Handle:
             raise PersistenceError(f"{self._kind} {self._name!r}: handle is closed")
         return self._provider._objects()
 
+    def _writable(self, operation: str) -> S3Objects:
+        """``_objects()``, refusing *operation* (a write) on a read-only provider."""
+        objects = self._objects()
+        if self._provider.read_only:
+            raise PersistenceError(
+                f"{self._kind} {self._name!r}: {operation}: the provider is read-only"
+            )
+        return objects
+
     def _key(self, data: bytes) -> str:
         return self._prefix + data.hex()
 
@@ -117,7 +126,7 @@ class S3Keyspace(_Handle, Keyspace):
         value = limits.check_value(value)
         if not isinstance(revision, str):
             raise TypeError(f"revision must be str, not {type(revision).__name__}")
-        objects = self._objects()
+        objects = self._writable("set")
         if revision and not _REVISION.fullmatch(revision):
             raise Conflict.keyspace(self._name, key, revision)  # can never match an ETag
         object_key = self._key(key)
@@ -140,7 +149,7 @@ class S3Keyspace(_Handle, Keyspace):
         limits = self._provider.limits
         key = limits.check_key(key)
         value = limits.check_value(value)
-        objects = self._objects()
+        objects = self._writable("set_unconditional")
         if not value:
             await objects.delete(self._key(key))
             return ""
@@ -172,23 +181,23 @@ class S3Set(_Handle, Set):
 
     async def add(self, member: bytes) -> None:
         member = self._provider.limits.check_member(member)
-        await self._objects().put(self._key(member), b"")
+        await self._writable("add").put(self._key(member), b"")
 
     async def try_add(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
         try:
-            await self._objects().put(self._key(member), b"", if_none_match=True)
+            await self._writable("try_add").put(self._key(member), b"", if_none_match=True)
         except ConditionFailed:
             return False
         return True
 
     async def remove(self, member: bytes) -> None:
         member = self._provider.limits.check_member(member)
-        await self._objects().delete(self._key(member))
+        await self._writable("remove").delete(self._key(member))
 
     async def try_remove(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
-        objects = self._objects()
+        objects = self._writable("try_remove")
         key = self._key(member)
         # Members are empty objects, so their ETag is normally the MD5 of nothing
         # and one conditional delete decides. If the store computes ETags

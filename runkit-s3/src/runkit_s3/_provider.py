@@ -87,7 +87,8 @@ class S3Provider(Provider):
 
     Constructing a provider does no I/O. Invalid arguments raise ``ValueError``.
     Safe to share between tasks; ``close()`` (idempotent) releases the HTTP pool.
-    After it, every operation raises ``PersistenceError``.
+    After it, every operation raises ``PersistenceError``. After ``set_read_only()``
+    a missing bucket raises ``StoreUnavailable`` and writes raise ``PersistenceError``.
     """
 
     def __init__(

@@ -254,9 +254,9 @@ class Provider(abc.ABC):
         reads a store *name* that was never opened as empty, and refuses
         writes with ``PersistenceError``.
 
-        This default only records the flag (``read_only``), which is enough
-        for a driver that creates nothing (memory). PostgreSQL, DynamoDB and S3
-        honour it; see each driver's documentation.
+        This default only records the flag (``read_only``); every driver
+        consults it, and must refuse writes with a ``PersistenceError`` ending
+        "the provider is read-only" (the conformance suite checks it).
         """
         self._read_only = True
 

@@ -1,4 +1,4 @@
-"""Contract tests for ``Provider``: provisioning, closing, names and declared limits."""
+"""Contract tests for ``Provider``: provisioning, closing, read-only mode, names, limits."""
 
 from __future__ import annotations
 
@@ -179,6 +179,98 @@ class ProviderSuite(SuiteBase):
         await doomed.close()
         async with await provider.journals.open(name) as journal:
             assert await journal.get(0) == b"<zero>"
+
+    # -- read-only -------------------------------------------------------------------------
+
+    async def test_provider_read_only_refuses_every_write_and_still_reads(
+        self, provider: Provider, made_providers: Callable[[], Provider]
+    ) -> None:
+        """A read-only provider refuses each kind of write and reads existing data.
+
+        Each write raises ``PersistenceError`` ending "the provider is read-only"
+        and naming the store, and changes nothing, as a writable provider sees it.
+        """
+        journal_name, keyspace_name, set_name = (unique_name(kind) for kind in _KINDS)
+        fresh = {kind: unique_name(kind) for kind in _KINDS}  # never written
+        async with await provider.journals.open(journal_name) as journal:
+            await journal.append(0, b"<r0>")
+            await journal.append(1, b"<r1>")
+        async with await provider.keyspaces.open(keyspace_name) as keyspace:
+            revision = await keyspace.set(b"<k>", b"<v>", "")
+        async with await provider.sets.open(set_name) as set_:
+            await set_.add(b"<m>")
+
+        reader = made_providers()
+        reader.set_read_only()
+        assert reader.read_only
+        journal = await reader.journals.open(journal_name)
+        keyspace = await reader.keyspaces.open(keyspace_name)
+        set_ = await reader.sets.open(set_name)
+        new_journal = await reader.journals.open(fresh["journal"])
+        new_keyspace = await reader.keyspaces.open(fresh["keyspace"])
+        new_set = await reader.sets.open(fresh["set"])
+        # Every write would succeed on a writable provider.
+        writes: list[tuple[str, str, Callable[[], Awaitable[object]]]] = [
+            (journal_name, "append", lambda: journal.append(2, b"<r2>")),
+            (journal_name, "truncate", lambda: journal.truncate(1)),
+            (fresh["journal"], "append", lambda: new_journal.append(0, b"<r0>")),
+            (keyspace_name, "set", lambda: keyspace.set(b"<k>", b"<w>", revision)),
+            (keyspace_name, "set (delete)", lambda: keyspace.set(b"<k>", b"", revision)),
+            (keyspace_name, "set (create)", lambda: keyspace.set(b"<new>", b"<w>", "")),
+            (
+                keyspace_name,
+                "set_unconditional",
+                lambda: keyspace.set_unconditional(b"<k>", b"<w>"),
+            ),
+            (
+                keyspace_name,
+                "set_unconditional (delete)",
+                lambda: keyspace.set_unconditional(b"<k>", b""),
+            ),
+            (fresh["keyspace"], "set", lambda: new_keyspace.set(b"<k>", b"<w>", "")),
+            (set_name, "add", lambda: set_.add(b"<new>")),
+            (set_name, "try_add", lambda: set_.try_add(b"<new>")),
+            (set_name, "remove", lambda: set_.remove(b"<m>")),
+            (set_name, "try_remove", lambda: set_.try_remove(b"<m>")),
+            (fresh["set"], "add", lambda: new_set.add(b"<m>")),
+        ]
+        try:
+            for name, label, write in writes:
+                with pytest.raises(PersistenceError, match=r"the provider is read-only$") as info:
+                    await write()
+                assert name in str(info.value), (label, str(info.value))
+            # Reads through the read-only provider still work, and saw no write.
+            assert await journal.bounds() == Interval(0, 2)
+            assert await journal.get(0) == b"<r0>"
+            assert [r async for r in journal.range(0)] == [(0, b"<r0>"), (1, b"<r1>")]
+            assert await keyspace.get(b"<k>") == (b"<v>", revision)
+            assert await keyspace.has(b"<k>")
+            assert not await keyspace.has(b"<new>")
+            assert [i async for i in keyspace.range()] == [(b"<k>", b"<v>", revision)]
+            assert await set_.has(b"<m>")
+            assert [m async for m in set_.range()] == [b"<m>"]
+            assert await new_journal.bounds() == Interval(0, 0)
+            assert await new_keyspace.get(b"<k>") == (b"", "")
+            assert not await new_set.has(b"<m>")
+        finally:
+            with anyio.CancelScope(shield=True):
+                for handle in (journal, keyspace, set_, new_journal, new_keyspace, new_set):
+                    await handle.close()
+
+        # A writable provider on the same store sees it unchanged.
+        async with await provider.journals.open(journal_name) as journal:
+            assert await journal.bounds() == Interval(0, 2)
+            assert [r async for r in journal.range(0)] == [(0, b"<r0>"), (1, b"<r1>")]
+        async with await provider.keyspaces.open(keyspace_name) as keyspace:
+            assert [i async for i in keyspace.range()] == [(b"<k>", b"<v>", revision)]
+        async with await provider.sets.open(set_name) as set_:
+            assert [m async for m in set_.range()] == [b"<m>"]
+        async with await provider.journals.open(fresh["journal"]) as journal:
+            assert await journal.bounds() == Interval(0, 0)
+        async with await provider.keyspaces.open(fresh["keyspace"]) as keyspace:
+            assert [i async for i in keyspace.range()] == []
+        async with await provider.sets.open(fresh["set"]) as set_:
+            assert [m async for m in set_.range()] == []
 
     # -- names -----------------------------------------------------------------------------
 
