@@ -1,4 +1,8 @@
-"""A read-only provider creates no table and refuses writes (against moto)."""
+"""A read-only provider creates no table (against moto).
+
+That it reads existing data and refuses writes is the conformance suite's
+``test_provider_read_only_refuses_every_write_and_still_reads``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runkit.persistence import PersistenceError, StoreUnavailable
+from runkit.persistence import StoreUnavailable
 from runkit_dynamodb import DynamoDBProvider
 
 pytestmark = pytest.mark.dynamodb
@@ -25,19 +29,3 @@ async def test_a_missing_table_is_reported_not_created(url: str, prefix: str, ra
         with pytest.raises(StoreUnavailable, match=f"table '{prefix}-keyspace' does not exist"):
             [item async for item in ks.range()]
     assert tables(raw, prefix) == []
-
-
-async def test_existing_tables_are_read_and_writes_refused(url: str, prefix: str) -> None:
-    async with (
-        DynamoDBProvider.from_url(url) as writer,
-        await writer.keyspaces.open("ks") as ks,
-    ):
-        await ks.set_unconditional(b"k", b"v")
-    reader = DynamoDBProvider.from_url(url)
-    reader.set_read_only()
-    async with reader, await reader.keyspaces.open("ks") as ks:
-        assert (await ks.get(b"k"))[0] == b"v"
-        with pytest.raises(PersistenceError, match="the provider is read-only"):
-            await ks.set_unconditional(b"k", b"w")
-        with pytest.raises(PersistenceError, match="the provider is read-only"):
-            await ks.set(b"new", b"w", "")
