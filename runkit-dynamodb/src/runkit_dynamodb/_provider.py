@@ -260,8 +260,8 @@ class DynamoDBProvider(Provider):
         A conditional-check failure raises ``_ConditionFailed``; a missing table
         is provisioned and the call made once more (it cannot have taken effect).
         """
-        if self.read_only and operation in _WRITE_OPERATIONS:
-            raise PersistenceError(f"{what}: {operation}: the provider is read-only")
+        if operation in _WRITE_OPERATIONS:
+            self.refuse_if_read_only(f"{what}: {operation}")
         for attempt in range(2):
             self._check_open()
             generation = self._provisioned[kind]

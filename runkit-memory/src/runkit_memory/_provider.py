@@ -151,10 +151,7 @@ class _Closable:
     def _check_writable(self, operation: str) -> None:
         """``_check_open``, and refuse *operation* (a write) on a read-only provider."""
         self._check_open()
-        if self._provider.read_only:
-            raise PersistenceError(
-                f"{self._kind} {self._name!r}: {operation}: the provider is read-only"
-            )
+        self._provider.refuse_if_read_only(f"{self._kind} {self._name!r}: {operation}")
 
     def __repr__(self) -> str:
         state = " (closed)" if self._closed else ""

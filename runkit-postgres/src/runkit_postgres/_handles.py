@@ -114,8 +114,7 @@ class _Handle:
         """Check that the handle may write; return the description of *action*."""
         self._check_open()
         what = self._what(action)
-        if self._provider.read_only:
-            raise PersistenceError(f"{what}: the provider is read-only")
+        self._provider.refuse_if_read_only(what)
         return what
 
     async def _write(self, operation: Callable[[Conn], T], action: str) -> T:

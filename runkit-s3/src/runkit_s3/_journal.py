@@ -134,10 +134,7 @@ class S3Journal(Journal):
     def _writable(self, operation: str) -> S3Objects:
         """``_objects()``, refusing *operation* (a write) on a read-only provider."""
         objects = self._objects()
-        if self._provider.read_only:
-            raise PersistenceError(
-                f"journal {self._name!r}: {operation}: the provider is read-only"
-            )
+        self._provider.refuse_if_read_only(f"journal {self._name!r}: {operation}")
         return objects
 
     async def _read_meta(self, objects: S3Objects) -> tuple[int, str | None]:

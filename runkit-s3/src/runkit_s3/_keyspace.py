@@ -62,10 +62,7 @@ class _Handle:
     def _writable(self, operation: str) -> S3Objects:
         """``_objects()``, refusing *operation* (a write) on a read-only provider."""
         objects = self._objects()
-        if self._provider.read_only:
-            raise PersistenceError(
-                f"{self._kind} {self._name!r}: {operation}: the provider is read-only"
-            )
+        self._provider.refuse_if_read_only(f"{self._kind} {self._name!r}: {operation}")
         return objects
 
     def _key(self, data: bytes) -> str:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Generic, Self, TypeVar
 
+from ._errors import PersistenceError
 from ._types import Interval, Limits
 
 __all__ = [
@@ -256,9 +257,18 @@ class Provider(abc.ABC):
 
         This default only records the flag (``read_only``); every driver
         consults it, and must refuse writes with a ``PersistenceError`` ending
-        "the provider is read-only" (the conformance suite checks it).
+        "the provider is read-only" (the conformance suite checks it):
+        ``refuse_if_read_only`` raises it.
         """
         self._read_only = True
+
+    def refuse_if_read_only(self, what: str) -> None:
+        """For drivers: raise the read-only ``PersistenceError`` for the write *what*.
+
+        *what* names the store and the operation (``"keyspace 'x': set"``).
+        """
+        if self._read_only:
+            raise PersistenceError(f"{what}: the provider is read-only")
 
     @abc.abstractmethod
     async def provision(self) -> None:
