@@ -270,6 +270,146 @@ async def _len_is(fn, n: int) -> bool:  # type: ignore[no-untyped-def]
     return len(await fn()) == n
 
 
+_STRICT = dogma.MessageTypeRegistry()
+
+
+@dogma.register_command("c2000000-0000-4000-8000-000000000001", registry=_STRICT)
+@attrs.frozen
+class _Record(dogma.Command):
+    swallow: bool
+
+
+@attrs.frozen
+class _Checked(dogma.Event):
+    valid: bool
+
+    def validate(self, scope: dogma.ValidationScope) -> None:
+        if not self.valid:
+            raise dogma.ValidationError("checked: not valid")
+
+
+@dogma.register_event("c2000000-0000-4000-8000-000000000002", registry=_STRICT)
+@attrs.frozen
+class _CheckedByAggregate(_Checked):
+    pass
+
+
+@dogma.register_event("c2000000-0000-4000-8000-000000000004", registry=_STRICT)
+@attrs.frozen
+class _CheckedByIntegration(_Checked):
+    pass
+
+
+@dogma.register_command("c2000000-0000-4000-8000-000000000003", registry=_STRICT)
+@attrs.frozen
+class _RecordVia(dogma.Command):
+    swallow: bool
+
+
+class _Recorders:
+    """An aggregate and an integration that record an invalid event, catching what it raises."""
+
+    def __init__(self) -> None:
+        self.raised: list[tuple[str, BaseException]] = []
+        self.attempts: dict[tuple[str, bool], int] = {}
+
+    def attempt(self, scope: Any, event: _Checked, target: str, swallow: bool) -> None:
+        self.attempts[target, swallow] = self.attempts.get((target, swallow), 0) + 1
+        try:
+            scope.record_event(event)
+        except Exception as exc:
+            self.raised.append((target, exc))
+            if not swallow:
+                raise
+
+
+class _StrictAggregate:
+    def __init__(self, recorders: _Recorders) -> None:
+        self.recorders = recorders
+
+    def configure(self, c: Any) -> None:
+        c.identity("strict-aggregate", "c2000000-0000-4000-8000-0000000000a1")
+        c.routes(
+            dogma.handles_command(_Record, registry=_STRICT),
+            dogma.records_event(_CheckedByAggregate, registry=_STRICT),
+        )
+
+    def new(self) -> Any:
+        return dogma.StatelessProcessRoot()  # any root: apply_event is never reached
+
+    def route_command_to_instance(self, command: dogma.Command) -> str:
+        return "only"
+
+    def handle_command(self, root: Any, scope: Any, command: dogma.Command) -> None:
+        assert isinstance(command, _Record)
+        event = _CheckedByAggregate(valid=False)
+        self.recorders.attempt(scope, event, "aggregate", command.swallow)
+
+
+class _StrictIntegration:
+    def __init__(self, recorders: _Recorders) -> None:
+        self.recorders = recorders
+
+    def configure(self, c: Any) -> None:
+        c.identity("strict-integration", "c2000000-0000-4000-8000-0000000000a2")
+        c.routes(
+            dogma.handles_command(_RecordVia, registry=_STRICT),
+            dogma.records_event(_CheckedByIntegration, registry=_STRICT),
+        )
+
+    async def handle_command(self, scope: Any, command: dogma.Command) -> None:
+        assert isinstance(command, _RecordVia)
+        event = _CheckedByIntegration(valid=False)
+        self.recorders.attempt(scope, event, "integration", command.swallow)
+
+
+class _StrictApp:
+    def __init__(self, recorders: _Recorders) -> None:
+        self.recorders = recorders
+
+    def configure(self, c: Any) -> None:
+        c.identity("strict", "c2000000-0000-4000-8000-0000000000a0")
+        c.routes(
+            dogma.via_aggregate(_StrictAggregate(self.recorders)),
+            dogma.via_integration(_StrictIntegration(self.recorders)),
+        )
+
+
+async def test_recording_an_invalid_event_raises_validation_error_and_poisons_at_once() -> None:
+    # record_event() raises the dogma.ValidationError the API documents (as a
+    # process scope's execute_command() does), whether or not the handler
+    # lets it propagate, the command is a bug: poisoned at the first attempt.
+    from runkit.config import build
+    from runkit.engine.commands.poison import list_poisoned
+
+    recorders = _Recorders()
+    app = _StrictApp(recorders)
+    config = build(app, registry=_STRICT)
+    provider = silo()
+    async with running(provider, config, max_attempts=3, partition_count=1) as engine:
+        executor = engine.executor_for(app)
+        for swallow in (True, False):
+            await executor.execute_command(_Record(swallow))
+            await executor.execute_command(_RecordVia(swallow))
+
+        async def poisoned() -> list[Any]:
+            return [p async for p in list_poisoned(provider, config.identity.key, 1)]
+
+        await wait_until(lambda: _len_is(poisoned, 4))
+        errors = [p.record.error for p in await poisoned()]
+    assert all("recorded an invalid event: checked: not valid" in e for e in errors), errors
+    assert recorders.attempts == {
+        ("aggregate", True): 1,
+        ("aggregate", False): 1,
+        ("integration", True): 1,
+        ("integration", False): 1,
+    }
+    assert len(recorders.raised) == 4
+    for target, exc in recorders.raised:
+        assert type(exc) is dogma.ValidationError, (target, exc)
+        assert str(exc) == "checked: not valid"
+
+
 async def test_messages_are_independent_copies() -> None:
     s = setup()
     provider = silo()

@@ -60,6 +60,9 @@ class AggregateCommandScope(HandlerScope, Protocol[R_co]):
         (``records_event``) and applies it to the root at once, so the rest
         of the handler sees the change. All events recorded in the scope are
         persisted atomically after ``handle_command`` returns.
+
+        Raises:
+            ValidationError: The event is invalid.
         """
         ...
 

@@ -43,10 +43,12 @@ class EventRecorder:
     """Validates, routes and envelopes the events a handler records for one command.
 
     A routing or validation failure is a bug in the handler: it is remembered
-    (so a handler that catches the exception cannot hide it) and raised as
-    ``HandlerBug``, which poisons the command at once. So are events too large
-    for one stream record (more than *max_bytes* by ``event_size``): the store
-    would refuse the record for ever, and the partition would commit nothing more.
+    (so a handler that catches the exception cannot hide it) and poisons the
+    command at once (``check``, ``failure``). An invalid event raises the
+    ``dogma.ValidationError`` that ``validate()`` raised, as the API documents;
+    the other bugs raise ``HandlerBug``. So are events too large for one stream
+    record (more than *max_bytes* by ``event_size``): the store would refuse the
+    record for ever, and the partition would commit nothing more.
     """
 
     def __init__(
@@ -70,7 +72,12 @@ class EventRecorder:
         self._size = 0
 
     def record(self, event: dogma.Event) -> Envelope:
-        """Return the new event's envelope; raise ``HandlerBug`` if it may not be recorded."""
+        """Return the new event's envelope.
+
+        Raises:
+            dogma.ValidationError: The event is invalid.
+            HandlerBug: The event may not be recorded for another reason.
+        """
         if not isinstance(event, dogma.Event):
             self._bug(f"record_event() got {type(event).__qualname__}, which is not an event")
         if not self.handler.produces(type(event)):
@@ -81,7 +88,8 @@ class EventRecorder:
         try:
             validate_new(event)
         except dogma.ValidationError as exc:
-            self._bug(f"{self.handler.describe()} recorded an invalid event: {exc}")
+            self._note(f"{self.handler.describe()} recorded an invalid event: {exc}")
+            raise
         env = new_envelope(
             event,
             app_key=self.command.app_key,
@@ -108,7 +116,20 @@ class EventRecorder:
         if self.bug is not None:
             raise HandlerBug(self.bug)
 
-    def _bug(self, reason: str) -> NoReturn:
+    def failure(self, error: Exception) -> Exception:
+        """What a handling that raised *error* failed with.
+
+        ``HandlerBug`` if the handler made a mistake (an invalid event it let
+        propagate is then poisoned at once, not retried), else *error*.
+        """
+        if self.bug is None or isinstance(error, HandlerBug):
+            return error
+        return HandlerBug(self.bug)
+
+    def _note(self, reason: str) -> None:
         if self.bug is None:
             self.bug = reason
+
+    def _bug(self, reason: str) -> NoReturn:
+        self._note(reason)
         raise HandlerBug(reason)

@@ -194,6 +194,12 @@ class AggregateInstances:
         except dogma.UnexpectedMessage as exc:
             self.drop(handler, inst.instance_id)
             raise HandlerBug(f"{handler.describe()} raised UnexpectedMessage: {exc}") from exc
+        except Exception as exc:
+            self.drop(handler, inst.instance_id)
+            failure = recorder.failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
         except BaseException:
             self.drop(handler, inst.instance_id)
             raise

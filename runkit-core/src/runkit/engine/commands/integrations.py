@@ -69,5 +69,10 @@ async def execute_integration(
         await integration.handle_command(_Scope(recorder), command)
     except dogma.UnexpectedMessage as exc:
         raise HandlerBug(f"{handler.describe()} raised UnexpectedMessage: {exc}") from exc
+    except Exception as exc:
+        failure = recorder.failure(exc)
+        if failure is exc:
+            raise
+        raise failure from exc
     recorder.check()
     return tuple(recorder.events)
