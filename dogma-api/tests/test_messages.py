@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import attrs
 import pytest
@@ -123,3 +123,30 @@ def test_message_kinds_can_have_a_field_named_kind() -> None:
         kind: str
 
     assert Typed.unmarshal_binary(Typed(kind="x").marshal_binary()) == Typed(kind="x")
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        (dogma.CommandValidationScope, "executed_at"),
+        (dogma.EventValidationScope, "recorded_at"),
+        (dogma.DeadlineValidationScope, "scheduled_at"),
+        (dogma.DeadlineValidationScope, "scheduled_for"),
+    ],
+)
+def test_scope_times_are_utc_and_naive_ones_are_refused(
+    cls: type[dogma.ValidationScope], name: str
+) -> None:
+    naive = datetime(2024, 1, 1, 12, 30)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"{name} must be timezone-aware (in UTC), got naive {naive!r}"),
+    ):
+        cls(is_new=True, **{name: naive})
+    with pytest.raises(TypeError, match=re.escape(f"{name} must be a datetime, got str '2024'")):
+        cls(is_new=True, **{name: "2024"})
+    plus_two = timezone(timedelta(hours=2))
+    scope = cls(is_new=False, **{name: datetime(2024, 1, 1, 14, 30, tzinfo=plus_two)})
+    at = getattr(scope, name)
+    assert at == datetime(2024, 1, 1, 12, 30, tzinfo=UTC)
+    assert at.tzinfo is UTC

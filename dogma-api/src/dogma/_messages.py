@@ -5,7 +5,7 @@ A message's kind is nominal: it is the base class (:class:`Command`,
 """
 
 import enum
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Self
 
 import attrs
@@ -21,6 +21,25 @@ class MessageKind(enum.Enum):
     DEADLINE = "deadline"
 
 
+def _in_utc(value: datetime | None) -> datetime | None:
+    # Converter of the scopes' times; _aware (run after it) refuses what it leaves alone.
+    if isinstance(value, datetime) and value.utcoffset() is not None:
+        return value.astimezone(UTC)
+    return value
+
+
+def _aware(instance: object, attribute: "attrs.Attribute[datetime | None]", value: object) -> None:
+    """Refuse a scope time that is not a timezone-aware ``datetime`` (or ``None``)."""
+    del instance
+    name = attribute.name
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(value).__qualname__} {value!r}")
+    if value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (in UTC), got naive {value!r}")
+
+
 @attrs.frozen
 class ValidationScope:
     """The context passed to ``Message.validate()``.
@@ -29,7 +48,9 @@ class ValidationScope:
     :class:`EventValidationScope` or :class:`DeadlineValidationScope`) when
     they know the extra details; a plain ``ValidationScope`` is always
     acceptable. Applications should annotate ``validate()`` with this base
-    class so that every engine's scope is accepted.
+    class so that every engine's scope is accepted. The subclasses' times
+    are timezone-aware and held in UTC: a naive ``datetime`` raises
+    ``ValueError``.
 
     Attributes:
         is_new: ``True`` when the message is being created (executed, recorded
@@ -49,7 +70,9 @@ class CommandValidationScope(ValidationScope):
         executed_at: When the command was submitted, if known (re-validation).
     """
 
-    executed_at: datetime | None = attrs.field(default=None, kw_only=True)
+    executed_at: datetime | None = attrs.field(
+        default=None, kw_only=True, converter=_in_utc, validator=_aware
+    )
 
 
 @attrs.frozen
@@ -60,7 +83,9 @@ class EventValidationScope(ValidationScope):
         recorded_at: When the event was recorded, if known (re-validation).
     """
 
-    recorded_at: datetime | None = attrs.field(default=None, kw_only=True)
+    recorded_at: datetime | None = attrs.field(
+        default=None, kw_only=True, converter=_in_utc, validator=_aware
+    )
 
 
 @attrs.frozen
@@ -72,8 +97,12 @@ class DeadlineValidationScope(ValidationScope):
         scheduled_for: The time the deadline is scheduled for, if known.
     """
 
-    scheduled_at: datetime | None = attrs.field(default=None, kw_only=True)
-    scheduled_for: datetime | None = attrs.field(default=None, kw_only=True)
+    scheduled_at: datetime | None = attrs.field(
+        default=None, kw_only=True, converter=_in_utc, validator=_aware
+    )
+    scheduled_for: datetime | None = attrs.field(
+        default=None, kw_only=True, converter=_in_utc, validator=_aware
+    )
 
 
 #: The class attribute where the registry records a class's registrations
