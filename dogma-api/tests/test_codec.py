@@ -298,6 +298,54 @@ def test_non_finite_floats_are_refused(value: float) -> None:
         Measured(value=value).marshal_binary()
 
 
+def test_an_int_too_large_for_a_float_field_is_refused() -> None:
+    @attrs.frozen
+    class Measured(dogma.Event):
+        value: float
+
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "cannot marshal Measured: field 'value': an int too large for a float "
+            "cannot be stored; floats must be finite"
+        ),
+    ):
+        Measured(value=10**400).marshal_binary()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("NaN", "nan"),
+        ("Infinity", "inf"),
+        ("-Infinity", "-inf"),
+        ("1e999", "inf"),
+        ("1" + "0" * 400, "an int too large for a float"),
+    ],
+)
+def test_non_finite_floats_are_refused_when_unmarshalling(text: str, value: str) -> None:
+    # json.loads reads these, but marshal_binary never writes them: data holding
+    # one is not a valid encoding, and its message could not be marshalled again.
+    @attrs.frozen
+    class Measured(dogma.Event):
+        value: float
+        values: tuple[float, ...] = ()
+        either: float | str = 0.0
+
+    for field in ("value", "values", "either"):
+        stored = f"[{text}]" if field == "values" else text
+        encoded = '{"value": 0.0, "' + field + '": ' + stored + "}"
+        where = "values[0]" if field == "values" else field
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                f"cannot unmarshal Measured: field {where!r}: {value} cannot be stored; "
+                "floats must be finite"
+            ),
+        ):
+            Measured.unmarshal_binary(encoded.encode())
+
+
 def test_int_in_a_float_field_is_stored_as_float() -> None:
     @attrs.frozen
     class Measured(dogma.Event):

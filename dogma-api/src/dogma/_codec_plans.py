@@ -107,9 +107,10 @@ class _Scalar(_Plan):
         if not self.matches(value, exact=False):
             raise _EncodeTypeError(f"{_at(path)}expected {self.name}, got {_got(value)}")
         if self.tp is float:
-            number = float(typing.cast(float, value))
+            given = typing.cast(float, value)
+            number = _as_float(given)
             if not math.isfinite(number):
-                raise ValueError(f"{_at(path)}{number!r} cannot be stored; floats must be finite")
+                raise ValueError(_not_finite(given, path))
             return number
         # A subclass value (e.g. a str-mixin enum member) is stored as its plain
         # value; str() would give "Colour.RED" for a (str, Enum) member.
@@ -120,13 +121,32 @@ class _Scalar(_Plan):
         return value
 
     def decode(self, data: JSON, path: str) -> object:
-        if self.tp is float and isinstance(data, int) and not isinstance(data, bool):
-            return float(data)
+        # json.loads reads NaN, Infinity and numbers beyond float's range; encode
+        # never writes them.
+        if self.tp is float and isinstance(data, int | float) and not isinstance(data, bool):
+            number = _as_float(data)
+            if not math.isfinite(number):
+                raise _DecodeError(_not_finite(data, path))
+            return number
         if self.tp is int and isinstance(data, float) and data.is_integer():
             raise _DecodeError(f"{_at(path)}expected int, got float {data!r}")
         if not self.matches(data, exact=True):
             raise _DecodeError(f"{_at(path)}expected {self.name}, got {_got(data)}")
         return data
+
+
+def _as_float(number: float) -> float:
+    """``float(number)``, with an int too large for a float as infinity (refused as such)."""
+    try:
+        return float(number)
+    except OverflowError:
+        return math.inf if number > 0 else -math.inf
+
+
+def _not_finite(number: float, path: str) -> str:
+    # Only an int too large for a float is non-finite without being a float.
+    shown = repr(float(number)) if isinstance(number, float) else "an int too large for a float"
+    return f"{_at(path)}{shown} cannot be stored; floats must be finite"
 
 
 class _DateTime(_Plan):

@@ -195,7 +195,8 @@ class Message:
         removed over time.
 
         Raises:
-            ValueError: ``data`` is not a valid encoding of this class.
+            ValueError: ``data`` is not a valid encoding of this class (for
+                example, it holds a non-finite float or a naive datetime).
             TypeError: The class is not an attrs class or an annotation is
                 not supported.
         """
