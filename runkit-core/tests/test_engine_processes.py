@@ -11,7 +11,7 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,22 @@ class Root:
         self.steps = json.loads(data)
 
 
+class _NoOffset(tzinfo):
+    """A tzinfo that knows no offset: datetimes with it are naive, as Python defines it."""
+
+    def utcoffset(self, dt: datetime | None) -> None:
+        return None
+
+    def dst(self, dt: datetime | None) -> None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "_NoOffset()"
+
+
 class Process:
     """Routes by ``id`` ("ignore" = ignore); records steps; executes and schedules."""
 
@@ -127,6 +143,7 @@ class Process:
         self.deadlines: list[tuple[str, int, datetime, datetime]] = []  # id, n, scheduled, now
         self.failures: dict[int, int] = {}
         self.after_end_errors: list[str] = []
+        self.time_errors: list[tuple[str, str]] = []  # schedule_deadline's refusals of `at`
         self.delay = 0.0
 
     def configure(self, c: Any) -> None:
@@ -181,6 +198,12 @@ class Process:
             with contextlib.suppress(Exception):  # swallowing it does not hide the bug
                 scope.execute_command(NotMine(event.id))
             return
+        if event.fail == "times":
+            for at in (datetime(2030, 1, 1), datetime(2030, 1, 1, tzinfo=_NoOffset()), "2030"):
+                try:
+                    scope.schedule_deadline(Tick(event.id, 0), at)  # type: ignore[arg-type]
+                except (TypeError, ValueError) as exc:
+                    self.time_errors.append((type(exc).__name__, str(exc)))
         if event.fail == "invalid":
             scope.execute_command(DoThing(event.id, -1))
         if event.fail == "orphan":
@@ -307,6 +330,33 @@ async def test_ignored_and_unrouted_events_are_not_handled() -> None:
         assert p.routes == 2  # Unrelated is not routed to the handler at all
         assert p.calls == 1
         assert await record(h, "ignore") is None
+        tg.cancel_scope.cancel()
+
+
+async def test_schedule_deadline_refuses_naive_and_non_datetime_times() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        await h.publish(Step("a", 1, fail="times"), partition=0)
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)
+        assert p.time_errors == [
+            (
+                "ValueError",
+                "schedule_deadline(): datetime.datetime(2030, 1, 1, 0, 0) is a naive "
+                "datetime; use a timezone-aware datetime in UTC",
+            ),
+            (
+                "ValueError",
+                "schedule_deadline(): datetime.datetime(2030, 1, 1, 0, 0, tzinfo=_NoOffset()) "
+                "is a naive datetime; use a timezone-aware datetime in UTC",
+            ),
+            ("TypeError", "schedule_deadline(): at must be a datetime, got str '2030'"),
+        ]
+        # Refused times schedule nothing; the handling itself went on.
+        assert p.events == [("a", 1)]
+        r = await record(h, "a")
+        assert r is not None
+        assert r.pending_deadlines == []
         tg.cancel_scope.cancel()
 
 

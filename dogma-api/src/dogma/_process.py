@@ -96,7 +96,9 @@ class ProcessScope(HandlerScope, Protocol[R_co]):
         Raises:
             RuntimeError: The instance has ended.
             ValidationError: The deadline is invalid.
-            ValueError: ``at`` is a naive datetime.
+            ValueError: ``at`` is a naive datetime (no tzinfo, or one that gives
+                no UTC offset).
+            TypeError: ``at`` is not a datetime.
         """
         ...
 

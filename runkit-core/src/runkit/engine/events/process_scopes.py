@@ -156,8 +156,16 @@ class ProcessScope:
     def schedule_deadline(self, deadline: dogma.Deadline, at: datetime) -> None:
         """Schedule *deadline* to come back to this instance at *at* (never earlier)."""
         self._check_not_ended("schedule_deadline()")
-        if at.tzinfo is None:
-            raise ValueError(f"schedule_deadline(): {at!r} is a naive datetime; use UTC")
+        if not isinstance(at, datetime):
+            raise TypeError(
+                f"schedule_deadline(): at must be a datetime, got {type(at).__qualname__} {at!r}"
+            )
+        # Naive as Python defines it: no tzinfo, or one that gives no offset.
+        if at.utcoffset() is None:
+            raise ValueError(
+                f"schedule_deadline(): {at!r} is a naive datetime; "
+                "use a timezone-aware datetime in UTC"
+            )
         if type(deadline) not in self._runner.schedules:
             raise self._fail(
                 ProcessBug(
