@@ -219,21 +219,37 @@ def test_decorating_a_non_class_is_refused(reg: dogma.MessageTypeRegistry) -> No
         ID1[:-1] + "g",
     ],
 )
-def test_invalid_id_is_refused_naming_class_and_id(
+def test_invalid_id_is_refused_at_the_call_naming_it(
     reg: dogma.MessageTypeRegistry, bad: str
 ) -> None:
-    with pytest.raises(
-        ValueError,
-        match=(
-            rf"^cannot register {re.escape(__name__)}\..*<locals>\.BadId as an event: "
-            rf"invalid message type ID {re.escape(repr(bad))}: "
-        ),
-    ):
+    expected = rf"^register_event\(\): invalid message type ID {re.escape(repr(bad))}: "
+    # At once, before any class is decorated...
+    with pytest.raises(ValueError, match=expected):
+        dogma.register_event(bad, registry=reg)
+    # ...and so in the usual decorator form too.
+    with pytest.raises(ValueError, match=expected):
 
         @dogma.register_event(bad, registry=reg)
         class BadId(dogma.Event):
             pass
 
+    assert len(reg) == 0
+
+
+def test_registry_register_refuses_an_invalid_id_naming_the_class(
+    reg: dogma.MessageTypeRegistry,
+) -> None:
+    class BadId(dogma.Event):
+        pass
+
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"^cannot register {re.escape(__name__)}\..*<locals>\.BadId as an event: "
+            r"invalid message type ID 'nope': "
+        ),
+    ):
+        reg.register(BadId, "nope", dogma.MessageKind.EVENT)
     assert len(reg) == 0
 
 

@@ -247,14 +247,18 @@ class _Registration:
 def _make_decorator(
     kind: MessageKind, type_id: str, reg: MessageTypeRegistry | None
 ) -> Callable[[type[M]], type[M]]:
-    # The ID's value is checked when the class is known, so the error can name
-    # both; a non-string is reported now, as it usually means the decorator
+    # The ID is checked at the call, not when a class is decorated: a bad ID
+    # is wrong whatever it decorates. A non-string usually means the decorator
     # was applied without its argument (@dogma.register_command).
     if not isinstance(type_id, str):
         raise TypeError(
             f"register_{kind.value}() takes the type's UUID as a str, "
             f"e.g. @dogma.register_{kind.value}('<uuid>'); got {type_id!r}"
         )
+    try:
+        normalize_uuid(type_id, "message type ID")
+    except ValueError as exc:
+        raise ValueError(f"register_{kind.value}(): {exc}") from None
     target = registry if reg is None else reg
 
     def decorate(cls: type[M]) -> type[M]:
@@ -289,8 +293,9 @@ def register_command(
         registry: The registry to use; the global ``dogma.registry`` by default.
 
     Raises:
-        ValueError: ``type_id`` is invalid or already used, or the class is
-            already registered (raised when the class is decorated, naming it).
+        ValueError: ``type_id`` is invalid (raised at the call), or already
+            used, or the class is already registered (raised when the class is
+            decorated, naming it).
         TypeError: ``type_id`` is not a str, the decorated class is not a
             ``dogma.Command``, or a field annotation is not supported by the
             default codec.
