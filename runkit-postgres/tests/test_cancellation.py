@@ -7,6 +7,8 @@ would complete as soon as the lock is released.
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -173,3 +175,24 @@ async def test_cancelled_range_leaves_the_journal_usable(single: PostgresProvide
                 await anyio.lowlevel.checkpoint()
     assert seen == [0, 1, 2]
     assert await journal.bounds() == Interval(0, 6)
+
+
+async def test_a_connection_closed_after_a_late_cancel_is_not_reported_as_lost(
+    postgres_dsn: str,
+    app_name: str,
+    single: PostgresProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The driver closes a connection a cancel request may still hit: no outage warning."""
+    caplog.set_level(logging.INFO)
+    journal = await single.journals.open("j")
+    [(pid, _, _)] = await sessions(postgres_dsn, app_name)
+    # Cancelled while it holds the connection between statements: the cancel
+    # request finds no statement, so the driver must not reuse the connection.
+    with anyio.move_on_after(0.05) as scope:
+        await single._run(lambda conn: time.sleep(0.3), what="sleep", write=False)
+    assert scope.cancelled_caught
+    assert await journal.bounds() == Interval(0, 0)
+    assert [s[0] for s in await sessions(postgres_dsn, app_name)] != [pid]  # a new connection
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == []

@@ -31,6 +31,7 @@ __all__ = [
     "ConnectFailed",
     "PoolWatch",
     "connect_reason",
+    "discard",
     "probe",
     "using_pool",
 ]
@@ -62,7 +63,8 @@ _PERMANENT: Final = (
 
 
 # The pool a worker thread is using: psycopg_pool logs a lost connection from
-# the thread that returns it, without naming the pool.
+# the thread that returns it, without naming the pool. ``discarded`` marks a
+# connection the driver closed itself (``discard``), which is no outage.
 _THREAD = threading.local()
 
 
@@ -126,6 +128,16 @@ class PoolWatch:
             )
 
 
+def discard(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Close *conn*, borrowed from a pool, so that the pool replaces it when it is returned.
+
+    Call it inside ``using_pool``: the pool's "discarding closed connection"
+    warning for it is then dropped, since nothing was lost.
+    """
+    _THREAD.discarded = True
+    conn.close()
+
+
 class using_pool:  # noqa: N801 - used like a function: ``with using_pool(watch):``
     """Mark the current worker thread as using *watch*'s pool for the block."""
 
@@ -136,9 +148,11 @@ class using_pool:  # noqa: N801 - used like a function: ``with using_pool(watch)
 
     def __enter__(self) -> None:
         _THREAD.watch = self._watch
+        _THREAD.discarded = False
 
     def __exit__(self, *exc: object) -> None:
         _THREAD.watch = None
+        _THREAD.discarded = False
 
 
 class _PoolWarnings(logging.Filter):
@@ -174,6 +188,10 @@ class _PoolWarnings(logging.Filter):
             watch: PoolWatch | None = getattr(_THREAD, "watch", None)
             if watch is None:
                 return True
+            if _THREAD.discarded:
+                _THREAD.discarded = False
+                _log.debug("replaced a connection closed on purpose in %r", watch.display)
+                return False
             self.limited.warning(
                 (watch.name, "lost"),
                 "lost a connection to %r (closed by the server or the network); replacing it",

@@ -32,7 +32,7 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from runkit.persistence import PersistenceError, StoreUnavailable
 
 from ._config import Settings, scrub
-from ._connecting import ConnectFailed, PoolWatch, probe, using_pool
+from ._connecting import ConnectFailed, PoolWatch, discard, probe, using_pool
 from ._sql import configure_connection, configure_read_only_connection
 
 __all__ = ["Executor", "Operation"]
@@ -198,7 +198,7 @@ class Executor:
                     # The statement finished before the cancel arrived (or the
                     # cancel request failed); a late signal could hit the next
                     # statement, so the connection is not reused.
-                    conn.close()
+                    discard(conn)
                 if waiter is not None:
                     waiter.set()
 
