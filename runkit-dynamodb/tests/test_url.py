@@ -200,6 +200,23 @@ class TestConstructor:
                 "page_size must be a positive int, not 0",
             ),
             (
+                {"table_prefix": "a", "endpoint_url": "http://key:s3cret@localhost:8000"},
+                ValueError,
+                "invalid dynamodb endpoint URL 'http://key:***@localhost:8000': credentials "
+                "do not belong in the URL; use the standard AWS credential chain",
+            ),
+            (
+                {"table_prefix": "a", "endpoint_url": "localhost:8000"},
+                ValueError,
+                "invalid dynamodb endpoint URL 'localhost:8000': "
+                "expected 'https://host[:port]' or 'http://host[:port]'",
+            ),
+            (
+                {"table_prefix": "a", "endpoint_url": "http://localhost:99999"},
+                ValueError,
+                "invalid dynamodb endpoint URL 'http://localhost:99999': Port out of range 0-65535",
+            ),
+            (
                 {"table_prefix": "a", "client": object(), "region": "eu-west-1"},
                 ValueError,
                 "DynamoDBProvider: pass either client=... or session/region/endpoint_url/"

@@ -37,6 +37,7 @@ from runkit.persistence import (
     PersistenceError,
     Provider,
     SetStore,
+    check_endpoint_url,
 )
 
 from ._aws import (
@@ -91,7 +92,8 @@ class DynamoDBProvider(Provider):
         session: A ``boto3.Session`` to build the client from (default: a new
             one, using the standard credential chain).
         region: The AWS region (default: the session's).
-        endpoint_url: A custom endpoint, e.g. ``http://localhost:8000``.
+        endpoint_url: A custom endpoint, ``http(s)://host[:port]``, e.g.
+            ``http://localhost:8000``; never with credentials (``ValueError``).
         role_arn: Assume this IAM role through STS with the session's
             credentials; the role's credentials are refreshed before they expire.
         config: A ``botocore.config.Config`` merged over the driver's defaults
@@ -135,7 +137,11 @@ class DynamoDBProvider(Provider):
             raise ValueError(f"page_size must be a positive int, not {page_size!r}")
         self._region = check_region(region) if region is not None else None
         self._role_arn = check_role_arn(role_arn) if role_arn is not None else None
-        self._endpoint_url = endpoint_url
+        # Validated here: it is shown in repr() and errors, and botocore refuses
+        # a malformed one only at the first request.
+        self._endpoint_url = (
+            check_endpoint_url(endpoint_url, "dynamodb") if endpoint_url is not None else None
+        )
         self._session = session
         self._config = config
         self._client: DynamoDBClient | None = client

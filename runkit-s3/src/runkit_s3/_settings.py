@@ -17,6 +17,7 @@ import attrs
 from runkit.persistence import (
     InvalidURL,
     URLProblems,
+    check_endpoint_url,
     has_unencoded_password,
     parse_bool,
     query_params,
@@ -100,27 +101,7 @@ def _check_role_arn(role_arn: str) -> str:
 
 
 def _check_endpoint(endpoint_url: str) -> str:
-    try:
-        parts = urlsplit(endpoint_url)
-        parts.port  # noqa: B018 - validates the port
-    except ValueError as exc:
-        raise ValueError(f"invalid S3 endpoint URL {redact_url(endpoint_url)!r}: {exc}") from None
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ValueError(
-            f"invalid S3 endpoint URL {redact_url(endpoint_url)!r}: "
-            "expected 'https://host[:port]' or 'http://host[:port]'"
-        )
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(
-            f"invalid S3 endpoint URL {redact_url(endpoint_url)!r}: credentials do not "
-            "belong in the URL; use the standard AWS credential chain"
-        )
-    if parts.path not in {"", "/"} or parts.query or parts.fragment:
-        raise ValueError(
-            f"invalid S3 endpoint URL {redact_url(endpoint_url)!r}: "
-            "expected no path, query or fragment"
-        )
-    return endpoint_url.rstrip("/")
+    return check_endpoint_url(endpoint_url, "S3")
 
 
 @attrs.frozen

@@ -37,6 +37,7 @@ from ._types import Limits as Limits
 from ._types import check_position as check_position
 from ._urls import InvalidURL as InvalidURL
 from ._urls import URLProblems as URLProblems
+from ._urls import check_endpoint_url as check_endpoint_url
 from ._urls import has_unencoded_password as has_unencoded_password
 from ._urls import parse_bool as parse_bool
 from ._urls import parse_problems as parse_problems
@@ -64,6 +65,7 @@ __all__ = [
     "StoreUnavailable",
     "URLProblems",
     "append_with_conflict_resolution",
+    "check_endpoint_url",
     "check_position",
     "check_url",
     "driver_package",

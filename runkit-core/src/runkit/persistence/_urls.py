@@ -12,6 +12,7 @@ from .._errors import ConfigurationError
 __all__ = [
     "InvalidURL",
     "URLProblems",
+    "check_endpoint_url",
     "empty_store_hint",
     "has_unencoded_password",
     "parse_bool",
@@ -80,6 +81,41 @@ def redact_url(url: str) -> str:
     user = userinfo.partition(":")[0]
     netloc = f"{user}:***@{hostport}"
     return _scrub(urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)))
+
+
+def check_endpoint_url(endpoint_url: object, service: str) -> str:
+    """Validate a custom endpoint (``https://host[:port]``) of an AWS service or emulator.
+
+    Returns it without a trailing ``/``; *service* names it in messages.
+    Refuses, with a ``ValueError`` naming *service* and showing the URL through
+    ``redact_url``: another scheme, no host, a bad port, credentials (they
+    belong in the service's credential chain, and would be shown wherever the
+    endpoint is), and a path, query or fragment. A ``TypeError`` if it is not a
+    string.
+    """
+    if not isinstance(endpoint_url, str):
+        raise TypeError(f"{service} endpoint URL must be str, not {type(endpoint_url).__name__}")
+    shown = redact_url(endpoint_url)
+    try:
+        parts = urlsplit(endpoint_url)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise ValueError(f"invalid {service} endpoint URL {shown!r}: {exc}") from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(
+            f"invalid {service} endpoint URL {shown!r}: "
+            "expected 'https://host[:port]' or 'http://host[:port]'"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"invalid {service} endpoint URL {shown!r}: credentials do not "
+            "belong in the URL; use the standard AWS credential chain"
+        )
+    if parts.path not in {"", "/"} or parts.query or parts.fragment:
+        raise ValueError(
+            f"invalid {service} endpoint URL {shown!r}: expected no path, query or fragment"
+        )
+    return endpoint_url.rstrip("/")
 
 
 class InvalidURL(ConfigurationError):
