@@ -102,6 +102,38 @@ class TestParseUrl:
         assert "s3cr" not in str(info.value)
         assert str(info.value).startswith("malformed PostgreSQL connection string")
 
+    @pytest.mark.parametrize(
+        ("url", "problem"),
+        [
+            # libpq ends the user info at the first '@': the rest would be a host
+            # name (looked up in DNS, quoted in errors) or a port.
+            (
+                "postgresql://u:pa@S3kr1t@127.0.0.1/d",
+                "the user name or password in PostgreSQL URL 'postgresql://u:***@127.0.0.1/d' "
+                "contains '@': percent-encode it (%40)",
+            ),
+            (
+                "postgresql://app@srv:S3kr1t@127.0.0.1:5432/d",
+                "the user name or password in PostgreSQL URL "
+                "'postgresql://app@srv:***@127.0.0.1:5432/d' contains '@': percent-encode it (%40)",
+            ),
+            (
+                "postgresql://u:pa/S3kr1t@127.0.0.1/d",
+                "the password in PostgreSQL URL 'postgresql://u:***@127.0.0.1/d' contains "
+                "'/', '?' or '#': percent-encode them (%2F, %3F, %23)",
+            ),
+        ],
+    )
+    @pytest.mark.parametrize("make", [PostgresProvider, PostgresProvider.from_url])
+    def test_unencoded_user_info_is_refused_without_the_password(
+        self, url: str, problem: str, make: object
+    ) -> None:
+        """Both the runkit URL and a libpq URL given as conninfo: no piece of the password shows."""
+        with pytest.raises(ValueError) as info:
+            make(url)  # type: ignore[operator]
+        assert str(info.value) == problem
+        assert "S3kr1t" not in repr(info.value)
+
     @pytest.mark.parametrize("url", ["postgresql:/app@db/bank", "postgres:db/bank"])
     def test_a_url_without_two_slashes_is_rejected(self, url: str) -> None:
         # Else libpq reads 'app@db/bank' as a database name on the local socket.

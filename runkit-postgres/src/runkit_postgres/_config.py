@@ -245,6 +245,30 @@ def describe_conninfo(conninfo: str) -> str:
     return scrub(" ".join(pairs), conninfo) or "<libpq defaults>"
 
 
+def _misencoded_user_info(url: str) -> str | None:
+    """The problem with *url*'s user info if libpq would read it differently, else ``None``.
+
+    libpq ends the user info at the first '@', and the host part at the first
+    '/', '?' or '#': an unencoded one in the password would make the rest of it
+    a host name (looked up in DNS), a port or a path, quoted in libpq's errors.
+    """
+    if has_unencoded_password(url):
+        return (
+            f"the password in PostgreSQL URL {redact_url(url)!r} contains '/', '?' or "
+            "'#': percent-encode them (%2F, %3F, %23)"
+        )
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:
+        return None  # malformed otherwise: the caller's parsing reports it
+    if netloc.count("@") > 1:
+        return (
+            f"the user name or password in PostgreSQL URL {redact_url(url)!r} contains "
+            "'@': percent-encode it (%40)"
+        )
+    return None
+
+
 def validate_conninfo(conninfo: str) -> dict[str, Any]:
     """Parse *conninfo* as libpq would, without I/O.
 
@@ -252,6 +276,9 @@ def validate_conninfo(conninfo: str) -> dict[str, Any]:
     """
     if not isinstance(conninfo, str):
         raise TypeError(f"conninfo must be str, not {type(conninfo).__name__}")
+    is_url = conninfo.partition("://")[0].lower() in SCHEMES
+    if is_url and (problem := _misencoded_user_info(conninfo)) is not None:
+        raise ValueError(problem)
     try:
         params = conninfo_to_dict(conninfo)
     except psycopg.Error as exc:
@@ -282,15 +309,8 @@ def parse_url(url: str) -> tuple[str, Settings]:
     """
     if not isinstance(url, str):
         raise TypeError(f"persistence URL must be str, not {type(url).__name__}")
-    if has_unencoded_password(url):
-        # Parsed further, pieces of the password would show as a port or a path.
-        raise InvalidURL(
-            url,
-            [
-                f"the password in PostgreSQL URL {redact_url(url)!r} contains '/', '?' or "
-                "'#': percent-encode them (%2F, %3F, %23)"
-            ],
-        )
+    if (problem := _misencoded_user_info(url)) is not None:
+        raise InvalidURL(url, [problem])
     try:
         parts = urlsplit(url)
     except ValueError as exc:
