@@ -91,6 +91,22 @@ async def test_the_right_password_connects(password_server: PostgresServer) -> N
             assert await ks.get(b"x") == (b"", "")
 
 
+async def test_a_plus_in_a_url_parameter_is_kept_as_libpq_reads_it(
+    password_server: PostgresServer,
+) -> None:
+    """libpq decodes only %XX in a URI: '+' is a plus sign, not a space (unlike forms)."""
+    role = unique_schema("plus")
+    with psycopg.connect(password_server.dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'a+b c'")
+        conn.execute(f"GRANT CREATE ON DATABASE postgres TO {role}")
+    url = f"postgresql://{role}@127.0.0.1:{password_server.port}/postgres?password=a+b%20c"
+    with psycopg.connect(url):  # libpq itself accepts the URL
+        pass
+    provider = PostgresProvider.from_url(f"{url}&schema={role}")
+    async with provider, await provider.keyspaces.open("k") as ks:
+        assert await ks.get(b"x") == (b"", "")
+
+
 async def test_a_missing_database_fails_at_once_with_the_servers_reason(
     postgres_dsn: str,
 ) -> None:

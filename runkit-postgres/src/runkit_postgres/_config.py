@@ -159,6 +159,14 @@ def libpq_parameters() -> frozenset[str]:
     return frozenset(option.keyword.decode() for option in pq.Conninfo.get_defaults())
 
 
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    """A URL query's parameters as libpq decodes them: ``%XX`` only, ``+`` stays a plus.
+
+    (``parse_qsl`` alone follows HTML forms, where ``+`` means a space.)
+    """
+    return parse_qsl(query.replace("+", "%2B"), keep_blank_values=True)
+
+
 def _passwords(conninfo: str) -> list[str]:
     """Every password-like secret in *conninfo*, raw and decoded, to scrub from messages."""
     secrets: list[str] = []
@@ -167,7 +175,7 @@ def _passwords(conninfo: str) -> list[str]:
         if parts.scheme and parts.password:
             secrets.append(parts.password)
         if parts.scheme:
-            secrets += [v for k, v in parse_qsl(parts.query) if k in {"password", "sslpassword"}]
+            secrets += [v for k, v in _query_pairs(parts.query) if k in _SECRET_KEYS]
             secrets += re.findall(r"(?:^|&)(?:ssl)?password=([^&]*)", parts.query)
     except ValueError:
         pass
@@ -207,10 +215,7 @@ def _redact_url(url: str) -> str:
         netloc = f"{userinfo}@{hosts}"
     query = parts.query
     if query:
-        pairs = [
-            (k, "***" if k in _SECRET_KEYS else v)
-            for k, v in parse_qsl(query, keep_blank_values=True)
-        ]
+        pairs = [(k, "***" if k in _SECRET_KEYS else v) for k, v in _query_pairs(query)]
         query = urlencode(pairs, quote_via=quote, safe="*")
     return _join_url(parts.scheme, netloc, parts.path, query, parts.fragment)
 
@@ -333,7 +338,7 @@ def parse_url(url: str) -> tuple[str, Settings]:
     passed: list[tuple[str, str]] = []
     seen: set[str] = set()
     known = libpq_parameters()
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    for key, value in _query_pairs(parts.query):
         if key in seen:
             problems.add(f"{scheme}:// URL repeats parameter {key!r}")
             continue
