@@ -134,6 +134,31 @@ class TestParseUrl:
         assert str(info.value) == problem
         assert "S3kr1t" not in repr(info.value)
 
+    @pytest.mark.parametrize(
+        ("url", "problem"),
+        [
+            (
+                "postgresql://u@h/db?password=pw9&S3kr1t",
+                "the password parameter of PostgreSQL URL 'postgresql://u@h/db?password=***' "
+                "contains '&': percent-encode it (%26)",
+            ),
+            (
+                "postgresql://u@h/db?sslmode=require&sslpassword=pw9#S3kr1t",
+                "the sslpassword parameter of PostgreSQL URL "
+                "'postgresql://u@h/db?sslmode=require&sslpassword=***' contains '#': "
+                "percent-encode it (%23)",
+            ),
+        ],
+    )
+    def test_unencoded_separator_in_a_password_parameter_hides_its_tail(
+        self, url: str, problem: str
+    ) -> None:
+        """What follows an unencoded '&' or '#' in a password would show as a name or fragment."""
+        with pytest.raises(ValueError) as info:
+            parse_url(url)
+        assert str(info.value) == problem
+        assert "S3kr1t" not in repr(info.value)
+
     @pytest.mark.parametrize("url", ["postgresql:/app@db/bank", "postgres:db/bank"])
     def test_a_url_without_two_slashes_is_rejected(self, url: str) -> None:
         # Else libpq reads 'app@db/bank' as a database name on the local socket.

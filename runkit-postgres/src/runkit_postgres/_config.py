@@ -274,6 +274,32 @@ def _misencoded_user_info(url: str) -> str | None:
     return None
 
 
+def _cut_password_parameter(url: str, query: str, fragment: str) -> str | None:
+    """The problem if an unencoded '&' or '#' cut a password parameter short, else ``None``.
+
+    The rest of the password would be shown as a parameter name (a part without
+    '=' right after it) or as the fragment, so the message shows the URL only
+    up to the cut.
+    """
+    start = url.index("?") + 1 if query else 0
+    segments = query.split("&")
+    for i in range(1, len(segments)):
+        key = segments[i - 1].partition("=")[0]
+        if key in _SECRET_KEYS and "=" not in segments[i]:
+            head = url[: start + len("&".join(segments[:i]))]
+            return (
+                f"the {key} parameter of PostgreSQL URL {describe_conninfo(head)!r} "
+                "contains '&': percent-encode it (%26)"
+            )
+    key = segments[-1].partition("=")[0]
+    if fragment and key in _SECRET_KEYS:
+        return (
+            f"the {key} parameter of PostgreSQL URL {describe_conninfo(url.partition('#')[0])!r} "
+            "contains '#': percent-encode it (%23)"
+        )
+    return None
+
+
 def validate_conninfo(conninfo: str) -> dict[str, Any]:
     """Parse *conninfo* as libpq would, without I/O.
 
@@ -320,6 +346,8 @@ def parse_url(url: str) -> tuple[str, Settings]:
         parts = urlsplit(url)
     except ValueError as exc:
         raise ValueError(f"malformed PostgreSQL URL {redact_url(url)!r}: {exc}") from None
+    if (problem := _cut_password_parameter(url, parts.query, parts.fragment)) is not None:
+        raise InvalidURL(url, [problem])
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise ValueError(
