@@ -969,7 +969,7 @@ def ca_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 async def test_operator_ca_certificates_are_accepted_and_self_signed_ones_refused(
-    ca_files: dict[str, Path],
+    ca_files: dict[str, Path], tmp_path: Path
 ) -> None:
     def load(name: str) -> TlsIdentity:
         return TlsIdentity.load(ca_files[name], ca_files[f"{name}-key"], ca_files["ca"])
@@ -978,7 +978,12 @@ async def test_operator_ca_certificates_are_accepted_and_self_signed_ones_refuse
     def nobody(fingerprint: str) -> bool:
         return False
 
-    one, two, rogue = load("one"), load("two"), load("rogue")
+    one, two = load("one"), load("two")
+    # The rogue trusts itself as well as the cluster's CA: with the cluster's CA
+    # alone it would be refused at load (see below).
+    bundle = tmp_path / "rogue-bundle.pem"
+    bundle.write_bytes(ca_files["rogue"].read_bytes() + ca_files["ca"].read_bytes())
+    rogue = TlsIdentity.load(ca_files["rogue"], ca_files["rogue-key"], bundle)
     async with serving(node("one", one, authenticate=nobody)) as address:
         async with node("two", two, authenticate=nobody) as client:
             assert await client.call(address, "echo", b"signed") == b"two:signed"
@@ -1032,6 +1037,26 @@ def test_loading_an_identity_reports_every_problem(
 
     with pytest.raises(ConfigurationError, match="does not match the certificate"):
         TlsIdentity.load(ca_files["one"], ca_files["two-key"])
+
+
+def test_a_certificate_the_ca_does_not_verify_is_refused_at_load(
+    ca_files: dict[str, Path],
+) -> None:
+    # Else the node starts and every connection to or from it fails.
+    with pytest.raises(ConfigurationError) as rogue:
+        TlsIdentity.load(ca_files["rogue"], ca_files["rogue-key"], ca_files["ca"])
+    assert (
+        f"the certificate in {ca_files['rogue']} does not verify against {ca_files['ca']} "
+        "(self-signed certificate): peers trusting that CA would refuse this node"
+    ) in str(rogue.value)
+    with pytest.raises(ConfigurationError, match="unable to get local issuer certificate"):
+        TlsIdentity.load(ca_files["one"], ca_files["one-key"], ca_files["two"])  # not a CA
+    with pytest.raises(ConfigurationError, match="does not verify against CA certificate"):
+        TlsIdentity(
+            cert_pem=ca_files["rogue"].read_bytes(),
+            key_pem=ca_files["rogue-key"].read_bytes(),
+            ca_pem=ca_files["ca"].read_bytes(),
+        )
 
 
 # --- layering ----------------------------------------------------------------------

@@ -201,14 +201,54 @@ def _check_identity(
             problems.append(f"{key_name} is a {type(key).__name__}; use an EC, RSA or Ed25519 key")
         elif key.public_key() != cert.public_key():
             problems.append(f"{key_name} does not match the certificate in {cert_name}")
+        elif ca_pem is not None and not problems:
+            refusal = _peer_refusal(cert_pem, key_pem, ca_pem)
+            if refusal is not None:
+                problems.append(
+                    f"the certificate in {cert_name} does not verify against {ca_name} "
+                    f"({refusal}): peers trusting that CA would refuse this node; "
+                    "use a certificate the CA issued, or the CA that issued it"
+                )
     return problems
 
 
-def _context(identity: TlsIdentity, purpose: ssl.Purpose) -> ssl.SSLContext:
-    protocol = (
-        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
-    )
-    ctx = ssl.SSLContext(protocol)
+def _peer_refusal(cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> str | None:
+    """Why a peer with the same CA would refuse this certificate, or ``None``.
+
+    Runs a TLS handshake in memory between a server and a client that both use
+    it, so OpenSSL checks exactly what it checks on a real connection (chain,
+    validity dates, key usage) and the node fails at start, not on every call.
+    """
+    server = _make_context(cert_pem, key_pem, ca_pem, server=True)
+    client = _make_context(cert_pem, key_pem, ca_pem, server=False)
+    wires = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(2)]
+    ends = [
+        server.wrap_bio(wires[0][0], wires[0][1], server_side=True),
+        client.wrap_bio(wires[1][0], wires[1][1], server_side=False),
+    ]
+    done = [False, False]
+    for _ in range(10):  # TLS 1.3 needs two round trips; more means something is wrong
+        for i, end in enumerate(ends):
+            try:
+                end.do_handshake()
+                done[i] = True
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                return str(exc.verify_message)
+            except ssl.SSLError as exc:
+                return str(exc.reason or exc)
+            # Carry what this end wrote to the other end.
+            wires[1 - i][0].write(wires[i][1].read())
+        if all(done):  # each end verified the other's certificate
+            return None
+    return "the TLS handshake did not complete"
+
+
+def _make_context(
+    cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None, *, server: bool
+) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     # Peers are addressed by IP and trusted by fingerprint or CA, not by name.
     ctx.check_hostname = False
@@ -216,11 +256,11 @@ def _context(identity: TlsIdentity, purpose: ssl.Purpose) -> ssl.SSLContext:
     with tempfile.TemporaryDirectory(prefix="runkit-tls-") as tmp:
         cert_file, key_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
         key_file.touch(mode=0o600)
-        key_file.write_bytes(identity.key_pem)
-        cert_file.write_bytes(identity.cert_pem)
+        key_file.write_bytes(key_pem)
+        cert_file.write_bytes(cert_pem)
         ctx.load_cert_chain(cert_file, key_file)
-    if identity.ca_pem is not None:
-        ctx.load_verify_locations(cadata=identity.ca_pem.decode("ascii"))
+    if ca_pem is not None:
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
         ctx.verify_mode = ssl.CERT_REQUIRED
     else:
         # Fingerprint mode: the peer is checked after the handshake (see module doc).
@@ -230,12 +270,12 @@ def _context(identity: TlsIdentity, purpose: ssl.Purpose) -> ssl.SSLContext:
 
 def server_context(identity: TlsIdentity) -> ssl.SSLContext:
     """Return the listening side's TLS 1.3 context for *identity*."""
-    return _context(identity, ssl.Purpose.CLIENT_AUTH)
+    return _make_context(identity.cert_pem, identity.key_pem, identity.ca_pem, server=True)
 
 
 def client_context(identity: TlsIdentity) -> ssl.SSLContext:
     """Return the connecting side's TLS 1.3 context (it always presents its certificate)."""
-    return _context(identity, ssl.Purpose.SERVER_AUTH)
+    return _make_context(identity.cert_pem, identity.key_pem, identity.ca_pem, server=False)
 
 
 def _proof_message(channel_binding: bytes, server_fingerprint: str) -> bytes:
