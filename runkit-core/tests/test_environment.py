@@ -224,6 +224,17 @@ def test_tls_files_must_exist_and_come_in_pairs(tmp_path: Path) -> None:
     )
 
 
+def test_a_tls_ca_without_a_certificate_and_key_is_refused(tmp_path: Path) -> None:
+    # Else the node would ignore the CA and trust peers by fingerprint.
+    with pytest.raises(ConfigurationError) as info:
+        ENVIRONMENT.load({"DOGMA_TLS_CA": _pem(tmp_path, "ca.crt")})
+    assert info.value.problems == (
+        "DOGMA_TLS_CA is set but DOGMA_TLS_CERT and DOGMA_TLS_KEY are not: a CA needs "
+        "this node's certificate and key, e.g. DOGMA_TLS_CERT=/etc/runkit/node.crt and "
+        "DOGMA_TLS_KEY=/etc/runkit/node.key",
+    )
+
+
 def test_persistence_url_is_checked_by_its_driver_reporting_every_problem() -> None:
     url = "postgresql://bob:hunter2@db/app?foo=bar&pool_max_size=ten"
     with pytest.raises(ConfigurationError) as info:

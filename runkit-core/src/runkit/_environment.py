@@ -205,6 +205,16 @@ class EnvironmentRegistry:
             problem = self._together(source, first, second)
             if problem is not None:
                 problems.append(problem)
+        if source.get("DOGMA_TLS_CA") and not (
+            source.get("DOGMA_TLS_CERT") or source.get("DOGMA_TLS_KEY")
+        ):
+            # Alone it would be ignored: peers trusted by fingerprint, not by the CA.
+            problems.append(
+                "DOGMA_TLS_CA is set but DOGMA_TLS_CERT and DOGMA_TLS_KEY are not: a CA "
+                "needs this node's certificate and key, e.g. "
+                f"DOGMA_TLS_CERT={self['DOGMA_TLS_CERT'].example} and "
+                f"DOGMA_TLS_KEY={self['DOGMA_TLS_KEY'].example}"
+            )
         site: Site | None = None
         if values["DOGMA_SITE_NAME"] and values["DOGMA_SITE_KEY"]:
             site = Site(values["DOGMA_SITE_NAME"], values["DOGMA_SITE_KEY"])
@@ -364,8 +374,8 @@ ENVIRONMENT = EnvironmentRegistry(
         Variable(
             "DOGMA_TLS_CA",
             "PEM file path",
-            "A CA bundle peers' certificates must chain to. Also with_tls(ca=...) and "
-            "runkit run --tls-ca.",
+            "A CA bundle peers' certificates must chain to; needs DOGMA_TLS_CERT and "
+            "DOGMA_TLS_KEY. Also with_tls(ca=...) and runkit run --tls-ca.",
             "/etc/runkit/ca.crt",
             default="trust each peer by the fingerprint in its heartbeat",
             parse=lambda v: check_readable_file(v, what="CA bundle"),
