@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import sys
 import uuid
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 import runkit
 from runkit.config import build
-from runkit.engine.commands.inbox import inbox_name
+from runkit.engine.commands.inbox import EngineStopped, inbox_name
 from runkit.engine.meta import load_partition_count, meta_name
 from runkit_memory import MemoryProvider
 
@@ -175,3 +178,71 @@ def test_a_client_takes_a_node_id_given_in_code() -> None:
     node_id = uuid.uuid4()
     client = runkit.Client(runkit.with_application(s.config), runkit.with_node_id(node_id))
     assert client.settings.node_id == node_id
+
+
+@asynccontextmanager
+async def stalled_owner(provider: MemoryProvider, offered: anyio.Event) -> AsyncIterator[None]:
+    """Serve a node that owns every partition and takes offers without answering them."""
+    from runkit.engine.cluster.nodes import NODES_KEYSPACE, RECORD_VERSION, Heartbeat
+    from runkit.transport import NodeTransport, PeerInfo, Reply, TlsIdentity
+
+    def offer(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        offered.set()
+
+    node_id = str(uuid.uuid4())
+    transport = NodeTransport(
+        node_id=node_id,
+        identity=TlsIdentity.self_signed(node_id),
+        authenticate=lambda fingerprint: True,
+        deferred={"offer": offer},
+    )
+    async with transport, anyio.create_task_group() as tg:
+        address = await tg.start(transport.serve, "127.0.0.1:0")
+        now = datetime.now(UTC)
+        beat = Heartbeat(
+            version=RECORD_VERSION,
+            node_id=node_id,
+            incarnation="i",
+            started_at=now,
+            written_at=now,
+            expires_at=now + timedelta(hours=1),
+            heartbeat_interval=60.0,
+            advertise_address=address,
+            listen_address=address,
+            tls_fingerprint=transport.identity.fingerprint,
+        )
+        async with await provider.keyspaces.open(NODES_KEYSPACE) as ks:
+            await ks.set_unconditional(node_id.encode(), msgspec.msgpack.encode(beat))
+        yield
+        tg.cancel_scope.cancel()
+
+
+async def test_leaving_the_client_ends_a_call_in_flight_with_a_clear_error() -> None:
+    # The call is offered to the owner when the client is left: the offer fails
+    # with the closing transport and the call falls back to an inbox whose
+    # writer has already stopped. It must fail at once, not wait for ever.
+    s = setup()
+    silo = f"client-{uuid.uuid4()}"
+    await start_application(silo)
+    provider = MemoryProvider(silo)
+    offered, done = anyio.Event(), anyio.Event()
+    outcome: list[BaseException] = []
+
+    async def deposit(executor: Any) -> None:
+        try:
+            await executor.execute_command(Deposit("a", 1, "in flight"))
+        except Exception as exc:
+            outcome.append(exc)
+        done.set()
+
+    async with stalled_owner(provider, offered), anyio.create_task_group() as tg:
+        async with runkit.Client(
+            runkit.with_application(s.config), runkit.with_persistence_provider(provider)
+        ) as client:
+            tg.start_soon(deposit, client.executor_for(s.app))
+            with anyio.fail_after(10):
+                await offered.wait()
+        with anyio.fail_after(10):
+            await done.wait()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], EngineStopped)

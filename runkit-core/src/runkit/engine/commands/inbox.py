@@ -50,6 +50,9 @@ class EngineStopped(RuntimeError):
     """The engine stopped before an operation could complete."""
 
 
+_STOPPED = "the engine stopped before the command was accepted"
+
+
 def inbox_name(app_key: str, index: int) -> str:
     """The name of partition *index*'s inbox journal."""
     return f"{app_key}/inbox/{index}"
@@ -195,10 +198,15 @@ class InboxWriter:
         self._queue: deque[_Waiter] = deque()
         self._wake = anyio.Event()
         self._end: int | None = None
+        self._stopped = False
         self.records_written = 0
 
     async def submit(self, entries: Sequence[InboxEntry]) -> int:
         """Make *entries* durable in this inbox; return the position of their record."""
+        if self._stopped:
+            # Nothing would ever take it: a caller that fell back to the inbox
+            # while the engine (or client) stopped must not wait for ever.
+            raise EngineStopped(_STOPPED)
         size = sum(len(e.envelope.data) + 512 for e in entries)
         waiter = _Waiter(entries, size)
         self._queue.append(waiter)
@@ -211,7 +219,8 @@ class InboxWriter:
         return waiter.position
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Append submitted commands until cancelled."""
+        """Append submitted commands until cancelled; later submits fail at once."""
+        self._stopped = False
         task_status.started()
         try:
             while True:
@@ -220,7 +229,8 @@ class InboxWriter:
                 while self._queue:
                     await self._write_one()
         finally:
-            error = EngineStopped("the engine stopped before the command was accepted")
+            self._stopped = True
+            error = EngineStopped(_STOPPED)
             while self._queue:
                 waiter = self._queue.popleft()
                 waiter.error = error
