@@ -506,6 +506,41 @@ async def test_calling_outside_async_with_is_a_clear_error() -> None:
         await node().call("127.0.0.1:1", "echo", b"")
 
 
+async def test_a_call_still_connecting_when_the_transport_closes_fails_cleanly(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    checking, release = anyio.Event(), anyio.Event()
+
+    async def slow_members(fingerprint: str) -> bool:
+        checking.set()  # the client's handshake is under way
+        await release.wait()
+        return members(fingerprint)
+
+    outcome: list[BaseException] = []
+    async with serving(node("node-b", B, authenticate=slow_members)) as address:  # type: ignore[arg-type]
+        async with anyio.create_task_group() as tg:
+            async with node() as a:
+
+                async def call() -> None:
+                    try:
+                        await a.call(address, "echo", b"x", timeout=30)
+                    except Exception as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(call)
+                with anyio.fail_after(10):
+                    await checking.wait()
+            release.set()  # the handshake completes after the transport closed
+        with anyio.fail_after(10):  # and the connection it made is closed, not left open
+            while True:
+                if "the peer said goodbye: shutting down" in transport_log.text:
+                    break
+                await anyio.sleep(0.01)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], PeerUnavailable)
+    assert outcome[0].reason == "shutting down"
+
+
 # --- streams -----------------------------------------------------------------------
 
 

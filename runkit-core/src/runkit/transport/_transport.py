@@ -242,15 +242,24 @@ class NodeTransport:
     async def _connection(self, address: str, expect_fingerprint: str | None) -> PeerConnection:
         connection = self._peers.get(address)
         if connection is None or connection.closed:
-            if self._tg is None:
+            tg = self._tg
+            if tg is None:
                 raise RuntimeError("use the NodeTransport in `async with` before calling peers")
             lock = self._connecting.setdefault(address, anyio.Lock())
             async with lock:
                 connection = self._peers.get(address)
                 if connection is None or connection.closed:
+                    # Calls in flight when the transport is left fail as "shutting
+                    # down", those waiting to connect or connecting too.
+                    if self._tg is not tg:
+                        raise PeerUnavailable(address, "shutting down")
                     connection = await self._open(address)
+                    if self._tg is not tg:
+                        connection.link.close("shutting down")
+                        await connection.run()  # says goodbye and closes the socket
+                        raise PeerUnavailable(address, "shutting down")
                     self._peers[address] = connection
-                    self._tg.start_soon(self._run_connection, connection)
+                    tg.start_soon(self._run_connection, connection)
         if expect_fingerprint is not None and connection.peer.fingerprint != expect_fingerprint:
             reason = (
                 f"the node there presents certificate {connection.peer.fingerprint}, "
