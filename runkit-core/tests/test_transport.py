@@ -413,6 +413,41 @@ async def test_a_deferred_answer_over_the_frame_limit_is_an_error() -> None:
         assert await a.call(address, "echo", b"still") == b"node-a:still"
 
 
+async def test_deferred_answers_a_peer_does_not_read_count_against_the_request_bound(
+    transport_log: pytest.LogCaptureFixture,
+) -> None:
+    # A peer that sends requests and never reads the answers: once the
+    # outgoing queue is full, answers waiting for room are requests still in
+    # progress, as a unary handler's are, so the server holds no more than the
+    # bound of them and then closes the connection.
+    def instant(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
+        reply.ok(b"x" * 60_000)
+
+    most_waiting = 0
+
+    def waiting_answers() -> int:
+        return sum("_send_later" in (t.name or "") for t in anyio.get_running_tasks())
+
+    b = node("node-b", B, deferred={"instant": instant}, max_concurrent_requests=4)
+    async with serving(b) as address:
+        flooder = await raw_session(address, A)
+        with anyio.fail_after(30):
+            try:
+                for i in range(1, 20_001):
+                    await flooder.send(encode_frame(Request(id=i, method="instant", payload=b"")))
+                    if i % 100 == 0:
+                        await anyio.lowlevel.checkpoint()  # let the server read and answer
+                        most_waiting = max(most_waiting, waiting_answers())
+            except (anyio.BrokenResourceError, ssl.SSLError, OSError):
+                pass  # closed by the server
+            while True:
+                if "sends requests faster than it reads answers" in transport_log.text:
+                    break
+                await anyio.sleep(0.01)
+        await anyio.aclose_forcefully(flooder)
+    assert most_waiting <= 4
+
+
 def test_a_method_cannot_be_both_unary_and_deferred() -> None:
     def both(peer: PeerInfo, payload: bytes, reply: Reply) -> None:
         reply.ok(b"")

@@ -338,11 +338,19 @@ class _RequestRunner:
             if self._link.send_nowait(frame):
                 return
         if self._tg is not None and not self._link.closed:
-            self._tg.start_soon(self._send_later, frame)
+            # Until it is queued the request is still in progress, as a unary
+            # handler's is: a peer that does not read its answers gets no more
+            # of them held here than the request bound (then "overloaded").
+            active = self._active[request_id] = _Active()
+            self._tg.start_soon(self._send_later, request_id, frame, active)
 
-    async def _send_later(self, frame: Frame) -> None:
-        with contextlib.suppress(LinkClosed):  # the caller learns that from the connection
-            await self._link.send(frame)
+    async def _send_later(self, request_id: int, frame: Frame, active: _Active) -> None:
+        try:
+            # A closed link: the caller learns that from the connection.
+            with active.scope, contextlib.suppress(LinkClosed):
+                await self._link.send(frame)
+        finally:
+            self._active.pop(request_id, None)
 
     def _reply_now(self, frame: Frame) -> None:
         if not self._link.send_nowait(frame):
