@@ -19,6 +19,7 @@ import anyio
 import msgspec
 import pytest
 
+import dogma
 import runkit
 from runkit.config import build
 from runkit.engine.commands.inbox import EngineStopped, inbox_name
@@ -26,7 +27,15 @@ from runkit.engine.meta import load_partition_count, meta_name
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_commands_harness import APP_KEY, REGISTRY, Accounts, App, Deposit, setup
+from engine_commands_harness import (
+    APP_KEY,
+    REGISTRY,
+    Accounts,
+    App,
+    Deposit,
+    Deposited,
+    setup,
+)
 
 PARTITIONS = 4
 
@@ -217,10 +226,15 @@ async def stalled_owner(provider: MemoryProvider, offered: anyio.Event) -> Async
         tg.cancel_scope.cancel()
 
 
-async def test_leaving_the_client_ends_a_call_in_flight_with_a_clear_error() -> None:
+@pytest.mark.parametrize("observed", [False, True], ids=["unobserved", "observed"])
+async def test_leaving_the_client_ends_a_call_in_flight_with_a_clear_error(
+    observed: bool,
+) -> None:
     # The call is offered to the owner when the client is left: the offer fails
     # with the closing transport and the call falls back to an inbox whose
     # writer has already stopped. It must fail at once, not wait for ever.
+    # Observed, the failed offer also widens the observation, with the
+    # client's task group gone.
     s = setup()
     silo = f"client-{uuid.uuid4()}"
     await start_application(silo)
@@ -228,9 +242,14 @@ async def test_leaving_the_client_ends_a_call_in_flight_with_a_clear_error() -> 
     offered, done = anyio.Event(), anyio.Event()
     outcome: list[BaseException] = []
 
+    async def saw(event: Deposited) -> bool:
+        return True
+
+    observers = [dogma.observe(Deposited, saw, registry=REGISTRY)] if observed else []
+
     async def deposit(executor: Any) -> None:
         try:
-            await executor.execute_command(Deposit("a", 1, "in flight"))
+            await executor.execute_command(Deposit("a", 1, "in flight"), observers=observers)
         except Exception as exc:
             outcome.append(exc)
         done.set()

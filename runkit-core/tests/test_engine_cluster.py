@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -669,6 +669,58 @@ async def test_leaving_an_observation_while_a_peer_item_is_delivered_is_clean() 
         # The follower got the item after the caller left: it stops quietly.
         await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
+
+
+async def test_an_offer_failing_after_its_router_stopped_opens_no_stream() -> None:
+    # An observed command's offer still in flight when the router's task group
+    # closes (the transport closing under it) fails; its observation then
+    # widens, and must not start a stream in the closed task group.
+    import math
+    from datetime import UTC, datetime
+
+    from runkit.engine.cluster.nodes import NodeRecord
+    from runkit.engine.cluster.routing import Router
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.envelope import new_envelope, register_types
+    from runkit.engine.streams import Observed, Widen
+    from runkit.transport import PeerUnavailable
+
+    class ClosedTransport:
+        async def call(self, address: str, *args: Any, **kwargs: Any) -> bytes:
+            raise PeerUnavailable(address, "shutting down")
+
+    now = datetime.now(UTC)
+    peer = NodeRecord(
+        node_id=uuid.uuid4(),
+        incarnation="i",
+        started_at=now,
+        written_at=now,
+        expires_at=now,
+        heartbeat_interval=1.0,
+        advertise_address="127.0.0.1:1",
+    )
+    router = Router(
+        ClosedTransport(),  # type: ignore[arg-type]
+        lambda: {peer.node_id: peer},
+        self_id=uuid.uuid4(),
+        self_is_node=False,
+    )
+    s = setup()
+    register_types(s.config.message_types())
+    envelope = new_envelope(
+        Deposit("acct", 1, "ref"), app_key=APP_KEY, site_key=None, created_at=now
+    )
+    entry = InboxEntry(envelope=envelope, handler_key="h", instance_id="acct")
+    send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+    with send, receive, ExitStack() as observing:
+        async with anyio.create_task_group() as tg:
+            router.start(tg)
+            # Waits for the offer's answer before opening streams.
+            observing.enter_context(
+                router.observation(APP_KEY, envelope.correlation_id, send, widen=Widen())
+            )
+            tg.cancel_scope.cancel()
+        assert not await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry])
 
 
 async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_once(

@@ -317,7 +317,8 @@ class Router:
 
     def _subscribe(self, observation: _Observation) -> None:
         """Open a stream at each peer that may record the chain and has none yet."""
-        assert self._tg is not None
+        if self._tg is None:
+            return  # stopping (see _keep_observing): its calls end with it
         for node in self._recorders(observation.app_key, observation.partition):
             if not node.advertise_address:
                 self._follow_store(observation, node)
@@ -327,8 +328,7 @@ class Router:
 
     def _follow_store(self, observation: _Observation, node: NodeRecord) -> None:
         """Read the chain's events of an unreachable node's partitions from the store."""
-        assert self._tg is not None
-        if self._store is None:
+        if self._tg is None or self._store is None:
             return
         if observation.partition is not None:
             indexes: Iterable[int] = (observation.partition,)
@@ -389,14 +389,19 @@ class Router:
 
     async def _keep_observing(self) -> None:
         """Open streams at peers that joined, and those whose answer never came."""
-        while True:
-            await anyio.sleep(RESUBSCRIBE_INTERVAL)
-            now = anyio.current_time()
-            for observation in list(self._observations):
-                if observation.widened:
-                    self._subscribe(observation)
-                elif not observation.answered and now >= observation.deadline:
-                    self._widen(observation)
+        try:
+            while True:
+                await anyio.sleep(RESUBSCRIBE_INTERVAL)
+                now = anyio.current_time()
+                for observation in list(self._observations):
+                    if observation.widened:
+                        self._subscribe(observation)
+                    elif not observation.answered and now >= observation.deadline:
+                        self._widen(observation)
+        finally:
+            # The task group is closing: a call still in flight (an offer failing
+            # as the transport closes, say) must not start a task in it.
+            self._tg = None
 
 
 @attrs.define(eq=False)
