@@ -23,6 +23,7 @@ import runkit
 from runkit.config import ApplicationConfig
 from runkit.engine import executor as executor_module
 from runkit.engine.cluster.nodes import NODES_KEYSPACE
+from runkit.engine.commands.inbox import EngineStopped
 from runkit.engine.engine import Engine
 from runkit.engine.ids import new_id
 from runkit.engine.partitions import partition_id, partition_of
@@ -847,6 +848,47 @@ async def test_a_client_used_after_its_block_says_so() -> None:
         await client.status()
     with pytest.raises(RuntimeError, match="inside `async with"):
         await client.status()  # not the PersistenceError of the provider it closed
+
+
+async def test_leaving_a_client_ends_a_call_waiting_for_its_observers() -> None:
+    # The command is durable (in an inbox: the node does not listen) and the
+    # call waits for Notified while the integration runs. Leaving the client
+    # stops what feeds the observers: the call must end, not wait for ever.
+    s = setup()
+    s.notifier.delay = 60
+    silo = f"cluster-{uuid.uuid4()}"
+    engine = one_node(s.config, silo)
+    outcome: list[BaseException] = []
+    done = anyio.Event()
+
+    async def saw(event: Notified) -> bool:
+        return True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.runtime(APP_KEY)
+        async with runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_persistence_provider(MemoryProvider(silo)),
+        ) as client:
+
+            async def notify() -> None:
+                try:
+                    await client.executor_for(s.app).execute_command(
+                        Notify(1), observers=[dogma.observe(Notified, saw, registry=REGISTRY)]
+                    )
+                except Exception as exc:
+                    outcome.append(exc)
+                done.set()
+
+            tg.start_soon(notify)
+            await wait_until(lambda: bool(s.notifier.calls))  # handled, not yet done
+        with anyio.fail_after(10):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], EngineStopped)
+    assert str(outcome[0]) == "the client was left before an observer was satisfied"
 
 
 # --- authentication ------------------------------------------------------------------
