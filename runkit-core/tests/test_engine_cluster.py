@@ -891,6 +891,43 @@ async def test_leaving_a_client_ends_a_call_waiting_for_its_observers() -> None:
     assert str(outcome[0]) == "the client was left before an observer was satisfied"
 
 
+@pytest.mark.parametrize("listening", [False, True], ids=["lone", "routed"])
+async def test_stopping_an_engine_ends_a_call_waiting_for_its_observers(listening: bool) -> None:
+    # As for a client: the command was handled and the call waits for
+    # Notified while the integration runs when the engine stops.
+    s = setup()
+    s.notifier.delay = 60
+    silo = f"cluster-{uuid.uuid4()}"
+    engine = one_node(s.config, silo, **({"listen_address": "127.0.0.1:0"} if listening else {}))
+    outcome: list[BaseException] = []
+    done = anyio.Event()
+
+    async def saw(event: Notified) -> bool:
+        return True
+
+    async def notify() -> None:
+        try:
+            await engine.executor_for(s.app).execute_command(
+                Notify(1), observers=[dogma.observe(Notified, saw, registry=REGISTRY)]
+            )
+        except Exception as exc:
+            outcome.append(exc)
+        done.set()
+
+    async with anyio.create_task_group() as caller:
+        async with anyio.create_task_group() as running:
+            running.start_soon(engine.run)
+            await engine.runtime(APP_KEY)
+            caller.start_soon(notify)
+            await wait_until(lambda: bool(s.notifier.calls))  # handled, not yet done
+            running.cancel_scope.cancel()
+        with anyio.fail_after(10):
+            await done.wait()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], EngineStopped)
+    assert str(outcome[0]) == "the engine stopped before an observer was satisfied"
+
+
 # --- authentication ------------------------------------------------------------------
 
 

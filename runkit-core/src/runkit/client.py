@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -35,15 +34,15 @@ from .engine.backoff import backoff
 from .engine.cluster.membership import Membership
 from .engine.cluster.routing import Router, authenticator, make_identity
 from .engine.commands.acceptance import Acceptor
-from .engine.commands.inbox import EngineStopped, InboxWriter, inbox_name
+from .engine.commands.inbox import InboxWriter, inbox_name
 from .engine.engine import read_partition_count
 from .engine.envelope import register_types
-from .engine.events.observers import Subscription
+from .engine.events.observers import Subscription, Subscriptions
 from .engine.executor import Executor
 from .engine.partitions import partition_id
 from .engine.settings import EngineSettings
 from .engine.startup import wait_for_store
-from .engine.streams import Observed, Widen
+from .engine.streams import Widen
 from .persistence import Provider, provider_from_url
 from .persistence._urls import empty_store_hint
 from .transport import NodeTransport
@@ -100,7 +99,7 @@ class Client:
         self._provider: Provider | None = None
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
-        self._subscriptions: set[anyio.CancelScope] = set()
+        self._subscriptions = Subscriptions("the client was left before an observer was satisfied")
         self._entered = False
 
     async def __aenter__(self) -> Self:
@@ -164,8 +163,7 @@ class Client:
     ) -> None:
         stack, self._stack = self._stack, None
         self._router = self._tg = self._provider = None  # the provider may be closed below
-        for scope in self._subscriptions:
-            scope.cancel()
+        self._subscriptions.end()
         self._acceptors.clear()
         if stack is not None:
             await stack.aclose()
@@ -278,23 +276,9 @@ class Client:
         """
         if self._router is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
-        return self._observing(self._router.observe(app_key, correlation_id, partition, widen))
-
-    @asynccontextmanager
-    async def _observing(
-        self, subscription: Subscription
-    ) -> AsyncIterator[AsyncIterator[Observed]]:
-        # Leaving the client stops the streams that feed the subscription: a
-        # caller waiting for its observers would wait for ever.
-        with anyio.CancelScope() as scope:
-            self._subscriptions.add(scope)
-            try:
-                async with subscription as events:
-                    yield events
-            finally:
-                self._subscriptions.discard(scope)
-        if scope.cancelled_caught:
-            raise EngineStopped("the client was left before an observer was satisfied")
+        return self._subscriptions.track(
+            self._router.observe(app_key, correlation_id, partition, widen)
+        )
 
     # -- public --
 

@@ -36,7 +36,7 @@ from .cluster.serving import ClusterServer
 from .commands.acceptance import Acceptor
 from .commands.inbox import EngineStopped, InboxEntry
 from .envelope import register_types
-from .events.observers import Subscription
+from .events.observers import Subscription, Subscriptions
 from .meta import MetaRecord, load_partition_count, meta_name, read_partition_count
 from .runtime import AppRuntime
 from .settings import EngineSettings
@@ -110,6 +110,7 @@ class Engine:
         self._closing: list[Provider] = []  # providers the engine made for itself
         self.bus = EventBus()
         self._lone = LoneSubscriptions(self.bus)
+        self._subscriptions = Subscriptions("the engine stopped before an observer was satisfied")
         self._runtimes: dict[str, AppRuntime] = {}
         self._cluster: NodeCluster | None = None
         self._membership_view: Any = None
@@ -199,7 +200,8 @@ class Engine:
         """The chain's events recorded here and on the peers.
 
         With *partition* (the only one the chain can reach), only at its owner;
-        with *widen*, see ``Router.observe``.
+        with *widen*, see ``Router.observe``. Stopping the engine ends the
+        subscription's block with ``EngineStopped``.
         """
         cluster = self._cluster
         view = self._membership_view
@@ -211,12 +213,16 @@ class Engine:
             # routed observation. If peers join meanwhile, the subscription is
             # routed then (``LoneSubscriptions``). A listening node is always
             # routed: peers find it.
-            return self._lone.subscribe(app_key, correlation_id, partition)
+            return self._subscriptions.track(
+                self._lone.subscribe(app_key, correlation_id, partition)
+            )
         router = cluster.router
         # The bus and the peers' streams deliver into one stream: no task per source.
-        return fed_subscription(
-            lambda send: self.bus.attached(correlation_id, send),
-            lambda send: router.observation(app_key, correlation_id, send, partition, widen),
+        return self._subscriptions.track(
+            fed_subscription(
+                lambda send: self.bus.attached(correlation_id, send),
+                lambda send: router.observation(app_key, correlation_id, send, partition, widen),
+            )
         )
 
     def _members(self) -> dict[uuid.UUID, Any]:
@@ -399,6 +405,7 @@ class Engine:
                 await anyio.sleep_forever()
         finally:
             self._state = "stopped"
+            self._subscriptions.end()
             if self._started is not None:
                 self._started.set()
             with anyio.CancelScope(shield=True):

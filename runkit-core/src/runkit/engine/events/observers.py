@@ -32,18 +32,51 @@ re-delivered reports a *non-conclusive* done note, which decides nothing.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
+
+import anyio
 
 import dogma
 
 from ...config import ApplicationConfig
+from ..commands.inbox import EngineStopped
 from ..envelope import Envelope, message_class
 from ..streams import CommandDone, Observed
 
-__all__ = ["Subscription", "satisfiable_observers", "wait_for_observers"]
+__all__ = ["Subscription", "Subscriptions", "satisfiable_observers", "wait_for_observers"]
 
 Subscription = AbstractAsyncContextManager[AsyncIterator[Observed]]
+
+
+class Subscriptions:
+    """A gateway's open subscriptions, ended when it stops.
+
+    Stopping stops what feeds them (the bus, the peers' streams): a caller
+    waiting for its observers would otherwise wait for ever.
+    """
+
+    def __init__(self, stopped: str) -> None:
+        self._stopped = stopped
+        self._scopes: set[anyio.CancelScope] = set()
+
+    @asynccontextmanager
+    async def track(self, subscription: Subscription) -> AsyncIterator[AsyncIterator[Observed]]:
+        """Enter *subscription*; its block raises ``EngineStopped`` if ``end`` is called."""
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
+            try:
+                async with subscription as events:
+                    yield events
+            finally:
+                self._scopes.discard(scope)
+        if scope.cancelled_caught:
+            raise EngineStopped(self._stopped)
+
+    def end(self) -> None:
+        """End every tracked subscription's block."""
+        for scope in self._scopes:
+            scope.cancel()
 
 
 def satisfiable_observers(
