@@ -19,6 +19,7 @@ node set as a *client* member only so that nodes accept its certificate.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from contextlib import AsyncExitStack
@@ -34,7 +35,7 @@ from .engine.backoff import backoff
 from .engine.cluster.membership import Membership
 from .engine.cluster.routing import Router, authenticator, make_identity
 from .engine.commands.acceptance import Acceptor
-from .engine.commands.inbox import InboxWriter, inbox_name
+from .engine.commands.inbox import EngineStopped, InboxWriter, inbox_name
 from .engine.engine import read_partition_count
 from .engine.envelope import register_types
 from .engine.events.observers import Subscription, Subscriptions
@@ -99,7 +100,9 @@ class Client:
         self._provider: Provider | None = None
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
-        self._subscriptions = Subscriptions("the client was left before an observer was satisfied")
+        self._subscriptions = Subscriptions(
+            functools.partial(EngineStopped, "the client was left before an observer was satisfied")
+        )
         self._entered = False
 
     async def __aenter__(self) -> Self:

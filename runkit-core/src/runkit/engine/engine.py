@@ -17,6 +17,7 @@ committed, within ``shutdown_timeout``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import uuid
@@ -110,7 +111,9 @@ class Engine:
         self._closing: list[Provider] = []  # providers the engine made for itself
         self.bus = EventBus()
         self._lone = LoneSubscriptions(self.bus)
-        self._subscriptions = Subscriptions("the engine stopped before an observer was satisfied")
+        self._subscriptions = Subscriptions(
+            functools.partial(EngineStopped, "the engine stopped before an observer was satisfied")
+        )
         self._runtimes: dict[str, AppRuntime] = {}
         self._cluster: NodeCluster | None = None
         self._membership_view: Any = None

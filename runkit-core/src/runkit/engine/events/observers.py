@@ -40,7 +40,6 @@ import anyio
 import dogma
 
 from ...config import ApplicationConfig
-from ..commands.inbox import EngineStopped
 from ..envelope import Envelope, message_class
 from ..streams import CommandDone, Observed
 
@@ -53,16 +52,17 @@ class Subscriptions:
     """A gateway's open subscriptions, ended when it stops.
 
     Stopping stops what feeds them (the bus, the peers' streams): a caller
-    waiting for its observers would otherwise wait for ever.
+    waiting for its observers would otherwise wait for ever. *stopped* makes
+    the error such a caller gets (the gateway's ``EngineStopped``).
     """
 
-    def __init__(self, stopped: str) -> None:
+    def __init__(self, stopped: Callable[[], Exception]) -> None:
         self._stopped = stopped
         self._scopes: set[anyio.CancelScope] = set()
 
     @asynccontextmanager
     async def track(self, subscription: Subscription) -> AsyncIterator[AsyncIterator[Observed]]:
-        """Enter *subscription*; its block raises ``EngineStopped`` if ``end`` is called."""
+        """Enter *subscription*; its block raises ``stopped()`` if ``end`` is called."""
         with anyio.CancelScope() as scope:
             self._scopes.add(scope)
             try:
@@ -71,7 +71,7 @@ class Subscriptions:
             finally:
                 self._scopes.discard(scope)
         if scope.cancelled_caught:
-            raise EngineStopped(self._stopped)
+            raise self._stopped()
 
     def end(self) -> None:
         """End every tracked subscription's block."""
