@@ -46,6 +46,26 @@ def test_with_site_validates_name_and_key() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "key", "message"),
+    [
+        (None, SITE_KEY, r"with_site\(\): site name must be a str, not NoneType \(None\)"),
+        ("eu-west", 5, r"with_site\(\): site key must be a str, not int \(5\)"),
+        ("eu-west", b"key", r"site key must be a str, not bytes \(b'key'\)"),
+    ],
+)
+def test_with_site_type_errors_name_the_bad_argument(
+    name: object, key: object, message: str
+) -> None:
+    with pytest.raises(TypeError, match=message):
+        o.with_site(name, key)  # type: ignore[arg-type]
+
+
+def test_with_site_takes_a_uuid_object_as_the_key() -> None:
+    site = o.with_site("eu-west", uuid.UUID(SITE_KEY)).value
+    assert (site.name, site.key) == ("eu-west", SITE_KEY)
+
+
+@pytest.mark.parametrize(
     ("address", "message"),
     [
         ("0.0.0.0:7000", "peers cannot route to a wildcard address"),

@@ -107,10 +107,12 @@ def with_node_id(node_id: uuid.UUID | str) -> Option:
     return Option("with_node_id", "node_id", parsed, f"with_node_id({str(parsed)!r})")
 
 
-def with_site(name: str, key: str) -> Option:
+def with_site(name: str, key: uuid.UUID | str) -> Option:
     """Set the site identity (a Dogma name and UUID key), stamped in every envelope."""
     try:
         site = parse_site(name, key)
+    except TypeError as exc:
+        raise TypeError(f"with_site(): {exc}") from None
     except ValueError as exc:
         raise ValueError(f"with_site(): {exc}") from None
     return Option("with_site", "site", site, f"with_site({site.name!r}, {site.key!r})")

@@ -70,9 +70,13 @@ def parse_node_id(value: object, *, what: str = "node ID") -> uuid.UUID:
 
 
 def parse_site(name: object, key: object) -> Site:
-    """Validate a site identity: a Dogma identity name and key."""
-    if not isinstance(name, str) or not isinstance(key, str):
-        raise TypeError("site name and key must be str")
+    """Validate a site identity: a Dogma identity name and key (a UUID string or ``uuid.UUID``)."""
+    if isinstance(key, uuid.UUID):
+        key = str(key)  # "key a UUID": a uuid.UUID is one, as with_node_id also takes
+    if not isinstance(name, str):
+        raise TypeError(f"site name must be a str, not {type(name).__name__} ({name!r})")
+    if not isinstance(key, str):
+        raise TypeError(f"site key must be a str, not {type(key).__name__} ({key!r})")
     try:
         name = dogma.validate_identity_name(name)
     except ValueError as exc:
