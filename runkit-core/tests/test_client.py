@@ -189,6 +189,12 @@ def test_a_client_takes_a_node_id_given_in_code() -> None:
     assert client.settings.node_id == node_id
 
 
+def test_a_client_refusing_a_non_option_names_itself() -> None:
+    s = setup()
+    with pytest.raises(TypeError, match=r"^Client\(\) takes options made by .*, not str$"):
+        runkit.Client(runkit.with_application(s.config), "memory:///x")
+
+
 @asynccontextmanager
 async def stalled_owner(provider: MemoryProvider, offered: anyio.Event) -> AsyncIterator[None]:
     """Serve a node that owns every partition and takes offers without answering them."""

@@ -311,8 +311,8 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
     for option in options:
         if not isinstance(option, Option):
             raise TypeError(
-                "Engine() takes options made by runkit.with_*() and runkit.from_environment(), "
-                f"not {type(option).__name__}"
+                f"{'Client' if client else 'Engine'}() takes options made by runkit.with_*() "
+                f"and runkit.from_environment(), not {type(option).__name__}"
             )
         if option.field == "application":
             apps.append(option.value)
