@@ -39,6 +39,15 @@ def test_lists_every_documented_variable_in_order() -> None:
         assert v.example
 
 
+def test_membership_is_by_name_as_lookup_is() -> None:
+    # ENVIRONMENT["DOGMA_NODE_ID"] looks a variable up by name, so ``in`` must too.
+    assert "DOGMA_NODE_ID" in ENVIRONMENT
+    assert "DOGMA_TLS_CA" in ENVIRONMENT
+    assert ENVIRONMENT["DOGMA_NODE_ID"] in ENVIRONMENT
+    assert "DOGMA_NOPE" not in ENVIRONMENT
+    assert 5 not in ENVIRONMENT
+
+
 def test_every_example_is_valid(tmp_path: Path) -> None:
     # The documented examples must themselves pass validation; the TLS
     # examples are paths, so real PEM files stand in for them.

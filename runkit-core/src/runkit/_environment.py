@@ -123,7 +123,11 @@ class _MappingEnv(environs.Env):
 
 
 class EnvironmentRegistry:
-    """The documented ``DOGMA_*`` variables, in a stable order."""
+    """The documented ``DOGMA_*`` variables, in a stable order.
+
+    Iterating yields each ``Variable``; ``registry[name]`` looks one up by name
+    and ``name in registry`` tells whether there is one.
+    """
 
     def __init__(self, variables: tuple[Variable, ...]) -> None:
         self._variables = {v.name: v for v in variables}
@@ -136,6 +140,12 @@ class EnvironmentRegistry:
 
     def __getitem__(self, name: str) -> Variable:
         return self._variables[name]
+
+    def __contains__(self, item: object) -> bool:
+        # By name, as [] looks up; iteration yields Variables, which `in` would compare.
+        if isinstance(item, Variable):
+            return self._variables.get(item.name) == item
+        return isinstance(item, str) and item in self._variables
 
     def describe(self) -> str:
         """Return a plain-text description of every variable, for people."""
