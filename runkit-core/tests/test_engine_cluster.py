@@ -1144,3 +1144,24 @@ async def test_a_listen_address_in_use_is_a_configuration_error() -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in str(errors[-1])
     # It names ways to change the address that exist (runkit run has no --listen).
     assert "runkit.with_listen_address() or DOGMA_LISTEN_ADDRESS" in str(errors[-1])
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("0.0.0.0:0", "the node cannot be reached by its peers"),
+        ("in-use", "cannot listen on 127.0.0.1:"),
+    ],
+)
+async def test_run_raises_an_unreachable_or_unusable_listen_address_as_is(
+    listen: str, message: str
+) -> None:
+    # run() raises the ConfigurationError itself, as documented, not an
+    # exception group around it.
+    s = setup()
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as taken:
+        if listen == "in-use":
+            listen = f"127.0.0.1:{taken.extra(anyio.abc.SocketAttribute.local_port)}"
+        engine = one_node(s.config, f"cluster-{uuid.uuid4()}", listen_address=listen)
+        with anyio.fail_after(10), pytest.raises(runkit.ConfigurationError, match=message):
+            await engine.run()

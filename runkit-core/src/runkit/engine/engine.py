@@ -338,7 +338,9 @@ class Engine:
         """Run until cancelled, then shut down gracefully.
 
         Raises:
-            runkit.ConfigurationError: no persistence is configured.
+            runkit.ConfigurationError: no persistence is configured, the node
+                cannot listen on its listen address, or it listens on a wildcard
+                address with no advertise address.
             RuntimeError: the engine is already running or has run.
         """
         if self._state != "new":

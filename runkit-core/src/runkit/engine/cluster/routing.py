@@ -544,6 +544,9 @@ async def node_cluster(
         str(settings.node_id), settings.tls_cert, settings.tls_key, settings.tls_ca
     )
     listen = settings.listen_address
+    # Raised after the task group is left, so the caller gets the error itself
+    # rather than an exception group around it.
+    problem: ConfigurationError | None = None
     async with (
         NodeTransport(
             node_id=str(settings.node_id),
@@ -563,27 +566,33 @@ async def node_cluster(
             try:
                 bound = await tg.start(transport.serve, listen)
             except TransportError as exc:
-                raise ConfigurationError(
+                problem = ConfigurationError(
                     f"the node cannot listen on {listen}",
                     [
                         f"{exc}; set another with runkit.with_listen_address() "
                         "or DOGMA_LISTEN_ADDRESS"
                     ],
-                ) from None
-            advertise = settings.advertise_address or bound
-            if is_unspecified_address(advertise):
-                raise ConfigurationError(
-                    "the node cannot be reached by its peers",
-                    [
-                        f"it listens on {bound}: set an address peers can reach with "
-                        "runkit.with_advertise_address() or DOGMA_ADVERTISE_ADDRESS"
-                    ],
                 )
-        router = Router(
-            transport, members, self_id=settings.node_id, self_is_node=True, store=provider
-        )
-        router.start(tg)
-        try:
-            yield NodeCluster(identity, transport, router, advertise, bound)
-        finally:
+            else:
+                advertise = settings.advertise_address or bound
+                if is_unspecified_address(advertise):
+                    problem = ConfigurationError(
+                        "the node cannot be reached by its peers",
+                        [
+                            f"it listens on {bound}: set an address peers can reach with "
+                            "runkit.with_advertise_address() or DOGMA_ADVERTISE_ADDRESS"
+                        ],
+                    )
+        if problem is not None:
             tg.cancel_scope.cancel()
+        else:
+            router = Router(
+                transport, members, self_id=settings.node_id, self_is_node=True, store=provider
+            )
+            router.start(tg)
+            try:
+                yield NodeCluster(identity, transport, router, advertise, bound)
+            finally:
+                tg.cancel_scope.cancel()
+    if problem is not None:
+        raise problem
