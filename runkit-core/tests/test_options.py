@@ -228,6 +228,21 @@ def test_resolve_rejects_duplicates_and_conflicts() -> None:
         )
 
 
+def test_an_advertise_address_without_a_listen_address_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Nothing would listen where peers are told to call.
+    with pytest.raises(ValueError, match=r"^with_advertise_address\(\) is set \(10.0.0.5:7000\)"):
+        o.resolve_options([o.with_advertise_address("10.0.0.5:7000")])
+    monkeypatch.setenv("DOGMA_ADVERTISE_ADDRESS", "10.0.0.5:7000")
+    with pytest.raises(ValueError, match=r"^DOGMA_ADVERTISE_ADDRESS is set .*DOGMA_LISTEN_ADDRESS"):
+        o.resolve_options([o.from_environment()])
+    # With a listen address it is taken; a client (which never listens) ignores it.
+    settings = o.resolve_options([o.from_environment(), o.with_listen_address("0.0.0.0:7000")])
+    assert settings.advertise_address == "10.0.0.5:7000"
+    assert o.resolve_options([o.from_environment()], client=True).listen_address is None
+
+
 @pytest.mark.parametrize("env_first", [True, False])
 def test_explicit_options_beat_environment_whatever_the_order(
     monkeypatch: pytest.MonkeyPatch, env_first: bool

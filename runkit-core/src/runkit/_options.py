@@ -297,7 +297,8 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
     Raises ``TypeError`` for something that is not an ``Option`` and
     ``ValueError`` for an option given twice, two applications with one
     identity key, both ``with_persistence`` and ``with_persistence_provider``,
-    or a retry max delay below the base delay.
+    a retry max delay below the base delay, or an advertise address without a
+    listen address (for a node).
 
     For a *client* (``runkit.Client``) the node ID comes only from
     ``with_node_id``, else it is random: ``DOGMA_NODE_ID`` is the ID of the
@@ -349,6 +350,18 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
         value = explicit.get(field, getattr(env, field))
         if value is not None:
             settings[field] = value
+    if not client and "advertise_address" in settings and "listen_address" not in settings:
+        # Peers would be told to call an address nothing listens on.
+        given = (
+            "with_advertise_address()"
+            if "advertise_address" in explicit
+            else "DOGMA_ADVERTISE_ADDRESS"
+        )
+        raise ValueError(
+            f"{given} is set ({settings['advertise_address']}) but no listen address is: "
+            "a node listens for peers only with with_listen_address() or "
+            "DOGMA_LISTEN_ADDRESS; set one too, or drop the advertise address"
+        )
     # An explicit provider beats a URL from the environment.
     if "persistence_provider" in explicit:
         settings.pop("persistence_url", None)
