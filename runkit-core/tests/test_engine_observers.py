@@ -15,7 +15,7 @@ import dogma
 from runkit.config import ApplicationConfig, build
 from runkit.engine.envelope import Envelope, new_envelope, register_types
 from runkit.engine.events.observers import wait_for_observers
-from runkit.engine.streams import StreamEvent
+from runkit.engine.streams import Observed, StreamEvent
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a3000000-0000-4000-8000-000000000001"
@@ -156,14 +156,14 @@ def event(e: dogma.Event, correlation: Envelope, offset: int = 0) -> StreamEvent
 class feed:
     """A plain async iterator (not a generator: nothing to close when abandoned)."""
 
-    def __init__(self, events: Iterable[StreamEvent], *, then_wait: bool = False) -> None:
+    def __init__(self, events: Iterable[Observed], *, then_wait: bool = False) -> None:
         self._events = list(events)
         self._then_wait = then_wait
 
     def __aiter__(self) -> feed:
         return self
 
-    async def __anext__(self) -> StreamEvent:
+    async def __anext__(self) -> Observed:
         if self._events:
             return self._events.pop(0)
         if self._then_wait:
@@ -231,6 +231,35 @@ async def test_an_event_of_a_type_unknown_here_is_passed_over(app: ApplicationCo
     assert opened.seen == [Opened("a")]
 
 
+async def test_a_stopped_note_ends_the_wait_with_its_error_and_its_wire_form_is_ignored(
+    app: ApplicationConfig,
+) -> None:
+    # A stopping gateway delivers a Stopped note to its subscriptions; a peer
+    # that receives it over the wire gets a plain note of no command, which
+    # must not end (or decide) its own calls.
+    from runkit.engine.cluster.wire import from_wire, to_wire
+    from runkit.engine.streams import EventBus, Stopped
+
+    class Gone(Exception):
+        pass
+
+    cmd = command(Open("a"))
+    bus = EventBus()
+    async with bus.subscribe(cmd.correlation_id) as events:
+        bus.end(lambda: Gone("stopped"))
+        with pytest.raises(Gone, match="stopped"):
+            await wait_for_observers(app, cmd, Open, [observe(Notified, Recorder(True))], events)
+
+    note = Stopped("", "", False, error=lambda: Gone("stopped"))
+    relayed = from_wire(to_wire(note))
+    assert not isinstance(relayed, Stopped)
+    notified = Recorder(True)
+    await wait_for_observers(
+        app, cmd, Open, [observe(Notified, notified)], feed([relayed, event(Notified("a"), cmd)])
+    )
+    assert notified.seen == [Notified("a")]
+
+
 async def test_subclasses_of_the_observed_type_match(app: ApplicationConfig) -> None:
     cmd = command(Open("a"))
     opened = Recorder(True)
@@ -284,7 +313,7 @@ async def test_unreachable_observed_types_fail_at_once(app: ApplicationConfig) -
     consumed = False
 
     class Events(feed):
-        async def __anext__(self) -> StreamEvent:
+        async def __anext__(self) -> Observed:
             nonlocal consumed
             consumed = True
             return await super().__anext__()
@@ -512,7 +541,7 @@ async def test_a_lone_subscription_routed_when_peers_join_passes_events_once_and
     from anyio.streams.memory import MemoryObjectSendStream
 
     from runkit.engine.cluster.lone import LoneSubscriptions
-    from runkit.engine.streams import EventBus, Observed
+    from runkit.engine.streams import EventBus
 
     cmd = command(Open("a"))
     first, second = event(Opened("a"), cmd, offset=0), event(Opened("a"), cmd, offset=1)

@@ -38,7 +38,7 @@ from .engine.commands.acceptance import Acceptor
 from .engine.commands.inbox import EngineStopped, InboxWriter, inbox_name
 from .engine.engine import read_partition_count
 from .engine.envelope import register_types
-from .engine.events.observers import Subscription, Subscriptions
+from .engine.events.observers import Subscription
 from .engine.executor import Executor
 from .engine.partitions import partition_id
 from .engine.settings import EngineSettings
@@ -100,9 +100,6 @@ class Client:
         self._provider: Provider | None = None
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
-        self._subscriptions = Subscriptions(
-            functools.partial(EngineStopped, "the client was left before an observer was satisfied")
-        )
         self._entered = False
 
     async def __aenter__(self) -> Self:
@@ -165,8 +162,14 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
+        if self._router is not None:
+            # Leaving stops the streams that feed the calls' subscriptions.
+            self._router.end(
+                functools.partial(
+                    EngineStopped, "the client was left before an observer was satisfied"
+                )
+            )
         self._router = self._tg = self._provider = None  # the provider may be closed below
-        self._subscriptions.end()
         self._acceptors.clear()
         if stack is not None:
             await stack.aclose()
@@ -279,9 +282,7 @@ class Client:
         """
         if self._router is None:
             raise RuntimeError("use the client inside `async with runkit.Client(...)`")
-        return self._subscriptions.track(
-            self._router.observe(app_key, correlation_id, partition, widen)
-        )
+        return self._router.observe(app_key, correlation_id, partition, widen)
 
     # -- public --
 

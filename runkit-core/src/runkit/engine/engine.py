@@ -37,7 +37,7 @@ from .cluster.serving import ClusterServer
 from .commands.acceptance import Acceptor
 from .commands.inbox import EngineStopped, InboxEntry
 from .envelope import register_types
-from .events.observers import Subscription, Subscriptions
+from .events.observers import Subscription
 from .meta import MetaRecord, load_partition_count, meta_name, read_partition_count
 from .runtime import AppRuntime
 from .settings import EngineSettings
@@ -111,8 +111,8 @@ class Engine:
         self._closing: list[Provider] = []  # providers the engine made for itself
         self.bus = EventBus()
         self._lone = LoneSubscriptions(self.bus)
-        self._subscriptions = Subscriptions(
-            functools.partial(EngineStopped, "the engine stopped before an observer was satisfied")
+        self._stopped_error = functools.partial(
+            EngineStopped, "the engine stopped before an observer was satisfied"
         )
         self._runtimes: dict[str, AppRuntime] = {}
         self._cluster: NodeCluster | None = None
@@ -216,16 +216,12 @@ class Engine:
             # routed observation. If peers join meanwhile, the subscription is
             # routed then (``LoneSubscriptions``). A listening node is always
             # routed: peers find it.
-            return self._subscriptions.track(
-                self._lone.subscribe(app_key, correlation_id, partition)
-            )
+            return self._lone.subscribe(app_key, correlation_id, partition)
         router = cluster.router
         # The bus and the peers' streams deliver into one stream: no task per source.
-        return self._subscriptions.track(
-            fed_subscription(
-                lambda send: self.bus.attached(correlation_id, send),
-                lambda send: router.observation(app_key, correlation_id, send, partition, widen),
-            )
+        return fed_subscription(
+            lambda send: self.bus.attached(correlation_id, send),
+            lambda send: router.observation(app_key, correlation_id, send, partition, widen),
         )
 
     def _members(self) -> dict[uuid.UUID, Any]:
@@ -410,7 +406,8 @@ class Engine:
                 await anyio.sleep_forever()
         finally:
             self._state = "stopped"
-            self._subscriptions.end()
+            # Every subscription is fed by the bus (alone or with the peers).
+            self.bus.end(self._stopped_error)
             if self._started is not None:
                 self._started.set()
             with anyio.CancelScope(shield=True):

@@ -51,7 +51,7 @@ from ..commands.acceptance import PartitionStopped
 from ..commands.inbox import InboxEntry
 from ..partitions import partition_id
 from ..settings import EngineSettings
-from ..streams import CommandDone, Observed, Widen, fed_subscription
+from ..streams import CommandDone, Observed, Widen, end_subscriptions, fed_subscription
 from .following import follow_chain
 from .nodes import NodeRecord, list_nodes
 from .serving import ClusterServer
@@ -127,6 +127,13 @@ class Router:
         """Give the router a task group for wake-ups and observations' streams."""
         self._tg = tg
         tg.start_soon(self._keep_observing)
+
+    def end(self, error: Callable[[], Exception]) -> None:
+        """Tell every open observation that nothing more will come (``Stopped``).
+
+        For a gateway that stops: the calls waiting on them raise ``error()``.
+        """
+        end_subscriptions([o.send for o in self._observations], error)
 
     def owner(self, partition_id: str) -> NodeRecord | None:
         """The owner of a partition in this member's view (``None``: this node, or nobody)."""

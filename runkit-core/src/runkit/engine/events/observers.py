@@ -32,51 +32,18 @@ re-delivered reports a *non-conclusive* done note, which decides nothing.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
-
-import anyio
 
 import dogma
 
 from ...config import ApplicationConfig
 from ..envelope import Envelope, message_class
-from ..streams import CommandDone, Observed
+from ..streams import CommandDone, Observed, Stopped
 
-__all__ = ["Subscription", "Subscriptions", "satisfiable_observers", "wait_for_observers"]
+__all__ = ["Subscription", "satisfiable_observers", "wait_for_observers"]
 
 Subscription = AbstractAsyncContextManager[AsyncIterator[Observed]]
-
-
-class Subscriptions:
-    """A gateway's open subscriptions, ended when it stops.
-
-    Stopping stops what feeds them (the bus, the peers' streams): a caller
-    waiting for its observers would otherwise wait for ever. *stopped* makes
-    the error such a caller gets (the gateway's ``EngineStopped``).
-    """
-
-    def __init__(self, stopped: Callable[[], Exception]) -> None:
-        self._stopped = stopped
-        self._scopes: set[anyio.CancelScope] = set()
-
-    @asynccontextmanager
-    async def track(self, subscription: Subscription) -> AsyncIterator[AsyncIterator[Observed]]:
-        """Enter *subscription*; its block raises ``stopped()`` if ``end`` is called."""
-        with anyio.CancelScope() as scope:
-            self._scopes.add(scope)
-            try:
-                async with subscription as events:
-                    yield events
-            finally:
-                self._scopes.discard(scope)
-        if scope.cancelled_caught:
-            raise self._stopped()
-
-    def end(self) -> None:
-        """End every tracked subscription's block."""
-        for scope in self._scopes:
-            scope.cancel()
 
 
 def satisfiable_observers(
@@ -138,6 +105,8 @@ async def wait_for_observers(
     recorded: set[type] = set()
     async for event in events:
         if isinstance(event, CommandDone):
+            if isinstance(event, Stopped):
+                raise event.error()  # the engine stopped, or the client was left
             if event.command_id != command.message_id:
                 continue
             if event.conclusive:

@@ -19,7 +19,16 @@ The modules, bottom-up (each imports only those before it):
 
 from __future__ import annotations
 
-from .bus import CommandDone, EventBus, Observed, UniqueEvents, Widen, fed_subscription
+from .bus import (
+    CommandDone,
+    EventBus,
+    Observed,
+    Stopped,
+    UniqueEvents,
+    Widen,
+    end_subscriptions,
+    fed_subscription,
+)
 from .reading import PartitionStream
 from .records import (
     OwnershipLost,
@@ -42,6 +51,7 @@ __all__ = [
     "OwnershipLost",
     "PartitionStream",
     "Publication",
+    "Stopped",
     "StreamEvent",
     "StreamRecord",
     "StreamTail",
@@ -51,6 +61,7 @@ __all__ = [
     "Widen",
     "decode_stream_record",
     "encode_stream_record",
+    "end_subscriptions",
     "event_size",
     "fed_subscription",
     "holds_command",

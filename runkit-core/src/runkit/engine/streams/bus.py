@@ -1,4 +1,4 @@
-"""The in-process event bus: ``EventBus``, its ``CommandDone`` notes, ``UniqueEvents``, ``Widen``.
+"""The in-process event bus: ``EventBus``, its notes, ``UniqueEvents``, ``Widen``.
 
 Durable stream events are published on the bus by correlation ID, for observers
 of ``execute_command`` on this node and for peers that observe chains remotely.
@@ -6,6 +6,7 @@ of ``execute_command`` on this node and for peers that observe chains remotely.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
@@ -24,8 +25,10 @@ __all__ = [
     "CommandDone",
     "EventBus",
     "Observed",
+    "Stopped",
     "UniqueEvents",
     "Widen",
+    "end_subscriptions",
     "fed_subscription",
 ]
 
@@ -43,6 +46,31 @@ class CommandDone:
     correlation_id: str
     command_id: str
     conclusive: bool
+
+
+@attrs.frozen
+class Stopped(CommandDone):
+    """A note a stopping gateway delivers to its open subscriptions: nothing more comes.
+
+    A caller waiting on the subscription raises ``error()``. It is a
+    ``CommandDone`` of no command, so whatever passes notes on (a peer's
+    observe stream, an offer's answer) needs no case for it: no caller waits
+    for that command. Ending subscriptions this way costs a call nothing
+    until the gateway stops.
+    """
+
+    error: Callable[[], Exception] = attrs.field(kw_only=True)
+
+
+def end_subscriptions(
+    sends: Iterable[MemoryObjectSendStream[Observed]], error: Callable[[], Exception]
+) -> None:
+    """Deliver a ``Stopped`` note carrying *error* into each of *sends*."""
+    note = Stopped("", "", False, error=error)
+    for send in sends:
+        # A subscription being left may have closed its stream already.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            send.send_nowait(note)
 
 
 #: What a subscription yields.
@@ -224,6 +252,10 @@ class EventBus:
             subscribers.discard(send)
             if not subscribers:
                 self._subscribers.pop(correlation_id, None)
+
+    def end(self, error: Callable[[], Exception]) -> None:
+        """Tell every subscriber that nothing more will be published (``Stopped``)."""
+        end_subscriptions([s for sends in self._subscribers.values() for s in sends], error)
 
     def has_subscribers(self, correlation_id: str) -> bool:
         """Whether anyone is subscribed to *correlation_id* now."""
