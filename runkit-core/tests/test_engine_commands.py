@@ -1118,3 +1118,25 @@ async def test_a_materialiser_that_cannot_reread_a_journal_retries_with_a_fresh_
     journal = await provider.journals.open(f"{APP_KEY}/aggregate/{handler.identity.key}/acc")
     assert (await journal.bounds()).end == 1
     await journal.close()
+
+
+async def test_a_submit_to_a_stopped_inbox_writer_fails_at_once_or_sees_its_cancellation() -> None:
+    # A caller that falls back to the inbox as the engine stops gets
+    # EngineStopped at once; one cancelled along with the engine (the usual
+    # way an engine stops) sees its own cancellation instead.
+    from runkit.engine.commands.inbox import InboxWriter
+
+    provider = MemoryProvider(f"inbox-{uuid.uuid4()}")
+    async with await provider.journals.open("inbox") as journal:
+        writer = InboxWriter(
+            journal, batch_limit=10, record_limit=4096, max_attempts=1, retry_max_delay=0.1
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(writer.run)
+            tg.cancel_scope.cancel()
+        with pytest.raises(EngineStopped):
+            await writer.submit([])
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await writer.submit([])
+        assert scope.cancelled_caught

@@ -205,7 +205,9 @@ class InboxWriter:
         """Make *entries* durable in this inbox; return the position of their record."""
         if self._stopped:
             # Nothing would ever take it: a caller that fell back to the inbox
-            # while the engine (or client) stopped must not wait for ever.
+            # while the engine (or client) stopped must not wait for ever. A
+            # caller cancelled along with the engine sees its cancellation.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             raise EngineStopped(_STOPPED)
         size = sum(len(e.envelope.data) + 512 for e in entries)
         waiter = _Waiter(entries, size)
