@@ -111,9 +111,6 @@ class Engine:
         self._closing: list[Provider] = []  # providers the engine made for itself
         self.bus = EventBus()
         self._lone = LoneSubscriptions(self.bus)
-        self._stopped_error = functools.partial(
-            EngineStopped, "the engine stopped before an observer was satisfied"
-        )
         self._runtimes: dict[str, AppRuntime] = {}
         self._cluster: NodeCluster | None = None
         self._membership_view: Any = None
@@ -407,7 +404,11 @@ class Engine:
         finally:
             self._state = "stopped"
             # Every subscription is fed by the bus (alone or with the peers).
-            self.bus.end(self._stopped_error)
+            self.bus.end(
+                functools.partial(
+                    EngineStopped, "the engine stopped before an observer was satisfied"
+                )
+            )
             if self._started is not None:
                 self._started.set()
             with anyio.CancelScope(shield=True):
