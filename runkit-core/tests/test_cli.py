@@ -482,7 +482,7 @@ def test_backends_map_to_anyio_run_arguments() -> None:
         ),
         (
             ("--tls-cert", "/nope/node.crt"),
-            "argument --tls-cert: --tls-cert '/nope/node.crt' does not exist",
+            "--tls-cert '/nope/node.crt' does not exist",
         ),
     ],
 )
@@ -490,7 +490,85 @@ def test_bad_flag_values(
     capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
 ) -> None:
     err = error_of(capsys, "run", *argv, "bank:app")
-    assert err.splitlines()[-1] == f"runkit run: error: {message}"
+    assert err == f"runkit run: {message} (see 'runkit run --help')\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ((), "runkit: the following arguments are required: COMMAND"),
+        (("-v",), "runkit: the following arguments are required: COMMAND"),
+        (("--nope",), "runkit: the following arguments are required: COMMAND"),
+        (("env", "x"), "runkit env: unrecognized arguments: x"),
+        (("drivers", "--nope"), "runkit drivers: unrecognized arguments: --nope"),
+        (("run",), "runkit run: the following arguments are required: MODULE:ATTR"),
+        (("nodes", "x", "y"), "runkit nodes: unrecognized arguments: x y"),
+        (
+            ("status", "--watch", "0"),
+            "runkit status: --watch needs a positive number of seconds, not 0",
+        ),
+        (
+            ("execute",),
+            "runkit execute: the following arguments are required: MODULE:ATTR, TYPE, JSON",
+        ),
+        (
+            ("execute", "bank:app", "T", "{}", "--idempotency-key"),
+            "runkit execute: argument --idempotency-key: expected one argument",
+        ),
+        (("poison",), "runkit poison: the following arguments are required: ACTION"),
+        (
+            ("poison", "show", "bank:app"),
+            "runkit poison show: the following arguments are required: COMMAND_ID",
+        ),
+        (("poison", "list", "bank:app", "x"), "runkit poison list: unrecognized arguments: x"),
+    ],
+)
+def test_usage_errors_are_one_line_pointing_at_help(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    # The command whose arguments are wrong says so, and where to read about them.
+    command = message.partition(":")[0]
+    assert error_of(capsys, *argv) == f"{message} (see '{command} --help')\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "fragment"),
+    [
+        (("bogus",), "runkit", "argument COMMAND: invalid choice: 'bogus' (choose from "),
+        (("poison", "bogus"), "runkit poison", "argument ACTION: invalid choice: 'bogus' "),
+        (("run", "--backend", "curio", "x:y"), "runkit run", "invalid choice: 'curio' "),
+    ],
+)
+def test_invalid_choices_are_one_line_pointing_at_help(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], command: str, fragment: str
+) -> None:
+    # argparse words the list of choices differently across Python versions.
+    err = error_of(capsys, *argv)
+    assert err.count("\n") == 1
+    assert err.startswith(f"{command}: ")
+    assert fragment in err
+    assert err.endswith(f") (see '{command} --help')\n")
+
+
+def test_a_usage_error_s_message_is_one_line_even_if_argparse_wraps_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from runkit.cli import _parser
+
+    with pytest.raises(SystemExit) as exc:
+        _parser().error("the following arguments\n  are required: COMMAND")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        "runkit: the following arguments are required: COMMAND (see 'runkit --help')\n"
+    )
+
+
+def test_help_is_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (("--help",), ("execute", "--help"), ("poison", "show", "-h")):
+        status, _ = run(*argv)
+        out = capsys.readouterr()
+        assert (status, out.err) == (0, "")
+        assert out.out.startswith(f"usage: runkit {' '.join(argv[:-1])}".rstrip() + " [-h]")
 
 
 def test_tls_flags_come_in_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -582,6 +660,16 @@ def test_subprocess_ctrl_c_ends_a_command_with_one_line_and_status_130(tmp_path:
     url = {"DOGMA_PERSISTENCE_URL": "memory:///interrupted"}
     result = cli("execute", "interrupted_app:app", "T", "{}", env=url, cwd=tmp_path)
     assert (result.returncode, result.stderr) == (130, "runkit execute: interrupted\n")
+
+
+def test_subprocess_usage_error_is_one_plain_line() -> None:
+    result = cli("execute")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        "runkit execute: the following arguments are required: MODULE:ATTR, TYPE, JSON "
+        "(see 'runkit execute --help')\n",
+    )
 
 
 def test_subprocess_version() -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from ._backends import BACKENDS, missing_package
 from ._cli_output import print_table, status_text
+from ._cli_parser import Parser
 from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
 from ._hookspec import PROJECT_NAME
@@ -422,8 +423,8 @@ def _run_options(args: argparse.Namespace) -> list[Option]:
     return options
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> Parser:
+    parser = Parser(
         prog="runkit", description="Run and operate runkit nodes for Dogma applications."
     )
     parser.add_argument(
@@ -432,7 +433,7 @@ def _parser() -> argparse.ArgumentParser:
         help="print the versions of runkit-core, dogma-api and the installed drivers",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_commands(dest="command", metavar="COMMAND")
     p = sub.add_parser("env", help="document and validate the DOGMA_* environment")
     p.set_defaults(fn=_cmd_env)
     p = sub.add_parser("drivers", help="list installed persistence drivers and schemes")
@@ -516,7 +517,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_cmd_execute)
     p = sub.add_parser("poison", help="list, show or requeue poisoned commands")
-    psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    psub = p.add_commands(dest="action", metavar="ACTION")
     q = psub.add_parser("list", help="list poisoned commands")
     q.add_argument("app", metavar="MODULE:ATTR")
     for action in ("show", "requeue"):
@@ -546,8 +547,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     error propagates with its traceback (exit status 1 from the console script).
     """
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help, --version, or a usage error argparse printed
+        args = _parser().parse(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error the parser printed
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
