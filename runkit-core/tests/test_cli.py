@@ -672,6 +672,22 @@ def test_subprocess_usage_error_is_one_plain_line() -> None:
     )
 
 
+def test_subprocess_execute_s_configuration_error_is_one_plain_line(tmp_path: Path) -> None:
+    # In process, pytest's log handler hides what the CLI logs; a real process shows it.
+    command = '{"customer_id":"C1","customer_name":"Ann","account_id":"A1","account_name":"S"}'
+    argv = ("execute", "bank:app", "OpenAccountForNewCustomer", command)
+    url = {"DOGMA_PERSISTENCE_URL": "memory:///runkit", "BANK_READ_DB": str(tmp_path / "r.db")}
+    result = cli(*argv, env=url)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        f"runkit execute: application 'bank' has never run on this store: {MEMORY_HINT}\n",
+    )
+    verbose = cli("-v", *argv, env=url)  # the client's own log, on request
+    assert verbose.returncode == 2
+    assert " joined the cluster: 0 live node(s)\n" in verbose.stderr
+
+
 def test_subprocess_version() -> None:
     result = cli("--version")
     assert result.returncode == 0

@@ -550,8 +550,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         args = _parser().parse(argv)
     except SystemExit as exc:  # --help, --version, or a usage error the parser printed
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    # A node's log is its record; the other commands answer on stdout and end, so
+    # their logs (a client joining, say) would bury the answer: warnings only, unless -v.
+    quiet = logging.INFO if args.command == "run" else logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else quiet,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
