@@ -123,10 +123,18 @@ def test_run_rejects_objects_that_are_not_applications(capsys: pytest.CaptureFix
     )
 
 
-def test_poison_needs_the_nodes_store(capsys: pytest.CaptureFixture[str]) -> None:
-    status, _ = run("poison", "list", "bank:app")
+@pytest.mark.parametrize("action", [("list",), ("show", "x"), ("requeue", "x")])
+def test_poison_needs_the_nodes_store(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], action: tuple[str, ...]
+) -> None:
+    # Named as its usage errors name it: the whole command.
+    monkeypatch.delenv("DOGMA_PERSISTENCE_URL", raising=False)
+    status, _ = run("poison", *action[:1], "bank:app", *action[1:])
     assert status == 2
-    assert "set DOGMA_PERSISTENCE_URL" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"runkit poison {action[0]}: set DOGMA_PERSISTENCE_URL to the store the "
+        "application's nodes use\n"
+    )
 
 
 def test_poison_refuses_a_store_the_app_never_ran_on(

@@ -36,15 +36,15 @@ class Parser(argparse.ArgumentParser):
         """
         args, extras = self.parse_known_args(argv)
         if extras:
-            self._given_command(args).error(f"unrecognized arguments: {' '.join(extras)}")
+            self.given_command(args).error(f"unrecognized arguments: {' '.join(extras)}")
         return args
 
-    def _given_command(self, args: argparse.Namespace) -> Parser:
-        """The parser of the innermost (sub)command *args* was parsed by."""
+    def given_command(self, args: argparse.Namespace) -> Parser:
+        """The parser of the innermost (sub)command *args* was parsed by (its ``prog`` names it)."""
         if self._commands is None:
             return self
         given = self._commands.choices.get(getattr(args, self._commands.dest, None) or "")
-        return self if given is None else given._given_command(args)
+        return self if given is None else given.given_command(args)
 
     def error(self, message: str) -> NoReturn:
         """Print *message* as one line naming this command and its ``--help``; exit with 2."""

@@ -546,8 +546,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     command returns 130 (run and status stop gracefully instead); any other
     error propagates with its traceback (exit status 1 from the console script).
     """
+    parser = _parser()
     try:
-        args = _parser().parse(argv)
+        args = parser.parse(argv)
     except SystemExit as exc:  # --help, --version, or a usage error the parser printed
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
     # A node's log is its record; the other commands answer on stdout and end, so
@@ -559,6 +560,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         stream=sys.stderr,
     )
     stream = out if out is not None else sys.stdout
+    command = parser.given_command(args).prog  # "runkit poison list", as usage errors say
     try:
         status: int = args.fn(args, stream)
         stream.flush()  # here, where a reader that has left is recognised
@@ -572,16 +574,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if leaves and all(isinstance(e, KeyboardInterrupt) for e in leaves):
             # Ctrl-C (while `runkit execute` waits, say) is the operator's choice, not
             # a failure: one line, and the status a shell gives for SIGINT.
-            print(f"runkit {args.command}: interrupted", file=sys.stderr)
+            print(f"{command}: interrupted", file=sys.stderr)
             return 130
         problem = usage_problem(exc)
         if problem is None:
             if len(leaves) == 1 and isinstance(leaves[0], StoreUnavailable):
                 # Still unreachable after the start timeout: the message says it all.
-                print(f"runkit {args.command}: {leaves[0]}", file=sys.stderr)
+                print(f"{command}: {leaves[0]}", file=sys.stderr)
                 return 1
             raise
-        print(f"runkit {args.command}: {problem}", file=sys.stderr)
+        print(f"{command}: {problem}", file=sys.stderr)
         return 2
     return status
 
