@@ -7,10 +7,12 @@ fingerprints in the heartbeats); the multi-process version on PostgreSQL is
 
 from __future__ import annotations
 
+import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import ExitStack, asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ from engine_commands_harness import (
     splitting_node_ids,
     wait_until,
 )
+from tls_harness import issue
 
 
 @asynccontextmanager
@@ -1165,3 +1168,35 @@ async def test_run_raises_an_unreachable_or_unusable_listen_address_as_is(
         engine = one_node(s.config, f"cluster-{uuid.uuid4()}", listen_address=listen)
         with anyio.fail_after(10), pytest.raises(runkit.ConfigurationError, match=message):
             await engine.run()
+
+
+@pytest.mark.parametrize(("days", "warned"), [(10, True), (60, False)])
+async def test_a_node_whose_certificate_expires_within_30_days_says_so_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, days: int, warned: bool
+) -> None:
+    s = setup()
+    cert, key = issue(tmp_path, "node-1", None, valid_to=timedelta(days=days))
+    engine = one_node(
+        s.config,
+        f"cluster-{uuid.uuid4()}",
+        listen_address="127.0.0.1:0",
+        tls_cert=str(cert),
+        tls_key=str(key),
+    )
+    with caplog.at_level(logging.INFO, logger="runkit"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            with anyio.fail_after(10):
+                await engine.runtime(APP_KEY)
+            tg.cancel_scope.cancel()
+    expiring = [r for r in caplog.records if "expires" in r.getMessage()]
+    if not warned:
+        assert expiring == []
+        return
+    [record] = expiring
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert f"the TLS certificate in {cert} (CN=node-1) expires at " in message
+    assert f"in {days:.1f} days: peers refuse it from then on" in message
+    secret = key.read_text().splitlines()[1]
+    assert not any(secret in r.getMessage() or "PRIVATE" in r.getMessage() for r in caplog.records)

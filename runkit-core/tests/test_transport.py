@@ -24,8 +24,7 @@ import anyio.lowlevel
 import pytest
 from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from runkit._errors import ConfigurationError
@@ -56,6 +55,9 @@ from runkit.transport._frames import (
 )
 from runkit.transport._link import Link
 from runkit.transport._tls import server_context, sign_proof
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tls_harness import issue, load_issuer
 
 A = TlsIdentity.self_signed("node-a")
 B = TlsIdentity.self_signed("node-b")
@@ -977,63 +979,14 @@ async def test_an_oversized_request_fails_locally_and_an_oversized_answer_remote
 # --- operator CA -------------------------------------------------------------------
 
 
-def issue(
-    tmp: Path, name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None
-) -> tuple[Path, Path]:
-    """Write a P-256 key and a certificate for *name* (a CA when *issuer* is None)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer[0].subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer is None:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    cert_file, key_file = tmp / f"{name}.pem", tmp / f"{name}.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 @pytest.fixture(scope="module")
 def ca_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("pki")
     ca_cert, ca_key = issue(tmp, "cluster-ca", None)
-    ca = (
-        x509.load_pem_x509_certificate(ca_cert.read_bytes()),
-        serialization.load_pem_private_key(ca_key.read_bytes(), None),
-    )
-    assert isinstance(ca[1], ec.EllipticCurvePrivateKey)
-    files = {"ca": ca_cert}
+    ca = load_issuer(ca_cert, ca_key)
+    files = {"ca": ca_cert, "ca-key": ca_key}
     for name in ("one", "two"):
-        files[name], files[f"{name}-key"] = issue(tmp, name, (ca[0], ca[1]))
+        files[name], files[f"{name}-key"] = issue(tmp, name, ca)
     files["rogue"], files["rogue-key"] = issue(tmp, "rogue", None)  # self-signed
     return files
 
@@ -1127,6 +1080,50 @@ def test_a_certificate_the_ca_does_not_verify_is_refused_at_load(
             key_pem=ca_files["rogue-key"].read_bytes(),
             ca_pem=ca_files["ca"].read_bytes(),
         )
+
+
+def _utc(moment: datetime.datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S} UTC"
+
+
+@pytest.mark.parametrize(
+    ("valid_from", "valid_to", "state"),
+    [
+        (datetime.timedelta(days=-30), datetime.timedelta(minutes=-6), "has expired"),
+        (datetime.timedelta(minutes=6), datetime.timedelta(days=30), "is not valid yet"),
+    ],
+    ids=["expired", "not-yet-valid"],
+)
+@pytest.mark.parametrize("with_ca", [False, True], ids=["fingerprints", "ca"])
+def test_a_certificate_outside_its_validity_window_is_refused_at_load(
+    tmp_path: Path,
+    ca_files: dict[str, Path],
+    valid_from: datetime.timedelta,
+    valid_to: datetime.timedelta,
+    state: str,
+    with_ca: bool,
+) -> None:
+    # Trusted by fingerprint, nothing else would ever check the dates.
+    issuer = load_issuer(ca_files["ca"], ca_files["ca-key"]) if with_ca else None
+    cert, key = issue(tmp_path, "node-9", issuer, valid_from=valid_from, valid_to=valid_to)
+    parsed = x509.load_pem_x509_certificate(cert.read_bytes())
+    with pytest.raises(ConfigurationError) as refused:
+        TlsIdentity.load(cert, key, ca_files["ca"] if with_ca else None)
+    [problem] = refused.value.problems
+    assert problem.startswith(
+        f"the certificate in {cert} (CN=node-9) {state}: valid from "
+        f"{_utc(parsed.not_valid_before_utc)} to {_utc(parsed.not_valid_after_utc)} (now "
+    )
+    assert problem.endswith(" UTC); use a certificate valid now")
+
+
+def test_the_validity_window_at_load_allows_for_clock_skew(tmp_path: Path) -> None:
+    # Made by a clock a little ahead of ours, or expired a moment ago by ours.
+    minute = datetime.timedelta(minutes=1)
+    ahead = issue(tmp_path, "ahead", None, valid_from=minute, valid_to=2 * minute)
+    behind = issue(tmp_path, "behind", None, valid_from=-2 * minute, valid_to=-minute)
+    assert TlsIdentity.load(*ahead).subject == "CN=ahead"
+    assert TlsIdentity.load(*behind).subject == "CN=behind"
 
 
 # --- layering ----------------------------------------------------------------------

@@ -266,7 +266,9 @@ def with_tls(
     With *ca*, peers' certificates must chain to that CA bundle; without it they
     are trusted by the fingerprint each node publishes in its heartbeat. Without
     ``with_tls`` at all, each node makes a self-signed certificate at start-up.
-    The files are checked now (they exist, are readable and are PEM). Also
+    The files are checked now (they exist, are readable and are PEM); the
+    engine refuses at start a certificate that has expired or is not valid
+    yet, and logs a warning if it expires within 30 days. Also
     ``DOGMA_TLS_CERT``/``DOGMA_TLS_KEY``/``DOGMA_TLS_CA`` and the ``runkit run``
     flags ``--tls-cert``/``--tls-key``/``--tls-ca``.
     """

@@ -14,7 +14,8 @@ Two trust models:
 * **Operator CA**: both sides present certificates at the TLS layer and both
   chains must verify against the CA (``CERT_REQUIRED``).
 
-Both use TLS 1.3 only.
+Both use TLS 1.3 only. An operator's certificate outside its validity window
+is refused at load (``TlsIdentity.load``), naming the file and the dates.
 """
 
 from __future__ import annotations
@@ -35,17 +36,22 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from runkit._errors import ConfigurationError
 
 __all__ = [
+    "CLOCK_SKEW",
     "TlsIdentity",
     "certificate_fingerprint",
     "client_context",
     "server_context",
     "sign_proof",
+    "validity_problem",
     "verify_proof",
 ]
 
 _VALIDITY = datetime.timedelta(days=365)
 # Tolerate peers whose clocks run a little behind ours.
 _BACKDATE = datetime.timedelta(minutes=5)
+#: How far a certificate's validity window is stretched either side before
+#: it is refused: clocks differ by this much, as the backdate allows for.
+CLOCK_SKEW = _BACKDATE
 _PROOF_LABEL = b"runkit-transport/1 client proof\x00"
 
 
@@ -63,7 +69,8 @@ class TlsIdentity:
     """A node's certificate and private key, plus the operator's CA if any.
 
     Build one with :meth:`self_signed` or :meth:`load`. Construction validates
-    the PEM data and that the key belongs to the certificate.
+    the PEM data and that the key belongs to the certificate; :meth:`load` also
+    checks that the certificate is valid now.
     """
 
     cert_pem: bytes
@@ -79,6 +86,16 @@ class TlsIdentity:
         if problems:
             raise ConfigurationError("invalid TLS identity", problems)
         return certificate_fingerprint(_der(self.cert_pem))
+
+    @property
+    def subject(self) -> str:
+        """The certificate's subject, as an RFC 4514 string (``CN=node-1``)."""
+        return _subject(x509.load_pem_x509_certificate(self.cert_pem))
+
+    @property
+    def not_valid_after(self) -> datetime.datetime:
+        """When the certificate expires (UTC)."""
+        return x509.load_pem_x509_certificate(self.cert_pem).not_valid_after_utc
 
     @classmethod
     def self_signed(cls, common_name: str) -> TlsIdentity:
@@ -131,8 +148,9 @@ class TlsIdentity:
         without, by fingerprint as with self-signed identities.
 
         :raises ConfigurationError: listing every file that is missing,
-            unreadable or not valid PEM, and a key that does not match the
-            certificate.
+            unreadable or not valid PEM, a certificate that has expired or is
+            not valid yet (beyond ``CLOCK_SKEW``), and a key that does not
+            match the certificate.
         """
         problems: list[str] = []
         cert_pem = _read(cert, "certificate", problems)
@@ -142,13 +160,44 @@ class TlsIdentity:
             assert cert_pem is not None
             assert key_pem is not None
             problems = _check_identity(
-                cert_pem, key_pem, ca_pem, cert_name=str(cert), key_name=str(key), ca_name=str(ca)
+                cert_pem,
+                key_pem,
+                ca_pem,
+                cert_name=str(cert),
+                key_name=str(key),
+                ca_name=str(ca),
+                at=datetime.datetime.now(datetime.UTC),
             )
         if problems:
             raise ConfigurationError("cannot load the node's TLS identity", problems)
         assert cert_pem is not None
         assert key_pem is not None
         return cls(cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem)
+
+
+def validity_problem(cert: x509.Certificate, at: datetime.datetime) -> str | None:
+    """Say how *cert* is outside its validity window at *at*, or return ``None``.
+
+    The window is stretched by ``CLOCK_SKEW`` either side. The answer reads
+    ``has expired: valid from ... to ... UTC (now ...)`` or ``is not valid
+    yet: ...``.
+    """
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if at < start - CLOCK_SKEW:
+        state = "is not valid yet"
+    elif at > end + CLOCK_SKEW:
+        state = "has expired"
+    else:
+        return None
+    return f"{state}: valid from {_utc(start)} to {_utc(end)} (now {_utc(at)})"
+
+
+def _utc(moment: datetime.datetime) -> str:
+    return f"{moment.astimezone(datetime.UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _subject(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "no subject"
 
 
 def _read(path: str | Path, what: str, problems: list[str]) -> bytes | None:
@@ -171,7 +220,9 @@ def _check_identity(
     cert_name: str,
     key_name: str = "private key",
     ca_name: str = "CA certificate",
+    at: datetime.datetime | None = None,
 ) -> list[str]:
+    """Every problem with the identity; with *at*, also its certificate's dates then."""
     problems: list[str] = []
     cert: x509.Certificate | None = None
     key: object = None
@@ -179,6 +230,16 @@ def _check_identity(
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
         problems.append(f"{cert_name} is not a PEM certificate (expected BEGIN CERTIFICATE)")
+    else:
+        # Checked here, not left to peers: trusted by fingerprint, an expired
+        # certificate would otherwise go unnoticed; with a CA, OpenSSL's
+        # refusal below names neither the subject nor the dates.
+        outside = None if at is None else validity_problem(cert, at)
+        if outside is not None:
+            problems.append(
+                f"the certificate in {cert_name} ({_subject(cert)}) {outside}; "
+                "use a certificate valid now"
+            )
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:

@@ -30,7 +30,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import attrs
@@ -84,12 +84,30 @@ OFFER_TIMEOUT = 2.0
 #: broke, and open the streams of those whose offer was never answered.
 RESUBSCRIBE_INTERVAL = 0.5
 
+#: A certificate that expires sooner than this after start is logged as a warning.
+EXPIRY_WARNING = timedelta(days=30)
+
 
 def make_identity(node_id: str, cert: str | None, key: str | None, ca: str | None) -> TlsIdentity:
-    """The node's TLS identity: the operator's files, or a fresh self-signed certificate."""
-    if cert is not None and key is not None:
-        return TlsIdentity.load(cert, key, ca)
-    return TlsIdentity.self_signed(node_id)
+    """The node's TLS identity: the operator's files, or a fresh self-signed certificate.
+
+    Logs a warning when the operator's certificate expires within ``EXPIRY_WARNING``:
+    peers refuse it from then on.
+    """
+    if cert is None or key is None:
+        return TlsIdentity.self_signed(node_id)
+    identity = TlsIdentity.load(cert, key, ca)
+    left = identity.not_valid_after - datetime.now(UTC)
+    if left < EXPIRY_WARNING:
+        _log.warning(
+            "the TLS certificate in %s (%s) expires at %s UTC, in %.1f days: peers refuse "
+            "it from then on; renew it and restart the node",
+            cert,
+            identity.subject,
+            f"{identity.not_valid_after:%Y-%m-%d %H:%M:%S}",
+            left / timedelta(days=1),
+        )
+    return identity
 
 
 class Router:
