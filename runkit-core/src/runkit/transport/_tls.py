@@ -46,7 +46,12 @@ __all__ = [
     "verify_proof",
 ]
 
-_VALIDITY = datetime.timedelta(days=365)
+# Peers refuse a certificate outside its validity window, so a self-signed one
+# must outlast any run of its node (a new one is made at every start). Its
+# dates protect nothing: it is trusted by the fingerprint in the node's
+# heartbeat, which expires seconds after the node stops. Ten years, not a
+# renewal while running, is the simplest lifetime that is always long enough.
+_SELF_SIGNED_VALIDITY = datetime.timedelta(days=3650)
 # Tolerate peers whose clocks run a little behind ours.
 _BACKDATE = datetime.timedelta(minutes=5)
 #: How far a certificate's validity window is stretched either side before
@@ -99,7 +104,7 @@ class TlsIdentity:
 
     @classmethod
     def self_signed(cls, common_name: str) -> TlsIdentity:
-        """Make a fresh EC P-256 key and a one-year self-signed certificate.
+        """Make a fresh EC P-256 key and a self-signed certificate valid for ten years.
 
         The certificate names *common_name* (the node ID) as its subject and as
         a ``urn:runkit:node:`` URI in its subject alternative names.
@@ -115,7 +120,7 @@ class TlsIdentity:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _BACKDATE)
-            .not_valid_after(now + _VALIDITY)
+            .not_valid_after(now + _SELF_SIGNED_VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.SubjectAlternativeName(
