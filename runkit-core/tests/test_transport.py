@@ -889,6 +889,106 @@ async def test_a_server_with_an_unknown_certificate_is_refused_by_the_client() -
     assert not called
 
 
+def dated(
+    tmp: Path, name: str, valid_from: datetime.timedelta, valid_to: datetime.timedelta
+) -> TlsIdentity:
+    """A self-signed identity valid from *valid_from* to *valid_to* relative to now.
+
+    Built from PEM, not loaded (``load`` refuses such dates): a peer that presents it anyway.
+    """
+    cert, key = issue(tmp, name, None, valid_from=valid_from, valid_to=valid_to)
+    return TlsIdentity(cert_pem=cert.read_bytes(), key_pem=key.read_bytes())
+
+
+OUTSIDE_VALIDITY = pytest.mark.parametrize(
+    ("valid_from", "valid_to", "state"),
+    [
+        (datetime.timedelta(days=-30), datetime.timedelta(minutes=-6), "has expired"),
+        (datetime.timedelta(minutes=6), datetime.timedelta(days=30), "is not valid yet"),
+    ],
+    ids=["expired", "not-yet-valid"],
+)
+
+
+def _window(identity: TlsIdentity) -> str:
+    cert = x509.load_pem_x509_certificate(identity.cert_pem)
+    return (
+        f"valid from {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC "
+        f"to {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC (now "
+    )
+
+
+@OUTSIDE_VALIDITY
+async def test_a_client_whose_pinned_certificate_is_outside_its_dates_is_refused(
+    tmp_path: Path,
+    transport_log: pytest.LogCaptureFixture,
+    valid_from: datetime.timedelta,
+    valid_to: datetime.timedelta,
+    state: str,
+) -> None:
+    # Its fingerprint is trusted: only the dates can refuse it.
+    stale = dated(tmp_path, "node-c", valid_from, valid_to)
+    trusted = CLUSTER | {stale.fingerprint}
+    async with serving(node("node-b", B, authenticate=trusted.__contains__)) as address:
+        async with node("node-c", stale, authenticate=trusted.__contains__) as c:
+            with pytest.raises(PeerUnavailable) as refused:
+                await c.call(address, "echo", b"")
+        async with node() as a:  # a member still gets in
+            assert await a.call(address, "echo", b"ok") == b"node-a:ok"
+    assert f"refused by the peer: certificate CN=node-c {state}: {_window(stale)}" in str(
+        refused.value
+    )
+    [logged] = [r for r in transport_log.records if f"CN=node-c {state}" in r.getMessage()]
+    assert logged.levelno == logging.WARNING
+    assert "(node 'node-c')" in logged.getMessage()
+    assert _window(stale) in logged.getMessage()
+    assert stale.fingerprint in logged.getMessage()
+
+
+@OUTSIDE_VALIDITY
+async def test_a_server_whose_pinned_certificate_is_outside_its_dates_is_refused(
+    tmp_path: Path,
+    transport_log: pytest.LogCaptureFixture,
+    valid_from: datetime.timedelta,
+    valid_to: datetime.timedelta,
+    state: str,
+) -> None:
+    called = False
+
+    async def spy(peer: PeerInfo, payload: bytes) -> bytes:
+        nonlocal called
+        called = True
+        return b""
+
+    stale = dated(tmp_path, "node-c", valid_from, valid_to)
+    trusted = CLUSTER | {stale.fingerprint}
+    server = node("node-c", stale, authenticate=trusted.__contains__, unary={"spy": spy})
+    async with serving(server) as address, node(authenticate=trusted.__contains__) as a:
+        with pytest.raises(PeerUnavailable) as refused:
+            await a.call(address, "spy", b"secret")
+    assert not called
+    assert f"certificate CN=node-c {state}: {_window(stale)}" in str(refused.value)
+    [logged] = [r for r in transport_log.records if r.getMessage().startswith("refused peer")]
+    assert logged.levelno == logging.WARNING
+    assert address in logged.getMessage()
+    assert _window(stale) in logged.getMessage()
+    assert stale.fingerprint in logged.getMessage()
+
+
+async def test_pinned_certificates_dates_allow_for_clock_skew(tmp_path: Path) -> None:
+    # A server whose certificate expired a minute ago and a client whose
+    # certificate starts in a minute: their clocks may be that far from ours.
+    minute = datetime.timedelta(minutes=1)
+    behind = dated(tmp_path, "behind", -2 * minute, -minute)
+    ahead = dated(tmp_path, "ahead", minute, 2 * minute)
+    trusted = frozenset({behind.fingerprint, ahead.fingerprint})
+    async with (
+        serving(node("behind", behind, authenticate=trusted.__contains__)) as address,
+        node("ahead", ahead, authenticate=trusted.__contains__) as client,
+    ):
+        assert await client.call(address, "echo", b"ok") == b"ahead:ok"
+
+
 async def test_an_expected_fingerprint_is_enforced() -> None:
     async with serving(node("node-b", B)) as address, node() as a:
         assert await a.call(address, "echo", b"", expect_fingerprint=B.fingerprint) == b"node-a:"

@@ -33,7 +33,7 @@ from ._frames import (
 )
 from ._link import Link, LinkClosed
 from ._peer import Authenticate, PeerInfo, authenticated, parse_address
-from ._tls import TlsIdentity, certificate_fingerprint, sign_proof
+from ._tls import TlsIdentity, certificate_fingerprint, peer_certificate_problem, sign_proof
 
 __all__ = ["PeerConnection", "open_connection", "read_frame"]
 
@@ -130,6 +130,13 @@ async def _client_hello(
     if identity.ca_pem is not None:
         # The TLS layer verified the server's chain against the operator's CA.
         return fingerprint, Hello(version=PROTOCOL_VERSION, node_id=node_id)
+    # Trusted by fingerprint, not by a chain: the dates are checked here.
+    outside = peer_certificate_problem(der)
+    if outside is not None:
+        with anyio.move_on_after(1):
+            await stream.send(encode_frame(Goodbye(reason=outside)))
+        _log.warning("refused peer %s: %s (fingerprint %s)", address, outside, fingerprint)
+        raise PeerUnavailable(address, outside)
     if not await authenticated(authenticate, fingerprint):
         with anyio.move_on_after(1):
             await stream.send(encode_frame(Goodbye(reason="unknown certificate")))

@@ -33,7 +33,7 @@ from ._frames import (
 )
 from ._link import Link, LinkClosed
 from ._peer import Authenticate, PeerInfo, authenticated, format_address
-from ._tls import TlsIdentity, certificate_fingerprint, verify_proof
+from ._tls import TlsIdentity, certificate_fingerprint, peer_certificate_problem, verify_proof
 
 __all__ = [
     "DeferredHandler",
@@ -270,6 +270,10 @@ async def _authenticate(config: ServerConfig, stream: TLSStream, hello: Hello) -
     if not verify_proof(hello.cert, hello.proof, binding, config.identity.fingerprint):
         raise _Refused("invalid certificate proof")
     fingerprint = certificate_fingerprint(hello.cert)
+    # Trusted by fingerprint, not by a chain: the dates are checked here.
+    outside = peer_certificate_problem(hello.cert)
+    if outside is not None:
+        raise _Refused(outside, f"{outside} (fingerprint {fingerprint})")
     if not await authenticated(config.authenticate, fingerprint):
         raise _Refused("unknown certificate", f"unknown certificate {fingerprint}")
     return fingerprint

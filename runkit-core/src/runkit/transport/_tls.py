@@ -15,7 +15,11 @@ Two trust models:
   chains must verify against the CA (``CERT_REQUIRED``).
 
 Both use TLS 1.3 only. An operator's certificate outside its validity window
-is refused at load (``TlsIdentity.load``), naming the file and the dates.
+is refused at load (``TlsIdentity.load``), naming the file and the dates. In
+fingerprint mode nothing verifies a chain, so nothing in OpenSSL checks a
+peer's dates either: both sides check them after the handshake
+(``peer_certificate_problem``), or pinning a fingerprint would keep an expired
+certificate working.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ __all__ = [
     "TlsIdentity",
     "certificate_fingerprint",
     "client_context",
+    "peer_certificate_problem",
     "server_context",
     "sign_proof",
     "validity_problem",
@@ -195,6 +200,20 @@ def validity_problem(cert: x509.Certificate, at: datetime.datetime) -> str | Non
     else:
         return None
     return f"{state}: valid from {_utc(start)} to {_utc(end)} (now {_utc(at)})"
+
+
+def peer_certificate_problem(der: bytes) -> str | None:
+    """Say how a peer's certificate (DER) is outside its validity window now, or ``None``.
+
+    The answer reads ``certificate CN=node-2 has expired: valid from ... to ...
+    UTC (now ...)``. ``CLOCK_SKEW`` is allowed either side.
+    """
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "the certificate is not valid DER"
+    problem = validity_problem(cert, datetime.datetime.now(datetime.UTC))
+    return None if problem is None else f"certificate {_subject(cert)} {problem}"
 
 
 def _utc(moment: datetime.datetime) -> str:
