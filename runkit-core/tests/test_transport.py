@@ -15,7 +15,7 @@ import math
 import ssl
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -76,7 +76,7 @@ async def echo(peer: PeerInfo, payload: bytes) -> bytes:
 def node(
     node_id: str = "node-a",
     identity: TlsIdentity = A,
-    authenticate: Callable[[str], bool] = members,
+    authenticate: Callable[[str], bool | Awaitable[bool]] = members,
     **kwargs: object,
 ) -> NodeTransport:
     kwargs.setdefault("unary", {"echo": echo})
@@ -554,7 +554,8 @@ async def test_a_call_still_connecting_when_the_transport_closes_fails_cleanly(
         return members(fingerprint)
 
     outcome: list[BaseException] = []
-    async with serving(node("node-b", B, authenticate=slow_members)) as address:  # type: ignore[arg-type]
+    failed = anyio.Event()
+    async with serving(node("node-b", B, authenticate=slow_members)) as address:
         async with anyio.create_task_group() as tg:
             async with node() as a:
 
@@ -563,19 +564,86 @@ async def test_a_call_still_connecting_when_the_transport_closes_fails_cleanly(
                         await a.call(address, "echo", b"x", timeout=30)
                     except Exception as exc:
                         outcome.append(exc)
+                        failed.set()
 
                 tg.start_soon(call)
                 with anyio.fail_after(10):
                     await checking.wait()
-            release.set()  # the handshake completes after the transport closed
-        with anyio.fail_after(10):  # and the connection it made is closed, not left open
+            # Leaving the transport cancelled the handshake: it did not wait for it.
+            with anyio.fail_after(1):
+                await failed.wait()
+            release.set()
+        with anyio.fail_after(10):  # and the socket it had opened is closed, not left open
             while True:
-                if "the peer said goodbye: shutting down" in transport_log.text:
+                if "closed connection from" in transport_log.text:
                     break
                 await anyio.sleep(0.01)
     assert len(outcome) == 1
     assert isinstance(outcome[0], PeerUnavailable)
     assert outcome[0].reason == "shutting down"
+
+
+def slow_handshakes(
+    delay: float, verdicts: list[bool] | None = None
+) -> tuple[list[str], Callable[[str], Awaitable[bool]]]:
+    """An authenticator taking *delay* s per handshake, answering *verdicts* first; its calls."""
+    calls: list[str] = []
+
+    async def authenticate(fingerprint: str) -> bool:
+        calls.append(fingerprint)
+        await anyio.sleep(delay)
+        if verdicts:
+            return verdicts.pop(0)
+        return members(fingerprint)
+
+    return calls, authenticate
+
+
+async def count(peer: PeerInfo, payload: bytes) -> AsyncIterator[bytes]:
+    for i in range(int(payload)):
+        yield str(i).encode()
+
+
+async def test_a_call_timing_out_while_connecting_leaves_the_connection_to_the_next_call() -> None:
+    # Each handshake takes longer than the callers' timeouts: they give up
+    # waiting, and the connection they started is ready for a later call.
+    handshakes, authenticate = slow_handshakes(1.5)
+    b = node("node-b", B, authenticate=authenticate, streams={"count": count})
+    async with serving(b) as address, node() as a:
+        with pytest.raises(CallTimeout, match=r"'count' .* after 0\.3 s"):
+            async with a.stream(address, "count", b"3", timeout=0.3) as items:
+                await anext(items)
+        with pytest.raises(CallTimeout, match=r"'echo' .* after 0\.3 s"):
+            await a.call(address, "echo", b"1", timeout=0.3)
+        await anyio.sleep(1.5)  # the handshake ends meanwhile
+        assert await a.call(address, "echo", b"2", timeout=0.5) == b"node-a:2"
+        async with a.stream(address, "count", b"3", timeout=0.5) as items:
+            assert [item async for item in items] == [b"0", b"1", b"2"]
+    assert handshakes == [A.fingerprint]
+
+
+async def test_a_failed_connection_attempt_fails_every_caller_waiting_for_it() -> None:
+    handshakes, authenticate = slow_handshakes(0.5, verdicts=[False])
+    b = node("node-b", B, authenticate=authenticate)
+    outcomes: list[Exception] = []
+    async with serving(b) as address, node() as a:
+
+        async def one(timeout: float) -> None:
+            try:
+                await a.call(address, "echo", b"", timeout=timeout)
+            except (PeerUnavailable, CallTimeout) as exc:
+                outcomes.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for timeout in (5, 5, 5, 0.2):
+                tg.start_soon(one, timeout)
+        # The refusal went to everyone still waiting; the next call tries again.
+        assert await a.call(address, "echo", b"x") == b"node-a:x"
+    assert isinstance(outcomes[0], CallTimeout)
+    refusals = outcomes[1:]
+    assert [type(exc) for exc in refusals] == [PeerUnavailable] * 3
+    assert {exc.reason for exc in refusals} == {"refused by the peer: unknown certificate"}  # type: ignore[attr-defined]
+    assert handshakes == [A.fingerprint] * 2
 
 
 # --- streams -----------------------------------------------------------------------
@@ -651,7 +719,7 @@ async def test_stream_errors_and_waits_are_bounded() -> None:
 
 async def test_opening_a_stream_without_a_timeout_is_bounded_and_blocks_no_other_call() -> None:
     # An observer waits for items forever (math.inf), but not for a peer that
-    # accepts TCP and never answers: the open holds the address's connect lock.
+    # accepts TCP and never answers: every call to the address waits for that attempt.
     tarpit = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     address = f"127.0.0.1:{tarpit.extra(anyio.abc.SocketAttribute.local_port)}"
     held: list[anyio.abc.SocketStream] = []
@@ -680,7 +748,10 @@ async def test_opening_a_stream_without_a_timeout_is_bounded_and_blocks_no_other
         # A healthy node comes up at the same address while the open is stuck.
         async with node("node-b", B) as b:
             assert await tg.start(b.serve, address) == address
-            assert await a.call(address, "echo", b"x", timeout=2.0) == b"node-a:x"
+            # A call now waits for the stuck attempt, which ends at call_timeout.
+            with pytest.raises(PeerUnavailable, match="no handshake within 1 s"):
+                await a.call(address, "echo", b"x", timeout=2.0)
+            assert await a.call(address, "echo", b"y", timeout=2.0) == b"node-a:y"
             with anyio.fail_after(5):
                 await gave_up.wait()
             tg.cancel_scope.cancel()
@@ -1017,7 +1088,7 @@ async def test_an_async_authenticator_is_awaited() -> None:
         await anyio.lowlevel.checkpoint()
         return fingerprint in CLUSTER
 
-    b = node("node-b", B, authenticate=authenticate)  # type: ignore[arg-type]
+    b = node("node-b", B, authenticate=authenticate)
     async with serving(b) as address, node() as a:
         assert await a.call(address, "echo", b"") == b"node-a:"
     assert asked == [A.fingerprint]

@@ -36,7 +36,8 @@ class NodeTransport:
     One instance per node: it serves the node's handlers on its listen address
     (:meth:`serve`) and calls peers by their advertised address (:meth:`call`,
     :meth:`stream`). Calls to one address share one lazily opened connection,
-    reopened on the next call after it breaks.
+    reopened on the next call after it breaks. The transport opens it, not the
+    call: a call that times out while connecting leaves it to a later call.
 
     Use it as an async context manager; leaving it closes every connection it
     opened::
@@ -111,7 +112,7 @@ class NodeTransport:
             max_handshakes=max_handshakes,
         )
         self._peers: dict[str, PeerConnection] = {}
-        self._connecting: dict[str, anyio.Lock] = {}
+        self._connecting: dict[str, _Attempt] = {}
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -145,6 +146,8 @@ class NodeTransport:
             # right on both sides ("the node is" read as the peer on this one).
             connection.link.close("shutting down")
         self._peers.clear()
+        for attempt in self._connecting.values():
+            attempt.scope.cancel()  # its waiters get PeerUnavailable("shutting down")
 
     async def serve(
         self,
@@ -190,7 +193,8 @@ class NodeTransport:
 
         :param timeout: seconds for the whole call, connecting included
             (default: the transport's ``call_timeout``, which also bounds
-            connecting).
+            connecting). A call that runs out of time while connecting
+            leaves the connection to be made for the next call.
         :param expect_fingerprint: refuse the peer unless its certificate has
             this fingerprint (the one the target node published).
         :raises CallTimeout: no answer in time (the peer is told to cancel).
@@ -242,24 +246,18 @@ class NodeTransport:
     async def _connection(self, address: str, expect_fingerprint: str | None) -> PeerConnection:
         connection = self._peers.get(address)
         if connection is None or connection.closed:
-            tg = self._tg
-            if tg is None:
-                raise RuntimeError("use the NodeTransport in `async with` before calling peers")
-            lock = self._connecting.setdefault(address, anyio.Lock())
-            async with lock:
-                connection = self._peers.get(address)
-                if connection is None or connection.closed:
-                    # Calls in flight when the transport is left fail as "shutting
-                    # down", those waiting to connect or connecting too.
-                    if self._tg is not tg:
-                        raise PeerUnavailable(address, "shutting down")
-                    connection = await self._open(address)
-                    if self._tg is not tg:
-                        connection.link.close("shutting down")
-                        await connection.run()  # says goodbye and closes the socket
-                        raise PeerUnavailable(address, "shutting down")
-                    self._peers[address] = connection
-                    tg.start_soon(self._run_connection, connection)
+            attempt = self._connecting.get(address)
+            if attempt is None:
+                tg = self._tg
+                if tg is None:
+                    raise RuntimeError("use the NodeTransport in `async with` before calling peers")
+                # The attempt runs in the transport's task group, not in this
+                # caller's cancel scope: a caller whose timeout is shorter than
+                # the handshake gives up waiting, not connecting, so a later
+                # call finds the connection made.
+                attempt = self._connecting[address] = _Attempt()
+                tg.start_soon(self._connect, address, attempt)
+            connection = await attempt.outcome()
         if expect_fingerprint is not None and connection.peer.fingerprint != expect_fingerprint:
             reason = (
                 f"the node there presents certificate {connection.peer.fingerprint}, "
@@ -271,9 +269,43 @@ class NodeTransport:
             raise PeerUnavailable(address, reason)
         return connection
 
+    async def _connect(self, address: str, attempt: _Attempt) -> None:
+        """Open the connection to *address* for everyone waiting on *attempt*, then run it."""
+        # What the waiters get if the attempt is cancelled: only leaving the
+        # transport does that.
+        outcome: PeerConnection | PeerUnavailable = PeerUnavailable(address, "shutting down")
+        try:
+            with attempt.scope:
+                outcome = await self._open(address)
+        except PeerUnavailable as exc:
+            outcome = exc
+        except Exception as exc:
+            # Raising would take the transport's task group, and every connection, down.
+            _log.exception("bug while connecting to %s", address)
+            outcome = PeerUnavailable(address, f"internal error: {exc!r}")
+        finally:
+            # Failed or not, the next call after this makes a new attempt.
+            if self._connecting.get(address) is attempt:
+                del self._connecting[address]
+            connection = outcome if isinstance(outcome, PeerConnection) else None
+            left = attempt.scope.cancel_called
+            if connection is not None and not left:
+                self._peers[address] = connection
+                attempt.settle(connection)
+            else:
+                attempt.settle(PeerUnavailable(address, "shutting down") if left else outcome)
+        if connection is None:
+            return
+        if left:
+            # Made as the transport was left, too late to be cancelled.
+            connection.link.close("shutting down")
+            await connection.run()  # says goodbye and closes the socket
+        else:
+            await self._run_connection(connection)
+
     async def _open(self, address: str) -> PeerConnection:
-        # Other callers of this address wait on the lock meanwhile: bound it by
-        # the call timeout even for a caller willing to wait longer.
+        # Other callers of this address wait for it meanwhile: bound it by the
+        # call timeout even for callers willing to wait longer.
         with anyio.move_on_after(self._call_timeout):
             return await open_connection(
                 address,
@@ -295,3 +327,33 @@ class NodeTransport:
         )
         if self._peers.get(address) is connection:
             del self._peers[address]
+
+
+class _Attempt:
+    """A connection being opened to one address, and what its waiters get.
+
+    Owned by the transport, not by whichever call started it: each waiter
+    bounds only its own wait.
+    """
+
+    __slots__ = ("_done", "_outcome", "scope")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self._done = anyio.Event()
+        self._outcome: PeerConnection | PeerUnavailable | None = None
+
+    def settle(self, outcome: PeerConnection | PeerUnavailable) -> None:
+        """Record the first outcome and wake every waiter (later ones are ignored)."""
+        if self._outcome is None:
+            self._outcome = outcome
+            self._done.set()
+
+    async def outcome(self) -> PeerConnection:
+        """Wait for the connection. :raises PeerUnavailable: if the attempt failed."""
+        await self._done.wait()
+        outcome = self._outcome
+        if isinstance(outcome, PeerUnavailable):
+            raise outcome
+        assert outcome is not None
+        return outcome
