@@ -54,7 +54,7 @@ from runkit.transport._frames import (
     encode_frame,
 )
 from runkit.transport._link import Link
-from runkit.transport._tls import server_context, sign_proof
+from runkit.transport._tls import client_context, server_context, sign_proof
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tls_harness import issue, load_issuer
@@ -299,6 +299,113 @@ async def test_a_caller_leaving_while_the_outgoing_queue_is_full_still_cancels(
         tg.cancel_scope.cancel()
     frames = peer.frames
     assert frames.index(Request(id=2, method="m", payload=b"")) < frames.index(Cancel(id=2))
+
+
+@contextlib.asynccontextmanager
+async def tls_pair(
+    reading: anyio.Event, expected: int
+) -> AsyncIterator[tuple[TLSStream, anyio.Event]]:
+    """A client TLS stream to a peer that reads nothing until *reading* is set.
+
+    The peer then reads until the client closes; the event is set once it has
+    read *expected* bytes.
+    """
+    received_all = anyio.Event()
+
+    async def peer(tcp: anyio.abc.SocketStream) -> None:
+        try:
+            stream = await TLSStream.wrap(
+                tcp, server_side=True, ssl_context=server_context(B), standard_compatible=False
+            )
+            await reading.wait()
+            received = 0
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    received += len(await stream.receive())
+                    if received >= expected:
+                        received_all.set()
+        finally:
+            await anyio.aclose_forcefully(tcp)
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, peer)
+            stream = await anyio.connect_tcp(
+                "127.0.0.1", port, ssl_context=client_context(A), tls_standard_compatible=False
+            )
+            try:
+                yield stream, received_all
+            finally:
+                await anyio.aclose_forcefully(stream)
+                tg.cancel_scope.cancel()
+
+
+def unread_link(stream: anyio.abc.ByteStream, max_frame_size: int) -> Link:
+    return Link(
+        stream,
+        label="test",
+        max_frame_size=max_frame_size,
+        keepalive_interval=math.inf,
+        decoder=FrameDecoder(),
+    )
+
+
+async def test_the_outgoing_queue_is_bounded_in_bytes_not_only_in_frames() -> None:
+    # 64 KiB frames: the 1,024-frame bound alone would queue 64 MiB for a peer
+    # that does not read; the byte bound stops the sender long before.
+    frame = Request(id=1, method="m", payload=bytes(64 * 1024))
+    size, total = len(encode_frame(frame)), 800
+    reading, done = anyio.Event(), anyio.Event()
+    sent = 0
+
+    async def send_all(link: Link) -> None:
+        nonlocal sent
+        for _ in range(total):
+            await link.send(frame)
+            sent += 1
+        done.set()
+
+    async with (
+        tls_pair(reading, total * size) as (stream, received_all),
+        anyio.create_task_group() as tg,
+    ):
+        link = unread_link(stream, 1024 * 1024)
+        tg.start_soon(link.run, lambda frame: None)
+        tg.start_soon(send_all, link)
+        with anyio.fail_after(10):  # until the sender stops: the socket's buffers are full
+            progress = -1
+            while progress != sent:
+                progress = sent
+                await anyio.sleep(0.3)
+        # What it got into the queue fits the byte bound, besides what the
+        # kernel's socket buffers took (a few MiB).
+        assert sent * size < link_module._QUEUE_BYTES + 16 * 1024 * 1024
+        assert sent < total
+        reading.set()  # the peer reads: the writer drains, the sender resumes
+        with anyio.fail_after(10):
+            await done.wait()
+            await received_all.wait()
+        link.close("done", goodbye=False)
+
+
+async def test_a_frame_larger_than_the_queue_bound_still_goes() -> None:
+    limit = 2 * link_module._QUEUE_BYTES
+    frame = Request(id=1, method="m", payload=bytes(link_module._QUEUE_BYTES + 1))
+    reading = anyio.Event()
+    reading.set()
+    expected = 2 * len(encode_frame(frame, limit))
+    async with (
+        tls_pair(reading, expected) as (stream, received_all),
+        anyio.create_task_group() as tg,
+    ):
+        link = unread_link(stream, limit)
+        tg.start_soon(link.run, lambda frame: None)
+        with anyio.fail_after(10):
+            await link.send(frame)
+            await link.send(frame)  # once the first has left
+            await received_all.wait()
+        link.close("done", goodbye=False)
 
 
 # --- deferred handlers (answered through a Reply, without a task per request) -------

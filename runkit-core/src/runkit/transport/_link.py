@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+from collections import deque
 from collections.abc import Callable
 
 import anyio
@@ -27,6 +28,12 @@ _log = logging.getLogger("runkit.transport")
 # frame costs ~60x the throughput of a batch, rpc.md section 4.5).
 _MAX_BATCH_BYTES = 256 * 1024
 _QUEUE_FRAMES = 1024
+# Bytes the outgoing queue may hold (the batch being written included). The
+# frame bound alone let a peer that reads slowly make a node hold 1,024 frames
+# of up to the frame size limit (4 GiB at the default 4 MiB); this keeps it to
+# two default-size frames, enough to keep a fast link busy. An empty queue
+# always takes one frame, so a frame of any allowed size can still be sent.
+_QUEUE_BYTES = 8 * 1024 * 1024
 _CLOSE_GRACE = 1.0
 
 
@@ -41,11 +48,12 @@ class LinkClosed(Exception):
 class Link:
     """A framed, kept-alive connection over an established (TLS) byte stream.
 
-    Outgoing frames go through one bounded queue drained by a single writer
-    task, which coalesces whatever is queued into one write. Frames sent from
-    the reader's path (``send_nowait``) never wait: if the queue is full the
-    peer is not reading what we send while still sending to us, and the
-    connection is closed.
+    Outgoing frames go through one queue drained by a single writer task,
+    which coalesces whatever is queued into one write. The queue is bounded
+    both in frames and in bytes (an empty queue takes a frame of any size):
+    ``send`` waits for room, in turn. Frames sent from the reader's path
+    (``send_nowait``) never wait: if the queue is full the peer is not reading
+    what we send while still sending to us, and the connection is closed.
     """
 
     def __init__(
@@ -63,6 +71,8 @@ class Link:
         self._decoder = decoder
         self._interval = keepalive_interval
         self._tx, self._rx = anyio.create_memory_object_stream[bytes](_QUEUE_FRAMES)
+        self._queued_bytes = 0  # in the queue or in the writer's batch
+        self._waiting: deque[_Waiter] = deque()  # senders waiting for room, in turn
         self._reason: str | None = None
         self._goodbye = False
         self._service: anyio.CancelScope | None = None
@@ -94,12 +104,10 @@ class Link:
             raise LinkClosed(self._reason)
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                # Not yielding here lets a producer queue several frames before the
-                # writer runs, so they leave in one TLS write (a stream: ~3x the items/s).
-                self._tx.send_nowait(data)
-            except anyio.WouldBlock:
-                await self._tx.send(data)
+            # Not yielding here lets a producer queue several frames before the
+            # writer runs, so they leave in one TLS write (a stream: ~3x the items/s).
+            if self._waiting or not self._put(data):
+                await self._put_in_turn(data)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             raise LinkClosed(self.reason or "connection closed") from None
 
@@ -107,12 +115,58 @@ class Link:
         """Queue *frame* if there is room; return whether it was queued."""
         return self._reason is None and self._enqueue(frame)
 
-    def _enqueue(self, frame: Frame) -> bool:
+    def _enqueue(self, frame: Frame, *, bounded: bool = True) -> bool:
         try:
-            self._tx.send_nowait(self.encode(frame))
-        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return self._put(self.encode(frame), bounded=bounded)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
+
+    def _put(self, data: bytes, *, bounded: bool = True) -> bool:
+        """Queue *data* if there is room; return whether it was queued.
+
+        :raises anyio.ClosedResourceError: if the queue is closed.
+        """
+        if bounded and self._queued_bytes and self._queued_bytes + len(data) > _QUEUE_BYTES:
+            return False
+        try:
+            self._tx.send_nowait(data)
+        except anyio.WouldBlock:
+            return False
+        self._queued_bytes += len(data)
         return True
+
+    async def _put_in_turn(self, data: bytes) -> None:
+        """Wait until the writer queues *data* (after the senders waiting before it)."""
+        waiter = _Waiter(data)
+        self._waiting.append(waiter)
+        try:
+            await waiter.done.wait()
+        except BaseException:
+            # Cancelled once queued, the frame still goes (as with a memory stream).
+            if not waiter.done.is_set():
+                self._waiting.remove(waiter)
+                self._admit()  # those behind it may fit
+            raise
+        if not waiter.queued:
+            raise anyio.ClosedResourceError
+
+    def _admit(self) -> None:
+        """Queue the waiting senders' frames, in turn, while there is room."""
+        while self._waiting:
+            waiter = self._waiting[0]
+            try:
+                if not self._put(waiter.data):
+                    return
+                waiter.queued = True
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # the link is closing: it fails with LinkClosed
+            self._waiting.popleft()
+            waiter.done.set()
+
+    def _release_waiters(self) -> None:
+        """Fail the senders still waiting for room: the queue is closed."""
+        while self._waiting:
+            self._waiting.popleft().done.set()
 
     def close(self, reason: str, *, goodbye: bool = True) -> None:
         """Start closing: stop reading, flush the queue (with a ``Goodbye``), then close."""
@@ -137,14 +191,17 @@ class Link:
                     service.start_soon(self._keepalive)
                     service.start_soon(self._read_loop, dispatch)
                 if self._goodbye:
-                    self._enqueue(Goodbye(reason=self.reason[:1000]))
+                    # Over the byte bound if need be: it is small and the last one.
+                    self._enqueue(Goodbye(reason=self.reason[:1000]), bounded=False)
                 self._tx.close()
+                self._release_waiters()
                 with anyio.move_on_after(_CLOSE_GRACE):
                     await self._writer_done.wait()
                 tg.cancel_scope.cancel()
         finally:
             self._tx.close()
             self._rx.close()
+            self._release_waiters()
             await anyio.aclose_forcefully(self._stream)
         return self.reason
 
@@ -193,6 +250,8 @@ class Link:
                     parts.append(more)
                     size += len(more)
                 await self._stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
+                self._queued_bytes -= size
+                self._admit()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError, OSError) as exc:
             self.close(f"connection lost while sending: {exc!r}", goodbye=False)
         finally:
@@ -209,3 +268,14 @@ class Link:
                 return
             if idle >= self._interval:
                 self.send_nowait(Ping())
+
+
+class _Waiter:
+    """A sender waiting for room in the queue; ``done`` once queued or refused."""
+
+    __slots__ = ("data", "done", "queued")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.done = anyio.Event()
+        self.queued = False
