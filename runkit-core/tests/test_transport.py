@@ -49,6 +49,7 @@ from runkit.transport._frames import (
     Hello,
     HelloOk,
     Ping,
+    Pong,
     Request,
     Response,
     encode_frame,
@@ -382,6 +383,18 @@ async def test_the_outgoing_queue_is_bounded_in_bytes_not_only_in_frames() -> No
         # kernel's socket buffers took (a few MiB).
         assert sent * size < link_module._QUEUE_BYTES + 16 * 1024 * 1024
         assert sent < total
+        # Filled to the byte bound exactly, the queue still takes the reader's
+        # small control frames (a pong must not close a connection that is
+        # merely slow), but not a large frame without waiting.
+        room = link_module._QUEUE_BYTES - link._queued_bytes
+        filler = next(
+            f
+            for n in range(max(room - 64, 0), room + 1)
+            if len(encode_frame(f := Request(id=2, method="m", payload=bytes(n)))) == room
+        )
+        assert link.send_nowait(filler)
+        assert link.send_nowait(Pong())
+        assert not link.send_nowait(frame)
         reading.set()  # the peer reads: the writer drains, the sender resumes
         with anyio.fail_after(10):
             await done.wait()

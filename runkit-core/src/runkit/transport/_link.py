@@ -34,6 +34,11 @@ _QUEUE_FRAMES = 1024
 # two default-size frames, enough to keep a fast link busy. An empty queue
 # always takes one frame, so a frame of any allowed size can still be sent.
 _QUEUE_BYTES = 8 * 1024 * 1024
+# Frames the reader's path queues without waiting (pongs, cancels, refusals) are
+# this small; they count against the frame bound only, so a queue that is full
+# of bytes (a peer reading a large stream slowly) does not close the connection
+# for a pong. The frame bound still catches a peer that never reads.
+_CONTROL_BYTES = 4 * 1024
 _CLOSE_GRACE = 1.0
 
 
@@ -112,12 +117,16 @@ class Link:
             raise LinkClosed(self.reason or "connection closed") from None
 
     def send_nowait(self, frame: Frame) -> bool:
-        """Queue *frame* if there is room; return whether it was queued."""
+        """Queue *frame* if there is room; return whether it was queued.
+
+        A small frame (a control frame) needs room in the frame bound only.
+        """
         return self._reason is None and self._enqueue(frame)
 
     def _enqueue(self, frame: Frame, *, bounded: bool = True) -> bool:
         try:
-            return self._put(self.encode(frame), bounded=bounded)
+            data = self.encode(frame)
+            return self._put(data, bounded=bounded and len(data) > _CONTROL_BYTES)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
 
