@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import boto3
 import pytest
 
 from runkit.persistence import installed_schemes, provider_from_url
 from runkit_s3 import S3Provider, S3Settings, parse_url
 from runkit_s3 import _plugin as plugin
+from runkit_s3._client import create_client
 from runkit_s3._layout import MAX_OBJECT_KEY_BYTES, Layout, limits_for
 
 
@@ -243,3 +247,12 @@ def test_layout_encodes_any_name_key_and_member_as_hex() -> None:
     assert journal.position(journal.record(2**63 - 1)) == 2**63 - 1
     assert layout.keyspace("k") == "p/k/6b/"
     assert layout.set("s") == "p/s/73/"
+
+
+def test_requests_are_bounded_by_timeouts_shorter_than_botocores_default() -> None:
+    # A cancelled call waits for its request in flight (it finishes in its worker
+    # thread), so the client's timeouts bound that wait: botocore's are 60 s each.
+    session = boto3.Session(aws_access_key_id="k", aws_secret_access_key="s")
+    client = create_client(parse_url("s3://127.0.0.1:9/data?insecure"), session, 2)
+    config: Any = client.meta.config  # (the stubs omit the timeout attributes)
+    assert (config.connect_timeout, config.read_timeout) == (5, 30)

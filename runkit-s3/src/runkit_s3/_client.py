@@ -61,6 +61,9 @@ T = TypeVar("T")
 #: Region used with a custom endpoint when none is configured anywhere.
 _DEFAULT_CUSTOM_REGION: Final = "us-east-1"
 _MAX_ATTEMPTS: Final = 5
+#: Seconds to connect and to wait for each read of a response (see ``_create_client``).
+_CONNECT_TIMEOUT: Final = 5
+_READ_TIMEOUT: Final = 30
 _DELETE_BATCH: Final = 1000  # DeleteObjects' limit
 # Error codes botocore's standard mode treats as throttling: never applied.
 _THROTTLING: Final = frozenset(
@@ -179,6 +182,12 @@ def _create_client(settings: S3Settings, session: boto3.Session, pool: int) -> S
     config = Config(
         retries={"mode": "standard", "max_attempts": _MAX_ATTEMPTS},
         max_pool_connections=pool,
+        # A request in flight is not interrupted by cancellation (it finishes in
+        # its worker thread, which keeps the thread bound and the pool sound), so
+        # these bound how long a cancelled caller can wait: botocore's default is
+        # 60 s for each.
+        connect_timeout=_CONNECT_TIMEOUT,
+        read_timeout=_READ_TIMEOUT,
         s3={"addressing_style": "path"} if settings.endpoint_url else None,
         user_agent_extra="runkit-s3",
     )
@@ -188,7 +197,11 @@ def _create_client(settings: S3Settings, session: boto3.Session, pool: int) -> S
             raise PersistenceError(
                 f"cannot assume role {settings.role_arn!r}: no source AWS credentials found"
             )
-        sts_config = Config(retries={"mode": "standard", "max_attempts": _MAX_ATTEMPTS})
+        sts_config = Config(
+            retries={"mode": "standard", "max_attempts": _MAX_ATTEMPTS},
+            connect_timeout=_CONNECT_TIMEOUT,
+            read_timeout=_READ_TIMEOUT,
+        )
 
         def sts_creator(service: str, **kwargs: Any) -> Any:
             # Called on first use and on every refresh, from whichever worker
