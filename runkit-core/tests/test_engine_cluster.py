@@ -999,6 +999,33 @@ async def test_unknown_certificates_cost_a_store_read_per_interval_and_newcomers
     assert reads == 2
 
 
+async def test_a_handshake_cancelled_while_reading_the_records_leaves_the_read_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A handshake that times out while the heartbeat records are being read
+    # must not count as a read: the next handshake reads them, rather than
+    # judging by the records of before for another interval.
+    from runkit.engine.cluster import routing
+    from runkit.engine.cluster.nodes import NodeRecord, list_nodes
+
+    stalled = True
+
+    async def read(provider: MemoryProvider) -> list[NodeRecord]:
+        if stalled:
+            await anyio.sleep(10)
+        return await list_nodes(provider)
+
+    monkeypatch.setattr(routing, "list_nodes", read)
+    provider = MemoryProvider(f"auth-{uuid.uuid4()}")
+    authenticate = routing.authenticator(provider, dict, refresh_interval=60.0)
+    await _heartbeat(provider, "newcomer", 1.0)
+    with anyio.move_on_after(0.1) as scope:
+        await authenticate("newcomer")
+    assert scope.cancelled_caught
+    stalled = False
+    assert await authenticate("newcomer")
+
+
 async def test_a_client_observes_the_events_of_a_node_it_cannot_reach() -> None:
     # A node without a listen address cannot be reached: the client's command
     # goes through the inbox, and its observer reads the chain's events from

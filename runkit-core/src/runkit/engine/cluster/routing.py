@@ -517,13 +517,16 @@ def authenticator(
             return True
         async with lock:
             if anyio.current_time() - read_at >= refresh_interval:
-                read_at = anyio.current_time()
+                started = anyio.current_time()
                 try:
                     records = await list_nodes(provider)
                 except Exception as exc:  # keep the last records; expired ones fail is_live
                     _log.info(
                         "reading the heartbeat records to authenticate a peer failed: %s", exc
                     )
+                # Only a read that ended counts: one cancelled with its handshake
+                # (timed out) leaves the read to the next handshake.
+                read_at = started
         now = datetime.now(UTC)
         return any(r.tls_fingerprint == fingerprint and r.is_live(now) for r in records)
 
