@@ -277,6 +277,60 @@ class CancelWrappingSet(_WrappedSet):
             raise PersistenceError(f"set {self.name!r}: try_add failed") from exc
 
 
+class _LateLanding:
+    """A cancelled write goes on in the background (a worker thread started with
+    ``abandon_on_cancel=True``) and lands just after the caller's next read."""
+
+    pending: Callable[[], Awaitable[object]] | None = None
+
+    async def _late(self, write: Callable[[], Awaitable[T]]) -> T:
+        await self._land()
+        try:
+            await anyio.sleep(0.3)  # stands in for the request
+        except anyio.get_cancelled_exc_class():
+            self.pending = write
+            raise
+        return await write()
+
+    async def _land(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            await pending()
+
+
+class LateLandingJournal(_LateLanding, _WrappedJournal):
+    async def append(self, pos: int, record: bytes) -> None:
+        await self._late(lambda: self._inner.append(pos, record))
+
+    async def bounds(self) -> Interval:
+        bounds = await self._inner.bounds()
+        await self._land()
+        return bounds
+
+
+class LateLandingKeyspace(_LateLanding, _WrappedKeyspace):
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        return await self._late(lambda: self._inner.set(key, value, revision))
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        pair = await self._inner.get(key)
+        await self._land()
+        return pair
+
+
+class LateLandingSet(_LateLanding, _WrappedSet):
+    async def try_add(self, member: bytes) -> bool:
+        return await self._late(lambda: self._inner.try_add(member))
+
+    async def try_remove(self, member: bytes) -> bool:
+        return await self._late(lambda: self._inner.try_remove(member))
+
+    async def has(self, member: bytes) -> bool:
+        present = await self._inner.has(member)
+        await self._land()
+        return present
+
+
 class BrokenProvider(FaultyProvider):
     """The memory driver with one broken handle class."""
 
@@ -469,6 +523,35 @@ async def test_keyspace_suite_catches_a_set_torn_by_cancellation(memory: Provide
     async with await broken.keyspaces.open("torn") as torn:
         message = await _fails(lambda: test(broken, torn, "torn", "in-flight"))
     assert "(b'', '') == (b'<value-0>" in message
+
+
+@pytest.mark.parametrize("when", ["before", "in-flight"])
+@pytest.mark.parametrize("kind", ["journal", "keyspace", "set"])
+async def test_suites_explain_a_cancelled_write_that_lands_after_the_call_returned(
+    memory: Provider, kind: str, when: str
+) -> None:
+    if kind == "journal":
+        journal_test = JournalSuite().test_journal_cancelled_append_lands_whole_or_not_at_all
+        broken = BrokenProvider(memory, journal=LateLandingJournal)
+        async with await broken.journals.open("late") as journal:
+            message = await _fails(lambda: journal_test(broken, journal, "late", when))
+        write = "append at position 0"
+    elif kind == "keyspace":
+        keyspace_test = KeyspaceSuite().test_keyspace_cancelled_set_lands_whole_or_not_at_all
+        broken = BrokenProvider(memory, keyspace=LateLandingKeyspace)
+        async with await broken.keyspaces.open("late") as keyspace:
+            message = await _fails(lambda: keyspace_test(broken, keyspace, "late", when))
+        write = "set"
+    else:
+        set_test = runkit.testing.SetSuite().test_set_cancelled_calls_land_whole_or_not_at_all
+        broken = BrokenProvider(memory, set_=LateLandingSet)
+        async with await broken.sets.open("late") as set_:
+            message = await _fails(lambda: set_test(broken, set_, "late", when))
+        write = "try_add"
+    assert message.startswith(
+        f"a cancelled {write} had not taken effect when the call returned, but did afterwards"
+    ), message
+    assert "abandon_on_cancel=True" in message
 
 
 async def test_provider_suite_catches_names_that_collide_once_mapped(memory: Provider) -> None:

@@ -23,7 +23,15 @@ from runkit.persistence import (
 )
 
 from ._machines import run_journal_machine
-from ._support import RACERS, ROUNDS, SuiteBase, cancel_call, gather, unique_name
+from ._support import (
+    RACERS,
+    ROUNDS,
+    SuiteBase,
+    cancel_call,
+    gather,
+    landed_after_cancel,
+    unique_name,
+)
 from .faults import AFTER, BEFORE, FaultPlan, FaultyProvider, InjectedFault
 
 __all__ = ["JournalSuite"]
@@ -554,7 +562,10 @@ class JournalSuite(SuiteBase):
             assert bounds.end in (position, position + 1), bounds
             if bounds.end == position:
                 assert cancelled, "append returned normally but its record is missing"
-                await journal.append(position, record)
+                try:
+                    await journal.append(position, record)
+                except Conflict:
+                    pytest.fail(landed_after_cancel(f"append at position {position}"))
             assert await journal.get(position) == record
         assert await _collect(journal, 0) == [(p, _record(p) * 64) for p in range(3)]
         async with await provider.journals.open(journal_name) as again:

@@ -12,7 +12,15 @@ import pytest
 from runkit.persistence import Conflict, Keyspace, PersistenceError, Provider
 
 from ._machines import run_keyspace_machine
-from ._support import RACERS, ROUNDS, SuiteBase, cancel_call, gather, unique_name
+from ._support import (
+    RACERS,
+    ROUNDS,
+    SuiteBase,
+    cancel_call,
+    gather,
+    landed_after_cancel,
+    unique_name,
+)
 from .faults import AFTER, BEFORE, FaultPlan, FaultyProvider, InjectedFault
 
 __all__ = ["KeyspaceSuite"]
@@ -369,7 +377,10 @@ class KeyspaceSuite(SuiteBase):
             else:
                 assert cancelled, "set returned normally but its value is missing"
                 assert (current, current_revision) == (value, revision)
-                current_revision = await keyspace.set(b"<key>", new, revision)
+                try:
+                    current_revision = await keyspace.set(b"<key>", new, revision)
+                except Conflict:
+                    pytest.fail(landed_after_cancel("set"))
             value, revision = new, current_revision
             await cancel_call(when, partial(keyspace.get, b"<key>"))
             await cancel_call(when, partial(keyspace.has, b"<key>"))

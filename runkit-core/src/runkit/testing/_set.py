@@ -12,7 +12,15 @@ import pytest
 from runkit.persistence import PersistenceError, Provider, Set
 
 from ._machines import run_set_machine
-from ._support import RACERS, ROUNDS, SuiteBase, cancel_call, gather, unique_name
+from ._support import (
+    RACERS,
+    ROUNDS,
+    SuiteBase,
+    cancel_call,
+    gather,
+    landed_after_cancel,
+    unique_name,
+)
 from .faults import AFTER, FaultPlan, FaultyProvider, InjectedFault
 
 __all__ = ["SetSuite"]
@@ -193,11 +201,11 @@ class SetSuite(SuiteBase):
             cancelled = await cancel_call(when, partial(set_.try_add, member))
             if not await set_.has(member):
                 assert cancelled, "try_add returned normally but its member is missing"
-                assert await set_.try_add(member)
+                assert await set_.try_add(member), landed_after_cancel("try_add")
             cancelled = await cancel_call(when, partial(set_.try_remove, member))
             if await set_.has(member):
                 assert cancelled, "try_remove returned normally but its member is present"
-                assert await set_.try_remove(member)
+                assert await set_.try_remove(member), landed_after_cancel("try_remove")
             await cancel_call(when, partial(set_.add, member))
             await cancel_call(when, partial(set_.remove, b"<absent>"))
             await cancel_call(when, partial(set_.has, member))

@@ -13,7 +13,7 @@ import pytest
 
 from runkit.persistence import Provider
 
-__all__ = ["SuiteBase", "cancel_call", "gather", "unique_name"]
+__all__ = ["SuiteBase", "cancel_call", "gather", "landed_after_cancel", "unique_name"]
 
 T = TypeVar("T")
 
@@ -81,6 +81,16 @@ async def cancel_call(when: str, call: Callable[[], Awaitable[object]]) -> bool:
     if error is not None:
         raise error
     return not finished
+
+
+def landed_after_cancel(write: str) -> str:
+    """The failure message for a cancelled *write* that took effect after the call returned."""
+    return (
+        f"a cancelled {write} had not taken effect when the call returned, but did "
+        "afterwards: the write went on in the background (a worker thread started with "
+        "abandon_on_cancel=True, or a request left running). A cancelled call must "
+        "return only once its write is wholly done or not done at all"
+    )
 
 
 #: Why a test that needs a second provider skips when the driver gave no factory.
