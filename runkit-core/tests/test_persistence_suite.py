@@ -331,6 +331,16 @@ class LateLandingSet(_LateLanding, _WrappedSet):
         return present
 
 
+class ForgivingSet(_WrappedSet):
+    """Reads any error of ``try_remove`` as "absent", a closed provider's included."""
+
+    async def try_remove(self, member: bytes) -> bool:
+        try:
+            return await self._inner.try_remove(member)
+        except PersistenceError:
+            return False
+
+
 class BrokenProvider(FaultyProvider):
     """The memory driver with one broken handle class."""
 
@@ -552,6 +562,18 @@ async def test_suites_explain_a_cancelled_write_that_lands_after_the_call_return
         f"a cancelled {write} had not taken effect when the call returned, but did afterwards"
     ), message
     assert "abandon_on_cancel=True" in message
+
+
+async def test_provider_suite_catches_a_handle_operation_that_works_after_close() -> None:
+    test = ProviderSuite().test_provider_closed_provider_and_its_handles_raise
+    await test(lambda: MemoryProvider("good"))
+    message = await _fails(
+        lambda: test(lambda: BrokenProvider(MemoryProvider(), set_=ForgivingSet))
+    )
+    assert message.startswith(
+        "set try_remove after the provider was closed returned normally: every operation "
+        "of a closed provider and of its handles must raise PersistenceError saying what is closed"
+    ), message
 
 
 async def test_provider_suite_catches_names_that_collide_once_mapped(memory: Provider) -> None:

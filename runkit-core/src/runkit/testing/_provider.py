@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from functools import partial
 from typing import Any
 
@@ -62,6 +63,22 @@ def _sized_name(kind: str, size: int) -> str:
     """A unique name of exactly *size* UTF-8 bytes (at least 40)."""
     base = unique_name(kind)[: size // 2]
     return base + "n" * (size - len(base.encode()))
+
+
+async def _error_of(call: Callable[[], Awaitable[object]]) -> Exception | None:
+    """The exception *call* raises, or ``None``."""
+    try:
+        await call()
+    except Exception as exc:
+        return exc
+    return None
+
+
+async def _drain(iterate: Callable[[], AsyncIterator[object]]) -> None:
+    """Consume a store's ``range`` to the end."""
+    async with aclosing(iterate()) as items:  # type: ignore[type-var]
+        async for _ in items:
+            pass
 
 
 async def _raises_before_any_await(call: Callable[[], Awaitable[object]]) -> BaseException | None:
@@ -141,21 +158,40 @@ class ProviderSuite(SuiteBase):
         set_ = await doomed.sets.open(unique_name("set"))
         await doomed.close()
         await doomed.close()  # idempotent
-        for kind in _KINDS:
-            with pytest.raises(PersistenceError, match="closed"):
-                await _store(doomed, kind).open(unique_name(kind))
-        with pytest.raises(PersistenceError, match="closed"):
-            await journal.append(0, b"<x>")
-        with pytest.raises(PersistenceError, match="closed"):
-            await journal.bounds()
-        with pytest.raises(PersistenceError, match="closed"):
-            await keyspace.set(b"<k>", b"<v>", "")
-        with pytest.raises(PersistenceError, match="closed"):
-            await keyspace.get(b"<k>")
-        with pytest.raises(PersistenceError, match="closed"):
-            await set_.add(b"<m>")
-        with pytest.raises(PersistenceError, match="closed"):
-            await set_.has(b"<m>")
+        # Every operation, not only some: a check in a shared helper that a few
+        # methods bypass leaves those working on a closed provider.
+        calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            *(
+                (f"{kind}s.open", partial(_store(doomed, kind).open, unique_name(kind)))
+                for kind in _KINDS
+            ),
+            ("provision", doomed.provision),
+            ("journal append", partial(journal.append, 0, b"<x>")),
+            ("journal truncate", partial(journal.truncate, 0)),
+            ("journal bounds", journal.bounds),
+            ("journal get", partial(journal.get, 0)),
+            ("journal range", partial(_drain, partial(journal.range, 0))),
+            ("keyspace set", partial(keyspace.set, b"<k>", b"<v>", "")),
+            ("keyspace set_unconditional", partial(keyspace.set_unconditional, b"<k>", b"<v>")),
+            ("keyspace get", partial(keyspace.get, b"<k>")),
+            ("keyspace has", partial(keyspace.has, b"<k>")),
+            ("keyspace range", partial(_drain, keyspace.range)),
+            ("set add", partial(set_.add, b"<m>")),
+            ("set try_add", partial(set_.try_add, b"<m>")),
+            ("set remove", partial(set_.remove, b"<m>")),
+            ("set try_remove", partial(set_.try_remove, b"<m>")),
+            ("set has", partial(set_.has, b"<m>")),
+            ("set range", partial(_drain, set_.range)),
+        ]
+        for what, call in calls:
+            error = await _error_of(call)
+            closed = isinstance(error, PersistenceError) and "closed" in str(error)
+            assert closed, (
+                f"{what} after the provider was closed "
+                + ("returned normally" if error is None else f"raised {error!r}")
+                + ": every operation of a closed provider and of its handles must raise "
+                "PersistenceError saying what is closed"
+            )
         await journal.close()  # closing handles of a closed provider is harmless
 
     async def test_provider_async_context_manager_closes_it(
