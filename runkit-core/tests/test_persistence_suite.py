@@ -15,11 +15,26 @@ from anyio.lowlevel import checkpoint
 
 import runkit.testing
 import runkit.testing.faults
+from runkit.engine.cluster.nodes import NODES_KEYSPACE
+from runkit.engine.commands.acceptance import idempotency_name
+from runkit.engine.commands.inbox import inbox_name
+from runkit.engine.commands.instance_records import aggregate_name, snapshot_name
+from runkit.engine.commands.poison import poison_name
+from runkit.engine.events.deadlines import deadline_journal_name
+from runkit.engine.events.process_stores import (
+    checkpoints_store_name,
+    event_poison_store_name,
+    process_store_name,
+)
+from runkit.engine.meta import meta_name
+from runkit.engine.streams.records import stream_name
 from runkit.persistence import (
+    MAX_POSITION,
     Conflict,
     Interval,
     Journal,
     Keyspace,
+    Limits,
     PersistenceError,
     Provider,
     RecordNotFound,
@@ -562,6 +577,48 @@ async def test_suites_explain_a_cancelled_write_that_lands_after_the_call_return
         f"a cancelled {write} had not taken effect when the call returned, but did afterwards"
     ), message
     assert "abandon_on_cancel=True" in message
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (
+            Limits(max_name_bytes=119),
+            "max_name_bytes is 119: the engine opens stores named up to 120",
+        ),
+        (Limits(max_key_bytes=98), "max_key_bytes is 98: the engine writes keyspace keys up to 99"),
+    ],
+)
+async def test_provider_suite_catches_limits_too_small_for_the_engine(
+    limits: Limits, message: str
+) -> None:
+    test = ProviderSuite().test_provider_limits_are_declared
+    await test(MemoryProvider(limits=Limits(max_name_bytes=120, max_key_bytes=99)))
+    assert (await _fails(lambda: test(MemoryProvider(limits=limits)))).startswith(message)
+
+
+def test_engine_names_and_keys_fit_the_limits_the_suite_requires() -> None:
+    uuid = "6ba7b810-9dad-41d1-80b4-00c04fd430c8"
+    longest_name = aggregate_name(uuid, uuid, uuid)
+    assert len(longest_name.encode()) == runkit.testing._provider.ENGINE_NAME_BYTES
+    for name in (
+        meta_name(uuid),
+        stream_name(uuid, 1023),
+        inbox_name(uuid, 1023),
+        poison_name(uuid, 1023),
+        snapshot_name(uuid, uuid),
+        idempotency_name(uuid),
+        process_store_name(uuid, uuid),
+        checkpoints_store_name(uuid),
+        event_poison_store_name(uuid, 1023),
+        deadline_journal_name(uuid, 1023),
+        NODES_KEYSPACE,
+    ):
+        assert len(name.encode()) <= len(longest_name.encode()), name
+    longest_key = f"{uuid}/event/{uuid}/{MAX_POSITION}"
+    assert len(longest_key.encode()) == runkit.testing._provider.ENGINE_KEY_BYTES
+    for key in (f"{uuid}/{uuid}", f"{uuid}/deadline/{uuid}", f"{uuid}/outbox/{uuid}"):
+        assert len(key) <= len(longest_key), key
 
 
 async def test_provider_suite_catches_a_handle_operation_that_works_after_close() -> None:

@@ -25,6 +25,13 @@ __all__ = ["ProviderSuite"]
 
 _KINDS = ("journal", "keyspace", "set")
 
+#: The longest store name the engine opens when identity keys and aggregate
+#: instance IDs are UUIDs: an instance's journal, ``<app>/aggregate/<handler>/<instance>``.
+ENGINE_NAME_BYTES = 120
+#: The longest keyspace key the engine writes when instance IDs are UUIDs: an
+#: event-poison key, ``<handler>/event/<stream ID>/<offset>`` with a 19-digit offset.
+ENGINE_KEY_BYTES = 99
+
 
 def _store(provider: Provider, kind: str) -> Any:
     return {"journal": provider.journals, "keyspace": provider.keyspaces, "set": provider.sets}[
@@ -146,6 +153,17 @@ class ProviderSuite(SuiteBase):
         ):
             assert isinstance(size, int)
             assert size >= 64
+        assert limits.max_name_bytes >= ENGINE_NAME_BYTES, (
+            f"max_name_bytes is {limits.max_name_bytes}: the engine opens stores named "
+            f"up to {ENGINE_NAME_BYTES} bytes (an aggregate instance's journal, "
+            "'<app key>/aggregate/<handler key>/<instance ID>', with UUID keys and IDs), "
+            "and retries a handling whose store name is refused for ever"
+        )
+        assert limits.max_key_bytes >= ENGINE_KEY_BYTES, (
+            f"max_key_bytes is {limits.max_key_bytes}: the engine writes keyspace keys "
+            f"up to {ENGINE_KEY_BYTES} bytes (an event-poison key, "
+            "'<handler key>/event/<stream ID>/<offset>')"
+        )
 
     # -- closing ---------------------------------------------------------------------------
 
