@@ -356,6 +356,38 @@ class ForgivingSet(_WrappedSet):
             return False
 
 
+class StuckProvisioningProvider(FaultyProvider):
+    """Provisions on first use behind an event that a cancelled first use never sets."""
+
+    def __init__(self, inner: Provider) -> None:
+        super().__init__(inner)
+        self._started = False
+        self._done = anyio.Event()
+        self._journals = _ensuring(_WrappedJournalStore, inner.journals, self)
+        self._keyspaces = _ensuring(_WrappedKeyspaceStore, inner.keyspaces, self)
+        self._sets = _ensuring(_WrappedSetStore, inner.sets, self)
+
+    async def provision(self) -> None:
+        if self._started:
+            await self._done.wait()  # the bug: for ever, if the first one was cancelled
+            return
+        self._started = True
+        await anyio.sleep(0.3)  # creating the tables
+        await self.inner.provision()
+        self._done.set()
+
+
+def _ensuring(base: type, inner: object, provider: Provider) -> Any:
+    """A *base* store over *inner* whose ``open`` provisions *provider* first."""
+
+    class Store(base):  # type: ignore[misc]
+        async def open(self, name: str) -> object:
+            await provider.provision()
+            return await super().open(name)
+
+    return Store(inner, provider.plan)  # type: ignore[attr-defined]
+
+
 class BrokenProvider(FaultyProvider):
     """The memory driver with one broken handle class."""
 
@@ -577,6 +609,23 @@ async def test_suites_explain_a_cancelled_write_that_lands_after_the_call_return
         f"a cancelled {write} had not taken effect when the call returned, but did afterwards"
     ), message
     assert "abandon_on_cancel=True" in message
+
+
+@pytest.mark.parametrize("when", ["before", "in-flight"])
+async def test_provider_suite_catches_provisioning_stuck_after_a_cancelled_first_open(
+    monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    monkeypatch.setattr(runkit.testing._provider, "_PROVISION_SECONDS", 2)
+    test = ProviderSuite().test_provider_cancelled_first_open_and_provision_leave_it_usable
+    await test(lambda: MemoryProvider("good"), "journal", when)
+    message = await _fails(
+        lambda: test(lambda: StuckProvisioningProvider(MemoryProvider("stuck")), "journal", when)
+    )
+    assert message.startswith(
+        "after a cancelled first journals.open() and a cancelled provision(), opening, "
+        "writing and provisioning did not finish within 2 s: the cancellation left the "
+        "provider waiting for a provisioning that will never end"
+    ), message
 
 
 @pytest.mark.parametrize(

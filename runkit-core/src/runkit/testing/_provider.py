@@ -19,11 +19,14 @@ from runkit.persistence import (
     Provider,
 )
 
-from ._support import RACERS, SuiteBase, gather, unique_name
+from ._support import RACERS, SuiteBase, cancel_call, gather, unique_name
 
 __all__ = ["ProviderSuite"]
 
 _KINDS = ("journal", "keyspace", "set")
+
+#: How long a provider may take to provision and open a store on an empty backend.
+_PROVISION_SECONDS = 60
 
 #: The longest store name the engine opens when identity keys and aggregate
 #: instance IDs are UUIDs: an instance's journal, ``<app>/aggregate/<handler>/<instance>``.
@@ -140,6 +143,29 @@ class ProviderSuite(SuiteBase):
             for handle in handles:
                 if not isinstance(handle, BaseException):
                     await handle.close()
+
+    @pytest.mark.parametrize("when", ["before", "in-flight"])
+    @pytest.mark.parametrize("kind", _KINDS)
+    async def test_provider_cancelled_first_open_and_provision_leave_it_usable(
+        self, made_providers: Callable[[], Provider], kind: str, when: str
+    ) -> None:
+        # A caller's timeout may cancel the first open(), which provisions: a
+        # provider shared by many tasks must not stay half-provisioned, or wait
+        # for ever on a provisioning that was cancelled.
+        fresh = made_providers()
+        name = unique_name(kind)
+        await cancel_call(when, partial(_store(fresh, kind).open, name))
+        await cancel_call(when, fresh.provision)
+        with anyio.move_on_after(_PROVISION_SECONDS) as timeout:
+            async with await _store(fresh, kind).open(name) as handle:
+                await _write_tag(handle, kind, b"<tag>")
+                assert await _read_tag(handle, kind) == b"<tag>"
+            await fresh.provision()
+        assert not timeout.cancelled_caught, (
+            f"after a cancelled first {kind}s.open() and a cancelled provision(), opening, "
+            f"writing and provisioning did not finish within {_PROVISION_SECONDS} s: the "
+            "cancellation left the provider waiting for a provisioning that will never end"
+        )
 
     async def test_provider_limits_are_declared(self, provider: Provider) -> None:
         limits = provider.limits
