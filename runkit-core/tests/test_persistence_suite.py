@@ -442,7 +442,19 @@ async def test_keyspace_suite_catches_revisions_that_repeat_after_delete(
         message = await _fails(
             lambda: suite.test_keyspace_stale_revision_from_before_delete_is_rejected(aba)
         )
-    assert "DID NOT RAISE" in message
+    assert message.startswith(
+        "revision '1' came back after the key was deleted and inserted again (a set at the "
+        "revision from before the delete succeeded): revisions must never repeat for a key. "
+        "A generation counter that restarts after a delete"
+    ), message
+    AbaKeyspace.generations.clear()
+    async with await broken.keyspaces.open("aba-reinsert") as aba:
+        message = await _fails(
+            lambda: suite.test_keyspace_reinsert_after_delete_gets_fresh_revision(aba)
+        )
+    assert message.startswith(
+        "revision '1' came back after the key was deleted and inserted again: "
+    ), message
 
 
 async def test_keyspace_model_accepts_revisions_shared_by_different_keys(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from functools import partial
 
@@ -38,6 +38,23 @@ async def _first_key(keyspace: Keyspace) -> None:
     async with aclosing(keyspace.range()) as pairs:  # type: ignore[type-var]
         async for _ in pairs:
             await anyio.sleep(10)  # cancelled here if the fetch was not
+
+
+def _repeated(revision: str, when: str) -> str:
+    return (
+        f"revision {revision!r} came back {when}: revisions must never repeat for a key. "
+        "A generation counter that restarts after a delete, or a hash of the value "
+        "(such as an S3 ETag), repeats; store a random token (uuid.uuid4().hex) with the value"
+    )
+
+
+async def _conflicts(call: Awaitable[object]) -> bool:
+    """Whether *call* raises ``Conflict``."""
+    try:
+        await call
+    except Conflict:
+        return True
+    return False
 
 
 class KeyspaceSuite(SuiteBase):
@@ -138,7 +155,7 @@ class KeyspaceSuite(SuiteBase):
         await keyspace.set(b"<key>", b"", first)
         second = await keyspace.set(b"<key>", b"<value>", "")
         assert second
-        assert second != first
+        assert second != first, _repeated(first, "after the key was deleted and inserted again")
         assert await keyspace.get(b"<key>") == (b"<value>", second)
 
     async def test_keyspace_stale_revision_from_before_delete_is_rejected(
@@ -150,14 +167,20 @@ class KeyspaceSuite(SuiteBase):
         with pytest.raises(Conflict):
             await keyspace.set(b"<key>", b"<value>", stale)
         current = await keyspace.set(b"<key>", b"<value>", "")
-        with pytest.raises(Conflict):
-            await keyspace.set(b"<key>", b"<other>", stale)
+        if not await _conflicts(keyspace.set(b"<key>", b"<other>", stale)):
+            pytest.fail(
+                _repeated(
+                    stale,
+                    "after the key was deleted and inserted again (a set at the revision "
+                    "from before the delete succeeded)",
+                )
+            )
         assert await keyspace.get(b"<key>") == (b"<value>", current)
 
     async def test_keyspace_writing_same_value_changes_revision(self, keyspace: Keyspace) -> None:
         first = await keyspace.set(b"<key>", b"<value>", "")
         second = await keyspace.set(b"<key>", b"<value>", first)
-        assert second != first
+        assert second != first, _repeated(first, "when the same value was written again")
         with pytest.raises(Conflict):
             await keyspace.set(b"<key>", b"<value>", first)
         assert await keyspace.get(b"<key>") == (b"<value>", second)
@@ -168,13 +191,13 @@ class KeyspaceSuite(SuiteBase):
         for round_ in range(10):
             for value in (b"<a>", b"<a>", b"<b>"):
                 revision = await keyspace.set(b"<key>", value, revision)
-                assert revision not in seen
+                assert revision not in seen, _repeated(revision, "after other writes of the key")
                 seen.add(revision)
             if round_ % 2:
                 revision = await keyspace.set(b"<key>", b"", revision)
             else:
                 revision = await keyspace.set_unconditional(b"<key>", b"<c>")
-                assert revision not in seen
+                assert revision not in seen, _repeated(revision, "after other writes of the key")
                 seen.add(revision)
         assert len(seen) == 35
 
@@ -196,7 +219,8 @@ class KeyspaceSuite(SuiteBase):
         assert first
         assert await keyspace.get(b"<key>") == (b"<value>", first)
         second = await keyspace.set_unconditional(b"<key>", b"<value>")
-        assert second not in ("", first)
+        assert second, "set_unconditional of a non-empty value returned the empty revision"
+        assert second != first, _repeated(first, "when the same value was written again")
         third = await keyspace.set_unconditional(b"<key>", b"<other>")
         assert third not in ("", first, second)
         assert await keyspace.get(b"<key>") == (b"<other>", third)
