@@ -1140,3 +1140,52 @@ async def test_a_submit_to_a_stopped_inbox_writer_fails_at_once_or_sees_its_canc
             scope.cancel()
             await writer.submit([])
         assert scope.cancelled_caught
+
+
+async def test_an_instance_id_too_long_for_the_store_is_refused_before_it_is_durable() -> None:
+    from runkit.persistence import Limits
+
+    # "<app>/aggregate/<handler>/" takes 84 of the 128 bytes a name may have.
+    s = setup()
+    provider = MemoryProvider(f"engine-{uuid.uuid4()}", limits=Limits(max_name_bytes=128))
+    async with running(provider, s.config) as engine:
+        executor = engine.executor_for(s.app)
+        with pytest.raises(ValueError, match="instance IDs of at most 44 bytes") as info:
+            await executor.execute_command(Deposit("a" * 45, 1, "long"))
+        assert "instance ID of 45 bytes" in str(info.value)
+        await executor.execute_command(Deposit("a" * 44, 1, "fits"))
+        await wait_until(lambda: len(s.accounts.calls) == 1)
+        await settled(provider)
+    assert s.accounts.calls == [("a" * 44, "fits", 0)]
+    stores = await read_stores(provider)
+    # Nothing of the refused command: one event, and at most the other command in an inbox.
+    assert len(stores.all_events()) == 1
+    assert len(stores.accepted_ids()) <= 1
+
+
+async def test_an_instance_the_store_cannot_hold_poisons_its_commands_instead_of_blocking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Commands accepted before acceptance checked instance IDs (simulated by
+    # skipping the check) fail to load on every attempt: each is retried and
+    # poisoned, as a failing command is, rather than retried for ever.
+    from runkit.engine.commands.acceptance import Acceptor
+    from runkit.engine.commands.poison import list_poisoned
+    from runkit.persistence import Limits
+
+    monkeypatch.setattr(Acceptor, "_check_fits", lambda *args: None)
+    s = setup()
+    provider = MemoryProvider(f"engine-{uuid.uuid4()}", limits=Limits(max_name_bytes=128))
+    async with running(provider, s.config, max_attempts=2, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("a" * 45, 1, "long-1"))
+        await executor.execute_command(Deposit("a" * 45, 2, "long-2"))
+        await executor.execute_command(Deposit("b", 3, "other"))
+
+        async def poisoned() -> list[Any]:
+            return [p async for p in list_poisoned(provider, APP_KEY, 1)]
+
+        await wait_until(lambda: _len_is(poisoned, 2), timeout=20)
+        errors = [p.record.error for p in await poisoned()]
+        assert all("journal name" in error and "128" in error for error in errors), errors
+    assert s.accounts.calls == [("b", "other", 0)]

@@ -250,3 +250,29 @@ async def test_a_failed_attempt_leaves_no_change_to_the_root_of_a_cached_instanc
         assert p.calls == 3, "event 2 was not retried once"
         assert (await record(h, "a")).root == b"[1, 2]"
         tg.cancel_scope.cancel()
+
+
+async def test_an_instance_id_the_store_cannot_key_poisons_the_event_at_once() -> None:
+    # A store refusal that is the same on every attempt (the instance ID is
+    # longer than the store's keys may be) is the routing's fault: the event is
+    # poisoned at once, not retried as a passing store failure for ever.
+    import uuid
+
+    from runkit.persistence import Limits
+    from runkit_memory import MemoryProvider
+
+    p = Process()
+    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_key_bytes=120))
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1, provider=provider) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg)
+        await h.publish(Step("x" * 121, 1), Step("short", 2))
+        await wait_until(lambda: poisoned(h))
+        await wait_until(lambda: len(h.accepted) == 1)  # the other instance goes on
+        tg.cancel_scope.cancel()
+    poison = await list_poisoned_events(provider, APP_KEY, 0)
+    [message] = poison.values()
+    assert (message.instance_id, message.offset) == ("x" * 121, 0)
+    assert "key is 121 bytes" in message.error, message.error

@@ -232,7 +232,7 @@ class Client:
         def wake(index: int) -> None:
             router.wake(key, index, partition_id(key, index))
 
-        return Acceptor(app, count, writers, remote=offer, wake=wake)
+        return Acceptor(app, count, writers, remote=offer, wake=wake, limits=provider.limits)
 
     # -- executor.Gateway --
 

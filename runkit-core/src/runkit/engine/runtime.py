@@ -143,6 +143,7 @@ class AppRuntime:
                 remote=self._offer_remote if self.router is not None else None,
                 wake=self._wake_remote if self.router is not None else None,
                 routed=self.routed_commands,
+                limits=self.provider.limits,
             )
             async with anyio.create_task_group() as tg:
                 for writer in self.inbox_writers:

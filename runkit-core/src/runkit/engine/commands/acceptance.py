@@ -28,12 +28,13 @@ import msgspec
 import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
-from ...persistence import Conflict, PersistenceError, Provider
+from ...persistence import Conflict, Limits, PersistenceError, Provider
 from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
 from ..ids import derived_id
 from ..partitions import instance_workload, partition_of
 from ..streams import UnconfirmedAppend
 from .inbox import InboxEntry, InboxWriter
+from .instance_records import aggregate_name
 
 __all__ = [
     "Acceptor",
@@ -199,8 +200,12 @@ class Acceptor:
         wake: Callable[[int], None] | None = None,
         backlog_timeout: float = 30.0,
         routed: RoutedMessages | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.app = app
+        # The store's limits, which an aggregate instance's journal name and
+        # snapshot key must fit (None: not checked).
+        self._limits = limits
         # Where routed aggregate commands wait for their handling on this node
         # (None: nothing is handled here, as in a client).
         self._routed = routed
@@ -241,6 +246,8 @@ class Acceptor:
                     f"{handler.describe()} routed {envelope.description!r} to instance "
                     f"{instance_id!r}; instance IDs must be non-empty strings"
                 )
+            if self._limits is not None:
+                self._check_fits(handler, envelope, instance_id)
             workload = instance_workload(handler.identity.key, instance_id)
             if self._routed is not None:
                 self._routed.keep(envelope, command)
@@ -255,6 +262,26 @@ class Acceptor:
             keyed=keyed,
         )
         return partition_of(workload, self.partition_count), entry
+
+    def _check_fits(self, handler: HandlerConfig, envelope: Envelope, instance_id: str) -> None:
+        """Refuse an instance ID whose journal name or snapshot key the store cannot take.
+
+        Checked here, before anything is durable: found later, the store's
+        refusal would be the same on every attempt, and the command would hold
+        up its instance for good.
+        """
+        assert self._limits is not None
+        name = len(
+            aggregate_name(self.app.identity.key, handler.identity.key, instance_id).encode()
+        )
+        key = len(instance_id.encode())
+        if name > self._limits.max_name_bytes or key > self._limits.max_key_bytes:
+            room = min(self._limits.max_name_bytes - (name - key), self._limits.max_key_bytes)
+            raise ValueError(
+                f"{handler.describe()} routed {envelope.description!r} to an instance ID of "
+                f"{key} bytes; this store takes aggregate instance IDs of at most {room} "
+                "bytes (the instance's journal name and snapshot key must fit its limits)"
+            )
 
     async def accept(
         self, routed: Sequence[tuple[int, InboxEntry]], *, produced: bool = False

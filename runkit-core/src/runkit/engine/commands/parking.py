@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from ...config import HandlerConfig
-from ...persistence import PersistenceError
+from ...persistence import LimitExceeded, PersistenceError
 from ..backoff import backoff
 from ..workers import KeptWorkers
 from .pending import PendingCommand
@@ -100,6 +100,12 @@ class ParkedInstances:
                 await self._load_instance(handler, key[1])
                 break
             except PersistenceError as exc:
+                if isinstance(exc, LimitExceeded):
+                    # The same on every attempt (an instance ID too long for the
+                    # store, accepted before acceptance checked it): the
+                    # command's retries and poisoning decide, as for a bug.
+                    self._blame_first(key, exc)
+                    return
                 failures += 1
                 delay = backoff(failures, self._retry_base_delay, 5.0)
                 _log.warning(
@@ -112,14 +118,18 @@ class ParkedInstances:
                 await anyio.sleep(delay)
             except Exception as exc:
                 # new()/apply_event()/unmarshal failed: a bug, or a transient
-                # problem in the root's code; the first command takes the blame.
-                parked = self._parked.get(key)
-                if parked:
-                    self.retry_later(parked.popleft(), exc, key)
-                    if key in self._parked and not self._parked[key]:
-                        del self._parked[key]
+                # problem in the root's code.
+                self._blame_first(key, exc)
                 return
         self.unpark(key)
+
+    def _blame_first(self, key: tuple[str, str], exc: Exception) -> None:
+        """Loading instance *key* failed with *exc*: its first command takes the blame."""
+        parked = self._parked.get(key)
+        if parked:
+            self.retry_later(parked.popleft(), exc, key)
+            if key in self._parked and not self._parked[key]:
+                del self._parked[key]
 
     async def _unpark_after(self, key: tuple[str, str], delay: float) -> None:
         await anyio.sleep(delay)

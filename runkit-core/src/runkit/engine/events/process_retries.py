@@ -24,7 +24,7 @@ import msgspec
 import dogma
 
 from ...config import HandlerConfig
-from ...persistence import PersistenceError
+from ...persistence import LimitExceeded, PersistenceError
 from ..envelope import Envelope, encode
 from ..logs import LogContext, RateLimitedLog, describe_error
 from .consumers_support import ConsumerOptions, sleep_backoff
@@ -87,6 +87,18 @@ class MessageRetries:
             try:
                 await run()
                 return
+            except (
+                LimitExceeded,
+                ProcessBug,
+                dogma.UnexpectedMessage,
+                dogma.ValidationError,
+            ) as exc:
+                # LimitExceeded is a store refusal that is the same on every
+                # attempt (an instance ID longer than its keys, a root larger
+                # than its values): a bug, unlike other persistence errors.
+                attempts += 1
+                error: Exception = exc
+                give_up = True
             except PersistenceError as exc:
                 store_failures += 1
                 # Built only on failure: most messages succeed at once.
@@ -103,10 +115,6 @@ class MessageRetries:
                 )
                 await sleep_backoff(self.options, store_failures)
                 continue
-            except (ProcessBug, dogma.UnexpectedMessage, dogma.ValidationError) as exc:
-                attempts += 1
-                error: Exception = exc
-                give_up = True
             except Exception as exc:
                 attempts += 1
                 error = exc
