@@ -206,6 +206,7 @@ class Acceptor:
         # The store's limits, which an aggregate instance's journal name and
         # snapshot key must fit (None: not checked).
         self._limits = limits
+        self._room: dict[str, int] = {}  # handler key -> longest instance ID, in bytes
         # Where routed aggregate commands wait for their handling on this node
         # (None: nothing is handled here, as in a client).
         self._routed = routed
@@ -270,16 +271,18 @@ class Acceptor:
         refusal would be the same on every attempt, and the command would hold
         up its instance for good.
         """
-        assert self._limits is not None
-        name = len(
-            aggregate_name(self.app.identity.key, handler.identity.key, instance_id).encode()
-        )
-        key = len(instance_id.encode())
-        if name > self._limits.max_name_bytes or key > self._limits.max_key_bytes:
-            room = min(self._limits.max_name_bytes - (name - key), self._limits.max_key_bytes)
+        room = self._room.get(handler.identity.key)
+        if room is None:
+            assert self._limits is not None
+            prefix = len(aggregate_name(self.app.identity.key, handler.identity.key, "").encode())
+            room = self._room[handler.identity.key] = min(
+                self._limits.max_name_bytes - prefix, self._limits.max_key_bytes
+            )
+        size = len(instance_id) if instance_id.isascii() else len(instance_id.encode())
+        if size > room:
             raise ValueError(
                 f"{handler.describe()} routed {envelope.description!r} to an instance ID of "
-                f"{key} bytes; this store takes aggregate instance IDs of at most {room} "
+                f"{size} bytes; this store takes aggregate instance IDs of at most {room} "
                 "bytes (the instance's journal name and snapshot key must fit its limits)"
             )
 
