@@ -46,8 +46,8 @@ def event_poison_store_name(app_key: str, partition: int) -> str:
 class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
     """An event or deadline a process handler gave up on (``<app>/event-poison/<p>``).
 
-    Keyed by ``<handler key>/event/<stream offset>`` or
-    ``<handler key>/deadline/<deadline ID>``.
+    Keyed by ``<handler key>/event/<stream ID>/<stream offset>``,
+    ``<handler key>/deadline/<deadline ID>`` or ``<handler key>/outbox/<instance ID>``.
     """
 
     handler_key: str
