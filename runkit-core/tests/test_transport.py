@@ -1312,6 +1312,37 @@ async def test_operator_ca_certificates_are_accepted_and_self_signed_ones_refuse
             await client.call(address, "echo", b"")
 
 
+async def test_pem_files_with_text_around_their_certificates_work(
+    ca_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # certifi's bundle names issuers in UTF-8 comments; openssl pkcs12 writes
+    # "Bag Attributes" before each certificate. Both are valid PEM files.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        "# Issuer: CN=Főtanúsítvány\n".encode() + ca_files["ca"].read_bytes() + b"# end\n"
+    )
+    cert = {}
+    for name in ("one", "two"):
+        cert[name] = tmp_path / f"{name}-bag.pem"
+        cert[name].write_bytes(
+            b"Bag Attributes\n    friendlyName: " + name.encode() + b"\n"
+            b"subject=CN = " + name.encode() + b"\n" + ca_files[name].read_bytes()
+        )
+    one = TlsIdentity.load(cert["one"], ca_files["one-key"], bundle)
+    two = TlsIdentity.load(cert["two"], ca_files["two-key"], bundle)
+    async with serving(node("one", one)) as address, node("two", two) as client:
+        assert await client.call(address, "echo", b"ca") == b"two:ca"
+    # Trusted by fingerprint, the client sends its own certificate in Hello.
+    one = TlsIdentity.load(cert["one"], ca_files["one-key"])
+    two = TlsIdentity.load(cert["two"], ca_files["two-key"])
+    pinned = frozenset({one.fingerprint, two.fingerprint})
+    async with (
+        serving(node("one", one, authenticate=pinned.__contains__)) as address,
+        node("two", two, authenticate=pinned.__contains__) as client,
+    ):
+        assert await client.call(address, "echo", b"pinned") == b"two:pinned"
+
+
 # --- identities --------------------------------------------------------------------
 
 

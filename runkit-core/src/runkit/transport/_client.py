@@ -146,12 +146,8 @@ async def _client_hello(
         )
     binding = stream.extra(TLSAttribute.channel_binding_tls_unique)  # noqa: S610
     proof = sign_proof(identity, binding or b"", fingerprint)
-    hello = Hello(version=PROTOCOL_VERSION, node_id=node_id, cert=_own_der(identity), proof=proof)
+    hello = Hello(version=PROTOCOL_VERSION, node_id=node_id, cert=identity.cert_der, proof=proof)
     return fingerprint, hello
-
-
-def _own_der(identity: TlsIdentity) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(identity.cert_pem.decode("ascii"))
 
 
 class _Unary:

@@ -98,6 +98,11 @@ class TlsIdentity:
         return certificate_fingerprint(_der(self.cert_pem))
 
     @property
+    def cert_der(self) -> bytes:
+        """The certificate in DER (whatever text its PEM file has around it)."""
+        return _der(self.cert_pem)
+
+    @property
     def subject(self) -> str:
         """The certificate's subject, as an RFC 4514 string (``CN=node-1``)."""
         return _subject(x509.load_pem_x509_certificate(self.cert_pem))
@@ -345,12 +350,22 @@ def _make_context(
         cert_file.write_bytes(cert_pem)
         ctx.load_cert_chain(cert_file, key_file)
     if ca_pem is not None:
-        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+        # Only the certificates: a bundle's comments (certifi's name issuers in
+        # UTF-8) are not ASCII, which cadata= requires of PEM text.
+        ctx.load_verify_locations(cadata=_certificates_der(ca_pem))
         ctx.verify_mode = ssl.CERT_REQUIRED
     else:
         # Fingerprint mode: the peer is checked after the handshake (see module doc).
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def _certificates_der(pem: bytes) -> bytes:
+    """The certificates of a PEM bundle, as concatenated DER (text around them dropped)."""
+    return b"".join(
+        cert.public_bytes(serialization.Encoding.DER)
+        for cert in x509.load_pem_x509_certificates(pem)
+    )
 
 
 def server_context(identity: TlsIdentity) -> ssl.SSLContext:
