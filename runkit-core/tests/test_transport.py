@@ -1308,8 +1308,55 @@ async def test_operator_ca_certificates_are_accepted_and_self_signed_ones_refuse
             with pytest.raises(PeerUnavailable):
                 await client.call(address, "echo", b"")
     async with serving(node("rogue", rogue)) as address, node("two", two) as client:
-        with pytest.raises(PeerUnavailable, match="certificate verify failed"):
+        with pytest.raises(PeerUnavailable, match="does not verify against this node's CA"):
             await client.call(address, "echo", b"")
+
+
+async def test_a_refused_tls_handshake_says_why_and_what_to_do(
+    ca_files: dict[str, Path], tmp_path: Path, transport_log: pytest.LogCaptureFixture
+) -> None:
+    # A node whose certificate comes from another CA, trusting that CA only.
+    other_cert, other_key = issue(tmp_path, "other-ca", None)
+    stranger_files = issue(tmp_path, "stranger", load_issuer(other_cert, other_key))
+    stranger = TlsIdentity.load(*stranger_files, other_cert)
+    one = TlsIdentity.load(ca_files["one"], ca_files["one-key"], ca_files["ca"])
+    advice = "give every node and client the same DOGMA_TLS_CA and a certificate it issued"
+
+    async def refusals() -> list[str]:
+        with anyio.fail_after(5):  # the server logs on its own
+            while True:
+                if "refused connection" in transport_log.text:
+                    break
+                await anyio.sleep(0.01)
+        found = [r.getMessage() for r in transport_log.records if "refused" in r.getMessage()]
+        transport_log.clear()
+        return found
+
+    async with serving(node("one", one)) as address:
+        # The stranger refuses one's certificate; one only sees it hang up.
+        async with node("stranger", stranger) as client:
+            with pytest.raises(PeerUnavailable) as caller:
+                await client.call(address, "echo", b"")
+        assert "does not verify against this node's CA" in str(caller.value)
+        assert advice in str(caller.value)
+        [line] = await refusals()
+        assert line.startswith("refused connection from 127.0.0.1:")
+        assert "TLS handshake failed: the peer closed the connection (" in line
+        assert "probably does not trust this node's certificate (it uses another CA?)" in line
+        assert advice in line
+        # A node without a CA sends a self-signed certificate: one refuses it.
+        async with node("a", A, authenticate=lambda fingerprint: True) as client:
+            with pytest.raises(PeerUnavailable) as caller:
+                await client.call(address, "echo", b"")
+        assert "handshake failed: the peer closed the connection" in str(caller.value)
+        assert "(it uses a CA?)" in str(caller.value)
+        [line] = await refusals()
+        assert (
+            "TLS handshake failed: the peer's certificate does not verify against this "
+            "node's CA (self-signed certificate): it was issued by another CA, or the peer "
+            "has no CA"
+        ) in line
+        assert advice in line
 
 
 async def test_pem_files_with_text_around_their_certificates_work(

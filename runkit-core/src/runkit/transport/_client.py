@@ -33,7 +33,13 @@ from ._frames import (
 )
 from ._link import Link, LinkClosed
 from ._peer import Authenticate, PeerInfo, authenticated, parse_address
-from ._tls import TlsIdentity, certificate_fingerprint, peer_certificate_problem, sign_proof
+from ._tls import (
+    TlsIdentity,
+    certificate_fingerprint,
+    handshake_failure,
+    peer_certificate_problem,
+    sign_proof,
+)
 
 __all__ = ["PeerConnection", "open_connection", "read_frame"]
 
@@ -77,6 +83,9 @@ async def open_connection(
         stream = await anyio.connect_tcp(
             host, port, ssl_context=context, tls_standard_compatible=False
         )
+    except ssl.SSLError as exc:
+        ca = identity.ca_pem is not None
+        raise PeerUnavailable(address, f"cannot connect: {handshake_failure(exc, ca=ca)}") from None
     except _STREAM_ERRORS as exc:
         raise PeerUnavailable(address, f"cannot connect: {exc}") from None
     try:
@@ -93,9 +102,8 @@ async def open_connection(
         raise PeerUnavailable(address, f"protocol error in the handshake: {exc.reason}") from None
     except _STREAM_ERRORS as exc:
         await anyio.aclose_forcefully(stream)
-        raise PeerUnavailable(
-            address, f"connection closed during the handshake (refused?): {exc!r}"
-        ) from None
+        detail = handshake_failure(exc, ca=identity.ca_pem is not None)
+        raise PeerUnavailable(address, f"handshake failed: {detail}") from None
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise

@@ -33,7 +33,13 @@ from ._frames import (
 )
 from ._link import Link, LinkClosed
 from ._peer import Authenticate, PeerInfo, authenticated, format_address
-from ._tls import TlsIdentity, certificate_fingerprint, peer_certificate_problem, verify_proof
+from ._tls import (
+    TlsIdentity,
+    certificate_fingerprint,
+    handshake_failure,
+    peer_certificate_problem,
+    verify_proof,
+)
 
 __all__ = [
     "DeferredHandler",
@@ -210,7 +216,11 @@ async def _handshake(
             tcp, server_side=True, ssl_context=config.context, standard_compatible=False
         )
     except (ssl.SSLError, OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-        _log.warning("refused connection from %s: TLS handshake failed: %s", remote, exc)
+        _log.warning(
+            "refused connection from %s: TLS handshake failed: %s",
+            remote,
+            handshake_failure(exc, ca=config.identity.ca_pem is not None),
+        )
         return None
     # The peer is nobody until its Hello is verified: a small limit until then.
     decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, config.max_frame_size))

@@ -30,6 +30,7 @@ import ssl
 import tempfile
 from pathlib import Path
 
+import anyio
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -44,6 +45,7 @@ __all__ = [
     "TlsIdentity",
     "certificate_fingerprint",
     "client_context",
+    "handshake_failure",
     "peer_certificate_problem",
     "server_context",
     "sign_proof",
@@ -219,6 +221,42 @@ def peer_certificate_problem(der: bytes) -> str | None:
         return "the certificate is not valid DER"
     problem = validity_problem(cert, datetime.datetime.now(datetime.UTC))
     return None if problem is None else f"certificate {_subject(cert)} {problem}"
+
+
+#: What to do when peers do not trust each other's certificates.
+_ONE_TRUST_MODEL = (
+    "give every node and client the same DOGMA_TLS_CA and a certificate it issued, "
+    "or none of them a CA (self-signed, trusted by fingerprint)"
+)
+
+
+def handshake_failure(exc: BaseException, *, ca: bool) -> str:
+    """Say, for an operator, why a TLS handshake failed with *exc*.
+
+    *ca* tells whether this end verifies peers against an operator's CA. A
+    peer that refuses our certificate just closes the connection (or sends an
+    alert), which OpenSSL reports with no text at all: the answer says what
+    that usually means.
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"the peer's certificate does not verify against this node's CA "
+            f"({exc.verify_message}): it was issued by another CA, or the peer has no CA "
+            f"and made a self-signed one; {_ONE_TRUST_MODEL}"
+        )
+    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+    closed = isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError) or (
+        isinstance(reason, str) and "ALERT" in reason
+    )
+    if closed:
+        detail = reason.lower().replace("_", " ") if isinstance(reason, str) else "no reason given"
+        whose = "another CA" if ca else "a CA"
+        return (
+            f"the peer closed the connection ({detail}): it "
+            f"probably does not trust this node's certificate (it uses {whose}?); "
+            f"{_ONE_TRUST_MODEL}"
+        )
+    return str(exc) or repr(exc)
 
 
 def _utc(moment: datetime.datetime) -> str:
