@@ -51,7 +51,7 @@ from engine_commands_harness import (
     splitting_node_ids,
     wait_until,
 )
-from tls_harness import issue
+from tls_harness import issue, load_issuer
 
 
 @asynccontextmanager
@@ -792,6 +792,52 @@ async def test_a_client_entered_before_any_node_starts_waits_for_the_application
         tg.cancel_scope.cancel()
     check_invariants(stores)
     assert len(stores.published()) == 1
+
+
+async def test_a_client_whose_certificate_the_nodes_refuse_says_so_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nodes with an operator CA, a client without one (runkit execute without
+    # DOGMA_TLS_*): its commands still get through, by the inbox, but slowly;
+    # runkit execute shows warnings only, so an INFO line would hide the cause.
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    ca_cert, ca_key = issue(tmp_path, "cluster-ca", None)
+    cert, key = issue(tmp_path, "node-1", load_issuer(ca_cert, ca_key))
+    engine = one_node(
+        s.config,
+        silo,
+        listen_address="127.0.0.1:0",
+        tls_cert=str(cert),
+        tls_key=str(key),
+        tls_ca=str(ca_cert),
+    )
+    client = runkit.Client(
+        runkit.with_application(s.config),
+        runkit.with_persistence_provider(MemoryProvider(silo)),
+        runkit.with_heartbeat_interval(0.5),
+    )
+    with caplog.at_level(logging.WARNING, logger="runkit"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            await engine.runtime(APP_KEY)
+            async with client:
+                with anyio.fail_after(10):
+                    for i in range(3):
+                        await client.executor_for(s.app).execute_command(Deposit("a", 1, f"r{i}"))
+            tg.cancel_scope.cancel()
+    offers = [r for r in caplog.records if r.getMessage().startswith("offering ")]
+    [offer] = offers  # once per owner per interval, not once per command
+    assert offer.levelno == logging.WARNING
+    message = offer.getMessage()
+    assert "the peer closed the connection" in message
+    assert "probably does not trust this node's certificate (it uses a CA?)" in message
+    assert "give every node and client the same DOGMA_TLS_CA" in message
+    assert message.endswith("using the inbox, which is slower")
+    [refusal] = [r for r in caplog.records if "refused connection" in r.getMessage()][:1]
+    assert "does not verify against this node's CA (self-signed certificate)" in (
+        refusal.getMessage()
+    )
 
 
 async def test_a_client_entered_twice_is_refused_at_once_and_keeps_working() -> None:

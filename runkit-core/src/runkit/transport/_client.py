@@ -37,6 +37,7 @@ from ._tls import (
     TlsIdentity,
     certificate_fingerprint,
     handshake_failure,
+    handshake_untrusted,
     peer_certificate_problem,
     sign_proof,
 )
@@ -84,8 +85,10 @@ async def open_connection(
             host, port, ssl_context=context, tls_standard_compatible=False
         )
     except ssl.SSLError as exc:
-        ca = identity.ca_pem is not None
-        raise PeerUnavailable(address, f"cannot connect: {handshake_failure(exc, ca=ca)}") from None
+        detail = handshake_failure(exc, ca=identity.ca_pem is not None)
+        raise PeerUnavailable(
+            address, f"cannot connect: {detail}", untrusted=handshake_untrusted(exc)
+        ) from None
     except _STREAM_ERRORS as exc:
         raise PeerUnavailable(address, f"cannot connect: {exc}") from None
     try:
@@ -103,7 +106,9 @@ async def open_connection(
     except _STREAM_ERRORS as exc:
         await anyio.aclose_forcefully(stream)
         detail = handshake_failure(exc, ca=identity.ca_pem is not None)
-        raise PeerUnavailable(address, f"handshake failed: {detail}") from None
+        raise PeerUnavailable(
+            address, f"handshake failed: {detail}", untrusted=handshake_untrusted(exc)
+        ) from None
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise

@@ -13,13 +13,17 @@ class PeerUnavailable(TransportError):
     """Raised by a call when the peer cannot be reached, refuses us, or drops the connection.
 
     ``address`` is the peer address that was called and ``reason`` says what happened
-    (connection refused, certificate not accepted, connection lost, ...). The call
+    (connection refused, certificate not accepted, connection lost, ...);
+    ``untrusted`` is true when a certificate was not trusted in the TLS handshake. The call
     may or may not have run on the peer when the connection broke mid-call.
     """
 
-    def __init__(self, address: str, reason: str) -> None:
+    def __init__(self, address: str, reason: str, *, untrusted: bool = False) -> None:
         self.address = address
         self.reason = reason
+        #: The TLS handshake failed because one side did not trust the other's
+        #: certificate: a configuration fault (see ``reason``), not an outage.
+        self.untrusted = untrusted
         super().__init__(f"peer {address} is unavailable: {reason}")
 
 

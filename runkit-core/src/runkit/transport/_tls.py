@@ -46,6 +46,7 @@ __all__ = [
     "certificate_fingerprint",
     "client_context",
     "handshake_failure",
+    "handshake_untrusted",
     "peer_certificate_problem",
     "server_context",
     "sign_proof",
@@ -230,6 +231,20 @@ _ONE_TRUST_MODEL = (
 )
 
 
+def handshake_untrusted(exc: BaseException) -> bool:
+    """Whether a TLS handshake that failed with *exc* failed over a certificate's trust.
+
+    A certificate that did not verify, or a peer that hung up or sent an alert
+    (how a peer refuses this node's certificate).
+    """
+    if isinstance(
+        exc, ssl.SSLCertVerificationError | anyio.EndOfStream | anyio.BrokenResourceError
+    ):
+        return True
+    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+    return isinstance(reason, str) and "ALERT" in reason
+
+
 def handshake_failure(exc: BaseException, *, ca: bool) -> str:
     """Say, for an operator, why a TLS handshake failed with *exc*.
 
@@ -244,11 +259,8 @@ def handshake_failure(exc: BaseException, *, ca: bool) -> str:
             f"({exc.verify_message}): it was issued by another CA, or the peer has no CA "
             f"and made a self-signed one; {_ONE_TRUST_MODEL}"
         )
-    reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
-    closed = isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError) or (
-        isinstance(reason, str) and "ALERT" in reason
-    )
-    if closed:
+    if handshake_untrusted(exc):
+        reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
         detail = reason.lower().replace("_", " ") if isinstance(reason, str) else "no reason given"
         whose = "another CA" if ca else "a CA"
         return (

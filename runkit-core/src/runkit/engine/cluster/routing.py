@@ -44,11 +44,13 @@ from ..._validate import is_unspecified_address
 from ...persistence import PersistenceError, Provider
 from ...transport import (
     NodeTransport,
+    PeerUnavailable,
     TlsIdentity,
     TransportError,
 )
 from ..commands.acceptance import PartitionStopped
 from ..commands.inbox import InboxEntry
+from ..logs import RateLimitedLog
 from ..partitions import partition_id
 from ..settings import EngineSettings
 from ..streams import CommandDone, Observed, Widen, end_subscriptions, fed_subscription
@@ -76,6 +78,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("runkit.engine.cluster.routing")
+#: Offers refused over an untrusted certificate, logged once per owner per interval.
+_untrusted_log = RateLimitedLog(_log, 10.0)
 
 #: How long a gateway waits for the owner to take a command before using the inbox.
 OFFER_TIMEOUT = 2.0
@@ -204,14 +208,21 @@ class Router:
                     expect_fingerprint=owner.tls_fingerprint,
                 )
             except TransportError as exc:
-                _log.info(
-                    "offering %d command(s) for partition %d to node %s failed (%s); "
-                    "using the inbox",
-                    len(entries),
-                    index,
-                    owner.node_id,
-                    exc,
-                )
+                # A certificate one side does not trust is a configuration
+                # fault that no retry cures: say so (once per interval), as
+                # the inbox keeps commands flowing, only slower, and hides it.
+                failed = "offering %d command(s) for partition %d to node %s failed (%s); "
+                if isinstance(exc, PeerUnavailable) and exc.untrusted:
+                    _untrusted_log.warning(
+                        owner.node_id,
+                        failed + "using the inbox, which is slower",
+                        len(entries),
+                        index,
+                        owner.node_id,
+                        exc,
+                    )
+                else:
+                    _log.info(failed + "using the inbox", len(entries), index, owner.node_id, exc)
                 return False
             if answer in (OK, NOT_OWNER):
                 return answer == OK
