@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
+import pytest
 
 from runkit.engine.cluster.ownership import StaticOwnership
 from runkit.engine.partitions import PartitionRunner, partition_id
@@ -53,3 +56,33 @@ async def test_a_partition_owned_again_starts_after_its_last_run_has_wound_down(
         await wait_started(2)
         tg.cancel_scope.cancel()
     assert log == ["start 1", "end 1", "start 2", "end 2"]
+
+
+async def test_a_partition_this_node_no_longer_owns_is_logged_as_released(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its taking is logged (run_owned_partition); a node's log must also say
+    # when it stops running one, or a rebalance is invisible in it.
+    ownership = StaticOwnership()
+    started = anyio.Event()
+
+    async def run_one(index: int) -> None:
+        started.set()
+        await anyio.sleep_forever()
+
+    runner = PartitionRunner(APP, 2, ownership, run_one, name="bank")
+    with caplog.at_level(logging.INFO, logger="runkit"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(runner.run)
+            ownership.assign({partition_id(APP, 0), partition_id(APP, 1)})
+            with anyio.fail_after(10):
+                await started.wait()
+            ownership.assign({partition_id(APP, 0)})
+            await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    [record] = [r for r in caplog.records if "releasing" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == (
+        "application bank: releasing partition 1: this node no longer owns it"
+    )
+    assert record.partition == 1  # type: ignore[attr-defined]

@@ -156,7 +156,10 @@ class PartitionRunner:
         run_one: Callable[[int], Awaitable[None]],
         *,
         restart_delay: float = 0.5,
+        name: str | None = None,
     ) -> None:
+        self._app_key = app_key
+        self._name = name or app_key
         self._ids = [partition_id(app_key, i) for i in range(count)]
         self._ownership = ownership
         self._run_one = run_one
@@ -187,6 +190,14 @@ class PartitionRunner:
                 ended = self._ended[index] = anyio.Event()
                 tg.start_soon(self._supervise, index, scope, previous, ended)
             elif not owned and scope is not None:
+                # The counterpart of run_owned_partition's "taking partition":
+                # without it a node's log never says what it stopped running.
+                _log.info(
+                    "application %s: releasing partition %d: this node no longer owns it",
+                    self._name,
+                    index,
+                    extra={"app": self._app_key, "partition": index},
+                )
                 scope.cancel()
                 del self._running[index]
 

@@ -149,7 +149,11 @@ class AppRuntime:
                 for writer in self.inbox_writers:
                     await tg.start(writer.run)
                 runner = PartitionRunner(
-                    self.app_key, self.partition_count, self.ownership, self._run_partition
+                    self.app_key,
+                    self.partition_count,
+                    self.ownership,
+                    self._run_partition,
+                    name=self.app.identity.name,
                 )
                 tg.start_soon(runner.run)
                 if self._consumers is not None:
