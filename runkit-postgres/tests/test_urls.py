@@ -120,7 +120,14 @@ class TestParseUrl:
             (
                 "postgresql://u:pa/S3kr1t@127.0.0.1/d",
                 "the password in PostgreSQL URL 'postgresql://u:***@127.0.0.1/d' contains "
-                "'/', '?' or '#': percent-encode them (%2F, %3F, %23)",
+                "'/': percent-encode it (%2F)",
+            ),
+            # Every character to encode is named at once, '@' included.
+            (
+                "postgresql://op:S3kr1t#x@y?z@127.0.0.1:55432/bank?schema=bank",
+                "the password in PostgreSQL URL "
+                "'postgresql://op:***@127.0.0.1:55432/bank?schema=bank' contains "
+                "'?', '#' and '@': percent-encode them (%3F, %23, %40)",
             ),
         ],
     )

@@ -258,9 +258,17 @@ def _misencoded_user_info(url: str) -> str | None:
     a host name (looked up in DNS), a port or a path, quoted in libpq's errors.
     """
     if has_unencoded_password(url):
+        # Every character to encode at once, '@' included: fixing one at a
+        # time would take as many attempts.
+        rest = url.partition("://")[2]
+        secret = rest[rest.find(":") + 1 : rest.rfind("@")]
+        found = [c for c in "/?#@" if c in secret] or ["/", "?", "#"]
+        names = " and ".join(", ".join(f"'{c}'" for c in found).rsplit(", ", 1))
+        codes = ", ".join(f"%{ord(c):02X}" for c in found)
+        them = "them" if len(found) > 1 else "it"
         return (
-            f"the password in PostgreSQL URL {redact_url(url)!r} contains '/', '?' or "
-            "'#': percent-encode them (%2F, %3F, %23)"
+            f"the password in PostgreSQL URL {redact_url(url)!r} contains {names}: "
+            f"percent-encode {them} ({codes})"
         )
     try:
         netloc = urlsplit(url).netloc
