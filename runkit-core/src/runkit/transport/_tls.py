@@ -262,11 +262,14 @@ def handshake_failure(exc: BaseException, *, ca: bool) -> str:
     if handshake_untrusted(exc):
         reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
         detail = reason.lower().replace("_", " ") if isinstance(reason, str) else "no reason given"
-        whose = "another CA" if ca else "a CA"
+        why = (
+            "this node's certificate (a peer without this node's CA does not)"
+            if ca
+            else "this node's self-signed certificate (a peer with a CA does not)"
+        )
         return (
-            f"the peer closed the connection ({detail}): it "
-            f"probably does not trust this node's certificate (it uses {whose}?); "
-            f"{_ONE_TRUST_MODEL}"
+            f"the peer closed the connection ({detail}): it probably does not trust "
+            f"{why}; {_ONE_TRUST_MODEL}"
         )
     return str(exc) or repr(exc)
 
