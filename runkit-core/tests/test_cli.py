@@ -910,3 +910,36 @@ def test_a_reader_that_leaves_early_is_not_an_error() -> None:
     )
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stderr
+
+
+def test_execute_with_no_live_node_says_the_command_waits_instead_of_executed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Durable, so status 0; but no node owns its partition, so nothing handled
+    # it yet: "executed" would have the operator believe the deposit was made.
+    from datetime import UTC, datetime
+
+    import anyio
+
+    from runkit.engine.meta import load_partition_count
+    from runkit_memory import MemoryProvider
+
+    silo = f"cli-execute-no-node-{uuid.uuid4()}"
+    app_key = "22028264-0bca-43e1-8d9d-cd094efb10b7"  # bank's identity key
+
+    async def started_once() -> None:  # the cluster ran once, and stopped
+        await load_partition_count(MemoryProvider(silo), app_key, 4, datetime.now(UTC))
+
+    anyio.run(started_once)
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///{silo}")
+    status, out = run(
+        "execute",
+        "bank:app",
+        "Deposit",
+        '{"transaction_id": "D1", "account_id": "A1", "amount": 100}',
+    )
+    assert status == 0, capsys.readouterr().err
+    assert out == (
+        "accepted deposit D1: depositing $1.00 into account A1; no node of the cluster is "
+        "live, so it waits in the store until one starts (runkit run ...)\n"
+    )

@@ -150,6 +150,8 @@ def _cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
 
 def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
     """Execute one command through a ``runkit.Client``; exit once it is durable."""
+    from datetime import UTC, datetime
+
     import anyio
 
     import dogma
@@ -157,6 +159,7 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
     from . import config
     from ._options import from_environment, with_application, with_persistence_provider
     from .client import Client
+    from .engine.cluster.nodes import list_nodes
     from .engine.engine import read_partition_count
     from .persistence import provider_from_url
 
@@ -189,7 +192,7 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
     if url is None:
         raise CLIError("set DOGMA_PERSISTENCE_URL to the store the nodes use")
 
-    async def go() -> None:
+    async def go() -> bool:
         provider = provider_from_url(url)
         try:
             async with Client(
@@ -210,15 +213,25 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
                 await client.executor_for(app).execute_command(
                     command, idempotency_key=args.idempotency_key
                 )
+                # Durable is not handled: with no node to own its partition
+                # the command waits in the store, and "executed" would mislead.
+                now = datetime.now(UTC)
+                return any(r.role == "node" and r.is_live(now) for r in await list_nodes(provider))
         finally:
             with anyio.CancelScope(shield=True):
                 await provider.close()
 
     try:
-        anyio.run(go)
+        handled = anyio.run(go)
     except dogma.ValidationError as exc:
         raise CLIError(f"the command is invalid: {exc}") from exc
-    out.write(f"executed {command.message_description()}\n")
+    if handled:
+        out.write(f"executed {command.message_description()}\n")
+    else:
+        out.write(
+            f"accepted {command.message_description()}; no node of the cluster is live, "
+            "so it waits in the store until one starts (runkit run ...)\n"
+        )
     return 0
 
 
