@@ -12,8 +12,11 @@ import contextlib
 import datetime
 import logging
 import math
+import re
+import shutil
 import ssl
 import struct
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -1523,3 +1526,41 @@ def test_the_transport_imports_nothing_from_the_engine() -> None:
                 if n.split(".")[0] == "runkit" and not n.startswith(allowed)
             ]
     assert not found, found
+
+
+@pytest.fixture
+def recipe_pki(tmp_path: Path) -> Path:
+    """docs/user-guide/running.md's openssl recipe ("Certificates from your own CA"), run."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    page = Path(__file__).resolve().parents[2] / "docs" / "user-guide" / "running.md"
+    [recipe] = [
+        block
+        for block in re.findall(r"```sh\n(.*?)```", page.read_text(encoding="utf-8"), re.DOTALL)
+        if "openssl req -x509" in block
+    ]
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", recipe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return tmp_path
+
+
+async def test_the_running_guides_openssl_recipe_makes_certificates_nodes_accept(
+    recipe_pki: Path,
+) -> None:
+    def member(name: str) -> TlsIdentity:
+        return TlsIdentity.load(
+            recipe_pki / f"{name}.crt", recipe_pki / f"{name}.key", recipe_pki / "ca.crt"
+        )
+
+    async with serving(node("node-1", member("node-1"))) as address:
+        async with node("node-2", member("node-2")) as client:
+            assert await client.call(address, "echo", b"hi") == b"node-2:hi"
+        async with node("ops", member("ops")) as client:
+            assert await client.call(address, "echo", b"hi") == b"ops:hi"
