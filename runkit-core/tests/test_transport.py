@@ -28,7 +28,7 @@ import pytest
 from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from runkit._errors import ConfigurationError
 from runkit.transport import (
@@ -1460,6 +1460,23 @@ def test_a_certificate_the_ca_does_not_verify_is_refused_at_load(
             key_pem=ca_files["rogue-key"].read_bytes(),
             ca_pem=ca_files["ca"].read_bytes(),
         )
+
+
+def test_a_certificate_for_one_side_of_tls_only_is_refused_at_load_saying_so(
+    ca_files: dict[str, Path], tmp_path: Path
+) -> None:
+    # Issued by the right CA, but "serverAuth" only: peers would refuse it as a
+    # client. "Use a certificate the CA issued" would send the operator astray.
+    ca = load_issuer(ca_files["ca"], ca_files["ca-key"])
+    cert, key = issue(tmp_path, "server-only", ca, usages=[ExtendedKeyUsageOID.SERVER_AUTH])
+    with pytest.raises(ConfigurationError) as info:
+        TlsIdentity.load(cert, key, ca_files["ca"])
+    message = str(info.value)
+    assert "(unsuitable certificate purpose)" in message
+    assert "its extended key usage must allow both serverAuth and clientAuth" in message
+    assert "use a certificate the CA issued" not in message
+    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    TlsIdentity.load(*issue(tmp_path, "both", ca, usages=both), ca_files["ca"])
 
 
 def _utc(moment: datetime.datetime) -> str:

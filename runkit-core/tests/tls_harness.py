@@ -24,10 +24,12 @@ def issue(
     *,
     valid_from: datetime.timedelta = datetime.timedelta(minutes=-1),
     valid_to: datetime.timedelta = datetime.timedelta(days=1),
+    usages: list[x509.ObjectIdentifier] | None = None,
 ) -> tuple[Path, Path]:
     """Write a P-256 key and a certificate for *name* (a CA when *issuer* is None).
 
-    The certificate is valid from *valid_from* to *valid_to* relative to now.
+    The certificate is valid from *valid_from* to *valid_to* relative to now;
+    with *usages*, it names them as its extended key usage.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -57,6 +59,8 @@ def issue(
             ),
             critical=True,
         )
+    if usages is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
     cert_file, key_file = tmp / f"{name}.pem", tmp / f"{name}.key"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -347,10 +347,16 @@ def _check_identity(
         elif ca_pem is not None and not problems:
             refusal = _peer_refusal(cert_pem, key_pem, ca_pem)
             if refusal is not None:
+                advice = (
+                    # Issued by the CA, but for one side of TLS only.
+                    "its extended key usage must allow both serverAuth and clientAuth, "
+                    "since a node is a TLS server and a TLS client of its peers"
+                    if "purpose" in refusal
+                    else "use a certificate the CA issued, or the CA that issued it"
+                )
                 problems.append(
                     f"the certificate in {cert_name} does not verify against {ca_name} "
-                    f"({refusal}): peers trusting that CA would refuse this node; "
-                    "use a certificate the CA issued, or the CA that issued it"
+                    f"({refusal}): peers trusting that CA would refuse this node; {advice}"
                 )
     return problems
 
