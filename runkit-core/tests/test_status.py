@@ -625,3 +625,28 @@ def test_watch_refreshes_until_interrupted(inherited: str) -> None:
     assert snapshots == 3
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_a_heartbeat_written_while_the_status_was_read_is_not_negative_seconds_ago() -> None:
+    # read_at is taken before the heartbeats are read: a node may write one in
+    # between, a few milliseconds "after" it. "-0.0s ago" is what that showed.
+    from datetime import UTC, datetime, timedelta
+
+    from runkit.engine.cluster.status import ClusterStatus, NodeStatus
+
+    read_at = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    node_status = NodeStatus(
+        node_id=str(uuid.uuid4()),
+        live=True,
+        role="node",
+        version="0.1.0",
+        advertise_address="127.0.0.1:7401",
+        listen_address="127.0.0.1:7401",
+        started_at=read_at - timedelta(minutes=1),
+        written_at=read_at + timedelta(milliseconds=30),
+        expires_at=read_at + timedelta(seconds=3),
+        heartbeat_interval=1.0,
+    )
+    text = status_text(ClusterStatus(read_at=read_at, nodes=(node_status,), applications=()))
+    assert "  0.0s ago" in text
+    assert "-0.0s" not in text

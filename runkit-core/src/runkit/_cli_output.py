@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, TextIO
 from ._validate import is_unspecified_address
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from .engine.cluster.status import ApplicationStatus, ClusterStatus
 
-__all__ = ["node_address", "print_table", "status_text"]
+__all__ = ["heartbeat_age", "node_address", "print_table", "status_text"]
 
 
 def node_address(advertise: str | None, listen: str | None) -> str:
@@ -38,6 +40,12 @@ def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
+def heartbeat_age(now: datetime, written_at: datetime) -> str:
+    """``0.4s ago``: never negative, though a heartbeat written while the status was
+    read (after its ``read_at``) is, by a few milliseconds, newer than *now*."""
+    return f"{max(0.0, (now - written_at).total_seconds()):.1f}s ago"
+
+
 def status_text(status: ClusterStatus) -> str:
     """``runkit status``'s human output: a nodes table, then per application its partitions
     and its consumers' lag (largest first; consumers with no lag are only counted)."""
@@ -48,7 +56,7 @@ def status_text(status: ClusterStatus) -> str:
             ("node", "state", "role", "version", "address", "last heartbeat")
         ]
         for n in (*status.nodes, *status.clients):
-            age = f"{(now - n.written_at).total_seconds():.1f}s ago"
+            age = heartbeat_age(now, n.written_at)
             state = "live" if n.live else "expired"
             address = node_address(n.advertise_address, n.listen_address)
             rows.append((n.node_id, state, n.role, n.version or "?", address, age))

@@ -12,7 +12,7 @@ import anyio
 
 from . import config
 from ._backends import run_arguments
-from ._cli_output import node_address, print_table
+from ._cli_output import heartbeat_age, node_address, print_table
 from ._collector import tuned_collector
 from ._environment import ENVIRONMENT
 from ._errors import CLIError, ConfigurationError
@@ -209,7 +209,7 @@ def nodes_command(*, out: TextIO) -> int:
         ]
         for r in records:
             state = "live" if r.is_live(now) else "expired"
-            age = f"{(now - r.written_at).total_seconds():.1f}s ago"
+            age = heartbeat_age(now, r.written_at)
             rows.append(
                 (
                     str(r.node_id),
