@@ -18,6 +18,7 @@ aggregate command was handled (ADR 0007).
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -203,10 +204,13 @@ class Acceptor:
         limits: Limits | None = None,
     ) -> None:
         self.app = app
-        # The store's limits, which an aggregate instance's journal name and
-        # snapshot key must fit (None: not checked).
-        self._limits = limits
-        self._room: dict[str, int] = {}  # handler key -> longest instance ID, in bytes
+        # The longest aggregate instance ID, in bytes, whose journal name and
+        # snapshot key the store takes (None: not checked). Handler keys are
+        # canonical UUIDs, so the journal name's prefix is the same length for all.
+        self._id_room: int | None = None
+        if limits is not None:
+            prefix = len(aggregate_name(app.identity.key, str(uuid.UUID(int=0)), "").encode())
+            self._id_room = min(limits.max_name_bytes - prefix, limits.max_key_bytes)
         # Where routed aggregate commands wait for their handling on this node
         # (None: nothing is handled here, as in a client).
         self._routed = routed
@@ -247,8 +251,9 @@ class Acceptor:
                     f"{handler.describe()} routed {envelope.description!r} to instance "
                     f"{instance_id!r}; instance IDs must be non-empty strings"
                 )
-            if self._limits is not None:
-                self._check_fits(handler, envelope, instance_id)
+            # (A character is at most 4 bytes: most IDs need no encoding to pass.)
+            if self._id_room is not None and len(instance_id) * 4 > self._id_room:
+                self._check_fits(handler, envelope, instance_id, self._id_room)
             workload = instance_workload(handler.identity.key, instance_id)
             if self._routed is not None:
                 self._routed.keep(envelope, command)
@@ -264,21 +269,16 @@ class Acceptor:
         )
         return partition_of(workload, self.partition_count), entry
 
-    def _check_fits(self, handler: HandlerConfig, envelope: Envelope, instance_id: str) -> None:
+    def _check_fits(
+        self, handler: HandlerConfig, envelope: Envelope, instance_id: str, room: int
+    ) -> None:
         """Refuse an instance ID whose journal name or snapshot key the store cannot take.
 
         Checked here, before anything is durable: found later, the store's
         refusal would be the same on every attempt, and the command would hold
         up its instance for good.
         """
-        room = self._room.get(handler.identity.key)
-        if room is None:
-            assert self._limits is not None
-            prefix = len(aggregate_name(self.app.identity.key, handler.identity.key, "").encode())
-            room = self._room[handler.identity.key] = min(
-                self._limits.max_name_bytes - prefix, self._limits.max_key_bytes
-            )
-        size = len(instance_id) if instance_id.isascii() else len(instance_id.encode())
+        size = len(instance_id.encode())
         if size > room:
             raise ValueError(
                 f"{handler.describe()} routed {envelope.description!r} to an instance ID of "
