@@ -11,8 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
+import dogma
 from runkit.cli import main
 
 
@@ -875,10 +877,7 @@ def test_execute_refuses_fields_the_command_does_not_have(
 
 
 def test_execute_leaves_the_fields_of_a_custom_encoding_to_its_class() -> None:
-    import attrs
-
-    import dogma
-    from runkit.cli import _check_fields
+    from runkit._cli_fields import check_fields
 
     @attrs.frozen
     class Custom(dogma.Command):
@@ -888,7 +887,57 @@ def test_execute_leaves_the_fields_of_a_custom_encoding_to_its_class() -> None:
         def unmarshal_binary(cls, data: bytes) -> Custom:
             return cls(len(data))
 
-    _check_fields(Custom, '{"anything": 1}')  # its own JSON: not attrs fields
+    check_fields(Custom, '{"anything": 1}')  # its own JSON: not attrs fields
+
+
+@attrs.frozen
+class _Line:
+    sku: str
+    qty: int = 1
+
+
+@attrs.frozen
+class _Address:
+    street: str
+    city: str = ""
+
+
+@attrs.frozen
+class _Order(dogma.Command):
+    id: str
+    ship_to: _Address | None = None
+    lines: tuple[_Line, ...] = ()
+    by_sku: dict[str, _Line] = attrs.field(factory=dict)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            '{"id": "o", "ship_to": {"street": "s", "ctiy": "x"}}',
+            "_Order.ship_to (_Address) has no field 'ctiy' (did you mean 'city'?); "
+            "its fields are street, city",
+        ),
+        (
+            '{"id": "o", "lines": [{"sku": "a"}, {"sku": "b", "qyt": 2}]}',
+            "_Order.lines[1] (_Line) has no field 'qyt' (did you mean 'qty'?); "
+            "its fields are sku, qty",
+        ),
+        (
+            '{"id": "o", "by_sku": {"a": {"sku": "a", "x": 0}}}',
+            "_Order.by_sku['a'] (_Line) has no field 'x'; its fields are sku, qty",
+        ),
+    ],
+)
+def test_execute_refuses_unknown_fields_of_nested_classes_too(text: str, problem: str) -> None:
+    # The codec would drop a misspelt nested field and use its default, silently.
+    from runkit._cli_fields import check_fields
+    from runkit._errors import CLIError
+
+    with pytest.raises(CLIError) as info:
+        check_fields(_Order, text)
+    assert str(info.value) == problem
+    check_fields(_Order, '{"id": "o", "ship_to": {"street": "s"}, "lines": [{"sku": "a"}]}')
 
 
 def test_an_empty_idempotency_key_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

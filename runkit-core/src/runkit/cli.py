@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._backends import BACKENDS, missing_package
+from ._cli_fields import check_fields
 from ._cli_output import print_table, status_text
 from ._cli_parser import Parser
 from ._environment import ENVIRONMENT
@@ -180,7 +181,7 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
         )
     [message_type] = matches
     name = message_type.cls.__name__
-    _check_fields(message_type.cls, args.json)
+    check_fields(message_type.cls, args.json)
     try:
         command = message_type.unmarshal(args.json.encode())
     except (ValueError, TypeError) as exc:
@@ -233,46 +234,6 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
             "so it waits in the store until one starts (runkit run ...)\n"
         )
     return 0
-
-
-def _check_fields(cls: type, text: str) -> None:
-    """Raise ``CLIError`` if the JSON object *text* has fields the attrs class *cls* has not.
-
-    The codec ignores unknown fields (so that stored messages outlive removed
-    fields); for an operator's command that would turn a misspelt optional
-    field into its default without a word.
-    """
-    import difflib
-    import json
-
-    import attrs
-
-    import dogma
-
-    # Only the default codec's JSON is keyed by the class's (init) attrs fields.
-    def decoder(c: type) -> object:
-        return getattr(getattr(c, "unmarshal_binary", None), "__func__", None)
-
-    if not attrs.has(cls) or decoder(cls) is not decoder(dogma.Message):
-        return
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return  # the codec says what is wrong with it
-    if not isinstance(data, dict):
-        return
-    known = [f.name for f in attrs.fields(cls) if f.init]
-    unknown = [key for key in data if key not in known]
-    if not unknown:
-        return
-    named = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, known, n=1)
-        named.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise CLIError(
-        f"{cls.__name__} has no field{'s' if len(unknown) > 1 else ''} {', '.join(named)}; "
-        f"its fields are {', '.join(known) or 'none'}"
-    )
 
 
 def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:

@@ -105,7 +105,7 @@ def make_identity(node_id: str, cert: str | None, key: str | None, ca: str | Non
     if left < EXPIRY_WARNING:
         _log.warning(
             "the TLS certificate in %s (%s) expires at %s UTC, in %.1f days: peers refuse "
-            "it from then on; renew it and restart the node",
+            "it from then on; renew it and restart this process",
             cert,
             identity.subject,
             f"{identity.not_valid_after:%Y-%m-%d %H:%M:%S}",
