@@ -1015,7 +1015,7 @@ async def test_unknown_certificates_cost_a_store_read_per_interval_and_newcomers
 ) -> None:
     # Every connection asks about its certificate: a stranger reusing one must
     # not drive a read of all the heartbeat records per connection.
-    from runkit.engine.cluster import routing
+    from runkit.engine.cluster import trust
     from runkit.engine.cluster.nodes import NodeRecord, list_nodes
 
     reads = 0
@@ -1025,9 +1025,9 @@ async def test_unknown_certificates_cost_a_store_read_per_interval_and_newcomers
         reads += 1
         return await list_nodes(provider)
 
-    monkeypatch.setattr(routing, "list_nodes", counting)
+    monkeypatch.setattr(trust, "list_nodes", counting)
     provider = MemoryProvider(f"auth-{uuid.uuid4()}")
-    authenticate = routing.authenticator(provider, dict)  # reads at most once a second
+    authenticate = trust.authenticator(provider, dict)  # reads at most once a second
     verdicts: list[bool] = []
 
     async def ask() -> None:
@@ -1053,7 +1053,7 @@ async def test_a_handshake_cancelled_while_reading_the_records_leaves_the_read_t
     # A handshake that times out while the heartbeat records are being read
     # must not count as a read: the next handshake reads them, rather than
     # judging by the records of before for another interval.
-    from runkit.engine.cluster import routing
+    from runkit.engine.cluster import trust
     from runkit.engine.cluster.nodes import NodeRecord, list_nodes
 
     stalled = True
@@ -1063,9 +1063,9 @@ async def test_a_handshake_cancelled_while_reading_the_records_leaves_the_read_t
             await anyio.sleep(10)
         return await list_nodes(provider)
 
-    monkeypatch.setattr(routing, "list_nodes", read)
+    monkeypatch.setattr(trust, "list_nodes", read)
     provider = MemoryProvider(f"auth-{uuid.uuid4()}")
-    authenticate = routing.authenticator(provider, dict, refresh_interval=60.0)
+    authenticate = trust.authenticator(provider, dict, refresh_interval=60.0)
     await _heartbeat(provider, "newcomer", 1.0)
     with anyio.move_on_after(0.1) as scope:
         await authenticate("newcomer")

@@ -33,7 +33,8 @@ from ._errors import ConfigurationError
 from .config import ApplicationConfig
 from .engine.backoff import backoff
 from .engine.cluster.membership import Membership
-from .engine.cluster.routing import Router, authenticator, make_identity
+from .engine.cluster.routing import Router
+from .engine.cluster.trust import authenticator, make_identity
 from .engine.commands.acceptance import Acceptor
 from .engine.commands.inbox import EngineStopped, InboxWriter, inbox_name
 from .engine.engine import read_partition_count

@@ -241,8 +241,14 @@ def handshake_untrusted(exc: BaseException) -> bool:
         exc, ssl.SSLCertVerificationError | anyio.EndOfStream | anyio.BrokenResourceError
     ):
         return True
+    reason = _ssl_reason(exc)
+    return reason is not None and "ALERT" in reason
+
+
+def _ssl_reason(exc: BaseException) -> str | None:
+    """OpenSSL's reason code for an ``ssl.SSLError`` (``SSLV3_ALERT_BAD_CERTIFICATE``), if any."""
     reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
-    return isinstance(reason, str) and "ALERT" in reason
+    return reason if isinstance(reason, str) else None
 
 
 def handshake_failure(exc: BaseException, *, ca: bool) -> str:
@@ -260,8 +266,8 @@ def handshake_failure(exc: BaseException, *, ca: bool) -> str:
             f"and made a self-signed one; {_ONE_TRUST_MODEL}"
         )
     if handshake_untrusted(exc):
-        reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
-        detail = reason.lower().replace("_", " ") if isinstance(reason, str) else "no reason given"
+        reason = _ssl_reason(exc)
+        detail = reason.lower().replace("_", " ") if reason is not None else "no reason given"
         why = (
             "this node's certificate (a peer without this node's CA does not)"
             if ca

@@ -354,6 +354,8 @@ class _Attempt:
         await self._done.wait()
         outcome = self._outcome
         if isinstance(outcome, PeerUnavailable):
-            raise outcome
+            # A copy per waiter: one exception raised in several tasks would
+            # gather all their tracebacks.
+            raise PeerUnavailable(outcome.address, outcome.reason, untrusted=outcome.untrusted)
         assert outcome is not None
         return outcome

@@ -9,7 +9,7 @@ membership: a failed call is a hint, never a verdict. What a node serves in
 return is in ``serving``; ``node_cluster`` runs both on the node transport.
 
 Peers are authenticated by the fingerprint of their TLS certificate, which every
-member (node or client) publishes in its heartbeat record (ADR 0005).
+member (node or client) publishes in its heartbeat record (ADR 0005; ``trust``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import math
 import uuid
 from collections.abc import (
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -30,7 +29,7 @@ from contextlib import (
     asynccontextmanager,
     contextmanager,
 )
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import anyio
 import attrs
@@ -55,8 +54,9 @@ from ..partitions import partition_id
 from ..settings import EngineSettings
 from ..streams import CommandDone, Observed, Widen, end_subscriptions, fed_subscription
 from .following import follow_chain
-from .nodes import NodeRecord, list_nodes
+from .nodes import NodeRecord
 from .serving import ClusterServer
+from .trust import authenticator, make_identity
 from .wire import (
     NOT_OWNER,
     OK,
@@ -72,8 +72,6 @@ from .wire import (
 __all__ = [
     "NodeCluster",
     "Router",
-    "authenticator",
-    "make_identity",
     "node_cluster",
 ]
 
@@ -87,31 +85,6 @@ OFFER_TIMEOUT = 2.0
 #: How often open observations subscribe to peers that joined or whose stream
 #: broke, and open the streams of those whose offer was never answered.
 RESUBSCRIBE_INTERVAL = 0.5
-
-#: A certificate that expires sooner than this after start is logged as a warning.
-EXPIRY_WARNING = timedelta(days=30)
-
-
-def make_identity(node_id: str, cert: str | None, key: str | None, ca: str | None) -> TlsIdentity:
-    """The node's TLS identity: the operator's files, or a fresh self-signed certificate.
-
-    Logs a warning when the operator's certificate expires within ``EXPIRY_WARNING``:
-    peers refuse it from then on.
-    """
-    if cert is None or key is None:
-        return TlsIdentity.self_signed(node_id)
-    identity = TlsIdentity.load(cert, key, ca)
-    left = identity.not_valid_after - datetime.now(UTC)
-    if left < EXPIRY_WARNING:
-        _log.warning(
-            "the TLS certificate in %s (%s) expires at %s UTC, in %.1f days: peers refuse "
-            "it from then on; renew it and restart this process",
-            cert,
-            identity.subject,
-            f"{identity.not_valid_after:%Y-%m-%d %H:%M:%S}",
-            left / timedelta(days=1),
-        )
-    return identity
 
 
 class Router:
@@ -501,47 +474,6 @@ def _forget(registry: dict[str, list[_Observation]], waiting: _Observation) -> N
         others.remove(waiting)
     if not others:
         registry.pop(waiting.correlation_id, None)
-
-
-def authenticator(
-    provider: Provider,
-    members: Callable[[], Mapping[uuid.UUID, NodeRecord]],
-    *,
-    refresh_interval: float = 1.0,
-) -> Callable[[str], Awaitable[bool]]:
-    """Accept a peer whose certificate fingerprint a live member published.
-
-    A fingerprint not in this member's view is looked for in the store's
-    heartbeat records (a member that has just joined), read at most once per
-    *refresh_interval* (the heartbeat interval) and shared by the handshakes
-    waiting meanwhile: a new member is accepted within about an interval of
-    its first heartbeat, and strangers' connections, however many, cost at
-    most one read per interval.
-    """
-    lock = anyio.Lock()
-    records: list[NodeRecord] = []
-    read_at = -math.inf
-
-    async def authenticate(fingerprint: str) -> bool:
-        nonlocal records, read_at
-        if any(r.tls_fingerprint == fingerprint for r in members().values()):
-            return True
-        async with lock:
-            if anyio.current_time() - read_at >= refresh_interval:
-                started = anyio.current_time()
-                try:
-                    records = await list_nodes(provider)
-                except Exception as exc:  # keep the last records; expired ones fail is_live
-                    _log.info(
-                        "reading the heartbeat records to authenticate a peer failed: %s", exc
-                    )
-                # Only a read that ended counts: one cancelled with its handshake
-                # (timed out) leaves the read to the next handshake.
-                read_at = started
-        now = datetime.now(UTC)
-        return any(r.tls_fingerprint == fingerprint and r.is_live(now) for r in records)
-
-    return authenticate
 
 
 @attrs.define(eq=False)

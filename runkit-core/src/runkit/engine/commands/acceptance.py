@@ -18,7 +18,6 @@ aggregate command was handled (ADR 0007).
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
@@ -205,11 +204,14 @@ class Acceptor:
     ) -> None:
         self.app = app
         # The longest aggregate instance ID, in bytes, whose journal name and
-        # snapshot key the store takes (None: not checked). Handler keys are
-        # canonical UUIDs, so the journal name's prefix is the same length for all.
+        # snapshot key the store takes, for every aggregate (None: not checked).
         self._id_room: int | None = None
-        if limits is not None:
-            prefix = len(aggregate_name(app.identity.key, str(uuid.UUID(int=0)), "").encode())
+        aggregates = app.enabled_handlers(HandlerKind.AGGREGATE)
+        if limits is not None and aggregates:
+            prefix = max(
+                len(aggregate_name(app.identity.key, h.identity.key, "").encode())
+                for h in aggregates
+            )
             self._id_room = min(limits.max_name_bytes - prefix, limits.max_key_bytes)
         # Where routed aggregate commands wait for their handling on this node
         # (None: nothing is handled here, as in a client).
