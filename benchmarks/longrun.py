@@ -12,10 +12,12 @@ target (a ``benchmarks/targets`` module) for ``--windows`` windows of
 window the chains are given a few seconds to finish, then a full collection is
 timed and the collector's tracked objects are counted by type. Per window the
 table gives deposits/s executed, process CPU per deposit (worker threads
-included), resident memory, tracked objects, the full collection's pause and the
-types that grew most since the window before: what a node keeps as it runs, and
-whether it stops growing once its bounded structures (stream tails, instance
-caches) are full.
+included), resident memory, tracked objects, the full collection's pause, the
+collector's own full collections during the window (how many, the longest
+pause: what callers wait through; the census's is forced) and the types that
+grew most since the window before: what a node keeps as it runs, and whether it
+stops growing once its bounded structures (stream tails, instance caches) are
+full.
 
 ``--collector``: ``tuned`` as ``runkit run`` sets it (the default), ``default``
 as Python starts, ``off`` disabled during the windows (each census still
@@ -61,12 +63,41 @@ def resident_mib() -> int:
     return 0
 
 
+class Pauses:
+    """The pauses of the collector's own (automatic) collections of the oldest
+    generation while installed: what a node's callers wait through mid-run."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._started = 0.0
+        self.paused = False  # the census's forced collection is not counted
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if self.paused or info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.durations.append((time.perf_counter() - self._started) * 1000)
+
+    def take(self) -> list[float]:
+        durations, self.durations = self.durations, []
+        return durations
+
+
+PAUSES = Pauses()
+
+
 def census() -> tuple[collections.Counter[str], float]:
     """The tracked objects by type after a full collection, and its pause in ms."""
-    started = time.perf_counter()
-    gc.collect()
-    pause = (time.perf_counter() - started) * 1000
-    return collections.Counter(type(o).__qualname__ for o in gc.get_objects()), pause
+    PAUSES.paused = True
+    try:
+        started = time.perf_counter()
+        gc.collect()
+        pause = (time.perf_counter() - started) * 1000
+        return collections.Counter(type(o).__qualname__ for o in gc.get_objects()), pause
+    finally:
+        PAUSES.paused = False
 
 
 @contextlib.contextmanager
@@ -124,6 +155,7 @@ async def run(args: argparse.Namespace) -> list[list[str]]:
                             load.start_soon(caller, stop)
                     cpu = time.process_time() - cpu
                     await anyio.sleep(SETTLE_SECONDS)
+                    automatic = PAUSES.take()
                     counts, pause = census()
                     grew = (counts - before).most_common(3)
                     before = counts
@@ -135,6 +167,7 @@ async def run(args: argparse.Namespace) -> list[list[str]]:
                             f"{resident_mib():,}",
                             f"{sum(counts.values()):,}",
                             f"{pause:,.0f}",
+                            f"{len(automatic)}, {max(automatic, default=0):,.0f}",
                             ", ".join(f"{name} +{n:,}" for name, n in grew) or "-",
                         ]
                     )
@@ -154,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     args = parser.parse_args(argv)
     print(f"{args.target}: the bank, {args.windows} windows of {args.seconds:g} s")
-    with collector(args.collector):
-        rows = anyio.run(run, args, **run_arguments(args.backend))
+    gc.callbacks.append(PAUSES)
+    try:
+        with collector(args.collector):
+            rows = anyio.run(run, args, **run_arguments(args.backend))
+    finally:
+        gc.callbacks.remove(PAUSES)
     header = [
         "window",
         "deposits/s",
@@ -163,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "resident MiB",
         "tracked objects",
         "full collection ms",
+        "automatic full collections: count, longest ms",
         "grew most",
     ]
     print()
