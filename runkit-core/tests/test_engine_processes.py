@@ -959,7 +959,13 @@ async def test_a_failing_deadline_is_poisoned_and_the_timer_moves_on() -> None:
         await h.publish(Step("bad", 1, schedule_in=1), Step("good", 2, schedule_in=2))
         await wait_until(lambda: dispatched(h, "bad", "good"))
         h.clock.advance(5)
+        # The good deadline does not wait for the bad one's retries.
         await wait_until(lambda: [(i, n) for i, n, _, _ in p.deadlines] == [("good", 2)])
+
+        async def bad_poisoned() -> bool:
+            return len(await poisoned(h)) == 1
+
+        await wait_until(bad_poisoned)
         assert attempts == OPTIONS.max_attempts
         [(key, poison)] = (await poisoned(h)).items()
         r = await record(h, "bad")

@@ -143,6 +143,7 @@ class EventConsumers:
                         self._fire(ctx),
                         rescan_interval=self.options.deadline_rescan_interval,
                         held=self._disabled_processes,
+                        concurrency=self.options.process_concurrency,
                     )
                     self._timers[ctx.index] = timer
                     await tg.start(timer.run)

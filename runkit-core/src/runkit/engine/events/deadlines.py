@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -121,6 +121,13 @@ class DeadlineTimer:
     when it returns the deadline is done, whether handled or skipped. The
     deadlines of the handlers in *held* (disabled ones) are never fired and
     keep the journal from being truncated past them.
+
+    Due deadlines of different instances fire concurrently (at most
+    *concurrency* at once), those of one instance one after another in
+    ``scheduled_for`` order: a deadline waits for its instance while the
+    instance handles something else (a slow event handler, an outbox whose
+    integration command is still running), and must not hold up the
+    deadlines of other instances meanwhile.
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class DeadlineTimer:
         *,
         rescan_interval: float,
         held: Collection[str] = frozenset(),
+        concurrency: int = 32,
     ) -> None:
         self._ctx = ctx
         self._fire = fire
@@ -141,6 +149,11 @@ class DeadlineTimer:
         self._cursor = 0  # next journal position to read
         self._begin = 0
         self._wake = anyio.Event()
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        # (handler key, instance ID) with a deadline firing -> its due ones waiting behind it.
+        self._firing: dict[tuple[str, str], deque[_Due]] = {}
+        self._fired = False  # a deadline finished since the journal was last truncated
+        self._tg: anyio.abc.TaskGroup | None = None
 
     def wake(self) -> None:
         """Re-read the journal now (called after this node appended to it)."""
@@ -148,8 +161,8 @@ class DeadlineTimer:
 
     @property
     def pending(self) -> int:
-        """How many deadlines the heap holds (including skipped-on-fire ones)."""
-        return len(self._heap)
+        """How many deadlines are not fired yet (including skipped-on-fire ones)."""
+        return len(self._heap) + sum(1 + len(q) for q in self._firing.values())
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -176,30 +189,36 @@ class DeadlineTimer:
                     self._heap.clear()
                     self._remaining.clear()
                     await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
-            task_status.started()
-            failures = 0
-            while True:
-                try:
-                    await self._fire_due(journal)
-                    delay = self._rescan
-                    if self._heap:
-                        until = (self._heap[0].scheduled_for - self._ctx.now()).total_seconds()
-                        delay = min(delay, max(until, 0.0))
-                    with anyio.move_on_after(delay):
-                        await self._wake.wait()
-                    self._wake = anyio.Event()
-                    await self._read(journal)
-                    failures = 0
-                except PersistenceError as exc:
-                    failures += 1
-                    _store_log.warning(
-                        name,
-                        "deadline journal %r (partition %d): persistence error; retrying: %s",
-                        name,
-                        self._ctx.index,
-                        describe_error(exc),
-                    )
-                    await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await self._follow(journal, name)
+
+    async def _follow(self, journal: Journal, name: str) -> None:
+        """Fire deadlines as they fall due and read the journal's new records."""
+        failures = 0
+        while True:
+            try:
+                await self._fire_due(journal)
+                delay = self._rescan
+                if self._heap:
+                    until = (self._heap[0].scheduled_for - self._ctx.now()).total_seconds()
+                    delay = min(delay, max(until, 0.0))
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+                await self._read(journal)
+                failures = 0
+            except PersistenceError as exc:
+                failures += 1
+                _store_log.warning(
+                    name,
+                    "deadline journal %r (partition %d): persistence error; retrying: %s",
+                    name,
+                    self._ctx.index,
+                    describe_error(exc),
+                )
+                await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
 
     async def _read(self, journal: Journal) -> None:
         end = (await journal.bounds()).end
@@ -220,17 +239,49 @@ class DeadlineTimer:
             self._cursor = max(self._cursor, bounds.begin)
 
     async def _fire_due(self, journal: Journal) -> None:
-        fired = False
+        assert self._tg is not None
         while self._heap and self._heap[0].scheduled_for <= self._ctx.now():
-            due = self._heap[0]
-            await self._fire(due.entry)
-            heapq.heappop(self._heap)
+            due = heapq.heappop(self._heap)
+            instance = (due.entry.handler_key, due.entry.instance_id)
+            waiting = self._firing.get(instance)
+            if waiting is not None:
+                waiting.append(due)  # after the one in flight, in order
+            else:
+                self._firing[instance] = deque()
+                self._tg.start_soon(self._fire_instance, instance, due)
+        if self._fired:
+            self._fired = False
+            await self._truncate(journal)
+
+    async def _fire_instance(self, instance: tuple[str, str], due: _Due) -> None:
+        """Fire *due*, then the instance's deadlines that fell due meanwhile."""
+        waiting = self._firing[instance]
+        failures = 0
+        while True:
+            try:
+                async with self._limiter:
+                    await self._fire(due.entry)
+            except PersistenceError as exc:
+                failures += 1
+                _store_log.warning(
+                    (instance, self._ctx.index),
+                    "deadline %s (partition %d): persistence error; retrying: %s",
+                    due.entry.deadline_id,
+                    self._ctx.index,
+                    describe_error(exc),
+                )
+                await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
+                continue
+            failures = 0
             self._remaining[due.position] -= 1
             if self._remaining[due.position] <= 0:
                 del self._remaining[due.position]
-            fired = True
-        if fired:
-            await self._truncate(journal)
+            self._fired = True
+            self._wake.set()  # the loop truncates the journal past it
+            if not waiting:
+                del self._firing[instance]
+                return
+            due = waiting.popleft()
 
     async def _truncate(self, journal: Journal) -> None:
         below = min(self._remaining, default=self._cursor)

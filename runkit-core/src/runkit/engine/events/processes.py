@@ -32,7 +32,8 @@ events unfinished). For a group the worker:
 
 If handling one event of a group fails, nothing of the group is committed and
 its events are handled again one at a time, each with the retries below.
-Deadlines fire one at a time through the same path (``fire_deadline``).
+Deadlines fire through the same path (``fire_deadline``), one at a time per
+instance, different instances concurrently (``DeadlineTimer``).
 
 Every step can be repeated: produced commands have deterministic IDs (the
 commands side deduplicates by ID), a deadline fires only while its ID is in the

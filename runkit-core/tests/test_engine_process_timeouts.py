@@ -1,0 +1,257 @@
+"""Timeouts of process instances: deadlines due while an instance is busy.
+
+A due deadline waits for its instance while the instance handles something
+else; the deadlines of other instances on the same home partition must not
+wait with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+import dogma
+from runkit.config import ApplicationConfig, build
+from runkit.engine.engine import Engine
+from runkit.engine.events import consumers as consumers_module
+from runkit.engine.events.consumers import ConsumerOptions
+from runkit.engine.settings import EngineSettings
+from runkit_memory import MemoryProvider
+
+sys.path.insert(0, str(Path(__file__).parent))
+from engine_events_harness import FakeClock, wait_until
+
+REGISTRY = dogma.MessageTypeRegistry()
+
+
+@dogma.register_command("c4100000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Place(dogma.Command):
+    id: str
+
+
+@dogma.register_command("c4100000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Charge(dogma.Command):
+    id: str
+
+
+@dogma.register_command("c4100000-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class Cancel(dogma.Command):
+    id: str
+
+
+@dogma.register_command("c4100000-0000-4000-8000-000000000004", registry=REGISTRY)
+@attrs.frozen
+class Poke(dogma.Command):
+    id: str
+    n: int
+
+
+@dogma.register_event("e4100000-0000-4000-8000-000000000004", registry=REGISTRY)
+@attrs.frozen
+class Poked(dogma.Event):
+    id: str
+    n: int
+
+
+@dogma.register_event("e4100000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class Placed(dogma.Event):
+    id: str
+
+
+@dogma.register_event("e4100000-0000-4000-8000-000000000002", registry=REGISTRY)
+@attrs.frozen
+class Charged(dogma.Event):
+    id: str
+
+
+@dogma.register_event("e4100000-0000-4000-8000-000000000003", registry=REGISTRY)
+@attrs.frozen
+class Cancelled(dogma.Event):
+    id: str
+
+
+@dogma.register_deadline("d4100000-0000-4000-8000-000000000001", registry=REGISTRY)
+@attrs.frozen
+class PaymentTimeout(dogma.Deadline):
+    id: str
+
+
+class Orders:
+    def configure(self, c: Any) -> None:
+        c.identity("orders", "b4100000-0000-4000-8000-000000000001")
+        c.routes(
+            dogma.handles_command(Place, registry=REGISTRY),
+            dogma.handles_command(Cancel, registry=REGISTRY),
+            dogma.handles_command(Poke, registry=REGISTRY),
+            dogma.records_event(Placed, registry=REGISTRY),
+            dogma.records_event(Cancelled, registry=REGISTRY),
+            dogma.records_event(Poked, registry=REGISTRY),
+        )
+
+    def new(self) -> dogma.NoSnapshotBehavior:
+        return _Root()
+
+    def route_command_to_instance(self, command: Any) -> str:
+        return str(command.id)
+
+    def handle_command(self, root: Any, scope: Any, command: dogma.Command) -> None:
+        if isinstance(command, Place):
+            scope.record_event(Placed(command.id))
+        elif isinstance(command, Cancel):
+            scope.record_event(Cancelled(command.id))
+        elif isinstance(command, Poke):
+            scope.record_event(Poked(command.id, command.n))
+
+
+class _Root(dogma.NoSnapshotBehavior):
+    def apply_event(self, event: dogma.Event) -> None:
+        pass
+
+
+class Gateway:
+    """An integration whose call to the outside world lasts until the test releases it."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.release = anyio.Event()
+
+    def configure(self, c: Any) -> None:
+        c.identity("gateway", "b4100000-0000-4000-8000-000000000002")
+        c.routes(
+            dogma.handles_command(Charge, registry=REGISTRY),
+            dogma.records_event(Charged, registry=REGISTRY),
+        )
+
+    async def handle_command(self, scope: Any, command: dogma.Command) -> None:
+        assert isinstance(command, Charge)
+        self.started.set()
+        await self.release.wait()
+        scope.record_event(Charged(command.id))
+
+
+class Fulfilment(dogma.StatelessProcessBehavior):
+    """Charges each order and gives the payment 10 s; cancels the order on the timeout."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.timeouts: list[str] = []
+        self.poked = anyio.Event()
+        self.unblock = anyio.Event()
+
+    def configure(self, c: Any) -> None:
+        c.identity("fulfilment", "b4100000-0000-4000-8000-000000000003")
+        c.routes(
+            dogma.handles_event(Placed, registry=REGISTRY),
+            dogma.handles_event(Charged, registry=REGISTRY),
+            dogma.handles_event(Poked, registry=REGISTRY),
+            dogma.executes_command(Charge, registry=REGISTRY),
+            dogma.executes_command(Cancel, registry=REGISTRY),
+            dogma.schedules_deadline(PaymentTimeout, registry=REGISTRY),
+        )
+
+    async def route_event_to_instance(self, event: Any) -> str | None:
+        return str(event.id)
+
+    async def handle_event(self, root: Any, scope: Any, event: dogma.Event) -> None:
+        if isinstance(event, Placed):
+            scope.execute_command(Charge(event.id))
+            scope.schedule_deadline(PaymentTimeout(event.id), scope.now() + timedelta(seconds=10))
+        elif isinstance(event, Charged):
+            self.outcomes.append("charged")
+            scope.end()
+        elif isinstance(event, Poked) and event.n == 1:
+            scope.schedule_deadline(PaymentTimeout(event.id), scope.now() + timedelta(seconds=10))
+        elif isinstance(event, Poked):
+            self.poked.set()
+            await self.unblock.wait()  # a slow handler: the instance is busy meanwhile
+
+    async def handle_deadline(self, root: Any, scope: Any, deadline: dogma.Deadline) -> None:
+        assert isinstance(deadline, PaymentTimeout)
+        self.outcomes.append("timeout")
+        self.timeouts.append(deadline.id)
+        scope.execute_command(Cancel(deadline.id))
+        scope.end()
+
+
+@attrs.define
+class App:
+    gateway: Gateway = attrs.field(factory=Gateway)
+    fulfilment: Fulfilment = attrs.field(factory=Fulfilment)
+
+    def configure(self, c: Any) -> None:
+        c.identity("shop", "a4100000-0000-4000-8000-000000000001")
+        c.routes(
+            dogma.via_aggregate(Orders()),
+            dogma.via_integration(self.gateway),
+            dogma.via_process(self.fulfilment),
+        )
+
+
+@pytest.fixture(autouse=True)
+def fast_consumers(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = ConsumerOptions(
+        retry_initial=0.001,
+        retry_max=0.01,
+        checkpoint_interval=0.01,
+        deadline_rescan_interval=0.01,
+    )
+    monkeypatch.setattr(
+        consumers_module,
+        "partition_consumers",
+        functools.partial(consumers_module.EventConsumers, options=options),
+    )
+
+
+@asynccontextmanager
+async def running(config: ApplicationConfig, clock: FakeClock) -> AsyncIterator[Engine]:
+    settings = EngineSettings(
+        applications=(config,),
+        persistence_provider=MemoryProvider(str(uuid.uuid4())),
+        clock=clock,
+        partition_count=1,
+    )
+    engine = Engine.from_settings(settings)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        yield engine
+        tg.cancel_scope.cancel()
+
+
+async def pending_deadlines(engine: Engine, count: int) -> bool:
+    """Whether the deadline journals hold *count* deadlines not yet fired."""
+    status = await engine.status()
+    return sum(p.pending_deadlines for p in status.partitions) == count
+
+
+async def test_a_busy_instance_does_not_hold_up_other_instances_deadlines() -> None:
+    app, clock = App(), FakeClock()
+    config = build(app, registry=REGISTRY)
+    async with running(config, clock) as engine:
+        executor = engine.executor_for(config)
+        # Two timeouts due at the same time, a's first in the journal.
+        await executor.execute_command(Poke("a", 1))
+        await wait_until(lambda: pending_deadlines(engine, 1))
+        await executor.execute_command(Poke("b", 1))
+        await wait_until(lambda: pending_deadlines(engine, 2))
+        await executor.execute_command(Poke("a", 2))
+        with anyio.fail_after(5):
+            await app.fulfilment.poked.wait()  # instance a is busy until unblocked
+        clock.advance(10)
+        # b's timeout fires while a's, due as early, waits for instance a.
+        await wait_until(lambda: app.fulfilment.timeouts == ["b"])
+        app.fulfilment.unblock.set()
+        await wait_until(lambda: app.fulfilment.timeouts == ["b", "a"])
