@@ -2,7 +2,11 @@
 
 A due deadline waits for its instance while the instance handles something
 else; the deadlines of other instances on the same home partition must not
-wait with it.
+wait with it. And a process that executes an integration command and schedules
+a timeout for it in one handling (the payment-timeout pattern) must get the
+timeout armed at once: a local integration command is durable only once its
+``handle_command`` has returned, so the outbox's commands may take as long as
+the external call.
 """
 
 from __future__ import annotations
@@ -255,3 +259,22 @@ async def test_a_busy_instance_does_not_hold_up_other_instances_deadlines() -> N
         await wait_until(lambda: app.fulfilment.timeouts == ["b"])
         app.fulfilment.unblock.set()
         await wait_until(lambda: app.fulfilment.timeouts == ["b", "a"])
+
+
+async def test_a_timeout_is_armed_while_the_integration_command_it_guards_runs() -> None:
+    app, clock = App(), FakeClock()
+    config = build(app, registry=REGISTRY)
+    async with running(config, clock) as engine:
+        await engine.executor_for(config).execute_command(Place("o1"))
+        with anyio.fail_after(5):
+            await app.gateway.started.wait()
+        # The charge is still running; its timeout is in the deadline journal all the same.
+        await wait_until(lambda: pending_deadlines(engine, 1))
+        clock.advance(10)
+        await anyio.sleep(0.05)  # the timer fires the overdue timeout meanwhile
+        app.gateway.release.set()
+        await wait_until(lambda: len(app.fulfilment.outcomes) == 1)
+        # The timeout was due before the payment came in, so it is handled first
+        # and ends the instance: the late Charged event is not handled.
+        await anyio.sleep(0.05)
+        assert app.fulfilment.outcomes == ["timeout"]

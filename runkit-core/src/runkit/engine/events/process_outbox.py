@@ -2,8 +2,8 @@
 
 A commit writes the commands and deadlines the group produced into the
 instance's record (its outbox); ``OutboxDispatcher.dispatch`` then sends them:
-commands through ``ctx.accept`` with IDs derived from the cause, deadlines
-appended to their home partition's deadline journal (waking its timer). The
+deadlines appended to their home partition's deadline journal (waking its
+timer), then commands through ``ctx.accept`` with IDs derived from the cause. The
 handling is committed, so dispatch is retried until it succeeds; an outbox that
 keeps failing is also recorded in the event poison store (``_outbox_stuck``).
 
@@ -74,7 +74,7 @@ class OutboxDispatcher:
     async def dispatch(
         self, ctx: PartitionContext, instance_id: str, record: ProcessRecord
     ) -> None:
-        """Send the committed outbox of *record*: commands, then deadlines.
+        """Send the committed outbox of *record*: deadlines, then commands.
 
         The handling is committed, so the outbox is never dropped and dispatch
         is retried until it succeeds (with capped backoff), holding up only
@@ -86,9 +86,18 @@ class OutboxDispatcher:
         """
         failures = 0
         store_failures = 0
+        # Deadlines first: a local integration command is durable only once its
+        # handle_command returns, so accepting the commands may last as long as
+        # an external call, and a timeout scheduled to guard that call must be
+        # armed meanwhile. Appended once, not again on each retry of the commands.
+        deadlines_appended = not record.deadlines
         while True:
             try:
-                await self._dispatch_once(ctx, record)
+                if not deadlines_appended:
+                    await self._append_deadlines(ctx, record)
+                    deadlines_appended = True
+                if record.commands:
+                    await ctx.accept([decode(c) for c in record.commands])
                 return
             except PersistenceError as exc:
                 store_failures += 1
@@ -152,9 +161,7 @@ class OutboxDispatcher:
             ),
         )
 
-    async def _dispatch_once(self, ctx: PartitionContext, record: ProcessRecord) -> None:
-        if record.commands:
-            await ctx.accept([decode(c) for c in record.commands])
+    async def _append_deadlines(self, ctx: PartitionContext, record: ProcessRecord) -> None:
         by_home: dict[int, list[DeadlineEntry]] = {}
         for d in record.deadlines:
             by_home.setdefault(d.partition, []).append(d.entry)

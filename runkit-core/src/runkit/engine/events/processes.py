@@ -23,9 +23,9 @@ events unfinished). For a group the worker:
    dispatched before the group was handled. On ``Conflict`` (another node's
    consumer, a stale owner) the entry is dropped and the group handled again
    against the stored record;
-5. dispatches the new outbox (commands through ``ctx.accept`` with IDs derived
-   from the cause, deadlines appended to the home partition's deadline
-   journal) and caches the instance. It does not write the record again: the
+5. dispatches the new outbox (deadlines appended to the home partition's
+   deadline journal, then commands through ``ctx.accept`` with IDs derived
+   from the cause) and caches the instance. It does not write the record again: the
    next commit drops the dispatched outbox, and if none comes within a
    checkpoint interval the consumer writes the record without it then
    (dispatching and clearing: ``process_outbox.py``).
@@ -421,14 +421,15 @@ class ProcessRunner:
             # Handling changes the root in place: the entry goes back only once
             # its commit and dispatch are done, so every failure leaves it out.
             self._cache.drop(instance_id)
+            stale: CachedInstance | None = None
             while True:
                 fresh = entry is None
                 if entry is None:
-                    entry = await self._load(ctx, records, key)
+                    entry = await self._load(ctx, records, key, stale)
                 try:
                     record = await handle_steps(entry, steps, fresh=fresh)
                 except StaleRecord:
-                    entry = None
+                    entry, stale = None, entry
                     continue
                 except Exception:
                     # The handler failed and may have changed the root in place.
@@ -458,10 +459,23 @@ class ProcessRunner:
                 )
                 return
 
-    async def _load(self, ctx: PartitionContext, records: Keyspace, key: bytes) -> CachedInstance:
-        """Read the instance record, dispatch any outbox still in it, decode the root."""
+    async def _load(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        key: bytes,
+        stale: CachedInstance | None = None,
+    ) -> CachedInstance:
+        """Read the instance record, dispatch any outbox still in it, decode the root.
+
+        *stale* is the cached entry this read checks (a deadline it does not
+        list as pending): if the record is unchanged since, its outbox is the
+        one this node dispatched before caching it, and is not dispatched again.
+        """
         data, revision = await records.get(key)
         record = _record_decoder.decode(data) if data else ProcessRecord()
+        if stale is not None and revision == stale.revision:
+            return stale
         dispatched_at = None
         if record.has_outbox:
             # Perhaps dispatched already (by whoever wrote it); perhaps not (a
