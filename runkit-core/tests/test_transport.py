@@ -355,6 +355,40 @@ def unread_link(stream: anyio.abc.ByteStream, max_frame_size: int) -> Link:
     )
 
 
+class _ClosedByPeer(anyio.abc.ByteStream):
+    """A peer that has closed its TLS session: a write raises ``EndOfStream``.
+
+    anyio's ``TLSStream.send`` raises it when the peer's close_notify arrived
+    first, as when a peer node shuts down while this one writes to it.
+    """
+
+    def __init__(self) -> None:
+        self._closed = anyio.Event()
+
+    async def send(self, item: bytes) -> None:
+        raise anyio.EndOfStream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await self._closed.wait()
+        raise anyio.EndOfStream
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        self._closed.set()
+
+
+async def test_writing_to_a_peer_that_closed_its_session_closes_the_link() -> None:
+    # The EndOfStream escaped the writer and crashed the node that wrote.
+    link = unread_link(_ClosedByPeer(), 1024)
+    assert link.send_nowait(Ping())
+    with anyio.fail_after(5):
+        reason = await link.run(lambda frame: None)
+    assert reason.startswith("connection lost while sending")
+    assert link.closed
+
+
 async def test_the_outgoing_queue_is_bounded_in_bytes_not_only_in_frames() -> None:
     # 64 KiB frames: the 1,024-frame bound alone would queue 64 MiB for a peer
     # that does not read; the byte bound stops the sender long before.

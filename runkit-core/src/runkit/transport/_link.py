@@ -261,7 +261,15 @@ class Link:
                 await self._stream.send(parts[0] if len(parts) == 1 else b"".join(parts))
                 self._queued_bytes -= size
                 self._admit()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+        except (
+            # A TLS stream raises EndOfStream on a write once the peer has closed its
+            # session (a peer node shutting down): the connection is gone, as for the others.
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            ssl.SSLError,
+            OSError,
+        ) as exc:
             self.close(f"connection lost while sending: {exc!r}", goodbye=False)
         finally:
             self._writer_done.set()
