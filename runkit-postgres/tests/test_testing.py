@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -65,3 +66,17 @@ async def test_postgres_url_fixture_opens_a_provider_on_the_fresh_schema(
     assert provider.schema == postgres_schema
     async with provider, await provider.journals.open("j") as journal:
         assert await journal.bounds() == Interval(0, 0)
+
+
+def test_the_throwaway_server_example_in_the_driver_docs_runs(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The example used PostgresProvider without importing it.
+    docs = Path(__file__).parents[2] / "docs" / "drivers" / "postgres.md"
+    section = docs.read_text().split("## Testing with a throwaway server", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("RUNKIT_TEST_PG_DSN", postgres_dsn)  # the session's server
+    namespace: dict[str, object] = {}
+    exec(compile(example, str(docs), "exec"), namespace)
+    assert isinstance(namespace["provider"], PostgresProvider)
+    assert str(namespace["url"]).startswith("postgresql://")
