@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -329,6 +330,74 @@ async def test_checkpoint_offset_errors_are_retried() -> None:
         await wait_until(lambda: len(p.applied) == 1)
         assert failures == 0
         tg.cancel_scope.cancel()
+
+
+async def test_store_outage_errors_from_the_handler_are_one_line_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A projection keeping its state in the engine's store fails with a
+    # retryable PersistenceError while the store is down: that is an outage,
+    # not a bug in the handler. Before, the first failure of each partition's
+    # delivery was logged as an ERROR with a traceback (some 25 lines each, per
+    # projection and partition, at every outage); a bug (below) still is.
+    from runkit.persistence import PersistenceError, StoreUnavailable
+
+    p = Projection()
+    handle = p.handle_event
+    check = p.checkpoint_offset
+    failures = {"handle": 3, "checkpoint": 2}
+
+    async def down(scope: dogma.ProjectionEventScope, event: Happened) -> int:
+        if failures["handle"]:
+            failures["handle"] -= 1
+            raise PersistenceError(
+                "keyspace 'p': set: lost the connection", retryable=True, ambiguous=True
+            )
+        return await handle(scope, event)
+
+    async def unreachable(stream_id: str) -> int:
+        if failures["checkpoint"]:
+            failures["checkpoint"] -= 1
+            raise StoreUnavailable("keyspace 'p': get: the store is unreachable", retryable=True)
+        return await check(stream_id)
+
+    p.handle_event = down  # type: ignore[method-assign]
+    p.checkpoint_offset = unreachable  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="runkit.engine.events.projections")
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Happened(0), Happened(1))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 2)
+        tg.cancel_scope.cancel()
+    records = [r for r in caplog.records if r.name == "runkit.engine.events.projections"]
+    assert records, "the failures were not logged"
+    for record in records:
+        assert record.levelno == logging.WARNING, record.getMessage()
+        assert record.exc_info is None, f"logged with a traceback: {record.getMessage()}"
+        assert "\n" not in record.getMessage()
+    assert any("lost the connection" in r.getMessage() for r in records)
+    assert any("unreachable" in r.getMessage() for r in records)
+
+
+async def test_a_handler_bug_is_logged_with_its_traceback_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    p = Projection()
+    p.fail_next = 3
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Happened(0))
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 1)
+        tg.cancel_scope.cancel()
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert [r.levelno for r in failed][:1] == [logging.ERROR]
+    assert [r.exc_info is not None for r in failed] == [True] + [False] * (len(failed) - 1)
 
 
 async def test_a_bad_checkpoint_offset_result_is_retried_not_fatal() -> None:

@@ -326,7 +326,12 @@ def _check_offset(value: object, what: str, config: HandlerConfig) -> None:
 async def _retrying(
     options: ConsumerOptions, what: str | Callable[[], str], call: Callable[[], Awaitable[T]]
 ) -> T:
-    """Call until it succeeds; the first failure is logged with its traceback, repeats briefly."""
+    """Call until it succeeds; the first failure is logged with its traceback, repeats briefly.
+
+    A retryable ``PersistenceError`` (the projection's own store calls while
+    the store is away) is an outage, not a bug in the handler: it is logged on
+    one line, without a traceback, from the first attempt.
+    """
     attempt = 0
     described = ""
     while True:
@@ -335,7 +340,7 @@ async def _retrying(
         except Exception as exc:
             attempt += 1
             described = described or (what if isinstance(what, str) else what())
-            if attempt == 1:
+            if attempt == 1 and not (isinstance(exc, PersistenceError) and exc.retryable):
                 _log.exception("%s failed; retrying", described)
             else:
                 _repeat_log.warning(
