@@ -11,7 +11,10 @@ Usage: ``python crash_runner.py CONFIG`` where CONFIG is a JSON object:
   loses no acknowledgement that was reported);
 - ``done``: a file created once every key is acknowledged;
 - ``disabled``, ``projection_delay``, ``process_delay``: see ``BankApp``;
-- ``backend``: the anyio backend to run on.
+- ``backend``: the anyio backend to run on;
+- ``node_id``, ``heartbeat``, ``listen``: for a node of a cluster, its node ID,
+  heartbeat interval (seconds) and listen address (``host:port``);
+- ``log``: log from ``INFO`` up to stderr, as ``runkit run`` does.
 
 The node runs the whole application (commands, process, deadlines,
 projection) and never exits by itself: the test kills it.
@@ -20,8 +23,10 @@ projection) and never exits by itself: the test kills it.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +61,20 @@ async def main(config: dict[str, Any]) -> None:
             projection_delay=config.get("projection_delay", 0.0),
             process_delay=config.get("process_delay", 0.0),
         )
+        cluster: dict[str, Any] = {}
+        if "node_id" in config:
+            cluster["node_id"] = uuid.UUID(config["node_id"])
+        if "heartbeat" in config:
+            cluster["heartbeat_interval"] = config["heartbeat"]
+        if "listen" in config:
+            cluster["listen_address"] = config["listen"]
         async with running(
             provider,
             app.config(),
             retry_max_delay=0.2,
             # The engine's default unless a round asks otherwise.
             materialise_delay=config.get("materialise_delay", 1.0),
+            **cluster,
         ) as engine:
             if config.get("execute", True):
                 commands = workload(config["seed"], config["count"])
@@ -80,4 +93,10 @@ async def main(config: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
     settings = json.loads(sys.argv[1])
+    if settings.get("log"):
+        logging.basicConfig(
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     anyio.run(main, settings, backend=settings.get("backend", "asyncio"))

@@ -80,3 +80,47 @@ def test_the_throwaway_server_example_in_the_driver_docs_runs(
     exec(compile(example, str(docs), "exec"), namespace)
     assert isinstance(namespace["provider"], PostgresProvider)
     assert str(namespace["url"]).startswith("postgresql://")
+
+
+@pytest.mark.postgres
+def test_a_paused_server_refuses_connections_and_resumes_with_its_data_on_its_port() -> None:
+    if not PostgresServer.programs_available():
+        pytest.skip("no PostgreSQL server programs (initdb, pg_ctl) on this machine")
+    # Commits acknowledged before the pause survive it only if they were synchronous.
+    with PostgresServer(use_environment=False, settings={"synchronous_commit": "on"}) as server:
+        port = server.port
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (n int)")
+            conn.execute("INSERT INTO kept VALUES (7)")
+            server.pause()
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("SELECT 1")
+        server.pause()  # already paused: nothing to do
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(server.dsn, connect_timeout=2)
+        server.resume()
+        server.resume()  # already running: nothing to do
+        assert server.port == port
+        with psycopg.connect(server.dsn) as conn:
+            assert conn.execute("SELECT n FROM kept").fetchall() == [(7,)]
+        directory = server._dir
+        assert directory is not None
+    assert not directory.exists()
+
+
+def test_pause_and_resume_need_a_server_this_object_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(DSN_VARIABLE, "host=elsewhere dbname=x")
+    with PostgresServer() as server:
+        with pytest.raises(RuntimeError, match="pause"):
+            server.pause()
+        with pytest.raises(RuntimeError, match="resume"):
+            server.resume()
+
+
+def test_programs_available_is_false_without_the_server_programs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PGBIN", str(tmp_path))  # no initdb, no pg_ctl there
+    assert not PostgresServer.programs_available()

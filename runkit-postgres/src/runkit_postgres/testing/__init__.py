@@ -12,6 +12,10 @@ run as root, so as root the server runs as the ``postgres`` OS user via
 ``runuser``. If ``RUNKIT_TEST_PG_DSN`` is set, that server is used instead and
 nothing is started.
 
+For outage tests, ``pause()`` stops a server abruptly (as a crash would) and
+``resume()`` starts it again on the same data directory and port; give such a
+test its own ``PostgresServer(use_environment=False)``.
+
 pytest fixtures (``postgres_server``, ``postgres_dsn``, ``postgres_schema``)
 live in ``runkit_postgres.testing.pytest_plugin``; import them into a
 ``conftest.py``.
@@ -151,6 +155,19 @@ class PostgresServer:
         self.dsn = ""
         self.external = False
 
+    @staticmethod
+    def programs_available() -> bool:
+        """Whether the PostgreSQL server programs (``initdb``, ``pg_ctl``) are installed.
+
+        For tests that must start a server of their own (not one named by
+        ``RUNKIT_TEST_PG_DSN``), to skip when they cannot.
+        """
+        try:
+            bindir = _pg_bindir()
+        except RuntimeError:
+            return False
+        return (bindir / "initdb").exists() and (bindir / "pg_ctl").exists()
+
     @property
     def url(self) -> str:
         """A ``postgresql://`` URL for the server (only for a server this object started)."""
@@ -222,39 +239,102 @@ class PostgresServer:
             )
             for attempt in range(3):  # the port may be taken between probe and bind
                 self.port = _free_port()
-                options = " ".join(
-                    [f"-p {self.port}", f"-k {self._dir}"]
-                    + [f"-c {k}={v}" for k, v in self._settings.items()]
-                )
-                result = subprocess.run(
-                    self._command(
-                        str(self._bindir / "pg_ctl"),
-                        "-D",
-                        str(self._dir / "data"),
-                        "-l",
-                        str(self._dir / "log"),
-                        "-w",
-                        "-t",
-                        "60",
-                        "-o",
-                        options,
-                        "start",
-                    ),
-                    check=False,
-                    capture_output=True,
-                    text=True,
-                )
+                result = self._pg_start()
                 if result.returncode == 0:
                     break
                 if attempt == 2:
-                    log = (self._dir / "log").read_text(errors="replace")[-2000:]
                     raise RuntimeError(  # noqa: TRY301 - the cleanup below applies
-                        f"PostgreSQL did not start: {result.stderr}\n{log}"
+                        self._start_failure(result)
                     )
         except BaseException:
             self.stop()
             raise
         self.dsn = f"host={self.host} port={self.port} user=postgres dbname=postgres"
+
+    def _pg_start(self) -> subprocess.CompletedProcess[str]:
+        """Run ``pg_ctl start`` on the data directory and ``self.port``; wait until it is up."""
+        assert self._dir is not None
+        assert self._bindir is not None
+        options = " ".join(
+            [f"-p {self.port}", f"-k {self._dir}"]
+            + [f"-c {k}={v}" for k, v in self._settings.items()]
+        )
+        return subprocess.run(
+            self._command(
+                str(self._bindir / "pg_ctl"),
+                "-D",
+                str(self._dir / "data"),
+                "-l",
+                str(self._dir / "log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "start",
+            ),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+
+    def _start_failure(self, result: subprocess.CompletedProcess[str]) -> str:
+        assert self._dir is not None
+        log = (self._dir / "log").read_text(errors="replace")[-2000:]
+        return f"PostgreSQL did not start: {result.stderr}\n{log}"
+
+    def _started_here(self, what: str) -> tuple[Path, Path]:
+        if self.external or self._dir is None or self._bindir is None:
+            raise RuntimeError(f"{what}() needs a server this object started (and not stopped)")
+        return self._dir, self._bindir
+
+    def pause(self) -> None:
+        """Stop the server abruptly (``pg_ctl stop -m immediate``, like a crash), keeping its files.
+
+        Connections are cut at once and new ones are refused until ``resume()``
+        starts the server again on the same data directory and port. Only for a
+        server this object started; a no-op if it is already paused.
+
+        With ``FAST_SETTINGS`` (``synchronous_commit=off``) the transactions
+        committed in the last fraction of a second are lost, as in a real crash
+        of such a server; to keep every acknowledged commit, start the server
+        with ``settings={"synchronous_commit": "on"}`` (``fsync`` may stay off:
+        the files survive, only the server's processes stop).
+        """
+        directory, bindir = self._started_here("pause")
+        if not (directory / "data" / "postmaster.pid").exists():
+            return
+        result = subprocess.run(
+            self._command(
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(directory / "data"),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not stop: {result.stderr}")
+
+    def resume(self) -> None:
+        """Start a server stopped by ``pause()`` again, on the same data directory and port.
+
+        It runs crash recovery first, and returns once it accepts connections
+        (the data committed before the pause is there). Raises ``RuntimeError``
+        if it does not start (the port may have been taken meanwhile). A no-op
+        if the server is running.
+        """
+        directory, _ = self._started_here("resume")
+        if (directory / "data" / "postmaster.pid").exists():
+            return
+        result = self._pg_start()
+        if result.returncode != 0:
+            raise RuntimeError(self._start_failure(result))
 
     def stop(self) -> None:
         """Stop the server and delete its files (no-op for an external server)."""
