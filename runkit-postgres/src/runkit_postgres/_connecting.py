@@ -218,12 +218,14 @@ class _PoolWarnings(logging.Filter):
                 reason,
             )
         else:
+            # The pool gives up on an attempt after a few seconds on purpose
+            # and starts a fresh one at once (``_executor._reconnect_now``):
+            # the outage goes on, nothing more.
             self.limited.warning(
                 pool.name,
-                "cannot connect to %r: the pool gave up reconnecting after %s s; "
-                "the next operation tries again",
+                "cannot connect to %r (the pool keeps trying): %s",
                 pool.display,
-                args[1] if len(args) > 1 else "?",
+                pool.last_error or "the server does not answer",
             )
         return False
 

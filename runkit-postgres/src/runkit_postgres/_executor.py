@@ -15,6 +15,7 @@ once with the server's reason, as a non-retryable ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -50,6 +51,13 @@ _BACKOFF_SECONDS: Final = 0.05
 #: How long a cancelled call waits for the server to acknowledge the cancel
 #: request, and then for the statement to end.
 _CANCEL_TIMEOUT: Final = 10.0
+#: Seconds an attempt to replace a lost connection goes on before the pool
+#: starts a fresh one (``_reconnect_now``). psycopg_pool doubles the wait between
+#: attempts (1, 2, 4 ... s) for up to 5 minutes by default, so after an outage
+#: its next attempt could come as long after the server was back as the outage
+#: had lasted. Restarted every 3 s, attempts are at most 2 s apart, however long
+#: the server is away.
+_RECONNECT_TIMEOUT: Final = 3.0
 
 # SQLSTATEs after which the same call may succeed: the statement was rolled
 # back (serialization failure, deadlock, lock or statement timeout, shortage
@@ -151,6 +159,8 @@ class Executor:
                     min_size=self._settings.pool_min_size,
                     max_size=self._settings.pool_max_size,
                     timeout=self._settings.pool_timeout,
+                    reconnect_timeout=_RECONNECT_TIMEOUT,
+                    reconnect_failed=_reconnect_now,
                     configure=(
                         configure_read_only_connection if self._read_only else configure_connection
                     ),
@@ -316,6 +326,19 @@ class Executor:
                 f"missing (dropped while in use?): {detail}"
             )
         return PersistenceError(f"{what}: {detail}", retryable=state in _TRANSIENT_STATES)
+
+
+def _reconnect_now(pool: ConnectionPool[Connection[tuple[object, ...]]]) -> None:
+    """Called by the pool when it gave up replacing a connection: try again at once.
+
+    Giving up freed the connection's slot; ``check()`` lets the pool grow into
+    it, with a first attempt now and a fresh backoff. Waiting for an operation
+    to ask for a connection instead is not enough: operations already waiting
+    for one (as many as there are threads) ask only once, and then wait for up
+    to ``pool_timeout``.
+    """
+    with contextlib.suppress(PoolClosed):  # closing: nothing more to connect
+        pool.check()
 
 
 def _is_disconnect(exc: BaseException) -> bool:
