@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import uuid
 from collections.abc import Callable
@@ -439,6 +440,41 @@ async def test_checkpoint_advances_in_the_background() -> None:
 
         await wait_until(saved)
         tg.cancel_scope.cancel()
+
+
+async def test_checkpoint_saves_failing_in_a_store_outage_are_one_line_warnings(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the store is away every checkpoint save fails: the periodic ones
+    # (here every 10 ms) and the last one when the partition is let go. Before,
+    # each was logged with a traceback, the periodic ones without a limit.
+    from runkit.engine.events import process_queues
+    from runkit.engine.logs import RateLimitedLog
+
+    # A limiter of its own: the one of the other backend's run still holds the key.
+    monkeypatch.setattr(process_queues, "_save_log", RateLimitedLog(process_queues._log, 10.0))
+    p = Process()
+    plan = FaultPlan()
+    rule = plan.fail(BEFORE, ops={"set"}, names=lambda name: name.endswith("/checkpoints"))
+    inner = MemoryProvider(str(uuid.uuid4()))
+    caplog.set_level(logging.INFO, logger="runkit.engine.events.processes")
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1, provider=inner) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg, provider=FaultyProvider(inner, plan))
+        await h.publish(Step("a", 1))
+        await wait_until(lambda: len(h.accepted) == 1)
+        await wait_until(lambda: rule.injected >= 10)  # some 100 ms of failed saves
+        tg.cancel_scope.cancel()  # the partition is let go: the final save fails too
+    lines = [r for r in caplog.records if "checkpoint" in r.getMessage()]
+    assert any("final checkpoint save failed" in r.getMessage() for r in lines)
+    assert any("cannot save checkpoint" in r.getMessage() for r in lines)
+    for record in lines:
+        assert record.exc_info is None, f"logged with a traceback: {record.getMessage()}"
+        assert "injected" in record.getMessage(), "the line does not say why"
+    periodic = [r for r in lines if "cannot save checkpoint" in r.getMessage()]
+    assert len(periodic) == 1, "repeats of the same failure are rate-limited"
 
 
 async def test_checkpoint_passes_events_of_other_types_the_consumer_never_sees() -> None:

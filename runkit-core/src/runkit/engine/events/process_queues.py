@@ -18,6 +18,7 @@ import anyio.abc
 import msgspec
 
 from ...persistence import Conflict, Keyspace, PersistenceError
+from ..logs import RateLimitedLog, describe_error
 from ..signals import event_maker
 from ..workers import KeptWorkers
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["ConsumerCheckpoint", "InstanceQueues"]
 
 _log = logging.getLogger("runkit.engine.events.processes")
+_save_log = RateLimitedLog(_log, 10.0)
 _encoder = msgspec.msgpack.Encoder()
 _int_decoder = msgspec.msgpack.Decoder(int)
 
@@ -158,5 +160,13 @@ class ConsumerCheckpoint:
             await anyio.sleep(interval)
             try:
                 await self.save()
-            except PersistenceError:
-                _log.warning("cannot save checkpoint %r; will retry", self._key, exc_info=True)
+            except PersistenceError as exc:
+                # The store is failing (an outage): one line, at most one per interval.
+                _save_log.warning(
+                    self._key,
+                    "cannot save checkpoint %r; will retry: %s",
+                    self._key,
+                    describe_error(exc),
+                )
+            else:
+                _save_log.reset(self._key)

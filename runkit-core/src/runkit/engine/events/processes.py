@@ -219,8 +219,14 @@ class ProcessRunner:
                     with anyio.move_on_after(1, shield=True):
                         try:
                             await checkpoint.save()
-                        except PersistenceError:
-                            _log.info("final checkpoint save failed", exc_info=True)
+                        except PersistenceError as exc:
+                            _log.info(
+                                "%s on partition %d: final checkpoint save failed (the next "
+                                "owner redelivers from the last saved one): %s",
+                                self.config.describe(),
+                                ctx.index,
+                                describe_error(exc),
+                            )
                         await self._outbox.clear_all_outboxes(ctx, records)
                     # Partition lost or consumer restarting: another node may
                     # write these instances next.
