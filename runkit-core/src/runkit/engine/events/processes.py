@@ -435,6 +435,8 @@ class ProcessRunner:
                 try:
                     record = await handle_steps(entry, steps, fresh=fresh)
                 except StaleRecord:
+                    # Raised before any step ran (a deadline's step is alone in its
+                    # group), so the cached root is unchanged and may be reused.
                     entry, stale = None, entry
                     continue
                 except Exception:
