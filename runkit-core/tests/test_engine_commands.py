@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import uuid
 from pathlib import Path
@@ -502,13 +503,19 @@ async def test_run_without_persistence_is_a_clear_error() -> None:
         await engine.run()
 
 
-async def test_partition_count_is_fixed_at_first_start() -> None:
+async def test_partition_count_is_fixed_at_first_start(caplog: pytest.LogCaptureFixture) -> None:
     s = setup()
     provider = silo()
     async with running(provider, s.config, partition_count=3) as engine:
         assert (await engine.runtime(APP_KEY)).partition_count == 3
+    caplog.set_level(logging.INFO, logger="runkit")
     async with running(MemoryProvider(provider.silo), s.config, partition_count=8) as engine:
         assert (await engine.runtime(APP_KEY)).partition_count == 3
+    # The node's own count may be the default, which nobody configured: the line
+    # says where the stored count comes from and when the node's applies.
+    [line] = [r.getMessage() for r in caplog.records if "partitions" in r.getMessage()]
+    assert "has 3 partitions, fixed when it was first started" in line
+    assert "this node's partition count (8) applies only to a new application" in line
 
 
 def test_partition_ids_are_uuid5_of_the_app_key() -> None:

@@ -109,7 +109,8 @@ class AppRuntime:
         )
         if self.partition_count != s.partition_count:
             _log.info(
-                "application %s keeps its %d partitions (configured: %d)",
+                "application %s has %d partitions, fixed when it was first started; "
+                "this node's partition count (%d) applies only to a new application",
                 self.app.identity,
                 self.partition_count,
                 s.partition_count,
