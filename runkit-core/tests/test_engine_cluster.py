@@ -389,6 +389,24 @@ async def test_an_offer_that_fails_falls_back_to_the_inbox_and_a_stream(
         assert len(in_inbox) == 1
 
 
+async def test_offers_failing_to_one_node_log_one_line_per_interval(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While a peer cannot be reached (an outage), every command offered to it
+    # falls back to the inbox; a line per command would flood the log.
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        accounts = _remote_accounts(one, 3)
+        _fail_offers(one, monkeypatch)
+        caplog.set_level(logging.INFO, logger="runkit.engine.cluster.routing")
+        for n, account in enumerate(accounts):
+            assert await _observed_deposit(one, s, account, f"fallback-{n}") == [f"fallback-{n}"]
+    lines = [r.getMessage() for r in caplog.records if "offering" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].endswith("using the inbox")
+
+
 async def test_the_wake_up_after_a_fallback_gets_the_command_handled_without_a_poll(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

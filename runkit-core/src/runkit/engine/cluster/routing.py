@@ -78,6 +78,9 @@ __all__ = [
 _log = logging.getLogger("runkit.engine.cluster.routing")
 #: Offers refused over an untrusted certificate, logged once per owner per interval.
 _untrusted_log = RateLimitedLog(_log, 10.0)
+#: Offers a peer did not take (an outage, a stopping owner): one line per peer and
+#: interval, since every command for its partitions fails alike meanwhile.
+_fallback_log = RateLimitedLog(_log, 10.0)
 
 #: How long a gateway waits for the owner to take a command before using the inbox.
 OFFER_TIMEOUT = 2.0
@@ -195,7 +198,14 @@ class Router:
                         exc,
                     )
                 else:
-                    _log.info(failed + "using the inbox", len(entries), index, owner.node_id, exc)
+                    _fallback_log.info(
+                        owner.node_id,
+                        failed + "using the inbox",
+                        len(entries),
+                        index,
+                        owner.node_id,
+                        exc,
+                    )
                 return False
             if answer in (OK, NOT_OWNER):
                 return answer == OK
