@@ -304,20 +304,7 @@ class PostgresServer:
         directory, bindir = self._started_here("pause")
         if not (directory / "data" / "postmaster.pid").exists():
             return
-        result = subprocess.run(
-            self._command(
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(directory / "data"),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ),
-            check=False,
-            capture_output=True,
-            text=True,
-        )
+        result = self._kill(directory, bindir)
         if result.returncode != 0:
             raise RuntimeError(f"PostgreSQL did not stop: {result.stderr}")
 
@@ -351,20 +338,25 @@ class PostgresServer:
 
     def _stop(self, directory: Path, bindir: Path) -> None:
         if (directory / "data" / "postmaster.pid").exists():
-            subprocess.run(
-                self._command(
-                    str(bindir / "pg_ctl"),
-                    "-D",
-                    str(directory / "data"),
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "stop",
-                ),
-                check=False,
-                capture_output=True,
-            )
+            self._kill(directory, bindir)
         shutil.rmtree(directory, ignore_errors=True)
+
+    def _kill(self, directory: Path, bindir: Path) -> subprocess.CompletedProcess[str]:
+        """Stop the server at once, as a crash would (``pg_ctl stop -m immediate``)."""
+        return subprocess.run(
+            self._command(
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(directory / "data"),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
 
     def version(self) -> str:
         """The server's ``version()`` string."""
