@@ -439,3 +439,43 @@ async def test_commands_of_one_call_committed_at_the_stop_are_not_spilled_with_t
 
         await wait_until(processed)
     assert pinger.calls == [1], "a command committed at the stop was spilled and handled again"
+
+
+async def test_a_keyed_command_that_recorded_nothing_is_not_handled_again_before_its_marker() -> (
+    None
+):
+    # A keyed integration command read from the inbox records no event; its
+    # stream record lands, and the owner dies before the command's idempotency
+    # marker is written (so the inbox progress is still before it). No record
+    # listed a command that published nothing, so the next owner read it from
+    # the inbox again and handled it a second time. Committed records now list
+    # it as unmarked until its marker is written.
+    notifier, pinger = Notifier(), Pinger()
+    config = build(App(notifier, pinger), registry=REGISTRY)
+    register_types(config.message_types())
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = _one_partition_engine(
+        config, provider, retry_max_delay=0.01, progress_interval=30.0, shutdown_timeout=0.2
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        runtime = await engine.runtime(APP_KEY)
+        ping = new_envelope(
+            Ping(1), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC), message_id="p-1"
+        )
+        await runtime.accept([ping])  # keyed, as a process's outbox sends it; nobody owns it yet
+        provider.plan.fail(BEFORE, ops={"set_unconditional"}, names=lambda n: "idempotency" in n)
+        ownership.assign({partition_id(APP_KEY, 0)})
+
+        async def recorded() -> bool:
+            return len((await read_stores(inner)).stream[0]) > 0
+
+        await wait_until(lambda: pinger.calls == [1])
+        await wait_until(recorded)
+        # The owner "dies": no stream record lands from now on, no marker either.
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        tg.cancel_scope.cancel()
+    async with running(MemoryProvider(inner.silo), config, partition_count=1):
+        await anyio.sleep(0.5)
+    assert pinger.calls == [1], "a committed command was read from the inbox and handled again"

@@ -123,7 +123,9 @@ class PartitionCommands:
         self._bus = bus
         self._aggregates = aggregates
         self._materialiser = materialiser
-        self._completed = CompletedCommands(COMPLETED_CACHE, tail.published)
+        # Unmarked commands are committed even when they published nothing: a copy
+        # read from the inbox before their markers are written is a duplicate.
+        self._completed = CompletedCommands(COMPLETED_CACHE, tail.published | tail.unmarked)
         self._unmarked = tail.unmarked
         self._inbox_progress = InboxProgress(writer.set_progress, tail.inbox_position)
         self._inbox_pending = 0

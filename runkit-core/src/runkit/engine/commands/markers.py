@@ -1,8 +1,8 @@
 """Idempotency markers of a partition's keyed integration commands.
 
-A keyed integration command is committed pinned: stream records list it (if
-it recorded events) as ``unmarked``, so that a new owner's takeover scan finds
-it, until its marker (``<app>/idempotency``) is written after its record is
+A keyed integration command is committed pinned: stream records list it
+as ``unmarked`` (whether or not it recorded events), so that a new owner's
+takeover scan finds it, until its marker (``<app>/idempotency``) is written after its record is
 durable, which unpins it. A new owner writes the markers a previous owner may not have written
 (``mark_unmarked``). Before a keyed command is handled, its marker says
 whether (and where) it was handled already.

@@ -18,10 +18,11 @@ visible all at once), and a header:
 - ``materialised``: every aggregate event in records below this journal
   position is in its instance journal (``None``: all of them, as in records
   written before instance journals became derived state).
-- ``unmarked`` / ``scan_from``: keyed integration commands committed without
-  passing through the inbox whose idempotency marker may not be written yet,
-  and the oldest record holding one. A new owner's takeover scan reads back at
-  least to ``scan_from``, so it learns of them (and writes their markers).
+- ``unmarked`` / ``scan_from``: keyed integration commands committed whose
+  idempotency marker may not be written yet (those that recorded no events
+  included: nothing else lists them), and the oldest record holding one. A new
+  owner's takeover scan reads back at least to ``scan_from``, so it learns of
+  them (counts them as handled, and writes their markers).
 """
 
 from __future__ import annotations

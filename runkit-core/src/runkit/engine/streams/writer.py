@@ -312,7 +312,10 @@ class StreamWriter:
             del batch[max(1, min(len(batch) - 1, len(batch) * self._max_record // len(data))) :]
 
     def _record(self, batch: list[Publication], progress: int) -> StreamRecord:
-        unmarked = tuple(i.command_id for i in batch if i.pinned and i.events)
+        # Event-less ones too: no record lists them otherwise, so a command read
+        # again from the inbox after a stop or crash that left it unmarked would be
+        # handled again.
+        unmarked = tuple(i.command_id for i in batch if i.pinned)
         floors = [*self._pinned.values(), *([self._position] if unmarked else [])]
         return StreamRecord(
             first_offset=self._offset,
@@ -341,7 +344,7 @@ class StreamWriter:
             item.offset = offset
             item.position = position
             offset += len(item.events)
-            if item.pinned and item.events:
+            if item.pinned:
                 self._pinned.setdefault(item.command_id, position)
         events = _events_of(self._stream.stream_id, record)
         self._stream._publish(events)  # the writer feeds its stream's tail
