@@ -373,10 +373,11 @@ async def test_commands_of_one_call_committed_at_the_stop_are_not_spilled_with_t
     # A handler produced two commands in one call (a process's outbox), on
     # this node or offered by a peer. When the partition stops, Notify(1) is
     # still being handled, while Ping(1), which records no event, is in the
-    # append the final flush confirms. The caller must spill only Notify(1):
-    # a spilled Ping(1) is handled again by the next owner (no record lists an
-    # event-less command, and its marker, due after the final flush, is never
-    # written as the partition is stopping).
+    # append the final flush confirms. An offering gateway must spill only
+    # Notify(1). On this node a process's integration commands go to the inbox
+    # in the first place; the next owner, reading Ping(1) there again, must
+    # find it committed (the record lists it as unmarked: its marker, due after
+    # the final flush, is never written as the partition is stopping).
     from runkit.engine.commands.acceptance import PartitionStopped
     from runkit.engine.streams import writer as writer_module
 

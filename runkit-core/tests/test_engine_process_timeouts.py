@@ -278,3 +278,21 @@ async def test_a_timeout_is_armed_while_the_integration_command_it_guards_runs()
         # and ends the instance: the late Charged event is not handled.
         await anyio.sleep(0.05)
         assert app.fulfilment.outcomes == ["timeout"]
+
+
+async def test_a_timeout_is_handled_while_the_integration_command_it_guards_still_runs() -> None:
+    app, clock = App(), FakeClock()
+    config = build(app, registry=REGISTRY)
+    async with running(config, clock) as engine:
+        await engine.executor_for(config).execute_command(Place("o1"))
+        with anyio.fail_after(5):
+            await app.gateway.started.wait()
+        await wait_until(lambda: pending_deadlines(engine, 1))
+        clock.advance(10)
+        # The charge has not returned, and the instance is not held up by it:
+        # its outbox was sent once the command was durable in the inbox.
+        await wait_until(lambda: app.fulfilment.outcomes == ["timeout"])
+        assert not app.gateway.release.is_set()
+        app.gateway.release.set()
+        await anyio.sleep(0.05)
+        assert app.fulfilment.outcomes == ["timeout"]  # the late Charged finds it ended

@@ -331,6 +331,17 @@ class Acceptor:
 
     async def _accept_one(self, index: int, entries: list[InboxEntry], produced: bool) -> bool:
         """Make *entries* durable on partition *index*; whether through its inbox."""
+        if produced and any(e.instance_id is None for e in entries):
+            # An integration command is durable in a batch only once its
+            # handle_command has returned, which may take as long as a call to
+            # the outside world, and a process instance stays locked while its
+            # outbox is sent: its timeouts could not fire meanwhile. Produced
+            # integration commands are made durable in the inbox instead.
+            await self._to_inbox(index, [e for e in entries if e.instance_id is None])
+            rest = [e for e in entries if e.instance_id is not None]
+            if rest:
+                await self._accept_one(index, rest, produced)
+            return True
         local = self._local(index)
         if local is not None:
             if not produced:
@@ -356,10 +367,13 @@ class Acceptor:
                 return False
         if not entries:
             return False  # every one committed after all
+        await self._to_inbox(index, entries)
+        return True
+
+    async def _to_inbox(self, index: int, entries: list[InboxEntry]) -> None:
         await self.writers[index].submit(entries)
         if self._wake is not None:
             self._wake(index)  # the owner reads its inbox now, not at its next poll
-        return True
 
     async def _wait_for_room(self, index: int, local: LocalPartition) -> None:
         if local.has_room():
