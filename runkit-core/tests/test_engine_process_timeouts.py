@@ -261,8 +261,9 @@ async def test_a_busy_instance_does_not_hold_up_other_instances_deadlines() -> N
         await wait_until(lambda: app.fulfilment.timeouts == ["b", "a"])
 
 
-async def test_a_timeout_is_armed_while_the_integration_command_it_guards_runs() -> None:
-    app, clock = App(), FakeClock()
+@asynccontextmanager
+async def charging(app: App, clock: FakeClock) -> AsyncIterator[Engine]:
+    """An engine whose order o1's charge is running, its payment timeout pending."""
     config = build(app, registry=REGISTRY)
     async with running(config, clock) as engine:
         await engine.executor_for(config).execute_command(Place("o1"))
@@ -270,6 +271,12 @@ async def test_a_timeout_is_armed_while_the_integration_command_it_guards_runs()
             await app.gateway.started.wait()
         # The charge is still running; its timeout is in the deadline journal all the same.
         await wait_until(lambda: pending_deadlines(engine, 1))
+        yield engine
+
+
+async def test_a_timeout_is_armed_while_the_integration_command_it_guards_runs() -> None:
+    app, clock = App(), FakeClock()
+    async with charging(app, clock):
         clock.advance(10)
         await anyio.sleep(0.05)  # the timer fires the overdue timeout meanwhile
         app.gateway.release.set()
@@ -282,12 +289,7 @@ async def test_a_timeout_is_armed_while_the_integration_command_it_guards_runs()
 
 async def test_a_timeout_is_handled_while_the_integration_command_it_guards_still_runs() -> None:
     app, clock = App(), FakeClock()
-    config = build(app, registry=REGISTRY)
-    async with running(config, clock) as engine:
-        await engine.executor_for(config).execute_command(Place("o1"))
-        with anyio.fail_after(5):
-            await app.gateway.started.wait()
-        await wait_until(lambda: pending_deadlines(engine, 1))
+    async with charging(app, clock):
         clock.advance(10)
         # The charge has not returned, and the instance is not held up by it:
         # its outbox was sent once the command was durable in the inbox.

@@ -246,21 +246,11 @@ async def test_a_cancelled_caller_does_not_break_the_shared_connection() -> None
         assert await a.call(address, "echo", b"after") == b"node-a:after"
 
 
-class _Unread(anyio.abc.ByteStream):
-    """A peer that reads nothing until ``reading`` is set; ``cancelled`` once it reads a Cancel."""
+class _SilentPeer(anyio.abc.ByteStream):
+    """A peer that never sends anything; ``send`` is the subclass's."""
 
     def __init__(self) -> None:
-        self.reading = anyio.Event()
-        self.cancelled = anyio.Event()
-        self.frames: list[Frame] = []
-        self._decoder = FrameDecoder()
         self._closed = anyio.Event()
-
-    async def send(self, item: bytes) -> None:
-        await self.reading.wait()
-        self.frames += self._decoder.feed(item)
-        if any(isinstance(frame, Cancel) for frame in self.frames):
-            self.cancelled.set()
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         await self._closed.wait()
@@ -271,6 +261,23 @@ class _Unread(anyio.abc.ByteStream):
 
     async def aclose(self) -> None:
         self._closed.set()
+
+
+class _Unread(_SilentPeer):
+    """A peer that reads nothing until ``reading`` is set; ``cancelled`` once it reads a Cancel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = anyio.Event()
+        self.cancelled = anyio.Event()
+        self.frames: list[Frame] = []
+        self._decoder = FrameDecoder()
+
+    async def send(self, item: bytes) -> None:
+        await self.reading.wait()
+        self.frames += self._decoder.feed(item)
+        if any(isinstance(frame, Cancel) for frame in self.frames):
+            self.cancelled.set()
 
 
 async def test_a_caller_leaving_while_the_outgoing_queue_is_full_still_cancels(
@@ -355,28 +362,15 @@ def unread_link(stream: anyio.abc.ByteStream, max_frame_size: int) -> Link:
     )
 
 
-class _ClosedByPeer(anyio.abc.ByteStream):
+class _ClosedByPeer(_SilentPeer):
     """A peer that has closed its TLS session: a write raises ``EndOfStream``.
 
     anyio's ``TLSStream.send`` raises it when the peer's close_notify arrived
     first, as when a peer node shuts down while this one writes to it.
     """
 
-    def __init__(self) -> None:
-        self._closed = anyio.Event()
-
     async def send(self, item: bytes) -> None:
         raise anyio.EndOfStream
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        await self._closed.wait()
-        raise anyio.EndOfStream
-
-    async def send_eof(self) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        self._closed.set()
 
 
 async def test_writing_to_a_peer_that_closed_its_session_closes_the_link() -> None:

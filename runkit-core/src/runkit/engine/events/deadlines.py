@@ -41,6 +41,7 @@ import attrs
 import msgspec
 
 from ...persistence import Conflict, Journal, PersistenceError, RecordNotFound
+from ..backoff import backoff
 from ..logs import RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ class DeadlineTimer:
                     )
                     self._heap.clear()
                     self._remaining.clear()
-                    await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
+                    await anyio.sleep(backoff(failures, 0.1, self._rescan))
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 task_status.started()
@@ -218,7 +219,7 @@ class DeadlineTimer:
                     self._ctx.index,
                     describe_error(exc),
                 )
-                await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
+                await anyio.sleep(backoff(failures, 0.1, self._rescan))
 
     async def _read(self, journal: Journal) -> None:
         end = (await journal.bounds()).end
@@ -270,7 +271,7 @@ class DeadlineTimer:
                     self._ctx.index,
                     describe_error(exc),
                 )
-                await anyio.sleep(min(self._rescan, 0.05 * 2.0 ** min(failures, 10)))
+                await anyio.sleep(backoff(failures, 0.1, self._rescan))
                 continue
             failures = 0
             self._remaining[due.position] -= 1
