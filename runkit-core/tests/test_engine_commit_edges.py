@@ -480,3 +480,44 @@ async def test_a_keyed_command_that_recorded_nothing_is_not_handled_again_before
     async with running(MemoryProvider(inner.silo), config, partition_count=1):
         await anyio.sleep(0.5)
     assert pinger.calls == [1], "a committed command was read from the inbox and handled again"
+
+
+async def test_an_unkeyed_command_that_recorded_nothing_is_not_handled_again_after_a_crash() -> (
+    None
+):
+    # An integration command without an idempotency key is read from the inbox
+    # and records no event; its stream record lands, and the owner dies before
+    # a later record carries the inbox progress past it. No record listed a
+    # command that published nothing (only keyed ones, as unmarked), so the
+    # next owner read it from the inbox again and made its call a second time.
+    # Stream records now list every command they commit.
+    notifier, pinger = Notifier(), Pinger()
+    config = build(App(notifier, pinger), registry=REGISTRY)
+    register_types(config.message_types())
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = _one_partition_engine(
+        config, provider, retry_max_delay=0.01, progress_interval=30.0, shutdown_timeout=0.2
+    )
+    ping = new_envelope(
+        Ping(1), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC), message_id="p-1"
+    )
+    async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+        await append_to_inbox(
+            inbox, [InboxEntry(envelope=ping, handler_key="c0000000-0000-4000-8000-0000000000e1")]
+        )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+
+        async def recorded() -> bool:
+            return len((await read_stores(inner)).stream[0]) > 0
+
+        await wait_until(lambda: pinger.calls == [1])
+        await wait_until(recorded)
+        # The owner "dies": no stream record lands from now on.
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        tg.cancel_scope.cancel()
+    async with running(MemoryProvider(inner.silo), config, partition_count=1):
+        await anyio.sleep(0.5)
+    assert pinger.calls == [1], "a committed command was read from the inbox and handled again"

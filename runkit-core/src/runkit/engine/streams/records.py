@@ -12,15 +12,14 @@ visible all at once), and a header:
 - ``inbox_end``: how far the writer's owner had read the inbox when it built the
   record; a new owner scans back only over records whose ``inbox_end`` is past
   the tail's ``inbox_position`` to learn which pending commands are published.
-- ``command_ids``: the commands whose events the record publishes (it is the
-  commit point of a batch, ADR 0007; commands that recorded no events commit
-  nothing and are not listed).
+- ``command_ids``: the commands the record commits (it is the commit point of a
+  batch, ADR 0007), those that recorded no events included: a new owner reading
+  one of them from the inbox again learns here that it was handled.
 - ``materialised``: every aggregate event in records below this journal
   position is in its instance journal (``None``: all of them, as in records
   written before instance journals became derived state).
 - ``unmarked`` / ``scan_from``: keyed integration commands committed whose
-  idempotency marker may not be written yet (those that recorded no events
-  included: nothing else lists them), and the oldest record holding one. A new
+  idempotency marker may not be written yet, and the oldest record holding one. A new
   owner's takeover scan reads back at least to ``scan_from``, so it learns of
   them (counts them as handled, and writes their markers).
 """

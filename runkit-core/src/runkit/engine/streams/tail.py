@@ -29,8 +29,8 @@ class StreamTail:
         next_position: The journal position of the next record.
         next_offset: The stream offset of the next event.
         inbox_position: Inbox records below it are fully processed.
-        published: IDs of commands at or after ``inbox_position`` whose events
-            are already in the stream.
+        published: IDs of commands at or after ``inbox_position`` already
+            committed in the stream (with their events, if any).
         materialised: The last record's materialised watermark (``None``:
             every aggregate event is in its instance journal).
         unmarked: Keyed commands found committed whose idempotency markers

@@ -312,9 +312,6 @@ class StreamWriter:
             del batch[max(1, min(len(batch) - 1, len(batch) * self._max_record // len(data))) :]
 
     def _record(self, batch: list[Publication], progress: int) -> StreamRecord:
-        # Event-less ones too: no record lists them otherwise, so a command read
-        # again from the inbox after a stop or crash that left it unmarked would be
-        # handled again.
         unmarked = tuple(i.command_id for i in batch if i.pinned)
         floors = [*self._pinned.values(), *([self._position] if unmarked else [])]
         return StreamRecord(
@@ -323,7 +320,10 @@ class StreamWriter:
             inbox_end=max(self._inbox_end, progress),
             written_at=self._clock(),
             writer=self._writer,
-            command_ids=tuple(i.command_id for i in batch if i.events),
+            # Event-less commands too: a command read again from the inbox after a
+            # stop or crash before the inbox progress passed it would otherwise be
+            # handled again (an integration's external call made twice).
+            command_ids=tuple(i.command_id for i in batch),
             events=tuple(e for i in batch for e in i.events),
             materialised=None if self._watermark is None else self._watermark(self._position),
             unmarked=unmarked,
