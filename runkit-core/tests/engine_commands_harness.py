@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -291,6 +292,29 @@ async def running(
             yield engine
         finally:
             tg.cancel_scope.cancel()
+
+
+async def execute_in_batch(engine: Engine, command: dogma.Command, app_key: str = APP_KEY) -> None:
+    """Execute *command* in its partition's batch on *engine*, which must run the partition.
+
+    Callers' integration commands go to the inbox (ADR 0011), yet the batch
+    still takes those a peer of an earlier release offers; its edges (a stop,
+    a spill) are best tested with them, since nothing but the stream proves
+    they were handled. As acceptance does, what the partition did not commit
+    before it stopped is spilled to its inbox.
+    """
+    from runkit.engine.commands.acceptance import PartitionStopped
+    from runkit.engine.envelope import new_envelope
+
+    runtime = await engine.runtime(app_key)
+    envelope = new_envelope(command, app_key=app_key, site_key=None, created_at=datetime.now(UTC))
+    index, entry = runtime.acceptor.route(envelope, keyed=False)
+    try:
+        await runtime.partitions[index].execute_local([entry])
+    except PartitionStopped as stopped:
+        spilled = stopped.spilled([entry])
+        if spilled:
+            await runtime.inbox_writers[index].submit(spilled)
 
 
 def splitting_node_ids(partitions: int, app_key: str = APP_KEY) -> tuple[uuid.UUID, uuid.UUID]:

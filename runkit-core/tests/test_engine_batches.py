@@ -47,6 +47,7 @@ from engine_commands_harness import (
     Deposit,
     Notify,
     check_invariants,
+    execute_in_batch,
     running,
     settled,
     setup,
@@ -505,7 +506,7 @@ async def test_a_command_handled_after_the_writer_stopped_does_not_hang_its_call
         # refuses what the batch loop hands it next.
         partition._writer.close(OwnershipLost("test: another node wrote the stream"))
         with anyio.fail_after(10):
-            await executor.execute_command(Notify(1))
+            await execute_in_batch(engine, Notify(1))
         await wait_until(lambda: 1 in s.notifier.calls)
 
 

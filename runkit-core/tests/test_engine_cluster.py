@@ -433,7 +433,8 @@ async def test_an_offer_its_stopping_owner_cannot_confirm_is_spilled_with_the_ap
     # and the owner stops the partition (its heartbeats fail) with the store
     # failing past its shutdown timeout. The gateway falls back to the inbox:
     # its entry must name that append, or an owner whose takeover scan stops
-    # short of it would handle the command again (ADR 0002).
+    # short of it would handle the command again (ADR 0002). (An aggregate
+    # command: integration commands go to the inbox, not offered, ADR 0011.)
     from runkit.engine.streams import writer as writer_module
 
     monkeypatch.setattr(writer_module, "backoff", lambda *a: 30.0)
@@ -479,7 +480,7 @@ async def test_an_offer_its_stopping_owner_cannot_confirm_is_spilled_with_the_ap
         returned = anyio.Event()
 
         async def call() -> None:
-            await gateway.executor_for(s.app).execute_command(Notify(1))
+            await gateway.executor_for(s.app).execute_command(Deposit("acc", 1, "r"))
             returned.set()
 
         tg.start_soon(call)
@@ -748,11 +749,16 @@ async def test_an_offer_failing_after_its_router_stopped_opens_no_stream() -> No
 async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The owner takes an offered integration command into its batch; the
+    # A gateway of an earlier release offers an integration command (this
+    # release sends them to the inbox); the owner takes it into its batch, the
     # handler outlasts the offer timeout, so the gateway also appends the
     # command to the inbox (right: the offer's fate is unknown). The owner must
     # take the inbox copy for the same command while the first one's events
     # are still being committed, not run the handler again.
+    from datetime import UTC, datetime
+
+    from runkit.engine.envelope import new_envelope
+
     s = setup()
     s.notifier.delay = 1.0
     silo = f"cluster-{uuid.uuid4()}"
@@ -760,6 +766,67 @@ async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_onc
         router = one.router
         assert router is not None
         monkeypatch.setattr(router, "_offer_timeout", 0.3)
+        acceptor = await one.acceptor(APP_KEY)
+
+        def remote_id() -> str:  # command IDs of partitions the other node owns
+            while True:
+                candidate = new_id()
+                if router.owner(partition_id(APP_KEY, partition_of(candidate, 8))):
+                    return candidate
+
+        offered: list[bool] = []
+
+        async def offer_as_before(n: int) -> None:
+            envelope = new_envelope(
+                Notify(n),
+                app_key=APP_KEY,
+                site_key=None,
+                created_at=datetime.now(UTC),
+                message_id=remote_id(),
+            )
+            index, entry = acceptor.route(envelope, keyed=False)
+            taken = await router.offer(APP_KEY, index, partition_id(APP_KEY, index), [entry])
+            offered.append(taken)
+            if not taken:
+                await acceptor._to_inbox(index, [entry])
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(offer_as_before, n)
+        await wait_until(lambda: len(s.notifier.calls) >= 3)
+        await anyio.sleep(1.5)  # a second run, if any, would have started and ended
+        assert offered == [False] * 3  # each offer timed out...
+        assert await inbox_entries(silo) >= 1  # ...and the fallback was taken
+        stores = await settled(MemoryProvider(silo))
+    check_invariants(stores)
+    assert sorted(s.notifier.calls) == [0, 1, 2]
+
+
+async def test_an_integration_command_for_a_peer_is_owned_before_its_handler_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gateway appends it to the inbox and wakes the owner, rather than
+    # offering it: the owner would answer only once handle_command returned
+    # (or the gateway fell back after the offer timeout, here too long to wait).
+    from runkit.engine.commands import batches
+
+    monkeypatch.setattr(batches, "INBOX_POLL_INTERVAL", 3600.0)  # only the wake-up reads it
+    s = setup()
+    s.notifier.release = anyio.Event()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        router = one.router
+        assert router is not None
+        monkeypatch.setattr(router, "_offer_timeout", 30.0)
+        called: list[str] = []
+        original = router._transport.call
+
+        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+            called.append(method)
+            return await original(address, method, *args, **kwargs)
+
+        monkeypatch.setattr(router._transport, "call", call)
 
         def remote_id() -> str:  # command IDs of partitions the other node owns
             while True:
@@ -768,17 +835,16 @@ async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_onc
                     return candidate
 
         monkeypatch.setattr(executor_module, "new_id", remote_id)
-        executor = one.executor_for(s.app)
-        with anyio.fail_after(30):
-            async with anyio.create_task_group() as tg:
-                for n in range(3):
-                    tg.start_soon(executor.execute_command, Notify(n))
-        await wait_until(lambda: len(s.notifier.calls) >= 3)
-        await anyio.sleep(1.5)  # a second run, if any, would have started and ended
-        assert await inbox_entries(silo) >= 1  # the fallback was taken
-        stores = await settled(MemoryProvider(silo))
+        with anyio.fail_after(5):
+            await one.executor_for(s.app).execute_command(Notify(1))
+        assert "offer" not in called
+        assert await inbox_entries(silo) == 1
+        await wait_until(lambda: s.notifier.calls == [1], timeout=20)
+        s.notifier.release.set()
+        stores = await settled(MemoryProvider(silo), timeout=20)
     check_invariants(stores)
-    assert sorted(s.notifier.calls) == [0, 1, 2]
+    assert [e.description for e in stores.all_events()] == ["Notified"]
+    assert s.notifier.calls == [1]
 
 
 async def test_a_client_entered_before_any_node_starts_waits_for_the_application() -> None:

@@ -208,6 +208,74 @@ async def test_minimize_integration_runs_one_at_a_time() -> None:
     check_invariants(await read_stores(provider))
 
 
+async def test_an_integration_command_is_owned_before_its_handler_runs() -> None:
+    # api.md §2.7: execute_command returns once the engine has durably taken
+    # ownership of the command. An integration command used to be durable
+    # only once its handle_command had returned: a handler that waits for
+    # what its caller does next deadlocked (ADR 0011).
+    s = setup()
+    s.notifier.release = anyio.Event()
+    provider = silo()
+    async with running(provider, s.config, partition_count=1) as engine:
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)  # this node owns it
+        with anyio.fail_after(5):
+            await engine.executor_for(s.app).execute_command(Notify(1))
+        stores = await read_stores(provider)
+        assert [e.envelope.description for _, r in stores.inbox[0] for e in r.entries]
+        s.notifier.release.set()
+        await wait_until(lambda: bool(s.notifier.calls) and not s.notifier.active)
+        stores = await settled(provider)
+    assert s.notifier.calls == [1]
+    check_invariants(stores)
+    assert [e.description for e in stores.all_events()] == ["Notified"]
+
+
+async def test_a_keyed_integration_command_executed_twice_before_it_runs_is_handled_once() -> None:
+    from engine_commands_harness import REGISTRY, Notified
+
+    from runkit.engine.commands.acceptance import command_id_for, idempotency_name
+
+    s = setup()
+    s.notifier.release = anyio.Event()
+    provider = silo()
+    seen: list[Notified] = []
+
+    async def saw(event: Notified) -> bool:
+        seen.append(event)
+        return True
+
+    async with running(provider, s.config, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)  # this node owns it
+        with anyio.fail_after(5):
+            await executor.execute_command(Notify(1, "k"), idempotency_key="key")
+            await executor.execute_command(Notify(1, "k"), idempotency_key="key")
+        s.notifier.release.set()
+        # A third time, observed once it is handled: the original event.
+        await wait_until(lambda: bool(s.notifier.calls) and not s.notifier.active)
+        with anyio.fail_after(5):
+            await executor.execute_command(
+                Notify(1, "k"),
+                idempotency_key="key",
+                observers=[dogma.observe(Notified, saw, registry=REGISTRY)],
+            )
+        command_id = command_id_for(APP_KEY, "key")
+        async with await provider.keyspaces.open(idempotency_name(APP_KEY)) as markers:
+            await wait_until(lambda: markers.has(command_id.encode()))
+    # Restarted, the same key again finds the marker.
+    async with running(MemoryProvider(provider.silo), s.config, partition_count=1) as engine:
+        await engine.executor_for(s.app).execute_command(Notify(1, "k"), idempotency_key="key")
+        await engine.executor_for(s.app).execute_command(Notify(2))
+        await wait_until(lambda: 2 in s.notifier.calls)
+        stores = await settled(provider)
+    assert s.notifier.calls == [1, 2]
+    assert [(e.n, e.ref) for e in seen] == [(1, "k")]
+    check_invariants(stores)
+    assert [e.description for e in stores.events_of(command_id)] == ["Notified"]
+
+
 async def test_stream_offsets_are_dense_with_correct_headers() -> None:
     s = setup()
     provider = silo()

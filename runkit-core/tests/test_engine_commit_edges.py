@@ -45,6 +45,7 @@ from engine_commands_harness import (
     Notifier,
     Notify,
     check_invariants,
+    execute_in_batch,
     read_stores,
     running,
     setup,
@@ -95,13 +96,12 @@ async def test_an_append_that_landed_is_recognised_after_the_partition_stops(
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign(everything)
-        executor = engine.executor_for(s.app)
         runtime = await engine.runtime(APP_KEY)
         await wait_until(lambda: 0 in runtime.partitions)
         returned = anyio.Event()
 
         async def call() -> None:
-            await executor.execute_command(Notify(1))
+            await execute_in_batch(engine, Notify(1))
             returned.set()
 
         tg.start_soon(call)
@@ -133,7 +133,7 @@ async def test_a_spilled_command_retried_before_its_spill_lands_is_handled_once(
     async with running(provider, s.config, partition_count=1, shutdown_timeout=0.3) as engine:
         runtime = await engine.runtime(APP_KEY)
         await wait_until(lambda: 0 in runtime.partitions)
-        await engine.executor_for(s.app).execute_command(Notify(1))
+        await execute_in_batch(engine, Notify(1))
         # The owner "dies": no stream record lands from now on.
         provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
         await wait_until(lambda: provider.plan.injected_before >= 3)
@@ -172,7 +172,7 @@ async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_aga
         returned = anyio.Event()
 
         async def call() -> None:
-            await engine.executor_for(s.app).execute_command(Notify(1))
+            await execute_in_batch(engine, Notify(1))
             returned.set()
 
         tg.start_soon(call)
@@ -222,7 +222,7 @@ async def test_a_spilled_copy_of_a_landed_append_is_not_handled_after_a_second_t
         returned = anyio.Event()
 
         async def call() -> None:
-            await a.executor_for(s.app).execute_command(Notify(1))
+            await execute_in_batch(a, Notify(1))
             returned.set()
 
         tg.start_soon(call)
@@ -231,7 +231,7 @@ async def test_a_spilled_copy_of_a_landed_append_is_not_handled_after_a_second_t
         b_owns.assign(everything)
         b_runtime = await b.runtime(APP_KEY)
         await wait_until(lambda: 0 in b_runtime.partitions)
-        await b.executor_for(s.app).execute_command(Notify(2))  # B's record: inbox read to 0
+        await execute_in_batch(b, Notify(2))  # B's record: inbox read to 0
         a_owns.assign(set())  # A stops: its caller spills Notify(1) to the inbox
         with anyio.fail_after(10):
             await returned.wait()

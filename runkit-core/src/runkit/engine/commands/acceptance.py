@@ -3,10 +3,13 @@
 Acceptance (``Acceptor``) finds the command's handler and routes it to a
 partition (aggregate: handler key + instance ID; integration preferring minimal
 concurrency: handler key; other integrations: command ID). When this node runs
-that partition, the command goes straight to its batch processor
+that partition, an aggregate command goes straight to its batch processor
 (``batches.PartitionCommands``) and is durable once its batch is committed to
 the partition stream (or, if its handler fails, once it is in the inbox);
-otherwise it is appended to the partition's inbox (group commit). Commands from
+otherwise it is offered to the partition's owner, or appended to the
+partition's inbox (group commit). An integration command always goes to the
+inbox (ADR 0011): in a batch it would be durable only once its handler had
+returned, so whoever executed it would wait for an external call. Commands from
 callers wait while the partition's backlog is over the limit; commands produced
 by handlers never wait (they drain the backlog).
 
@@ -331,18 +334,25 @@ class Acceptor:
 
     async def _accept_one(self, index: int, entries: list[InboxEntry], produced: bool) -> bool:
         """Make *entries* durable on partition *index*; whether through its inbox."""
-        if produced and any(e.instance_id is None for e in entries):
+        local = self._local(index)
+        if any(e.instance_id is None for e in entries):
             # An integration command is durable in a batch only once its
             # handle_command has returned, which may take as long as a call to
-            # the outside world, and a process instance stays locked while its
-            # outbox is sent: its timeouts could not fire meanwhile. Produced
-            # integration commands are made durable in the inbox instead.
+            # the outside world: a caller would wait for it (and deadlock if
+            # the handler waits for something the caller does next), and a
+            # process instance, locked while its outbox is sent, could not
+            # handle its timeouts meanwhile. Integration commands are made
+            # durable in the inbox instead (ADR 0011), whoever executes them.
+            # A caller still waits for room on a partition this node runs
+            # (its command takes a slot once the partition reads it back); an
+            # offer to another node's partition never waited for room either.
+            if not produced and local is not None:
+                await self._wait_for_room(index, local)
             await self._to_inbox(index, [e for e in entries if e.instance_id is None])
             rest = [e for e in entries if e.instance_id is not None]
             if rest:
                 await self._accept_one(index, rest, produced)
             return True
-        local = self._local(index)
         if local is not None:
             if not produced:
                 await self._wait_for_room(index, local)
