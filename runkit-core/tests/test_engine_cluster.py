@@ -40,10 +40,12 @@ from engine_commands_harness import (
     APP_KEY,
     FAST,
     REGISTRY,
+    SERIAL_KEY,
     Deposit,
     Deposited,
     Notified,
     Notify,
+    Serial,
     check_invariants,
     read_stores,
     settled,
@@ -56,11 +58,15 @@ from tls_harness import issue, load_issuer
 
 @asynccontextmanager
 async def two_nodes(
-    config: ApplicationConfig, silo: str, *, listening: tuple[bool, bool] = (True, True)
+    config: ApplicationConfig,
+    silo: str,
+    *,
+    listening: tuple[bool, bool] = (True, True),
+    **settings: Any,
 ) -> AsyncIterator[tuple[Engine, Engine]]:
     """Two engines running *config* on one memory silo, 8 partitions shared between them.
 
-    *listening* says which of the two has a listen address.
+    *listening* says which of the two has a listen address; *settings* go to both.
     """
     engines = [
         Engine.from_settings(
@@ -71,7 +77,7 @@ async def two_nodes(
                 node_id=node_id,
                 # Long enough that a loaded machine does not expire a live node.
                 heartbeat_interval=0.5,
-                **{**FAST, "partition_count": 8},  # type: ignore[arg-type]
+                **{**FAST, "partition_count": 8, **settings},
             )
         )
         for node_id, listens in zip(
@@ -1359,3 +1365,67 @@ async def test_a_node_whose_certificate_expires_within_30_days_says_so_at_start(
     assert f"in {days:.1f} days: peers refuse it from then on" in message
     secret = key.read_text().splitlines()[1]
     assert not any(secret in r.getMessage() or "PRIVATE" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_callers_command_offered_to_a_full_partition_waits_for_room_and_then_raises() -> (
+    None
+):
+    # Back-pressure across nodes: the owner's partition has its backlog limit
+    # of commands waiting (MINIMIZE integration commands, one at a time, the
+    # first held). A caller on the other node offering an aggregate command
+    # for that partition must wait for room as a caller on the owner does, and
+    # get Backlogged after its backlog timeout; the owner took offers at once
+    # before, however full. Commands produced by handlers are never refused.
+    from datetime import UTC, datetime
+
+    from runkit.engine.commands.acceptance import Backlogged
+    from runkit.engine.envelope import new_envelope
+    from runkit.engine.partitions import instance_workload
+
+    s = setup()
+    s.serial.release = anyio.Event()
+    full = partition_of(SERIAL_KEY, 8)
+    accounts = [
+        a
+        for a in (f"acc-{i}" for i in range(2000))
+        if partition_of(instance_workload(s.accounts_key, a), 8) == full
+    ]
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo, backlog_limit=3) as engines:
+        runtimes = [await e.runtime(APP_KEY) for e in engines]
+        owner, caller = (0, 1) if full in runtimes[0].partitions else (1, 0)
+        partition = runtimes[owner].partitions[full]
+        executor = engines[caller].executor_for(s.app)
+        runtimes[caller].acceptor._backlog_timeout = 0.5
+        async with anyio.create_task_group() as tg:
+            for n in range(3):
+                tg.start_soon(engines[owner].executor_for(s.app).execute_command, Serial(n))
+            await wait_until(lambda: partition.backlog == 3 and len(s.serial.calls) == 1)
+            with anyio.fail_after(10), pytest.raises(Backlogged, match="backlog limit 3"):
+                await executor.execute_command(Deposit(accounts[0], 1, "refused"))
+            # A command a process produced on the caller's node is taken anyway.
+            router = engines[caller].router
+            assert router is not None
+            produced = new_envelope(
+                Deposit(accounts[1], 1, "produced"),
+                app_key=APP_KEY,
+                site_key=None,
+                created_at=datetime.now(UTC),
+                message_id=str(uuid.uuid4()),
+            )
+            index, entry = runtimes[caller].acceptor.route(produced, keyed=True)
+            assert index == full
+            with anyio.fail_after(10):
+                assert await router.offer(APP_KEY, index, partition_id(APP_KEY, index), [entry])
+            # A caller waiting for room goes ahead once there is some.
+            tg.start_soon(executor.execute_command, Deposit(accounts[2], 1, "waited"))
+            await anyio.sleep(0.2)
+            assert "waited" not in [c[1] for c in s.accounts.calls]
+            s.serial.release.set()
+            await wait_until(lambda: "waited" in [c[1] for c in s.accounts.calls])
+        stores = await settled(MemoryProvider(silo))
+    check_invariants(stores)
+    refs = [c[1] for c in s.accounts.calls]
+    assert "refused" not in refs
+    assert refs.count("produced") == 1
+    assert refs.count("waited") == 1

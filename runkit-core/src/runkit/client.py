@@ -227,8 +227,8 @@ class Client:
         for writer in writers:
             await tg.start(writer.run)
 
-        async def offer(index: int, entries: list[Any]) -> bool:
-            return await router.offer(key, index, partition_id(key, index), entries)
+        async def offer(index: int, entries: list[Any], caller: bool) -> bool:
+            return await router.offer(key, index, partition_id(key, index), entries, caller=caller)
 
         def wake(index: int) -> None:
             router.wake(key, index, partition_id(key, index))

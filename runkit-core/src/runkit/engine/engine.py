@@ -231,12 +231,13 @@ class Engine:
         index: int,
         entries: Sequence[InboxEntry],
         done: Callable[[bool | BaseException], None],
+        caller: bool = False,
     ) -> None:
         runtime = self._runtimes.get(app_key)
         if runtime is None:
             done(False)
         else:
-            runtime.offer_local(index, entries, done)
+            runtime.offer_local(index, entries, done, caller=caller)
 
     def _wake_local(self, app_key: str, index: int, what: str) -> None:
         runtime = self._runtimes.get(app_key)

@@ -26,7 +26,7 @@ from ..config import ApplicationConfig
 from ..persistence import PersistenceError, Provider
 from .cluster.ownership import Ownership
 from .cluster.routing import Router
-from .commands.acceptance import Acceptor, PartitionStopped, prune_idempotency
+from .commands.acceptance import Acceptor, PartitionBusy, PartitionStopped, prune_idempotency
 from .commands.batches import PartitionCommands
 from .commands.inbox import InboxEntry, InboxWriter, inbox_name
 from .envelope import Envelope, RoutedMessages
@@ -189,10 +189,10 @@ class AppRuntime:
                     extra={"app": self.app_key},
                 )
 
-    async def _offer_remote(self, index: int, entries: list[InboxEntry]) -> bool:
+    async def _offer_remote(self, index: int, entries: list[InboxEntry], caller: bool) -> bool:
         assert self.router is not None
         return await self.router.offer(
-            self.app_key, index, partition_id(self.app_key, index), entries
+            self.app_key, index, partition_id(self.app_key, index), entries, caller=caller
         )
 
     def _wake_remote(self, index: int, what: str = "inbox") -> None:
@@ -204,6 +204,8 @@ class AppRuntime:
         index: int,
         entries: Sequence[InboxEntry],
         done: Callable[[bool | BaseException], None],
+        *,
+        caller: bool = False,
     ) -> None:
         """Handle commands a peer offered, if this node runs the partition.
 
@@ -211,11 +213,16 @@ class AppRuntime:
         ``False`` when this node does not run the partition (any more), or the
         error that kept them from being durable (a ``PartitionStopped`` only
         when it names an append that may hold some of them, or when some of
-        them were committed after all).
+        them were committed after all). A *caller*'s commands get a
+        ``PartitionBusy`` while the partition's backlog is at its limit: they
+        wait for room as a caller on this node does.
         """
         commands = self.partitions.get(index)
         if commands is None:
             done(False)
+            return
+        if caller and not commands.has_room():
+            done(PartitionBusy(commands.backlog, commands.backlog_limit))
             return
 
         def settled(error: BaseException | None) -> None:

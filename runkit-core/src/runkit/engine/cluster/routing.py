@@ -47,7 +47,7 @@ from ...transport import (
     TlsIdentity,
     TransportError,
 )
-from ..commands.acceptance import PartitionStopped
+from ..commands.acceptance import PartitionBusy, PartitionStopped
 from ..commands.inbox import InboxEntry
 from ..logs import RateLimitedLog
 from ..partitions import partition_id
@@ -152,13 +152,21 @@ class Router:
         return nodes.get(winner)
 
     async def offer(
-        self, app_key: str, index: int, partition_id: str, entries: Sequence[InboxEntry]
+        self,
+        app_key: str,
+        index: int,
+        partition_id: str,
+        entries: Sequence[InboxEntry],
+        *,
+        caller: bool = False,
     ) -> bool:
         """Offer commands to the partition's owner; whether it took them (durably).
 
         Raises ``PartitionStopped`` naming the appends that may hold some of
         them, if the owner stopped with those unconfirmed, and those it did
-        not commit, if it committed some (the caller spills those).
+        not commit, if it committed some (the caller spills those). Raises
+        ``PartitionBusy`` if they are a *caller*'s and the partition's backlog
+        is at its limit (the caller offers them again later).
         """
         awaiting = [
             (entry, waiting)
@@ -174,6 +182,7 @@ class Router:
                 partition=index,
                 entries=tuple(entries),
                 reply_events=bool(awaiting),
+                caller=caller,
             )
             try:
                 answer = await self._transport.call(
@@ -214,6 +223,8 @@ class Router:
             except msgspec.DecodeError as exc:
                 _log.info("node %s answered an offer with garbage: %s", owner.node_id, exc)
                 return False
+            if decoded.busy is not None:
+                raise PartitionBusy(*decoded.busy)
             if decoded.unconfirmed or decoded.stopped is not None:
                 raise PartitionStopped(decoded.unconfirmed, decoded.stopped)
             if decoded.accepted:

@@ -5,7 +5,8 @@
   answer comes once they are durable (``ok``), else ``not_owner`` (or, if the
   partition stopped with them in a stream append it could not confirm, or
   with some of them committed, an ``OfferAnswer`` naming that append and the
-  commands not committed). With
+  commands not committed; or, for a caller's commands while the partition's
+  backlog is at its limit, an ``OfferAnswer`` saying it is busy). With
   ``reply_events`` the answer is an ``OfferAnswer`` carrying what the
   commands' chains published meanwhile: their events and done notes. Served
   as a deferred transport method: the batch's commit answers it.
@@ -27,7 +28,7 @@ from typing import Any
 import anyio
 
 from ...transport import DeferredHandler, PeerInfo, Reply
-from ..commands.acceptance import PartitionStopped
+from ..commands.acceptance import PartitionBusy, PartitionStopped
 from ..commands.inbox import InboxEntry
 from ..streams import Observed, UniqueEvents
 from .wire import (
@@ -56,7 +57,8 @@ class ClusterServer:
         self,
         *,
         offer_local: Callable[
-            [str, int, Sequence[InboxEntry], Callable[[bool | BaseException], None]], None
+            [str, int, Sequence[InboxEntry], Callable[[bool | BaseException], None], bool],
+            None,
         ],
         wake_local: Callable[[str, int, str], None],
         subscribe_local: Callable[..., AbstractAsyncContextManager[Any]],
@@ -112,7 +114,10 @@ class ClusterServer:
                 wired = tuple(to_wire(e) for e in events)
             finally:
                 attached.close()
-            if isinstance(result, PartitionStopped):
+            if isinstance(result, PartitionBusy):
+                busy = OfferAnswer(accepted=False, busy=(result.backlog, result.limit))
+                reply.ok(encoder.encode(busy))
+            elif isinstance(result, PartitionStopped):
                 # Stopped with the commands in an unconfirmed append, or
                 # with some of them committed: the gateway spills the others,
                 # saying where they may be committed.
@@ -131,7 +136,7 @@ class ClusterServer:
                 reply.ok(_answer_with(wired))
 
         try:
-            self._offer_local(offer.app_key, offer.partition, offer.entries, answer)
+            self._offer_local(offer.app_key, offer.partition, offer.entries, answer, offer.caller)
         except BaseException:
             attached.close()
             raise

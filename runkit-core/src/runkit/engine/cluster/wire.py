@@ -55,6 +55,10 @@ class Offer(msgspec.Struct, frozen=True, kw_only=True):
     entries: tuple[InboxEntry, ...]
     #: Answer with an ``OfferAnswer`` holding the chains' events (see ``Router.observe``).
     reply_events: bool = False
+    #: Commands a caller executes: refused (``OfferAnswer.busy``) while the
+    #: partition's backlog is at its limit. Commands produced by handlers never
+    #: wait (they drain the backlog), nor do those of gateways that predate it.
+    caller: bool = False
 
 
 class Wake(msgspec.Struct, frozen=True, kw_only=True):
@@ -106,12 +110,15 @@ class OfferAnswer(msgspec.Struct, frozen=True, kw_only=True):
     fallback must carry them (``PartitionStopped``, ADR 0002).
     ``stopped``: not accepted, and only these of the offered commands (by ID)
     were not committed: the gateway spills only them (``None``: all).
+    ``busy``: not accepted, a caller's commands and the partition's backlog at
+    its limit: (commands waiting, limit). The gateway offers them again later.
     """
 
     accepted: bool
     events: tuple[WireEvent | WireDone, ...] = ()
     unconfirmed: dict[str, UnconfirmedAppend] = msgspec.field(default_factory=dict)
     stopped: tuple[str, ...] | None = None
+    busy: tuple[int, int] | None = None
 
 
 offer_decoder = msgspec.msgpack.Decoder(Offer)

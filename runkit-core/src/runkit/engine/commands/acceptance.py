@@ -10,8 +10,9 @@ otherwise it is offered to the partition's owner, or appended to the
 partition's inbox (group commit). An integration command always goes to the
 inbox (ADR 0011): in a batch it would be durable only once its handler had
 returned, so whoever executed it would wait for an external call. Commands from
-callers wait while the partition's backlog is over the limit; commands produced
-by handlers never wait (they drain the backlog).
+callers wait while the partition's backlog is over the limit, whichever node
+owns it (an owner refuses a caller's offer while full: ``PartitionBusy``);
+commands produced by handlers never wait (they drain the backlog).
 
 Idempotency markers (``<app>/idempotency``) are written only for keyed
 integration commands: an aggregate instance's recent command IDs prove that an
@@ -32,6 +33,7 @@ import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
 from ...persistence import Conflict, Limits, PersistenceError, Provider
+from ..backoff import backoff
 from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
 from ..ids import derived_id
 from ..partitions import instance_workload, partition_of
@@ -44,6 +46,7 @@ __all__ = [
     "Backlogged",
     "IdempotencyMarker",
     "LocalPartition",
+    "PartitionBusy",
     "PartitionStopped",
     "command_id_for",
     "idempotency_name",
@@ -57,6 +60,20 @@ _log = logging.getLogger("runkit.engine.commands.acceptance")
 
 class Backlogged(RuntimeError):
     """A partition's backlog stayed over the limit for longer than the caller may wait."""
+
+
+class PartitionBusy(Exception):
+    """The partition's owner refused a caller's command: its backlog is at the limit.
+
+    Raised by an offer to another node (``Acceptor``'s *remote*); acceptance
+    offers again until the caller's backlog timeout, then raises ``Backlogged``.
+    It never falls back to the inbox, which would bypass the limit.
+    """
+
+    def __init__(self, backlog: int, limit: int) -> None:
+        super().__init__(f"the partition has {backlog} commands waiting (limit {limit})")
+        self.backlog = backlog
+        self.limit = limit
 
 
 class PartitionStopped(Exception):
@@ -199,7 +216,7 @@ class Acceptor:
         writers: Sequence[InboxWriter],
         *,
         local: Callable[[int], LocalPartition | None] = lambda _: None,
-        remote: Callable[[int, list[InboxEntry]], Awaitable[bool]] | None = None,
+        remote: Callable[[int, list[InboxEntry], bool], Awaitable[bool]] | None = None,
         wake: Callable[[int], None] | None = None,
         backlog_timeout: float = 30.0,
         routed: RoutedMessages | None = None,
@@ -365,7 +382,7 @@ class Acceptor:
                 entries = stopped.spilled(entries)
         elif self._remote is not None:
             try:
-                accepted = await self._remote(index, entries)
+                accepted = await self._offer(index, entries, produced)
             except PartitionStopped as stopped:  # the owner stopped: as above
                 accepted, entries = False, stopped.spilled(entries)
             if accepted:
@@ -380,6 +397,35 @@ class Acceptor:
         await self._to_inbox(index, entries)
         return True
 
+    async def _offer(self, index: int, entries: list[InboxEntry], produced: bool) -> bool:
+        """Offer *entries* to the partition's owner; whether it took them.
+
+        A caller's commands wait for room there as they would here: the owner
+        refuses them while its backlog is at the limit (``PartitionBusy``), and
+        they are offered again, with backoff, until ``backlog_timeout``.
+        """
+        assert self._remote is not None
+        if produced:
+            return await self._remote(index, entries, False)
+        failures = 0
+        deadline = anyio.current_time() + self._backlog_timeout
+        while True:
+            try:
+                return await self._remote(index, entries, True)
+            except PartitionBusy as busy:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    raise self._backlogged(index, busy.backlog, busy.limit) from None
+                failures += 1
+                await anyio.sleep(min(left, backoff(failures, 0.005, 0.25)))
+
+    def _backlogged(self, index: int, backlog: int, limit: int) -> Backlogged:
+        return Backlogged(
+            f"partition {index} of application {self.app.identity} has {backlog} "
+            f"commands waiting (backlog limit {limit}, set by with_backlog_limit() or "
+            f"DOGMA_BACKLOG_LIMIT); waited {self._backlog_timeout:g} s for room"
+        )
+
     async def _to_inbox(self, index: int, entries: list[InboxEntry]) -> None:
         await self.writers[index].submit(entries)
         if self._wake is not None:
@@ -391,12 +437,7 @@ class Acceptor:
         with anyio.move_on_after(self._backlog_timeout) as waited:
             await local.wait_for_room()
         if waited.cancelled_caught:
-            raise Backlogged(
-                f"partition {index} of application {self.app.identity} has {local.backlog} "
-                f"commands waiting (backlog limit {local.backlog_limit}, set by "
-                "with_backlog_limit() or "
-                f"DOGMA_BACKLOG_LIMIT); waited {self._backlog_timeout:g} s for room"
-            )
+            raise self._backlogged(index, local.backlog, local.backlog_limit)
 
     async def accept_envelopes(self, envelopes: Sequence[Envelope]) -> None:
         """Accept commands produced by handlers (``PartitionContext.accept``).
