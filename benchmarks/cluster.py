@@ -4,7 +4,8 @@ Usage::
 
     uv run python benchmarks/cluster.py [--commands 400] [--callers 4]
         [--reminders 60] [--heartbeat-interval 0.25] [--throughput-seconds 10]
-        [--throughput-callers 64] [--backend asyncio|uvloop|trio] [--node-gc]
+        [--throughput-callers 64] [--overload-seconds 10] [--overload-callers 4096]
+        [--backlog-limit 100] [--backend asyncio|uvloop|trio] [--node-gc]
 
 Starts a throwaway PostgreSQL server with durable settings and three ``runkit``
 node processes on it (membership, the node transport with mutual TLS,
@@ -40,6 +41,17 @@ also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
    ``--throughput-seconds`` (each call returns once the owner has committed the
    command); after the failover phase, with one node left on the same store,
    the same again. Reported: commands/s and p50/p99 of the call.
+5. **Overload through the client.** After the first throughput run, the client
+   executes deposits from ``--overload-callers`` callers (far above what the
+   nodes handle) for ``--overload-seconds``, each with an idempotency key, the
+   nodes' backlog limit at ``--backlog-limit``. Every command the client
+   executes is offered to its partition's owner, which refuses a caller's
+   command while the partition is full; the client offers it again until there
+   is room or its backlog timeout passes (``runkit.Backlogged``). Reported:
+   accepted and refused calls, the accepted calls' p50/p99, the largest backlog
+   each node's partitions reached (sampled every 5 ms in the nodes), and a check
+   of the streams afterwards: every accepted deposit handled once, no refused
+   one handled.
 
 ``--node-gc`` runs the node processes with the collector tuned as ``runkit run``
 tunes it (the start-up heap frozen, a higher first threshold); without it they
@@ -79,7 +91,9 @@ from runkit._collector import tuned_collector
 from runkit.config import ApplicationConfig, build
 from runkit.engine.cluster.nodes import list_nodes
 from runkit.engine.cluster.status import read_status
+from runkit.engine.commands.acceptance import command_id_for
 from runkit.engine.partitions import instance_workload, partition_id, partition_of
+from runkit.engine.streams import decode_stream_record, stream_name
 from runkit_postgres import PostgresProvider
 from runkit_postgres.testing import PostgresServer
 
@@ -351,6 +365,56 @@ async def throughput(executor: Any, seconds: float, callers: int) -> tuple[float
     return len(done) / (time.perf_counter() - started), _pct(done, 0.5), _pct(done, 0.99)
 
 
+@attrs.define
+class Overload:
+    """What an overload run saw: idempotency keys accepted and refused, call seconds."""
+
+    accepted: list[str] = attrs.Factory(list)
+    refused: list[str] = attrs.Factory(list)
+    seconds: list[float] = attrs.Factory(list)
+
+
+async def overloaded(executor: Any, seconds: float, callers: int) -> Overload:
+    """Deposits from *callers* callers for *seconds*, each with an idempotency key;
+    a call the owner's full backlog refused for its whole backlog timeout raises
+    ``runkit.Backlogged`` and counts as refused."""
+    seen = Overload()
+    deadline = time.perf_counter() + seconds
+
+    async def caller(seed: int) -> None:
+        rng = random.Random(seed)
+        while time.perf_counter() < deadline:
+            key = uuid.uuid4().hex
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(120):
+                    await executor.execute_command(
+                        Deposit(f"acc-{rng.randrange(1000)}", 1, key), idempotency_key=key
+                    )
+            except runkit.Backlogged:
+                seen.refused.append(key)
+                continue
+            seen.seconds.append(time.perf_counter() - started)
+            seen.accepted.append(key)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(callers):
+            tg.start_soon(caller, n)
+    return seen
+
+
+async def _handled_commands(pg: PostgresProvider) -> dict[str, int]:
+    """How many stream records of the application commit each command (by ID)."""
+    counts: dict[str, int] = {}
+    for index in range(PARTITIONS):
+        async with await pg.journals.open(stream_name(APP_KEY, index)) as journal:
+            bounds = await journal.bounds()
+            async for _, data in journal.range(bounds.begin):
+                for command_id in decode_stream_record(data).command_ids:
+                    counts[command_id] = counts.get(command_id, 0) + 1
+    return counts
+
+
 async def reminders(
     executor: Any, count: int, owned: Callable[[str], bool]
 ) -> list[tuple[float, bool]]:
@@ -405,11 +469,25 @@ async def node(settings: dict[str, Any]) -> None:
             runkit.with_listen_address(settings["listen"]),
             runkit.with_heartbeat_interval(settings["heartbeat"]),
             runkit.with_partition_count(PARTITIONS),
+            runkit.with_backlog_limit(settings["backlog_limit"]),
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
             runtime = await engine.runtime(APP_KEY)
             publish(work / f"ready-{index}", {})
+
+            async def sample_backlog() -> None:
+                await wait_for(work / "go-overload")
+                largest = 0
+                end = anyio.Path(work / "end-overload")
+                while not await end.exists():
+                    for _ in range(20):
+                        backlogs = [p.backlog for p in list(runtime.partitions.values())]
+                        largest = max(largest, *backlogs, 0)
+                        await anyio.sleep(0.005)
+                publish(work / f"overload-{index}", {"largest_backlog": largest})
+
+            tg.start_soon(sample_backlog)
             executor = engine.executor_for(app)
 
             def owns(handler_key: str) -> Callable[[str], bool]:
@@ -543,6 +621,7 @@ async def main(args: argparse.Namespace) -> None:
                     "work": str(work),
                     "index": index,
                     "node_gc": args.node_gc,
+                    "backlog_limit": args.backlog_limit,
                 }
                 with (work / f"node-{index}.log").open("wb") as log:
                     processes.append(
@@ -612,6 +691,21 @@ async def _measure(
     # 0. Throughput through the client, three nodes (again with one, below).
     three = await throughput(executor, args.throughput_seconds, args.throughput_callers)
 
+    # 0b. Overload through the client: back-pressure across nodes.
+    publish(work / "go-overload", {})
+    overload = await overloaded(executor, args.overload_seconds, args.overload_callers)
+    publish(work / "end-overload", {})
+    largest = [int((await wait_for(work / f"overload-{i}"))["largest_backlog"]) for i in range(3)]
+    accepted_ids = [command_id_for(APP_KEY, key) for key in overload.accepted]
+    for _ in range(60):  # those that went to an inbox may still be on their way
+        handled = await _handled_commands(pg)
+        lost = sum(1 for c in accepted_ids if handled.get(c, 0) == 0)
+        if not lost:
+            break
+        await anyio.sleep(0.5)
+    twice = sum(1 for c in accepted_ids if handled.get(c, 0) > 1)
+    refused_handled = sum(1 for k in overload.refused if command_id_for(APP_KEY, k) in handled)
+
     # 1. Routing latency: the nodes and the client at once.
     cpu_before = _cpu_seconds(pids), time.process_time()
     publish(work / "go-latency", {"commands": args.commands, "callers": args.callers})
@@ -663,6 +757,18 @@ async def _measure(
         f"| one node (same store, after the others stopped) | {one[0]:,.0f} | {_ms(one[1])} | "
         f"{_ms(one[2])} |",
         "",
+        f"| overload through the client: {args.overload_callers} callers, "
+        f"{args.overload_seconds:g} s, backlog limit {args.backlog_limit} | value |",
+        "|---|---:|",
+        f"| accepted calls (per second) | {len(overload.accepted):,} "
+        f"({len(overload.accepted) / args.overload_seconds:,.0f}/s) |",
+        f"| refused calls (`Backlogged`) | {len(overload.refused):,} |",
+        f"| accepted call p50 / p99 ms | {_ms(_pct(overload.seconds, 0.5))} / "
+        f"{_ms(_pct(overload.seconds, 0.99))} |",
+        f"| largest partition backlog per node | {', '.join(map(str, largest))} |",
+        f"| accepted and never handled / handled twice / refused and handled | "
+        f"{lost} / {twice} / {refused_handled} |",
+        "",
         "| deposit, call to event observed | calls | p50 ms | p99 ms |",
         "|---|---:|---:|---:|",
         f"| node, owner of the partition | {len(owner)} | {_ms(_pct(owner, 0.5))} | "
@@ -707,6 +813,11 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heartbeat-interval", type=float, default=0.25)
     parser.add_argument("--throughput-seconds", type=float, default=10.0)
     parser.add_argument("--throughput-callers", type=int, default=64)
+    parser.add_argument("--overload-seconds", type=float, default=10.0)
+    parser.add_argument("--overload-callers", type=int, default=4096)
+    parser.add_argument(
+        "--backlog-limit", type=int, default=100, help="the nodes' with_backlog_limit()"
+    )
     parser.add_argument("--backend", choices=BACKENDS, default="asyncio")
     parser.add_argument(
         "--node-gc",
