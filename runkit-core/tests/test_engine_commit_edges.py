@@ -351,6 +351,9 @@ class Ping(dogma.Command):
     n: int
 
 
+PINGER_KEY = "c0000000-0000-4000-8000-0000000000e1"
+
+
 class Pinger:
     """An integration that records no event: only the inbox progress says it ran."""
 
@@ -358,7 +361,7 @@ class Pinger:
         self.calls: list[int] = []
 
     def configure(self, c: Any) -> None:
-        c.identity("pinger", "c0000000-0000-4000-8000-0000000000e1")
+        c.identity("pinger", PINGER_KEY)
         c.routes(dogma.handles_command(Ping, registry=REGISTRY))
 
     async def handle_command(self, scope: Any, command: dogma.Command) -> None:
@@ -442,55 +445,18 @@ async def test_commands_of_one_call_committed_at_the_stop_are_not_spilled_with_t
     assert pinger.calls == [1], "a command committed at the stop was spilled and handled again"
 
 
-async def test_a_keyed_command_that_recorded_nothing_is_not_handled_again_before_its_marker() -> (
-    None
-):
-    # A keyed integration command read from the inbox records no event; its
-    # stream record lands, and the owner dies before the command's idempotency
-    # marker is written (so the inbox progress is still before it). No record
-    # listed a command that published nothing, so the next owner read it from
-    # the inbox again and handled it a second time. Committed records now list
-    # it as unmarked until its marker is written.
-    notifier, pinger = Notifier(), Pinger()
-    config = build(App(notifier, pinger), registry=REGISTRY)
-    register_types(config.message_types())
-    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
-    provider = FaultyProvider(inner)
-    engine, ownership = _one_partition_engine(
-        config, provider, retry_max_delay=0.01, progress_interval=30.0, shutdown_timeout=0.2
-    )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(engine.run)
-        runtime = await engine.runtime(APP_KEY)
-        ping = new_envelope(
-            Ping(1), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC), message_id="p-1"
-        )
-        await runtime.accept([ping])  # keyed, as a process's outbox sends it; nobody owns it yet
-        provider.plan.fail(BEFORE, ops={"set_unconditional"}, names=lambda n: "idempotency" in n)
-        ownership.assign({partition_id(APP_KEY, 0)})
-
-        async def recorded() -> bool:
-            return len((await read_stores(inner)).stream[0]) > 0
-
-        await wait_until(lambda: pinger.calls == [1])
-        await wait_until(recorded)
-        # The owner "dies": no stream record lands from now on, no marker either.
-        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
-        tg.cancel_scope.cancel()
-    async with running(MemoryProvider(inner.silo), config, partition_count=1):
-        await anyio.sleep(0.5)
-    assert pinger.calls == [1], "a committed command was read from the inbox and handled again"
-
-
-async def test_an_unkeyed_command_that_recorded_nothing_is_not_handled_again_after_a_crash() -> (
-    None
-):
-    # An integration command without an idempotency key is read from the inbox
-    # and records no event; its stream record lands, and the owner dies before
-    # a later record carries the inbox progress past it. No record listed a
-    # command that published nothing (only keyed ones, as unmarked), so the
-    # next owner read it from the inbox again and made its call a second time.
-    # Stream records now list every command they commit.
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "unkeyed"])
+async def test_a_command_that_recorded_nothing_is_not_handled_again_after_a_crash(
+    keyed: bool,
+) -> None:
+    # An integration command read from the inbox records no event; its stream
+    # record lands, and the owner dies before anything else is written: the
+    # command's idempotency marker (keyed: as a process's outbox sends it) or
+    # a later record carrying the inbox progress past it. No record listed a
+    # command that published nothing, so the next owner read it from the inbox
+    # again and made its call a second time. Committed records now list every
+    # command they commit, and keyed ones as unmarked until their markers are
+    # written.
     notifier, pinger = Notifier(), Pinger()
     config = build(App(notifier, pinger), registry=REGISTRY)
     register_types(config.message_types())
@@ -502,10 +468,10 @@ async def test_an_unkeyed_command_that_recorded_nothing_is_not_handled_again_aft
     ping = new_envelope(
         Ping(1), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC), message_id="p-1"
     )
+    entry = InboxEntry(envelope=ping, handler_key=PINGER_KEY, keyed=keyed)
     async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
-        await append_to_inbox(
-            inbox, [InboxEntry(envelope=ping, handler_key="c0000000-0000-4000-8000-0000000000e1")]
-        )
+        await append_to_inbox(inbox, [entry])
+    provider.plan.fail(BEFORE, ops={"set_unconditional"}, names=lambda n: "idempotency" in n)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign({partition_id(APP_KEY, 0)})
@@ -515,7 +481,7 @@ async def test_an_unkeyed_command_that_recorded_nothing_is_not_handled_again_aft
 
         await wait_until(lambda: pinger.calls == [1])
         await wait_until(recorded)
-        # The owner "dies": no stream record lands from now on.
+        # The owner "dies": no stream record lands from now on, no marker either.
         provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
         tg.cancel_scope.cancel()
     async with running(MemoryProvider(inner.silo), config, partition_count=1):
