@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import attrs
 import pytest
 
 import dogma
@@ -46,6 +47,7 @@ from engine_commands_harness import (
     Notified,
     Notify,
     Serial,
+    Setup,
     check_invariants,
     read_stores,
     settled,
@@ -1367,65 +1369,190 @@ async def test_a_node_whose_certificate_expires_within_30_days_says_so_at_start(
     assert not any(secret in r.getMessage() or "PRIVATE" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_callers_command_offered_to_a_full_partition_waits_for_room_and_then_raises() -> (
-    None
-):
-    # Back-pressure across nodes: the owner's partition has its backlog limit
-    # of commands waiting (MINIMIZE integration commands, one at a time, the
-    # first held). A caller on the other node offering an aggregate command
-    # for that partition must wait for room as a caller on the owner does, and
-    # get Backlogged after its backlog timeout; the owner took offers at once
-    # before, however full. Commands produced by handlers are never refused.
-    from datetime import UTC, datetime
+@attrs.define
+class _Full:
+    """Two nodes, one partition's backlog at its limit of 3 (see ``full_partition``)."""
 
-    from runkit.engine.commands.acceptance import Backlogged
-    from runkit.engine.envelope import new_envelope
+    s: Setup
+    engines: tuple[Engine, Engine]
+    owner: int
+    caller: int
+    index: int
+    release: anyio.Event  # lets the held integration command finish
+    accounts: list[str]  # accounts of the full partition
+    others: list[str]  # accounts of the owner's other partitions
+
+    @property
+    def executor(self) -> Any:
+        return self.engines[self.caller].executor_for(self.s.app)
+
+    def handled(self, ref: str) -> int:
+        return [c[1] for c in self.s.accounts.calls].count(ref)
+
+
+@asynccontextmanager
+async def full_partition(silo: str) -> AsyncIterator[_Full]:
+    """Two nodes; the partition of the MINIMIZE integration has its backlog limit (3)
+    of commands waiting on its owner (one at a time, the first held until
+    ``s.serial.release`` is set)."""
     from runkit.engine.partitions import instance_workload
 
     s = setup()
-    s.serial.release = anyio.Event()
+    release = s.serial.release = anyio.Event()
     full = partition_of(SERIAL_KEY, 8)
-    accounts = [
-        a
-        for a in (f"acc-{i}" for i in range(2000))
-        if partition_of(instance_workload(s.accounts_key, a), 8) == full
-    ]
-    silo = f"cluster-{uuid.uuid4()}"
+
+    def of(account: str) -> int:
+        return partition_of(instance_workload(s.accounts_key, account), 8)
+
     async with two_nodes(s.config, silo, backlog_limit=3) as engines:
         runtimes = [await e.runtime(APP_KEY) for e in engines]
         owner, caller = (0, 1) if full in runtimes[0].partitions else (1, 0)
+        owned = set(runtimes[owner].partitions)
+        names = [f"acc-{i}" for i in range(2000)]
+        accounts = [a for a in names if of(a) == full]
+        others = [a for a in names if of(a) in owned and of(a) != full]
         partition = runtimes[owner].partitions[full]
-        executor = engines[caller].executor_for(s.app)
-        runtimes[caller].acceptor._backlog_timeout = 0.5
         async with anyio.create_task_group() as tg:
             for n in range(3):
                 tg.start_soon(engines[owner].executor_for(s.app).execute_command, Serial(n))
             await wait_until(lambda: partition.backlog == 3 and len(s.serial.calls) == 1)
-            with anyio.fail_after(10), pytest.raises(Backlogged, match="backlog limit 3"):
-                await executor.execute_command(Deposit(accounts[0], 1, "refused"))
-            # A command a process produced on the caller's node is taken anyway.
-            router = engines[caller].router
-            assert router is not None
-            produced = new_envelope(
-                Deposit(accounts[1], 1, "produced"),
-                app_key=APP_KEY,
-                site_key=None,
-                created_at=datetime.now(UTC),
-                message_id=str(uuid.uuid4()),
-            )
-            index, entry = runtimes[caller].acceptor.route(produced, keyed=True)
-            assert index == full
-            with anyio.fail_after(10):
-                assert await router.offer(APP_KEY, index, partition_id(APP_KEY, index), [entry])
-            # A caller waiting for room goes ahead once there is some.
-            tg.start_soon(executor.execute_command, Deposit(accounts[2], 1, "waited"))
-            await anyio.sleep(0.2)
-            assert "waited" not in [c[1] for c in s.accounts.calls]
-            s.serial.release.set()
-            await wait_until(lambda: "waited" in [c[1] for c in s.accounts.calls])
-        stores = await settled(MemoryProvider(silo))
+            yield _Full(s, engines, owner, caller, full, release, accounts, others)
+            release.set()
+
+
+async def _deposits_in_inboxes(silo: str) -> int:
+    stores = await read_stores(MemoryProvider(silo))
+    return sum(
+        1
+        for records in stores.inbox.values()
+        for _, record in records
+        for entry in record.entries
+        if entry.instance_id is not None
+    )
+
+
+async def test_a_callers_command_offered_to_a_full_partition_waits_for_room_and_then_raises() -> (
+    None
+):
+    # Back-pressure across nodes: the owner's partition has its backlog limit
+    # of commands waiting. A caller on the other node offering an aggregate
+    # command for that partition must wait for room as a caller on the owner
+    # does, and get Backlogged after its backlog timeout; the owner took offers
+    # at once before, however full. Commands produced by handlers are never
+    # refused.
+    from datetime import UTC, datetime
+
+    from runkit.engine.commands.acceptance import Backlogged
+    from runkit.engine.envelope import new_envelope
+
+    silo = f"cluster-{uuid.uuid4()}"
+    async with full_partition(silo) as f:
+        runtime = await f.engines[f.caller].runtime(APP_KEY)
+        runtime.acceptor._backlog_timeout = 0.5
+        with anyio.fail_after(10), pytest.raises(Backlogged, match="backlog limit 3"):
+            await f.executor.execute_command(Deposit(f.accounts[0], 1, "refused"))
+        # A command a process produced on the caller's node is taken anyway.
+        router = f.engines[f.caller].router
+        assert router is not None
+        produced = new_envelope(
+            Deposit(f.accounts[1], 1, "produced"),
+            app_key=APP_KEY,
+            site_key=None,
+            created_at=datetime.now(UTC),
+            message_id=str(uuid.uuid4()),
+        )
+        index, entry = runtime.acceptor.route(produced, keyed=True)
+        assert index == f.index
+        with anyio.fail_after(10):
+            assert await router.offer(APP_KEY, index, partition_id(APP_KEY, index), [entry])
+        # A caller waiting for room goes ahead once there is some; its offer
+        # waits at the owner meanwhile, rather than being made over and over.
+        offers = 0
+        original = router._transport.call
+
+        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+            nonlocal offers
+            offers += method == "offer"
+            return await original(address, method, *args, **kwargs)
+
+        router._transport.call = call  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(f.executor.execute_command, Deposit(f.accounts[2], 1, "waited"))
+            await anyio.sleep(0.3)
+            assert not f.handled("waited")
+            f.release.set()
+        assert f.handled("waited") == 1
+        assert offers == 1
+    stores = await settled(MemoryProvider(silo))
     check_invariants(stores)
-    refs = [c[1] for c in s.accounts.calls]
-    assert "refused" not in refs
-    assert refs.count("produced") == 1
-    assert refs.count("waited") == 1
+    assert not f.handled("refused")
+    assert f.handled("produced") == 1
+
+
+async def test_callers_offers_in_flight_to_a_peer_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Offers waiting at a full partition's owner each take one of its requests
+    # on the connection; past the transport's limit per connection the owner
+    # answered "overloaded" and the command went to the inbox, past the
+    # backlog limit. A gateway keeps at most OFFERS_PER_PEER callers' offers in
+    # flight to a peer (the others wait here), and counts an "overloaded"
+    # answer as no room, not as a reason to use the inbox.
+    from runkit.engine.cluster import routing
+
+    monkeypatch.setattr(routing, "OFFERS_PER_PEER", 1)
+    silo = f"cluster-{uuid.uuid4()}"
+    async with full_partition(silo) as f:
+        router = f.engines[f.caller].router
+        assert router is not None
+        in_flight = most = 0
+        original = router._transport.call
+
+        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+            nonlocal in_flight, most
+            in_flight += method == "offer"
+            most = max(most, in_flight)
+            try:
+                return await original(address, method, *args, **kwargs)
+            finally:
+                in_flight -= method == "offer"
+
+        router._transport.call = call  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(f.executor.execute_command, Deposit(f.accounts[0], 1, "parked"))
+            await wait_until(lambda: in_flight == 1)
+            # Not for the full partition, but for the same owner: it waits for
+            # the slot, here.
+            tg.start_soon(f.executor.execute_command, Deposit(f.others[0], 1, "queued"))
+            await anyio.sleep(0.3)
+            assert not f.handled("queued")
+            f.release.set()
+        assert most == 1
+        assert f.handled("parked") == f.handled("queued") == 1
+        assert await _deposits_in_inboxes(silo) == 0
+
+
+async def test_an_overloaded_owner_counts_as_no_room_for_a_callers_offer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # More offers than the owner serves at once on the connection: the extra
+    # ones are answered "overloaded", and a caller's command is offered again
+    # (it waits for room), not appended to the inbox past the backlog limit.
+    import functools
+
+    from runkit.engine.cluster import routing
+    from runkit.transport import NodeTransport
+
+    monkeypatch.setattr(
+        routing, "NodeTransport", functools.partial(NodeTransport, max_concurrent_requests=2)
+    )
+    silo = f"cluster-{uuid.uuid4()}"
+    async with full_partition(silo) as f:
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(f.executor.execute_command, Deposit(f.accounts[n], 1, f"r{n}"))
+            await anyio.sleep(0.5)
+            assert not any(f.handled(f"r{n}") for n in range(4))
+            f.release.set()
+        assert [f.handled(f"r{n}") for n in range(4)] == [1, 1, 1, 1]
+        assert await _deposits_in_inboxes(silo) == 0

@@ -227,8 +227,10 @@ class Client:
         for writer in writers:
             await tg.start(writer.run)
 
-        async def offer(index: int, entries: list[Any], caller: bool) -> bool:
-            return await router.offer(key, index, partition_id(key, index), entries, caller=caller)
+        async def offer(index: int, entries: list[Any], room_wait: float | None) -> bool:
+            return await router.offer(
+                key, index, partition_id(key, index), entries, room_wait=room_wait
+            )
 
         def wake(index: int) -> None:
             router.wake(key, index, partition_id(key, index))

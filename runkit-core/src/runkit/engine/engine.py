@@ -231,13 +231,13 @@ class Engine:
         index: int,
         entries: Sequence[InboxEntry],
         done: Callable[[bool | BaseException], None],
-        caller: bool = False,
+        room_wait: float | None = None,
     ) -> None:
         runtime = self._runtimes.get(app_key)
         if runtime is None:
             done(False)
         else:
-            runtime.offer_local(index, entries, done, caller=caller)
+            runtime.offer_local(index, entries, done, room_wait=room_wait)
 
     def _wake_local(self, app_key: str, index: int, what: str) -> None:
         runtime = self._runtimes.get(app_key)

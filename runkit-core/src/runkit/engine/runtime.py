@@ -189,10 +189,12 @@ class AppRuntime:
                     extra={"app": self.app_key},
                 )
 
-    async def _offer_remote(self, index: int, entries: list[InboxEntry], caller: bool) -> bool:
+    async def _offer_remote(
+        self, index: int, entries: list[InboxEntry], room_wait: float | None
+    ) -> bool:
         assert self.router is not None
         return await self.router.offer(
-            self.app_key, index, partition_id(self.app_key, index), entries, caller=caller
+            self.app_key, index, partition_id(self.app_key, index), entries, room_wait=room_wait
         )
 
     def _wake_remote(self, index: int, what: str = "inbox") -> None:
@@ -205,7 +207,7 @@ class AppRuntime:
         entries: Sequence[InboxEntry],
         done: Callable[[bool | BaseException], None],
         *,
-        caller: bool = False,
+        room_wait: float | None = None,
     ) -> None:
         """Handle commands a peer offered, if this node runs the partition.
 
@@ -213,16 +215,14 @@ class AppRuntime:
         ``False`` when this node does not run the partition (any more), or the
         error that kept them from being durable (a ``PartitionStopped`` only
         when it names an append that may hold some of them, or when some of
-        them were committed after all). A *caller*'s commands get a
-        ``PartitionBusy`` while the partition's backlog is at its limit: they
-        wait for room as a caller on this node does.
+        them were committed after all). With *room_wait* (a caller's
+        commands) they wait for room in the partition's backlog, in line with
+        callers on this node, for up to that many seconds, then get a
+        ``PartitionBusy``; without, they are taken at once (produced commands).
         """
         commands = self.partitions.get(index)
         if commands is None:
             done(False)
-            return
-        if caller and not commands.has_room():
-            done(PartitionBusy(commands.backlog, commands.backlog_limit))
             return
 
         def settled(error: BaseException | None) -> None:
@@ -237,8 +237,14 @@ class AppRuntime:
             else:
                 done(error)
 
+        def busy() -> None:
+            done(PartitionBusy(commands.backlog, commands.backlog_limit))
+
         try:
-            commands.execute_nowait(entries, settled)
+            if room_wait is None:
+                commands.execute_nowait(entries, settled)
+            else:
+                commands.execute_when_room(entries, settled, hold=room_wait, busy=busy)
         except PartitionStopped:
             done(False)
 

@@ -44,6 +44,7 @@ from ...persistence import PersistenceError, Provider
 from ...transport import (
     NodeTransport,
     PeerUnavailable,
+    RemoteError,
     TlsIdentity,
     TransportError,
 )
@@ -85,6 +86,12 @@ _fallback_log = RateLimitedLog(_log, 10.0)
 #: How long a gateway waits for the owner to take a command before using the inbox.
 OFFER_TIMEOUT = 2.0
 
+#: Callers' offers in flight to one peer at once; more wait here for a slot.
+#: Below the transport's requests per connection (256 by default), which leaves
+#: room for wake-ups and observation streams: past it the peer answers
+#: "overloaded" and the command would go to the inbox, bypassing back-pressure.
+OFFERS_PER_PEER = 192
+
 #: How often open observations subscribe to peers that joined or whose stream
 #: broke, and open the streams of those whose offer was never answered.
 RESUBSCRIBE_INTERVAL = 0.5
@@ -120,6 +127,8 @@ class Router:
         # Observations that may wait for an offer's answer, by correlation ID.
         self._awaiting: dict[str, list[_Observation]] = {}
         self._observations: set[_Observation] = set()
+        # Slots for callers' offers in flight, per peer address (OFFERS_PER_PEER).
+        self._offer_slots: dict[str, anyio.Semaphore] = {}
 
     def start(self, tg: TaskGroup) -> None:
         """Give the router a task group for wake-ups and observations' streams."""
@@ -158,15 +167,17 @@ class Router:
         partition_id: str,
         entries: Sequence[InboxEntry],
         *,
-        caller: bool = False,
+        room_wait: float | None = None,
     ) -> bool:
         """Offer commands to the partition's owner; whether it took them (durably).
 
         Raises ``PartitionStopped`` naming the appends that may hold some of
         them, if the owner stopped with those unconfirmed, and those it did
-        not commit, if it committed some (the caller spills those). Raises
-        ``PartitionBusy`` if they are a *caller*'s and the partition's backlog
-        is at its limit (the caller offers them again later).
+        not commit, if it committed some (the caller spills those). With
+        *room_wait* (a caller's commands) the owner waits for room in the
+        partition's backlog for up to that long, at most the offer timeout
+        (which the call's timeout then adds), and raises ``PartitionBusy`` if
+        none came (the caller offers them again).
         """
         awaiting = [
             (entry, waiting)
@@ -177,45 +188,37 @@ class Router:
             owner = self.owner(partition_id)
             if owner is None or owner.advertise_address is None:
                 return False
-            offer = Offer(
-                app_key=app_key,
-                partition=index,
-                entries=tuple(entries),
-                reply_events=bool(awaiting),
-                caller=caller,
-            )
-            try:
-                answer = await self._transport.call(
-                    owner.advertise_address,
-                    "offer",
-                    encoder.encode(offer),
-                    timeout=self._offer_timeout,
-                    expect_fingerprint=owner.tls_fingerprint,
+            address = owner.advertise_address
+            async with self._offer_slot(address, room_wait) as left:
+                # The owner may hold a caller's commands for room (at most one
+                # offer timeout): the call's timeout adds that wait, so that
+                # the commit still gets a whole offer timeout once they are taken.
+                hold = None if left is None else min(left, self._offer_timeout)
+                offer = Offer(
+                    app_key=app_key,
+                    partition=index,
+                    entries=tuple(entries),
+                    reply_events=bool(awaiting),
+                    room_wait=hold,
                 )
-            except TransportError as exc:
-                # A certificate one side does not trust is a configuration
-                # fault that no retry cures: say so (once per interval), as
-                # the inbox keeps commands flowing, only slower, and hides it.
-                failed = "offering %d command(s) for partition %d to node %s failed (%s); "
-                if isinstance(exc, PeerUnavailable) and exc.untrusted:
-                    _untrusted_log.warning(
-                        owner.node_id,
-                        failed + "using the inbox, which is slower",
-                        len(entries),
-                        index,
-                        owner.node_id,
-                        exc,
+                try:
+                    answer = await self._transport.call(
+                        address,
+                        "offer",
+                        encoder.encode(offer),
+                        timeout=self._offer_timeout + (hold or 0.0),
+                        expect_fingerprint=owner.tls_fingerprint,
                     )
-                else:
-                    _fallback_log.info(
-                        owner.node_id,
-                        failed + "using the inbox",
-                        len(entries),
-                        index,
-                        owner.node_id,
-                        exc,
-                    )
-                return False
+                except RemoteError as exc:
+                    if hold is not None and exc.code == "overloaded":
+                        # More requests than the peer serves at once (callers of
+                        # an older gateway, or other requests): no room, as busy.
+                        raise PartitionBusy(reason=f"node {owner.node_id}: {exc}") from None
+                    self._log_fallback(owner, entries, index, exc)
+                    return False
+                except TransportError as exc:
+                    self._log_fallback(owner, entries, index, exc)
+                    return False
             if answer in (OK, NOT_OWNER):
                 return answer == OK
             try:
@@ -235,6 +238,57 @@ class Router:
             for _, waiting in awaiting:
                 if not waiting.answered:
                     self._widen(waiting)
+
+    @asynccontextmanager
+    async def _offer_slot(
+        self, address: str, room_wait: float | None
+    ) -> AsyncIterator[float | None]:
+        """Hold one of the peer's slots for a caller's offer; yields the room wait left.
+
+        A caller's offer waits for a slot for up to *room_wait* seconds (then
+        ``PartitionBusy``); a produced command's (*room_wait* ``None``) takes none.
+        """
+        if room_wait is None:
+            yield None
+            return
+        slots = self._offer_slots.get(address)
+        if slots is None:
+            slots = self._offer_slots[address] = anyio.Semaphore(OFFERS_PER_PEER)
+        started = anyio.current_time()
+        try:
+            slots.acquire_nowait()
+        except anyio.WouldBlock:
+            with anyio.move_on_after(room_wait) as waited:
+                await slots.acquire()
+            if waited.cancelled_caught:
+                raise PartitionBusy(
+                    reason=f"{OFFERS_PER_PEER} offers already in flight to {address}"
+                ) from None
+        try:
+            yield max(0.0, room_wait - (anyio.current_time() - started))
+        finally:
+            slots.release()
+
+    def _log_fallback(
+        self, owner: NodeRecord, entries: Sequence[InboxEntry], index: int, exc: TransportError
+    ) -> None:
+        # A certificate one side does not trust is a configuration fault that
+        # no retry cures: say so (once per interval), as the inbox keeps
+        # commands flowing, only slower, and hides it.
+        failed = "offering %d command(s) for partition %d to node %s failed (%s); "
+        if isinstance(exc, PeerUnavailable) and exc.untrusted:
+            _untrusted_log.warning(
+                owner.node_id,
+                failed + "using the inbox, which is slower",
+                len(entries),
+                index,
+                owner.node_id,
+                exc,
+            )
+        else:
+            _fallback_log.info(
+                owner.node_id, failed + "using the inbox", len(entries), index, owner.node_id, exc
+            )
 
     def _recorders(self, app_key: str, partition: int | None) -> list[NodeRecord]:
         """The peers that may record a chain's events (of *partition*, if given)."""

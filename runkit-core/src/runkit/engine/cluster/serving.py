@@ -5,8 +5,9 @@
   answer comes once they are durable (``ok``), else ``not_owner`` (or, if the
   partition stopped with them in a stream append it could not confirm, or
   with some of them committed, an ``OfferAnswer`` naming that append and the
-  commands not committed; or, for a caller's commands while the partition's
-  backlog is at its limit, an ``OfferAnswer`` saying it is busy). With
+  commands not committed; or, for a caller's commands that found no room in
+  the partition's backlog within the offer's ``room_wait``, an ``OfferAnswer``
+  saying it is busy). With
   ``reply_events`` the answer is an ``OfferAnswer`` carrying what the
   commands' chains published meanwhile: their events and done notes. Served
   as a deferred transport method: the batch's commit answers it.
@@ -57,7 +58,13 @@ class ClusterServer:
         self,
         *,
         offer_local: Callable[
-            [str, int, Sequence[InboxEntry], Callable[[bool | BaseException], None], bool],
+            [
+                str,
+                int,
+                Sequence[InboxEntry],
+                Callable[[bool | BaseException], None],
+                float | None,
+            ],
             None,
         ],
         wake_local: Callable[[str, int, str], None],
@@ -115,7 +122,7 @@ class ClusterServer:
             finally:
                 attached.close()
             if isinstance(result, PartitionBusy):
-                busy = OfferAnswer(accepted=False, busy=(result.backlog, result.limit))
+                busy = OfferAnswer(accepted=False, busy=(result.backlog or 0, result.limit or 0))
                 reply.ok(encoder.encode(busy))
             elif isinstance(result, PartitionStopped):
                 # Stopped with the commands in an unconfirmed append, or
@@ -136,7 +143,9 @@ class ClusterServer:
                 reply.ok(_answer_with(wired))
 
         try:
-            self._offer_local(offer.app_key, offer.partition, offer.entries, answer, offer.caller)
+            self._offer_local(
+                offer.app_key, offer.partition, offer.entries, answer, offer.room_wait
+            )
         except BaseException:
             attached.close()
             raise

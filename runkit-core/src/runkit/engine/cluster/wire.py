@@ -55,10 +55,12 @@ class Offer(msgspec.Struct, frozen=True, kw_only=True):
     entries: tuple[InboxEntry, ...]
     #: Answer with an ``OfferAnswer`` holding the chains' events (see ``Router.observe``).
     reply_events: bool = False
-    #: Commands a caller executes: refused (``OfferAnswer.busy``) while the
-    #: partition's backlog is at its limit. Commands produced by handlers never
-    #: wait (they drain the backlog), nor do those of gateways that predate it.
-    caller: bool = False
+    #: Commands a caller executes: the owner waits up to this many seconds for
+    #: room in the partition's backlog (in line with its own callers), then
+    #: refuses them (``OfferAnswer.busy``). ``None``: taken at once, however
+    #: full (commands produced by handlers, which drain the backlog, and those
+    #: of gateways that predate the field).
+    room_wait: float | None = None
 
 
 class Wake(msgspec.Struct, frozen=True, kw_only=True):

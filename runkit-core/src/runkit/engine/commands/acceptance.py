@@ -63,17 +63,22 @@ class Backlogged(RuntimeError):
 
 
 class PartitionBusy(Exception):
-    """The partition's owner refused a caller's command: its backlog is at the limit.
+    """No room for a caller's command at the partition's owner, on another node.
 
-    Raised by an offer to another node (``Acceptor``'s *remote*); acceptance
-    offers again until the caller's backlog timeout, then raises ``Backlogged``.
-    It never falls back to the inbox, which would bypass the limit.
+    The owner's backlog stayed at its limit (*backlog* and *limit* say how
+    full), or no offer could be in flight to it (*reason*). Raised by an offer
+    (``Acceptor``'s *remote*); acceptance offers again until the caller's
+    backlog timeout, then raises ``Backlogged``. It never falls back to the
+    inbox, which would bypass the limit.
     """
 
-    def __init__(self, backlog: int, limit: int) -> None:
-        super().__init__(f"the partition has {backlog} commands waiting (limit {limit})")
+    def __init__(
+        self, backlog: int | None = None, limit: int | None = None, *, reason: str | None = None
+    ) -> None:
         self.backlog = backlog
         self.limit = limit
+        self.reason = reason
+        super().__init__(reason or f"the partition has {backlog} commands waiting (limit {limit})")
 
 
 class PartitionStopped(Exception):
@@ -216,7 +221,7 @@ class Acceptor:
         writers: Sequence[InboxWriter],
         *,
         local: Callable[[int], LocalPartition | None] = lambda _: None,
-        remote: Callable[[int, list[InboxEntry], bool], Awaitable[bool]] | None = None,
+        remote: Callable[[int, list[InboxEntry], float | None], Awaitable[bool]] | None = None,
         wake: Callable[[int], None] | None = None,
         backlog_timeout: float = 30.0,
         routed: RoutedMessages | None = None,
@@ -401,23 +406,33 @@ class Acceptor:
         """Offer *entries* to the partition's owner; whether it took them.
 
         A caller's commands wait for room there as they would here: the owner
-        refuses them while its backlog is at the limit (``PartitionBusy``), and
-        they are offered again, with backoff, until ``backlog_timeout``.
+        holds them while its backlog is at the limit and, if no room comes
+        within the wait the offer allows, refuses them (``PartitionBusy``);
+        they are offered again until ``backlog_timeout`` has passed.
         """
         assert self._remote is not None
         if produced:
-            return await self._remote(index, entries, False)
+            return await self._remote(index, entries, None)
         failures = 0
         deadline = anyio.current_time() + self._backlog_timeout
         while True:
             try:
-                return await self._remote(index, entries, True)
+                left = max(0.0, deadline - anyio.current_time())
+                return await self._remote(index, entries, left)
             except PartitionBusy as busy:
                 left = deadline - anyio.current_time()
                 if left <= 0:
-                    raise self._backlogged(index, busy.backlog, busy.limit) from None
+                    raise self._backlogged_remote(index, busy) from None
                 failures += 1
-                await anyio.sleep(min(left, backoff(failures, 0.005, 0.25)))
+                await anyio.sleep(min(left, backoff(failures, 0.005, 0.1)))
+
+    def _backlogged_remote(self, index: int, busy: PartitionBusy) -> Backlogged:
+        if busy.backlog is not None and busy.limit is not None:
+            return self._backlogged(index, busy.backlog, busy.limit)
+        return Backlogged(
+            f"partition {index} of application {self.app.identity}: its owner had no room "
+            f"for the command ({busy.reason}); waited {self._backlog_timeout:g} s"
+        )
 
     def _backlogged(self, index: int, backlog: int, limit: int) -> Backlogged:
         return Backlogged(

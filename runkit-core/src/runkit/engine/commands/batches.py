@@ -244,6 +244,54 @@ class PartitionCommands:
         """
         self._take(entries, Waiter(len(entries), callback=done))
 
+    def execute_when_room(
+        self,
+        entries: Sequence[InboxEntry],
+        done: Callable[[BaseException | None], None],
+        *,
+        hold: float,
+        busy: Callable[[], None],
+    ) -> None:
+        """``execute_nowait`` for a caller's commands offered by a peer: once there is room.
+
+        Waits in line with local callers for up to *hold* seconds, then takes
+        the commands, or calls *busy* (they are not taken). One parked offer per
+        remote caller, rather than offers repeated until room appears: under
+        overload those would cost the owner more than the commands. Raises
+        ``PartitionStopped`` at once if the partition has stopped; *done* gets
+        one if it stops while they wait.
+        """
+        if self._stopped:
+            raise PartitionStopped
+        if self.has_room():
+            self.execute_nowait(entries, done)
+        else:
+            self._start(self._execute_when_room, entries, done, hold, busy)
+
+    async def _execute_when_room(
+        self,
+        entries: Sequence[InboxEntry],
+        done: Callable[[BaseException | None], None],
+        hold: float,
+        busy: Callable[[], None],
+    ) -> None:
+        answered = False
+        try:
+            with anyio.move_on_after(hold):
+                await self._backlog.wait_for_room()
+                answered = True
+                try:
+                    # At once: the slot is reserved only until this task suspends.
+                    self.execute_nowait(entries, done)
+                except PartitionStopped as stopped:
+                    done(stopped)
+                return
+            answered = True
+            busy()
+        finally:
+            if not answered:  # cancelled: the partition is stopping
+                done(PartitionStopped())
+
     def _take(self, entries: Sequence[InboxEntry], waiter: Waiter) -> None:
         if self._stopped:
             raise PartitionStopped
