@@ -41,7 +41,7 @@ also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
    ``--throughput-seconds`` (each call returns once the owner has committed the
    command); after the failover phase, with one node left on the same store,
    the same again. Reported: commands/s and p50/p99 of the call.
-5. **Overload through the client.** After the first throughput run, the client
+5. **Overload through the client.** After the deadline phase, the client
    executes deposits from ``--overload-callers`` callers (far above what the
    nodes handle) for ``--overload-seconds``, each with an idempotency key, the
    nodes' backlog limit at ``--backlog-limit``. Every command the client
@@ -691,21 +691,6 @@ async def _measure(
     # 0. Throughput through the client, three nodes (again with one, below).
     three = await throughput(executor, args.throughput_seconds, args.throughput_callers)
 
-    # 0b. Overload through the client: back-pressure across nodes.
-    publish(work / "go-overload", {})
-    overload = await overloaded(executor, args.overload_seconds, args.overload_callers)
-    publish(work / "end-overload", {})
-    largest = [int((await wait_for(work / f"overload-{i}"))["largest_backlog"]) for i in range(3)]
-    accepted_ids = [command_id_for(APP_KEY, key) for key in overload.accepted]
-    for _ in range(60):  # those that went to an inbox may still be on their way
-        handled = await _handled_commands(pg)
-        lost = sum(1 for c in accepted_ids if handled.get(c, 0) == 0)
-        if not lost:
-            break
-        await anyio.sleep(0.5)
-    twice = sum(1 for c in accepted_ids if handled.get(c, 0) > 1)
-    refused_handled = sum(1 for k in overload.refused if command_id_for(APP_KEY, k) in handled)
-
     # 1. Routing latency: the nodes and the client at once.
     cpu_before = _cpu_seconds(pids), time.process_time()
     publish(work / "go-latency", {"commands": args.commands, "callers": args.callers})
@@ -732,6 +717,24 @@ async def _measure(
         late += [(float(s), bool(o)) for s, o in await wait_for(work / f"reminders-{index}")]
     home_local = [s for s, o in late if o]
     home_remote = [s for s, o in late if not o]
+
+    # 2b. Overload through the client (back-pressure across nodes): after the
+    # latency and deadline phases, whose figures its leftovers would disturb.
+    publish(work / "go-overload", {})
+    overload = await overloaded(executor, args.overload_seconds, args.overload_callers)
+    publish(work / "end-overload", {})
+    largest = [int((await wait_for(work / f"overload-{i}"))["largest_backlog"]) for i in range(3)]
+    accepted_ids = [command_id_for(APP_KEY, key) for key in overload.accepted]
+    for _ in range(60):  # those that went to an inbox may still be on their way
+        handled = await _handled_commands(pg)
+        lost = sum(1 for c in accepted_ids if handled.get(c, 0) == 0)
+        if not lost:
+            break
+        await anyio.sleep(0.5)
+    twice = sum(1 for c in accepted_ids if handled.get(c, 0) > 1)
+    refused_handled = sum(1 for k in overload.refused if command_id_for(APP_KEY, k) in handled)
+    await _settled(pg, app, set(node_ids))
+    await anyio.sleep(2)  # what the overload left behind (materialisation) winds down
 
     # 3. Failover (kill -9) and handoff (SIGTERM).
     killed, killed_claims = await _failover(

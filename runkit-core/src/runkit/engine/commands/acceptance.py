@@ -11,7 +11,8 @@ partition's inbox (group commit). An integration command always goes to the
 inbox (ADR 0011): in a batch it would be durable only once its handler had
 returned, so whoever executed it would wait for an external call. Commands from
 callers wait while the partition's backlog is over the limit, whichever node
-owns it (an owner refuses a caller's offer while full: ``PartitionBusy``);
+owns it (an owner holds a caller's offer while full, and answers busy if no
+room comes within the offer's wait: ``PartitionBusy``, offered again);
 commands produced by handlers never wait (they drain the backlog).
 
 Idempotency markers (``<app>/idempotency``) are written only for keyed
