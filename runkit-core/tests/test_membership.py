@@ -1028,3 +1028,26 @@ async def test_a_node_that_cannot_read_the_node_set_does_not_take_live_peers_par
         both = owned(blind.membership) & owned(healthy.membership)
         assert not both, f"{len(both)} partitions owned by two live nodes"
         tg.cancel_scope.cancel()
+
+
+def test_a_client_whose_heartbeat_is_late_is_not_said_to_stop_taking_work(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client owns nothing; "stops taking work (it owns nothing ...)" sent
+    # operators looking for lost partitions. What it risks is its peers' trust.
+    from datetime import UTC, datetime
+
+    from runkit.engine.cluster.live_view import LiveView
+
+    client = uuid.UUID("00000000-0000-4000-8000-00000000c11e")
+    view = LiveView(client, role="client")
+    now = datetime.now(UTC)
+    with caplog.at_level(logging.WARNING, logger="runkit.engine.cluster.membership"):
+        view.update(now, {}, active=True, left=False, last_written=now)
+        view.update(now, {}, active=False, left=False, last_written=now)
+        view.update(now, {}, active=True, left=False, last_written=now)
+    assert "stops taking work" not in caplog.text
+    assert "takes work" not in caplog.text
+    assert f"client {client}: its heartbeat has not been written since" in caplog.text
+    assert "refuse its new connections" in caplog.text
+    assert f"client {client} is trusted again: its heartbeat is fresh" in caplog.text

@@ -93,9 +93,12 @@ class LiveView:
     def _log_activity(self, active: bool, left: bool, last_written: datetime | None) -> None:
         if active:
             if self._was_active:
+                again = "takes work again" if self._role == "node" else "is trusted again"
                 MEMBERSHIP_LOG.warning(
-                    "node %s takes work again: its heartbeat is fresh",
+                    "%s %s %s: its heartbeat is fresh",
+                    self._role,
                     self._node_id,
+                    again,
                     extra=self._extra,
                 )
             self._was_active = True
@@ -109,10 +112,21 @@ class LiveView:
             )
         else:
             last = "never" if last_written is None else last_written.isoformat()
-            MEMBERSHIP_LOG.error(
-                "node %s stops taking work: its heartbeat has not been written since %s "
-                "and will expire (it owns nothing until a heartbeat write succeeds)",
-                self._node_id,
-                last,
-                extra=self._extra,
-            )
+            if self._role == "node":
+                MEMBERSHIP_LOG.error(
+                    "node %s stops taking work: its heartbeat has not been written since %s "
+                    "and will expire (it owns nothing until a heartbeat write succeeds)",
+                    self._node_id,
+                    last,
+                    extra=self._extra,
+                )
+            else:
+                # A client owns nothing: what it loses is its peers' trust.
+                MEMBERSHIP_LOG.error(
+                    "%s %s: its heartbeat has not been written since %s and will expire "
+                    "(nodes then refuse its new connections, so its commands may go to inboxes)",
+                    self._role,
+                    self._node_id,
+                    last,
+                    extra=self._extra,
+                )
