@@ -26,7 +26,7 @@ from ..config import ApplicationConfig
 from ..persistence import PersistenceError, Provider
 from .cluster.ownership import Ownership
 from .cluster.routing import Router
-from .commands.acceptance import Acceptor, PartitionBusy, PartitionStopped, prune_idempotency
+from .commands.acceptance import Acceptor, PartitionStopped, prune_idempotency
 from .commands.batches import PartitionCommands
 from .commands.inbox import InboxEntry, InboxWriter, inbox_name
 from .envelope import Envelope, RoutedMessages
@@ -237,14 +237,11 @@ class AppRuntime:
             else:
                 done(error)
 
-        def busy() -> None:
-            done(PartitionBusy(commands.backlog, commands.backlog_limit))
-
         try:
             if room_wait is None:
                 commands.execute_nowait(entries, settled)
             else:
-                commands.execute_when_room(entries, settled, hold=room_wait, busy=busy)
+                commands.execute_when_room(entries, settled, hold=room_wait)
         except PartitionStopped:
             done(False)
 

@@ -64,7 +64,7 @@ from ..streams import (
     StreamWriter,
     holds_command,
 )
-from .acceptance import PartitionStopped
+from .acceptance import PartitionBusy, PartitionStopped
 from .aggregates import AggregateInstances
 from .backlog import Backlog
 from .inbox import InboxEntry, InboxRecord, InboxWriter, read_inbox
@@ -123,8 +123,8 @@ class PartitionCommands:
         self._bus = bus
         self._aggregates = aggregates
         self._materialiser = materialiser
-        # Unmarked commands are committed even when they published nothing: a copy
-        # read from the inbox before their markers are written is a duplicate.
+        # Unmarked commands are committed even when they published nothing. Records
+        # list them in command_ids too now; those of earlier releases only as unmarked.
         self._completed = CompletedCommands(COMPLETED_CACHE, tail.published | tail.unmarked)
         self._unmarked = tail.unmarked
         self._inbox_progress = InboxProgress(writer.set_progress, tail.inbox_position)
@@ -250,47 +250,43 @@ class PartitionCommands:
         done: Callable[[BaseException | None], None],
         *,
         hold: float,
-        busy: Callable[[], None],
     ) -> None:
         """``execute_nowait`` for a caller's commands offered by a peer: once there is room.
 
         Waits in line with local callers for up to *hold* seconds, then takes
-        the commands, or calls *busy* (they are not taken). One parked offer per
-        remote caller, rather than offers repeated until room appears: under
-        overload those would cost the owner more than the commands. Raises
-        ``PartitionStopped`` at once if the partition has stopped; *done* gets
-        one if it stops while they wait.
+        the commands, or calls *done* with a ``PartitionBusy`` (they are not
+        taken). One parked offer per remote caller, rather than offers repeated
+        until room appears: under overload those would cost the owner more
+        than the commands. Raises ``PartitionStopped`` at once if the partition
+        has stopped; *done* gets one if it stops while they wait.
         """
         if self._stopped:
             raise PartitionStopped
         if self.has_room():
             self.execute_nowait(entries, done)
         else:
-            self._start(self._execute_when_room, entries, done, hold, busy)
+            self._start(self._execute_when_room, entries, done, hold)
 
     async def _execute_when_room(
         self,
         entries: Sequence[InboxEntry],
         done: Callable[[BaseException | None], None],
         hold: float,
-        busy: Callable[[], None],
     ) -> None:
-        answered = False
         try:
-            with anyio.move_on_after(hold):
+            with anyio.move_on_after(hold) as waited:
                 await self._backlog.wait_for_room()
-                answered = True
-                try:
-                    # At once: the slot is reserved only until this task suspends.
-                    self.execute_nowait(entries, done)
-                except PartitionStopped as stopped:
-                    done(stopped)
-                return
-            answered = True
-            busy()
-        finally:
-            if not answered:  # cancelled: the partition is stopping
-                done(PartitionStopped())
+        except BaseException:
+            done(PartitionStopped())  # cancelled: the partition is stopping
+            raise
+        if waited.cancelled_caught:
+            done(PartitionBusy(self.backlog, self.backlog_limit))
+            return
+        try:
+            # At once: the slot is reserved only until this task suspends.
+            self.execute_nowait(entries, done)
+        except PartitionStopped as stopped:
+            done(stopped)
 
     def _take(self, entries: Sequence[InboxEntry], waiter: Waiter) -> None:
         if self._stopped:
