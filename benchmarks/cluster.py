@@ -44,7 +44,7 @@ also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
 5. **Overload through the client.** After the deadline phase, the client
    executes deposits from ``--overload-callers`` callers (far above what the
    nodes handle) for ``--overload-seconds``, each with an idempotency key, the
-   nodes' backlog limit at ``--backlog-limit``. Every command the client
+   nodes' backlog limit at ``--backlog-limit`` (``--overload-seconds 0`` skips it). Every command the client
    executes is offered to its partition's owner, which refuses a caller's
    command while the partition is full; the client offers it again until there
    is room or its backlog timeout passes (``runkit.Backlogged``). Reported:
@@ -673,6 +673,46 @@ async def main(args: argparse.Namespace) -> None:
         print(f"logs: {work}")
 
 
+async def _overload_phase(
+    args: argparse.Namespace,
+    work: Path,
+    pg: Any,
+    app: Any,
+    executor: Any,
+    node_ids: list[uuid.UUID],
+) -> list[str]:
+    """Overload through the client; return its report lines."""
+    publish(work / "go-overload", {})
+    overload = await overloaded(executor, args.overload_seconds, args.overload_callers)
+    publish(work / "end-overload", {})
+    largest = [int((await wait_for(work / f"overload-{i}"))["largest_backlog"]) for i in range(3)]
+    accepted_ids = [command_id_for(APP_KEY, key) for key in overload.accepted]
+    for _ in range(60):  # those that went to an inbox may still be on their way
+        handled = await _handled_commands(pg)
+        lost = sum(1 for c in accepted_ids if handled.get(c, 0) == 0)
+        if not lost:
+            break
+        await anyio.sleep(0.5)
+    twice = sum(1 for c in accepted_ids if handled.get(c, 0) > 1)
+    refused_handled = sum(1 for k in overload.refused if command_id_for(APP_KEY, k) in handled)
+    await _settled(pg, app, set(node_ids))
+    await anyio.sleep(2)  # what the overload left behind (materialisation) winds down
+    return [
+        f"| overload through the client: {args.overload_callers} callers, "
+        f"{args.overload_seconds:g} s, backlog limit {args.backlog_limit} | value |",
+        "|---|---:|",
+        f"| accepted calls (per second) | {len(overload.accepted):,} "
+        f"({len(overload.accepted) / args.overload_seconds:,.0f}/s) |",
+        f"| refused calls (`Backlogged`) | {len(overload.refused):,} |",
+        f"| accepted call p50 / p99 ms | {_ms(_pct(overload.seconds, 0.5))} / "
+        f"{_ms(_pct(overload.seconds, 0.99))} |",
+        f"| largest partition backlog per node | {', '.join(map(str, largest))} |",
+        f"| accepted and never handled / handled twice / refused and handled | "
+        f"{lost} / {twice} / {refused_handled} |",
+        "",
+    ]
+
+
 async def _measure(
     args: argparse.Namespace,
     work: Path,
@@ -720,21 +760,12 @@ async def _measure(
 
     # 2b. Overload through the client (back-pressure across nodes): after the
     # latency and deadline phases, whose figures its leftovers would disturb.
-    publish(work / "go-overload", {})
-    overload = await overloaded(executor, args.overload_seconds, args.overload_callers)
-    publish(work / "end-overload", {})
-    largest = [int((await wait_for(work / f"overload-{i}"))["largest_backlog"]) for i in range(3)]
-    accepted_ids = [command_id_for(APP_KEY, key) for key in overload.accepted]
-    for _ in range(60):  # those that went to an inbox may still be on their way
-        handled = await _handled_commands(pg)
-        lost = sum(1 for c in accepted_ids if handled.get(c, 0) == 0)
-        if not lost:
-            break
-        await anyio.sleep(0.5)
-    twice = sum(1 for c in accepted_ids if handled.get(c, 0) > 1)
-    refused_handled = sum(1 for k in overload.refused if command_id_for(APP_KEY, k) in handled)
-    await _settled(pg, app, set(node_ids))
-    await anyio.sleep(2)  # what the overload left behind (materialisation) winds down
+    overload_lines: list[str] = []
+    if args.overload_seconds > 0:
+        overload_lines = await _overload_phase(args, work, pg, app, executor, node_ids)
+    else:
+        publish(work / "go-overload", {})
+        publish(work / "end-overload", {})
 
     # 3. Failover (kill -9) and handoff (SIGTERM).
     killed, killed_claims = await _failover(
@@ -760,18 +791,7 @@ async def _measure(
         f"| one node (same store, after the others stopped) | {one[0]:,.0f} | {_ms(one[1])} | "
         f"{_ms(one[2])} |",
         "",
-        f"| overload through the client: {args.overload_callers} callers, "
-        f"{args.overload_seconds:g} s, backlog limit {args.backlog_limit} | value |",
-        "|---|---:|",
-        f"| accepted calls (per second) | {len(overload.accepted):,} "
-        f"({len(overload.accepted) / args.overload_seconds:,.0f}/s) |",
-        f"| refused calls (`Backlogged`) | {len(overload.refused):,} |",
-        f"| accepted call p50 / p99 ms | {_ms(_pct(overload.seconds, 0.5))} / "
-        f"{_ms(_pct(overload.seconds, 0.99))} |",
-        f"| largest partition backlog per node | {', '.join(map(str, largest))} |",
-        f"| accepted and never handled / handled twice / refused and handled | "
-        f"{lost} / {twice} / {refused_handled} |",
-        "",
+        *overload_lines,
         "| deposit, call to event observed | calls | p50 ms | p99 ms |",
         "|---|---:|---:|---:|",
         f"| node, owner of the partition | {len(owner)} | {_ms(_pct(owner, 0.5))} | "
