@@ -44,9 +44,10 @@ also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
 5. **Overload through the client.** After the deadline phase, the client
    executes deposits from ``--overload-callers`` callers (far above what the
    nodes handle) for ``--overload-seconds``, each with an idempotency key, the
-   nodes' backlog limit at ``--backlog-limit`` (``--overload-seconds 0`` skips it). Every command the client
-   executes is offered to its partition's owner, which refuses a caller's
-   command while the partition is full; the client offers it again until there
+   nodes' backlog limit at ``--backlog-limit`` (``--overload-seconds 0`` skips
+   the phase). Every command the client executes is offered to its
+   partition's owner, which refuses a caller's command while the partition is
+   full; the client offers it again until there
    is room or its backlog timeout passes (``runkit.Backlogged``). Reported:
    accepted and refused calls, the accepted calls' p50/p99, the largest backlog
    each node's partitions reached (sampled every 5 ms in the nodes), and a check

@@ -10,6 +10,9 @@ the CPU, as two nodes on one host would not), measures:
 =================  ============================================================
 unary c=1          N sequential 32-byte calls: p50/p99 latency and calls/s
 unary c=64         64 tasks sharing one connection, 4N calls in total
+unary c=1, busy    N/10 sequential calls while 10 other tasks each spin for
+                   0.2 ms per turn of the event loop (a turn takes ~2 ms, as
+                   on a loaded node): the round trip in turns of the loop
 deferred c=1/c=64  the same with a deferred handler (answered through a Reply,
                    no task per request on the server)
 stream             one stream of 20N items (window 256): items/s
@@ -31,11 +34,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from runkit.transport import NodeTransport, PeerInfo, Reply, TlsIdentity
 from runkit.transport._frames import FrameDecoder, Request, Response, encode_frame
 
 PAYLOAD = b"x" * 32
+BUSY_TASKS, BUSY_TURN = 10, 0.0002  # the busy case: 10 tasks x 0.2 ms per loop turn
 Call = Callable[[bytes], Awaitable[bytes]]
 
 
@@ -73,6 +78,25 @@ async def measure(call: Call, calls: int, concurrency: int) -> dict[str, float]:
     return {"p50": cuts[49] * 1e6, "p99": cuts[98] * 1e6, "rate": len(latencies) / elapsed}
 
 
+async def measure_busy(call: Call, calls: int) -> dict[str, float]:
+    """``measure`` at c=1 while other tasks keep every turn of the loop ~2 ms long."""
+    stop = anyio.Event()
+
+    async def spin() -> None:
+        while not stop.is_set():
+            until = time.perf_counter() + BUSY_TURN
+            while time.perf_counter() < until:
+                pass
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(BUSY_TASKS):
+            tg.start_soon(spin)
+        row = await measure(call, calls, 1)
+        stop.set()
+    return row
+
+
 async def bench_transport(calls: int) -> list[tuple[str, dict[str, float]]]:
     a, b = TlsIdentity.self_signed("bench-a"), TlsIdentity.self_signed("bench-b")
     members = {a.fingerprint, b.fingerprint}
@@ -97,6 +121,7 @@ async def bench_transport(calls: int) -> list[tuple[str, dict[str, float]]]:
 
         rows.append(("unary c=1", await measure(call, calls, 1)))
         rows.append(("unary c=64", await measure(call, calls * 4, 64)))
+        rows.append(("unary c=1, busy", await measure_busy(call, calls // 10)))
         rows.append(("deferred c=1", await measure(call_deferred, calls, 1)))
         rows.append(("deferred c=64", await measure(call_deferred, calls * 4, 64)))
         count = calls * 20

@@ -433,6 +433,142 @@ async def test_the_outgoing_queue_is_bounded_in_bytes_not_only_in_frames() -> No
         link.close("done", goodbye=False)
 
 
+class _Received:
+    """Frames a test peer has decoded, in order."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self._changed = anyio.Event()
+
+    def add(self, frames: list[Frame]) -> None:
+        if frames:
+            self.frames.extend(frames)
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def until(self, count: int) -> list[Frame]:
+        with anyio.fail_after(10):
+            while len(self.frames) < count:
+                await self._changed.wait()
+        return self.frames
+
+
+@contextlib.asynccontextmanager
+async def decoding_pair(
+    reading: anyio.Event | None = None,
+) -> AsyncIterator[tuple[TLSStream, _Received]]:
+    """A client TLS stream to a peer that decodes every frame it reads.
+
+    The peer reads nothing until *reading* is set (if given).
+    """
+    received = _Received()
+
+    async def peer(tcp: anyio.abc.SocketStream) -> None:
+        decoder = FrameDecoder()
+        try:
+            stream = await TLSStream.wrap(
+                tcp, server_side=True, ssl_context=server_context(B), standard_compatible=False
+            )
+            if reading is not None:
+                await reading.wait()
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    received.add(list(decoder.feed(await stream.receive())))
+        finally:
+            await anyio.aclose_forcefully(tcp)
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, peer)
+            stream = await anyio.connect_tcp(
+                "127.0.0.1", port, ssl_context=client_context(A), tls_standard_compatible=False
+            )
+            try:
+                yield stream, received
+            finally:
+                await anyio.aclose_forcefully(stream)
+                tg.cancel_scope.cancel()
+
+
+async def test_an_inline_request_on_an_idle_link_leaves_without_the_writer() -> None:
+    # The writer task's turn of the loop is what an inline send saves: with the
+    # writer not running at all, only a frame sent inline on an idle link can
+    # reach the peer; one sent while another is queued waits its turn.
+    first, queued, second = (Request(id=n, method="m", payload=b"%d" % n) for n in (1, 2, 3))
+    async with decoding_pair() as (stream, received):
+        link = unread_link(stream, 1024 * 1024)
+        await link.send(first, inline=True)
+        assert await received.until(1) == [first]
+        await link.send(queued)
+        await link.send(second, inline=True)  # queued behind it, not written
+        await anyio.sleep(0.2)
+        assert received.frames == [first]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(link.run, lambda frame: None)
+            assert await received.until(3) == [first, queued, second]
+            link.close("done", goodbye=False)
+
+
+async def test_frames_sent_around_inline_writes_keep_each_senders_order() -> None:
+    # Large requests go inline and wait for the socket while the peer does not
+    # read yet; small frames sent meanwhile queue, and the writer must hold
+    # them until the inline write is done (two writes at once break TLS).
+    big, small = 8, 200
+    reading = anyio.Event()
+    async with (
+        decoding_pair(reading) as (stream, received),
+        anyio.create_task_group() as tg,
+    ):
+        link = unread_link(stream, 2 * 1024 * 1024)
+        tg.start_soon(link.run, lambda frame: None)
+
+        async def requests() -> None:
+            for n in range(1, big + 1):
+                await link.send(Request(id=n, method="r", payload=bytes(1024 * 1024)), inline=True)
+                await anyio.sleep(0.005)
+
+        async def others() -> None:
+            for n in range(1, small + 1):
+                await link.send(Request(id=n, method="s", payload=b"x"))
+                await anyio.sleep(0.001)
+
+        async with anyio.create_task_group() as senders:
+            senders.start_soon(requests)
+            senders.start_soon(others)
+            await anyio.sleep(0.3)
+            reading.set()
+        frames = await received.until(big + small)
+        for method, count in (("r", big), ("s", small)):
+            ids = [f.id for f in frames if isinstance(f, Request) and f.method == method]
+            assert ids == list(range(1, count + 1))
+        assert not link.closed, link.reason
+        link.close("done", goodbye=False)
+
+
+async def test_an_inline_write_cut_short_by_its_senders_cancellation_closes_the_link() -> None:
+    # TLS has taken the whole record when the write starts; cut short, the rest
+    # of the stream is unreadable for the peer, so the link must not go on.
+    reading = anyio.Event()
+    frame = Request(id=1, method="m", payload=bytes(4 * 1024 * 1024))
+    async with (
+        tls_pair(reading, 1) as (stream, _),
+        anyio.create_task_group() as tg,
+    ):
+        link = unread_link(stream, 8 * 1024 * 1024)
+        tg.start_soon(link.run, lambda frame: None)
+        with anyio.fail_after(5):
+            with anyio.move_on_after(0.3) as scope:
+                while True:  # until the socket's buffers are full and the write waits
+                    await link.send(frame, inline=True)
+            assert scope.cancelled_caught
+        assert link.closed
+        assert link.reason == "a frame's write was cut short"
+        with pytest.raises(link_module.LinkClosed):
+            await link.send(Ping(), inline=True)
+        reading.set()
+
+
 async def test_a_frame_larger_than_the_queue_bound_still_goes() -> None:
     limit = 2 * link_module._QUEUE_BYTES
     frame = Request(id=1, method="m", payload=bytes(link_module._QUEUE_BYTES + 1))

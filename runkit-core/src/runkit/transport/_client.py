@@ -268,9 +268,9 @@ class PeerConnection:
         with contextlib.suppress(LinkClosed):  # the server drops the request with the link
             await self.link.send(Cancel(id=request_id))
 
-    async def _send(self, frame: Frame) -> None:
+    async def _send(self, frame: Frame, *, inline: bool = False) -> None:
         try:
-            await self.link.send(frame)
+            await self.link.send(frame, inline=inline)
         except LinkClosed as exc:
             raise PeerUnavailable(self.peer.address, exc.reason) from None
 
@@ -280,7 +280,7 @@ class PeerConnection:
         waiter = _Unary()
         self._pending[request_id] = waiter
         try:
-            await self._send(Request(id=request_id, method=method, payload=payload))
+            await self._send(Request(id=request_id, method=method, payload=payload), inline=True)
             await waiter.done.wait()
         finally:
             self.forget(request_id)

@@ -496,7 +496,8 @@ class _RequestRunner:
 
     async def _reply(self, request: Request, frame: Frame) -> None:
         try:
-            await self._link.send(frame)
+            # Inline: the caller waits on it, and a request task sends nothing else.
+            await self._link.send(frame, inline=True)
         except ProtocolError as exc:
             await self._link.send(
                 Error(id=request.id, code="response_too_large", message=exc.reason)
