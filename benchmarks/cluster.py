@@ -47,12 +47,12 @@ also runs a ``runkit.Client`` (no partitions, no handlers). Then, in one run:
    nodes' backlog limit at ``--backlog-limit`` (``--overload-seconds 0`` skips
    the phase). Every command the client executes is offered to its
    partition's owner, which refuses a caller's command while the partition is
-   full; the client offers it again until there
-   is room or its backlog timeout passes (``runkit.Backlogged``). Reported:
-   accepted and refused calls, the accepted calls' p50/p99, the largest backlog
-   each node's partitions reached (sampled every 5 ms in the nodes), and a check
-   of the streams afterwards: every accepted deposit handled once, no refused
-   one handled.
+   full; the client offers it again until there is room or its backlog timeout
+   passes (``runkit.Backlogged``). Reported: accepted and refused calls, the
+   accepted calls' p50/p99, the largest backlog each node's partitions reached
+   and the most inbox commands one held waiting for room (sampled every 5 ms in
+   the nodes), and a check of the streams afterwards: every accepted deposit
+   handled once, no refused one handled.
 
 ``--node-gc`` runs the node processes with the collector tuned as ``runkit run``
 tunes it (the start-up heap frozen, a higher first threshold); without it they
@@ -479,14 +479,18 @@ async def node(settings: dict[str, Any]) -> None:
 
             async def sample_backlog() -> None:
                 await wait_for(work / "go-overload")
-                largest = 0
+                largest = largest_held = 0
                 end = anyio.Path(work / "end-overload")
                 while not await end.exists():
                     for _ in range(20):
-                        backlogs = [p.backlog for p in list(runtime.partitions.values())]
-                        largest = max(largest, *backlogs, 0)
+                        partitions = list(runtime.partitions.values())
+                        largest = max(largest, *(p.backlog for p in partitions), 0)
+                        largest_held = max(largest_held, *(p.held for p in partitions), 0)
                         await anyio.sleep(0.005)
-                publish(work / f"overload-{index}", {"largest_backlog": largest})
+                publish(
+                    work / f"overload-{index}",
+                    {"largest_backlog": largest, "largest_held": largest_held},
+                )
 
             tg.start_soon(sample_backlog)
             executor = engine.executor_for(app)
@@ -686,7 +690,9 @@ async def _overload_phase(
     publish(work / "go-overload", {})
     overload = await overloaded(executor, args.overload_seconds, args.overload_callers)
     publish(work / "end-overload", {})
-    largest = [int((await wait_for(work / f"overload-{i}"))["largest_backlog"]) for i in range(3)]
+    samples = [await wait_for(work / f"overload-{i}") for i in range(3)]
+    largest = [int(sample["largest_backlog"]) for sample in samples]
+    held = [int(sample["largest_held"]) for sample in samples]
     accepted_ids = [command_id_for(APP_KEY, key) for key in overload.accepted]
     for _ in range(60):  # those that went to an inbox may still be on their way
         handled = await _handled_commands(pg)
@@ -708,6 +714,7 @@ async def _overload_phase(
         f"| accepted call p50 / p99 ms | {_ms(_pct(overload.seconds, 0.5))} / "
         f"{_ms(_pct(overload.seconds, 0.99))} |",
         f"| largest partition backlog per node | {', '.join(map(str, largest))} |",
+        f"| most inbox commands held for room per node | {', '.join(map(str, held))} |",
         f"| accepted and never handled / handled twice / refused and handled | "
         f"{lost} / {twice} / {refused_handled} |",
         "",

@@ -344,6 +344,53 @@ async def test_callers_waiting_for_room_go_in_arrival_order_and_a_leaver_passes_
     assert not partition._backlog.waiting
 
 
+async def test_inbox_commands_wait_for_room_and_go_before_callers_waiting_for_it() -> None:
+    # Commands a peer left in the inbox (its offer timed out) were all taken into
+    # the batch at once, whatever the backlog limit: under overload a partition
+    # held hundreds over it. They now wait, read, until there is room, and go
+    # before callers that wait for room (they are older).
+    from runkit.engine.envelope import new_envelope
+
+    s = setup()
+    provider = silo()
+    s.notifier.release = anyio.Event()
+    async with running(provider, s.config, partition_count=1, backlog_limit=2) as engine:
+        executor = engine.executor_for(s.app)
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        partition = runtime.partitions[0]
+
+        def entry(n: int) -> Any:
+            envelope = new_envelope(
+                Notify(n), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+            )
+            return runtime.acceptor.route(envelope, keyed=False)[1]
+
+        await runtime.inbox_writers[0].submit([entry(n) for n in range(5)])  # a peer's fallback
+        await wait_until(lambda: len(s.notifier.calls) == 2)
+        await anyio.sleep(0.2)  # the others would have started by now
+        assert sorted(s.notifier.calls) == [0, 1]  # integration commands start concurrently
+        assert (partition.backlog, partition.held) == (2, 3)
+        assert partition.progress()["pending"] == 5
+        # A command a handler produced never waits for room: it overtakes them.
+        partition.execute_nowait([entry(50)], lambda error: None)
+        await wait_until(lambda: 50 in s.notifier.calls)
+        assert (partition.backlog, partition.held) == (3, 3)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.execute_command, Notify(99))
+            await wait_until(lambda: partition._backlog.waiting == 1)
+            s.notifier.release.set()
+        await wait_until(lambda: len(s.notifier.calls) == 7 and partition.backlog == 0)
+        assert partition.held == 0
+    calls = s.notifier.calls
+    assert (sorted(calls[:2]), calls[2], sorted(calls[3:6]), calls[6]) == (
+        [0, 1],
+        50,
+        [2, 3, 4],
+        99,
+    )
+
+
 def _waiting(partition: Any, count: int) -> bool:
     waiting: int = partition._backlog.waiting
     return waiting == count

@@ -1,8 +1,10 @@
 """Back-pressure: a partition's backlog and the callers waiting for room below its limit.
 
-``Backlog`` counts the commands a partition has accepted and not yet done
-(local and inbox) and lines up callers that wait for room, first come first
-served, handing each freed slot to the first of them.
+``Backlog`` counts the commands a partition has taken into its batch and not
+yet done (local and inbox) and lines up callers that wait for room, first come
+first served, handing each freed slot to the first of them. Inbox commands the
+partition has read but not taken for want of room (``inbox_held``) go before
+every caller.
 """
 
 from __future__ import annotations
@@ -37,15 +39,22 @@ class Backlog:
         self._room_waiters: deque[_RoomWaiter] = deque()
         self._reserved = 0  # slots handed to woken waiters that have not taken them yet
         self._closed = False
+        #: Inbox commands read and waiting for room: while any is, callers wait.
+        self.inbox_held = 0
 
     @property
     def waiting(self) -> int:
         """How many callers wait for room."""
         return len(self._room_waiters)
 
+    @property
+    def free(self) -> int:
+        """Slots neither taken nor reserved for a woken waiter (negative when over)."""
+        return self.limit - self.count - self._reserved
+
     def has_room(self) -> bool:
         """Whether a caller may go ahead now: a free slot, and nobody waiting for one."""
-        return self.count + self._reserved < self.limit and not self._room_waiters
+        return self.free > 0 and not self._room_waiters and not self.inbox_held
 
     async def wait_for_room(self) -> None:
         """Return once the backlog is below the limit, after those already waiting.
@@ -80,10 +89,10 @@ class Backlog:
             raise
 
     def wake_waiters(self) -> None:
-        """Hand the free slots to the first waiters in line."""
-        if not self._room_waiters:
+        """Hand the free slots to the first waiters in line (none while inbox commands wait)."""
+        if not self._room_waiters or self.inbox_held:
             return
-        free = self.limit - self.count - self._reserved
+        free = self.free
         while free > 0 and self._room_waiters:
             waiter = self._room_waiters.popleft()
             waiter.reserved = True

@@ -131,6 +131,9 @@ class PartitionCommands:
         self._inbox_pending = 0
         self._paused = False
         self._ready: deque[PendingCommand] = deque()
+        # Inbox commands read while the backlog had no room: they go into the batch
+        # as room frees, before callers waiting for room (ADR 0005, back-pressure).
+        self._held: deque[PendingCommand] = deque()
         # Commands queued on the writer, not durable yet (and duplicates waiting on them).
         self._publishing: dict[str, list[PendingCommand]] = {}
         self._notes: deque[tuple[int, InboxRecord]] = deque()
@@ -179,8 +182,13 @@ class PartitionCommands:
 
     @property
     def backlog(self) -> int:
-        """Commands accepted and not yet done (local and inbox)."""
+        """Commands taken into the batch and not yet done (local and inbox)."""
         return self._backlog.count
+
+    @property
+    def held(self) -> int:
+        """Inbox commands read and waiting for backlog room (not in ``backlog``)."""
+        return len(self._held)
 
     def progress(self) -> dict[str, int]:
         """Counters for operators: stream end, inbox positions, commands in memory."""
@@ -188,7 +196,7 @@ class PartitionCommands:
             "stream_end": self._writer.next_offset,
             "inbox_position": self._writer.written_progress,
             "inbox_read": self._inbox_progress.read_end,
-            "pending": self._backlog.count,
+            "pending": self._backlog.count + len(self._held),
         }
 
     def notify(self, position: int, record: InboxRecord) -> None:
@@ -415,11 +423,28 @@ class PartitionCommands:
                     spilled.position = position
                 continue
             self._inbox_pending += 1
-            self._backlog.count += 1
-            self._ready.append(
+            self._held.append(
                 PendingCommand(entry, self._app.handler_by_key(entry.handler_key), position)
             )
         self._inbox_progress.advance()
+        self._admit_held()
+
+    def _admit_held(self) -> None:
+        """Move held inbox commands into the batch while the backlog has room.
+
+        They are older than any caller waiting for room, so they go first: while
+        any is held, callers wait (``Backlog.inbox_held``). A command produced by
+        a handler is not held (it never waits for room), so it overtakes them.
+        """
+        held, backlog = self._held, self._backlog
+        moved = False
+        while held and backlog.free > 0:
+            backlog.count += 1
+            self._ready.append(held.popleft())
+            moved = True
+        backlog.inbox_held = len(held)
+        if moved:
+            self._wake.set()
 
     def _handle_ready(self) -> None:
         """One synchronous pass over everything ready."""
@@ -577,7 +602,9 @@ class PartitionCommands:
             self._done(item.position)
         # A spilled command not yet read back from the inbox is counted done
         # when it is (_add_record).
-        self._backlog.wake_waiters()
+        if self._held:
+            self._admit_held()
+        self._backlog.wake_waiters()  # if nothing is held any more
 
     def _done(self, position: int) -> None:
         self._inbox_progress.done(position)
