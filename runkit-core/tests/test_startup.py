@@ -159,7 +159,9 @@ async def test_the_engine_waits_for_its_store_before_starting(
     assert len([r for r in caplog.records if LINE.fullmatch(r.getMessage())]) == 2
 
 
-async def test_the_engine_fails_at_once_on_a_configuration_fault() -> None:
+async def test_the_engine_fails_at_once_on_a_configuration_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     fault = StoreUnavailable('database "nope" does not exist', retryable=False)
     s = setup()
     engine = Engine.from_settings(
@@ -167,5 +169,25 @@ async def test_the_engine_fails_at_once_on_a_configuration_fault() -> None:
             applications=(s.config,), persistence_provider=FlakyProvider(fault), **SETTINGS
         )
     )
-    with anyio.fail_after(5), pytest.raises(StoreUnavailable, match="does not exist"):
+    with (
+        caplog.at_level(logging.INFO, logger="runkit.engine"),
+        anyio.fail_after(5),
+        pytest.raises(StoreUnavailable, match="does not exist"),
+    ):
         await engine.run()
+    # It never started: an "engine stopped" line before the error misled operators.
+    assert "engine stopped" not in [r.getMessage() for r in caplog.records]
+
+
+async def test_a_started_engine_says_it_stopped(caplog: pytest.LogCaptureFixture) -> None:
+    s = setup()
+    engine = Engine.from_settings(
+        EngineSettings(applications=(s.config,), persistence_provider=MemoryProvider(), **SETTINGS)
+    )
+    with caplog.at_level(logging.INFO, logger="runkit.engine"):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            with anyio.fail_after(10):
+                await engine.runtime(s.config.identity.key)
+            tg.cancel_scope.cancel()
+    assert "engine stopped" in [r.getMessage() for r in caplog.records]

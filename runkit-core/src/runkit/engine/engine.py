@@ -403,6 +403,7 @@ class Engine:
                     self._started.set()
                 await anyio.sleep_forever()
         finally:
+            started = self._state == "running"
             self._state = "stopped"
             # Every subscription is fed by the bus (alone or with the peers).
             self.bus.end(
@@ -417,4 +418,7 @@ class Engine:
                     await extra.close()
                 if owned:
                     await provider.close()
-            _log.info("engine stopped", extra={"node_id": str(s.node_id)})
+            if started:
+                _log.info("engine stopped", extra={"node_id": str(s.node_id)})
+            else:  # the error that ended the start says why: nothing stopped
+                _log.debug("engine start abandoned", extra={"node_id": str(s.node_id)})
