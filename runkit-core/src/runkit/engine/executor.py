@@ -21,7 +21,12 @@ import dogma
 from ..config import ApplicationConfig, HandlerKind
 from .commands.acceptance import Acceptor, command_id_for
 from .envelope import new_envelope, validate_new
-from .events.observers import Subscription, satisfiable_observers, wait_for_observers
+from .events.observers import (
+    Subscription,
+    satisfiable_observers,
+    unsatisfiable,
+    wait_for_observers,
+)
 from .ids import new_id
 from .settings import EngineSettings
 from .streams import Widen
@@ -88,7 +93,8 @@ class Executor:
                 type, the idempotency key is empty, or the aggregate routed it
                 to an empty instance ID.
             TypeError: *command* is not a ``dogma.Command``.
-            dogma.EventObserverNotSatisfied: no observer can be satisfied any more.
+            dogma.EventObserverNotSatisfied: no observer can be satisfied any more
+                (the command was executed all the same).
             runkit.engine.commands.inbox.EngineStopped: the engine stopped first.
             runkit.engine.commands.acceptance.Backlogged: the partition's backlog stayed
                 over the limit.
@@ -120,13 +126,16 @@ class Executor:
             message_id=command_id,
             validated=True,
         )
-        if observers:
-            satisfiable_observers(self._app, type(command), observers)  # before it runs
         acceptor = await self._gateway.acceptor(app_key)
         routed = acceptor.route(envelope, keyed=idempotency_key is not None)
         if not observers:
             await acceptor.accept([routed])
             return
+        if not satisfiable_observers(self._app, type(command), observers):
+            # Known from the route graph: nothing to wait for. The command still
+            # runs, so that the error means the same whenever it is raised.
+            await acceptor.accept([routed])
+            raise unsatisfiable(self._app, type(command), observers)
         partition = routed[0] if self._stays_in_partition(type(command)) else None
         # The chain reaches other nodes only through processes reacting to the
         # command's events: its subscription widens once those are known.

@@ -12,9 +12,9 @@ subscription sees exactly the candidates, wherever they are recorded.
 When is an observer "not satisfiable"? ``dogma.EventObserverNotSatisfied`` is
 raised
 
-1. at once, before the command is accepted, if no observed class (or a
-   subclass of one) is in the static route graph's
-   ``app.reachable_events(command_type)``;
+1. as soon as the command is accepted (durable, so it runs), if no observed
+   class (or a subclass of one) is in the static route graph's
+   ``app.reachable_events(command_type)``: the executor does not subscribe;
 2. as soon as the command itself is done on its owner (a ``CommandDone`` note,
    sent after its events) and no observed class is among the events that can
    still follow the events it recorded: ``app.events_following(recorded)``,
@@ -27,6 +27,9 @@ from a process acting on the chain's events, which ``events_following`` covers;
 while one can, the wait goes on (a process may ignore the event: the caller
 bounds the wait). A repeated command whose original events cannot be
 re-delivered reports a *non-conclusive* done note, which decides nothing.
+
+In both cases the command was executed: ``EventObserverNotSatisfied`` never
+means that it was not, so a caller need not tell the two apart (nor retry).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ...config import ApplicationConfig
 from ..envelope import Envelope, message_class
 from ..streams import CommandDone, Observed, Stopped
 
-__all__ = ["Subscription", "satisfiable_observers", "wait_for_observers"]
+__all__ = ["Subscription", "satisfiable_observers", "unsatisfiable", "wait_for_observers"]
 
 Subscription = AbstractAsyncContextManager[AsyncIterator[Observed]]
 
@@ -49,24 +52,21 @@ Subscription = AbstractAsyncContextManager[AsyncIterator[Observed]]
 def satisfiable_observers(
     app: ApplicationConfig, command_type: type, observers: Sequence[dogma.EventObserver[Any]]
 ) -> list[dogma.EventObserver[Any]]:
-    """The *observers* whose event class may follow from *command_type* (rule 1).
-
-    The executor calls it before accepting the command, so a command whose
-    observers can never be satisfied is refused, not executed.
-
-    Raises:
-        dogma.EventObserverNotSatisfied: None of them can be satisfied.
-    """
+    """The *observers* whose event class may follow from *command_type* (rule 1)."""
     reachable = app.reachable_events(command_type)
-    live = [o for o in observers if any(issubclass(r, o.event_type) for r in reachable)]
-    if not live:
-        observed = ", ".join(sorted(o.event_type.__qualname__ for o in observers))
-        raise dogma.EventObserverNotSatisfied(
-            f"no observed event ({observed}) can follow from a "
-            f"{command_type.__qualname__} in application {app.identity}; "
-            "the command was not executed"
-        )
-    return live
+    return [o for o in observers if any(issubclass(r, o.event_type) for r in reachable)]
+
+
+def unsatisfiable(
+    app: ApplicationConfig, command_type: type, observers: Sequence[dogma.EventObserver[Any]]
+) -> dogma.EventObserverNotSatisfied:
+    """The error for *observers* none of which can follow from *command_type* (rule 1)."""
+    observed = ", ".join(sorted(o.event_type.__qualname__ for o in observers))
+    return dogma.EventObserverNotSatisfied(
+        f"no observed event ({observed}) can follow from a "
+        f"{command_type.__qualname__} in application {app.identity}; "
+        "the command was executed"
+    )
 
 
 async def wait_for_observers(
@@ -101,6 +101,8 @@ async def wait_for_observers(
     if not observers:
         return
     live = satisfiable_observers(app, command_type, observers)
+    if not live:
+        raise unsatisfiable(app, command_type, observers)
     correlation_id = command.correlation_id
     recorded: set[type] = set()
     async for event in events:
