@@ -873,6 +873,40 @@ async def test_a_stuck_outbox_does_not_block_other_instances_and_is_kept() -> No
         tg.cancel_scope.cancel()
 
 
+async def test_a_stuck_outbox_of_an_instance_with_a_long_id_is_still_recorded() -> None:
+    # The poison key is the handler key, "/outbox/" and the instance ID: an ID
+    # that fits a process key (99 bytes here) did not fit with that prefix, and
+    # recording the stuck outbox was retried for ever instead of the dispatch.
+    from runkit.persistence import Limits
+    from runkit_memory import MemoryProvider
+
+    p = Process()
+    long_id = "x" * 90
+
+    def refuse(envelopes: Any) -> None:
+        raise ValueError("the commands side refuses every command")
+
+    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_key_bytes=99))
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1, provider=provider) as h,
+        anyio.create_task_group() as tg,
+    ):
+        h.accept_fault = refuse
+        await h.publish(Step(long_id, 1))
+        await start(h, tg)
+
+        async def given_up() -> bool:
+            return len(await poisoned(h)) == 1
+
+        await wait_until(given_up)
+        [key] = list(await poisoned(h))
+        assert key.startswith(f"{PROC_KEY}/outbox/sha256:")
+        assert len(key.encode()) <= 99
+        h.accept_fault = None  # the dispatch itself went on being retried
+        await wait_until(lambda: len(h.accepted) == 1)
+        tg.cancel_scope.cancel()
+
+
 async def test_a_slow_instance_does_not_hold_up_the_others() -> None:
     p = Process()
     release = anyio.Event()

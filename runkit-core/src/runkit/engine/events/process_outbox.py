@@ -34,7 +34,7 @@ from .process_instances import InstanceCache, ProcessRecord
 from .process_retries import MessageRetries
 from .process_retries import process_log as _log
 from .process_retries import process_store_log as _store_log
-from .process_stores import PoisonedMessage
+from .process_stores import PoisonedMessage, outbox_poison_key
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
@@ -148,7 +148,7 @@ class OutboxDispatcher:
         first = record.commands[0] if record.commands else record.deadlines[0].entry.envelope
         await self._retries.poison(
             ctx,
-            f"{self.key}/outbox/{instance_id}",
+            outbox_poison_key(self.key, instance_id, ctx.provider.limits.max_key_bytes),
             PoisonedMessage(
                 handler_key=self.key,
                 envelope=first,

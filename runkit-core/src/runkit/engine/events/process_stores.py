@@ -7,6 +7,7 @@ stream position, and ``<app>/event-poison/<partition>`` what a process gave up o
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 
 import msgspec
@@ -19,6 +20,7 @@ __all__ = [
     "checkpoints_store_name",
     "event_poison_store_name",
     "list_poisoned_events",
+    "outbox_poison_key",
     "process_store_name",
 ]
 
@@ -47,7 +49,8 @@ class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
     """An event or deadline a process handler gave up on (``<app>/event-poison/<p>``).
 
     Keyed by ``<handler key>/event/<stream ID>/<stream offset>``,
-    ``<handler key>/deadline/<deadline ID>`` or ``<handler key>/outbox/<instance ID>``.
+    ``<handler key>/deadline/<deadline ID>`` or ``<handler key>/outbox/<instance ID>``
+    (``outbox_poison_key``).
     """
 
     handler_key: str
@@ -75,3 +78,17 @@ async def list_poisoned_events(
         return {
             key.decode(): _poison_decoder.decode(value) async for key, value, _ in store.range()
         }
+
+
+def outbox_poison_key(handler_key: str, instance_id: str, max_key_bytes: int) -> str:
+    """The event-poison key of an instance's stuck outbox, within *max_key_bytes*.
+
+    ``<handler key>/outbox/<instance ID>``; an instance ID that fits a process
+    key may not fit with that prefix, so a long one is replaced by
+    ``sha256:`` and 40 hex digits of its hash (the record holds the ID).
+    """
+    key = f"{handler_key}/outbox/{instance_id}"
+    if len(key.encode()) <= max_key_bytes:
+        return key
+    digest = hashlib.sha256(instance_id.encode()).hexdigest()[:40]
+    return f"{handler_key}/outbox/sha256:{digest}"
