@@ -313,28 +313,18 @@ async def test_a_caller_leaving_while_the_outgoing_queue_is_full_still_cancels(
 
 
 @contextlib.asynccontextmanager
-async def tls_pair(
-    reading: anyio.Event, expected: int
-) -> AsyncIterator[tuple[TLSStream, anyio.Event]]:
-    """A client TLS stream to a peer that reads nothing until *reading* is set.
-
-    The peer then reads until the client closes; the event is set once it has
-    read *expected* bytes.
-    """
-    received_all = anyio.Event()
+async def tls_client_of(
+    read: Callable[[TLSStream], Awaitable[None]],
+) -> AsyncIterator[TLSStream]:
+    """A client TLS stream to a hand-written peer that runs *read* on its side."""
 
     async def peer(tcp: anyio.abc.SocketStream) -> None:
         try:
             stream = await TLSStream.wrap(
                 tcp, server_side=True, ssl_context=server_context(B), standard_compatible=False
             )
-            await reading.wait()
-            received = 0
             with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                while True:
-                    received += len(await stream.receive())
-                    if received >= expected:
-                        received_all.set()
+                await read(stream)
         finally:
             await anyio.aclose_forcefully(tcp)
 
@@ -346,10 +336,33 @@ async def tls_pair(
                 "127.0.0.1", port, ssl_context=client_context(A), tls_standard_compatible=False
             )
             try:
-                yield stream, received_all
+                yield stream
             finally:
                 await anyio.aclose_forcefully(stream)
                 tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def tls_pair(
+    reading: anyio.Event, expected: int
+) -> AsyncIterator[tuple[TLSStream, anyio.Event]]:
+    """A client TLS stream to a peer that reads nothing until *reading* is set.
+
+    The peer then reads until the client closes; the event is set once it has
+    read *expected* bytes.
+    """
+    received_all = anyio.Event()
+
+    async def read(stream: TLSStream) -> None:
+        await reading.wait()
+        received = 0
+        while True:
+            received += len(await stream.receive())
+            if received >= expected:
+                received_all.set()
+
+    async with tls_client_of(read) as stream:
+        yield stream, received_all
 
 
 def unread_link(stream: anyio.abc.ByteStream, max_frame_size: int) -> Link:
@@ -463,32 +476,15 @@ async def decoding_pair(
     """
     received = _Received()
 
-    async def peer(tcp: anyio.abc.SocketStream) -> None:
+    async def read(stream: TLSStream) -> None:
         decoder = FrameDecoder()
-        try:
-            stream = await TLSStream.wrap(
-                tcp, server_side=True, ssl_context=server_context(B), standard_compatible=False
-            )
-            if reading is not None:
-                await reading.wait()
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                while True:
-                    received.add(list(decoder.feed(await stream.receive())))
-        finally:
-            await anyio.aclose_forcefully(tcp)
+        if reading is not None:
+            await reading.wait()
+        while True:
+            received.add(list(decoder.feed(await stream.receive())))
 
-    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, peer)
-            stream = await anyio.connect_tcp(
-                "127.0.0.1", port, ssl_context=client_context(A), tls_standard_compatible=False
-            )
-            try:
-                yield stream, received
-            finally:
-                await anyio.aclose_forcefully(stream)
-                tg.cancel_scope.cancel()
+    async with tls_client_of(read) as stream:
+        yield stream, received
 
 
 async def test_an_inline_request_on_an_idle_link_leaves_without_the_writer() -> None:
