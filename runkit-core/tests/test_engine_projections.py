@@ -400,6 +400,41 @@ async def test_a_handler_bug_is_logged_with_its_traceback_once(
     assert [r.exc_info is not None for r in failed] == [True] + [False] * (len(failed) - 1)
 
 
+async def test_its_own_database_failing_on_every_partition_logs_one_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A projection whose own database goes away fails on every partition at
+    # once: each partition's first failure was logged with a traceback (some 25
+    # lines, 16 times per projection at the default partition count). One
+    # traceback per kind of error; the other partitions log one line.
+    p = Projection()
+    handle = p.handle_event
+    failures = dict.fromkeys(range(4), 2)
+
+    async def own_database_down(scope: dogma.ProjectionEventScope, event: Happened) -> int:
+        partition = event.n
+        if failures[partition]:
+            failures[partition] -= 1
+            raise OSError("could not connect to the projection's database")
+        return await handle(scope, event)
+
+    p.handle_event = own_database_down  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="runkit.engine.events.projections")
+    async with (
+        harness(App((p,)), registry=REGISTRY, partitions=4) as h,
+        anyio.create_task_group() as tg,
+    ):
+        for partition in range(4):
+            await h.publish(Happened(partition), partition=partition)
+        await run_consumers(h, tg)
+        await wait_until(lambda: len(p.applied) == 4)
+        tg.cancel_scope.cancel()
+    failed = [r for r in caplog.records if "failed" in r.getMessage()]
+    assert len({r.getMessage().split(" failed")[0] for r in failed}) == 4  # every partition
+    assert [r for r in failed if r.exc_info is not None] == failed[:1]
+    assert failed[0].levelno == logging.ERROR
+
+
 async def test_a_bad_checkpoint_offset_result_is_retried_not_fatal() -> None:
     # A projection bug (say, None while its row is missing) stalls that
     # projection only, as a bad handle_event() result does: the partition's

@@ -138,6 +138,10 @@ class ProjectionControl:
     """
 
     def __init__(self) -> None:
+        # A handler's first failure gets a traceback once per kind of error per
+        # minute on this node, not once per partition: a projection whose own
+        # database goes away fails on every partition at once.
+        self.tracebacks = RateLimitedLog(_log, 60.0)
         self._scopes: set[anyio.CancelScope] = set()
         self._resumed = anyio.Event()
         self._resumed.set()
@@ -195,7 +199,9 @@ async def run_projection(
         restarts.begin()
         async with control.delivering():  # exits normally when a reset cancels it
             try:
-                await _deliver(ctx, config, options=options, serialise=serialise)
+                await _deliver(
+                    ctx, config, options=options, serialise=serialise, tracebacks=control.tracebacks
+                )
                 return
             except PersistenceError as exc:
                 # Reading the stream failed: start again from the handler's checkpoint.
@@ -217,6 +223,7 @@ async def _deliver(
     *,
     options: ConsumerOptions,
     serialise: anyio.Lock | None,
+    tracebacks: RateLimitedLog,
 ) -> None:
     handler = cast(_Projection, config.handler)
     logger = _logger_for(config)
@@ -229,7 +236,9 @@ async def _deliver(
         _check_offset(value, "checkpoint_offset()", config)
         return value
 
-    checkpoint = await _retrying(options, f"checkpoint_offset() of {what}", read_checkpoint)
+    checkpoint = await _retrying(
+        options, f"checkpoint_offset() of {what}", read_checkpoint, tracebacks=tracebacks
+    )
     while True:
         reread = False
         # Only the handled types wake this delivery (ADR-26: the checkpoint
@@ -253,6 +262,7 @@ async def _deliver(
                         logger=logger,
                         serialise=serialise,
                     ),
+                    tracebacks=tracebacks,
                 )
                 if result != expected:
                     _log.info(
@@ -324,13 +334,19 @@ def _check_offset(value: object, what: str, config: HandlerConfig) -> None:
 
 
 async def _retrying(
-    options: ConsumerOptions, what: str | Callable[[], str], call: Callable[[], Awaitable[T]]
+    options: ConsumerOptions,
+    what: str | Callable[[], str],
+    call: Callable[[], Awaitable[T]],
+    *,
+    tracebacks: RateLimitedLog,
 ) -> T:
     """Call until it succeeds; the first failure is logged with its traceback, repeats briefly.
 
     A retryable ``PersistenceError`` (the projection's own store calls while
     the store is away) is an outage, not a bug in the handler: it is logged on
-    one line, without a traceback, from the first attempt.
+    one line, without a traceback, from the first attempt. Other errors get a
+    traceback on their first failure if *tracebacks* (the projection's, on this
+    node) admits their type; other partitions failing alike log one line.
     """
     attempt = 0
     described = ""
@@ -340,7 +356,11 @@ async def _retrying(
         except Exception as exc:
             attempt += 1
             described = described or (what if isinstance(what, str) else what())
-            if attempt == 1 and not (isinstance(exc, PersistenceError) and exc.retryable):
+            if (
+                attempt == 1
+                and not (isinstance(exc, PersistenceError) and exc.retryable)
+                and tracebacks.admit(f"{type(exc).__module__}.{type(exc).__qualname__}") is not None
+            ):
                 _log.exception("%s failed; retrying", described)
             else:
                 _repeat_log.warning(
