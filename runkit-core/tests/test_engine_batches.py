@@ -413,6 +413,36 @@ async def test_a_slot_handed_to_a_waiter_is_not_taken_by_a_newcomer() -> None:
     assert backlog.has_room()  # the waiter resumed without taking it: free again
 
 
+async def test_a_freed_slot_goes_to_held_inbox_commands_before_waiting_callers() -> None:
+    # Whatever frees a slot (a command finishing, a woken caller that leaves
+    # without taking it) hands it to held inbox commands first: otherwise a
+    # slot left by a caller stayed free while they waited for the next finish.
+    from runkit.engine.commands.backlog import Backlog
+
+    admitted: list[int] = []
+
+    def admit() -> None:
+        while backlog.inbox_held and backlog.free > 0:
+            backlog.inbox_held -= 1
+            backlog.count += 1
+            admitted.append(1)
+
+    backlog = Backlog(2, admit_held=admit)
+    backlog.count = 2
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(backlog.wait_for_room)
+        await wait_until(lambda: backlog.waiting == 1)
+        backlog.inbox_held = 1
+        assert not backlog.has_room()
+        backlog.count -= 1  # a slot frees
+        backlog.wake_waiters()
+        assert admitted == [1]
+        assert backlog.waiting == 1, "the caller went before the held inbox command"
+        backlog.count -= 1
+        backlog.wake_waiters()  # nothing held: the caller's turn
+    assert backlog.waiting == 0
+
+
 # -- a catch-up that never suspends must not starve other tasks -----------------------
 
 

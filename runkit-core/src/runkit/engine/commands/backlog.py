@@ -10,6 +10,7 @@ every caller.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import anyio
 import attrs
@@ -32,8 +33,10 @@ class Backlog:
     command is done (then calls ``wake_waiters``) and calls ``close`` when it stops.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, admit_held: Callable[[], None] | None = None) -> None:
         self.limit = limit
+        # Takes held inbox commands into the batch while there is room (the partition's).
+        self._admit_held = admit_held
         self.count = 0
         # Callers waiting for backlog room, first come first served.
         self._room_waiters: deque[_RoomWaiter] = deque()
@@ -89,8 +92,15 @@ class Backlog:
             raise
 
     def wake_waiters(self) -> None:
-        """Hand the free slots to the first waiters in line (none while inbox commands wait)."""
-        if not self._room_waiters or self.inbox_held:
+        """Hand the free slots to the first waiters in line, after held inbox commands."""
+        if self.inbox_held:
+            # A slot freed without a command finishing (a woken waiter that left)
+            # goes to them first; waiters get theirs once none is held.
+            if self._admit_held is not None:
+                self._admit_held()
+            if self.inbox_held:
+                return
+        if not self._room_waiters:
             return
         free = self.free
         while free > 0 and self._room_waiters:

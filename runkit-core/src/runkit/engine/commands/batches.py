@@ -115,7 +115,7 @@ class PartitionCommands:
         materialiser: Materialiser,
         backlog_limit: int = 1000,
     ) -> None:
-        self._backlog = Backlog(backlog_limit)
+        self._backlog = Backlog(backlog_limit, admit_held=self._admit_held)
         self._app = app
         self._inbox = inbox
         self._writer = writer
@@ -602,9 +602,7 @@ class PartitionCommands:
             self._done(item.position)
         # A spilled command not yet read back from the inbox is counted done
         # when it is (_add_record).
-        if self._held:
-            self._admit_held()
-        self._backlog.wake_waiters()  # if nothing is held any more
+        self._backlog.wake_waiters()  # held inbox commands first
 
     def _done(self, position: int) -> None:
         self._inbox_progress.done(position)
