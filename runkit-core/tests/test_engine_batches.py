@@ -402,7 +402,7 @@ async def test_a_slot_handed_to_a_waiter_is_not_taken_by_a_newcomer() -> None:
     # wait its turn, or closed-loop callers starve the queue.
     from runkit.engine.commands.backlog import Backlog
 
-    backlog = Backlog(1)
+    backlog = Backlog[int](1)
     backlog.count = 1
     async with anyio.create_task_group() as tg:
         tg.start_soon(backlog.wait_for_room)
@@ -420,19 +420,12 @@ async def test_a_freed_slot_goes_to_held_inbox_commands_before_waiting_callers()
     from runkit.engine.commands.backlog import Backlog
 
     admitted: list[int] = []
-
-    def admit() -> None:
-        while backlog.inbox_held and backlog.free > 0:
-            backlog.inbox_held -= 1
-            backlog.count += 1
-            admitted.append(1)
-
-    backlog = Backlog(2, admit_held=admit)
+    backlog = Backlog[int](2, admit=admitted.append)
     backlog.count = 2
     async with anyio.create_task_group() as tg:
         tg.start_soon(backlog.wait_for_room)
         await wait_until(lambda: backlog.waiting == 1)
-        backlog.inbox_held = 1
+        backlog.hold(1)
         assert not backlog.has_room()
         backlog.count -= 1  # a slot frees
         backlog.wake_waiters()

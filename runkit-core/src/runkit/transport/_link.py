@@ -120,7 +120,8 @@ class Link:
             raise LinkClosed(self._reason)
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
-            if inline and not self._queued_bytes and self._inline is None and not self._waiting:
+            # Idle: nothing queued or being written (an inline write counts as queued).
+            if inline and not self._queued_bytes and not self._waiting:
                 await self._write_inline(data)
             # Not yielding here lets a producer queue several frames before the
             # writer runs, so they leave in one TLS write (a stream: ~3x the items/s).

@@ -3,19 +3,22 @@
 ``Backlog`` counts the commands a partition has taken into its batch and not
 yet done (local and inbox) and lines up callers that wait for room, first come
 first served, handing each freed slot to the first of them. Inbox commands the
-partition has read but not taken for want of room (``inbox_held``) go before
-every caller.
+partition has read while it had no room are *held* here and take freed slots
+before any caller.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import anyio
 import attrs
 
 __all__ = ["Backlog"]
+
+T = TypeVar("T")
 
 
 @attrs.define(eq=False)
@@ -26,24 +29,25 @@ class _RoomWaiter:
     reserved: bool = False
 
 
-class Backlog:
-    """Commands accepted and not yet done, and the callers waiting for room.
+class Backlog(Generic[T]):
+    """Commands taken and not yet done, held inbox commands, and callers waiting for room.
 
     The partition adds to ``count`` when it takes a command, subtracts when the
-    command is done (then calls ``wake_waiters``) and calls ``close`` when it stops.
+    command is done (then calls ``wake_waiters``), passes inbox commands
+    through ``hold`` and calls ``close`` when it stops. *admit* takes a held
+    command into the batch (``count`` already includes it).
     """
 
-    def __init__(self, limit: int, *, admit_held: Callable[[], None] | None = None) -> None:
+    def __init__(self, limit: int, *, admit: Callable[[T], None] = lambda item: None) -> None:
         self.limit = limit
-        # Takes held inbox commands into the batch while there is room (the partition's).
-        self._admit_held = admit_held
         self.count = 0
+        self._admit = admit
+        #: Inbox commands read and waiting for room: while any is, callers wait.
+        self.held: deque[T] = deque()
         # Callers waiting for backlog room, first come first served.
         self._room_waiters: deque[_RoomWaiter] = deque()
         self._reserved = 0  # slots handed to woken waiters that have not taken them yet
         self._closed = False
-        #: Inbox commands read and waiting for room: while any is, callers wait.
-        self.inbox_held = 0
 
     @property
     def waiting(self) -> int:
@@ -57,7 +61,17 @@ class Backlog:
 
     def has_room(self) -> bool:
         """Whether a caller may go ahead now: a free slot, and nobody waiting for one."""
-        return self.free > 0 and not self._room_waiters and not self.inbox_held
+        return self.free > 0 and not self._room_waiters and not self.held
+
+    def hold(self, item: T) -> None:
+        """An inbox command: admitted at once if there is room, else once there is.
+
+        Held ones are older than any caller waiting for room, so they take
+        freed slots first. A command produced by a handler is not held (it
+        never waits for room), so it overtakes them.
+        """
+        self.held.append(item)
+        self._admit_held()
 
     async def wait_for_room(self) -> None:
         """Return once the backlog is below the limit, after those already waiting.
@@ -92,13 +106,13 @@ class Backlog:
             raise
 
     def wake_waiters(self) -> None:
-        """Hand the free slots to the first waiters in line, after held inbox commands."""
-        if self.inbox_held:
-            # A slot freed without a command finishing (a woken waiter that left)
-            # goes to them first; waiters get theirs once none is held.
-            if self._admit_held is not None:
-                self._admit_held()
-            if self.inbox_held:
+        """Hand the free slots to held inbox commands, then to the first waiters in line.
+
+        Whatever freed them: a command finishing, or a woken waiter that left.
+        """
+        if self.held:
+            self._admit_held()
+            if self.held:
                 return
         if not self._room_waiters:
             return
@@ -109,6 +123,11 @@ class Backlog:
             self._reserved += 1
             waiter.event.set()
             free -= 1
+
+    def _admit_held(self) -> None:
+        while self.held and self.free > 0:
+            self.count += 1
+            self._admit(self.held.popleft())
 
     def close(self) -> None:
         """The partition stopped: wake every waiter (and let nobody wait any more)."""

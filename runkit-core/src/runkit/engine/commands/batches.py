@@ -115,7 +115,7 @@ class PartitionCommands:
         materialiser: Materialiser,
         backlog_limit: int = 1000,
     ) -> None:
-        self._backlog = Backlog(backlog_limit, admit_held=self._admit_held)
+        self._backlog = Backlog[PendingCommand](backlog_limit, admit=self._admit)
         self._app = app
         self._inbox = inbox
         self._writer = writer
@@ -131,9 +131,6 @@ class PartitionCommands:
         self._inbox_pending = 0
         self._paused = False
         self._ready: deque[PendingCommand] = deque()
-        # Inbox commands read while the backlog had no room: they go into the batch
-        # as room frees, before callers waiting for room (ADR 0005, back-pressure).
-        self._held: deque[PendingCommand] = deque()
         # Commands queued on the writer, not durable yet (and duplicates waiting on them).
         self._publishing: dict[str, list[PendingCommand]] = {}
         self._notes: deque[tuple[int, InboxRecord]] = deque()
@@ -188,7 +185,7 @@ class PartitionCommands:
     @property
     def held(self) -> int:
         """Inbox commands read and waiting for backlog room (not in ``backlog``)."""
-        return len(self._held)
+        return len(self._backlog.held)
 
     def progress(self) -> dict[str, int]:
         """Counters for operators: stream end, inbox positions, commands in memory."""
@@ -196,7 +193,7 @@ class PartitionCommands:
             "stream_end": self._writer.next_offset,
             "inbox_position": self._writer.written_progress,
             "inbox_read": self._inbox_progress.read_end,
-            "pending": self._backlog.count + len(self._held),
+            "pending": self._backlog.count + len(self._backlog.held),
         }
 
     def notify(self, position: int, record: InboxRecord) -> None:
@@ -423,28 +420,16 @@ class PartitionCommands:
                     spilled.position = position
                 continue
             self._inbox_pending += 1
-            self._held.append(
+            # Into the batch once the backlog has room (ADR 0005, back-pressure).
+            self._backlog.hold(
                 PendingCommand(entry, self._app.handler_by_key(entry.handler_key), position)
             )
         self._inbox_progress.advance()
-        self._admit_held()
 
-    def _admit_held(self) -> None:
-        """Move held inbox commands into the batch while the backlog has room.
-
-        They are older than any caller waiting for room, so they go first: while
-        any is held, callers wait (``Backlog.inbox_held``). A command produced by
-        a handler is not held (it never waits for room), so it overtakes them.
-        """
-        held, backlog = self._held, self._backlog
-        moved = False
-        while held and backlog.free > 0:
-            backlog.count += 1
-            self._ready.append(held.popleft())
-            moved = True
-        backlog.inbox_held = len(held)
-        if moved:
-            self._wake.set()
+    def _admit(self, item: PendingCommand) -> None:
+        """A held inbox command goes into the batch (the backlog counts it)."""
+        self._ready.append(item)
+        self._wake.set()
 
     def _handle_ready(self) -> None:
         """One synchronous pass over everything ready."""
