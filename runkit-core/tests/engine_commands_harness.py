@@ -320,17 +320,23 @@ async def execute_in_batch(engine: Engine, command: dogma.Command, app_key: str 
 def splitting_node_ids(partitions: int, app_key: str = APP_KEY) -> tuple[uuid.UUID, uuid.UUID]:
     """Two random node IDs between which rendezvous hashing splits *app_key*'s partitions.
 
-    With 8 partitions, 1 random pair in 128 gives one node all of them; tests
-    that need both nodes to own some start their nodes with these IDs. The
-    split depends on the application's key: pass the key of the application
-    the nodes run.
+    Each node wins at least two of them (with one node's share fixed, a test
+    can still find another partition that node owns). With 8 partitions, 1
+    random pair in 128 gives one node all of them and 16 in 256 give one node
+    a single one; tests that need both nodes to own some start their nodes
+    with these IDs. The split depends on the application's key: pass the key
+    of the application the nodes run.
     """
+    from collections import Counter
+
     from runkit.engine.partitions import partition_id
     from runkit.rendezvous import winner
 
+    least = min(2, partitions // 2)
     while True:
         ids = (uuid.uuid4(), uuid.uuid4())
-        if len({winner(partition_id(app_key, i), ids) for i in range(partitions)}) == 2:
+        won = Counter(winner(partition_id(app_key, i), ids) for i in range(partitions))
+        if len(won) == 2 and min(won.values()) >= least:
             return ids
 
 
