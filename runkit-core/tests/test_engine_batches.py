@@ -436,6 +436,29 @@ async def test_a_freed_slot_goes_to_held_inbox_commands_before_waiting_callers()
     assert backlog.waiting == 0
 
 
+async def test_a_caller_that_only_waits_its_turn_passes_its_slot_to_held_inbox_commands() -> None:
+    # An integration command's caller waits for room, then appends to the
+    # inbox rather than taking the slot (its command takes one when read
+    # back). An inbox command held while the slot was reserved for the caller
+    # stayed held with the slot free: callers then waited for room that was
+    # there, until some command finished (never, if the caller's own append
+    # failed and nothing else was in flight).
+    from runkit.engine.commands.backlog import Backlog
+
+    admitted: list[int] = []
+    backlog = Backlog[int](1, admit=admitted.append)
+    backlog.count = 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(functools.partial(backlog.wait_for_room, take=False))
+        await wait_until(lambda: backlog.waiting == 1)
+        backlog.count -= 1  # the command in the slot is done
+        backlog.wake_waiters()  # the slot is reserved for the caller
+        backlog.hold(7)  # an inbox command read meanwhile waits
+        assert admitted == []
+    assert admitted == [7], "the slot the caller left stayed free"
+    assert (backlog.count, backlog.free, list(backlog.held)) == (1, 0, [])
+
+
 # -- a catch-up that never suspends must not starve other tasks -----------------------
 
 

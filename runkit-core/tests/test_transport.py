@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime
+import itertools
 import logging
 import math
 import re
@@ -507,10 +508,11 @@ async def test_an_inline_request_on_an_idle_link_leaves_without_the_writer() -> 
 
 
 async def test_frames_sent_around_inline_writes_keep_each_senders_order() -> None:
-    # Large requests go inline and wait for the socket while the peer does not
-    # read yet; small frames sent meanwhile queue, and the writer must hold
-    # them until the inline write is done (two writes at once break TLS).
-    big, small = 8, 200
+    # Requests of 60 KiB go inline and, once the socket's buffers are full,
+    # wait for it while the peer does not read yet; small frames sent
+    # meanwhile queue, and the writer must hold them until the inline write
+    # is done (two writes at once break TLS).
+    big, small = 96, 200
     reading = anyio.Event()
     async with (
         decoding_pair(reading) as (stream, received),
@@ -521,8 +523,8 @@ async def test_frames_sent_around_inline_writes_keep_each_senders_order() -> Non
 
         async def requests() -> None:
             for n in range(1, big + 1):
-                await link.send(Request(id=n, method="r", payload=bytes(1024 * 1024)), inline=True)
-                await anyio.sleep(0.005)
+                await link.send(Request(id=n, method="r", payload=bytes(60 * 1024)), inline=True)
+                await anyio.sleep(0.001)
 
         async def others() -> None:
             for n in range(1, small + 1):
@@ -542,27 +544,129 @@ async def test_frames_sent_around_inline_writes_keep_each_senders_order() -> Non
         link.close("done", goodbye=False)
 
 
-async def test_an_inline_write_cut_short_by_its_senders_cancellation_closes_the_link() -> None:
-    # TLS has taken the whole record when the write starts; cut short, the rest
-    # of the stream is unreadable for the peer, so the link must not go on.
+async def test_a_sender_cancelled_during_its_inline_write_leaves_once_it_is_written() -> None:
+    # TLS has taken the whole record when the write starts: cut short, the rest
+    # of the stream would be unreadable for the peer and every call on the
+    # link would fail for one caller's timeout. The write goes on; the sender
+    # leaves once it is done, and the link stays usable.
     reading = anyio.Event()
-    frame = Request(id=1, method="m", payload=bytes(4 * 1024 * 1024))
+    left = anyio.Event()
+    returned: list[int] = []  # frames whose send returned
+
+    async def sender() -> None:
+        with anyio.move_on_after(0.3):
+            for n in itertools.count(1):  # until the socket's buffers are full and a write waits
+                await link.send(Request(id=n, method="m", payload=bytes(60 * 1024)), inline=True)
+                returned.append(n)
+        left.set()
+
     async with (
-        tls_pair(reading, 1) as (stream, _),
+        decoding_pair(reading) as (stream, received),
+        anyio.create_task_group() as tg,
+    ):
+        link = unread_link(stream, 1024 * 1024)
+        tg.start_soon(link.run, lambda frame: None)
+        tg.start_soon(sender)
+        await anyio.sleep(0.6)
+        assert not left.is_set()  # still writing, past its deadline
+        assert not link.closed, link.reason
+        reading.set()
+        with anyio.fail_after(10):
+            await left.wait()
+        last = Request(id=10**9, method="after", payload=b"")
+        await link.send(last, inline=True)
+        frames = await received.until(len(returned) + 1)
+        assert frames == [
+            *(Request(id=n, method="m", payload=bytes(60 * 1024)) for n in returned),
+            last,
+        ]
+        link.close("done", goodbye=False)
+
+
+async def test_a_cancel_while_a_large_answer_waits_for_the_client_keeps_the_connection() -> None:
+    # The client gives up on a request (its timeout) while the server writes
+    # the answer to it, the client not reading yet: the request's cancellation
+    # must not cut that write short, or every other call on the connection
+    # fails with it.
+    size = 24 * 1024 * 1024  # more than the sockets' buffers hold
+
+    async def big(peer: PeerInfo, payload: bytes) -> bytes:
+        return bytes(size)
+
+    b = node("node-b", B, unary={"big": big, "echo": echo}, max_frame_size=32 * 1024 * 1024)
+    async with serving(b) as address:
+        stream = await raw_session(address, A)
+        await stream.send(encode_frame(Request(id=1, method="big", payload=b"")))
+        await anyio.sleep(0.5)  # the answer's write waits for the client to read
+        await stream.send(encode_frame(Cancel(id=1)))
+        await stream.send(encode_frame(Request(id=2, method="echo", payload=b"x")))
+        decoder = FrameDecoder(32 * 1024 * 1024)
+        frames: list[Frame] = []
+        with anyio.fail_after(10):
+            while not any(isinstance(f, Response) and f.id == 2 for f in frames):
+                frames += decoder.feed(await stream.receive())
+        await anyio.aclose_forcefully(stream)
+
+
+async def test_a_large_frame_sent_inline_is_queued_and_its_senders_cancellation_is_harmless() -> (
+    None
+):
+    # A frame over 64 KiB goes through the writer's queue even when sent
+    # inline: a sender that gives up while it waits for room leaves the link
+    # usable (written inline, its write would have been cut short).
+    reading = anyio.Event()
+    sent: list[int] = []
+    async with (
+        decoding_pair(reading) as (stream, received),
         anyio.create_task_group() as tg,
     ):
         link = unread_link(stream, 8 * 1024 * 1024)
         tg.start_soon(link.run, lambda frame: None)
-        with anyio.fail_after(5):
-            with anyio.move_on_after(0.3) as scope:
-                while True:  # until the socket's buffers are full and the write waits
-                    await link.send(frame, inline=True)
-            assert scope.cancelled_caught
-        assert link.closed
-        assert link.reason == "a frame's write was cut short"
-        with pytest.raises(link_module.LinkClosed):
-            await link.send(Ping(), inline=True)
+        with anyio.fail_after(5), anyio.move_on_after(0.3) as scope:
+            for n in itertools.count(1):  # until the queue is full and a send waits
+                await link.send(
+                    Request(id=n, method="m", payload=bytes(2 * 1024 * 1024)), inline=True
+                )
+                sent.append(n)
+        assert scope.cancelled_caught
+        assert not link.closed, link.reason
         reading.set()
+        await link.send(Ping(), inline=True)
+        frames = await received.until(len(sent) + 1)
+        assert [f.id for f in frames if isinstance(f, Request)] == sent
+        assert isinstance(frames[-1], Ping)
+        link.close("done", goodbye=False)
+
+
+async def test_an_inline_write_the_peer_does_not_read_for_two_intervals_closes_the_link() -> None:
+    # The peer keeps sending (so keepalive sees it alive) but reads nothing: a
+    # shielded write would hold its sender for ever; after two keepalive
+    # intervals the link gives up on the peer, and the sender is released.
+    # (Pongs, which need no answer: an answer would be queued, and the frames
+    # sent after it would wait in the queue rather than be written inline.)
+    async def sending(stream: TLSStream) -> None:
+        pong = encode_frame(Pong(), 1024)
+        while True:
+            await stream.send(pong)
+            await anyio.sleep(0.02)
+
+    async with tls_client_of(sending) as stream, anyio.create_task_group() as tg:
+        link = Link(
+            stream,
+            label="test",
+            max_frame_size=1024 * 1024,
+            keepalive_interval=0.25,
+            decoder=FrameDecoder(),
+        )
+        tg.start_soon(link.run, lambda frame: None)
+
+        async def send_until_closed() -> None:
+            for n in itertools.count(1):
+                await link.send(Request(id=n, method="m", payload=bytes(60 * 1024)), inline=True)
+
+        with anyio.fail_after(10), pytest.raises(link_module.LinkClosed):
+            await send_until_closed()
+        assert link.reason == "the peer read nothing of a frame for 0.5 s"
 
 
 async def test_a_frame_larger_than_the_queue_bound_still_goes() -> None:

@@ -40,6 +40,11 @@ _QUEUE_BYTES = 8 * 1024 * 1024
 # for a pong. The frame bound still catches a peer that never reads.
 _CONTROL_BYTES = 4 * 1024
 _CLOSE_GRACE = 1.0
+# The largest frame a sender writes itself on an idle link. Such a frame fits
+# the transport's buffer (asyncio pauses writing at 64 KiB), so its write waits
+# only while the peer is not reading; a larger frame's transfer time dwarfs the
+# loop turn an inline write saves, and it goes through the queue.
+_INLINE_BYTES = 64 * 1024
 
 
 class LinkClosed(Exception):
@@ -60,11 +65,15 @@ class Link:
     (``send_nowait``) never wait: if the queue is full the peer is not reading
     what we send while still sending to us, and the connection is closed.
 
-    ``send(frame, inline=True)`` (a request) writes the frame from the
+    ``send(frame, inline=True)`` (a request) writes a small frame from the
     sender's own task when nothing is queued or being written, which saves
     the writer task's turn of the event loop (one loop iteration, about a
     millisecond on a busy node) on every idle-link request. Whatever is sent
     meanwhile queues behind it, so order and coalescing under load are kept.
+    The sender's cancellation does not cut that write short (the TLS stream
+    would be unreadable after it): the sender leaves once its frame is
+    written, and a peer that reads none of it for two keepalive intervals
+    has the link closed.
     """
 
     def __init__(
@@ -81,6 +90,8 @@ class Link:
         self._stream = stream
         self._decoder = decoder
         self._interval = keepalive_interval
+        # How long an inline write may wait for the peer to read (see _write_inline).
+        self._patience = 2 * keepalive_interval
         self._tx, self._rx = anyio.create_memory_object_stream[bytes](_QUEUE_FRAMES)
         self._queued_bytes = 0  # in the queue or in the writer's batch
         self._waiting: deque[_Waiter] = deque()  # senders waiting for room, in turn
@@ -110,7 +121,7 @@ class Link:
 
         *inline* suits a lone frame that someone waits on (a request); a
         producer of many frames (a stream) leaves it off, so that its frames
-        are coalesced into few writes.
+        are coalesced into few writes. A frame over 64 KiB is queued anyway.
 
         :raises ProtocolError: if the frame exceeds the size limit (link stays open).
         :raises LinkClosed: if the link is closed.
@@ -121,7 +132,12 @@ class Link:
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
             # Idle: nothing queued or being written (an inline write counts as queued).
-            if inline and not self._queued_bytes and not self._waiting:
+            if (
+                inline
+                and not self._queued_bytes
+                and not self._waiting
+                and len(data) <= _INLINE_BYTES
+            ):
                 await self._write_inline(data)
             # Not yielding here lets a producer queue several frames before the
             # writer runs, so they leave in one TLS write (a stream: ~3x the items/s).
@@ -134,12 +150,18 @@ class Link:
         """Write *data* from the sender's task; frames sent meanwhile queue behind it."""
         done = self._inline = anyio.Event()
         self._queued_bytes += len(data)  # the link is busy: others queue
-        finished = False
+        patience = self._patience
+        deadline = anyio.current_time() + patience if math.isfinite(patience) else math.inf
         try:
-            # A write waits only while the peer is not reading (the transport is
-            # paused), and only then can the sender's cancellation cut it short.
-            await self._stream.send(data)
-            finished = True
+            # Shielded: TLS takes the whole record when the write starts, and a
+            # write cut short leaves the peer unable to read anything after it,
+            # which would fail every call on the link for one caller's timeout.
+            # The write waits only while the peer is not reading.
+            with anyio.CancelScope(shield=True, deadline=deadline) as scope:
+                await self._stream.send(data)
+            if scope.cancelled_caught:
+                self.close(f"the peer read nothing of a frame for {patience:g} s", goodbye=False)
+                raise LinkClosed(self.reason)
         except (anyio.EndOfStream, anyio.BrokenResourceError, ssl.SSLError, OSError) as exc:
             self.close(f"connection lost while sending: {exc!r}", goodbye=False)
             raise LinkClosed(self.reason) from None
@@ -147,10 +169,6 @@ class Link:
             self._queued_bytes -= len(data)
             self._inline = None
             done.set()
-            if not finished and self._reason is None:
-                # TLS has taken the record, which did not all leave: the peer can
-                # read nothing sent after it.
-                self.close("a frame's write was cut short", goodbye=False)
             self._admit()
 
     def send_nowait(self, frame: Frame) -> bool:

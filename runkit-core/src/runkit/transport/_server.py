@@ -496,7 +496,7 @@ class _RequestRunner:
 
     async def _reply(self, request: Request, frame: Frame) -> None:
         try:
-            # Inline: the caller waits on it, and a request task sends nothing else.
+            # Inline: the caller waits on it (a stream's items have all been sent).
             await self._link.send(frame, inline=True)
         except ProtocolError as exc:
             await self._link.send(

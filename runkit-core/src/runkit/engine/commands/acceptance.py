@@ -134,8 +134,12 @@ class LocalPartition(Protocol):
         """Whether a caller may go ahead now: backlog below the limit, nobody waiting."""
         ...
 
-    async def wait_for_room(self) -> None:
-        """Return once the backlog is below the limit, after the callers already waiting."""
+    async def wait_for_room(self, *, take: bool = True) -> None:
+        """Return once the backlog is below the limit, after the callers already waiting.
+
+        With *take*, the caller takes its slot (``execute_local``) at once;
+        without, the slot passes on (the command goes through the inbox).
+        """
         ...
 
     async def execute_local(self, entries: Sequence[InboxEntry]) -> None:
@@ -370,7 +374,7 @@ class Acceptor:
             # (its command takes a slot once the partition reads it back); an
             # offer to another node's partition never waited for room either.
             if not produced and local is not None:
-                await self._wait_for_room(index, local)
+                await self._wait_for_room(index, local, take=False)
             await self._to_inbox(index, [e for e in entries if e.instance_id is None])
             rest = [e for e in entries if e.instance_id is not None]
             if rest:
@@ -447,11 +451,11 @@ class Acceptor:
         if self._wake is not None:
             self._wake(index)  # the owner reads its inbox now, not at its next poll
 
-    async def _wait_for_room(self, index: int, local: LocalPartition) -> None:
+    async def _wait_for_room(self, index: int, local: LocalPartition, *, take: bool = True) -> None:
         if local.has_room():
             return
         with anyio.move_on_after(self._backlog_timeout) as waited:
-            await local.wait_for_room()
+            await local.wait_for_room(take=take)
         if waited.cancelled_caught:
             raise self._backlogged(index, local.backlog, local.backlog_limit)
 

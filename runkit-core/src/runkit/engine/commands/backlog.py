@@ -73,14 +73,16 @@ class Backlog(Generic[T]):
         self.held.append(item)
         self._admit_held()
 
-    async def wait_for_room(self) -> None:
+    async def wait_for_room(self, *, take: bool = True) -> None:
         """Return once the backlog is below the limit, after those already waiting.
 
         Waiters are served in arrival order: each freed slot is handed to the
         first waiter and reserved for it until it resumes, so a caller that
         just finished and calls again cannot take it first (closed-loop callers
         would otherwise keep their slots and starve the queue). The caller
-        must take its slot (``execute_local``) without suspending in between.
+        must take its slot (``execute_local``) without suspending in between;
+        one that only waits its turn (*take* false: its command takes a slot
+        later, as an inbox command) passes the slot on as it returns.
         """
         if self._closed or self.has_room():
             return
@@ -91,6 +93,10 @@ class Backlog(Generic[T]):
                 await waiter.event.wait()
                 self._unreserve(waiter)
                 if self._closed or self.count < self.limit:
+                    if not take:
+                        # Nothing takes the slot: held inbox commands or the
+                        # next caller do (else it stays free until a finish).
+                        self.wake_waiters()
                     return
                 # Inbox commands filled the slot meanwhile: stay first in line.
                 waiter = _RoomWaiter()

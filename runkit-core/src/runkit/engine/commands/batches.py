@@ -215,13 +215,14 @@ class PartitionCommands:
         """Whether a caller may go ahead now: a free slot, and nobody waiting for one."""
         return self._backlog.has_room()
 
-    async def wait_for_room(self) -> None:
+    async def wait_for_room(self, *, take: bool = True) -> None:
         """Return once the backlog is below the limit, after those already waiting.
 
         See ``Backlog.wait_for_room``: the caller must take its slot
-        (``execute_local``) without suspending in between.
+        (``execute_local``) without suspending in between, unless *take* is
+        false (its command reaches the partition through the inbox).
         """
-        await self._backlog.wait_for_room()
+        await self._backlog.wait_for_room(take=take)
 
     async def execute_local(self, entries: Sequence[InboxEntry]) -> None:
         """Handle *entries* in the next batch; return once each is durable.
