@@ -2,14 +2,21 @@
 
 Every async test runs on both asyncio and trio (anyio's pytest plugin in auto
 mode, parametrised here). ``DOGMA_*`` variables are stripped so tests of
-``from_environment()`` are hermetic.
+``from_environment()`` are hermetic, and the bank's read models go to the test's
+own folder. Property tests have no per-example deadline: on two CPUs shared by
+two test workers one slow example is noise, not a finding.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+settings.register_profile("runkit", deadline=None)
+settings.load_profile("runkit")
 
 
 @pytest.fixture(
@@ -23,10 +30,12 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
 
 
 @pytest.fixture(autouse=True)
-def _clean_dogma_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_dogma_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("DOGMA_"):
             monkeypatch.delenv(name)
+    # Not ./bank.sqlite3, shared by every test worker and run (and subprocesses).
+    monkeypatch.setenv("BANK_READ_DB", str(tmp_path / "bank.sqlite3"))
 
 
 # Backend markers are applied here, by where a test lives and which fixtures it

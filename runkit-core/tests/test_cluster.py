@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -83,12 +82,6 @@ def moto_server(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     return moto
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @attrs.define
 class Cluster:
     """Node processes of one cluster; ``start`` adds a node or restarts one by index."""
@@ -113,7 +106,7 @@ class Cluster:
             )
         config = {
             **self.configs[n],
-            "listen": f"127.0.0.1:{_free_port()}",
+            "listen": "127.0.0.1:0",
             "ready": str(self.tmp / f"ready-{n}-{uuid.uuid4().hex[:6]}"),
         }
         with (self.tmp / f"node-{n}.log").open("ab") as log:
@@ -375,7 +368,7 @@ async def test_runkit_execute_sends_a_command_to_a_running_node(
     with (tmp_path / "node.log").open("wb") as log:
         node = await anyio.open_process(
             [runkit_cli, "run", "bank:app"],
-            env={**env, "DOGMA_LISTEN_ADDRESS": f"127.0.0.1:{_free_port()}"},
+            env={**env, "DOGMA_LISTEN_ADDRESS": "127.0.0.1:0"},
             stdin=None,
             stdout=log,
             stderr=log,

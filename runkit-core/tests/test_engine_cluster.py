@@ -1451,6 +1451,8 @@ async def test_a_callers_command_offered_to_a_full_partition_waits_for_room_and_
         runtime.acceptor._backlog_timeout = 0.5
         with anyio.fail_after(10), pytest.raises(Backlogged, match="backlog limit 3"):
             await f.executor.execute_command(Deposit(f.accounts[0], 1, "refused"))
+        # Long again: the caller below must outwait the partition's release.
+        runtime.acceptor._backlog_timeout = 30.0
         # A command a process produced on the caller's node is taken anyway.
         router = f.engines[f.caller].router
         assert router is not None

@@ -48,6 +48,7 @@ from engine_commands_harness import (
     execute_in_batch,
     read_stores,
     running,
+    settled,
     setup,
     wait_until,
 )
@@ -140,7 +141,8 @@ async def test_a_spilled_command_retried_before_its_spill_lands_is_handled_once(
         await anyio.sleep(0.2)  # the spill lands meanwhile
     provider.plan.clear()
     async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
-        await anyio.sleep(0.5)
+        await settled(inner)
+        await anyio.sleep(0.3)  # time enough to handle anything again
     # The handler may run again after the restart (a retry whose record never
     # landed); its effects must not be recorded twice.
     stores = await read_stores(inner)
@@ -183,7 +185,8 @@ async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_aga
         tg.cancel_scope.cancel()
     provider.plan.clear()
     async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
-        await anyio.sleep(0.5)
+        await settled(inner)
+        await anyio.sleep(0.3)  # time enough to handle anything again
     stores = await read_stores(inner)
     check_invariants(stores)
     assert s.notifier.calls == [1]
@@ -242,7 +245,8 @@ async def test_a_spilled_copy_of_a_landed_append_is_not_handled_after_a_second_t
         await wait_until(lambda: 0 not in b_runtime.partitions)
         tg.cancel_scope.cancel()
     async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
-        await anyio.sleep(0.5)
+        await settled(inner)
+        await anyio.sleep(0.3)  # time enough to handle anything again
     assert sorted(s.notifier.calls) == [1, 2], "a committed command was handled again"
     check_invariants(await read_stores(inner))
 
@@ -340,7 +344,8 @@ async def test_inbox_commands_committed_before_the_progress_record_are_not_handl
     assert last.command_ids
     assert last.inbox_position < last.inbox_end
     async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
-        await anyio.sleep(0.5)
+        await settled(inner)
+        await anyio.sleep(0.3)  # time enough to handle anything again
     check_invariants(await read_stores(inner))
     assert sorted(s.notifier.calls) == [1, 2], "a command committed in the stream was handled again"
 

@@ -500,22 +500,25 @@ def test_the_cache_forgets_a_partition_and_lists_due_clears() -> None:
 async def test_the_cache_lock_serialises_one_instance_only() -> None:
     cache = InstanceCache(10)
     order: list[str] = []
+    release_x1 = anyio.Event()
 
-    async def hold(instance: str, label: str, delay: float) -> None:
+    async def hold(instance: str, label: str, release: anyio.Event | None = None) -> None:
         async with cache.lock(instance):
             order.append(f"{label}+")
-            await anyio.sleep(delay)
+            if release is not None:
+                await release.wait()
             order.append(f"{label}-")
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(hold, "x", "x1", 0.02)
-        await anyio.sleep(0.005)
-        assert cache.busy("x")
-        tg.start_soon(hold, "x", "x2", 0)
-        tg.start_soon(hold, "y", "y1", 0)
-        await anyio.sleep(0.005)
+        tg.start_soon(hold, "x", "x1", release_x1)
+        await wait_until(lambda: cache.busy("x"))
+        tg.start_soon(hold, "x", "x2")
+        tg.start_soon(hold, "y", "y1")
+        await wait_until(lambda: "y1-" in order)
+        await anyio.sleep(0.05)  # x2 would have run by now
         assert order == ["x1+", "y1+", "y1-"]
-    assert order[-2:] == ["x2+", "x2-"]
+        release_x1.set()
+    assert order[-3:] == ["x1-", "x2+", "x2-"]
     assert not cache.busy("x")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -84,12 +83,6 @@ def server() -> Iterator[PostgresServer]:
         pytest.skip("no PostgreSQL server programs (initdb, pg_ctl) on this machine")
     with PostgresServer(use_environment=False, settings={"synchronous_commit": "on"}) as pg:
         yield pg
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _splitting_node_ids() -> tuple[str, str]:
@@ -151,7 +144,7 @@ async def two_nodes(tmp: Path, dsn: str, schema: str, backend: str) -> AsyncIter
                     "backend": backend,
                     "node_id": node_id,
                     "heartbeat": HEARTBEAT,
-                    "listen": f"127.0.0.1:{_free_port()}",
+                    "listen": "127.0.0.1:0",
                     "log": True,
                 }
             )

@@ -50,7 +50,9 @@ def now() -> datetime:
 
 def node(provider: MemoryProvider, *configs: Any, **settings: Any) -> Engine:
     """An engine on its own provider of *provider*'s silo, with membership (the default)."""
-    options = {**FAST, "heartbeat_interval": 0.05, **settings}
+    # Not shorter: a loop stalled for 100 ms (two xdist workers on two CPUs)
+    # would let a live node's record expire between two reads.
+    options = {**FAST, "heartbeat_interval": 0.2, **settings}
     return Engine.from_settings(
         EngineSettings(
             applications=configs,

@@ -224,6 +224,8 @@ async def test_call_timeout_cancels_the_handler_and_keeps_the_connection() -> No
 
     b = node("node-b", B, unary={"stuck": stuck, "echo": echo})
     async with serving(b) as address, node(call_timeout=0.3) as a:
+        # Connected first: the short timeout bounds connecting too.
+        await a.call(address, "echo", b"warm", timeout=10)
         with pytest.raises(CallTimeout, match=r"'stuck' to .* timed out after 0\.3 s"):
             await a.call(address, "stuck", b"")
         with anyio.fail_after(5):
@@ -751,6 +753,7 @@ async def test_a_deferred_request_the_caller_leaves_is_cancelled_once() -> None:
 
     b = node("node-b", B, deferred={"hold": hold})
     async with serving(b) as address, node(call_timeout=0.2) as a:
+        await a.call(address, "echo", b"warm", timeout=10)  # connected first, as above
         with pytest.raises(CallTimeout):
             await a.call(address, "hold", b"timed-out")
         with anyio.fail_after(5):

@@ -8,6 +8,7 @@ would complete as soon as the lock is released.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -189,8 +190,23 @@ async def test_a_connection_closed_after_a_late_cancel_is_not_reported_as_lost(
     [(pid, _, _)] = await sessions(postgres_dsn, app_name)
     # Cancelled while it holds the connection between statements: the cancel
     # request finds no statement, so the driver must not reuse the connection.
-    with anyio.move_on_after(0.05) as scope:
-        await single._run(lambda conn: time.sleep(0.3), what="sleep", write=False)
+    started = threading.Event()
+
+    def sleep(conn: object) -> None:
+        started.set()
+        time.sleep(0.3)
+
+    async with anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                await single._run(sleep, what="sleep", write=False)
+
+        tg.start_soon(run)
+        # Cancelled once the worker thread holds the connection, not before.
+        assert await anyio.to_thread.run_sync(started.wait, 10)
+        scope.cancel()
     assert scope.cancelled_caught
     assert await journal.bounds() == Interval(0, 0)
     assert [s[0] for s in await sessions(postgres_dsn, app_name)] != [pid]  # a new connection

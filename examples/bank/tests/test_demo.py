@@ -69,7 +69,7 @@ def test_a_step_that_does_not_happen_fails_the_demo_with_a_clear_message(
 
     # Again in the same silo: the customer exists, so the first step records nothing.
     status = main(
-        ["--db", str(tmp_path / "again.sqlite3"), "--persistence", url, "--timeout", "0.5"]
+        ["--db", str(tmp_path / "again.sqlite3"), "--persistence", url, "--timeout", "30"]
     )
 
     assert status == 1
