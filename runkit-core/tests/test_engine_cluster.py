@@ -206,6 +206,48 @@ async def test_not_satisfied_is_raised_for_a_command_handled_on_another_node() -
         assert not never
 
 
+async def test_not_satisfied_is_raised_when_the_owner_handled_an_inbox_command_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An offer fails (a link blip): the command goes to the inbox, and the
+    # caller's observers subscribe at the owner after the append. The owner
+    # kept a command's done note only if someone was subscribed when it
+    # finished, so one handled before the (here: retried) subscription left
+    # the observer waiting for its timeout instead of being told that
+    # nothing it observes can follow.
+    from runkit.transport import TransportError
+
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)
+        s.accounts.nothing.add("quiet")  # handled, records nothing
+        _fail_offers(one, monkeypatch)
+        assert one.router is not None
+        transport = one.router._transport
+        original = transport.stream
+        failed: list[str] = []
+
+        def stream(address: str, method: str, *args: Any, **kwargs: Any) -> Any:
+            if method == "observe" and not failed:
+                failed.append(method)  # the same blip breaks the first observation
+                raise TransportError("the link is down (test)")
+            return original(address, method, *args, **kwargs)
+
+        monkeypatch.setattr(transport, "stream", stream)
+
+        async def saw(event: Deposited) -> bool:
+            return True
+
+        with anyio.fail_after(10), pytest.raises(dogma.EventObserverNotSatisfied):
+            await one.executor_for(s.app).execute_command(
+                Deposit(account, 1, "quiet"),
+                observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
+            )
+        assert failed
+        assert s.accounts.calls[-1][1] == "quiet"
+
+
 async def test_a_node_that_stops_hands_commands_to_the_inbox_and_the_survivor() -> None:
     s = setup()
     silo = f"cluster-{uuid.uuid4()}"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import attrs
+import msgspec
 import pytest
 
 import dogma
@@ -1215,6 +1217,84 @@ async def test_a_submit_to_a_stopped_inbox_writer_fails_at_once_or_sees_its_canc
             scope.cancel()
             await writer.submit([])
         assert scope.cancelled_caught
+
+
+def _inbox_entry(n: int, description: str) -> Any:
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.envelope import new_envelope, register_types
+
+    register_types(setup().config.message_types())
+    envelope = new_envelope(
+        Deposit(f"acc-{n}", 1, "r"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    envelope = msgspec.structs.replace(envelope, description=description)
+    return InboxEntry(envelope=envelope, handler_key=str(uuid.uuid4()), instance_id=f"acc-{n}")
+
+
+async def _submit_all(writer: Any, entries: list[Any]) -> list[int]:
+    """Submit each entry from a caller of its own, at once, to a running writer."""
+    positions: list[int] = []
+
+    async def submit(entry: Any) -> None:
+        positions.append(await writer.submit([entry]))
+
+    async with anyio.create_task_group() as callers:
+        for entry in entries:
+            callers.start_soon(submit, entry)
+    return positions
+
+
+async def test_concurrent_inbox_commands_are_grouped_by_their_encoded_size() -> None:
+    # Sized by their data alone, 500 commands with 300-character descriptions
+    # made one record over DynamoDB's 390 KiB, refused as a whole: every one of
+    # the callers failed, although each command fits alone.
+    from runkit.engine.commands.inbox import InboxWriter
+    from runkit.persistence import Limits
+
+    limits = Limits(max_record_bytes=390 * 1024)
+    provider = MemoryProvider(f"inbox-{uuid.uuid4()}", limits=limits)
+    async with await provider.journals.open("inbox") as journal:
+        writer = InboxWriter(
+            journal,
+            batch_limit=500,
+            record_limit=limits.max_record_bytes,
+            max_attempts=1,
+            retry_max_delay=0.01,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(writer.run)
+            entries = [_inbox_entry(n, "x" * 300) for n in range(500)]
+            positions = await _submit_all(writer, entries)
+            tg.cancel_scope.cancel()
+        assert len(positions) == 500
+        assert writer.records_written == len(set(positions)) > 1
+
+
+async def test_a_group_the_store_refuses_as_too_large_is_split() -> None:
+    # A store may count more than the writer estimates (its own overhead):
+    # a group it refuses is split, and only a single caller's commands that
+    # do not fit alone are refused.
+    from runkit.engine.commands.inbox import InboxWriter
+    from runkit.persistence import LimitExceeded, Limits
+
+    limits = Limits(max_record_bytes=4096)
+    provider = MemoryProvider(f"inbox-{uuid.uuid4()}", limits=limits)
+    async with await provider.journals.open("inbox") as journal:
+        writer = InboxWriter(
+            journal,
+            batch_limit=500,
+            record_limit=100 * limits.max_record_bytes,  # an estimate far too generous
+            max_attempts=1,
+            retry_max_delay=0.01,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(writer.run)
+            positions = await _submit_all(writer, [_inbox_entry(n, "y" * 500) for n in range(20)])
+            with pytest.raises(LimitExceeded):
+                await writer.submit([_inbox_entry(99, "z" * 5000)])
+            tg.cancel_scope.cancel()
+        assert len(positions) == 20
+        assert writer.records_written > 1
 
 
 async def test_an_instance_id_too_long_for_the_store_is_refused_before_it_is_durable() -> None:

@@ -578,7 +578,10 @@ class PartitionCommands:
             return
         item.finished = True
         correlation_id = item.entry.envelope.correlation_id
-        if always_note or self._bus.has_subscribers(correlation_id):
+        # Kept for late subscribers too when read from an inbox: a caller's
+        # observers subscribe once its command is appended (an integration
+        # command, an offer that fell back), and the owner may be quicker.
+        if always_note or item.position >= 0 or self._bus.has_subscribers(correlation_id):
             self._bus.note(CommandDone(correlation_id, item.command_id, conclusive))
         self._callers.settle(item, None)
         self._backlog.count -= 1

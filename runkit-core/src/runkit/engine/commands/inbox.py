@@ -209,7 +209,8 @@ class InboxWriter:
             # caller cancelled along with the engine sees its cancellation.
             await anyio.lowlevel.checkpoint_if_cancelled()
             raise EngineStopped(_STOPPED)
-        size = sum(len(e.envelope.data) + 512 for e in entries)
+        # As encoded: descriptions and IDs are free-length text too.
+        size = sum(len(_encoder.encode(e)) for e in entries)
         waiter = _Waiter(entries, size)
         self._queue.append(waiter)
         self._wake.set()
@@ -248,6 +249,10 @@ class InboxWriter:
             batch.append(waiter)
             count += len(waiter.entries)
             size += waiter.size
+        await self._append(batch)
+
+    async def _append(self, batch: list[_Waiter]) -> None:
+        """Append the commands of *batch* (the front of the queue) in one record."""
         entries = [e for w in batch for e in w.entries]
         try:
             position = await append_to_inbox(
@@ -257,12 +262,18 @@ class InboxWriter:
                 max_attempts=self._max_attempts,
                 retry_max_delay=self._retry_max_delay,
             )
+        except LimitExceeded as exc:
+            if len(batch) == 1:
+                self._fail(batch, exc)
+                return
+            # The store counts more than the estimate: each caller's commands
+            # fit alone, so the group is split rather than refused as one.
+            half = len(batch) // 2
+            await self._append(batch[:half])
+            await self._append(batch[half:])
+            return
         except Exception as exc:
-            self._end = None
-            for _ in batch:
-                waiter = self._queue.popleft()
-                waiter.error = exc
-                waiter.done.set()
+            self._fail(batch, exc)
             return
         self._end = position + 1
         self.records_written += 1
@@ -272,3 +283,10 @@ class InboxWriter:
             done = self._queue.popleft()
             done.position = position
             done.done.set()
+
+    def _fail(self, batch: list[_Waiter], exc: Exception) -> None:
+        self._end = None
+        for _ in batch:
+            waiter = self._queue.popleft()
+            waiter.error = exc
+            waiter.done.set()
