@@ -42,6 +42,7 @@ from engine_commands_harness import (
     NOTIFIER_KEY,
     REGISTRY,
     App,
+    Deposit,
     Notifier,
     Notify,
     check_invariants,
@@ -148,6 +149,62 @@ async def test_a_spilled_command_retried_before_its_spill_lands_is_handled_once(
     stores = await read_stores(inner)
     check_invariants(stores)  # among others: each accepted command published once
     assert len(stores.published()) == 1
+
+
+async def test_an_aggregate_command_retried_before_its_spill_lands_is_committed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The aggregate version: a local command fails once and is spilled while
+    # its retry waits. A retry committed before the spill's inbox position was
+    # known, and then a later record and the owner's death, left the spilled
+    # entry looking unhandled to the next owner; a command that recorded
+    # nothing (no journal, no recent ID) was then committed a second time.
+    from runkit.engine.commands import inbox as inbox_module
+
+    s = setup()
+    s.accounts.fail["n"] = 1
+    s.accounts.nothing.add("n")
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    gate = anyio.Event()
+    gate.set()
+    append = inbox_module.append_to_inbox
+
+    async def slow_append(*args: Any, **kwargs: Any) -> int:
+        await gate.wait()
+        return await append(*args, **kwargs)
+
+    monkeypatch.setattr(inbox_module, "append_to_inbox", slow_append)
+    async with running(provider, s.config, partition_count=1, shutdown_timeout=0.3) as engine:
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("a", 1, "warm"))
+        gate = anyio.Event()  # the spill waits
+        returned = anyio.Event()
+
+        async def call_n() -> None:
+            await executor.execute_command(Deposit("a", 1, "n"))
+            returned.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_n)
+            await wait_until(lambda: s.accounts.attempts.get("n") == 1)  # failed, spilling
+            await anyio.sleep(0.3)  # a retry not waiting for the spill commits now
+            await executor.execute_command(Deposit("b", 5, "later"))  # a later record
+            # The spill lands and the owner "dies": no stream record lands from now on.
+            provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+            gate.set()
+            with anyio.fail_after(10):
+                await returned.wait()
+            await anyio.sleep(0.1)
+    provider.plan.clear()
+    s.accounts.nothing.discard("n")  # handled again, it would record an event
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await settled(inner)
+        await anyio.sleep(0.3)  # time enough to handle anything again
+    stores = await read_stores(inner)
+    check_invariants(stores)  # among others: no command committed twice
 
 
 async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_again(

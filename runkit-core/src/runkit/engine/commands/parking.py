@@ -81,7 +81,7 @@ class ParkedInstances:
             self.unpark(key)
             return
         self._parked.setdefault(key, deque()).appendleft(item)
-        self._start(self._unpark_after, key, delay)
+        self._start(self._unpark_after, key, delay, item)
 
     def unpark(self, key: tuple[str, str]) -> None:
         """Instance *key* may go on: its commands are ready again."""
@@ -131,6 +131,12 @@ class ParkedInstances:
             if key in self._parked and not self._parked[key]:
                 del self._parked[key]
 
-    async def _unpark_after(self, key: tuple[str, str], delay: float) -> None:
+    async def _unpark_after(self, key: tuple[str, str], delay: float, item: PendingCommand) -> None:
         await anyio.sleep(delay)
+        if item.spill_settled is not None:
+            # Commit only once the spill's inbox position is known, so that the
+            # record says the inbox was read past it (ADR 0002): a command that
+            # records nothing is otherwise proven handled by nothing a new
+            # owner reads before the spilled copy.
+            await item.spill_settled.wait()
         self.unpark(key)
