@@ -549,3 +549,101 @@ async def test_a_command_that_recorded_nothing_is_not_handled_again_after_a_cras
     async with running(MemoryProvider(inner.silo), config, partition_count=1):
         await anyio.sleep(0.5)
     assert pinger.calls == [1], "a committed command was read from the inbox and handled again"
+
+
+async def test_a_copy_of_a_command_being_committed_waits_for_it_even_after_a_rebuild(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first copy of X records nothing and waits for the stream; Y's
+    # failure drops the cached instance, whose rebuild cannot know X's ID.
+    # A second copy (the caller's retry) was handled again: its event went
+    # into the cached root but never into the stream, the materialiser
+    # stalled on it while the watermark claimed everything, and a new owner
+    # rebuilt the instance without later committed events.
+    from runkit.engine.streams import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "backoff", lambda *a: 0.05)
+    s = setup()
+    inner = MemoryProvider(f"rv3-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(s.config,),
+            persistence_provider=provider,
+            partition_count=1,
+            retry_base_delay=0.001,
+            retry_max_delay=0.01,
+            progress_interval=0.002,
+            materialise_delay=0.0,
+            shutdown_timeout=1.0,
+        )
+    )
+    ownership = StaticOwnership()
+    engine.use_ownership(ownership)
+    s.accounts.nothing.add("x")  # first handling of X records nothing
+    s.accounts.fail["y"] = 1  # Y fails once: the instance is dropped and rebuilt
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("a", 1, "first"))  # instance cached
+        # The stream store is out for a moment: X's append is retried.
+        provider.plan.fail(BEFORE, ops={"append"}, names=lambda n: "/stream/" in n)
+        tg.start_soon(lambda: executor.execute_command(Deposit("a", 1, "x"), idempotency_key="k"))
+        await wait_until(lambda: any(ref == "x" for _, ref, _ in s.accounts.calls))
+        tg.start_soon(lambda: executor.execute_command(Deposit("a", 1, "y")))
+        await wait_until(lambda: s.accounts.attempts.get("y", 0) >= 1)
+        # X is retried by its caller (same idempotency key) while still in flight.
+        s.accounts.nothing.discard("x")  # e.g. the handler's decision depends on state
+        tg.start_soon(lambda: executor.execute_command(Deposit("a", 1, "x"), idempotency_key="k"))
+        await wait_until(lambda: any(ref == "y" for _, ref, _ in s.accounts.calls))
+        await anyio.sleep(0.05)
+        provider.plan.clear()
+        part = runtime.partitions[0]
+        await wait_until(lambda: part._writer.backlog == 0)
+        await executor.execute_command(Deposit("a", 1, "z"))
+        await executor.execute_command(Deposit("b", 1, "other"))  # a later header
+        await anyio.sleep(0.2)
+        mat = part._materialiser
+        stuck = [r for _, r in mat._queue if not r.durable]
+        watermark = mat.watermark(part._writer.next_position)
+        next_position = part._writer.next_position
+        tg.cancel_scope.cancel()
+
+    x_handlings = [c for c in s.accounts.calls if c[1] == "x"]
+    z_seen = next(b for _, ref, b in s.accounts.calls if ref == "z")
+    stores = await read_stores(inner)
+    deposits = [e for e in stores.all_events() if e.source_instance == "a"]
+    problems = []
+    if len(x_handlings) > 1:
+        problems.append(f"X handled {len(x_handlings)} times: {x_handlings}")
+    if z_seen != len(deposits) - 1:
+        problems.append(
+            f"Z saw balance {z_seen}, but only {len(deposits) - 1} deposits precede it "
+            "in the stream (a phantom event was applied to the cached root)"
+        )
+    if stuck:
+        problems.append(
+            f"{len(stuck)} materialiser record(s) never durable; watermark {watermark} "
+            f"== next position {next_position} claims everything"
+        )
+    journal = [c.command_id for c in stores.instances["a"]]
+    stream = [e.causation_id for e in deposits]
+    if journal != stream:
+        problems.append(
+            f"after a graceful stop the instance journal of 'a' holds {len(journal)} of its "
+            f"{len(stream)} commands, yet the last header says materialised="
+            f"{stores.stream[0][-1].materialised} of {len(stores.stream[0])} records"
+        )
+    # A new owner trusts the watermark.
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1) as engine2:
+        await engine2.executor_for(s.app).execute_command(Deposit("a", 1, "w"))
+        await wait_until(lambda: s.accounts.calls[-1][1] == "w")
+        rt2 = await engine2.runtime(APP_KEY)
+        handler = s.config.handler_by_name("accounts")
+        refs2 = list(rt2.partitions[0]._aggregates.cached(handler, "a").root.refs)
+    if "z" not in refs2:
+        problems.append(f"the next owner rebuilt 'a' without Z's committed event: {refs2}")
+    assert not problems, "\n".join(problems)

@@ -440,6 +440,12 @@ class PartitionCommands:
             if item.command_id in self._completed:
                 self._duplicate(item, self._completed.location(item.command_id))
                 continue
+            if item.command_id in self._publishing:
+                # Another copy is being committed: its outcome is this one's.
+                # (Its instance may not know the ID: a copy that recorded
+                # nothing leaves no trace in a root rebuilt meanwhile.)
+                self._duplicate(item, None)
+                continue
             handler = item.handler
             if handler is None or handler.disabled:
                 reason = (
