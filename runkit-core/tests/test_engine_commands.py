@@ -25,6 +25,7 @@ from runkit_memory import MemoryProvider
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_commands_harness import (
     APP_KEY,
+    REGISTRY,
     Deposit,
     Deposited,
     Notify,
@@ -1344,3 +1345,95 @@ async def test_an_instance_the_store_cannot_hold_poisons_its_commands_instead_of
         errors = [p.record.error for p in await poisoned()]
         assert all("journal name" in error and "128" in error for error in errors), errors
     assert s.accounts.calls == [("b", "other", 0)]
+
+
+_LONG_ID = "i" * 700
+
+
+@dogma.register_command("c1000000-0000-4000-8000-0000000003a1", registry=REGISTRY)
+@attrs.frozen
+class _Burst(dogma.Command):
+    n: int
+
+
+@dogma.register_event("c1000000-0000-4000-8000-0000000003a2", registry=REGISTRY)
+@attrs.frozen
+class _Bit(dogma.Event):
+    i: int
+
+
+class _SizesRoot:
+    def apply_event(self, event: dogma.Event) -> None:
+        pass
+
+
+class _Bursts:
+    def configure(self, c: Any) -> None:
+        c.identity("bursts", "c0000000-0000-4000-8000-0000000003a1")
+        c.routes(
+            dogma.handles_command(_Burst, registry=REGISTRY),
+            dogma.records_event(_Bit, registry=REGISTRY),
+        )
+
+    def new(self) -> _SizesRoot:
+        return _SizesRoot()
+
+    def route_command_to_instance(self, command: dogma.Command) -> str:
+        return _LONG_ID  # e.g. a composite key; accepted: its journal name fits
+
+    def handle_command(self, root: _SizesRoot, scope: Any, command: dogma.Command) -> None:
+        assert isinstance(command, _Burst)
+        for i in range(command.n):
+            scope.record_event(_Bit(i))
+
+
+class _SizesApp:
+    def configure(self, c: Any) -> None:
+        c.identity("sizes", APP_KEY)
+        c.routes(dogma.via_aggregate(_Bursts()))
+
+
+async def test_events_counted_with_their_instance_id_are_refused_before_the_store_does() -> None:
+    # The size check counted an event's data and description only: with a
+    # 700-byte instance ID the command's record passed it, the store refused
+    # the record, and the writer retried it for ever (the partition committed
+    # nothing more). The command is now poisoned at once, as too large.
+    from runkit.config import build
+    from runkit.engine.envelope import register_types
+    from runkit.persistence import Limits
+
+    config = build(_SizesApp(), registry=REGISTRY)
+    register_types(config.message_types())
+    provider = MemoryProvider(f"rv3-{uuid.uuid4()}", limits=Limits(max_record_bytes=4096))
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(config,),
+            persistence_provider=provider,
+            partition_count=1,
+            retry_base_delay=0.001,
+            retry_max_delay=0.01,
+            progress_interval=0.002,
+            shutdown_timeout=0.5,
+        )
+    )
+    outcome: list[object] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        executor = engine.executor_for(config)
+
+        async def run(cmd: _Burst) -> None:
+            try:
+                await executor.execute_command(cmd)
+                outcome.append("ok")
+            except Exception as exc:  # poisoned, refused...
+                outcome.append(exc)
+
+        tg.start_soon(run, _Burst(5))  # about 5.6 KB encoded, with a 4 KB record limit
+        await wait_until(lambda: bool(outcome))
+        await executor.execute_command(_Burst(1))  # the partition goes on
+        tg.cancel_scope.cancel()
+    stores = await read_stores(provider)
+    assert len(stores.poison) == 1
+    assert len(stores.all_events()) == 1

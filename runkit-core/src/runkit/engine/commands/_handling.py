@@ -101,7 +101,7 @@ class EventRecorder:
             source_instance=self.instance_id,
             validated=True,
         )
-        self._size += event_size(env.data, env.description)
+        self._size += event_size(env)
         if self._size > self._max_bytes:
             self._bug(
                 f"{self.handler.describe()} recorded {len(self.events) + 1} event(s) of about "

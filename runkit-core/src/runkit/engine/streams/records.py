@@ -50,9 +50,27 @@ __all__ = [
 _EVENT_OVERHEAD = 512
 
 
-def event_size(data: bytes, description: str) -> int:
-    """An upper estimate of the bytes an event adds to a stream record."""
-    return len(data) + len(description) + _EVENT_OVERHEAD
+def event_size(envelope: Envelope) -> int:
+    """An upper estimate of the bytes an event adds to a stream record.
+
+    Every field of free length counts (an aggregate's instance ID may take
+    hundreds of bytes); the overhead covers the IDs, times and field names.
+    """
+    return (
+        len(envelope.data)
+        + _text_bytes(envelope.description)
+        + _text_bytes(envelope.type_id)
+        + _text_bytes(envelope.source_instance)
+        + _text_bytes(envelope.source_handler)
+        + _text_bytes(envelope.site_key)
+        + _EVENT_OVERHEAD
+    )
+
+
+def _text_bytes(text: str | None) -> int:
+    if text is None:
+        return 0
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def max_command_bytes(record_limit: int) -> int:
