@@ -307,3 +307,29 @@ async def test_a_stale_owners_snapshot_never_covers_records_it_did_not_see() -> 
     rebuilt = await bench.instances().load(bench.handler, "acc")
     assert rebuilt.root.balance == 3
     assert r3.command_id in rebuilt.recent
+
+
+async def test_a_snapshot_over_the_value_limit_is_skipped_and_the_others_go_on() -> None:
+    # The store refuses the snapshot on every attempt: retried for ever, it
+    # stopped every instance journal of the partition and the watermark.
+    from engine_commands_harness import read_stores, running
+
+    s = setup()
+    s.accounts.pad = {f"big{i}": 900 for i in range(5)}
+    provider = MemoryProvider(f"mat-{uuid.uuid4()}", limits=Limits(max_value_bytes=4096))
+    async with running(
+        provider, s.config, partition_count=1, snapshot_every=5, materialise_delay=0.0
+    ) as engine:
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        executor = engine.executor_for(s.app)
+        for i in range(5):  # the fifth command's snapshot takes about 4.6 KB
+            await executor.execute_command(Deposit("big", 1, f"big{i}"))
+        await executor.execute_command(Deposit("small", 1, "s"))
+
+        async def small_written() -> bool:
+            return len((await read_stores(provider)).instances.get("small", [])) == 1
+
+        await wait_until(small_written)
+    stores = await read_stores(provider)
+    assert len(stores.instances["big"]) == 5  # its journal is whole (not truncated)

@@ -44,7 +44,14 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ...config import ApplicationConfig, HandlerKind
-from ...persistence import Conflict, Journal, PersistenceError, Provider, RecordNotFound
+from ...persistence import (
+    Conflict,
+    Journal,
+    LimitExceeded,
+    PersistenceError,
+    Provider,
+    RecordNotFound,
+)
 from ..backoff import backoff
 from ..envelope import closing_iter
 from ..logs import RateLimitedLog, describe_error
@@ -367,7 +374,20 @@ class Materialiser:
         value = SnapshotRecord(
             position=position, data=data, recent=tuple((cid, -1) for cid in recent)
         )
-        await ks.set_unconditional(key[1].encode(), instance_encoder.encode(value))
+        try:
+            await ks.set_unconditional(key[1].encode(), instance_encoder.encode(value))
+        except LimitExceeded as exc:
+            # The same on every attempt: retried, it would stop every instance
+            # journal of the partition. A snapshot only saves replay, so the
+            # instance goes on without it (and its journal is not truncated).
+            _retry_log.warning(
+                key[0],
+                "not snapshotting aggregate instance %r of handler %s: %s",
+                key[1],
+                key[0],
+                describe_error(exc),
+            )
+            return
         if self._truncate and position > 1:
             # The snapshot covers everything below it (and the recent command
             # IDs travel with it). The last record stays: its stream offset
