@@ -34,7 +34,7 @@ import attrs
 import dogma
 
 from ...config import HandlerConfig
-from ...persistence import Journal, Keyspace, Provider
+from ...persistence import Journal, Keyspace, Provider, RecordNotFound
 from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
 from ..streams import max_command_bytes
 from ._handling import EventRecorder, handler_log
@@ -292,8 +292,13 @@ class AggregateInstances:
         # materialiser writes meanwhile is then seen in one or the other (or
         # both, and deduplicated by command ID), never in neither.
         unwritten = list(self._unwritten.get(key, ()))
-        inst = await self._rebuild(handler, instance_id)
+        inst, journaled = await self._rebuild(handler, instance_id)
         for record in unwritten:
+            # In the journal already: by stream offset, not only by the
+            # recent IDs, which keep the last 1,000 (a backlog of more would
+            # be applied twice, its older part deduplicated by nothing).
+            if record.durable and journaled is not None and record.stream_offset <= journaled:
+                continue
             if record.command_id in inst.recent:
                 continue
             for env in record.events:
@@ -316,7 +321,14 @@ class AggregateInstances:
             self._snapshots[handler_key] = ks
         return ks
 
-    async def _rebuild(self, handler: HandlerConfig, instance_id: str) -> Instance:
+    async def _rebuild(
+        self, handler: HandlerConfig, instance_id: str
+    ) -> tuple[Instance, int | None]:
+        """The instance from its snapshot and journal, and its journal's last stream offset.
+
+        The offset is ``None`` for an empty journal or one whose records do
+        not know it (written before stream offsets were recorded).
+        """
         journal = await self._provider.journals.open(
             aggregate_name(self._app_key, handler.identity.key, instance_id)
         )
@@ -334,7 +346,8 @@ class AggregateInstances:
             await oldest.close()
         if stale is not None:
             await stale[0].close()
-        return inst
+        last = opened[2]
+        return inst, last if last is not None and last >= 0 else None
 
     async def _replay(
         self, journal: Journal, handler: HandlerConfig, instance_id: str
@@ -379,7 +392,15 @@ class AggregateInstances:
         # materialiser: known if empty or read to the end here.
         end = 0 if bounds.end == 0 else -1
         last: int | None = None
-        if start < bounds.end:
+        if start == bounds.end > 0:
+            # The snapshot covers the whole journal: its last record (which
+            # truncation keeps) still says how far the journal goes.
+            try:
+                end = bounds.end
+                last = instance_decoder.decode(await journal.get(end - 1)).last_offset
+            except RecordNotFound:
+                end = -1
+        elif start < bounds.end:
             async with closing_iter(journal.range(start)) as records:
                 async for position, data in records:
                     record = instance_decoder.decode(data)
