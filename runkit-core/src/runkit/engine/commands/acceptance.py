@@ -371,8 +371,9 @@ class Acceptor:
             # handle its timeouts meanwhile. Integration commands are made
             # durable in the inbox instead (ADR 0011), whoever executes them.
             # A caller still waits for room on a partition this node runs
-            # (its command takes a slot once the partition reads it back); an
-            # offer to another node's partition never waited for room either.
+            # (its command takes a slot once the partition reads it back); one
+            # for another node's partition does not (the owner holds it until
+            # there is room, ADR 0011).
             if not produced and local is not None:
                 await self._wait_for_room(index, local, take=False)
             await self._to_inbox(index, [e for e in entries if e.instance_id is None])
