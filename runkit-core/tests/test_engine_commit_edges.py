@@ -643,7 +643,10 @@ async def test_a_copy_of_a_command_being_committed_waits_for_it_even_after_a_reb
         await wait_until(lambda: s.accounts.calls[-1][1] == "w")
         rt2 = await engine2.runtime(APP_KEY)
         handler = s.config.handler_by_name("accounts")
-        refs2 = list(rt2.partitions[0]._aggregates.cached(handler, "a").root.refs)
+        assert handler is not None
+        cached = rt2.partitions[0]._aggregates.cached(handler, "a")
+        assert cached is not None
+        refs2 = list(cached.root.refs)
     if "z" not in refs2:
         problems.append(f"the next owner rebuilt 'a' without Z's committed event: {refs2}")
     assert not problems, "\n".join(problems)

@@ -397,7 +397,9 @@ async def test_a_recovered_tail_longer_than_the_recent_ids_is_not_applied_twice(
         await wait_until(lambda: s.accounts.calls[-1][1] == "after")
         runtime2 = await engine2.runtime(APP_KEY)
         handler = s.config.handler_by_name("accounts")
+        assert handler is not None
         inst = runtime2.partitions[0]._aggregates.cached(handler, "a")
+        assert inst is not None
         refs = list(inst.root.refs)
     _, ref, balance_seen = s.accounts.calls[-1]
     assert ref == "after"
