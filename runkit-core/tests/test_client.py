@@ -232,6 +232,33 @@ async def stalled_owner(provider: MemoryProvider, offered: anyio.Event) -> Async
         tg.cancel_scope.cancel()
 
 
+async def test_leaving_the_client_while_a_call_waits_for_the_application_says_so() -> None:
+    # No node has started the application yet: the call waits for one. The
+    # client is left meanwhile: the caller was told to use the client inside
+    # its `async with`, which it did.
+    s = setup()
+    provider = MemoryProvider(f"client-{uuid.uuid4()}")
+    outcome: list[BaseException] = []
+
+    async def deposit(executor: Any) -> None:
+        try:
+            await executor.execute_command(Deposit("a", 1, "waiting"))
+        except Exception as exc:
+            outcome.append(exc)
+
+    async with (
+        anyio.create_task_group() as tg,
+        runkit.Client(
+            runkit.with_application(s.config), runkit.with_persistence_provider(provider)
+        ) as client,
+    ):
+        tg.start_soon(deposit, client.executor_for(s.app))
+        await anyio.sleep(0.2)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], EngineStopped), outcome
+    assert str(outcome[0]) == "the client was left before the command was accepted"
+
+
 @pytest.mark.parametrize("observed", [False, True], ids=["unobserved", "observed"])
 async def test_leaving_the_client_ends_a_call_in_flight_with_a_clear_error(
     observed: bool,

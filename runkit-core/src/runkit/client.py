@@ -254,8 +254,9 @@ class Client:
             self._tg.start_soon(self._make, app_key, making)
         await making.done.wait()
         if making.acceptor is None:
-            raise making.error or RuntimeError(
-                "use the client inside `async with runkit.Client(...)`"
+            # No error: the client was left while the application was awaited.
+            raise making.error or EngineStopped(
+                "the client was left before the command was accepted"
             )
         return making.acceptor
 
