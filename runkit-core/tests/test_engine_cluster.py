@@ -26,6 +26,7 @@ import runkit
 from runkit.config import ApplicationConfig
 from runkit.engine import executor as executor_module
 from runkit.engine.cluster.nodes import NODES_KEYSPACE
+from runkit.engine.commands.acceptance import OfferUnanswered
 from runkit.engine.commands.inbox import EngineStopped
 from runkit.engine.engine import Engine
 from runkit.engine.ids import new_id
@@ -204,6 +205,30 @@ async def test_not_satisfied_is_raised_for_a_command_handled_on_another_node() -
                 observers=[dogma.observe(Deposited, saw, registry=REGISTRY)],
             )
         assert not never
+
+
+async def test_a_command_whose_offer_went_unanswered_is_spilled_marked_as_offered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The link fails in the call: the owner may have committed the command, so
+    # the inbox copy says when it was offered (the owner's successor then
+    # looks for it in the records written since, ADR 0002).
+    from datetime import UTC, datetime
+
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)
+        _fail_offers(one, monkeypatch)
+        before = datetime.now(UTC)
+        await one.executor_for(s.app).execute_command(Deposit(account, 1, "spilled"))
+        await wait_until(lambda: any(c[1] == "spilled" for c in s.accounts.calls))
+    stores = await read_stores(MemoryProvider(silo))
+    entries = [e for records in stores.inbox.values() for _, r in records for e in r.entries]
+    assert len(entries) == 1
+    offered_at = entries[0].offered_at
+    assert offered_at is not None
+    assert before <= offered_at <= before + timedelta(seconds=10)
 
 
 async def test_not_satisfied_is_raised_when_the_owner_handled_an_inbox_command_first(
@@ -793,7 +818,9 @@ async def test_an_offer_failing_after_its_router_stopped_opens_no_stream() -> No
                 router.observation(APP_KEY, envelope.correlation_id, send, widen=Widen())
             )
             tg.cancel_scope.cancel()
-        assert not await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry])
+        # Lost in the call: the owner may have taken it (the caller spills it marked).
+        with pytest.raises(OfferUnanswered):
+            await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry])
 
 
 async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_once(
@@ -835,7 +862,10 @@ async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_onc
                 message_id=remote_id(),
             )
             index, entry = acceptor.route(envelope, keyed=False)
-            taken = await router.offer(APP_KEY, index, partition_id(APP_KEY, index), [entry])
+            try:
+                taken = await router.offer(APP_KEY, index, partition_id(APP_KEY, index), [entry])
+            except OfferUnanswered:
+                taken = False
             offered.append(taken)
             if not taken:
                 await acceptor._to_inbox(index, [entry])

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 import attrs
+import msgspec
 import pytest
 
 import dogma
@@ -205,6 +206,50 @@ async def test_an_aggregate_command_retried_before_its_spill_lands_is_committed_
         await anyio.sleep(0.3)  # time enough to handle anything again
     stores = await read_stores(inner)
     check_invariants(stores)  # among others: no command committed twice
+
+
+async def test_a_command_committed_for_an_unanswered_offer_is_not_handled_again() -> None:
+    # A gateway's offer goes unanswered although the owner commits it; the
+    # gateway spills it to the inbox. The owner writes another record and
+    # stops before it reads the spill: the next owner's takeover scan stops at
+    # that last record and never sees the commit, and a command that recorded
+    # nothing left no other trace. The spill is marked with the time of the
+    # offer, and the next owner looks through the records written since. A
+    # command offered the same way but never committed is still handled.
+    s = setup()
+    s.accounts.nothing.add("quiet")  # handled, records nothing
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    a, a_owns = _one_partition_engine(s.config, inner, shutdown_timeout=0.2)
+    offered_at = datetime.now(UTC)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run)
+        a_owns.assign({partition_id(APP_KEY, 0)})
+        runtime = await a.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+
+        def entry(ref: str) -> InboxEntry:
+            envelope = new_envelope(
+                Deposit("acc", 1, ref), app_key=APP_KEY, site_key=None, created_at=offered_at
+            )
+            return runtime.acceptor.route(envelope, keyed=False)[1]
+
+        committed, lost = entry("quiet"), entry("lost")
+        await runtime.partitions[0].execute_local([committed])  # the offer, taken
+        await execute_in_batch(a, Deposit("other", 1, "later"))
+        a_owns.assign(set())
+        await wait_until(lambda: 0 not in runtime.partitions)
+        tg.cancel_scope.cancel()
+    # The gateway's fallback for both offers it got no answer to.
+    async with await inner.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+        marked = [msgspec.structs.replace(e, offered_at=offered_at) for e in (committed, lost)]
+        await append_to_inbox(inbox, marked)
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await settled(inner)
+        await anyio.sleep(0.3)  # time enough to handle anything again
+    refs = [ref for _, ref, _ in s.accounts.calls]
+    assert refs.count("quiet") == 1, "a committed command was handled again"
+    assert refs.count("lost") == 1, "an offered command never committed was not handled"
+    check_invariants(await read_stores(inner))
 
 
 async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_again(

@@ -48,7 +48,7 @@ from ...transport import (
     TlsIdentity,
     TransportError,
 )
-from ..commands.acceptance import PartitionBusy, PartitionStopped
+from ..commands.acceptance import OfferUnanswered, PartitionBusy, PartitionStopped
 from ..commands.inbox import InboxEntry
 from ..logs import RateLimitedLog
 from ..partitions import partition_id
@@ -173,7 +173,9 @@ class Router:
 
         Raises ``PartitionStopped`` naming the appends that may hold some of
         them, if the owner stopped with those unconfirmed, and those it did
-        not commit, if it committed some (the caller spills those). With
+        not commit, if it committed some (the caller spills those); and
+        ``OfferUnanswered`` if the call failed after it may have reached the
+        owner (the caller spills them marked as offered). With
         *room_wait* (a caller's commands) the owner waits for room in the
         partition's backlog for up to that long, at most the offer timeout
         (which the call's timeout then adds), and raises ``PartitionBusy`` if
@@ -194,6 +196,7 @@ class Router:
                 # offer timeout): the call's timeout adds that wait, so that
                 # the commit still gets a whole offer timeout once they are taken.
                 hold = None if left is None else min(left, self._offer_timeout)
+                offered_at = datetime.now(UTC)
                 offer = Offer(
                     app_key=app_key,
                     partition=index,
@@ -218,7 +221,11 @@ class Router:
                     return False
                 except TransportError as exc:
                     self._log_fallback(owner, entries, index, exc)
-                    return False
+                    if isinstance(exc, PeerUnavailable) and exc.untrusted:
+                        return False  # refused in the handshake: never delivered
+                    # A timeout or a connection lost in the call: the owner may
+                    # have taken and committed them (ADR 0002's addendum).
+                    raise OfferUnanswered(offered_at) from None
             if answer in (OK, NOT_OWNER):
                 return answer == OK
             try:

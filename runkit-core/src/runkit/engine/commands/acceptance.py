@@ -47,6 +47,7 @@ __all__ = [
     "Backlogged",
     "IdempotencyMarker",
     "LocalPartition",
+    "OfferUnanswered",
     "PartitionBusy",
     "PartitionStopped",
     "command_id_for",
@@ -80,6 +81,25 @@ class PartitionBusy(Exception):
         self.limit = limit
         self.reason = reason
         super().__init__(reason or f"the partition has {backlog} commands waiting (limit {limit})")
+
+
+class OfferUnanswered(Exception):
+    """An offer's answer never came: the owner may have committed the commands.
+
+    Raised by an offer (``Acceptor``'s *remote*) that failed after it may have
+    been delivered (a timeout, a connection lost in the call). Acceptance
+    spills the commands to the inbox marked with *offered_at*, the time the
+    offer was made, so that an owner that does not know them looks for them
+    in the stream records written since (ADR 0002's addendum).
+    """
+
+    def __init__(self, offered_at: datetime) -> None:
+        super().__init__("the owner did not answer the offer")
+        self.offered_at = offered_at
+
+    def spilled(self, entries: Sequence[InboxEntry]) -> list[InboxEntry]:
+        """*entries* as the inbox takes them: marked as offered."""
+        return [msgspec.structs.replace(e, offered_at=self.offered_at) for e in entries]
 
 
 class PartitionStopped(Exception):
@@ -396,6 +416,8 @@ class Acceptor:
                 accepted = await self._offer(index, entries, produced)
             except PartitionStopped as stopped:  # the owner stopped: as above
                 accepted, entries = False, stopped.spilled(entries)
+            except OfferUnanswered as unanswered:  # the owner may have them
+                accepted, entries = False, unanswered.spilled(entries)
             if accepted:
                 # The owner took them into its batch and they are durable; it
                 # handled them, so nothing here will take what routing kept.

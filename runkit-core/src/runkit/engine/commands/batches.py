@@ -59,6 +59,7 @@ from ..streams import (
     CommandDone,
     EventBus,
     PartitionStream,
+    PriorCommits,
     Publication,
     StreamTail,
     StreamWriter,
@@ -127,6 +128,8 @@ class PartitionCommands:
         # list them in command_ids too now; those of earlier releases only as unmarked.
         self._completed = CompletedCommands(COMPLETED_CACHE, tail.published | tail.unmarked)
         self._unmarked = tail.unmarked
+        # Spilled offers' commands that the owners before us may have committed.
+        self._prior = PriorCommits(stream.journal, tail.next_position)
         self._inbox_progress = InboxProgress(writer.set_progress, tail.inbox_position)
         self._inbox_pending = 0
         self._paused = False
@@ -387,7 +390,8 @@ class PartitionCommands:
 
     def _unresolved(self, record: InboxRecord) -> bool:
         return any(
-            e.unconfirmed is not None and e.envelope.message_id not in self._completed
+            (e.unconfirmed is not None or e.offered_at is not None)
+            and e.envelope.message_id not in self._completed
             for e in record.entries
         )
 
@@ -399,13 +403,21 @@ class PartitionCommands:
         append's position and writer. The takeover scan may not reach back to
         it (an owner between it and us read the spill but recorded no progress
         past it): look there. Rare, and before the record is added, so that
-        the commands keep their order.
+        the commands keep their order. A command spilled after an offer that
+        went unanswered, and unknown here, is looked for in the records the
+        owners before us wrote since the offer (``PriorCommits``).
         """
         for entry in record.entries:
             command_id = entry.envelope.message_id
-            if entry.unconfirmed is None or command_id in self._completed:
+            if command_id in self._completed:
                 continue
-            if await holds_command(self._stream.journal, entry.unconfirmed, command_id):
+            if entry.unconfirmed is not None:
+                found = await holds_command(self._stream.journal, entry.unconfirmed, command_id)
+            elif entry.offered_at is not None:
+                found = await self._prior.holds(command_id, entry.offered_at)
+            else:
+                continue
+            if found:
                 self._completed.add(command_id)  # handled as a published command
 
     def _add_record(self, position: int, record: InboxRecord) -> None:

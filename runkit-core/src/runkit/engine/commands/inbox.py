@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
+from datetime import datetime
 
 import anyio
 import anyio.lowlevel
@@ -72,6 +73,10 @@ class InboxEntry(msgspec.Struct, frozen=True, kw_only=True):
             with the stream append holding it unconfirmed: that append may
             have landed. Whoever reads the entry looks there before handling
             it (ADR 0002).
+        offered_at: Set on a command spilled here after an offer to the
+            partition's owner went unanswered (made at this time): the owner
+            may have committed it. An owner that does not know the command
+            looks for it in the stream records written since (ADR 0002).
     """
 
     envelope: Envelope
@@ -79,6 +84,7 @@ class InboxEntry(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str | None = None
     keyed: bool = False
     unconfirmed: UnconfirmedAppend | None = None
+    offered_at: datetime | None = None
 
 
 class InboxRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -41,7 +41,7 @@ from .records import (
     stream_name,
 )
 from .tail import StreamTail, read_tail
-from .unconfirmed import UnconfirmedAppend, holds_command
+from .unconfirmed import PriorCommits, UnconfirmedAppend, holds_command
 from .writer import Publication, StreamWriter
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "Observed",
     "OwnershipLost",
     "PartitionStream",
+    "PriorCommits",
     "Publication",
     "Stopped",
     "StreamEvent",

@@ -1,4 +1,4 @@
-"""An append its writer could not confirm: ``UnconfirmedAppend`` and ``holds_command``.
+"""Commits a spilled command may have: ``UnconfirmedAppend``, ``holds_command``, ``PriorCommits``.
 
 A writer that stops while an append is unconfirmed (the store kept failing
 until the shutdown timeout) tells the callers of the commands in it that the
@@ -6,16 +6,28 @@ partition stopped, and they append ("spill") the commands to the inbox,
 although the append may have landed. Each spilled entry carries the position
 and writer of that append, so whoever reads it later can look the command up
 there rather than rely on a takeover scan reaching back that far (ADR 0002).
+
+A gateway whose offer to the owner went unanswered (a timeout, a connection
+lost in the call) spills the commands marked with the time of the offer: the
+owner may have committed them in any record since. If it stopped before it
+read the spilled copies, its successor looks through the records its
+predecessors wrote since that time (``PriorCommits``).
 """
 
 from __future__ import annotations
+
+from datetime import datetime, timedelta
 
 import msgspec
 
 from ...persistence import Journal, RecordNotFound
 from .records import decode_stream_record
 
-__all__ = ["UnconfirmedAppend", "holds_command"]
+__all__ = ["CLOCK_MARGIN", "PriorCommits", "UnconfirmedAppend", "holds_command"]
+
+#: How far the clocks of a gateway and of the owners it offers to may differ:
+#: records written this much before an offer are looked through too.
+CLOCK_MARGIN = timedelta(seconds=10)
 
 
 class UnconfirmedAppend(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,3 +52,40 @@ async def holds_command(journal: Journal, append: UnconfirmedAppend, command_id:
         # more, and the command is handled as an entry without a hint is.
         return False
     return record.writer == append.writer and command_id in record.command_ids
+
+
+class PriorCommits:
+    """The command IDs of the stream records that earlier owners wrote, read on demand.
+
+    Records at and above *end* (where this owner started) are this owner's:
+    it knows their commands. Below it, records are read back once, newest
+    first, as far as the earliest offer asked about (less ``CLOCK_MARGIN``)
+    needs, and their command IDs kept: every later question within that
+    reach costs no read.
+    """
+
+    def __init__(self, journal: Journal, end: int) -> None:
+        self._journal = journal
+        self._low = end  # records at or above it have been read (or are ours)
+        self._floor: datetime | None = None  # the oldest time read back to
+        self._ids: set[str] = set()
+
+    async def holds(self, command_id: str, offered_at: datetime) -> bool:
+        """Whether an earlier owner committed *command_id* at or after *offered_at*."""
+        floor = offered_at - CLOCK_MARGIN
+        if self._floor is None or floor < self._floor:
+            await self._read_back(floor)
+        return command_id in self._ids
+
+    async def _read_back(self, floor: datetime) -> None:
+        begin = (await self._journal.bounds()).begin
+        while self._low > begin:
+            try:
+                record = decode_stream_record(await self._journal.get(self._low - 1))
+            except RecordNotFound:
+                break  # truncated below: nothing older is left to read
+            if record.written_at < floor:
+                break
+            self._ids.update(record.command_ids)
+            self._low -= 1
+        self._floor = floor
