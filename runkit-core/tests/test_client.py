@@ -35,6 +35,7 @@ from engine_commands_harness import (
     Deposit,
     Deposited,
     setup,
+    wait_until,
 )
 
 PARTITIONS = 4
@@ -253,7 +254,8 @@ async def test_leaving_the_client_while_a_call_waits_for_the_application_says_so
         ) as client,
     ):
         tg.start_soon(deposit, client.executor_for(s.app))
-        await anyio.sleep(0.2)
+        await wait_until(lambda: bool(client._acceptors))  # the call waits for the application
+        await anyio.sleep(0.05)
     assert len(outcome) == 1
     assert isinstance(outcome[0], EngineStopped), outcome
     assert str(outcome[0]) == "the client was left before the command was accepted"
