@@ -20,6 +20,7 @@ import msgspec
 
 import dogma
 from runkit.config import ApplicationConfig, build
+from runkit.engine.cluster.ownership import StaticOwnership
 from runkit.engine.commands.inbox import decode_inbox_record, inbox_name
 from runkit.engine.commands.instance_records import (
     InstanceCommand,
@@ -315,6 +316,24 @@ async def execute_in_batch(engine: Engine, command: dogma.Command, app_key: str 
         spilled = stopped.spilled([entry])
         if spilled:
             await runtime.inbox_writers[index].submit(spilled)
+
+
+def one_partition_engine(
+    config: ApplicationConfig, provider: Provider, **settings: Any
+) -> tuple[Engine, StaticOwnership]:
+    """An engine of one partition on *provider* that owns what the test assigns."""
+    options = {"retry_base_delay": 0.001, "progress_interval": 0.002, **settings}
+    engine = Engine.from_settings(
+        EngineSettings(
+            applications=(config,),
+            persistence_provider=provider,
+            partition_count=1,
+            **options,
+        )
+    )
+    ownership = StaticOwnership()
+    engine.use_ownership(ownership)
+    return engine, ownership
 
 
 def splitting_node_ids(partitions: int, app_key: str = APP_KEY) -> tuple[uuid.UUID, uuid.UUID]:

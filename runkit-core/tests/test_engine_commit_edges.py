@@ -19,13 +19,10 @@ import msgspec
 import pytest
 
 import dogma
-from runkit.config import ApplicationConfig, build
-from runkit.engine.cluster.ownership import StaticOwnership
+from runkit.config import build
 from runkit.engine.commands.inbox import InboxEntry, append_to_inbox, inbox_name
-from runkit.engine.engine import Engine
 from runkit.engine.envelope import new_envelope, register_types
 from runkit.engine.partitions import partition_id
-from runkit.engine.settings import EngineSettings
 from runkit.engine.streams import (
     StreamRecord,
     UnconfirmedAppend,
@@ -33,7 +30,6 @@ from runkit.engine.streams import (
     holds_command,
     stream_name,
 )
-from runkit.persistence import Provider
 from runkit.testing.faults import AFTER, BEFORE, FaultyProvider
 from runkit_memory import MemoryProvider
 
@@ -48,30 +44,13 @@ from engine_commands_harness import (
     Notify,
     check_invariants,
     execute_in_batch,
+    one_partition_engine,
     read_stores,
     running,
     settled,
     setup,
     wait_until,
 )
-
-
-def _one_partition_engine(
-    config: ApplicationConfig, provider: Provider, **settings: Any
-) -> tuple[Engine, StaticOwnership]:
-    """An engine of one partition on *provider* that owns what the test assigns."""
-    options = {"retry_base_delay": 0.001, "progress_interval": 0.002, **settings}
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(config,),
-            persistence_provider=provider,
-            partition_count=1,
-            **options,
-        )
-    )
-    ownership = StaticOwnership()
-    engine.use_ownership(ownership)
-    return engine, ownership
 
 
 def _stream(name: str) -> bool:
@@ -94,7 +73,7 @@ async def test_an_append_that_landed_is_recognised_after_the_partition_stops(
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
     provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
-    engine, ownership = _one_partition_engine(s.config, provider)
+    engine, ownership = one_partition_engine(s.config, provider)
     everything = {partition_id(APP_KEY, 0)}
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
@@ -219,7 +198,7 @@ async def test_a_command_committed_for_an_unanswered_offer_is_not_handled_again(
     s = setup()
     s.accounts.nothing.add("quiet")  # handled, records nothing
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
-    a, a_owns = _one_partition_engine(s.config, inner, shutdown_timeout=0.2)
+    a, a_owns = one_partition_engine(s.config, inner, shutdown_timeout=0.2)
     offered_at = datetime.now(UTC)
     async with anyio.create_task_group() as tg:
         tg.start_soon(a.run)
@@ -267,7 +246,7 @@ async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_aga
     provider = FaultyProvider(inner)
     provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
     provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
-    engine, ownership = _one_partition_engine(s.config, provider, shutdown_timeout=0.2)
+    engine, ownership = one_partition_engine(s.config, provider, shutdown_timeout=0.2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign({partition_id(APP_KEY, 0)})
@@ -313,8 +292,8 @@ async def test_a_spilled_copy_of_a_landed_append_is_not_handled_after_a_second_t
     a_store.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
     a_store.plan.fail(BEFORE, ops={"append"}, names=_stream)
     b_store = FaultyProvider(MemoryProvider(inner.silo))
-    a, a_owns = _one_partition_engine(s.config, a_store, shutdown_timeout=0.2)
-    b, b_owns = _one_partition_engine(
+    a, a_owns = one_partition_engine(s.config, a_store, shutdown_timeout=0.2)
+    b, b_owns = one_partition_engine(
         s.config, b_store, shutdown_timeout=0.2, progress_interval=30.0
     )
     everything = {partition_id(APP_KEY, 0)}
@@ -416,7 +395,7 @@ async def test_inbox_commands_committed_before_the_progress_record_are_not_handl
     s = setup()
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    engine, ownership = _one_partition_engine(
+    engine, ownership = one_partition_engine(
         s.config,
         provider,
         retry_max_delay=0.01,
@@ -498,7 +477,7 @@ async def test_commands_of_one_call_committed_at_the_stop_are_not_spilled_with_t
     notifier.release = anyio.Event()
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    engine, ownership = _one_partition_engine(config, provider, shutdown_timeout=10.0)
+    engine, ownership = one_partition_engine(config, provider, shutdown_timeout=10.0)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign({partition_id(APP_KEY, 0)})
@@ -569,7 +548,7 @@ async def test_a_command_that_recorded_nothing_is_not_handled_again_after_a_cras
     register_types(config.message_types())
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    engine, ownership = _one_partition_engine(
+    engine, ownership = one_partition_engine(
         config, provider, retry_max_delay=0.01, progress_interval=30.0, shutdown_timeout=0.2
     )
     ping = new_envelope(
@@ -609,22 +588,11 @@ async def test_a_copy_of_a_command_being_committed_waits_for_it_even_after_a_reb
 
     monkeypatch.setattr(writer_module, "backoff", lambda *a: 0.05)
     s = setup()
-    inner = MemoryProvider(f"rv3-{uuid.uuid4()}")
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(s.config,),
-            persistence_provider=provider,
-            partition_count=1,
-            retry_base_delay=0.001,
-            retry_max_delay=0.01,
-            progress_interval=0.002,
-            materialise_delay=0.0,
-            shutdown_timeout=1.0,
-        )
+    engine, ownership = one_partition_engine(
+        s.config, provider, retry_max_delay=0.01, materialise_delay=0.0, shutdown_timeout=1.0
     )
-    ownership = StaticOwnership()
-    engine.use_ownership(ownership)
     s.accounts.nothing.add("x")  # first handling of X records nothing
     s.accounts.fail["y"] = 1  # Y fails once: the instance is dropped and rebuilt
     async with anyio.create_task_group() as tg:

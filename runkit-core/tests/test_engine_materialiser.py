@@ -344,34 +344,25 @@ async def test_a_recovered_tail_longer_than_the_recent_ids_is_not_applied_twice(
     # journal lacks. Those it has were told apart by the recent command IDs
     # (the last 1,000) only: with a longer backlog, the older ones were
     # applied a second time. They are now told apart by stream offset.
-    from engine_commands_harness import check_invariants, read_stores, running
+    from engine_commands_harness import (
+        check_invariants,
+        one_partition_engine,
+        read_stores,
+        running,
+    )
 
-    from runkit.engine.cluster.ownership import StaticOwnership
-    from runkit.engine.engine import Engine
     from runkit.engine.partitions import partition_id
-    from runkit.engine.settings import EngineSettings
     from runkit.testing.faults import BEFORE, FaultyProvider
 
     s = setup()
     inner = MemoryProvider(f"mat-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    engine = Engine.from_settings(
-        EngineSettings(
-            applications=(s.config,),
-            persistence_provider=provider,
-            partition_count=1,
-            retry_base_delay=0.001,
-            retry_max_delay=0.01,
-            progress_interval=0.002,
-            # The materialiser lags (as it does at >1,000 commands/s on one
-            # instance with the default 1 s delay, or while one journal's writes
-            # are being retried): nothing is written before the stop.
-            materialise_delay=3600.0,
-            shutdown_timeout=1.0,
-        )
+    # The materialiser lags (as it does at >1,000 commands/s on one instance
+    # with the default 1 s delay, or while one journal's writes are being
+    # retried): nothing is written before the stop.
+    engine, ownership = one_partition_engine(
+        s.config, provider, retry_max_delay=0.01, materialise_delay=3600.0, shutdown_timeout=1.0
     )
-    ownership = StaticOwnership()
-    engine.use_ownership(ownership)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign({partition_id(APP_KEY, 0)})
