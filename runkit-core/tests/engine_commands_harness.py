@@ -336,6 +336,15 @@ def one_partition_engine(
     return engine, ownership
 
 
+def cached_refs(runtime: Any, config: ApplicationConfig, instance: str) -> list[str]:
+    """The refs of the deposits applied to *instance*'s cached root on partition 0."""
+    handler = config.handler_by_name("accounts")
+    assert handler is not None
+    cached = runtime.partitions[0]._aggregates.cached(handler, instance)
+    assert cached is not None
+    return list(cached.root.refs)
+
+
 def splitting_node_ids(partitions: int, app_key: str = APP_KEY) -> tuple[uuid.UUID, uuid.UUID]:
     """Two random node IDs between which rendezvous hashing splits *app_key*'s partitions.
 

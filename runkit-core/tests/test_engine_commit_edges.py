@@ -42,6 +42,7 @@ from engine_commands_harness import (
     Deposit,
     Notifier,
     Notify,
+    cached_refs,
     check_invariants,
     execute_in_batch,
     one_partition_engine,
@@ -654,12 +655,7 @@ async def test_a_copy_of_a_command_being_committed_waits_for_it_even_after_a_reb
     async with running(MemoryProvider(inner.silo), s.config, partition_count=1) as engine2:
         await engine2.executor_for(s.app).execute_command(Deposit("a", 1, "w"))
         await wait_until(lambda: s.accounts.calls[-1][1] == "w")
-        rt2 = await engine2.runtime(APP_KEY)
-        handler = s.config.handler_by_name("accounts")
-        assert handler is not None
-        cached = rt2.partitions[0]._aggregates.cached(handler, "a")
-        assert cached is not None
-        refs2 = list(cached.root.refs)
+        refs2 = cached_refs(await engine2.runtime(APP_KEY), s.config, "a")
     if "z" not in refs2:
         problems.append(f"the next owner rebuilt 'a' without Z's committed event: {refs2}")
     assert not problems, "\n".join(problems)

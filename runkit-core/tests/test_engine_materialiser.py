@@ -345,6 +345,7 @@ async def test_a_recovered_tail_longer_than_the_recent_ids_is_not_applied_twice(
     # (the last 1,000) only: with a longer backlog, the older ones were
     # applied a second time. They are now told apart by stream offset.
     from engine_commands_harness import (
+        cached_refs,
         check_invariants,
         one_partition_engine,
         read_stores,
@@ -386,12 +387,7 @@ async def test_a_recovered_tail_longer_than_the_recent_ids_is_not_applied_twice(
     async with running(MemoryProvider(inner.silo), s.config, partition_count=1) as engine2:
         await engine2.executor_for(s.app).execute_command(Deposit("a", 1, "after"))
         await wait_until(lambda: s.accounts.calls[-1][1] == "after")
-        runtime2 = await engine2.runtime(APP_KEY)
-        handler = s.config.handler_by_name("accounts")
-        assert handler is not None
-        inst = runtime2.partitions[0]._aggregates.cached(handler, "a")
-        assert inst is not None
-        refs = list(inst.root.refs)
+        refs = cached_refs(await engine2.runtime(APP_KEY), s.config, "a")
     _, ref, balance_seen = s.accounts.calls[-1]
     assert ref == "after"
     check_invariants(await read_stores(inner))

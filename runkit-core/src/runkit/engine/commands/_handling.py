@@ -11,7 +11,7 @@ import dogma
 
 from ...config import HandlerConfig
 from ..envelope import Envelope, new_envelope, validate_new
-from ..streams import event_size
+from ..streams import envelope_size
 from .poison import HandlerBug
 
 __all__ = ["EventRecorder", "handler_log"]
@@ -47,7 +47,7 @@ class EventRecorder:
     command at once (``check``, ``failure``). An invalid event raises the
     ``dogma.ValidationError`` that ``validate()`` raised, as the API documents;
     the other bugs raise ``HandlerBug``. So are events too large for one stream
-    record (more than *max_bytes* by ``event_size``): the store would refuse the
+    record (more than *max_bytes* by ``envelope_size``): the store would refuse the
     record for ever, and the partition would commit nothing more.
     """
 
@@ -101,7 +101,7 @@ class EventRecorder:
             source_instance=self.instance_id,
             validated=True,
         )
-        self._size += event_size(env)
+        self._size += envelope_size(env)
         if self._size > self._max_bytes:
             self._bug(
                 f"{self.handler.describe()} recorded {len(self.events) + 1} event(s) of about "

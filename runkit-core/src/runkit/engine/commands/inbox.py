@@ -29,7 +29,7 @@ from ..backoff import backoff
 from ..envelope import Envelope, closing_iter
 from ..ids import new_id
 from ..logs import RateLimitedLog, describe_error
-from ..streams import UnconfirmedAppend
+from ..streams import UnconfirmedAppend, envelope_size
 
 __all__ = [
     "EngineStopped",
@@ -215,8 +215,11 @@ class InboxWriter:
             # caller cancelled along with the engine sees its cancellation.
             await anyio.lowlevel.checkpoint_if_cancelled()
             raise EngineStopped(_STOPPED)
-        # As encoded: descriptions and IDs are free-length text too.
-        size = sum(len(_encoder.encode(e)) for e in entries)
+        # Descriptions and IDs are free-length text too: all of it counts.
+        size = sum(
+            envelope_size(e.envelope) + len(e.handler_key) + len(e.instance_id or "")
+            for e in entries
+        )
         waiter = _Waiter(entries, size)
         self._queue.append(waiter)
         self._wake.set()

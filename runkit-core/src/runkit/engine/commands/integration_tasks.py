@@ -170,7 +170,6 @@ class IntegrationTasks:
                 if retry_in is None:
                     return
                 await anyio.sleep(retry_in)
-                if item.spill_settled is not None:
-                    # Commit only once the spill's inbox position is known, so
-                    # that the record says the inbox was read past it (ADR 0002).
-                    await item.spill_settled.wait()
+                # Commit only once the spill's inbox position is known, so
+                # that the record says the inbox was read past it (ADR 0002).
+                await item.spill_landed()

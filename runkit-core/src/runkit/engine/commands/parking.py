@@ -133,10 +133,5 @@ class ParkedInstances:
 
     async def _unpark_after(self, key: tuple[str, str], delay: float, item: PendingCommand) -> None:
         await anyio.sleep(delay)
-        if item.spill_settled is not None:
-            # Commit only once the spill's inbox position is known, so that the
-            # record says the inbox was read past it (ADR 0002): a command that
-            # records nothing is otherwise proven handled by nothing a new
-            # owner reads before the spilled copy.
-            await item.spill_settled.wait()
+        await item.spill_landed()  # as integration retries do (ADR 0002)
         self.unpark(key)

@@ -93,6 +93,16 @@ class PendingCommand:
     def command_id(self) -> str:
         return self.entry.envelope.message_id
 
+    async def spill_landed(self) -> None:
+        """Return once a spill of this command has settled (at once if none was made).
+
+        A retry waits for it before it commits: a command that records
+        nothing is otherwise proven handled by nothing a new owner reads
+        before the spilled copy.
+        """
+        if self.spill_settled is not None:
+            await self.spill_settled.wait()
+
     @property
     def instance_key(self) -> tuple[str, str]:
         return (self.entry.handler_key, self.entry.instance_id or "")

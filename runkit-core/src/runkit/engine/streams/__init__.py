@@ -36,7 +36,7 @@ from .records import (
     StreamRecord,
     decode_stream_record,
     encode_stream_record,
-    event_size,
+    envelope_size,
     max_command_bytes,
     stream_name,
 )
@@ -63,7 +63,7 @@ __all__ = [
     "decode_stream_record",
     "encode_stream_record",
     "end_subscriptions",
-    "event_size",
+    "envelope_size",
     "fed_subscription",
     "holds_command",
     "max_command_bytes",

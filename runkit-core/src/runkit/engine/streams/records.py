@@ -40,7 +40,7 @@ __all__ = [
     "StreamRecord",
     "decode_stream_record",
     "encode_stream_record",
-    "event_size",
+    "envelope_size",
     "max_command_bytes",
     "stream_name",
 ]
@@ -50,10 +50,11 @@ __all__ = [
 _EVENT_OVERHEAD = 512
 
 
-def event_size(envelope: Envelope) -> int:
-    """An upper estimate of the bytes an event adds to a stream record.
+def envelope_size(envelope: Envelope) -> int:
+    """An upper estimate of the bytes an envelope adds to a record.
 
-    Every field of free length counts (an aggregate's instance ID may take
+    An event's to a stream record, a command's to an inbox record. Every
+    field of free length counts (an aggregate's instance ID may take
     hundreds of bytes); the overhead covers the IDs, times and field names.
     """
     return (
@@ -74,7 +75,7 @@ def _text_bytes(text: str | None) -> int:
 
 
 def max_command_bytes(record_limit: int) -> int:
-    """The most ``event_size`` one command's events may add up to, for a store
+    """The most ``envelope_size`` one command's events may add up to, for a store
     whose records take at most *record_limit* bytes: they must fit one stream
     record, with its header."""
     return record_limit * 3 // 4

@@ -30,7 +30,7 @@ from .records import (
     StreamRecord,
     _events_of,
     encode_stream_record,
-    event_size,
+    envelope_size,
 )
 from .tail import StreamTail
 from .unconfirmed import UnconfirmedAppend
@@ -191,7 +191,7 @@ class StreamWriter:
         """
         if self._failed is not None:
             raise OwnershipLost("the partition stream writer has stopped") from self._failed
-        size = sum(event_size(e) for e in events) + 64
+        size = sum(envelope_size(e) for e in events) + 64
         item = Publication(command_id, tuple(events), size, on_durable, pinned=pinned)
         self._queue.append(item)
         self._wake.set()
