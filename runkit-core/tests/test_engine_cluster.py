@@ -823,6 +823,157 @@ async def test_an_offer_failing_after_its_router_stopped_opens_no_stream() -> No
             await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry])
 
 
+class _AnsweringTransport:
+    """Answers each offer with the next of *answers*; notes an ``observe`` stream opening."""
+
+    def __init__(self, *answers: bytes) -> None:
+        self.answers = list(answers)
+        self.observing = anyio.Event()
+
+    async def call(self, *args: Any, **kwargs: Any) -> bytes:
+        return self.answers.pop(0)
+
+    @asynccontextmanager
+    async def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[AsyncIterator[bytes]]:
+        self.observing.set()
+
+        async def nothing() -> AsyncIterator[bytes]:
+            await anyio.sleep_forever()
+            yield b""  # pragma: no cover
+
+        yield nothing()
+
+
+async def test_an_answer_to_another_command_of_the_chain_does_not_settle_its_observation() -> None:
+    # A keyed retry of a chain (the same correlation ID) is observed while a
+    # process here still offers a command of the chain's earlier run. That
+    # command's answer (its events, its conclusive done note) is not the
+    # retry's: it must not settle the observation, which would then not open
+    # its streams when the retry's own answer comes without events (too many
+    # to send), and would wait until the caller's timeout.
+    import math
+    from datetime import UTC, datetime
+
+    from runkit.engine.cluster.nodes import NodeRecord
+    from runkit.engine.cluster.routing import Router
+    from runkit.engine.cluster.wire import OfferAnswer, WireDone, WireEvent, encoder
+    from runkit.engine.commands.acceptance import command_id_for
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.envelope import new_envelope, register_types
+    from runkit.engine.streams import Observed, Widen
+
+    now = datetime.now(UTC)
+    peer = NodeRecord(
+        node_id=uuid.uuid4(),
+        incarnation="i",
+        started_at=now,
+        written_at=now,
+        expires_at=now,
+        heartbeat_interval=1.0,
+        advertise_address="127.0.0.1:1",
+    )
+    s = setup()
+    register_types(s.config.message_types())
+    retry = new_envelope(
+        Deposit("acct", 1, "ref"),
+        app_key=APP_KEY,
+        site_key=None,
+        created_at=now,
+        message_id=command_id_for(APP_KEY, "key"),
+    )
+    chain = retry.correlation_id
+    # The earlier run's process command, and the event it recorded.
+    produced = new_envelope(
+        Deposit("other", 1, "ref"),
+        app_key=APP_KEY,
+        site_key=None,
+        created_at=now,
+        causation_id=new_id(),
+        correlation_id=chain,
+    )
+    recorded = new_envelope(
+        Deposited("other", 1, 1, "ref"),
+        app_key=APP_KEY,
+        site_key=None,
+        created_at=now,
+        causation_id=produced.message_id,
+        correlation_id=chain,
+    )
+    produced_answer = OfferAnswer(
+        accepted=True,
+        events=(
+            WireEvent(stream_id=new_id(), offset=0, envelope=recorded, recorded_at=now),
+            WireDone(correlation_id=chain, command_id=produced.message_id, conclusive=True),
+        ),
+    )
+    transport = _AnsweringTransport(
+        encoder.encode(produced_answer),
+        encoder.encode(OfferAnswer(accepted=True)),  # the retry's: its events left out
+    )
+    router = Router(
+        transport,  # type: ignore[arg-type]
+        lambda: {peer.node_id: peer},
+        self_id=uuid.uuid4(),
+        self_is_node=False,
+    )
+    send, receive = anyio.create_memory_object_stream[Observed](math.inf)
+    with send, receive:
+        async with anyio.create_task_group() as tg:
+            router.start(tg)
+            with router.observation(APP_KEY, chain, send, widen=Widen()):
+                for envelope, account in ((produced, "other"), (retry, "acct")):
+                    entry = InboxEntry(envelope=envelope, handler_key="h", instance_id=account)
+                    assert await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry])
+                # At once (not at the offer timeout): nothing settled the observation.
+                with anyio.fail_after(1):
+                    await transport.observing.wait()
+                # The other command's events were not handed over: the streams replay them.
+                assert receive.statistics().current_buffer_used == 0
+            tg.cancel_scope.cancel()
+
+
+async def test_a_gateway_keeps_no_offer_slots_for_peers_it_no_longer_offers_to() -> None:
+    # A long-lived client sees peers come and go (each restart may bring a new
+    # address): it must not keep a semaphore for every address it ever used.
+    from datetime import UTC, datetime
+
+    from runkit.engine.cluster.nodes import NodeRecord
+    from runkit.engine.cluster.routing import Router
+    from runkit.engine.cluster.wire import OK
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.envelope import new_envelope, register_types
+
+    now = datetime.now(UTC)
+    s = setup()
+    register_types(s.config.message_types())
+    peers: dict[uuid.UUID, NodeRecord] = {}
+    transport = _AnsweringTransport(*[OK] * 3)
+    router = Router(
+        transport,  # type: ignore[arg-type]
+        lambda: peers,
+        self_id=uuid.uuid4(),
+        self_is_node=False,
+    )
+    for port in (1, 2, 3):
+        peer = NodeRecord(
+            node_id=uuid.uuid4(),
+            incarnation="i",
+            started_at=now,
+            written_at=now,
+            expires_at=now,
+            heartbeat_interval=1.0,
+            advertise_address=f"127.0.0.1:{port}",
+        )
+        peers.clear()
+        peers[peer.node_id] = peer
+        envelope = new_envelope(
+            Deposit("acct", 1, "ref"), app_key=APP_KEY, site_key=None, created_at=now
+        )
+        entry = InboxEntry(envelope=envelope, handler_key="h", instance_id="acct")
+        assert await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry], room_wait=1.0)
+    assert router._offer_slots == {}
+
+
 async def test_an_offer_that_times_out_while_its_integration_runs_is_handled_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -181,9 +181,16 @@ class Router:
         (which the call's timeout then adds), and raises ``PartitionBusy`` if
         none came (the caller offers them again).
         """
+        # Only the answer to a chain's first command (whose ID is the
+        # correlation ID) settles the chain's observations. Marked answered by
+        # another command of the chain (a process's, of an earlier run of a
+        # keyed chain, say), an observation would not widen when its own
+        # command's answer came without events, and would wait until the
+        # caller's timeout. Nor does the owner send events nobody takes.
         awaiting = [
             (entry, waiting)
             for entry in entries
+            if entry.envelope.message_id == entry.envelope.correlation_id
             for waiting in self._awaiting.get(entry.envelope.correlation_id, ())
         ]
         try:
@@ -275,6 +282,10 @@ class Router:
             yield max(0.0, room_wait - (anyio.current_time() - started))
         finally:
             slots.release()
+            if slots.value == OFFERS_PER_PEER and self._offer_slots.get(address) is slots:
+                # Unused: dropped, so that a long-lived client does not keep
+                # one for every address a peer ever had.
+                del self._offer_slots[address]
 
     def _log_fallback(
         self, owner: NodeRecord, entries: Sequence[InboxEntry], index: int, exc: TransportError
@@ -360,7 +371,7 @@ class Router:
 
         With *widen* the streams wait until it is set. Meanwhile an ``offer``
         of the chain's command asks the owner for the chain's events in its
-        answer (the events, then the command's done note): an answer with a
+        answer (the events, then the command's done note): an answer with its
         conclusive note hands them over, and the caller sets *widen* only if
         processes may carry the chain on. An offer answered otherwise (the
         command went to the inbox, or waits there for a retry) sets it, and so
@@ -523,10 +534,11 @@ def _answered(
 ) -> None:
     """Hand an offer answer's events to the observations it settles.
 
-    Only an observation whose command's conclusive done note is in the answer
-    takes them: then it has every event the command recorded, and decides from
-    them whether the chain goes on. Otherwise it opens its streams, which
-    replay the same events.
+    *awaiting* pairs each chain's first command with the chain's
+    observations (``offer``). Only an observation whose command's conclusive
+    done note is in the answer takes them: then it has every event the
+    command recorded, and decides from them whether the chain goes on.
+    Otherwise it opens its streams, which replay the same events.
     """
     for entry, waiting in awaiting:
         command_id = entry.envelope.message_id
