@@ -51,7 +51,7 @@ STORES: dict[str, tuple[str, frozenset[str]]] = {
     "inbox": ("/inbox/", frozenset({"append"})),
     "stream": ("/stream/", frozenset({"append"})),
     "aggregate": ("/aggregate/", frozenset({"append", "truncate"})),
-    "snapshot": ("/snapshot/", frozenset({"set_unconditional"})),
+    "snapshot": ("/snapshot/", frozenset({"set"})),
     "process": ("/process/", frozenset({"set"})),
     "deadlines": ("/deadlines/", frozenset({"append", "truncate"})),
     "checkpoints": ("/checkpoints", frozenset({"set"})),

@@ -22,10 +22,16 @@ from runkit.config import HandlerConfig
 from runkit.engine.commands import materialiser as materialiser_module
 from runkit.engine.commands.aggregates import AggregateInstances, Instance
 from runkit.engine.commands.inbox import InboxEntry
-from runkit.engine.commands.instance_records import Committed, instance_decoder
+from runkit.engine.commands.instance_records import (
+    Committed,
+    SnapshotRecord,
+    instance_decoder,
+    instance_encoder,
+    snapshot_decoder,
+)
 from runkit.engine.commands.materialiser import Materialiser
 from runkit.engine.envelope import new_envelope, register_types
-from runkit.persistence import Limits
+from runkit.persistence import Keyspace, Limits
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -79,12 +85,12 @@ class Bench:
         self.offset += len(events)
         return record
 
-    def materialiser(self, *, delay: float = 0.0) -> Materialiser:
+    def materialiser(self, *, delay: float = 0.0, truncate: bool = False) -> Materialiser:
         return Materialiser(
             self.provider,
             self.s.config,
             self.aggregates,
-            truncate=False,
+            truncate=truncate,
             retry_base_delay=0.01,
             retry_max_delay=0.1,
             delay=delay,
@@ -307,6 +313,98 @@ async def test_a_stale_owners_snapshot_never_covers_records_it_did_not_see() -> 
     rebuilt = await bench.instances().load(bench.handler, "acc")
     assert rebuilt.root.balance == 3
     assert r3.command_id in rebuilt.recent
+
+
+async def test_a_stale_owners_older_snapshot_never_replaces_a_newer_one() -> None:
+    # Owner A appended r1 and r2 (r2 carries a snapshot), then was slow to
+    # store the snapshot (a paused process, a slow request). Owner B took over,
+    # wrote more commands and newer snapshots, and truncated the journal below
+    # them. A's snapshot then landed over B's: it covers only the first record,
+    # which was gone, so the instance no longer loaded.
+    bench = Bench(snapshot_every=2)
+    key = bench.key("acc")
+    owner_a = bench.aggregates
+    inst_a = await owner_a.load(bench.handler, "acc")
+    r1, r2 = bench.commit(inst_a, "r1"), bench.commit(inst_a, "r2")
+    assert r2.snapshot is not None
+    stale = bench.materialiser(truncate=True)
+    stale.add(key, r1)
+    stale.add(key, r2)
+    storing, resume = anyio.Event(), anyio.Event()
+    snapshot_keyspace = owner_a.snapshot_keyspace
+
+    async def slow_snapshot_keyspace(handler_key: str) -> Keyspace:
+        storing.set()
+        await resume.wait()
+        return await snapshot_keyspace(handler_key)
+
+    owner_a.snapshot_keyspace = slow_snapshot_keyspace  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stale.flush)
+        await storing.wait()  # r1 and r2 are in the journal; their snapshot is not
+
+        bench.aggregates = owner_b = bench.instances()
+        inst_b = await owner_b.load(bench.handler, "acc")
+        current = bench.materialiser(truncate=True)
+        for i in range(3, 7):
+            current.add(key, bench.commit(inst_b, f"r{i}"))
+            await current.flush()
+        resume.set()
+
+    name = f"{APP_KEY}/aggregate/{bench.handler.identity.key}/acc"
+    async with await bench.provider.journals.open(name) as journal:
+        bounds = await journal.bounds()
+    assert bounds.begin > 1, "B truncated the journal below A's snapshot"
+    rebuilt = await bench.instances().load(bench.handler, "acc")
+    assert rebuilt.root.balance == 6
+    assert list(rebuilt.root.refs) == [f"r{i}" for i in range(1, 7)]
+    ks = await bench.instances().snapshot_keyspace(bench.handler.identity.key)
+    stored, _ = await ks.get(b"acc")
+    assert snapshot_decoder.decode(stored).position == bounds.end - 1, "B's last snapshot"
+
+
+async def test_a_snapshot_stored_meanwhile_is_read_again_and_kept() -> None:
+    # Another owner stores a newer snapshot between this materialiser's read
+    # of the stored one and its conditional write: the write conflicts, and
+    # the second look keeps the newer snapshot.
+    b = Bench(snapshot_every=2)
+    a = await b.aggregates.load(b.handler, "a")
+    records = [b.commit(a, "r1"), b.commit(a, "r2")]
+    assert records[-1].snapshot is not None
+    newer = instance_encoder.encode(SnapshotRecord(position=99, data=b"newer"))
+    snapshot_keyspace = b.aggregates.snapshot_keyspace
+
+    class Racing:
+        """The keyspace, with the newer snapshot stored right after the first read."""
+
+        def __init__(self, ks: Keyspace) -> None:
+            self.ks = ks
+            self.raced = False
+
+        async def get(self, key: bytes) -> tuple[bytes, str]:
+            found = await self.ks.get(key)
+            if not self.raced:
+                self.raced = True
+                await self.ks.set_unconditional(key, newer)
+            return found
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.ks, name)
+
+    racing: list[Racing] = []
+
+    async def racing_snapshot_keyspace(handler_key: str) -> Keyspace:
+        racing.append(Racing(await snapshot_keyspace(handler_key)))
+        return racing[-1]  # type: ignore[return-value]
+
+    b.aggregates.snapshot_keyspace = racing_snapshot_keyspace  # type: ignore[method-assign]
+    m = b.materialiser()
+    for record in records:
+        m.add(b.key("a"), record)
+    await m.flush()
+    assert [r.raced for r in racing] == [True]
+    stored, _ = await (await snapshot_keyspace(b.handler.identity.key)).get(b"a")
+    assert stored == newer
 
 
 async def test_a_snapshot_over_the_value_limit_is_skipped_and_the_others_go_on() -> None:

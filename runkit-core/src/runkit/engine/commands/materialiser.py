@@ -14,6 +14,10 @@ repeated or lost:
   journal. A new owner reads the stream from there (``recover``) and writes
   what is missing, and its instances are rebuilt from snapshot + journal + those
   records meanwhile.
+- A snapshot records the instance journal position it covers, and replaces
+  only one covering less (read, then a conditional write): a stale owner's
+  older snapshot never replaces a newer one below which the journal may
+  already be truncated.
 
 Writes are late and coalesced (ADR 0009): a record is written once it has been
 queued for ``delay`` seconds (sooner when ``QUEUE_LIMIT`` records are queued),
@@ -41,6 +45,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
 from ...config import ApplicationConfig, HandlerKind
@@ -65,6 +70,7 @@ from .instance_records import (
     aggregate_name,
     instance_decoder,
     instance_encoder,
+    snapshot_decoder,
 )
 
 if TYPE_CHECKING:
@@ -87,6 +93,8 @@ ROUNDS_PER_DELAY = 10
 GROUP_LIMIT = 256
 #: Instance journal handles kept open (with their known end).
 OPEN_JOURNALS = 1024
+#: Reads of an instance's stored snapshot before one is written (others write it too).
+SNAPSHOT_ATTEMPTS = 3
 
 
 class Materialiser:
@@ -371,11 +379,34 @@ class Materialiser:
     ) -> None:
         data, recent = snapshot
         ks = await self._aggregates.snapshot_keyspace(key[0])
-        value = SnapshotRecord(
-            position=position, data=data, recent=tuple((cid, -1) for cid in recent)
+        name = key[1].encode()
+        value = instance_encoder.encode(
+            SnapshotRecord(position=position, data=data, recent=tuple((cid, -1) for cid in recent))
         )
         try:
-            await ks.set_unconditional(key[1].encode(), instance_encoder.encode(value))
+            # Never replace a snapshot covering as much or more: another owner
+            # (this one may be stale) may have truncated the journal below it,
+            # and an older one would then leave the instance unloadable.
+            for _ in range(SNAPSHOT_ATTEMPTS):
+                stored, revision = await ks.get(name)
+                if stored and _snapshot_position(stored) >= position:
+                    break
+                try:
+                    await ks.set(name, value, revision)
+                    break
+                except Conflict:
+                    continue  # written meanwhile: look again
+            else:
+                # Other owners keep writing it. A snapshot only saves replay:
+                # go on without this one (and keep the journal whole).
+                _retry_log.warning(
+                    key[0],
+                    "not snapshotting aggregate instance %r of handler %s: "
+                    "its snapshot kept changing",
+                    key[1],
+                    key[0],
+                )
+                return
         except LimitExceeded as exc:
             # The same on every attempt: retried, it would stop every instance
             # journal of the partition. A snapshot only saves replay, so the
@@ -389,9 +420,11 @@ class Materialiser:
             )
             return
         if self._truncate and position > 1:
-            # The snapshot covers everything below it (and the recent command
-            # IDs travel with it). The last record stays: its stream offset
-            # tells a later materialiser what is already written.
+            # The stored snapshot is ours or one at or above ``position``, and
+            # from now on it is only ever replaced by one further up: either
+            # way it covers everything below ``position`` (and the recent
+            # command IDs travel with it). The last record stays: its stream
+            # offset tells a later materialiser what is already written.
             await journal.truncate(position - 1)
 
     async def _journal(self, key: _Key) -> tuple[Journal, int, int | None]:
@@ -462,6 +495,14 @@ async def _last_offset(journal: Journal, end: int) -> int | None:
     except RecordNotFound:
         return None  # truncated to the end: only a snapshot-covered past
     return instance_decoder.decode(data).last_offset
+
+
+def _snapshot_position(stored: bytes) -> int:
+    """The journal position a stored snapshot covers (-1: unreadable, so replaceable)."""
+    try:
+        return snapshot_decoder.decode(stored).position
+    except msgspec.DecodeError:
+        return -1
 
 
 def _group(records: list[Committed], start: int) -> list[Committed]:
