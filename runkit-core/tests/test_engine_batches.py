@@ -619,6 +619,7 @@ def test_unparked_commands_go_before_newer_ones_already_ready() -> None:
         start=lambda *args: None,
         load=lambda handler, instance: anyio.lowlevel.checkpoint(),
         failure=lambda item, exc: None,
+        poison=lambda item, reason, attempts: anyio.lowlevel.checkpoint(),
         retry_base_delay=0.01,
     )
     first, second, newer = (cast(PendingCommand, object()) for _ in range(3))

@@ -338,6 +338,40 @@ async def test_poison_after_max_attempts_and_at_once_for_bugs() -> None:
     check_invariants(await read_stores(provider))
 
 
+@pytest.mark.parametrize("failure", ["bug", "attempts"])
+async def test_a_poisoned_commands_instance_waits_for_its_poison_record(failure: str) -> None:
+    # Until the record is durable the inbox may still hold the command: a
+    # crash would hand it to the next owner, which must not find later
+    # commands of the instance committed before it.
+    from runkit.engine.commands.poison import list_poisoned
+    from runkit.testing.faults import BEFORE, FaultPlan, FaultyProvider
+
+    s = setup()
+    if failure == "bug":
+        s.accounts.unexpected.add("bad")
+    else:
+        s.accounts.fail["bad"] = 100
+    plan = FaultPlan()
+    plan.fail(BEFORE, ops={"set_unconditional"}, names=lambda n: "/poison/" in n)
+    provider = FaultyProvider(silo(), plan)
+    async with running(provider, s.config, max_attempts=2, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(executor.execute_command, Deposit("x", 1, "bad"))
+                await wait_until(lambda: plan.injected_before >= 1)
+                tg.start_soon(executor.execute_command, Deposit("x", 2, "after"))
+                await wait_until(lambda: plan.injected_before >= 3)
+                await anyio.sleep(0.2)
+                assert [c[1] for c in s.accounts.calls] == []
+                plan.clear()
+                await wait_until(lambda: ("x", "after", 0) in s.accounts.calls)
+        poisoned = [p async for p in list_poisoned(provider, APP_KEY, 1)]
+        assert [p.record.entry.envelope.description for p in poisoned] == ["depositing 1 into x"]
+        await settled(provider)
+    check_invariants(await read_stores(provider))
+
+
 async def _len_is(fn, n: int) -> bool:  # type: ignore[no-untyped-def]
     return len(await fn()) == n
 

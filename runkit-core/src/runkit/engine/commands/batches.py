@@ -150,7 +150,6 @@ class PartitionCommands:
             provider=provider,
             app_key=app.identity.key,
             index=index,
-            start=self._start,
             spill=self._callers.spill,
             finish=self._finish,
         )
@@ -160,6 +159,7 @@ class PartitionCommands:
             start=self._start,
             load=aggregates.load,
             failure=self._retries.failure,
+            poison=self._retries.poison,
             retry_base_delay=settings.retry_base_delay,
         )
         self._markers = Markers(idempotency, settings=settings, index=index, unpin=writer.unpin)
@@ -493,7 +493,7 @@ class PartitionCommands:
                 item.command_id,
                 item.entry.envelope.description,
             )
-            self._start(self._retries.poison, item, str(exc), item.failures + 1)
+            self._parked.poison(key, item, str(exc), item.failures + 1)
             return
         except Exception as exc:
             self._parked.retry_later(item, exc, key)

@@ -30,7 +30,7 @@ from .integrations import execute_integration
 from .markers import Markers
 from .pending import CompletedCommands, Location, PendingCommand
 from .poison import HandlerBug
-from .retries import Retries
+from .retries import Retries, failure_reason
 
 __all__ = ["IntegrationTasks"]
 
@@ -168,6 +168,7 @@ class IntegrationTasks:
             except Exception as exc:
                 retry_in = self._retries.failure(item, exc)
                 if retry_in is None:
+                    await self._retries.poison(item, failure_reason(exc), item.failures)
                     return
                 await anyio.sleep(retry_in)
                 # Commit only once the spill's inbox position is known, so

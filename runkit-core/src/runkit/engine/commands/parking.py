@@ -1,8 +1,9 @@
 """Parked aggregate instances: their commands wait, in order, while they load or retry.
 
 A command for an instance that is not cached parks the instance while a loader
-loads it; a failed command parks it until its retry (``Retries``). Commands
-arriving meanwhile queue behind; unparking hands them all back to the batch
+loads it; a failed command parks it until its retry (``Retries``), or, when it
+is poisoned, until its poison record is durable. Commands arriving meanwhile
+queue behind; unparking hands them all back to the batch
 loop, in order. Loaders are kept workers (``KeptWorkers``), at most
 ``_LOADERS``: a workload that opens a new instance per command (the
 bank's transactions) spawns no task per instance.
@@ -21,6 +22,7 @@ from ...persistence import LimitExceeded, PersistenceError
 from ..backoff import backoff
 from ..workers import KeptWorkers
 from .pending import PendingCommand
+from .retries import failure_reason
 
 __all__ = ["ParkedInstances"]
 
@@ -36,7 +38,7 @@ class ParkedInstances:
 
     Unparked commands go back to *ready*, and *wake* wakes the batch loop;
     *start* runs a task in the partition, *load* loads an instance into the
-    cache, and *failure* is ``Retries.failure``.
+    cache, *failure* is ``Retries.failure`` and *poison* is ``Retries.poison``.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class ParkedInstances:
         start: Callable[..., None],
         load: Callable[[HandlerConfig, str], Awaitable[object]],
         failure: Callable[[PendingCommand, Exception], float | None],
+        poison: Callable[[PendingCommand, str, int], Awaitable[None]],
         retry_base_delay: float,
     ) -> None:
         self._ready = ready
@@ -54,6 +57,7 @@ class ParkedInstances:
         self._start = start
         self._load_instance = load
         self._failure = failure
+        self._poison = poison
         self._retry_base_delay = retry_base_delay
         # Aggregate instances being loaded or retried: their commands wait here, in order.
         self._parked: dict[tuple[str, str], deque[PendingCommand]] = {}
@@ -78,10 +82,22 @@ class ParkedInstances:
         """An aggregate command failed: its instance waits until it is retried or poisoned."""
         delay = self._failure(item, exc)
         if delay is None:
-            self.unpark(key)
+            self.poison(key, item, failure_reason(exc), item.failures)
             return
         self._parked.setdefault(key, deque()).appendleft(item)
         self._start(self._unpark_after, key, delay, item)
+
+    def poison(
+        self, key: tuple[str, str], item: PendingCommand, reason: str, attempts: int
+    ) -> None:
+        """Poison *item*; instance *key* stays parked until the poison record is durable.
+
+        Until then the inbox may still hold the command: a crash would hand it
+        to the next owner, which must not find later commands of the instance
+        committed before it.
+        """
+        self._parked.setdefault(key, deque())
+        self._start(self._poison_then_unpark, key, item, reason, attempts)
 
     def unpark(self, key: tuple[str, str]) -> None:
         """Instance *key* may go on: its commands are ready again."""
@@ -127,9 +143,14 @@ class ParkedInstances:
         """Loading instance *key* failed with *exc*: its first command takes the blame."""
         parked = self._parked.get(key)
         if parked:
+            # The instance stays parked: until the retry, or the poison record.
             self.retry_later(parked.popleft(), exc, key)
-            if key in self._parked and not self._parked[key]:
-                del self._parked[key]
+
+    async def _poison_then_unpark(
+        self, key: tuple[str, str], item: PendingCommand, reason: str, attempts: int
+    ) -> None:
+        await self._poison(item, reason, attempts)
+        self.unpark(key)
 
     async def _unpark_after(self, key: tuple[str, str], delay: float, item: PendingCommand) -> None:
         await anyio.sleep(delay)

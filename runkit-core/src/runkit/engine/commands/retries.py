@@ -2,9 +2,10 @@
 
 After each handler failure ``Retries`` decides: retry after a capped
 exponential backoff with jitter (a local command is spilled to the inbox
-meanwhile), or, after ``max_attempts`` failures, write the command to the
-partition's poison store and finish it. An aggregate command waits for its
-retry with its instance parked (``parking``).
+meanwhile), or, after ``max_attempts`` failures, tell the caller to write
+the command to the partition's poison store (``poison``), which finishes it.
+An aggregate command waits for its retry, or for its poison record to be
+durable, with its instance parked (``parking``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..settings import EngineSettings
 from .pending import PendingCommand
 from .poison import PoisonRecord, write_poison
 
-__all__ = ["Retries"]
+__all__ = ["Retries", "failure_reason"]
 
 # Part of the batch processor: logs as it.
 _log = logging.getLogger("runkit.engine.commands.batches")
@@ -31,11 +32,16 @@ _failed = _meter.create_counter("runkit.commands.failed", description="failed ha
 _poisoned = _meter.create_counter("runkit.commands.poisoned", description="commands poisoned")
 
 
+def failure_reason(exc: BaseException) -> str:
+    """What a poison record says of the failure *exc*."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Retries:
     """What happens to a command whose handler failed: a retry or the poison store.
 
-    *start* runs a task in the partition; *spill* makes a local command durable
-    in the inbox; *finish* completes a command (once it is poisoned).
+    *spill* makes a local command durable in the inbox; *finish* completes a
+    command (once it is poisoned).
     """
 
     def __init__(
@@ -45,7 +51,6 @@ class Retries:
         provider: Provider,
         app_key: str,
         index: int,
-        start: Callable[..., None],
         spill: Callable[[PendingCommand], None],
         finish: Callable[[PendingCommand], None],
     ) -> None:
@@ -53,12 +58,16 @@ class Retries:
         self._provider = provider
         self._app_key = app_key
         self._index = index
-        self._start = start
         self._spill = spill
         self._finish = finish
 
     def failure(self, item: PendingCommand, exc: Exception) -> float | None:
-        """A handler failed: return the delay before retrying, or poison it (``None``)."""
+        """A handler failed: return the delay before retrying, or ``None`` to poison it.
+
+        On ``None`` the caller poisons the command (``poison``, with
+        ``failure_reason(exc)``): an aggregate command's instance must stay
+        parked until the record is durable.
+        """
         handler = item.handler
         name = handler.identity.name if handler is not None else item.entry.handler_key
         item.failures += 1
@@ -80,7 +89,6 @@ class Retries:
                 exc_info=exc,
                 extra=about.extra,
             )
-            self._start(self.poison, item, f"{type(exc).__name__}: {exc}", item.failures)
             return None
         delay = backoff(
             item.failures, self._settings.retry_base_delay, self._settings.retry_max_delay
