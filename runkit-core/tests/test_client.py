@@ -233,6 +233,25 @@ async def stalled_owner(provider: MemoryProvider, offered: anyio.Event) -> Async
         tg.cancel_scope.cancel()
 
 
+async def test_a_call_after_the_client_was_left_says_so() -> None:
+    # A caller that reaches the client once it is left (a call under way in
+    # another task, say) is told that, not to use the client inside its block.
+    s = setup()
+    provider = MemoryProvider(f"client-{uuid.uuid4()}")
+    client = runkit.Client(
+        runkit.with_application(s.config), runkit.with_persistence_provider(provider)
+    )
+    executor = client.executor_for(s.app)
+    with pytest.raises(RuntimeError, match="inside `async with"):
+        await executor.execute_command(Deposit("a", 1, "early"))
+    async with client:
+        pass
+    with pytest.raises(EngineStopped, match="the client was left"):
+        await executor.execute_command(Deposit("a", 1, "late"))
+    with pytest.raises(EngineStopped, match="the client was left"):
+        await client.status()
+
+
 async def test_leaving_the_client_while_a_call_waits_for_the_application_says_so() -> None:
     # No node has started the application yet: the call waits for one. The
     # client is left meanwhile: the caller was told to use the client inside

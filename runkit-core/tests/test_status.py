@@ -467,6 +467,24 @@ async def test_engine_status_after_run_reads_its_store_although_run_closed_its_p
     assert sum(p.stream_end for p in status.partitions) == 1
 
 
+async def test_a_client_without_applications_reads_the_status_of_those_nodes_run() -> None:
+    # A client that only looks (a dashboard, a script) need not know the
+    # applications: as `runkit status` without arguments, it reports those the
+    # live nodes' heartbeats mention.
+    s = ch.setup()
+    provider = silo()
+    async with ch.running(provider, s.config) as engine:
+        await engine.executor_for(s.app).execute_command(ch.Deposit("a", 1, "r"))
+        async with runkit.Client(runkit.with_persistence_provider(provider)) as client:
+            status = await eventually(
+                client.status, lambda st: sum(p.stream_end for p in st.partitions) == 1
+            )
+            with pytest.raises(ValueError, match="not an application registered"):
+                client.executor_for(s.app)
+    assert [a.key for a in status.applications] == [ch.APP_KEY]
+    assert len(status.nodes) == 1
+
+
 def test_cli_status_usage_errors_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

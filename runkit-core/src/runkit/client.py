@@ -85,11 +85,6 @@ class Client:
     def __init__(self, *options: object) -> None:
         resolve = importlib.import_module("runkit._options").resolve_options
         settings: EngineSettings = resolve(options, client=True)
-        if not settings.applications:
-            raise ConfigurationError(
-                "the client has no application",
-                ["pass runkit.with_application(app) for each application it executes commands of"],
-            )
         # A client neither listens nor is reached: it calls nodes.
         self.settings = attrs.evolve(settings, listen_address=None, advertise_address=None)
         self._apps = {app.identity.key: app for app in settings.applications}
@@ -102,6 +97,7 @@ class Client:
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._entered = False
+        self._left = False
 
     async def __aenter__(self) -> Self:
         # A second entry would join membership again under the same node ID
@@ -153,6 +149,7 @@ class Client:
             )
             router.start(tg)
             self._router, self._provider, self._tg = router, provider, tg
+            self._left = False
             self._stack = stack.pop_all()
         return self
 
@@ -163,6 +160,7 @@ class Client:
         tb: TracebackType | None,
     ) -> None:
         stack, self._stack = self._stack, None
+        self._left = True
         if self._router is not None:
             # Leaving stops the streams that feed the calls' subscriptions.
             self._router.end(
@@ -242,7 +240,7 @@ class Client:
     async def acceptor(self, app_key: str) -> Acceptor:
         """The application's acceptor, made on first use (raises if the client is not entered)."""
         if self._router is None:
-            raise RuntimeError("use the client inside `async with runkit.Client(...)`")
+            raise self._not_open()
         making = self._acceptors.get(app_key)
         if making is not None and making.acceptor is not None:
             return making.acceptor  # made: no wait (an anyio wait would yield even so)
@@ -285,7 +283,7 @@ class Client:
         subscription's block with ``EngineStopped``.
         """
         if self._router is None:
-            raise RuntimeError("use the client inside `async with runkit.Client(...)`")
+            raise self._not_open()
         return self._router.observe(app_key, correlation_id, partition, widen)
 
     # -- public --
@@ -303,10 +301,24 @@ class Client:
         from .engine.cluster.status import read_status
 
         if self._provider is None:
-            raise RuntimeError("use the client inside `async with runkit.Client(...)`")
+            raise self._not_open()
+        # Without applications (a client that only looks), as `runkit status`
+        # without arguments: the applications the nodes' heartbeats mention.
         return await read_status(
-            self._provider, tuple(self._apps.values()), now=self.settings.clock()
+            self._provider,
+            tuple(self._apps.values()),
+            now=self.settings.clock(),
+            discover=not self._apps,
         )
+
+    def _not_open(self) -> Exception:
+        if self._left:
+            # A call that was under way when the client was left, or one made
+            # after: either way it ends as a call does when its engine stops.
+            return EngineStopped(
+                "the client was left; use it inside `async with runkit.Client(...)`"
+            )
+        return RuntimeError("use the client inside `async with runkit.Client(...)`")
 
     def _find(self, app: object) -> ApplicationConfig:
         if isinstance(app, ApplicationConfig):
