@@ -104,6 +104,13 @@ def test_unexpected_message_carries_any_value() -> None:
     assert str(error) == "unexpected message: builtins.int"
 
 
+def test_unexpected_message_can_be_raised_without_the_message() -> None:
+    # As Go handlers panic with the value: `raise dogma.UnexpectedMessage`.
+    with pytest.raises(dogma.UnexpectedMessage, match=r"^unexpected message$") as info:
+        raise dogma.UnexpectedMessage
+    assert info.value.message is None
+
+
 def test_unexpected_message_survives_a_broken_description() -> None:
     class Broken(dogma.Command):
         def message_description(self) -> str:

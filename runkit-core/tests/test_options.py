@@ -386,3 +386,15 @@ def test_with_application_given_the_class_says_to_pass_an_object() -> None:
 
     with pytest.raises(TypeError, match=r"pass an application object, e.g. App\(\), not the class"):
         o.with_application(bank.App)
+
+
+def test_two_applications_with_one_identity_key_are_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    # Configuration problems come as one ConfigurationError (a ValueError).
+    import bank
+
+    first = bank.App(tmp_path / "a.sqlite3")
+    second = bank.App(tmp_path / "b.sqlite3")
+    with pytest.raises(ConfigurationError, match="share the identity key"):
+        o.resolve_options([o.with_application(first), o.with_application(second)])

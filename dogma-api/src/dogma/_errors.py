@@ -40,12 +40,17 @@ class UnexpectedMessage(Exception):
     The engine treats it as a bug in the handler or its routes, never as a
     transient failure to retry.
 
+    ``raise dogma.UnexpectedMessage`` (the class, as Go code panics with the
+    value) works too; the message is then unknown.
+
     Attributes:
-        message: The message the handler did not expect.
+        message: The message the handler did not expect (``None`` if not given).
     """
 
-    def __init__(self, message: object) -> None:
-        super().__init__(f"unexpected message: {_describe(message)}")
+    def __init__(self, message: object = None) -> None:
+        super().__init__(
+            "unexpected message" if message is None else f"unexpected message: {_describe(message)}"
+        )
         self.message = message
 
 

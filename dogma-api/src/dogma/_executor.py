@@ -34,8 +34,8 @@ def observe(
 ) -> EventObserver[E]:
     """Make an observer of ``event_type`` events for ``CommandExecutor.execute_command()``.
 
-    ``fn`` is awaited with each event of exactly ``event_type`` that the
-    command causes, directly or through processes and integrations. It
+    ``fn`` is awaited with each event of ``event_type`` (or of a subclass
+    of it) that the command causes, directly or through processes and integrations. It
     returns ``True`` when satisfied (``execute_command`` then returns) or
     ``False`` to keep waiting; an exception it raises propagates.
 

@@ -296,11 +296,12 @@ def from_environment() -> Option:
 def resolve_options(options: Iterable[Option], *, client: bool = False) -> EngineSettings:
     """Combine *options* into ``EngineSettings``.
 
-    Raises ``TypeError`` for something that is not an ``Option`` and
-    ``ValueError`` for an option given twice, two applications with one
-    identity key, both ``with_persistence`` and ``with_persistence_provider``,
-    a retry max delay below the base delay, or an advertise address without a
-    listen address (for a node).
+    Raises ``TypeError`` for something that is not an ``Option``,
+    ``ConfigurationError`` (a ``ValueError``) for two applications with one
+    identity key, and ``ValueError`` for an option given twice, both
+    ``with_persistence`` and ``with_persistence_provider``, a retry max delay
+    below the base delay, or an advertise address without a listen address
+    (for a node).
 
     For a *client* (``runkit.Client``) the node ID comes only from
     ``with_node_id``, else it is random: ``DOGMA_NODE_ID`` is the ID of the
@@ -334,7 +335,7 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
     for app in apps:
         other = seen.get(app.identity.key)
         if other is not None:
-            raise ValueError(
+            raise ConfigurationError(
                 f"applications {other.identity.name!r} and {app.identity.name!r} share the "
                 f"identity key {app.identity.key!r}; each application needs its own key"
             )
