@@ -27,11 +27,9 @@ from runkit.engine.events.consumers import ConsumerOptions, partition_consumers
 from runkit.engine.events.deadlines import deadline_journal_name
 from runkit.engine.events.process_instances import ProcessRecord
 from runkit.engine.events.process_stores import (
-    Checkpoint,
     PoisonedMessage,
     checkpoint_key,
     checkpoints_store_name,
-    decode_checkpoint,
     list_poisoned_events,
     process_store_name,
 )
@@ -929,18 +927,16 @@ async def test_a_slow_instance_does_not_hold_up_the_others() -> None:
         await wait_until(lambda: commands(h) == [("a", 2), ("b", 3)])
         key = checkpoint_key(PROC_KEY, h.streams[0].stream_id)
 
-        async def saved() -> Checkpoint:
+        async def saved() -> int:
             async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
                 data, _ = await ks.get(key)
-            return decode_checkpoint(data)
+            return msgspec.msgpack.decode(data) if data else 0
 
         await anyio.sleep(0.05)  # several checkpoint intervals
-        # Never past the unfinished events at offsets 0 and 1; the two after
-        # them are saved as finished, so a restart would not deliver them again.
-        assert await saved() == Checkpoint(4, (0, 1))
+        assert await saved() == 0  # never past the unfinished event at offset 0
         release.set()
         await wait_until(lambda: len(h.accepted) == 4)
-        await wait_until(lambda: _eq(saved(), Checkpoint(4)))
+        await wait_until(lambda: _eq(saved(), 4))
         assert await steps(h, "slow") == [0, 1]  # in order within the instance
         tg.cancel_scope.cancel()
 

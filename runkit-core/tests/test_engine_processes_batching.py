@@ -26,13 +26,7 @@ from runkit.engine.envelope import Envelope
 from runkit.engine.events.consumers import ConsumerOptions, EventConsumers, partition_consumers
 from runkit.engine.events.deadlines import deadline_journal_name
 from runkit.engine.events.process_instances import CachedInstance, InstanceCache, ProcessRecord
-from runkit.engine.events.process_stores import (
-    Checkpoint,
-    checkpoint_key,
-    checkpoints_store_name,
-    decode_checkpoint,
-    process_store_name,
-)
+from runkit.engine.events.process_stores import process_store_name
 from runkit.engine.partitions import instance_workload, partition_of
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
 
@@ -62,7 +56,6 @@ class Step(dogma.Event):
     end: bool = False  # execute the command, then end the instance
     fail_once: bool = False  # raise on the first attempt only
     schedule_in: float | None = None  # schedule a Tick this many seconds after now()
-    also: int | None = None  # the stateless process also executes DoThing(id, also)
 
 
 @dogma.register_command("c6000000-0000-4000-8000-000000000001", registry=REGISTRY)
@@ -163,51 +156,6 @@ class App:
         )
 
 
-STATELESS_KEY = "b6000000-0000-4000-8000-000000000003"
-STATELESS_STORE = process_store_name(APP_KEY, STATELESS_KEY)
-
-
-class Stateless(dogma.StatelessProcessBehavior, dogma.NoDeadlineMessagesBehavior):
-    """Routes by ``id``; executes ``DoThing(id, n)`` (and ``DoThing(id, also)``); ``end`` ends."""
-
-    def __init__(self) -> None:
-        self.calls: Counter[tuple[str, int]] = Counter()
-
-    def configure(self, c: Any) -> None:
-        c.identity("stateless", STATELESS_KEY)
-        c.routes(
-            dogma.handles_event(Step, registry=REGISTRY),
-            dogma.executes_command(DoThing, registry=REGISTRY),
-        )
-
-    async def route_event_to_instance(self, event: dogma.Event) -> str | None:
-        assert isinstance(event, Step)
-        return event.id
-
-    async def handle_event(self, root: Any, scope: Any, event: dogma.Event) -> None:
-        assert isinstance(event, Step)
-        self.calls[event.id, event.n] += 1
-        scope.execute_command(DoThing(event.id, event.n))
-        if event.also is not None:
-            scope.execute_command(DoThing(event.id, event.also))
-        if event.end:
-            scope.end()
-
-
-@attrs.frozen
-class StatelessApp:
-    process: Stateless
-
-    def configure(self, c: Any) -> None:
-        c.identity("app", APP_KEY)
-        c.routes(
-            dogma.via_process(self.process),
-            dogma.via_aggregate(
-                CommandSink("b6000000-0000-4000-8000-000000000002", DoThing, DidThing, REGISTRY)
-            ),
-        )
-
-
 class CountingPlan(FaultPlan):
     """A fault plan that also counts every call per (operation, store name)."""
 
@@ -219,8 +167,8 @@ class CountingPlan(FaultPlan):
         self.by_store[op, name] += 1
         return super().decide(op, kind, name)
 
-    def process_ops(self, op: str, store: str = PROCESS_STORE) -> int:
-        return self.by_store[op, store]
+    def process_ops(self, op: str) -> int:
+        return self.by_store[op, PROCESS_STORE]
 
     def reset(self) -> None:
         self.by_store.clear()
@@ -241,8 +189,8 @@ async def start(
     return consumers
 
 
-async def record(h: Harness, instance: str, store: str = PROCESS_STORE) -> ProcessRecord:
-    async with await h.provider.keyspaces.open(store) as ks:
+async def record(h: Harness, instance: str) -> ProcessRecord:
+    async with await h.provider.keyspaces.open(PROCESS_STORE) as ks:
         data, _ = await ks.get(instance.encode())
     assert data, f"no record for {instance!r}"
     return msgspec.msgpack.decode(data, type=ProcessRecord)
@@ -630,133 +578,3 @@ async def test_taking_a_free_instance_does_not_yield() -> None:
             assert ran == []  # nothing else ran: no checkpoint on the fast path
         await anyio.lowlevel.checkpoint()
     assert ran == ["other"]
-
-
-# -- stateless steps that commit nothing (ADR 0012) ---------------------------------------
-
-
-async def test_a_stateless_step_executing_one_command_commits_nothing() -> None:
-    p = Stateless()
-    plan = CountingPlan()
-    async with harness(StatelessApp(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
-        await start(h, tg, plan)
-        await h.publish(Step("a", 1))
-        await wait_until(lambda: len(h.accepted) == 1)
-        await h.publish(Step("a", 2), partition=1)
-        await wait_until(lambda: len(h.accepted) == 2)
-        assert plan.process_ops("set", STATELESS_STORE) == 0
-        # The first a cache miss; the second checks that nobody ended the instance since.
-        assert plan.process_ops("get", STATELESS_STORE) == 2
-        # Ending it is written: a later event is not handled.
-        await h.publish(Step("a", 3, end=True))
-        await wait_until(lambda: len(h.accepted) == 3)
-        assert plan.process_ops("set", STATELESS_STORE) == 1
-        assert (await record(h, "a", STATELESS_STORE)).ended
-        await h.publish(Step("a", 4))
-        await h.publish(Step("b", 1))
-        await wait_until(lambda: len(h.accepted) == 4)
-        assert commands(h.accepted) == [("a", 1), ("a", 2), ("a", 3), ("b", 1)]
-        assert p.calls["a", 4] == 0
-        tg.cancel_scope.cancel()
-
-
-async def test_stateless_steps_executing_more_than_one_command_are_committed() -> None:
-    # Two commands from one group could be half accepted when a crash comes:
-    # the outbox in the record makes sure the rest go out.
-    p = Stateless()
-    plan = CountingPlan()
-    async with harness(StatelessApp(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
-        await start(h, tg, plan)
-        await h.publish(Step("a", 1, also=2))
-        await wait_until(lambda: len(h.accepted) == 2)
-        assert plan.process_ops("set", STATELESS_STORE) == 1
-        await h.publish(Step("b", 1), Step("b", 2))  # one group of two events
-        await wait_until(lambda: len(h.accepted) == 4)
-        assert plan.process_ops("set", STATELESS_STORE) == 2
-        assert outbox(await record(h, "b", STATELESS_STORE)) == [("b", 1), ("b", 2)]
-        tg.cancel_scope.cancel()
-
-
-async def test_a_stateless_step_handled_again_after_a_crash_executes_its_command_once() -> None:
-    # Nothing says the event was handled but the checkpoint, which the crash
-    # kept from being saved: it is handled again, and its command, with the
-    # same ID, is deduplicated by the commands side.
-    p = Stateless()
-    log = AcceptLog()
-    crash = CountingPlan()
-    crash.fail(BEFORE, names=lambda n: n == checkpoints_store_name(APP_KEY))
-    async with harness(StatelessApp(p), registry=REGISTRY) as h:
-        h.accept_fault = log
-        async with anyio.create_task_group() as tg:
-            await start(h, tg, crash)
-            await h.publish(Step("a", 1))
-            await wait_until(lambda: len(h.accepted) == 1)
-            tg.cancel_scope.cancel()  # the node dies; its checkpoint stays at 0
-        async with anyio.create_task_group() as tg:
-            await start(h, tg, CountingPlan())  # a new node: empty cache
-            await wait_until(lambda: p.calls["a", 1] == 2)
-            await wait_until(lambda: len(log.offered) == 2)
-            tg.cancel_scope.cancel()
-    assert log.offered[0] == log.offered[1]  # the same command ID both times
-    assert commands(h.accepted) == [("a", 1)]
-
-
-async def test_a_stateless_step_does_not_run_after_another_node_ended_the_instance() -> None:
-    # This node cached the instance before another node ended it: the cached
-    # "not ended" is out of date, and nothing but a read can tell.
-    p = Stateless()
-    async with (
-        harness(StatelessApp(p), registry=REGISTRY) as h,
-        anyio.create_task_group() as tg,
-    ):
-        await start(h, tg, CountingPlan(), partitions=[0])
-        await start(h, tg, CountingPlan(), partitions=[1])
-        await h.publish(Step("a", 1), partition=0)  # node 1 caches it
-        await wait_until(lambda: len(h.accepted) == 1)
-        await h.publish(Step("a", 2, end=True), partition=1)  # node 2 ends it
-        await wait_until(lambda: len(h.accepted) == 2)
-        await h.publish(Step("a", 3), partition=0)
-        await h.publish(Step("b", 1), partition=0)
-        await wait_until(lambda: len(h.accepted) == 3)
-        assert commands(h.accepted) == [("a", 1), ("a", 2), ("b", 1)]
-        assert p.calls["a", 3] == 1  # handled against the cached entry, then not
-        tg.cancel_scope.cancel()
-
-
-async def test_a_restart_does_not_deliver_again_what_was_finished_above_a_stuck_event() -> None:
-    # The checkpoint keeps the events finished above an unfinished one: what a
-    # stateless step executed (nothing else records it) is not executed again
-    # however long the stuck event held the checkpoint back.
-    p = Stateless()
-    release = anyio.Event()
-    original = p.handle_event
-
-    async def handle(root: Any, scope: Any, event: dogma.Event) -> None:
-        if isinstance(event, Step) and event.id == "slow":
-            await release.wait()
-        await original(root, scope, event)
-
-    p.handle_event = handle  # type: ignore[method-assign]
-    async with harness(StatelessApp(p), registry=REGISTRY, partitions=1) as h:
-        key = checkpoint_key(STATELESS_KEY, h.streams[0].stream_id)
-
-        async def saved() -> Checkpoint:
-            async with await h.provider.keyspaces.open(checkpoints_store_name(APP_KEY)) as ks:
-                return decode_checkpoint((await ks.get(key))[0])
-
-        async def saved_is(expected: Checkpoint) -> bool:
-            return await saved() == expected
-
-        await h.publish(Step("slow", 0), Step("a", 1), Step("b", 2))
-        async with anyio.create_task_group() as tg:
-            await start(h, tg, CountingPlan(), options=BRISK)
-            await wait_until(lambda: commands(h.accepted) == [("a", 1), ("b", 2)])
-            await wait_until(lambda: saved_is(Checkpoint(3, (0,))))
-            tg.cancel_scope.cancel()  # the node dies with "slow" unfinished
-        release.set()
-        async with anyio.create_task_group() as tg:
-            await start(h, tg, CountingPlan(), options=BRISK)
-            await wait_until(lambda: len(h.accepted) == 3)
-            await wait_until(lambda: saved_is(Checkpoint(3)))
-            tg.cancel_scope.cancel()
-    assert p.calls == Counter({("slow", 0): 1, ("a", 1): 1, ("b", 2): 1})

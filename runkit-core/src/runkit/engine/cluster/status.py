@@ -52,12 +52,7 @@ from ..commands.inbox import decode_inbox_record, inbox_name
 from ..commands.poison import poison_name
 from ..envelope import closing_iter
 from ..events.deadlines import deadline_journal_name
-from ..events.process_stores import (
-    checkpoint_key,
-    checkpoints_store_name,
-    decode_checkpoint,
-    event_poison_store_name,
-)
+from ..events.process_stores import checkpoint_key, checkpoints_store_name, event_poison_store_name
 from ..logs import describe_error
 from ..meta import read_partition_count
 from ..partitions import partition_id
@@ -485,7 +480,7 @@ async def _read_consumers(
         async with await provider.keyspaces.open(checkpoints_store_name(app.key)) as ks:
             for config in app.processes:
                 data, _ = await ks.get(checkpoint_key(config.identity.key, part.partition_id))
-                add(config, "process", decode_checkpoint(data).low)
+                add(config, "process", msgspec.msgpack.decode(data, type=int) if data else 0)
     for config in app.projections:
         handler = cast(_Projection, config.handler)
         checkpoint = await _ask(

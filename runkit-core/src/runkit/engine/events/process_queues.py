@@ -2,26 +2,25 @@
 
 ``InstanceQueues`` runs each instance's events in order and different instances
 concurrently, with back-pressure on the stream reader; ``ConsumerCheckpoint``
-saves the consumer's stream position (``process_stores.Checkpoint``: the
-events finished, including those above an unfinished one) in the background
-with conditional writes.
+saves the consumer's stream offset (the lowest unfinished event) in the
+background with conditional writes.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
+import msgspec
 
 from ...persistence import Conflict, Keyspace, PersistenceError
 from ..logs import RateLimitedLog, describe_error
 from ..signals import event_maker
 from ..workers import KeptWorkers
-from .process_stores import Checkpoint, decode_checkpoint, encode_checkpoint
 
 if TYPE_CHECKING:
     from ..streams import StreamEvent
@@ -30,6 +29,8 @@ __all__ = ["ConsumerCheckpoint", "InstanceQueues"]
 
 _log = logging.getLogger("runkit.engine.events.processes")
 _save_log = RateLimitedLog(_log, 10.0)
+_encoder = msgspec.msgpack.Encoder()
+_int_decoder = msgspec.msgpack.Decoder(int)
 
 
 class InstanceQueues:
@@ -42,8 +43,8 @@ class InstanceQueues:
     blocks while *limit* events are unfinished (back-pressure on the stream
     reader); it does not yield while a slot is free, so the events of one
     stream record are all queued before a worker starts on them. The
-    checkpoint follows the unfinished offsets, so a restart redelivers every
-    event that was not finished (and none finished before its last save).
+    checkpoint follows the lowest unfinished offset, so a restart redelivers
+    every event that was not finished.
     """
 
     def __init__(
@@ -60,7 +61,6 @@ class InstanceQueues:
         self._queues: dict[str, deque[StreamEvent]] = {}
         self._unfinished: set[int] = set()
         self._read = checkpoint.value  # next offset after the last event put
-        checkpoint.unfinished = self._unfinished
         self._new_event = event_maker()
         # Made only while ``join`` waits: most consumers never join, and an
         # event per busy spell would cost more than the rest of ``_advance``.
@@ -121,64 +121,39 @@ class InstanceQueues:
 
     def _advance(self) -> None:
         self._checkpoint.value = min(self._unfinished, default=self._read)
-        self._checkpoint.next = self._read
         if not self._unfinished and self._idle is not None:
             self._idle.set()
             self._idle = None
 
 
 class ConsumerCheckpoint:
-    """A process consumer's stream position, saved with conditional writes in the background.
-
-    ``InstanceQueues`` keeps ``value`` (the lowest unfinished offset), ``next``
-    (every event below it was put) and ``unfinished`` up to date. ``loaded``
-    is what was saved before this consumer started: the reader skips the
-    events it says are finished, and a save keeps what it says of the events
-    the reader has not reached yet.
-    """
+    """A process consumer's stream offset, saved with conditional writes in the background."""
 
     def __init__(self, store: Keyspace, key: bytes) -> None:
         self._store = store
         self._key = key
         self._revision = ""
-        self._saved = Checkpoint(0)
-        self.loaded = Checkpoint(0)
+        self._saved = 0
         self.value = 0
-        self.next = 0
-        self.unfinished: Collection[int] = ()
 
     async def load(self) -> None:
         data, self._revision = await self._store.get(self._key)
-        self.loaded = self._saved = decode_checkpoint(data)
-        self.value = self.next = self.loaded.low
-
-    def current(self) -> Checkpoint:
-        """The position to save: what this consumer finished, and what ``loaded`` says beyond it."""
-        low, loaded = self.next, self.loaded
-        pending = sorted(o for o in self.unfinished if o < low)
-        if loaded.next > low:
-            pending.extend(o for o in loaded.pending if o >= low)
-        return Checkpoint(max(low, loaded.next), tuple(pending))
+        self.value = self._saved = _int_decoder.decode(data) if data else 0
 
     async def save(self) -> None:
-        checkpoint = self.current()
-        saved = self._saved
-        if (
-            checkpoint.next <= saved.next
-            and checkpoint.low <= saved.low
-            and set(checkpoint.pending) >= set(saved.pending)
-        ):
-            return  # nothing finished that the stored one does not say
+        if self.value <= self._saved:
+            return
+        value = self.value
         try:
             self._revision = await self._store.set(
-                self._key, encode_checkpoint(checkpoint), self._revision
+                self._key, _encoder.encode(value), self._revision
             )
-            self._saved = checkpoint
+            self._saved = value
         except Conflict:
             # Another owner wrote it (we may have lost the partition): take its
             # revision and let the next save decide.
             data, self._revision = await self._store.get(self._key)
-            self._saved = decode_checkpoint(data)
+            self._saved = _int_decoder.decode(data) if data else 0
 
     async def save_periodically(self, interval: float) -> None:
         while True:

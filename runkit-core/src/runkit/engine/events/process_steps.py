@@ -3,8 +3,7 @@
 The runner hands ``handle_steps`` everything queued for one instance; it calls
 the handler for each message in order (skipping what the record says is done)
 and returns the instance's next record, whose outbox holds only what this group
-produced. ``commits_nothing`` says when that record need not be written
-(ADR 0012).
+produced.
 """
 
 from __future__ import annotations
@@ -13,14 +12,12 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-import dogma
-
 from ...persistence import PersistenceError
 from ..envelope import Envelope, encode
 from .process_instances import CachedInstance, OutboxDeadline, ProcessRecord, ProcessRoot
 from .process_scopes import ProcessScope
 
-__all__ = ["Invoke", "StaleRecord", "Step", "StepFailed", "commits_nothing", "handle_steps"]
+__all__ = ["Invoke", "StaleRecord", "Step", "StepFailed", "handle_steps"]
 
 Invoke = Callable[[ProcessRoot, ProcessScope], Awaitable[None]]
 
@@ -114,25 +111,4 @@ async def handle_steps(
         pending_deadlines=pending,
         commands=commands,
         deadlines=deadlines,
-    )
-
-
-def commits_nothing(entry: CachedInstance, record: ProcessRecord) -> bool:
-    """Whether *record*, what a group of steps made of *entry*, need not be written (ADR 0012).
-
-    A stateless instance's handling depends on nothing but its message and
-    the fact that the instance has not ended. A group that did not end it,
-    touched no deadline and executed at most one command changes nothing
-    stored but its stream position. Handled again (after a crash, the
-    position not being written) it executes the same command under the same
-    ID, which the commands side deduplicates; a single command is accepted
-    whole or not at all, so no part of the group's effect can be left behind.
-    """
-    return (
-        isinstance(entry.root, dogma.StatelessProcessRoot)
-        and not record.ended
-        and not record.deadlines
-        and len(record.commands) <= 1
-        and record.root == entry.record.root
-        and record.pending_deadlines == entry.record.pending_deadlines
     )

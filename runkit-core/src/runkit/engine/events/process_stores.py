@@ -2,8 +2,7 @@
 
 ``<app>/process/<handler key>`` holds each instance's record
 (``process_instances.ProcessRecord``), ``<app>/checkpoints`` each consumer's
-stream position (``Checkpoint``), and ``<app>/event-poison/<partition>`` what a
-process gave up on.
+stream position, and ``<app>/event-poison/<partition>`` what a process gave up on.
 """
 
 from __future__ import annotations
@@ -16,12 +15,9 @@ import msgspec
 from ...persistence import Provider
 
 __all__ = [
-    "Checkpoint",
     "PoisonedMessage",
     "checkpoint_key",
     "checkpoints_store_name",
-    "decode_checkpoint",
-    "encode_checkpoint",
     "event_poison_store_name",
     "list_poisoned_events",
     "outbox_poison_key",
@@ -42,48 +38,6 @@ def checkpoints_store_name(app_key: str) -> str:
 def checkpoint_key(handler_key: str, partition_id: str) -> bytes:
     """The key of one (process handler, partition stream) checkpoint."""
     return f"{handler_key}/{partition_id}".encode()
-
-
-class Checkpoint(msgspec.Struct, frozen=True, array_like=True):
-    """A process consumer's stream position: what a restart must deliver again.
-
-    Every event below ``next`` is finished except those in ``pending``. Stored
-    as the bare integer ``next`` when nothing is pending (the only form before
-    ADR 0012), else as ``[next, [pending...]]``. Keeping the events finished
-    above an unfinished one means that one slow or stuck event does not make a
-    restart deliver again everything handled after it.
-    """
-
-    next: int
-    pending: tuple[int, ...] = ()
-
-    @property
-    def low(self) -> int:
-        """The lowest offset a restart delivers again (the consumer's lag counts from it)."""
-        return self.pending[0] if self.pending else self.next
-
-    def finished(self, offset: int) -> bool:
-        """Whether the event at *offset* was finished when this was saved."""
-        return offset < self.next and offset not in self.pending
-
-
-_checkpoint_encoder = msgspec.msgpack.Encoder()
-_checkpoint_decoder = msgspec.msgpack.Decoder(int | Checkpoint)
-
-
-def encode_checkpoint(checkpoint: Checkpoint) -> bytes:
-    """The stored form of *checkpoint*."""
-    if not checkpoint.pending:
-        return _checkpoint_encoder.encode(checkpoint.next)
-    return _checkpoint_encoder.encode(checkpoint)
-
-
-def decode_checkpoint(data: bytes) -> Checkpoint:
-    """A stored checkpoint (``Checkpoint(0)`` for none)."""
-    if not data:
-        return Checkpoint(0)
-    value = _checkpoint_decoder.decode(data)
-    return Checkpoint(value) if isinstance(value, int) else value
 
 
 def event_poison_store_name(app_key: str, partition: int) -> str:

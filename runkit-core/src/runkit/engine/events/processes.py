@@ -30,12 +30,6 @@ events unfinished). For a group the worker:
    checkpoint interval the consumer writes the record without it then
    (dispatching and clearing: ``process_outbox.py``).
 
-A stateless instance's group that changed nothing but its position and
-executed at most one command skips the write (ADR 0012,
-``process_steps.commits_nothing``): its command is dispatched, with the same
-ID if the group is handled again. Cached, the instance is read first: only the
-store can say that no other node ended it since.
-
 If handling one event of a group fails, nothing of the group is committed and
 its events are handled again one at a time, each with the retries below.
 Deadlines fire through the same path (``fire_deadline``), one at a time per
@@ -48,8 +42,7 @@ it is used. Cached state is trusted only where it cannot be out of date (an
 ended instance, a stream position); a deadline the cached record does not list
 as pending is checked against a fresh read. The stream checkpoint in
 ``<app>/checkpoints`` only bounds redelivery after a restart, so it is written
-in the background; it keeps the unfinished offsets, so it never passes one,
-and a restart skips what finished above one (``process_queues``).
+in the background; it follows the lowest unfinished offset.
 
 Events are handled by the consumer of the stream they are in, not routed to
 the instance's home partition: one instance may be written from several
@@ -102,7 +95,7 @@ from .process_scopes import (
     ProcessHandler,
     ProcessScope,
 )
-from .process_steps import StaleRecord, Step, StepFailed, commits_nothing, handle_steps
+from .process_steps import StaleRecord, Step, StepFailed, handle_steps
 from .process_stores import (
     checkpoint_key,
     checkpoints_store_name,
@@ -216,10 +209,6 @@ class ProcessRunner:
                 try:
                     async for event in events:
                         if event.offset < checkpoint.value:
-                            continue
-                        if checkpoint.loaded.finished(event.offset):
-                            # Finished before the restart, above one that was not.
-                            await queues.put(None, event)
                             continue
                         await queues.put(await self._route(ctx, event), event)
                     await queues.join()  # the stream ended (test streams only)
@@ -461,16 +450,6 @@ class ProcessRunner:
                             self._cache.put(instance_id, attrs.evolve(entry, root=root))
                     raise
                 if record is None:  # nothing left to handle: all done before, or ended
-                    self._cache.put(instance_id, entry)
-                    return
-                if commits_nothing(entry, record):
-                    # A stateless step: its command goes out unwritten (ADR 0012).
-                    # Its one check, that the instance has not ended, must be as
-                    # of now: a cached entry may be older than another node's end().
-                    if not fresh and (await records.get(key))[1] != entry.revision:
-                        entry = None
-                        continue
-                    await self._outbox.dispatch(ctx, instance_id, record)
                     self._cache.put(instance_id, entry)
                     return
                 try:
