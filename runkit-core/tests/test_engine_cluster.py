@@ -734,24 +734,30 @@ class _OneItemTransport:
         yield Items()
 
 
-async def test_leaving_an_observation_while_a_peer_item_is_delivered_is_clean() -> None:
-    # On trio a task woken with data runs on to its next checkpoint even if its
-    # scope was cancelled meanwhile: the peer's item reaches a closed channel.
+def _fake_peer(address: str = "127.0.0.1:1") -> Any:
+    """A live-looking member record of a peer at *address* (for routers on fake transports)."""
     from datetime import UTC, datetime
 
     from runkit.engine.cluster.nodes import NodeRecord
-    from runkit.engine.cluster.routing import Router
 
     now = datetime.now(UTC)
-    peer = NodeRecord(
+    return NodeRecord(
         node_id=uuid.uuid4(),
         incarnation="i",
         started_at=now,
         written_at=now,
         expires_at=now,
         heartbeat_interval=1.0,
-        advertise_address="127.0.0.1:1",
+        advertise_address=address,
     )
+
+
+async def test_leaving_an_observation_while_a_peer_item_is_delivered_is_clean() -> None:
+    # On trio a task woken with data runs on to its next checkpoint even if its
+    # scope was cancelled meanwhile: the peer's item reaches a closed channel.
+    from runkit.engine.cluster.routing import Router
+
+    peer = _fake_peer()
     transport = _OneItemTransport()
     router = Router(
         transport,  # type: ignore[arg-type]
@@ -776,7 +782,6 @@ async def test_an_offer_failing_after_its_router_stopped_opens_no_stream() -> No
     import math
     from datetime import UTC, datetime
 
-    from runkit.engine.cluster.nodes import NodeRecord
     from runkit.engine.cluster.routing import Router
     from runkit.engine.commands.inbox import InboxEntry
     from runkit.engine.envelope import new_envelope, register_types
@@ -788,15 +793,7 @@ async def test_an_offer_failing_after_its_router_stopped_opens_no_stream() -> No
             raise PeerUnavailable(address, "shutting down")
 
     now = datetime.now(UTC)
-    peer = NodeRecord(
-        node_id=uuid.uuid4(),
-        incarnation="i",
-        started_at=now,
-        written_at=now,
-        expires_at=now,
-        heartbeat_interval=1.0,
-        advertise_address="127.0.0.1:1",
-    )
+    peer = _fake_peer()
     router = Router(
         ClosedTransport(),  # type: ignore[arg-type]
         lambda: {peer.node_id: peer},
@@ -854,7 +851,6 @@ async def test_an_answer_to_another_command_of_the_chain_does_not_settle_its_obs
     import math
     from datetime import UTC, datetime
 
-    from runkit.engine.cluster.nodes import NodeRecord
     from runkit.engine.cluster.routing import Router
     from runkit.engine.cluster.wire import OfferAnswer, WireDone, WireEvent, encoder
     from runkit.engine.commands.acceptance import command_id_for
@@ -863,15 +859,7 @@ async def test_an_answer_to_another_command_of_the_chain_does_not_settle_its_obs
     from runkit.engine.streams import Observed, Widen
 
     now = datetime.now(UTC)
-    peer = NodeRecord(
-        node_id=uuid.uuid4(),
-        incarnation="i",
-        started_at=now,
-        written_at=now,
-        expires_at=now,
-        heartbeat_interval=1.0,
-        advertise_address="127.0.0.1:1",
-    )
+    peer = _fake_peer()
     s = setup()
     register_types(s.config.message_types())
     retry = new_envelope(
@@ -955,15 +943,7 @@ async def test_a_gateway_keeps_no_offer_slots_for_peers_it_no_longer_offers_to()
         self_is_node=False,
     )
     for port in (1, 2, 3):
-        peer = NodeRecord(
-            node_id=uuid.uuid4(),
-            incarnation="i",
-            started_at=now,
-            written_at=now,
-            expires_at=now,
-            heartbeat_interval=1.0,
-            advertise_address=f"127.0.0.1:{port}",
-        )
+        peer = _fake_peer(f"127.0.0.1:{port}")
         peers.clear()
         peers[peer.node_id] = peer
         envelope = new_envelope(

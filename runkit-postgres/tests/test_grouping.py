@@ -1,5 +1,5 @@
-"""Write groups: concurrent appends to different journals, and concurrent
-compare-and-sets of different keys, share statements.
+"""Statement groups: concurrent appends to different journals, concurrent
+compare-and-sets of different keys, and concurrent gets, share statements.
 
 Each write keeps its own outcome (written or ``Conflict``) whatever else its
 statement carried; a statement cancelled with the call running it fails the
@@ -232,3 +232,80 @@ async def test_two_sets_of_one_key_on_one_revision_one_wins(
             tg.start_soon(insert, data)
     assert len(won) == 2  # one update of "k", one insert of "new"
     assert {await ks.get(b"k"), await ks.get(b"new")} == set(won)
+
+
+async def test_gets_of_many_keys_share_statements_and_each_finds_its_own(
+    pg_provider: PostgresProvider,
+) -> None:
+    spaces = [await pg_provider.keyspaces.open(name) for name in ("ks-a", "ks-b")]
+    revisions: dict[tuple[int, int], str] = {}
+    for s in range(2):
+        for i in range(0, 40, 2):  # the odd keys are absent
+            revisions[(s, i)] = await spaces[s].set(f"k{i}".encode(), f"<{s}.{i}>".encode(), "")
+    statements = count_statements(pg_provider._keyspace_reads)
+    found: dict[tuple[int, int], tuple[bytes, str]] = {}
+
+    async def get(s: int, i: int) -> None:
+        found[(s, i)] = await spaces[s].get(f"k{i}".encode())
+
+    async with anyio.create_task_group() as tg:
+        for s in range(2):
+            for i in range(40):
+                tg.start_soon(get, s, i)
+    assert found == {
+        (s, i): (f"<{s}.{i}>".encode(), revisions[(s, i)]) if i % 2 == 0 else (b"", "")
+        for s in range(2)
+        for i in range(40)
+    }
+    assert len(statements) < 40, statements  # 80 gets, a few statements
+    assert any(label.endswith("more)") for label in statements)
+
+
+async def test_a_cancelled_read_statement_reads_the_others_again(
+    one_statement: tuple[PostgresProvider, str],
+) -> None:
+    # A get has no outcome to be unsure about: cancelled with the caller that
+    # ran their statement, the others' gets go into the next one.
+    provider, _ = one_statement
+    group = provider._keyspace_reads
+    group._max_statements = 1
+    ks = await provider.keyspaces.open("ks")
+    for name in ("z", "a", "b", "c"):
+        await ks.set(name.encode(), f"<{name}>".encode(), "")
+    run = group._run
+    first_held, first_go, second_held = anyio.Event(), anyio.Event(), anyio.Event()
+    statements: list[str] = []
+
+    async def holding(operation: Any, what: str) -> Any:
+        statements.append(what)
+        if len(statements) == 1:  # z's: holds the slot while a, b and c queue
+            first_held.set()
+            await first_go.wait()
+        elif len(statements) == 2:  # a's, carrying b and c: never ends
+            second_held.set()
+            await anyio.sleep_forever()
+        return await run(operation, what)
+
+    group._run = holding
+    found: dict[str, tuple[bytes, str]] = {}
+    a_scope = anyio.CancelScope()
+
+    async def get(name: str, scope: anyio.CancelScope | None = None) -> None:
+        with scope or anyio.CancelScope():
+            found[name] = await ks.get(name.encode())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get, "z")
+            await first_held.wait()
+            tg.start_soon(get, "a", a_scope)
+            await anyio.sleep(0.01)
+            for name in "bc":
+                tg.start_soon(get, name)
+            await anyio.sleep(0.01)
+            first_go.set()
+            await second_held.wait()
+            a_scope.cancel()  # the caller running the statement of a, b and c
+    assert statements[1].endswith("(with 2 more)"), statements
+    assert sorted(found) == ["b", "c", "z"]
+    assert [found[name][0] for name in "bcz"] == [b"<b>", b"<c>", b"<z>"]

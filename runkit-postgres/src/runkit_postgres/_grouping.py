@@ -1,4 +1,4 @@
-"""Write grouping: concurrent single-row writes share one statement.
+"""Statement grouping: concurrent single-row writes (and reads) share one statement.
 
 The engine writes to many journals and keys at once: each partition's stream,
 the materialiser's aggregate instance journals behind it, and process instance
@@ -24,20 +24,25 @@ the one that finishes a statement wakes the first still queued to start the
 next. If the caller running a statement is cancelled, the statement is
 cancelled with it (see ``_executor``) and the others in it get a retryable,
 ambiguous ``PersistenceError``.
+
+Keyspace reads (``get``) are grouped the same way (``ReadGroup``): a process
+step or an instance load reads one key, many at once. A read cancelled with
+the call running its statement is not failed but queued again: it has no
+outcome to be unsure about.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
 import anyio
 import psycopg
 
 from runkit.persistence import PersistenceError
 
-__all__ = ["MAX_BYTES", "MAX_ROWS", "WriteGroup"]
+__all__ = ["MAX_BYTES", "MAX_ROWS", "ReadGroup", "WriteGroup"]
 
 
 class _Key(Protocol):
@@ -49,20 +54,23 @@ class _Key(Protocol):
 
 K = TypeVar("K", bound=_Key)
 R = TypeVar("R")  # the rest of a write's row
+Out = TypeVar("Out")  # what a statement returns
 
 Conn = psycopg.Connection[tuple[object, ...]]
 #: Runs an operation with a connection in a worker thread (the provider's ``_run``).
-Runner = Callable[[Callable[[Conn], set[K]], str], Awaitable[set[K]]]
-#: Builds the operation writing some rows; it returns the keys it wrote.
-Statement = Callable[[list[tuple[K, R]]], Callable[[Conn], set[K]]]
+Runner = Callable[[Callable[[Conn], Out], str], Awaitable[Out]]
+#: Builds the operation for some rows.
+Statement = Callable[[list[tuple[K, R]]], Callable[[Conn], Out]]
 
 #: Rows and bytes per statement (a statement's parameters stay well under
 #: PostgreSQL's 1 GB limit and its latency stays short).
 MAX_ROWS: Final = 256
 MAX_BYTES: Final = 8 * 1024 * 1024
 
+_PENDING: Final = object()
 
-class _Write(Generic[K, R]):
+
+class _Item(Generic[K, R]):
     __slots__ = ("key", "outcome", "queued", "row", "size", "wake")
 
     def __init__(self, key: K, row: R, size: int) -> None:
@@ -71,18 +79,18 @@ class _Write(Generic[K, R]):
         self.size = size
         self.wake = anyio.Event()
         self.queued = True  # until a statement takes it
-        # None while pending; True written, False conflicted, or the error.
-        self.outcome: bool | PersistenceError | None = None
+        # _PENDING until its statement ends: then its result, or the error.
+        self.outcome: object = _PENDING
 
 
-class WriteGroup(Generic[K, R]):
-    """Coalesces one provider's concurrent writes of one kind into few statements."""
+class _Group(Generic[K, R, Out]):
+    """Coalesces one provider's concurrent single-row operations of one kind into few statements."""
 
     def __init__(
         self,
-        run: Runner[K],
-        single: Statement[K, R],
-        several: Statement[K, R],
+        run: Runner[Out],
+        single: Statement[K, R, Out],
+        several: Statement[K, R, Out],
         max_statements: int,
     ) -> None:
         """Build statements with *single* for one row and *several* for more.
@@ -97,19 +105,17 @@ class WriteGroup(Generic[K, R]):
         self._several = several
         self._max_statements = max_statements
         self._running = 0
-        self._queue: deque[_Write[K, R]] = deque()
+        self._queue: deque[_Item[K, R]] = deque()
 
-    async def write(self, key: K, row: R, size: int, what: str) -> bool:
-        """Write *row* for *key*; ``False`` if its condition did not hold (a conflict).
+    async def _submit(self, key: K, row: R, size: int, what: str) -> object:
+        """Queue one row, run or wait for the statement carrying it; its outcome.
 
-        *size* is the row's size in bytes, to bound a statement's parameters.
-
-        :raises PersistenceError: if the statement carrying it failed (ambiguous).
+        :raises PersistenceError: if the statement carrying it failed.
         """
-        item = _Write(key, row, size)
+        item = _Item(key, row, size)
         self._queue.append(item)
         try:
-            while item.outcome is None:
+            while item.outcome is _PENDING:
                 if self._running < self._max_statements and item.queued:
                     await self._run_one(what)
                 else:
@@ -124,13 +130,13 @@ class WriteGroup(Generic[K, R]):
         return item.outcome
 
     def _kick(self) -> None:
-        """Let the first queued write start a statement, if a slot is free."""
+        """Let the first queued item start a statement, if a slot is free."""
         if self._queue and self._running < self._max_statements:
             self._queue[0].wake.set()
 
-    def _take(self) -> list[_Write[K, R]]:
-        batch: list[_Write[K, R]] = []
-        deferred: list[_Write[K, R]] = []
+    def _take(self) -> list[_Item[K, R]]:
+        batch: list[_Item[K, R]] = []
+        deferred: list[_Item[K, R]] = []
         keys: set[K] = set()
         size = 0
         while self._queue and len(batch) < MAX_ROWS and size < MAX_BYTES:
@@ -152,26 +158,79 @@ class WriteGroup(Generic[K, R]):
 
         self._running += 1
         try:
-            written = await self._run(
+            result = await self._run(
                 operation, what if len(batch) == 1 else f"{what} (with {len(batch) - 1} more)"
             )
         except PersistenceError as exc:
             for item in batch:  # each caller raises it (the caller running it too)
                 item.outcome = exc
         except BaseException:
-            error = PersistenceError(
-                f"{what}: the statement carrying this write was cancelled with the "
-                "call that ran it; the write may or may not have taken effect",
-                retryable=True,
-                ambiguous=True,
-            )
-            for item in batch:
-                item.outcome = error
+            self._interrupted(batch, what)
             raise
         else:
             for item in batch:
-                item.outcome = item.key in written
+                item.outcome = self._outcome(item.key, result)
         finally:
             self._running -= 1
             for item in batch:
                 item.wake.set()
+
+    def _outcome(self, key: K, result: Out) -> object:
+        raise NotImplementedError
+
+    def _interrupted(self, batch: list[_Item[K, R]], what: str) -> None:
+        """The statement carrying *batch* was cancelled with the call that ran it."""
+        raise NotImplementedError
+
+
+class WriteGroup(_Group[K, R, set[K]]):
+    """Coalesces one provider's concurrent writes of one kind into few statements.
+
+    A statement returns the keys it wrote.
+    """
+
+    async def write(self, key: K, row: R, size: int, what: str) -> bool:
+        """Write *row* for *key*; ``False`` if its condition did not hold (a conflict).
+
+        *size* is the row's size in bytes, to bound a statement's parameters.
+
+        :raises PersistenceError: if the statement carrying it failed (ambiguous).
+        """
+        return cast(bool, await self._submit(key, row, size, what))
+
+    def _outcome(self, key: K, result: set[K]) -> object:
+        return key in result
+
+    def _interrupted(self, batch: list[_Item[K, R]], what: str) -> None:
+        error = PersistenceError(
+            f"{what}: the statement carrying this write was cancelled with the "
+            "call that ran it; the write may or may not have taken effect",
+            retryable=True,
+            ambiguous=True,
+        )
+        for item in batch:
+            item.outcome = error
+
+
+class ReadGroup(_Group[K, None, dict[K, Out]]):
+    """Coalesces one provider's concurrent single-row reads of one kind into few statements.
+
+    A statement returns the rows it found, by key; a key it did not find is absent.
+    """
+
+    async def read(self, key: K, what: str) -> Out | None:
+        """The row of *key*, or ``None`` if there is none.
+
+        :raises PersistenceError: if the statement carrying it failed.
+        """
+        return cast("Out | None", await self._submit(key, None, 0, what))
+
+    def _outcome(self, key: K, result: dict[K, Out]) -> object:
+        return result.get(key)
+
+    def _interrupted(self, batch: list[_Item[K, None]], what: str) -> None:
+        # The others' reads go into the next statement (the cancelled caller's
+        # own item leaves the queue on its way out).
+        for item in reversed(batch):
+            item.queued = True
+            self._queue.appendleft(item)

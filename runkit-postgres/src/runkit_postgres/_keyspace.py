@@ -18,7 +18,7 @@ from runkit.persistence import Conflict, Keyspace
 
 from ._handles import Conn, Rows, _all, _Handle, _one, _Pages, _rowcount
 
-__all__ = ["SetRow", "_Keyspace", "set_many", "set_one"]
+__all__ = ["GetRow", "SetRow", "_Keyspace", "get_many", "get_one", "set_many", "set_one"]
 
 
 def _parse_revision(revision: object) -> uuid.UUID | None:
@@ -43,15 +43,11 @@ class _Keyspace(_Handle, Keyspace):
         """Return ``(value, revision)``, or ``(b"", "")`` when absent."""
         self._check_open()
         k = self._provider.limits.check_key(key)
-        query, params = self._sql.keyspace_get, (self._id, k)
-
-        def operation(conn: Conn) -> tuple[object, ...] | None:
-            return _one(conn, query, params)
-
-        row = await self._read(operation, "get")
+        # Concurrent gets of other keys may share the statement (``_grouping``).
+        row = await self._provider._keyspace_reads.read((self._id, k), self._what("get"))
         if row is None:
             return b"", ""
-        return cast(bytes, row[0]), cast(uuid.UUID, row[1]).hex
+        return row[0], row[1].hex
 
     async def has(self, key: bytes) -> bool:
         """Return whether *key* is present."""
@@ -193,6 +189,52 @@ def set_many(statement: bytes) -> Callable[[list[SetRow]], Callable[[Conn], _Key
         def operation(conn: Conn) -> _Keys:
             result = conn.execute(statement, params, prepare=True, binary=True).fetchall()
             return {(cast(int, row[0]), cast(bytes, row[1])) for row in result}
+
+        return operation
+
+    return build
+
+
+#: What a get finds: the value and its revision.
+GetRow = tuple[bytes, uuid.UUID]
+_Found = dict[tuple[int, bytes], GetRow]
+
+
+def get_one(
+    query: bytes,
+) -> Callable[[list[tuple[tuple[int, bytes], None]]], Callable[[Conn], _Found]]:
+    """Build the operation for one get (``keyspace_get``)."""
+
+    def build(rows: list[tuple[tuple[int, bytes], None]]) -> Callable[[Conn], _Found]:
+        [(key, _)] = rows
+
+        def operation(conn: Conn) -> _Found:
+            row = _one(conn, query, key)
+            if row is None:
+                return {}
+            return {key: (cast(bytes, row[0]), cast(uuid.UUID, row[1]))}
+
+        return operation
+
+    return build
+
+
+def get_many(
+    query: bytes,
+) -> Callable[[list[tuple[tuple[int, bytes], None]]], Callable[[Conn], _Found]]:
+    """Build the operation for several gets (``keyspace_get_many``)."""
+
+    def build(rows: list[tuple[tuple[int, bytes], None]]) -> Callable[[Conn], _Found]:
+        params = ([keyspace_id for (keyspace_id, _), _ in rows], [k for (_, k), _ in rows])
+
+        def operation(conn: Conn) -> _Found:
+            return {
+                (cast(int, row[0]), cast(bytes, row[1])): (
+                    cast(bytes, row[2]),
+                    cast(uuid.UUID, row[3]),
+                )
+                for row in _all(conn, query, params)
+            }
 
         return operation
 

@@ -34,10 +34,10 @@ from ._config import (
     validate_conninfo,
 )
 from ._executor import Executor
-from ._grouping import WriteGroup
+from ._grouping import ReadGroup, WriteGroup
 from ._handles import _ABSENT, Conn, _one
 from ._journal import append_many, append_one
-from ._keyspace import set_many, set_one
+from ._keyspace import GetRow, get_many, get_one, set_many, set_one
 from ._sql import LAYOUT_VERSION, Statements
 from ._stores import _JournalStore, _KeyspaceStore, _SetStore
 
@@ -149,6 +149,13 @@ class PostgresProvider(Provider):
             self._run_write,
             set_one(self._sql.keyspace_insert, self._sql.keyspace_update),
             set_many(self._sql.keyspace_set_many),
+            statements,
+        )
+        # Keyspace gets share statements too (an instance load, a process step's check).
+        self._keyspace_reads: ReadGroup[tuple[int, bytes], GetRow] = ReadGroup(
+            self._run_read,
+            get_one(self._sql.keyspace_get),
+            get_many(self._sql.keyspace_get_many),
             statements,
         )
         self._journals = _JournalStore(self)
@@ -311,6 +318,9 @@ class PostgresProvider(Provider):
 
     async def _run_write(self, operation: Callable[[Conn], T], what: str) -> T:
         return await self._executor.run(operation, what=what, write=True)
+
+    async def _run_read(self, operation: Callable[[Conn], T], what: str) -> T:
+        return await self._executor.run(operation, what=what, write=False)
 
     async def _open(self, kind: str, query: bytes, find: bytes, name: str) -> int:
         encoded = name.encode("utf-8")

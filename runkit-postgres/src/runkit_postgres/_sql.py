@@ -183,6 +183,7 @@ class Statements:
     journal_raise_begin: bytes
     journal_delete_below: bytes
     keyspace_get: bytes
+    keyspace_get_many: bytes
     keyspace_has: bytes
     keyspace_insert: bytes
     keyspace_update: bytes
@@ -268,6 +269,11 @@ class Statements:
             keyspace_get=r(
                 "SELECT value, revision FROM {schema}.keyspace_pairs"
                 " WHERE keyspace_id = %b AND key = %b"
+            ),
+            keyspace_get_many=r(
+                "SELECT p.keyspace_id, p.key, p.value, p.revision"
+                " FROM unnest(%b::int8[], %b::bytea[]) AS t(ks, k)"
+                " JOIN {schema}.keyspace_pairs p ON p.keyspace_id = t.ks AND p.key = t.k"
             ),
             keyspace_has=r(
                 "SELECT EXISTS (SELECT FROM {schema}.keyspace_pairs"
