@@ -248,15 +248,23 @@ async def test_gets_of_many_keys_share_statements_and_each_finds_its_own(
     async def get(s: int, i: int) -> None:
         found[(s, i)] = await spaces[s].get(f"k{i}".encode())
 
+    hot: list[tuple[bytes, str]] = []
+
+    async def get_hot() -> None:
+        hot.append(await spaces[0].get(b"k0"))
+
     async with anyio.create_task_group() as tg:
         for s in range(2):
             for i in range(40):
                 tg.start_soon(get, s, i)
+        for _ in range(5):  # gets of one key may share a statement too
+            tg.start_soon(get_hot)
     assert found == {
         (s, i): (f"<{s}.{i}>".encode(), revisions[(s, i)]) if i % 2 == 0 else (b"", "")
         for s in range(2)
         for i in range(40)
     }
+    assert hot == [(b"<0.0>", revisions[(0, 0)])] * 5
     assert len(statements) < 40, statements  # 80 gets, a few statements
     assert any(label.endswith("more)") for label in statements)
 
@@ -309,3 +317,57 @@ async def test_a_cancelled_read_statement_reads_the_others_again(
     assert statements[1].endswith("(with 2 more)"), statements
     assert sorted(found) == ["b", "c", "z"]
     assert [found[name][0] for name in "bcz"] == [b"<b>", b"<c>", b"<z>"]
+
+
+async def test_a_read_whose_caller_left_is_not_queued_again(
+    one_statement: tuple[PostgresProvider, str],
+) -> None:
+    # `b`'s caller leaves while its read rides in `a`'s statement; then `a`'s
+    # is cancelled too. Queued again, `b`'s read would have nobody waiting on
+    # it, and `c`, queued behind it with no statement running, would hang.
+    provider, _ = one_statement
+    group = provider._keyspace_reads
+    group._max_statements = 1
+    ks = await provider.keyspaces.open("ks")
+    for name in "zabc":
+        await ks.set(name.encode(), f"<{name}>".encode(), "")
+    run = group._run
+    first_held, first_go, second_held = anyio.Event(), anyio.Event(), anyio.Event()
+    statements: list[str] = []
+
+    async def holding(operation: Any, what: str) -> Any:
+        statements.append(what)
+        if len(statements) == 1:  # z's: holds the slot while a and b queue
+            first_held.set()
+            await first_go.wait()
+        elif len(statements) == 2:  # a's, carrying b: never ends
+            second_held.set()
+            await anyio.sleep_forever()
+        return await run(operation, what)
+
+    group._run = holding
+    found: dict[str, tuple[bytes, str]] = {}
+    scopes = {name: anyio.CancelScope() for name in "zabc"}
+
+    async def get(name: str) -> None:
+        with scopes[name]:
+            found[name] = await ks.get(name.encode())
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get, "z")
+            await first_held.wait()
+            for name in "ab":
+                tg.start_soon(get, name)
+                await anyio.sleep(0.01)
+            first_go.set()
+            await second_held.wait()
+            scopes["b"].cancel()
+            await anyio.sleep(0.01)
+            tg.start_soon(get, "c")  # waits: the one statement slot is taken
+            await anyio.sleep(0.01)
+            scopes["a"].cancel()
+    assert statements[1].endswith("(with 1 more)"), statements
+    assert sorted(found) == ["c", "z"]
+    assert found["c"][0] == b"<c>"
+    assert list(group._queue) == []

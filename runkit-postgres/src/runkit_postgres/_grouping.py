@@ -71,7 +71,7 @@ _PENDING: Final = object()
 
 
 class _Item(Generic[K, R]):
-    __slots__ = ("key", "outcome", "queued", "row", "size", "wake")
+    __slots__ = ("gone", "key", "outcome", "queued", "row", "size", "wake")
 
     def __init__(self, key: K, row: R, size: int) -> None:
         self.key = key
@@ -79,6 +79,7 @@ class _Item(Generic[K, R]):
         self.size = size
         self.wake = anyio.Event()
         self.queued = True  # until a statement takes it
+        self.gone = False  # its caller has left (its outcome no longer matters)
         # _PENDING until its statement ends: then its result, or the error.
         self.outcome: object = _PENDING
 
@@ -122,6 +123,7 @@ class _Group(Generic[K, R, Out]):
                     item.wake = anyio.Event()
                     await item.wake.wait()
         finally:
+            item.gone = True
             if item.queued:
                 self._queue.remove(item)  # cancelled before any statement took it
             self._kick()
@@ -134,6 +136,9 @@ class _Group(Generic[K, R, Out]):
         if self._queue and self._running < self._max_statements:
             self._queue[0].wake.set()
 
+    #: Whether a statement may carry one row per key only (a write's outcome is its own).
+    _one_per_key = True
+
     def _take(self) -> list[_Item[K, R]]:
         batch: list[_Item[K, R]] = []
         deferred: list[_Item[K, R]] = []
@@ -141,7 +146,7 @@ class _Group(Generic[K, R, Out]):
         size = 0
         while self._queue and len(batch) < MAX_ROWS and size < MAX_BYTES:
             item = self._queue.popleft()
-            if item.key in keys:
+            if self._one_per_key and item.key in keys:
                 deferred.append(item)  # one row per key per statement
                 continue
             keys.add(item.key)
@@ -164,8 +169,8 @@ class _Group(Generic[K, R, Out]):
         except PersistenceError as exc:
             for item in batch:  # each caller raises it (the caller running it too)
                 item.outcome = exc
-        except BaseException:
-            self._interrupted(batch, what)
+        except BaseException as exc:
+            self._interrupted(batch, what, exc)
             raise
         else:
             for item in batch:
@@ -178,8 +183,8 @@ class _Group(Generic[K, R, Out]):
     def _outcome(self, key: K, result: Out) -> object:
         raise NotImplementedError
 
-    def _interrupted(self, batch: list[_Item[K, R]], what: str) -> None:
-        """The statement carrying *batch* was cancelled with the call that ran it."""
+    def _interrupted(self, batch: list[_Item[K, R]], what: str, exc: BaseException) -> None:
+        """The call running the statement of *batch* ended with *exc* (mostly a cancellation)."""
         raise NotImplementedError
 
 
@@ -201,7 +206,7 @@ class WriteGroup(_Group[K, R, set[K]]):
     def _outcome(self, key: K, result: set[K]) -> object:
         return key in result
 
-    def _interrupted(self, batch: list[_Item[K, R]], what: str) -> None:
+    def _interrupted(self, batch: list[_Item[K, R]], what: str, exc: BaseException) -> None:
         error = PersistenceError(
             f"{what}: the statement carrying this write was cancelled with the "
             "call that ran it; the write may or may not have taken effect",
@@ -228,9 +233,20 @@ class ReadGroup(_Group[K, None, dict[K, Out]]):
     def _outcome(self, key: K, result: dict[K, Out]) -> object:
         return result.get(key)
 
-    def _interrupted(self, batch: list[_Item[K, None]], what: str) -> None:
-        # The others' reads go into the next statement (the cancelled caller's
-        # own item leaves the queue on its way out).
+    _one_per_key = False  # duplicates of a key all take the row the statement found
+
+    def _interrupted(self, batch: list[_Item[K, None]], what: str, exc: BaseException) -> None:
+        if not isinstance(exc, anyio.get_cancelled_exc_class()):
+            error = PersistenceError(f"{what}: the statement carrying this read failed: {exc!r}")
+            for item in batch:
+                item.outcome = error
+            return
+        # Cancelled with the call that ran it: the reads of callers still
+        # waiting go into the next statement. Not those whose callers have
+        # left (the one that ran it, and any cancelled meanwhile): queued
+        # again, nobody would wait on them, and the queue behind them would
+        # stall.
         for item in reversed(batch):
-            item.queued = True
-            self._queue.appendleft(item)
+            if not item.gone:
+                item.queued = True
+                self._queue.appendleft(item)

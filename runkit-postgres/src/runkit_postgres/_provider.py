@@ -134,8 +134,11 @@ class PostgresProvider(Provider):
         )
         self._provisioned = False
         self._provision_lock = anyio.Lock()
-        # Each kind of single-row write shares statements (``_grouping``), with
-        # up to half the pool per kind in flight, so reads still find connections.
+        # Each kind of single-row operation (appends, compare-and-sets, gets)
+        # shares statements (``_grouping``), with up to half the pool per kind
+        # in flight. Nothing holds a connection while it waits for another, and
+        # the worker-thread limiter queues in order, so the kinds only wait for
+        # each other (and for other reads), never deadlock.
         statements = max(1, min(GROUP_STATEMENTS, self._settings.pool_max_size // 2))
         self._appends: WriteGroup[int, tuple[int, bytes]] = WriteGroup(
             self._run_write,
