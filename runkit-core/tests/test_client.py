@@ -252,6 +252,26 @@ async def test_a_call_after_the_client_was_left_says_so() -> None:
         await client.status()
 
 
+async def test_an_acceptor_made_after_the_client_was_left_says_so() -> None:
+    # acceptor() makes the application's acceptor in the client's task group;
+    # the client can be left before that task takes its first step.
+    from runkit.client import _Making
+
+    s = setup()
+    provider = MemoryProvider(f"client-{uuid.uuid4()}")
+    client = runkit.Client(
+        runkit.with_application(s.config), runkit.with_persistence_provider(provider)
+    )
+    await client.__aenter__()
+    key = s.config.identity.key
+    making = client._acceptors[key] = _Making()
+    assert client._tg is not None
+    client._tg.start_soon(client._make, key, making)  # what acceptor() does
+    await client.__aexit__(None, None, None)
+    assert making.done.is_set()
+    assert isinstance(making.error, EngineStopped), repr(making.error)
+
+
 async def test_leaving_the_client_while_a_call_waits_for_the_application_says_so() -> None:
     # No node has started the application yet: the call waits for one. The
     # client is left meanwhile: the caller was told to use the client inside

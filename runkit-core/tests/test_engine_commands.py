@@ -372,6 +372,45 @@ async def test_a_poisoned_commands_instance_waits_for_its_poison_record(failure:
     check_invariants(await read_stores(provider))
 
 
+@pytest.mark.parametrize("too_big", ["error", "command"])
+async def test_a_poison_record_too_large_for_the_store_does_not_hold_up_its_instance(
+    too_big: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The store refuses the record on every attempt (LimitExceeded). Its error
+    # text is cut short; a command that does not fit even so is dropped with an
+    # error logged, rather than parking its instance for ever.
+    from runkit.engine.commands.poison import list_poisoned
+    from runkit.persistence import Limits
+
+    s = setup()
+    ref = "b" * 20_000 if too_big == "command" else "bad"
+    real = s.accounts.handle_command
+
+    def handle_command(root: Any, scope: Any, command: dogma.Command) -> None:
+        if isinstance(command, Deposit) and command.ref == ref:
+            raise RuntimeError("boom " * 10_000)
+        real(root, scope, command)
+
+    s.accounts.handle_command = handle_command  # type: ignore[method-assign]
+    provider = MemoryProvider(f"commands-{uuid.uuid4()}", limits=Limits(max_value_bytes=16 * 1024))
+    async with running(provider, s.config, max_attempts=1, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        with anyio.fail_after(20):
+            await executor.execute_command(Deposit("x", 1, ref))
+            await executor.execute_command(Deposit("x", 2, "after"))
+            await wait_until(lambda: ("x", "after", 0) in s.accounts.calls)
+        poisoned = [p async for p in list_poisoned(provider, APP_KEY, 1)]
+        if too_big == "error":
+            await settled(provider)  # (a dropped command is, by design, not settled)
+    if too_big == "error":
+        [record] = [p.record for p in poisoned]
+        assert record.error.startswith("RuntimeError: boom boom")
+        assert len(record.error) <= 4096
+    else:
+        assert poisoned == []
+        assert "cannot be recorded in the poison store" in caplog.text
+
+
 async def _len_is(fn, n: int) -> bool:  # type: ignore[no-untyped-def]
     return len(await fn()) == n
 

@@ -107,6 +107,7 @@ class Client:
                 "this runkit.Client is already entered: use one `async with` at a time"
             )
         s = self.settings
+        self._left = False
         async with AsyncExitStack() as stack:
             self._entered = True
             stack.callback(setattr, self, "_entered", False)  # left (or failed to enter)
@@ -149,7 +150,6 @@ class Client:
             )
             router.start(tg)
             self._router, self._provider, self._tg = router, provider, tg
-            self._left = False
             self._stack = stack.pop_all()
         return self
 
@@ -181,10 +181,8 @@ class Client:
         start timeout.
         """
         provider, router, stack, tg = self._provider, self._router, self._stack, self._tg
-        assert provider is not None
-        assert router is not None
-        assert stack is not None
-        assert tg is not None
+        if provider is None or router is None or stack is None or tg is None:
+            raise self._not_open()  # left before this task started
         s = self.settings
         key = app.identity.key
         deadline = anyio.current_time() + s.start_timeout

@@ -14,9 +14,10 @@ import logging
 from collections.abc import Callable
 
 import anyio
+import msgspec
 from opentelemetry import metrics
 
-from ...persistence import PersistenceError, Provider
+from ...persistence import LimitExceeded, PersistenceError, Provider
 from ..backoff import backoff
 from ..logs import LogContext
 from ..settings import EngineSettings
@@ -32,9 +33,21 @@ _failed = _meter.create_counter("runkit.commands.failed", description="failed ha
 _poisoned = _meter.create_counter("runkit.commands.poisoned", description="commands poisoned")
 
 
+#: The longest error text a poison record keeps (a handler's message may be huge).
+MAX_REASON_CHARS = 4096
+#: What is left of it when the record would otherwise not fit the store.
+_SHORT_REASON_CHARS = 256
+
+
 def failure_reason(exc: BaseException) -> str:
     """What a poison record says of the failure *exc*."""
     return f"{type(exc).__name__}: {exc}"
+
+
+def _shortened(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return text[: limit - 20] + f"... ({len(text)} chars)"
 
 
 class Retries:
@@ -107,11 +120,17 @@ class Retries:
         return delay
 
     async def poison(self, item: PendingCommand, reason: str, attempts: int) -> None:
-        """Write *item* to the poison store (retrying storage faults), then finish it."""
+        """Write *item* to the poison store (retrying storage faults), then finish it.
+
+        A record the store refuses as too large (``LimitExceeded``, the same on
+        every attempt) is written again with the error text cut short; if even
+        that does not fit, the command is finished unrecorded, with an error
+        logged, rather than holding up its instance for ever.
+        """
         record = PoisonRecord(
             entry=item.entry,
             handler_key=item.entry.handler_key,
-            error=reason,
+            error=_shortened(reason, MAX_REASON_CHARS),
             attempts=attempts,
             poisoned_at=self._settings.clock(),
             inbox_position=item.position,
@@ -120,6 +139,21 @@ class Retries:
         while True:
             try:
                 await write_poison(self._provider, self._app_key, self._index, record)
+                break
+            except LimitExceeded as exc:
+                if len(record.error) > _SHORT_REASON_CHARS:
+                    record = msgspec.structs.replace(
+                        record, error=_shortened(record.error, _SHORT_REASON_CHARS)
+                    )
+                    continue
+                _log.error(
+                    "command %r (%s) cannot be recorded in the poison store, so it is "
+                    "dropped: %s; it failed with: %s",
+                    item.entry.envelope.description,
+                    item.command_id,
+                    exc,
+                    record.error,
+                )
                 break
             except PersistenceError as exc:
                 failures += 1
