@@ -212,3 +212,29 @@ async def test_a_connection_closed_after_a_late_cancel_is_not_reported_as_lost(
     assert [s[0] for s in await sessions(postgres_dsn, app_name)] != [pid]  # a new connection
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == []
+
+
+def test_a_cancel_the_server_cannot_take_is_one_line_without_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # During an outage the cancel request itself fails: expected, so the log
+    # says so in one line (operators grep node logs for tracebacks).
+    from runkit_postgres._executor import _Call
+
+    class Gone:
+        def cancel_safe(self, timeout: float) -> None:
+            raise psycopg.OperationalError(
+                "cancellation failed: connection to server failed: server closed the "
+                "connection unexpectedly\n\tThis probably means the server terminated"
+            )
+
+    provider = PostgresProvider("host=127.0.0.1 password=hunter2")
+    call = _Call()
+    call.conn = Gone()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING, logger="runkit_postgres"):
+        provider._executor._cancel(call)
+    [record] = caplog.records
+    assert record.exc_info is None
+    assert "could not cancel a statement server-side" in record.getMessage()
+    assert "server closed the connection unexpectedly" in record.getMessage()
+    assert call.cancel_sent

@@ -212,8 +212,7 @@ class Executor:
                 if waiter is not None:
                     waiter.set()
 
-    @staticmethod
-    def _cancel(call: _Call) -> None:
+    def _cancel(self, call: _Call) -> None:
         """Cancel *call*'s statement server-side and wait until it has ended."""
         with call.lock:
             call.abandoned = True
@@ -226,9 +225,14 @@ class Executor:
             call.cancel_sent = True  # whatever happens, the worker will not reuse conn
             try:
                 conn.cancel_safe(timeout=_CANCEL_TIMEOUT)
-            except Exception:
+            except Exception as exc:
                 # The statement may run on; waiting for it could take forever.
-                _log.warning("could not cancel a statement server-side", exc_info=True)
+                # Expected while the server goes away (an outage, a restart):
+                # one line, not a traceback; the connection is not reused.
+                _log.warning(
+                    "could not cancel a statement server-side (its connection is dropped): %s",
+                    scrub(str(exc).splitlines()[0] if str(exc) else repr(exc), self._conninfo),
+                )
                 return
             waiter = call.waiter = threading.Event()
         if not waiter.wait(_CANCEL_TIMEOUT):
