@@ -269,32 +269,47 @@ async def test_gets_of_many_keys_share_statements_and_each_finds_its_own(
     assert any(label.endswith("more)") for label in statements)
 
 
+class HeldReads:
+    """A provider's read group with one statement slot, whose first two statements are held.
+
+    The first (``z``'s) holds the slot until ``first_go`` is set, so that other
+    gets queue behind it; the second, carrying what queued, never ends (until
+    its caller is cancelled). Later statements run.
+    """
+
+    def __init__(self, provider: PostgresProvider) -> None:
+        self.group = provider._keyspace_reads
+        self.group._max_statements = 1
+        self.run = self.group._run
+        self.group._run = self.holding
+        self.first_held, self.first_go, self.second_held = (
+            anyio.Event(),
+            anyio.Event(),
+            anyio.Event(),
+        )
+        self.statements: list[str] = []
+
+    async def holding(self, operation: Any, what: str) -> Any:
+        self.statements.append(what)
+        if len(self.statements) == 1:
+            self.first_held.set()
+            await self.first_go.wait()
+        elif len(self.statements) == 2:
+            self.second_held.set()
+            await anyio.sleep_forever()
+        return await self.run(operation, what)
+
+
 async def test_a_cancelled_read_statement_reads_the_others_again(
     one_statement: tuple[PostgresProvider, str],
 ) -> None:
     # A get has no outcome to be unsure about: cancelled with the caller that
     # ran their statement, the others' gets go into the next one.
     provider, _ = one_statement
-    group = provider._keyspace_reads
-    group._max_statements = 1
     ks = await provider.keyspaces.open("ks")
-    for name in ("z", "a", "b", "c"):
+    for name in "zabc":
         await ks.set(name.encode(), f"<{name}>".encode(), "")
-    run = group._run
-    first_held, first_go, second_held = anyio.Event(), anyio.Event(), anyio.Event()
-    statements: list[str] = []
-
-    async def holding(operation: Any, what: str) -> Any:
-        statements.append(what)
-        if len(statements) == 1:  # z's: holds the slot while a, b and c queue
-            first_held.set()
-            await first_go.wait()
-        elif len(statements) == 2:  # a's, carrying b and c: never ends
-            second_held.set()
-            await anyio.sleep_forever()
-        return await run(operation, what)
-
-    group._run = holding
+    held = HeldReads(provider)  # z's statement, then a's carrying b and c
     found: dict[str, tuple[bytes, str]] = {}
     a_scope = anyio.CancelScope()
 
@@ -305,16 +320,16 @@ async def test_a_cancelled_read_statement_reads_the_others_again(
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(get, "z")
-            await first_held.wait()
+            await held.first_held.wait()
             tg.start_soon(get, "a", a_scope)
             await anyio.sleep(0.01)
             for name in "bc":
                 tg.start_soon(get, name)
             await anyio.sleep(0.01)
-            first_go.set()
-            await second_held.wait()
+            held.first_go.set()
+            await held.second_held.wait()
             a_scope.cancel()  # the caller running the statement of a, b and c
-    assert statements[1].endswith("(with 2 more)"), statements
+    assert held.statements[1].endswith("(with 2 more)"), held.statements
     assert sorted(found) == ["b", "c", "z"]
     assert [found[name][0] for name in "bcz"] == [b"<b>", b"<c>", b"<z>"]
 
@@ -326,26 +341,10 @@ async def test_a_read_whose_caller_left_is_not_queued_again(
     # is cancelled too. Queued again, `b`'s read would have nobody waiting on
     # it, and `c`, queued behind it with no statement running, would hang.
     provider, _ = one_statement
-    group = provider._keyspace_reads
-    group._max_statements = 1
     ks = await provider.keyspaces.open("ks")
     for name in "zabc":
         await ks.set(name.encode(), f"<{name}>".encode(), "")
-    run = group._run
-    first_held, first_go, second_held = anyio.Event(), anyio.Event(), anyio.Event()
-    statements: list[str] = []
-
-    async def holding(operation: Any, what: str) -> Any:
-        statements.append(what)
-        if len(statements) == 1:  # z's: holds the slot while a and b queue
-            first_held.set()
-            await first_go.wait()
-        elif len(statements) == 2:  # a's, carrying b: never ends
-            second_held.set()
-            await anyio.sleep_forever()
-        return await run(operation, what)
-
-    group._run = holding
+    held = HeldReads(provider)  # z's statement, then a's carrying b
     found: dict[str, tuple[bytes, str]] = {}
     scopes = {name: anyio.CancelScope() for name in "zabc"}
 
@@ -356,18 +355,18 @@ async def test_a_read_whose_caller_left_is_not_queued_again(
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(get, "z")
-            await first_held.wait()
+            await held.first_held.wait()
             for name in "ab":
                 tg.start_soon(get, name)
                 await anyio.sleep(0.01)
-            first_go.set()
-            await second_held.wait()
+            held.first_go.set()
+            await held.second_held.wait()
             scopes["b"].cancel()
             await anyio.sleep(0.01)
             tg.start_soon(get, "c")  # waits: the one statement slot is taken
             await anyio.sleep(0.01)
             scopes["a"].cancel()
-    assert statements[1].endswith("(with 1 more)"), statements
+    assert held.statements[1].endswith("(with 1 more)"), held.statements
     assert sorted(found) == ["c", "z"]
     assert found["c"][0] == b"<c>"
-    assert list(group._queue) == []
+    assert list(held.group._queue) == []
