@@ -33,6 +33,7 @@ from runkit.engine.settings import EngineSettings
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
+import anyio.lowlevel
 from engine_events_harness import FakeClock, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
@@ -298,3 +299,104 @@ async def test_a_timeout_is_handled_while_the_integration_command_it_guards_stil
         app.gateway.release.set()
         await anyio.sleep(0.05)
         assert app.fulfilment.outcomes == ["timeout"]  # the late Charged finds it ended
+
+
+async def test_a_deadline_outbox_is_cleared_before_the_deadline_counts_as_fired(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The timer truncates its journal past a fired deadline, so if the outbox
+    # of the deadline's handling stayed in the record until the background
+    # clear (here: 30 s away) and the node stopped meanwhile, nothing would
+    # clear it until the instance's next use, which would dispatch it again.
+    import msgspec
+
+    from runkit.engine.events.process_instances import ProcessRecord
+    from runkit.engine.events.process_stores import process_store_name
+
+    monkeypatch.setattr(
+        consumers_module,
+        "partition_consumers",
+        functools.partial(
+            consumers_module.EventConsumers,
+            options=ConsumerOptions(
+                retry_initial=0.001,
+                retry_max=0.01,
+                checkpoint_interval=30.0,
+                deadline_rescan_interval=0.01,
+            ),
+        ),
+    )
+    app, clock = App(), FakeClock()
+    config = build(app, registry=REGISTRY)
+    provider = MemoryProvider(str(uuid.uuid4()))
+    settings = EngineSettings(
+        applications=(config,), persistence_provider=provider, clock=clock, partition_count=1
+    )
+    engine = Engine.from_settings(settings)
+    store = process_store_name(config.identity.key, "b4100000-0000-4000-8000-000000000003")
+
+    async def outbox_of(instance: str) -> list[bytes]:
+        async with await provider.keyspaces.open(store) as ks:
+            data, _ = await ks.get(instance.encode())
+        return msgspec.msgpack.decode(data, type=ProcessRecord).commands if data else []
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.executor_for(config).execute_command(Poke("a", 1))
+        await wait_until(lambda: pending_deadlines(engine, 1))
+        clock.advance(10)
+        await wait_until(lambda: app.fulfilment.timeouts == ["a"])
+        await wait_until(lambda: pending_deadlines(engine, 0))
+        assert await outbox_of("a") == []
+        tg.cancel_scope.cancel()
+
+
+async def test_overdue_deadlines_start_no_more_fires_than_the_timer_runs_at_once() -> None:
+    # After an outage many deadlines are overdue at once; the timer takes only
+    # as many off its heap as it fires concurrently (one task each), not a task
+    # per overdue instance, and still fires every one.
+    from datetime import UTC, datetime
+
+    from engine_events_harness import harness
+
+    from runkit.engine.events.deadlines import (
+        DeadlineEntry,
+        DeadlineTimer,
+        append_deadlines,
+        deadline_journal_name,
+    )
+
+    clock = FakeClock()
+    async with harness(App(), registry=REGISTRY, partitions=1, clock=clock) as h:
+        ctx = h.ctx(0)
+        name = deadline_journal_name(ctx.app.identity.key, 0)
+        due = datetime(2000, 1, 1, tzinfo=UTC)
+        entries = [
+            DeadlineEntry(
+                handler_key="h",
+                instance_id=f"i{n}",
+                deadline_id=f"d{n}",
+                scheduled_for=due,
+                envelope=b"",
+            )
+            for n in range(200)
+        ]
+        async with await ctx.provider.journals.open(name) as journal:
+            await append_deadlines(journal, entries)
+        fired: list[str] = []
+        most = 0
+        timer: DeadlineTimer
+
+        async def fire(entry: DeadlineEntry) -> None:
+            nonlocal most
+            most = max(most, len(timer._firing))
+            await anyio.lowlevel.checkpoint()
+            fired.append(entry.deadline_id)
+
+        timer = DeadlineTimer(ctx, fire, rescan_interval=0.05, concurrency=4)
+        async with anyio.create_task_group() as tg:
+            await tg.start(timer.run)
+            await wait_until(lambda: len(fired) == 200)
+            tg.cancel_scope.cancel()
+    assert sorted(fired) == sorted(e.deadline_id for e in entries)
+    assert most <= 4, most

@@ -497,6 +497,27 @@ def test_the_cache_forgets_a_partition_and_lists_due_clears() -> None:
     assert cache.get("b") is not None
 
 
+def test_the_cache_keeps_each_partitions_dirty_entries_and_their_hold_floor() -> None:
+    cache = InstanceCache(10)
+    cache.put("a", attrs.evolve(_entry(0, dirty=True), held=7))
+    cache.put("b", attrs.evolve(_entry(0, dirty=True), held=3))
+    cache.put("c", attrs.evolve(_entry(1, dirty=True), held=1))
+    cache.put("d", _entry(0, dirty=True))  # a deadline's: holds no stream offset
+    assert cache.hold_floor(0) == 3
+    assert cache.hold_floor(1) == 1
+    cache.put("b", _entry(0))  # cleared
+    assert cache.hold_floor(0) == 7
+    cache.put("a", attrs.evolve(_entry(1, dirty=True), held=0))  # written through partition 1
+    assert cache.hold_floor(0) is None
+    assert sorted(cache.due_clears(1, 2.0)) == ["a", "c"]
+    assert cache.due_clears(0, 2.0) == ["d"]
+    cache.drop("c")
+    assert cache.hold_floor(1) == 0
+    cache.drop_partition(1)
+    assert cache.hold_floor(1) is None
+    assert cache.due_clears(1, 2.0) == []
+
+
 async def test_the_cache_lock_serialises_one_instance_only() -> None:
     cache = InstanceCache(10)
     order: list[str] = []

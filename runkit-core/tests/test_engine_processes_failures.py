@@ -18,7 +18,7 @@ import attrs
 import msgspec
 
 import dogma
-from runkit.engine.envelope import Envelope
+from runkit.engine.envelope import Envelope, encode
 from runkit.engine.events.consumers import ConsumerOptions, partition_consumers
 from runkit.engine.events.process_instances import ProcessRecord
 from runkit.engine.events.process_stores import list_poisoned_events, process_store_name
@@ -276,3 +276,133 @@ async def test_an_instance_id_the_store_cannot_key_poisons_the_event_at_once() -
     [message] = poison.values()
     assert (message.instance_id, message.offset) == ("x" * 121, 0)
     assert "key is 121 bytes" in message.error, message.error
+
+
+async def test_a_group_of_events_the_store_cannot_key_is_poisoned_not_retried_for_ever() -> None:
+    # Two events of one instance in one stream record are handled as a group;
+    # the store's refusal (the same on every attempt) must not be retried as a
+    # passing store failure: each event is handled alone and poisoned.
+    import uuid
+
+    from runkit.persistence import Limits
+    from runkit_memory import MemoryProvider
+
+    p = Process()
+    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_key_bytes=120))
+    async with (
+        harness(App(p), registry=REGISTRY, partitions=1, provider=provider) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step("x" * 121, 1), Step("x" * 121, 2), Step("short", 3))
+        await start(h, tg)
+        await wait_until(lambda: _poisoned_count(h, 2))
+        await wait_until(lambda: len(h.accepted) == 1)
+        tg.cancel_scope.cancel()
+    poison = await list_poisoned_events(provider, APP_KEY, 0)
+    assert sorted(m.offset or 0 for m in poison.values()) == [0, 1]
+
+
+async def test_a_group_whose_record_is_over_the_value_limit_is_handled_event_by_event() -> None:
+    # Each event's commit fits the store's values; the group's (both events'
+    # commands in one record) does not. Handled alone, both commit.
+    import uuid
+
+    from runkit.persistence import Limits
+    from runkit_memory import MemoryProvider
+
+    long_id = "i" * 1000  # the produced command carries it: most of a record
+    async with (
+        harness(App(Process()), registry=REGISTRY, partitions=1) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step(long_id, 1))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 1)
+        tg.cancel_scope.cancel()
+    command = len(encode(h.accepted[0]))
+    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_value_bytes=command * 3 // 2))
+    async with (
+        harness(App(Process()), registry=REGISTRY, partitions=1, provider=provider) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await h.publish(Step(long_id, 1), Step(long_id, 2))
+        await start(h, tg)
+        await wait_until(lambda: len(h.accepted) == 2)
+        tg.cancel_scope.cancel()
+    assert not await list_poisoned_events(provider, APP_KEY, 0)
+    assert (await record(h, long_id)).positions
+
+
+async def test_an_outbox_left_at_a_stop_is_cleared_by_the_next_owner_not_at_a_later_use() -> None:
+    # The consumer stops (a handoff) before it could clear the dispatched
+    # outboxes (the store refuses the clears). Its saved checkpoint must stay
+    # below those events, so the next owner delivers them again, dispatches
+    # the outboxes (within seconds, as deduplication expects) and clears
+    # them; otherwise each would wait in its record for the instance's next
+    # use, perhaps hours later, and be dispatched again then.
+    import uuid
+
+    from runkit.testing.faults import FaultPlan, FaultyProvider, Timing
+    from runkit_memory import MemoryProvider
+
+    lazy = attrs.evolve(BRISK, checkpoint_interval=30.0)  # no background clear
+    plan = FaultPlan()
+    provider = FaultyProvider(MemoryProvider(str(uuid.uuid4())), plan)
+    ids = [f"i{n}" for n in range(20)]
+    async with harness(App(Process()), registry=REGISTRY, partitions=1, provider=provider) as h:
+        await h.publish(*[Step(i, n) for n, i in enumerate(ids)])
+        async with anyio.create_task_group() as tg:
+            await start(h, tg, lazy)
+            await wait_until(lambda: len(h.accepted) == len(ids))
+            plan.fail(Timing.BEFORE, ops=["set"], names=lambda name: name == PROCESS_STORE)
+            tg.cancel_scope.cancel()
+        plan.clear()
+        left = [i for i in ids if outbox(await record(h, i))]
+        assert left, "the clears were refused: every outbox is still in its record"
+        h.accepted.clear()
+        async with anyio.create_task_group() as tg:
+            await start(h, tg)
+
+            async def all_cleared() -> bool:
+                return not [i for i in ids if outbox(await record(h, i))]
+
+            await wait_until(all_cleared)
+            tg.cancel_scope.cancel()
+        # What the next owner dispatched again: the left outboxes, same IDs.
+        assert sorted(json.loads(e.data)["id"] for e in h.accepted) == sorted(left)
+
+
+class HugeFailure(Process):
+    async def handle_event(self, root: Root, scope: Any, event: dogma.Event) -> None:
+        assert isinstance(event, Step)
+        if event.fail:
+            raise RuntimeError("x" * 50_000)  # e.g. an HTTP body in the message
+        await super().handle_event(root, scope, event)
+
+
+async def test_a_poison_record_over_the_value_limit_keeps_the_error_short() -> None:
+    # The record keeps at most 4,096 characters of the error, and 256 if the
+    # store still refuses it; the consumer goes on either way.
+    import uuid
+
+    from runkit.persistence import Limits
+    from runkit_memory import MemoryProvider
+
+    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_value_bytes=2048))
+    async with (
+        harness(App(HugeFailure()), registry=REGISTRY, partitions=1, provider=provider) as h,
+        anyio.create_task_group() as tg,
+    ):
+        await start(h, tg)
+        await h.publish(Step("a", 1, fail=True), Step("b", 2))
+        await wait_until(lambda: poisoned(h))
+        await wait_until(lambda: len(h.accepted) == 1)
+        tg.cancel_scope.cancel()
+    [message] = (await list_poisoned_events(provider, APP_KEY, 0)).values()
+    assert message.error.startswith("RuntimeError: xxx"), message.error[:40]
+    assert len(message.error) <= 256
+    assert message.error.endswith(" chars)"), message.error[-40:]
+
+
+async def _poisoned_count(h: Harness, n: int) -> bool:
+    return len(await list_poisoned_events(h.provider, APP_KEY, 0)) >= n

@@ -32,7 +32,19 @@ import dogma
 
 from .envelope import Envelope, _lookup
 
-__all__ = ["LogContext", "RateLimitedLog", "describe_error"]
+__all__ = [
+    "MAX_ERROR_CHARS",
+    "SHORT_ERROR_CHARS",
+    "LogContext",
+    "RateLimitedLog",
+    "describe_error",
+    "shortened",
+]
+
+#: The longest error text a poison record keeps (a handler's message may be huge).
+MAX_ERROR_CHARS = 4096
+#: What is left of it when the record would otherwise not fit the store.
+SHORT_ERROR_CHARS = 256
 
 
 def describe_error(exc: BaseException) -> str:
@@ -47,6 +59,13 @@ def describe_error(exc: BaseException) -> str:
     if not text:
         return {"TimeoutError": "timed out", "CancelledError": "cancelled"}.get(name, name)
     return text
+
+
+def shortened(text: str, limit: int) -> str:
+    """*text*, cut to at most *limit* characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 20] + f"... ({len(text)} chars)"
 
 
 def _type_name(message_type: str | type[Any] | None) -> str | None:

@@ -19,7 +19,7 @@ from opentelemetry import metrics
 
 from ...persistence import LimitExceeded, PersistenceError, Provider
 from ..backoff import backoff
-from ..logs import LogContext
+from ..logs import MAX_ERROR_CHARS, SHORT_ERROR_CHARS, LogContext, shortened
 from ..settings import EngineSettings
 from .pending import PendingCommand
 from .poison import PoisonRecord, write_poison
@@ -33,21 +33,9 @@ _failed = _meter.create_counter("runkit.commands.failed", description="failed ha
 _poisoned = _meter.create_counter("runkit.commands.poisoned", description="commands poisoned")
 
 
-#: The longest error text a poison record keeps (a handler's message may be huge).
-MAX_REASON_CHARS = 4096
-#: What is left of it when the record would otherwise not fit the store.
-_SHORT_REASON_CHARS = 256
-
-
 def failure_reason(exc: BaseException) -> str:
     """What a poison record says of the failure *exc*."""
     return f"{type(exc).__name__}: {exc}"
-
-
-def _shortened(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return text[: limit - 20] + f"... ({len(text)} chars)"
 
 
 class Retries:
@@ -130,7 +118,7 @@ class Retries:
         record = PoisonRecord(
             entry=item.entry,
             handler_key=item.entry.handler_key,
-            error=_shortened(reason, MAX_REASON_CHARS),
+            error=shortened(reason, MAX_ERROR_CHARS),
             attempts=attempts,
             poisoned_at=self._settings.clock(),
             inbox_position=item.position,
@@ -141,9 +129,9 @@ class Retries:
                 await write_poison(self._provider, self._app_key, self._index, record)
                 break
             except LimitExceeded as exc:
-                if len(record.error) > _SHORT_REASON_CHARS:
+                if len(record.error) > SHORT_ERROR_CHARS:
                     record = msgspec.structs.replace(
-                        record, error=_shortened(record.error, _SHORT_REASON_CHARS)
+                        record, error=shortened(record.error, SHORT_ERROR_CHARS)
                     )
                     continue
                 _log.error(

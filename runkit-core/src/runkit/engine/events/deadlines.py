@@ -150,7 +150,7 @@ class DeadlineTimer:
         self._cursor = 0  # next journal position to read
         self._begin = 0
         self._wake = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._concurrency = concurrency
         # (handler key, instance ID) with a deadline firing -> its due ones waiting behind it.
         self._firing: dict[tuple[str, str], deque[_Due]] = {}
         self._fired = False  # a deadline finished since the journal was last truncated
@@ -202,7 +202,8 @@ class DeadlineTimer:
             try:
                 await self._fire_due(journal)
                 delay = self._rescan
-                if self._heap:
+                # At capacity, a finishing fire wakes the loop: no spinning.
+                if self._heap and len(self._firing) < self._concurrency:
                     until = (self._heap[0].scheduled_for - self._ctx.now()).total_seconds()
                     delay = min(delay, max(until, 0.0))
                 with anyio.move_on_after(delay):
@@ -247,6 +248,12 @@ class DeadlineTimer:
             waiting = self._firing.get(instance)
             if waiting is not None:
                 waiting.append(due)  # after the one in flight, in order
+            elif len(self._firing) >= self._concurrency:
+                # At most *concurrency* instances (and tasks) at once, however
+                # many are overdue after an outage: the rest wait in the heap,
+                # and each finished fire wakes this loop.
+                heapq.heappush(self._heap, due)
+                break
             else:
                 self._firing[instance] = deque()
                 self._tg.start_soon(self._fire_instance, instance, due)
@@ -260,8 +267,7 @@ class DeadlineTimer:
         failures = 0
         while True:
             try:
-                async with self._limiter:
-                    await self._fire(due.entry)
+                await self._fire(due.entry)
             except PersistenceError as exc:
                 failures += 1
                 _store_log.warning(

@@ -108,6 +108,13 @@ class CachedInstance:
         partition: The partition whose consumer or timer last wrote or loaded it.
         dispatched_at: ``anyio.current_time()`` when the outbox still in the
             stored record was dispatched; ``None`` if the record has none.
+        held: The lowest offset, in ``partition``'s stream, of the events
+            whose handling left that outbox in the record (``None``: none, or
+            a deadline's). The consumer's saved checkpoint stays at or below
+            it until the outbox is cleared, so a consumer that stops first
+            leaves the events to be delivered again, and the next owner's
+            load dispatches and clears the outbox within seconds, not at the
+            instance's next use, perhaps hours later (``hold_floor``).
     """
 
     record: ProcessRecord
@@ -115,6 +122,7 @@ class CachedInstance:
     root: ProcessRoot
     partition: int
     dispatched_at: float | None = None
+    held: int | None = None
 
     @property
     def dirty(self) -> bool:
@@ -136,7 +144,9 @@ class InstanceCache:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self._capacity = capacity
         self._entries: OrderedDict[str, CachedInstance] = OrderedDict()
-        self._dirty: set[str] = set()
+        # Partition -> its dirty instances (``CachedInstance.partition``): each
+        # partition's consumer looks only at its own, every checkpoint interval.
+        self._dirty: dict[int, set[str]] = {}
         # Held instances -> the tasks waiting for them, in arrival order.
         self._locks: dict[str, deque[anyio.Event]] = {}
 
@@ -160,12 +170,17 @@ class InstanceCache:
 
     def put(self, instance_id: str, entry: CachedInstance) -> None:
         """Cache *entry*, evicting the least recently used clean entries over capacity."""
+        previous = self._entries.get(instance_id)
+        if (
+            previous is not None
+            and previous.dirty
+            and (not entry.dirty or previous.partition != entry.partition)
+        ):
+            self._undirty(instance_id, previous.partition)
         self._entries[instance_id] = entry
         self._entries.move_to_end(instance_id)
         if entry.dirty:
-            self._dirty.add(instance_id)
-        else:
-            self._dirty.discard(instance_id)
+            self._dirty.setdefault(entry.partition, set()).add(instance_id)
         excess = len(self._entries) - self._capacity
         if excess <= 0:
             return
@@ -182,22 +197,38 @@ class InstanceCache:
 
     def drop(self, instance_id: str) -> None:
         """Forget the instance (its next use reads the stored record)."""
-        self._entries.pop(instance_id, None)
-        self._dirty.discard(instance_id)
+        entry = self._entries.pop(instance_id, None)
+        if entry is not None and entry.dirty:
+            self._undirty(instance_id, entry.partition)
+
+    def _undirty(self, instance_id: str, partition: int) -> None:
+        dirty = self._dirty.get(partition)
+        if dirty is not None:
+            dirty.discard(instance_id)
+            if not dirty:
+                del self._dirty[partition]
 
     def drop_partition(self, partition: int) -> None:
         """Forget every entry last written or loaded through *partition* (lost or stopped)."""
         for key in [k for k, e in self._entries.items() if e.partition == partition]:
             self.drop(key)
 
+    def hold_floor(self, partition: int) -> int | None:
+        """The lowest ``held`` offset of *partition*'s dirty entries (``None``: none)."""
+        held = [
+            entry.held
+            for entry in map(self._entries.__getitem__, self._dirty.get(partition, ()))
+            if entry.held is not None
+        ]
+        return min(held, default=None)
+
     def due_clears(self, partition: int, dispatched_before: float) -> list[str]:
         """Dirty instances of *partition* whose outbox was dispatched before the given time."""
-        due = []
-        for key in self._dirty:
-            entry = self._entries[key]
-            if entry.partition == partition and (entry.dispatched_at or 0.0) <= dispatched_before:
-                due.append(key)
-        return due
+        return [
+            key
+            for key in self._dirty.get(partition, ())
+            if (self._entries[key].dispatched_at or 0.0) <= dispatched_before
+        ]
 
 
 class InstanceLock:

@@ -31,7 +31,7 @@ from ..logs import describe_error
 from .consumers_support import ConsumerOptions, sleep_backoff
 from .deadlines import DeadlineEntry, append_deadlines, deadline_journal_name
 from .process_instances import InstanceCache, ProcessRecord
-from .process_retries import MessageRetries
+from .process_retries import MessageRetries, poison_error
 from .process_retries import process_log as _log
 from .process_retries import process_store_log as _store_log
 from .process_stores import PoisonedMessage, outbox_poison_key
@@ -155,7 +155,7 @@ class OutboxDispatcher:
                 instance_id=instance_id,
                 stream_id=None,
                 offset=None,
-                error=f"{type(error).__qualname__}: {error}",
+                error=poison_error(error),
                 attempts=attempts,
                 poisoned_at=ctx.now(),
             ),
@@ -217,24 +217,38 @@ class OutboxDispatcher:
             if self._cache.busy(instance_id):
                 continue  # being handled: its commit drops the outbox anyway
             async with self._cache.lock(instance_id):
-                entry = self._cache.get(instance_id)
-                if entry is None or entry.dispatched_at is None or entry.partition != ctx.index:
-                    continue
-                cleared = entry.record.without_outbox()
                 try:
-                    revision = await records.set(
-                        instance_id.encode(), _encoder.encode(cleared), entry.revision
-                    )
-                except Conflict:
-                    # Written since (by another node, or by an earlier attempt
-                    # whose outcome was unknown): the stored record is newer.
-                    self._cache.drop(instance_id)
-                    continue
+                    await self._clear(ctx, records, instance_id)
                 except PersistenceError as exc:
                     error = exc
-                    continue
-                self._cache.put(
-                    instance_id,
-                    attrs.evolve(entry, record=cleared, revision=revision, dispatched_at=None),
-                )
         return error
+
+    async def clear_now(self, ctx: PartitionContext, records: Keyspace, instance_id: str) -> None:
+        """Clear the instance's dispatched outbox now, if it has one (raises on failure).
+
+        For a deadline's outbox: the deadline timer truncates its journal past
+        a fired deadline, so nothing would deliver it again to a next owner
+        if this node stopped before the background clear.
+        """
+        async with self._cache.lock(instance_id):
+            await self._clear(ctx, records, instance_id)
+
+    async def _clear(self, ctx: PartitionContext, records: Keyspace, instance_id: str) -> None:
+        """Write the instance's record without its dispatched outbox (lock held)."""
+        entry = self._cache.get(instance_id)
+        if entry is None or entry.dispatched_at is None or entry.partition != ctx.index:
+            return
+        cleared = entry.record.without_outbox()
+        try:
+            revision = await records.set(
+                instance_id.encode(), _encoder.encode(cleared), entry.revision
+            )
+        except Conflict:
+            # Written since (by another node, or by an earlier attempt whose
+            # outcome was unknown): the stored record is newer.
+            self._cache.drop(instance_id)
+            return
+        self._cache.put(
+            instance_id,
+            attrs.evolve(entry, record=cleared, revision=revision, dispatched_at=None, held=None),
+        )

@@ -127,11 +127,22 @@ class InstanceQueues:
 
 
 class ConsumerCheckpoint:
-    """A process consumer's stream offset, saved with conditional writes in the background."""
+    """A process consumer's stream offset, saved with conditional writes in the background.
 
-    def __init__(self, store: Keyspace, key: bytes) -> None:
+    ``value`` is the lowest unfinished offset; what is saved is never above
+    *floor*'s answer either (the events whose outboxes are not cleared yet,
+    ``InstanceCache.hold_floor``).
+    """
+
+    def __init__(
+        self,
+        store: Keyspace,
+        key: bytes,
+        floor: Callable[[], int | None] | None = None,
+    ) -> None:
         self._store = store
         self._key = key
+        self._floor = floor
         self._revision = ""
         self._saved = 0
         self.value = 0
@@ -141,9 +152,13 @@ class ConsumerCheckpoint:
         self.value = self._saved = _int_decoder.decode(data) if data else 0
 
     async def save(self) -> None:
-        if self.value <= self._saved:
-            return
         value = self.value
+        if self._floor is not None:
+            held = self._floor()
+            if held is not None and held < value:
+                value = held
+        if value <= self._saved:
+            return
         try:
             self._revision = await self._store.set(
                 self._key, _encoder.encode(value), self._revision

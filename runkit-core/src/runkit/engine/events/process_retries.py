@@ -26,7 +26,14 @@ import dogma
 from ...config import HandlerConfig
 from ...persistence import LimitExceeded, PersistenceError
 from ..envelope import Envelope, encode
-from ..logs import LogContext, RateLimitedLog, describe_error
+from ..logs import (
+    MAX_ERROR_CHARS,
+    SHORT_ERROR_CHARS,
+    LogContext,
+    RateLimitedLog,
+    describe_error,
+    shortened,
+)
 from .consumers_support import ConsumerOptions, sleep_backoff
 from .process_scopes import ProcessBug
 from .process_stores import PoisonedMessage, event_poison_store_name
@@ -34,7 +41,7 @@ from .process_stores import PoisonedMessage, event_poison_store_name
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
 
-__all__ = ["MessageRetries", "process_log", "process_store_log"]
+__all__ = ["MessageRetries", "poison_error", "process_log", "process_store_log"]
 
 process_log = logging.getLogger("runkit.engine.events.processes")
 # Store failures repeat for as long as an outage lasts: one line per handler and
@@ -42,6 +49,11 @@ process_log = logging.getLogger("runkit.engine.events.processes")
 process_store_log = RateLimitedLog(process_log, 10.0)
 
 _encoder = msgspec.msgpack.Encoder()
+
+
+def poison_error(error: BaseException) -> str:
+    """What a poison record says of *error*: its type and message, kept short."""
+    return shortened(f"{type(error).__qualname__}: {error}", MAX_ERROR_CHARS)
 
 
 class MessageRetries:
@@ -152,7 +164,7 @@ class MessageRetries:
                     instance_id=instance_id,
                     stream_id=stream[0] if stream else None,
                     offset=stream[1] if stream else None,
-                    error=f"{type(error).__qualname__}: {error}",
+                    error=poison_error(error),
                     attempts=attempts,
                     poisoned_at=ctx.now(),
                 ),
@@ -160,13 +172,35 @@ class MessageRetries:
             return
 
     async def poison(self, ctx: PartitionContext, key: str, record: PoisonedMessage) -> None:
-        """Record *record* under *key* in the partition's event poison store, retrying."""
+        """Record *record* under *key* in the partition's event poison store, retrying.
+
+        A record the store refuses as too large (``LimitExceeded``, the same on
+        every attempt) is written again with its error text cut short; if even
+        that does not fit, the message is dropped with an error logged rather
+        than holding up the consumer for ever.
+        """
         name = event_poison_store_name(self.app_key, ctx.index)
         attempts = 0
         while True:
             try:
                 async with await ctx.provider.keyspaces.open(name) as poison:
                     await poison.set_unconditional(key.encode(), _encoder.encode(record))
+                return
+            except LimitExceeded as exc:
+                if len(record.error) > SHORT_ERROR_CHARS:
+                    record = msgspec.structs.replace(
+                        record, error=shortened(record.error, SHORT_ERROR_CHARS)
+                    )
+                    continue
+                process_log.error(
+                    "%s on partition %d: message %s cannot be recorded in the poison "
+                    "store, so it is dropped: %s; it failed with: %s",
+                    self.config.describe(),
+                    ctx.index,
+                    key,
+                    describe_error(exc),
+                    record.error,
+                )
                 return
             except PersistenceError as exc:
                 attempts += 1

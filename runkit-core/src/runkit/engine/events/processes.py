@@ -72,7 +72,7 @@ import msgspec
 import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, RouteKind
-from ...persistence import Conflict, Keyspace, PersistenceError
+from ...persistence import Conflict, Keyspace, LimitExceeded, PersistenceError
 from ..envelope import RoutedMessages, decode, to_message
 from ..logs import describe_error
 from .consumers_support import ConsumerOptions, Restarts, close_iterator, sleep_backoff
@@ -188,7 +188,11 @@ class ProcessRunner:
             await ctx.provider.keyspaces.open(process_store_name(app_key, self.key)) as records,
             await ctx.provider.keyspaces.open(checkpoints_store_name(app_key)) as checkpoints,
         ):
-            checkpoint = ConsumerCheckpoint(checkpoints, checkpoint_key(self.key, ctx.partition_id))
+            checkpoint = ConsumerCheckpoint(
+                checkpoints,
+                checkpoint_key(self.key, ctx.partition_id),
+                lambda: self._cache.hold_floor(ctx.index),
+            )
             await checkpoint.load()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(checkpoint.save_periodically, self.options.checkpoint_interval)
@@ -215,7 +219,11 @@ class ProcessRunner:
                 finally:
                     await close_iterator(events)
                     # Best effort: a lagging checkpoint only means harmless
-                    # redelivery, an outbox left in a record a harmless dispatch.
+                    # redelivery. Outboxes first: the checkpoint saved next
+                    # stays below the events of any left in their records, so
+                    # the next owner delivers them again and clears them.
+                    with anyio.move_on_after(1, shield=True):
+                        await self._outbox.clear_all_outboxes(ctx, records)
                     with anyio.move_on_after(1, shield=True):
                         try:
                             await checkpoint.save()
@@ -227,7 +235,6 @@ class ProcessRunner:
                                 ctx.index,
                                 describe_error(exc),
                             )
-                        await self._outbox.clear_all_outboxes(ctx, records)
                     # Partition lost or consumer restarting: another node may
                     # write these instances next.
                     self._cache.drop_partition(ctx.index)
@@ -316,6 +323,13 @@ class ProcessRunner:
             try:
                 await self._handle(ctx, records, instance_id, steps)
                 return
+            except LimitExceeded:
+                # The same on every attempt (a key the store cannot hold, or
+                # the group's record over its value limit): handle each event
+                # alone, where it fits or is poisoned.
+                for event in rest:
+                    await self._consume_one(ctx, records, instance_id, event)
+                return
             except PersistenceError as exc:
                 store_failures += 1
                 _store_log.warning(
@@ -402,6 +416,7 @@ class ProcessRunner:
                     deadline_id=entry.deadline_id,
                 )
                 await self._handle(ctx, records, entry.instance_id, [step])
+                await self._outbox.clear_now(ctx, records, entry.instance_id)
 
         await self._retries.run(
             ctx,
@@ -450,6 +465,10 @@ class ProcessRunner:
                             self._cache.put(instance_id, attrs.evolve(entry, root=root))
                     raise
                 if record is None:  # nothing left to handle: all done before, or ended
+                    if entry.dirty and entry.held is None and entry.partition == ctx.index:
+                        # Loaded with an outbox and dispatched it: these events
+                        # are redelivered until it is cleared.
+                        entry = attrs.evolve(entry, held=_lowest_offset(steps))
                     self._cache.put(instance_id, entry)
                     return
                 try:
@@ -460,10 +479,12 @@ class ProcessRunner:
                     entry = None
                     continue
                 await self._outbox.dispatch(ctx, instance_id, record)
-                dispatched_at = anyio.current_time() if record.has_outbox else None
+                dispatched_at = held = None
+                if record.has_outbox:
+                    dispatched_at, held = anyio.current_time(), _lowest_offset(steps)
                 self._cache.put(
                     instance_id,
-                    CachedInstance(record, revision, entry.root, ctx.index, dispatched_at),
+                    CachedInstance(record, revision, entry.root, ctx.index, dispatched_at, held),
                 )
                 return
 
@@ -498,6 +519,11 @@ class ProcessRunner:
         if record.root is not None:
             root.unmarshal_binary(record.root)
         return root
+
+
+def _lowest_offset(steps: list[Step]) -> int | None:
+    """The lowest stream offset of *steps*' events (``None``: a deadline's step)."""
+    return min((step.stream[1] for step in steps if step.stream is not None), default=None)
 
 
 if TYPE_CHECKING:
