@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Awaitable, Callable
 
 import attrs
 import pytest
@@ -66,6 +68,42 @@ def test_observe_refuses_a_non_callable() -> None:
         TypeError, match=re.escape("observe(): fn must be an async callable, got None")
     ):
         dogma.observe(DepositApproved, None, registry=REG)  # type: ignore[arg-type]
+
+
+def test_observe_refuses_a_regular_function() -> None:
+    # Refused at once: it used to fail only once the engine had taken the command.
+    def sync(event: DepositApproved) -> bool:
+        return True
+
+    for fn in (sync, lambda event: True, len):
+        with pytest.raises(
+            TypeError,
+            match=re.escape(f"observe(): fn must be a coroutine function (async def), got {fn!r}"),
+        ):
+            dogma.observe(DepositApproved, fn, registry=REG)  # type: ignore[arg-type]
+
+
+class AsyncCallable:
+    async def __call__(self, event: DepositApproved) -> bool:
+        return True
+
+    async def method(self, event: DepositApproved) -> bool:
+        return True
+
+
+async def test_observe_accepts_async_callables_that_are_not_functions() -> None:
+    async def at_least(minimum: int, event: DepositApproved) -> bool:
+        return event.amount >= minimum
+
+    fns: list[Callable[[DepositApproved], Awaitable[bool]]] = [
+        functools.partial(at_least, 5),
+        AsyncCallable(),
+        AsyncCallable().method,
+    ]
+    for fn in fns:
+        observer = dogma.observe(DepositApproved, fn, registry=REG)
+        assert observer.fn is fn
+        assert await observer.fn(DepositApproved(amount=5)) is True
 
 
 def test_observer_is_frozen() -> None:

@@ -186,6 +186,21 @@ def test_handler_route_refuses_none(
         via(None)
 
 
+@pytest.mark.parametrize(("via", "handler_cls", "route_cls", "kind"), HANDLER_ROUTES)
+def test_handler_route_refuses_the_class_of_a_handler(
+    via: Callable[[Any], object], handler_cls: type, route_cls: type, kind: str
+) -> None:
+    # The class has every method, so it used to be accepted and fail later.
+    name = handler_cls.__name__
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"via_{kind}(): pass an instance of {name}, not the class (e.g. via_{kind}({name}()))"
+        ),
+    ):
+        via(handler_cls)
+
+
 def _methods(cls: type) -> list[str]:
     return [name for name in vars(cls) if not name.startswith("_")]
 

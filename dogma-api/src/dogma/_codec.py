@@ -73,7 +73,10 @@ def pure_encode(message: object) -> bytes:
         raise TypeError(f"cannot marshal {_name(cls)}: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"cannot marshal {_name(cls)}: {exc}") from None
-    text = dumps(obj)
+    try:
+        text = dumps(obj)
+    except ValueError as exc:  # an int with more digits than Python converts
+        raise ValueError(f"cannot marshal {_name(cls)}: {exc}") from None
     try:
         return text.encode()
     except UnicodeEncodeError as exc:
@@ -91,9 +94,13 @@ def pure_decode(cls: type[T], data: bytes) -> T:
             f"cannot unmarshal {_name(cls)}: expected bytes, got {type(data).__qualname__}"
         )
     try:
-        obj = json.loads(bytes(data))
+        # Strict UTF-8: json.loads(bytes) would also read UTF-16, UTF-32, a BOM
+        # and encoded surrogates, none of which encode writes or msgspec reads.
+        obj = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot unmarshal {_name(cls)}: invalid JSON: {exc}") from None
+    except ValueError as exc:  # an int with more digits than Python converts
+        raise ValueError(f"cannot unmarshal {_name(cls)}: {exc}") from None
     except RecursionError:
         raise ValueError(f"cannot unmarshal {_name(cls)}: JSON nested too deeply") from None
     try:

@@ -132,7 +132,21 @@ class _Scalar(_Plan):
             raise _DecodeError(f"{_at(path)}expected int, got float {data!r}")
         if not self.matches(data, exact=True):
             raise _DecodeError(f"{_at(path)}expected {self.name}, got {_got(data)}")
+        if self.tp is str and not data.isascii():
+            _refuse_lone_surrogates(data, path)
         return data
+
+
+def _refuse_lone_surrogates(text: str, path: str) -> None:
+    # json.loads reads "\ud800" escapes as lone surrogates, which encode could
+    # not write back (msgspec refuses them itself).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _DecodeError(
+            f"{_at(path)}a string contains a lone surrogate "
+            f"{exc.object[exc.start : exc.end]!r}, which UTF-8 cannot encode"
+        ) from None
 
 
 def _as_float(number: float) -> float:
@@ -181,7 +195,13 @@ class _DateTime(_Plan):
             raise _DecodeError(f"{_at(path)}{data!r} is not an ISO 8601 datetime") from None
         if value.tzinfo is None:
             raise _DecodeError(f"{_at(path)}datetime {data!r} has no UTC offset")
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+            raise _DecodeError(
+                f"{_at(path)}datetime {data!r} is outside the range of datetime in UTC "
+                "(years 1 to 9999)"
+            ) from None
 
 
 class _UUID(_Plan):
@@ -229,10 +249,25 @@ class _Enum(_Plan):
         return value.value
 
     def decode(self, data: JSON, path: str) -> object:
+        # The JSON shape is checked first: the lookup by value alone would take
+        # true or 1.0 for a member valued 1 (they are equal in Python), which an
+        # int field refuses. A float value takes an int, as a float field does.
+        shape = _json_shape(data)
+        if not _shape_fits(shape, self.shapes):
+            raise _DecodeError(f"{_at(path)}expected {self.name}, got {_got(data)}")
         try:
-            return self.tp(data)
+            member = self.tp(data)
         except ValueError:
             raise _DecodeError(f"{_at(path)}{data!r} is not a valid {self.name}") from None
+        # In an enum of ints and floats, 1.0 must not find the member valued 1.
+        if not _shape_fits(shape, {_json_shape(member.value)}):
+            raise _DecodeError(f"{_at(path)}{data!r} is not a valid {self.name}")
+        return member
+
+
+def _shape_fits(shape: str, shapes: typing.AbstractSet[str]) -> bool:
+    """Whether JSON of ``shape`` may decode as a value of one of ``shapes``."""
+    return shape in shapes or (shape == "int" and "float" in shapes)
 
 
 class _Literal(_Plan):
@@ -322,6 +357,8 @@ class _Dict(_Plan):
             raise TypeError(
                 f"dict keys of type {key.name} cannot be stored; use str, int, UUID or enum"
             )
+        if isinstance(key, _Enum):
+            _check_distinct_keys(key.tp)
         self.key = key
         self.value = value
         self.name = f"dict[{key.name}, {value.name}]"
@@ -330,8 +367,7 @@ class _Dict(_Plan):
         return isinstance(value, dict)
 
     def _encode_key(self, key: object, path: str) -> str:
-        encoded = self.key.encode(key, f"{path} key")
-        return encoded if isinstance(encoded, str) else json.dumps(encoded)
+        return _key_text(self.key.encode(key, f"{path} key"))
 
     def _decode_key(self, key: str, path: str) -> object:
         # JSON object keys are strings: str, UUID and str-valued enum keys are
@@ -345,9 +381,14 @@ class _Dict(_Plan):
                     raise
         try:
             raw = json.loads(key)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or an int with more digits than Python converts
             raise _DecodeError(f"{_at(sub)}invalid {self.key.name} key {key!r}") from None
-        return self.key.decode(raw, sub)
+        value = self.key.decode(raw, sub)
+        # Only the spelling encode writes: json.loads also reads " 1" and "-0",
+        # and two spellings of one key would collide in the dict.
+        if self._encode_key(value, path) != key:
+            raise _DecodeError(f"{_at(sub)}invalid {self.key.name} key {key!r}")
+        return value
 
     def encode(self, value: object, path: str) -> JSON:
         if not isinstance(value, dict):
@@ -365,6 +406,28 @@ class _Dict(_Plan):
             self._decode_key(k, path): self.value.decode(v, f"{path}[{k!r}]")
             for k, v in data.items()
         }
+
+
+def _key_text(encoded: JSON) -> str:
+    """The JSON object key for a dict key encoded as ``encoded``."""
+    return encoded if isinstance(encoded, str) else json.dumps(encoded)
+
+
+def _check_distinct_keys(tp: type[enum.Enum]) -> None:
+    """Refuse enum ``tp`` as a dict key type if two members would be written as one key.
+
+    Keys are strings, so a member valued 1 and one valued "1" would collide.
+    """
+    seen: dict[str, enum.Enum] = {}
+    for member in tp:
+        text = _key_text(member.value)
+        other = seen.setdefault(text, member)
+        if other is not member:
+            raise TypeError(
+                f"enum {_name(tp)} cannot be used for dict keys: {other.name} "
+                f"({other.value!r}) and {member.name} ({member.value!r}) would both be "
+                f"stored as the key {text!r}"
+            )
 
 
 class _Union(_Plan):

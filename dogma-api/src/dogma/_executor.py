@@ -1,5 +1,6 @@
 """Executing commands from outside the application."""
 
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -39,13 +40,23 @@ def observe(
     returns ``True`` when satisfied (``execute_command`` then returns) or
     ``False`` to keep waiting; an exception it raises propagates.
 
+    ``fn`` is normally an ``async def`` function; other callables returning
+    an awaitable (a :func:`functools.partial` of one, an object with an
+    ``async def __call__``) are accepted too.
+
     Raises:
         TypeError: ``event_type`` is not a registered :class:`dogma.Event`
-            subclass, or ``fn`` is not callable.
+            subclass, or ``fn`` is not callable or is a regular (not
+            ``async def``) function.
     """
     registered_type(event_type, MessageKind.EVENT, "observe", registry)
     if not callable(fn):
         raise TypeError(f"observe(): fn must be an async callable, got {fn!r}")
+    # Refused here, not once the engine has taken the command. Only plain
+    # functions are judged, as via_*() does: other callables (partials, mocks,
+    # objects with an async __call__) cannot be classified reliably.
+    if inspect.isroutine(fn) and not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"observe(): fn must be a coroutine function (async def), got {fn!r}")
     return EventObserver(event_type, fn)
 
 

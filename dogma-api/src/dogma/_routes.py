@@ -43,6 +43,13 @@ _PROJECTION_METHODS = (
 def _check_handler(handler: object, kind: str, methods: tuple[tuple[str, bool], ...]) -> None:
     if handler is None:
         raise TypeError(f"via_{kind}(): handler cannot be None")
+    if isinstance(handler, type):
+        # The class has the methods too, so it would pass the checks below and
+        # fail later, when the engine calls them unbound.
+        name = handler.__qualname__.rpartition("<locals>.")[2]
+        raise TypeError(
+            f"via_{kind}(): pass an instance of {name}, not the class (e.g. via_{kind}({name}()))"
+        )
     what = f"{kind} handler {_qualified(type(handler))}"
     for name, must_be_async in methods:
         method = getattr(handler, name, None)
@@ -99,7 +106,8 @@ def via_aggregate(handler: Any) -> AggregateHandlerRoute:
     (:class:`dogma.AggregateMessageHandler`).
 
     Raises:
-        TypeError: ``handler`` is ``None`` or lacks a method; the message names it.
+        TypeError: ``handler`` is ``None``, a class rather than an instance, or
+            lacks a method; the message names it.
     """
     _check_handler(handler, "aggregate", _AGGREGATE_METHODS)
     return AggregateHandlerRoute(handler)
@@ -113,7 +121,8 @@ def via_process(handler: Any) -> ProcessHandlerRoute:
     ``handle_deadline`` methods (:class:`dogma.ProcessMessageHandler`).
 
     Raises:
-        TypeError: ``handler`` is ``None`` or lacks a method; the message names it.
+        TypeError: ``handler`` is ``None``, a class rather than an instance, or
+            lacks a method; the message names it.
     """
     _check_handler(handler, "process", _PROCESS_METHODS)
     return ProcessHandlerRoute(handler)
@@ -126,7 +135,8 @@ def via_integration(handler: Any) -> IntegrationHandlerRoute:
     ``handle_command`` method (:class:`dogma.IntegrationMessageHandler`).
 
     Raises:
-        TypeError: ``handler`` is ``None`` or lacks a method; the message names it.
+        TypeError: ``handler`` is ``None``, a class rather than an instance, or
+            lacks a method; the message names it.
     """
     _check_handler(handler, "integration", _INTEGRATION_METHODS)
     return IntegrationHandlerRoute(handler)
@@ -140,7 +150,8 @@ def via_projection(handler: Any) -> ProjectionHandlerRoute:
     methods (:class:`dogma.ProjectionMessageHandler`).
 
     Raises:
-        TypeError: ``handler`` is ``None`` or lacks a method; the message names it.
+        TypeError: ``handler`` is ``None``, a class rather than an instance, or
+            lacks a method; the message names it.
     """
     _check_handler(handler, "projection", _PROJECTION_METHODS)
     return ProjectionHandlerRoute(handler)

@@ -764,6 +764,24 @@ async def test_observers_see_each_event_once(tmp_path: Path) -> None:
     assert len(seen) == 1
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        Deposit(transaction_id="T", account_id="A", amount="5"),  # type: ignore[arg-type]
+        Deposit(transaction_id="T", account_id="A", amount=1.5),  # type: ignore[arg-type]
+        Deposit(transaction_id="T", account_id="A", amount=True),
+        Deposit(transaction_id=5, account_id="A", amount=5),  # type: ignore[arg-type]
+    ],
+    ids=["str-amount", "float-amount", "bool-amount", "int-id"],
+)
+async def test_badly_typed_commands_are_invalid(tmp_path: Path, command: Deposit) -> None:
+    """The engine refuses them with ``ValidationError`` (once a TypeError or ValueError)."""
+    app = App(tmp_path / "read-models.sqlite3")
+    async with running(f"memory:///bank-e2e-{uuid.uuid4()}", app) as bank:
+        with anyio.fail_after(TIMEOUT), pytest.raises(dogma.ValidationError):
+            await bank.executor.execute_command(command)
+
+
 # -- the drivers --
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -392,6 +393,40 @@ def test_invalid_messages_are_refused(message: dogma.Message, error: str) -> Non
         message.validate(NEW)
 
 
+def _badly_typed_cases() -> list[tuple[dogma.Message, str, object]]:
+    """Each example with each int or str field given a value of another type."""
+    cases: list[tuple[dogma.Message, str, object]] = []
+    for example, _, _ in EXAMPLES:
+        message: Any = example
+        hints = typing.get_type_hints(type(message))
+        for field in attrs.fields_dict(type(message)):
+            # bool is an int subclass and 1.5 formats badly as cents; a numeric
+            # string used to fail comparing with 1 (TypeError).
+            if hints[field] is int:
+                bad_values: tuple[object, ...] = ("5", 1.5, True, None)
+            elif hints[field] is str:
+                bad_values = (5, None, b"A1")
+            else:
+                continue
+            for bad in bad_values:
+                cases.append((attrs.evolve(message, **{field: bad}), field, bad))
+    return cases
+
+
+BADLY_TYPED = _badly_typed_cases()
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "value"),
+    BADLY_TYPED,
+    ids=[f"{type(m).__name__}-{f}={v!r}" for m, f, v in BADLY_TYPED],
+)
+def test_badly_typed_fields_are_refused(message: dogma.Message, field: str, value: object) -> None:
+    """attrs does not check annotations: validate() refuses what the codec could not store."""
+    with pytest.raises(dogma.ValidationError, match=re.escape(repr(value))):
+        message.validate(NEW)
+
+
 @pytest.mark.parametrize(
     ("total", "limit", "valid"),
     [(1, 0, True), (0, 0, False), (1, -1, False)],
@@ -444,6 +479,13 @@ def test_json_encoding_uses_lowercase_enum_values_and_utc_times() -> None:
 
     assert b'"withdrawal"' in data
     assert DebitAccount.unmarshal_binary(data).scheduled_time == AT
+
+
+def test_json_field_names_are_snake_case_unlike_the_go_example() -> None:
+    """Only type IDs are shared with the Go bank, which writes ``{"TransactionID":…}``."""
+    message = Deposit(transaction_id="T1", account_id="A1", amount=500)
+
+    assert message.marshal_binary() == b'{"transaction_id":"T1","account_id":"A1","amount":500}'
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ from ..messages import (
     daily_debit_limit_date,
     format_amount,
 )
+from ..messages._validation import require_ids
 
 __all__ = ["TransferProcessHandler", "TransferReadyToProceed", "TransferRoot"]
 
@@ -67,10 +68,7 @@ class TransferReadyToProceed(dogma.Deadline):
         return f"transfer {self.transaction_id} is ready to proceed"
 
     def validate(self, scope: dogma.ValidationScope) -> None:
-        if not self.transaction_id:
-            raise dogma.ValidationError(
-                "TransferReadyToProceed must not have an empty transaction ID"
-            )
+        require_ids(self, "transaction_id")
 
 
 @attrs.define

@@ -26,25 +26,42 @@ def _label(field: str) -> str:
 
 
 def require_ids(message: object, *fields: str) -> None:
-    """Raise unless every named string field of ``message`` is non-empty."""
+    """Raise unless every named field of ``message`` is a non-empty string."""
     for field in fields:
-        if not getattr(message, field):
+        value = getattr(message, field)
+        # attrs does not check annotations, so a caller may pass any type.
+        if not isinstance(value, str):
+            raise dogma.ValidationError(
+                f"{type(message).__name__} must have a string {_label(field)}, not {value!r}"
+            )
+        if not value:
             raise dogma.ValidationError(
                 f"{type(message).__name__} must not have an empty {_label(field)}"
             )
 
 
+def _require_int(message: object, field: str) -> int:
+    value = getattr(message, field)
+    # Amounts are whole cents: not a float, a numeric string or a bool (an int
+    # subclass in Python, which the codec refuses to store as an int).
+    if type(value) is not int:
+        raise dogma.ValidationError(
+            f"{type(message).__name__} must have an integer {_label(field)}, not {value!r}"
+        )
+    return value
+
+
 def require_positive(message: object, field: str = "amount") -> None:
-    """Raise unless the named integer field of ``message`` is at least 1."""
-    if getattr(message, field) < 1:
+    """Raise unless the named field of ``message`` is an ``int`` of at least 1."""
+    if _require_int(message, field) < 1:
         raise dogma.ValidationError(
             f"{type(message).__name__} must have a positive {_label(field)}"
         )
 
 
 def require_at_least(message: object, field: str, minimum: int) -> None:
-    """Raise unless the named integer field of ``message`` is at least ``minimum``."""
-    if getattr(message, field) < minimum:
+    """Raise unless the named field of ``message`` is an ``int`` of at least ``minimum``."""
+    if _require_int(message, field) < minimum:
         raise dogma.ValidationError(
             f"{type(message).__name__} must have a {_label(field)} of at least {minimum}"
         )

@@ -1,6 +1,8 @@
 """The bank's commands: requests for the bank to do something.
 
-Type IDs are those of dogmatiq/example, so data is portable between the two.
+Type IDs are those of dogmatiq/example, but the JSON is not: field names are
+snake_case (``transaction_id``) where Go writes ``TransactionID``, so only the
+type IDs (and the handlers' names and keys) are shared with the Go bank.
 """
 
 from __future__ import annotations
