@@ -3,6 +3,7 @@ truncation recovery, retries and ambiguous writes, region/role/TLS handling."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -355,7 +356,7 @@ async def test_conditional_writes_are_never_retried_when_ambiguous(
 
 
 async def test_unconditional_writes_are_retried(provider: DynamoDBProvider, inject: Any) -> None:
-    """Idempotent writes (add, remove, set_unconditional) are retried after a lost response."""
+    """Idempotent writes (add, remove, deletes) are retried after a lost response."""
     set_ = await provider.sets.open("s")
     inject.plan["PutItem"] = ["lost"]
     await set_.add(b"m")
@@ -540,3 +541,26 @@ async def test_a_range_overtaken_by_a_partly_failed_truncation_stops(
         assert seen == [0, 1]
     finally:
         await small.close()
+
+
+@pytest.mark.parametrize("action", ["lost", "500"])
+async def test_set_unconditional_never_resends_a_revision(
+    url: str, session: boto3.session.Session, inject: Any, action: str
+) -> None:
+    """After a failure that may have landed, botocore must not resend the PutItem: another
+    write may have replaced it meanwhile, and its revision would come back. The driver
+    writes again with a new revision."""
+    revisions: list[str] = []
+
+    def record(request: Any, **_: Any) -> None:  # each attempt, before it is sent
+        revisions.append(json.loads(request.body)["Item"]["r"]["S"])
+
+    session.events.register("request-created.dynamodb.PutItem", record)
+    async with DynamoDBProvider.from_url(url, session=session) as provider:
+        keyspace = await provider.keyspaces.open("k")
+        assert await keyspace.get(b"k") == (b"", "")  # creates the table
+        inject.plan["PutItem"] = [action]
+        revision = await keyspace.set_unconditional(b"k", b"v")
+        assert await keyspace.get(b"k") == (b"v", revision)
+    assert len(revisions) == 2
+    assert revisions[0] != revisions[1] == revision

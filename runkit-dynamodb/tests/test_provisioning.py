@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import boto3
 import pytest
 
 from runkit.persistence import PersistenceError
 from runkit.testing.moto import MotoServer
-from runkit_dynamodb import DynamoDBProvider
+from runkit_dynamodb import DynamoDBProvider, _provider
+from runkit_dynamodb._aws import create_client
 
 pytestmark = pytest.mark.dynamodb
 
@@ -159,3 +163,98 @@ async def test_no_region(moto: MotoServer, prefix: str, monkeypatch: pytest.Monk
         "set 's': no AWS region configured: add '?region=...' to the dynamodb URL, "
         "pass region=..., or set AWS_REGION"
     )
+
+
+async def test_a_table_that_is_not_active_is_waited_for_never_created(
+    url: str, session: boto3.session.Session, requests: Any
+) -> None:
+    """A table being updated (or created by someone else) is waited for, also by a
+    read-only provider: never a CreateTable."""
+    async with DynamoDBProvider.from_url(url) as setup:
+        await setup.provision()
+    described: set[str] = set()
+    lock = threading.Lock()
+
+    def first_updating(parsed: dict[str, Any], **_: Any) -> None:
+        table = parsed["Table"]
+        with lock:  # the three tables are described in parallel threads
+            if table["TableName"] not in described:
+                described.add(table["TableName"])
+                table["TableStatus"] = "UPDATING"
+
+    session.events.register("after-call.dynamodb.DescribeTable", first_updating)
+    provider = DynamoDBProvider.from_url(url, session=session)
+    provider.set_read_only()
+    async with provider:
+        await provider.provision()
+    # Per table: UPDATING, then ACTIVE for the waiter.
+    assert requests.take() == {"DescribeTable": 6}
+
+
+async def test_close_closes_the_client_even_when_cancelled(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As when ``async with provider:`` is left by a cancellation."""
+    provider = DynamoDBProvider.from_url(url)
+    set_ = await provider.sets.open("s")
+    await set_.has(b"m")
+    client = provider._client
+    assert client is not None
+    closed: list[bool] = []
+    close = client.close
+
+    def counted_close() -> None:
+        closed.append(True)
+        close()
+
+    monkeypatch.setattr(client, "close", counted_close)
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await provider.close()
+    assert closed == [True]
+    await provider.close()
+    assert closed == [True]
+
+
+async def test_close_does_not_wait_for_a_client_being_created(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating a client keeps a worker thread busy for about half a second: close() must
+    not block the event loop meanwhile, and the client made after it is closed."""
+    creating = threading.Event()
+    release = threading.Event()
+    closed: list[bool] = []
+
+    def slow_create(*args: Any) -> Any:
+        creating.set()
+        release.wait(5)
+        client = create_client(*args)
+        close = client.close
+
+        def counted_close() -> None:
+            closed.append(True)
+            close()
+
+        monkeypatch.setattr(client, "close", counted_close)
+        return client
+
+    monkeypatch.setattr(_provider, "create_client", slow_create)
+    provider = DynamoDBProvider.from_url(url)
+    set_ = await provider.sets.open("s")
+
+    async def use() -> None:
+        with pytest.raises(PersistenceError, match=r"is closed$"):
+            await set_.has(b"m")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(use)
+        await anyio.to_thread.run_sync(creating.wait)
+        timer = threading.Timer(1.0, release.set)  # frees a close() that waits for creation
+        timer.start()
+        started = time.monotonic()
+        await provider.close()
+        elapsed = time.monotonic() - started
+        release.set()
+        timer.cancel()
+    assert elapsed < 0.5
+    assert closed == [True]

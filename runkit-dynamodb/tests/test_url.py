@@ -44,6 +44,10 @@ class TestParseURL:
                 DynamoDBURL("app", role_arn="arn:aws:iam::123456789012:role/r"),
             ),
             ("dynamodb:///" + "p" * 246, DynamoDBURL("p" * 246)),
+            (  # IAM role names may hold '@': not user info
+                "dynamodb:///app?role_arn=arn:aws:iam::123456789012:role/ops@prod",
+                DynamoDBURL("app", role_arn="arn:aws:iam::123456789012:role/ops@prod"),
+            ),
         ],
     )
     def test_valid(self, url: str, expected: DynamoDBURL) -> None:
@@ -134,6 +138,9 @@ class TestParseURL:
         [
             "dynamodb://AKIAEXAMPLE:s3cr3t@localhost:8000/app",
             "dynamodb://AKIAEXAMPLE@localhost/app",
+            # A '/' or '?' in the secret hides the '@' from urlsplit.
+            "dynamodb://AKIAEXAMPLE:s3cr/3t@localhost:8000/app",
+            "dynamodb://AKIAEXAMPLE:s3cr?3t@localhost/app?region=eu-west-1",
         ],
     )
     def test_credentials_refused_without_echo(self, url: str) -> None:

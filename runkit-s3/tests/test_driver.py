@@ -8,10 +8,13 @@ it (a write whose response was lost).
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -662,3 +665,183 @@ async def test_a_write_failing_after_it_may_have_landed_is_ambiguous(
         await keyspace.set_unconditional(b"k", b"new")
     assert (await keyspace.get(b"k"))[0] == b"new"  # it did take effect
     assert (info.value.ambiguous, info.value.retryable) == (True, True)
+
+
+# -- review fixes ----------------------------------------------------------------------------
+
+
+def _failing(request: AWSPreparedRequest) -> AWSResponse:
+    return _error_response(request, 500, "InternalError")
+
+
+@pytest.mark.parametrize(
+    "path", ["journal get", "journal bounds", "journal range", "journal append", "keyspace range"]
+)
+async def test_a_failed_request_among_concurrent_ones_raises_its_persistence_error_itself(
+    provider: S3Provider, hooks: Hooks, path: str
+) -> None:
+    """Every attempt of one GET answers 500 while others run beside it: the caller gets
+    that ``PersistenceError``, not an ``ExceptionGroup``."""
+    journal = await provider.journals.open("j")
+    keyspace = await provider.keyspaces.open("k")
+    await journal.append(0, b"r")
+    await keyspace.set(b"k", b"v", "")
+    keys = Layout("").journal("j")
+
+    async def read_range() -> None:
+        async for _ in journal.range(0):
+            pass
+
+    async def list_keyspace() -> None:
+        async for _ in keyspace.range():
+            pass
+
+    calls: dict[str, tuple[str, Callable[[], Awaitable[object]]]] = {
+        "journal get": (keys.record(0), lambda: journal.get(0)),
+        "journal bounds": (keys.meta, journal.bounds),
+        "journal range": (keys.meta, read_range),  # begin, read beside the next batch
+        "journal append": (keys.meta, lambda: journal.append(2, b"r")),  # beside HEAD r/1
+        "keyspace range": (Layout("").keyspace("k"), list_keyspace),
+    }
+    failing_key, call = calls[path]
+    failed = hooks.on("GetObject", _failing, url_contains=failing_key, times=100)
+    with pytest.raises(PersistenceError) as info:
+        await call()
+    assert info.value.retryable
+    assert "failed: HTTP 500 InternalError: injected" in str(info.value)
+    assert failed[0] > 1  # botocore retried it first
+
+
+async def test_get_reads_begin_after_the_record_so_a_recreated_object_is_not_returned(
+    make: Callable[..., S3Provider],
+    aws_session: boto3.Session,
+    shared_session: boto3.Session,
+    moto_server: MotoServer,
+    bucket: str,
+) -> None:
+    """While A's ``get(3)`` runs, B truncates past 3 (compaction deletes ``r/3``) and a
+    stale writer's PUT re-creates ``r/3`` (its step 3 would delete it again). A must
+    not return that record: it was never in the journal at position 3.
+
+    Were begin read beside the record (as it once was), it could predate the
+    truncation: the hook holds the record's GET until such a read has been answered.
+    """
+    keys = Layout("").journal("j")
+    begin_read = threading.Event()
+
+    def on_answer(request_dict: dict[str, Any], **_: Any) -> None:
+        if request_dict["url"].endswith("/" + keys.meta):
+            begin_read.set()
+
+    aws_session.events.register("needs-retry.s3.GetObject", on_answer)
+    hooks_a = Hooks(aws_session)
+    async with make(aws_session) as pa, make(shared_session) as pb:
+        a = await pa.journals.open("j")
+        b = await pb.journals.open("j")
+        for position in range(5):
+            await a.append(position, b"a%d" % position)
+
+        async def overtake() -> None:
+            await b.truncate(5)
+            _raw_client(moto_server).put_object(Bucket=bucket, Key=keys.record(3), Body=b"stale")
+
+        def overtake_first(request: AWSPreparedRequest) -> None:
+            begin_read.wait(0.5)  # only ever set if begin is read beside the record
+            anyio.from_thread.run(overtake)
+
+        hooks_a.on("GetObject", overtake_first, url_contains=keys.record(3))
+        begin_read.clear()  # the appends read begin too
+        with pytest.raises(RecordNotFound):
+            await a.get(3)
+        assert hooks_a.sent[-2:] == [
+            ("GetObject", f"{moto_server.endpoint}/{bucket}/{keys.record(3)}"),
+            ("GetObject", f"{moto_server.endpoint}/{bucket}/{keys.meta}"),
+        ]
+
+
+def _body(request: AWSPreparedRequest) -> bytes:
+    body = request.body
+    assert isinstance(body, io.BytesIO), type(body)
+    return body.getvalue()
+
+
+async def test_set_unconditional_sends_a_new_token_after_a_lost_response_never_the_old_one(
+    provider: S3Provider, hooks: Hooks
+) -> None:
+    """botocore must not resend the PUT: another write may have replaced it meanwhile,
+    and the resent token would bring an old revision back. The driver writes anew."""
+    keyspace = await provider.keyspaces.open("k")
+    bodies: list[bytes] = []
+
+    def deliver_then_drop(request: AWSPreparedRequest) -> None:
+        bodies.append(_body(request))
+        _send_for_real(request)
+        raise ReadTimeoutError(endpoint_url=request.url)
+
+    def record(request: AWSPreparedRequest) -> None:
+        bodies.append(_body(request))
+
+    hooks.on("PutObject", deliver_then_drop)
+    hooks.on("PutObject", record, times=10)
+    revision = await keyspace.set_unconditional(b"k", b"v")
+    assert len(bodies) == 2
+    assert bodies[0] != bodies[1]  # a new token, so a new ETag: a revision never repeats
+    assert bodies[0][17:] == bodies[1][17:] == b"v"
+    assert await keyspace.get(b"k") == (b"v", revision)
+
+
+def _hermetic_aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No AWS settings or credentials from the machine: nothing but what the test sets."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+async def test_a_missing_profile_fails_provisioning_at_once(
+    make: Callable[..., S3Provider], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _hermetic_aws_environment(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_PROFILE", "nope")
+    async with make(None) as provider:
+        with pytest.raises(PersistenceError) as info:
+            await provider.provision()
+    assert type(info.value) is PersistenceError
+    assert not info.value.retryable
+    assert str(info.value) == (
+        "cannot create the S3 client: The config profile (nope) could not be found"
+    )
+
+
+async def test_missing_credentials_are_not_retryable(
+    make: Callable[..., S3Provider],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    bucket: str,
+) -> None:
+    """Waiting cannot cure them, so the engine's start-up must not wait for them."""
+    _hermetic_aws_environment(monkeypatch, tmp_path)
+    async with make(boto3.Session(region_name="us-east-1")) as provider:
+        with pytest.raises(PersistenceError) as info:
+            await provider.provision()
+    assert not info.value.retryable
+    assert not info.value.ambiguous
+    assert str(info.value) == (
+        f"S3 HeadBucket/CreateBucket s3://{bucket}/ failed: Unable to locate credentials"
+    )
+
+
+async def test_malformed_metadata_is_reported_as_corrupt(
+    provider: S3Provider, moto_server: MotoServer, bucket: str
+) -> None:
+    journal = await provider.journals.open("j")
+    keys = Layout("").journal("j")
+    _raw_client(moto_server).put_object(Bucket=bucket, Key=keys.meta, Body=b"{not json")
+    for call in (journal.bounds, lambda: journal.truncate(0)):
+        with pytest.raises(PersistenceError) as info:
+            await call()
+        assert str(info.value).startswith(
+            f"journal 'j': corrupt metadata object '{keys.meta}': JSON is malformed"
+        )

@@ -5,7 +5,9 @@ are retried with backoff. One exception: a *conditional* write whose request
 may have reached DynamoDB (a read timeout, a dropped connection, a 5xx) is not
 retried, because a retry of a write that did land fails its condition and would
 be reported as a conflict. ``install_ambiguity_guard`` vetoes those retries and
-the driver raises ``PersistenceError(ambiguous=True)`` instead.
+the driver raises ``PersistenceError(ambiguous=True)`` instead. The same goes for
+a write made through ``once``: its item holds a fresh revision, and resending it
+could write a revision that another write had replaced meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import boto3
 import botocore.exceptions
@@ -40,7 +43,10 @@ __all__ = [
     "default_config",
     "install_ambiguity_guard",
     "map_error",
+    "once",
 ]
+
+T = TypeVar("T")
 
 #: Total attempts (first try included) for throttled or transiently failed requests.
 MAX_ATTEMPTS: Final = 10
@@ -69,7 +75,7 @@ _UNSENT: Final = (
 
 
 class AmbiguousWrite(Exception):
-    """A conditional write failed after its request may have reached DynamoDB."""
+    """A conditional (or ``once``) write failed after its request may have reached DynamoDB."""
 
     def __init__(self, operation: str, cause: str) -> None:
         super().__init__(f"{operation}: {cause}")
@@ -86,6 +92,27 @@ def default_config(max_pool_connections: int) -> Config:
         read_timeout=30,
         user_agent_extra="runkit-dynamodb",
     )
+
+
+# True while a worker thread makes a call wrapped by ``once``.
+_ONCE: ContextVar[bool] = ContextVar("runkit_dynamodb_once", default=False)
+
+
+def once(call: Callable[[DynamoDBClient], T]) -> Callable[[DynamoDBClient], T]:
+    """*call*, whose write botocore must not resend once it may have reached DynamoDB.
+
+    For a write that must not land twice though it has no condition (a fresh
+    revision): the ambiguity guard treats it as a conditional one.
+    """
+
+    def run(client: DynamoDBClient) -> T:
+        token = _ONCE.set(True)  # read by the guard, in this thread, during the call
+        try:
+            return call(client)
+        finally:
+            _ONCE.reset(token)
+
+    return run
 
 
 def _has_condition(request_dict: dict[str, Any]) -> bool:
@@ -105,7 +132,9 @@ def _veto_ambiguous_retry(
     operation: Any,
     **_: Any,
 ) -> None:
-    """``needs-retry`` hook: stop botocore retrying a conditional write that may have landed.
+    """``needs-retry`` hook: stop botocore resending a write that may have landed.
+
+    That is a conditional write, or one made through ``once``.
 
     Failures to connect (refused, DNS, connect timeout, proxy) never sent the
     request, so botocore may retry them. Anything else that is not a response
@@ -121,7 +150,7 @@ def _veto_ambiguous_retry(
         cause = f"HTTP {response[0].status_code} {code}".rstrip()
     else:
         return
-    if _has_condition(request_dict):
+    if _ONCE.get() or _has_condition(request_dict):
         # Raising from the hook ends the attempt loop: this reaches the caller.
         raise AmbiguousWrite(operation.name, cause)
 

@@ -17,6 +17,8 @@ import anyio
 
 from runkit.persistence import PersistenceError
 
+from ._aws import once
+
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb.client import DynamoDBClient
     from mypy_boto3_dynamodb.type_defs import (
@@ -120,6 +122,14 @@ class _Handle:
             raise PersistenceError(f"{self._what}: handle is closed")
         self._provider._check_open()
 
+    def _writable(self, operation: str) -> None:
+        """``_check_open()``, refusing *operation* (a write) on a read-only provider.
+
+        Every write calls it first, also those a read decides without writing.
+        """
+        self._check_open()
+        self._provider.refuse_if_read_only(f"{self._what}: {operation}")
+
     def _key(self, sort_key: bytes) -> dict[str, AttributeValueTypeDef]:
         return {"n": _b(self._pk), "k": _b(sort_key)}
 
@@ -134,14 +144,24 @@ class _Handle:
         item: dict[str, AttributeValueTypeDef],
         condition: str | None = None,
         values: dict[str, AttributeValueTypeDef] | None = None,
+        *,
+        resend: bool = True,
     ) -> None:
-        """Write *item*; with *condition*, only if it holds (else ``_ConditionFailed``)."""
+        """Write *item*; with *condition*, only if it holds (else ``_ConditionFailed``).
+
+        Without *resend* (or with a condition), botocore does not send the request
+        again once it may have reached DynamoDB (see ``_aws``).
+        """
         request: dict[str, Any] = {"TableName": self._table, "Item": item}
         if condition is not None:
             request["ConditionExpression"] = condition
         if values is not None:
             request["ExpressionAttributeValues"] = values
-        await self._call("PutItem", lambda c: c.put_item(**request), write=True)
+
+        def put(client: DynamoDBClient) -> object:
+            return client.put_item(**request)
+
+        await self._call("PutItem", put if resend else once(put), write=True)
 
     async def _get_item(
         self, sort_key: bytes, projection: str

@@ -205,7 +205,7 @@ class _DynamoJournal(_Handle, Journal):
     async def append(self, pos: int, record: bytes) -> None:
         pos = check_position(pos)
         record = self._provider.limits.check_record(record)
-        self._check_open()
+        self._writable("append")
         if pos < self._known_end:
             raise Conflict.journal(self._name, pos)
         if pos > self._known_end:
@@ -224,7 +224,7 @@ class _DynamoJournal(_Handle, Journal):
 
     async def truncate(self, pos: int) -> None:
         pos = check_position(pos)
-        self._check_open()
+        self._writable("truncate")
         begin, end, compacted = await self._read_state()
         if pos > end:
             raise ValueError(

@@ -3,7 +3,8 @@
 A key is an item ``{n, k=<key>, v, r=<revision>}``; a revision is a random UUID
 (32 hex digits) written with the value, so compare-and-set is one conditional
 ``PutItem`` or ``DeleteItem`` (deleting a key expected absent is one consistent
-read).
+read). A revision is written at most once: ``set_unconditional`` sends a new
+one, never the same request again, after a failure that may have landed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from runkit.persistence import Conflict, Keyspace
+import anyio
 
+from runkit.persistence import Conflict, Keyspace, PersistenceError
+
+from ._aws import MAX_ATTEMPTS
 from ._handles import _b, _ConditionFailed, _Handle
 
 if TYPE_CHECKING:
@@ -46,7 +50,7 @@ class _DynamoKeyspace(_Handle, Keyspace):
         value = limits.check_value(value)
         if not isinstance(revision, str):
             raise TypeError(f"revision must be str, not {type(revision).__name__}")
-        self._check_open()
+        self._writable("set")
         try:
             if not value:
                 if not revision:
@@ -84,21 +88,33 @@ class _DynamoKeyspace(_Handle, Keyspace):
         limits = self._provider.limits
         key = limits.check_key(key)
         value = limits.check_value(value)
+        self._writable("set_unconditional")
         if not value:
-            await self._call(
+            await self._call(  # idempotent: botocore may resend it
                 "DeleteItem",
                 lambda c: c.delete_item(TableName=self._table, Key=self._key(key)),
                 write=True,
             )
             return ""
-        new_revision = uuid.uuid4().hex
-        item: dict[str, AttributeValueTypeDef] = {
-            **self._key(key),
-            "v": _b(value),
-            "r": {"S": new_revision},
-        }
-        await self._put(item)
-        return new_revision
+        # A fresh revision for every attempt: botocore must not resend one that
+        # may have landed, as another write may have replaced it meanwhile.
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            new_revision = uuid.uuid4().hex
+            try:
+                await self._put(
+                    {**self._key(key), "v": _b(value), "r": {"S": new_revision}}, resend=False
+                )
+                return new_revision
+            except PersistenceError as exc:
+                # Only the guard's error (ambiguous, not retried by botocore) calls
+                # for another attempt; botocore spent its own on the others.
+                if not exc.ambiguous or exc.retryable:
+                    raise
+                if attempt == MAX_ATTEMPTS:
+                    # Calling again, with a new revision, is as safe as these attempts were.
+                    raise PersistenceError(str(exc), retryable=True, ambiguous=True) from None
+            await anyio.sleep(min(1.0, 0.05 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
         self._check_open()

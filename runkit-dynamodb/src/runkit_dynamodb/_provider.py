@@ -72,11 +72,6 @@ DYNAMODB_LIMITS: Final = Limits(
     max_member_bytes=1024,
 )
 
-# Refused by a read-only provider.
-_WRITE_OPERATIONS = frozenset(
-    {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
-)
-
 
 class DynamoDBProvider(Provider):
     """A provider that stores journals, keyspaces and sets in Amazon DynamoDB.
@@ -148,7 +143,11 @@ class DynamoDBProvider(Provider):
         self._owns_client = client is None
         if client is not None:
             install_ambiguity_guard(client)
-        self._client_lock = threading.Lock()
+        # ``_lock`` guards ``_client`` and ``_closed`` and is never held across slow
+        # work, so the event loop may take it (in close()); ``_create_lock``
+        # serialises client creation (about half a second, in a worker thread).
+        self._lock = threading.Lock()
+        self._create_lock = threading.Lock()
         self._max_concurrency = max_concurrency
         self._page_size = page_size
         self._limiter = anyio.CapacityLimiter(max_concurrency)
@@ -216,13 +215,13 @@ class DynamoDBProvider(Provider):
 
         Later calls through the provider or its handles raise ``PersistenceError``.
         """
-        if self._closed:
-            return
-        self._closed = True
-        with self._client_lock:
+        with self._lock:
+            self._closed = True
             client, self._client = self._client, None
         if client is not None and self._owns_client:
-            await anyio.to_thread.run_sync(client.close)
+            # Synchronous, so a cancelled caller cannot skip it: it only closes the
+            # pool's idle sockets (connections in use close when their call ends).
+            client.close()
 
     def __repr__(self) -> str:
         state = " (closed)" if self._closed else ""
@@ -235,19 +234,33 @@ class DynamoDBProvider(Provider):
         if self._closed:
             raise PersistenceError(f"{self!r} is closed")
 
+    def _current_client(self) -> DynamoDBClient | None:
+        with self._lock:
+            self._check_open()
+            return self._client
+
     def _client_sync(self) -> DynamoDBClient:
         # Runs in a worker thread: building a client reads config files and models.
-        with self._client_lock:
-            if self._closed:
+        client = self._current_client()
+        if client is not None:
+            return client
+        with self._create_lock:
+            client = self._current_client()  # another thread may have made it
+            if client is not None:
+                return client
+            base = default_config(self._max_concurrency)
+            config = base.merge(self._config) if self._config is not None else base
+            client = create_client(
+                self._session, self._region, self._endpoint_url, self._role_arn, config
+            )
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._client = client
+            if closed:  # close() ran while it was being made
+                client.close()
                 raise PersistenceError(f"{self!r} is closed")
-            if self._client is None:
-                base = default_config(self._max_concurrency)
-                config = base.merge(self._config) if self._config is not None else base
-                client = create_client(
-                    self._session, self._region, self._endpoint_url, self._role_arn, config
-                )
-                self._client = client
-            return self._client
+            return client
 
     def _invoke(self, call: Callable[[DynamoDBClient], T]) -> T:
         return call(self._client_sync())
@@ -266,8 +279,6 @@ class DynamoDBProvider(Provider):
         A conditional-check failure raises ``_ConditionFailed``; a missing table
         is provisioned and the call made once more (it cannot have taken effect).
         """
-        if operation in _WRITE_OPERATIONS:
-            self.refuse_if_read_only(f"{what}: {operation}")
         for attempt in range(2):
             self._check_open()
             generation = self._provisioned[kind]

@@ -26,10 +26,12 @@ class _DynamoSet(_Handle, Set):
 
     async def add(self, member: bytes) -> None:
         member = self._provider.limits.check_member(member)
+        self._writable("add")
         await self._put(self._key(member))
 
     async def try_add(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
+        self._writable("try_add")
         try:
             await self._put(self._key(member), "attribute_not_exists(k)")
         except _ConditionFailed:
@@ -38,6 +40,7 @@ class _DynamoSet(_Handle, Set):
 
     async def remove(self, member: bytes) -> None:
         member = self._provider.limits.check_member(member)
+        self._writable("remove")
         await self._call(
             "DeleteItem",
             lambda c: c.delete_item(TableName=self._table, Key=self._key(member)),
@@ -46,6 +49,7 @@ class _DynamoSet(_Handle, Set):
 
     async def try_remove(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
+        self._writable("try_remove")
         try:
             await self._call(
                 "DeleteItem",

@@ -16,6 +16,8 @@ from runkit.persistence import PersistenceError, StoreUnavailable
 from ._aws import error_code
 
 if TYPE_CHECKING:
+    from mypy_boto3_dynamodb.client import DynamoDBClient
+
     from ._provider import DynamoDBProvider
 
 __all__ = ["ensure_table_sync"]
@@ -25,6 +27,8 @@ def ensure_table_sync(provider: DynamoDBProvider, kind: str) -> None:
     """Create the table of *kind* if it is missing; return once it is active.
 
     A missing table raises ``StoreUnavailable`` if the provider is read-only.
+    One that exists but is not active (being created or updated) is waited for,
+    never created again.
     """
     client = provider._client_sync()
     name = provider._tables[kind]
@@ -39,6 +43,7 @@ def ensure_table_sync(provider: DynamoDBProvider, kind: str) -> None:
                 "check the table prefix of the persistence URL (read-only commands "
                 "never create it)"
             ) from None
+        _create_table(client, name)
     else:
         keys = {(k["AttributeName"], k["KeyType"]) for k in table.get("KeySchema", [])}
         types = {
@@ -51,6 +56,13 @@ def ensure_table_sync(provider: DynamoDBProvider, kind: str) -> None:
             )
         if table.get("TableStatus") == "ACTIVE":
             return
+    # Just created, or being created or updated by someone else: wait until active.
+    client.get_waiter("table_exists").wait(
+        TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 300}
+    )
+
+
+def _create_table(client: DynamoDBClient, name: str) -> None:
     try:
         client.create_table(
             TableName=name,
@@ -65,9 +77,6 @@ def ensure_table_sync(provider: DynamoDBProvider, kind: str) -> None:
             BillingMode="PAY_PER_REQUEST",
         )
     except botocore.exceptions.ClientError as exc:
-        # Another provider is creating it (or it is being updated): just wait.
+        # Another provider created it since we looked: wait for it like our own.
         if error_code(exc) != "ResourceInUseException":
             raise
-    client.get_waiter("table_exists").wait(
-        TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 300}
-    )

@@ -8,7 +8,13 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from runkit.persistence import URLProblems, parse_bool, query_params, redact_url
+from runkit.persistence import (
+    URLProblems,
+    has_unencoded_password,
+    parse_bool,
+    query_params,
+    redact_url,
+)
 
 __all__ = ["MAX_PREFIX_LENGTH", "TABLE_SUFFIXES", "DynamoDBURL", "check_table_prefix", "parse_url"]
 
@@ -101,8 +107,9 @@ def parse_url(url: str) -> DynamoDBURL:
     parts = urlsplit(url)
     if parts.scheme.lower() != SCHEME:
         raise ValueError(f"not a dynamodb URL: {redact_url(url)!r}")
-    # Anywhere after "://": a secret key with a '/' hides the '@' from urlsplit.
-    if "@" in url.partition("://")[2]:
+    # User info in the authority, or a secret key whose '/', '?' or '#' hides the
+    # '@' from urlsplit; an '@' elsewhere is fine (role ARNs may hold one).
+    if "@" in parts.netloc or has_unencoded_password(url):
         # Never echo user info: it would be an access key or a secret.
         raise ValueError(
             "dynamodb URL must not contain credentials (user info before '@'); "

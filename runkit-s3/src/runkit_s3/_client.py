@@ -2,7 +2,8 @@
 
 boto3 is synchronous, so every call runs through ``anyio.to_thread.run_sync``
 with a per-provider ``CapacityLimiter`` (which also sizes the HTTP pool). The
-async methods of ``S3Objects`` return plain results and raise only:
+async methods of ``S3Objects`` (and ``gather`` of them) return plain results
+and raise only:
 
 - ``ConditionFailed`` for HTTP 412 ``PreconditionFailed`` and HTTP 409
   ``ConditionalRequestConflict`` (AWS's answer when conditional writes race;
@@ -17,13 +18,17 @@ read timeout, a 5xx other than throttling) must not be retried: if the first
 attempt succeeded, the retry would fail its condition and we would report a
 conflict for a write that happened. ``_veto_ambiguous_retry`` runs before
 botocore's retry handler and turns those cases into an ambiguous error instead.
+The same goes for a write that must land at most once though it has no condition
+(``put(..., once=True)``: a keyspace value's fresh token, whose ETag is the
+revision); ``put_new`` sends a new body instead of resending the old one.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
@@ -41,11 +46,15 @@ from botocore.credentials import (
 )
 from botocore.exceptions import (
     BotoCoreError,
+    ChecksumError,
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
     ProxyConnectionError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from runkit.persistence import PersistenceError, StoreUnavailable
 
@@ -54,7 +63,7 @@ from ._settings import S3Settings
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["ConditionFailed", "S3Objects", "create_client"]
+__all__ = ["ConditionFailed", "S3Objects", "create_client", "gather"]
 
 T = TypeVar("T")
 
@@ -82,6 +91,9 @@ _THROTTLING: Final = frozenset(
 )
 # Exceptions raised before the request left this process: safe to retry.
 _NOT_SENT: Final = (EndpointConnectionError, ConnectTimeoutError, ProxyConnectionError)
+# Transport faults, which may pass: the connection, or a body cut short or garbled in
+# transit. Any other BotoCoreError (no credentials, a bad profile) needs a person.
+_TRANSIENT: Final = (BotoConnectionError, HTTPClientError, IncompleteReadError, ChecksumError)
 _MISSING_CODES: Final = frozenset({"NoSuchKey", "404", "NotFound"})
 #: The calls that change the bucket: a transport error or a 5xx may hide their effect.
 _WRITES: Final = frozenset({"PutObject", "DeleteObject", "DeleteObjects"})
@@ -109,8 +121,36 @@ class ConditionFailed(Exception):
         return self.status == 412
 
 
+async def gather(*calls: Callable[[], Awaitable[Any]]) -> list[Any]:
+    """Run *calls* concurrently and return their results in order.
+
+    The first failure cancels the others and is raised itself, not in an
+    ``ExceptionGroup``, so callers see the ``PersistenceError`` the contract promises.
+    """
+    results: list[Any] = [None] * len(calls)
+    errors: list[Exception] = []
+
+    async def run(index: int, call: Callable[[], Awaitable[Any]]) -> None:
+        try:
+            results[index] = await call()
+        except Exception as exc:  # re-raised below, unwrapped
+            errors.append(exc)
+            tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for index, call in enumerate(calls):
+            tg.start_soon(run, index, call)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# True while a worker thread sends a write that must go out at most once (see ``put``).
+_ONCE: ContextVar[bool] = ContextVar("runkit_s3_once", default=False)
+
+
 class _AmbiguousWrite(Exception):
-    """A conditional write may or may not have been applied (raised inside botocore)."""
+    """A write that must not be resent may or may not have been applied (raised inside botocore)."""
 
     def __init__(self, cause: str) -> None:
         super().__init__(cause)
@@ -123,14 +163,15 @@ def _veto_ambiguous_retry(
     request_dict: dict[str, Any],
     **_: Any,
 ) -> None:
-    """``needs-retry`` hook: stop botocore retrying a conditional write of unknown outcome.
+    """``needs-retry`` hook: stop botocore resending a write of unknown outcome.
 
-    Returning ``None`` leaves the decision to the standard handler; raising ends
-    the call with ``_AmbiguousWrite``.
+    That is a conditional write, or one sent with ``once``. Returning ``None``
+    leaves the decision to the standard handler; raising ends the call with
+    ``_AmbiguousWrite``.
     """
     headers = request_dict.get("headers") or {}
     if request_dict.get("method") not in {"PUT", "DELETE"} or not (
-        "If-Match" in headers or "If-None-Match" in headers
+        "If-Match" in headers or "If-None-Match" in headers or _ONCE.get()
     ):
         return
     if caught_exception is not None:
@@ -170,8 +211,15 @@ def create_client(settings: S3Settings, session: boto3.Session | None, pool: int
     endpoint if there is one (S3-compatible stores and emulators serve it
     there), otherwise to AWS.
     """
-    with _creating:
-        return _create_client(settings, session if session is not None else boto3.Session(), pool)
+    try:
+        with _creating:
+            return _create_client(
+                settings, session if session is not None else boto3.Session(), pool
+            )
+    except BotoCoreError as exc:
+        # A bad profile, unreadable configuration, ...: waiting cures none of them.
+        # botocore's messages name the setting at fault, never a secret.
+        raise PersistenceError(f"cannot create the S3 client: {exc}") from None
 
 
 def _create_client(settings: S3Settings, session: boto3.Session, pool: int) -> S3Client:
@@ -234,12 +282,9 @@ def _create_client(settings: S3Settings, session: boto3.Session, pool: int) -> S
         create: Callable[..., Any] = role_session.create_client
     else:
         create = session.client
-    try:
-        client: S3Client = create(
-            "s3", region_name=region, endpoint_url=settings.endpoint_url, config=config
-        )
-    except BotoCoreError as exc:
-        raise PersistenceError(f"cannot create the S3 client: {exc}") from None
+    client: S3Client = create(
+        "s3", region_name=region, endpoint_url=settings.endpoint_url, config=config
+    )
     client.meta.events.register_first("needs-retry.s3", _veto_ambiguous_retry)
     return client
 
@@ -300,10 +345,15 @@ class S3Objects:
             # A write the server may have applied before failing (or timing out).
             ambiguous = op in _WRITES and (status >= 500 or status == 408)
             raise PersistenceError(text, retryable=retryable, ambiguous=ambiguous) from None
-        except BotoCoreError as exc:
+        except _TRANSIENT as exc:
             raise PersistenceError(
-                f"S3 {op} {where} failed: {exc}", retryable=True, ambiguous=op in _WRITES
+                f"S3 {op} {where} failed: {exc}",
+                retryable=True,
+                ambiguous=op in _WRITES and not isinstance(exc, _NOT_SENT),
             ) from None
+        except BotoCoreError as exc:
+            # Raised before sending (no credentials, ...): retrying cannot help.
+            raise PersistenceError(f"S3 {op} {where} failed: {exc}") from None
 
     # -- reads ------------------------------------------------------------------
 
@@ -324,15 +374,7 @@ class S3Objects:
 
     async def get_many(self, keys: list[str]) -> list[Blob | None]:
         """GET the objects concurrently (bounded by the limiter); ``None`` where absent."""
-        results: list[Blob | None] = [None] * len(keys)
-
-        async def fetch(i: int) -> None:
-            results[i] = await self.get(keys[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(keys)):
-                tg.start_soon(fetch, i)
-        return results
+        return await gather(*(functools.partial(self.get, key) for key in keys))
 
     async def head(self, key: str) -> str | None:
         """Return the object's ETag, or ``None`` if it does not exist."""
@@ -368,12 +410,20 @@ class S3Objects:
     # -- writes -----------------------------------------------------------------
 
     async def put(
-        self, key: str, body: bytes, *, if_none_match: bool = False, if_match: str | None = None
+        self,
+        key: str,
+        body: bytes,
+        *,
+        if_none_match: bool = False,
+        if_match: str | None = None,
+        once: bool = False,
     ) -> str:
         """Write the object and return its new ETag.
 
         With a condition, raises ``ConditionFailed`` on 412/409, and also on 404
-        for ``if_match`` (the object is gone, so the ETag cannot match).
+        for ``if_match`` (the object is gone, so the ETag cannot match). With
+        *once* (or a condition), a request that may have reached S3 is not sent
+        again: its failure is an ambiguous ``PersistenceError``.
         """
 
         def call() -> str:
@@ -382,6 +432,7 @@ class S3Objects:
                 kwargs["IfNoneMatch"] = "*"
             if if_match is not None:
                 kwargs["IfMatch"] = f'"{if_match}"'
+            token = _ONCE.set(once)  # read by _veto_ambiguous_retry, in this thread
             try:
                 response = self.client.put_object(**kwargs)
             except ClientError as exc:
@@ -391,9 +442,34 @@ class S3Objects:
                 if if_match is not None and _code(exc) in _MISSING_CODES:
                     raise ConditionFailed(404) from None
                 raise
+            finally:
+                _ONCE.reset(token)
             return _etag(response["ETag"])
 
         return await self._run("PutObject", key, call)
+
+    async def put_new(self, key: str, body: Callable[[], bytes]) -> str:
+        """Write ``body()`` unconditionally and return its ETag; a new body per attempt.
+
+        For a body that must never be written twice (a keyspace value's token: the
+        ETag is its revision, and resending it after a lost response could write an
+        old revision over a newer one). botocore never resends an attempt that may
+        have reached S3 (``once``); this sends a new body instead, up to
+        ``_MAX_ATTEMPTS`` in all, then raises the ambiguous error.
+        """
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                return await self.put(key, body(), once=True)
+            except PersistenceError as exc:
+                # Only the veto's error (ambiguous, not retried by botocore) calls
+                # for another attempt; botocore spent its own on the others.
+                if not exc.ambiguous or exc.retryable:
+                    raise
+                if attempt == _MAX_ATTEMPTS:
+                    # Calling again, with a new body, is as safe as these attempts were.
+                    raise PersistenceError(str(exc), retryable=True, ambiguous=True) from None
+            await anyio.sleep(min(1.0, 0.05 * 2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def delete(self, key: str, *, if_match: str | None = None) -> None:
         """Delete the object (absent is fine unless conditional).

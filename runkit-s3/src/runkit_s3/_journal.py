@@ -38,12 +38,12 @@ retried truncate (or any later one) finishes a compaction that failed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-import anyio
 import msgspec
 
 from runkit.persistence import (
@@ -56,7 +56,7 @@ from runkit.persistence import (
     check_position,
 )
 
-from ._client import Blob, ConditionFailed, S3Objects
+from ._client import Blob, ConditionFailed, S3Objects, gather
 from ._layout import JournalKeys
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ class S3Journal(Journal):
             return 0, None
         try:
             begin = _decode_meta(blob.body).begin
-        except msgspec.ValidationError as exc:
+        except msgspec.DecodeError as exc:  # malformed JSON, or valid JSON of the wrong shape
             raise PersistenceError(
                 f"journal {self._name!r}: corrupt metadata object {self._keys.meta!r}: {exc}"
             ) from None
@@ -155,20 +155,10 @@ class S3Journal(Journal):
         objects = self._objects()
         cached_begin, cached_end = self._state.get()
         start = max(cached_begin, cached_end)  # both are lower bounds of end
-        begin = 0
-        last = -1
-
-        async def read_begin() -> None:
-            nonlocal begin
-            begin, _ = await self._read_meta(objects)
-
-        async def find_last() -> None:
-            nonlocal last
-            last = await self._last_position(objects, start)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_begin)
-            tg.start_soon(find_last)
+        (begin, _), last = await gather(
+            functools.partial(self._read_meta, objects),
+            functools.partial(self._last_position, objects, start),
+        )
         # Records below begin may still be listed (compaction pending); they
         # never lie above the end, so they cannot inflate it.
         end = max(begin, start, last + 1)
@@ -193,24 +183,16 @@ class S3Journal(Journal):
             raise TypeError(f"position must be int, not {type(pos).__name__}")
         if not 0 <= pos <= MAX_POSITION or pos < self._state.get()[0]:
             raise RecordNotFound(self._name, pos)
-        record: Blob | None = None
-        begin = 0
-
-        async def read_record() -> None:
-            nonlocal record
-            record = await objects.get(self._keys.record(pos))
-
-        async def read_begin() -> None:
-            nonlocal begin
-            begin, _ = await self._read_meta(objects)
-
-        # Both in one round trip: a record object is only live if begin <= position,
-        # whatever the order the two reads are served in (begin only grows, and
-        # a record object at a position never changes while it is live).
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_record)
-            tg.start_soon(read_begin)
-        if record is None or pos < begin:
+        record = await objects.get(self._keys.record(pos))
+        if record is None:
+            raise RecordNotFound(self._name, pos)
+        # Begin is read only now, as in ``range``: begin <= position after the GET
+        # means it was so during the GET (begin only grows), so the object read was
+        # live. Read in parallel, begin could predate a truncation and compaction
+        # after which a stale writer's PUT re-created the object (deleted again by
+        # that writer's step 3): a record never in the journal at this position.
+        begin, _ = await self._read_meta(objects)
+        if pos < begin:
             raise RecordNotFound(self._name, pos)
         self._state.observe(end=pos + 1)
         return record.body
@@ -251,21 +233,10 @@ class S3Journal(Journal):
         self, objects: S3Objects, start: int, count: int
     ) -> tuple[int, list[Blob | None]]:
         """Read begin and GET the records at ``[start, start + count)``, concurrently."""
-        begin = 0
-        records: list[Blob | None] = []
-
-        async def read_begin() -> None:
-            nonlocal begin
-            begin, _ = await self._read_meta(objects)
-
-        async def fetch() -> None:
-            nonlocal records
-            records = await self._fetch(objects, start, count)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_begin)
-            if count:
-                tg.start_soon(fetch)
+        (begin, _), records = await gather(
+            functools.partial(self._read_meta, objects),
+            functools.partial(self._fetch, objects, start, count),
+        )
         return begin, records
 
     async def _fetch(self, objects: S3Objects, start: int, count: int) -> list[Blob | None]:
@@ -283,21 +254,15 @@ class S3Journal(Journal):
 
         # Step 1: pre-read begin, and make sure position <= end.
         need_previous = pos > max(cached_begin, cached_end)
-        begin = 0
-        previous_exists = True
-
-        async def read_begin() -> None:
-            nonlocal begin
+        if need_previous:
+            (begin, _), previous = await gather(
+                functools.partial(self._read_meta, objects),
+                functools.partial(objects.head, self._keys.record(pos - 1)),
+            )
+            previous_exists = previous is not None
+        else:
             begin, _ = await self._read_meta(objects)
-
-        async def check_previous() -> None:
-            nonlocal previous_exists
-            previous_exists = await objects.head(self._keys.record(pos - 1)) is not None
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read_begin)
-            if need_previous:
-                tg.start_soon(check_previous)
+            previous_exists = True
         if pos < begin:
             raise Conflict.journal(self._name, pos)
         if need_previous and not previous_exists and pos > begin:

@@ -148,9 +148,10 @@ class S3Keyspace(_Handle, Keyspace):
         value = limits.check_value(value)
         objects = self._writable("set_unconditional")
         if not value:
-            await objects.delete(self._key(key))
+            await objects.delete(self._key(key))  # idempotent: botocore may resend it
             return ""
-        return await objects.put(self._key(key), _encode_value(value))
+        # A fresh token (so revision) for every attempt, never a resent one.
+        return await objects.put_new(self._key(key), lambda: _encode_value(value))
 
     async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
         token: str | None = None
