@@ -400,3 +400,60 @@ async def test_overdue_deadlines_start_no_more_fires_than_the_timer_runs_at_once
             tg.cancel_scope.cancel()
     assert sorted(fired) == sorted(e.deadline_id for e in entries)
     assert most <= 4, most
+
+
+async def test_a_deadline_of_a_handler_this_node_does_not_know_is_held_for_the_grace() -> None:
+    # A rolling upgrade adding a process: a node on the old version owns the
+    # deadline's home partition. It must not drop the deadline at its time (a
+    # node that knows the handler fires it once it owns the partition), only
+    # once the grace is over; meanwhile the journal is not truncated past it.
+    from engine_events_harness import harness
+
+    from runkit.engine.events.deadlines import (
+        DeadlineEntry,
+        DeadlineTimer,
+        append_deadlines,
+        deadline_journal_name,
+    )
+
+    clock = FakeClock()
+    async with harness(App(), registry=REGISTRY, partitions=1, clock=clock) as h:
+        ctx = h.ctx(0)
+        name = deadline_journal_name(ctx.app.identity.key, 0)
+        now = clock()
+        entries = [
+            DeadlineEntry(
+                handler_key=handler,
+                instance_id="i",
+                deadline_id=f"d-{handler}",
+                scheduled_for=now - timedelta(seconds=1),
+                envelope=b"",
+            )
+            for handler in ("known", "new")
+        ]
+        async with await ctx.provider.journals.open(name) as journal:
+            await append_deadlines(journal, entries[:1])
+            await append_deadlines(journal, entries[1:])
+        fired: list[str] = []
+
+        async def fire(entry: DeadlineEntry) -> None:
+            fired.append(entry.deadline_id)
+
+        timer = DeadlineTimer(
+            ctx,
+            fire,
+            rescan_interval=0.01,
+            known={"known"},
+            unknown_grace=timedelta(hours=1),
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(timer.run)
+            await wait_until(lambda: fired == ["d-known"])
+            clock.advance(1800)
+            await anyio.sleep(0.05)
+            assert fired == ["d-known"]
+            async with await ctx.provider.journals.open(name) as journal:
+                assert (await journal.bounds()).begin == 1  # truncated up to the held one
+            clock.advance(1800)
+            await wait_until(lambda: fired == ["d-known", "d-new"])
+            tg.cancel_scope.cancel()

@@ -40,7 +40,7 @@ from ..logs import RateLimitedLog, describe_error
 from ..partitions import NodeContext, PartitionContext
 from ..settings import EngineSettings
 from .consumers_support import ConsumerOptions
-from .deadlines import DeadlineEntry, DeadlineTimer
+from .deadlines import UNKNOWN_HANDLER_GRACE, DeadlineEntry, DeadlineTimer
 from .processes import ProcessRunner
 from .projections import (
     ProjectionControl,
@@ -143,6 +143,7 @@ class EventConsumers:
                         self._fire(ctx),
                         rescan_interval=self.options.deadline_rescan_interval,
                         held=self._disabled_processes,
+                        known=self._processes.keys(),
                         concurrency=self.options.process_concurrency,
                     )
                     self._timers[ctx.index] = timer
@@ -185,13 +186,16 @@ class EventConsumers:
         async def fire(entry: DeadlineEntry) -> None:
             runner = self._processes.get(entry.handler_key)
             if runner is None:
-                # Not a disabled handler (the timer holds those): one that is gone.
+                # Not a disabled handler (the timer holds those): one this
+                # node does not know, held for a grace period already.
                 _log.warning(
                     "dropping deadline %s for instance %r: process %s is not in the "
-                    "application (partition %d)",
+                    "application, and no node ran it within %s of the deadline's time "
+                    "(partition %d)",
                     entry.deadline_id,
                     entry.instance_id,
                     entry.handler_key,
+                    UNKNOWN_HANDLER_GRACE,
                     ctx.index,
                 )
                 return

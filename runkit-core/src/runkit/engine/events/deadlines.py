@@ -24,7 +24,14 @@ dropped, and never truncated past, however overdue, as its events wait in the
 stream for it. A timer started once the handler is enabled again reads them
 from the journal and fires them, late, like any deadline overdue after a
 restart. So a handler disabled for long holds back its home journals'
-truncation (a deadline of a handler no longer in the application is dropped).
+truncation.
+
+A deadline of a handler this node's application does not have is held too,
+for ``UNKNOWN_HANDLER_GRACE`` past its time, then dropped with a warning: during
+a rolling upgrade that adds a process, a node still running the old version may
+own the home partition of a new instance's deadline, and the node that takes
+the partition over next fires it, late rather than never. A handler removed
+from the application holds its home journals' truncation back for that long.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import heapq
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import anyio
@@ -48,12 +55,17 @@ if TYPE_CHECKING:
     from ..partitions import PartitionContext
 
 __all__ = [
+    "UNKNOWN_HANDLER_GRACE",
     "DeadlineBatch",
     "DeadlineEntry",
     "DeadlineTimer",
     "append_deadlines",
     "deadline_journal_name",
 ]
+
+#: How long past its time a deadline of a handler this node does not know is
+#: held (for a node that knows it) before it is dropped.
+UNKNOWN_HANDLER_GRACE = timedelta(hours=24)
 
 _log = logging.getLogger("runkit.engine.events.deadlines")
 # One line per partition per interval while the store is out.
@@ -121,7 +133,9 @@ class DeadlineTimer:
     deadline is still pending, handles and commits it, with its own retries);
     when it returns the deadline is done, whether handled or skipped. The
     deadlines of the handlers in *held* (disabled ones) are never fired and
-    keep the journal from being truncated past them.
+    keep the journal from being truncated past them. With *known* given, the
+    deadlines of a handler in neither are fired only *unknown_grace* after
+    their time (*fire* then drops them): another node may know the handler.
 
     Due deadlines of different instances fire concurrently (at most
     *concurrency* at once), those of one instance one after another in
@@ -138,12 +152,16 @@ class DeadlineTimer:
         *,
         rescan_interval: float,
         held: Collection[str] = frozenset(),
+        known: Collection[str] | None = None,
+        unknown_grace: timedelta = UNKNOWN_HANDLER_GRACE,
         concurrency: int = 32,
     ) -> None:
         self._ctx = ctx
         self._fire = fire
         self._rescan = rescan_interval
         self._held = held
+        self._known = known
+        self._unknown_grace = unknown_grace
         self._heap: list[_Due] = []
         # Journal position -> entries not yet fired (held ones never are).
         self._remaining: Counter[int] = Counter()
@@ -230,8 +248,12 @@ class DeadlineTimer:
             async for position, record in journal.range(self._cursor):
                 batch = _batch_decoder.decode(record)
                 for i, entry in enumerate(batch.entries):
-                    if entry.handler_key not in self._held:
-                        heapq.heappush(self._heap, _Due(entry.scheduled_for, position, i, entry))
+                    if entry.handler_key in self._held:
+                        continue
+                    due_at = entry.scheduled_for
+                    if self._known is not None and entry.handler_key not in self._known:
+                        due_at += self._unknown_grace
+                    heapq.heappush(self._heap, _Due(due_at, position, i, entry))
                 if batch.entries:
                     self._remaining[position] = len(batch.entries)
                 self._cursor = position + 1
