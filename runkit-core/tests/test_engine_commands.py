@@ -1510,3 +1510,39 @@ async def test_events_counted_with_their_instance_id_are_refused_before_the_stor
     stores = await read_stores(provider)
     assert len(stores.poison) == 1
     assert len(stores.all_events()) == 1
+
+
+async def test_an_integration_handler_raising_a_persistence_error_is_retried_then_poisoned() -> (
+    None
+):
+    # The handler's own store failing is its failure, not the engine's
+    # storage fault: retried max_attempts times and poisoned, never retried
+    # for ever (which would hold up a MINIMIZE handler's every later command).
+    from runkit.engine.commands.poison import list_poisoned
+    from runkit.persistence import PersistenceError
+
+    s = setup()
+    real = s.notifier.handle_command
+
+    async def handle_command(scope: Any, command: dogma.Command) -> None:
+        if isinstance(command, Notify) and command.n == 7:
+            s.notifier.calls.append(command.n)
+            raise PersistenceError("the handler's database is down")
+        await real(scope, command)
+
+    s.notifier.handle_command = handle_command  # type: ignore[method-assign]
+    provider = silo()
+    async with running(provider, s.config, max_attempts=3, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        with anyio.fail_after(20):
+            await executor.execute_command(Notify(7))
+            await executor.execute_command(Notify(8))
+
+            async def poisoned() -> bool:
+                return bool([p async for p in list_poisoned(provider, APP_KEY, 1)])
+
+            await wait_until(poisoned)
+        [record] = [p.record async for p in list_poisoned(provider, APP_KEY, 1)]
+        await settled(provider)
+    assert record.error.startswith("PersistenceError: the handler's database is down")
+    assert s.notifier.calls.count(7) == 3

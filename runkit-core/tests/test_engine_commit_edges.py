@@ -659,3 +659,50 @@ async def test_a_copy_of_a_command_being_committed_waits_for_it_even_after_a_reb
     if "z" not in refs2:
         problems.append(f"the next owner rebuilt 'a' without Z's committed event: {refs2}")
     assert not problems, "\n".join(problems)
+
+
+async def test_an_inbox_append_survives_a_failed_read_after_a_conflict() -> None:
+    # Another gateway's record took the position (normal on the fallback path);
+    # reading it to tell whether it is our own earlier attempt fails once. That
+    # read is retried like an append, not raised to the caller.
+    from runkit.persistence import Journal, PersistenceError
+
+    class FlakyGets(Journal):
+        def __init__(self, inner: Journal) -> None:
+            self.inner = inner
+            self.failed = False
+
+        @property
+        def name(self) -> str:
+            return self.inner.name
+
+        async def close(self) -> None:
+            await self.inner.close()
+
+        async def bounds(self) -> Any:
+            return await self.inner.bounds()
+
+        async def get(self, pos: int) -> bytes:
+            if not self.failed:
+                self.failed = True
+                raise PersistenceError("read timed out", retryable=True)
+            return await self.inner.get(pos)
+
+        def range(self, pos: int) -> Any:
+            return self.inner.range(pos)
+
+        async def append(self, pos: int, record: bytes) -> None:
+            await self.inner.append(pos, record)
+
+        async def truncate(self, pos: int) -> None:
+            await self.inner.truncate(pos)
+
+    register_types(setup().config.message_types())
+    envelope = new_envelope(Notify(1), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC))
+    entry = InboxEntry(envelope=envelope, handler_key=NOTIFIER_KEY)
+    provider = MemoryProvider(f"edges-{uuid.uuid4()}")
+    async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inner:
+        await inner.append(0, b"another gateway's record")
+        flaky = FlakyGets(inner)
+        assert await append_to_inbox(flaky, [entry], position=0) == 1
+        assert flaky.failed

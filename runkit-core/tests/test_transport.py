@@ -125,6 +125,29 @@ async def test_unary_round_trip_sees_the_authenticated_peer() -> None:
     assert seen[0].address.startswith("127.0.0.1:")
 
 
+async def test_connections_reset_before_they_are_served_do_not_end_the_listener() -> None:
+    # A port scanner or a load balancer's health check connects and resets
+    # (RST) at once: its socket has no peer address by the time it is served.
+    import socket
+    import struct
+
+    async def echo(peer: PeerInfo, payload: bytes) -> bytes:
+        return payload
+
+    async with serving(node("node-b", B, unary={"echo": echo})) as address, node() as a:
+        host, port = address.rsplit(":", 1)
+
+        def reset_many() -> None:
+            for _ in range(100):
+                with socket.socket() as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.connect((host, int(port)))
+
+        await anyio.to_thread.run_sync(reset_many)
+        await anyio.sleep(0.2)
+        assert await a.call(address, "echo", b"still here") == b"still here"
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="uvloop has no Windows build")
 @pytest.mark.parametrize(
     "anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")]

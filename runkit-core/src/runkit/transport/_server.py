@@ -201,7 +201,11 @@ async def handle_connection(config: ServerConfig, tcp: anyio.abc.SocketStream) -
 
 
 def _remote_address(tcp: anyio.abc.SocketStream) -> str:
-    address = tcp.extra(SocketAttribute.remote_address)  # noqa: S610 - anyio, not Django
+    # A peer that reset the connection before we got here has no address
+    # (``getpeername`` fails): a port scan or a health check must not raise.
+    address = tcp.extra(SocketAttribute.remote_address, None)  # noqa: S610 - anyio, not Django
+    if address is None:
+        return "an unknown address (the connection was already reset)"
     if isinstance(address, str):  # a UNIX socket
         return address
     return format_address(str(address[0]), int(address[1]))

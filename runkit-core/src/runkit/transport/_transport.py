@@ -178,7 +178,12 @@ class NodeTransport:
             await listener.serve(self._accept)
 
     async def _accept(self, tcp: anyio.abc.SocketStream) -> None:
-        await handle_connection(self._server, tcp)
+        # handle_connection raises nothing but cancellation; if it ever did,
+        # one connection's fault would end the listener and the node with it.
+        try:
+            await handle_connection(self._server, tcp)
+        except Exception:
+            _log.exception("a connection to node %r failed", self.node_id)
 
     async def call(
         self,

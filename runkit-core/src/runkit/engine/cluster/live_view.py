@@ -64,8 +64,13 @@ class LiveView:
         active: bool,
         left: bool,
         last_written: datetime | None,
+        last_read: datetime | None = None,
     ) -> None:
-        """Recompute the live set at *now*; bump the generation if it changed."""
+        """Recompute the live set at *now*; bump the generation if it changed.
+
+        *last_read* is given when the node is inactive because it cannot read
+        the node set (its heartbeat is fresh): the last successful read.
+        """
         # Clients are members (for authentication) but never own partitions.
         live = {n for n, r in peers.items() if r.is_live(now) and r.role == "node"}
         if active and self._role == "node":
@@ -74,7 +79,7 @@ class LiveView:
         if active == self.active and live_set == self._live:
             return
         if active != self.active:
-            self._log_activity(active, left, last_written)
+            self._log_activity(active, left, last_written, last_read)
         elif live_set != self._live:
             MEMBERSHIP_LOG.info(
                 "%s %s: %s; %d live node%s",
@@ -90,7 +95,13 @@ class LiveView:
         self._winners = {}
         self._generation.bump()
 
-    def _log_activity(self, active: bool, left: bool, last_written: datetime | None) -> None:
+    def _log_activity(
+        self,
+        active: bool,
+        left: bool,
+        last_written: datetime | None,
+        last_read: datetime | None,
+    ) -> None:
         if active:
             if self._was_active:
                 again = "takes work again" if self._role == "node" else "is trusted again"
@@ -108,6 +119,17 @@ class LiveView:
                 self._role,
                 self._node_id,
                 ": it owns nothing now" if self._role == "node" else "",
+                extra=self._extra,
+            )
+        elif last_read is not None:
+            MEMBERSHIP_LOG.error(
+                "%s %s stops taking work: it has not read the node set since %s, though "
+                "its heartbeat writes succeed (a failing or slow range read of the store?); "
+                "it owns nothing, and stops refreshing its heartbeat so that peers take its "
+                "partitions, until a read succeeds",
+                self._role,
+                self._node_id,
+                last_read.isoformat(),
                 extra=self._extra,
             )
         else:

@@ -129,6 +129,7 @@ class Membership:
         self._left = False
         self._loop_scope: anyio.CancelScope | None = None
         self._read_valid_until: datetime | None = None
+        self._last_read: datetime | None = None
 
     # -- the Ownership protocol --
 
@@ -360,7 +361,11 @@ class Membership:
                 next_beat -= delay  # fell behind (slow store): restart the schedule from now
             await anyio.sleep(max(0.0, delay))
             now = self._clock()
-            await self._heartbeat.write(ks, now)
+            if self._can_see(now):
+                await self._heartbeat.write(ks, now)
+            # Else blind: not read for two intervals, so inactive. A refreshed
+            # record would make peers wait for it to expire before taking our
+            # partitions, which would meanwhile have no owner at all.
             await self._read(ks, now)
             self._update(self._clock())
 
@@ -383,18 +388,22 @@ class Membership:
             return False
         self._peers = peers
         self._read_valid_until = now + timedelta(seconds=2 * self._interval)
+        self._last_read = now
         await self._node_set.prune(ks)
         return True
 
+    def _can_see(self, now: datetime) -> bool:
+        """Whether the node set was read successfully recently enough to act on."""
+        return self._read_valid_until is not None and now < self._read_valid_until
+
     def _update(self, now: datetime) -> None:
         """Recompute the live set at *now* (see ``LiveView.update``)."""
+        fresh, sees = self._heartbeat.fresh(now), self._can_see(now)
         self._view.update(
             now,
             self._peers,
-            active=not self._left
-            and self._heartbeat.fresh(now)
-            and self._read_valid_until is not None
-            and now < self._read_valid_until,
+            active=not self._left and fresh and sees,
             left=self._left,
             last_written=self._heartbeat.last_written,
+            last_read=self._last_read if fresh and not sees else None,
         )

@@ -127,17 +127,22 @@ async def append_to_inbox(
     if position is None:
         position = (await journal.bounds()).end
     failures = 0
+    conflicted = False  # the last append conflicted: whose record is there?
     while True:
         try:
+            if conflicted:
+                # Read here, so that a failed read is retried like an append.
+                try:
+                    if await journal.get(position) == data:
+                        return position  # an earlier, ambiguous attempt landed
+                except RecordNotFound:
+                    pass
+                position = (await journal.bounds()).end
+                conflicted = False
             await journal.append(position, data)
             return position
         except Conflict:
-            try:
-                if await journal.get(position) == data:
-                    return position  # an earlier, ambiguous attempt landed
-            except RecordNotFound:
-                pass
-            position = (await journal.bounds()).end
+            conflicted = True
         except LimitExceeded:
             raise
         except PersistenceError as exc:

@@ -122,6 +122,7 @@ class IntegrationTasks:
         entry = item.entry
         storage_failures = 0
         while True:
+            in_handler = False
             try:
                 if item.command_id in self._completed or item.command_id in self._publishing:
                     self._duplicate(item, self._completed.location(item.command_id))
@@ -132,6 +133,7 @@ class IntegrationTasks:
                         self._completed.add(item.command_id, location)
                         self._duplicate(item, location)
                         return
+                in_handler = True
                 events = await execute_integration(
                     handler,
                     entry,
@@ -139,6 +141,7 @@ class IntegrationTasks:
                     clock=self._settings.clock,
                     max_bytes=self._max_event_bytes,
                 )
+                in_handler = False
                 publication = self._publish(item, events, None, pinned=entry.keyed)
                 if entry.keyed and publication is not None:
                     await self._markers.mark_after(publication)
@@ -155,6 +158,12 @@ class IntegrationTasks:
                 await self._retries.poison(item, str(exc), item.failures + 1)
                 return
             except PersistenceError as exc:
+                if in_handler:
+                    # The handler's own store failed (its exception, not the
+                    # engine's): retried, counted and poisoned like any failure.
+                    if await self._failed(item, exc):
+                        return
+                    continue
                 storage_failures += 1
                 delay = backoff(storage_failures, self._settings.retry_base_delay, 5.0)
                 _log.warning(
@@ -166,11 +175,17 @@ class IntegrationTasks:
                 )
                 await anyio.sleep(delay)
             except Exception as exc:
-                retry_in = self._retries.failure(item, exc)
-                if retry_in is None:
-                    await self._retries.poison(item, failure_reason(exc), item.failures)
+                if await self._failed(item, exc):
                     return
-                await anyio.sleep(retry_in)
-                # Commit only once the spill's inbox position is known, so
-                # that the record says the inbox was read past it (ADR 0002).
-                await item.spill_landed()
+
+    async def _failed(self, item: PendingCommand, exc: Exception) -> bool:
+        """The handler failed: poison the command (``True``) or wait for its retry."""
+        retry_in = self._retries.failure(item, exc)
+        if retry_in is None:
+            await self._retries.poison(item, failure_reason(exc), item.failures)
+            return True
+        await anyio.sleep(retry_in)
+        # Commit only once the spill's inbox position is known, so
+        # that the record says the inbox was read past it (ADR 0002).
+        await item.spill_landed()
+        return False
