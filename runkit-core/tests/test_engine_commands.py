@@ -1546,3 +1546,20 @@ async def test_an_integration_handler_raising_a_persistence_error_is_retried_the
         await settled(provider)
     assert record.error.startswith("PersistenceError: the handler's database is down")
     assert s.notifier.calls.count(7) == 3
+
+
+async def test_a_command_of_a_disabled_handler_is_refused_saying_it_is_disabled() -> None:
+    from engine_commands_harness import App, Notifier
+
+    from runkit.config import build
+
+    class Disabled(Notifier):
+        def configure(self, c: Any) -> None:
+            super().configure(c)
+            c.disable()
+
+    app = App(Disabled())
+    config = build(app, registry=REGISTRY)
+    async with running(silo(), config) as engine:
+        with pytest.raises(ValueError, match=r"consumes .*Notify \(.*notifier.* is disabled\)"):
+            await engine.executor_for(app).execute_command(Notify(1))

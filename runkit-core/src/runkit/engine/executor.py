@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import dogma
 
 from ..config import ApplicationConfig, HandlerKind
-from .commands.acceptance import Acceptor, command_id_for
+from .commands.acceptance import Acceptor, command_id_for, enabled_command_handler
 from .envelope import new_envelope, validate_new
 from .events.observers import (
     Subscription,
@@ -106,13 +106,7 @@ class Executor:
         ):
             raise ValueError(f"idempotency_key must be a non-empty str, got {idempotency_key!r}")
         app_key = self._app.identity.key
-        handler = self._app.command_handler(type(command))
-        if handler is None or handler.disabled:
-            cls = type(command)
-            raise ValueError(
-                f"no handler of application {self._app.identity} consumes "
-                f"{cls.__module__}.{cls.__qualname__}"
-            )
+        enabled_command_handler(self._app, type(command))  # ValueError if none takes it
         validate_new(command)
         settings = self._gateway.settings
         command_id = (

@@ -51,6 +51,7 @@ __all__ = [
     "PartitionBusy",
     "PartitionStopped",
     "command_id_for",
+    "enabled_command_handler",
     "idempotency_name",
     "marker_decoder",
     "marker_encoder",
@@ -236,6 +237,18 @@ def _leaf_flags(group: BaseExceptionGroup[BaseException], flag: str) -> list[boo
     return flags
 
 
+def enabled_command_handler(app: ApplicationConfig, command_type: type) -> HandlerConfig:
+    """The enabled handler of *command_type* in *app*; ``ValueError`` if there is none."""
+    handler = app.command_handler(command_type)
+    if handler is None or handler.disabled:
+        raise ValueError(
+            f"no handler of application {app.identity} consumes "
+            f"{command_type.__module__}.{command_type.__qualname__}"
+            + (f" ({handler.describe()} is disabled)" if handler is not None else "")
+        )
+    return handler
+
+
 class Acceptor:
     """Routes commands to their partitions and makes them durable there."""
 
@@ -275,14 +288,7 @@ class Acceptor:
 
     def handler_for(self, command_type: type) -> HandlerConfig:
         """The enabled handler of *command_type*; ``ValueError`` if there is none."""
-        handler = self.app.command_handler(command_type)
-        if handler is None or handler.disabled:
-            raise ValueError(
-                f"no handler of application {self.app.identity} consumes "
-                f"{command_type.__module__}.{command_type.__qualname__}"
-                + (f" ({handler.describe()} is disabled)" if handler is not None else "")
-            )
-        return handler
+        return enabled_command_handler(self.app, command_type)
 
     def route(self, envelope: Envelope, *, keyed: bool) -> tuple[int, InboxEntry]:
         """Return the partition and inbox entry of a command envelope.
