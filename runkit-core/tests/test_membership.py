@@ -1055,3 +1055,31 @@ def test_a_client_whose_heartbeat_is_late_is_not_said_to_stop_taking_work(
     assert f"client {client}: its heartbeat has not been written since" in caplog.text
     assert "refuse its new connections" in caplog.text
     assert f"client {client} is trusted again: its heartbeat is fresh" in caplog.text
+
+
+def test_a_heartbeat_record_with_naive_times_is_ignored_not_compared() -> None:
+    # Compared with the reader's aware clock, a naive time would raise
+    # TypeError and stop every node's membership: such a record is unreadable.
+    from datetime import UTC, datetime, timedelta
+
+    import msgspec
+
+    from runkit.engine.cluster.nodes import Heartbeat, decode_node_record
+
+    naive = datetime(2026, 1, 1)
+    record = {
+        "version": 1,
+        "node_id": str(N1),
+        "incarnation": "x",
+        "started_at": naive,
+        "written_at": naive,
+        "expires_at": naive + timedelta(seconds=5),
+        "heartbeat_interval": 1.0,
+    }
+    assert decode_node_record(str(N1).encode(), msgspec.msgpack.encode(record)) is None
+    aware = {k: v.replace(tzinfo=UTC) if isinstance(v, datetime) else v for k, v in record.items()}
+    decoded = decode_node_record(str(N1).encode(), msgspec.msgpack.encode(aware))
+    assert decoded is not None
+    assert isinstance(
+        msgspec.msgpack.decode(msgspec.msgpack.encode(aware), type=Heartbeat), Heartbeat
+    )

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from contextlib import aclosing
 from datetime import datetime
+from typing import Annotated
 
 import attrs
 import msgspec
@@ -74,15 +75,20 @@ class NodeIdInUse(RuntimeError):
         self.node_id = node_id
 
 
+#: A time with its offset: a record with a naive one is unreadable (and ignored),
+#: since comparing it with the reader's aware clock would raise.
+AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     """The stored heartbeat record (msgpack). Readers ignore fields they do not know."""
 
     version: int
     node_id: str
     incarnation: str
-    started_at: datetime
-    written_at: datetime
-    expires_at: datetime
+    started_at: AwareTime
+    written_at: AwareTime
+    expires_at: AwareTime
     heartbeat_interval: float
     advertise_address: str | None = None
     listen_address: str | None = None
