@@ -222,6 +222,9 @@ def test_a_cancel_the_server_cannot_take_is_one_line_without_a_traceback(
     from runkit_postgres._executor import _Call
 
     class Gone:
+        def fileno(self) -> int:
+            raise psycopg.OperationalError("the connection is closed")
+
         def cancel_safe(self, timeout: float) -> None:
             raise psycopg.OperationalError(
                 "cancellation failed: connection to server failed: server closed the "
@@ -238,3 +241,59 @@ def test_a_cancel_the_server_cannot_take_is_one_line_without_a_traceback(
     assert "could not cancel a statement server-side" in record.getMessage()
     assert "server closed the connection unexpectedly" in record.getMessage()
     assert call.cancel_sent
+
+
+async def test_a_statement_on_a_server_that_stops_answering_does_not_hold_its_thread(
+    postgres_dsn: str,
+    postgres_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The backend is stopped (SIGSTOP: a hung server, or a network that drops
+    # packets): the cancel request is taken but the statement never ends. The
+    # worker thread must not stay blocked on the socket for ever (it would
+    # hold the process open at exit): its connection is shut down.
+    import os
+    import signal
+
+    from runkit_postgres import _executor
+
+    monkeypatch.setattr(_executor, "_CANCEL_TIMEOUT", 0.5)
+    started, ended = threading.Event(), threading.Event()
+    backend: list[int] = []
+
+    def sleep(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        backend.append(conn.info.backend_pid)
+        started.set()
+        try:
+            conn.execute("SELECT pg_sleep(60)")
+        finally:
+            ended.set()
+
+    provider = PostgresProvider(
+        postgres_dsn, schema=postgres_schema, pool_min_size=1, pool_max_size=2
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+
+            async def run() -> None:
+                with scope:
+                    await provider._executor.run(sleep, what="sleep", write=False)
+
+            tg.start_soon(run)
+            await anyio.to_thread.run_sync(started.wait, 10)
+            os.kill(backend[0], signal.SIGSTOP)
+            try:
+                scope.cancel()
+                with anyio.fail_after(10):
+                    await anyio.to_thread.run_sync(ended.wait, 10)
+                assert ended.is_set()
+            finally:
+                os.kill(backend[0], signal.SIGCONT)
+        assert "its connection is dropped" in caplog.text
+        # The pool serves the next operation on a new connection.
+        journal = await provider.journals.open(f"after-{uuid.uuid4().hex[:8]}")
+        await journal.append(0, b"<zero>")
+    finally:
+        await provider.close()

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import random
+import socket
 import threading
 from collections.abc import Callable
 from typing import Final, TypeVar
@@ -99,6 +101,20 @@ class _Call:
         self.cancel_sent = False  # a server-side cancel was sent for our statement
         self.sent = False  # the operation started talking to the server
         self.waiter: threading.Event | None = None
+
+
+def _sever(conn: Connection[tuple[object, ...]]) -> None:
+    """Shut *conn*'s socket down, so that a worker thread blocked on it returns.
+
+    A server that stops answering (stopped, or a network that drops packets)
+    would otherwise hold the thread, and with it the process at exit, for as
+    long as the operating system keeps the connection.
+    """
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass  # closed meanwhile: nothing to wake
 
 
 class Executor:
@@ -233,10 +249,15 @@ class Executor:
                     "could not cancel a statement server-side (its connection is dropped): %s",
                     scrub(str(exc).splitlines()[0] if str(exc) else repr(exc), self._conninfo),
                 )
+                _sever(conn)
                 return
             waiter = call.waiter = threading.Event()
         if not waiter.wait(_CANCEL_TIMEOUT):
-            _log.warning("a cancelled statement did not end within %ss", _CANCEL_TIMEOUT)
+            _log.warning(
+                "a cancelled statement did not end within %ss (its connection is dropped)",
+                _CANCEL_TIMEOUT,
+            )
+            _sever(conn)
 
     async def run(self, operation: Operation[T], *, what: str, write: bool) -> T:
         """Run *operation* with a pooled connection in a worker thread.
