@@ -21,8 +21,9 @@ import pytest
 
 import dogma
 import runkit
+from runkit import EngineStopped
 from runkit.config import build
-from runkit.engine.commands.inbox import EngineStopped, inbox_name
+from runkit.engine.commands.inbox import inbox_name
 from runkit.engine.meta import load_partition_count, meta_name
 from runkit_memory import MemoryProvider
 

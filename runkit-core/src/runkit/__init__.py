@@ -34,6 +34,7 @@ from .engine.cluster.status import ConsumerStatus as ConsumerStatus
 from .engine.cluster.status import NodeStatus as NodeStatus
 from .engine.cluster.status import PartitionStatus as PartitionStatus
 from .engine.commands.acceptance import Backlogged as Backlogged
+from .engine.commands.inbox import EngineStopped as EngineStopped
 from .engine.engine import Engine as Engine
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ConfigurationError",
     "ConsumerStatus",
     "Engine",
+    "EngineStopped",
     "NodeStatus",
     "Option",
     "PartitionStatus",

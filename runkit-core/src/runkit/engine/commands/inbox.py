@@ -48,7 +48,15 @@ _retry_log = RateLimitedLog(_log)
 
 
 class EngineStopped(RuntimeError):
-    """The engine stopped before an operation could complete."""
+    """The engine stopped, or the client was left, before an operation could complete.
+
+    Raised by ``execute_command`` (of an engine's executor or a ``Client``)
+    when the engine's ``run()`` ends, or the client's ``async with`` block is
+    left, while the call waits to be accepted or for its observers; and by a
+    client used after it was left. Whether a command accepted before that
+    takes effect is not known to the caller: retry it with the same
+    idempotency key.
+    """
 
 
 _STOPPED = "the engine stopped before the command was accepted"
