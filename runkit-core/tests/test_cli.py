@@ -355,6 +355,17 @@ def test_version_names_core_dogma_and_every_installed_driver(
             "'app.py' in 'app.py:app' is a file path; MODULE is a module's dotted name, "
             "importable from the current directory: e.g. 'app:app'",
         ),
+        # "./" (the current directory) is no part of the dotted name.
+        (
+            "./badapp:app",
+            "'./badapp' in './badapp:app' is a file path; MODULE is a module's dotted name, "
+            "importable from the current directory: e.g. 'badapp:app'",
+        ),
+        (
+            "./library/./app.py:app",
+            "'./library/./app.py' in './library/./app.py:app' is a file path; MODULE is a "
+            "module's dotted name, importable from the current directory: e.g. 'library.app:app'",
+        ),
         (
             "{apps}:NeedsArgs",
             "'{apps}:NeedsArgs' is the class NeedsArgs that needs arguments (db, cache); point "
@@ -585,17 +596,86 @@ def test_tls_flags_come_in_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
     assert error_of(capsys, "run", "--tls-ca", str(ca), "bank:app") == (
-        "runkit run: --tls-ca needs --tls-cert: give --tls-cert and --tls-key together\n"
+        "runkit run: --tls-ca needs --tls-cert and --tls-key (or DOGMA_TLS_CERT and "
+        "DOGMA_TLS_KEY): a node's certificate and key go together\n"
+    )
+    assert error_of(capsys, "run", "--tls-cert", str(ca), "bank:app") == (
+        "runkit run: --tls-cert needs --tls-key (or DOGMA_TLS_KEY): "
+        "a node's certificate and key go together\n"
     )
 
 
-def test_retry_delays_that_contradict_the_environment(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def _tls_settings(argv: list[str]) -> tuple[str | None, str | None, str | None]:
+    from runkit import _run
+    from runkit.cli import _parser, _run_options
+
+    args = _parser().parse_args(["run", *argv, "bank:app"])
+    engine, _ = _run._engine(args.app, _run_options(args), io.StringIO())
+    return engine.settings.tls_cert, engine.settings.tls_key, engine.settings.tls_ca
+
+
+def test_a_tls_flag_beats_its_own_variable_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("DOGMA_RETRY_MAX_DELAY", "1")
-    assert error_of(capsys, "run", "--retry-base-delay", "5", "bank:app") == (
-        "runkit run: the retry max delay (1) is below the retry base delay (5); "
-        "make the retry max delay at least the retry base delay\n"
+    """--tls-cert/--tls-key keep DOGMA_TLS_CA; --tls-ca takes the certificate from the variables."""
+    env_cert, env_key, env_ca, cert, key, ca = (
+        str(tmp_path / name) for name in ("e.crt", "e.key", "e-ca.crt", "f.crt", "f.key", "ca.crt")
+    )
+    for path in (env_cert, env_key, env_ca, cert, key, ca):
+        Path(path).write_text("-----BEGIN X-----\n")
+    monkeypatch.setenv("DOGMA_TLS_CERT", env_cert)
+    monkeypatch.setenv("DOGMA_TLS_KEY", env_key)
+    monkeypatch.setenv("DOGMA_TLS_CA", env_ca)
+    # Dropping the CA would trust any peer's self-signed certificate by fingerprint.
+    assert _tls_settings(["--tls-cert", cert, "--tls-key", key]) == (cert, key, env_ca)
+    assert _tls_settings(["--tls-key", key]) == (env_cert, key, env_ca)
+    assert _tls_settings(["--tls-ca", ca]) == (env_cert, env_key, ca)
+    monkeypatch.delenv("DOGMA_TLS_CA")
+    assert _tls_settings(["--tls-ca", ca]) == (env_cert, env_key, ca)
+    assert _tls_settings([]) == (env_cert, env_key, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (
+            ["--retry-base-delay", "5"],
+            {"DOGMA_RETRY_MAX_DELAY": "1"},
+            "--retry-base-delay (5) is above DOGMA_RETRY_MAX_DELAY (1)",
+        ),
+        (
+            ["--retry-base-delay", "50"],
+            {},
+            "--retry-base-delay (50) is above the default retry max delay (30)",
+        ),
+        (
+            ["--retry-max-delay", "1"],
+            {"DOGMA_RETRY_BASE_DELAY": "9"},
+            "DOGMA_RETRY_BASE_DELAY (9) is above --retry-max-delay (1)",
+        ),
+        (
+            ["--retry-max-delay", "0.01"],
+            {},
+            "the default retry base delay (0.1) is above --retry-max-delay (0.01)",
+        ),
+        (
+            ["--retry-base-delay", "3", "--retry-max-delay", "2"],
+            {"DOGMA_RETRY_BASE_DELAY": "1", "DOGMA_RETRY_MAX_DELAY": "60"},
+            "--retry-base-delay (3) is above --retry-max-delay (2)",
+        ),
+    ],
+)
+def test_contradicting_retry_delays_name_the_flag_or_variable_of_each(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert error_of(capsys, "run", *argv, "bank:app") == (
+        f"runkit run: {message}; the retry max delay must be at least the base delay\n"
     )
 
 
@@ -791,6 +871,68 @@ def test_a_duplicate_node_id_is_a_configuration_error(
     assert f"runkit run: node ID {node_id} is in use by another process" in second.stderr
     assert "Give every node its own ID" in second.stderr
     assert first.returncode == 0
+
+
+@pytest.fixture
+def broken_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An installed distribution whose ``runkit`` entry point fails to import; returns its module.
+
+    A fresh plugin manager (restored afterwards) loads the entry points again.
+    """
+    from runkit.persistence import _plugins
+
+    module = f"broken_driver_{uuid.uuid4().hex}"
+    (tmp_path / f"{module}.py").write_text("import no_such_dependency_of_the_driver\n")
+    info = tmp_path / "fake_driver-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-driver\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[runkit]\nbroken = {module}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(_plugins, "_manager", None)
+    monkeypatch.setattr(_plugins, "_broken", (), raising=False)
+    return module
+
+
+def test_a_driver_that_fails_to_import_is_listed_as_broken_and_skipped(
+    broken_driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import runkit
+
+    status, text = run("drivers")
+    assert status == 0
+    lines = text.splitlines()
+    assert lines[0].split() == ["plugin", "module", "schemes"]
+    assert any(
+        line.split()[:3] == ["memory", "runkit_memory._plugin", "memory://"] for line in lines
+    )
+    assert lines[-1].split() == [
+        "broken",
+        broken_driver,
+        "BROKEN",
+        "(fake-driver",
+        "0.1):",
+        "ModuleNotFoundError:",
+        "No",
+        "module",
+        "named",
+        "'no_such_dependency_of_the_driver'",
+    ]
+    assert run("env")[0] == 0
+    assert repr(runkit.with_persistence("memory:///x")) == "with_persistence('memory:///x')"
+    # Its scheme is unknown: the error says which driver failed to load, and why.
+    with pytest.raises(runkit.ConfigurationError) as info:
+        runkit.with_persistence("fake://x")
+    assert info.value.problems[0].endswith(
+        "install a runkit driver plugin that handles it; the driver 'broken' of fake-driver "
+        "0.1 failed to load: ModuleNotFoundError: No module named "
+        "'no_such_dependency_of_the_driver'"
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.name == "runkit.persistence"]
+    assert warnings == [
+        "skipping the persistence driver 'broken' of fake-driver 0.1: importing "
+        f"{broken_driver} failed: ModuleNotFoundError: No module named "
+        "'no_such_dependency_of_the_driver'"
+    ]
 
 
 def test_drivers_with_none_installed_is_a_configuration_error(

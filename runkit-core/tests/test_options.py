@@ -92,6 +92,59 @@ def test_with_listen_address_allows_wildcards_and_port_zero() -> None:
     assert o.with_listen_address("[::]:7000").value == "[::]:7000"
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "localhost:7000",
+        "node-1:7000",
+        "node-1.internal:7000",
+        "db-2.eu-west.example.com.:7000",
+        "10.0.0.5:7000",
+        "[::1]:7000",
+        "[fe80::1%eth0]:7000",
+        "bücher.example:7000",
+        "xn--bcher-kva.example:7000",
+        "1node.example:7000",
+        "bank_node_1:7000",  # a Docker Compose name: not RFC 1123, but in use
+    ],
+)
+def test_addresses_take_ip_addresses_and_host_names(address: str) -> None:
+    assert o.with_advertise_address(address).value == address
+    assert o.with_listen_address(address).value == address
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("h/x", "a host name has only letters, digits, '-', '_' and '.', and no part starts"),
+        ("_node", "a host name has only letters"),
+        ("-node", "a host name has only letters"),
+        ("node-.internal", "a host name has only letters"),
+        ("a..b", "an empty part between dots"),
+        (".", "an empty part between dots"),
+        ("x" * 64, "too long: at most 63 characters between dots, 253 in all"),
+        (".".join(["x" * 60] * 5), "too long"),
+        ("0.0.0.0.", "not a valid IPv4 address"),
+        ("999.1.1.1", "not a valid IPv4 address"),
+        ("10.1", "not a valid IPv4 address"),
+        ("\u00ad", "not a valid internationalised name"),
+    ],
+)
+def test_addresses_refuse_what_is_neither_an_ip_address_nor_a_host_name(
+    host: str, problem: str
+) -> None:
+    with pytest.raises(ValueError) as info:
+        o.with_advertise_address(f"{host}:7000")
+    assert str(info.value).startswith(
+        f"with_advertise_address() {host + ':7000'!r} has an invalid host {host!r} ({problem}"
+    )
+    assert str(info.value).endswith(
+        "; expected an IP address (IPv6 in brackets) or a host name, e.g. 'node-1.internal:7000'"
+    )
+    with pytest.raises(ValueError, match="has an invalid host"):
+        o.with_listen_address(f"{host}:7000")
+
+
 def test_with_persistence_unknown_scheme_lists_installed_and_invents_no_package() -> None:
     with pytest.raises(ValueError, match=r"no persistence driver handles 'redis' URLs") as info:
         o.with_persistence("redis://localhost/0")
@@ -173,7 +226,11 @@ def test_tuning_options_validate(make: Any, value: object, error: type, message:
 
 
 def test_retry_policy_validates() -> None:
-    with pytest.raises(ValueError, match=r"max_delay\) \(1\) is below .*base_delay\) \(2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^with_retry_policy\(base_delay\) \(2\) is above "
+        r"with_retry_policy\(max_delay\) \(1\); ",
+    ):
         o.with_retry_policy(base_delay=2, max_delay=1)
     with pytest.raises(ValueError, match=r"with_retry_policy\(max_attempts=...\): 0 is out"):
         o.with_retry_policy(max_attempts=0)
@@ -359,8 +416,18 @@ def test_tuning_options_beat_the_environment(
 
 def test_retry_delays_are_checked_across_sources(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOGMA_RETRY_MAX_DELAY", "1")
-    with pytest.raises(ValueError, match=r"the retry max delay \(1\) is below the retry base"):
+    with pytest.raises(ValueError) as info:
         o.resolve_options([o.from_environment(), o.with_retry_policy(base_delay=5)])
+    # Each delay is named by where it came from: what to change.
+    assert str(info.value) == (
+        "with_retry_policy(base_delay) (5) is above DOGMA_RETRY_MAX_DELAY (1); "
+        "the retry max delay must be at least the base delay"
+    )
+    monkeypatch.delenv("DOGMA_RETRY_MAX_DELAY")
+    with pytest.raises(ValueError, match=r"^with_retry_policy\(base_delay\) \(50\) is above "):
+        o.resolve_options([o.with_retry_policy(base_delay=50)])
+    with pytest.raises(ValueError, match=r"^the default retry base delay \(0\.1\) is above "):
+        o.resolve_options([o.with_retry_policy(max_delay=0.01)])
 
 
 def test_settings_refuse_a_certificate_without_its_key() -> None:

@@ -260,6 +260,79 @@ def test_url_errors_never_show_any_piece_of_a_password(url: str, secret: str) ->
         assert piece not in text, text
 
 
+@pytest.mark.parametrize(
+    ("url", "shown", "secret"),
+    [
+        # The whole value goes, whatever it holds: parsed, not matched up to a space or '&'.
+        (
+            "postgresql://app@127.0.0.1:55432/postgres?password=correct horse&schema=rk2",
+            "postgresql://app@127.0.0.1:55432/postgres?password=***&schema=rk2",
+            "correct horse",
+        ),
+        (
+            "postgresql://app@h/db?password=pa%26ss123&schema=rk2",
+            "postgresql://app@h/db?password=***&schema=rk2",
+            "pa%26ss123",
+        ),
+        (
+            "postgresql://app@h/db?password=p%25s&x=1",
+            "postgresql://app@h/db?password=***&x=1",
+            "p%25s",
+        ),
+        (
+            "postgresql://app@h/db?password=p@ss&x=1",
+            "postgresql://app@h/db?password=***&x=1",
+            "p@ss",
+        ),
+        (
+            "postgresql://app@h/db?sslpassword=pässwörd€&x=1",
+            "postgresql://app@h/db?sslpassword=***&x=1",
+            "pässwörd€",
+        ),
+        (
+            "postgresql://app@h/db?pass%77ord=s3cret",
+            "postgresql://app@h/db?pass%77ord=***",
+            "s3cret",
+        ),
+        # Very short ones, here and in the user info: nothing else is touched.
+        (
+            "postgresql://p:p@h/p?password=p&schema=p",
+            "postgresql://p:***@h/p?password=***&schema=p",
+            None,
+        ),
+        # An unencoded '&' or '#' leaves a part that is no parameter: hidden to the end.
+        ("postgresql://app@h/db?password=pa&ss123", "postgresql://app@h/db?password=***", "ss123"),
+        (
+            "postgresql://app@h/db?password=pa&Zq9&schema=rk2",
+            "postgresql://app@h/db?password=***",
+            "Zq9",
+        ),
+        ("postgresql://app@h/db?password=pa#ss123", "postgresql://app@h/db?password=***", "ss123"),
+        ("s3:///b?prefix=x#frag", "s3:///b?prefix=x#frag", None),
+        # libpq's keyword/value form: a value ends at unescaped whitespace, '&' included.
+        ("host=db password=a&b user=bob", "host=db password=*** user=bob", "a&b"),
+        ("host=db password=a\\ b user=bob", "host=db password=*** user=bob", "a\\ b"),
+    ],
+)
+def test_redact_url_hides_password_parameters_whole(
+    url: str, shown: str, secret: str | None
+) -> None:
+    assert redact_url(url) == shown
+    if secret is not None:
+        assert secret not in shown
+
+
+def test_redacted_password_parameters_everywhere_urls_are_shown() -> None:
+    url = "postgresql://app@127.0.0.1:55432/postgres?password=correct horse&schema=rk2"
+    assert repr(runkit.with_persistence(url)) == (
+        "with_persistence('postgresql://app@127.0.0.1:55432/postgres?password=***&schema=rk2')"
+    )
+    with pytest.raises(runkit.ConfigurationError) as info:
+        runkit.with_persistence(url.replace("schema", "nope"))
+    assert "horse" not in str(info.value)
+    assert "password=***&nope=rk2" in str(info.value)
+
+
 class CheckingPlugin(ThirdPartyPlugin):
     """A third-party driver that also implements the URL-checking hook."""
 

@@ -7,7 +7,7 @@ import pytest
 from runkit.persistence import Limits, provider_from_url
 from runkit_postgres import DEFAULT_SCHEMA, PostgresProvider, Settings
 from runkit_postgres import _plugin as plugin
-from runkit_postgres._config import describe_conninfo, parse_url
+from runkit_postgres._config import describe_conninfo, parse_url, scrub
 
 SCHEMA_SHAPE = "expected 1-63 ASCII letters, digits and underscores, not starting with a digit"
 
@@ -201,6 +201,95 @@ class TestRedaction:
     )
     def test_describe_conninfo_hides_passwords(self, conninfo: str, shown: str) -> None:
         assert describe_conninfo(conninfo) == shown
+
+    @pytest.mark.parametrize(
+        ("conninfo", "shown"),
+        [
+            # A password parameter is hidden whole, whatever it holds.
+            (
+                "postgresql://app@127.0.0.1:55432/postgres?password=correct horse&sslmode=disable",
+                "postgresql://app@127.0.0.1:55432/postgres?password=***&sslmode=disable",
+            ),
+            (
+                "postgresql://u@h/db?password=pa%26ss%40%23&port=5",
+                "postgresql://u@h/db?password=***&port=5",
+            ),
+            (
+                "postgresql://u@h/db?password=p%25x&sslmode=disable",
+                "postgresql://u@h/db?password=***&sslmode=disable",
+            ),
+            (
+                "postgresql://u@h/db?password=p@ss&sslmode=disable",
+                "postgresql://u@h/db?password=***&sslmode=disable",
+            ),
+            ("postgresql://u@h/db?password=pässwörd€", "postgresql://u@h/db?password=***"),
+            ("postgresql://u:p%C3%A4ss@h/db", "postgresql://u:***@h/db"),
+            # A one-letter password garbles nothing: it is hidden where it is a value only.
+            ("postgresql://p:p@h/p?port=5", "postgresql://p:***@h/p?port=5"),
+            (
+                "postgresql://u@h/db?password=p&sslmode=prefer",
+                "postgresql://u@h/db?password=***&sslmode=prefer",
+            ),
+            ("host=p user=p password=p dbname=p", "host=p user=p password=*** dbname=p"),
+        ],
+    )
+    def test_describe_conninfo_hides_any_password_whole(self, conninfo: str, shown: str) -> None:
+        assert describe_conninfo(conninfo) == shown
+
+    @pytest.mark.parametrize(
+        ("message", "conninfo", "scrubbed"),
+        [
+            (
+                "could not connect to postgresql://u:p@h/db: timeout",
+                "postgresql://u:p@h/db",
+                "could not connect to postgresql://u:***@h/db: timeout",
+            ),
+            (
+                'password authentication failed for user "app" (password=s)',
+                "postgresql://app@h/db?password=s",
+                'password authentication failed for user "app" (password=***)',
+            ),
+            (
+                'invalid percent-encoded token: "s3cr%zzet"',
+                "postgresql://u:s3cr%zzet@h/db",
+                'invalid percent-encoded token: "***"',
+            ),
+            (
+                "bad value in 'host=h password='a b' port=x'",
+                "host=h password='a b' port=x",
+                "bad value in 'host=h password=*** port=x'",
+            ),
+            # Elsewhere it is no password: a short one would garble the message.
+            (
+                "connection to server at h (postgresql) failed: db p is down",
+                "postgresql://u:p@h/db",
+                "connection to server at h (postgresql) failed: db p is down",
+            ),
+        ],
+    )
+    def test_scrub_replaces_passwords_where_they_are_values(
+        self, message: str, conninfo: str, scrubbed: str
+    ) -> None:
+        assert scrub(message, conninfo) == scrubbed
+
+    @pytest.mark.parametrize(
+        ("conninfo", "cut"),
+        [
+            ("postgresql://u@h/db?password=pa&S3kr1t", "'&': percent-encode it (%26)"),
+            ("postgresql://u@h/db?password=pa#S3kr1t", "'#': percent-encode it (%23)"),
+        ],
+    )
+    def test_a_libpq_url_with_a_cut_password_parameter_is_refused(
+        self, conninfo: str, cut: str
+    ) -> None:
+        # Else libpq quotes the rest of the password as a parameter (or ignores it).
+        with pytest.raises(ValueError) as info:
+            PostgresProvider(conninfo)
+        assert str(info.value) == (
+            "the password parameter of PostgreSQL URL 'postgresql://u@h/db?password=***' "
+            f"contains {cut}"
+        )
+        assert "S3kr1t" not in repr(info.value)
 
     def test_repr_hides_the_password(self) -> None:
         provider = PostgresProvider("host=h user=u password=s3cret dbname=db", schema="app")

@@ -30,6 +30,7 @@ from ._validate import (
     parse_site,
 )
 from .engine.settings import EngineSettings, Site
+from .engine.settings import _redacted as _redacted_url
 from .persistence import redact_url, url_problems
 
 _log = logging.getLogger("runkit.environment")
@@ -64,7 +65,8 @@ class EnvironmentValues:
 
     site: Site | None = None
     node_id: uuid.UUID | None = None
-    persistence_url: str | None = None
+    # Its repr hides the password, as EngineSettings' does.
+    persistence_url: str | None = attrs.field(default=None, repr=_redacted_url)
     listen_address: str | None = None
     advertise_address: str | None = None
     partition_count: int | None = None
@@ -232,15 +234,14 @@ class EnvironmentRegistry:
         if base is not None or top is not None:
             # One of them alone is checked against the other's default.
             defaults = EngineSettings()
-            names = (
-                "DOGMA_RETRY_BASE_DELAY" + (" (unset: the default)" if base is None else ""),
-                "DOGMA_RETRY_MAX_DELAY" + (" (unset: the default)" if top is None else ""),
-            )
             try:
                 check_retry_delays(
                     defaults.retry_base_delay if base is None else base,
                     defaults.retry_max_delay if top is None else top,
-                    names=names,
+                    sources=(
+                        None if base is None else "DOGMA_RETRY_BASE_DELAY",
+                        None if top is None else "DOGMA_RETRY_MAX_DELAY",
+                    ),
                 )
             except ValueError as exc:
                 problems.append(str(exc))

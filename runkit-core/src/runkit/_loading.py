@@ -24,7 +24,9 @@ def load_object(spec: str) -> Any:
         raise CLIError(f"{spec!r} is not MODULE:ATTR, e.g. 'bank:app'")
     if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
         # A file path imports as nothing: name the dotted module it most likely means.
-        dotted = module_name.removesuffix(".py").replace("\\", "/").strip("/").replace("/", ".")
+        path = module_name.removesuffix(".py").replace("\\", "/")
+        # "./bank/app" is "bank.app": a "." part (the current directory) adds nothing.
+        dotted = ".".join(part for part in path.split("/") if part not in {"", "."})
         raise CLIError(
             f"{module_name!r} in {spec!r} is a file path; MODULE is a module's dotted name, "
             f"importable from the current directory: e.g. '{dotted}:{attr}'"

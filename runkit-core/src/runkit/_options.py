@@ -249,7 +249,7 @@ def with_retry_policy(
         check_retry_delays(
             values["retry_base_delay"],
             values["retry_max_delay"],
-            names=("with_retry_policy(base_delay)", "with_retry_policy(max_delay)"),
+            sources=("with_retry_policy(base_delay)", "with_retry_policy(max_delay)"),
         )
     shown = ", ".join(f"{name}={value!r}" for name, value in given.items() if value is not None)
     return Option("with_retry_policy", "retry_policy", values, f"with_retry_policy({shown})")
@@ -344,6 +344,12 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
     # replaces the environment's whole TLS configuration.
     if "tls" in explicit:
         env = attrs.evolve(env, tls_cert=None, tls_key=None, tls_ca=None)
+    # Where each retry delay comes from, for the message if they contradict.
+    retry = explicit.get("retry_policy", {})
+    delay_sources = (
+        _delay_source("retry_base_delay", retry, env),
+        _delay_source("retry_max_delay", retry, env),
+    )
     for group in ("retry_policy", "tls"):
         explicit.update(explicit.pop(group, {}))
     settings: dict[str, Any] = {"applications": tuple(apps)}
@@ -370,9 +376,12 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
         settings.pop("persistence_url", None)
         settings["persistence_provider"] = explicit["persistence_provider"]
     resolved = EngineSettings(**settings)
-    check_retry_delays(
-        resolved.retry_base_delay,
-        resolved.retry_max_delay,
-        names=("the retry base delay", "the retry max delay"),
-    )
+    check_retry_delays(resolved.retry_base_delay, resolved.retry_max_delay, sources=delay_sources)
     return resolved
+
+
+def _delay_source(field: str, explicit: Mapping[str, object], env: EnvironmentValues) -> str | None:
+    """What set a retry delay: the ``with_retry_policy()`` argument, its variable, else ``None``."""
+    if field in explicit:
+        return f"with_retry_policy({_RETRY_ARGUMENTS[field]})"
+    return _KNOBS[field].variable if getattr(env, field) is not None else None

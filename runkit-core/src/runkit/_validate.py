@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import uuid
 
 import attrs
@@ -110,10 +111,15 @@ def parse_address(value: object, *, what: str, advertise: bool) -> str:
             raise ValueError(f"{what} {value!r} has an invalid IPv6 host {host!r}") from None
     elif ":" in host:
         raise ValueError(f"{what} {value!r}: put an IPv6 host in brackets, e.g. '[::1]:7000'")
+    elif any(c.isspace() for c in host):
+        raise ValueError(f"{what} {value!r} contains whitespace")
+    elif (problem := _host_problem(host)) is not None:
+        raise ValueError(
+            f"{what} {value!r} has an invalid host {host!r} ({problem}); expected an IP "
+            f"address (IPv6 in brackets) or a host name, e.g. {example}"
+        )
     if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{what} {value!r} has an invalid port {port_text!r}; expected 0-65535")
-    if any(c.isspace() for c in host):
-        raise ValueError(f"{what} {value!r} contains whitespace")
     if advertise:
         if is_unspecified_address(value):
             raise ValueError(
@@ -123,6 +129,48 @@ def parse_address(value: object, *, what: str, advertise: bool) -> str:
         if int(port_text) == 0:
             raise ValueError(f"{what} {value!r}: port 0 is not routable; give the real port")
     return value
+
+
+# One label of a host name (RFC 1123): letters, digits and inner hyphens, 1-63
+# characters; and inner underscores, which RFC 1123 leaves out but DNS and container
+# networks use (Docker Compose names such as ``bank_node_1``).
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?", re.IGNORECASE)
+
+
+def _host_problem(host: str) -> str | None:
+    """Why *host* is neither an IPv4 address nor a host name, or ``None``.
+
+    Names may be internationalised (IDNA) and end with a '.'; '0' is the
+    shorthand for 0.0.0.0 that sockets accept.
+    """
+    if host == "0":
+        return None
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        pass
+    else:
+        return None
+    name = host.removesuffix(".")
+    if "" in name.split("."):
+        return "an empty part between dots"
+    too_long = "too long: at most 63 characters between dots, 253 in all"
+    try:
+        name = name.encode("idna").decode("ascii")  # "bücher.example" -> "xn--bcher-kva.example"
+    except UnicodeError:  # the codec's only complaints: a part too long, or not a name
+        return too_long if name.isascii() else "not a valid internationalised name"
+    labels = name.split(".")
+    if len(name) > 253 or any(len(label) > 63 for label in labels):
+        return too_long
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return (
+            "a host name has only letters, digits, '-', '_' and '.', and no part starts or "
+            "ends with '-' or '_'"
+        )
+    if labels[-1].isdigit():
+        # 999.1.1.1, 0.0.0.0. or 10.1: no top-level domain is all digits.
+        return "not a valid IPv4 address"
+    return None
 
 
 @attrs.frozen
@@ -279,12 +327,20 @@ KNOBS: tuple[Knob, ...] = (
 )
 
 
-def check_retry_delays(base_delay: float, max_delay: float, *, names: tuple[str, str]) -> None:
-    """Raise ``ValueError`` if *max_delay* is below *base_delay* (*names* label the two)."""
+def check_retry_delays(
+    base_delay: float, max_delay: float, *, sources: tuple[str | None, str | None]
+) -> None:
+    """Raise ``ValueError`` if *max_delay* is below *base_delay*.
+
+    *sources* name where each delay came from, so the message names what to
+    change: a flag, a variable or an option's argument; ``None`` for a default.
+    """
     if max_delay < base_delay:
+        base = sources[0] or "the default retry base delay"
+        top = sources[1] or "the default retry max delay"
         raise ValueError(
-            f"{names[1]} ({max_delay:g}) is below {names[0]} ({base_delay:g}); "
-            f"make {names[1]} at least {names[0]}"
+            f"{base} ({base_delay:g}) is above {top} ({max_delay:g}); "
+            "the retry max delay must be at least the base delay"
         )
 
 

@@ -34,12 +34,20 @@ from ._backends import BACKENDS, missing_package
 from ._cli_fields import check_fields
 from ._cli_output import print_table, status_text
 from ._cli_parser import Parser
-from ._environment import ENVIRONMENT
+from ._environment import ENVIRONMENT, EnvironmentValues
 from ._errors import CLIError, ConfigurationError
 from ._hookspec import PROJECT_NAME
 from ._loading import application_object, load_object
-from ._validate import KNOBS, Knob, check_readable_file, is_unspecified_address
+from ._validate import (
+    KNOBS,
+    Knob,
+    check_readable_file,
+    check_retry_delays,
+    is_unspecified_address,
+)
+from .engine.settings import EngineSettings
 from .persistence import StoreUnavailable, installed_schemes, plugin_manager, redact_url
+from .persistence._plugins import broken_drivers
 from .persistence._urls import empty_store_hint
 
 if TYPE_CHECKING:
@@ -114,13 +122,16 @@ def _cmd_drivers(args: argparse.Namespace, out: TextIO) -> int:
     by_plugin: dict[str, list[str]] = {}
     for scheme, plugin in installed_schemes().items():
         by_plugin.setdefault(plugin, []).append(f"{scheme}://")
-    if not by_plugin:
+    broken = broken_drivers()
+    if not by_plugin and not broken:
         raise CLIError("no persistence drivers are installed; e.g. pip install runkit-memory")
     pm = plugin_manager()
     rows = sorted(
         (name, getattr(pm.get_plugin(name), "__name__", name), ", ".join(schemes))
         for name, schemes in by_plugin.items()
     )
+    # A driver that failed to import has no schemes: its row says why instead.
+    rows += [(b.name, b.module, f"BROKEN ({b.distribution}): {b.error}") for b in broken]
     print_table([("plugin", "module", "schemes"), *rows], out)
     return 0
 
@@ -383,18 +394,56 @@ def _file_flag(what: str) -> Callable[[str], str]:
 
 
 def _run_options(args: argparse.Namespace) -> list[Option]:
-    """The options ``runkit run``'s flags give; they beat the environment."""
+    """The options ``runkit run``'s flags give; each flag beats its own variable only."""
     from . import _options as o
 
+    env = ENVIRONMENT.load()
     flags = {k.field: getattr(args, k.field) for k in KNOBS}
-    options = o.tuning_options({f: v for f, v in flags.items() if v is not None})
+    given = {f: v for f, v in flags.items() if v is not None}
+    _check_retry_flags(given, env)
+    options = o.tuning_options(given)
     if args.tls_cert or args.tls_key or args.tls_ca:
-        if not (args.tls_cert and args.tls_key):
-            missing = "--tls-key" if args.tls_cert else "--tls-cert"
-            given = "--tls-cert" if args.tls_cert else ("--tls-key" if args.tls_key else "--tls-ca")
-            raise CLIError(f"{given} needs {missing}: give --tls-cert and --tls-key together")
-        options.append(o.with_tls(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca))
+        # with_tls() replaces the environment's whole TLS configuration: merge the
+        # flags into it first, or --tls-cert/--tls-key would drop DOGMA_TLS_CA
+        # (peers then trusted by fingerprint instead of by the CA).
+        cert, key = args.tls_cert or env.tls_cert, args.tls_key or env.tls_key
+        if not (cert and key):
+            flag = "--tls-cert" if args.tls_cert else "--tls-key" if args.tls_key else "--tls-ca"
+            missing = [name for name, value in (("cert", cert), ("key", key)) if not value]
+            raise CLIError(
+                f"{flag} needs {' and '.join(f'--tls-{m}' for m in missing)} (or "
+                f"{' and '.join(f'DOGMA_TLS_{m.upper()}' for m in missing)}): "
+                "a node's certificate and key go together"
+            )
+        options.append(o.with_tls(cert=cert, key=key, ca=args.tls_ca or env.tls_ca))
     return options
+
+
+def _check_retry_flags(given: dict[str, int | float], env: EnvironmentValues) -> None:
+    """Refuse a retry delay flag that puts the max delay below the base delay.
+
+    The message names the flag, variable or default each delay came from
+    (``resolve_options`` would name ``with_retry_policy()``, which the user did not write).
+    """
+    if not {"retry_base_delay", "retry_max_delay"} & given.keys():
+        return
+    values: list[float] = []
+    sources: list[str | None] = []
+    for knob in (k for k in KNOBS if k.field in {"retry_base_delay", "retry_max_delay"}):
+        from_env = getattr(env, knob.field)
+        if knob.field in given:
+            values.append(given[knob.field])
+            sources.append(knob.flag)
+        elif from_env is not None:
+            values.append(from_env)
+            sources.append(knob.variable)
+        else:
+            values.append(getattr(EngineSettings(), knob.field))
+            sources.append(None)
+    try:
+        check_retry_delays(values[0], values[1], sources=(sources[0], sources[1]))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _parser() -> Parser:

@@ -191,9 +191,20 @@ def _passwords(conninfo: str) -> list[str]:
 
 
 def scrub(message: str, conninfo: str) -> str:
-    """Replace any password of *conninfo* that appears in *message* with ``***``."""
+    """Replace any password of *conninfo* that appears in *message* with ``***``.
+
+    Only where a password stands as a value: after ``user:`` up to '@', after
+    ``password=`` (or ``sslpassword=``), or as a whole quoted token (libpq
+    quotes the token it cannot parse). Anywhere else a short password would
+    garble the message (``p`` in ``postgresql``) without hiding anything.
+    """
     for secret in _passwords(conninfo):
-        message = message.replace(secret, "***")
+        s = re.escape(secret)
+        message = re.sub(
+            rf"(?<=:){s}(?=@)|(?<=\"){s}(?=\")|(?P<key>(?i:password)\s*=\s*'?){s}",
+            lambda m: f"{m['key'] or ''}***",
+            message,
+        )
     return message
 
 
@@ -201,23 +212,6 @@ def scrub(message: str, conninfo: str) -> str:
 # (backslash escapes allowed) or single-quoted.
 _KV_PAIR = re.compile(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|(?:[^\s'\\]|\\.)*)")
 _SECRET_KEYS = frozenset({"password", "sslpassword"})
-
-
-def _redact_url(url: str) -> str:
-    # Not runkit.persistence.redact_url: that drops ports it cannot parse,
-    # and libpq URLs may list several hosts ("h1:5432,h2:5433").
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, hosts = netloc.rsplit("@", 1)
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hosts}"
-    query = parts.query
-    if query:
-        pairs = [(k, "***" if k in _SECRET_KEYS else v) for k, v in _query_pairs(query)]
-        query = urlencode(pairs, quote_via=quote, safe="*")
-    return _join_url(parts.scheme, netloc, parts.path, query, parts.fragment)
 
 
 def _join_url(scheme: str, netloc: str, path: str, query: str, fragment: str = "") -> str:
@@ -235,7 +229,7 @@ def describe_conninfo(conninfo: str) -> str:
     try:
         is_url = bool(urlsplit(conninfo).scheme)
         if is_url:
-            return scrub(_redact_url(conninfo), conninfo)
+            return scrub(redact_url(conninfo), conninfo)
     except ValueError:
         return "<malformed connection string>"
     pairs = []
@@ -282,14 +276,16 @@ def _misencoded_user_info(url: str) -> str | None:
     return None
 
 
-def _cut_password_parameter(url: str, query: str, fragment: str) -> str | None:
+def _cut_password_parameter(url: str) -> str | None:
     """The problem if an unencoded '&' or '#' cut a password parameter short, else ``None``.
 
     The rest of the password would be shown as a parameter name (a part without
-    '=' right after it) or as the fragment, so the message shows the URL only
-    up to the cut.
+    '=' right after it) or as the fragment, and quoted in libpq's errors, so
+    the message shows the URL only up to the cut.
     """
-    start = url.index("?") + 1 if query else 0
+    head, _, fragment = url.partition("#")
+    before, _, query = head.partition("?")
+    start = len(before) + 1
     segments = query.split("&")
     for i in range(1, len(segments)):
         key = segments[i - 1].partition("=")[0]
@@ -316,7 +312,7 @@ def validate_conninfo(conninfo: str) -> dict[str, Any]:
     if not isinstance(conninfo, str):
         raise TypeError(f"conninfo must be str, not {type(conninfo).__name__}")
     is_url = conninfo.partition("://")[0].lower() in SCHEMES
-    if is_url and (problem := _misencoded_user_info(conninfo)) is not None:
+    if is_url and (problem := _misencoded_user_info(conninfo) or _cut_password_parameter(conninfo)):
         raise ValueError(problem)
     try:
         params = conninfo_to_dict(conninfo)
@@ -354,7 +350,7 @@ def parse_url(url: str) -> tuple[str, Settings]:
         parts = urlsplit(url)
     except ValueError as exc:
         raise ValueError(f"malformed PostgreSQL URL {redact_url(url)!r}: {exc}") from None
-    if (problem := _cut_password_parameter(url, parts.query, parts.fragment)) is not None:
+    if (problem := _cut_password_parameter(url)) is not None:
         raise InvalidURL(url, [problem])
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:

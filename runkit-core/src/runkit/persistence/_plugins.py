@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import threading
 from typing import cast
 from urllib.parse import urlsplit
 
+import attrs
 import pluggy
 
 from .. import _hookspec
@@ -13,6 +16,8 @@ from ._stores import Provider
 from ._urls import InvalidURL, redact_url
 
 __all__ = [
+    "BrokenDriver",
+    "broken_drivers",
     "check_url",
     "driver_package",
     "installed_schemes",
@@ -36,24 +41,79 @@ def driver_package(scheme: str) -> str | None:
     return _KNOWN_PACKAGES.get(scheme.lower())
 
 
+_log = logging.getLogger("runkit.persistence")
+
+
+@attrs.frozen
+class BrokenDriver:
+    """A ``runkit`` entry point that failed to load; its driver is left out."""
+
+    #: The entry point's (plugin's) name.
+    name: str
+    #: The distribution that declares it, with its version.
+    distribution: str
+    #: The module the entry point names.
+    module: str
+    #: Why it failed: the exception's type and message.
+    error: str
+
+
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
+_broken: tuple[BrokenDriver, ...] = ()
 
 
 def plugin_manager() -> pluggy.PluginManager:
     """Return the process-wide plugin manager, loading ``runkit`` entry points once.
 
+    An entry point that fails to load (a third-party driver whose import
+    raises, say) is logged as a warning and left out, see ``broken_drivers``.
     Tests and applications may ``register()`` further plugins on it at run time.
     """
-    global _manager  # noqa: PLW0603 - one manager per process, created lazily
+    global _manager, _broken  # noqa: PLW0603 - one manager per process, created lazily
     with _lock:
         if _manager is None:
             pm = pluggy.PluginManager(_hookspec.PROJECT_NAME)
             pm.add_hookspecs(_hookspec)
-            pm.load_setuptools_entrypoints(_hookspec.PROJECT_NAME)
+            _broken = _load_entry_points(pm)
             pm.check_pending()
             _manager = pm
         return _manager
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> tuple[BrokenDriver, ...]:
+    """Load each ``runkit`` entry point on its own; return those that failed.
+
+    One broken driver must not take down the others, nor every command that
+    looks a driver up (``runkit env``, ``with_persistence("memory:///x")``).
+    """
+    broken: list[BrokenDriver] = []
+    tried: set[str] = set()
+    for ep in importlib.metadata.entry_points(group=_hookspec.PROJECT_NAME):
+        if ep.name in tried:
+            continue  # pluggy loads the first of several with one name, as before
+        tried.add(ep.name)
+        try:
+            # pluggy's loader, one name at a time: it also records the distribution.
+            pm.load_setuptools_entrypoints(_hookspec.PROJECT_NAME, name=ep.name)
+        except Exception as exc:  # whatever a third party's import raises
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "an unknown distribution"
+            found = BrokenDriver(ep.name, dist, ep.value, f"{type(exc).__name__}: {exc}")
+            broken.append(found)
+            _log.warning(
+                "skipping the persistence driver %r of %s: importing %s failed: %s",
+                found.name,
+                found.distribution,
+                found.module,
+                found.error,
+            )
+    return tuple(broken)
+
+
+def broken_drivers() -> tuple[BrokenDriver, ...]:
+    """The ``runkit`` entry points that failed to load (their drivers are missing)."""
+    plugin_manager()
+    return _broken
 
 
 def installed_schemes() -> dict[str, str]:
@@ -99,6 +159,11 @@ def _unknown_scheme(url: str, scheme: str, known: dict[str, str]) -> str:
         if package
         else "install a runkit driver plugin that handles it"
     )
+    # The scheme may be a broken driver's: say why that one is missing.
+    for broken in _broken:
+        hint += (
+            f"; the driver {broken.name!r} of {broken.distribution} failed to load: {broken.error}"
+        )
     return (
         f"no persistence driver handles {scheme!r} URLs "
         f"(installed schemes: {', '.join(sorted(known)) or 'none'}); {hint}"

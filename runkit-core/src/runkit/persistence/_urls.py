@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from .._errors import ConfigurationError
 
@@ -24,12 +24,42 @@ __all__ = [
 
 # "user:password@" anywhere, for strings urlsplit cannot take apart (no scheme, ...).
 _USERINFO = re.compile(r"([^:/@?#\s]*):[^@/?#\s]*@")
-# libpq keyword/value form: password=... (quoted or not).
-_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
+# libpq keyword/value form: password=... (quoted, or up to unescaped whitespace).
+_KEYWORD_PASSWORD = re.compile(
+    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:[^\s'\\]|\\.)*)", re.IGNORECASE
+)
 
 
 def _scrub(text: str) -> str:
-    return _KEYWORD_PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1:***@", text))
+    text = _USERINFO.sub(r"\1:***@", text)
+    # In a URL '&' ends a value and _redact_query has hidden the password
+    # parameters; in the keyword/value form it is part of the value.
+    return text if "://" in text else _KEYWORD_PASSWORD.sub(r"\1***", text)
+
+
+def _redact_query(url: str) -> str:
+    """Hide the value of every ``*password*=`` query parameter of *url*.
+
+    The query is split on '&' as a URL parser would, so a value with spaces,
+    '%' or non-ASCII text is hidden whole. A later part without '=' (or a
+    fragment after the last parameter) is most likely the rest of a password
+    holding an unencoded '&' (or '#'): then everything from the password
+    parameter on goes. Hiding too much is harmless.
+    """
+    head, hash_sign, fragment = url.partition("#")
+    base, question_mark, query = head.partition("?")
+    if not question_mark:
+        return url
+    parts = query.split("&")
+    for i, part in enumerate(parts):
+        key, equals, _ = part.partition("=")
+        if not (equals and "password" in unquote(key).lower()):
+            continue
+        parts[i] = f"{key}=***"
+        rest = parts[i + 1 :]
+        if any("=" not in p for p in rest) or (not rest and hash_sign):
+            return f"{base}?{'&'.join(parts[: i + 1])}"
+    return f"{base}?{'&'.join(parts)}{hash_sign}{fragment}"
 
 
 def _hide_misplaced_password(url: str) -> str:
@@ -65,16 +95,18 @@ def has_unencoded_password(url: str) -> bool:
 def redact_url(url: str) -> str:
     """Return *url* with any password replaced by ``***``, safe to log or show.
 
-    Also scrubs ``password=`` query or libpq keyword parameters, and
-    ``user:password@`` in strings that are not well-formed URLs.
+    Also hides the values of ``password=`` (and ``sslpassword=`` ...) query
+    parameters, libpq ``password=`` keywords, and ``user:password@`` in
+    strings that are not well-formed URLs.
     """
+    url = _redact_query(_hide_misplaced_password(url))
     try:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
-        return _scrub(_hide_misplaced_password(url))
+        return _scrub(url)
     if password is None or not parts.scheme:
-        return _scrub(_hide_misplaced_password(url))
+        return _scrub(url)
     # Replace only the password; keep the host part verbatim (libpq allows
     # several hosts, "h1:5432,h2:5433", which urlsplit cannot parse as a port).
     userinfo, _, hostport = parts.netloc.rpartition("@")
