@@ -73,14 +73,14 @@ async def test_an_append_that_landed_is_recognised_after_the_partition_stops(
     s = setup()
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
     engine, ownership = one_partition_engine(s.config, provider)
     everything = {partition_id(APP_KEY, 0)}
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign(everything)
         runtime = await engine.runtime(APP_KEY)
-        await wait_until(lambda: 0 in runtime.partitions)
+        await wait_until(lambda: 0 in runtime.partitions)  # its claim record is written
+        provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
         returned = anyio.Event()
 
         async def call() -> None:
@@ -245,14 +245,14 @@ async def test_a_landed_append_the_final_flush_cannot_confirm_is_not_handled_aga
     s = setup()
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     provider = FaultyProvider(inner)
-    provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
-    provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
     engine, ownership = one_partition_engine(s.config, provider, shutdown_timeout=0.2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         ownership.assign({partition_id(APP_KEY, 0)})
         runtime = await engine.runtime(APP_KEY)
-        await wait_until(lambda: 0 in runtime.partitions)
+        await wait_until(lambda: 0 in runtime.partitions)  # its claim record is written
+        provider.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
         returned = anyio.Event()
 
         async def call() -> None:
@@ -290,8 +290,6 @@ async def test_a_spilled_copy_of_a_landed_append_is_not_handled_after_a_second_t
     s = setup()
     inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
     a_store = FaultyProvider(inner)
-    a_store.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
-    a_store.plan.fail(BEFORE, ops={"append"}, names=_stream)
     b_store = FaultyProvider(MemoryProvider(inner.silo))
     a, a_owns = one_partition_engine(s.config, a_store, shutdown_timeout=0.2)
     b, b_owns = one_partition_engine(
@@ -303,7 +301,9 @@ async def test_a_spilled_copy_of_a_landed_append_is_not_handled_after_a_second_t
         tg.start_soon(b.run)
         a_owns.assign(everything)
         a_runtime = await a.runtime(APP_KEY)
-        await wait_until(lambda: 0 in a_runtime.partitions)
+        await wait_until(lambda: 0 in a_runtime.partitions)  # its claim record is written
+        a_store.plan.fail(AFTER, ops={"append"}, names=_stream, times=1)
+        a_store.plan.fail(BEFORE, ops={"append"}, names=_stream)
         returned = anyio.Event()
 
         async def call() -> None:

@@ -108,6 +108,7 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
         inbox_writer = runtime.inbox_writers[index]
         lost = False
         try:
+            await writer.claim()  # fence off a previous owner before taking work
             async with anyio.create_task_group() as tg:
                 commands = PartitionCommands(
                     app=runtime.app,
@@ -150,7 +151,8 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             if not lost:
                 raise
             _log.warning(
-                "application %s: lost partition %d (another node owns it now)",
+                "application %s: partition %d: another node appended to its stream (a new "
+                "owner, or the previous one still committing); restarting it if still owned",
                 runtime.app.identity.name,
                 index,
                 extra=context,

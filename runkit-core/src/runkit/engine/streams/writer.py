@@ -238,6 +238,19 @@ class StreamWriter:
             self._fail(exc)
             raise
 
+    async def claim(self) -> None:
+        """Append a progress-only record before the partition takes work (a new owner).
+
+        A previous owner that has not noticed the takeover yet may still
+        commit, and flush as it stops, after this node read the tail. This node
+        reads the journal only below the tail it read, so it would not see those
+        events, nor fence them off until its own next append, which on a quiet
+        partition may be long coming. After this record the previous owner's
+        next append conflicts (its callers fall back to the inbox); or this one
+        does, and the partition starts again from a fresh tail.
+        """
+        await self._write_one()
+
     async def flush(self) -> None:
         """Write everything queued and the latest progress (used at shutdown)."""
         await self._write_all()
