@@ -1563,3 +1563,49 @@ async def test_a_command_of_a_disabled_handler_is_refused_saying_it_is_disabled(
     async with running(silo(), config) as engine:
         with pytest.raises(ValueError, match=r"consumes .*Notify \(.*notifier.* is disabled\)"):
             await engine.executor_for(app).execute_command(Notify(1))
+
+
+async def test_markers_are_pruned_soon_after_a_start_not_an_interval_later(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A node restarted more often than the pruning interval (an hour by
+    # default) used to wait the whole interval first, so it never pruned. The
+    # first round now comes soon after the start; and a pruning that fails with
+    # a bug is logged, not the end of the application.
+    from datetime import UTC, datetime, timedelta
+
+    from runkit.engine import runtime as runtime_module
+    from runkit.engine.commands.acceptance import idempotency_name
+
+    monkeypatch.setattr(runtime_module, "_FIRST_PRUNE_DELAY", 0.05, raising=False)
+    s = setup()
+    provider = silo()
+    markers = await provider.keyspaces.open(idempotency_name(APP_KEY))
+    key = str(uuid.uuid5(uuid.UUID(APP_KEY), "k")).encode()
+    async with running(provider, s.config, idempotency_retention=3600.0) as engine:
+        await engine.executor_for(s.app).execute_command(Notify(1), idempotency_key="k")
+        await wait_until(lambda: markers.has(key))  # written behind the commit
+
+    def later() -> datetime:
+        return datetime.now(UTC) + timedelta(hours=2)
+
+    from runkit.engine.commands.acceptance import prune_idempotency as real
+
+    calls = 0
+
+    async def failing_once(*args: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise KeyError("an undecodable marker")
+        return await real(*args)
+
+    monkeypatch.setattr(runtime_module, "prune_idempotency", failing_once)
+    async with running(provider, s.config, idempotency_retention=3600.0, clock=later) as engine:
+        await wait_until(lambda: calls >= 1)
+        # A round an interval (900 s) later would come too late for this test:
+        # instead, a second engine start prunes.
+    async with running(provider, s.config, idempotency_retention=3600.0, clock=later):
+        await wait_until(lambda: _not(markers.has(key)), timeout=10)
+    await markers.close()
+    assert "pruning idempotency markers failed: 'an undecodable marker'" in caplog.text

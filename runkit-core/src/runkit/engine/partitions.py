@@ -221,10 +221,12 @@ class PartitionRunner:
                         self._restart_log.log(
                             logging.ERROR,
                             index,
-                            "partition %d stopped (%s); restarting if still owned",
+                            "application %s: partition %d stopped (%s); restarting if still owned",
+                            self._name,
                             index,
                             describe_error(exc),
                             exc_info=exc,
+                            extra={"app": self._app_key, "partition": index},
                         )
                     await anyio.sleep(self._restart_delay)
                     if not self._ownership.owns(self._ids[index]):

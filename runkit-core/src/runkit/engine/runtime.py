@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 
 from ..config import ApplicationConfig
 from ..persistence import PersistenceError, Provider
+from .backoff import jitter
 from .cluster.ownership import Ownership
 from .cluster.routing import Router
 from .commands.acceptance import Acceptor, PartitionStopped, prune_idempotency
@@ -38,6 +39,9 @@ from .settings import EngineSettings
 from .streams import EventBus
 
 __all__ = ["AppRuntime"]
+
+#: The longest wait, after the start, before the first pruning of idempotency markers.
+_FIRST_PRUNE_DELAY = 60.0
 
 _log = logging.getLogger("runkit.engine")
 
@@ -166,28 +170,41 @@ class AppRuntime:
     async def _prune_markers(self, retention: float) -> None:
         # One node prunes: the owner of partition 0 (ownership moves it on failover).
         first = partition_id(self.app_key, 0)
+        interval = min(3600.0, retention / 4)
+        # The first round soon after the start, not an interval later: a node
+        # restarted more often than that (or a partition 0 that moves) would
+        # otherwise never prune. Jittered, so nodes started together spread out.
+        soon = min(_FIRST_PRUNE_DELAY, interval)
+        await anyio.sleep(jitter(soon))
         while True:
-            await anyio.sleep(min(3600.0, retention / 4))
-            if not self.ownership.owns(first):
-                continue
-            cutoff = self.settings.clock() - timedelta(seconds=retention)
-            try:
-                pruned = await prune_idempotency(self.provider, self.app_key, cutoff)
-            except PersistenceError as exc:
-                _log.warning(
-                    "application %s: pruning idempotency markers failed: %s",
-                    self.app.identity.name,
-                    describe_error(exc),
-                    extra={"app": self.app_key},
-                )
-                continue
-            if pruned:
-                _log.info(
-                    "application %s: pruned %d idempotency markers",
-                    self.app.identity.name,
-                    pruned,
-                    extra={"app": self.app_key},
-                )
+            if self.ownership.owns(first):
+                await self._prune_once(retention)
+                await anyio.sleep(interval)
+            else:
+                await anyio.sleep(soon)  # partition 0 may come here (a start, a failover)
+
+    async def _prune_once(self, retention: float) -> None:
+        cutoff = self.settings.clock() - timedelta(seconds=retention)
+        try:
+            pruned = await prune_idempotency(self.provider, self.app_key, cutoff)
+        except Exception as exc:
+            # A store failure, or a bug (an undecodable marker): logged, and
+            # tried again next round, without stopping the application.
+            _log.warning(
+                "application %s: pruning idempotency markers failed: %s",
+                self.app.identity.name,
+                describe_error(exc),
+                exc_info=not isinstance(exc, PersistenceError),
+                extra={"app": self.app_key},
+            )
+            return
+        if pruned:
+            _log.info(
+                "application %s: pruned %d idempotency markers",
+                self.app.identity.name,
+                pruned,
+                extra={"app": self.app_key},
+            )
 
     async def _offer_remote(
         self, index: int, entries: list[InboxEntry], room_wait: float | None
