@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,7 @@ def test_run_uses_memory_when_unset_and_stops_gracefully_on_sigint(tmp_path: obj
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert "received SIGINT: stopping (finishing in-flight work)" in out
+    assert "received SIGINT: stopping (finishing in-flight work; send it again" in out
     assert out.rstrip().endswith("stopped")
 
 
@@ -1134,3 +1135,54 @@ def test_execute_with_no_live_node_says_the_command_waits_instead_of_executed(
         "accepted deposit D1: depositing $1.00 into account A1; no node of the cluster is "
         "live, so it waits in the store until one starts (runkit run ...)\n"
     )
+
+
+def test_a_second_signal_stops_a_node_at_once_during_a_slow_graceful_stop(
+    tmp_path: Path,
+) -> None:
+    # A graceful stop may take as long as the store's timeouts; the operator
+    # who signals again must not have to reach for SIGKILL.
+    script = textwrap.dedent(
+        """
+        import sys
+        import anyio
+        import runkit._run as run
+
+        class SlowToStop:
+            applications = ()
+
+            class settings:
+                node_id = "n"
+
+            async def runtime(self, key):
+                pass
+
+            async def run(self):
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await anyio.sleep(60)  # e.g. a store that stopped answering
+
+        run._engine = lambda spec, options, out: (SlowToStop(), "memory:///x")
+        sys.exit(run.run_node("x:y", out=sys.stdout))
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        _wait_running(proc)
+        proc.send_signal(signal.SIGINT)
+        assert "received SIGINT: stopping" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert "received SIGTERM again: stopping at once" in out, err
+    assert proc.returncode == 128 + signal.SIGTERM

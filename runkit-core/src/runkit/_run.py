@@ -3,6 +3,7 @@ that ``runkit env`` and ``runkit drivers`` stay fast to start)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import textwrap
 from collections.abc import Sequence
@@ -77,16 +78,32 @@ def run_node(
         # Signals are caught before the engine starts, so none is lost in between.
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(engine.run)
+                engine_scope = anyio.CancelScope()
+
+                async def run_engine() -> None:
+                    with engine_scope:
+                        await engine.run()
+                    tg.cancel_scope.cancel()  # stopped: no more signals to wait for
+
+                tg.start_soon(run_engine)
                 tg.start_soon(announce)
                 async for signum in signals:
-                    out.write(
-                        f"received {signal.Signals(signum).name}: stopping "
-                        "(finishing in-flight work)\n"
-                    )
+                    name = signal.Signals(signum).name
+                    if not engine_scope.cancel_called:
+                        out.write(
+                            f"received {name}: stopping (finishing in-flight work; "
+                            "send it again to stop at once)\n"
+                        )
+                        out.flush()
+                        engine_scope.cancel()
+                        continue
+                    # A graceful stop can take as long as the store's timeouts
+                    # (a store that stopped answering): the operator insists.
+                    # What is committed is durable; what is not, its callers
+                    # retry, and the next owner takes over as after a crash.
+                    out.write(f"received {name} again: stopping at once\n")
                     out.flush()
-                    tg.cancel_scope.cancel()
-                    break
+                    os._exit(128 + signum)
 
     # The process is the node's: tune the collector for it (about 15% less CPU).
     with tuned_collector():
