@@ -16,7 +16,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -355,34 +355,11 @@ async def test_overdue_deadlines_start_no_more_fires_than_the_timer_runs_at_once
     # After an outage many deadlines are overdue at once; the timer takes only
     # as many off its heap as it fires concurrently (one task each), not a task
     # per overdue instance, and still fires every one.
-    from datetime import UTC, datetime
+    from runkit.engine.events.deadlines import DeadlineEntry, DeadlineTimer
 
-    from engine_events_harness import harness
-
-    from runkit.engine.events.deadlines import (
-        DeadlineEntry,
-        DeadlineTimer,
-        append_deadlines,
-        deadline_journal_name,
-    )
-
-    clock = FakeClock()
-    async with harness(App(), registry=REGISTRY, partitions=1, clock=clock) as h:
-        ctx = h.ctx(0)
-        name = deadline_journal_name(ctx.app.identity.key, 0)
-        due = datetime(2000, 1, 1, tzinfo=UTC)
-        entries = [
-            DeadlineEntry(
-                handler_key="h",
-                instance_id=f"i{n}",
-                deadline_id=f"d{n}",
-                scheduled_for=due,
-                envelope=b"",
-            )
-            for n in range(200)
-        ]
-        async with await ctx.provider.journals.open(name) as journal:
-            await append_deadlines(journal, entries)
+    due = datetime(2000, 1, 1, tzinfo=UTC)
+    overdue = [("h", f"i{n}", due) for n in range(200)]
+    async with deadline_journal(FakeClock(), overdue) as ctx:
         fired: list[str] = []
         most = 0
         timer: DeadlineTimer
@@ -398,7 +375,7 @@ async def test_overdue_deadlines_start_no_more_fires_than_the_timer_runs_at_once
             await tg.start(timer.run)
             await wait_until(lambda: len(fired) == 200)
             tg.cancel_scope.cancel()
-    assert sorted(fired) == sorted(e.deadline_id for e in entries)
+    assert sorted(fired) == sorted(f"d-h-i{n}" for n in range(200))
     assert most <= 4, most
 
 
@@ -407,33 +384,12 @@ async def test_a_deadline_of_a_handler_this_node_does_not_know_is_held_for_the_g
     # deadline's home partition. It must not drop the deadline at its time (a
     # node that knows the handler fires it once it owns the partition), only
     # once the grace is over; meanwhile the journal is not truncated past it.
-    from engine_events_harness import harness
-
-    from runkit.engine.events.deadlines import (
-        DeadlineEntry,
-        DeadlineTimer,
-        append_deadlines,
-        deadline_journal_name,
-    )
+    from runkit.engine.events.deadlines import DeadlineEntry, DeadlineTimer, deadline_journal_name
 
     clock = FakeClock()
-    async with harness(App(), registry=REGISTRY, partitions=1, clock=clock) as h:
-        ctx = h.ctx(0)
+    due = clock() - timedelta(seconds=1)
+    async with deadline_journal(clock, [("known", "i", due)], [("new", "i", due)]) as ctx:
         name = deadline_journal_name(ctx.app.identity.key, 0)
-        now = clock()
-        entries = [
-            DeadlineEntry(
-                handler_key=handler,
-                instance_id="i",
-                deadline_id=f"d-{handler}",
-                scheduled_for=now - timedelta(seconds=1),
-                envelope=b"",
-            )
-            for handler in ("known", "new")
-        ]
-        async with await ctx.provider.journals.open(name) as journal:
-            await append_deadlines(journal, entries[:1])
-            await append_deadlines(journal, entries[1:])
         fired: list[str] = []
 
         async def fire(entry: DeadlineEntry) -> None:
@@ -448,12 +404,45 @@ async def test_a_deadline_of_a_handler_this_node_does_not_know_is_held_for_the_g
         )
         async with anyio.create_task_group() as tg:
             await tg.start(timer.run)
-            await wait_until(lambda: fired == ["d-known"])
+            await wait_until(lambda: fired == ["d-known-i"])
             clock.advance(1800)
             await anyio.sleep(0.05)
-            assert fired == ["d-known"]
+            assert fired == ["d-known-i"]
             async with await ctx.provider.journals.open(name) as journal:
                 assert (await journal.bounds()).begin == 1  # truncated up to the held one
             clock.advance(1800)
-            await wait_until(lambda: fired == ["d-known", "d-new"])
+            await wait_until(lambda: fired == ["d-known-i", "d-new-i"])
             tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def deadline_journal(
+    clock: FakeClock, *batches: list[tuple[str, str, datetime]]
+) -> AsyncIterator[Any]:
+    """Partition 0's context, its deadline journal holding *batches* of
+    ``(handler key, instance ID, scheduled for)`` (deadline IDs ``d-<handler>-<instance>``)."""
+    from engine_events_harness import harness
+
+    from runkit.engine.events.deadlines import (
+        DeadlineEntry,
+        append_deadlines,
+        deadline_journal_name,
+    )
+
+    async with harness(App(), registry=REGISTRY, partitions=1, clock=clock) as h:
+        ctx = h.ctx(0)
+        name = deadline_journal_name(ctx.app.identity.key, 0)
+        async with await ctx.provider.journals.open(name) as journal:
+            for batch in batches:
+                entries = [
+                    DeadlineEntry(
+                        handler_key=handler,
+                        instance_id=instance,
+                        deadline_id=f"d-{handler}-{instance}",
+                        scheduled_for=when,
+                        envelope=b"",
+                    )
+                    for handler, instance, when in batch
+                ]
+                await append_deadlines(journal, entries)
+        yield ctx
