@@ -3,9 +3,10 @@
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+import anyio
 import pytest
 
-from runkit.persistence import Conflict, Interval, Provider
+from runkit.persistence import Conflict, Interval, LimitExceeded, Provider
 from runkit.testing.faults import (
     AFTER,
     BEFORE,
@@ -13,6 +14,7 @@ from runkit.testing.faults import (
     FaultyProvider,
     InjectedFault,
     InjectedFaultRecord,
+    Timing,
 )
 from runkit_memory import MemoryProvider
 
@@ -225,3 +227,92 @@ async def test_read_only_reaches_the_wrapped_provider(memory: Provider) -> None:
     wrapper.set_read_only()
     assert wrapper.read_only
     assert memory.read_only
+
+
+async def test_an_after_fault_whose_write_failed_on_its_own_passes_to_the_next_call(
+    memory: Provider,
+) -> None:
+    # The write raised Conflict before the fault could be raised: nothing was
+    # injected, so neither ``times`` nor ``nth`` is used up.
+    plan = FaultPlan()
+    capped = plan.fail(AFTER, ops={"append"}, times=1)
+    journal = await FaultyProvider(memory, plan).journals.open("j")
+    with pytest.raises(Conflict):
+        await journal.append(5, b"<gap>")
+    assert (capped.matched, capped.injected, plan.injected) == (1, 0, [])
+    with pytest.raises(InjectedFault, match="after append"):
+        await journal.append(0, b"<r>")
+    assert (capped.matched, capped.injected) == (2, 1)
+    assert plan.injected == [InjectedFaultRecord("append", "journal", "j", AFTER)]
+    await journal.append(1, b"<r>")  # the rule's one fault was raised
+    assert await journal.bounds() == Interval(0, 2)
+
+
+async def test_an_nth_fault_whose_write_failed_on_its_own_fails_the_next_call(
+    memory: Provider,
+) -> None:
+    plan = FaultPlan()
+    rule = plan.fail(AFTER, ops={"set"}, nth=2)
+    keyspace = await FaultyProvider(memory, plan).keyspaces.open("k")
+    revision = await keyspace.set(b"<k>", b"<v>", "")
+    with pytest.raises(Conflict):
+        await keyspace.set(b"<k>", b"<w>", "<stale>")  # the 2nd call, failing on its own
+    assert rule.injected == 0
+    with pytest.raises(InjectedFault):
+        await keyspace.set(b"<k>", b"<w>", revision)
+    assert (rule.matched, rule.injected, len(plan.injected)) == (3, 1, 1)
+    _, revision = await keyspace.get(b"<k>")
+    await keyspace.set(b"<k>", b"<x>", revision)  # nth fired once: no more faults
+
+
+async def test_racing_calls_inject_no_more_than_times(memory: Provider) -> None:
+    plan = FaultPlan()
+    rule = plan.fail(AFTER, ops={"try_add"}, times=3)
+    set_ = await FaultyProvider(memory, plan).sets.open("s")
+    results: list[str] = []
+
+    async def add(index: int) -> None:
+        try:
+            await set_.try_add(b"<m%d>" % index)
+        except InjectedFault:
+            results.append("fault")
+        else:
+            results.append("ok")
+
+    async with anyio.create_task_group() as tg:
+        for index in range(20):
+            tg.start_soon(add, index)
+    assert results.count("fault") == 3
+    assert (rule.matched, rule.injected, len(plan.injected)) == (20, 3, 3)
+
+
+@pytest.mark.parametrize("timing", [BEFORE, AFTER])
+async def test_invalid_inputs_raise_as_unwrapped_and_use_up_no_fault(
+    memory: Provider, timing: Timing
+) -> None:
+    plan = FaultPlan()
+    rule = plan.fail(timing, times=1)
+    faulty = FaultyProvider(memory, plan)
+    journal = await faulty.journals.open("j")
+    keyspace = await faulty.keyspaces.open("k")
+    set_ = await faulty.sets.open("s")
+    limits = memory.limits
+    with pytest.raises(LimitExceeded):
+        await journal.append(0, b"r" * (limits.max_record_bytes + 1))
+    with pytest.raises(ValueError, match=r"outside \[0, 2\*\*63-1\]"):
+        await journal.append(-1, b"r")
+    with pytest.raises(ValueError, match=r"outside \[0, 2\*\*63-1\]"):
+        await journal.truncate(-1)
+    with pytest.raises(LimitExceeded):
+        await keyspace.set(b"k" * (limits.max_key_bytes + 1), b"v", "")
+    with pytest.raises(ValueError, match=r"^key must not be empty$"):
+        await keyspace.set_unconditional(b"", b"v")
+    with pytest.raises(TypeError, match=r"^revision must be str, not bytes$"):
+        await keyspace.set(b"k", b"v", b"")  # type: ignore[arg-type]
+    for write in (set_.add, set_.try_add, set_.remove, set_.try_remove):
+        with pytest.raises(ValueError, match=r"^member must not be empty$"):
+            await write(b"")
+    assert (rule.injected, plan.injected) == (0, [])
+    with pytest.raises(InjectedFault):
+        await journal.append(0, b"<r>")
+    assert rule.injected == 1

@@ -5,6 +5,8 @@ and checks that the suite test aimed at that bug fails on it while passing on
 the correct driver.
 """
 
+import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any, ClassVar, TypeVar
@@ -206,6 +208,111 @@ class _PagingJournal(_WrappedJournal):
             for item in page:
                 yield item
             pos = page[-1][0] + 1
+
+
+class PageBoundaryJournal(_WrappedJournal):
+    """A ``range`` reading pages of four records, each next one ``shift`` off where it should start.
+
+    ``shift = -1`` repeats the last record of each page (an inclusive keyset
+    bound); ``shift = 1`` skips the first record of each next page.
+    """
+
+    shift: ClassVar[int]
+
+    async def range(self, pos: int) -> AsyncIterator[tuple[int, bytes]]:
+        bounds = await self._inner.bounds()
+        if not bounds.begin <= pos < bounds.end:
+            raise RecordNotFound(self.name, pos)
+        while pos < bounds.end:
+            page = [(p, await self._inner.get(p)) for p in range(pos, min(pos + 4, bounds.end))]
+            for item in page:
+                yield item
+            if len(page) < 4:
+                return
+            pos = page[-1][0] + 1 + self.shift
+
+
+class RepeatingPageJournal(PageBoundaryJournal):
+    shift = -1
+
+
+class SkippingPageJournal(PageBoundaryJournal):
+    shift = 1
+
+
+class CheckThenAppendJournal(_WrappedJournal):
+    """Checks the end, awaits (the write request), then writes without a condition."""
+
+    async def append(self, pos: int, record: bytes) -> None:
+        if pos != (await self._inner.bounds()).end:
+            raise Conflict.journal(self.name, pos)
+        await anyio.sleep(0.01)  # the request; a racer that checked meanwhile also wins
+        with contextlib.suppress(Conflict):  # an unconditional write overwrites: acknowledged
+            await self._inner.append(pos, record)
+
+
+class PerProviderRevisionKeyspace(_WrappedKeyspace):
+    """Revisions from a counter per provider ("1", "2"...): two providers hand out the same."""
+
+    counters: ClassVar[dict[int, int]] = {}
+    ours: ClassVar[dict[str, str]] = {}  # the memory driver's revision -> ours
+    theirs: ClassVar[dict[tuple[bytes, str], str]] = {}  # (key, ours) -> the driver's
+
+    def _revision(self, key: bytes, theirs: str) -> str:
+        if not theirs:
+            return ""
+        counter = self.counters[id(self._plan)] = self.counters.get(id(self._plan), 0) + 1
+        self.ours[theirs] = str(counter)
+        self.theirs[key, str(counter)] = theirs
+        return str(counter)
+
+    async def get(self, key: bytes) -> tuple[bytes, str]:
+        value, theirs = await self._inner.get(key)
+        return value, self.ours.get(theirs, "")
+
+    async def set(self, key: bytes, value: bytes, revision: str) -> str:
+        key = bytes(key)
+        theirs = self.theirs.get((key, revision), "<stale>") if revision else ""
+        try:
+            return self._revision(key, await self._inner.set(key, value, theirs))
+        except Conflict:
+            raise Conflict.keyspace(self.name, key, revision) from None
+
+
+class DetachedReadOnlyProvider(FaultyProvider):
+    """Read-only: a journal empty when opened is read from an empty copy of its own for ever."""
+
+    def __init__(self, inner: Provider) -> None:
+        super().__init__(inner)
+        provider = self
+
+        class Journals(_WrappedJournalStore):
+            async def open(self, name: str) -> Journal:
+                handle = await self._inner.open(name)
+                if provider.read_only and (await handle.bounds()).is_fresh:
+                    await handle.close()
+                    handle = await MemoryProvider().journals.open(name)
+                return _WrappedJournal(handle, self._plan)
+
+        self._journals = Journals(inner.journals, self.plan)
+
+
+def _md5(member: bytes) -> bytes:
+    return hashlib.md5(member).digest()
+
+
+class HashOrderedSet(_WrappedSet):
+    """Correct: ``range`` reads one member at a time in MD5 order, reading the set each time."""
+
+    async def range(self) -> AsyncIterator[bytes]:
+        last: bytes | None = None
+        while True:
+            later = [m async for m in self._inner.range() if last is None or _md5(m) > last]
+            if not later:
+                return
+            member = min(later, key=_md5)
+            yield member
+            last = _md5(member)
 
 
 class SkippingJournal(_PagingJournal):
@@ -546,6 +653,82 @@ async def test_journal_suite_catches_range_that_ignores_an_overtaking_truncation
         message = await _fails(lambda: test(overtaken))
     expected = "range skipped from 4 to 68" if bug is SkippingJournal else "DID NOT RAISE"
     assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("bug", "shown"),
+    [
+        (RepeatingPageJournal, "after [2, 3] came [3, 4, 5]"),
+        (SkippingPageJournal, "after [2, 3] came [5, 6, 7]"),
+    ],
+)
+async def test_journal_suite_catches_range_that_repeats_or_skips_at_a_page_boundary(
+    memory: Provider, bug: type[_WrappedJournal], shown: str
+) -> None:
+    test = _SmallJournalSuite().test_journal_range_overtaken_by_truncation_raises_record_not_found
+    broken = BrokenProvider(memory, journal=bug)
+    async with await broken.journals.open("paged") as paged:
+        message = await _fails(lambda: test(paged))
+    assert message.startswith("range(0) of a journal of 70 records yielded"), message
+    assert shown in message, message
+    assert "repeated or skipped where one page of the range ends and the next begins" in message
+
+
+async def test_journal_suite_catches_a_racy_append_without_a_second_provider(
+    memory: Provider,
+) -> None:
+    # Without make_provider the race runs between handles of the one provider.
+    test = JournalSuite().test_journal_racing_appends_at_one_position_have_exactly_one_winner
+    async with await memory.journals.open("good") as good:
+        await test(good, "good", [memory])
+    broken = BrokenProvider(memory, journal=CheckThenAppendJournal)
+    async with await broken.journals.open("racy") as racy:
+        message = await _fails(lambda: test(racy, "racy", [broken]))
+    assert "assert 18 == 1" in message, message
+
+
+async def test_keyspace_suite_catches_revisions_counted_per_provider(memory: Provider) -> None:
+    test = (
+        KeyspaceSuite().test_keyspace_revision_is_stale_after_another_provider_deletes_and_reinserts
+    )
+    async with await memory.keyspaces.open("good") as good:
+        await test(good, "good", memory)
+    PerProviderRevisionKeyspace.counters.clear()
+    a = BrokenProvider(memory, keyspace=PerProviderRevisionKeyspace)
+    b = BrokenProvider(memory, keyspace=PerProviderRevisionKeyspace)
+    async with await a.keyspaces.open("counted") as counted:
+        message = await _fails(lambda: test(counted, "counted", b))
+    assert message.startswith(
+        "revision '1' came back from another provider after the key was deleted and "
+        "inserted again: revisions must never repeat for a key. A generation counter that "
+        "restarts after a delete, a counter kept per provider (per process"
+    ), message
+
+
+async def test_provider_suite_catches_a_read_only_handle_detached_from_its_store() -> None:
+    test = ProviderSuite().test_provider_read_only_handle_sees_a_store_created_after_it_was_opened
+    silo = runkit.testing.unique_name("silo")
+    async with MemoryProvider(silo) as provider:
+        await test(provider, lambda: MemoryProvider(silo))
+        message = await _fails(
+            lambda: test(provider, lambda: DetachedReadOnlyProvider(MemoryProvider(silo)))
+        )
+    assert message.startswith(
+        "a read-only provider's handles of a journal opened before the store was first "
+        "written do not see the writes of another provider"
+    ), message
+
+
+async def test_set_suite_accepts_a_range_that_yields_a_member_added_during_it(
+    memory: Provider,
+) -> None:
+    # The contract lets a range yield members written during the iteration.
+    broken = BrokenProvider(memory, set_=HashOrderedSet)
+    test = runkit.testing.SetSuite().test_set_range_stops_when_consumer_breaks_and_tolerates_writes
+    async with await broken.sets.open("hashed") as hashed:
+        await test(hashed)
+        # It did yield the added member second (removing it, then adding it back).
+        assert len([m async for m in hashed.range()]) == 5
 
 
 @pytest.mark.parametrize("when", ["before", "in-flight"])

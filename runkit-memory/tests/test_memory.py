@@ -215,3 +215,38 @@ async def test_a_task_looping_over_the_store_lets_others_run() -> None:
             await keyspace.get(b"key")
         assert turns - before >= 200 // 32
         tg.cancel_scope.cancel()
+
+
+async def test_read_only_handles_of_unknown_names_see_later_writes_without_registering() -> None:
+    silo = unique_name("silo")
+    reader = MemoryProvider(silo)
+    reader.set_read_only()
+    journal = await reader.journals.open("j")
+    keyspace = await reader.keyspaces.open("k")
+    set_ = await reader.sets.open("s")
+    assert await journal.bounds() == Interval(0, 0)
+    assert await keyspace.get(b"<k>") == (b"", "")
+    assert [m async for m in set_.range()] == []
+    # Reading registered nothing: the names are still unknown to the silo.
+    again = await reader.journals.open("j")
+    assert again._data is not journal._data  # type: ignore[attr-defined]
+    async with MemoryProvider(silo) as writer:
+        await (await writer.journals.open("j")).append(0, b"<r>")
+        revision = await (await writer.keyspaces.open("k")).set(b"<k>", b"<v>", "")
+        await (await writer.sets.open("s")).add(b"<m>")
+    assert await journal.bounds() == Interval(0, 1)
+    assert [r async for r in journal.range(0)] == [(0, b"<r>")]
+    assert await keyspace.get(b"<k>") == (b"<v>", revision)
+    assert await set_.has(b"<m>")
+    assert await again.get(0) == b"<r>"
+
+
+@pytest.mark.parametrize("operation", ["add", "try_add", "remove", "try_remove"])
+async def test_read_only_set_write_errors_name_the_operation_called(operation: str) -> None:
+    reader = MemoryProvider(unique_name("silo"))
+    reader.set_read_only()
+    set_ = await reader.sets.open("s")
+    with pytest.raises(
+        PersistenceError, match=rf"^set 's': {operation}: the provider is read-only$"
+    ):
+        await getattr(set_, operation)(b"<m>")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Final
 
 import attrs
@@ -128,13 +128,26 @@ def _silo(name: str | None) -> _Silo:
         return silo
 
 
+_StoreData = _JournalData | _KeyspaceData | _SetData
+
+
 class _Closable:
-    """Shared closed-state checks for handles (a handle is also closed with its provider)."""
+    """Shared closed-state checks for handles (a handle is also closed with its provider).
+
+    A read-only provider's handle of a name not in the silo holds an empty,
+    unregistered placeholder (``_unresolved`` is the silo's stores of that
+    kind). Every operation calls ``_check_open`` before it touches ``_data``,
+    which then looks the name up again: once a writable provider has created
+    the store, the handle reads it, as a handle of any provider must see every
+    acknowledged write.
+    """
 
     _kind: str
     _name: str
     _provider: MemoryProvider
     _closed: bool
+    _data: _StoreData
+    _unresolved: Mapping[str, _StoreData] | None = None
 
     @property
     def name(self) -> str:
@@ -147,6 +160,15 @@ class _Closable:
         if self._closed:
             raise PersistenceError(f"{self._kind} {self._name!r}: handle is closed")
         self._provider._check_open()
+        if self._unresolved is not None:
+            self._resolve(self._unresolved)
+
+    def _resolve(self, stores: Mapping[str, _StoreData]) -> None:
+        with self._provider._silo.lock:
+            data = stores.get(self._name)
+        if data is not None:
+            self._data = data
+            self._unresolved = None
 
     def _check_writable(self, operation: str) -> None:
         """``_check_open``, and refuse *operation* (a write) on a read-only provider."""
@@ -161,11 +183,20 @@ class _Closable:
 class _MemoryJournal(_Closable, Journal):
     _kind = "journal"
 
-    def __init__(self, provider: MemoryProvider, name: str, data: _JournalData) -> None:
+    _data: _JournalData
+
+    def __init__(
+        self,
+        provider: MemoryProvider,
+        name: str,
+        data: _JournalData,
+        unresolved: Mapping[str, _JournalData] | None = None,
+    ) -> None:
         self._provider = provider
         self._name = name
         self._data = data
         self._closed = False
+        self._unresolved = unresolved
 
     async def bounds(self) -> Interval:
         await checkpoint()
@@ -234,11 +265,20 @@ class _MemoryJournal(_Closable, Journal):
 class _MemoryKeyspace(_Closable, Keyspace):
     _kind = "keyspace"
 
-    def __init__(self, provider: MemoryProvider, name: str, data: _KeyspaceData) -> None:
+    _data: _KeyspaceData
+
+    def __init__(
+        self,
+        provider: MemoryProvider,
+        name: str,
+        data: _KeyspaceData,
+        unresolved: Mapping[str, _KeyspaceData] | None = None,
+    ) -> None:
         self._provider = provider
         self._name = name
         self._data = data
         self._closed = False
+        self._unresolved = unresolved
 
     async def get(self, key: bytes) -> tuple[bytes, str]:
         key = self._provider.limits.check_key(key)
@@ -302,11 +342,20 @@ class _MemoryKeyspace(_Closable, Keyspace):
 class _MemorySet(_Closable, Set):
     _kind = "set"
 
-    def __init__(self, provider: MemoryProvider, name: str, data: _SetData) -> None:
+    _data: _SetData
+
+    def __init__(
+        self,
+        provider: MemoryProvider,
+        name: str,
+        data: _SetData,
+        unresolved: Mapping[str, _SetData] | None = None,
+    ) -> None:
         self._provider = provider
         self._name = name
         self._data = data
         self._closed = False
+        self._unresolved = unresolved
 
     async def has(self, member: bytes) -> bool:
         member = self._provider.limits.check_member(member)
@@ -316,12 +365,15 @@ class _MemorySet(_Closable, Set):
             return member in self._data.members
 
     async def add(self, member: bytes) -> None:
-        await self.try_add(member)
+        await self._try_add(member, "add")
 
     async def try_add(self, member: bytes) -> bool:
+        return await self._try_add(member, "try_add")
+
+    async def _try_add(self, member: bytes, operation: str) -> bool:
         member = self._provider.limits.check_member(member)
         await _enter()
-        self._check_writable("add")
+        self._check_writable(operation)
         members = self._data.members
         with self._data.lock:
             if member in members:
@@ -330,12 +382,15 @@ class _MemorySet(_Closable, Set):
             return True
 
     async def remove(self, member: bytes) -> None:
-        await self.try_remove(member)
+        await self._try_remove(member, "remove")
 
     async def try_remove(self, member: bytes) -> bool:
+        return await self._try_remove(member, "try_remove")
+
+    async def _try_remove(self, member: bytes, operation: str) -> bool:
         member = self._provider.limits.check_member(member)
         await _enter()
-        self._check_writable("remove")
+        self._check_writable(operation)
         members = self._data.members
         with self._data.lock:
             if member not in members:
@@ -365,11 +420,12 @@ class _MemoryJournalStore(JournalStore):
         with silo.lock:
             data = silo.journals.get(name)
             if data is None:
-                # Read-only (an inspection tool): a name never opened reads as
-                # empty and is not created.
                 data = _JournalData()
-                if not self._provider.read_only:
-                    silo.journals[name] = data
+                if self._provider.read_only:
+                    # An inspection tool: a name never opened reads as empty and is
+                    # not created; the handle looks it up again on every call.
+                    return _MemoryJournal(self._provider, name, data, silo.journals)
+                silo.journals[name] = data
         return _MemoryJournal(self._provider, name, data)
 
 
@@ -385,11 +441,12 @@ class _MemoryKeyspaceStore(KeyspaceStore):
         with silo.lock:
             data = silo.keyspaces.get(name)
             if data is None:
-                # Read-only (an inspection tool): a name never opened reads as
-                # empty and is not created.
                 data = _KeyspaceData()
-                if not self._provider.read_only:
-                    silo.keyspaces[name] = data
+                if self._provider.read_only:
+                    # An inspection tool: a name never opened reads as empty and is
+                    # not created; the handle looks it up again on every call.
+                    return _MemoryKeyspace(self._provider, name, data, silo.keyspaces)
+                silo.keyspaces[name] = data
         return _MemoryKeyspace(self._provider, name, data)
 
 
@@ -405,11 +462,12 @@ class _MemorySetStore(SetStore):
         with silo.lock:
             data = silo.sets.get(name)
             if data is None:
-                # Read-only (an inspection tool): a name never opened reads as
-                # empty and is not created.
                 data = _SetData()
-                if not self._provider.read_only:
-                    silo.sets[name] = data
+                if self._provider.read_only:
+                    # An inspection tool: a name never opened reads as empty and is
+                    # not created; the handle looks it up again on every call.
+                    return _MemorySet(self._provider, name, data, silo.sets)
+                silo.sets[name] = data
         return _MemorySet(self._provider, name, data)
 
 
@@ -428,7 +486,8 @@ class MemoryProvider(Provider):
     opened, raises ``PersistenceError``; the silo's data stays for other
     providers.
     After ``set_read_only()`` every write raises ``PersistenceError`` and a
-    name never opened reads as empty without being created.
+    name never opened reads as empty without being created; its handle reads
+    the store once another provider of the silo creates it.
     """
 
     def __init__(self, silo: str | None = None, *, limits: Limits | None = None) -> None:

@@ -106,6 +106,21 @@ class _Handle:
     def _what(self, action: str) -> str:
         return f"{self._kind} {self._name!r}: {action}"
 
+    async def _resolve(self) -> None:
+        """Look the store up again if it did not exist when the handle was opened.
+
+        Only a read-only provider opens a name without creating its row
+        (``_ABSENT``); a store created since, by another provider, must be
+        visible through this handle as through any other.
+        """
+        if self._id == _ABSENT:
+            find = {
+                "journal": self._sql.find_journal,
+                "keyspace": self._sql.find_keyspace,
+                "set": self._sql.find_set,
+            }[self._kind]
+            self._id = await self._provider._open(self._kind, b"", find, self._name)
+
     async def _read(self, operation: Callable[[Conn], T], action: str) -> T:
         self._check_open()
         return await self._provider._run(operation, what=self._what(action), write=False)

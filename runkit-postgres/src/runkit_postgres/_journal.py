@@ -31,6 +31,8 @@ class _Journal(_Handle, Journal):
 
     async def bounds(self) -> Interval:
         """Return ``[begin, end)`` as of the call."""
+        self._check_open()
+        await self._resolve()
         query, params = self._sql.journal_bounds, (self._id,)
 
         def operation(conn: Conn) -> tuple[object, ...] | None:
@@ -50,6 +52,7 @@ class _Journal(_Handle, Journal):
             raise TypeError(f"position must be int, not {type(pos).__name__}")
         if not 0 <= pos <= MAX_POSITION:
             raise RecordNotFound(self._name, pos)
+        await self._resolve()
         query, params = self._sql.journal_get, (self._id, pos)
 
         def operation(conn: Conn) -> tuple[object, ...] | None:
@@ -73,6 +76,7 @@ class _Journal(_Handle, Journal):
             nonlocal pos, first
             if not 0 <= pos <= MAX_POSITION:
                 raise RecordNotFound(self._name, pos)
+            await self._resolve()
             params = (pos, rows_per_page, bytes_per_page, self._id)
 
             def operation(conn: Conn) -> Rows:

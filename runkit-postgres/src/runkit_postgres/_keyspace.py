@@ -43,6 +43,7 @@ class _Keyspace(_Handle, Keyspace):
         """Return ``(value, revision)``, or ``(b"", "")`` when absent."""
         self._check_open()
         k = self._provider.limits.check_key(key)
+        await self._resolve()
         # Concurrent gets of other keys may share the statement (``_grouping``).
         row = await self._provider._keyspace_reads.read((self._id, k), self._what("get"))
         if row is None:
@@ -53,6 +54,7 @@ class _Keyspace(_Handle, Keyspace):
         """Return whether *key* is present."""
         self._check_open()
         k = self._provider.limits.check_key(key)
+        await self._resolve()
         query, params = self._sql.keyspace_has, (self._id, k)
 
         def operation(conn: Conn) -> bool:
@@ -128,6 +130,7 @@ class _Keyspace(_Handle, Keyspace):
 
         async def fetch() -> tuple[list[tuple[bytes, bytes, str]], bool]:
             nonlocal after
+            await self._resolve()
             params = (self._id, after, rows_per_page, bytes_per_page)
 
             def operation(conn: Conn) -> Rows:

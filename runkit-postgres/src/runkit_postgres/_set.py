@@ -23,6 +23,7 @@ class _Set(_Handle, Set):
         """Return whether *member* is present."""
         self._check_open()
         m = self._provider.limits.check_member(member)
+        await self._resolve()
         query, params = self._sql.set_has, (self._id, m)
 
         def operation(conn: Conn) -> bool:
@@ -66,6 +67,7 @@ class _Set(_Handle, Set):
 
         async def fetch() -> tuple[list[bytes], bool]:
             nonlocal after
+            await self._resolve()
             params = (self._id, after, rows_per_page)
 
             def operation(conn: Conn) -> Rows:

@@ -43,9 +43,25 @@ async def _first_key(keyspace: Keyspace) -> None:
 def _repeated(revision: str, when: str) -> str:
     return (
         f"revision {revision!r} came back {when}: revisions must never repeat for a key. "
-        "A generation counter that restarts after a delete, or a hash of the value "
+        "A generation counter that restarts after a delete, a counter kept per provider "
+        "(per process: another node hands out the same ones), or a hash of the value "
         "(such as an S3 ETag), repeats; store a random token (uuid.uuid4().hex) with the value"
     )
+
+
+class _Revisions:
+    """The revisions one key was given, each checked to be new."""
+
+    def __init__(self, how: str = "") -> None:
+        self._seen: set[str] = set()
+        self._how = how
+
+    def new(self, revision: str, when: str = "") -> str:
+        assert revision, "a write of a non-empty value returned the empty revision"
+        when = when or " ".join(filter(None, ["after other writes of the key", self._how]))
+        assert revision not in self._seen, _repeated(revision, when)
+        self._seen.add(revision)
+        return revision
 
 
 async def _conflicts(call: Awaitable[object]) -> bool:
@@ -109,6 +125,17 @@ class KeyspaceSuite(SuiteBase):
         assert not await keyspace.has(b"<other>")
         await keyspace.set(b"<key>", b"", revision)
         assert not await keyspace.has(b"<key>")
+
+    async def test_keyspace_methods_take_their_parameters_by_keyword(
+        self, keyspace: Keyspace
+    ) -> None:
+        # The contract names the parameters ``key``, ``value`` and ``revision``.
+        revision = await keyspace.set(key=b"<key>", value=b"<value>", revision="")
+        assert await keyspace.get(key=b"<key>") == (b"<value>", revision)
+        assert await keyspace.has(key=b"<key>")
+        revision = await keyspace.set_unconditional(key=b"<key>", value=b"<other>")
+        assert await keyspace.set(key=b"<key>", value=b"", revision=revision) == ""
+        assert not await keyspace.has(key=b"<key>")
 
     # -- set -------------------------------------------------------------------------------
 
@@ -330,29 +357,66 @@ class KeyspaceSuite(SuiteBase):
     async def test_keyspace_writes_are_visible_to_other_provider(
         self, keyspace: Keyspace, keyspace_name: str, other_provider: Provider
     ) -> None:
+        seen = _Revisions("through two providers")
         async with await other_provider.keyspaces.open(keyspace_name) as other:
-            revision = await keyspace.set(b"<key>", b"<value>", "")
+            revision = seen.new(await keyspace.set(b"<key>", b"<value>", ""))
             assert await other.get(b"<key>") == (b"<value>", revision)
             assert await other.has(b"<key>")
             assert await _items(other) == {b"<key>": (b"<value>", revision)}
-            revision = await other.set(b"<key>", b"<theirs>", revision)
+            revision = seen.new(await other.set(b"<key>", b"<theirs>", revision))
             assert await keyspace.get(b"<key>") == (b"<theirs>", revision)
-            revision = await keyspace.set_unconditional(b"<key>", b"<forced>")
+            revision = seen.new(await keyspace.set_unconditional(b"<key>", b"<forced>"))
             assert await other.get(b"<key>") == (b"<forced>", revision)
             await other.set(b"<key>", b"", revision)
             assert not await keyspace.has(b"<key>")
             assert await _items(keyspace) == {}
+            revision = seen.new(await other.set(b"<key>", b"<value>", ""))
+            assert await keyspace.get(b"<key>") == (b"<value>", revision)
+
+    async def test_keyspace_revision_is_stale_after_another_provider_deletes_and_reinserts(
+        self, keyspace: Keyspace, keyspace_name: str, other_provider: Provider
+    ) -> None:
+        # Two nodes: A reads a revision, B deletes the key and inserts it again.
+        # Revisions from a counter kept per provider (per process) come back on
+        # the other provider, and then A's stale write would succeed.
+        seen = _Revisions("through two providers")
+        async with await other_provider.keyspaces.open(keyspace_name) as other:
+            stale = seen.new(await keyspace.set(b"<key>", b"<value>", ""))
+            await other.set(b"<key>", b"", stale)
+            current = seen.new(
+                await other.set(b"<key>", b"<value>", ""),
+                "from another provider after the key was deleted and inserted again",
+            )
+            if not await _conflicts(keyspace.set(b"<key>", b"<stale>", stale)):
+                pytest.fail(
+                    _repeated(
+                        stale,
+                        "on another provider after it deleted the key and inserted it again "
+                        "(a set at the revision from before the delete succeeded)",
+                    )
+                )
+            assert await other.get(b"<key>") == (b"<value>", current)
+            # Writes alternating between the providers, the same value each time.
+            for round_ in range(6):
+                writer = (keyspace, other)[round_ % 2]
+                if round_ == 3:
+                    current = seen.new(await writer.set_unconditional(b"<key>", b"<value>"))
+                else:
+                    current = seen.new(await writer.set(b"<key>", b"<value>", current))
+            assert await keyspace.get(b"<key>") == (b"<value>", current)
 
     # -- concurrency -----------------------------------------------------------------------
 
     async def test_keyspace_racing_sets_at_one_revision_have_exactly_one_winner(
-        self, provider: Provider, keyspace: Keyspace, keyspace_name: str, other_provider: Provider
+        self, keyspace: Keyspace, keyspace_name: str, racing_providers: list[Provider]
     ) -> None:
+        # Handles of two providers if the driver has ``make_provider``, else of one.
         handles = [
             await p.keyspaces.open(keyspace_name)
-            for p in (provider, other_provider)
-            for _ in range(RACERS // 4)
+            for p in racing_providers
+            for _ in range(RACERS // (2 * len(racing_providers)))
         ]
+        seen = _Revisions("racing through several handles")
         try:
             revision = ""  # the first round races to create the key
             for round_ in range(ROUNDS):
@@ -366,6 +430,7 @@ class KeyspaceSuite(SuiteBase):
                 assert len(winners) == 1, results
                 assert all(isinstance(r, Conflict) for r in results if not isinstance(r, str))
                 index, revision = winners[0]
+                seen.new(revision)
                 assert await keyspace.get(b"<k>") == (f"<{round_}-{index}>".encode(), revision)
         finally:
             for handle in handles:
@@ -374,8 +439,9 @@ class KeyspaceSuite(SuiteBase):
     async def test_keyspace_racing_deletes_at_one_revision_have_exactly_one_winner(
         self, keyspace: Keyspace
     ) -> None:
+        seen = _Revisions()
         for _ in range(ROUNDS):
-            revision = await keyspace.set(b"<k>", b"<v>", "")
+            revision = seen.new(await keyspace.set(b"<k>", b"<v>", ""))
             results = await gather(
                 *[partial(keyspace.set, b"<k>", b"", revision) for _ in range(RACERS)]
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from functools import partial
@@ -352,6 +353,37 @@ class ProviderSuite(SuiteBase):
         async with await provider.sets.open(fresh["set"]) as set_:
             assert [m async for m in set_.range()] == []
 
+    async def test_provider_read_only_handle_sees_a_store_created_after_it_was_opened(
+        self, provider: Provider, made_providers: Callable[[], Provider]
+    ) -> None:
+        """A read-only handle of a name not yet written reads the store once it is.
+
+        Every acknowledged write is visible through every handle: a handle that
+        fixed on "absent" when opened (an unregistered placeholder, a row id
+        that matches nothing) misses every later write to its store.
+        """
+        await provider.provision()  # a read-only provider only checks the backend
+        names = {kind: unique_name(kind) for kind in _KINDS}
+        reader = made_providers()
+        reader.set_read_only()
+        handles = {kind: await _store(reader, kind).open(names[kind]) for kind in _KINDS}
+        try:
+            for kind in _KINDS:
+                assert await _read_tag(handles[kind], kind) is None
+            for kind in _KINDS:
+                async with await _store(provider, kind).open(names[kind]) as handle:
+                    await _write_tag(handle, kind, b"<tag>")
+            blind = [kind for kind in _KINDS if await _read_tag(handles[kind], kind) != b"<tag>"]
+            assert not blind, (
+                f"a read-only provider's handles of a {', '.join(blind)} opened before the "
+                "store was first written do not see the writes of another provider: a "
+                "handle must look the store up again, not keep reading it as empty"
+            )
+        finally:
+            with anyio.CancelScope(shield=True):
+                for handle in handles.values():
+                    await handle.close()
+
     # -- names -----------------------------------------------------------------------------
 
     @pytest.mark.parametrize("kind", _KINDS)
@@ -470,13 +502,26 @@ class ProviderSuite(SuiteBase):
             )
             with pytest.raises(LimitExceeded):
                 await keyspace.set_unconditional(key, value + b"v")
-            with pytest.raises(LimitExceeded):
+            key_message = (
+                f"key is {limits.max_key_bytes + 1} bytes, over this provider's limit "
+                f"of {limits.max_key_bytes} bytes"
+            )
+            with pytest.raises(LimitExceeded, match=rf"^{re.escape(key_message)}$"):
+                await keyspace.set_unconditional(key + b"\xff", b"v")
+            with pytest.raises(LimitExceeded, match=rf"^{re.escape(key_message)}$"):
                 await keyspace.get(key + b"\xff")
-            with pytest.raises(LimitExceeded):
+            with pytest.raises(LimitExceeded, match=rf"^{re.escape(key_message)}$"):
                 await keyspace.has(key + b"\xff")
             assert await keyspace.get(key) == (value, revision)
             with pytest.raises(ValueError, match=r"^key must not be empty$"):
                 await keyspace.set(b"", b"v", "")
+            with pytest.raises(ValueError, match=r"^key must not be empty$"):
+                await keyspace.set_unconditional(b"", b"v")
+            with pytest.raises(ValueError, match=r"^key must not be empty$"):
+                await keyspace.get(b"")
+            with pytest.raises(ValueError, match=r"^key must not be empty$"):
+                await keyspace.has(b"")
+            assert [k async for k, _, _ in keyspace.range()] == [key]
 
     async def test_provider_member_at_limit_is_stored_and_one_byte_more_raises(
         self, provider: Provider
@@ -493,9 +538,10 @@ class ProviderSuite(SuiteBase):
                 assert str(info.value) == (
                     f"member is {limit + 1} bytes, over this provider's limit of {limit} bytes"
                 )
+            for call in (set_.add, set_.try_add, set_.remove, set_.try_remove, set_.has):
+                with pytest.raises(ValueError, match=r"^member must not be empty$"):
+                    await call(b"")
             assert [m async for m in set_.range()] == [member]
-            with pytest.raises(ValueError, match=r"^member must not be empty$"):
-                await set_.add(b"")
 
     async def test_provider_inputs_are_checked_before_any_io(self, provider: Provider) -> None:
         """Bad inputs raise before the first await: no request reaches the backend."""
@@ -505,29 +551,66 @@ class ProviderSuite(SuiteBase):
         keyspace = await provider.keyspaces.open(unique_name("keyspace"))
         set_ = await provider.sets.open(unique_name("set"))
         try:
-            calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-                ("open", lambda: provider.journals.open("n" * (limits.max_name_bytes + 1))),
-                ("open", lambda: provider.keyspaces.open("")),
-                ("append", lambda: journal.append(0, b"r" * (limits.max_record_bytes + 1))),
-                ("append", lambda: journal.append(-1, b"r")),
-                ("set", lambda: keyspace.set(b"k" * (limits.max_key_bytes + 1), b"v", "")),
-                ("set", lambda: keyspace.set(b"k", b"v" * (limits.max_value_bytes + 1), "")),
-                ("set", lambda: keyspace.set(b"", b"v", "")),
+            long_key = b"k" * (limits.max_key_bytes + 1)
+            long_member = b"m" * (limits.max_member_bytes + 1)
+            calls: list[tuple[str, type[Exception], Callable[[], Awaitable[object]]]] = [
+                (
+                    "open",
+                    LimitExceeded,
+                    lambda: provider.journals.open("n" * (limits.max_name_bytes + 1)),
+                ),
+                ("open", ValueError, lambda: provider.keyspaces.open("")),
+                (
+                    "append",
+                    LimitExceeded,
+                    lambda: journal.append(0, b"r" * (limits.max_record_bytes + 1)),
+                ),
+                ("append", ValueError, lambda: journal.append(-1, b"r")),
+                ("set", LimitExceeded, lambda: keyspace.set(long_key, b"v", "")),
+                (
+                    "set",
+                    LimitExceeded,
+                    lambda: keyspace.set(b"k", b"v" * (limits.max_value_bytes + 1), ""),
+                ),
+                ("set", ValueError, lambda: keyspace.set(b"", b"v", "")),
                 (
                     "set_unconditional",
+                    LimitExceeded,
                     lambda: keyspace.set_unconditional(b"k", b"v" * (limits.max_value_bytes + 1)),
                 ),
-                ("try_add", lambda: set_.try_add(b"m" * (limits.max_member_bytes + 1))),
-                ("add", lambda: set_.add(b"")),
+                (
+                    "set_unconditional",
+                    LimitExceeded,
+                    lambda: keyspace.set_unconditional(long_key, b"v"),
+                ),
+                ("set_unconditional", ValueError, lambda: keyspace.set_unconditional(b"", b"v")),
+                ("get", LimitExceeded, lambda: keyspace.get(long_key)),
+                ("get", ValueError, lambda: keyspace.get(b"")),
+                ("has", LimitExceeded, lambda: keyspace.has(long_key)),
+                ("has", ValueError, lambda: keyspace.has(b"")),
+                ("try_add", LimitExceeded, lambda: set_.try_add(long_member)),
+                ("add", ValueError, lambda: set_.add(b"")),
+                ("try_add", ValueError, lambda: set_.try_add(b"")),
+                ("has", LimitExceeded, lambda: set_.has(long_member)),
+                ("has", ValueError, lambda: set_.has(b"")),
+                ("remove", LimitExceeded, lambda: set_.remove(long_member)),
+                ("remove", ValueError, lambda: set_.remove(b"")),
+                ("try_remove", LimitExceeded, lambda: set_.try_remove(long_member)),
+                ("try_remove", ValueError, lambda: set_.try_remove(b"")),
             ]
-            for label, call in calls:
+            for label, expected, call in calls:
                 outcome = await _raises_before_any_await(call)
                 assert outcome is not None, (
                     f"{label} with an invalid input must raise before its first await "
                     "(before any I/O), not after talking to the backend"
                 )
+                assert isinstance(outcome, expected), (
+                    f"{label} with an invalid input raised {outcome!r}, not {expected.__name__}"
+                )
             assert await journal.bounds() == Interval(0, 0)
             assert await keyspace.get(b"k") == (b"", "")
+            assert [i async for i in keyspace.range()] == []
+            assert [m async for m in set_.range()] == []
         finally:
             with anyio.CancelScope(shield=True):
                 for handle in (journal, keyspace, set_):

@@ -102,7 +102,8 @@ _NO_MAKE_PROVIDER = (
 
 class SuiteBase:
     """Fixtures every suite needs; drivers override ``provider`` (required) and
-    ``make_provider`` (optional: without it the cross-provider tests skip).
+    ``make_provider`` (optional: without it the cross-provider tests skip, and
+    the atomicity races run between handles of ``provider`` alone).
 
     ``hypothesis_settings`` is the budget of the state-machine tests; drivers
     on slow backends lower ``max_examples``.
@@ -158,6 +159,27 @@ class SuiteBase:
             yield other
         finally:
             await other.close()
+
+    @pytest.fixture
+    async def racing_providers(
+        self, provider: Provider, make_provider: Callable[[], Provider] | None
+    ) -> AsyncIterator[list[Provider]]:
+        """The providers whose handles race in the atomicity tests.
+
+        ``provider`` and a second one from ``make_provider``, so that a race
+        between providers (nodes) also catches state a provider keeps to
+        itself; without the factory, ``provider`` alone: its handles still
+        race, and catch a write that checks, awaits, then writes.
+        """
+        if make_provider is None:
+            yield [provider]
+            return
+        other = make_provider()
+        try:
+            yield [provider, other]
+        finally:
+            with anyio.CancelScope(shield=True):
+                await other.close()
 
     @pytest.fixture
     async def made_providers(

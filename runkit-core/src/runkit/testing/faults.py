@@ -16,18 +16,24 @@ committed looks like, the case an engine must recover from by reading back.
 
 Writes are ``append``, ``truncate``, ``set``, ``set_unconditional``, ``add``,
 ``try_add``, ``remove`` and ``try_remove``. Reads and opens are never failed,
-but every call is counted in ``FaultPlan.calls``. Limits are still enforced by
-the wrapped provider.
+but every call is counted in ``FaultPlan.calls``. A write's inputs are checked
+against the wrapped provider's limits before any rule is consulted, so an
+invalid input raises what it would unwrapped (``LimitExceeded``, ``ValueError``,
+``TypeError``) and uses up no fault. A fault is counted only when it is raised:
+an ``AFTER`` fault whose write fails on its own (a ``Conflict``, say) is not
+injected, and its rule fails the next matching call instead.
 """
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import random
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing
+from typing import TypeVar
 
 import attrs
 
@@ -42,6 +48,7 @@ from runkit.persistence import (
     Provider,
     Set,
     SetStore,
+    check_position,
 )
 
 __all__ = [
@@ -56,6 +63,8 @@ __all__ = [
     "InjectedFaultRecord",
     "Timing",
 ]
+
+T = TypeVar("T")
 
 #: The operations a plan can fail.
 WRITE_OPS = frozenset(
@@ -136,7 +145,10 @@ class FaultRule:
     filters. Of the matching calls, the rule fails: the ``nth`` one (1-based),
     or every ``every``-th one, or each with ``probability`` (drawn from the
     plan's seeded generator), or, with none of those, every one; at most
-    ``times`` in all. ``matched`` and ``injected`` count as the plan runs.
+    ``times`` in all. ``matched`` and ``injected`` count as the plan runs;
+    ``injected`` counts only the faults raised. A fault chosen for a write that
+    then failed on its own (an ``AFTER`` fault for an append that conflicted)
+    was not injected: the rule fails its next matching call instead.
     """
 
     timing: Timing
@@ -149,6 +161,10 @@ class FaultRule:
     times: int | None = None
     matched: int = 0
     injected: int = 0
+    #: Faults chosen for calls still under way (not yet raised nor given back).
+    _pending: int = attrs.field(default=0, init=False, repr=False)
+    #: Faults given back by calls that failed on their own: the next matches fire.
+    _owed: int = attrs.field(default=0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         schedules = [s for s in (self.nth, self.every, self.probability) if s is not None]
@@ -167,8 +183,10 @@ class FaultRule:
 
     def _fires(self, rng: random.Random) -> bool:
         # Called once per matching call, with ``matched`` already incremented.
-        if self.times is not None and self.injected >= self.times:
+        if self.times is not None and self.injected + self._pending >= self.times:
             return False
+        if self._owed:
+            return True
         if self.nth is not None:
             return self.matched == self.nth
         if self.every is not None:
@@ -196,6 +214,13 @@ class FaultPlan:
         self.injected: list[InjectedFaultRecord] = []
         self._random = random.Random(seed)
         self._lock = threading.Lock()
+        # Faults chosen by ``decide`` and not yet raised (``record``) nor given
+        # back (``release``), oldest first; the calling task's latest too, so
+        # that the right rule is credited when two rules chose the same call.
+        self._pending: list[_Pending] = []
+        self._latest: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar(
+            "fault_plan_pending", default=None
+        )
 
     def fail(
         self,
@@ -257,7 +282,9 @@ class FaultPlan:
         """Count a call and return the fault to inject into it, if any.
 
         ``FaultyProvider`` calls this; custom wrappers (of a driver's internals,
-        say) may call it too, then ``record`` when they raise.
+        say) may call it too, then ``record`` when they raise the fault, or
+        ``release`` when they do not (the write failed on its own). A chosen
+        fault counts in its rule's ``injected`` only once recorded.
         """
         with self._lock:
             self.calls[op] += 1
@@ -269,15 +296,68 @@ class FaultPlan:
                     continue
                 rule.matched += 1
                 if chosen is None and rule._fires(self._random):
-                    rule.injected += 1
                     chosen = rule
-            return None if chosen is None else chosen.timing
+            if chosen is None:
+                return None
+            if chosen._owed:
+                chosen._owed -= 1
+            chosen._pending += 1
+            pending = _Pending(chosen, op, kind, name, chosen.timing)
+            self._pending.append(pending)
+            self._latest.set(pending)
+            return chosen.timing
+
+    def _settle(self, op: str, kind: str, name: str, timing: Timing) -> FaultRule | None:
+        """Remove and return the rule of the fault ``decide`` chose for this call."""
+        latest = self._latest.get()
+        if latest is not None and latest.call == (op, kind, name, timing):
+            self._latest.set(None)
+            if latest in self._pending:
+                self._pending.remove(latest)
+                latest.rule._pending -= 1
+                return latest.rule
+        for index, pending in enumerate(self._pending):
+            if pending.call == (op, kind, name, timing):
+                del self._pending[index]
+                pending.rule._pending -= 1
+                return pending.rule
+        return None
 
     def record(self, op: str, kind: str, name: str, timing: Timing) -> InjectedFault:
-        """Log an injected fault and return the error to raise for it."""
+        """Log an injected fault, count it in its rule, and return the error to raise."""
         with self._lock:
+            rule = self._settle(op, kind, name, timing)
+            if rule is not None:
+                rule.injected += 1
             self.injected.append(InjectedFaultRecord(op, kind, name, timing))
         return InjectedFault(op, kind, name, timing)
+
+    def release(self, op: str, kind: str, name: str, timing: Timing) -> None:
+        """Give back a fault ``decide`` chose but that was not raised.
+
+        For a write that failed on its own before its ``AFTER`` fault could be
+        raised: nothing is counted as injected, and the fault's rule fails its
+        next matching call instead.
+        """
+        with self._lock:
+            rule = self._settle(op, kind, name, timing)
+            if rule is not None:
+                rule._owed += 1
+
+
+@attrs.frozen(eq=False)
+class _Pending:
+    """A fault ``decide`` chose for a call, until it is raised or given back."""
+
+    rule: FaultRule
+    op: str
+    kind: str
+    name: str
+    timing: Timing
+
+    @property
+    def call(self) -> tuple[str, str, str, Timing]:
+        return (self.op, self.kind, self.name, self.timing)
 
 
 class _Wrapper:
@@ -285,9 +365,14 @@ class _Wrapper:
 
     _kind: str
 
-    def __init__(self, inner: Journal | Keyspace | Set, plan: FaultPlan) -> None:
+    def __init__(
+        self, inner: Journal | Keyspace | Set, plan: FaultPlan, limits: Limits | None = None
+    ) -> None:
         self._inner_handle = inner
         self._plan = plan
+        # The wrapped provider's limits, to check inputs before a fault is
+        # decided; without them (a wrapper built by hand) the wrapped handle checks.
+        self._limits = limits
 
     @property
     def name(self) -> str:
@@ -300,6 +385,22 @@ class _Wrapper:
     def _count(self, op: str) -> None:
         self._plan.decide(op, self._kind, self._inner_handle.name)
 
+    async def _faulty(self, op: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Run *write* (whose inputs are already checked), failing it as the plan says."""
+        plan, kind, name = self._plan, self._kind, self.name
+        timing = plan.decide(op, kind, name)
+        if timing is BEFORE:
+            raise plan.record(op, kind, name, BEFORE)
+        try:
+            result = await write()
+        except BaseException:
+            if timing is AFTER:
+                plan.release(op, kind, name, AFTER)  # nothing to inject: it failed anyway
+            raise
+        if timing is AFTER:
+            raise plan.record(op, kind, name, AFTER)
+        return result
+
     def __repr__(self) -> str:
         return f"<faulty {self._inner_handle!r}>"
 
@@ -307,8 +408,8 @@ class _Wrapper:
 class _FaultyJournal(_Wrapper, Journal):
     _kind = "journal"
 
-    def __init__(self, inner: Journal, plan: FaultPlan) -> None:
-        super().__init__(inner, plan)
+    def __init__(self, inner: Journal, plan: FaultPlan, limits: Limits | None = None) -> None:
+        super().__init__(inner, plan, limits)
         self._inner = inner
 
     async def bounds(self) -> Interval:
@@ -326,27 +427,22 @@ class _FaultyJournal(_Wrapper, Journal):
                 yield item
 
     async def append(self, pos: int, record: bytes) -> None:
-        timing = self._plan.decide("append", "journal", self.name)
-        if timing is BEFORE:
-            raise self._plan.record("append", "journal", self.name, BEFORE)
-        await self._inner.append(pos, record)
-        if timing is AFTER:
-            raise self._plan.record("append", "journal", self.name, AFTER)
+        if self._limits is not None:
+            pos = check_position(pos)
+            record = self._limits.check_record(record)
+        await self._faulty("append", lambda: self._inner.append(pos, record))
 
     async def truncate(self, pos: int) -> None:
-        timing = self._plan.decide("truncate", "journal", self.name)
-        if timing is BEFORE:
-            raise self._plan.record("truncate", "journal", self.name, BEFORE)
-        await self._inner.truncate(pos)
-        if timing is AFTER:
-            raise self._plan.record("truncate", "journal", self.name, AFTER)
+        if self._limits is not None:
+            pos = check_position(pos)
+        await self._faulty("truncate", lambda: self._inner.truncate(pos))
 
 
 class _FaultyKeyspace(_Wrapper, Keyspace):
     _kind = "keyspace"
 
-    def __init__(self, inner: Keyspace, plan: FaultPlan) -> None:
-        super().__init__(inner, plan)
+    def __init__(self, inner: Keyspace, plan: FaultPlan, limits: Limits | None = None) -> None:
+        super().__init__(inner, plan, limits)
         self._inner = inner
 
     async def get(self, key: bytes) -> tuple[bytes, str]:
@@ -358,22 +454,20 @@ class _FaultyKeyspace(_Wrapper, Keyspace):
         return await self._inner.has(key)
 
     async def set(self, key: bytes, value: bytes, revision: str) -> str:
-        timing = self._plan.decide("set", "keyspace", self.name)
-        if timing is BEFORE:
-            raise self._plan.record("set", "keyspace", self.name, BEFORE)
-        result = await self._inner.set(key, value, revision)
-        if timing is AFTER:
-            raise self._plan.record("set", "keyspace", self.name, AFTER)
-        return result
+        if self._limits is not None:
+            key = self._limits.check_key(key)
+            value = self._limits.check_value(value)
+            if not isinstance(revision, str):
+                raise TypeError(f"revision must be str, not {type(revision).__name__}")
+        return await self._faulty("set", lambda: self._inner.set(key, value, revision))
 
     async def set_unconditional(self, key: bytes, value: bytes) -> str:
-        timing = self._plan.decide("set_unconditional", "keyspace", self.name)
-        if timing is BEFORE:
-            raise self._plan.record("set_unconditional", "keyspace", self.name, BEFORE)
-        result = await self._inner.set_unconditional(key, value)
-        if timing is AFTER:
-            raise self._plan.record("set_unconditional", "keyspace", self.name, AFTER)
-        return result
+        if self._limits is not None:
+            key = self._limits.check_key(key)
+            value = self._limits.check_value(value)
+        return await self._faulty(
+            "set_unconditional", lambda: self._inner.set_unconditional(key, value)
+        )
 
     async def range(self) -> AsyncIterator[tuple[bytes, bytes, str]]:
         self._count("range")
@@ -385,43 +479,32 @@ class _FaultyKeyspace(_Wrapper, Keyspace):
 class _FaultySet(_Wrapper, Set):
     _kind = "set"
 
-    def __init__(self, inner: Set, plan: FaultPlan) -> None:
-        super().__init__(inner, plan)
+    def __init__(self, inner: Set, plan: FaultPlan, limits: Limits | None = None) -> None:
+        super().__init__(inner, plan, limits)
         self._inner = inner
 
     async def has(self, member: bytes) -> bool:
         self._count("has")
         return await self._inner.has(member)
 
-    async def _write(self, op: str, member: bytes) -> bool:
-        timing = self._plan.decide(op, "set", self.name)
-        if timing is BEFORE:
-            raise self._plan.record(op, "set", self.name, BEFORE)
-        if op == "add":
-            await self._inner.add(member)
-            result = True
-        elif op == "remove":
-            await self._inner.remove(member)
-            result = True
-        elif op == "try_add":
-            result = await self._inner.try_add(member)
-        else:
-            result = await self._inner.try_remove(member)
-        if timing is AFTER:
-            raise self._plan.record(op, "set", self.name, AFTER)
-        return result
+    def _checked(self, member: bytes) -> bytes:
+        return member if self._limits is None else self._limits.check_member(member)
 
     async def add(self, member: bytes) -> None:
-        await self._write("add", member)
+        member = self._checked(member)
+        await self._faulty("add", lambda: self._inner.add(member))
 
     async def try_add(self, member: bytes) -> bool:
-        return await self._write("try_add", member)
+        member = self._checked(member)
+        return await self._faulty("try_add", lambda: self._inner.try_add(member))
 
     async def remove(self, member: bytes) -> None:
-        await self._write("remove", member)
+        member = self._checked(member)
+        await self._faulty("remove", lambda: self._inner.remove(member))
 
     async def try_remove(self, member: bytes) -> bool:
-        return await self._write("try_remove", member)
+        member = self._checked(member)
+        return await self._faulty("try_remove", lambda: self._inner.try_remove(member))
 
     async def range(self) -> AsyncIterator[bytes]:
         self._count("range")
@@ -431,33 +514,36 @@ class _FaultySet(_Wrapper, Set):
 
 
 class _FaultyJournalStore(JournalStore):
-    def __init__(self, inner: JournalStore, plan: FaultPlan) -> None:
+    def __init__(self, inner: JournalStore, plan: FaultPlan, limits: Limits | None = None) -> None:
         self._inner = inner
         self._plan = plan
+        self._limits = limits
 
     async def open(self, name: str) -> Journal:
         self._plan.calls["open"] += 1
-        return _FaultyJournal(await self._inner.open(name), self._plan)
+        return _FaultyJournal(await self._inner.open(name), self._plan, self._limits)
 
 
 class _FaultyKeyspaceStore(KeyspaceStore):
-    def __init__(self, inner: KeyspaceStore, plan: FaultPlan) -> None:
+    def __init__(self, inner: KeyspaceStore, plan: FaultPlan, limits: Limits | None = None) -> None:
         self._inner = inner
         self._plan = plan
+        self._limits = limits
 
     async def open(self, name: str) -> Keyspace:
         self._plan.calls["open"] += 1
-        return _FaultyKeyspace(await self._inner.open(name), self._plan)
+        return _FaultyKeyspace(await self._inner.open(name), self._plan, self._limits)
 
 
 class _FaultySetStore(SetStore):
-    def __init__(self, inner: SetStore, plan: FaultPlan) -> None:
+    def __init__(self, inner: SetStore, plan: FaultPlan, limits: Limits | None = None) -> None:
         self._inner = inner
         self._plan = plan
+        self._limits = limits
 
     async def open(self, name: str) -> Set:
         self._plan.calls["open"] += 1
-        return _FaultySet(await self._inner.open(name), self._plan)
+        return _FaultySet(await self._inner.open(name), self._plan, self._limits)
 
 
 class FaultyProvider(Provider):
@@ -476,9 +562,10 @@ class FaultyProvider(Provider):
     def __init__(self, inner: Provider, plan: FaultPlan | None = None) -> None:
         self.inner = inner
         self.plan = plan if plan is not None else FaultPlan()
-        self._journals = _FaultyJournalStore(inner.journals, self.plan)
-        self._keyspaces = _FaultyKeyspaceStore(inner.keyspaces, self.plan)
-        self._sets = _FaultySetStore(inner.sets, self.plan)
+        limits = inner.limits
+        self._journals = _FaultyJournalStore(inner.journals, self.plan, limits)
+        self._keyspaces = _FaultyKeyspaceStore(inner.keyspaces, self.plan, limits)
+        self._sets = _FaultySetStore(inner.sets, self.plan, limits)
 
     @property
     def journals(self) -> JournalStore:

@@ -12,8 +12,10 @@ garbage collection on SIGTERM after heavy use.
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
 from types import TracebackType
 from typing import Self
 
@@ -37,6 +39,8 @@ class MotoServer:
     """
 
     def __init__(self, *, start_timeout: float = 30.0) -> None:
+        if not start_timeout > 0:
+            raise ValueError(f"start_timeout must be positive, not {start_timeout!r}")
         self._start_timeout = start_timeout
         self._process: subprocess.Popen[str] | None = None
         self.host = "127.0.0.1"
@@ -68,7 +72,11 @@ class MotoServer:
         }
 
     def start(self) -> None:
-        """Start the server and wait until it listens."""
+        """Start the server and wait until it listens, at most ``start_timeout`` seconds.
+
+        Raises ``RuntimeError`` (having killed the server) if it exits first or
+        has not announced its port by then.
+        """
         if self._process is not None:
             raise RuntimeError("moto server already started")
         env = {**os.environ, **CREDENTIALS}
@@ -79,9 +87,22 @@ class MotoServer:
             text=True,
             env=env,
         )
-        assert self._process.stdout is not None
+        stdout = self._process.stdout
+        assert stdout is not None
         # The child prints its port once bound; werkzeug is listening by then.
-        line = self._process.stdout.readline()
+        # Read it in a thread, so that a child that hangs cannot block us for ever:
+        # killing the child (``stop``) ends the read.
+        lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(
+            target=lambda: lines.put(stdout.readline()), name="moto-start", daemon=True
+        ).start()
+        try:
+            line = lines.get(timeout=self._start_timeout)
+        except queue.Empty:
+            self.stop()
+            raise RuntimeError(
+                f"moto server did not start within {self._start_timeout:g} s"
+            ) from None
         if not line.strip().isdigit():
             self.stop()
             raise RuntimeError(
