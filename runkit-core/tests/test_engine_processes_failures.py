@@ -22,6 +22,7 @@ from runkit.engine.envelope import Envelope, encode
 from runkit.engine.events.consumers import ConsumerOptions, partition_consumers
 from runkit.engine.events.process_instances import ProcessRecord
 from runkit.engine.events.process_stores import list_poisoned_events, process_store_name
+from runkit.persistence import Provider
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_events_harness import CommandSink, Harness, harness, wait_until
@@ -151,6 +152,16 @@ async def poisoned(h: Harness) -> bool:
     return bool(await list_poisoned_events(h.provider, APP_KEY, 0))
 
 
+def limited(**limits: int) -> Provider:
+    """A fresh memory store with the given ``Limits`` (keys, values) lowered."""
+    import uuid
+
+    from runkit.persistence import Limits
+    from runkit_memory import MemoryProvider
+
+    return MemoryProvider(str(uuid.uuid4()), limits=Limits(**limits))
+
+
 async def _outbox_cleared(h: Harness) -> bool:
     return outbox(await record(h, "a")) == []
 
@@ -256,13 +267,8 @@ async def test_an_instance_id_the_store_cannot_key_poisons_the_event_at_once() -
     # A store refusal that is the same on every attempt (the instance ID is
     # longer than the store's keys may be) is the routing's fault: the event is
     # poisoned at once, not retried as a passing store failure for ever.
-    import uuid
-
-    from runkit.persistence import Limits
-    from runkit_memory import MemoryProvider
-
     p = Process()
-    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_key_bytes=120))
+    provider = limited(max_key_bytes=120)
     async with (
         harness(App(p), registry=REGISTRY, partitions=1, provider=provider) as h,
         anyio.create_task_group() as tg,
@@ -282,13 +288,8 @@ async def test_a_group_of_events_the_store_cannot_key_is_poisoned_not_retried_fo
     # Two events of one instance in one stream record are handled as a group;
     # the store's refusal (the same on every attempt) must not be retried as a
     # passing store failure: each event is handled alone and poisoned.
-    import uuid
-
-    from runkit.persistence import Limits
-    from runkit_memory import MemoryProvider
-
     p = Process()
-    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_key_bytes=120))
+    provider = limited(max_key_bytes=120)
     async with (
         harness(App(p), registry=REGISTRY, partitions=1, provider=provider) as h,
         anyio.create_task_group() as tg,
@@ -305,11 +306,6 @@ async def test_a_group_of_events_the_store_cannot_key_is_poisoned_not_retried_fo
 async def test_a_group_whose_record_is_over_the_value_limit_is_handled_event_by_event() -> None:
     # Each event's commit fits the store's values; the group's (both events'
     # commands in one record) does not. Handled alone, both commit.
-    import uuid
-
-    from runkit.persistence import Limits
-    from runkit_memory import MemoryProvider
-
     long_id = "i" * 1000  # the produced command carries it: most of a record
     async with (
         harness(App(Process()), registry=REGISTRY, partitions=1) as h,
@@ -320,7 +316,7 @@ async def test_a_group_whose_record_is_over_the_value_limit_is_handled_event_by_
         await wait_until(lambda: len(h.accepted) == 1)
         tg.cancel_scope.cancel()
     command = len(encode(h.accepted[0]))
-    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_value_bytes=command * 3 // 2))
+    provider = limited(max_value_bytes=command * 3 // 2)
     async with (
         harness(App(Process()), registry=REGISTRY, partitions=1, provider=provider) as h,
         anyio.create_task_group() as tg,
@@ -383,12 +379,7 @@ class HugeFailure(Process):
 async def test_a_poison_record_over_the_value_limit_keeps_the_error_short() -> None:
     # The record keeps at most 4,096 characters of the error, and 256 if the
     # store still refuses it; the consumer goes on either way.
-    import uuid
-
-    from runkit.persistence import Limits
-    from runkit_memory import MemoryProvider
-
-    provider = MemoryProvider(str(uuid.uuid4()), limits=Limits(max_value_bytes=2048))
+    provider = limited(max_value_bytes=2048)
     async with (
         harness(App(HugeFailure()), registry=REGISTRY, partitions=1, provider=provider) as h,
         anyio.create_task_group() as tg,

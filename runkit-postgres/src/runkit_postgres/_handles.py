@@ -114,11 +114,7 @@ class _Handle:
         visible through this handle as through any other.
         """
         if self._id == _ABSENT:
-            find = {
-                "journal": self._sql.find_journal,
-                "keyspace": self._sql.find_keyspace,
-                "set": self._sql.find_set,
-            }[self._kind]
+            find: bytes = getattr(self._sql, f"find_{self._kind}")
             self._id = await self._provider._open(self._kind, b"", find, self._name)
 
     async def _read(self, operation: Callable[[Conn], T], action: str) -> T:
