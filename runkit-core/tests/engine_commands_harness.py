@@ -442,7 +442,7 @@ class Stores:
         return problems
 
     def materialised(self) -> bool:
-        """Whether every instance journal holds all its events (they are written behind)."""
+        """Whether every instance journal holds all its commands and events (written behind)."""
         for account, records in self.instances.items():
             journal = [env.message_id for r in records for env in r.events]
             stream = [
@@ -454,6 +454,18 @@ class Stores:
             ]
             if stream[len(stream) - len(journal) :] != journal or (
                 account not in self.truncated and len(journal) != len(stream)
+            ):
+                return False
+            # Commands that recorded no events are written too.
+            commands = [
+                c
+                for records_ in self.stream.values()
+                for r in records_
+                for c in _instance_commands(r, account)
+            ]
+            ids = [r.command_id for r in records]
+            if commands[len(commands) - len(ids) :] != ids or (
+                account not in self.truncated and len(ids) != len(commands)
             ):
                 return False
         return True
@@ -579,6 +591,15 @@ def check_invariants(stores: Stores, *, expect_all_done: bool = True) -> None:
             assert stream_events[len(stream_events) - len(journal_events) :] == journal_events
         elif expect_all_done:
             assert stream_events == journal_events, f"instance {account}: stream != journal"
+            # Every command the instance handled, those that recorded no events
+            # included (a rebuild must know their IDs), in stream order.
+            stream_commands = [
+                cid
+                for records_ in stores.stream.values()
+                for r in records_
+                for cid in _instance_commands(r, account)
+            ]
+            assert stream_commands == ids, f"instance {account}: stream commands != journal"
         else:
             assert journal_events[: len(stream_events)] == stream_events
         partitions = {published_commands[c] for c in ids if c in published_commands}
@@ -599,6 +620,21 @@ def check_invariants(stores: Stores, *, expect_all_done: bool = True) -> None:
                 f"instance {account}: handling did not see every earlier event"
             )
             balance = event["balance"]
+
+
+def _instance_commands(record: Any, account: str) -> list[str]:
+    """The IDs of the commands a stream record commits on an ``accounts`` instance."""
+    indexes = {
+        q.index
+        for q in record.event_less
+        if q.handler_key == ACCOUNTS_KEY and q.instance_id == account
+    }
+    with_events = {
+        env.causation_id
+        for env in record.events
+        if env.source_instance == account and env.source_handler == ACCOUNTS_KEY
+    }
+    return [cid for i, cid in enumerate(record.command_ids) if i in indexes or cid in with_events]
 
 
 async def settled(provider: Provider, app_key: str = APP_KEY, *, timeout: float = 10.0) -> Stores:

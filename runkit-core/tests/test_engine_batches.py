@@ -33,9 +33,11 @@ from runkit.engine.streams import (
     EventBus,
     OwnershipLost,
     PartitionStream,
+    StreamRecord,
     StreamTail,
     StreamWriter,
     decode_stream_record,
+    encode_stream_record,
 )
 from runkit.engine.streams import read_tail as read_stream_tail
 from runkit.persistence import Journal, Limits
@@ -101,6 +103,132 @@ async def test_stream_writer_flushes_what_was_queued_when_cancelled() -> None:
     assert record.command_ids == ("cmd-1",)
     assert publication.settled
     assert publication.offset == 0
+    writer.close()
+    await journal.close()
+
+
+async def test_a_claim_keeps_the_next_scan_reaching_the_previous_owners_records() -> None:
+    # Owner A read the inbox to 2 and committed the command at 1 while the one
+    # at 0 was still pending (an integration being retried), then stopped. B
+    # learned from the tail that 1 was committed and claimed the stream, with
+    # a record whose inbox_end was its own (0: it had read nothing yet), and
+    # stopped before 0 was done. C's scan stopped at that claim, so C did not
+    # know 1 was committed and handled it again.
+    journal, _, _ = await _stream_writer()
+    await journal.append(
+        0,
+        encode_stream_record(
+            StreamRecord(
+                first_offset=0,
+                inbox_position=0,
+                inbox_end=2,
+                written_at=datetime.now(UTC),
+                writer="a",
+                command_ids=("inbox-1",),
+            )
+        ),
+    )
+    tail = await read_stream_tail(journal)
+    assert tail.published == {"inbox-1"}
+    b = StreamWriter(
+        journal,
+        PartitionStream("s", journal, next_offset=tail.next_offset),
+        EventBus(),
+        tail,
+        clock=lambda: datetime.now(UTC),
+        batch_limit=100,
+        record_limit=1 << 20,
+        progress_interval=0.05,
+        retry_max_delay=1.0,
+    )
+    await b.claim()
+    b.close()
+    assert "inbox-1" in (await read_stream_tail(journal)).published, (
+        "the next owner's scan stopped at the claim and missed a committed inbox command"
+    )
+    await journal.close()
+
+
+def test_commands_the_takeover_scan_found_committed_are_never_forgotten() -> None:
+    # The scan's IDs seeded a bounded LRU, which dropped the surplus at the
+    # owner's first completion (in arbitrary order); their inbox copies were
+    # then handled again.
+    from runkit.engine.commands.pending import CompletedCommands
+
+    found = frozenset(f"cmd-{i}" for i in range(150))
+    completed = CompletedCommands(100, found)
+    for i in range(300):
+        completed.add(f"new-{i}")
+    assert all(c in completed for c in found)
+    assert "new-0" not in completed
+    assert "new-299" in completed
+
+
+async def test_an_owner_skips_every_inbox_command_its_predecessor_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A previous owner read the whole inbox and committed all of it but the
+    # first command (a slow integration), then stopped. The new owner's
+    # completions (here with the cache cut to 3) evicted the rest of what its
+    # scan found, and their inbox copies were handled again.
+    from engine_commands_harness import NOTIFIER_KEY, one_partition_engine
+
+    from runkit.engine.commands import batches
+    from runkit.engine.commands.inbox import InboxEntry, append_to_inbox, inbox_name
+    from runkit.engine.partitions import partition_id
+    from runkit.engine.streams import stream_name
+
+    monkeypatch.setattr(batches, "COMPLETED_CACHE", 3)
+    s = setup()
+    register_types(s.config.message_types())
+    provider = silo()
+    now = datetime.now(UTC)
+    ids = [f"n-{i}" for i in range(8)]
+    async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+        for i, cid in enumerate(ids):
+            env = new_envelope(
+                Notify(i), app_key=APP_KEY, site_key=None, created_at=now, message_id=cid
+            )
+            await append_to_inbox(inbox, [InboxEntry(envelope=env, handler_key=NOTIFIER_KEY)])
+    async with await provider.journals.open(stream_name(APP_KEY, 0)) as stream:
+        record = StreamRecord(
+            first_offset=0,
+            inbox_position=0,
+            inbox_end=8,
+            written_at=now,
+            writer="a",
+            command_ids=tuple(ids[1:]),
+        )
+        await stream.append(0, encode_stream_record(record))
+    engine, ownership = one_partition_engine(s.config, provider, backlog_limit=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        await wait_until(lambda: s.notifier.calls == [0])
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: runtime.partitions[0]._writer.written_progress == 8)
+        tg.cancel_scope.cancel()
+    assert s.notifier.calls == [0], "commands the previous owner committed were handled again"
+
+
+async def test_a_record_names_the_instance_of_aggregate_commands_without_events() -> None:
+    # A new owner materialises them from the stream (their instance journals
+    # must name them), so the record says which instance each one hit.
+    journal, _, writer = await _stream_writer()
+    env = new_envelope(
+        Deposit("a", 1, "r"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    writer.enqueue("quiet-1", [], instance=("h", "a"))
+    writer.enqueue("loud", [env], instance=("h", "a"))
+    writer.enqueue("quiet-2", [], instance=("h", "b"))
+    writer.enqueue("integration", [])
+    await writer.flush()
+    record = decode_stream_record(await journal.get(0))
+    assert record.command_ids == ("quiet-1", "loud", "quiet-2", "integration")
+    assert [(q.index, q.offset, q.handler_key, q.instance_id) for q in record.event_less] == [
+        (0, 0, "h", "a"),
+        (2, 1, "h", "b"),
+    ]
     writer.close()
     await journal.close()
 

@@ -643,7 +643,7 @@ async def test_a_copy_of_a_command_being_committed_waits_for_it_even_after_a_reb
             f"{len(stuck)} materialiser record(s) never durable; watermark {watermark} "
             f"== next position {next_position} claims everything"
         )
-    journal = [c.command_id for c in stores.instances["a"]]
+    journal = [c.command_id for c in stores.instances["a"] if c.events]
     stream = [e.causation_id for e in deposits]
     if journal != stream:
         problems.append(
@@ -706,3 +706,173 @@ async def test_an_inbox_append_survives_a_failed_read_after_a_conflict() -> None
         flaky = FlakyGets(inner)
         assert await append_to_inbox(flaky, [entry], position=0) == 1
         assert flaky.failed
+
+
+# -- commands that recorded no events are remembered by their instance -------------
+
+
+async def _retry_x_on_a_new_engine(silo_name: str | None, s: Any) -> None:
+    """Start a fresh engine on the store and retry X (same idempotency key)."""
+    s.accounts.nothing.discard("x")  # handled again, X would now record an event
+    async with running(MemoryProvider(silo_name), s.config, partition_count=1) as engine:
+        executor = engine.executor_for(s.app)
+        with anyio.fail_after(10):
+            await executor.execute_command(Deposit("a", 1, "x"), idempotency_key="k")
+            await executor.execute_command(Deposit("a", 1, "last"))
+        await wait_until(lambda: s.accounts.calls[-1][1] == "last")
+
+
+async def test_a_command_that_recorded_nothing_is_not_handled_again_after_a_restart() -> None:
+    # X recorded no events: only the stream record committing it named its ID,
+    # and a restarted owner rebuilt the instance from its journal, which held
+    # only commands with events, and learned from the stream tail only the IDs
+    # of the last records. The caller's retry of X was handled a second time,
+    # on a root that had changed meanwhile.
+    s = setup()
+    provider = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    s.accounts.nothing.add("x")
+    async with running(provider, s.config, partition_count=1, materialise_delay=0.0) as engine:
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("a", 1, "x"), idempotency_key="k")
+        for i in range(3):  # later records, so the tail's last record does not name X
+            await executor.execute_command(Deposit("a", 1, f"after{i}"))
+            await executor.execute_command(Deposit("b", 1, f"other{i}"))
+    await _retry_x_on_a_new_engine(provider.silo, s)
+    x_handlings = [c for c in s.accounts.calls if c[1] == "x"]
+    assert len(x_handlings) == 1, f"X handled {len(x_handlings)} times"
+    stores = await settled(provider)
+    check_invariants(stores)
+    assert "x" not in [getattr(e, "ref", None) for e in s.accounts.events]
+
+
+async def test_a_command_that_recorded_nothing_is_known_to_an_owner_that_recovers_it() -> None:
+    # The same when the instance journal was never written (the materialiser
+    # lagged, then the node stopped): the next owner learns X's instance from
+    # the stream record above the materialised watermark.
+    s = setup()
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = one_partition_engine(
+        s.config, provider, retry_max_delay=0.01, materialise_delay=0.0, shutdown_timeout=0.5
+    )
+    s.accounts.nothing.add("x")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        executor = engine.executor_for(s.app)
+        # No instance journal can be written from now on.
+        provider.plan.fail(BEFORE, ops={"append"}, names=lambda n: "/aggregate/" in n)
+        await executor.execute_command(Deposit("a", 1, "x"), idempotency_key="k")
+        for i in range(3):
+            await executor.execute_command(Deposit("a", 1, f"after{i}"))
+            await executor.execute_command(Deposit("b", 1, f"other{i}"))
+        tg.cancel_scope.cancel()
+    stores = await read_stores(inner)
+    assert not stores.instances.get("a"), "the instance journal was written after all"
+    assert any(r.event_less for r in stores.stream[0]), "no stream record names X's instance"
+    await _retry_x_on_a_new_engine(inner.silo, s)
+    x_handlings = [c for c in s.accounts.calls if c[1] == "x"]
+    assert len(x_handlings) == 1, f"X handled {len(x_handlings)} times"
+    check_invariants(await settled(inner))
+
+
+# -- a poisoned inbox command is done for every later owner -------------------------
+
+
+async def test_a_poisoned_inbox_command_is_not_handled_again_by_the_next_owner() -> None:
+    # Poisoning finished the command in memory only: no stream record listed
+    # it, and until a record said the inbox was processed past it (a while
+    # later, or never if the owner stopped first) the next owner read it from
+    # the inbox and handled it again, although it was in the poison store.
+    s = setup()
+    s.notifier.fail[1] = 1  # fails once, then would succeed
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = one_partition_engine(
+        s.config, provider, max_attempts=1, progress_interval=30.0, shutdown_timeout=0.2
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        executor = engine.executor_for(s.app)
+        await engine.runtime(APP_KEY)
+        await executor.execute_command(Notify(1))  # an integration command: to the inbox
+        ownership.assign({partition_id(APP_KEY, 0)})
+
+        async def poisoned() -> bool:
+            return len((await read_stores(inner)).poison) == 1
+
+        await wait_until(poisoned)
+        await anyio.sleep(0.05)
+        # The owner stops abruptly: no stream record lands from now on.
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        tg.cancel_scope.cancel()
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1) as engine2:
+        await engine2.executor_for(s.app).execute_command(Notify(2))
+        await wait_until(lambda: 2 in s.notifier.calls)
+    # Its one (failed) attempt, then the next command.
+    assert s.notifier.calls == [1, 2], "a poisoned command was handled again by the next owner"
+
+
+async def test_a_poisoned_aggregate_command_stays_before_the_later_commands_of_its_instance() -> (
+    None
+):
+    # Inbox: Notify(0) (slow: it holds the processed position back), Deposit x
+    # (poisoned at its first failure), Deposit y (same account, committed).
+    # The owner stops without a further record. The next owner handled x again,
+    # after y.
+    s = setup()
+    s.notifier.release = anyio.Event()
+    s.accounts.fail["x"] = 1
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = one_partition_engine(
+        s.config, provider, max_attempts=1, progress_interval=30.0, shutdown_timeout=0.2
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        executor = engine.executor_for(s.app)
+        await engine.runtime(APP_KEY)
+        await executor.execute_command(Notify(0))
+        await executor.execute_command(Deposit("acc", 1, "x"))
+        await executor.execute_command(Deposit("acc", 1, "y"))
+        ownership.assign({partition_id(APP_KEY, 0)})
+
+        async def y_committed() -> bool:
+            st = await read_stores(inner)
+            return len(st.poison) == 1 and sum(len(r.events) for r in st.stream[0]) == 1
+
+        await wait_until(y_committed)
+        provider.plan.fail(BEFORE, ops={"append"}, names=_stream)
+        tg.cancel_scope.cancel()
+    s.notifier.release.set()
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await wait_until(lambda: 0 in s.notifier.calls)
+        await anyio.sleep(0.2)
+    assert [ref for _, ref, _ in s.accounts.calls] == ["y"], (
+        "a poisoned aggregate command was handled again, after a later command of its instance"
+    )
+
+
+async def test_a_requeued_poisoned_command_is_handled_by_the_next_owner() -> None:
+    # The note names the poisoned inbox entry, not the command ID: a copy the
+    # operator requeues is a later entry, handled like any other.
+    from runkit.engine.commands.poison import requeue
+
+    s = setup()
+    s.notifier.fail[1] = 1
+    provider = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    async with running(provider, s.config, partition_count=1, max_attempts=1) as engine:
+        await engine.executor_for(s.app).execute_command(Notify(1))
+
+        async def poisoned() -> bool:
+            return len((await read_stores(provider)).poison) == 1
+
+        await wait_until(poisoned)
+    [command_id] = (await read_stores(provider)).poison
+    assert await requeue(provider, APP_KEY, 1, command_id)
+    async with running(MemoryProvider(provider.silo), s.config, partition_count=1):
+        await wait_until(lambda: s.notifier.calls == [1, 1])  # the failed attempt, the requeued
+        stores = await settled(provider)
+    check_invariants(stores)

@@ -25,6 +25,7 @@ from runkit.engine.commands.inbox import InboxEntry
 from runkit.engine.commands.instance_records import (
     Committed,
     SnapshotRecord,
+    follows,
     instance_decoder,
     instance_encoder,
     snapshot_decoder,
@@ -51,6 +52,7 @@ class Bench:
         self.snapshot_every = snapshot_every
         self.aggregates = self.instances()
         self.offset = 0
+        self.position = 0
 
     def instances(self) -> AggregateInstances:
         return AggregateInstances(
@@ -79,10 +81,10 @@ class Bench:
         events = self.aggregates.handle(inst, entry)
         assert events is not None
         record = self.aggregates.committed(inst, entry, events, inbox_position=-1)
-        assert record is not None
         record.durable = True
-        record.stream_offset = record.stream_position = self.offset
+        record.stream_offset, record.stream_position = self.offset, self.position
         self.offset += len(events)
+        self.position += 1  # one command per stream record
         return record
 
     def materialiser(self, *, delay: float = 0.0, truncate: bool = False) -> Materialiser:
@@ -525,3 +527,90 @@ async def test_an_instance_rebuilt_while_a_long_backlog_is_written_applies_it_on
     assert len(refs) == _BACKLOG, (
         f"the rebuilt root holds {len(refs)} events for {_BACKLOG} commands"
     )
+
+
+# -- commands that recorded no events -------------------------------------------------
+
+
+def _event_less(command_id: str, offset: int, position: int, index: int) -> Committed:
+    """A durable command that recorded no events, at *offset* (the next event's)."""
+    return Committed(
+        command_id,
+        (),
+        durable=True,
+        stream_offset=offset,
+        stream_position=position,
+        stream_index=index,
+    )
+
+
+def test_stream_order_of_commands_with_and_without_events() -> None:
+    # (offset, has events, position, index); an event-less command's offset is
+    # that of the stream's next event, which may be a later command's first.
+    with_events = (5, True, 3, 1)
+    assert follows((6, True, 4, 0), with_events)
+    assert follows((7, False, 3, 2), with_events)  # after its two events
+    assert not follows((5, True, 3, 1), with_events)  # itself
+    assert not follows((5, False, 3, 0), with_events)  # just before it
+    event_less = (5, False, 2, 4)
+    assert follows((5, True, 3, 0), event_less)  # its first event is the next one
+    assert follows((5, False, 2, 5), event_less)  # later in the same record
+    assert follows((5, False, 3, 0), event_less)  # in a later record
+    assert not follows((5, False, 2, 4), event_less)  # itself
+    assert not follows((5, False, 2, 3), event_less)
+    assert not follows((4, True, 2, 0), event_less)
+    assert follows((0, True, 0, 0), None)
+    assert follows((0, False, 0, 0), (-1, True, -1, -1))  # records of unknown offset
+
+
+async def test_commands_without_events_are_journaled_once_in_stream_order() -> None:
+    # Two event-less commands at one offset (nothing recorded on the partition
+    # between them), then a command whose first event is at that offset. Each
+    # round of a later owner writes only what the journal lacks.
+    b = Bench()
+    a = await b.aggregates.load(b.handler, "a")
+    e1 = _event_less("e1", 0, 0, 0)
+    e2 = _event_less("e2", 0, 1, 0)
+    c = b.commit(a, "c")
+    c.stream_position, c.stream_index = 2, 0
+    first = b.materialiser()
+    first.add(b.key("a"), e1)
+    await first.flush()
+    assert await b.journal("a") == [["e1"]]
+    for _ in range(2):  # later owners recovering all three from the stream
+        again = Materialiser(
+            b.provider,
+            b.s.config,
+            b.instances(),
+            truncate=False,
+            retry_base_delay=0.01,
+            retry_max_delay=0.1,
+        )
+        for record in (e1, e2, c):
+            again.add(b.key("a"), record)
+        await again.flush()
+        assert await b.journal("a") == [["e1"], ["e2", c.command_id]]
+    rebuilt = await b.instances().load(b.handler, "a")
+    assert list(rebuilt.recent) == ["e1", "e2", c.command_id]
+    assert rebuilt.root.refs == ["c"]
+
+
+async def test_commands_without_events_lead_to_snapshots_and_truncation() -> None:
+    # An instance that mostly refuses commands (records nothing) must still be
+    # snapshotted, or its journal grows without bound and every rebuild
+    # replays all of it.
+    b = Bench(snapshot_every=10)
+    a = await b.aggregates.load(b.handler, "a")
+    m = b.materialiser(truncate=True)
+    m.add(b.key("a"), b.commit(a, "first"))
+    for i in range(50):
+        b.s.accounts.nothing.add(f"no{i}")
+        m.add(b.key("a"), b.commit(a, f"no{i}"))
+        await m.flush()
+    name = f"{APP_KEY}/aggregate/{b.handler.identity.key}/a"
+    async with await b.provider.journals.open(name) as journal:
+        bounds = await journal.bounds()
+    assert bounds.end - bounds.begin <= 10, f"journal keeps {bounds.end - bounds.begin} records"
+    rebuilt = await b.instances().load(b.handler, "a")
+    assert rebuilt.root.refs == ["first"]
+    assert len(rebuilt.recent) == 51

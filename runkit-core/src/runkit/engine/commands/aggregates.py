@@ -41,8 +41,11 @@ from ._handling import EventRecorder, handler_log
 from .inbox import InboxEntry
 from .instance_records import (
     Committed,
+    Mark,
     aggregate_name,
+    follows,
     instance_decoder,
+    mark,
     snapshot_decoder,
     snapshot_name,
 )
@@ -57,9 +60,9 @@ RECENT_COMMANDS = 1000
 #: Journals a rebuild opened, kept for the materialiser's next write to them.
 HANDED_JOURNALS = 256
 
-#: An open instance journal with its end and the stream offset of its last
-#: record (end -1: unknown; last ``None``: empty or unknown).
-OpenJournal = tuple[Journal, int, "int | None"]
+#: An open instance journal with its end and the ``Mark`` of its last command
+#: (end -1: unknown; last ``None``: empty or unknown).
+OpenJournal = tuple[Journal, int, "Mark | None"]
 
 
 @attrs.define(eq=False)
@@ -212,18 +215,19 @@ class AggregateInstances:
         events: tuple[Envelope, ...],
         *,
         inbox_position: int,
-    ) -> Committed | None:
+    ) -> Committed:
         """Record that *entry* was handled on *inst* with *events* (queued for the stream).
 
-        Returns the record the materialiser must write once it is durable
-        (``None`` when the command recorded no events).
+        Returns the record the materialiser must write once it is durable: a
+        command that recorded no events too, or a rebuilt instance would not
+        know its ID, and the command, retried, would be handled again.
         """
         command_id = entry.envelope.message_id
         inst.remember(command_id)
-        if not events:
-            return None
         record = Committed(command_id, events, inbox_position)
-        inst.since_snapshot += len(events)
+        # A command without events counts as one: an instance that mostly
+        # refuses commands must still be snapshotted (and its journal truncated).
+        inst.since_snapshot += len(events) or 1
         if inst.snapshots and inst.since_snapshot >= self._snapshot_every:
             record.snapshot = self._snapshot_of(inst)
         key = (inst.handler.identity.key, inst.instance_id)
@@ -294,17 +298,17 @@ class AggregateInstances:
         unwritten = list(self._unwritten.get(key, ()))
         inst, journaled = await self._rebuild(handler, instance_id)
         for record in unwritten:
-            # In the journal already: by stream offset, not only by the
+            # In the journal already: by stream order, not only by the
             # recent IDs, which keep the last 1,000 (a backlog of more would
             # be applied twice, its older part deduplicated by nothing).
-            if record.durable and journaled is not None and record.stream_offset <= journaled:
+            if record.durable and journaled is not None and not follows(mark(record), journaled):
                 continue
             if record.command_id in inst.recent:
                 continue
             for env in record.events:
                 inst.root.apply_event(to_message(env))
             inst.remember(record.command_id, _location(record.stream_offset, record.events))
-            inst.since_snapshot += len(record.events)
+            inst.since_snapshot += len(record.events) or 1
         existing = self._cache.get(key)
         if existing is not None:
             return existing  # loaded concurrently; keep the first
@@ -323,11 +327,11 @@ class AggregateInstances:
 
     async def _rebuild(
         self, handler: HandlerConfig, instance_id: str
-    ) -> tuple[Instance, int | None]:
-        """The instance from its snapshot and journal, and its journal's last stream offset.
+    ) -> tuple[Instance, Mark | None]:
+        """The instance from its snapshot and journal, and its journal's last command's mark.
 
-        The offset is ``None`` for an empty journal or one whose records do
-        not know it (written before stream offsets were recorded).
+        The mark is ``None`` for an empty journal or one whose records do
+        not know their offsets (written before stream offsets were recorded).
         """
         journal = await self._provider.journals.open(
             aggregate_name(self._app_key, handler.identity.key, instance_id)
@@ -347,7 +351,7 @@ class AggregateInstances:
         if stale is not None:
             await stale[0].close()
         last = opened[2]
-        return inst, last if last is not None and last >= 0 else None
+        return inst, last if last is not None and last[0] >= 0 else None
 
     async def _replay(
         self, journal: Journal, handler: HandlerConfig, instance_id: str
@@ -391,13 +395,13 @@ class AggregateInstances:
         # The journal's end and its last record's stream offset, for the
         # materialiser: known if empty or read to the end here.
         end = 0 if bounds.end == 0 else -1
-        last: int | None = None
+        last: Mark | None = None
         if start == bounds.end > 0:
             # The snapshot covers the whole journal: its last record (which
             # truncation keeps) still says how far the journal goes.
             try:
                 end = bounds.end
-                last = instance_decoder.decode(await journal.get(end - 1)).last_offset
+                last = instance_decoder.decode(await journal.get(end - 1)).last_mark
             except RecordNotFound:
                 end = -1
         elif start < bounds.end:
@@ -406,10 +410,12 @@ class AggregateInstances:
                     record = instance_decoder.decode(data)
                     for command in record.commands():
                         replay(inst, command.events)
+                        if not command.events:
+                            inst.since_snapshot += 1
                         inst.remember(
                             command.command_id, _location(command.stream_offset, command.events)
                         )
-                    end, last = position + 1, record.last_offset
+                    end, last = position + 1, record.last_mark
         return inst, (journal, end, last)
 
 

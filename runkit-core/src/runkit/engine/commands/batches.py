@@ -58,6 +58,7 @@ from ..signals import event_maker
 from ..streams import (
     CommandDone,
     EventBus,
+    OwnershipLost,
     PartitionStream,
     PriorCommits,
     Publication,
@@ -127,6 +128,7 @@ class PartitionCommands:
         # Unmarked commands are committed even when they published nothing. Records
         # list them in command_ids too now; those of earlier releases only as unmarked.
         self._completed = CompletedCommands(COMPLETED_CACHE, tail.published | tail.unmarked)
+        self._poisoned_found = tail.poisoned
         self._unmarked = tail.unmarked
         # Spilled offers' commands that the owners before us may have committed.
         self._prior = PriorCommits(stream.journal, tail.next_position)
@@ -151,7 +153,7 @@ class PartitionCommands:
             app_key=app.identity.key,
             index=index,
             spill=self._callers.spill,
-            finish=self._finish,
+            finish=self._finish_poisoned,
         )
         self._parked = ParkedInstances(
             self._ready,
@@ -432,6 +434,9 @@ class PartitionCommands:
                 else:
                     spilled.position = position
                 continue
+            if (position, entry.envelope.message_id) in self._poisoned_found:
+                self._inbox_progress.done(position)  # poisoned by an earlier owner
+                continue
             self._inbox_pending += 1
             # Into the batch once the backlog has room (ADR 0005, back-pressure).
             self._backlog.hold(
@@ -505,9 +510,8 @@ class PartitionCommands:
             self._duplicate(item, location)
             return
         record = self._aggregates.committed(inst, item.entry, events, inbox_position=item.position)
-        if record is not None:
-            self._materialiser.add(key, record)
-        self._publish(item, events, record)
+        self._materialiser.add(key, record)
+        self._publish(item, events, record, instance=key)
 
     # -- commit and completion ----------------------------------------------------
 
@@ -518,8 +522,12 @@ class PartitionCommands:
         record: Committed | None,
         *,
         pinned: bool = False,
+        instance: tuple[str, str] | None = None,
     ) -> Publication | None:
-        """Queue a handled command on the writer; it completes once durable."""
+        """Queue a handled command on the writer; it completes once durable.
+
+        *instance* is an aggregate command's (handler key, instance ID).
+        """
         waiting = self._publishing.get(item.command_id)
         if waiting is not None:
             waiting.append(item)  # the same command committed just before: wait for it
@@ -527,7 +535,11 @@ class PartitionCommands:
         # Registered only once the writer took it: a writer that has stopped
         # raises OwnershipLost and will never settle the item (``_stop`` does).
         publication = self._writer.enqueue(
-            item.command_id, events, functools.partial(self._durable, record), pinned=pinned
+            item.command_id,
+            events,
+            functools.partial(self._durable, record),
+            pinned=pinned,
+            instance=instance,
         )
         self._publishing[item.command_id] = [item]
         return publication
@@ -549,6 +561,7 @@ class PartitionCommands:
             record.durable = True
             record.stream_offset = publication.offset
             record.stream_position = publication.position
+            record.stream_index = publication.index
             self._materialiser.wake()
         if items and items[0].entry.instance_id is not None:
             self._aggregates.located(items[0].instance_key, publication.command_id, location)
@@ -610,6 +623,27 @@ class PartitionCommands:
         # A spilled command not yet read back from the inbox is counted done
         # when it is (_add_record).
         self._backlog.wake_waiters()  # held inbox commands first
+
+    async def _finish_poisoned(self, item: PendingCommand) -> None:
+        """*item* is in the poison store: note that on the stream, then finish it.
+
+        Its inbox entry is done, but no record commits it: without the note a
+        next owner reading the inbox before this one's progress passed the
+        entry (a command before it still pending, a stop, a crash) would handle
+        it again, maybe after later commands of its instance. An aggregate's
+        instance stays parked meanwhile, so those commit after the note.
+        """
+        await item.spill_landed()
+        position = item.position if item.position >= 0 else item.spill_position
+        if position >= 0:
+            try:
+                note = self._writer.enqueue_poisoned(position, item.command_id)
+            except OwnershipLost:
+                return  # stopping: the next owner reads it again
+            await note.wait_settled()
+            if note.error is not None:
+                return
+        self._finish(item)
 
     def _done(self, position: int) -> None:
         self._inbox_progress.done(position)

@@ -21,8 +21,10 @@ __all__ = [
     "Committed",
     "InstanceCommand",
     "InstanceRecord",
+    "Mark",
     "SnapshotRecord",
     "aggregate_name",
+    "follows",
     "instance_decoder",
     "instance_encoder",
     "snapshot_decoder",
@@ -41,39 +43,55 @@ def snapshot_name(app_key: str, handler_key: str) -> str:
 
 
 class InstanceCommand(msgspec.Struct, frozen=True, array_like=True):
-    """The events one command recorded on an aggregate instance.
+    """A command handled on an aggregate instance, and the events it recorded.
+
+    A command that recorded no events is kept too (``events`` empty): the
+    instance's recent command IDs must include it after a rebuild, or a
+    retried command would be handled again on a changed root.
 
     Attributes:
-        command_id: The command that recorded the events.
-        events: The events, in order.
+        command_id: The command.
+        events: The events, in order (maybe none).
         inbox_position: Where the command was in its partition inbox (-1 if it
             never was, or is unknown).
-        stream_offset: The stream offset of the first event (-1: unknown).
+        stream_offset: The stream offset of the first event; for a command
+            without events, the offset of the next event after it on the
+            stream (-1: unknown).
+        stream_position: The stream journal position of the record that
+            committed it (-1: unknown, in records written before it was kept).
+        stream_index: The command's index among that record's commands (-1:
+            unknown). With ``stream_position``, it orders two event-less
+            commands at one offset.
     """
 
     command_id: str
     events: tuple[Envelope, ...]
     inbox_position: int = -1
     stream_offset: int = -1
+    stream_position: int = -1
+    stream_index: int = -1
 
 
 class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The events of one or more consecutive commands on an aggregate instance.
+    """One or more consecutive commands handled on an aggregate instance.
 
     Derived from the stream: the materialiser writes every command an instance
-    recorded since its last write as one record (the first command in the
+    committed since its last write as one record (the first command in the
     top-level fields, the others in ``more``), so a busy instance costs one
     append per round, not one per command.
 
     Attributes:
         command_id: The first command.
-        events: Its events, in order.
+        events: Its events, in order (maybe none).
         inbox_position: Its inbox position (-1 if it never was, or unknown).
-        stream_offset: The stream offset of its first event (-1: unknown).
-            Per instance, offsets only grow: the materialiser appends only
-            commands above the last offset in the journal, which makes writing
-            the same commands twice (two owners, an ambiguous append) harmless.
+        stream_offset: See ``InstanceCommand``. Per instance, commands only
+            move forward in stream order (``follows``): the materialiser
+            appends only commands after the journal's last one, which makes
+            writing the same commands twice (two owners, an ambiguous append)
+            harmless.
         more: The commands after the first, in order.
+        stream_position: See ``InstanceCommand``.
+        stream_index: See ``InstanceCommand``.
     """
 
     command_id: str
@@ -81,6 +99,8 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
     inbox_position: int = -1
     stream_offset: int = -1
     more: tuple[InstanceCommand, ...] = ()
+    stream_position: int = -1
+    stream_index: int = -1
 
     def commands(self) -> Iterable[InstanceCommand | InstanceRecord]:
         """Every command of the record, in order (each with the fields above)."""
@@ -88,9 +108,47 @@ class InstanceRecord(msgspec.Struct, frozen=True, kw_only=True):
         yield from self.more
 
     @property
-    def last_offset(self) -> int:
-        """The stream offset of the last command's first event (-1: unknown)."""
-        return self.more[-1].stream_offset if self.more else self.stream_offset
+    def last_mark(self) -> Mark:
+        """Where the last command is in stream order (see ``follows``)."""
+        return mark(self.more[-1] if self.more else self)
+
+
+#: Where a command is in its partition's stream order: its ``stream_offset``,
+#: whether it recorded events, its ``stream_position`` and ``stream_index``.
+Mark = tuple[int, bool, int, int]
+
+
+def mark(command: InstanceCommand | InstanceRecord | Committed) -> Mark:
+    """The ``Mark`` of a stored or committed command."""
+    return (
+        command.stream_offset,
+        bool(command.events),
+        command.stream_position,
+        command.stream_index,
+    )
+
+
+def follows(command: Mark, last: Mark | None) -> bool:
+    """Whether *command* comes after *last* (an instance journal's last command).
+
+    Offsets decide, except between an event-less *last* and a command at its
+    offset (the offset of the next event, which may be the command's first):
+    a command with events there comes after it, and an event-less one comes
+    after it if it was committed later (stream position, then index). A
+    *last* of unknown offset (records written before offsets were kept) is
+    followed by everything, as before.
+    """
+    if last is None or last[0] < 0:
+        return True
+    offset, has_events, position, index = command
+    last_offset, last_has_events, last_position, last_index = last
+    if offset != last_offset:
+        return offset > last_offset
+    if last_has_events:
+        return False  # the same command, or an event-less one just before it
+    if has_events:
+        return True
+    return last_position >= 0 and (position, index) > (last_position, last_index)
 
 
 class SnapshotRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -115,15 +173,18 @@ snapshot_decoder = msgspec.msgpack.Decoder(SnapshotRecord)
 
 @attrs.define(eq=False)
 class Committed:
-    """A command's events on one instance, committed (or being committed) to the stream.
+    """A command handled on one instance, committed (or being committed) to the stream.
 
     Attributes:
         command_id: The command.
-        events: Its events on this instance.
+        events: Its events on this instance (maybe none: it is written all
+            the same, so that a rebuilt instance knows the command ID).
         inbox_position: Its inbox position, or -1.
         durable: Set once the stream record holding the events is durable.
-        stream_offset: The stream offset of the first event (once durable).
+        stream_offset: The stream offset of the first event, or for a command
+            without events the next event's (once durable).
         stream_position: The stream journal position of the record (once durable).
+        stream_index: The command's index among the record's commands (once durable).
         snapshot: The root's ``marshal_binary()`` right after this command
             (with the recent command IDs), when a snapshot is due.
         queued_at: When the materialiser was given it (its clock).
@@ -136,6 +197,7 @@ class Committed:
     durable: bool = False
     stream_offset: int = -1
     stream_position: int = -1
+    stream_index: int = -1
     snapshot: tuple[bytes, tuple[str, ...]] | None = None
     queued_at: float = 0.0
     written: bool = False

@@ -83,6 +83,7 @@ class LocalCallers:
                 self._spilled.pop(item.command_id, None)
                 self.settle(item, exc)
                 return
+            item.spill_position = position
             self._spilled_at(position)
             self.settle(item, None)
         finally:

@@ -1,16 +1,19 @@
 """The materialiser: derived aggregate state written behind the partition stream.
 
-Once a stream record is durable, the aggregate events it holds are copied into
-their instance journals; a snapshot the batch loop captured with a command is
+Once a stream record is durable, the aggregate commands it commits are copied
+into their instance journals with their events (those that recorded none too,
+named in the record's ``event_less``, so that a rebuilt instance knows their
+IDs); a snapshot the batch loop captured with a command is
 written after the record holding that command.
 Nothing here is a commit point (the stream is, ADR 0007), so every write may be
 repeated or lost:
 
-- An instance's records carry their stream offset, which only grows; a record
-  is appended only if the journal's last record is below it. Two owners (or an
-  ambiguous append followed by a retry) therefore never write it twice.
+- An instance's commands carry where they are in stream order (offset, and for
+  event-less ones the stream position and index too: ``instance_records.follows``);
+  a command is appended only if it follows the journal's last one. Two owners
+  (or an ambiguous append followed by a retry) therefore never write it twice.
 - Each stream record header carries the *materialised watermark*: the stream
-  journal position below which every aggregate event is in its instance
+  journal position below which every aggregate command is in its instance
   journal. A new owner reads the stream from there (``recover``) and writes
   what is missing, and its instances are rebuilt from snapshot + journal + those
   records meanwhile.
@@ -66,10 +69,13 @@ from .instance_records import (
     Committed,
     InstanceCommand,
     InstanceRecord,
+    Mark,
     SnapshotRecord,
     aggregate_name,
+    follows,
     instance_decoder,
     instance_encoder,
+    mark,
     snapshot_decoder,
 )
 
@@ -129,8 +135,8 @@ class Materialiser:
         self._new_event = event_maker()
         self._wake = self._new_event()
         self._full = self._new_event()  # set when QUEUE_LIMIT records are queued
-        # Open instance journals: (handle, end, stream offset of the last record).
-        self._journals: OrderedDict[_Key, tuple[Journal, int, int | None]] = OrderedDict()
+        # Open instance journals: (handle, end, mark of the last command).
+        self._journals: OrderedDict[_Key, tuple[Journal, int, Mark | None]] = OrderedDict()
         self.records_written = 0
         # The stream position below which every record this materialiser was
         # given (live or recovered) is written: what a final stream record may
@@ -155,7 +161,7 @@ class Materialiser:
         self._wake.set()
 
     def watermark(self, next_position: int) -> int:
-        """The stream position below which every aggregate event is materialised.
+        """The stream position below which every aggregate command is materialised.
 
         *next_position* is the position of the stream record being built:
         records queued but not durable yet will be at or after it.
@@ -165,7 +171,9 @@ class Materialiser:
         return next_position
 
     def recover(self, position: int, record: StreamRecord) -> None:
-        """Queue the aggregate events of a durable stream record found at takeover."""
+        """Queue the aggregate commands of a durable stream record found at takeover."""
+        index_of = {cid: i for i, cid in enumerate(record.command_ids)}
+        found: list[tuple[_Key, Committed]] = []
         current: tuple[_Key, Committed] | None = None
         for i, env in enumerate(record.events):
             handler_key = env.source_handler
@@ -186,11 +194,31 @@ class Materialiser:
                 durable=True,
                 stream_offset=record.first_offset + i,
                 stream_position=position,
+                stream_index=index_of.get(env.causation_id, -1),
             )
-            committed.queued_at = anyio.current_time()
             current = (key, committed)
+            found.append(current)
+        for quiet in record.event_less:
+            if quiet.handler_key in self._aggregate_keys and 0 <= quiet.index < len(
+                record.command_ids
+            ):
+                committed = Committed(
+                    record.command_ids[quiet.index],
+                    (),
+                    durable=True,
+                    stream_offset=quiet.offset,
+                    stream_position=position,
+                    stream_index=quiet.index,
+                )
+                found.append(((quiet.handler_key, quiet.instance_id), committed))
+        if record.event_less:
+            # In commit order, so that each instance's records are in stream order.
+            found.sort(key=lambda item: item[1].stream_index)
+        now = anyio.current_time()
+        for key, committed in found:
+            committed.queued_at = now
             self._aggregates.recovered(key[0], key[1], committed)
-            self._queue.append(current)
+            self._queue.append((key, committed))
             self._unwritten.setdefault(key, deque()).append(committed)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -335,9 +363,9 @@ class Materialiser:
         """Append the commands of *group* the journal lacks, in as few records as fit."""
         journal, end, last = await self._journal(key)
         while True:
-            # Only commands above the journal's last one: an earlier owner or
+            # Only commands after the journal's last one: an earlier owner or
             # an ambiguous append may have written some of them already.
-            fresh = [r for r in group if last is None or r.stream_offset > last]
+            fresh = [r for r in group if follows(mark(r), last)]
             if not fresh:
                 break
             data = self._encode(fresh)
@@ -347,15 +375,15 @@ class Materialiser:
             try:
                 await journal.append(end, data)
                 self.records_written += 1
-                end, last = end + 1, fresh[-1].stream_offset
+                end, last = end + 1, mark(fresh[-1])
             except Conflict:
                 end = (await journal.bounds()).end
-                last = await _last_offset(journal, end)
+                last = await _last_mark(journal, end)
             self._journals[key] = (journal, end, last)
         snapshot = group[-1].snapshot
         # The snapshot covers the journal below ``end`` only if its command is
         # the journal's last one: another owner may have appended past it.
-        if snapshot is not None and last == group[-1].stream_offset:
+        if snapshot is not None and last == mark(group[-1]):
             await self._write_snapshot(key, journal, end, snapshot)
 
     @staticmethod
@@ -367,8 +395,17 @@ class Materialiser:
                 events=first.events,
                 inbox_position=first.inbox_position,
                 stream_offset=first.stream_offset,
+                stream_position=first.stream_position,
+                stream_index=first.stream_index,
                 more=tuple(
-                    InstanceCommand(r.command_id, r.events, r.inbox_position, r.stream_offset)
+                    InstanceCommand(
+                        r.command_id,
+                        r.events,
+                        r.inbox_position,
+                        r.stream_offset,
+                        r.stream_position,
+                        r.stream_index,
+                    )
                     for r in records[1:]
                 ),
             )
@@ -427,7 +464,7 @@ class Materialiser:
             # offset tells a later materialiser what is already written.
             await journal.truncate(position - 1)
 
-    async def _journal(self, key: _Key) -> tuple[Journal, int, int | None]:
+    async def _journal(self, key: _Key) -> tuple[Journal, int, Mark | None]:
         found = self._journals.get(key)
         if found is None:
             found = self._aggregates.take_journal(key)  # a rebuild just opened it
@@ -443,7 +480,7 @@ class Materialiser:
         )
         try:
             end = (await journal.bounds()).end
-            last = await _last_offset(journal, end)
+            last = await _last_mark(journal, end)
         except BaseException:
             # Closed, so it must not stay known: the next attempt opens afresh.
             self._journals.pop(key, None)
@@ -453,7 +490,7 @@ class Materialiser:
         await self._keep(key, (journal, end, last))
         return journal, end, last
 
-    async def _keep(self, key: _Key, opened: tuple[Journal, int, int | None]) -> None:
+    async def _keep(self, key: _Key, opened: tuple[Journal, int, Mark | None]) -> None:
         self._journals[key] = opened
         self._journals.move_to_end(key)
         while len(self._journals) > OPEN_JOURNALS:
@@ -486,15 +523,15 @@ class Materialiser:
             self._journals[key] = (found[0], -1, None)
 
 
-async def _last_offset(journal: Journal, end: int) -> int | None:
-    """The stream offset of the journal's last record before *end* (None: empty/unknown)."""
+async def _last_mark(journal: Journal, end: int) -> Mark | None:
+    """The mark of the journal's last command before *end* (None: empty/unknown)."""
     if end == 0:
         return None
     try:
         data = await journal.get(end - 1)
     except RecordNotFound:
         return None  # truncated to the end: only a snapshot-covered past
-    return instance_decoder.decode(data).last_offset
+    return instance_decoder.decode(data).last_mark
 
 
 def _snapshot_position(stored: bytes) -> int:

@@ -88,6 +88,8 @@ class PendingCommand:
     #: it, so that its record says the inbox was read past the spilled entry
     #: (ADR 0002); else a next owner would take that entry for unhandled.
     spill_settled: anyio.Event | None = None
+    #: The inbox position of the spill, once it has landed (-1: none).
+    spill_position: int = -1
 
     @property
     def command_id(self) -> str:
@@ -109,14 +111,23 @@ class PendingCommand:
 
 
 class CompletedCommands:
-    """Recently completed command IDs and where their events are (bounded)."""
+    """Completed command IDs and where their events are.
+
+    Those this owner completes are kept up to *size*, the oldest forgotten
+    first. Those the takeover scan found committed (*initial*) are never
+    forgotten while the partition is owned: their inbox copies may be read
+    only after many more completions (one command pending for long holds the
+    processed position back while everything after it is committed), and a
+    forgotten one would be handled again.
+    """
 
     def __init__(self, size: int, initial: frozenset[str] = frozenset()) -> None:
-        self._items: OrderedDict[str, Location] = OrderedDict.fromkeys(initial)
+        self._items: OrderedDict[str, Location] = OrderedDict()
+        self._found = initial
         self._size = size
 
     def __contains__(self, item: str) -> bool:
-        return item in self._items
+        return item in self._items or item in self._found
 
     def location(self, item: str) -> Location:
         return self._items.get(item)

@@ -11,7 +11,7 @@ durable, with its instance parked (``parking``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import msgspec
@@ -42,7 +42,7 @@ class Retries:
     """What happens to a command whose handler failed: a retry or the poison store.
 
     *spill* makes a local command durable in the inbox; *finish* completes a
-    command (once it is poisoned).
+    command once it is poisoned (committing that through the stream).
     """
 
     def __init__(
@@ -53,7 +53,7 @@ class Retries:
         app_key: str,
         index: int,
         spill: Callable[[PendingCommand], None],
-        finish: Callable[[PendingCommand], None],
+        finish: Callable[[PendingCommand], Awaitable[None]],
     ) -> None:
         self._settings = settings
         self._provider = provider
@@ -154,4 +154,4 @@ class Retries:
                 )
                 await anyio.sleep(delay)
         _poisoned.add(1, {"handler_key": item.entry.handler_key})
-        self._finish(item)
+        await self._finish(item)

@@ -10,7 +10,8 @@ visible all at once), and a header:
 - ``inbox_position``: every command in inbox records below it is done (its
   events are in this or an earlier record, or it had none, or it was poisoned).
 - ``inbox_end``: how far the writer's owner had read the inbox when it built the
-  record; a new owner scans back only over records whose ``inbox_end`` is past
+  record, and never less than the record before it (a new owner starts from the
+  last one's); a new owner scans back only over records whose ``inbox_end`` is past
   the tail's ``inbox_position`` to learn which pending commands are published.
 - ``command_ids``: the commands the record commits (it is the commit point of a
   batch, ADR 0007), those that recorded no events included: a new owner reading
@@ -18,6 +19,14 @@ visible all at once), and a header:
 - ``materialised``: every aggregate event in records below this journal
   position is in its instance journal (``None``: all of them, as in records
   written before instance journals became derived state).
+- ``event_less``: the aggregate commands among ``command_ids`` that recorded no
+  events, each with its instance and the offset of the next event after it:
+  a new owner materialises them too (their instance journals name them, so a
+  rebuilt instance knows their IDs).
+- ``poisoned``: inbox entries (position, command ID) whose commands were moved
+  to the poison store: done, although no record lists them in ``command_ids``.
+  A new owner skips those entries, and only those (a requeued copy of the
+  command is a later entry).
 - ``unmarked`` / ``scan_from``: keyed integration commands committed whose
   idempotency marker may not be written yet, and the oldest record holding one. A new
   owner's takeover scan reads back at least to ``scan_from``, so it learns of
@@ -35,6 +44,7 @@ import dogma
 from ..envelope import Envelope, to_message
 
 __all__ = [
+    "EventLessCommand",
     "OwnershipLost",
     "StreamEvent",
     "StreamRecord",
@@ -90,6 +100,22 @@ class OwnershipLost(Exception):
     """Another node wrote to a journal this node believed it was the only writer of."""
 
 
+class EventLessCommand(msgspec.Struct, frozen=True, array_like=True):
+    """An aggregate command a stream record commits that recorded no events.
+
+    Attributes:
+        index: Its index in the record's ``command_ids``.
+        offset: The stream offset of the next event after it.
+        handler_key: The aggregate handler's identity key.
+        instance_id: The instance that handled it.
+    """
+
+    index: int
+    offset: int
+    handler_key: str
+    instance_id: str
+
+
 class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One record of a partition stream journal (see the module docstring)."""
 
@@ -103,6 +129,8 @@ class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
     materialised: int | None = None
     unmarked: tuple[str, ...] = ()
     scan_from: int | None = None
+    event_less: tuple[EventLessCommand, ...] = ()
+    poisoned: tuple[tuple[int, str], ...] = ()
 
 
 _record_encoder = msgspec.msgpack.Encoder()

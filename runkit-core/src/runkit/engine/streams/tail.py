@@ -16,6 +16,7 @@ from __future__ import annotations
 import attrs
 
 from ...persistence import Journal, RecordNotFound
+from ..envelope import closing_iter
 from .records import decode_stream_record
 
 __all__ = ["StreamTail", "read_tail"]
@@ -37,6 +38,12 @@ class StreamTail:
             may be missing (the new owner writes them).
         scan_from: Where the scan had to read back to (the new owner's
             records keep it until it has written those markers).
+        poisoned: Inbox entries (position, command ID) found poisoned: done.
+        inbox_end: The last record's ``inbox_end``. The new owner's records
+            start from it, not from what it has read itself: ``inbox_end``
+            must never decrease along the journal, or a later owner's scan
+            would stop at this owner's first record, short of records that
+            committed inbox commands still below ``inbox_position``.
     """
 
     next_position: int
@@ -46,6 +53,8 @@ class StreamTail:
     materialised: int | None = None
     unmarked: frozenset[str] = frozenset()
     scan_from: int | None = None
+    inbox_end: int = 0
+    poisoned: frozenset[tuple[int, str]] = frozenset()
 
 
 async def read_tail(journal: Journal) -> StreamTail:
@@ -57,10 +66,12 @@ async def read_tail(journal: Journal) -> StreamTail:
     inbox_position = last.inbox_position
     published: set[str] = set()
     unmarked: set[str] = set()
+    poisoned: set[tuple[int, str]] = set()
     floor = bounds.end if last.scan_from is None else last.scan_from
     position = bounds.end - 1
     record = last
     above: str | None = None  # the writer of the record above (None: none)
+    older = _Pages(journal, bounds.begin, position)
     while True:
         if record.inbox_end <= inbox_position and position < floor:
             if record.writer != above:
@@ -69,17 +80,19 @@ async def read_tail(journal: Journal) -> StreamTail:
                 # stopped, spill those commands to the inbox, past this
                 # record's inbox_end, although they are committed here.
                 published.update(record.command_ids)
+                poisoned.update(record.poisoned)
             break
         published.update(record.command_ids)
+        poisoned.update(record.poisoned)
         unmarked.update(record.unmarked)
         above = record.writer
         position -= 1
-        if position < bounds.begin:
+        data = await older.get(position)
+        if data is None:
+            # The journal's beginning, or truncated below: older records
+            # cannot hold pending commands.
             break
-        try:
-            record = decode_stream_record(await journal.get(position))
-        except RecordNotFound:
-            break  # truncated below us: older records cannot hold pending commands
+        record = decode_stream_record(data)
     return StreamTail(
         bounds.end,
         last.first_offset + len(last.events),
@@ -88,4 +101,59 @@ async def read_tail(journal: Journal) -> StreamTail:
         last.materialised,
         frozenset(unmarked),
         last.scan_from,
+        last.inbox_end,
+        frozenset(poisoned),
     )
+
+
+#: Records the backward scan reads in its first page; each next page is twice
+#: as long, up to ``LAST_PAGE``. Most scans stop within a record or two; a long
+#: one (an inbox command pending for minutes under steady load) then costs a
+#: few ``range`` calls instead of a round trip per record.
+FIRST_PAGE = 2
+LAST_PAGE = 1024
+
+
+class _Pages:
+    """A journal read backwards from *below* (exclusive) in pages of growing size."""
+
+    def __init__(self, journal: Journal, begin: int, below: int) -> None:
+        self._journal = journal
+        self._begin = begin
+        self._low = below  # the records in [self._low, below) are read
+        self._size = FIRST_PAGE
+        self._page: list[bytes] = []
+
+    async def get(self, position: int) -> bytes | None:
+        """The record at *position* (each lower than the last), or ``None`` below the live part."""
+        if position < self._low:
+            if position < self._begin:
+                return None
+            high = self._low
+            low = max(self._begin, high - self._size)
+            self._size = min(self._size * 2, LAST_PAGE)
+            try:
+                page = await self._read(low, high)
+            except RecordNotFound:
+                # Truncated meanwhile: what is still live, if the position is.
+                self._begin = (await self._journal.bounds()).begin
+                if position < self._begin:
+                    return None
+                low = self._begin
+                try:
+                    page = await self._read(low, high)
+                except RecordNotFound:
+                    return None
+            self._page, self._low = page, low
+        return self._page[position - self._low]
+
+    async def _read(self, low: int, high: int) -> list[bytes]:
+        page: list[bytes] = []
+        async with closing_iter(self._journal.range(low)) as records:
+            async for at, data in records:
+                if at >= high:
+                    break
+                page.append(data)
+        if len(page) != high - low:
+            raise RecordNotFound(self._journal.name, low + len(page))
+        return page

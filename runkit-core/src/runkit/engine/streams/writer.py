@@ -26,9 +26,11 @@ from ..signals import event_maker
 from .bus import EventBus
 from .reading import PartitionStream
 from .records import (
+    EventLessCommand,
     OwnershipLost,
     StreamRecord,
     _events_of,
+    _text_bytes,
     encode_stream_record,
     envelope_size,
 )
@@ -58,8 +60,16 @@ class Publication:
     error: BaseException | None = None
     #: On failure: the append that may hold it after all (cut short, unconfirmed).
     unconfirmed: UnconfirmedAppend | None = None
+    #: An aggregate command's (handler key, instance ID), kept in the record
+    #: when it recorded no events (``StreamRecord.event_less``).
+    instance: tuple[str, str] | None = None
     offset: int = -1
     position: int = -1
+    #: The publication's index among its record's commands (once durable).
+    index: int = -1
+    #: A poisoned command's inbox entry (position, command ID): the record
+    #: lists it in ``poisoned``, not among the commands it commits.
+    poisoned: tuple[int, str] | None = None
     #: Keep the record visible to takeover scans until ``StreamWriter.unpin``.
     pinned: bool = False
     #: Durable, or failed (``error``).
@@ -120,7 +130,8 @@ class StreamWriter:
         self._written_progress = tail.inbox_position
         self._written_materialised = tail.materialised or 0
         self._progress = tail.inbox_position
-        self._inbox_end = tail.inbox_position
+        # Never below the previous owner's: see StreamTail.inbox_end.
+        self._inbox_end = max(tail.inbox_position, tail.inbox_end)
         self._queue: deque[Publication] = deque()
         # Pinned command IDs -> the position of the record holding them; the
         # previous owner's unmarked commands are pinned at its scan floor.
@@ -184,15 +195,38 @@ class StreamWriter:
         on_durable: Callable[[Publication], None] | None = None,
         *,
         pinned: bool = False,
+        instance: tuple[str, str] | None = None,
     ) -> Publication:
         """Queue a handled command and its events for the stream (in call order).
 
-        See ``wait``; *on_durable* is called once they are durable.
+        See ``wait``; *on_durable* is called once they are durable. *instance*
+        is the (handler key, instance ID) of an aggregate command: the record
+        names it if the command recorded no events.
         """
         if self._failed is not None:
             raise OwnershipLost("the partition stream writer has stopped") from self._failed
-        size = sum(envelope_size(e) for e in events) + 64
-        item = Publication(command_id, tuple(events), size, on_durable, pinned=pinned)
+        if events:
+            size = sum(envelope_size(e) for e in events) + 64
+            instance = None
+        else:
+            size = 64 if instance is None else 96 + len(instance[0]) + _text_bytes(instance[1])
+        item = Publication(
+            command_id, tuple(events), size, on_durable, pinned=pinned, instance=instance
+        )
+        self._queue.append(item)
+        self._wake.set()
+        self._item_added.set()
+        return item
+
+    def enqueue_poisoned(self, position: int, command_id: str) -> Publication:
+        """Queue a note that the inbox entry at *position* was poisoned (it is done).
+
+        Raises:
+            OwnershipLost: the writer has stopped.
+        """
+        if self._failed is not None:
+            raise OwnershipLost("the partition stream writer has stopped") from self._failed
+        item = Publication(command_id, (), 64, poisoned=(position, command_id))
         self._queue.append(item)
         self._wake.set()
         self._item_added.set()
@@ -327,6 +361,18 @@ class StreamWriter:
     def _record(self, batch: list[Publication], progress: int) -> StreamRecord:
         unmarked = tuple(i.command_id for i in batch if i.pinned)
         floors = [*self._pinned.values(), *([self._position] if unmarked else [])]
+        event_less: list[EventLessCommand] = []
+        command_ids: list[str] = []
+        poisoned: list[tuple[int, str]] = []
+        offset = self._offset
+        for item in batch:
+            if item.poisoned is not None:
+                poisoned.append(item.poisoned)
+                continue
+            if item.instance is not None:
+                event_less.append(EventLessCommand(len(command_ids), offset, *item.instance))
+            command_ids.append(item.command_id)
+            offset += len(item.events)
         return StreamRecord(
             first_offset=self._offset,
             inbox_position=progress,
@@ -336,11 +382,13 @@ class StreamWriter:
             # Event-less commands too: a command read again from the inbox after a
             # stop or crash before the inbox progress passed it would otherwise be
             # handled again (an integration's external call made twice).
-            command_ids=tuple(i.command_id for i in batch),
+            command_ids=tuple(command_ids),
             events=tuple(e for i in batch for e in i.events),
             materialised=None if self._watermark is None else self._watermark(self._position),
             unmarked=unmarked,
             scan_from=min(floors) if floors else None,
+            event_less=tuple(event_less),
+            poisoned=tuple(poisoned),
         )
 
     def _after_append(self, batch: list[Publication], progress: int, record: StreamRecord) -> None:
@@ -353,9 +401,13 @@ class StreamWriter:
         if record.materialised is not None:
             self._written_materialised = record.materialised
         offset = record.first_offset
+        index = 0
         for item in batch:
             item.offset = offset
             item.position = position
+            if item.poisoned is None:
+                item.index = index
+                index += 1
             offset += len(item.events)
             if item.pinned:
                 self._pinned.setdefault(item.command_id, position)
