@@ -32,6 +32,7 @@ deduplicates only recent IDs). Dirty entries are never evicted.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -149,6 +150,12 @@ class InstanceCache:
         self._dirty: dict[int, set[str]] = {}
         # Held instances -> the tasks waiting for them, in arrival order.
         self._locks: dict[str, deque[anyio.Event]] = {}
+        # Dirty entries taken out for handling (``take``): they still hold
+        # their partition's checkpoint (``hold_floor``) until put back.
+        self._taken: dict[str, CachedInstance] = {}
+        # Partition -> how many times it was dropped: an entry obtained before
+        # a drop of its partition must not be put back after it (``put``).
+        self._epochs: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -168,9 +175,55 @@ class InstanceCache:
             self._entries.move_to_end(instance_id)
         return entry
 
-    def put(self, instance_id: str, entry: CachedInstance) -> None:
-        """Cache *entry*, evicting the least recently used clean entries over capacity."""
-        previous = self._entries.get(instance_id)
+    def epoch(self, partition: int) -> int:
+        """How many times *partition* was dropped (see ``put``)."""
+        return self._epochs.get(partition, 0)
+
+    def take(self, instance_id: str) -> CachedInstance | None:
+        """Take the entry out of the cache to handle the instance (lock held).
+
+        Handling changes the root in place, so the entry is out until ``put``
+        back; a dirty one meanwhile still holds its partition's checkpoint, so
+        a consumer stopping then saves no checkpoint past the events whose
+        outbox it holds. ``restore`` puts it back if nothing else is.
+        """
+        entry = self._entries.pop(instance_id, None)
+        if entry is not None and entry.dirty:
+            self._taken[instance_id] = entry
+        return entry
+
+    def restore(self, instance_id: str, root_of: Callable[[ProcessRecord], ProcessRoot]) -> None:
+        """The handling is over: a taken entry not put back goes back as it was taken.
+
+        Its root, which the handling may have changed in place, is decoded
+        again from its record by *root_of* (if that fails, the entry is
+        dropped). Nothing else changed: whatever the handling wrote since, the
+        entry's revision is then stale, and its next write conflicts.
+        """
+        entry = self._taken.pop(instance_id, None)
+        if entry is None:
+            return
+        try:
+            root = root_of(entry.record)
+        except Exception:
+            self._undirty(instance_id, entry.partition)
+            return
+        self._entries[instance_id] = attrs.evolve(entry, root=root)
+        self._entries.move_to_end(instance_id)
+
+    def put(self, instance_id: str, entry: CachedInstance, epoch: int | None = None) -> None:
+        """Cache *entry*, evicting the least recently used clean entries over capacity.
+
+        With *epoch* (``epoch(entry.partition)`` when the entry was obtained),
+        a dirty entry whose partition was dropped since is not cached: no
+        consumer here clears that partition's outboxes any more, and its next
+        owner delivers the events that left the outbox again (the checkpoint
+        saved at the drop did not pass them).
+        """
+        if epoch is not None and entry.dirty and self.epoch(entry.partition) != epoch:
+            self.drop(instance_id)
+            return
+        previous = self._entries.get(instance_id) or self._taken.pop(instance_id, None)
         if (
             previous is not None
             and previous.dirty
@@ -197,7 +250,7 @@ class InstanceCache:
 
     def drop(self, instance_id: str) -> None:
         """Forget the instance (its next use reads the stored record)."""
-        entry = self._entries.pop(instance_id, None)
+        entry = self._entries.pop(instance_id, None) or self._taken.pop(instance_id, None)
         if entry is not None and entry.dirty:
             self._undirty(instance_id, entry.partition)
 
@@ -210,24 +263,38 @@ class InstanceCache:
 
     def drop_partition(self, partition: int) -> None:
         """Forget every entry last written or loaded through *partition* (lost or stopped)."""
+        self._epochs[partition] = self.epoch(partition) + 1
         for key in [k for k, e in self._entries.items() if e.partition == partition]:
             self.drop(key)
+        for key in [k for k, e in self._taken.items() if e.partition == partition]:
+            self.drop(key)
+
+    def _dirty_entry(self, instance_id: str) -> CachedInstance:
+        entry = self._entries.get(instance_id)
+        return entry if entry is not None else self._taken[instance_id]
 
     def hold_floor(self, partition: int) -> int | None:
-        """The lowest ``held`` offset of *partition*'s dirty entries (``None``: none)."""
+        """The lowest ``held`` offset of *partition*'s dirty entries (``None``: none).
+
+        Entries taken out for handling count too.
+        """
         held = [
             entry.held
-            for entry in map(self._entries.__getitem__, self._dirty.get(partition, ()))
+            for entry in map(self._dirty_entry, self._dirty.get(partition, ()))
             if entry.held is not None
         ]
         return min(held, default=None)
 
     def due_clears(self, partition: int, dispatched_before: float) -> list[str]:
-        """Dirty instances of *partition* whose outbox was dispatched before the given time."""
+        """Dirty instances of *partition* whose outbox was dispatched before the given time.
+
+        Not those taken out for handling: their commit drops the outbox.
+        """
         return [
             key
             for key in self._dirty.get(partition, ())
-            if (self._entries[key].dispatched_at or 0.0) <= dispatched_before
+            if key in self._entries
+            and (self._entries[key].dispatched_at or 0.0) <= dispatched_before
         ]
 
 

@@ -436,57 +436,87 @@ class ProcessRunner:
         steps: list[Step],
     ) -> None:
         """Handle *steps* in order against the instance, commit them with one write, dispatch."""
-        key = instance_id.encode()
         async with self._cache.lock(instance_id):
-            entry = self._cache.get(instance_id)
             # Handling changes the root in place: the entry goes back only once
-            # its commit and dispatch are done, so every failure leaves it out.
-            self._cache.drop(instance_id)
-            stale: CachedInstance | None = None
-            while True:
-                fresh = entry is None
-                if entry is None:
-                    entry = await self._load(ctx, records, key, stale)
-                try:
-                    record = await handle_steps(entry, steps, fresh=fresh)
-                except StaleRecord:
-                    # Raised before any step ran (a deadline's step is alone in its
-                    # group), so the cached root is unchanged and may be reused.
-                    entry, stale = None, entry
-                    continue
-                except Exception:
-                    # The handler failed and may have changed the root in place.
-                    # A dirty entry goes back with the stored root: dropped, its
-                    # dispatched outbox would never be cleared and the next load,
-                    # however much later, would dispatch it again (ADR 0006).
-                    if entry.dirty:
-                        with contextlib.suppress(Exception):
-                            root = self._root_of(entry.record)
-                            self._cache.put(instance_id, attrs.evolve(entry, root=root))
-                    raise
-                if record is None:  # nothing left to handle: all done before, or ended
-                    if entry.dirty and entry.held is None and entry.partition == ctx.index:
-                        # Loaded with an outbox and dispatched it: these events
-                        # are redelivered until it is cleared.
-                        entry = attrs.evolve(entry, held=_lowest_offset(steps))
-                    self._cache.put(instance_id, entry)
-                    return
-                try:
-                    revision = await records.set(key, _encoder.encode(record), entry.revision)
-                except Conflict:
-                    # Written since we read it (another node's consumer, a stale
-                    # owner): handle the steps again against what is stored.
-                    entry = None
-                    continue
-                await self._outbox.dispatch(ctx, instance_id, record)
-                dispatched_at = held = None
-                if record.has_outbox:
-                    dispatched_at, held = anyio.current_time(), _lowest_offset(steps)
-                self._cache.put(
-                    instance_id,
-                    CachedInstance(record, revision, entry.root, ctx.index, dispatched_at, held),
-                )
+            # its commit and dispatch are done. Until then a dirty one still
+            # holds its partition's checkpoint, and if anything fails it goes
+            # back as it was, with the stored root (``restore``): dropped, its
+            # dispatched outbox would never be cleared and the next load,
+            # however much later, would dispatch it again (ADR 0006).
+            epoch = self._cache.epoch(ctx.index)
+            entry = self._cache.take(instance_id)
+            try:
+                await self._handle_taken(ctx, records, instance_id, steps, entry=entry, epoch=epoch)
+            finally:
+                self._cache.restore(instance_id, self._root_of)
+
+    async def _handle_taken(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        instance_id: str,
+        steps: list[Step],
+        *,
+        entry: CachedInstance | None,
+        epoch: int,
+    ) -> None:
+        """``_handle`` with the instance locked and taken out of the cache.
+
+        *epoch* is ``ctx``'s partition's when the handling began: what this
+        handling caches is not kept if the partition was dropped since.
+        """
+        key = instance_id.encode()
+        stale: CachedInstance | None = None
+        # The epoch of the entry's partition when it was obtained.
+        entry_epoch = epoch if entry is None else self._cache.epoch(entry.partition)
+        while True:
+            fresh = entry is None
+            if entry is None:
+                entry, entry_epoch = await self._load(ctx, records, key, stale), epoch
+            try:
+                record = await handle_steps(entry, steps, fresh=fresh)
+            except StaleRecord:
+                # Raised before any step ran (a deadline's step is alone in its
+                # group), so the cached root is unchanged and may be reused.
+                entry, stale = None, entry
+                continue
+            except BaseException:
+                # The handler failed (or was cancelled). An entry loaded here
+                # with an outbox (dispatched by the load) goes back with the
+                # stored root, holding these events until it is cleared; a
+                # taken one is restored by the caller.
+                if fresh and entry.dirty and entry.partition == ctx.index:
+                    with contextlib.suppress(Exception):
+                        root = self._root_of(entry.record)
+                        held = _lowest_offset(steps) if entry.held is None else entry.held
+                        self._cache.put(
+                            instance_id, attrs.evolve(entry, root=root, held=held), entry_epoch
+                        )
+                raise
+            if record is None:  # nothing left to handle: all done before, or ended
+                if entry.dirty and entry.held is None and entry.partition == ctx.index:
+                    # Loaded with an outbox and dispatched it: these events
+                    # are redelivered until it is cleared.
+                    entry = attrs.evolve(entry, held=_lowest_offset(steps))
+                self._cache.put(instance_id, entry, entry_epoch)
                 return
+            try:
+                revision = await records.set(key, _encoder.encode(record), entry.revision)
+            except Conflict:
+                # Written since we read it (another node's consumer, a stale
+                # owner): handle the steps again against what is stored.
+                entry = None
+                continue
+            await self._outbox.dispatch(ctx, instance_id, record)
+            dispatched_at = held = None
+            if record.has_outbox:
+                dispatched_at, held = anyio.current_time(), _lowest_offset(steps)
+            self._cache.put(
+                instance_id,
+                CachedInstance(record, revision, entry.root, ctx.index, dispatched_at, held),
+                epoch,
+            )
+            return
 
     async def _load(
         self,
