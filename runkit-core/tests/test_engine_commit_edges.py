@@ -7,6 +7,7 @@ Integration commands show it: nothing but the stream proves they were handled.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import uuid
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from runkit.engine.partitions import partition_id
 from runkit.engine.streams import (
     StreamRecord,
     UnconfirmedAppend,
+    command_locations,
     encode_stream_record,
     holds_command,
     stream_name,
@@ -876,3 +878,195 @@ async def test_a_requeued_poisoned_command_is_handled_by_the_next_owner() -> Non
         await wait_until(lambda: s.notifier.calls == [1, 1])  # the failed attempt, the requeued
         stores = await settled(provider)
     check_invariants(stores)
+
+
+# -- a spill's outcome is always known ----------------------------------------------
+
+
+def _inbox(name: str) -> bool:
+    return "/inbox/" in name
+
+
+async def test_a_spill_whose_answer_was_lost_is_not_handled_again_by_the_next_owner(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A failed command's spill to the inbox landed, but its answer was lost and
+    # the next attempts failed until the inbox writer gave up: nobody knew where
+    # the copy was. The command, retried, committed in a record whose inbox_end
+    # did not cover the copy, and the next owner read it as new work.
+    from runkit.engine.commands import batches
+
+    monkeypatch.setattr(batches, "INBOX_POLL_INTERVAL", 60.0)  # O1 does not read the copy back
+    s = setup()
+    s.notifier.fail[1] = 1  # fails once: spilled, then retried and committed
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = one_partition_engine(s.config, provider, retry_max_delay=0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        # The spill's first inbox append lands but its answer is lost; the
+        # next four attempts fail before writing (the writer used to give up).
+        provider.plan.fail(AFTER, ops={"append"}, names=_inbox, nth=1)
+        provider.plan.fail(BEFORE, ops={"append"}, names=_inbox, times=4)
+        await execute_in_batch(engine, Notify(1))
+
+        async def committed() -> bool:
+            st = await read_stores(inner)
+            return any(r.command_ids for r in st.stream[0])
+
+        await wait_until(committed)
+        await execute_in_batch(engine, Notify(2))  # a later record of the same owner
+        tg.cancel_scope.cancel()
+    stores = await read_stores(inner)
+    assert stores.inbox[0], "the spill did not land"
+    assert s.notifier.calls == [1, 1, 2]
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1):
+        await anyio.sleep(0.5)
+    assert s.notifier.calls.count(1) == 2, f"Notify(1) handled again: {s.notifier.calls}"
+
+
+async def test_a_spill_whose_answer_was_lost_is_not_handled_after_its_command_is_poisoned() -> None:
+    # The same on one owner: the command was poisoned (no note: its spill's
+    # position unknown), then the owner read the landed copy and handled it.
+    s = setup()
+    s.accounts.fail["x"] = 2  # two failures: poisoned at max_attempts=2
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    provider = FaultyProvider(inner)
+    engine, ownership = one_partition_engine(
+        s.config, provider, retry_max_delay=0.01, max_attempts=2
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        provider.plan.fail(AFTER, ops={"append"}, names=_inbox, nth=1)
+        provider.plan.fail(BEFORE, ops={"append"}, names=_inbox, times=1)
+        with contextlib.suppress(Exception):
+            await execute_in_batch(engine, Deposit("a", 1, "x"))
+
+        async def poisoned() -> bool:
+            return len((await read_stores(inner)).poison) == 1
+
+        await wait_until(poisoned)
+        await anyio.sleep(1.5)  # the poll reads the landed copy
+        tg.cancel_scope.cancel()
+    stores = await read_stores(inner)
+    committed = {c for r in stores.stream[0] for c in r.command_ids}
+    assert not (committed & set(stores.poison)), "a poisoned command was committed too"
+    assert s.accounts.attempts["x"] == 2, f"x handled {s.accounts.attempts['x']} times"
+
+
+async def test_a_gateways_copy_of_a_poisoned_offered_command_is_not_handled_again() -> None:
+    # The owner poisoned an offered command at once (never spilled, so no inbox
+    # entry to note), while the gateway, its offer unanswered, spilled a copy
+    # marked with the offer time: that copy was handled as new work.
+    s = setup()
+    s.accounts.fail["x"] = 1  # fails once; max_attempts=1: poisoned at once, never spilled
+    provider = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    engine, ownership = one_partition_engine(s.config, provider, max_attempts=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        offered_at = datetime.now(UTC)
+        envelope = new_envelope(
+            Deposit("a", 1, "x"), app_key=APP_KEY, site_key=None, created_at=offered_at
+        )
+        index, entry = runtime.acceptor.route(envelope, keyed=False)
+        # The owner takes the offered command (as execute_when_room does) and poisons it...
+        await runtime.partitions[index].execute_local([entry])
+        # ...but the gateway's offer went unanswered: it spills its copy marked with the offer time.
+        async with await provider.journals.open(f"{APP_KEY}/inbox/0") as inbox:
+            await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
+        runtime.partitions[index].poke()
+        await anyio.sleep(0.5)
+        tg.cancel_scope.cancel()
+    stores = await read_stores(provider)
+    assert list(stores.poison) == [entry.envelope.message_id]
+    assert s.accounts.attempts["x"] == 1, f"x handled {s.accounts.attempts['x']} times"
+
+
+# -- observers of a repeated command get its events, wherever it was committed --------
+
+
+def test_a_records_command_locations() -> None:
+    register_types(setup().config.message_types())
+    env = new_envelope(
+        Deposit("a", 1), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    events = [
+        msgspec.structs.replace(env, message_id=f"e{i}", causation_id=c)
+        for i, c in enumerate(["c1", "c1", "c3"])
+    ]
+    record = StreamRecord(
+        first_offset=10,
+        inbox_position=0,
+        inbox_end=0,
+        written_at=datetime.now(UTC),
+        writer="w",
+        command_ids=("c0", "c1", "c2", "c3", "c4"),
+        events=tuple(events),
+    )
+    assert command_locations(record) == {
+        "c0": (10, 0),
+        "c1": (10, 2),
+        "c2": (12, 0),
+        "c3": (12, 1),
+        "c4": (13, 0),
+    }
+
+
+async def test_observers_of_a_command_whose_offer_answer_was_lost_get_its_events() -> None:
+    # The owner committed an offered command, its answer was lost, and it went
+    # on committing before it stopped; the gateway spilled its copy marked with
+    # the offer time. The next owner knew the command was committed (prior
+    # commits, the takeover scan) but not where its events were, beyond the
+    # last 256 it republishes at takeover: observers got an inconclusive note
+    # and waited until their timeout.
+    import math
+
+    from runkit.engine.streams import CommandDone
+
+    s = setup()
+    inner = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    a, a_owns = one_partition_engine(s.config, inner, shutdown_timeout=0.2)
+    offered_at = datetime.now(UTC)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run)
+        a_owns.assign({partition_id(APP_KEY, 0)})
+        runtime = await a.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        env = new_envelope(
+            Deposit("acc", 1, "x"), app_key=APP_KEY, site_key=None, created_at=offered_at
+        )
+        _, entry = runtime.acceptor.route(env, keyed=False)
+        await runtime.partitions[0].execute_local([entry])  # the offer, committed; answer lost
+        for i in range(300):  # the owner keeps committing before it goes
+            await execute_in_batch(a, Deposit(f"o{i}", 1, f"o{i}"))
+        a_owns.assign(set())
+        await wait_until(lambda: 0 not in runtime.partitions)
+        tg.cancel_scope.cancel()
+    # the gateway's fallback for the unanswered offer
+    async with await inner.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+        await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
+    async with running(MemoryProvider(inner.silo), s.config, partition_count=1) as b:
+        send, receive = anyio.create_memory_object_stream[object](math.inf)
+        got: list[object] = []
+        with send, receive, b.bus.attached(env.correlation_id, send, replay=True):
+            with anyio.move_on_after(5):
+                async for item in receive:
+                    got.append(item)
+                    if not isinstance(item, CommandDone) or item.conclusive:
+                        break
+    refs = [ref for _, ref, _ in s.accounts.calls]
+    assert refs.count("x") == 1
+    notes = [g for g in got if isinstance(g, CommandDone)]
+    events = [g for g in got if not isinstance(g, CommandDone)]
+    assert events or any(n.conclusive for n in notes), (
+        f"observer gets no event and no conclusive note: {notes}"
+    )

@@ -127,8 +127,17 @@ class PartitionCommands:
         self._materialiser = materialiser
         # Unmarked commands are committed even when they published nothing. Records
         # list them in command_ids too now; those of earlier releases only as unmarked.
-        self._completed = CompletedCommands(COMPLETED_CACHE, tail.published | tail.unmarked)
-        self._poisoned_found = tail.poisoned
+        self._completed = CompletedCommands(
+            COMPLETED_CACHE, tail.published | tail.unmarked, tail.locations
+        )
+        # Inbox entries (position, ID) earlier owners poisoned: done. And the
+        # IDs poisoned lately: a copy of one that a caller or gateway spilled
+        # with a hint (an unconfirmed append, an unanswered offer) is done too;
+        # a copy ``requeue`` appends carries no hint and is handled.
+        self._poisoned_found = set(tail.poisoned)
+        self._poisoned_ids = CompletedCommands(
+            COMPLETED_CACHE, frozenset(cid for _, cid in tail.poisoned)
+        )
         self._unmarked = tail.unmarked
         # Spilled offers' commands that the owners before us may have committed.
         self._prior = PriorCommits(stream.journal, tail.next_position)
@@ -383,7 +392,7 @@ class PartitionCommands:
         async with aclosing(read_inbox(self._inbox, self._inbox_progress.read_end)) as records:
             async for position, record in records:
                 if self._unresolved(record):
-                    await self._resolve(record)
+                    await self._resolve(position, record)
                 self._add_record(position, record)
                 if self._full:
                     self._paused = True
@@ -397,7 +406,7 @@ class PartitionCommands:
             for e in record.entries
         )
 
-    async def _resolve(self, record: InboxRecord) -> None:
+    async def _resolve(self, position: int, record: InboxRecord) -> None:
         """Find the commands of *record* spilled from an append that did land.
 
         A stopping owner whose last append was unconfirmed told its callers
@@ -413,14 +422,20 @@ class PartitionCommands:
             command_id = entry.envelope.message_id
             if command_id in self._completed:
                 continue
+            if command_id in self._poisoned_ids and (
+                entry.unconfirmed is not None or entry.offered_at is not None
+            ):
+                self._poisoned_found.add((position, command_id))  # a copy of a poisoned one
+                continue
             if entry.unconfirmed is not None:
                 found = await holds_command(self._stream.journal, entry.unconfirmed, command_id)
             elif entry.offered_at is not None:
                 found = await self._prior.holds(command_id, entry.offered_at)
             else:
                 continue
-            if found:
-                self._completed.add(command_id)  # handled as a published command
+            if found is not None:
+                # Handled as a published command; its observers get its events.
+                self._completed.add(command_id, found)
 
     def _add_record(self, position: int, record: InboxRecord) -> None:
         self._inbox_progress.read(position, len(record.entries))
@@ -633,17 +648,18 @@ class PartitionCommands:
         it again, maybe after later commands of its instance. An aggregate's
         instance stays parked meanwhile, so those commit after the note.
         """
+        self._poisoned_ids.add(item.command_id)
         await item.spill_landed()
+        # Without an inbox entry (-1: a local or offered command never spilled)
+        # the note still names the ID, for copies spilled with a hint.
         position = item.position if item.position >= 0 else item.spill_position
-        if position >= 0:
-            try:
-                note = self._writer.enqueue_poisoned(position, item.command_id)
-            except OwnershipLost:
-                return  # stopping: the next owner reads it again
-            await note.wait_settled()
-            if note.error is not None:
-                return
-        self._finish(item)
+        try:
+            note = self._writer.enqueue_poisoned(position, item.command_id)
+        except OwnershipLost:
+            return  # stopping: the next owner reads it again
+        await note.wait_settled()
+        if note.error is None:
+            self._finish(item)
 
     def _done(self, position: int) -> None:
         self._inbox_progress.done(position)

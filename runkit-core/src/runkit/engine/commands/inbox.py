@@ -14,6 +14,7 @@ happens where effects commit (see ``commands``).
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import datetime
@@ -188,6 +189,7 @@ class _Waiter:
     done: anyio.Event = attrs.field(factory=anyio.Event)
     error: BaseException | None = None
     position: int = -1
+    until_landed: bool = False
 
 
 class InboxWriter:
@@ -220,8 +222,14 @@ class InboxWriter:
         self._stopped = False
         self.records_written = 0
 
-    async def submit(self, entries: Sequence[InboxEntry]) -> int:
-        """Make *entries* durable in this inbox; return the position of their record."""
+    async def submit(self, entries: Sequence[InboxEntry], *, until_landed: bool = False) -> int:
+        """Make *entries* durable in this inbox; return the position of their record.
+
+        Storage faults are retried ``max_attempts`` times, then raised: an
+        attempt may have landed all the same. With *until_landed* they are
+        retried until the append is known to have landed (or the writer
+        stops), for a caller that must know where its entries are.
+        """
         if self._stopped:
             # Nothing would ever take it: a caller that fell back to the inbox
             # while the engine (or client) stopped must not wait for ever. A
@@ -233,7 +241,7 @@ class InboxWriter:
             envelope_size(e.envelope) + len(e.handler_key) + len(e.instance_id or "")
             for e in entries
         )
-        waiter = _Waiter(entries, size)
+        waiter = _Waiter(entries, size, until_landed=until_landed)
         self._queue.append(waiter)
         self._wake.set()
         await waiter.done.wait()
@@ -276,12 +284,13 @@ class InboxWriter:
     async def _append(self, batch: list[_Waiter]) -> None:
         """Append the commands of *batch* (the front of the queue) in one record."""
         entries = [e for w in batch for e in w.entries]
+        attempts = sys.maxsize if any(w.until_landed for w in batch) else self._max_attempts
         try:
             position = await append_to_inbox(
                 self.journal,
                 entries,
                 position=self._end,
-                max_attempts=self._max_attempts,
+                max_attempts=attempts,
                 retry_max_delay=self._retry_max_delay,
             )
         except LimitExceeded as exc:

@@ -78,7 +78,11 @@ class LocalCallers:
     async def _append_spilled(self, item: PendingCommand, settled: anyio.Event) -> None:
         try:
             try:
-                position = await self._inbox_writer.submit([item.entry])
+                # Until it is known to have landed: a spill given up after an
+                # attempt that landed all the same would leave a copy nobody
+                # knows the position of, which a next owner would read as new
+                # work after the command was committed or poisoned here.
+                position = await self._inbox_writer.submit([item.entry], until_landed=True)
             except Exception as exc:
                 self._spilled.pop(item.command_id, None)
                 self.settle(item, exc)

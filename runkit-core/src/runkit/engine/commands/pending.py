@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 import attrs
@@ -121,16 +121,24 @@ class CompletedCommands:
     forgotten one would be handled again.
     """
 
-    def __init__(self, size: int, initial: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        size: int,
+        initial: frozenset[str] = frozenset(),
+        locations: Mapping[str, tuple[int, int]] | None = None,
+    ) -> None:
         self._items: OrderedDict[str, Location] = OrderedDict()
         self._found = initial
+        self._found_locations = locations or {}
         self._size = size
 
     def __contains__(self, item: str) -> bool:
         return item in self._items or item in self._found
 
     def location(self, item: str) -> Location:
-        return self._items.get(item)
+        if item in self._items:
+            return self._items[item]
+        return self._found_locations.get(item)
 
     def add(self, item: str, location: Location = None) -> None:
         self._items[item] = location

@@ -31,9 +31,11 @@ from .bus import (
 )
 from .reading import PartitionStream
 from .records import (
+    EventLessCommand,
     OwnershipLost,
     StreamEvent,
     StreamRecord,
+    command_locations,
     decode_stream_record,
     encode_stream_record,
     envelope_size,
@@ -47,6 +49,7 @@ from .writer import Publication, StreamWriter
 __all__ = [
     "CommandDone",
     "EventBus",
+    "EventLessCommand",
     "Observed",
     "OwnershipLost",
     "PartitionStream",
@@ -60,6 +63,7 @@ __all__ = [
     "UnconfirmedAppend",
     "UniqueEvents",
     "Widen",
+    "command_locations",
     "decode_stream_record",
     "encode_stream_record",
     "end_subscriptions",

@@ -26,7 +26,9 @@ visible all at once), and a header:
 - ``poisoned``: inbox entries (position, command ID) whose commands were moved
   to the poison store: done, although no record lists them in ``command_ids``.
   A new owner skips those entries, and only those (a requeued copy of the
-  command is a later entry).
+  command is a later entry), and copies of those commands spilled with a hint
+  (an unconfirmed append, an unanswered offer). Position -1: the command had no
+  inbox entry.
 - ``unmarked`` / ``scan_from``: keyed integration commands committed whose
   idempotency marker may not be written yet, and the oldest record holding one. A new
   owner's takeover scan reads back at least to ``scan_from``, so it learns of
@@ -45,9 +47,11 @@ from ..envelope import Envelope, to_message
 
 __all__ = [
     "EventLessCommand",
+    "Location",
     "OwnershipLost",
     "StreamEvent",
     "StreamRecord",
+    "command_locations",
     "decode_stream_record",
     "encode_stream_record",
     "envelope_size",
@@ -131,6 +135,29 @@ class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
     scan_from: int | None = None
     event_less: tuple[EventLessCommand, ...] = ()
     poisoned: tuple[tuple[int, str], ...] = ()
+
+
+#: Where a command's events are on its stream: (first offset, count). A command
+#: that recorded none has count 0 at the offset of the next event.
+Location = tuple[int, int]
+
+
+def command_locations(record: StreamRecord) -> dict[str, Location]:
+    """Where the events of each command *record* commits are.
+
+    A record holds each command's events together, in the order of its
+    ``command_ids``, and every event's ``causation_id`` is its command's ID.
+    """
+    locations: dict[str, Location] = {}
+    events = record.events
+    offset = record.first_offset
+    i = 0
+    for command_id in record.command_ids:
+        start = i
+        while i < len(events) and events[i].causation_id == command_id:
+            i += 1
+        locations[command_id] = (offset + start, i - start)
+    return locations
 
 
 _record_encoder = msgspec.msgpack.Encoder()

@@ -17,7 +17,7 @@ import attrs
 
 from ...persistence import Journal, RecordNotFound
 from ..envelope import closing_iter
-from .records import decode_stream_record
+from .records import Location, command_locations, decode_stream_record
 
 __all__ = ["StreamTail", "read_tail"]
 
@@ -39,6 +39,8 @@ class StreamTail:
         scan_from: Where the scan had to read back to (the new owner's
             records keep it until it has written those markers).
         poisoned: Inbox entries (position, command ID) found poisoned: done.
+        locations: Where the events of the ``published`` commands are, so
+            that observers of a repeated submission get them again.
         inbox_end: The last record's ``inbox_end``. The new owner's records
             start from it, not from what it has read itself: ``inbox_end``
             must never decrease along the journal, or a later owner's scan
@@ -55,6 +57,7 @@ class StreamTail:
     scan_from: int | None = None
     inbox_end: int = 0
     poisoned: frozenset[tuple[int, str]] = frozenset()
+    locations: dict[str, Location] = attrs.field(factory=dict, eq=False)
 
 
 async def read_tail(journal: Journal) -> StreamTail:
@@ -67,6 +70,7 @@ async def read_tail(journal: Journal) -> StreamTail:
     published: set[str] = set()
     unmarked: set[str] = set()
     poisoned: set[tuple[int, str]] = set()
+    locations: dict[str, Location] = {}
     floor = bounds.end if last.scan_from is None else last.scan_from
     position = bounds.end - 1
     record = last
@@ -80,9 +84,11 @@ async def read_tail(journal: Journal) -> StreamTail:
                 # stopped, spill those commands to the inbox, past this
                 # record's inbox_end, although they are committed here.
                 published.update(record.command_ids)
+                locations.update(command_locations(record))
                 poisoned.update(record.poisoned)
             break
         published.update(record.command_ids)
+        locations.update(command_locations(record))
         poisoned.update(record.poisoned)
         unmarked.update(record.unmarked)
         above = record.writer
@@ -103,24 +109,30 @@ async def read_tail(journal: Journal) -> StreamTail:
         last.scan_from,
         last.inbox_end,
         frozenset(poisoned),
+        locations,
     )
 
 
-#: Records the backward scan reads in its first page; each next page is twice
-#: as long, up to ``LAST_PAGE``. Most scans stop within a record or two; a long
-#: one (an inbox command pending for minutes under steady load) then costs a
-#: few ``range`` calls instead of a round trip per record.
-FIRST_PAGE = 2
-LAST_PAGE = 1024
+#: Records the backward scan reads one ``get`` at a time, as most scans stop
+#: within a record or two; after them it reads pages of ``range``, the first
+#: ``FIRST_PAGE`` records long and each next one twice as long, up to
+#: ``LAST_PAGE``. A long scan (an inbox command pending for minutes under
+#: steady load) then costs a few calls instead of a round trip per record. A
+#: page is held in memory whole: at most 256 records (about 100 MB of the
+#: largest records a store takes, 400 KB on DynamoDB).
+SINGLE_GETS = 4
+FIRST_PAGE = 8
+LAST_PAGE = 256
 
 
 class _Pages:
-    """A journal read backwards from *below* (exclusive) in pages of growing size."""
+    """A journal read backwards from *below* (exclusive): single gets, then growing pages."""
 
     def __init__(self, journal: Journal, begin: int, below: int) -> None:
         self._journal = journal
         self._begin = begin
         self._low = below  # the records in [self._low, below) are read
+        self._gets = 0
         self._size = FIRST_PAGE
         self._page: list[bytes] = []
 
@@ -129,6 +141,14 @@ class _Pages:
         if position < self._low:
             if position < self._begin:
                 return None
+            if self._gets < SINGLE_GETS:
+                self._gets += 1
+                try:
+                    data = await self._journal.get(position)
+                except RecordNotFound:
+                    return None  # truncated meanwhile
+                self._page, self._low = [data], position
+                return data
             high = self._low
             low = max(self._begin, high - self._size)
             self._size = min(self._size * 2, LAST_PAGE)

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 import msgspec
 
 from ...persistence import Journal, RecordNotFound
-from .records import decode_stream_record
+from .records import Location, command_locations, decode_stream_record
 
 __all__ = ["CLOCK_MARGIN", "PriorCommits", "UnconfirmedAppend", "holds_command"]
 
@@ -37,8 +37,11 @@ class UnconfirmedAppend(msgspec.Struct, frozen=True, kw_only=True):
     writer: str
 
 
-async def holds_command(journal: Journal, append: UnconfirmedAppend, command_id: str) -> bool:
-    """Whether the record at *append*'s position is its writer's and commits *command_id*.
+async def holds_command(
+    journal: Journal, append: UnconfirmedAppend, command_id: str
+) -> Location | None:
+    """Where *command_id*'s events are if the record at *append*'s position is its
+    writer's and commits it; ``None`` if not.
 
     The writer ID tells the append apart from another writer's record at the
     same position (a new owner appends there when the append did not land).
@@ -50,8 +53,10 @@ async def holds_command(journal: Journal, append: UnconfirmedAppend, command_id:
         # the stream was truncated past it (the engine never truncates
         # streams; an operator might): then the record cannot be told any
         # more, and the command is handled as an entry without a hint is.
-        return False
-    return record.writer == append.writer and command_id in record.command_ids
+        return None
+    if record.writer != append.writer:
+        return None
+    return command_locations(record).get(command_id)
 
 
 class PriorCommits:
@@ -68,14 +73,15 @@ class PriorCommits:
         self._journal = journal
         self._low = end  # records at or above it have been read (or are ours)
         self._floor: datetime | None = None  # the oldest time read back to
-        self._ids: set[str] = set()
+        self._ids: dict[str, Location] = {}
 
-    async def holds(self, command_id: str, offered_at: datetime) -> bool:
-        """Whether an earlier owner committed *command_id* at or after *offered_at*."""
+    async def holds(self, command_id: str, offered_at: datetime) -> Location | None:
+        """Where *command_id*'s events are if an earlier owner committed it at or
+        after *offered_at*; ``None`` if not."""
         floor = offered_at - CLOCK_MARGIN
         if self._floor is None or floor < self._floor:
             await self._read_back(floor)
-        return command_id in self._ids
+        return self._ids.get(command_id)
 
     async def _read_back(self, floor: datetime) -> None:
         begin = (await self._journal.bounds()).begin
@@ -86,6 +92,6 @@ class PriorCommits:
                 break  # truncated below: nothing older is left to read
             if record.written_at < floor:
                 break
-            self._ids.update(record.command_ids)
+            self._ids.update(command_locations(record))
             self._low -= 1
         self._floor = floor
