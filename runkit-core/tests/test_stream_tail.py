@@ -136,68 +136,49 @@ async def test_the_scan_finds_what_a_record_by_record_scan_finds(seed: int) -> N
     await journal.close()
 
 
-async def test_a_long_scan_reads_in_few_calls() -> None:
-    # An inbox command at 0 stays pending while 3,000 records are committed.
-    count = 3000
-    records = [
+def _one_command_records(inbox_position: int, inbox_ends: list[int]) -> list[StreamRecord]:
+    """Records of one command each (``c<i>``), with the given ``inbox_end``s."""
+    return [
         StreamRecord(
             first_offset=0,
-            inbox_position=0,
-            inbox_end=i + 1,
+            inbox_position=inbox_position,
+            inbox_end=end,
             written_at=datetime.now(UTC),
             writer="w",
             command_ids=(f"c{i}",),
         )
-        for i in range(count)
+        for i, end in enumerate(inbox_ends)
     ]
+
+
+async def _scan(records: list[StreamRecord]) -> tuple[StreamTail, Counter[str]]:
+    """``read_tail`` over a journal of *records*, and the calls it made."""
     inner = await _journal(records)
     journal = _Counting(inner)
     tail = await read_tail(journal)  # type: ignore[arg-type]
-    assert tail.published == {f"c{i}" for i in range(count)}
-    # The last record, four more one by one, then pages of 8, 16, ... 256.
-    assert journal.calls["get"] == 5
-    assert journal.calls["range"] <= 16, journal.calls
     await inner.close()
+    return tail, journal.calls
+
+
+async def test_a_long_scan_reads_in_few_calls() -> None:
+    # An inbox command at 0 stays pending while 3,000 records are committed.
+    tail, calls = await _scan(_one_command_records(0, list(range(1, 3001))))
+    assert tail.published == {f"c{i}" for i in range(3000)}
+    # The last record, four more one by one, then pages of 8, 16, ... 256.
+    assert calls["get"] == 5
+    assert calls["range"] <= 16, calls
 
 
 async def test_a_scan_of_a_few_records_reads_them_one_by_one() -> None:
     # Most scans stop within a record or two: a page would read more than that.
-    records = [
-        StreamRecord(
-            first_offset=0,
-            inbox_position=5,
-            inbox_end=5 if i < 97 else 6,
-            written_at=datetime.now(UTC),
-            writer="w",
-            command_ids=(f"c{i}",),
-        )
-        for i in range(100)
-    ]
-    inner = await _journal(records)
-    journal = _Counting(inner)
-    tail = await read_tail(journal)  # type: ignore[arg-type]
+    tail, calls = await _scan(_one_command_records(5, [5] * 97 + [6] * 3))
     assert tail.published == {"c97", "c98", "c99"}
-    assert journal.calls["get"] == 4
-    assert journal.calls["range"] == 0
-    await inner.close()
+    assert calls["get"] == 4
+    assert calls["range"] == 0
 
 
 async def test_a_short_scan_reads_one_record() -> None:
-    records = [
-        StreamRecord(
-            first_offset=0,
-            inbox_position=5,
-            inbox_end=5,
-            written_at=datetime.now(UTC),
-            writer="w",
-            command_ids=(f"c{i}",),
-        )
-        for i in range(100)
-    ]
-    inner = await _journal(records)
-    journal = _Counting(inner)
-    tail = await read_tail(journal)  # type: ignore[arg-type]
+    tail, calls = await _scan(_one_command_records(5, [5] * 100))
     assert tail.published == {"c99"}
-    assert journal.calls["get"] == 1
-    assert journal.calls["range"] == 0
-    await inner.close()
+    assert calls["get"] == 1
+    assert calls["range"] == 0

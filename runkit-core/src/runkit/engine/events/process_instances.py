@@ -192,6 +192,12 @@ class InstanceCache:
             self._taken[instance_id] = entry
         return entry
 
+    def forget_taken(self, instance_id: str) -> None:
+        """A taken entry's outbox is gone from the stored record: it stops holding."""
+        entry = self._taken.pop(instance_id, None)
+        if entry is not None:
+            self._undirty(instance_id, entry.partition)
+
     def restore(self, instance_id: str, root_of: Callable[[ProcessRecord], ProcessRoot]) -> None:
         """The handling is over: a taken entry not put back goes back as it was taken.
 

@@ -30,7 +30,7 @@ from ..envelope import decode
 from ..logs import describe_error
 from .consumers_support import ConsumerOptions, sleep_backoff
 from .deadlines import DeadlineEntry, append_deadlines, deadline_journal_name
-from .process_instances import InstanceCache, ProcessRecord
+from .process_instances import CachedInstance, InstanceCache, ProcessRecord
 from .process_retries import MessageRetries, poison_error
 from .process_retries import process_log as _log
 from .process_retries import process_store_log as _store_log
@@ -223,19 +223,33 @@ class OutboxDispatcher:
                     error = exc
         return error
 
-    async def clear_now(self, ctx: PartitionContext, records: Keyspace, instance_id: str) -> None:
+    async def clear_now(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        instance_id: str,
+        handled: CachedInstance | None = None,
+    ) -> None:
         """Clear the instance's dispatched outbox now, if it has one (raises on failure).
 
         For a deadline's outbox: the deadline timer truncates its journal past
         a fired deadline, so nothing would deliver it again to a next owner
-        if this node stopped before the background clear.
+        if this node stopped before the background clear. *handled* is the
+        instance as the handling left it, for when it was not cached (its
+        partition's consumer restarted meanwhile).
         """
         async with self._cache.lock(instance_id):
-            await self._clear(ctx, records, instance_id)
+            await self._clear(ctx, records, instance_id, handled)
 
-    async def _clear(self, ctx: PartitionContext, records: Keyspace, instance_id: str) -> None:
+    async def _clear(
+        self,
+        ctx: PartitionContext,
+        records: Keyspace,
+        instance_id: str,
+        handled: CachedInstance | None = None,
+    ) -> None:
         """Write the instance's record without its dispatched outbox (lock held)."""
-        entry = self._cache.get(instance_id)
+        entry = self._cache.get(instance_id) or handled
         if entry is None or entry.dispatched_at is None or entry.partition != ctx.index:
             return
         cleared = entry.record.without_outbox()

@@ -415,8 +415,8 @@ class ProcessRunner:
                     ),
                     deadline_id=entry.deadline_id,
                 )
-                await self._handle(ctx, records, entry.instance_id, [step])
-                await self._outbox.clear_now(ctx, records, entry.instance_id)
+                handled = await self._handle(ctx, records, entry.instance_id, [step])
+                await self._outbox.clear_now(ctx, records, entry.instance_id, handled)
 
         await self._retries.run(
             ctx,
@@ -434,8 +434,12 @@ class ProcessRunner:
         records: Keyspace,
         instance_id: str,
         steps: list[Step],
-    ) -> None:
-        """Handle *steps* in order against the instance, commit them with one write, dispatch."""
+    ) -> CachedInstance:
+        """Handle *steps* in order against the instance, commit them with one write, dispatch.
+
+        Returns the instance as handled (cached, unless its partition was
+        dropped meanwhile).
+        """
         async with self._cache.lock(instance_id):
             # Handling changes the root in place: the entry goes back only once
             # its commit and dispatch are done. Until then a dirty one still
@@ -446,7 +450,9 @@ class ProcessRunner:
             epoch = self._cache.epoch(ctx.index)
             entry = self._cache.take(instance_id)
             try:
-                await self._handle_taken(ctx, records, instance_id, steps, entry=entry, epoch=epoch)
+                return await self._handle_taken(
+                    ctx, records, instance_id, steps, entry=entry, epoch=epoch
+                )
             finally:
                 self._cache.restore(instance_id, self._root_of)
 
@@ -459,7 +465,7 @@ class ProcessRunner:
         *,
         entry: CachedInstance | None,
         epoch: int,
-    ) -> None:
+    ) -> CachedInstance:
         """``_handle`` with the instance locked and taken out of the cache.
 
         *epoch* is ``ctx``'s partition's when the handling began: what this
@@ -469,16 +475,19 @@ class ProcessRunner:
         stale: CachedInstance | None = None
         # The epoch of the entry's partition when it was obtained.
         entry_epoch = epoch if entry is None else self._cache.epoch(entry.partition)
+        stale_epoch = entry_epoch
         while True:
             fresh = entry is None
             if entry is None:
-                entry, entry_epoch = await self._load(ctx, records, key, stale), epoch
+                entry = await self._load(ctx, records, key, stale)
+                # The stale entry comes back if unchanged, with its partition.
+                entry_epoch = stale_epoch if entry is stale else epoch
             try:
                 record = await handle_steps(entry, steps, fresh=fresh)
             except StaleRecord:
                 # Raised before any step ran (a deadline's step is alone in its
                 # group), so the cached root is unchanged and may be reused.
-                entry, stale = None, entry
+                entry, stale, stale_epoch = None, entry, entry_epoch
                 continue
             except BaseException:
                 # The handler failed (or was cancelled). An entry loaded here
@@ -499,7 +508,7 @@ class ProcessRunner:
                     # are redelivered until it is cleared.
                     entry = attrs.evolve(entry, held=_lowest_offset(steps))
                 self._cache.put(instance_id, entry, entry_epoch)
-                return
+                return entry
             try:
                 revision = await records.set(key, _encoder.encode(record), entry.revision)
             except Conflict:
@@ -507,16 +516,17 @@ class ProcessRunner:
                 # owner): handle the steps again against what is stored.
                 entry = None
                 continue
+            # The record no longer holds the outbox a taken entry held its
+            # partition's checkpoint for: stop holding before the dispatch,
+            # which retries for as long as the commands side fails.
+            self._cache.forget_taken(instance_id)
             await self._outbox.dispatch(ctx, instance_id, record)
             dispatched_at = held = None
             if record.has_outbox:
                 dispatched_at, held = anyio.current_time(), _lowest_offset(steps)
-            self._cache.put(
-                instance_id,
-                CachedInstance(record, revision, entry.root, ctx.index, dispatched_at, held),
-                epoch,
-            )
-            return
+            handled = CachedInstance(record, revision, entry.root, ctx.index, dispatched_at, held)
+            self._cache.put(instance_id, handled, epoch)
+            return handled
 
     async def _load(
         self,
