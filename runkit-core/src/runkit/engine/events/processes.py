@@ -492,15 +492,12 @@ class ProcessRunner:
             except BaseException:
                 # The handler failed (or was cancelled). An entry loaded here
                 # with an outbox (dispatched by the load) goes back with the
-                # stored root, holding these events until it is cleared; a
-                # taken one is restored by the caller.
+                # stored root, to be cleared; a taken one is restored by the
+                # caller.
                 if fresh and entry.dirty and entry.partition == ctx.index:
                     with contextlib.suppress(Exception):
                         root = self._root_of(entry.record)
-                        held = _lowest_offset(steps) if entry.held is None else entry.held
-                        self._cache.put(
-                            instance_id, attrs.evolve(entry, root=root, held=held), entry_epoch
-                        )
+                        self._cache.put(instance_id, attrs.evolve(entry, root=root), entry_epoch)
                 raise
             if record is None:  # nothing left to handle: all done before, or ended
                 if entry.dirty and entry.held is None and entry.partition == ctx.index:
