@@ -1761,3 +1761,50 @@ async def test_an_overloaded_owner_counts_as_no_room_for_a_callers_offer(
             f.release.set()
         assert [f.handled(f"r{n}") for n in range(4)] == [1, 1, 1, 1]
         assert await _deposits_in_inboxes(silo) == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "ran"),
+    [
+        ("handler_error", True),
+        ("response_too_large", True),
+        ("unknown_method", False),
+        ("bad_request", False),
+    ],
+)
+async def test_an_offer_the_owner_ran_and_failed_falls_back_marked(code: str, ran: bool) -> None:
+    # An error the owner's offer handler raised (a spill failing for one of the
+    # commands, say) or an answer too large to send comes after some of the
+    # commands may have been committed: the fallback copies must carry the
+    # offer's time, so that their reader looks for those commits. They went to
+    # the inbox unmarked, and a reader whose takeover scan did not reach the
+    # commit handled them again.
+    from datetime import UTC, datetime
+
+    from runkit.engine.cluster.routing import Router
+    from runkit.engine.commands.inbox import InboxEntry
+    from runkit.engine.envelope import new_envelope, register_types
+    from runkit.transport import RemoteError
+
+    class FailingTransport:
+        async def call(self, address: str, *args: Any, **kwargs: Any) -> bytes:
+            raise RemoteError(code, "it went wrong")
+
+    peer = _fake_peer()
+    router = Router(
+        FailingTransport(),  # type: ignore[arg-type]
+        lambda: {peer.node_id: peer},
+        self_id=uuid.uuid4(),
+        self_is_node=False,
+    )
+    s = setup()
+    register_types(s.config.message_types())
+    envelope = new_envelope(
+        Deposit("acct", 1, "ref"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    entry = InboxEntry(envelope=envelope, handler_key="h", instance_id="acct")
+    if ran:
+        with pytest.raises(OfferUnanswered):
+            await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry])
+    else:
+        assert await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry]) is False

@@ -76,6 +76,10 @@ __all__ = [
     "node_cluster",
 ]
 
+#: Error codes of an offer the owner's handler ran (``RemoteError.code``): the
+#: commands may be committed, so their fallback copies carry the offer's time.
+_OFFER_RAN = frozenset({"handler_error", "response_too_large"})
+
 _log = logging.getLogger("runkit.engine.cluster.routing")
 #: Offers refused over an untrusted certificate, logged once per owner per interval.
 _untrusted_log = RateLimitedLog(_log, 10.0)
@@ -225,6 +229,10 @@ class Router:
                         # an older gateway, or other requests): no room, as busy.
                         raise PartitionBusy(reason=f"node {owner.node_id}: {exc}") from None
                     self._log_fallback(owner, entries, index, exc)
+                    if exc.code in _OFFER_RAN:
+                        # The owner took the offer and failed part-way, or could
+                        # not send its answer: some commands may be committed.
+                        raise OfferUnanswered(offered_at) from None
                     return False
                 except TransportError as exc:
                     self._log_fallback(owner, entries, index, exc)
