@@ -500,19 +500,29 @@ async def read_stores(provider: Provider, app_key: str = APP_KEY) -> Stores:
             async for key, v, _ in ks.range():
                 poison[key.decode()] = msgspec.msgpack.decode(v, type=PoisonRecord)
     # Local commands skip the inbox (ADR 0007): instances are known from the stream too.
-    accounts = {
-        e.instance_id
-        for records in inbox.values()
-        for _, r in records
-        for e in r.entries
-        if e.handler_key == ACCOUNTS_KEY
-    } | {
-        env.source_instance
-        for records_ in stream.values()
-        for r in records_
-        for env in r.events
-        if env.source_handler == ACCOUNTS_KEY
-    }
+    accounts = (
+        {
+            e.instance_id
+            for records in inbox.values()
+            for _, r in records
+            for e in r.entries
+            if e.handler_key == ACCOUNTS_KEY
+        }
+        | {
+            env.source_instance
+            for records_ in stream.values()
+            for r in records_
+            for env in r.events
+            if env.source_handler == ACCOUNTS_KEY
+        }
+        | {
+            q.instance_id
+            for records_ in stream.values()
+            for r in records_
+            for q in r.event_less
+            if q.handler_key == ACCOUNTS_KEY
+        }
+    )
     for account in accounts:
         assert account is not None
         async with await provider.journals.open(
