@@ -6,6 +6,8 @@ dropped with its hold; a deadline fired while its partition's consumer
 restarted left its outbox in the record (its entry was not cached, so the
 clear found nothing); and a dispatch retried for ever after the commit kept
 holding another partition's checkpoint for an outbox the record no longer held.
+The last test is about the deadline path too: an entry that cannot be decoded
+raised out of the timer, stopping its partition at every restart.
 """
 
 from __future__ import annotations
@@ -319,3 +321,24 @@ async def test_a_stuck_dispatch_does_not_hold_another_partitions_checkpoint() ->
             f"P0 hold_floor={floor} (taken={list(taken)}) though X's record no longer "
             "holds P0's outbox"
         )
+
+
+async def test_an_undecodable_deadline_is_poisoned_not_raised() -> None:
+    # Raised, the decode error stopped the deadline timer's partition, and the
+    # same entry stopped it again after every restart.
+    from runkit.engine.events.process_stores import list_poisoned_events
+
+    p = Process()
+    async with harness(App(p), registry=REGISTRY, partitions=1) as h:
+        node = partition_consumers(h.app, h.settings, options=LAZY)
+        runner = node._processes[PROC_KEY]
+        entry = msgspec.structs.replace(
+            deadline_entry(h, "x", "d-1"), envelope=b"\xc1 not an envelope"
+        )
+        await runner.fire_deadline(h.ctx(0), entry)
+        poisoned = await list_poisoned_events(h.provider, APP_KEY, 0)
+    assert list(poisoned) == [f"{PROC_KEY}/deadline/d-1"]
+    [record] = poisoned.values()
+    assert record.envelope == b"\xc1 not an envelope"
+    assert record.instance_id == "x"
+    assert not p.in_deadline

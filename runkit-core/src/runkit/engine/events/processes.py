@@ -85,7 +85,7 @@ from .process_instances import (
 )
 from .process_outbox import OutboxDispatcher
 from .process_queues import ConsumerCheckpoint, InstanceQueues
-from .process_retries import MessageRetries
+from .process_retries import MessageRetries, poison_error
 from .process_retries import process_log as _log
 from .process_retries import process_store_log as _store_log
 from .process_scopes import (
@@ -97,6 +97,7 @@ from .process_scopes import (
 )
 from .process_steps import StaleRecord, Step, StepFailed, handle_steps
 from .process_stores import (
+    PoisonedMessage,
     checkpoint_key,
     checkpoints_store_name,
     process_store_name,
@@ -388,8 +389,39 @@ class ProcessRunner:
     # -- deadlines --
 
     async def fire_deadline(self, ctx: PartitionContext, entry: DeadlineEntry) -> None:
-        """Handle a due deadline (called by the home partition's timer), with retries."""
-        envelope = decode(entry.envelope)
+        """Handle a due deadline (called by the home partition's timer), with retries.
+
+        An entry whose envelope cannot be decoded goes to the poison store as
+        it is: raised, it would stop the partition at every restart.
+        """
+        poison_key = f"{self.key}/deadline/{entry.deadline_id}"
+        try:
+            envelope = decode(entry.envelope)
+        except msgspec.DecodeError as exc:
+            _log.error(
+                "%s on partition %d: deadline %s of instance %r cannot be decoded; "
+                "moving it to the poison store: %s",
+                self.config.describe(),
+                ctx.index,
+                entry.deadline_id,
+                entry.instance_id,
+                exc,
+            )
+            await self._retries.poison(
+                ctx,
+                poison_key,
+                PoisonedMessage(
+                    handler_key=self.key,
+                    envelope=entry.envelope,
+                    instance_id=entry.instance_id,
+                    stream_id=None,
+                    offset=None,
+                    error=poison_error(exc),
+                    attempts=1,
+                    poisoned_at=ctx.now(),
+                ),
+            )
+            return
         name = process_store_name(self.app.identity.key, self.key)
 
         async def attempt() -> None:
@@ -422,7 +454,7 @@ class ProcessRunner:
             ctx,
             attempt,
             envelope=envelope,
-            poison_key=f"{self.key}/deadline/{entry.deadline_id}",
+            poison_key=poison_key,
             instance_id=entry.instance_id,
         )
 
