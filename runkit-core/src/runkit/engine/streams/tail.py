@@ -67,7 +67,6 @@ async def read_tail(journal: Journal) -> StreamTail:
         return StreamTail(bounds.end, 0, 0, frozenset())
     last = decode_stream_record(await journal.get(bounds.end - 1))
     inbox_position = last.inbox_position
-    published: set[str] = set()
     unmarked: set[str] = set()
     poisoned: set[tuple[int, str]] = set()
     locations: dict[str, Location] = {}
@@ -83,11 +82,9 @@ async def read_tail(journal: Journal) -> StreamTail:
                 # the append was confirmed: its callers, told the partition
                 # stopped, spill those commands to the inbox, past this
                 # record's inbox_end, although they are committed here.
-                published.update(record.command_ids)
                 locations.update(command_locations(record))
                 poisoned.update(record.poisoned)
             break
-        published.update(record.command_ids)
         locations.update(command_locations(record))
         poisoned.update(record.poisoned)
         unmarked.update(record.unmarked)
@@ -103,7 +100,7 @@ async def read_tail(journal: Journal) -> StreamTail:
         bounds.end,
         last.first_offset + len(last.events),
         inbox_position,
-        frozenset(published),
+        frozenset(locations),  # every command a scanned record lists
         last.materialised,
         frozenset(unmarked),
         last.scan_from,

@@ -203,20 +203,16 @@ class StreamWriter:
         is the (handler key, instance ID) of an aggregate command: the record
         names it if the command recorded no events.
         """
-        if self._failed is not None:
-            raise OwnershipLost("the partition stream writer has stopped") from self._failed
         if events:
             size = sum(envelope_size(e) for e in events) + 64
             instance = None
         else:
             size = 64 if instance is None else 96 + len(instance[0]) + _text_bytes(instance[1])
-        item = Publication(
-            command_id, tuple(events), size, on_durable, pinned=pinned, instance=instance
+        return self._queued(
+            Publication(
+                command_id, tuple(events), size, on_durable, pinned=pinned, instance=instance
+            )
         )
-        self._queue.append(item)
-        self._wake.set()
-        self._item_added.set()
-        return item
 
     def enqueue_poisoned(self, position: int, command_id: str) -> Publication:
         """Queue a note that the inbox entry at *position* was poisoned (it is done).
@@ -224,9 +220,11 @@ class StreamWriter:
         Raises:
             OwnershipLost: the writer has stopped.
         """
+        return self._queued(Publication(command_id, (), 64, poisoned=(position, command_id)))
+
+    def _queued(self, item: Publication) -> Publication:
         if self._failed is not None:
             raise OwnershipLost("the partition stream writer has stopped") from self._failed
-        item = Publication(command_id, (), 64, poisoned=(position, command_id))
         self._queue.append(item)
         self._wake.set()
         self._item_added.set()
