@@ -501,6 +501,41 @@ async def test_the_wake_up_after_a_fallback_gets_the_command_handled_without_a_p
         assert "wake" in called
 
 
+async def test_an_observer_cut_off_from_the_owner_but_not_the_store_is_satisfied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A split: the gateway reaches the store but no peer (every connection is
+    # refused). The command falls back to the inbox and the owner records its
+    # event; the observer reads it from the owner's partition journal. (It
+    # used to retry the refused stream until the caller's timeout, and for
+    # ever without one.)
+    from runkit.transport import PeerUnavailable
+
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)
+        assert one.router is not None
+        transport = one.router._transport
+        tried: list[str] = []
+
+        async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+            tried.append(method)
+            raise PeerUnavailable(address, "connection refused (a split, test)")
+
+        @asynccontextmanager
+        async def stream(address: str, method: str, *args: Any, **kwargs: Any) -> Any:
+            tried.append(method)
+            raise PeerUnavailable(address, "connection refused (a split, test)")
+            yield  # pragma: no cover
+
+        monkeypatch.setattr(transport, "call", call)
+        monkeypatch.setattr(transport, "stream", stream)
+        assert await _observed_deposit(one, s, account, "split") == ["split"]
+        assert {"offer", "observe"} <= set(tried)
+        assert [c[1] for c in s.accounts.calls].count("split") == 1
+
+
 async def test_an_offer_its_stopping_owner_cannot_confirm_is_spilled_with_the_append(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -989,6 +989,58 @@ async def test_a_gateways_copy_of_a_poisoned_offered_command_is_not_handled_agai
     stores = await read_stores(provider)
     assert list(stores.poison) == [entry.envelope.message_id]
     assert s.accounts.attempts["x"] == 1, f"x handled {s.accounts.attempts['x']} times"
+
+
+@pytest.mark.parametrize("later", [3, 0], ids=["forgotten", "remembered"])
+async def test_a_late_copy_of_an_offered_command_this_owner_forgot_is_not_handled_again(
+    monkeypatch: pytest.MonkeyPatch, later: int
+) -> None:
+    # The owner committed an offered command, but its answer was lost: the
+    # gateway spilled a copy marked with the offer time. The owner read that
+    # copy only after more completions than it remembers (an inbox backlog
+    # ahead of the copy, say; the caches are cut to 3 here), and the earlier
+    # owners' records were all it looked through: handled twice.
+    from runkit.engine.commands import aggregates, batches
+
+    monkeypatch.setattr(batches, "COMPLETED_CACHE", 3)
+    monkeypatch.setattr(aggregates, "RECENT_COMMANDS", 3)
+    s = setup()
+    provider = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    engine, ownership = one_partition_engine(s.config, provider)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        offered_at = datetime.now(UTC)
+        envelope = new_envelope(
+            Deposit("acc", 1, "offered"), app_key=APP_KEY, site_key=None, created_at=offered_at
+        )
+        index, entry = runtime.acceptor.route(envelope, keyed=False)
+        await runtime.partitions[index].execute_local([entry])
+        for i in range(later):
+            await execute_in_batch(engine, Deposit("acc", 1, f"later-{i}"))
+        async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+            await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
+        runtime.partitions[index].poke()
+        await anyio.sleep(0.5)
+        tg.cancel_scope.cancel()
+    refs = [ref for _, ref, _ in s.accounts.calls]
+    assert refs.count("offered") == 1, f"handled {refs.count('offered')} times: {refs}"
+    check_invariants(await read_stores(provider), expect_all_done=False)
+
+
+def test_completed_commands_tell_whether_one_added_since_a_time_was_forgotten() -> None:
+    from runkit.engine.commands.pending import CompletedCommands
+
+    before = datetime.now(UTC)
+    completed = CompletedCommands(2)
+    completed.add("a")
+    completed.add("b")
+    assert not completed.forgot_since(before)
+    completed.add("c")  # forgets "a", added after *before*
+    assert completed.forgot_since(before)
+    assert not completed.forgot_since(datetime.now(UTC) + timedelta(seconds=1))
 
 
 # -- observers of a repeated command get its events, wherever it was committed --------

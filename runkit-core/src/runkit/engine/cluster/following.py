@@ -1,10 +1,11 @@
 """Following a chain's events in a partition's stream journal, for nodes that cannot be reached.
 
 A member observes a chain on the nodes that record it, over the node transport
-(``cluster.routing``). A node without a listen address cannot be reached, so
-the events it records are read from the store instead: the partition's stream
-journal, from shortly before the observation began, polled until the
-observation ends. That costs a read per poll and up to a poll interval of
+(``cluster.routing``). A node without a listen address cannot be reached, and
+one whose connection fails (a network split that leaves the store reachable)
+may not be, so the events it records are read from the store instead: the
+partition's stream journal, from shortly before the observation began, polled
+until the observation ends. That costs a read per poll and up to a poll interval of
 latency, but nothing recorded is missed.
 
 Each record yields the chain's events, then a conclusive ``CommandDone`` for

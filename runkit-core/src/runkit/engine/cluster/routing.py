@@ -107,8 +107,8 @@ class Router:
     *members* returns the live heartbeat records of the other members (nodes and
     clients; only nodes own partitions). *self_id* is this member's node ID
     (excluded from ranking when it is a client). With *store*, the events of
-    nodes that cannot be reached (no advertise address) are observed from
-    their partitions' stream journals (``following``).
+    nodes that cannot be reached (no advertise address, or a connection that
+    fails) are observed from their partitions' stream journals (``following``).
     """
 
     def __init__(
@@ -493,6 +493,12 @@ class Router:
                                 return
         except (TransportError, msgspec.DecodeError, ValueError) as exc:
             _log.info("observing on node %s stopped: %s", node.node_id, exc)
+            if isinstance(exc, TransportError) and not observation.closed:
+                # Cut off from the peer, not necessarily from the store: what
+                # the peer records (a command that fell back to its inbox, say)
+                # is read from its partitions' journals meanwhile. The stream
+                # is still retried; both feed one de-duplicating receiver.
+                self._follow_store(observation, node)
         finally:
             if observation.streams.get(node.node_id) is scope:
                 del observation.streams[node.node_id]

@@ -56,6 +56,7 @@ from ..envelope import Envelope
 from ..settings import EngineSettings
 from ..signals import event_maker
 from ..streams import (
+    CLOCK_MARGIN,
     CommandDone,
     EventBus,
     OwnershipLost,
@@ -431,6 +432,9 @@ class PartitionCommands:
                 found = await holds_command(self._stream.journal, entry.unconfirmed, command_id)
             elif entry.offered_at is not None:
                 found = await self._prior.holds(command_id, entry.offered_at)
+                if found is None and self._completed.forgot_since(entry.offered_at - CLOCK_MARGIN):
+                    # We may have committed it since the offer and forgotten it.
+                    found = await self._prior.holds_own(command_id, entry.offered_at)
             else:
                 continue
             if found is not None:

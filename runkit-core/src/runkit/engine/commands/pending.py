@@ -9,8 +9,11 @@ stream, for deduplication.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
 import anyio
 import attrs
@@ -114,11 +117,13 @@ class CompletedCommands:
     """Completed command IDs and where their events are.
 
     Those this owner completes are kept up to *size*, the oldest forgotten
-    first. Those the takeover scan found committed (*initial*) are never
-    forgotten while the partition is owned: their inbox copies may be read
-    only after many more completions (one command pending for long holds the
-    processed position back while everything after it is committed), and a
-    forgotten one would be handled again.
+    first; ``forgot_since`` tells whether one completed since a time may be
+    among them (then the stream has the answer). Those the takeover scan
+    found committed (*initial*) are never forgotten while the partition is
+    owned: their inbox copies may be read only after many more completions
+    (one command pending for long holds the processed position back while
+    everything after it is committed), and a forgotten one would be handled
+    again.
     """
 
     def __init__(
@@ -127,21 +132,29 @@ class CompletedCommands:
         initial: frozenset[str] = frozenset(),
         locations: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
-        self._items: OrderedDict[str, Location] = OrderedDict()
+        # ID -> (location, when it was added, monotonic clock).
+        self._items: OrderedDict[str, tuple[Location, float]] = OrderedDict()
         self._found = initial
         self._found_locations = locations or {}
         self._size = size
+        self._forgotten_added = -math.inf  # the latest addition forgotten since
 
     def __contains__(self, item: str) -> bool:
         return item in self._items or item in self._found
 
     def location(self, item: str) -> Location:
         if item in self._items:
-            return self._items[item]
+            return self._items[item][0]
         return self._found_locations.get(item)
 
     def add(self, item: str, location: Location = None) -> None:
-        self._items[item] = location
+        self._items[item] = (location, time.monotonic())
         self._items.move_to_end(item)
         while len(self._items) > self._size:
-            self._items.popitem(last=False)
+            _, (_, added) = self._items.popitem(last=False)
+            self._forgotten_added = max(self._forgotten_added, added)
+
+    def forgot_since(self, since: datetime) -> bool:
+        """Whether an ID added at or after *since* (wall clock) has been forgotten."""
+        age = (datetime.now(UTC) - since).total_seconds()
+        return self._forgotten_added >= time.monotonic() - age

@@ -43,10 +43,11 @@ from .records import (
     stream_name,
 )
 from .tail import StreamTail, read_tail
-from .unconfirmed import PriorCommits, UnconfirmedAppend, holds_command
+from .unconfirmed import CLOCK_MARGIN, PriorCommits, UnconfirmedAppend, holds_command
 from .writer import Publication, StreamWriter
 
 __all__ = [
+    "CLOCK_MARGIN",
     "CommandDone",
     "EventBus",
     "EventLessCommand",

@@ -63,14 +63,16 @@ class PriorCommits:
     """The command IDs of the stream records that earlier owners wrote, read on demand.
 
     Records at and above *end* (where this owner started) are this owner's:
-    it knows their commands. Below it, records are read back once, newest
-    first, as far as the earliest offer asked about (less ``CLOCK_MARGIN``)
-    needs, and their command IDs kept: every later question within that
-    reach costs no read.
+    it knows their commands, and ``holds_own`` reads them for one it may
+    have forgotten. Below it, records are read back once, newest first, as
+    far as the earliest offer asked about (less ``CLOCK_MARGIN``) needs, and
+    their command IDs kept: every later question within that reach costs no
+    read.
     """
 
     def __init__(self, journal: Journal, end: int) -> None:
         self._journal = journal
+        self._end = end
         self._low = end  # records at or above it have been read (or are ours)
         self._floor: datetime | None = None  # the oldest time read back to
         self._ids: dict[str, Location] = {}
@@ -82,6 +84,29 @@ class PriorCommits:
         if self._floor is None or floor < self._floor:
             await self._read_back(floor)
         return self._ids.get(command_id)
+
+    async def holds_own(self, command_id: str, offered_at: datetime) -> Location | None:
+        """Where *command_id*'s events are if this owner committed it at or after
+        *offered_at*; ``None`` if not.
+
+        For a command it completed and has since forgotten (many completions
+        later): its records are read back, newest first, as far as the
+        offer's time, every time. Rare, so nothing read is kept.
+        """
+        floor = offered_at - CLOCK_MARGIN
+        position = (await self._journal.bounds()).end
+        while position > self._end:
+            try:
+                record = decode_stream_record(await self._journal.get(position - 1))
+            except RecordNotFound:
+                break
+            if record.written_at < floor:
+                break
+            location = command_locations(record).get(command_id)
+            if location is not None:
+                return location
+            position -= 1
+        return None
 
     async def _read_back(self, floor: datetime) -> None:
         begin = (await self._journal.bounds()).begin
