@@ -1030,6 +1030,56 @@ async def test_a_late_copy_of_an_offered_command_this_owner_forgot_is_not_handle
     check_invariants(await read_stores(provider), expect_all_done=False)
 
 
+@pytest.mark.parametrize("gateway_copy", [False, True], ids=["alone", "with-a-gateway-copy"])
+async def test_a_poisoned_local_command_is_not_handled_again_from_its_spill(
+    monkeypatch: pytest.MonkeyPatch, gateway_copy: bool
+) -> None:
+    # Inbox reading lags (the partition holds its most inbox commands, two
+    # slow ones, with the limit cut to 2). A local command fails, is spilled,
+    # fails again and is poisoned; a gateway's fallback copy of it (its offer
+    # unanswered) sits in the inbox before the spill. When reading resumed, the
+    # gateway's copy was taken for the spill, and the spill itself was then
+    # read as new work: the poisoned command was handled again.
+    from runkit.engine.commands import batches
+
+    monkeypatch.setattr(batches, "MAX_PENDING_COMMANDS", 2)
+    s = setup()
+    register_types(s.config.message_types())
+    s.accounts.fail["x"] = 100  # fails every time: poisoned after max_attempts
+    s.notifier.release = anyio.Event()
+    provider = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    engine, ownership = one_partition_engine(s.config, provider, max_attempts=2)
+    x = new_envelope(
+        Deposit("a", 1, "x"), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        commands = runtime.partitions[0]
+        for n in (1, 2):
+            notify = new_envelope(
+                Notify(n), app_key=APP_KEY, site_key=None, created_at=datetime.now(UTC)
+            )
+            await runtime.acceptor.accept([runtime.acceptor.route(notify, keyed=False)])
+        await wait_until(lambda: commands._full)
+        _, entry = runtime.acceptor.route(x, keyed=True)
+        if gateway_copy:
+            copy = msgspec.structs.replace(entry, offered_at=datetime.now(UTC))
+            async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+                await append_to_inbox(inbox, [copy])
+        with anyio.fail_after(10):
+            await runtime.acceptor.accept([(0, entry)])  # returns once spilled
+        await wait_until(lambda: x.message_id in commands._poisoned_ids)
+        await anyio.sleep(0.2)  # the poison note commits
+        assert s.accounts.attempts["x"] == 2
+        s.notifier.release.set()  # reading resumes
+        await anyio.sleep(1.0)
+        tg.cancel_scope.cancel()
+    assert s.accounts.attempts["x"] == 2, "the poisoned command was handled again"
+
+
 def test_completed_commands_tell_whether_one_added_since_a_time_was_forgotten() -> None:
     from runkit.engine.commands.pending import CompletedCommands
 

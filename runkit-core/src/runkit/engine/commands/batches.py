@@ -444,7 +444,18 @@ class PartitionCommands:
     def _add_record(self, position: int, record: InboxRecord) -> None:
         self._inbox_progress.read(position, len(record.entries))
         for entry in record.entries:
-            spilled = self._callers.take_spilled(entry.envelope.message_id)
+            if (position, entry.envelope.message_id) in self._poisoned_found:
+                self._inbox_progress.done(position)  # a poisoned command's copy
+                continue
+            # Our own spill copies its local command's entry, which carries no
+            # hint: a hinted entry with the same ID is another copy (a gateway's
+            # fallback, say), and taking the local command for it would leave
+            # the spill itself to be read as new work.
+            spilled = (
+                self._callers.take_spilled(entry.envelope.message_id)
+                if entry.unconfirmed is None and entry.offered_at is None
+                else None
+            )
             if spilled is not None:
                 # Our own local command, appended after a failure: it is still
                 # being handled (or done) here; count it at this position.
@@ -452,9 +463,6 @@ class PartitionCommands:
                     self._inbox_progress.done(position)
                 else:
                     spilled.position = position
-                continue
-            if (position, entry.envelope.message_id) in self._poisoned_found:
-                self._inbox_progress.done(position)  # poisoned by an earlier owner
                 continue
             self._inbox_pending += 1
             # Into the batch once the backlog has room (ADR 0005, back-pressure).
