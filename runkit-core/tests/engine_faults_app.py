@@ -8,11 +8,13 @@ name); the runner does the same.
 
 The application (its message types live on a private registry):
 
-- ``accounts`` aggregate: ``Deposit``, ``Withdraw`` (refused if the balance is
-  short), ``Leave`` (the loyalty programme; refused the second time) and
-  ``AddPoints``; every command records exactly one event,
-  and each event carries the running balance or points total, so the checker
-  can tell from the stores that every handling saw every earlier event (§9.3).
+- ``accounts`` aggregate: ``Deposit``, ``Withdraw`` (which records nothing
+  if the balance is short), ``Leave`` (the loyalty programme; refused the
+  second time) and ``AddPoints``; every other command records exactly one
+  event, and each event carries the running balance or points total, so the
+  checker can tell from the stores that every handling saw every earlier
+  event (§9.3). A refused withdrawal handled again after a deposit would
+  withdraw, so it tests that commands without events are remembered too.
 - ``loyalty`` process, one instance per account: each ``Deposited`` mutates the
   root (a deposit count), executes ``AddPoints`` and, on every second deposit,
   schedules a ``Review`` deadline; ``Left`` ends the instance. The review
@@ -230,7 +232,7 @@ class Account:
 
 
 class Accounts:
-    """Every command records exactly one event (``Refused`` when it cannot apply)."""
+    """Every command records one event, but a withdrawal the balance cannot cover records none."""
 
     def configure(self, c: Any) -> None:
         c.identity("accounts", ACCOUNTS_KEY)
@@ -258,7 +260,7 @@ class Accounts:
             scope.record_event(Deposited(command.account, command.amount, balance))
         elif isinstance(command, Withdraw):
             if root.balance < command.amount:
-                scope.record_event(Refused(command.account, "insufficient funds"))
+                scope.log("insufficient funds")  # nothing recorded
             else:
                 balance = root.balance - command.amount
                 scope.record_event(Withdrawn(command.account, command.amount, balance))
@@ -522,7 +524,8 @@ def workload(seed: int, count: int, accounts: int = 8) -> list[tuple[str, dogma.
     """*count* (idempotency key, command) pairs, the same for the same arguments.
 
     Mostly deposits, some withdrawals; every third account leaves the loyalty
-    programme part-way (its process instance ends, and later deposits earn nothing).
+    programme part-way (its process instance ends, and later deposits earn
+    nothing); every other account tries one withdrawal no balance covers.
     """
     rng = random.Random(seed)
     names = [f"acct-{i}" for i in range(accounts)]
@@ -540,6 +543,13 @@ def workload(seed: int, count: int, accounts: int = 8) -> list[tuple[str, dogma.
         if later:
             i = rng.choice(later)
             out[i] = (out[i][0], Leave(names[a]))
+    # A withdrawal no balance covers on every other account: commands that
+    # record nothing, whatever order the others are handled in.
+    for a in range(1, accounts, 2):
+        some = [i for i in range(count) if i % accounts == a and isinstance(out[i][1], Deposit)]
+        if some:
+            i = rng.choice(some)
+            out[i] = (out[i][0], Withdraw(names[a], 1_000_000))
     return out
 
 
@@ -631,6 +641,16 @@ class Stores:
             for r in records
             for i, env in enumerate(r.events)
         ]
+
+    def event_less(self) -> dict[str, str]:
+        """Command ID -> account, for each ``accounts`` command committed without events."""
+        return {
+            r.command_ids[e.index]: e.instance_id
+            for records in self.stream.values()
+            for r in records
+            for e in r.event_less
+            if e.handler_key == ACCOUNTS_KEY
+        }
 
     def published(self) -> dict[str, int]:
         """Command ID -> the partition whose stream published it."""
@@ -881,11 +901,14 @@ def check_complete(s: Stores, acknowledged: Iterable[str]) -> None:
     """What must hold once the engine has settled: nothing lost (§9.1, 9.4-9.7)."""
     published = s.published()
     events_of = Tally(env.causation_id for _, _, env in s.events())
-    # §9.1: every acknowledged command was handled and took effect once (one event each).
+    event_less = s.event_less()
+    # §9.1: every acknowledged command was handled and took effect once (one
+    # event each, or none for a refused withdrawal, committed as such).
     for key in acknowledged:
         cid = command_id(key)
         assert cid in published, f"acknowledged command {key} was lost"
-        assert events_of[cid] == 1, f"command {key} took effect {events_of[cid]} times"
+        expected = 0 if cid in event_less else 1
+        assert events_of[cid] == expected, f"command {key} took effect {events_of[cid]} times"
     # Every accepted command (including process-produced ones) was handled, the
     # inbox is fully processed, and keyed commands are marked.
     for cid in s.commands():
@@ -897,6 +920,13 @@ def check_complete(s: Stores, acknowledged: Iterable[str]) -> None:
         )
     unmarked = s.keyed() - s.markers
     assert not unmarked, f"{len(unmarked)} keyed commands have no idempotency marker"
+
+    # §9.2: each instance's journal holds the commands that recorded nothing too
+    # (ADR 0009: a retry of one must not be handled again after a rebuild).
+    for cid, account in event_less.items():
+        if not s.journal_begin.get(account):
+            journaled = {r.command_id for r in s.journals.get(account, [])}
+            assert cid in journaled, f"instance {account}: event-less command {cid} not journaled"
 
     # §9.2: each instance's journal and its stream events are the same sequence.
     streamed: dict[str, list[str]] = {}

@@ -119,6 +119,7 @@ async def run_scenario(
     async with running(provider, BankApp(provider).config(), **settings) as engine:
         await execute_all(engine.executor_for(APP_KEY), first + second, acknowledged)
         stores = await settle(MemoryProvider(silo), acknowledged, timeout=45)
+    assert stores.event_less(), "no command was committed without events"
     return stores, acknowledged
 
 
