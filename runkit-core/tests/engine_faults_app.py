@@ -907,8 +907,8 @@ def check_complete(s: Stores, acknowledged: Iterable[str]) -> None:
     for key in acknowledged:
         cid = command_id(key)
         assert cid in published, f"acknowledged command {key} was lost"
-        expected = 0 if cid in event_less else 1
-        assert events_of[cid] == expected, f"command {key} took effect {events_of[cid]} times"
+        recorded = 0 if cid in event_less else 1
+        assert events_of[cid] == recorded, f"command {key} took effect {events_of[cid]} times"
     # Every accepted command (including process-produced ones) was handled, the
     # inbox is fully processed, and keyed commands are marked.
     for cid in s.commands():
