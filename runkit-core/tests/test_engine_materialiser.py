@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -614,3 +615,80 @@ async def test_commands_without_events_lead_to_snapshots_and_truncation() -> Non
     rebuilt = await b.instances().load(b.handler, "a")
     assert rebuilt.root.refs == ["first"]
     assert len(rebuilt.recent) == 51
+
+
+class _KeyspaceHook:
+    """A keyspace whose first ``get`` runs *hook* before reading."""
+
+    def __init__(self, inner: Any, hook: Callable[[], Awaitable[None]]) -> None:
+        self._inner = inner
+        self._hook: Callable[[], Awaitable[None]] | None = hook
+
+    async def get(self, key: bytes) -> Any:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            await hook()
+        return await self._inner.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def test_a_rebuild_racing_a_snapshot_and_truncation_of_its_instance_loads() -> None:
+    # The rebuild read the truncated journal's bounds; the materialiser then
+    # appended, stored the next snapshot (one past those bounds) and
+    # truncated; the rebuild read that snapshot, found it past the end it
+    # knew, ignored it and failed: "journal truncated ... no usable snapshot",
+    # charged to the instance's next command as a failed attempt.
+    b = Bench(snapshot_every=2)
+    a = await b.aggregates.load(b.handler, "a")
+    m = b.materialiser(truncate=True)
+    for i in range(4):  # two snapshots: the second truncates the journal
+        m.add(b.key("a"), b.commit(a, f"a{i}"))
+        await m.flush()
+    for i in range(4, 6):  # committed, not yet written (the second snapshots)
+        m.add(b.key("a"), b.commit(a, f"a{i}"))
+    b.aggregates.drop(b.handler, "a")
+    ks = await b.aggregates.snapshot_keyspace(b.handler.identity.key)
+    b.aggregates._snapshots[b.handler.identity.key] = _KeyspaceHook(ks, m.flush)  # type: ignore[assignment]
+    rebuilt = await b.aggregates.load(b.handler, "a")
+    assert rebuilt.root.refs == [f"a{i}" for i in range(6)]
+
+
+async def test_a_rebuild_whose_instance_keeps_being_snapshotted_fails_for_a_retry() -> None:
+    # Every snapshot read finds a newer snapshot than the bounds just read:
+    # the rebuild gives up with a retryable store error (the loader backs off
+    # without charging a command), not the "no usable snapshot" error.
+    from runkit.persistence import PersistenceError
+
+    b = Bench(snapshot_every=1)
+    a = await b.aggregates.load(b.handler, "a")
+    m = b.materialiser(truncate=True)
+    m.add(b.key("a"), b.commit(a, "a0"))
+    await m.flush()
+    b.aggregates.drop(b.handler, "a")
+    ks = await b.aggregates.snapshot_keyspace(b.handler.identity.key)
+    n = 0
+
+    async def write_more() -> None:
+        nonlocal n
+        n += 1
+        m.add(b.key("a"), b.commit(a, f"more{n}"))
+        await m.flush()
+
+    class Always(_KeyspaceHook):
+        writing = False
+
+        async def get(self, key: bytes) -> Any:
+            if not self.writing:  # the materialiser reads it too
+                self.writing = True
+                try:
+                    await write_more()
+                finally:
+                    self.writing = False
+            return await self._inner.get(key)
+
+    b.aggregates._snapshots[b.handler.identity.key] = Always(ks, write_more)  # type: ignore[assignment]
+    with pytest.raises(PersistenceError, match="kept moving") as raised:
+        await b.aggregates.load(b.handler, "a")
+    assert raised.value.retryable

@@ -34,7 +34,7 @@ import attrs
 import dogma
 
 from ...config import HandlerConfig
-from ...persistence import Journal, Keyspace, Provider, RecordNotFound
+from ...persistence import Journal, Keyspace, PersistenceError, Provider, RecordNotFound
 from ..envelope import Envelope, RoutedMessages, closing_iter, to_message
 from ..streams import max_command_bytes
 from ._handling import EventRecorder, handler_log
@@ -57,6 +57,11 @@ _log = logging.getLogger("runkit.engine.commands.aggregates")
 
 #: Command IDs kept with each snapshot (and in memory) for deduplication.
 RECENT_COMMANDS = 1000
+
+#: Reads of an instance's journal bounds and snapshot before a rebuild gives up
+#: (for a retry) because the materialiser kept writing the instance meanwhile.
+_SNAPSHOT_RACES = 3
+
 #: Journals a rebuild opened, kept for the materialiser's next write to them.
 HANDED_JOURNALS = 256
 
@@ -356,13 +361,25 @@ class AggregateInstances:
     async def _replay(
         self, journal: Journal, handler: HandlerConfig, instance_id: str
     ) -> tuple[Instance, OpenJournal]:
-        bounds = await journal.bounds()
-        value = b""
-        if bounds.end > 0:
-            # A snapshot is written only after a journal record, and
-            # truncation keeps the last record: an empty journal has none.
-            ks = await self.snapshot_keyspace(handler.identity.key)
-            value, _ = await ks.get(instance_id.encode())
+        for _ in range(_SNAPSHOT_RACES):
+            bounds = await journal.bounds()
+            value = b""
+            if bounds.end > 0:
+                # A snapshot is written only after a journal record, and
+                # truncation keeps the last record: an empty journal has none.
+                ks = await self.snapshot_keyspace(handler.identity.key)
+                value, _ = await ks.get(instance_id.encode())
+            # The bounds come first: truncation follows the snapshot it keeps,
+            # so the snapshot read is never below them. One past their end was
+            # written (after its append) since they were read: read both again.
+            if not value or snapshot_decoder.decode(value).position <= bounds.end:
+                break
+        else:
+            raise PersistenceError(
+                f"aggregate instance {instance_id} of {handler.describe()}: its journal "
+                "kept moving while it was read (retrying)",
+                retryable=True,
+            )
         root = _new_root(handler)
         start = bounds.begin
         recent: OrderedDict[str, tuple[int, int] | None] = OrderedDict()
