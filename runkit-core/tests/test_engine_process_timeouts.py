@@ -415,6 +415,41 @@ async def test_a_deadline_of_a_handler_this_node_does_not_know_is_held_for_the_g
             tg.cancel_scope.cancel()
 
 
+async def test_a_deadline_record_that_cannot_be_decoded_is_poisoned_and_the_rest_fire() -> None:
+    # Raised, the decode error stopped the timer and with it the whole
+    # partition (commands too), again after every restart.
+    from runkit.engine.events.deadlines import (
+        DeadlineEntry,
+        DeadlineTimer,
+        append_deadlines,
+        deadline_journal_name,
+    )
+    from runkit.engine.events.process_stores import list_poisoned_events
+
+    clock = FakeClock()
+    due = clock() - timedelta(seconds=1)
+    async with deadline_journal(clock, [("h", "a", due)]) as ctx:
+        name = deadline_journal_name(ctx.app.identity.key, 0)
+        async with await ctx.provider.journals.open(name) as journal:
+            await journal.append(1, b"\xc1 not a record")
+            await append_deadlines(journal, _entries([("h", "b", due)]))
+        fired: list[str] = []
+
+        async def fire(entry: DeadlineEntry) -> None:
+            fired.append(entry.deadline_id)
+
+        timer = DeadlineTimer(ctx, fire, rescan_interval=0.01)
+        async with anyio.create_task_group() as tg:
+            await tg.start(timer.run)
+            await wait_until(lambda: sorted(fired) == ["d-h-a", "d-h-b"])
+            tg.cancel_scope.cancel()
+        poisoned = await list_poisoned_events(ctx.provider, ctx.app.identity.key, 0)
+    assert list(poisoned) == ["deadline-record/1"]
+    [record] = poisoned.values()
+    assert record.envelope == b"\xc1 not a record"
+    assert (record.stream_id, record.offset) == (name, 1)
+
+
 @asynccontextmanager
 async def deadline_journal(
     clock: FakeClock, *batches: list[tuple[str, str, datetime]]
@@ -423,26 +458,28 @@ async def deadline_journal(
     ``(handler key, instance ID, scheduled for)`` (deadline IDs ``d-<handler>-<instance>``)."""
     from engine_events_harness import harness
 
-    from runkit.engine.events.deadlines import (
-        DeadlineEntry,
-        append_deadlines,
-        deadline_journal_name,
-    )
+    from runkit.engine.events.deadlines import append_deadlines, deadline_journal_name
 
     async with harness(App(), registry=REGISTRY, partitions=1, clock=clock) as h:
         ctx = h.ctx(0)
         name = deadline_journal_name(ctx.app.identity.key, 0)
         async with await ctx.provider.journals.open(name) as journal:
             for batch in batches:
-                entries = [
-                    DeadlineEntry(
-                        handler_key=handler,
-                        instance_id=instance,
-                        deadline_id=f"d-{handler}-{instance}",
-                        scheduled_for=when,
-                        envelope=b"",
-                    )
-                    for handler, instance, when in batch
-                ]
-                await append_deadlines(journal, entries)
+                await append_deadlines(journal, _entries(batch))
         yield ctx
+
+
+def _entries(batch: list[tuple[str, str, datetime]]) -> list[Any]:
+    """Deadline entries ``d-<handler>-<instance>`` for ``(handler key, instance ID, due)``."""
+    from runkit.engine.events.deadlines import DeadlineEntry
+
+    return [
+        DeadlineEntry(
+            handler_key=handler,
+            instance_id=instance,
+            deadline_id=f"d-{handler}-{instance}",
+            scheduled_for=when,
+            envelope=b"",
+        )
+        for handler, instance, when in batch
+    ]

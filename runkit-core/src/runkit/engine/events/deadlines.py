@@ -50,6 +50,7 @@ import msgspec
 from ...persistence import Conflict, Journal, PersistenceError, RecordNotFound
 from ..backoff import backoff
 from ..logs import RateLimitedLog, describe_error
+from .process_stores import PoisonedMessage, event_poison_store_name
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
@@ -70,6 +71,7 @@ UNKNOWN_HANDLER_GRACE = timedelta(hours=24)
 _log = logging.getLogger("runkit.engine.events.deadlines")
 # One line per partition per interval while the store is out.
 _store_log = RateLimitedLog(_log, 10.0)
+_poison_encoder = msgspec.msgpack.Encoder()
 
 
 class DeadlineEntry(msgspec.Struct, frozen=True, kw_only=True):
@@ -246,7 +248,13 @@ class DeadlineTimer:
             return
         try:
             async for position, record in journal.range(self._cursor):
-                batch = _batch_decoder.decode(record)
+                try:
+                    batch = _batch_decoder.decode(record)
+                except msgspec.DecodeError as exc:
+                    # Raised, it would stop the partition at every restart.
+                    await self._poison_record(journal, position, record, exc)
+                    self._cursor = position + 1
+                    continue
                 for i, entry in enumerate(batch.entries):
                     if entry.handler_key in self._held:
                         continue
@@ -261,6 +269,38 @@ class DeadlineTimer:
             # Truncated under us: only another owner (we lost the partition) does that.
             bounds = await journal.bounds()
             self._cursor = max(self._cursor, bounds.begin)
+
+    async def _poison_record(
+        self, journal: Journal, position: int, record: bytes, error: Exception
+    ) -> None:
+        """Keep a record that cannot be decoded in the event poison store, as it is.
+
+        Under ``deadline-record/<position>`` (no handler can be named): its
+        deadlines cannot fire, and the journal is truncated past it.
+        """
+        _log.error(
+            "deadline journal %r (partition %d): the record at %d cannot be decoded; "
+            "moving it to the event poison store: %s",
+            journal.name,
+            self._ctx.index,
+            position,
+            error,
+        )
+        name = event_poison_store_name(self._ctx.app.identity.key, self._ctx.index)
+        poisoned = PoisonedMessage(
+            handler_key="",
+            envelope=bytes(record),
+            instance_id=None,
+            stream_id=journal.name,
+            offset=position,
+            error=f"{type(error).__qualname__}: {error}"[:1000],
+            attempts=1,
+            poisoned_at=self._ctx.now(),
+        )
+        async with await self._ctx.provider.keyspaces.open(name) as poison:
+            await poison.set_unconditional(
+                f"deadline-record/{position}".encode(), _poison_encoder.encode(poisoned)
+            )
 
     async def _fire_due(self, journal: Journal) -> None:
         assert self._tg is not None

@@ -50,7 +50,9 @@ class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
 
     Keyed by ``<handler key>/event/<stream ID>/<stream offset>``,
     ``<handler key>/deadline/<deadline ID>`` or ``<handler key>/outbox/<instance ID>``
-    (``outbox_poison_key``).
+    (``outbox_poison_key``); a deadline journal record that cannot be decoded
+    by ``deadline-record/<position>`` (*handler_key* empty, *envelope* the
+    record as stored, *stream_id* the journal's name, *offset* its position).
     """
 
     handler_key: str
