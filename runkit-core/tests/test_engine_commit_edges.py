@@ -1080,6 +1080,47 @@ async def test_a_poisoned_local_command_is_not_handled_again_from_its_spill(
     assert s.accounts.attempts["x"] == 2, "the poisoned command was handled again"
 
 
+@pytest.mark.parametrize("failures", [100, 3], ids=["always-fails", "copy-succeeds"])
+async def test_a_gateways_copy_read_before_its_command_is_poisoned_is_not_handled_after(
+    failures: int,
+) -> None:
+    # The owner takes an offered command; its handler fails, so it is spilled
+    # (the offer is answered "durable") and retried. The answer is lost: the
+    # gateway spills its own copy, marked with the offer time, which the owner
+    # reads while the command waits for its retry, so nothing recognises it
+    # yet. It waited behind the parked instance and was handled once the
+    # poisoning (max_attempts=3) unparked it: the poisoned command ran again.
+    s = setup()
+    s.accounts.fail["x"] = failures
+    provider = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    engine, ownership = one_partition_engine(
+        s.config, provider, max_attempts=3, retry_base_delay=0.4, retry_max_delay=0.4
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        offered_at = datetime.now(UTC)
+        envelope = new_envelope(
+            Deposit("a", 1, "x"), app_key=APP_KEY, site_key=None, created_at=offered_at
+        )
+        index, entry = runtime.acceptor.route(envelope, keyed=False)
+        await runtime.partitions[index].execute_local([entry])
+        assert s.accounts.attempts["x"] == 1
+        async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+            await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
+        runtime.partitions[index].poke()
+        await wait_until(lambda: entry.envelope.message_id in runtime.partitions[0]._poisoned_ids)
+        await anyio.sleep(1.5)
+        tg.cancel_scope.cancel()
+    stores = await read_stores(provider)
+    assert list(stores.poison) == [entry.envelope.message_id]
+    committed = {c for r in stores.stream[0] for c in r.command_ids}
+    assert not (committed & set(stores.poison)), "a poisoned command was committed too"
+    assert s.accounts.attempts["x"] == 3, f"x handled {s.accounts.attempts['x']} times"
+
+
 def test_completed_commands_tell_whether_one_added_since_a_time_was_forgotten() -> None:
     from runkit.engine.commands.pending import CompletedCommands
 

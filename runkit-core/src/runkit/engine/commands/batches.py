@@ -484,6 +484,14 @@ class PartitionCommands:
             if item.command_id in self._completed:
                 self._duplicate(item, self._completed.location(item.command_id))
                 continue
+            entry = item.entry
+            if (
+                entry.unconfirmed is not None or entry.offered_at is not None
+            ) and item.command_id in self._poisoned_ids:
+                # A hinted copy read before its command was poisoned (it
+                # waited behind it, parked): done, like one read after.
+                self._finish(item, conclusive=False)
+                continue
             if item.command_id in self._publishing:
                 # Another copy is being committed: its outcome is this one's.
                 # (Its instance may not know the ID: a copy that recorded

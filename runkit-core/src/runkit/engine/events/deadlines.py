@@ -47,7 +47,7 @@ import anyio
 import attrs
 import msgspec
 
-from ...persistence import Conflict, Journal, PersistenceError, RecordNotFound
+from ...persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
 from ..backoff import backoff
 from ..logs import RateLimitedLog, describe_error
 from .process_stores import PoisonedMessage, event_poison_store_name
@@ -275,8 +275,9 @@ class DeadlineTimer:
     ) -> None:
         """Keep a record that cannot be decoded in the event poison store, as it is.
 
-        Under ``deadline-record/<position>`` (no handler can be named): its
-        deadlines cannot fire, and the journal is truncated past it.
+        Under ``deadline-record/<position>`` (no handler can be named), without
+        its bytes if they do not fit a value: its deadlines cannot fire, and
+        the journal is truncated past it.
         """
         _log.error(
             "deadline journal %r (partition %d): the record at %d cannot be decoded; "
@@ -297,10 +298,19 @@ class DeadlineTimer:
             attempts=1,
             poisoned_at=self._ctx.now(),
         )
+        key = f"deadline-record/{position}".encode()
         async with await self._ctx.provider.keyspaces.open(name) as poison:
-            await poison.set_unconditional(
-                f"deadline-record/{position}".encode(), _poison_encoder.encode(poisoned)
-            )
+            try:
+                await poison.set_unconditional(key, _poison_encoder.encode(poisoned))
+            except LimitExceeded:
+                # The record fills the journal's limit, and a value has no more
+                # room: keep what it was, without its bytes.
+                poisoned = msgspec.structs.replace(
+                    poisoned,
+                    envelope=b"",
+                    error=f"{poisoned.error} (the record's {len(record)} bytes not kept)",
+                )
+                await poison.set_unconditional(key, _poison_encoder.encode(poisoned))
 
     async def _fire_due(self, journal: Journal) -> None:
         assert self._tg is not None
