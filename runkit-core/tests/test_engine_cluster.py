@@ -1799,6 +1799,56 @@ async def test_an_overloaded_owner_counts_as_no_room_for_a_callers_offer(
         assert await _deposits_in_inboxes(silo) == 0
 
 
+async def test_leaving_a_client_while_an_offer_waits_to_be_made_again_raises_engine_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The owner's partition is full: the client's offer is answered busy and
+    # made again after a pause, during which the client is left. The call
+    # ended with the closed transport's internal RuntimeError, not the
+    # EngineStopped a call in flight gets (it may be retried with its key).
+    from runkit.engine.commands import acceptance
+
+    monkeypatch.setattr(acceptance, "backoff", lambda *a, **k: 0.5)
+    silo = f"cluster-{uuid.uuid4()}"
+    outcome: list[BaseException] = []
+    done = anyio.Event()
+    async with full_partition(silo) as f, anyio.create_task_group() as tg:
+        async with runkit.Client(
+            runkit.with_application(f.s.config),
+            runkit.with_persistence_provider(MemoryProvider(silo)),
+            runkit.with_heartbeat_interval(0.5),
+        ) as client:
+            router = client._router
+            assert router is not None
+            busy = anyio.Event()
+            original = router._transport.call
+
+            async def call(address: str, method: str, *args: Any, **kwargs: Any) -> bytes:
+                answer = await original(address, method, *args, **kwargs)
+                if method == "offer":
+                    busy.set()
+                return answer
+
+            monkeypatch.setattr(router._transport, "call", call)
+
+            async def deposit() -> None:
+                try:
+                    await client.executor_for(f.s.app).execute_command(
+                        Deposit(f.accounts[0], 1, "left")
+                    )
+                except BaseException as exc:
+                    outcome.append(exc)
+                done.set()
+
+            tg.start_soon(deposit)
+            with anyio.fail_after(10):
+                await busy.wait()  # answered busy: the caller pauses
+        with anyio.fail_after(10):
+            await done.wait()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], EngineStopped), repr(outcome[0])
+
+
 @pytest.mark.parametrize(
     ("code", "ran"),
     [

@@ -179,6 +179,17 @@ async def test_closing_says_shutting_down_on_both_sides(
     assert not [m for m in closed if "the node is" in m], closed
 
 
+async def test_a_call_after_the_transport_is_closed_fails_as_with_a_peer_gone() -> None:
+    # A caller still at work as its node or client stops (an offer made again
+    # after a busy answer, say) got an internal RuntimeError.
+    async with serving(node("node-b", B)) as address:
+        transport = node()
+        async with transport:
+            assert await transport.call(address, "echo", b"x") == b"node-a:x"
+        with pytest.raises(PeerUnavailable, match="closed"):
+            await transport.call(address, "echo", b"x")
+
+
 async def test_concurrent_calls_share_one_connection() -> None:
     callers: set[str] = set()
 

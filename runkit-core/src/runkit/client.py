@@ -224,6 +224,10 @@ class Client:
             await tg.start(writer.run)
 
         async def offer(index: int, entries: list[Any], room_wait: float | None) -> bool:
+            if self._left:
+                # A caller offering again after a busy answer, say: its
+                # transport is closed.
+                raise self._not_open()
             return await router.offer(
                 key, index, partition_id(key, index), entries, room_wait=room_wait
             )

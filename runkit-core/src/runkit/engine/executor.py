@@ -13,6 +13,7 @@ goes on) *before* accepting, so no event can be missed, then waits in
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -92,7 +93,9 @@ class Executor:
             ValueError: no enabled handler of the application consumes its
                 type, the idempotency key is empty, or the aggregate routed it
                 to an empty instance ID.
-            TypeError: *command* is not a ``dogma.Command``.
+            TypeError: *command* is not a ``dogma.Command``, or an observer is
+                not a ``dogma.EventObserver`` of a ``dogma.Event`` class with an
+                async callable (as ``dogma.observe`` makes).
             dogma.EventObserverNotSatisfied: no observer can be satisfied any more
                 (the command was executed all the same).
             runkit.engine.commands.inbox.EngineStopped: the engine stopped first.
@@ -105,6 +108,11 @@ class Executor:
             not isinstance(idempotency_key, str) or not idempotency_key
         ):
             raise ValueError(f"idempotency_key must be a non-empty str, got {idempotency_key!r}")
+        # Checked before anything is stored, and taken once: a generator would
+        # be empty when the observers are waited for.
+        observers = tuple(observers)
+        for observer in observers:
+            _check_observer(observer)
         app_key = self._app.identity.key
         enabled_command_handler(self._app, type(command))  # ValueError if none takes it
         validate_new(command)
@@ -157,3 +165,18 @@ class Executor:
                 for consumer in self._app.event_consumers(event)
             )
         return confined
+
+
+def _check_observer(observer: object) -> None:
+    """Raise ``TypeError`` unless *observer* is one ``dogma.observe`` could have made."""
+    if not isinstance(observer, dogma.EventObserver):
+        raise TypeError(
+            f"execute_command() observers must be dogma.EventObserver (made by "
+            f"dogma.observe()), got {observer!r}"
+        )
+    event_type = observer.event_type
+    if not (isinstance(event_type, type) and issubclass(event_type, dogma.Event)):
+        raise TypeError(f"an observer must observe a dogma.Event class, not {event_type!r}")
+    fn = observer.fn
+    if not callable(fn) or (inspect.isroutine(fn) and not inspect.iscoroutinefunction(fn)):
+        raise TypeError(f"an observer's fn must be an async callable, got {fn!r}")

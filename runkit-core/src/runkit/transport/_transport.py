@@ -115,6 +115,7 @@ class NodeTransport:
         self._connecting: dict[str, _Attempt] = {}
         self._exit_stack: contextlib.AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._closed = False  # left: calls made since fail as with a peer gone
 
     async def __aenter__(self) -> Self:
         async with contextlib.AsyncExitStack() as stack:
@@ -128,6 +129,7 @@ class NodeTransport:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        self._closed = True
         self._close_peers()
         stack, self._exit_stack, self._tg = self._exit_stack, None, None
         if stack is not None:
@@ -254,6 +256,9 @@ class NodeTransport:
             attempt = self._connecting.get(address)
             if attempt is None:
                 tg = self._tg
+                if tg is None and self._closed:
+                    # A caller still at work as the node or client stops.
+                    raise PeerUnavailable(address, "this node's transport is closed")
                 if tg is None:
                     raise RuntimeError("use the NodeTransport in `async with` before calling peers")
                 # The attempt runs in the transport's task group, not in this
