@@ -33,7 +33,7 @@ async def test_observers_given_as_a_generator_are_waited_for() -> None:
         with anyio.fail_after(10):
             await engine.executor_for(s.app).execute_command(
                 Deposit("acc", 1, "gen"),
-                observers=(o for o in [dogma.observe(Deposited, _saw, registry=REGISTRY)]),
+                observers=(o for o in [dogma.observe(Deposited, _saw, registry=REGISTRY)]),  # type: ignore[arg-type]
             )
 
 
@@ -41,8 +41,8 @@ async def test_observers_given_as_a_generator_are_waited_for() -> None:
     ("observer", "message"),
     [
         (object(), "dogma.EventObserver"),
-        (dogma.EventObserver(Notify, _saw), "dogma.Event class"),  # a command class
-        (dogma.EventObserver(Deposited, _sync_saw), "async callable"),
+        (dogma.EventObserver(Notify, _saw), "dogma.Event class"),  # type: ignore[type-var]
+        (dogma.EventObserver(Deposited, _sync_saw), "async callable"),  # type: ignore[arg-type]
         (dogma.EventObserver(Deposited, "not callable"), "async callable"),  # type: ignore[arg-type]
     ],
     ids=["not-an-observer", "not-an-event", "sync-fn", "not-callable"],
