@@ -7,6 +7,7 @@ fingerprints in the heartbeats); the multi-process version on PostgreSQL is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import uuid
@@ -1847,6 +1848,55 @@ async def test_leaving_a_client_while_an_offer_waits_to_be_made_again_raises_eng
             await done.wait()
     assert len(outcome) == 1
     assert isinstance(outcome[0], EngineStopped), repr(outcome[0])
+
+
+async def test_waiting_observers_leave_a_peer_room_for_offers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Scaled down: the node serves 4 requests per connection (256 by default)
+    # and a client holds 4 observations open (web requests waiting on chains
+    # that go through processes open a stream per node each). The streams
+    # took every request slot: the client's offers were answered
+    # "overloaded", counted as busy, and ended in Backlogged although the
+    # partition was empty. Past 2 streams here (32 by default), an
+    # observation reads the peer's partitions from the store instead.
+    import functools
+
+    from runkit.engine.cluster import routing
+    from runkit.transport import NodeTransport
+
+    monkeypatch.setattr(
+        routing, "NodeTransport", functools.partial(NodeTransport, max_concurrent_requests=4)
+    )
+    monkeypatch.setattr(routing, "OBSERVE_STREAMS_PER_PEER", 2, raising=False)
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    engine = one_node(s.config, silo, listen_address="127.0.0.1:0")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        await engine.runtime(APP_KEY)
+        async with runkit.Client(
+            runkit.with_application(s.config),
+            runkit.with_persistence_provider(MemoryProvider(silo)),
+        ) as client:
+            acceptor = await client.acceptor(APP_KEY)
+            acceptor._backlog_timeout = 2.0
+            router = client._router
+            assert router is not None
+            await wait_until(lambda: bool(router._nodes()), timeout=10)
+            async with contextlib.AsyncExitStack() as observing:
+                for _ in range(4):
+                    await observing.enter_async_context(router.observe(APP_KEY, new_id()))
+                await wait_until(
+                    lambda: all(o.streams or o.followed for o in router._observations),
+                    timeout=10,
+                )
+                await anyio.sleep(0.3)  # the streams are open at the node
+                with anyio.fail_after(10):
+                    await client.executor_for(s.app).execute_command(Deposit("a", 1, "r"))
+                assert sum(len(o.streams) for o in router._observations) == 2
+        tg.cancel_scope.cancel()
+    assert [c[1] for c in s.accounts.calls] == ["r"]
 
 
 @pytest.mark.parametrize(

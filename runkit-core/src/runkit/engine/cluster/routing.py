@@ -96,6 +96,12 @@ OFFER_TIMEOUT = 2.0
 #: "overloaded" and the command would go to the inbox, bypassing back-pressure.
 OFFERS_PER_PEER = 192
 
+#: Observe streams open to one peer at once. Each holds one of the peer's
+#: requests per connection for as long as its observer waits; past this, an
+#: observation reads that peer's partitions from the store instead, so that
+#: waiting observers never take the room offers and wake-ups need.
+OBSERVE_STREAMS_PER_PEER = 32
+
 #: How often open observations subscribe to peers that joined or whose stream
 #: broke, and open the streams of those whose offer was never answered.
 RESUBSCRIBE_INTERVAL = 0.5
@@ -131,6 +137,7 @@ class Router:
         # Observations that may wait for an offer's answer, by correlation ID.
         self._awaiting: dict[str, list[_Observation]] = {}
         self._observations: set[_Observation] = set()
+        self._streams_open: dict[uuid.UUID, int] = {}  # observe streams per peer
         # Slots for callers' offers in flight, per peer address (OFFERS_PER_PEER).
         self._offer_slots: dict[str, anyio.Semaphore] = {}
 
@@ -433,6 +440,11 @@ class Router:
             if not node.advertise_address:
                 self._follow_store(observation, node)
             elif node.node_id not in observation.streams:
+                open_now = self._streams_open.get(node.node_id, 0)
+                if open_now >= OBSERVE_STREAMS_PER_PEER:
+                    self._follow_store(observation, node)
+                    continue
+                self._streams_open[node.node_id] = open_now + 1
                 scope = observation.streams[node.node_id] = anyio.CancelScope()
                 self._tg.start_soon(self._follow, observation, node, scope)
 
@@ -502,6 +514,9 @@ class Router:
         finally:
             if observation.streams.get(node.node_id) is scope:
                 del observation.streams[node.node_id]
+            left = self._streams_open.pop(node.node_id, 1) - 1
+            if left:
+                self._streams_open[node.node_id] = left
 
     async def _keep_observing(self) -> None:
         """Open streams at peers that joined, and those whose answer never came."""
