@@ -973,17 +973,10 @@ async def test_a_gateways_copy_of_a_poisoned_offered_command_is_not_handled_agai
         ownership.assign({partition_id(APP_KEY, 0)})
         runtime = await engine.runtime(APP_KEY)
         await wait_until(lambda: 0 in runtime.partitions)
-        offered_at = datetime.now(UTC)
-        envelope = new_envelope(
-            Deposit("a", 1, "x"), app_key=APP_KEY, site_key=None, created_at=offered_at
-        )
-        index, entry = runtime.acceptor.route(envelope, keyed=False)
-        # The owner takes the offered command (as execute_when_room does) and poisons it...
-        await runtime.partitions[index].execute_local([entry])
-        # ...but the gateway's offer went unanswered: it spills its copy marked with the offer time.
-        async with await provider.journals.open(f"{APP_KEY}/inbox/0") as inbox:
-            await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
-        runtime.partitions[index].poke()
+        # The owner takes the offered command and poisons it; the gateway's
+        # offer went unanswered: it spills its copy marked with the offer time.
+        entry, offered_at = await _take_offer(runtime, Deposit("a", 1, "x"))
+        await _spill_gateway_copy(runtime, provider, entry, offered_at)
         await anyio.sleep(0.5)
         tg.cancel_scope.cancel()
     stores = await read_stores(provider)
@@ -1012,17 +1005,10 @@ async def test_a_late_copy_of_an_offered_command_this_owner_forgot_is_not_handle
         ownership.assign({partition_id(APP_KEY, 0)})
         runtime = await engine.runtime(APP_KEY)
         await wait_until(lambda: 0 in runtime.partitions)
-        offered_at = datetime.now(UTC)
-        envelope = new_envelope(
-            Deposit("acc", 1, "offered"), app_key=APP_KEY, site_key=None, created_at=offered_at
-        )
-        index, entry = runtime.acceptor.route(envelope, keyed=False)
-        await runtime.partitions[index].execute_local([entry])
+        entry, offered_at = await _take_offer(runtime, Deposit("acc", 1, "offered"))
         for i in range(later):
             await execute_in_batch(engine, Deposit("acc", 1, f"later-{i}"))
-        async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
-            await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
-        runtime.partitions[index].poke()
+        await _spill_gateway_copy(runtime, provider, entry, offered_at)
         await anyio.sleep(0.5)
         tg.cancel_scope.cancel()
     refs = [ref for _, ref, _ in s.accounts.calls]
@@ -1101,16 +1087,9 @@ async def test_a_gateways_copy_read_before_its_command_is_poisoned_is_not_handle
         ownership.assign({partition_id(APP_KEY, 0)})
         runtime = await engine.runtime(APP_KEY)
         await wait_until(lambda: 0 in runtime.partitions)
-        offered_at = datetime.now(UTC)
-        envelope = new_envelope(
-            Deposit("a", 1, "x"), app_key=APP_KEY, site_key=None, created_at=offered_at
-        )
-        index, entry = runtime.acceptor.route(envelope, keyed=False)
-        await runtime.partitions[index].execute_local([entry])
+        entry, offered_at = await _take_offer(runtime, Deposit("a", 1, "x"))
         assert s.accounts.attempts["x"] == 1
-        async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
-            await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
-        runtime.partitions[index].poke()
+        await _spill_gateway_copy(runtime, provider, entry, offered_at)
         await wait_until(lambda: entry.envelope.message_id in runtime.partitions[0]._poisoned_ids)
         await anyio.sleep(1.5)
         tg.cancel_scope.cancel()
@@ -1119,6 +1098,26 @@ async def test_a_gateways_copy_read_before_its_command_is_poisoned_is_not_handle
     committed = {c for r in stores.stream[0] for c in r.command_ids}
     assert not (committed & set(stores.poison)), "a poisoned command was committed too"
     assert s.accounts.attempts["x"] == 3, f"x handled {s.accounts.attempts['x']} times"
+
+
+async def _take_offer(runtime: Any, command: Any) -> tuple[InboxEntry, datetime]:
+    """The owner takes *command* as offered (as ``execute_when_room`` does): its
+    entry, once durable or settled, and the time of the offer."""
+    offered_at = datetime.now(UTC)
+    envelope = new_envelope(command, app_key=APP_KEY, site_key=None, created_at=offered_at)
+    index, entry = runtime.acceptor.route(envelope, keyed=False)
+    await runtime.partitions[index].execute_local([entry])
+    return entry, offered_at
+
+
+async def _spill_gateway_copy(
+    runtime: Any, provider: MemoryProvider, entry: InboxEntry, offered_at: datetime
+) -> None:
+    """The gateway's offer went unanswered: its copy, marked with the offer time,
+    goes to partition 0's inbox, and the owner is told."""
+    async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+        await append_to_inbox(inbox, [msgspec.structs.replace(entry, offered_at=offered_at)])
+    runtime.partitions[0].poke()
 
 
 def test_completed_commands_tell_whether_one_added_since_a_time_was_forgotten() -> None:
