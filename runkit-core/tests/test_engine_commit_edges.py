@@ -1120,6 +1120,48 @@ async def _spill_gateway_copy(
     runtime.partitions[0].poke()
 
 
+async def test_a_wake_up_that_comes_while_the_partition_starts_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A peer appends to the inbox and wakes the owner after the owner's
+    # catch-up read the inbox but before the partition was registered: the
+    # wake-up found no partition and was dropped, and the command waited for
+    # the inbox poll (an hour here).
+    from runkit.engine.commands import batches
+
+    monkeypatch.setattr(batches, "INBOX_POLL_INTERVAL", 3600.0)
+    s = setup()
+    register_types(s.config.message_types())
+    provider = MemoryProvider(f"commit-edges-{uuid.uuid4()}")
+    engine, ownership = one_partition_engine(s.config, provider)
+    catch_up = batches.PartitionCommands._catch_up
+    first = True
+
+    async def caught_up(self: Any) -> None:
+        nonlocal first
+        await catch_up(self)
+        if first:
+            first = False
+            envelope = new_envelope(
+                Deposit("a", 1, "early"),
+                app_key=APP_KEY,
+                site_key=None,
+                created_at=datetime.now(UTC),
+            )
+            _, entry = runtime.acceptor.route(envelope, keyed=False)
+            async with await provider.journals.open(inbox_name(APP_KEY, 0)) as inbox:
+                await append_to_inbox(inbox, [entry])
+            runtime.wake_local(0, "inbox")  # no partition registered yet
+
+    monkeypatch.setattr(batches.PartitionCommands, "_catch_up", caught_up)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        runtime = await engine.runtime(APP_KEY)
+        ownership.assign({partition_id(APP_KEY, 0)})
+        await wait_until(lambda: [c[1] for c in s.accounts.calls] == ["early"], timeout=5)
+        tg.cancel_scope.cancel()
+
+
 def test_completed_commands_tell_whether_one_added_since_a_time_was_forgotten() -> None:
     from runkit.engine.commands.pending import CompletedCommands
 

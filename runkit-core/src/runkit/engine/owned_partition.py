@@ -132,6 +132,9 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                 inbox_writer.listener = commands.notify
                 await tg.start(commands.run)
                 runtime.partitions[index] = commands
+                # A peer's wake-up that came between the catch-up's read of the
+                # inbox and the line above found no partition: read it once more.
+                commands.poke()
                 if runtime.consumers is not None:
                     ctx = PartitionContext(
                         app=runtime.app,
