@@ -502,6 +502,39 @@ async def test_the_wake_up_after_a_fallback_gets_the_command_handled_without_a_p
         assert "wake" in called
 
 
+async def test_an_inbox_wake_up_sent_to_a_node_that_does_not_run_the_partition_is_passed_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A sender with a stale view of the owner (a client, say) appends to the
+    # inbox and wakes the node it thinks owns the partition: that node dropped
+    # the wake-up, and the command waited for the owner's inbox poll (an hour
+    # here). It is passed on to the owner as that node sees it.
+    from datetime import UTC, datetime
+
+    from runkit.engine.commands import batches
+    from runkit.engine.commands.inbox import append_to_inbox, inbox_name
+    from runkit.engine.envelope import new_envelope
+
+    monkeypatch.setattr(batches, "INBOX_POLL_INTERVAL", 3600.0)
+    s = setup()
+    silo = f"cluster-{uuid.uuid4()}"
+    async with two_nodes(s.config, silo) as (one, _two):
+        [account] = _remote_accounts(one, 1)  # owned by `two`
+        runtime = await one.runtime(APP_KEY)
+        envelope = new_envelope(
+            Deposit(account, 1, "stale"),
+            app_key=APP_KEY,
+            site_key=None,
+            created_at=datetime.now(UTC),
+        )
+        index, entry = runtime.acceptor.route(envelope, keyed=False)
+        assert index not in runtime.partitions
+        async with await MemoryProvider(silo).journals.open(inbox_name(APP_KEY, index)) as inbox:
+            await append_to_inbox(inbox, [entry])
+        runtime.wake_local(index, "inbox")
+        await wait_until(lambda: [c[1] for c in s.accounts.calls] == ["stale"], timeout=5)
+
+
 async def test_an_observer_cut_off_from_the_owner_but_not_the_store_is_satisfied(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

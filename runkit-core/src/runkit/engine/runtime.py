@@ -271,6 +271,12 @@ class AppRuntime:
         commands = self.partitions.get(index)
         if commands is not None:
             commands.poke()
+        else:
+            # Sent here by a sender whose view of the owner is stale: on to the
+            # owner as this node sees it, as deadline wake-ups go (each hop
+            # goes to a higher-ranked node, so it ends; at this node if it
+            # ranks itself first, where the starting partition reads its inbox).
+            self._wake_remote(index, "inbox")
 
     def _node_context(self) -> NodeContext:
         return NodeContext(
