@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
-from ...persistence import Journal, Provider
+from ...persistence import Journal, Provider, RecordNotFound
 from ..partitions import partition_id
 from ..streams import (
     CommandDone,
@@ -73,14 +73,27 @@ async def follow_chain(
 
 
 async def _start(journal: Journal, since: datetime) -> int:
-    """The position of the first record written at or after *since* (within the lookback)."""
+    """The position of the first record written at or after *since* (within the lookback).
+
+    Found by bisection (records are written in time order, give or take the
+    owners' clocks, which ``CLOCK_MARGIN`` allows for): about ten reads
+    where a walk back read up to ``MAX_LOOKBACK``, for every observation
+    that follows a partition.
+    """
     bounds = await journal.bounds()
-    position = bounds.end
-    while position > bounds.begin and bounds.end - position < MAX_LOOKBACK:
-        if decode_stream_record(await journal.get(position - 1)).written_at < since:
-            break
-        position -= 1
-    return position
+    low, high = max(bounds.begin, bounds.end - MAX_LOOKBACK), bounds.end
+    while low < high:
+        middle = (low + high) // 2
+        try:
+            written_at = decode_stream_record(await journal.get(middle)).written_at
+        except RecordNotFound:
+            low = middle + 1  # truncated under us: what is left is later
+            continue
+        if written_at < since:
+            low = middle + 1
+        else:
+            high = middle
+    return low
 
 
 def _send(
