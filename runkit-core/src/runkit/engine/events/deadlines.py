@@ -50,7 +50,7 @@ import msgspec
 from ...persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
 from ..backoff import backoff
 from ..logs import RateLimitedLog, describe_error
-from .process_stores import PoisonedMessage, event_poison_store_name
+from .process_stores import PoisonedMessage, event_poison_store_name, poison_error
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
@@ -294,7 +294,7 @@ class DeadlineTimer:
             instance_id=None,
             stream_id=journal.name,
             offset=position,
-            error=f"{type(error).__qualname__}: {error}"[:1000],
+            error=poison_error(error),
             attempts=1,
             poisoned_at=self._ctx.now(),
         )

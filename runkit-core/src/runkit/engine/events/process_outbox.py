@@ -31,10 +31,10 @@ from ..logs import describe_error
 from .consumers_support import ConsumerOptions, sleep_backoff
 from .deadlines import DeadlineEntry, append_deadlines, deadline_journal_name
 from .process_instances import CachedInstance, InstanceCache, ProcessRecord
-from .process_retries import MessageRetries, poison_error
+from .process_retries import MessageRetries
 from .process_retries import process_log as _log
 from .process_retries import process_store_log as _store_log
-from .process_stores import PoisonedMessage, outbox_poison_key
+from .process_stores import PoisonedMessage, outbox_poison_key, poison_error
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext

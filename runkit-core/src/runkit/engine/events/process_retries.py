@@ -27,7 +27,6 @@ from ...config import HandlerConfig
 from ...persistence import LimitExceeded, PersistenceError
 from ..envelope import Envelope, encode
 from ..logs import (
-    MAX_ERROR_CHARS,
     SHORT_ERROR_CHARS,
     LogContext,
     RateLimitedLog,
@@ -36,12 +35,12 @@ from ..logs import (
 )
 from .consumers_support import ConsumerOptions, sleep_backoff
 from .process_scopes import ProcessBug
-from .process_stores import PoisonedMessage, event_poison_store_name
+from .process_stores import PoisonedMessage, event_poison_store_name, poison_error
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
 
-__all__ = ["MessageRetries", "poison_error", "process_log", "process_store_log"]
+__all__ = ["MessageRetries", "process_log", "process_store_log"]
 
 process_log = logging.getLogger("runkit.engine.events.processes")
 # Store failures repeat for as long as an outage lasts: one line per handler and
@@ -49,11 +48,6 @@ process_log = logging.getLogger("runkit.engine.events.processes")
 process_store_log = RateLimitedLog(process_log, 10.0)
 
 _encoder = msgspec.msgpack.Encoder()
-
-
-def poison_error(error: BaseException) -> str:
-    """What a poison record says of *error*: its type and message, kept short."""
-    return shortened(f"{type(error).__qualname__}: {error}", MAX_ERROR_CHARS)
 
 
 class MessageRetries:

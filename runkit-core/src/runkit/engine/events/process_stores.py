@@ -13,6 +13,7 @@ from datetime import datetime
 import msgspec
 
 from ...persistence import Provider
+from ..logs import MAX_ERROR_CHARS, shortened
 
 __all__ = [
     "PoisonedMessage",
@@ -21,6 +22,7 @@ __all__ = [
     "event_poison_store_name",
     "list_poisoned_events",
     "outbox_poison_key",
+    "poison_error",
     "process_store_name",
 ]
 
@@ -66,6 +68,11 @@ class PoisonedMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _poison_decoder = msgspec.msgpack.Decoder(PoisonedMessage)
+
+
+def poison_error(error: BaseException) -> str:
+    """What a poison record says of *error*: its type and message, kept short."""
+    return shortened(f"{type(error).__qualname__}: {error}", MAX_ERROR_CHARS)
 
 
 async def list_poisoned_events(

@@ -85,7 +85,7 @@ from .process_instances import (
 )
 from .process_outbox import OutboxDispatcher
 from .process_queues import ConsumerCheckpoint, InstanceQueues
-from .process_retries import MessageRetries, poison_error
+from .process_retries import MessageRetries
 from .process_retries import process_log as _log
 from .process_retries import process_store_log as _store_log
 from .process_scopes import (
@@ -100,6 +100,7 @@ from .process_stores import (
     PoisonedMessage,
     checkpoint_key,
     checkpoints_store_name,
+    poison_error,
     process_store_name,
 )
 

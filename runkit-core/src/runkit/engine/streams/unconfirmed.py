@@ -16,12 +16,14 @@ predecessors wrote since that time (``PriorCommits``).
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from datetime import datetime, timedelta
 
 import msgspec
 
 from ...persistence import Journal, RecordNotFound
-from .records import Location, command_locations, decode_stream_record
+from .records import Location, StreamRecord, command_locations, decode_stream_record
 
 __all__ = ["CLOCK_MARGIN", "PriorCommits", "UnconfirmedAppend", "holds_command"]
 
@@ -93,30 +95,33 @@ class PriorCommits:
         later): its records are read back, newest first, as far as the
         offer's time, every time. Rare, so nothing read is kept.
         """
-        floor = offered_at - CLOCK_MARGIN
-        position = (await self._journal.bounds()).end
-        while position > self._end:
-            try:
-                record = decode_stream_record(await self._journal.get(position - 1))
-            except RecordNotFound:
-                break
-            if record.written_at < floor:
-                break
-            location = command_locations(record).get(command_id)
-            if location is not None:
-                return location
-            position -= 1
+        end = (await self._journal.bounds()).end
+        async with aclosing(self._back(end, self._end, offered_at - CLOCK_MARGIN)) as records:
+            async for _, record in records:
+                location = command_locations(record).get(command_id)
+                if location is not None:
+                    return location
         return None
 
     async def _read_back(self, floor: datetime) -> None:
         begin = (await self._journal.bounds()).begin
-        while self._low > begin:
-            try:
-                record = decode_stream_record(await self._journal.get(self._low - 1))
-            except RecordNotFound:
-                break  # truncated below: nothing older is left to read
-            if record.written_at < floor:
-                break
-            self._ids.update(command_locations(record))
-            self._low -= 1
+        async with aclosing(self._back(self._low, begin, floor)) as records:
+            async for position, record in records:
+                self._ids.update(command_locations(record))
+                self._low = position
         self._floor = floor
+
+    async def _back(
+        self, position: int, low: int, floor: datetime
+    ) -> AsyncGenerator[tuple[int, StreamRecord]]:
+        """The records below *position*, newest first, down to *low* or to the
+        first written before *floor* (or truncated away)."""
+        while position > low:
+            try:
+                record = decode_stream_record(await self._journal.get(position - 1))
+            except RecordNotFound:
+                return  # truncated below: nothing older is left to read
+            if record.written_at < floor:
+                return
+            position -= 1
+            yield position, record
