@@ -23,6 +23,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from ...persistence import Journal, Provider, RecordNotFound
+from ..envelope import closing_iter
 from ..partitions import partition_id
 from ..streams import (
     CommandDone,
@@ -65,10 +66,13 @@ async def follow_chain(
             bounds = await journal.bounds()
             position = max(position, bounds.begin)
             if position < bounds.end:
-                async for at, data in journal.range(position):
-                    if not _send(stream_id, correlation_id, decode_stream_record(data), send):
-                        return
-                    position = at + 1
+                # Closed here, not left to the collector: the observation may
+                # end (or be cancelled) part-way through a driver's range.
+                async with closing_iter(journal.range(position)) as records:
+                    async for at, data in records:
+                        if not _send(stream_id, correlation_id, decode_stream_record(data), send):
+                            return
+                        position = at + 1
             await anyio.sleep(poll_interval)
 
 
