@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from runkit.config import HandlerConfig
+from runkit.config import HandlerConfig, build
 from runkit.engine.commands import materialiser as materialiser_module
 from runkit.engine.commands.aggregates import AggregateInstances, Instance
 from runkit.engine.commands.inbox import InboxEntry
@@ -34,10 +34,22 @@ from runkit.engine.commands.instance_records import (
 from runkit.engine.commands.materialiser import Materialiser
 from runkit.engine.envelope import new_envelope, register_types
 from runkit.persistence import Keyspace, Limits
+from runkit.testing.faults import BEFORE, FaultyProvider
 from runkit_memory import MemoryProvider
+from runkit_memory import _provider as memory_module
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_commands_harness import APP_KEY, Deposit, Setup, setup, wait_until
+from engine_commands_harness import (
+    APP_KEY,
+    REGISTRY,
+    App,
+    Deposit,
+    Setup,
+    read_stores,
+    setup,
+    wait_until,
+)
+from engine_commands_harness import running as running_engine
 
 
 class Bench:
@@ -692,3 +704,81 @@ async def test_a_rebuild_whose_instance_keeps_being_snapshotted_fails_for_a_retr
     with pytest.raises(PersistenceError, match="kept moving") as raised:
         await b.aggregates.load(b.handler, "a")
     assert raised.value.retryable
+
+
+async def test_a_takeover_by_a_version_without_the_aggregate_materialises_its_events() -> None:
+    # A rolling upgrade removes an aggregate handler: the new version's node
+    # takes the partition while records of that aggregate are above the
+    # materialised watermark. It must still write them to their instance
+    # journal before its records claim them materialised, or the old version
+    # (a rollback, an old node of the upgrade) rebuilds the instance without them.
+    s = setup()
+    register_types(s.config.message_types())
+    without = build(App(s.notifier, s.serial), registry=REGISTRY)
+    silo = f"removed-{uuid.uuid4()}"
+    kept = MemoryProvider(silo)  # the silo lives while a provider refers to it
+    faulty = FaultyProvider(kept)
+    faulty.plan.fail(BEFORE, ops={"append"}, names=lambda n: "/aggregate/" in n)
+    settings: dict[str, Any] = {"partition_count": 1, "materialise_delay": 0.0}
+
+    async def owning(engine: Any) -> None:
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+
+    async with running_engine(faulty, s.config, shutdown_timeout=0.2, **settings) as engine:
+        await owning(engine)
+        executor = engine.executor_for(s.app)
+        await executor.execute_command(Deposit("a", 1, "r1"))
+        await executor.execute_command(Deposit("a", 1, "r2"))
+    async with running_engine(MemoryProvider(silo), without, **settings) as engine:
+        await owning(engine)
+        await anyio.sleep(0.2)  # its first record claims the tail materialised
+    async with running_engine(MemoryProvider(silo), s.config, **settings) as engine:
+        await owning(engine)
+        await engine.executor_for(s.app).execute_command(Deposit("a", 1, "r3"))
+    stores = await read_stores(kept)
+    assert len([e for e in stores.all_events() if e.source_instance == "a"]) == 3
+    assert [(ref, balance) for _, ref, balance in s.accounts.calls] == [
+        ("r1", 0),
+        ("r2", 1),
+        ("r3", 2),
+    ]
+
+
+async def test_commits_wait_while_the_materialiser_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Instance journals written slower than commands come: the partition holds
+    # commits back (callers wait in the backlog) rather than queue records,
+    # and so memory and a new owner's re-read of the tail, without bound.
+    limit = 20
+    monkeypatch.setattr(materialiser_module, "QUEUE_LIMIT", limit)
+    append = memory_module._MemoryJournal.append
+
+    async def slow_append(self: Any, position: int, record: bytes) -> None:
+        if "/aggregate/" in self._name:
+            await anyio.sleep(0.05)
+        await append(self, position, record)
+
+    monkeypatch.setattr(memory_module._MemoryJournal, "append", slow_append)
+    peak = 0
+    add = Materialiser.add
+
+    def counting_add(self: Materialiser, key: Any, record: Committed) -> None:
+        nonlocal peak
+        add(self, key, record)
+        peak = max(peak, len(self._queue))
+
+    monkeypatch.setattr(Materialiser, "add", counting_add)
+    s = setup()
+    register_types(s.config.message_types())
+    provider = MemoryProvider(f"materialiser-{uuid.uuid4()}")
+    async with running_engine(
+        provider, s.config, partition_count=1, materialise_delay=0.0
+    ) as engine:
+        runtime = await engine.runtime(APP_KEY)
+        await wait_until(lambda: 0 in runtime.partitions)
+        executor = engine.executor_for(s.app)
+        async with anyio.create_task_group() as tg:
+            for i in range(200):  # distinct instances: one journal write each
+                tg.start_soon(executor.execute_command, Deposit(f"acct-{i}", 1, f"r{i}"))
+    assert len(s.accounts.calls) == 200
+    assert 0 < peak <= limit

@@ -345,6 +345,10 @@ class PartitionCommands:
                         # Let the writer take the last pass's commands into its
                         # next record before handling more.
                         await anyio.lowlevel.checkpoint()
+                    if not self._materialiser.has_room:
+                        # Instance journals are written slower than commits
+                        # come: hold commits back (callers wait in the backlog).
+                        await self._materialiser.wait_for_room()
                     behind = self._paused or self._poked
                     self._poked = False
                     self._wake = self._new_event()
@@ -479,7 +483,8 @@ class PartitionCommands:
     def _handle_ready(self) -> None:
         """One synchronous pass over everything ready."""
         ready = self._ready
-        while ready:
+        materialiser = self._materialiser
+        while ready and materialiser.has_room:  # else the rest waits for it (``run``)
             item = ready.popleft()
             if item.command_id in self._completed:
                 self._duplicate(item, self._completed.location(item.command_id))

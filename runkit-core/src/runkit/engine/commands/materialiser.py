@@ -51,7 +51,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from ...config import ApplicationConfig, HandlerKind
+from ...config import ApplicationConfig
 from ...persistence import (
     Conflict,
     Journal,
@@ -126,15 +126,13 @@ class Materialiser:
         self._max_record_bytes = provider.limits.max_record_bytes
         self._retry_base_delay = retry_base_delay
         self._retry_max_delay = retry_max_delay
-        self._aggregate_keys = frozenset(
-            h.identity.key for h in app.handlers if h.kind is HandlerKind.AGGREGATE
-        )
         self._queue: deque[tuple[_Key, Committed]] = deque()
         # Per instance, its queued records not written yet (in order).
         self._unwritten: dict[_Key, deque[Committed]] = {}
         self._new_event = event_maker()
         self._wake = self._new_event()
         self._full = self._new_event()  # set when QUEUE_LIMIT records are queued
+        self._room = self._new_event()  # set when a full queue falls below QUEUE_LIMIT
         # Open instance journals: (handle, end, mark of the last command).
         self._journals: OrderedDict[_Key, tuple[Journal, int, Mark | None]] = OrderedDict()
         self.records_written = 0
@@ -160,6 +158,24 @@ class Materialiser:
         """Records became durable: start a round."""
         self._wake.set()
 
+    @property
+    def has_room(self) -> bool:
+        """Fewer than ``QUEUE_LIMIT`` records are queued: commit more (``wait_for_room``)."""
+        return len(self._queue) < QUEUE_LIMIT
+
+    async def wait_for_room(self) -> None:
+        """Wait until the queue is below ``QUEUE_LIMIT`` again.
+
+        The partition's loop waits here before handling more aggregate
+        commands, so a slow instance-journal store holds commits back (and,
+        through the backlog, callers) instead of growing the queue, and with it
+        memory and a new owner's re-read of the stream tail, without bound.
+        """
+        while not self.has_room:
+            if self._room.is_set():
+                self._room = self._new_event()
+            await self._room.wait()
+
     def watermark(self, next_position: int) -> int:
         """The stream position below which every aggregate command is materialised.
 
@@ -176,8 +192,13 @@ class Materialiser:
         found: list[tuple[_Key, Committed]] = []
         current: tuple[_Key, Committed] | None = None
         for i, env in enumerate(record.events):
+            # Every aggregate's, whether or not this version of the application
+            # has its handler: the watermark is about to pass the record, and an
+            # application that has the handler again (a rollback, an old node
+            # of a rolling upgrade) must find these events in the journal.
+            # Only aggregates record events with an instance.
             handler_key = env.source_handler
-            if handler_key not in self._aggregate_keys or env.source_instance is None:
+            if not handler_key or env.source_instance is None:
                 current = None
                 continue
             key = (handler_key, env.source_instance)
@@ -199,9 +220,7 @@ class Materialiser:
             current = (key, committed)
             found.append(current)
         for quiet in record.event_less:
-            if quiet.handler_key in self._aggregate_keys and 0 <= quiet.index < len(
-                record.command_ids
-            ):
+            if quiet.handler_key and 0 <= quiet.index < len(record.command_ids):
                 committed = Committed(
                     record.command_ids[quiet.index],
                     (),
@@ -314,6 +333,8 @@ class Materialiser:
         for _ in range(taken):
             _, done = self._queue.popleft()
             self.covered = max(self.covered, done.stream_position + 1)
+        if self.has_room:
+            self._room.set()
 
     async def _worker(self) -> None:
         while True:
