@@ -465,3 +465,15 @@ def test_two_applications_with_one_identity_key_are_a_configuration_error(
     second = bank.App(tmp_path / "b.sqlite3")
     with pytest.raises(ConfigurationError, match="share the identity key"):
         o.resolve_options([o.with_application(first), o.with_application(second)])
+
+
+def test_options_take_their_parameters_by_the_names_the_api_gives() -> None:
+    # api.md: with_node_id(id), with_persistence_provider(p),
+    # with_partition_count(n), with_backlog_limit(n), with_heartbeat_interval(seconds).
+    node = uuid.uuid4()
+    assert o.with_node_id(id=node).value == node
+    provider = MemoryProvider()
+    assert o.with_persistence_provider(p=provider).value is provider
+    assert o.with_partition_count(n=4).value == 4
+    assert o.with_backlog_limit(n=50).value == 50
+    assert o.with_heartbeat_interval(seconds=0.5).value == 0.5

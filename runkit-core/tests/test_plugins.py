@@ -372,13 +372,23 @@ def test_check_url_reports_every_problem_the_driver_finds() -> None:
         pm.unregister(name="checking")
 
 
-def test_a_driver_without_the_checking_hook_is_not_pre_validated(thirdparty: None) -> None:
-    # The hook is optional: the URL is only checked when the provider is made.
-    assert url_problems("thirdparty://host/x") == []
-    check_url("thirdparty://host/x")
-    runkit.with_persistence("thirdparty://host/x")
+def test_a_driver_without_the_checking_hook_is_checked_by_making_a_provider(
+    thirdparty: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hook is optional: without it the URL is checked by the provider hook
+    # (which does no I/O), so a malformed URL still fails at the option, not
+    # at start-up.
+    problem = "thirdparty URL 'thirdparty://host/x' must not name a host"
+    assert url_problems("thirdparty://host/x") == [problem]
     with pytest.raises(ValueError, match="must not name a host"):
-        provider_from_url("thirdparty://host/x")
+        check_url("thirdparty://host/x")
+    with pytest.raises(ValueError, match="must not name a host"):
+        runkit.with_persistence("thirdparty://host/x")
+    monkeypatch.setenv("DOGMA_PERSISTENCE_URL", "thirdparty://host/x")
+    with pytest.raises(runkit.ConfigurationError, match="DOGMA_PERSISTENCE_URL"):
+        runkit.from_environment()
+    assert url_problems("thirdparty:///x") == []
+    runkit.with_persistence("thirdparty:///x")
 
 
 def test_check_url_scheme_problems() -> None:

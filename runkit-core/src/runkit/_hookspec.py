@@ -45,6 +45,7 @@ def runkit_persistence_url_problems(url: str) -> list[str] | None:
     sentence naming the part or parameter, its value (never a password:
     use ``runkit.persistence.redact_url``) and what is expected. runkit calls
     this in ``with_persistence()`` and ``runkit env`` so mistakes surface before
-    the engine starts. Optional: a plugin without it is not pre-validated, and
-    its URLs are checked by ``runkit_persistence_provider`` at start-up.
+    the engine starts. Optional: for a plugin without it, runkit calls
+    ``runkit_persistence_provider`` there instead (which does no I/O), takes the
+    ``ValueError`` it raises as the one problem, and discards the provider.
     """

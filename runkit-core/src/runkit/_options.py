@@ -101,9 +101,9 @@ def with_application(app: object) -> Option:
     )
 
 
-def with_node_id(node_id: uuid.UUID | str) -> Option:
+def with_node_id(id: uuid.UUID | str) -> Option:  # api.md names the parameter ``id``
     """Set this node's UUID (canonical RFC 9562 string); random if unset."""
-    parsed = parse_node_id(node_id, what="with_node_id(): node ID")
+    parsed = parse_node_id(id, what="with_node_id(): node ID")
     return Option("with_node_id", "node_id", parsed, f"with_node_id({str(parsed)!r})")
 
 
@@ -135,18 +135,18 @@ def with_persistence(url: str) -> Option:
     return Option("with_persistence", "persistence_url", url, f"with_persistence({shown!r})")
 
 
-def with_persistence_provider(provider: Provider) -> Option:
-    """Persist through *provider*; the engine does not close a provider it was given."""
-    if not isinstance(provider, Provider):
+def with_persistence_provider(p: Provider) -> Option:
+    """Persist through the provider *p*; the engine does not close a provider it was given."""
+    if not isinstance(p, Provider):
         raise TypeError(
             "with_persistence_provider() takes a runkit.persistence.Provider, "
-            f"not {type(provider).__name__}"
+            f"not {type(p).__name__}"
         )
     return Option(
         "with_persistence_provider",
         "persistence_provider",
-        provider,
-        f"with_persistence_provider({type(provider).__name__})",
+        p,
+        f"with_persistence_provider({type(p).__name__})",
     )
 
 
@@ -170,12 +170,12 @@ def _knob(field: str, value: object) -> Option:
     return Option(knob.option, field, number, f"{knob.option}({number!r})")
 
 
-def with_partition_count(count: int) -> Option:
+def with_partition_count(n: int) -> Option:
     """Partitions per application when it first starts (default 16, 1 to 4096); fixed afterwards.
 
     Also ``DOGMA_PARTITION_COUNT`` and ``runkit run --partition-count``.
     """
-    return _knob("partition_count", count)
+    return _knob("partition_count", n)
 
 
 def with_heartbeat_interval(seconds: float) -> Option:
@@ -186,12 +186,12 @@ def with_heartbeat_interval(seconds: float) -> Option:
     return _knob("heartbeat_interval", seconds)
 
 
-def with_backlog_limit(limit: int) -> Option:
+def with_backlog_limit(n: int) -> Option:
     """The most commands waiting in one partition (default 1000); then ``execute_command`` waits.
 
     Also ``DOGMA_BACKLOG_LIMIT`` and ``runkit run --backlog-limit``.
     """
-    return _knob("backlog_limit", limit)
+    return _knob("backlog_limit", n)
 
 
 def with_start_timeout(seconds: float) -> Option:

@@ -175,7 +175,9 @@ def url_problems(url: str) -> list[str]:
 
     Checks the scheme against the installed drivers, then asks the driver
     (hook ``runkit_persistence_url_problems``) to check the rest. A driver
-    without that hook is not pre-validated. Problems never show a password.
+    without that hook is asked for a provider instead (constructing one does
+    no I/O, by the hook's contract), and the ``ValueError`` it raises for a
+    malformed URL is the problem. Problems never show a password.
     """
     try:
         scheme = _scheme(url)
@@ -190,7 +192,13 @@ def url_problems(url: str) -> list[str]:
         return list(exc.problems)
     except ValueError as exc:  # a driver that raises instead of returning problems
         return [str(exc)]
-    return [] if found is None else [str(p) for p in found]
+    if found is not None:
+        return [str(p) for p in found]
+    try:
+        plugin_manager().hook.runkit_persistence_provider(url=url)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def check_url(url: str) -> None:
