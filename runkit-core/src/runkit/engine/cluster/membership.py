@@ -130,6 +130,7 @@ class Membership:
         self._loop_scope: anyio.CancelScope | None = None
         self._read_valid_until: datetime | None = None
         self._last_read: datetime | None = None
+        self._joined_at = 0.0  # anyio time the joining write began (``_join``)
 
     # -- the Ownership protocol --
 
@@ -336,12 +337,16 @@ class Membership:
                 await anyio.sleep(self._interval)
                 continue
             # Absent (""), expired, unreadable, or our own: take it over.
+            # Times from the write's start on: the reads before it may have been
+            # slow, and the beats keep to the write's schedule (``_beat_forever``).
             self._heartbeat.revision = own.revision
+            self._joined_at = anyio.current_time()
+            now = self._clock()
             if not await self._heartbeat.write(ks, now):
                 # Start again from a fresh read; leave() must not delete a record we never wrote.
                 self._heartbeat.revision = ""
-            elif await self._read(ks, now):
-                self._update(now)
+            elif await self._read(ks, self._clock()):
+                self._update(self._clock())
                 MEMBERSHIP_LOG.info(
                     "%s %s joined the cluster: %d live node(s)",
                     self._role,  # a client says so: it owns nothing and is not counted
@@ -353,7 +358,10 @@ class Membership:
             await anyio.sleep(self._interval)
 
     async def _beat_forever(self, ks: Keyspace) -> None:
-        next_beat = anyio.current_time()
+        # An interval after the joining write began, not after the join ended:
+        # with a slow store (calls of over a third of an interval) the join's
+        # write and read would otherwise go stale before the first beat.
+        next_beat = self._joined_at
         while True:
             next_beat += self._interval
             delay = next_beat - anyio.current_time()
@@ -361,13 +369,27 @@ class Membership:
                 next_beat -= delay  # fell behind (slow store): restart the schedule from now
             await anyio.sleep(max(0.0, delay))
             now = self._clock()
-            if self._can_see(now):
-                await self._heartbeat.write(ks, now)
-            # Else blind: not read for two intervals, so inactive. A refreshed
-            # record would make peers wait for it to expire before taking our
-            # partitions, which would meanwhile have no owner at all.
-            await self._read(ks, now)
+            # The write and the read go together: one after the other, a store
+            # answering in half an interval left this node blind (no read within
+            # two intervals) and so inactive, while peers, seeing its record
+            # refreshed, still counted it as the owner of its partitions.
+            fatal: list[NodeIdInUse] = []
+            async with anyio.create_task_group() as tg:
+                if self._can_see(now):
+                    tg.start_soon(self._write, ks, now, fatal)
+                # Else blind: not read for two intervals, so inactive. A refreshed
+                # record would make peers wait for it to expire before taking our
+                # partitions, which would meanwhile have no owner at all.
+                tg.start_soon(self._read, ks, now)
+            if fatal:
+                raise fatal[0]  # as is, not in the task group's ExceptionGroup
             self._update(self._clock())
+
+    async def _write(self, ks: Keyspace, now: datetime, fatal: list[NodeIdInUse]) -> None:
+        try:
+            await self._heartbeat.write(ks, now)
+        except NodeIdInUse as exc:
+            fatal.append(exc)
 
     async def _watch(self) -> None:
         # Notices our own staleness and peers' expiry even while a store call
