@@ -1308,28 +1308,6 @@ async def test_before_its_hello_a_peer_may_send_only_small_frames(
     )
 
 
-async def test_handshakes_beyond_the_bound_are_refused_at_once(
-    transport_log: pytest.LogCaptureFixture,
-) -> None:
-    b = node("node-b", B, max_handshakes=2, handshake_timeout=30)
-    async with serving(b) as address, node() as a:
-        host, port = address.rsplit(":", 1)
-        idle = [await anyio.connect_tcp(host, int(port)) for _ in range(2)]
-        await anyio.sleep(0.2)  # both accepted, in their TLS handshakes
-        async with await anyio.connect_tcp(host, int(port)) as third:
-            assert await read_frames_until_closed(third) == []  # well before 30 s
-        for stream in idle:
-            await stream.aclose()
-        with anyio.fail_after(5):  # a member gets in once the slots are free again
-            while True:
-                try:
-                    assert await a.call(address, "echo", b"ok") == b"node-a:ok"
-                    break
-                except PeerUnavailable:
-                    await anyio.sleep(0.05)
-    assert any("2 handshakes already in progress" in r.message for r in transport_log.records)
-
-
 async def test_a_client_without_a_certificate_is_refused(
     transport_log: pytest.LogCaptureFixture,
 ) -> None:

@@ -90,7 +90,7 @@ async def open_connection(
             address, f"cannot connect: {detail}", untrusted=handshake_untrusted(exc)
         ) from None
     except _STREAM_ERRORS as exc:
-        raise PeerUnavailable(address, f"cannot connect: {exc}") from None
+        raise PeerUnavailable(address, f"cannot connect: {_connect_failure(exc)}") from None
     try:
         fingerprint, hello = await _client_hello(stream, address, node_id, identity, authenticate)
         decoder = FrameDecoder(min(HANDSHAKE_MAX_FRAME_SIZE, max_frame_size))
@@ -126,6 +126,18 @@ async def open_connection(
         decoder=decoder,
     )
     return PeerConnection(link, peer)
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Say why connecting (TCP, then TLS) failed with *exc*, not an ``ssl.SSLError``."""
+    if isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError):
+        # Neither has text of its own (the operator saw "cannot connect: "): the
+        # peer hung up before TLS was done, which a busy or refusing node does.
+        return (
+            "the peer closed the connection during the handshake (overloaded, "
+            "or it does not accept this node's certificate)"
+        )
+    return str(exc) or repr(exc)
 
 
 async def _client_hello(

@@ -33,6 +33,8 @@ __all__ = [
     "Response",
     "StreamEnd",
     "StreamItem",
+    "check_call",
+    "check_node_id",
     "encode_frame",
 ]
 
@@ -44,9 +46,14 @@ DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
 HANDSHAKE_MAX_FRAME_SIZE = 64 * 1024
 _LENGTH = struct.Struct(">I")
 
-# Bounds that keep a hostile peer from making us hold silly values.
+# Bounds that keep a hostile peer from making us hold silly values. A peer
+# closes the connection on a frame outside them, failing every call on it, so
+# what callers choose (method names, windows, node IDs) is checked before
+# sending (``check_call``, ``check_node_id``).
+MAX_SHORT_TEXT = 256
+MAX_CREDIT = 2**31 - 1
 RequestId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
-ShortText = Annotated[str, msgspec.Meta(max_length=256)]
+ShortText = Annotated[str, msgspec.Meta(max_length=MAX_SHORT_TEXT)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 
 
@@ -106,7 +113,7 @@ class Credit(_Frame, frozen=True, tag=7):
     """Client -> server: the server may send ``n`` more items on stream ``id``."""
 
     id: RequestId
-    n: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_CREDIT)]
 
 
 class Cancel(_Frame, frozen=True, tag=8):
@@ -154,6 +161,30 @@ Frame = (
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
+
+
+def check_call(method: str, window: int | None = None) -> None:
+    """Refuse a call the peer would take as a malformed frame.
+
+    :raises ValueError: if *method* is longer than 256 characters or *window*
+        is outside 1..2**31-1.
+    """
+    if len(method) > MAX_SHORT_TEXT:
+        raise ValueError(
+            f"method name {method[:40]!r}... is {len(method)} characters long; "
+            f"the limit is {MAX_SHORT_TEXT}"
+        )
+    if window is not None and not 1 <= window <= MAX_CREDIT:
+        raise ValueError(f"window must be between 1 and {MAX_CREDIT}, got {window}")
+
+
+def check_node_id(node_id: str) -> None:
+    """:raises ValueError: if *node_id* is too long for a ``Hello`` (256 characters)."""
+    if len(node_id) > MAX_SHORT_TEXT:
+        raise ValueError(
+            f"node ID {node_id[:40]!r}... is {len(node_id)} characters long; "
+            f"the limit is {MAX_SHORT_TEXT}"
+        )
 
 
 def encode_frame(frame: Frame, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:

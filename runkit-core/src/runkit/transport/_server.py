@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -12,6 +13,7 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
+from ._admission import Handshakes, Watched, remote_host
 from ._client import read_frame
 from ._errors import ProtocolError, RemoteError
 from ._frames import (
@@ -125,7 +127,7 @@ class _Refused(Exception):
 class ServerConfig:
     """What the serving side needs, shared by all its connections.
 
-    Also counts the handshakes in progress (``handshakes``), to bound them.
+    Also holds the handshakes in progress (``handshakes``), to bound them.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class ServerConfig:
         handshake_timeout: float,
         max_concurrent_requests: int,
         max_handshakes: int,
+        reauthenticate_interval: float = math.inf,
     ) -> None:
         self.node_id = node_id
         self.identity = identity
@@ -155,8 +158,8 @@ class ServerConfig:
         self.keepalive_interval = keepalive_interval
         self.handshake_timeout = handshake_timeout
         self.max_concurrent_requests = max_concurrent_requests
-        self.max_handshakes = max_handshakes
-        self.handshakes = 0
+        self.reauthenticate_interval = reauthenticate_interval
+        self.handshakes = Handshakes(max_handshakes, handshake_timeout)
 
 
 async def handle_connection(config: ServerConfig, tcp: anyio.abc.SocketStream) -> None:
@@ -167,27 +170,20 @@ async def handle_connection(config: ServerConfig, tcp: anyio.abc.SocketStream) -
     """
     remote = _remote_address(tcp)
     try:
-        # Strangers get no more than this many connections' worth of our memory.
-        if config.handshakes >= config.max_handshakes:
-            _log.warning(
-                "refused connection from %s: %d handshakes already in progress",
-                remote,
-                config.handshakes,
-            )
+        # Strangers get no more than this many connections' worth of our memory
+        # (see _admission for who gets a slot).
+        slot = config.handshakes.admit(remote_host(tcp))
+        if isinstance(slot, str):
+            _log.warning("refused connection from %s: %s", remote, slot)
             return
-        config.handshakes += 1
         try:
             accepted = None
-            with anyio.move_on_after(config.handshake_timeout) as scope:
-                accepted = await _handshake(config, tcp, remote)
+            with slot.scope:
+                accepted = await _handshake(config, Watched(tcp, slot), remote)
         finally:
-            config.handshakes -= 1
-        if scope.cancelled_caught:
-            _log.warning(
-                "refused connection from %s: no handshake within %g s",
-                remote,
-                config.handshake_timeout,
-            )
+            slot.release()
+        if slot.scope.cancelled_caught:
+            _log.warning("refused connection from %s: %s", remote, slot.why_dropped())
         if accepted is None:
             return
         link, peer = accepted
@@ -212,7 +208,7 @@ def _remote_address(tcp: anyio.abc.SocketStream) -> str:
 
 
 async def _handshake(
-    config: ServerConfig, tcp: anyio.abc.SocketStream, remote: str
+    config: ServerConfig, tcp: anyio.abc.ByteStream, remote: str
 ) -> tuple[Link, PeerInfo] | None:
     """TLS, then ``Hello``: return the link and peer, or ``None`` if refused (logged)."""
     try:
@@ -333,6 +329,8 @@ class _RequestRunner:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if self._config.identity.ca_pem is None:
+                    tg.start_soon(self._reauthenticate)
                 reason = await self._link.run(self._dispatch)
                 tg.cancel_scope.cancel()
         finally:
@@ -341,6 +339,32 @@ class _RequestRunner:
                 if isinstance(active, Reply):
                     active._cancel()  # the connection is gone: nobody waits for it
         return reason
+
+    async def _reauthenticate(self) -> None:
+        """Close the connection once its peer's certificate is no longer accepted.
+
+        Trusted by fingerprint, a peer is accepted as long as it is a live
+        member: checked at the handshake only, a member that expired or was
+        removed (or whoever holds its key) would be served for as long as it
+        keeps the connection open. The engine's authenticator answers a live
+        member from its membership view in memory, so this costs nothing much.
+        """
+        interval = self._config.reauthenticate_interval
+        if not math.isfinite(interval):
+            return
+        while True:
+            await anyio.sleep(interval)
+            if not await authenticated(self._config.authenticate, self._peer.fingerprint):
+                _log.warning(
+                    "closing the connection from %s (node %r): certificate %s no longer "
+                    "belongs to a live member",
+                    self._peer.address,
+                    self._peer.node_id,
+                    self._peer.fingerprint,
+                )
+                # Stops reading at once: no request after this one is served.
+                self._link.close("certificate no longer belongs to a live member")
+                return
 
     def forget(self, request_id: int) -> None:
         """A deferred request is answered or cancelled."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
+from functools import partial
 from types import TracebackType
-from typing import Self
+from typing import Self, cast
 
 import anyio
 import anyio.abc
@@ -14,7 +15,8 @@ from anyio.abc import SocketAttribute
 
 from ._client import PeerConnection, open_connection
 from ._errors import CallTimeout, PeerUnavailable, TransportError
-from ._frames import DEFAULT_MAX_FRAME_SIZE
+from ._frames import DEFAULT_MAX_FRAME_SIZE, check_call, check_node_id
+from ._listener import accept_forever
 from ._peer import Authenticate, format_address, parse_address
 from ._server import (
     DeferredHandler,
@@ -67,8 +69,16 @@ class NodeTransport:
     :param max_concurrent_requests: requests served at once per connection;
         more are answered with ``RemoteError("overloaded")``.
     :param max_handshakes: accepted connections that may be in their handshake
-        at once (each may hold a partial ``Hello`` of up to 64 KiB); more are
-        closed at once, with a warning.
+        at once (each may hold a partial ``Hello`` of up to 64 KiB), at most 8
+        of them from one host. At a bound, the oldest connection that has sent
+        nothing is dropped for the newcomer; if none has, the newcomer is
+        closed at once, with a warning. A connection that sends nothing for
+        2 s is dropped whatever the bound.
+    :param reauthenticate_interval: without a CA, how often (seconds) the peer
+        of each accepted connection is checked with *authenticate* again; a
+        connection whose peer is no longer accepted (an expired member) is
+        closed.
+    :raises ValueError: if *node_id* is over 256 characters.
     """
 
     def __init__(
@@ -86,7 +96,9 @@ class NodeTransport:
         handshake_timeout: float = 10.0,
         max_concurrent_requests: int = 256,
         max_handshakes: int = 64,
+        reauthenticate_interval: float = 5.0,
     ) -> None:
+        check_node_id(node_id)  # peers would refuse its Hello as malformed
         self.node_id = node_id
         self.identity = identity
         self._authenticate = authenticate
@@ -110,6 +122,7 @@ class NodeTransport:
             handshake_timeout=handshake_timeout,
             max_concurrent_requests=max_concurrent_requests,
             max_handshakes=max_handshakes,
+            reauthenticate_interval=reauthenticate_interval,
         )
         self._peers: dict[str, PeerConnection] = {}
         self._connecting: dict[str, _Attempt] = {}
@@ -177,7 +190,11 @@ class NodeTransport:
             bound = format_address(host, bound_port)
             _log.info("node %r listening on %s", self.node_id, bound)
             task_status.started(bound)
-            await listener.serve(self._accept)
+            async with anyio.create_task_group() as tg:
+                for one in listener.listeners:  # one per address family
+                    # create_tcp_listener makes socket listeners, with accept().
+                    accepting = cast(anyio.abc.SocketListener, one)
+                    tg.start_soon(partial(accept_forever, accepting, self._accept, label=bound))
 
     async def _accept(self, tcp: anyio.abc.SocketStream) -> None:
         # handle_connection raises nothing but cancellation; if it ever did,
@@ -208,7 +225,10 @@ class NodeTransport:
         :raises PeerUnavailable: cannot connect, refused, or the connection broke.
         :raises RemoteError: the peer's handler failed, or has no such method.
         :raises ProtocolError: *payload* is over the frame size limit.
+        :raises ValueError: *method* is over 256 characters (checked before
+            sending: the peer would close the shared connection over it).
         """
+        check_call(method)
         limit = self._call_timeout if timeout is None else timeout
         with anyio.move_on_after(limit):
             connection = await self._connection(address, expect_fingerprint)
@@ -232,10 +252,10 @@ class NodeTransport:
         Leaving the block early cancels the stream on the peer. *timeout*
         bounds each wait for an item (``math.inf`` for none); opening the
         stream takes at most the smaller of *timeout* and ``call_timeout``.
-        Errors are those of :meth:`call`, raised on open or while iterating.
+        Errors are those of :meth:`call`, raised on open or while iterating;
+        a *window* outside 1..2**31-1 is a ``ValueError``.
         """
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
+        check_call(method, window)
         limit = self._call_timeout if timeout is None else timeout
         # A long wait between items must not mean a long wait for a dead peer.
         open_limit = min(limit, self._call_timeout)
