@@ -828,7 +828,8 @@ async def test_engine_heartbeats_on_their_own_provider_when_given_a_url() -> Non
     async with anyio.create_task_group() as tg:
         tg.start_soon(engine.run)
         runtime = await engine.runtime(engine.applications[0].identity.key)
-        heartbeat_provider = runtime.ownership._provider  # type: ignore[attr-defined]
+        membership = runtime.ownership._membership  # type: ignore[attr-defined]
+        heartbeat_provider = membership._provider
         assert heartbeat_provider is not runtime.provider
         tg.cancel_scope.cancel()
     with pytest.raises(PersistenceError, match="closed"):

@@ -389,7 +389,10 @@ class Engine:
                     await tg.start(run_ownership)
                 for key, app in self._apps.items():
                     router = self._cluster.router if self._cluster is not None else None
-                    rt = AppRuntime(app, s, provider, self.bus, ownership, router=router)
+                    # A membership ranks, for each application, only the nodes that run it.
+                    for_app = getattr(ownership, "for_app", None)
+                    app_ownership = for_app(key) if for_app is not None else ownership
+                    rt = AppRuntime(app, s, provider, self.bus, app_ownership, router=router)
                     await tg.start(rt.run)
                     self._runtimes[key] = rt
                 self._state = "running"

@@ -79,6 +79,9 @@ class HeartbeatWriter:
         self._progress = progress
         self._tls_fingerprint = tls_fingerprint
         self._role = role
+        # Peers rank only the nodes that run an application for its partitions
+        # (None, a membership without applications: counted for every one).
+        self._apps = sorted(app.identity.key for app in settings.applications) or None
         self._extra = {"node_id": str(settings.node_id)}
         self.incarnation = str(uuid.uuid4())
         #: The revision of our record as we last wrote it ("" for none of ours).
@@ -221,6 +224,7 @@ class HeartbeatWriter:
             progress=progress,
             role=self._role,
             runkit_version=RUNKIT_VERSION,
+            apps=self._apps,
         )
         value = msgspec.msgpack.encode(beat)
         if len(value) > self._max_value_bytes and progress:

@@ -30,6 +30,8 @@ class LiveView:
         self.active = False
         self._was_active = False
         self._live: frozenset[uuid.UUID] = frozenset()
+        # The applications each live peer runs (None: every one, an older writer).
+        self._apps: dict[uuid.UUID, frozenset[str] | None] = {}
         self._winners: dict[str, bool] = {}
         self._generation = Generation()
 
@@ -43,14 +45,27 @@ class LiveView:
         """The live nodes (owners of partitions), this one included while active."""
         return self._live
 
-    def wins(self, partition_id: str) -> bool:
-        """Whether this node is the rendezvous winner of *partition_id* in the live set."""
+    def wins(self, partition_id: str, app_key: str | None = None) -> bool:
+        """Whether this node is the rendezvous winner of *partition_id* in the live set.
+
+        With *app_key* (the application whose partition it is) only the live
+        nodes that run that application take part: a node of another
+        application sharing the store would win partitions it cannot run.
+        """
         owned = self._winners.get(partition_id)
         if owned is None:
             owned = self._winners[partition_id] = (
-                rendezvous.winner(partition_id, self._live) == self._node_id
+                rendezvous.winner(partition_id, self.running(app_key)) == self._node_id
             )
         return owned
+
+    def running(self, app_key: str | None) -> frozenset[uuid.UUID]:
+        """The live nodes that run *app_key* (all of them for ``None``)."""
+        if app_key is None:
+            return self._live
+        return frozenset(
+            n for n in self._live if (apps := self._apps.get(n)) is None or app_key in apps
+        )
 
     async def wait_changed(self, generation: int) -> int:
         """Wait until the generation differs from *generation*; return the new one."""
@@ -72,11 +87,16 @@ class LiveView:
         the node set (its heartbeat is fresh): the last successful read.
         """
         # Clients are members (for authentication) but never own partitions.
-        live = {n for n, r in peers.items() if r.is_live(now) and r.role == "node"}
+        apps = {n: r.apps for n, r in peers.items() if r.is_live(now) and r.role == "node"}
+        live = set(apps)
         if active and self._role == "node":
             live.add(self._node_id)
         live_set = frozenset(live)
         if active == self.active and live_set == self._live:
+            if apps != self._apps:  # a peer restarted with other applications
+                self._apps = apps
+                self._winners = {}
+                self._generation.bump()
             return
         if active != self.active:
             self._log_activity(active, left, last_written, last_read)
@@ -92,6 +112,7 @@ class LiveView:
             )
         self.active = active
         self._live = live_set
+        self._apps = apps
         self._winners = {}
         self._generation.bump()
 

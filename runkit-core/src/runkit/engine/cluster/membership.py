@@ -55,7 +55,7 @@ from .node_set import NodeSetReader
 from .nodes import NODES_KEYSPACE, NodeIdInUse, NodeRecord, Progress, describe_node
 from .store_calls import MEMBERSHIP_LOG, StoreCalls
 
-__all__ = ["Membership"]
+__all__ = ["AppOwnership", "Membership"]
 
 
 class Membership:
@@ -147,6 +147,15 @@ class Membership:
         """
         return self._view.active and self._view.wins(partition_id)
 
+    def for_app(self, app_key: str) -> AppOwnership:
+        """The ownership of application *app_key*'s partitions (what its runtime uses).
+
+        Rendezvous over the live nodes that run the application: nodes of
+        other applications may share the store (and this membership), and one
+        must never win a partition it has no runtime for.
+        """
+        return AppOwnership(self, app_key)
+
     async def wait_changed(self, generation: int) -> int:
         """Wait until the generation differs from *generation*; return the new one."""
         return await self._view.wait_changed(generation)
@@ -171,9 +180,16 @@ class Membership:
         """
         return self._view.active
 
-    def live_nodes(self) -> frozenset[str]:
-        """The live node IDs (strings) in this node's view, itself included while active."""
-        return frozenset(str(n) for n in self._view.live)
+    def live_nodes(self, app_key: str | None = None) -> frozenset[str]:
+        """The live node IDs (strings) in this node's view, itself included while active.
+
+        With *app_key*, only the nodes that run that application.
+        """
+        return frozenset(str(n) for n in self._view.running(app_key))
+
+    def wins(self, partition_id: str, app_key: str) -> bool:
+        """Whether this node owns *partition_id* of application *app_key* (see ``for_app``)."""
+        return self._view.active and self._view.wins(partition_id, app_key)
 
     def live_peers(self) -> dict[uuid.UUID, NodeRecord]:
         """The live records of the other nodes (addresses for the node transport)."""
@@ -429,3 +445,32 @@ class Membership:
             last_written=self._heartbeat.last_written,
             last_read=self._last_read if fresh and not sees else None,
         )
+
+
+class AppOwnership:
+    """One application's view of a ``Membership``: an ``Ownership`` of its partitions.
+
+    A partition of the application is owned by the rendezvous winner among the
+    live nodes whose heartbeat says they run it (``NodeRecord.runs``).
+    """
+
+    def __init__(self, membership: Membership, app_key: str) -> None:
+        self._membership = membership
+        self._app_key = app_key
+
+    @property
+    def generation(self) -> int:
+        """The membership's generation (it also changes with the peers' applications)."""
+        return self._membership.generation
+
+    def owns(self, partition_id: str) -> bool:
+        """Whether this node owns the application's partition *partition_id* now."""
+        return self._membership.wins(partition_id, self._app_key)
+
+    async def wait_changed(self, generation: int) -> int:
+        """Wait until the generation differs from *generation*; return the new one."""
+        return await self._membership.wait_changed(generation)
+
+    def live_nodes(self) -> frozenset[str]:
+        """The live nodes that run the application (for spreading its node work)."""
+        return self._membership.live_nodes(self._app_key)

@@ -96,6 +96,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     progress: dict[str, dict[int, dict[str, int]]] = msgspec.field(default_factory=dict)
     role: str = "node"
     runkit_version: str | None = None
+    #: The keys of the applications the node runs (``None`` from older writers: all).
+    apps: list[str] | None = None
 
 
 heartbeat_decoder = msgspec.msgpack.Decoder(Heartbeat)
@@ -122,6 +124,8 @@ class NodeRecord:
         role: ``"node"`` (owns partitions) or ``"client"`` (a ``runkit.Client``:
             a member for authentication only, never an owner).
         runkit_version: The writer's runkit-core version (``None`` from older writers).
+        apps: The keys of the applications the node runs; ``None`` (from older
+            writers) counts as every application.
     """
 
     node_id: uuid.UUID
@@ -136,10 +140,15 @@ class NodeRecord:
     progress: Progress = attrs.field(factory=dict)
     role: str = "node"
     runkit_version: str | None = None
+    apps: frozenset[str] | None = None
 
     def is_live(self, now: datetime) -> bool:
         """Whether the record has not expired at *now*."""
         return now < self.expires_at
+
+    def runs(self, app_key: str) -> bool:
+        """Whether the node runs the application *app_key* (may own its partitions)."""
+        return self.role == "node" and (self.apps is None or app_key in self.apps)
 
 
 def decode_node_record(key: bytes, value: bytes) -> NodeRecord | None:
@@ -162,6 +171,7 @@ def decode_node_record(key: bytes, value: bytes) -> NodeRecord | None:
         progress=beat.progress,
         role=beat.role,
         runkit_version=beat.runkit_version,
+        apps=None if beat.apps is None else frozenset(beat.apps),
     )
 
 

@@ -111,8 +111,10 @@ class Router:
     """Routes commands and observations to the nodes that own partitions.
 
     *members* returns the live heartbeat records of the other members (nodes and
-    clients; only nodes own partitions). *self_id* is this member's node ID
-    (excluded from ranking when it is a client). With *store*, the events of
+    clients; only nodes own partitions, each those of the applications its
+    record says it runs). *self_id* is this member's node ID (excluded from
+    ranking when it is a client), and *self_apps* the keys of the applications
+    it runs (``None``: every one). With *store*, the events of
     nodes that cannot be reached (no advertise address, or a connection that
     fails) are observed from their partitions' stream journals (``following``).
     """
@@ -124,6 +126,7 @@ class Router:
         *,
         self_id: uuid.UUID,
         self_is_node: bool,
+        self_apps: frozenset[str] | None = None,
         offer_timeout: float = OFFER_TIMEOUT,
         store: Provider | None = None,
     ) -> None:
@@ -132,6 +135,7 @@ class Router:
         self._members = members
         self._self_id = self_id
         self._self_is_node = self_is_node
+        self._self_apps = self_apps
         self._offer_timeout = offer_timeout
         self._tg: TaskGroup | None = None
         # Observations that may wait for an offer's answer, by correlation ID.
@@ -153,16 +157,29 @@ class Router:
         """
         end_subscriptions([o.send for o in self._observations], error)
 
-    def owner(self, partition_id: str) -> NodeRecord | None:
-        """The owner of a partition in this member's view (``None``: this node, or nobody)."""
-        return self._owner(partition_id, self._nodes())
+    def owner(self, partition_id: str, app_key: str | None = None) -> NodeRecord | None:
+        """The owner of a partition in this member's view (``None``: this node, or nobody).
 
-    def _nodes(self) -> dict[uuid.UUID, NodeRecord]:
-        return {n: r for n, r in self._members().items() if r.role == "node"}
+        With *app_key* (the partition's application), ranked among the nodes
+        that run it, as their memberships rank them.
+        """
+        return self._owner(partition_id, self._nodes(app_key), app_key)
 
-    def _owner(self, partition_id: str, nodes: Mapping[uuid.UUID, NodeRecord]) -> NodeRecord | None:
+    def _nodes(self, app_key: str | None = None) -> dict[uuid.UUID, NodeRecord]:
+        if app_key is None:
+            return {n: r for n, r in self._members().items() if r.role == "node"}
+        return {n: r for n, r in self._members().items() if r.runs(app_key)}
+
+    def _owner(
+        self,
+        partition_id: str,
+        nodes: Mapping[uuid.UUID, NodeRecord],
+        app_key: str | None = None,
+    ) -> NodeRecord | None:
         candidates = set(nodes)
-        if self._self_is_node:
+        if self._self_is_node and (
+            app_key is None or self._self_apps is None or app_key in self._self_apps
+        ):
             candidates.add(self._self_id)
         if not candidates:
             return None
@@ -205,7 +222,7 @@ class Router:
             for waiting in self._awaiting.get(entry.envelope.correlation_id, ())
         ]
         try:
-            owner = self.owner(partition_id)
+            owner = self.owner(partition_id, app_key)
             if owner is None or owner.advertise_address is None:
                 return False
             address = owner.advertise_address
@@ -325,15 +342,15 @@ class Router:
 
     def _recorders(self, app_key: str, partition: int | None) -> list[NodeRecord]:
         """The peers that may record a chain's events (of *partition*, if given)."""
-        nodes = self._nodes()
+        nodes = self._nodes(app_key)
         if partition is None:
             return list(nodes.values())
-        owner = self._owner(partition_id(app_key, partition), nodes)
+        owner = self._owner(partition_id(app_key, partition), nodes, app_key)
         return [r for r in nodes.values() if r is owner or partition in r.progress.get(app_key, {})]
 
     def wake(self, app_key: str, index: int, partition_id: str, what: str = "inbox") -> None:
         """Tell the partition's owner to read its inbox or deadlines now (best effort)."""
-        owner = self.owner(partition_id)
+        owner = self.owner(partition_id, app_key)
         if owner is None or owner.advertise_address is None or self._tg is None:
             return
         payload = encoder.encode(Wake(app_key=app_key, partition=index, what=what))
@@ -681,7 +698,12 @@ async def node_cluster(
             tg.cancel_scope.cancel()
         else:
             router = Router(
-                transport, members, self_id=settings.node_id, self_is_node=True, store=provider
+                transport,
+                members,
+                self_id=settings.node_id,
+                self_is_node=True,
+                self_apps=frozenset(a.identity.key for a in settings.applications) or None,
+                store=provider,
             )
             router.start(tg)
             try:

@@ -11,9 +11,10 @@ to be sure no driver records even an empty store name.
 Where the numbers come from:
 
 - **owner**: the rendezvous winner of the partition over the nodes live at
-  ``now`` (the same rule the nodes use), so a node that left or expired stops
-  being shown as owner at once, not a heartbeat later. ``claimed_by`` is the
-  live node whose last heartbeat says it runs the partition; the two differ
+  ``now`` that run its application (the same rule the nodes use), so a node
+  that left or expired stops being shown as owner at once, not a heartbeat
+  later. ``claimed_by`` is the live node whose last heartbeat says it runs the
+  partition; the two differ
   for up to a heartbeat interval around a change.
 - **inbox backlog**: the commands in the inbox records after the position the
   stream says is fully processed. When the claiming node's heartbeat is at least as recent as
@@ -387,7 +388,7 @@ async def _read_partition(
             pending_deadlines = len(await j.bounds())
     if app.processes:
         poisoned_events = await _count_keys(provider, event_poison_store_name(app.key, index))
-    owner = rendezvous.winner(pid, (r.node_id for r in live))
+    owner = rendezvous.winner(pid, (r.node_id for r in live if r.runs(app.key)))
     claimant, progress = _claim(live, app.key, index)
     if progress.get("stream_end", -1) >= tail.next_offset and (
         progress.get("inbox_position", -1) >= processed
