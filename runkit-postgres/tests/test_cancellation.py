@@ -7,11 +7,12 @@ would complete as soon as the lock is released.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import anyio.lowlevel
@@ -20,8 +21,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from runkit.persistence import Interval, Journal
+from runkit.persistence import Interval, Journal, PersistenceError
 from runkit_postgres import PostgresProvider
+from runkit_postgres.testing import PostgresServer, unique_schema
 
 pytestmark = pytest.mark.postgres
 
@@ -297,3 +299,50 @@ async def test_a_statement_on_a_server_that_stops_answering_does_not_hold_its_th
         await journal.append(0, b"<zero>")
     finally:
         await provider.close()
+
+
+@pytest.fixture(scope="module")
+def stoppable_server() -> Iterator[PostgresServer]:
+    """A server of this module's own, which a test may stop and start again.
+
+    Synchronous commits, so that the schemas made before a stop survive it.
+    """
+    with PostgresServer(use_environment=False, settings={"synchronous_commit": "on"}) as server:
+        yield server
+
+
+async def test_callers_timing_out_during_an_outage_do_not_pile_up_threads(
+    stoppable_server: PostgresServer,
+) -> None:
+    # Each call waits for a connection that cannot come (up to pool_timeout)
+    # and is cancelled first. A thread waiting in the pool gave its place up
+    # when its caller left (anyio's asyncio backend releases a limiter's token
+    # when the call is abandoned), so the next call started another: threads
+    # grew by one per call, beyond pool_max_size.
+    provider = PostgresProvider(
+        stoppable_server.dsn,
+        schema=unique_schema(),
+        pool_min_size=1,
+        pool_max_size=2,
+        pool_timeout=20,
+    )
+    try:
+        journal = await provider.journals.open("j")
+        await journal.append(0, b"<zero>")
+        base = peak = threading.active_count()
+        stoppable_server.pause()
+        try:
+            for _ in range(20):
+                with anyio.move_on_after(0.1):
+                    with contextlib.suppress(PersistenceError):
+                        await journal.bounds()
+                peak = max(peak, threading.active_count())
+        finally:
+            stoppable_server.resume()
+        # At most a worker and its canceller per place.
+        assert peak - base <= 2 * 2, (base, peak)
+        with anyio.fail_after(20):
+            assert await journal.bounds() == Interval(0, 1)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await provider.close()

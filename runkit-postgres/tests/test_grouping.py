@@ -31,12 +31,12 @@ pytestmark = pytest.mark.postgres
 
 def count_statements(group: Any) -> list[str]:
     """Record the label of every statement the write *group* runs from now on."""
-    run: Callable[[Any, str], Awaitable[set[Any]]] = group._run
+    run: Callable[..., Awaitable[set[Any]]] = group._run
     labels: list[str] = []
 
-    async def counting(operation: Any, what: str) -> set[Any]:
+    async def counting(operation: Any, what: str, /, **options: Any) -> set[Any]:
         labels.append(what)
-        return await run(operation, what)
+        return await run(operation, what, **options)
 
     group._run = counting
     return labels
@@ -165,6 +165,63 @@ async def test_a_cancelled_statement_fails_the_appends_it_carried_and_nothing_el
     assert [await j.bounds() for j in (a, b, c)] == [Interval(0, 1)] * 3
 
 
+async def test_a_cancelled_append_another_statement_carries_never_lands_after_it_returned(
+    postgres_dsn: str, postgres_schema: str, one_statement: tuple[PostgresProvider, str]
+) -> None:
+    # `b`'s statement carries `v`'s append; `v`'s caller is cancelled while
+    # it is blocked on a row lock. Returning at once would leave it to land
+    # when the lock goes: it must stop the statement first (`b` goes on alone).
+    provider, app_name = one_statement
+    a, b, v = [await provider.journals.open(name) for name in "abv"]
+    lock_a = await anyio.to_thread.run_sync(RowLock, postgres_dsn, postgres_schema, "a")
+    lock_b = await anyio.to_thread.run_sync(RowLock, postgres_dsn, postgres_schema, "b")
+    statements: list[str] = []
+    second = anyio.Event()  # `b`'s statement, carrying `v`'s append, started
+    run = provider._appends._run
+
+    async def watching(operation: Any, what: str, /, **options: Any) -> set[Any]:
+        statements.append(what)
+        if len(statements) == 2:
+            second.set()
+        return await run(operation, what, **options)
+
+    provider._appends._run = watching
+    v_scope = anyio.CancelScope()
+    v_returned = anyio.Event()
+    bounds_when_v_returned: list[Interval] = []
+
+    async def append_v() -> None:
+        with v_scope:
+            await v.append(0, b"v")
+        bounds_when_v_returned.append(await v.bounds())
+        v_returned.set()
+
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.append, 0, b"a")  # the only slot, blocked on its lock
+                await wait_for_lock_wait(postgres_dsn, app_name)
+                tg.start_soon(b.append, 0, b"b")
+                await anyio.sleep(0.05)
+                tg.start_soon(append_v)
+                await anyio.sleep(0.05)
+                await anyio.to_thread.run_sync(lock_a.release)
+                await second.wait()
+                await wait_for_lock_wait(postgres_dsn, app_name)
+                v_scope.cancel()
+                await v_returned.wait()
+                await anyio.to_thread.run_sync(lock_b.release)
+    finally:
+        await anyio.to_thread.run_sync(lock_a.release)
+        await anyio.to_thread.run_sync(lock_b.release)
+    assert statements[1].endswith("(with 1 more)"), statements
+    assert v_scope.cancelled_caught
+    assert bounds_when_v_returned == [Interval(0, 0)]
+    assert await v.bounds() == Interval(0, 0), "the cancelled append landed after it returned"
+    assert [await j.bounds() for j in (a, b)] == [Interval(0, 1)] * 2
+    await v.append(0, b"v")
+
+
 async def test_sets_of_many_keys_share_statements_and_keep_their_outcomes(
     pg_provider: PostgresProvider,
 ) -> None:
@@ -289,7 +346,7 @@ class HeldReads:
         )
         self.statements: list[str] = []
 
-    async def holding(self, operation: Any, what: str) -> Any:
+    async def holding(self, operation: Any, what: str, /, **options: Any) -> Any:
         self.statements.append(what)
         if len(self.statements) == 1:
             self.first_held.set()
@@ -297,7 +354,7 @@ class HeldReads:
         elif len(self.statements) == 2:
             self.second_held.set()
             await anyio.sleep_forever()
-        return await self.run(operation, what)
+        return await self.run(operation, what, **options)
 
 
 async def test_a_cancelled_read_statement_reads_the_others_again(

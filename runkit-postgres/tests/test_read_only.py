@@ -88,6 +88,22 @@ async def test_the_server_refuses_writes_on_a_read_only_session(
             await reader._run(lambda conn: conn.execute(query), what="ddl", write=True)
 
 
+async def test_deleting_an_absent_key_is_refused_like_any_write(
+    postgres_dsn: str, postgres_schema: str
+) -> None:
+    # It only reads on a writable provider, but it is a write all the same.
+    async with PostgresProvider(postgres_dsn, schema=postgres_schema) as writer:
+        keyspace = await writer.keyspaces.open("k")
+        await keyspace.set(b"present", b"<v>", "")
+    reader = PostgresProvider(postgres_dsn, schema=postgres_schema)
+    reader.set_read_only()
+    async with reader:
+        keyspace = await reader.keyspaces.open("k")
+        for key in (b"absent", b"present"):
+            with pytest.raises(PersistenceError, match=r"the provider is read-only$"):
+                await keyspace.set(key, b"", "")
+
+
 async def test_read_only_must_be_chosen_before_first_use(
     postgres_dsn: str, postgres_schema: str
 ) -> None:

@@ -3,10 +3,12 @@
 psycopg's async API works on asyncio only, and an anyio cancel scope closes its
 connections; so the driver uses the sync ``ConnectionPool`` and runs each
 operation in a worker thread (``anyio.to_thread``), at most ``pool_max_size``
-at a time. When the caller is cancelled, the thread is abandoned at once, a
-cancel request is sent to the server for the statement it is running, and the
-connection goes back to the pool only after that request has been handled, so
-it stays usable and the cancel can never hit someone else's statement.
+at a time. When the caller is cancelled, a cancel request is sent to the server
+for the statement its thread is running, and the connection goes back to the
+pool only after that request has been handled, so it stays usable and the
+cancel can never hit someone else's statement. The caller returns once its
+thread is done: a thread still waiting for a connection gives up within
+``_WAIT_SLICE``, so the bound on threads holds through cancellations too.
 
 The pool is created on the first call, after one probe connection succeeded
 (see ``_connecting``): a wrong password or database name fails that call at
@@ -22,7 +24,8 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Final, TypeVar
 
 import anyio
@@ -38,7 +41,7 @@ from ._config import Settings, scrub
 from ._connecting import ConnectFailed, PoolWatch, discard, probe, using_pool
 from ._sql import configure_connection, configure_read_only_connection
 
-__all__ = ["Executor", "Operation"]
+__all__ = ["Executor", "Interrupt", "Interrupted", "Operation"]
 
 T = TypeVar("T")
 
@@ -60,6 +63,9 @@ _CANCEL_TIMEOUT: Final = 10.0
 #: had lasted. Restarted every 3 s, attempts are at most 2 s apart, however long
 #: the server is away.
 _RECONNECT_TIMEOUT: Final = 3.0
+#: Seconds a worker waits for a pooled connection before it checks whether its
+#: caller has left (psycopg_pool's wait cannot be interrupted).
+_WAIT_SLICE: Final = 0.05
 
 # SQLSTATEs after which the same call may succeed: the statement was rolled
 # back (serialization failure, deadlock, lock or statement timeout, shortage
@@ -79,7 +85,14 @@ _POOL_NUMBERS = itertools.count(1)
 
 
 class _Abandoned(Exception):
-    """Raised in a worker thread whose caller was cancelled before it started."""
+    """Raised in a worker thread whose call was cancelled before it had a connection."""
+
+
+class Interrupted(Exception):
+    """``Executor.run`` was stopped with ``Interrupt.stop()``; its operation had no effect.
+
+    Its statement was cancelled server-side, or never sent.
+    """
 
 
 class _Call:
@@ -92,15 +105,48 @@ class _Call:
     (creating an Event for every call would cost more than the rest of this).
     """
 
-    __slots__ = ("abandoned", "cancel_sent", "conn", "lock", "sent", "waiter")
+    __slots__ = ("abandoned", "busy", "cancel_sent", "conn", "lock", "sent", "waiter")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.conn: Connection[tuple[object, ...]] | None = None
         self.abandoned = False  # the caller was cancelled; do no (more) work
+        self.busy = False  # the worker thread is in ``_work``
         self.cancel_sent = False  # a server-side cancel was sent for our statement
         self.sent = False  # the operation started talking to the server
         self.waiter: threading.Event | None = None
+
+
+class Interrupt:
+    """Lets a task other than the caller stop one ``Executor.run`` (a grouped statement).
+
+    ``stop()`` cancels the statement server-side (or keeps it from starting)
+    and returns once its worker thread is done with it; ``run`` then raises
+    ``Interrupted``, or returns the result if the statement had already ended.
+    """
+
+    __slots__ = ("_call", "_executor", "_waiting", "requested")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._waiting: anyio.CancelScope | None = None  # while run waits for a thread token
+        self._call: _Call | None = None  # the attempt in flight
+        self._executor: Executor | None = None
+
+    async def stop(self) -> None:
+        """Stop the run; shielded, since it only waits for the worker thread.
+
+        Only the first call does anything.
+        """
+        if self.requested:
+            return
+        self.requested = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+        call, executor = self._call, self._executor
+        if call is not None and executor is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(executor._cancel, call, limiter=executor._threads)
 
 
 def _sever(conn: Connection[tuple[object, ...]]) -> None:
@@ -132,7 +178,12 @@ class Executor:
             f"runkit-postgres:{settings.schema}:{next(_POOL_NUMBERS)}", display, conninfo
         )
         # Threads never outnumber connections: more would only queue in the pool.
+        # A call holds its token until its thread is done, cancelled or not:
+        # anyio's asyncio backend releases a ``to_thread`` limiter's token as
+        # soon as the call is abandoned, so ``_threads`` (which also runs the
+        # cancellers, as many again) is only there to keep off anyio's default.
         self._limiter = anyio.CapacityLimiter(settings.pool_max_size)
+        self._threads = anyio.CapacityLimiter(2 * settings.pool_max_size)
 
     @property
     def closed(self) -> bool:
@@ -201,91 +252,152 @@ class Executor:
 
     def _work(self, call: _Call, operation: Operation[T]) -> T:
         """The worker thread's side of ``run``."""
-        if call.abandoned:  # unlocked: a stale read only costs the check below
-            raise _Abandoned
-        with using_pool(self._watch), self._get_pool().connection() as conn:
+        with call.lock:
+            if call.abandoned:
+                raise _Abandoned
+            call.busy = True
+        try:
+            with using_pool(self._watch), self._connection(call) as conn:
+                with call.lock:
+                    if call.abandoned:
+                        raise _Abandoned  # the caller does not wait for this
+                    call.conn = conn
+                    call.sent = True
+                canceled = False
+                try:
+                    return operation(conn)
+                except psycopg.errors.QueryCanceled:
+                    canceled = True
+                    raise
+                finally:
+                    with call.lock:  # waits for an in-flight cancel request
+                        call.conn = None
+                        stale_cancel = call.cancel_sent and not canceled
+                    if stale_cancel and not conn.closed:
+                        # The statement finished before the cancel arrived (or
+                        # the cancel request failed); a late signal could hit
+                        # the next statement, so the connection is not reused.
+                        discard(conn)
+        finally:
             with call.lock:
-                if call.abandoned:
-                    raise _Abandoned  # never seen: the caller has left
-                call.conn = conn
-                call.sent = True
-            canceled = False
+                call.busy = False
+                waiter = call.waiter
+            if waiter is not None:
+                waiter.set()
+
+    @contextlib.contextmanager
+    def _connection(self, call: _Call) -> Iterator[Connection[tuple[object, ...]]]:
+        """A pooled connection, as ``pool.connection()``, unless the call is abandoned first.
+
+        The wait for it goes in slices, so that an abandoned call's thread ends
+        soon (rather than after ``pool_timeout``) and gives its place back.
+        """
+        pool = self._get_pool()
+        deadline = time.monotonic() + self._settings.pool_timeout
+        while True:
             try:
-                return operation(conn)
-            except psycopg.errors.QueryCanceled:
-                canceled = True
-                raise
-            finally:
-                with call.lock:  # waits for an in-flight cancel request
-                    call.conn = None
-                    stale_cancel = call.cancel_sent and not canceled
-                    waiter = call.waiter
-                if stale_cancel and not conn.closed:
-                    # The statement finished before the cancel arrived (or the
-                    # cancel request failed); a late signal could hit the next
-                    # statement, so the connection is not reused.
-                    discard(conn)
-                if waiter is not None:
-                    waiter.set()
+                conn = pool.getconn(timeout=min(_WAIT_SLICE, max(0.0, deadline - time.monotonic())))
+                break
+            except PoolTimeout:
+                if time.monotonic() >= deadline:
+                    raise
+                if call.abandoned:  # unlocked: read again within a slice
+                    raise _Abandoned from None
+        try:
+            with conn:
+                yield conn
+        finally:
+            pool.putconn(conn)
 
     def _cancel(self, call: _Call) -> None:
-        """Cancel *call*'s statement server-side and wait until it has ended."""
+        """Cancel *call*'s statement server-side and wait until its thread is done.
+
+        Several cancellers (the caller and an ``Interrupt``) may race: the
+        first sends the cancel request, all wait.
+        """
         with call.lock:
             call.abandoned = True
             conn = call.conn
-            if conn is None:
-                # Not started, still waiting for a connection (it will see
-                # ``abandoned`` and give up without touching the server), or
-                # already done with its connection.
+            if not call.busy and conn is None:
+                # Not started (it will see ``abandoned`` and give up without
+                # touching the server), or done.
                 return
-            call.cancel_sent = True  # whatever happens, the worker will not reuse conn
-            try:
-                conn.cancel_safe(timeout=_CANCEL_TIMEOUT)
-            except Exception as exc:
-                # The statement may run on; waiting for it could take forever.
-                # Expected while the server goes away (an outage, a restart):
-                # one line, not a traceback; the connection is not reused.
-                _log.warning(
-                    "could not cancel a statement server-side (its connection is dropped): %s",
-                    scrub(str(exc).splitlines()[0] if str(exc) else repr(exc), self._conninfo),
-                )
-                _sever(conn)
-                return
-            waiter = call.waiter = threading.Event()
-        if not waiter.wait(_CANCEL_TIMEOUT):
+            if conn is not None and not call.cancel_sent:
+                call.cancel_sent = True  # whatever happens, the worker will not reuse conn
+                try:
+                    conn.cancel_safe(timeout=_CANCEL_TIMEOUT)
+                except Exception as exc:
+                    # The statement may run on; waiting for it could take forever.
+                    # Expected while the server goes away (an outage, a restart):
+                    # one line, not a traceback; the connection is not reused.
+                    _log.warning(
+                        "could not cancel a statement server-side (its connection is dropped): %s",
+                        scrub(str(exc).splitlines()[0] if str(exc) else repr(exc), self._conninfo),
+                    )
+                    _sever(conn)
+                    return
+            waiter = call.waiter = call.waiter or threading.Event()
+        # Without a connection the worker is waiting for one (a slice) or probing.
+        if not waiter.wait(_CANCEL_TIMEOUT) and conn is not None:
             _log.warning(
                 "a cancelled statement did not end within %ss (its connection is dropped)",
                 _CANCEL_TIMEOUT,
             )
             _sever(conn)
 
-    async def run(self, operation: Operation[T], *, what: str, write: bool) -> T:
+    async def run(
+        self,
+        operation: Operation[T],
+        *,
+        what: str,
+        write: bool,
+        interrupt: Interrupt | None = None,
+    ) -> T:
         """Run *operation* with a pooled connection in a worker thread.
 
         Errors become ``PersistenceError`` whose message starts with *what*.
         Reads, and writes that certainly never reached the server, are retried
         a few times when the failure is transient; a write whose outcome is
         unknown is never retried (its error is ``ambiguous``).
+
+        :raises Interrupted: if *interrupt* was stopped and the operation had no effect.
         """
         attempt = 1
+        if interrupt is not None:
+            interrupt._executor = self
         while True:
             if self._closed:
                 raise PersistenceError(f"{what}: the provider is closed")
             call = _Call()
             try:
-                result = await anyio.to_thread.run_sync(
-                    self._work, call, operation, abandon_on_cancel=True, limiter=self._limiter
-                )
+                await self._acquire(interrupt)
+                try:
+                    if interrupt is not None:
+                        interrupt._call = call
+                    result = await anyio.to_thread.run_sync(
+                        self._work, call, operation, abandon_on_cancel=True, limiter=self._threads
+                    )
+                except anyio.get_cancelled_exc_class():
+                    # Still holding the token: the thread counts until it is done.
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self._cancel, call, limiter=self._threads)
+                    raise
+                finally:
+                    self._limiter.release()
+                    if interrupt is not None:
+                        interrupt._call = None
             except ConnectFailed as exc:
                 state = "is unreachable" if exc.retryable else "refused the connection"
                 raise StoreUnavailable(
                     f"{what}: {self._display!r} {state}: {exc.reason}", retryable=exc.retryable
                 ) from None
-            except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._cancel, call)
-                raise
+            except _Abandoned:
+                raise Interrupted from None  # only an interrupt abandons a call its caller awaits
             except (psycopg.Error, PoolTimeout) as exc:
+                if interrupt is not None and interrupt.requested:
+                    if isinstance(exc, psycopg.errors.QueryCanceled):
+                        raise Interrupted from None  # rolled back
+                    raise self.translate(exc, what=what, write=write, sent=call.sent) from None
                 error = self.translate(exc, what=what, write=write, sent=call.sent)
                 if not self._should_retry(exc, error, attempt=attempt):
                     raise error from None
@@ -297,6 +409,20 @@ class Executor:
             attempt += 1
             # Full jitter, so that racing retriers spread out.
             await anyio.sleep(random.uniform(0, _BACKOFF_SECONDS * 2**attempt))
+
+    async def _acquire(self, interrupt: Interrupt | None) -> None:
+        """Take a thread token; raise ``Interrupted`` if *interrupt* is stopped first."""
+        if interrupt is None:
+            await self._limiter.acquire()
+            return
+        acquired = False
+        with anyio.CancelScope() as interrupt._waiting:
+            if not interrupt.requested:
+                await self._limiter.acquire()
+                acquired = True
+        interrupt._waiting = None
+        if not acquired:
+            raise Interrupted
 
     @staticmethod
     def _should_retry(exc: BaseException, error: PersistenceError, *, attempt: int) -> bool:

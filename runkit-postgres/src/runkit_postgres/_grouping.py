@@ -23,7 +23,11 @@ There is no background task: the write that starts a statement runs it, and
 the one that finishes a statement wakes the first still queued to start the
 next. If the caller running a statement is cancelled, the statement is
 cancelled with it (see ``_executor``) and the others in it get a retryable,
-ambiguous ``PersistenceError``.
+ambiguous ``PersistenceError``. If another caller whose write the statement
+carries is cancelled, it stops the statement (``Interrupt``) and returns once
+the statement has ended: its write then took effect wholly or not at all,
+never after the call returned. A statement so stopped had no effect, and the
+writes of callers still waiting go into the next one.
 
 Keyspace reads (``get``) are grouped the same way (``ReadGroup``): a process
 step or an instance load reads one key, many at once. A read cancelled with
@@ -42,6 +46,8 @@ import psycopg
 
 from runkit.persistence import PersistenceError
 
+from ._executor import Interrupt, Interrupted
+
 __all__ = ["MAX_BYTES", "MAX_ROWS", "ReadGroup", "WriteGroup"]
 
 
@@ -57,8 +63,16 @@ R = TypeVar("R")  # the rest of a write's row
 Out = TypeVar("Out")  # what a statement returns
 
 Conn = psycopg.Connection[tuple[object, ...]]
-#: Runs an operation with a connection in a worker thread (the provider's ``_run``).
-Runner = Callable[[Callable[[Conn], Out], str], Awaitable[Out]]
+
+
+class Runner(Protocol[Out]):
+    """Runs an operation with a connection in a worker thread (the provider's ``_run``)."""
+
+    def __call__(
+        self, operation: Callable[[Conn], Out], what: str, /, *, interrupt: Interrupt | None = None
+    ) -> Awaitable[Out]: ...
+
+
 #: Builds the operation for some rows.
 Statement = Callable[[list[tuple[K, R]]], Callable[[Conn], Out]]
 
@@ -71,7 +85,7 @@ _PENDING: Final = object()
 
 
 class _Item(Generic[K, R]):
-    __slots__ = ("gone", "key", "outcome", "queued", "row", "size", "wake")
+    __slots__ = ("gone", "key", "outcome", "queued", "row", "size", "statement", "wake")
 
     def __init__(self, key: K, row: R, size: int) -> None:
         self.key = key
@@ -80,6 +94,7 @@ class _Item(Generic[K, R]):
         self.wake = anyio.Event()
         self.queued = True  # until a statement takes it
         self.gone = False  # its caller has left (its outcome no longer matters)
+        self.statement: Interrupt | None = None  # stops the statement carrying it
         # _PENDING until its statement ends: then its result, or the error.
         self.outcome: object = _PENDING
 
@@ -121,7 +136,12 @@ class _Group(Generic[K, R, Out]):
                     await self._run_one(what)
                 else:
                     item.wake = anyio.Event()
-                    await item.wake.wait()
+                    try:
+                        await item.wake.wait()
+                    except anyio.get_cancelled_exc_class():
+                        if self._settle_on_cancel and not item.queued and item.outcome is _PENDING:
+                            await self._settle(item)
+                        raise
         finally:
             item.gone = True
             if item.queued:
@@ -130,6 +150,21 @@ class _Group(Generic[K, R, Out]):
         if isinstance(item.outcome, PersistenceError):
             raise item.outcome
         return item.outcome
+
+    #: Whether a caller cancelled while another caller's statement carries its
+    #: row waits for that statement to end (a write must not land afterwards).
+    _settle_on_cancel = True
+
+    async def _settle(self, item: _Item[K, R]) -> None:
+        """Stop the running statement carrying *item*, and wait until it has ended."""
+        item.gone = True  # the statement stopped, it is not queued again
+        # A fresh event: the one waited on may have been set by ``_kick`` while
+        # the item was queued, just before a statement took it.
+        item.wake = anyio.Event()
+        with anyio.CancelScope(shield=True):
+            if item.statement is not None:
+                await item.statement.stop()
+            await item.wake.wait()  # set when the statement carrying it ends
 
     def _kick(self) -> None:
         """Let the first queued item start a statement, if a slot is free."""
@@ -160,12 +195,21 @@ class _Group(Generic[K, R, Out]):
         batch = sorted(self._take(), key=lambda item: item.key)
         rows = [(item.key, item.row) for item in batch]
         operation = self._single(rows) if len(rows) == 1 else self._several(rows)
+        interrupt = Interrupt() if self._settle_on_cancel else None
+        for item in batch:
+            item.statement = interrupt
 
         self._running += 1
         try:
             result = await self._run(
-                operation, what if len(batch) == 1 else f"{what} (with {len(batch) - 1} more)"
+                operation,
+                what if len(batch) == 1 else f"{what} (with {len(batch) - 1} more)",
+                interrupt=interrupt,
             )
+        except Interrupted:
+            # Stopped by a cancelled caller before it took effect: the rest go
+            # into the next statement (the runner's own too).
+            self._requeue(batch)
         except PersistenceError as exc:
             for item in batch:  # each caller raises it (the caller running it too)
                 item.outcome = exc
@@ -179,6 +223,18 @@ class _Group(Generic[K, R, Out]):
             self._running -= 1
             for item in batch:
                 item.wake.set()
+
+    def _requeue(self, batch: list[_Item[K, R]]) -> None:
+        """Queue again, at the front, the items of *batch* whose callers still wait.
+
+        Not those whose callers have left: queued again, nobody would wait on
+        them, and the queue behind them would stall.
+        """
+        for item in reversed(batch):
+            if not item.gone:
+                item.queued = True
+                item.statement = None
+                self._queue.appendleft(item)
 
     def _outcome(self, key: K, result: Out) -> object:
         raise NotImplementedError
@@ -234,6 +290,7 @@ class ReadGroup(_Group[K, None, dict[K, Out]]):
         return result.get(key)
 
     _one_per_key = False  # duplicates of a key all take the row the statement found
+    _settle_on_cancel = False  # a read has no effect to wait for
 
     def _interrupted(self, batch: list[_Item[K, None]], what: str, exc: BaseException) -> None:
         if not isinstance(exc, anyio.get_cancelled_exc_class()):
@@ -242,11 +299,5 @@ class ReadGroup(_Group[K, None, dict[K, Out]]):
                 item.outcome = error
             return
         # Cancelled with the call that ran it: the reads of callers still
-        # waiting go into the next statement. Not those whose callers have
-        # left (the one that ran it, and any cancelled meanwhile): queued
-        # again, nobody would wait on them, and the queue behind them would
-        # stall.
-        for item in reversed(batch):
-            if not item.gone:
-                item.queued = True
-                self._queue.appendleft(item)
+        # waiting go into the next statement.
+        self._requeue(batch)

@@ -83,6 +83,7 @@ class _Keyspace(_Handle, Keyspace):
             ):
                 raise Conflict.keyspace(self._name, k, revision)
             return new.hex
+        self._writable("set")  # a read-only provider refuses even a delete of an absent key
         st = self._sql
         params: tuple[object, ...]
         if current is None:

@@ -33,7 +33,7 @@ from ._config import (
     parse_url,
     validate_conninfo,
 )
-from ._executor import Executor
+from ._executor import Executor, Interrupt
 from ._grouping import ReadGroup, WriteGroup
 from ._handles import _ABSENT, Conn, _one
 from ._journal import append_many, append_one
@@ -319,11 +319,15 @@ class PostgresProvider(Provider):
     async def _run(self, operation: Callable[[Conn], T], *, what: str, write: bool) -> T:
         return await self._executor.run(operation, what=what, write=write)
 
-    async def _run_write(self, operation: Callable[[Conn], T], what: str) -> T:
-        return await self._executor.run(operation, what=what, write=True)
+    async def _run_write(
+        self, operation: Callable[[Conn], T], what: str, /, *, interrupt: Interrupt | None = None
+    ) -> T:
+        return await self._executor.run(operation, what=what, write=True, interrupt=interrupt)
 
-    async def _run_read(self, operation: Callable[[Conn], T], what: str) -> T:
-        return await self._executor.run(operation, what=what, write=False)
+    async def _run_read(
+        self, operation: Callable[[Conn], T], what: str, /, *, interrupt: Interrupt | None = None
+    ) -> T:
+        return await self._executor.run(operation, what=what, write=False, interrupt=interrupt)
 
     async def _open(self, kind: str, query: bytes, find: bytes, name: str) -> int:
         encoded = name.encode("utf-8")

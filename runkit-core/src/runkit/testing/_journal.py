@@ -603,6 +603,63 @@ class JournalSuite(SuiteBase):
             await again.append(3, _record(3))
         assert await journal.get(3) == _record(3)
 
+    async def test_journal_cancelled_append_racing_others_never_lands_after_it_returned(
+        self, provider: Provider
+    ) -> None:
+        # A driver may carry concurrent appends in one request (runkit-postgres
+        # groups them into one statement). Cancelling one caller, while the
+        # others are not, must not leave its append running on their behalf,
+        # to land after its call returned. Half the callers are cancelled, at
+        # times spread over a round of appends, so some are cancelled while
+        # queued, some while another's request carries their append.
+        size = min(provider.limits.max_record_bytes, 128 * 1024)
+        journals = [await provider.journals.open(unique_name("journal")) for _ in range(RACERS)]
+
+        def record(position: int) -> bytes:
+            return _record(position) * (size // len(_record(position)))
+
+        returned: dict[int, Interval] = {}  # victims' bounds when their call returned
+
+        async def append(index: int, position: int) -> None:
+            try:
+                await journals[index].append(position, record(position))
+            except PersistenceError as exc:  # carried by a cancelled caller's request
+                if not exc.retryable:
+                    raise
+
+        async def victim(index: int, position: int, timeout: float) -> None:
+            with anyio.move_on_after(timeout) as scope:
+                await append(index, position)
+            if scope.cancelled_caught:
+                returned[index] = await journals[index].bounds()
+
+        async def bystander(index: int, position: int, timeout: float) -> None:
+            await append(index, position)
+
+        try:
+            started = anyio.current_time()
+            for result in await gather(*[partial(j.append, 0, record(0)) for j in journals]):
+                assert result is None, result
+            duration = anyio.current_time() - started
+            for position in range(1, ROUNDS + 1):
+                returned.clear()
+                async with anyio.create_task_group() as tg:
+                    for index in range(RACERS):
+                        call = victim if index % 2 else bystander
+                        tg.start_soon(call, index, position, duration * index / RACERS)
+                for index, bounds in returned.items():
+                    assert bounds.end in (position, position + 1), bounds
+                    if await journals[index].bounds() != bounds:
+                        pytest.fail(landed_after_cancel(f"append at position {position}"))
+                for journal in journals:  # every journal at the same end for the next round
+                    if (await journal.bounds()).end == position:
+                        await journal.append(position, record(position))
+                    assert await journal.get(position) == record(position)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for journal in journals:
+                    await journal.close()
+
     @pytest.mark.parametrize("when", ["before", "in-flight"])
     async def test_journal_cancelled_reads_leave_handle_usable(
         self, journal: Journal, when: str

@@ -298,6 +298,8 @@ class ProviderSuite(SuiteBase):
             (keyspace_name, "set", lambda: keyspace.set(b"<k>", b"<w>", revision)),
             (keyspace_name, "set (delete)", lambda: keyspace.set(b"<k>", b"", revision)),
             (keyspace_name, "set (create)", lambda: keyspace.set(b"<new>", b"<w>", "")),
+            # A no-op on a writable provider, but a write all the same.
+            (keyspace_name, "set (delete absent)", lambda: keyspace.set(b"<absent>", b"", "")),
             (
                 keyspace_name,
                 "set_unconditional",
