@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -52,13 +53,14 @@ async def _nodes(
     silo: str, *apps: tuple[uuid.UUID, tuple[ApplicationConfig, ...]]
 ) -> AsyncIterator[list[Engine]]:
     """Engines on one memory silo, each with its node ID and applications, seeing each other."""
+    settings: dict[str, Any] = {**FAST, "heartbeat_interval": 0.1, "partition_count": PARTITIONS}
     engines = [
         Engine.from_settings(
             EngineSettings(
                 applications=configs,
                 persistence_provider=MemoryProvider(silo),
                 node_id=node_id,
-                **{**FAST, "heartbeat_interval": 0.1, "partition_count": PARTITIONS},
+                **settings,
             )
         )
         for node_id, configs in apps
