@@ -191,6 +191,23 @@ def test_a_client_takes_a_node_id_given_in_code() -> None:
     assert client.settings.node_id == node_id
 
 
+def test_a_client_refuses_the_options_only_nodes_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Said in code they would be ignored, and the caller misled.
+    s = setup()
+    app = runkit.with_application(s.config)
+    with pytest.raises(ValueError, match=r"^Client\(\) does not take with_listen_address\(\): "):
+        runkit.Client(app, runkit.with_listen_address("127.0.0.1:0"))
+    with pytest.raises(
+        ValueError,
+        match=r"with_partition_count\(\), with_backlog_limit\(\): .* they apply to nodes",
+    ):
+        runkit.Client(app, runkit.with_partition_count(4), runkit.with_backlog_limit(10))
+    # From the environment they are a node's, in whose environment a client may run.
+    monkeypatch.setenv("DOGMA_LISTEN_ADDRESS", "127.0.0.1:0")
+    monkeypatch.setenv("DOGMA_PARTITION_COUNT", "4")
+    runkit.Client(app, runkit.from_environment())
+
+
 def test_a_client_refusing_a_non_option_names_itself() -> None:
     s = setup()
     with pytest.raises(TypeError, match=r"^Client\(\) takes options made by .*, not str$"):

@@ -293,6 +293,11 @@ def from_environment() -> Option:
     return Option("from_environment", "environment", values, "from_environment()")
 
 
+#: Settings that mean nothing to a ``runkit.Client`` (it reads the partition count
+#: from the store).
+_NODE_ONLY = ("listen_address", "advertise_address", "partition_count", "backlog_limit")
+
+
 def resolve_options(options: Iterable[Option], *, client: bool = False) -> EngineSettings:
     """Combine *options* into ``EngineSettings``.
 
@@ -306,7 +311,8 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
     For a *client* (``runkit.Client``) the node ID comes only from
     ``with_node_id``, else it is random: ``DOGMA_NODE_ID`` is the ID of the
     node in whose environment a client may run, and a member with it would
-    collide with that node.
+    collide with that node. A client refuses (``ValueError``) the options that
+    only nodes use: listen and advertise addresses, partition count, backlog limit.
     """
     explicit: dict[str, Any] = {}
     given_by: dict[str, str] = {}
@@ -327,6 +333,17 @@ def resolve_options(options: Iterable[Option], *, client: bool = False) -> Engin
         else:
             explicit[option.field] = option.value
             given_by[option.field] = option.name
+    if client:
+        # Said in code, these would be silently ignored: refuse them (from the
+        # environment they are fine: a client may run in a node's environment).
+        ignored = [given_by[f] for f in _NODE_ONLY if f in explicit]
+        if ignored:
+            raise ValueError(
+                f"Client() does not take {', '.join(f'{name}()' for name in ignored)}: a client "
+                "neither listens for peers nor runs partitions, so "
+                f"{'it applies' if len(ignored) == 1 else 'they apply'} to nodes "
+                "(runkit.Engine) only"
+            )
     if "persistence_url" in explicit and "persistence_provider" in explicit:
         raise ValueError(
             "both with_persistence() and with_persistence_provider() are given; choose one"
