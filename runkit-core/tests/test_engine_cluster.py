@@ -1977,3 +1977,18 @@ async def test_an_offer_the_owner_ran_and_failed_falls_back_marked(code: str, ra
             await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry])
     else:
         assert await router.offer(APP_KEY, 0, partition_id(APP_KEY, 0), [entry]) is False
+
+
+def test_a_request_with_invalid_utf8_is_a_bad_request() -> None:
+    # msgspec reports invalid UTF-8 as UnicodeDecodeError, not DecodeError: a
+    # peer's request with it was answered as the handler's own failure.
+    import msgspec
+
+    from runkit.engine.cluster.wire import Observe, decode_request
+    from runkit.transport import RemoteError
+
+    decoder = msgspec.msgpack.Decoder(Observe)
+    payload = msgspec.msgpack.encode(Observe(app_key="k", correlation_id="c"))
+    with pytest.raises(RemoteError) as raised:
+        decode_request(decoder, payload.replace(b"\xa1c", b"\xa1\xff"))
+    assert raised.value.code == "bad_request"

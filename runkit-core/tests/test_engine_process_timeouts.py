@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import attrs
+import msgspec
 import pytest
 
 import dogma
@@ -415,7 +416,7 @@ async def test_a_deadline_of_a_handler_this_node_does_not_know_is_held_for_the_g
             tg.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("size", ["small", "at-the-record-limit"])
+@pytest.mark.parametrize("size", ["small", "bad-utf-8", "at-the-record-limit"])
 async def test_a_deadline_record_that_cannot_be_decoded_is_poisoned_and_the_rest_fire(
     size: str,
 ) -> None:
@@ -435,7 +436,13 @@ async def test_a_deadline_record_that_cannot_be_decoded_is_poisoned_and_the_rest
     async with deadline_journal(clock, [("h", "a", due)]) as ctx:
         name = deadline_journal_name(ctx.app.identity.key, 0)
         bad = b"\xc1 not a record"
-        if size != "small":
+        if size == "bad-utf-8":
+            # A well-formed record whose string is not UTF-8: msgspec raises
+            # UnicodeDecodeError for it, not DecodeError.
+            bad = msgspec.msgpack.encode({"entries": [{"handler_key": "h"}]}).replace(
+                b"\xa1h", b"\xa1\xff"
+            )
+        elif size != "small":
             bad = b"\xc1" + b"x" * (ctx.provider.limits.max_record_bytes - 1)
         async with await ctx.provider.journals.open(name) as journal:
             await journal.append(1, bad)
@@ -454,7 +461,7 @@ async def test_a_deadline_record_that_cannot_be_decoded_is_poisoned_and_the_rest
         poisoned = await list_poisoned_events(ctx.provider, ctx.app.identity.key, 0)
     assert list(poisoned) == ["deadline-record/1"]
     [record] = poisoned.values()
-    assert record.envelope == (bad if size == "small" else b"")
+    assert record.envelope == (b"" if size == "at-the-record-limit" else bad)
     assert (record.stream_id, record.offset) == (name, 1)
 
 

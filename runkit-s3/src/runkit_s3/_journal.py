@@ -144,7 +144,7 @@ class S3Journal(Journal):
             return 0, None
         try:
             begin = _decode_meta(blob.body).begin
-        except msgspec.DecodeError as exc:  # malformed JSON, or valid JSON of the wrong shape
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # malformed, or the wrong shape
             raise PersistenceError(
                 f"journal {self._name!r}: corrupt metadata object {self._keys.meta!r}: {exc}"
             ) from None

@@ -269,7 +269,7 @@ class Router:
                 return answer == OK
             try:
                 decoded = answer_decoder.decode(answer)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8: the latter
                 _log.info("node %s answered an offer with garbage: %s", owner.node_id, exc)
                 return False
             if decoded.busy is not None:

@@ -138,7 +138,7 @@ def decode_request(decoder: msgspec.msgpack.Decoder[_M], payload: bytes) -> _M:
     """Decode a request; a malformed one is the caller's ``bad_request``."""
     try:
         return decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 is the latter
         raise RemoteError("bad_request", f"malformed request: {exc}") from exc
 
 

@@ -559,7 +559,7 @@ def _snapshot_position(stored: bytes) -> int:
     """The journal position a stored snapshot covers (-1: unreadable, so replaceable)."""
     try:
         return snapshot_decoder.decode(stored).position
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return -1
 
 

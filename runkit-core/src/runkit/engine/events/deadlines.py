@@ -250,8 +250,9 @@ class DeadlineTimer:
             async for position, record in journal.range(self._cursor):
                 try:
                     batch = _batch_decoder.decode(record)
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     # Raised, it would stop the partition at every restart.
+                    # (msgspec reports invalid UTF-8 as UnicodeDecodeError.)
                     await self._poison_record(journal, position, record, exc)
                     self._cursor = position + 1
                     continue

@@ -398,7 +398,7 @@ class ProcessRunner:
         poison_key = f"{self.key}/deadline/{entry.deadline_id}"
         try:
             envelope = decode(entry.envelope)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8: the latter
             _log.error(
                 "%s on partition %d: deadline %s of instance %r cannot be decoded; "
                 "moving it to the poison store: %s",
