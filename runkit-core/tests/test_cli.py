@@ -1104,12 +1104,15 @@ def test_a_reader_that_leaves_early_is_not_an_error() -> None:
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("other_application_node", [False, True])
 def test_execute_with_no_live_node_says_the_command_waits_instead_of_executed(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    other_application_node: bool,
 ) -> None:
     # Durable, so status 0; but no node owns its partition, so nothing handled
     # it yet: "executed" would have the operator believe the deposit was made.
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     import anyio
 
@@ -1120,7 +1123,26 @@ def test_execute_with_no_live_node_says_the_command_waits_instead_of_executed(
     app_key = "22028264-0bca-43e1-8d9d-cd094efb10b7"  # bank's identity key
 
     async def started_once() -> None:  # the cluster ran once, and stopped
-        await load_partition_count(MemoryProvider(silo), app_key, 4, datetime.now(UTC))
+        provider = MemoryProvider(silo)
+        await load_partition_count(provider, app_key, 4, datetime.now(UTC))
+        if other_application_node:  # live, but it never owns the bank's partitions
+            import msgspec
+
+            from runkit.engine.cluster.nodes import NODES_KEYSPACE, RECORD_VERSION, Heartbeat
+
+            now, node_id = datetime.now(UTC), str(uuid.uuid4())
+            beat = Heartbeat(
+                version=RECORD_VERSION,
+                node_id=node_id,
+                incarnation=str(uuid.uuid4()),
+                started_at=now,
+                written_at=now,
+                expires_at=now + timedelta(hours=1),
+                heartbeat_interval=1.0,
+                apps=["d0000000-0000-4000-8000-0000000000ff"],
+            )
+            async with await provider.keyspaces.open(NODES_KEYSPACE) as ks:
+                await ks.set(node_id.encode("ascii"), msgspec.msgpack.encode(beat), "")
 
     anyio.run(started_once)
     monkeypatch.setenv("DOGMA_PERSISTENCE_URL", f"memory:///{silo}")
@@ -1132,8 +1154,8 @@ def test_execute_with_no_live_node_says_the_command_waits_instead_of_executed(
     )
     assert status == 0, capsys.readouterr().err
     assert out == (
-        "accepted deposit D1: depositing $1.00 into account A1; no node of the cluster is "
-        "live, so it waits in the store until one starts (runkit run ...)\n"
+        "accepted deposit D1: depositing $1.00 into account A1; no live node of the cluster "
+        "runs the application, so it waits in the store until one starts (runkit run ...)\n"
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
 from runkit.config import ApplicationConfig, build
 from runkit.engine.engine import Engine
@@ -68,7 +69,8 @@ async def _nodes(
     async with anyio.create_task_group() as tg:
         for engine, (_, configs) in zip(engines, apps, strict=True):
             tg.start_soon(engine.run)
-            await engine.runtime(configs[0].identity.key)
+            if configs:
+                await engine.runtime(configs[0].identity.key)
         await wait_until(
             lambda: all(
                 e._membership_view is not None and len(e._membership_view.live_nodes()) == len(apps)
@@ -79,7 +81,8 @@ async def _nodes(
         tg.cancel_scope.cancel()
 
 
-async def test_a_node_of_another_application_wins_none_of_its_partitions() -> None:
+@pytest.mark.parametrize("other", ["another application", "no application"])
+async def test_a_node_of_another_application_wins_none_of_its_partitions(other: str) -> None:
     s = setup()
     silo = f"two-apps-{uuid.uuid4()}"
     a_id, b_id = splitting_node_ids(PARTITIONS, APP_KEY)
@@ -95,7 +98,8 @@ async def test_a_node_of_another_application_wins_none_of_its_partitions() -> No
         )
         == b_id
     )
-    async with _nodes(silo, (a_id, (s.config,)), (b_id, (_other(),))) as (a, _):
+    b_apps = (_other(),) if other == "another application" else ()
+    async with _nodes(silo, (a_id, (s.config,)), (b_id, b_apps)) as (a, _):
         with anyio.fail_after(10):
             await a.executor_for(s.app).execute_command(Deposit(account, 1, "x"))
         await settled(MemoryProvider(silo), timeout=10)

@@ -228,3 +228,37 @@ async def test_one_host_holds_at_most_8_handshake_slots(
         async with node("node-a", A) as a:  # from 127.0.0.1
             assert await a.call(address, "echo", b"in", timeout=2) == b"in"
     assert warnings(transport_log, "8 handshakes from 127.0.0.2 already in progress")
+
+
+class _FailingOnce:
+    """A listener whose first accept fails with *code*, the second gives a connection."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        self.calls = 0
+
+    async def accept(self) -> object:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(self.code, "a pending network error on one connection")
+        if self.calls == 2:
+            return object()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("code", [errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN])
+async def test_a_network_error_accept_reports_for_one_connection_skips_it(code: int) -> None:
+    # accept(2) passes a pending connection's network error on: its man page
+    # says to retry as for EAGAIN. It ended the listener, and the node.
+    from runkit.transport._listener import accept_forever
+
+    listener = _FailingOnce(code)
+    served: list[object] = []
+
+    async def handler(stream: object) -> None:
+        served.append(stream)
+
+    with anyio.move_on_after(0.5):
+        await accept_forever(listener, handler, label="test")  # type: ignore[arg-type]
+    assert len(served) == 1

@@ -346,3 +346,42 @@ async def test_callers_timing_out_during_an_outage_do_not_pile_up_threads(
     finally:
         with anyio.CancelScope(shield=True):
             await provider.close()
+
+
+async def test_callers_waiting_through_an_outage_leave_no_queue_behind(
+    stoppable_server: PostgresServer,
+) -> None:
+    # A worker waits for a connection in short slices (to notice that its caller
+    # left); psycopg_pool kept every timed-out slice's place in its queue until
+    # a connection came back: about 20 a second per waiting thread.
+    provider = PostgresProvider(
+        stoppable_server.dsn,
+        schema=unique_schema(),
+        pool_min_size=1,
+        pool_max_size=2,
+        pool_timeout=30,
+    )
+    try:
+        journal = await provider.journals.open("j")
+        await journal.append(0, b"<zero>")
+        pool = provider._executor._pool
+        assert pool is not None
+        stoppable_server.pause()
+        try:
+
+            async def call() -> None:
+                with anyio.move_on_after(2), contextlib.suppress(PersistenceError):
+                    await journal.bounds()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                tg.start_soon(call)
+            waiting = len(pool._waiting)
+        finally:
+            stoppable_server.resume()
+        with anyio.fail_after(30):
+            assert await journal.bounds() == Interval(0, 1)
+        assert waiting <= 4, f"{waiting} waiters queued after a 2 s outage"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await provider.close()

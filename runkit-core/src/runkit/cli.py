@@ -228,7 +228,8 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
                 # Durable is not handled: with no node to own its partition
                 # the command waits in the store, and "executed" would mislead.
                 now = datetime.now(UTC)
-                return any(r.role == "node" and r.is_live(now) for r in await list_nodes(provider))
+                key = app.identity.key
+                return any(r.runs(key) and r.is_live(now) for r in await list_nodes(provider))
         finally:
             with anyio.CancelScope(shield=True):
                 await provider.close()
@@ -241,8 +242,8 @@ def _cmd_execute(args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"executed {command.message_description()}\n")
     else:
         out.write(
-            f"accepted {command.message_description()}; no node of the cluster is live, "
-            "so it waits in the store until one starts (runkit run ...)\n"
+            f"accepted {command.message_description()}; no live node of the cluster runs "
+            "the application, so it waits in the store until one starts (runkit run ...)\n"
         )
     return 0
 

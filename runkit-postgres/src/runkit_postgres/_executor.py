@@ -17,6 +17,7 @@ once with the server's reason, as a non-retryable ``StoreUnavailable``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -147,6 +148,26 @@ class Interrupt:
         if call is not None and executor is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(executor._cancel, call, limiter=executor._threads)
+
+
+def _drop_timed_out_waiters(pool: ConnectionPool[Connection[tuple[object, ...]]]) -> None:
+    """Take the places of timed-out ``getconn`` calls out of the pool's queue.
+
+    psycopg_pool leaves a timed-out waiter queued until a connection comes
+    back: waiting in slices, as ``_connection`` does, would add one per slice
+    and thread for as long as an outage lasts (memory, and a pool that grows
+    for clients nobody is). The queue is psycopg_pool's own, so it is only
+    touched if it looks as expected (as in psycopg_pool 3.3).
+    """
+    waiting = getattr(pool, "_waiting", None)
+    lock = getattr(pool, "_lock", None)
+    if not isinstance(waiting, collections.deque) or lock is None:
+        return
+    with lock:
+        live = [w for w in waiting if getattr(w, "error", None) is None]
+        if len(live) != len(waiting):
+            waiting.clear()
+            waiting.extend(live)
 
 
 def _sever(conn: Connection[tuple[object, ...]]) -> None:
@@ -299,6 +320,7 @@ class Executor:
                 conn = pool.getconn(timeout=min(_WAIT_SLICE, max(0.0, deadline - time.monotonic())))
                 break
             except PoolTimeout:
+                _drop_timed_out_waiters(pool)
                 if time.monotonic() >= deadline:
                     raise
                 if call.abandoned:  # unlocked: read again within a slice

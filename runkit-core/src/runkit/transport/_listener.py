@@ -19,8 +19,27 @@ _log = logging.getLogger("runkit.transport")
 # The node is out of a resource for now (a connection flood, a low `ulimit -n`):
 # accepting again at once would spin, and giving up would end the node.
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-# One pending connection went wrong (reset before it was accepted): skip it.
-_CONNECTION_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+# One pending connection went wrong (reset before it was accepted, or a network
+# error accept(2) reports for it, which its man page says to treat like EAGAIN):
+# skip it. The list trio's listener skips.
+_CONNECTION_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EPROTO",
+        "EPERM",
+        "ENETDOWN",
+        "ENOPROTOOPT",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "EOPNOTSUPP",
+        "ENETUNREACH",
+        "ETIMEDOUT",
+        "ECONNRESET",
+    )
+    if hasattr(errno, name)  # ENONET is Linux's alone
+)
 _RETRY_DELAY = 0.1
 _WARNING_INTERVAL = 10.0
 

@@ -80,8 +80,8 @@ class HeartbeatWriter:
         self._tls_fingerprint = tls_fingerprint
         self._role = role
         # Peers rank only the nodes that run an application for its partitions
-        # (None, a membership without applications: counted for every one).
-        self._apps = sorted(app.identity.key for app in settings.applications) or None
+        # (an empty list: none; only records without the field count for all).
+        self._apps = sorted(app.identity.key for app in settings.applications)
         self._extra = {"node_id": str(settings.node_id)}
         self.incarnation = str(uuid.uuid4())
         #: The revision of our record as we last wrote it ("" for none of ours).

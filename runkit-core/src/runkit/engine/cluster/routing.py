@@ -702,7 +702,7 @@ async def node_cluster(
                 members,
                 self_id=settings.node_id,
                 self_is_node=True,
-                self_apps=frozenset(a.identity.key for a in settings.applications) or None,
+                self_apps=frozenset(a.identity.key for a in settings.applications),
                 store=provider,
             )
             router.start(tg)
