@@ -130,3 +130,52 @@ async def test_a_store_answering_in_most_of_an_interval_keeps_the_node_active() 
             was_active = slow.active
         tg.cancel_scope.cancel()
     assert stops == 0, f"the node stopped taking work {stops} times in {10 * INTERVAL} s"
+
+
+async def test_dead_records_to_prune_do_not_make_a_slow_node_flap() -> None:
+    # Pruning deleted every long-expired record one after another within the
+    # beat's read: with calls of most of an interval, a beat outlasted the
+    # read's freshness and the node stopped taking work until they were gone.
+    from datetime import UTC, datetime, timedelta
+
+    import msgspec
+
+    from runkit.engine.cluster.nodes import NODES_KEYSPACE, RECORD_VERSION, Heartbeat
+
+    silo = f"slow-prune-{uuid.uuid4()}"
+    kept = MemoryProvider(silo)
+    slow = Membership(
+        _SlowNodeSetProvider(MemoryProvider(silo), 0.6 * INTERVAL),
+        EngineSettings(node_id=N1, heartbeat_interval=INTERVAL),
+        prune_after=1.0,
+    )
+    stops = 0
+    async with anyio.create_task_group() as tg:
+        await tg.start(slow.run)
+        await wait_until(lambda: slow.active, timeout=10)
+        # Dead nodes' records, found by the reads from now on.
+        long_ago = datetime.now(UTC) - timedelta(hours=1)
+        async with await kept.keyspaces.open(NODES_KEYSPACE) as ks:
+            for _ in range(5):
+                node_id = str(uuid.uuid4())
+                beat = Heartbeat(
+                    version=RECORD_VERSION,
+                    node_id=node_id,
+                    incarnation=str(uuid.uuid4()),
+                    started_at=long_ago,
+                    written_at=long_ago,
+                    expires_at=long_ago,
+                    heartbeat_interval=INTERVAL,
+                )
+                await ks.set(node_id.encode("ascii"), msgspec.msgpack.encode(beat), "")
+        was_active = True
+        end = anyio.current_time() + 10 * INTERVAL
+        while anyio.current_time() < end:
+            await anyio.sleep(0.01)
+            stops += was_active and not slow.active
+            was_active = slow.active
+        tg.cancel_scope.cancel()
+    async with await kept.keyspaces.open(NODES_KEYSPACE) as ks:
+        left = [key async for key, _, _ in ks.range()]
+    assert stops == 0, f"the node stopped taking work {stops} times in {10 * INTERVAL} s"
+    assert left == [str(N1).encode()] or not left  # the dead ones are pruned

@@ -397,6 +397,7 @@ class Membership:
                 # record would make peers wait for it to expire before taking our
                 # partitions, which would meanwhile have no owner at all.
                 tg.start_soon(self._read, ks, now)
+                tg.start_soon(self._node_set.prune, ks)  # what the last read found
             if fatal:
                 raise fatal[0]  # as is, not in the task group's ExceptionGroup
             self._update(self._clock())
@@ -427,7 +428,6 @@ class Membership:
         self._peers = peers
         self._read_valid_until = now + timedelta(seconds=2 * self._interval)
         self._last_read = now
-        await self._node_set.prune(ks)
         return True
 
     def _can_see(self, now: datetime) -> bool:

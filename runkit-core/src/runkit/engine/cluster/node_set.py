@@ -87,8 +87,13 @@ class NodeSetReader:
         return peers
 
     async def prune(self, ks: Keyspace) -> None:
-        """Delete the long-expired records the last ``read`` found."""
-        stale, self._stale = self._stale, []
+        """Delete one of the long-expired records the last ``read`` found.
+
+        One per beat (the next read finds the others again), beside the beat's
+        write and read: deleting many one after another, in the read, made a
+        beat with a slow store outlast the read's freshness.
+        """
+        stale, self._stale = self._stale[:1], []
         for key, revision in stale:
             try:
                 # Conditional: a record refreshed since we read it is kept.
