@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import anyio
 import anyio.lowlevel
@@ -311,6 +312,37 @@ def stoppable_server() -> Iterator[PostgresServer]:
         yield server
 
 
+@asynccontextmanager
+async def outage_journal(
+    server: PostgresServer, *, pool_timeout: float
+) -> AsyncIterator[tuple[PostgresProvider, Journal]]:
+    """A journal holding one record on a two-connection provider; the block runs in an outage.
+
+    Once the server is back, the journal reads as before (nothing was lost or
+    half-written).
+    """
+    provider = PostgresProvider(
+        server.dsn,
+        schema=unique_schema(),
+        pool_min_size=1,
+        pool_max_size=2,
+        pool_timeout=pool_timeout,
+    )
+    try:
+        journal = await provider.journals.open("j")
+        await journal.append(0, b"<zero>")
+        server.pause()
+        try:
+            yield provider, journal
+        finally:
+            server.resume()
+        with anyio.fail_after(30):
+            assert await journal.bounds() == Interval(0, 1)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await provider.close()
+
+
 async def test_callers_timing_out_during_an_outage_do_not_pile_up_threads(
     stoppable_server: PostgresServer,
 ) -> None:
@@ -319,33 +351,14 @@ async def test_callers_timing_out_during_an_outage_do_not_pile_up_threads(
     # when its caller left (anyio's asyncio backend releases a limiter's token
     # when the call is abandoned), so the next call started another: threads
     # grew by one per call, beyond pool_max_size.
-    provider = PostgresProvider(
-        stoppable_server.dsn,
-        schema=unique_schema(),
-        pool_min_size=1,
-        pool_max_size=2,
-        pool_timeout=20,
-    )
-    try:
-        journal = await provider.journals.open("j")
-        await journal.append(0, b"<zero>")
+    async with outage_journal(stoppable_server, pool_timeout=20) as (_, journal):
         base = peak = threading.active_count()
-        stoppable_server.pause()
-        try:
-            for _ in range(20):
-                with anyio.move_on_after(0.1):
-                    with contextlib.suppress(PersistenceError):
-                        await journal.bounds()
-                peak = max(peak, threading.active_count())
-        finally:
-            stoppable_server.resume()
-        # At most a worker and its canceller per place.
-        assert peak - base <= 2 * 2, (base, peak)
-        with anyio.fail_after(20):
-            assert await journal.bounds() == Interval(0, 1)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await provider.close()
+        for _ in range(20):
+            with anyio.move_on_after(0.1), contextlib.suppress(PersistenceError):
+                await journal.bounds()
+            peak = max(peak, threading.active_count())
+    # At most a worker and its canceller per place.
+    assert peak - base <= 2 * 2, (base, peak)
 
 
 async def test_callers_waiting_through_an_outage_leave_no_queue_behind(
@@ -354,34 +367,16 @@ async def test_callers_waiting_through_an_outage_leave_no_queue_behind(
     # A worker waits for a connection in short slices (to notice that its caller
     # left); psycopg_pool kept every timed-out slice's place in its queue until
     # a connection came back: about 20 a second per waiting thread.
-    provider = PostgresProvider(
-        stoppable_server.dsn,
-        schema=unique_schema(),
-        pool_min_size=1,
-        pool_max_size=2,
-        pool_timeout=30,
-    )
-    try:
-        journal = await provider.journals.open("j")
-        await journal.append(0, b"<zero>")
+    async with outage_journal(stoppable_server, pool_timeout=30) as (provider, journal):
         pool = provider._executor._pool
         assert pool is not None
-        stoppable_server.pause()
-        try:
 
-            async def call() -> None:
-                with anyio.move_on_after(2), contextlib.suppress(PersistenceError):
-                    await journal.bounds()
+        async def call() -> None:
+            with anyio.move_on_after(2), contextlib.suppress(PersistenceError):
+                await journal.bounds()
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call)
-                tg.start_soon(call)
-            waiting = len(pool._waiting)
-        finally:
-            stoppable_server.resume()
-        with anyio.fail_after(30):
-            assert await journal.bounds() == Interval(0, 1)
-        assert waiting <= 4, f"{waiting} waiters queued after a 2 s outage"
-    finally:
-        with anyio.CancelScope(shield=True):
-            await provider.close()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            tg.start_soon(call)
+        waiting = len(pool._waiting)
+    assert waiting <= 4, f"{waiting} waiters queued after a 2 s outage"

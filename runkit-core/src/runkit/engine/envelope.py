@@ -36,6 +36,11 @@ from .ids import new_id
 T = TypeVar("T")
 _log = logging.getLogger("runkit.engine.envelope")
 
+#: What msgspec raises for bytes it cannot decode: ``DecodeError``, and
+#: ``UnicodeDecodeError`` (not a ``DecodeError``) for invalid UTF-8. Catch this
+#: wherever malformed input (a peer's, a stored record's) is handled.
+UNDECODABLE = (msgspec.DecodeError, UnicodeDecodeError)
+
 #: Message IDs re-validated on this node (bounded): each is checked once.
 _VALIDATED_CACHE = 100_000
 _validated: OrderedDict[str, None] = OrderedDict()
@@ -43,6 +48,7 @@ _validated: OrderedDict[str, None] = OrderedDict()
 _invalid_types: set[str] = set()
 
 __all__ = [
+    "UNDECODABLE",
     "Envelope",
     "RoutedMessages",
     "closing_iter",

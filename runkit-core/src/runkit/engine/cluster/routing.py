@@ -50,6 +50,7 @@ from ...transport import (
 )
 from ..commands.acceptance import OfferUnanswered, PartitionBusy, PartitionStopped
 from ..commands.inbox import InboxEntry
+from ..envelope import UNDECODABLE
 from ..logs import RateLimitedLog
 from ..partitions import partition_id
 from ..settings import EngineSettings
@@ -269,7 +270,7 @@ class Router:
                 return answer == OK
             try:
                 decoded = answer_decoder.decode(answer)
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8: the latter
+            except UNDECODABLE as exc:
                 _log.info("node %s answered an offer with garbage: %s", owner.node_id, exc)
                 return False
             if decoded.busy is not None:

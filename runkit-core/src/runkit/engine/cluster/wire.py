@@ -14,7 +14,7 @@ import msgspec
 
 from ...transport import RemoteError
 from ..commands.inbox import InboxEntry
-from ..envelope import Envelope
+from ..envelope import UNDECODABLE, Envelope
 from ..streams import CommandDone, Observed, StreamEvent, UnconfirmedAppend
 
 __all__ = [
@@ -138,7 +138,7 @@ def decode_request(decoder: msgspec.msgpack.Decoder[_M], payload: bytes) -> _M:
     """Decode a request; a malformed one is the caller's ``bad_request``."""
     try:
         return decoder.decode(payload)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: bad UTF-8 is the latter
+    except UNDECODABLE as exc:
         raise RemoteError("bad_request", f"malformed request: {exc}") from exc
 
 

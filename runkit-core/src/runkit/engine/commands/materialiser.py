@@ -48,7 +48,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 
 from ...config import ApplicationConfig
@@ -61,7 +60,7 @@ from ...persistence import (
     RecordNotFound,
 )
 from ..backoff import backoff
-from ..envelope import closing_iter
+from ..envelope import UNDECODABLE, closing_iter
 from ..logs import RateLimitedLog, describe_error
 from ..signals import event_maker
 from .aggregates import AggregateInstances
@@ -559,7 +558,7 @@ def _snapshot_position(stored: bytes) -> int:
     """The journal position a stored snapshot covers (-1: unreadable, so replaceable)."""
     try:
         return snapshot_decoder.decode(stored).position
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    except UNDECODABLE:
         return -1
 
 

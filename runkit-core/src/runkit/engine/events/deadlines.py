@@ -49,6 +49,7 @@ import msgspec
 
 from ...persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
 from ..backoff import backoff
+from ..envelope import UNDECODABLE
 from ..logs import RateLimitedLog, describe_error
 from .process_stores import PoisonedMessage, event_poison_store_name, poison_error
 
@@ -250,9 +251,8 @@ class DeadlineTimer:
             async for position, record in journal.range(self._cursor):
                 try:
                     batch = _batch_decoder.decode(record)
-                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                except UNDECODABLE as exc:
                     # Raised, it would stop the partition at every restart.
-                    # (msgspec reports invalid UTF-8 as UnicodeDecodeError.)
                     await self._poison_record(journal, position, record, exc)
                     self._cursor = position + 1
                     continue

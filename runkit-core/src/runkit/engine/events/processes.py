@@ -73,7 +73,7 @@ import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, RouteKind
 from ...persistence import Conflict, Keyspace, LimitExceeded, PersistenceError
-from ..envelope import RoutedMessages, decode, to_message
+from ..envelope import UNDECODABLE, RoutedMessages, decode, to_message
 from ..logs import describe_error
 from .consumers_support import ConsumerOptions, Restarts, close_iterator, sleep_backoff
 from .deadlines import DeadlineEntry
@@ -398,7 +398,7 @@ class ProcessRunner:
         poison_key = f"{self.key}/deadline/{entry.deadline_id}"
         try:
             envelope = decode(entry.envelope)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # invalid UTF-8: the latter
+        except UNDECODABLE as exc:
             _log.error(
                 "%s on partition %d: deadline %s of instance %r cannot be decoded; "
                 "moving it to the poison store: %s",
