@@ -78,6 +78,12 @@ class ProcessRecord(msgspec.Struct, frozen=True, kw_only=True):
             deadline fires only while it is listed here.
         commands: Outbox: encoded envelopes of produced commands to accept.
         deadlines: Outbox: scheduled deadlines to append to their journal.
+        through: (stream journal position, step index) of the last process
+            step of the home partition the record includes, when the record
+            is derived from the stream (ADR 0010); ``None`` for a record
+            written by its consumers (ADR 0006), which precedes every step.
+            The materialiser replaces a stored record only with one further
+            through the stream, so a stale owner never overwrites a newer one.
     """
 
     root: bytes | None = None
@@ -86,6 +92,7 @@ class ProcessRecord(msgspec.Struct, frozen=True, kw_only=True):
     pending_deadlines: list[str] = msgspec.field(default_factory=list)
     commands: list[bytes] = msgspec.field(default_factory=list)
     deadlines: list[OutboxDeadline] = msgspec.field(default_factory=list)
+    through: tuple[int, int] | None = None
 
     @property
     def has_outbox(self) -> bool:

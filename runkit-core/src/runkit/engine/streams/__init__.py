@@ -33,6 +33,7 @@ from .reading import PartitionStream
 from .records import (
     EventLessCommand,
     OwnershipLost,
+    ProcessStep,
     StreamEvent,
     StreamRecord,
     command_locations,
@@ -55,6 +56,7 @@ __all__ = [
     "OwnershipLost",
     "PartitionStream",
     "PriorCommits",
+    "ProcessStep",
     "Publication",
     "Stopped",
     "StreamEvent",

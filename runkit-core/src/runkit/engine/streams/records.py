@@ -33,6 +33,14 @@ visible all at once), and a header:
   idempotency marker may not be written yet, and the oldest record holding one. A new
   owner's takeover scan reads back at least to ``scan_from``, so it learns of
   them (counts them as handled, and writes their markers).
+- ``steps``: process steps the record commits (ADR 0010): per process
+  instance homed on this partition, what handling one or more deliveries
+  changed (``ProcessStep``). The record is their commit point, as it is for
+  aggregate commands; the instance's keyspace record is derived from them.
+- ``dispatched``: every step's outbox in records below this journal position
+  has been dispatched (``None``: the writer dispatches none, as in records
+  written before process steps). A new owner dispatches the outboxes of the
+  records from there again; their targets deduplicate.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ __all__ = [
     "EventLessCommand",
     "Location",
     "OwnershipLost",
+    "ProcessStep",
     "StreamEvent",
     "StreamRecord",
     "command_locations",
@@ -120,6 +129,66 @@ class EventLessCommand(msgspec.Struct, frozen=True, array_like=True):
     instance_id: str
 
 
+class ProcessStep(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
+    """What handling deliveries changed in one process instance homed on this partition.
+
+    Committed in the home partition's stream record (ADR 0010): the record is
+    the step's commit point and the fence against another writer, so the
+    instance's state is the fold of its steps over its keyspace record. Only
+    what changed is stored, so a step that neither mutated the root nor
+    scheduled anything costs its IDs and a position.
+
+    Attributes:
+        handler_key: The process handler's identity key.
+        instance_id: The instance.
+        deliveries: IDs of the deliveries the step commits (handled, skipped
+            or poisoned): an inbox delivery is done once a record lists it.
+        positions: (source stream ID, offset of the last event handled from
+            it) for each stream the step advanced; a delivery at or below the
+            instance's position for its stream is skipped.
+        root: The root's ``marshal_binary()`` if the step mutated it;
+            ``None``: unchanged.
+        ended: ``end()`` was called: the root and pending deadlines are
+            dropped and the instance never handles again.
+        pending: The pending deadline IDs after the step; ``None``: unchanged.
+        commands: Outbox: encoded envelopes of the commands produced (their IDs
+            derived from the cause), dispatched after the commit.
+        deadlines: Outbox: encoded ``DeadlineEntry`` values of the deadlines
+            scheduled (their home is this partition), appended to its deadline
+            journal after the commit. Bytes, so that streams need not know the
+            events side's types.
+        poisoned: The deliveries were given up on (moved to the event poison
+            store), not handled; ``positions`` still advance past them.
+    """
+
+    handler_key: str
+    instance_id: str
+    deliveries: tuple[str, ...] = ()
+    positions: tuple[tuple[str, int], ...] = ()
+    root: bytes | None = None
+    ended: bool = False
+    pending: tuple[str, ...] | None = None
+    commands: tuple[bytes, ...] = ()
+    deadlines: tuple[bytes, ...] = ()
+    poisoned: bool = False
+
+    @property
+    def has_outbox(self) -> bool:
+        """Whether the step has commands or deadlines to dispatch."""
+        return bool(self.commands or self.deadlines)
+
+    def size(self) -> int:
+        """An upper estimate of the bytes the step adds to a stream record."""
+        size = 64 + len(self.handler_key) + _text_bytes(self.instance_id)
+        size += sum(40 + len(d) for d in self.deliveries)
+        size += sum(48 + _text_bytes(s) for s, _ in self.positions)
+        size += 0 if self.root is None else len(self.root) + 8
+        size += sum(40 + len(p) for p in self.pending or ())
+        size += sum(len(c) + 8 for c in self.commands)
+        size += sum(len(d) + 8 for d in self.deadlines)
+        return size
+
+
 class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One record of a partition stream journal (see the module docstring)."""
 
@@ -135,6 +204,8 @@ class StreamRecord(msgspec.Struct, frozen=True, kw_only=True):
     scan_from: int | None = None
     event_less: tuple[EventLessCommand, ...] = ()
     poisoned: tuple[tuple[int, str], ...] = ()
+    steps: tuple[ProcessStep, ...] = ()
+    dispatched: int | None = None
 
 
 #: Where a command's events are on its stream: (first offset, count). A command
