@@ -28,6 +28,7 @@ from .reading import PartitionStream
 from .records import (
     EventLessCommand,
     OwnershipLost,
+    ProcessStep,
     StreamRecord,
     _events_of,
     _text_bytes,
@@ -72,6 +73,9 @@ class Publication:
     poisoned: tuple[int, str] | None = None
     #: Keep the record visible to takeover scans until ``StreamWriter.unpin``.
     pinned: bool = False
+    #: A process step (ADR 0010): the record commits it in ``steps`` (not among
+    #: its commands), and ``index`` is then its index among the record's steps.
+    step: ProcessStep | None = None
     #: Durable, or failed (``error``).
     settled: bool = False
     # Made only for someone who waits: most publications are followed through
@@ -113,9 +117,11 @@ class StreamWriter:
         progress_interval: float,
         retry_max_delay: float,
         watermark: Callable[[int], int] | None = None,
+        dispatched: Callable[[int], int] | None = None,
     ) -> None:
         self._journal = journal
         self._watermark = watermark
+        self._dispatched = dispatched
         self._stream = stream
         self._bus = bus
         self._clock = clock
@@ -221,6 +227,21 @@ class StreamWriter:
             OwnershipLost: the writer has stopped.
         """
         return self._queued(Publication(command_id, (), 64, poisoned=(position, command_id)))
+
+    def enqueue_step(
+        self, step: ProcessStep, on_durable: Callable[[Publication], None] | None = None
+    ) -> Publication:
+        """Queue a process step for the stream: the next record commits it (ADR 0010).
+
+        Steps are queued in call order with commands; *on_durable* is called
+        once the record holding the step is durable (or has failed), with
+        ``position`` and ``index`` (the step's index among the record's steps)
+        set.
+
+        Raises:
+            OwnershipLost: the writer has stopped.
+        """
+        return self._queued(Publication(step.instance_id, (), step.size(), on_durable, step=step))
 
     def _queued(self, item: Publication) -> Publication:
         if self._failed is not None:
@@ -362,10 +383,14 @@ class StreamWriter:
         event_less: list[EventLessCommand] = []
         command_ids: list[str] = []
         poisoned: list[tuple[int, str]] = []
+        steps: list[ProcessStep] = []
         offset = self._offset
         for item in batch:
             if item.poisoned is not None:
                 poisoned.append(item.poisoned)
+                continue
+            if item.step is not None:
+                steps.append(item.step)
                 continue
             if item.instance is not None:
                 event_less.append(EventLessCommand(len(command_ids), offset, *item.instance))
@@ -387,6 +412,8 @@ class StreamWriter:
             scan_from=min(floors) if floors else None,
             event_less=tuple(event_less),
             poisoned=tuple(poisoned),
+            steps=tuple(steps),
+            dispatched=None if self._dispatched is None else self._dispatched(self._position),
         )
 
     def _after_append(self, batch: list[Publication], progress: int, record: StreamRecord) -> None:
@@ -399,11 +426,14 @@ class StreamWriter:
         if record.materialised is not None:
             self._written_materialised = record.materialised
         offset = record.first_offset
-        index = 0
+        index = step_index = 0
         for item in batch:
             item.offset = offset
             item.position = position
-            if item.poisoned is None:
+            if item.step is not None:
+                item.index = step_index
+                step_index += 1
+            elif item.poisoned is None:
                 item.index = index
                 index += 1
             offset += len(item.events)
