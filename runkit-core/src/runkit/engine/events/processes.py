@@ -77,9 +77,11 @@ from ..envelope import UNDECODABLE, RoutedMessages, decode, to_message
 from ..logs import describe_error
 from .consumers_support import ConsumerOptions, Restarts, close_iterator, sleep_backoff
 from .deadlines import DeadlineEntry
+from .process_deliveries import Delivery
 from .process_instances import (
     CachedInstance,
     InstanceCache,
+    OutboxDeadline,
     ProcessRecord,
     ProcessRoot,
 )
@@ -106,12 +108,13 @@ from .process_stores import (
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
-    from ..streams import StreamEvent
+    from ..streams import ProcessStep, StreamEvent
 
 __all__ = ["ProcessRunner"]
 
 _encoder = msgspec.msgpack.Encoder()
 _record_decoder = msgspec.msgpack.Decoder(ProcessRecord)
+_entry_decoder = msgspec.msgpack.Decoder(DeadlineEntry)
 
 
 # --- the runner -----------------------------------------------------------------------
@@ -459,6 +462,64 @@ class ProcessRunner:
             instance_id=entry.instance_id,
         )
 
+    # -- steps in the home partition (ADR 0010; ``process_homes.HomeHandler``) --
+
+    @property
+    def retries(self) -> MessageRetries:
+        """The handler's retries and poisoning (shared with the home partitions)."""
+        return self._retries
+
+    async def invoke_delivery(
+        self, ctx: PartitionContext, delivery: Delivery, root: ProcessRoot
+    ) -> ProcessScope:
+        """Call the handler for *delivery* against *root* (in its home partition *ctx*).
+
+        Returns the scope with what the handling produced; raises what the
+        handler raised, or the bug it swallowed. An event's first handling on
+        this node takes the message its routing was given.
+        """
+        scope: ProcessScope
+        if delivery.stream is not None:
+            event_scope = ProcessEventScope(
+                self, ctx, delivery.instance_id, root, delivery.envelope, recorded_at=delivery.at
+            )
+            message = cast(dogma.Event, self._routed.take(delivery.envelope))
+            await self.handler.handle_event(root, event_scope, message)
+            scope = event_scope
+        else:
+            deadline_scope = ProcessDeadlineScope(
+                self, ctx, delivery.instance_id, root, delivery.envelope, scheduled_for=delivery.at
+            )
+            deadline = cast(dogma.Deadline, to_message(delivery.envelope))
+            await self.handler.handle_deadline(root, deadline_scope, deadline)
+            scope = deadline_scope
+        if scope.bug is not None:
+            raise scope.bug  # the handler swallowed it; still a bug
+        return scope
+
+    def root_from(self, data: bytes | None) -> ProcessRoot:
+        """A live root from its ``marshal_binary()`` (a new one for ``None``)."""
+        root = self.handler.new()
+        if data is not None:
+            root.unmarshal_binary(data)
+        return root
+
+    async def dispatch_step(
+        self, ctx: PartitionContext, instance_id: str, step: ProcessStep
+    ) -> None:
+        """Dispatch a committed step's outbox: deadlines to *ctx*'s own journal, then commands.
+
+        Retries until done, as an ADR 0006 outbox (``OutboxDispatcher.dispatch``).
+        """
+        record = ProcessRecord(
+            commands=list(step.commands),
+            deadlines=[
+                OutboxDeadline(partition=ctx.index, entry=_entry_decoder.decode(d))
+                for d in step.deadlines
+            ],
+        )
+        await self._outbox.dispatch(ctx, instance_id, record)
+
     # -- shared --
 
     async def _handle(
@@ -597,6 +658,11 @@ def _lowest_offset(steps: list[Step]) -> int | None:
 
 
 if TYPE_CHECKING:
+    from .process_homes import HomeHandler
+
+    def _is_home_handler(runner: ProcessRunner) -> HomeHandler:
+        return runner  # static proof: a runner handles its instances' home steps
+
     # Static proof that the scopes implement dogma's protocols.
     _event_scope: type[dogma.ProcessEventScope[Any]] = ProcessEventScope
     _deadline_scope: type[dogma.ProcessDeadlineScope[Any]] = ProcessDeadlineScope

@@ -1,0 +1,436 @@
+"""Process steps as work of the instance's home partition (ADR 0010).
+
+``HomeSteps`` runs on the owner of one partition *h* and handles the
+deliveries of every process instance homed there
+(``process_deliveries.home_partition``): events routed by the consumers of any
+partition's stream, and the instances' deadlines. It is the instance's only
+writer, so it needs no lock and no revision:
+
+- **Per-partition instances.** Each instance's state (``InstanceState``) and
+  live root are kept here (an LRU of at most ``cache_size`` idle instances);
+  a miss loads the state with *load* (the derived keyspace record folded
+  with the committed steps not yet written to it).
+- **One group per instance at a time.** An instance with queued deliveries is
+  handled by one task, which takes every delivery queued so far and handles
+  them in order (``handle_group``: skipping what the state says is done), up
+  to ``process_concurrency`` instances at once. The step goes onto the
+  partition's stream writer beside the batch's commands: **the stream append
+  is the commit point and the fence**. The next group of the instance is
+  handled at once against the state in memory, as aggregate commands are (if
+  the append fails the partition is lost, and all of this with it).
+- **Acknowledgement.** A delivery's *ack* is called once the record holding
+  the step that handled, skipped or poisoned it is durable (with ``None``),
+  or with the writer's error if it never will be; a delivery that was done
+  already is acknowledged once the instance's steps before it are durable.
+- **Failures**, as for commands: if a handler fails on one delivery of a
+  group, the deliveries before it are handled again as a group, the failing
+  one is retried alone with backoff and, after ``max_attempts`` (at once for
+  a bug), recorded in the event poison store; a step then commits its
+  position (``poisoned``), so a redelivery skips it.
+- **Outboxes** are dispatched after the commit, per instance in commit order
+  (deadlines to this partition's deadline journal, then commands through the
+  acceptance path with IDs derived from the cause). ``dispatched`` is the
+  stream header watermark below which every step's outbox is dispatched.
+
+``HOME_STEPS`` is the internal switch: while it is off (the default) the
+engine runs processes on the ADR 0006 path and nothing here is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup, TaskStatus
+
+from ...persistence import LimitExceeded, PersistenceError
+from ..logs import describe_error
+from ..streams import OwnershipLost, ProcessStep, Publication, max_command_bytes
+from .consumers_support import ConsumerOptions, sleep_backoff
+from .process_deliveries import Delivery
+from .process_instances import ProcessRoot
+from .process_retries import MessageRetries
+from .process_scopes import ProcessScope
+from .process_state import InstanceState, handle_group, poisoned_step
+from .process_steps import StepFailed
+
+if TYPE_CHECKING:
+    from ..partitions import PartitionContext
+
+__all__ = ["HOME_STEPS", "Ack", "HomeHandler", "HomeSteps", "StepWriter"]
+
+#: The internal switch (ADR 0010 plan): process steps in the home partition.
+#: Off until the whole path is built; tests may turn it on.
+HOME_STEPS = False
+
+_log = logging.getLogger("runkit.engine.events.process_homes")
+
+#: Told that a delivery is durable (``None``), or that it never will be here.
+Ack = Callable[[BaseException | None], None]
+#: Loads an instance's committed state: (handler key, instance ID) -> state.
+Load = Callable[[str, str], Awaitable[InstanceState]]
+#: Told of each durable step: (step, stream position, index in its record).
+Committed = Callable[[ProcessStep, int, int], None]
+
+
+class HomeHandler(Protocol):
+    """What ``HomeSteps`` needs of a process handler (``ProcessRunner``)."""
+
+    key: str
+
+    @property
+    def retries(self) -> MessageRetries: ...
+
+    async def invoke_delivery(
+        self, ctx: PartitionContext, delivery: Delivery, root: ProcessRoot
+    ) -> ProcessScope:
+        """Call the handler for *delivery* against *root*; its scope (raises on failure)."""
+        ...
+
+    def root_from(self, data: bytes | None) -> ProcessRoot:
+        """A live root from its ``marshal_binary()`` (a new one for ``None``)."""
+        ...
+
+    async def dispatch_step(
+        self, ctx: PartitionContext, instance_id: str, step: ProcessStep
+    ) -> None:
+        """Dispatch a committed step's outbox, retrying until it is done."""
+        ...
+
+
+class StepWriter(Protocol):
+    """The part of ``StreamWriter`` that commits steps."""
+
+    def enqueue_step(
+        self, step: ProcessStep, on_durable: Callable[[Publication], None] | None = None
+    ) -> Publication: ...
+
+
+@attrs.define(eq=False)
+class _Instance:
+    handler_key: str
+    instance_id: str
+    state: InstanceState | None = None
+    root: ProcessRoot | None = None
+    queue: deque[tuple[Delivery, Ack]] = attrs.field(factory=deque)
+    running: bool = False
+    #: Steps queued on the writer and not yet durable.
+    in_flight: int = 0
+    #: The acks of the last step queued: deliveries found done join them.
+    trailing: list[Ack] | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.queue and self.in_flight == 0
+
+
+class HomeSteps:
+    """The process steps of the instances homed on one owned partition (module docstring)."""
+
+    def __init__(
+        self,
+        ctx: PartitionContext,
+        writer: StepWriter,
+        handlers: Mapping[str, HomeHandler],
+        *,
+        load: Load,
+        options: ConsumerOptions,
+        record_limit: int,
+        stream_partitions: Mapping[str, int] | None = None,
+        committed: Committed | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._writer = writer
+        self._handlers = handlers
+        self._load = load
+        self._options = options
+        self._max_step = max_command_bytes(record_limit)
+        self._stream_partitions = stream_partitions or {}
+        self._committed = committed
+        self._instances: OrderedDict[tuple[str, str], _Instance] = OrderedDict()
+        self._limiter = anyio.CapacityLimiter(options.process_concurrency)
+        self._tg: TaskGroup | None = None
+        self._stopped: BaseException | None = None
+        # Outboxes not yet dispatched: record position -> how many; per instance, in order.
+        self._undispatched: dict[int, int] = {}
+        self._outboxes: dict[tuple[str, str], deque[tuple[int, ProcessStep]]] = {}
+
+    # -- what others call ------------------------------------------------------
+
+    def submit(self, delivery: Delivery, ack: Ack) -> None:
+        """Queue *delivery* for its instance; *ack* is called once it is durable.
+
+        Never blocks. Raises ``OwnershipLost`` if the partition has stopped
+        (the submitter then takes another path: the inbox).
+        """
+        if self._stopped is not None or self._tg is None:
+            raise OwnershipLost("the home partition is not running")
+        if delivery.handler_key not in self._handlers:
+            raise ValueError(f"no process handler {delivery.handler_key} on this partition")
+        key = (delivery.handler_key, delivery.instance_id)
+        inst = self._instances.get(key)
+        if inst is None:
+            inst = self._instances[key] = _Instance(*key)
+            self._evict()
+        else:
+            self._instances.move_to_end(key)
+        inst.queue.append((delivery, ack))
+        if not inst.running:
+            inst.running = True
+            self._tg.start_soon(self._run_instance, inst)
+
+    def dispatched(self, next_position: int) -> int:
+        """The stream position below which every committed step's outbox is dispatched."""
+        return min(self._undispatched, default=next_position)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Handle deliveries until cancelled; then fail those not committed."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            self.close(OwnershipLost("the home partition stopped"))
+
+    def close(self, error: BaseException) -> None:
+        """Stop taking deliveries; tell the queued ones' submitters (*error*)."""
+        if self._stopped is not None:
+            return
+        self._stopped = error
+        for inst in self._instances.values():
+            while inst.queue:
+                _, ack = inst.queue.popleft()
+                _call(ack, error)
+
+    # -- handling ---------------------------------------------------------------
+
+    def _evict(self) -> None:
+        excess = len(self._instances) - self._options.process_cache_size
+        if excess <= 0:
+            return
+        victims = [k for k, inst in self._instances.items() if inst.idle][:excess]
+        for key in victims:
+            del self._instances[key]
+
+    async def _run_instance(self, inst: _Instance) -> None:
+        try:
+            async with self._limiter:
+                while inst.queue and self._stopped is None:
+                    if inst.state is None:
+                        await self._load_instance(inst)
+                    items = list(inst.queue)
+                    inst.queue.clear()
+                    await self._handle(inst, items)
+        finally:
+            inst.running = False
+
+    async def _load_instance(self, inst: _Instance) -> None:
+        handler = self._handlers[inst.handler_key]
+        failures = 0
+        while True:
+            try:
+                state = await self._load(inst.handler_key, inst.instance_id)
+                inst.root = handler.root_from(state.root)
+                inst.state = state
+                return
+            except PersistenceError as exc:
+                failures += 1
+                _log.warning(
+                    "process %s on partition %d: cannot load instance %r; retrying: %s",
+                    inst.handler_key,
+                    self._ctx.index,
+                    inst.instance_id,
+                    describe_error(exc),
+                )
+                await sleep_backoff(self._options, failures)
+
+    async def _handle(self, inst: _Instance, items: list[tuple[Delivery, Ack]]) -> None:
+        """Handle *items* as one group; on a failure, as ADR 0006's groups are."""
+        rest = items
+        store_failures = 0
+        while len(rest) > 1:
+            try:
+                await self._group(inst, rest)
+                return
+            except StepFailed as failed:
+                index, error = failed.index, failed.error
+            except LimitExceeded:
+                for item in rest:  # the group's step is too large: each alone
+                    await self._one(inst, item)
+                return
+            except PersistenceError as exc:
+                store_failures += 1
+                await sleep_backoff(self._options, store_failures)
+                _log.warning("process step failed on the store; retrying: %s", describe_error(exc))
+                continue
+            except OwnershipLost:
+                raise
+            except Exception:
+                # Not one delivery's failure (marshal_binary() of the root):
+                # each alone, with its own retries and poisoning.
+                for item in rest:
+                    await self._one(inst, item)
+                return
+            if index > 0:
+                await self._handle(inst, rest[:index])
+            await self._one(inst, rest[index], failed=error)
+            rest = rest[index + 1 :]
+        if rest:
+            await self._one(inst, rest[0])
+
+    async def _group(self, inst: _Instance, items: list[tuple[Delivery, Ack]]) -> None:
+        assert inst.state is not None
+        assert inst.root is not None
+        handler = self._handlers[inst.handler_key]
+        invoke = functools.partial(handler.invoke_delivery, self._ctx)
+        try:
+            handled = await handle_group(
+                inst.state,
+                inst.root,
+                [d for d, _ in items],
+                handler_key=inst.handler_key,
+                instance_id=inst.instance_id,
+                invoke=invoke,
+            )
+        except BaseException:
+            # The root may have changed in place: back to the committed one.
+            inst.root = handler.root_from(inst.state.root)
+            raise
+        step = handled.step
+        if step is not None and step.size() > self._max_step:
+            # The same on every attempt: retried alone, then poisoned.
+            inst.root = handler.root_from(inst.state.root)
+            raise LimitExceeded("process step", step.size(), self._max_step)
+        self._commit(inst, step, handled.state, [ack for _, ack in items])
+
+    async def _one(
+        self, inst: _Instance, item: tuple[Delivery, Ack], *, failed: Exception | None = None
+    ) -> None:
+        delivery, ack = item
+        handler = self._handlers[inst.handler_key]
+        done = False
+
+        async def attempt() -> None:
+            nonlocal done
+            await self._group(inst, [item])
+            done = True
+
+        if delivery.stream is not None:
+            stream_id, offset = delivery.stream
+            poison_key = f"{handler.key}/event/{stream_id}/{offset}"
+        else:
+            poison_key = f"{handler.key}/deadline/{delivery.deadline_id}"
+        await handler.retries.run(
+            self._poison_context(delivery),
+            attempt,
+            envelope=delivery.envelope,
+            poison_key=poison_key,
+            stream=delivery.stream,
+            instance_id=inst.instance_id,
+            failed=failed,
+        )
+        if not done:  # poisoned: commit that its position passed it
+            assert inst.state is not None
+            step, state = poisoned_step(inst.handler_key, inst.instance_id, inst.state, delivery)
+            self._commit(inst, step, state, [ack])
+
+    def _poison_context(self, delivery: Delivery) -> PartitionContext:
+        """Where a given-up delivery is recorded: an event in its stream's partition's
+        poison store (as before ADR 0010), a deadline in this one's."""
+        if delivery.stream is None:
+            return self._ctx
+        index = self._stream_partitions.get(delivery.stream[0])
+        if index is None or index == self._ctx.index:
+            return self._ctx
+        return attrs.evolve(self._ctx, index=index, partition_id=delivery.stream[0])
+
+    def _commit(
+        self, inst: _Instance, step: ProcessStep | None, state: InstanceState, acks: list[Ack]
+    ) -> None:
+        if step is None:
+            # Everything was done already: durable once the steps before are.
+            if inst.in_flight == 0 or inst.trailing is None:
+                for ack in acks:
+                    _call(ack, None)
+            else:
+                inst.trailing.extend(acks)
+            return
+        try:
+            self._writer.enqueue_step(step, functools.partial(self._durable, inst, acks))
+        except OwnershipLost as lost:
+            # The partition is stopping: nothing more commits here, and a
+            # handler's retries must not take this for its failure.
+            for ack in acks:
+                _call(ack, lost)
+            self.close(lost)
+            return
+        inst.state = state
+        inst.in_flight += 1
+        inst.trailing = acks
+
+    def _durable(self, inst: _Instance, acks: list[Ack], publication: Publication) -> None:
+        # In the writer's task, without awaiting.
+        inst.in_flight -= 1
+        if inst.trailing is acks and inst.in_flight == 0:
+            inst.trailing = None
+        if publication.error is not None:
+            for ack in acks:
+                _call(ack, publication.error)
+            return
+        step = publication.step
+        assert step is not None
+        if self._committed is not None:
+            self._committed(step, publication.position, publication.index)
+        if step.has_outbox:
+            self._queue_outbox(inst, publication.position, step)
+        for ack in acks:
+            _call(ack, None)
+
+    # -- outboxes ---------------------------------------------------------------
+
+    def _queue_outbox(self, inst: _Instance, position: int, step: ProcessStep) -> None:
+        self._undispatched[position] = self._undispatched.get(position, 0) + 1
+        key = (inst.handler_key, inst.instance_id)
+        queue = self._outboxes.get(key)
+        if queue is None:
+            queue = self._outboxes[key] = deque()
+            assert self._tg is not None
+            self._tg.start_soon(self._dispatch_outboxes, key, queue)
+        queue.append((position, step))
+
+    async def _dispatch_outboxes(
+        self, key: tuple[str, str], queue: deque[tuple[int, ProcessStep]]
+    ) -> None:
+        """Dispatch an instance's committed outboxes in commit order."""
+        handler = self._handlers[key[0]]
+        while queue:
+            position, step = queue[0]
+            await handler.dispatch_step(self._ctx, key[1], step)
+            queue.popleft()
+            left = self._undispatched[position] - 1
+            if left:
+                self._undispatched[position] = left
+            else:
+                del self._undispatched[position]
+        del self._outboxes[key]
+
+    # -- for tests and operators -----------------------------------------------
+
+    def cached(self, handler_key: str, instance_id: str) -> InstanceState | None:
+        """The instance's state as this partition holds it (``None``: not cached)."""
+        inst = self._instances.get((handler_key, instance_id))
+        return None if inst is None else inst.state
+
+
+def _call(ack: Ack, error: BaseException | None) -> None:
+    try:
+        ack(error)
+    except Exception:
+        # Runs in the writer's task: a failing submitter must not stop it.
+        _log.exception("a process delivery's acknowledgement failed")
