@@ -74,8 +74,9 @@ _log = logging.getLogger("runkit.engine.events.process_homes")
 Ack = Callable[[BaseException | None], None]
 #: Loads an instance's committed state: (handler key, instance ID) -> state.
 Load = Callable[[str, str], Awaitable[InstanceState]]
-#: Told of each durable step: (step, stream position, index in its record).
-Committed = Callable[[ProcessStep, int, int], None]
+#: Told of each durable step: (handler key, instance ID, the instance's durable
+#: state including it, the stream position of its record).
+Committed = Callable[[str, str, InstanceState, int], None]
 
 
 class HomeHandler(Protocol):
@@ -116,6 +117,8 @@ class _Instance:
     handler_key: str
     instance_id: str
     state: InstanceState | None = None
+    #: The state as far as its steps are durable (``state`` may be ahead).
+    durable: InstanceState | None = None
     root: ProcessRoot | None = None
     queue: deque[tuple[Delivery, Ack]] = attrs.field(factory=deque)
     running: bool = False
@@ -193,6 +196,8 @@ class HomeSteps:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                for key, queue in self._outboxes.items():  # from ``redispatch``
+                    tg.start_soon(self._dispatch_outboxes, key, queue)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
@@ -237,7 +242,7 @@ class HomeSteps:
             try:
                 state = await self._load(inst.handler_key, inst.instance_id)
                 inst.root = handler.root_from(state.root)
-                inst.state = state
+                inst.state = inst.durable = state
                 return
             except PersistenceError as exc:
                 failures += 1
@@ -385,23 +390,37 @@ class HomeSteps:
             return
         step = publication.step
         assert step is not None
+        assert inst.durable is not None
+        inst.durable = inst.durable.after(step, (publication.position, publication.index))
         if self._committed is not None:
-            self._committed(step, publication.position, publication.index)
+            self._committed(inst.handler_key, inst.instance_id, inst.durable, publication.position)
         if step.has_outbox:
-            self._queue_outbox(inst, publication.position, step)
+            self._queue_outbox(inst.handler_key, inst.instance_id, publication.position, step)
         for ack in acks:
             _call(ack, None)
 
     # -- outboxes ---------------------------------------------------------------
 
-    def _queue_outbox(self, inst: _Instance, position: int, step: ProcessStep) -> None:
+    def redispatch(self, position: int, step: ProcessStep) -> None:
+        """Dispatch again the outbox of a step committed at *position* (takeover).
+
+        Called before ``run``: the ``dispatched`` watermark stays at or below
+        *position* until it is done, and the instance's later outboxes go out
+        after it.
+        """
+        self._queue_outbox(step.handler_key, step.instance_id, position, step)
+
+    def _queue_outbox(
+        self, handler_key: str, instance_id: str, position: int, step: ProcessStep
+    ) -> None:
         self._undispatched[position] = self._undispatched.get(position, 0) + 1
-        key = (inst.handler_key, inst.instance_id)
+        key = (handler_key, instance_id)
         queue = self._outboxes.get(key)
         if queue is None:
             queue = self._outboxes[key] = deque()
-            assert self._tg is not None
-            self._tg.start_soon(self._dispatch_outboxes, key, queue)
+            if self._tg is not None:
+                self._tg.start_soon(self._dispatch_outboxes, key, queue)
+            # else: ``run`` starts it
         queue.append((position, step))
 
     async def _dispatch_outboxes(

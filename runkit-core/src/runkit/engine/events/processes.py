@@ -73,7 +73,7 @@ import dogma
 
 from ...config import ApplicationConfig, HandlerConfig, RouteKind
 from ...persistence import Conflict, Keyspace, LimitExceeded, PersistenceError
-from ..envelope import UNDECODABLE, RoutedMessages, decode, to_message
+from ..envelope import UNDECODABLE, Envelope, RoutedMessages, decode, to_message
 from ..logs import describe_error
 from .consumers_support import ConsumerOptions, Restarts, close_iterator, sleep_backoff
 from .deadlines import DeadlineEntry
@@ -463,6 +463,18 @@ class ProcessRunner:
         )
 
     # -- steps in the home partition (ADR 0010; ``process_homes.HomeHandler``) --
+
+    async def route_event(self, ctx: PartitionContext, event: StreamEvent) -> str | None:
+        """The instance *event* goes to (``None``: none), with retries and poisoning.
+
+        For the routing consumer (``process_routing``); the message routing
+        was given is kept for the event's first handling on this node.
+        """
+        return await self._route(ctx, event)
+
+    def forget_routed(self, envelope: Envelope) -> None:
+        """The event is handled on another node: drop the message kept for it."""
+        self._routed.discard(envelope)
 
     @property
     def retries(self) -> MessageRetries:
