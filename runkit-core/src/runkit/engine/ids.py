@@ -14,7 +14,7 @@ import os
 import uuid
 from collections import deque
 
-__all__ = ["derived_id", "new_id"]
+__all__ = ["delivery_id", "derived_id", "new_id"]
 
 # The variant field (RFC 9562 §4.1) keeps a random hex digit's low two bits: 8, 9, a or b.
 _VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
@@ -74,3 +74,13 @@ def _forget_after_fork() -> None:
 
 # A forked child must not hand out the IDs its parent may still use.
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def delivery_id(cause_id: str, handler_key: str) -> str:
+    """The ID of the delivery of message *cause_id* to process *handler_key* (ADR 0010).
+
+    The same event may be delivered to several process handlers (one
+    delivery each), never to two instances of one handler. Here, not in the
+    events side, because an inbox entry holding a delivery is named by it.
+    """
+    return derived_id(cause_id, f"{handler_key}/delivery")

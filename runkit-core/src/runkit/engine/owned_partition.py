@@ -13,20 +13,29 @@ is already committed, within ``shutdown_timeout``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ..persistence import PersistenceError
 from .commands.acceptance import idempotency_name
 from .commands.aggregates import AggregateInstances
-from .commands.batches import PartitionCommands
-from .commands.inbox import inbox_name
+from .commands.batches import DeliverySink, PartitionCommands
+from .commands.inbox import InboxEntry, inbox_name
 from .commands.materialiser import Materialiser
 from .logs import describe_error
 from .partitions import PartitionContext, partition_id
-from .streams import OwnershipLost, PartitionStream, StreamWriter, read_tail, stream_name
+from .streams import (
+    OwnershipLost,
+    PartitionStream,
+    ProcessStep,
+    Publication,
+    StreamWriter,
+    read_tail,
+    stream_name,
+)
 
 if TYPE_CHECKING:
     from .runtime import AppRuntime
@@ -93,6 +102,41 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             # Aggregate events a previous owner committed but had not yet
             # written to their instance journals (ADR 0007).
             await materialiser.recover_from(stream_journal, tail.materialised, tail.next_position)
+        ctx = PartitionContext(
+            app=runtime.app,
+            settings=s,
+            index=index,
+            partition_id=pid,
+            partition_count=runtime.partition_count,
+            provider=runtime.provider,
+            stream=stream,
+            accept=runtime.accept,
+            partition_of=runtime.partition_of,
+            now=s.clock,
+        )
+        # Process steps in the home partition (ADR 0010, behind its switch):
+        # built before the writer, whose headers carry their watermarks.
+        homes = _HomeParts()
+        consumers = runtime.consumers
+        if consumers is not None and getattr(consumers, "home_steps_on", False):
+            homes.steps, homes.records = consumers.home_steps(
+                ctx,
+                homes,
+                record_limit=runtime.provider.limits.max_record_bytes,
+                materialise_delay=s.materialise_delay,
+                retry_max_delay=s.retry_max_delay,
+            )
+            # Steps the previous owner committed but had not written to their
+            # instance records, and outboxes it may not have dispatched.
+            for outbox in await homes.records.recover_from(
+                stream_journal,
+                materialised=(
+                    tail.next_position if tail.materialised is None else tail.materialised
+                ),
+                dispatched=tail.dispatched,
+                end=tail.next_position,
+            ):
+                homes.steps.redispatch(outbox.position, outbox.step)
         writer = StreamWriter(
             stream_journal,
             stream,
@@ -103,8 +147,10 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             record_limit=runtime.provider.limits.max_record_bytes,
             progress_interval=s.progress_interval,
             retry_max_delay=s.retry_max_delay,
-            watermark=materialiser.watermark,
+            watermark=homes.watermark(materialiser.watermark),
+            dispatched=None if homes.steps is None else homes.steps.dispatched,
         )
+        homes.writer = writer
         inbox_writer = runtime.inbox_writers[index]
         lost = False
         try:
@@ -126,9 +172,14 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                     aggregates=aggregates,
                     materialiser=materialiser,
                     backlog_limit=s.backlog_limit,
+                    deliveries=homes.sink(index, consumers),
                 )
                 await tg.start(materialiser.run)
                 await tg.start(writer.run)
+                if homes.steps is not None and homes.records is not None:
+                    await tg.start(homes.records.run)
+                    await tg.start(homes.steps.run)
+                    consumers.homes[index] = homes.steps
                 inbox_writer.listener = commands.notify
                 await tg.start(commands.run)
                 runtime.partitions[index] = commands
@@ -136,18 +187,6 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                 # inbox and the line above found no partition: read it once more.
                 commands.poke()
                 if runtime.consumers is not None:
-                    ctx = PartitionContext(
-                        app=runtime.app,
-                        settings=s,
-                        index=index,
-                        partition_id=pid,
-                        partition_count=runtime.partition_count,
-                        provider=runtime.provider,
-                        stream=stream,
-                        accept=runtime.accept,
-                        partition_of=runtime.partition_of,
-                        now=s.clock,
-                    )
                     await tg.start(runtime.consumers.run_partition, ctx)
         except BaseException as exc:
             lost, rest = _split_lost(exc)
@@ -168,6 +207,8 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
         finally:
             inbox_writer.listener = None
             runtime.partitions.pop(index, None)
+            if homes.steps is not None and consumers.homes.get(index) is homes.steps:
+                del consumers.homes[index]
             if not lost:
                 with anyio.move_on_after(s.shutdown_timeout, shield=True):
                     try:
@@ -175,7 +216,11 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                         # Derived state too, so a restart need not rebuild it,
                         # and a record saying so for the next owner.
                         await materialiser.flush()
-                        await writer.record_watermark(materialiser.covered)
+                        covered = materialiser.covered
+                        if homes.records is not None:
+                            await homes.records.flush()
+                            covered = min(covered, homes.records.watermark(writer.next_position))
+                        await writer.record_watermark(covered)
                     except Exception as exc:  # e.g. OwnershipLost: the next owner repairs
                         _log.info(
                             "application %s: partition %d: final stream flush skipped: %s",
@@ -187,6 +232,50 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             # Whatever is still queued was not committed: its local callers
             # fall back to the inbox.
             writer.close()
+
+
+class _HomeParts:
+    """A partition's process steps and instance records (ADR 0010), when switched on.
+
+    Stands in for the stream writer towards the steps (it is built after
+    them, since its headers carry their watermarks).
+    """
+
+    def __init__(self) -> None:
+        self.steps: Any = None
+        self.records: Any = None
+        self.writer: StreamWriter | None = None
+
+    def enqueue_step(self, step: ProcessStep, on_durable: Any = None) -> Publication:
+        assert self.writer is not None
+        return self.writer.enqueue_step(step, on_durable)
+
+    def watermark(self, aggregates: Callable[[int], int]) -> Callable[[int], int]:
+        """The materialised watermark: aggregate commands and, if on, process steps."""
+        if self.records is None:
+            return aggregates
+        records = self.records
+        return lambda position: min(aggregates(position), records.watermark(position))
+
+    def sink(self, index: int, consumers: Any) -> DeliverySink | None:
+        """What the partition's batch hands the deliveries it reads from its inbox to."""
+        if self.steps is None:
+            return None
+
+        def deliver(entry: InboxEntry, ack: Callable[[BaseException | None], None]) -> bool:
+            assert entry.source is not None
+            return bool(
+                consumers.inbox_delivery(
+                    index,
+                    entry.envelope,
+                    handler_key=entry.handler_key,
+                    instance_id=entry.instance_id,
+                    source=entry.source,
+                    ack=ack,
+                )
+            )
+
+        return deliver
 
 
 def _split_lost(exc: BaseException) -> tuple[bool, BaseException | None]:

@@ -34,7 +34,7 @@ from .envelope import Envelope, RoutedMessages
 from .logs import describe_error
 from .meta import load_partition_count
 from .owned_partition import run_owned_partition
-from .partitions import NodeContext, PartitionRunner, partition_id, partition_of
+from .partitions import NodeContext, PartitionRunner, instance_workload, partition_id, partition_of
 from .settings import EngineSettings
 from .streams import EventBus
 
@@ -127,6 +127,8 @@ class AppRuntime:
             )
             # Deadlines for a home partition owned elsewhere wake its owner.
             self._consumers.remote_wake = lambda index: self._wake_remote(index, "deadlines")
+            # Process deliveries for a home partition not running here (ADR 0010).
+            self._consumers.deliver_remote = self._deliver_to_inbox
         async with AsyncExitStack() as stack:
             for index in range(self.partition_count):
                 journal = await self.provider.journals.open(inbox_name(self.app_key, index))
@@ -166,6 +168,24 @@ class AppRuntime:
                 if s.idempotency_retention is not None:
                     tg.start_soon(self._prune_markers, s.idempotency_retention)
                 task_status.started()
+
+    async def _deliver_to_inbox(self, delivery: Any) -> None:
+        """Append a process delivery (``process_deliveries.Delivery``) to its home's inbox.
+
+        One write, grouped with concurrent appends, and a wake-up for the
+        owner (the inbox writer's listener when it runs here). Offers over the
+        node transport, which would save the write, are a later optimisation.
+        """
+        index = self.partition_of(instance_workload(delivery.handler_key, delivery.instance_id))
+        entry = InboxEntry(
+            envelope=delivery.envelope,
+            handler_key=delivery.handler_key,
+            instance_id=delivery.instance_id,
+            source=delivery.stream,
+        )
+        await self.inbox_writers[index].submit([entry])
+        if self.router is not None and index not in self.partitions:
+            self._wake_remote(index, "inbox")
 
     async def _prune_markers(self, retention: float) -> None:
         # One node prunes: the owner of partition 0 (ownership moves it on failover).

@@ -82,7 +82,7 @@ from .pending import CompletedCommands, Location, PendingCommand, Waiter
 from .poison import HandlerBug
 from .retries import Retries
 
-__all__ = ["PartitionCommands"]
+__all__ = ["DeliverySink", "PartitionCommands"]
 
 _log = logging.getLogger("runkit.engine.commands.batches")
 _meter = metrics.get_meter("runkit.engine")
@@ -94,6 +94,12 @@ INBOX_POLL_INTERVAL = 1.0
 MAX_PENDING_COMMANDS = 10_000
 #: Command IDs remembered per partition as done.
 COMPLETED_CACHE = 100_000
+
+#: Takes an inbox entry holding a process delivery (``InboxEntry.source``)
+#: into the partition's process steps (ADR 0010); the callback is told once it
+#: is durable (``None``) or will not be here. ``False``: no process steps run
+#: here for its handler.
+DeliverySink = Callable[[InboxEntry, Callable[[BaseException | None], None]], bool]
 
 
 class PartitionCommands:
@@ -117,6 +123,7 @@ class PartitionCommands:
         aggregates: AggregateInstances,
         materialiser: Materialiser,
         backlog_limit: int = 1000,
+        deliveries: DeliverySink | None = None,
     ) -> None:
         self._backlog = Backlog[PendingCommand](backlog_limit, admit=self._admit)
         self._app = app
@@ -126,6 +133,7 @@ class PartitionCommands:
         self._bus = bus
         self._aggregates = aggregates
         self._materialiser = materialiser
+        self._deliveries = deliveries
         # Unmarked commands are committed even when they published nothing. Records
         # list them in command_ids too now; those of earlier releases only as unmarked.
         self._completed = CompletedCommands(
@@ -503,6 +511,9 @@ class PartitionCommands:
                 # nothing leaves no trace in a root rebuilt meanwhile.)
                 self._duplicate(item, None)
                 continue
+            if entry.source is not None:
+                self._deliver(item)
+                continue
             handler = item.handler
             if handler is None or handler.disabled:
                 reason = (
@@ -514,6 +525,24 @@ class PartitionCommands:
                 self._handle_aggregate(item, handler)
             else:
                 self._integrations.handle(item, handler)
+
+    def _deliver(self, item: PendingCommand) -> None:
+        """A process delivery read from the inbox: to the partition's process steps."""
+        if self._deliveries is not None and self._deliveries(
+            item.entry, functools.partial(self._delivered, item)
+        ):
+            return
+        reason = (
+            f"process {item.entry.handler_key} takes no deliveries on this node (disabled, "
+            f"no longer part of application {self._app.identity}, or process steps off)"
+        )
+        self._start(self._retries.poison, item, reason, 0)
+
+    def _delivered(self, item: PendingCommand, error: BaseException | None) -> None:
+        # The step holding it is durable (or it was done already); on an error
+        # the partition is stopping and the next owner reads the entry again.
+        if error is None:
+            self._finish(item, note=False)
 
     def _start(self, fn: Callable[..., object], *args: object) -> None:
         assert self._tg is not None
@@ -643,7 +672,12 @@ class PartitionCommands:
             self._finish(item, conclusive=conclusive, always_note=True)
 
     def _finish(
-        self, item: PendingCommand, *, conclusive: bool = True, always_note: bool = False
+        self,
+        item: PendingCommand,
+        *,
+        conclusive: bool = True,
+        always_note: bool = False,
+        note: bool = True,
     ) -> None:
         if item.finished:
             return
@@ -652,7 +686,10 @@ class PartitionCommands:
         # Kept for late subscribers too when read from an inbox: a caller's
         # observers subscribe once its command is appended (an integration
         # command, an offer that fell back), and the owner may be quicker.
-        if always_note or item.position >= 0 or self._bus.has_subscribers(correlation_id):
+        # Not for a process delivery: no caller observes it as a command.
+        if note and (
+            always_note or item.position >= 0 or self._bus.has_subscribers(correlation_id)
+        ):
             self._bus.note(CommandDone(correlation_id, item.command_id, conclusive))
         self._callers.settle(item, None)
         self._backlog.count -= 1

@@ -86,6 +86,11 @@ class InboxEntry(msgspec.Struct, frozen=True, kw_only=True):
             partition's owner went unanswered (made at this time): the owner
             may have committed it. An owner that does not know the command
             looks for it in the stream records written since (ADR 0002).
+        source: Set on a process *delivery* (ADR 0010), not a command: the
+            event ``envelope`` at this (stream ID, offset), for the process
+            instance ``instance_id`` of ``handler_key``, homed on this
+            partition. It is named by ``ids.delivery_id``, not by the event's
+            ID, and handled by the partition's process steps.
     """
 
     envelope: Envelope
@@ -94,6 +99,7 @@ class InboxEntry(msgspec.Struct, frozen=True, kw_only=True):
     keyed: bool = False
     unconfirmed: UnconfirmedAppend | None = None
     offered_at: datetime | None = None
+    source: tuple[str, int] | None = None
 
 
 class InboxRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -36,11 +36,19 @@ import dogma
 from ... import rendezvous
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
 from ..backoff import jitter
+from ..envelope import Envelope, decode
 from ..logs import RateLimitedLog, describe_error
-from ..partitions import NodeContext, PartitionContext
+from ..partitions import NodeContext, PartitionContext, instance_workload, partition_id
 from ..settings import EngineSettings
+from ..streams import OwnershipLost
+from . import process_homes
 from .consumers_support import ConsumerOptions
 from .deadlines import UNKNOWN_HANDLER_GRACE, DeadlineEntry, DeadlineTimer
+from .process_deliveries import Delivery
+from .process_homes import Ack, HomeSteps
+from .process_instances import ProcessRecord
+from .process_records import ProcessRecords
+from .process_routing import run_routing
 from .processes import ProcessRunner
 from .projections import (
     ProjectionControl,
@@ -121,6 +129,12 @@ class EventConsumers:
         self._locks: dict[str, anyio.Lock] = {}
         self._timers: dict[int, DeadlineTimer] = {}
         self._compact_failing: set[str] = set()  # handler keys whose last compact() failed
+        # ADR 0010 (behind ``process_homes.HOME_STEPS``): the home partitions
+        # running on this node, by index, and where deliveries for the others go.
+        self.home_steps_on = process_homes.HOME_STEPS and bool(self._processes)
+        self.homes: dict[int, HomeSteps] = {}
+        self.deliver_remote: Callable[[Delivery], Awaitable[None]] | None = None
+        self._partition_of: Callable[[str], int] | None = None
 
     # -- per partition --
 
@@ -135,6 +149,7 @@ class EventConsumers:
         conditional operation and every step is repeatable.
         """
         timer: DeadlineTimer | None = None
+        self._partition_of = ctx.partition_of
         async with anyio.create_task_group() as tg:
             try:
                 if self._processes:
@@ -149,7 +164,11 @@ class EventConsumers:
                     self._timers[ctx.index] = timer
                     await tg.start(timer.run)
                 for runner in self._processes.values():
-                    tg.start_soon(runner.run, ctx, name=f"process {runner.key} p{ctx.index}")
+                    name = f"process {runner.key} p{ctx.index}"
+                    if self.home_steps_on:
+                        tg.start_soon(run_routing, runner, ctx, self, self.options, name=name)
+                    else:
+                        tg.start_soon(runner.run, ctx, name=name)
                 for config in self._projections:
                     tg.start_soon(self._run_projection, ctx, config)
                 task_status.started()
@@ -182,6 +201,148 @@ class EventConsumers:
             control = self._controls[handler_key] = ProjectionControl()
         return control
 
+    # -- process steps in the home partition (ADR 0010) --
+
+    def home_steps(
+        self,
+        ctx: PartitionContext,
+        writer: process_homes.StepWriter,
+        *,
+        record_limit: int,
+        materialise_delay: float,
+        retry_max_delay: float,
+    ) -> tuple[HomeSteps, ProcessRecords]:
+        """The process steps of partition *ctx* and its derived instance records.
+
+        The caller (the partition's owner) runs both, recovers the records
+        before the partition takes work, and registers the steps with
+        ``homes`` once it does.
+        """
+
+        self._partition_of = ctx.partition_of
+
+        async def dispatch_outbox(
+            handler_key: str, instance_id: str, record: ProcessRecord
+        ) -> None:
+            await self._processes[handler_key].dispatch_record(ctx, instance_id, record)
+
+        records = ProcessRecords(
+            ctx.provider,
+            self.app.identity.key,
+            self._processes,
+            delay=materialise_delay,
+            retry_max_delay=retry_max_delay,
+            dispatch_outbox=dispatch_outbox,
+        )
+        steps = HomeSteps(
+            ctx,
+            writer,
+            self._processes,
+            load=records.load,
+            options=self.options,
+            record_limit=record_limit,
+            stream_partitions={
+                partition_id(self.app.identity.key, i): i for i in range(ctx.partition_count)
+            },
+            committed=records.committed,
+        )
+        return steps, records
+
+    def submit_local(self, delivery: Delivery, ack: Ack) -> bool:
+        """Hand *delivery* to its home partition if it runs here (``process_routing``)."""
+        runner = self._processes.get(delivery.handler_key)
+        if runner is None:
+            return False
+        home = self.homes.get(self._home_of(delivery))
+        if home is None:
+            return False
+        try:
+            home.submit(delivery, ack)
+        except OwnershipLost:
+            return False
+        return True
+
+    async def submit_to_inbox(self, delivery: Delivery) -> None:
+        """Append *delivery* to its home partition's inbox and wake the owner."""
+        if self.deliver_remote is None:
+            # No engine around this consumer set (tests): wait for the home to run here.
+            home_of = self._home_of(delivery)
+            while True:
+                if await self._submit_and_wait(self.homes.get(home_of), delivery):
+                    return
+                await anyio.sleep(0.01)
+        await self.deliver_remote(delivery)
+
+    @staticmethod
+    async def _submit_and_wait(home: HomeSteps | None, delivery: Delivery) -> bool:
+        """Submit *delivery* to *home* and wait until it is durable (``False``: it was not)."""
+        if home is None:
+            return False
+        done = anyio.Event()
+        result: list[BaseException | None] = []
+
+        def ack(error: BaseException | None) -> None:
+            result.append(error)
+            done.set()
+
+        try:
+            home.submit(delivery, ack)
+        except OwnershipLost:
+            return False
+        await done.wait()
+        return result[0] is None
+
+    def inbox_delivery(
+        self,
+        index: int,
+        envelope: Envelope,
+        *,
+        handler_key: str,
+        instance_id: str | None,
+        source: tuple[str, int],
+        ack: Ack,
+    ) -> bool:
+        """A delivery read from partition *index*'s inbox: into its steps (``False``: none here)."""
+        home = self.homes.get(index)
+        runner = self._processes.get(handler_key)
+        if home is None or runner is None or instance_id is None:
+            return False
+        stream_id, offset = source
+        delivery = Delivery.of_event(
+            handler_key,
+            instance_id,
+            envelope,
+            stream_id=stream_id,
+            offset=offset,
+            recorded_at=envelope.created_at,
+        )
+        try:
+            home.submit(delivery, ack)
+        except OwnershipLost:
+            return False
+        return True
+
+    def _home_of(self, delivery: Delivery) -> int:
+        assert self._partition_of is not None  # set by the first partition started
+        return self._partition_of(instance_workload(delivery.handler_key, delivery.instance_id))
+
+    async def _fire_home(self, ctx: PartitionContext, entry: DeadlineEntry) -> None:
+        """Fire a due deadline as a delivery into its home partition's steps (this one)."""
+        runner = self._processes[entry.handler_key]
+        try:
+            envelope = decode(entry.envelope)
+        except Exception:
+            await runner.fire_deadline(ctx, entry)  # cannot be decoded: poisoned there
+            return
+        delivery = Delivery.of_deadline(
+            entry.handler_key, entry.instance_id, envelope, scheduled_for=entry.scheduled_for
+        )
+        # Not running yet, or stopping (then the timer stops with it): again shortly.
+        while True:
+            if await self._submit_and_wait(self.homes.get(ctx.index), delivery):
+                return
+            await anyio.sleep(0.01)
+
     def _fire(self, ctx: PartitionContext) -> Callable[[DeadlineEntry], Awaitable[None]]:
         async def fire(entry: DeadlineEntry) -> None:
             runner = self._processes.get(entry.handler_key)
@@ -199,7 +360,10 @@ class EventConsumers:
                     ctx.index,
                 )
                 return
-            await runner.fire_deadline(ctx, entry)
+            if self.home_steps_on:
+                await self._fire_home(ctx, entry)
+            else:
+                await runner.fire_deadline(ctx, entry)
 
         return fire
 

@@ -22,19 +22,10 @@ from datetime import datetime
 import attrs
 
 from ..envelope import Envelope
-from ..ids import derived_id
+from ..ids import delivery_id
 from ..partitions import instance_workload, partition_of
 
 __all__ = ["Delivery", "delivery_id", "home_partition"]
-
-
-def delivery_id(cause_id: str, handler_key: str) -> str:
-    """The ID of the delivery of message *cause_id* to process *handler_key*.
-
-    The same event may be delivered to several process handlers (one
-    delivery each), never to two instances of one handler.
-    """
-    return derived_id(cause_id, f"{handler_key}/delivery")
 
 
 def home_partition(handler_key: str, instance_id: str, partition_count: int) -> int:

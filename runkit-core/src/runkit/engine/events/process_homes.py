@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -65,8 +66,10 @@ if TYPE_CHECKING:
 __all__ = ["HOME_STEPS", "Ack", "HomeHandler", "HomeSteps", "StepWriter"]
 
 #: The internal switch (ADR 0010 plan): process steps in the home partition.
-#: Off until the whole path is built; tests may turn it on.
-HOME_STEPS = False
+#: Off until the whole path is built. Tests turn it on by patching it (read when
+#: an engine builds its consumers), or a whole run by setting the environment
+#: variable ``RUNKIT_INTERNAL_HOME_STEPS=1``. Not a public setting.
+HOME_STEPS = os.environ.get("RUNKIT_INTERNAL_HOME_STEPS") == "1"
 
 _log = logging.getLogger("runkit.engine.events.process_homes")
 

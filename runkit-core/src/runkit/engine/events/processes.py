@@ -516,6 +516,12 @@ class ProcessRunner:
             root.unmarshal_binary(data)
         return root
 
+    async def dispatch_record(
+        self, ctx: PartitionContext, instance_id: str, record: ProcessRecord
+    ) -> None:
+        """Dispatch the outbox of a record written by the ADR 0006 design (found by a load)."""
+        await self._outbox.dispatch(ctx, instance_id, record)
+
     async def dispatch_step(
         self, ctx: PartitionContext, instance_id: str, step: ProcessStep
     ) -> None:

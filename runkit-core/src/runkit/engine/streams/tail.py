@@ -34,6 +34,8 @@ class StreamTail:
             committed in the stream (with their events, if any).
         materialised: The last record's materialised watermark (``None``:
             every aggregate event is in its instance journal).
+        dispatched: The last record's dispatched watermark (``None``: no
+            process step's outbox waits to be dispatched, ADR 0010).
         unmarked: Keyed commands found committed whose idempotency markers
             may be missing (the new owner writes them).
         scan_from: Where the scan had to read back to (the new owner's
@@ -58,6 +60,7 @@ class StreamTail:
     inbox_end: int = 0
     poisoned: frozenset[tuple[int, str]] = frozenset()
     locations: dict[str, Location] = attrs.field(factory=dict, eq=False)
+    dispatched: int | None = None
 
 
 async def read_tail(journal: Journal) -> StreamTail:
@@ -107,6 +110,7 @@ async def read_tail(journal: Journal) -> StreamTail:
         last.inbox_end,
         frozenset(poisoned),
         locations,
+        last.dispatched,
     )
 
 
