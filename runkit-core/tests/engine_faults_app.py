@@ -615,12 +615,18 @@ class Stores:
         return {p: partition_id(APP_KEY, p) for p in range(self.partition_count)}
 
     def commands(self) -> dict[str, Envelope]:
-        """Every accepted command by ID (the first inbox copy of each)."""
+        """Every accepted command by ID (the first inbox copy of each).
+
+        Not the process deliveries an inbox may hold too (ADR 0010: an event
+        for a process instance homed on the partition, ``InboxEntry.source``):
+        they are not commands, and their effects are checked as the process's.
+        """
         out: dict[str, Envelope] = {}
         for records in self.inbox.values():
             for _, record in records:
                 for entry in record.entries:
-                    out.setdefault(entry.envelope.message_id, entry.envelope)
+                    if entry.source is None:
+                        out.setdefault(entry.envelope.message_id, entry.envelope)
         return out
 
     def keyed(self) -> set[str]:

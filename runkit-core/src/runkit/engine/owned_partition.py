@@ -174,6 +174,8 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                     backlog_limit=s.backlog_limit,
                     deliveries=homes.sink(index, consumers),
                 )
+                if homes.steps is not None:
+                    homes.steps.behind = commands.delivery_pending
                 await tg.start(materialiser.run)
                 await tg.start(writer.run)
                 if homes.steps is not None and homes.records is not None:

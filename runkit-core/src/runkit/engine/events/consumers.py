@@ -45,7 +45,7 @@ from . import process_homes
 from .consumers_support import ConsumerOptions
 from .deadlines import UNKNOWN_HANDLER_GRACE, DeadlineEntry, DeadlineTimer
 from .process_deliveries import Delivery
-from .process_homes import Ack, HomeSteps
+from .process_homes import Ack, DeliveriesBehind, HomeSteps
 from .process_instances import ProcessRecord
 from .process_records import ProcessRecords
 from .process_routing import run_routing
@@ -258,7 +258,7 @@ class EventConsumers:
             return False
         try:
             home.submit(delivery, ack)
-        except OwnershipLost:
+        except (OwnershipLost, DeliveriesBehind):
             return False
         return True
 
@@ -286,7 +286,7 @@ class EventConsumers:
             done.set()
 
         try:
-            home.submit(delivery, ack)
+            home.submit(delivery, ack, in_order=True)
         except OwnershipLost:
             return False
         await done.wait()
@@ -317,9 +317,9 @@ class EventConsumers:
             recorded_at=envelope.created_at,
         )
         try:
-            home.submit(delivery, ack)
-        except OwnershipLost:
-            return False
+            home.submit(delivery, ack, in_order=True)
+        except OwnershipLost as stopped:
+            ack(stopped)  # stopping: the next owner reads the entry again
         return True
 
     def _home_of(self, delivery: Delivery) -> int:

@@ -63,7 +63,7 @@ from .process_steps import StepFailed
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
 
-__all__ = ["HOME_STEPS", "Ack", "HomeHandler", "HomeSteps", "StepWriter"]
+__all__ = ["HOME_STEPS", "Ack", "DeliveriesBehind", "HomeHandler", "HomeSteps", "StepWriter"]
 
 #: The internal switch (ADR 0010 plan): process steps in the home partition.
 #: Off until the whole path is built. Tests turn it on by patching it (read when
@@ -80,6 +80,15 @@ Load = Callable[[str, str], Awaitable[InstanceState]]
 #: Told of each durable step: (handler key, instance ID, the instance's durable
 #: state including it, the stream position of its record).
 Committed = Callable[[str, str, InstanceState, int], None]
+
+
+class DeliveriesBehind(Exception):
+    """Deliveries for the instance wait in the home partition's inbox: use the inbox too.
+
+    An instance skips an event at or below its recorded position for the
+    event's stream, so a delivery handed over in memory must never overtake
+    an earlier one of the same stream that went through the inbox.
+    """
 
 
 class HomeHandler(Protocol):
@@ -158,6 +167,9 @@ class HomeSteps:
         self._max_step = max_command_bytes(record_limit)
         self._stream_partitions = stream_partitions or {}
         self._committed = committed
+        #: Whether deliveries for (handler key, instance ID) are in the inbox,
+        #: read or appended and not yet submitted (set by the partition's owner).
+        self.behind: Callable[[str, str], bool] | None = None
         self._instances: OrderedDict[tuple[str, str], _Instance] = OrderedDict()
         self._limiter = anyio.CapacityLimiter(options.process_concurrency)
         self._tg: TaskGroup | None = None
@@ -168,16 +180,26 @@ class HomeSteps:
 
     # -- what others call ------------------------------------------------------
 
-    def submit(self, delivery: Delivery, ack: Ack) -> None:
+    def submit(self, delivery: Delivery, ack: Ack, *, in_order: bool = False) -> None:
         """Queue *delivery* for its instance; *ack* is called once it is durable.
 
-        Never blocks. Raises ``OwnershipLost`` if the partition has stopped
-        (the submitter then takes another path: the inbox).
+        Never blocks. *in_order*: the delivery comes from this partition's
+        inbox or deadline timer, in order. Otherwise (a consumer's, in
+        memory) it must not overtake deliveries of the instance still in the
+        inbox: ``DeliveriesBehind`` is raised, and the submitter uses the
+        inbox too. Raises ``OwnershipLost`` if the partition has stopped (the
+        submitter then takes another path: the inbox).
         """
         if self._stopped is not None or self._tg is None:
             raise OwnershipLost("the home partition is not running")
         if delivery.handler_key not in self._handlers:
             raise ValueError(f"no process handler {delivery.handler_key} on this partition")
+        if (
+            not in_order
+            and self.behind is not None
+            and self.behind(delivery.handler_key, delivery.instance_id)
+        ):
+            raise DeliveriesBehind(delivery.instance_id)
         key = (delivery.handler_key, delivery.instance_id)
         inst = self._instances.get(key)
         if inst is None:

@@ -19,7 +19,9 @@ durable at home, and the instance's committed positions skip what was.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
@@ -182,7 +184,16 @@ def _delivery(handler_key: str, instance_id: str, event: StreamEvent) -> Deliver
 
 
 class _Sender:
-    """Sends deliveries home: locally if this node runs the home, else through its inbox."""
+    """Sends deliveries home: in memory if this node runs the home, else through its inbox.
+
+    Order matters per instance: the instance skips an event at or below its
+    position for the event's stream, so a delivery must never overtake an
+    earlier one of the same stream. So inbox appends go one after another,
+    in order, from one task, and while an instance has a delivery on its way
+    to the inbox its later ones go that way too (after the append, the home
+    partition itself keeps later in-memory deliveries behind it:
+    ``HomeSteps.behind``).
+    """
 
     def __init__(
         self,
@@ -198,30 +209,88 @@ class _Sender:
         self._tg = tg
         self._options = options
         self.stopped = False
+        self._to_inbox: deque[Delivery] = deque()
+        # Instance -> its deliveries queued for the inbox and not appended yet.
+        self._inboxed: dict[str, int] = {}
+        # Instance -> its deliveries handed over in memory and not acknowledged.
+        self._local: dict[str, int] = {}
+        # Instance -> deliveries for the inbox waiting behind its in-memory ones
+        # (their home stopped: those may still fail and go to the inbox first).
+        self._held: dict[str, list[Delivery]] = {}
+        self._sending = False
 
     def send(self, delivery: Delivery) -> None:
         assert delivery.stream is not None
-        offset = delivery.stream[1]
+        instance_id = delivery.instance_id
+        if instance_id in self._held:
+            self._held[instance_id].append(delivery)  # behind those that failed at home
+        elif instance_id in self._inboxed:
+            self._enqueue_for_inbox(delivery)
+        elif self._route.submit_local(delivery, functools.partial(self._acked, delivery)):
+            self._local[instance_id] = self._local.get(instance_id, 0) + 1
+        elif instance_id in self._local:
+            self._held[instance_id] = [delivery]
+        else:
+            self._enqueue_for_inbox(delivery)
 
-        def ack(error: BaseException | None) -> None:
-            # In the home partition's writer task: must not block.
-            if error is None:
-                self._inflight.done(offset)
-            elif not self.stopped:
-                # The home stopped before committing it: the inbox path.
-                self._tg.start_soon(self._via_inbox, delivery)
+    def _acked(self, delivery: Delivery, error: BaseException | None) -> None:
+        """A delivery handed over in memory is durable at home, or will not be (*error*).
 
-        if not self._route.submit_local(delivery, ack):
-            self._runner.forget_routed(delivery.envelope)  # handled elsewhere
-            self._tg.start_soon(self._via_inbox, delivery)
-
-    async def _via_inbox(self, delivery: Delivery) -> None:
+        Runs in the home partition's writer task: must not block. Those that
+        failed (their home stopped) go to the inbox once none of the
+        instance's is outstanding, in stream order, with those held behind
+        them: a stopping home fails its queued deliveries before the ones in
+        its last append.
+        """
         assert delivery.stream is not None
+        instance_id = delivery.instance_id
+        left = self._local[instance_id] - 1
+        if left:
+            self._local[instance_id] = left
+        else:
+            del self._local[instance_id]
+        if error is None:
+            self._inflight.done(delivery.stream[1])
+        elif not self.stopped:
+            self._held.setdefault(instance_id, []).append(delivery)
+        if not left and not self.stopped:
+            held = self._held.pop(instance_id, [])
+            held.sort(key=lambda d: d.stream[1] if d.stream else 0)
+            for waiting in held:
+                self._enqueue_for_inbox(waiting)
+
+    def _enqueue_for_inbox(self, delivery: Delivery) -> None:
+        self._runner.forget_routed(delivery.envelope)  # handled through the inbox
+        instance_id = delivery.instance_id
+        self._inboxed[instance_id] = self._inboxed.get(instance_id, 0) + 1
+        self._to_inbox.append(delivery)
+        if not self._sending:
+            self._sending = True
+            self._tg.start_soon(self._send_to_inbox)
+
+    async def _send_to_inbox(self) -> None:
+        """Append queued deliveries to their homes' inboxes, one after another, in order."""
+        try:
+            while self._to_inbox:
+                delivery = self._to_inbox[0]
+                await self._append(delivery)
+                self._to_inbox.popleft()
+                left = self._inboxed[delivery.instance_id] - 1
+                if left:
+                    self._inboxed[delivery.instance_id] = left
+                else:
+                    del self._inboxed[delivery.instance_id]
+                assert delivery.stream is not None
+                self._inflight.done(delivery.stream[1])
+        finally:
+            self._sending = False
+
+    async def _append(self, delivery: Delivery) -> None:
         failures = 0
         while True:
             try:
                 await self._route.submit_to_inbox(delivery)
-                break
+                return
             except PersistenceError as exc:
                 failures += 1
                 process_store_log.warning(
@@ -231,4 +300,3 @@ class _Sender:
                     describe_error(exc),
                 )
                 await sleep_backoff(self._options, failures)
-        self._inflight.done(delivery.stream[1])
