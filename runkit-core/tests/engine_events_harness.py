@@ -31,7 +31,7 @@ from runkit.engine.streams import EventBus, PartitionStream, StreamWriter, read_
 from runkit.persistence import Provider
 from runkit_memory import MemoryProvider
 
-__all__ = ["CommandSink", "FakeClock", "Harness", "harness", "wait_until"]
+__all__ = ["CommandSink", "FakeClock", "Harness", "harness", "start_partition", "wait_until"]
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -198,6 +198,30 @@ async def harness(
             writers.append(writer)
         yield Harness(config, settings, provider, clock, bus, streams, writers)
         tg.cancel_scope.cancel()
+
+
+async def start_partition(
+    consumers: Any, h: Harness, index: int, tg: Any, provider: Provider | None = None
+) -> None:
+    """Start *consumers*' work on partition *index*, as ``run_owned_partition`` does.
+
+    With process steps in the home partition (ADR 0010, its internal switch
+    on) that is the partition's ``HomeSteps`` and derived process records
+    too, on the harness's stream writer, before the consumers.
+    """
+    ctx = h.ctx(index, provider)
+    if getattr(consumers, "home_steps_on", False):
+        steps, records = consumers.home_steps(
+            ctx,
+            h.writers[index],
+            record_limit=1 << 20,
+            materialise_delay=0.0,
+            retry_max_delay=0.01,
+        )
+        await tg.start(records.run)
+        await tg.start(steps.run)
+        consumers.homes[index] = steps
+    await tg.start(consumers.run_partition, ctx)
 
 
 async def wait_until(

@@ -37,7 +37,7 @@ from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timi
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import CommandSink, Harness, harness, wait_until
+from engine_events_harness import CommandSink, Harness, harness, start_partition, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a2000000-0000-4000-8000-000000000001"
@@ -254,7 +254,7 @@ class App:
 async def start(h: Harness, tg: Any, *, provider: Any = None) -> Any:
     consumers = partition_consumers(h.app, h.settings, options=OPTIONS)
     for i in range(h.partitions):
-        await tg.start(consumers.run_partition, h.ctx(i, provider))
+        await start_partition(consumers, h, i, tg, provider)
     return consumers
 
 
@@ -691,7 +691,7 @@ async def test_due_deadlines_wake_the_timer_without_waiting_for_a_rescan() -> No
     async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
         consumers = partition_consumers(h.app, h.settings, options=options)
         for i in range(h.partitions):
-            await tg.start(consumers.run_partition, h.ctx(i))
+            await start_partition(consumers, h, i, tg)
         await h.publish(Step("a", 1, schedule_in=0), partition=1)
         await wait_until(lambda: len(p.deadlines) == 1, timeout=2)
         tg.cancel_scope.cancel()

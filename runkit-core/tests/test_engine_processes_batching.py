@@ -31,7 +31,7 @@ from runkit.engine.partitions import instance_workload, partition_of
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import CommandSink, Harness, harness, wait_until
+from engine_events_harness import CommandSink, Harness, harness, start_partition, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a6000000-0000-4000-8000-000000000001"
@@ -185,7 +185,7 @@ async def start(
     consumers = partition_consumers(h.app, h.settings, options=options)
     provider = FaultyProvider(h.provider, plan)
     for i in range(h.partitions) if partitions is None else partitions:
-        await tg.start(consumers.run_partition, h.ctx(i, provider))
+        await start_partition(consumers, h, i, tg, provider)
     return consumers
 
 

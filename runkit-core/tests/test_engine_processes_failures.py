@@ -25,7 +25,7 @@ from runkit.engine.events.process_stores import list_poisoned_events, process_st
 from runkit.persistence import Provider
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import CommandSink, Harness, harness, wait_until
+from engine_events_harness import CommandSink, Harness, harness, start_partition, wait_until
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a9900000-0000-4000-8000-000000000001"
@@ -125,7 +125,7 @@ class App:
 async def start(h: Harness, tg: Any, options: ConsumerOptions = BRISK) -> None:
     consumers = partition_consumers(h.app, h.settings, options=options)
     for i in range(h.partitions):
-        await tg.start(consumers.run_partition, h.ctx(i))
+        await start_partition(consumers, h, i, tg)
 
 
 async def record(h: Harness, instance: str) -> ProcessRecord:

@@ -265,7 +265,12 @@ class HomeSteps:
         failures = 0
         while True:
             try:
-                state = await self._load(inst.handler_key, inst.instance_id)
+                try:
+                    state = await self._load(inst.handler_key, inst.instance_id)
+                except LimitExceeded:
+                    # An instance ID the store cannot key was never stored: its
+                    # deliveries are refused (poisoned) by ``_check_limits``.
+                    state = InstanceState()
                 inst.root = handler.root_from(state.root)
                 inst.state = inst.durable = state
                 return
@@ -333,11 +338,35 @@ class HomeSteps:
             inst.root = handler.root_from(inst.state.root)
             raise
         step = handled.step
-        if step is not None and step.size() > self._max_step:
-            # The same on every attempt: retried alone, then poisoned.
-            inst.root = handler.root_from(inst.state.root)
-            raise LimitExceeded("process step", step.size(), self._max_step)
+        if step is not None:
+            try:
+                self._check_limits(inst, step, handled.state)
+            except LimitExceeded:
+                # The same on every attempt: retried alone, then poisoned.
+                inst.root = handler.root_from(inst.state.root)
+                raise
         self._commit(inst, step, handled.state, [ack for _, ack in items])
+
+    def _check_limits(self, inst: _Instance, step: ProcessStep, state: InstanceState) -> None:
+        """Refuse a step whose record, or whose instance's derived record, the store cannot hold.
+
+        Checked before the commit: the derived record is written behind the
+        stream, where a refusal could only be retried for ever.
+        """
+        limits = self._ctx.provider.limits
+        key = len(inst.instance_id.encode())
+        if key > limits.max_key_bytes:
+            raise LimitExceeded("key", key, limits.max_key_bytes)  # as the store says it
+        if step.size() > self._max_step:
+            raise LimitExceeded("process step", step.size(), self._max_step)
+        record = (
+            64
+            + len(state.root or b"")
+            + sum(48 + len(stream_id) for stream_id in state.positions)
+            + sum(40 + len(d) for d in state.pending)
+        )
+        if record > limits.max_value_bytes:
+            raise LimitExceeded("process instance record", record, limits.max_value_bytes)
 
     async def _one(
         self, inst: _Instance, item: tuple[Delivery, Ack], *, failed: Exception | None = None
