@@ -37,7 +37,14 @@ from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timi
 from runkit_memory import MemoryProvider
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import CommandSink, Harness, harness, start_partition, wait_until
+from engine_events_harness import (
+    CommandSink,
+    Harness,
+    adr0006_only,
+    harness,
+    start_partition,
+    wait_until,
+)
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a2000000-0000-4000-8000-000000000001"
@@ -779,6 +786,7 @@ FAULTS = [
 ]
 
 
+@adr0006_only
 @pytest.mark.parametrize(("timing", "op", "nth"), FAULTS)
 async def test_effects_are_exactly_once_under_write_faults(
     timing: Timing, op: str, nth: int
@@ -841,6 +849,7 @@ async def test_two_nodes_owning_the_same_partitions_still_take_effect_once() -> 
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_a_stuck_outbox_does_not_block_other_instances_and_is_kept() -> None:
     p = Process()
 
@@ -963,9 +972,7 @@ async def test_strictly_ordered_when_process_concurrency_is_one() -> None:
         anyio.create_task_group() as tg,
     ):
         await h.publish(*(Step(f"i{n}", n) for n in range(10)))
-        await tg.start(
-            partition_consumers(h.app, h.settings, options=options).run_partition, h.ctx(0)
-        )
+        await start_partition(partition_consumers(h.app, h.settings, options=options), h, 0, tg)
         await wait_until(lambda: len(order) == 10)
         assert order == list(range(10))
         tg.cancel_scope.cancel()
@@ -996,7 +1003,7 @@ async def test_checkpoint_never_passes_an_event_waiting_for_a_slot() -> None:
 
         await h.publish(Step("a", 0), Step("b", 1))
         consumers = partition_consumers(h.app, h.settings, options=options)
-        await tg.start(consumers.run_partition, h.ctx(0))
+        await start_partition(consumers, h, 0, tg)
         await anyio.sleep(0.02)  # b waits for a's slot
         gates["a"].set()
         await wait_until(lambda: _eq(saved(), 1))
@@ -1007,6 +1014,7 @@ async def test_checkpoint_never_passes_an_event_waiting_for_a_slot() -> None:
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_a_failing_deadline_is_poisoned_and_the_timer_moves_on() -> None:
     p = Process()
     original = p.handle_deadline

@@ -31,7 +31,14 @@ from runkit.engine.partitions import instance_workload, partition_of
 from runkit.testing.faults import AFTER, BEFORE, FaultPlan, FaultyProvider, Timing
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import CommandSink, Harness, harness, start_partition, wait_until
+from engine_events_harness import (
+    CommandSink,
+    Harness,
+    adr0006_only,
+    harness,
+    start_partition,
+    wait_until,
+)
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a6000000-0000-4000-8000-000000000001"
@@ -236,6 +243,7 @@ async def test_a_cached_instance_handles_an_event_without_reading_its_record() -
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_events_of_one_instance_in_one_stream_record_are_committed_with_one_write() -> None:
     p = Process()
     plan = CountingPlan()
@@ -258,6 +266,7 @@ async def test_events_of_one_instance_in_one_stream_record_are_committed_with_on
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_the_dispatched_outbox_is_dropped_by_the_next_commit_not_by_its_own_write() -> None:
     p = Process()
     plan = CountingPlan()
@@ -275,6 +284,7 @@ async def test_the_dispatched_outbox_is_dropped_by_the_next_commit_not_by_its_ow
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_an_idle_or_ended_instance_has_its_outbox_cleared_once() -> None:
     p = Process()
     plan = CountingPlan()
@@ -296,6 +306,7 @@ async def test_an_idle_or_ended_instance_has_its_outbox_cleared_once() -> None:
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 @pytest.mark.parametrize("timing", [BEFORE, AFTER], ids=["not-written", "written"])
 async def test_a_stopping_consumer_retries_a_failed_clear(timing: Timing) -> None:
     # The partition stops (lost, or restarted after a conflict) while an idle
@@ -338,6 +349,7 @@ async def test_a_commit_whose_response_is_lost_is_dispatched_once() -> None:
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_a_crash_between_commit_and_dispatch_dispatches_once_after_restart() -> None:
     p = Process()
     log = AcceptLog()
@@ -371,6 +383,7 @@ async def test_a_crash_between_commit_and_dispatch_dispatches_once_after_restart
         assert p.deadlines == [("a", 1)]
 
 
+@adr0006_only
 async def test_a_conflict_drops_the_cache_and_handles_again_against_the_stored_record() -> None:
     # Two nodes: node 1 consumes partition 0, node 2 partition 1. Instance
     # "a" gets events from both, so node 1's cached record goes stale.
@@ -395,6 +408,7 @@ async def test_a_conflict_drops_the_cache_and_handles_again_against_the_stored_r
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_a_deadline_scheduled_by_another_node_is_not_skipped_by_a_stale_cache() -> None:
     p = Process()
     # An instance whose deadlines live in partition 0, which node 1 runs.
@@ -417,6 +431,7 @@ async def test_a_deadline_scheduled_by_another_node_is_not_skipped_by_a_stale_ca
         tg.cancel_scope.cancel()
 
 
+@adr0006_only
 async def test_a_failing_event_in_a_group_is_retried_alone_and_the_others_commit() -> None:
     p = Process()
     plan = CountingPlan()

@@ -25,7 +25,14 @@ from runkit.engine.events.process_stores import list_poisoned_events, process_st
 from runkit.persistence import Provider
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import CommandSink, Harness, harness, start_partition, wait_until
+from engine_events_harness import (
+    CommandSink,
+    Harness,
+    adr0006_only,
+    harness,
+    start_partition,
+    wait_until,
+)
 
 REGISTRY = dogma.MessageTypeRegistry()
 APP_KEY = "a9900000-0000-4000-8000-000000000001"
@@ -329,6 +336,7 @@ async def test_a_group_whose_record_is_over_the_value_limit_is_handled_event_by_
     assert (await record(h, long_id)).positions
 
 
+@adr0006_only
 async def test_an_outbox_left_at_a_stop_is_cleared_by_the_next_owner_not_at_a_later_use() -> None:
     # The consumer stops (a handoff) before it could clear the dispatched
     # outboxes (the store refuses the clears). Its saved checkpoint must stay

@@ -226,6 +226,9 @@ class HomeSteps:
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
+            # Steps the writer's final flush commits find no task group: their
+            # outboxes stay below the dispatched watermark for the next owner.
+            self._tg = None
             self.close(OwnershipLost("the home partition stopped"))
 
     def close(self, error: BaseException) -> None:
@@ -473,8 +476,13 @@ class HomeSteps:
         if queue is None:
             queue = self._outboxes[key] = deque()
             if self._tg is not None:
-                self._tg.start_soon(self._dispatch_outboxes, key, queue)
-            # else: ``run`` starts it
+                try:
+                    self._tg.start_soon(self._dispatch_outboxes, key, queue)
+                except RuntimeError:
+                    # Closing (a step the writer's final flush committed): the
+                    # next owner dispatches it, from the dispatched watermark.
+                    self._tg = None
+            # else: ``run`` starts it, or it is left to the next owner
         queue.append((position, step))
 
     async def _dispatch_outboxes(
