@@ -13,21 +13,33 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import attrs
+import msgspec
 import pytest
 
 import dogma
-from runkit.engine.envelope import Envelope
+from runkit.engine.envelope import Envelope, decode
 from runkit.engine.events.consumers import ConsumerOptions
 from runkit.engine.events.process_deliveries import Delivery
 from runkit.engine.events.process_homes import HomeSteps
+from runkit.engine.events.process_instances import ProcessRecord
+from runkit.engine.events.process_records import ProcessRecords
 from runkit.engine.events.process_state import InstanceState
 from runkit.engine.events.process_stores import list_poisoned_events
 from runkit.engine.events.processes import ProcessRunner
-from runkit.engine.streams import ProcessStep, decode_stream_record
+from runkit.engine.streams import (
+    EventBus,
+    PartitionStream,
+    ProcessStep,
+    Publication,
+    StreamWriter,
+    decode_stream_record,
+    read_tail,
+)
+from runkit.persistence import Journal
 
 sys.path.insert(0, str(Path(__file__).parent))
 from engine_events_harness import CommandSink, Harness, harness, wait_until
@@ -325,3 +337,143 @@ async def test_a_stopped_home_refuses_deliveries_and_fails_those_queued() -> Non
         t.steps.close(RuntimeError("stopped"))
         with pytest.raises(Exception, match="not running"):
             t.submit(*ds)
+
+
+# -- takeover: derived records behind the stream, outboxes re-dispatched -------------------
+
+
+@attrs.define
+class Owner:
+    """One owner of home partition 0 on its own stream journal, wired as an owned partition."""
+
+    steps: HomeSteps
+    records: ProcessRecords
+    writer: StreamWriter
+    journal: Journal
+
+
+@asynccontextmanager
+async def owner(
+    h: Harness, process: Process, tg_outer: Any, *, delay: float = 60.0
+) -> AsyncIterator[Owner]:
+    journal = await h.provider.journals.open(f"{APP_KEY}/home-stream")
+    tail = await read_tail(journal)
+    config = h.app.handler_by_key(PROC_KEY)
+    assert config is not None
+    runner = ProcessRunner(h.app, config, options=OPTIONS, wake_timer=lambda _: None)
+    records = ProcessRecords(h.provider, APP_KEY, [PROC_KEY], delay=delay, retry_max_delay=0.01)
+    parts: dict[str, Any] = {}
+
+    class Late:
+        def enqueue_step(self, step: ProcessStep, on_durable: Any = None) -> Publication:
+            return cast(StreamWriter, parts["writer"]).enqueue_step(step, on_durable)
+
+    steps = HomeSteps(
+        h.ctx(0),
+        Late(),
+        {PROC_KEY: runner},
+        load=records.load,
+        options=OPTIONS,
+        record_limit=1 << 20,
+        committed=records.committed,
+    )
+    for outbox in await records.recover_from(
+        journal,
+        materialised=tail.next_position if tail.materialised is None else tail.materialised,
+        dispatched=tail.dispatched,
+        end=tail.next_position,
+    ):
+        steps.redispatch(outbox.position, outbox.step)
+    writer = parts["writer"] = StreamWriter(
+        journal,
+        PartitionStream("home", journal, next_offset=tail.next_offset),
+        EventBus(),
+        tail,
+        clock=h.clock,
+        batch_limit=100,
+        record_limit=1 << 20,
+        progress_interval=0.01,
+        retry_max_delay=0.01,
+        watermark=records.watermark,
+        dispatched=steps.dispatched,
+    )
+    async with anyio.create_task_group() as tg:
+        await writer.claim()
+        await tg.start(writer.run)
+        await tg.start(records.run)
+        await tg.start(steps.run)
+        yield Owner(steps, records, writer, journal)
+        tg.cancel_scope.cancel()  # a crash: nothing flushed
+
+
+async def submit_all(o: Owner, ds: list[Delivery]) -> dict[str, BaseException | None]:
+    acks = Acks()
+    for d in ds:
+        o.steps.submit(d, acks.ack(d))
+    await wait_until(lambda: len(acks.done) == len(ds))
+    return acks.done
+
+
+async def test_a_new_owner_rebuilds_from_the_record_and_the_tail_above_the_watermark() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        ds = await deliveries(h, Moved("a", 1), Moved("b", 2))
+        async with owner(h, p, tg, delay=0.0) as first:
+            await submit_all(first, ds)
+            await wait_until(lambda: first.records.backlog == 0)  # a and b written
+            more = await deliveries(h, Moved("a", 3))
+            first.records._delay = 60.0
+            await submit_all(first, more)
+        # The record of a holds [1]; the stream holds the step that added 3.
+        async with await h.provider.keyspaces.open(f"{APP_KEY}/process/{PROC_KEY}") as ks:
+            stored, _ = await ks.get(b"a")
+        assert json.loads(msgspec.msgpack.decode(stored, type=ProcessRecord).root or b"") == [1]
+        calls = list(p.calls)
+        async with owner(h, p, tg) as second:
+            state = await second.records.load(PROC_KEY, "a")
+            assert json.loads(state.root or b"") == [1, 3]
+            # Everything delivered again (a crash before the consumers' checkpoints) is skipped.
+            done = await submit_all(second, [*ds, *more])
+            assert all(e is None for e in done.values())
+            assert p.calls == calls
+            await second.records.flush()
+        async with await h.provider.keyspaces.open(f"{APP_KEY}/process/{PROC_KEY}") as ks:
+            stored, _ = await ks.get(b"a")
+        record = msgspec.msgpack.decode(stored, type=ProcessRecord)
+        assert json.loads(record.root or b"") == [1, 3]
+        assert record.through is not None
+        tg.cancel_scope.cancel()
+
+
+async def test_an_outbox_not_dispatched_before_a_crash_is_dispatched_by_the_next_owner() -> None:
+    p = Process()
+    async with harness(App(p), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        ds = await deliveries(h, Moved("a", 1), Moved("b", 2))
+
+        def refuse(envelopes: Any) -> None:
+            raise dogma.ValidationError("the commands side is down")
+
+        h.accept_fault = refuse
+        async with owner(h, p, tg) as first:
+            await submit_all(first, ds)
+            await anyio.sleep(0.05)  # dispatch keeps failing
+            assert h.accepted == []
+            assert first.steps.dispatched(first.writer.next_position) < first.writer.next_position
+            # A later record (the writer's progress) carries the watermark below the steps.
+            await first.writer.claim()
+        h.accept_fault = None
+        tail = await read_tail(first.journal)
+        assert tail.dispatched is not None
+        assert tail.dispatched < tail.next_position
+        async with owner(h, p, tg):
+            await wait_until(lambda: len(h.accepted) == 2)
+            assert acted(h) == [("a", 1), ("b", 2)]
+            # Same IDs as the first owner's steps derived: the commands side deduplicates.
+            steps = [
+                s
+                for position in range(tail.next_position)
+                for s in decode_stream_record(await first.journal.get(position)).steps
+            ]
+            ids = sorted(decode(c).message_id for s in steps for c in s.commands)
+            assert sorted(e.message_id for e in h.accepted) == ids
+        tg.cancel_scope.cancel()
