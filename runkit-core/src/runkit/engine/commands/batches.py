@@ -71,6 +71,7 @@ from .acceptance import PartitionBusy, PartitionStopped
 from .aggregates import AggregateInstances
 from .backlog import Backlog
 from .inbox import InboxEntry, InboxRecord, InboxWriter, read_inbox
+from .inbox_deliveries import InboxDeliveries
 from .inbox_progress import InboxProgress
 from .instance_records import Committed
 from .integration_tasks import IntegrationTasks
@@ -134,12 +135,8 @@ class PartitionCommands:
         self._aggregates = aggregates
         self._materialiser = materialiser
         self._deliveries = deliveries
-        # Process deliveries read from (or appended by this node to) the inbox
-        # and not yet handed to the process steps, per (handler, instance), and
-        # the inbox positions counted at ``notify``: while an instance has
-        # some, a delivery for it must not overtake them (``delivery_pending``).
-        self._inbox_deliveries: dict[tuple[str, str], int] = {}
-        self._counted: set[int] = set()
+        # Process deliveries in the inbox not yet handed to the process steps.
+        self._inbox_deliveries = InboxDeliveries()
         # Unmarked commands are committed even when they published nothing. Records
         # list them in command_ids too now; those of earlier releases only as unmarked.
         self._completed = CompletedCommands(
@@ -227,9 +224,7 @@ class PartitionCommands:
 
     def notify(self, position: int, record: InboxRecord) -> None:
         """Hear of an inbox record appended by this node's ``InboxWriter``."""
-        if position >= self._inbox_progress.read_end and position not in self._counted:
-            self._counted.add(position)
-            self._count_deliveries(record, 1)
+        self._inbox_deliveries.notified(position, record, self._inbox_progress.read_end)
         self._notes.append((position, record))
         self._wake.set()
 
@@ -465,36 +460,19 @@ class PartitionCommands:
     def delivery_pending(self, handler_key: str, instance_id: str) -> bool:
         """Whether process deliveries for the instance are in the inbox, not yet handed over.
 
-        A delivery submitted in memory must then not overtake them: an
-        instance skips an event at or below its position for the event's
-        stream, so one handled before an earlier one would drop that one.
+        A delivery submitted in memory must then not overtake them
+        (``inbox_deliveries``).
         """
-        return (handler_key, instance_id or "") in self._inbox_deliveries
-
-    def _count_deliveries(self, record: InboxRecord, delta: int) -> None:
-        for entry in record.entries:
-            if entry.source is not None:
-                self._count_delivery(entry, delta)
-
-    def _count_delivery(self, entry: InboxEntry, delta: int) -> None:
-        key = (entry.handler_key, entry.instance_id or "")
-        count = self._inbox_deliveries.get(key, 0) + delta
-        if count > 0:
-            self._inbox_deliveries[key] = count
-        else:
-            self._inbox_deliveries.pop(key, None)
+        return self._inbox_deliveries.pending(handler_key, instance_id)
 
     def _add_record(self, position: int, record: InboxRecord) -> None:
         self._inbox_progress.read(position, len(record.entries))
-        if position in self._counted:
-            self._counted.discard(position)
-        else:
-            self._count_deliveries(record, 1)
+        self._inbox_deliveries.read(position, record)
         for entry in record.entries:
             if (position, entry.envelope.message_id) in self._poisoned_found:
                 self._inbox_progress.done(position)  # a poisoned command's copy
                 if entry.source is not None:
-                    self._count_delivery(entry, -1)
+                    self._inbox_deliveries.handed_over(entry)
                 continue
             # Our own spill copies its local command's entry, which carries no
             # hint: a hinted entry with the same ID is another copy (a gateway's
@@ -533,7 +511,7 @@ class PartitionCommands:
             item = ready.popleft()
             entry = item.entry
             if entry.source is not None and item.position >= 0:
-                self._count_delivery(entry, -1)  # handed over below, in order
+                self._inbox_deliveries.handed_over(entry)  # below, in order
             if item.command_id in self._completed:
                 self._duplicate(item, self._completed.location(item.command_id))
                 continue
