@@ -26,7 +26,9 @@ from runkit.engine.events.consumers import ConsumerOptions
 from runkit.engine.events.process_deliveries import Delivery
 from runkit.engine.events.process_homes import HomeSteps
 from runkit.engine.events.process_instances import ProcessRecord
+from runkit.engine.events.process_queues import ConsumerCheckpoint
 from runkit.engine.events.process_records import ProcessRecords
+from runkit.engine.events.process_routing import InFlight, _Sender
 from runkit.engine.events.process_state import InstanceState
 from runkit.engine.events.process_stores import list_poisoned_events
 from runkit.engine.events.processes import ProcessRunner
@@ -476,4 +478,58 @@ async def test_an_outbox_not_dispatched_before_a_crash_is_dispatched_by_the_next
             ]
             ids = sorted(decode(c).message_id for s in steps for c in s.commands)
             assert sorted(e.message_id for e in h.accepted) == ids
+        tg.cancel_scope.cancel()
+
+
+# -- the routing consumer's order across the in-memory and inbox paths ---------------------
+
+
+@attrs.define
+class FakeRoute:
+    """A home partition 0 on this node that has read its inbox to ``read``."""
+
+    read: int = 0
+    local: list[str] = attrs.field(factory=list)
+    inbox: list[str] = attrs.field(factory=list)
+
+    def submit_local(self, delivery: Delivery, ack: Any) -> bool:
+        self.local.append(delivery.id)
+        return True
+
+    async def submit_to_inbox(self, delivery: Delivery) -> None:
+        self.inbox.append(delivery.id)
+
+    def home_of(self, delivery: Delivery) -> int:
+        return 0
+
+    async def inbox_floors(self) -> dict[int, int]:
+        return {0: 5}
+
+    def inbox_read(self, index: int) -> int:
+        return self.read
+
+
+async def test_nothing_goes_home_in_memory_before_the_home_read_an_earlier_runs_appends() -> None:
+    # An earlier run of the consumer (maybe on another node) appended
+    # deliveries to the home's inbox up to position 5 before its checkpoint
+    # passed them: a later delivery of the same instance handed over in
+    # memory first would make the home skip them.
+    route = FakeRoute(read=3)
+    async with harness(App(Process()), registry=REGISTRY) as h, anyio.create_task_group() as tg:
+        config = h.app.handler_by_key(PROC_KEY)
+        assert config is not None
+        runner = ProcessRunner(h.app, config, options=OPTIONS, wake_timer=lambda _: None)
+        async with await h.provider.keyspaces.open("checkpoints") as ks:
+            inflight = InFlight(ConsumerCheckpoint(ks, b"k"), 10)
+            floors = await route.inbox_floors()
+            sender = _Sender(runner, route, inflight, tg, OPTIONS, floors=floors)
+            first, second = await deliveries(h, Moved("a", 1), Moved("b", 2))
+            await inflight.begin(0)
+            sender.send(first)
+            await wait_until(lambda: route.inbox == [first.id])
+            assert route.local == []
+            route.read = 5  # the home has read that far
+            await inflight.begin(1)
+            sender.send(second)
+            assert route.local == [second.id]
         tg.cancel_scope.cancel()

@@ -176,6 +176,7 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                 )
                 if homes.steps is not None:
                     homes.steps.behind = commands.delivery_pending
+                    homes.steps.inbox_read = commands.inbox_read_end
                 await tg.start(materialiser.run)
                 await tg.start(writer.run)
                 if homes.steps is not None and homes.records is not None:

@@ -129,6 +129,7 @@ class AppRuntime:
             self._consumers.remote_wake = lambda index: self._wake_remote(index, "deadlines")
             # Process deliveries for a home partition not running here (ADR 0010).
             self._consumers.deliver_remote = self._deliver_to_inbox
+            self._consumers.inbox_end = self._inbox_end
         async with AsyncExitStack() as stack:
             for index in range(self.partition_count):
                 journal = await self.provider.journals.open(inbox_name(self.app_key, index))
@@ -186,6 +187,10 @@ class AppRuntime:
         await self.inbox_writers[index].submit([entry])
         if self.router is not None and index not in self.partitions:
             self._wake_remote(index, "inbox")
+
+    async def _inbox_end(self, index: int) -> int:
+        """The end of partition *index*'s inbox journal now (one ``bounds`` read)."""
+        return (await self.inbox_writers[index].journal.bounds()).end
 
     async def _prune_markers(self, retention: float) -> None:
         # One node prunes: the owner of partition 0 (ownership moves it on failover).

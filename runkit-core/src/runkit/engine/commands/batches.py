@@ -213,6 +213,10 @@ class PartitionCommands:
         """Inbox commands read and waiting for backlog room (not in ``backlog``)."""
         return len(self._backlog.held)
 
+    def inbox_read_end(self) -> int:
+        """How far the inbox is read (its entries taken into the batch or held)."""
+        return self._inbox_progress.read_end
+
     def progress(self) -> dict[str, int]:
         """Counters for operators: stream end, inbox positions, commands in memory."""
         return {

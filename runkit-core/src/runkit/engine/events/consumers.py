@@ -134,6 +134,8 @@ class EventConsumers:
         self.home_steps_on = process_homes.HOME_STEPS and bool(self._processes)
         self.homes: dict[int, HomeSteps] = {}
         self.deliver_remote: Callable[[Delivery], Awaitable[None]] | None = None
+        #: The end of a partition's inbox journal now (set by the engine).
+        self.inbox_end: Callable[[int], Awaitable[int]] | None = None
         self._partition_of: Callable[[str], int] | None = None
 
     # -- per partition --
@@ -321,6 +323,23 @@ class EventConsumers:
         except OwnershipLost as stopped:
             ack(stopped)  # stopping: the next owner reads the entry again
         return True
+
+    def home_of(self, delivery: Delivery) -> int:
+        """The home partition of the delivery's instance (``process_routing``)."""
+        return self._home_of(delivery)
+
+    async def inbox_floors(self) -> dict[int, int]:
+        """The inbox end now of each home partition running here (``process_routing``)."""
+        if self.inbox_end is None:
+            return {}
+        return {index: await self.inbox_end(index) for index in list(self.homes)}
+
+    def inbox_read(self, index: int) -> int:
+        """How far home partition *index* has read its inbox (-1: not running here)."""
+        home = self.homes.get(index)
+        if home is None or home.inbox_read is None:
+            return -1
+        return home.inbox_read()
 
     def _home_of(self, delivery: Delivery) -> int:
         assert self._partition_of is not None  # set by the first partition started

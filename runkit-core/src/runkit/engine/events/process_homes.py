@@ -170,6 +170,8 @@ class HomeSteps:
         #: Whether deliveries for (handler key, instance ID) are in the inbox,
         #: read or appended and not yet submitted (set by the partition's owner).
         self.behind: Callable[[str, str], bool] | None = None
+        #: How far the partition's batch has read its inbox (set by the owner).
+        self.inbox_read: Callable[[], int] | None = None
         self._instances: OrderedDict[tuple[str, str], _Instance] = OrderedDict()
         self._limiter = anyio.CapacityLimiter(options.process_concurrency)
         self._tg: TaskGroup | None = None

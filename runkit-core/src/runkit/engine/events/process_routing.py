@@ -57,6 +57,18 @@ class DeliveryRoute(Protocol):
         """Append *delivery* to its home partition's inbox and wake the owner; durable on return."""
         ...
 
+    def home_of(self, delivery: Delivery) -> int:
+        """The home partition of the delivery's instance."""
+        ...
+
+    async def inbox_floors(self) -> dict[int, int]:
+        """The inbox end now of each home partition running here (``{}``: not known)."""
+        ...
+
+    def inbox_read(self, index: int) -> int:
+        """How far home partition *index* has read its inbox and handed deliveries over."""
+        ...
+
 
 class InFlight:
     """Offsets of deliveries submitted and not yet acknowledged; the checkpoint follows them.
@@ -138,9 +150,13 @@ async def _run_once(
         checkpoint = ConsumerCheckpoint(checkpoints, checkpoint_key(runner.key, ctx.partition_id))
         await checkpoint.load()
         inflight = InFlight(checkpoint, options.process_concurrency)
+        # Deliveries an earlier run (maybe on another node) appended to a home's
+        # inbox are there by now (its checkpoint passed them only then): none
+        # goes to that home in memory before the home has read that far.
+        floors = await route.inbox_floors()
         async with anyio.create_task_group() as tg:
             tg.start_soon(checkpoint.save_periodically, options.checkpoint_interval)
-            sender = _Sender(runner, route, inflight, tg, options)
+            sender = _Sender(runner, route, inflight, tg, options, floors=floors)
             events = ctx.stream.read(
                 checkpoint.value, types=runner.routed, on_skip=inflight.skip_to
             )
@@ -202,8 +218,13 @@ class _Sender:
         inflight: InFlight,
         tg: TaskGroup,
         options: ConsumerOptions,
+        *,
+        floors: dict[int, int] | None = None,
     ) -> None:
         self._runner = runner
+        # Home partition -> the inbox position it must have read before
+        # deliveries go to it in memory (``run_routing``).
+        self._floors = floors or {}
         self._route = route
         self._inflight = inflight
         self._tg = tg
@@ -224,7 +245,7 @@ class _Sender:
         instance_id = delivery.instance_id
         if instance_id in self._held:
             self._held[instance_id].append(delivery)  # behind those that failed at home
-        elif instance_id in self._inboxed:
+        elif instance_id in self._inboxed or self._behind_floor(delivery):
             self._enqueue_for_inbox(delivery)
         elif self._route.submit_local(delivery, functools.partial(self._acked, delivery)):
             self._local[instance_id] = self._local.get(instance_id, 0) + 1
@@ -232,6 +253,19 @@ class _Sender:
             self._held[instance_id] = [delivery]
         else:
             self._enqueue_for_inbox(delivery)
+
+    def _behind_floor(self, delivery: Delivery) -> bool:
+        """Whether the delivery's home has not yet read the inbox an earlier run wrote to."""
+        if not self._floors:
+            return False
+        home = self._route.home_of(delivery)
+        floor = self._floors.get(home)
+        if floor is None:
+            return False
+        if self._route.inbox_read(home) < floor:
+            return True
+        del self._floors[home]
+        return False
 
     def _acked(self, delivery: Delivery, error: BaseException | None) -> None:
         """A delivery handed over in memory is durable at home, or will not be (*error*).
