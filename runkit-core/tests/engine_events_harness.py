@@ -111,6 +111,13 @@ class Harness:
     accepted: list[Envelope] = attrs.field(factory=list)
     accept_calls: int = 0
     accept_fault: Callable[[Sequence[Envelope]], None] | None = None
+    #: The home partitions' process steps started (ADR 0010 switch on).
+    homes: list[Any] = attrs.field(factory=list)
+
+    @property
+    def outboxes_sent(self) -> bool:
+        """Whether the home partitions' committed outboxes are all dispatched."""
+        return all(home.outboxes_sent for home in self.homes)
 
     @property
     def partitions(self) -> int:
@@ -240,6 +247,7 @@ async def start_partition(
         await tg.start(records.run)
         await tg.start(steps.run)
         consumers.homes[index] = steps
+        h.homes.append(steps)
     await tg.start(consumers.run_partition, ctx)
 
 

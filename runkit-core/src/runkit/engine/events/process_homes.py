@@ -179,6 +179,11 @@ class HomeSteps:
         # Outboxes not yet dispatched: record position -> how many; per instance, in order.
         self._undispatched: dict[int, int] = {}
         self._outboxes: dict[tuple[str, str], deque[tuple[int, ProcessStep]]] = {}
+        # Instances whose outbox queue needs a dispatching task, and the wake-up
+        # of the task that starts them (``run``): never started from the
+        # writer's callback, which may come after the task group closed.
+        self._to_start: deque[tuple[str, str]] = deque()
+        self._outbox_wake: anyio.Event | None = None
 
     # -- what others call ------------------------------------------------------
 
@@ -214,6 +219,11 @@ class HomeSteps:
             inst.running = True
             self._tg.start_soon(self._run_instance, inst)
 
+    @property
+    def outboxes_sent(self) -> bool:
+        """Whether every committed outbox is dispatched (or, stopped, left to the next owner)."""
+        return not self._undispatched or self._tg is None
+
     def dispatched(self, next_position: int) -> int:
         """The stream position below which every committed step's outbox is dispatched."""
         return min(self._undispatched, default=next_position)
@@ -223,14 +233,14 @@ class HomeSteps:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                for key, queue in self._outboxes.items():  # from ``redispatch``
-                    tg.start_soon(self._dispatch_outboxes, key, queue)
+                self._outbox_wake = anyio.Event()
+                tg.start_soon(self._start_dispatchers, tg)  # ``redispatch``'s first
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
             # Steps the writer's final flush commits find no task group: their
             # outboxes stay below the dispatched watermark for the next owner.
-            self._tg = None
+            self._tg = self._outbox_wake = None
             self.close(OwnershipLost("the home partition stopped"))
 
     def close(self, error: BaseException) -> None:
@@ -477,15 +487,23 @@ class HomeSteps:
         queue = self._outboxes.get(key)
         if queue is None:
             queue = self._outboxes[key] = deque()
-            if self._tg is not None:
-                try:
-                    self._tg.start_soon(self._dispatch_outboxes, key, queue)
-                except RuntimeError:
-                    # Closing (a step the writer's final flush committed): the
-                    # next owner dispatches it, from the dispatched watermark.
-                    self._tg = None
-            # else: ``run`` starts it, or it is left to the next owner
+            self._to_start.append(key)
+            if self._outbox_wake is not None:
+                self._outbox_wake.set()
+            # else: ``run`` starts it; or, after ``run`` (a step the writer's
+            # final flush committed), the next owner dispatches it from the
+            # dispatched watermark.
         queue.append((position, step))
+
+    async def _start_dispatchers(self, tg: TaskGroup) -> None:
+        """Start a dispatching task for each instance whose outbox queue has none."""
+        while True:
+            while self._to_start:
+                key = self._to_start.popleft()
+                tg.start_soon(self._dispatch_outboxes, key, self._outboxes[key])
+            assert self._outbox_wake is not None
+            await self._outbox_wake.wait()
+            self._outbox_wake = anyio.Event()
 
     async def _dispatch_outboxes(
         self, key: tuple[str, str], queue: deque[tuple[int, ProcessStep]]
