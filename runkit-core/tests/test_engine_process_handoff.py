@@ -26,7 +26,7 @@ import msgspec
 import dogma
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_events_harness import CommandSink, harness, wait_until
+from engine_events_harness import CommandSink, adr0006_only, harness, wait_until
 
 from runkit.engine.envelope import Envelope
 from runkit.engine.events.consumers import ConsumerOptions, partition_consumers
@@ -148,6 +148,7 @@ async def saved_checkpoint(h: Any, partition: int) -> int | None:
     return msgspec.msgpack.decode(data, type=int) if data else None
 
 
+@adr0006_only
 async def test_a_handoff_while_the_instance_is_handled_elsewhere_leaves_no_outbox() -> None:
     p = Process()
     p.gate = anyio.Event()
