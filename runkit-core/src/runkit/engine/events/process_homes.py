@@ -11,7 +11,8 @@ writer, so it needs no lock and no revision:
   a miss loads the state with *load* (the derived keyspace record folded
   with the committed steps not yet written to it).
 - **One group per instance at a time.** An instance with queued deliveries is
-  handled by one task, which takes every delivery queued so far and handles
+  handled by one of the partition's kept workers (``KeptWorkers``: no task
+  per step), which takes every delivery queued so far and handles
   them in order (``handle_group``: skipping what the state says is done), up
   to ``process_concurrency`` instances at once. The step goes onto the
   partition's stream writer beside the batch's commands: **the stream append
@@ -52,6 +53,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from ...persistence import LimitExceeded, PersistenceError
 from ..logs import describe_error
 from ..streams import OwnershipLost, ProcessStep, Publication, max_command_bytes
+from ..workers import KeptWorkers
 from .consumers_support import ConsumerOptions, sleep_backoff
 from .process_deliveries import Delivery
 from .process_instances import ProcessRoot
@@ -72,6 +74,12 @@ __all__ = ["HOME_STEPS", "Ack", "DeliveriesBehind", "HomeHandler", "HomeSteps", 
 HOME_STEPS = os.environ.get("RUNKIT_INTERNAL_HOME_STEPS") == "1"
 
 _log = logging.getLogger("runkit.engine.events.process_homes")
+
+#: At most this many instances' outboxes are dispatched at once. A dispatch
+#: that waits (a remote inbox slow to take its commands) holds one worker;
+#: workers are kept, and only started when every one is busy, so a high
+#: bound costs nothing while dispatches are quick.
+OUTBOX_WORKERS = 256
 
 #: Told that a delivery is durable (``None``), or that it never will be here.
 Ack = Callable[[BaseException | None], None]
@@ -173,17 +181,16 @@ class HomeSteps:
         #: How far the partition's batch has read its inbox (set by the owner).
         self.inbox_read: Callable[[], int] | None = None
         self._instances: OrderedDict[tuple[str, str], _Instance] = OrderedDict()
-        self._limiter = anyio.CapacityLimiter(options.process_concurrency)
         self._tg: TaskGroup | None = None
+        # Both set by ``run``: the workers live in its task group.
+        self._steps: KeptWorkers[_Instance] | None = None
+        self._dispatchers: KeptWorkers[tuple[str, str]] | None = None
         self._stopped: BaseException | None = None
         # Outboxes not yet dispatched: record position -> how many; per instance, in order.
         self._undispatched: dict[int, int] = {}
         self._outboxes: dict[tuple[str, str], deque[tuple[int, ProcessStep]]] = {}
-        # Instances whose outbox queue needs a dispatching task, and the wake-up
-        # of the task that starts them (``run``): never started from the
-        # writer's callback, which may come after the task group closed.
+        # Instances whose outbox queue was filled before ``run`` (takeover).
         self._to_start: deque[tuple[str, str]] = deque()
-        self._outbox_wake: anyio.Event | None = None
 
     # -- what others call ------------------------------------------------------
 
@@ -197,7 +204,7 @@ class HomeSteps:
         inbox too. Raises ``OwnershipLost`` if the partition has stopped (the
         submitter then takes another path: the inbox).
         """
-        if self._stopped is not None or self._tg is None:
+        if self._stopped is not None or self._steps is None:
             raise OwnershipLost("the home partition is not running")
         if delivery.handler_key not in self._handlers:
             raise ValueError(f"no process handler {delivery.handler_key} on this partition")
@@ -217,7 +224,7 @@ class HomeSteps:
         inst.queue.append((delivery, ack))
         if not inst.running:
             inst.running = True
-            self._tg.start_soon(self._run_instance, inst)
+            self._steps.submit(inst)
 
     @property
     def outboxes_sent(self) -> bool:
@@ -233,14 +240,20 @@ class HomeSteps:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                self._outbox_wake = anyio.Event()
-                tg.start_soon(self._start_dispatchers, tg)  # ``redispatch``'s first
+                self._steps = KeptWorkers(
+                    tg.start_soon, self._run_instance, limit=self._options.process_concurrency
+                )
+                self._dispatchers = KeptWorkers(
+                    tg.start_soon, self._dispatch_outboxes, limit=OUTBOX_WORKERS
+                )
+                while self._to_start:  # ``redispatch``'s, first
+                    self._dispatchers.submit(self._to_start.popleft())
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
-            # Steps the writer's final flush commits find no task group: their
+            # Steps the writer's final flush commits find no workers: their
             # outboxes stay below the dispatched watermark for the next owner.
-            self._tg = self._outbox_wake = None
+            self._tg = self._steps = self._dispatchers = None
             self.close(OwnershipLost("the home partition stopped"))
 
     def close(self, error: BaseException) -> None:
@@ -265,13 +278,12 @@ class HomeSteps:
 
     async def _run_instance(self, inst: _Instance) -> None:
         try:
-            async with self._limiter:
-                while inst.queue and self._stopped is None:
-                    if inst.state is None:
-                        await self._load_instance(inst)
-                    items = list(inst.queue)
-                    inst.queue.clear()
-                    await self._handle(inst, items)
+            while inst.queue and self._stopped is None:
+                if inst.state is None:
+                    await self._load_instance(inst)
+                items = list(inst.queue)
+                inst.queue.clear()
+                await self._handle(inst, items)
         finally:
             inst.running = False
 
@@ -332,7 +344,14 @@ class HomeSteps:
             await self._one(inst, rest[index], failed=error)
             rest = rest[index + 1 :]
         if rest:
-            await self._one(inst, rest[0])
+            # Most groups are one delivery that succeeds: tried at once, and
+            # only a failure goes through the retries (as its first attempt).
+            try:
+                await self._group(inst, rest)
+            except OwnershipLost:
+                raise
+            except Exception as exc:
+                await self._one(inst, rest[0], failed=exc)
 
     async def _group(self, inst: _Instance, items: list[tuple[Delivery, Ack]]) -> None:
         assert inst.state is not None
@@ -372,8 +391,9 @@ class HomeSteps:
         key = len(inst.instance_id.encode())
         if key > limits.max_key_bytes:
             raise LimitExceeded("key", key, limits.max_key_bytes)  # as the store says it
-        if step.size() > self._max_step:
-            raise LimitExceeded("process step", step.size(), self._max_step)
+        size = step.size()
+        if size > self._max_step:
+            raise LimitExceeded("process step", size, self._max_step)
         record = (
             64
             + len(state.root or b"")
@@ -487,28 +507,17 @@ class HomeSteps:
         queue = self._outboxes.get(key)
         if queue is None:
             queue = self._outboxes[key] = deque()
-            self._to_start.append(key)
-            if self._outbox_wake is not None:
-                self._outbox_wake.set()
-            # else: ``run`` starts it; or, after ``run`` (a step the writer's
-            # final flush committed), the next owner dispatches it from the
-            # dispatched watermark.
+            if self._dispatchers is not None:
+                self._dispatchers.submit(key)
+            elif self._tg is None and self._stopped is None:
+                self._to_start.append(key)  # before ``run``: it starts them
+            # else (after ``run``: a step the writer's final flush committed)
+            # the next owner dispatches it from the dispatched watermark.
         queue.append((position, step))
 
-    async def _start_dispatchers(self, tg: TaskGroup) -> None:
-        """Start a dispatching task for each instance whose outbox queue has none."""
-        while True:
-            while self._to_start:
-                key = self._to_start.popleft()
-                tg.start_soon(self._dispatch_outboxes, key, self._outboxes[key])
-            assert self._outbox_wake is not None
-            await self._outbox_wake.wait()
-            self._outbox_wake = anyio.Event()
-
-    async def _dispatch_outboxes(
-        self, key: tuple[str, str], queue: deque[tuple[int, ProcessStep]]
-    ) -> None:
+    async def _dispatch_outboxes(self, key: tuple[str, str]) -> None:
         """Dispatch an instance's committed outboxes in commit order."""
+        queue = self._outboxes[key]
         handler = self._handlers[key[0]]
         while queue:
             position, step = queue[0]

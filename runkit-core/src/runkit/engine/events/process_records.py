@@ -92,6 +92,9 @@ class ProcessRecords:
         self._retry_max_delay = retry_max_delay
         self._dispatch_outbox = dispatch_outbox
         self._unwritten: OrderedDict[_Key, _Unwritten] = OrderedDict()
+        # The least ``first`` of ``_unwritten`` (``None``: to be computed). Asked
+        # for at every stream write; it only grows when a round writes records.
+        self._first: int | None = None
         self._revisions: dict[_Key, str] = {}
         self._stores: dict[str, Keyspace] = {}
         self._new_event = event_maker()
@@ -108,13 +111,19 @@ class ProcessRecords:
         found = self._unwritten.get(key)
         if found is None:
             self._unwritten[key] = _Unwritten(state, position, anyio.current_time())
+            if self._first is not None and position < self._first:
+                self._first = position
             self._wake.set()
         else:
             found.state = state
 
     def watermark(self, next_position: int) -> int:
         """The stream position below which every process step is in its keyspace record."""
-        return min((u.first for u in self._unwritten.values()), default=next_position)
+        if not self._unwritten:
+            return next_position
+        if self._first is None:
+            self._first = min(u.first for u in self._unwritten.values())
+        return self._first
 
     @property
     def backlog(self) -> int:
@@ -183,6 +192,7 @@ class ProcessRecords:
                 state = state.after(step, at)
             first = found[0][0][0]
             self._unwritten[(handler_key, instance_id)] = _Unwritten(state, first, now)
+        self._first = None
         if steps:
             self._wake.set()
         return outboxes
@@ -228,6 +238,7 @@ class ProcessRecords:
                 unwritten.first = state.through[0]
                 unwritten.queued_at = anyio.current_time()
                 self._unwritten.move_to_end(key)
+            self._first = None  # the entry went or moved up: computed when next asked
 
     async def _write_retrying(self, key: _Key, state: InstanceState) -> None:
         failures = 0
