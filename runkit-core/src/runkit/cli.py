@@ -67,14 +67,14 @@ def usage_problem(exc: BaseException) -> str | None:
     ``EngineStopped`` and cancellations that follow the real error, they hold
     exactly one usage or configuration error.
     """
-    from .engine.cluster.nodes import NodeIdInUse
+    from .engine.cluster.nodes import MembershipRefused
     from .engine.commands.inbox import EngineStopped
 
     leaves = [e for e in _leaves(exc) if not isinstance(e, EngineStopped)]
     if len(leaves) != 1:
         return None
     (leaf,) = leaves
-    if isinstance(leaf, CLIError | ConfigurationError | NodeIdInUse):
+    if isinstance(leaf, CLIError | ConfigurationError | MembershipRefused):
         return str(leaf)
     if isinstance(leaf, StoreUnavailable) and not leaf.retryable:
         return str(leaf)  # a wrong password, database or schema: fix the URL, not a crash

@@ -27,6 +27,7 @@ from ...persistence import Conflict, Keyspace, PersistenceError
 from ..backoff import backoff
 from ..settings import EngineSettings
 from .nodes import (
+    ENGINE_PROTOCOL,
     EXPIRY_INTERVALS,
     RECORD_VERSION,
     RUNKIT_VERSION,
@@ -225,6 +226,7 @@ class HeartbeatWriter:
             role=self._role,
             runkit_version=RUNKIT_VERSION,
             apps=self._apps,
+            protocol=ENGINE_PROTOCOL,
         )
         value = msgspec.msgpack.encode(beat)
         if len(value) > self._max_value_bytes and progress:

@@ -22,6 +22,10 @@ ownership short and rare):
 - On start, an unexpired record for our ID is waited out while watching it: if
   it is refreshed, another live process has the ID (``NodeIdInUse``); if it
   expires untouched (a crashed earlier run), we take it over.
+- A node joins only if no live node of its applications writes another
+  engine protocol (``IncompatibleNodes``, fatal: the two would commit process
+  state in different places); one that appears later is left out of the live
+  set and logged (``node_set``).
 - A node stops taking work ``2 x interval`` after the start of its last
   successful write, one interval before peers consider it gone, and resumes
   once a write succeeds again. It also stops ``2 x interval`` after its last
@@ -52,7 +56,15 @@ from ..settings import EngineSettings
 from .heartbeat import HeartbeatWriter
 from .live_view import LiveView
 from .node_set import NodeSetReader
-from .nodes import NODES_KEYSPACE, NodeIdInUse, NodeRecord, Progress, describe_node
+from .nodes import (
+    NODES_KEYSPACE,
+    IncompatibleNodes,
+    MembershipRefused,
+    NodeIdInUse,
+    NodeRecord,
+    Progress,
+    describe_node,
+)
 from .store_calls import MEMBERSHIP_LOG, StoreCalls
 
 __all__ = ["AppOwnership", "Membership"]
@@ -120,6 +132,12 @@ class Membership:
             clock=self._clock,
             prune_after=timedelta(seconds=prune_after),
             calls=calls,
+            # A client commits nothing: it may run beside nodes of any protocol.
+            apps=(
+                frozenset(app.identity.key for app in settings.applications)
+                if role == "node"
+                else None
+            ),
         )
         self._view = LiveView(settings.node_id, role=role)
         self._role = role
@@ -207,7 +225,9 @@ class Membership:
         """Heartbeat and follow the cluster until cancelled (or ``leave()``), then leave.
 
         Reports started once this node's record is written and the node set
-        read. Raises ``NodeIdInUse`` if another process uses this node's ID.
+        read. Raises ``NodeIdInUse`` if another process uses this node's ID, and
+        ``IncompatibleNodes`` if live nodes of its applications run an engine of
+        another protocol (both before it owns anything).
         """
         if self._state != "new":
             raise RuntimeError("Membership.run() may be called only once")
@@ -281,10 +301,10 @@ class Membership:
         the block is cancelled, heartbeats go on while it winds down (flushes
         what it committed) and the node leaves only when the block has exited,
         so peers never take a partition that is still being flushed. If the
-        membership fails (``NodeIdInUse``), the block is cancelled and the
+        membership fails (``MembershipRefused``), the block is cancelled and the
         error raised from here.
         """
-        fatal: list[NodeIdInUse] = []
+        fatal: list[MembershipRefused] = []
         failed: Exception | None = None
         async with anyio.create_task_group() as tg:
             scope = anyio.CancelScope()
@@ -293,7 +313,7 @@ class Membership:
                 with scope:
                     try:
                         await self.run(task_status=task_status)
-                    except NodeIdInUse as exc:
+                    except MembershipRefused as exc:
                         # Raised below, after the task group, so it is not wrapped in a group.
                         fatal.append(exc)
                         tg.cancel_scope.cancel()
@@ -362,6 +382,11 @@ class Membership:
                 # Start again from a fresh read; leave() must not delete a record we never wrote.
                 self._heartbeat.revision = ""
             elif await self._read(ks, self._clock()):
+                if self._node_set.incompatible:
+                    # Before owning anything; run() leaves (deletes our record).
+                    raise IncompatibleNodes(
+                        self._node_id, list(self._node_set.incompatible.values())
+                    )
                 self._update(self._clock())
                 MEMBERSHIP_LOG.info(
                     "%s %s joined the cluster: %d live node(s)",

@@ -11,6 +11,12 @@ of the OCC fence on the partition journals, but churny). A peer whose
 ``written_at`` is more than one interval ahead of our clock *when the read
 returned* is logged as skewed (not ahead of the time the beat started: a slow
 write or read in between would make peers on the same host look skewed).
+
+Protocols: a live node that may own partitions of one of our applications but
+writes another ``ENGINE_PROTOCOL`` is left out of the peers (it never wins a
+partition in our view), kept in ``incompatible`` (a joining node refuses to
+start beside one: ``IncompatibleNodes``) and logged once per incarnation as an
+error. Clients, which commit nothing, skip the check.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from datetime import datetime, timedelta
 import anyio
 
 from ...persistence import Keyspace, PersistenceError
-from .nodes import NodeRecord, decode_node_record
+from .nodes import ENGINE_PROTOCOL, NodeRecord, decode_node_record
 from .store_calls import MEMBERSHIP_LOG, StoreCalls, StoreTimeout
 
 __all__ = ["NodeSetReader"]
@@ -40,8 +46,14 @@ class NodeSetReader:
         clock: Callable[[], datetime],
         prune_after: timedelta,
         calls: StoreCalls,
+        apps: frozenset[str] | None = None,
     ) -> None:
         self._node_id = node_id
+        # Our applications' keys (``None``: a client, which checks no protocol).
+        self._apps = apps
+        #: Live nodes of another protocol the last read left out of the peers.
+        self.incompatible: dict[uuid.UUID, NodeRecord] = {}
+        self._incompatible_logged: set[str] = set()
         self._interval = interval
         self._clock = clock
         self._prune_after = prune_after
@@ -76,6 +88,7 @@ class NodeSetReader:
         except PersistenceError as exc:
             self._calls.failed("read the node set", exc, reading=True)
             return None
+        self.incompatible = self._leave_out_incompatible(peers, now)
         # Judged against the clock now, not at the start of the beat: every
         # record was written before we read it, however slow the store was.
         seen = self._clock()
@@ -103,6 +116,37 @@ class NodeSetReader:
                 )
             except (PersistenceError, StoreTimeout):
                 pass  # another node pruned it, or it came back; either is fine
+
+    def _leave_out_incompatible(
+        self, peers: dict[uuid.UUID, NodeRecord], now: datetime
+    ) -> dict[uuid.UUID, NodeRecord]:
+        """Take live nodes of another protocol that share an application out of *peers*."""
+        if self._apps is None:
+            return {}
+        found = {
+            node_id: record
+            for node_id, record in peers.items()
+            if record.protocol != ENGINE_PROTOCOL
+            and record.is_live(now)
+            and record.shares_an_app(self._apps)
+        }
+        for node_id, record in found.items():
+            del peers[node_id]
+            if record.incarnation not in self._incompatible_logged:
+                self._incompatible_logged.add(record.incarnation)
+                MEMBERSHIP_LOG.error(
+                    "node %s runs an engine of protocol %d (runkit-core %s) beside node %s "
+                    "(protocol %d) on the same application: it is not counted as an owner "
+                    "here, but it still commits process state its own way; stop it and "
+                    "run every node on one runkit-core version (docs/running.md, 'Upgrading')",
+                    node_id,
+                    record.protocol,
+                    record.runkit_version or "unknown",
+                    self._node_id,
+                    ENGINE_PROTOCOL,
+                    extra=self._extra,
+                )
+        return found
 
     def _check_skew(self, record: NodeRecord, seen: datetime) -> None:
         ahead = (record.written_at - seen).total_seconds()

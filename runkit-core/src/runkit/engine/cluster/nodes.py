@@ -26,6 +26,8 @@ __all__ = [
     "RUNKIT_VERSION",
     "STOP_INTERVALS",
     "Heartbeat",
+    "IncompatibleNodes",
+    "MembershipRefused",
     "NodeIdInUse",
     "NodeRecord",
     "Progress",
@@ -42,6 +44,13 @@ __all__ = [
 NODES_KEYSPACE = "cluster/nodes"
 #: The heartbeat record encoding version written by this code.
 RECORD_VERSION = 1
+#: What nodes of one application must agree on to share a store: where state
+#: is committed and in which formats. 2 since ADR 0010 (process steps commit in
+#: the instance's home partition stream; ADR 0006 nodes commit them in keyspace
+#: records, and one instance with both kinds of writer loses effects). Records
+#: from writers before the field count as 1. A node refuses to join beside a
+#: live node of another protocol, and never ranks one as an owner.
+ENGINE_PROTOCOL = 2
 #: A record expires this many heartbeat intervals after it was written.
 EXPIRY_INTERVALS = 3
 #: A node stops taking work this many intervals after its last successful write.
@@ -63,7 +72,11 @@ def _runkit_version() -> str | None:
 RUNKIT_VERSION = _runkit_version()
 
 
-class NodeIdInUse(RuntimeError):
+class MembershipRefused(RuntimeError):
+    """This node must not take part in the cluster: running would corrupt state (fatal)."""
+
+
+class NodeIdInUse(MembershipRefused):
     """Another live process uses this node's ID: running both would corrupt ownership."""
 
     def __init__(self, node_id: uuid.UUID, detail: str) -> None:
@@ -73,6 +86,27 @@ class NodeIdInUse(RuntimeError):
             "or stop the other process before starting this one."
         )
         self.node_id = node_id
+
+
+class IncompatibleNodes(MembershipRefused):
+    """Live nodes of one of this node's applications run an engine of another protocol."""
+
+    def __init__(self, node_id: uuid.UUID, others: list[NodeRecord]) -> None:
+        listed = "; ".join(
+            f"{r.node_id} (runkit-core {r.runkit_version or 'unknown'}, protocol {r.protocol}"
+            f", {r.advertise_address or r.listen_address or 'no address'})"
+            for r in others
+        )
+        super().__init__(
+            f"node {node_id} (protocol {ENGINE_PROTOCOL}) cannot join: live nodes of the "
+            f"same application run an engine of another protocol: {listed}. Nodes of two "
+            "protocols commit process state in different places, so they must not run "
+            "together: stop those nodes (a graceful stop flushes what they committed), "
+            "then start this one; start every other node with the same runkit-core "
+            "version. See docs/running.md, 'Upgrading'."
+        )
+        self.node_id = node_id
+        self.others = others
 
 
 #: A time with its offset: a record with a naive one is unreadable (and ignored),
@@ -98,6 +132,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     runkit_version: str | None = None
     #: The keys of the applications the node runs (``None`` from older writers: all).
     apps: list[str] | None = None
+    #: The writer's ``ENGINE_PROTOCOL`` (absent from writers before the field: 1).
+    protocol: int = 1
 
 
 heartbeat_decoder = msgspec.msgpack.Decoder(Heartbeat)
@@ -126,6 +162,8 @@ class NodeRecord:
         runkit_version: The writer's runkit-core version (``None`` from older writers).
         apps: The keys of the applications the node runs; ``None`` (from older
             writers) counts as every application.
+        protocol: The writer's engine protocol (``ENGINE_PROTOCOL``; 1 from
+            writers before the field).
     """
 
     node_id: uuid.UUID
@@ -141,6 +179,7 @@ class NodeRecord:
     role: str = "node"
     runkit_version: str | None = None
     apps: frozenset[str] | None = None
+    protocol: int = 1
 
     def is_live(self, now: datetime) -> bool:
         """Whether the record has not expired at *now*."""
@@ -149,6 +188,10 @@ class NodeRecord:
     def runs(self, app_key: str) -> bool:
         """Whether the node runs the application *app_key* (may own its partitions)."""
         return self.role == "node" and (self.apps is None or app_key in self.apps)
+
+    def shares_an_app(self, app_keys: frozenset[str]) -> bool:
+        """Whether the node may own partitions of any of *app_keys*."""
+        return self.role == "node" and (self.apps is None or not self.apps.isdisjoint(app_keys))
 
 
 def decode_node_record(key: bytes, value: bytes) -> NodeRecord | None:
@@ -172,6 +215,7 @@ def decode_node_record(key: bytes, value: bytes) -> NodeRecord | None:
         role=beat.role,
         runkit_version=beat.runkit_version,
         apps=None if beat.apps is None else frozenset(beat.apps),
+        protocol=beat.protocol,
     )
 
 
