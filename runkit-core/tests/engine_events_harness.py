@@ -21,12 +21,10 @@ from typing import Any
 
 import anyio
 import attrs
-import pytest
 
 import dogma
 from runkit.config import ApplicationConfig, build
 from runkit.engine.envelope import Envelope, new_envelope, register_types
-from runkit.engine.events import process_homes
 from runkit.engine.partitions import NodeContext, PartitionContext, partition_id, partition_of
 from runkit.engine.settings import EngineSettings
 from runkit.engine.streams import EventBus, PartitionStream, StreamWriter, read_tail
@@ -37,20 +35,10 @@ __all__ = [
     "CommandSink",
     "FakeClock",
     "Harness",
-    "adr0006_only",
     "harness",
     "start_partition",
     "wait_until",
 ]
-
-#: A test of the ADR 0006 mechanism itself (outboxes kept in instance records
-#: and cleared, conflicting keyspace commits, write counts of process records):
-#: with process steps in the home partition (ADR 0010's internal switch on)
-#: none of it exists, and the new path's own tests cover what it guarded.
-adr0006_only = pytest.mark.skipif(
-    process_homes.HOME_STEPS,
-    reason="asserts the ADR 0006 process path (records hold outboxes; keyspace commits)",
-)
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -231,12 +219,11 @@ async def start_partition(
 ) -> None:
     """Start *consumers*' work on partition *index*, as ``run_owned_partition`` does.
 
-    With process steps in the home partition (ADR 0010, its internal switch
-    on) that is the partition's ``HomeSteps`` and derived process records
-    too, on the harness's stream writer, before the consumers.
+    With process handlers that is the partition's ``HomeSteps`` and derived
+    process records too, on the harness's stream writer, before the consumers.
     """
     ctx = h.ctx(index, provider)
-    if getattr(consumers, "home_steps_on", False):
+    if getattr(consumers, "has_processes", False):
         steps, records = consumers.home_steps(
             ctx,
             h.writers[index],

@@ -27,7 +27,6 @@ import pytest
 
 import dogma
 from runkit.config import build
-from runkit.engine.events import process_homes
 from runkit.engine.events.process_stores import event_poison_store_name
 from runkit.engine.partitions import instance_workload, partition_of
 from runkit.engine.streams import decode_stream_record
@@ -162,11 +161,9 @@ async def test_invariants_hold_with_faults_everywhere(seed: int) -> None:
     # integration commands (a few per run, ADR 0007), and deadline journals
     # only a few times too (a CI run with 16% of writes failing saw none of
     # them fail): a run may see none fail. The per-store test above covers these with
-    # certainty. With process steps in the home partition (ADR 0010) process
-    # records are derived and written about once a second per instance too.
-    rare = {"checkpoints", "idempotency", "deadlines"}
-    if process_homes.HOME_STEPS:
-        rare.add("process")
+    # certainty. Process records are derived from the home streams and
+    # written about once a second per instance too.
+    rare = {"checkpoints", "idempotency", "deadlines", "process"}
     for store, (marker, _) in STORES.items():
         if store not in rare:
             assert _injected(plan, marker), f"no fault was injected into {store}"

@@ -23,10 +23,10 @@ import pytest
 import dogma
 from runkit.engine.envelope import Envelope, decode
 from runkit.engine.events.consumers import ConsumerOptions
+from runkit.engine.events.consumers_support import ConsumerCheckpoint
 from runkit.engine.events.process_deliveries import Delivery
 from runkit.engine.events.process_homes import HomeSteps
 from runkit.engine.events.process_instances import ProcessRecord
-from runkit.engine.events.process_queues import ConsumerCheckpoint
 from runkit.engine.events.process_records import ProcessRecords
 from runkit.engine.events.process_routing import InFlight, _Sender
 from runkit.engine.events.process_state import InstanceState

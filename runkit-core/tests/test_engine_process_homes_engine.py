@@ -1,11 +1,11 @@
 """ADR 0010 through ``Engine``: process steps in the home partition, on the memory driver.
 
 The fault application of ``engine_faults_app`` (aggregate, a process with
-deadlines, an integration, a projection) runs with the internal switch on,
-and the §9 checker settles over the final stores. One run sends every
-delivery through its home partition's inbox, as a node that does not run the
-home partition does (the partition then reads it back and hands it to its
-steps), so that path is checked by the same invariants.
+deadlines, an integration, a projection) runs, and the §9 checker settles
+over the final stores. One run sends every delivery through its home
+partition's inbox, as a node that does not run the home partition does (the
+partition then reads it back and hands it to its steps), so that path is
+checked by the same invariants.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 
 from runkit.engine.commands.inbox import decode_inbox_record
 from runkit.engine.events import consumers as consumers_module
-from runkit.engine.events import process_homes
 from runkit.engine.streams import decode_stream_record
 from runkit_memory import MemoryProvider
 
@@ -61,10 +60,7 @@ async def steps_and_inbox_deliveries(provider: MemoryProvider) -> tuple[int, int
     return steps, deliveries
 
 
-async def test_the_application_settles_with_process_steps_at_home(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(process_homes, "HOME_STEPS", True)
+async def test_the_application_settles_with_process_steps_at_home() -> None:
     provider, _ = await run_bank()
     steps, _ = await steps_and_inbox_deliveries(provider)
     assert steps > 0  # the process ran on the new path
@@ -73,7 +69,6 @@ async def test_the_application_settles_with_process_steps_at_home(
 async def test_deliveries_through_the_home_partitions_inbox_take_effect_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(process_homes, "HOME_STEPS", True)
     # As if no home partition ran on this node: every delivery takes the inbox.
     monkeypatch.setattr(
         consumers_module.EventConsumers, "submit_local", lambda self, delivery, ack: False

@@ -21,10 +21,10 @@ from runkit.engine.events.process_scopes import ProcessScope
 from runkit.engine.events.process_state import (
     InstanceState,
     Invoke,
+    StepFailed,
     handle_group,
     poisoned_step,
 )
-from runkit.engine.events.process_steps import StepFailed
 from runkit.engine.ids import new_id
 from runkit.engine.streams import (
     ProcessStep,

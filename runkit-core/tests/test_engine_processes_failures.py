@@ -2,7 +2,7 @@
 
 A handler bug must cost only its event (retries, then the poison store), never
 the partition, and must not leave a dispatched outbox behind that a much later
-load would dispatch again (ADR 0006).
+load would dispatch again.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from engine_events_harness import (
     CommandSink,
     Harness,
-    adr0006_only,
     harness,
     start_partition,
     wait_until,
@@ -174,9 +173,9 @@ async def _outbox_cleared(h: Harness) -> bool:
 
 
 async def test_a_poisoned_event_leaves_no_dispatched_outbox_to_dispatch_again() -> None:
-    # ADR 0006: an instance that does not commit again within a checkpoint
-    # interval gets one background write that drops its dispatched outbox, so
-    # a later load does not dispatch it again long after.
+    # A dispatched outbox is not dispatched again by a later load: the
+    # instance's record holds none, and the home's dispatched watermark
+    # passes the step that held it.
     p = Process()
     log = AcceptLog()
     async with harness(App(p), registry=REGISTRY, partitions=1) as h:
@@ -184,11 +183,10 @@ async def test_a_poisoned_event_leaves_no_dispatched_outbox_to_dispatch_again() 
         async with anyio.create_task_group() as tg:
             await start(h, tg)
             # One stream record: the group fails at event 2, so event 1 is
-            # committed alone (cached dirty), then event 2 is retried and poisoned.
+            # committed alone, then event 2 is retried and poisoned.
             await h.publish(Step("a", 1), Step("a", 2, fail=True))
             await wait_until(lambda: poisoned(h))
             first = h.accepted[0].message_id
-            # The background clear drops it within about a checkpoint interval.
             await wait_until(lambda: _outbox_cleared(h))
             tg.cancel_scope.cancel()
         # Much later (the commands side long past its deduplication window), a
@@ -334,46 +332,6 @@ async def test_a_group_whose_record_is_over_the_value_limit_is_handled_event_by_
         tg.cancel_scope.cancel()
     assert not await list_poisoned_events(provider, APP_KEY, 0)
     assert (await record(h, long_id)).positions
-
-
-@adr0006_only
-async def test_an_outbox_left_at_a_stop_is_cleared_by_the_next_owner_not_at_a_later_use() -> None:
-    # The consumer stops (a handoff) before it could clear the dispatched
-    # outboxes (the store refuses the clears). Its saved checkpoint must stay
-    # below those events, so the next owner delivers them again, dispatches
-    # the outboxes (within seconds, as deduplication expects) and clears
-    # them; otherwise each would wait in its record for the instance's next
-    # use, perhaps hours later, and be dispatched again then.
-    import uuid
-
-    from runkit.testing.faults import FaultPlan, FaultyProvider, Timing
-    from runkit_memory import MemoryProvider
-
-    lazy = attrs.evolve(BRISK, checkpoint_interval=30.0)  # no background clear
-    plan = FaultPlan()
-    provider = FaultyProvider(MemoryProvider(str(uuid.uuid4())), plan)
-    ids = [f"i{n}" for n in range(20)]
-    async with harness(App(Process()), registry=REGISTRY, partitions=1, provider=provider) as h:
-        await h.publish(*[Step(i, n) for n, i in enumerate(ids)])
-        async with anyio.create_task_group() as tg:
-            await start(h, tg, lazy)
-            await wait_until(lambda: len(h.accepted) == len(ids))
-            plan.fail(Timing.BEFORE, ops=["set"], names=lambda name: name == PROCESS_STORE)
-            tg.cancel_scope.cancel()
-        plan.clear()
-        left = [i for i in ids if outbox(await record(h, i))]
-        assert left, "the clears were refused: every outbox is still in its record"
-        h.accepted.clear()
-        async with anyio.create_task_group() as tg:
-            await start(h, tg)
-
-            async def all_cleared() -> bool:
-                return not [i for i in ids if outbox(await record(h, i))]
-
-            await wait_until(all_cleared)
-            tg.cancel_scope.cancel()
-        # What the next owner dispatched again: the left outboxes, same IDs.
-        assert sorted(json.loads(e.data)["id"] for e in h.accepted) == sorted(left)
 
 
 class HugeFailure(Process):

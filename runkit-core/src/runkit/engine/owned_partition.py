@@ -114,11 +114,11 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
             partition_of=runtime.partition_of,
             now=s.clock,
         )
-        # Process steps in the home partition (ADR 0010, behind its switch):
-        # built before the writer, whose headers carry their watermarks.
+        # Process steps in the home partition (ADR 0010): built before the
+        # writer, whose headers carry their watermarks.
         homes = _HomeParts()
         consumers = runtime.consumers
-        if consumers is not None and getattr(consumers, "home_steps_on", False):
+        if consumers is not None and getattr(consumers, "has_processes", False):
             homes.steps, homes.records = consumers.home_steps(
                 ctx,
                 homes,
@@ -238,7 +238,7 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
 
 
 class _HomeParts:
-    """A partition's process steps and instance records (ADR 0010), when switched on.
+    """A partition's process steps and instance records, if the application has processes.
 
     Stands in for the stream writer towards the steps (it is built after
     them, since its headers carry their watermarks).

@@ -135,6 +135,9 @@ class PartitionCommands:
         self._aggregates = aggregates
         self._materialiser = materialiser
         self._deliveries = deliveries
+        self._index = index
+        # Disabled processes whose inbox deliveries wait here (logged once each).
+        self._waiting: set[str] = set()
         # Process deliveries in the inbox not yet handed to the process steps.
         self._inbox_deliveries = InboxDeliveries()
         # Unmarked commands are committed even when they published nothing. Records
@@ -473,7 +476,9 @@ class PartitionCommands:
         self._inbox_progress.read(position, len(record.entries))
         self._inbox_deliveries.read(position, record)
         for entry in record.entries:
-            if (position, entry.envelope.message_id) in self._poisoned_found:
+            # Poisoned notes name a process delivery by its delivery ID, not by
+            # its event's message ID (``PendingCommand.command_id``).
+            if (position, entry.entry_id) in self._poisoned_found:
                 self._inbox_progress.done(position)  # a poisoned command's copy
                 if entry.source is not None:
                     self._inbox_deliveries.handed_over(entry)
@@ -549,15 +554,46 @@ class PartitionCommands:
 
     def _deliver(self, item: PendingCommand) -> None:
         """A process delivery read from the inbox: to the partition's process steps."""
+        if item.handler is not None and item.handler.disabled:
+            self._wait(item)
+            return
         if self._deliveries is not None and self._deliveries(
             item.entry, functools.partial(self._delivered, item)
         ):
             return
         reason = (
-            f"process {item.entry.handler_key} takes no deliveries on this node (disabled, "
-            f"no longer part of application {self._app.identity}, or process steps off)"
+            f"process {item.entry.handler_key} takes no deliveries on this node (not part "
+            f"of application {self._app.identity}, or process steps off)"
         )
         self._start(self._retries.poison, item, reason, 0)
+
+    def _wait(self, item: PendingCommand) -> None:
+        """A delivery for a disabled process: it waits in the inbox for the process.
+
+        As the process's events wait in their streams and its deadlines in
+        their journals: neither handled nor poisoned. Its entry stays
+        outstanding, so the inbox progress the stream records state stays
+        below it and an owner running the process enabled reads it again. It
+        leaves the batch (its backlog slot, its place among the inbox commands
+        in memory). Few wait so: no consumer here routes events to a disabled
+        process, so only deliveries appended before it was disabled, or by a
+        node running it enabled, reach its home.
+        """
+        item.finished = True  # nothing finishes it here
+        self._backlog.count -= 1
+        self._inbox_pending -= 1
+        if self._inbox_pending == MAX_PENDING_COMMANDS // 2:
+            self._wake.set()  # room again: read more of the backlog
+        if item.entry.handler_key not in self._waiting:
+            self._waiting.add(item.entry.handler_key)
+            _log.info(
+                "partition %d: deliveries for disabled process %s wait in the inbox "
+                "(from position %d) until it is enabled",
+                self._index,
+                item.entry.handler_key,
+                item.position,
+            )
+        self._backlog.wake_waiters()
 
     def _delivered(self, item: PendingCommand, error: BaseException | None) -> None:
         # The step holding it is durable (or it was done already); on an error

@@ -28,7 +28,7 @@ from anyio.abc import TaskStatus
 from ...persistence import Conflict, Journal, LimitExceeded, PersistenceError, RecordNotFound
 from ..backoff import backoff
 from ..envelope import Envelope, closing_iter
-from ..ids import new_id
+from ..ids import delivery_id, new_id
 from ..logs import RateLimitedLog, describe_error
 from ..streams import UnconfirmedAppend, envelope_size
 
@@ -100,6 +100,17 @@ class InboxEntry(msgspec.Struct, frozen=True, kw_only=True):
     unconfirmed: UnconfirmedAppend | None = None
     offered_at: datetime | None = None
     source: tuple[str, int] | None = None
+
+    @property
+    def entry_id(self) -> str:
+        """What stream records and the poison store name the entry by.
+
+        The command's ID; for a delivery, the delivery ID (one event may be
+        delivered to several processes homed on one partition).
+        """
+        if self.source is not None:
+            return delivery_id(self.envelope.message_id, self.handler_key)
+        return self.envelope.message_id
 
 
 class InboxRecord(msgspec.Struct, frozen=True, kw_only=True):

@@ -19,7 +19,6 @@ import anyio
 import attrs
 
 from ...config import HandlerConfig
-from ..ids import delivery_id
 from .acceptance import PartitionStopped
 from .inbox import InboxEntry
 
@@ -97,10 +96,7 @@ class PendingCommand:
 
     @property
     def command_id(self) -> str:
-        entry = self.entry
-        if entry.source is not None:  # a process delivery (ADR 0010)
-            return delivery_id(entry.envelope.message_id, entry.handler_key)
-        return entry.envelope.message_id
+        return self.entry.entry_id
 
     async def spill_landed(self) -> None:
         """Return once a spill of this command has settled (at once if none was made).

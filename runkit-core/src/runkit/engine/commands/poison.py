@@ -63,7 +63,8 @@ class PoisonedCommand:
 
     Attributes:
         partition: The partition index it was accepted on.
-        command_id: The command's message ID.
+        command_id: The key it is stored under: the command's message ID, or a
+            process delivery's delivery ID.
         record: The stored record: envelope, handler, error text, attempts.
     """
 
@@ -80,9 +81,9 @@ class PoisonedCommand:
 async def write_poison(provider: Provider, app_key: str, index: int, record: PoisonRecord) -> None:
     """Store *record* (idempotent: a repeat overwrites the same key)."""
     async with await provider.keyspaces.open(poison_name(app_key, index)) as ks:
-        await ks.set_unconditional(
-            record.entry.envelope.message_id.encode(), _encoder.encode(record)
-        )
+        # A delivery's by its delivery ID: one event's deliveries to two
+        # processes homed here must not overwrite each other's.
+        await ks.set_unconditional(record.entry.entry_id.encode(), _encoder.encode(record))
 
 
 async def list_poisoned(

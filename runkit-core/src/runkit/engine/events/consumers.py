@@ -3,11 +3,17 @@
 ``partition_consumers(app, settings)`` returns the application's
 ``ConsumerSet``. For each partition this node owns, ``run_partition`` runs:
 
-- one consumer per enabled process handler (``processes.ProcessRunner.run``);
+- one routing consumer per enabled process handler
+  (``process_routing.run_routing``): it routes the partition's events to
+  their instances and hands each to the steps of the instance's home
+  partition (``process_homes.HomeSteps``, run by the partition's owner
+  beside its derived records, ``process_records.ProcessRecords``; see
+  ``home_steps``);
 - one consumer per enabled projection handler (``projections.run_projection``);
 - the partition's deadline timer (``deadlines.DeadlineTimer``), when the
-  application has enabled process handlers. It holds the deadlines of
-  disabled ones (neither fired nor dropped) until they are enabled again.
+  application has enabled process handlers: a due deadline is a delivery to
+  the partition's own home steps. It holds the deadlines of disabled ones
+  (neither fired nor dropped) until they are enabled again.
 
 ``run_node`` runs the node-wide work: ``compact()`` of each enabled
 projection, one after another, first within ``first_compact_delay`` seconds of
@@ -16,7 +22,8 @@ start (jittered) and then every ``compact_interval`` seconds, on the node that
 key; a single node always runs it).
 
 State shared across partitions lives here: each process handler's
-``ProcessRunner``, the node-wide lock of each ``MINIMIZE`` projection, each
+``ProcessRunner``, the home steps running on this node (``homes``), the
+node-wide lock of each ``MINIMIZE`` projection, each
 projection's ``ProjectionControl`` (for ``reset``) and the running deadline
 timers (so an append to a local deadline journal wakes its timer at once).
 """
@@ -36,7 +43,7 @@ import dogma
 from ... import rendezvous
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
 from ..backoff import jitter
-from ..envelope import Envelope, decode
+from ..envelope import UNDECODABLE, Envelope, decode
 from ..logs import RateLimitedLog, describe_error
 from ..partitions import NodeContext, PartitionContext, instance_workload, partition_id
 from ..settings import EngineSettings
@@ -129,9 +136,8 @@ class EventConsumers:
         self._locks: dict[str, anyio.Lock] = {}
         self._timers: dict[int, DeadlineTimer] = {}
         self._compact_failing: set[str] = set()  # handler keys whose last compact() failed
-        # ADR 0010 (behind ``process_homes.HOME_STEPS``): the home partitions
-        # running on this node, by index, and where deliveries for the others go.
-        self.home_steps_on = process_homes.HOME_STEPS and bool(self._processes)
+        # The home partitions running on this node, by index, and where
+        # deliveries for the others go.
         self.homes: dict[int, HomeSteps] = {}
         self.deliver_remote: Callable[[Delivery], Awaitable[None]] | None = None
         #: The end of a partition's inbox journal now (set by the engine).
@@ -167,10 +173,7 @@ class EventConsumers:
                     await tg.start(timer.run)
                 for runner in self._processes.values():
                     name = f"process {runner.key} p{ctx.index}"
-                    if self.home_steps_on:
-                        tg.start_soon(run_routing, runner, ctx, self, self.options, name=name)
-                    else:
-                        tg.start_soon(runner.run, ctx, name=name)
+                    tg.start_soon(run_routing, runner, ctx, self, self.options, name=name)
                 for config in self._projections:
                     tg.start_soon(self._run_projection, ctx, config)
                 task_status.started()
@@ -203,7 +206,12 @@ class EventConsumers:
             control = self._controls[handler_key] = ProjectionControl()
         return control
 
-    # -- process steps in the home partition (ADR 0010) --
+    # -- process steps in the home partition --
+
+    @property
+    def has_processes(self) -> bool:
+        """Whether the application has enabled process handlers (then ``home_steps`` runs)."""
+        return bool(self._processes)
 
     def home_steps(
         self,
@@ -347,11 +355,10 @@ class EventConsumers:
 
     async def _fire_home(self, ctx: PartitionContext, entry: DeadlineEntry) -> None:
         """Fire a due deadline as a delivery into its home partition's steps (this one)."""
-        runner = self._processes[entry.handler_key]
         try:
             envelope = decode(entry.envelope)
-        except Exception:
-            await runner.fire_deadline(ctx, entry)  # cannot be decoded: poisoned there
+        except UNDECODABLE as exc:
+            await self._processes[entry.handler_key].poison_undecodable_deadline(ctx, entry, exc)
             return
         delivery = Delivery.of_deadline(
             entry.handler_key, entry.instance_id, envelope, scheduled_for=entry.scheduled_for
@@ -379,10 +386,7 @@ class EventConsumers:
                     ctx.index,
                 )
                 return
-            if self.home_steps_on:
-                await self._fire_home(ctx, entry)
-            else:
-                await runner.fire_deadline(ctx, entry)
+            await self._fire_home(ctx, entry)
 
         return fire
 

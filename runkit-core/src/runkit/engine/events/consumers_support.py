@@ -1,4 +1,4 @@
-"""Shared plumbing for the event consumers: options, retries and handler logging.
+"""Shared plumbing for the event consumers: options, retries, checkpoints, handler logging.
 
 Private to the events side of the engine (``consumers``, ``processes``,
 ``deadlines``, ``projections``); nothing here is public API.
@@ -13,13 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import attrs
+import msgspec
 
+from ...persistence import Conflict, Keyspace, PersistenceError
 from ..backoff import backoff
+from ..logs import RateLimitedLog, describe_error
 
 if TYPE_CHECKING:
     from ..settings import EngineSettings
 
 __all__ = [
+    "ConsumerCheckpoint",
     "ConsumerOptions",
     "HandlerLogger",
     "Restarts",
@@ -46,7 +50,7 @@ class ConsumerOptions:
             records it as poisoned and moves on. Projections never give up
             (skipping an event would break ADR-26 exactly-once); they keep
             retrying at ``retry_max``.
-        checkpoint_interval: Seconds between writes of a process consumer's
+        checkpoint_interval: Seconds between writes of a process routing consumer's
             stream checkpoint (checkpoints only bound redelivery after a
             restart; per-instance positions make redelivery harmless).
         compact_interval: Seconds between ``compact()`` calls per projection.
@@ -58,16 +62,17 @@ class ConsumerOptions:
             than ``compact_interval`` still compacts; it also gives membership
             time to settle, so only the node that owns a projection's
             compaction runs it.
-        process_concurrency: Events one process consumer (handler, partition)
-            handles at once: each instance's events in order, different
-            instances concurrently. 1 handles the stream strictly in order.
+        process_concurrency: Process instances one home partition handles at
+            once (each instance's deliveries in order, different instances
+            concurrently; 1 handles them strictly in order), and events a
+            routing consumer (handler, partition) has in flight.
         deadline_rescan_interval: Longest a deadline timer sleeps without
             re-reading the engine clock and its deadline journal. Deadlines
             appended by this node wake the timer at once; this bounds how late
             one appended by another node (or a jump of an injected clock) is seen.
-        process_cache_size: Process instances each process handler keeps in
-            memory on this node (root, record and revision), so handling an
-            event of a cached instance costs no read (ADR 0006).
+        process_cache_size: Idle process instances each home partition keeps
+            in memory (state and live root), so handling a delivery of a
+            cached instance costs no read.
     """
 
     retry_initial: float = attrs.field(default=0.1, validator=_positive)
@@ -160,3 +165,60 @@ async def close_iterator(iterator: AsyncIterator[object]) -> None:
     if aclose is not None:
         with anyio.CancelScope(shield=True):
             await aclose()
+
+
+_checkpoint_log = logging.getLogger("runkit.engine.events.processes")
+_save_log = RateLimitedLog(_checkpoint_log, 10.0)
+_int_encoder = msgspec.msgpack.Encoder()
+_int_decoder = msgspec.msgpack.Decoder(int)
+
+
+class ConsumerCheckpoint:
+    """A process routing consumer's stream offset, saved with conditional writes.
+
+    ``value`` is the lowest offset not yet done (the caller moves it);
+    ``save_periodically`` writes it in the background, and ``save`` once more
+    as the consumer stops. It only bounds redelivery after a restart.
+    """
+
+    def __init__(self, store: Keyspace, key: bytes) -> None:
+        self._store = store
+        self._key = key
+        self._revision = ""
+        self._saved = 0
+        self.value = 0
+
+    async def load(self) -> None:
+        data, self._revision = await self._store.get(self._key)
+        self.value = self._saved = _int_decoder.decode(data) if data else 0
+
+    async def save(self) -> None:
+        value = self.value
+        if value <= self._saved:
+            return
+        try:
+            self._revision = await self._store.set(
+                self._key, _int_encoder.encode(value), self._revision
+            )
+            self._saved = value
+        except Conflict:
+            # Another owner wrote it (we may have lost the partition): take its
+            # revision and let the next save decide.
+            data, self._revision = await self._store.get(self._key)
+            self._saved = _int_decoder.decode(data) if data else 0
+
+    async def save_periodically(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            try:
+                await self.save()
+            except PersistenceError as exc:
+                # The store is failing (an outage): one line, at most one per interval.
+                _save_log.warning(
+                    self._key,
+                    "cannot save checkpoint %r; will retry: %s",
+                    self._key,
+                    describe_error(exc),
+                )
+            else:
+                _save_log.reset(self._key)

@@ -2,7 +2,7 @@
 
 A process instance's deadlines live in the deadline journal of its *home*
 partition, ``partition_of(instance_workload(handler key, instance ID))``, as ``DeadlineBatch``
-records appended by the process consumers when they dispatch an outbox. The
+records appended when a step's outbox is dispatched (``process_outbox``). The
 owner of the home partition runs one ``DeadlineTimer``: it reads the journal
 into a heap ordered by ``scheduled_for`` (rebuilt from the journal on
 takeover), sleeps until the earliest is due, and fires each one no earlier than
@@ -11,11 +11,12 @@ at once; the timer also re-reads the journal tail at least every
 ``deadline_rescan_interval`` seconds, which bounds how late it notices
 deadlines appended by another node or a jump of an injected clock.
 
-Exactly-once is not the journal's job: the instance record lists the IDs of
-its pending deadlines, a deadline fires only while its ID is pending (the
-commit that handles it removes it), and ending the instance clears the list.
-So a deadline appended twice (an outbox dispatched again when its record is
-reloaded, ADR 0006) or fired twice (a crash before truncation) is handled
+A due deadline is a delivery to the process steps of the home partition
+(``process_homes``). Exactly-once is not the journal's job: the instance's
+state lists the IDs of its pending deadlines, a deadline is handled only while
+its ID is pending (the step that handles it removes it), and ending the
+instance clears the list. So a deadline appended twice (an outbox dispatched
+again after a takeover) or fired twice (a crash before truncation) is handled
 once, and a cancelled one is skipped. Once every deadline of a journal record
 has fired or been skipped, the journal is truncated past it.
 
@@ -132,8 +133,8 @@ class _Due:
 class DeadlineTimer:
     """Fires the deadlines of one home partition, never before they are due.
 
-    *fire* handles one deadline (it loads the instance, checks that the
-    deadline is still pending, handles and commits it, with its own retries);
+    *fire* handles one deadline (a delivery to the home partition's steps,
+    which skip it unless it is pending and retry or poison the handler);
     when it returns the deadline is done, whether handled or skipped. The
     deadlines of the handlers in *held* (disabled ones) are never fired and
     keep the journal from being truncated past them. With *known* given, the

@@ -32,16 +32,12 @@ writer, so it needs no lock and no revision:
   (deadlines to this partition's deadline journal, then commands through the
   acceptance path with IDs derived from the cause). ``dispatched`` is the
   stream header watermark below which every step's outbox is dispatched.
-
-``HOME_STEPS`` is the internal switch: while it is off (the default) the
-engine runs processes on the ADR 0006 path and nothing here is used.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -59,19 +55,12 @@ from .process_deliveries import Delivery
 from .process_instances import ProcessRoot
 from .process_retries import MessageRetries
 from .process_scopes import ProcessScope
-from .process_state import InstanceState, handle_group, poisoned_step
-from .process_steps import StepFailed
+from .process_state import InstanceState, StepFailed, handle_group, poisoned_step
 
 if TYPE_CHECKING:
     from ..partitions import PartitionContext
 
-__all__ = ["HOME_STEPS", "Ack", "DeliveriesBehind", "HomeHandler", "HomeSteps", "StepWriter"]
-
-#: The internal switch (ADR 0010 plan): process steps in the home partition.
-#: Off until the whole path is built. Tests turn it on by patching it (read when
-#: an engine builds its consumers), or a whole run by setting the environment
-#: variable ``RUNKIT_INTERNAL_HOME_STEPS=1``. Not a public setting.
-HOME_STEPS = os.environ.get("RUNKIT_INTERNAL_HOME_STEPS") == "1"
+__all__ = ["Ack", "DeliveriesBehind", "HomeHandler", "HomeSteps", "StepWriter"]
 
 _log = logging.getLogger("runkit.engine.events.process_homes")
 
@@ -248,8 +237,14 @@ class HomeSteps:
                 )
                 while self._to_start:  # ``redispatch``'s, first
                     self._dispatchers.submit(self._to_start.popleft())
-                task_status.started()
-                await anyio.sleep_forever()
+                try:
+                    task_status.started()
+                    await anyio.sleep_forever()
+                finally:
+                    # Before the task group closes: a submission or a step the
+                    # writer finds durable from now on (in their own tasks)
+                    # must start no worker in it, which would raise there.
+                    self._steps = self._dispatchers = None
         finally:
             # Steps the writer's final flush commits find no workers: their
             # outboxes stay below the dispatched watermark for the next owner.
@@ -394,12 +389,11 @@ class HomeSteps:
         size = step.size()
         if size > self._max_step:
             raise LimitExceeded("process step", size, self._max_step)
-        record = (
-            64
-            + len(state.root or b"")
-            + sum(48 + len(stream_id) for stream_id in state.positions)
-            + sum(40 + len(d) for d in state.pending)
-        )
+        record = 64 + len(state.root or b"") + 48 * len(state.positions) + 40 * len(state.pending)
+        for stream_id in state.positions:
+            record += len(stream_id)
+        for d in state.pending:
+            record += len(d)
         if record > limits.max_value_bytes:
             raise LimitExceeded("process instance record", record, limits.max_value_bytes)
 

@@ -1,36 +1,27 @@
-"""A process instance's outbox: dispatching it once committed, and clearing it after.
+"""A process instance's outbox: dispatching it once committed.
 
-A commit writes the commands and deadlines the group produced into the
-instance's record (its outbox); ``OutboxDispatcher.dispatch`` then sends them:
-deadlines appended to their home partition's deadline journal (waking its
-timer), then commands through ``ctx.accept`` with IDs derived from the cause. The
-handling is committed, so dispatch is retried until it succeeds; an outbox that
-keeps failing is also recorded in the event poison store (``_outbox_stuck``).
-
-The dispatched outbox stays in the record until the instance's next commit drops
-it. For instances that do not commit again within a checkpoint interval (an
-ended one never does) the consumer writes the record without it
-(``clear_outboxes``), and once more as it stops (``clear_all_outboxes``), so a
-later load does not dispatch it again long after.
+A step commits the commands and deadlines its group produced (its outbox) in
+the home partition's stream record; ``OutboxDispatcher.dispatch`` then sends
+them: deadlines appended to their home partition's deadline journal (waking
+its timer), then commands through ``ctx.accept`` with IDs derived from the
+cause. The handling is committed, so dispatch is retried until it succeeds;
+an outbox that keeps failing is also recorded in the event poison store
+(``_outbox_stuck``). The same dispatch sends the outbox an instance record
+written by an earlier version may still hold, when the record is loaded.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import anyio
-import attrs
-import msgspec
-
 from ...config import HandlerConfig
-from ...persistence import Conflict, Keyspace, PersistenceError
+from ...persistence import PersistenceError
 from ..envelope import decode
 from ..logs import describe_error
 from .consumers_support import ConsumerOptions, sleep_backoff
 from .deadlines import DeadlineEntry, append_deadlines, deadline_journal_name
-from .process_instances import CachedInstance, InstanceCache, ProcessRecord
+from .process_instances import ProcessRecord
 from .process_retries import MessageRetries
 from .process_retries import process_log as _log
 from .process_retries import process_store_log as _store_log
@@ -41,16 +32,13 @@ if TYPE_CHECKING:
 
 __all__ = ["OutboxDispatcher"]
 
-_encoder = msgspec.msgpack.Encoder()
-
 
 class OutboxDispatcher:
-    """Dispatches and clears the outboxes of one process handler's instances on this node.
+    """Dispatches the outboxes of one process handler's instances on this node.
 
-    Shares the handler's ``InstanceCache`` with its runner (cleared entries go
-    back into it) and records a stuck outbox through the runner's
-    ``MessageRetries``. *wake_timer* is told the partition index whenever this
-    node appends to a deadline journal, so a local timer re-reads it at once.
+    Records a stuck outbox through the runner's ``MessageRetries``.
+    *wake_timer* is told the partition index whenever this node appends to a
+    deadline journal, so a local timer re-reads it at once.
     """
 
     def __init__(
@@ -59,7 +47,6 @@ class OutboxDispatcher:
         config: HandlerConfig,
         *,
         options: ConsumerOptions,
-        cache: InstanceCache,
         retries: MessageRetries,
         wake_timer: Callable[[int], None],
     ) -> None:
@@ -67,7 +54,6 @@ class OutboxDispatcher:
         self.config = config
         self.key = config.identity.key
         self.options = options
-        self._cache = cache
         self._retries = retries
         self._wake_timer = wake_timer
 
@@ -78,7 +64,7 @@ class OutboxDispatcher:
 
         The handling is committed, so the outbox is never dropped and dispatch
         is retried until it succeeds (with capped backoff), holding up only
-        this instance: other instances have their own workers. After
+        this instance's later outboxes: other instances dispatch meanwhile. After
         ``max_attempts`` failures other than persistence errors (``accept``
         refusing a command, e.g. an aggregate's ``route_command_to_instance``
         raising) the problem is also recorded in the event poison store, so
@@ -170,99 +156,3 @@ class OutboxDispatcher:
             async with await ctx.provider.journals.open(name) as journal:
                 await append_deadlines(journal, entries)
             self._wake_timer(home)
-
-    async def clear_outboxes_periodically(self, ctx: PartitionContext, records: Keyspace) -> None:
-        """Every checkpoint interval, clear outboxes dispatched at least an interval ago."""
-        interval = self.options.checkpoint_interval
-        while True:
-            await anyio.sleep(interval)
-            error = await self.clear_outboxes(ctx, records, anyio.current_time() - interval)
-            if error is not None:
-                _store_log.warning(
-                    (self.key, ctx.index),
-                    "%s on partition %d: cannot clear dispatched outboxes; will retry: %s",
-                    self.config.describe(),
-                    ctx.index,
-                    describe_error(error),
-                )
-
-    async def clear_all_outboxes(self, ctx: PartitionContext, records: Keyspace) -> None:
-        """Clear every dispatched outbox of the partition, retrying until none fails.
-
-        Called as the consumer stops (the caller bounds the time): the entries
-        are dropped next, and an outbox nobody clears stays in its record until
-        the instance is next loaded, perhaps long after.
-        """
-        failures = 0
-        while (error := await self.clear_outboxes(ctx, records, None)) is not None:
-            failures += 1
-            _log.info("final clear of dispatched outboxes failed; retrying: %s", error)
-            await sleep_backoff(self.options, failures)
-
-    async def clear_outboxes(
-        self, ctx: PartitionContext, records: Keyspace, dispatched_before: float | None
-    ) -> PersistenceError | None:
-        """Write the records of idle cached instances without their dispatched outbox.
-
-        Instances that commit again soon drop the outbox in that commit; this
-        covers the others (an ended instance never commits again), so a later
-        load does not dispatch the outbox again long after (``None``: all).
-        Returns the last persistence error, if a write failed: those entries
-        stay dirty at their old revision, so the next attempt either writes
-        the record or gets ``Conflict`` because the failed write landed after all.
-        """
-        before = math.inf if dispatched_before is None else dispatched_before
-        error: PersistenceError | None = None
-        for instance_id in self._cache.due_clears(ctx.index, before):
-            if self._cache.busy(instance_id):
-                continue  # being handled: its commit drops the outbox anyway
-            async with self._cache.lock(instance_id):
-                try:
-                    await self._clear(ctx, records, instance_id)
-                except PersistenceError as exc:
-                    error = exc
-        return error
-
-    async def clear_now(
-        self,
-        ctx: PartitionContext,
-        records: Keyspace,
-        instance_id: str,
-        handled: CachedInstance | None = None,
-    ) -> None:
-        """Clear the instance's dispatched outbox now, if it has one (raises on failure).
-
-        For a deadline's outbox: the deadline timer truncates its journal past
-        a fired deadline, so nothing would deliver it again to a next owner
-        if this node stopped before the background clear. *handled* is the
-        instance as the handling left it, for when it was not cached (its
-        partition's consumer restarted meanwhile).
-        """
-        async with self._cache.lock(instance_id):
-            await self._clear(ctx, records, instance_id, handled)
-
-    async def _clear(
-        self,
-        ctx: PartitionContext,
-        records: Keyspace,
-        instance_id: str,
-        handled: CachedInstance | None = None,
-    ) -> None:
-        """Write the instance's record without its dispatched outbox (lock held)."""
-        entry = self._cache.get(instance_id) or handled
-        if entry is None or entry.dispatched_at is None or entry.partition != ctx.index:
-            return
-        cleared = entry.record.without_outbox()
-        try:
-            revision = await records.set(
-                instance_id.encode(), _encoder.encode(cleared), entry.revision
-            )
-        except Conflict:
-            # Written since (by another node, or by an earlier attempt whose
-            # outcome was unknown): the stored record is newer.
-            self._cache.drop(instance_id)
-            return
-        self._cache.put(
-            instance_id,
-            attrs.evolve(entry, record=cleared, revision=revision, dispatched_at=None, held=None),
-        )

@@ -1,11 +1,12 @@
 """Retrying a process handler's message, and poisoning it once the retries are spent.
 
-Routing an event, handling it and firing a deadline all run through
+Routing an event (``process_routing``) and handling a delivery, an event or
+a deadline, in its home partition (``process_homes``) both run through
 ``MessageRetries.run``: a handler error is retried with capped backoff; after
 ``max_attempts`` attempts (at once for a bug: ``ProcessBug``,
 ``dogma.UnexpectedMessage``, ``dogma.ValidationError``) the message is recorded
 in the partition's event poison store (``<app>/event-poison/<p>``) and the
-consumer moves on. Persistence errors are retried for ever. The outbox
+instance moves on. Persistence errors are retried for ever. The outbox
 (``process_outbox``) records a stuck dispatch through ``MessageRetries.poison``.
 
 The processes' loggers live here too, shared by the runner, its outbox and

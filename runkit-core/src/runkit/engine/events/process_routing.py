@@ -29,10 +29,15 @@ from anyio.abc import TaskGroup
 
 from ...persistence import PersistenceError
 from ..logs import describe_error
-from .consumers_support import ConsumerOptions, Restarts, close_iterator, sleep_backoff
+from .consumers_support import (
+    ConsumerCheckpoint,
+    ConsumerOptions,
+    Restarts,
+    close_iterator,
+    sleep_backoff,
+)
 from .process_deliveries import Delivery
 from .process_homes import Ack
-from .process_queues import ConsumerCheckpoint
 from .process_retries import process_store_log
 from .process_stores import checkpoint_key, checkpoints_store_name
 

@@ -1,8 +1,8 @@
 """What a process handler sees: the handler protocol and its event and deadline scopes.
 
 A scope buffers the handler's effects (root mutations, ending the instance,
-commands to execute, deadlines to schedule) until the runner commits them with
-the instance's record (``processes.ProcessRunner``).
+commands to execute, deadlines to schedule) until the home partition commits
+them as the instance's step (``process_state.handle_group``).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ the instance's keyspace record (derived, possibly behind) folded with the
 committed ``ProcessStep`` values of the home stream after it.
 
 ``handle_group`` handles a group of deliveries of one instance against its
-live root, with the skip rules of ADR 0006 (ended; a stream position at or
-past the event; a deadline no longer pending), and returns the step to commit
+live root, with the skip rules (ended; a stream position at or past the
+event; a deadline no longer pending), and returns the step to commit
 and the state after it. It is pure apart from the handler calls, which the
 caller supplies (``Invoke``), so the rules are tested without an engine.
 """
@@ -26,15 +26,23 @@ from ..streams import ProcessStep
 from .process_deliveries import Delivery
 from .process_instances import ProcessRecord, ProcessRoot
 from .process_scopes import ProcessScope
-from .process_steps import StepFailed
 
-__all__ = ["Handled", "InstanceState", "Invoke", "handle_group", "poisoned_step"]
+__all__ = ["Handled", "InstanceState", "Invoke", "StepFailed", "handle_group", "poisoned_step"]
 
 _entry_encoder = msgspec.msgpack.Encoder()
 
 #: Handle one delivery against the root: call the handler with a fresh scope
 #: and return the scope (raising what the handler raised, or the bug it swallowed).
 Invoke = Callable[[Delivery, ProcessRoot], Awaitable[ProcessScope]]
+
+
+class StepFailed(Exception):
+    """Handling delivery *index* of several failed with *error*; nothing was committed."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
 
 
 @attrs.frozen

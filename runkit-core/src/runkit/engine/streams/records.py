@@ -179,13 +179,26 @@ class ProcessStep(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
 
     def size(self) -> int:
         """An upper estimate of the bytes the step adds to a stream record."""
+        # Plain loops: computed for every step, and generator expressions
+        # cost more than the sums they feed at these lengths.
         size = 64 + len(self.handler_key) + _text_bytes(self.instance_id)
-        size += sum(40 + len(d) for d in self.deliveries)
-        size += sum(48 + _text_bytes(s) for s, _ in self.positions)
-        size += 0 if self.root is None else len(self.root) + 8
-        size += sum(40 + len(p) for p in self.pending or ())
-        size += sum(len(c) + 8 for c in self.commands)
-        size += sum(len(d) + 8 for d in self.deadlines)
+        size += 40 * len(self.deliveries)
+        for delivery_id in self.deliveries:
+            size += len(delivery_id)
+        size += 48 * len(self.positions)
+        for stream_id, _ in self.positions:
+            size += _text_bytes(stream_id)
+        if self.root is not None:
+            size += len(self.root) + 8
+        if self.pending:
+            size += 40 * len(self.pending)
+            for p in self.pending:
+                size += len(p)
+        size += 8 * (len(self.commands) + len(self.deadlines))
+        for c in self.commands:
+            size += len(c)
+        for entry in self.deadlines:
+            size += len(entry)
         return size
 
 
