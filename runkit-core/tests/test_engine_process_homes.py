@@ -363,7 +363,7 @@ async def owner(
     config = h.app.handler_by_key(PROC_KEY)
     assert config is not None
     runner = ProcessRunner(h.app, config, options=OPTIONS, wake_timer=lambda _: None)
-    records = ProcessRecords(h.provider, APP_KEY, [PROC_KEY], delay=delay, retry_max_delay=0.01)
+    records = ProcessRecords(h.provider, APP_KEY, delay=delay, retry_max_delay=0.01)
     parts: dict[str, Any] = {}
 
     class Late:

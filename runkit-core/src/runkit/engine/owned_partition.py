@@ -179,11 +179,15 @@ async def run_owned_partition(runtime: AppRuntime, index: int) -> None:
                     homes.steps.inbox_read = commands.inbox_read_end
                 await tg.start(materialiser.run)
                 await tg.start(writer.run)
+                inbox_writer.listener = commands.notify
                 if homes.steps is not None and homes.records is not None:
                     await tg.start(homes.records.run)
                     await tg.start(homes.steps.run)
+                    # Deliveries appended to the inbox before this node counted
+                    # them (the listener, just set) are read before any in
+                    # memory is taken: none may overtake one of them.
+                    commands.hold_deliveries_below((await inbox.bounds()).end)
                     consumers.homes[index] = homes.steps
-                inbox_writer.listener = commands.notify
                 await tg.start(commands.run)
                 runtime.partitions[index] = commands
                 # A peer's wake-up that came between the catch-up's read of the

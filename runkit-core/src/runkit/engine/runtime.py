@@ -31,6 +31,7 @@ from .commands.acceptance import Acceptor, PartitionStopped, prune_idempotency
 from .commands.batches import PartitionCommands
 from .commands.inbox import InboxEntry, InboxWriter, inbox_name
 from .envelope import Envelope, RoutedMessages
+from .fresh_reads import FreshReads
 from .logs import describe_error
 from .meta import load_partition_count
 from .owned_partition import run_owned_partition
@@ -44,6 +45,9 @@ __all__ = ["AppRuntime"]
 _FIRST_PRUNE_DELAY = 60.0
 
 _log = logging.getLogger("runkit.engine")
+#: Bound on one read of an inbox's end for the process consumers (it runs
+#: shielded from their cancellation).
+_INBOX_END_TIMEOUT = 30.0
 
 
 def _consumers_module() -> Any | None:
@@ -79,6 +83,7 @@ class AppRuntime:
         self.routed_commands = RoutedMessages()
         self._acceptor: Acceptor | None = None
         self._consumers: Any = None
+        self._inbox_end_reads: dict[int, FreshReads[int]] = {}
 
     @property
     def acceptor(self) -> Acceptor:
@@ -189,8 +194,31 @@ class AppRuntime:
             self._wake_remote(index, "inbox")
 
     async def _inbox_end(self, index: int) -> int:
-        """The end of partition *index*'s inbox journal now (one ``bounds`` read)."""
-        return (await self.inbox_writers[index].journal.bounds()).end
+        """The end of partition *index*'s inbox journal, read after this call began.
+
+        Every process consumer taking over asks this of every home partition
+        running here (``process_routing``): callers that ask together share
+        one ``bounds`` read (``FreshReads``), so a node's start costs about two
+        reads per partition, not one per consumer and partition.
+        """
+        reads = self._inbox_end_reads.get(index)
+        if reads is None:
+            journal = self.inbox_writers[index].journal
+
+            async def read() -> int:
+                # Shielded in ``FreshReads``: bounded here instead.
+                with anyio.fail_after(_INBOX_END_TIMEOUT):
+                    return (await journal.bounds()).end
+
+            reads = self._inbox_end_reads[index] = FreshReads(read)
+        try:
+            return await reads.get()
+        except TimeoutError:
+            raise PersistenceError(
+                f"reading the end of partition {index}'s inbox took longer than "
+                f"{_INBOX_END_TIMEOUT:.0f}s",
+                retryable=True,
+            ) from None
 
     async def _prune_markers(self, retention: float) -> None:
         # One node prunes: the owner of partition 0 (ownership moves it on failover).

@@ -140,6 +140,8 @@ class PartitionCommands:
         self._waiting: set[str] = set()
         # Process deliveries in the inbox not yet handed to the process steps.
         self._inbox_deliveries = InboxDeliveries()
+        # Inbox deliveries below this may not be counted yet (``hold_deliveries_below``).
+        self._deliveries_floor = 0
         # Unmarked commands are committed even when they published nothing. Records
         # list them in command_ids too now; those of earlier releases only as unmarked.
         self._completed = CompletedCommands(
@@ -470,7 +472,19 @@ class PartitionCommands:
         A delivery submitted in memory must then not overtake them
         (``inbox_deliveries``).
         """
+        if self._inbox_progress.read_end < self._deliveries_floor:
+            return True  # the inbox may hold some that no count knows of yet
         return self._inbox_deliveries.pending(handler_key, instance_id)
+
+    def hold_deliveries_below(self, end: int) -> None:
+        """Refuse in-memory deliveries until the inbox is read up to *end*.
+
+        Set when the partition's process steps start taking deliveries: the
+        inbox may hold deliveries appended before this owner was counting
+        them (by this node while the partition ran elsewhere, or by another
+        node), and an in-memory one must not overtake them.
+        """
+        self._deliveries_floor = max(self._deliveries_floor, end)
 
     def _add_record(self, position: int, record: InboxRecord) -> None:
         self._inbox_progress.read(position, len(record.entries))

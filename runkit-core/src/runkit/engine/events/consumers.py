@@ -42,6 +42,7 @@ import dogma
 
 from ... import rendezvous
 from ...config import ApplicationConfig, HandlerConfig, HandlerKind
+from ...persistence import PersistenceError
 from ..backoff import jitter
 from ..envelope import UNDECODABLE, Envelope, decode
 from ..logs import RateLimitedLog, describe_error
@@ -210,8 +211,12 @@ class EventConsumers:
 
     @property
     def has_processes(self) -> bool:
-        """Whether the application has enabled process handlers (then ``home_steps`` runs)."""
-        return bool(self._processes)
+        """Whether the application has process handlers (then ``home_steps`` runs).
+
+        Disabled ones count: the steps and outboxes they committed in the
+        stream must be recovered, not passed over by the watermarks.
+        """
+        return bool(self._processes or self._disabled_processes)
 
     def home_steps(
         self,
@@ -239,7 +244,6 @@ class EventConsumers:
         records = ProcessRecords(
             ctx.provider,
             self.app.identity.key,
-            self._processes,
             delay=materialise_delay,
             retry_max_delay=retry_max_delay,
             dispatch_outbox=dispatch_outbox,
@@ -338,9 +342,24 @@ class EventConsumers:
 
     async def inbox_floors(self) -> dict[int, int]:
         """The inbox end now of each home partition running here (``process_routing``)."""
-        if self.inbox_end is None:
+        inbox_end = self.inbox_end
+        if inbox_end is None:
             return {}
-        return {index: await self.inbox_end(index) for index in list(self.homes)}
+        floors: dict[int, int] = {}
+        failed: list[PersistenceError] = []
+
+        async def read(index: int) -> None:
+            try:
+                floors[index] = await inbox_end(index)
+            except PersistenceError as exc:
+                failed.append(exc)  # raised as it is below, not in an exception group
+
+        async with anyio.create_task_group() as tg:  # one store round trip, not one per home
+            for index in list(self.homes):
+                tg.start_soon(read, index)
+        if failed:
+            raise failed[0]
+        return floors
 
     def inbox_read(self, index: int) -> int:
         """How far home partition *index* has read its inbox (-1: not running here)."""

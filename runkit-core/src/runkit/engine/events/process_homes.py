@@ -135,6 +135,9 @@ class _Instance:
     in_flight: int = 0
     #: The acks of the last step queued: deliveries found done join them.
     trailing: list[Ack] | None = None
+    #: The acks of the deliveries a worker has taken and not yet committed (or
+    #: answered): told if the worker stops first, so no submitter waits for ever.
+    in_hand: list[Ack] = attrs.field(factory=list)
 
     @property
     def idle(self) -> bool:
@@ -205,15 +208,19 @@ class HomeSteps:
             raise DeliveriesBehind(delivery.instance_id)
         key = (delivery.handler_key, delivery.instance_id)
         inst = self._instances.get(key)
+        new = inst is None
         if inst is None:
             inst = self._instances[key] = _Instance(*key)
-            self._evict()
         else:
             self._instances.move_to_end(key)
         inst.queue.append((delivery, ack))
         if not inst.running:
             inst.running = True
             self._steps.submit(inst)
+        if new:
+            # Only now: a new entry would count as idle and could be evicted
+            # while in use, and its next delivery handled by a second worker.
+            self._evict()
 
     @property
     def outboxes_sent(self) -> bool:
@@ -278,9 +285,19 @@ class HomeSteps:
                     await self._load_instance(inst)
                 items = list(inst.queue)
                 inst.queue.clear()
+                inst.in_hand = [ack for _, ack in items]
                 await self._handle(inst, items)
         finally:
             inst.running = False
+            # Stopped (cancelled) with deliveries in a handler, a backoff or a
+            # group behind a failing one: they never reach the writer, whose
+            # acknowledgement their submitters wait for. A consumer would keep
+            # the instance's later events from the inbox for good.
+            left, inst.in_hand = inst.in_hand, []
+            if left:
+                error = self._stopped or OwnershipLost("the home partition stopped")
+                for ack in left:
+                    _call(ack, error)
 
     async def _load_instance(self, inst: _Instance) -> None:
         handler = self._handlers[inst.handler_key]
@@ -441,6 +458,9 @@ class HomeSteps:
     def _commit(
         self, inst: _Instance, step: ProcessStep | None, state: InstanceState, acks: list[Ack]
     ) -> None:
+        if inst.in_hand:  # from here on, answered below or by the writer
+            passed = {id(ack) for ack in acks}
+            inst.in_hand = [ack for ack in inst.in_hand if id(ack) not in passed]
         if step is None:
             # Everything was done already: durable once the steps before are.
             if inst.in_flight == 0 or inst.trailing is None:
@@ -489,8 +509,22 @@ class HomeSteps:
 
         Called before ``run``: the ``dispatched`` watermark stays at or below
         *position* until it is done, and the instance's later outboxes go out
-        after it.
+        after it. The outbox of a process not running here (disabled, or not
+        in this version of the application) is kept for an owner that runs
+        it: the watermark stays at or below it for as long as this one owns
+        the partition.
         """
+        if step.handler_key not in self._handlers:
+            self._undispatched[position] = self._undispatched.get(position, 0) + 1
+            _log.info(
+                "partition %d: the outbox of process %s's instance %r (stream position %d) "
+                "waits for an owner that runs the process",
+                self._ctx.index,
+                step.handler_key,
+                step.instance_id,
+                position,
+            )
+            return
         self._queue_outbox(step.handler_key, step.instance_id, position, step)
 
     def _queue_outbox(

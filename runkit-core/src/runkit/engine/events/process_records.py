@@ -18,7 +18,14 @@ materialised (``watermark``: the position of the oldest step not yet written).
   materialised watermark on are folded over the stored records (the record's
   ``through`` tells which are in it already) before the partition takes any
   delivery, and the outboxes of the records from the ``dispatched``
-  watermark on are returned, to be dispatched again.
+  watermark on are returned, to be dispatched again. Every process's steps,
+  whether this node runs it or not (disabled, or not in this version of the
+  application during a rolling upgrade): a record needs no handler, and
+  passing them over would move the watermark past state no record holds.
+- **Bounded**: at ``QUEUE_LIMIT`` unwritten states the oldest are written at
+  once, whatever their age; record revisions are remembered for the
+  ``REVISIONS_KEPT`` most recently used instances; an instance ID the store
+  cannot key (its steps were poisoned) gets no record.
 """
 
 from __future__ import annotations
@@ -26,14 +33,21 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import attrs
 import msgspec
 from anyio.abc import TaskStatus
 
-from ...persistence import Conflict, Journal, Keyspace, PersistenceError, Provider
+from ...persistence import (
+    Conflict,
+    Journal,
+    Keyspace,
+    LimitExceeded,
+    PersistenceError,
+    Provider,
+)
 from ..backoff import backoff
 from ..envelope import closing_iter
 from ..logs import RateLimitedLog, describe_error
@@ -52,6 +66,10 @@ _decoder = msgspec.msgpack.Decoder(ProcessRecord)
 
 #: Unwritten instances that make a round start at once.
 QUEUE_LIMIT = 10_000
+#: Record revisions remembered (most recently used), so that a write needs no
+#: read first; a forgotten one costs a read. Bounded: most instances (a
+#: transaction each) are written once and never again.
+REVISIONS_KEPT = 10_000
 
 _Key = tuple[str, str]
 
@@ -79,7 +97,6 @@ class ProcessRecords:
         self,
         provider: Provider,
         app_key: str,
-        handler_keys: Iterable[str],
         *,
         delay: float,
         retry_max_delay: float,
@@ -87,7 +104,6 @@ class ProcessRecords:
     ) -> None:
         self._provider = provider
         self._app_key = app_key
-        self._handler_keys = frozenset(handler_keys)
         self._delay = delay
         self._retry_max_delay = retry_max_delay
         self._dispatch_outbox = dispatch_outbox
@@ -95,7 +111,7 @@ class ProcessRecords:
         # The least ``first`` of ``_unwritten`` (``None``: to be computed). Asked
         # for at every stream write; it only grows when a round writes records.
         self._first: int | None = None
-        self._revisions: dict[_Key, str] = {}
+        self._revisions: OrderedDict[_Key, str] = OrderedDict()
         self._stores: dict[str, Keyspace] = {}
         self._new_event = event_maker()
         self._wake = self._new_event()
@@ -110,6 +126,9 @@ class ProcessRecords:
         key = (handler_key, instance_id)
         found = self._unwritten.get(key)
         if found is None:
+            if len(instance_id.encode()) > self._provider.limits.max_key_bytes:
+                # Its steps were poisoned (the store cannot key it): no record.
+                return
             self._unwritten[key] = _Unwritten(state, position, anyio.current_time())
             if self._first is not None and position < self._first:
                 self._first = position
@@ -146,8 +165,14 @@ class ProcessRecords:
     async def _read(self, handler_key: str, instance_id: str) -> ProcessRecord:
         store = await self._store(handler_key)
         data, revision = await store.get(instance_id.encode())
-        self._revisions[(handler_key, instance_id)] = revision
+        self._remember((handler_key, instance_id), revision)
         return _decoder.decode(data) if data else ProcessRecord()
+
+    def _remember(self, key: _Key, revision: str) -> None:
+        self._revisions[key] = revision
+        self._revisions.move_to_end(key)
+        if len(self._revisions) > REVISIONS_KEPT:
+            self._revisions.popitem(last=False)
 
     async def _store(self, handler_key: str) -> Keyspace:
         store = self._stores.get(handler_key)
@@ -178,8 +203,6 @@ class ProcessRecords:
                     break
                 record = decode_stream_record(data)
                 for index, step in enumerate(record.steps):
-                    if step.handler_key not in self._handler_keys:
-                        continue
                     if position >= materialised:
                         key = (step.handler_key, step.instance_id)
                         steps.setdefault(key, []).append(((position, index), step))
@@ -187,7 +210,11 @@ class ProcessRecords:
                         outboxes.append(RecoveredOutbox(position, step))
         now = anyio.current_time()
         for (handler_key, instance_id), found in steps.items():
-            state = InstanceState.of_record(await self._read(handler_key, instance_id))
+            try:
+                stored = await self._read(handler_key, instance_id)
+            except LimitExceeded:
+                continue  # an ID the store cannot key: its steps were poisoned, no record
+            state = InstanceState.of_record(stored)
             for at, step in found:
                 state = state.after(step, at)
             first = found[0][0][0]
@@ -213,7 +240,9 @@ class ProcessRecords:
                 if wait > 0 and len(self._unwritten) < QUEUE_LIMIT:
                     await anyio.sleep(min(wait, self._delay))
                     continue
-                await self._round(anyio.current_time() - self._delay)
+                # Due, or too many waiting: the oldest goes now whatever its age
+                # (a round that wrote nothing would go round again at once).
+                await self._round(max(anyio.current_time() - self._delay, oldest.queued_at))
         finally:
             await self._close()
 
@@ -246,6 +275,19 @@ class ProcessRecords:
             try:
                 await self._write(key, state)
                 return
+            except LimitExceeded as exc:
+                # The same on every attempt; the steps were checked against the
+                # store's limits before they committed, so an estimate fell
+                # short. Retrying would stop every record behind it for good.
+                _log.error(
+                    "process record %s/%r cannot be stored, so it is not written (a new "
+                    "owner rebuilds the instance without the steps since its last "
+                    "record): %s",
+                    key[0],
+                    key[1],
+                    describe_error(exc),
+                )
+                return
             except PersistenceError as exc:
                 failures += 1
                 _retry_log.warning(
@@ -271,12 +313,13 @@ class ProcessRecords:
                     and state.through is not None
                     and stored.through >= state.through
                 ):
-                    self._revisions[key] = revision
+                    self._remember(key, revision)
                     return  # a later owner wrote further
             try:
-                self._revisions[key] = await store.set(
+                written = await store.set(
                     key[1].encode(), _encoder.encode(state.record()), revision
                 )
+                self._remember(key, written)
                 return
             except Conflict:
                 revision = None
