@@ -12,15 +12,14 @@ passes the event).
 
 from __future__ import annotations
 
+import sys
 import types
-import uuid
-from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from runkit.engine.envelope import Envelope
 from runkit.engine.events.consumers_support import ConsumerOptions
 from runkit.engine.events.process_deliveries import Delivery
 from runkit.engine.events.process_homes import HomeSteps
@@ -28,31 +27,12 @@ from runkit.engine.events.process_routing import InFlight, _Sender
 from runkit.engine.events.process_state import InstanceState
 from runkit.engine.streams import OwnershipLost, ProcessStep, Publication
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_engine_process_homes_stopping import PROC_KEY, delivery
+
 pytestmark = pytest.mark.anyio
 
-PROC_KEY = "b9a30000-0000-4000-8000-000000000001"
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
 OPTIONS = ConsumerOptions(retry_initial=0.001, retry_max=0.005)
-
-
-def _envelope(message_id: str) -> Envelope:
-    return Envelope(
-        message_id=message_id,
-        causation_id=message_id,
-        correlation_id=message_id,
-        app_key="a9a30000-0000-4000-8000-000000000001",
-        site_key=None,
-        type_id="e9a30000-0000-4000-8000-000000000001",
-        description="e",
-        created_at=NOW,
-        data=b"",
-    )
-
-
-def _delivery(offset: int) -> Delivery:
-    return Delivery.of_event(
-        PROC_KEY, "a", _envelope(str(uuid.uuid4())), stream_id="s", offset=offset, recorded_at=NOW
-    )
 
 
 class _SlowHandler:
@@ -98,9 +78,9 @@ async def test_a_delivery_in_hand_when_the_home_stops_is_answered() -> None:
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             await tg.start(home.run)
-            home.submit(_delivery(1), acks.append)  # taken by a worker: in the handler
+            home.submit(delivery(1), acks.append)  # taken by a worker: in the handler
             await handler.entered.wait()
-            home.submit(_delivery(2), acks.append)  # queued behind it
+            home.submit(delivery(2), acks.append)  # queued behind it
             tg.cancel_scope.cancel()  # the home partition stops (moves away)
     assert len(acks) == 2, acks
     assert all(isinstance(error, OwnershipLost) for error in acks)
@@ -153,12 +133,12 @@ async def test_the_consumer_sends_to_the_inbox_in_order_after_its_home_moved_mid
             async with anyio.create_task_group() as home_tg:
                 await home_tg.start(home.run)
                 await inflight.begin(0)
-                sender.send(_delivery(0))  # in memory to home 0
+                sender.send(delivery(0))  # in memory to home 0
                 await handler.entered.wait()
                 route.home = None  # home 0 moves to another node
                 home_tg.cancel_scope.cancel()
             await inflight.begin(1)
-            sender.send(_delivery(1))  # a later event of the same instance
+            sender.send(delivery(1))  # a later event of the same instance
             while checkpoint.value < 2:  # noqa: ASYNC110 (a plain attribute: polled)
                 await anyio.sleep(0.01)
             outer.cancel_scope.cancel()

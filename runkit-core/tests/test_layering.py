@@ -106,6 +106,7 @@ SHARED = (
     "backoff",
     "signals",
     "workers",
+    "fresh_reads",
     "settings",
     "meta",
 )
