@@ -216,13 +216,15 @@ async def harness(
 
 async def start_partition(
     consumers: Any, h: Harness, index: int, tg: Any, provider: Provider | None = None
-) -> None:
+) -> Any:
     """Start *consumers*' work on partition *index*, as ``run_owned_partition`` does.
 
     With process handlers that is the partition's ``HomeSteps`` and derived
-    process records too, on the harness's stream writer, before the consumers.
+    process records too, on the harness's stream writer, before the consumers;
+    the records (``ProcessRecords``) are returned (``None`` without processes).
     """
     ctx = h.ctx(index, provider)
+    records = None
     if getattr(consumers, "has_processes", False):
         steps, records = consumers.home_steps(
             ctx,
@@ -236,6 +238,7 @@ async def start_partition(
         consumers.homes[index] = steps
         h.homes.append(steps)
     await tg.start(consumers.run_partition, ctx)
+    return records
 
 
 async def wait_until(

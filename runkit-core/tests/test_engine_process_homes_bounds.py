@@ -26,8 +26,6 @@ from anyio.abc import TaskGroup
 
 from runkit.engine.events import process_records
 from runkit.engine.events.consumers import partition_consumers
-from runkit.engine.events.consumers_support import ConsumerOptions
-from runkit.engine.events.process_homes import HomeSteps
 from runkit.engine.events.process_instances import ProcessRecord
 from runkit.engine.events.process_records import ProcessRecords
 from runkit.engine.events.process_state import InstanceState
@@ -87,21 +85,10 @@ async def test_an_instance_in_use_is_never_evicted_nor_handled_by_two_workers() 
     assert root == [10, 11]
 
 
-async def _start(
-    h: Harness, tg: TaskGroup, options: ConsumerOptions = pf.BRISK
-) -> tuple[HomeSteps, ProcessRecords]:
-    """As ``start_partition`` (partition 0), keeping the records."""
-    consumers = partition_consumers(h.app, h.settings, options=options)
-    ctx = h.ctx(0)
-    steps, records = consumers.home_steps(
-        ctx, h.writers[0], record_limit=1 << 20, materialise_delay=0.0, retry_max_delay=0.01
-    )
-    await tg.start(records.run)
-    await tg.start(steps.run)
-    consumers.homes[0] = steps
-    h.homes.append(steps)
-    await tg.start(consumers.run_partition, ctx)
-    return steps, records
+async def _start(h: Harness, tg: TaskGroup) -> ProcessRecords:
+    consumers = partition_consumers(h.app, h.settings, options=pf.BRISK)
+    records: ProcessRecords = await start_partition(consumers, h, 0, tg)
+    return records
 
 
 async def _has_record(provider: Provider, instance: str) -> bool:
@@ -116,7 +103,7 @@ async def test_an_unkeyable_instance_holds_up_no_record_and_no_takeover() -> Non
         harness(pf.App(pf.Process()), registry=pf.REGISTRY, partitions=1, provider=provider) as h,
         anyio.create_task_group() as tg,
     ):
-        _, records = await _start(h, tg)
+        records = await _start(h, tg)
         await h.publish(pf.Step("x" * 121, 1))  # poisoned: the store cannot key it
         await wait_until(lambda: pf.poisoned(h))
         await h.publish(pf.Step("short", 2))
@@ -141,7 +128,7 @@ async def test_record_revisions_are_remembered_for_a_bounded_number_of_instances
         harness(pf.App(pf.Process()), registry=pf.REGISTRY, partitions=1) as h,
         anyio.create_task_group() as tg,
     ):
-        _, records = await _start(h, tg)
+        records = await _start(h, tg)
         for i in range(0, 300, 50):
             await h.publish(*(pf.Step(f"i{j}", j) for j in range(i, i + 50)))
         await wait_until(lambda: len(h.accepted) == 300)

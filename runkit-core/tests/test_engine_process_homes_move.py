@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from runkit.config import build
-from runkit.engine.commands.inbox import decode_inbox_record, inbox_name
+from runkit.engine.commands.inbox import inbox_name
 from runkit.engine.engine import Engine
 from runkit.engine.events.process_deliveries import home_partition
 from runkit.engine.partitions import instance_workload, partition_id, partition_of
@@ -41,20 +41,11 @@ from test_engine_process_consumer_moves import (
     App,
     Do,
     Orderly,
+    inbox_deliveries,
     node,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-async def _inbox_deliveries(silo: str, index: int) -> int:
-    async with await MemoryProvider(silo).journals.open(inbox_name(APP_KEY, index)) as journal:
-        bounds = await journal.bounds()
-        found = 0
-        for position in range(bounds.begin, bounds.end):
-            entries = decode_inbox_record(await journal.get(position)).entries
-            found += sum(1 for entry in entries if entry.source is not None)
-        return found
 
 
 async def test_a_home_that_starts_late_reads_its_inbox_before_taking_deliveries_in_memory(
@@ -109,7 +100,7 @@ async def test_a_home_that_starts_late_reads_its_inbox_before_taking_deliveries_
             await executor.execute_command(Do(source, target, 0))
 
         async def appended() -> bool:  # by p's consumer: h does not run here yet
-            return await _inbox_deliveries(silo, h) > 0
+            return await inbox_deliveries(silo, {h}) > 0
 
         await wait_until(appended, timeout=10)
         slow_inbox[0] = True

@@ -515,7 +515,7 @@ class HomeSteps:
         the partition.
         """
         if step.handler_key not in self._handlers:
-            self._undispatched[position] = self._undispatched.get(position, 0) + 1
+            self._hold_dispatched(position)
             _log.info(
                 "partition %d: the outbox of process %s's instance %r (stream position %d) "
                 "waits for an owner that runs the process",
@@ -530,7 +530,7 @@ class HomeSteps:
     def _queue_outbox(
         self, handler_key: str, instance_id: str, position: int, step: ProcessStep
     ) -> None:
-        self._undispatched[position] = self._undispatched.get(position, 0) + 1
+        self._hold_dispatched(position)
         key = (handler_key, instance_id)
         queue = self._outboxes.get(key)
         if queue is None:
@@ -542,6 +542,10 @@ class HomeSteps:
             # else (after ``run``: a step the writer's final flush committed)
             # the next owner dispatches it from the dispatched watermark.
         queue.append((position, step))
+
+    def _hold_dispatched(self, position: int) -> None:
+        """Keep the ``dispatched`` watermark at or below *position* until released."""
+        self._undispatched[position] = self._undispatched.get(position, 0) + 1
 
     async def _dispatch_outboxes(self, key: tuple[str, str]) -> None:
         """Dispatch an instance's committed outboxes in commit order."""

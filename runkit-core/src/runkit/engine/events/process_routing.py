@@ -20,7 +20,6 @@ durable at home, and the instance's committed positions skip what was.
 from __future__ import annotations
 
 import functools
-import logging
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
@@ -38,7 +37,7 @@ from .consumers_support import (
 )
 from .process_deliveries import Delivery
 from .process_homes import Ack
-from .process_retries import process_store_log
+from .process_retries import process_log, process_store_log
 from .process_stores import checkpoint_key, checkpoints_store_name
 
 if TYPE_CHECKING:
@@ -47,8 +46,6 @@ if TYPE_CHECKING:
     from .processes import ProcessRunner
 
 __all__ = ["DeliveryRoute", "InFlight", "run_routing"]
-
-_log = logging.getLogger("runkit.engine.events.processes")
 
 
 class DeliveryRoute(Protocol):
@@ -183,7 +180,7 @@ async def _run_once(
                     try:
                         await checkpoint.save()
                     except PersistenceError as exc:
-                        _log.info(
+                        process_log.info(
                             "%s on partition %d: final checkpoint save failed (the next "
                             "owner redelivers from the last saved one): %s",
                             runner.config.describe(),
